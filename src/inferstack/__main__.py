@@ -1,0 +1,3 @@
+from inferstack.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The `inferstack` command line."""

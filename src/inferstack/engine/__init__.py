@@ -1,0 +1,1 @@
+"""The built-in inference engine: paged KV cache, continuous batching, prefix caching."""

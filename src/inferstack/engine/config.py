@@ -1,0 +1,40 @@
+"""Engine configuration: what a user sets on `inferstack engine serve` or `LLM(...)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30     # 1 GiB: two replicas of the bundled model fit in 24 GiB easily
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    served_model_name: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    block_size: int = 16
+    max_model_len: int | None = None            # default: the model's context length
+    kv_cache_bytes: int | None = None           # CPU budget for the paged KV cache
+    gpu_memory_utilization: float = 0.9         # CUDA: share of device memory for weights + KV
+    num_kv_blocks: int | None = None            # overrides both budgets (tests, preemption studies)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0        # 0: no cap per request per step beyond the budget
+    enable_prefix_caching: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    num_threads: int | None = None              # torch intra-op threads on CPU
+    seed: int = 0
+    kv_events_endpoint: str | None = None
+    kv_events_topic: str = "kv"
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -1,0 +1,126 @@
+"""Deterministic KV block and chunk keys (DESIGN.md, "KV hashing").
+
+Every process that must agree on cache identity — the engine's prefix cache, the KV store, KV
+events and the gateway's precise prefix index — derives keys here. Keys depend only on the model
+bytes, dtype, KV layout, block size, an optional cache salt and the token ids, never on process
+state, so two machines serving the same weights compute the same keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCK_SIZE = 16
+BLOCKS_PER_CHUNK = 16
+CHUNK_SIZE = BLOCK_SIZE * BLOCKS_PER_CHUNK
+HASH_VERSION = 1
+
+
+def canonical_json(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def file_sha256(path: Path, bufsize: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(bufsize):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_digest_from_file_digests(file_digests: dict[str, str]) -> str:
+    """sha256 over ``"<file name>:<sha256 hex>\\n"`` lines sorted by file name."""
+    lines = "".join(f"{name}:{file_digests[name]}\n" for name in sorted(file_digests))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def model_digest(weight_files: Iterable[Path]) -> str:
+    """Digest of a model's weight files, cached beside them keyed by size and mtime."""
+    digests: dict[str, str] = {}
+    for path in weight_files:
+        digests[path.name] = _cached_file_sha256(path)
+    return model_digest_from_file_digests(digests)
+
+
+def _cached_file_sha256(path: Path) -> str:
+    stat = path.stat()
+    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    cache = path.with_name(path.name + ".sha256")
+    try:
+        cached_stamp, cached_hex = cache.read_text().split()
+        if cached_stamp == stamp and len(cached_hex) == 64:
+            return cached_hex
+    except (OSError, ValueError):
+        pass
+    hex_digest = file_sha256(path)
+    try:
+        cache.write_text(f"{stamp} {hex_digest}\n")
+    except OSError:
+        pass  # read-only install: recomputing next time is only slower
+    return hex_digest
+
+
+def root_hash(model: str, dtype: str, kv_layout: str = "paged", block_size: int = BLOCK_SIZE) -> bytes:
+    return hashlib.sha256(
+        canonical_json(
+            {"v": HASH_VERSION, "model": model, "dtype": dtype, "kv_layout": kv_layout, "block_size": block_size}
+        )
+    ).digest()
+
+
+def seed_hash(root: bytes, cache_salt: str | None) -> bytes:
+    if cache_salt is None:
+        return root
+    return hashlib.sha256(root + b"salt:" + cache_salt.encode()).digest()
+
+
+def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    return hashlib.sha256(parent + np.asarray(token_ids, dtype="<u4").tobytes()).digest()
+
+
+def block_hashes(seed: bytes, token_ids: Sequence[int], block_size: int = BLOCK_SIZE,
+                 start: int = 0, parent: bytes | None = None) -> list[bytes]:
+    """Chained hashes of the full blocks of ``token_ids`` from block index ``start``.
+
+    ``parent`` is the hash of block ``start - 1`` (the seed when ``start == 0``), which lets a
+    caller extend a request's chain as tokens arrive without rehashing the prefix.
+    """
+    ids = np.asarray(token_ids, dtype="<u4")
+    n_full = len(ids) // block_size
+    prev = seed if parent is None else parent
+    out: list[bytes] = []
+    for i in range(start, n_full):
+        prev = hashlib.sha256(prev + ids[i * block_size:(i + 1) * block_size].tobytes()).digest()
+        out.append(prev)
+    return out
+
+
+def chunk_keys(hashes: Sequence[bytes], blocks_per_chunk: int = BLOCKS_PER_CHUNK) -> list[bytes]:
+    """A chunk's key is the hash of its last block; only full chunks have keys."""
+    return [hashes[i] for i in range(blocks_per_chunk - 1, len(hashes), blocks_per_chunk)]
+
+
+@dataclass(frozen=True)
+class KVKeySpace:
+    """The identity of one model's KV cache: what a block hash is rooted in."""
+
+    model_digest: str
+    dtype: str
+    kv_layout: str = "paged"
+    block_size: int = BLOCK_SIZE
+
+    @property
+    def root(self) -> bytes:
+        return root_hash(self.model_digest, self.dtype, self.kv_layout, self.block_size)
+
+    def seed(self, cache_salt: str | None = None) -> bytes:
+        return seed_hash(self.root, cache_salt)
+
+    def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[bytes]:
+        return block_hashes(self.seed(cache_salt), token_ids, self.block_size)

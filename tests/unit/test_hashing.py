@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from inferstack.engine.kv.hashing import (
+    KVKeySpace,
+    block_hashes,
+    chunk_keys,
+    model_digest_from_file_digests,
+)
+
+SPACE = KVKeySpace(model_digest="0" * 64, dtype="float32", kv_layout="paged")
+
+
+def test_design_test_vector():
+    assert SPACE.root.hex() == "c4541d9ae9ffd4a898a2324cc553916144a7421b767f057b3164b6b37901967a"
+    hashes = SPACE.hashes(list(range(33)))
+    assert [h.hex() for h in hashes] == [
+        "e9a51bd9a764c0efbe0caa7cd7500ab36b2be3eb7f6edd4d31fc95eff6412d94",
+        "720e122f77705c4aea718a73f3794f01b5dc0fd30c149dcaa0aaeb8ae5ec43bd",
+    ]
+    salted = SPACE.hashes(list(range(33)), cache_salt="tenant-a")
+    assert salted[0].hex() == "660ca84baa86b928afc9899bee741211ad3fe89bcc6f962ff7b97678016bf83a"
+
+
+def test_same_hashes_in_another_process():
+    code = (
+        "from inferstack.engine.kv.hashing import KVKeySpace;"
+        "s=KVKeySpace('ab'*32,'bfloat16');"
+        "print(','.join(h.hex() for h in s.hashes(list(range(1000, 1100)), cache_salt='t')))"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONHASHSEED": seed, "PYTHONPATH": "src"}).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(outs) == 1
+    here = ",".join(h.hex() for h in KVKeySpace("ab" * 32, "bfloat16").hashes(list(range(1000, 1100)), "t"))
+    assert outs == {here}
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=200), st.integers(0, 12))
+def test_incremental_chain_equals_full_chain(tokens, split_block):
+    seed = SPACE.seed()
+    full = block_hashes(seed, tokens)
+    split = min(split_block, len(full))
+    head = full[:split]
+    tail = block_hashes(seed, tokens, start=split, parent=head[-1] if head else None)
+    assert head + tail == full
+
+
+@given(st.lists(st.integers(0, 50_000), min_size=16, max_size=100))
+def test_salt_and_dtype_separate_key_spaces(tokens):
+    assert SPACE.hashes(tokens, "a")[0] != SPACE.hashes(tokens, "b")[0]
+    assert SPACE.hashes(tokens)[0] != KVKeySpace("0" * 64, "bfloat16").hashes(tokens)[0]
+
+
+def test_chunk_key_is_last_block_hash():
+    hashes = SPACE.hashes(list(range(16 * 40)))
+    assert chunk_keys(hashes) == [hashes[15], hashes[31]]
+
+
+def test_model_digest_is_order_independent():
+    a = model_digest_from_file_digests({"b.safetensors": "1" * 64, "a.safetensors": "2" * 64})
+    b = model_digest_from_file_digests({"a.safetensors": "2" * 64, "b.safetensors": "1" * 64})
+    assert a == b and len(a) == 64
