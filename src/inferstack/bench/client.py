@@ -6,13 +6,15 @@ is read line by line recording only (time, bytes), and the lines are parsed once
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
 
-from inferstack.bench.records import OK, RequestRecord
+from inferstack.bench.http import HTTPClient, HTTPFailure
+from inferstack.bench.records import RequestRecord
 from inferstack.bench.workloads import RequestSpec
 
 
@@ -110,65 +112,60 @@ def parse_stream(rec: RequestRecord, lines: list[tuple[float, bytes]], clock0: f
 
 
 class Client:
+    """Round-robin over targets, one keep-alive pool each (bench.http); fills RequestRecords."""
+
     def __init__(self, targets: list[str], model: str, opts: ClientOptions) -> None:
         self.targets = [base_url(t) for t in targets]
-        path = "/v1/chat/completions" if opts.endpoint == "chat" else "/v1/completions"
-        self.urls = [t + path for t in self.targets]
+        self.path = b"/v1/chat/completions" if opts.endpoint == "chat" else b"/v1/completions"
         self.model, self.opts = model, opts
-        self.headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if opts.stream else "application/json"}
         if opts.api_key:
-            self.headers["Authorization"] = f"Bearer {opts.api_key}"
-        self.timeout = aiohttp.ClientTimeout(total=opts.request_timeout_s, sock_read=opts.stall_timeout_s)
-        self.session: aiohttp.ClientSession | None = None
+            headers["Authorization"] = f"Bearer {opts.api_key}"
+        self.headers = headers
+        self.pools: list[HTTPClient] = []
+        self.session: aiohttp.ClientSession | None = None     # probes and /metrics scrapes
 
     async def __aenter__(self) -> Client:
-        connector = aiohttp.TCPConnector(limit=self.opts.max_connections, limit_per_host=0,
-                                         keepalive_timeout=75, force_close=False)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.pools = [HTTPClient(t, self.headers, self.opts.max_connections) for t in self.targets]
+        # a few warm connections per target so the first arrivals do not pay for connects in a burst
+        await asyncio.gather(*(p.warm(min(8, self.opts.max_connections or 8)) for p in self.pools))
+        self.session = aiohttp.ClientSession()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for p in self.pools:
+            p.close()
         if self.session is not None:
             await self.session.close()
 
     async def send(self, body: bytes, rec: RequestRecord, clock0: float) -> None:
         """Send one request, filling `rec`; never raises except on cancellation."""
-        assert self.session is not None
-        url = self.urls[rec.index % len(self.urls)]
-        rec.target = self.targets[rec.index % len(self.targets)]
+        i = rec.index % len(self.pools)
+        rec.target = self.targets[i]
         rec.streamed = self.opts.stream
         pc = time.perf_counter
         rec.sent = pc() - clock0
         try:
-            async with self.session.post(url, data=body, headers=self.headers, timeout=self.timeout) as resp:
-                if resp.status != 200:
-                    raw = await resp.read()
-                    rec.status, rec.error = f"http_{resp.status}", _error_message(raw)
-                elif self.opts.stream:
-                    lines: list[tuple[float, bytes]] = []
-                    async for line in resp.content:
-                        lines.append((pc(), line))
-                    rec.end = pc() - clock0
-                    parse_stream(rec, lines, clock0)
-                    return
-                else:
-                    raw = await resp.read()
-                    rec.end = pc() - clock0
-                    obj = orjson.loads(raw)
-                    if not _apply_usage(rec, obj.get("usage")):
-                        rec.output_tokens = rec.output_tokens_nominal
-                    return
-        except aiohttp.ServerTimeoutError as e:
-            rec.status, rec.error = "stalled", f"no data for {self.opts.stall_timeout_s:g} s ({e})"
-        except TimeoutError:
-            rec.status, rec.error = "timeout", f"no complete response within {self.opts.request_timeout_s:g} s"
-        except aiohttp.ClientConnectorError as e:
-            rec.status, rec.error = "connection", str(e)
-        except (aiohttp.ClientError, orjson.JSONDecodeError, ValueError) as e:
-            rec.status, rec.error = "bad_response", f"{type(e).__name__}: {e}"
+            resp = await self.pools[i].request(self.path, body, self.opts.stream, self.opts.request_timeout_s,
+                                               self.opts.stall_timeout_s)
+        except HTTPFailure as e:
+            rec.status, rec.error = e.kind, str(e)
+            rec.end = pc() - clock0
+            return
         rec.end = pc() - clock0
-        if rec.status == OK:
-            rec.status = "bad_response"
+        if resp.status != 200:
+            raw = resp.body or b"".join(line for _, line in resp.lines)
+            rec.status, rec.error = f"http_{resp.status}", _error_message(raw)
+        elif self.opts.stream:
+            parse_stream(rec, resp.lines, clock0)
+        else:
+            try:
+                obj = orjson.loads(resp.body)
+            except orjson.JSONDecodeError:
+                rec.status, rec.error = "bad_response", f"response is not JSON: {resp.body[:200]!r}"
+                return
+            if not _apply_usage(rec, obj.get("usage") if isinstance(obj, dict) else None):
+                rec.output_tokens = rec.output_tokens_nominal
 
 
 async def probe_target(target: str, api_key: str | None = None, timeout_s: float = 10.0) -> list[str]:

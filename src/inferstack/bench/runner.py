@@ -102,7 +102,10 @@ class _Run:
                                     session=spec.session, group=spec.group, included=included)
                 self.records.append(rec)
                 recs.append(rec)
-            await asyncio.gather(*(self.one(body, rec) for body, rec in zip(stage_bodies, recs, strict=True)))
+            if len(recs) == 1:
+                await self.one(stage_bodies[0], recs[0])
+            else:
+                await asyncio.gather(*(self.one(body, rec) for body, rec in zip(stage_bodies, recs, strict=True)))
             if not all(r.ok for r in recs):
                 return      # a failed stage ends the unit: later stages depend on it
 
