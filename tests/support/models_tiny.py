@@ -102,3 +102,80 @@ def new_kv_caches(arch: Any, num_blocks: int, block_size: int, dtype: torch.dtyp
     # NaN-filled, so reading a slot that was never written poisons the result instead of passing.
     shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
     return [torch.full(shape, float("nan"), dtype=dtype, device=device) for _ in range(arch.num_layers)]
+
+
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _llama_cpp_permute(w: Any, n_head: int) -> Any:
+    # What llama.cpp's convert_hf_to_gguf does to Llama Q/K rows (its rotary pairs adjacent dims).
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(hf_dir: Path, out: Path, arch: str, qtype: str = "F32", pre: str = "gpt2") -> Path:
+    """Write the HF checkpoint in ``hf_dir`` as a GGUF the way llama.cpp's converter lays it out.
+
+    2-D weights use ``qtype`` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, ...); norms stay F32 as in llama.cpp.
+    """
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(config.get("head_dim") or config["hidden_size"] // heads)
+    w.add_value_length(config.get("head_dim") or config["hidden_size"] // heads)
+    w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    # llama.cpp pads the vocabulary to the embedding's rows with unused placeholder tokens.
+    pad = [f"[PAD{i}]" for i in range(len(tokens), config["vocab_size"])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens + pad)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens] + [5] * len(pad))
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(vocab["<s>"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, arr in tensors.items():
+        if name.startswith("model.layers."):
+            idx, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{idx}.{_GGUF_LAYER_NAMES[rest]}"
+            if arch == "llama" and rest.startswith("self_attn.q_proj"):
+                arr = _llama_cpp_permute(arr, heads)
+            elif arch == "llama" and rest.startswith("self_attn.k_proj"):
+                arr = _llama_cpp_permute(arr, kv_heads)
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.ndim == 2 and qtype != "F32":
+            w.add_tensor(gname, gguf.quants.quantize(arr, q), raw_dtype=q)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
