@@ -213,6 +213,18 @@ def hf_tensor_name(gguf_name: str, path: Path) -> str:
                          f"rope_freqs or blk.N.{{{', '.join(k.split('.')[0] for k in _LAYER_TENSORS)}}}")
 
 
+def gguf_tensor_name(hf_name: str) -> str:
+    """The GGUF name of a transformers tensor name (for error messages about GGUF files)."""
+    for g, h in _GLOBAL_TENSORS.items():
+        if h == hf_name:
+            return g
+    parts = hf_name.removeprefix("model.layers.").split(".", 1)
+    for g, h in _LAYER_TENSORS.items():
+        if len(parts) == 2 and h == parts[1]:
+            return f"blk.{parts[0]}.{g}"
+    return hf_name
+
+
 def _dequantize(tensor: Any, path: Path) -> np.ndarray:
     from gguf.quants import dequantize
 

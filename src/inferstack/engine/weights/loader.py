@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,20 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: a model file must be a .gguf; for safetensors pass the directory "
                                  "holding config.json")
-        from inferstack.engine.weights.gguf import convert_gguf  # the gguf package is only needed here
+        from inferstack.engine.weights.gguf import (
+            convert_gguf,  # the gguf package is only needed here
+            gguf_tensor_name,
+        )
 
         converted = convert_gguf(path, torch_dtype)
         model_dir, files, source_files = converted.model_dir, converted.weight_files, [path]
+        tensor_name: Callable[[str], str] = gguf_tensor_name
     else:
         model_dir = path
         files = source_files = safetensors_files(path)
+        tensor_name = str
     config = read_hf_config(model_dir)
-    model, arch = build_model(config, files, torch_dtype, dev, source=str(path))
+    model, arch = build_model(config, files, torch_dtype, dev, source=str(path), tensor_name=tensor_name)
     tokenizer = Tokenizer.from_dir(model_dir, config)
     name = spec if spec in ALIASES else path.stem if path.is_file() else path.name
     return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, name=name,
@@ -104,36 +110,40 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
 
 
 def build_model(config: dict[str, Any], files: list[Path], dtype: torch.dtype, device: torch.device,
-                source: str) -> tuple[nn.Module, ModelArch]:
+                source: str, tensor_name: Callable[[str], str] = str) -> tuple[nn.Module, ModelArch]:
     architecture, family = family_for(config, source)
     arch = family.to_arch(config, architecture, source).finalize(dtype)
     with torch.device("meta"):
         model = family.model_class(arch)
     model = model.to(dtype=dtype).to_empty(device=device)
-    fill_weights(model, SafetensorsCheckpoint(files), source)
+    fill_weights(model, SafetensorsCheckpoint(files), source, tensor_name)
     model.init_buffers()
     return model.eval(), arch
 
 
-def fill_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, source: str) -> None:
-    """Copy every checkpoint tensor into its (possibly fused) parameter slice, checking names and shapes."""
+def fill_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, source: str,
+                 tensor_name: Callable[[str], str] = str) -> None:
+    """Copy every checkpoint tensor into its (possibly fused) parameter slice, checking names and shapes.
+
+    ``tensor_name`` spells a tensor the way the user's file does (GGUF names for a .gguf).
+    """
     targets = model.weight_targets()
     available = checkpoint.names()
     missing = sorted(set(targets) - available)
     if missing:
-        shown = ", ".join(f"{n} (shape {list(targets[n].shape)})" for n in missing[:5])
+        shown = ", ".join(f"{tensor_name(n)} (shape {list(targets[n].shape)})" for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ModelLoadError(f"{source}: missing tensor {shown}{more}")
     tied_head = "lm_head.weight" if "lm_head.weight" not in targets else None
     unexpected = sorted(n for n in available - set(targets)
                         if n != tied_head and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
-        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        shown = ", ".join(map(tensor_name, unexpected[:5])) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise ModelLoadError(f"{source}: unexpected tensor {shown} for {model.arch.architecture} with "
                              f"{model.arch.num_layers} layers (config.json does not match the weights)")
     for name, target in targets.items():
         shape = checkpoint.shape(name)
         if shape != target.shape:
-            raise ModelLoadError(f"{source}: tensor {name} has shape {list(shape)}, expected "
+            raise ModelLoadError(f"{source}: tensor {tensor_name(name)} has shape {list(shape)}, expected "
                                  f"{list(target.shape)} from config.json")
         target.dest.copy_(checkpoint.get(name))
