@@ -139,3 +139,28 @@ def test_hardware_file_round_trip_and_unknown(tmp_path) -> None:
         load_hardware_file(path)
     with pytest.raises(KeyError, match="unknown hardware"):
         get_hardware("tpu9")
+
+
+def test_calibration_recovers_a_known_profile() -> None:
+    import numpy as np
+
+    from inferstack.sim.calibrate import StepSample, fit_hardware
+
+    model = get_model("smollm2-135m")
+    truth = get_hardware("cpu")
+    rng = np.random.default_rng(0)
+    samples = []
+    for b in (1, 2, 4, 8, 16, 32):
+        for ctx in (16, 128, 512):
+            work = tuple(SeqWork(ctx, 1) for _ in range(b))
+            samples.append(StepSample(work, step_time(model, truth, work) * rng.uniform(0.97, 1.03)))
+    for n in (16, 64, 256, 1024):
+        work = (SeqWork(0, n),)
+        samples.append(StepSample(work, step_time(model, truth, work) * rng.uniform(0.97, 1.03)))
+    fitted, report = fit_hardware(model, samples, truth)
+    assert report["median_rel_error"] < 0.03
+    for b, n in ((3, 1), (24, 1), (1, 700)):
+        work = [SeqWork(200, n)] * b
+        assert step_time(model, fitted, work) == pytest.approx(step_time(model, truth, work), rel=0.08)
+    with pytest.raises(ValueError, match="at least 4"):
+        fit_hardware(model, samples[:2], truth)

@@ -44,10 +44,12 @@ _CATALOG: dict[str, Hardware] = {
                      step_overhead_s=0.7e-3, seq_overhead_s=6e-6, link_bandwidth=300 * GB, link_latency_s=10e-6),
     "l4": Hardware("l4", peak_flops=121 * TB, mem_bandwidth=0.3 * TB, memory_bytes=24 * GB,
                    step_overhead_s=0.8e-3, seq_overhead_s=8e-6),
-    # This development machine, 1 torch thread, fp32 weights; refit with `inferstack engine calibrate`.
-    "cpu": Hardware("cpu", peak_flops=40e9, mem_bandwidth=8 * GB, memory_bytes=16 * GB,
+    # This development machine (2 shared cores), 1 torch thread, fp32 weights, fitted by
+    # `inferstack engine calibrate --model smollm2-135m` while the machine was busy (load ~10); refit
+    # before comparing: the calibration file in the cache replaces this entry.
+    "cpu": Hardware("cpu", peak_flops=2.0e12, mem_bandwidth=2.5 * GB, memory_bytes=16 * GB,
                     mfu_prefill=1.0, mfu_decode=1.0, bw_efficiency=1.0,
-                    step_overhead_s=12e-3, seq_overhead_s=0.4e-3, token_overhead_s=0.0),
+                    step_overhead_s=0.092, seq_overhead_s=8.2e-3, token_overhead_s=12.2e-3),
 }
 
 

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +79,6 @@ class EmulatedExecutor:
         self._end = 0.0
         self._prev: list[Request] = []
         self.stats = EmulatorStats()
-        self._lock = threading.Lock()
 
     def step_time(self, batch: SchedulerOutput) -> float:
         work = [SeqWork(context=s.start, new_tokens=s.num_new_tokens, samples=s.sample) for s in batch.seqs]
@@ -181,3 +179,63 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     log.info("emulating %s: %d KV blocks, max_model_len %d", profile, executor.num_kv_blocks, max_len)
     return BuiltEngine(core=core, tokenizer=tokenizer, model_name=config.served_model_name or profile.model.name,
                        max_model_len=max_len, model_digest=digest, eos_token_ids=frozenset(tokenizer.eos_token_ids))
+
+
+class _TimedExecutor:
+    """Wraps the real executor and records each step's shape and wall time (calibration)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.num_kv_blocks = inner.num_kv_blocks  # type: ignore[attr-defined]
+        self.block_size = inner.block_size  # type: ignore[attr-defined]
+        self.samples: list = []
+
+    def execute(self, batch: SchedulerOutput) -> ExecutorOutput:
+        from inferstack.sim.calibrate import StepSample
+
+        t0 = time.perf_counter()
+        out = self.inner.execute(batch)  # type: ignore[attr-defined]
+        dt = time.perf_counter() - t0
+        self.samples.append(StepSample(tuple(SeqWork(s.start, s.num_new_tokens, s.sample) for s in batch.seqs), dt))
+        return out
+
+    def release(self, request_id: str) -> None:
+        getattr(self.inner, "release", lambda _: None)(request_id)
+
+
+def measure_real_steps(config: EngineConfig, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
+                       prompt_lens: Sequence[int] = (32, 384), decode_steps: int = 12,
+                       progress: Callable[[str], None] = lambda _: None) -> list:
+    """Run the real engine on decode batches and prefills of several sizes; return StepSamples."""
+    from inferstack.engine.builder import build_engine
+    from inferstack.engine.request import Request
+    from inferstack.engine.sampling_params import SamplingParams
+
+    built = build_engine(config)
+    timed = _TimedExecutor(built.core.executor)
+    built.core.executor = timed  # type: ignore[assignment]
+    vocab = built.tokenizer.vocab_size
+    n = 0
+    for p in prompt_lens:
+        for b in batch_sizes:
+            progress(f"batch {b} × prompt {p}")
+            for _ in range(b):
+                n += 1
+                prompt = [(n * 7919 + i * 104729) % (vocab - 1000) + 500 for i in range(p)]   # distinct prompts
+                built.core.add_request(Request(f"cal{n}", prompt, SamplingParams(max_tokens=decode_steps,
+                                               temperature=0.0, ignore_eos=True), arrival_time=time.monotonic()))
+            while built.core.has_unfinished():
+                built.core.step()
+    return timed.samples[2:]      # the first steps include one-off warm-up costs
+
+
+def calibrate_cpu(model: str, threads: int | None = None, progress: Callable[[str], None] = lambda _: None):
+    """Measure the real engine on this machine and fit the `cpu` hardware profile for it."""
+    from inferstack.sim.calibrate import fit_hardware
+    from inferstack.sim.hardware import get_hardware
+    from inferstack.sim.models import get_model
+
+    config = EngineConfig(model=model, device="cpu", dtype="float32", num_threads=threads, max_num_seqs=64)
+    samples = measure_real_steps(config, progress=progress)
+    spec = get_model(model)
+    return fit_hardware(spec, samples, get_hardware("cpu"))
