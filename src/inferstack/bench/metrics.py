@@ -56,7 +56,7 @@ def meets(rec: RequestRecord, slo: SLO) -> bool:
 
 
 def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo: SLO | None = None,
-              target_rate: float | None = None) -> dict[str, object]:
+              target_rate: float | None = None, planned_rate: float | None = None) -> dict[str, object]:
     """Statistics over the requests sent inside `window` (run clock seconds)."""
     start, end = window
     inc = [r for r in records if r.included]
@@ -96,6 +96,7 @@ def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo
         },
         "load": {
             "target_rate": target_rate,
+            "planned_rate": planned_rate,      # the arrival process's own sample (Poisson varies around the target)
             "send_rate": (len(sends) - 1) / (sends[-1] - sends[0]) if len(sends) > 2 and sends[-1] > sends[0] else None,
             "schedule_lag_s": dist(lags),
         },

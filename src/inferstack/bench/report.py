@@ -34,12 +34,13 @@ def markdown(res: RunResult, title: str = "Benchmark run") -> str:
              f"cool-down {cfg['cooldown_s']} s · seed {cfg['seed']}",
              f"- requests: {req['sent']} sent in window, {req['completed']} completed, {req['failed']} failed "
              f"{req['by_status']}; {req['excluded_warmup_cooldown']} excluded (warm-up/cool-down)", ""]
-    if load["target_rate"]:
+    if load["target_rate"] or load["planned_rate"]:
         lag = load["schedule_lag_s"] or {}
-        rate = load["send_rate"]
-        lines += [f"- send rate {rate:.2f}/s vs target {load['target_rate']:g}/s "
-                  f"({(rate / load['target_rate'] - 1) * 100:+.2f}%); schedule lag p50 {_ms(lag, 'p50')} ms, "
-                  f"p99 {_ms(lag, 'p99')} ms" if rate else "- send rate: too few requests to measure", ""]
+        rate, planned = load["send_rate"], load["planned_rate"]
+        if rate and planned:
+            lines += [f"- send rate {rate:.2f}/s vs planned {planned:.2f}/s ({(rate / planned - 1) * 100:+.2f}%; "
+                      f"target {load['target_rate'] or '–'}/s); schedule lag p50 {_ms(lag, 'p50')} ms, "
+                      f"p99 {_ms(lag, 'p99')} ms", ""]
     lines += ["| throughput | value |", "|---|---|",
               f"| requests/s | {thr['requests_per_s']:.2f} |",
               f"| output tokens/s | {thr['output_tokens_per_s']:.1f} |",

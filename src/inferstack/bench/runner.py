@@ -203,8 +203,8 @@ async def execute(cfg: RunConfig) -> RunResult:
             stop.set()
             await scrape_task
             view_task.cancel()
-    target_rate = cfg.load.rate
-    summary = summarize(run.records, run.window, cfg.slo, target_rate)
+    planned = len(plan) / cfg.duration_s if plan else None
+    summary = summarize(run.records, run.window, cfg.slo, cfg.load.rate, planned)
     return RunResult(cfg.describe(), run.records, summary, scraper.summary(run.window), scraper.timeline(),
                      time.perf_counter() - wall0)
 
