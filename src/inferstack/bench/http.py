@@ -18,11 +18,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+IDLE_REUSE_S = 3.0      # reuse a keep-alive connection only if it idled less than this
+
 
 class HTTPFailure(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind        # connection | timeout | stalled | bad_response
+        self.reused = False
+        self.nothing_received = False
 
 
 @dataclass
@@ -161,6 +165,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.exchange: _Exchange | None = None
         self.closed = False
+        self.idle_since = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -224,15 +229,32 @@ class HTTPClient:
                 return await self._request(path, body, stream, timeout_s, stall_s)
         return await self._request(path, body, stream, timeout_s, stall_s)
 
-    async def _request(self, path: bytes, body: bytes, stream: bool, timeout_s: float, stall_s: float) -> Response:
-        conn = None
+    def _take_idle(self) -> _Conn | None:
+        now = time.monotonic()
         while self.idle:
             c = self.idle.pop()
-            if not c.closed:
-                conn = c
-                break
+            # servers drop idle keep-alive connections (uvicorn after 5 s): do not race them
+            if not c.closed and now - c.idle_since < IDLE_REUSE_S:
+                return c
+            c.abort()
+        return None
+
+    async def _request(self, path: bytes, body: bytes, stream: bool, timeout_s: float, stall_s: float) -> Response:
+        conn = self._take_idle()
+        pooled = conn is not None
         if conn is None:
             conn = await self._connect()
+        try:
+            return await self._exchange(conn, pooled, path, body, stream, timeout_s, stall_s)
+        except HTTPFailure as e:
+            # A reused connection the server closed just before our write fails with no response byte:
+            # the request never reached the application, so one retry on a fresh connection is safe.
+            if e.kind != "connection" or not e.nothing_received or not e.reused:
+                raise
+        return await self._exchange(await self._connect(), False, path, body, stream, timeout_s, stall_s)
+
+    async def _exchange(self, conn: _Conn, reused: bool, path: bytes, body: bytes, stream: bool, timeout_s: float,
+                        stall_s: float) -> Response:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         ex = _Exchange(fut, stream)
@@ -259,6 +281,9 @@ class HTTPClient:
         handle = loop.call_later(min(stall_s, timeout_s) / 4, watchdog)
         try:
             resp = await fut
+        except HTTPFailure as e:
+            e.reused, e.nothing_received = reused, not ex.head
+            raise
         except asyncio.CancelledError:
             conn.abort()
             raise
@@ -268,6 +293,7 @@ class HTTPClient:
         if ex.close or conn.closed:
             conn.abort()
         else:
+            conn.idle_since = time.monotonic()
             self.idle.append(conn)
         return resp
 
