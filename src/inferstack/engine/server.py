@@ -9,15 +9,21 @@ The engine core never sees HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import os
+import signal
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import orjson
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -752,7 +758,8 @@ def _wrap(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reques
         except Exception as exc:
             err = error_from_exception(exc)
             if err is None:
-                raise
+                log.exception("internal error serving %s", request.url.path)
+                return error_response(internal_error(request.scope["state"].get("request_id")))
             if err.status >= 500:
                 log.warning("%s: %s", request.url.path, err.message)
             return error_response(err)
@@ -783,3 +790,142 @@ def build_app(state: ServerState) -> ASGIApp:
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
     return RequestContext(app, state)
+
+
+# --- process: bind, load, serve, drain -------------------------------------------------------------
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ready_file: str | None = None
+    api_key: str | None = None
+    drain_timeout: float = 30.0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT marking the app as draining (/ready -> 503, new generation requests
+    refused) while in-flight requests finish; and a clean exit status instead of re-raising the signal."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            log.info("signal %d: draining in-flight requests (up to %.0fs), then exiting", sig,
+                     self.config.timeout_graceful_shutdown or 0)
+        self.state.draining = True
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield       # embedded (tests): the host owns signals
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def server_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def write_ready_file(path: str | None, urls: list[str]) -> None:
+    """Print the ready line and write it atomically (watchers never read half a line)."""
+    line = orjson.dumps({"urls": urls, "pid": os.getpid()}).decode()
+    print(line, flush=True)
+    if path:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, path)
+
+
+def _load_in_thread(factory: Callable[[], EngineLike]) -> asyncio.Future[EngineLike]:
+    """Load the model on a daemon thread, so a signal during a long load can still end the process."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[EngineLike] = loop.create_future()
+
+    def settle(result: EngineLike | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            engine = factory()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, engine, None)
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return fut
+
+
+async def serve(factory: Callable[[], EngineLike], options: ServeOptions) -> int:
+    """Bind, answer /health at once, load the engine (``factory``, blocking, on a thread), announce
+    readiness, serve until SIGTERM, drain, shut the engine down. Returns the exit status."""
+    sock = _bind(options.host, options.port)
+    port = sock.getsockname()[1]
+    state = ServerState(api_key=options.api_key)
+    config = uvicorn.Config(build_app(state), loop="none", http="httptools", lifespan="off", log_config=None,
+                            access_log=False, timeout_graceful_shutdown=options.drain_timeout,
+                            server_header=False)
+    server = _DrainingServer(config, state)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    log.info("listening on %s; loading the model", server_url(options.host, port))
+    loading = _load_in_thread(factory)
+    await asyncio.wait({serving, loading}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():        # stopped before the model finished loading
+        await serving
+        return 0
+    if loading.exception() is not None:
+        exc = loading.exception()
+        log.error("could not load the model: %s", exc, exc_info=not isinstance(exc, ValueError | FileNotFoundError))
+        server.should_exit = True
+        await serving
+        return 1
+    engine = loading.result()
+    state.attach(engine)
+    if not server.should_exit:
+        log.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
+        write_ready_file(options.ready_file, [server_url(options.host, port)])
+    await serving
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:
+        await shutdown()
+    log.info("stopped")
+    return 0
+
+
+def run(factory: Callable[[], EngineLike], options: ServeOptions) -> int:
+    """Run ``serve`` on uvloop (falls back to asyncio's loop where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(factory, options))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(factory, options))

@@ -117,3 +117,30 @@ def engine_openapi(title: str = "inferstack engine", version: str = "0.1.0") -> 
         },
         "components": {"schemas": schemas},
     }
+
+
+def _null_for_nullable(node: Any) -> Any:
+    """OpenAPI 3.0's ``nullable: true`` (left in places of the 3.1 document) as a JSON-Schema null branch."""
+    if isinstance(node, list):
+        return [_null_for_nullable(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _null_for_nullable(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") is True:
+        return {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+def schema_validator(name: str, *, stream_chunk: bool = False) -> Any:
+    """A jsonschema validator for component ``name`` of the OpenAI subset (needs ``jsonschema``; for tests
+    and clients that check servers). ``stream_chunk=True`` allows the ``finish_reason: null`` that
+    streamed completion chunks carry until the last one (the spec types it as a plain string)."""
+    from jsonschema import Draft202012Validator
+
+    spec = _null_for_nullable(openai_spec())
+    if stream_chunk:
+        choice = spec["components"]["schemas"]["CreateCompletionResponse"]["properties"]["choices"]["items"]
+        choice["properties"]["finish_reason"] = {"anyOf": [choice["properties"]["finish_reason"], {"type": "null"}]}
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+              "$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    return Draft202012Validator(schema)
