@@ -885,18 +885,31 @@ def _load_in_thread(factory: Callable[[], EngineLike]) -> asyncio.Future[EngineL
     return fut
 
 
-async def serve(factory: Callable[[], EngineLike], options: ServeOptions) -> int:
+async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
+                stop: asyncio.Event | None = None, on_listening: Callable[[str], None] | None = None) -> int:
     """Bind, answer /health at once, load the engine (``factory``, blocking, on a thread), announce
-    readiness, serve until SIGTERM, drain, shut the engine down. Returns the exit status."""
+    readiness, serve until SIGTERM (or ``stop`` is set), drain, shut the engine down.
+
+    ``on_listening(url)`` is called once the socket is bound, before the model loads. Returns the exit
+    status."""
     sock = _bind(options.host, options.port)
-    port = sock.getsockname()[1]
+    url = server_url(options.host, sock.getsockname()[1])
     state = ServerState(api_key=options.api_key)
     config = uvicorn.Config(build_app(state), loop="none", http="httptools", lifespan="off", log_config=None,
                             access_log=False, timeout_graceful_shutdown=options.drain_timeout,
                             server_header=False)
     server = _DrainingServer(config, state)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
-    log.info("listening on %s; loading the model", server_url(options.host, port))
+    if stop is not None:
+        async def stop_when_set() -> None:
+            await stop.wait()
+            server.handle_exit(signal.SIGTERM, None)
+
+        stopper = asyncio.ensure_future(stop_when_set())
+        serving.add_done_callback(lambda _: stopper.cancel())
+    log.info("listening on %s; loading the model", url)
+    if on_listening is not None:
+        on_listening(url)
     loading = _load_in_thread(factory)
     await asyncio.wait({serving, loading}, return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():        # stopped before the model finished loading
@@ -912,7 +925,7 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions) -> int
     state.attach(engine)
     if not server.should_exit:
         log.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
-        write_ready_file(options.ready_file, [server_url(options.host, port)])
+        write_ready_file(options.ready_file, [url])
     await serving
     shutdown = getattr(engine, "shutdown", None)
     if shutdown is not None:
