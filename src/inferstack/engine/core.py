@@ -35,7 +35,7 @@ class _TextState:
     include_stop: bool
     text: str = ""
     emitted: int = 0
-    num_emitted_tokens: int = 0
+    stopped: bool = False
     hold: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -44,15 +44,18 @@ class _TextState:
     def add(self, token_ids: list[int]) -> str | None:
         """Append tokens; return the stop string if one now appears in the text."""
         search_from = max(0, len(self.text) - self.hold)
-        self.text += self.detok.step(token_ids)
+        self.text += self.detok.feed(token_ids)
         for stop in self.stops:
             idx = self.text.find(stop, search_from)
             if idx >= 0:
                 self.text = self.text[: idx + len(stop) if self.include_stop else idx]
+                self.stopped = True
                 return stop
         return None
 
     def take(self, final: bool) -> str:
+        if final and not self.stopped:
+            self.text += self.detok.finish()
         end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
         delta = self.text[self.emitted:end]
         self.emitted = end
