@@ -72,7 +72,7 @@ class FakeEngine:
         abort = self._abort_events[request_id] = asyncio.Event()
         reply = (self.reply.encode() if self.reply is not None else bytes(reversed(bytes(
             t for t in prompt_token_ids[-8:] if t < 256))))
-        script = list(reply) + [EOS]
+        script = [*list(reply), EOS]
         arrival = time.monotonic()
         times = {"arrival": arrival, "scheduled": arrival}
         produced = [0] * params.n

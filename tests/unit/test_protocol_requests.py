@@ -4,7 +4,12 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from inferstack.protocol.errors import APIError, error_from_exception
-from inferstack.protocol.requests import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, parse_request
+from inferstack.protocol.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    parse_request,
+)
 
 
 def error_of(model: type[BaseModel], body: bytes) -> APIError:
