@@ -256,3 +256,13 @@ def test_openapi_is_served() -> None:
     client, _, _ = make()
     doc = client.get("/openapi.json").json()
     assert "/v1/chat/completions" in doc["paths"] and "CreateCompletionRequest" in doc["components"]["schemas"]
+
+
+def test_request_id_is_generated_or_sanitized() -> None:
+    client, _, engine = make()
+    generated = client.get("/health").headers["x-request-id"]
+    assert len(generated) == 32
+    resp = client.post(COMPLETIONS, json={"prompt": "a"}, headers={"x-request-id": "a b\tc" + "x" * 300})
+    rid = resp.headers["x-request-id"]
+    assert rid.startswith("a_b_c") and len(rid) == 128
+    assert engine.calls[-1][2].startswith(rid + "-")

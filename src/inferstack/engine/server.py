@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -185,7 +186,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        rid = _clean_request_id(_header(scope, b"x-request-id")) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         started = time.perf_counter()
@@ -209,8 +210,10 @@ class RequestContext:
             if status == 0:
                 await error_response(internal_error(rid))(scope, receive, send_with_id)
         finally:
-            log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
-                     (time.perf_counter() - started) * 1e3)
+            # probes and scrapes arrive every few seconds: keep them out of the INFO log
+            level = logging.DEBUG if scope["path"] in _QUIET_PATHS and status < 400 else logging.INFO
+            log.log(level, "%s %s %d %.1fms", scope["method"], scope["path"], status,
+                    (time.perf_counter() - started) * 1e3)
             request_id_var.reset(token)
 
     def _check_auth(self, scope: Scope) -> APIError | None:
@@ -225,6 +228,17 @@ class RequestContext:
             return None
         msg = "Missing API key: send 'Authorization: Bearer <key>'." if not given else "Incorrect API key provided."
         return APIError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+_QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+_REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:/=+@-]")
+
+
+def _clean_request_id(value: str | None) -> str | None:
+    """A client's id, kept printable and short: it ends up in engine ids, response ids and logs."""
+    if not value:
+        return None
+    return _REQUEST_ID_UNSAFE.sub("_", value[:128]) or None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
