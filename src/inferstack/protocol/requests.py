@@ -21,7 +21,6 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None      # vLLM: usage on every chunk
 
 
 class ChatMessage(_Body):
