@@ -131,6 +131,7 @@ def _null_for_nullable(node: Any) -> Any:
     return out
 
 
+@functools.cache
 def schema_validator(name: str, *, stream_chunk: bool = False) -> Any:
     """A jsonschema validator for component ``name`` of the OpenAI subset (needs ``jsonschema``; for tests
     and clients that check servers). ``stream_chunk=True`` allows the ``finish_reason: null`` that
