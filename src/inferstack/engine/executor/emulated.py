@@ -203,8 +203,8 @@ class _TimedExecutor:
         getattr(self.inner, "release", lambda _: None)(request_id)
 
 
-def measure_real_steps(config: EngineConfig, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
-                       prompt_lens: Sequence[int] = (32, 384), decode_steps: int = 12,
+def measure_real_steps(config: EngineConfig, batch_sizes: Sequence[int] = (1, 2, 4, 8),
+                       prompt_lens: Sequence[int] = (32, 256), decode_steps: int = 10,
                        progress: Callable[[str], None] = lambda _: None) -> list:
     """Run the real engine on decode batches and prefills of several sizes; return StepSamples."""
     from inferstack.engine.builder import build_engine
