@@ -178,3 +178,16 @@ def test_goodput_search_and_compare(scripted: Server, tmp_path: Path) -> None:
     assert res.exit_code == 0 and "TTFT p50 (ms)" in res.output and runs[0].name in res.output
     bad = runner.invoke(app, ["bench", "compare", str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "no results.json" in bad.output
+
+
+def test_sweep_runs_up_to_saturation(scripted: Server, tmp_path: Path) -> None:
+    code, output = bench("--target", scripted.url, "--workload", "synthetic:input=8,output=4", "--sweep",
+                         "--sweep-points", "2", "--sweep-concurrency", "4", "--duration", "1",
+                         "--out", str(tmp_path))
+    assert code == 0, output
+    series = json.loads((tmp_path / "sweep.json").read_text())
+    sat = series["saturation_requests_per_s"]
+    assert sat > 10            # 4 in flight, each 40 ms + 3·8 ms
+    rates = [r["target_rate"] for r in series["runs"]]
+    assert rates == [sat / 2, sat] or rates == [sat * 0.5, sat * 1.0]
+    assert (tmp_path / "sweep.png").stat().st_size > 1000 and (tmp_path / "runs" / "saturation" / "report.md").exists()

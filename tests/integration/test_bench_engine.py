@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.support.procs import start_inferstack
 from typer.testing import CliRunner
 
 from inferstack.cli.main import app
-from tests.support.procs import start_inferstack
 
 
 @pytest.mark.slow
