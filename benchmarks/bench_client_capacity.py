@@ -60,11 +60,17 @@ async def _aiohttp_run(url: str, rate: float, duration: float) -> dict[str, floa
     body = orjson.dumps({"model": "m", "prompt": "hello " * 32, "max_tokens": 4})
     n = int(rate * duration)
     lags: list[float] = []
+    failed = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         async def one(t: float) -> None:
+            nonlocal failed
             lags.append(time.perf_counter() - t)
-            async with s.post(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r:
-                await r.read()
+            try:
+                async with s.post(url + "/v1/completions", data=body,
+                                  headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+            except (aiohttp.ClientError, TimeoutError):
+                failed += 1
 
         cpu0 = time.process_time()
         t0 = time.perf_counter() + 0.05
@@ -81,7 +87,7 @@ async def _aiohttp_run(url: str, rate: float, duration: float) -> dict[str, floa
         cpu = time.process_time() - cpu0
     lags.sort()
     return {"send_rate": (n - 1) / (sent - t0), "done_rate": n / (end - t0), "lag_p50_ms": lags[n // 2] * 1e3,
-            "lag_p99_ms": lags[int(n * 0.99)] * 1e3, "failed": 0, "cpu_us_per_request": cpu / n * 1e6}
+            "lag_p99_ms": lags[int(n * 0.99)] * 1e3, "failed": failed, "cpu_us_per_request": cpu / n * 1e6}
 
 
 def main() -> None:
