@@ -95,6 +95,9 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
             loop.call_soon_threadsafe(stop.set)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Engine threads wake from their emulated step sleeps and need the GIL at once; Python's default
+    # 5 ms switch interval would let the HTTP loop hold it for a whole decode step.
+    sys.setswitchinterval(2e-4)
     thread.start()
     try:
         while thread.is_alive():
