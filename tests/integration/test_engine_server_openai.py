@@ -1,5 +1,5 @@
 """`inferstack engine serve --model smollm2-135m` in a real process, driven by the official `openai`
-client, httpx and schemathesis. One server process serves the whole module; the last test sends it
+client, httpx and schemathesis. One server process (a session fixture) serves every test here; the last sends it
 SIGTERM while a request is in flight (drain, exit 0).
 """
 
@@ -30,7 +30,7 @@ MAX_MODEL_LEN = 1024
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server() -> Server:
     srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "1", "--dtype", "float32",
                             "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-bytes", "128MiB",
@@ -39,7 +39,7 @@ def server() -> Server:
     srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
