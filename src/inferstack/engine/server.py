@@ -319,6 +319,10 @@ class Handlers:
         return json_response({"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
     async def health(self, request: Request) -> Response:
+        engine = self.state.engine
+        error = getattr(engine, "error", None) if engine is not None else None
+        if error is not None:
+            return json_response({"status": "dead", "error": str(error)}, status=503)
         return json_response({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
