@@ -87,6 +87,8 @@ class FlowController:
                 flow.waiters.remove(fut)
                 self.queued -= 1
                 self._depth(priority, band)
+                if not len(band) and self._bands.get(priority) is band:
+                    del self._bands[priority]  # bounded memory: idle bands and their flows go
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 raise APIError(429, f"Timed out after {self.cfg.queue_timeout_s:g}s waiting for capacity.",
@@ -123,8 +125,7 @@ class FlowController:
             room -= 1
             self.pending += 1
         for p in [p for p, b in self._bands.items() if not len(b)]:
-            # bounded memory: idle bands and flows are dropped
-            del self._bands[p]
+            del self._bands[p]  # bounded memory: idle bands and their flows go
         return released
 
     def _depth(self, priority: int, band: _Band) -> None:
