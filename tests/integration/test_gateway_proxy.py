@@ -7,9 +7,9 @@ import time
 import httpx
 import openai
 import pytest
-from support.gateway_procs import start_fake_engine, start_gateway
 
 from inferstack.gateway.auth import hash_key
+from support.gateway_procs import start_fake_engine, start_gateway
 
 KEY_A = "sk-tenant-a-0123456789"
 KEY_B = "sk-tenant-b-0123456789"

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+
 from support.gateway_procs import start_fake_engine, start_gateway
 
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from support.procs import inferstack_env
 
 from inferstack.config import ConfigError, load_config, parse_config
+from support.procs import inferstack_env
 
 GOOD = """\
 gateway:
