@@ -1,0 +1,110 @@
+"""Gateway overhead: sequential added latency over going direct, and throughput at concurrency 16/64.
+
+Ours (keys, limits and metrics enabled) side by side with sglang-router (cache_aware, round_robin),
+vllm-router (round_robin, cache_aware) and the LiteLLM proxy, each installed by this script into its
+own virtual environment (--peers). Same backends for everyone: instant fake OpenAI engines.
+
+    python benchmarks/gateway_overhead.py [--peers sglang,vllm-router,litellm] [--seq 300] [--total 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import orjson
+from gateway_common import (
+    median,
+    pct,
+    sequential_latencies,
+    start_fake_engines,
+    start_inferstack_gateway,
+    start_litellm,
+    start_sglang_router,
+    start_vllm_router,
+    throughput,
+)
+
+MODEL = "bench-model"
+KEY = "sk-bench-tenant"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", default="", help="comma list of: sglang, vllm-router, litellm")
+    ap.add_argument("--seq", type=int, default=300, help="sequential requests per target")
+    ap.add_argument("--total", type=int, default=2000, help="requests per concurrency level")
+    ap.add_argument("--concurrency", default="16,64")
+    ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    peers = [p for p in args.peers.split(",") if p]
+
+    engines = start_fake_engines(2, "--ttft-ms", "0", "--itl-ms", "0", "--tokens", "8")
+    workers = [e.url for e in engines]
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8,
+                         "messages": [{"role": "user", "content": "x" * 200}]})
+    results: list[dict] = []
+    procs = []
+    try:
+        targets = [("direct (1 engine)", workers[0], {})]
+        gw_cfg = {
+            "pools": {"bench": {"endpoints": workers, "models": [MODEL]}},
+            "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
+            "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}},
+        }
+        for preset in ("default", "round-robin"):
+            gw_cfg["pools"]["bench"]["routing"] = preset
+            gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
+            procs.append(gw)
+            targets.append((f"inferstack {preset}", gw.url, {"authorization": f"Bearer {KEY}"}))
+        if "sglang" in peers:
+            for policy in ("round_robin", "cache_aware"):
+                p = start_sglang_router(workers, policy)
+                procs.append(p)
+                targets.append((p.name, p.url, {}))
+        if "vllm-router" in peers:
+            for policy in ("round_robin", "cache_aware"):
+                p = start_vllm_router(workers, policy)
+                procs.append(p)
+                targets.append((p.name, p.url, {}))
+        if "litellm" in peers:
+            p = start_litellm(workers, MODEL, num_workers=os.cpu_count() or 1)
+            procs.append(p)
+            targets.append((p.name, p.url, {"authorization": f"Bearer {p.extra['key']}"}))
+
+        direct_seq = None
+        for name, base, headers in targets:
+            url = base + "/v1/chat/completions"
+            seq = asyncio.run(sequential_latencies(url, body, args.seq, headers))
+            row = {"target": name, "seq_p50_ms": median(seq) * 1e3, "seq_p99_ms": pct(seq, 0.99) * 1e3}
+            if direct_seq is None:
+                direct_seq = row
+            row["added_p50_ms"] = row["seq_p50_ms"] - direct_seq["seq_p50_ms"]
+            row["added_p99_ms"] = row["seq_p99_ms"] - direct_seq["seq_p99_ms"]
+            total = args.total if "litellm" not in name else max(200, args.total // 10)
+            for c in levels:
+                rps, lat = asyncio.run(throughput(url, body, total, c, headers))
+                row[f"c{c}_rps"] = rps
+                row[f"c{c}_p50_ms"] = median(lat) * 1e3
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        for p in procs + engines:
+            p.stop()
+
+    cols = ["target", "seq_p50_ms", "seq_p99_ms", "added_p50_ms", "added_p99_ms"] + [
+        k for c in levels for k in (f"c{c}_rps", f"c{c}_p50_ms")]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
