@@ -105,3 +105,12 @@ def test_cli_validate_and_schema(tmp_path):
     r = run("config", "schema")
     schema = json.loads(r.stdout)
     assert {"gateway", "pools", "models", "keys", "tenants", "objectives", "routing"} <= set(schema["properties"])
+
+
+def test_documented_example_is_valid():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = parse_config(example, "docs/configuration.md")
+    assert cfg.models["llama-3-8b"].targets[1].model == "llama-3-8b-v2"
