@@ -15,12 +15,14 @@ import asyncio
 import json
 import os
 import time
+from collections import OrderedDict
 
 from aiohttp import web
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
-    state = {"running": 0, "waiting": 0, "bodies": [], "served": 0, "prefixes": set(), "hits": 0}
+    state = {"running": 0, "waiting": 0, "bodies": [], "served": 0, "hits": 0, "queries": 0}
+    prefixes: OrderedDict[tuple, None] = OrderedDict()
     sem = asyncio.Semaphore(args.max_running)
 
     def usage(prompt_tokens: int) -> dict:
@@ -48,17 +50,23 @@ def build_app(args: argparse.Namespace) -> web.Application:
         del state["bodies"][:-200]
         text = prompt_text(body)
         ptoks = max(1, len(text) // 4)
-        # prefix cache: a repeated first 256 chars (per cache_salt) skips the prefill cost
+        # prefix cache: an LRU of prompt heads (first 256 chars, per cache_salt); a hit skips the
+        # prefill cost of all but the last 100 tokens
         key = (body.get("cache_salt"), text[:256])
-        hit = key in state["prefixes"]
-        state["prefixes"].add(key)
+        hit = key in prefixes
+        prefixes[key] = None
+        prefixes.move_to_end(key)
+        while len(prefixes) > args.cache_entries:
+            prefixes.popitem(last=False)
         state["hits"] += hit
+        state["queries"] += 1
         state["waiting"] += 1
         async with sem:
             state["waiting"] -= 1
             state["running"] += 1
             try:
-                prefill = args.ttft_ms / 1000 + (0 if hit else ptoks * args.prefill_us_per_token / 1e6)
+                uncached = min(ptoks, 100) if hit else ptoks
+                prefill = args.ttft_ms / 1000 + uncached * args.prefill_us_per_token / 1e6
                 await asyncio.sleep(prefill)
                 rid = f"cmpl-{os.getpid()}-{state['served']}"
                 state["served"] += 1
@@ -114,7 +122,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
         text = (f'vllm:num_requests_running{{model_name="{m}"}} {state["running"]}\n'
                 f'vllm:num_requests_waiting{{model_name="{m}"}} {state["waiting"]}\n'
                 f'vllm:kv_cache_usage_perc{{model_name="{m}"}} {kv}\n'
-                f'vllm:prefix_cache_hits_total{{model_name="{m}"}} {state["hits"]}\n')
+                f'vllm:prefix_cache_hits_total{{model_name="{m}"}} {state["hits"]}\n'
+                f'vllm:prefix_cache_queries_total{{model_name="{m}"}} {state["queries"]}\n')
         return web.Response(text=text, content_type="text/plain")
 
     async def tokenize(request: web.Request) -> web.Response:
@@ -149,6 +158,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--prefill-us-per-token", type=float, default=0.0)
     p.add_argument("--max-running", type=int, default=256)
+    p.add_argument("--cache-entries", type=int, default=1024, help="prompt heads the prefix cache holds")
     p.add_argument("--fail-status", type=int, default=0)
     p.add_argument("--die-after-tokens", type=int, default=0)
     p.add_argument("--no-metrics", action="store_true")
