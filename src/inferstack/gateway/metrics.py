@@ -47,6 +47,7 @@ class GatewayMetrics:
         self.in_flight = Gauge("inferstack_gateway_in_flight", "Requests in flight per endpoint.",
                                ("pool", "endpoint"), registry=r)
         self._children: dict[tuple, tuple] = {}
+        self._counters: dict[tuple, object] = {}
 
     def latency_children(self, labels: tuple[str, str, str, str]) -> tuple:
         c = self._children.get(labels)
@@ -55,3 +56,17 @@ class GatewayMetrics:
                  self.itl.labels(*labels))
             self._children[labels] = c
         return c
+
+    def request_done(self, model: str, pool: str, endpoint: str, tenant: str, status: int) -> None:
+        key = (0, model, pool, endpoint, tenant, status)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = self.requests.labels(model, pool, endpoint, tenant, str(status))
+        c.inc()
+
+    def decision(self, pool: str, profile: str, scorer: str) -> None:
+        key = (1, pool, profile, scorer)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = self.decisions.labels(pool, profile, scorer)
+        c.inc()

@@ -47,7 +47,8 @@ def serve(cfg: InferstackConfig, ready_file: Path | None = None) -> None:
     bound = sock.getsockname()[1]
     app = Gateway(cfg, tracer_provider=make_tracer_provider(cfg))
     config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                            log_level="warning", timeout_graceful_shutdown=30, backlog=4096)
+                            log_level="warning", timeout_graceful_shutdown=30, backlog=4096,
+                            proxy_headers=False, server_header=False)
     server = uvicorn.Server(config)
 
     async def main() -> None:
