@@ -171,7 +171,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def sequential_latencies(url: str, body: bytes, n: int, headers: dict) -> list[float]:
-    async with aiohttp.ClientSession(headers=headers) as s:
+    async with aiohttp.ClientSession(headers={"content-type": "application/json", **headers}) as s:
         out = []
         for i in range(n + 20):
             t = time.perf_counter()
@@ -187,7 +187,7 @@ async def throughput(url: str, body: bytes, total: int, concurrency: int, header
     lat: list[float] = []
     left = total
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(headers=headers, connector=connector) as s:
+    async with aiohttp.ClientSession(headers={"content-type": "application/json", **headers}, connector=connector) as s:
         async def worker() -> None:
             nonlocal left
             while left > 0:

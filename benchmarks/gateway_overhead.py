@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import orjson
+import psutil
 from gateway_common import (
     median,
     pct,
@@ -31,6 +32,25 @@ from gateway_common import (
 
 MODEL = "bench-model"
 KEY = "sk-bench-tenant"
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and all its descendants (peers run worker processes)."""
+    if pid is None:
+        return 0.0
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def main() -> None:
@@ -51,7 +71,7 @@ def main() -> None:
     results: list[dict] = []
     procs = []
     try:
-        targets = [("direct (1 engine)", workers[0], {})]
+        targets = [("direct (1 engine)", workers[0], {}, None)]
         gw_cfg = {
             "pools": {"bench": {"endpoints": workers, "models": [MODEL]}},
             "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
@@ -61,24 +81,24 @@ def main() -> None:
             gw_cfg["pools"]["bench"]["routing"] = preset
             gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
             procs.append(gw)
-            targets.append((f"inferstack {preset}", gw.url, {"authorization": f"Bearer {KEY}"}))
+            targets.append((f"inferstack {preset}", gw.url, {"authorization": f"Bearer {KEY}"}, gw.proc.pid))
         if "sglang" in peers:
             for policy in ("round_robin", "cache_aware"):
                 p = start_sglang_router(workers, policy)
                 procs.append(p)
-                targets.append((p.name, p.url, {}))
+                targets.append((p.name, p.url, {}, p.proc.pid))
         if "vllm-router" in peers:
             for policy in ("round_robin", "cache_aware"):
                 p = start_vllm_router(workers, policy)
                 procs.append(p)
-                targets.append((p.name, p.url, {}))
+                targets.append((p.name, p.url, {}, p.proc.pid))
         if "litellm" in peers:
             p = start_litellm(workers, MODEL, num_workers=os.cpu_count() or 1)
             procs.append(p)
-            targets.append((p.name, p.url, {"authorization": f"Bearer {p.extra['key']}"}))
+            targets.append((p.name, p.url, {"authorization": f"Bearer {p.extra['key']}"}, p.proc.pid))
 
         direct_seq = None
-        for name, base, headers in targets:
+        for name, base, headers, pid in targets:
             url = base + "/v1/chat/completions"
             seq = asyncio.run(sequential_latencies(url, body, args.seq, headers))
             row = {"target": name, "seq_p50_ms": median(seq) * 1e3, "seq_p99_ms": pct(seq, 0.99) * 1e3}
@@ -88,7 +108,11 @@ def main() -> None:
             row["added_p99_ms"] = row["seq_p99_ms"] - direct_seq["seq_p99_ms"]
             total = args.total if "litellm" not in name else max(200, args.total // 10)
             for c in levels:
+                cpu0 = cpu_seconds(pid)
                 rps, lat = asyncio.run(throughput(url, body, total, c, headers))
+                if pid is not None:
+                    # CPU the router spent per request: robust to a busy machine, unlike wall time
+                    row[f"c{c}_cpu_ms_per_req"] = (cpu_seconds(pid) - cpu0) / total * 1e3
                 row[f"c{c}_rps"] = rps
                 row[f"c{c}_p50_ms"] = median(lat) * 1e3
             results.append(row)
@@ -98,10 +122,10 @@ def main() -> None:
             p.stop()
 
     cols = ["target", "seq_p50_ms", "seq_p99_ms", "added_p50_ms", "added_p99_ms"] + [
-        k for c in levels for k in (f"c{c}_rps", f"c{c}_p50_ms")]
+        k for c in levels for k in (f"c{c}_rps", f"c{c}_p50_ms", f"c{c}_cpu_ms_per_req")]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(_fmt(r.get(c, "-")) for c in cols) + " |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -19,6 +19,7 @@ import orjson
 from inferstack.config.schema import GatewayConfig, PoolConfig
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build_router
 from inferstack.gateway.routing.state import RoutingState
+from inferstack.gateway.upstream import UpstreamPool
 
 log = logging.getLogger("inferstack.gateway")
 
@@ -106,7 +107,11 @@ class Endpoint:
         self.failures = 0
         self.ejected_until = 0.0
         self.models: set[str] = set()
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # health checks, /tokenize
+        self.upstream: UpstreamPool | None = None  # completions (hot path)
+        self.scrape: UpstreamPool | None = None  # /metrics, with a short read timeout
+        auth = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
+        self.request_headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json"), *auth]
 
     @property
     def healthy(self) -> bool:
@@ -194,6 +199,8 @@ class DataLayer:
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
                     auto_decompress=False,
                 )
+                ep.upstream = UpstreamPool(ep.url, self.cfg.connect_timeout_s, self.cfg.request_timeout_s)
+                ep.scrape = UpstreamPool(ep.url, self.cfg.connect_timeout_s, 1.0, max_idle=2)
         # one discovery + health round before serving, so /v1/models is right from the start
         await asyncio.gather(*(self._health_once(p, e) for p in self.pools for e in p.endpoints))
         for pool in self.pools:
@@ -215,20 +222,26 @@ class DataLayer:
             for ep in pool.endpoints:
                 if ep.session is not None:
                     await ep.session.close()
+                if ep.upstream is not None:
+                    ep.upstream.close()
+                    ep.scrape.close()
 
     async def _scrape_one(self, ep: Endpoint, now: float) -> None:
         if not ep.metrics_supported and now - ep.metrics_at < _NO_METRICS_RETRY_S:
             return
         try:
-            async with ep.session.get("/metrics", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
-                if r.status != 200:
-                    ep.metrics_supported = False
-                    ep.metrics_at = now
-                    return
-                text = await r.text()
-        except (TimeoutError, aiohttp.ClientError, OSError):
+            conn = await ep.scrape.request(b"GET", b"/metrics", _auth_raw(ep), b"")
+            try:
+                body = await conn.read()
+            finally:
+                conn.release()
+        except OSError:
             return  # metrics age grows; stale endpoints count as saturated
-        m = parse_engine_metrics(text)
+        if conn.status != 200:
+            ep.metrics_supported = False
+            ep.metrics_at = now
+            return
+        m = parse_engine_metrics(body.decode("utf-8", "replace"))
         if m is None:
             ep.metrics_supported = False
             ep.metrics, ep.metrics_at = None, now
@@ -271,6 +284,10 @@ class DataLayer:
         while True:
             await asyncio.sleep(self.cfg.health_interval_s)
             await asyncio.gather(*(self._health_once(pool, e) for e in pool.endpoints))
+
+
+def _auth_raw(ep: Endpoint) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", f"Bearer {ep.api_key}".encode())] if ep.api_key else []
 
 
 def _auth(ep: Endpoint) -> dict[str, str]:

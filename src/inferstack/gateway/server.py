@@ -37,7 +37,7 @@ _PATHS = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
 _JSON = [(b"content-type", b"application/json")]
 _SSE = (b"content-type", b"text/event-stream")
 _SERVED = b"x-gateway-destination-endpoint-served"
-_RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+_RETRYABLE = (aiohttp.ClientError, TimeoutError, OSError)
 
 
 @dataclass(slots=True)
@@ -79,8 +79,6 @@ class Gateway:
         self.limiter: Limiter = limiter or (RedisLimiter(gw.redis_url) if gw.redis_url else MemoryLimiter())
         self.datalayer = DataLayer(list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump())
         self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=gw.connect_timeout_s,
-                                              sock_read=gw.request_timeout_s)
         self._rng = random.Random()
 
     # ---- ASGI -------------------------------------------------------------------------------
@@ -280,7 +278,7 @@ class Gateway:
         else:
             q["prompt"] = req.get("prompt")
         try:
-            async with ep.session.post("/tokenize", data=orjson.dumps(q), headers=_upstream_headers(ep, b""),
+            async with ep.session.post("/tokenize", data=orjson.dumps(q), headers=_tokenize_headers(ep),
                                        timeout=aiohttp.ClientTimeout(total=2.0)) as r:
                 if r.status != 200:
                     return []
@@ -294,7 +292,7 @@ class Gateway:
         pool = ctx.pool
         cfg = self.cfg.gateway
         tried: set[str] = set()
-        path = "/v1/chat/completions" if ctx.kind == "chat" else "/v1/completions"
+        path = b"/v1/chat/completions" if ctx.kind == "chat" else b"/v1/completions"
         last_error = "no endpoint"
         for attempt in range(cfg.max_retries + 1):
             result = pool.router.route(rv, pool.snapshot(frozenset(tried)) if tried else pool.snapshot())
@@ -333,10 +331,10 @@ class Gateway:
         await _error(send, APIError(ctx.status, msg, code="upstream_unavailable", headers={"retry-after": "1"}),
                      ctx.rid)
 
-    async def _attempt(self, ctx: _Ctx, ep: Endpoint, path: str, payload: bytes, send: Any,
+    async def _attempt(self, ctx: _Ctx, ep: Endpoint, path: bytes, payload: bytes, send: Any,
                        last: bool) -> str | None:
         """One upstream try. Returns None when the client got a response, or a reason to retry."""
-        headers = _upstream_headers(ep, ctx.rid)
+        headers = [*ep.request_headers, (b"x-request-id", ctx.rid)]
         if ctx.stream:
             return await self._attempt_stream(ctx, ep, path, payload, send, headers, last)
         try:
@@ -364,52 +362,58 @@ class Gateway:
         await self._finish(ctx, now, usage, chunks=1)
         return None
 
-    async def _fetch(self, ep: Endpoint, path: str, payload: bytes, headers: dict) -> tuple[int, bytes, bytes]:
-        async with ep.session.post(path, data=payload, headers=headers, timeout=self._timeout) as r:
-            data = await r.read()
-            return r.status, r.headers.get("content-type", "application/json").encode(), data
-
-    async def _attempt_stream(self, ctx: _Ctx, ep: Endpoint, path: str, payload: bytes, send: Any,
-                              headers: dict, last: bool) -> str | None:
+    async def _fetch(self, ep: Endpoint, path: bytes, payload: bytes, headers: list) -> tuple[int, bytes, bytes]:
+        conn = await ep.upstream.request(b"POST", path, headers, payload)
         try:
-            resp = await ep.session.post(path, data=payload, headers=headers, timeout=self._timeout)
-        except _RETRYABLE as exc:
+            data = await conn.read()
+        except BaseException:
+            conn.close()
+            raise
+        status, ctype = conn.status, conn.content_type
+        conn.release()
+        return status, ctype, data
+
+    async def _attempt_stream(self, ctx: _Ctx, ep: Endpoint, path: bytes, payload: bytes, send: Any,
+                              headers: list, last: bool) -> str | None:
+        try:
+            conn = await ep.upstream.request(b"POST", path, headers, payload)
+        except OSError as exc:
             return f"connection: {type(exc).__name__}"
         try:
-            if resp.status != 200:
-                if resp.status >= 500 and not last:
-                    return f"status {resp.status}"
+            if conn.status != 200:
+                if conn.status >= 500 and not last:
+                    conn.close()
+                    return f"status {conn.status}"
                 try:
-                    data = await resp.read()
-                except _RETRYABLE as exc:
+                    data = await conn.read()
+                except OSError as exc:
+                    conn.close()
                     return f"connection: {type(exc).__name__}"
-                ctx.status = resp.status
-                await send({"type": "http.response.start", "status": resp.status,
-                            "headers": [(b"content-type", resp.headers.get("content-type", "application/json").encode()),
-                                        (b"x-request-id", ctx.rid), (_SERVED, ep.id.encode())]})
+                ctx.status = conn.status
+                await send({"type": "http.response.start", "status": conn.status,
+                            "headers": [(b"content-type", conn.content_type), (b"x-request-id", ctx.rid),
+                                        (_SERVED, ep.id.encode())]})
                 await send({"type": "http.response.body", "body": data})
+                ctx.responded = True
                 self._count(ctx)
+                conn.release()
                 return None
             ctx.status = 200
-            started = False
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [_SSE, (b"cache-control", b"no-cache"), (b"x-request-id", ctx.rid),
+                                    (_SERVED, ep.id.encode())]})
             first_at = last_at = 0.0
             gaps: list[float] = []
             events = 0
             usage = None
             try:
-                async for chunk in resp.content.iter_any():
+                while (chunk := await conn.next_chunk()) is not None:
                     now = time.perf_counter()
-                    if not started:
-                        await send({"type": "http.response.start", "status": 200,
-                                    "headers": [_SSE, (b"cache-control", b"no-cache"), (b"x-request-id", ctx.rid),
-                                                (_SERVED, ep.id.encode())]})
-                        started = True
                     if b'"usage":{' in chunk or b'"usage": {' in chunk:
                         chunk, u = _take_usage(chunk, strip=ctx.inject_usage)
                         usage = u or usage
                         if not chunk:
                             continue
-                    n = chunk.count(b"data:")
                     if first_at == 0.0:
                         if b'"content":""' not in chunk:
                             first_at = now
@@ -417,30 +421,24 @@ class Gateway:
                     else:
                         gaps.append(now - last_at)
                     last_at = now
-                    events += n
+                    events += chunk.count(b"data:")
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except _RETRYABLE as exc:
-                if not started:
-                    return f"connection: {type(exc).__name__}"
+            except OSError as exc:
                 # never retry once streaming began: tell the client, end the stream cleanly
+                conn.close()
                 ctx.status = 502
-                err = APIError(502, f"The upstream endpoint failed mid-stream ({type(exc).__name__}).",
-                               code="upstream_error")
+                err = APIError(502, f"The upstream endpoint failed mid-stream ({exc}).", code="upstream_error")
                 await send({"type": "http.response.body", "body": b"data: " + err.body() + b"\n\ndata: [DONE]\n\n",
                             "more_body": True})
-            if not started:
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [_SSE, (b"x-request-id", ctx.rid), (_SERVED, ep.id.encode())]})
             await send({"type": "http.response.body", "body": b""})
             ctx.responded = True
+            conn.release()
             ctx.gaps = gaps
             await self._finish(ctx, last_at or time.perf_counter(), usage, chunks=max(1, events - 1))
             return None
         except BaseException:
-            resp.close()  # cancelled (client gone) or failed: drop the upstream connection
+            conn.close()  # cancelled (client gone) or failed: drop the upstream connection
             raise
-        finally:
-            resp.release()
 
     async def _finish(self, ctx: _Ctx, end: float, usage: Any, chunks: int) -> None:
         pool = ctx.pool
@@ -520,8 +518,8 @@ def _header(scope: dict, name: bytes) -> bytes | None:
     return None
 
 
-def _upstream_headers(ep: Endpoint, rid: bytes) -> dict[str, str]:
-    h = {"content-type": "application/json", "x-request-id": rid.decode("latin-1")}
+def _tokenize_headers(ep: Endpoint) -> dict[str, str]:
+    h = {"content-type": "application/json"}
     if ep.api_key:
         h["authorization"] = f"Bearer {ep.api_key}"
     return h
