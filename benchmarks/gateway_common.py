@@ -84,6 +84,9 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.
         except OSError:
             pass
         time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # never leave a half-started peer behind
+    proc.wait(10)
     raise TimeoutError(f"{url} not ready:\n{log.read_text()[-3000:]}")
 
 
@@ -181,6 +184,25 @@ async def sequential_latencies(url: str, body: bytes, n: int, headers: dict) -> 
             if i >= 20:  # warm-up
                 out.append(time.perf_counter() - t)
         return out
+
+
+async def interleaved_latencies(targets: list[tuple[str, dict]], body: bytes, n: int) -> list[list[float]]:
+    """Sequential requests, one per target in turn, so every target sees the same machine noise."""
+    sessions = [aiohttp.ClientSession(headers={"content-type": "application/json", **h}) for _, h in targets]
+    out: list[list[float]] = [[] for _ in targets]
+    try:
+        for i in range(n + 20):
+            for k, (url, _) in enumerate(targets):
+                t = time.perf_counter()
+                async with sessions[k].post(url, data=body) as r:
+                    await r.read()
+                    assert r.status == 200, (url, r.status, await r.text())
+                if i >= 20:  # warm-up
+                    out[k].append(time.perf_counter() - t)
+    finally:
+        for s in sessions:
+            await s.close()
+    return out
 
 
 async def throughput(url: str, body: bytes, total: int, concurrency: int, headers: dict) -> tuple[float, list[float]]:

@@ -13,15 +13,14 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import orjson
 import psutil
 from gateway_common import (
+    interleaved_latencies,
     median,
     pct,
-    sequential_latencies,
     start_fake_engines,
     start_inferstack_gateway,
     start_litellm,
@@ -93,19 +92,19 @@ def main() -> None:
                 procs.append(p)
                 targets.append((p.name, p.url, {}, p.proc.pid))
         if "litellm" in peers:
-            p = start_litellm(workers, MODEL, num_workers=os.cpu_count() or 1)
+            # one worker: with --num_workers 2 its workers died in a loop at start-up on this machine
+            p = start_litellm(workers, MODEL, num_workers=1)
             procs.append(p)
             targets.append((p.name, p.url, {"authorization": f"Bearer {p.extra['key']}"}, p.proc.pid))
 
-        direct_seq = None
-        for name, base, headers, pid in targets:
+        seqs = asyncio.run(interleaved_latencies([(b + "/v1/chat/completions", h) for _, b, h, _ in targets],
+                                                 body, args.seq))
+        direct = seqs[0]
+        for (name, base, headers, pid), seq in zip(targets, seqs, strict=True):
             url = base + "/v1/chat/completions"
-            seq = asyncio.run(sequential_latencies(url, body, args.seq, headers))
             row = {"target": name, "seq_p50_ms": median(seq) * 1e3, "seq_p99_ms": pct(seq, 0.99) * 1e3}
-            if direct_seq is None:
-                direct_seq = row
-            row["added_p50_ms"] = row["seq_p50_ms"] - direct_seq["seq_p50_ms"]
-            row["added_p99_ms"] = row["seq_p99_ms"] - direct_seq["seq_p99_ms"]
+            row["added_p50_ms"] = row["seq_p50_ms"] - median(direct) * 1e3
+            row["added_p99_ms"] = row["seq_p99_ms"] - pct(direct, 0.99) * 1e3
             total = args.total if "litellm" not in name else max(200, args.total // 10)
             for c in levels:
                 cpu0 = cpu_seconds(pid)
