@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from inferstack.config.schema import FlowControlConfig
-from inferstack.gateway.errors import APIError
 from inferstack.gateway.flowcontrol import FlowController
 from inferstack.gateway.limits import Limits, MemoryLimiter
+from inferstack.protocol.errors import APIError
 
 
 class Capacity:

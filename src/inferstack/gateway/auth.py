@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 
 from inferstack.config.schema import InferstackConfig
-from inferstack.gateway.errors import APIError
+from inferstack.protocol.errors import APIError
 
 
 def hash_key(key: str) -> str:

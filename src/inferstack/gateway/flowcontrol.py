@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from inferstack.config.schema import FlowControlConfig
-from inferstack.gateway.errors import APIError
+from inferstack.protocol.errors import APIError
 
 
 @dataclass

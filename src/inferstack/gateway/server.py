@@ -23,13 +23,16 @@ from inferstack.config.schema import InferstackConfig
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.auth import Identity, KeyStore
 from inferstack.gateway.datalayer import DataLayer, Endpoint, Pool
-from inferstack.gateway.errors import APIError
 from inferstack.gateway.flowcontrol import FlowController
 from inferstack.gateway.limits import Limiter, Limits, MemoryLimiter, RedisLimiter
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.requests import engine_priority, prompt_parts, session_key
 from inferstack.gateway.routing import RequestView
 from inferstack.gateway.routing.prefix import text_prefix_hashes
+from inferstack.protocol.errors import APIError
+from inferstack.protocol.openapi import engine_openapi
+from inferstack.protocol.responses import model_card, model_list
+from inferstack.protocol.sse import SSE_DONE, sse_raw
 
 log = logging.getLogger("inferstack.gateway")
 
@@ -80,6 +83,7 @@ class Gateway:
         self.datalayer = DataLayer(list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump())
         self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
         self._rng = random.Random()
+        self._openapi = orjson.dumps(gateway_openapi())
 
     # ---- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -125,6 +129,8 @@ class Gateway:
                                [(b"content-type", CONTENT_TYPE_LATEST.encode())])
             elif path == b"/v1/models":
                 await self._list_models(scope, send)
+            elif path == b"/openapi.json":
+                await _respond(send, 200, self._openapi)
             else:
                 raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         except APIError as exc:
@@ -138,8 +144,7 @@ class Gateway:
             names.update(p.config.lora_adapters)
         if ident.models is not None:
             names &= ident.models
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "inferstack"} for n in sorted(names)]
-        await _respond(send, 200, orjson.dumps({"object": "list", "data": data}))
+        await _respond(send, 200, orjson.dumps(model_list([model_card(n, 0) for n in sorted(names)])))
 
     # ---- completions ---------------------------------------------------------------------------
     def _resolve(self, model: str) -> tuple[Pool, str, str | None]:
@@ -428,8 +433,7 @@ class Gateway:
                 conn.close()
                 ctx.status = 502
                 err = APIError(502, f"The upstream endpoint failed mid-stream ({exc}).", code="upstream_error")
-                await send({"type": "http.response.body", "body": b"data: " + err.body() + b"\n\ndata: [DONE]\n\n",
-                            "more_body": True})
+                await send({"type": "http.response.body", "body": sse_raw(err.body()) + SSE_DONE, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
             ctx.responded = True
             conn.release()
@@ -470,6 +474,22 @@ class Gateway:
 
     def _count(self, ctx: _Ctx) -> None:
         self.metrics.request_done(ctx.model, ctx.pool.name, ctx.endpoint, ctx.ident.tenant, ctx.status)
+
+
+def gateway_openapi() -> dict[str, Any]:
+    """The engine's OpenAPI document (official OpenAI schemas) with the gateway's paths and statuses."""
+    doc = engine_openapi(title="inferstack gateway")
+    paths = doc["paths"]
+    for p in ("/tokenize", "/detokenize"):
+        paths.pop(p, None)
+    err = paths["/v1/models"]["get"]["responses"]["401"]
+    for p in ("/v1/chat/completions", "/v1/completions"):
+        responses = paths[p]["post"]["responses"]
+        for status in ("400", "401", "403", "404", "413", "429", "502", "503"):
+            responses.setdefault(status, err)
+    paths["/ready"]["get"]["summary"] = "Readiness: 200 while some endpoint is healthy"
+    paths["/metrics"]["get"]["summary"] = "Prometheus metrics (OTel GenAI names)"
+    return doc
 
 
 class _Ctx:
