@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import httpx
@@ -10,6 +12,7 @@ import pytest
 
 from inferstack.gateway.auth import hash_key
 from support.gateway_procs import start_fake_engine, start_gateway
+from support.procs import inferstack_env, start_inferstack
 
 KEY_A = "sk-tenant-a-0123456789"
 KEY_B = "sk-tenant-b-0123456789"
@@ -152,3 +155,19 @@ def test_metrics_exposed(gateway):
     assert 'tenant="a"' in text
     assert httpx.get(gateway.url + "/health").status_code == 200
     assert httpx.get(gateway.url + "/ready").status_code == 200
+
+
+def test_backend_flag_discovers_models_and_bad_config_fails_cleanly(engines, tmp_path):
+    gw = start_inferstack(["gateway", "serve", "--backend", engines[0].url, "--backend", engines[1].url,
+                           "--routing", "least-load"])
+    try:
+        assert [m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]] == ["fake-model"]
+        r = httpx.post(gw.url + "/v1/completions", json={"model": "fake-model", "prompt": "hi"})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "xxxxx"
+    finally:
+        gw.stop()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools:\n  p:\n    endpoints: [http://127.0.0.1:1]\n    routing: fastest\n")
+    r = subprocess.run([sys.executable, "-m", "inferstack", "gateway", "serve", "--config", str(bad)],
+                       capture_output=True, text=True, env=inferstack_env(), timeout=60)
+    assert r.returncode == 2 and f"{bad}:4: pools.p.routing: unknown routing 'fastest'" in r.stderr

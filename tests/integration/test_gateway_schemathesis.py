@@ -34,7 +34,7 @@ def test_no_5xx_from_the_gateway(gateway, path):
     statuses: dict[int, int] = {}
 
     @given(case=op.as_strategy())
-    @settings(max_examples=60, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck),
+    @settings(max_examples=40, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck),
               database=None)
     def run(case) -> None:
         body = case.body
