@@ -23,6 +23,21 @@ def not_saturated(ctx: RouteContext, cands: list[EndpointView]) -> list[Endpoint
     return kept or cands
 
 
+# An endpoint is overloaded when its load exceeds twice the least-loaded endpoint's plus this slack;
+# the relative bound keeps prefix affinity through ordinary imbalance (GIE's absolute queue/KV
+# thresholds evict hot prefixes from their holder exactly when caching matters most).
+OVERLOAD_SLACK = 8.0
+
+
+def not_overloaded(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointView]:
+    """Drop endpoints whose load > 2 x min load + slack, and stale ones; never empties the list."""
+    snap = ctx.snapshot
+    fresh = [e for e in cands if not e.stale(snap.stale_after_s)] or cands
+    loads = [e.load() for e in fresh]
+    bound = 2.0 * min(loads) + OVERLOAD_SLACK
+    return [e for e, v in zip(fresh, loads, strict=True) if v <= bound]
+
+
 def lora_capable(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointView]:
     """For adapter requests keep endpoints with the adapter loaded or room to load it; fail open."""
     adapter = ctx.request.adapter
@@ -36,5 +51,6 @@ def lora_capable(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointV
 FILTERS: dict[str, Filter] = {
     "healthy": healthy,
     "not-saturated": not_saturated,
+    "not-overloaded": not_overloaded,
     "lora-capable": lora_capable,
 }

@@ -23,8 +23,8 @@ def make_profile(name: str, filters: list[str], scorers: Mapping[str, float], pi
 def _default() -> Policy:
     # Ours: GIE's signals plus a smooth in-flight load term (fresh, not 50 ms old) and the
     # no-hit spreader, so an idle fleet spreads distinct prefixes while shared prefixes stick
-    # until an endpoint is really overloaded (then the saturation filter moves them).
-    return make_profile("default", ["healthy", "not-saturated"],
+    # until their holder is overloaded relative to the rest of the pool.
+    return make_profile("default", ["healthy", "not-overloaded"],
                         {"prefix": 3, "in-flight": 2, "kv-cache": 2, "queue": 1, "cold-spread": 1,
                          "lora-affinity": 1, "session-affinity": 2}, "max-score")
 
