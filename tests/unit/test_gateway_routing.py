@@ -193,8 +193,8 @@ def test_precise_index_capacity():
 def test_latency_model_learns_the_slower_endpoint():
     state = RoutingState()
     for _ in range(50):
-        state.latency.observe("slow", 500, 2, 0.5)
-        state.latency.observe("fast", 500, 2, 0.05)
+        state.latency.observe("slow", 500, 2, 0.5, 0.05)
+        state.latency.observe("fast", 500, 2, 0.05, 0.01)
     assert state.latency.predict_ttft("slow", 500, 2) > 5 * state.latency.predict_ttft("fast", 500, 2)
     eps = [EndpointView("slow", in_flight=2), EndpointView("fast", in_flight=2)]
     router = build_router("latency", state)

@@ -18,19 +18,17 @@ class Identity:
     tenant: str
     models: frozenset[str] | None
     priority: int
-    key_name: str | None
 
 
 class KeyStore:
     def __init__(self, cfg: InferstackConfig):
         self.require = cfg.gateway.require_keys if cfg.gateway.require_keys is not None else bool(cfg.keys)
-        self.default = Identity(cfg.gateway.default_tenant, None, 0, None)
+        self.default = Identity(cfg.gateway.default_tenant, None, 0)
         self.objectives = {n: o.priority for n, o in cfg.objectives.items()}
         self._by_hash: dict[str, Identity] = {}
         for k in cfg.keys:
             prio = self.objectives[k.objective] if k.objective else 0
-            self._by_hash[k.sha256] = Identity(k.tenant, frozenset(k.models) if k.models is not None else None,
-                                               prio, k.name)
+            self._by_hash[k.sha256] = Identity(k.tenant, frozenset(k.models) if k.models is not None else None, prio)
 
     def identify(self, authorization: bytes | None) -> Identity:
         if not authorization:

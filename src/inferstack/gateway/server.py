@@ -227,7 +227,8 @@ class Gateway:
                                              self.cfg.gateway.prefix_index.block_chars,
                                              self.cfg.gateway.prefix_index.max_blocks),
             prompt_chars=prompt_chars, adapter=adapter,
-            session=session_key(req, headers.get(b"x-session-id")), priority=priority)
+            session=session_key(req, headers.get(b"x-session-id")), priority=priority,
+            max_tokens=_max_tokens(req))
         if pool.config.precise_prefix is not None:
             rv.token_hashes = await self._token_hashes(pool, kind, req, salt)
         ctx = _Ctx(kind, model, pool, ident, tenant, rid, t0, stream, inject_usage, max(1, prompt_chars // 4),
@@ -529,6 +530,11 @@ def _take_usage(chunk: bytes, strip: bool) -> tuple[bytes, dict | None]:
                     continue
         kept.append(ev)
     return b"\n\n".join(kept), usage
+
+
+def _max_tokens(req: dict) -> int:
+    v = req.get("max_completion_tokens", req.get("max_tokens"))
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 64
 
 
 def _header(scope: dict, name: bytes) -> bytes | None:

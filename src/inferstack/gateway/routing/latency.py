@@ -59,7 +59,3 @@ class LatencyModel:
         if tpot_s is not None and tpot_s > 0:
             old = self.tpot.get(endpoint)
             self.tpot[endpoint] = tpot_s if old is None else 0.9 * old + 0.1 * tpot_s
-
-    def forget(self, endpoint: str) -> None:
-        self.ttft.pop(endpoint, None)
-        self.tpot.pop(endpoint, None)

@@ -98,17 +98,6 @@ class ApproxPrefixIndex:
                 break
         return counts
 
-    def remove_endpoint(self, endpoint: str) -> None:
-        lru = self._lru.pop(endpoint, None)
-        if not lru:
-            return
-        for h in lru:
-            s = self._holders.get(h)
-            if s is not None:
-                s.discard(endpoint)
-                if not s:
-                    del self._holders[h]
-
 
 class PreciseIndex:
     """Block hashes each endpoint reported through KV events, with the medium holding them."""

@@ -125,11 +125,6 @@ class Router:
     handler: ProfileHandler
     state: RoutingState
 
-    @property
-    def name(self) -> str:
-        first = self.handler.profiles(RequestView(model=""), PoolSnapshot(()))[0][1]
-        return first.name
-
     def route(self, req: RequestView, snap: PoolSnapshot) -> RoutingResult | None:
         """Pick endpoints for ``req`` and record the decision in the routing state."""
         ctx = RouteContext(req, snap, self.state)

@@ -125,7 +125,8 @@ def lora_affinity(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
 
 
 def predicted_latency(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
-    """min predicted TTFT / this endpoint's predicted TTFT, with cached prefix tokens discounted."""
+    """min predicted latency / this endpoint's: TTFT (cached prefix tokens discounted) plus TPOT
+    times the request's output budget (capped at 256 tokens)."""
     req = ctx.request
     total_blocks = len(req.prefix_hashes) or 1
     m = ctx.approx_matches()
@@ -134,7 +135,8 @@ def predicted_latency(ctx: RouteContext, cands: list[EndpointView]) -> list[floa
     for e in cands:
         cached = min(1.0, m.get(e.id, 0) / total_blocks)
         uncached = req.est_prompt_tokens * (1.0 - cached)
-        preds.append(model.predict_ttft(e.id, uncached, e.load()))
+        preds.append(model.predict_ttft(e.id, uncached, e.load())
+                     + model.predict_tpot(e.id) * min(req.max_tokens, 256))
     best = min(preds)
     return [best / p for p in preds]
 

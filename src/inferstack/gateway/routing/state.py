@@ -47,13 +47,6 @@ class RoutingState:
             if len(seen) > 64:
                 seen.popitem(last=False)
 
-    def forget_endpoint(self, endpoint: str) -> None:
-        self.approx.remove_endpoint(endpoint)
-        self.precise.cleared(endpoint)
-        self.latency.forget(endpoint)
-        self.cold_served.pop(endpoint, None)
-        self.adapters_seen.pop(endpoint, None)
-
 
 class RouteContext:
     """One routing decision's inputs, with lazily computed shared intermediate results."""

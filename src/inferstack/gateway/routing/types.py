@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NEVER = float("inf")
 
@@ -54,12 +54,6 @@ class PoolSnapshot:
             s = max(s, e.in_flight / e.max_concurrency)
         return s
 
-    def pool_saturated(self) -> bool:
-        """Every healthy endpoint is at or above its limits (no endpoint has room)."""
-        if not self.endpoints:
-            return True
-        return all(self.saturation(e) >= 1.0 for e in self.endpoints)
-
 
 @dataclass(slots=True)
 class RequestView:
@@ -72,7 +66,7 @@ class RequestView:
     adapter: str | None = None
     session: str | None = None
     priority: int = 0
-    extra: dict = field(default_factory=dict)
+    max_tokens: int = 64  # output tokens the request may produce (for latency prediction)
 
     @property
     def est_prompt_tokens(self) -> int:
