@@ -26,7 +26,7 @@ def _default() -> Policy:
     # until their holder is overloaded relative to the rest of the pool.
     return make_profile("default", ["healthy", "not-overloaded"],
                         {"prefix": 3, "in-flight": 2, "kv-cache": 2, "queue": 1, "cold-spread": 1,
-                         "lora-affinity": 1, "session-affinity": 2}, "max-score")
+                         "lora-affinity": 2, "session-affinity": 2}, "max-score")
 
 
 PRESETS: dict[str, Callable[[], Policy]] = {
