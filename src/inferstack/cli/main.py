@@ -19,6 +19,8 @@ app = typer.Typer(
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("engine", "engine"),
     ("bench", "bench"),
+    ("gateway", "gateway"),
+    ("config", "config"),
 ]
 
 
