@@ -18,6 +18,7 @@ app = typer.Typer(
 # or a `register(app)` function that adds top-level commands such as `up`.
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("compliance", "compliance"),
+    ("model", "model"),
 ]
 
 
