@@ -72,10 +72,10 @@ def test_tamper_matrix_fails_closed_naming_the_file(tmp_path: Path, keys: dict[s
 
 def test_wrong_key_unsigned_and_policy(tmp_path: Path, keys: dict[str, Path]) -> None:
     model = _signed_model(tmp_path, keys)
-    with pytest.raises(ModelVerificationError, match="no signature .* trusted key.*Key mismatch"):
+    with pytest.raises(ModelVerificationError, match=r"no signature .* trusted key.*Key mismatch"):
         verify_before_load(model, TrustPolicy(trusted_keys=[keys["other_pub"]]))
     (model / "model.sig").unlink()
-    with pytest.raises(ModelVerificationError, match="unsigned.*requires a signature"):
+    with pytest.raises(ModelVerificationError, match=r"unsigned.*requires a signature"):
         verify_before_load(model, _policy(keys))
     assert verify_before_load(model, TrustPolicy(require_signature=False)).status == "unsigned-allowed"
     with pytest.raises(ModelVerificationError, match="lists no trusted_keys"):

@@ -224,10 +224,7 @@ class RegistryClient:
             if store else None
         location, offset = self._resume_session(repo, session_file)
         if location is None:
-            r = self.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope, ok=(202,), what=f"start upload {digest}")
-            location, offset = r.headers["location"], 0
-            if session_file:
-                atomic_write(session_file, json.dumps({"location": location, "repo": repo}).encode())
+            location, offset = self._start_upload(repo, digest, session_file), 0
         failures = 0
         with path.open("rb") as f:
             while offset < size:
@@ -242,13 +239,20 @@ class RegistryClient:
                     )
                 except RegistryError:
                     failures += 1
-                    status = self._upload_status(location, scope)
-                    if status is None or failures > _RETRIES:
+                    if failures > _RETRIES:
                         raise
-                    location, offset = status
+                    # Ask where the session stands; registries that lost it (distribution 2.x drops a session
+                    # after a torn PATCH) get a fresh one and the blob restarts from byte 0.
+                    status = self._upload_status(location, scope)
+                    if status is None:
+                        location, offset = self._start_upload(repo, digest, session_file), 0
+                    else:
+                        location, offset = status
                     continue
                 location = r.headers.get("location", location)
                 offset += len(chunk)
+                if session_file:  # lets a later push continue here if this process dies
+                    atomic_write(session_file, json.dumps({"location": location, "repo": repo}).encode())
                 progress(digest, offset, size)
         sep = "&" if "?" in location else "?"
         self.request("PUT", f"{location}{sep}digest={digest}", scope=scope, ok=(201,), what=f"finish upload {digest}",
@@ -256,6 +260,14 @@ class RegistryClient:
         if session_file:
             session_file.unlink(missing_ok=True)
         return True
+
+    def _start_upload(self, repo: str, digest: str, session_file: Path | None) -> str:
+        r = self.request("POST", f"/v2/{repo}/blobs/uploads/", scope=self.scope(repo, True), ok=(202,),
+                         what=f"start upload {digest}")
+        location = r.headers["location"]
+        if session_file:
+            atomic_write(session_file, json.dumps({"location": location, "repo": repo}).encode())
+        return location
 
     def _resume_session(self, repo: str, session_file: Path | None) -> tuple[str | None, int]:
         if session_file is None or not session_file.exists():
