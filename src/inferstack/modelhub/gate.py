@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from inferstack.modelhub.errors import ModelVerificationError
 from inferstack.modelhub.policy import TrustPolicy
@@ -35,10 +36,26 @@ def find_signatures(path: Path) -> tuple[Path, list[Path]]:
 
 
 def verify_before_load(
-    path: Path, policy: TrustPolicy, *, signatures: list[Path] | None = None
+    path: Path, policy: TrustPolicy, *, signatures: list[Path] | None = None, audit: Any | None = None
 ) -> VerificationReport:
-    """Raise ModelVerificationError (naming the offending files) unless `policy` allows loading `path`."""
-    path = Path(path)
+    """Raise ModelVerificationError (naming the offending files) unless `policy` allows loading `path`.
+
+    With an `AuditLog`, the verdict (either way) is recorded as a `model.verification` event.
+    """
+    try:
+        report = _verify(Path(path), policy, signatures)
+    except ModelVerificationError as e:
+        if audit is not None:
+            audit.event("model.verification", path=str(path), status="refused", error=str(e), files=e.files,
+                        policy_version=policy.version)
+        raise
+    if audit is not None:
+        audit.event("model.verification", path=report.path, status=report.status, signer=report.signer,
+                    root_digest=report.root_digest, policy_version=policy.version)
+    return report
+
+
+def _verify(path: Path, policy: TrustPolicy, signatures: list[Path] | None) -> VerificationReport:
     if not path.exists():
         raise ModelVerificationError(f"model path {path} does not exist")
     scope, found = find_signatures(path)
