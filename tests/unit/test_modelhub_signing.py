@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -155,3 +156,20 @@ def test_interop_with_the_model_signing_cli(tmp_path: Path, keys: dict[str, Path
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(their_sig.read_text())["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
     assert verify_before_load(theirs, _policy(keys), signatures=[their_sig]).status == "verified"
+
+
+def test_forged_statement_is_rejected(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """Editing the signed statement (e.g. to bless a tampered file) breaks the DSSE signature."""
+    import base64
+
+    model = _signed_model(tmp_path, keys)
+    bundle = json.loads((model / "model.sig").read_text())
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    (model / "config.json").write_text('{"model_type": "evil"}')
+    for res in statement["predicate"]["resources"]:
+        if res["name"] == "config.json":
+            res["digest"] = hashlib.sha256((model / "config.json").read_bytes()).hexdigest()
+    bundle["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    (model / "model.sig").write_text(json.dumps(bundle))
+    with pytest.raises(ModelVerificationError, match="invalid signature"):
+        verify_before_load(model, _policy(keys))

