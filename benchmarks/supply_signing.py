@@ -74,8 +74,8 @@ def main() -> None:
     import model_signing  # noqa: F401
     from model_signing import hashing, signing, verifying
 
+    sig = model / "model.sig"
     for algo in ("sha256", "blake3"):
-        sig = model / "model.sig"
         row("inferstack (API)", "sign", algo, timed(lambda a=algo: sig.write_bytes(sign_path(model, spec, a))))
         row("inferstack (API, load gate)", "verify", algo, timed(lambda: verify_before_load(model, policy)))
         sig.unlink()
