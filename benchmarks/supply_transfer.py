@@ -65,6 +65,12 @@ def main() -> None:
             t = time.perf_counter()
             pull_model(Store(tmp / "pulled"), ref, c)
             row("inferstack", "pull", time.perf_counter() - t)
+        ref64 = parse_reference(f"{reg.host}/bench/inferstack64:v1")
+        store.tag(str(ref64), store.resolve(str(ref)))
+        with RegistryClient(reg.host, plain_http=True, chunk_size=64 * 1024 * 1024) as c:
+            t = time.perf_counter()
+            push_model(store, ref64, c)
+            row("inferstack (64 MiB chunks)", "push", time.perf_counter() - t)
         client = oras.client.OrasClient(hostname=reg.host, insecure=True)
         target = f"{reg.host}/bench/oras:v1"
         cwd = os.getcwd()

@@ -173,3 +173,22 @@ def test_forged_statement_is_rejected(tmp_path: Path, keys: dict[str, Path]) -> 
     (model / "model.sig").write_text(json.dumps(bundle))
     with pytest.raises(ModelVerificationError, match="invalid signature"):
         verify_before_load(model, _policy(keys))
+
+
+def test_trust_policy_file(tmp_path: Path, keys: dict[str, Path]) -> None:
+    from inferstack.modelhub.errors import ModelHubError
+    from inferstack.modelhub.policy import load_trust_policy
+
+    shutil.copy(keys["pub"], tmp_path / "release.pub.pem")
+    f = tmp_path / "trust.yaml"
+    f.write_text("trust:\n  trusted_keys: [release.pub.pem]\n  allowed_registries: ['127.0.0.1:5000']\n")
+    policy = load_trust_policy(f)
+    assert policy.trusted_keys == [tmp_path / "release.pub.pem"]
+    model = _signed_model(tmp_path, keys)
+    assert verify_before_load(model, policy).status == "verified"
+    f.write_text("pinned_digests: {'h.io/m:v1': 'sha256:nothex'}\n")
+    with pytest.raises(ModelHubError, match=r"trust\.pinned_digests"):
+        load_trust_policy(f)
+    f.write_text("require_signatures: true\n")
+    with pytest.raises(ModelHubError, match="require_signatures"):
+        load_trust_policy(f)

@@ -45,3 +45,30 @@ class TrustPolicy(BaseModel):
         return [TrustAnchor("key", p) for p in self.trusted_keys] + [
             TrustAnchor("certificate", p) for p in self.trusted_cert_chains
         ]
+
+
+def load_trust_policy(path: Path) -> TrustPolicy:
+    """A standalone trust-policy YAML (the same fields as the `trust:` section); errors name the file."""
+    import yaml
+    from pydantic import ValidationError
+
+    from inferstack.modelhub.errors import ModelHubError
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ModelHubError(f"{path}: cannot read trust policy: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelHubError(f"{path}: a trust policy is a mapping of settings")
+    data = data.get("trust", data)
+    try:
+        policy = TrustPolicy(**data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ModelHubError(f"{path}: trust.{where}: {first['msg']}") from e
+    base = path.parent  # relative key paths are relative to the policy file
+    return policy.model_copy(update={
+        "trusted_keys": [p if p.is_absolute() else base / p for p in policy.trusted_keys],
+        "trusted_cert_chains": [p if p.is_absolute() else base / p for p in policy.trusted_cert_chains],
+    })
