@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from inferstack.modelhub import mediatypes as mt
-from inferstack.modelhub.store import MAX_MANIFEST_BYTES, Store
+from inferstack.modelhub.store import Store
 
 MAX_REFERRER_BLOB = 16 * 1024 * 1024
 
@@ -60,5 +60,3 @@ def sync_signatures(store: Store, subject_digest: str) -> None:
     if bundles:
         store.write_signatures(subject_digest, bundles)
 
-
-__all__ = ["MAX_MANIFEST_BYTES", "attach", "payloads", "sync_signatures"]

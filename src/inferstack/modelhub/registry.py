@@ -49,7 +49,7 @@ class Credentials:
         )
 
 
-def _noop(desc: str, done: int, total: int) -> None:
+def no_progress(desc: str, done: int, total: int) -> None:
     return None
 
 
@@ -213,7 +213,7 @@ class RegistryClient:
 
     def push_blob(
         self, repo: str, digest: str, size: int, path: Path, store: Store | None = None,
-        progress: Progress = _noop,
+        progress: Progress = no_progress,
     ) -> bool:
         """Upload one blob unless the registry has it. Returns True if bytes were sent."""
         if self.blob_exists(repo, digest):
@@ -289,12 +289,7 @@ class RegistryClient:
         end = int(rng.split("-", 1)[1]) if "-" in rng else -1
         return r.headers.get("location", location), end + 1
 
-    def push_bytes(self, repo: str, data: bytes, store: Store) -> str:
-        digest = store.put_bytes(data)
-        self.push_blob(repo, digest, len(data), store.blob_path(digest))
-        return digest
-
-    def pull_blob(self, repo: str, descriptor: dict[str, Any], store: Store, progress: Progress = _noop) -> None:
+    def pull_blob(self, repo: str, descriptor: dict[str, Any], store: Store, progress: Progress = no_progress) -> None:
         """Stream one blob into the store, verifying digest and size; resumes a partial download."""
         digest, size = descriptor["digest"], int(descriptor["size"])
         if store.has_blob(digest):

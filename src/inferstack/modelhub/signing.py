@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,20 +140,6 @@ def sign_path(path: Path, signer: SignerSpec, algorithm: str = "sha256") -> byte
     if not rels:
         raise SigningError(f"{path} holds no files; refusing to sign an empty model")
     return sign_digests(path.name, hash_files(root, rels, algorithm), signer, algorithm)
-
-
-@dataclass
-class SignedStatement:
-    """What a verified bundle vouches for."""
-
-    model_name: str
-    algorithm: str
-    method: str
-    digests: dict[str, str]
-    ignore_paths: list[str]
-    root_digest: str
-    signer: str
-    raw_serialization: dict[str, Any] = field(default_factory=dict)
 
 
 def statement_of(bundle_json: bytes) -> dict[str, Any]:

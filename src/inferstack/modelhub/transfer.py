@@ -11,7 +11,7 @@ from inferstack.modelhub import mediatypes as mt
 from inferstack.modelhub.artifacts import MAX_REFERRER_BLOB, sync_signatures
 from inferstack.modelhub.errors import RegistryError, StoreError
 from inferstack.modelhub.reference import Reference
-from inferstack.modelhub.registry import Progress, RegistryClient, _noop
+from inferstack.modelhub.registry import Progress, RegistryClient, no_progress
 from inferstack.modelhub.store import Store, layer_filepath
 
 # Referrer types we carry along; anything else attached to a model is left in the registry.
@@ -43,7 +43,7 @@ def _push_manifest_blobs(client: RegistryClient, repo: str, store: Store, manife
     return sent, total
 
 
-def push_model(store: Store, ref: Reference, client: RegistryClient, progress: Progress = _noop) -> TransferResult:
+def push_model(store: Store, ref: Reference, client: RegistryClient, progress: Progress = no_progress) -> TransferResult:
     digest = store.resolve(local_name(ref))
     manifest = store.manifest(digest)
     repo = ref.repository
@@ -58,7 +58,7 @@ def push_model(store: Store, ref: Reference, client: RegistryClient, progress: P
 
 
 def push_referrer(store: Store, client: RegistryClient, repo: str, subject: str, desc: dict[str, Any],
-                  progress: Progress = _noop) -> None:
+                  progress: Progress = no_progress) -> None:
     """Push one stored referrer artifact and make it discoverable (referrers API or fallback tag)."""
     _push_manifest_blobs(client, repo, store, store.manifest(desc["digest"]), progress)
     resp = client.put_manifest(repo, desc["digest"], store.read_blob(desc["digest"]), mt.OCI_MANIFEST)
@@ -88,7 +88,7 @@ def check_model_manifest(manifest: dict[str, Any], media_type: str, ref: Referen
         raise RegistryError(f"{ref}: the manifest has no layers")
 
 
-def pull_model(store: Store, ref: Reference, client: RegistryClient, progress: Progress = _noop) -> TransferResult:
+def pull_model(store: Store, ref: Reference, client: RegistryClient, progress: Progress = no_progress) -> TransferResult:
     """Download a model and its known referrers; the local ref appears only once everything is in place."""
     repo = ref.repository
     data, media_type, digest = client.get_manifest(repo, ref.identifier)
