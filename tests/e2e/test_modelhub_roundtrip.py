@@ -28,7 +28,8 @@ from support.modelhub_fixtures import (
 )
 from support.procs import inferstack_env
 
-pytestmark = pytest.mark.skipif(not Path(DOCKER_REGISTRY).exists(), reason="docker-registry not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path(DOCKER_REGISTRY).exists(), reason="docker-registry not installed")]
 
 
 def cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
