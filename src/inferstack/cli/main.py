@@ -19,6 +19,7 @@ app = typer.Typer(
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("compliance", "compliance"),
     ("model", "model"),
+    ("engine", "engine"),
 ]
 
 
