@@ -57,6 +57,12 @@ def test_pack_push_sign_pull_verify_gate_report(tmp_path: Path, registry: Regist
     signed = cli("model", "sign", ref, "--key", str(priv), "--store", builder, "--plain-http")
     assert "from its layer digests" in signed.stdout and "registry" in signed.stdout
 
+    # Metadata of a remote model, without downloading its layers.
+    remote = json.loads(cli("model", "inspect", ref, "--store", str(tmp_path / "peek"), "--plain-http", "--show",
+                            "aibom").stdout)
+    assert remote[0]["specVersion"] == "1.6"
+    assert not list((tmp_path / "peek" / "models").iterdir())
+
     # A different machine: fresh store, pulls by tag; the signature comes along as a referrer.
     consumer = str(tmp_path / "consumer-store")
     pulled = cli("model", "pull", ref, "--store", consumer, "--plain-http")
