@@ -251,8 +251,10 @@ class RegistryClient:
                     continue
                 location = r.headers.get("location", location)
                 offset += len(chunk)
-                if session_file:  # lets a later push continue here if this process dies
-                    atomic_write(session_file, json.dumps({"location": location, "repo": repo}).encode())
+                if session_file:  # lets a later push continue here if this process dies (a lost hint only
+                    # means restarting the blob, so no fsync per chunk)
+                    atomic_write(session_file, json.dumps({"location": location, "repo": repo}).encode(),
+                                 durable=False)
                 progress(digest, offset, size)
         sep = "&" if "?" in location else "?"
         self.request("PUT", f"{location}{sep}digest={digest}", scope=scope, ok=(201,), what=f"finish upload {digest}",
