@@ -299,7 +299,7 @@ class RegistryClient:
             return
         scope = self.scope(repo)
         for attempt in range(_RETRIES):
-            writer = store.writer(digest, size, resume=True)
+            writer = store.writer(digest, size, resume=True, pipelined=size > (8 << 20))
             headers = {"Range": f"bytes={writer.written}-"} if writer.written else {}
             try:
                 r = self.request("GET", f"/v2/{repo}/blobs/{digest}", scope=scope, ok=(200, 206),
@@ -307,7 +307,7 @@ class RegistryClient:
                 try:
                     if r.status_code == 200 and writer.written:  # server ignored Range: start over
                         writer.abort(keep=False)
-                        writer = store.writer(digest, size, resume=False)
+                        writer = store.writer(digest, size, resume=False, pipelined=size > (8 << 20))
                     for chunk in r.iter_bytes(1 << 20):
                         writer.write(chunk)
                         progress(digest, writer.written, size)

@@ -20,10 +20,11 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -76,26 +77,55 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = Tru
         raise
 
 
-@dataclass
 class BlobWriter:
-    """Streams one blob into ingest/, hashing as it goes; `commit()` checks digest and size, then publishes."""
+    """Streams one blob into ingest/, hashing as it goes; `commit()` checks digest and size, then publishes.
 
-    store: Store
-    expected: str | None
-    expected_size: int | None
-    part: Path
-    _file: BinaryIO
-    _hash: Any
-    written: int = 0
+    With `pipelined`, writing and hashing run on a helper thread (both release the GIL), so a download
+    overlaps network reads with disk writes and SHA-256 instead of doing them in turn.
+    """
+
+    def __init__(self, store: Store, expected: str | None, expected_size: int | None, part: Path, file: BinaryIO,
+                 hasher: Any, written: int, pipelined: bool = False) -> None:
+        self.store, self.expected, self.expected_size, self.part = store, expected, expected_size, part
+        self._file, self._hash, self.written = file, hasher, written
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._thread: threading.Thread | None = None
+        if pipelined:
+            self._queue = queue.Queue(maxsize=16)
+            self._thread = threading.Thread(target=self._drain, name="blob-writer", daemon=True)
+            self._thread.start()
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._file.write(data)
+                    self._hash.update(data)
+                except BaseException as e:  # re-raised in the producer by _finish()
+                    self._error = e
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hash.update(data)
         self.written += len(data)
         if self.expected_size is not None and self.written > self.expected_size:
             raise StoreError(f"blob {self.expected} is larger than its descriptor's size {self.expected_size}")
+        if self._queue is not None:
+            self._queue.put(data)
+        else:
+            self._file.write(data)
+            self._hash.update(data)
+
+    def _finish(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
 
     def commit(self) -> str:
+        self._finish()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -111,6 +141,8 @@ class BlobWriter:
 
     def abort(self, keep: bool = True) -> None:
         """Stop writing; keep the partial file for a resumed download unless told otherwise."""
+        with contextlib.suppress(BaseException):
+            self._finish()
         if not self._file.closed:
             self._file.flush()
             self._file.close()
@@ -160,7 +192,7 @@ class Store:
             w.abort(keep=False)
             raise
 
-    def writer(self, digest: str | None, size: int | None, resume: bool = True) -> BlobWriter:
+    def writer(self, digest: str | None, size: int | None, resume: bool = True, pipelined: bool = False) -> BlobWriter:
         """A writer for one blob. With `resume`, bytes already in ingest/ are re-hashed and kept."""
         h = hashlib.sha256()
         if digest is not None:
@@ -181,7 +213,7 @@ class Store:
         elif part.exists():
             part.unlink()
         f = part.open("ab")
-        return BlobWriter(self, digest, size, part, f, h, written)
+        return BlobWriter(self, digest, size, part, f, h, written, pipelined)
 
     def publish(self, part: Path, digest: str) -> None:
         target = self.blob_path(digest)
