@@ -249,3 +249,29 @@ def test_oversized_manifest_is_refused(tmp_path: Path) -> None:
     c.client = httpx.Client(transport=httpx.MockTransport(handler))
     with pytest.raises(RegistryError, match=r"limit|exceeds"):
         pull_model(Store(tmp_path / "s"), parse_reference("registry.invalid/models/x:v1"), c)
+
+
+def test_sign_a_model_that_is_only_in_the_registry(tmp_path: Path, registry: Registry) -> None:
+    """`model sign REF` fetches only the manifest, signs its layer digests and pushes the bundle."""
+    from typer.testing import CliRunner
+
+    from inferstack.cli.main import app
+    from inferstack.modelhub.gate import verify_before_load
+    from inferstack.modelhub.policy import TrustPolicy
+    from support.modelhub_fixtures import write_ec_keypair
+
+    store, ref, digest = _packed(tmp_path, registry.host, repo="models/remote-sign:v1")
+    with RegistryClient(registry.host, plain_http=True) as c:
+        push_model(store, ref, c)
+    priv, pub = write_ec_keypair(tmp_path / "keys")
+    signer_store = tmp_path / "signer"
+    res = CliRunner().invoke(app, ["model", "sign", str(ref), "--key", str(priv), "--store", str(signer_store),
+                                   "--plain-http"])
+    assert res.exit_code == 0, res.output
+    assert "registry" in res.output
+    assert not Store(signer_store).has_blob(store.manifest(digest)["layers"][0]["digest"])  # no layer was read
+    dest = Store(tmp_path / "dest")
+    with RegistryClient(registry.host, plain_http=True) as c:
+        pulled = pull_model(dest, ref, c)
+    report = verify_before_load(pulled.path, TrustPolicy(trusted_keys=[pub]))
+    assert report.status == "verified" and report.files == 4
