@@ -391,9 +391,18 @@ def verify(
         raise _fail("give --public-key PUBLIC.pem or --cert-chain CA.pem", 2)
     policy = TrustPolicy(require_signature=True, trusted_keys=public_key or [], trusted_cert_chains=cert_chain or [],
                          allow_unsigned_files=allow_unsigned_files)
+    from inferstack.modelhub.errors import ModelVerificationError
+
     with _errors():
         path = Path(target) if _is_path(target) else _local_model(target, store, plain_http, username, password)
-        report = verify_before_load(path, policy, signatures=[signature] if signature else None)
+        try:
+            report = verify_before_load(path, policy, signatures=[signature] if signature else None)
+        except ModelVerificationError as e:
+            if e.files and not _is_path(target):
+                raise ModelVerificationError(
+                    f"{e} (to restore the signed files: inferstack model rm {target} && inferstack model pull "
+                    f"{target})", e.files) from e
+            raise
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return

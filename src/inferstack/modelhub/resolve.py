@@ -86,7 +86,14 @@ def resolve_model_ref(
     sync_signatures(store, digest)
     path = engine_path(model_dir, store.manifest(digest))
     if policy is not None:
-        verify_before_load(path, policy)
+        try:
+            verify_before_load(path, policy)
+        except ModelVerificationError as e:
+            if e.files:
+                raise ModelVerificationError(
+                    f"{e} (the local copy of {parsed} was altered: `inferstack model rm {parsed}` and pull again)",
+                    e.files) from e
+            raise
     return path
 
 
