@@ -124,6 +124,11 @@ def serve(
     emulate_count: Annotated[int, typer.Option(
         help="With --emulate: host this many engines in one process, each on its own OS-chosen port "
              "(--port applies to the first); the ready file lists all URLs.")] = 1,
+    trust_policy: Annotated[str | None, typer.Option(
+        help="Trust policy YAML (see docs/supply-chain.md): the model is verified against it before loading "
+             "and refused if it is unsigned, altered or from a registry not allowed.")] = None,
+    allow_unverified: Annotated[bool, typer.Option(
+        help="Serve an oci:// model without a trust policy (no signature check).")] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models),
     with /tokenize, /detokenize, /health, /ready and Prometheus /metrics (vLLM metric names).
@@ -152,6 +157,8 @@ def serve(
     if model is None:
         typer.echo("error: --model is required (or --emulate HARDWARE:MODEL)", err=True)
         raise typer.Exit(2)
+    if model.startswith("oci://") or trust_policy:
+        model, served_model_name = _verified_model(model, served_model_name, trust_policy, allow_unverified)
     try:
         config = build_engine_config(
             model, served_model_name=served_model_name, dtype=dtype, device=device, max_model_len=max_model_len,
@@ -212,3 +219,23 @@ def calibrate(
     save_hardware_file(hw, path)
     typer.echo(f"wrote {path}: {report['steps']} steps, median step-time error {report['median_rel_error']:.1%} "
                f"(p90 {report['p90_rel_error']:.1%})")
+def _verified_model(model: str, served_name: str | None, policy_file: str | None,
+                    allow_unverified: bool) -> tuple[str, str | None]:
+    """oci:// -> pulled local path; with a policy, verified before anything loads (fail closed)."""
+    from inferstack.engine.weights.loader import resolve_model_path
+    from inferstack.modelhub.errors import ModelHubError
+    from inferstack.modelhub.policy import load_trust_policy
+    from inferstack.modelhub.reference import is_oci, parse_reference
+    from inferstack.modelhub.resolve import resolve_model_ref
+    if is_oci(model) and policy_file is None and not allow_unverified:
+        typer.echo("error: serving an oci:// model needs --trust-policy FILE (or --allow-unverified)", err=True)
+        raise typer.Exit(2)
+        policy = load_trust_policy(Path(policy_file)) if policy_file else None
+        target = model if is_oci(model) else str(resolve_model_path(model))
+        path = resolve_model_ref(target, policy)
+    except (ModelHubError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if served_name is None and is_oci(model):
+        served_name = parse_reference(model).repository.rsplit("/", 1)[-1]
+    return str(path), served_name
