@@ -71,10 +71,11 @@ class DashboardSampler:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="dashboard-sampler")
 
     async def _loop(self) -> None:
+        next_tick = time.monotonic() + self.interval_s
         while time.monotonic() - self._last_view < self.idle_stop_s:
-            started = time.monotonic()
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
             await self.tick()
-            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+            next_tick = max(next_tick + self.interval_s, time.monotonic())  # no catch-up bursts
 
     async def close(self) -> None:
         if self._task is not None:
@@ -102,7 +103,6 @@ def dashboard_app(
         return HTMLResponse(html, headers={"cache-control": "no-store"})
 
     async def state(request: Request) -> Response:
-        sampler.touch()
         since_raw = request.query_params.get("since")
         try:
             since = float(since_raw) if since_raw else None
@@ -114,6 +114,7 @@ def dashboard_app(
             )
         if sampler.history.render()["t"] is None:
             await sampler.tick()  # first viewer: answer with data, not an empty page
+        sampler.touch()
         body = sampler.history.render(since)
         body["interval_s"] = sampler.interval_s
         body["provider_error"] = sampler.last_error

@@ -43,7 +43,7 @@ CHART_META: dict[str, dict[str, str]] = {
     "queue": {"title": "Waiting requests per endpoint", "unit": "req"},
     "kv": {"title": "KV cache use per endpoint", "unit": "%"},
     "prefix_hit": {"title": "Prefix cache hit rate per endpoint", "unit": "%"},
-    "routing": {"title": "Routing decisions and sheds", "unit": "/s"},
+    "routing": {"title": "Routing decisions (by deciding scorer), sheds, retries", "unit": "/s"},
 }
 
 
@@ -166,9 +166,10 @@ class DashboardHistory:
                 )
             point[chart] = {label: _finite(histogram_quantile(q, buckets)) for label, q in QUANTILES}
 
+        tokens: dict[str, float] = {}
         if gw and gw[1].has("inferstack_gateway_tokens_total"):
             tokens = _rate(gw, "inferstack_gateway_tokens_total", by="type")
-        else:
+        elif any(eps.values()):
             tokens = {"input": 0.0, "output": 0.0}
             for p in eps.values():
                 tokens["input"] += sum(_rate(p, "vllm:prompt_tokens_total").values())
@@ -209,8 +210,8 @@ class DashboardHistory:
 
         routing: dict[str, float | None] = {}
         if gw:
-            for k, v in _rate(gw, "inferstack_gateway_routing_decisions_total", "endpoint").items():
-                routing[f"→ {k or 'unknown'}"] = _finite(v)
+            for k, v in _rate(gw, "inferstack_gateway_routing_decisions_total", "scorer").items():
+                routing[f"decided by {k}" if k else "decisions"] = _finite(v)
             for metric, label in (("inferstack_gateway_shed_total", "shed"),
                                   ("inferstack_gateway_retries_total", "retries")):
                 if gw[1].has(metric):

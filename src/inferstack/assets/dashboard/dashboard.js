@@ -28,6 +28,13 @@
     return v.toFixed(Math.abs(v) >= 10 ? 1 : 2) + " " + unit;
   }
 
+  function axisFmt(v, unit) {
+    if (unit === "s") return fmt(v, unit).replace(" ", "");
+    if (unit === "%") return v.toFixed(0) + "%";
+    if (v >= 1000) return (v / 1000).toFixed(v >= 10000 ? 0 : 1) + "k";
+    return v >= 10 ? v.toFixed(0) : v.toFixed(v >= 1 ? 1 : 2);
+  }
+
   function ensureChart(id, meta) {
     if (charts[id]) return charts[id];
     const card = document.createElement("div");
@@ -92,7 +99,7 @@
     for (let i = 0; i <= 4; i++) {
       const v = (ymax * i) / 4, yy = Math.round(y(v)) + 0.5;
       ctx.beginPath(); ctx.moveTo(left, yy); ctx.lineTo(w - right, yy); ctx.stroke();
-      ctx.fillText(fmt(v, meta.unit).replace(" ", ""), left - 4, yy);
+      ctx.fillText(axisFmt(v, meta.unit), left - 4, yy);
     }
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
