@@ -16,10 +16,9 @@ import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.routing import Mount
-
-from inferstack.telemetry.dashboard import dashboard_app
 from tests.support.chromium import CANVAS_PIXELS_JS, Browser
 
+from inferstack.telemetry.dashboard import dashboard_app
 
 
 class LiveMetrics:

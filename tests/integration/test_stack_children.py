@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.support.procs import inferstack_env
 
 from inferstack.stack.children import Child, ChildFailed, ChildSpec, ChildState
-from tests.support.procs import inferstack_env
 
 # A minimal server honouring the DESIGN.md server contract (--port, --ready-file, /health, SIGTERM).
 SERVER = textwrap.dedent("""

@@ -33,15 +33,17 @@ def up(
 ) -> None:
     """Start a working local stack: engine replicas serving a model behind the OpenAI-compatible gateway.
 
-    With no options: 2 CPU replicas of smollm2-135m and the gateway on http://127.0.0.1:8000, with a
-    live dashboard at /dashboard. Ctrl-C stops everything. A crashed engine is taken out of the pool
-    and restarted with backoff.
+    With no options: 2 CPU replicas of smollm2-135m and the gateway on http://127.0.0.1:8000, with a live dashboard at /dashboard. Ctrl-C stops everything; a crashed engine is taken out of the pool and restarted with backoff.
 
-    Examples:\n
-      inferstack up\n
-      inferstack up --replicas 1 --port 9000\n
-      inferstack up --emulate h100:llama-3-8b --replicas 8\n
-      inferstack up --with-prometheus
+    Examples:
+
+    inferstack up
+
+    inferstack up --replicas 1 --port 9000
+
+    inferstack up --emulate h100:llama-3-8b --replicas 8
+
+    inferstack up --with-prometheus
     """
     from pydantic import ValidationError
 

@@ -19,7 +19,10 @@ GATEWAY_JOB = "inferstack-gateway"
 ENGINE_JOB = "inferstack-engine"
 
 
-def render_config(targets_dir: str, rules_dir: str, interval_s: float = 2.0) -> str:
+SHIPPED_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+
+
+def render_config(targets_dir: str = "targets", rules_dir: str = ".", interval_s: float = 2.0) -> str:
     interval = f"{interval_s:g}s"
     config: dict[str, Any] = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval,
@@ -32,8 +35,11 @@ def render_config(targets_dir: str, rules_dir: str, interval_s: float = 2.0) -> 
         ],
     }
     header = ("# Prometheus scrape config for the local stack started by `inferstack up`.\n"
-              "# Rendered by inferstack.stack.prometheus.render_config; `inferstack up --with-prometheus`\n"
-              "# writes the same file with real paths and keeps the target files up to date.\n")
+              "# `inferstack up --with-prometheus` starts Prometheus with this config (real paths) itself.\n"
+              "# To use your own Prometheus: `inferstack up --log-dir DIR` keeps the target files in\n"
+              "# DIR/prometheus/targets/; copy this file and the rule files into DIR/prometheus/ and run\n"
+              "# `prometheus --config.file=DIR/prometheus/prometheus.yml`.\n"
+              "# Rendered by inferstack.stack.prometheus.render_config (a test keeps them equal).\n")
     return header + yaml.safe_dump(config, sort_keys=False)
 
 

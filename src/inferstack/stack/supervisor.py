@@ -222,9 +222,8 @@ class Supervisor:
     def _write_prometheus_targets(self) -> None:
         if self.gateway is None:
             return
-        targets = self.log_dir / "prometheus" / "targets"
-        if not targets.is_dir():
-            return
+        targets = self.log_dir / "prometheus" / "targets"   # also for a Prometheus the user runs
+        targets.mkdir(parents=True, exist_ok=True)
         gw = {"gateway": self.gateway.urls} if self.gateway.state == ChildState.READY else {}
         engines = {name: [url] for e in self.engines if e.state == ChildState.READY
                    for name, url in self._named_urls(e)}
