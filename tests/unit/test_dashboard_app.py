@@ -47,3 +47,15 @@ def test_bad_since_is_an_openai_style_400() -> None:
         r = c.get("/dashboard/api/state", params={"since": "yesterday"})
         assert r.status_code == 400
         assert r.json()["error"]["param"] == "since"
+
+
+def test_dashboard_asgi_serves_under_a_prefix_for_raw_asgi_servers() -> None:
+    from inferstack.telemetry.dashboard import dashboard_asgi, scraping_state_provider
+
+    provider = scraping_state_provider(lambda: "inferstack_gateway_shed_total 0\n", lambda: [])
+    app = dashboard_asgi("/dashboard", provider)
+    with TestClient(app) as c:
+        assert c.get("/dashboard", follow_redirects=False).status_code in (307, 308)
+        assert 'src="/dashboard/static/dashboard.js"' in c.get("/dashboard/").text
+        body = c.get("/dashboard/api/state").json()
+        assert body["errors"] == [] and body["endpoints"] == []

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, Router
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from inferstack.telemetry.dashboard_state import DashboardHistory
 
@@ -131,17 +133,26 @@ def dashboard_app(
     return router
 
 
+def dashboard_asgi(prefix: str, state_provider: StateProvider, **options: Any) -> ASGIApp:
+    """An ASGI app serving the dashboard under `prefix` (e.g. "/dashboard"), for servers that dispatch
+    paths themselves: hand it every request whose path is `prefix` or starts with `prefix + "/"`."""
+    return Starlette(routes=[Mount(prefix, app=dashboard_app(state_provider, **options))])
+
+
 def scraping_state_provider(
-    gateway_metrics_url: str | None,
+    gateway_metrics: str | Callable[[], str] | None,
     endpoints: EndpointLister,
     timeout_s: float = 0.8,
 ) -> StateProvider:
-    """A provider that GETs the gateway's and every endpoint's `/metrics` concurrently.
+    """A provider that reads the gateway's metrics and GETs every endpoint's `/metrics` concurrently.
 
-    `endpoints()` returns dicts with at least `url` (base URL) and optionally `name`, `model`,
-    `state` (e.g. "ready", "restarting") and `restarts`; an endpoint whose scrape fails is unhealthy.
+    `gateway_metrics` is the gateway's `/metrics` URL, or (inside the gateway) a callable returning its
+    exposition text, e.g. `lambda: generate_latest(registry).decode()`. `endpoints()` returns dicts with
+    at least `url` (base URL) and optionally `name`, `model`, `state` (e.g. "ready", "restarting") and
+    `restarts`; an endpoint whose scrape fails is unhealthy.
     """
     client = httpx.AsyncClient(timeout=timeout_s)
+    gateway_url = gateway_metrics if isinstance(gateway_metrics, str) else None
 
     async def fetch(url: str) -> str | None:
         try:
@@ -153,8 +164,8 @@ def scraping_state_provider(
     async def provider() -> dict[str, Any]:
         eps = [dict(e) for e in endpoints()]
         urls = [f"{e['url'].rstrip('/')}/metrics" for e in eps]
-        if gateway_metrics_url:
-            urls.append(gateway_metrics_url)
+        if gateway_url:
+            urls.append(gateway_url)
         texts = await asyncio.gather(*(fetch(u) for u in urls))
         for e, text in zip(eps, texts, strict=False):
             e.setdefault("name", e["url"])
@@ -162,7 +173,12 @@ def scraping_state_provider(
             e["healthy"] = text is not None and e.get("state", "ready") == "ready"
             if text is None and e.get("state", "ready") == "ready":
                 e["state"] = "unreachable"
-        gateway = {"metrics": texts[-1]} if gateway_metrics_url else None
+        if gateway_url:
+            gateway = {"metrics": texts[-1]}
+        elif gateway_metrics is not None and not isinstance(gateway_metrics, str):
+            gateway = {"metrics": gateway_metrics()}
+        else:
+            gateway = None
         return {"gateway": gateway, "endpoints": eps}
 
     return provider
