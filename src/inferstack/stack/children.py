@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 import httpx
 
 PR_SET_PDEATHSIG = 1
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d[ T][\d:,.]+\s+[A-Z]+\s+(\S+:\s+)?")
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -186,5 +188,8 @@ class Child:
         return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
 
     def last_log_line(self) -> str:
+        """The newest log message without its timestamp/level prefix, for one-line progress."""
         tail = self.log_tail(1).strip()
-        return "" if tail.startswith("===") or tail == "(no log)" else tail[:100]
+        if tail.startswith("===") or tail == "(no log)":
+            return ""
+        return _LOG_PREFIX.sub("", tail)[:100]

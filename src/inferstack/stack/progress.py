@@ -6,6 +6,7 @@ import json
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.status import Status
 
 from inferstack.stack.children import Child, ChildState
@@ -21,13 +22,13 @@ class Reporter:
         self._last_plain = 0.0
 
     def step(self, msg: str) -> None:
-        self.console.print(f"[bold]•[/bold] {msg}")
+        self.console.print(f"[bold]•[/bold] {escape(msg)}", soft_wrap=True)
 
     def event(self, msg: str) -> None:
-        self.console.print(f"[yellow]![/yellow] {time.strftime('%H:%M:%S')} {msg}")
+        self.console.print(f"[yellow]![/yellow] {time.strftime('%H:%M:%S')} {escape(msg)}", soft_wrap=True)
 
     def error(self, msg: str) -> None:
-        self.console.print(f"[bold red]error:[/bold red] {msg}", soft_wrap=True)
+        self.console.print(f"[bold red]error:[/bold red] {escape(msg)}", soft_wrap=True)
 
     def waiting(self, children: list[Child], started: float) -> None:
         elapsed = time.monotonic() - started
@@ -38,7 +39,7 @@ class Reporter:
             else:
                 hint = c.last_log_line()
                 parts.append(f"{c.spec.name} loading" + (f" ({hint})" if hint else ""))
-        text = f"{elapsed:4.0f}s  " + " · ".join(parts)
+        text = escape(f"{elapsed:4.0f}s  " + " · ".join(parts))
         if self.console.is_terminal:
             if self._status is None:
                 self._status = self.console.status(text)
