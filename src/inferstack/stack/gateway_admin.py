@@ -1,9 +1,9 @@
 """Tell the gateway which endpoints are in the pool, so a crashed replica is out until it is back.
 
 Desired-state and idempotent: the supervisor always sends the full list of ready endpoints
-(`PUT /admin/endpoints`), never add/remove deltas that could be lost or reordered. A gateway without
-the hook answers 404/405: then the supervisor relies on the gateway's own health checks and restarts
-replicas on their old port so the URL the gateway knows stays valid.
+(`PUT /admin/pools/{pool}/endpoints`), never add/remove deltas that could be lost or reordered.
+A gateway without the hook answers 404/405: then the supervisor relies on the gateway's own health
+checks and restarts replicas on their old port so the URL the gateway knows stays valid.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-ADMIN_PATH = "/admin/endpoints"
+ADMIN_PATH = "/admin/pools/{pool}/endpoints"
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,9 @@ class PoolEndpoint:
 
 
 class PoolHook:
-    def __init__(self, gateway_url: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, gateway_url: str, client: httpx.AsyncClient, pool: str = "default") -> None:
         self.gateway_url = gateway_url.rstrip("/")
+        self.pool = pool
         self.client = client
         self.supported: bool | None = None   # unknown until the first call
 
@@ -38,7 +39,7 @@ class PoolHook:
         body = {"endpoints": [{"url": e.url, "name": e.name, **({"model": e.model} if e.model else {})}
                               for e in endpoints]}
         try:
-            r = await self.client.put(self.gateway_url + ADMIN_PATH, json=body, timeout=5.0)
+            r = await self.client.put(self.gateway_url + ADMIN_PATH.format(pool=self.pool), json=body, timeout=5.0)
         except httpx.HTTPError as e:
             log.warning("gateway pool update failed: %s", e)
             return False
