@@ -308,7 +308,8 @@ class Supervisor:
 
     async def _restart(self, child: Child) -> None:
         assert self._client is not None
-        port = _port_of(child.urls[0]) if len(child.urls) == 1 else 0
+        old_urls = list(child.urls)
+        port = _port_of(child.urls[0]) if len(child.urls) == 1 else child.port
         while not self._stop.is_set():
             delay = backoff_s(child.failures, self.settings.restart)
             self.reporter.event(f"restarting {child.spec.name} in {delay:.1f}s (restart #{child.restarts})")
@@ -324,12 +325,30 @@ class Supervisor:
                 child.signal(signal.SIGKILL)
                 await child.wait_exit(5.0)
                 child.failures += 1
-                port = 0  # the old port may have been taken meanwhile; the pool hook learns the new URL
+                if child.spec.kind != "gateway":  # clients know the gateway's port: keep trying that one
+                    port = 0  # the old port may have been taken meanwhile; the pool learns the new URL
                 continue
             self.reporter.event(f"{child.spec.name} is back (pid {child.pid}, {' '.join(child.urls)})")
             await self._update_pool()  # a restarted gateway starts from its static list: resend the pool
+            if child.spec.kind == "engine" and child.urls != old_urls and self._pool and not self._pool.supported:
+                await self._restart_gateway_with_new_backends()
             self._write_state()
             return
+
+    async def _restart_gateway_with_new_backends(self) -> None:
+        """The replica came back on another URL and the gateway cannot be told: restart it (drains first)."""
+        assert self.gateway is not None and self._client is not None
+        backends = [u for e in self.engines for u in e.urls]
+        self.reporter.event("restarting the gateway with the new endpoint list")
+        port = _port_of(self.gateway.urls[0])
+        await self.gateway.stop(self.settings.stop_timeout_s)
+        self.gateway = Child(plan.gateway_spec(self.settings, backends, python=self.python), self.log_dir,
+                             self._env)
+        self.gateway.spawn(port)
+        try:
+            await self.gateway.wait_ready(self.settings.ready_timeout_s, self._client)
+        except ChildFailed as e:
+            await self._crashed(self.gateway, str(e))
 
     # ---- stop --------------------------------------------------------------------------------------
 
