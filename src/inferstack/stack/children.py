@@ -154,7 +154,7 @@ class Child:
         if not self.alive() or not self.urls:
             return False
         try:
-            r = await client.get(self.urls[0] + self.spec.health_path, timeout=2.0)
+            r = await client.get(self.urls[0] + self.spec.health_path, timeout=5.0)
         except httpx.HTTPError:
             return False
         return r.status_code == 200

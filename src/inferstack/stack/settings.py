@@ -16,7 +16,9 @@ class RestartPolicy(BaseModel):
     max_backoff_s: float = Field(30.0, gt=0, description="Upper bound of the doubling delay.")
     stable_after_s: float = Field(60.0, gt=0, description="Healthy this long resets the backoff.")
     health_interval_s: float = Field(1.0, gt=0, description="How often children are health-checked.")
-    health_failures: int = Field(3, ge=1, description="Consecutive failed /health checks before a restart.")
+    health_failures: int = Field(
+        10, ge=1, description="Consecutive failed /health checks (5 s timeout each) before a hung child is "
+        "killed and restarted; a busy CPU engine can answer slowly, so keep this generous.")
 
 
 class UpSettings(BaseModel):
