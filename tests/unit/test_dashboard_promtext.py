@@ -67,3 +67,25 @@ def test_vllm_names_with_colons_parse_and_created_samples_are_dropped() -> None:
 def test_garbage_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="not Prometheus text"):
         parse("this is { not metrics", 0.0)
+
+
+label_values = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+
+
+@given(st.lists(st.tuples(label_values, st.floats(min_value=0, max_value=1e9)), min_size=1, max_size=8))
+def test_fast_parser_agrees_with_prometheus_client(series: list[tuple[str, float]]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    c = Counter("vllm:request_success", "x", ["model_name", "finished_reason"], registry=registry)
+    h = Histogram("gen_ai_server_time_to_first_token_seconds", "x", ["tenant"], registry=registry)
+    for value, amount in series:
+        c.labels("m", value).inc(amount)
+        h.labels(value).observe(amount / 1e9)
+    text = generate_latest(registry).decode()
+    reference = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                 for f in text_string_to_metric_families(text) for s in f.samples
+                 if not s.name.endswith("_created")}
+    assert dict(parse(text, 0.0).samples) == reference
+    only = parse(text, 0.0, names={"vllm:request_success_total"})
+    assert {name for name, _ in only.samples} == {"vllm:request_success_total"}

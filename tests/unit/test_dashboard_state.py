@@ -110,7 +110,7 @@ def test_window_and_history_bounds_and_since_filter() -> None:
 
 def test_unreachable_endpoint_and_bad_text_are_reported_not_raised() -> None:
     hist = DashboardHistory()
-    hist.ingest({"gateway": {"metrics": "garbage { here"},
+    hist.ingest({"gateway": {"metrics": "<html><body>Not Found</body></html>"},
                  "endpoints": [{"name": "e0", "url": "http://x", "healthy": False, "state": "restarting",
                                 "metrics": None}]}, now=1.0)
     out = hist.render()

@@ -20,6 +20,7 @@ from inferstack.telemetry.promtext import (
     histogram_quantile,
     merge_buckets,
     parse,
+    sample_names,
 )
 
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
@@ -32,6 +33,17 @@ LATENCY_CHARTS = (
      "vllm:request_time_per_output_token_seconds"),
     ("itl", "Inter-token latency", "inferstack_gateway_inter_token_latency_seconds",
      "vllm:inter_token_latency_seconds"),
+)
+
+# Everything the charts read; the rest of an exposition is skipped unparsed.
+WANTED = sample_names(
+    histograms=[h for _, _, gw, engine in LATENCY_CHARTS for h in (gw, engine)],
+    counters=["inferstack_gateway_tokens", "inferstack_gateway_requests", "inferstack_gateway_shed",
+              "inferstack_gateway_retries", "inferstack_gateway_routing_decisions", "vllm:prompt_tokens",
+              "vllm:generation_tokens", "vllm:request_success", "vllm:prefix_cache_queries",
+              "vllm:prefix_cache_hits"],
+    gauges=["inferstack_gateway_queue_depth", "vllm:num_requests_waiting", "vllm:num_requests_running",
+            "vllm:kv_cache_usage_perc"],
 )
 
 CHART_META: dict[str, dict[str, str]] = {
@@ -50,6 +62,7 @@ CHART_META: dict[str, dict[str, str]] = {
 @dataclass
 class _Target:
     scrapes: deque[Scrape] = field(default_factory=deque)
+    labels: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # parse cache
 
     def add(self, scrape: Scrape, keep_s: float) -> None:
         self.scrapes.append(scrape)
@@ -119,7 +132,9 @@ class DashboardHistory:
 
     def _add(self, target: _Target, text: str, now: float, keep: float, who: str) -> None:
         try:
-            target.add(parse(text, now), keep)
+            if len(target.labels) > 50_000:  # label churn (e.g. many tenants): start over, stay bounded
+                target.labels.clear()
+            target.add(parse(text, now, WANTED, target.labels), keep)
         except ValueError as e:
             self._errors.append(f"{who}: {e}")
 

@@ -8,10 +8,9 @@ without a Prometheus server; these helpers reproduce `rate()` (counter resets in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-
-from prometheus_client.parser import text_string_to_metric_families
 
 Labels = tuple[tuple[str, str], ...]
 SeriesKey = tuple[str, Labels]
@@ -19,40 +18,109 @@ SeriesKey = tuple[str, Labels]
 
 @dataclass(frozen=True)
 class Scrape:
-    """One scrape of one target: sample name + sorted labels → value."""
+    """One scrape of one target: sample name → sorted labels → value."""
 
     t: float
-    samples: Mapping[SeriesKey, float]
+    by_name: Mapping[str, Mapping[Labels, float]]
+
+    @property
+    def samples(self) -> dict[SeriesKey, float]:
+        return {(name, labels): v for name, series in self.by_name.items() for labels, v in series.items()}
 
     def select(self, name: str, **match: str) -> dict[Labels, float]:
-        out: dict[Labels, float] = {}
-        for (sample_name, labels), value in self.samples.items():
-            if sample_name != name:
-                continue
-            lab = dict(labels)
-            if all(lab.get(k) == v for k, v in match.items()):
-                out[labels] = value
-        return out
+        series = self.by_name.get(name, {})
+        if not match:
+            return dict(series)
+        return {labels: v for labels, v in series.items()
+                if all(dict(labels).get(k) == want for k, want in match.items())}
 
     def has(self, name: str) -> bool:
-        return any(sample_name == name for sample_name, _ in self.samples)
+        return name in self.by_name
 
 
-def parse(text: str, t: float) -> Scrape:
-    """Parse Prometheus text format; `_created` samples are dropped (they are timestamps, not values).
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_NAME = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
-    Raises ValueError on text that is not Prometheus exposition format.
+
+def _unescape(v: str) -> str:
+    if "\\" not in v:
+        return v
+    return re.sub(r'\\[\\"n]', lambda m: _UNESCAPE[m.group(0)], v)
+
+
+def parse(text: str, t: float, names: Collection[str] | None = None,
+          label_cache: dict[str, Labels] | None = None) -> Scrape:
+    """Parse Prometheus text format (0.0.4) into samples; `_created` samples are dropped.
+
+    `names` keeps only those sample names (e.g. `x_bucket`, `x_total`): the dashboard reads a dozen
+    of the hundreds of series an engine exposes, and skipping the rest before their labels are
+    parsed is most of the cost. `label_cache` (label text → parsed labels) saves re-parsing the same
+    series on every scrape of a target. Raises ValueError on lines that are not exposition format.
     """
-    samples: dict[SeriesKey, float] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name.endswith("_created"):
-                    continue
-                samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
-    except Exception as e:  # the parser raises bare ValueError/IndexError/KeyError on malformed lines
-        raise ValueError(f"not Prometheus text format: {e}") from e
-    return Scrape(t=t, samples=samples)
+    by_name: dict[str, dict[Labels, float]] = {}
+    checked = False
+    # split on "\n" only: label values may hold \r, \u2028 and other characters splitlines() breaks on
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip(" \t")
+        if not line or line[0] == "#":
+            continue
+        brace = line.find("{")
+        space = line.find(" ")
+        if brace != -1 and (space == -1 or brace < space):
+            name = line[:brace]
+            end = line.rfind("}")
+            if end < brace:
+                raise ValueError(f"not Prometheus text format (line {lineno}: unclosed labels): {raw[:80]!r}")
+            label_text, rest = line[brace + 1:end], line[end + 1:]
+        else:
+            name, label_text, rest = line[:space] if space != -1 else line, "", line[space:] if space != -1 else ""
+        if not checked:  # an HTML error page or the like fails here, even if every name is filtered out
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"not Prometheus text format (line {lineno}): {raw[:80]!r}")
+            checked = True
+        if names is not None and name not in names:
+            continue
+        if name.endswith("_created"):
+            continue
+        parts = rest.split()
+        if not parts:
+            raise ValueError(f"not Prometheus text format (line {lineno}: no value): {raw[:80]!r}")
+        try:
+            value = float(parts[0])
+        except ValueError:
+            raise ValueError(f"not Prometheus text format (line {lineno}: bad value): {raw[:80]!r}") from None
+        labels = label_cache.get(label_text) if label_cache is not None else None
+        if labels is None:
+            labels = _parse_labels(label_text, lineno, raw)
+            if label_cache is not None:
+                label_cache[label_text] = labels
+        series = by_name.get(name)
+        if series is None:
+            series = by_name[name] = {}
+        series[labels] = value
+    return Scrape(t=t, by_name=by_name)
+
+
+def _parse_labels(label_text: str, lineno: int, raw: str) -> Labels:
+    labels: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(label_text):
+        m = _LABEL.match(label_text, pos)
+        if m is None:
+            raise ValueError(f"not Prometheus text format (line {lineno}: bad labels): {raw[:80]!r}")
+        labels.append((m.group(1), _unescape(m.group(2))))
+        pos = m.end()
+    return tuple(sorted(labels))
+
+
+def sample_names(histograms: Iterable[str] = (), counters: Iterable[str] = (),
+                 gauges: Iterable[str] = ()) -> frozenset[str]:
+    """The sample names a metric set exposes (histogram `_bucket/_count/_sum`, counter `_total`)."""
+    out = set(gauges) | {c if c.endswith("_total") else f"{c}_total" for c in counters}
+    for h in histograms:
+        out |= {f"{h}_bucket", f"{h}_count", f"{h}_sum"}
+    return frozenset(out)
 
 
 def _label(labels: Labels, name: str) -> str:
