@@ -23,6 +23,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("bench", "bench"),
     ("gateway", "gateway"),
     ("config", "config"),
+    ("up", "up"),
 ]
 
 
