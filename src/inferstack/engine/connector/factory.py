@@ -1,0 +1,34 @@
+"""Builds the engine's KV connector from its config (``--kv-tiers ...``, ``--role``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from inferstack.engine.config import EngineConfig
+from inferstack.engine.connector.base import KVConnectorBase
+from inferstack.engine.connector.kvstore_connector import KVStoreConnector
+from inferstack.engine.kv.hashing import CHUNK_SIZE, KVKeySpace
+from inferstack.kvstore.codec import ChunkLayout
+from inferstack.kvstore.config import KVStoreConfig, build_store
+
+
+def kvstore_config(config: EngineConfig) -> KVStoreConfig:
+    return KVStoreConfig(tiers=config.kv_tiers or [], host_bytes=config.kv_host_bytes,
+                         disk_path=config.kv_disk_path, disk_bytes=config.kv_disk_bytes,
+                         redis_url=config.kv_redis_url, redis_ttl_s=config.kv_redis_ttl_s)
+
+
+def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key_space: KVKeySpace) -> KVConnectorBase | None:
+    store_cfg = kvstore_config(config)
+    if not store_cfg.enabled:
+        return None
+    if config.block_size * 16 != CHUNK_SIZE:
+        raise ValueError(f"KV tiers need --block-size 16 (chunks are {CHUNK_SIZE} tokens), got {config.block_size}")
+    _, _, _, heads, dim = kv_caches[0].shape
+    layout = ChunkLayout(num_layers=len(kv_caches), num_kv_heads=heads, head_dim=dim, dtype=kv_caches[0].dtype,
+                         tokens=CHUNK_SIZE)
+    connector = KVStoreConnector(build_store(store_cfg, layout, key_space.root), block_size=config.block_size)
+    connector.register_kv_caches(kv_caches)
+    return connector
