@@ -1,0 +1,146 @@
+"""Paged attention in plain torch (CPU and CUDA, no custom kernels).
+
+Each layer's KV cache is ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. One call writes
+the step's new K/V at ``meta.slot_mapping`` and attends every sequence's new tokens over its whole
+context. The way tokens are grouped is planned once per step (:func:`plan_attention`) and reused by
+every layer, because it depends only on the metadata:
+
+* sequences with one new token (decode) are attended together: their context is gathered through
+  the block tables into one padded ``[B, L]`` tensor and attended with one batched SDPA call under a
+  length mask — no Python loop per sequence;
+* sequences with several new tokens (prefill chunks) get one SDPA call each, causal with the
+  diagonal offset by the tokens already cached; a chunk with no cached context skips the gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inferstack.engine.executor.attention_metadata import AttentionMetadata
+
+
+@dataclass
+class _Prefill:
+    start: int                       # first row of this sequence in the flat batch
+    end: int
+    context_slots: torch.Tensor | None  # [seq_len] cache slots of the whole context; None: nothing cached
+
+
+@dataclass
+class AttentionPlan:
+    num_tokens: int
+    slot_mapping: torch.Tensor
+    decode_rows: torch.Tensor | None     # rows of decode tokens; None when every row is one
+    decode_slots: torch.Tensor | None    # [B_d * L] cache slots, padded per sequence to L
+    decode_mask: torch.Tensor | None     # [B_d, 1, 1, L] True where the slot holds context
+    decode_len: int
+    prefills: list[_Prefill]
+
+
+def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
+    device = meta.slot_mapping.device
+    bs = meta.block_size
+    decode_seqs: list[int] = []
+    decode_starts: list[int] = []
+    prefills: list[_Prefill] = []
+    start = 0
+    for b, (q_len, s_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list, strict=True)):
+        if q_len == 1:
+            decode_seqs.append(b)
+            decode_starts.append(start)
+        elif q_len > 1:
+            slots = None
+            if s_len > q_len:
+                n_blocks = -(-s_len // bs)
+                blocks = meta.block_tables[b, :n_blocks]
+                slots = (blocks[:, None] * bs + torch.arange(bs, device=device)).reshape(-1)[:s_len]
+            prefills.append(_Prefill(start, start + q_len, slots))
+        start += q_len
+
+    decode_rows = decode_slots = decode_mask = None
+    decode_len = 0
+    if decode_seqs:
+        all_decode = len(decode_seqs) == meta.num_seqs
+        idx = None if all_decode else torch.tensor(decode_seqs, device=device)
+        max_len = max(meta.seq_lens_list[b] for b in decode_seqs)
+        n_blocks = -(-max_len // bs)
+        decode_len = n_blocks * bs
+        tables = meta.block_tables[:, :n_blocks] if idx is None else meta.block_tables[idx, :n_blocks]
+        slots = (tables[:, :, None] * bs + torch.arange(bs, device=device)).reshape(len(decode_seqs), -1)
+        lens = meta.seq_lens if idx is None else meta.seq_lens[idx]
+        valid = torch.arange(decode_len, device=device)[None, :] < lens[:, None]
+        if not all_decode:
+            decode_rows = torch.tensor(decode_starts, device=device)
+        current = meta.slot_mapping if decode_rows is None else meta.slot_mapping[decode_rows]
+        # Padding reads the token's own (just written) slot: unwritten cache memory may hold NaN,
+        # and a masked-out NaN value still poisons the weighted sum.
+        decode_slots = torch.where(valid, slots, current[:, None]).reshape(-1)
+        decode_mask = valid[:, None, None, :]
+    return AttentionPlan(start, meta.slot_mapping, decode_rows, decode_slots, decode_mask, decode_len, prefills)
+
+
+def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                            plan: AttentionPlan, scale: float) -> torch.Tensor:
+    """``q [T, nh, hd]``, ``k``/``v [T, nkv, hd]`` → ``[T, nh, hd]``; see the module docstring."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    cache = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    k_cache, v_cache = cache[0], cache[1]
+    k_cache.index_copy_(0, plan.slot_mapping, k)
+    v_cache.index_copy_(0, plan.slot_mapping, v)
+
+    if plan.decode_slots is not None and not plan.prefills and plan.decode_rows is None:
+        return _decode(q, k_cache, v_cache, plan, scale)
+
+    out = torch.empty_like(q)
+    for p in plan.prefills:
+        qs = q[p.start:p.end]
+        if p.context_slots is None:
+            out[p.start:p.end] = _sdpa_chunk(qs, k[p.start:p.end], v[p.start:p.end], scale)
+        else:
+            out[p.start:p.end] = _sdpa_chunk(qs, k_cache.index_select(0, p.context_slots),
+                                             v_cache.index_select(0, p.context_slots), scale)
+    if plan.decode_slots is not None:
+        rows = plan.decode_rows
+        out[rows] = _decode(q.index_select(0, rows), k_cache, v_cache, plan, scale)
+    return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+            scale: float) -> torch.Tensor:
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    length = plan.decode_len
+    keys = k_cache.index_select(0, plan.decode_slots).view(batch, length, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, plan.decode_slots).view(batch, length, num_kv_heads, head_dim)
+    # Query heads sharing a KV head become rows of one [group, L] score matrix: no KV repeat needed.
+    out = F.scaled_dot_product_attention(
+        q.view(batch, num_kv_heads, group, head_dim),
+        keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=plan.decode_mask, scale=scale,
+    )
+    return out.reshape(batch, num_heads, head_dim)
+
+
+def _sdpa_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last ``len(q)`` positions of a context over all of ``k``/``v``."""
+    q_len, ctx_len = q.shape[0], k.shape[0]
+    if q_len == ctx_len:
+        mask, causal = None, True
+    else:
+        mask = torch.ones(q_len, ctx_len, dtype=torch.bool, device=q.device).tril(ctx_len - q_len)
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Write this step's K/V into the paged cache, then attend (plans the batch; models plan once per step)."""
+    return paged_attention_planned(q, k, v, kv_cache, plan_attention(meta), scale)

@@ -1,0 +1,83 @@
+"""Building blocks shared by the model families: rotary embedding and the fused gated MLP.
+
+RMSNorm is ``torch.nn.functional.rms_norm`` (one fused kernel); the rotary cache is precomputed
+once and indexed by position so a step does no trigonometry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferstack.engine.models.arch import ModelArch, ModelLoadError
+
+
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    """Inverse frequencies with the model's scaling applied, in float32 (as transformers computes them)."""
+    dim = arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if arch.rope_freq_factors is not None:
+        factors = torch.tensor(arch.rope_freq_factors, dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ModelLoadError(f"rope frequency factors have {factors.numel()} entries, expected "
+                                   f"{inv_freq.numel()} (head_dim / 2)")
+        inv_freq = inv_freq / factors
+    scaling = arch.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary (rotate halves) over a cos/sin table for every position up to the context length."""
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(arch)
+        t = torch.arange(arch.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        self.register_buffer("cos", freqs.cos().to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("sin", freqs.sin().to(device=device, dtype=dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` of shape ``[T, heads, head_dim]`` by each token's position."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU with gate and up projections fused into one matmul."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(hidden, intermediate), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up).split(self.intermediate, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)

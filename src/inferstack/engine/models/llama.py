@@ -1,0 +1,139 @@
+"""The Llama family: Llama 2/3, Mistral, SmolLM2, Qwen2/2.5 and Qwen3 differ only in flags.
+
+* ``qkv_bias``: Qwen2 has biases on the Q/K/V projections.
+* ``qk_norm``: Qwen3 RMS-normalises each query and key head before rotary.
+* ``tie_word_embeddings``: SmolLM2 and small Qwens reuse the embedding as the LM head.
+
+Q/K/V and gate/up projections are fused into single matmuls at load, since a CPU decode step is
+dominated by per-kernel overhead, not FLOPs. Parameters use transformers' names only in
+:meth:`LlamaForCausalLM.weight_targets`, the one place that maps a checkpoint onto this module.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferstack.engine.executor.attention import AttentionPlan, paged_attention_planned, plan_attention
+from inferstack.engine.executor.attention_metadata import AttentionMetadata
+from inferstack.engine.models.arch import ModelArch
+from inferstack.engine.models.layers import GatedMLP, RotaryEmbedding
+
+
+class WeightTarget(NamedTuple):
+    dest: torch.Tensor          # the slice of a parameter this checkpoint tensor is copied into
+    shape: tuple[int, ...]      # the shape the checkpoint tensor must have
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.eps = arch.rms_norm_eps
+        self.scale = arch.head_dim ** -0.5
+        qkv_rows = arch.q_size + 2 * arch.kv_size
+        self.qkv = _param(qkv_rows, arch.hidden_size)
+        self.qkv_bias = _param(qkv_rows) if arch.qkv_bias else None
+        self.o = _param(arch.hidden_size, arch.q_size)
+        # Qwen3: per-head RMSNorm weights for the query heads then the key heads, so one
+        # normalisation covers both.
+        self.qk_norm = _param(arch.num_heads + arch.num_kv_heads, arch.head_dim) if arch.qk_norm else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan,
+                rotary: RotaryEmbedding) -> torch.Tensor:
+        t = x.shape[0]
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x, self.qkv, self.qkv_bias).view(t, nh + 2 * nkv, hd)
+        qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
+        if self.qk_norm is not None:
+            qk = F.rms_norm(qk, (hd,), eps=self.eps) * self.qk_norm
+        qk = rotary(positions, qk)
+        out = paged_attention_planned(qk[:, :nh], qk[:, nh:], v, kv_cache, plan, self.scale)
+        return F.linear(out.reshape(t, nh * hd), self.o)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.hidden = arch.hidden_size
+        self.eps = arch.rms_norm_eps
+        self.input_norm = _param(arch.hidden_size)
+        self.attn = Attention(arch)
+        self.post_attn_norm = _param(arch.hidden_size)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan,
+                rotary: RotaryEmbedding) -> torch.Tensor:
+        h = F.rms_norm(x, (self.hidden,), self.input_norm, self.eps)
+        x = x + self.attn(h, positions, kv_cache, plan, rotary)
+        h = F.rms_norm(x, (self.hidden,), self.post_attn_norm, self.eps)
+        return x + self.mlp(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed = _param(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = _param(arch.hidden_size)
+        self.lm_head = None if arch.tie_word_embeddings else _param(arch.vocab_size, arch.hidden_size)
+        self.rotary: RotaryEmbedding | None = None
+
+    def init_buffers(self) -> None:
+        """Compute the non-checkpoint state (rotary tables) on the parameters' device and dtype."""
+        self.rotary = RotaryEmbedding(self.arch, self.embed.dtype, self.embed.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """``input_ids``/``positions [T]`` → final hidden states ``[T, hidden]``."""
+        assert self.rotary is not None, "init_buffers() was not called"
+        plan = plan_attention(meta)
+        x = F.embedding(input_ids, self.embed)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, positions, kv_cache, plan, self.rotary)
+        return F.rms_norm(x, (self.arch.hidden_size,), self.norm, self.arch.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    def weight_targets(self) -> dict[str, WeightTarget]:
+        """Checkpoint tensor name (transformers' naming) → where it goes in our fused parameters."""
+        a = self.arch
+        q, kv = a.q_size, a.kv_size
+        targets: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed.data,
+                                            "model.norm.weight": self.norm.data}
+        if self.lm_head is not None:
+            targets["lm_head.weight"] = self.lm_head.data
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = layer.attn
+            targets[p + "input_layernorm.weight"] = layer.input_norm.data
+            targets[p + "post_attention_layernorm.weight"] = layer.post_attn_norm.data
+            for name, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)),
+                               ("v_proj", slice(q + kv, q + 2 * kv))):
+                targets[p + f"self_attn.{name}.weight"] = attn.qkv.data[rows]
+                if attn.qkv_bias is not None:
+                    targets[p + f"self_attn.{name}.bias"] = attn.qkv_bias.data[rows]
+            targets[p + "self_attn.o_proj.weight"] = attn.o.data
+            if attn.qk_norm is not None:
+                targets[p + "self_attn.q_norm.weight"] = attn.qk_norm.data[:a.num_heads]
+                targets[p + "self_attn.k_norm.weight"] = attn.qk_norm.data[a.num_heads:]
+            inter = a.intermediate_size
+            targets[p + "mlp.gate_proj.weight"] = layer.mlp.gate_up.data[:inter]
+            targets[p + "mlp.up_proj.weight"] = layer.mlp.gate_up.data[inter:]
+            targets[p + "mlp.down_proj.weight"] = layer.mlp.down.data
+        out = {name: WeightTarget(dest, tuple(dest.shape)) for name, dest in targets.items()}
+        for name, target in out.items():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # One [head_dim] weight shared by all heads, broadcast into every head's row.
+                out[name] = WeightTarget(target.dest, (a.head_dim,))
+        return out

