@@ -178,7 +178,8 @@ class EngineCore:
             stop_reason=request.stop_reason if final else None, logprobs=logprobs,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=max(request.num_cached_tokens, 0),
             num_external_cached_tokens=request.num_external_cached_tokens,
-            num_output_tokens=request.num_output_tokens, metrics=metrics)
+            num_output_tokens=request.num_output_tokens, metrics=metrics,
+            kv_transfer_params=request.kv_transfer_params if final else None)
 
     def _flush_events(self) -> None:
         if self._events is not None and self._publisher is not None:

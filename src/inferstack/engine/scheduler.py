@@ -144,6 +144,9 @@ class Scheduler:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
         delay_free = False
         if self.connector is not None:
             delay_free, request.kv_transfer_params = self.connector.request_finished(
@@ -152,9 +155,6 @@ class Scheduler:
             self._delayed_free[request_id] = request
         else:
             self.kv.free(request)
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
-        request.stop_reason = stop_reason
         return request
 
     def schedule(self) -> SchedulerOutput:

@@ -9,6 +9,7 @@ import torch
 from inferstack.engine.config import EngineConfig
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
+from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
 from inferstack.engine.kv.hashing import CHUNK_SIZE, KVKeySpace
 from inferstack.kvstore.codec import ChunkLayout
 from inferstack.kvstore.config import KVStoreConfig, build_store
@@ -21,14 +22,22 @@ def kvstore_config(config: EngineConfig) -> KVStoreConfig:
 
 
 def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key_space: KVKeySpace) -> KVConnectorBase | None:
+    """PD transfer for ``--role prefill|decode``, then KV tiers for ``--kv-tiers``; None if neither."""
+    connectors: list[KVConnectorBase] = []
+    if config.kv_role != "both":
+        connectors.append(PDConnector(config.kv_role, block_size=config.block_size, host=config.kv_transfer_host,
+                                      port=config.kv_transfer_port))
     store_cfg = kvstore_config(config)
-    if not store_cfg.enabled:
+    if store_cfg.enabled:
+        if config.block_size * 16 != CHUNK_SIZE:
+            raise ValueError(f"KV tiers need --block-size 16 (chunks are {CHUNK_SIZE} tokens), got {config.block_size}")
+        _, _, _, heads, dim = kv_caches[0].shape
+        layout = ChunkLayout(num_layers=len(kv_caches), num_kv_heads=heads, head_dim=dim,
+                             dtype=kv_caches[0].dtype, tokens=CHUNK_SIZE)
+        connectors.append(KVStoreConnector(build_store(store_cfg, layout, key_space.root),
+                                           block_size=config.block_size))
+    if not connectors:
         return None
-    if config.block_size * 16 != CHUNK_SIZE:
-        raise ValueError(f"KV tiers need --block-size 16 (chunks are {CHUNK_SIZE} tokens), got {config.block_size}")
-    _, _, _, heads, dim = kv_caches[0].shape
-    layout = ChunkLayout(num_layers=len(kv_caches), num_kv_heads=heads, head_dim=dim, dtype=kv_caches[0].dtype,
-                         tokens=CHUNK_SIZE)
-    connector = KVStoreConnector(build_store(store_cfg, layout, key_space.root), block_size=config.block_size)
+    connector = connectors[0] if len(connectors) == 1 else MultiConnector(connectors)
     connector.register_kv_caches(kv_caches)
     return connector

@@ -13,25 +13,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.connector.blocks import gather_blocks, scatter_into_blocks
+from inferstack.engine.connector.blocks import StagedLoad, gather_blocks, scatter_into_blocks
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK, chunk_keys
 from inferstack.engine.request import Request
 from inferstack.kvstore.store import TieredKVStore
-
-
-@dataclass
-class _StagedLoad:
-    first_block: int                       # request block index of the first block to load
-    num_blocks: int
-    chunks: list[torch.Tensor]             # [L, 2, 256, H, D] each, chunk-aligned from first_block's chunk
-    block_ids: list[int] = field(default_factory=list)
 
 
 class KVStoreConnector(KVConnectorBase):
@@ -43,8 +34,8 @@ class KVStoreConnector(KVConnectorBase):
             raise ValueError(f"store chunks hold {store.layout.tokens} tokens, the engine's are {self.chunk_tokens}")
         self.min_load_tokens = min_load_tokens
         self.stats = ConnectorStats()
-        self._staged: dict[str, _StagedLoad] = {}
-        self._ready: list[_StagedLoad] = []
+        self._staged: dict[str, StagedLoad] = {}
+        self._ready: list[StagedLoad] = []
         self._saved_upto: dict[str, int] = {}   # request id -> chunks known to be in the store
         self._kv_caches: list[torch.Tensor] = []
 
@@ -78,7 +69,7 @@ class KVStoreConnector(KVConnectorBase):
             if end_block <= first_block:
                 return 0, False
         self._note_stored(request.request_id, first_chunk + len(chunks))
-        self._staged[request.request_id] = _StagedLoad(first_block, end_block - first_block, chunks)
+        self._staged[request.request_id] = StagedLoad(first_block, end_block - first_block, chunks)
         return (end_block - first_block) * bs, False
 
     def _note_stored(self, request_id: str, num_chunks: int) -> None:
@@ -88,8 +79,7 @@ class KVStoreConnector(KVConnectorBase):
         staged = self._staged.pop(request.request_id, None)
         if staged is None or num_external_tokens <= 0:
             return
-        staged.num_blocks = min(staged.num_blocks, num_external_tokens // self.block_size)
-        staged.block_ids = list(block_ids[staged.first_block:staged.first_block + staged.num_blocks])
+        staged.accept(block_ids, num_external_tokens, self.block_size)
         self._ready.append(staged)
         self.stats.add(loaded_tokens=staged.num_blocks * self.block_size)
 
@@ -107,22 +97,9 @@ class KVStoreConnector(KVConnectorBase):
             return
         t0 = time.perf_counter()
         for load in self._ready:
-            self._copy_staged(load)
+            load.copy_into(self._kv_caches, self.block_size)
         self._ready.clear()
         self.stats.observe("load_seconds", time.perf_counter() - t0)
-
-    def _copy_staged(self, load: _StagedLoad) -> None:
-        per_chunk, bs = BLOCKS_PER_CHUNK, self.block_size
-        block, done = load.first_block, 0
-        for chunk in load.chunks:
-            offset = block % per_chunk
-            n = min(per_chunk - offset, load.num_blocks - done)
-            if n <= 0:
-                break
-            scatter_into_blocks(self._kv_caches, load.block_ids[done:done + n],
-                                chunk[:, :, offset * bs:(offset + n) * bs])
-            block += n
-            done += n
 
     def save_kv(self, seqs: Sequence[Any]) -> None:
         """Save every chunk that this step completed (its 256 tokens now all computed)."""
