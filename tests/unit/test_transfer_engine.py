@@ -164,3 +164,21 @@ def test_wire_header_is_112_bytes_and_versioned():
         read_frame_header(b)
     a.close()
     b.close()
+
+
+def test_shm_segments_are_reused_and_removed_on_close():
+    from inferstack.engine.connector.shm import SHM_DIR
+
+    caches = [torch.randn(2, NB, BS, H, D) for _ in range(L)]
+    source = PagedKVSource(caches)
+    server = KVTransferServer(source, chunk_blocks=4)
+    client = KVTransferClient(source.layout, allow_shm=True)
+    mine = f"inferstack-kvt-{__import__('os').getpid()}-*"
+    for i in range(3):
+        source.hold(f"r{i}", list(range(8)))
+        assert [c.index for c in client.pull(*server.address, f"r{i}")] == [0, 1]
+    time.sleep(0.1)
+    assert len(list(SHM_DIR.glob(mine))) == 1, "one pooled segment serves consecutive transfers"
+    server.close()
+    client.close()
+    assert list(SHM_DIR.glob(mine)) == []

@@ -5,27 +5,25 @@ finished prefills); the decode engine pulls a request's blocks with ``KVTransfer
 copies each chunk into its own blocks as it arrives. Both sides are pipelined: the server gathers
 chunk i+1 from its paged cache while chunk i is on the wire, and the client receives chunk i+1
 while its caller copies chunk i. On one host (same boot id and hostname) the payload goes through
-a file in /dev/shm instead of the socket: the server gathers straight into it and the client
-copies straight out of it, two copies instead of four. See ``wire.py`` for the format.
+a pooled file in /dev/shm instead of the socket (``shm.py``): the server gathers straight into it
+and the client copies straight out of it, two copies instead of four. See ``wire.py`` for the
+format.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
-import os
 import queue
 import socket
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from inferstack.engine.connector.shm import SHM_DIR, Segment, SegmentMaps, SegmentPool
 from inferstack.engine.connector.wire import (
     FLAG_SHM,
     FLAG_SHM_OK,
@@ -40,7 +38,6 @@ from inferstack.engine.connector.wire import (
 )
 from inferstack.kvstore.codec import CODE_DTYPES, DTYPE_CODES
 
-SHM_DIR = Path("/dev/shm")
 DEFAULT_CHUNK_BLOCKS = 16
 
 
@@ -196,6 +193,7 @@ class KVTransferServer:
         self.io_timeout_s = io_timeout_s
         self.stats = TransferStats()
         self._identity = host_identity()
+        self._segments = SegmentPool() if self.allow_shm else None
         self._sock = socket.create_server((host, port))
         self._sock.settimeout(1.0)
         self._closed = threading.Event()
@@ -216,6 +214,8 @@ class KVTransferServer:
         self._sock.close()
         for t in list(self._threads):
             t.join(5)
+        if self._segments is not None:
+            self._segments.close()
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
@@ -232,7 +232,8 @@ class KVTransferServer:
 
     def _serve(self, conn: socket.socket) -> None:
         request_id = ""
-        shm_path: Path | None = None
+        segment: Segment | None = None
+        ok = False
         try:
             conn.settimeout(self.io_timeout_s)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -247,19 +248,21 @@ class KVTransferServer:
             use_shm = bool(self.allow_shm and pull.flags & FLAG_SHM_OK and self._identity and pull.aux == self._identity)
             t0 = time.perf_counter()
             if use_shm:
-                shm_path = SHM_DIR / f"inferstack-kvt-{uuid.uuid4().hex}"
-                sent = self._send_shm(conn, request_id, spec, shm_path)
+                assert self._segments is not None
+                segment = self._segments.checkout(sum(spec.layout.chunk_bytes(n) for _, n in self._plan(spec)))
+                sent = self._send_shm(conn, request_id, spec, segment)
             else:
                 sent = self._send_tcp(conn, request_id, spec)
             done = read_frame_header(conn)            # DONE: the client has everything it needs
             if done.type != FrameType.DONE:
                 raise TransferError(f"expected DONE, got {done.type.name}")
             self.stats.record("send", "shm" if use_shm else "tcp", sent, time.perf_counter() - t0)
+            ok = True
         except (OSError, TransferError):
             self.stats.fail("send")
         finally:
-            if shm_path is not None:
-                shm_path.unlink(missing_ok=True)
+            if segment is not None and self._segments is not None:
+                (self._segments.checkin if ok else self._segments.discard)(segment)
             if request_id:
                 self.source.release(request_id)
             conn.close()
@@ -312,31 +315,20 @@ class KVTransferServer:
         conn.sendall(Frame(FrameType.END, request_id, num_chunks=len(plan)).pack_header())
         return sent
 
-    def _send_shm(self, conn: socket.socket, request_id: str, spec: TransferSpec, path: Path) -> int:
+    def _send_shm(self, conn: socket.socket, request_id: str, spec: TransferSpec, segment: Segment) -> int:
         plan = self._plan(spec)
-        total = sum(spec.layout.chunk_bytes(n) for _, n in plan)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, max(total, 1))
-            region = mmap.mmap(fd, max(total, 1))
-        finally:
-            os.close(fd)
-        aux = str(path).encode()
+        aux = str(segment.path).encode()
         offset = 0
-        try:
-            for index, (first, n) in enumerate(plan):
-                nbytes = spec.layout.chunk_bytes(n)
-                view = memoryview(region)[offset:offset + nbytes]
-                spec.read(first, n, _tensor_view(view, spec.layout.dtype, spec.layout.chunk_shape(n)))
-                frame = self._frame(request_id, spec, index, len(plan), first, n, nbytes, checksum(view))
-                frame.flags, frame.shm_offset, frame.aux = FLAG_SHM, offset, aux
-                del view
-                conn.sendall(frame.pack_header())
-                offset += nbytes
-            conn.sendall(Frame(FrameType.END, request_id, num_chunks=len(plan)).pack_header())
-        finally:
-            with contextlib.suppress(BufferError):   # a view still alive: the mapping closes when it dies
-                region.close()
+        for index, (first, n) in enumerate(plan):
+            nbytes = spec.layout.chunk_bytes(n)
+            view = memoryview(segment.region)[offset:offset + nbytes]
+            spec.read(first, n, _tensor_view(view, spec.layout.dtype, spec.layout.chunk_shape(n)))
+            frame = self._frame(request_id, spec, index, len(plan), first, n, nbytes, checksum(view))
+            frame.flags, frame.shm_offset, frame.aux = FLAG_SHM, offset, aux
+            view.release()
+            conn.sendall(frame.pack_header())   # the client copies chunk i while we gather i+1
+            offset += nbytes
+        conn.sendall(Frame(FrameType.END, request_id, num_chunks=len(plan)).pack_header())
         return offset
 
 
@@ -377,7 +369,8 @@ class KVPull:
     """Iterate to receive chunks in order; ``result`` says what arrived. Raises ``TransferError``."""
 
     def __init__(self, sock: socket.socket, request_id: str, layout: KVLayout,
-                 expected_hashes: Sequence[bytes] | None, stats: TransferStats, timeout_s: float) -> None:
+                 expected_hashes: Sequence[bytes] | None, stats: TransferStats, timeout_s: float,
+                 maps: SegmentMaps) -> None:
         self.result = PullResult()
         self._sock = sock
         self._request_id = request_id
@@ -388,7 +381,7 @@ class KVPull:
         self._ready: queue.Queue[ReceivedChunk | BaseException | None] = queue.Queue(maxsize=1)
         self._free: queue.Queue[bytearray] = queue.Queue()
         self._stop = threading.Event()
-        self._shm: mmap.mmap | None = None
+        self._maps = maps
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._receive, name="kv-transfer-recv", daemon=True)
         self._thread.start()
@@ -428,9 +421,6 @@ class KVPull:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self._thread.join(5)
-        if self._shm is not None:
-            with contextlib.suppress(BufferError):
-                self._shm.close()
 
     def _put(self, item: ReceivedChunk | BaseException | None) -> None:
         while not self._stop.is_set():
@@ -476,17 +466,14 @@ class KVPull:
                 raise TransferError(f"block {last} hash differs from this prompt's: not the same prefix/model/salt")
         buffer: bytearray | None = None
         if frame.flags & FLAG_SHM:
-            if self._shm is None:
-                path = Path(frame.aux.decode())
-                if path.parent != SHM_DIR or not path.name.startswith("inferstack-kvt-"):
-                    raise TransferError(f"refusing shared-memory path {path}")
-                with path.open("rb") as f:
-                    self._shm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                path.unlink(missing_ok=True)    # both mappings stay valid; nothing leaks if a side dies
-                self.result.transport = "shm"
-            if frame.shm_offset + nbytes > len(self._shm):
+            try:
+                region = self._maps.get(frame.aux.decode())
+            except (OSError, ValueError) as exc:
+                raise TransferError(f"cannot map the peer's shared memory: {exc}") from exc
+            self.result.transport = "shm"
+            if frame.shm_offset + nbytes > len(region):
                 raise TransferError("shared-memory chunk lies outside the segment")
-            view = memoryview(self._shm)[frame.shm_offset:frame.shm_offset + nbytes]
+            view = memoryview(region)[frame.shm_offset:frame.shm_offset + nbytes]
         else:
             try:
                 buffer = self._free.get_nowait()
@@ -513,6 +500,10 @@ class KVTransferClient:
         self.timeout_s = timeout_s
         self.stats = TransferStats()
         self._identity = host_identity()
+        self._maps = SegmentMaps()
+
+    def close(self) -> None:
+        self._maps.close()
 
     def pull(self, host: str, port: int, request_id: str,
              expected_hashes: Sequence[bytes] | None = None) -> KVPull:
@@ -524,4 +515,4 @@ class KVTransferClient:
         except OSError as exc:
             self.stats.fail("recv")
             raise TransferError(f"cannot reach prefill peer {host}:{port}: {exc}") from exc
-        return KVPull(sock, request_id, self.layout, expected_hashes, self.stats, self.timeout_s)
+        return KVPull(sock, request_id, self.layout, expected_hashes, self.stats, self.timeout_s, self._maps)
