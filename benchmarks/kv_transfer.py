@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from inferstack.engine.connector.blocks import scatter_into_blocks  # noqa: E402
-from inferstack.engine.connector.transfer import KVTransferClient, KVTransferServer, PagedKVSource  # noqa: E402
+from inferstack.engine.connector.blocks import scatter_into_blocks
+from inferstack.engine.connector.transfer import KVTransferClient, KVTransferServer, PagedKVSource
 
 
 def main() -> None:

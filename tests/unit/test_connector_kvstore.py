@@ -124,3 +124,25 @@ def test_long_generation_saves_output_chunks_for_the_next_turn(disk_path):
     assert b.generate(turn2) == baseline(turn2)
     assert b.last.num_external_cached_tokens == 512
     b.close()
+
+
+def test_tier_writes_and_evictions_become_kv_events_with_their_medium(disk_path):
+    from inferstack.engine.kv.events import BlockRemoved, BlockStored
+    from inferstack.engine.kv.hashing import BLOCK_SIZE
+
+    chunk = LAYOUT.encoded_bytes
+    a = Engine([HostTier(1 * chunk), DiskTier(disk_path, 10 * chunk)])
+    a.generate(PROMPT)
+    a.store.flush()
+    events = a.connector.take_events()
+    hashes = SPACE.hashes(PROMPT)
+    stored = {(e.medium, e.block_hashes[-1]) for e in events if isinstance(e, BlockStored)}
+    keys = chunk_keys(hashes)
+    assert stored == {(m, k) for m in ("host", "disk") for k in keys}
+    first = next(e for e in events if isinstance(e, BlockStored) and e.block_hashes[-1] == keys[1])
+    assert first.block_hashes == hashes[16:32] and first.parent_block_hash == hashes[15]
+    assert first.token_ids == PROMPT[256:512] and first.block_size == BLOCK_SIZE
+    removed = [e for e in events if isinstance(e, BlockRemoved)]
+    assert [(e.medium, e.block_hashes) for e in removed] == [("host", hashes[0:16])], "host holds one chunk"
+    assert a.connector.take_events() == []
+    a.close()

@@ -182,7 +182,9 @@ class EngineCore:
             kv_transfer_params=request.kv_transfer_params if final else None)
 
     def _flush_events(self) -> None:
+        tier_events = self.scheduler.connector.take_events() if self.scheduler.connector is not None else []
         if self._events is not None and self._publisher is not None:
+            self._events.publish(tier_events)       # KV tiers, with their medium
             self._publisher.publish(self._events.drain())
 
     def shutdown(self) -> None:

@@ -43,6 +43,10 @@ class KVConnectorBase(ABC):
         """Returns (delay_free, kv_transfer_params for the response)."""
         return False, None
 
+    def take_events(self) -> list[Any]:
+        """KV events (``BlockStored``/``BlockRemoved`` with a tier ``medium``) since the last call."""
+        return []
+
     def take_finished_sending(self) -> list[str]:
         """Requests whose blocks were held (delay_free) and may now be freed."""
         return []

@@ -11,18 +11,25 @@ to the store, whose write-back thread does all tier I/O.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.connector.blocks import StagedLoad, gather_blocks, scatter_into_blocks
 from inferstack.engine.connector.stats import ConnectorStats
+from inferstack.engine.kv.events import BlockRemoved, BlockStored, KVEvent
 from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK, chunk_keys
 from inferstack.engine.request import Request
-from inferstack.kvstore.store import TieredKVStore
+from inferstack.kvstore.store import StoreEvent, TieredKVStore
+
+MAX_EVENT_META = 16_384     # chunks whose hashes and tokens we remember for KV events (~32 MB at most)
+MAX_PENDING_EVENTS = 100_000
 
 
 class KVStoreConnector(KVConnectorBase):
@@ -38,6 +45,11 @@ class KVStoreConnector(KVConnectorBase):
         self._ready: list[StagedLoad] = []
         self._saved_upto: dict[str, int] = {}   # request id -> chunks known to be in the store
         self._kv_caches: list[torch.Tensor] = []
+        # chunk key -> (its 16 block hashes, parent hash, 256 token ids), for tier KV events.
+        self._chunk_meta: OrderedDict[bytes, tuple[list[bytes], bytes | None, bytes]] = OrderedDict()
+        self._events: list[KVEvent] = []
+        self._events_lock = threading.Lock()
+        store.add_listener(self._on_store_event)
 
     # -- scheduler side -------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -114,10 +126,45 @@ class KVStoreConnector(KVConnectorBase):
             if len(keys) < computed_chunks:
                 continue    # hashes not extended yet (prefix caching off): the next step saves it
             for c in range(have, computed_chunks):
+                self._remember(request, c, keys[c])
                 saved += self.save_chunk(keys[c], seq.block_ids[c * BLOCKS_PER_CHUNK:(c + 1) * BLOCKS_PER_CHUNK])
             self._saved_upto[request.request_id] = computed_chunks
         if saved:
             self.stats.observe("save_seconds", time.perf_counter() - t0)
+
+    # -- KV events ------------------------------------------------------------------------------
+    def _remember(self, request: Request, chunk: int, key: bytes) -> None:
+        lo, hi = chunk * BLOCKS_PER_CHUNK, (chunk + 1) * BLOCKS_PER_CHUNK
+        tokens = np.asarray(request.all_token_ids[lo * self.block_size:hi * self.block_size], dtype="<u4").tobytes()
+        with self._events_lock:
+            self._chunk_meta[key] = (list(request.block_hashes[lo:hi]), request.block_hashes[lo - 1] if lo else None,
+                                     tokens)
+            while len(self._chunk_meta) > MAX_EVENT_META:
+                self._chunk_meta.popitem(last=False)
+
+    def _on_store_event(self, event: StoreEvent) -> None:
+        """Runs on store threads: translate to vLLM KV events and queue them for the step loop."""
+        medium = event.medium if event.medium in ("host", "disk", "remote") else "host"
+        out: list[KVEvent] = []
+        with self._events_lock:
+            for key in event.keys:
+                meta = self._chunk_meta.get(key)
+                hashes = meta[0] if meta else [key]
+                if event.kind == "stored":
+                    if meta is None:
+                        continue   # a promotion of a chunk we never saw computed: nothing to describe
+                    tokens = np.frombuffer(meta[2], dtype="<u4").tolist()
+                    out.append(BlockStored(hashes, meta[1], tokens, self.block_size, medium=medium))
+                else:
+                    out.append(BlockRemoved(hashes, medium=medium))
+            self._events.extend(out)
+            if len(self._events) > MAX_PENDING_EVENTS:     # nobody drains them: keep the newest
+                del self._events[: len(self._events) - MAX_PENDING_EVENTS]
+
+    def take_events(self) -> list[KVEvent]:
+        with self._events_lock:
+            events, self._events = self._events, []
+        return events
 
     # -- direct primitives (benchmarks, tools) --------------------------------------------------
     def save_chunk(self, key: bytes, block_ids: Sequence[int]) -> int:

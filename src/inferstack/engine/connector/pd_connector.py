@@ -188,6 +188,9 @@ class MultiConnector(KVConnectorBase):
     def take_finished_sending(self) -> list[str]:
         return [rid for c in self.connectors for rid in c.take_finished_sending()]
 
+    def take_events(self) -> list[Any]:
+        return [e for c in self.connectors for e in c.take_events()]
+
     def register_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         for c in self.connectors:
             c.register_kv_caches(kv_caches)
