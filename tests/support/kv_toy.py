@@ -66,9 +66,19 @@ class ToyEngine:
 
     def generate(self, prompt: list[int], max_tokens: int = 6, salt: str | None = None, rid: str = "r",
                  kv_transfer_params: dict | None = None) -> list[int]:
+        request = self.submit(prompt, max_tokens, salt, rid, kv_transfer_params)
+        self.run()
+        return request.output_token_ids
+
+    def submit(self, prompt: list[int], max_tokens: int = 6, salt: str | None = None, rid: str = "r",
+               kv_transfer_params: dict | None = None) -> Request:
         request = Request(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                           time.monotonic(), cache_salt=salt, kv_transfer_params=kv_transfer_params)
         self.sched.add_request(request)
+        self.last = request
+        return request
+
+    def run(self) -> None:
         while self.sched.has_unfinished():
             batch = self.sched.schedule()
             if self.connector is not None:
@@ -79,8 +89,6 @@ class ToyEngine:
                     self.sched.kv.update_block_hashes(seq.request)
                 self.connector.save_kv(batch.seqs)
             self.sched.update_from_output(batch, result.sampled)
-        self.last = request
-        return request.output_token_ids
 
 
 PROMPT = [(i * 13 + 5) % 500 for i in range(520)]      # 32 full blocks + 8 tokens: two full chunks

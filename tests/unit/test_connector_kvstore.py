@@ -14,9 +14,9 @@ from support.kv_toy import BS, LAYOUT, PROMPT, SPACE, ToyEngine, baseline
 
 
 class Engine(ToyEngine):
-    def __init__(self, tiers) -> None:
+    def __init__(self, tiers, num_blocks: int = 128) -> None:
         self.store = TieredKVStore(tiers, LAYOUT, SPACE.root)
-        super().__init__(KVStoreConnector(self.store, block_size=BS))
+        super().__init__(KVStoreConnector(self.store, block_size=BS), num_blocks)
 
     def close(self) -> None:
         self.store.flush()
@@ -146,3 +146,19 @@ def test_tier_writes_and_evictions_become_kv_events_with_their_medium(disk_path)
     assert [(e.medium, e.block_hashes) for e in removed] == [("host", hashes[0:16])], "host holds one chunk"
     assert a.connector.take_events() == []
     a.close()
+
+
+def test_a_request_waiting_for_blocks_keeps_its_staged_prefix(disk_path):
+    a = Engine([DiskTier(disk_path, 1 << 30)])
+    a.generate(PROMPT)
+    a.close()
+    other = [(i * 7 + 3) % 400 for i in range(520)]
+    b = Engine([DiskTier(disk_path, 1 << 30)], num_blocks=40)     # room for one request at a time
+    first = b.submit(other, rid="first")
+    second = b.submit(PROMPT, rid="second")
+    b.run()
+    assert first.output_token_ids == baseline(other)
+    assert second.output_token_ids == baseline()
+    assert second.num_external_cached_tokens == 512
+    assert b.store.tiers[0].stats.hits == 2, "staged once, not re-read on every attempt"
+    b.close()

@@ -203,9 +203,7 @@ class Scheduler:
                 num_external, _ = self.connector.get_num_new_matched_tokens(request, num_hit)
             n = self._chunk(request, budget, num_hit + num_external)
             if not self.kv.allocate_slots(request, num_external + n, hits):
-                if self.connector is not None:
-                    self.connector.update_state_after_alloc(request, [], 0)
-                break
+                break   # the connector keeps what it staged for the next attempt
             self.waiting.pop()
             request.num_computed_tokens = num_hit + num_external
             if self.connector is not None:

@@ -53,8 +53,12 @@ class KVStoreConnector(KVConnectorBase):
 
     # -- scheduler side -------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        self._staged.pop(request.request_id, None)
         bs, per_chunk = self.block_size, BLOCKS_PER_CHUNK
+        staged = self._staged.pop(request.request_id, None)
+        if staged is not None and staged.first_block == num_computed_tokens // bs:
+            # Staged on an earlier attempt that found no free blocks: reuse, do not read again.
+            self._staged[request.request_id] = staged
+            return staged.num_blocks * bs, False
         max_blocks = (request.num_tokens - 1) // bs           # one token is always computed (logits)
         first_block = num_computed_tokens // bs
         first_chunk = first_block // per_chunk

@@ -73,7 +73,11 @@ class PDConnector(KVConnectorBase):
 
     # -- decode side ----------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        self._staged.pop(request.request_id, None)
+        staged = self._staged.pop(request.request_id, None)
+        if staged is not None and staged.first_block == num_computed_tokens // self.block_size:
+            # Pulled on an earlier attempt that found no free blocks: the peer has released them.
+            self._staged[request.request_id] = staged
+            return staged.num_blocks * self.block_size, False
         params = request.kv_transfer_params or {}
         if self.client is None or not params.get("do_remote_prefill"):
             return 0, False
@@ -93,6 +97,9 @@ class PDConnector(KVConnectorBase):
             pull = self.client.pull(str(params["remote_host"]), int(params["remote_port"]),
                                     str(params["remote_request_id"]), expected_hashes=request.block_hashes)
             for chunk in pull:
+                if chunk.first_block != got or (chunk.num_blocks != BLOCKS_PER_CHUNK and chunk.index + 1 < chunk.num_chunks):
+                    raise TransferError(f"peer sends {chunk.num_blocks}-block chunks; decode engines need "
+                                        f"{BLOCKS_PER_CHUNK}-block chunks")
                 if chunk.first_block + chunk.num_blocks > first_chunk * BLOCKS_PER_CHUNK:
                     chunks.append(chunk.tensor.clone())     # the receive buffer is reused
                 got = chunk.first_block + chunk.num_blocks
