@@ -177,7 +177,9 @@ def test_shm_segments_are_reused_and_removed_on_close():
     for i in range(3):
         source.hold(f"r{i}", list(range(8)))
         assert [c.index for c in client.pull(*server.address, f"r{i}")] == [0, 1]
-    time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while server.stats.transfers.get(("send", "shm"), 0) < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)      # the server returns the segment to its pool once it has DONE
     assert len(list(SHM_DIR.glob(mine))) == 1, "one pooled segment serves consecutive transfers"
     server.close()
     client.close()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inferstack.engine.connector.blocks import gather_blocks
 from inferstack.engine.connector.shm import SHM_DIR, Segment, SegmentMaps, SegmentPool
 from inferstack.engine.connector.wire import (
     FLAG_SHM,
@@ -122,13 +123,9 @@ class PagedKVSource(KVSource):
             hold = self._holds.get(request_id)
         if hold is None:
             return None
-        ids = torch.tensor(hold.block_ids, dtype=torch.long, device=self.kv_caches[0].device)
 
         def read(first: int, n: int, out: torch.Tensor) -> None:
-            idx = ids[first:first + n]
-            lay = self.layout
-            for layer, cache in enumerate(self.kv_caches):
-                torch.index_select(cache, 1, idx, out=out[layer].view(2, n, lay.block_size, lay.num_kv_heads, lay.head_dim))
+            gather_blocks(self.kv_caches, hold.block_ids[first:first + n], out)
 
         return TransferSpec(self.layout, len(hold.block_ids), hold.block_hashes, read)
 
@@ -233,7 +230,6 @@ class KVTransferServer:
     def _serve(self, conn: socket.socket) -> None:
         request_id = ""
         segment: Segment | None = None
-        ok = False
         try:
             conn.settimeout(self.io_timeout_s)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -256,13 +252,15 @@ class KVTransferServer:
             done = read_frame_header(conn)            # DONE: the client has everything it needs
             if done.type != FrameType.DONE:
                 raise TransferError(f"expected DONE, got {done.type.name}")
+            if segment is not None and self._segments is not None:
+                self._segments.checkin(segment)      # the client is done reading it
+                segment = None
             self.stats.record("send", "shm" if use_shm else "tcp", sent, time.perf_counter() - t0)
-            ok = True
         except (OSError, TransferError):
             self.stats.fail("send")
         finally:
             if segment is not None and self._segments is not None:
-                (self._segments.checkin if ok else self._segments.discard)(segment)
+                self._segments.discard(segment)      # a client may still map it: never reuse
             if request_id:
                 self.source.release(request_id)
             conn.close()
