@@ -42,7 +42,10 @@ def hf_model(smollm2_gguf):
 
 def hf_greedy(model, ids: list[int]) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+        # An explicit mask: chat prompts contain <|im_end|>, which is also the pad id, and generate()
+        # would otherwise mask those prompt positions out.
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
                              pad_token_id=2, eos_token_id=None, min_new_tokens=NEW_TOKENS)
     return out[0, len(ids):].tolist()
 

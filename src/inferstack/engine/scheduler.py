@@ -213,6 +213,7 @@ class Scheduler:
                 request.num_cached_tokens = num_hit + num_external
                 request.num_external_cached_tokens = num_external
                 request.scheduled_time = now
+                self.counters.prompt_tokens += request.num_prompt_tokens
                 self.counters.prefix_cache_queries += request.num_prompt_tokens
                 self.counters.prefix_cache_hits += num_hit
                 if self.connector is not None:
@@ -233,8 +234,6 @@ class Scheduler:
             if request.is_finished:
                 continue
             request.num_computed_tokens += seq.num_new_tokens
-            if seq.start < request.num_prompt_tokens:
-                self.counters.prompt_tokens += min(seq.start + seq.num_new_tokens, request.num_prompt_tokens) - seq.start
             if not seq.sample:
                 continue
             token = sampled[request.request_id]

@@ -1,0 +1,149 @@
+"""`inferstack engine serve`: run the built-in engine behind an OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum, StrEnum
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="The built-in inference engine (paged KV cache, continuous batching, prefix caching).",
+    no_args_is_help=True,
+)
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30,
+          "gib": 2**30, "ti": 2**40, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([a-z]*)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """``"1GiB"`` -> 1073741824; also ``512MiB``, ``2G`` (decimal), ``1e9`` and plain byte counts."""
+    m = _SIZE.match(text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise typer.BadParameter(f"'{text}' is not a size; write e.g. 1GiB, 512MiB, 2G or 1073741824")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+class Dtype(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Policy(StrEnum):
+    fcfs = "fcfs"
+    priority = "priority"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+def build_engine_config(model: str, **options: Any) -> Any:
+    """The one place CLI options become an EngineConfig (flags added later, e.g. --emulate, go here).
+
+    ``options`` are the CLI's keyword values; None means "engine default". Raises ValueError with a
+    message naming the bad value.
+    """
+    from inferstack.engine.config import EngineConfig
+
+    kv_cache_bytes = options.pop("kv_cache_bytes", None)
+    fields: dict[str, Any] = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
+    if "threads" in fields:
+        fields["num_threads"] = fields.pop("threads")
+    if kv_cache_bytes is not None:
+        fields["kv_cache_bytes"] = parse_size(kv_cache_bytes) if isinstance(kv_cache_bytes, str) else kv_cache_bytes
+    return EngineConfig(model=model, **fields)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="What to serve: a bundled alias (smollm2-135m), a .gguf file, a Hugging Face "
+                              "directory (safetensors + tokenizer) or an oci:// reference.")],
+    host: Annotated[str, typer.Option(help="Address to listen on. Keep 127.0.0.1 unless other machines must "
+                                           "reach this server.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 lets the OS pick a free one (see --ready-file).")] = 8000,
+    ready_file: Annotated[str | None, typer.Option(
+        help="Once the model is loaded, write one JSON line {\"urls\": [...], \"pid\": N} here (also printed "
+             "to stdout): how scripts learn the real port when --port is 0.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="Name clients put in the `model` field (default: the model's own name).")] = None,
+    dtype: Annotated[Dtype, typer.Option(help="Weight and activation precision; auto picks float32 on CPU "
+                                              "and bfloat16 on CUDA.")] = Dtype.auto,
+    device: Annotated[Device, typer.Option(help="Where to run; auto uses CUDA when available.")] = Device.auto,
+    max_model_len: Annotated[int | None, typer.Option(
+        help="Longest prompt + completion in tokens (default: the model's context length, capped by the "
+             "KV cache).")] = None,
+    kv_cache_bytes: Annotated[str | None, typer.Option(
+        help="CPU memory for the paged KV cache, e.g. 1GiB or 512MiB.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        help="CUDA: share of GPU memory for weights + KV cache (0-1].")] = None,
+    num_kv_blocks: Annotated[int | None, typer.Option(
+        help="Exact number of 16-token KV blocks (overrides the memory budgets; for experiments).")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Most requests in one running batch.")] = None,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(
+        help="Token budget of one engine step (prefill chunks + decodes).")] = None,
+    scheduling_policy: Annotated[Policy | None, typer.Option(
+        help="fcfs: arrival order; priority: lower `priority` values in requests go first.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    kv_events_endpoint: Annotated[str | None, typer.Option(
+        help="Publish vLLM-style KV cache events on this ZMQ PUB endpoint, e.g. tcp://127.0.0.1:5557.")] = None,
+    enable_prefix_caching: Annotated[bool, typer.Option(
+        "--enable-prefix-caching/--no-enable-prefix-caching",
+        help="Reuse KV blocks of identical prompt prefixes across requests.")] = True,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="INFERSTACK_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (also read from "
+             "$INFERSTACK_API_KEY).")] = None,
+    log_format: Annotated[LogFormat, typer.Option(help="text for people, json for log pipelines (one object "
+                                                       "per line, with request_id).")] = LogFormat.text,
+    drain_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")] = 30.0,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models),
+    with /tokenize, /detokenize, /health, /ready and Prometheus /metrics (vLLM metric names).
+
+    Example: inferstack engine serve --model smollm2-135m --port 8000
+    """
+    from inferstack.telemetry.logs import configure_logging
+
+    configure_logging(log_format.value)
+    try:
+        config = build_engine_config(
+            model, served_model_name=served_model_name, dtype=dtype, device=device, max_model_len=max_model_len,
+            kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
+            num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,
+            enable_prefix_caching=enable_prefix_caching)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    from inferstack.engine.server import ServeOptions, run
+
+    def load() -> Any:
+        from inferstack.engine.async_engine import AsyncEngine
+
+        return AsyncEngine.from_config(config)
+
+    options = ServeOptions(host=host, port=port, ready_file=ready_file, api_key=api_key,
+                           drain_timeout=drain_timeout)
+    try:
+        code = run(load, options)
+    except OSError as exc:       # e.g. the port is taken
+        typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)

@@ -1,0 +1,507 @@
+"""OpenAI requests on the engine, without HTTP: validate a request against the served model, turn
+it into token ids and SamplingParams, run it (one engine request per prompt, aborted however the
+consumer stops), and assemble OpenAI responses or stream chunks from the engine's deltas.
+
+``engine/server.py`` puts this behind HTTP; raising ``protocol.errors.APIError`` is how this module
+tells it which status and envelope a bad request gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from inferstack.engine.outputs import FinishReason, RequestOutput
+from inferstack.engine.sampling_params import SamplingParams
+from inferstack.protocol import responses as R
+from inferstack.protocol.errors import APIError, bad_request, internal_error, not_supported
+from inferstack.protocol.requests import ChatCompletionRequest, ChatMessage, CompletionRequest
+from inferstack.protocol.sse import SSE_DONE, sse_event
+from inferstack.telemetry.engine_metrics import RequestObserver
+from inferstack.telemetry.logs import request_id_var
+
+log = logging.getLogger("inferstack.engine.serving")
+
+MAX_N = 128                      # choices per request; more is almost surely a mistake
+_THREAD_TOKENIZE_CHARS = 16_384  # longer texts are tokenized off the event loop
+
+T = TypeVar("T")
+TokenText = Callable[[int], str]
+
+
+class EngineLike(Protocol):
+    """What serving needs from ``AsyncEngine`` (unit tests may pass a fake at their edge)."""
+
+    model_name: str
+    tokenizer: Any
+    max_model_len: int
+
+    def stats(self) -> Any: ...
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                 priority: int = 0, cache_salt: str | None = None) -> AsyncGenerator[RequestOutput, None]: ...
+    async def abort(self, request_id: str) -> None: ...
+
+
+class TokenTexts:
+    """Text of single tokens for logprobs, cached (the vocabulary is small; logprobs are per token)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    want_logprobs: bool
+    priority: int
+    cache_salt: str | None
+
+
+async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepared:
+    check_model(engine, req.model)
+    _chat_unsupported(req)
+    messages = chat_messages(req.messages)
+    add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
+    prompt_ids = await encode(engine, apply_template(engine, messages, add_gen))
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if requested is not None and requested < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {requested}", "max_tokens")
+    max_tokens = _resolve_max_tokens(engine, len(prompt_ids), requested, "messages")
+    if req.top_logprobs and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    params = _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    return Prepared([prompt_ids], params, bool(req.stream), _include_usage(req), bool(req.logprobs),
+                    req.priority or 0, req.cache_salt)
+
+
+async def prepare_completion(engine: EngineLike, req: CompletionRequest) -> Prepared:
+    check_model(engine, req.model)
+    if req.echo:
+        raise not_supported("echo", "echo")
+    if req.suffix:
+        raise not_supported("suffix", "suffix")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise not_supported("best_of other than n", "best_of")
+    if req.max_tokens is not None and req.max_tokens < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
+    prompts = await completion_prompts(engine, req.prompt)
+    max_tokens = min(_resolve_max_tokens(engine, len(p), req.max_tokens, "prompt") for p in prompts)
+    params = _sampling_params(req, max_tokens, req.logprobs)
+    return Prepared(prompts, params, bool(req.stream), _include_usage(req), req.logprobs is not None,
+                    req.priority or 0, req.cache_salt)
+
+
+def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+# --- request -> engine inputs ----------------------------------------------------------------------
+
+_NOT_YET = "not supported yet"
+
+
+def check_model(engine: EngineLike, model: str | None) -> None:
+    if model is not None and model != engine.model_name:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{engine.model_name}'.",
+                       param="model", code="model_not_found")
+
+
+def _chat_unsupported(req: ChatCompletionRequest) -> None:
+    if req.tools:
+        raise not_supported("tools (function calling)", "tools")
+    if req.functions:
+        raise not_supported("functions (function calling)", "functions")
+    if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
+        raise not_supported("tool_choice", "tool_choice")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise not_supported(f"response_format type '{req.response_format.get('type')}' (structured output)",
+                            "response_format")
+    if req.audio is not None or (req.modalities and any(m != "text" for m in req.modalities)):
+        raise not_supported("audio output", "modalities")
+    if req.prediction is not None:
+        raise not_supported("prediction (predicted outputs)", "prediction")
+
+
+def _message_text(i: int, msg: ChatMessage) -> str:
+    if msg.role in ("tool", "function") or msg.tool_calls:
+        raise not_supported(f"'{msg.role}' messages and tool calls", f"messages[{i}]")
+    content = msg.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        text = part.get("text") if kind == "text" else part.get("refusal") if kind == "refusal" else None
+        if kind in ("text", "refusal"):
+            if not isinstance(text, str):
+                raise bad_request(f"messages[{i}].content[{j}].{kind} must be a string",
+                                  f"messages[{i}].content[{j}].{kind}")
+            parts.append(text)
+        else:
+            raise not_supported(f"content part type '{kind}' (only text is accepted)", f"messages[{i}].content[{j}]")
+    return "".join(parts)
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)}
+            for i, m in enumerate(messages)]
+
+
+def apply_template(engine: EngineLike, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    try:
+        return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:   # templates raise on role orders they refuse; that is the client's input
+        raise bad_request(f"The chat template rejected these messages: {exc}", "messages") from exc
+
+
+async def encode(engine: EngineLike, text: str, add_special_tokens: bool = False) -> list[int]:
+    if len(text) > _THREAD_TOKENIZE_CHARS:
+        return await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+    return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _vocab_size(engine: EngineLike) -> int | None:
+    size = getattr(engine.tokenizer, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def check_token_ids(engine: EngineLike, ids: list[int], param: str) -> None:
+    size = _vocab_size(engine)
+    if size is not None and ids and max(ids) >= size:
+        raise bad_request(f"{param}: token id {max(ids)} is outside the vocabulary (size {size})", param)
+
+
+def _resolve_max_tokens(engine: EngineLike, prompt_len: int, requested: int | None, what: str) -> int:
+    limit = engine.max_model_len
+    if prompt_len == 0:
+        raise bad_request(f"The {what} is empty; give at least one token.", what)
+    if prompt_len >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} has "
+                            f"{prompt_len} tokens, which leaves no room for the completion. Please shorten it.",
+                       param=what, code="context_length_exceeded")
+    if requested is None:
+        return limit - prompt_len
+    if prompt_len + requested > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in the "
+                            f"completion). Please reduce the length of the {what} or max_tokens.",
+                       param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
+                     logprobs: int | None) -> SamplingParams:
+    n = 1 if req.n is None else req.n
+    if n > MAX_N:
+        raise bad_request(f"n must be at most {MAX_N}, got {n}", "n")
+    min_tokens = req.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
+    if req.logit_bias:
+        raise not_supported("logit_bias", "logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+    def pick(value: T | None, default: T) -> T:
+        return default if value is None else value
+
+    return SamplingParams(
+        n=n,
+        temperature=pick(req.temperature, 1.0),
+        top_p=pick(req.top_p, 1.0),
+        top_k=pick(req.top_k, -1),
+        min_p=pick(req.min_p, 0.0),
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=bool(req.ignore_eos),
+        presence_penalty=pick(req.presence_penalty, 0.0),
+        frequency_penalty=pick(req.frequency_penalty, 0.0),
+        repetition_penalty=pick(req.repetition_penalty, 1.0),
+        logprobs=logprobs,
+        include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        skip_special_tokens=pick(req.skip_special_tokens, True),
+    )
+
+
+# --- running requests on the engine ----------------------------------------------------------------
+
+@dataclass
+class Generation:
+    """One client request on the engine: one engine request per prompt, each with ``n`` choices.
+
+    Iterating ``outputs()`` yields (choice index, output); however it ends (done, error, cancelled
+    because the client left), every engine request not finished yet is aborted.
+    """
+
+    engine: EngineLike
+    prompts: list[list[int]]
+    params: SamplingParams
+    request_id: str
+    observer: RequestObserver
+    priority: int = 0
+    cache_salt: str | None = None
+    _open: set[tuple[int, int]] = field(default_factory=set)
+
+    def engine_request_id(self, p: int) -> str:
+        return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{p}"
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        n = self.params.n
+        self._open = {(p, i) for p in range(len(self.prompts)) for i in range(n)}
+        try:
+            async with contextlib.aclosing(self._merged()) as merged:
+                async for p, out in merged:
+                    if out.finished:
+                        self._open.discard((p, out.index))
+                    self.observer.on_output(out.index + p * n, len(out.new_token_ids), out.metrics,
+                                            out.finish_reason.value if out.finish_reason else None)
+                    yield p * n + out.index, out
+        finally:
+            if self._open:
+                await asyncio.shield(self._abort_open())
+
+    async def _abort_open(self) -> None:
+        for p in sorted({p for p, _ in self._open}):
+            try:
+                await self.engine.abort(self.engine_request_id(p))
+            except Exception:
+                log.exception("aborting %s failed", self.engine_request_id(p))
+
+    def _stream(self, p: int) -> AsyncGenerator[RequestOutput, None]:
+        return self.engine.generate(self.prompts[p], self.params, self.engine_request_id(p),
+                                    priority=self.priority, cache_salt=self.cache_salt)
+
+    async def _merged(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        if len(self.prompts) == 1:
+            async with contextlib.aclosing(self._stream(0)) as stream:
+                async for out in stream:
+                    yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(p: int) -> None:
+            try:
+                async for out in self._stream(p):
+                    queue.put_nowait((p, out))
+            except Exception as exc:
+                queue.put_nowait((p, exc))
+            finally:
+                queue.put_nowait((p, None))
+
+        tasks = [asyncio.ensure_future(pump(p)) for p in range(len(self.prompts))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                p, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield p, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _finish_reason(out: RequestOutput) -> str:
+    reason = out.finish_reason
+    if reason in (FinishReason.STOP, FinishReason.LENGTH):
+        return reason.value
+    if reason == FinishReason.ABORT:
+        raise APIError(503, "The request was aborted by the engine (shutting down or preempted for good).",
+                       code="request_aborted")
+    raise APIError(500, "The engine failed while generating this request; the server logged the details.",
+                   code="engine_error")
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    finish: str | None = None
+    output_tokens: int = 0
+
+
+class _Totals:
+    """Token usage of one client request: per engine request (prompt) and per choice."""
+
+    __slots__ = ("cached", "completion", "prompt")
+
+    def __init__(self) -> None:
+        self.prompt: dict[str, int] = {}
+        self.cached: dict[str, int] = {}
+        self.completion: dict[int, int] = {}
+
+    def add(self, index: int, out: RequestOutput) -> None:
+        self.prompt[out.request_id] = out.num_prompt_tokens
+        self.cached[out.request_id] = max(self.cached.get(out.request_id, 0), out.num_cached_tokens)
+        self.completion[index] = out.num_output_tokens
+
+    def usage(self) -> dict[str, Any]:
+        return R.usage(sum(self.prompt.values()), sum(self.completion.values()), sum(self.cached.values()))
+
+
+# --- logprob formatting ----------------------------------------------------------------------------
+
+def _chat_logprobs(token_text: TokenText, out: RequestOutput) -> list[dict[str, Any]]:
+    if not out.logprobs:
+        return []
+    tt = token_text
+    return [R.chat_logprob_entry(tt(lp.token_id), lp.logprob, [(tt(t), v) for t, v in lp.top])
+            for lp in out.logprobs]
+
+
+def _completion_logprobs(token_text: TokenText, out: RequestOutput, offset: int) -> dict[str, Any] | None:
+    if out.logprobs is None:
+        return None
+    tt = token_text
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in out.logprobs:
+        text = tt(lp.token_id)
+        tokens.append(text)
+        values.append(lp.logprob)
+        tops.append({tt(t): v for t, v in lp.top} if lp.top else {text: lp.logprob})
+        offsets.append(offset)
+        offset += len(text)
+    return R.completion_logprobs(tokens, values, tops, offsets)
+
+
+def _merge_completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for part in parts:
+        for key in merged:
+            merged[key].extend(part[key])
+    return merged
+
+
+# --- assembling responses -------------------------------------------------------------------------
+
+async def chat_full(gen: Generation, token_text: TokenText, response_id: str, created: int, model: str,
+                     want_logprobs: bool) -> dict[str, Any]:
+    choices = [_Choice() for _ in range(gen.params.n)]
+    totals = _Totals()
+    async for index, out in gen.outputs():
+        c = choices[index]
+        c.text.append(out.new_text)
+        if want_logprobs:
+            c.logprobs.extend(_chat_logprobs(token_text, out))
+        totals.add(index, out)
+        if out.finished:
+            c.finish = _finish_reason(out)
+    return R.chat_completion(
+        response_id, created, model,
+        [R.chat_choice(i, "".join(c.text), c.finish or "stop",
+                       R.chat_logprobs(c.logprobs) if want_logprobs else None) for i, c in enumerate(choices)],
+        totals.usage())
+
+async def chat_stream(gen: Generation, token_text: TokenText, response_id: str, created: int, model: str,
+                       include_usage: bool, want_logprobs: bool) -> AsyncIterator[bytes]:
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+        return sse_event(R.chat_chunk(response_id, created, model, choices, usage, include_usage))
+
+    totals = _Totals()
+    try:
+        for i in range(gen.params.n):
+            yield chunk([R.chat_chunk_choice(i, {"role": "assistant", "content": ""})])
+        async for index, out in gen.outputs():
+            totals.add(index, out)
+            finish = _finish_reason(out) if out.finished else None
+            if not out.new_text and finish is None and not out.logprobs:
+                continue
+            lps = R.chat_logprobs(_chat_logprobs(token_text, out)) if want_logprobs else None
+            delta = {"content": out.new_text} if out.new_text or finish is None else {}
+            yield chunk([R.chat_chunk_choice(index, delta, finish, lps)])
+        if include_usage:
+            yield chunk([], totals.usage())
+    except APIError as err:
+        yield sse_event(err.envelope())
+    except Exception:
+        log.exception("stream %s failed", response_id)
+        yield sse_event(internal_error(request_id_var.get()).envelope())
+    yield SSE_DONE
+
+
+async def completion_prompts(engine: EngineLike, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [await encode(engine, prompt)]
+    if not prompt:
+        raise bad_request("prompt must not be an empty list", "prompt")
+    if isinstance(prompt[0], int):
+        check_token_ids(engine, prompt, "prompt")
+        return [list(prompt)]
+    if isinstance(prompt[0], str):
+        return [await encode(engine, p) for p in prompt]
+    for i, ids in enumerate(prompt):
+        check_token_ids(engine, ids, f"prompt[{i}]")
+    return [list(ids) for ids in prompt]
+
+async def completion_full(gen: Generation, token_text: TokenText, response_id: str, created: int,
+                           model: str) -> dict[str, Any]:
+    n_choices = len(gen.prompts) * gen.params.n
+    choices = [_Choice() for _ in range(n_choices)]
+    offsets = [0] * n_choices
+    totals = _Totals()
+    async for index, out in gen.outputs():
+        c = choices[index]
+        if gen.params.logprobs is not None:
+            part = _completion_logprobs(token_text, out, offsets[index])
+            if part is not None:
+                c.logprobs.append(part)
+        c.text.append(out.new_text)
+        offsets[index] += len(out.new_text)
+        totals.add(index, out)
+        if out.finished:
+            c.finish = _finish_reason(out)
+    return R.completion(
+        response_id, created, model,
+        [R.completion_choice(i, "".join(c.text), c.finish or "stop",
+                             _merge_completion_logprobs(c.logprobs) if gen.params.logprobs is not None else None)
+         for i, c in enumerate(choices)],
+        totals.usage())
+
+async def completion_stream(gen: Generation, token_text: TokenText, response_id: str, created: int, model: str,
+                             include_usage: bool) -> AsyncIterator[bytes]:
+    totals = _Totals()
+    offsets = [0] * (len(gen.prompts) * gen.params.n)
+    try:
+        async for index, out in gen.outputs():
+            totals.add(index, out)
+            finish = _finish_reason(out) if out.finished else None
+            if not out.new_text and finish is None:
+                continue
+            lps = (_completion_logprobs(token_text, out, offsets[index])
+                   if gen.params.logprobs is not None else None)
+            offsets[index] += len(out.new_text)
+            yield sse_event(R.completion(response_id, created, model,
+                                         [R.completion_choice(index, out.new_text, finish, lps)]))
+        if include_usage:
+            yield sse_event(R.completion(response_id, created, model, [], totals.usage()))
+    except APIError as err:
+        yield sse_event(err.envelope())
+    except Exception:
+        log.exception("stream %s failed", response_id)
+        yield sse_event(internal_error(request_id_var.get()).envelope())
+    yield SSE_DONE

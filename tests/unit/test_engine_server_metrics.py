@@ -1,0 +1,62 @@
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from inferstack.engine.stats import EngineStats
+from inferstack.telemetry.engine_metrics import ENGINE_METRICS, EngineMetrics, update_doc
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+DESIGN_NAMES = {
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total", "vllm:external_prefix_cache_queries_total",
+    "vllm:external_prefix_cache_hits_total", "vllm:request_success_total", "vllm:num_preemptions_total",
+    "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+    "vllm:cache_config_info",
+}
+
+
+def test_definitions_match_design() -> None:
+    assert {m.name for m in ENGINE_METRICS} == DESIGN_NAMES
+    assert all(m.name.endswith("_total") for m in ENGINE_METRICS if m.kind == "counter")
+    for m in ENGINE_METRICS:
+        if m.stat:
+            assert hasattr(EngineStats(), m.stat), m.stat
+
+
+def test_docs_are_generated_from_definitions() -> None:
+    text = DOC.read_text()
+    assert update_doc(text) == text, "run: PYTHONPATH=src python -m inferstack.telemetry.engine_metrics docs/metrics.md"
+
+
+def test_exposition_parses_and_reads_stats_at_scrape_time() -> None:
+    stats = EngineStats(num_running=2, num_waiting=1, kv_cache_usage=0.25, num_kv_blocks=10, prompt_tokens=7,
+                        request_success={"stop": 3})
+    metrics = EngineMetrics()
+    assert b"vllm:num_requests_running{" not in metrics.render()[0]      # nothing until an engine is bound
+    metrics.bind("m", lambda: stats)
+    obs = metrics.observer()
+    obs.on_output(0, 1, {"arrival": 0.0, "scheduled": 0.5, "first_token": 1.0, "now": 1.0}, None)
+    obs.on_output(0, 2, {"arrival": 0.0, "scheduled": 0.5, "first_token": 1.0, "now": 1.2}, None)
+    obs.on_output(0, 1, {"arrival": 0.0, "scheduled": 0.5, "first_token": 1.0, "now": 1.3, "finished": 1.3}, "stop")
+    stats.num_running = 5
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(metrics.render()[0].decode()) for s in fam.samples}
+    lab = (("model_name", "m"),)
+    assert samples[("vllm:num_requests_running", lab)] == 5
+    assert samples[("vllm:kv_cache_usage_perc", lab)] == 0.25
+    assert samples[("vllm:prompt_tokens_total", lab)] == 7
+    assert samples[("vllm:request_success_total", (("finished_reason", "stop"), ("model_name", "m")))] == 3
+    assert samples[("vllm:time_to_first_token_seconds_sum", lab)] == 1.0
+    assert samples[("vllm:request_queue_time_seconds_sum", lab)] == 0.5
+    assert samples[("vllm:inter_token_latency_seconds_count", lab)] == 3
+    assert abs(samples[("vllm:inter_token_latency_seconds_sum", lab)] - 0.3) < 1e-9
+    assert abs(samples[("vllm:request_decode_time_seconds_sum", lab)] - 0.3) < 1e-9
+
+
+def test_aborted_requests_do_not_skew_latency() -> None:
+    metrics = EngineMetrics()
+    metrics.bind("m", EngineStats)
+    metrics.observer().on_output(0, 0, {"arrival": 0.0, "now": 9.0, "finished": 9.0}, "abort")
+    assert b'vllm:e2e_request_latency_seconds_count{model_name="m"} 0.0' in metrics.render()[0]
