@@ -140,7 +140,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="also measure TTFT with this model (e.g. smollm2-135m)")
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; keep 1 on a shared machine (2 threads on 2 busy cores stall on barriers)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     proc, url = start_redis()

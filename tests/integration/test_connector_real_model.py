@@ -83,10 +83,26 @@ def _parts(llm: LLM) -> tuple[PDConnector, KVStoreConnector]:
 
 
 def _computed_prompt_tokens(llm: LLM, fn):
-    before = llm.engine.core.stats()
-    out = fn()
-    after = llm.engine.core.stats()
-    return out, after.prompt_tokens - before.prompt_tokens, after.external_prefix_cache_hits - before.external_prefix_cache_hits
+    """Run ``fn`` and count the prompt tokens the executor really computed (not what stats claim)."""
+    core = llm.engine.core
+    executor = core.executor
+    computed = 0
+    inner = executor.execute
+
+    def counting_execute(batch):
+        nonlocal computed
+        for seq in batch.seqs:
+            computed += max(0, min(seq.start + seq.num_new_tokens, seq.request.num_prompt_tokens) - seq.start)
+        return inner(batch)
+
+    executor.execute = counting_execute
+    before = core.stats()
+    try:
+        out = fn()
+    finally:
+        del executor.execute
+    after = core.stats()
+    return out, computed, after.external_prefix_cache_hits - before.external_prefix_cache_hits
 
 
 def test_decode_engine_continues_from_the_prefill_engines_kv(prefill_proc, decode_llm):

@@ -112,3 +112,30 @@ def test_decode_engine_saves_pulled_kv_to_its_tiers_for_other_replicas(prefill, 
     assert other.generate(PROMPT) == baseline()
     assert other.last.num_external_cached_tokens == 512
     store2.close()
+
+
+def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
+    import torch
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from inferstack.engine.config import EngineConfig
+    from inferstack.engine.connector.factory import build_connector, connector_collectors
+
+    caches = [torch.zeros(2, 128, BS, 2, 4, dtype=torch.float64) for _ in range(2)]
+    cfg = EngineConfig(model="unused", kv_role="decode", kv_tiers="host", kv_host_bytes=1 << 26)
+    connector = build_connector(cfg, caches, SPACE)
+    assert isinstance(connector, MultiConnector)
+    d = ToyEngine(connector)
+    params = run_prefill(prefill)
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    registry = CollectorRegistry()
+    for c in connector_collectors(connector, "toy"):
+        registry.register(c)
+    text = generate_latest(registry).decode()
+    assert 'inferstack_kv_transfers_total{direction="recv",model_name="toy",transport="shm"} 1.0' in text
+    assert 'inferstack_kv_connector_loaded_tokens_total{connector="pd",model_name="toy"} 512.0' in text
+    assert 'inferstack_kv_tier_writes_total{model_name="toy",tier="host"}' in text
+    assert "inferstack_kv_connector_fetch_seconds_bucket" in text
+    connector.shutdown()
+    with pytest.raises(ValueError, match="kv_role"):
+        EngineConfig(model="m", kv_role="middle")

@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from prometheus_client.registry import Collector
 
 from inferstack.engine.config import EngineConfig
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
+from inferstack.engine.connector.stats import ConnectorCollector, TransferCollector
 from inferstack.engine.kv.hashing import CHUNK_SIZE, KVKeySpace
 from inferstack.kvstore.codec import ChunkLayout
 from inferstack.kvstore.config import KVStoreConfig, build_store
+from inferstack.kvstore.metrics import KVStoreCollector
 
 
 def kvstore_config(config: EngineConfig) -> KVStoreConfig:
@@ -41,3 +44,20 @@ def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key
     connector = connectors[0] if len(connectors) == 1 else MultiConnector(connectors)
     connector.register_kv_caches(kv_caches)
     return connector
+
+
+def connector_collectors(connector: KVConnectorBase | None, model_name: str) -> list[Collector]:
+    """Prometheus collectors for the engine's /metrics registry: per-tier, write-back, connector
+    load/save/fetch times; register each with ``registry.register(c)``."""
+    if connector is None:
+        return []
+    parts = connector.connectors if isinstance(connector, MultiConnector) else [connector]
+    out: list[Collector] = []
+    for part in parts:
+        if isinstance(part, KVStoreConnector):
+            out.append(KVStoreCollector(part.store, model_name))
+            out.append(ConnectorCollector(part.stats, model_name, "kvstore"))
+        elif isinstance(part, PDConnector):
+            out.append(ConnectorCollector(part.stats, model_name, "pd"))
+            out.append(TransferCollector(part, model_name))
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -68,3 +69,32 @@ class ConnectorCollector(Collector):
                 h = getattr(s, attr)
                 fam.add_metric(self.labels, buckets=h.cumulative(), sum_value=h.total)
             yield fam
+
+
+class TransferCollector(Collector):
+    """KV transfer engine counters of a PD connector (either side)."""
+
+    def __init__(self, connector: Any, model_name: str) -> None:
+        self.connector = connector
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model_name", "direction", "transport"]
+        nbytes = CounterMetricFamily("inferstack_kv_transfer_bytes", "KV bytes moved between prefill and decode engines.", labels=labels)
+        secs = CounterMetricFamily("inferstack_kv_transfer_seconds", "Time spent in KV transfers (bytes/seconds = throughput).", labels=labels)
+        count = CounterMetricFamily("inferstack_kv_transfers", "KV transfers completed.", labels=labels)
+        fails = CounterMetricFamily("inferstack_kv_transfer_failures", "KV transfers that failed (the rest was recomputed).",
+                                    labels=["model_name", "direction"])
+        for side in (self.connector.server, self.connector.client):
+            if side is None:
+                continue
+            st = side.stats
+            with st.lock:
+                for (direction, transport), b in st.bytes.items():
+                    key = [self.model_name, direction, transport]
+                    nbytes.add_metric(key, b)
+                    secs.add_metric(key, st.seconds[(direction, transport)])
+                    count.add_metric(key, st.transfers[(direction, transport)])
+                for direction, n in st.failures.items():
+                    fails.add_metric([self.model_name, direction], n)
+        yield from (nbytes, secs, count, fails)
