@@ -48,5 +48,9 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.kv_role not in ("both", "prefill", "decode"):
             raise ValueError(f"kv_role must be both, prefill or decode, got {self.kv_role!r}")
+        if self.kv_tiers:
+            from inferstack.engine.connector.factory import kvstore_config
+
+            kvstore_config(self)     # names a bad tier list, a missing --kv-disk-path or --kv-redis-url now
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -82,6 +82,12 @@ class ServerState:
         self.engine = engine
         self.token_texts = TokenTexts(engine.tokenizer)
         self.metrics.bind(engine.model_name, engine.stats)
+        core = getattr(engine, "core", None)
+        if core is not None:       # KV tiers and PD transfer metrics (docs/kv-cache.md)
+            from inferstack.engine.connector.factory import connector_collectors
+
+            for collector in connector_collectors(core.scheduler.connector, engine.model_name):
+                self.metrics.registry.register(collector)
 
     def ready_engine(self) -> EngineLike:
         if self.engine is None:
