@@ -251,7 +251,8 @@ class Handlers:
     def _start(self, request: Request, engine: EngineLike, prepared: Prepared) -> tuple[Generation, str]:
         rid = f"{request.scope['state']['request_id']}-{uuid.uuid4().hex[:8]}"
         return Generation(engine, prepared.prompts, prepared.params, rid, self.state.metrics.observer(),
-                          priority=prepared.priority, cache_salt=prepared.cache_salt), rid
+                          priority=prepared.priority, cache_salt=prepared.cache_salt,
+                          kv_transfer_params=prepared.kv_transfer_params), rid
 
     async def chat_completions(self, request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await request.body())
