@@ -28,6 +28,10 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def _size_option(value: str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
 class Dtype(StrEnum):
     auto = "auto"
     float32 = "float32"
@@ -99,7 +103,7 @@ def serve(
         help="Longest prompt + completion in tokens (default: the model's context length, capped by the "
              "KV cache).")] = None,
     kv_cache_bytes: Annotated[str | None, typer.Option(
-        help="CPU memory for the paged KV cache, e.g. 1GiB or 512MiB.")] = None,
+        callback=_size_option, help="CPU memory for the paged KV cache, e.g. 1GiB or 512MiB.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(
         help="CUDA: share of GPU memory for weights + KV cache (0-1].")] = None,
     num_kv_blocks: Annotated[int | None, typer.Option(
