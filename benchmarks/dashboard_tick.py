@@ -13,13 +13,13 @@ import argparse
 import random
 import time
 
-from inferstack.gateway.metrics import GatewayMetrics
-from inferstack.telemetry.engine_metrics import EngineMetrics
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferstack.engine.stats import EngineStats
+from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.telemetry.dashboard_state import DashboardHistory
+from inferstack.telemetry.engine_metrics import EngineMetrics
 
 
 def exposition(n_endpoints: int, rng: random.Random) -> tuple[str, list[str]]:

@@ -245,17 +245,23 @@ def calibrate(
     save_hardware_file(hw, path)
     typer.echo(f"wrote {path}: {report['steps']} steps, median step-time error {report['median_rel_error']:.1%} "
                f"(p90 {report['p90_rel_error']:.1%})")
+
+
 def _verified_model(model: str, served_name: str | None, policy_file: str | None,
                     allow_unverified: bool) -> tuple[str, str | None]:
     """oci:// -> pulled local path; with a policy, verified before anything loads (fail closed)."""
+    from pathlib import Path
+
     from inferstack.engine.weights.loader import resolve_model_path
     from inferstack.modelhub.errors import ModelHubError
     from inferstack.modelhub.policy import load_trust_policy
     from inferstack.modelhub.reference import is_oci, parse_reference
     from inferstack.modelhub.resolve import resolve_model_ref
+
     if is_oci(model) and policy_file is None and not allow_unverified:
         typer.echo("error: serving an oci:// model needs --trust-policy FILE (or --allow-unverified)", err=True)
         raise typer.Exit(2)
+    try:
         policy = load_trust_policy(Path(policy_file)) if policy_file else None
         target = model if is_oci(model) else str(resolve_model_path(model))
         path = resolve_model_ref(target, policy)
