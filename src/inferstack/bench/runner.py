@@ -138,6 +138,7 @@ class _Run:
             task.add_done_callback(tasks.discard)
 
     async def closed_loop(self, units: Iterator[Unit], workers: int, tasks: set[asyncio.Task]) -> None:
+        await asyncio.sleep(max(0.0, self.clock0 - time.perf_counter()))     # start at t = 0, inside the window
         deadline = self.clock0 + self.cfg.duration_s
         numbering = itertools.count()
 
