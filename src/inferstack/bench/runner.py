@@ -204,6 +204,7 @@ async def execute(cfg: RunConfig) -> RunResult:
             stop.set()
             await scrape_task
             view_task.cancel()
+            view.show(run)
     planned = len(plan) / cfg.duration_s if plan else None
     summary = summarize(run.records, run.window, cfg.slo, cfg.load.rate, planned)
     return RunResult(cfg.describe(), run.records, summary, scraper.summary(run.window), scraper.timeline(),
