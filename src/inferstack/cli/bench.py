@@ -64,7 +64,13 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
     plots: Annotated[bool, typer.Option(help="Write PNG plots")] = True,
 ) -> None:
-    """Run a benchmark and write reports to --out."""
+    """Run a benchmark and write reports to --out (JSON, CSV, Markdown, PNG).
+
+    Example: inferstack bench run --target http://127.0.0.1:8000 --workload synthetic:input=512,output=128
+    --rate 4 --duration 60 --slo ttft=500ms,tpot=50ms --out runs/rate-4
+
+    TTFT, TPOT, ITL, E2E and their names in other tools: docs/benchmarking.md.
+    """
     from inferstack.bench.client import BenchError, ClientOptions, probe_target
     from inferstack.bench.modes import goodput_search
     from inferstack.bench.modes import sweep as run_sweep
