@@ -66,6 +66,7 @@ def test_bench_against_the_emulated_fleet(fleet: Server, tmp_path: Path) -> None
     assert data["server"]["available"] and data["server"]["prefix_cache_hit_rate"] > 0.3
 
 
+@pytest.mark.slow
 def test_served_model_name_and_bad_profile(tmp_path: Path) -> None:
     srv = start_inferstack(["engine", "serve", "--emulate", "cpu:smollm2-135m", "--served-model-name", "tiny"])
     try:
