@@ -203,6 +203,15 @@ def test_every_rule_and_dashboard_expression_returns_data(stack: Stack) -> None:
 def test_killed_engine_is_restarted_and_serves_again(stack: Stack) -> None:
     before = stack.child("engine-0")
     os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while stack.child("engine-0")["state"] != "restarting":    # noticed within a health interval
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # While it is down the pool routes around it: no client sees an error.
+    for i in range(3):
+        r = httpx.post(stack.gateway + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": f"ping {i}"}]})
+        assert r.status_code == 200, r.text
     deadline = time.monotonic() + 300
     while True:
         now = stack.child("engine-0")
