@@ -109,6 +109,18 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
                        model_digest=model_digest(source_files), weight_files=list(source_files), dtype=torch_dtype)
 
 
+def load_tokenizer(spec: str) -> Tokenizer:
+    """Only the tokenizer of a model reference (no weights are read or dequantized)."""
+    path = resolve_model_path(spec)
+    if path.is_file():
+        from inferstack.engine.weights.gguf import convert_gguf_metadata
+
+        model_dir = convert_gguf_metadata(path)
+    else:
+        model_dir = path
+    return Tokenizer.from_dir(model_dir, read_hf_config(model_dir))
+
+
 def build_model(config: dict[str, Any], files: list[Path], dtype: torch.dtype, device: torch.device,
                 source: str, tensor_name: Callable[[str], str] = str) -> tuple[nn.Module, ModelArch]:
     architecture, family = family_for(config, source)
