@@ -96,5 +96,5 @@ def test_chat_template_features(tiny):
 
 def test_template_cannot_escape_the_sandbox(tiny):
     tok = Tokenizer(tiny.backend, chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(Exception, match="unsafe|access"):
+    with pytest.raises(Exception, match=r"unsafe|access"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
