@@ -81,7 +81,10 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype
     return resolved
 
 
-def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
+               progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load ``spec`` for inference. ``progress`` receives a line before slow one-time work (GGUF
+    dequantization, about 5 s for the bundled model; later loads reuse the on-disk cache)."""
     path = resolve_model_path(spec)
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -94,7 +97,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
             gguf_tensor_name,
         )
 
-        converted = convert_gguf(path, torch_dtype)
+        converted = convert_gguf(path, torch_dtype, progress)
         model_dir, files, source_files = converted.model_dir, converted.weight_files, [path]
         tensor_name: Callable[[str], str] = gguf_tensor_name
     else:
