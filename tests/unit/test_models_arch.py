@@ -31,7 +31,7 @@ def test_rope_settings_old_and_new_keys():
     assert rope_settings({"rope_theta": 5e5}) == (5e5, None)
     assert rope_settings({"rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}}) == (1e4, None)
     theta, scaling = rope_settings({"rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}})
-    assert scaling == {"rope_type": "linear", "factor": 2.0}
+    assert theta == 1e4 and scaling == {"rope_type": "linear", "factor": 2.0}
     linear = arch_of(architectures=["LlamaForCausalLM"], rope_scaling={"type": "linear", "factor": 2.0})
     plain = arch_of(architectures=["LlamaForCausalLM"])
     torch.testing.assert_close(rope_inv_freq(linear), rope_inv_freq(plain) / 2)
