@@ -83,8 +83,8 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for (OpenAI's logprob ``bytes``)."""
         piece = self.backend.id_to_token(token_id)
-        if piece is None:
-            raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        if piece is None:  # an embedding row past the tokenizer's vocabulary (padding): no text
+            return b""
         if self._byte_level is None:
             self._byte_level = _is_byte_level(self.backend)
         if self._byte_level and self.backend.token_to_id(piece) == token_id:

@@ -179,6 +179,12 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
     }
+    if int(_field(reader, f"{arch}.expert_count", 0) or 0) > 0:
+        raise ModelLoadError(f"{path}: mixture-of-experts models are not supported yet")
+    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != config["head_dim"]:
+        raise ModelLoadError(f"{path}: partial rotary ({arch}.rope.dimension_count={rope_dim} < head_dim "
+                             f"{config['head_dim']}) is not supported")
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
