@@ -1,0 +1,64 @@
+"""Turns an EngineConfig into a ready EngineCore: load weights, size the KV cache, wire the scheduler."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from inferstack.engine.config import EngineConfig
+from inferstack.engine.core import EngineCore
+from inferstack.engine.executor.torch_executor import TorchExecutor
+from inferstack.engine.kv.hashing import KVKeySpace
+from inferstack.engine.tokenizer import Tokenizer
+from inferstack.engine.weights.loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuiltEngine:
+    core: EngineCore
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+    model_digest: str
+    eos_token_ids: frozenset[int]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def configure_threads(config: EngineConfig) -> None:
+    threads = config.num_threads or int(os.environ.get("INFERSTACK_THREADS", "0")) or None
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def build_engine(config: EngineConfig) -> BuiltEngine:
+    configure_threads(config)
+    device = resolve_device(config.device)
+    lm = load_model(config.model, dtype=config.dtype, device=device)
+    model_max = lm.arch.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > model_max:
+        raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's context length {model_max}")
+    max_model_len = config.max_model_len or model_max
+    executor = TorchExecutor(lm, config, device)
+    capacity = executor.num_kv_blocks * config.block_size
+    if capacity < max_model_len:
+        # A request must always fit the cache alone, or preemption could never make room for it.
+        log.warning("the KV cache holds %d tokens: capping max_model_len from %d to that", capacity, max_model_len)
+        max_model_len = capacity
+    key_space = KVKeySpace(model_digest=lm.model_digest, dtype=str(lm.dtype).removeprefix("torch."),
+                           block_size=config.block_size)
+    core = EngineCore.build(config, executor, lm.tokenizer, key_space, max_model_len)
+    return BuiltEngine(core=core, tokenizer=lm.tokenizer, model_name=config.served_model_name or lm.name,
+                       max_model_len=max_model_len, model_digest=lm.model_digest,
+                       eos_token_ids=frozenset(lm.tokenizer.eos_token_ids))

@@ -1,0 +1,179 @@
+"""EngineCore: schedule → execute → update, synchronously and deterministically.
+
+It knows no HTTP and no event loop: the offline ``LLM`` drives it directly and ``AsyncEngine`` runs
+it on its own thread. Detokenization and stop strings live here because a stop string ends a
+request, which must free its blocks in the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from inferstack.engine.config import EngineConfig
+from inferstack.engine.executor.base import Executor
+from inferstack.engine.kv.block_pool import BlockPool
+from inferstack.engine.kv.events import EventBuffer, ZmqEventPublisher
+from inferstack.engine.kv.hashing import KVKeySpace
+from inferstack.engine.kv.manager import KVCacheManager
+from inferstack.engine.outputs import FinishReason, RequestOutput
+from inferstack.engine.request import Request
+from inferstack.engine.scheduler import Scheduler, SchedulerConfig
+from inferstack.engine.stats import EngineStats
+from inferstack.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _TextState:
+    """Output text of one request; holds back a tail that could still become a stop string."""
+
+    detok: IncrementalDetokenizer
+    stops: list[str]
+    include_stop: bool
+    text: str = ""
+    emitted: int = 0
+    stopped: bool = False
+    hold: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def add(self, token_ids: list[int]) -> str | None:
+        """Append tokens; return the stop string if one now appears in the text."""
+        search_from = max(0, len(self.text) - self.hold)
+        self.text += self.detok.feed(token_ids)
+        for stop in self.stops:
+            idx = self.text.find(stop, search_from)
+            if idx >= 0:
+                self.text = self.text[: idx + len(stop) if self.include_stop else idx]
+                self.stopped = True
+                return stop
+        return None
+
+    def take(self, final: bool) -> str:
+        if final and not self.stopped:
+            self.text += self.detok.finish()
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: Tokenizer,
+                 events: EventBuffer | None = None, publisher: ZmqEventPublisher | None = None) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self._events = events
+        self._publisher = publisher
+        self._text: dict[str, _TextState] = {}
+        self._success: dict[str, int] = {}
+
+    @classmethod
+    def build(cls, config: EngineConfig, executor: Executor, tokenizer: Tokenizer, key_space: KVKeySpace,
+              max_model_len: int) -> EngineCore:
+        events = publisher = None
+        if config.kv_events_endpoint:
+            publisher = ZmqEventPublisher(config.kv_events_endpoint, config.kv_events_topic)
+            events = EventBuffer()
+        pool = BlockPool(executor.num_kv_blocks, executor.block_size, config.enable_prefix_caching, events)
+        scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=max_model_len, long_prefill_token_threshold=config.long_prefill_token_threshold,
+                            policy=config.scheduling_policy),
+            KVCacheManager(pool, key_space))
+        return cls(scheduler, executor, tokenizer, events, publisher)
+
+    @property
+    def kv_events_endpoint(self) -> str | None:
+        return self._publisher.endpoint if self._publisher else None
+
+    def add_request(self, request: Request) -> None:
+        params = request.sampling_params
+        self._text[request.request_id] = _TextState(
+            IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
+            params.stop, params.include_stop_str_in_output)
+        self.scheduler.add_request(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
+        if request is None:
+            return None
+        return self._finish_output(request, [], time.monotonic())
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            self._flush_events()
+            return []
+        result = self.executor.execute(batch)
+        advanced = self.scheduler.update_from_output(batch, result.sampled)
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for request in advanced:
+            rid = request.request_id
+            if request.first_token_time is None:
+                request.first_token_time = now
+            state = self._text[rid]
+            token = request.output_token_ids[-1]
+            stop = state.add([token])
+            if stop is not None and not request.is_finished:
+                self.scheduler.finish_request(rid, FinishReason.STOP, stop)
+            lp = result.logprobs.get(rid)
+            if request.is_finished:
+                outputs.append(self._finish_output(request, [token], now, [lp] if lp else None))
+            else:
+                outputs.append(self._output(request, state, [token], now, [lp] if lp else None, final=False))
+        self._flush_events()
+        return outputs
+
+    def stats(self) -> EngineStats:
+        c = self.scheduler.counters
+        pool = self.scheduler.kv.pool
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=pool.usage, num_kv_blocks=pool.num_blocks, block_size=pool.block_size,
+            prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
+            prefix_cache_queries=c.prefix_cache_queries, prefix_cache_hits=c.prefix_cache_hits,
+            num_preemptions=c.num_preemptions, request_success=dict(self._success))
+
+    def _finish_output(self, request: Request, tokens: list[int], now: float, logprobs=None) -> RequestOutput:
+        state = self._text.pop(request.request_id)
+        release = getattr(self.executor, "release", None)
+        if release is not None:
+            release(request.request_id)
+        reason = request.finish_reason.value if request.finish_reason else "unknown"
+        self._success[reason] = self._success.get(reason, 0) + 1
+        return self._output(request, state, tokens, now, logprobs, final=True)
+
+    def _output(self, request: Request, state: _TextState, tokens: list[int], now: float, logprobs,
+                final: bool) -> RequestOutput:
+        metrics = {"arrival": request.arrival_time, "now": now}
+        if request.scheduled_time is not None:
+            metrics["scheduled"] = request.scheduled_time
+        if request.first_token_time is not None:
+            metrics["first_token"] = request.first_token_time
+        if final:
+            metrics["finished"] = now
+        return RequestOutput(
+            request_id=request.request_id, index=request.index, new_token_ids=tokens,
+            new_text=state.take(final), finish_reason=request.finish_reason if final else None,
+            stop_reason=request.stop_reason if final else None, logprobs=logprobs,
+            num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=max(request.num_cached_tokens, 0),
+            num_external_cached_tokens=request.num_external_cached_tokens,
+            num_output_tokens=request.num_output_tokens, metrics=metrics)
+
+    def _flush_events(self) -> None:
+        if self._events is not None and self._publisher is not None:
+            self._publisher.publish(self._events.drain())
+
+    def shutdown(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()

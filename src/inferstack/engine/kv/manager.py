@@ -1,0 +1,100 @@
+"""Per-request block tables on top of the block pool: prefix-cache lookup and slot allocation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from inferstack.engine.kv.block_pool import BlockPool, KVBlock
+from inferstack.engine.kv.hashing import KVKeySpace, block_hashes
+from inferstack.engine.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, key_space: KVKeySpace) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.key_space = key_space
+        self._req_blocks: dict[str, list[KVBlock]] = {}
+        self._num_cached_blocks: dict[str, int] = {}
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._req_blocks.get(request_id, ())]
+
+    def update_block_hashes(self, request: Request) -> list[bytes]:
+        """Extend the request's hash chain over its newly full blocks (prompt and output tokens)."""
+        have = len(request.block_hashes)
+        if (request.num_tokens // self.block_size) > have:
+            seed = self.key_space.seed(request.cache_salt)
+            request.block_hashes.extend(block_hashes(
+                seed, request.all_token_ids, self.block_size, start=have,
+                parent=request.block_hashes[-1] if have else None))
+        return request.block_hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached prefix of full blocks, leaving at least one token to compute (its logits
+        are needed to sample)."""
+        if not self.pool.enable_caching:
+            return [], 0
+        hashes = self.update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in hashes[:max_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def can_fit(self, request: Request, num_new_tokens: int, new_computed: Sequence[KVBlock] = ()) -> bool:
+        return self._blocks_needed(request, num_new_tokens, new_computed) <= self._available(new_computed)
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed: Sequence[KVBlock] = ()) -> bool:
+        """Give ``request`` room for ``num_new_tokens`` more tokens (after taking ``new_computed``
+        cache hits); False, changing nothing, when the pool cannot."""
+        needed = self._blocks_needed(request, num_new_tokens, new_computed)
+        if needed > self._available(new_computed):
+            return False
+        blocks = self._req_blocks.setdefault(request.request_id, [])
+        if new_computed:
+            self.pool.touch(new_computed)
+            blocks.extend(new_computed)
+            self._num_cached_blocks[request.request_id] = len(blocks)
+        if needed > 0:
+            blocks.extend(self.pool.allocate(needed))
+        # Blocks become cacheable as soon as their tokens are scheduled: the step that computes
+        # them writes every new K/V before any attention reads, so a later request may share them.
+        num_tokens_after = request.num_computed_tokens + len(new_computed) * self.block_size + num_new_tokens
+        self._cache_full_blocks(request, num_tokens_after)
+        return True
+
+    def free(self, request: Request) -> None:
+        blocks = self._req_blocks.pop(request.request_id, None)
+        self._num_cached_blocks.pop(request.request_id, None)
+        if blocks:
+            self.pool.free(reversed(blocks))
+
+    def _blocks_needed(self, request: Request, num_new_tokens: int, new_computed: Sequence[KVBlock]) -> int:
+        have = len(self._req_blocks.get(request.request_id, ())) + len(new_computed)
+        total = request.num_computed_tokens + len(new_computed) * self.block_size + num_new_tokens
+        return max(0, -(-total // self.block_size) - have)
+
+    def _available(self, new_computed: Sequence[KVBlock]) -> int:
+        # Hits that sit in the free queue stop being allocatable once we take them.
+        return self.pool.num_free_blocks - sum(1 for b in new_computed if b.ref_cnt == 0)
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        if not self.pool.enable_caching:
+            return
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self.update_block_hashes(request)
+        self.pool.cache_full_blocks(self._req_blocks[request.request_id], hashes, start, num_full,
+                                    request.all_token_ids)
+        self._num_cached_blocks[request.request_id] = num_full

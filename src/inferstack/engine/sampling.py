@@ -1,0 +1,106 @@
+"""Batched sampling: penalties, temperature, top-k / top-p / min-p, seeded draws and logprobs.
+
+Rows are requests. Everything that can be done for the whole batch at once is; only requests with
+their own seed draw their noise from their own generator, so their outputs do not depend on what
+else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inferstack.engine.outputs import TokenLogprob
+from inferstack.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """``logits`` [N, V] float32 → one token id per row, plus logprobs for rows that asked."""
+    want_logprobs = [r.params.logprobs is not None for r in rows]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+    if all(r.params.greedy and not r.params.has_penalties for r in rows):
+        tokens = logits.argmax(dim=-1).tolist()
+    else:
+        logits = _apply_penalties(logits.clone(), rows)
+        tokens = _sample_processed(logits, rows)
+
+    logprobs: list[TokenLogprob | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        for i, row in enumerate(rows):
+            if not want_logprobs[i]:
+                continue
+            k = row.params.logprobs or 0
+            top: tuple[tuple[int, float], ...] = ()
+            if k > 0:
+                values, ids = raw_logprobs[i].topk(k)
+                top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            logprobs[i] = TokenLogprob(tokens[i], float(raw_logprobs[i, tokens[i]]), top)
+    return tokens, logprobs
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        out = torch.tensor(row.output_token_ids, dtype=torch.long)
+        counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype) if len(out) else None
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
+            if len(seen):
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if counts is not None:
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _sample_processed(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    greedy_rows = [i for i, r in enumerate(rows) if r.params.greedy]
+    temps = torch.tensor([r.params.temperature if not r.params.greedy else 1.0 for r in rows],
+                         dtype=logits.dtype).unsqueeze(1)
+    probs = torch.softmax(logits / temps, dim=-1)
+
+    top_ks = [r.params.top_k for r in rows]
+    if any(k > 0 for k in top_ks):
+        vocab = probs.shape[-1]
+        ks = torch.tensor([k if k > 0 else vocab for k in top_ks]).clamp(max=vocab)
+        sorted_probs, _ = probs.sort(dim=-1, descending=True)
+        kth = sorted_probs.gather(1, (ks - 1).unsqueeze(1))
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    top_ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype)
+    if (top_ps < 1).any():
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        # keep a token while the mass before it is below top_p (so at least one token survives)
+        drop_sorted = (cumulative - sorted_probs) >= top_ps.unsqueeze(1) * cumulative[:, -1:]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    min_ps = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype)
+    if (min_ps > 0).any():
+        threshold = min_ps.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = torch.where(probs < threshold, torch.zeros_like(probs), probs)
+
+    # Exponential race (Gumbel-max equivalent): argmax(p / E) with E ~ Exp(1) samples from p.
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty((len(unseeded), probs.shape[-1]), dtype=probs.dtype).exponential_()
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            noise[i] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=row.generator)
+    tokens = (probs / noise).argmax(dim=-1)
+    if greedy_rows:
+        tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
+    return tokens.tolist()

@@ -1,0 +1,260 @@
+"""Continuous batching: which requests run this step, and how many tokens each computes.
+
+One token budget per step is shared by all requests (vLLM v1 style): running requests first — a
+decode takes one token, an unfinished prefill takes the next chunk of its prompt — then waiting
+requests, whose prompts are chunked to fit what is left. There are no prefill/decode phases, so a
+step mixes both. Under KV pressure the lowest-priority running request is preempted: its blocks
+are freed and it is recomputed later (its cached prefix usually survives in the prefix cache).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from inferstack.engine.kv.manager import KVCacheManager
+from inferstack.engine.outputs import FinishReason
+from inferstack.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+    long_prefill_token_threshold: int = 0       # 0 = a prompt may take the whole step budget
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One request's share of a step: compute ``num_new_tokens`` tokens from ``start``."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+    block_ids: list[int]
+    sample: bool              # True when this step reaches the end of the known tokens
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start:self.start + self.num_new_tokens]
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass
+class SchedulerCounters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class _WaitingQueue:
+    """FCFS deque, or a heap ordered by (priority, arrival); preempted requests go back in front."""
+
+    def __init__(self, policy: str) -> None:
+        self._priority = policy == "priority"
+        self._deque: deque[Request] = deque()
+        self._heap: list[tuple[tuple[int, float], int, Request]] = []
+        self._tiebreak = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap) if self._priority else len(self._deque)
+
+    def add(self, request: Request, front: bool = False) -> None:
+        if self._priority:
+            heapq.heappush(self._heap, (request.sort_key, next(self._tiebreak), request))
+        elif front:
+            self._deque.appendleft(request)
+        else:
+            self._deque.append(request)
+
+    def peek(self) -> Request:
+        return self._heap[0][2] if self._priority else self._deque[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[2] if self._priority else self._deque.popleft()
+
+    def remove(self, request: Request) -> None:
+        if self._priority:
+            self._heap = [e for e in self._heap if e[2] is not request]
+            heapq.heapify(self._heap)
+        else:
+            self._deque.remove(request)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting = _WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.counters = SchedulerCounters()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_request(self, request_id: str, reason: FinishReason, stop_reason: str | int | None = None) -> Request | None:
+        """End a request (abort, stop string, ...) and release its blocks."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+        return request
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        now = time.monotonic()
+        preempted_this_step = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = self._chunk(request, budget)
+            while not self.kv.allocate_slots(request, n):
+                victim = self._pick_victim()
+                victim_index = self.running.index(victim)
+                if victim_index < i:
+                    # Already scheduled this step: take its share back before freeing its blocks.
+                    seq = next(s for s in out.seqs if s.request is victim)
+                    out.seqs.remove(seq)
+                    budget += seq.num_new_tokens
+                    i -= 1
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                preempted_this_step = True
+                if victim is request:
+                    break
+            else:
+                out.seqs.append(self._scheduled(request, n))
+                budget -= n
+                i += 1
+                continue
+            # `request` itself was preempted: the list shrank under index i.
+
+        while (not preempted_this_step and len(self.waiting) > 0 and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting.peek()
+            hits, num_hit = self.kv.get_computed_blocks(request)
+            n = self._chunk(request, budget, num_hit)
+            if not self.kv.allocate_slots(request, n, hits):
+                break
+            self.waiting.pop()
+            request.num_computed_tokens = num_hit
+            first_time = request.num_cached_tokens < 0
+            if first_time:
+                request.num_cached_tokens = num_hit
+                request.scheduled_time = now
+                self.counters.prefix_cache_queries += request.num_prompt_tokens
+                self.counters.prefix_cache_hits += num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.seqs.append(self._scheduled(request, n))
+            budget -= n
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance every scheduled request; append sampled tokens; return the requests that
+        received a token this step (finished ones are already released)."""
+        advanced: list[Request] = []
+        for seq in out.seqs:
+            request = seq.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += seq.num_new_tokens
+            if seq.start < request.num_prompt_tokens:
+                self.counters.prompt_tokens += min(seq.start + seq.num_new_tokens, request.num_prompt_tokens) - seq.start
+            if not seq.sample:
+                continue
+            token = sampled[request.request_id]
+            request.append_output_token(token)
+            self.counters.generation_tokens += 1
+            advanced.append(request)
+            reason, stop_reason = self._check_stop(request, token)
+            if reason is not None:
+                self.finish_request(request.request_id, reason, stop_reason)
+        return advanced
+
+    def _check_stop(self, request: Request, token: int) -> tuple[FinishReason | None, int | None]:
+        params = request.sampling_params
+        n_out = request.num_output_tokens
+        if n_out >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return FinishReason.STOP, token
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return FinishReason.STOP, None
+        if params.max_tokens is not None and n_out >= params.max_tokens:
+            return FinishReason.LENGTH, None
+        if request.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def _chunk(self, request: Request, budget: int, num_hit: int = 0) -> int:
+        n = request.num_tokens - request.num_computed_tokens - num_hit
+        if self.config.long_prefill_token_threshold > 0:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return min(n, budget)
+
+    def _scheduled(self, request: Request, n: int) -> ScheduledSeq:
+        start = request.num_computed_tokens
+        return ScheduledSeq(request=request, start=start, num_new_tokens=n,
+                            block_ids=self.kv.block_ids(request.request_id),
+                            sample=start + n == request.num_tokens)
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: r.sort_key)
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.counters.num_preemptions += 1
+        self.waiting.add(request, front=True)
