@@ -131,3 +131,13 @@ def test_pd_config_errors_name_file_and_line(text, message):
     with pytest.raises(loader.ConfigError) as err:
         loader.parse_config(text, "f.yaml")
     assert any(p.startswith(message) for p in err.value.problems), err.value.problems
+
+
+def test_precise_index_drives_the_decider_when_the_request_was_tokenized():
+    rt = router(threshold=32)
+    hashes = [bytes([i]) * 32 for i in range(20)]  # 20 blocks of 16 tokens
+    req = RequestView(model="m", token_hashes=hashes, prompt_chars=40)  # chars alone would say 10 tokens
+    assert rt.route(req, snap("d1")).outcome is Outcome.REMOTE
+    rt.state.precise.stored("d0", hashes[:19])
+    r = rt.route(req, snap("d1"))
+    assert r.outcome is Outcome.CACHED and r.prompt_tokens == 320 and r.uncached == 16
