@@ -28,6 +28,10 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def _size_option(value: str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
 class Dtype(StrEnum):
     auto = "auto"
     float32 = "float32"
@@ -46,6 +50,12 @@ class Policy(StrEnum):
     priority = "priority"
 
 
+class Role(StrEnum):
+    both = "both"
+    prefill = "prefill"
+    decode = "decode"
+
+
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
@@ -60,6 +70,11 @@ def build_engine_config(model: str, **options: Any) -> Any:
     from inferstack.engine.config import EngineConfig
 
     kv_cache_bytes = options.pop("kv_cache_bytes", None)
+    for tier_size in ("kv_host_bytes", "kv_disk_bytes"):      # KV tiers (docs/kv-cache.md)
+        if isinstance(options.get(tier_size), str):
+            options[tier_size] = parse_size(options[tier_size])
+    if "role" in options:
+        options["kv_role"] = options.pop("role")
     fields: dict[str, Any] = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
     if "threads" in fields:
         fields["num_threads"] = fields.pop("threads")
@@ -70,9 +85,10 @@ def build_engine_config(model: str, **options: Any) -> Any:
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", "-m", help="What to serve: a bundled alias (smollm2-135m), a .gguf file, a Hugging Face "
-                              "directory (safetensors + tokenizer) or an oci:// reference.")],
+                              "directory (safetensors + tokenizer) or an oci:// reference. Not used with "
+                              "--emulate.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on. Keep 127.0.0.1 unless other machines must "
                                            "reach this server.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port; 0 lets the OS pick a free one (see --ready-file).")] = 8000,
@@ -88,7 +104,7 @@ def serve(
         help="Longest prompt + completion in tokens (default: the model's context length, capped by the "
              "KV cache).")] = None,
     kv_cache_bytes: Annotated[str | None, typer.Option(
-        help="CPU memory for the paged KV cache, e.g. 1GiB or 512MiB.")] = None,
+        callback=_size_option, help="CPU memory for the paged KV cache, e.g. 1GiB or 512MiB.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(
         help="CUDA: share of GPU memory for weights + KV cache (0-1].")] = None,
     num_kv_blocks: Annotated[int | None, typer.Option(
@@ -112,6 +128,31 @@ def serve(
                                                        "per line, with request_id).")] = LogFormat.text,
     drain_timeout: Annotated[float, typer.Option(
         help="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")] = 30.0,
+    emulate: Annotated[str | None, typer.Option(
+        help="Emulate HARDWARE:MODEL instead of running a model, e.g. h100:llama-3-8b, h100x4:llama-3-70b, "
+             "cpu:smollm2-135m: the real scheduler, KV cache and prefix cache, with step times from a "
+             "performance model (docs/benchmarking.md). Hardware: h100, h200, a100, l4, cpu.")] = None,
+    emulate_count: Annotated[int, typer.Option(
+        help="With --emulate: host this many engines in one process, each on its own OS-chosen port "
+             "(--port applies to the first); the ready file lists all URLs.")] = 1,
+    trust_policy: Annotated[str | None, typer.Option(
+        help="Trust policy YAML (see docs/supply-chain.md): the model is verified against it before loading "
+             "and refused if it is unsigned, altered or from a registry not allowed.")] = None,
+    allow_unverified: Annotated[bool, typer.Option(
+        help="Serve an oci:// model without a trust policy (no signature check).")] = False,
+    kv_tiers: Annotated[str | None, typer.Option(
+        help="Keep KV of 256-token prompt chunks outside the engine for reuse across requests and replicas: "
+             "any of host,disk,redis, fastest first (docs/kv-cache.md).")] = None,
+    kv_host_bytes: Annotated[str | None, typer.Option(help="host tier: RAM budget, e.g. 4GiB.")] = None,
+    kv_disk_path: Annotated[str | None, typer.Option(help="disk tier: directory (may be shared by engines "
+                                                          "on one host).")] = None,
+    kv_disk_bytes: Annotated[str | None, typer.Option(help="disk tier: budget, e.g. 50GiB.")] = None,
+    kv_redis_url: Annotated[str | None, typer.Option(help="redis tier: e.g. redis://127.0.0.1:6379/0.")] = None,
+    role: Annotated[Role | None, typer.Option(
+        help="both: prefill and decode here; prefill: hold each prompt's KV for a decode engine to pull; "
+             "decode: pull it (docs/disaggregation.md).")] = None,
+    kv_transfer_port: Annotated[int | None, typer.Option(
+        help="--role prefill: TCP port of the KV transfer server (0: the OS picks).")] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models),
     with /tokenize, /detokenize, /health, /ready and Prometheus /metrics (vLLM metric names).
@@ -121,13 +162,36 @@ def serve(
     from inferstack.telemetry.logs import configure_logging
 
     configure_logging(log_format.value)
+    profile = None
+    if emulate is not None:
+        from inferstack.sim.profile import ProfileError, parse_profile
+
+        try:
+            profile = parse_profile(emulate)
+        except ProfileError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if model is not None:
+            typer.echo("error: --emulate names its model (HARDWARE:MODEL); drop --model", err=True)
+            raise typer.Exit(2)
+        model = profile.model.name
+    if emulate_count != 1 and (profile is None or emulate_count < 1):
+        typer.echo("error: --emulate-count needs --emulate and a count >= 1", err=True)
+        raise typer.Exit(2)
+    if model is None:
+        typer.echo("error: --model is required (or --emulate HARDWARE:MODEL)", err=True)
+        raise typer.Exit(2)
+    if model.startswith("oci://") or trust_policy:
+        model, served_model_name = _verified_model(model, served_model_name, trust_policy, allow_unverified)
     try:
         config = build_engine_config(
             model, served_model_name=served_model_name, dtype=dtype, device=device, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,
-            enable_prefix_caching=enable_prefix_caching)
+            enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
+            kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
+            kv_transfer_port=kv_transfer_port)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -142,8 +206,68 @@ def serve(
     options = ServeOptions(host=host, port=port, ready_file=ready_file, api_key=api_key,
                            drain_timeout=drain_timeout)
     try:
-        code = run(load, options)
+        if profile is not None:
+            from inferstack.cli.emulate_host import serve_fleet
+
+            code = serve_fleet(config, profile, emulate_count, options)
+        else:
+            code = run(load, options)
     except OSError as exc:       # e.g. the port is taken
         typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to measure (a catalog name the emulator "
+                                                             "knows, e.g. smollm2-135m).")] = "smollm2-135m",
+    threads: Annotated[int | None, typer.Option(help="torch threads, as you will serve with.")] = 1,
+    out: Annotated[str | None, typer.Option(help="Where to write the fitted profile (default: the cache file "
+                                                 "that --emulate cpu:... reads).")] = None,
+) -> None:
+    """Fit the `cpu` hardware profile of the emulator to real engine steps on this machine (a few minutes).
+
+    Example: inferstack engine calibrate --model smollm2-135m
+    """
+    from pathlib import Path
+
+    from inferstack.engine.executor.emulated import calibrate_cpu
+    from inferstack.sim.hardware import save_hardware_file
+    from inferstack.sim.profile import calibration_path
+
+    try:
+        hw, report = calibrate_cpu(model, threads, progress=lambda msg: typer.echo(f"measuring {msg}", err=True))
+    except (KeyError, ValueError) as exc:
+        typer.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
+        raise typer.Exit(2) from None
+    path = Path(out) if out else calibration_path()
+    save_hardware_file(hw, path)
+    typer.echo(f"wrote {path}: {report['steps']} steps, median step-time error {report['median_rel_error']:.1%} "
+               f"(p90 {report['p90_rel_error']:.1%})")
+
+
+def _verified_model(model: str, served_name: str | None, policy_file: str | None,
+                    allow_unverified: bool) -> tuple[str, str | None]:
+    """oci:// -> pulled local path; with a policy, verified before anything loads (fail closed)."""
+    from pathlib import Path
+
+    from inferstack.engine.weights.loader import resolve_model_path
+    from inferstack.modelhub.errors import ModelHubError
+    from inferstack.modelhub.policy import load_trust_policy
+    from inferstack.modelhub.reference import is_oci, parse_reference
+    from inferstack.modelhub.resolve import resolve_model_ref
+
+    if is_oci(model) and policy_file is None and not allow_unverified:
+        typer.echo("error: serving an oci:// model needs --trust-policy FILE (or --allow-unverified)", err=True)
+        raise typer.Exit(2)
+    try:
+        policy = load_trust_policy(Path(policy_file)) if policy_file else None
+        target = model if is_oci(model) else str(resolve_model_path(model))
+        path = resolve_model_ref(target, policy)
+    except (ModelHubError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if served_name is None and is_oci(model):
+        served_name = parse_reference(model).repository.rsplit("/", 1)[-1]
+    return str(path), served_name
