@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
+from inferstack.stack.settings import UpSettings
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
 Name = Annotated[str, Field(pattern=_NAME, max_length=200)]
@@ -195,6 +196,7 @@ class InferstackConfig(_Section):
     keys: list[KeyConfig] = Field(default_factory=list)
     tenants: dict[Name, TenantConfig] = Field(default_factory=dict)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    up: UpSettings = Field(default_factory=UpSettings, description="The local stack `inferstack up` runs.")
 
     def cross_check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """References between sections, as (location, message) pairs."""

@@ -33,6 +33,7 @@ from inferstack.protocol.errors import APIError
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.responses import model_card, model_list
 from inferstack.protocol.sse import SSE_DONE, sse_raw
+from inferstack.telemetry.dashboard import dashboard_asgi, scraping_state_provider
 
 log = logging.getLogger("inferstack.gateway")
 
@@ -84,6 +85,8 @@ class Gateway:
         self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
         self._rng = random.Random()
         self._openapi = orjson.dumps(gateway_openapi())
+        self._dashboard = dashboard_asgi("/dashboard", scraping_state_provider(
+            lambda: generate_latest(self.metrics.registry).decode(), self._dashboard_endpoints))
 
     # ---- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -131,10 +134,16 @@ class Gateway:
                 await self._list_models(scope, send)
             elif path == b"/openapi.json":
                 await _respond(send, 200, self._openapi)
+            elif path == b"/dashboard" or path.startswith(b"/dashboard/"):
+                await self._dashboard(scope, receive, send)
             else:
                 raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         except APIError as exc:
             await _error(send, exc)
+
+    def _dashboard_endpoints(self) -> list[dict[str, Any]]:
+        return [{"name": e.id, "url": e.url, "model": ", ".join(sorted(e.models)) or None, "pool": p.name,
+                 "state": "ready" if e.healthy else "down"} for p in self.pools.values() for e in p.endpoints]
 
     async def _list_models(self, scope: dict, send: Any) -> None:
         ident = self.keys.identify(_header(scope, b"authorization"))
