@@ -185,6 +185,9 @@ class GatewayConfig(_Section):
     require_keys: bool | None = Field(None, description="Reject requests without a key; default: when keys are configured.")
     default_tenant: Name = "default"
     redis_url: str | None = Field(None, description="Shared RPM/TPM limits across replicas (redis://host:port/0).")
+    admin_api: bool | None = Field(
+        None, description="Serve PUT /admin/pools/{pool}/endpoints (the local stack replaces a pool's endpoints "
+        "through it). Default: on when bound to a loopback address.")
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
     prefix_index: PrefixIndexConfig = Field(default_factory=PrefixIndexConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)

@@ -8,6 +8,7 @@ through chunk by chunk, sniffing only for TTFT and the final usage event.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import time
@@ -18,8 +19,9 @@ from typing import Any
 import aiohttp
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
-from inferstack.config.schema import InferstackConfig
+from inferstack.config.schema import EndpointConfig, InferstackConfig
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.auth import Identity, KeyStore
 from inferstack.gateway.datalayer import DataLayer, Endpoint, Pool
@@ -88,6 +90,7 @@ class Gateway:
         self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
         self._rng = random.Random()
         self._openapi = orjson.dumps(gateway_openapi())
+        self._admin_enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)
         self._dashboard = dashboard_asgi("/dashboard", scraping_state_provider(
             lambda: generate_latest(self.metrics.registry).decode(), self._dashboard_endpoints))
 
@@ -137,12 +140,46 @@ class Gateway:
                 await self._list_models(scope, send)
             elif path == b"/openapi.json":
                 await _respond(send, 200, self._openapi)
+            elif path.startswith(b"/admin/pools"):
+                await self._admin(path, method, scope, receive, send)
             elif path == b"/dashboard" or path.startswith(b"/dashboard/"):
                 await self._dashboard(scope, receive, send)
             else:
                 raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         except APIError as exc:
             await _error(send, exc)
+
+    async def _admin(self, path: bytes, method: str, scope: dict, receive: Any, send: Any) -> None:
+        """GET /admin/pools: pools and endpoint state. PUT /admin/pools/{pool}/endpoints with
+        {"endpoints": [{"url", "name"?}, ...]}: replace a pool's endpoints (desired state)."""
+        if not self._admin_enabled:
+            raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
+        parts = path.decode("latin-1").strip("/").split("/")
+        if parts == ["admin", "pools"] and method == "GET":
+            data = {name: [{"id": e.id, "url": e.url, "healthy": e.healthy, "in_flight": e.in_flight,
+                            "models": sorted(e.models)} for e in p.endpoints] for name, p in self.pools.items()}
+            await _respond(send, 200, orjson.dumps({"pools": data}))
+            return
+        if len(parts) != 4 or parts[3] != "endpoints":
+            raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
+        if method != "PUT":
+            raise APIError(405, "Use PUT with {\"endpoints\": [{\"url\": ...}, ...]}.")
+        pool = self.pools.get(parts[2])
+        if pool is None:
+            raise APIError(404, f"Unknown pool `{parts[2]}`.", param="pool", code="pool_not_found")
+        body = await _read_body(receive, _header(scope, b"content-length"), 1 << 20)
+        try:
+            raw = orjson.loads(body)
+            items = raw["endpoints"] if isinstance(raw, dict) else None
+            if not isinstance(items, list):
+                raise TypeError
+            wanted = [EndpointConfig.model_validate({k: v for k, v in e.items() if k in ("url", "name")})
+                      for e in items]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValidationError) as exc:
+            raise APIError(400, f"Expected {{\"endpoints\": [{{\"url\": \"http://...\"}}, ...]}}: {exc}",
+                           param="endpoints") from None
+        await self.datalayer.set_endpoints(pool, wanted)
+        await _respond(send, 200, orjson.dumps({"pool": pool.name, "endpoints": [e.id for e in pool.endpoints]}))
 
     def _dashboard_endpoints(self) -> list[dict[str, Any]]:
         return [{"name": e.id, "url": e.url, "model": ", ".join(sorted(e.models)) or None, "pool": p.name,
@@ -545,6 +582,13 @@ def _take_usage(chunk: bytes, strip: bool) -> tuple[bytes, dict | None]:
                     continue
         kept.append(ev)
     return b"\n\n".join(kept), usage
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _max_tokens(req: dict) -> int:
