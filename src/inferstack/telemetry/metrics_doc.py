@@ -37,8 +37,11 @@ def registry_rows(registry: CollectorRegistry) -> list[str]:
 
 def gateway_rows() -> list[str]:
     from inferstack.gateway.metrics import GatewayMetrics
+    from inferstack.gateway.pd import PDMetrics
 
-    return registry_rows(GatewayMetrics().registry)
+    metrics = GatewayMetrics()
+    PDMetrics(metrics.registry)
+    return registry_rows(metrics.registry)
 
 
 def _engine_rows() -> list[str]:
