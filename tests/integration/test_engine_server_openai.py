@@ -1,5 +1,5 @@
 """`inferstack engine serve --model smollm2-135m` in a real process, driven by the official `openai`
-client, httpx and schemathesis. One server process serves the whole module; the last test sends it
+client, httpx and schemathesis. One server process (a session fixture) serves every test here; the last sends it
 SIGTERM while a request is in flight (drain, exit 0).
 """
 
@@ -30,7 +30,7 @@ MAX_MODEL_LEN = 1024
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server() -> Server:
     srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "1", "--dtype", "float32",
                             "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-bytes", "128MiB",
@@ -39,7 +39,7 @@ def server() -> Server:
     srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
@@ -231,21 +231,32 @@ def test_disconnect_aborts_the_engine_request(server: Server) -> None:
         assert metric(server, "vllm:kv_cache_usage_perc") == 0
 
 
+def _encode_body(body: object) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    try:
+        return json.dumps(body).encode()      # stdlib: fuzzers like integers beyond 64 bits
+    except TypeError:                          # no body at all (schemathesis' NOT_SET)
+        return b""
+
+
 def _fuzz_schema():
     doc = engine_openapi()
     return schemathesis.openapi.from_dict(doc)
 
 
+@pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
-def test_schemathesis_finds_no_server_errors(server: Server, path: str) -> None:
+def test_schemathesis_finds_no_server_errors(server: Server, path: str, mode: schemathesis.GenerationMode) -> None:
+    """Valid requests (per the official schemas) and invalid ones: never a 5xx, always an envelope."""
     op = _fuzz_schema()[path]["POST"]
     validator = {"/v1/chat/completions": "CreateChatCompletionResponse",
                  "/v1/completions": "CreateCompletionResponse"}.get(path)
     statuses: dict[int, int] = {}
     session = httpx.Client(headers=AUTH, timeout=120)
 
-    @given(case=op.as_strategy())
-    @settings(max_examples=25, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck),
+    @given(case=op.as_strategy(generation_mode=mode))
+    @settings(max_examples=25 if mode.is_positive else 15, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck),
               database=None)
     def run(case) -> None:
         body = case.body
@@ -260,7 +271,7 @@ def test_schemathesis_finds_no_server_errors(server: Server, path: str) -> None:
                 body["prompt"] = [p[:64] if isinstance(p, list | str) else p for p in prompt[:4]]
             if path == "/v1/chat/completions" and body.get("max_completion_tokens") is None:
                 body["max_tokens"] = min(body.get("max_tokens") or 4, 4)    # the default fills the context
-        resp = session.post(f"{server.url}{path}", content=json.dumps(body).encode(),
+        resp = session.post(f"{server.url}{path}", content=_encode_body(body),
                             headers={"content-type": "application/json"})
         statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
         assert resp.status_code < 500, (body, resp.text)
@@ -272,6 +283,8 @@ def test_schemathesis_finds_no_server_errors(server: Server, path: str) -> None:
 
     run()
     assert sum(statuses.values()) >= 10, statuses
+    if not mode.is_positive:
+        assert set(statuses) <= {200, 400, 404}, statuses
 
 
 def test_sigterm_drains_in_flight_request_then_exits_0(server: Server) -> None:

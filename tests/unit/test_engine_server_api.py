@@ -266,3 +266,9 @@ def test_request_id_is_generated_or_sanitized() -> None:
     rid = resp.headers["x-request-id"]
     assert rid.startswith("a_b_c") and len(rid) == 128
     assert engine.calls[-1][2].startswith(rid + "-")
+
+
+def test_oversized_body_is_413() -> None:
+    client, _, _ = make()
+    big = b'{"prompt": "' + b"a" * (33 << 20) + b'"}'
+    assert_error(client.post(COMPLETIONS, content=big, headers={"content-type": "application/json"}), 413)

@@ -20,6 +20,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("compliance", "compliance"),
     ("model", "model"),
     ("engine", "engine"),
+    ("bench", "bench"),
 ]
 
 

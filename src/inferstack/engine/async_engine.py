@@ -56,6 +56,11 @@ class AsyncEngine:
         return cls(build_engine(config))
 
     @property
+    def error(self) -> BaseException | None:
+        """Why the engine loop stopped, or None while it is alive (``/health`` reports it)."""
+        return self._dead
+
+    @property
     def kv_events_endpoint(self) -> str | None:
         return self.core.kv_events_endpoint
 

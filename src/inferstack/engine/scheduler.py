@@ -189,6 +189,7 @@ class Scheduler:
             if first_time:
                 request.num_cached_tokens = num_hit
                 request.scheduled_time = now
+                self.counters.prompt_tokens += request.num_prompt_tokens
                 self.counters.prefix_cache_queries += request.num_prompt_tokens
                 self.counters.prefix_cache_hits += num_hit
             request.status = RequestStatus.RUNNING
@@ -206,8 +207,6 @@ class Scheduler:
             if request.is_finished:
                 continue
             request.num_computed_tokens += seq.num_new_tokens
-            if seq.start < request.num_prompt_tokens:
-                self.counters.prompt_tokens += min(seq.start + seq.num_new_tokens, request.num_prompt_tokens) - seq.start
             if not seq.sample:
                 continue
             token = sampled[request.request_id]

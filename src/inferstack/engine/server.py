@@ -237,6 +237,24 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 # --- endpoints -------------------------------------------------------------------------------------
 
+MAX_BODY_BYTES = 32 << 20     # far above any prompt a context window holds; stops memory-exhausting bodies
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed ``limit`` (before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"The request body is {declared} bytes; the limit is {limit}.", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"The request body exceeds the limit of {limit} bytes.", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Handlers:
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -248,7 +266,7 @@ class Handlers:
                           priority=prepared.priority, cache_salt=prepared.cache_salt), rid
 
     async def chat_completions(self, request: Request) -> Response:
-        req = parse_request(ChatCompletionRequest, await request.body())
+        req = parse_request(ChatCompletionRequest, await read_body(request))
         engine = self.state.ready_engine()
         prepared = await prepare_chat(engine, req)
         gen, rid = self._start(request, engine, prepared)
@@ -258,7 +276,7 @@ class Handlers:
         return json_response(await until_disconnect(request.receive, chat_full(*args, prepared.want_logprobs)))
 
     async def completions(self, request: Request) -> Response:
-        req = parse_request(CompletionRequest, await request.body())
+        req = parse_request(CompletionRequest, await read_body(request))
         engine = self.state.ready_engine()
         prepared = await prepare_completion(engine, req)
         gen, rid = self._start(request, engine, prepared)
@@ -275,7 +293,7 @@ class Handlers:
         return json_response(R.model_list([card]))
 
     async def tokenize(self, request: Request) -> Response:
-        req = parse_request(TokenizeRequest, await request.body())
+        req = parse_request(TokenizeRequest, await read_body(request))
         engine = self.state.ready_engine()
         check_model(engine, req.model)
         if (req.prompt is None) == (req.messages is None):
@@ -294,13 +312,17 @@ class Handlers:
                               "token_strs": strs})
 
     async def detokenize(self, request: Request) -> Response:
-        req = parse_request(DetokenizeRequest, await request.body())
+        req = parse_request(DetokenizeRequest, await read_body(request))
         engine = self.state.ready_engine()
         check_model(engine, req.model)
         check_token_ids(engine, req.tokens, "tokens")
         return json_response({"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
     async def health(self, request: Request) -> Response:
+        engine = self.state.engine
+        error = getattr(engine, "error", None) if engine is not None else None
+        if error is not None:
+            return json_response({"status": "dead", "error": str(error)}, status=503)
         return json_response({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:

@@ -194,8 +194,8 @@ def _resolve_max_tokens(engine: EngineLike, prompt_len: int, requested: int | No
     if prompt_len == 0:
         raise bad_request(f"The {what} is empty; give at least one token.", what)
     if prompt_len >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} has "
-                            f"{prompt_len} tokens, which leaves no room for the completion. Please shorten it.",
+        raise APIError(400, f"This model's maximum context length is {limit} tokens, and the {what} alone is "
+                            f"{prompt_len} tokens, which leaves no room for the completion. Please shorten the {what}.",
                        param=what, code="context_length_exceeded")
     if requested is None:
         return limit - prompt_len

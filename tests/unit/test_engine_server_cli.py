@@ -1,0 +1,45 @@
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from inferstack.cli.engine import build_engine_config, parse_size
+from inferstack.cli.main import app
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1GiB", 1 << 30), ("512MiB", 512 << 20), ("2G", 2 * 10**9), ("1.5gib", 3 << 29), ("1073741824", 1 << 30),
+    ("64 KiB", 64 << 10), ("1e9", 10**9),
+])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "12XB", "-1GiB", "1..2G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(typer.BadParameter):
+        parse_size(text)
+
+
+def test_build_engine_config_maps_options() -> None:
+    cfg = build_engine_config("smollm2-135m", served_model_name="s", dtype=None, threads=3, kv_cache_bytes="1GiB",
+                              max_num_seqs=8, enable_prefix_caching=False, scheduling_policy=None)
+    assert (cfg.model, cfg.served_model_name, cfg.num_threads, cfg.kv_cache_bytes, cfg.max_num_seqs) == (
+        "smollm2-135m", "s", 3, 1 << 30, 8)
+    assert cfg.enable_prefix_caching is False and cfg.dtype == "auto" and cfg.scheduling_policy == "fcfs"
+
+
+def test_cli_reports_bad_values_with_exit_2() -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["engine", "serve", "--model", "x", "--kv-cache-bytes", "12XB"])
+    assert res.exit_code == 2 and "--kv-cache-bytes" in res.output
+    res = runner.invoke(app, ["engine", "serve", "--model", "x", "--gpu-memory-utilization", "2"])
+    assert res.exit_code == 2 and "gpu_memory_utilization" in res.output
+    res = runner.invoke(app, ["engine", "serve", "--model", "x", "--dtype", "int3"])
+    assert res.exit_code == 2
+
+
+def test_help_explains_the_server() -> None:
+    res = CliRunner().invoke(app, ["engine", "serve", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for words in ("OpenAI-compatible", "--ready-file", "--port", "--api-key", "--kv-cache-bytes", "--log-format"):
+        assert words in res.output
