@@ -50,6 +50,12 @@ class Policy(StrEnum):
     priority = "priority"
 
 
+class Role(StrEnum):
+    both = "both"
+    prefill = "prefill"
+    decode = "decode"
+
+
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
@@ -64,6 +70,11 @@ def build_engine_config(model: str, **options: Any) -> Any:
     from inferstack.engine.config import EngineConfig
 
     kv_cache_bytes = options.pop("kv_cache_bytes", None)
+    for tier_size in ("kv_host_bytes", "kv_disk_bytes"):      # KV tiers (docs/kv-cache.md)
+        if isinstance(options.get(tier_size), str):
+            options[tier_size] = parse_size(options[tier_size])
+    if "role" in options:
+        options["kv_role"] = options.pop("role")
     fields: dict[str, Any] = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
     if "threads" in fields:
         fields["num_threads"] = fields.pop("threads")
@@ -129,6 +140,19 @@ def serve(
              "and refused if it is unsigned, altered or from a registry not allowed.")] = None,
     allow_unverified: Annotated[bool, typer.Option(
         help="Serve an oci:// model without a trust policy (no signature check).")] = False,
+    kv_tiers: Annotated[str | None, typer.Option(
+        help="Keep KV of 256-token prompt chunks outside the engine for reuse across requests and replicas: "
+             "any of host,disk,redis, fastest first (docs/kv-cache.md).")] = None,
+    kv_host_bytes: Annotated[str | None, typer.Option(help="host tier: RAM budget, e.g. 4GiB.")] = None,
+    kv_disk_path: Annotated[str | None, typer.Option(help="disk tier: directory (may be shared by engines "
+                                                          "on one host).")] = None,
+    kv_disk_bytes: Annotated[str | None, typer.Option(help="disk tier: budget, e.g. 50GiB.")] = None,
+    kv_redis_url: Annotated[str | None, typer.Option(help="redis tier: e.g. redis://127.0.0.1:6379/0.")] = None,
+    role: Annotated[Role | None, typer.Option(
+        help="both: prefill and decode here; prefill: hold each prompt's KV for a decode engine to pull; "
+             "decode: pull it (docs/disaggregation.md).")] = None,
+    kv_transfer_port: Annotated[int | None, typer.Option(
+        help="--role prefill: TCP port of the KV transfer server (0: the OS picks).")] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models),
     with /tokenize, /detokenize, /health, /ready and Prometheus /metrics (vLLM metric names).
@@ -157,7 +181,7 @@ def serve(
     if model is None:
         typer.echo("error: --model is required (or --emulate HARDWARE:MODEL)", err=True)
         raise typer.Exit(2)
-    if profile is None and (model.startswith("oci://") or trust_policy):
+    if model.startswith("oci://") or trust_policy:
         model, served_model_name = _verified_model(model, served_model_name, trust_policy, allow_unverified)
     try:
         config = build_engine_config(
@@ -165,7 +189,9 @@ def serve(
             kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,
-            enable_prefix_caching=enable_prefix_caching)
+            enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
+            kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
+            kv_transfer_port=kv_transfer_port)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -190,32 +216,6 @@ def serve(
         typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
-
-
-def _verified_model(model: str, served_name: str | None, policy_file: str | None,
-                    allow_unverified: bool) -> tuple[str, str | None]:
-    """oci:// -> pulled local path; with a policy, verified before anything loads (fail closed)."""
-    from pathlib import Path
-
-    from inferstack.engine.weights.loader import resolve_model_path
-    from inferstack.modelhub.errors import ModelHubError
-    from inferstack.modelhub.policy import load_trust_policy
-    from inferstack.modelhub.reference import is_oci, parse_reference
-    from inferstack.modelhub.resolve import resolve_model_ref
-
-    if is_oci(model) and policy_file is None and not allow_unverified:
-        typer.echo("error: serving an oci:// model needs --trust-policy FILE (or --allow-unverified)", err=True)
-        raise typer.Exit(2)
-    try:
-        policy = load_trust_policy(Path(policy_file)) if policy_file else None
-        target = model if is_oci(model) else str(resolve_model_path(model))
-        path = resolve_model_ref(target, policy)
-    except (ModelHubError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if served_name is None and is_oci(model):
-        served_name = parse_reference(model).repository.rsplit("/", 1)[-1]
-    return str(path), served_name
 
 
 @app.command()
@@ -245,3 +245,29 @@ def calibrate(
     save_hardware_file(hw, path)
     typer.echo(f"wrote {path}: {report['steps']} steps, median step-time error {report['median_rel_error']:.1%} "
                f"(p90 {report['p90_rel_error']:.1%})")
+
+
+def _verified_model(model: str, served_name: str | None, policy_file: str | None,
+                    allow_unverified: bool) -> tuple[str, str | None]:
+    """oci:// -> pulled local path; with a policy, verified before anything loads (fail closed)."""
+    from pathlib import Path
+
+    from inferstack.engine.weights.loader import resolve_model_path
+    from inferstack.modelhub.errors import ModelHubError
+    from inferstack.modelhub.policy import load_trust_policy
+    from inferstack.modelhub.reference import is_oci, parse_reference
+    from inferstack.modelhub.resolve import resolve_model_ref
+
+    if is_oci(model) and policy_file is None and not allow_unverified:
+        typer.echo("error: serving an oci:// model needs --trust-policy FILE (or --allow-unverified)", err=True)
+        raise typer.Exit(2)
+    try:
+        policy = load_trust_policy(Path(policy_file)) if policy_file else None
+        target = model if is_oci(model) else str(resolve_model_path(model))
+        path = resolve_model_ref(target, policy)
+    except (ModelHubError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if served_name is None and is_oci(model):
+        served_name = parse_reference(model).repository.rsplit("/", 1)[-1]
+    return str(path), served_name

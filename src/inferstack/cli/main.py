@@ -21,6 +21,9 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("model", "model"),
     ("engine", "engine"),
     ("bench", "bench"),
+    ("gateway", "gateway"),
+    ("config", "config"),
+    ("up", "up"),
 ]
 
 

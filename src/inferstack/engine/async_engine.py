@@ -68,13 +68,14 @@ class AsyncEngine:
         return self.core.stats()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: str | None = None,
+                       kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
         requests = expand_choices(request_id, prompt_token_ids, params, time.monotonic(),
-                                  self._built.eos_token_ids, priority, cache_salt)
+                                  self._built.eos_token_ids, priority, cache_salt, kv_transfer_params)
         for r in requests:
             if r.request_id in self._streams:
                 raise ValueError(f"request id {r.request_id!r} is already in flight")

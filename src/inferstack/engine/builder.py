@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from inferstack.engine.config import EngineConfig
+from inferstack.engine.connector.factory import build_connector
 from inferstack.engine.core import EngineCore
 from inferstack.engine.executor.torch_executor import TorchExecutor
 from inferstack.engine.kv.hashing import KVKeySpace
@@ -58,7 +59,8 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
         max_model_len = capacity
     key_space = KVKeySpace(model_digest=lm.model_digest, dtype=str(lm.dtype).removeprefix("torch."),
                            block_size=config.block_size)
-    core = EngineCore.build(config, executor, lm.tokenizer, key_space, max_model_len)
+    connector = build_connector(config, executor.kv_caches, key_space)
+    core = EngineCore.build(config, executor, lm.tokenizer, key_space, max_model_len, connector)
     return BuiltEngine(core=core, tokenizer=lm.tokenizer, model_name=config.served_model_name or lm.name,
                        max_model_len=max_model_len, model_digest=lm.model_digest,
                        eos_token_ids=frozenset(lm.tokenizer.eos_token_ids))

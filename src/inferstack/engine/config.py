@@ -28,6 +28,16 @@ class EngineConfig:
     seed: int = 0
     kv_events_endpoint: str | None = None
     kv_events_topic: str = "kv"
+    # External KV (docs/kv-cache.md, docs/disaggregation.md); tiers listed fastest first.
+    kv_tiers: str | None = None                 # e.g. "host,disk,redis"; None = no KV store
+    kv_host_bytes: int = 4 << 30
+    kv_disk_path: str | None = None
+    kv_disk_bytes: int = 20 << 30
+    kv_redis_url: str | None = None
+    kv_redis_ttl_s: int = 3600
+    kv_role: Literal["both", "prefill", "decode"] = "both"
+    kv_transfer_host: str = "127.0.0.1"         # prefill role: where the KV transfer server listens
+    kv_transfer_port: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -36,5 +46,11 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.kv_role not in ("both", "prefill", "decode"):
+            raise ValueError(f"kv_role must be both, prefill or decode, got {self.kv_role!r}")
+        if self.kv_tiers:
+            from inferstack.engine.connector.factory import kvstore_config
+
+            kvstore_config(self)     # names a bad tier list, a missing --kv-disk-path or --kv-redis-url now
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

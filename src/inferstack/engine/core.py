@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from inferstack.engine.config import EngineConfig
+from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.executor.base import Executor
 from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.kv.events import EventBuffer, ZmqEventPublisher
@@ -75,7 +76,7 @@ class EngineCore:
 
     @classmethod
     def build(cls, config: EngineConfig, executor: Executor, tokenizer: Tokenizer, key_space: KVKeySpace,
-              max_model_len: int) -> EngineCore:
+              max_model_len: int, connector: KVConnectorBase | None = None) -> EngineCore:
         events = publisher = None
         if config.kv_events_endpoint:
             publisher = ZmqEventPublisher(config.kv_events_endpoint, config.kv_events_topic)
@@ -85,7 +86,7 @@ class EngineCore:
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=max_model_len, long_prefill_token_threshold=config.long_prefill_token_threshold,
                             policy=config.scheduling_policy),
-            KVCacheManager(pool, key_space))
+            KVCacheManager(pool, key_space), connector)
         return cls(scheduler, executor, tokenizer, events, publisher)
 
     @property
@@ -113,7 +114,14 @@ class EngineCore:
         if batch.is_empty:
             self._flush_events()
             return []
+        connector = self.scheduler.connector
+        if connector is not None:
+            connector.start_load_kv()
         result = self.executor.execute(batch)
+        if connector is not None:
+            for seq in batch.seqs:
+                self.scheduler.kv.update_block_hashes(seq.request)
+            connector.save_kv(batch.seqs)
         advanced = self.scheduler.update_from_output(batch, result.sampled)
         now = time.monotonic()
         outputs: list[RequestOutput] = []
@@ -142,6 +150,8 @@ class EngineCore:
             kv_cache_usage=pool.usage, num_kv_blocks=pool.num_blocks, block_size=pool.block_size,
             prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
             prefix_cache_queries=c.prefix_cache_queries, prefix_cache_hits=c.prefix_cache_hits,
+            external_prefix_cache_queries=c.external_prefix_cache_queries,
+            external_prefix_cache_hits=c.external_prefix_cache_hits,
             num_preemptions=c.num_preemptions, request_success=dict(self._success))
 
     def _finish_output(self, request: Request, tokens: list[int], now: float, logprobs=None) -> RequestOutput:
@@ -168,12 +178,17 @@ class EngineCore:
             stop_reason=request.stop_reason if final else None, logprobs=logprobs,
             num_prompt_tokens=request.num_prompt_tokens, num_cached_tokens=max(request.num_cached_tokens, 0),
             num_external_cached_tokens=request.num_external_cached_tokens,
-            num_output_tokens=request.num_output_tokens, metrics=metrics)
+            num_output_tokens=request.num_output_tokens, metrics=metrics,
+            kv_transfer_params=request.kv_transfer_params if final else None)
 
     def _flush_events(self) -> None:
+        tier_events = self.scheduler.connector.take_events() if self.scheduler.connector is not None else []
         if self._events is not None and self._publisher is not None:
+            self._events.publish(tier_events)       # KV tiers, with their medium
             self._publisher.publish(self._events.drain())
 
     def shutdown(self) -> None:
         if self._publisher is not None:
             self._publisher.close()
+        if self.scheduler.connector is not None:
+            self.scheduler.connector.shutdown()

@@ -33,13 +33,15 @@ class GenerationResult:
 
 
 def expand_choices(request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float,
-                   eos: frozenset[int], priority: int = 0, cache_salt: str | None = None) -> list[Request]:
+                   eos: frozenset[int], priority: int = 0, cache_salt: str | None = None,
+                   kv_transfer_params: dict | None = None) -> list[Request]:
     """One engine request per choice; seeded choices get distinct, reproducible seeds."""
     n = params.n
     return [
         Request(request_id=request_id if n == 1 else f"{request_id}#{i}", prompt_token_ids=list(prompt_ids),
                 sampling_params=replace(params, n=1, seed=None if params.seed is None else params.seed + i),
-                arrival_time=arrival, eos_token_ids=eos, priority=priority, cache_salt=cache_salt, index=i)
+                arrival_time=arrival, eos_token_ids=eos, priority=priority, cache_salt=cache_salt, index=i,
+                kv_transfer_params=dict(kv_transfer_params) if kv_transfer_params else None)
         for i in range(n)
     ]
 

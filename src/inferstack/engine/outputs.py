@@ -36,6 +36,7 @@ class RequestOutput:
     num_external_cached_tokens: int = 0        # of those, tokens loaded from a KV tier or peer
     num_output_tokens: int = 0                # cumulative
     metrics: dict[str, float] = field(default_factory=dict)
+    kv_transfer_params: dict | None = None    # final output of a PD prefill: where its KV is held
 
     @property
     def finished(self) -> bool:

@@ -38,6 +38,7 @@ class Request:
     stop_reason: str | int | None = None
     scheduled_time: float | None = None
     first_token_time: float | None = None
+    kv_transfer_params: dict | None = None  # PD: in, where to pull KV from; out (prefill), where it is held
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.kv.manager import KVCacheManager
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request, RequestStatus
@@ -69,6 +70,8 @@ class SchedulerCounters:
     generation_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    external_prefix_cache_queries: int = 0
+    external_prefix_cache_hits: int = 0
     num_preemptions: int = 0
 
 
@@ -107,9 +110,11 @@ class _WaitingQueue:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, connector: KVConnectorBase | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.connector = connector
+        self._delayed_free: dict[str, Request] = {}   # finished, blocks kept for a KV transfer
         self.waiting = _WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -139,10 +144,17 @@ class Scheduler:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
-        self.kv.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
+        delay_free = False
+        if self.connector is not None:
+            delay_free, request.kv_transfer_params = self.connector.request_finished(
+                request, self.kv.block_ids(request_id))
+        if delay_free:
+            self._delayed_free[request_id] = request
+        else:
+            self.kv.free(request)
         return request
 
     def schedule(self) -> SchedulerOutput:
@@ -150,6 +162,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         now = time.monotonic()
         preempted_this_step = False
+        if self.connector is not None:
+            for rid in self.connector.take_finished_sending():
+                held = self._delayed_free.pop(rid, None)
+                if held is not None:
+                    self.kv.free(held)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -180,18 +197,28 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting.peek()
             hits, num_hit = self.kv.get_computed_blocks(request)
-            n = self._chunk(request, budget, num_hit)
-            if not self.kv.allocate_slots(request, n, hits):
-                break
+            num_external = 0
+            if self.connector is not None:
+                self.kv.update_block_hashes(request)
+                num_external, _ = self.connector.get_num_new_matched_tokens(request, num_hit)
+            n = self._chunk(request, budget, num_hit + num_external)
+            if not self.kv.allocate_slots(request, num_external + n, hits):
+                break   # the connector keeps what it staged for the next attempt
             self.waiting.pop()
-            request.num_computed_tokens = num_hit
+            request.num_computed_tokens = num_hit + num_external
+            if self.connector is not None:
+                self.connector.update_state_after_alloc(request, self.kv.block_ids(request.request_id), num_external)
             first_time = request.num_cached_tokens < 0
             if first_time:
-                request.num_cached_tokens = num_hit
+                request.num_cached_tokens = num_hit + num_external
+                request.num_external_cached_tokens = num_external
                 request.scheduled_time = now
                 self.counters.prompt_tokens += request.num_prompt_tokens
                 self.counters.prefix_cache_queries += request.num_prompt_tokens
                 self.counters.prefix_cache_hits += num_hit
+                if self.connector is not None:
+                    self.counters.external_prefix_cache_queries += request.num_prompt_tokens
+                    self.counters.external_prefix_cache_hits += num_external
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.seqs.append(self._scheduled(request, n))

@@ -82,6 +82,12 @@ class ServerState:
         self.engine = engine
         self.token_texts = TokenTexts(engine.tokenizer)
         self.metrics.bind(engine.model_name, engine.stats)
+        core = getattr(engine, "core", None)
+        if core is not None:       # KV tiers and PD transfer metrics (docs/kv-cache.md)
+            from inferstack.engine.connector.factory import connector_collectors
+
+            for collector in connector_collectors(core.scheduler.connector, engine.model_name):
+                self.metrics.registry.register(collector)
 
     def ready_engine(self) -> EngineLike:
         if self.engine is None:
@@ -263,7 +269,8 @@ class Handlers:
     def _start(self, request: Request, engine: EngineLike, prepared: Prepared) -> tuple[Generation, str]:
         rid = f"{request.scope['state']['request_id']}-{uuid.uuid4().hex[:8]}"
         return Generation(engine, prepared.prompts, prepared.params, rid, self.state.metrics.observer(),
-                          priority=prepared.priority, cache_salt=prepared.cache_salt), rid
+                          priority=prepared.priority, cache_salt=prepared.cache_salt,
+                          kv_transfer_params=prepared.kv_transfer_params), rid
 
     async def chat_completions(self, request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await read_body(request))

@@ -42,7 +42,8 @@ class EngineLike(Protocol):
 
     def stats(self) -> Any: ...
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                 priority: int = 0, cache_salt: str | None = None) -> AsyncGenerator[RequestOutput, None]: ...
+                 priority: int = 0, cache_salt: str | None = None,
+                 **kv_transfer: Any) -> AsyncGenerator[RequestOutput, None]: ...
     async def abort(self, request_id: str) -> None: ...
 
 
@@ -71,6 +72,7 @@ class Prepared:
     want_logprobs: bool
     priority: int
     cache_salt: str | None
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepared:
@@ -87,7 +89,7 @@ async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepar
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     params = _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     return Prepared([prompt_ids], params, bool(req.stream), _include_usage(req), bool(req.logprobs),
-                    req.priority or 0, req.cache_salt)
+                    req.priority or 0, req.cache_salt, req.kv_transfer_params)
 
 
 async def prepare_completion(engine: EngineLike, req: CompletionRequest) -> Prepared:
@@ -104,7 +106,7 @@ async def prepare_completion(engine: EngineLike, req: CompletionRequest) -> Prep
     max_tokens = min(_resolve_max_tokens(engine, len(p), req.max_tokens, "prompt") for p in prompts)
     params = _sampling_params(req, max_tokens, req.logprobs)
     return Prepared(prompts, params, bool(req.stream), _include_usage(req), req.logprobs is not None,
-                    req.priority or 0, req.cache_salt)
+                    req.priority or 0, req.cache_salt, req.kv_transfer_params)
 
 
 def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -261,6 +263,7 @@ class Generation:
     observer: RequestObserver
     priority: int = 0
     cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None   # PD: in, where to pull KV; out (prefill), where it is held
     _open: set[tuple[int, int]] = field(default_factory=set)
 
     def engine_request_id(self, p: int) -> str:
@@ -289,8 +292,12 @@ class Generation:
                 log.exception("aborting %s failed", self.engine_request_id(p))
 
     def _stream(self, p: int) -> AsyncGenerator[RequestOutput, None]:
+        if self.kv_transfer_params is None:
+            return self.engine.generate(self.prompts[p], self.params, self.engine_request_id(p),
+                                        priority=self.priority, cache_salt=self.cache_salt)
         return self.engine.generate(self.prompts[p], self.params, self.engine_request_id(p),
-                                    priority=self.priority, cache_salt=self.cache_salt)
+                                    priority=self.priority, cache_salt=self.cache_salt,
+                                    kv_transfer_params=self.kv_transfer_params)
 
     async def _merged(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         if len(self.prompts) == 1:
@@ -403,6 +410,7 @@ async def chat_full(gen: Generation, token_text: TokenText, response_id: str, cr
                      want_logprobs: bool) -> dict[str, Any]:
     choices = [_Choice() for _ in range(gen.params.n)]
     totals = _Totals()
+    transfer: dict[str, Any] | None = None
     async for index, out in gen.outputs():
         c = choices[index]
         c.text.append(out.new_text)
@@ -411,11 +419,19 @@ async def chat_full(gen: Generation, token_text: TokenText, response_id: str, cr
         totals.add(index, out)
         if out.finished:
             c.finish = _finish_reason(out)
-    return R.chat_completion(
+            transfer = out.kv_transfer_params or transfer
+    return _with_transfer(R.chat_completion(
         response_id, created, model,
         [R.chat_choice(i, "".join(c.text), c.finish or "stop",
                        R.chat_logprobs(c.logprobs) if want_logprobs else None) for i, c in enumerate(choices)],
-        totals.usage())
+        totals.usage()), transfer)
+
+
+def _with_transfer(body: dict[str, Any], transfer: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's PD contract: a prefill engine's response says where the request's KV is held."""
+    if transfer is not None:
+        body["kv_transfer_params"] = transfer
+    return body
 
 async def chat_stream(gen: Generation, token_text: TokenText, response_id: str, created: int, model: str,
                        include_usage: bool, want_logprobs: bool) -> AsyncIterator[bytes]:
@@ -464,6 +480,7 @@ async def completion_full(gen: Generation, token_text: TokenText, response_id: s
     choices = [_Choice() for _ in range(n_choices)]
     offsets = [0] * n_choices
     totals = _Totals()
+    transfer: dict[str, Any] | None = None
     async for index, out in gen.outputs():
         c = choices[index]
         if gen.params.logprobs is not None:
@@ -475,12 +492,13 @@ async def completion_full(gen: Generation, token_text: TokenText, response_id: s
         totals.add(index, out)
         if out.finished:
             c.finish = _finish_reason(out)
-    return R.completion(
+            transfer = out.kv_transfer_params or transfer
+    return _with_transfer(R.completion(
         response_id, created, model,
         [R.completion_choice(i, "".join(c.text), c.finish or "stop",
                              _merge_completion_logprobs(c.logprobs) if gen.params.logprobs is not None else None)
          for i, c in enumerate(choices)],
-        totals.usage())
+        totals.usage()), transfer)
 
 async def completion_stream(gen: Generation, token_text: TokenText, response_id: str, created: int, model: str,
                              include_usage: bool) -> AsyncIterator[bytes]:

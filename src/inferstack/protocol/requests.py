@@ -57,6 +57,7 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool | None = None
     priority: Int64 | None = None
     cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None   # PD disaggregation (docs/disaggregation.md)
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -1,0 +1,68 @@
+"""The KV connector interface, shaped like vLLM's ``KVConnectorBase_V1``.
+
+A connector moves KV between the engine's paged cache and something outside it (KV tiers, a
+prefill engine). The scheduler side decides *how many* tokens come from outside; the worker side
+moves the bytes. Our engine is one process, so one object plays both roles, but the two halves
+only talk through the state recorded in ``update_state_after_alloc``.
+
+Step order inside ``EngineCore.step``:
+1. ``Scheduler.schedule`` → for each newly admitted request,
+   ``get_num_new_matched_tokens(request, num_device_hit_tokens)`` then, once blocks are
+   allocated for them, ``update_state_after_alloc(request, block_ids, num_external_tokens)``;
+2. ``start_load_kv()`` copies the external KV into those blocks before the model runs;
+3. the executor computes the rest; ``save_kv(seqs)`` hands newly full chunks to the store;
+4. ``request_finished(request, block_ids)`` when a request ends; a connector may keep its blocks
+   (``delay_free``) until ``take_finished_sending()`` says the blocks may be freed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from inferstack.engine.request import Request
+
+
+class KVConnectorBase(ABC):
+    # -- scheduler side -------------------------------------------------------------------------
+    @abstractmethod
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond ``num_computed_tokens`` (device prefix-cache hits) that can be loaded
+        from outside, block-aligned and leaving at least one prompt token to compute; and whether
+        the load is asynchronous (always False here: the KV is staged on the host first)."""
+
+    @abstractmethod
+    def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        """The scheduler allocated ``block_ids`` (all of the request's blocks) and accepted
+        ``num_external_tokens`` of the offer (0 releases the staged KV)."""
+
+    def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Returns (delay_free, kv_transfer_params for the response)."""
+        return False, None
+
+    def take_events(self) -> list[Any]:
+        """KV events (``BlockStored``/``BlockRemoved`` with a tier ``medium``) since the last call."""
+        return []
+
+    def take_finished_sending(self) -> list[str]:
+        """Requests whose blocks were held (delay_free) and may now be freed."""
+        return []
+
+    # -- worker side ----------------------------------------------------------------------------
+    @abstractmethod
+    def register_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        """The engine's per-layer paged caches, each ``[2, num_blocks, block_size, H, D]``."""
+
+    @abstractmethod
+    def start_load_kv(self) -> None:
+        """Copy every staged load into its blocks; runs before the step's forward pass."""
+
+    def save_kv(self, seqs: Sequence[Any]) -> None:
+        """After a step: save KV that became complete (``seqs`` are the step's ScheduledSeqs)."""
+        return None
+
+    def shutdown(self) -> None:
+        return None

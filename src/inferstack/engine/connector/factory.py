@@ -1,0 +1,63 @@
+"""Builds the engine's KV connector from its config (``--kv-tiers ...``, ``--role``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from prometheus_client.registry import Collector
+
+from inferstack.engine.config import EngineConfig
+from inferstack.engine.connector.base import KVConnectorBase
+from inferstack.engine.connector.kvstore_connector import KVStoreConnector
+from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
+from inferstack.engine.connector.stats import ConnectorCollector, TransferCollector
+from inferstack.engine.kv.hashing import CHUNK_SIZE, KVKeySpace
+from inferstack.kvstore.codec import ChunkLayout
+from inferstack.kvstore.config import KVStoreConfig, build_store
+from inferstack.kvstore.metrics import KVStoreCollector
+
+
+def kvstore_config(config: EngineConfig) -> KVStoreConfig:
+    return KVStoreConfig(tiers=config.kv_tiers or [], host_bytes=config.kv_host_bytes,
+                         disk_path=config.kv_disk_path, disk_bytes=config.kv_disk_bytes,
+                         redis_url=config.kv_redis_url, redis_ttl_s=config.kv_redis_ttl_s)
+
+
+def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key_space: KVKeySpace) -> KVConnectorBase | None:
+    """PD transfer for ``--role prefill|decode``, then KV tiers for ``--kv-tiers``; None if neither."""
+    connectors: list[KVConnectorBase] = []
+    if config.kv_role != "both":
+        connectors.append(PDConnector(config.kv_role, block_size=config.block_size, host=config.kv_transfer_host,
+                                      port=config.kv_transfer_port))
+    store_cfg = kvstore_config(config)
+    if store_cfg.enabled:
+        if config.block_size * 16 != CHUNK_SIZE:
+            raise ValueError(f"KV tiers need --block-size 16 (chunks are {CHUNK_SIZE} tokens), got {config.block_size}")
+        _, _, _, heads, dim = kv_caches[0].shape
+        layout = ChunkLayout(num_layers=len(kv_caches), num_kv_heads=heads, head_dim=dim,
+                             dtype=kv_caches[0].dtype, tokens=CHUNK_SIZE)
+        connectors.append(KVStoreConnector(build_store(store_cfg, layout, key_space.root),
+                                           block_size=config.block_size))
+    if not connectors:
+        return None
+    connector = connectors[0] if len(connectors) == 1 else MultiConnector(connectors)
+    connector.register_kv_caches(kv_caches)
+    return connector
+
+
+def connector_collectors(connector: KVConnectorBase | None, model_name: str) -> list[Collector]:
+    """Prometheus collectors for the engine's /metrics registry: per-tier, write-back, connector
+    load/save/fetch times; register each with ``registry.register(c)``."""
+    if connector is None:
+        return []
+    parts = connector.connectors if isinstance(connector, MultiConnector) else [connector]
+    out: list[Collector] = []
+    for part in parts:
+        if isinstance(part, KVStoreConnector):
+            out.append(KVStoreCollector(part.store, model_name))
+            out.append(ConnectorCollector(part.stats, model_name, "kvstore"))
+        elif isinstance(part, PDConnector):
+            out.append(ConnectorCollector(part.stats, model_name, "pd"))
+            out.append(TransferCollector(part, model_name))
+    return out

@@ -1,0 +1,215 @@
+"""PDConnector: prefill/decode disaggregation over the KV transfer engine (vLLM NIXL-style pull).
+
+Prefill role: a request sent with ``kv_transfer_params = {"do_remote_decode": true}`` keeps its
+full prompt blocks when it finishes (``delay_free``); the response's ``kv_transfer_params`` say
+where to pull them (``remote_host``, ``remote_port``, ``remote_request_id``,
+``remote_num_blocks``). The blocks are freed after the decode side's pull, or after
+``hold_s`` if none comes.
+
+Decode role: a request sent with those params plus ``do_remote_prefill: true`` pulls the blocks
+when it is scheduled, verifies every chunk against its own block hashes (same model, dtype,
+salt and prompt, or it is refused), stages them on the host and reports them as external
+tokens; the engine computes the rest (under one block) and continues generation. If the pull
+fails mid-way the chunks that did arrive intact are used, the rest is recomputed, and the
+failure is counted. When fewer than ``min_remote_tokens`` tokens would come from the peer the
+pull is skipped (the decider's engine-side half).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from inferstack.engine.connector.base import KVConnectorBase
+from inferstack.engine.connector.blocks import StagedLoad
+from inferstack.engine.connector.stats import ConnectorStats
+from inferstack.engine.connector.transfer import KVLayout, KVTransferClient, KVTransferServer, PagedKVSource
+from inferstack.engine.connector.wire import TransferError
+from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK
+from inferstack.engine.outputs import FinishReason
+from inferstack.engine.request import Request
+
+Role = Literal["prefill", "decode"]
+
+
+class PDConnector(KVConnectorBase):
+    def __init__(self, role: Role, block_size: int = 16, host: str = "127.0.0.1", port: int = 0,
+                 advertise_host: str | None = None, allow_shm: bool = True, hold_s: float = 60.0,
+                 min_remote_tokens: int = 16, timeout_s: float = 30.0) -> None:
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"PD connector role must be prefill or decode, got {role!r}")
+        self.role = role
+        self.block_size = block_size
+        self.stats = ConnectorStats()
+        self.min_remote_tokens = min_remote_tokens
+        self._host, self._port, self._advertise = host, port, advertise_host or host
+        self._allow_shm, self._hold_s, self._timeout = allow_shm, hold_s, timeout_s
+        self.server: KVTransferServer | None = None
+        self.source: PagedKVSource | None = None
+        self.client: KVTransferClient | None = None
+        self._staged: dict[str, StagedLoad] = {}
+        self._ready: list[StagedLoad] = []
+        self._released: list[str] = []
+        self._released_lock = threading.Lock()
+        self._kv_caches: list[torch.Tensor] = []
+
+    def register_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        self._kv_caches = list(kv_caches)
+        if self.role == "prefill":
+            self.source = PagedKVSource(self._kv_caches, hold_s=self._hold_s)
+            self.server = KVTransferServer(self.source, self._host, self._port, allow_shm=self._allow_shm)
+        else:
+            _, _, bs, heads, dim = kv_caches[0].shape
+            self.client = KVTransferClient(KVLayout(len(kv_caches), heads, dim, bs, kv_caches[0].dtype),
+                                           allow_shm=self._allow_shm, timeout_s=self._timeout)
+
+    @property
+    def transfer_address(self) -> tuple[str, int] | None:
+        return (self._advertise, self.server.address[1]) if self.server else None
+
+    # -- decode side ----------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        staged = self._staged.pop(request.request_id, None)
+        if staged is not None and staged.first_block == num_computed_tokens // self.block_size:
+            # Pulled on an earlier attempt that found no free blocks: the peer has released them.
+            self._staged[request.request_id] = staged
+            return staged.num_blocks * self.block_size, False
+        params = request.kv_transfer_params or {}
+        if self.client is None or not params.get("do_remote_prefill"):
+            return 0, False
+        # One pull per request: after a preemption the peer has released the blocks anyway.
+        request.kv_transfer_params = {k: v for k, v in params.items() if k != "do_remote_prefill"}
+        bs = self.block_size
+        max_blocks = (request.num_tokens - 1) // bs
+        first_block = num_computed_tokens // bs
+        offered = min(int(params.get("remote_num_blocks", max_blocks)), max_blocks)
+        if (offered - first_block) * bs < self.min_remote_tokens:
+            return 0, False
+        t0 = time.perf_counter()
+        chunks: list[torch.Tensor] = []
+        got = 0
+        first_chunk = first_block // BLOCKS_PER_CHUNK
+        try:
+            pull = self.client.pull(str(params["remote_host"]), int(params["remote_port"]),
+                                    str(params["remote_request_id"]), expected_hashes=request.block_hashes)
+            for chunk in pull:
+                if chunk.first_block != got or (chunk.num_blocks != BLOCKS_PER_CHUNK and chunk.index + 1 < chunk.num_chunks):
+                    raise TransferError(f"peer sends {chunk.num_blocks}-block chunks; decode engines need "
+                                        f"{BLOCKS_PER_CHUNK}-block chunks")
+                if chunk.first_block + chunk.num_blocks > first_chunk * BLOCKS_PER_CHUNK:
+                    chunks.append(chunk.tensor.clone())     # the receive buffer is reused
+                got = chunk.first_block + chunk.num_blocks
+        except (TransferError, KeyError, ValueError):
+            self.stats.add(load_failures=1)
+        self.stats.observe("fetch_seconds", time.perf_counter() - t0)
+        end_block = min(got, max_blocks)
+        if end_block <= first_block:
+            return 0, False
+        self._staged[request.request_id] = StagedLoad(first_block, end_block - first_block, chunks)
+        return (end_block - first_block) * bs, False
+
+    def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        staged = self._staged.pop(request.request_id, None)
+        if staged is None or num_external_tokens <= 0:
+            return
+        staged.accept(block_ids, num_external_tokens, self.block_size)
+        self._ready.append(staged)
+        self.stats.add(loaded_tokens=staged.num_blocks * self.block_size)
+
+    def start_load_kv(self) -> None:
+        if not self._ready:
+            return
+        t0 = time.perf_counter()
+        for load in self._ready:
+            load.copy_into(self._kv_caches, self.block_size)
+        self._ready.clear()
+        self.stats.observe("load_seconds", time.perf_counter() - t0)
+
+    # -- prefill side ---------------------------------------------------------------------------
+    def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._staged.pop(request.request_id, None)
+        params = request.kv_transfer_params or {}
+        if (self.source is None or not params.get("do_remote_decode")
+                or request.finish_reason in (FinishReason.ABORT, FinishReason.ERROR)):
+            return False, None
+        n_full = min(request.num_prompt_tokens // self.block_size, len(block_ids), len(request.block_hashes))
+        if n_full == 0:
+            return False, None
+        self.source.hold(request.request_id, block_ids[:n_full], request.block_hashes[:n_full],
+                         on_release=self._on_release)
+        host, port = self.transfer_address or ("", 0)
+        return True, {"do_remote_prefill": True, "remote_host": host, "remote_port": port,
+                      "remote_request_id": request.request_id, "remote_num_blocks": n_full}
+
+    def _on_release(self, request_id: str) -> None:
+        # Runs on a transfer-server thread: only enqueue; the scheduler frees on its own thread.
+        with self._released_lock:
+            self._released.append(request_id)
+
+    def take_finished_sending(self) -> list[str]:
+        with self._released_lock:
+            out, self._released = self._released, []
+        return out
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class MultiConnector(KVConnectorBase):
+    """Several connectors in order (PD first, then KV tiers); the first that offers tokens loads."""
+
+    def __init__(self, connectors: Sequence[KVConnectorBase]) -> None:
+        self.connectors = list(connectors)
+        self._owner: dict[str, KVConnectorBase] = {}
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        self._owner.pop(request.request_id, None)
+        for c in self.connectors:
+            n, is_async = c.get_num_new_matched_tokens(request, num_computed_tokens)
+            if n > 0:
+                self._owner[request.request_id] = c
+                return n, is_async
+        return 0, False
+
+    def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        owner = self._owner.pop(request.request_id, None)
+        for c in self.connectors:
+            if c is owner:
+                c.update_state_after_alloc(request, block_ids, num_external_tokens)
+            else:
+                c.update_state_after_alloc(request, [], 0)
+
+    def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
+        delay, params = False, None
+        for c in self.connectors:
+            d, p = c.request_finished(request, block_ids)
+            delay = delay or d
+            params = params or p
+        return delay, params
+
+    def take_finished_sending(self) -> list[str]:
+        return [rid for c in self.connectors for rid in c.take_finished_sending()]
+
+    def take_events(self) -> list[Any]:
+        return [e for c in self.connectors for e in c.take_events()]
+
+    def register_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        for c in self.connectors:
+            c.register_kv_caches(kv_caches)
+
+    def start_load_kv(self) -> None:
+        for c in self.connectors:
+            c.start_load_kv()
+
+    def save_kv(self, seqs: Sequence[Any]) -> None:
+        for c in self.connectors:
+            c.save_kv(seqs)
+
+    def shutdown(self) -> None:
+        for c in self.connectors:
+            c.shutdown()

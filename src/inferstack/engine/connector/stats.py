@@ -1,0 +1,100 @@
+"""Connector counters and their Prometheus collector (the engine server registers it)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from inferstack.kvstore.stats import Histogram
+
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _hist() -> Histogram:
+    return Histogram(buckets=LOAD_BUCKETS, counts=[0] * (len(LOAD_BUCKETS) + 1))
+
+
+@dataclass
+class ConnectorStats:
+    loaded_tokens: int = 0
+    saved_chunks: int = 0
+    load_failures: int = 0         # a tier or transfer failed mid-way: the rest was recomputed
+    save_dropped: int = 0          # chunks the write-back queue refused (back-pressure)
+    lookup_seconds: Histogram = field(default_factory=_hist)   # finding the external prefix
+    fetch_seconds: Histogram = field(default_factory=_hist)    # reading it to host (tiers or peer)
+    load_seconds: Histogram = field(default_factory=_hist)     # copying it into KV blocks
+    save_seconds: Histogram = field(default_factory=_hist)     # gathering new chunks for the store
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def observe(self, name: str, seconds: float) -> None:
+        with self.lock:
+            getattr(self, name).observe(seconds)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for k, v in deltas.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+class ConnectorCollector(Collector):
+    def __init__(self, stats: ConnectorStats, model_name: str, connector: str) -> None:
+        self.stats = stats
+        self.labels = [model_name, connector]
+
+    def collect(self) -> Iterator[Metric]:
+        names = ["model_name", "connector"]
+        s = self.stats
+        for attr, name, doc in (
+            ("loaded_tokens", "inferstack_kv_connector_loaded_tokens", "Prompt tokens whose KV was loaded instead of computed."),
+            ("saved_chunks", "inferstack_kv_connector_saved_chunks", "Chunks handed to the KV store after compute."),
+            ("load_failures", "inferstack_kv_connector_load_failures", "Loads that failed mid-way and fell back to recompute."),
+            ("save_dropped", "inferstack_kv_connector_save_dropped", "Chunks not saved because the write-back queue was full."),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=names)
+            fam.add_metric(self.labels, getattr(s, attr))
+            yield fam
+        for attr, name, doc in (
+            ("lookup_seconds", "inferstack_kv_connector_lookup_seconds", "Time to find a request's external KV prefix."),
+            ("fetch_seconds", "inferstack_kv_connector_fetch_seconds", "Time to read external KV to host memory (tiers or a prefill peer)."),
+            ("load_seconds", "inferstack_kv_connector_load_seconds", "Time to copy external KV into KV blocks."),
+            ("save_seconds", "inferstack_kv_connector_save_seconds", "Time to gather new chunks out of KV blocks for saving."),
+        ):
+            fam = HistogramMetricFamily(name, doc, labels=names)
+            with s.lock:
+                h = getattr(s, attr)
+                fam.add_metric(self.labels, buckets=h.cumulative(), sum_value=h.total)
+            yield fam
+
+
+class TransferCollector(Collector):
+    """KV transfer engine counters of a PD connector (either side)."""
+
+    def __init__(self, connector: Any, model_name: str) -> None:
+        self.connector = connector
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model_name", "direction", "transport"]
+        nbytes = CounterMetricFamily("inferstack_kv_transfer_bytes", "KV bytes moved between prefill and decode engines.", labels=labels)
+        secs = CounterMetricFamily("inferstack_kv_transfer_seconds", "Time spent in KV transfers (bytes/seconds = throughput).", labels=labels)
+        count = CounterMetricFamily("inferstack_kv_transfers", "KV transfers completed.", labels=labels)
+        fails = CounterMetricFamily("inferstack_kv_transfer_failures", "KV transfers that failed (the rest was recomputed).",
+                                    labels=["model_name", "direction"])
+        for side in (self.connector.server, self.connector.client):
+            if side is None:
+                continue
+            st = side.stats
+            with st.lock:
+                for (direction, transport), b in st.bytes.items():
+                    key = [self.model_name, direction, transport]
+                    nbytes.add_metric(key, b)
+                    secs.add_metric(key, st.seconds[(direction, transport)])
+                    count.add_metric(key, st.transfers[(direction, transport)])
+                for direction, n in st.failures.items():
+                    fails.add_metric([self.model_name, direction], n)
+        yield from (nbytes, secs, count, fails)

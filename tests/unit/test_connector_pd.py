@@ -1,0 +1,141 @@
+"""Prefill/decode disaggregation between two engines (paged toy model, real scheduler, real TCP/shm)."""
+
+from __future__ import annotations
+
+import pytest
+
+from inferstack.engine.connector.kvstore_connector import KVStoreConnector
+from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
+from inferstack.engine.connector.transfer import TransferSpec
+from inferstack.kvstore import TieredKVStore
+from inferstack.kvstore.tiers import DiskTier
+from support.kv_toy import BS, LAYOUT, PROMPT, SPACE, ToyEngine, baseline
+
+PREFILL_PARAMS = {"do_remote_decode": True}
+
+
+@pytest.fixture
+def prefill():
+    engine = ToyEngine(PDConnector("prefill", block_size=BS, hold_s=30))
+    yield engine
+    engine.connector.shutdown()
+
+
+def decode_engine(**kw) -> ToyEngine:
+    return ToyEngine(PDConnector("decode", block_size=BS, **kw))
+
+
+def run_prefill(prefill: ToyEngine, prompt=PROMPT, rid="p1", salt=None) -> dict:
+    prefill.generate(prompt, max_tokens=1, rid=rid, salt=salt, kv_transfer_params=dict(PREFILL_PARAMS))
+    params = prefill.last.kv_transfer_params
+    assert params is not None and params["do_remote_prefill"] and params["remote_num_blocks"] == len(prompt) // BS
+    return params
+
+
+@pytest.mark.parametrize("shm", [False, True])
+def test_decode_engine_continues_from_pulled_kv(prefill, shm):
+    params = run_prefill(prefill)
+    held = prefill.sched.kv.pool.usage
+    assert held > 0, "the prefill engine keeps the prompt's blocks for the decode engine"
+    d = decode_engine(allow_shm=shm)
+    out = d.generate(PROMPT, kv_transfer_params=params)
+    assert out == baseline()
+    assert d.ex.computed_prompt_tokens == len(PROMPT) - 512 <= BS
+    assert d.sched.counters.external_prefix_cache_hits == 512
+    assert d.last.num_external_cached_tokens == 512
+    client = d.connector.client
+    transport = "shm" if shm else "tcp"
+    assert client.stats.bytes[("recv", transport)] > 0 and client.stats.transfers[("recv", transport)] == 1
+    prefill.sched.schedule()            # the prefill engine frees the blocks on its next step
+    assert prefill.sched.kv.pool.usage == 0
+
+
+def test_dead_prefill_engine_falls_back_to_recompute(prefill):
+    params = run_prefill(prefill)
+    prefill.connector.shutdown()
+    d = decode_engine(timeout_s=5)
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    assert d.connector.stats.load_failures == 1
+    assert d.sched.counters.external_prefix_cache_hits == 0
+    assert d.ex.computed_prompt_tokens == len(PROMPT)
+
+
+def test_failure_mid_transfer_keeps_the_intact_prefix_and_recomputes_the_rest(prefill):
+    source = prefill.connector.source
+    original_open = source.open
+
+    def failing_open(request_id: str) -> TransferSpec | None:
+        spec = original_open(request_id)
+        inner = spec.read
+
+        def read(first: int, n: int, out) -> None:
+            if first >= 16:
+                raise OSError("device fault while reading chunk 2")
+            inner(first, n, out)
+
+        spec.read = read
+        return spec
+
+    source.open = failing_open
+    params = run_prefill(prefill)
+    d = decode_engine(timeout_s=5, allow_shm=False)
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    assert d.connector.stats.load_failures == 1
+    assert d.last.num_external_cached_tokens == 256
+    assert d.ex.computed_prompt_tokens == len(PROMPT) - 256
+
+
+def test_kv_from_another_tenant_is_refused(prefill):
+    params = run_prefill(prefill, salt="tenant-a")
+    d = decode_engine()
+    assert d.generate(PROMPT, salt="tenant-b", kv_transfer_params=params) == baseline(salt="tenant-b")
+    assert d.sched.counters.external_prefix_cache_hits == 0
+    assert d.connector.stats.load_failures == 1
+
+
+def test_decider_skips_the_pull_when_few_tokens_would_come(prefill):
+    params = run_prefill(prefill, prompt=PROMPT[:40])
+    d = decode_engine(min_remote_tokens=64)
+    assert d.generate(PROMPT[:40], kv_transfer_params=params) == baseline(PROMPT[:40])
+    assert d.connector.client.stats.transfers == {} and d.sched.counters.external_prefix_cache_hits == 0
+
+
+def test_decode_engine_saves_pulled_kv_to_its_tiers_for_other_replicas(prefill, tmp_path):
+    params = run_prefill(prefill)
+    store = TieredKVStore([DiskTier(tmp_path, 1 << 30)], LAYOUT, SPACE.root)
+    d = ToyEngine(MultiConnector([PDConnector("decode", block_size=BS), KVStoreConnector(store, block_size=BS)]))
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    store.flush()
+    store.close()
+    store2 = TieredKVStore([DiskTier(tmp_path, 1 << 30)], LAYOUT, SPACE.root)
+    other = ToyEngine(KVStoreConnector(store2, block_size=BS))
+    assert other.generate(PROMPT) == baseline()
+    assert other.last.num_external_cached_tokens == 512
+    store2.close()
+
+
+def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
+    import torch
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from inferstack.engine.config import EngineConfig
+    from inferstack.engine.connector.factory import build_connector, connector_collectors
+
+    caches = [torch.zeros(2, 128, BS, 2, 4, dtype=torch.float64) for _ in range(2)]
+    cfg = EngineConfig(model="unused", kv_role="decode", kv_tiers="host", kv_host_bytes=1 << 26)
+    connector = build_connector(cfg, caches, SPACE)
+    assert isinstance(connector, MultiConnector)
+    d = ToyEngine(connector)
+    params = run_prefill(prefill)
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    registry = CollectorRegistry()
+    for c in connector_collectors(connector, "toy"):
+        registry.register(c)
+    text = generate_latest(registry).decode()
+    assert 'inferstack_kv_transfers_total{direction="recv",model_name="toy",transport="shm"} 1.0' in text
+    assert 'inferstack_kv_connector_loaded_tokens_total{connector="pd",model_name="toy"} 512.0' in text
+    assert 'inferstack_kv_tier_writes_total{model_name="toy",tier="host"}' in text
+    assert "inferstack_kv_connector_fetch_seconds_bucket" in text
+    connector.shutdown()
+    with pytest.raises(ValueError, match="kv_role"):
+        EngineConfig(model="m", kv_role="middle")
