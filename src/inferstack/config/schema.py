@@ -12,7 +12,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from inferstack.compliance.config import AuditConfig
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
+from inferstack.modelhub.policy import TrustPolicy
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
 Name = Annotated[str, Field(pattern=_NAME, max_length=200)]
@@ -54,6 +56,10 @@ class PoolConfig(_Section):
         None, ge=1, description="In-flight requests per endpoint at which it counts as saturated.")
     precise_prefix: PrecisePrefixConfig | None = Field(
         None, description="Score prefixes from the engines' KV events (needs `kv_events` on endpoints).")
+    model_digest: str | None = Field(
+        None, pattern=r"^sha256:[0-9a-f]{64}$",
+        description="Digest of the model the endpoints serve (e.g. its ModelPack manifest digest), written into "
+                    "audit records; default: precise_prefix.model_digest when set.")
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -195,6 +201,8 @@ class InferstackConfig(_Section):
     keys: list[KeyConfig] = Field(default_factory=list)
     tenants: dict[Name, TenantConfig] = Field(default_factory=dict)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    audit: AuditConfig | None = Field(None, description="Per-request audit log (docs/compliance.md); off when absent.")
+    trust: TrustPolicy | None = Field(None, description="Which models engines may load (docs/supply-chain.md).")
 
     def cross_check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """References between sections, as (location, message) pairs."""
