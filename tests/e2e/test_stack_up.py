@@ -1,7 +1,8 @@
 """`inferstack up` end to end: one stack (2 real CPU engines of the bundled model, the gateway, a real
 Prometheus) started as a subprocess, then: chat through the gateway with the `openai` client (stream
 and not), the dashboard in headless Chromium, every Prometheus/Grafana expression returns data, a
-SIGKILLed engine comes back and serves again, and SIGTERM leaves no process behind."""
+SIGKILLed engine comes back and serves again (no client error meanwhile), a hung (SIGSTOPped) engine is
+killed and replaced, and SIGTERM leaves no process behind."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.skip(f"`inferstack up` needs the {', '.join(missing)} command(s), not in this checkout yet")
     tmp = tmp_path_factory.mktemp("up")
     config = tmp / "inferstack.yaml"
-    config.write_text("up:\n  scrape_interval_s: 1\n  restart:\n    initial_backoff_s: 0.5\n")
+    config.write_text("up:\n  scrape_interval_s: 1\n  restart:\n    initial_backoff_s: 0.5\n"
+                      "    health_failures: 3\n")
     ready_file, log = tmp / "ready.json", tmp / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -203,6 +205,15 @@ def test_every_rule_and_dashboard_expression_returns_data(stack: Stack) -> None:
 def test_killed_engine_is_restarted_and_serves_again(stack: Stack) -> None:
     before = stack.child("engine-0")
     os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while stack.child("engine-0")["state"] != "restarting":    # noticed within a health interval
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # While it is down the pool routes around it: no client sees an error.
+    for i in range(3):
+        r = httpx.post(stack.gateway + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": f"ping {i}"}]})
+        assert r.status_code == 200, r.text
     deadline = time.monotonic() + 300
     while True:
         now = stack.child("engine-0")
@@ -224,6 +235,20 @@ def test_killed_engine_is_restarted_and_serves_again(stack: Stack) -> None:
     while served() == 0:
         assert time.monotonic() < deadline, "the restarted engine never got a request from the gateway"
         _traffic(stack, 2)
+
+
+def test_hung_engine_is_killed_and_restarted(stack: Stack) -> None:
+    before = stack.child("engine-1")
+    os.kill(before["pid"], signal.SIGSTOP)     # alive but answering nothing, like a wedged process
+    deadline = time.monotonic() + 300
+    while True:
+        now = stack.child("engine-1")
+        if now["pid"] != before["pid"] and now["state"] == "ready":
+            break
+        assert time.monotonic() < deadline, stack.output()[-3000:]
+        time.sleep(0.5)
+    assert "failed 3 health checks" in stack.output()
+    assert _wait_gone(before["pid"], 5)
 
 
 def test_sigterm_stops_every_child_and_frees_the_ports(stack: Stack) -> None:

@@ -92,3 +92,18 @@ def test_config_section_loads(tmp_path: Path) -> None:
     f.write_text("up:\n  replicas: 3\n  emulate: h100:llama-3-8b\n")
     s = load_up_settings(f)
     assert s.replicas == 3 and s.emulate == "h100:llama-3-8b"
+
+
+def test_gateway_also_reads_the_config_file_for_keys_tenants_and_routing() -> None:
+    spec = plan.gateway_spec(UpSettings(), ["http://127.0.0.1:1"], "/etc/inferstack.yaml", python="py")
+    assert spec.argv[spec.argv.index("--config") + 1] == "/etc/inferstack.yaml"
+    assert "--backend" in spec.argv
+
+
+def test_up_section_is_part_of_the_one_schema(tmp_path: Path) -> None:
+    from inferstack.config.schema import InferstackConfig
+
+    assert "up" in InferstackConfig.model_json_schema()["properties"]
+    f = tmp_path / "inferstack.yaml"
+    f.write_text("pools:\n  p:\n    endpoints: [http://127.0.0.1:9]\nup:\n  replicas: 1\n")
+    assert load_up_settings(f).replicas == 1

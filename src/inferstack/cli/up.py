@@ -69,7 +69,7 @@ def up(
         reporter.error(str(e))
         raise typer.Exit(2) from None
     try:
-        code = asyncio.run(Supervisor(settings, reporter, ready_file=ready_file).run())
+        code = asyncio.run(Supervisor(settings, reporter, ready_file=ready_file, config_file=config).run())
     except PreflightError as e:
         reporter.error(str(e))
         raise typer.Exit(2) from None

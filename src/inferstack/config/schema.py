@@ -13,8 +13,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inferstack.compliance.config import AuditConfig
+from inferstack.config.pd import EndpointRole, PDConfig, pd_problems
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
 from inferstack.modelhub.policy import TrustPolicy
+from inferstack.stack.settings import UpSettings
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
 Name = Annotated[str, Field(pattern=_NAME, max_length=200)]
@@ -32,6 +34,7 @@ class EndpointConfig(_Section):
     kv_events: str | None = Field(
         None, description="ZMQ PUB endpoint of the engine's KV events (tcp://host:port) for the precise prefix index.")
     api_key: str | None = Field(None, description="Bearer key the gateway sends to this endpoint.")
+    role: EndpointRole = Field("both", description="PD role (`engine serve --role`); prefill/decode need the pool's `pd`.")
 
     @field_validator("url")
     @classmethod
@@ -56,6 +59,7 @@ class PoolConfig(_Section):
         None, ge=1, description="In-flight requests per endpoint at which it counts as saturated.")
     precise_prefix: PrecisePrefixConfig | None = Field(
         None, description="Score prefixes from the engines' KV events (needs `kv_events` on endpoints).")
+    pd: PDConfig | None = Field(None, description="Prefill/decode disaggregation over the endpoints' roles.")
     model_digest: str | None = Field(
         None, pattern=r"^sha256:[0-9a-f]{64}$",
         description="Digest of the model the endpoints serve (e.g. its ModelPack manifest digest), written into "
@@ -201,6 +205,7 @@ class InferstackConfig(_Section):
     keys: list[KeyConfig] = Field(default_factory=list)
     tenants: dict[Name, TenantConfig] = Field(default_factory=dict)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    up: UpSettings = Field(default_factory=UpSettings, description="The local stack `inferstack up` runs.")
     audit: AuditConfig | None = Field(None, description="Per-request audit log (docs/compliance.md); off when absent.")
     trust: TrustPolicy | None = Field(None, description="Which models engines may load (docs/supply-chain.md).")
 
@@ -212,6 +217,7 @@ class InferstackConfig(_Section):
             if pool.routing not in profiles:
                 problems.append((("pools", name, "routing"),
                                  f"unknown routing {pool.routing!r}; known: {', '.join(sorted(profiles))}"))
+        problems += pd_problems(self.pools, profiles)
         public: dict[str, tuple[str | int, ...]] = {}
         for name, model in self.models.items():
             for i, t in enumerate(model.targets):

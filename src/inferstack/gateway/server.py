@@ -27,13 +27,16 @@ from inferstack.gateway.datalayer import DataLayer, Endpoint, Pool
 from inferstack.gateway.flowcontrol import FlowController
 from inferstack.gateway.limits import Limiter, Limits, MemoryLimiter, RedisLimiter
 from inferstack.gateway.metrics import GatewayMetrics
+from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.requests import engine_priority, prompt_parts, session_key
 from inferstack.gateway.routing import RequestView
+from inferstack.gateway.routing.disagg import PDResult
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 from inferstack.protocol.errors import APIError
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.responses import model_card, model_list
 from inferstack.protocol.sse import SSE_DONE, sse_raw
+from inferstack.telemetry.dashboard import dashboard_asgi, scraping_state_provider
 
 log = logging.getLogger("inferstack.gateway")
 
@@ -75,6 +78,7 @@ class Gateway:
         self.tenants: dict[str, _Tenant] = {
             n: _Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()}
         self.metrics = GatewayMetrics()
+        self.pd = PDLegs(self.metrics.registry, gw)
         self.flow: dict[str, FlowController] = {}
         for name, pool in self.pools.items():
             self.flow[name] = FlowController(
@@ -85,6 +89,8 @@ class Gateway:
         self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
         self._rng = random.Random()
         self._openapi = orjson.dumps(gateway_openapi())
+        self._dashboard = dashboard_asgi("/dashboard", scraping_state_provider(
+            lambda: generate_latest(self.metrics.registry).decode(), self._dashboard_endpoints))
         self.audit = AuditLog(cfg.audit) if cfg.audit is not None and cfg.audit.enabled else None
 
     # ---- ASGI -------------------------------------------------------------------------------
@@ -136,12 +142,18 @@ class Gateway:
                 await self._list_models(scope, send)
             elif path == b"/openapi.json":
                 await _respond(send, 200, self._openapi)
+            elif path == b"/dashboard" or path.startswith(b"/dashboard/"):
+                await self._dashboard(scope, receive, send)
             else:
                 raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         except APIError as exc:
             await _error(send, exc)
             if kind is not None and self.audit is not None and not scope.get("inferstack.audited"):
                 await self._audit_rejected(scope, exc, t0)
+
+    def _dashboard_endpoints(self) -> list[dict[str, Any]]:
+        return [{"name": e.id, "url": e.url, "model": ", ".join(sorted(e.models)) or None, "pool": p.name,
+                 "state": "ready" if e.healthy else "down"} for p in self.pools.values() for e in p.endpoints]
 
     async def _list_models(self, scope: dict, send: Any) -> None:
         ident = self.keys.identify(_header(scope, b"authorization"))
@@ -324,7 +336,10 @@ class Gateway:
                 ctx.reserved = False
                 self.flow[pool.name].routed()
             try:
-                outcome = await self._attempt(ctx, ep, path, payload, send, last=attempt == cfg.max_retries)
+                leg_payload = payload
+                if isinstance(result, PDResult):  # prefill/decode disaggregation: run the prefill leg first
+                    leg_payload = await self.pd.decode_payload(pool, result, path, payload, ctx.rid)
+                outcome = await self._attempt(ctx, ep, path, leg_payload, send, last=attempt == cfg.max_retries)
             finally:
                 ep.in_flight -= 1
                 self.flow[pool.name].pump()

@@ -37,10 +37,10 @@ def engine_specs(settings: UpSettings, python: str = sys.executable) -> list[Chi
 
 def gateway_spec(settings: UpSettings, backends: list[str], config_file: str | None = None,
                  python: str = sys.executable) -> ChildSpec:
+    """The engines form the pool `default`; a config file adds its keys, tenants, routing, other pools."""
+    source = [arg for url in backends for arg in ("--backend", url)]
     if config_file:
-        source = ["--config", config_file]
-    else:
-        source = [arg for url in backends for arg in ("--backend", url)]
+        source += ["--config", config_file]
     argv = _inferstack(python, "gateway", "serve", *source, "--host", settings.host, *settings.gateway_args)
     return ChildSpec(name="gateway", kind="gateway", argv=argv, port_args=_port_flag)
 

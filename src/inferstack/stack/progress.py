@@ -55,16 +55,18 @@ class Reporter:
             self._status.stop()
             self._status = None
 
-    def banner(self, gateway: str, model: str, dashboard: str | None, engines: list[Child],
-               prometheus: str | None, log_dir: str, took_s: float) -> None:
+    def banner(self, gateway: str, model: str, dashboard: str | None, endpoints: list[tuple[str, str, int | None]],
+               prometheus: str | None, log_dir: str, took_s: float, shown: int = 4) -> None:
         c = self.console
         c.print(f"\n[bold green]inferstack is up[/bold green] in {took_s:.1f}s\n")
         c.print(f"  OpenAI API   {gateway}/v1")
         if dashboard:
             c.print(f"  Dashboard    {dashboard}")
         c.print(f"  Metrics      {gateway}/metrics")
-        for e in engines:
-            c.print(f"  {e.spec.name:<12} {' '.join(e.urls)}  (pid {e.pid})")
+        for name, url, pid in endpoints[:shown]:
+            c.print(f"  {name:<12} {url}  (pid {pid})")
+        if len(endpoints) > shown:
+            c.print(f"  … and {len(endpoints) - shown} more endpoints (see state.json)")
         if prometheus:
             c.print(f"  Prometheus   {prometheus}")
         c.print(f"  Logs         {log_dir}\n")

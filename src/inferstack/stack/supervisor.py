@@ -56,8 +56,10 @@ def _free_port() -> int:
 
 class Supervisor:
     def __init__(self, settings: UpSettings, reporter: Reporter | None = None,
-                 ready_file: Path | None = None, python: str = sys.executable) -> None:
+                 ready_file: Path | None = None, python: str = sys.executable,
+                 config_file: Path | None = None) -> None:
         self.settings = settings
+        self.config_file = str(config_file.resolve()) if config_file else None  # the gateway reads it too
         self.reporter = reporter or Reporter()
         self.ready_file = ready_file
         self.python = python
@@ -65,6 +67,7 @@ class Supervisor:
         self.gateway: Child | None = None
         self.prometheus: Child | None = None
         self.dashboard_url: str | None = None
+        self.model_name = settings.model
         self.log_dir = Path(settings.log_dir or tempfile.mkdtemp(prefix="inferstack-up-"))
         self._stop = asyncio.Event()
         self._forced = False
@@ -157,7 +160,7 @@ class Supervisor:
                 return False
             backends = [u for e in self.engines for u in e.urls]
             self.reporter.step(f"starting the gateway on {s.host}:{s.port} with {len(backends)} endpoint(s)")
-            self.gateway = Child(plan.gateway_spec(s, backends, python=self.python), self.log_dir, self._env)
+            self.gateway = Child(plan.gateway_spec(s, backends, self.config_file, self.python), self.log_dir, self._env)
             self.gateway.spawn(s.port)
             if not await self._wait_all([self.gateway]):
                 return False
@@ -165,12 +168,21 @@ class Supervisor:
             self.reporter.error(str(e))
             return False
         self._pool = PoolHook(self.gateway.urls[0], self._client)
+        self.model_name = await self._served_model()
         await self._update_pool()
         self.dashboard_url = await self._dashboard()
         if prometheus_path and not await self._start_prometheus(prometheus_path):
             return False
         self._write_state()
         return True
+
+    async def _served_model(self) -> str:
+        """The name clients must send (an emulated or file-based model has its own), from /v1/models."""
+        assert self._client is not None and self.gateway is not None
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+            r = await self._client.get(self.gateway.urls[0] + "/v1/models", timeout=10.0)
+            return str(r.json()["data"][0]["id"])
+        return self.settings.model
 
     async def _dashboard(self) -> str | None:
         """The gateway's /dashboard when it serves one; otherwise the supervisor serves it itself."""
@@ -188,7 +200,7 @@ class Supervisor:
 
     def _endpoint_rows(self) -> list[dict[str, Any]]:
         rows = []
-        model = self.settings.emulate or self.settings.model
+        model = self.model_name
         for e in self.engines:
             for name, url in self._named_urls(e):
                 rows.append({"name": name, "url": url, "model": model, "state": str(e.state),
@@ -235,8 +247,9 @@ class Supervisor:
     def _announce(self, took_s: float) -> None:
         assert self.gateway is not None
         prom_url = self.prometheus.urls[0] if self.prometheus else None
-        self.reporter.banner(self.gateway.urls[0], self.settings.emulate or self.settings.model,
-                             self.dashboard_url, self.engines, prom_url, str(self.log_dir), took_s)
+        endpoints = [(name, url, e.pid) for e in self.engines for name, url in self._named_urls(e)]
+        self.reporter.banner(self.gateway.urls[0], self.model_name, self.dashboard_url, endpoints, prom_url,
+                             str(self.log_dir), took_s)
         ready = {"urls": self.gateway.urls, "pid": os.getpid(), "dashboard": self.dashboard_url,
                  "prometheus": prom_url, "state_file": str(self.log_dir / "state.json"),
                  "log_dir": str(self.log_dir)}
@@ -263,7 +276,7 @@ class Supervisor:
     async def _update_pool(self) -> None:
         if self._pool is None:
             return
-        model = self.settings.emulate or self.settings.model
+        model = self.model_name
         ready = [PoolEndpoint(url=url, name=name, model=model) for e in self.engines
                  if e.state == ChildState.READY for name, url in self._named_urls(e)]
         await self._pool.set_endpoints(ready)
@@ -342,7 +355,7 @@ class Supervisor:
         self.reporter.event("restarting the gateway with the new endpoint list")
         port = _port_of(self.gateway.urls[0])
         await self.gateway.stop(self.settings.stop_timeout_s)
-        self.gateway = Child(plan.gateway_spec(self.settings, backends, python=self.python), self.log_dir,
+        self.gateway = Child(plan.gateway_spec(self.settings, backends, self.config_file, self.python), self.log_dir,
                              self._env)
         self.gateway.spawn(port)
         try:

@@ -151,12 +151,14 @@ def scraping_state_provider(
     at least `url` (base URL) and optionally `name`, `model`, `state` (e.g. "ready", "restarting") and
     `restarts`; an endpoint whose scrape fails is unhealthy.
     """
-    client = httpx.AsyncClient(timeout=timeout_s)
+    clients: list[httpx.AsyncClient] = []   # made on first use, inside the server's event loop
     gateway_url = gateway_metrics if isinstance(gateway_metrics, str) else None
 
     async def fetch(url: str) -> str | None:
+        if not clients:
+            clients.append(httpx.AsyncClient(timeout=timeout_s))
         try:
-            r = await client.get(url)
+            r = await clients[0].get(url)
         except httpx.HTTPError:
             return None
         return r.text if r.status_code == 200 else None
