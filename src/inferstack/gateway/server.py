@@ -21,6 +21,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from inferstack.compliance.audit import AuditLog, AuditRecord
 from inferstack.config.schema import EndpointConfig, InferstackConfig
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.auth import Identity, KeyStore
@@ -93,6 +94,7 @@ class Gateway:
         self._admin_enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)
         self._dashboard = dashboard_asgi("/dashboard", scraping_state_provider(
             lambda: generate_latest(self.metrics.registry).decode(), self._dashboard_endpoints))
+        self.audit = AuditLog(cfg.audit) if cfg.audit is not None and cfg.audit.enabled else None
 
     # ---- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -115,6 +117,8 @@ class Gateway:
             elif msg["type"] == "lifespan.shutdown":
                 await self.datalayer.stop()
                 await self.limiter.close()
+                if self.audit is not None:
+                    await self.audit.aclose()  # flushes every queued record to disk
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -122,6 +126,7 @@ class Gateway:
         path = scope["raw_path"].split(b"?", 1)[0] if scope.get("raw_path") else scope["path"].encode()
         method = scope["method"]
         kind = _PATHS.get(path)
+        t0 = time.perf_counter()
         try:
             if kind is not None:
                 if method != "POST":
@@ -148,6 +153,8 @@ class Gateway:
                 raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         except APIError as exc:
             await _error(send, exc)
+            if kind is not None and self.audit is not None and not scope.get("inferstack.audited"):
+                await self._audit_rejected(scope, exc, t0)
 
     async def _admin(self, path: bytes, method: str, scope: dict, receive: Any, send: Any) -> None:
         """GET /admin/pools: pools and endpoint state. PUT /admin/pools/{pool}/endpoints with
@@ -228,6 +235,7 @@ class Gateway:
         if not isinstance(req, dict):
             raise APIError(400, "Request body must be a JSON object.", code="invalid_json")
         model = req.get("model")
+        scope["inferstack.model"] = model  # for the audit record of a request rejected below
         if not isinstance(model, str) or not model:
             raise APIError(404, "`model` is required: name one of GET /v1/models.", param="model",
                            code="model_not_found")
@@ -318,6 +326,9 @@ class Gateway:
                 span.set_attribute("http.response.status_code", ctx.status)
                 span.set_attribute("inferstack.endpoint", ctx.endpoint)
                 span.end()
+            if self.audit is not None:
+                scope["inferstack.audited"] = True
+                await self._audit_done(ctx, req)
 
     async def _token_hashes(self, pool: Pool, kind: str, req: dict, salt: str) -> list[bytes]:
         """Tokenize through an endpoint's /tokenize (the engine applies its chat template), then hash
@@ -522,11 +533,39 @@ class Gateway:
         if ctx.span is not None:
             ctx.span.set_attribute("gen_ai.usage.input_tokens", in_tokens)
             ctx.span.set_attribute("gen_ai.usage.output_tokens", out_tokens)
+        ctx.in_tokens, ctx.out_tokens = in_tokens, out_tokens
         if ctx.tenant is not None and ctx.tenant.limits.tpm and isinstance(usage, dict):
             await self.limiter.settle(tname, ctx.tenant.limits, in_tokens + out_tokens - ctx.est_tokens)
 
     def _count(self, ctx: _Ctx) -> None:
         self.metrics.request_done(ctx.model, ctx.pool.name, ctx.endpoint, ctx.ident.tenant, ctx.status)
+
+    # ---- audit (docs/compliance.md): one record per completion request, queued off the event loop ----
+    async def _audit_done(self, ctx: _Ctx, req: dict) -> None:
+        assert self.audit is not None
+        pool = ctx.pool.config
+        digest = pool.model_digest or (f"sha256:{pool.precise_prefix.model_digest}" if pool.precise_prefix else None)
+        prompt = "\n".join(prompt_parts(ctx.kind, req))  # hashed on the writer thread; text kept only if enabled
+        await self.audit.append(AuditRecord(
+            model=ctx.model, status=ctx.status, latency_ms=round((time.perf_counter() - ctx.t0) * 1000, 3),
+            tenant=ctx.ident.tenant, key_id=ctx.ident.key_id, request_id=ctx.rid.decode("latin-1"),
+            model_digest=digest, endpoint=ctx.endpoint or None, prompt_tokens=ctx.in_tokens,
+            completion_tokens=ctx.out_tokens, prompt=prompt))
+
+    async def _audit_rejected(self, scope: dict, exc: APIError, t0: float) -> None:
+        assert self.audit is not None
+        headers = dict(scope["headers"])
+        try:
+            ident: Identity | None = self.keys.identify(headers.get(b"authorization"))
+        except APIError:
+            ident = None
+        model = scope.get("inferstack.model")
+        rid = headers.get(b"x-request-id")
+        await self.audit.append(AuditRecord(
+            model=model if isinstance(model, str) else None, status=exc.status,
+            latency_ms=round((time.perf_counter() - t0) * 1000, 3), tenant=ident.tenant if ident else None,
+            key_id=ident.key_id if ident else None, request_id=rid.decode("latin-1") if rid else None,
+            error=exc.code or exc.message))
 
 
 def gateway_openapi() -> dict[str, Any]:
@@ -546,8 +585,9 @@ def gateway_openapi() -> dict[str, Any]:
 
 
 class _Ctx:
-    __slots__ = ("client_gone", "endpoint", "est_tokens", "gaps", "ident", "inject_usage", "kind", "model", "pool",
-                 "reserved", "responded", "rid", "span", "status", "stream", "t0", "tenant", "tpot", "ttft")
+    __slots__ = ("client_gone", "endpoint", "est_tokens", "gaps", "ident", "in_tokens", "inject_usage", "kind", "model",
+                 "out_tokens", "pool", "reserved", "responded", "rid", "span", "status", "stream", "t0", "tenant", "tpot",
+                 "ttft")
 
     def __init__(self, kind: str, model: str, pool: Pool, ident: Identity, tenant: _Tenant | None, rid: bytes,
                  t0: float, stream: bool, inject_usage: bool, est_tokens: int, reserved: bool):
@@ -562,6 +602,8 @@ class _Ctx:
         self.span: Any = None
         self.responded = False
         self.client_gone = False
+        self.in_tokens: int | None = None
+        self.out_tokens: int | None = None
 
 
 def _take_usage(chunk: bytes, strip: bool) -> tuple[bytes, dict | None]:
