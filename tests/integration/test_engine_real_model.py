@@ -106,10 +106,10 @@ def test_prefix_cache_reuses_512_tokens(llm):
     assert stats.prefix_cache_hits >= 512
 
 
-def test_preemption_keeps_greedy_outputs(smollm2_gguf):
+def test_preemption_keeps_greedy_outputs(llm):
     prompts = [f"Count slowly from {i} to {i + 30}:" for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    ample = LLM("smollm2-135m", dtype="float32", num_threads=2)
+    ample = llm
     scarce = LLM("smollm2-135m", dtype="float32", num_threads=2, num_kv_blocks=8, max_num_batched_tokens=64)
     want = [r.outputs[0].token_ids for r in ample.generate(prompts, params)]
     got = [r.outputs[0].token_ids for r in scarce.generate(prompts, params)]
@@ -118,7 +118,7 @@ def test_preemption_keeps_greedy_outputs(smollm2_gguf):
 
 
 def test_seeded_sampling_is_reproducible(llm):
-    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234, max_tokens=16, n=2)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=1234, max_tokens=16, n=2, ignore_eos=True)
     a = llm.generate(["Tell me a story."], params)[0]
     b = llm.generate(["Tell me a story.", "Unrelated other prompt"], params)[0]
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]

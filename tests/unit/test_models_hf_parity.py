@@ -85,3 +85,19 @@ def test_mixed_batch_of_three(tiny):
     out = step(lm, [a2, b2, c2], [(ta, 14, 1), (tb, 6, 1), (tc, 9, 1)], caches)
     for row, full in enumerate((a2, b2, c2)):
         torch.testing.assert_close(out[row], ref_logits(ref, full)[-1], atol=TOL, rtol=0)
+
+
+def test_bfloat16_as_close_as_transformers_bfloat16(tiny):
+    """bf16 rounding differs in detail, so the bar is transformers' own bf16 error against fp32."""
+    lm, ref = tiny
+    model_dir = lm.weight_files[0].parent
+    ours16 = load_model(str(model_dir), dtype="bfloat16")
+    assert ours16.dtype == torch.bfloat16 and ours16.arch.weight_bytes_per_step * 2 == lm.arch.weight_bytes_per_step
+    ids = prompt(12, 9)
+    caches = new_kv_caches(ours16.arch, 8, BLOCK, dtype=torch.bfloat16)
+    got = step(ours16, [ids], [([4, 1, 6], 0, 12)], caches)
+    assert got.dtype == torch.float32
+    exact = ref_logits(ref, ids)
+    ref16 = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    their_err = (ref_logits(ref16, ids) - exact).abs().max().item()
+    assert (got - exact).abs().max().item() <= 2 * their_err + 1e-2

@@ -8,10 +8,10 @@ from tests.support.models_tiny import make_meta, new_kv_caches, write_tiny_gguf,
 
 from inferstack.engine.models.arch import ModelLoadError
 from inferstack.engine.weights import gguf as gguf_mod
-from inferstack.engine.weights.loader import load_model
+from inferstack.engine.weights.loader import load_model, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # transformers needs it to read GGUF files
+
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 64, 1, 120]
 
@@ -136,3 +136,48 @@ def test_missing_gguf_tensor_uses_gguf_names(tmp_path):
     w.close()
     with pytest.raises(ModelLoadError, match=r"m\.gguf: missing tensor blk\.1\.ffn_down\.weight \(shape \[64, 96\]\)"):
         load_model(str(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2"])
+def test_gguf_pre_tokenizer_matches_transformers(tmp_path, pre):
+    """llama.cpp's split regex per ``tokenizer.ggml.pre``, checked against transformers' GGUF reader."""
+    hf = write_tiny_model(tmp_path / "hf", "llama")
+    path = write_tiny_gguf(hf, tmp_path / f"{pre}.gguf", "llama", pre=pre)
+    ours = load_tokenizer(str(path))
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["hello world, the fox's 12345 tokens!", "  def main():\n\n    return 42\r\n", "don't STOP 99 bottles",
+                 "über café 🙂", "a\tb   c"]:
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
+
+
+def test_sentencepiece_gguf_tokenizer(tmp_path):
+    """A sentencepiece ("llama") vocabulary goes through transformers' converter; BOS is added on request."""
+    import gguf
+    import numpy as np
+
+    words = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "llo", "▁hello", "▁w", "or", "ld", "▁world"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *words]
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_block_count(1)
+    w.add_head_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(words))
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(words))])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = load_tokenizer(str(tmp_path / "spm.gguf"))
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ["hello world", " hello  world", "héllo"]:
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+        assert ours.encode(text, add_special_tokens=True) == ref.encode(text)
+        assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text, add_special_tokens=False))
+    assert ours.encode("héllo")[1:3] == [3 + 0xC3, 3 + 0xA9]  # byte fallback for the missing "é"
+    assert ours.eos_token_ids == {2} and ours.bos_token_id == 1

@@ -85,9 +85,10 @@ def build_engine_config(model: str, **options: Any) -> Any:
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", "-m", help="What to serve: a bundled alias (smollm2-135m), a .gguf file, a Hugging Face "
-                              "directory (safetensors + tokenizer) or an oci:// reference.")],
+                              "directory (safetensors + tokenizer) or an oci:// reference. Not used with "
+                              "--emulate.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on. Keep 127.0.0.1 unless other machines must "
                                            "reach this server.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port; 0 lets the OS pick a free one (see --ready-file).")] = 8000,
@@ -127,6 +128,18 @@ def serve(
                                                        "per line, with request_id).")] = LogFormat.text,
     drain_timeout: Annotated[float, typer.Option(
         help="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")] = 30.0,
+    emulate: Annotated[str | None, typer.Option(
+        help="Emulate HARDWARE:MODEL instead of running a model, e.g. h100:llama-3-8b, h100x4:llama-3-70b, "
+             "cpu:smollm2-135m: the real scheduler, KV cache and prefix cache, with step times from a "
+             "performance model (docs/benchmarking.md). Hardware: h100, h200, a100, l4, cpu.")] = None,
+    emulate_count: Annotated[int, typer.Option(
+        help="With --emulate: host this many engines in one process, each on its own OS-chosen port "
+             "(--port applies to the first); the ready file lists all URLs.")] = 1,
+    trust_policy: Annotated[str | None, typer.Option(
+        help="Trust policy YAML (see docs/supply-chain.md): the model is verified against it before loading "
+             "and refused if it is unsigned, altered or from a registry not allowed.")] = None,
+    allow_unverified: Annotated[bool, typer.Option(
+        help="Serve an oci:// model without a trust policy (no signature check).")] = False,
     kv_tiers: Annotated[str | None, typer.Option(
         help="Keep KV of 256-token prompt chunks outside the engine for reuse across requests and replicas: "
              "any of host,disk,redis, fastest first (docs/kv-cache.md).")] = None,
@@ -149,6 +162,27 @@ def serve(
     from inferstack.telemetry.logs import configure_logging
 
     configure_logging(log_format.value)
+    profile = None
+    if emulate is not None:
+        from inferstack.sim.profile import ProfileError, parse_profile
+
+        try:
+            profile = parse_profile(emulate)
+        except ProfileError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if model is not None:
+            typer.echo("error: --emulate names its model (HARDWARE:MODEL); drop --model", err=True)
+            raise typer.Exit(2)
+        model = profile.model.name
+    if emulate_count != 1 and (profile is None or emulate_count < 1):
+        typer.echo("error: --emulate-count needs --emulate and a count >= 1", err=True)
+        raise typer.Exit(2)
+    if model is None:
+        typer.echo("error: --model is required (or --emulate HARDWARE:MODEL)", err=True)
+        raise typer.Exit(2)
+    if model.startswith("oci://") or trust_policy:
+        model, served_model_name = _verified_model(model, served_model_name, trust_policy, allow_unverified)
     try:
         config = build_engine_config(
             model, served_model_name=served_model_name, dtype=dtype, device=device, max_model_len=max_model_len,
@@ -172,8 +206,68 @@ def serve(
     options = ServeOptions(host=host, port=port, ready_file=ready_file, api_key=api_key,
                            drain_timeout=drain_timeout)
     try:
-        code = run(load, options)
+        if profile is not None:
+            from inferstack.cli.emulate_host import serve_fleet
+
+            code = serve_fleet(config, profile, emulate_count, options)
+        else:
+            code = run(load, options)
     except OSError as exc:       # e.g. the port is taken
         typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to measure (a catalog name the emulator "
+                                                             "knows, e.g. smollm2-135m).")] = "smollm2-135m",
+    threads: Annotated[int | None, typer.Option(help="torch threads, as you will serve with.")] = 1,
+    out: Annotated[str | None, typer.Option(help="Where to write the fitted profile (default: the cache file "
+                                                 "that --emulate cpu:... reads).")] = None,
+) -> None:
+    """Fit the `cpu` hardware profile of the emulator to real engine steps on this machine (a few minutes).
+
+    Example: inferstack engine calibrate --model smollm2-135m
+    """
+    from pathlib import Path
+
+    from inferstack.engine.executor.emulated import calibrate_cpu
+    from inferstack.sim.hardware import save_hardware_file
+    from inferstack.sim.profile import calibration_path
+
+    try:
+        hw, report = calibrate_cpu(model, threads, progress=lambda msg: typer.echo(f"measuring {msg}", err=True))
+    except (KeyError, ValueError) as exc:
+        typer.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
+        raise typer.Exit(2) from None
+    path = Path(out) if out else calibration_path()
+    save_hardware_file(hw, path)
+    typer.echo(f"wrote {path}: {report['steps']} steps, median step-time error {report['median_rel_error']:.1%} "
+               f"(p90 {report['p90_rel_error']:.1%})")
+
+
+def _verified_model(model: str, served_name: str | None, policy_file: str | None,
+                    allow_unverified: bool) -> tuple[str, str | None]:
+    """oci:// -> pulled local path; with a policy, verified before anything loads (fail closed)."""
+    from pathlib import Path
+
+    from inferstack.engine.weights.loader import resolve_model_path
+    from inferstack.modelhub.errors import ModelHubError
+    from inferstack.modelhub.policy import load_trust_policy
+    from inferstack.modelhub.reference import is_oci, parse_reference
+    from inferstack.modelhub.resolve import resolve_model_ref
+
+    if is_oci(model) and policy_file is None and not allow_unverified:
+        typer.echo("error: serving an oci:// model needs --trust-policy FILE (or --allow-unverified)", err=True)
+        raise typer.Exit(2)
+    try:
+        policy = load_trust_policy(Path(policy_file)) if policy_file else None
+        target = model if is_oci(model) else str(resolve_model_path(model))
+        path = resolve_model_ref(target, policy)
+    except (ModelHubError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if served_name is None and is_oci(model):
+        served_name = parse_reference(model).repository.rsplit("/", 1)[-1]
+    return str(path), served_name

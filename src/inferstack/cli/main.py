@@ -17,7 +17,13 @@ app = typer.Typer(
 # (module under inferstack.cli, command name). Each module exposes a Typer `app` (a command group)
 # or a `register(app)` function that adds top-level commands such as `up`.
 SUBCOMMANDS: list[tuple[str, str]] = [
+    ("compliance", "compliance"),
+    ("model", "model"),
     ("engine", "engine"),
+    ("bench", "bench"),
+    ("gateway", "gateway"),
+    ("config", "config"),
+    ("up", "up"),
 ]
 
 

@@ -44,7 +44,7 @@ class Tokenizer:
         bos_text = self.special_tokens.get("bos_token")
         self.bos_token_id: int | None = backend.token_to_id(bos_text) if bos_text is not None else None
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
-        self._byte_level = _is_byte_level(backend)
+        self._byte_level: bool | None = None  # decided on first token_bytes() call (serializes the vocab)
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -83,8 +83,10 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for (OpenAI's logprob ``bytes``)."""
         piece = self.backend.id_to_token(token_id)
-        if piece is None:
-            raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        if piece is None:  # an embedding row past the tokenizer's vocabulary (padding): no text
+            return b""
+        if self._byte_level is None:
+            self._byte_level = _is_byte_level(self.backend)
         if self._byte_level and self.backend.token_to_id(piece) == token_id:
             table = _unicode_to_byte()
             if all(ch in table for ch in piece):

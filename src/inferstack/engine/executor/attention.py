@@ -38,6 +38,9 @@ class AttentionPlan:
     decode_mask: torch.Tensor | None     # [B_d, 1, 1, L] True where the slot holds context
     decode_len: int
     prefills: list[_Prefill]
+    # Gather targets for decode K/V, allocated by the first layer and reused by the others: a fresh
+    # multi-megabyte tensor per layer costs more in page faults than the copy itself.
+    decode_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
@@ -85,11 +88,13 @@ def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
 def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                             plan: AttentionPlan, scale: float) -> torch.Tensor:
     """``q [T, nh, hd]``, ``k``/``v [T, nkv, hd]`` → ``[T, nh, hd]``; see the module docstring."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    cache = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    t, num_kv_heads, head_dim = k.shape
+    # Rows of num_kv_heads * head_dim: index ops on 2-D rows are plain row copies, several times
+    # faster on CPU than the same ops on a 3-D view.
+    cache = kv_cache.view(2, -1, num_kv_heads * head_dim)
     k_cache, v_cache = cache[0], cache[1]
-    k_cache.index_copy_(0, plan.slot_mapping, k)
-    v_cache.index_copy_(0, plan.slot_mapping, v)
+    k_cache.index_copy_(0, plan.slot_mapping, k.reshape(t, -1))
+    v_cache.index_copy_(0, plan.slot_mapping, v.reshape(t, -1))
 
     if plan.decode_slots is not None and not plan.prefills and plan.decode_rows is None:
         return _decode(q, k_cache, v_cache, plan, scale)
@@ -100,8 +105,9 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         if p.context_slots is None:
             out[p.start:p.end] = _sdpa_chunk(qs, k[p.start:p.end], v[p.start:p.end], scale)
         else:
-            out[p.start:p.end] = _sdpa_chunk(qs, k_cache.index_select(0, p.context_slots),
-                                             v_cache.index_select(0, p.context_slots), scale)
+            ctx = (-1, num_kv_heads, head_dim)
+            out[p.start:p.end] = _sdpa_chunk(qs, k_cache.index_select(0, p.context_slots).view(ctx),
+                                             v_cache.index_select(0, p.context_slots).view(ctx), scale)
     if plan.decode_slots is not None:
         rows = plan.decode_rows
         out[rows] = _decode(q.index_select(0, rows), k_cache, v_cache, plan, scale)
@@ -111,11 +117,16 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
             scale: float) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
+    num_kv_heads = k_cache.shape[1] // head_dim
     group = num_heads // num_kv_heads
     length = plan.decode_len
-    keys = k_cache.index_select(0, plan.decode_slots).view(batch, length, num_kv_heads, head_dim)
-    values = v_cache.index_select(0, plan.decode_slots).view(batch, length, num_kv_heads, head_dim)
+    if plan.decode_buffers is None:
+        plan.decode_buffers = (k_cache.new_empty(batch * length, k_cache.shape[1]),
+                               v_cache.new_empty(batch * length, v_cache.shape[1]))
+    k_buf, v_buf = plan.decode_buffers
+    keys = torch.index_select(k_cache, 0, plan.decode_slots, out=k_buf).view(batch, length, num_kv_heads, head_dim)
+    values = torch.index_select(v_cache, 0, plan.decode_slots, out=v_buf).view(batch, length, num_kv_heads,
+                                                                               head_dim)
     # Query heads sharing a KV head become rows of one [group, L] score matrix: no KV repeat needed.
     out = F.scaled_dot_product_attention(
         q.view(batch, num_kv_heads, group, head_dim),

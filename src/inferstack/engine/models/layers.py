@@ -61,10 +61,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device=device, dtype=dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` rows for a step's tokens, ``[T, 1, head_dim / 2]``; looked up once per step."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Rotate ``x`` of shape ``[T, heads, head_dim]`` by each token's position."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 

@@ -46,15 +46,15 @@ class Attention(nn.Module):
         # normalisation covers both.
         self.qk_norm = _param(arch.num_heads + arch.num_kv_heads, arch.head_dim) if arch.qk_norm else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan,
-                rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                plan: AttentionPlan) -> torch.Tensor:
         t = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(x, self.qkv, self.qkv_bias).view(t, nh + 2 * nkv, hd)
         qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (hd,), eps=self.eps) * self.qk_norm
-        qk = rotary(positions, qk)
+        qk = RotaryEmbedding.rotate(qk, cos_sin)
         out = paged_attention_planned(qk[:, :nh], qk[:, nh:], v, kv_cache, plan, self.scale)
         return F.linear(out.reshape(t, nh * hd), self.o)
 
@@ -69,10 +69,10 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = _param(arch.hidden_size)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan,
-                rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                plan: AttentionPlan) -> torch.Tensor:
         h = F.rms_norm(x, (self.hidden,), self.input_norm, self.eps)
-        x = x + self.attn(h, positions, kv_cache, plan, rotary)
+        x = x + self.attn(h, cos_sin, kv_cache, plan)
         h = F.rms_norm(x, (self.hidden,), self.post_attn_norm, self.eps)
         return x + self.mlp(h)
 
@@ -96,9 +96,10 @@ class LlamaForCausalLM(nn.Module):
         """``input_ids``/``positions [T]`` → final hidden states ``[T, hidden]``."""
         assert self.rotary is not None, "init_buffers() was not called"
         plan = plan_attention(meta)
+        cos_sin = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, kv_cache, plan, self.rotary)
+            x = layer(x, cos_sin, kv_cache, plan)
         return F.rms_norm(x, (self.arch.hidden_size,), self.norm, self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

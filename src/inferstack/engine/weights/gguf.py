@@ -68,28 +68,38 @@ def cache_root() -> Path:
     return Path(os.environ.get("INFERSTACK_CACHE_DIR") or Path.home() / ".cache" / "inferstack")
 
 
+def converted_dir(path: Path) -> Path:
+    return cache_root() / "gguf" / f"{path.stem}-{model_digest([path])[:16]}"
+
+
+def convert_gguf_metadata(path: Path, reader: Any | None = None) -> Path:
+    """The cached directory holding ``path``'s config and tokenizer files, writing them on first use."""
+    out_dir = converted_dir(path)
+    if all((out_dir / name).exists() for name in TOKENIZER_FILES):
+        return out_dir
+    from inferstack.engine.weights.gguf_tokenizer import tokenizer_files_from_gguf
+
+    reader = reader or open_gguf(path)
+    config = hf_config_from_gguf(reader, path)
+    tokenizer_json, tokenizer_config, eos_ids = tokenizer_files_from_gguf(reader, path)
+    config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "tokenizer.json", tokenizer_json.encode())
+    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=1).encode())
+    _write_atomic(out_dir / "generation_config.json", json.dumps({"eos_token_id": eos_ids}).encode())
+    _write_atomic(out_dir / "config.json", json.dumps(config, indent=1).encode())  # last: marks completion
+    return out_dir
+
+
 def convert_gguf(path: Path, dtype: torch.dtype,
                  progress: Callable[[str], None] | None = None) -> ConvertedGGUF:
     """The cached HF-style conversion of ``path`` in ``dtype``, creating it on first use."""
-    digest = model_digest([path])
-    out_dir = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}"
+    out_dir = converted_dir(path)
     weights = out_dir / f"weights-{_DTYPE_NAMES[dtype]}.safetensors"
-    have_meta = all((out_dir / name).exists() for name in TOKENIZER_FILES)
-    if have_meta and weights.exists():
+    if weights.exists() and all((out_dir / name).exists() for name in TOKENIZER_FILES):
         return ConvertedGGUF(out_dir, [weights])
-
     reader = open_gguf(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not have_meta:
-        from inferstack.engine.weights.gguf_tokenizer import tokenizer_files_from_gguf
-
-        config = hf_config_from_gguf(reader, path)
-        tokenizer_json, tokenizer_config, eos_ids = tokenizer_files_from_gguf(reader, path)
-        config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-        _write_atomic(out_dir / "tokenizer.json", tokenizer_json.encode())
-        _write_atomic(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=1).encode())
-        _write_atomic(out_dir / "generation_config.json", json.dumps({"eos_token_id": eos_ids}).encode())
-        _write_atomic(out_dir / "config.json", json.dumps(config, indent=1).encode())
+    convert_gguf_metadata(path, reader)
     if not weights.exists():
         if progress:
             progress(f"dequantizing {path.name} to {_DTYPE_NAMES[dtype]} (once; cached in {out_dir})")
@@ -99,7 +109,7 @@ def convert_gguf(path: Path, dtype: torch.dtype,
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".weights-", suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"source": path.name, "model_digest": digest})
+            save_file(tensors, tmp, metadata={"source": path.name})
             os.chmod(tmp, 0o644)
             os.replace(tmp, weights)
         finally:
@@ -169,6 +179,12 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
     }
+    if int(_field(reader, f"{arch}.expert_count", 0) or 0) > 0:
+        raise ModelLoadError(f"{path}: mixture-of-experts models are not supported yet")
+    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != config["head_dim"]:
+        raise ModelLoadError(f"{path}: partial rotary ({arch}.rope.dimension_count={rope_dim} < head_dim "
+                             f"{config['head_dim']}) is not supported")
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":

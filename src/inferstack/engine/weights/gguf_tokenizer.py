@@ -56,7 +56,7 @@ def tokenizer_files_from_gguf(reader: Any, path: Path) -> tuple[str, dict[str, A
 
     bos = token("tokenizer.ggml.bos_token_id")
     add_bos = bool(get("tokenizer.ggml.add_bos_token", kind == "llama"))
-    if add_bos and bos is not None and kind == "gpt2":
+    if add_bos and bos is not None:  # encode(add_special_tokens=True) prepends BOS, as llama.cpp does
         bos_id = get("tokenizer.ggml.bos_token_id")
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])

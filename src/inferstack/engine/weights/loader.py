@@ -81,7 +81,10 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype
     return resolved
 
 
-def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
+               progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load ``spec`` for inference. ``progress`` receives a line before slow one-time work (GGUF
+    dequantization, about 5 s for the bundled model; later loads reuse the on-disk cache)."""
     path = resolve_model_path(spec)
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -94,7 +97,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
             gguf_tensor_name,
         )
 
-        converted = convert_gguf(path, torch_dtype)
+        converted = convert_gguf(path, torch_dtype, progress)
         model_dir, files, source_files = converted.model_dir, converted.weight_files, [path]
         tensor_name: Callable[[str], str] = gguf_tensor_name
     else:
@@ -107,6 +110,18 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
     name = spec if spec in ALIASES else path.stem if path.is_file() else path.name
     return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, name=name,
                        model_digest=model_digest(source_files), weight_files=list(source_files), dtype=torch_dtype)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """Only the tokenizer of a model reference (no weights are read or dequantized)."""
+    path = resolve_model_path(spec)
+    if path.is_file():
+        from inferstack.engine.weights.gguf import convert_gguf_metadata
+
+        model_dir = convert_gguf_metadata(path)
+    else:
+        model_dir = path
+    return Tokenizer.from_dir(model_dir, read_hf_config(model_dir))
 
 
 def build_model(config: dict[str, Any], files: list[Path], dtype: torch.dtype, device: torch.device,

@@ -1,0 +1,133 @@
+"""Gateway overhead: sequential added latency over going direct, and throughput at concurrency 16/64.
+
+Ours (keys, limits and metrics enabled) side by side with sglang-router (cache_aware, round_robin),
+vllm-router (round_robin, cache_aware) and the LiteLLM proxy, each installed by this script into its
+own virtual environment (--peers). Same backends for everyone: instant fake OpenAI engines.
+
+    python benchmarks/gateway_overhead.py [--peers sglang,vllm-router,litellm] [--seq 300] [--total 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import orjson
+import psutil
+from gateway_common import (
+    interleaved_latencies,
+    median,
+    pct,
+    start_fake_engines,
+    start_inferstack_gateway,
+    start_litellm,
+    start_sglang_router,
+    start_vllm_router,
+    throughput,
+)
+
+MODEL = "bench-model"
+KEY = "sk-bench-tenant"
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and all its descendants (peers run worker processes)."""
+    if pid is None:
+        return 0.0
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", default="", help="comma list of: sglang, vllm-router, litellm")
+    ap.add_argument("--seq", type=int, default=300, help="sequential requests per target")
+    ap.add_argument("--total", type=int, default=2000, help="requests per concurrency level")
+    ap.add_argument("--concurrency", default="16,64")
+    ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    peers = [p for p in args.peers.split(",") if p]
+
+    engines = start_fake_engines(2, "--ttft-ms", "0", "--itl-ms", "0", "--tokens", "8")
+    workers = [e.url for e in engines]
+    body = orjson.dumps({"model": MODEL, "max_tokens": 8,
+                         "messages": [{"role": "user", "content": "x" * 200}]})
+    results: list[dict] = []
+    procs = []
+    try:
+        targets = [("direct (1 engine)", workers[0], {}, None)]
+        gw_cfg = {
+            "pools": {"bench": {"endpoints": workers, "models": [MODEL]}},
+            "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
+            "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}},
+        }
+        for preset in ("default", "round-robin"):
+            gw_cfg["pools"]["bench"]["routing"] = preset
+            gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
+            procs.append(gw)
+            targets.append((f"inferstack {preset}", gw.url, {"authorization": f"Bearer {KEY}"}, gw.proc.pid))
+        if "sglang" in peers:
+            for policy in ("round_robin", "cache_aware"):
+                p = start_sglang_router(workers, policy)
+                procs.append(p)
+                targets.append((p.name, p.url, {}, p.proc.pid))
+        if "vllm-router" in peers:
+            for policy in ("round_robin", "cache_aware"):
+                p = start_vllm_router(workers, policy)
+                procs.append(p)
+                targets.append((p.name, p.url, {}, p.proc.pid))
+        if "litellm" in peers:
+            # one worker: with --num_workers 2 its workers died in a loop at start-up on this machine
+            p = start_litellm(workers, MODEL, num_workers=1)
+            procs.append(p)
+            targets.append((p.name, p.url, {"authorization": f"Bearer {p.extra['key']}"}, p.proc.pid))
+
+        seqs = asyncio.run(interleaved_latencies([(b + "/v1/chat/completions", h) for _, b, h, _ in targets],
+                                                 body, args.seq))
+        direct = seqs[0]
+        for (name, base, headers, pid), seq in zip(targets, seqs, strict=True):
+            url = base + "/v1/chat/completions"
+            row = {"target": name, "seq_p50_ms": median(seq) * 1e3, "seq_p99_ms": pct(seq, 0.99) * 1e3}
+            row["added_p50_ms"] = row["seq_p50_ms"] - median(direct) * 1e3
+            row["added_p99_ms"] = row["seq_p99_ms"] - pct(direct, 0.99) * 1e3
+            total = args.total if "litellm" not in name else max(200, args.total // 10)
+            for c in levels:
+                cpu0 = cpu_seconds(pid)
+                rps, lat = asyncio.run(throughput(url, body, total, c, headers))
+                if pid is not None:
+                    # CPU the router spent per request: robust to a busy machine, unlike wall time
+                    row[f"c{c}_cpu_ms_per_req"] = (cpu_seconds(pid) - cpu0) / total * 1e3
+                row[f"c{c}_rps"] = rps
+                row[f"c{c}_p50_ms"] = median(lat) * 1e3
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        for p in procs + engines:
+            p.stop()
+
+    cols = ["target", "seq_p50_ms", "seq_p99_ms", "added_p50_ms", "added_p99_ms"] + [
+        k for c in levels for k in (f"c{c}_rps", f"c{c}_p50_ms", f"c{c}_cpu_ms_per_req")]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(_fmt(r.get(c, "-")) for c in cols) + " |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

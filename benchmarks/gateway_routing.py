@@ -1,0 +1,146 @@
+"""Routing quality: a multi-tenant shared-prefix workload over 4 engines with prefix caches, Poisson
+arrival rates swept towards saturation; prefix hit rate, TTFT p50/p90 and throughput per router.
+
+Routers: inferstack `default` and `gie` presets, round-robin, and (with --peers sglang)
+sglang-router cache_aware, all over the same backends: fake OpenAI engines with an LRU prefix cache
+of prompt heads (a hit skips the prefill of all but the last 100 tokens), a prefill cost per
+uncached token, a decode time per token and a fixed number of parallel slots (so load queues).
+
+    python benchmarks/gateway_routing.py [--rates 10,20,30,40] [--duration 12] [--peers sglang]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import aiohttp
+from gateway_common import median, pct, start_fake_engines, start_inferstack_gateway, start_sglang_router
+
+MODEL = "bench-model"
+ENGINE_ARGS = ["--ttft-ms", "5", "--prefill-us-per-token", "250", "--itl-ms", "20", "--tokens", "16",
+               "--max-running", "4", "--cache-entries", "6"]
+
+
+def workload(groups: int, tenants: int, system_tokens: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(tenant key, system prompt) per group: groups are split evenly over tenants."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta"]
+    out = []
+    for g in range(groups):
+        text = f"group {g}: " + " ".join(rng.choice(words) for _ in range(system_tokens * 4 // 6))
+        out.append((f"sk-tenant-{g % tenants}", text))
+    return out
+
+
+async def one(session: aiohttp.ClientSession, url: str, key: str, system: str, q: int, out: list) -> None:
+    body = {"model": MODEL, "stream": True, "max_tokens": 16,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {q} " * 40}]}
+    t0 = time.perf_counter()
+    ttft = None
+    async with session.post(url, json=body, headers={"authorization": f"Bearer {key}"}) as r:
+        if r.status != 200:
+            out.append(("error", r.status))
+            return
+        async for chunk in r.content.iter_any():
+            if ttft is None and b'"content"' in chunk:
+                ttft = time.perf_counter() - t0
+    out.append(("ok", ttft if ttft is not None else time.perf_counter() - t0, time.perf_counter() - t0))
+
+
+async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duration: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    out: list = []
+    tasks = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
+        start = time.perf_counter()
+        t = 0.0
+        q = 0
+        while t < duration:
+            t += rng.expovariate(rate)
+            delay = start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            key, system = groups[rng.randrange(len(groups))]
+            tasks.append(asyncio.create_task(one(s, url, key, system, q, out)))
+            q += 1
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    ok = [o for o in out if o[0] == "ok"]
+    ttfts = [o[1] for o in ok]
+    return {"rate": rate, "sent": len(out), "ok": len(ok), "req_per_s": len(ok) / elapsed,
+            "ttft_p50_s": median(ttfts), "ttft_p90_s": pct(ttfts, 0.9)}
+
+
+def engine_hits(urls: list[str]) -> tuple[float, float]:
+    import urllib.request
+
+    hits = queries = 0.0
+    for u in urls:
+        for line in urllib.request.urlopen(u + "/metrics").read().decode().splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="10,20,30,40")
+    ap.add_argument("--duration", type=float, default=12.0)
+    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--tenants", type=int, default=4)
+    ap.add_argument("--system-tokens", type=int, default=2000)
+    ap.add_argument("--peers", default="")
+    ap.add_argument("--routers", default="default,gie,round-robin", help="inferstack presets to run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    groups = workload(args.groups, args.tenants, args.system_tokens)
+    keys = sorted({k for k, _ in groups})
+    routers: list[tuple[str, object]] = [(f"inferstack {p}", p) for p in args.routers.split(",") if p]
+    if "sglang" in args.peers:
+        routers.append(("sglang-router cache_aware", "sglang"))
+    results = []
+    for name, which in routers:
+        for rate in rates:
+            # fresh engines per point: every router starts from cold caches
+            engines = start_fake_engines(4, *ENGINE_ARGS)
+            urls = [e.url for e in engines]
+            if which == "sglang":
+                router = start_sglang_router(urls, "cache_aware")
+            else:
+                router = start_inferstack_gateway({
+                    "pools": {"bench": {"endpoints": urls, "models": [MODEL], "routing": which}},
+                    "keys": [{"sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": k[3:]} for k in keys],
+                    "gateway": {"flow_control": {"enabled": False}},
+                })
+            try:
+                row = asyncio.run(run_rate(router.url + "/v1/chat/completions", groups, rate, args.duration,
+                                           seed=int(rate)))
+                hits, queries = engine_hits(urls)
+                row["router"] = name
+                row["hit_rate"] = hits / queries if queries else float("nan")
+                results.append(row)
+                print(json.dumps(row), flush=True)
+            finally:
+                router.stop()
+                for e in engines:
+                    e.stop()
+    cols = ["router", "rate", "ok", "req_per_s", "hit_rate", "ttft_p50_s", "ttft_p90_s"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

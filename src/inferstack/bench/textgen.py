@@ -1,0 +1,38 @@
+"""Deterministic prompt text whose token count is known without a tokenizer.
+
+The vocabulary holds common English words that are each a single token (with their leading space) in
+the bundled SmolLM2 tokenizer and in other byte-level BPE vocabularies, so `n` words ≈ `n` tokens.
+Servers report exact counts in `usage`, which is what the metrics use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from importlib.resources import files
+
+import numpy as np
+
+
+@lru_cache(maxsize=1)
+def vocabulary() -> np.ndarray:
+    words = files("inferstack.bench").joinpath("words.txt").read_text().split()
+    return np.array(words, dtype=object)
+
+
+def key_seed(*parts: object) -> int:
+    """A stable 64-bit seed from any key (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def words(n: int, rng: np.random.Generator) -> str:
+    if n <= 0:
+        return ""
+    vocab = vocabulary()
+    return " ".join(vocab[rng.integers(0, len(vocab), n)])
+
+
+def keyed_words(n: int, *key: object) -> str:
+    """The first `n` words of the text stream named by `key`: equal keys give equal prefixes."""
+    return words(n, np.random.default_rng(key_seed(*key)))

@@ -1,0 +1,63 @@
+"""`inferstack gateway`: the OpenAI-compatible gateway over engine pools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="OpenAI-compatible gateway: pools, routing, flow control, keys and budgets.",
+                  no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="inferstack.yaml with pools, models, keys, tenants.")] = None,
+    backend: Annotated[list[str] | None, typer.Option(
+        "--backend", "-b", help="Engine base URL (repeatable); builds one pool named `default` whose models "
+        "are discovered from the engines' /v1/models. Pools from --config are kept.")] = None,
+    routing: Annotated[str, typer.Option(help="Routing preset for --backend pools: default, gie, cache-aware, "
+                                         "least-load, round-robin, power-of-two, latency.")] = "default",
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1 or the config's gateway.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (0 = any free port; default 8080 or the config's).")] = None,
+    ready_file: Annotated[Path | None, typer.Option(help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
+) -> None:
+    """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
+    from inferstack.config import ConfigError, InferstackConfig, load_config
+    from inferstack.config.schema import PoolConfig
+
+    backend = backend or []
+    if config is None and not backend:
+        raise typer.BadParameter("give --config FILE or at least one --backend URL", param_hint="--config/--backend")
+    try:
+        cfg = load_config(config) if config else InferstackConfig()
+        if backend:
+            pools = dict(cfg.pools)
+            pools["default"] = PoolConfig(endpoints=[{"url": u} for u in backend], routing=routing)
+            cfg = cfg.model_copy(update={"pools": pools})
+            problems = cfg.cross_check()
+            if problems:
+                raise ConfigError([f"--routing: {m}" for _, m in problems])
+    except ConfigError as exc:
+        typer.echo(f"error: invalid configuration:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as exc:  # pydantic errors for --backend URLs
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    gw = cfg.gateway.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    cfg = cfg.model_copy(update={"gateway": gw})
+    if not cfg.pools:
+        typer.echo("error: the configuration has no pools; add `pools:` or pass --backend URL", err=True)
+        raise typer.Exit(2)
+    from inferstack.gateway.serve import serve as run
+
+    run(cfg, ready_file)
+
+
+@app.command("hash-key")
+def hash_key(key: Annotated[str, typer.Argument(help="The API key to store in `keys[].sha256`.")]) -> None:
+    """Print the sha256 digest of an API key (keys are stored hashed in inferstack.yaml)."""
+    from inferstack.gateway.auth import hash_key as h
+
+    typer.echo(h(key))

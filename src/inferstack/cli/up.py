@@ -1,0 +1,80 @@
+"""`inferstack up`: the whole local stack — engine replicas, the gateway, a live dashboard — in one command."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from inferstack.stack.settings import UpSettings
+
+
+def _load_settings(config: Path | None) -> UpSettings:
+    if config is None:
+        return UpSettings()
+    from inferstack.stack.config_section import load_up_settings
+
+    return load_up_settings(config)
+
+
+def up(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="inferstack.yaml; its `up` section sets the defaults below.")] = None,
+    replicas: Annotated[int | None, typer.Option("--replicas", "-n", min=1, help="Engine replicas (default 2).")] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", min=0, max=65535, help="Gateway port (default 8000; 0 = any free port).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model to serve: alias (smollm2-135m), .gguf file, HF directory or oci:// reference.")] = None,
+    emulate: Annotated[str | None, typer.Option("--emulate", help="Emulated engines instead of a real model, e.g. h100:llama-3-8b.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch threads per engine (default: cores split between replicas).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address the gateway binds (default 127.0.0.1).")] = None,
+    with_prometheus: Annotated[bool, typer.Option("--with-prometheus", help="Also start Prometheus scraping the stack, with inferstack's recording and alert rules.")] = False,
+    log_dir: Annotated[Path | None, typer.Option("--log-dir", help="Directory for child logs and state.json (default: a new temp dir).")] = None,
+    ready_file: Annotated[Path | None, typer.Option("--ready-file", help="Write one JSON line with the URLs here once everything is ready.")] = None,
+) -> None:
+    """Start a working local stack: engine replicas serving a model behind the OpenAI-compatible gateway.
+
+    With no options: 2 CPU replicas of smollm2-135m and the gateway on http://127.0.0.1:8000, with a live dashboard at /dashboard. Ctrl-C stops everything; a crashed engine is taken out of the pool and restarted with backoff.
+
+    Examples:
+
+    inferstack up
+
+    inferstack up --replicas 1 --port 9000
+
+    inferstack up --emulate h100:llama-3-8b --replicas 8
+
+    inferstack up --with-prometheus
+    """
+    from pydantic import ValidationError
+
+    from inferstack.stack.preflight import PreflightError
+    from inferstack.stack.progress import Reporter
+    from inferstack.stack.supervisor import Supervisor
+
+    reporter = Reporter()
+    try:
+        base = _load_settings(config)
+        overrides = {k: v for k, v in {
+            "replicas": replicas, "port": port, "model": model, "emulate": emulate, "threads": threads,
+            "host": host, "log_dir": str(log_dir) if log_dir else None,
+        }.items() if v is not None}
+        if with_prometheus:
+            overrides["with_prometheus"] = True
+        settings = UpSettings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as e:
+        for err in e.errors():
+            reporter.error(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
+        raise typer.Exit(2) from None
+    except ValueError as e:  # config file errors carry file:line
+        reporter.error(str(e))
+        raise typer.Exit(2) from None
+    try:
+        code = asyncio.run(Supervisor(settings, reporter, ready_file=ready_file, config_file=config).run())
+    except PreflightError as e:
+        reporter.error(str(e))
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)

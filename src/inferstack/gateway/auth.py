@@ -1,0 +1,56 @@
+"""API keys (stored as sha256 digests) -> tenant, allowed models, priority."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from inferstack.config.schema import InferstackConfig
+from inferstack.protocol.errors import APIError
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    tenant: str
+    models: frozenset[str] | None
+    priority: int
+
+
+class KeyStore:
+    def __init__(self, cfg: InferstackConfig):
+        self.require = cfg.gateway.require_keys if cfg.gateway.require_keys is not None else bool(cfg.keys)
+        self.default = Identity(cfg.gateway.default_tenant, None, 0)
+        self.objectives = {n: o.priority for n, o in cfg.objectives.items()}
+        self._by_hash: dict[str, Identity] = {}
+        for k in cfg.keys:
+            prio = self.objectives[k.objective] if k.objective else 0
+            self._by_hash[k.sha256] = Identity(k.tenant, frozenset(k.models) if k.models is not None else None, prio)
+
+    def identify(self, authorization: bytes | None) -> Identity:
+        if not authorization:
+            if self.require:
+                raise APIError(401, "Missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
+            return self.default
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "Malformed Authorization header: expected `Bearer <key>`.", code="invalid_api_key")
+        ident = self._by_hash.get(hash_key(token.strip()))
+        if ident is None:
+            if self.require:
+                raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+            return self.default
+        return ident
+
+    def priority(self, ident: Identity, objective: bytes | None) -> int:
+        if objective is None:
+            return ident.priority
+        name = objective.decode("latin-1")
+        try:
+            return self.objectives[name]
+        except KeyError:
+            raise APIError(400, f"Unknown inference objective {name!r} in x-gateway-inference-objective.",
+                           param="x-gateway-inference-objective", code="unknown_objective") from None

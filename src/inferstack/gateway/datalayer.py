@@ -1,0 +1,294 @@
+"""Per-endpoint state: scraped engine metrics, in-flight counts, health, KV events.
+
+Background tasks keep this fresh (metrics every ~50 ms, health every few seconds, KV events as
+they arrive); request handling only reads it through `Pool.snapshot()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from inferstack.config.schema import GatewayConfig, PoolConfig
+from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build_router
+from inferstack.gateway.routing.state import RoutingState
+from inferstack.gateway.upstream import UpstreamPool
+
+log = logging.getLogger("inferstack.gateway")
+
+# Engine metric families (vLLM / inferstack, SGLang) that feed the router.
+_QUEUE = {"vllm:num_requests_waiting", "sglang:num_queue_reqs"}
+_RUNNING = {"vllm:num_requests_running", "sglang:num_running_reqs"}
+_KV = {"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"}
+_LORA = "vllm:lora_requests_info"
+_NO_METRICS_RETRY_S = 5.0
+
+
+@dataclass(slots=True)
+class ScrapedMetrics:
+    queue: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0
+    adapters_active: frozenset[str] = frozenset()
+    adapters_waiting: frozenset[str] = frozenset()
+    max_lora: int = 0
+
+
+def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
+    """Pick the router's signals out of Prometheus text; None if no known family is present."""
+    m = ScrapedMetrics()
+    found = False
+    lora_ts = -1.0
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        brace = line.find("{")
+        space = line.rfind(" ")
+        if space <= 0:
+            continue
+        name = line[:brace] if 0 < brace < space else line[:space]
+        if name in _QUEUE or name in _RUNNING or name in _KV:
+            try:
+                v = float(line[space + 1:])
+            except ValueError:
+                continue
+            found = True
+            if name in _QUEUE:
+                m.queue += v
+            elif name in _RUNNING:
+                m.running += v
+            else:
+                m.kv_usage = max(m.kv_usage, v)
+        elif name == _LORA and brace > 0:
+            try:
+                ts = float(line[space + 1:])
+            except ValueError:
+                continue
+            if ts >= lora_ts:
+                lora_ts = ts
+                labels = _labels(line[brace + 1:line.rfind("}")])
+                m.adapters_active = frozenset(a for a in labels.get("running_lora_adapters", "").split(",") if a)
+                m.adapters_waiting = frozenset(a for a in labels.get("waiting_lora_adapters", "").split(",") if a)
+                with contextlib.suppress(ValueError):
+                    m.max_lora = int(labels.get("max_lora", "0") or 0)
+    return m if found else None
+
+
+def _labels(s: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in s.split('",'):
+        k, _, v = part.partition("=")
+        out[k.strip()] = v.strip().strip('"')
+    return out
+
+
+class Endpoint:
+    """One upstream engine: its HTTP session, scraped metrics and the gateway's own counters."""
+
+    def __init__(self, url: str, name: str | None, api_key: str | None, kv_events: str | None,
+                 max_concurrency: int | None):
+        self.url = url
+        self.id = name or urlsplit(url).netloc
+        self.api_key = api_key
+        self.kv_events = kv_events
+        self.max_concurrency = max_concurrency
+        self.metrics: ScrapedMetrics | None = None
+        self.metrics_at = 0.0
+        self.metrics_supported = True
+        self.in_flight = 0
+        self.active_ok = True
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.models: set[str] = set()
+        self.session: aiohttp.ClientSession | None = None  # health checks, /tokenize
+        self.upstream: UpstreamPool | None = None  # completions (hot path)
+        self.scrape: UpstreamPool | None = None  # /metrics, with a short read timeout
+        auth = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
+        self.request_headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json"), *auth]
+
+    @property
+    def healthy(self) -> bool:
+        return self.active_ok and time.monotonic() >= self.ejected_until
+
+    def view(self, now: float) -> EndpointView:
+        m = self.metrics
+        if m is None:
+            return EndpointView(self.id, in_flight=self.in_flight, healthy=self.healthy,
+                                max_concurrency=self.max_concurrency)
+        return EndpointView(self.id, m.queue, m.running, m.kv_usage, now - self.metrics_at, True,
+                            self.in_flight, self.healthy, self.max_concurrency, m.adapters_active,
+                            m.adapters_waiting, m.max_lora)
+
+    def request_failed(self, cfg: GatewayConfig) -> None:
+        self.failures += 1
+        if self.failures >= cfg.eject_after_failures:
+            self.ejected_until = time.monotonic() + cfg.eject_s
+            log.warning("endpoint %s ejected for %.1fs after %d failures", self.id, cfg.eject_s, self.failures)
+
+    def request_succeeded(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class Pool:
+    name: str
+    config: PoolConfig
+    endpoints: list[Endpoint]
+    router: Router
+    gateway: GatewayConfig
+    models: set[str] = field(default_factory=set)
+    discovered: bool = False
+
+    @classmethod
+    def from_config(cls, name: str, cfg: PoolConfig, gw: GatewayConfig,
+                    custom_profiles: dict | None = None) -> Pool:
+        eps = [Endpoint(e.url, e.name, e.api_key, e.kv_events, cfg.max_concurrency) for e in cfg.endpoints]
+        state = RoutingState(block_chars=gw.prefix_index.block_chars)
+        state.approx.capacity = gw.prefix_index.capacity_per_endpoint
+        router = build_router(cfg.routing, state, custom_profiles)
+        return cls(name, cfg, eps, router, gw, set(cfg.models))
+
+    def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
+        now = time.monotonic()
+        fc = self.gateway.flow_control
+        return PoolSnapshot([e.view(now) for e in self.endpoints if e.id not in exclude], now,
+                            self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+
+    def free_slots(self) -> int:
+        """How many queued requests may be released now (flow control)."""
+        snap = self.snapshot()
+        free = 0
+        for e in snap.endpoints:
+            if snap.saturation(e) >= 1.0:
+                continue
+            if e.max_concurrency:
+                free += e.max_concurrency - e.in_flight
+            else:
+                free += 1  # metrics lag: release one per endpoint per refresh
+        return free
+
+    def by_id(self, endpoint_id: str) -> Endpoint:
+        for e in self.endpoints:
+            if e.id == endpoint_id:
+                return e
+        raise KeyError(endpoint_id)
+
+
+class DataLayer:
+    """Owns the background tasks that refresh every pool's endpoints."""
+
+    def __init__(self, pools: list[Pool], cfg: GatewayConfig, on_refresh=None):
+        self.pools = pools
+        self.cfg = cfg
+        self.on_refresh = on_refresh  # called with a pool after its metrics refresh
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        for pool in self.pools:
+            for ep in pool.endpoints:
+                ep.session = aiohttp.ClientSession(
+                    ep.url,
+                    connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
+                    auto_decompress=False,
+                )
+                ep.upstream = UpstreamPool(ep.url, self.cfg.connect_timeout_s, self.cfg.request_timeout_s)
+                ep.scrape = UpstreamPool(ep.url, self.cfg.connect_timeout_s, 1.0, max_idle=2)
+        # one discovery + health round before serving, so /v1/models is right from the start
+        await asyncio.gather(*(self._health_once(p, e) for p in self.pools for e in p.endpoints))
+        for pool in self.pools:
+            self._tasks.append(asyncio.create_task(self._scrape_loop(pool)))
+            self._tasks.append(asyncio.create_task(self._health_loop(pool)))
+            for ep in pool.endpoints:
+                if ep.kv_events:
+                    from inferstack.gateway.kvevents import subscribe
+
+                    self._tasks.append(asyncio.create_task(subscribe(ep, pool.router.state)))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for pool in self.pools:
+            for ep in pool.endpoints:
+                if ep.session is not None:
+                    await ep.session.close()
+                if ep.upstream is not None:
+                    ep.upstream.close()
+                    ep.scrape.close()
+
+    async def _scrape_one(self, ep: Endpoint, now: float) -> None:
+        if not ep.metrics_supported and now - ep.metrics_at < _NO_METRICS_RETRY_S:
+            return
+        try:
+            conn = await ep.scrape.request(b"GET", b"/metrics", _auth_raw(ep), b"")
+            try:
+                body = await conn.read()
+            finally:
+                conn.release()
+        except OSError:
+            return  # metrics age grows; stale endpoints count as saturated
+        if conn.status != 200:
+            ep.metrics_supported = False
+            ep.metrics_at = now
+            return
+        m = parse_engine_metrics(body.decode("utf-8", "replace"))
+        if m is None:
+            ep.metrics_supported = False
+            ep.metrics, ep.metrics_at = None, now
+        else:
+            ep.metrics_supported = True
+            ep.metrics, ep.metrics_at = m, time.monotonic()
+
+    async def _scrape_loop(self, pool: Pool) -> None:
+        interval = self.cfg.scrape_interval_s
+        while True:
+            start = time.monotonic()
+            await asyncio.gather(*(self._scrape_one(e, start) for e in pool.endpoints))
+            if self.on_refresh is not None:
+                self.on_refresh(pool)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - start)))
+
+    async def _health_once(self, pool: Pool, ep: Endpoint) -> None:
+        try:
+            async with ep.session.get("/v1/models", timeout=aiohttp.ClientTimeout(total=2.0),
+                                      headers=_auth(ep)) as r:
+                body = await r.read()
+                ok = r.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            ok, body = False, b""
+        if ok:
+            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+                ep.models = {m["id"] for m in orjson.loads(body).get("data", []) if isinstance(m, dict) and "id" in m}
+            if not pool.config.models:
+                pool.models |= ep.models
+                pool.discovered = True
+            if not ep.active_ok:
+                log.info("endpoint %s is healthy again", ep.id)
+                ep.ejected_until = 0.0
+                ep.failures = 0
+        elif ep.active_ok:
+            log.warning("endpoint %s failed its health check", ep.id)
+        ep.active_ok = ok
+
+    async def _health_loop(self, pool: Pool) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.health_interval_s)
+            await asyncio.gather(*(self._health_once(pool, e) for e in pool.endpoints))
+
+
+def _auth_raw(ep: Endpoint) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", f"Bearer {ep.api_key}".encode())] if ep.api_key else []
+
+
+def _auth(ep: Endpoint) -> dict[str, str]:
+    return {"authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}

@@ -1,0 +1,132 @@
+"""Per-tenant RPM and TPM limits as token buckets (capacity = limit, refill = limit per minute).
+
+RPM takes one token per request. TPM is charged an estimate (prompt chars / 4) on admission and
+settled with the real input + output tokens from the response's usage; the bucket may go into
+debt, which then blocks the tenant until it refills. `RedisLimiter` keeps the buckets in Redis
+(one Lua script, Redis's clock) so several gateway replicas enforce one limit together instead
+of ``limit x replicas``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    rpm: int | None
+    tpm: int | None
+
+
+class Limiter(Protocol):
+    async def acquire(self, tenant: str, limits: Limits, est_tokens: int) -> tuple[float, str]:
+        """(0, "") when admitted, else (seconds to wait, "rpm" | "tpm")."""
+        ...
+
+    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryLimiter:
+    """One replica's buckets: {(tenant, kind): [tokens, last refill time]}."""
+
+    def __init__(self) -> None:
+        self._b: dict[tuple[str, str], list[float]] = {}
+
+    def _level(self, key: tuple[str, str], limit: int, now: float) -> list[float]:
+        b = self._b.get(key)
+        if b is None:
+            b = self._b[key] = [float(limit), now]
+        else:
+            b[0] = min(float(limit), b[0] + (now - b[1]) * limit / 60.0)
+            b[1] = now
+        return b
+
+    async def acquire(self, tenant: str, limits: Limits, est_tokens: int) -> tuple[float, str]:
+        now = time.monotonic()
+        if limits.rpm:
+            r = self._level((tenant, "rpm"), limits.rpm, now)
+            if r[0] < 1.0:
+                return (1.0 - r[0]) * 60.0 / limits.rpm, "rpm"
+        if limits.tpm:
+            t = self._level((tenant, "tpm"), limits.tpm, now)
+            if t[0] <= 0.0:
+                return (-t[0] + 1.0) * 60.0 / limits.tpm, "tpm"
+            t[0] -= est_tokens
+        if limits.rpm:
+            r[0] -= 1.0
+        return 0.0, ""
+
+    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
+        if limits.tpm and delta_tokens:
+            t = self._level((tenant, "tpm"), limits.tpm, time.monotonic())
+            t[0] -= delta_tokens
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS: rpm bucket, tpm bucket. ARGV: rpm limit (0 = none), tpm limit (0 = none), tokens to charge,
+# mode (0 = acquire, 1 = settle). Returns {wait_ms, which} with which 0 = ok, 1 = rpm, 2 = tpm.
+_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local function level(key, limit)
+  local v = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens = tonumber(v[1])
+  local ts = tonumber(v[2])
+  if tokens == nil then return limit end
+  return math.min(limit, tokens + (now - ts) * limit / 60.0)
+end
+local function store(key, tokens)
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(now))
+  redis.call('EXPIRE', key, 120)
+end
+local rpm = tonumber(ARGV[1])
+local tpm = tonumber(ARGV[2])
+local charge = tonumber(ARGV[3])
+if ARGV[4] == '1' then
+  if tpm > 0 then store(KEYS[2], level(KEYS[2], tpm) - charge) end
+  return {0, 0}
+end
+local r = 0
+if rpm > 0 then
+  r = level(KEYS[1], rpm)
+  if r < 1 then return {math.ceil((1 - r) * 60000 / rpm), 1} end
+end
+if tpm > 0 then
+  local tk = level(KEYS[2], tpm)
+  if tk <= 0 then return {math.ceil((1 - tk) * 60000 / tpm), 2} end
+  store(KEYS[2], tk - charge)
+end
+if rpm > 0 then store(KEYS[1], r - 1) end
+return {0, 0}
+"""
+
+
+class RedisLimiter:
+    def __init__(self, url: str, prefix: str = "inferstack:gw:limit:"):
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.from_url(url)
+        self._script = self._redis.register_script(_LUA)
+        self._prefix = prefix
+
+    async def _run(self, tenant: str, limits: Limits, tokens: int, mode: int) -> tuple[float, str]:
+        p = self._prefix + tenant
+        wait_ms, which = await self._script(keys=[p + ":rpm", p + ":tpm"],
+                                            args=[limits.rpm or 0, limits.tpm or 0, tokens, mode])
+        return int(wait_ms) / 1000.0, ("", "rpm", "tpm")[int(which)]
+
+    async def acquire(self, tenant: str, limits: Limits, est_tokens: int) -> tuple[float, str]:
+        return await self._run(tenant, limits, est_tokens, 0)
+
+    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
+        if limits.tpm and delta_tokens:
+            await self._run(tenant, limits, delta_tokens, 1)
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,56 @@
+"""Filters narrow the candidate endpoints. Those marked fail-open return the input unchanged
+when they would remove every endpoint (GIE's behaviour): a busy endpoint beats a 503."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from inferstack.gateway.routing.state import RouteContext
+from inferstack.gateway.routing.types import EndpointView
+
+Filter = Callable[[RouteContext, list[EndpointView]], list[EndpointView]]
+
+
+def healthy(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointView]:
+    """Drop endpoints that fail health checks or are passively ejected (fail closed)."""
+    return [e for e in cands if e.healthy]
+
+
+def not_saturated(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointView]:
+    """Drop saturated endpoints (queue, KV, stale metrics, in-flight cap); fail open."""
+    snap = ctx.snapshot
+    kept = [e for e in cands if snap.saturation(e) < 1.0]
+    return kept or cands
+
+
+# An endpoint is overloaded when its load exceeds twice the least-loaded endpoint's plus this slack;
+# the relative bound keeps prefix affinity through ordinary imbalance (GIE's absolute queue/KV
+# thresholds evict hot prefixes from their holder exactly when caching matters most).
+OVERLOAD_SLACK = 8.0
+
+
+def not_overloaded(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointView]:
+    """Drop endpoints whose load > 2 x min load + slack, and stale ones; never empties the list."""
+    snap = ctx.snapshot
+    fresh = [e for e in cands if not e.stale(snap.stale_after_s)] or cands
+    loads = [e.load() for e in fresh]
+    bound = 2.0 * min(loads) + OVERLOAD_SLACK
+    return [e for e, v in zip(fresh, loads, strict=True) if v <= bound]
+
+
+def lora_capable(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointView]:
+    """For adapter requests keep endpoints with the adapter loaded or room to load it; fail open."""
+    adapter = ctx.request.adapter
+    if not adapter:
+        return cands
+    kept = [e for e in cands if adapter in e.adapters_active or adapter in e.adapters_waiting
+            or (e.max_lora and len(e.adapters_active) + len(e.adapters_waiting) < e.max_lora)]
+    return kept or cands
+
+
+FILTERS: dict[str, Filter] = {
+    "healthy": healthy,
+    "not-saturated": not_saturated,
+    "not-overloaded": not_overloaded,
+    "lora-capable": lora_capable,
+}

@@ -1,0 +1,144 @@
+"""Prefix indexes: which endpoint probably holds a request's prefix in its KV cache.
+
+* `ApproxPrefixIndex` learns from the gateway's own routing decisions: a hash chain over the
+  request text in fixed-size character blocks (GIE uses 16 tokens x 4 chars), remembered per
+  endpoint in an LRU with a hard capacity, so memory stays bounded (production-stack's unbounded
+  HashTrie ran routers out of memory).
+* `PreciseIndex` is fed by the engines' KV events (BlockStored / BlockRemoved / AllBlocksCleared
+  carrying DESIGN.md's 32-byte block hashes), so it knows what the engines really hold.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import xxhash
+
+# Tier credit for a block held outside device memory (llm-d: gpu 1.0, cpu 0.8).
+MEDIUM_WEIGHT = {"device": 1.0, "host": 0.8, "disk": 0.6, "remote": 0.5}
+
+
+def text_prefix_hashes(parts: Iterable[str], seed_text: str, block_chars: int, max_blocks: int) -> list[int]:
+    """Hash chain over the concatenated text: h0 = xxh3(seed), h_i = xxh3(block_i, seed=h_{i-1}).
+
+    The trailing partial block is hashed too (GIE does the same); work is capped at
+    ``max_blocks`` blocks so long prompts cost a bounded amount.
+    """
+    limit = block_chars * max_blocks
+    buf: list[str] = []
+    size = 0
+    for p in parts:
+        if size >= limit:
+            break
+        buf.append(p)
+        size += len(p)
+    data = "".join(buf)[:limit].encode("utf-8", "surrogatepass")
+    h = xxhash.xxh3_64_intdigest(seed_text.encode("utf-8", "surrogatepass"))
+    # byte blocks: the encoded size may exceed the char count for non-ASCII text; cap again
+    step = block_chars
+    n = min(max_blocks, (len(data) + step - 1) // step)
+    out = [0] * n
+    digest = xxhash.xxh3_64_intdigest
+    for i in range(n):
+        h = digest(data[i * step:(i + 1) * step], h)
+        out[i] = h
+    return out
+
+
+class ApproxPrefixIndex:
+    """Per-endpoint LRU of block hashes plus a reverse map hash -> endpoints."""
+
+    def __init__(self, capacity_per_endpoint: int = 31_250):
+        self.capacity = capacity_per_endpoint
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._holders: dict[int, set[str]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._lru.values())
+
+    def insert(self, endpoint: str, hashes: Sequence[int]) -> None:
+        lru = self._lru.get(endpoint)
+        if lru is None:
+            lru = self._lru[endpoint] = OrderedDict()
+        holders = self._holders
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+                continue
+            lru[h] = None
+            s = holders.get(h)
+            if s is None:
+                holders[h] = {endpoint}
+            else:
+                s.add(endpoint)
+        while len(lru) > self.capacity:
+            old, _ = lru.popitem(last=False)
+            s = holders.get(old)
+            if s is not None:
+                s.discard(endpoint)
+                if not s:
+                    del holders[old]
+
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Consecutive blocks from the start that each endpoint holds (greedy, stops at the
+        first block nobody holds)."""
+        counts: dict[str, int] = {}
+        holders = self._holders
+        for i, h in enumerate(hashes):
+            s = holders.get(h)
+            if not s:
+                break
+            progressed = False
+            for e in s:
+                if counts.get(e, 0) == i:
+                    counts[e] = i + 1
+                    progressed = True
+            if not progressed:
+                break
+        return counts
+
+
+class PreciseIndex:
+    """Block hashes each endpoint reported through KV events, with the medium holding them."""
+
+    def __init__(self, capacity_per_endpoint: int = 1_000_000):
+        self.capacity = capacity_per_endpoint
+        self._blocks: dict[str, OrderedDict[bytes, str]] = {}
+
+    def stored(self, endpoint: str, hashes: Iterable[bytes], medium: str = "device") -> None:
+        od = self._blocks.get(endpoint)
+        if od is None:
+            od = self._blocks[endpoint] = OrderedDict()
+        for h in hashes:
+            od[h] = medium
+            od.move_to_end(h)
+        while len(od) > self.capacity:
+            od.popitem(last=False)
+
+    def removed(self, endpoint: str, hashes: Iterable[bytes], medium: str | None = None) -> None:
+        od = self._blocks.get(endpoint)
+        if od is None:
+            return
+        for h in hashes:
+            if medium is None or od.get(h) == medium:
+                od.pop(h, None)
+
+    def cleared(self, endpoint: str) -> None:
+        self._blocks.pop(endpoint, None)
+
+    def blocks(self, endpoint: str) -> int:
+        return len(self._blocks.get(endpoint, ()))
+
+    def match(self, endpoint: str, hashes: Sequence[bytes]) -> float:
+        """Tier-weighted count of the longest consecutive prefix this endpoint holds."""
+        od = self._blocks.get(endpoint)
+        if not od:
+            return 0.0
+        total = 0.0
+        for h in hashes:
+            medium = od.get(h)
+            if medium is None:
+                break
+            total += MEDIUM_WEIGHT.get(medium, 0.5)
+        return total

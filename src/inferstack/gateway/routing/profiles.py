@@ -1,0 +1,144 @@
+"""Profiles (filters -> weighted scorers -> picker), profile handlers and the `Router`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from inferstack.gateway.routing.filters import Filter
+from inferstack.gateway.routing.pickers import Picker
+from inferstack.gateway.routing.scorers import Scorer
+from inferstack.gateway.routing.state import RouteContext, RoutingState
+from inferstack.gateway.routing.types import EndpointView, PoolSnapshot, RequestView
+
+
+@dataclass(slots=True)
+class Pick:
+    endpoint: EndpointView
+    reason: str  # the scorer that decided (largest weighted margin), "tie", "only", or a policy step
+
+
+class Policy(Protocol):
+    name: str
+
+    def pick(self, ctx: RouteContext, cands: list[EndpointView]) -> Pick | None: ...
+
+
+@dataclass
+class Profile:
+    """score(e) = sum_i w_i * clamp(s_i(e), 0, 1); the picker chooses among the candidates."""
+
+    name: str
+    filters: Sequence[tuple[str, Filter]]
+    scorers: Sequence[tuple[str, Scorer, float]]
+    picker: Picker
+
+    def pick(self, ctx: RouteContext, cands: list[EndpointView]) -> Pick | None:
+        for _, f in self.filters:
+            cands = f(ctx, cands)
+            if not cands:
+                return None
+        if len(cands) == 1:
+            return Pick(cands[0], "only")
+        n = len(cands)
+        totals = [0.0] * n
+        parts: list[tuple[str, float, list[float]]] = []
+        for sname, scorer, weight in self.scorers:
+            if weight == 0:
+                continue
+            s = scorer(ctx, cands)
+            parts.append((sname, weight, s))
+            for i in range(n):
+                v = s[i]
+                totals[i] += weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
+        i = self.picker(ctx, cands, totals)
+        return Pick(cands[i], _deciding_scorer(i, totals, parts))
+
+
+def _deciding_scorer(chosen: int, totals: list[float], parts: list[tuple[str, float, list[float]]]) -> str:
+    """The scorer with the largest weighted margin of the chosen endpoint over the runner-up."""
+    runner = max((j for j in range(len(totals)) if j != chosen), key=lambda j: totals[j])
+    if abs(totals[chosen] - totals[runner]) < 1e-9:
+        return "tie"
+    best_name, best_margin = "tie", 0.0
+    for name, w, s in parts:
+        margin = w * (s[chosen] - s[runner])
+        if margin > best_margin:
+            best_name, best_margin = name, margin
+    return best_name
+
+
+@dataclass
+class CacheAware:
+    """SGLang / vllm-router `cache_aware`: balance by in-flight load when the load is imbalanced
+    (abs and rel thresholds), else route to the longest prefix match above `cache_threshold`,
+    else to the least-loaded endpoint (ties to the lowest index, as upstream)."""
+
+    name: str = "cache-aware"
+    cache_threshold: float = 0.3
+    balance_abs_threshold: float = 64
+    balance_rel_threshold: float = 1.5
+
+    def pick(self, ctx: RouteContext, cands: list[EndpointView]) -> Pick | None:
+        cands = [e for e in cands if e.healthy]
+        if not cands:
+            return None
+        loads = [e.in_flight for e in cands]
+        lo, hi = min(loads), max(loads)
+        least = loads.index(lo)
+        if hi - lo > self.balance_abs_threshold and hi > self.balance_rel_threshold * lo:
+            return Pick(cands[least], "balance")
+        m = ctx.approx_matches()
+        if m and ctx.request.prompt_chars:
+            best = max(range(len(cands)), key=lambda i: m.get(cands[i].id, 0))
+            matched_chars = m.get(cands[best].id, 0) * ctx.state.block_chars
+            if min(1.0, matched_chars / ctx.request.prompt_chars) > self.cache_threshold:
+                return Pick(cands[best], "prefix")
+        return Pick(cands[least], "least-load")
+
+
+class ProfileHandler(Protocol):
+    def profiles(self, req: RequestView, snap: PoolSnapshot) -> Sequence[tuple[str, Policy]]:
+        """(role, policy) pairs to run for this request; the first role is the primary pick."""
+        ...
+
+
+@dataclass
+class SingleProfile:
+    policy: Policy
+
+    def profiles(self, req: RequestView, snap: PoolSnapshot) -> Sequence[tuple[str, Policy]]:
+        return (("primary", self.policy),)
+
+
+@dataclass(slots=True)
+class RoutingResult:
+    endpoint: EndpointView
+    profile: str
+    reason: str
+    others: dict[str, EndpointView] = field(default_factory=dict)  # extra roles (e.g. prefill)
+
+
+@dataclass
+class Router:
+    handler: ProfileHandler
+    state: RoutingState
+
+    def route(self, req: RequestView, snap: PoolSnapshot) -> RoutingResult | None:
+        """Pick endpoints for ``req`` and record the decision in the routing state."""
+        ctx = RouteContext(req, snap, self.state)
+        cold = ctx.cold()
+        result: RoutingResult | None = None
+        for role, policy in self.handler.profiles(req, snap):
+            pick = policy.pick(ctx, list(snap.endpoints))
+            if pick is None:
+                if result is None:
+                    return None
+                continue
+            if result is None:
+                result = RoutingResult(pick.endpoint, policy.name, pick.reason)
+            else:
+                result.others[role] = pick.endpoint
+            self.state.record(req, pick.endpoint.id, cold)
+        return result

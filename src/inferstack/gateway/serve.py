@@ -1,0 +1,70 @@
+"""Run the gateway under uvicorn (uvloop + httptools) with the DESIGN.md server contract:
+binds 127.0.0.1 by default, accepts port 0, writes ``--ready-file`` once serving, SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from inferstack.config.schema import InferstackConfig
+from inferstack.gateway.server import Gateway
+
+
+def make_tracer_provider(cfg: InferstackConfig) -> Any:
+    tr = cfg.gateway.tracing
+    if tr.exporter == "none":
+        return None
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "inferstack-gateway"}))
+    if tr.exporter == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise RuntimeError("tracing.exporter: otlp needs `pip install opentelemetry-exporter-otlp-proto-http`") from exc
+        exporter = OTLPSpanExporter(endpoint=tr.endpoint) if tr.endpoint else OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def serve(cfg: InferstackConfig, ready_file: Path | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = cfg.gateway.host, cfg.gateway.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    app = Gateway(cfg, tracer_provider=make_tracer_provider(cfg))
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+                            log_level="warning", timeout_graceful_shutdown=30, backlog=4096,
+                            proxy_headers=False, server_header=False)
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                await task
+                return
+            await asyncio.sleep(0.02)
+        h = f"[{host}]" if ":" in host else host
+        line = json.dumps({"urls": [f"http://{h}:{bound}"], "pid": os.getpid()})
+        print(line, flush=True)
+        if ready_file is not None:
+            ready_file.write_text(line + "\n")
+        await task
+
+    import uvloop
+
+    uvloop.run(main())

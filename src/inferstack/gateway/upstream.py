@@ -1,0 +1,230 @@
+"""A lean HTTP/1.1 client for the gateway's upstream calls (keep-alive pool per endpoint).
+
+Each request is one socket write (request line, headers and body joined) and responses are parsed
+by httptools as bytes arrive; streamed bodies are handed over chunk by chunk. This does a fraction
+of a general-purpose client's per-request work, which matters because a Python gateway is judged
+against Rust routers. Only what engines speak is supported: HTTP/1.1 over TCP, Content-Length or
+chunked bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from urllib.parse import urlsplit
+
+import httptools
+
+
+class UpstreamError(ConnectionError):
+    """The connection failed, closed early, or timed out."""
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = ("_chunks", "_done", "_error", "_headers", "_parser", "_read_timer", "_waiter", "closed",
+                 "content_type", "got_bytes", "keep_alive", "loop", "pool", "read_timeout", "status", "transport")
+
+    def __init__(self, pool: UpstreamPool):
+        self.pool = pool
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.read_timeout = pool.read_timeout
+        self._parser = httptools.HttpResponseParser(self)
+        self._error: BaseException | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.content_type = b"application/json"
+        self.keep_alive = True
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._done = False
+        self._headers = False
+        self._waiter: asyncio.Future | None = None
+        self._read_timer: asyncio.TimerHandle | None = None
+        self.got_bytes = False
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = self.loop.call_later(self.read_timeout, self._timed_out)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"malformed upstream response: {exc}"))
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self._done:
+            self._fail(UpstreamError(f"upstream closed the connection{f': {exc}' if exc else ''}"))
+
+    # --- httptools callbacks ---
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 12 and name.lower() == b"content-type":
+            self.content_type = value
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.keep_alive = self._parser.should_keep_alive()
+        self._headers = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self._done = True
+        self._stop_timer()
+        self._wake()
+
+    # --- helpers ---
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._stop_timer()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(exc)
+        self._error = exc
+
+    def _timed_out(self) -> None:
+        self._fail(UpstreamError(f"no data from upstream for {self.read_timeout:g}s"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _stop_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    # --- request API ---
+    def send(self, data: bytes) -> None:
+        self._reset()
+        self._error = None
+        self._read_timer = self.loop.call_later(self.read_timeout, self._timed_out)
+        self.transport.write(data)
+
+    async def headers(self) -> None:
+        while not self._headers:
+            await self._wait()
+
+    async def read(self) -> bytes:
+        while not self._done:
+            await self._wait()
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+    async def next_chunk(self) -> bytes | None:
+        """The next body bytes as they arrived (several network reads joined), None at the end."""
+        while not self._chunks:
+            if self._done:
+                return None
+            await self._wait()
+        if len(self._chunks) == 1:
+            return self._chunks.popleft()
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+    def release(self) -> None:
+        """Back to the pool if the exchange finished cleanly, else close."""
+        self._stop_timer()
+        if self._done and self.keep_alive and not self.closed and self._error is None:
+            self.pool._idle.append(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self._stop_timer()
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one endpoint."""
+
+    def __init__(self, base_url: str, connect_timeout: float, read_timeout: float, max_idle: int = 256):
+        u = urlsplit(base_url)
+        if u.scheme != "http":
+            raise ValueError("the lean upstream client speaks plain http only")
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 80
+        self.hostport = u.netloc.encode()
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self._idle: list[_Conn] = []
+
+    def _head(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body_len: int) -> bytes:
+        parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", self.hostport, b"\r\ncontent-length: ",
+                 str(body_len).encode(), b"\r\n"]
+        for k, v in headers:
+            parts += [k, b": ", v, b"\r\n"]
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: _Conn(self), self.host, self.port), self.connect_timeout)
+        except (TimeoutError, OSError) as exc:
+            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc or 'timeout'}") from None
+        return proto  # type: ignore[return-value]
+
+    async def request(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> _Conn:
+        """Send a request; returns the connection once the response headers are in.
+        The caller must `release()` (or `close()`) it."""
+        data = self._head(method, path, headers, len(body)) + body
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.closed:
+                continue
+            conn.send(data)
+            try:
+                await conn.headers()
+                return conn
+            except UpstreamError:
+                conn.close()
+                if conn.got_bytes:
+                    raise
+                # the server closed an idle keep-alive connection: try a fresh one
+                break
+            except BaseException:
+                conn.close()
+                raise
+        conn = await self._connect()
+        conn.send(data)
+        try:
+            await conn.headers()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        for c in self._idle:
+            c.close()
+        self._idle.clear()

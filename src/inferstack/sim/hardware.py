@@ -1,0 +1,86 @@
+"""Hardware catalog: peak compute, memory bandwidth and the efficiency constants of the roofline model.
+
+Peak numbers are vendor dense (no sparsity) figures. Efficiencies and overheads are what a well-tuned
+engine reaches in practice (research/scaling_obs_bench.md §4.1); `cpu` is fitted on this machine by
+`inferstack engine calibrate` and can be replaced by a file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+TB = 1e12
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops: float            # dense FLOP/s at the compute dtype (bf16 on GPUs)
+    mem_bandwidth: float         # bytes/s of device memory
+    memory_bytes: float          # device memory capacity
+    mfu_prefill: float = 0.5     # achieved share of peak FLOP/s on large GEMMs
+    mfu_decode: float = 0.5
+    bw_efficiency: float = 0.8   # achieved share of peak bandwidth when streaming weights and KV
+    step_overhead_s: float = 0.0       # fixed per step: launch, scheduler, sampling
+    seq_overhead_s: float = 0.0        # per sequence in the batch (Python-side bookkeeping, sampling)
+    token_overhead_s: float = 0.0      # per scheduled token (embedding gather, logits copy on CPU)
+    link_bandwidth: float = 0.0        # bytes/s between devices for tensor parallelism (0: no TP)
+    link_latency_s: float = 0.0
+
+    def to_dict(self) -> dict[str, float | str]:
+        return asdict(self)
+
+
+# Peak bf16 dense FLOP/s and HBM bandwidth (SXM parts where there is a choice).
+_CATALOG: dict[str, Hardware] = {
+    "h100": Hardware("h100", peak_flops=989.4 * TB, mem_bandwidth=3.35 * TB, memory_bytes=80 * GB,
+                     step_overhead_s=0.5e-3, seq_overhead_s=5e-6, link_bandwidth=450 * GB, link_latency_s=8e-6),
+    "h200": Hardware("h200", peak_flops=989.4 * TB, mem_bandwidth=4.8 * TB, memory_bytes=141 * GB,
+                     step_overhead_s=0.5e-3, seq_overhead_s=5e-6, link_bandwidth=450 * GB, link_latency_s=8e-6),
+    "a100": Hardware("a100", peak_flops=312 * TB, mem_bandwidth=2.039 * TB, memory_bytes=80 * GB,
+                     step_overhead_s=0.7e-3, seq_overhead_s=6e-6, link_bandwidth=300 * GB, link_latency_s=10e-6),
+    "l4": Hardware("l4", peak_flops=121 * TB, mem_bandwidth=0.3 * TB, memory_bytes=24 * GB,
+                   step_overhead_s=0.8e-3, seq_overhead_s=8e-6),
+    # This development machine (2 shared cores), 1 torch thread, fp32 weights, fitted by
+    # `inferstack engine calibrate --model smollm2-135m` while the machine was busy (load ~10); refit
+    # before comparing: the calibration file in the cache replaces this entry.
+    "cpu": Hardware("cpu", peak_flops=2.0e12, mem_bandwidth=2.5 * GB, memory_bytes=16 * GB,
+                    mfu_prefill=1.0, mfu_decode=1.0, bw_efficiency=1.0,
+                    step_overhead_s=0.092, seq_overhead_s=8.2e-3, token_overhead_s=12.2e-3),
+}
+
+
+class UnknownHardware(KeyError):
+    pass
+
+
+def hardware_names() -> list[str]:
+    return sorted(_CATALOG)
+
+
+def get_hardware(name: str, overrides_file: Path | None = None) -> Hardware:
+    """A catalog entry by name (case-insensitive), or one loaded from a JSON file of Hardware fields."""
+    if overrides_file is not None:
+        return load_hardware_file(overrides_file)
+    key = name.lower()
+    if key not in _CATALOG:
+        raise UnknownHardware(f"unknown hardware {name!r}; known: {', '.join(hardware_names())}")
+    return _CATALOG[key]
+
+
+def load_hardware_file(path: Path) -> Hardware:
+    data = json.loads(Path(path).read_text())
+    fields = set(Hardware.__dataclass_fields__)
+    unknown = set(data) - fields
+    if unknown:
+        raise ValueError(f"{path}: unknown hardware fields {sorted(unknown)}; allowed: {sorted(fields)}")
+    base = _CATALOG.get(str(data.get("name", "")).lower())
+    return replace(base, **data) if base else Hardware(**data)
+
+
+def save_hardware_file(hw: Hardware, path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(hw.to_dict(), indent=2) + "\n")

@@ -1,0 +1,102 @@
+"""Roofline step-time model for a dense decoder (research/scaling_obs_bench.md §4.1).
+
+A step is what the engine scheduler hands the executor: for each scheduled sequence, how many tokens
+it already has in the KV cache (`context`) and how many new tokens run this step (`new_tokens`; 1 for
+decode, a prompt chunk for prefill). The cost of a step is the sum of its parts; its time is the
+larger of compute time and memory time, plus tensor-parallel communication and fixed overheads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from inferstack.sim.hardware import Hardware
+from inferstack.sim.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class SeqWork:
+    context: int          # tokens already in the KV cache before this step
+    new_tokens: int       # tokens computed this step
+    samples: bool = True  # produces a token (decode, or the last chunk of a prompt)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    prefill_flops: float
+    decode_flops: float
+    weight_bytes: float
+    kv_bytes: float
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    overhead_s: float
+
+    @property
+    def flops(self) -> float:
+        return self.prefill_flops + self.decode_flops
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.kv_bytes
+
+    @property
+    def time_s(self) -> float:
+        return max(self.compute_s, self.memory_s) + self.comm_s + self.overhead_s
+
+
+def seq_flops(model: ModelSpec, work: SeqWork) -> float:
+    """GEMM FLOPs for the new tokens plus causal attention over context + new tokens."""
+    p, c = work.new_tokens, work.context
+    gemm = 2.0 * model.num_layers * model.layer_params * p
+    lm_head = 2.0 * model.embedding_params if work.samples else 0.0
+    # QK^T and AV: 2 FLOPs per multiply-add, each over the attended keys (c + causal half of p).
+    attn = 4.0 * model.num_layers * model.q_dim * (p * c + p * (p + 1) / 2)
+    return gemm + lm_head + attn
+
+
+def step_cost(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> StepCost:
+    items = [w for w in batch if w.new_tokens > 0]
+    if not items:
+        return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    prefill_flops = sum(seq_flops(model, w) for w in items if w.new_tokens > 1)
+    decode_flops = sum(seq_flops(model, w) for w in items if w.new_tokens == 1)
+    weight_bytes = model.weight_bytes_total
+    kv_bytes = model.kv_bytes_per_token * sum(w.context + w.new_tokens for w in items)
+    compute_s = (prefill_flops / (hw.peak_flops * hw.mfu_prefill)
+                 + decode_flops / (hw.peak_flops * hw.mfu_decode)) / tp
+    memory_s = (weight_bytes + kv_bytes) / (hw.mem_bandwidth * hw.bw_efficiency) / tp
+    tokens = sum(w.new_tokens for w in items)
+    comm_s = 0.0
+    if tp > 1:
+        if hw.link_bandwidth <= 0:
+            raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth for tensor parallelism")
+        per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * tokens * model.hidden_size * 2 / hw.link_bandwidth
+        comm_s = 2 * model.num_layers * per_allreduce
+    overhead_s = hw.step_overhead_s + hw.seq_overhead_s * len(items) + hw.token_overhead_s * tokens
+    return StepCost(prefill_flops, decode_flops, weight_bytes, kv_bytes, compute_s, memory_s,
+                    comm_s, overhead_s)
+
+
+def step_time(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> float:
+    return step_cost(model, hw, batch, tp).time_s
+
+
+def decode_floor_s(model: ModelSpec, hw: Hardware, tp: int = 1) -> float:
+    """The least time a decode step can take: streaming all weights once at peak bandwidth."""
+    return model.weight_bytes_total / hw.mem_bandwidth / tp
+
+
+def ridge_batch(model: ModelSpec, hw: Hardware) -> float:
+    """Decode batch size above which weight GEMMs turn compute-bound (arithmetic intensity 2B/b_w)."""
+    return hw.peak_flops / hw.mem_bandwidth * model.weight_bytes / 2
+
+
+def kv_capacity_tokens(model: ModelSpec, hw: Hardware, memory_utilization: float = 0.9, tp: int = 1,
+                       activation_bytes: float = 0.0) -> int:
+    free = hw.memory_bytes * memory_utilization * tp - model.weight_bytes_total - activation_bytes
+    if free <= 0:
+        raise ValueError(f"{model.name} ({model.weight_bytes_total / 1e9:.1f} GB of weights) does not fit "
+                         f"{tp}× {hw.name} at memory utilization {memory_utilization}")
+    return int(free // model.kv_bytes_per_token)

@@ -1,0 +1,56 @@
+"""Emulation profiles: `HARDWARE[xTP]:MODEL`, e.g. `h100:llama-3-8b`, `h100x4:llama-3-70b`,
+`cpu:smollm2-135m`. HARDWARE is a catalog name or a hardware JSON file; MODEL a catalog name or an
+HF config.json. `cpu` uses the calibration written by `inferstack engine calibrate` when one exists."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferstack.sim.hardware import Hardware, get_hardware, load_hardware_file
+from inferstack.sim.models import ModelSpec, get_model
+
+_HW = re.compile(r"^(?P<name>.+?)(?:x(?P<tp>\d+))?$")
+
+
+def calibration_path() -> Path:
+    root = Path(os.environ.get("INFERSTACK_CACHE_DIR") or Path.home() / ".cache" / "inferstack")
+    return root / "hardware" / "cpu.json"
+
+
+@dataclass(frozen=True)
+class Profile:
+    hardware: Hardware
+    model: ModelSpec
+    tp: int = 1
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or f"{self.hardware.name}:{self.model.name}"
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def parse_profile(text: str, calibration: Path | None = None) -> Profile:
+    hw_part, sep, model_part = text.partition(":")
+    if not sep or not hw_part or not model_part:
+        raise ProfileError(f"--emulate {text!r}: expected HARDWARE:MODEL, e.g. h100:llama-3-8b or cpu:smollm2-135m")
+    try:
+        if hw_part.endswith(".json") and Path(hw_part).is_file():
+            hw, tp = load_hardware_file(Path(hw_part)), 1
+        else:
+            m = _HW.match(hw_part.lower())
+            assert m is not None
+            tp = int(m.group("tp") or 1)
+            cal = calibration or calibration_path()
+            hw = load_hardware_file(cal) if m.group("name") == "cpu" and cal.is_file() else get_hardware(m.group("name"))
+        model = get_model(model_part)
+    except (KeyError, ValueError) as e:
+        raise ProfileError(f"--emulate {text!r}: {e.args[0] if e.args else e}") from None
+    if tp < 1:
+        raise ProfileError(f"--emulate {text!r}: tensor parallel degree must be >= 1")
+    return Profile(hw, model, tp, text)

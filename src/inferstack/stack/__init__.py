@@ -1,0 +1,1 @@
+"""The local supervisor behind `inferstack up`: engines, gateway, dashboard and Prometheus as children."""

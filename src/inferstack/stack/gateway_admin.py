@@ -1,0 +1,53 @@
+"""Tell the gateway which endpoints are in the pool, so a crashed replica is out until it is back.
+
+Desired-state and idempotent: the supervisor always sends the full list of ready endpoints
+(`PUT /admin/pools/{pool}/endpoints`), never add/remove deltas that could be lost or reordered.
+A gateway without the hook answers 404/405: then the supervisor relies on the gateway's own health
+checks and restarts replicas on their old port so the URL the gateway knows stays valid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+ADMIN_PATH = "/admin/pools/{pool}/endpoints"
+
+
+@dataclass(frozen=True)
+class PoolEndpoint:
+    url: str
+    name: str
+    model: str | None = None
+
+
+class PoolHook:
+    def __init__(self, gateway_url: str, client: httpx.AsyncClient, pool: str = "default") -> None:
+        self.gateway_url = gateway_url.rstrip("/")
+        self.pool = pool
+        self.client = client
+        self.supported: bool | None = None   # unknown until the first call
+
+    async def set_endpoints(self, endpoints: list[PoolEndpoint]) -> bool:
+        """Replace the pool's endpoint list; False when the gateway has no hook or is unreachable."""
+        if self.supported is False:
+            return False
+        body = {"endpoints": [{"url": e.url, "name": e.name, **({"model": e.model} if e.model else {})}
+                              for e in endpoints]}
+        try:
+            r = await self.client.put(self.gateway_url + ADMIN_PATH.format(pool=self.pool), json=body, timeout=5.0)
+        except httpx.HTTPError as e:
+            log.warning("gateway pool update failed: %s", e)
+            return False
+        if r.status_code in (404, 405):
+            self.supported = False
+            return False
+        if r.status_code >= 400:
+            log.warning("gateway rejected pool update (%s): %s", r.status_code, r.text[:300])
+            return False
+        self.supported = True
+        return True

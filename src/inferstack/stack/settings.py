@@ -1,0 +1,64 @@
+"""What `inferstack up` needs to know: the `up` section of inferstack.yaml, overridable from the CLI."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RestartPolicy(BaseModel):
+    """How a crashed child comes back: exponential backoff, reset after a stable period."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_backoff_s: float = Field(1.0, gt=0, description="Delay before the first restart.")
+    max_backoff_s: float = Field(30.0, gt=0, description="Upper bound of the doubling delay.")
+    stable_after_s: float = Field(60.0, gt=0, description="Healthy this long resets the backoff.")
+    health_interval_s: float = Field(1.0, gt=0, description="How often children are health-checked.")
+    health_failures: int = Field(
+        10, ge=1, description="Consecutive failed /health checks (5 s timeout each) before a hung child is "
+        "killed and restarted; a busy CPU engine can answer slowly, so keep this generous.")
+
+
+class UpSettings(BaseModel):
+    """The `up` section: the local stack `inferstack up` runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="Model every engine replica serves (alias, .gguf, HF dir).")
+    replicas: int = Field(2, ge=1, le=64, description="Number of engine replicas.")
+    host: str = Field("127.0.0.1", description="Address the gateway binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Gateway port; 0 lets the OS choose.")
+    threads: int | None = Field(
+        None, ge=1, description="Torch threads per engine; default: the usable cores split between replicas."
+    )
+    emulate: str | None = Field(
+        None, description="Emulate engines instead of running a model, e.g. 'h100:llama-3-8b'."
+    )
+    engine_args: list[str] = Field(default_factory=list, description="Extra args for `inferstack engine serve`.")
+    gateway_args: list[str] = Field(default_factory=list, description="Extra args for `inferstack gateway serve`.")
+    with_prometheus: bool = Field(False, description="Also start a Prometheus that scrapes the stack.")
+    prometheus_binary: str = Field("prometheus", description="Prometheus executable (name on PATH or path).")
+    scrape_interval_s: float = Field(2.0, gt=0, description="Prometheus scrape and rule interval.")
+    ready_timeout_s: float = Field(600.0, gt=0, description="How long a child may take to become ready.")
+    stop_timeout_s: float = Field(15.0, gt=0, description="Bounded wait after SIGTERM before SIGKILL.")
+    log_dir: str | None = Field(None, description="Where child logs go; default: a fresh temp directory.")
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+
+    @field_validator("emulate")
+    @classmethod
+    def _emulate_shape(cls, v: str | None) -> str | None:
+        if v is not None and ":" not in v:
+            raise ValueError(f"emulate must look like HARDWARE:MODEL (e.g. 'h100:llama-3-8b'), got {v!r}")
+        return v
+
+    def threads_per_engine(self) -> int:
+        return self.threads or max(1, usable_cores() // self.replicas)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

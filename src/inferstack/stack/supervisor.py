@@ -1,0 +1,384 @@
+"""The supervisor behind `inferstack up`: start engines then the gateway, watch them, restart, stop.
+
+Lifecycle
+1. Preflight (port free, model package present, Prometheus installed) → precise error, nothing started.
+2. Engines start in parallel on `--port 0` with `--ready-file`; progress shows each one's last log line.
+3. The gateway starts on the user's port with the engines as backends.
+4. Watch: every `health_interval_s` each ready child is checked (process alive, `/health` 200). A dead
+   or repeatedly unhealthy engine is taken out of the gateway's pool (`PoolHook`), restarted after an
+   exponential backoff on its old port, and put back once ready.
+5. SIGINT/SIGTERM: gateway first (it drains in-flight requests while engines still answer), then
+   engines, then Prometheus; each gets SIGTERM and a bounded wait, then SIGKILL. A second signal
+   kills at once. Children also die with the supervisor itself (see `children.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+import inferstack
+from inferstack.stack import plan
+from inferstack.stack import prometheus as prom
+from inferstack.stack.children import Child, ChildFailed, ChildState
+from inferstack.stack.gateway_admin import PoolEndpoint, PoolHook
+from inferstack.stack.preflight import preflight
+from inferstack.stack.progress import Reporter
+from inferstack.stack.settings import RestartPolicy, UpSettings
+
+
+def backoff_s(failures: int, policy: RestartPolicy) -> float:
+    """Delay before restart number `failures` (1-based): initial, 2×, 4×, … capped at the maximum."""
+    return min(policy.max_backoff_s, policy.initial_backoff_s * 2 ** max(0, failures - 1))
+
+
+def _port_of(url: str) -> int:
+    return urlsplit(url).port or 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Supervisor:
+    def __init__(self, settings: UpSettings, reporter: Reporter | None = None,
+                 ready_file: Path | None = None, python: str = sys.executable,
+                 config_file: Path | None = None) -> None:
+        self.settings = settings
+        self.config_file = str(config_file.resolve()) if config_file else None  # the gateway reads it too
+        self.reporter = reporter or Reporter()
+        self.ready_file = ready_file
+        self.python = python
+        self.engines: list[Child] = []
+        self.gateway: Child | None = None
+        self.prometheus: Child | None = None
+        self.dashboard_url: str | None = None
+        self.model_name = settings.model
+        self.log_dir = Path(settings.log_dir or tempfile.mkdtemp(prefix="inferstack-up-"))
+        self._stop = asyncio.Event()
+        self._forced = False
+        self._restarts: dict[str, asyncio.Task[None]] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._pool: PoolHook | None = None
+        self._dashboard_server: Any = None
+        self._env = self._child_env()
+
+    # ---- entry point -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """0 after a clean stop, 1 when the stack could not start. PreflightError propagates."""
+        prometheus_path = preflight(self.settings)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        started = time.monotonic()
+        try:
+            async with httpx.AsyncClient() as client:
+                self._client = client
+                if not await self._start_all(prometheus_path):
+                    return 0 if self._stop.is_set() else 1
+                self._announce(time.monotonic() - started)
+                await self._watch()
+                return 0
+        finally:
+            await self._shutdown()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self) -> None:
+        if self._stop.is_set():
+            self._forced = True
+            for child in self._children():
+                child.signal(signal.SIGKILL)
+        else:
+            self.reporter.event("stopping (press Ctrl-C again to kill at once)…")
+        self._stop.set()
+
+    def _children(self) -> list[Child]:
+        return [c for c in (self.gateway, *self.engines, self.prometheus) if c is not None]
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        src = str(Path(inferstack.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    # ---- start -------------------------------------------------------------------------------------
+
+    async def _wait_all(self, children: list[Child]) -> bool:
+        """Wait until every child is ready; False on stop. Raises ChildFailed for the first failure."""
+        assert self._client is not None
+        started = time.monotonic()
+        waits = [asyncio.create_task(c.wait_ready(self.settings.ready_timeout_s, self._client))
+                 for c in children]
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            pending = set(waits)
+            while pending:
+                done, pending = await asyncio.wait(pending | {stop}, timeout=0.5,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stop)
+                if stop in done:
+                    return False
+                for task in done:
+                    task.result()  # raises ChildFailed
+                self.reporter.waiting(children, started)
+            return True
+        finally:
+            self.reporter.done_waiting()
+            stop.cancel()
+            for task in waits:
+                task.cancel()
+
+    async def _start_all(self, prometheus_path: str | None) -> bool:
+        s = self.settings
+        assert self._client is not None
+        self.engines = [Child(spec, self.log_dir, self._env) for spec in plan.engine_specs(s, self.python)]
+        what = (f"{s.replicas} emulated {s.emulate} engine(s)" if s.emulate else
+                f"{s.replicas} engine replica(s) of {s.model}, {s.threads_per_engine()} thread(s) each")
+        self.reporter.step(f"starting {what}")
+        try:
+            for e in self.engines:
+                e.spawn(0)
+            if not await self._wait_all(self.engines):
+                return False
+            backends = [u for e in self.engines for u in e.urls]
+            self.reporter.step(f"starting the gateway on {s.host}:{s.port} with {len(backends)} endpoint(s)")
+            self.gateway = Child(plan.gateway_spec(s, backends, self.config_file, self.python), self.log_dir, self._env)
+            self.gateway.spawn(s.port)
+            if not await self._wait_all([self.gateway]):
+                return False
+        except ChildFailed as e:
+            self.reporter.error(str(e))
+            return False
+        self._pool = PoolHook(self.gateway.urls[0], self._client)
+        self.model_name = await self._served_model()
+        await self._update_pool()
+        self.dashboard_url = await self._dashboard()
+        if prometheus_path and not await self._start_prometheus(prometheus_path):
+            return False
+        self._write_state()
+        return True
+
+    async def _served_model(self) -> str:
+        """The name clients must send (an emulated or file-based model has its own), from /v1/models."""
+        assert self._client is not None and self.gateway is not None
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+            r = await self._client.get(self.gateway.urls[0] + "/v1/models", timeout=10.0)
+            return str(r.json()["data"][0]["id"])
+        return self.settings.model
+
+    async def _dashboard(self) -> str | None:
+        """The gateway's /dashboard when it serves one; otherwise the supervisor serves it itself."""
+        assert self._client is not None and self.gateway is not None
+        url = self.gateway.urls[0] + "/dashboard/"
+        with contextlib.suppress(httpx.HTTPError):
+            if (await self._client.get(url, timeout=5.0)).status_code == 200:
+                return url
+        from inferstack.stack.dashboard_host import start_dashboard
+
+        self._dashboard_server, own = await start_dashboard(
+            self.gateway.urls[0] + "/metrics", self._endpoint_rows, self.settings.host
+        )
+        return own
+
+    def _endpoint_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        model = self.model_name
+        for e in self.engines:
+            for name, url in self._named_urls(e):
+                rows.append({"name": name, "url": url, "model": model, "state": str(e.state),
+                             "restarts": e.restarts})
+        return rows
+
+    @staticmethod
+    def _named_urls(child: Child) -> list[tuple[str, str]]:
+        if len(child.urls) == 1:
+            return [(child.spec.name, child.urls[0])]
+        return [(f"{child.spec.name}-{i}", u) for i, u in enumerate(child.urls)]
+
+    async def _start_prometheus(self, binary: str) -> bool:
+        targets = self.log_dir / "prometheus" / "targets"
+        rules = self.log_dir / "prometheus" / "rules"
+        targets.mkdir(parents=True, exist_ok=True)
+        prom.install_rules(rules)
+        self._write_prometheus_targets()
+        config = self.log_dir / "prometheus" / "prometheus.yml"
+        config.write_text(prom.render_config(str(targets), str(rules), self.settings.scrape_interval_s))
+        self.prometheus = Child(plan.prometheus_spec(binary, str(config), str(self.log_dir / "prometheus" / "data")),
+                                self.log_dir, self._env)
+        self.reporter.step("starting Prometheus")
+        try:
+            self.prometheus.spawn(_free_port())
+            return await self._wait_all([self.prometheus])
+        except ChildFailed as e:
+            self.reporter.error(str(e))
+            return False
+
+    def _write_prometheus_targets(self) -> None:
+        if self.gateway is None:
+            return
+        targets = self.log_dir / "prometheus" / "targets"   # also for a Prometheus the user runs
+        targets.mkdir(parents=True, exist_ok=True)
+        gw = {"gateway": self.gateway.urls} if self.gateway.state == ChildState.READY else {}
+        engines = {name: [url] for e in self.engines if e.state == ChildState.READY
+                   for name, url in self._named_urls(e)}
+        prom.write_targets(targets, prom.GATEWAY_JOB, prom.target_groups(gw, {"component": "gateway"}))
+        prom.write_targets(targets, prom.ENGINE_JOB, prom.target_groups(engines, {"component": "engine"}))
+
+    # ---- announce and state ------------------------------------------------------------------------
+
+    def _announce(self, took_s: float) -> None:
+        assert self.gateway is not None
+        prom_url = self.prometheus.urls[0] if self.prometheus else None
+        endpoints = [(name, url, e.pid) for e in self.engines for name, url in self._named_urls(e)]
+        self.reporter.banner(self.gateway.urls[0], self.model_name, self.dashboard_url, endpoints, prom_url,
+                             str(self.log_dir), took_s)
+        ready = {"urls": self.gateway.urls, "pid": os.getpid(), "dashboard": self.dashboard_url,
+                 "prometheus": prom_url, "state_file": str(self.log_dir / "state.json"),
+                 "log_dir": str(self.log_dir)}
+        line = json.dumps(ready)
+        print(line, flush=True)
+        if self.ready_file:
+            tmp = self.ready_file.with_suffix(".tmp")
+            tmp.write_text(line + "\n")
+            tmp.replace(self.ready_file)
+
+    def _write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "gateway": self.gateway.urls[0] if self.gateway and self.gateway.urls else None,
+            "dashboard": self.dashboard_url,
+            "prometheus": self.prometheus.urls[0] if self.prometheus and self.prometheus.urls else None,
+            "children": [{"name": c.spec.name, "kind": c.spec.kind, "pid": c.pid, "urls": c.urls,
+                          "state": str(c.state), "restarts": c.restarts} for c in self._children()],
+        }
+        tmp = self.log_dir / ".state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.log_dir / "state.json")
+
+    async def _update_pool(self) -> None:
+        if self._pool is None:
+            return
+        model = self.model_name
+        ready = [PoolEndpoint(url=url, name=name, model=model) for e in self.engines
+                 if e.state == ChildState.READY for name, url in self._named_urls(e)]
+        await self._pool.set_endpoints(ready)
+        self._write_prometheus_targets()
+
+    # ---- watch and restart -------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        assert self._client is not None
+        policy = self.settings.restart
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=policy.health_interval_s)
+            if self._stop.is_set():
+                return
+            ready = [c for c in self._children() if c.state == ChildState.READY]
+            health = await asyncio.gather(*(c.healthy(self._client) for c in ready))
+            for child, ok in zip(ready, health, strict=True):
+                if not child.alive():
+                    code = child.proc.returncode if child.proc else None
+                    await self._crashed(child, f"exited with code {code}")
+                elif not ok:
+                    child.health_misses += 1
+                    if child.health_misses >= policy.health_failures:
+                        child.signal(signal.SIGKILL)
+                        await child.wait_exit(5.0)
+                        await self._crashed(child, f"failed {child.health_misses} health checks")
+                else:
+                    child.health_misses = 0
+                    if child.ready_since and time.monotonic() - child.ready_since > policy.stable_after_s:
+                        child.failures = 0
+
+    async def _crashed(self, child: Child, why: str) -> None:
+        child.state = ChildState.RESTARTING
+        child.failures += 1
+        child.restarts += 1
+        self.reporter.event(f"{child.spec.name} (pid {child.pid}) {why}; last log lines:\n{child.log_tail(8)}")
+        if child.spec.kind == "engine":
+            await self._update_pool()
+        self._write_state()
+        self._restarts[child.spec.name] = asyncio.create_task(self._restart(child))
+
+    async def _restart(self, child: Child) -> None:
+        assert self._client is not None
+        old_urls = list(child.urls)
+        port = _port_of(child.urls[0]) if len(child.urls) == 1 else child.port
+        while not self._stop.is_set():
+            delay = backoff_s(child.failures, self.settings.restart)
+            self.reporter.event(f"restarting {child.spec.name} in {delay:.1f}s (restart #{child.restarts})")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            if self._stop.is_set():
+                return
+            child.spawn(port)
+            try:
+                await child.wait_ready(self.settings.ready_timeout_s, self._client)
+            except ChildFailed as e:
+                self.reporter.event(str(e))
+                child.signal(signal.SIGKILL)
+                await child.wait_exit(5.0)
+                child.failures += 1
+                if child.spec.kind != "gateway":  # clients know the gateway's port: keep trying that one
+                    port = 0  # the old port may have been taken meanwhile; the pool learns the new URL
+                continue
+            self.reporter.event(f"{child.spec.name} is back (pid {child.pid}, {' '.join(child.urls)})")
+            await self._update_pool()  # a restarted gateway starts from its static list: resend the pool
+            if child.spec.kind == "engine" and child.urls != old_urls and self._pool and not self._pool.supported:
+                await self._restart_gateway_with_new_backends()
+            self._write_state()
+            return
+
+    async def _restart_gateway_with_new_backends(self) -> None:
+        """The replica came back on another URL and the gateway cannot be told: restart it (drains first)."""
+        assert self.gateway is not None and self._client is not None
+        backends = [u for e in self.engines for u in e.urls]
+        self.reporter.event("restarting the gateway with the new endpoint list")
+        port = _port_of(self.gateway.urls[0])
+        await self.gateway.stop(self.settings.stop_timeout_s)
+        self.gateway = Child(plan.gateway_spec(self.settings, backends, self.config_file, self.python), self.log_dir,
+                             self._env)
+        self.gateway.spawn(port)
+        try:
+            await self.gateway.wait_ready(self.settings.ready_timeout_s, self._client)
+        except ChildFailed as e:
+            await self._crashed(self.gateway, str(e))
+
+    # ---- stop --------------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        for task in self._restarts.values():
+            task.cancel()
+        for task in self._restarts.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._dashboard_server is not None:
+            self._dashboard_server.should_exit = True
+        timeout = 0.5 if self._forced else self.settings.stop_timeout_s
+        if self.gateway is not None:
+            await self.gateway.stop(timeout)
+        await asyncio.gather(*(e.stop(timeout) for e in self.engines))
+        if self.prometheus is not None:
+            await self.prometheus.stop(timeout)
+        if self._children():
+            self._write_state()
+            self.reporter.step("stopped all children")

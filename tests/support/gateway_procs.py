@@ -1,0 +1,41 @@
+"""Start fake engines and gateways for the gateway tests (real processes, port 0, stopped by PID)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from support.procs import Server, inferstack_env, start_inferstack
+
+FAKE = Path(__file__).with_name("gateway_fake_engine.py")
+
+
+def start_fake_engine(*args: str, timeout: float = 30.0) -> Server:
+    tmp = Path(tempfile.mkdtemp(prefix="gw-fake-"))
+    ready = tmp / "ready.json"
+    log_path = tmp / "log"
+    proc = subprocess.Popen([sys.executable, str(FAKE), "--ready-file", str(ready), *args],
+                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=inferstack_env())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fake engine exited: {log_path.read_text()}")
+        if ready.exists() and ready.stat().st_size:
+            info = json.loads(ready.read_text().splitlines()[0])
+            return Server(proc=proc, urls=info["urls"], log_path=log_path, ready=info)
+        time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError("fake engine not ready")
+
+
+def start_gateway(config: dict, *extra: str) -> Server:
+    tmp = Path(tempfile.mkdtemp(prefix="gw-cfg-"))
+    path = tmp / "inferstack.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return start_inferstack(["gateway", "serve", "--config", str(path), *extra], timeout=60)

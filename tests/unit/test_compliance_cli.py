@@ -1,0 +1,40 @@
+"""`inferstack compliance verify-log`: exit code and messages scripts rely on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from inferstack.cli.main import app
+from inferstack.compliance.audit import AuditLog, AuditRecord
+from inferstack.compliance.config import AuditConfig
+
+
+def _log(tmp_path: Path) -> Path:
+    cfg = AuditConfig(directory=tmp_path / "a", fsync=False)
+    with AuditLog(cfg) as log:
+        for i in range(3):
+            log.append_nowait(AuditRecord(model="m", status=200, latency_ms=i))
+    return cfg.directory
+
+
+def test_verify_log_ok_and_tampered(tmp_path: Path) -> None:
+    d = _log(tmp_path)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["compliance", "verify-log", str(d)])
+    assert ok.exit_code == 0, ok.output
+    assert "intact: 3 records" in ok.output
+    as_json = runner.invoke(app, ["compliance", "verify-log", str(d), "--json"])
+    assert json.loads(as_json.output)["ok"] is True
+    f = d / "audit.jsonl"
+    f.write_text(f.read_text().replace('"latency_ms":1', '"latency_ms":9'))
+    bad = runner.invoke(app, ["compliance", "verify-log", str(d)])
+    assert bad.exit_code == 1
+    assert "audit.jsonl:2" in bad.output and "edited" in bad.output
+
+
+def test_verify_log_missing_path(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["compliance", "verify-log", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.output

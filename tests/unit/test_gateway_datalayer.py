@@ -1,0 +1,57 @@
+"""Scraped engine metrics (vLLM / inferstack and SGLang names) and request-body helpers."""
+
+from __future__ import annotations
+
+from inferstack.gateway.datalayer import parse_engine_metrics
+from inferstack.gateway.requests import engine_priority, prompt_parts, session_key
+
+VLLM = """\
+# HELP vllm:num_requests_running Requests in the running batch.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 3.0
+vllm:num_requests_waiting{model_name="m"} 2.0
+vllm:num_requests_waiting{model_name="lora"} 1.0
+vllm:kv_cache_usage_perc{model_name="m"} 0.42
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql,chat",waiting_lora_adapters=""} 1.7e9
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="old",waiting_lora_adapters="x"} 1.6e9
+vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 5.0
+"""
+
+SGLANG = """\
+sglang:num_running_reqs{model_name="m"} 7
+sglang:num_queue_reqs{model_name="m"} 4
+sglang:token_usage{model_name="m"} 0.9
+"""
+
+
+def test_vllm_names_summed_over_models_and_latest_lora_info():
+    m = parse_engine_metrics(VLLM)
+    assert (m.running, m.queue, m.kv_usage) == (3.0, 3.0, 0.42)
+    assert m.adapters_active == {"sql", "chat"} and not m.adapters_waiting and m.max_lora == 2
+
+
+def test_sglang_names_and_unknown_text():
+    m = parse_engine_metrics(SGLANG)
+    assert (m.running, m.queue, m.kv_usage) == (7, 4, 0.9)
+    assert parse_engine_metrics("# nothing here\nfoo 1\n") is None
+    assert parse_engine_metrics("vllm:num_requests_waiting{model_name=\"m\"} not-a-number\n") is None
+
+
+def test_prompt_parts_are_defensive():
+    chat = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]},
+                         "junk", {"role": 5}]}
+    text = "".join(prompt_parts("chat", chat))
+    assert "be brief" in text and "hi" in text
+    assert list(prompt_parts("chat", {"messages": "nope"})) == []
+    assert list(prompt_parts("completions", {"prompt": "once"})) == ["once"]
+    assert list(prompt_parts("completions", {"prompt": [1, 2, 3]})) == ["1,2,3"]
+    assert list(prompt_parts("completions", {"prompt": [[4, 5]]})) == ["4,5"]
+    assert list(prompt_parts("completions", {"prompt": None})) == []
+
+
+def test_session_and_priority_mapping():
+    assert session_key({"user": "u1"}, None) == "u1"
+    assert session_key({"user": "u1"}, b"s9") == "s9"
+    assert session_key({}, None) is None
+    assert engine_priority(10) == -10 and engine_priority(-1) == 1

@@ -1,0 +1,201 @@
+"""Routing policy on snapshots: scorers, pickers, presets, prefix indexes (pure, no network)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inferstack.engine.kv.events import BlockRemoved, BlockStored, decode_batch, encode_batch
+from inferstack.engine.kv.hashing import KVKeySpace
+from inferstack.gateway.kvevents import apply_batch
+from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingState, build_router
+from inferstack.gateway.routing.prefix import ApproxPrefixIndex, PreciseIndex, text_prefix_hashes
+from inferstack.gateway.routing.registry import PRESETS
+from inferstack.gateway.routing.scorers import SCORERS
+from inferstack.gateway.routing.state import RouteContext
+
+
+def req(text: str, model: str = "m", salt: str = "t") -> RequestView:
+    return RequestView(model=model, prefix_hashes=text_prefix_hashes([text], model + salt, 64, 256),
+                       prompt_chars=len(text))
+
+
+def fleet(n: int, **kw) -> list[EndpointView]:
+    return [EndpointView(f"e{i}", has_metrics=True, metrics_age_s=0.01, **kw) for i in range(n)]
+
+
+endpoint_st = st.builds(
+    EndpointView,
+    id=st.sampled_from(["a", "b", "c", "d", "e"]),
+    queue=st.floats(0, 500), running=st.floats(0, 500), kv_usage=st.floats(0, 1.5),
+    metrics_age_s=st.floats(0, 10), has_metrics=st.booleans(), in_flight=st.integers(0, 1000),
+    healthy=st.booleans(), max_concurrency=st.one_of(st.none(), st.integers(1, 64)),
+    adapters_active=st.frozensets(st.sampled_from(["l1", "l2"])), max_lora=st.integers(0, 4),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(eps=st.lists(endpoint_st, min_size=1, max_size=6, unique_by=lambda e: e.id),
+       text=st.text(max_size=400), adapter=st.sampled_from([None, "l1", "l3"]), session=st.sampled_from([None, "s"]))
+def test_every_scorer_in_unit_interval_and_every_preset_picks_a_candidate(eps, text, adapter, session):
+    state = RoutingState()
+    r = req(text)
+    r.adapter, r.session = adapter, session
+    state.record(r, eps[0].id, cold=True)
+    snap = PoolSnapshot(eps)
+    ctx = RouteContext(r, snap, state)
+    for name, scorer in SCORERS.items():
+        scores = scorer(ctx, list(eps))
+        assert len(scores) == len(eps)
+        assert all(0.0 <= s <= 1.0 for s in scores), (name, scores)
+    for preset in PRESETS:
+        res = build_router(preset, state).route(r, snap)
+        if any(e.healthy for e in eps):
+            assert res is not None and res.endpoint.healthy, preset
+        else:
+            assert res is None, preset
+
+
+def test_default_spreads_distinct_prefixes_on_an_idle_fleet():
+    router = build_router("default")
+    snap = PoolSnapshot(fleet(4))
+    picks = [router.route(req(f"distinct prompt {i} " * 30), snap).endpoint.id for i in range(40)]
+    assert Counter(picks) == {"e0": 10, "e1": 10, "e2": 10, "e3": 10}
+
+
+def test_cache_aware_piles_idle_requests_onto_one_endpoint():
+    """SGLang's algorithm, faithfully: with no load every miss goes to the lowest index."""
+    router = build_router("cache-aware")
+    snap = PoolSnapshot(fleet(4))
+    picks = {router.route(req(f"distinct prompt {i} " * 30), snap).endpoint.id for i in range(20)}
+    assert picks == {"e0"}
+
+
+def test_cache_aware_balances_when_imbalanced():
+    router = build_router("cache-aware")
+    eps = fleet(2)
+    eps[0].in_flight = 200
+    eps[1].in_flight = 10
+    router.route(req("shared " * 100), PoolSnapshot([eps[0]]))  # e0 holds the prefix
+    assert router.route(req("shared " * 100), PoolSnapshot(eps)).endpoint.id == "e1"
+    eps[0].in_flight = 20
+    assert router.route(req("shared " * 100), PoolSnapshot(eps)).endpoint.id == "e0"
+
+
+def test_default_keeps_prefix_affinity_under_moderate_load_and_leaves_a_saturated_holder():
+    router = build_router("default")
+    system = "system prompt of group A. " * 80
+    eps = fleet(4)
+    first = router.route(req(system + "q0"), PoolSnapshot(eps)).endpoint.id
+    holder = next(e for e in eps if e.id == first)
+    holder.in_flight, holder.running = 12, 12
+    for e in eps:
+        if e is not holder:
+            e.in_flight = e.running = 4
+    for i in range(10):
+        assert router.route(req(system + f"q{i}"), PoolSnapshot(eps)).endpoint.id == first
+    holder.queue = 20  # past the saturation threshold (5 waiting)
+    assert router.route(req(system + "qx"), PoolSnapshot(eps)).endpoint.id != first
+
+
+def test_gie_preset_follows_queue_kv_prefix_weights():
+    router = build_router("gie")
+    eps = fleet(2)
+    eps[0].queue, eps[1].queue = 0, 3
+    assert router.route(req("hello " * 50), PoolSnapshot(eps)).endpoint.id == "e0"
+    eps[0].kv_usage, eps[1].kv_usage = 0.9, 0.0
+    # queue: e0 2.0 + kv 0.2; e1 0 + 2.0; the prefix (3.0) now held by e0 decides
+    assert router.route(req("hello " * 50), PoolSnapshot(eps)).endpoint.id == "e0"
+    res = router.route(req("fresh text " * 50), PoolSnapshot(eps))
+    assert res.endpoint.id == "e0" and res.reason in {"queue", "kv-cache"}
+
+
+def test_round_robin_and_max_score_tie_break():
+    rr = build_router("round-robin")
+    snap = PoolSnapshot(fleet(3))
+    assert [rr.route(req("x"), snap).endpoint.id for _ in range(6)] == ["e0", "e1", "e2"] * 2
+    gie = build_router("gie")
+    picks = Counter(gie.route(RequestView("m"), snap).endpoint.id for _ in range(300))
+    assert set(picks) == {"e0", "e1", "e2"} and min(picks.values()) > 60  # random, not positional
+
+
+def test_unhealthy_and_stale_endpoints():
+    router = build_router("default")
+    eps = fleet(3)
+    eps[0].healthy = False
+    eps[1].metrics_age_s = 5.0  # stale: counts as saturated, filtered while another has room
+    for _ in range(10):
+        assert router.route(req("abc"), PoolSnapshot(eps)).endpoint.id == "e2"
+
+
+def test_session_and_lora_affinity():
+    router = build_router("default")
+    eps = fleet(3)
+    r = RequestView("m", session="user-1")
+    first = router.route(r, PoolSnapshot(eps)).endpoint.id
+    assert all(router.route(RequestView("m", session="user-1"), PoolSnapshot(eps)).endpoint.id == first
+               for _ in range(5))
+    eps[2].adapters_active = frozenset({"sql"})
+    eps[0].max_lora = eps[1].max_lora = eps[2].max_lora = 1
+    eps[0].adapters_active = frozenset({"other"})
+    eps[1].adapters_active = frozenset({"other2"})
+    assert router.route(RequestView("m", adapter="sql"), PoolSnapshot(eps)).endpoint.id == "e2"
+
+
+@settings(max_examples=60, deadline=None)
+@given(cap=st.integers(1, 50), ops=st.lists(st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 80), max_size=30)),
+                                           max_size=40))
+def test_approx_index_is_bounded_and_consistent(cap, ops):
+    idx = ApproxPrefixIndex(capacity_per_endpoint=cap)
+    for ep, hashes in ops:
+        idx.insert(ep, hashes)
+        for lru in idx._lru.values():
+            assert len(lru) <= cap
+    for h, holders in idx._holders.items():
+        assert holders and all(h in idx._lru[e] for e in holders)
+    total = sum(len(v) for v in idx._lru.values())
+    assert total == sum(len(s) for s in idx._holders.values())
+
+
+def test_text_hash_chain_is_a_prefix_chain():
+    a = text_prefix_hashes(["x" * 640], "seed", 64, 256)
+    b = text_prefix_hashes(["x" * 640, "more text"], "seed", 64, 256)
+    assert len(a) == 10 and b[:10] == a
+    assert text_prefix_hashes(["x" * 640], "other-salt", 64, 256)[0] != a[0]
+    assert len(text_prefix_hashes(["y" * 100_000], "s", 64, 256)) == 256  # work is capped
+
+
+def test_precise_index_from_engine_kv_events():
+    space = KVKeySpace("0" * 64, "float32")
+    tokens = list(range(64))
+    hashes = space.hashes(tokens, "tenant-a")
+    state = RoutingState()
+    payload = encode_batch([BlockStored(hashes[:3], None, tokens[:48], 16)])
+    assert apply_batch(state, "e1", decode_batch(payload)) == 1
+    apply_batch(state, "e2", decode_batch(encode_batch([BlockStored(hashes[:4], None, tokens, 16, None, "host")])))
+    assert state.precise.match("e1", hashes) == 3.0
+    assert abs(state.precise.match("e2", hashes) - 3.2) < 1e-9
+    apply_batch(state, "e1", decode_batch(encode_batch([BlockRemoved([hashes[1]])])))
+    assert state.precise.match("e1", hashes) == 1.0
+    r = RequestView("m", token_hashes=hashes)
+    router = build_router("p", state, {"p": (["healthy"], {"precise-prefix": 1}, "max-score")})
+    assert router.route(r, PoolSnapshot(fleet(3)[1:])).endpoint.id == "e2"
+
+
+def test_precise_index_capacity():
+    idx = PreciseIndex(capacity_per_endpoint=5)
+    idx.stored("e", [bytes([i]) * 32 for i in range(20)])
+    assert idx.blocks("e") == 5
+
+
+def test_latency_model_learns_the_slower_endpoint():
+    state = RoutingState()
+    for _ in range(50):
+        state.latency.observe("slow", 500, 2, 0.5, 0.05)
+        state.latency.observe("fast", 500, 2, 0.05, 0.01)
+    assert state.latency.predict_ttft("slow", 500, 2) > 5 * state.latency.predict_ttft("fast", 500, 2)
+    eps = [EndpointView("slow", in_flight=2), EndpointView("fast", in_flight=2)]
+    router = build_router("latency", state)
+    assert router.route(req("p" * 2000), PoolSnapshot(eps)).endpoint.id == "fast"

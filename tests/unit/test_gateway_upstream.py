@@ -1,0 +1,110 @@
+"""The lean upstream HTTP/1.1 client against a raw asyncio server (bytes on the wire are ours)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from inferstack.gateway.upstream import UpstreamError, UpstreamPool
+
+
+async def _serve(handler):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    return head, await reader.readexactly(length)
+
+
+def test_content_length_chunked_keepalive_and_reconnect():
+    async def main():
+        conns = 0
+
+        async def handler(reader, writer):
+            nonlocal conns
+            conns += 1
+            while True:
+                try:
+                    head, body = await _read_request(reader)
+                except asyncio.IncompleteReadError:
+                    break
+                if b"/chunked" in head:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                    for part in (b"data: 1\n\n", b"data: 2\n\n"):
+                        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                        await writer.drain()
+                        await asyncio.sleep(0.01)
+                    writer.write(b"0\r\n\r\n")
+                elif b"/close-after" in head:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    await writer.drain()
+                    writer.close()  # server drops the idle keep-alive connection
+                    return
+                else:
+                    writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+                await writer.drain()
+            writer.close()
+
+        server, url = await _serve(handler)
+        pool = UpstreamPool(url, 1.0, 2.0)
+        for i in range(3):
+            conn = await pool.request(b"POST", b"/echo", [(b"x-request-id", b"r")], b'{"i": %d}' % i)
+            assert conn.status == 201 and conn.content_type == b"application/json"
+            assert await conn.read() == b'{"i": %d}' % i
+            conn.release()
+        assert conns == 1  # keep-alive reuse
+        conn = await pool.request(b"POST", b"/chunked", [], b"{}")
+        chunks = []
+        while (c := await conn.next_chunk()) is not None:
+            chunks.append(c)
+        conn.release()
+        assert b"".join(chunks) == b"data: 1\n\ndata: 2\n\n"
+        conn = await pool.request(b"GET", b"/close-after", [], b"")
+        assert await conn.read() == b"ok"
+        conn.release()
+        await asyncio.sleep(0.05)
+        # the pooled connection was closed by the server: the next request reconnects transparently
+        conn = await pool.request(b"POST", b"/echo", [], b"again")
+        assert await conn.read() == b"again"
+        conn.release()
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_errors_timeouts_and_refused():
+    async def main():
+        async def handler(reader, writer):
+            head, _ = await _read_request(reader)
+            if b"/hang" in head:
+                await asyncio.sleep(5)
+            elif b"/garbage" in head:
+                writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            elif b"/cut" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                await writer.drain()
+            writer.close()
+
+        server, url = await _serve(handler)
+        pool = UpstreamPool(url, 1.0, 0.2)
+        with pytest.raises(UpstreamError, match="no data"):
+            await pool.request(b"POST", b"/hang", [], b"")
+        with pytest.raises(UpstreamError, match="malformed"):
+            await pool.request(b"POST", b"/garbage", [], b"")
+        conn = await pool.request(b"POST", b"/cut", [], b"")
+        with pytest.raises(UpstreamError, match="closed"):
+            await conn.read()
+        conn.close()
+        server.close()
+        await server.wait_closed()
+        dead = UpstreamPool(url, 1.0, 1.0)
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await dead.request(b"POST", b"/x", [], b"")
+
+    asyncio.run(main())
