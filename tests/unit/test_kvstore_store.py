@@ -302,3 +302,23 @@ def test_collector_exposes_per_tier_metrics():
     assert 'inferstack_kv_tier_read_seconds_count{model_name="smollm2-135m",tier="host"} 1.0' in text
     assert "inferstack_kv_writeback_dropped_total" in text
     store.close()
+
+
+def test_inferstack_yaml_kv_section_becomes_engine_flags(tmp_path):
+    import sys
+
+    from inferstack.kvstore.settings import KVTierSettings
+    from inferstack.stack.plan import engine_specs
+    from inferstack.stack.settings import UpSettings
+
+    up = UpSettings(replicas=2, kv={"tiers": ["host", "disk"], "host_bytes": "1GiB", "disk_path": str(tmp_path)})
+    for spec in engine_specs(up, sys.executable):
+        argv = list(spec.argv)
+        assert argv[argv.index("--kv-tiers") + 1] == "host,disk"
+        assert argv[argv.index("--kv-disk-path") + 1] == str(tmp_path), "replicas share one disk tier"
+    with pytest.raises(ValueError, match="disk_path is not set"):
+        KVTierSettings(tiers=["disk"])
+    with pytest.raises(ValueError, match="fastest first"):
+        KVTierSettings(tiers="redis,host", redis_url="redis://127.0.0.1:1/0")
+    with pytest.raises(ValueError, match="not a byte size"):
+        KVTierSettings(tiers="host", host_bytes="lots")
