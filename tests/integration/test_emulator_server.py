@@ -66,6 +66,7 @@ def test_bench_against_the_emulated_fleet(fleet: Server, tmp_path: Path) -> None
     assert data["server"]["available"] and data["server"]["prefix_cache_hit_rate"] > 0.3
 
 
+@pytest.mark.slow
 def test_served_model_name_and_bad_profile(tmp_path: Path) -> None:
     srv = start_inferstack(["engine", "serve", "--emulate", "cpu:smollm2-135m", "--served-model-name", "tiny"])
     try:
@@ -78,3 +79,6 @@ def test_served_model_name_and_bad_profile(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "inferstack", "engine", "serve", "--emulate", "tpu:llama-3-8b",
                           "--port", "0"], env=inferstack_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown hardware" in bad.stderr
+    too_big = subprocess.run([sys.executable, "-m", "inferstack", "engine", "serve", "--emulate", "h100:llama-3-70b",
+                              "--port", "0"], env=inferstack_env(), capture_output=True, text=True, timeout=60)
+    assert too_big.returncode == 2 and "does not fit" in too_big.stderr

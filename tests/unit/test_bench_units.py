@@ -234,3 +234,27 @@ def test_tpot_times_tokens_plus_ttft_is_e2e(gaps: list[float], ttft: float) -> N
     r = _rec(5.0, chunks)
     assert r.ttft + r.tpot * (r.output_tokens - 1) == pytest.approx(r.e2e)
     assert r.itls.sum() == pytest.approx(r.e2e - r.ttft)
+
+
+@pytest.mark.parametrize("capacity,start", [(23.7, 1.0), (23.7, 50.0), (3.0, 8.0), (1000.0, 1.0)])
+def test_goodput_search_brackets_the_capacity(capacity: float, start: float) -> None:
+    from inferstack.bench.modes import search_max_rate
+
+    probes: list[float] = []
+
+    def probe(rate: float) -> bool:
+        probes.append(rate)
+        return rate <= capacity
+
+    good, bad = search_max_rate(probe, start, precision=0.1, max_runs=20)
+    assert good is not None and good <= capacity
+    if bad is not None:
+        assert bad > capacity and (bad - good) / bad <= 0.1
+
+
+def test_goodput_search_reports_no_rate_when_even_the_lowest_fails() -> None:
+    from inferstack.bench.modes import search_max_rate
+
+    probes: list[float] = []
+    good, bad = search_max_rate(lambda r: probes.append(r) or False, 4.0)
+    assert good is None and bad == 1.0 and probes == [4.0, 2.0, 1.0]

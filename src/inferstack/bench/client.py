@@ -112,7 +112,7 @@ def parse_stream(rec: RequestRecord, lines: list[tuple[float, bytes]], clock0: f
 
 
 class Client:
-    """Round-robin over targets, one keep-alive pool each (bench.http); fills RequestRecords."""
+    """Units round-robin over targets, one keep-alive pool each (bench.http); fills RequestRecords."""
 
     def __init__(self, targets: list[str], model: str, opts: ClientOptions) -> None:
         self.targets = [base_url(t) for t in targets]
@@ -140,7 +140,7 @@ class Client:
 
     async def send(self, body: bytes, rec: RequestRecord, clock0: float) -> None:
         """Send one request, filling `rec`; never raises except on cancellation."""
-        i = rec.index % len(self.pools)
+        i = rec.unit % len(self.pools)      # a session or agent task stays on one target (its cache)
         rec.target = self.targets[i]
         rec.streamed = self.opts.stream
         pc = time.perf_counter

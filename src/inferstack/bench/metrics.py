@@ -69,8 +69,10 @@ def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo
     in_tokens = sum((r.prompt_tokens if r.prompt_tokens is not None else r.input_tokens_nominal) for r in ok)
     cached = [r for r in prompt_known if r.cached_tokens is not None]
     itl_pool = np.concatenate([r.itls for r in ok]) if ok else np.empty(0)
-    sends = sorted(r.sent for r in inc)
-    lags = np.asarray([r.schedule_lag for r in inc]) if inc else np.empty(0)
+    # arrivals are units: later stages of a session or agent task are sent when the earlier ones finish
+    firsts = [r for r in inc if r.stage == 0]
+    sends = sorted(r.sent for r in firsts)
+    lags = np.asarray([r.schedule_lag for r in firsts]) if firsts else np.empty(0)
     summary: dict[str, object] = {
         "window_s": [start, end],
         "duration_s": duration,

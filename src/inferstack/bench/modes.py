@@ -37,9 +37,38 @@ def sweep(cfg: RunConfig, out: Path, points: int, saturation_concurrency: int, l
     return results
 
 
+def search_max_rate(probe: Callable[[float], bool], start: float, precision: float = 0.1,
+                    max_runs: int = 12) -> tuple[float | None, float | None]:
+    """Double the rate while `probe` passes, then bisect to `precision`; halve up to twice when even the
+    start fails. Returns (highest passing rate or None, lowest failing rate or None)."""
+    good: float | None = None
+    bad: float | None = None
+    rate, runs = start, 0
+    while runs < max_runs:
+        runs += 1
+        if probe(rate):
+            good = rate
+            if bad is not None:
+                break
+            rate *= 2
+        else:
+            bad = rate
+            if good is not None or runs >= 3:
+                break          # three failing halvings: no rate meets the SLO
+            rate /= 2
+    while good is not None and bad is not None and (bad - good) / bad > precision and runs < max_runs:
+        runs += 1
+        mid = (good + bad) / 2
+        if probe(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, bad
+
+
 def goodput_search(cfg: RunConfig, out: Path, start_rate: float, log: Log, precision: float = 0.1,
                    max_runs: int = 12, plots: bool = True) -> tuple[float | None, list[tuple[str, RunResult]]]:
-    """Double the rate while the SLO holds, then bisect; returns the best passing rate (None if none)."""
+    """The highest open-loop rate whose SLO attainment meets the target (None if none does)."""
     assert cfg.slo is not None
     results: list[tuple[str, RunResult]] = []
 
@@ -51,28 +80,7 @@ def goodput_search(cfg: RunConfig, out: Path, start_rate: float, log: Log, preci
         log(f"  attainment {slo['attainment']:.1%} (need {cfg.slo.attainment:.0%}) at {rate:.4g} req/s")  # type: ignore[union-attr]
         return bool(slo["met"])
 
-    good: float | None = None
-    bad: float | None = None
-    rate = start_rate
-    while len(results) < max_runs:
-        if attempt(rate):
-            good = rate
-            if bad is not None:
-                break
-            rate *= 2
-        else:
-            bad = rate
-            if good is not None:
-                break
-            if len(results) >= 3:
-                break          # three halvings failed: report that no rate meets the SLO
-            rate /= 2
-    while good is not None and bad is not None and (bad - good) / bad > precision and len(results) < max_runs:
-        mid = (good + bad) / 2
-        if attempt(mid):
-            good = mid
-        else:
-            bad = mid
+    good, bad = search_max_rate(attempt, start_rate, precision, max_runs)
     write_series(results, out, "goodput", {"slo": str(cfg.slo), "max_rate_meeting_slo": good,
                                            "lowest_failing_rate": bad})
     return good, results

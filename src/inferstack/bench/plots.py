@@ -17,6 +17,8 @@ def _cdf(ax: plt.Axes, values: np.ndarray, label: str) -> None:
     if values.size:
         x = np.sort(values) * 1e3
         ax.plot(x, np.arange(1, x.size + 1) / x.size, label=label)
+        if x[0] > 0 and x[-1] / max(np.median(x), 1e-9) > 20:
+            ax.set_xscale("log")       # a long tail would squeeze the body of the distribution
 
 
 def plot_run(res: RunResult, out: Path) -> None:

@@ -30,12 +30,13 @@ class ProgressView:
     def draining(self) -> None:
         self._drain = True
 
+    def show(self, run: Any) -> None:
+        elapsed = max(0.0, time.perf_counter() - run.clock0)
+        stats = (f"sent {len(run.records)} · done {run.done} · failed {run.failed} · in flight {run.in_flight}"
+                 + (" · draining" if self._drain and run.in_flight else ""))
+        self.progress.update(self.task, completed=min(elapsed, self.duration_s), stats=stats)
+
     async def follow(self, run: Any) -> None:
-        while True:
-            elapsed = max(0.0, time.perf_counter() - run.clock0)
-            stats = (f"sent {len(run.records)} · done {run.done} · failed {run.failed} · in flight {run.in_flight}"
-                     + (" · draining" if self._drain else ""))
-            self.progress.update(self.task, completed=min(elapsed, self.duration_s), stats=stats)
-            if not self.enabled:
-                return
+        while self.enabled:
+            self.show(run)
             await asyncio.sleep(0.5)

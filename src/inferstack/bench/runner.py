@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -19,6 +20,8 @@ from inferstack.bench.records import RequestRecord
 from inferstack.bench.scrape import Scraper
 from inferstack.bench.slo import SLO
 from inferstack.bench.workloads import Unit, Workload
+
+LOOKAHEAD_S = 1.0       # open loop: build request bodies this far ahead of their send time
 
 
 @dataclass
@@ -74,6 +77,24 @@ class RunResult:
     wall_s: float
 
 
+class _Feed:
+    """Open-loop send times and the units for them, turned into request bodies a little ahead."""
+
+    def __init__(self, run: _Run, times: list[float], units: Iterator[Unit]) -> None:
+        self.run, self.times, self.units = run, times, units
+        self.ready: deque[tuple[Unit, list[list[bytes]]]] = deque()
+        self.built = 0
+
+    def fill(self, until: float) -> None:
+        while self.built < len(self.times) and self.times[self.built] < until:
+            unit = next(self.units, None)
+            if unit is None:             # a finite workload ran out: no more arrivals
+                del self.times[self.built:]
+                return
+            self.ready.append((unit, self.run.bodies(unit)))
+            self.built += 1
+
+
 class _Run:
     def __init__(self, cfg: RunConfig, client: Client) -> None:
         self.cfg, self.client = cfg, client
@@ -126,18 +147,28 @@ class _Run:
             self.done += 1
             self.failed += not rec.ok
 
-    async def open_loop(self, plan: list[tuple[float, Unit, list[list[bytes]]]], tasks: set[asyncio.Task]) -> None:
+    async def open_loop(self, feed: _Feed, tasks: set[asyncio.Task]) -> None:
+        """Fire unit n at clock0 + times[n]; bodies are built LOOKAHEAD_S ahead, in the slack between
+        arrivals, so memory stays bounded on long runs."""
         loop = asyncio.get_running_loop()
         pc = time.perf_counter
-        for n, (t, unit, bodies) in enumerate(plan):
+        n = 0
+        while n < len(feed.times):
+            t = feed.times[n]
+            feed.fill(t + LOOKAHEAD_S)
+            if n >= len(feed.times):
+                return
             delay = self.clock0 + t - pc()
             if delay > 0:
                 await asyncio.sleep(delay)
+            unit, bodies = feed.ready.popleft()
             task = loop.create_task(self.unit(n, unit, bodies, t))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            n += 1
 
     async def closed_loop(self, units: Iterator[Unit], workers: int, tasks: set[asyncio.Task]) -> None:
+        await asyncio.sleep(max(0.0, self.clock0 - time.perf_counter()))     # start at t = 0, inside the window
         deadline = self.clock0 + self.cfg.duration_s
         numbering = itertools.count()
 
@@ -156,19 +187,20 @@ class _Run:
         await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
 
 
-def _plan(cfg: RunConfig, run: _Run) -> list[tuple[float, Unit, list[list[bytes]]]]:
+def _arrivals(cfg: RunConfig) -> tuple[list[float], Iterator[Unit]]:
+    """Open-loop send times and the units to send at them (a trace without --rate brings its own times)."""
     units = cfg.workload.units(cfg.seed)
-    if cfg.load.rate is None:            # trace replay at the trace's own times
-        plan = []
+    if cfg.load.rate is None:
+        timed = []
         for unit in units:
             assert unit.at is not None
             if unit.at >= cfg.duration_s:
                 break
-            plan.append((unit.at, unit, run.bodies(unit)))
-        return plan
+            timed.append(unit)
+        return [u.at for u in timed if u.at is not None], iter(timed)
     times = arrival_times(cfg.load.arrival, cfg.load.rate, cfg.duration_s,
                           np.random.default_rng(cfg.seed + 7919), cfg.load.burstiness)
-    return [(float(t), unit, run.bodies(unit)) for t, unit in zip(times, units, strict=False)]
+    return [float(t) for t in times], units
 
 
 async def execute(cfg: RunConfig) -> RunResult:
@@ -178,7 +210,9 @@ async def execute(cfg: RunConfig) -> RunResult:
     wall0 = time.perf_counter()
     async with Client(cfg.targets, cfg.model, cfg.client) as client:
         run = _Run(cfg, client)
-        plan = _plan(cfg, run) if not cfg.load.concurrency else []
+        times, units = _arrivals(cfg) if not cfg.load.concurrency else ([], iter(()))
+        feed = _Feed(run, times, units)
+        feed.fill(LOOKAHEAD_S)                        # the first second is ready before the clock starts
         scraper = Scraper(client.targets, cfg.scrape_interval_s)
         stop = asyncio.Event()
         tasks: set[asyncio.Task] = set()
@@ -191,7 +225,7 @@ async def execute(cfg: RunConfig) -> RunResult:
             if cfg.load.concurrency:
                 await run.closed_loop(cfg.workload.units(cfg.seed), cfg.load.concurrency, tasks)
             else:
-                await run.open_loop(plan, tasks)
+                await run.open_loop(feed, tasks)
                 await asyncio.sleep(max(0.0, run.clock0 + cfg.duration_s - time.perf_counter()))
             view.draining()
             if tasks:
@@ -203,7 +237,8 @@ async def execute(cfg: RunConfig) -> RunResult:
             stop.set()
             await scrape_task
             view_task.cancel()
-    planned = len(plan) / cfg.duration_s if plan else None
+            view.show(run)
+    planned = len(feed.times) / cfg.duration_s if feed.times else None
     summary = summarize(run.records, run.window, cfg.slo, cfg.load.rate, planned)
     return RunResult(cfg.describe(), run.records, summary, scraper.summary(run.window), scraper.timeline(),
                      time.perf_counter() - wall0)

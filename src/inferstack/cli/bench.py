@@ -29,7 +29,7 @@ def _fail(msg: str) -> None:
 @app.command("run")
 def run(
     target: Annotated[list[str], typer.Option(help="Server base URL, e.g. http://127.0.0.1:8000 "
-                                              "(repeat to spread requests round-robin over several)")],
+                                              "(repeat to spread units round-robin over several; a session stays on one)")],
     workload: Annotated[str, typer.Option(help=_WORKLOAD_HELP)],
     out: Annotated[Path, typer.Option(help="Directory for results.json, requests.csv, report.md and plots")],
     duration: Annotated[float, typer.Option(help="Seconds of sending per run (a trace defaults to its span)")] = 0.0,
@@ -44,6 +44,7 @@ def run(
     sweep_concurrency: Annotated[int, typer.Option(help="Concurrency of the saturation run of a sweep")] = 64,
     goodput: Annotated[str | None, typer.Option(help="Search the highest rate meeting these SLOs, e.g. "
                                                 "ttft=200ms,tpot=50ms[,itl=..,e2e=..][,attainment=0.95]")] = None,
+    goodput_max_runs: Annotated[int, typer.Option(help="Most runs a goodput search makes")] = 12,
     slo: Annotated[str | None, typer.Option(help="Report attainment and goodput against these SLOs "
                                             "(same syntax as --goodput)")] = None,
     warmup: Annotated[float, typer.Option(help="Seconds at the start excluded from statistics")] = 0.0,
@@ -63,7 +64,13 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
     plots: Annotated[bool, typer.Option(help="Write PNG plots")] = True,
 ) -> None:
-    """Run a benchmark and write reports to --out."""
+    """Run a benchmark and write reports to --out (JSON, CSV, Markdown, PNG).
+
+    Example: inferstack bench run --target http://127.0.0.1:8000 --workload synthetic:input=512,output=128
+    --rate 4 --duration 60 --slo ttft=500ms,tpot=50ms --out runs/rate-4
+
+    TTFT, TPOT, ITL, E2E and their names in other tools: docs/benchmarking.md.
+    """
     from inferstack.bench.client import BenchError, ClientOptions, probe_target
     from inferstack.bench.modes import goodput_search
     from inferstack.bench.modes import sweep as run_sweep
@@ -116,7 +123,7 @@ def run(
             run_sweep(cfg, out, sweep_points, sweep_concurrency, log, plots)
             typer.echo((out / "sweep.md").read_text())
         elif goodput:
-            best, _ = goodput_search(cfg, out, rate or 1.0, log, plots=plots)
+            best, _ = goodput_search(cfg, out, rate or 1.0, log, max_runs=goodput_max_runs, plots=plots)
             typer.echo((out / "goodput.md").read_text())
             if best is None:
                 typer.secho(f"no rate met the SLO ({slo_spec}); see {out}/goodput.md", err=True,

@@ -25,11 +25,13 @@ from inferstack.sim.profile import Profile
 log = logging.getLogger(__name__)
 
 
-async def _wait_ready(urls: list[str], timeout_s: float) -> None:
+async def _wait_ready(urls: list[str], tasks: list[asyncio.Future], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as s:
         for url in urls:
             while True:
+                if any(t.done() for t in tasks):
+                    raise RuntimeError("an emulated engine stopped before it was ready (see the log above)")
                 try:
                     async with s.get(url + "/ready", timeout=aiohttp.ClientTimeout(total=2)) as r:
                         if r.status == 200:
@@ -42,10 +44,14 @@ async def _wait_ready(urls: list[str], timeout_s: float) -> None:
 
 
 def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any) -> int:
-    """Serve `count` emulated engines; `options` is engine.server.ServeOptions (port applies to the first)."""
+    """Serve `count` emulated engines; `options` is engine.server.ServeOptions (port applies to the first).
+
+    Raises ValueError before serving when the profile cannot hold the model (weights exceed memory)."""
     from inferstack.engine.async_engine import AsyncEngine
-    from inferstack.engine.executor.emulated import build_emulated_engine
+    from inferstack.engine.executor.emulated import build_emulated_engine, emulated_kv_blocks
     from inferstack.engine.server import serve, write_ready_file
+
+    emulated_kv_blocks(profile, config)       # fail fast: "does not fit" names the model and hardware
 
     engines: list[AsyncEngine] = []
     urls: list[str | None] = [None] * count
@@ -71,9 +77,9 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
             await asyncio.sleep(0.01)
         if None not in urls:
             try:
-                await _wait_ready([u for u in urls if u], timeout_s=300)
+                await _wait_ready([u for u in urls if u], tasks, timeout_s=300)
                 write_ready_file(options.ready_file, [u for u in urls if u])
-            except TimeoutError as e:
+            except (TimeoutError, RuntimeError) as e:
                 log.error("%s", e)
                 stop.set()
         codes.extend(await asyncio.gather(*tasks))
@@ -95,6 +101,9 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
             loop.call_soon_threadsafe(stop.set)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Engine threads wake from their emulated step sleeps and need the GIL at once; Python's default
+    # 5 ms switch interval would let the HTTP loop hold it for a whole decode step.
+    sys.setswitchinterval(2e-4)
     thread.start()
     try:
         while thread.is_alive():

@@ -209,7 +209,11 @@ def serve(
         if profile is not None:
             from inferstack.cli.emulate_host import serve_fleet
 
-            code = serve_fleet(config, profile, emulate_count, options)
+            try:
+                code = serve_fleet(config, profile, emulate_count, options)
+            except ValueError as exc:       # e.g. the model's weights exceed the emulated memory
+                typer.echo(f"error: --emulate {emulate}: {exc}", err=True)
+                raise typer.Exit(2) from None
         else:
             code = run(load, options)
     except OSError as exc:       # e.g. the port is taken

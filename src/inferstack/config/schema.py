@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from inferstack.config.pd import EndpointRole, PDConfig, pd_problems
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
 from inferstack.stack.settings import UpSettings
 
@@ -31,6 +32,7 @@ class EndpointConfig(_Section):
     kv_events: str | None = Field(
         None, description="ZMQ PUB endpoint of the engine's KV events (tcp://host:port) for the precise prefix index.")
     api_key: str | None = Field(None, description="Bearer key the gateway sends to this endpoint.")
+    role: EndpointRole = Field("both", description="PD role (`engine serve --role`); prefill/decode need the pool's `pd`.")
 
     @field_validator("url")
     @classmethod
@@ -55,6 +57,7 @@ class PoolConfig(_Section):
         None, ge=1, description="In-flight requests per endpoint at which it counts as saturated.")
     precise_prefix: PrecisePrefixConfig | None = Field(
         None, description="Score prefixes from the engines' KV events (needs `kv_events` on endpoints).")
+    pd: PDConfig | None = Field(None, description="Prefill/decode disaggregation over the endpoints' roles.")
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -206,6 +209,7 @@ class InferstackConfig(_Section):
             if pool.routing not in profiles:
                 problems.append((("pools", name, "routing"),
                                  f"unknown routing {pool.routing!r}; known: {', '.join(sorted(profiles))}"))
+        problems += pd_problems(self.pools, profiles)
         public: dict[str, tuple[str | int, ...]] = {}
         for name, model in self.models.items():
             for i, t in enumerate(model.targets):

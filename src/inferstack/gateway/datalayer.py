@@ -18,6 +18,7 @@ import orjson
 
 from inferstack.config.schema import GatewayConfig, PoolConfig
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build_router
+from inferstack.gateway.routing.disagg import build_pd_router
 from inferstack.gateway.routing.state import RoutingState
 from inferstack.gateway.upstream import UpstreamPool
 
@@ -153,6 +154,11 @@ class Pool:
         state = RoutingState(block_chars=gw.prefix_index.block_chars)
         state.approx.capacity = gw.prefix_index.capacity_per_endpoint
         router = build_router(cfg.routing, state, custom_profiles)
+        if cfg.pd is not None and cfg.pd.enabled:  # prefill/decode disaggregation (routing/disagg.py)
+            router = build_pd_router(cfg.routing, cfg.pd.prefill_routing or cfg.routing,
+                                     {ep.id: e.role for ep, e in zip(eps, cfg.endpoints, strict=True)},
+                                     cfg.pd.threshold_tokens, state, custom_profiles,
+                                     cfg.precise_prefix.block_size if cfg.precise_prefix else 16)
         return cls(name, cfg, eps, router, gw, set(cfg.models))
 
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:

@@ -26,8 +26,10 @@ from inferstack.gateway.datalayer import DataLayer, Endpoint, Pool
 from inferstack.gateway.flowcontrol import FlowController
 from inferstack.gateway.limits import Limiter, Limits, MemoryLimiter, RedisLimiter
 from inferstack.gateway.metrics import GatewayMetrics
+from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.requests import engine_priority, prompt_parts, session_key
 from inferstack.gateway.routing import RequestView
+from inferstack.gateway.routing.disagg import PDResult
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 from inferstack.protocol.errors import APIError
 from inferstack.protocol.openapi import engine_openapi
@@ -75,6 +77,7 @@ class Gateway:
         self.tenants: dict[str, _Tenant] = {
             n: _Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()}
         self.metrics = GatewayMetrics()
+        self.pd = PDLegs(self.metrics.registry, gw)
         self.flow: dict[str, FlowController] = {}
         for name, pool in self.pools.items():
             self.flow[name] = FlowController(
@@ -322,7 +325,10 @@ class Gateway:
                 ctx.reserved = False
                 self.flow[pool.name].routed()
             try:
-                outcome = await self._attempt(ctx, ep, path, payload, send, last=attempt == cfg.max_retries)
+                leg_payload = payload
+                if isinstance(result, PDResult):  # prefill/decode disaggregation: run the prefill leg first
+                    leg_payload = await self.pd.decode_payload(pool, result, path, payload, ctx.rid)
+                outcome = await self._attempt(ctx, ep, path, leg_payload, send, last=attempt == cfg.max_retries)
             finally:
                 ep.in_flight -= 1
                 self.flow[pool.name].pump()

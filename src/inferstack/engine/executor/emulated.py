@@ -147,10 +147,13 @@ def bundled_tokenizer() -> Tokenizer:
         from inferstack.engine.weights.gguf_tokenizer import tokenizer_files_from_gguf
 
         text, config, eos = tokenizer_files_from_gguf(GGUFReader(path), path)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps([text, config, eos]))
-        os.replace(tmp, cached)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps([text, config, eos]))
+            os.replace(tmp, cached)
+        except OSError as e:        # a read-only cache only makes the next start slower
+            log.warning("cannot cache the tokenizer at %s: %s", cached, e)
     special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
     return Tokenizer(tokenizers.Tokenizer.from_str(text), chat_template=config.get("chat_template"),
                      special_tokens=special, eos_token_ids=eos, source=f"{path.name} (emulated engine)")

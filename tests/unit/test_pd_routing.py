@@ -1,0 +1,143 @@
+"""PD router and decider (pure policy), PD config validation, and the prefill leg's request/response."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from inferstack.config import loader
+from inferstack.gateway.pd import prefill_body, transfer_params
+from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingState
+from inferstack.gateway.routing.disagg import Outcome, build_pd_router, decide
+from inferstack.gateway.routing.prefix import text_prefix_hashes
+
+ROLES = {"p0": "prefill", "p1": "prefill", "d0": "decode", "d1": "decode"}
+
+
+def request(chars: int, text: str = "x") -> RequestView:
+    body = (text * chars)[:chars]
+    return RequestView(model="m", prefix_hashes=text_prefix_hashes([body], "m", 64, 256), prompt_chars=chars)
+
+
+def snap(*down: str, roles=ROLES) -> PoolSnapshot:
+    return PoolSnapshot([EndpointView(e, healthy=e not in down) for e in roles])
+
+
+def router(threshold: int = 64, roles=ROLES):
+    return build_pd_router("least-load", "least-load", roles, threshold, RoutingState())
+
+
+def test_long_prompt_is_split_between_a_prefill_and_a_decode_endpoint():
+    r = router().route(request(4000), snap())
+    assert r.outcome is Outcome.REMOTE
+    assert ROLES[r.endpoint.id] == "decode" and ROLES[r.others["prefill"].id] == "prefill"
+    assert r.prompt_tokens == 1000 and r.uncached == 1000
+
+
+def test_short_prompt_stays_on_the_decode_endpoint():
+    r = router(threshold=64).route(request(200), snap())
+    assert r.outcome is Outcome.CACHED and "prefill" not in r.others and ROLES[r.endpoint.id] == "decode"
+
+
+def test_prefix_cached_on_the_decode_endpoint_skips_remote_prefill():
+    rt = router()
+    first = rt.route(request(4000), snap("d1"))
+    assert first.outcome is Outcome.REMOTE and first.endpoint.id == "d0"
+    again = rt.route(request(4100), snap("d1"))  # same 4000-char prefix, 100 new chars (25 tokens)
+    assert again.outcome is Outcome.CACHED and again.endpoint.id == "d0"
+    assert again.uncached < 64
+
+
+def test_no_healthy_prefill_endpoint_means_colocated_on_decode():
+    r = router().route(request(4000), snap("p0", "p1"))
+    assert r.outcome is Outcome.NO_PREFILL and ROLES[r.endpoint.id] == "decode" and not r.others
+
+
+def test_no_healthy_decode_endpoint_means_colocated_on_a_prefill_endpoint():
+    r = router().route(request(4000), snap("d0", "d1"))
+    assert r.outcome is Outcome.NO_DECODE and ROLES[r.endpoint.id] == "prefill"
+    assert router().route(request(4000), snap(*ROLES)) is None
+
+
+def test_a_both_endpoint_serves_colocated():
+    roles = {"p0": "prefill", "b0": "both"}
+    r = router(roles=roles).route(request(4000), snap(roles=roles))
+    assert r.endpoint.id == "b0" and r.outcome is Outcome.BOTH and not r.others
+
+
+def test_threshold_zero_always_splits():
+    assert router(threshold=0).route(request(4), snap()).outcome is Outcome.REMOTE
+
+
+@given(st.integers(0, 10_000), st.integers(0, 10_000), st.booleans())
+def test_decider(uncached, threshold, available):
+    out = decide(uncached, threshold, available)
+    if uncached < threshold:
+        assert out is Outcome.CACHED
+    else:
+        assert out is (Outcome.REMOTE if available else Outcome.NO_PREFILL)
+
+
+def test_prefill_leg_body():
+    req = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+           "stream_options": {"include_usage": True}, "max_completion_tokens": 50, "min_tokens": 5, "n": 2,
+           "temperature": 0, "cache_salt": "acme"}
+    leg = orjson.loads(prefill_body(req))
+    assert leg == {"model": "m", "messages": req["messages"], "stream": False, "max_tokens": 1, "temperature": 0,
+                   "cache_salt": "acme", "kv_transfer_params": {"do_remote_decode": True}}
+
+
+def test_prefill_leg_response():
+    params = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": 5, "remote_request_id": "r",
+              "remote_num_blocks": 3}
+    assert transfer_params(200, orjson.dumps({"choices": [], "kv_transfer_params": params})) == params
+    assert transfer_params(503, b"{}") == "status_503"
+    assert transfer_params(200, b"not json") == "bad_response"
+    assert transfer_params(200, b'{"choices": []}') == "no_params"
+
+
+CONFIG = """\
+pools:
+  pd:
+    endpoints:
+      - url: http://127.0.0.1:1
+        role: prefill
+      - url: http://127.0.0.1:2
+        role: decode
+    pd:
+      threshold_tokens: 32
+"""
+
+
+def test_pd_pool_config():
+    cfg = loader.parse_config(CONFIG, "f.yaml")
+    pool = cfg.pools["pd"]
+    assert [e.role for e in pool.endpoints] == ["prefill", "decode"]
+    assert pool.pd.enabled and pool.pd.threshold_tokens == 32
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (CONFIG.replace("role: decode", "role: prefill"), "f.yaml:9: pools.pd.pd: pd needs at least one endpoint "
+                                                      "with `role: decode`"),
+    (CONFIG.replace("    pd:\n      threshold_tokens: 32\n", ""),
+     "f.yaml:5: pools.pd.endpoints.0.role: role 'prefill' needs `pd: {enabled: true}` on pool 'pd'"),
+    (CONFIG.replace("role: decode", "role: decoder"), "f.yaml:7: pools.pd.endpoints.1.role: Input should be"),
+    (CONFIG + "      prefill_routing: nope\n", "f.yaml:10: pools.pd.pd.prefill_routing: unknown routing 'nope'"),
+    (CONFIG.replace("32", "-1"), "f.yaml:9: pools.pd.pd.threshold_tokens: Input should be greater than"),
+])
+def test_pd_config_errors_name_file_and_line(text, message):
+    with pytest.raises(loader.ConfigError) as err:
+        loader.parse_config(text, "f.yaml")
+    assert any(p.startswith(message) for p in err.value.problems), err.value.problems
+
+
+def test_precise_index_drives_the_decider_when_the_request_was_tokenized():
+    rt = router(threshold=32)
+    hashes = [bytes([i]) * 32 for i in range(20)]  # 20 blocks of 16 tokens
+    req = RequestView(model="m", token_hashes=hashes, prompt_chars=40)  # chars alone would say 10 tokens
+    assert rt.route(req, snap("d1")).outcome is Outcome.REMOTE
+    rt.state.precise.stored("d0", hashes[:19])
+    r = rt.route(req, snap("d1"))
+    assert r.outcome is Outcome.CACHED and r.prompt_tokens == 320 and r.uncached == 16
