@@ -98,7 +98,8 @@ def start_ready_file(name: str, cmd: list[str], timeout: float = 120.0) -> Proc:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited:\n{log.read_text()[-3000:]}")
         if ready.exists() and ready.stat().st_size:
-            return Proc(name, json.loads(ready.read_text().splitlines()[0])["urls"][0], proc, log)
+            urls = json.loads(ready.read_text().splitlines()[0])["urls"]
+            return Proc(name, urls[0], proc, log, {"urls": urls})
         time.sleep(0.05)
     raise TimeoutError(f"{name} not ready")
 
@@ -106,6 +107,12 @@ def start_ready_file(name: str, cmd: list[str], timeout: float = 120.0) -> Proc:
 def start_fake_engines(n: int, *args: str) -> list[Proc]:
     return [start_ready_file(f"engine{i}", [sys.executable, str(FAKE_ENGINE), "--model", "bench-model", *args])
             for i in range(n)]
+
+
+def start_emulated_fleet(profile: str, count: int, *args: str) -> Proc:
+    """``inferstack engine serve --emulate PROFILE --emulate-count N``: N engines in one process."""
+    return start_ready_file("emulated", [sys.executable, "-m", "inferstack", "engine", "serve", "--emulate", profile,
+                                         "--emulate-count", str(count), "--port", "0", *args], timeout=300)
 
 
 def start_inferstack_gateway(config: dict) -> Proc:

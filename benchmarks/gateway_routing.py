@@ -16,13 +16,22 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 import time
 from pathlib import Path
 
 import aiohttp
-from gateway_common import median, pct, start_fake_engines, start_inferstack_gateway, start_sglang_router
+from gateway_common import (
+    median,
+    pct,
+    start_emulated_fleet,
+    start_fake_engines,
+    start_inferstack_gateway,
+    start_sglang_router,
+)
 
 MODEL = "bench-model"
+_CONTENT = re.compile(rb'"content":\s*"[^"]')  # a non-empty content delta (not the role-only first chunk)
 ENGINE_ARGS = ["--ttft-ms", "5", "--prefill-us-per-token", "250", "--itl-ms", "20", "--tokens", "16",
                "--max-running", "4", "--cache-entries", "6"]
 
@@ -39,7 +48,7 @@ def workload(groups: int, tenants: int, system_tokens: int, seed: int = 0) -> li
 
 
 async def one(session: aiohttp.ClientSession, url: str, key: str, system: str, q: int, out: list) -> None:
-    body = {"model": MODEL, "stream": True, "max_tokens": 16,
+    body = {"model": MODEL, "stream": True, "max_tokens": 16, "ignore_eos": True,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {q} " * 40}]}
     t0 = time.perf_counter()
     ttft = None
@@ -48,7 +57,7 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, system: str, q
             out.append(("error", r.status))
             return
         async for chunk in r.content.iter_any():
-            if ttft is None and b'"content"' in chunk:
+            if ttft is None and _CONTENT.search(chunk):
                 ttft = time.perf_counter() - t0
     out.append(("ok", ttft if ttft is not None else time.perf_counter() - t0, time.perf_counter() - t0))
 
@@ -91,6 +100,12 @@ def engine_hits(urls: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
+def _served_model(url: str) -> str:
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["id"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="10,20,30,40")
@@ -101,7 +116,14 @@ def main() -> None:
     ap.add_argument("--peers", default="")
     ap.add_argument("--routers", default="default,gie,round-robin", help="inferstack presets to run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--backend", choices=["fake", "emulated"], default="fake",
+                    help="fake: the test engines above; emulated: `engine serve --emulate` (real scheduler, "
+                         "paged prefix cache, roofline step times)")
+    ap.add_argument("--emulate", default="l4:llama-3-8b")
+    ap.add_argument("--emulate-args", default="--num-kv-blocks 1200 --max-num-seqs 8",
+                    help="engine flags that make 4 emulated engines saturate at rates this machine can drive")
     args = ap.parse_args()
+    global MODEL
     rates = [float(r) for r in args.rates.split(",")]
     groups = workload(args.groups, args.tenants, args.system_tokens)
     keys = sorted({k for k, _ in groups})
@@ -112,8 +134,13 @@ def main() -> None:
     for name, which in routers:
         for rate in rates:
             # fresh engines per point: every router starts from cold caches
-            engines = start_fake_engines(4, *ENGINE_ARGS)
-            urls = [e.url for e in engines]
+            if args.backend == "emulated":
+                fleet = start_emulated_fleet(args.emulate, 4, *args.emulate_args.split())
+                engines, urls = [fleet], fleet.extra["urls"]
+                MODEL = _served_model(urls[0])
+            else:
+                engines = start_fake_engines(4, *ENGINE_ARGS)
+                urls = [e.url for e in engines]
             if which == "sglang":
                 router = start_sglang_router(urls, "cache_aware")
             else:

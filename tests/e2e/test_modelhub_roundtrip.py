@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
+from inferstack.cli.main import app
 from inferstack.compliance.audit import AuditLog
 from inferstack.compliance.config import AuditConfig
 from inferstack.modelhub.errors import ModelVerificationError
@@ -33,9 +36,17 @@ pytestmark = [pytest.mark.slow,
 
 
 def cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    """The real command in its own process (the steps a pipeline runs)."""
     r = subprocess.run([sys.executable, "-m", "inferstack", *args], capture_output=True, text=True,
                        env=inferstack_env(), timeout=120)
     assert r.returncode == expect, f"{args}: rc={r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def cli_inproc(*args: str, expect: int = 0) -> Result:
+    """The same command in this process (cheaper, for the read-only steps)."""
+    r = CliRunner().invoke(app, list(args))
+    assert r.exit_code == expect, f"{args}: rc={r.exit_code}\n{r.stdout}\n{r.stderr}"
     return r
 
 
@@ -58,7 +69,7 @@ def test_pack_push_sign_pull_verify_gate_report(tmp_path: Path, registry: Regist
     assert "from its layer digests" in signed.stdout and "registry" in signed.stdout
 
     # Metadata of a remote model, without downloading its layers.
-    remote = json.loads(cli("model", "inspect", ref, "--store", str(tmp_path / "peek"), "--plain-http", "--show",
+    remote = json.loads(cli_inproc("model", "inspect", ref, "--store", str(tmp_path / "peek"), "--plain-http", "--show",
                             "aibom").stdout)
     assert remote[0]["specVersion"] == "1.6"
     assert not list((tmp_path / "peek" / "models").iterdir())
@@ -69,11 +80,11 @@ def test_pack_push_sign_pull_verify_gate_report(tmp_path: Path, registry: Regist
     assert "3 referrers" in pulled.stdout  # signature, SLSA provenance, ML-BOM
     ok = cli("model", "verify", ref, "--public-key", str(pub), "--store", consumer, "--json")
     assert json.loads(ok.stdout)["status"] == "verified"
-    wrong = cli("model", "verify", ref, "--public-key", str(other_pub), "--store", consumer, expect=1)
+    wrong = cli_inproc("model", "verify", ref, "--public-key", str(other_pub), "--store", consumer, expect=1)
     assert "Key mismatch" in wrong.stderr
-    listed = json.loads(cli("model", "list", "--store", consumer, "--json").stdout)
+    listed = json.loads(cli_inproc("model", "list", "--store", consumer, "--json").stdout)
     assert listed[0]["reference"] == ref and len(listed[0]["referrers"]) == 3
-    inspected = json.loads(cli("model", "inspect", ref, "--store", consumer, "--show", "config").stdout)
+    inspected = json.loads(cli_inproc("model", "inspect", ref, "--store", consumer, "--show", "config").stdout)
     assert inspected["config"]["architecture"] == "llama"
 
     # The engine's entry point: oci:// -> verified local path (policy from config), audited.
@@ -96,14 +107,14 @@ def test_pack_push_sign_pull_verify_gate_report(tmp_path: Path, registry: Regist
 
     # An unsigned model under a require-signature policy is refused by the gate too.
     unsigned_ref = f"{registry.host}/models/unsigned:v1"
-    cli("model", "pack", str(tiny_hf_model(tmp_path / "u", seed=1)), "-t", unsigned_ref, "--store", builder)
-    cli("model", "push", unsigned_ref, "--store", builder, "--plain-http")
+    cli_inproc("model", "pack", str(tiny_hf_model(tmp_path / "u", seed=1)), "-t", unsigned_ref, "--store", builder)
+    cli_inproc("model", "push", unsigned_ref, "--store", builder, "--plain-http")
     with pytest.raises(ModelVerificationError, match="unsigned"):
         resolve_model_ref(f"oci://{unsigned_ref}", policy, store=store)
 
     # Compliance report over both models and the audit log.
     (tmp_path / "policy.yaml").write_text(f"trusted_keys: [{pub}]\nrequire_signature: true\n")
-    report = cli("compliance", "report", "--model", ref, "--model", unsigned_ref, "--policy",
+    report = cli_inproc("compliance", "report", "--model", ref, "--model", unsigned_ref, "--policy",
                  str(tmp_path / "policy.yaml"), "--audit-dir", str(audit_dir), "--store", consumer, "--format",
                  "json")
     data = json.loads(report.stdout)
@@ -112,7 +123,7 @@ def test_pack_push_sign_pull_verify_gate_report(tmp_path: Path, registry: Regist
     assert data["logging"]["chain"]["ok"] is True and data["logging"]["verification_events"] == 1
     items = {i["article"]: i["status"] for i in data["checklist"]}
     assert items["Art. 15(4) / supply chain"] == "fail" and items["Art. 19(1) / 26(6)"] == "pass"
-    md = cli("compliance", "report", "--model", ref, "--policy", str(tmp_path / "policy.yaml"), "--store",
+    md = cli_inproc("compliance", "report", "--model", ref, "--policy", str(tmp_path / "policy.yaml"), "--store",
              consumer, "--strict", expect=1)
     assert "| Art. 12(1) |" in md.stdout
-    cli("compliance", "verify-log", str(audit_dir))
+    cli_inproc("compliance", "verify-log", str(audit_dir))

@@ -38,3 +38,31 @@ def test_verify_log_ok_and_tampered(tmp_path: Path) -> None:
 def test_verify_log_missing_path(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["compliance", "verify-log", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_report_from_inferstack_yaml(tmp_path: Path) -> None:
+    audit_dir = _log(tmp_path)
+    cfg = tmp_path / "inferstack.yaml"
+    cfg.write_text(
+        "pools:\n"
+        "  chat: {endpoints: ['http://127.0.0.1:9'], model_digest: 'sha256:" + "a" * 64 + "'}\n"
+        "  embed: {endpoints: ['http://127.0.0.1:10']}\n"
+        f"audit: {{directory: '{audit_dir}'}}\n"
+        "trust: {require_signature: true}\n"
+    )
+    res = CliRunner().invoke(app, ["compliance", "report", "--config", str(cfg), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["gateway_pools"] == {"chat": "sha256:" + "a" * 64, "embed": None}
+    assert data["logging"]["chain"]["ok"] is True and data["logging"]["request_records"] == 3
+    items = {i["article"]: i for i in data["checklist"]}
+    assert items["Art. 12(1)"]["status"] == "pass"
+    assert items["Art. 12(2)(a)"]["status"] == "fail" and "embed" in items["Art. 12(2)(a)"]["evidence"]
+    assert items["Art. 50(2)"]["status"] == "manual"
+    html = CliRunner().invoke(app, ["compliance", "report", "--config", str(cfg), "--format", "html",
+                                    "--out", str(tmp_path / "r.html")])
+    assert html.exit_code == 0 and (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("audit:\n  retention_days: 7\n")
+    res = CliRunner().invoke(app, ["compliance", "report", "--config", str(bad)])
+    assert res.exit_code == 2 and "bad.yaml:2" in res.output

@@ -3,7 +3,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferstack.engine.stats import EngineStats
-from inferstack.telemetry.engine_metrics import ENGINE_METRICS, EngineMetrics, update_doc
+from inferstack.telemetry.engine_metrics import ENGINE_METRICS, EngineMetrics
+from inferstack.telemetry.metrics_doc import gateway_rows, update_doc
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 DESIGN_NAMES = {
@@ -27,7 +28,17 @@ def test_definitions_match_design() -> None:
 
 def test_docs_are_generated_from_definitions() -> None:
     text = DOC.read_text()
-    assert update_doc(text) == text, "run: PYTHONPATH=src python -m inferstack.telemetry.engine_metrics docs/metrics.md"
+    assert update_doc(text) == text, "run: PYTHONPATH=src python -m inferstack.telemetry.metrics_doc docs/metrics.md"
+
+
+def test_gateway_table_lists_design_names() -> None:
+    names = {row.split("`")[1] for row in gateway_rows()[2:]}
+    assert {"gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds",
+            "gen_ai_server_request_duration_seconds", "inferstack_gateway_inter_token_latency_seconds",
+            "inferstack_gateway_requests_total", "inferstack_gateway_tokens_total",
+            "inferstack_gateway_queue_depth", "inferstack_gateway_queue_wait_seconds",
+            "inferstack_gateway_shed_total", "inferstack_gateway_retries_total",
+            "inferstack_gateway_routing_decisions_total"} <= names
 
 
 def test_exposition_parses_and_reads_stats_at_scrape_time() -> None:

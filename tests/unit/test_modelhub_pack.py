@@ -62,6 +62,7 @@ def test_digests_are_reproducible(tmp_path: Path) -> None:
     assert c != a
 
 
+@pytest.mark.slow  # copies and hashes the 98 MB bundled GGUF
 def test_gguf_file_config_is_filled_from_metadata(tmp_path: Path) -> None:
     res = pack(_gguf(), parse_reference("127.0.0.1:5000/models/smollm2:q4_1"), Store(tmp_path / "s"))
     assert [layer["annotations"][mt.ANN_FILEPATH] for layer in res.manifest["layers"]] == [

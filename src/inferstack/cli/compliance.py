@@ -52,23 +52,6 @@ def verify_log(
     raise typer.Exit(0 if report.ok else 1)
 
 
-def _load_sections(config: Path | None, policy_file: Path | None) -> tuple[dict, dict | None]:
-    """The `trust:` and `audit:` sections from inferstack.yaml (or a standalone trust-policy YAML)."""
-    import yaml
-
-    trust: dict = {}
-    audit: dict | None = None
-    if config is not None:
-        data = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{config}: expected a mapping at the top level")
-        trust = data.get("trust") or {}
-        audit = data.get("audit")
-    if policy_file is not None:
-        trust = yaml.safe_load(policy_file.read_text()) or {}
-    return trust, audit
-
-
 @app.command()
 def report(
     model: Annotated[
@@ -85,8 +68,6 @@ def report(
 ) -> None:
     """Compliance report: served models with digests, signature status, provenance and ML-BOM, logging and
     retention settings, and an EU AI Act Art. 11/12/19/50 checklist with the evidence for each item."""
-    from pydantic import ValidationError
-
     from inferstack.compliance.config import AuditConfig
     from inferstack.compliance.report import (
         build_report,
@@ -94,24 +75,27 @@ def report(
         render_html,
         render_markdown,
     )
-    from inferstack.modelhub.policy import TrustPolicy
+    from inferstack.config.loader import ConfigError, load_config
+    from inferstack.modelhub.errors import ModelHubError
+    from inferstack.modelhub.policy import TrustPolicy, load_trust_policy
     from inferstack.modelhub.store import Store
 
     if fmt not in ("markdown", "md", "html", "json"):
         typer.echo("error: --format must be markdown, html or json", err=True)
         raise typer.Exit(2)
     try:
-        trust, audit = _load_sections(config, policy)
-        trust_policy = TrustPolicy(**trust)
-        audit_cfg = AuditConfig(**audit) if audit is not None else None
+        cfg = load_config(config) if config is not None else None
+        trust_policy = load_trust_policy(policy) if policy else (cfg.trust if cfg and cfg.trust else TrustPolicy())
+        audit_cfg = cfg.audit if cfg is not None else None
         if audit_dir is not None:
             audit_cfg = (audit_cfg or AuditConfig()).model_copy(update={"directory": audit_dir})
-    except (ValidationError, ValueError, OSError) as e:
+    except (ConfigError, ModelHubError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    pools = {name: p.model_digest for name, p in cfg.pools.items()} if cfg is not None else {}
     s = Store(store)
     evidence = [collect_model_evidence(m, trust_policy, s) for m in model or []]
-    data = build_report(evidence, audit_cfg, trust_policy)
+    data = build_report(evidence, audit_cfg, trust_policy, pools)
     text = (json.dumps(data, indent=2) if fmt == "json" else render_html(data) if fmt == "html"
             else render_markdown(data))
     if out:

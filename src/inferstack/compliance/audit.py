@@ -40,9 +40,9 @@ def utc_now() -> str:
 class AuditRecord:
     """One gateway request, as the auditor sees it (EU AI Act Art. 12: enough to trace operation)."""
 
-    model: str
     status: int
     latency_ms: float
+    model: str | None = None  # None: rejected before the request named a model
     tenant: str | None = None
     key_id: str | None = None
     request_id: str | None = None
@@ -146,12 +146,12 @@ class AuditLog:
     def last_seq(self) -> int:
         return self._seq - 1
 
-    def _prepare(self, record: AuditRecord | dict[str, Any]) -> dict[str, Any]:
+    def _prepare(self, record: AuditRecord | dict[str, Any]) -> AuditRecord | dict[str, Any]:
         if self._closed:
             raise AuditLogClosed("audit log is closed")
         self._raise_if_failed()
         if isinstance(record, AuditRecord):
-            return record.body(self.config.log_prompts)
+            return record  # turned into a line (prompt hashed, text dropped) on the writer thread
         body = dict(record)
         body.setdefault("time", utc_now())
         if not self.config.log_prompts:
@@ -190,7 +190,8 @@ class AuditLog:
             elif isinstance(item, threading.Event):
                 waiters.append(item)
             else:
-                lines.append(self._seal_next(item))
+                body = item.body(self.config.log_prompts) if isinstance(item, AuditRecord) else item
+                lines.append(self._seal_next(body))
         if lines:
             self._file.write(b"".join(lines))
             self._file.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # EU AI Act Art. 19(1) and 26(6): logs are kept for at least six months.
 MIN_RETENTION_DAYS = 183
@@ -22,14 +22,14 @@ class AuditConfig(BaseModel):
     )
     rotate_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="Rotate the active segment above this size.")
     rotate_daily: bool = Field(True, description="Also rotate when the UTC day changes.")
-    retention_days: int = Field(
-        MIN_RETENTION_DAYS, description="Rotated segments older than this are pruned (EU AI Act Art. 19: >= 6 months)."
-    )
     allow_short_retention: bool = Field(
         False, description="Permit retention_days below 183 (only where other law allows it)."
     )
+    retention_days: int = Field(
+        MIN_RETENTION_DAYS, description="Rotated segments older than this are pruned (EU AI Act Art. 19: >= 6 months)."
+    )
     queue_size: int = Field(10_000, ge=1, description="Records buffered in memory before append() waits.")
-    fsync: bool = Field(True, description="fsync after each batch written, so a crash loses no acknowledged record.")
+    fsync: bool = Field(True, description="fsync after each written batch, so records on disk survive a power loss.")
     hmac_key_env: str | None = Field(
         None,
         description="Name of an environment variable with a secret; when set, chain hashes are HMAC-SHA256 "
@@ -38,16 +38,12 @@ class AuditConfig(BaseModel):
 
     @field_validator("retention_days")
     @classmethod
-    def _positive(cls, v: int) -> int:
+    def _eu_minimum(cls, v: int, info: ValidationInfo) -> int:
         if v < 1:
             raise ValueError("retention_days must be at least 1")
-        return v
-
-    @model_validator(mode="after")
-    def _eu_minimum(self) -> AuditConfig:
-        if self.retention_days < MIN_RETENTION_DAYS and not self.allow_short_retention:
+        if v < MIN_RETENTION_DAYS and not info.data.get("allow_short_retention"):
             raise ValueError(
-                f"retention_days={self.retention_days} is below the EU AI Act minimum of {MIN_RETENTION_DAYS} days "
+                f"retention_days={v} is below the EU AI Act minimum of {MIN_RETENTION_DAYS} days "
                 "(Art. 19/26(6)); raise it or set allow_short_retention: true"
             )
-        return self
+        return v

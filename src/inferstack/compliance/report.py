@@ -138,8 +138,10 @@ def _count_types(directory: Path) -> tuple[int, int]:
     return requests, events
 
 
-def checklist(models: list[ModelEvidence], log: dict[str, Any], policy: TrustPolicy) -> list[CheckItem]:
+def checklist(models: list[ModelEvidence], log: dict[str, Any], policy: TrustPolicy,
+              pools: dict[str, str | None]) -> list[CheckItem]:
     chain = log.get("chain") or {}
+    undigested = sorted(name for name, digest in pools.items() if not digest)
     items = [
         CheckItem(
             "Art. 12(1)", "Automatic recording of events over the system's lifetime",
@@ -149,8 +151,11 @@ def checklist(models: list[ModelEvidence], log: dict[str, Any], policy: TrustPol
         ),
         CheckItem(
             "Art. 12(2)(a)", "Logs identify the model version in use (substantial modification)",
-            "pass" if models and all(m.manifest_digest or m.oms_root_digest for m in models) else "fail",
+            "pass" if models and all(m.manifest_digest or m.oms_root_digest for m in models) and not undigested
+            else "fail",
             "; ".join(f"{m.reference} -> {m.manifest_digest or m.oms_root_digest or 'no digest'}" for m in models)
+            + (f"; gateway pools without pools.<name>.model_digest (records lack the digest): "
+               f"{', '.join(undigested)}" if undigested else "")
             or "no served models listed",
         ),
         CheckItem(
@@ -197,14 +202,17 @@ def checklist(models: list[ModelEvidence], log: dict[str, Any], policy: TrustPol
     return items
 
 
-def build_report(models: list[ModelEvidence], audit: AuditConfig | None, policy: TrustPolicy) -> dict[str, Any]:
+def build_report(models: list[ModelEvidence], audit: AuditConfig | None, policy: TrustPolicy,
+                 pools: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """`pools`: the gateway's pools and the model digest each one writes into audit records."""
     log = logging_evidence(audit)
-    items = checklist(models, log, policy)
+    items = checklist(models, log, policy, pools or {})
     return {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "generator": f"inferstack {__version__}",
         "trust_policy": policy.model_dump(mode="json"),
         "models": [asdict(m) for m in models],
+        "gateway_pools": pools or {},
         "logging": log,
         "checklist": [asdict(i) for i in items],
         "summary": {s: sum(1 for i in items if i.status == s) for s in ("pass", "fail", "manual")},
@@ -249,6 +257,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for m in report["models"]:
         if m["signature_detail"]:
             lines.append(f"- `{m['reference']}`: {m['signature_detail']}")
+    if report["gateway_pools"]:
+        lines += ["", "Gateway pools and the model digest in their audit records:", ""]
+        lines += [f"- `{name}`: `{digest or 'not configured'}`" for name, digest in report["gateway_pools"].items()]
     lines += ["", "## Trust policy", "", "```json", json.dumps(report["trust_policy"], indent=2), "```", "",
               "## Logging and retention", ""]
     if log.get("enabled"):

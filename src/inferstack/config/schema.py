@@ -12,8 +12,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from inferstack.compliance.config import AuditConfig
 from inferstack.config.pd import EndpointRole, PDConfig, pd_problems
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
+from inferstack.modelhub.policy import TrustPolicy
 from inferstack.stack.settings import UpSettings
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
@@ -58,6 +60,10 @@ class PoolConfig(_Section):
     precise_prefix: PrecisePrefixConfig | None = Field(
         None, description="Score prefixes from the engines' KV events (needs `kv_events` on endpoints).")
     pd: PDConfig | None = Field(None, description="Prefill/decode disaggregation over the endpoints' roles.")
+    model_digest: str | None = Field(
+        None, pattern=r"^sha256:[0-9a-f]{64}$",
+        description="Digest of the model the endpoints serve (e.g. its ModelPack manifest digest), written into "
+                    "audit records; default: precise_prefix.model_digest when set.")
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -185,6 +191,9 @@ class GatewayConfig(_Section):
     require_keys: bool | None = Field(None, description="Reject requests without a key; default: when keys are configured.")
     default_tenant: Name = "default"
     redis_url: str | None = Field(None, description="Shared RPM/TPM limits across replicas (redis://host:port/0).")
+    admin_api: bool | None = Field(
+        None, description="Serve PUT /admin/pools/{pool}/endpoints (the local stack replaces a pool's endpoints "
+        "through it). Default: on when bound to a loopback address.")
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
     prefix_index: PrefixIndexConfig = Field(default_factory=PrefixIndexConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
@@ -200,6 +209,8 @@ class InferstackConfig(_Section):
     tenants: dict[Name, TenantConfig] = Field(default_factory=dict)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     up: UpSettings = Field(default_factory=UpSettings, description="The local stack `inferstack up` runs.")
+    audit: AuditConfig | None = Field(None, description="Per-request audit log (docs/compliance.md); off when absent.")
+    trust: TrustPolicy | None = Field(None, description="Which models engines may load (docs/supply-chain.md).")
 
     def cross_check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """References between sections, as (location, message) pairs."""

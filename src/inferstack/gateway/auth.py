@@ -18,6 +18,7 @@ class Identity:
     tenant: str
     models: frozenset[str] | None
     priority: int
+    key_id: str | None = None  # the key's configured name, else the first 12 hex digits of its sha256
 
 
 class KeyStore:
@@ -28,7 +29,8 @@ class KeyStore:
         self._by_hash: dict[str, Identity] = {}
         for k in cfg.keys:
             prio = self.objectives[k.objective] if k.objective else 0
-            self._by_hash[k.sha256] = Identity(k.tenant, frozenset(k.models) if k.models is not None else None, prio)
+            self._by_hash[k.sha256] = Identity(k.tenant, frozenset(k.models) if k.models is not None else None, prio,
+                                               k.name or k.sha256[:12])
 
     def identify(self, authorization: bytes | None) -> Identity:
         if not authorization:

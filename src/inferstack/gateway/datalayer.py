@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from inferstack.config.schema import GatewayConfig, PoolConfig
+from inferstack.config.schema import EndpointConfig, GatewayConfig, PoolConfig
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build_router
 from inferstack.gateway.routing.disagg import build_pd_router
 from inferstack.gateway.routing.state import RoutingState
@@ -108,6 +108,7 @@ class Endpoint:
         self.failures = 0
         self.ejected_until = 0.0
         self.models: set[str] = set()
+        self.tasks: list[asyncio.Task] = []  # KV-event subscription
         self.session: aiohttp.ClientSession | None = None  # health checks, /tokenize
         self.upstream: UpstreamPool | None = None  # completions (hot path)
         self.scrape: UpstreamPool | None = None  # /metrics, with a short read timeout
@@ -196,27 +197,57 @@ class DataLayer:
         self.on_refresh = on_refresh  # called with a pool after its metrics refresh
         self._tasks: list[asyncio.Task] = []
 
+    def _open(self, pool: Pool, ep: Endpoint) -> None:
+        ep.session = aiohttp.ClientSession(
+            ep.url,
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
+            auto_decompress=False,
+        )
+        ep.upstream = UpstreamPool(ep.url, self.cfg.connect_timeout_s, self.cfg.request_timeout_s)
+        ep.scrape = UpstreamPool(ep.url, self.cfg.connect_timeout_s, 1.0, max_idle=2)
+        if ep.kv_events:
+            from inferstack.gateway.kvevents import subscribe
+
+            ep.tasks.append(asyncio.create_task(subscribe(ep, pool.router.state)))
+
+    async def _close(self, ep: Endpoint) -> None:
+        for t in ep.tasks:
+            t.cancel()
+        if ep.session is not None:
+            await ep.session.close()
+        if ep.upstream is not None:
+            ep.upstream.close()
+            ep.scrape.close()
+
     async def start(self) -> None:
         for pool in self.pools:
             for ep in pool.endpoints:
-                ep.session = aiohttp.ClientSession(
-                    ep.url,
-                    connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True),
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
-                    auto_decompress=False,
-                )
-                ep.upstream = UpstreamPool(ep.url, self.cfg.connect_timeout_s, self.cfg.request_timeout_s)
-                ep.scrape = UpstreamPool(ep.url, self.cfg.connect_timeout_s, 1.0, max_idle=2)
+                self._open(pool, ep)
         # one discovery + health round before serving, so /v1/models is right from the start
         await asyncio.gather(*(self._health_once(p, e) for p in self.pools for e in p.endpoints))
         for pool in self.pools:
             self._tasks.append(asyncio.create_task(self._scrape_loop(pool)))
             self._tasks.append(asyncio.create_task(self._health_loop(pool)))
-            for ep in pool.endpoints:
-                if ep.kv_events:
-                    from inferstack.gateway.kvevents import subscribe
 
-                    self._tasks.append(asyncio.create_task(subscribe(ep, pool.router.state)))
+    async def set_endpoints(self, pool: Pool, wanted: list[EndpointConfig]) -> None:
+        """Make ``pool``'s endpoints exactly ``wanted`` (desired state, idempotent). Endpoints that
+        stay keep their counters and connections; removed ones leave the routing state too."""
+        by_url = {e.url: e for e in pool.endpoints}
+        new: list[Endpoint] = []
+        fresh: list[Endpoint] = []
+        for w in wanted:
+            ep = by_url.pop(w.url, None)
+            if ep is None:
+                ep = Endpoint(w.url, w.name, w.api_key, w.kv_events, pool.config.max_concurrency)
+                self._open(pool, ep)
+                fresh.append(ep)
+            new.append(ep)
+        await asyncio.gather(*(self._health_once(pool, e) for e in fresh))
+        pool.endpoints = new  # one assignment: readers see the old or the new list, never a mix
+        for gone in by_url.values():
+            pool.router.state.forget_endpoint(gone.id)
+            await self._close(gone)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -226,11 +257,7 @@ class DataLayer:
                 await t
         for pool in self.pools:
             for ep in pool.endpoints:
-                if ep.session is not None:
-                    await ep.session.close()
-                if ep.upstream is not None:
-                    ep.upstream.close()
-                    ep.scrape.close()
+                await self._close(ep)
 
     async def _scrape_one(self, ep: Endpoint, now: float) -> None:
         if not ep.metrics_supported and now - ep.metrics_at < _NO_METRICS_RETRY_S:

@@ -8,6 +8,7 @@ through chunk by chunk, sniffing only for TTFT and the final usage event.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import time
@@ -18,8 +19,10 @@ from typing import Any
 import aiohttp
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
-from inferstack.config.schema import InferstackConfig
+from inferstack.compliance.audit import AuditLog, AuditRecord
+from inferstack.config.schema import EndpointConfig, InferstackConfig
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.auth import Identity, KeyStore
 from inferstack.gateway.datalayer import DataLayer, Endpoint, Pool
@@ -88,8 +91,10 @@ class Gateway:
         self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
         self._rng = random.Random()
         self._openapi = orjson.dumps(gateway_openapi())
+        self._admin_enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)
         self._dashboard = dashboard_asgi("/dashboard", scraping_state_provider(
             lambda: generate_latest(self.metrics.registry).decode(), self._dashboard_endpoints))
+        self.audit = AuditLog(cfg.audit) if cfg.audit is not None and cfg.audit.enabled else None
 
     # ---- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -112,6 +117,8 @@ class Gateway:
             elif msg["type"] == "lifespan.shutdown":
                 await self.datalayer.stop()
                 await self.limiter.close()
+                if self.audit is not None:
+                    await self.audit.aclose()  # flushes every queued record to disk
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -119,6 +126,7 @@ class Gateway:
         path = scope["raw_path"].split(b"?", 1)[0] if scope.get("raw_path") else scope["path"].encode()
         method = scope["method"]
         kind = _PATHS.get(path)
+        t0 = time.perf_counter()
         try:
             if kind is not None:
                 if method != "POST":
@@ -137,12 +145,48 @@ class Gateway:
                 await self._list_models(scope, send)
             elif path == b"/openapi.json":
                 await _respond(send, 200, self._openapi)
+            elif path.startswith(b"/admin/pools"):
+                await self._admin(path, method, scope, receive, send)
             elif path == b"/dashboard" or path.startswith(b"/dashboard/"):
                 await self._dashboard(scope, receive, send)
             else:
                 raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         except APIError as exc:
             await _error(send, exc)
+            if kind is not None and self.audit is not None and not scope.get("inferstack.audited"):
+                await self._audit_rejected(scope, exc, t0)
+
+    async def _admin(self, path: bytes, method: str, scope: dict, receive: Any, send: Any) -> None:
+        """GET /admin/pools: pools and endpoint state. PUT /admin/pools/{pool}/endpoints with
+        {"endpoints": [{"url", "name"?}, ...]}: replace a pool's endpoints (desired state)."""
+        if not self._admin_enabled:
+            raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
+        parts = path.decode("latin-1").strip("/").split("/")
+        if parts == ["admin", "pools"] and method == "GET":
+            data = {name: [{"id": e.id, "url": e.url, "healthy": e.healthy, "in_flight": e.in_flight,
+                            "models": sorted(e.models)} for e in p.endpoints] for name, p in self.pools.items()}
+            await _respond(send, 200, orjson.dumps({"pools": data}))
+            return
+        if len(parts) != 4 or parts[3] != "endpoints":
+            raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
+        if method != "PUT":
+            raise APIError(405, "Use PUT with {\"endpoints\": [{\"url\": ...}, ...]}.")
+        pool = self.pools.get(parts[2])
+        if pool is None:
+            raise APIError(404, f"Unknown pool `{parts[2]}`.", param="pool", code="pool_not_found")
+        body = await _read_body(receive, _header(scope, b"content-length"), 1 << 20)
+        try:
+            raw = orjson.loads(body)
+            items = raw["endpoints"] if isinstance(raw, dict) else None
+            if not isinstance(items, list):
+                raise TypeError
+            wanted = [EndpointConfig.model_validate({k: v for k, v in e.items() if k in ("url", "name")})
+                      for e in items]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValidationError) as exc:
+            raise APIError(400, f"Expected {{\"endpoints\": [{{\"url\": \"http://...\"}}, ...]}}: {exc}",
+                           param="endpoints") from None
+        await self.datalayer.set_endpoints(pool, wanted)
+        await _respond(send, 200, orjson.dumps({"pool": pool.name, "endpoints": [e.id for e in pool.endpoints]}))
 
     def _dashboard_endpoints(self) -> list[dict[str, Any]]:
         return [{"name": e.id, "url": e.url, "model": ", ".join(sorted(e.models)) or None, "pool": p.name,
@@ -191,6 +235,7 @@ class Gateway:
         if not isinstance(req, dict):
             raise APIError(400, "Request body must be a JSON object.", code="invalid_json")
         model = req.get("model")
+        scope["inferstack.model"] = model  # for the audit record of a request rejected below
         if not isinstance(model, str) or not model:
             raise APIError(404, "`model` is required: name one of GET /v1/models.", param="model",
                            code="model_not_found")
@@ -281,6 +326,9 @@ class Gateway:
                 span.set_attribute("http.response.status_code", ctx.status)
                 span.set_attribute("inferstack.endpoint", ctx.endpoint)
                 span.end()
+            if self.audit is not None:
+                scope["inferstack.audited"] = True
+                await self._audit_done(ctx, req)
 
     async def _token_hashes(self, pool: Pool, kind: str, req: dict, salt: str) -> list[bytes]:
         """Tokenize through an endpoint's /tokenize (the engine applies its chat template), then hash
@@ -485,11 +533,39 @@ class Gateway:
         if ctx.span is not None:
             ctx.span.set_attribute("gen_ai.usage.input_tokens", in_tokens)
             ctx.span.set_attribute("gen_ai.usage.output_tokens", out_tokens)
+        ctx.in_tokens, ctx.out_tokens = in_tokens, out_tokens
         if ctx.tenant is not None and ctx.tenant.limits.tpm and isinstance(usage, dict):
             await self.limiter.settle(tname, ctx.tenant.limits, in_tokens + out_tokens - ctx.est_tokens)
 
     def _count(self, ctx: _Ctx) -> None:
         self.metrics.request_done(ctx.model, ctx.pool.name, ctx.endpoint, ctx.ident.tenant, ctx.status)
+
+    # ---- audit (docs/compliance.md): one record per completion request, queued off the event loop ----
+    async def _audit_done(self, ctx: _Ctx, req: dict) -> None:
+        assert self.audit is not None
+        pool = ctx.pool.config
+        digest = pool.model_digest or (f"sha256:{pool.precise_prefix.model_digest}" if pool.precise_prefix else None)
+        prompt = "\n".join(prompt_parts(ctx.kind, req))  # hashed on the writer thread; text kept only if enabled
+        await self.audit.append(AuditRecord(
+            model=ctx.model, status=ctx.status, latency_ms=round((time.perf_counter() - ctx.t0) * 1000, 3),
+            tenant=ctx.ident.tenant, key_id=ctx.ident.key_id, request_id=ctx.rid.decode("latin-1"),
+            model_digest=digest, endpoint=ctx.endpoint or None, prompt_tokens=ctx.in_tokens,
+            completion_tokens=ctx.out_tokens, prompt=prompt))
+
+    async def _audit_rejected(self, scope: dict, exc: APIError, t0: float) -> None:
+        assert self.audit is not None
+        headers = dict(scope["headers"])
+        try:
+            ident: Identity | None = self.keys.identify(headers.get(b"authorization"))
+        except APIError:
+            ident = None
+        model = scope.get("inferstack.model")
+        rid = headers.get(b"x-request-id")
+        await self.audit.append(AuditRecord(
+            model=model if isinstance(model, str) else None, status=exc.status,
+            latency_ms=round((time.perf_counter() - t0) * 1000, 3), tenant=ident.tenant if ident else None,
+            key_id=ident.key_id if ident else None, request_id=rid.decode("latin-1") if rid else None,
+            error=exc.code or exc.message))
 
 
 def gateway_openapi() -> dict[str, Any]:
@@ -509,8 +585,9 @@ def gateway_openapi() -> dict[str, Any]:
 
 
 class _Ctx:
-    __slots__ = ("client_gone", "endpoint", "est_tokens", "gaps", "ident", "inject_usage", "kind", "model", "pool",
-                 "reserved", "responded", "rid", "span", "status", "stream", "t0", "tenant", "tpot", "ttft")
+    __slots__ = ("client_gone", "endpoint", "est_tokens", "gaps", "ident", "in_tokens", "inject_usage", "kind", "model",
+                 "out_tokens", "pool", "reserved", "responded", "rid", "span", "status", "stream", "t0", "tenant", "tpot",
+                 "ttft")
 
     def __init__(self, kind: str, model: str, pool: Pool, ident: Identity, tenant: _Tenant | None, rid: bytes,
                  t0: float, stream: bool, inject_usage: bool, est_tokens: int, reserved: bool):
@@ -525,6 +602,8 @@ class _Ctx:
         self.span: Any = None
         self.responded = False
         self.client_gone = False
+        self.in_tokens: int | None = None
+        self.out_tokens: int | None = None
 
 
 def _take_usage(chunk: bytes, strip: bool) -> tuple[bytes, dict | None]:
@@ -545,6 +624,13 @@ def _take_usage(chunk: bytes, strip: bool) -> tuple[bytes, dict | None]:
                     continue
         kept.append(ev)
     return b"\n\n".join(kept), usage
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _max_tokens(req: dict) -> int:

@@ -150,7 +150,7 @@ class _Conn(asyncio.Protocol):
     def release(self) -> None:
         """Back to the pool if the exchange finished cleanly, else close."""
         self._stop_timer()
-        if self._done and self.keep_alive and not self.closed and self._error is None:
+        if self._done and self.keep_alive and not self.closed and self._error is None and not self.pool.closed:
             self.pool._idle.append(self)
         else:
             self.close()
@@ -175,6 +175,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
+        self.closed = False
         self._idle: list[_Conn] = []
 
     def _head(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body_len: int) -> bytes:
@@ -225,6 +226,8 @@ class UpstreamPool:
         return conn
 
     def close(self) -> None:
+        """Close idle connections; those in use close when released."""
+        self.closed = True
         for c in self._idle:
             c.close()
         self._idle.clear()

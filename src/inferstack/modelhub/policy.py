@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inferstack.modelhub.reference import DIGEST_RE
-from inferstack.modelhub.verify import TrustAnchor
+
+if TYPE_CHECKING:
+    from inferstack.modelhub.verify import TrustAnchor
 
 
 class TrustPolicy(BaseModel):
@@ -42,6 +45,8 @@ class TrustPolicy(BaseModel):
         return v
 
     def anchors(self) -> list[TrustAnchor]:
+        from inferstack.modelhub.verify import TrustAnchor  # cryptography only once something is verified
+
         return [TrustAnchor("key", p) for p in self.trusted_keys] + [
             TrustAnchor("certificate", p) for p in self.trusted_cert_chains
         ]

@@ -80,6 +80,14 @@ class ApproxPrefixIndex:
                 if not s:
                     del holders[old]
 
+    def remove_endpoint(self, endpoint: str) -> None:
+        for h in self._lru.pop(endpoint, ()):
+            s = self._holders.get(h)
+            if s is not None:
+                s.discard(endpoint)
+                if not s:
+                    del self._holders[h]
+
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Consecutive blocks from the start that each endpoint holds (greedy, stops at the
         first block nobody holds)."""

@@ -25,7 +25,7 @@ def _default() -> Policy:
     # no-hit spreader, so an idle fleet spreads distinct prefixes while shared prefixes stick
     # until their holder is overloaded relative to the rest of the pool.
     return make_profile("default", ["healthy", "not-overloaded"],
-                        {"prefix": 3, "in-flight": 2, "kv-cache": 2, "queue": 1, "cold-spread": 1,
+                        {"prefix": 3, "in-flight": 2, "kv-cache": 1, "cold-spread": 1,
                          "lora-affinity": 2, "session-affinity": 2}, "max-score")
 
 

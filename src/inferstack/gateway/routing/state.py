@@ -47,6 +47,15 @@ class RoutingState:
             if len(seen) > 64:
                 seen.popitem(last=False)
 
+    def forget_endpoint(self, endpoint: str) -> None:
+        """The endpoint left the pool: drop everything remembered about it."""
+        self.approx.remove_endpoint(endpoint)
+        self.precise.cleared(endpoint)
+        self.latency.ttft.pop(endpoint, None)
+        self.latency.tpot.pop(endpoint, None)
+        self.cold_served.pop(endpoint, None)
+        self.adapters_seen.pop(endpoint, None)
+
 
 class RouteContext:
     """One routing decision's inputs, with lazily computed shared intermediate results."""
