@@ -162,3 +162,30 @@ def test_a_request_waiting_for_blocks_keeps_its_staged_prefix(disk_path):
     assert second.num_external_cached_tokens == 512
     assert b.store.tiers[0].stats.hits == 2, "staged once, not re-read on every attempt"
     b.close()
+
+
+def test_slow_tier_reads_happen_in_the_background_while_other_requests_run(disk_path):
+    import threading
+
+    a = Engine([DiskTier(disk_path, 1 << 30)])
+    a.generate(PROMPT)
+    a.close()
+    gate = threading.Event()
+
+    class SlowDisk(DiskTier):
+        def get(self, key):
+            gate.wait(10)          # a remote tier that takes its time
+            return super().get(key)
+
+    b = Engine([SlowDisk(disk_path, 1 << 30)])
+    slow = b.submit(PROMPT, rid="slow")
+    other = [(i * 7 + 3) % 400 for i in range(40)]
+    fast = b.submit(other, rid="fast")
+    batch = b.sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["fast"], "the request waiting for KV does not block others"
+    b.sched.update_from_output(batch, b.ex.execute(batch).sampled)
+    gate.set()
+    b.run()
+    assert slow.output_token_ids == baseline() and fast.output_token_ids == baseline(other)
+    assert slow.num_external_cached_tokens == 512
+    b.close()

@@ -113,6 +113,8 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             self._flush_events()
+            if self.scheduler.has_unfinished():
+                time.sleep(0.001)    # only requests whose external KV is still arriving: do not spin
             return []
         connector = self.scheduler.connector
         if connector is not None:

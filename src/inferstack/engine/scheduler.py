@@ -193,6 +193,7 @@ class Scheduler:
                 continue
             # `request` itself was preempted: the list shrank under index i.
 
+        fetching: list[Request] = []     # external KV still on its way: they wait, others go
         while (not preempted_this_step and len(self.waiting) > 0 and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting.peek()
@@ -200,7 +201,11 @@ class Scheduler:
             num_external = 0
             if self.connector is not None:
                 self.kv.update_block_hashes(request)
-                num_external, _ = self.connector.get_num_new_matched_tokens(request, num_hit)
+                matched, _ = self.connector.get_num_new_matched_tokens(request, num_hit)
+                if matched is None:
+                    fetching.append(self.waiting.pop())
+                    continue
+                num_external = matched
             n = self._chunk(request, budget, num_hit + num_external)
             if not self.kv.allocate_slots(request, num_external + n, hits):
                 break   # the connector keeps what it staged for the next attempt
@@ -223,6 +228,8 @@ class Scheduler:
             self.running.append(request)
             out.seqs.append(self._scheduled(request, n))
             budget -= n
+        for request in reversed(fetching):
+            self.waiting.add(request, front=True)
         return out
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:

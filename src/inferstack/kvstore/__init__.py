@@ -1,20 +1,25 @@
-"""Multi-tier KV store: 256-token chunks keyed by the shared KV hashing, across host, disk, Redis."""
+"""Multi-tier KV store: 256-token chunks keyed by the shared KV hashing, across host, disk, Redis.
 
-from inferstack.kvstore.codec import ChunkBuffer, ChunkLayout, CorruptChunk, decode_chunk, encode_chunk
-from inferstack.kvstore.config import KVStoreConfig, build_store, parse_bytes, parse_tiers
-from inferstack.kvstore.store import LookupResult, StoreEvent, TieredKVStore
+Exports resolve lazily (PEP 562) so that ``inferstack.kvstore.settings`` can be imported by config
+loading without pulling in torch.
+"""
 
-__all__ = [
-    "ChunkBuffer",
-    "ChunkLayout",
-    "CorruptChunk",
-    "KVStoreConfig",
-    "LookupResult",
-    "StoreEvent",
-    "TieredKVStore",
-    "build_store",
-    "decode_chunk",
-    "encode_chunk",
-    "parse_bytes",
-    "parse_tiers",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ChunkBuffer": "codec", "ChunkLayout": "codec", "CorruptChunk": "codec", "decode_chunk": "codec",
+    "encode_chunk": "codec", "KVStoreConfig": "config", "build_store": "config", "parse_bytes": "settings",
+    "parse_tiers": "settings", "KVTierSettings": "settings", "LookupResult": "store", "StoreEvent": "store",
+    "TieredKVStore": "store",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'inferstack.kvstore' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"inferstack.kvstore.{module}"), name)

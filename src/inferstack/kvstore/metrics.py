@@ -49,6 +49,10 @@ class KVStoreCollector(Collector):
             yield fam
         reads = histogram_family("inferstack_kv_tier_read_seconds", "Time to read and verify one chunk from a KV tier.", labels)
         writes = histogram_family("inferstack_kv_tier_write_seconds", "Time to write one chunk to a KV tier.", labels)
+        up = GaugeMetricFamily("inferstack_kv_tier_up", "0 while a KV tier is skipped after a failure, else 1.", labels=labels)
+        for tier in self.store.tiers:
+            up.add_metric([self.model_name, tier.name], 1 if tier.available() else 0)
+        yield up
         used = GaugeMetricFamily("inferstack_kv_tier_used_bytes", "Bytes a KV tier holds (tiers that track it).", labels=labels)
         cap = GaugeMetricFamily("inferstack_kv_tier_capacity_bytes", "A KV tier's byte budget.", labels=labels)
         for tier in self.store.tiers:

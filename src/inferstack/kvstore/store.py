@@ -83,10 +83,12 @@ class TieredKVStore:
             todo = [i for i, w in enumerate(where) if w is None]
             if not todo:
                 break
+            if not tier.available():
+                continue
             try:
                 present = tier.contains([keys[i] for i in todo])
             except Exception:
-                tier.stats.add(errors=1)
+                tier.failed()
                 continue
             for i, ok in zip(todo, present, strict=True):
                 if ok:
@@ -124,11 +126,14 @@ class TieredKVStore:
         if value is not None:
             return decode_chunk(value, key=key, root=self.root, layout=self.layout)
         for idx, tier in enumerate(self.tiers):
+            if not tier.available():
+                continue
             t0 = time.perf_counter()
             try:
                 value = tier.get(key)
             except Exception:
-                tier.stats.add(errors=1, misses=1)
+                tier.failed()
+                tier.stats.add(misses=1)
                 continue
             if value is None:
                 tier.stats.add(misses=1)
@@ -149,7 +154,7 @@ class TieredKVStore:
         try:
             tier.delete(key)
         except Exception:
-            tier.stats.add(errors=1)
+            tier.failed()
             return
         self._emit(StoreEvent("removed", tier.medium, (key,)))
 

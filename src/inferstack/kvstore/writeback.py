@@ -108,6 +108,8 @@ class WriteBack:
                 self._cond.notify_all()
 
     def _write(self, tier: Tier, key: bytes, value: Value) -> None:
+        if not tier.available():
+            return
         try:
             if tier.contains([key])[0]:
                 return
@@ -118,4 +120,4 @@ class WriteBack:
                 if self._on_stored is not None:
                     self._on_stored(tier, key)
         except Exception:   # a dead tier must not kill the worker; the store fails open
-            tier.stats.add(errors=1)
+            tier.failed()

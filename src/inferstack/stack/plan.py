@@ -25,8 +25,9 @@ def engine_specs(settings: UpSettings, python: str = sys.executable) -> list[Chi
     threads = settings.threads_per_engine()
     specs = []
     for i in range(settings.replicas):
+        kv_args = settings.kv.engine_args() if settings.kv else []
         argv = _inferstack(python, "engine", "serve", "--model", settings.model,
-                           "--threads", str(threads), *settings.engine_args)
+                           "--threads", str(threads), *kv_args, *settings.engine_args)
         specs.append(ChildSpec(
             name=f"engine-{i}", kind="engine", argv=argv, port_args=_port_flag,
             # torch reads these at import; keep BLAS pools from oversubscribing the split cores.

@@ -6,6 +6,8 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from inferstack.kvstore.settings import KVTierSettings
+
 
 class RestartPolicy(BaseModel):
     """How a crashed child comes back: exponential backoff, reset after a stable period."""
@@ -37,6 +39,9 @@ class UpSettings(BaseModel):
         None, description="Emulate engines instead of running a model, e.g. 'h100:llama-3-8b'."
     )
     engine_args: list[str] = Field(default_factory=list, description="Extra args for `inferstack engine serve`.")
+    kv: KVTierSettings | None = Field(
+        None, description="KV tiers of every replica (docs/kv-cache.md); a shared disk_path or redis_url lets "
+        "replicas reuse each other's prefixes.")
     gateway_args: list[str] = Field(default_factory=list, description="Extra args for `inferstack gateway serve`.")
     with_prometheus: bool = Field(False, description="Also start a Prometheus that scrapes the stack.")
     prometheus_binary: str = Field("prometheus", description="Prometheus executable (name on PATH or path).")

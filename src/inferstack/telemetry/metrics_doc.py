@@ -49,11 +49,18 @@ def _engine_rows() -> list[str]:
     return section[1:-1]
 
 
+def _kv_rows() -> list[str]:
+    from inferstack.engine.connector.factory import metric_doc_rows
+
+    return metric_doc_rows()
+
+
 # (marker name, heading used when the section is missing, row builder)
 SECTIONS: list[tuple[str, str, Callable[[], list[str]]]] = [
     ("engine metrics", "## Engine (`inferstack engine serve`, vLLM names)", _engine_rows),
     ("gateway metrics", "## Gateway (`inferstack gateway serve`, OpenTelemetry GenAI names where they exist)",
      gateway_rows),
+    ("kv metrics", "## KV tiers, KV connector and KV transfer (engine `/metrics`, docs/kv-cache.md)", _kv_rows),
 ]
 
 

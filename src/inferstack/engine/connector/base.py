@@ -29,10 +29,11 @@ from inferstack.engine.request import Request
 class KVConnectorBase(ABC):
     # -- scheduler side -------------------------------------------------------------------------
     @abstractmethod
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` (device prefix-cache hits) that can be loaded
-        from outside, block-aligned and leaving at least one prompt token to compute; and whether
-        the load is asynchronous (always False here: the KV is staged on the host first)."""
+        from outside, block-aligned and leaving at least one prompt token to compute, and whether
+        the load is asynchronous. ``None`` means "not known yet": the KV is being read or pulled
+        on a background thread, and the scheduler should run other requests and ask again."""
 
     @abstractmethod
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:

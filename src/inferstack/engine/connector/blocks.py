@@ -3,7 +3,9 @@ tensors (``[num_layers, 2, n * block_size, H, D]``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +54,17 @@ class StagedLoad:
     chunks: list[torch.Tensor]
     block_ids: list[int] = field(default_factory=list)
 
+    def rebase(self, first_block: int) -> StagedLoad | None:
+        """The same load for a request whose device prefix hit moved to ``first_block`` since it
+        was staged; None when what is staged no longer starts there."""
+        if first_block == self.first_block:
+            return self
+        end = self.first_block + self.num_blocks
+        if not self.first_block < first_block < end:
+            return None
+        skip = first_block // BLOCKS_PER_CHUNK - self.first_block // BLOCKS_PER_CHUNK
+        return StagedLoad(first_block, end - first_block, self.chunks[skip:])
+
     def accept(self, block_ids: Sequence[int], num_external_tokens: int, block_size: int) -> None:
         self.num_blocks = min(self.num_blocks, num_external_tokens // block_size)
         self.block_ids = list(block_ids[self.first_block:self.first_block + self.num_blocks])
@@ -67,3 +80,61 @@ class StagedLoad:
                                 chunk[:, :, offset * block_size:(offset + n) * block_size])
             block += n
             done += n
+
+
+class Stager:
+    """Loads staged per request, fetched on the caller's thread or on a background thread.
+
+    A background fetch lets the scheduler run other requests while KV is read from a slow tier
+    or pulled from a prefill engine (``get_num_new_matched_tokens`` answers None meanwhile, as in
+    vLLM). A finished fetch that found nothing is remembered as zero, so it is not retried.
+    """
+
+    PENDING = -1
+
+    def __init__(self, workers: int = 1) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-stage")
+        self._pending: dict[str, Future[StagedLoad | None]] = {}
+        self._staged: dict[str, StagedLoad | None] = {}
+        self._lock = threading.Lock()
+
+    def check(self, request_id: str, first_block: int, block_size: int) -> int | None:
+        """PENDING while fetching; the tokens staged (possibly 0); None if nothing was started."""
+        with self._lock:
+            fut = self._pending.get(request_id)
+            if fut is not None:
+                if not fut.done():
+                    return self.PENDING
+                del self._pending[request_id]
+                try:
+                    self._staged[request_id] = fut.result()
+                except Exception:
+                    self._staged[request_id] = None
+            if request_id not in self._staged:
+                return None
+            load = self._staged[request_id]
+            if load is not None:
+                load = self._staged[request_id] = load.rebase(first_block)
+            return load.num_blocks * block_size if load is not None else 0
+
+    def put(self, request_id: str, load: StagedLoad | None) -> None:
+        with self._lock:
+            self._staged[request_id] = load
+
+    def start(self, request_id: str, fetch: Callable[[], StagedLoad | None]) -> None:
+        with self._lock:
+            self._pending[request_id] = self._pool.submit(fetch)
+
+    def take(self, request_id: str) -> StagedLoad | None:
+        with self._lock:
+            return self._staged.pop(request_id, None)
+
+    def drop(self, request_id: str) -> None:
+        with self._lock:
+            self._staged.pop(request_id, None)
+            fut = self._pending.pop(request_id, None)
+        if fut is not None:
+            fut.cancel()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

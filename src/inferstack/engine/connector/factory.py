@@ -61,3 +61,29 @@ def connector_collectors(connector: KVConnectorBase | None, model_name: str) -> 
             out.append(ConnectorCollector(part.stats, model_name, "pd"))
             out.append(TransferCollector(part, model_name))
     return out
+
+
+def metric_doc_rows() -> list[str]:
+    """Rows of docs/metrics.md's KV section, read from the real collectors (one host tier and one
+    transfer of each kind recorded, so that every family shows its labels)."""
+    from types import SimpleNamespace
+
+    from inferstack.engine.connector.stats import ConnectorStats
+    from inferstack.engine.connector.transfer import TransferStats
+    from inferstack.kvstore.store import TieredKVStore
+    from inferstack.kvstore.tiers import HostTier
+
+    store = TieredKVStore([HostTier(1 << 20)], ChunkLayout(1, 1, 1, torch.float32), bytes(32))
+    transfers = TransferStats()
+    transfers.record("recv", "tcp", 1, 1.0)
+    transfers.fail("recv")
+    collectors = [KVStoreCollector(store, "m"), ConnectorCollector(ConnectorStats(), "m", "kvstore"),
+                  TransferCollector(SimpleNamespace(server=None, client=SimpleNamespace(stats=transfers)), "m")]
+    rows = ["| name | type | labels | meaning |", "|---|---|---|---|"]
+    for collector in collectors:
+        for fam in collector.collect():
+            name = fam.name + ("_total" if fam.type == "counter" else "")
+            labels = sorted({k for s in fam.samples for k in s.labels if k != "le"})
+            rows.append(f"| `{name}` | {fam.type} | {', '.join(f'`{x}`' for x in labels) or '—'} | {fam.documentation} |")
+    store.close()
+    return rows

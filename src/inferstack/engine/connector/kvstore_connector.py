@@ -1,10 +1,11 @@
 """KVStoreConnector: load the longest stored prefix from the KV tiers, save new full chunks.
 
 Loads are staged: at scheduling time the connector looks the request's chunk keys up across the
-tiers and reads (and verifies) the hit chunks into host memory — the next chunk's read overlaps
-the current one's verification — so the number of tokens it offers is exactly what it holds. A
-tier that fails or returns a corrupt chunk shortens the offer (the rest is recomputed, the
-failure counted); the copy into KV blocks before the forward pass then cannot fail. Saves gather
+tiers (metadata only), then reads and verifies the hit chunks into host memory — right away when
+they sit in host RAM, otherwise on a background thread while the scheduler runs other requests
+(it answers None until the read is done) — so the number of tokens it offers is exactly what it
+holds. A tier that fails or returns a corrupt chunk shortens the offer (the rest is recomputed,
+the failure counted); the copy into KV blocks before the forward pass then cannot fail. Saves gather
 each newly completed 256-token chunk out of the KV blocks on the step loop (one copy) and hand it
 to the store, whose write-back thread does all tier I/O.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.connector.blocks import StagedLoad, gather_blocks, scatter_into_blocks
+from inferstack.engine.connector.blocks import StagedLoad, Stager, gather_blocks, scatter_into_blocks
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.kv.events import BlockRemoved, BlockStored, KVEvent
 from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK, chunk_keys
@@ -30,6 +31,7 @@ from inferstack.kvstore.store import StoreEvent, TieredKVStore
 
 MAX_EVENT_META = 16_384     # chunks whose hashes and tokens we remember for KV events (~32 MB at most)
 MAX_PENDING_EVENTS = 100_000
+FAST_TIERS = {"pending", "host"}   # read synchronously; slower tiers are read on a background thread
 
 
 class KVStoreConnector(KVConnectorBase):
@@ -41,7 +43,7 @@ class KVStoreConnector(KVConnectorBase):
             raise ValueError(f"store chunks hold {store.layout.tokens} tokens, the engine's are {self.chunk_tokens}")
         self.min_load_tokens = min_load_tokens
         self.stats = ConnectorStats()
-        self._staged: dict[str, StagedLoad] = {}
+        self._stager = Stager()
         self._ready: list[StagedLoad] = []
         self._saved_upto: dict[str, int] = {}   # request id -> chunks known to be in the store
         self._kv_caches: list[torch.Tensor] = []
@@ -52,47 +54,55 @@ class KVStoreConnector(KVConnectorBase):
         store.add_listener(self._on_store_event)
 
     # -- scheduler side -------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         bs, per_chunk = self.block_size, BLOCKS_PER_CHUNK
-        staged = self._staged.pop(request.request_id, None)
-        if staged is not None and staged.first_block == num_computed_tokens // bs:
-            # Staged on an earlier attempt that found no free blocks: reuse, do not read again.
-            self._staged[request.request_id] = staged
-            return staged.num_blocks * bs, False
-        max_blocks = (request.num_tokens - 1) // bs           # one token is always computed (logits)
+        rid = request.request_id
         first_block = num_computed_tokens // bs
+        staged = self._stager.check(rid, first_block, bs)
+        if staged == Stager.PENDING:
+            return None, True                  # still reading: the scheduler runs others meanwhile
+        if staged is not None:
+            return staged, False               # staged earlier (read finished, or no free blocks then)
+        max_blocks = (request.num_tokens - 1) // bs           # one token is always computed (logits)
         first_chunk = first_block // per_chunk
         # Chunks before the device hit were computed (hence saved) by some engine already.
-        self._note_stored(request.request_id, first_chunk)
+        self._note_stored(rid, first_chunk)
         keys = chunk_keys(request.block_hashes)[: -(-max_blocks // per_chunk)]
         if first_block >= max_blocks or first_chunk >= len(keys):
             return 0, False
         t0 = time.perf_counter()
         found = self.store.lookup(keys[first_chunk:])
         self.stats.observe("lookup_seconds", time.perf_counter() - t0)
+        self._note_stored(rid, first_chunk + found.num_chunks)
         end_block = min((first_chunk + found.num_chunks) * per_chunk, max_blocks)
         if (end_block - first_block) * bs < max(self.min_load_tokens, 1):
-            self._note_stored(request.request_id, first_chunk + found.num_chunks)
             return 0, False
-        t0 = time.perf_counter()
         n_chunks = -(-end_block // per_chunk) - first_chunk
-        chunks = list(self.store.load(keys[first_chunk:first_chunk + n_chunks]))
-        self.stats.observe("fetch_seconds", time.perf_counter() - t0)
-        if len(chunks) < n_chunks:
-            # Lookup said present, read said otherwise: corrupt, evicted meanwhile or a tier error.
-            self.stats.add(load_failures=1)
-            end_block = min(end_block, (first_chunk + len(chunks)) * per_chunk)
-            if end_block <= first_block:
-                return 0, False
-        self._note_stored(request.request_id, first_chunk + len(chunks))
-        self._staged[request.request_id] = StagedLoad(first_block, end_block - first_block, chunks)
-        return (end_block - first_block) * bs, False
+        wanted = keys[first_chunk:first_chunk + n_chunks]
+
+        def fetch() -> StagedLoad | None:
+            t0 = time.perf_counter()
+            chunks = list(self.store.load(wanted))
+            self.stats.observe("fetch_seconds", time.perf_counter() - t0)
+            end = end_block
+            if len(chunks) < n_chunks:
+                # Lookup said present, read said otherwise: corrupt, evicted meanwhile or a tier error.
+                self.stats.add(load_failures=1)
+                end = min(end, (first_chunk + len(chunks)) * per_chunk)
+            return StagedLoad(first_block, end - first_block, chunks) if end > first_block else None
+
+        if set(found.tiers[:n_chunks]) <= FAST_TIERS:
+            self._stager.put(rid, fetch())     # RAM: cheaper to copy now than to wait a step
+        else:
+            self._stager.start(rid, fetch)
+        staged = self._stager.check(rid, first_block, bs)
+        return (None, True) if staged == Stager.PENDING else (staged or 0, False)
 
     def _note_stored(self, request_id: str, num_chunks: int) -> None:
         self._saved_upto[request_id] = max(self._saved_upto.get(request_id, 0), num_chunks)
 
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
-        staged = self._staged.pop(request.request_id, None)
+        staged = self._stager.take(request.request_id)
         if staged is None or num_external_tokens <= 0:
             return
         staged.accept(block_ids, num_external_tokens, self.block_size)
@@ -100,7 +110,7 @@ class KVStoreConnector(KVConnectorBase):
         self.stats.add(loaded_tokens=staged.num_blocks * self.block_size)
 
     def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._staged.pop(request.request_id, None)
+        self._stager.drop(request.request_id)
         self._saved_upto.pop(request.request_id, None)
         return False, None
 
@@ -189,4 +199,5 @@ class KVStoreConnector(KVConnectorBase):
         return n
 
     def shutdown(self) -> None:
+        self._stager.shutdown()
         self.store.close()

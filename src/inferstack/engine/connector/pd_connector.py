@@ -7,7 +7,8 @@ where to pull them (``remote_host``, ``remote_port``, ``remote_request_id``,
 ``hold_s`` if none comes.
 
 Decode role: a request sent with those params plus ``do_remote_prefill: true`` pulls the blocks
-when it is scheduled, verifies every chunk against its own block hashes (same model, dtype,
+on a background thread once it is first considered for scheduling (other requests keep running
+meanwhile), verifies every chunk against its own block hashes (same model, dtype,
 salt and prompt, or it is refused), stages them on the host and reports them as external
 tokens; the engine computes the rest (under one block) and continues generation. If the pull
 fails mid-way the chunks that did arrive intact are used, the rest is recomputed, and the
@@ -25,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.connector.blocks import StagedLoad
+from inferstack.engine.connector.blocks import StagedLoad, Stager
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.connector.transfer import KVLayout, KVTransferClient, KVTransferServer, PagedKVSource
 from inferstack.engine.connector.wire import TransferError
@@ -51,7 +52,7 @@ class PDConnector(KVConnectorBase):
         self.server: KVTransferServer | None = None
         self.source: PagedKVSource | None = None
         self.client: KVTransferClient | None = None
-        self._staged: dict[str, StagedLoad] = {}
+        self._stager = Stager()
         self._ready: list[StagedLoad] = []
         self._released: list[str] = []
         self._released_lock = threading.Lock()
@@ -72,30 +73,36 @@ class PDConnector(KVConnectorBase):
         return (self._advertise, self.server.address[1]) if self.server else None
 
     # -- decode side ----------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        staged = self._staged.pop(request.request_id, None)
-        if staged is not None and staged.first_block == num_computed_tokens // self.block_size:
-            # Pulled on an earlier attempt that found no free blocks: the peer has released them.
-            self._staged[request.request_id] = staged
-            return staged.num_blocks * self.block_size, False
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        bs = self.block_size
+        first_block = num_computed_tokens // bs
+        staged = self._stager.check(request.request_id, first_block, bs)
+        if staged == Stager.PENDING:
+            return None, True              # pulling on a background thread; other requests run meanwhile
+        if staged is not None:
+            return staged, False
         params = request.kv_transfer_params or {}
         if self.client is None or not params.get("do_remote_prefill"):
             return 0, False
         # One pull per request: after a preemption the peer has released the blocks anyway.
         request.kv_transfer_params = {k: v for k, v in params.items() if k != "do_remote_prefill"}
-        bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs
-        first_block = num_computed_tokens // bs
         offered = min(int(params.get("remote_num_blocks", max_blocks)), max_blocks)
         if (offered - first_block) * bs < self.min_remote_tokens:
             return 0, False
+        hashes = list(request.block_hashes)
+        self._stager.start(request.request_id, lambda: self._pull(params, hashes, first_block, max_blocks))
+        return None, True
+
+    def _pull(self, params: dict[str, Any], hashes: list[bytes], first_block: int, max_blocks: int) -> StagedLoad | None:
+        assert self.client is not None
         t0 = time.perf_counter()
         chunks: list[torch.Tensor] = []
         got = 0
         first_chunk = first_block // BLOCKS_PER_CHUNK
         try:
             pull = self.client.pull(str(params["remote_host"]), int(params["remote_port"]),
-                                    str(params["remote_request_id"]), expected_hashes=request.block_hashes)
+                                    str(params["remote_request_id"]), expected_hashes=hashes)
             for chunk in pull:
                 if chunk.first_block != got or (chunk.num_blocks != BLOCKS_PER_CHUNK and chunk.index + 1 < chunk.num_chunks):
                     raise TransferError(f"peer sends {chunk.num_blocks}-block chunks; decode engines need "
@@ -107,13 +114,10 @@ class PDConnector(KVConnectorBase):
             self.stats.add(load_failures=1)
         self.stats.observe("fetch_seconds", time.perf_counter() - t0)
         end_block = min(got, max_blocks)
-        if end_block <= first_block:
-            return 0, False
-        self._staged[request.request_id] = StagedLoad(first_block, end_block - first_block, chunks)
-        return (end_block - first_block) * bs, False
+        return StagedLoad(first_block, end_block - first_block, chunks) if end_block > first_block else None
 
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
-        staged = self._staged.pop(request.request_id, None)
+        staged = self._stager.take(request.request_id)
         if staged is None or num_external_tokens <= 0:
             return
         staged.accept(block_ids, num_external_tokens, self.block_size)
@@ -131,7 +135,7 @@ class PDConnector(KVConnectorBase):
 
     # -- prefill side ---------------------------------------------------------------------------
     def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._staged.pop(request.request_id, None)
+        self._stager.drop(request.request_id)
         params = request.kv_transfer_params or {}
         if (self.source is None or not params.get("do_remote_decode")
                 or request.finish_reason in (FinishReason.ABORT, FinishReason.ERROR)):
@@ -156,8 +160,11 @@ class PDConnector(KVConnectorBase):
         return out
 
     def shutdown(self) -> None:
+        self._stager.shutdown()
         if self.server is not None:
             self.server.close()
+        if self.client is not None:
+            self.client.close()
 
 
 class MultiConnector(KVConnectorBase):
@@ -167,10 +174,12 @@ class MultiConnector(KVConnectorBase):
         self.connectors = list(connectors)
         self._owner: dict[str, KVConnectorBase] = {}
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         self._owner.pop(request.request_id, None)
         for c in self.connectors:
             n, is_async = c.get_num_new_matched_tokens(request, num_computed_tokens)
+            if n is None:
+                return None, True      # that connector is still fetching: ask again next step
             if n > 0:
                 self._owner[request.request_id] = c
                 return n, is_async

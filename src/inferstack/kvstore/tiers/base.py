@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,17 @@ class Tier(ABC):
         self.stats = TierStats()
         # Set by the store: told which keys a tier dropped on its own (LRU), for KV events.
         self.on_evict: Callable[[list[bytes]], None] | None = None
+        self.retry_after_s = 5.0
+        self._down_until = 0.0
+
+    def available(self) -> bool:
+        """False for ``retry_after_s`` after a failure, so a dead tier (Redis down) costs one
+        timeout per interval instead of one per request."""
+        return time.monotonic() >= self._down_until
+
+    def failed(self) -> None:
+        self.stats.add(errors=1)
+        self._down_until = time.monotonic() + self.retry_after_s
 
     def _evicted(self, keys: list[bytes]) -> None:
         self.stats.add(evictions=len(keys))
