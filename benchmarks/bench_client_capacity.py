@@ -6,7 +6,7 @@ rate (constant arrivals) we report the send rate, completion rate, schedule lag 
 time per request; a rate is *held* when send and completion rates are within 2% of the target.
 Peer in the same run: the same schedule sent with aiohttp (shared pool, prebuilt body).
 
-Run: /work/venv/bin/python benchmarks/bench_client_capacity.py [--rates 1000,2000,3000,4000] [--duration 5]
+Run: .venv/bin/python benchmarks/bench_client_capacity.py [--rates 1000,2000,3000,4000] [--duration 5]
 """
 
 from __future__ import annotations

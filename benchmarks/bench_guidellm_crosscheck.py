@@ -7,7 +7,7 @@ synthetic load (constant rate, chat completions, streamed) to one emulated engin
 1024-token prompt takes ~250 ms (l4:llama-3-8b). We compare mean TTFT and mean ITL in guidellm's sense
 ((t_last − t1)/(n − 1), which is our TPOT) and also report our pooled chunk-gap ITL.
 
-Run: /work/venv/bin/python benchmarks/bench_guidellm_crosscheck.py [--guidellm /tmp/gvenv/bin/guidellm]
+Run: .venv/bin/python benchmarks/bench_guidellm_crosscheck.py [--guidellm /tmp/gvenv/bin/guidellm]
 """
 
 from __future__ import annotations

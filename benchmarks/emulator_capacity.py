@@ -5,7 +5,7 @@ Reports, from the same run: the emulator's own lag (steps that ended later than 
 said, from the summary the server prints at exit), the client-measured TPOT against the model's
 prediction for the observed batch sizes, and the server's CPU use.
 
-Run: /work/venv/bin/python benchmarks/emulator_capacity.py [--engines 16] [--rate-per-engine 2] [--duration 60]
+Run: .venv/bin/python benchmarks/emulator_capacity.py [--engines 16] [--rate-per-engine 2] [--duration 60]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ synthetic prompts, constant arrivals, streamed) goes to each in turn. We report 
 throughput with the emulator's error in %. The `cpu` profile comes from `inferstack engine calibrate`
 (`--calibrate` runs it first, a few minutes) or else from the catalog default fitted on this machine.
 
-Run: /work/venv/bin/python benchmarks/emulator_fidelity.py [--calibrate] [--rate 0.3] [--duration 90]
+Run: .venv/bin/python benchmarks/emulator_fidelity.py [--calibrate] [--rate 0.3] [--duration 90]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Request and response schemas are the official OpenAI ones, shipped in ``openai-api-subset.json``
 (extracted from github.com/openai/openai-openapi, API version 2.3.0, MIT licence; see
-/work/shared/specs/README.md upstream), so clients and fuzzers (schemathesis) exercise the real fields.
+shared/specs/README.md of the design repository), so clients and fuzzers (schemathesis) exercise the real fields.
 Only the vLLM utility endpoints (/tokenize, /detokenize) have schemas of our own.
 """
 
