@@ -35,7 +35,10 @@ def stack(smollm2_gguf):
             "precise_prefix": {"model_digest": model_digest([smollm2_gguf]), "dtype": "float32"}}},
         "routing": {"profiles": {"precise": {"filters": ["healthy"], "scorers": {"precise-prefix": 3, "in-flight": 1},
                                              "picker": "max-score"}}},
-        "models": {"smol-precise": {"targets": [{"pool": "mixed", "model": MODEL}]}},
+        # Both pools serve MODEL; name its public route explicitly so a request never depends on which
+        # pool finished discovering its endpoints' /v1/models first.
+        "models": {"smol-precise": {"targets": [{"pool": "mixed", "model": MODEL}]},
+                   MODEL: {"targets": [{"pool": "solo"}]}},
         "objectives": {"urgent": {"priority": 5}},
         "keys": [{"sha256": hash_key(KEY), "tenant": "acme", "objective": "urgent"}],
     })
