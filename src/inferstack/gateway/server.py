@@ -413,8 +413,9 @@ class Gateway:
         if status >= 500 and not last:
             return f"status {status}"
         ctx.status = status
+        # A non-streamed response arrives whole: its first token's time is unknown, so it feeds
+        # E2E only (observing E2E as TTFT would also make TPOT read ~0).
         now = time.perf_counter()
-        ctx.ttft = now - ctx.t0
         usage = None
         if status == 200:
             i = data.rfind(b'"usage"')
