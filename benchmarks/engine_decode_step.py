@@ -5,6 +5,9 @@
 For each batch size B: B requests with 128-token prompts are prefilled, then ``--steps`` decode
 steps are timed. Prints the median of three numbers per step: the whole ``EngineCore.step``
 (scheduling, executor, sampling, detokenizing), the executor alone, and the model forward alone.
+
+Times are process CPU time (``time.process_time``), so a shared, loaded machine inflates them far
+less than wall time; with ``--threads`` above 1 they add up the threads' time.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from inferstack.engine.sampling_params import SamplingParams
 
 def _timed(fn, sink: list[float]):
     def wrapper(*args, **kwargs):
-        t = time.perf_counter()
+        t = time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
-            sink.append(time.perf_counter() - t)
+            sink.append(time.process_time() - t)
     return wrapper
 
 
@@ -50,9 +53,9 @@ def measure(llm: LLM, batch: int, steps: int, prompt_len: int = 128) -> tuple[fl
     executor.lm.model = _TimedModel(real_model, model_times)
     try:
         for _ in range(steps):
-            t = time.perf_counter()
+            t = time.process_time()
             core.step()
-            step_times.append(time.perf_counter() - t)
+            step_times.append(time.process_time() - t)
     finally:
         executor.execute, executor.lm.model = real_execute, real_model
     while core.has_unfinished():
@@ -84,7 +87,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_batched_tokens=2048,
               max_num_seqs=256)
-    print(f"{args.dtype}, {args.threads} thread(s), 128-token prompts, median of {args.steps} decode steps")
+    print(f"{args.dtype}, {args.threads} thread(s), 128-token prompts, median CPU ms of {args.steps} decode steps")
     print("| batch | step ms | executor ms | model forward ms |\n|---|---|---|---|")
     for b in (int(x) for x in args.batches.split(",")):
         step, exe, model = measure(llm, b, args.steps)
