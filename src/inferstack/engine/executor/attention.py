@@ -6,8 +6,11 @@ context. The way tokens are grouped is planned once per step (:func:`plan_attent
 every layer, because it depends only on the metadata:
 
 * sequences with one new token (decode) are attended together: their context is gathered through
-  the block tables into one padded ``[B, L]`` tensor and attended with one batched SDPA call under a
-  length mask — no Python loop per sequence;
+  the block tables into one padded ``[B, num_kv_heads, L, head_dim]`` tensor and attended with one
+  batched SDPA call under a length mask — no Python loop per sequence. The gather copies one
+  ``head_dim`` row per (sequence, KV head, position), so its result is already in the layout SDPA
+  reads fastest; gathering whole ``[num_kv_heads * head_dim]`` slots instead leaves a strided
+  ``[B, L, num_kv_heads, head_dim]`` view that makes both the copy and SDPA slower;
 * sequences with several new tokens (prefill chunks) get one SDPA call each, causal with the
   diagonal offset by the tokens already cached; a chunk with no cached context skips the gather.
 """
@@ -38,8 +41,10 @@ class AttentionPlan:
     decode_mask: torch.Tensor | None     # [B_d, 1, 1, L] True where the slot holds context
     decode_len: int
     prefills: list[_Prefill]
-    # Gather targets for decode K/V, allocated by the first layer and reused by the others: a fresh
+    # Per-head row indices for the decode gather and its K/V targets, made by the first layer and
+    # reused by the others (they depend only on the plan and the cache shape): a fresh
     # multi-megabyte tensor per layer costs more in page faults than the copy itself.
+    decode_head_rows: torch.Tensor | None = None
     decode_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -120,19 +125,21 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan:
     num_kv_heads = k_cache.shape[1] // head_dim
     group = num_heads // num_kv_heads
     length = plan.decode_len
-    if plan.decode_buffers is None:
-        plan.decode_buffers = (k_cache.new_empty(batch * length, k_cache.shape[1]),
-                               v_cache.new_empty(batch * length, v_cache.shape[1]))
+    if plan.decode_head_rows is None:
+        # Row ``slot * num_kv_heads + h`` of the cache seen as [slots * num_kv_heads, head_dim] is
+        # head h of that slot; ordered [B, num_kv_heads, L] so the gather lands head-major.
+        heads = torch.arange(num_kv_heads, device=q.device)
+        plan.decode_head_rows = (plan.decode_slots.view(batch, 1, length) * num_kv_heads
+                                 + heads.view(1, num_kv_heads, 1)).reshape(-1)
+        plan.decode_buffers = (k_cache.new_empty(batch * num_kv_heads * length, head_dim),
+                               v_cache.new_empty(batch * num_kv_heads * length, head_dim))
     k_buf, v_buf = plan.decode_buffers
-    keys = torch.index_select(k_cache, 0, plan.decode_slots, out=k_buf).view(batch, length, num_kv_heads, head_dim)
-    values = torch.index_select(v_cache, 0, plan.decode_slots, out=v_buf).view(batch, length, num_kv_heads,
-                                                                               head_dim)
+    shape = (batch, num_kv_heads, length, head_dim)
+    keys = torch.index_select(k_cache.view(-1, head_dim), 0, plan.decode_head_rows, out=k_buf).view(shape)
+    values = torch.index_select(v_cache.view(-1, head_dim), 0, plan.decode_head_rows, out=v_buf).view(shape)
     # Query heads sharing a KV head become rows of one [group, L] score matrix: no KV repeat needed.
-    out = F.scaled_dot_product_attention(
-        q.view(batch, num_kv_heads, group, head_dim),
-        keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=plan.decode_mask, scale=scale,
-    )
+    out = F.scaled_dot_product_attention(q.view(batch, num_kv_heads, group, head_dim), keys, values,
+                                         attn_mask=plan.decode_mask, scale=scale)
     return out.reshape(batch, num_heads, head_dim)
 
 

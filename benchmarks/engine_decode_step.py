@@ -1,0 +1,98 @@
+"""Decode step time of the built-in engine at several batch sizes, split into its parts.
+
+    python benchmarks/engine_decode_step.py [--batches 1,16,64] [--dtype float32] [--threads 1] [--steps 8]
+
+For each batch size B: B requests with 128-token prompts are prefilled, then ``--steps`` decode
+steps are timed. Prints the median of three numbers per step: the whole ``EngineCore.step``
+(scheduling, executor, sampling, detokenizing), the executor alone, and the model forward alone.
+
+Times are process CPU time (``time.process_time``), so a shared, loaded machine inflates them far
+less than wall time; with ``--threads`` above 1 they add up the threads' time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from inferstack.engine.llm import LLM, expand_choices
+from inferstack.engine.sampling_params import SamplingParams
+
+
+def _timed(fn, sink: list[float]):
+    def wrapper(*args, **kwargs):
+        t = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sink.append(time.process_time() - t)
+    return wrapper
+
+
+def measure(llm: LLM, batch: int, steps: int, prompt_len: int = 128) -> tuple[float, float, float]:
+    core = llm.engine.core
+    executor = core.executor
+    g = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(100, llm.tokenizer.vocab_size - 100, (batch, prompt_len), generator=g).tolist()
+    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        for r in expand_choices(f"b{batch}-{i}", p, params, time.monotonic(), frozenset()):
+            core.add_request(r)
+    # Prefill every request (and take the first decode step untimed, to warm the buffers).
+    while any(r.num_computed_tokens < prompt_len for r in core.scheduler.running) or core.scheduler.num_waiting:
+        core.step()
+    core.step()
+    exec_times: list[float] = []
+    model_times: list[float] = []
+    step_times: list[float] = []
+    real_execute, real_model = executor.execute, executor.lm.model
+    executor.execute = _timed(real_execute, exec_times)
+    executor.lm.model = _TimedModel(real_model, model_times)
+    try:
+        for _ in range(steps):
+            t = time.process_time()
+            core.step()
+            step_times.append(time.process_time() - t)
+    finally:
+        executor.execute, executor.lm.model = real_execute, real_model
+    while core.has_unfinished():
+        core.step()
+    return tuple(1000 * statistics.median(x) for x in (step_times, exec_times, model_times))  # type: ignore[return-value]
+
+
+class _TimedModel:
+    """Forwards to the model, timing only ``__call__`` (the forward pass)."""
+
+    def __init__(self, model, sink: list[float]) -> None:
+        self._model, self._sink = model, sink
+
+    def __call__(self, *args, **kwargs):
+        return _timed(self._model, self._sink)(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_batched_tokens=2048,
+              max_num_seqs=256)
+    print(f"{args.dtype}, {args.threads} thread(s), 128-token prompts, median CPU ms of {args.steps} decode steps")
+    print("| batch | step ms | executor ms | model forward ms |\n|---|---|---|---|")
+    for b in (int(x) for x in args.batches.split(",")):
+        step, exe, model = measure(llm, b, args.steps)
+        print(f"| {b} | {step:.1f} | {exe:.1f} | {model:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
