@@ -19,9 +19,22 @@ def _load_settings(config: Path | None) -> UpSettings:
     return load_up_settings(config)
 
 
+def _pd_override(base: UpSettings, prefill: int | None, decode: int | None) -> dict[str, int] | None:
+    """--prefill/--decode on top of the file's `up.pd`; both are needed unless the file sets the other."""
+    if prefill is None and decode is None:
+        return None
+    pd = base.pd.model_dump() if base.pd else {}
+    pd.update({k: v for k, v in {"prefill": prefill, "decode": decode}.items() if v is not None})
+    if "prefill" not in pd or "decode" not in pd:
+        raise ValueError("--prefill and --decode go together (e.g. --prefill 1 --decode 1)")
+    return pd
+
+
 def up(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="inferstack.yaml; its `up` section sets the defaults below.")] = None,
     replicas: Annotated[int | None, typer.Option("--replicas", "-n", min=1, help="Engine replicas (default 2).")] = None,
+    prefill: Annotated[int | None, typer.Option("--prefill", help="Prefill/decode disaggregation (xPyD): this many engines with --role prefill; give --decode too.")] = None,
+    decode: Annotated[int | None, typer.Option("--decode", help="xPyD: this many engines with --role decode, behind a PD pool in the gateway.")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", min=0, max=65535, help="Gateway port (default 8000; 0 = any free port).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model to serve: alias (smollm2-135m), .gguf file, HF directory or oci:// reference.")] = None,
     emulate: Annotated[str | None, typer.Option("--emulate", help="Emulated engines instead of a real model, e.g. h100:llama-3-8b.")] = None,
@@ -43,6 +56,8 @@ def up(
 
     inferstack up --emulate h100:llama-3-8b --replicas 8
 
+    inferstack up --prefill 1 --decode 2
+
     inferstack up --with-prometheus
     """
     from pydantic import ValidationError
@@ -54,16 +69,19 @@ def up(
     reporter = Reporter()
     try:
         base = _load_settings(config)
+        pd = _pd_override(base, prefill, decode)
         overrides = {k: v for k, v in {
             "replicas": replicas, "port": port, "model": model, "emulate": emulate, "threads": threads,
-            "host": host, "log_dir": str(log_dir) if log_dir else None,
+            "host": host, "log_dir": str(log_dir) if log_dir else None, "pd": pd,
         }.items() if v is not None}
         if with_prometheus:
             overrides["with_prometheus"] = True
-        settings = UpSettings.model_validate({**base.model_dump(), **overrides})
+        # exclude_unset: a pd from the CLI must not clash with the replica count derived from the file's pd
+        settings = UpSettings.model_validate({**base.model_dump(exclude_unset=True), **overrides})
     except ValidationError as e:
         for err in e.errors():
-            reporter.error(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
+            where = ".".join(str(p) for p in err["loc"]) or "up"
+            reporter.error(f"{where}: {err['msg'].removeprefix('Value error, ')}")
         raise typer.Exit(2) from None
     except ValueError as e:  # config file errors carry file:line
         reporter.error(str(e))

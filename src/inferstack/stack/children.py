@@ -57,6 +57,7 @@ class ChildSpec:
     ready_path: str | None = None               # for servers without a ready file
     health_path: str = "/health"
     env: dict[str, str] = field(default_factory=dict)
+    role: str | None = None                     # engines of a PD pool: "prefill" or "decode"
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from inferstack.stack.children import ChildSpec
 from inferstack.stack.settings import UpSettings
@@ -24,16 +25,40 @@ def engine_specs(settings: UpSettings, python: str = sys.executable) -> list[Chi
         return [ChildSpec(name="engine-emulated", kind="engine", argv=argv, port_args=_port_flag)]
     threads = settings.threads_per_engine()
     specs = []
-    for i in range(settings.replicas):
+    roles = settings.roles()
+    for i, role in enumerate(roles):
         kv_args = settings.kv.engine_args() if settings.kv else []
+        # The role is part of the argv, so a restarted engine comes back with the same role.
+        role_args = ["--role", role] if role else []
         argv = _inferstack(python, "engine", "serve", "--model", settings.model,
-                           "--threads", str(threads), *kv_args, *settings.engine_args)
+                           "--threads", str(threads), *role_args, *kv_args, *settings.engine_args)
         specs.append(ChildSpec(
-            name=f"engine-{i}", kind="engine", argv=argv, port_args=_port_flag,
+            name=_engine_name(role, i - roles.index(role)), kind="engine", argv=argv, port_args=_port_flag,
             # torch reads these at import; keep BLAS pools from oversubscribing the split cores.
             env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+            role=role,
         ))
     return specs
+
+
+def _engine_name(role: str | None, index: int) -> str:
+    return f"{role or 'engine'}-{index}"
+
+
+def pd_gateway_config(settings: UpSettings, endpoints: list[tuple[str, str, str]],
+                      user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Gateway config for a PD stack: the user's config (if any) plus pool `default` listing each
+    engine (name, url, role). Endpoint names are the child names, so the roles survive the
+    supervisor's endpoint updates (the router keys roles by endpoint name)."""
+    assert settings.pd is not None
+    cfg = dict(user_config or {})
+    pools = dict(cfg.get("pools") or {})
+    pools["default"] = {
+        "endpoints": [{"url": url, "name": name, "role": role} for name, url, role in endpoints],
+        "pd": {"enabled": True, "threshold_tokens": settings.pd.threshold_tokens},
+    }
+    cfg["pools"] = pools
+    return cfg
 
 
 def gateway_spec(settings: UpSettings, backends: list[str], config_file: str | None = None,

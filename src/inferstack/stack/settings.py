@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferstack.kvstore.settings import KVTierSettings
 
@@ -21,6 +21,18 @@ class RestartPolicy(BaseModel):
     health_failures: int = Field(
         10, ge=1, description="Consecutive failed /health checks (5 s timeout each) before a hung child is "
         "killed and restarted; a busy CPU engine can answer slowly, so keep this generous.")
+
+
+class PDSettings(BaseModel):
+    """`up.pd`: a prefill/decode disaggregated pool (xPyD) instead of colocated replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefill: int = Field(ge=1, le=64, description="Engines started with `--role prefill`.")
+    decode: int = Field(ge=1, le=64, description="Engines started with `--role decode`.")
+    threshold_tokens: int = Field(
+        128, ge=0, description="The gateway splits a request only when at least this many prompt tokens are "
+        "not cached on the chosen decode engine (0: always split); see docs/disaggregation.md.")
 
 
 class UpSettings(BaseModel):
@@ -50,6 +62,9 @@ class UpSettings(BaseModel):
     stop_timeout_s: float = Field(15.0, gt=0, description="Bounded wait after SIGTERM before SIGKILL.")
     log_dir: str | None = Field(None, description="Where child logs go; default: a fresh temp directory.")
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    pd: PDSettings | None = Field(
+        None, description="Run `prefill` + `decode` engines with PD roles behind a PD pool; the engine count "
+        "is their sum (`replicas`, if given, must equal it).")
 
     @field_validator("emulate")
     @classmethod
@@ -57,6 +72,26 @@ class UpSettings(BaseModel):
         if v is not None and ":" not in v:
             raise ValueError(f"emulate must look like HARDWARE:MODEL (e.g. 'h100:llama-3-8b'), got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _pd_engine_count(self) -> UpSettings:
+        if self.pd is None:
+            return self
+        total = self.pd.prefill + self.pd.decode
+        if "replicas" in self.model_fields_set and self.replicas != total:
+            raise ValueError(f"replicas={self.replicas} contradicts pd (prefill {self.pd.prefill} + decode "
+                             f"{self.pd.decode} = {total} engines); drop replicas or make it {total}")
+        if self.emulate:
+            raise ValueError("pd needs real engines: emulated engines have no KV cache to transfer")
+        self.replicas = total
+        self.__pydantic_fields_set__.discard("replicas")  # derived: a later override of pd must not clash
+        return self
+
+    def roles(self) -> list[str | None]:
+        """Each engine's PD role in start order (None: colocated)."""
+        if self.pd is None:
+            return [None] * self.replicas
+        return ["prefill"] * self.pd.prefill + ["decode"] * self.pd.decode
 
     def threads_per_engine(self) -> int:
         return self.threads or max(1, usable_cores() // self.replicas)

@@ -32,7 +32,7 @@ import httpx
 import inferstack
 from inferstack.stack import plan
 from inferstack.stack import prometheus as prom
-from inferstack.stack.children import Child, ChildFailed, ChildState
+from inferstack.stack.children import Child, ChildFailed, ChildSpec, ChildState
 from inferstack.stack.gateway_admin import PoolEndpoint, PoolHook
 from inferstack.stack.preflight import preflight
 from inferstack.stack.progress import Reporter
@@ -151,6 +151,8 @@ class Supervisor:
         assert self._client is not None
         self.engines = [Child(spec, self.log_dir, self._env) for spec in plan.engine_specs(s, self.python)]
         what = (f"{s.replicas} emulated {s.emulate} engine(s)" if s.emulate else
+                f"{s.pd.prefill} prefill + {s.pd.decode} decode engine(s) of {s.model}, "
+                f"{s.threads_per_engine()} thread(s) each" if s.pd else
                 f"{s.replicas} engine replica(s) of {s.model}, {s.threads_per_engine()} thread(s) each")
         self.reporter.step(f"starting {what}")
         try:
@@ -158,9 +160,10 @@ class Supervisor:
                 e.spawn(0)
             if not await self._wait_all(self.engines):
                 return False
-            backends = [u for e in self.engines for u in e.urls]
-            self.reporter.step(f"starting the gateway on {s.host}:{s.port} with {len(backends)} endpoint(s)")
-            self.gateway = Child(plan.gateway_spec(s, backends, self.config_file, self.python), self.log_dir, self._env)
+            n = sum(len(e.urls) for e in self.engines)
+            self.reporter.step(f"starting the gateway on {s.host}:{s.port} with {n} endpoint(s)"
+                               + (f" in a PD pool (prefill threshold {s.pd.threshold_tokens} tokens)" if s.pd else ""))
+            self.gateway = Child(self._gateway_spec(), self.log_dir, self._env)
             self.gateway.spawn(s.port)
             if not await self._wait_all([self.gateway]):
                 return False
@@ -175,6 +178,22 @@ class Supervisor:
             return False
         self._write_state()
         return True
+
+    def _gateway_spec(self) -> ChildSpec:
+        """Plain stacks pass the engines as `--backend`s; a PD stack needs endpoint roles, which only a
+        config file can carry, so the supervisor writes one (the user's config plus pool `default`)."""
+        if self.settings.pd is None:
+            backends = [u for e in self.engines for u in e.urls]
+            return plan.gateway_spec(self.settings, backends, self.config_file, self.python)
+        user = None
+        if self.config_file:
+            import yaml
+
+            user = yaml.safe_load(Path(self.config_file).read_text()) or {}
+        endpoints = [(name, url, e.spec.role or "both") for e in self.engines for name, url in self._named_urls(e)]
+        path = self.log_dir / "gateway.yaml"
+        path.write_text(json.dumps(plan.pd_gateway_config(self.settings, endpoints, user), indent=1))  # JSON is YAML
+        return plan.gateway_spec(self.settings, [], str(path), self.python)
 
     async def _served_model(self) -> str:
         """The name clients must send (an emulated or file-based model has its own), from /v1/models."""
@@ -204,7 +223,7 @@ class Supervisor:
         for e in self.engines:
             for name, url in self._named_urls(e):
                 rows.append({"name": name, "url": url, "model": model, "state": str(e.state),
-                             "restarts": e.restarts})
+                             "restarts": e.restarts, **({"role": e.spec.role} if e.spec.role else {})})
         return rows
 
     @staticmethod
@@ -267,7 +286,8 @@ class Supervisor:
             "dashboard": self.dashboard_url,
             "prometheus": self.prometheus.urls[0] if self.prometheus and self.prometheus.urls else None,
             "children": [{"name": c.spec.name, "kind": c.spec.kind, "pid": c.pid, "urls": c.urls,
-                          "state": str(c.state), "restarts": c.restarts} for c in self._children()],
+                          "state": str(c.state), "restarts": c.restarts,
+                          **({"role": c.spec.role} if c.spec.role else {})} for c in self._children()],
         }
         tmp = self.log_dir / ".state.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
@@ -351,12 +371,10 @@ class Supervisor:
     async def _restart_gateway_with_new_backends(self) -> None:
         """The replica came back on another URL and the gateway cannot be told: restart it (drains first)."""
         assert self.gateway is not None and self._client is not None
-        backends = [u for e in self.engines for u in e.urls]
         self.reporter.event("restarting the gateway with the new endpoint list")
         port = _port_of(self.gateway.urls[0])
         await self.gateway.stop(self.settings.stop_timeout_s)
-        self.gateway = Child(plan.gateway_spec(self.settings, backends, self.config_file, self.python), self.log_dir,
-                             self._env)
+        self.gateway = Child(self._gateway_spec(), self.log_dir, self._env)
         self.gateway.spawn(port)
         try:
             await self.gateway.wait_ready(self.settings.ready_timeout_s, self._client)
