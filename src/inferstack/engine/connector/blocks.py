@@ -4,6 +4,7 @@ tensors (``[num_layers, 2, n * block_size, H, D]``)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -138,3 +139,12 @@ class Stager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def load_all(ready: list[StagedLoad], kv_caches: Sequence[torch.Tensor], block_size: int) -> float:
+    """Copy every staged load into its blocks before the forward pass; returns the seconds spent."""
+    t0 = time.perf_counter()
+    for load in ready:
+        load.copy_into(kv_caches, block_size)
+    ready.clear()
+    return time.perf_counter() - t0

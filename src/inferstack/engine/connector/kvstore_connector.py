@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.connector.blocks import StagedLoad, Stager, gather_blocks, scatter_into_blocks
+from inferstack.engine.connector.blocks import (
+    StagedLoad,
+    Stager,
+    gather_blocks,
+    load_all,
+    scatter_into_blocks,
+)
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.kv.events import BlockRemoved, BlockStored, KVEvent
 from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK, chunk_keys
@@ -119,13 +125,8 @@ class KVStoreConnector(KVConnectorBase):
         self._kv_caches = list(kv_caches)
 
     def start_load_kv(self) -> None:
-        if not self._ready:
-            return
-        t0 = time.perf_counter()
-        for load in self._ready:
-            load.copy_into(self._kv_caches, self.block_size)
-        self._ready.clear()
-        self.stats.observe("load_seconds", time.perf_counter() - t0)
+        if self._ready:
+            self.stats.observe("load_seconds", load_all(self._ready, self._kv_caches, self.block_size))
 
     def save_kv(self, seqs: Sequence[Any]) -> None:
         """Save every chunk that this step completed (its 256 tokens now all computed)."""

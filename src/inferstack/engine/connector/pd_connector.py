@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.connector.blocks import StagedLoad, Stager
+from inferstack.engine.connector.blocks import StagedLoad, Stager, load_all
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.connector.transfer import KVLayout, KVTransferClient, KVTransferServer, PagedKVSource
 from inferstack.engine.connector.wire import TransferError
@@ -125,13 +125,8 @@ class PDConnector(KVConnectorBase):
         self.stats.add(loaded_tokens=staged.num_blocks * self.block_size)
 
     def start_load_kv(self) -> None:
-        if not self._ready:
-            return
-        t0 = time.perf_counter()
-        for load in self._ready:
-            load.copy_into(self._kv_caches, self.block_size)
-        self._ready.clear()
-        self.stats.observe("load_seconds", time.perf_counter() - t0)
+        if self._ready:
+            self.stats.observe("load_seconds", load_all(self._ready, self._kv_caches, self.block_size))
 
     # -- prefill side ---------------------------------------------------------------------------
     def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
