@@ -82,3 +82,11 @@ def test_served_model_name_and_bad_profile(tmp_path: Path) -> None:
     too_big = subprocess.run([sys.executable, "-m", "inferstack", "engine", "serve", "--emulate", "h100:llama-3-70b",
                               "--port", "0"], env=inferstack_env(), capture_output=True, text=True, timeout=60)
     assert too_big.returncode == 2 and "does not fit" in too_big.stderr
+    tiers = subprocess.run([sys.executable, "-m", "inferstack", "engine", "serve", "--emulate", "h100:llama-3-8b",
+                            "--kv-tiers", "host", "--port", "0"], env=inferstack_env(), capture_output=True,
+                           text=True, timeout=60)
+    assert tiers.returncode == 2 and "--kv-tiers needs a real engine" in tiers.stderr
+    link = subprocess.run([sys.executable, "-m", "inferstack", "engine", "serve", "--model", "smollm2-135m",
+                           "--emulate-kv-link-gbps", "25", "--port", "0"], env=inferstack_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert link.returncode == 2 and "--emulate-kv-link-gbps needs --emulate" in link.stderr

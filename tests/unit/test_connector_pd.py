@@ -139,3 +139,19 @@ def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
     connector.shutdown()
     with pytest.raises(ValueError, match="kv_role"):
         EngineConfig(model="m", kv_role="middle")
+
+
+def test_link_time_paces_a_pull_to_the_modelled_network(prefill):
+    """Emulated engines move a shadow cache; `link_time` makes the pull last as long as the modelled
+    network needs for the real bytes of the tokens that arrived."""
+    params = run_prefill(prefill)
+    asked: list[int] = []
+
+    def link_time(tokens: int) -> float:
+        asked.append(tokens)
+        return 0.3
+
+    d = decode_engine(link_time=link_time)
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    assert asked == [512]
+    assert d.connector.stats.fetch_seconds.total >= 0.3

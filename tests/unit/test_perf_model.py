@@ -14,6 +14,7 @@ from inferstack.sim.perf_model import (
     SeqWork,
     decode_floor_s,
     kv_capacity_tokens,
+    kv_transfer_time,
     ridge_batch,
     step_cost,
     step_time,
@@ -164,3 +165,15 @@ def test_calibration_recovers_a_known_profile() -> None:
         assert step_time(model, fitted, work) == pytest.approx(step_time(model, truth, work), rel=0.08)
     with pytest.raises(ValueError, match="at least 4"):
         fit_hardware(model, samples[:2], truth)
+
+
+def test_kv_transfer_time_of_a_2k_prompt_over_h100_nics() -> None:
+    # 2,048 tokens × 128 KiB = 268 MB over a 400 Gb/s NIC at 90 %: 6 ms + 1 ms fixed.
+    t = kv_transfer_time(LLAMA8, H100, 2048)
+    assert t == pytest.approx(1e-3 + 2048 * 131072 / (50e9 * 0.9), rel=1e-9)
+    assert 6.5e-3 < t < 7.5e-3
+    assert kv_transfer_time(LLAMA8, H100, 2048, tp=4) < t, "each TP rank sends its heads on its own NIC"
+    assert kv_transfer_time(LLAMA8, H100, 2048, net_bandwidth=25e9 / 8) > 10 * t   # 25 Gb/s Ethernet
+    assert kv_transfer_time(LLAMA8, H100, 0) == 0.0
+    with pytest.raises(ValueError, match="no network bandwidth"):
+        kv_transfer_time(LLAMA8, H100, 16, net_bandwidth=0)

@@ -29,7 +29,7 @@ def test_pd_engine_count_is_prefill_plus_decode(p: int, d: int) -> None:
     ({"pd": {"prefill": 1, "decode": 0}}, "greater than or equal to 1"),
     ({"pd": {"prefill": 1}}, "decode"),
     ({"pd": {"prefill": 1, "decode": 1}, "replicas": 3}, "replicas=3 contradicts pd"),
-    ({"pd": {"prefill": 1, "decode": 1}, "emulate": "h100:llama-3-8b"}, "pd needs real engines"),
+    ({"kv": {"tiers": ["host"]}, "emulate": "h100:llama-3-8b"}, "kv tiers need real engines"),
     ({"pd": {"prefill": 1, "decode": 1, "threshold_tokens": -1}}, "greater than or equal to 0"),
 ])
 def test_bad_pd_settings_are_rejected(kwargs: dict, message: str) -> None:
@@ -54,6 +54,15 @@ def test_engines_get_their_role_and_role_names() -> None:
     plain = plan.engine_specs(UpSettings(replicas=2), python="py")
     assert [s.name for s in plain] == ["engine-0", "engine-1"]
     assert all(s.role is None and "--role" not in s.argv for s in plain)
+
+
+def test_emulated_pd_is_one_emulator_process_per_role() -> None:
+    specs = plan.engine_specs(UpSettings(pd={"prefill": 3, "decode": 2}, emulate="h100:llama-3-8b"), python="py")
+    assert [(s.name, s.role) for s in specs] == [("prefill", "prefill"), ("decode", "decode")]
+    for spec, count in zip(specs, ("3", "2"), strict=True):
+        assert spec.argv[spec.argv.index("--emulate-count") + 1] == count
+        assert spec.argv[spec.argv.index("--role") + 1] == spec.role
+        assert spec.argv[spec.argv.index("--emulate") + 1] == "h100:llama-3-8b"
 
 
 def test_pd_gateway_config_is_a_valid_pd_pool_and_keeps_the_users_pools() -> None:

@@ -46,12 +46,13 @@ async def _wait_ready(urls: list[str], tasks: list[asyncio.Future], timeout_s: f
 def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any) -> int:
     """Serve `count` emulated engines; `options` is engine.server.ServeOptions (port applies to the first).
 
-    Raises ValueError before serving when the profile cannot hold the model (weights exceed memory)."""
+    Raises ValueError before serving when the profile cannot emulate ``config`` (weights exceed memory,
+    KV tiers asked for, no network for a PD role)."""
     from inferstack.engine.async_engine import AsyncEngine
-    from inferstack.engine.executor.emulated import build_emulated_engine, emulated_kv_blocks
+    from inferstack.engine.executor.emulated import build_emulated_engine, check_emulation
     from inferstack.engine.server import serve, write_ready_file
 
-    emulated_kv_blocks(profile, config)       # fail fast: "does not fit" names the model and hardware
+    check_emulation(config, profile)        # fail fast, before any port is bound
 
     engines: list[AsyncEngine] = []
     urls: list[str | None] = [None] * count
@@ -59,7 +60,8 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
     state: dict[str, Any] = {}
 
     def factory() -> AsyncEngine:
-        engine = AsyncEngine(build_emulated_engine(config, profile))
+        # Like --port, a fixed --kv-transfer-port applies to the first engine; the others get free ones.
+        engine = AsyncEngine(build_emulated_engine(replace(config, kv_transfer_port=0) if engines else config, profile))
         engines.append(engine)
         return engine
 

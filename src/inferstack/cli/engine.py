@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from enum import Enum, StrEnum
 from typing import Annotated, Any
@@ -135,6 +136,9 @@ def serve(
     emulate_count: Annotated[int, typer.Option(
         help="With --emulate: host this many engines in one process, each on its own OS-chosen port "
              "(--port applies to the first); the ready file lists all URLs.")] = 1,
+    emulate_kv_link_gbps: Annotated[float | None, typer.Option(
+        help="With --emulate and --role prefill|decode: network line rate per device for KV transfer, in "
+             "Gbit/s (default: the hardware's NIC, e.g. 400 for h100).")] = None,
     trust_policy: Annotated[str | None, typer.Option(
         help="Trust policy YAML (see docs/supply-chain.md): the model is verified against it before loading "
              "and refused if it is unsigned, altered or from a registry not allowed.")] = None,
@@ -175,6 +179,15 @@ def serve(
             typer.echo("error: --emulate names its model (HARDWARE:MODEL); drop --model", err=True)
             raise typer.Exit(2)
         model = profile.model.name
+        if emulate_kv_link_gbps is not None:
+            if emulate_kv_link_gbps <= 0:
+                typer.echo("error: --emulate-kv-link-gbps must be > 0", err=True)
+                raise typer.Exit(2)
+            profile = dataclasses.replace(profile, hardware=dataclasses.replace(
+                profile.hardware, net_bandwidth=emulate_kv_link_gbps * 1e9 / 8))
+    elif emulate_kv_link_gbps is not None:
+        typer.echo("error: --emulate-kv-link-gbps needs --emulate", err=True)
+        raise typer.Exit(2)
     if emulate_count != 1 and (profile is None or emulate_count < 1):
         typer.echo("error: --emulate-count needs --emulate and a count >= 1", err=True)
         raise typer.Exit(2)

@@ -29,6 +29,12 @@ class Hardware:
     token_overhead_s: float = 0.0      # per scheduled token (embedding gather, logits copy on CPU)
     link_bandwidth: float = 0.0        # bytes/s between devices for tensor parallelism (0: no TP)
     link_latency_s: float = 0.0
+    # KV transfer between engines on different nodes (prefill/decode disaggregation): the line rate
+    # of the device's own NIC (GPUDirect RDMA), the share of it a transfer engine achieves, and the
+    # fixed cost of one transfer (connection, descriptors, completion).
+    net_bandwidth: float = 0.0         # bytes/s per device (0: no network transfer modelled)
+    net_efficiency: float = 0.9
+    net_latency_s: float = 0.0
 
     def to_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -37,19 +43,23 @@ class Hardware:
 # Peak bf16 dense FLOP/s and HBM bandwidth (SXM parts where there is a choice).
 _CATALOG: dict[str, Hardware] = {
     "h100": Hardware("h100", peak_flops=989.4 * TB, mem_bandwidth=3.35 * TB, memory_bytes=80 * GB,
-                     step_overhead_s=0.5e-3, seq_overhead_s=5e-6, link_bandwidth=450 * GB, link_latency_s=8e-6),
+                     step_overhead_s=0.5e-3, seq_overhead_s=5e-6, link_bandwidth=450 * GB, link_latency_s=8e-6,
+                     net_bandwidth=50 * GB, net_latency_s=1e-3),
     "h200": Hardware("h200", peak_flops=989.4 * TB, mem_bandwidth=4.8 * TB, memory_bytes=141 * GB,
-                     step_overhead_s=0.5e-3, seq_overhead_s=5e-6, link_bandwidth=450 * GB, link_latency_s=8e-6),
+                     step_overhead_s=0.5e-3, seq_overhead_s=5e-6, link_bandwidth=450 * GB, link_latency_s=8e-6,
+                     net_bandwidth=50 * GB, net_latency_s=1e-3),
     "a100": Hardware("a100", peak_flops=312 * TB, mem_bandwidth=2.039 * TB, memory_bytes=80 * GB,
-                     step_overhead_s=0.7e-3, seq_overhead_s=6e-6, link_bandwidth=300 * GB, link_latency_s=10e-6),
+                     step_overhead_s=0.7e-3, seq_overhead_s=6e-6, link_bandwidth=300 * GB, link_latency_s=10e-6,
+                     net_bandwidth=25 * GB, net_latency_s=1e-3),
     "l4": Hardware("l4", peak_flops=121 * TB, mem_bandwidth=0.3 * TB, memory_bytes=24 * GB,
-                   step_overhead_s=0.8e-3, seq_overhead_s=8e-6),
+                   step_overhead_s=0.8e-3, seq_overhead_s=8e-6, net_bandwidth=12.5 * GB, net_latency_s=1e-3),
     # This development machine (2 shared cores), 1 torch thread, fp32 weights, fitted by
     # `inferstack engine calibrate --model smollm2-135m` while the machine was busy (load ~10); refit
     # before comparing: the calibration file in the cache replaces this entry.
     "cpu": Hardware("cpu", peak_flops=2.0e12, mem_bandwidth=2.5 * GB, memory_bytes=16 * GB,
                     mfu_prefill=1.0, mfu_decode=1.0, bw_efficiency=1.0,
-                    step_overhead_s=0.092, seq_overhead_s=8.2e-3, token_overhead_s=12.2e-3),
+                    step_overhead_s=0.092, seq_overhead_s=8.2e-3, token_overhead_s=12.2e-3,
+                    net_bandwidth=0.4 * GB, net_efficiency=1.0, net_latency_s=2e-3),
 }
 
 

@@ -18,11 +18,15 @@ def _port_flag(port: int) -> list[str]:
 
 
 def engine_specs(settings: UpSettings, python: str = sys.executable) -> list[ChildSpec]:
-    """N real replicas (cores split between them), or one emulator process serving N endpoints."""
+    """N real replicas (cores split between them), or one emulator process serving N endpoints (one
+    per role for PD)."""
     if settings.emulate:
-        argv = _inferstack(python, "engine", "serve", "--emulate", settings.emulate,
-                           "--emulate-count", str(settings.replicas), *settings.engine_args)
-        return [ChildSpec(name="engine-emulated", kind="engine", argv=argv, port_args=_port_flag)]
+        groups = ([("engine-emulated", None, settings.replicas)] if settings.pd is None else
+                  [("prefill", "prefill", settings.pd.prefill), ("decode", "decode", settings.pd.decode)])
+        return [ChildSpec(name=name, kind="engine", port_args=_port_flag, role=role, argv=_inferstack(
+                    python, "engine", "serve", "--emulate", settings.emulate, "--emulate-count", str(count),
+                    *(["--role", role] if role else []), *settings.engine_args))
+                for name, role, count in groups]
     threads = settings.threads_per_engine()
     specs = []
     roles = settings.roles()

@@ -74,6 +74,13 @@ class UpSettings(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _emulated_kv(self) -> UpSettings:
+        if self.emulate and self.kv is not None:
+            raise ValueError("kv tiers need real engines: an emulated engine holds no KV bytes to store "
+                             "(drop `kv` or `emulate`)")
+        return self
+
+    @model_validator(mode="after")
     def _pd_engine_count(self) -> UpSettings:
         if self.pd is None:
             return self
@@ -81,8 +88,6 @@ class UpSettings(BaseModel):
         if "replicas" in self.model_fields_set and self.replicas != total:
             raise ValueError(f"replicas={self.replicas} contradicts pd (prefill {self.pd.prefill} + decode "
                              f"{self.pd.decode} = {total} engines); drop replicas or make it {total}")
-        if self.emulate:
-            raise ValueError("pd needs real engines: emulated engines have no KV cache to transfer")
         self.replicas = total
         self.__pydantic_fields_set__.discard("replicas")  # derived: a later override of pd must not clash
         return self

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from prometheus_client.registry import Collector
@@ -24,12 +24,14 @@ def kvstore_config(config: EngineConfig) -> KVStoreConfig:
                          redis_url=config.kv_redis_url, redis_ttl_s=config.kv_redis_ttl_s)
 
 
-def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key_space: KVKeySpace) -> KVConnectorBase | None:
-    """PD transfer for ``--role prefill|decode``, then KV tiers for ``--kv-tiers``; None if neither."""
+def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key_space: KVKeySpace,
+                    link_time: Callable[[int], float] | None = None) -> KVConnectorBase | None:
+    """PD transfer for ``--role prefill|decode``, then KV tiers for ``--kv-tiers``; None if neither.
+    ``link_time`` paces PD pulls to a modelled network (emulated engines)."""
     connectors: list[KVConnectorBase] = []
     if config.kv_role != "both":
         connectors.append(PDConnector(config.kv_role, block_size=config.block_size, host=config.kv_transfer_host,
-                                      port=config.kv_transfer_port))
+                                      port=config.kv_transfer_port, link_time=link_time))
     store_cfg = kvstore_config(config)
     if store_cfg.enabled:
         if config.block_size * 16 != CHUNK_SIZE:

@@ -14,13 +14,17 @@ tokens; the engine computes the rest (under one block) and continues generation.
 fails mid-way the chunks that did arrive intact are used, the rest is recomputed, and the
 failure is counted. When fewer than ``min_remote_tokens`` tokens would come from the peer the
 pull is skipped (the decider's engine-side half).
+
+Emulated engines (``--emulate``) run this same connector over a one-float-per-token shadow cache
+and pass ``link_time``: a pull then lasts as long as the modelled network would take to move the
+real model's KV (``sim.perf_model.kv_transfer_time``), so only the bytes are emulated, not the protocol.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -40,13 +44,15 @@ Role = Literal["prefill", "decode"]
 class PDConnector(KVConnectorBase):
     def __init__(self, role: Role, block_size: int = 16, host: str = "127.0.0.1", port: int = 0,
                  advertise_host: str | None = None, allow_shm: bool = True, hold_s: float = 60.0,
-                 min_remote_tokens: int = 16, timeout_s: float = 30.0) -> None:
+                 min_remote_tokens: int = 16, timeout_s: float = 30.0,
+                 link_time: Callable[[int], float] | None = None) -> None:
         if role not in ("prefill", "decode"):
             raise ValueError(f"PD connector role must be prefill or decode, got {role!r}")
         self.role = role
         self.block_size = block_size
         self.stats = ConnectorStats()
         self.min_remote_tokens = min_remote_tokens
+        self.link_time = link_time        # tokens -> seconds a pull of them must last at least
         self._host, self._port, self._advertise = host, port, advertise_host or host
         self._allow_shm, self._hold_s, self._timeout = allow_shm, hold_s, timeout_s
         self.server: KVTransferServer | None = None
@@ -112,8 +118,10 @@ class PDConnector(KVConnectorBase):
                 got = chunk.first_block + chunk.num_blocks
         except (TransferError, KeyError, ValueError):
             self.stats.add(load_failures=1)
-        self.stats.observe("fetch_seconds", time.perf_counter() - t0)
         end_block = min(got, max_blocks)
+        if self.link_time is not None and got > 0:
+            time.sleep(max(0.0, self.link_time(got * self.block_size) - (time.perf_counter() - t0)))
+        self.stats.observe("fetch_seconds", time.perf_counter() - t0)
         return StagedLoad(first_block, end_block - first_block, chunks) if end_block > first_block else None
 
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:

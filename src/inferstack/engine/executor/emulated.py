@@ -23,7 +23,7 @@ from inferstack.engine.executor.base import ExecutorOutput
 from inferstack.engine.request import Request
 from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.engine.tokenizer import Tokenizer
-from inferstack.sim.perf_model import SeqWork, kv_capacity_tokens, step_time
+from inferstack.sim.perf_model import SeqWork, kv_capacity_tokens, kv_transfer_time, step_time
 from inferstack.sim.profile import Profile
 
 log = logging.getLogger(__name__)
@@ -164,12 +164,34 @@ def output_ids(tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
+def check_emulation(config: EngineConfig, profile: Profile) -> None:
+    """Raise ValueError, naming the fix, when ``profile`` cannot emulate an engine with ``config``."""
+    if config.kv_tiers:
+        raise ValueError("--kv-tiers needs a real engine: an emulated engine holds no KV bytes to store")
+    if config.kv_role != "both" and profile.hardware.net_bandwidth <= 0:
+        raise ValueError(f"--role {config.kv_role}: hardware {profile.hardware.name!r} has no network bandwidth "
+                         "for KV transfer (give --emulate-kv-link-gbps)")
+    emulated_kv_blocks(profile, config)       # "does not fit" names the model and the hardware
+
+
+def shadow_kv_caches(num_blocks: int, block_size: int) -> list:
+    """The KV cache a PD connector of an emulated engine moves: one float per token, so the real
+    transfer protocol (holds, pulls, hash checks, releases) runs at a tiny fraction of the bytes."""
+    import torch
+
+    return [torch.zeros(2, num_blocks, block_size, 1, 1)]
+
+
 def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool = True):  # -> BuiltEngine
-    """An EngineCore whose executor is emulated; the scheduler, block pool and prefix cache are real."""
+    """An EngineCore whose executor is emulated; the scheduler, block pool and prefix cache are real.
+    With ``config.kv_role`` prefill or decode it gets the real PD connector over a shadow cache, its
+    pulls paced to the profile's network (``kv_transfer_time``)."""
     from inferstack.engine.builder import BuiltEngine
+    from inferstack.engine.connector.factory import build_connector
     from inferstack.engine.core import EngineCore
     from inferstack.engine.kv.hashing import KVKeySpace
 
+    check_emulation(config, profile)
     tokenizer = bundled_tokenizer()
     executor = EmulatedExecutor(profile, emulated_kv_blocks(profile, config), config.block_size,
                                 output_ids(tokenizer), realtime=realtime)
@@ -178,7 +200,14 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     digest = hashlib.sha256(f"emulated:{profile.model.name}".encode()).hexdigest()
     dtype = {4: "float32", 2: "bfloat16", 1: "fp8"}.get(int(profile.model.kv_bytes), "bfloat16")
     key_space = KVKeySpace(model_digest=digest, dtype=dtype, block_size=config.block_size)
-    core = EngineCore.build(config, executor, tokenizer, key_space, max_len)
+    connector = None
+    if config.kv_role != "both":
+        def link_time(tokens: int) -> float:
+            return kv_transfer_time(profile.model, profile.hardware, tokens, profile.tp)
+
+        connector = build_connector(config, shadow_kv_caches(executor.num_kv_blocks, config.block_size),
+                                    key_space, link_time=link_time if realtime else None)
+    core = EngineCore.build(config, executor, tokenizer, key_space, max_len, connector)
     log.info("emulating %s: %d KV blocks, max_model_len %d", profile, executor.num_kv_blocks, max_len)
     return BuiltEngine(core=core, tokenizer=tokenizer, model_name=config.served_model_name or profile.model.name,
                        max_model_len=max_len, model_digest=digest, eos_token_ids=frozenset(tokenizer.eos_token_ids))
