@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from inferstack.config import loader
 from inferstack.gateway.pd import prefill_body, transfer_params
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingState
-from inferstack.gateway.routing.disagg import Outcome, build_pd_router, decide
+from inferstack.gateway.routing.disagg import Outcome, build_pd_router, decide, pd_free_slots
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 
 ROLES = {"p0": "prefill", "p1": "prefill", "d0": "decode", "d1": "decode"}
@@ -53,6 +53,24 @@ def test_prefix_cached_on_the_decode_endpoint_skips_remote_prefill():
 def test_no_healthy_prefill_endpoint_means_colocated_on_decode():
     r = router().route(request(4000), snap("p0", "p1"))
     assert r.outcome is Outcome.NO_PREFILL and ROLES[r.endpoint.id] == "decode" and not r.others
+
+
+def loaded(queues: dict[str, float], roles=ROLES) -> PoolSnapshot:
+    return PoolSnapshot([EndpointView(e, queue=queues.get(e, 0.0), has_metrics=True, metrics_age_s=0.0)
+                         for e in roles], queue_threshold=5.0)
+
+
+def test_pd_pool_has_room_only_while_both_sides_do():
+    assert pd_free_slots(loaded({}), ROLES) == 2
+    # saturated prefill engines: split requests would queue behind them, so the pool is full
+    assert pd_free_slots(loaded({"p0": 9, "p1": 7}), ROLES) == 0
+    assert pd_free_slots(loaded({"p0": 9}), ROLES) == 1
+    assert pd_free_slots(loaded({"d0": 9, "d1": 9}), ROLES) == 0
+    # every prefill endpoint down: the router prefills on the decode side, which alone counts
+    down = PoolSnapshot([EndpointView(e, healthy=ROLES[e] != "prefill") for e in ROLES])
+    assert pd_free_slots(down, ROLES) == 2
+    # a colocated (`both`) endpoint is decode-side capacity
+    assert pd_free_slots(loaded({}, {"b0": "both"}), {"b0": "both"}) == 1
 
 
 def test_no_healthy_decode_endpoint_means_colocated_on_a_prefill_endpoint():

@@ -18,7 +18,7 @@ import orjson
 
 from inferstack.config.schema import EndpointConfig, GatewayConfig, PoolConfig
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build_router
-from inferstack.gateway.routing.disagg import build_pd_router
+from inferstack.gateway.routing.disagg import PDRouter, build_pd_router, pd_free_slots
 from inferstack.gateway.routing.state import RoutingState
 from inferstack.gateway.upstream import UpstreamPool
 
@@ -171,15 +171,9 @@ class Pool:
     def free_slots(self) -> int:
         """How many queued requests may be released now (flow control)."""
         snap = self.snapshot()
-        free = 0
-        for e in snap.endpoints:
-            if snap.saturation(e) >= 1.0:
-                continue
-            if e.max_concurrency:
-                free += e.max_concurrency - e.in_flight
-            else:
-                free += 1  # metrics lag: release one per endpoint per refresh
-        return free
+        if isinstance(self.router, PDRouter):
+            return pd_free_slots(snap, self.router.roles)
+        return snap.free_slots()
 
     def by_id(self, endpoint_id: str) -> Endpoint:
         for e in self.endpoints:

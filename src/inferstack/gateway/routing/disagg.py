@@ -56,6 +56,17 @@ def uncached_tokens(ctx: RouteContext, endpoint: str, block_size: int) -> tuple[
     return total, max(0, total - cached)
 
 
+def pd_free_slots(snap: PoolSnapshot, roles: Mapping[str, str]) -> int:
+    """Flow control of a PD pool: a split request occupies a decode endpoint *and* a prefill
+    endpoint, so the pool has room only while both sides do. Without this, saturated prefill
+    engines queue without bound behind free decode engines and nothing is ever shed. When no
+    prefill endpoint is healthy the router prefills on the decode side, which alone then counts."""
+    decode = snap.free_slots(lambda e: roles.get(e.id, "both") != "prefill")
+    if not any(e.healthy and roles.get(e.id) == "prefill" for e in snap.endpoints):
+        return decode
+    return min(decode, snap.free_slots(lambda e: roles.get(e.id) == "prefill"))
+
+
 @dataclass(slots=True)
 class PDResult(RoutingResult):
     """`endpoint` serves the client (decode leg); `others["prefill"]` is set when the request is split."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 NEVER = float("inf")
@@ -53,6 +53,17 @@ class PoolSnapshot:
         if e.max_concurrency:
             s = max(s, e.in_flight / e.max_concurrency)
         return s
+
+    def free_slots(self, include: Callable[[EndpointView], bool] = lambda e: True) -> int:
+        """How many queued requests flow control may release now, over the endpoints ``include``
+        keeps: the free concurrency of each unsaturated endpoint, or one per endpoint per metrics
+        refresh when it has no cap (the engine's queue shows new work only after a scrape)."""
+        free = 0
+        for e in self.endpoints:
+            if not include(e) or self.saturation(e) >= 1.0:
+                continue
+            free += e.max_concurrency - e.in_flight if e.max_concurrency else 1
+        return free
 
 
 @dataclass(slots=True)
