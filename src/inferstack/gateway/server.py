@@ -13,6 +13,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,7 @@ class Gateway:
                 except Exception as exc:  # report startup failures through the lifespan protocol
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self._warn_shared_models()
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 await self.datalayer.stop()
@@ -201,6 +203,14 @@ class Gateway:
         if ident.models is not None:
             names &= ident.models
         await _respond(send, 200, orjson.dumps(model_list([model_card(n, 0) for n in sorted(names)])))
+
+    def _warn_shared_models(self) -> None:
+        """A model name two pools serve, with no alias in `models:` to choose, goes to the first
+        pool in config order (`_resolve`): say so once at startup, not silently."""
+        for model, pools in shared_models({name: p.models for name, p in self.pools.items()}, self.models).items():
+            log.warning("model %r is served by pools %s; requests for it go to pool %r (the first in the "
+                        "config). Add a `models:` entry with targets to route it explicitly.",
+                        model, ", ".join(pools), pools[0])
 
     # ---- completions ---------------------------------------------------------------------------
     def _resolve(self, model: str) -> tuple[Pool, str, str | None]:
@@ -687,3 +697,12 @@ async def _error(send: Any, exc: APIError, rid: bytes | None = None) -> None:
     if rid:
         headers.append((b"x-request-id", rid))
     await _respond(send, exc.status, exc.body(), headers)
+
+
+def shared_models(pool_models: dict[str, set[str]], aliases: Collection[str]) -> dict[str, list[str]]:
+    """Model names (not aliases) that more than one pool serves -> those pools, in config order."""
+    owners: dict[str, list[str]] = {}
+    for pool, models in pool_models.items():
+        for model in models:
+            owners.setdefault(model, []).append(pool)
+    return {m: pools for m, pools in sorted(owners.items()) if len(pools) > 1 and m not in aliases}
