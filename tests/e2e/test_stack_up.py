@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 from tests.support.chromium import CANVAS_PIXELS_JS, Browser
-from tests.support.procs import inferstack_env
+from tests.support.procs import inferstack_env, pid_gone
 
 from inferstack.stack import prometheus as prom
 from inferstack.telemetry import grafana
@@ -87,19 +87,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             _wait_gone(pid, 20)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state == "Z"
-
-
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while not _gone(pid) and time.monotonic() < deadline:
+    while not pid_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return _gone(pid)
+    return pid_gone(pid)
 
 
 def test_banner_shows_urls_and_a_curl_to_paste(stack: Stack) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import signal
 
 import httpx
@@ -13,7 +12,7 @@ import openai
 import pytest
 
 from support.gateway_procs import start_gateway
-from support.procs import start_inferstack
+from support.procs import metric_sum, start_inferstack
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +24,6 @@ ENGINE = ["engine", "serve", "--model", MODEL, "--threads", "1", "--dtype", "flo
 def long_prompt(topic: str) -> list[dict]:
     facts = " ".join(f"Fact {i}: the {topic} archive keeps record {i} on shelf {i % 7}." for i in range(24))
     return [{"role": "user", "content": f"{facts}\nIn one sentence, what does the {topic} archive keep?"}]
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    """Sum of the samples of ``name`` whose label set contains ``labels``."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
-        if labels in (m.group(1) or ""):
-            total += float(m.group(2))
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +69,11 @@ def test_pd_output_equals_colocated_and_kv_moved(stack):
     assert r.usage.completion_tokens == ref.usage.completion_tokens
     assert r.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 16, "KV came from the peer"
     dm = httpx.get(decode.url + "/metrics").text
-    assert metric(dm, "vllm:external_prefix_cache_hits_total") >= r.usage.prompt_tokens - 16
-    assert metric(dm, "inferstack_kv_transfer_bytes_total") > 0
+    assert metric_sum(dm, "vllm:external_prefix_cache_hits_total") >= r.usage.prompt_tokens - 16
+    assert metric_sum(dm, "inferstack_kv_transfer_bytes_total") > 0
     gm = httpx.get(gw.url + "/metrics").text
-    assert metric(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 1
-    assert metric(gm, "inferstack_gateway_pd_prefill_seconds_count", 'endpoint="p0"') == 1
+    assert metric_sum(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 1
+    assert metric_sum(gm, "inferstack_gateway_pd_prefill_seconds_count", 'endpoint="p0"') == 1
 
     # streamed decode leg, a different prompt: same text as the colocated stream
     msgs = long_prompt("observatory")
@@ -95,7 +85,7 @@ def test_pd_output_equals_colocated_and_kv_moved(stack):
     usage = chunks[-1].usage
     assert usage.prompt_tokens > 200 and usage.prompt_tokens_details.cached_tokens >= usage.prompt_tokens - 16
     gm = httpx.get(gw.url + "/metrics").text
-    assert metric(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 2
+    assert metric_sum(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 2
 
 
 def test_short_prompt_and_cached_prefix_skip_remote_prefill(stack):
@@ -110,9 +100,9 @@ def test_short_prompt_and_cached_prefix_skip_remote_prefill(stack):
     assert r.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 16
     after = httpx.get(decode.url + "/metrics").text
     gm = httpx.get(gw.url + "/metrics").text
-    assert metric(gm, "inferstack_gateway_pd_decisions_total", 'outcome="local_cached"') == 2
-    assert metric(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 2
-    assert metric(after, "inferstack_kv_transfer_bytes_total") == metric(before, "inferstack_kv_transfer_bytes_total")
+    assert metric_sum(gm, "inferstack_gateway_pd_decisions_total", 'outcome="local_cached"') == 2
+    assert metric_sum(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 2
+    assert metric_sum(after, "inferstack_kv_transfer_bytes_total") == metric_sum(before, "inferstack_kv_transfer_bytes_total")
 
 
 def test_dead_prefill_engine_falls_back_to_recompute(stack):
@@ -127,4 +117,4 @@ def test_dead_prefill_engine_falls_back_to_recompute(stack):
     # only the chat template's shared first block was cached: the decode endpoint recomputed the rest
     assert r.usage.prompt_tokens_details.cached_tokens <= 32 < r.usage.prompt_tokens
     gm = httpx.get(gw.url + "/metrics").text
-    assert metric(gm, "inferstack_gateway_pd_fallbacks_total", 'reason="connection"') == 1
+    assert metric_sum(gm, "inferstack_gateway_pd_fallbacks_total", 'reason="connection"') == 1

@@ -7,32 +7,17 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from tests.support.procs import inferstack_env
+from tests.support.procs import inferstack_env, metric_sum, start_inferstack, stop_up
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$",
-                                                       text, re.M))
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_xpyd_stack_serves_the_colocated_answer_with_kv_transfer(tmp_path: Path) -> None:
@@ -40,22 +25,14 @@ def test_xpyd_stack_serves_the_colocated_answer_with_kv_transfer(tmp_path: Path)
     config.write_text(
         "up:\n  threads: 1\n  pd: {threshold_tokens: 16, prefill: 1, decode: 1}\n"
         "  engine_args: [--dtype, float32, --max-model-len, '1024', --kv-cache-bytes, 64MiB]\n")
-    ready_file, log = tmp_path / "ready.json", tmp_path / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "inferstack", "up", "--config", str(config), "--prefill", "1", "--decode", "1",
-             "--port", "0", "--log-dir", str(tmp_path / "run"), "--ready-file", str(ready_file)],
-            stdout=out, stderr=subprocess.STDOUT, env=inferstack_env(COLUMNS="200"))
+    stack = start_inferstack(["up", "--config", str(config), "--prefill", "1", "--decode", "1",
+                              "--log-dir", str(tmp_path / "run")], timeout=300, env=inferstack_env(COLUMNS="200"))
     try:
-        deadline = time.monotonic() + 300
-        while not ready_file.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
-        ready = json.loads(ready_file.read_text())
+        ready = stack.ready
         state = json.loads(Path(ready["state_file"]).read_text())
         engines = {c["name"]: c for c in state["children"] if c["kind"] == "engine"}
         assert {n: c["role"] for n, c in engines.items()} == {"prefill-0": "prefill", "decode-0": "decode"}
-        banner = log.read_text()
+        banner = stack.log()
         assert "1 prefill + 1 decode engine(s)" in banner and "prefill-0" in banner and "decode-0" in banner
 
         def chat(url: str, topic: str) -> openai.types.chat.ChatCompletion:
@@ -65,9 +42,8 @@ def test_xpyd_stack_serves_the_colocated_answer_with_kv_transfer(tmp_path: Path)
             return c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0)
 
         def remote_prefills() -> float:
-            gm = httpx.get(ready["urls"][0] + "/metrics").text
-            return sum(float(v) for v in re.findall(
-                r'^inferstack_gateway_pd_decisions_total\{[^}]*outcome="remote_prefill"[^}]*\} (\S+)$', gm, re.M))
+            gm = httpx.get(stack.url + "/metrics").text
+            return metric_sum(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"')
 
         decode_url, prefill_url = engines["decode-0"]["urls"][0], engines["prefill-0"]["urls"][0]
         ref = chat(prefill_url, "harbour")  # any engine runs a whole request colocated
@@ -75,8 +51,8 @@ def test_xpyd_stack_serves_the_colocated_answer_with_kv_transfer(tmp_path: Path)
         assert r.choices[0].message.content == ref.choices[0].message.content
         assert r.usage.prompt_tokens == ref.usage.prompt_tokens > 200
         metrics = httpx.get(decode_url + "/metrics").text
-        assert _metric(metrics, "inferstack_kv_transfer_bytes_total") > 0
-        assert _metric(metrics, "vllm:external_prefix_cache_hits_total") >= r.usage.prompt_tokens - 16
+        assert metric_sum(metrics, "inferstack_kv_transfer_bytes_total") > 0
+        assert metric_sum(metrics, "vllm:external_prefix_cache_hits_total") >= r.usage.prompt_tokens - 16
         assert remote_prefills() == 1
 
         # a killed prefill engine comes back with its role, and long prompts are split again
@@ -88,7 +64,7 @@ def test_xpyd_stack_serves_the_colocated_answer_with_kv_transfer(tmp_path: Path)
                          if c["name"] == "prefill-0")
             if child["state"] == "ready" and child["pid"] != old_pid:
                 break
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, stack.log()[-3000:]
             time.sleep(0.2)
         for seg in glob.glob(f"/dev/shm/inferstack-kvt-{old_pid}-*"):
             os.unlink(seg)  # a SIGKILLed engine cannot delete its transfer segments
@@ -99,12 +75,4 @@ def test_xpyd_stack_serves_the_colocated_answer_with_kv_transfer(tmp_path: Path)
         assert r.choices[0].message.content == ref.choices[0].message.content
         assert remote_prefills() == 2
     finally:
-        pids = [c["pid"] for c in json.loads((tmp_path / "run" / "state.json").read_text())["children"]] \
-            if (tmp_path / "run" / "state.json").exists() else []
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
-    assert code == 0, log.read_text()[-3000:]
-    deadline = time.monotonic() + 10
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert pids and all(_gone(p) for p in pids), "SIGTERM left children behind"
+        stop_up(stack)

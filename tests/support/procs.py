@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,3 +82,33 @@ def start_inferstack(args: list[str], timeout: float = 180.0, env: dict[str, str
         time.sleep(0.05)
     proc.kill()
     raise TimeoutError(f"{' '.join(args)} not ready in {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+def pid_gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent's `wait` counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def metric_sum(text: str, name: str, labels: str = "") -> float:
+    """Sum of the samples of ``name`` in Prometheus text whose label set contains ``labels``."""
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
+        if labels in (m.group(1) or ""):
+            total += float(m.group(2))
+    return total
+
+
+def stop_up(stack: Server, timeout: float = 60.0) -> None:
+    """SIGTERM an `inferstack up` started with `start_inferstack`: it must exit 0 and leave none of
+    the children listed in its state.json running."""
+    state = Path(stack.ready["state_file"])
+    pids = [c["pid"] for c in json.loads(state.read_text())["children"] if c["pid"]] if state.exists() else []
+    code = stack.stop(timeout)
+    assert code == 0, stack.log()[-3000:]
+    deadline = time.monotonic() + 10
+    while not all(pid_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(pid_gone(p) for p in pids), "SIGTERM left children behind"

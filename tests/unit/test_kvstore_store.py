@@ -316,8 +316,16 @@ def test_inferstack_yaml_kv_section_becomes_engine_flags(tmp_path):
         argv = list(spec.argv)
         assert argv[argv.index("--kv-tiers") + 1] == "host,disk"
         assert argv[argv.index("--kv-disk-path") + 1] == str(tmp_path), "replicas share one disk tier"
-    with pytest.raises(ValueError, match="disk_path is not set"):
-        KVTierSettings(tiers=["disk"])
+    # left out: the disk tier lives in the log directory, Redis is the server `up` starts
+    defaults = UpSettings(replicas=2, kv={"tiers": "disk,redis"})
+    assert defaults.kv is not None and defaults.kv.needs_redis_server
+    for spec in engine_specs(defaults, sys.executable, log_dir="/logs", redis_url="redis://127.0.0.1:7/0"):
+        argv = list(spec.argv)
+        assert argv[argv.index("--kv-disk-path") + 1] == "/logs/kv-disk"
+        assert argv[argv.index("--kv-redis-url") + 1] == "redis://127.0.0.1:7/0"
+    assert not KVTierSettings(tiers="redis", redis_url="redis://h:1/0").needs_redis_server
+    with pytest.raises(ValueError, match="needs redis_url"):
+        KVTierSettings(tiers=["redis"]).engine_args("/logs/kv-disk")
     with pytest.raises(ValueError, match="fastest first"):
         KVTierSettings(tiers="redis,host", redis_url="redis://127.0.0.1:1/0")
     with pytest.raises(ValueError, match="not a byte size"):

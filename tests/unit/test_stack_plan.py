@@ -76,6 +76,19 @@ def test_missing_prometheus_binary() -> None:
         preflight.check_prometheus("no-such-prometheus-binary")
 
 
+def test_missing_redis_server_binary() -> None:
+    with pytest.raises(preflight.PreflightError, match=r"apt-get install redis-server.*up\.kv\.redis_url"):
+        preflight.check_redis_server("no-such-redis-server")
+
+
+def test_redis_child_is_memory_only_on_loopback() -> None:
+    spec = plan.redis_spec("/usr/bin/redis-server")
+    argv = [*spec.argv, *spec.port_args(6399)]
+    assert argv[argv.index("--bind") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "6399"
+    assert argv[argv.index("--save") + 1] == "" and argv[argv.index("--appendonly") + 1] == "no"
+    assert spec.probe is plan.redis_ping and spec.ready_file_flag is None and spec.url_scheme == "redis"
+
+
 def test_config_section_errors_carry_file_and_line(tmp_path: Path) -> None:
     f = tmp_path / "inferstack.yaml"
     f.write_text("up:\n  replicas: 2\n  port: 99999\n  restart:\n    initial_backoff_s: -1\n  colour: red\n")

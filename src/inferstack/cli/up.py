@@ -40,6 +40,7 @@ def up(
     emulate: Annotated[str | None, typer.Option("--emulate", help="Emulated engines instead of a real model, e.g. h100:llama-3-8b.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch threads per engine (default: cores split between replicas).")] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address the gateway binds (default 127.0.0.1).")] = None,
+    kv_tiers: Annotated[str | None, typer.Option("--kv-tiers", help="Reuse KV across requests and replicas: any of host,disk,redis, fastest first. The replicas share a disk tier in the log directory and a Redis server that up starts (unless up.kv in --config names them); see docs/kv-cache.md.")] = None,
     with_prometheus: Annotated[bool, typer.Option("--with-prometheus", help="Also start Prometheus scraping the stack, with inferstack's recording and alert rules.")] = False,
     log_dir: Annotated[Path | None, typer.Option("--log-dir", help="Directory for child logs and state.json (default: a new temp dir).")] = None,
     ready_file: Annotated[Path | None, typer.Option("--ready-file", help="Write one JSON line with the URLs here once everything is ready.")] = None,
@@ -58,6 +59,8 @@ def up(
 
     inferstack up --prefill 1 --decode 2
 
+    inferstack up --kv-tiers host,redis
+
     inferstack up --with-prometheus
     """
     from pydantic import ValidationError
@@ -73,6 +76,7 @@ def up(
         overrides = {k: v for k, v in {
             "replicas": replicas, "port": port, "model": model, "emulate": emulate, "threads": threads,
             "host": host, "log_dir": str(log_dir) if log_dir else None, "pd": pd,
+            "kv": {**(base.kv.model_dump(exclude_unset=True) if base.kv else {}), "tiers": kv_tiers} if kv_tiers else None,
         }.items() if v is not None}
         if with_prometheus:
             overrides["with_prometheus"] = True

@@ -42,16 +42,20 @@ def parse_tiers(text: str | list[str]) -> list[str]:
 
 
 class KVTierSettings(BaseModel):
-    """KV tiers of every engine replica (docs/kv-cache.md). Replicas on one host that share
-    ``disk_path`` (or a ``redis_url``) reuse each other's prefixes."""
+    """KV tiers of every engine replica `inferstack up` starts (docs/kv-cache.md). Replicas share
+    the disk tier's directory and the Redis server, so each reuses the prefixes the others computed.
+    Left out, `disk_path` is `LOGDIR/kv-disk` and `redis_url` a private `redis-server` that `up`
+    starts on a free loopback port and stops with the stack."""
 
     model_config = ConfigDict(extra="forbid")
 
     tiers: list[str] = Field(description="Tiers fastest first: any of host, disk, redis.")
     host_bytes: str | int = Field("2GiB", description="Host RAM budget per engine, e.g. 2GiB.")
-    disk_path: str | None = Field(None, description="Disk tier directory, shared by the replicas.")
+    disk_path: str | None = Field(None, description="Disk tier directory, shared by the replicas "
+                                  "(default: kv-disk in the log directory).")
     disk_bytes: str | int = Field("20GiB", description="Disk tier budget.")
-    redis_url: str | None = Field(None, description="Redis tier, e.g. redis://127.0.0.1:6379/0.")
+    redis_url: str | None = Field(None, description="Redis tier, e.g. redis://127.0.0.1:6379/0 (default: a "
+                                  "redis-server that `up` starts for the stack).")
 
     @field_validator("tiers", mode="before")
     @classmethod
@@ -71,17 +75,20 @@ class KVTierSettings(BaseModel):
     def _path(cls, v: str | None) -> str | None:
         return str(Path(v).expanduser()) if v else v
 
-    def model_post_init(self, _: object) -> None:
-        if "disk" in self.tiers and not self.disk_path:
-            raise ValueError("tiers include disk but disk_path is not set")
-        if "redis" in self.tiers and not self.redis_url:
-            raise ValueError("tiers include redis but redis_url is not set")
+    @property
+    def needs_redis_server(self) -> bool:
+        """The stack must start its own Redis: the redis tier is on and no server was named."""
+        return "redis" in self.tiers and not self.redis_url
 
-    def engine_args(self) -> list[str]:
-        """The same settings as `inferstack engine serve` flags."""
+    def engine_args(self, default_disk_path: str, redis_url: str | None = None) -> list[str]:
+        """The same settings as `inferstack engine serve` flags; ``redis_url`` is the server `up`
+        started when none was configured."""
         args = ["--kv-tiers", ",".join(self.tiers), "--kv-host-bytes", str(self.host_bytes)]
-        if self.disk_path:
-            args += ["--kv-disk-path", self.disk_path, "--kv-disk-bytes", str(self.disk_bytes)]
-        if self.redis_url:
-            args += ["--kv-redis-url", self.redis_url]
+        if "disk" in self.tiers:
+            args += ["--kv-disk-path", self.disk_path or default_disk_path, "--kv-disk-bytes", str(self.disk_bytes)]
+        if "redis" in self.tiers:
+            url = self.redis_url or redis_url
+            if url is None:
+                raise ValueError("the redis tier needs redis_url, or the Redis server `up` starts")
+            args += ["--kv-redis-url", url]
         return args

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -56,6 +56,9 @@ class ChildSpec:
     ready_file_flag: str | None = "--ready-file"
     ready_path: str | None = None               # for servers without a ready file
     health_path: str = "/health"
+    # For servers that speak neither (Redis): an async check of the port, for readiness and health.
+    probe: Callable[[int], Awaitable[bool]] | None = None
+    url_scheme: str = "http"
     env: dict[str, str] = field(default_factory=dict)
     role: str | None = None                     # engines of a PD pool: "prefill" or "decode"
 
@@ -144,7 +147,9 @@ class Child:
                 return list(json.loads(line)["urls"])
             except (FileNotFoundError, IndexError, json.JSONDecodeError, KeyError):
                 return []
-        url = f"http://127.0.0.1:{self.port}"
+        url = f"{self.spec.url_scheme}://127.0.0.1:{self.port}"
+        if self.spec.probe is not None:
+            return [url] if await self.spec.probe(self.port) else []
         try:
             r = await client.get(url + (self.spec.ready_path or "/"), timeout=1.0)
         except httpx.HTTPError:
@@ -154,6 +159,8 @@ class Child:
     async def healthy(self, client: httpx.AsyncClient) -> bool:
         if not self.alive() or not self.urls:
             return False
+        if self.spec.probe is not None:
+            return await self.spec.probe(self.port)
         try:
             r = await client.get(self.urls[0] + self.spec.health_path, timeout=5.0)
         except httpx.HTTPError:

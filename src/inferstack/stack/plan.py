@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 from inferstack.stack.children import ChildSpec
@@ -17,9 +19,11 @@ def _port_flag(port: int) -> list[str]:
     return ["--port", str(port)]
 
 
-def engine_specs(settings: UpSettings, python: str = sys.executable) -> list[ChildSpec]:
+def engine_specs(settings: UpSettings, python: str = sys.executable, log_dir: str = ".",
+                 redis_url: str | None = None) -> list[ChildSpec]:
     """N real replicas (cores split between them), or one emulator process serving N endpoints (one
-    per role for PD)."""
+    per role for PD). KV tiers default to a disk tier in ``log_dir`` and the Redis server at
+    ``redis_url`` that the supervisor started."""
     if settings.emulate:
         groups = ([("engine-emulated", None, settings.replicas)] if settings.pd is None else
                   [("prefill", "prefill", settings.pd.prefill), ("decode", "decode", settings.pd.decode)])
@@ -31,7 +35,7 @@ def engine_specs(settings: UpSettings, python: str = sys.executable) -> list[Chi
     specs = []
     roles = settings.roles()
     for i, role in enumerate(roles):
-        kv_args = settings.kv.engine_args() if settings.kv else []
+        kv_args = settings.kv.engine_args(str(Path(log_dir) / "kv-disk"), redis_url) if settings.kv else []
         # The role is part of the argv, so a restarted engine comes back with the same role.
         role_args = ["--role", role] if role else []
         argv = _inferstack(python, "engine", "serve", "--model", settings.model,
@@ -73,6 +77,29 @@ def gateway_spec(settings: UpSettings, backends: list[str], config_file: str | N
         source += ["--config", config_file]
     argv = _inferstack(python, "gateway", "serve", *source, "--host", settings.host, *settings.gateway_args)
     return ChildSpec(name="gateway", kind="gateway", argv=argv, port_args=_port_flag)
+
+
+def redis_spec(binary: str) -> ChildSpec:
+    """A private, memory-only Redis for the stack's shared KV tier (nothing written to disk)."""
+    argv = (binary, "--bind", "127.0.0.1", "--protected-mode", "yes", "--save", "", "--appendonly", "no")
+    return ChildSpec(name="redis", kind="redis", argv=argv, port_args=lambda port: ["--port", str(port)],
+                     ready_file_flag=None, probe=redis_ping, url_scheme="redis")
+
+
+async def redis_ping(port: int) -> bool:
+    """PING over RESP: the server is up and answering (what `redis-cli ping` checks)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"PING\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 1.0) == b"+PONG\r\n"
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
 
 
 def prometheus_spec(binary: str, config_file: str, data_dir: str) -> ChildSpec:

@@ -131,10 +131,29 @@ def check_commands(needed: list[str]) -> None:
         )
 
 
-def preflight(settings: UpSettings) -> str | None:
-    """Run every check; returns the Prometheus path when it will be started."""
+def check_redis_server(binary: str = "redis-server") -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise PreflightError(
+            what=f"the redis KV tier without a redis_url needs a Redis server to start, but {binary!r} is not on PATH",
+            fix="apt-get install redis-server (Debian/Ubuntu), or point up.kv.redis_url at a running Redis",
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Third-party servers `up` will start, by path (None: not needed)."""
+
+    prometheus: str | None = None
+    redis: str | None = None
+
+
+def preflight(settings: UpSettings) -> Servers:
+    """Run every check; returns the servers to start."""
     check_commands(["engine", "gateway"])
     check_port(settings.host, settings.port)
     if settings.emulate is None:
         check_model(settings.model)
-    return check_prometheus(settings.prometheus_binary) if settings.with_prometheus else None
+    return Servers(prometheus=check_prometheus(settings.prometheus_binary) if settings.with_prometheus else None,
+                   redis=check_redis_server() if settings.kv and settings.kv.needs_redis_server else None)

@@ -1,14 +1,16 @@
 """The supervisor behind `inferstack up`: start engines then the gateway, watch them, restart, stop.
 
 Lifecycle
-1. Preflight (port free, model package present, Prometheus installed) → precise error, nothing started.
-2. Engines start in parallel on `--port 0` with `--ready-file`; progress shows each one's last log line.
+1. Preflight (port free, model package present, Prometheus / redis-server installed when needed) →
+   precise error, nothing started.
+2. With the redis KV tier and no `redis_url`: a private memory-only Redis on a free loopback port.
+   Engines start in parallel on `--port 0` with `--ready-file`; progress shows each one's last log line.
 3. The gateway starts on the user's port with the engines as backends.
 4. Watch: every `health_interval_s` each ready child is checked (process alive, `/health` 200). A dead
    or repeatedly unhealthy engine is taken out of the gateway's pool (`PoolHook`), restarted after an
    exponential backoff on its old port, and put back once ready.
 5. SIGINT/SIGTERM: gateway first (it drains in-flight requests while engines still answer), then
-   engines, then Prometheus; each gets SIGTERM and a bounded wait, then SIGKILL. A second signal
+   engines, then Prometheus and Redis; each gets SIGTERM and a bounded wait, then SIGKILL. A second signal
    kills at once. Children also die with the supervisor itself (see `children.py`).
 """
 
@@ -34,7 +36,7 @@ from inferstack.stack import plan
 from inferstack.stack import prometheus as prom
 from inferstack.stack.children import Child, ChildFailed, ChildSpec, ChildState
 from inferstack.stack.gateway_admin import PoolEndpoint, PoolHook
-from inferstack.stack.preflight import preflight
+from inferstack.stack.preflight import Servers, preflight
 from inferstack.stack.progress import Reporter
 from inferstack.stack.settings import RestartPolicy, UpSettings
 
@@ -66,6 +68,7 @@ class Supervisor:
         self.engines: list[Child] = []
         self.gateway: Child | None = None
         self.prometheus: Child | None = None
+        self.redis: Child | None = None           # the shared KV tier, when up starts it
         self.dashboard_url: str | None = None
         self.model_name = settings.model
         self.log_dir = Path(settings.log_dir or tempfile.mkdtemp(prefix="inferstack-up-"))
@@ -81,7 +84,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """0 after a clean stop, 1 when the stack could not start. PreflightError propagates."""
-        prometheus_path = preflight(self.settings)
+        servers = preflight(self.settings)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,7 +93,7 @@ class Supervisor:
         try:
             async with httpx.AsyncClient() as client:
                 self._client = client
-                if not await self._start_all(prometheus_path):
+                if not await self._start_all(servers):
                     return 0 if self._stop.is_set() else 1
                 self._announce(time.monotonic() - started)
                 await self._watch()
@@ -110,7 +113,7 @@ class Supervisor:
         self._stop.set()
 
     def _children(self) -> list[Child]:
-        return [c for c in (self.gateway, *self.engines, self.prometheus) if c is not None]
+        return [c for c in (self.gateway, *self.engines, self.prometheus, self.redis) if c is not None]
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -146,10 +149,14 @@ class Supervisor:
             for task in waits:
                 task.cancel()
 
-    async def _start_all(self, prometheus_path: str | None) -> bool:
+    async def _start_all(self, servers: Servers) -> bool:
         s = self.settings
         assert self._client is not None
-        self.engines = [Child(spec, self.log_dir, self._env) for spec in plan.engine_specs(s, self.python)]
+        if servers.redis and not await self._start_redis(servers.redis):
+            return False
+        redis_url = f"{self.redis.urls[0]}/0" if self.redis else None
+        self.engines = [Child(spec, self.log_dir, self._env)
+                        for spec in plan.engine_specs(s, self.python, str(self.log_dir), redis_url)]
         what = (f"{s.replicas} emulated {s.emulate} engine(s)" if s.emulate else
                 f"{s.pd.prefill} prefill + {s.pd.decode} decode engine(s) of {s.model}, "
                 f"{s.threads_per_engine()} thread(s) each" if s.pd else
@@ -174,7 +181,7 @@ class Supervisor:
         self.model_name = await self._served_model()
         await self._update_pool()
         self.dashboard_url = await self._dashboard()
-        if prometheus_path and not await self._start_prometheus(prometheus_path):
+        if servers.prometheus and not await self._start_prometheus(servers.prometheus):
             return False
         self._write_state()
         return True
@@ -232,6 +239,20 @@ class Supervisor:
             return [(child.spec.name, child.urls[0])]
         return [(f"{child.spec.name}-{i}", u) for i, u in enumerate(child.urls)]
 
+    async def _start_server(self, child: Child, what: str) -> bool:
+        """Start a third-party server on a free port and wait until it answers."""
+        self.reporter.step(f"starting {what}")
+        try:
+            child.spawn(_free_port())
+            return await self._wait_all([child])
+        except ChildFailed as e:
+            self.reporter.error(str(e))
+            return False
+
+    async def _start_redis(self, binary: str) -> bool:
+        self.redis = Child(plan.redis_spec(binary), self.log_dir, self._env)
+        return await self._start_server(self.redis, "Redis for the shared KV tier")
+
     async def _start_prometheus(self, binary: str) -> bool:
         targets = self.log_dir / "prometheus" / "targets"
         rules = self.log_dir / "prometheus" / "rules"
@@ -242,13 +263,7 @@ class Supervisor:
         config.write_text(prom.render_config(str(targets), str(rules), self.settings.scrape_interval_s))
         self.prometheus = Child(plan.prometheus_spec(binary, str(config), str(self.log_dir / "prometheus" / "data")),
                                 self.log_dir, self._env)
-        self.reporter.step("starting Prometheus")
-        try:
-            self.prometheus.spawn(_free_port())
-            return await self._wait_all([self.prometheus])
-        except ChildFailed as e:
-            self.reporter.error(str(e))
-            return False
+        return await self._start_server(self.prometheus, "Prometheus")
 
     def _write_prometheus_targets(self) -> None:
         if self.gateway is None:
@@ -395,8 +410,9 @@ class Supervisor:
         if self.gateway is not None:
             await self.gateway.stop(timeout)
         await asyncio.gather(*(e.stop(timeout) for e in self.engines))
-        if self.prometheus is not None:
-            await self.prometheus.stop(timeout)
+        for server in (self.prometheus, self.redis):    # after the engines that write to Redis
+            if server is not None:
+                await server.stop(timeout)
         if self._children():
             self._write_state()
             self.reporter.step("stopped all children")
