@@ -11,8 +11,10 @@ against each SLO of ``--slo``:
 * goodput: the highest rate whose attainment is at least ``--attainment`` (90 %, as DistServe),
   interpolated linearly between the last swept rate that meets it and the first that does not.
 
-Fleets are named ``colo`` or ``XpYd`` (X prefill + Y decode engines), optionally ``@GBPS`` for the
-network line rate per device that KV transfers get (default: the hardware's NIC, 400 Gb/s on h100).
+Fleets are named ``colo`` or ``XpYd`` (X prefill + Y decode engines), optionally ``+qN`` for
+conditional disaggregation (`pd.max_prefill_queue: N`: prefill on the decode engine while every
+prefill engine has N requests waiting) and ``@GBPS`` for the network line rate per device that KV
+transfers get (default: the hardware's NIC, 400 Gb/s on h100).
 
     PYTHONPATH=src python benchmarks/pd_emulated_goodput.py            # the run in docs/benchmarks.md
     PYTHONPATH=src python benchmarks/pd_emulated_goodput.py --fleets colo,1p1d --engines 2 --rates 1,2
@@ -43,18 +45,19 @@ class Fleet:
     prefill: int          # 0: colocated
     decode: int
     link_gbps: float | None = None
+    max_prefill_queue: int | None = None
 
     @classmethod
     def parse(cls, text: str, engines: int) -> Fleet:
-        m = re.fullmatch(r"(?:(colo)|(\d+)p(\d+)d)(?:@([\d.]+))?", text.strip().lower())
+        m = re.fullmatch(r"(?:(colo)|(\d+)p(\d+)d)(?:\+q(\d+))?(?:@([\d.]+))?", text.strip().lower())
         if m is None:
-            raise SystemExit(f"bad fleet {text!r}: use colo or XpYd, optionally @GBPS (e.g. 2p2d@25)")
+            raise SystemExit(f"bad fleet {text!r}: use colo or XpYd, optionally +qN and @GBPS (e.g. 2p2d+q2@25)")
         if m.group(1):
             return cls(text, 0, engines)
         p, d = int(m.group(2)), int(m.group(3))
         if p + d != engines:
             raise SystemExit(f"fleet {text!r} has {p + d} engines; every fleet needs --engines {engines}")
-        return cls(text, p, d, float(m.group(4)) if m.group(4) else None)
+        return cls(text, p, d, float(m.group(5)) if m.group(5) else None, int(m.group(4)) if m.group(4) else None)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def start_fleet(fleet: Fleet, profile: str, engine_args: list[str]) -> tuple[lis
         endpoints = [{"url": u, "role": role, "name": f"{role}-{i}"}
                      for proc, role in zip(engines, ("prefill", "decode"), strict=True)
                      for i, u in enumerate(proc.extra["urls"])]
-        pool = {"endpoints": endpoints, "pd": {"threshold_tokens": 128}}
+        pool = {"endpoints": endpoints, "pd": {"threshold_tokens": 128, "max_prefill_queue": fleet.max_prefill_queue}}
     gateway = start_inferstack_gateway({"pools": {"fleet": pool}})
     return engines, gateway
 

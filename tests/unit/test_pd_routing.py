@@ -8,9 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from inferstack.config import loader
+from inferstack.gateway.datalayer import Pool
 from inferstack.gateway.pd import prefill_body, transfer_params
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingState
-from inferstack.gateway.routing.disagg import Outcome, build_pd_router, decide, pd_free_slots
+from inferstack.gateway.routing.disagg import Outcome, PDRouter, build_pd_router, decide, pd_free_slots
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 
 ROLES = {"p0": "prefill", "p1": "prefill", "d0": "decode", "d1": "decode"}
@@ -73,6 +74,19 @@ def test_pd_pool_has_room_only_while_both_sides_do():
     assert pd_free_slots(loaded({}, {"b0": "both"}), {"b0": "both"}) == 1
 
 
+def test_conditional_disaggregation_prefills_on_the_decode_endpoint_while_prefill_queues_are_long():
+    rt = build_pd_router("least-load", "least-load", ROLES, 64, RoutingState(), max_prefill_queue=2)
+    # distinct texts: a prompt routed before would be a prefix hit on its decode endpoint
+    assert rt.route(request(4000, "a"), loaded({"p0": 1, "p1": 3})).outcome is Outcome.REMOTE, "p0 has room"
+    busy = rt.route(request(4000, "b"), loaded({"p0": 2, "p1": 3}))
+    assert busy.outcome is Outcome.PREFILL_BUSY and ROLES[busy.endpoint.id] == "decode" and not busy.others
+    assert rt.route(request(200, "c"), loaded({"p0": 9, "p1": 9})).outcome is Outcome.CACHED, "short prompts stay"
+    # without the setting, long queues still mean a remote prefill (flow control holds the overflow)
+    assert router().route(request(4000), loaded({"p0": 9, "p1": 9})).outcome is Outcome.REMOTE
+    # the overflow runs on the decode side, so only the decode side limits admission
+    assert pd_free_slots(loaded({"p0": 9, "p1": 9}), ROLES, conditional=True) == 2
+
+
 def test_no_healthy_decode_endpoint_means_colocated_on_a_prefill_endpoint():
     r = router().route(request(4000), snap("d0", "d1"))
     assert r.outcome is Outcome.NO_DECODE and ROLES[r.endpoint.id] == "prefill"
@@ -133,7 +147,10 @@ def test_pd_pool_config():
     cfg = loader.parse_config(CONFIG, "f.yaml")
     pool = cfg.pools["pd"]
     assert [e.role for e in pool.endpoints] == ["prefill", "decode"]
-    assert pool.pd.enabled and pool.pd.threshold_tokens == 32
+    assert pool.pd.enabled and pool.pd.threshold_tokens == 32 and pool.pd.max_prefill_queue is None
+    conditional = loader.parse_config(CONFIG + "      max_prefill_queue: 2\n", "f.yaml")
+    live = Pool.from_config("pd", conditional.pools["pd"], conditional.gateway)
+    assert isinstance(live.router, PDRouter) and live.router.max_prefill_queue == 2
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -144,6 +161,7 @@ def test_pd_pool_config():
     (CONFIG.replace("role: decode", "role: decoder"), "f.yaml:7: pools.pd.endpoints.1.role: Input should be"),
     (CONFIG + "      prefill_routing: nope\n", "f.yaml:10: pools.pd.pd.prefill_routing: unknown routing 'nope'"),
     (CONFIG.replace("32", "-1"), "f.yaml:9: pools.pd.pd.threshold_tokens: Input should be greater than"),
+    (CONFIG + "      max_prefill_queue: 0\n", "f.yaml:10: pools.pd.pd.max_prefill_queue: Input should be greater than"),
 ])
 def test_pd_config_errors_name_file_and_line(text, message):
     with pytest.raises(loader.ConfigError) as err:

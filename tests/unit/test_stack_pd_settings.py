@@ -66,7 +66,7 @@ def test_emulated_pd_is_one_emulator_process_per_role() -> None:
 
 
 def test_pd_gateway_config_is_a_valid_pd_pool_and_keeps_the_users_pools() -> None:
-    s = UpSettings(pd={"prefill": 1, "decode": 2, "threshold_tokens": 16})
+    s = UpSettings(pd={"prefill": 1, "decode": 2, "threshold_tokens": 16, "max_prefill_queue": 3})
     eps = [("prefill-0", "http://127.0.0.1:1", "prefill"), ("decode-0", "http://127.0.0.1:2", "decode"),
            ("decode-1", "http://127.0.0.1:3", "decode")]
     user = {"pools": {"other": {"endpoints": ["http://127.0.0.1:9"]}}, "up": {"pd": {"prefill": 1, "decode": 2}}}
@@ -76,6 +76,7 @@ def test_pd_gateway_config_is_a_valid_pd_pool_and_keeps_the_users_pools() -> Non
     assert [(e.name, e.role) for e in pool.endpoints] == [("prefill-0", "prefill"), ("decode-0", "decode"),
                                                           ("decode-1", "decode")]
     assert pool.pd is not None and pool.pd.enabled and pool.pd.threshold_tokens == 16
+    assert pool.pd.max_prefill_queue == 3
     assert "default" not in user["pools"], "the user's config is not modified"
 
 

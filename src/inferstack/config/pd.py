@@ -22,6 +22,10 @@ class PDConfig(BaseModel):
         "cached on the chosen decode endpoint (0: always split).")
     prefill_routing: str | None = Field(
         None, description="Routing preset or profile for the prefill leg; defaults to the pool's `routing`.")
+    max_prefill_queue: int | None = Field(
+        None, ge=1, description="Conditional disaggregation (Dynamo's prefill-queue rule): when every prefill "
+        "endpoint has at least this many requests waiting, prefill on the decode endpoint instead of queueing "
+        "behind them (outcome `local_prefill_busy`). Unset: always wait for a prefill endpoint.")
     prefill_timeout_s: float = Field(
         60.0, gt=0, description="Give up on the prefill leg after this long and recompute on the decode endpoint.")
 

@@ -159,7 +159,8 @@ class Pool:
             router = build_pd_router(cfg.routing, cfg.pd.prefill_routing or cfg.routing,
                                      {ep.id: e.role for ep, e in zip(eps, cfg.endpoints, strict=True)},
                                      cfg.pd.threshold_tokens, state, custom_profiles,
-                                     cfg.precise_prefix.block_size if cfg.precise_prefix else 16)
+                                     cfg.precise_prefix.block_size if cfg.precise_prefix else 16,
+                                     cfg.pd.max_prefill_queue)
         return cls(name, cfg, eps, router, gw, set(cfg.models))
 
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
@@ -172,7 +173,7 @@ class Pool:
         """How many queued requests may be released now (flow control)."""
         snap = self.snapshot()
         if isinstance(self.router, PDRouter):
-            return pd_free_slots(snap, self.router.roles)
+            return pd_free_slots(snap, self.router.roles, conditional=self.router.max_prefill_queue is not None)
         return snap.free_slots()
 
     def by_id(self, endpoint_id: str) -> Endpoint:

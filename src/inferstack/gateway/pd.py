@@ -31,7 +31,7 @@ _DROP = ("stream_options", "max_completion_tokens", "min_tokens", "n", "best_of"
 class PDMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.decisions = Counter("inferstack_gateway_pd_decisions", "PD routing decisions by outcome "
-                                 "(remote_prefill, local_cached, local_no_prefill, local_no_decode, local_both).",
+                                 "(remote_prefill, local_cached, local_no_prefill, local_no_decode, local_both, local_prefill_busy).",
                                  ("pool", "outcome"), registry=registry)
         self.prefill_seconds = Histogram("inferstack_gateway_pd_prefill_seconds",
                                          "Duration of successful prefill legs.", ("pool", "endpoint"),

@@ -63,7 +63,8 @@ def pd_gateway_config(settings: UpSettings, endpoints: list[tuple[str, str, str]
     pools = dict(cfg.get("pools") or {})
     pools["default"] = {
         "endpoints": [{"url": url, "name": name, "role": role} for name, url, role in endpoints],
-        "pd": {"enabled": True, "threshold_tokens": settings.pd.threshold_tokens},
+        "pd": {"enabled": True, "threshold_tokens": settings.pd.threshold_tokens,
+               "max_prefill_queue": settings.pd.max_prefill_queue},
     }
     cfg["pools"] = pools
     return cfg

@@ -33,6 +33,9 @@ class PDSettings(BaseModel):
     threshold_tokens: int = Field(
         128, ge=0, description="The gateway splits a request only when at least this many prompt tokens are "
         "not cached on the chosen decode engine (0: always split); see docs/disaggregation.md.")
+    max_prefill_queue: int | None = Field(
+        None, ge=1, description="Conditional disaggregation: prefill on the decode engine while every prefill "
+        "engine has this many requests waiting (unset: always wait for a prefill engine).")
 
 
 class UpSettings(BaseModel):

@@ -29,17 +29,29 @@ class Outcome(StrEnum):
     CACHED = "local_cached"            # few uncached tokens on the decode endpoint: colocated
     NO_PREFILL = "local_no_prefill"    # no healthy prefill endpoint: colocated on the decode endpoint
     NO_DECODE = "local_no_decode"      # no healthy decode endpoint: colocated on a prefill endpoint
+    PREFILL_BUSY = "local_prefill_busy"  # every prefill endpoint's queue is at max_prefill_queue
     BOTH = "local_both"                # the decode profile chose a `both` endpoint (no PD connector)
 
 
-def decide(uncached_tokens: int, threshold: int, prefill_available: bool) -> Outcome:
+def decide(uncached_tokens: int, threshold: int, prefill_available: bool, prefill_busy: bool = False) -> Outcome:
     """Remote prefill pays a second queue and a KV transfer; it is worth it only for prompts with
-    at least ``threshold`` tokens the decode endpoint would otherwise compute (0: always)."""
+    at least ``threshold`` tokens the decode endpoint would otherwise compute (0: always), and —
+    with conditional disaggregation — only while some prefill endpoint's queue is short."""
     if uncached_tokens < threshold:
         return Outcome.CACHED
     if not prefill_available:
         return Outcome.NO_PREFILL
+    if prefill_busy:
+        return Outcome.PREFILL_BUSY
     return Outcome.REMOTE
+
+
+def prefill_busy(snap: PoolSnapshot, roles: Mapping[str, str], max_queue: int | None) -> bool:
+    """Every healthy prefill endpoint has at least ``max_queue`` requests waiting (None: never busy)."""
+    if max_queue is None:
+        return False
+    queues = [e.queue for e in snap.endpoints if e.healthy and roles.get(e.id) == "prefill"]
+    return bool(queues) and min(queues) >= max_queue
 
 
 def uncached_tokens(ctx: RouteContext, endpoint: str, block_size: int) -> tuple[int, int]:
@@ -56,13 +68,14 @@ def uncached_tokens(ctx: RouteContext, endpoint: str, block_size: int) -> tuple[
     return total, max(0, total - cached)
 
 
-def pd_free_slots(snap: PoolSnapshot, roles: Mapping[str, str]) -> int:
+def pd_free_slots(snap: PoolSnapshot, roles: Mapping[str, str], conditional: bool = False) -> int:
     """Flow control of a PD pool: a split request occupies a decode endpoint *and* a prefill
     endpoint, so the pool has room only while both sides do. Without this, saturated prefill
     engines queue without bound behind free decode engines and nothing is ever shed. When no
-    prefill endpoint is healthy the router prefills on the decode side, which alone then counts."""
+    prefill endpoint is healthy, or with conditional disaggregation (busy prefill endpoints send
+    the prefill to the decode side), the decode side alone counts."""
     decode = snap.free_slots(lambda e: roles.get(e.id, "both") != "prefill")
-    if not any(e.healthy and roles.get(e.id) == "prefill" for e in snap.endpoints):
+    if conditional or not any(e.healthy and roles.get(e.id) == "prefill" for e in snap.endpoints):
         return decode
     return min(decode, snap.free_slots(lambda e: roles.get(e.id) == "prefill"))
 
@@ -98,7 +111,7 @@ class PDRouter(Router):
     (absent: both)."""
 
     def __init__(self, decode: Policy, prefill: Policy, roles: Mapping[str, str], threshold_tokens: int,
-                 state: RoutingState, block_size: int = 16):
+                 state: RoutingState, block_size: int = 16, max_prefill_queue: int | None = None):
         super().__init__(handler=None, state=state)  # type: ignore[arg-type]  # route() is overridden
         self.roles = dict(roles)
         self.decode = _RolePolicy(decode, self.roles, frozenset({"decode", "both"}))
@@ -106,6 +119,7 @@ class PDRouter(Router):
         self.colocated = _RolePolicy(decode, self.roles, frozenset(ROLES))
         self.threshold = threshold_tokens
         self.block_size = block_size
+        self.max_prefill_queue = max_prefill_queue
 
     def route(self, req: RequestView, snap: PoolSnapshot) -> PDResult | None:
         ctx = RouteContext(req, snap, self.state)
@@ -128,7 +142,8 @@ class PDRouter(Router):
             result.outcome = Outcome.BOTH
             return result
         prefill = self.prefill.pick(ctx, eps) if uncached >= self.threshold else None
-        result.outcome = decide(uncached, self.threshold, prefill is not None)
+        result.outcome = decide(uncached, self.threshold, prefill is not None,
+                                prefill_busy(snap, self.roles, self.max_prefill_queue))
         if result.outcome is Outcome.REMOTE and prefill is not None:
             result.others["prefill"] = prefill.endpoint
             self.state.record(req, prefill.endpoint.id, False)
@@ -137,9 +152,9 @@ class PDRouter(Router):
 
 def build_pd_router(decode_profile: str, prefill_profile: str, roles: Mapping[str, str], threshold_tokens: int,
                     state: RoutingState, custom: Mapping[str, tuple[list[str], Mapping[str, float], str]] | None = None,
-                    block_size: int = 16) -> PDRouter:
+                    block_size: int = 16, max_prefill_queue: int | None = None) -> PDRouter:
     """A `PDRouter` from profile names (presets or custom profiles, as `build_router`)."""
     from inferstack.gateway.routing.registry import build_policy
 
     return PDRouter(build_policy(decode_profile, custom), build_policy(prefill_profile, custom), roles,
-                    threshold_tokens, state, block_size)
+                    threshold_tokens, state, block_size, max_prefill_queue)
