@@ -90,3 +90,7 @@ def test_served_model_name_and_bad_profile(tmp_path: Path) -> None:
                            "--emulate-kv-link-gbps", "25", "--port", "0"], env=inferstack_env(),
                           capture_output=True, text=True, timeout=60)
     assert link.returncode == 2 and "--emulate-kv-link-gbps needs --emulate" in link.stderr
+    no_role = subprocess.run([sys.executable, "-m", "inferstack", "engine", "serve", "--emulate", "h100:llama-3-8b",
+                              "--emulate-kv-link-gbps", "25", "--port", "0"], env=inferstack_env(),
+                             capture_output=True, text=True, timeout=60)
+    assert no_role.returncode == 2 and "needs --role prefill or --role decode" in no_role.stderr

@@ -1,10 +1,12 @@
 """`inferstack up --kv-tiers disk,redis`: KV tiering as one flag. The stack starts its own Redis, the
 replicas share it and a disk tier in the log directory, a prefix computed by one replica is loaded by
-the other, and SIGTERM stops Redis with the rest."""
+the other, a killed Redis comes back on its port, and SIGTERM stops Redis with the rest."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -45,5 +47,23 @@ def test_one_flag_gives_replicas_a_shared_redis_and_disk_tier(tmp_path: Path) ->
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 512, "engine-1 loaded engine-0's KV"
         metrics = httpx.get(engines[1]["urls"][0] + "/metrics", timeout=10).text
         assert metric_sum(metrics, "vllm:external_prefix_cache_hits_total") >= 512
+
+        # a crashed Redis comes back on the same port (the engines know that URL), empty
+        os.kill(server["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            state = json.loads(Path(stack.ready["state_file"]).read_text())
+            (again,) = [c for c in state["children"] if c["kind"] == "redis"]
+            if again["state"] == "ready" and again["pid"] != server["pid"]:
+                break
+            assert time.monotonic() < deadline, stack.log()[-3000:]
+            time.sleep(0.2)
+        assert again["urls"] == server["urls"] and store.dbsize() == 0
+        body["prompt"] = " ".join(f"v{i % 89}" for i in range(300))
+        assert httpx.post(engines[0]["urls"][0] + "/v1/completions", json=body, timeout=120).status_code == 200
+        deadline = time.monotonic() + 30
+        while store.dbsize() < 2:
+            assert time.monotonic() < deadline, "the engines stopped writing to the restarted Redis"
+            time.sleep(0.1)
     finally:
         stop_up(stack)      # Redis included: it is one of the children

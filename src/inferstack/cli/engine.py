@@ -183,6 +183,10 @@ def serve(
             if emulate_kv_link_gbps <= 0:
                 typer.echo("error: --emulate-kv-link-gbps must be > 0", err=True)
                 raise typer.Exit(2)
+            if role in (None, Role.both):
+                typer.echo("error: --emulate-kv-link-gbps models KV transfer between engines: it needs "
+                           "--role prefill or --role decode", err=True)
+                raise typer.Exit(2)
             profile = dataclasses.replace(profile, hardware=dataclasses.replace(
                 profile.hardware, net_bandwidth=emulate_kv_link_gbps * 1e9 / 8))
     elif emulate_kv_link_gbps is not None:

@@ -60,6 +60,21 @@ def _client(ref: Any, plain_http: bool, username: str | None, password: str | No
     return RegistryClient(ref.registry, plain_http=plain_http, credentials=Credentials.from_env(username, password))
 
 
+def _transfer(reference: str, store: Path | None, plain_http: bool, username: str | None, password: str | None,
+              run: Callable[..., Any]) -> tuple[Any, Any]:
+    """(store, ``run(store, ref, client, progress)``): the scaffolding push and pull share."""
+    from inferstack.modelhub.reference import parse_reference
+
+    ref = parse_reference(reference)
+    s = _store(store)
+    update, stop = _progress()
+    try:
+        with _client(ref, plain_http, username, password) as client:
+            return s, run(s, ref, client, update)
+    finally:
+        stop()
+
+
 def _progress() -> tuple[Callable[[str, int, int], None], Callable[[], None]]:
     """A progress callback for blob transfers (bars on a terminal, nothing in pipes)."""
     if not sys.stderr.isatty():
@@ -139,18 +154,10 @@ def push(
     password: PasswordOpt = None,
 ) -> None:
     """Upload a packed model and its referrers (signatures, provenance, ML-BOM) to its registry."""
-    from inferstack.modelhub.reference import parse_reference
     from inferstack.modelhub.transfer import push_model
 
     with _errors():
-        ref = parse_reference(reference)
-        s = _store(store)
-        update, stop = _progress()
-        try:
-            with _client(ref, plain_http, username, password) as client:
-                res = push_model(s, ref, client, update)
-        finally:
-            stop()
+        _, res = _transfer(reference, store, plain_http, username, password, push_model)
     typer.echo(f"pushed {res.reference}@{res.digest} ({res.blobs_sent} new blobs, {res.bytes_total} bytes; "
                f"{len(res.referrers)} referrers)")
 
@@ -164,19 +171,11 @@ def pull(
     password: PasswordOpt = None,
 ) -> None:
     """Download a model (and its signatures, provenance, ML-BOM) into the local store; resumes if cut."""
-    from inferstack.modelhub.reference import parse_reference
     from inferstack.modelhub.resolve import engine_path
     from inferstack.modelhub.transfer import pull_model
 
     with _errors():
-        ref = parse_reference(reference)
-        s = _store(store)
-        update, stop = _progress()
-        try:
-            with _client(ref, plain_http, username, password) as client:
-                res = pull_model(s, ref, client, update)
-        finally:
-            stop()
+        s, res = _transfer(reference, store, plain_http, username, password, pull_model)
         path = engine_path(res.path, s.manifest(res.digest)) if res.path else None
     typer.echo(f"pulled {res.reference}@{res.digest} ({res.bytes_total} bytes; {len(res.referrers)} referrers)")
     typer.echo(f"  model files: {path}")

@@ -102,15 +102,12 @@ def kv_capacity_tokens(model: ModelSpec, hw: Hardware, memory_utilization: float
     return int(free // model.kv_bytes_per_token)
 
 
-def kv_transfer_time(model: ModelSpec, hw: Hardware, tokens: int, tp: int = 1,
-                     net_bandwidth: float | None = None) -> float:
+def kv_transfer_time(model: ModelSpec, hw: Hardware, tokens: int, tp: int = 1) -> float:
     """Seconds to move ``tokens`` of KV from a prefill engine to a decode engine on another node:
-    ``latency + tokens · kv_bytes_per_token / (bandwidth · efficiency · tp)`` — each of the ``tp``
-    devices sends its own KV heads over its own NIC. ``net_bandwidth`` (bytes/s per device)
-    overrides the hardware's line rate."""
+    ``latency + tokens · kv_bytes_per_token / (net_bandwidth · efficiency · tp)`` — each of the
+    ``tp`` devices sends its own KV heads over its own NIC."""
     if tokens <= 0:
         return 0.0
-    bandwidth = hw.net_bandwidth if net_bandwidth is None else net_bandwidth
-    if bandwidth <= 0:
+    if hw.net_bandwidth <= 0:
         raise ValueError(f"hardware {hw.name!r} has no network bandwidth for KV transfer")
-    return hw.net_latency_s + tokens * model.kv_bytes_per_token / (bandwidth * hw.net_efficiency * tp)
+    return hw.net_latency_s + tokens * model.kv_bytes_per_token / (hw.net_bandwidth * hw.net_efficiency * tp)

@@ -373,8 +373,10 @@ class Supervisor:
                 child.signal(signal.SIGKILL)
                 await child.wait_exit(5.0)
                 child.failures += 1
-                if child.spec.kind != "gateway":  # clients know the gateway's port: keep trying that one
-                    port = 0  # the old port may have been taken meanwhile; the pool learns the new URL
+                # An engine may move: the old port may have been taken meanwhile, and the pool learns the
+                # new URL. Clients know the gateway's port and engines know Redis's: keep trying those.
+                if child.spec.kind == "engine":
+                    port = 0
                 continue
             self.reporter.event(f"{child.spec.name} is back (pid {child.pid}, {' '.join(child.urls)})")
             await self._update_pool()  # a restarted gateway starts from its static list: resend the pool

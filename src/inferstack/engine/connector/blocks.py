@@ -97,6 +97,7 @@ class Stager:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-stage")
         self._pending: dict[str, Future[StagedLoad | None]] = {}
         self._staged: dict[str, StagedLoad | None] = {}
+        self._ready: list[StagedLoad] = []     # accepted, copied into blocks before the next forward
         self._lock = threading.Lock()
 
     def check(self, request_id: str, first_block: int, block_size: int) -> int | None:
@@ -126,9 +127,27 @@ class Stager:
         with self._lock:
             self._pending[request_id] = self._pool.submit(fetch)
 
-    def take(self, request_id: str) -> StagedLoad | None:
+    def accept(self, request_id: str, block_ids: Sequence[int], num_external_tokens: int, block_size: int) -> int:
+        """The scheduler allocated ``block_ids`` and took ``num_external_tokens`` of the offer (0
+        releases the staged load): queue the load for `load_into`; returns the tokens it brings."""
         with self._lock:
-            return self._staged.pop(request_id, None)
+            staged = self._staged.pop(request_id, None)
+        if staged is None or num_external_tokens <= 0:
+            return 0
+        staged.accept(block_ids, num_external_tokens, block_size)
+        self._ready.append(staged)
+        return staged.num_blocks * block_size
+
+    def load_into(self, kv_caches: Sequence[torch.Tensor], block_size: int) -> float | None:
+        """Copy every accepted load into its blocks (before the forward pass); the seconds spent,
+        or None when there was nothing to load."""
+        if not self._ready:
+            return None
+        t0 = time.perf_counter()
+        for load in self._ready:
+            load.copy_into(kv_caches, block_size)
+        self._ready.clear()
+        return time.perf_counter() - t0
 
     def drop(self, request_id: str) -> None:
         with self._lock:
@@ -140,11 +159,3 @@ class Stager:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-
-def load_all(ready: list[StagedLoad], kv_caches: Sequence[torch.Tensor], block_size: int) -> float:
-    """Copy every staged load into its blocks before the forward pass; returns the seconds spent."""
-    t0 = time.perf_counter()
-    for load in ready:
-        load.copy_into(kv_caches, block_size)
-    ready.clear()
-    return time.perf_counter() - t0

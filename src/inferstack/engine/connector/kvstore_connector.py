@@ -26,7 +26,6 @@ from inferstack.engine.connector.blocks import (
     StagedLoad,
     Stager,
     gather_blocks,
-    load_all,
     scatter_into_blocks,
 )
 from inferstack.engine.connector.stats import ConnectorStats
@@ -50,7 +49,6 @@ class KVStoreConnector(KVConnectorBase):
         self.min_load_tokens = min_load_tokens
         self.stats = ConnectorStats()
         self._stager = Stager()
-        self._ready: list[StagedLoad] = []
         self._saved_upto: dict[str, int] = {}   # request id -> chunks known to be in the store
         self._kv_caches: list[torch.Tensor] = []
         # chunk key -> (its 16 block hashes, parent hash, 256 token ids), for tier KV events.
@@ -108,12 +106,9 @@ class KVStoreConnector(KVConnectorBase):
         self._saved_upto[request_id] = max(self._saved_upto.get(request_id, 0), num_chunks)
 
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
-        staged = self._stager.take(request.request_id)
-        if staged is None or num_external_tokens <= 0:
-            return
-        staged.accept(block_ids, num_external_tokens, self.block_size)
-        self._ready.append(staged)
-        self.stats.add(loaded_tokens=staged.num_blocks * self.block_size)
+        loaded = self._stager.accept(request.request_id, block_ids, num_external_tokens, self.block_size)
+        if loaded:
+            self.stats.add(loaded_tokens=loaded)
 
     def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
         self._stager.drop(request.request_id)
@@ -125,8 +120,9 @@ class KVStoreConnector(KVConnectorBase):
         self._kv_caches = list(kv_caches)
 
     def start_load_kv(self) -> None:
-        if self._ready:
-            self.stats.observe("load_seconds", load_all(self._ready, self._kv_caches, self.block_size))
+        seconds = self._stager.load_into(self._kv_caches, self.block_size)
+        if seconds is not None:
+            self.stats.observe("load_seconds", seconds)
 
     def save_kv(self, seqs: Sequence[Any]) -> None:
         """Save every chunk that this step completed (its 256 tokens now all computed)."""

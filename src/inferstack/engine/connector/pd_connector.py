@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.connector.blocks import StagedLoad, Stager, load_all
+from inferstack.engine.connector.blocks import StagedLoad, Stager
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.connector.transfer import KVLayout, KVTransferClient, KVTransferServer, PagedKVSource
 from inferstack.engine.connector.wire import TransferError
@@ -59,7 +59,6 @@ class PDConnector(KVConnectorBase):
         self.source: PagedKVSource | None = None
         self.client: KVTransferClient | None = None
         self._stager = Stager()
-        self._ready: list[StagedLoad] = []
         self._released: list[str] = []
         self._released_lock = threading.Lock()
         self._kv_caches: list[torch.Tensor] = []
@@ -125,16 +124,14 @@ class PDConnector(KVConnectorBase):
         return StagedLoad(first_block, end_block - first_block, chunks) if end_block > first_block else None
 
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
-        staged = self._stager.take(request.request_id)
-        if staged is None or num_external_tokens <= 0:
-            return
-        staged.accept(block_ids, num_external_tokens, self.block_size)
-        self._ready.append(staged)
-        self.stats.add(loaded_tokens=staged.num_blocks * self.block_size)
+        loaded = self._stager.accept(request.request_id, block_ids, num_external_tokens, self.block_size)
+        if loaded:
+            self.stats.add(loaded_tokens=loaded)
 
     def start_load_kv(self) -> None:
-        if self._ready:
-            self.stats.observe("load_seconds", load_all(self._ready, self._kv_caches, self.block_size))
+        seconds = self._stager.load_into(self._kv_caches, self.block_size)
+        if seconds is not None:
+            self.stats.observe("load_seconds", seconds)
 
     # -- prefill side ---------------------------------------------------------------------------
     def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
