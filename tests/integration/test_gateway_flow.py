@@ -14,8 +14,15 @@ from support.gateway_procs import start_fake_engine, start_gateway
 
 
 @pytest.fixture(scope="module")
-def saturated_gateway():
+def engines():
     engines = [start_fake_engine("--ttft-ms", "20", "--tokens", "2", "--itl-ms", "1") for _ in range(2)]
+    yield engines
+    for e in engines:
+        e.stop()
+
+
+@pytest.fixture(scope="module")
+def saturated_gateway(engines):
     cfg = {
         "pools": {"p": {"endpoints": [e.url for e in engines], "max_concurrency": 1, "models": ["fake-model"]}},
         "objectives": {"batch": {"priority": -1}, "interactive": {"priority": 10}},
@@ -25,8 +32,6 @@ def saturated_gateway():
     gw = start_gateway(cfg)
     yield gw
     gw.stop()
-    for e in engines:
-        e.stop()
 
 
 async def _loop(client: httpx.AsyncClient, key: str, until: float, done: list, lat: list, headers=None):
@@ -39,7 +44,7 @@ async def _loop(client: httpx.AsyncClient, key: str, until: float, done: list, l
         lat.append(time.monotonic() - t)
 
 
-def test_fair_share_priorities_and_shedding(saturated_gateway):
+def test_fair_share_priorities_and_shedding(saturated_gateway, engines):
     async def main():
         async with httpx.AsyncClient(base_url=saturated_gateway.url, timeout=60,
                                      limits=httpx.Limits(max_connections=64)) as client:
@@ -76,8 +81,11 @@ def test_fair_share_priorities_and_shedding(saturated_gateway):
     a, b = done.count("key-a"), done.count("key-b")
     print("fair share", a, b, "hi", statistics.median(lat_hi), "std", statistics.median(lat_std))
     assert a + b > 60
-    # a runs 3x as many clients, yet both get an equal share of the pool
-    assert abs(a - b) <= 0.1 * (a + b) / 2, (a, b)
+    # a runs 3x as many clients, yet both get an equal share of the pool (first come, first
+    # served would give a three times b's share)
+    assert abs(a - b) <= 0.2 * (a + b) / 2, (a, b)
     assert statistics.median(lat_hi) < 0.5 * statistics.median(lat_std), (lat_hi, statistics.median(lat_std))
     assert 'inferstack_gateway_shed_total{pool="p",reason="shed"} 1.0' in metrics
     assert "inferstack_gateway_queue_wait_seconds_count" in metrics
+    # max_concurrency is a hard cap: prefix affinity must not stack requests on one endpoint
+    assert [httpx.get(f"{e.url}/debug/requests").json()["peak_running"] for e in engines] == [1, 1]

@@ -2,8 +2,8 @@
 
 It serves /v1/models, /v1/chat/completions and /v1/completions (streaming and not, with usage),
 /metrics with vLLM names (running, waiting, KV use derived from live load), /tokenize, /health and
-/debug/requests (the bodies it received), with configurable latency and a concurrency cap that
-makes requests wait (so `vllm:num_requests_waiting` is real).
+/debug/requests (the bodies it received, and the most requests it ran at once), with configurable
+latency and a concurrency cap that makes requests wait (so `vllm:num_requests_waiting` is real).
 
 Run: python gateway_fake_engine.py --model m --port 0 --ready-file F [--ttft-ms 5 --itl-ms 1 ...]
 """
@@ -21,7 +21,7 @@ from aiohttp import web
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
-    state = {"running": 0, "waiting": 0, "bodies": [], "served": 0, "hits": 0, "queries": 0}
+    state = {"running": 0, "waiting": 0, "bodies": [], "served": 0, "hits": 0, "queries": 0, "peak_running": 0}
     prefixes: OrderedDict[tuple, None] = OrderedDict()
     sem = asyncio.Semaphore(args.max_running)
 
@@ -64,6 +64,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
         async with sem:
             state["waiting"] -= 1
             state["running"] += 1
+            state["peak_running"] = max(state["peak_running"], state["running"])
             try:
                 uncached = min(ptoks, 100) if hit else ptoks
                 prefill = args.ttft_ms / 1000 + uncached * args.prefill_us_per_token / 1e6
@@ -135,7 +136,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
         return web.Response(text="ok")
 
     async def debug(request: web.Request) -> web.Response:
-        return web.json_response({"bodies": state["bodies"], "served": state["served"], "hits": state["hits"]})
+        return web.json_response({"bodies": state["bodies"], "served": state["served"], "hits": state["hits"],
+                                  "peak_running": state["peak_running"]})
 
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/chat/completions", chat)

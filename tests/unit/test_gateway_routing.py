@@ -100,6 +100,20 @@ def test_default_keeps_prefix_affinity_under_moderate_load_and_leaves_a_saturate
     assert router.route(req(system + "qx"), PoolSnapshot(eps)).endpoint.id != first
 
 
+def test_every_preset_keeps_max_concurrency_over_affinity_and_fails_open_when_all_are_full():
+    for preset in PRESETS:
+        router = build_router(preset)
+        eps = [EndpointView(f"e{i}", max_concurrency=1) for i in range(3)]
+        text = "shared system prompt " * 40
+        holder = router.route(req(text), PoolSnapshot(eps)).endpoint
+        holder.in_flight = 1  # prefix and session affinity now point at a full endpoint
+        for _ in range(5):
+            assert router.route(req(text), PoolSnapshot(eps)).endpoint.id != holder.id, preset
+        for e in eps:
+            e.in_flight = 1
+        assert router.route(req(text), PoolSnapshot(eps)) is not None, preset
+
+
 def test_gie_preset_follows_queue_kv_prefix_weights():
     router = build_router("gie")
     eps = fleet(2)

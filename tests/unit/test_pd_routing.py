@@ -87,6 +87,16 @@ def test_conditional_disaggregation_prefills_on_the_decode_endpoint_while_prefil
     assert pd_free_slots(loaded({"p0": 9, "p1": 9}), ROLES, conditional=True) == 2
 
 
+def test_each_side_keeps_max_concurrency():
+    eps = [EndpointView(e, max_concurrency=2) for e in ROLES]
+    pd = build_pd_router("default", "default", ROLES, 0, RoutingState())  # threshold 0: always split
+    for _ in range(4):  # one prompt: prefix affinity alone would put all four on one pair
+        r = pd.route(request(4000), PoolSnapshot(eps))
+        for e in (r.endpoint, r.others["prefill"]):
+            next(x for x in eps if x.id == e.id).in_flight += 1
+    assert all(e.in_flight == 2 for e in eps)
+
+
 def test_no_healthy_decode_endpoint_means_colocated_on_a_prefill_endpoint():
     r = router().route(request(4000), snap("d0", "d1"))
     assert r.outcome is Outcome.NO_DECODE and ROLES[r.endpoint.id] == "prefill"

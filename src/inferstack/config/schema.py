@@ -56,7 +56,8 @@ class PoolConfig(_Section):
     routing: str = Field("default", description="A preset (default, gie, cache-aware, least-load, "
                          "round-robin, power-of-two) or a profile name from `routing.profiles`.")
     max_concurrency: int | None = Field(
-        None, ge=1, description="In-flight requests per endpoint at which it counts as saturated.")
+        None, ge=1, description="Most requests in flight per endpoint: the router skips a full endpoint while "
+                                 "another has room, and flow control queues requests while all are full.")
     precise_prefix: PrecisePrefixConfig | None = Field(
         None, description="Score prefixes from the engines' KV events (needs `kv_events` on endpoints).")
     pd: PDConfig | None = Field(None, description="Prefill/decode disaggregation over the endpoints' roles.")

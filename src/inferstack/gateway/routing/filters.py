@@ -23,6 +23,17 @@ def not_saturated(ctx: RouteContext, cands: list[EndpointView]) -> list[Endpoint
     return kept or cands
 
 
+def within_cap(cands: list[EndpointView]) -> list[EndpointView]:
+    """The healthy endpoints below their `max_concurrency`, or all of ``cands`` when none is.
+
+    Every router applies this before its policy: the cap is a promise to the engine, and flow
+    control releases a request only when some endpoint has room, so a scorer with strong affinity
+    (prefix, session) must not send it to a full endpoint instead. Fails open (flow control off,
+    or a reserved slot taken meanwhile): a busy endpoint beats a 503."""
+    kept = [e for e in cands if e.healthy and (not e.max_concurrency or e.in_flight < e.max_concurrency)]
+    return kept or cands
+
+
 # An endpoint is overloaded when its load exceeds twice the least-loaded endpoint's plus this slack;
 # the relative bound keeps prefix affinity through ordinary imbalance (GIE's absolute queue/KV
 # thresholds evict hot prefixes from their holder exactly when caching matters most).
