@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: rotary embedding and the fused gated MLP.
+"""Building blocks shared by the model families: the projection, rotary embedding and the fused
+gated MLP.
 
 RMSNorm is ``torch.nn.functional.rms_norm`` (one fused kernel); the rotary cache is precomputed
 once and indexed by position so a step does no trigonometry.
@@ -14,6 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferstack.engine.models.arch import ModelArch, ModelLoadError
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` over ``[rows, in]``, with 2-3 fp32 rows on CPU padded to 4.
+
+    torch's CPU fp32 GEMM streams the weight once per row for 2-3 rows and switches to its blocked
+    kernel at 4 (SmolLM2's 576x3072 weight, cache-cold: 0.62 / 1.14 / 1.38 / 0.82 ms for 1-4 rows;
+    the 49152-row LM head 9.9 / 22.4 / 33.4 / 18.5 ms). Decode steps of 2-3 sequences, the common
+    case of interactive serving, were slower than steps of 4 (94 / 134 ms vs 82 ms). Zero rows
+    never mix with the real ones, and bf16 has no such cliff."""
+    rows = x.shape[0]
+    if rows in (2, 3) and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
+        return F.linear(torch.cat((x, x.new_zeros(4 - rows, x.shape[1]))), weight, bias)[:rows]
+    return F.linear(x, weight, bias)
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -83,5 +98,5 @@ class GatedMLP(nn.Module):
         self.down = nn.Parameter(torch.empty(hidden, intermediate), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).split(self.intermediate, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = linear(x, self.gate_up).split(self.intermediate, dim=-1)
+        return linear(F.silu(gate) * up, self.down)

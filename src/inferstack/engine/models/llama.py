@@ -20,7 +20,7 @@ from torch import nn
 from inferstack.engine.executor.attention import AttentionPlan, paged_attention_planned, plan_attention
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
-from inferstack.engine.models.layers import GatedMLP, RotaryEmbedding
+from inferstack.engine.models.layers import GatedMLP, RotaryEmbedding, linear
 
 
 class WeightTarget(NamedTuple):
@@ -50,13 +50,13 @@ class Attention(nn.Module):
                 plan: AttentionPlan) -> torch.Tensor:
         t = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(x, self.qkv, self.qkv_bias).view(t, nh + 2 * nkv, hd)
+        qkv = linear(x, self.qkv, self.qkv_bias).view(t, nh + 2 * nkv, hd)
         qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (hd,), eps=self.eps) * self.qk_norm
         qk = RotaryEmbedding.rotate(qk, cos_sin)
         out = paged_attention_planned(qk[:, :nh], qk[:, nh:], v, kv_cache, plan, self.scale)
-        return F.linear(out.reshape(t, nh * hd), self.o)
+        return linear(out.reshape(t, nh * hd), self.o)
 
 
 class DecoderLayer(nn.Module):
@@ -104,7 +104,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        return linear(hidden, head).float()
 
     def weight_targets(self) -> dict[str, WeightTarget]:
         """Checkpoint tensor name (transformers' naming) → where it goes in our fused parameters."""
