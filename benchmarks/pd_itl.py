@@ -10,7 +10,8 @@ with `os.sched_setaffinity`, behind `inferstack gateway serve`:
 Load (driven with the `inferstack bench` client library): ``--decodes`` closed-loop streams with a
 short prompt and ``--output-tokens`` tokens each (the "running decodes"), plus one long prompt
 (``--prompt-words``) every ``--prefill-every`` seconds. Reported: inter-token latency of the
-running decodes (p50/p90/p99/max), TTFT of the long prompts, and the PD / colocated ratio.
+running decodes (p50/p90/p99/max) over the whole run and over the gaps that overlap a long prompt's
+prefill (its send to its first token), TTFT of the long prompts, and the PD / colocated ratios.
 
     PYTHONPATH=src python benchmarks/pd_itl.py --duration 40
 """
@@ -127,17 +128,27 @@ async def drive(url: str, args: argparse.Namespace) -> tuple[list[RequestRecord]
     return decodes, prefills
 
 
+def _quantiles(gaps: list[float]) -> dict:
+    g = np.array(gaps) * 1000 if gaps else np.zeros(1)
+    return ({q: round(float(np.percentile(g, p)), 1) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))}
+            | {"max": round(float(g.max()), 1), "n": len(gaps)})
+
+
 def summarize(decodes: list[RequestRecord], prefills: list[RequestRecord], window: tuple[float, float]) -> dict:
-    gaps = []
+    # "while long prefills arrive": from a long prompt's send to its first token
+    busy = [(r.sent, r.sent + r.ttft) for r in prefills if r.ttft is not None]
+    gaps, during = [], []
     for r in decodes:
         if r.ok:
-            t = r.chunk_times
-            gaps += [b - a for a, b in itertools.pairwise(t) if window[0] <= a <= window[1]]
-    g = np.array(gaps) * 1000 if gaps else np.zeros(1)
+            for a, b in itertools.pairwise(r.chunk_times):
+                if window[0] <= a <= window[1]:
+                    gaps.append(b - a)
+                    if any(a < end and b > start for start, end in busy):
+                        during.append(b - a)
     ttfts = np.array([r.ttft for r in prefills if r.included and r.ttft is not None]) * 1000
     return {
-        "itl_ms": {q: round(float(np.percentile(g, p)), 1) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))}
-        | {"max": round(float(g.max()), 1), "n": len(gaps)},
+        "itl_ms": _quantiles(gaps),
+        "itl_ms_during_long_prefills": _quantiles(during),
         "long_ttft_ms_p50": round(float(np.median(ttfts)), 1) if len(ttfts) else None,
         "long_prompt_tokens": max((r.prompt_tokens or 0 for r in prefills), default=0),
         "errors": sum(not r.ok for r in decodes + prefills),
@@ -183,7 +194,8 @@ def main() -> None:
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs 2 cores (one per engine)")
     results = {kind: run_fleet(kind, args) for kind in ("colocated", "pd")}
-    results["pd_over_colocated_itl_p99"] = round(results["pd"]["itl_ms"]["p99"] / results["colocated"]["itl_ms"]["p99"], 3)
+    for key in ("itl_ms", "itl_ms_during_long_prefills"):
+        results[f"pd_over_colocated_{key}_p99"] = round(results["pd"][key]["p99"] / results["colocated"][key]["p99"], 3)
     results["load1_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
     if args.json:
