@@ -27,6 +27,10 @@ class Hardware:
     step_overhead_s: float = 0.0       # fixed per step: launch, scheduler, sampling
     seq_overhead_s: float = 0.0        # per sequence in the batch (Python-side bookkeeping, sampling)
     token_overhead_s: float = 0.0      # per scheduled token (embedding gather, logits copy on CPU)
+    # Memory time is divided by this for a step of one row (a single decoding sequence): a CPU BLAS
+    # runs one row as a matrix-vector product, the cheapest step by far (the `cpu` fit: ~1.9, i.e.
+    # a 1-sequence decode step costs ~55 ms where 2-4 sequences cost ~90 ms). GPUs: not measured, 1.
+    single_row_bw_gain: float = 1.0
     link_bandwidth: float = 0.0        # bytes/s between devices for tensor parallelism (0: no TP)
     link_latency_s: float = 0.0
     # KV transfer between engines on different nodes (prefill/decode disaggregation): the line rate
@@ -53,12 +57,12 @@ _CATALOG: dict[str, Hardware] = {
                      net_bandwidth=25 * GB, net_latency_s=1e-3),
     "l4": Hardware("l4", peak_flops=121 * TB, mem_bandwidth=0.3 * TB, memory_bytes=24 * GB,
                    step_overhead_s=0.8e-3, seq_overhead_s=8e-6, net_bandwidth=12.5 * GB, net_latency_s=1e-3),
-    # This development machine (2 shared cores), 1 torch thread, fp32 weights, fitted by
-    # `inferstack engine calibrate --model smollm2-135m` while the machine was busy (load ~10); refit
-    # before comparing: the calibration file in the cache replaces this entry.
-    "cpu": Hardware("cpu", peak_flops=2.0e12, mem_bandwidth=2.5 * GB, memory_bytes=16 * GB,
+    # This development machine (2 cores), 1 torch thread, fp32 weights, fitted by
+    # `inferstack engine calibrate --model smollm2-135m` on the quiet machine (median step error
+    # 3 %); refit before comparing: the calibration file in the cache replaces this entry.
+    "cpu": Hardware("cpu", peak_flops=79e9, mem_bandwidth=7.9 * GB, memory_bytes=16 * GB,
                     mfu_prefill=1.0, mfu_decode=1.0, bw_efficiency=1.0,
-                    step_overhead_s=0.092, seq_overhead_s=8.2e-3, token_overhead_s=12.2e-3,
+                    step_overhead_s=19.6e-3, seq_overhead_s=1.0e-3, token_overhead_s=0.43e-3, single_row_bw_gain=1.9,
                     net_bandwidth=0.4 * GB, net_efficiency=1.0, net_latency_s=2e-3),
 }
 

@@ -66,8 +66,9 @@ def step_cost(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int 
     kv_bytes = model.kv_bytes_per_token * sum(w.context + w.new_tokens for w in items)
     compute_s = (prefill_flops / (hw.peak_flops * hw.mfu_prefill)
                  + decode_flops / (hw.peak_flops * hw.mfu_decode)) / tp
-    memory_s = (weight_bytes + kv_bytes) / (hw.mem_bandwidth * hw.bw_efficiency) / tp
     tokens = sum(w.new_tokens for w in items)
+    bandwidth = hw.mem_bandwidth * hw.bw_efficiency * (hw.single_row_bw_gain if tokens == 1 else 1.0)
+    memory_s = (weight_bytes + kv_bytes) / bandwidth / tp
     comm_s = 0.0
     if tp > 1:
         if hw.link_bandwidth <= 0:
