@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
-from inferstack.engine.connector.transfer import TransferSpec
+from inferstack.engine.connector.transfer import LinkModel, TransferSpec
 from inferstack.kvstore import TieredKVStore
 from inferstack.kvstore.tiers import DiskTier
 from support.kv_toy import BS, LAYOUT, PROMPT, SPACE, ToyEngine, baseline
@@ -141,17 +143,29 @@ def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
         EngineConfig(model="m", kv_role="middle")
 
 
-def test_link_time_paces_a_pull_to_the_modelled_network(prefill):
-    """Emulated engines move a shadow cache; `link_time` makes the pull last as long as the modelled
-    network needs for the real bytes of the tokens that arrived."""
-    params = run_prefill(prefill)
+def test_link_model_paces_a_pull_and_counts_the_modelled_bytes():
+    """Emulated engines move a shadow cache; their `LinkModel` makes the pull last as long as the
+    modelled network needs for the real bytes, and both sides' transfer metrics count those bytes."""
     asked: list[int] = []
 
-    def link_time(tokens: int) -> float:
+    def seconds(tokens: int) -> float:
         asked.append(tokens)
         return 0.3
 
-    d = decode_engine(link_time=link_time)
-    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
-    assert asked == [512]
-    assert d.connector.stats.fetch_seconds.total >= 0.3
+    link = LinkModel(seconds, bytes_per_token=131072.0)
+    p = ToyEngine(PDConnector("prefill", block_size=BS, hold_s=30, link=link))
+    try:
+        params = run_prefill(p)
+        d = decode_engine(link=link, allow_shm=False)
+        assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+        assert asked == [512]
+        assert d.connector.stats.fetch_seconds.total >= 0.3
+        deadline = time.monotonic() + 5    # the prefill side records once it has read the DONE
+        while ("send", "tcp") not in p.connector.server.stats.bytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # the sender starts its clock a moment after the receiver, then waits for the paced DONE
+        for stats, direction, least in ((d.connector.client.stats, "recv", 0.3), (p.connector.server.stats, "send", 0.25)):
+            assert stats.bytes[(direction, "tcp")] == 512 * 131072
+            assert stats.seconds[(direction, "tcp")] >= least
+    finally:
+        p.connector.shutdown()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from prometheus_client.registry import Collector
@@ -12,6 +12,7 @@ from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
 from inferstack.engine.connector.stats import ConnectorCollector, TransferCollector
+from inferstack.engine.connector.transfer import LinkModel
 from inferstack.engine.kv.hashing import CHUNK_SIZE, KVKeySpace
 from inferstack.kvstore.codec import ChunkLayout
 from inferstack.kvstore.config import KVStoreConfig, build_store
@@ -25,13 +26,13 @@ def kvstore_config(config: EngineConfig) -> KVStoreConfig:
 
 
 def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key_space: KVKeySpace,
-                    link_time: Callable[[int], float] | None = None) -> KVConnectorBase | None:
+                    link: LinkModel | None = None) -> KVConnectorBase | None:
     """PD transfer for ``--role prefill|decode``, then KV tiers for ``--kv-tiers``; None if neither.
-    ``link_time`` paces PD pulls to a modelled network (emulated engines)."""
+    ``link`` is the network an emulated engine's PD transfers stand for."""
     connectors: list[KVConnectorBase] = []
     if config.kv_role != "both":
         connectors.append(PDConnector(config.kv_role, block_size=config.block_size, host=config.kv_transfer_host,
-                                      port=config.kv_transfer_port, link_time=link_time))
+                                      port=config.kv_transfer_port, link=link))
     store_cfg = kvstore_config(config)
     if store_cfg.enabled:
         if config.block_size * 16 != CHUNK_SIZE:

@@ -16,15 +16,16 @@ failure is counted. When fewer than ``min_remote_tokens`` tokens would come from
 pull is skipped (the decider's engine-side half).
 
 Emulated engines (``--emulate``) run this same connector over a one-float-per-token shadow cache
-and pass ``link_time``: a pull then lasts as long as the modelled network would take to move the
-real model's KV (``sim.perf_model.kv_transfer_time``), so only the bytes are emulated, not the protocol.
+and pass a ``LinkModel``: a pull then lasts as long as the modelled network would take to move the
+real model's KV (``sim.perf_model.kv_transfer_time``) and the transfer metrics count the real
+model's bytes, so only the bytes are emulated, not the protocol.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -32,7 +33,13 @@ import torch
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.connector.blocks import StagedLoad, Stager
 from inferstack.engine.connector.stats import ConnectorStats
-from inferstack.engine.connector.transfer import KVLayout, KVTransferClient, KVTransferServer, PagedKVSource
+from inferstack.engine.connector.transfer import (
+    KVLayout,
+    KVTransferClient,
+    KVTransferServer,
+    LinkModel,
+    PagedKVSource,
+)
 from inferstack.engine.connector.wire import TransferError
 from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK
 from inferstack.engine.outputs import FinishReason
@@ -45,14 +52,14 @@ class PDConnector(KVConnectorBase):
     def __init__(self, role: Role, block_size: int = 16, host: str = "127.0.0.1", port: int = 0,
                  advertise_host: str | None = None, allow_shm: bool = True, hold_s: float = 60.0,
                  min_remote_tokens: int = 16, timeout_s: float = 30.0,
-                 link_time: Callable[[int], float] | None = None) -> None:
+                 link: LinkModel | None = None) -> None:
         if role not in ("prefill", "decode"):
             raise ValueError(f"PD connector role must be prefill or decode, got {role!r}")
         self.role = role
         self.block_size = block_size
         self.stats = ConnectorStats()
         self.min_remote_tokens = min_remote_tokens
-        self.link_time = link_time        # tokens -> seconds a pull of them must last at least
+        self._link = link                 # emulated engines: the network their transfers stand for
         self._host, self._port, self._advertise = host, port, advertise_host or host
         self._allow_shm, self._hold_s, self._timeout = allow_shm, hold_s, timeout_s
         self.server: KVTransferServer | None = None
@@ -67,11 +74,12 @@ class PDConnector(KVConnectorBase):
         self._kv_caches = list(kv_caches)
         if self.role == "prefill":
             self.source = PagedKVSource(self._kv_caches, hold_s=self._hold_s)
-            self.server = KVTransferServer(self.source, self._host, self._port, allow_shm=self._allow_shm)
+            self.server = KVTransferServer(self.source, self._host, self._port, allow_shm=self._allow_shm,
+                                           link=self._link)
         else:
             _, _, bs, heads, dim = kv_caches[0].shape
             self.client = KVTransferClient(KVLayout(len(kv_caches), heads, dim, bs, kv_caches[0].dtype),
-                                           allow_shm=self._allow_shm, timeout_s=self._timeout)
+                                           allow_shm=self._allow_shm, timeout_s=self._timeout, link=self._link)
 
     @property
     def transfer_address(self) -> tuple[str, int] | None:
@@ -118,8 +126,6 @@ class PDConnector(KVConnectorBase):
         except (TransferError, KeyError, ValueError):
             self.stats.add(load_failures=1)
         end_block = min(got, max_blocks)
-        if self.link_time is not None and got > 0:
-            time.sleep(max(0.0, self.link_time(got * self.block_size) - (time.perf_counter() - t0)))
         self.stats.observe("fetch_seconds", time.perf_counter() - t0)
         return StagedLoad(first_block, end_block - first_block, chunks) if end_block > first_block else None
 

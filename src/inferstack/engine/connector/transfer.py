@@ -60,6 +60,16 @@ class KVLayout:
         return n * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class LinkModel:
+    """The network an emulated engine's transfers stand for. Its KV cache is a one-float-per-token
+    shadow, so a pull of n tokens is made to last ``seconds(n)`` (the decode side waits before its
+    DONE, which the prefill side waits for) and both sides count ``n * bytes_per_token`` bytes."""
+
+    seconds: Callable[[int], float]
+    bytes_per_token: float
+
+
 @dataclass
 class TransferSpec:
     """What the source offers for one request: its full blocks and how to gather them."""
@@ -183,8 +193,10 @@ def _tensor_view(buf, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 
 
 class KVTransferServer:
     def __init__(self, source: KVSource, host: str = "127.0.0.1", port: int = 0, allow_shm: bool = True,
-                 chunk_blocks: int = DEFAULT_CHUNK_BLOCKS, io_timeout_s: float = 30.0) -> None:
+                 chunk_blocks: int = DEFAULT_CHUNK_BLOCKS, io_timeout_s: float = 30.0,
+                 link: LinkModel | None = None) -> None:
         self.source = source
+        self.link = link
         self.allow_shm = allow_shm and SHM_DIR.is_dir()
         self.chunk_blocks = chunk_blocks
         self.io_timeout_s = io_timeout_s
@@ -255,6 +267,8 @@ class KVTransferServer:
             if segment is not None and self._segments is not None:
                 self._segments.checkin(segment)      # the client is done reading it
                 segment = None
+            if self.link is not None:
+                sent = int(spec.num_blocks * spec.layout.block_size * self.link.bytes_per_token)
             self.stats.record("send", "shm" if use_shm else "tcp", sent, time.perf_counter() - t0)
         except (OSError, TransferError):
             self.stats.fail("send")
@@ -355,6 +369,7 @@ class PullResult:
     transport: str = "tcp"
     bytes: int = 0
     chunks: int = 0
+    blocks: int = 0
     seconds: float = 0.0
     complete: bool = False
 
@@ -368,8 +383,9 @@ class KVPull:
 
     def __init__(self, sock: socket.socket, request_id: str, layout: KVLayout,
                  expected_hashes: Sequence[bytes] | None, stats: TransferStats, timeout_s: float,
-                 maps: SegmentMaps) -> None:
+                 maps: SegmentMaps, link: LinkModel | None = None) -> None:
         self.result = PullResult()
+        self._link = link
         self._sock = sock
         self._request_id = request_id
         self._layout = layout
@@ -397,6 +413,10 @@ class KVPull:
                     held = None
                 if item is None:
                     self.result.complete = True
+                    if self._link is not None:
+                        tokens = self.result.blocks * self._layout.block_size
+                        time.sleep(max(0.0, self._link.seconds(tokens) - (time.perf_counter() - self._t0)))
+                        self.result.bytes = int(tokens * self._link.bytes_per_token)
                     self.result.seconds = time.perf_counter() - self._t0
                     self._stats.record("recv", self.result.transport, self.result.bytes, self.result.seconds)
                     with contextlib.suppress(OSError):
@@ -488,12 +508,15 @@ class KVPull:
                               buffer)
         self.result.bytes += nbytes
         self.result.chunks += 1
+        self.result.blocks += frame.num_blocks
         return chunk
 
 
 class KVTransferClient:
-    def __init__(self, layout: KVLayout, allow_shm: bool = True, timeout_s: float = 30.0) -> None:
+    def __init__(self, layout: KVLayout, allow_shm: bool = True, timeout_s: float = 30.0,
+                 link: LinkModel | None = None) -> None:
         self.layout = layout
+        self.link = link
         self.allow_shm = allow_shm and SHM_DIR.is_dir()
         self.timeout_s = timeout_s
         self.stats = TransferStats()
@@ -513,4 +536,5 @@ class KVTransferClient:
         except OSError as exc:
             self.stats.fail("recv")
             raise TransferError(f"cannot reach prefill peer {host}:{port}: {exc}") from exc
-        return KVPull(sock, request_id, self.layout, expected_hashes, self.stats, self.timeout_s, self._maps)
+        return KVPull(sock, request_id, self.layout, expected_hashes, self.stats, self.timeout_s, self._maps,
+                      self.link)

@@ -176,7 +176,8 @@ def check_emulation(config: EngineConfig, profile: Profile) -> None:
 
 def shadow_kv_caches(num_blocks: int, block_size: int) -> list:
     """The KV cache a PD connector of an emulated engine moves: one float per token, so the real
-    transfer protocol (holds, pulls, hash checks, releases) runs at a tiny fraction of the bytes."""
+    transfer protocol (holds, pulls, hash checks, releases) runs at a tiny fraction of the bytes (the
+    transfer metrics still count the modelled ones: `LinkModel`)."""
     import torch
 
     return [torch.zeros(2, num_blocks, block_size, 1, 1)]
@@ -185,9 +186,10 @@ def shadow_kv_caches(num_blocks: int, block_size: int) -> list:
 def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool = True):  # -> BuiltEngine
     """An EngineCore whose executor is emulated; the scheduler, block pool and prefix cache are real.
     With ``config.kv_role`` prefill or decode it gets the real PD connector over a shadow cache, its
-    pulls paced to the profile's network (``kv_transfer_time``)."""
+    pulls paced to the profile's network (``kv_transfer_time``) and counted in the model's KV bytes."""
     from inferstack.engine.builder import BuiltEngine
     from inferstack.engine.connector.factory import build_connector
+    from inferstack.engine.connector.transfer import LinkModel
     from inferstack.engine.core import EngineCore
     from inferstack.engine.kv.hashing import KVKeySpace
 
@@ -203,10 +205,10 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     connector = None
     if config.kv_role != "both":
         def link_time(tokens: int) -> float:
-            return kv_transfer_time(profile.model, profile.hardware, tokens, profile.tp)
+            return kv_transfer_time(profile.model, profile.hardware, tokens, profile.tp) if realtime else 0.0
 
-        connector = build_connector(config, shadow_kv_caches(executor.num_kv_blocks, config.block_size),
-                                    key_space, link_time=link_time if realtime else None)
+        connector = build_connector(config, shadow_kv_caches(executor.num_kv_blocks, config.block_size), key_space,
+                                    link=LinkModel(link_time, profile.model.kv_bytes_per_token))
     core = EngineCore.build(config, executor, tokenizer, key_space, max_len, connector)
     log.info("emulating %s: %d KV blocks, max_model_len %d", profile, executor.num_kv_blocks, max_len)
     return BuiltEngine(core=core, tokenizer=tokenizer, model_name=config.served_model_name or profile.model.name,
