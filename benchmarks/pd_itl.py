@@ -5,7 +5,9 @@ with `os.sched_setaffinity`, behind `inferstack gateway serve`:
 
 * colocated: two `--role both` engines, least-load routing;
 * PD: one `--role prefill` + one `--role decode` engine, a PD pool (short prompts stay on the
-  decode engine, long ones are prefilled remotely and their KV pulled).
+  decode engine, long ones are prefilled remotely and their KV pulled);
+* chunked (``--fleets ...,chunked``): colocated engines with a small step budget
+  (``--chunk-tokens``, Sarathi-style chunked prefill), the other answer to prefill stalls.
 
 Load (driven with the `inferstack bench` client library): ``--decodes`` closed-loop streams with a
 short prompt and ``--output-tokens`` tokens each (the "running decodes"), plus one long prompt
@@ -70,9 +72,10 @@ class Proc:
                 self.proc.kill()
 
 
-def engine(role: str, core: int) -> Proc:
+def engine(role: str, core: int, *extra: str) -> Proc:
     return Proc(["engine", "serve", "--model", MODEL, "--threads", "1", "--dtype", "float32",
-                 "--max-model-len", "2048", "--kv-cache-bytes", "128MiB", "--role", role], core, f"{role}{core}")
+                 "--max-model-len", "2048", "--kv-cache-bytes", "128MiB", "--role", role, *extra], core,
+                f"{role}{core}")
 
 
 def gateway(endpoints: list[dict], pd: dict | None) -> Proc:
@@ -160,12 +163,15 @@ def summarize(decodes: list[RequestRecord], prefills: list[RequestRecord], windo
 def run_fleet(kind: str, args: argparse.Namespace) -> dict:
     if kind == "colocated":
         engines = [engine("both", 0), engine("both", 1)]
+    elif kind == "chunked":
+        budget = ["--max-num-batched-tokens", str(args.chunk_tokens)]
+        engines = [engine("both", 0, *budget), engine("both", 1, *budget)]
     else:
         engines = [engine("prefill", 0), engine("decode", 1)]
     gw = None
     try:
         urls = [e.wait() for e in engines]
-        if kind == "colocated":
+        if kind != "pd":
             gw = gateway([{"url": u} for u in urls], None)
         else:
             gw = gateway([{"url": urls[0], "role": "prefill"}, {"url": urls[1], "role": "decode"}],
@@ -189,13 +195,23 @@ def main() -> None:
     ap.add_argument("--prefill-every", type=float, default=6.0, help="seconds between long prompts")
     ap.add_argument("--threshold", type=int, default=256, help="PD decider threshold (tokens)")
     ap.add_argument("--grace", type=float, default=15.0, help="seconds to wait for long prompts after the run")
+    ap.add_argument("--fleets", default="colocated,pd",
+                    help="comma-separated: colocated, pd, chunked (colocated with a small step budget)")
+    ap.add_argument("--chunk-tokens", type=int, default=64,
+                    help="chunked fleet: --max-num-batched-tokens of its engines (chunked prefill)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs 2 cores (one per engine)")
-    results = {kind: run_fleet(kind, args) for kind in ("colocated", "pd")}
-    for key in ("itl_ms", "itl_ms_during_long_prefills"):
-        results[f"pd_over_colocated_{key}_p99"] = round(results["pd"][key]["p99"] / results["colocated"][key]["p99"], 3)
+    fleets = args.fleets.split(",")
+    if unknown := set(fleets) - {"colocated", "pd", "chunked"}:
+        sys.exit(f"unknown fleets {sorted(unknown)}: choose from colocated, pd, chunked")
+    results: dict = {kind: run_fleet(kind, args) for kind in fleets}
+    if "colocated" in results:
+        for kind in (k for k in fleets if k != "colocated"):
+            for key in ("itl_ms", "itl_ms_during_long_prefills"):
+                results[f"{kind}_over_colocated_{key}_p99"] = round(
+                    results[kind][key]["p99"] / results["colocated"][key]["p99"], 3)
     results["load1_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
     if args.json:
