@@ -141,6 +141,11 @@ def test_hardware_file_round_trip_and_unknown(tmp_path) -> None:
         load_hardware_file(path)
     with pytest.raises(KeyError, match="unknown hardware"):
         get_hardware("tpu9")
+    for field, value, message in (("single_row_bw_gain", 0, "> 0"), ("mem_bandwidth", "fast", "> 0"),
+                                  ("net_latency_s", -1, ">= 0"), ("mfu_decode", True, "> 0")):
+        path.write_text(json.dumps({"name": "cpu", field: value}))
+        with pytest.raises(ValueError, match=f"{field} must be a number {message}"):
+            load_hardware_file(path)
 
 
 def test_calibration_recovers_a_known_profile() -> None:

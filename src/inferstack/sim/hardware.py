@@ -28,8 +28,8 @@ class Hardware:
     seq_overhead_s: float = 0.0        # per sequence in the batch (Python-side bookkeeping, sampling)
     token_overhead_s: float = 0.0      # per scheduled token (embedding gather, logits copy on CPU)
     # Memory time is divided by this for a step of one row (a single decoding sequence): a CPU BLAS
-    # runs one row as a matrix-vector product, the cheapest step by far (the `cpu` fit: ~1.9, i.e.
-    # a 1-sequence decode step costs ~55 ms where 2-4 sequences cost ~90 ms). GPUs: not measured, 1.
+    # runs one row as a matrix-vector product, the cheapest step by far (a 1-sequence decode step
+    # costs ~55 ms here where 2-4 sequences cost ~90 ms; `cpu` fits gave 1.35-1.9). GPUs: not measured, 1.
     single_row_bw_gain: float = 1.0
     link_bandwidth: float = 0.0        # bytes/s between devices for tensor parallelism (0: no TP)
     link_latency_s: float = 0.0
@@ -39,6 +39,17 @@ class Hardware:
     net_bandwidth: float = 0.0         # bytes/s per device (0: no network transfer modelled)
     net_efficiency: float = 0.9
     net_latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        # a hand-written hardware file must fail here, not as a division by zero in an engine step
+        positive = ("peak_flops", "mem_bandwidth", "memory_bytes", "mfu_prefill", "mfu_decode",
+                    "bw_efficiency", "single_row_bw_gain", "net_efficiency")
+        for name in (f for f in self.__dataclass_fields__ if f != "name"):
+            v = getattr(self, name)
+            strict = name in positive
+            if isinstance(v, bool) or not isinstance(v, int | float) or (v <= 0 if strict else v < 0):
+                raise ValueError(f"hardware {self.name!r}: {name} must be a number {'>' if strict else '>='} 0, "
+                                 f"got {v!r}")
 
     def to_dict(self) -> dict[str, float | str]:
         return asdict(self)
