@@ -58,7 +58,7 @@ def test_good_config_parses():
 @pytest.mark.parametrize(
     ("old", "new", "line", "fragment"),
     [
-        ("      - http://10.0.0.1:8000", "      - ftp://x", 7, "http:// or https://"),
+        ("      - http://10.0.0.1:8000", "      - ftp://x", 7, "must be an http:// URL"),
         ("    routing: gie", "    routing: nope", 10, "unknown routing 'nope'"),
         ("      - {pool: llama, weight: 90}", "      - {pool: ghost, weight: 90}", 19, "unknown pool 'ghost'"),
         ("  acme: {rpm: 600, tpm: 100000}", "  acme: {rpm: -5, tpm: 100000}", 26, "greater than or equal to 1"),

@@ -39,8 +39,11 @@ class EndpointConfig(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:8000")
+        if v.startswith("https://"):
+            raise ValueError("https:// endpoints are not supported: the gateway speaks plain HTTP to engines "
+                             "(run it next to them, or terminate TLS in a sidecar); use http://")
+        if not re.match(r"^http://[^/\s]+", v):
+            raise ValueError("must be an http:// URL such as http://127.0.0.1:8000")
         return v.rstrip("/").removesuffix("/v1")
 
 
@@ -110,6 +113,9 @@ class KeyConfig(_Section):
     tenant: Name
     models: list[Name] | None = Field(None, description="Allowed public model names; absent = all.")
     objective: Name | None = Field(None, description="Default objective for requests with this key.")
+    max_objective: Name | None = Field(
+        None, description="Highest objective this key may request with x-gateway-inference-objective; a higher "
+        "one is capped to it. Default: the key's own objective (priority 0 without one).")
 
 
 class TenantConfig(_Section):
@@ -177,6 +183,27 @@ class TracingConfig(_Section):
     endpoint: str | None = Field(None, description="OTLP endpoint (http://host:4318/v1/traces).")
 
 
+class LimitsConfig(_Section):
+    """What RPM/TPM enforcement does when its store (Redis) fails (docs/security-gateway.md)."""
+
+    on_store_failure: Literal["refuse", "allow"] = Field(
+        "refuse", description="refuse: 503 with Retry-After while the store is unreachable; allow: serve "
+        "without limits. Both are logged, counted and audited.")
+    store_timeout_s: float = Field(0.25, gt=0, le=10, description="Connect and reply timeout for the store.")
+    store_retry_s: float = Field(
+        1.0, ge=0, description="After a store failure, apply the policy at once for this long before trying again.")
+
+
+class HttpLimitsConfig(_Section):
+    """Bounds on what a client may send the gateway before it is refused (docs/security-gateway.md)."""
+
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="Request line + headers; more gets 431.")
+    header_timeout_s: float = Field(10.0, gt=0, description="From the first byte (or connect) to the last header.")
+    body_timeout_s: float = Field(60.0, gt=0, description="From the last header to the last body byte.")
+    max_prompts: int = Field(
+        128, ge=1, description="Completions: prompts x n per request (each becomes an engine request).")
+
+
 class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -194,7 +221,12 @@ class GatewayConfig(_Section):
     redis_url: str | None = Field(None, description="Shared RPM/TPM limits across replicas (redis://host:port/0).")
     admin_api: bool | None = Field(
         None, description="Serve PUT /admin/pools/{pool}/endpoints (the local stack replaces a pool's endpoints "
-        "through it). Default: on when bound to a loopback address.")
+        "through it). Default: on when bound to a loopback address. Needs the admin token (admin_token_env).")
+    admin_token_env: str = Field(
+        "INFERSTACK_ADMIN_TOKEN", description="Environment variable with the admin API's bearer token; the API "
+        "is off while it is unset (`inferstack up` generates one and passes it).")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    http: HttpLimitsConfig = Field(default_factory=HttpLimitsConfig)
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
     prefix_index: PrefixIndexConfig = Field(default_factory=PrefixIndexConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
@@ -232,8 +264,9 @@ class InferstackConfig(_Section):
                     problems.append((("models", name), f"model name {alias!r} is defined twice"))
                 public[alias] = ("models", name)
         for i, key in enumerate(self.keys):
-            if key.objective is not None and key.objective not in self.objectives:
-                problems.append((("keys", i, "objective"), f"unknown objective {key.objective!r}"))
+            for field, name in (("objective", key.objective), ("max_objective", key.max_objective)):
+                if name is not None and name not in self.objectives:
+                    problems.append((("keys", i, field), f"unknown objective {name!r}"))
         hashes = [k.sha256 for k in self.keys]
         if len(set(hashes)) != len(hashes):
             problems.append((("keys",), "the same key hash appears twice"))

@@ -13,7 +13,6 @@ import contextlib
 import hmac
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -51,6 +50,7 @@ from inferstack.engine.serving import (
 )
 from inferstack.protocol import responses as R
 from inferstack.protocol.errors import APIError, bad_request, error_from_exception, internal_error
+from inferstack.protocol.ids import clean_request_id
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.requests import (
     ChatCompletionRequest,
@@ -179,7 +179,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _clean_request_id(_header(scope, b"x-request-id")) or uuid.uuid4().hex
+        rid = clean_request_id(_header(scope, b"x-request-id")) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         started = time.perf_counter()
@@ -224,16 +224,6 @@ class RequestContext:
 
 
 _QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
-_REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:/=+@-]")
-
-
-def _clean_request_id(value: str | None) -> str | None:
-    """A client's id, kept printable and short: it ends up in engine ids, response ids and logs."""
-    if not value:
-        return None
-    return _REQUEST_ID_UNSAFE.sub("_", value[:128]) or None
-
-
 def _header(scope: Scope, name: bytes) -> str | None:
     for k, v in scope["headers"]:
         if k == name:

@@ -1,4 +1,8 @@
-"""API keys (stored as sha256 digests) -> tenant, allowed models, priority."""
+"""API keys (stored as sha256 digests) -> tenant, allowed models, priority.
+
+The gateway owns a request's priority: a client may name an objective (header), but never more
+than its key allows (`keys[].max_objective`), and a `priority` in the body is always overwritten.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ class Identity:
     models: frozenset[str] | None
     priority: int
     key_id: str | None = None  # the key's configured name, else the first 12 hex digits of its sha256
+    max_priority: int = 0  # the highest priority an objective header may ask for
 
 
 class KeyStore:
@@ -29,8 +34,9 @@ class KeyStore:
         self._by_hash: dict[str, Identity] = {}
         for k in cfg.keys:
             prio = self.objectives[k.objective] if k.objective else 0
+            cap = self.objectives[k.max_objective] if k.max_objective else prio
             self._by_hash[k.sha256] = Identity(k.tenant, frozenset(k.models) if k.models is not None else None, prio,
-                                               k.name or k.sha256[:12])
+                                               k.name or k.sha256[:12], max(prio, cap))
 
     def identify(self, authorization: bytes | None) -> Identity:
         if not authorization:
@@ -52,7 +58,13 @@ class KeyStore:
             return ident.priority
         name = objective.decode("latin-1")
         try:
-            return self.objectives[name]
+            requested = self.objectives[name]
         except KeyError:
-            raise APIError(400, f"Unknown inference objective {name!r} in x-gateway-inference-objective.",
+            raise APIError(400, f"Unknown inference objective {name[:64]!r} in x-gateway-inference-objective.",
                            param="x-gateway-inference-objective", code="unknown_objective") from None
+        return capped_priority(requested, ident.max_priority)
+
+
+def capped_priority(requested: int, allowed: int) -> int:
+    """A client may lower its priority (e.g. ask to be sheddable), never raise it above its key's cap."""
+    return min(requested, allowed)

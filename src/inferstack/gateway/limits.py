@@ -1,17 +1,27 @@
 """Per-tenant RPM and TPM limits as token buckets (capacity = limit, refill = limit per minute).
 
-RPM takes one token per request. TPM is charged an estimate (prompt chars / 4) on admission and
-settled with the real input + output tokens from the response's usage; the bucket may go into
-debt, which then blocks the tenant until it refills. `RedisLimiter` keeps the buckets in Redis
-(one Lua script, Redis's clock) so several gateway replicas enforce one limit together instead
-of ``limit x replicas``.
+RPM takes one token per request. TPM is exact: admission reserves the request's worst case (prompt
+estimate + max_tokens for every choice) and admits only while the bucket holds all of it, so
+concurrent requests cannot overrun the budget together; the end of the request settles the
+reservation to the real usage (a refund, or debt when the estimate was low), and a stream cut short
+is settled on the tokens it actually streamed. `RedisLimiter` keeps the buckets in Redis (one Lua
+script, Redis's clock) so several gateway replicas enforce one limit together instead of
+``limit x replicas``; when Redis fails it raises `LimitStoreError` fast (short socket timeouts, no
+retries, then a cool-down that skips the store) and the gateway applies `limits.on_store_failure`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
+
+log = logging.getLogger("inferstack.gateway.limits")
+
+
+class LimitStoreError(RuntimeError):
+    """The shared limit store could not answer in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +35,32 @@ class Limiter(Protocol):
         """(0, "") when admitted, else (seconds to wait, "rpm" | "tpm")."""
         ...
 
-    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None: ...
+    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
+        """Charge ``delta_tokens`` more (refund when negative; the bucket never exceeds its limit)."""
+        ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Reservation:
+    """TPM tokens one request holds from admission until `settle_reservation`."""
+
+    tenant: str
+    limits: Limits
+    tokens: int
+    settled: bool = False
+
+
+async def settle_reservation(limiter: Limiter, res: Reservation, used_tokens: int) -> None:
+    """Settle once to what the request really used; a store failure here only loses accuracy."""
+    if res.settled:
+        return
+    res.settled = True
+    try:
+        await limiter.settle(res.tenant, res.limits, used_tokens - res.tokens)
+    except LimitStoreError as exc:
+        log.warning("could not settle %d TPM tokens for tenant %s: %s", used_tokens, res.tenant, exc)
 
 
 class MemoryLimiter:
@@ -53,8 +86,8 @@ class MemoryLimiter:
                 return (1.0 - r[0]) * 60.0 / limits.rpm, "rpm"
         if limits.tpm:
             t = self._level((tenant, "tpm"), limits.tpm, now)
-            if t[0] <= 0.0:
-                return (-t[0] + 1.0) * 60.0 / limits.tpm, "tpm"
+            if t[0] < est_tokens:
+                return (est_tokens - t[0]) * 60.0 / limits.tpm, "tpm"
             t[0] -= est_tokens
         if limits.rpm:
             r[0] -= 1.0
@@ -63,7 +96,7 @@ class MemoryLimiter:
     async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
         if limits.tpm and delta_tokens:
             t = self._level((tenant, "tpm"), limits.tpm, time.monotonic())
-            t[0] -= delta_tokens
+            t[0] = min(float(limits.tpm), t[0] - delta_tokens)
 
     async def close(self) -> None:
         return None
@@ -89,7 +122,7 @@ local rpm = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local charge = tonumber(ARGV[3])
 if ARGV[4] == '1' then
-  if tpm > 0 then store(KEYS[2], level(KEYS[2], tpm) - charge) end
+  if tpm > 0 then store(KEYS[2], math.min(tpm, level(KEYS[2], tpm) - charge)) end
   return {0, 0}
 end
 local r = 0
@@ -99,7 +132,7 @@ if rpm > 0 then
 end
 if tpm > 0 then
   local tk = level(KEYS[2], tpm)
-  if tk <= 0 then return {math.ceil((1 - tk) * 60000 / tpm), 2} end
+  if tk < charge then return {math.ceil((charge - tk) * 60000 / tpm), 2} end
   store(KEYS[2], tk - charge)
 end
 if rpm > 0 then store(KEYS[1], r - 1) end
@@ -108,17 +141,37 @@ return {0, 0}
 
 
 class RedisLimiter:
-    def __init__(self, url: str, prefix: str = "inferstack:gw:limit:"):
-        import redis.asyncio as aioredis
+    """Buckets in Redis. ``timeout_s`` bounds each call (a stopped Redis must not hold requests for
+    the client library's 5 s default x retries); after a failure the store is skipped for
+    ``retry_s`` so every request does not pay the timeout again during an outage."""
 
-        self._redis = aioredis.from_url(url)
+    def __init__(self, url: str, prefix: str = "inferstack:gw:limit:", timeout_s: float = 0.25,
+                 retry_s: float = 1.0):
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self._redis = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                        retry=Retry(NoBackoff(), 0))
         self._script = self._redis.register_script(_LUA)
         self._prefix = prefix
+        self._retry_s = retry_s
+        self._down_until = 0.0
+        self._down_reason = ""
 
     async def _run(self, tenant: str, limits: Limits, tokens: int, mode: int) -> tuple[float, str]:
+        from redis.exceptions import RedisError
+
+        if time.monotonic() < self._down_until:
+            raise LimitStoreError(self._down_reason)
         p = self._prefix + tenant
-        wait_ms, which = await self._script(keys=[p + ":rpm", p + ":tpm"],
-                                            args=[limits.rpm or 0, limits.tpm or 0, tokens, mode])
+        try:
+            wait_ms, which = await self._script(keys=[p + ":rpm", p + ":tpm"],
+                                                args=[limits.rpm or 0, limits.tpm or 0, tokens, mode])
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._down_until = time.monotonic() + self._retry_s
+            self._down_reason = f"limit store unreachable ({type(exc).__name__}: {exc})"
+            raise LimitStoreError(self._down_reason) from exc
         return int(wait_ms) / 1000.0, ("", "rpm", "tpm")[int(which)]
 
     async def acquire(self, tenant: str, limits: Limits, est_tokens: int) -> tuple[float, str]:

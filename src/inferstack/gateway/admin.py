@@ -1,0 +1,112 @@
+"""The admin API: GET /admin/pools and PUT /admin/pools/{pool}/endpoints (desired state).
+
+Whoever can call it decides where tenants' prompts go, so it is guarded three ways: it is off unless
+an admin token is configured (`gateway.admin_token_env`; `inferstack up` generates one and passes it
+to both the gateway and its supervisor), every call must carry that token as a bearer token, and the
+Host header must name a loopback address, so a web page that rebinds its DNS name to 127.0.0.1
+cannot drive it from a browser. Endpoint URLs are validated like the config file's.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+
+import orjson
+from pydantic import ValidationError
+
+from inferstack.config.schema import EndpointConfig, GatewayConfig
+from inferstack.gateway.datalayer import DataLayer, Pool
+from inferstack.protocol.errors import APIError
+
+log = logging.getLogger("inferstack.gateway.admin")
+
+ReadBody = Callable[[int], Awaitable[bytes]]  # reads the request body, refusing more than N bytes
+
+
+def is_loopback_host(host_header: bytes | None) -> bool:
+    """The Host header names a loopback address (localhost, 127.0.0.0/8, ::1), with or without port."""
+    if not host_header:
+        return False
+    host = host_header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_refusal(token: str | None, host: bytes | None, authorization: bytes | None) -> APIError | None:
+    """Why a call may not use the admin API, or None when it may."""
+    if not is_loopback_host(host):
+        return APIError(403, "The admin API answers only requests addressed to a loopback host name "
+                        "(Host: 127.0.0.1 or localhost).", code="admin_host_not_allowed")
+    scheme, _, given = (authorization or b"").decode("latin-1").partition(" ")
+    if token is None or scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return APIError(401, "The admin API needs `Authorization: Bearer <admin token>`.",
+                        code="invalid_admin_token")
+    return None
+
+
+def admin_token(cfg: GatewayConfig, enabled: bool) -> str | None:
+    """The configured token, or None (then the API is off, and the log says why)."""
+    token = os.environ.get(cfg.admin_token_env) or None
+    if enabled and token is None:
+        log.warning("admin API off: set %s to a secret to serve /admin/pools (inferstack up does this)",
+                    cfg.admin_token_env)
+    return token if enabled else None
+
+
+def _parse_endpoints(body: bytes) -> list[EndpointConfig]:
+    try:
+        raw = orjson.loads(body)
+        items = raw["endpoints"] if isinstance(raw, dict) else None
+        if not isinstance(items, list):
+            raise TypeError("`endpoints` must be a list")
+        return [EndpointConfig.model_validate({k: v for k, v in e.items() if k in ("url", "name")})
+                for e in items]
+    except ValidationError as exc:
+        why = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise APIError(400, f"Invalid endpoint: {why}", param="endpoints", code="invalid_endpoint") from None
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise APIError(400, f"Expected {{\"endpoints\": [{{\"url\": \"http://...\"}}, ...]}}: {exc}",
+                       param="endpoints") from None
+
+
+class AdminAPI:
+    """Answers admin calls with a JSON body; refusals are raised as APIError."""
+
+    def __init__(self, pools: dict[str, Pool], datalayer: DataLayer, token: str | None):
+        self.pools = pools
+        self.datalayer = datalayer
+        self.token = token
+
+    async def handle(self, path: bytes, method: str, headers: Mapping[bytes, bytes], read_body: ReadBody) -> bytes:
+        if self.token is None:
+            raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
+        refusal = admin_refusal(self.token, headers.get(b"host"), headers.get(b"authorization"))
+        if refusal is not None:
+            raise refusal
+        parts = path.decode("latin-1").strip("/").split("/")
+        if parts == ["admin", "pools"] and method == "GET":
+            return orjson.dumps({"pools": {name: [
+                {"id": e.id, "url": e.url, "healthy": e.healthy, "in_flight": e.in_flight, "models": sorted(e.models)}
+                for e in p.endpoints] for name, p in self.pools.items()}})
+        if len(parts) != 4 or parts[3] != "endpoints":
+            raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
+        if method != "PUT":
+            raise APIError(405, "Use PUT with {\"endpoints\": [{\"url\": ...}, ...]}.")
+        pool = self.pools.get(parts[2])
+        if pool is None:
+            raise APIError(404, f"Unknown pool `{parts[2]}`.", param="pool", code="pool_not_found")
+        wanted = _parse_endpoints(await read_body(1 << 20))
+        await self.datalayer.set_endpoints(pool, wanted)
+        return orjson.dumps({"pool": pool.name, "endpoints": [e.id for e in pool.endpoints]})
