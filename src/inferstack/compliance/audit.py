@@ -9,8 +9,11 @@ loses entries is worse than a slower request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
 import queue
 import threading
@@ -19,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from inferstack.compliance.chain import (
     ACTIVE_NAME,
@@ -30,6 +35,7 @@ from inferstack.compliance.chain import (
 from inferstack.compliance.config import AuditConfig
 
 _STOP = object()
+log = logging.getLogger("inferstack.audit")
 
 
 def utc_now() -> str:
@@ -80,9 +86,17 @@ def hmac_key(config: AuditConfig) -> bytes | None:
 
 
 class AuditLog:
-    """Tamper-evident JSONL audit log. Use as a context manager, or call `close()` on shutdown."""
+    """Tamper-evident JSONL audit log. Use as a context manager, or call `close()` on shutdown.
 
-    def __init__(self, config: AuditConfig, *, clock: Any = time.time) -> None:
+    Health contract for the gateway: `healthy` is False while records cannot reach the disk (disk
+    full, I/O error); `admits_requests` is what admission checks (False only while unhealthy under
+    `audit.on_failure: refuse`). The writer keeps the sealed records it could not write and retries
+    with backoff, so the chain resumes by itself, in order, when the disk takes writes again; bytes
+    of a half-written line are cut and a `recovery` record in the chain says so.
+    """
+
+    def __init__(self, config: AuditConfig, *, clock: Any = time.time,
+                 registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.directory = Path(config.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -91,12 +105,37 @@ class AuditLog:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._closed = False
         self._error: BaseException | None = None
+        self._metrics = _WriterMetrics(registry or CollectorRegistry())
+        self._pending: list[bytes] = []  # sealed, in chain order, not yet on disk
+        self._waiters: list[threading.Event] = []
+        self._outage: _Outage | None = None
         self._seq, self._prev = self._recover()
-        self._file = (self.directory / ACTIVE_NAME).open("ab")
+        self._fd = _open_append(self.directory / ACTIVE_NAME)
+        self._size = os.fstat(self._fd).st_size
         self._day = self._utc_day(self._clock())
         self._prune()
         self._thread = threading.Thread(target=self._run, name="inferstack-audit-writer", daemon=True)
         self._thread.start()
+
+    # ---- health (read from any thread) ----
+
+    @property
+    def healthy(self) -> bool:
+        """True while every record handed to the writer so far could be written."""
+        return self._outage is None and self._error is None
+
+    @property
+    def admits_requests(self) -> bool:
+        """What the gateway's admission check asks: False means answer 503 (on_failure: refuse)."""
+        return self.healthy or self.config.on_failure == "serve_and_alert"
+
+    @property
+    def failure(self) -> str | None:
+        """Why the writer is unhealthy (the last OS error), or None."""
+        if self._error is not None:
+            return f"writer stopped: {self._error}"
+        outage = self._outage
+        return outage.error if outage is not None else None
 
     # ---- producer side (any thread / the event loop) ----
 
@@ -121,7 +160,7 @@ class AuditLog:
         done = threading.Event()
         self._queue.put(done)
         if not done.wait(timeout):
-            raise TimeoutError("audit log writer did not flush in time")
+            raise TimeoutError(f"audit log writer did not flush in time ({self.failure or 'slow disk'})")
         self._raise_if_failed()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -130,7 +169,7 @@ class AuditLog:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
-        self._file.close()
+        os.close(self._fd)
         self._raise_if_failed()
 
     async def aclose(self) -> None:
@@ -166,41 +205,111 @@ class AuditLog:
 
     def _run(self) -> None:
         try:
+            stop, delay, give_up = False, 0.0, math.inf
             while True:
-                item = self._queue.get()
-                batch = [item]
-                while len(batch) < 1024:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                stop = self._write_batch(batch)
-                if stop:
-                    return
+                stop = self._absorb(self._take(None if not self._pending else delay)) or stop
+                if self._drain():
+                    delay = 0.0
+                    for w in self._waiters:
+                        w.set()
+                    self._waiters.clear()
+                    if stop:
+                        return
+                    continue
+                delay = min(self.config.retry_max_s, max(0.01, delay * 2))
+                if stop:  # shutting down on a broken disk: keep trying a little, then say what was lost
+                    give_up = min(give_up, time.monotonic() + 5 * self.config.retry_max_s)
+                    if time.monotonic() >= give_up:
+                        raise OSError(f"{len(self._pending)} audit records could not be written: {self.failure}")
         except BaseException as e:  # surfaced to producers on their next call
             self._error = e
+            self._metrics.healthy.set(0)
 
-    def _write_batch(self, batch: list[Any]) -> bool:
-        lines: list[bytes] = []
-        waiters: list[threading.Event] = []
+    def _take(self, timeout: float | None) -> list[Any]:
+        """The next batch: blocks for the first item (at most `timeout`), then takes what is queued."""
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < 1024:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _absorb(self, batch: list[Any]) -> bool:
+        """Seal records into the pending list (chain order = queue order); True when told to stop."""
         stop = False
         for item in batch:
             if item is _STOP:
                 stop = True
             elif isinstance(item, threading.Event):
-                waiters.append(item)
+                self._waiters.append(item)
             else:
                 body = item.body(self.config.log_prompts) if isinstance(item, AuditRecord) else item
-                lines.append(self._seal_next(body))
-        if lines:
-            self._file.write(b"".join(lines))
-            self._file.flush()
-            if self.config.fsync:
-                os.fsync(self._file.fileno())
-            self._maybe_rotate()
-        for w in waiters:
-            w.set()
+                self._pending.append(self._seal_next(body))
+        self._metrics.backlog.set(len(self._pending))
         return stop
+
+    def _drain(self) -> bool:
+        """Write every pending line; False (and an outage recorded) when the OS refuses."""
+        if not self._pending:
+            return self._outage is None
+        data = b"".join(self._pending)
+        try:
+            self._cut_torn_bytes()
+            _write_all(self._fd, data)
+            if self.config.fsync:
+                os.fsync(self._fd)
+        except OSError as e:
+            self._write_failed(e)
+            return False
+        self._size += len(data)
+        self._pending.clear()
+        self._metrics.backlog.set(0)
+        if self._outage is not None:
+            self._recovered()
+            return self._drain()
+        self._maybe_rotate()
+        return True
+
+    def _cut_torn_bytes(self) -> None:
+        """Bytes past the last whole line are a torn write from a failed attempt: cut them."""
+        actual = os.fstat(self._fd).st_size
+        if actual > self._size:
+            os.ftruncate(self._fd, self._size)
+            if self._outage is not None:
+                self._outage.torn_bytes += actual - self._size
+
+    def _write_failed(self, e: OSError) -> None:
+        self._metrics.errors.inc()
+        self._metrics.healthy.set(0)
+        now = time.monotonic()
+        error = f"{e.strerror or e} (errno {e.errno})"
+        if self._outage is None:
+            self._outage = _Outage(started=now, wall_start=utc_now(), error=error)
+            log.error("audit log cannot write to %s: %s; %s", self.directory, error,
+                      "refusing requests" if self.config.on_failure == "refuse" else "serving without records")
+        self._outage.error = error
+        self._outage.failed_writes += 1
+        with contextlib.suppress(OSError):
+            self._cut_torn_bytes()  # on a full disk the partial line is usually still there
+        if now - self._outage.logged >= 30.0:
+            self._outage.logged = now
+            log.error("audit log still cannot write (%d records waiting): %s", len(self._pending), self._outage.error)
+
+    def _recovered(self) -> None:
+        outage, self._outage = self._outage, None
+        assert outage is not None
+        self._metrics.healthy.set(1)
+        log.warning("audit log writes again after %.1f s (%d failed writes)", time.monotonic() - outage.started,
+                    outage.failed_writes)
+        self._pending.append(self._seal_next({
+            "type": "recovery", "time": utc_now(), "reason": "write_failed", "error": outage.error,
+            "since": outage.wall_start, "failed_writes": outage.failed_writes,
+            "torn_bytes_removed": outage.torn_bytes,
+        }))
 
     def _seal_next(self, body: dict[str, Any]) -> bytes:
         body = {**body, "seq": self._seq, "prev": self._prev}
@@ -212,16 +321,20 @@ class AuditLog:
     def _maybe_rotate(self) -> None:
         now = self._clock()
         day = self._utc_day(now)
-        too_big = self._file.tell() >= self.config.rotate_bytes
+        too_big = self._size >= self.config.rotate_bytes
         new_day = self.config.rotate_daily and day != self._day
-        if not (too_big or new_day) or self._file.tell() == 0:
+        if not (too_big or new_day) or self._size == 0:
             return
-        self._file.close()
         active = self.directory / ACTIVE_NAME
-        first_seq = _first_seq(active)
-        os.replace(active, self.directory / segment_name(first_seq))
-        _fsync_dir(self.directory)
-        self._file = active.open("ab")
+        try:
+            os.replace(active, self.directory / segment_name(_first_seq(active)))
+            _fsync_dir(self.directory)
+        except OSError as e:  # the active file keeps growing; the next write tries again
+            log.error("audit log rotation failed: %s", e)
+            return
+        os.close(self._fd)
+        self._fd = _open_append(active)
+        self._size = 0
         self._day = day
         self._prune()
 
@@ -237,11 +350,10 @@ class AuditLog:
         if not expired:
             return
         pruned = [{"segment": p.name, **_last_line_anchor(p)} for p in expired]
-        line = self._seal_next({"type": "retention", "time": utc_now(), "retention_days": self.config.retention_days,
-                                "pruned": pruned})
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._pending.append(self._seal_next({"type": "retention", "time": utc_now(),
+                                              "retention_days": self.config.retention_days, "pruned": pruned}))
+        if not self._drain():
+            return  # the record is written later; the segments are deleted at a later rotation or start
         for p in expired:
             p.unlink()
 
@@ -260,8 +372,8 @@ class AuditLog:
         else:
             seq, prev = 0, GENESIS
         if torn:
-            line = seal({"type": "recovery", "time": utc_now(), "torn_bytes_removed": torn, "seq": seq,
-                         "prev": prev}, self._key)
+            line = seal({"type": "recovery", "time": utc_now(), "reason": "torn_tail_at_start",
+                         "torn_bytes_removed": torn, "seq": seq, "prev": prev}, self._key)
             with active.open("ab") as f:
                 f.write(line)
                 f.flush()
@@ -272,6 +384,40 @@ class AuditLog:
     @staticmethod
     def _utc_day(ts: float) -> str:
         return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+@dataclass(slots=True)
+class _Outage:
+    """A stretch of time during which the disk refused the writer's records."""
+
+    started: float
+    wall_start: str
+    error: str
+    failed_writes: int = 0
+    torn_bytes: int = 0
+    logged: float = field(default_factory=time.monotonic)
+
+
+class _WriterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.healthy = Gauge("inferstack_audit_writer_healthy",
+                             "1 while the audit writer can write its records, 0 while the disk refuses them.",
+                             registry=registry)
+        self.errors = Counter("inferstack_audit_write_errors", "Failed audit write attempts (each is retried).",
+                              registry=registry)
+        self.backlog = Gauge("inferstack_audit_backlog_records",
+                             "Sealed audit records waiting for the disk.", registry=registry)
+        self.healthy.set(1)
+
+
+def _open_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _first_seq(path: Path) -> int:

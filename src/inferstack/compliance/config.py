@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # EU AI Act Art. 19(1) and 26(6): logs are kept for at least six months.
@@ -30,6 +32,15 @@ class AuditConfig(BaseModel):
     )
     queue_size: int = Field(10_000, ge=1, description="Records buffered in memory before append() waits.")
     fsync: bool = Field(True, description="fsync after each written batch, so records on disk survive a power loss.")
+    on_failure: Literal["refuse", "serve_and_alert"] = Field(
+        "refuse",
+        description="While the writer cannot write (disk full, I/O error): `refuse` answers 503 so no request "
+        "goes unrecorded; `serve_and_alert` keeps serving and only raises the metric and log line. Either way "
+        "the writer retries and writes the backlog when it can.",
+    )
+    retry_max_s: float = Field(
+        2.0, gt=0, description="Longest pause between the writer's retries while the disk refuses writes."
+    )
     hmac_key_env: str | None = Field(
         None,
         description="Name of an environment variable with a secret; when set, chain hashes are HMAC-SHA256 "
