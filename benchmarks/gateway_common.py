@@ -90,9 +90,10 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.
     raise TimeoutError(f"{url} not ready:\n{log.read_text()[-3000:]}")
 
 
-def start_ready_file(name: str, cmd: list[str], timeout: float = 120.0) -> Proc:
+def start_ready_file(name: str, cmd: list[str], timeout: float = 120.0,
+                     extra_env: dict[str, str] | None = None) -> Proc:
     ready = Path(tempfile.mkdtemp(prefix=f"gwbench-{name}-ready-")) / "ready.json"
-    proc, log = _spawn(name, [*cmd, "--ready-file", str(ready)])
+    proc, log = _spawn(name, [*cmd, "--ready-file", str(ready)], extra_env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -115,11 +116,13 @@ def start_emulated_fleet(profile: str, count: int, *args: str) -> Proc:
                                          "--emulate-count", str(count), "--port", "0", *args], timeout=300)
 
 
-def start_inferstack_gateway(config: dict) -> Proc:
+def start_inferstack_gateway(config: dict, src: Path | None = None) -> Proc:
+    """Our gateway; ``src`` runs another source tree of it (a baseline checkout) instead of this one."""
     path = Path(tempfile.mkdtemp(prefix="gwbench-cfg-")) / "inferstack.yaml"
     path.write_text(yaml.safe_dump(config))
+    extra = {"PYTHONPATH": str(src)} if src is not None else None
     return start_ready_file("inferstack", [sys.executable, "-m", "inferstack", "gateway", "serve", "--config", str(path),
-                                           "--port", "0"])
+                                           "--port", "0"], extra_env=extra)
 
 
 def peer_bin(peer: str, exe: str) -> Path:

@@ -5,6 +5,9 @@ vllm-router (round_robin, cache_aware) and the LiteLLM proxy, each installed by 
 own virtual environment (--peers). Same backends for everyone: instant fake OpenAI engines.
 
     python benchmarks/gateway_overhead.py [--peers sglang,vllm-router,litellm] [--seq 300] [--total 2000]
+
+``--baseline-src DIR`` adds our gateway run from another source tree (e.g. ``git archive`` of an
+older commit's ``src``), same run, for before/after comparisons of a change.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def main() -> None:
     ap.add_argument("--total", type=int, default=2000, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="16,64")
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also run our gateway (default preset) from this src/ directory, as a baseline")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     peers = [p for p in args.peers.split(",") if p]
@@ -81,6 +86,12 @@ def main() -> None:
             gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
             procs.append(gw)
             targets.append((f"inferstack {preset}", gw.url, {"authorization": f"Bearer {KEY}"}, gw.proc.pid))
+        if args.baseline_src is not None:
+            gw_cfg["pools"]["bench"]["routing"] = "default"
+            gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)), src=args.baseline_src.resolve())
+            procs.append(gw)
+            targets.append(("inferstack default (baseline)", gw.url, {"authorization": f"Bearer {KEY}"},
+                            gw.proc.pid))
         if "sglang" in peers:
             for policy in ("round_robin", "cache_aware"):
                 p = start_sglang_router(workers, policy)

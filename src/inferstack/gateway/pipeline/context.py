@@ -1,0 +1,120 @@
+"""The typed request context the pipeline stages fill in, one small record per stage.
+
+A stage reads the records of the stages before it and returns its own; nothing is filled in
+"later" except `Outcome`, which the serving stage (proxy or Envoy answer) and accounting share.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferstack.gateway.auth import Identity
+from inferstack.gateway.datalayer import Pool
+from inferstack.gateway.flowcontrol import FlowController
+from inferstack.gateway.limits import Limits
+from inferstack.gateway.routing import RequestView
+
+KINDS = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
+PATHS = {kind: path for path, kind in KINDS.items()}
+
+
+@dataclass(slots=True, frozen=True)
+class Tenant:
+    """A configured tenant: its limits, prefix-cache salt and fair-share weight."""
+
+    limits: Limits
+    salt: str
+    weight: float
+
+
+@dataclass(slots=True, frozen=True)
+class Inbound:
+    """What arrived: the API (chat or completions), request headers, id and arrival time."""
+
+    kind: str
+    headers: Mapping[bytes, bytes]
+    rid: bytes
+    t0: float
+
+    @classmethod
+    def arrive(cls, kind: str, headers: Mapping[bytes, bytes]) -> Inbound:
+        return cls(kind, headers, headers.get(b"x-request-id") or uuid.uuid4().hex.encode(), time.perf_counter())
+
+    @property
+    def path(self) -> bytes:
+        return PATHS[self.kind]
+
+
+@dataclass(slots=True, frozen=True)
+class Caller:
+    """authenticate: who is asking, their tenant (if configured) and the request's priority."""
+
+    ident: Identity
+    tenant: Tenant | None
+    priority: int
+
+    @property
+    def salt(self) -> str:
+        return self.tenant.salt if self.tenant else self.ident.tenant
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    """resolve: the model as asked, the pool serving it, the name upstream and a LoRA adapter."""
+
+    model: str
+    pool: Pool
+    upstream_model: str
+    adapter: str | None
+
+
+@dataclass(slots=True)
+class Admission:
+    """admit: the request passed limits and flow control. ``reserved`` stays True while a queued
+    request holds a flow-control reservation that `pick` converts into endpoint in-flight."""
+
+    flow: FlowController
+    est_tokens: int
+    reserved: bool
+
+
+@dataclass(slots=True, frozen=True)
+class Plan:
+    """The body as the engine gets it (rewritten, serialized once) and the routing view of it."""
+
+    payload: bytes
+    stream: bool
+    inject_usage: bool  # we asked for stream usage: strip the usage-only event before the client
+    view: RequestView
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened upstream; filled by the serving stage, read by accounting."""
+
+    endpoint: str = ""
+    status: int = 0
+    ttft: float | None = None
+    tpot: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    in_tokens: int | None = None
+    out_tokens: int | None = None
+    responded: bool = False  # the client has its whole response (a disconnect now changes nothing)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One admitted request: every stage's record. Built only after admission succeeded."""
+
+    inbound: Inbound
+    caller: Caller
+    body: dict[str, Any]  # the parsed request, rewritten for the engine by `plan` (audit hashes its prompt)
+    route: Route
+    admission: Admission
+    plan: Plan
+    outcome: Outcome = field(default_factory=Outcome)
+    span: Any = None  # OpenTelemetry span, when tracing is on

@@ -1,0 +1,112 @@
+"""The request pipeline shared by the HTTP gateway and the Envoy endpoint picker:
+
+    authenticate -> parse -> resolve -> admit -> plan -> pick -> [proxy | answer Envoy] -> account
+
+`Pipeline` owns the state every stage reads (pools and their data layer, flow control, limits,
+metrics, audit, tracing) and runs the stages up to admission in `start`; the front end (HTTP
+`Gateway` or `epp` picker) then picks, serves and calls `close`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from inferstack.compliance.audit import AuditLog
+from inferstack.config.schema import InferstackConfig
+from inferstack.gateway.auth import Identity, KeyStore
+from inferstack.gateway.datalayer import DataLayer, Pool
+from inferstack.gateway.flowcontrol import FlowController
+from inferstack.gateway.limits import Limiter, Limits, MemoryLimiter, RedisLimiter
+from inferstack.gateway.metrics import GatewayMetrics
+from inferstack.gateway.pipeline.account import Accountant
+from inferstack.gateway.pipeline.admit import Admitter
+from inferstack.gateway.pipeline.authenticate import Authenticator
+from inferstack.gateway.pipeline.context import Caller, Inbound, RequestContext, Route, Tenant
+from inferstack.gateway.pipeline.parse import parse_body, requested_model
+from inferstack.gateway.pipeline.pick import Picker
+from inferstack.gateway.pipeline.plan import Planner
+from inferstack.gateway.pipeline.resolve import Resolver
+from inferstack.gateway.requests import prompt_parts
+from inferstack.protocol.errors import APIError
+
+
+class Pipeline:
+    """``tracer_provider`` (OpenTelemetry) is optional; without one no spans are made."""
+
+    def __init__(self, cfg: InferstackConfig, tracer_provider: Any = None, limiter: Limiter | None = None):
+        self.cfg = cfg
+        gw = cfg.gateway
+        custom = {n: (p.filters, p.scorers, p.picker) for n, p in cfg.routing.profiles.items()}
+        self.pools = {name: Pool.from_config(name, p, gw, custom) for name, p in cfg.pools.items()}
+        self.metrics = GatewayMetrics()
+        self.flow = {name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name))
+                     for name, pool in self.pools.items()}
+        self.limiter: Limiter = limiter or (RedisLimiter(gw.redis_url) if gw.redis_url else MemoryLimiter())
+        self.datalayer = DataLayer(list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump())
+        self.audit = AuditLog(cfg.audit) if cfg.audit is not None and cfg.audit.enabled else None
+        self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
+        self.keys = KeyStore(cfg)
+        tenants = {n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()}
+        self.auth = Authenticator(self.keys, tenants)
+        self.resolver = Resolver(cfg, self.pools, random.Random())
+        self.admitter = Admitter(self.limiter, self.flow, self.metrics)
+        self.planner = Planner(gw)
+        self.picker = Picker(self.metrics)
+        self.account = Accountant(self.metrics, self.limiter, self.audit)
+
+    def _depth_gauge(self, pool: str):
+        return lambda prio, depth: self.metrics.queue_depth.labels(pool, str(prio)).set(depth)
+
+    async def open(self) -> None:
+        await self.datalayer.start()
+
+    async def aclose(self) -> None:
+        await self.datalayer.stop()
+        await self.limiter.close()
+        if self.audit is not None:
+            await self.audit.aclose()  # flushes every queued record to disk
+
+    def ready(self) -> bool:
+        return any(e.healthy for p in self.pools.values() for e in p.endpoints)
+
+    async def start(self, inbound: Inbound, body: bytes, caller: Caller | None = None) -> RequestContext:
+        """Run authenticate (unless ``caller`` came from an earlier headers phase), parse, resolve,
+        admit and plan. A refusal is audited here and raised as APIError."""
+        ident: Identity | None = caller.ident if caller else None
+        model: str | None = None
+        try:
+            if caller is None:
+                caller = self.auth.authenticate(inbound.headers)
+                ident = caller.ident
+            req = parse_body(body)
+            asked = req.get("model")
+            model = asked if isinstance(asked, str) else None
+            model = requested_model(req)
+            self.auth.authorize(caller, model)
+            route = self.resolver.resolve(model)
+            parts = list(prompt_parts(inbound.kind, req))
+            admission = await self.admitter.admit(inbound, caller, route, sum(len(p) for p in parts))
+        except APIError as exc:
+            await self.account.rejected(inbound, ident, model, exc)
+            raise
+        plan = await self.planner.plan(inbound.kind, req, parts, caller, route,
+                                       inbound.headers.get(b"x-session-id"))
+        return RequestContext(inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route))
+
+    async def close(self, ctx: RequestContext) -> None:
+        """The request is over: give back a reservation it never used, end its span, audit it."""
+        adm = ctx.admission
+        if adm.reserved:
+            adm.reserved = False
+            adm.flow.routed()
+        await self.account.close(ctx)
+
+    def _span(self, inbound: Inbound, caller: Caller, route: Route) -> Any:
+        if self.tracer is None:
+            return None
+        op = "chat" if inbound.kind == "chat" else "text_completion"
+        return self.tracer.start_span(f"{op} {route.model}", attributes={
+            "gen_ai.operation.name": op, "gen_ai.request.model": route.model, "inferstack.pool": route.pool.name,
+            "inferstack.tenant": caller.ident.tenant, "inferstack.request_id": inbound.rid.decode("latin-1"),
+            "inferstack.priority": caller.priority})

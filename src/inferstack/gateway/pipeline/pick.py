@@ -1,0 +1,50 @@
+"""pick: ask the pool's router for an endpoint, and hold / release it.
+
+Holding an endpoint counts the request in its in-flight and hands a flow-control reservation
+over to it (`FlowController.routed`); releasing frees the slot and lets flow control release more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from inferstack.gateway.datalayer import Endpoint
+from inferstack.gateway.metrics import GatewayMetrics
+from inferstack.gateway.pipeline.context import RequestContext
+from inferstack.gateway.routing import RoutingResult
+
+
+@dataclass(slots=True, frozen=True)
+class Picked:
+    endpoint: Endpoint
+    result: RoutingResult
+
+
+class Picker:
+    def __init__(self, metrics: GatewayMetrics):
+        self.metrics = metrics
+
+    def pick(self, ctx: RequestContext, exclude: Collection[str] = ()) -> Picked | None:
+        """The router's choice among the pool's endpoints not in ``exclude`` (None: no endpoint)."""
+        pool = ctx.route.pool
+        snap = pool.snapshot(frozenset(exclude)) if exclude else pool.snapshot()
+        result = pool.router.route(ctx.plan.view, snap)
+        if result is None:
+            return None
+        self.metrics.decision(pool.name, result.profile, result.reason)
+        return Picked(pool.by_id(result.endpoint.id), result)
+
+    @staticmethod
+    def hold(ctx: RequestContext, ep: Endpoint) -> None:
+        ctx.outcome.endpoint = ep.id
+        ep.in_flight += 1
+        adm = ctx.admission
+        if adm.reserved:
+            adm.reserved = False
+            adm.flow.routed()
+
+    @staticmethod
+    def release(ctx: RequestContext, ep: Endpoint) -> None:
+        ep.in_flight -= 1
+        ctx.admission.flow.pump()

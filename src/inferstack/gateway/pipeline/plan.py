@@ -1,0 +1,89 @@
+"""plan: rewrite the body for the engine (model, cache_salt, priority, stream usage), serialize it
+once, and build the routing view (prefix hashes, precise KV hashes when the pool is tokenized)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from inferstack.config.schema import GatewayConfig
+from inferstack.engine.kv.hashing import KVKeySpace
+from inferstack.gateway.datalayer import Endpoint, Pool
+from inferstack.gateway.pipeline.context import Caller, Plan, Route
+from inferstack.gateway.requests import engine_priority, session_key
+from inferstack.gateway.routing import RequestView
+from inferstack.gateway.routing.prefix import text_prefix_hashes
+
+RETRYABLE = (aiohttp.ClientError, TimeoutError, OSError)
+
+
+class Planner:
+    def __init__(self, gw: GatewayConfig):
+        self.block_chars = gw.prefix_index.block_chars
+        self.max_blocks = gw.prefix_index.max_blocks
+
+    async def plan(self, kind: str, req: dict[str, Any], parts: list[str], caller: Caller, route: Route,
+                   session_header: bytes | None) -> Plan:
+        """Mutates ``req`` into the engine's body (the parsed request is not needed afterwards)."""
+        salt = caller.salt
+        stream = req.get("stream") is True
+        req["model"] = route.upstream_model
+        req["cache_salt"] = salt
+        if caller.priority:
+            req["priority"] = engine_priority(caller.priority)
+        inject_usage = False
+        if stream:
+            so = req.get("stream_options")
+            if not (isinstance(so, dict) and so.get("include_usage")):
+                inject_usage = True
+                req["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+        payload = orjson.dumps(req)
+        view = RequestView(
+            model=route.upstream_model,
+            prefix_hashes=text_prefix_hashes(parts, route.upstream_model + "\x00" + salt, self.block_chars,
+                                             self.max_blocks),
+            prompt_chars=sum(len(p) for p in parts), adapter=route.adapter,
+            session=session_key(req, session_header), priority=caller.priority,
+            max_tokens=_max_tokens(req))
+        if route.pool.config.precise_prefix is not None:
+            view.token_hashes = await token_hashes(route.pool, kind, req, salt)
+        return Plan(payload, stream, inject_usage, view)
+
+
+async def token_hashes(pool: Pool, kind: str, req: dict, salt: str) -> list[bytes]:
+    """Tokenize through an endpoint's /tokenize (the engine applies its chat template), then hash
+    blocks exactly as the engines do (docs/kv-cache.md). Failures fall back to
+    the approximate index."""
+    pp = pool.config.precise_prefix
+    ep = next((e for e in pool.endpoints if e.healthy), None)
+    if ep is None or pp is None:
+        return []
+    q: dict[str, Any] = {"model": req["model"]}
+    if kind == "chat":
+        q["messages"] = req.get("messages")
+    else:
+        q["prompt"] = req.get("prompt")
+    try:
+        async with ep.session.post("/tokenize", data=orjson.dumps(q), headers=_tokenize_headers(ep),
+                                   timeout=aiohttp.ClientTimeout(total=2.0)) as r:
+            if r.status != 200:
+                return []
+            tokens = orjson.loads(await r.read()).get("tokens") or []
+    except (*RETRYABLE, orjson.JSONDecodeError, AttributeError):
+        return []
+    space = KVKeySpace(pp.model_digest, pp.dtype, pp.kv_layout, pp.block_size)
+    return space.hashes(tokens, salt)
+
+
+def _max_tokens(req: dict) -> int:
+    v = req.get("max_completion_tokens", req.get("max_tokens"))
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 64
+
+
+def _tokenize_headers(ep: Endpoint) -> dict[str, str]:
+    h = {"content-type": "application/json"}
+    if ep.api_key:
+        h["authorization"] = f"Bearer {ep.api_key}"
+    return h

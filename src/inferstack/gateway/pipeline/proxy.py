@@ -1,0 +1,182 @@
+"""proxy: send the planned request upstream and relay the response to an ASGI client.
+
+Retries on another endpoint (`pick` again, excluding those tried) while no byte reached the
+client; a streamed response is relayed chunk by chunk, sniffed only for timing and usage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from inferstack.config.schema import GatewayConfig
+from inferstack.gateway.datalayer import Endpoint
+from inferstack.gateway.metrics import GatewayMetrics
+from inferstack.gateway.pd import PDLegs
+from inferstack.gateway.pipeline.account import Accountant
+from inferstack.gateway.pipeline.context import RequestContext
+from inferstack.gateway.pipeline.pick import Picker
+from inferstack.gateway.pipeline.plan import RETRYABLE
+from inferstack.gateway.pipeline.usage import StreamMeter, json_usage
+from inferstack.gateway.routing.disagg import PDResult
+from inferstack.protocol.errors import APIError
+from inferstack.protocol.sse import SSE_DONE, sse_raw
+
+log = logging.getLogger("inferstack.gateway")
+
+JSON = [(b"content-type", b"application/json")]
+SERVED = b"x-gateway-destination-endpoint-served"
+_SSE = (b"content-type", b"text/event-stream")
+
+
+class Proxy:
+    def __init__(self, gw: GatewayConfig, picker: Picker, account: Accountant, pd: PDLegs,
+                 metrics: GatewayMetrics):
+        self.gw = gw
+        self.picker = picker
+        self.account = account
+        self.pd = pd
+        self.metrics = metrics
+
+    async def serve(self, ctx: RequestContext, send: Any) -> None:
+        pool = ctx.route.pool
+        tried: list[str] = []
+        path = ctx.inbound.path
+        last_error = "no endpoint"
+        retries = self.gw.max_retries
+        for attempt in range(retries + 1):
+            picked = self.picker.pick(ctx, tried)
+            if picked is None:
+                break
+            ep = picked.endpoint
+            tried.append(ep.id)
+            self.picker.hold(ctx, ep)
+            try:
+                payload = ctx.plan.payload
+                if isinstance(picked.result, PDResult):  # prefill/decode disaggregation: prefill leg first
+                    payload = await self.pd.decode_payload(pool, picked.result, path, payload, ctx.inbound.rid)
+                outcome = await self._attempt(ctx, ep, payload, send, last=attempt == retries)
+            finally:
+                self.picker.release(ctx, ep)
+            if outcome is None:
+                ep.request_succeeded()
+                if ctx.outcome.ttft is not None:
+                    pool.router.state.latency.observe(ep.id, ctx.plan.view.est_prompt_tokens, ep.in_flight + 1,
+                                                      ctx.outcome.ttft, ctx.outcome.tpot)
+                return
+            # retryable failure before any byte reached the client
+            ep.request_failed(self.gw)
+            last_error = outcome
+            log.warning("request %s to %s failed (%s), %s", ctx.inbound.rid.decode("latin-1"), ep.id, outcome,
+                        "retrying" if attempt < retries else "giving up")
+            if attempt < retries:
+                self.metrics.retries.labels(pool.name, ep.id, outcome.split(":")[0]).inc()
+        ctx.outcome.status = 503 if last_error == "no endpoint" else 502
+        self.account.count(ctx)
+        msg = (f"No healthy endpoint in pool `{pool.name}`." if last_error == "no endpoint"
+               else f"Every endpoint tried failed (last: {last_error}).")
+        await send_error(send, APIError(ctx.outcome.status, msg, code="upstream_unavailable",
+                                        headers={"retry-after": "1"}), ctx.inbound.rid)
+
+    async def _attempt(self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any,
+                       last: bool) -> str | None:
+        """One upstream try. Returns None when the client got a response, or a reason to retry."""
+        headers = [*ep.request_headers, (b"x-request-id", ctx.inbound.rid)]
+        if ctx.plan.stream:
+            return await self._attempt_stream(ctx, ep, payload, send, headers, last)
+        try:
+            status, ctype, data = await _fetch(ep, ctx.inbound.path, payload, headers)
+        except RETRYABLE as exc:
+            return f"connection: {type(exc).__name__}"
+        if status >= 500 and not last:
+            return f"status {status}"
+        ctx.outcome.status = status
+        # A non-streamed response arrives whole: its first token's time is unknown, so it feeds
+        # E2E only (observing E2E as TTFT would also make TPOT read ~0).
+        now = time.perf_counter()
+        usage = json_usage(data) if status == 200 else None
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", ctype), (b"content-length", str(len(data)).encode()),
+                                (b"x-request-id", ctx.inbound.rid), (SERVED, ep.id.encode())]})
+        await send({"type": "http.response.body", "body": data})
+        ctx.outcome.responded = True
+        await self.account.finish(ctx, now, usage, chunks=1)
+        return None
+
+    async def _attempt_stream(self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any,
+                              headers: list, last: bool) -> str | None:
+        try:
+            conn = await ep.upstream.request(b"POST", ctx.inbound.path, headers, payload)
+        except OSError as exc:
+            return f"connection: {type(exc).__name__}"
+        out = ctx.outcome
+        try:
+            if conn.status != 200:
+                if conn.status >= 500 and not last:
+                    conn.close()
+                    return f"status {conn.status}"
+                try:
+                    data = await conn.read()
+                except OSError as exc:
+                    conn.close()
+                    return f"connection: {type(exc).__name__}"
+                out.status = conn.status
+                await send({"type": "http.response.start", "status": conn.status,
+                            "headers": [(b"content-type", conn.content_type), (b"x-request-id", ctx.inbound.rid),
+                                        (SERVED, ep.id.encode())]})
+                await send({"type": "http.response.body", "body": data})
+                out.responded = True
+                self.account.count(ctx)
+                conn.release()
+                return None
+            out.status = 200
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [_SSE, (b"cache-control", b"no-cache"), (b"x-request-id", ctx.inbound.rid),
+                                    (SERVED, ep.id.encode())]})
+            meter = StreamMeter(ctx.inbound.t0, strip=ctx.plan.inject_usage)
+            try:
+                while (chunk := await conn.next_chunk()) is not None:
+                    chunk = meter.feed(chunk, time.perf_counter())
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except OSError as exc:
+                # never retry once streaming began: tell the client, end the stream cleanly
+                conn.close()
+                out.status = 502
+                err = APIError(502, f"The upstream endpoint failed mid-stream ({exc}).", code="upstream_error")
+                await send({"type": "http.response.body", "body": sse_raw(err.body()) + SSE_DONE, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            out.responded = True
+            conn.release()
+            out.ttft, out.gaps = meter.ttft, meter.gaps
+            await self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
+            return None
+        except BaseException:
+            conn.close()  # cancelled (client gone) or failed: drop the upstream connection
+            raise
+
+
+async def _fetch(ep: Endpoint, path: bytes, payload: bytes, headers: list) -> tuple[int, bytes, bytes]:
+    conn = await ep.upstream.request(b"POST", path, headers, payload)
+    try:
+        data = await conn.read()
+    except BaseException:
+        conn.close()
+        raise
+    status, ctype = conn.status, conn.content_type
+    conn.release()
+    return status, ctype, data
+
+
+async def respond(send: Any, status: int, body: bytes, headers: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*(headers or JSON), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Any, exc: APIError, rid: bytes | None = None) -> None:
+    headers = [*JSON, *((k.encode(), v.encode()) for k, v in exc.headers.items())]
+    if rid:
+        headers.append((b"x-request-id", rid))
+    await respond(send, exc.status, exc.body(), headers)

@@ -1,0 +1,81 @@
+"""Reading usage and token timing out of engine responses, shared by the HTTP proxy and the Envoy
+picker (which sees the same bytes as ext_proc response-body chunks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+def json_usage(data: bytes) -> dict[str, Any] | None:
+    """``usage`` of a whole (non-streamed) JSON response, if it has one."""
+    if data.rfind(b'"usage"') < 0:
+        return None
+    try:
+        usage = orjson.loads(data).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def take_usage(chunk: bytes, strip: bool) -> tuple[bytes, dict | None]:
+    """Find the usage-only event (``"choices":[]``) in a chunk; drop it if the gateway asked for it."""
+    usage = None
+    kept = []
+    for ev in chunk.split(b"\n\n"):
+        if b'"usage"' in ev and ev.startswith(b"data:"):
+            try:
+                obj = orjson.loads(ev[5:])
+            except orjson.JSONDecodeError:
+                kept.append(ev)
+                continue
+            u = obj.get("usage") if isinstance(obj, dict) else None
+            if isinstance(u, dict):
+                usage = u
+                if strip and not obj.get("choices"):
+                    continue
+        kept.append(ev)
+    return b"\n\n".join(kept), usage
+
+
+@dataclass(slots=True)
+class StreamMeter:
+    """Follows an SSE stream chunk by chunk: time to the first content, gaps between chunks,
+    event count and the final usage. ``strip`` drops the usage-only event we injected."""
+
+    t0: float
+    strip: bool
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    events: int = 0
+    usage: dict | None = None
+    _first_at: float = 0.0
+    _last_at: float = 0.0
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        """The chunk to forward (empty: nothing left to forward after stripping usage)."""
+        if b'"usage":{' in chunk or b'"usage": {' in chunk:
+            chunk, u = take_usage(chunk, strip=self.strip)
+            self.usage = u or self.usage
+            if not chunk:
+                return chunk
+        if self._first_at == 0.0:
+            if b'"content":""' not in chunk:
+                self._first_at = now
+                self.ttft = now - self.t0
+        else:
+            self.gaps.append(now - self._last_at)
+        self._last_at = now
+        self.events += chunk.count(b"data:")
+        return chunk
+
+    @property
+    def last_at(self) -> float:
+        return self._last_at
+
+    @property
+    def chunks(self) -> int:
+        """Output tokens to assume when the engine sent no usage: one per content event."""
+        return max(1, self.events - 1)
