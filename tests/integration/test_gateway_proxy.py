@@ -100,7 +100,7 @@ def test_cache_salt_and_priority_set_by_gateway(gateway, engines):
         ({"authorization": "Bearer wrong"}, {"model": "chat-model", "messages": []}, 401, "invalid_api_key"),
         ({"authorization": f"Bearer {KEY_A}"}, b"{not json", 400, "invalid_json"),
         ({"authorization": f"Bearer {KEY_A}"}, [1, 2], 400, "invalid_json"),
-        ({"authorization": f"Bearer {KEY_A}"}, {"messages": []}, 404, "model_not_found"),
+        ({"authorization": f"Bearer {KEY_A}"}, {"messages": []}, 400, "missing_model"),
         ({"authorization": f"Bearer {KEY_A}"}, {"model": "nope", "messages": []}, 404, "model_not_found"),
         ({"authorization": f"Bearer {KEY_LIMITED}"}, {"model": "chat-model", "messages": []}, 403, "model_not_allowed"),
         ({"authorization": f"Bearer {KEY_A}"}, {"model": "chat-model", "messages": [{"role": "user", "content": "x" * 70000}]},

@@ -192,6 +192,9 @@ class LimitsConfig(_Section):
     store_timeout_s: float = Field(0.25, gt=0, le=10, description="Connect and reply timeout for the store.")
     store_retry_s: float = Field(
         1.0, ge=0, description="After a store failure, apply the policy at once for this long before trying again.")
+    default_max_tokens: int = Field(
+        64, ge=1, description="Output tokens TPM reserves per completion for a request without max_tokens "
+        "(settled to the real usage afterwards).")
 
 
 class HttpLimitsConfig(_Section):

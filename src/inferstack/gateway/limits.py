@@ -31,8 +31,9 @@ class Limits:
 
 
 class Limiter(Protocol):
-    async def acquire(self, tenant: str, limits: Limits, est_tokens: int) -> tuple[float, str]:
-        """(0, "") when admitted, else (seconds to wait, "rpm" | "tpm")."""
+    async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
+        """(0, "") when admitted (the TPM bucket held all ``tokens`` and now holds them less), else
+        (seconds to wait, "rpm" | "tpm"). Raises LimitStoreError when the store cannot answer."""
         ...
 
     async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
@@ -78,7 +79,7 @@ class MemoryLimiter:
             b[1] = now
         return b
 
-    async def acquire(self, tenant: str, limits: Limits, est_tokens: int) -> tuple[float, str]:
+    async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
         now = time.monotonic()
         if limits.rpm:
             r = self._level((tenant, "rpm"), limits.rpm, now)
@@ -86,9 +87,9 @@ class MemoryLimiter:
                 return (1.0 - r[0]) * 60.0 / limits.rpm, "rpm"
         if limits.tpm:
             t = self._level((tenant, "tpm"), limits.tpm, now)
-            if t[0] < est_tokens:
-                return (est_tokens - t[0]) * 60.0 / limits.tpm, "tpm"
-            t[0] -= est_tokens
+            if t[0] < tokens:
+                return (tokens - t[0]) * 60.0 / limits.tpm, "tpm"
+            t[0] -= tokens
         if limits.rpm:
             r[0] -= 1.0
         return 0.0, ""
@@ -174,8 +175,8 @@ class RedisLimiter:
             raise LimitStoreError(self._down_reason) from exc
         return int(wait_ms) / 1000.0, ("", "rpm", "tpm")[int(which)]
 
-    async def acquire(self, tenant: str, limits: Limits, est_tokens: int) -> tuple[float, str]:
-        return await self._run(tenant, limits, est_tokens, 0)
+    async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
+        return await self._run(tenant, limits, tokens, 0)
 
     async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
         if limits.tpm and delta_tokens:

@@ -44,6 +44,11 @@ class GatewayMetrics:
                                  ("pool", "profile", "scorer"), registry=r)
         self.rate_limited = Counter("inferstack_gateway_rate_limited", "Requests refused by RPM/TPM limits.",
                                     ("tenant", "limit"), registry=r)
+        self.dependency_unavailable = Counter(
+            "inferstack_gateway_dependency_unavailable",
+            "Requests that met a failed dependency (audit_log, limit_store), by what the gateway did "
+            "(refused: 503; allowed: served without it, per the configured policy).",
+            ("dependency", "action"), registry=r)
         self.in_flight = Gauge("inferstack_gateway_in_flight", "Requests in flight per endpoint.",
                                ("pool", "endpoint"), registry=r)
         self._children: dict[tuple, tuple] = {}

@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
-from inferstack.config.schema import EndpointConfig, InferstackConfig
+from inferstack.config.schema import InferstackConfig
+from inferstack.gateway.admin import AdminAPI, admin_token
 from inferstack.gateway.limits import Limiter
 from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Inbound, Pipeline, RequestContext
@@ -44,7 +44,9 @@ class Gateway:
         self.proxy = Proxy(cfg.gateway, p.picker, p.account, PDLegs(p.metrics.registry, cfg.gateway), p.metrics)
         self._openapi = orjson.dumps(gateway_openapi())
         gw = cfg.gateway
-        self._admin_enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)
+        enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)
+        self._body_timeout_s = gw.http.body_timeout_s
+        self.admin = AdminAPI(self.pools, self.datalayer, admin_token(gw, enabled))
         self._dashboard = dashboard_asgi("/dashboard", scraping_state_provider(
             lambda: generate_latest(self.metrics.registry).decode(), self._dashboard_endpoints))
 
@@ -82,9 +84,9 @@ class Gateway:
             elif path == b"/health":
                 await respond(send, 200, b'{"status":"ok"}')
             elif path == b"/ready":
-                ok = self.pipeline.ready()
-                await respond(send, 200 if ok else 503,
-                              b'{"status":"ready"}' if ok else b'{"status":"no healthy endpoint"}')
+                why = self.pipeline.ready()
+                await respond(send, 503 if why else 200,
+                              orjson.dumps({"status": why}) if why else b'{"status":"ready"}')
             elif path == b"/metrics":
                 await respond(send, 200, generate_latest(self.metrics.registry),
                               [(b"content-type", CONTENT_TYPE_LATEST.encode())])
@@ -104,34 +106,12 @@ class Gateway:
     async def _admin(self, path: bytes, method: str, scope: dict, receive: Any, send: Any) -> None:
         """GET /admin/pools: pools and endpoint state. PUT /admin/pools/{pool}/endpoints with
         {"endpoints": [{"url", "name"?}, ...]}: replace a pool's endpoints (desired state)."""
-        if not self._admin_enabled:
-            raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
-        parts = path.decode("latin-1").strip("/").split("/")
-        if parts == ["admin", "pools"] and method == "GET":
-            data = {name: [{"id": e.id, "url": e.url, "healthy": e.healthy, "in_flight": e.in_flight,
-                            "models": sorted(e.models)} for e in p.endpoints] for name, p in self.pools.items()}
-            await respond(send, 200, orjson.dumps({"pools": data}))
-            return
-        if len(parts) != 4 or parts[3] != "endpoints":
-            raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
-        if method != "PUT":
-            raise APIError(405, "Use PUT with {\"endpoints\": [{\"url\": ...}, ...]}.")
-        pool = self.pools.get(parts[2])
-        if pool is None:
-            raise APIError(404, f"Unknown pool `{parts[2]}`.", param="pool", code="pool_not_found")
-        body = await _read_body(receive, _header(scope, b"content-length"), 1 << 20)
-        try:
-            raw = orjson.loads(body)
-            items = raw["endpoints"] if isinstance(raw, dict) else None
-            if not isinstance(items, list):
-                raise TypeError
-            wanted = [EndpointConfig.model_validate({k: v for k, v in e.items() if k in ("url", "name")})
-                      for e in items]
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValidationError) as exc:
-            raise APIError(400, f"Expected {{\"endpoints\": [{{\"url\": \"http://...\"}}, ...]}}: {exc}",
-                           param="endpoints") from None
-        await self.datalayer.set_endpoints(pool, wanted)
-        await respond(send, 200, orjson.dumps({"pool": pool.name, "endpoints": [e.id for e in pool.endpoints]}))
+        headers = dict(scope["headers"])
+
+        async def read_body(limit: int) -> bytes:
+            return await _read_body(receive, headers.get(b"content-length"), limit, self._body_timeout_s)
+
+        await respond(send, 200, await self.admin.handle(path, method, headers, read_body))
 
     def _dashboard_endpoints(self) -> list[dict[str, Any]]:
         return [{"name": e.id, "url": e.url, "model": ", ".join(sorted(e.models)) or None, "pool": p.name,
@@ -160,7 +140,7 @@ class Gateway:
             if method != "POST":
                 raise APIError(405, f"Use POST for {inbound.path.decode()}.")
             body = await _read_body(receive, inbound.headers.get(b"content-length"),
-                                    self.cfg.gateway.max_body_bytes)
+                                    self.cfg.gateway.max_body_bytes, self._body_timeout_s)
         except APIError as exc:
             await self.pipeline.account.rejected(inbound, None, None, exc)
             raise
@@ -227,7 +207,9 @@ def _header(scope: dict, name: bytes) -> bytes | None:
     return None
 
 
-async def _read_body(receive: Any, content_length: bytes | None, limit: int) -> bytes:
+async def _read_body(receive: Any, content_length: bytes | None, limit: int, timeout_s: float) -> bytes:
+    """The whole body: 413 past ``limit`` bytes, 408 when it takes longer than ``timeout_s`` (a
+    client trickling its body must not hold a request slot for ever)."""
     if content_length is not None:
         try:
             if int(content_length) > limit:
@@ -236,15 +218,20 @@ async def _read_body(receive: Any, content_length: bytes | None, limit: int) -> 
             raise APIError(400, "Invalid Content-Length header.") from None
     chunks: list[bytes] = []
     size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise APIError(499, "Client disconnected.")
-        b = msg.get("body", b"")
-        size += len(b)
-        if size > limit:
-            raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
-        chunks.append(b)
-        if not msg.get("more_body"):
-            break
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise APIError(499, "Client disconnected.")
+                b = msg.get("body", b"")
+                size += len(b)
+                if size > limit:
+                    raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+                chunks.append(b)
+                if not msg.get("more_body"):
+                    break
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout_s:g} s.", code="body_timeout",
+                       headers={"connection": "close"}) from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -7,11 +7,21 @@ from typing import Any
 
 from inferstack.compliance.audit import AuditLog, AuditRecord
 from inferstack.gateway.auth import Identity
-from inferstack.gateway.limits import Limiter
+from inferstack.gateway.limits import Limiter, settle_reservation
 from inferstack.gateway.metrics import GatewayMetrics
-from inferstack.gateway.pipeline.context import Inbound, RequestContext
+from inferstack.gateway.pipeline.context import Inbound, Outcome, RequestContext
 from inferstack.gateway.requests import prompt_parts
 from inferstack.protocol.errors import APIError
+
+
+def used_tokens(out: Outcome, prompt_tokens: int) -> int:
+    """What a request is charged: the engine's usage when it sent one; otherwise what demonstrably
+    ran, the prompt once an engine took the request plus every chunk relayed (a stream cut short
+    before its usage event, a client gone mid-stream)."""
+    if out.usage_tokens is not None:
+        return out.usage_tokens
+    ran = out.streamed > 0 or (out.endpoint != "" and out.status in (0, 200, 499))
+    return (prompt_tokens if ran else 0) + out.streamed
 
 
 class Accountant:
@@ -26,7 +36,7 @@ class Accountant:
 
     async def finish(self, ctx: RequestContext, end: float, usage: Any, chunks: int) -> None:
         """A response completed at ``end``: observe latencies, count tokens (``chunks`` stands in
-        for output tokens when the engine sent no usage) and settle the tenant's TPM estimate."""
+        for output tokens when the engine sent no usage)."""
         out, tname = ctx.outcome, ctx.caller.ident.tenant
         pool = ctx.route.pool.name
         ttft_h, tpot_h, e2e_h, itl_h = self.metrics.latency_children((ctx.route.model, pool, out.endpoint, tname))
@@ -36,6 +46,7 @@ class Accountant:
         if isinstance(usage, dict):
             out_tokens = int(usage.get("completion_tokens") or 0)
             in_tokens = int(usage.get("prompt_tokens") or 0)
+            out.usage_tokens = in_tokens + out_tokens
             self.metrics.tokens.labels(ctx.route.model, pool, tname, "input").inc(in_tokens)
             self.metrics.tokens.labels(ctx.route.model, pool, tname, "output").inc(out_tokens)
         if out.ttft is not None:
@@ -50,12 +61,13 @@ class Accountant:
             ctx.span.set_attribute("gen_ai.usage.input_tokens", in_tokens)
             ctx.span.set_attribute("gen_ai.usage.output_tokens", out_tokens)
         out.in_tokens, out.out_tokens = in_tokens, out_tokens
-        tenant = ctx.caller.tenant
-        if tenant is not None and tenant.limits.tpm and isinstance(usage, dict):
-            await self.limiter.settle(tname, tenant.limits, in_tokens + out_tokens - ctx.admission.est_tokens)
 
     async def close(self, ctx: RequestContext) -> None:
-        """The request is over (served, failed or abandoned): end its span, write its audit record."""
+        """The request is over (served, failed or abandoned): settle its TPM reservation to what it
+        used, end its span, write its audit record."""
+        if ctx.admission.tokens is not None:
+            await settle_reservation(self.limiter, ctx.admission.tokens,
+                                     used_tokens(ctx.outcome, ctx.admission.prompt_tokens))
         if ctx.span is not None:
             ctx.span.set_attribute("http.response.status_code", ctx.outcome.status)
             ctx.span.set_attribute("inferstack.endpoint", ctx.outcome.endpoint)
@@ -75,14 +87,14 @@ class Accountant:
             latency_ms=round((time.perf_counter() - ctx.inbound.t0) * 1000, 3),
             tenant=ctx.caller.ident.tenant, key_id=ctx.caller.ident.key_id,
             request_id=ctx.inbound.rid.decode("latin-1"), model_digest=digest, endpoint=out.endpoint or None,
-            prompt_tokens=out.in_tokens, completion_tokens=out.out_tokens, prompt=prompt))
+            prompt_tokens=out.in_tokens, completion_tokens=out.out_tokens, prompt=prompt,
+            error="limits_unenforced: limit store unavailable" if ctx.admission.unenforced else None))
 
     async def rejected(self, inbound: Inbound, ident: Identity | None, model: str | None, exc: APIError) -> None:
         """Audit a completion request refused before it was admitted (or with nothing admitted)."""
         if self.audit is None:
             return
-        rid = inbound.headers.get(b"x-request-id")
         await self.audit.append(AuditRecord(
             model=model, status=exc.status, latency_ms=round((time.perf_counter() - inbound.t0) * 1000, 3),
             tenant=ident.tenant if ident else None, key_id=ident.key_id if ident else None,
-            request_id=rid.decode("latin-1") if rid else None, error=exc.code or exc.message))
+            request_id=inbound.rid.decode("latin-1"), error=exc.code or exc.message))

@@ -1,42 +1,107 @@
-"""admit: tenant RPM/TPM limits, then the pool's flow control (priority bands, fair share, shed)."""
+"""admit: the audit writer's health, tenant RPM/TPM limits, then the pool's flow control (priority
+bands, fair share, shed).
+
+Every refusal is an APIError with the OpenAI envelope (and Retry-After where waiting helps); the
+pipeline audits it. TPM reserves the request's worst case here; `Pipeline.close` settles it.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
+from typing import Protocol
 
+from inferstack.config.schema import LimitsConfig
 from inferstack.gateway.flowcontrol import FlowController
-from inferstack.gateway.limits import Limiter
+from inferstack.gateway.limits import Limiter, LimitStoreError, Reservation, settle_reservation
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.context import Admission, Caller, Inbound, Route
 from inferstack.protocol.errors import APIError
 
+log = logging.getLogger("inferstack.gateway")
+
+
+class AuditHealth(Protocol):
+    """What admission reads from the audit writer (`compliance.audit.AuditLog`)."""
+
+    @property
+    def admits_requests(self) -> bool: ...
+
+    @property
+    def failure(self) -> str | None: ...
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"retry-after": str(max(1, int(seconds + 0.999)))}
+
 
 class Admitter:
-    def __init__(self, limiter: Limiter, flow: Mapping[str, FlowController], metrics: GatewayMetrics):
+    def __init__(self, limiter: Limiter, flow: Mapping[str, FlowController], metrics: GatewayMetrics,
+                 limits: LimitsConfig, audit: AuditHealth | None = None):
         self.limiter = limiter
         self.flow = flow
         self.metrics = metrics
+        self.limits = limits
+        self.audit = audit
+        self._store_logged = 0.0  # one log line per 10 s of a store outage, not one per request
 
-    async def admit(self, inbound: Inbound, caller: Caller, route: Route, prompt_chars: int) -> Admission:
-        """Raises APIError(429) with Retry-After when a limit or flow control refuses the request."""
-        est_tokens = max(1, prompt_chars // 4)
-        tenant, tname = caller.tenant, caller.ident.tenant
-        if tenant is not None and (tenant.limits.rpm or tenant.limits.tpm):
-            wait, which = await self.limiter.acquire(tname, tenant.limits, est_tokens)
-            if wait > 0:
-                self.metrics.rate_limited.labels(tname, which).inc()
-                raise APIError(429, f"Rate limit reached for tenant `{tname}` ({which.upper()}).",
-                               code=f"{which}_limit_exceeded",
-                               headers={"retry-after": str(max(1, int(wait + 0.999)))})
+    async def admit(self, inbound: Inbound, caller: Caller, route: Route, prompt_tokens: int,
+                    reserve_tokens: int) -> Admission:
+        """Raises APIError(503) while no audit record could be written, APIError(429) with Retry-After
+        when a limit or flow control refuses the request."""
+        if self.audit is not None and not self.audit.admits_requests:
+            self.metrics.dependency_unavailable.labels("audit_log", "refused").inc()
+            raise APIError(503, "The gateway cannot record requests right now (audit log unavailable); "
+                           "retry shortly.", code="audit_unavailable", headers=_retry_after(5))
+        unenforced = False
+        try:
+            tokens = await self._limits(caller, reserve_tokens)
+        except LimitStoreError as exc:
+            tokens, unenforced = None, self._store_failed(caller.ident.tenant, exc)
         fairness = inbound.headers.get(b"x-gateway-inference-fairness-id")
         pool = route.pool.name
         flow = self.flow[pool]
         try:
-            waited = await flow.admit(caller.priority, fairness.decode("latin-1") if fairness else tname,
-                                      tenant.weight if tenant else 1.0)
+            waited = await flow.admit(caller.priority, fairness.decode("latin-1") if fairness else caller.ident.tenant,
+                                      caller.tenant.weight if caller.tenant else 1.0)
         except APIError:
             self.metrics.shed.labels(pool, "shed" if caller.priority < 0 else "queue").inc()
+            if tokens is not None:  # never ran: give the whole reservation back
+                await settle_reservation(self.limiter, tokens, 0)
             raise
         if waited is not None:
             self.metrics.queue_wait.labels(pool).observe(waited)
-        return Admission(flow, est_tokens, waited is not None)
+        return Admission(flow, prompt_tokens, waited is not None, tokens, unenforced)
+
+    def _store_failed(self, tenant: str, exc: LimitStoreError) -> bool:
+        """Apply `limits.on_store_failure`: True (admit without limits) under `allow`, else raise 503."""
+        policy = self.limits.on_store_failure
+        self.metrics.dependency_unavailable.labels("limit_store", "refused" if policy == "refuse" else "allowed").inc()
+        now = time.monotonic()
+        if now - self._store_logged >= 10.0:
+            self._store_logged = now
+            log.warning("%s; on_store_failure: %s, so tenant %s's request is %s", exc, policy, tenant,
+                        "admitted without limits" if policy == "allow" else "refused")
+        if policy == "allow":
+            return True
+        raise APIError(503, "Rate limits cannot be checked right now (limit store unavailable); retry shortly.",
+                       code="limit_store_unavailable", headers=_retry_after(self.limits.store_retry_s)) from None
+
+    async def _limits(self, caller: Caller, reserve_tokens: int) -> Reservation | None:
+        """Take one RPM token and reserve ``reserve_tokens`` of TPM (None without a TPM limit)."""
+        tenant, tname = caller.tenant, caller.ident.tenant
+        if tenant is None or not (tenant.limits.rpm or tenant.limits.tpm):
+            return None
+        tpm = tenant.limits.tpm
+        if tpm and reserve_tokens > tpm:
+            self.metrics.rate_limited.labels(tname, "tpm").inc()
+            raise APIError(429, f"Request too large for tenant `{tname}`: it may use {reserve_tokens} tokens "
+                           f"(prompts + max_tokens x n) and the limit is {tpm} tokens per minute. Lower "
+                           "max_tokens or split the request.", code="tpm_request_too_large")
+        wait, which = await self.limiter.acquire(tname, tenant.limits, reserve_tokens if tpm else 0)
+        if wait > 0:
+            self.metrics.rate_limited.labels(tname, which).inc()
+            raise APIError(429, f"Rate limit reached for tenant `{tname}` ({which.upper()}).",
+                           code=f"{which}_limit_exceeded", headers=_retry_after(wait))
+        return Reservation(tname, tenant.limits, reserve_tokens) if tpm else None

@@ -15,8 +15,9 @@ from typing import Any
 from inferstack.gateway.auth import Identity
 from inferstack.gateway.datalayer import Pool
 from inferstack.gateway.flowcontrol import FlowController
-from inferstack.gateway.limits import Limits
+from inferstack.gateway.limits import Limits, Reservation
 from inferstack.gateway.routing import RequestView
+from inferstack.protocol.ids import clean_request_id
 
 KINDS = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
 PATHS = {kind: path for path, kind in KINDS.items()}
@@ -42,7 +43,8 @@ class Inbound:
 
     @classmethod
     def arrive(cls, kind: str, headers: Mapping[bytes, bytes]) -> Inbound:
-        return cls(kind, headers, headers.get(b"x-request-id") or uuid.uuid4().hex.encode(), time.perf_counter())
+        rid = clean_request_id(headers[b"x-request-id"].decode("latin-1")) if b"x-request-id" in headers else None
+        return cls(kind, headers, (rid or uuid.uuid4().hex).encode(), time.perf_counter())
 
     @property
     def path(self) -> bytes:
@@ -78,8 +80,20 @@ class Admission:
     request holds a flow-control reservation that `pick` converts into endpoint in-flight."""
 
     flow: FlowController
-    est_tokens: int
+    prompt_tokens: int  # estimated input tokens of every prompt
     reserved: bool
+    tokens: Reservation | None = None  # TPM held until `Pipeline.close` settles it to the real usage
+    unenforced: bool = False  # admitted without limits: the store was down (`on_store_failure: allow`)
+
+
+@dataclass(slots=True, frozen=True)
+class EngineBody:
+    """plan, before admission: the body as the engine gets it, serialized once, so a body the
+    gateway cannot forward is refused before it holds any capacity."""
+
+    payload: bytes
+    stream: bool
+    inject_usage: bool  # we asked for stream usage: strip the usage-only event before the client
 
 
 @dataclass(slots=True, frozen=True)
@@ -103,6 +117,8 @@ class Outcome:
     gaps: list[float] = field(default_factory=list)
     in_tokens: int | None = None
     out_tokens: int | None = None
+    usage_tokens: int | None = None  # input + output from the engine's usage, when it sent one
+    streamed: int = 0  # content chunks relayed so far (what a stream cut short is charged)
     responded: bool = False  # the client has its whole response (a disconnect now changes nothing)
 
 

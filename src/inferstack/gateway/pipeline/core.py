@@ -27,7 +27,12 @@ from inferstack.gateway.pipeline.parse import parse_body, requested_model
 from inferstack.gateway.pipeline.pick import Picker
 from inferstack.gateway.pipeline.plan import Planner
 from inferstack.gateway.pipeline.resolve import Resolver
-from inferstack.gateway.requests import prompt_parts
+from inferstack.gateway.requests import (
+    check_fan_out,
+    prompt_parts,
+    prompt_token_estimate,
+    requested_max_tokens,
+)
 from inferstack.protocol.errors import APIError
 
 
@@ -42,15 +47,18 @@ class Pipeline:
         self.metrics = GatewayMetrics()
         self.flow = {name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name))
                      for name, pool in self.pools.items()}
-        self.limiter: Limiter = limiter or (RedisLimiter(gw.redis_url) if gw.redis_url else MemoryLimiter())
+        self.limiter: Limiter = limiter or (
+            RedisLimiter(gw.redis_url, timeout_s=gw.limits.store_timeout_s, retry_s=gw.limits.store_retry_s)
+            if gw.redis_url else MemoryLimiter())
         self.datalayer = DataLayer(list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump())
-        self.audit = AuditLog(cfg.audit) if cfg.audit is not None and cfg.audit.enabled else None
+        self.audit = (AuditLog(cfg.audit, registry=self.metrics.registry)  # its health metrics on our /metrics
+                      if cfg.audit is not None and cfg.audit.enabled else None)
         self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
         self.keys = KeyStore(cfg)
         tenants = {n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()}
         self.auth = Authenticator(self.keys, tenants)
         self.resolver = Resolver(cfg, self.pools, random.Random())
-        self.admitter = Admitter(self.limiter, self.flow, self.metrics)
+        self.admitter = Admitter(self.limiter, self.flow, self.metrics, gw.limits, self.audit)
         self.planner = Planner(gw)
         self.picker = Picker(self.metrics)
         self.account = Accountant(self.metrics, self.limiter, self.audit)
@@ -67,8 +75,13 @@ class Pipeline:
         if self.audit is not None:
             await self.audit.aclose()  # flushes every queued record to disk
 
-    def ready(self) -> bool:
-        return any(e.healthy for p in self.pools.values() for e in p.endpoints)
+    def ready(self) -> str | None:
+        """None when ready to serve, else why not."""
+        if self.audit is not None and not self.audit.admits_requests:
+            return f"audit log cannot write: {self.audit.failure}"
+        if not any(e.healthy for p in self.pools.values() for e in p.endpoints):
+            return "no healthy endpoint"
+        return None
 
     async def start(self, inbound: Inbound, body: bytes, caller: Caller | None = None) -> RequestContext:
         """Run authenticate (unless ``caller`` came from an earlier headers phase), parse, resolve,
@@ -85,17 +98,23 @@ class Pipeline:
             model = requested_model(req)
             self.auth.authorize(caller, model)
             route = self.resolver.resolve(model)
+            fan_out = check_fan_out(inbound.kind, req, self.cfg.gateway.http.max_prompts)
             parts = list(prompt_parts(inbound.kind, req))
-            admission = await self.admitter.admit(inbound, caller, route, sum(len(p) for p in parts))
+            prompt_tokens = prompt_token_estimate(inbound.kind, req)
+            out_tokens = requested_max_tokens(req) or self.cfg.gateway.limits.default_max_tokens
+            engine_body = self.planner.engine_body(req, caller, route)
+            admission = await self.admitter.admit(inbound, caller, route, prompt_tokens,
+                                                  prompt_tokens + out_tokens * fan_out)
         except APIError as exc:
             await self.account.rejected(inbound, ident, model, exc)
             raise
-        plan = await self.planner.plan(inbound.kind, req, parts, caller, route,
+        plan = await self.planner.plan(inbound.kind, req, engine_body, parts, caller, route,
                                        inbound.headers.get(b"x-session-id"))
         return RequestContext(inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route))
 
     async def close(self, ctx: RequestContext) -> None:
-        """The request is over: give back a reservation it never used, end its span, audit it."""
+        """The request is over: give back a reservation it never used; `account` settles TPM, ends
+        the span and audits."""
         adm = ctx.admission
         if adm.reserved:
             adm.reserved = False

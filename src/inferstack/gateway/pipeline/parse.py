@@ -22,6 +22,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
 def requested_model(req: dict[str, Any]) -> str:
     model = req.get("model")
     if not isinstance(model, str) or not model:
-        raise APIError(404, "`model` is required: name one of GET /v1/models.", param="model",
-                       code="model_not_found")
+        # OpenAI answers a missing model with 400 (a malformed request), not 404 (an unknown one)
+        raise APIError(400, "You must provide a model parameter (`model`): name one of GET /v1/models.",
+                       param="model", code="missing_model")
     return model

@@ -1,5 +1,6 @@
-"""plan: rewrite the body for the engine (model, cache_salt, priority, stream usage), serialize it
-once, and build the routing view (prefix hashes, precise KV hashes when the pool is tokenized)."""
+"""plan: rewrite the body for the engine (model, cache_salt, priority, stream usage; a client's
+`kv_transfer_params` dropped), serialize it once, and build the routing view (prefix hashes,
+precise KV hashes when the pool is tokenized)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import orjson
 from inferstack.config.schema import GatewayConfig
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.datalayer import Endpoint, Pool
-from inferstack.gateway.pipeline.context import Caller, Plan, Route
-from inferstack.gateway.requests import engine_priority, session_key
+from inferstack.gateway.pipeline.context import Caller, EngineBody, Plan, Route
+from inferstack.gateway.requests import encode_request, requested_max_tokens, session_key, set_gateway_fields
 from inferstack.gateway.routing import RequestView
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 
@@ -24,32 +25,34 @@ class Planner:
         self.block_chars = gw.prefix_index.block_chars
         self.max_blocks = gw.prefix_index.max_blocks
 
-    async def plan(self, kind: str, req: dict[str, Any], parts: list[str], caller: Caller, route: Route,
-                   session_header: bytes | None) -> Plan:
-        """Mutates ``req`` into the engine's body (the parsed request is not needed afterwards)."""
-        salt = caller.salt
+    @staticmethod
+    def engine_body(req: dict[str, Any], caller: Caller, route: Route) -> EngineBody:
+        """Rewrite ``req`` into the engine's body (the parsed request is not needed afterwards) and
+        serialize it; raises APIError(400) for a body that cannot be serialized."""
+        set_gateway_fields(req, model=route.upstream_model, salt=caller.salt, priority=caller.priority)
         stream = req.get("stream") is True
-        req["model"] = route.upstream_model
-        req["cache_salt"] = salt
-        if caller.priority:
-            req["priority"] = engine_priority(caller.priority)
         inject_usage = False
         if stream:
             so = req.get("stream_options")
             if not (isinstance(so, dict) and so.get("include_usage")):
                 inject_usage = True
                 req["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
-        payload = orjson.dumps(req)
+        return EngineBody(encode_request(req), stream, inject_usage)
+
+    async def plan(self, kind: str, req: dict[str, Any], body: EngineBody, parts: list[str], caller: Caller,
+                   route: Route, session_header: bytes | None) -> Plan:
+        """The routing view of an admitted request (precise KV hashes ask an engine's /tokenize)."""
+        salt = caller.salt
         view = RequestView(
             model=route.upstream_model,
             prefix_hashes=text_prefix_hashes(parts, route.upstream_model + "\x00" + salt, self.block_chars,
                                              self.max_blocks),
             prompt_chars=sum(len(p) for p in parts), adapter=route.adapter,
             session=session_key(req, session_header), priority=caller.priority,
-            max_tokens=_max_tokens(req))
+            max_tokens=requested_max_tokens(req) or 64)
         if route.pool.config.precise_prefix is not None:
             view.token_hashes = await token_hashes(route.pool, kind, req, salt)
-        return Plan(payload, stream, inject_usage, view)
+        return Plan(body.payload, body.stream, body.inject_usage, view)
 
 
 async def token_hashes(pool: Pool, kind: str, req: dict, salt: str) -> list[bytes]:
@@ -75,11 +78,6 @@ async def token_hashes(pool: Pool, kind: str, req: dict, salt: str) -> list[byte
         return []
     space = KVKeySpace(pp.model_digest, pp.dtype, pp.kv_layout, pp.block_size)
     return space.hashes(tokens, salt)
-
-
-def _max_tokens(req: dict) -> int:
-    v = req.get("max_completion_tokens", req.get("max_tokens"))
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 64
 
 
 def _tokenize_headers(ep: Endpoint) -> dict[str, str]:

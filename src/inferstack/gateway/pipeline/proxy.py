@@ -139,6 +139,7 @@ class Proxy:
                 while (chunk := await conn.next_chunk()) is not None:
                     chunk = meter.feed(chunk, time.perf_counter())
                     if chunk:
+                        out.streamed = meter.events  # what a stream cut short here is charged (TPM)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except OSError as exc:
                 # never retry once streaming began: tell the client, end the stream cleanly
