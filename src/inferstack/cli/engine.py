@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
+
 app = typer.Typer(
     help="The built-in inference engine (paged KV cache, continuous batching, prefix caching).",
     no_args_is_help=True,
@@ -129,6 +131,10 @@ def serve(
                                                        "per line, with request_id).")] = LogFormat.text,
     drain_timeout: Annotated[float, typer.Option(
         help="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")] = 30.0,
+    header_timeout: Annotated[float, typer.Option(
+        help="Seconds a client has to send a request's headers (slowloris guard); 408 after.")] = HEADER_TIMEOUT_S,
+    body_timeout: Annotated[float, typer.Option(
+        help="Seconds a client has to send a request's body once its headers arrived; 408 after.")] = BODY_TIMEOUT_S,
     emulate: Annotated[str | None, typer.Option(
         help="Emulate HARDWARE:MODEL instead of running a model, e.g. h100:llama-3-8b, h100x4:llama-3-70b, "
              "cpu:smollm2-135m: the real scheduler, KV cache and prefix cache, with step times from a "
@@ -221,7 +227,7 @@ def serve(
         return AsyncEngine.from_config(config)
 
     options = ServeOptions(host=host, port=port, ready_file=ready_file, api_key=api_key,
-                           drain_timeout=drain_timeout)
+                           drain_timeout=drain_timeout, header_timeout_s=header_timeout, body_timeout_s=body_timeout)
     try:
         if profile is not None:
             from inferstack.cli.emulate_host import serve_fleet

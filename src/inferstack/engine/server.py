@@ -50,6 +50,8 @@ from inferstack.engine.serving import (
 )
 from inferstack.protocol import responses as R
 from inferstack.protocol.errors import APIError, bad_request, error_from_exception, internal_error
+from inferstack.protocol.http_guard import guarded_protocol, read_body_within
+from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_HEADER_BYTES
 from inferstack.protocol.ids import clean_request_id
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.requests import (
@@ -77,6 +79,7 @@ class ServerState:
     metrics: EngineMetrics = field(default_factory=EngineMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
     token_texts: TokenTexts | None = None
+    body_timeout_s: float = BODY_TIMEOUT_S
 
     def attach(self, engine: EngineLike) -> None:
         self.engine = engine
@@ -236,25 +239,22 @@ def _header(scope: Scope, name: bytes) -> str | None:
 MAX_BODY_BYTES = 32 << 20     # far above any prompt a context window holds; stops memory-exhausting bodies
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, or a 413 as soon as it is known to exceed ``limit`` (before reading it all)."""
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed ``limit`` (before reading it all);
+    a 408 when it does not arrive within ``timeout_s`` (a stalled upload must not hold a slot)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"The request body is {declared} bytes; the limit is {limit}.", code="body_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"The request body exceeds the limit of {limit} bytes.", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_body_within(request.stream(), limit, timeout_s)
 
 
 class Handlers:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self._openapi = orjson.dumps(engine_openapi())
+
+    async def _body(self, request: Request) -> bytes:
+        return await read_body(request, timeout_s=self.state.body_timeout_s)
 
     def _start(self, request: Request, engine: EngineLike, prepared: Prepared) -> tuple[Generation, str]:
         rid = f"{request.scope['state']['request_id']}-{uuid.uuid4().hex[:8]}"
@@ -263,7 +263,7 @@ class Handlers:
                           kv_transfer_params=prepared.kv_transfer_params), rid
 
     async def chat_completions(self, request: Request) -> Response:
-        req = parse_request(ChatCompletionRequest, await read_body(request))
+        req = parse_request(ChatCompletionRequest, await self._body(request))
         engine = self.state.ready_engine()
         prepared = await prepare_chat(engine, req)
         gen, rid = self._start(request, engine, prepared)
@@ -273,7 +273,7 @@ class Handlers:
         return json_response(await until_disconnect(request.receive, chat_full(*args, prepared.want_logprobs)))
 
     async def completions(self, request: Request) -> Response:
-        req = parse_request(CompletionRequest, await read_body(request))
+        req = parse_request(CompletionRequest, await self._body(request))
         engine = self.state.ready_engine()
         prepared = await prepare_completion(engine, req)
         gen, rid = self._start(request, engine, prepared)
@@ -290,7 +290,7 @@ class Handlers:
         return json_response(R.model_list([card]))
 
     async def tokenize(self, request: Request) -> Response:
-        req = parse_request(TokenizeRequest, await read_body(request))
+        req = parse_request(TokenizeRequest, await self._body(request))
         engine = self.state.ready_engine()
         check_model(engine, req.model)
         if (req.prompt is None) == (req.messages is None):
@@ -309,7 +309,7 @@ class Handlers:
                               "token_strs": strs})
 
     async def detokenize(self, request: Request) -> Response:
-        req = parse_request(DetokenizeRequest, await read_body(request))
+        req = parse_request(DetokenizeRequest, await self._body(request))
         engine = self.state.ready_engine()
         check_model(engine, req.model)
         check_token_ids(engine, req.tokens, "tokens")
@@ -389,6 +389,9 @@ class ServeOptions:
     ready_file: str | None = None
     api_key: str | None = None
     drain_timeout: float = 30.0
+    max_header_bytes: int = MAX_HEADER_BYTES    # request line + headers; 431 above (docs/security.md)
+    header_timeout_s: float = HEADER_TIMEOUT_S  # 408 when the header block is not complete by then
+    body_timeout_s: float = BODY_TIMEOUT_S      # 408 when the body is not complete by then
 
 
 class _DrainingServer(uvicorn.Server):
@@ -482,8 +485,9 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
     status."""
     sock = _bind(options.host, options.port)
     url = server_url(options.host, sock.getsockname()[1])
-    state = ServerState(api_key=options.api_key)
-    config = uvicorn.Config(build_app(state), loop="none", http="httptools", lifespan="off", log_config=None,
+    state = ServerState(api_key=options.api_key, body_timeout_s=options.body_timeout_s)
+    protocol = guarded_protocol(options.max_header_bytes, options.header_timeout_s)
+    config = uvicorn.Config(build_app(state), loop="none", http=protocol, lifespan="off", log_config=None,
                             access_log=False, timeout_graceful_shutdown=options.drain_timeout,
                             server_header=False)
     server = _DrainingServer(config, state)

@@ -1,0 +1,126 @@
+"""Connection-level limits uvicorn's httptools protocol lacks: a header size cap and a header deadline.
+
+uvicorn (0.3x-0.5x, httptools) accepts a header block of any size (httptools buffers an unfinished
+header value in memory) and never times out a connection that has not finished its headers: one
+client can hold memory with a 64 MB header, or a worker's sockets with slowloris connections that
+dribble a byte every few seconds. `guarded_protocol()` returns a drop-in `http=` class for
+`uvicorn.Config` that answers 431 past `max_header_bytes` and 408 when the header block is not
+complete `header_timeout_s` after the connection opened (or after the previous response on a
+keep-alive connection), both with the OpenAI error envelope and `Connection: close`.
+
+The body deadline is the app's job (it is read through ASGI `receive`): see `read_body_within`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from inferstack.protocol.errors import APIError
+from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_HEADER_BYTES
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_END = b"\r\n\r\n"
+_LINGER_S = 1.0
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol with a byte cap and a deadline on the header block of every request."""
+
+    max_header_bytes = MAX_HEADER_BYTES
+    header_timeout_s = HEADER_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None  # connection_lost may come before the first arming
+    _in_headers = False
+    _discarding = False  # rejected: read and drop what the client still sends until the close
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._expect_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        if self._in_headers:
+            # Look for the end of the header block across chunk boundaries (keep 3 bytes of overlap).
+            end = (self._tail + data).find(_END)
+            seen = self._header_bytes + (len(data) if end < 0 else end + len(_END) - len(self._tail))
+            if seen > self.max_header_bytes:
+                self._reject(431, f"The request headers exceed the limit of {self.max_header_bytes} bytes.",
+                             "headers_too_large")
+                return
+            self._header_bytes += len(data)
+            self._tail = data[-3:]
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._expect_headers()  # the next request on this keep-alive connection gets its own deadline
+
+    def _expect_headers(self) -> None:
+        self._in_headers = True
+        self._header_bytes = 0
+        self._tail = b""
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._in_headers and not self.transport.is_closing():
+            self._reject(408, f"The request headers did not arrive within {self.header_timeout_s:g} s.",
+                         "header_timeout")
+
+    def _reject(self, status: int, message: str, code: str) -> None:
+        self._in_headers = False
+        self._cancel_header_timer()
+        body = APIError(status, message, code=code).body()
+        head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body)))
+        self.transport.write(head + body)
+        # Lingering close: closing with unread input makes the kernel send RST, which can destroy the
+        # response before the client reads it. Half-close, drain the client's bytes briefly, then close.
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(_LINGER_S, self.transport.close)
+
+
+def guarded_protocol(max_header_bytes: int = MAX_HEADER_BYTES,
+                     header_timeout_s: float = HEADER_TIMEOUT_S) -> type[GuardedHttpToolsProtocol]:
+    """A protocol class for `uvicorn.Config(http=...)` with these limits."""
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
+                {"max_header_bytes": max_header_bytes, "header_timeout_s": header_timeout_s})
+
+
+async def read_body_within(chunks: AsyncIterator[bytes], limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The whole body from an ASGI chunk stream: 413 past `limit` bytes, 408 past `timeout_s` seconds."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"The request body exceeds the limit of {limit} bytes.",
+                                   code="body_too_large")
+                parts.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout_s:g} s.", code="body_timeout",
+                       headers={"Connection": "close"}) from None
+    return b"".join(parts)
