@@ -9,6 +9,9 @@ import httpx
 from inferstack.stack.gateway_admin import PoolEndpoint, PoolHook
 from support.gateway_procs import start_fake_engine, start_gateway
 
+TOKEN = "admin-secret"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
 
 def _served(gw, n: int) -> set[str]:
     return {httpx.post(gw.url + "/v1/completions", json={"model": "fake-model", "prompt": f"p{i} " * 30}
@@ -17,25 +20,27 @@ def _served(gw, n: int) -> set[str]:
 
 def test_stack_pool_hook_replaces_endpoints():
     a, b = start_fake_engine(), start_fake_engine()
-    gw = start_gateway({"pools": {"default": {"endpoints": [a.url], "models": ["fake-model"]}}})
+    gw = start_gateway({"pools": {"default": {"endpoints": [a.url], "models": ["fake-model"]}}},
+                       env={"INFERSTACK_ADMIN_TOKEN": TOKEN})
     host = lambda s: s.url.split("//")[1]  # noqa: E731
     try:
         assert _served(gw, 4) == {host(a)}
 
         async def push(urls: list[str]) -> bool:
             async with httpx.AsyncClient() as client:
-                return await PoolHook(gw.url, client).set_endpoints([PoolEndpoint(u, f"e{i}") for i, u in enumerate(urls)])
+                return await PoolHook(gw.url, client, token=TOKEN).set_endpoints([PoolEndpoint(u, f"e{i}") for i, u in enumerate(urls)])
 
         assert asyncio.run(push([a.url, b.url]))
         # a kept endpoint keeps its identity (counters, label); a new one takes the hook's name
         assert _served(gw, 8) == {host(a), "e1"}
         assert asyncio.run(push([b.url]))
         assert _served(gw, 4) == {"e1"}
-        pools = httpx.get(gw.url + "/admin/pools").json()["pools"]
+        pools = httpx.get(gw.url + "/admin/pools", headers=AUTH).json()["pools"]
         assert [e["url"] for e in pools["default"]] == [b.url]
-        r = httpx.put(gw.url + "/admin/pools/default/endpoints", json={"endpoints": [{"url": "ftp://x"}]})
+        r = httpx.put(gw.url + "/admin/pools/default/endpoints", json={"endpoints": [{"url": "ftp://x"}]},
+                      headers=AUTH)
         assert r.status_code == 400 and r.json()["error"]["param"] == "endpoints"
-        r = httpx.put(gw.url + "/admin/pools/nope/endpoints", json={"endpoints": []})
+        r = httpx.put(gw.url + "/admin/pools/nope/endpoints", json={"endpoints": []}, headers=AUTH)
         assert r.status_code == 404 and r.json()["error"]["code"] == "pool_not_found"
     finally:
         gw.stop()

@@ -26,7 +26,8 @@ def saturated_gateway(engines):
     cfg = {
         "pools": {"p": {"endpoints": [e.url for e in engines], "max_concurrency": 1, "models": ["fake-model"]}},
         "objectives": {"batch": {"priority": -1}, "interactive": {"priority": 10}},
-        "keys": [{"sha256": hash_key("key-a"), "tenant": "a"}, {"sha256": hash_key("key-b"), "tenant": "b"}],
+        "keys": [{"sha256": hash_key("key-a"), "tenant": "a"}, {"sha256": hash_key("key-b"), "tenant": "b",
+                                                                   "max_objective": "interactive"}],
         "gateway": {"flow_control": {"queue_timeout_s": 20}},
     }
     gw = start_gateway(cfg)

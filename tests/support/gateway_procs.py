@@ -34,8 +34,10 @@ def start_fake_engine(*args: str, timeout: float = 30.0) -> Server:
     raise TimeoutError("fake engine not ready")
 
 
-def start_gateway(config: dict, *extra: str) -> Server:
+def start_gateway(config: dict, *extra: str, env: dict[str, str] | None = None) -> Server:
+    """``env``: extra environment variables for the gateway (e.g. its admin token)."""
     tmp = Path(tempfile.mkdtemp(prefix="gw-cfg-"))
     path = tmp / "inferstack.yaml"
     path.write_text(yaml.safe_dump(config))
-    return start_inferstack(["gateway", "serve", "--config", str(path), *extra], timeout=60)
+    return start_inferstack(["gateway", "serve", "--config", str(path), *extra], timeout=60,
+                            env=inferstack_env(**(env or {})))

@@ -16,6 +16,7 @@ from inferstack.compliance.config import AuditConfig
 from inferstack.config.pd import EndpointRole, PDConfig, pd_problems
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
 from inferstack.modelhub.policy import TrustPolicy
+from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_HEADER_BYTES
 from inferstack.stack.settings import UpSettings
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
@@ -200,9 +201,10 @@ class LimitsConfig(_Section):
 class HttpLimitsConfig(_Section):
     """Bounds on what a client may send the gateway before it is refused (docs/security-gateway.md)."""
 
-    max_header_bytes: int = Field(64 << 10, ge=1024, description="Request line + headers; more gets 431.")
-    header_timeout_s: float = Field(10.0, gt=0, description="From the first byte (or connect) to the last header.")
-    body_timeout_s: float = Field(60.0, gt=0, description="From the last header to the last body byte.")
+    max_header_bytes: int = Field(MAX_HEADER_BYTES, ge=1024, description="Request line + headers; more gets 431.")
+    header_timeout_s: float = Field(
+        HEADER_TIMEOUT_S, gt=0, description="From connect (or the previous response) to the last header; else 408.")
+    body_timeout_s: float = Field(BODY_TIMEOUT_S, gt=0, description="Reading the whole body; else 408.")
     max_prompts: int = Field(
         128, ge=1, description="Completions: prompts x n per request (each becomes an engine request).")
 

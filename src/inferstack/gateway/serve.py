@@ -15,6 +15,7 @@ import uvicorn
 
 from inferstack.config.schema import InferstackConfig
 from inferstack.gateway.server import Gateway
+from inferstack.protocol.http_guard import guarded_protocol
 
 
 def make_tracer_provider(cfg: InferstackConfig) -> Any:
@@ -46,7 +47,9 @@ def serve(cfg: InferstackConfig, ready_file: Path | None = None) -> None:
     sock.bind((host, port))
     bound = sock.getsockname()[1]
     app = Gateway(cfg, tracer_provider=make_tracer_provider(cfg))
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+    limits = cfg.gateway.http
+    protocol = guarded_protocol(limits.max_header_bytes, limits.header_timeout_s)  # 431 / 408 (slowloris)
+    config = uvicorn.Config(app, loop="uvloop", http=protocol, lifespan="on", access_log=False,
                             log_level="warning", timeout_graceful_shutdown=30, backlog=4096,
                             proxy_headers=False, server_header=False)
     server = uvicorn.Server(config)

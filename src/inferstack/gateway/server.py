@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from inferstack.gateway.pipeline.context import KINDS
 from inferstack.gateway.pipeline.proxy import Proxy, respond, send_error
 from inferstack.gateway.pipeline.resolve import shared_models
 from inferstack.protocol.errors import APIError
+from inferstack.protocol.http_guard import read_body_within
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.responses import model_card, model_list
 from inferstack.telemetry.dashboard import dashboard_asgi, scraping_state_provider
@@ -216,22 +218,14 @@ async def _read_body(receive: Any, content_length: bytes | None, limit: int, tim
                 raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
         except ValueError:
             raise APIError(400, "Invalid Content-Length header.") from None
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    raise APIError(499, "Client disconnected.")
-                b = msg.get("body", b"")
-                size += len(b)
-                if size > limit:
-                    raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
-                chunks.append(b)
-                if not msg.get("more_body"):
-                    break
-    except TimeoutError:
-        raise APIError(408, f"The request body did not arrive within {timeout_s:g} s.", code="body_timeout",
-                       headers={"connection": "close"}) from None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return await read_body_within(_body_chunks(receive), limit, timeout_s)
+
+
+async def _body_chunks(receive: Any) -> AsyncIterator[bytes]:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise APIError(499, "Client disconnected.")
+        yield msg.get("body", b"")
+        if not msg.get("more_body"):
+            return

@@ -4,6 +4,8 @@ Desired-state and idempotent: the supervisor always sends the full list of ready
 (`PUT /admin/pools/{pool}/endpoints`), never add/remove deltas that could be lost or reordered.
 A gateway without the hook answers 404/405: then the supervisor relies on the gateway's own health
 checks and restarts replicas on their old port so the URL the gateway knows stays valid.
+The admin API needs a bearer token: the supervisor generates one per stack and hands it to the
+gateway in its environment (`gateway.admin_token_env`) and to this hook.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ class PoolEndpoint:
 
 
 class PoolHook:
-    def __init__(self, gateway_url: str, client: httpx.AsyncClient, pool: str = "default") -> None:
+    def __init__(self, gateway_url: str, client: httpx.AsyncClient, pool: str = "default",
+                 token: str | None = None) -> None:
         self.gateway_url = gateway_url.rstrip("/")
         self.pool = pool
         self.client = client
+        self.headers = {"authorization": f"Bearer {token}"} if token else {}
         self.supported: bool | None = None   # unknown until the first call
 
     async def set_endpoints(self, endpoints: list[PoolEndpoint]) -> bool:
@@ -39,7 +43,8 @@ class PoolHook:
         body = {"endpoints": [{"url": e.url, "name": e.name, **({"model": e.model} if e.model else {})}
                               for e in endpoints]}
         try:
-            r = await self.client.put(self.gateway_url + ADMIN_PATH.format(pool=self.pool), json=body, timeout=5.0)
+            r = await self.client.put(self.gateway_url + ADMIN_PATH.format(pool=self.pool), json=body, headers=self.headers,
+                                       timeout=5.0)
         except httpx.HTTPError as e:
             log.warning("gateway pool update failed: %s", e)
             return False

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -32,6 +33,8 @@ from urllib.parse import urlsplit
 import httpx
 
 import inferstack
+from inferstack.config import load_config
+from inferstack.config.schema import InferstackConfig
 from inferstack.stack import plan
 from inferstack.stack import prometheus as prom
 from inferstack.stack.children import Child, ChildFailed, ChildSpec, ChildState
@@ -79,6 +82,9 @@ class Supervisor:
         self._pool: PoolHook | None = None
         self._dashboard_server: Any = None
         self._env = self._child_env()
+        # The gateway's admin API (PoolHook) takes only this stack's secret (docs/security-gateway.md).
+        self._admin_token = secrets.token_urlsafe(32)
+        self._gateway_env = {**self._env, self._admin_token_env(): self._admin_token}
 
     # ---- entry point -------------------------------------------------------------------------------
 
@@ -114,6 +120,11 @@ class Supervisor:
 
     def _children(self) -> list[Child]:
         return [c for c in (self.gateway, *self.engines, self.prometheus, self.redis) if c is not None]
+
+    def _admin_token_env(self) -> str:
+        """Where the gateway reads its admin token: `gateway.admin_token_env` of the user's config."""
+        cfg = load_config(self.config_file) if self.config_file else InferstackConfig()
+        return cfg.gateway.admin_token_env
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -170,14 +181,14 @@ class Supervisor:
             n = sum(len(e.urls) for e in self.engines)
             self.reporter.step(f"starting the gateway on {s.host}:{s.port} with {n} endpoint(s)"
                                + (f" in a PD pool (prefill threshold {s.pd.threshold_tokens} tokens)" if s.pd else ""))
-            self.gateway = Child(self._gateway_spec(), self.log_dir, self._env)
+            self.gateway = Child(self._gateway_spec(), self.log_dir, self._gateway_env)
             self.gateway.spawn(s.port)
             if not await self._wait_all([self.gateway]):
                 return False
         except ChildFailed as e:
             self.reporter.error(str(e))
             return False
-        self._pool = PoolHook(self.gateway.urls[0], self._client)
+        self._pool = PoolHook(self.gateway.urls[0], self._client, token=self._admin_token)
         self.model_name = await self._served_model()
         await self._update_pool()
         self.dashboard_url = await self._dashboard()
@@ -391,7 +402,7 @@ class Supervisor:
         self.reporter.event("restarting the gateway with the new endpoint list")
         port = _port_of(self.gateway.urls[0])
         await self.gateway.stop(self.settings.stop_timeout_s)
-        self.gateway = Child(self._gateway_spec(), self.log_dir, self._env)
+        self.gateway = Child(self._gateway_spec(), self.log_dir, self._gateway_env)
         self.gateway.spawn(port)
         try:
             await self.gateway.wait_ready(self.settings.ready_timeout_s, self._client)
