@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -34,10 +35,11 @@ def start_fake_engine(*args: str, timeout: float = 30.0) -> Server:
     raise TimeoutError("fake engine not ready")
 
 
-def start_gateway(config: dict, *extra: str, env: dict[str, str] | None = None) -> Server:
+def start_gateway(config: dict, *extra: str, env: dict[str, str] | None = None,
+                  preexec_fn: Callable[[], None] | None = None) -> Server:
     """``env``: extra environment variables for the gateway (e.g. its admin token)."""
     tmp = Path(tempfile.mkdtemp(prefix="gw-cfg-"))
     path = tmp / "inferstack.yaml"
     path.write_text(yaml.safe_dump(config))
     return start_inferstack(["gateway", "serve", "--config", str(path), *extra], timeout=60,
-                            env=inferstack_env(**(env or {})))
+                            env=inferstack_env(**(env or {})), preexec_fn=preexec_fn)

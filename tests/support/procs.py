@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,10 @@ class Server:
         return self.proc.returncode
 
 
-def start_inferstack(args: list[str], timeout: float = 180.0, env: dict[str, str] | None = None) -> Server:
-    """Run `inferstack ARGS --port 0 --ready-file F` and wait until it reports its URLs."""
+def start_inferstack(args: list[str], timeout: float = 180.0, env: dict[str, str] | None = None,
+                     preexec_fn: Callable[[], None] | None = None) -> Server:
+    """Run `inferstack ARGS --port 0 --ready-file F` and wait until it reports its URLs.
+    ``preexec_fn`` runs in the child before exec (e.g. to ignore a signal the test provokes)."""
     tmp = Path(tempfile.mkdtemp(prefix="inferstack-test-"))
     ready_file = tmp / "ready.json"
     log_path = tmp / "server.log"
@@ -67,7 +70,8 @@ def start_inferstack(args: list[str], timeout: float = 180.0, env: dict[str, str
     if "--port" not in args:
         cmd += ["--port", "0"]
     log = log_path.open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or inferstack_env())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or inferstack_env(),
+                            preexec_fn=preexec_fn)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
