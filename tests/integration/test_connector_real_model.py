@@ -71,8 +71,8 @@ def prefill_proc(redis_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decode_llm(redis_url):
-    return LLM("smollm2-135m", dtype="float32", num_threads=1, kv_role="decode", kv_tiers="host,redis",
-               kv_redis_url=redis_url)
+    return LLM("smollm2-135m", dtype="float32", num_threads=1, kv_role="decode", kv_transfer_peers=("127.0.0.1",),
+               kv_tiers="host,redis", kv_redis_url=redis_url)
 
 
 def _parts(llm: LLM) -> tuple[PDConnector, KVStoreConnector]:

@@ -37,6 +37,10 @@ class ByteTokenizer:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))  # no special tokens
+
 
 class FakeEngine:
     """Emits the bytes of ``reply`` (default: the prompt's last 8 bytes, reversed) one per step."""

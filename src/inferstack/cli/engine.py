@@ -163,6 +163,13 @@ def serve(
              "decode: pull it (docs/disaggregation.md).")] = None,
     kv_transfer_port: Annotated[int | None, typer.Option(
         help="--role prefill: TCP port of the KV transfer server (0: the OS picks).")] = None,
+    kv_transfer_peers: Annotated[str | None, typer.Option(
+        help="--role decode: prefill engines this engine may pull KV from, HOST or HOST:PORT, comma-separated. "
+             "A decode engine never connects elsewhere, whatever a request names.")] = None,
+    kv_transfer_secret: Annotated[str | None, typer.Option(
+        envvar="INFERSTACK_KV_TRANSFER_SECRET", show_default=False,
+        help="Secret shared by a stack's prefill and decode engines (read from $INFERSTACK_KV_TRANSFER_SECRET; "
+             "inferstack up sets it): prefill signs where its KV is held, decode pulls only signed locations.")] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models),
     with /tokenize, /detokenize, /health, /ready and Prometheus /metrics (vLLM metric names).
@@ -214,7 +221,8 @@ def serve(
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,
             enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
             kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
-            kv_transfer_port=kv_transfer_port)
+            kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret,
+            kv_transfer_peers=tuple(kv_transfer_peers.split(",")) if kv_transfer_peers else None)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

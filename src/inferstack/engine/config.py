@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30     # 1 GiB: two replicas of the bundled model fit in 24 GiB easily
@@ -38,6 +38,10 @@ class EngineConfig:
     kv_role: Literal["both", "prefill", "decode"] = "both"
     kv_transfer_host: str = "127.0.0.1"         # prefill role: where the KV transfer server listens
     kv_transfer_port: int = 0
+    # PD SSRF guard (engine/connector/peers.py): a decode engine pulls only from listed peers and/or
+    # params signed with the shared secret; a prefill engine signs what it returns with the secret.
+    kv_transfer_peers: tuple[str, ...] = ()
+    kv_transfer_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -48,6 +52,10 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.kv_role not in ("both", "prefill", "decode"):
             raise ValueError(f"kv_role must be both, prefill or decode, got {self.kv_role!r}")
+        if self.kv_role == "decode" and not (self.kv_transfer_peers or self.kv_transfer_secret):
+            raise ValueError("--role decode pulls KV from the peers named in each request: allow them with "
+                             "--kv-transfer-peers HOST[:PORT],... or share a secret with the prefill engines "
+                             "in $INFERSTACK_KV_TRANSFER_SECRET (inferstack up does this for you)")
         if self.kv_tiers:
             from inferstack.engine.connector.factory import kvstore_config
 

@@ -37,7 +37,6 @@ from inferstack.engine.serving import (
     Generation,
     Prepared,
     TokenTexts,
-    apply_template,
     chat_full,
     chat_messages,
     chat_stream,
@@ -46,6 +45,7 @@ from inferstack.engine.serving import (
     completion_full,
     completion_stream,
     encode,
+    encode_chat,
     prepare_chat,
     prepare_completion,
 )
@@ -309,8 +309,7 @@ class Handlers:
             if not req.messages:
                 raise bad_request("messages must not be empty", "messages")
             add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
-            text = apply_template(engine, chat_messages(req.messages), add_gen)
-            ids = await encode(engine, text, bool(req.add_special_tokens))
+            ids = await encode_chat(engine, chat_messages(req.messages), add_gen, bool(req.add_special_tokens))
         else:
             special = True if req.add_special_tokens is None else req.add_special_tokens
             ids = await encode(engine, req.prompt or "", special)

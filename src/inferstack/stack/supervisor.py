@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -120,6 +121,9 @@ class Supervisor:
         src = str(Path(inferstack.__file__).resolve().parents[1])
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
+        # PD engines sign and check KV transfer locations with it (engine/connector/peers.py); one per
+        # stack unless the operator shares one across hosts. Restarted engines keep the same one.
+        env.setdefault("INFERSTACK_KV_TRANSFER_SECRET", secrets.token_hex(32))
         return env
 
     # ---- start -------------------------------------------------------------------------------------

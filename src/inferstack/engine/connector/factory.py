@@ -11,6 +11,7 @@ from inferstack.engine.config import EngineConfig
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
+from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.stats import ConnectorCollector, TransferCollector
 from inferstack.engine.connector.transfer import LinkModel
 from inferstack.engine.kv.hashing import CHUNK_SIZE, KVKeySpace
@@ -31,8 +32,9 @@ def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key
     ``link`` is the network an emulated engine's PD transfers stand for."""
     connectors: list[KVConnectorBase] = []
     if config.kv_role != "both":
-        connectors.append(PDConnector(config.kv_role, block_size=config.block_size, host=config.kv_transfer_host,
-                                      port=config.kv_transfer_port, link=link))
+        trust = TransferTrust.from_config(config.kv_transfer_peers, config.kv_transfer_secret)
+        connectors.append(PDConnector(config.kv_role, trust=trust, block_size=config.block_size,
+                                      host=config.kv_transfer_host, port=config.kv_transfer_port, link=link))
     store_cfg = kvstore_config(config)
     if store_cfg.enabled:
         if config.block_size * 16 != CHUNK_SIZE:
