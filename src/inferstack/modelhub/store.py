@@ -297,6 +297,9 @@ class Store:
         if target.is_dir():
             return target
         manifest = self.manifest(manifest_digest)
+        clash = file_folder_clash([layer_filepath(layer) for layer in manifest.get("layers", [])])
+        if clash:
+            raise StoreError(clash)
         tmp = Path(tempfile.mkdtemp(dir=self.root / "models", prefix=f".tmp-{hex_of(manifest_digest)[:12]}-"))
         try:
             for layer in manifest.get("layers", []):
@@ -355,6 +358,16 @@ class Store:
         keep.update(layer["digest"] for layer in m.get("layers", []))
         for ref in self.referrers(digest):
             self._mark(ref["digest"], keep)
+
+
+def file_folder_clash(paths: list[PurePosixPath]) -> str | None:
+    """Why these layer paths cannot all be files (`a` and `a/b`: `a` would be a file and a folder)."""
+    files = {str(p) for p in paths}
+    for p in paths:
+        for parent in p.parents:
+            if str(parent) in files:
+                return f"layer paths {parent} and {p} clash: {parent} would be both a file and a folder"
+    return None
 
 
 def layer_filepath(layer: dict[str, Any]) -> PurePosixPath:
