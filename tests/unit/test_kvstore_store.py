@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from inferstack.engine.kv.hashing import KVKeySpace, chunk_keys
-from inferstack.kvstore import ChunkLayout, KVStoreConfig, StoreEvent, TieredKVStore, parse_bytes, parse_tiers
+from inferstack.kvstore import ChunkLayout, KVStoreConfig, StoreEvent, TieredKVStore, parse_tiers
 from inferstack.kvstore.codec import HEADER_SIZE
 from inferstack.kvstore.config import build_store
 from inferstack.kvstore.tiers import DiskTier, HostTier, RedisTier
 from inferstack.kvstore.tiers.base import Tier, Value
+from inferstack.sizes import parse_size
 
 SPACE = KVKeySpace("0" * 64, "float32")
 LAYOUT = ChunkLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
@@ -264,13 +265,13 @@ def test_tier_errors_never_escape_the_store():
 
 def test_config_parsing_names_what_is_wrong(tmp_path):
     assert parse_tiers("host, disk,redis") == ["host", "disk", "redis"]
-    assert parse_bytes("4GiB") == 4 << 30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes("1e6") == 10**6
+    assert parse_size("4GiB") == 4 << 30 and parse_size("512MB") == 512 * 10**6 and parse_size("1e6") == 10**6
     with pytest.raises(ValueError, match="unknown KV tier 'gpu'"):
         parse_tiers("gpu,host")
     with pytest.raises(ValueError, match="fastest first"):
         parse_tiers("disk,host")
     with pytest.raises(ValueError, match="not a byte size"):
-        parse_bytes("lots")
+        parse_size("lots")
     with pytest.raises(ValueError, match="--kv-disk-path"):
         KVStoreConfig(tiers=["disk"])
     with pytest.raises(ValueError, match="--kv-redis-url"):

@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from enum import Enum, StrEnum
 from typing import Annotated, Any
 
 import typer
 
 from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
+from inferstack.sizes import parse_size
 
 app = typer.Typer(
     help="The built-in inference engine (paged KV cache, continuous batching, prefix caching).",
     no_args_is_help=True,
 )
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30,
-          "gib": 2**30, "ti": 2**40, "tib": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([a-z]*)\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    """``"1GiB"`` -> 1073741824; also ``512MiB``, ``2G`` (decimal), ``1e9`` and plain byte counts."""
-    m = _SIZE.match(text)
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise typer.BadParameter(f"'{text}' is not a size; write e.g. 1GiB, 512MiB, 2G or 1073741824")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
 def _size_option(value: str | None) -> int | None:
-    return None if value is None else parse_size(value)
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 class Dtype(StrEnum):

@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from inferstack.sizes import parse_size
+
 TIER_NAMES = ("host", "disk", "redis")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """``"4GiB"``, ``"512MB"``, ``"1e9"`` or an int → bytes."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"not a byte size: {text!r} (use e.g. 512MiB, 4GiB, 2GB or a number of bytes)")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise ValueError(f"byte size must be positive, got {text!r}")
-    return value
-
-
 def parse_tiers(text: str | list[str]) -> list[str]:
     names = [n.strip().lower() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     for name in names:
@@ -67,7 +50,7 @@ class KVTierSettings(BaseModel):
     @field_validator("host_bytes", "disk_bytes")
     @classmethod
     def _bytes(cls, v: str | int) -> str | int:
-        parse_bytes(v)
+        parse_size(v)
         return v
 
     @field_validator("disk_path")
