@@ -226,7 +226,7 @@ def serve(
                            drain_timeout=drain_timeout, header_timeout_s=header_timeout, body_timeout_s=body_timeout)
     try:
         if profile is not None:
-            from inferstack.cli.emulate_host import serve_fleet
+            from inferstack.engine.executor.emulated_fleet import serve_fleet
 
             try:
                 code = serve_fleet(config, profile, emulate_count, options)

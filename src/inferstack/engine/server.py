@@ -49,6 +49,7 @@ from inferstack.engine.serving import (
     prepare_chat,
     prepare_completion,
 )
+from inferstack.fileio import write_ready_file
 from inferstack.protocol import responses as R
 from inferstack.protocol.errors import APIError, bad_request, error_from_exception, internal_error
 from inferstack.protocol.http_guard import guarded_protocol, read_body_within
@@ -449,17 +450,6 @@ def server_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def write_ready_file(path: str | None, urls: list[str]) -> None:
-    """Print the ready line and write it atomically (watchers never read half a line)."""
-    line = orjson.dumps({"urls": urls, "pid": os.getpid()}).decode()
-    print(line, flush=True)
-    if path:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(line + "\n")
-        os.replace(tmp, path)
-
-
 def _load_in_thread(factory: Callable[[], EngineLike]) -> asyncio.Future[EngineLike]:
     """Load the model on a daemon thread, so a signal during a long load can still end the process."""
     loop = asyncio.get_running_loop()
@@ -526,7 +516,7 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
     state.attach(engine)
     if not server.should_exit:
         log.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
-        write_ready_file(options.ready_file, [url])
+        write_ready_file(options.ready_file, {"urls": [url], "pid": os.getpid()})
     await serving
     shutdown = getattr(engine, "shutdown", None)
     if shutdown is not None:

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import httpx
 
 import inferstack
+from inferstack.fileio import atomic_write, write_ready_file
 from inferstack.stack import plan
 from inferstack.stack import prometheus as prom
 from inferstack.stack.children import Child, ChildFailed, ChildSpec, ChildState
@@ -291,12 +292,7 @@ class Supervisor:
         ready = {"urls": self.gateway.urls, "pid": os.getpid(), "dashboard": self.dashboard_url,
                  "prometheus": prom_url, "state_file": str(self.log_dir / "state.json"),
                  "log_dir": str(self.log_dir)}
-        line = json.dumps(ready)
-        print(line, flush=True)
-        if self.ready_file:
-            tmp = self.ready_file.with_suffix(".tmp")
-            tmp.write_text(line + "\n")
-            tmp.replace(self.ready_file)
+        write_ready_file(self.ready_file, ready)
 
     def _write_state(self) -> None:
         state = {
@@ -308,9 +304,7 @@ class Supervisor:
                           "state": str(c.state), "restarts": c.restarts,
                           **({"role": c.spec.role} if c.spec.role else {})} for c in self._children()],
         }
-        tmp = self.log_dir / ".state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.log_dir / "state.json")
+        atomic_write(self.log_dir / "state.json", json.dumps(state, indent=1))
 
     async def _update_pool(self) -> None:
         if self._pool is None:

