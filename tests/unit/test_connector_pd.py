@@ -11,7 +11,7 @@ from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import LinkModel, TransferSpec
-from inferstack.kvstore import TieredKVStore
+from inferstack.kvstore import KVStoreConfig, TieredKVStore
 from inferstack.kvstore.tiers import DiskTier
 from inferstack.telemetry.promtext import parse
 from support.kv_toy import BS, LAYOUT, PROMPT, SPACE, ToyEngine, baseline
@@ -128,7 +128,7 @@ def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
     from inferstack.engine.connector.factory import build_connector, connector_collectors
 
     caches = [torch.zeros(2, 128, BS, 2, 4, dtype=torch.float64) for _ in range(2)]
-    cfg = EngineConfig(model="unused", kv_role="decode", kv_tiers="host", kv_host_bytes=1 << 26,
+    cfg = EngineConfig(model="unused", kv_role="decode", kv_store=KVStoreConfig(tiers="host", host_bytes=1 << 26),
                        kv_transfer_secret="stack-secret")
     connector = build_connector(cfg, caches, SPACE)
     assert isinstance(connector, MultiConnector)

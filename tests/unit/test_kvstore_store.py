@@ -325,8 +325,17 @@ def test_inferstack_yaml_kv_section_becomes_engine_flags(tmp_path):
         assert argv[argv.index("--kv-disk-path") + 1] == "/logs/kv-disk"
         assert argv[argv.index("--kv-redis-url") + 1] == "redis://127.0.0.1:7/0"
     assert not KVTierSettings(tiers="redis", redis_url="redis://h:1/0").needs_redis_server
+    # one settings object, one set of defaults: yaml -> flags -> EngineConfig gives the yaml's store settings
+    from inferstack.cli.engine import build_engine_config
+    from inferstack.kvstore.settings import DEFAULT_HOST_BYTES
+
+    yaml_store = KVTierSettings(tiers="host,disk").store_config("/logs/kv-disk")
+    assert yaml_store.host_bytes == DEFAULT_HOST_BYTES == KVStoreConfig().host_bytes
+    argv = yaml_store.engine_args()
+    flags = {argv[i][2:].replace("-", "_"): argv[i + 1] for i in range(0, len(argv), 2)}
+    assert build_engine_config("m", **flags).kv_store == yaml_store
     with pytest.raises(ValueError, match="needs redis_url"):
-        KVTierSettings(tiers=["redis"]).engine_args("/logs/kv-disk")
+        KVTierSettings(tiers=["redis"]).store_config("/logs/kv-disk")
     with pytest.raises(ValueError, match="fastest first"):
         KVTierSettings(tiers="redis,host", redis_url="redis://127.0.0.1:1/0")
     with pytest.raises(ValueError, match="not a byte size"):

@@ -59,11 +59,15 @@ def build_engine_config(model: str, **options: Any) -> Any:
     message naming the bad value.
     """
     from inferstack.engine.config import EngineConfig
+    from inferstack.kvstore.settings import KVStoreConfig
 
     kv_cache_bytes = options.pop("kv_cache_bytes", None)
-    for tier_size in ("kv_host_bytes", "kv_disk_bytes"):      # KV tiers (docs/kv-cache.md)
-        if isinstance(options.get(tier_size), str):
-            options[tier_size] = parse_size(options[tier_size])
+    # KV tiers (docs/kv-cache.md): --kv-* flags become the store's one settings object
+    tier_flags = {name: options.pop(f"kv_{name}", None) for name in ("host_bytes", "disk_path", "disk_bytes",
+                                                                       "redis_url")}
+    tiers = options.pop("kv_tiers", None)
+    if tiers:
+        options["kv_store"] = KVStoreConfig(tiers=tiers, **{k: v for k, v in tier_flags.items() if v is not None})
     if "role" in options:
         options["kv_role"] = options.pop("role")
     fields: dict[str, Any] = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}

@@ -162,7 +162,7 @@ def output_ids(tokenizer: Tokenizer) -> list[int]:
 
 def check_emulation(config: EngineConfig, profile: Profile) -> None:
     """Raise ValueError, naming the fix, when ``profile`` cannot emulate an engine with ``config``."""
-    if config.kv_tiers:
+    if config.kv_store.enabled:
         raise ValueError("--kv-tiers needs a real engine: an emulated engine holds no KV bytes to store")
     if config.kv_role != "both" and profile.hardware.net_bandwidth <= 0:
         raise ValueError(f"--role {config.kv_role}: hardware {profile.hardware.name!r} has no network bandwidth "
