@@ -58,9 +58,14 @@ class FakeEngine:
         self._abort_events: dict[str, asyncio.Event] = {}
         self._stats = EngineStats(num_kv_blocks=64)
 
+    error: BaseException | None = None
+
     def stats(self) -> EngineStats:
         self._stats.num_running = sum(self.running.values())
         return self._stats
+
+    def metric_collectors(self) -> list:
+        return []
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

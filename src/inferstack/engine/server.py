@@ -86,12 +86,8 @@ class ServerState:
         self.engine = engine
         self.token_texts = TokenTexts(engine.tokenizer)
         self.metrics.bind(engine.model_name, engine.stats)
-        core = getattr(engine, "core", None)
-        if core is not None:       # KV tiers and PD transfer metrics (docs/kv-cache.md)
-            from inferstack.engine.connector.factory import connector_collectors
-
-            for collector in connector_collectors(core.scheduler.connector, engine.model_name):
-                self.metrics.registry.register(collector)
+        for collector in engine.metric_collectors():
+            self.metrics.registry.register(collector)
 
     def ready_engine(self) -> EngineLike:
         if self.engine is None:
@@ -327,7 +323,7 @@ class Handlers:
 
     async def health(self, request: Request) -> Response:
         engine = self.state.engine
-        error = getattr(engine, "error", None) if engine is not None else None
+        error = engine.error if engine is not None else None
         if error is not None:
             return json_response({"status": "dead", "error": str(error)}, status=503)
         return json_response({"status": "ok"})
@@ -518,9 +514,7 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
         log.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
         write_ready_file(options.ready_file, {"urls": [url], "pid": os.getpid()})
     await serving
-    shutdown = getattr(engine, "shutdown", None)
-    if shutdown is not None:
-        await shutdown()
+    await engine.shutdown()
     log.info("stopped")
     return 0
 

@@ -40,7 +40,14 @@ class EngineLike(Protocol):
     tokenizer: Any
     max_model_len: int
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine stopped, or None while it runs (``/health`` says so)."""
+
     def stats(self) -> Any: ...
+    def metric_collectors(self) -> list[Any]:
+        """Prometheus collectors the server adds to its /metrics registry (KV tiers, PD transfers)."""
+    async def shutdown(self) -> None: ...
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                  priority: int = 0, cache_salt: str | None = None,
                  **kv_transfer: Any) -> AsyncGenerator[RequestOutput, None]: ...

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from inferstack.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from inferstack.engine.executor.base import ExecutorOutput
+from inferstack.engine.executor.base import Executor, ExecutorOutput
 from inferstack.engine.request import Request
 from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.engine.tokenizer import Tokenizer
@@ -214,23 +214,23 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
 class _TimedExecutor:
     """Wraps the real executor and records each step's shape and wall time (calibration)."""
 
-    def __init__(self, inner: object) -> None:
+    def __init__(self, inner: Executor) -> None:
         self.inner = inner
-        self.num_kv_blocks = inner.num_kv_blocks  # type: ignore[attr-defined]
-        self.block_size = inner.block_size  # type: ignore[attr-defined]
+        self.num_kv_blocks = inner.num_kv_blocks
+        self.block_size = inner.block_size
         self.samples: list = []
 
     def execute(self, batch: SchedulerOutput) -> ExecutorOutput:
         from inferstack.sim.calibrate import StepSample
 
         t0 = time.perf_counter()
-        out = self.inner.execute(batch)  # type: ignore[attr-defined]
+        out = self.inner.execute(batch)
         dt = time.perf_counter() - t0
         self.samples.append(StepSample(tuple(SeqWork(s.start, s.num_new_tokens, s.sample) for s in batch.seqs), dt))
         return out
 
     def release(self, request_id: str) -> None:
-        getattr(self.inner, "release", lambda _: None)(request_id)
+        self.inner.release(request_id)
 
 
 def measure_real_steps(config: EngineConfig, batch_sizes: Sequence[int] = (1, 2, 4, 8),
