@@ -96,7 +96,7 @@ def main() -> None:
         colo.stop()
 
     prefill = start_inferstack([*base, "--role", "prefill"])
-    decode = start_inferstack([*base, "--role", "decode"])
+    decode = start_inferstack([*base, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
     try:
         async def pd_long(client, prompt):
             t0 = time.perf_counter()

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from inferstack.engine.kv.hashing import KVKeySpace, chunk_keys
-from inferstack.kvstore import ChunkLayout, TieredKVStore
+from inferstack.kvstore import ChunkLayout, KVStoreConfig, TieredKVStore
 from inferstack.kvstore.tiers import DiskTier, HostTier, RedisTier
 
 
@@ -88,7 +88,7 @@ def ttft(model: str, tiers: dict, tokens: int, repeats: int, threads: int) -> No
     from inferstack.engine.llm import LLM
     from inferstack.engine.sampling_params import SamplingParams
 
-    llm = LLM(model, dtype="float32", num_threads=threads, kv_tiers="host", kv_host_bytes=1 << 30)
+    llm = LLM(model, dtype="float32", num_threads=threads, kv_store=KVStoreConfig(tiers="host", host_bytes=1 << 30))
     core = llm.engine.core
     conn = core.scheduler.connector
     assert isinstance(conn, KVStoreConnector)

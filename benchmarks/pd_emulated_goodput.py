@@ -84,7 +84,8 @@ def start_fleet(fleet: Fleet, profile: str, engine_args: list[str]) -> tuple[lis
         pool: dict = {"endpoints": endpoints}
     else:
         link = ["--emulate-kv-link-gbps", str(fleet.link_gbps)] if fleet.link_gbps else []
-        engines = [start_emulated_fleet(profile, n, "--role", role, *link, *engine_args)
+        peers = {"prefill": [], "decode": ["--kv-transfer-peers", "127.0.0.1"]}
+        engines = [start_emulated_fleet(profile, n, "--role", role, *peers[role], *link, *engine_args)
                    for role, n in (("prefill", fleet.prefill), ("decode", fleet.decode))]
         endpoints = [{"url": u, "role": role, "name": f"{role}-{i}"}
                      for proc, role in zip(engines, ("prefill", "decode"), strict=True)

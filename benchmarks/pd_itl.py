@@ -167,7 +167,7 @@ def run_fleet(kind: str, args: argparse.Namespace) -> dict:
         budget = ["--max-num-batched-tokens", str(args.chunk_tokens)]
         engines = [engine("both", 0, *budget), engine("both", 1, *budget)]
     else:
-        engines = [engine("prefill", 0), engine("decode", 1)]
+        engines = [engine("prefill", 0), engine("decode", 1, "--kv-transfer-peers", "127.0.0.1")]
     gw = None
     try:
         urls = [e.wait() for e in engines]

@@ -19,7 +19,7 @@ import pytest
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
 from inferstack.engine.llm import LLM
-from inferstack.kvstore import TieredKVStore
+from inferstack.kvstore import KVStoreConfig, TieredKVStore
 from inferstack.kvstore.tiers import DiskTier
 from support.kv_engine import prompts, run_request
 from support.kv_redis import redis_server
@@ -32,10 +32,11 @@ PROMPT_LEN, NEW_TOKENS = 520, 6     # 32 full blocks + 8 tokens: two reusable ch
 PREFILL = """
 import json, sys
 from inferstack.engine.llm import LLM
+from inferstack.kvstore import KVStoreConfig
 from support.kv_engine import prompts, run_request
 cfg = json.loads(sys.argv[1])
-llm = LLM("smollm2-135m", dtype="float32", num_threads=1, kv_role="prefill", kv_tiers="host,disk,redis",
-          kv_disk_path=cfg["disk"], kv_redis_url=cfg["redis"])
+llm = LLM("smollm2-135m", dtype="float32", num_threads=1, kv_role="prefill",
+          kv_store=KVStoreConfig(tiers="host,disk,redis", disk_path=cfg["disk"], redis_url=cfg["redis"]))
 core = llm.engine.core
 results = []
 for ids in prompts(llm.tokenizer, 4, cfg["len"]):
@@ -71,8 +72,8 @@ def prefill_proc(redis_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decode_llm(redis_url):
-    return LLM("smollm2-135m", dtype="float32", num_threads=1, kv_role="decode", kv_tiers="host,redis",
-               kv_redis_url=redis_url)
+    return LLM("smollm2-135m", dtype="float32", num_threads=1, kv_role="decode", kv_transfer_peers=("127.0.0.1",),
+               kv_store=KVStoreConfig(tiers="host,redis", redis_url=redis_url))
 
 
 def _parts(llm: LLM) -> tuple[PDConnector, KVStoreConnector]:

@@ -61,7 +61,7 @@ def test_prefill_and_decode_servers_over_http():
         leg1 = complete(prefill.url, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         params = leg1["kv_transfer_params"]
         assert params["do_remote_prefill"] and params["remote_port"] > 0 and params["remote_num_blocks"] >= 32
-        decode = start_inferstack([*base, "--role", "decode"])
+        decode = start_inferstack([*base, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
         leg2 = complete(decode.url, kv_transfer_params=params)
         assert leg2["choices"][0]["text"] == reference
         assert "kv_transfer_params" not in leg2

@@ -225,6 +225,11 @@ def test_path_traversal_and_foreign_artifacts_are_refused(tmp_path: Path, regist
             for key in (mt.ANN_FILEPATH, mt.ANN_TITLE):
                 m["layers"][0]["annotations"][key] = evil
             c.put_manifest("models/tiny", name, json.dumps(m).encode(), mt.OCI_MANIFEST)
+        clash = json.loads(json.dumps(manifest))  # issue 19: `a` and `a/b` gave a raw "File exists"
+        for layer, path in zip(clash["layers"][:2], ("a", "a/b"), strict=True):
+            for key in (mt.ANN_FILEPATH, mt.ANN_TITLE):
+                layer["annotations"][key] = path
+        c.put_manifest("models/tiny", "clash", json.dumps(clash).encode(), mt.OCI_MANIFEST)
         image = json.loads(json.dumps(manifest))
         image.pop("artifactType")
         image["config"]["mediaType"] = "application/vnd.oci.image.config.v1+json"
@@ -235,6 +240,9 @@ def test_path_traversal_and_foreign_artifacts_are_refused(tmp_path: Path, regist
             pull_model(dest, parse_reference(f"{registry.host}/models/tiny:{name}"), c)
     with RegistryClient(registry.host, plain_http=True) as c, pytest.raises(RegistryError, match="not a ModelPack"):
         pull_model(dest, parse_reference(f"{registry.host}/models/tiny:image"), c)
+    with RegistryClient(registry.host, plain_http=True) as c, pytest.raises(
+            RegistryError, match="layer paths a and a/b clash: a would be both a file and a folder"):
+        pull_model(dest, parse_reference(f"{registry.host}/models/tiny:clash"), c)
     assert dest.refs() == {} and not list((dest.root / "blobs" / "sha256").iterdir())
 
 

@@ -31,7 +31,7 @@ def stack():
     prefill = start_inferstack([*ENGINE, "--role", "prefill"])
     decode = gw = None
     try:
-        decode = start_inferstack([*ENGINE, "--role", "decode"])
+        decode = start_inferstack([*ENGINE, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
         gw = start_gateway({
             # active health checks rarely, so a killed prefill engine is found by the prefill leg
             "gateway": {"health_interval_s": 300, "max_retries": 0},

@@ -6,19 +6,9 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-import pytest
-from tests.support.procs import Server, start_inferstack
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Server]:
-    srv = start_inferstack(["engine", "serve", "--emulate", "cpu:smollm2-135m", "--header-timeout", "1",
-                            "--body-timeout", "1"])
-    yield srv
-    srv.stop()
+from tests.support.procs import Server
 
 
 def _connect(srv: Server) -> socket.socket:

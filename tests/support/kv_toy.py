@@ -29,6 +29,9 @@ class PagedToyExecutor:
         self.kv_caches = [torch.zeros(2, num_blocks, BS, HEADS, DIM, dtype=torch.float64) for _ in range(LAYERS)]
         self.computed_prompt_tokens = 0
 
+    def release(self, request_id: str) -> None:
+        """Greedy and stateless: nothing is kept per request."""
+
     def execute(self, batch: SchedulerOutput) -> ExecutorOutput:
         out = ExecutorOutput()
         for seq in batch.seqs:

@@ -37,6 +37,10 @@ class ByteTokenizer:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))  # no special tokens
+
 
 class FakeEngine:
     """Emits the bytes of ``reply`` (default: the prompt's last 8 bytes, reversed) one per step."""
@@ -54,9 +58,14 @@ class FakeEngine:
         self._abort_events: dict[str, asyncio.Event] = {}
         self._stats = EngineStats(num_kv_blocks=64)
 
+    error: BaseException | None = None
+
     def stats(self) -> EngineStats:
         self._stats.num_running = sum(self.running.values())
         return self._stats
+
+    def metric_collectors(self) -> list:
+        return []
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -58,7 +58,10 @@ def test_report_from_inferstack_yaml(tmp_path: Path) -> None:
     items = {i["article"]: i for i in data["checklist"]}
     assert items["Art. 12(1)"]["status"] == "pass"
     assert items["Art. 12(2)(a)"]["status"] == "fail" and "embed" in items["Art. 12(2)(a)"]["evidence"]
-    assert items["Art. 50(2)"]["status"] == "manual"
+    assert items["Art. 50(2)"]["status"] == "manual" and items["Art. 13(3)(f)"]["status"] == "manual"
+    # derived from the records: these lack tenant, key id, digest and token counts
+    monitoring = items["Art. 12(2)(b)-(c)"]
+    assert monitoring["status"] == "fail" and "tenant (3 records)" in monitoring["evidence"]
     html = CliRunner().invoke(app, ["compliance", "report", "--config", str(cfg), "--format", "html",
                                     "--out", str(tmp_path / "r.html")])
     assert html.exit_code == 0 and (tmp_path / "r.html").read_text().startswith("<!doctype html>")
@@ -66,3 +69,22 @@ def test_report_from_inferstack_yaml(tmp_path: Path) -> None:
     bad.write_text("audit:\n  retention_days: 7\n")
     res = CliRunner().invoke(app, ["compliance", "report", "--config", str(bad)])
     assert res.exit_code == 2 and "bad.yaml:2" in res.output
+
+
+def test_monitoring_item_passes_only_on_complete_records(tmp_path: Path) -> None:
+    from inferstack.compliance.report import CheckItem, checklist, logging_evidence
+    from inferstack.modelhub.policy import TrustPolicy
+
+    cfg = AuditConfig(directory=tmp_path / "a", fsync=False)
+
+    def item() -> CheckItem:
+        items = checklist([], logging_evidence(cfg), TrustPolicy(), {})
+        return next(i for i in items if i.article == "Art. 12(2)(b)-(c)")
+
+    with AuditLog(cfg) as log:
+        log.append_nowait(AuditRecord(status=401, latency_ms=1.0, error="invalid_api_key"))
+    assert item().status == "manual"                  # nothing served yet: nothing to judge
+    with AuditLog(cfg) as log:
+        log.append_nowait(AuditRecord(model="m", status=200, latency_ms=3.0, tenant="t", key_id="k",
+                                      model_digest="sha256:" + "b" * 64, prompt_tokens=5, completion_tokens=2))
+    assert item().status == "pass"

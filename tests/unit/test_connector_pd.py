@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
+from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import LinkModel, TransferSpec
-from inferstack.kvstore import TieredKVStore
+from inferstack.kvstore import KVStoreConfig, TieredKVStore
 from inferstack.kvstore.tiers import DiskTier
+from inferstack.telemetry.promtext import parse
 from support.kv_toy import BS, LAYOUT, PROMPT, SPACE, ToyEngine, baseline
 
 PREFILL_PARAMS = {"do_remote_decode": True}
+TRUST = TransferTrust(secret=b"stack-secret")
 
 
 @pytest.fixture
 def prefill():
-    engine = ToyEngine(PDConnector("prefill", block_size=BS, hold_s=30))
+    engine = ToyEngine(PDConnector("prefill", trust=TRUST, block_size=BS, hold_s=30))
     yield engine
     engine.connector.shutdown()
 
 
-def decode_engine(**kw) -> ToyEngine:
-    return ToyEngine(PDConnector("decode", block_size=BS, **kw))
+def decode_engine(trust: TransferTrust = TRUST, **kw) -> ToyEngine:
+    return ToyEngine(PDConnector("decode", trust=trust, block_size=BS, **kw))
 
 
 def run_prefill(prefill: ToyEngine, prompt=PROMPT, rid="p1", salt=None) -> dict:
@@ -105,7 +109,7 @@ def test_decider_skips_the_pull_when_few_tokens_would_come(prefill):
 def test_decode_engine_saves_pulled_kv_to_its_tiers_for_other_replicas(prefill, tmp_path):
     params = run_prefill(prefill)
     store = TieredKVStore([DiskTier(tmp_path, 1 << 30)], LAYOUT, SPACE.root)
-    d = ToyEngine(MultiConnector([PDConnector("decode", block_size=BS), KVStoreConnector(store, block_size=BS)]))
+    d = ToyEngine(MultiConnector([PDConnector("decode", trust=TRUST, block_size=BS), KVStoreConnector(store, block_size=BS)]))
     assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
     store.flush()
     store.close()
@@ -124,7 +128,8 @@ def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
     from inferstack.engine.connector.factory import build_connector, connector_collectors
 
     caches = [torch.zeros(2, 128, BS, 2, 4, dtype=torch.float64) for _ in range(2)]
-    cfg = EngineConfig(model="unused", kv_role="decode", kv_tiers="host", kv_host_bytes=1 << 26)
+    cfg = EngineConfig(model="unused", kv_role="decode", kv_store=KVStoreConfig(tiers="host", host_bytes=1 << 26),
+                       kv_transfer_secret="stack-secret")
     connector = build_connector(cfg, caches, SPACE)
     assert isinstance(connector, MultiConnector)
     d = ToyEngine(connector)
@@ -133,14 +138,55 @@ def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
     registry = CollectorRegistry()
     for c in connector_collectors(connector, "toy"):
         registry.register(c)
-    text = generate_latest(registry).decode()
-    assert 'inferstack_kv_transfers_total{direction="recv",model_name="toy",transport="shm"} 1.0' in text
-    assert 'inferstack_kv_connector_loaded_tokens_total{connector="pd",model_name="toy"} 512.0' in text
-    assert 'inferstack_kv_tier_writes_total{model_name="toy",tier="host"}' in text
-    assert "inferstack_kv_connector_fetch_seconds_bucket" in text
+    connector.connectors[1].store.flush()      # the pulled chunks reach the host tier through write-back
+    scrape = parse(generate_latest(registry).decode(), t=0.0)
+    assert scrape.select("inferstack_kv_transfers_total", direction="recv", transport="shm") == {
+        (("direction", "recv"), ("model_name", "toy"), ("transport", "shm")): 1.0}
+    assert sum(scrape.select("inferstack_kv_connector_loaded_tokens_total", connector="pd").values()) == 512
+    assert sum(scrape.select("inferstack_kv_tier_writes_total", tier="host").values()) == 512 // 256
+    assert sum(scrape.select("inferstack_kv_connector_fetch_seconds_count").values()) == 1
     connector.shutdown()
     with pytest.raises(ValueError, match="kv_role"):
         EngineConfig(model="m", kv_role="middle")
+    with pytest.raises(ValueError, match="--kv-transfer-peers"):
+        EngineConfig(model="m", kv_role="decode")
+
+
+def _listener() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.mark.parametrize("how", ["unsigned", "forged_signature", "resigned_elsewhere", "peer_not_listed"])
+def test_decode_never_connects_where_unvetted_params_point(prefill, how):
+    """SSRF guard: params a client could write (no or wrong signature, unlisted peer) open no connection."""
+    trap = _listener()
+    params = {**run_prefill(prefill), "remote_host": "127.0.0.1", "remote_port": trap.getsockname()[1]}
+    trust = TRUST
+    if how == "unsigned":
+        params.pop("transfer_sig")
+    elif how == "forged_signature":
+        params["transfer_sig"] = "0" * 64
+    elif how == "resigned_elsewhere":
+        params = TransferTrust(secret=b"attacker").sign(params)
+    else:
+        trust = TransferTrust(peers=frozenset({"10.0.0.9"}))
+    d = decode_engine(trust=trust)
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    assert d.connector.stats.peers_refused == 1 and d.sched.counters.external_prefix_cache_hits == 0
+    with pytest.raises(BlockingIOError):
+        trap.accept()
+    trap.close()
+
+
+def test_a_listed_peer_is_pulled_from_without_a_secret(prefill):
+    params = run_prefill(prefill)
+    d = decode_engine(trust=TransferTrust(peers=frozenset({"127.0.0.1"})))
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    assert d.sched.counters.external_prefix_cache_hits == 512 and d.connector.stats.peers_refused == 0
 
 
 def test_link_model_paces_a_pull_and_counts_the_modelled_bytes():
@@ -153,7 +199,7 @@ def test_link_model_paces_a_pull_and_counts_the_modelled_bytes():
         return 0.3
 
     link = LinkModel(seconds, bytes_per_token=131072.0)
-    p = ToyEngine(PDConnector("prefill", block_size=BS, hold_s=30, link=link))
+    p = ToyEngine(PDConnector("prefill", trust=TRUST, block_size=BS, hold_s=30, link=link))
     try:
         params = run_prefill(p)
         d = decode_engine(link=link, allow_shm=False)

@@ -35,7 +35,7 @@ class Recorder:
         return self.inner.execute(batch)
 
     def release(self, request_id: str) -> None:
-        getattr(self.inner, "release", lambda _: None)(request_id)
+        self.inner.release(request_id)
 
 
 def drive(core: EngineCore) -> None:

@@ -1,9 +1,9 @@
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from inferstack.cli.engine import build_engine_config, parse_size
+from inferstack.cli.engine import build_engine_config
 from inferstack.cli.main import app
+from inferstack.sizes import parse_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -14,9 +14,9 @@ def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "12XB", "-1GiB", "1..2G"])
+@pytest.mark.parametrize("text", ["", "GiB", "12XB", "-1GiB", "1..2G", "0"])
 def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(typer.BadParameter):
+    with pytest.raises(ValueError, match="byte size"):
         parse_size(text)
 
 

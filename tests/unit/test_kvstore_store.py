@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from inferstack.engine.kv.hashing import KVKeySpace, chunk_keys
-from inferstack.kvstore import ChunkLayout, KVStoreConfig, StoreEvent, TieredKVStore, parse_bytes, parse_tiers
+from inferstack.kvstore import ChunkLayout, KVStoreConfig, StoreEvent, TieredKVStore, parse_tiers
 from inferstack.kvstore.codec import HEADER_SIZE
 from inferstack.kvstore.config import build_store
 from inferstack.kvstore.tiers import DiskTier, HostTier, RedisTier
 from inferstack.kvstore.tiers.base import Tier, Value
+from inferstack.sizes import parse_size
 
 SPACE = KVKeySpace("0" * 64, "float32")
 LAYOUT = ChunkLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
@@ -264,13 +265,13 @@ def test_tier_errors_never_escape_the_store():
 
 def test_config_parsing_names_what_is_wrong(tmp_path):
     assert parse_tiers("host, disk,redis") == ["host", "disk", "redis"]
-    assert parse_bytes("4GiB") == 4 << 30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes("1e6") == 10**6
+    assert parse_size("4GiB") == 4 << 30 and parse_size("512MB") == 512 * 10**6 and parse_size("1e6") == 10**6
     with pytest.raises(ValueError, match="unknown KV tier 'gpu'"):
         parse_tiers("gpu,host")
     with pytest.raises(ValueError, match="fastest first"):
         parse_tiers("disk,host")
     with pytest.raises(ValueError, match="not a byte size"):
-        parse_bytes("lots")
+        parse_size("lots")
     with pytest.raises(ValueError, match="--kv-disk-path"):
         KVStoreConfig(tiers=["disk"])
     with pytest.raises(ValueError, match="--kv-redis-url"):
@@ -324,8 +325,17 @@ def test_inferstack_yaml_kv_section_becomes_engine_flags(tmp_path):
         assert argv[argv.index("--kv-disk-path") + 1] == "/logs/kv-disk"
         assert argv[argv.index("--kv-redis-url") + 1] == "redis://127.0.0.1:7/0"
     assert not KVTierSettings(tiers="redis", redis_url="redis://h:1/0").needs_redis_server
+    # one settings object, one set of defaults: yaml -> flags -> EngineConfig gives the yaml's store settings
+    from inferstack.cli.engine import build_engine_config
+    from inferstack.kvstore.settings import DEFAULT_HOST_BYTES
+
+    yaml_store = KVTierSettings(tiers="host,disk").store_config("/logs/kv-disk")
+    assert yaml_store.host_bytes == DEFAULT_HOST_BYTES == KVStoreConfig().host_bytes
+    argv = yaml_store.engine_args()
+    flags = {argv[i][2:].replace("-", "_"): argv[i + 1] for i in range(0, len(argv), 2)}
+    assert build_engine_config("m", **flags).kv_store == yaml_store
     with pytest.raises(ValueError, match="needs redis_url"):
-        KVTierSettings(tiers=["redis"]).engine_args("/logs/kv-disk")
+        KVTierSettings(tiers=["redis"]).store_config("/logs/kv-disk")
     with pytest.raises(ValueError, match="fastest first"):
         KVTierSettings(tiers="redis,host", redis_url="redis://127.0.0.1:1/0")
     with pytest.raises(ValueError, match="not a byte size"):

@@ -88,12 +88,26 @@ def test_wrong_key_unsigned_and_policy(tmp_path: Path, keys: dict[str, Path]) ->
 
 def test_allow_unsigned_files_and_engine_digest_caches(tmp_path: Path, keys: dict[str, Path]) -> None:
     model = _signed_model(tmp_path, keys)
-    (model / "model.safetensors.sha256").write_text("123:456 abc\n")  # the engine's digest cache is not content
+    cache = model / "model.safetensors.sha256"
+    cache.write_text("123:456 abc\n")  # a digest cache names the model's digest: unsigned, so removed
     assert verify_before_load(model, _policy(keys)).status == "verified"
+    assert not cache.exists()
     (model / "notes.txt").write_text("x")
     with pytest.raises(ModelVerificationError):
         verify_before_load(model, _policy(keys))
     assert verify_before_load(model, _policy(keys, allow_unsigned_files=True)).files == 4
+
+
+@pytest.mark.parametrize("extra", [".git/hooks/post-checkout", ".gitattributes", ".github/x.yml"])
+def test_vcs_metadata_inside_a_verified_model_is_refused(tmp_path: Path, keys: dict[str, Path], extra: str) -> None:
+    """Issue 19 item 9: the OMS defaults skip VCS paths when hashing, so they could hide unsigned files."""
+    model = _signed_model(tmp_path, keys)
+    (model / extra).parent.mkdir(parents=True, exist_ok=True)
+    (model / extra).write_text("#!/bin/sh\n")
+    with pytest.raises(ModelVerificationError, match="no signature covers") as e:
+        verify_before_load(model, _policy(keys))
+    assert e.value.files == [extra]
+    assert verify_before_load(model, _policy(keys, allow_unsigned_files=True)).status == "verified"
 
 
 def test_single_file_model(tmp_path: Path, keys: dict[str, Path]) -> None:

@@ -8,22 +8,25 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
+
+from inferstack.telemetry import promtext
 
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:prompt_tokens",
             "vllm:generation_tokens", "vllm:num_preemptions")
 
 
+_SAMPLES = frozenset({*GAUGES, *COUNTERS, *(c + "_total" for c in COUNTERS)})
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Sum of every sample per wanted name (over labels, e.g. model_name); counters without `_total`."""
+    scrape = promtext.parse(text, 0.0, names=_SAMPLES)
     out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        if fam.name not in GAUGES and fam.name not in COUNTERS:
-            continue
-        for s in fam.samples:
-            if s.name in (fam.name, fam.name + "_total"):
-                out[fam.name] = out.get(fam.name, 0.0) + s.value
+    for name in (*GAUGES, *COUNTERS):
+        values = [*scrape.select(name).values(), *scrape.select(name + "_total").values()]
+        if values:
+            out[name] = sum(values)
     return out
 
 

@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from enum import Enum, StrEnum
 from typing import Annotated, Any
 
 import typer
 
 from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
+from inferstack.sizes import parse_size
 
 app = typer.Typer(
     help="The built-in inference engine (paged KV cache, continuous batching, prefix caching).",
     no_args_is_help=True,
 )
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30,
-          "gib": 2**30, "ti": 2**40, "tib": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([a-z]*)\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    """``"1GiB"`` -> 1073741824; also ``512MiB``, ``2G`` (decimal), ``1e9`` and plain byte counts."""
-    m = _SIZE.match(text)
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise typer.BadParameter(f"'{text}' is not a size; write e.g. 1GiB, 512MiB, 2G or 1073741824")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
 def _size_option(value: str | None) -> int | None:
-    return None if value is None else parse_size(value)
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 class Dtype(StrEnum):
@@ -71,11 +59,15 @@ def build_engine_config(model: str, **options: Any) -> Any:
     message naming the bad value.
     """
     from inferstack.engine.config import EngineConfig
+    from inferstack.kvstore.settings import KVStoreConfig
 
     kv_cache_bytes = options.pop("kv_cache_bytes", None)
-    for tier_size in ("kv_host_bytes", "kv_disk_bytes"):      # KV tiers (docs/kv-cache.md)
-        if isinstance(options.get(tier_size), str):
-            options[tier_size] = parse_size(options[tier_size])
+    # KV tiers (docs/kv-cache.md): --kv-* flags become the store's one settings object
+    tier_flags = {name: options.pop(f"kv_{name}", None) for name in ("host_bytes", "disk_path", "disk_bytes",
+                                                                       "redis_url")}
+    tiers = options.pop("kv_tiers", None)
+    if tiers:
+        options["kv_store"] = KVStoreConfig(tiers=tiers, **{k: v for k, v in tier_flags.items() if v is not None})
     if "role" in options:
         options["kv_role"] = options.pop("role")
     fields: dict[str, Any] = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
@@ -163,6 +155,13 @@ def serve(
              "decode: pull it (docs/disaggregation.md).")] = None,
     kv_transfer_port: Annotated[int | None, typer.Option(
         help="--role prefill: TCP port of the KV transfer server (0: the OS picks).")] = None,
+    kv_transfer_peers: Annotated[str | None, typer.Option(
+        help="--role decode: prefill engines this engine may pull KV from, HOST or HOST:PORT, comma-separated. "
+             "A decode engine never connects elsewhere, whatever a request names.")] = None,
+    kv_transfer_secret: Annotated[str | None, typer.Option(
+        envvar="INFERSTACK_KV_TRANSFER_SECRET", show_default=False,
+        help="Secret shared by a stack's prefill and decode engines (read from $INFERSTACK_KV_TRANSFER_SECRET; "
+             "inferstack up sets it): prefill signs where its KV is held, decode pulls only signed locations.")] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models),
     with /tokenize, /detokenize, /health, /ready and Prometheus /metrics (vLLM metric names).
@@ -214,7 +213,8 @@ def serve(
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,
             enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
             kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
-            kv_transfer_port=kv_transfer_port)
+            kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret,
+            kv_transfer_peers=tuple(kv_transfer_peers.split(",")) if kv_transfer_peers else None)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -230,7 +230,7 @@ def serve(
                            drain_timeout=drain_timeout, header_timeout_s=header_timeout, body_timeout_s=body_timeout)
     try:
         if profile is not None:
-            from inferstack.cli.emulate_host import serve_fleet
+            from inferstack.engine.executor.emulated_fleet import serve_fleet
 
             try:
                 code = serve_fleet(config, profile, emulate_count, options)

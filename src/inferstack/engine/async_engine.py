@@ -15,6 +15,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from prometheus_client.registry import Collector
+
 from inferstack.engine.builder import BuiltEngine, build_engine
 from inferstack.engine.config import EngineConfig
 from inferstack.engine.llm import expand_choices
@@ -66,6 +68,12 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def metric_collectors(self) -> list[Collector]:
+        """Prometheus collectors beyond the engine stats: KV tiers and PD transfers (docs/kv-cache.md)."""
+        from inferstack.engine.connector.factory import connector_collectors
+
+        return connector_collectors(self.core.scheduler.connector, self.model_name)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        priority: int = 0, cache_salt: str | None = None,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from inferstack.kvstore.settings import KVStoreConfig
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30     # 1 GiB: two replicas of the bundled model fit in 24 GiB easily
 
@@ -28,16 +30,15 @@ class EngineConfig:
     seed: int = 0
     kv_events_endpoint: str | None = None
     kv_events_topic: str = "kv"
-    # External KV (docs/kv-cache.md, docs/disaggregation.md); tiers listed fastest first.
-    kv_tiers: str | None = None                 # e.g. "host,disk,redis"; None = no KV store
-    kv_host_bytes: int = 4 << 30
-    kv_disk_path: str | None = None
-    kv_disk_bytes: int = 20 << 30
-    kv_redis_url: str | None = None
-    kv_redis_ttl_s: int = 3600
+    # External KV (docs/kv-cache.md, docs/disaggregation.md): tiers fastest first; no tiers = no store.
+    kv_store: KVStoreConfig = field(default_factory=KVStoreConfig)
     kv_role: Literal["both", "prefill", "decode"] = "both"
     kv_transfer_host: str = "127.0.0.1"         # prefill role: where the KV transfer server listens
     kv_transfer_port: int = 0
+    # PD SSRF guard (engine/connector/peers.py): a decode engine pulls only from listed peers and/or
+    # params signed with the shared secret; a prefill engine signs what it returns with the secret.
+    kv_transfer_peers: tuple[str, ...] = ()
+    kv_transfer_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -48,9 +49,9 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.kv_role not in ("both", "prefill", "decode"):
             raise ValueError(f"kv_role must be both, prefill or decode, got {self.kv_role!r}")
-        if self.kv_tiers:
-            from inferstack.engine.connector.factory import kvstore_config
-
-            kvstore_config(self)     # names a bad tier list, a missing --kv-disk-path or --kv-redis-url now
+        if self.kv_role == "decode" and not (self.kv_transfer_peers or self.kv_transfer_secret):
+            raise ValueError("--role decode pulls KV from the peers named in each request: allow them with "
+                             "--kv-transfer-peers HOST[:PORT],... or share a secret with the prefill engines "
+                             "in $INFERSTACK_KV_TRANSFER_SECRET (inferstack up does this for you)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

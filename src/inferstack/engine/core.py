@@ -158,9 +158,7 @@ class EngineCore:
 
     def _finish_output(self, request: Request, tokens: list[int], now: float, logprobs=None) -> RequestOutput:
         state = self._text.pop(request.request_id)
-        release = getattr(self.executor, "release", None)
-        if release is not None:
-            release(request.request_id)
+        self.executor.release(request.request_id)
         reason = request.finish_reason.value if request.finish_reason else "unknown"
         self._success[reason] = self._success.get(reason, 0) + 1
         return self._output(request, state, tokens, now, logprobs, final=True)

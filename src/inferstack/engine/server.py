@@ -36,7 +36,6 @@ from inferstack.engine.serving import (
     Generation,
     Prepared,
     TokenTexts,
-    apply_template,
     chat_full,
     chat_messages,
     chat_stream,
@@ -45,9 +44,11 @@ from inferstack.engine.serving import (
     completion_full,
     completion_stream,
     encode,
+    encode_chat,
     prepare_chat,
     prepare_completion,
 )
+from inferstack.fileio import write_ready_file
 from inferstack.protocol import responses as R
 from inferstack.protocol.errors import APIError, bad_request, error_from_exception, internal_error
 from inferstack.protocol.http_guard import guarded_protocol, read_body_within
@@ -85,12 +86,8 @@ class ServerState:
         self.engine = engine
         self.token_texts = TokenTexts(engine.tokenizer)
         self.metrics.bind(engine.model_name, engine.stats)
-        core = getattr(engine, "core", None)
-        if core is not None:       # KV tiers and PD transfer metrics (docs/kv-cache.md)
-            from inferstack.engine.connector.factory import connector_collectors
-
-            for collector in connector_collectors(core.scheduler.connector, engine.model_name):
-                self.metrics.registry.register(collector)
+        for collector in engine.metric_collectors():
+            self.metrics.registry.register(collector)
 
     def ready_engine(self) -> EngineLike:
         if self.engine is None:
@@ -299,8 +296,7 @@ class Handlers:
             if not req.messages:
                 raise bad_request("messages must not be empty", "messages")
             add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
-            text = apply_template(engine, chat_messages(req.messages), add_gen)
-            ids = await encode(engine, text, bool(req.add_special_tokens))
+            ids = await encode_chat(engine, chat_messages(req.messages), add_gen, bool(req.add_special_tokens))
         else:
             special = True if req.add_special_tokens is None else req.add_special_tokens
             ids = await encode(engine, req.prompt or "", special)
@@ -317,7 +313,7 @@ class Handlers:
 
     async def health(self, request: Request) -> Response:
         engine = self.state.engine
-        error = getattr(engine, "error", None) if engine is not None else None
+        error = engine.error if engine is not None else None
         if error is not None:
             return json_response({"status": "dead", "error": str(error)}, status=503)
         return json_response({"status": "ok"})
@@ -440,17 +436,6 @@ def server_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def write_ready_file(path: str | None, urls: list[str]) -> None:
-    """Print the ready line and write it atomically (watchers never read half a line)."""
-    line = orjson.dumps({"urls": urls, "pid": os.getpid()}).decode()
-    print(line, flush=True)
-    if path:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(line + "\n")
-        os.replace(tmp, path)
-
-
 def _load_in_thread(factory: Callable[[], EngineLike]) -> asyncio.Future[EngineLike]:
     """Load the model on a daemon thread, so a signal during a long load can still end the process."""
     loop = asyncio.get_running_loop()
@@ -517,11 +502,9 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
     state.attach(engine)
     if not server.should_exit:
         log.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
-        write_ready_file(options.ready_file, [url])
+        write_ready_file(options.ready_file, {"urls": [url], "pid": os.getpid()})
     await serving
-    shutdown = getattr(engine, "shutdown", None)
-    if shutdown is not None:
-        await shutdown()
+    await engine.shutdown()
     log.info("stopped")
     return 0
 

@@ -40,7 +40,14 @@ class EngineLike(Protocol):
     tokenizer: Any
     max_model_len: int
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine stopped, or None while it runs (``/health`` says so)."""
+
     def stats(self) -> Any: ...
+    def metric_collectors(self) -> list[Any]:
+        """Prometheus collectors the server adds to its /metrics registry (KV tiers, PD transfers)."""
+    async def shutdown(self) -> None: ...
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                  priority: int = 0, cache_salt: str | None = None,
                  **kv_transfer: Any) -> AsyncGenerator[RequestOutput, None]: ...
@@ -80,7 +87,7 @@ async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepar
     _chat_unsupported(req)
     messages = chat_messages(req.messages)
     add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
-    prompt_ids = await encode(engine, apply_template(engine, messages, add_gen))
+    prompt_ids = await encode_chat(engine, messages, add_gen)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if requested is not None and requested < 1:
         raise bad_request(f"max_tokens must be at least 1, got {requested}", "max_tokens")
@@ -167,10 +174,16 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
             for i, m in enumerate(messages)]
 
 
-def apply_template(engine: EngineLike, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+async def encode_chat(engine: EngineLike, messages: list[dict[str, str]], add_generation_prompt: bool,
+                      add_special_tokens: bool = False) -> list[int]:
+    """Render and tokenize a chat; message text never becomes a control token (Tokenizer.encode_chat)."""
+    size = sum(len(m["content"]) for m in messages)
     try:
-        return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:   # templates raise on role orders they refuse; that is the client's input
+        if size > _THREAD_TOKENIZE_CHARS:
+            return await asyncio.to_thread(engine.tokenizer.encode_chat, messages, add_generation_prompt,
+                                           add_special_tokens)
+        return engine.tokenizer.encode_chat(messages, add_generation_prompt, add_special_tokens)
+    except ValueError as exc:  # ChatTemplateError: the template refused these messages (the client's input)
         raise bad_request(f"The chat template rejected these messages: {exc}", "messages") from exc
 
 

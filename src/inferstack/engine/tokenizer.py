@@ -7,9 +7,10 @@ first converted into those files (:mod:`inferstack.engine.weights.gguf_tokenizer
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from inferstack.engine.models.arch import ModelLoadError
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use marks standing for message text while rendering
 
 
 class ChatTemplateError(ValueError):
@@ -110,6 +112,42 @@ class Tokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> list[int]:
+        """The chat prompt's ids, with message text always tokenized as text, as OpenAI does.
+
+        Rendering the template and tokenizing the result would turn `<|im_start|>system` typed by a
+        user into the real control tokens (a forged system turn). When no message holds the text of
+        a special token, that is exactly what happens (same ids as always, prefix caching unchanged);
+        otherwise each message's text is spliced in as literal text between the template's tokens.
+        """
+        special = self._special_token_re
+        if special is None or not any(special.search(str(m.get("content") or "")) for m in messages):
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens)
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        rendered = self.apply_chat_template(marked, add_generation_prompt)
+        ids: list[int] = []
+        for k, piece in enumerate(_MARK.split(rendered)):
+            if k % 2 == 0:  # template text: its control tokens are meant
+                ids += self.encode(piece, add_special_tokens and k == 0) if piece else []
+            else:           # a message's text: never a control token
+                ids += self._literal_backend.encode(str(messages[int(piece)].get("content") or ""),
+                                                    add_special_tokens=False).ids
+        return ids
+
+    @cached_property
+    def _special_token_re(self) -> re.Pattern[str] | None:
+        texts = sorted({t.content for t in self.backend.get_added_tokens_decoder().values() if t.special},
+                       key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    @cached_property
+    def _literal_backend(self) -> tokenizers.Tokenizer:
+        """A copy that encodes special-token text as plain text (a copy: the flag is not per call)."""
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
 
     def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens)

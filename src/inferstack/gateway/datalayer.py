@@ -21,6 +21,7 @@ from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build
 from inferstack.gateway.routing.disagg import PDRouter, build_pd_router, pd_free_slots
 from inferstack.gateway.routing.state import RoutingState
 from inferstack.gateway.upstream import UpstreamPool
+from inferstack.telemetry import promtext
 
 log = logging.getLogger("inferstack.gateway")
 
@@ -29,6 +30,7 @@ _QUEUE = {"vllm:num_requests_waiting", "sglang:num_queue_reqs"}
 _RUNNING = {"vllm:num_requests_running", "sglang:num_running_reqs"}
 _KV = {"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"}
 _LORA = "vllm:lora_requests_info"
+_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA})
 _NO_METRICS_RETRY_S = 5.0
 
 
@@ -44,50 +46,23 @@ class ScrapedMetrics:
 
 def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
     """Pick the router's signals out of Prometheus text; None if no known family is present."""
-    m = ScrapedMetrics()
-    found = False
-    lora_ts = -1.0
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        brace = line.find("{")
-        space = line.rfind(" ")
-        if space <= 0:
-            continue
-        name = line[:brace] if 0 < brace < space else line[:space]
-        if name in _QUEUE or name in _RUNNING or name in _KV:
-            try:
-                v = float(line[space + 1:])
-            except ValueError:
-                continue
-            found = True
-            if name in _QUEUE:
-                m.queue += v
-            elif name in _RUNNING:
-                m.running += v
-            else:
-                m.kv_usage = max(m.kv_usage, v)
-        elif name == _LORA and brace > 0:
-            try:
-                ts = float(line[space + 1:])
-            except ValueError:
-                continue
-            if ts >= lora_ts:
-                lora_ts = ts
-                labels = _labels(line[brace + 1:line.rfind("}")])
-                m.adapters_active = frozenset(a for a in labels.get("running_lora_adapters", "").split(",") if a)
-                m.adapters_waiting = frozenset(a for a in labels.get("waiting_lora_adapters", "").split(",") if a)
-                with contextlib.suppress(ValueError):
-                    m.max_lora = int(labels.get("max_lora", "0") or 0)
-    return m if found else None
-
-
-def _labels(s: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in s.split('",'):
-        k, _, v = part.partition("=")
-        out[k.strip()] = v.strip().strip('"')
-    return out
+    try:
+        scrape = promtext.parse(text, 0.0, names=_WANTED)
+    except ValueError:
+        return None
+    if not any(scrape.has(n) for n in _QUEUE | _RUNNING | _KV):
+        return None
+    m = ScrapedMetrics(queue=sum(v for n in _QUEUE for v in scrape.select(n).values()),
+                       running=sum(v for n in _RUNNING for v in scrape.select(n).values()),
+                       kv_usage=max((v for n in _KV for v in scrape.select(n).values()), default=0.0))
+    lora = scrape.select(_LORA)
+    if lora:  # several series over time: the newest (its value is a timestamp) is the current state
+        labels = dict(max(lora, key=lambda k: lora[k]))
+        m.adapters_active = frozenset(a for a in labels.get("running_lora_adapters", "").split(",") if a)
+        m.adapters_waiting = frozenset(a for a in labels.get("waiting_lora_adapters", "").split(",") if a)
+        with contextlib.suppress(ValueError):
+            m.max_lora = int(labels.get("max_lora", "0") or 0)
+    return m
 
 
 class Endpoint:

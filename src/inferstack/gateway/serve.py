@@ -4,7 +4,6 @@ binds 127.0.0.1 by default, accepts port 0, writes ``--ready-file`` once serving
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -14,6 +13,7 @@ from typing import Any
 import uvicorn
 
 from inferstack.config.schema import InferstackConfig
+from inferstack.fileio import write_ready_file
 from inferstack.gateway.server import Gateway
 from inferstack.protocol.http_guard import guarded_protocol
 
@@ -62,10 +62,7 @@ def serve(cfg: InferstackConfig, ready_file: Path | None = None) -> None:
                 return
             await asyncio.sleep(0.02)
         h = f"[{host}]" if ":" in host else host
-        line = json.dumps({"urls": [f"http://{h}:{bound}"], "pid": os.getpid()})
-        print(line, flush=True)
-        if ready_file is not None:
-            ready_file.write_text(line + "\n")
+        write_ready_file(ready_file, {"urls": [f"http://{h}:{bound}"], "pid": os.getpid()})
         await task
 
     import uvloop

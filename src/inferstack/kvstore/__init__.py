@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "ChunkBuffer": "codec", "ChunkLayout": "codec", "CorruptChunk": "codec", "decode_chunk": "codec",
-    "encode_chunk": "codec", "KVStoreConfig": "config", "build_store": "config", "parse_bytes": "settings",
+    "encode_chunk": "codec", "KVStoreConfig": "settings", "build_store": "config",
     "parse_tiers": "settings", "KVTierSettings": "settings", "LookupResult": "store", "StoreEvent": "store",
     "TieredKVStore": "store",
 }

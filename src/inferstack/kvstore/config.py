@@ -1,55 +1,38 @@
-"""KV tier settings, shared by the engine flags (``--kv-tiers`` ...) and ``inferstack.yaml``."""
+"""Builds the tiered KV store from its settings (`KVStoreConfig`, kvstore/settings.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 
 from inferstack.kvstore.codec import ChunkLayout
-from inferstack.kvstore.settings import parse_tiers
+from inferstack.kvstore.settings import KVStoreConfig
 from inferstack.kvstore.store import TieredKVStore
 from inferstack.kvstore.tiers import DiskTier, HostTier, RedisTier, Tier
-from inferstack.kvstore.tiers.redis import DEFAULT_TTL_S
-from inferstack.kvstore.writeback import DEFAULT_QUEUE_BYTES
 
 
-@dataclass
-class KVStoreConfig:
-    tiers: list[str] = field(default_factory=list)    # empty: no external KV store
-    host_bytes: int = 4 << 30
-    disk_path: Path | None = None
-    disk_bytes: int = 20 << 30
-    redis_url: str | None = None
-    redis_ttl_s: int = DEFAULT_TTL_S
-    writeback_queue_bytes: int = DEFAULT_QUEUE_BYTES
+def _host(cfg: KVStoreConfig) -> Tier:
+    return HostTier(cfg.host_bytes)
 
-    def __post_init__(self) -> None:
-        self.tiers = parse_tiers(self.tiers)
-        if "disk" in self.tiers and self.disk_path is None:
-            raise ValueError("--kv-tiers includes disk but --kv-disk-path is not set")
-        if "redis" in self.tiers and not self.redis_url:
-            raise ValueError("--kv-tiers includes redis but --kv-redis-url is not set (e.g. redis://127.0.0.1:6379/0)")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"--kv-redis-url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.tiers)
+def _disk(cfg: KVStoreConfig) -> Tier:
+    assert cfg.disk_path is not None  # KVStoreConfig refuses the disk tier without a path
+    return DiskTier(cfg.disk_path, cfg.disk_bytes)
+
+
+def _redis(cfg: KVStoreConfig) -> Tier:
+    assert cfg.redis_url is not None  # KVStoreConfig refuses the redis tier without a URL
+    return RedisTier(cfg.redis_url, ttl_s=cfg.redis_ttl_s)
+
+
+_BUILDERS: dict[str, Callable[[KVStoreConfig], Tier]] = {"host": _host, "disk": _disk, "redis": _redis}
 
 
 def build_tiers(cfg: KVStoreConfig) -> list[Tier]:
-    tiers: list[Tier] = []
-    for name in cfg.tiers:
-        if name == "host":
-            tiers.append(HostTier(cfg.host_bytes))
-        elif name == "disk":
-            assert cfg.disk_path is not None
-            tiers.append(DiskTier(cfg.disk_path, cfg.disk_bytes))
-        else:
-            assert cfg.redis_url is not None
-            tiers.append(RedisTier(cfg.redis_url, ttl_s=cfg.redis_ttl_s))
-    return tiers
+    return [_BUILDERS[name](cfg) for name in cfg.tiers]   # names were checked against TIER_NAMES
 
 
 def build_store(cfg: KVStoreConfig, layout: ChunkLayout, root: bytes) -> TieredKVStore:
     return TieredKVStore(build_tiers(cfg), layout, root, writeback_queue_bytes=cfg.writeback_queue_bytes)
+
+
+__all__ = ["KVStoreConfig", "build_store", "build_tiers"]

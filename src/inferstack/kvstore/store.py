@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 
 from inferstack.kvstore.codec import ChunkBuffer, ChunkLayout, CorruptChunk, decode_chunk
+from inferstack.kvstore.settings import DEFAULT_WRITEBACK_QUEUE_BYTES
 from inferstack.kvstore.tiers.base import Tier, Value
-from inferstack.kvstore.writeback import DEFAULT_QUEUE_BYTES, WriteBack
+from inferstack.kvstore.writeback import WriteBack
 
 PENDING = "pending"   # a chunk still in the write-back queue: as fast as host RAM
 
@@ -43,7 +44,7 @@ class StoreEvent:
 
 class TieredKVStore:
     def __init__(self, tiers: Sequence[Tier], layout: ChunkLayout, root: bytes,
-                 writeback_queue_bytes: int = DEFAULT_QUEUE_BYTES, promote: bool = True) -> None:
+                 writeback_queue_bytes: int = DEFAULT_WRITEBACK_QUEUE_BYTES, promote: bool = True) -> None:
         if not tiers:
             raise ValueError("a KV store needs at least one tier")
         names = [t.name for t in tiers]

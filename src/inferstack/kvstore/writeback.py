@@ -14,9 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from inferstack.kvstore.settings import DEFAULT_WRITEBACK_QUEUE_BYTES
 from inferstack.kvstore.tiers.base import Tier, Value
-
-DEFAULT_QUEUE_BYTES = 256 << 20
 
 
 @dataclass
@@ -30,7 +29,7 @@ class WriteBackStats:
 
 
 class WriteBack:
-    def __init__(self, max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
+    def __init__(self, max_queue_bytes: int = DEFAULT_WRITEBACK_QUEUE_BYTES,
                  on_stored: Callable[[Tier, bytes], None] | None = None) -> None:
         self.max_queue_bytes = max_queue_bytes
         self.stats = WriteBackStats()

@@ -22,10 +22,11 @@ from urllib.parse import urljoin
 
 import httpx
 
+from inferstack.fileio import atomic_write
 from inferstack.modelhub import mediatypes as mt
 from inferstack.modelhub.errors import RegistryError, StoreError
 from inferstack.modelhub.reference import Reference
-from inferstack.modelhub.store import MAX_MANIFEST_BYTES, Store, atomic_write, hex_of
+from inferstack.modelhub.store import MAX_MANIFEST_BYTES, Store, hex_of
 
 Progress = Callable[[str, int, int], None]
 DEFAULT_CHUNK = 16 * 1024 * 1024
@@ -253,8 +254,7 @@ class RegistryClient:
                 offset += len(chunk)
                 if session_file:  # lets a later push continue here if this process dies (a lost hint only
                     # means restarting the blob, so no fsync per chunk)
-                    atomic_write(session_file, json.dumps({"location": location, "repo": repo}).encode(),
-                                 durable=False)
+                    atomic_write(session_file, json.dumps({"location": location, "repo": repo}))
                 progress(digest, offset, size)
         sep = "&" if "?" in location else "?"
         self.request("PUT", f"{location}{sep}digest={digest}", scope=scope, ok=(201,), what=f"finish upload {digest}",
@@ -268,7 +268,7 @@ class RegistryClient:
                          what=f"start upload {digest}")
         location = r.headers["location"]
         if session_file:
-            atomic_write(session_file, json.dumps({"location": location, "repo": repo}).encode())
+            atomic_write(session_file, json.dumps({"location": location, "repo": repo}), durable=True)
         return location
 
     def _resume_session(self, repo: str, session_file: Path | None) -> tuple[str | None, int]:

@@ -108,6 +108,27 @@ def model_files(path: Path, ignore: Iterable[str] = ()) -> tuple[Path, list[str]
     return path, sorted(rel for rel in found if not is_support_file(rel, present))
 
 
+def unsigned_extras(path: Path, covered: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Files in a model folder that verification skips and no signature covers: (VCS metadata under
+    DEFAULT_IGNORE, `<file>.sha256` digest caches). Paths in `covered` (signed anyway) are left out."""
+    if not path.is_dir():
+        return [], []
+    signed = set(covered)
+    vcs: list[str] = []
+    caches: list[str] = []
+    for dirpath, _, filenames in os.walk(path):
+        rel_dir = Path(dirpath).relative_to(path)
+        for name in filenames:
+            rel = (rel_dir / name).as_posix()
+            if rel in signed:
+                continue
+            if rel.split("/", 1)[0] in DEFAULT_IGNORE:
+                vcs.append(rel)
+            elif rel.endswith(".sha256"):
+                caches.append(rel)
+    return sorted(vcs), sorted(caches)
+
+
 def oms_manifest(name: str, digests: dict[str, str], algorithm: str, ignore: Iterable[str] = DEFAULT_IGNORE) -> Any:
     """A model_signing Manifest (files serialization) from precomputed per-file digests."""
     from model_signing import manifest

@@ -28,9 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+from inferstack.fileio import atomic_write
 from inferstack.modelhub import mediatypes as mt
 from inferstack.modelhub.errors import StoreError
 from inferstack.modelhub.reference import DIGEST_RE
+from inferstack.paths import cache_root
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # same cap as containerd; a bigger "manifest" is an attack or a bug
 _CHUNK = 1 << 20
@@ -40,7 +42,7 @@ def default_store_root() -> Path:
     env = os.environ.get("INFERSTACK_MODEL_STORE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inferstack" / "models"
+    return cache_root() / "models"
 
 
 def hex_of(digest: str) -> str:
@@ -57,24 +59,6 @@ def safe_relpath(name: str) -> PurePosixPath:
     if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) or name.endswith("/"):
         raise StoreError(f"layer file path {name!r} is absolute or contains '..': refusing path traversal")
     return p
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
-    """Replace `path` with `data` in one rename; `durable=False` skips fsync (for hints we can lose)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class BlobWriter:
@@ -248,7 +232,7 @@ class Store:
         with self._locked():
             refs = self.refs()
             refs[name] = digest
-            atomic_write(self.root / "refs.json", json.dumps(refs, indent=1, sort_keys=True).encode())
+            atomic_write(self.root / "refs.json", json.dumps(refs, indent=1, sort_keys=True), durable=True)
 
     def untag(self, name: str) -> str:
         with self._locked():
@@ -256,7 +240,7 @@ class Store:
             if name not in refs:
                 raise StoreError(f"{name} is not in the local store (see `inferstack model list`)")
             digest = refs.pop(name)
-            atomic_write(self.root / "refs.json", json.dumps(refs, indent=1, sort_keys=True).encode())
+            atomic_write(self.root / "refs.json", json.dumps(refs, indent=1, sort_keys=True), durable=True)
             return digest
 
     def resolve(self, name: str) -> str:
@@ -281,7 +265,7 @@ class Store:
         with self._locked():
             current = [d for d in self.referrers(subject) if d["digest"] != descriptor["digest"]]
             current.append(descriptor)
-            atomic_write(self.root / "referrers" / f"{hex_of(subject)}.json", json.dumps(current, indent=1).encode())
+            atomic_write(self.root / "referrers" / f"{hex_of(subject)}.json", json.dumps(current, indent=1), durable=True)
 
     # ---- materialized models ----
 
@@ -297,6 +281,9 @@ class Store:
         if target.is_dir():
             return target
         manifest = self.manifest(manifest_digest)
+        clash = file_folder_clash([layer_filepath(layer) for layer in manifest.get("layers", [])])
+        if clash:
+            raise StoreError(clash)
         tmp = Path(tempfile.mkdtemp(dir=self.root / "models", prefix=f".tmp-{hex_of(manifest_digest)[:12]}-"))
         try:
             for layer in manifest.get("layers", []):
@@ -323,7 +310,7 @@ class Store:
         sigs = self.signatures_dir(manifest_digest)
         sigs.mkdir(parents=True, exist_ok=True)
         for digest, data in bundles.items():
-            atomic_write(sigs / f"{hex_of(digest)}.sigstore.json", data)
+            atomic_write(sigs / f"{hex_of(digest)}.sigstore.json", data, durable=True)
         return sigs
 
     def remove_model(self, manifest_digest: str) -> None:
@@ -355,6 +342,16 @@ class Store:
         keep.update(layer["digest"] for layer in m.get("layers", []))
         for ref in self.referrers(digest):
             self._mark(ref["digest"], keep)
+
+
+def file_folder_clash(paths: list[PurePosixPath]) -> str | None:
+    """Why these layer paths cannot all be files (`a` and `a/b`: `a` would be a file and a folder)."""
+    files = {str(p) for p in paths}
+    for p in paths:
+        for parent in p.parents:
+            if str(parent) in files:
+                return f"layer paths {parent} and {p} clash: {parent} would be both a file and a folder"
+    return None
 
 
 def layer_filepath(layer: dict[str, Any]) -> PurePosixPath:

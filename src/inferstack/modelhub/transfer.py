@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from inferstack.modelhub import mediatypes as mt
@@ -12,7 +12,7 @@ from inferstack.modelhub.artifacts import MAX_REFERRER_BLOB, sync_signatures
 from inferstack.modelhub.errors import RegistryError, StoreError
 from inferstack.modelhub.reference import Reference
 from inferstack.modelhub.registry import Progress, RegistryClient, no_progress
-from inferstack.modelhub.store import Store, layer_filepath
+from inferstack.modelhub.store import Store, file_folder_clash, layer_filepath
 
 # Referrer types we carry along; anything else attached to a model is left in the registry.
 KNOWN_REFERRERS = {mt.SIGSTORE_BUNDLE, mt.CYCLONEDX_JSON, mt.IN_TOTO}
@@ -86,6 +86,9 @@ def check_model_manifest(manifest: dict[str, Any], media_type: str, ref: Referen
             raise RegistryError(f"{ref}: layer {rel} is {layer.get('mediaType')}; only raw layers are supported")
     if not seen:
         raise RegistryError(f"{ref}: the manifest has no layers")
+    clash = file_folder_clash([PurePosixPath(rel) for rel in seen])
+    if clash:
+        raise RegistryError(f"{ref}: {clash}")
 
 
 def pull_model(store: Store, ref: Reference, client: RegistryClient, progress: Progress = no_progress) -> TransferResult:

@@ -25,7 +25,7 @@ from inferstack.modelhub.dsse import (
     verify_key_bundle,
 )
 from inferstack.modelhub.errors import ModelVerificationError
-from inferstack.modelhub.signing import SUPPORTED_HASHES, hash_files, model_files
+from inferstack.modelhub.signing import SUPPORTED_HASHES, hash_files, model_files, unsigned_extras
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,21 @@ def _hash_with_model_signing(root: Path, serialization: dict[str, Any], expected
     return {k: v for k, v in actual.items() if k in expected}, extra
 
 
+def _refuse_or_remove_extras(path: Path, manifest: SignedManifest, allow_unsigned_files: bool) -> None:
+    """Nothing unsigned may sit inside a verified model folder. VCS metadata (skipped by the OMS
+    hashing defaults) is refused; `<file>.sha256` digest caches are derived data the engine reads
+    (they name the model's digest), so they are removed and recomputed from the verified files."""
+    shards = manifest.serialization.get("method") != "files"  # shard ids are "file:start:end"
+    vcs, caches = unsigned_extras(path, {r.rsplit(":", 2)[0] if shards else r for r in manifest.digests})
+    if vcs and not allow_unsigned_files:
+        raise ModelVerificationError(
+            f"model at {path} holds files no signature covers: {', '.join(vcs[:5])}"
+            f"{f' and {len(vcs) - 5} more' if len(vcs) > 5 else ''} (VCS metadata is never model content: delete "
+            "it, or set allow_unsigned_files to accept it)", files=vcs)
+    for rel in caches:
+        (path / rel).unlink()
+
+
 def verify_model(
     path: Path, bundles: list[Path], anchors: list[TrustAnchor], *, allow_unsigned_files: bool = False
 ) -> VerificationReport:
@@ -189,6 +204,7 @@ def verify_model(
         if accepted is None:
             continue
         files, size, algorithm = compare_files(path, accepted.manifest, allow_unsigned_files)
+        _refuse_or_remove_extras(path, accepted.manifest, allow_unsigned_files)
         return VerificationReport(
             path=str(path), status="verified", signer=accepted.anchor.label,
             key_fingerprint=accepted.anchor.fingerprint(), signature=str(bundle), algorithm=algorithm,

@@ -4,11 +4,11 @@ HF config.json. `cpu` uses the calibration written by `inferstack engine calibra
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from inferstack.paths import cache_root
 from inferstack.sim.hardware import Hardware, get_hardware, load_hardware_file
 from inferstack.sim.models import ModelSpec, get_model
 
@@ -16,8 +16,7 @@ _HW = re.compile(r"^(?P<name>.+?)(?:x(?P<tp>\d+))?$")
 
 
 def calibration_path() -> Path:
-    root = Path(os.environ.get("INFERSTACK_CACHE_DIR") or Path.home() / ".cache" / "inferstack")
-    return root / "hardware" / "cpu.json"
+    return cache_root() / "hardware" / "cpu.json"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from inferstack.fileio import atomic_write
+
 DEPLOY = Path(__file__).resolve().parent.parent / "assets" / "deploy"
 RULE_FILES = ("prometheus/recording-rules.yml", "prometheus/alert-rules.yml")
 GATEWAY_JOB = "inferstack-gateway"
@@ -58,9 +60,7 @@ def target_groups(urls_by_replica: dict[str, list[str]], labels: dict[str, str])
 
 def write_targets(targets_dir: Path, job: str, groups: list[dict[str, Any]]) -> None:
     """Atomic replace: Prometheus must never read a half-written file."""
-    tmp = targets_dir / f".{job}.json.tmp"
-    tmp.write_text(json.dumps(groups, indent=1))
-    tmp.replace(targets_dir / f"{job}.json")
+    atomic_write(targets_dir / f"{job}.json", json.dumps(groups, indent=1))
 
 
 def install_rules(rules_dir: Path) -> None:

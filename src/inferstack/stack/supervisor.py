@@ -35,6 +35,7 @@ import httpx
 import inferstack
 from inferstack.config import load_config
 from inferstack.config.schema import InferstackConfig
+from inferstack.fileio import atomic_write, write_ready_file
 from inferstack.stack import plan
 from inferstack.stack import prometheus as prom
 from inferstack.stack.children import Child, ChildFailed, ChildSpec, ChildState
@@ -131,6 +132,9 @@ class Supervisor:
         src = str(Path(inferstack.__file__).resolve().parents[1])
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
+        # PD engines sign and check KV transfer locations with it (engine/connector/peers.py); one per
+        # stack unless the operator shares one across hosts. Restarted engines keep the same one.
+        env.setdefault("INFERSTACK_KV_TRANSFER_SECRET", secrets.token_hex(32))
         return env
 
     # ---- start -------------------------------------------------------------------------------------
@@ -298,12 +302,7 @@ class Supervisor:
         ready = {"urls": self.gateway.urls, "pid": os.getpid(), "dashboard": self.dashboard_url,
                  "prometheus": prom_url, "state_file": str(self.log_dir / "state.json"),
                  "log_dir": str(self.log_dir)}
-        line = json.dumps(ready)
-        print(line, flush=True)
-        if self.ready_file:
-            tmp = self.ready_file.with_suffix(".tmp")
-            tmp.write_text(line + "\n")
-            tmp.replace(self.ready_file)
+        write_ready_file(self.ready_file, ready)
 
     def _write_state(self) -> None:
         state = {
@@ -315,9 +314,7 @@ class Supervisor:
                           "state": str(c.state), "restarts": c.restarts,
                           **({"role": c.spec.role} if c.spec.role else {})} for c in self._children()],
         }
-        tmp = self.log_dir / ".state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.log_dir / "state.json")
+        atomic_write(self.log_dir / "state.json", json.dumps(state, indent=1))
 
     async def _update_pool(self) -> None:
         if self._pool is None:

@@ -11,18 +11,13 @@ from inferstack.engine.config import EngineConfig
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
+from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.stats import ConnectorCollector, TransferCollector
 from inferstack.engine.connector.transfer import LinkModel
 from inferstack.engine.kv.hashing import CHUNK_SIZE, KVKeySpace
 from inferstack.kvstore.codec import ChunkLayout
-from inferstack.kvstore.config import KVStoreConfig, build_store
+from inferstack.kvstore.config import build_store
 from inferstack.kvstore.metrics import KVStoreCollector
-
-
-def kvstore_config(config: EngineConfig) -> KVStoreConfig:
-    return KVStoreConfig(tiers=config.kv_tiers or [], host_bytes=config.kv_host_bytes,
-                         disk_path=config.kv_disk_path, disk_bytes=config.kv_disk_bytes,
-                         redis_url=config.kv_redis_url, redis_ttl_s=config.kv_redis_ttl_s)
 
 
 def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key_space: KVKeySpace,
@@ -31,9 +26,10 @@ def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key
     ``link`` is the network an emulated engine's PD transfers stand for."""
     connectors: list[KVConnectorBase] = []
     if config.kv_role != "both":
-        connectors.append(PDConnector(config.kv_role, block_size=config.block_size, host=config.kv_transfer_host,
-                                      port=config.kv_transfer_port, link=link))
-    store_cfg = kvstore_config(config)
+        trust = TransferTrust.from_config(config.kv_transfer_peers, config.kv_transfer_secret)
+        connectors.append(PDConnector(config.kv_role, trust=trust, block_size=config.block_size,
+                                      host=config.kv_transfer_host, port=config.kv_transfer_port, link=link))
+    store_cfg = config.kv_store
     if store_cfg.enabled:
         if config.block_size * 16 != CHUNK_SIZE:
             raise ValueError(f"KV tiers need --block-size 16 (chunks are {CHUNK_SIZE} tokens), got {config.block_size}")

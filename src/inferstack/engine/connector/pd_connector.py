@@ -23,6 +23,7 @@ model's bytes, so only the bytes are emulated, not the protocol.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.connector.blocks import StagedLoad, Stager
+from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.connector.transfer import (
     KVLayout,
@@ -46,11 +48,12 @@ from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request
 
 Role = Literal["prefill", "decode"]
+log = logging.getLogger("inferstack.engine.connector")
 
 
 class PDConnector(KVConnectorBase):
-    def __init__(self, role: Role, block_size: int = 16, host: str = "127.0.0.1", port: int = 0,
-                 advertise_host: str | None = None, allow_shm: bool = True, hold_s: float = 60.0,
+    def __init__(self, role: Role, *, trust: TransferTrust, block_size: int = 16, host: str = "127.0.0.1",
+                 port: int = 0, advertise_host: str | None = None, allow_shm: bool = True, hold_s: float = 60.0,
                  min_remote_tokens: int = 16, timeout_s: float = 30.0,
                  link: LinkModel | None = None) -> None:
         if role not in ("prefill", "decode"):
@@ -59,6 +62,7 @@ class PDConnector(KVConnectorBase):
         self.block_size = block_size
         self.stats = ConnectorStats()
         self.min_remote_tokens = min_remote_tokens
+        self.trust = trust                # decode: who may be pulled from; prefill: signs what it returns
         self._link = link                 # emulated engines: the network their transfers stand for
         self._host, self._port, self._advertise = host, port, advertise_host or host
         self._allow_shm, self._hold_s, self._timeout = allow_shm, hold_s, timeout_s
@@ -99,6 +103,11 @@ class PDConnector(KVConnectorBase):
             return 0, False
         # One pull per request: after a preemption the peer has released the blocks anyway.
         request.kv_transfer_params = {k: v for k, v in params.items() if k != "do_remote_prefill"}
+        refusal = self.trust.refusal(params)
+        if refusal is not None:           # never connect where an unvetted request points (SSRF)
+            log.warning("request %s: remote prefill refused: %s", request.request_id, refusal)
+            self.stats.add(load_failures=1, peers_refused=1)
+            return 0, False
         max_blocks = (request.num_tokens - 1) // bs
         offered = min(int(params.get("remote_num_blocks", max_blocks)), max_blocks)
         if (offered - first_block) * bs < self.min_remote_tokens:
@@ -152,8 +161,8 @@ class PDConnector(KVConnectorBase):
         self.source.hold(request.request_id, block_ids[:n_full], request.block_hashes[:n_full],
                          on_release=self._on_release)
         host, port = self.transfer_address or ("", 0)
-        return True, {"do_remote_prefill": True, "remote_host": host, "remote_port": port,
-                      "remote_request_id": request.request_id, "remote_num_blocks": n_full}
+        return True, self.trust.sign({"do_remote_prefill": True, "remote_host": host, "remote_port": port,
+                                      "remote_request_id": request.request_id, "remote_num_blocks": n_full})
 
     def _on_release(self, request_id: str) -> None:
         # Runs on a transfer-server thread: only enqueue; the scheduler frees on its own thread.

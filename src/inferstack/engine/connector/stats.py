@@ -25,6 +25,7 @@ class ConnectorStats:
     saved_chunks: int = 0
     load_failures: int = 0         # a tier or transfer failed mid-way: the rest was recomputed
     save_dropped: int = 0          # chunks the write-back queue refused (back-pressure)
+    peers_refused: int = 0         # PD pulls refused: peer not allowed or params not signed (SSRF guard)
     lookup_seconds: Histogram = field(default_factory=_hist)   # finding the external prefix
     fetch_seconds: Histogram = field(default_factory=_hist)    # reading it to host (tiers or peer)
     load_seconds: Histogram = field(default_factory=_hist)     # copying it into KV blocks
@@ -54,6 +55,8 @@ class ConnectorCollector(Collector):
             ("saved_chunks", "inferstack_kv_connector_saved_chunks", "Chunks handed to the KV store after compute."),
             ("load_failures", "inferstack_kv_connector_load_failures", "Loads that failed mid-way and fell back to recompute."),
             ("save_dropped", "inferstack_kv_connector_save_dropped", "Chunks not saved because the write-back queue was full."),
+            ("peers_refused", "inferstack_kv_connector_peers_refused",
+             "Remote prefills refused: the peer is not in --kv-transfer-peers or the params are not signed."),
         ):
             fam = CounterMetricFamily(name, doc, labels=names)
             fam.add_metric(self.labels, getattr(s, attr))

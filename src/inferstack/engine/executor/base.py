@@ -24,3 +24,6 @@ class Executor(Protocol):
     block_size: int
 
     def execute(self, batch: SchedulerOutput) -> ExecutorOutput: ...
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (e.g. a seeded sampler) once the request finished."""

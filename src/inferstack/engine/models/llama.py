@@ -11,8 +11,6 @@ dominated by per-kernel overhead, not FLOPs. Parameters use transformers' names 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,12 +18,8 @@ from torch import nn
 from inferstack.engine.executor.attention import AttentionPlan, paged_attention_planned, plan_attention
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
+from inferstack.engine.models.contract import WeightTarget
 from inferstack.engine.models.layers import GatedMLP, RotaryEmbedding, linear
-
-
-class WeightTarget(NamedTuple):
-    dest: torch.Tensor          # the slice of a parameter this checkpoint tensor is copied into
-    shape: tuple[int, ...]      # the shape the checkpoint tensor must have
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -78,6 +72,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """Implements `CausalLM` (engine/models/contract.py)."""
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         self.arch = arch

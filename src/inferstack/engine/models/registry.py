@@ -6,15 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from inferstack.engine.models.arch import ModelArch, ModelLoadError, arch_from_hf_config
+from inferstack.engine.models.contract import CausalLM
 from inferstack.engine.models.llama import LlamaForCausalLM
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    model_class: Callable[[ModelArch], nn.Module]
+    model_class: Callable[[ModelArch], CausalLM]
     to_arch: Callable[[dict[str, Any], str, str], ModelArch]   # (config, architecture, source)
 
 

@@ -13,9 +13,7 @@ partial file. Later loads skip the GGUF parse and the dequantization entirely.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,8 @@ import torch
 from inferstack.engine.kv.hashing import model_digest
 from inferstack.engine.models.arch import ModelLoadError
 from inferstack.engine.models.registry import GGUF_ARCHITECTURES
+from inferstack.fileio import atomic_path, atomic_write
+from inferstack.paths import cache_root
 
 # Types we dequantize (gguf.quants has numpy kernels for all of them).
 SUPPORTED_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -64,10 +64,6 @@ class ConvertedGGUF:
     weight_files: list[Path]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("INFERSTACK_CACHE_DIR") or Path.home() / ".cache" / "inferstack")
-
-
 def converted_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{model_digest([path])[:16]}"
 
@@ -84,10 +80,10 @@ def convert_gguf_metadata(path: Path, reader: Any | None = None) -> Path:
     tokenizer_json, tokenizer_config, eos_ids = tokenizer_files_from_gguf(reader, path)
     config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "tokenizer.json", tokenizer_json.encode())
-    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=1).encode())
-    _write_atomic(out_dir / "generation_config.json", json.dumps({"eos_token_id": eos_ids}).encode())
-    _write_atomic(out_dir / "config.json", json.dumps(config, indent=1).encode())  # last: marks completion
+    atomic_write(out_dir / "tokenizer.json", tokenizer_json.encode())
+    atomic_write(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=1).encode())
+    atomic_write(out_dir / "generation_config.json", json.dumps({"eos_token_id": eos_ids}).encode())
+    atomic_write(out_dir / "config.json", json.dumps(config, indent=1).encode())  # last: marks completion
     return out_dir
 
 
@@ -106,14 +102,8 @@ def convert_gguf(path: Path, dtype: torch.dtype,
         tensors = hf_tensors_from_gguf(reader, path, dtype)
         from safetensors.torch import save_file
 
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".weights-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"source": path.name})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, weights)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(weights) as tmp:
+            save_file(tensors, str(tmp), metadata={"source": path.name})
     return ConvertedGGUF(out_dir, [weights])
 
 
@@ -259,12 +249,3 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from inferstack.engine.kv.hashing import model_digest
 from inferstack.engine.models.arch import ModelArch, ModelLoadError
+from inferstack.engine.models.contract import CausalLM
 from inferstack.engine.models.registry import family_for
 from inferstack.engine.tokenizer import Tokenizer
 from inferstack.engine.weights.safetensors import SafetensorsCheckpoint, read_hf_config, safetensors_files
@@ -32,7 +32,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: CausalLM
     arch: ModelArch
     tokenizer: Tokenizer
     name: str
@@ -125,7 +125,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def build_model(config: dict[str, Any], files: list[Path], dtype: torch.dtype, device: torch.device,
-                source: str, tensor_name: Callable[[str], str] = str) -> tuple[nn.Module, ModelArch]:
+                source: str, tensor_name: Callable[[str], str] = str) -> tuple[CausalLM, ModelArch]:
     architecture, family = family_for(config, source)
     arch = family.to_arch(config, architecture, source).finalize(dtype)
     with torch.device("meta"):
@@ -136,7 +136,7 @@ def build_model(config: dict[str, Any], files: list[Path], dtype: torch.dtype, d
     return model.eval(), arch
 
 
-def fill_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, source: str,
+def fill_weights(model: CausalLM, checkpoint: SafetensorsCheckpoint, source: str,
                  tensor_name: Callable[[str], str] = str) -> None:
     """Copy every checkpoint tensor into its (possibly fused) parameter slice, checking names and shapes.
 

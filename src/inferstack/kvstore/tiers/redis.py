@@ -12,16 +12,15 @@ from collections.abc import Sequence
 
 import redis
 
+from inferstack.kvstore.settings import DEFAULT_REDIS_TTL_S
 from inferstack.kvstore.tiers.base import Tier, Value
-
-DEFAULT_TTL_S = 3600
 
 
 class RedisTier(Tier):
     name = "redis"
     medium = "remote"
 
-    def __init__(self, url: str, ttl_s: int = DEFAULT_TTL_S, prefix: str = "inferstack:kv:",
+    def __init__(self, url: str, ttl_s: int = DEFAULT_REDIS_TTL_S, prefix: str = "inferstack:kv:",
                  socket_timeout_s: float = 5.0) -> None:
         super().__init__()
         if ttl_s <= 0:

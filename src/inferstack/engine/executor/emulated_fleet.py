@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -50,7 +51,8 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
     KV tiers asked for, no network for a PD role)."""
     from inferstack.engine.async_engine import AsyncEngine
     from inferstack.engine.executor.emulated import build_emulated_engine, check_emulation
-    from inferstack.engine.server import serve, write_ready_file
+    from inferstack.engine.server import serve
+    from inferstack.fileio import write_ready_file
 
     check_emulation(config, profile)        # fail fast, before any port is bound
 
@@ -80,7 +82,7 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
         if None not in urls:
             try:
                 await _wait_ready([u for u in urls if u], tasks, timeout_s=300)
-                write_ready_file(options.ready_file, [u for u in urls if u])
+                write_ready_file(options.ready_file, {"urls": [u for u in urls if u], "pid": os.getpid()})
             except (TimeoutError, RuntimeError) as e:
                 log.error("%s", e)
                 stop.set()
@@ -105,12 +107,14 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     # Engine threads wake from their emulated step sleeps and need the GIL at once; Python's default
     # 5 ms switch interval would let the HTTP loop hold it for a whole decode step.
+    switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(2e-4)
     thread.start()
     try:
         while thread.is_alive():
             thread.join(0.2)
     finally:
+        sys.setswitchinterval(switch_interval)
         for s, handler in previous.items():
             signal.signal(s, handler)
     stats = [e.core.executor.stats.summary() for e in engines]   # type: ignore[attr-defined]
