@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -12,6 +13,8 @@ from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.context import Inbound, Outcome, RequestContext
 from inferstack.gateway.requests import prompt_parts
 from inferstack.protocol.errors import APIError
+
+log = logging.getLogger("inferstack.gateway.audit")
 
 
 def used_tokens(out: Outcome, prompt_tokens: int) -> int:
@@ -82,7 +85,7 @@ class Accountant:
         digest = pool.model_digest or (f"sha256:{pool.precise_prefix.model_digest}" if pool.precise_prefix else None)
         prompt = "\n".join(prompt_parts(ctx.inbound.kind, ctx.body))  # hashed on the writer thread
         out = ctx.outcome
-        await self.audit.append(AuditRecord(
+        await self._append(AuditRecord(
             model=ctx.route.model, status=out.status,
             latency_ms=round((time.perf_counter() - ctx.inbound.t0) * 1000, 3),
             tenant=ctx.caller.ident.tenant, key_id=ctx.caller.ident.key_id,
@@ -94,7 +97,16 @@ class Accountant:
         """Audit a completion request refused before it was admitted (or with nothing admitted)."""
         if self.audit is None:
             return
-        await self.audit.append(AuditRecord(
+        await self._append(AuditRecord(
             model=model, status=exc.status, latency_ms=round((time.perf_counter() - inbound.t0) * 1000, 3),
             tenant=ident.tenant if ident else None, key_id=ident.key_id if ident else None,
             request_id=inbound.rid.decode("latin-1"), error=exc.code or exc.message))
+
+    async def _append(self, record: AuditRecord) -> None:
+        assert self.audit is not None
+        try:
+            await self.audit.append(record)
+        except RuntimeError as exc:
+            # The writer stopped for good (not a full disk, which it rides out): admission already
+            # refuses every request (`admits_requests` is False), so say so here, never a 500.
+            log.error("audit record for request %s lost: %s", record.request_id, exc)

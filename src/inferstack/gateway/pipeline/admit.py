@@ -18,6 +18,7 @@ from inferstack.gateway.limits import Limiter, LimitStoreError, Reservation, set
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.context import Admission, Caller, Inbound, Route
 from inferstack.protocol.errors import APIError
+from inferstack.protocol.ids import bounded_key
 
 log = logging.getLogger("inferstack.gateway")
 
@@ -63,7 +64,8 @@ class Admitter:
         pool = route.pool.name
         flow = self.flow[pool]
         try:
-            waited = await flow.admit(caller.priority, fairness.decode("latin-1") if fairness else caller.ident.tenant,
+            waited = await flow.admit(caller.priority,
+                                      bounded_key(fairness.decode("latin-1")) if fairness else caller.ident.tenant,
                                       caller.tenant.weight if caller.tenant else 1.0)
         except APIError:
             self.metrics.shed.labels(pool, "shed" if caller.priority < 0 else "queue").inc()
