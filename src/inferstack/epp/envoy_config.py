@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from inferstack.epp.messages import DESTINATION, LB_NAMESPACE, SERVED
+from inferstack.epp.messages import DESTINATION, LB_NAMESPACE, SERVED, SUBSET_KEY, SUBSET_NAMESPACE
 
 _T = "type.googleapis.com/"
 
@@ -33,6 +33,7 @@ def _addr(host: str, port: int) -> dict[str, Any]:
 
 def ext_proc_filter(failure_mode_allow: bool, request_body_mode: str = "FULL_DUPLEX_STREAMED",
                     response_body_mode: str = "FULL_DUPLEX_STREAMED") -> dict[str, Any]:
+    forwarded = [LB_NAMESPACE, SUBSET_NAMESPACE]
     return {"name": "envoy.filters.http.ext_proc", "typed_config": {
         "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}, "timeout": "10s"},
@@ -41,16 +42,23 @@ def ext_proc_filter(failure_mode_allow: bool, request_body_mode: str = "FULL_DUP
         "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
                             "request_body_mode": request_body_mode, "response_body_mode": response_body_mode,
                             "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"},
-        "metadata_options": {"forwarding_namespaces": {"untyped": [LB_NAMESPACE]},
+        "metadata_options": {"forwarding_namespaces": {"untyped": forwarded},
                              "receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
     }}
 
 
-def _served_to_metadata() -> dict[str, Any]:
+def _headers_to_metadata(rules: dict[str, Any]) -> dict[str, Any]:
     return {"name": "envoy.filters.http.header_to_metadata", "typed_config": {
-        "@type": _T + "envoy.extensions.filters.http.header_to_metadata.v3.Config",
-        "response_rules": [{"header": SERVED, "on_header_present": {
-            "metadata_namespace": LB_NAMESPACE, "key": SERVED, "type": "STRING"}}]}}
+        "@type": _T + "envoy.extensions.filters.http.header_to_metadata.v3.Config", **rules}}
+
+
+# Response path: the served endpoint (stamped by the route) into envoy.lb metadata for the picker.
+_SERVED_RULE = {"response_rules": [{"header": SERVED, "on_header_present": {
+    "metadata_namespace": LB_NAMESPACE, "key": SERVED, "type": "STRING"}}]}
+# Request path (optional): a client header into the subset hint, standing in for a gateway that
+# computes subsets itself (session affinity, zones).
+_SUBSET_RULE = {"request_rules": [{"header": SUBSET_KEY, "remove": True, "on_header_present": {
+    "metadata_namespace": SUBSET_NAMESPACE, "key": SUBSET_KEY, "type": "STRING"}}]}
 
 
 def pool_cluster(kind: Literal["original_dst", "override_host"],
@@ -76,7 +84,7 @@ def pool_cluster(kind: Literal["original_dst", "override_host"],
 def bootstrap(listen: tuple[str, int], admin: tuple[str, int], epp: tuple[str, int], *,
               failure_mode_allow: bool = False, cluster: Literal["original_dst", "override_host"] = "original_dst",
               endpoints: Sequence[tuple[str, int]] = (), request_body_mode: str = "FULL_DUPLEX_STREAMED",
-              response_body_mode: str = "FULL_DUPLEX_STREAMED") -> dict[str, Any]:
+              response_body_mode: str = "FULL_DUPLEX_STREAMED", subset_from_header: bool = False) -> dict[str, Any]:
     """A complete Envoy bootstrap (as a dict; dump it as YAML or JSON) for one pool behind the picker."""
     hcm = {
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -86,8 +94,10 @@ def bootstrap(listen: tuple[str, int], admin: tuple[str, int], epp: tuple[str, i
             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "pool", "timeout": "86400s"}}],
             "response_headers_to_add": [{"header": {"key": SERVED, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
                                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}]},
-        "http_filters": [ext_proc_filter(failure_mode_allow, request_body_mode, response_body_mode),
-                         _served_to_metadata(),
+        # request path runs this list in order, the response path in reverse
+        "http_filters": [*([_headers_to_metadata(_SUBSET_RULE)] if subset_from_header else []),
+                         ext_proc_filter(failure_mode_allow, request_body_mode, response_body_mode),
+                         _headers_to_metadata(_SERVED_RULE),
                          {"name": "envoy.filters.http.router", "typed_config": {
                              "@type": _T + "envoy.extensions.filters.http.router.v3.Router"}}],
     }
