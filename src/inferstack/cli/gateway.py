@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from inferstack.config import InferstackConfig
 
 app = typer.Typer(help="OpenAI-compatible gateway: pools, routing, flow control, keys and budgets.",
                   no_args_is_help=True)
@@ -24,10 +27,20 @@ def serve(
     ready_file: Annotated[Path | None, typer.Option(help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
+    cfg = load_pools(config, backend or [], routing)
+    gw = cfg.gateway.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    cfg = cfg.model_copy(update={"gateway": gw})
+    from inferstack.gateway.serve import serve as run
+
+    run(cfg, ready_file)
+
+
+def load_pools(config: Path | None, backend: list[str], routing: str) -> InferstackConfig:
+    """``--config`` and/or ``--backend`` URLs (a pool named `default`) as one checked configuration;
+    exits with status 2 and a precise message when it is invalid or has no pools."""
     from inferstack.config import ConfigError, InferstackConfig, load_config
     from inferstack.config.schema import PoolConfig
 
-    backend = backend or []
     if config is None and not backend:
         raise typer.BadParameter("give --config FILE or at least one --backend URL", param_hint="--config/--backend")
     try:
@@ -45,14 +58,10 @@ def serve(
     except ValueError as exc:  # pydantic errors for --backend URLs
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    gw = cfg.gateway.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
-    cfg = cfg.model_copy(update={"gateway": gw})
     if not cfg.pools:
         typer.echo("error: the configuration has no pools; add `pools:` or pass --backend URL", err=True)
         raise typer.Exit(2)
-    from inferstack.gateway.serve import serve as run
-
-    run(cfg, ready_file)
+    return cfg
 
 
 @app.command("hash-key")

@@ -22,6 +22,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("engine", "engine"),
     ("bench", "bench"),
     ("gateway", "gateway"),
+    ("epp", "epp"),
     ("config", "config"),
     ("up", "up"),
 ]

@@ -237,9 +237,21 @@ class GatewayConfig(_Section):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
 
 
+class EppConfig(_Section):
+    """`inferstack epp serve`: the Envoy ext_proc endpoint picker (docs/kubernetes.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9002, ge=0, le=65535, description="gRPC ext_proc port (GIE's extProcPort).")
+    health_port: int = Field(9003, ge=0, le=65535, description="gRPC health (liveness, readiness).")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics over HTTP.")
+    pool: Name | None = Field(None, description="The pool this picker serves; needed when several are configured.")
+    conformance_hooks: bool = Field(False, description="GIE conformance test headers; never in production.")
+
+
 class InferstackConfig(_Section):
     version: Literal[1] = 1
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    epp: EppConfig = Field(default_factory=EppConfig)
     pools: dict[Name, PoolConfig] = Field(default_factory=dict)
     models: dict[Name, ModelConfig] = Field(default_factory=dict)
     objectives: dict[Name, ObjectiveConfig] = Field(default_factory=dict)

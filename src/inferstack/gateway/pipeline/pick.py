@@ -48,3 +48,12 @@ class Picker:
     def release(ctx: RequestContext, ep: Endpoint) -> None:
         ep.in_flight -= 1
         ctx.admission.flow.pump()
+
+    @staticmethod
+    def succeeded(ctx: RequestContext, ep: Endpoint) -> None:
+        """``ep`` served the request: reset its failure count, teach the latency model."""
+        ep.request_succeeded()
+        out = ctx.outcome
+        if out.ttft is not None:
+            ctx.route.pool.router.state.latency.observe(ep.id, ctx.plan.view.est_prompt_tokens, ep.in_flight + 1,
+                                                        out.ttft, out.tpot)

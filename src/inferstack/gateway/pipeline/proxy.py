@@ -60,10 +60,7 @@ class Proxy:
             finally:
                 self.picker.release(ctx, ep)
             if outcome is None:
-                ep.request_succeeded()
-                if ctx.outcome.ttft is not None:
-                    pool.router.state.latency.observe(ep.id, ctx.plan.view.est_prompt_tokens, ep.in_flight + 1,
-                                                      ctx.outcome.ttft, ctx.outcome.tpot)
+                self.picker.succeeded(ctx, ep)
                 return
             # retryable failure before any byte reached the client
             ep.request_failed(self.gw)

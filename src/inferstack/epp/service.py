@@ -1,0 +1,130 @@
+"""The gRPC side of the picker: the ExternalProcessor service, gRPC health and the server's life.
+
+Health (``grpc.health.v1``): ``liveness`` is SERVING while the process runs; ``readiness`` and
+``envoy.service.ext_proc.v3.ExternalProcessor`` are SERVING only while the pool has at least one
+ready endpoint (Envoy's gRPC health check on the ext_proc port reads the latter). Every replica is
+active: there is no leader election, each replica routes with its own view of the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import start_http_server
+
+from inferstack.config.schema import InferstackConfig
+from inferstack.epp.stream import Picker, Stream, decision_histogram
+from inferstack.gateway.pipeline import Pipeline
+
+log = logging.getLogger("inferstack.epp")
+
+EXT_PROC = "envoy.service.ext_proc.v3.ExternalProcessor"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# grpc's default SO_REUSEPORT lets a second process bind the same port silently: refuse instead
+_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, picker: Picker):
+        self.picker = picker
+
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        stream = Stream(self.picker)
+        try:
+            while (msg := await context.read()) is not grpc.aio.EOF:
+                for resp in await stream.handle(msg):
+                    await context.write(resp)
+        finally:
+            await stream.abandon()
+
+
+async def _track_readiness(health: health_aio.HealthServicer, pipeline: Pipeline, stop: asyncio.Event) -> None:
+    last = None
+    while not stop.is_set():
+        ready = pipeline.ready()
+        if ready != last:
+            for service in ("readiness", EXT_PROC):
+                await health.set(service, _SERVING if ready else _NOT_SERVING)
+            log.info("readiness: %s", "SERVING" if ready else "NOT_SERVING (no ready endpoint)")
+            last = ready
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25)
+        except TimeoutError:
+            pass
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port} (in use?)")
+    return bound
+
+
+async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_provider: Any = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain open streams (bounded) and exit."""
+    ep = cfg.epp
+    pipeline = Pipeline(cfg, tracer_provider)
+    picker = Picker(pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry))
+    health = health_aio.HealthServicer()
+    await health.set("liveness", _SERVING)
+    for service in ("readiness", EXT_PROC):
+        await health.set(service, _NOT_SERVING)
+    main = grpc.aio.server(options=_OPTIONS)
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(picker), main)
+    health_pb2_grpc.add_HealthServicer_to_server(health, main)
+    side = grpc.aio.server(options=_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(health, side)
+    port, hport = _bind(main, ep.host, ep.port), _bind(side, ep.host, ep.health_port)
+    httpd, _ = start_http_server(ep.metrics_port, ep.host, registry=pipeline.metrics.registry)
+    await pipeline.open()
+    await main.start()
+    await side.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tracker = asyncio.create_task(_track_readiness(health, pipeline, stop))
+    h = f"[{ep.host}]" if ":" in ep.host else ep.host
+    line = json.dumps({"urls": [f"grpc://{h}:{port}", f"grpc://{h}:{hport}", f"http://{h}:{httpd.server_port}"],
+                       "grpc": f"{h}:{port}", "health": f"{h}:{hport}",
+                       "metrics": f"http://{h}:{httpd.server_port}", "pool": pool, "pid": os.getpid()})
+    print(line, flush=True)
+    if ready_file is not None:
+        ready_file.write_text(line + "\n")
+    await stop.wait()
+    log.info("draining: readiness NOT_SERVING, waiting for open streams")
+    await health.enter_graceful_shutdown()
+    await tracker
+    await main.stop(grace=30)
+    await side.stop(grace=1)
+    httpd.shutdown()
+    await pipeline.aclose()
+
+
+def single_pool(cfg: InferstackConfig, name: str | None) -> tuple[InferstackConfig, str]:
+    """The configuration narrowed to the one pool this picker serves (an InferencePool is one pool):
+    other pools go, and `models:` keep only their targets in it. Raises ValueError naming the choices."""
+    names = list(cfg.pools)
+    if name is None:
+        if len(names) != 1:
+            raise ValueError(f"the configuration has pools {', '.join(names)}: name one with --pool")
+        name = names[0]
+    if name not in cfg.pools:
+        raise ValueError(f"unknown pool {name!r}; configured: {', '.join(names) or 'none'}")
+    models = {}
+    for alias, model in cfg.models.items():
+        targets = [t for t in model.targets if t.pool == name]
+        if targets:
+            models[alias] = model.model_copy(update={"targets": targets})
+    return cfg.model_copy(update={"pools": {name: cfg.pools[name]}, "models": models}), name
