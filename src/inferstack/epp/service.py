@@ -52,11 +52,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 async def _track_readiness(health: health_aio.HealthServicer, pipeline: Pipeline, stop: asyncio.Event) -> None:
     last = None
     while not stop.is_set():
-        ready = pipeline.ready()
+        why = pipeline.not_ready_reason()
+        ready = why is None
         if ready != last:
             for service in ("readiness", EXT_PROC):
                 await health.set(service, _SERVING if ready else _NOT_SERVING)
-            log.info("readiness: %s", "SERVING" if ready else "NOT_SERVING (no ready endpoint)")
+            log.info("readiness: %s", "SERVING" if ready else f"NOT_SERVING ({why})")
             last = ready
         try:
             await asyncio.wait_for(stop.wait(), 0.25)

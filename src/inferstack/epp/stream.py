@@ -256,6 +256,7 @@ class Stream:
         meter = self.resp.meter
         if meter is not None:
             chunk = meter.feed(chunk, time.perf_counter()) if chunk else chunk
+            self.ctx.outcome.streamed = meter.events  # what a stream cut short is charged (TPM)
             if eos:
                 await self.finish()
             return self._echo(chunk, eos)

@@ -86,7 +86,7 @@ class Gateway:
             elif path == b"/health":
                 await respond(send, 200, b'{"status":"ok"}')
             elif path == b"/ready":
-                why = self.pipeline.ready()
+                why = self.pipeline.not_ready_reason()
                 await respond(send, 503 if why else 200,
                               orjson.dumps({"status": why}) if why else b'{"status":"ready"}')
             elif path == b"/metrics":

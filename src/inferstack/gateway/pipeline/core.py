@@ -75,7 +75,10 @@ class Pipeline:
         if self.audit is not None:
             await self.audit.aclose()  # flushes every queued record to disk
 
-    def ready(self) -> str | None:
+    def ready(self) -> bool:
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
         """None when ready to serve, else why not."""
         if self.audit is not None and not self.audit.admits_requests:
             return f"audit log cannot write: {self.audit.failure}"
