@@ -47,7 +47,10 @@ def test_cap_and_queue_both_bound_the_room():
     snap = PoolSnapshot([], queue_threshold=5.0)
     assert snap.room(ep(max_concurrency=2, in_flight=1)) == 1
     assert snap.room(ep(max_concurrency=20, in_flight=12, running=10.0)) == 3
-    assert snap.room(ep(kv_usage=0.9)) == 0
+    # KV use saturates only while requests wait: a full prefix cache on an idle engine does not
+    assert snap.room(ep(kv_usage=0.9)) == 5
+    assert snap.room(ep(kv_usage=0.9, queue=1.0)) == 0
+    assert snap.room(ep(kv_usage=0.9, in_flight=3, running=2.0)) == 0
     assert snap.room(EndpointView("down", healthy=False)) == 0
 
 
