@@ -2,11 +2,16 @@
 arrival rates swept towards saturation; prefix hit rate, TTFT p50/p90 and throughput per router.
 
 Routers: inferstack `default` and `gie` presets, round-robin, and (with --peers sglang)
-sglang-router cache_aware, all over the same backends: fake OpenAI engines with an LRU prefix cache
-of prompt heads (a hit skips the prefill of all but the last 100 tokens), a prefill cost per
-uncached token, a decode time per token and a fixed number of parallel slots (so load queues).
+sglang-router cache_aware and round_robin, all over the same backends: fake OpenAI engines with an
+LRU prefix cache of prompt heads (a hit skips the prefill of all but the last 100 tokens), a prefill
+cost per uncached token, a decode time per token and a fixed number of parallel slots (so load
+queues). Groups (system prompts) are drawn uniformly or by Zipf popularity (`--popularity zipf:1.1`).
+inferstack runs with the user's defaults (flow control on) unless `--flow-control off|both`.
 
     python benchmarks/gateway_routing.py [--rates 10,20,30,40] [--duration 12] [--peers sglang]
+    # the held-out load: 32 tenants' prompts with Zipf(1.1) popularity at 60 req/s for 40 s
+    python benchmarks/gateway_routing.py --groups 32 --tenants 32 --popularity zipf:1.1 --rates 60 \
+        --duration 40 --routers default --flow-control both --peers sglang
 """
 
 from __future__ import annotations
@@ -62,7 +67,18 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, system: str, q
     out.append(("ok", ttft if ttft is not None else time.perf_counter() - t0, time.perf_counter() - t0))
 
 
-async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duration: float, seed: int) -> dict:
+def popularity(spec: str, n: int) -> list[float]:
+    """Weights of n groups: `uniform`, or `zipf:S` (weight of the k-th most popular ∝ 1/k^S)."""
+    kind, _, param = spec.partition(":")
+    if kind == "uniform":
+        return [1.0] * n
+    if kind == "zipf":
+        return [1.0 / (k + 1) ** float(param or 1.0) for k in range(n)]
+    raise SystemExit(f"--popularity: expected uniform or zipf:S, got {spec!r}")
+
+
+async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duration: float, seed: int,
+                   weights: list[float]) -> dict:
     rng = random.Random(seed)
     out: list = []
     tasks = []
@@ -76,7 +92,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
             delay = start + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            key, system = groups[rng.randrange(len(groups))]
+            key, system = rng.choices(groups, weights)[0]
             tasks.append(asyncio.create_task(one(s, url, key, system, q, out)))
             q += 1
         await asyncio.gather(*tasks)
@@ -84,7 +100,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
     ok = [o for o in out if o[0] == "ok"]
     ttfts = [o[1] for o in ok]
     return {"rate": rate, "sent": len(out), "ok": len(ok), "req_per_s": len(ok) / elapsed,
-            "ttft_p50_s": median(ttfts), "ttft_p90_s": pct(ttfts, 0.9)}
+            "ttft_p50_s": median(ttfts), "ttft_p90_s": pct(ttfts, 0.9), "ttft_p99_s": pct(ttfts, 0.99)}
 
 
 def engine_hits(urls: list[str]) -> tuple[float, float]:
@@ -113,7 +129,11 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=16)
     ap.add_argument("--tenants", type=int, default=4)
     ap.add_argument("--system-tokens", type=int, default=2000)
-    ap.add_argument("--peers", default="")
+    ap.add_argument("--peers", default="", help="sglang: sglang-router cache_aware and round_robin")
+    ap.add_argument("--popularity", default="uniform", help="uniform | zipf:S (group popularity)")
+    ap.add_argument("--flow-control", choices=["on", "off", "both"], default="on",
+                    help="inferstack's flow control: on is the default a user gets")
+    ap.add_argument("--engine-args", default=" ".join(ENGINE_ARGS), help="fake engine flags")
     ap.add_argument("--routers", default="default,gie,round-robin", help="inferstack presets to run")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--backend", choices=["fake", "emulated"], default="fake",
@@ -127,11 +147,16 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     groups = workload(args.groups, args.tenants, args.system_tokens)
     keys = sorted({k for k, _ in groups})
-    routers: list[tuple[str, object]] = [(f"inferstack {p}", p) for p in args.routers.split(",") if p]
+    weights = popularity(args.popularity, len(groups))
+    fc_modes = {"on": [True], "off": [False], "both": [True, False]}[args.flow_control]
+    routers: list[tuple[str, object, bool]] = [
+        (f"inferstack {p}" + ("" if fc else " (flow control off)"), p, fc)
+        for p in args.routers.split(",") if p for fc in fc_modes]
     if "sglang" in args.peers:
-        routers.append(("sglang-router cache_aware", "sglang"))
+        routers += [("sglang-router cache_aware", "sglang:cache_aware", False),
+                    ("sglang-router round_robin", "sglang:round_robin", False)]
     results = []
-    for name, which in routers:
+    for name, which, flow_control in routers:
         for rate in rates:
             # fresh engines per point: every router starts from cold caches
             if args.backend == "emulated":
@@ -139,19 +164,19 @@ def main() -> None:
                 engines, urls = [fleet], fleet.extra["urls"]
                 MODEL = _served_model(urls[0])
             else:
-                engines = start_fake_engines(4, *ENGINE_ARGS)
+                engines = start_fake_engines(4, *args.engine_args.split())
                 urls = [e.url for e in engines]
-            if which == "sglang":
-                router = start_sglang_router(urls, "cache_aware")
+            if str(which).startswith("sglang:"):
+                router = start_sglang_router(urls, str(which).split(":", 1)[1])
             else:
                 router = start_inferstack_gateway({
                     "pools": {"bench": {"endpoints": urls, "models": [MODEL], "routing": which}},
                     "keys": [{"sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": k[3:]} for k in keys],
-                    "gateway": {"flow_control": {"enabled": False}},
+                    "gateway": {"flow_control": {"enabled": flow_control}},
                 })
             try:
                 row = asyncio.run(run_rate(router.url + "/v1/chat/completions", groups, rate, args.duration,
-                                           seed=int(rate)))
+                                           seed=int(rate), weights=weights))
                 hits, queries = engine_hits(urls)
                 row["router"] = name
                 row["hit_rate"] = hits / queries if queries else float("nan")
@@ -161,7 +186,7 @@ def main() -> None:
                 router.stop()
                 for e in engines:
                     e.stop()
-    cols = ["router", "rate", "ok", "req_per_s", "hit_rate", "ttft_p50_s", "ttft_p90_s"]
+    cols = ["router", "rate", "sent", "ok", "req_per_s", "hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -21,9 +22,10 @@ from aiohttp import web
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
-    state = {"running": 0, "waiting": 0, "bodies": [], "served": 0, "hits": 0, "queries": 0, "peak_running": 0}
+    state = {"running": 0, "waiting": 0, "prefill_queued": 0, "peak_load": 0, "bodies": [], "served": 0, "hits": 0, "queries": 0, "peak_running": 0}
     prefixes: OrderedDict[tuple, None] = OrderedDict()
     sem = asyncio.Semaphore(args.max_running)
+    prefill_lock = asyncio.Lock() if args.serial_prefill else contextlib.nullcontext()
 
     def usage(prompt_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": args.tokens,
@@ -61,6 +63,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
         state["hits"] += hit
         state["queries"] += 1
         state["waiting"] += 1
+        state["peak_load"] = max(state["peak_load"], state["waiting"] + state["running"])
         async with sem:
             state["waiting"] -= 1
             state["running"] += 1
@@ -68,7 +71,16 @@ def build_app(args: argparse.Namespace) -> web.Application:
             try:
                 uncached = min(ptoks, 100) if hit else ptoks
                 prefill = args.ttft_ms / 1000 + uncached * args.prefill_us_per_token / 1e6
-                await asyncio.sleep(prefill)
+                state["prefill_queued"] += 1
+                queued = True
+                try:
+                    async with prefill_lock:  # --serial-prefill: queued here shows as waiting, like an engine's
+                        state["prefill_queued"] -= 1
+                        queued = False
+                        await asyncio.sleep(prefill)
+                finally:
+                    if queued:
+                        state["prefill_queued"] -= 1
                 rid = f"cmpl-{os.getpid()}-{state['served']}"
                 state["served"] += 1
                 model = body.get("model")
@@ -115,17 +127,30 @@ def build_app(args: argparse.Namespace) -> web.Application:
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model", "created": 0,
                                                               "owned_by": "fake"} for m in args.model]})
 
-    async def metrics(request: web.Request) -> web.Response:
-        if args.no_metrics:
-            return web.Response(status=404)
-        kv = min(1.0, (state["running"] + state["waiting"]) / max(1, args.max_running * 2))
+    def metrics_text() -> str:
+        if args.kv_metric == "cache":  # prefix-cache occupancy: stays high while idle
+            kv = len(prefixes) / args.cache_entries
+        else:
+            kv = min(1.0, (state["running"] + state["waiting"]) / max(1, args.max_running * 2))
         m = args.model[0]
-        text = (f'vllm:num_requests_running{{model_name="{m}"}} {state["running"]}\n'
-                f'vllm:num_requests_waiting{{model_name="{m}"}} {state["waiting"]}\n'
+        running, waiting = state["running"] - state["prefill_queued"], state["waiting"] + state["prefill_queued"]
+        return (f'vllm:num_requests_running{{model_name="{m}"}} {running}\n'
+                f'vllm:num_requests_waiting{{model_name="{m}"}} {waiting}\n'
                 f'vllm:kv_cache_usage_perc{{model_name="{m}"}} {kv}\n'
                 f'vllm:prefix_cache_hits_total{{model_name="{m}"}} {state["hits"]}\n'
                 f'vllm:prefix_cache_queries_total{{model_name="{m}"}} {state["queries"]}\n')
-        return web.Response(text=text, content_type="text/plain")
+
+    lagged = {"at": 0.0, "text": ""}
+
+    async def metrics(request: web.Request) -> web.Response:
+        if args.no_metrics:
+            return web.Response(status=404)
+        if args.metrics_delay_ms:  # a metrics endpoint slower than the gateway's scrape timeout
+            await asyncio.sleep(args.metrics_delay_ms / 1000)
+        now = time.monotonic()
+        if now - lagged["at"] >= args.metrics_lag_ms / 1000:  # gauges updated once per "step"
+            lagged["at"], lagged["text"] = now, metrics_text()
+        return web.Response(text=lagged["text"], content_type="text/plain")
 
     async def tokenize(request: web.Request) -> web.Response:
         body = await request.json()
@@ -137,7 +162,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
 
     async def debug(request: web.Request) -> web.Response:
         return web.json_response({"bodies": state["bodies"], "served": state["served"], "hits": state["hits"],
-                                  "peak_running": state["peak_running"]})
+                                  "peak_running": state["peak_running"], "peak_load": state["peak_load"]})
 
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/chat/completions", chat)
@@ -164,6 +189,13 @@ def main() -> None:
     p.add_argument("--fail-status", type=int, default=0)
     p.add_argument("--die-after-tokens", type=int, default=0)
     p.add_argument("--no-metrics", action="store_true")
+    p.add_argument("--metrics-delay-ms", type=float, default=0.0, help="answer /metrics this late")
+    p.add_argument("--metrics-lag-ms", type=float, default=0.0,
+                   help="refresh the /metrics values at most this often (a CPU engine updates them per step)")
+    p.add_argument("--kv-metric", choices=["load", "cache"], default="load",
+                   help="what vllm:kv_cache_usage_perc reports: live load, or prefix-cache occupancy")
+    p.add_argument("--serial-prefill", action="store_true",
+                   help="one prefill at a time (an engine's prefill queue); requests queued for it count as waiting")
     args = p.parse_args()
     args.model = args.model or ["fake-model"]
 

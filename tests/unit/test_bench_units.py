@@ -52,6 +52,15 @@ def test_shared_prefix_groups_share_exactly_the_system_prompt() -> None:
     assert len({next(iter(v)) for v in by_group.values()}) == 3
 
 
+def test_shared_prefix_zipf_popularity_follows_the_law() -> None:
+    units = take("shared-prefix:groups=8,users=4,system=5,question=3,output=2,popularity=zipf(1.1)", 4000)
+    counts = np.bincount([int((u.stages[0][0].group or "g0")[1:]) for u in units], minlength=8)
+    expected = 1 / np.arange(1, 9) ** 1.1
+    assert np.allclose(counts / counts.sum(), expected / expected.sum(), atol=0.02)
+    again = take("shared-prefix:groups=8,users=4,system=5,question=3,output=2,popularity=zipf(1.1)", 50)
+    assert [_text(u.stages[0][0]) for u in units[:50]] == [_text(u.stages[0][0]) for u in again]
+
+
 def test_multi_turn_history_grows_and_prefixes_repeat() -> None:
     (unit,) = take("multi-turn:turns=4,input=5,output=3", 1)
     reqs = [stage[0] for stage in unit.stages]
@@ -77,6 +86,8 @@ def test_agentic_fanout_shares_context() -> None:
     ("synthetic:input=uniform(9,3)", "a <= b"),
     ("synthetic:colour=red", "unknown parameter"),
     ("shared-prefix:groups=0", "groups must be >= 1"),
+    ("shared-prefix:popularity=zipf(0)", "popularity must be uniform or zipf"),
+    ("shared-prefix:popularity=pareto", "popularity must be uniform or zipf"),
     ("trace", "needs path"),
     ("trace:path=/no/such/file.jsonl", "does not exist"),
 ])

@@ -62,16 +62,30 @@ def loaded(queues: dict[str, float], roles=ROLES) -> PoolSnapshot:
 
 
 def test_pd_pool_has_room_only_while_both_sides_do():
-    assert pd_free_slots(loaded({}), ROLES) == 2
+    # an idle endpoint with metrics takes queue_threshold (5) requests before it saturates
+    assert pd_free_slots(loaded({}), ROLES) == 10
     # saturated prefill engines: split requests would queue behind them, so the pool is full
     assert pd_free_slots(loaded({"p0": 9, "p1": 7}), ROLES) == 0
-    assert pd_free_slots(loaded({"p0": 9}), ROLES) == 1
+    assert pd_free_slots(loaded({"p0": 9}), ROLES) == 5
+    assert pd_free_slots(loaded({"p0": 2, "p1": 4}), ROLES) == 4
     assert pd_free_slots(loaded({"d0": 9, "d1": 9}), ROLES) == 0
     # every prefill endpoint down: the router prefills on the decode side, which alone counts
-    down = PoolSnapshot([EndpointView(e, healthy=ROLES[e] != "prefill") for e in ROLES])
-    assert pd_free_slots(down, ROLES) == 2
+    down = PoolSnapshot([EndpointView(e, healthy=ROLES[e] != "prefill", max_concurrency=3) for e in ROLES])
+    assert pd_free_slots(down, ROLES) == 6
     # a colocated (`both`) endpoint is decode-side capacity
-    assert pd_free_slots(loaded({}, {"b0": "both"}), {"b0": "both"}) == 1
+    assert pd_free_slots(loaded({}, {"b0": "both"}), {"b0": "both"}) == 5
+
+
+def test_pd_pool_counts_prefill_legs_in_flight_before_the_engines_report_them():
+    """Prefill legs sent since the last scrape fill the prefill side's queue as of now."""
+    snap = loaded({})
+    for e in snap.endpoints:
+        if ROLES[e.id] == "prefill":
+            e.in_flight = 4
+    assert pd_free_slots(snap, ROLES) == 2
+    for e in snap.endpoints:
+        e.running = 4.0  # the next scrape shows them running: room again
+    assert pd_free_slots(snap, ROLES) == 10
 
 
 def test_conditional_disaggregation_prefills_on_the_decode_endpoint_while_prefill_queues_are_long():
@@ -84,7 +98,7 @@ def test_conditional_disaggregation_prefills_on_the_decode_endpoint_while_prefil
     # without the setting, long queues still mean a remote prefill (flow control holds the overflow)
     assert router().route(request(4000), loaded({"p0": 9, "p1": 9})).outcome is Outcome.REMOTE
     # the overflow runs on the decode side, so only the decode side limits admission
-    assert pd_free_slots(loaded({"p0": 9, "p1": 9}), ROLES, conditional=True) == 2
+    assert pd_free_slots(loaded({"p0": 9, "p1": 9}), ROLES, conditional=True) == 10
 
 
 def test_each_side_keeps_max_concurrency():

@@ -123,25 +123,48 @@ def _synthetic(p: _Params) -> Workload:
     return Workload(p.kind, p.values, units, f"{p.kind}: input {inp} tokens, output {out} tokens")
 
 
+def _popularity(p: _Params, n: int) -> np.ndarray | None:
+    """Group weights from `popularity=uniform | zipf(S)` (the k-th group's share ∝ 1/k^S); None
+    for uniform, which keeps the round-robin-permutation order of earlier runs."""
+    spec = p.values["popularity"].strip().lower()
+    if spec == "uniform":
+        return None
+    if spec.startswith("zipf(") and spec.endswith(")"):
+        try:
+            s = float(spec[5:-1])
+        except ValueError:
+            s = -1.0
+        if s > 0:
+            w = 1.0 / np.arange(1, n + 1) ** s
+            return w / w.sum()
+    raise WorkloadError(f"{p.kind}: popularity must be uniform or zipf(S) with S > 0, got {spec!r}")
+
+
 def _shared_prefix(p: _Params) -> Workload:
     groups, users = p.integer("groups", 1), p.integer("users", 1)
     system, question, out = p.integer("system", 0), p.length("question"), p.length("output")
+    weights = _popularity(p, groups)
+
+    def unit(seed: int, g: int, u: int, q_len: int, rng: np.random.Generator) -> Unit:
+        msgs = [("system", keyed_words(system, seed, "system", g)), ("user", keyed_words(q_len, seed, "user", g, u))]
+        return Unit([[RequestSpec(msgs, system + q_len, int(out.sample(rng, 1)[0]), group=f"g{g}")]])
 
     def units(seed: int) -> Iterator[Unit]:
         rng = np.random.default_rng(seed)
         prompts = [(g, u) for g in range(groups) for u in range(users)]
         q_len = question.sample(np.random.default_rng(seed + 1), len(prompts))
         while True:
-            for idx in rng.permutation(len(prompts)):
-                g, u = prompts[idx]
-                msgs = [("system", keyed_words(system, seed, "system", g)),
-                        ("user", keyed_words(int(q_len[idx]), seed, "user", g, u))]
-                yield Unit([[RequestSpec(msgs, system + int(q_len[idx]), int(out.sample(rng, 1)[0]),
-                                         group=f"g{g}")]])
+            if weights is None:
+                for idx in rng.permutation(len(prompts)):
+                    g, u = prompts[idx]
+                    yield unit(seed, g, u, int(q_len[idx]), rng)
+            else:
+                g, u = int(rng.choice(groups, p=weights)), int(rng.integers(users))
+                yield unit(seed, g, u, int(q_len[g * users + u]), rng)
 
     return Workload(p.kind, p.values, units,
-                    f"shared-prefix: {groups} groups × {users} users, system prompt {system} tokens, "
-                    f"question {question}, output {out}")
+                    f"shared-prefix: {groups} groups × {users} users ({p.values['popularity']} popularity), "
+                    f"system prompt {system} tokens, question {question}, output {out}")
 
 
 def _multi_turn(p: _Params) -> Workload:
@@ -228,7 +251,7 @@ _KINDS: dict[str, tuple[Callable[[_Params], Workload], dict[str, str]]] = {
     "synthetic": (_synthetic, {"input": "512", "output": "128"}),
     "long-context": (_synthetic, {"input": "16000", "output": "256"}),
     "shared-prefix": (_shared_prefix, {"groups": "8", "users": "16", "system": "2048", "question": "128",
-                                       "output": "128"}),
+                                       "output": "128", "popularity": "uniform"}),
     "multi-turn": (_multi_turn, {"turns": "5", "system": "0", "input": "128", "output": "128", "think": "0"}),
     "agentic": (_agentic, {"fanout": "4", "context": "2048", "input": "64", "output": "128", "aggregate": "1"}),
     "trace": (_trace, {"path": "", "format": "auto", "time_scale": "1", "limit": "0"}),

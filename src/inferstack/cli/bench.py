@@ -14,7 +14,7 @@ app = typer.Typer(help="Benchmark an OpenAI-compatible server (engine, gateway, 
 _WORKLOAD_HELP = (
     "What to send, as KIND[:key=value,...]. Kinds: "
     "synthetic (input, output: an integer or uniform(a,b) | normal(mean,sd) | lognormal(median,sigma) | "
-    "exponential(mean)); long-context (input, output); shared-prefix (groups, users, system, question, output); "
+    "exponential(mean)); long-context (input, output); shared-prefix (groups, users, system, question, output, popularity: uniform or zipf(S)); "
     "multi-turn (turns, system, input, output, think seconds); agentic (fanout, context, input, output, aggregate "
     "0|1); trace (path, format auto|jsonl|csv|azure|mooncake, time_scale, limit) or just a .jsonl/.csv path. "
     "Example: synthetic:input=512,output=128"

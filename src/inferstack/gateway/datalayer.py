@@ -167,7 +167,7 @@ class Pool:
         now = time.monotonic()
         fc = self.gateway.flow_control
         return PoolSnapshot([e.view(now) for e in self.endpoints if e.id not in exclude], now,
-                            self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+                            self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold, fc.enabled)
 
     def free_slots(self) -> int:
         """How many queued requests may be released now (flow control)."""
@@ -281,9 +281,14 @@ class DataLayer:
         interval = self.cfg.scrape_interval_s
         while True:
             start = time.monotonic()
-            await asyncio.gather(*(self._scrape_one(e, start) for e in pool.endpoints))
-            if self.on_refresh is not None:
-                self.on_refresh(pool)
+            try:
+                await asyncio.gather(*(self._scrape_one(e, start) for e in pool.endpoints))
+                if self.on_refresh is not None:
+                    self.on_refresh(pool)
+            except Exception:
+                # this loop feeds routing and flow control: an unexpected error must cost one round,
+                # never the loop (a dead loop left every endpoint's metrics stale for good)
+                log.exception("metrics refresh of pool %s failed", pool.name)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - start)))
 
     async def _health_once(self, pool: Pool, ep: Endpoint) -> None:

@@ -5,12 +5,20 @@ bound on queued requests.
 Requests pass straight through while the pool has room and nobody of equal or higher priority is
 waiting. Otherwise they wait in their band; `pump()` releases them (highest band first, flows in
 weighted round-robin by virtual time) as capacity frees up: on request completion and after each
-metrics refresh.
+metrics refresh. A released request holds a reservation (`pending`) only until it is routed; from
+then on it counts in its endpoint's in-flight, which the pool's room already subtracts.
+
+NOTE (shedding at once): a request that would only time out in the queue is refused at arrival.
+`DrainRate` measures how fast the queue empties (releases per second while it is non-empty); a
+newcomer behind N requests of its priority or higher expects to wait N / rate, and when that
+exceeds `queue_timeout_s` it gets 429 now, with that wait as Retry-After, instead of 429 after
+`queue_timeout_s`. The timeout stays as the backstop for a drain that slows down later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +44,41 @@ class _Band:
         return sum(len(f.waiters) for f in self.flows.values())
 
 
+class DrainRate:
+    """Releases per second from a queue, over the last `window_s` seconds in which it was busy."""
+
+    def __init__(self, window_s: float = 10.0, now: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._now = now
+        self._releases: deque[float] = deque()
+        self._busy_since: float | None = None
+
+    def queue_changed(self, queued: int) -> None:
+        if queued and self._busy_since is None:
+            self._busy_since = self._now()
+        elif not queued:
+            self._busy_since = None
+
+    def released(self) -> None:
+        self._releases.append(self._now())
+
+    def expected_wait(self, ahead: int, timeout_s: float) -> float | None:
+        """Seconds until a request behind ``ahead`` others is released, or None while there is too
+        little to go on: the queue busy for under a second, or fewer than two releases in this busy
+        period and less than half the timeout without any."""
+        if self._busy_since is None:
+            return None
+        now = self._now()
+        start = max(now - self.window_s, self._busy_since)
+        while self._releases and self._releases[0] < start:
+            self._releases.popleft()
+        span = now - start
+        if span < 1.0 or (len(self._releases) < 2 and span < timeout_s / 2):
+            return None
+        rate = len(self._releases) / span
+        return (ahead + 1) / rate if rate > 0 else float("inf")
+
+
 class FlowController:
     """One per pool. ``free_slots`` says how many requests may be released right now."""
 
@@ -48,6 +91,7 @@ class FlowController:
         self.queued = 0
         # released from the queue but not yet routed: their capacity is reserved
         self.pending = 0
+        self.drain = DrainRate()
 
     def _waiting_at_or_above(self, priority: int) -> bool:
         return any(len(b) for p, b in self._bands.items() if p >= priority)
@@ -65,6 +109,12 @@ class FlowController:
         if self.queued >= self.cfg.max_queued:
             raise APIError(429, "Too many requests are queued at the gateway.", code="queue_full",
                            headers={"retry-after": "1"})
+        ahead = sum(len(b) for p, b in self._bands.items() if p >= priority)
+        wait = self.drain.expected_wait(ahead, self.cfg.queue_timeout_s)
+        if wait is not None and wait > self.cfg.queue_timeout_s:
+            raise APIError(429, f"The pool is saturated: the expected wait ({wait:.0f}s) exceeds the queue timeout "
+                           f"({self.cfg.queue_timeout_s:g}s).", code="queue_timeout",
+                           headers={"retry-after": str(min(60, math.ceil(wait)))})
         band = self._bands.get(priority)
         if band is None:
             band = self._bands[priority] = _Band()
@@ -121,6 +171,7 @@ class FlowController:
             if fut.done():
                 continue
             fut.set_result(None)
+            self.drain.released()
             released += 1
             room -= 1
             self.pending += 1
@@ -129,5 +180,6 @@ class FlowController:
         return released
 
     def _depth(self, priority: int, band: _Band) -> None:
+        self.drain.queue_changed(self.queued)
         if self.on_depth is not None:
             self.on_depth(priority, len(band))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 NEVER = float("inf")
+UNBOUNDED = 1 << 30  # room of an endpoint nothing can saturate (no metrics, no cap)
 
 
 @dataclass(slots=True)
@@ -28,6 +30,12 @@ class EndpointView:
     def stale(self, stale_after_s: float) -> bool:
         return self.has_metrics and self.metrics_age_s > stale_after_s
 
+    def queued_now(self) -> float:
+        """The engine's queue as of now: what it reported, or more when the gateway has more in
+        flight there than the engine reported running (sent, or finished, after its metrics were
+        taken: the running batch is assumed unchanged and the rest waits)."""
+        return max(self.queue, self.in_flight - self.running)
+
     def load(self) -> float:
         """Work at the endpoint: the gateway's own in-flight count, or the engine's if larger
         (other gateways send to it too)."""
@@ -41,29 +49,54 @@ class PoolSnapshot:
     stale_after_s: float = 0.2
     queue_threshold: float = 5.0
     kv_threshold: float = 0.8
+    admits_by_room: bool = False  # flow control is on: routers keep to endpoints with `room`
 
     def saturation(self, e: EndpointView) -> float:
-        """GIE's utilization detector: max(Q/q_thr, KV/kv_thr), plus our in-flight cap.
-        Stale metrics count as saturated (1.0)."""
-        if not e.healthy or e.stale(self.stale_after_s):
+        """GIE's utilization detector, max(Q/q_thr, KV/kv_thr), over the queue as of *now*
+        (`queued_now`), plus our in-flight cap. Unhealthy endpoints are saturated.
+
+        NOTE (why in-flight counts): an engine's /metrics lags the requests the gateway sends, by a
+        scrape interval or, on a CPU engine that updates its gauges once per multi-second step, by
+        much more. Judging saturation on the scraped queue alone let one burst pile dozens of
+        requests onto an engine that still reported an empty queue, and judging stale metrics as
+        saturated (as was KV use that counts a full prefix cache) held a healthy, idle pool at zero
+        in flight. The gateway's own in-flight count is always fresh, so requests the engine has not
+        reported yet are assumed to wait in its queue until a scrape shows otherwise."""
+        if not e.healthy:
             return 1.0
         s = 0.0
-        if e.has_metrics:
-            s = max(e.queue / self.queue_threshold, e.kv_usage / self.kv_threshold)
+        if self.has_live_metrics(e):
+            queued = e.queued_now()
+            # KV use saturates only with requests waiting: engines count cached, evictable blocks
+            # differently, and a full prefix cache on an idle engine is not a full engine
+            s = max(queued / self.queue_threshold, e.kv_usage / self.kv_threshold if queued > 0 else 0.0)
         if e.max_concurrency:
             s = max(s, e.in_flight / e.max_concurrency)
         return s
 
+    def has_live_metrics(self, e: EndpointView) -> bool:
+        """Metrics to judge saturation by: scraped, and not so old that the scrape is clearly
+        failing (then the endpoint is judged like one without metrics, by its cap alone: fail open
+        on performance, health checks handle dead endpoints)."""
+        return e.has_metrics and e.metrics_age_s <= max(2.0, 10 * self.stale_after_s)
+
+    def room(self, e: EndpointView) -> int:
+        """Requests ``e`` may still take before it saturates (0 when saturated): the free part of
+        its cap, and the queue left below the threshold when it has live metrics. An endpoint with
+        neither cannot saturate, so its room is unbounded (UNBOUNDED)."""
+        if self.saturation(e) >= 1.0:
+            return 0
+        room = UNBOUNDED
+        if e.max_concurrency:
+            room = e.max_concurrency - e.in_flight
+        if self.has_live_metrics(e):
+            room = min(room, max(1, math.ceil(self.queue_threshold - e.queued_now())))
+        return max(0, room)
+
     def free_slots(self, include: Callable[[EndpointView], bool] = lambda e: True) -> int:
         """How many queued requests flow control may release now, over the endpoints ``include``
-        keeps: the free concurrency of each unsaturated endpoint, or one per endpoint per metrics
-        refresh when it has no cap (the engine's queue shows new work only after a scrape)."""
-        free = 0
-        for e in self.endpoints:
-            if not include(e) or self.saturation(e) >= 1.0:
-                continue
-            free += e.max_concurrency - e.in_flight if e.max_concurrency else 1
-        return free
+        keeps: the sum of their `room` (capped at UNBOUNDED)."""
+        return min(UNBOUNDED, sum(self.room(e) for e in self.endpoints if include(e)))
 
 
 @dataclass(slots=True)

@@ -1,0 +1,128 @@
+"""Overload: the README stack (`inferstack up`, defaults) driven at 1x, 2x, 4x and 8x its capacity
+with the README's `inferstack bench` workload; goodput, how fast shed requests are refused, and what
+is still running at the engines after the client stops.
+
+Goodput here = requests completed per second of sending (optionally only those meeting --slo); a
+well-behaved stack serves at capacity and refuses the excess quickly, so goodput at 8x stays near
+goodput at 1x. Shed = HTTP 429; refusal time = send to 429.
+
+    PYTHONPATH=src python benchmarks/gateway_overload.py [--capacity 1.0] [--factors 1,2,4,8] \
+        [--duration 30] [--workload shared-prefix] [--up-args "--replicas 2"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_stack(tmp: Path, up_args: list[str]) -> tuple[subprocess.Popen, dict]:
+    ready = tmp / "up.ready.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "inferstack", "up", "--port", "0", "--ready-file", str(ready),
+                             "--log-dir", str(tmp / "logs"), *up_args],
+                            stdout=(tmp / "up.log").open("wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (ready.exists() and ready.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"inferstack up failed; see {tmp / 'up.log'}")
+        time.sleep(0.2)
+    return proc, json.loads(ready.read_text().splitlines()[0])
+
+
+def engine_urls(log_dir: Path) -> list[str]:
+    return [json.loads(p.read_text().splitlines()[0])["urls"][0] for p in sorted(log_dir.glob("engine-*.ready.json"))]
+
+
+def engine_load(urls: list[str]) -> float:
+    """Requests running + waiting over the engines, from their /metrics."""
+    total = 0.0
+    for u in urls:
+        for line in httpx.get(u + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def settle_time(urls: list[str], limit_s: float = 60.0) -> float:
+    """Seconds after the client stopped until the engines hold no request (limit_s if never)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        if engine_load(urls) == 0:
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    return limit_s
+
+
+def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "inferstack", "bench", "run", "--target", gateway, "--workload", args.workload,
+           "--rate", str(rate), "--duration", str(args.duration), "--seed", "1", "--drain-timeout",
+           str(args.drain), "--no-progress", "--no-plots", "--out", str(out)]
+    if args.slo:
+        cmd += ["--slo", args.slo]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    reqs = json.loads((out / "results.json").read_text())["requests"]
+    ok = [r for r in reqs if r["status"] == "ok"]
+    shed = sorted(r["end"] - r["sent"] for r in reqs if r["status"] == "http_429")
+    row = {"rate": rate, "sent": len(reqs), "ok": len(ok), "goodput_rps": len(ok) / args.duration,
+           "shed": len(shed), "other_errors": len(reqs) - len(ok) - len(shed),
+           "refusal_p50_s": shed[len(shed) // 2] if shed else None,
+           "refusal_p99_s": shed[min(len(shed) - 1, int(0.99 * len(shed)))] if shed else None,
+           "refusal_max_s": shed[-1] if shed else None}
+    ttfts = sorted(r["chunk_times"][0] - r["sent"] for r in ok if r.get("chunk_times"))
+    row["ttft_p50_s"] = ttfts[len(ttfts) // 2] if ttfts else None
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--capacity", type=float, default=1.0, help="req/s the stack serves (1x)")
+    ap.add_argument("--factors", default="1,2,4,8")
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--drain", type=float, default=30.0, help="bench --drain-timeout")
+    ap.add_argument("--workload", default="shared-prefix")
+    ap.add_argument("--slo", default="", help="e.g. ttft=5s: goodput counts only requests meeting it")
+    ap.add_argument("--up-args", default="", help="extra `inferstack up` flags")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-overload-"))
+    proc, ready = start_stack(tmp, args.up_args.split())
+    gateway = ready["urls"][0]
+    urls = engine_urls(tmp / "logs")
+    rows = []
+    try:
+        for f in (float(x) for x in args.factors.split(",")):
+            row = run_rate(gateway, args.capacity * f, args, tmp / f"x{f:g}")
+            row["factor"] = f
+            row["engines_settle_s"] = settle_time(urls)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    base = rows[0]["goodput_rps"] or float("nan")
+    cols = ["factor", "rate", "sent", "ok", "goodput_rps", "shed", "other_errors", "refusal_p50_s", "refusal_p99_s",
+            "ttft_p50_s", "engines_settle_s"]
+    print("\n| " + " | ".join(cols) + " | goodput vs 1x |\n|" + "---|" * (len(cols) + 1))
+    for r in rows:
+        cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else ("–" if r[c] is None else str(r[c])) for c in cols]
+        print("| " + " | ".join(cells) + f" | {r['goodput_rps'] / base:.2f} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

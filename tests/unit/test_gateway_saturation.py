@@ -1,0 +1,113 @@
+"""Flow control's view of capacity: saturation over the queue as of now, room per endpoint, and
+shedding at arrival when the measured drain rate says the queue timeout would expire first."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from inferstack.config.schema import FlowControlConfig
+from inferstack.gateway.flowcontrol import DrainRate, FlowController
+from inferstack.gateway.routing.types import UNBOUNDED, EndpointView, PoolSnapshot
+from inferstack.protocol.errors import APIError
+
+
+def ep(**kw) -> EndpointView:
+    return EndpointView("e", **{"has_metrics": True, "metrics_age_s": 0.0, **kw})
+
+
+def test_requests_the_engine_has_not_reported_count_as_queued():
+    snap = PoolSnapshot([], queue_threshold=5.0)
+    # the engine reported an empty queue, but the gateway has sent 7 requests since
+    assert snap.saturation(ep(in_flight=7)) >= 1.0
+    assert snap.room(ep(in_flight=3)) == 2
+    # the next scrape shows them running: the queue is empty again
+    assert snap.saturation(ep(in_flight=7, running=7.0)) == 0.0
+    assert snap.room(ep(in_flight=7, running=7.0)) == 5
+
+
+def test_stale_metrics_do_not_saturate_an_idle_endpoint():
+    """A slow scrape must never hold a healthy pool at zero in flight (the collapse)."""
+    snap = PoolSnapshot([], stale_after_s=0.2, queue_threshold=5.0)
+    stale = ep(metrics_age_s=1.0)
+    assert snap.saturation(stale) == 0.0 and snap.room(stale) == 5
+    # a scrape failing for long: judged like an endpoint without metrics (cap only)
+    assert snap.room(ep(metrics_age_s=60.0, in_flight=40)) == UNBOUNDED
+    assert snap.room(ep(metrics_age_s=60.0, in_flight=3, max_concurrency=4)) == 1
+
+
+def test_uncapped_endpoint_without_metrics_is_never_limited_to_one():
+    snap = PoolSnapshot([EndpointView("a", in_flight=40), EndpointView("b", max_concurrency=4, in_flight=1)])
+    assert snap.free_slots() == UNBOUNDED
+    assert snap.free_slots(lambda e: e.id == "b") == 3
+
+
+def test_cap_and_queue_both_bound_the_room():
+    snap = PoolSnapshot([], queue_threshold=5.0)
+    assert snap.room(ep(max_concurrency=2, in_flight=1)) == 1
+    assert snap.room(ep(max_concurrency=20, in_flight=12, running=10.0)) == 3
+    # KV use saturates only while requests wait: a full prefix cache on an idle engine does not
+    assert snap.room(ep(kv_usage=0.9)) == 5
+    assert snap.room(ep(kv_usage=0.9, queue=1.0)) == 0
+    assert snap.room(ep(kv_usage=0.9, in_flight=3, running=2.0)) == 0
+    assert snap.room(EndpointView("down", healthy=False)) == 0
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_drain_rate_predicts_the_wait_only_with_evidence():
+    clock = Clock()
+    d = DrainRate(window_s=10.0, now=clock)
+    assert d.expected_wait(3, 30.0) is None  # no queue
+    d.queue_changed(5)
+    clock.t += 0.5
+    assert d.expected_wait(3, 30.0) is None  # busy for under a second
+    clock.t += 1.5
+    assert d.expected_wait(3, 30.0) is None  # no release yet, well under half the timeout
+    for _ in range(4):
+        d.released()
+    assert d.expected_wait(3, 30.0) == pytest.approx(4 / (4 / 2.0))
+    clock.t += 20.0  # nothing released for 20 s: the 10 s window holds no release
+    assert d.expected_wait(0, 30.0) is None  # ... but less than half a 30 s timeout to go on
+    assert d.expected_wait(0, 10.0) == float("inf")
+    d.queue_changed(0)
+    assert d.expected_wait(0, 10.0) is None
+
+
+def test_a_request_that_would_only_time_out_is_refused_at_once():
+    async def main():
+        clock = Clock()
+        free = [0]
+        fc = FlowController(FlowControlConfig(queue_timeout_s=5.0), lambda: free[0])
+        fc.drain = DrainRate(now=clock)
+        waiters = [asyncio.create_task(fc.admit(0, "t")) for _ in range(10)]
+        await asyncio.sleep(0)
+        assert fc.queued == 10
+        clock.t += 2.0
+        free[0] = 2
+        assert fc.pump() == 2  # two released in two seconds: one per second
+        free[0] = 0  # ... and routed: they now count in their endpoints' in-flight
+        fc.routed()
+        fc.routed()
+        # 8 ahead at 1/s: 9 s > 5 s timeout -> refused now, not after 5 s
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(APIError) as exc:
+            await fc.admit(0, "late")
+        assert exc.value.status == 429 and int(exc.value.headers["retry-after"]) == 9
+        assert asyncio.get_running_loop().time() - t0 < 0.1
+        # a higher priority with nobody ahead still queues
+        high = asyncio.create_task(fc.admit(5, "vip"))
+        await asyncio.sleep(0)
+        assert fc.queued == 9
+        for t in [*waiters, high]:
+            t.cancel()
+        await asyncio.gather(*waiters, high, return_exceptions=True)
+
+    asyncio.run(main())
