@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -21,6 +22,9 @@ from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build
 from inferstack.gateway.routing.disagg import PDRouter, build_pd_router, pd_free_slots
 from inferstack.gateway.routing.state import RoutingState
 from inferstack.gateway.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from inferstack.gateway.discovery import KubeDiscovery
 
 log = logging.getLogger("inferstack.gateway")
 
@@ -191,6 +195,7 @@ class DataLayer:
         self.cfg = cfg
         self.on_refresh = on_refresh  # called with a pool after its metrics refresh
         self._tasks: list[asyncio.Task] = []
+        self.discovery: KubeDiscovery | None = None  # pools with `kubernetes:` (gateway/discovery.py)
 
     def _open(self, pool: Pool, ep: Endpoint) -> None:
         ep.session = aiohttp.ClientSession(
@@ -221,6 +226,13 @@ class DataLayer:
                 self._open(pool, ep)
         # one discovery + health round before serving, so /v1/models is right from the start
         await asyncio.gather(*(self._health_once(p, e) for p in self.pools for e in p.endpoints))
+        if any(p.config.kubernetes is not None for p in self.pools):
+            from inferstack.gateway.discovery import (
+                KubeDiscovery,  # loads the Kubernetes client only when used
+            )
+
+            self.discovery = KubeDiscovery(self)
+            await self.discovery.start()
         for pool in self.pools:
             self._tasks.append(asyncio.create_task(self._scrape_loop(pool)))
             self._tasks.append(asyncio.create_task(self._health_loop(pool)))
@@ -245,6 +257,8 @@ class DataLayer:
             await self._close(gone)
 
     async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
