@@ -179,6 +179,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", action="append", default=[])
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="e.g. 127.0.0.2 to stand in for a pod IP")
     p.add_argument("--ready-file")
     p.add_argument("--ttft-ms", type=float, default=2.0)
     p.add_argument("--itl-ms", type=float, default=0.5)
@@ -202,10 +203,10 @@ def main() -> None:
     async def run() -> None:
         runner = web.AppRunner(build_app(args), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", args.port)
+        site = web.TCPSite(runner, args.host, args.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        line = json.dumps({"urls": [f"http://127.0.0.1:{port}"], "pid": os.getpid()})
+        line = json.dumps({"urls": [f"http://{args.host}:{port}"], "pid": os.getpid()})
         print(line, flush=True)
         if args.ready_file:
             with open(args.ready_file, "w") as f:

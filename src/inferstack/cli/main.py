@@ -25,6 +25,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("epp", "epp"),
     ("config", "config"),
     ("up", "up"),
+    ("deploy", "deploy"),
 ]
 
 

@@ -43,6 +43,8 @@ def pd_problems(pools: Mapping[str, Any], profiles: set[str]) -> list[tuple[tupl
                     problems.append((("pools", name, "endpoints", i, "role"),
                                      f"role {r!r} needs `pd: {{enabled: true}}` on pool {name!r}"))
             continue
+        if pool.kubernetes is not None:
+            continue  # roles come from the pods' `llm-d.ai/role` labels at run time
         if "prefill" not in roles:
             problems.append((("pools", name, "pd"), "pd needs at least one endpoint with `role: prefill`"))
         if "decode" not in roles:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferstack.compliance.config import AuditConfig
 from inferstack.config.pd import EndpointRole, PDConfig, pd_problems
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
+from inferstack.kube.config import KubernetesPoolConfig
 from inferstack.modelhub.policy import TrustPolicy
 from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_HEADER_BYTES
 from inferstack.stack.settings import UpSettings
@@ -51,7 +52,10 @@ class EndpointConfig(_Section):
 class PoolConfig(_Section):
     """Endpoints that serve the same model(s)."""
 
-    endpoints: list[EndpointConfig] = Field(min_length=1)
+    endpoints: list[EndpointConfig] = Field(
+        default_factory=list, description="The engines; or leave empty and set `kubernetes` to discover them.")
+    kubernetes: KubernetesPoolConfig | None = Field(
+        None, description="Discover the endpoints from Kubernetes pods (docs/kubernetes-chart.md).")
     models: list[Name] = Field(
         default_factory=list,
         description="Model names the endpoints serve. Empty: discovered from the endpoints' /v1/models.")
@@ -76,6 +80,14 @@ class PoolConfig(_Section):
         if isinstance(v, list):
             return [{"url": e} if isinstance(e, str) else e for e in v]
         return v
+
+    @model_validator(mode="after")
+    def _endpoint_source(self) -> PoolConfig:
+        if not self.endpoints and self.kubernetes is None:
+            raise ValueError("a pool needs `endpoints` (at least one URL) or `kubernetes` (discovery)")
+        if self.endpoints and self.kubernetes is not None:
+            raise ValueError("set either `endpoints` or `kubernetes`, not both")
+        return self
 
 
 class PrecisePrefixConfig(_Section):

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,6 +23,9 @@ from inferstack.gateway.routing.disagg import PDRouter, build_pd_router, pd_free
 from inferstack.gateway.routing.state import RoutingState
 from inferstack.gateway.upstream import UpstreamPool
 from inferstack.telemetry import promtext
+
+if TYPE_CHECKING:
+    from inferstack.gateway.discovery import KubeDiscovery
 
 log = logging.getLogger("inferstack.gateway")
 
@@ -166,6 +170,7 @@ class DataLayer:
         self.cfg = cfg
         self.on_refresh = on_refresh  # called with a pool after its metrics refresh
         self._tasks: list[asyncio.Task] = []
+        self.discovery: KubeDiscovery | None = None  # pools with `kubernetes:` (gateway/discovery.py)
 
     def _open(self, pool: Pool, ep: Endpoint) -> None:
         ep.session = aiohttp.ClientSession(
@@ -196,6 +201,13 @@ class DataLayer:
                 self._open(pool, ep)
         # one discovery + health round before serving, so /v1/models is right from the start
         await asyncio.gather(*(self._health_once(p, e) for p in self.pools for e in p.endpoints))
+        if any(p.config.kubernetes is not None for p in self.pools):
+            from inferstack.gateway.discovery import (
+                KubeDiscovery,  # loads the Kubernetes client only when used
+            )
+
+            self.discovery = KubeDiscovery(self)
+            await self.discovery.start()
         for pool in self.pools:
             self._tasks.append(asyncio.create_task(self._scrape_loop(pool)))
             self._tasks.append(asyncio.create_task(self._health_loop(pool)))
@@ -220,6 +232,8 @@ class DataLayer:
             await self._close(gone)
 
     async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -1,0 +1,64 @@
+"""`pools.<name>.kubernetes`: name a pool's endpoints by Kubernetes selector instead of URLs
+(docs/kubernetes-chart.md, "Discovery"). Pure pydantic: importing it never loads a Kubernetes client."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Kubernetes label keys (optional DNS-subdomain prefix + name) and values (validation.go).
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class KubernetesPoolConfig(BaseModel):
+    """Endpoints = the Ready pods matching ``selector`` (or the InferencePool's selector), as
+    ``http://<podIP>:<port>``; the ``llm-d.ai/role`` label gives each one its PD role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str | None = Field(
+        None, pattern=_DNS_LABEL, max_length=63,
+        description="Namespace of the pods (and the InferencePool). Default: the namespace the gateway runs in "
+                    "(service account), else the kubeconfig context's, else `default`.")
+    selector: dict[str, str] | None = Field(
+        None, description="Pod labels that must all match (like a Service selector / matchLabels).")
+    target_port: int | None = Field(
+        None, ge=1, le=65535, description="Port the engines listen on in each pod. With `inference_pool`: "
+        "default every `targetPorts` entry (each podIP:port is one endpoint), or just this one when set.")
+    inference_pool: str | None = Field(
+        None, pattern=_DNS_LABEL.replace("{0,61}", "{0,251}"), max_length=253,
+        description="Name of an InferencePool (inference.networking.k8s.io/v1) whose selector and targetPorts "
+                    "define the endpoints; changes to it are followed.")
+    kubeconfig: str | None = Field(
+        None, description="Kubeconfig file. Default: in-cluster service account when running in a pod, "
+                          "else $KUBECONFIG or ~/.kube/config.")
+    scheme: str = Field("http", pattern=r"^https?$", description="Scheme of the engine URLs.")
+
+    @field_validator("selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("selector needs at least one label (an empty selector would pick every pod)")
+        for key, value in v.items():
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"{key!r} is not a valid label key")
+            if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+                raise ValueError(f"label {key!r}: {value!r} is not a valid label value (quote numbers)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KubernetesPoolConfig:
+        if self.inference_pool is None and self.selector is None:
+            raise ValueError("set `selector` (with `target_port`) or `inference_pool`")
+        if self.inference_pool is not None and self.selector is not None:
+            raise ValueError("set either `selector` or `inference_pool`, not both "
+                             "(the InferencePool's own selector is used)")
+        if self.selector is not None and self.target_port is None:
+            raise ValueError("`selector` needs `target_port` (the engines' port in each pod)")
+        return self
