@@ -38,6 +38,13 @@ class EngineConfig:
     kv_role: Literal["both", "prefill", "decode"] = "both"
     kv_transfer_host: str = "127.0.0.1"         # prefill role: where the KV transfer server listens
     kv_transfer_port: int = 0
+    # Structured outputs and tool calling (docs/structured-outputs.md)
+    grammar_workers: int = 2                    # threads compiling grammars off the step loop
+    grammar_timeout_s: float = 10.0             # deadline for every grammar kind; past it: HTTP 400
+    tool_call_parser: str = "auto"              # hermes | llama3_json | mistral | smollm2 | auto
+    strict_max_properties: int = 5000           # OpenAI strict json_schema limits
+    strict_max_nesting: int = 10
+    strict_max_enum_values: int = 1000
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -52,5 +59,7 @@ class EngineConfig:
             from inferstack.engine.connector.factory import kvstore_config
 
             kvstore_config(self)     # names a bad tier list, a missing --kv-disk-path or --kv-redis-url now
+        if self.grammar_workers < 1 or self.grammar_timeout_s <= 0:
+            raise ValueError("grammar_workers must be at least 1 and grammar_timeout_s positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
