@@ -157,11 +157,13 @@ def test_errors(client: openai.OpenAI, server: Server) -> None:
     assert bad.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=MODEL, messages=QUESTION,
-                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert "not supported yet" in bad.value.body["message"]
+                                       tools=[{"type": "function", "function": {"name": "f g", "parameters": {}}}])
+    assert bad.value.body["param"] == "tools[0].function.name"
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={"type": "json_object"})
-    assert "not supported yet" in bad.value.body["message"] and bad.value.body["param"] == "response_format"
+        client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={
+            "type": "json_schema", "json_schema": {"name": "P", "strict": True, "schema": {"type": "object"}}})
+    assert bad.value.body["message"] == ("Invalid schema for response_format 'P': In context=(), "
+                                         "'additionalProperties' is required to be supplied and to be false.")
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model=MODEL, prompt="hi " * 900, max_tokens=500)
     msg = bad.value.body["message"]

@@ -15,12 +15,16 @@ from collections.abc import AsyncIterator
 from inferstack.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from inferstack.engine.sampling_params import SamplingParams
 from inferstack.engine.stats import EngineStats
+from inferstack.engine.structured.spec import GrammarSpec
+from inferstack.engine.tools.formats import FORMATS
+from inferstack.protocol.strict_schema import StrictLimits
 
 EOS = 256
 
 
 class ByteTokenizer:
     vocab_size = 257
+    chat_template = None
     eos_token_ids = frozenset({EOS})
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -57,6 +61,12 @@ class FakeEngine:
         self.calls: list[tuple[list[int], SamplingParams, str, int, str | None]] = []
         self._abort_events: dict[str, asyncio.Event] = {}
         self._stats = EngineStats(num_kv_blocks=64)
+        self.tool_format = FORMATS["hermes"]
+        self.strict_limits = StrictLimits()
+        self.grammars: list[tuple[GrammarSpec, str]] = []
+
+    async def compile_grammar(self, spec: GrammarSpec, param: str) -> None:
+        self.grammars.append((spec, param))
 
     error: BaseException | None = None
 

@@ -24,6 +24,7 @@ from inferstack.engine.outputs import FinishReason, RequestOutput
 from inferstack.engine.request import Request
 from inferstack.engine.sampling_params import SamplingParams
 from inferstack.engine.stats import EngineStats
+from inferstack.engine.structured.spec import GrammarSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class AsyncEngine:
         self.model_name = built.model_name
         self.max_model_len = built.max_model_len
         self.model_digest = built.model_digest
+        self.tool_format = built.tool_format
+        self.strict_limits = built.strict_limits
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._stopping = threading.Event()
@@ -105,6 +108,11 @@ class AsyncEngine:
                 self._inbox.put(("abort", rid))
             for r in requests:
                 self._streams.pop(r.request_id, None)
+
+    async def compile_grammar(self, spec: GrammarSpec, param: str) -> None:
+        """Compile (or find cached) off the step loop; raises GrammarError (a 400) on failure or timeout."""
+        assert self.core.structured is not None
+        await self.core.structured.compiler.compile_async(spec, param)
 
     async def abort(self, request_id: str) -> None:
         for rid in [k for k in self._streams if k == request_id or k.startswith(request_id + "#")]:

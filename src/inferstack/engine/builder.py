@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,7 +14,9 @@ from inferstack.engine.core import EngineCore
 from inferstack.engine.executor.torch_executor import TorchExecutor
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.engine.tokenizer import Tokenizer
+from inferstack.engine.tools.formats import FORMATS, ToolFormat, detect_format
 from inferstack.engine.weights.loader import load_model
+from inferstack.protocol.strict_schema import StrictLimits
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,15 @@ class BuiltEngine:
     max_model_len: int
     model_digest: str
     eos_token_ids: frozenset[int]
+    tool_format: ToolFormat = FORMATS["hermes"]
+    strict_limits: StrictLimits = field(default_factory=StrictLimits)
+
+
+def output_settings(config: EngineConfig, tokenizer: Tokenizer, model_name: str) -> dict:
+    """BuiltEngine's tool-call family and strict-schema limits, from the config."""
+    return {"tool_format": detect_format(config.tool_call_parser, tokenizer.chat_template, model_name),
+            "strict_limits": StrictLimits(config.strict_max_properties, config.strict_max_nesting,
+                                          config.strict_max_enum_values)}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,7 +71,9 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
     key_space = KVKeySpace(model_digest=lm.model_digest, dtype=str(lm.dtype).removeprefix("torch."),
                            block_size=config.block_size)
     connector = build_connector(config, executor.kv_caches, key_space)
-    core = EngineCore.build(config, executor, lm.tokenizer, key_space, max_model_len, connector)
+    core = EngineCore.build(config, executor, lm.tokenizer, key_space, max_model_len, connector,
+                            vocab_size=lm.arch.vocab_size)
     return BuiltEngine(core=core, tokenizer=lm.tokenizer, model_name=config.served_model_name or lm.name,
                        max_model_len=max_model_len, model_digest=lm.model_digest,
-                       eos_token_ids=frozenset(lm.tokenizer.eos_token_ids))
+                       eos_token_ids=frozenset(lm.tokenizer.eos_token_ids),
+                       **output_settings(config, lm.tokenizer, lm.name))

@@ -39,6 +39,13 @@ class EngineConfig:
     # params signed with the shared secret; a prefill engine signs what it returns with the secret.
     kv_transfer_peers: tuple[str, ...] = ()
     kv_transfer_secret: str | None = field(default=None, repr=False)
+    # Structured outputs and tool calling (docs/structured-outputs.md)
+    grammar_workers: int = 2                    # threads compiling grammars off the step loop
+    grammar_timeout_s: float = 10.0             # deadline for every grammar kind; past it: HTTP 400
+    tool_call_parser: str = "auto"              # hermes | llama3_json | mistral | smollm2 | auto
+    strict_max_properties: int = 5000           # OpenAI strict json_schema limits
+    strict_max_nesting: int = 10
+    strict_max_enum_values: int = 1000
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -53,5 +60,7 @@ class EngineConfig:
             raise ValueError("--role decode pulls KV from the peers named in each request: allow them with "
                              "--kv-transfer-peers HOST[:PORT],... or share a secret with the prefill engines "
                              "in $INFERSTACK_KV_TRANSFER_SECRET (inferstack up does this for you)")
+        if self.grammar_workers < 1 or self.grammar_timeout_s <= 0:
+            raise ValueError("grammar_workers must be at least 1 and grammar_timeout_s positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from inferstack.engine.config import EngineConfig
@@ -19,9 +20,11 @@ from inferstack.engine.kv.events import EventBuffer, ZmqEventPublisher
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.engine.kv.manager import KVCacheManager
 from inferstack.engine.outputs import FinishReason, RequestOutput
-from inferstack.engine.request import Request
+from inferstack.engine.request import Request, RequestStatus
 from inferstack.engine.scheduler import Scheduler, SchedulerConfig
 from inferstack.engine.stats import EngineStats
+from inferstack.engine.structured.compiler import CompiledGrammar, GrammarCompiler
+from inferstack.engine.structured.manager import Advance, StructuredOutputManager
 from inferstack.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,18 +68,23 @@ class _TextState:
 
 class EngineCore:
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: Tokenizer,
-                 events: EventBuffer | None = None, publisher: ZmqEventPublisher | None = None) -> None:
+                 events: EventBuffer | None = None, publisher: ZmqEventPublisher | None = None,
+                 structured: StructuredOutputManager | None = None) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
+        self.structured = structured
         self._events = events
         self._publisher = publisher
         self._text: dict[str, _TextState] = {}
         self._success: dict[str, int] = {}
+        # constrained requests whose grammar is still compiling: not scheduled until it is ready
+        self._compiling: dict[str, tuple[Request, Future[CompiledGrammar]]] = {}
 
     @classmethod
     def build(cls, config: EngineConfig, executor: Executor, tokenizer: Tokenizer, key_space: KVKeySpace,
-              max_model_len: int, connector: KVConnectorBase | None = None) -> EngineCore:
+              max_model_len: int, connector: KVConnectorBase | None = None,
+              vocab_size: int | None = None) -> EngineCore:
         events = publisher = None
         if config.kv_events_endpoint:
             publisher = ZmqEventPublisher(config.kv_events_endpoint, config.kv_events_topic)
@@ -87,7 +95,10 @@ class EngineCore:
                             max_model_len=max_model_len, long_prefill_token_threshold=config.long_prefill_token_threshold,
                             policy=config.scheduling_policy),
             KVCacheManager(pool, key_space), connector)
-        return cls(scheduler, executor, tokenizer, events, publisher)
+        compiler = GrammarCompiler(tokenizer, vocab_size or tokenizer.vocab_size, config.grammar_workers,
+                                   config.grammar_timeout_s)
+        return cls(scheduler, executor, tokenizer, events, publisher,
+                   StructuredOutputManager(compiler, config.max_num_seqs))
 
     @property
     def kv_events_endpoint(self) -> str | None:
@@ -98,24 +109,59 @@ class EngineCore:
         self._text[request.request_id] = _TextState(
             IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
             params.stop, params.include_stop_str_in_output)
-        self.scheduler.add_request(request)
+        if params.structured_outputs is None:
+            self.scheduler.add_request(request)
+            return
+        if self.structured is None:
+            raise ValueError("this engine was built without structured-output support")
+        future = self.structured.compiler.submit(params.structured_outputs)
+        self._compiling[request.request_id] = (request, future)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
+        compiling = self._compiling.pop(request_id, None)
+        request = (self._end_unscheduled(compiling[0], FinishReason.ABORT) if compiling
+                   else self.scheduler.finish_request(request_id, FinishReason.ABORT))
         if request is None:
             return None
         return self._finish_output(request, [], time.monotonic())
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedule constrained requests whose grammar is ready; fail those whose compile failed."""
+        failed: list[RequestOutput] = []
+        for rid, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[rid]
+            exc = future.exception()
+            if exc is not None:
+                log.warning("request %s: grammar failed: %s", rid, exc)
+                request = self._end_unscheduled(request, FinishReason.ERROR, str(exc))
+                failed.append(self._finish_output(request, [], time.monotonic()))
+                continue
+            assert self.structured is not None
+            self.structured.start(rid, future.result())
+            self.scheduler.add_request(request)
+        return failed
+
+    @staticmethod
+    def _end_unscheduled(request: Request, reason: FinishReason, why: str | None = None) -> Request:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason, request.stop_reason = reason, why
+        return request
 
     def step(self) -> list[RequestOutput]:
+        outputs = self._admit_compiled() if self._compiling else []
         batch = self.scheduler.schedule()
         if batch.is_empty:
             self._flush_events()
-            if self.scheduler.has_unfinished():
-                time.sleep(0.001)    # only requests whose external KV is still arriving: do not spin
-            return []
+            if self.has_unfinished():
+                time.sleep(0.001)    # external KV still arriving or grammars compiling: do not spin
+            return outputs
+        if self.structured is not None and self.structured.active:
+            batch.grammar_bitmask = self.structured.bitmask(batch.sampled_ids)
         connector = self.scheduler.connector
         if connector is not None:
             connector.start_load_kv()
@@ -126,13 +172,14 @@ class EngineCore:
             connector.save_kv(batch.seqs)
         advanced = self.scheduler.update_from_output(batch, result.sampled)
         now = time.monotonic()
-        outputs: list[RequestOutput] = []
         for request in advanced:
             rid = request.request_id
             if request.first_token_time is None:
                 request.first_token_time = now
             state = self._text[rid]
             token = request.output_token_ids[-1]
+            if self.structured is not None and not request.is_finished and rid in self.structured:
+                self._advance_grammar(request, token)
             stop = state.add([token])
             if stop is not None and not request.is_finished:
                 self.scheduler.finish_request(rid, FinishReason.STOP, stop)
@@ -143,6 +190,16 @@ class EngineCore:
                 outputs.append(self._output(request, state, [token], now, [lp] if lp else None, final=False))
         self._flush_events()
         return outputs
+
+    def _advance_grammar(self, request: Request, token: int) -> None:
+        assert self.structured is not None
+        advance = self.structured.advance(request.request_id, token)
+        if advance is Advance.TERMINATED:
+            self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+        elif advance is Advance.REJECTED:
+            log.error("request %s: token %d breaks its grammar: %s", request.request_id, token,
+                      self.structured.error(request.request_id))
+            self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
 
     def stats(self) -> EngineStats:
         c = self.scheduler.counters
@@ -158,6 +215,8 @@ class EngineCore:
 
     def _finish_output(self, request: Request, tokens: list[int], now: float, logprobs=None) -> RequestOutput:
         state = self._text.pop(request.request_id)
+        if self.structured is not None:
+            self.structured.remove(request.request_id)
         self.executor.release(request.request_id)
         reason = request.finish_reason.value if request.finish_reason else "unknown"
         self._success[reason] = self._success.get(reason, 0) + 1
@@ -188,6 +247,8 @@ class EngineCore:
             self._publisher.publish(self._events.drain())
 
     def shutdown(self) -> None:
+        if self.structured is not None:
+            self.structured.compiler.shutdown()
         if self._publisher is not None:
             self._publisher.close()
         if self.scheduler.connector is not None:

@@ -23,10 +23,38 @@ class SamplingRow:
     generator: torch.Generator | None
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """``logits`` [N, V] float32 → one token id per row, plus logprobs for rows that asked."""
+@dataclass(frozen=True)
+class GrammarBitmask:
+    """One step's allowed tokens: bit ``t % 32`` of ``words[row, t // 32]``; only ``rows`` constrain
+    (every other row is all ones and is left alone)."""
+
+    words: torch.Tensor      # int32 [N, ceil(V / 32)]
+    rows: list[int]
+
+
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: GrammarBitmask) -> None:
+    """Set the logits of disallowed tokens to -inf, in place, on the constrained rows only."""
+    rows = torch.tensor(bitmask.rows, dtype=torch.long)
+    words = bitmask.words.index_select(0, rows)
+    allowed = ((words.unsqueeze(-1) >> _BIT_SHIFTS) & 1).bool().view(len(bitmask.rows), -1)
+    vocab = logits.shape[-1]
+    if allowed.shape[1] < vocab:     # logits wider than the grammar's vocabulary: padding rows never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    logits[rows] = logits.index_select(0, rows).masked_fill_(~allowed[:, :vocab], float("-inf"))
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], bitmask: GrammarBitmask | None = None,
+           ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """``logits`` [N, V] float32 → one token id per row, plus logprobs for rows that asked.
+
+    Logprobs are the model's (before the grammar mask), as vLLM reports them by default."""
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    if bitmask is not None:
+        apply_token_bitmask_(logits, bitmask)
 
     if all(r.params.greedy and not r.params.has_penalties for r in rows):
         tokens = logits.argmax(dim=-1).tolist()

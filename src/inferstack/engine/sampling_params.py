@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from inferstack.engine.structured.spec import GrammarSpec
+
 
 class SamplingParamError(ValueError):
     """An invalid sampling value; ``param`` names the offending field for the HTTP error envelope."""
@@ -32,6 +34,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: GrammarSpec | None = None    # constrain the output (docs/structured-outputs.md)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

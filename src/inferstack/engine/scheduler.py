@@ -20,6 +20,7 @@ from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.kv.manager import KVCacheManager
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request, RequestStatus
+from inferstack.engine.sampling import GrammarBitmask
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    grammar_bitmask: GrammarBitmask | None = None    # rows follow the sampled seqs, in order
+
+    @property
+    def sampled_ids(self) -> list[str]:
+        return [s.request_id for s in self.seqs if s.sample]
 
     @property
     def num_batched_tokens(self) -> int:

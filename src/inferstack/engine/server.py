@@ -257,7 +257,7 @@ class Handlers:
         rid = f"{request.scope['state']['request_id']}-{uuid.uuid4().hex[:8]}"
         return Generation(engine, prepared.prompts, prepared.params, rid, self.state.metrics.observer(),
                           priority=prepared.priority, cache_salt=prepared.cache_salt,
-                          kv_transfer_params=prepared.kv_transfer_params), rid
+                          kv_transfer_params=prepared.kv_transfer_params, tools=prepared.tools), rid
 
     async def chat_completions(self, request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await self._body(request))

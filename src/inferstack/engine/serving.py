@@ -17,10 +17,16 @@ from typing import Any, Protocol, TypeVar
 
 from inferstack.engine.outputs import FinishReason, RequestOutput
 from inferstack.engine.sampling_params import SamplingParams
+from inferstack.engine.structured.requests import requested_grammar
+from inferstack.engine.structured.spec import GrammarSpec
+from inferstack.engine.tools.formats import ToolFormat
+from inferstack.engine.tools.parse import ToolCallStreamer, parse_tool_calls
+from inferstack.engine.tools.plan import ToolPlan, plan_tools, template_messages
 from inferstack.protocol import responses as R
 from inferstack.protocol.errors import APIError, bad_request, internal_error, not_supported
 from inferstack.protocol.requests import ChatCompletionRequest, ChatMessage, CompletionRequest
 from inferstack.protocol.sse import SSE_DONE, sse_event
+from inferstack.protocol.strict_schema import StrictLimits
 from inferstack.telemetry.engine_metrics import RequestObserver
 from inferstack.telemetry.logs import request_id_var
 
@@ -39,6 +45,8 @@ class EngineLike(Protocol):
     model_name: str
     tokenizer: Any
     max_model_len: int
+    tool_format: ToolFormat
+    strict_limits: StrictLimits
 
     @property
     def error(self) -> BaseException | None:
@@ -48,6 +56,7 @@ class EngineLike(Protocol):
     def metric_collectors(self) -> list[Any]:
         """Prometheus collectors the server adds to its /metrics registry (KV tiers, PD transfers)."""
     async def shutdown(self) -> None: ...
+    async def compile_grammar(self, spec: GrammarSpec, param: str) -> None: ...
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                  priority: int = 0, cache_salt: str | None = None,
                  **kv_transfer: Any) -> AsyncGenerator[RequestOutput, None]: ...
@@ -80,23 +89,43 @@ class Prepared:
     priority: int
     cache_salt: str | None
     kv_transfer_params: dict[str, Any] | None = None
+    tools: ToolPlan | None = None            # tool calls to parse out of the output
 
 
 async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepared:
     check_model(engine, req.model)
     _chat_unsupported(req)
+    tools, tool_choice = _tools_of(req)
+    plan = plan_tools(engine.tool_format, tools, tool_choice, req.parallel_tool_calls, engine.strict_limits)
     messages = chat_messages(req.messages)
+    native = "tools" in (engine.tokenizer.chat_template or "")
+    messages = template_messages(engine.tool_format, plan, messages, native)
     add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
-    prompt_ids = await encode_chat(engine, messages, add_gen)
+    extra = {"tools": tools} if native and plan is not None else {}
+    prompt_ids = await encode_chat(engine, messages, add_gen, **extra)
+    grammar, param = requested_grammar(req, engine.strict_limits)
+    if plan is not None and plan.grammar is not None:
+        grammar, param = plan.grammar, "tools"
+    if grammar is not None:
+        await engine.compile_grammar(grammar, param)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if requested is not None and requested < 1:
         raise bad_request(f"max_tokens must be at least 1, got {requested}", "max_tokens")
     max_tokens = _resolve_max_tokens(engine, len(prompt_ids), requested, "messages")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-    params = _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, grammar)
     return Prepared([prompt_ids], params, bool(req.stream), _include_usage(req), bool(req.logprobs),
-                    req.priority or 0, req.cache_salt, req.kv_transfer_params)
+                    req.priority or 0, req.cache_salt, req.kv_transfer_params, plan)
+
+
+def _tools_of(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str | dict[str, Any] | None]:
+    """``tools``/``tool_choice``, or the deprecated ``functions``/``function_call`` in their place."""
+    if req.functions and not req.tools:
+        choice = req.function_call
+        named = {"type": "function", "function": choice} if isinstance(choice, dict) else choice
+        return [{"type": "function", "function": f} for f in req.functions], named
+    return req.tools, req.tool_choice
 
 
 async def prepare_completion(engine: EngineLike, req: CompletionRequest) -> Prepared:
@@ -111,7 +140,10 @@ async def prepare_completion(engine: EngineLike, req: CompletionRequest) -> Prep
         raise bad_request(f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
     prompts = await completion_prompts(engine, req.prompt)
     max_tokens = min(_resolve_max_tokens(engine, len(p), req.max_tokens, "prompt") for p in prompts)
-    params = _sampling_params(req, max_tokens, req.logprobs)
+    grammar, param = requested_grammar(req, engine.strict_limits)
+    if grammar is not None:
+        await engine.compile_grammar(grammar, param)
+    params = _sampling_params(req, max_tokens, req.logprobs, grammar)
     return Prepared(prompts, params, bool(req.stream), _include_usage(req), req.logprobs is not None,
                     req.priority or 0, req.cache_salt, req.kv_transfer_params)
 
@@ -122,9 +154,6 @@ def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
 
 # --- request -> engine inputs ----------------------------------------------------------------------
 
-_NOT_YET = "not supported yet"
-
-
 def check_model(engine: EngineLike, model: str | None) -> None:
     if model is not None and model != engine.model_name:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{engine.model_name}'.",
@@ -132,15 +161,6 @@ def check_model(engine: EngineLike, model: str | None) -> None:
 
 
 def _chat_unsupported(req: ChatCompletionRequest) -> None:
-    if req.tools:
-        raise not_supported("tools (function calling)", "tools")
-    if req.functions:
-        raise not_supported("functions (function calling)", "functions")
-    if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
-        raise not_supported("tool_choice", "tool_choice")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise not_supported(f"response_format type '{req.response_format.get('type')}' (structured output)",
-                            "response_format")
     if req.audio is not None or (req.modalities and any(m != "text" for m in req.modalities)):
         raise not_supported("audio output", "modalities")
     if req.prediction is not None:
@@ -148,8 +168,6 @@ def _chat_unsupported(req: ChatCompletionRequest) -> None:
 
 
 def _message_text(i: int, msg: ChatMessage) -> str:
-    if msg.role in ("tool", "function") or msg.tool_calls:
-        raise not_supported(f"'{msg.role}' messages and tool calls", f"messages[{i}]")
     content = msg.content
     if content is None:
         return ""
@@ -169,20 +187,43 @@ def _message_text(i: int, msg: ChatMessage) -> str:
     return "".join(parts)
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)}
-            for i, m in enumerate(messages)]
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [_chat_message(i, m) for i, m in enumerate(messages)]
 
 
-async def encode_chat(engine: EngineLike, messages: list[dict[str, str]], add_generation_prompt: bool,
-                      add_special_tokens: bool = False) -> list[int]:
-    """Render and tokenize a chat; message text never becomes a control token (Tokenizer.encode_chat)."""
-    size = sum(len(m["content"]) for m in messages)
+def _chat_message(i: int, m: ChatMessage) -> dict[str, Any]:
+    role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+    out: dict[str, Any] = {"role": role, "content": _message_text(i, m)}
+    if role == "tool":
+        if m.tool_call_id is None and m.role == "tool":
+            raise bad_request(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                              f"messages[{i}].tool_call_id")
+        out["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            out["name"] = m.name
+    if m.tool_calls:
+        if role != "assistant":
+            raise bad_request(f"messages[{i}]: only assistant messages may have tool_calls",
+                              f"messages[{i}].tool_calls")
+        for j, call in enumerate(m.tool_calls):
+            fn = call.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request(f"Missing required parameter: 'messages[{i}].tool_calls[{j}].function.name'.",
+                                  f"messages[{i}].tool_calls[{j}].function.name")
+        out["tool_calls"] = m.tool_calls
+    return out
+
+
+async def encode_chat(engine: EngineLike, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                      add_special_tokens: bool = False, **template_kwargs: Any) -> list[int]:
+    """Render and tokenize a chat; message text never becomes a control token (Tokenizer.encode_chat).
+    ``template_kwargs`` reach the chat template (``tools`` for templates that render them)."""
+    size = sum(len(m.get("content") or "") for m in messages)
     try:
         if size > _THREAD_TOKENIZE_CHARS:
             return await asyncio.to_thread(engine.tokenizer.encode_chat, messages, add_generation_prompt,
-                                           add_special_tokens)
-        return engine.tokenizer.encode_chat(messages, add_generation_prompt, add_special_tokens)
+                                           add_special_tokens, **template_kwargs)
+        return engine.tokenizer.encode_chat(messages, add_generation_prompt, add_special_tokens, **template_kwargs)
     except ValueError as exc:  # ChatTemplateError: the template refused these messages (the client's input)
         raise bad_request(f"The chat template rejected these messages: {exc}", "messages") from exc
 
@@ -223,7 +264,7 @@ def _resolve_max_tokens(engine: EngineLike, prompt_len: int, requested: int | No
 
 
 def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
-                     logprobs: int | None) -> SamplingParams:
+                     logprobs: int | None, grammar: GrammarSpec | None = None) -> SamplingParams:
     n = 1 if req.n is None else req.n
     if n > MAX_N:
         raise bad_request(f"n must be at most {MAX_N}, got {n}", "n")
@@ -256,6 +297,7 @@ def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens:
         logprobs=logprobs,
         include_stop_str_in_output=bool(req.include_stop_str_in_output),
         skip_special_tokens=pick(req.skip_special_tokens, True),
+        structured_outputs=grammar,
     )
 
 
@@ -277,6 +319,7 @@ class Generation:
     priority: int = 0
     cache_salt: str | None = None
     kv_transfer_params: dict[str, Any] | None = None   # PD: in, where to pull KV; out (prefill), where it is held
+    tools: ToolPlan | None = None                      # parse tool calls out of the output
     _open: set[tuple[int, int]] = field(default_factory=set)
 
     def engine_request_id(self, p: int) -> str:
@@ -435,9 +478,18 @@ async def chat_full(gen: Generation, token_text: TokenText, response_id: str, cr
             transfer = out.kv_transfer_params or transfer
     return _with_transfer(R.chat_completion(
         response_id, created, model,
-        [R.chat_choice(i, "".join(c.text), c.finish or "stop",
-                       R.chat_logprobs(c.logprobs) if want_logprobs else None) for i, c in enumerate(choices)],
+        [_chat_choice(gen.tools, i, c, R.chat_logprobs(c.logprobs) if want_logprobs else None)
+         for i, c in enumerate(choices)],
         totals.usage()), transfer)
+
+
+def _chat_choice(tools: ToolPlan | None, index: int, c: _Choice, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    text, finish = "".join(c.text), c.finish or "stop"
+    if tools is None:
+        return R.chat_choice(index, text, finish, logprobs)
+    content, calls = parse_tool_calls(tools.fmt, text)
+    return R.chat_choice(index, content, tools.finish_reason(bool(calls), finish), logprobs,
+                         [call.to_openai() for call in calls])
 
 
 def _with_transfer(body: dict[str, Any], transfer: dict[str, Any] | None) -> dict[str, Any]:
@@ -453,16 +505,10 @@ async def chat_stream(gen: Generation, token_text: TokenText, response_id: str, 
 
     totals = _Totals()
     try:
-        for i in range(gen.params.n):
-            yield chunk([R.chat_chunk_choice(i, {"role": "assistant", "content": ""})])
-        async for index, out in gen.outputs():
-            totals.add(index, out)
-            finish = _finish_reason(out) if out.finished else None
-            if not out.new_text and finish is None and not out.logprobs:
-                continue
-            lps = R.chat_logprobs(_chat_logprobs(token_text, out)) if want_logprobs else None
-            delta = {"content": out.new_text} if out.new_text or finish is None else {}
-            yield chunk([R.chat_chunk_choice(index, delta, finish, lps)])
+        parts = (_tool_stream(gen, totals) if gen.tools is not None
+                 else _content_stream(gen, totals, token_text, want_logprobs))
+        async for part in parts:
+            yield chunk([part])
         if include_usage:
             yield chunk([], totals.usage())
     except APIError as err:
@@ -471,6 +517,53 @@ async def chat_stream(gen: Generation, token_text: TokenText, response_id: str, 
         log.exception("stream %s failed", response_id)
         yield sse_event(internal_error(request_id_var.get()).envelope())
     yield SSE_DONE
+
+
+async def _content_stream(gen: Generation, totals: _Totals, token_text: TokenText,
+                          want_logprobs: bool) -> AsyncIterator[dict[str, Any]]:
+    for i in range(gen.params.n):
+        yield R.chat_chunk_choice(i, {"role": "assistant", "content": ""})
+    async for index, out in gen.outputs():
+        totals.add(index, out)
+        finish = _finish_reason(out) if out.finished else None
+        if not out.new_text and finish is None and not out.logprobs:
+            continue
+        lps = R.chat_logprobs(_chat_logprobs(token_text, out)) if want_logprobs else None
+        delta = {"content": out.new_text} if out.new_text or finish is None else {}
+        yield R.chat_chunk_choice(index, delta, finish, lps)
+
+
+async def _tool_stream(gen: Generation, totals: _Totals) -> AsyncIterator[dict[str, Any]]:
+    """Chat chunk choices when tools may be called: content as it comes (minus what may open a call),
+    then per call one delta with id and name and deltas with ``arguments`` pieces, as OpenAI streams."""
+    plan = gen.tools
+    assert plan is not None
+    streamers = [ToolCallStreamer(plan.fmt) for _ in range(gen.params.n)]
+    started: set[int] = set()
+
+    def opening(index: int, delta: dict[str, Any]) -> dict[str, Any]:
+        if index in started:
+            return delta
+        started.add(index)
+        return {"role": "assistant", "content": None, **delta} if "tool_calls" in delta else delta
+
+    async for index, out in gen.outputs():
+        totals.add(index, out)
+        streamer = streamers[index]
+        content, calls = streamer.feed(out.new_text)
+        if out.finished:
+            content += streamer.finish()
+        if content:
+            if index not in started:
+                started.add(index)
+                yield R.chat_chunk_choice(index, {"role": "assistant", "content": ""})
+            yield R.chat_chunk_choice(index, {"content": content})
+        for call in calls:
+            yield R.chat_chunk_choice(index, opening(index, {"tool_calls": [call]}))
+        if out.finished:
+            finish = plan.finish_reason(streamer.has_calls, _finish_reason(out))
+            yield R.chat_chunk_choice(index, opening(index, {}) if index in started else
+                                      {"role": "assistant", "content": ""}, finish)
 
 
 async def completion_prompts(engine: EngineLike, prompt: Any) -> list[list[int]]:

@@ -114,7 +114,7 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    add_special_tokens: bool = False) -> list[int]:
+                    add_special_tokens: bool = False, **template_kwargs: Any) -> list[int]:
         """The chat prompt's ids, with message text always tokenized as text, as OpenAI does.
 
         Rendering the template and tokenizing the result would turn `<|im_start|>system` typed by a
@@ -124,9 +124,10 @@ class Tokenizer:
         """
         special = self._special_token_re
         if special is None or not any(special.search(str(m.get("content") or "")) for m in messages):
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens)
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, **template_kwargs),
+                               add_special_tokens)
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        rendered = self.apply_chat_template(marked, add_generation_prompt)
+        rendered = self.apply_chat_template(marked, add_generation_prompt, **template_kwargs)
         ids: list[int] = []
         for k, piece in enumerate(_MARK.split(rendered)):
             if k % 2 == 0:  # template text: its control tokens are meant

@@ -58,6 +58,13 @@ class _SamplingFields(_Body):
     priority: Int64 | None = None
     cache_salt: str | None = None
     kv_transfer_params: dict[str, Any] | None = None   # PD disaggregation (docs/disaggregation.md)
+    # structured outputs (docs/structured-outputs.md): OpenAI's response_format, vLLM's extras
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -70,7 +77,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None

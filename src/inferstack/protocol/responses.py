@@ -38,14 +38,12 @@ def chat_logprobs(content: list[dict[str, Any]]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def chat_choice(index: int, content: str, finish_reason: str, logprobs: dict[str, Any] | None = None,
-                ) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": content, "refusal": None},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }
+def chat_choice(index: int, content: str | None, finish_reason: str, logprobs: dict[str, Any] | None = None,
+                tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_completion(id: str, created: int, model: str, choices: list[dict[str, Any]],

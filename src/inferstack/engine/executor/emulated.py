@@ -93,6 +93,8 @@ class EmulatedExecutor:
             self._advance(dt, batch)
         sampled = {s.request_id: self.output_token_ids[len(s.request.output_token_ids) % len(self.output_token_ids)]
                    for s in batch.seqs if s.sample}
+        if batch.grammar_bitmask is not None:
+            _obey_grammar(sampled, batch)
         return ExecutorOutput(sampled=sampled)
 
     def _advance(self, dt: float, batch: SchedulerOutput) -> None:
@@ -112,6 +114,21 @@ class EmulatedExecutor:
 
     def release(self, request_id: str) -> None:
         """Nothing to free: the emulator holds no per-request state."""
+
+
+def _obey_grammar(sampled: dict[str, int], batch: SchedulerOutput) -> None:
+    """Constrained rows: the scripted token where the grammar allows it, else the lowest allowed id
+    (an emulated engine has no logits, but its structured outputs must still parse)."""
+    mask = batch.grammar_bitmask
+    assert mask is not None
+    ids = batch.sampled_ids
+    for row in mask.rows:
+        words = mask.words[row].tolist()
+        token = sampled[ids[row]]
+        if not (words[token // 32] >> (token % 32)) & 1:
+            word = next(i for i, w in enumerate(words) if w)
+            bits = words[word] & 0xFFFFFFFF
+            sampled[ids[row]] = word * 32 + (bits & -bits).bit_length() - 1
 
 
 def emulated_kv_blocks(profile: Profile, config: EngineConfig) -> int:
@@ -183,7 +200,7 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     """An EngineCore whose executor is emulated; the scheduler, block pool and prefix cache are real.
     With ``config.kv_role`` prefill or decode it gets the real PD connector over a shadow cache, its
     pulls paced to the profile's network (``kv_transfer_time``) and counted in the model's KV bytes."""
-    from inferstack.engine.builder import BuiltEngine
+    from inferstack.engine.builder import BuiltEngine, output_settings
     from inferstack.engine.connector.factory import build_connector
     from inferstack.engine.connector.transfer import LinkModel
     from inferstack.engine.core import EngineCore
@@ -208,7 +225,8 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     core = EngineCore.build(config, executor, tokenizer, key_space, max_len, connector)
     log.info("emulating %s: %d KV blocks, max_model_len %d", profile, executor.num_kv_blocks, max_len)
     return BuiltEngine(core=core, tokenizer=tokenizer, model_name=config.served_model_name or profile.model.name,
-                       max_model_len=max_len, model_digest=digest, eos_token_ids=frozenset(tokenizer.eos_token_ids))
+                       max_model_len=max_len, model_digest=digest, eos_token_ids=frozenset(tokenizer.eos_token_ids),
+                       **output_settings(config, tokenizer, "smollm2"))     # the bundled tokenizer's family
 
 
 class _TimedExecutor:

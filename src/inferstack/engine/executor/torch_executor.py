@@ -94,7 +94,7 @@ class TorchExecutor:
         rows = [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
                             self._generator(s.request.request_id, s.request.sampling_params.seed))
                 for _, s in sample_seqs]
-        tokens, logprobs = sample(logits, rows)
+        tokens, logprobs = sample(logits, rows, batch.grammar_bitmask)
         out = ExecutorOutput()
         for (_, seq), token, lp in zip(sample_seqs, tokens, logprobs, strict=True):
             out.sampled[seq.request_id] = token

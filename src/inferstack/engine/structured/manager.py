@@ -1,0 +1,75 @@
+"""Per-request grammar state in the engine and the batch's token bitmask for each step.
+
+One int32 bitmask ``[rows, ceil(vocab / 32)]`` per step (vLLM's layout): a row per sampled sequence,
+all ones for unconstrained ones; llguidance fills the constrained rows in parallel with the GIL
+released. A step without constrained requests does no grammar work at all.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+
+import llguidance
+import torch
+
+from inferstack.engine.sampling import GrammarBitmask
+from inferstack.engine.structured.compiler import CompiledGrammar, GrammarCompiler
+
+
+class Advance(Enum):
+    OK = auto()
+    TERMINATED = auto()     # the grammar is complete: the request finishes with "stop"
+    REJECTED = auto()       # the token breaks the grammar (only if a sampler ignored the mask)
+
+
+class StructuredOutputManager:
+    def __init__(self, compiler: GrammarCompiler, max_num_seqs: int) -> None:
+        self.compiler = compiler
+        self.words = (compiler.vocab_size + 31) // 32
+        self._mask = torch.full((max_num_seqs, self.words), -1, dtype=torch.int32)
+        self._matchers: dict[str, llguidance.LLMatcher] = {}
+        self._fill = llguidance.LLExecutor(num_threads=2)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._matchers)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._matchers
+
+    def start(self, request_id: str, grammar: CompiledGrammar) -> None:
+        self._matchers[request_id] = grammar.new_matcher()
+
+    def remove(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
+
+    def bitmask(self, sampled_ids: list[str]) -> GrammarBitmask | None:
+        """The mask for this step's sampled rows (in order), or None when none is constrained."""
+        pairs = [(m, i) for i, rid in enumerate(sampled_ids) if (m := self._matchers.get(rid)) is not None]
+        if not pairs:
+            return None
+        n = len(sampled_ids)
+        if n > self._mask.shape[0]:
+            self._mask = torch.full((n, self.words), -1, dtype=torch.int32)
+        mask = self._mask[:n]
+        mask.fill_(-1)
+        self._fill.unsafe_compute_mask_ptr(pairs, mask.data_ptr(), self.words * 4, n)
+        return GrammarBitmask(mask, [i for _, i in pairs])
+
+    def advance(self, request_id: str, token: int) -> Advance:
+        matcher = self._matchers.get(request_id)
+        if matcher is None:
+            return Advance.OK
+        if not matcher.consume_token(token):
+            return Advance.REJECTED
+        return Advance.TERMINATED if matcher.is_stopped() else Advance.OK
+
+    def rollback(self, request_id: str, num_tokens: int) -> None:
+        """Undo the last ``num_tokens`` accepted tokens (the engine discarded them)."""
+        matcher = self._matchers.get(request_id)
+        if matcher is not None and num_tokens > 0:
+            matcher.rollback(num_tokens)
+
+    def error(self, request_id: str) -> str:
+        matcher = self._matchers.get(request_id)
+        return matcher.get_error() if matcher is not None else ""
