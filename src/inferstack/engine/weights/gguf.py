@@ -103,18 +103,23 @@ def convert_gguf(path: Path, dtype: torch.dtype,
     if not weights.exists():
         if progress:
             progress(f"dequantizing {path.name} to {_DTYPE_NAMES[dtype]} (once; cached in {out_dir})")
-        tensors = hf_tensors_from_gguf(reader, path, dtype)
-        from safetensors.torch import save_file
-
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".weights-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"source": path.name})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, weights)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        save_safetensors_atomic(hf_tensors_from_gguf(reader, path, dtype), weights, {"source": path.name})
     return ConvertedGGUF(out_dir, [weights])
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
+    """Write under a temporary name and rename, so concurrent loaders never read a partial file."""
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def open_gguf(path: Path) -> Any:
