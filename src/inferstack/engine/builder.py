@@ -17,6 +17,7 @@ from inferstack.engine.tokenizer import Tokenizer
 from inferstack.engine.tools.formats import FORMATS, ToolFormat, detect_format
 from inferstack.engine.weights.loader import load_model
 from inferstack.protocol.strict_schema import StrictLimits
+from inferstack.engine.weights.quant_loader import QuantOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ def configure_threads(config: EngineConfig) -> None:
 def build_engine(config: EngineConfig) -> BuiltEngine:
     configure_threads(config)
     device = resolve_device(config.device)
-    lm = load_model(config.model, dtype=config.dtype, device=device)
+    quant = QuantOptions(config.quantization, config.quant_group_size, config.dense_prefill,
+                         config.quant_crossover_rows)
+    lm = load_model(config.model, dtype=config.dtype, device=device, quant=quant)
     model_max = lm.arch.max_position_embeddings
     if config.max_model_len is not None and config.max_model_len > model_max:
         raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's context length {model_max}")
@@ -68,8 +71,7 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
         # A request must always fit the cache alone, or preemption could never make room for it.
         log.warning("the KV cache holds %d tokens: capping max_model_len from %d to that", capacity, max_model_len)
         max_model_len = capacity
-    key_space = KVKeySpace(model_digest=lm.model_digest, dtype=str(lm.dtype).removeprefix("torch."),
-                           block_size=config.block_size)
+    key_space = KVKeySpace(model_digest=lm.model_digest, dtype=lm.kv_key_dtype, block_size=config.block_size)
     connector = build_connector(config, executor.kv_caches, key_space)
     core = EngineCore.build(config, executor, lm.tokenizer, key_space, max_model_len, connector,
                             vocab_size=lm.arch.vocab_size)

@@ -15,6 +15,12 @@ class EngineConfig:
     model: str
     served_model_name: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Weight formats (docs/engine.md, "Weight formats"): int8/int4 kernels for small steps, a bf16
+    # copy of the weights for steps of quant_crossover_rows rows or more (None: measured at start-up).
+    quantization: Literal["none", "int8", "int4", "gguf"] = "none"
+    quant_group_size: int = 32
+    dense_prefill: bool = True
+    quant_crossover_rows: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     block_size: int = 16
     max_model_len: int | None = None            # default: the model's context length
@@ -62,5 +68,11 @@ class EngineConfig:
                              "in $INFERSTACK_KV_TRANSFER_SECRET (inferstack up does this for you)")
         if self.grammar_workers < 1 or self.grammar_timeout_s <= 0:
             raise ValueError("grammar_workers must be at least 1 and grammar_timeout_s positive")
+        if self.quantization not in ("none", "int8", "int4", "gguf"):
+            raise ValueError(f"quantization must be none, int8, int4 or gguf, got {self.quantization!r}")
+        if self.quant_group_size not in (32, 64, 128):
+            raise ValueError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
+        if self.quant_crossover_rows is not None and self.quant_crossover_rows < 1:
+            raise ValueError(f"quant_crossover_rows must be at least 1, got {self.quant_crossover_rows}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

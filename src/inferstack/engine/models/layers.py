@@ -88,15 +88,27 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class DenseLinear(nn.Module):
+    """``y = x Wᵀ + b`` in the model's dtype; holds the checkpoint weight during loading."""
+
+    def __init__(self, out_features: int, in_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class GatedMLP(nn.Module):
     """SwiGLU with gate and up projections fused into one matmul."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden), requires_grad=False)
-        self.down = nn.Parameter(torch.empty(hidden, intermediate), requires_grad=False)
+        self.gate_up: nn.Module = DenseLinear(2 * intermediate, hidden)
+        self.down: nn.Module = DenseLinear(hidden, intermediate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up).split(self.intermediate, dim=-1)
-        return linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down(F.silu(gate) * up)

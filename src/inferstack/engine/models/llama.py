@@ -19,7 +19,15 @@ from inferstack.engine.executor.attention import AttentionPlan, paged_attention_
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import WeightTarget
-from inferstack.engine.models.layers import GatedMLP, RotaryEmbedding, linear
+from inferstack.engine.models.layers import DenseLinear, GatedMLP, RotaryEmbedding, linear
+
+
+class Projection(NamedTuple):
+    """A matmul weight the loader may swap for a quantized kernel (``parent.attr``)."""
+
+    parent: nn.Module
+    attr: str
+    parts: tuple[str, ...]      # checkpoint tensor names fused into it, in row order
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -32,10 +40,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.eps = arch.rms_norm_eps
         self.scale = arch.head_dim ** -0.5
-        qkv_rows = arch.q_size + 2 * arch.kv_size
-        self.qkv = _param(qkv_rows, arch.hidden_size)
-        self.qkv_bias = _param(qkv_rows) if arch.qkv_bias else None
-        self.o = _param(arch.hidden_size, arch.q_size)
+        self.qkv: nn.Module = DenseLinear(arch.q_size + 2 * arch.kv_size, arch.hidden_size, bias=arch.qkv_bias)
+        self.o: nn.Module = DenseLinear(arch.hidden_size, arch.q_size)
         # Qwen3: per-head RMSNorm weights for the query heads then the key heads, so one
         # normalisation covers both.
         self.qk_norm = _param(arch.num_heads + arch.num_kv_heads, arch.head_dim) if arch.qk_norm else None
@@ -44,13 +50,13 @@ class Attention(nn.Module):
                 plan: AttentionPlan) -> torch.Tensor:
         t = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = linear(x, self.qkv, self.qkv_bias).view(t, nh + 2 * nkv, hd)
+        qkv = self.qkv(x).view(t, nh + 2 * nkv, hd)
         qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (hd,), eps=self.eps) * self.qk_norm
         qk = RotaryEmbedding.rotate(qk, cos_sin)
         out = paged_attention_planned(qk[:, :nh], qk[:, nh:], v, kv_cache, plan, self.scale)
-        return linear(out.reshape(t, nh * hd), self.o)
+        return self.o(out.reshape(t, nh * hd))
 
 
 class DecoderLayer(nn.Module):
@@ -80,7 +86,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed = _param(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
         self.norm = _param(arch.hidden_size)
-        self.lm_head = None if arch.tie_word_embeddings else _param(arch.vocab_size, arch.hidden_size)
+        self.lm_head: nn.Module | None = (None if arch.tie_word_embeddings
+                                          else DenseLinear(arch.vocab_size, arch.hidden_size))
         self.rotary: RotaryEmbedding | None = None
 
     def init_buffers(self) -> None:
@@ -99,8 +106,29 @@ class LlamaForCausalLM(nn.Module):
         return F.rms_norm(x, (self.arch.hidden_size,), self.norm, self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed if self.lm_head is None else self.lm_head
-        return linear(hidden, head).float()
+        if self.lm_head is None:
+            return linear(hidden, self.embed).float()
+        return self.lm_head(hidden).float()
+
+    def projections(self) -> list[Projection]:
+        """Every matmul weight, for the loader's quantization pass; a tied LM head is added as a
+        module of its own (the embedding table stays dense for the lookup)."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            out += [Projection(layer.attn, "qkv", tuple(p + f"self_attn.{n}_proj.weight" for n in "qkv")),
+                    Projection(layer.attn, "o", (p + "self_attn.o_proj.weight",)),
+                    Projection(layer.mlp, "gate_up", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
+                    Projection(layer.mlp, "down", (p + "mlp.down_proj.weight",))]
+        head = "model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
+        return [*out, Projection(self, "lm_head", (head,))]
+
+    def projection_weight(self, proj: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense (weight, bias) behind ``proj``: the embedding table for a tied head."""
+        module = getattr(proj.parent, proj.attr)
+        if module is None:
+            return self.embed, None
+        return module.weight, module.bias
 
     def weight_targets(self) -> dict[str, WeightTarget]:
         """Checkpoint tensor name (transformers' naming) → where it goes in our fused parameters."""
@@ -109,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         targets: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed.data,
                                             "model.norm.weight": self.norm.data}
         if self.lm_head is not None:
-            targets["lm_head.weight"] = self.lm_head.data
+            targets["lm_head.weight"] = self.lm_head.weight.data
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.attn
@@ -117,17 +145,17 @@ class LlamaForCausalLM(nn.Module):
             targets[p + "post_attention_layernorm.weight"] = layer.post_attn_norm.data
             for name, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)),
                                ("v_proj", slice(q + kv, q + 2 * kv))):
-                targets[p + f"self_attn.{name}.weight"] = attn.qkv.data[rows]
-                if attn.qkv_bias is not None:
-                    targets[p + f"self_attn.{name}.bias"] = attn.qkv_bias.data[rows]
-            targets[p + "self_attn.o_proj.weight"] = attn.o.data
+                targets[p + f"self_attn.{name}.weight"] = attn.qkv.weight.data[rows]
+                if attn.qkv.bias is not None:
+                    targets[p + f"self_attn.{name}.bias"] = attn.qkv.bias.data[rows]
+            targets[p + "self_attn.o_proj.weight"] = attn.o.weight.data
             if attn.qk_norm is not None:
                 targets[p + "self_attn.q_norm.weight"] = attn.qk_norm.data[:a.num_heads]
                 targets[p + "self_attn.k_norm.weight"] = attn.qk_norm.data[a.num_heads:]
             inter = a.intermediate_size
-            targets[p + "mlp.gate_proj.weight"] = layer.mlp.gate_up.data[:inter]
-            targets[p + "mlp.up_proj.weight"] = layer.mlp.gate_up.data[inter:]
-            targets[p + "mlp.down_proj.weight"] = layer.mlp.down.data
+            targets[p + "mlp.gate_proj.weight"] = layer.mlp.gate_up.weight.data[:inter]
+            targets[p + "mlp.up_proj.weight"] = layer.mlp.gate_up.weight.data[inter:]
+            targets[p + "mlp.down_proj.weight"] = layer.mlp.down.weight.data
         out = {name: WeightTarget(dest, tuple(dest.shape)) for name, dest in targets.items()}
         for name, target in out.items():
             if name.endswith(("q_norm.weight", "k_norm.weight")):

@@ -99,12 +99,16 @@ def convert_gguf(path: Path, dtype: torch.dtype,
     if not weights.exists():
         if progress:
             progress(f"dequantizing {path.name} to {_DTYPE_NAMES[dtype]} (once; cached in {out_dir})")
-        tensors = hf_tensors_from_gguf(reader, path, dtype)
-        from safetensors.torch import save_file
-
-        with atomic_path(weights) as tmp:
-            save_file(tensors, str(tmp), metadata={"source": path.name})
+        save_safetensors_atomic(hf_tensors_from_gguf(reader, path, dtype), weights, {"source": path.name})
     return ConvertedGGUF(out_dir, [weights])
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
+    """Write under a temporary name and rename, so concurrent loaders never read a partial file."""
+    from safetensors.torch import save_file
+
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def open_gguf(path: Path) -> Any:

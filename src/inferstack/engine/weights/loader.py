@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,16 @@ from inferstack.engine.models.arch import ModelArch, ModelLoadError
 from inferstack.engine.models.contract import CausalLM
 from inferstack.engine.models.registry import family_for
 from inferstack.engine.tokenizer import Tokenizer
+from inferstack.engine.weights.quant_loader import (
+    QuantOptions,
+    QuantSummary,
+    cached_projections,
+    install_quantized,
+)
+from inferstack.engine.weights.quantize import QUANTIZATIONS
 from inferstack.engine.weights.safetensors import SafetensorsCheckpoint, read_hf_config, safetensors_files
+
+log = logging.getLogger(__name__)
 
 # Alias → (package holding the file, file name). Located with find_spec: importing the package
 # would pull in its plugin host.
@@ -38,7 +48,14 @@ class LoadedModel:
     name: str
     model_digest: str
     weight_files: list[Path]
-    dtype: torch.dtype
+    dtype: torch.dtype                  # activations and KV cache
+    quant: QuantSummary | None = None   # None: dense weights in ``dtype``
+
+    @property
+    def kv_key_dtype(self) -> str:
+        """The dtype part of the KV key space: quantized weights give different KV for the same tokens."""
+        name = str(self.dtype).removeprefix("torch.")
+        return name if self.quant is None else f"{name}+{self.quant.quantization}"
 
 
 def resolve_model_path(spec: str) -> Path:
@@ -65,11 +82,12 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
-def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA and with quantized weights (their kernels take bf16), else float32."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
-        resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
+        resolved = torch.bfloat16 if device.type == "cuda" or quantized else torch.float32
     elif dtype in _DTYPES:
         resolved = _DTYPES[dtype]
     else:
@@ -81,13 +99,33 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype
     return resolved
 
 
+def check_quantization(quant: QuantOptions, path: Path, device: torch.device) -> None:
+    if quant.quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"quantization {quant.quantization!r} is not supported; use {', '.join(QUANTIZATIONS)}")
+    if quant.quantization == "none":
+        return
+    if device.type != "cpu":
+        raise ModelLoadError(f"--quantization {quant.quantization} runs torch's CPU int8/int4 kernels; on "
+                             f"{device.type} use --quantization none with --dtype bfloat16 or float16")
+    if quant.quantization == "gguf" and path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: --quantization gguf keeps a .gguf file's own precision; for a "
+                             "safetensors checkpoint use int8 or int4")
+    if quant.quantization == "int4" and quant.group_size not in (32, 64, 128):
+        raise ModelLoadError(f"int4 group size must be 32, 64 or 128, got {quant.group_size}")
+
+
 def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
-               progress: Callable[[str], None] | None = None) -> LoadedModel:
+               progress: Callable[[str], None] | None = None, quant: QuantOptions | None = None) -> LoadedModel:
     """Load ``spec`` for inference. ``progress`` receives a line before slow one-time work (GGUF
-    dequantization, about 5 s for the bundled model; later loads reuse the on-disk cache)."""
+    dequantization, about 5 s for the bundled model, and quantization; later loads reuse the on-disk
+    caches). ``quant`` swaps the projections for int8/int4 kernels (:mod:`.quant_loader`)."""
     path = resolve_model_path(spec)
     dev = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    quant = quant or QuantOptions()
+    check_quantization(quant, path, dev)
+    quantized = quant.quantization != "none"
+    torch_dtype = resolve_dtype(dtype, dev, quantized)
+    load_dtype = torch.float32 if quantized else torch_dtype   # quantize from full precision
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: a model file must be a .gguf; for safetensors pass the directory "
@@ -97,7 +135,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
             gguf_tensor_name,
         )
 
-        converted = convert_gguf(path, torch_dtype, progress)
+        converted = convert_gguf(path, load_dtype, progress)
         model_dir, files, source_files = converted.model_dir, converted.weight_files, [path]
         tensor_name: Callable[[str], str] = gguf_tensor_name
     else:
@@ -105,11 +143,36 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
         files = source_files = safetensors_files(path)
         tensor_name = str
     config = read_hf_config(model_dir)
-    model, arch = build_model(config, files, torch_dtype, dev, source=str(path), tensor_name=tensor_name)
+    model, arch = build_model(config, files, load_dtype, dev, source=str(path), tensor_name=tensor_name)
+    digest = model_digest(source_files)
+    summary = quantize_model(model, arch, quant, digest, path, torch_dtype, progress) if quantized else None
+    model.init_buffers()
     tokenizer = Tokenizer.from_dir(model_dir, config)
     name = spec if spec in ALIASES else path.stem if path.is_file() else path.name
-    return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, name=name,
-                       model_digest=model_digest(source_files), weight_files=list(source_files), dtype=torch_dtype)
+    return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, name=name, model_digest=digest,
+                       weight_files=list(source_files), dtype=torch_dtype, quant=summary)
+
+
+def quantize_model(model: nn.Module, arch: ModelArch, quant: QuantOptions, digest: str, path: Path,
+                   act_dtype: torch.dtype, progress: Callable[[str], None] | None) -> QuantSummary:
+    """Swap the fp32-loaded projections for quantized kernels, then cast the rest to ``act_dtype``."""
+    def gguf_source() -> tuple[dict, dict[str, str]]:
+        from inferstack.engine.weights.gguf import open_gguf
+        from inferstack.engine.weights.gguf_quant import gguf_quant_weights
+
+        return gguf_quant_weights(open_gguf(path), path)
+
+    weights, notes = cached_projections(model, quant, digest, gguf_source if quant.quantization == "gguf" else None,
+                                        progress)
+    summary = install_quantized(model, weights, quant, act_dtype)
+    summary.notes = notes
+    model.to(act_dtype)
+    arch.finalize(act_dtype)
+    # A decode step reads the packed weights (the embedding lookup reads one row per token).
+    arch.weight_bytes_per_step = summary.quantized_bytes
+    for line in summary.log_lines():
+        log.info("%s", line)
+    return summary
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -132,7 +195,6 @@ def build_model(config: dict[str, Any], files: list[Path], dtype: torch.dtype, d
         model = family.model_class(arch)
     model = model.to(dtype=dtype).to_empty(device=device)
     fill_weights(model, SafetensorsCheckpoint(files), source, tensor_name)
-    model.init_buffers()
     return model.eval(), arch
 
 

@@ -1,0 +1,125 @@
+"""Projections: dense ``F.linear``, or weight-only int8/int4 with a per-step kernel choice.
+
+A :class:`QuantizedLinear` calls torch's CPU kernels directly (no tensor subclass, whose dispatch
+costs more than the matmul on a small model):
+
+* int8: ``torch._weight_int8pack_mm(x, q[N, K], scales[N])``;
+* int4: ``torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros[K/group, N, 2])`` over
+  weights packed by ``torch._convert_weight_to_int4pack_for_cpu`` *on this host* (the layout
+  depends on the CPU's vector width).
+
+Both kernels are vectorized only for bf16 activations; fp32 and fp16 fall into a scalar loop
+10-100x slower. So the activation is always cast to bf16 first, whatever the model's dtype
+(``tests/unit/test_quant_linear.py`` guards this).
+
+They are GEMV-shaped kernels: fastest for a few rows (decode), slower than a bf16 GEMM for many
+(prefill chunks, large batches). Each call picks by its number of rows (:func:`use_dense`): below
+``crossover`` rows the quantized kernel, from it on a bf16 copy of the weight when one is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferstack.engine.weights.quantize import Int4Weight, Int8Weight, QuantWeight
+
+
+def use_dense(rows: int, crossover: int | None) -> bool:
+    """The per-step kernel choice: the bf16 GEMM from ``crossover`` rows on (None: never)."""
+    return crossover is not None and rows >= crossover
+
+
+@dataclass
+class PackedWeight:
+    """A quantized weight in its kernel's layout, valid only on the host that packed it."""
+
+    kind: str                       # "int8" or "int4"
+    data: torch.Tensor              # int8 [N, K] or the int4 packed layout
+    scales: torch.Tensor            # bf16 [N] or [K / group, N, 2]
+    group: int = 0
+
+    @classmethod
+    def pack(cls, w: QuantWeight) -> PackedWeight:
+        if isinstance(w, Int8Weight):
+            return cls("int8", w.q.contiguous(), w.scale.to(torch.bfloat16))
+        # torch's dequant is (code - 8) · scale + zero, so zero = minimum + 8 · scale.
+        zero = w.minimum + 8 * w.scale
+        scales_zeros = torch.stack((w.scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+        packed = torch._convert_weight_to_int4pack_for_cpu(w.codes.to(torch.int32), 1)
+        return cls("int4", packed, scales_zeros, w.group)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` must be bf16 (see the module docstring)."""
+        if self.kind == "int8":
+            return torch._weight_int8pack_mm(x, self.data, self.scales)
+        return torch._weight_int4pack_mm_for_cpu(x, self.data, self.group, self.scales)
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * 2
+
+
+class QuantizedLinear(nn.Module):
+    """Weight-only quantized projection. Its tensors are plain attributes, not buffers: the packed
+    layout is host-specific and must never reach a state dict or a cache."""
+
+    def __init__(self, packed: PackedWeight, dense: torch.Tensor | None, bias: torch.Tensor | None,
+                 crossover: int | None, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.packed = packed
+        self.dense = dense                      # bf16 [N, K] for large steps, or None
+        self.bias_ = None if bias is None else bias.to(out_dtype)
+        self.crossover = crossover if dense is not None else None
+        self.out_dtype = out_dtype
+
+    @classmethod
+    def build(cls, w: QuantWeight, dense_source: torch.Tensor | None, bias: torch.Tensor | None,
+              crossover: int | None, out_dtype: torch.dtype) -> QuantizedLinear:
+        dense = None if dense_source is None else dense_source.to(torch.bfloat16).contiguous()
+        return cls(PackedWeight.pack(w), dense, bias, crossover, out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        y = F.linear(xb, self.dense) if use_dense(rows, self.crossover) else self.packed.matmul(xb)
+        if y.dtype != self.out_dtype:
+            y = y.to(self.out_dtype)
+        return y if self.bias_ is None else y + self.bias_
+
+    def memory(self) -> tuple[int, int]:
+        """``(quantized bytes, dense bf16 copy bytes)``."""
+        return self.packed.nbytes(), 0 if self.dense is None else self.dense.numel() * 2
+
+
+def _time_per_call(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128),
+                      repeats: int = 5) -> int | None:
+    """The fewest rows from which the bf16 GEMM beats the quantized kernel on ``w`` and stays
+    ahead for every larger candidate (None: the quantized kernel wins at every size tried)."""
+    packed = PackedWeight.pack(w)
+    dense = (w.dequantize() if isinstance(w, (Int8Weight, Int4Weight)) else w).to(torch.bfloat16)
+    wins = []
+    for rows in candidates:
+        x = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
+        wins.append(_time_per_call(lambda x=x: F.linear(x, dense), repeats)
+                    <= _time_per_call(lambda x=x: packed.matmul(x), repeats))
+    crossover = None
+    for rows, dense_wins in zip(reversed(candidates), reversed(wins), strict=True):
+        if not dense_wins:
+            break
+        crossover = rows
+    return crossover

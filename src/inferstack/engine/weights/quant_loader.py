@@ -1,0 +1,207 @@
+"""The loader's quantization pass: dense checkpoint weights → int8/int4 projections.
+
+1. Each projection (fused Q/K/V, O, gate/up, down, LM head) gets a host-independent
+   :data:`QuantWeight`, cached on disk per model digest, format and group
+   (``$INFERSTACK_CACHE_DIR/quant/``), like the GGUF dequantization cache: a later load skips the
+   conversion.
+2. It is packed for this host's kernels (never cached: the int4 layout depends on the CPU) and
+   swapped in as a :class:`QuantizedLinear`; the fp32 checkpoint copy is dropped.
+3. With ``dense_prefill`` a bf16 copy stays too, for steps of ``crossover`` rows or more, where a
+   bf16 GEMM beats the GEMV-shaped quantized kernels (docs/engine.md, "Weight formats").
+
+Formats: ``int8`` per output row; ``int4`` groups of ``group_size`` columns (the LM head stays int8,
+as llama.cpp's Q4 files keep it at Q6_K/Q8_0: it decides every token); ``gguf`` keeps the file's
+own precision (:mod:`inferstack.engine.weights.gguf_quant`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inferstack.engine.models.quant_linear import QuantizedLinear, measure_crossover
+from inferstack.engine.weights.gguf import save_safetensors_atomic
+from inferstack.paths import cache_root
+from inferstack.engine.weights.quantize import (
+    Int4Weight,
+    Int8Weight,
+    QuantWeight,
+    concat_rows,
+    int4_group_for,
+    quantize_int4,
+    quantize_int8,
+)
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    quantization: str = "none"          # none | int8 | int4 | gguf
+    group_size: int = 32                # int4 group (32, 64 or 128)
+    dense_prefill: bool = True          # keep a bf16 copy for large steps
+    crossover_rows: int | None = None   # rows from which the bf16 copy is used; None: measure
+
+
+@dataclass
+class QuantSummary:
+    quantization: str
+    formats: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+    quantized_bytes: int = 0
+    dense_bytes: int = 0
+    crossover: dict[str, int | None] = field(default_factory=dict)
+
+    def log_lines(self) -> list[str]:
+        mib = 2 ** 20
+        formats = ", ".join(f"{n} × {f}" for f, n in sorted(self.formats.items()))
+        dense = (f"; bf16 copy for large steps {self.dense_bytes / mib:.0f} MiB (--no-dense-prefill drops it)"
+                 if self.dense_bytes else "; no bf16 copy: every step uses the quantized kernels")
+        lines = [f"quantization {self.quantization}: {formats}; quantized weights "
+                 f"{self.quantized_bytes / mib:.0f} MiB{dense}"]
+        if self.crossover:
+            lines.append("kernel choice: bf16 GEMM from " + ", ".join(
+                f"{rows} rows for {kind}" if rows else f"never for {kind}"
+                for kind, rows in sorted(self.crossover.items())))
+        return lines + self.notes
+
+
+def _kind(w: QuantWeight) -> str:
+    return "int8" if isinstance(w, Int8Weight) else f"int4 g{w.group}"
+
+
+def _int4_fits(w: Int4Weight) -> bool:
+    return w.codes.shape[0] % 16 == 0   # torch's int4 packing needs N divisible by 16
+
+
+def _from_dense(dense: torch.Tensor, want_int4: bool, group_size: int) -> tuple[QuantWeight, str | None]:
+    group = int4_group_for(dense.shape[1], group_size) if want_int4 else 0
+    if want_int4 and group and dense.shape[0] % 16 == 0:
+        note = None if group == group_size else f"group {group} (the width {dense.shape[1]} is not a " \
+                                                f"multiple of {group_size})"
+        return quantize_int4(dense, group), note
+    if want_int4:
+        return quantize_int8(dense), f"int8 instead of int4: shape {list(dense.shape)} does not fit the kernel"
+    return quantize_int8(dense), None
+
+
+def convert_projections(model: nn.Module, opts: QuantOptions,
+                        source: dict[str, QuantWeight] | None) -> tuple[dict[str, QuantWeight], list[str]]:
+    """One QuantWeight per projection (keyed by its fused checkpoint names) plus notes for the log."""
+    out: dict[str, QuantWeight] = {}
+    notes: list[str] = []
+    projections = model.projections()
+    for proj in projections:
+        key = "+".join(proj.parts)
+        dense, _ = model.projection_weight(proj)
+        is_head = proj is projections[-1]
+        if source is not None:
+            fused = concat_rows([source[p] for p in proj.parts])
+            if fused is None or (isinstance(fused, Int4Weight) and not _int4_fits(fused)):
+                fused = quantize_int8(dense)
+                notes.append(f"{key}: parts in different formats; requantized to int8")
+            out[key] = fused
+            continue
+        weight, note = _from_dense(dense, opts.quantization == "int4" and not is_head, opts.group_size)
+        out[key] = weight
+        if note:
+            notes.append(f"{key}: {note}")
+    return out, notes
+
+
+def cache_path(digest: str, opts: QuantOptions) -> Path:
+    group = f"-g{opts.group_size}" if opts.quantization == "int4" else ""
+    return cache_root() / "quant" / f"{digest[:16]}-{opts.quantization}{group}-v{CACHE_VERSION}.safetensors"
+
+
+def save_cache(path: Path, weights: dict[str, QuantWeight], notes: list[str]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict] = {}
+    for key, w in weights.items():
+        if isinstance(w, Int8Weight):
+            tensors |= {f"{key}/q": w.q, f"{key}/scale": w.scale}
+            meta[key] = {"kind": "int8", "exact": w.exact}
+        else:
+            tensors |= {f"{key}/codes": w.codes, f"{key}/scale": w.scale, f"{key}/min": w.minimum}
+            meta[key] = {"kind": "int4", "group": w.group, "exact": w.exact}
+    save_safetensors_atomic({k: t.contiguous() for k, t in tensors.items()}, path,
+                            {"weights": json.dumps(meta), "notes": json.dumps(notes)})
+
+
+def load_cache(path: Path) -> tuple[dict[str, QuantWeight], list[str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        header = f.metadata()
+        meta, notes = json.loads(header["weights"]), json.loads(header["notes"])
+        out: dict[str, QuantWeight] = {}
+        for key, m in meta.items():
+            if m["kind"] == "int8":
+                out[key] = Int8Weight(f.get_tensor(f"{key}/q"), f.get_tensor(f"{key}/scale"), m["exact"])
+            else:
+                out[key] = Int4Weight(f.get_tensor(f"{key}/codes"), f.get_tensor(f"{key}/scale"),
+                                      f.get_tensor(f"{key}/min"), m["group"], m["exact"])
+    return out, notes
+
+
+def cached_projections(model: nn.Module, opts: QuantOptions, digest: str,
+                       gguf_source: Callable[[], tuple[dict[str, QuantWeight], dict[str, str]]] | None,
+                       progress: Callable[[str], None] | None = None) -> tuple[dict[str, QuantWeight], list[str]]:
+    """The converted projections from the cache, converting (and caching) them on first use."""
+    path = cache_path(digest, opts)
+    if path.exists():
+        try:
+            return load_cache(path)
+        except Exception as e:  # a corrupt cache file is rebuilt, never fatal
+            log.warning("quantization cache %s is unreadable (%s); converting again", path, e)
+    if progress:
+        progress(f"quantizing to {opts.quantization} (once; cached in {path})")
+    source, how = gguf_source() if gguf_source else (None, {})
+    weights, notes = convert_projections(model, opts, source)
+    notes = [f"{n} tensors {conversion}" for conversion, n in sorted(Counter(how.values()).items())] + notes
+    save_cache(path, weights, notes)
+    return weights, notes
+
+
+def install_quantized(model: nn.Module, weights: dict[str, QuantWeight], opts: QuantOptions,
+                      act_dtype: torch.dtype) -> QuantSummary:
+    """Swap every projection for its packed kernel (plus the bf16 copy when kept)."""
+    summary = QuantSummary(opts.quantization)
+    if opts.dense_prefill:
+        summary.crossover = _crossovers(model, weights, opts)
+    for proj in model.projections():
+        w = weights["+".join(proj.parts)]
+        dense, bias = model.projection_weight(proj)
+        kind = _kind(w)
+        layer = QuantizedLinear.build(w, dense if opts.dense_prefill else None, bias,
+                                      summary.crossover.get(kind.split()[0]), act_dtype)
+        setattr(proj.parent, proj.attr, layer)
+        summary.formats[kind] += 1
+        quantized, dense_bytes = layer.memory()
+        summary.quantized_bytes += quantized
+        summary.dense_bytes += dense_bytes
+    return summary
+
+
+def _crossovers(model: nn.Module, weights: dict[str, QuantWeight], opts: QuantOptions) -> dict[str, int | None]:
+    """Per kernel kind, the rows from which the bf16 copy is used: the user's, or measured now on
+    layer 0's gate/up weight (~0.5 s)."""
+    kinds = {_kind(w).split()[0] for w in weights.values()}
+    if opts.crossover_rows is not None:
+        return dict.fromkeys(kinds, opts.crossover_rows)
+    probe = next(p for p in model.projections() if p.attr == "gate_up")
+    dense, _ = model.projection_weight(probe)
+    found: dict[str, int | None] = {}
+    for kind in sorted(kinds):
+        group = int4_group_for(dense.shape[1], opts.group_size) or 32
+        sample = quantize_int8(dense) if kind == "int8" else quantize_int4(dense, group)
+        found[kind] = measure_crossover(sample)
+    return found

@@ -1,0 +1,112 @@
+"""Weight-only quantized formats in their host-independent ("unpacked") form.
+
+* :class:`Int8Weight`: symmetric int8, one scale per output row (``w ≈ q · scale``).
+* :class:`Int4Weight`: 4-bit codes 0..15 in groups of ``group`` input columns, one scale and one
+  minimum per (row, group) (``w ≈ code · scale + minimum``), the shape of GGUF's Q4_1 and of the
+  sub-blocks of Q4_K; Q4_0 is the special case ``minimum = -8 · scale``.
+
+These are what the conversion cache stores (:mod:`inferstack.engine.weights.quant_cache`). The
+kernels' packed layouts are built from them on the host that runs them
+(:mod:`inferstack.engine.models.quant_linear`): torch's int4 layout depends on the CPU's vector
+width, so a packed tensor must never travel between hosts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Quantization = Literal["none", "int8", "int4", "gguf"]
+QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "int4", "gguf")
+INT4_GROUPS = (32, 64, 128)
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor          # [N, K] int8
+    scale: torch.Tensor      # [N] float32
+    exact: bool = False      # the codes and scales are the checkpoint's own (no rounding by us)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+    def nbytes(self) -> int:
+        return self.q.numel() + 2 * self.scale.numel()   # as the kernel holds them (bf16 scales)
+
+
+@dataclass
+class Int4Weight:
+    codes: torch.Tensor      # [N, K] uint8 in 0..15
+    scale: torch.Tensor      # [N, K / group] float32
+    minimum: torch.Tensor    # [N, K / group] float32
+    group: int
+    exact: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        grouped = self.codes.view(n, k // self.group, self.group).float()
+        return (grouped * self.scale[..., None] + self.minimum[..., None]).view(n, k)
+
+    def nbytes(self) -> int:
+        return self.codes.numel() // 2 + 4 * self.scale.numel()   # packed nibbles + bf16 scale/zero pairs
+
+
+QuantWeight = Int8Weight | Int4Weight
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Round-to-nearest symmetric int8 per output row (the zero row gets scale 1)."""
+    w = w.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(q, scale)
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
+    """Asymmetric min/max int4 per group of ``group`` columns (llama.cpp's Q4_1 rule, in float32)."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 group {group} does not divide the input width {k}")
+    grouped = w.float().view(n, k // group, group)
+    lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    scale = (hi - lo) / 15
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    codes = torch.round((grouped - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
+    return Int4Weight(codes.view(n, k), scale, lo, group)
+
+
+def int4_group_for(k: int, wanted: int) -> int:
+    """The largest supported group ≤ ``wanted`` that divides ``k`` (0 when none does)."""
+    return next((g for g in sorted(INT4_GROUPS, reverse=True) if g <= wanted and k % g == 0), 0)
+
+
+def concat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
+    """Fuse row blocks (Q/K/V, gate/up) into one weight; None when their formats differ."""
+    first = parts[0]
+    if isinstance(first, Int8Weight) and all(isinstance(p, Int8Weight) for p in parts):
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                          exact=all(p.exact for p in parts))
+    if isinstance(first, Int4Weight) and all(isinstance(p, Int4Weight) and p.group == first.group
+                                             for p in parts):
+        return Int4Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.minimum for p in parts]), first.group,
+                          exact=all(p.exact for p in parts))
+    return None
+
+
+def permute_rows(w: QuantWeight, order: torch.Tensor) -> QuantWeight:
+    """The same weight with its output rows reordered (undoing llama.cpp's Q/K permutation)."""
+    if isinstance(w, Int8Weight):
+        return Int8Weight(w.q[order], w.scale[order], w.exact)
+    return Int4Weight(w.codes[order], w.scale[order], w.minimum[order], w.group, w.exact)
