@@ -39,6 +39,8 @@ SeqsOpt = Annotated[int, typer.Option(help="Engine max_num_seqs of every replica
 BatchedOpt = Annotated[int, typer.Option(help="Engine max_num_batched_tokens of every replica")]
 CrashOpt = Annotated[list[str], typer.Option(help="Crash replica I at T virtual seconds, restarting after R: "
                                              "I@T[+R] (repeatable)")]
+OverheadOpt = Annotated[float, typer.Option(help="Milliseconds from routing to the engine holding a request "
+                                            "(HTTP hops, parsing, tokenization; not in the step model)")]
 DrainOpt = Annotated[float, typer.Option(help="Virtual seconds to let in-flight requests finish after sending "
                                          "stops; the rest are reported as cancelled")]
 
@@ -70,6 +72,7 @@ def run(
     max_num_batched_tokens: BatchedOpt = 2048,
     crash: CrashOpt = [],  # noqa: B006 - typer reads the default, never mutates it
     drain_timeout: DrainOpt = 600.0,
+    request_overhead_ms: OverheadOpt = 0.0,
     progress: ProgressOpt = True,
     plots: PlotsOpt = True,
 ) -> None:
@@ -83,7 +86,8 @@ def run(
     args = SimArgs(fleet=list(fleet), workload=workload, config=config, routing=routing, pool=pool, pd=pd,
                    duration=duration, rate=rate, arrival=arrival, burstiness=burstiness, slo=slo, warmup=warmup,
                    cooldown=cooldown, seed=seed, tokenizer=tokenizer, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens, crash=list(crash), drain_timeout=drain_timeout)
+                   max_num_batched_tokens=max_num_batched_tokens, crash=list(crash), drain_timeout=drain_timeout,
+                   request_overhead_ms=request_overhead_ms)
     try:
         run_simulation(args, out, progress=progress, plots=plots)
     except SimError as e:
@@ -117,6 +121,7 @@ def sweep(
     max_num_seqs: SeqsOpt = 256,
     max_num_batched_tokens: BatchedOpt = 2048,
     drain_timeout: DrainOpt = 600.0,
+    request_overhead_ms: OverheadOpt = 0.0,
     plots: PlotsOpt = True,
 ) -> None:
     """Run every combination of --vary values and put them in one table (sweep.md/.csv/.json + plots).
@@ -133,7 +138,8 @@ def sweep(
     base = SimArgs(fleet=list(fleet), workload=workload, config=config, routing=routing, pool=pool, pd=pd,
                    duration=duration, rate=rate, arrival=arrival, burstiness=burstiness, slo=slo, warmup=warmup,
                    cooldown=cooldown, seed=seed, tokenizer=tokenizer, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens, crash=[], drain_timeout=drain_timeout)
+                   max_num_batched_tokens=max_num_batched_tokens, crash=[], drain_timeout=drain_timeout,
+                   request_overhead_ms=request_overhead_ms)
     try:
         run_sweep(base, list(vary), out, find_min_replicas, max_replicas, plots,
                   lambda msg: typer.echo(msg, err=True))

@@ -132,7 +132,7 @@ class SimReplica:
         """The engine's /metrics counters over the replica's whole life (restarts included)."""
         c = self.scheduler.counters
         now = {"prefix_cache_queries": c.prefix_cache_queries, "prefix_cache_hits": c.prefix_cache_hits,
-               "num_preemptions": c.num_preemptions}
+               "num_preemptions": c.num_preemptions, "generation_tokens": c.generation_tokens}
         return {**{k: v + self._saved.get(k, 0) for k, v in now.items()}, "steps": self.stats.steps}
 
     def _build(self) -> None:

@@ -48,6 +48,7 @@ class SimArgs:
     crash: list[str] = field(default_factory=list)
     drain_timeout: float = 600.0
     pd_threshold: int | None = None
+    request_overhead_ms: float = 0.0
 
 
 def parse_crash(text: str) -> Crash:
@@ -94,9 +95,12 @@ def build_settings(a: SimArgs, out: Path | None) -> SimSettings:
         for c in crashes:
             if c.replica >= total:
                 raise SimError(f"--crash {c.replica}@...: the fleet has replicas 0..{total - 1}")
+        if a.request_overhead_ms < 0:
+            raise SimError("--request-overhead-ms must be >= 0")
         stream = out / "requests.stream.csv" if out is not None else None
         return SimSettings(run=run, fleets=fleets, config=cfg, pool=pool, engine=engine,
                            tokens=prompt_tokens(a.tokenizer), crashes=crashes, drain_timeout_s=a.drain_timeout,
+                           request_overhead_s=a.request_overhead_ms / 1e3,
                            records_path=stream)
     except (WorkloadError, TraceError, SLOError, SimSetupError, ConfigError) as e:
         raise SimError(str(e)) from None

@@ -64,6 +64,9 @@ class SimSettings:
     crashes: list[Crash] = field(default_factory=list)
     autoscaler: Autoscaler | None = None
     drain_timeout_s: float = 600.0
+    # Seconds between the gateway routing a request and the engine holding it (HTTP hops, parsing,
+    # chat template, tokenization), which the modelled step times do not include.
+    request_overhead_s: float = 0.0
     records_path: Path | None = None     # per-request rows are streamed to this CSV
     sample_every: int = 1
 
@@ -227,16 +230,25 @@ class Simulation:
             self._dispatch(r, ep, r.spec.output_tokens, None)
 
     def _dispatch(self, r: _Req, ep: SimEndpoint, max_tokens: int, kv: dict | None, suffix: str = "") -> None:
-        if not ep.replica.up:     # it crashed while this request's prefill leg ran elsewhere
-            self._finish(r, "connection", f"replica {ep.id} is down")
-            return
         req = Request(f"{r.rec.index}{suffix}", r.tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                       arrival_time=self.now, priority=engine_priority(r.view.priority),
                       cache_salt=self.gateway.salt, kv_transfer_params=kv)
         r.engine = req
         self.active[req.request_id] = r
-        ep.replica.add(req)
-        self._kick(ep.replica)
+        if self.s.request_overhead_s > 0:
+            self.at(self.now + self.s.request_overhead_s, self._deliver, ep.replica, req)
+        else:
+            self._deliver(ep.replica, req)
+
+    def _deliver(self, rep: SimReplica, req: Request) -> None:
+        if not rep.up:           # it crashed meanwhile (or while this request's prefill leg ran elsewhere)
+            r = self.active.pop(req.request_id)
+            if req.request_id.endswith("-p") and r.prefill is not None:
+                r.prefill.view.in_flight -= 1
+            self._finish(r, "connection", f"replica {rep.id} is down")
+            return
+        rep.add(req)
+        self._kick(rep)
 
     def _pump(self) -> None:
         for r in self.gateway.admission.release():
