@@ -136,7 +136,8 @@ class SimReplica:
         return {**{k: v + self._saved.get(k, 0) for k, v in now.items()}, "steps": self.stats.steps}
 
     def _build(self) -> None:
-        self.connector = (SimPDConnector(self.profile, self.config.block_size, self.clock, self.wake)
+        # through self.wake: the simulation may set it after construction
+        self.connector = (SimPDConnector(self.profile, self.config.block_size, self.clock, lambda t: self.wake(t))
                           if self.role != "both" else None)
         self.events = EventBuffer() if self.track_events else None
         self.scheduler = build_scheduler(self.config, self.layout.num_kv_blocks, self.config.block_size,

@@ -162,9 +162,9 @@ class Simulation:
             if progress is not None and not self.events & 4095 and time.perf_counter() >= next_report:
                 progress(self)
                 next_report = time.perf_counter() + 0.5
-        for r in list(self.active.values()):
-            if r.rec.status == "ok" and r.endpoint is not None:
-                self._finish(r, "cancelled", "still running when the drain timeout ended the run")
+        for rid in list(self.active):
+            r = self.active.pop(rid)
+            self._finish(r, "cancelled", "still running when the drain timeout ended the run")
         for rep in self.replicas:
             rep.retire()
         self.sink.close()
