@@ -21,6 +21,24 @@ _WORKLOAD_HELP = (
 )
 
 
+# Options shared with `inferstack sim run` (same names, meanings and defaults; the simulator's seconds
+# are virtual).
+WorkloadOpt = Annotated[str, typer.Option(help=_WORKLOAD_HELP)]
+OutOpt = Annotated[Path, typer.Option(help="Directory for results.json, requests.csv, report.md and plots")]
+DurationOpt = Annotated[float, typer.Option(help="Seconds of sending per run (a trace defaults to its span)")]
+RateOpt = Annotated[float | None, typer.Option(help="Open loop: units (requests, sessions or agent tasks) per "
+                                                "second")]
+ArrivalOpt = Annotated[str, typer.Option(help="Open-loop arrivals: poisson, constant or gamma")]
+BurstinessOpt = Annotated[float, typer.Option(help="Gamma shape: 1 = Poisson, <1 burstier, >1 smoother")]
+SloOpt = Annotated[str | None, typer.Option(help="Report attainment and goodput against these SLOs, e.g. "
+                                             "ttft=200ms,tpot=50ms[,itl=..,e2e=..][,attainment=0.95]")]
+WarmupOpt = Annotated[float, typer.Option(help="Seconds at the start excluded from statistics")]
+CooldownOpt = Annotated[float, typer.Option(help="Seconds at the end excluded from statistics")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of prompts, lengths and arrivals")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar")]
+PlotsOpt = Annotated[bool, typer.Option(help="Write PNG plots")]
+
+
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
@@ -30,13 +48,12 @@ def _fail(msg: str) -> None:
 def run(
     target: Annotated[list[str], typer.Option(help="Server base URL, e.g. http://127.0.0.1:8000 "
                                               "(repeat to spread units round-robin over several; a session stays on one)")],
-    workload: Annotated[str, typer.Option(help=_WORKLOAD_HELP)],
-    out: Annotated[Path, typer.Option(help="Directory for results.json, requests.csv, report.md and plots")],
-    duration: Annotated[float, typer.Option(help="Seconds of sending per run (a trace defaults to its span)")] = 0.0,
-    rate: Annotated[float | None, typer.Option(help="Open loop: units (requests, sessions or agent tasks) per "
-                                               "second")] = None,
-    arrival: Annotated[str, typer.Option(help="Open-loop arrivals: poisson, constant or gamma")] = "poisson",
-    burstiness: Annotated[float, typer.Option(help="Gamma shape: 1 = Poisson, <1 burstier, >1 smoother")] = 1.0,
+    workload: WorkloadOpt,
+    out: OutOpt,
+    duration: DurationOpt = 0.0,
+    rate: RateOpt = None,
+    arrival: ArrivalOpt = "poisson",
+    burstiness: BurstinessOpt = 1.0,
     concurrency: Annotated[int | None, typer.Option(help="Closed loop: keep this many units in flight")] = None,
     max_concurrency: Annotated[int | None, typer.Option(help="Open loop: cap on requests in flight")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Find saturation throughput, then run rates up to it")] = False,
@@ -45,11 +62,10 @@ def run(
     goodput: Annotated[str | None, typer.Option(help="Search the highest rate meeting these SLOs, e.g. "
                                                 "ttft=200ms,tpot=50ms[,itl=..,e2e=..][,attainment=0.95]")] = None,
     goodput_max_runs: Annotated[int, typer.Option(help="Most runs a goodput search makes")] = 12,
-    slo: Annotated[str | None, typer.Option(help="Report attainment and goodput against these SLOs "
-                                            "(same syntax as --goodput)")] = None,
-    warmup: Annotated[float, typer.Option(help="Seconds at the start excluded from statistics")] = 0.0,
-    cooldown: Annotated[float, typer.Option(help="Seconds at the end excluded from statistics")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of prompts, lengths and arrivals")] = 0,
+    slo: SloOpt = None,
+    warmup: WarmupOpt = 0.0,
+    cooldown: CooldownOpt = 0.0,
+    seed: SeedOpt = 0,
     model: Annotated[str | None, typer.Option(help="Model name to request (default: the first of /v1/models)")] = None,
     endpoint: Annotated[str, typer.Option(help="chat (/v1/chat/completions) or completions (/v1/completions)")] = "chat",
     stream: Annotated[bool, typer.Option(help="Stream responses (needed for TTFT and ITL)")] = True,
@@ -61,8 +77,8 @@ def run(
                                                  "stops; the rest are reported as cancelled")] = 60.0,
     scrape_interval: Annotated[float, typer.Option(help="Seconds between /metrics scrapes of each target")] = 1.0,
     api_key: Annotated[str | None, typer.Option(envvar="INFERSTACK_API_KEY", help="Bearer token")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
-    plots: Annotated[bool, typer.Option(help="Write PNG plots")] = True,
+    progress: ProgressOpt = True,
+    plots: PlotsOpt = True,
 ) -> None:
     """Run a benchmark and write reports to --out (JSON, CSV, Markdown, PNG).
 

@@ -26,6 +26,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("config", "config"),
     ("up", "up"),
     ("deploy", "deploy"),
+    ("sim", "sim"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from inferstack.engine.config import EngineConfig
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.executor.base import Executor
 from inferstack.engine.kv.block_pool import BlockPool
-from inferstack.engine.kv.events import EventBuffer, ZmqEventPublisher
+from inferstack.engine.kv.events import EventBuffer, KVEventSink, ZmqEventPublisher
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.engine.kv.manager import KVCacheManager
 from inferstack.engine.outputs import FinishReason, RequestOutput
@@ -66,6 +67,19 @@ class _TextState:
         return delta
 
 
+def build_scheduler(config: EngineConfig, num_kv_blocks: int, block_size: int, key_space: KVKeySpace,
+                    max_model_len: int, connector: KVConnectorBase | None = None, events: KVEventSink | None = None,
+                    clock: Callable[[], float] = time.monotonic) -> Scheduler:
+    """The scheduler, KV manager and block pool of an engine with ``config``: the one construction the
+    live engine, the emulated engine and the simulator (`inferstack sim`, with a virtual ``clock``) share."""
+    pool = BlockPool(num_kv_blocks, block_size, config.enable_prefix_caching, events)
+    return Scheduler(
+        SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                        max_model_len=max_model_len, long_prefill_token_threshold=config.long_prefill_token_threshold,
+                        policy=config.scheduling_policy),
+        KVCacheManager(pool, key_space), connector, clock)
+
+
 class EngineCore:
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: Tokenizer,
                  events: EventBuffer | None = None, publisher: ZmqEventPublisher | None = None,
@@ -89,12 +103,8 @@ class EngineCore:
         if config.kv_events_endpoint:
             publisher = ZmqEventPublisher(config.kv_events_endpoint, config.kv_events_topic)
             events = EventBuffer()
-        pool = BlockPool(executor.num_kv_blocks, executor.block_size, config.enable_prefix_caching, events)
-        scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=max_model_len, long_prefill_token_threshold=config.long_prefill_token_threshold,
-                            policy=config.scheduling_policy),
-            KVCacheManager(pool, key_space), connector)
+        scheduler = build_scheduler(config, executor.num_kv_blocks, executor.block_size, key_space, max_model_len,
+                                    connector, events)
         compiler = GrammarCompiler(tokenizer, vocab_size or tokenizer.vocab_size, config.grammar_workers,
                                    config.grammar_timeout_s)
         return cls(scheduler, executor, tokenizer, events, publisher,
@@ -123,7 +133,7 @@ class EngineCore:
                    else self.scheduler.finish_request(request_id, FinishReason.ABORT))
         if request is None:
             return None
-        return self._finish_output(request, [], time.monotonic())
+        return self._finish_output(request, [], self.scheduler.clock())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._compiling)
@@ -171,7 +181,12 @@ class EngineCore:
                 self.scheduler.kv.update_block_hashes(seq.request)
             connector.save_kv(batch.seqs)
         advanced = self.scheduler.update_from_output(batch, result.sampled)
+<<<<<<< HEAD
         now = time.monotonic()
+=======
+        now = self.scheduler.clock()
+        outputs: list[RequestOutput] = []
+>>>>>>> wip/i12
         for request in advanced:
             rid = request.request_id
             if request.first_token_time is None:

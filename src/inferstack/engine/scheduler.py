@@ -13,6 +13,7 @@ import heapq
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -116,8 +117,10 @@ class _WaitingQueue:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, connector: KVConnectorBase | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, connector: KVConnectorBase | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock     # injected: the simulator runs this scheduler in virtual time
         self.kv = kv
         self.connector = connector
         self._delayed_free: dict[str, Request] = {}   # finished, blocks kept for a KV transfer
@@ -166,7 +169,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        now = time.monotonic()
+        now = self.clock()
         preempted_this_step = False
         if self.connector is not None:
             for rid in self.connector.take_finished_sending():

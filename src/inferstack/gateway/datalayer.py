@@ -117,6 +117,21 @@ class Endpoint:
         self.failures = 0
 
 
+def pool_router(cfg: PoolConfig, gw: GatewayConfig, endpoint_ids: list[str], state: RoutingState,
+                custom_profiles: dict | None = None) -> Router:
+    """The router of a pool (shared by the live gateway and `inferstack sim`); ``endpoint_ids`` are in
+    the order of ``cfg.endpoints`` and ``state`` is fresh (the simulator passes a seeded rng)."""
+    state.block_chars = gw.prefix_index.block_chars
+    state.approx.capacity = gw.prefix_index.capacity_per_endpoint
+    if cfg.pd is not None and cfg.pd.enabled:  # prefill/decode disaggregation (routing/disagg.py)
+        return build_pd_router(cfg.routing, cfg.pd.prefill_routing or cfg.routing,
+                               {i: e.role for i, e in zip(endpoint_ids, cfg.endpoints, strict=True)},
+                               cfg.pd.threshold_tokens, state, custom_profiles,
+                               cfg.precise_prefix.block_size if cfg.precise_prefix else 16,
+                               cfg.pd.max_prefill_queue)
+    return build_router(cfg.routing, state, custom_profiles)
+
+
 @dataclass
 class Pool:
     name: str
@@ -131,15 +146,7 @@ class Pool:
     def from_config(cls, name: str, cfg: PoolConfig, gw: GatewayConfig,
                     custom_profiles: dict | None = None) -> Pool:
         eps = [Endpoint(e.url, e.name, e.api_key, e.kv_events, cfg.max_concurrency) for e in cfg.endpoints]
-        state = RoutingState(block_chars=gw.prefix_index.block_chars)
-        state.approx.capacity = gw.prefix_index.capacity_per_endpoint
-        router = build_router(cfg.routing, state, custom_profiles)
-        if cfg.pd is not None and cfg.pd.enabled:  # prefill/decode disaggregation (routing/disagg.py)
-            router = build_pd_router(cfg.routing, cfg.pd.prefill_routing or cfg.routing,
-                                     {ep.id: e.role for ep, e in zip(eps, cfg.endpoints, strict=True)},
-                                     cfg.pd.threshold_tokens, state, custom_profiles,
-                                     cfg.precise_prefix.block_size if cfg.precise_prefix else 16,
-                                     cfg.pd.max_prefill_queue)
+        router = pool_router(cfg, gw, [ep.id for ep in eps], RoutingState(), custom_profiles)
         return cls(name, cfg, eps, router, gw, set(cfg.models))
 
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:

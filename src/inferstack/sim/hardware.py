@@ -39,6 +39,12 @@ class Hardware:
     net_bandwidth: float = 0.0         # bytes/s per device (0: no network transfer modelled)
     net_efficiency: float = 0.9
     net_latency_s: float = 0.0
+    # Cost and energy of one device (`inferstack sim`): an indicative on-demand cloud price per device-hour
+    # and the board power at idle and at full load (energy is modelled as linear in the device's busy
+    # share between the two; docs/simulator.md). 0: not modelled.
+    price_per_hour: float = 0.0
+    power_idle_w: float = 0.0
+    power_max_w: float = 0.0
 
     def __post_init__(self) -> None:
         # a hand-written hardware file must fail here, not as a division by zero in an engine step
@@ -59,22 +65,27 @@ class Hardware:
 _CATALOG: dict[str, Hardware] = {
     "h100": Hardware("h100", peak_flops=989.4 * TB, mem_bandwidth=3.35 * TB, memory_bytes=80 * GB,
                      step_overhead_s=0.5e-3, seq_overhead_s=5e-6, link_bandwidth=450 * GB, link_latency_s=8e-6,
-                     net_bandwidth=50 * GB, net_latency_s=1e-3),
+                     net_bandwidth=50 * GB, net_latency_s=1e-3, price_per_hour=3.0, power_idle_w=90,
+                     power_max_w=700),
     "h200": Hardware("h200", peak_flops=989.4 * TB, mem_bandwidth=4.8 * TB, memory_bytes=141 * GB,
                      step_overhead_s=0.5e-3, seq_overhead_s=5e-6, link_bandwidth=450 * GB, link_latency_s=8e-6,
-                     net_bandwidth=50 * GB, net_latency_s=1e-3),
+                     net_bandwidth=50 * GB, net_latency_s=1e-3, price_per_hour=3.8, power_idle_w=90,
+                     power_max_w=700),
     "a100": Hardware("a100", peak_flops=312 * TB, mem_bandwidth=2.039 * TB, memory_bytes=80 * GB,
                      step_overhead_s=0.7e-3, seq_overhead_s=6e-6, link_bandwidth=300 * GB, link_latency_s=10e-6,
-                     net_bandwidth=25 * GB, net_latency_s=1e-3),
+                     net_bandwidth=25 * GB, net_latency_s=1e-3, price_per_hour=1.8, power_idle_w=60,
+                     power_max_w=400),
     "l4": Hardware("l4", peak_flops=121 * TB, mem_bandwidth=0.3 * TB, memory_bytes=24 * GB,
-                   step_overhead_s=0.8e-3, seq_overhead_s=8e-6, net_bandwidth=12.5 * GB, net_latency_s=1e-3),
+                   step_overhead_s=0.8e-3, seq_overhead_s=8e-6, net_bandwidth=12.5 * GB, net_latency_s=1e-3,
+                   price_per_hour=0.8, power_idle_w=16, power_max_w=72),
     # This development machine (2 cores), 1 torch thread, fp32 weights, fitted by
     # `inferstack engine calibrate --model smollm2-135m` on the quiet machine (median step error
     # 3 %); refit before comparing: the calibration file in the cache replaces this entry.
     "cpu": Hardware("cpu", peak_flops=79e9, mem_bandwidth=7.9 * GB, memory_bytes=16 * GB,
                     mfu_prefill=1.0, mfu_decode=1.0, bw_efficiency=1.0,
                     step_overhead_s=19.6e-3, seq_overhead_s=1.0e-3, token_overhead_s=0.43e-3, single_row_bw_gain=1.9,
-                    net_bandwidth=0.4 * GB, net_efficiency=1.0, net_latency_s=2e-3),
+                    net_bandwidth=0.4 * GB, net_efficiency=1.0, net_latency_s=2e-3, price_per_hour=0.1,
+                    power_idle_w=10, power_max_w=65),
 }
 
 

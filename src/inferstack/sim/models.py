@@ -10,48 +10,23 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from inferstack.engine.models.shape import ModelShape, attention_flags, shape_fields
+
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
+@dataclass(kw_only=True)
+class ModelSpec(ModelShape):
+    """The engine's `ModelShape` (one record, one parser) plus what the performance model needs:
+    the served name and the bytes each parameter and each KV element take on the device."""
+
     name: str                      # reported by /v1/models
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 8192
     weight_bytes: float = 2.0      # bytes per parameter as stored on the device
     kv_bytes: float = 2.0          # bytes per KV element
 
     @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def layer_params(self) -> int:
-        d, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        attn = d * self.q_dim * 2 + 2 * d * kv       # q, o and k, v projections
-        mlp = 3 * d * self.intermediate_size         # SwiGLU: gate, up, down
-        return attn + mlp
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def matmul_params(self) -> int:
-        """Parameters touched by GEMMs per token: all layers plus the LM head."""
-        return self.num_layers * self.layer_params + self.embedding_params
-
-    @property
     def total_params(self) -> int:
-        lm_head = 0 if self.tie_word_embeddings else self.embedding_params
-        return self.num_layers * self.layer_params + self.embedding_params + lm_head
+        return self.count_params()[0]
 
     @property
     def weight_bytes_total(self) -> float:
@@ -62,37 +37,37 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_bytes
 
 
-def _hf(name: str, **cfg: object) -> dict[str, object]:
-    return {"_name": name, **cfg}
+def _hf(name: str, architecture: str, **cfg: object) -> dict[str, object]:
+    return {"_name": name, "architectures": [architecture], **cfg}
 
 
 # HF config.json values (public model cards); served names as vLLM would report them.
 _CATALOG: dict[str, dict[str, object]] = {
-    "llama-3-8b": _hf("meta-llama/Meta-Llama-3-8B-Instruct", num_hidden_layers=32, hidden_size=4096,
+    "llama-3-8b": _hf("meta-llama/Meta-Llama-3-8B-Instruct", "LlamaForCausalLM", num_hidden_layers=32, hidden_size=4096,
                       num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                       vocab_size=128256, max_position_embeddings=8192, torch_dtype="bfloat16"),
-    "llama-3-70b": _hf("meta-llama/Meta-Llama-3-70B-Instruct", num_hidden_layers=80, hidden_size=8192,
+    "llama-3-70b": _hf("meta-llama/Meta-Llama-3-70B-Instruct", "LlamaForCausalLM", num_hidden_layers=80, hidden_size=8192,
                        num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672,
                        vocab_size=128256, max_position_embeddings=8192, torch_dtype="bfloat16"),
-    "llama-3.1-8b": _hf("meta-llama/Llama-3.1-8B-Instruct", num_hidden_layers=32, hidden_size=4096,
+    "llama-3.1-8b": _hf("meta-llama/Llama-3.1-8B-Instruct", "LlamaForCausalLM", num_hidden_layers=32, hidden_size=4096,
                         num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                         vocab_size=128256, max_position_embeddings=131072, torch_dtype="bfloat16"),
-    "qwen3-8b": _hf("Qwen/Qwen3-8B", num_hidden_layers=36, hidden_size=4096, num_attention_heads=32,
+    "qwen3-8b": _hf("Qwen/Qwen3-8B", "Qwen3ForCausalLM", num_hidden_layers=36, hidden_size=4096, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
                     max_position_embeddings=40960, torch_dtype="bfloat16"),
-    "qwen3-32b": _hf("Qwen/Qwen3-32B", num_hidden_layers=64, hidden_size=5120, num_attention_heads=64,
+    "qwen3-32b": _hf("Qwen/Qwen3-32B", "Qwen3ForCausalLM", num_hidden_layers=64, hidden_size=5120, num_attention_heads=64,
                      num_key_value_heads=8, head_dim=128, intermediate_size=25600, vocab_size=151936,
                      max_position_embeddings=40960, torch_dtype="bfloat16"),
-    "qwen2.5-7b": _hf("Qwen/Qwen2.5-7B-Instruct", num_hidden_layers=28, hidden_size=3584,
+    "qwen2.5-7b": _hf("Qwen/Qwen2.5-7B-Instruct", "Qwen2ForCausalLM", num_hidden_layers=28, hidden_size=3584,
                       num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
                       vocab_size=152064, max_position_embeddings=32768, torch_dtype="bfloat16"),
-    "mistral-7b": _hf("mistralai/Mistral-7B-Instruct-v0.3", num_hidden_layers=32, hidden_size=4096,
+    "mistral-7b": _hf("mistralai/Mistral-7B-Instruct-v0.3", "MistralForCausalLM", num_hidden_layers=32, hidden_size=4096,
                       num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                       vocab_size=32768, max_position_embeddings=32768, torch_dtype="bfloat16"),
-    "smollm2-135m": _hf("smollm2-135m", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+    "smollm2-135m": _hf("smollm2-135m", "LlamaForCausalLM", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
                         tie_word_embeddings=True, max_position_embeddings=8192, torch_dtype="float32"),
-    "smollm2-360m": _hf("HuggingFaceTB/SmolLM2-360M-Instruct", num_hidden_layers=32, hidden_size=960,
+    "smollm2-360m": _hf("HuggingFaceTB/SmolLM2-360M-Instruct", "LlamaForCausalLM", num_hidden_layers=32, hidden_size=960,
                         num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560,
                         vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
                         torch_dtype="bfloat16"),
@@ -108,27 +83,13 @@ def model_names() -> list[str]:
 
 
 def spec_from_hf_config(cfg: dict[str, object], name: str, dtype: str | None = None) -> ModelSpec:
-    """Build a ModelSpec from HF `config.json` keys; `dtype` overrides `torch_dtype`."""
-    try:
-        heads = int(cfg["num_attention_heads"])  # type: ignore[arg-type]
-        hidden = int(cfg["hidden_size"])  # type: ignore[arg-type]
-        layers = int(cfg["num_hidden_layers"])  # type: ignore[arg-type]
-        ffn = int(cfg["intermediate_size"])  # type: ignore[arg-type]
-        vocab = int(cfg["vocab_size"])  # type: ignore[arg-type]
-    except KeyError as e:
-        raise ValueError(f"model config {name!r} lacks {e.args[0]!r} (needed by the performance model)") from None
-    kv_heads = int(cfg.get("num_key_value_heads", heads))  # type: ignore[arg-type]
-    head_dim = int(cfg.get("head_dim") or hidden // heads)  # type: ignore[arg-type]
+    """Build a ModelSpec from HF `config.json` keys with the engine's parser; `dtype` overrides `torch_dtype`."""
     dt = (dtype or str(cfg.get("torch_dtype", "bfloat16"))).lower()
     if dt not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dt!r}; known: {sorted(_DTYPE_BYTES)}")
-    return ModelSpec(
-        name=name, num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
-        head_dim=head_dim, intermediate_size=ffn, vocab_size=vocab,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),  # type: ignore[arg-type]
-        weight_bytes=_DTYPE_BYTES[dt], kv_bytes=_DTYPE_BYTES[dt],
-    )
+    qkv_bias, qk_norm = attention_flags(cfg)
+    fields = shape_fields(cfg, f"model config {name!r}", qkv_bias=qkv_bias, qk_norm=qk_norm)
+    return ModelSpec(**fields, name=name, weight_bytes=_DTYPE_BYTES[dt], kv_bytes=_DTYPE_BYTES[dt])
 
 
 def get_model(name_or_path: str, dtype: str | None = None) -> ModelSpec:

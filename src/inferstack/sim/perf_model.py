@@ -52,7 +52,7 @@ def seq_flops(model: ModelSpec, work: SeqWork) -> float:
     gemm = 2.0 * model.num_layers * model.layer_params * p
     lm_head = 2.0 * model.embedding_params if work.samples else 0.0
     # QK^T and AV: 2 FLOPs per multiply-add, each over the attended keys (c + causal half of p).
-    attn = 4.0 * model.num_layers * model.q_dim * (p * c + p * (p + 1) / 2)
+    attn = 4.0 * model.num_layers * model.q_size * (p * c + p * (p + 1) / 2)
     return gemm + lm_head + attn
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from inferstack.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from inferstack.engine.executor.base import Executor, ExecutorOutput
+from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.engine.request import Request
 from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.engine.tokenizer import Tokenizer
@@ -196,6 +197,26 @@ def shadow_kv_caches(num_blocks: int, block_size: int) -> list:
     return [torch.zeros(2, num_blocks, block_size, 1, 1)]
 
 
+@dataclass(frozen=True)
+class EmulatedLayout:
+    """What an emulated engine's KV cache looks like: shared with the simulator so both hash, size and
+    cap requests identically."""
+
+    num_kv_blocks: int
+    max_model_len: int
+    model_digest: str
+    key_space: KVKeySpace
+
+
+def emulated_layout(config: EngineConfig, profile: Profile) -> EmulatedLayout:
+    num_blocks = emulated_kv_blocks(profile, config)
+    max_len = min(config.max_model_len or profile.model.max_position_embeddings, num_blocks * config.block_size)
+    digest = hashlib.sha256(f"emulated:{profile.model.name}".encode()).hexdigest()
+    dtype = {4: "float32", 2: "bfloat16", 1: "fp8"}.get(int(profile.model.kv_bytes), "bfloat16")
+    return EmulatedLayout(num_blocks, max_len, digest, KVKeySpace(model_digest=digest, dtype=dtype,
+                                                                  block_size=config.block_size))
+
+
 def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool = True):  # -> BuiltEngine
     """An EngineCore whose executor is emulated; the scheduler, block pool and prefix cache are real.
     With ``config.kv_role`` prefill or decode it gets the real PD connector over a shadow cache, its
@@ -204,17 +225,13 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     from inferstack.engine.connector.factory import build_connector
     from inferstack.engine.connector.transfer import LinkModel
     from inferstack.engine.core import EngineCore
-    from inferstack.engine.kv.hashing import KVKeySpace
 
     check_emulation(config, profile)
     tokenizer = bundled_tokenizer()
-    executor = EmulatedExecutor(profile, emulated_kv_blocks(profile, config), config.block_size,
-                                output_ids(tokenizer), realtime=realtime)
-    max_len = min(config.max_model_len or profile.model.max_position_embeddings,
-                  executor.num_kv_blocks * config.block_size)
-    digest = hashlib.sha256(f"emulated:{profile.model.name}".encode()).hexdigest()
-    dtype = {4: "float32", 2: "bfloat16", 1: "fp8"}.get(int(profile.model.kv_bytes), "bfloat16")
-    key_space = KVKeySpace(model_digest=digest, dtype=dtype, block_size=config.block_size)
+    layout = emulated_layout(config, profile)
+    executor = EmulatedExecutor(profile, layout.num_kv_blocks, config.block_size, output_ids(tokenizer),
+                                realtime=realtime)
+    max_len, digest, key_space = layout.max_model_len, layout.model_digest, layout.key_space
     connector = None
     if config.kv_role != "both":
         def link_time(tokens: int) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from inferstack.engine.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSink
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class KVBlock:
     block_id: int
     ref_cnt: int = 0
@@ -33,18 +33,21 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        # Blocks are created on first use: a never-used block sorts before every freed one in the LRU
+        # order, so taking them from a counter first is the same order as a queue that starts full,
+        # and an idle pool of 30k blocks costs nothing (the simulator runs a thousand of them).
+        self.blocks: list[KVBlock] = []
+        self._free: OrderedDict[int, KVBlock] = OrderedDict()
         self._cached: dict[bytes, KVBlock] = {}
         self._events = events
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.num_blocks - len(self.blocks)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def get_cached_block(self, block_hash: bytes) -> KVBlock | None:
         return self._cached.get(block_hash)
@@ -57,11 +60,13 @@ class BlockPool:
             block.ref_cnt += 1
 
     def allocate(self, n: int) -> list[KVBlock]:
-        if n > len(self._free):
-            raise NoFreeBlocksError(f"asked for {n} KV blocks, {len(self._free)} free")
-        out: list[KVBlock] = []
+        if n > self.num_free_blocks:
+            raise NoFreeBlocksError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
+        fresh = min(n, self.num_blocks - len(self.blocks))
+        out = [KVBlock(i, ref_cnt=1) for i in range(len(self.blocks), len(self.blocks) + fresh)]
+        self.blocks += out
         evicted: list[bytes] = []
-        for _ in range(n):
+        for _ in range(n - fresh):
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
                 evicted.append(block.block_hash)
@@ -107,7 +112,7 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible while no request holds blocks."""
-        if len(self._free) != self.num_blocks:
+        if self.num_free_blocks != self.num_blocks:
             return False
         for block in self.blocks:
             block.block_hash = None

@@ -9,6 +9,7 @@ from typing import Any
 from inferstack.engine.models.arch import ModelArch, ModelLoadError, arch_from_hf_config
 from inferstack.engine.models.contract import CausalLM
 from inferstack.engine.models.llama import LlamaForCausalLM
+from inferstack.engine.models.shape import ATTENTION_FLAGS
 
 
 @dataclass(frozen=True)
@@ -20,24 +21,19 @@ class ModelFamily:
 def _llama_arch(config: dict[str, Any], architecture: str, source: str) -> ModelArch:
     if config.get("mlp_bias"):
         raise ModelLoadError(f"{source}: mlp_bias=true is not supported for {architecture}")
-    return arch_from_hf_config(config, architecture, qkv_bias=bool(config.get("attention_bias", False)),
-                               qk_norm=False, source=source)
+    return _arch(config, architecture, source)
 
 
-def _qwen2_arch(config: dict[str, Any], architecture: str, source: str) -> ModelArch:
-    return arch_from_hf_config(config, architecture, qkv_bias=True, qk_norm=False, source=source)
-
-
-def _qwen3_arch(config: dict[str, Any], architecture: str, source: str) -> ModelArch:
-    return arch_from_hf_config(config, architecture, qkv_bias=bool(config.get("attention_bias", False)),
-                               qk_norm=True, source=source)
+def _arch(config: dict[str, Any], architecture: str, source: str) -> ModelArch:
+    qkv_bias, qk_norm = ATTENTION_FLAGS[architecture](config)
+    return arch_from_hf_config(config, architecture, qkv_bias=qkv_bias, qk_norm=qk_norm, source=source)
 
 
 HF_ARCHITECTURES: dict[str, ModelFamily] = {
     "LlamaForCausalLM": ModelFamily(LlamaForCausalLM, _llama_arch),
     "MistralForCausalLM": ModelFamily(LlamaForCausalLM, _llama_arch),
-    "Qwen2ForCausalLM": ModelFamily(LlamaForCausalLM, _qwen2_arch),
-    "Qwen3ForCausalLM": ModelFamily(LlamaForCausalLM, _qwen3_arch),
+    "Qwen2ForCausalLM": ModelFamily(LlamaForCausalLM, _arch),
+    "Qwen3ForCausalLM": ModelFamily(LlamaForCausalLM, _arch),
 }
 
 # GGUF ``general.architecture`` → the HF architecture whose tensor names and config we convert to,

@@ -1,0 +1,180 @@
+"""Fidelity of `inferstack sim` against emulated engines behind the real gateway.
+
+For each routing profile: start N emulated engines (`engine serve --emulate PROFILE --emulate-count N`,
+the real scheduler stepping in wall-clock time) behind `inferstack gateway serve` (that profile, an
+audit log to learn where each request went), drive them with `inferstack bench run`, then simulate the
+same fleet, workload, rate and seed with `inferstack sim run --tokenizer bundled`. Reported per
+profile: median and p90 TTFT, TPOT and E2E of both and their relative error; the share of requests
+the simulator routed to the same endpoint as the live gateway (matched by prompt digest); and the
+engines' prefix-cache hit counters (/metrics) against the simulated engines' (the "canary").
+
+    PYTHONPATH=src python benchmarks/sim_fidelity.py --profile l4:llama-3-8b --replicas 4 \
+        --routing round-robin,cache-aware,default --workload shared-prefix:groups=4,users=8,system=512,question=64,output=48 \
+        --rate 2 --duration 60 --out /tmp/sim-fidelity
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from gateway_common import env, start_emulated_fleet, start_inferstack_gateway
+
+from inferstack.bench.workloads import parse_workload
+from inferstack.gateway.requests import prompt_parts
+from inferstack.sim.runner import SimArgs, run_simulation
+
+METRICS = ("ttft", "tpot", "e2e")
+
+
+def _hits(url: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def _prompt_digest(messages: list[tuple[str, str]]) -> str:
+    """What the gateway's audit log records for a chat request (`server.py`: prompt_parts joined)."""
+    body = {"messages": [{"role": r, "content": c} for r, c in messages]}
+    return hashlib.sha256("\n".join(prompt_parts("chat", body)).encode()).hexdigest()
+
+
+def _unit_digests(workload: str, seed: int, n: int) -> list[str]:
+    units = parse_workload(workload).units(seed)
+    return [_prompt_digest(next(units).stages[0][0].messages) for _ in range(n)]
+
+
+def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[str, list[int]], float]:
+    """(bench results.json, prompt digest -> endpoint index of each of its requests in completion
+    order, engines' prefix hits)."""
+    engines = start_emulated_fleet(a.profile, a.replicas)
+    urls = engines.extra["urls"]
+    audit = Path(tempfile.mkdtemp(prefix="sim-fidelity-audit-"))
+    try:
+        gw = start_inferstack_gateway({"pools": {"emu": {"endpoints": urls, "routing": routing}},
+                                       "audit": {"directory": str(audit)}})
+        try:
+            subprocess.run([sys.executable, "-m", "inferstack", "bench", "run", "--target", gw.url,
+                            "--workload", a.workload, "--rate", str(a.rate), "--duration", str(a.duration),
+                            "--seed", str(a.seed), "--out", str(out), "--no-progress", "--no-plots"],
+                           check=True, env=env(), stdout=subprocess.DEVNULL)
+        finally:
+            gw.stop()
+        hits = sum(_hits(u) for u in urls)
+    finally:
+        engines.stop()
+    index = {u.split("//", 1)[1]: i for i, u in enumerate(urls)}
+    where: dict[str, list[int]] = {}
+    for path in sorted(audit.glob("audit*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("type") == "request" and rec.get("endpoint") in index and "prompt_sha256" in rec:
+                where.setdefault(rec["prompt_sha256"], []).append(index[rec["endpoint"]])
+    return json.loads((out / "results.json").read_text()), where, hits
+
+
+def sim_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[int, int], float]:
+    """(sim results.json, unit -> endpoint index, simulated prefix hits)."""
+    run_simulation(SimArgs(fleet=[f"{a.profile}={a.replicas}"], workload=a.workload, routing=routing,
+                           duration=a.duration, rate=a.rate, seed=a.seed, tokenizer="bundled",
+                           request_overhead_ms=a.overhead_ms), out,
+                   progress=False, plots=False)
+    res = json.loads((out / "results.json").read_text())
+    where: dict[int, int] = {}
+    import csv
+    with (out / "requests.csv").open() as f:
+        for row in csv.DictReader(f):
+            if row["status"] == "ok":
+                where[int(row["unit"])] = int(row["target"].rsplit("-", 1)[1])
+    return res, where, float(res["server"]["prefix_cache_hits"])
+
+
+def compare(a: argparse.Namespace, routing: str) -> dict[str, object]:
+    live, live_where, live_hits = live_run(a, routing, a.out / f"live-{routing}")
+    sim, sim_where, sim_hits = sim_run(a, routing, a.out / f"sim-{routing}")
+    row: dict[str, object] = {"routing": routing, "requests_live": live["summary"]["requests"]["completed"],
+                              "requests_sim": sim["summary"]["requests"]["completed"]}
+    for m in METRICS:
+        for p in ("p50", "p90"):
+            lv, sv = live["summary"]["latency_s"][m][p], sim["summary"]["latency_s"][m][p]
+            row[f"{m}_{p}_live_ms"], row[f"{m}_{p}_sim_ms"] = lv * 1e3, sv * 1e3
+            row[f"{m}_{p}_err"] = (sv - lv) / lv
+    # a prompt that repeats (shared-prefix cycles through its users) is matched occurrence by occurrence:
+    # repeats are far apart in time, so completion order is send order
+    digests = _unit_digests(a.workload, a.seed, max(sim_where, default=-1) + 1)
+    seen: dict[str, int] = {}
+    both = []
+    for u in sorted(sim_where):
+        k = seen[digests[u]] = seen.get(digests[u], -1) + 1
+        live_eps = live_where.get(digests[u], [])
+        if k < len(live_eps):
+            both.append((live_eps[k], sim_where[u]))
+    row["routing_compared"] = len(both)
+    row["routing_same"] = sum(x == y for x, y in both) / len(both) if both else None
+    row["routing_same_partition"] = _same_partition(both)
+    row["prefix_hits_live"], row["prefix_hits_sim"] = live_hits, sim_hits
+    return row
+
+
+def _same_partition(pairs: list[tuple[int, int]]) -> float | None:
+    """Share of requests that agree under the best one-to-one relabelling of endpoints: a profile that
+    breaks ties at random (default, gie) picks *which* endpoint holds a prefix by chance, but should
+    still group the same requests together."""
+    if not pairs:
+        return None
+    counts: dict[tuple[int, int], int] = {}
+    for p in pairs:
+        counts[p] = counts.get(p, 0) + 1
+    used_live, used_sim, agree = set(), set(), 0
+    for (lv, sv), n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        if lv not in used_live and sv not in used_sim:
+            used_live.add(lv)
+            used_sim.add(sv)
+            agree += n
+    return agree / len(pairs)
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    head = ["routing", "n live/sim", *[f"{m.upper()} {p} live/sim ms (err)" for m in METRICS for p in ("p50", "p90")],
+            "same endpoint (same grouping)", "prefix hits live/sim"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["routing"]), f"{r['requests_live']}/{r['requests_sim']}"]
+        cells += [f"{r[f'{m}_{p}_live_ms']:.1f}/{r[f'{m}_{p}_sim_ms']:.1f} ({r[f'{m}_{p}_err']:+.1%})"
+                  for m in METRICS for p in ("p50", "p90")]
+        same = r["routing_same"]
+        cells += ["–" if same is None else f"{same:.1%} ({r['routing_same_partition']:.1%}) of {r['routing_compared']}",
+                  f"{r['prefix_hits_live']:.0f}/{r['prefix_hits_sim']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="l4:llama-3-8b")
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--routing", default="round-robin,cache-aware,default")
+    ap.add_argument("--workload", default="shared-prefix:groups=4,users=8,system=512,question=64,output=48")
+    ap.add_argument("--rate", type=float, default=2.0)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--overhead-ms", type=float, default=0.0,
+                    help="the simulator's --request-overhead-ms (0: step times only)")
+    ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="sim-fidelity-")))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = [compare(a, r) for r in a.routing.split(",")]
+    (a.out / "fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
+    text = table(rows)
+    (a.out / "fidelity.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

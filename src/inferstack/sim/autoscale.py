@@ -1,0 +1,70 @@
+"""The autoscaler hook of the simulator: a policy sees a window of fleet metric samples and the
+current replica counts, and answers the replica counts it wants.
+
+The simulator samples every ``interval_s`` of virtual time, calls `Autoscaler.desired`, and applies
+the answer: new replicas join the pool after ``cold_start_s`` (image pull, weight load, warm-up);
+removed replicas stop receiving requests at once and leave when their last request finishes. The
+same policy objects are meant to run against the live fleet, fed by the gateway's metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class PoolSample:
+    """One pool at one instant (engine gauges as the gateway scrapes them, plus its own counters)."""
+
+    t: float                     # virtual seconds since the start
+    replicas: int                # serving (up, not draining)
+    starting: int                # ordered, still in their cold start
+    waiting: int                 # requests waiting in the engines' schedulers
+    running: int                 # requests running in the engines
+    kv_usage: float              # mean KV cache use of the serving replicas, 0..1
+    gateway_queued: int          # requests held by flow control
+    arrivals: int                # requests that arrived since the previous sample
+    completions: int             # requests that finished since the previous sample
+    ttft_p95_s: float | None     # over the requests that finished since the previous sample
+    tpot_p95_s: float | None
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    pools: Mapping[str, PoolSample]
+
+
+class Autoscaler(Protocol):
+    """A scaling policy. ``window`` holds the most recent samples, oldest first (at most
+    ``window_samples``); ``replicas`` the current count per pool, starting replicas included."""
+
+    interval_s: float
+    window_samples: int
+    cold_start_s: float
+
+    def desired(self, window: Sequence[MetricSample], replicas: Mapping[str, int]) -> Mapping[str, int]: ...
+
+
+@dataclass
+class QueueTarget:
+    """A reference policy: enough replicas that each holds ``target`` requests (waiting + running),
+    within [min_replicas, max_replicas]; scales down one replica per decision. It exists to exercise
+    the hook; the autoscaling work brings the real policies."""
+
+    target: float = 32.0
+    min_replicas: int = 1
+    max_replicas: int = 1000
+    interval_s: float = 15.0
+    window_samples: int = 4
+    cold_start_s: float = 60.0
+
+    def desired(self, window: Sequence[MetricSample], replicas: Mapping[str, int]) -> Mapping[str, int]:
+        out: dict[str, int] = {}
+        for pool, n in replicas.items():
+            samples = [w.pools[pool] for w in window if pool in w.pools]
+            load = max((s.waiting + s.running + s.gateway_queued for s in samples), default=0)
+            want = max(self.min_replicas, min(self.max_replicas, -(-int(load) // max(1, int(self.target)))))
+            out[pool] = want if want >= n else max(want, n - 1)
+        return out

@@ -1,0 +1,118 @@
+"""The gateway in virtual time: the live gateway's router (`datalayer.pool_router`: every preset, custom
+profiles, the PD decider), its endpoint views and its flow control (`sim.admission`), over simulated
+replicas instead of HTTP endpoints.
+
+What the live gateway scrapes from each engine's /metrics every ``scrape_interval_s`` the simulator
+reads from the replica's scheduler at the first routing decision after each scrape tick (so values
+are at most one interval old, as live); the gateway's own counters (in flight) are always exact.
+KV events reach the precise prefix index at the end of each engine step, as the engine flushes them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from inferstack.config.schema import InferstackConfig, PoolConfig
+from inferstack.engine.kv.events import KVEvent, KVEventBatch
+from inferstack.gateway.datalayer import pool_router
+from inferstack.gateway.kvevents import apply_batch
+from inferstack.gateway.requests import prompt_parts
+from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingResult
+from inferstack.gateway.routing.disagg import PDRouter, pd_free_slots
+from inferstack.gateway.routing.prefix import text_prefix_hashes
+from inferstack.gateway.routing.state import RoutingState
+from inferstack.sim.admission import AdmissionQueue
+from inferstack.sim.replica import SimReplica
+
+
+@dataclass(eq=False)
+class SimEndpoint:
+    replica: SimReplica
+    view: EndpointView
+    scraped_tick: int = -1
+    draining: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.view.id
+
+
+class SimGateway:
+    def __init__(self, cfg: InferstackConfig, pool: PoolConfig, replicas: list[SimReplica], seed: int) -> None:
+        self.cfg, self.pool = cfg, pool
+        gw = cfg.gateway
+        custom = {n: (p.filters, p.scorers, p.picker) for n, p in cfg.routing.profiles.items()}
+        self.state = RoutingState(rng=random.Random(seed))
+        self.router = pool_router(pool, gw, [r.id for r in replicas], self.state, custom)
+        self.endpoints: dict[str, SimEndpoint] = {}
+        self.order: list[SimEndpoint] = []
+        for r in replicas:
+            self.add(r)
+        self.admission: AdmissionQueue = AdmissionQueue(gw.flow_control, self.free_slots)
+        self.now = 0.0
+        tenant = cfg.tenants.get(gw.default_tenant)
+        self.salt = (tenant.cache_salt or gw.default_tenant) if tenant else gw.default_tenant
+        self.tenant_weight = tenant.weight if tenant else 1.0
+        self.precise = pool.precise_prefix is not None
+        self.decisions: dict[str, int] = {}
+
+    def add(self, replica: SimReplica) -> SimEndpoint:
+        ep = SimEndpoint(replica, EndpointView(replica.id, max_concurrency=self.pool.max_concurrency))
+        self.endpoints[replica.id] = ep
+        self.order.append(ep)
+        if isinstance(self.router, PDRouter):
+            self.router.roles[replica.id] = replica.role
+        return ep
+
+    def remove(self, ep: SimEndpoint) -> None:
+        self.order.remove(ep)
+        del self.endpoints[ep.id]
+        self.state.forget_endpoint(ep.id)
+
+    def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
+        now, gw = self.now, self.cfg.gateway
+        interval = gw.scrape_interval_s
+        tick = int(now / interval)
+        views = []
+        for ep in self.order:
+            v = ep.view
+            if ep.scraped_tick != tick and ep.replica.up:
+                v.queue, v.running, v.kv_usage = ep.replica.snapshot_metrics()
+                v.has_metrics = True
+                ep.scraped_tick = tick
+            v.metrics_age_s = now - tick * interval if v.has_metrics else v.metrics_age_s
+            v.healthy = ep.replica.up and not ep.draining
+            if ep.id not in exclude:
+                views.append(v)
+        fc = gw.flow_control
+        return PoolSnapshot(views, now, gw.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+
+    def free_slots(self) -> int:
+        snap = self.snapshot()
+        if isinstance(self.router, PDRouter):
+            return pd_free_slots(snap, self.router.roles, conditional=self.router.max_prefill_queue is not None)
+        return snap.free_slots()
+
+    def request_view(self, messages: list[tuple[str, str]], priority: int, max_tokens: int, session: str | None,
+                     model: str) -> RequestView:
+        """What the live gateway computes from a chat body (`server.py`): the approximate prefix chain
+        over the same prompt parts, seeded by model and cache salt."""
+        body = {"messages": [{"role": r, "content": c} for r, c in messages]}
+        parts = list(prompt_parts("chat", body))
+        pi = self.cfg.gateway.prefix_index
+        return RequestView(model=model, prefix_hashes=text_prefix_hashes(parts, model + "\x00" + self.salt,
+                                                                         pi.block_chars, pi.max_blocks),
+                           prompt_chars=sum(len(p) for p in parts), session=session, priority=priority,
+                           max_tokens=max_tokens)
+
+    def route(self, view: RequestView, exclude: frozenset[str]) -> RoutingResult | None:
+        result = self.router.route(view, self.snapshot(exclude))
+        if result is not None:
+            key = f"{result.profile}/{result.reason}"
+            self.decisions[key] = self.decisions.get(key, 0) + 1
+        return result
+
+    def kv_events(self, endpoint: str, events: list[KVEvent]) -> None:
+        if events:
+            apply_batch(self.state, endpoint, KVEventBatch(self.now, events))

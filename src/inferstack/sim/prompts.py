@@ -1,0 +1,88 @@
+"""Prompt token ids for simulated requests.
+
+`bundled` renders chat messages with the bundled model's chat template and tokenizer, exactly as an
+emulated engine does (`engine serve --emulate`), so prompt lengths and KV block hashes match it token
+for token; it costs ~0.1-1 ms per request. `words` maps each word of the workload's text (whose
+vocabulary words are one token each, `bench/textgen.py`) to a fixed id and adds the chat template's
+per-message overhead; it is ~20x cheaper and keeps prefix sharing exact, for large runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Protocol
+
+from inferstack.bench.textgen import vocabulary
+from inferstack.bench.workloads import Message
+
+TOKENIZERS = ("words", "bundled")
+# Per-message template tokens of ChatML-style templates (`<|im_start|>role\n ... <|im_end|>\n`).
+_ROLE_IDS = {"system": (1, 9, 198), "user": (1, 10, 198), "assistant": (1, 11, 198)}
+_END = (2, 198)
+_WORD_BASE = 1000
+_OUTPUT_IDS = tuple(range(500, 564))
+
+
+class PromptTokens(Protocol):
+    name: str
+
+    def encode(self, messages: Sequence[Message]) -> list[int]: ...
+
+    def output_ids(self) -> list[int]: ...
+
+
+@lru_cache(maxsize=1)
+def _word_ids() -> dict[str, int]:
+    return {w: _WORD_BASE + i for i, w in enumerate(vocabulary())}
+
+
+class WordTokens:
+    name = "words"
+
+    def __init__(self) -> None:
+        self._ids = _word_ids()
+        self._unknown = _WORD_BASE + len(self._ids)
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        ids: list[int] = []
+        get, unknown = self._ids.get, self._unknown
+        for role, text in messages:
+            ids += _ROLE_IDS.get(role, _ROLE_IDS["user"])
+            ids += [get(w, unknown) for w in text.split()]
+            ids += _END
+        ids += _ROLE_IDS["assistant"]
+        return ids
+
+    def output_ids(self) -> list[int]:
+        return list(_OUTPUT_IDS)
+
+
+class BundledTokens:
+    name = "bundled"
+
+    def __init__(self) -> None:
+        from inferstack.engine.executor.emulated import bundled_tokenizer, output_ids
+
+        self._tok = bundled_tokenizer()
+        self._out = output_ids(self._tok)
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        text = self._tok.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                             add_generation_prompt=True)
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def output_ids(self) -> list[int]:
+        return list(self._out)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self._tok.eos_token_ids)
+
+
+def prompt_tokens(name: str) -> PromptTokens:
+    if name == "words":
+        return WordTokens()
+    if name == "bundled":
+        return BundledTokens()
+    raise ValueError(f"unknown tokenizer {name!r}; use {' or '.join(TOKENIZERS)}")

@@ -1,0 +1,429 @@
+"""The discrete-event loop of `inferstack sim`: arrivals from `inferstack bench` workloads, the
+gateway's admission and routing (`sim.gateway`), engine replicas stepping the real scheduler
+(`sim.replica`), failures and the autoscaler hook, all in virtual time.
+
+Time only moves by popping the event heap; nothing reads the wall clock except the progress bar.
+Ties are ordered by insertion, every random choice comes from the seed, so a run is bit-for-bit
+repeatable.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from inferstack.bench.records import RequestRecord
+from inferstack.bench.runner import RunConfig
+from inferstack.bench.runner import _arrivals as bench_arrivals
+from inferstack.bench.workloads import RequestSpec, Unit
+from inferstack.config.schema import InferstackConfig, PoolConfig
+from inferstack.engine.config import EngineConfig
+from inferstack.engine.request import Request
+from inferstack.engine.sampling_params import SamplingParams
+from inferstack.gateway.requests import engine_priority
+from inferstack.gateway.routing import RequestView
+from inferstack.sim.admission import Rejected
+from inferstack.sim.autoscale import Autoscaler, MetricSample, PoolSample
+from inferstack.sim.gateway import SimEndpoint, SimGateway
+from inferstack.sim.profile import Profile
+from inferstack.sim.prompts import PromptTokens
+from inferstack.sim.records import RecordSink
+from inferstack.sim.replica import SimReplica
+
+POOL = "sim"
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    profile: Profile
+    replicas: int
+    role: str = "both"          # prefill | decode | both
+
+
+@dataclass(frozen=True)
+class Crash:
+    replica: int                # index in fleet order
+    at_s: float
+    restart_after_s: float | None = None
+
+
+@dataclass
+class SimSettings:
+    run: RunConfig                       # workload, load, duration, seed, SLO: as `inferstack bench run`
+    fleets: list[FleetSpec]
+    config: InferstackConfig
+    pool: PoolConfig                     # routing, max_concurrency, pd, precise_prefix
+    engine: EngineConfig                 # scheduler settings every replica runs with
+    tokens: PromptTokens
+    crashes: list[Crash] = field(default_factory=list)
+    autoscaler: Autoscaler | None = None
+    drain_timeout_s: float = 600.0
+    # Seconds between the gateway routing a request and the engine holding it (HTTP hops, parsing,
+    # chat template, tokenization), which the modelled step times do not include.
+    request_overhead_s: float = 0.0
+    records_path: Path | None = None     # per-request rows are streamed to this CSV
+    sample_every: int = 1
+
+
+@dataclass(eq=False)
+class _Unit:
+    n: int
+    unit: Unit
+    scheduled: float
+    included: bool
+    stage: int = 0
+    pending: int = 0
+    ok: bool = True
+
+
+@dataclass(eq=False)
+class _Req:
+    rec: RequestRecord
+    unit: _Unit
+    spec: RequestSpec
+    tokens: list[int]
+    view: RequestView
+    tries: set[str] = field(default_factory=set)
+    endpoint: SimEndpoint | None = None
+    prefill: SimEndpoint | None = None
+    engine: Request | None = None
+    times: list[float] = field(default_factory=list)
+
+
+class Simulation:
+    def __init__(self, s: SimSettings) -> None:
+        self.s = s
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._seq = itertools.count()
+        self.replicas: list[SimReplica] = []
+        self._next_replica = itertools.count()
+        track = s.pool.precise_prefix is not None
+        for fleet in s.fleets:
+            for _ in range(fleet.replicas):
+                self.replicas.append(self._new_replica(fleet, track))
+        self.gateway = SimGateway(s.config, s.pool, self.replicas, s.run.seed)
+        self.sink = RecordSink(s.records_path, s.sample_every)
+        self.active: dict[str, _Req] = {}
+        self.counter = itertools.count()
+        self.window = (s.run.warmup_s, max(s.run.warmup_s, s.run.duration_s - s.run.cooldown_s))
+        self.arrived = self.completed = self.events = 0
+        self.starting = 0
+        self._window_ttft: list[float] = []
+        self._window_tpot: list[float] = []
+        self._samples: list[MetricSample] = []
+        self._last_counts = (0, 0)
+        self.planned = 0
+        self.model = s.fleets[0].profile.model.name
+
+    # -- event queue ------------------------------------------------------------------------------
+    def at(self, t: float, fn: Callable[..., None], *args: object) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), fn, args))
+
+    def _clock(self) -> float:
+        return self.now
+
+    def _new_replica(self, fleet: FleetSpec, track: bool) -> SimReplica:
+        i = next(self._next_replica)
+        config = replace(self.s.engine, kv_role=fleet.role)
+        rid = f"{fleet.profile.hardware.name}-{i}"
+        replica = SimReplica(rid, fleet.profile, config, self._clock, self.s.tokens.output_ids(), lambda t: None,
+                             track_events=track)
+        replica.wake = lambda t, r=replica: self.at(t, self._wake, r)
+        return replica
+
+    def run(self, progress: Callable[[Simulation], None] | None = None) -> None:
+        times, units = bench_arrivals(self.s.run)
+        self.planned = len(times)
+        feed = _Feed(times, units)
+        if times:
+            self.at(times[0], self._arrival, feed)
+        for c in self.s.crashes:
+            self.at(c.at_s, self._crash, c)
+        if self.s.autoscaler is not None:
+            self.at(self.s.autoscaler.interval_s, self._autoscale)
+        end = self.s.run.duration_s + self.s.drain_timeout_s
+        next_report = time.perf_counter() + 0.5
+        heap = self._heap
+        while heap:
+            t, _, fn, args = heapq.heappop(heap)
+            if t > end:
+                heapq.heappush(heap, (t, 0, fn, args))
+                break
+            self.now = self.gateway.now = t
+            fn(*args)
+            self.events += 1
+            if progress is not None and not self.events & 4095 and time.perf_counter() >= next_report:
+                progress(self)
+                next_report = time.perf_counter() + 0.5
+        for rid in list(self.active):
+            r = self.active.pop(rid)
+            self._finish(r, "cancelled", "still running when the drain timeout ended the run")
+        for rep in self.replicas:
+            rep.retire()
+        self.sink.close()
+
+    # -- arrivals ----------------------------------------------------------------------------------
+    def _arrival(self, feed: _Feed) -> None:
+        n, unit = feed.take()
+        if unit is None:        # a finite workload ran out: no more arrivals
+            return
+        u = _Unit(n, unit, self.now, self.window[0] <= self.now < self.window[1])
+        self._start_stage(u)
+        if feed.has_more():
+            self.at(feed.peek_time(), self._arrival, feed)
+
+    def _start_stage(self, u: _Unit) -> None:
+        stage = u.unit.stages[u.stage]
+        u.pending = len(stage)
+        for spec in stage:
+            self._submit(u, spec)
+
+    def _submit(self, u: _Unit, spec: RequestSpec) -> None:
+        self.arrived += 1
+        rec = RequestRecord(index=next(self.counter), unit=u.n, stage=u.stage,
+                            scheduled=u.scheduled if u.stage == 0 else self.now, sent=self.now,
+                            input_tokens_nominal=spec.input_tokens, output_tokens_nominal=spec.output_tokens,
+                            session=spec.session, group=spec.group, included=u.included, target=POOL)
+        view = self.gateway.request_view(spec.messages, 0, spec.output_tokens, spec.session, self.model)
+        r = _Req(rec, u, spec, self.s.tokens.encode(spec.messages), view)
+        rec.prompt_tokens = len(r.tokens)
+        if self.gateway.precise:      # the live gateway tokenizes through an engine and hashes as it does
+            view.token_hashes = self.replicas[0].layout.key_space.hashes(r.tokens, self.gateway.salt)
+        max_len = min(rep.max_model_len for rep in self.replicas)
+        if len(r.tokens) + spec.output_tokens > max_len:
+            self._finish(r, "http_400", f"context length {max_len} exceeded: {len(r.tokens)} prompt + "
+                                        f"{spec.output_tokens} output tokens")
+            return
+        try:
+            if not self.gateway.admission.admit(r, 0, self.gateway.salt, self.now, self.gateway.tenant_weight):
+                self.at(self.now + self.s.config.gateway.flow_control.queue_timeout_s + 1e-9, self._expire)
+                self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
+                return
+        except Rejected as e:
+            self._finish(r, "http_429", e.code)
+            return
+        self._route(r)
+
+    # -- gateway -----------------------------------------------------------------------------------
+    def _route(self, r: _Req) -> None:
+        result = self.gateway.route(r.view, frozenset(r.tries))
+        if result is None:
+            self._finish(r, "http_503", "no healthy endpoint")
+            return
+        ep = self.gateway.endpoints[result.endpoint.id]
+        r.tries.add(ep.id)
+        r.endpoint = ep
+        ep.view.in_flight += 1
+        prefill = result.others.get("prefill")
+        if prefill is not None:
+            r.prefill = self.gateway.endpoints[prefill.id]
+            r.prefill.view.in_flight += 1
+            self._dispatch(r, r.prefill, 1, {"do_remote_decode": True}, suffix="-p")
+        else:
+            self._dispatch(r, ep, r.spec.output_tokens, None)
+
+    def _dispatch(self, r: _Req, ep: SimEndpoint, max_tokens: int, kv: dict | None, suffix: str = "") -> None:
+        req = Request(f"{r.rec.index}{suffix}", r.tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                      arrival_time=self.now, priority=engine_priority(r.view.priority),
+                      cache_salt=self.gateway.salt, kv_transfer_params=kv)
+        r.engine = req
+        self.active[req.request_id] = r
+        if self.s.request_overhead_s > 0:
+            self.at(self.now + self.s.request_overhead_s, self._deliver, ep.replica, req)
+        else:
+            self._deliver(ep.replica, req)
+
+    def _deliver(self, rep: SimReplica, req: Request) -> None:
+        if not rep.up:           # it crashed meanwhile (or while this request's prefill leg ran elsewhere)
+            r = self.active.pop(req.request_id)
+            if req.request_id.endswith("-p") and r.prefill is not None:
+                r.prefill.view.in_flight -= 1
+            self._finish(r, "connection", f"replica {rep.id} is down")
+            return
+        rep.add(req)
+        self._kick(rep)
+
+    def _pump(self) -> None:
+        for r in self.gateway.admission.release():
+            self._route(r)
+        if self.gateway.admission.queued:
+            self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
+
+    def _expire(self) -> None:
+        for r in self.gateway.admission.expire(self.now):
+            self._finish(r, "http_429", "queue_timeout")
+
+    # -- engines -----------------------------------------------------------------------------------
+    def _kick(self, rep: SimReplica) -> None:
+        if rep.up and not rep.stepping:
+            rep.stepping = True
+            self.at(self.now, self._step, rep, rep.epoch)
+
+    def _wake(self, rep: SimReplica) -> None:
+        self._kick(rep)
+
+    def _step(self, rep: SimReplica, epoch: int) -> None:
+        if epoch != rep.epoch:
+            return
+        if rep.batch is not None:
+            advanced = rep.end_step()
+            self.gateway.kv_events(rep.id, rep.take_events())
+            for req in advanced:
+                self._token(req)
+        dt = rep.begin_step()
+        if dt is None:
+            rep.stepping = False
+            return
+        self.at(self.now + dt, self._step, rep, epoch)
+
+    def _token(self, req: Request) -> None:
+        r = self.active[req.request_id]
+        if req.request_id.endswith("-p"):
+            if req.is_finished:      # prefill leg done: the decode leg pulls the KV the prefill holds
+                del self.active[req.request_id]
+                assert r.prefill is not None and r.endpoint is not None
+                r.prefill.view.in_flight -= 1
+                kv = dict(req.kv_transfer_params or {})
+                self._dispatch(r, r.endpoint, r.spec.output_tokens, kv or None)
+            return
+        r.times.append(self.now)
+        if req.is_finished:
+            del self.active[req.request_id]
+            self._finish(r, "ok", "")
+
+    def _finish(self, r: _Req, status: str, error: str) -> None:
+        rec = r.rec
+        rec.status, rec.end = status, self.now
+        rec.error = error if status != "ok" else ""
+        ep = r.endpoint
+        if ep is not None:
+            ep.view.in_flight -= 1
+            rec.target = ep.id
+        if status == "ok" and r.engine is not None and ep is not None:
+            eng = r.engine
+            rec.chunk_times = r.times
+            rec.output_tokens = eng.num_output_tokens
+            rec.prompt_tokens = eng.num_prompt_tokens
+            rec.cached_tokens = max(eng.num_cached_tokens, 0)
+            ttft = r.times[0] - rec.sent
+            tpot = rec.tpot
+            self.gateway.state.latency.observe(ep.id, r.view.est_prompt_tokens, ep.view.in_flight + 1, ttft, tpot)
+            self._window_ttft.append(ttft)
+            if tpot is not None:
+                self._window_tpot.append(tpot)
+        self.completed += 1
+        self.sink.add(rec)
+        if ep is not None and ep.draining and not ep.replica.scheduler.has_unfinished():
+            self._leave(ep)
+        self._unit_done(r.unit, status == "ok")
+        if self.gateway.admission.queued:
+            for q in self.gateway.admission.release():
+                self._route(q)
+
+    def _unit_done(self, u: _Unit, ok: bool) -> None:
+        u.pending -= 1
+        u.ok &= ok
+        if u.pending or not u.ok or u.stage + 1 >= len(u.unit.stages):
+            return
+        u.stage += 1
+        self.at(self.now + u.unit.think_s, self._start_stage, u)
+
+    # -- failures and scaling ----------------------------------------------------------------------
+    def _crash(self, c: Crash) -> None:
+        if c.replica >= len(self.replicas) or not self.replicas[c.replica].up:
+            return
+        rep = self.replicas[c.replica]
+        ep = self.gateway.endpoints.get(rep.id)
+        for req in rep.crash():
+            r = self.active.pop(req.request_id, None)
+            if r is None:
+                continue
+            if req.request_id.endswith("-p") and r.prefill is not None:
+                r.prefill.view.in_flight -= 1
+            if r.times or len(r.tries) > self.s.config.gateway.max_retries:
+                self._finish(r, "connection", f"replica {rep.id} crashed")
+            else:          # nothing reached the client yet: the gateway retries another endpoint
+                assert r.endpoint is not None
+                r.endpoint.view.in_flight -= 1
+                r.prefill = None
+                self._route(r)
+        if ep is not None:
+            ep.view.has_metrics = False
+        if c.restart_after_s is not None:
+            self.at(self.now + c.restart_after_s, self._restart, rep)
+
+    def _restart(self, rep: SimReplica) -> None:
+        rep.restart()
+        self.gateway.state.precise.cleared(rep.id)
+
+    def _autoscale(self) -> None:
+        a = self.s.autoscaler
+        assert a is not None
+        self._samples.append(self._sample())
+        self._samples = self._samples[-a.window_samples:]
+        serving = [ep for ep in self.gateway.order if ep.replica.up and not ep.draining]
+        want = a.desired(self._samples, {POOL: len(serving) + self.starting}).get(POOL, len(serving))
+        have = len(serving) + self.starting
+        for _ in range(max(0, want - have)):
+            self.starting += 1
+            self.at(self.now + a.cold_start_s, self._join)
+        for ep in reversed(serving[: max(0, have - want)] if want < have else []):
+            ep.draining = True
+            if not ep.replica.scheduler.has_unfinished():
+                self._leave(ep)
+        if self.now < self.s.run.duration_s:
+            self.at(self.now + a.interval_s, self._autoscale)
+
+    def _join(self) -> None:
+        self.starting -= 1
+        rep = self._new_replica(self.s.fleets[0], self.s.pool.precise_prefix is not None)
+        self.replicas.append(rep)
+        self.gateway.add(rep)
+
+    def _leave(self, ep: SimEndpoint) -> None:
+        ep.replica.retire()
+        self.gateway.remove(ep)
+
+    def _sample(self) -> MetricSample:
+        eps = [ep for ep in self.gateway.order if ep.replica.up and not ep.draining]
+        gauges = [ep.replica.snapshot_metrics() for ep in eps]
+        arrived, completed = self.arrived - self._last_counts[0], self.completed - self._last_counts[1]
+        self._last_counts = (self.arrived, self.completed)
+
+        def p95(v: list[float]) -> float | None:
+            return float(np.percentile(v, 95)) if v else None
+
+        sample = PoolSample(self.now, len(eps), self.starting, sum(g[0] for g in gauges),
+                            sum(g[1] for g in gauges), sum(g[2] for g in gauges) / max(1, len(gauges)),
+                            self.gateway.admission.queued, arrived, completed,
+                            p95(self._window_ttft), p95(self._window_tpot))
+        self._window_ttft, self._window_tpot = [], []
+        return MetricSample({POOL: sample})
+
+
+class _Feed:
+    """Arrival times and their units, pulled one at a time (only the next arrival is in the heap)."""
+
+    def __init__(self, times: list[float], units: Iterator[Unit]) -> None:
+        self.times, self.units, self.i = times, units, 0
+
+    def take(self) -> tuple[int, Unit | None]:
+        n = self.i
+        self.i += 1
+        unit = next(self.units, None)
+        if unit is None:
+            del self.times[self.i:]
+        return n, unit
+
+    def has_more(self) -> bool:
+        return self.i < len(self.times)
+
+    def peek_time(self) -> float:
+        return self.times[self.i]
