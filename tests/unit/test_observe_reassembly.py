@@ -3,6 +3,7 @@ boundary, captured prefixes cut short, interleaved connections, keep-alive reuse
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from hypothesis import given, settings
@@ -36,7 +37,7 @@ def sse_events(n_tokens: int = 5, usage: bool = True) -> list[bytes]:
         out.append(_chunk({**head, "choices": [], "usage": {"prompt_tokens": 31, "completion_tokens": n_tokens,
                                                             "total_tokens": 31 + n_tokens,
                                                             "prompt_tokens_details": {"cached_tokens": 16}}}))
-    return out + [_chunk("[DONE]")]
+    return [*out, _chunk("[DONE]")]
 
 
 def request_bytes(path: str = "/v1/chat/completions", prompt: str = "hi") -> bytes:
@@ -76,7 +77,7 @@ class Run:
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *sorted(set(cuts)), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _feed_split(cuts: list[int]) -> tuple[ObservedRequest, list[int]]:

@@ -25,7 +25,8 @@ class Counters:
 
 class Reorder:
     """Per-CPU perf buffers are read one after another, so records reach us slightly out of time order:
-    hold each event `lag_ns` behind the newest timestamp seen, then release in order."""
+    hold each event `lag_ns` behind the newest timestamp seen (or behind the clock: kernel timestamps are
+    CLOCK_MONOTONIC, see `release`), then release in order."""
 
     def __init__(self, lag_ns: int) -> None:
         self.lag_ns = lag_ns
@@ -40,6 +41,10 @@ class Reorder:
 
     def drain(self) -> list[Event]:
         return self._release(None)
+
+    def release(self, now_ns: int) -> list[Event]:
+        """Events older than `now_ns - lag_ns`: an idle stream still delivers its last events."""
+        return self._release(now_ns - self.lag_ns)
 
     def _release(self, until: int | None) -> list[Event]:
         out = []
