@@ -107,6 +107,9 @@ class Decoder:
             return self._head(data)
         if tag == "P":
             return self._piece(data)
+        if tag == "G":
+            ts, pid, _tid, fd, direction, _seg, total = (int(x) for x in data[2:].split())
+            return [Segment(ts, pid, fd, direction == 0, total, b"")]
         return []
 
     def _head(self, data: str) -> list[Event | Lost]:

@@ -8,6 +8,7 @@ Output lines (one bpftrace printf each, so one perf-buffer record each):
     D ts pid tid fd dir seg total <bytes>    a syscall moved `total` bytes of iovec `seg` (dir 0 in, 1 out);
                                              <bytes> is the first piece of the captured prefix
     P ts tid seg k <bytes>                   piece k (k >= 1) of that prefix
+    G ts pid tid fd dir seg total            `total` bytes moved by iovecs after the first MAX_IOV, unseen
 
 bpftrace 0.17 keeps strings on the 512-byte BPF stack, so one `buf()` holds at most PIECE bytes; a
 longer prefix goes out as several printf records that carry (ts, tid, seg) to be put back together.
@@ -18,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PIECE = 200                  # BPFTRACE_STRLEN maximum in bpftrace 0.17
-MAX_IOV = 4                  # iovecs looked at per readv/writev/recvmsg/sendmsg
+MAX_IOV = 6                  # iovecs captured per readv/writev/recvmsg/sendmsg (two HTTP chunks of 3);
+                             # the bytes of later iovecs are reported as unseen (a G record)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def _piece(ptr: str, k: int, direction: int, seg: str) -> str:
         return (f'{size} printf("D %llu %d %d %d {direction} %d %lld %r\\n", $t, pid, tid, $fd, {seg}, $n, '
                 f"buf({ptr}, $k));")
     return (f"if ($n > {off}) {{ {size} "
-            f'printf("P %llu %d %d {k} %r\\n", $t, tid, {seg}, buf({ptr} + {off}, $k)); }}')
+            f'printf("P %llu %d %d {k} %r\\n", $t, tid, {seg}, buf((uint64){ptr} + {off}, $k)); }}')
 
 
 def _capture(spec: ProgramSpec, ptr: str, n: str, direction: int, seg: str) -> str:
@@ -72,6 +74,12 @@ tracepoint:syscalls:sys_exit_{call} /{_pid_pred(spec)} && @vv[tid] != 0 && @vn[t
   if ($left > 0) {{ $t = @vt[tid]; $fd = @vf[tid]; $n = (int64)$v[{i}].iov_len; if ($n > $left) {{ $n = $left; }}
     {_piece(f"$v[{i}].iov_base", k, direction, str(i))}
   }}
+}}""")
+    sizes = " ".join(f"$left = $left - (int64)$v[{j}].iov_len;" for j in range(MAX_IOV))
+    out.append(f"""
+tracepoint:syscalls:sys_exit_{call} /{_pid_pred(spec)} && @vv[tid] != 0 && @vn[tid] > {MAX_IOV}/ {{
+  $v = uptr((struct iovec *)@vv[tid]); $left = (int64)args->ret; {sizes}
+  if ($left > 0) {{ printf("G %llu %d %d %d {direction} {MAX_IOV} %lld\\n", @vt[tid], pid, tid, @vf[tid], $left); }}
 }}""")
     return "".join(out)
 
