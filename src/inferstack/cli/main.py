@@ -27,6 +27,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("up", "up"),
     ("deploy", "deploy"),
     ("sim", "sim"),
+    ("observe", "observe"),
 ]
 
 
