@@ -1,0 +1,180 @@
+"""Autoscaling policies on recorded windows: formulas, windows, flapping, missing metrics, bounds."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inferstack.autoscale.apa import APA
+from inferstack.autoscale.decision import Bounds, Decision
+from inferstack.autoscale.forecast import Constant, Holt, Kalman
+from inferstack.autoscale.hpa import HPA
+from inferstack.autoscale.kpa import KPA
+from inferstack.autoscale.planner import DecodePoint, Planner
+from inferstack.autoscale.signals import PoolSample, SignalError, check_signal
+from inferstack.autoscale.slo import SLO
+from inferstack.autoscale.spec import PolicySpecError, parse_policy
+
+
+def window(demands, replicas=4, dt=2.0, **kw) -> list[PoolSample]:
+    """One sample every dt seconds with the given demand (all running), other fields from kw."""
+    return [PoolSample(t=i * dt, replicas=kw.get("r", replicas), starting=0, waiting=kw.get("waiting", 0),
+                       running=d, kv_usage=kw.get("kv", 0.2), gateway_queued=kw.get("queued", 0),
+                       arrivals=kw.get("arrivals", 1), completions=kw.get("completions", 1),
+                       ttft_p95_s=kw.get("ttft"), tpot_p95_s=kw.get("tpot"), interval_s=dt,
+                       input_tokens=kw.get("in_tokens", 0), output_tokens=kw.get("out_tokens", 0))
+            for i, d in enumerate(demands)]
+
+
+def chain(*segments: list[PoolSample]) -> list[PoolSample]:
+    """Segments one after another on one clock."""
+    out: list[PoolSample] = []
+    for seg in segments:
+        shift = out[-1].t + seg[0].interval_s if out else 0.0
+        out += [PoolSample(**{**s.__dict__, "t": s.t + shift}) for s in seg]
+    return out
+
+
+def test_counters_are_rejected_with_a_reason():
+    with pytest.raises(SignalError, match="cumulative counter"):
+        check_signal("vllm:request_success_total")
+    with pytest.raises(SignalError, match="cumulative counter"):
+        HPA(metric="vllm:e2e_request_latency_seconds_sum")
+    with pytest.raises(PolicySpecError, match="cumulative counter"):
+        parse_policy("apa:metric=vllm:prompt_tokens_total")
+
+
+def test_hpa_formula_tolerance_and_scale_up_limit():
+    hpa = HPA(metric="concurrency", target=8)
+    assert hpa.decide(window([48] * 5), 4).desired == 6          # 4 * 12/8
+    assert hpa.decide(window([34] * 5), 4).desired == 4          # 8.5/8 within 10 %
+    assert hpa.decide(window([400] * 5), 4).desired == 8         # limited to max(2N, N+4)
+    assert hpa.decide(window([400] * 5, replicas=1), 1).desired == 5
+
+
+def test_hpa_scale_down_waits_out_the_stabilisation_window_through_flapping():
+    hpa = HPA(target=8, scale_down_stabilization_s=60)
+    flapping = window([256, 32, 256, 32, 32, 32], replicas=8, dt=10)  # high 40 s ago: inside the window
+    d = hpa.decide(flapping, 8)
+    assert d.desired == 8 and d.direction == "hold"
+    calm = window([256] + [32] * 8, replicas=8, dt=10)  # the spike left the window
+    assert hpa.decide(calm, 8).desired == 4
+
+
+def test_hpa_holds_on_missing_metrics():
+    hpa = HPA(metric="ttft_p95", target=0.5)
+    assert hpa.decide(window([8] * 3, ttft=None), 4).desired == 4
+
+
+def test_kpa_scales_on_total_demand_not_a_per_pod_average():
+    kpa = KPA(target=8)
+    d = kpa.decide(window([64] * 40, replicas=4, dt=2), 4)
+    assert d.desired == 8, d  # 64 in flight / 8 per replica (AIBrix's average gives 2)
+
+
+def test_kpa_panics_on_a_burst_and_never_decreases_in_panic():
+    kpa = KPA(target=8, stable_window_s=60, panic_window_s=6)
+    burst = window([8] * 27 + [80] * 3, replicas=1, dt=2)
+    d = kpa.decide(burst, 1)
+    assert d.desired == 10 and d.reason.startswith("panic")
+    # the burst ends, but panic holds for a stable window: no decrease
+    after = chain(burst, window([8] * 5, replicas=10, dt=2))
+    assert kpa.decide(after, 10).desired == 10
+    # a full stable window later the stable window decides, within R/2 per step
+    quiet = chain(burst, window([8] * 40, replicas=10, dt=2))
+    assert kpa.decide(quiet, 10).desired == 5
+
+
+def test_apa_tolerance_band_and_step_bounds():
+    apa = APA(target=8, up_tolerance=0.1, down_tolerance=0.2)
+    assert apa.decide(window([34] * 10), 4).desired == 4          # 8.5: inside the band
+    assert apa.decide(window([48] * 10), 4).desired == 6
+    assert apa.decide(window([400] * 10), 4).desired == 8         # at most 2N
+    assert apa.decide(window([0] * 10), 4).desired == 2           # at least N/2
+
+
+def test_slo_scales_up_on_a_miss_and_on_saturation():
+    slo = SLO(ttft_p95_s=1.0, tpot_p95_s=0.1)
+    assert slo.decide(window([4] * 10, ttft=3.0, tpot=0.05), 4).desired == 8      # 3x miss, capped at 2x
+    assert slo.decide(window([4] * 10, ttft=1.5, tpot=0.05), 4).desired == 6
+    saturated = window([4] * 10, ttft=0.2, tpot=0.02, queued=40)
+    d = slo.decide(saturated, 4)
+    assert d.desired > 4 and "saturated" in d.reason
+
+
+def test_slo_scales_down_one_step_only_with_sustained_headroom():
+    slo = SLO(ttft_p95_s=1.0, tpot_p95_s=0.1, scale_down_stabilization_s=60)
+    fast = window([4] * 40, ttft=0.2, tpot=0.02, dt=2)
+    assert slo.decide(fast, 4).desired == 3
+    flapping = window([4] * 35 + [4] + [4] * 4, ttft=0.2, tpot=0.02, dt=2)
+    flapping[-3] = PoolSample(**{**flapping[-3].__dict__, "ttft_p95_s": 0.8})
+    assert slo.decide(flapping, 4).desired == 4  # one sample near the objective: no headroom
+    no_latency = window([4] * 40, ttft=None, tpot=None)
+    assert slo.decide(no_latency, 4).desired == 4
+
+
+def test_planner_sizes_from_the_tables_with_forecasts_and_corrections():
+    table = (DecodePoint(1, 0.02, 50), DecodePoint(16, 0.03, 500), DecodePoint(64, 0.06, 1200))
+    p = Planner(prefill_tokens_per_s=10_000, decode_table=table, itl_s=0.04, correction=False)
+    w = window([8] * 6, arrivals=20, completions=20, in_tokens=20 * 1000, out_tokens=20 * 200, dt=2)
+    prefill, decode, _ = p.plan(w)
+    assert prefill == pytest.approx(10 * 1000 / 10_000)     # 10 req/s x 1000 tokens / 10k tok/s
+    assert decode == pytest.approx(10 * 200 / 500)          # ITL 0.04 allows the 16-row: 500 tok/s
+    assert p.decide(w, 2).desired == 5
+    pr, de = p.decide_roles(w, 1, 1)
+    assert (pr.desired, de.desired) == (1, 4)
+    # decode running 3x slower than the table: the ITL target tightens to the first row
+    slow = Planner(prefill_tokens_per_s=10_000, decode_table=table, itl_s=0.04, correction=True)
+    w2 = window([64] * 6, r=4, arrivals=20, completions=20, in_tokens=20_000, out_tokens=4000, dt=2,
+                ttft=0.1, tpot=0.06)
+    assert slow.plan(w2)[1] == pytest.approx(10 * 200 / 50)
+
+
+def test_forecasters():
+    rising = [float(x) for x in range(10)]
+    assert Constant().next(rising) == 9
+    assert Holt().next(rising) == pytest.approx(10, abs=0.5)
+    assert Kalman().next([5.0] * 10 + [50.0]) < 20  # one outlier barely moves the level
+    assert Kalman().next([]) == 0.0
+
+
+def test_bounds_scale_to_zero_only_after_idle_and_back_on_demand():
+    b = Bounds(min_replicas=0, max_replicas=8, idle_s=30)
+    busy = window([0] * 10, dt=2, arrivals=0)
+    busy[-8] = PoolSample(**{**busy[-8].__dict__, "arrivals": 1})
+    assert b.apply(Decision("kpa", 2, 0, "no demand"), busy).desired == 1
+    idle = window([0] * 20, dt=2, arrivals=0)
+    d = b.apply(Decision("kpa", 1, 0, "no demand"), idle)
+    assert d.desired == 0 and "scale to zero" in d.reason
+    woken = window([0] * 20, dt=2, arrivals=0, queued=0)
+    woken[-1] = PoolSample(**{**woken[-1].__dict__, "gateway_queued": 3})
+    d = b.apply(Decision("kpa", 0, 0, "no demand"), woken)
+    assert d.desired == 1 and "scale from zero" in d.reason
+    assert b.apply(Decision("kpa", 4, 40, "burst"), idle).desired == 8
+
+
+def test_spec_parsing():
+    kpa = parse_policy("kpa:target=8")
+    assert isinstance(kpa, KPA) and kpa.target == 8
+    slo = parse_policy("slo:ttft_p95=1s,tpot_p95=100ms")
+    assert isinstance(slo, SLO) and slo.ttft_p95_s == 1.0 and slo.tpot_p95_s == pytest.approx(0.1)
+    assert parse_policy("planner:forecaster=holt,correction=false").forecaster.name == "holt"
+    for bad, match in [("nope", "unknown autoscaling policy"), ("kpa:size=3", "unknown key 'size'"),
+                       ("slo:ttft_p95=fast", "not a duration"), ("kpa:target=-1", "target > 0"),
+                       ("planner:forecaster=oracle", "known: constant")]:
+        with pytest.raises(PolicySpecError, match=match):
+            parse_policy(bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 500), min_size=1, max_size=60), st.integers(1, 50),
+       st.sampled_from(["hpa", "kpa", "apa", "slo"]))
+def test_every_policy_is_deterministic_and_bounded(demands, current, name):
+    policy = parse_policy(name)
+    w = window(demands, replicas=current, ttft=0.5, tpot=0.05)
+    a, b = policy.decide(w, current), policy.decide(list(w), current)
+    assert a == b
+    assert 0 <= a.desired <= max(2 * current, current + 4, 1000 * current)
+    bounded = Bounds(1, 10).apply(a, w)
+    assert 1 <= bounded.desired <= 10
