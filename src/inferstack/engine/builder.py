@@ -16,8 +16,8 @@ from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.engine.tokenizer import Tokenizer
 from inferstack.engine.tools.formats import FORMATS, ToolFormat, detect_format
 from inferstack.engine.weights.loader import load_model
-from inferstack.protocol.strict_schema import StrictLimits
 from inferstack.engine.weights.quant_loader import QuantOptions
+from inferstack.protocol.strict_schema import StrictLimits
 
 log = logging.getLogger(__name__)
 

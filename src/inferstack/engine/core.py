@@ -149,7 +149,7 @@ class EngineCore:
             if exc is not None:
                 log.warning("request %s: grammar failed: %s", rid, exc)
                 request = self._end_unscheduled(request, FinishReason.ERROR, str(exc))
-                failed.append(self._finish_output(request, [], time.monotonic()))
+                failed.append(self._finish_output(request, [], self.scheduler.clock()))
                 continue
             assert self.structured is not None
             self.structured.start(rid, future.result())
@@ -181,12 +181,7 @@ class EngineCore:
                 self.scheduler.kv.update_block_hashes(seq.request)
             connector.save_kv(batch.seqs)
         advanced = self.scheduler.update_from_output(batch, result.sampled)
-<<<<<<< HEAD
-        now = time.monotonic()
-=======
         now = self.scheduler.clock()
-        outputs: list[RequestOutput] = []
->>>>>>> wip/i12
         for request in advanced:
             rid = request.request_id
             if request.first_token_time is None:

@@ -28,7 +28,6 @@ from torch import nn
 
 from inferstack.engine.models.quant_linear import QuantizedLinear, measure_crossover
 from inferstack.engine.weights.gguf import save_safetensors_atomic
-from inferstack.paths import cache_root
 from inferstack.engine.weights.quantize import (
     Int4Weight,
     Int8Weight,
@@ -38,6 +37,7 @@ from inferstack.engine.weights.quantize import (
     quantize_int4,
     quantize_int8,
 )
+from inferstack.paths import cache_root
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
