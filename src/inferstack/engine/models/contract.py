@@ -23,6 +23,14 @@ class WeightTarget(NamedTuple):
     shape: tuple[int, ...]
 
 
+class Projection(NamedTuple):
+    """A matmul weight the loader may swap for a quantized kernel (``parent.attr``)."""
+
+    parent: torch.nn.Module
+    attr: str
+    parts: tuple[str, ...]      # checkpoint tensor names fused into it, in row order
+
+
 class CausalLM(Protocol):
     arch: ModelArch
 
@@ -36,6 +44,9 @@ class CausalLM(Protocol):
 
     def weight_targets(self) -> dict[str, WeightTarget]:
         """Checkpoint tensor name (transformers' naming) -> where it is copied."""
+
+    def projections(self) -> list[Projection]:
+        """Every matmul weight, for the loader's quantization pass."""
 
     def init_buffers(self) -> None:
         """Compute the non-checkpoint state (e.g. rotary tables) once the weights are on their device."""

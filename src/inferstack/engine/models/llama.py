@@ -18,16 +18,8 @@ from torch import nn
 from inferstack.engine.executor.attention import AttentionPlan, paged_attention_planned, plan_attention
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
-from inferstack.engine.models.contract import WeightTarget
+from inferstack.engine.models.contract import Projection, WeightTarget
 from inferstack.engine.models.layers import DenseLinear, GatedMLP, RotaryEmbedding, linear
-
-
-class Projection(NamedTuple):
-    """A matmul weight the loader may swap for a quantized kernel (``parent.attr``)."""
-
-    parent: nn.Module
-    attr: str
-    parts: tuple[str, ...]      # checkpoint tensor names fused into it, in row order
 
 
 def _param(*shape: int) -> nn.Parameter:

@@ -153,7 +153,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
                        weight_files=list(source_files), dtype=torch_dtype, quant=summary)
 
 
-def quantize_model(model: nn.Module, arch: ModelArch, quant: QuantOptions, digest: str, path: Path,
+def quantize_model(model: CausalLM, arch: ModelArch, quant: QuantOptions, digest: str, path: Path,
                    act_dtype: torch.dtype, progress: Callable[[str], None] | None) -> QuantSummary:
     """Swap the fp32-loaded projections for quantized kernels, then cast the rest to ``act_dtype``."""
     def gguf_source() -> tuple[dict, dict[str, str]]:
