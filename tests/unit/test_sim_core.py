@@ -104,6 +104,9 @@ def test_simulated_replica_schedules_exactly_like_the_emulated_engine_core(tmp_p
             clock[0] += inner.step_time(batch)
             return inner.execute(batch)
 
+        def release(self, request_id):
+            inner.release(request_id)
+
     core.executor = Recorder()
     specs = [(u.at, u.stages[0][0]) for u in settings.run.workload.units(settings.run.seed)]
     pending = [Request(str(i), settings.tokens.encode(spec.messages),

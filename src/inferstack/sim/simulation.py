@@ -131,7 +131,8 @@ class Simulation:
 
     def _new_replica(self, fleet: FleetSpec, track: bool) -> SimReplica:
         i = next(self._next_replica)
-        config = replace(self.s.engine, kv_role=fleet.role)
+        # simulated replicas move KV through the modelled link only: the PD peer check has no peer to name
+        config = replace(self.s.engine, kv_role=fleet.role, kv_transfer_secret="simulated")
         rid = f"{fleet.profile.hardware.name}-{i}"
         replica = SimReplica(rid, fleet.profile, config, self._clock, self.s.tokens.output_ids(), lambda t: None,
                              track_events=track)
