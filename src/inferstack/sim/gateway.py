@@ -1,5 +1,5 @@
 """The gateway in virtual time: the live gateway's router (`datalayer.pool_router`: every preset, custom
-profiles, the PD decider), its endpoint views and its flow control (`sim.admission`), over simulated
+profiles, the PD decider), its endpoint views and its flow control (`gateway.flowqueue`, the live policy itself), over simulated
 replicas instead of HTTP endpoints.
 
 What the live gateway scrapes from each engine's /metrics every ``scrape_interval_s`` the simulator
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from inferstack.config.schema import InferstackConfig, PoolConfig
 from inferstack.engine.kv.events import KVEvent, KVEventBatch
 from inferstack.gateway.datalayer import pool_router
+from inferstack.gateway.flowqueue import FairQueue
 from inferstack.gateway.kvevents import apply_batch
 from inferstack.gateway.requests import prompt_parts
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingResult
 from inferstack.gateway.routing.disagg import PDRouter, pd_free_slots
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 from inferstack.gateway.routing.state import RoutingState
-from inferstack.sim.admission import AdmissionQueue
 from inferstack.sim.replica import SimReplica
 
 
@@ -49,8 +49,9 @@ class SimGateway:
         self.order: list[SimEndpoint] = []
         for r in replicas:
             self.add(r)
-        self.admission: AdmissionQueue = AdmissionQueue(gw.flow_control, self.free_slots)
         self.now = 0.0
+        # the live gateway's flow-control policy itself, on the simulation's clock
+        self.admission: FairQueue[object] = FairQueue(gw.flow_control, self.free_slots, now=lambda: self.now)
         tenant = cfg.tenants.get(gw.default_tenant)
         self.salt = (tenant.cache_salt or gw.default_tenant) if tenant else gw.default_tenant
         self.tenant_weight = tenant.weight if tenant else 1.0

@@ -26,9 +26,9 @@ from inferstack.config.schema import InferstackConfig, PoolConfig
 from inferstack.engine.config import EngineConfig
 from inferstack.engine.request import Request
 from inferstack.engine.sampling_params import SamplingParams
+from inferstack.gateway.flowqueue import Rejected
 from inferstack.gateway.requests import engine_priority
 from inferstack.gateway.routing import RequestView
-from inferstack.sim.admission import Rejected
 from inferstack.sim.autoscale import Autoscaler, MetricSample, PoolSample
 from inferstack.sim.gateway import SimEndpoint, SimGateway
 from inferstack.sim.profile import Profile
@@ -203,7 +203,7 @@ class Simulation:
                                         f"{spec.output_tokens} output tokens")
             return
         try:
-            if not self.gateway.admission.admit(r, 0, self.gateway.salt, self.now, self.gateway.tenant_weight):
+            if not self.gateway.admission.admit(r, 0, self.gateway.salt, self.gateway.tenant_weight):
                 self.at(self.now + self.s.config.gateway.flow_control.queue_timeout_s + 1e-9, self._expire)
                 self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
                 return
@@ -252,13 +252,18 @@ class Simulation:
         self._kick(rep)
 
     def _pump(self) -> None:
-        for r in self.gateway.admission.release():
-            self._route(r)
+        self._release()
         if self.gateway.admission.queued:
             self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
 
+    def _release(self) -> None:
+        """Route what flow control releases; each then counts in its endpoint's in-flight."""
+        for r, _ in self.gateway.admission.release():
+            self._route(r)
+            self.gateway.admission.routed()
+
     def _expire(self) -> None:
-        for r in self.gateway.admission.expire(self.now):
+        for r, _ in self.gateway.admission.expire():
             self._finish(r, "http_429", "queue_timeout")
 
     # -- engines -----------------------------------------------------------------------------------
@@ -325,8 +330,7 @@ class Simulation:
             self._leave(ep)
         self._unit_done(r.unit, status == "ok")
         if self.gateway.admission.queued:
-            for q in self.gateway.admission.release():
-                self._route(q)
+            self._release()
 
     def _unit_done(self, u: _Unit, ok: bool) -> None:
         u.pending -= 1
