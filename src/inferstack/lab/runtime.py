@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,8 @@ class LabRun:
               duration: float = 10.0, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         """`inferstack bench run` against ``target``; returns results.json's summary."""
         out = self.out / "runs" / name
+        if out.exists():  # never read a previous run's results
+            shutil.rmtree(out)
         argv = [sys.executable, "-m", "inferstack", "bench", "run", "--target", target, "--workload", workload,
                 "--duration", str(duration), "--out", str(out), "--no-progress", "--no-plots", *extra]
         if rate is not None:

@@ -25,3 +25,12 @@ def hit_rate(summary: dict[str, Any]) -> float | None:
 
 def ms(v: float | None) -> float | None:
     return None if v is None else v * 1000
+
+
+def compare(name: str, a_label: str, a: float | None, b_label: str, b: float | None, unit: str = "ms") -> str:
+    """"NAME: A x unit for a_label vs B for b_label (R x lower/higher for b_label)", from the numbers."""
+    if a is None or b is None or a <= 0 or b <= 0:
+        return f"{name}: {a_label} {a} vs {b_label} {b} (not comparable)"
+    r = a / b
+    how = f"{r:.1f}x lower" if r >= 1 else f"{1 / r:.1f}x higher"
+    return f"{name}: {a_label} {a:.1f} {unit}, {b_label} {b:.1f} {unit} ({how} with {b_label})"

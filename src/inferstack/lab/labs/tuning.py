@@ -4,7 +4,7 @@ throughput and TTFT move in opposite directions, and the knee is where a bigger 
 from __future__ import annotations
 
 from inferstack.lab.base import Lab, LabResult, Table
-from inferstack.lab.labs._common import completed, latency, ms, req_per_s
+from inferstack.lab.labs._common import compare, completed, latency, ms, req_per_s
 from inferstack.lab.report import bar_plot
 from inferstack.lab.runtime import LabRun
 
@@ -22,12 +22,15 @@ def run(lab: LabRun) -> LabResult:
         rows.append([b, completed(s), req_per_s(s), s["throughput"]["output_tokens_per_s"],
                      ms(latency(s, "ttft", "p90")), ms(latency(s, "tpot", "p50"))])
     best = max(rows, key=lambda r: r[2])
+    small, large = rows[0], rows[-1]
     findings = [
-        f"Throughput grows with the batch until the engines keep up with the load: {rows[0][2]:.1f} req/s at "
-        f"max_num_seqs={rows[0][0]}, {best[2]:.1f} req/s at {best[0]}.",
-        f"A small batch queues requests (TTFT p90 {rows[0][4]:.0f} ms at {rows[0][0]}); a large one makes "
-        f"every step longer (TPOT p50 {rows[-1][5]:.1f} ms at {rows[-1][0]} vs {rows[0][5]:.1f} ms at {rows[0][0]}).",
-        "Pick the smallest batch that carries the load at the TTFT you need; past it you buy only longer steps.",
+        f"Throughput: {small[2]:.1f} req/s at max_num_seqs={small[0]}, best {best[2]:.1f} req/s at {best[0]} "
+        f"(offered {rate:g} req/s).",
+        compare("TTFT p90", f"max_num_seqs={small[0]}", small[4], f"max_num_seqs={large[0]}", large[4])
+        + ": a small batch makes requests queue for a slot.",
+        compare("TPOT p50", f"max_num_seqs={small[0]}", small[5], f"max_num_seqs={large[0]}", large[5])
+        + ": a large batch makes every decode step longer.",
+        "Pick the smallest batch that carries the load at the TTFT you need; past it you only buy longer steps.",
     ]
     plot = bar_plot(lab.out / "throughput.png", "Output tokens/s by max_num_seqs", "tokens/s",
                     {"output tok/s": [r[3] for r in rows]}, [str(r[0]) for r in rows])
