@@ -67,7 +67,9 @@ class LabRun:
         """`inferstack up UP_ARGS` (plus a config file made from ``config``) until the block ends."""
         self._stacks += 1
         log_dir = self.out / "logs" / f"stack-{self._stacks}"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        if log_dir.exists():  # a previous run's ready file would look like this stack being up
+            shutil.rmtree(log_dir)
+        log_dir.mkdir(parents=True)
         ready = log_dir / "up.ready.json"
         argv = [sys.executable, "-m", "inferstack", "up", "--port", "0", "--ready-file", str(ready),
                 "--log-dir", str(log_dir), *up_args]
@@ -120,7 +122,8 @@ class LabRun:
         if out.exists():  # never read a previous run's results
             shutil.rmtree(out)
         argv = [sys.executable, "-m", "inferstack", "bench", "run", "--target", target, "--workload", workload,
-                "--duration", str(duration), "--out", str(out), "--no-progress", "--no-plots", *extra]
+                "--duration", str(duration), "--drain-timeout", str(max(10.0, duration)), "--out", str(out),
+                "--no-progress", "--no-plots", *extra]
         if rate is not None:
             argv += ["--rate", str(rate)]
         self.step(f"inferstack bench: {name} ({workload}, {duration:g}s" + (f" at {rate:g}/s)" if rate else ")"))
