@@ -178,3 +178,19 @@ def test_every_policy_is_deterministic_and_bounded(demands, current, name):
     assert 0 <= a.desired <= max(2 * current, current + 4, 1000 * current)
     bounded = Bounds(1, 10).apply(a, w)
     assert 1 <= bounded.desired <= 10
+
+
+def test_driver_slices_each_pool_and_bounds_the_answer():
+    from dataclasses import dataclass
+
+    from inferstack.autoscale.driver import PolicyAutoscaler
+
+    @dataclass
+    class Fleet:
+        pools: dict
+
+    a, b = window([64] * 40, replicas=4, dt=2), window([0] * 40, replicas=4, dt=2, arrivals=0)
+    fleet = [Fleet({"a": x, "b": y}) for x, y in zip(a, b, strict=True)]
+    scaler = PolicyAutoscaler(KPA(target=8), Bounds(min_replicas=1, max_replicas=6))
+    assert scaler.desired(fleet, {"a": 4, "b": 4}) == {"a": 6, "b": 2}
+    assert [(pool, d.policy) for _, pool, d in scaler.decisions] == [("a", "kpa"), ("b", "kpa")]

@@ -28,6 +28,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("deploy", "deploy"),
     ("sim", "sim"),
     ("observe", "observe"),
+    ("lab", "lab"),
 ]
 
 

@@ -1,0 +1,63 @@
+"""`inferstack lab`: the curriculum's labs as commands that bring up what they need, measure and
+explain (docs/labs.md)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Run the curriculum's labs: each starts what it needs, measures, and writes a report.",
+                  no_args_is_help=True)
+
+
+@app.command("list")
+def list_labs() -> None:
+    """Every lab: name, week, what it teaches, what it needs, how long it runs (or what brings it)."""
+    from inferstack.lab.registry import LABS
+
+    for lab in LABS.values():
+        if lab.available:
+            typer.echo(f"{lab.name:<20} week {lab.week}  {lab.teaches}")
+            typer.echo(f"{'':<20}         needs: {', '.join(lab.needs)}; about {lab.minutes:g} min "
+                       "(--quick: under a minute)")
+        else:
+            typer.echo(f"{lab.name:<20} week {lab.week}  {lab.teaches}  [not built yet: needs {lab.planned_by}]")
+
+
+@app.command()
+def run(
+    name: Annotated[str, typer.Argument(help="Lab name (see `inferstack lab list`).")],
+    quick: Annotated[bool, typer.Option("--quick", help="Short runs (under a minute per lab; numbers are noisier).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Directory for report.md, results.json and plots "
+                                                  "(default: ./lab-NAME).")] = None,
+) -> None:
+    """Run lab NAME and write its report; everything it started is stopped by PID at the end."""
+    from inferstack.lab.registry import LABS
+    from inferstack.lab.report import write_report
+    from inferstack.lab.runtime import LabError, LabRun
+
+    lab = LABS.get(name)
+    if lab is None:
+        typer.echo(f"error: no lab named {name!r}; labs: {', '.join(LABS)}", err=True)
+        raise typer.Exit(2)
+    if lab.run is None:
+        typer.echo(f"error: lab {name!r} is not built yet: it needs {lab.planned_by}", err=True)
+        raise typer.Exit(2)
+    out = out or Path(f"lab-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"lab {name}: {lab.question}")
+    t0 = time.monotonic()
+    runner = LabRun(out, quick, echo=typer.echo)
+    try:
+        result = lab.run(runner)
+    except LabError as exc:
+        typer.echo(f"error: lab {name} failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    setup = [f"{n}" for n in lab.needs]
+    report = write_report(lab, result, out, quick, setup, time.monotonic() - t0)
+    for f in result.findings:
+        typer.echo(f"  → {f}")
+    typer.echo(f"report: {report}")

@@ -1,0 +1,47 @@
+"""A lab: what it teaches, what it needs, and the function that runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from inferstack.lab.runtime import LabRun
+
+
+@dataclass
+class Table:
+    """One results table: column names and rows (numbers are formatted by the report)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class LabResult:
+    """What a run found: findings in plain words, tables, plots (PNG files) and raw numbers."""
+
+    findings: list[str]
+    tables: list[Table] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Lab:
+    name: str
+    week: int
+    title: str
+    question: str                       # the report opens with it
+    teaches: str                        # one line for `lab list`
+    needs: tuple[str, ...]              # what it starts
+    minutes: float                      # a full run, on a laptop
+    run: Callable[[LabRun], LabResult] | None = None   # None: its feature is not built yet
+    planned_by: str = ""                # for a lab not built yet: what brings it
+
+    @property
+    def available(self) -> bool:
+        return self.run is not None

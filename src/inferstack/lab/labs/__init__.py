@@ -1,0 +1,1 @@
+"""One module per lab; each exposes `LAB` (an `inferstack.lab.base.Lab`)."""

@@ -1,0 +1,79 @@
+"""A lab's report: report.md (question, setup, findings in plain words, tables, plots),
+results.json (the same numbers, machine-readable) and the PNG plots next to them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from inferstack.lab.base import Lab, LabResult, Table
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return "–" if v is None else str(v)
+
+
+def _table_md(t: Table) -> str:
+    head = f"**{t.title}**\n\n| " + " | ".join(t.columns) + " |\n|" + "---|" * len(t.columns) + "\n"
+    return head + "".join("| " + " | ".join(_cell(v) for v in row) + " |\n" for row in t.rows)
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def write_report(lab: Lab, result: LabResult, out: Path, quick: bool, setup: list[str], took_s: float) -> Path:
+    lines = [f"# Lab `{lab.name}`: {lab.title}", "", f"**Question.** {lab.question}", "",
+             "## Setup", "", *[f"- {s}" for s in setup],
+             f"- Machine: {machine()}; run took {took_s:.0f} s{' (--quick: short runs, noisier numbers)' if quick else ''}.",
+             "", "## Findings", "", *[f"- {f}" for f in result.findings], "", "## Results", ""]
+    for t in result.tables:
+        lines += [_table_md(t), ""]
+    for p in result.plots:
+        lines += [f"![{p.stem}]({p.name})", ""]
+    lines += ["## Reproduce", "", f"    inferstack lab run {lab.name}{' --quick' if quick else ''} --out DIR", "",
+              "Every number above comes from this run only.", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps({
+        "lab": lab.name, "title": lab.title, "question": lab.question, "quick": quick,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "took_s": took_s, "setup": setup,
+        "findings": result.findings, "tables": [t.__dict__ for t in result.tables],
+        "plots": [p.name for p in result.plots], "data": result.data}, indent=2, default=str))
+    return report
+
+
+def bar_plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]], groups: list[str]) -> Path:
+    """Grouped bars: one group per entry of ``groups``, one bar per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
+    ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,134 @@
+"""What a lab run can start, with the stack's own code, and how it is stopped.
+
+`LabRun.stack()` runs `inferstack up` (the supervisor that users run) on a free port and yields its
+URLs; on exit it sends SIGTERM, waits for the supervisor to stop its children, and checks by PID
+that none is left. `LabRun.bench()` runs `inferstack bench run` and returns its summary. Nothing
+is killed by name, and every child's log stays under the run's `logs/` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class LabError(RuntimeError):
+    """A lab could not run; the message says which step and where its log is."""
+
+
+@dataclass(frozen=True)
+class Stack:
+    gateway: str
+    engines: list[str]
+    pids: list[int]                 # the supervisor's children, checked gone on exit
+    log_dir: Path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie is gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return False
+
+
+class LabRun:
+    def __init__(self, out: Path, quick: bool, echo=print):
+        self.out = out
+        self.quick = quick
+        self.echo = echo
+        self._stacks = 0
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def step(self, what: str) -> None:
+        self.echo(f"  • {what}")
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    @contextlib.contextmanager
+    def stack(self, *up_args: str, config: dict[str, Any] | None = None, timeout_s: float = 300) -> Iterator[Stack]:
+        """`inferstack up UP_ARGS` (plus a config file made from ``config``) until the block ends."""
+        self._stacks += 1
+        log_dir = self.out / "logs" / f"stack-{self._stacks}"
+        if log_dir.exists():  # a previous run's ready file would look like this stack being up
+            shutil.rmtree(log_dir)
+        log_dir.mkdir(parents=True)
+        ready = log_dir / "up.ready.json"
+        argv = [sys.executable, "-m", "inferstack", "up", "--port", "0", "--ready-file", str(ready),
+                "--log-dir", str(log_dir), *up_args]
+        if config is not None:
+            path = log_dir / "inferstack.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            argv += ["--config", str(path)]
+        self.step("inferstack up " + " ".join(up_args))
+        with (log_dir / "up.log").open("wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                    start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not (ready.exists() and ready.read_text().strip()):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (log_dir / "up.log").read_text(errors="replace")[-2000:]
+                    raise LabError(f"inferstack up did not become ready (log {log_dir / 'up.log'}):\n{tail}")
+                time.sleep(0.1)
+            state = json.loads((log_dir / "state.json").read_text())
+            children = state["children"]
+            yield Stack(state["gateway"], [c["urls"][0] for c in children if c["kind"] == "engine"],
+                        [c["pid"] for c in children if c.get("pid")], log_dir)
+        finally:
+            self._stop(proc, log_dir)
+
+    def _stop(self, proc: subprocess.Popen, log_dir: Path) -> None:
+        state_file = log_dir / "state.json"
+        pids = []
+        if state_file.exists():
+            pids = [c["pid"] for c in json.loads(state_file.read_text())["children"] if c.get("pid")]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in pids if _alive(p)]
+        if left:
+            raise LabError(f"processes left running after the stack stopped: {left} (log {log_dir})")
+
+    def bench(self, target: str, workload: str, name: str, *, rate: float | None = None,
+              duration: float = 10.0, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """`inferstack bench run` against ``target``; returns results.json's summary."""
+        out = self.out / "runs" / name
+        if out.exists():  # never read a previous run's results
+            shutil.rmtree(out)
+        argv = [sys.executable, "-m", "inferstack", "bench", "run", "--target", target, "--workload", workload,
+                "--duration", str(duration), "--drain-timeout", str(max(10.0, duration)), "--out", str(out),
+                "--no-progress", "--no-plots", *extra]
+        if rate is not None:
+            argv += ["--rate", str(rate)]
+        self.step(f"inferstack bench: {name} ({workload}, {duration:g}s" + (f" at {rate:g}/s)" if rate else ")"))
+        done = subprocess.run(argv, capture_output=True, text=True, env=self._env())
+        results = out / "results.json"
+        if not results.exists():
+            raise LabError(f"bench {name} failed (exit {done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
+        return json.loads(results.read_text())["summary"]
