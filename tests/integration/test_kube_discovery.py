@@ -192,3 +192,21 @@ def test_live_cluster_lists_and_watches():
             await client.close()
 
     asyncio.run(main())
+
+
+def test_an_undecodable_pod_is_reported_and_discovery_recovers(tmp_path):
+    async def body(api: KubeApi, disc: PoolDiscovery, rec: Recorder) -> None:
+        await _until(lambda: rec.urls == {"http://10.6.0.1:8000"}, 5, "first list")
+        await api.watched()
+        bad = pod("bad", "10.6.0.2")
+        bad["status"]["conditions"] = "not a list"
+        await api.create(bad)
+        await _until(lambda: disc.state.error is not None, 2, "decode error reported")
+        assert disc.state.error.startswith("unexpected error watching pods: ValidationError"), disc.state.error
+        assert rec.urls == {"http://10.6.0.1:8000"}  # the last good set stays
+        await api.delete("Pod", "bad")
+        await api.create(pod("c", "10.6.0.3"))
+        await _until(lambda: rec.urls == {"http://10.6.0.1:8000", "http://10.6.0.3:8000"}, 3, "recovery")
+        assert disc.state.error is None
+
+    _scenario(tmp_path, SELECT, [pod("a", "10.6.0.1")], body)

@@ -146,6 +146,10 @@ class PoolDiscovery:
                     continue
                 self._failed(describe(exc, "list/watch", "pods", self.namespace))
                 await asyncio.sleep(backoff.next())
+            except Exception as exc:  # e.g. an object lightkube cannot decode: retry, never stop discovery
+                log.exception("pool %s: unexpected error watching pods", self.pool)
+                self._failed(f"unexpected error watching pods: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(backoff.next())
 
     async def _list_and_watch(self, target: PoolTarget, backoff: Backoff) -> None:
         labels = dict(target.selector)
@@ -216,6 +220,10 @@ class PoolDiscovery:
                     if status_code(exc) == 410:
                         continue
                     self._failed(describe(exc, "get/watch", f"InferencePool {name!r}", self.namespace))
+                    await asyncio.sleep(backoff.next())
+                except Exception as exc:  # as in _watch_pods: retry, never stop following the pool
+                    log.exception("pool %s: unexpected error watching InferencePool %s", self.pool, name)
+                    self._failed(f"unexpected error watching InferencePool {name!r}: {type(exc).__name__}: {exc}")
                     await asyncio.sleep(backoff.next())
         finally:
             if pods is not None:
