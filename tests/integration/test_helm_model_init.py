@@ -6,8 +6,8 @@ with a key that did not sign the model it exits non-zero before anything is link
 from __future__ import annotations
 
 import os
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
