@@ -6,6 +6,7 @@ own config loader. `inferstack deploy values` output renders too."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -262,3 +263,13 @@ def test_helm_lint_is_clean():
 
     report = helm.lint(str(CHART_DIR), strict=True)
     assert report["errors"] == [] and all(m["severity"] <= 1 for m in report["messages"]), report
+
+
+def test_deploy_values_for_an_emulated_stack_render_cpu_engines():
+    from inferstack.kube.values import chart_values
+
+    values = chart_values(parse_config("up: {emulate: 'h100:llama-3-8b', replicas: 3}\n"), Path("."))
+    assert values["modelArtifacts"]["name"] == "llama-3-8b" and values["inferencePool"]["name"] == "default"
+    e = container(engine(render(values), "decode"))
+    assert e["args"][:4] == ["--emulate", "h100:llama-3-8b", "--served-model-name", "llama-3-8b"]
+    assert "resources" not in e and "--device" not in e["args"]
