@@ -202,7 +202,10 @@ def test_pinned_digest_replaces_the_tag():
     ({"modelArtifacts": {"uri": "oci://reg.example/m:1", "trust": {"requireDigest": True, "allowUnverified": True}}},
      "requires a digest-pinned reference"),
     ({"modelArtifacts": {"uri": "hf://org/model"}}, "hf:// is for vLLM/SGLang"),
-    ({"engine": {"type": "tgi"}}, 'engine.type must be inferstack, vllm or sglang, got "tgi"'),
+    # values.schema.json: Helm checks values before any template runs
+    ({"engine": {"type": "tgi"}}, "at '/engine/type': value must be one of 'inferstack', 'vllm', 'sglang'"),
+    ({"decode": {"replica": 2}}, "at '/decode': additional properties 'replica' not allowed"),
+    ({"accelerator": {"hami": {"gpucores": 150}}}, "at '/accelerator/hami/gpucores': maximum: got 150, want 100"),
 ])
 def test_unsafe_or_wrong_values_fail_the_render(values, message):
     with pytest.raises(RenderError) as exc:
