@@ -102,6 +102,10 @@ def describe(exc: BaseException, verb: str, what: str, namespace: str) -> str:
     return f"API server unreachable ({type(exc).__name__}: {exc}); keeping the last known endpoints"
 
 
+def _merge(per_pod: dict[str, tuple[DiscoveredEndpoint, ...]]) -> tuple[DiscoveredEndpoint, ...]:
+    return tuple(sorted(e for eps in per_pod.values() for e in eps))
+
+
 class PoolDiscovery:
     """Keeps one pool's endpoint set in step with its pods; ``publish`` receives every new set."""
 
@@ -154,7 +158,8 @@ class PoolDiscovery:
     async def _list_and_watch(self, target: PoolTarget, backoff: Backoff) -> None:
         labels = dict(target.selector)
         listing = self.client.list(Pod, namespace=self.namespace, labels=labels)
-        pods = {p.metadata.name: p async for p in listing}
+        # each pod's endpoints: an event recomputes only its own pod's (a burst is not O(pods^2) checks)
+        per_pod = {p.metadata.name: endpoints_of([p], target, self.cfg.scheme) async for p in listing}
         try:
             version: str | None = listing.resourceVersion  # the collection's version: watch from there
         except NotReadyError:
@@ -162,18 +167,18 @@ class PoolDiscovery:
         self.state.synced, self.state.error, self.state.target = True, None, target
         self.first_attempt.set()
         backoff.reset()
-        self._set(endpoints_of(pods.values(), target, self.cfg.scheme))
+        self._set(_merge(per_pod))
         stream = self.client.watch(Pod, namespace=self.namespace, labels=labels, resource_version=version,
                                    server_timeout=_WATCH_SERVER_TIMEOUT_S)
         try:
             async for kind, pod in stream:
                 if kind == "DELETED":
-                    pods.pop(pod.metadata.name, None)
+                    per_pod.pop(pod.metadata.name, None)
                 elif kind in ("ADDED", "MODIFIED"):
-                    pods[pod.metadata.name] = pod
+                    per_pod[pod.metadata.name] = endpoints_of([pod], target, self.cfg.scheme)
                 else:
                     continue  # BOOKMARK: only moves the version
-                self._set(endpoints_of(pods.values(), target, self.cfg.scheme))
+                self._set(_merge(per_pod))
         except ApiError as exc:
             if exc.status.code == 410:
                 raise _Gone from exc
