@@ -114,6 +114,21 @@ def test_watch_expiry_relists_and_keeps_watching(tmp_path):
     _scenario(tmp_path, SELECT, [pod("a", "10.2.0.1")], body)
 
 
+def test_rewatch_answered_410_relists(tmp_path):
+    async def body(api: KubeApi, disc: PoolDiscovery, rec: Recorder) -> None:
+        await _until(lambda: rec.urls == {"http://10.7.0.1:8000"}, 5, "first list")
+        await api.watched()
+        api.gone_once = True  # the client re-watches from its version after the server ends the watch
+        assert api.end_watches() == 1
+        await _until(lambda: disc.state.relists == 1, 2, "relist after an HTTP 410")
+        await api.watched()
+        await api.create(pod("b", "10.7.0.2"))
+        await _until(lambda: rec.urls == {"http://10.7.0.1:8000", "http://10.7.0.2:8000"}, REFLECT_S, "after relist")
+        assert disc.state.error is None and not api.gone_once
+
+    _scenario(tmp_path, SELECT, [pod("a", "10.7.0.1")], body)
+
+
 def test_api_outage_keeps_the_last_set_then_resyncs(tmp_path):
     async def body(api: KubeApi, disc: PoolDiscovery, rec: Recorder) -> None:
         await _until(lambda: rec.urls == {"http://10.3.0.1:8000", "http://10.3.0.2:8000"}, 5, "first list")

@@ -145,9 +145,6 @@ class PoolDiscovery:
                 self.state.relists += 1
                 log.info("pool %s: pod watch expired (410 Gone); relisting", self.pool)
             except (httpx2.HTTPError, OSError) as exc:
-                if status_code(exc) == 410:
-                    self.state.relists += 1
-                    continue
                 self._failed(describe(exc, "list/watch", "pods", self.namespace))
                 await asyncio.sleep(backoff.next())
             except Exception as exc:  # e.g. an object lightkube cannot decode: retry, never stop discovery
@@ -179,8 +176,8 @@ class PoolDiscovery:
                 else:
                     continue  # BOOKMARK: only moves the version
                 self._set(_merge(per_pod))
-        except ApiError as exc:
-            if exc.status.code == 410:
+        except httpx2.HTTPStatusError as exc:  # an ERROR event (ApiError) or a 410 answer to a re-watch
+            if status_code(exc) == 410:
                 raise _Gone from exc
             raise
 
