@@ -48,7 +48,8 @@ async def _until(cond: Callable[[], bool], timeout: float, what: str) -> float:
 Body = Callable[[KubeApi, PoolDiscovery, Recorder], Awaitable[None]]
 
 
-def _scenario(tmp: Path, cfg: dict, objects: list[dict], body: Body, forbidden: bool = False) -> None:
+def _scenario(tmp: Path, cfg: dict, objects: list[dict], body: Body, forbidden: bool = False,
+              resync_s: float = 300.0) -> None:
     """Start the emulator with ``objects``, run discovery for ``cfg`` against it, then ``body``."""
     async def main() -> None:
         async with KubeApi() as api:
@@ -58,7 +59,7 @@ def _scenario(tmp: Path, cfg: dict, objects: list[dict], body: Body, forbidden: 
             config = KubernetesPoolConfig(kubeconfig=str(api.kubeconfig(tmp / "kubeconfig")), **cfg)
             client = make_client("p", config)
             rec = Recorder()
-            disc = PoolDiscovery("p", config, client, rec, backoff_cap_s=0.4)
+            disc = PoolDiscovery("p", config, client, rec, backoff_cap_s=0.4, resync_s=resync_s)
             task = asyncio.create_task(disc.run())
             try:
                 await body(api, disc, rec)
@@ -127,6 +128,17 @@ def test_rewatch_answered_410_relists(tmp_path):
         assert disc.state.error is None and not api.gone_once
 
     _scenario(tmp_path, SELECT, [pod("a", "10.7.0.1")], body)
+
+
+def test_periodic_relist_catches_an_event_the_watch_never_delivered(tmp_path):
+    async def body(api: KubeApi, disc: PoolDiscovery, rec: Recorder) -> None:
+        await _until(lambda: rec.urls == {"http://10.8.0.1:8000"}, 5, "first list")
+        # stored without a watch event: what a watch on a silently dropped connection would miss
+        api.emulator.objects["v1/pods", "ns", "b"] = pod("b", "10.8.0.2")
+        await _until(lambda: rec.urls == {"http://10.8.0.1:8000", "http://10.8.0.2:8000"}, 3, "resync")
+        assert disc.state.error is None
+
+    _scenario(tmp_path, SELECT, [pod("a", "10.8.0.1")], body, resync_s=0.5)
 
 
 def test_api_outage_keeps_the_last_set_then_resyncs(tmp_path):

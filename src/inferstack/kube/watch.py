@@ -31,7 +31,10 @@ log = logging.getLogger("inferstack.kube")
 
 InferencePool = create_namespaced_resource("inference.networking.k8s.io", "v1", "InferencePool", "inferencepools")
 Publish = Callable[[tuple[DiscoveredEndpoint, ...]], Awaitable[None]]
-_WATCH_SERVER_TIMEOUT_S = 300  # the API server ends each watch after this; we resume from the last version
+_WATCH_SERVER_TIMEOUT_S = 300  # the API server ends each watch after this; lightkube resumes it
+# Relist at least this often: a watch on a half-open TCP connection (a NAT or load balancer dropped it
+# silently) would otherwise wait forever for events that never come.
+RESYNC_S = _WATCH_SERVER_TIMEOUT_S + 30
 
 
 @dataclass
@@ -63,6 +66,10 @@ class DiscoveryState:
 
 class _Gone(Exception):
     """The watch's resourceVersion expired (410): relist."""
+
+
+class _Resync(Exception):
+    """The periodic relist is due (RESYNC_S)."""
 
 
 def status_code(exc: BaseException) -> int | None:
@@ -110,8 +117,9 @@ class PoolDiscovery:
     """Keeps one pool's endpoint set in step with its pods; ``publish`` receives every new set."""
 
     def __init__(self, pool: str, cfg: KubernetesPoolConfig, client: AsyncClient, publish: Publish,
-                 backoff_cap_s: float = 10.0):
+                 backoff_cap_s: float = 10.0, resync_s: float = RESYNC_S):
         self.pool = pool
+        self.resync_s = resync_s
         self.cfg = cfg
         self.client = client
         self.namespace = cfg.namespace or client.namespace or "default"
@@ -144,6 +152,8 @@ class PoolDiscovery:
             except _Gone:
                 self.state.relists += 1
                 log.info("pool %s: pod watch expired (410 Gone); relisting", self.pool)
+            except _Resync:
+                log.debug("pool %s: periodic relist", self.pool)
             except (httpx2.HTTPError, OSError) as exc:
                 self._failed(describe(exc, "list/watch", "pods", self.namespace))
                 await asyncio.sleep(backoff.next())
@@ -168,18 +178,25 @@ class PoolDiscovery:
         stream = self.client.watch(Pod, namespace=self.namespace, labels=labels, resource_version=version,
                                    server_timeout=_WATCH_SERVER_TIMEOUT_S)
         try:
-            async for kind, pod in stream:
-                if kind == "DELETED":
-                    per_pod.pop(pod.metadata.name, None)
-                elif kind in ("ADDED", "MODIFIED"):
-                    per_pod[pod.metadata.name] = endpoints_of([pod], target, self.cfg.scheme)
-                else:
-                    continue  # BOOKMARK: only moves the version
-                self._set(_merge(per_pod))
+            async with asyncio.timeout(self.resync_s):
+                await self._consume(stream, per_pod, target)
+        except TimeoutError:
+            raise _Resync from None
         except httpx2.HTTPStatusError as exc:  # an ERROR event (ApiError) or a 410 answer to a re-watch
             if status_code(exc) == 410:
                 raise _Gone from exc
             raise
+
+    async def _consume(self, stream: Any, per_pod: dict[str, tuple[DiscoveredEndpoint, ...]],
+                       target: PoolTarget) -> None:
+        async for kind, pod in stream:
+            if kind == "DELETED":
+                per_pod.pop(pod.metadata.name, None)
+            elif kind in ("ADDED", "MODIFIED"):
+                per_pod[pod.metadata.name] = endpoints_of([pod], target, self.cfg.scheme)
+            else:
+                continue  # BOOKMARK: only moves the version
+            self._set(_merge(per_pod))
 
     # ---- InferencePool --------------------------------------------------------------------------
     async def _follow_pool(self, name: str) -> None:
