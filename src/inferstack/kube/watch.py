@@ -109,6 +109,38 @@ def describe(exc: BaseException, verb: str, what: str, namespace: str) -> str:
     return f"API server unreachable ({type(exc).__name__}: {exc}); keeping the last known endpoints"
 
 
+class _PodWatchSwitch:
+    """The pod watch of an InferencePool-backed pool, restarted when the pool's selection changes."""
+
+    def __init__(self, disc: PoolDiscovery, name: str):
+        self.disc = disc
+        self.name = name
+        self.current: PoolTarget | None = None
+        self.task: asyncio.Task | None = None
+
+    def apply(self, obj: Any) -> None:
+        d = self.disc
+        try:
+            target = inference_pool_target(obj.to_dict(), d.cfg.target_port)
+        except ValueError as exc:
+            d._failed(f"InferencePool {d.namespace}/{self.name} is unusable: {exc}")
+            return
+        if target == self.current:
+            return
+        log.info("pool %s: InferencePool %s selects %s on ports %s", d.pool, self.name, dict(target.selector),
+                 list(target.ports))
+        if self.task is not None:
+            self.task.cancel()
+        self.current = target
+        self.task = asyncio.create_task(d._watch_pods(target))
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
 def _merge(per_pod: dict[str, tuple[DiscoveredEndpoint, ...]]) -> tuple[DiscoveredEndpoint, ...]:
     return tuple(sorted(e for eps in per_pod.values() for e in eps))
 
@@ -202,39 +234,11 @@ class PoolDiscovery:
     async def _follow_pool(self, name: str) -> None:
         """Watch the InferencePool; (re)start the pod watch whenever its selector/ports change."""
         backoff = Backoff(cap=self.backoff_cap_s)
-        pods: asyncio.Task | None = None
-        current: PoolTarget | None = None
-
-        def apply(obj: Any) -> None:
-            nonlocal pods, current
-            try:
-                target = inference_pool_target(obj.to_dict(), self.cfg.target_port)
-            except ValueError as exc:
-                self._failed(f"InferencePool {self.namespace}/{name} is unusable: {exc}")
-                return
-            if target != current:
-                log.info("pool %s: InferencePool %s selects %s on ports %s", self.pool, name,
-                         dict(target.selector), list(target.ports))
-                if pods is not None:
-                    pods.cancel()
-                current = target
-                pods = asyncio.create_task(self._watch_pods(target))
-
+        switch = _PodWatchSwitch(self, name)
         try:
             while True:
                 try:
-                    apply(await self.client.get(InferencePool, name, namespace=self.namespace))
-                    backoff.reset()
-                    async for kind, obj in self.client.watch(
-                            InferencePool, namespace=self.namespace, fields={"metadata.name": name},
-                            server_timeout=_WATCH_SERVER_TIMEOUT_S):
-                        if obj.metadata.name != name:
-                            continue
-                        if kind == "DELETED":
-                            self._failed(f"InferencePool {self.namespace}/{name} was deleted; "
-                                         "keeping the last known endpoints")
-                        elif kind in ("ADDED", "MODIFIED"):
-                            apply(obj)
+                    await self._get_and_watch_pool(name, switch, backoff)
                 except (httpx2.HTTPError, OSError) as exc:
                     if status_code(exc) == 410:
                         continue
@@ -245,10 +249,24 @@ class PoolDiscovery:
                     self._failed(f"unexpected error watching InferencePool {name!r}: {type(exc).__name__}: {exc}")
                     await asyncio.sleep(backoff.next())
         finally:
-            if pods is not None:
-                pods.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pods
+            await switch.close()
+
+    async def _get_and_watch_pool(self, name: str, switch: _PodWatchSwitch, backoff: Backoff) -> None:
+        """One get + watch of the pool object; returns at the periodic resync (the caller gets it again)."""
+        switch.apply(await self.client.get(InferencePool, name, namespace=self.namespace))
+        backoff.reset()
+        stream = self.client.watch(InferencePool, namespace=self.namespace, fields={"metadata.name": name},
+                                   server_timeout=_WATCH_SERVER_TIMEOUT_S)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.resync_s):
+                async for kind, obj in stream:
+                    if obj.metadata.name != name:
+                        continue
+                    if kind == "DELETED":
+                        self._failed(f"InferencePool {self.namespace}/{name} was deleted; "
+                                     "keeping the last known endpoints")
+                    elif kind in ("ADDED", "MODIFIED"):
+                        switch.apply(obj)
 
     # ---- publishing -----------------------------------------------------------------------------
     def _failed(self, message: str) -> None:
