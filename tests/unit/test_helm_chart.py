@@ -5,12 +5,14 @@ own config loader. `inferstack deploy values` output renders too."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 
@@ -25,6 +27,16 @@ CRD = yaml.safe_load((CHART_DIR / "crds" / "inferencepool-crd-v1.yaml").read_tex
 POOL_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 NO_SCHEMA = {"InferencePool", "HTTPRoute", "PodMonitor"}  # CRDs: checked below / structurally
 PEM = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cached_schemas():
+    """kubernetes-validate re-reads and re-parses its ~1 MB schema files on every call (0.5 s per render
+    here); the parsed JSON is read-only, so reuse it within this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kubernetes_validate.utils, "schema_contents",
+                   functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents))
+        yield
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
