@@ -95,6 +95,7 @@ pools:
            DiscoveredEndpoint("http://127.0.0.3:9", "d0", "decode"))
 
     async def main() -> None:
+        assert disc.synced()  # no pool started yet: vacuously synced
         await disc.apply(pool, eps)
         assert [e.id for e in pool.endpoints] == ["127.0.0.2:9", "127.0.0.3:9"]
         assert pool.router.roles == {"127.0.0.2:9": "prefill", "127.0.0.3:9": "decode"}

@@ -48,7 +48,8 @@ async def _until(cond: Callable[[], bool], timeout: float, what: str) -> float:
 Body = Callable[[KubeApi, PoolDiscovery, Recorder], Awaitable[None]]
 
 
-def _scenario(tmp: Path, cfg: dict, objects: list[dict], body: Body, forbidden: bool = False) -> None:
+def _scenario(tmp: Path, cfg: dict, objects: list[dict], body: Body, forbidden: bool = False,
+              resync_s: float = 300.0) -> None:
     """Start the emulator with ``objects``, run discovery for ``cfg`` against it, then ``body``."""
     async def main() -> None:
         async with KubeApi() as api:
@@ -58,7 +59,7 @@ def _scenario(tmp: Path, cfg: dict, objects: list[dict], body: Body, forbidden: 
             config = KubernetesPoolConfig(kubeconfig=str(api.kubeconfig(tmp / "kubeconfig")), **cfg)
             client = make_client("p", config)
             rec = Recorder()
-            disc = PoolDiscovery("p", config, client, rec, backoff_cap_s=0.4)
+            disc = PoolDiscovery("p", config, client, rec, backoff_cap_s=0.4, resync_s=resync_s)
             task = asyncio.create_task(disc.run())
             try:
                 await body(api, disc, rec)
@@ -112,6 +113,32 @@ def test_watch_expiry_relists_and_keeps_watching(tmp_path):
         assert disc.state.error is None  # an expired watch is routine, not an error
 
     _scenario(tmp_path, SELECT, [pod("a", "10.2.0.1")], body)
+
+
+def test_rewatch_answered_410_relists(tmp_path):
+    async def body(api: KubeApi, disc: PoolDiscovery, rec: Recorder) -> None:
+        await _until(lambda: rec.urls == {"http://10.7.0.1:8000"}, 5, "first list")
+        await api.watched()
+        api.gone_once = True  # the client re-watches from its version after the server ends the watch
+        assert api.end_watches() == 1
+        await _until(lambda: disc.state.relists == 1, 2, "relist after an HTTP 410")
+        await api.watched()
+        await api.create(pod("b", "10.7.0.2"))
+        await _until(lambda: rec.urls == {"http://10.7.0.1:8000", "http://10.7.0.2:8000"}, REFLECT_S, "after relist")
+        assert disc.state.error is None and not api.gone_once
+
+    _scenario(tmp_path, SELECT, [pod("a", "10.7.0.1")], body)
+
+
+def test_periodic_relist_catches_an_event_the_watch_never_delivered(tmp_path):
+    async def body(api: KubeApi, disc: PoolDiscovery, rec: Recorder) -> None:
+        await _until(lambda: rec.urls == {"http://10.8.0.1:8000"}, 5, "first list")
+        # stored without a watch event: what a watch on a silently dropped connection would miss
+        api.emulator.objects["v1/pods", "ns", "b"] = pod("b", "10.8.0.2")
+        await _until(lambda: rec.urls == {"http://10.8.0.1:8000", "http://10.8.0.2:8000"}, 3, "resync")
+        assert disc.state.error is None
+
+    _scenario(tmp_path, SELECT, [pod("a", "10.8.0.1")], body, resync_s=0.5)
 
 
 def test_api_outage_keeps_the_last_set_then_resyncs(tmp_path):
@@ -192,3 +219,21 @@ def test_live_cluster_lists_and_watches():
             await client.close()
 
     asyncio.run(main())
+
+
+def test_an_undecodable_pod_is_reported_and_discovery_recovers(tmp_path):
+    async def body(api: KubeApi, disc: PoolDiscovery, rec: Recorder) -> None:
+        await _until(lambda: rec.urls == {"http://10.6.0.1:8000"}, 5, "first list")
+        await api.watched()
+        bad = pod("bad", "10.6.0.2")
+        bad["status"]["conditions"] = "not a list"
+        await api.create(bad)
+        await _until(lambda: disc.state.error is not None, 2, "decode error reported")
+        assert disc.state.error.startswith("unexpected error watching pods: ValidationError"), disc.state.error
+        assert rec.urls == {"http://10.6.0.1:8000"}  # the last good set stays
+        await api.delete("Pod", "bad")
+        await api.create(pod("c", "10.6.0.3"))
+        await _until(lambda: rec.urls == {"http://10.6.0.1:8000", "http://10.6.0.3:8000"}, 3, "recovery")
+        assert disc.state.error is None
+
+    _scenario(tmp_path, SELECT, [pod("a", "10.6.0.1")], body)

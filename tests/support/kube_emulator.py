@@ -45,6 +45,7 @@ class KubeApi:
 
     def __init__(self) -> None:
         self.forbidden = False
+        self.gone_once = False  # answer the next watch request with HTTP 410 (a version too old to resume)
         self._ends: list[asyncio.Future[str]] = []  # one per open watch: resolve to end it
         self.emulator: kmock.KubernetesEmulator | None = None
         self._server: kmock.Server | None = None
@@ -63,6 +64,7 @@ class KubeApi:
             status=403, reason="Forbidden",
             message=f'pods is forbidden: User "system:serviceaccount:ns:gw" cannot {"watch" if req.params.get("watch") else "list"} resource '
                     f'"pods" in API group "" in the namespace "ns"'))
+        emu[lambda req: self.gone_once and req.params.get("watch") == "true"] << self._gone
         emu[kmock.action.WATCH] << self._watch
         self._side = await self._stack.enter_async_context(kmock.Server(emu))
         await self.up()
@@ -124,6 +126,14 @@ class KubeApi:
                     await nxt
             self._ends.remove(end)
             await inner.aclose()
+
+    def _gone(self, request: Any) -> Exception:
+        self.gone_once = False
+        return kmock.KubernetesError(status=410, reason="Expired", message="too old resource version: 1 (2)")
+
+    def end_watches(self) -> int:
+        """End open watches normally, as the API server does after `timeoutSeconds`."""
+        return self._end_watches("timeout")
 
     def _end_watches(self, how: str) -> int:
         live = [f for f in self._ends if not f.done()]

@@ -5,11 +5,14 @@ own config loader. `inferstack deploy values` output renders too."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 
@@ -24,6 +27,16 @@ CRD = yaml.safe_load((CHART_DIR / "crds" / "inferencepool-crd-v1.yaml").read_tex
 POOL_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 NO_SCHEMA = {"InferencePool", "HTTPRoute", "PodMonitor"}  # CRDs: checked below / structurally
 PEM = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cached_schemas():
+    """kubernetes-validate re-reads and re-parses its ~1 MB schema files on every call (0.5 s per render
+    here); the parsed JSON is read-only, so reuse it within this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kubernetes_validate.utils, "schema_contents",
+                   functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents))
+        yield
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -201,7 +214,10 @@ def test_pinned_digest_replaces_the_tag():
     ({"modelArtifacts": {"uri": "oci://reg.example/m:1", "trust": {"requireDigest": True, "allowUnverified": True}}},
      "requires a digest-pinned reference"),
     ({"modelArtifacts": {"uri": "hf://org/model"}}, "hf:// is for vLLM/SGLang"),
-    ({"engine": {"type": "tgi"}}, 'engine.type must be inferstack, vllm or sglang, got "tgi"'),
+    # values.schema.json: Helm checks values before any template runs
+    ({"engine": {"type": "tgi"}}, "at '/engine/type': value must be one of 'inferstack', 'vllm', 'sglang'"),
+    ({"decode": {"replica": 2}}, "at '/decode': additional properties 'replica' not allowed"),
+    ({"accelerator": {"hami": {"gpucores": 150}}}, "at '/accelerator/hami/gpucores': maximum: got 150, want 100"),
 ])
 def test_unsafe_or_wrong_values_fail_the_render(values, message):
     with pytest.raises(RenderError) as exc:
@@ -262,3 +278,13 @@ def test_helm_lint_is_clean():
 
     report = helm.lint(str(CHART_DIR), strict=True)
     assert report["errors"] == [] and all(m["severity"] <= 1 for m in report["messages"]), report
+
+
+def test_deploy_values_for_an_emulated_stack_render_cpu_engines():
+    from inferstack.kube.values import chart_values
+
+    values = chart_values(parse_config("up: {emulate: 'h100:llama-3-8b', replicas: 3}\n"), Path("."))
+    assert values["modelArtifacts"]["name"] == "llama-3-8b" and values["inferencePool"]["name"] == "default"
+    e = container(engine(render(values), "decode"))
+    assert e["args"][:4] == ["--emulate", "h100:llama-3-8b", "--served-model-name", "llama-3-8b"]
+    assert "resources" not in e and "--device" not in e["args"]

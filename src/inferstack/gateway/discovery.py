@@ -55,6 +55,10 @@ class KubeDiscovery:
     def status(self) -> dict[str, DiscoveryState]:
         return {name: d.state for name, d in self.pools.items()}
 
+    def synced(self) -> bool:
+        """Every discovered pool has listed its pods at least once (the EPP's readiness needs this)."""
+        return all(d.state.synced for d in self.pools.values())
+
     async def apply(self, pool: Pool, endpoints: tuple[DiscoveredEndpoint, ...]) -> None:
         """Make ``pool``'s endpoints exactly ``endpoints`` (ids are podIP:port, as GIE names them)."""
         roles = {urlsplit(e.url).netloc: e.role for e in endpoints}

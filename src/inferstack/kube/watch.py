@@ -31,7 +31,10 @@ log = logging.getLogger("inferstack.kube")
 
 InferencePool = create_namespaced_resource("inference.networking.k8s.io", "v1", "InferencePool", "inferencepools")
 Publish = Callable[[tuple[DiscoveredEndpoint, ...]], Awaitable[None]]
-_WATCH_SERVER_TIMEOUT_S = 300  # the API server ends each watch after this; we resume from the last version
+_WATCH_SERVER_TIMEOUT_S = 300  # the API server ends each watch after this; lightkube resumes it
+# Relist at least this often: a watch on a half-open TCP connection (a NAT or load balancer dropped it
+# silently) would otherwise wait forever for events that never come.
+RESYNC_S = _WATCH_SERVER_TIMEOUT_S + 30
 
 
 @dataclass
@@ -63,6 +66,10 @@ class DiscoveryState:
 
 class _Gone(Exception):
     """The watch's resourceVersion expired (410): relist."""
+
+
+class _Resync(Exception):
+    """The periodic relist is due (RESYNC_S)."""
 
 
 def status_code(exc: BaseException) -> int | None:
@@ -102,12 +109,49 @@ def describe(exc: BaseException, verb: str, what: str, namespace: str) -> str:
     return f"API server unreachable ({type(exc).__name__}: {exc}); keeping the last known endpoints"
 
 
+class _PodWatchSwitch:
+    """The pod watch of an InferencePool-backed pool, restarted when the pool's selection changes."""
+
+    def __init__(self, disc: PoolDiscovery, name: str):
+        self.disc = disc
+        self.name = name
+        self.current: PoolTarget | None = None
+        self.task: asyncio.Task | None = None
+
+    def apply(self, obj: Any) -> None:
+        d = self.disc
+        try:
+            target = inference_pool_target(obj.to_dict(), d.cfg.target_port)
+        except ValueError as exc:
+            d._failed(f"InferencePool {d.namespace}/{self.name} is unusable: {exc}")
+            return
+        if target == self.current:
+            return
+        log.info("pool %s: InferencePool %s selects %s on ports %s", d.pool, self.name, dict(target.selector),
+                 list(target.ports))
+        if self.task is not None:
+            self.task.cancel()
+        self.current = target
+        self.task = asyncio.create_task(d._watch_pods(target))
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+def _merge(per_pod: dict[str, tuple[DiscoveredEndpoint, ...]]) -> tuple[DiscoveredEndpoint, ...]:
+    return tuple(sorted(e for eps in per_pod.values() for e in eps))
+
+
 class PoolDiscovery:
     """Keeps one pool's endpoint set in step with its pods; ``publish`` receives every new set."""
 
     def __init__(self, pool: str, cfg: KubernetesPoolConfig, client: AsyncClient, publish: Publish,
-                 backoff_cap_s: float = 10.0):
+                 backoff_cap_s: float = 10.0, resync_s: float = RESYNC_S):
         self.pool = pool
+        self.resync_s = resync_s
         self.cfg = cfg
         self.client = client
         self.namespace = cfg.namespace or client.namespace or "default"
@@ -140,17 +184,21 @@ class PoolDiscovery:
             except _Gone:
                 self.state.relists += 1
                 log.info("pool %s: pod watch expired (410 Gone); relisting", self.pool)
+            except _Resync:
+                log.debug("pool %s: periodic relist", self.pool)
             except (httpx2.HTTPError, OSError) as exc:
-                if status_code(exc) == 410:
-                    self.state.relists += 1
-                    continue
                 self._failed(describe(exc, "list/watch", "pods", self.namespace))
+                await asyncio.sleep(backoff.next())
+            except Exception as exc:  # e.g. an object lightkube cannot decode: retry, never stop discovery
+                log.exception("pool %s: unexpected error watching pods", self.pool)
+                self._failed(f"unexpected error watching pods: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(backoff.next())
 
     async def _list_and_watch(self, target: PoolTarget, backoff: Backoff) -> None:
         labels = dict(target.selector)
         listing = self.client.list(Pod, namespace=self.namespace, labels=labels)
-        pods = {p.metadata.name: p async for p in listing}
+        # each pod's endpoints: an event recomputes only its own pod's (a burst is not O(pods^2) checks)
+        per_pod = {p.metadata.name: endpoints_of([p], target, self.cfg.scheme) async for p in listing}
         try:
             version: str | None = listing.resourceVersion  # the collection's version: watch from there
         except NotReadyError:
@@ -158,70 +206,67 @@ class PoolDiscovery:
         self.state.synced, self.state.error, self.state.target = True, None, target
         self.first_attempt.set()
         backoff.reset()
-        self._set(endpoints_of(pods.values(), target, self.cfg.scheme))
+        self._set(_merge(per_pod))
         stream = self.client.watch(Pod, namespace=self.namespace, labels=labels, resource_version=version,
                                    server_timeout=_WATCH_SERVER_TIMEOUT_S)
         try:
-            async for kind, pod in stream:
-                if kind == "DELETED":
-                    pods.pop(pod.metadata.name, None)
-                elif kind in ("ADDED", "MODIFIED"):
-                    pods[pod.metadata.name] = pod
-                else:
-                    continue  # BOOKMARK: only moves the version
-                self._set(endpoints_of(pods.values(), target, self.cfg.scheme))
-        except ApiError as exc:
-            if exc.status.code == 410:
+            async with asyncio.timeout(self.resync_s):
+                await self._consume(stream, per_pod, target)
+        except TimeoutError:
+            raise _Resync from None
+        except httpx2.HTTPStatusError as exc:  # an ERROR event (ApiError) or a 410 answer to a re-watch
+            if status_code(exc) == 410:
                 raise _Gone from exc
             raise
+
+    async def _consume(self, stream: Any, per_pod: dict[str, tuple[DiscoveredEndpoint, ...]],
+                       target: PoolTarget) -> None:
+        async for kind, pod in stream:
+            if kind == "DELETED":
+                per_pod.pop(pod.metadata.name, None)
+            elif kind in ("ADDED", "MODIFIED"):
+                per_pod[pod.metadata.name] = endpoints_of([pod], target, self.cfg.scheme)
+            else:
+                continue  # BOOKMARK: only moves the version
+            self._set(_merge(per_pod))
 
     # ---- InferencePool --------------------------------------------------------------------------
     async def _follow_pool(self, name: str) -> None:
         """Watch the InferencePool; (re)start the pod watch whenever its selector/ports change."""
         backoff = Backoff(cap=self.backoff_cap_s)
-        pods: asyncio.Task | None = None
-        current: PoolTarget | None = None
-
-        def apply(obj: Any) -> None:
-            nonlocal pods, current
-            try:
-                target = inference_pool_target(obj.to_dict(), self.cfg.target_port)
-            except ValueError as exc:
-                self._failed(f"InferencePool {self.namespace}/{name} is unusable: {exc}")
-                return
-            if target != current:
-                log.info("pool %s: InferencePool %s selects %s on ports %s", self.pool, name,
-                         dict(target.selector), list(target.ports))
-                if pods is not None:
-                    pods.cancel()
-                current = target
-                pods = asyncio.create_task(self._watch_pods(target))
-
+        switch = _PodWatchSwitch(self, name)
         try:
             while True:
                 try:
-                    apply(await self.client.get(InferencePool, name, namespace=self.namespace))
-                    backoff.reset()
-                    async for kind, obj in self.client.watch(
-                            InferencePool, namespace=self.namespace, fields={"metadata.name": name},
-                            server_timeout=_WATCH_SERVER_TIMEOUT_S):
-                        if obj.metadata.name != name:
-                            continue
-                        if kind == "DELETED":
-                            self._failed(f"InferencePool {self.namespace}/{name} was deleted; "
-                                         "keeping the last known endpoints")
-                        elif kind in ("ADDED", "MODIFIED"):
-                            apply(obj)
+                    await self._get_and_watch_pool(name, switch, backoff)
                 except (httpx2.HTTPError, OSError) as exc:
                     if status_code(exc) == 410:
                         continue
                     self._failed(describe(exc, "get/watch", f"InferencePool {name!r}", self.namespace))
                     await asyncio.sleep(backoff.next())
+                except Exception as exc:  # as in _watch_pods: retry, never stop following the pool
+                    log.exception("pool %s: unexpected error watching InferencePool %s", self.pool, name)
+                    self._failed(f"unexpected error watching InferencePool {name!r}: {type(exc).__name__}: {exc}")
+                    await asyncio.sleep(backoff.next())
         finally:
-            if pods is not None:
-                pods.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pods
+            await switch.close()
+
+    async def _get_and_watch_pool(self, name: str, switch: _PodWatchSwitch, backoff: Backoff) -> None:
+        """One get + watch of the pool object; returns at the periodic resync (the caller gets it again)."""
+        switch.apply(await self.client.get(InferencePool, name, namespace=self.namespace))
+        backoff.reset()
+        stream = self.client.watch(InferencePool, namespace=self.namespace, fields={"metadata.name": name},
+                                   server_timeout=_WATCH_SERVER_TIMEOUT_S)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.resync_s):
+                async for kind, obj in stream:
+                    if obj.metadata.name != name:
+                        continue
+                    if kind == "DELETED":
+                        self._failed(f"InferencePool {self.namespace}/{name} was deleted; "
+                                     "keeping the last known endpoints")
+                    elif kind in ("ADDED", "MODIFIED"):
+                        switch.apply(obj)
 
     # ---- publishing -----------------------------------------------------------------------------
     def _failed(self, message: str) -> None:

@@ -159,7 +159,7 @@ app.kubernetes.io/component: endpoint-picker
 - --kv-transfer-config
 - {{ $e.kvTransferConfig | quote }}
 {{- end }}
-{{- else if eq $type "sglang" }}
+{{- else }}{{/* sglang */}}
 - --model-path
 - {{ $model | quote }}
 - --served-model-name
@@ -175,8 +175,6 @@ app.kubernetes.io/component: endpoint-picker
 - --disaggregation-mode
 - {{ .role }}
 {{- end }}
-{{- else }}
-{{- fail (printf "engine.type must be inferstack, vllm or sglang, got %q" $type) }}
 {{- end }}
 {{- range $v.engine.extraArgs }}
 - {{ . | quote }}
