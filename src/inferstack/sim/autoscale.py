@@ -4,7 +4,9 @@ current replica counts, and answers the replica counts it wants.
 The simulator samples every ``interval_s`` of virtual time, calls `Autoscaler.desired`, and applies
 the answer: new replicas join the pool after ``cold_start_s`` (image pull, weight load, warm-up);
 removed replicas stop receiving requests at once and leave when their last request finishes. The
-same policy objects are meant to run against the live fleet, fed by the gateway's metrics.
+same policy objects run against the live fleet, fed by the gateway's metrics: `PoolSample` is the
+autoscaling package's (`inferstack.autoscale.signals`), and `autoscale.driver.PolicyAutoscaler`
+puts any of its policies (hpa, kpa, apa, slo, planner) behind this hook.
 """
 
 from __future__ import annotations
@@ -13,22 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-
-@dataclass(frozen=True)
-class PoolSample:
-    """One pool at one instant (engine gauges as the gateway scrapes them, plus its own counters)."""
-
-    t: float                     # virtual seconds since the start
-    replicas: int                # serving (up, not draining)
-    starting: int                # ordered, still in their cold start
-    waiting: int                 # requests waiting in the engines' schedulers
-    running: int                 # requests running in the engines
-    kv_usage: float              # mean KV cache use of the serving replicas, 0..1
-    gateway_queued: int          # requests held by flow control
-    arrivals: int                # requests that arrived since the previous sample
-    completions: int             # requests that finished since the previous sample
-    ttft_p95_s: float | None     # over the requests that finished since the previous sample
-    tpot_p95_s: float | None
+from inferstack.autoscale.signals import PoolSample
 
 
 @dataclass(frozen=True)

@@ -114,11 +114,12 @@ class Simulation:
         self.counter = itertools.count()
         self.window = (s.run.warmup_s, max(s.run.warmup_s, s.run.duration_s - s.run.cooldown_s))
         self.arrived = self.completed = self.events = 0
+        self.tokens_in = self.tokens_out = 0     # prompt tokens of arrivals, output tokens of completions
         self.starting = 0
         self._window_ttft: list[float] = []
         self._window_tpot: list[float] = []
         self._samples: list[MetricSample] = []
-        self._last_counts = (0, 0)
+        self._last_counts = (0, 0, 0, 0, 0.0)   # arrived, completed, tokens in, tokens out, at
         self.planned = 0
         self.model = s.fleets[0].profile.model.name
 
@@ -195,6 +196,7 @@ class Simulation:
         view = self.gateway.request_view(spec.messages, 0, spec.output_tokens, spec.session, self.model)
         r = _Req(rec, u, spec, self.s.tokens.encode(spec.messages), view)
         rec.prompt_tokens = len(r.tokens)
+        self.tokens_in += len(r.tokens)
         if self.gateway.precise:      # the live gateway tokenizes through an engine and hashes as it does
             view.token_hashes = self.replicas[0].layout.key_space.hashes(r.tokens, self.gateway.salt)
         max_len = min(rep.max_model_len for rep in self.replicas)
@@ -316,6 +318,7 @@ class Simulation:
             eng = r.engine
             rec.chunk_times = r.times
             rec.output_tokens = eng.num_output_tokens
+            self.tokens_out += eng.num_output_tokens
             rec.prompt_tokens = eng.num_prompt_tokens
             rec.cached_tokens = max(eng.num_cached_tokens, 0)
             ttft = r.times[0] - rec.sent
@@ -399,16 +402,17 @@ class Simulation:
     def _sample(self) -> MetricSample:
         eps = [ep for ep in self.gateway.order if ep.replica.up and not ep.draining]
         gauges = [ep.replica.snapshot_metrics() for ep in eps]
-        arrived, completed = self.arrived - self._last_counts[0], self.completed - self._last_counts[1]
-        self._last_counts = (self.arrived, self.completed)
+        last = self._last_counts
+        self._last_counts = (self.arrived, self.completed, self.tokens_in, self.tokens_out, self.now)
 
         def p95(v: list[float]) -> float | None:
             return float(np.percentile(v, 95)) if v else None
 
         sample = PoolSample(self.now, len(eps), self.starting, sum(g[0] for g in gauges),
                             sum(g[1] for g in gauges), sum(g[2] for g in gauges) / max(1, len(gauges)),
-                            self.gateway.admission.queued, arrived, completed,
-                            p95(self._window_ttft), p95(self._window_tpot))
+                            self.gateway.admission.queued, self.arrived - last[0], self.completed - last[1],
+                            p95(self._window_ttft), p95(self._window_tpot), input_tokens=self.tokens_in - last[2],
+                            output_tokens=self.tokens_out - last[3], interval_s=self.now - last[4])
         self._window_ttft, self._window_tpot = [], []
         return MetricSample({POOL: sample})
 
