@@ -194,3 +194,23 @@ def test_engine_config_default_matches_the_simulated_one():
     ref = EngineConfig(model=settings.engine.model)
     assert (settings.engine.max_num_seqs, settings.engine.max_num_batched_tokens, settings.engine.block_size) == \
         (ref.max_num_seqs, ref.max_num_batched_tokens, ref.block_size)
+
+
+def test_autoscaling_policies_run_in_the_simulator_on_real_samples():
+    """The autoscaling package's policies behind the hook, fed by the simulation's samples."""
+    from inferstack.autoscale.decision import Bounds
+    from inferstack.autoscale.driver import PolicyAutoscaler
+    from inferstack.autoscale.kpa import KPA
+
+    settings = build_settings(_args(fleet=[f"{FLEET}=1"], rate=60.0, duration=5.0,
+                                    workload="synthetic:input=400,output=60"), None)
+    settings.engine = dataclasses.replace(settings.engine, max_num_seqs=8)
+    scaler = PolicyAutoscaler(KPA(target=8, stable_window_s=2.0, panic_window_s=1.0), Bounds(1, 6),
+                              interval_s=1.0, window_samples=4, cold_start_s=1.0)
+    settings.autoscaler = scaler
+    sim = Simulation(settings)
+    sim.run()
+    assert sim.completed == sim.arrived
+    assert len(sim.replicas) > 1 and max(d.desired for _, _, d in scaler.decisions) <= 6
+    samples = [d for _, _, d in scaler.decisions]
+    assert samples[0].current == 1 and any(d.direction == "up" for d in samples)
