@@ -21,9 +21,10 @@ def observe(
                                              "(the `inferstack bench` format)")] = None,
     duration: Annotated[float | None, typer.Option(help="Seconds to observe (default: until Ctrl-C)")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics (the gateway's names with "
-                                                     "source=\"ebpf\") on 127.0.0.1:PORT; 0 picks one")] = None,
-    capture_bytes: Annotated[int, typer.Option(help="Bytes captured per syscall, a multiple of 200: enough "
-                                               "for HTTP heads, SSE framing and usage chunks")] = 600,
+                                                     "source=\"ebpf\") at /metrics and a live dashboard at "
+                                                     "/dashboard/ on 127.0.0.1:PORT; 0 picks one")] = None,
+    capture_bytes: Annotated[int, typer.Option(help="Bytes captured per syscall, a multiple of 160: enough "
+                                               "for HTTP heads, SSE framing and usage chunks")] = 640,
     capture_bodies: Annotated[bool, typer.Option(help="Keep request bodies (prompts) in OUT/bodies.jsonl; "
                                                  "noted in the audit log")] = False,
     audit_dir: Annotated[Path, typer.Option(help="Audit log directory (written with --capture-bodies)")] =
@@ -46,7 +47,7 @@ def observe(
     if (pid is None) == (port is None):
         _fail("give exactly one of --pid PID or --port PORT")
     if capture_bytes < PIECE or capture_bytes % PIECE:
-        _fail(f"--capture-bytes must be a positive multiple of {PIECE} (bpftrace's string limit)")
+        _fail(f"--capture-bytes must be a positive multiple of {PIECE} (the bytes one bpftrace buf() holds here)")
     opts = CaptureOptions(capture_bytes=capture_bytes, buffer_pages=buffer_pages, capture_bodies=capture_bodies)
     try:
         session = Session(pid, port, opts, metrics_port, log=lambda m: typer.echo(m, err=True))
@@ -57,7 +58,8 @@ def observe(
     except (PreflightError, TargetError, ObserveError) as e:
         _fail(str(e))
     if session.metrics_port is not None:
-        typer.echo(f"metrics: http://127.0.0.1:{session.metrics_port}/metrics", err=True)
+        base = f"http://127.0.0.1:{session.metrics_port}"
+        typer.echo(f"metrics: {base}/metrics · live dashboard: {base}/dashboard/", err=True)
     typer.echo("observing" + (f" for {duration:g} s" if duration else " until Ctrl-C"), err=True)
     signal.signal(signal.SIGINT, lambda *_: session.stop())
     signal.signal(signal.SIGTERM, lambda *_: session.stop())

@@ -23,7 +23,8 @@ class ObservedRequest:
     fd: int
     method: str
     path: str
-    arrival_ns: int                      # first byte of the request read by the server
+    arrival_ns: int                      # first byte of the request reached the server's socket
+    read_ns: int = 0                     # ... and the server's read returned it (arrival if unknown)
     request_end_ns: int = 0
     first_byte_ns: int = 0               # first byte of the response written
     end_ns: int = 0                      # last byte of the response written
@@ -70,7 +71,8 @@ class _Requests:
 
     def head(self, head: Head) -> None:
         method, _, rest = head.start_line.partition(" ")
-        self.current = ObservedRequest(self.conn.pid, self.conn.fd, method, rest.rsplit(" ", 1)[0], head.ts_ns)
+        self.current = ObservedRequest(self.conn.pid, self.conn.fd, method, rest.rsplit(" ", 1)[0], head.ts_ns,
+                                       read_ns=head.read_ns)
         if self.conn.capture_bodies:
             self.current.request_body = b""
         self.conn.pending.append(self.current)
@@ -189,8 +191,11 @@ class Connection:
         self.inbound = MessageStream(_Requests(self), requests=True, synced=synced)
         self.outbound = MessageStream(self._responses, requests=False, synced=synced)
 
-    def feed(self, ts_ns: int, inbound: bool, data: bytes, total: int) -> None:
-        (self.inbound if inbound else self.outbound).feed(ts_ns, data, total)
+    def feed(self, ts_ns: int, inbound: bool, data: bytes, total: int, wire_ns: int = 0) -> None:
+        if inbound:
+            self.inbound.feed(ts_ns, data, total, wire_ns)
+        else:
+            self.outbound.feed(ts_ns, data, total)
 
     def done(self, req: ObservedRequest) -> None:
         self._done(req)

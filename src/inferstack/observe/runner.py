@@ -15,7 +15,7 @@ from pathlib import Path
 
 from inferstack.observe.events import Decoder, Lost
 from inferstack.observe.exchange import ObservedRequest
-from inferstack.observe.program import ProgramSpec, render
+from inferstack.observe.program import PIECE, ProgramSpec, render
 from inferstack.observe.targets import Target
 from inferstack.observe.tracker import Counters, Reorder, Tracker
 
@@ -26,7 +26,7 @@ class ObserveError(RuntimeError):
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    capture_bytes: int = 600          # prefix captured per syscall: head, SSE framing and usage, not prompts
+    capture_bytes: int = 4 * PIECE    # prefix captured per syscall: head, SSE framing and usage, not prompts
     buffer_pages: int = 256           # perf buffer per CPU, in 4 KiB pages (bpftrace's default is 64)
     reorder_ms: float = 100.0         # hold events this long to put CPUs' buffers back in time order
     capture_bodies: bool = False      # keep request bodies (prompts) of observed requests
@@ -55,10 +55,11 @@ class Observer:
             return self.tracker.counters, self.tracker.desyncs
 
     def start(self) -> None:
-        spec = ProgramSpec(self.target.pids, self.target.listen, self.target.seeds, self.opts.capture_bytes)
+        spec = ProgramSpec(self.target.pids, self.target.listen, self.target.ports, self.target.seeds,
+                           self.opts.capture_bytes)
         script = Path(tempfile.mkstemp(prefix="inferstack-observe-", suffix=".bt")[1])
         script.write_text(render(spec))
-        env = dict(os.environ, BPFTRACE_STRLEN="200", BPFTRACE_PERF_RB_PAGES=str(self.opts.buffer_pages),
+        env = dict(os.environ, BPFTRACE_STRLEN=str(PIECE), BPFTRACE_PERF_RB_PAGES=str(self.opts.buffer_pages),
                    BPFTRACE_MAP_KEYS_MAX="65536")
         self.proc = subprocess.Popen([self.bpftrace, "-f", "json", str(script)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
@@ -108,7 +109,7 @@ class Observer:
     def _tick(self) -> None:
         """Release held events by the clock, so the last request of a burst is not held back."""
         assert self.proc is not None
-        while self.proc.poll() is None:
+        while self.proc.poll() is None and not self.decoder.ended:
             time.sleep(self.opts.reorder_ms / 2e3)
             with self._lock:
                 for ev in self.reorder.release(time.monotonic_ns()):
@@ -135,18 +136,22 @@ class Observer:
         self.bpf_prog_stats = (run_ns, run_cnt) if run_cnt else None
 
     def stop(self) -> None:
-        """Detach (SIGINT lets bpftrace clean up), read what is left, end what is still open."""
+        """Detach: on SIGINT bpftrace drains its buffers and runs END (our "E" record); it then detaches
+        its probes, one RCU grace period each, which on a loaded machine takes long, so that part is
+        left to a reaper thread. Then read what is left and end what is still open."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
+        proc = self.proc
+        if proc.poll() is None:
             self._sample_costs()
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._reader is not None:
+            proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while not self.decoder.ended and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not self.decoder.ended and proc.poll() is None:
+                proc.kill()
+            threading.Thread(target=proc.wait, name="observe-reaper", daemon=True).start()
+        if proc.poll() is not None and self._reader is not None:
             self._reader.join(15)
         with self._lock:
             for ev in self.decoder.flush():
