@@ -247,3 +247,17 @@ def test_arrival_is_the_wire_time_when_known_and_pipelined_requests_their_read()
     assert (second.arrival_ns, second.read_ns) == (50, 50)
     run.seg(300, True, request_bytes(), wire=400)        # a wire time after the read is not believed
     assert run.tracker.conns[(100, 7)].pending[-1].arrival_ns == 300
+
+
+def test_a_stream_whose_last_chunk_was_not_seen_ends_at_done() -> None:
+    """hyper writes several chunks in one writev; iovecs past the captured ones are unseen bytes."""
+    run = Run()
+    run.tracker.handle(Accept(0, 100, 7))
+    for n, base in ((3, 0), (2, 100)):
+        run.seg(base + 1, True, request_bytes())
+        writes = chunked_writes(sse_events(n))
+        for k, w in enumerate(writes[:-1]):
+            run.seg(base + 10 + k, False, w)
+        run.seg(base + 50, False, b"", total=len(writes[-1]))      # "0\r\n\r\n" in an unseen iovec
+    run.tracker.handle(Close(300, 100, 7))
+    assert [(r.error, r.end_ns, len(r.chunk_ns)) for r in run.done] == [("", 16, 3), ("", 115, 2)]

@@ -115,6 +115,7 @@ class _Responses:
         self.sse: SSEScanner | None = None
         self.body_buf = b""
         self.body_truncated = False
+        self.done_seen = False
 
     def head(self, head: Head) -> None:
         if head.status < 200 or not self.conn.pending:
@@ -123,11 +124,12 @@ class _Responses:
         req.status_code, req.first_byte_ns = head.status, head.ts_ns
         req.streamed = head.headers.get("content-type", "").startswith("text/event-stream")
         self.sse = SSEScanner(self._event) if req.streamed else None
-        self.body_buf, self.body_truncated = b"", False
+        self.body_buf, self.body_truncated, self.done_seen = b"", False, False
 
     def _event(self, ts_ns: int, raw: bytes, truncated: bool) -> None:
         assert self.req is not None
         info = classify(raw, truncated)
+        self.done_seen = self.done_seen or info.done
         self.req.events += 1
         self.req.uncertain_events += not info.certain
         if info.content:
@@ -158,6 +160,10 @@ class _Responses:
         req = self.req
         if req is None:
             return
+        if error and self.done_seen:
+            # the stream said `data: [DONE]`; only its last framing bytes were not seen (e.g. the final
+            # chunk in an iovec past the captured ones): complete, ended with its last seen write
+            error, ts_ns = "", req.end_ns
         req.end_ns = max(req.end_ns, ts_ns, req.first_byte_ns)
         req.error = req.error or error
         if self.sse is not None:

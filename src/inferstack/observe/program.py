@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PIECE = 160                  # bytes per buf(): with the loop's printf this is what fits the BPF stack
-MAX_IOV = 6                  # iovecs captured per readv/writev/recvmsg/sendmsg (two HTTP chunks of 3);
+MAX_IOV = 32                 # iovecs captured per readv/writev/recvmsg/sendmsg (hyper writes 3 per chunk);
                              # the bytes of later iovecs are reported as unseen (a G record)
 
 
