@@ -108,7 +108,7 @@ def test_a_stream_split_at_every_single_boundary_gives_the_same_exchange() -> No
         assert req.arrival_ns == 1 and req.first_byte_ns == 1000 and req.end_ns == 1001
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=2000), max_size=40))
 def test_a_stream_split_anywhere_keeps_every_chunk_time(cuts: list[int]) -> None:
     stream_len = len(b"".join(chunked_writes(sse_events())))
@@ -117,7 +117,7 @@ def test_a_stream_split_anywhere_keeps_every_chunk_time(cuts: list[int]) -> None
     assert req.completion_tokens == 5 and req.output_tokens == 5 and req.error == ""
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(cap=st.integers(min_value=len(RESPONSE_HEAD), max_value=700), n=st.integers(min_value=1, max_value=12))
 def test_captured_prefixes_cut_short_keep_framing_and_event_count(cap: int, n: int) -> None:
     """Only `cap` bytes of each write are seen (at least the head): chunk sizes still say where every

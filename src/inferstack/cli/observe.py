@@ -31,6 +31,8 @@ def observe(
     Path("audit"),
     buffer_pages: Annotated[int, typer.Option(help="Perf buffer per CPU in 4 KiB pages; raise it if the "
                                               "report shows lost records")] = 256,
+    nice: Annotated[int, typer.Option(help="Scheduling niceness of bpftrace and the decoder (0-19): they "
+                                      "yield the CPU to the observed server")] = 10,
     plots: Annotated[bool, typer.Option(help="Write PNG plots")] = True,
 ) -> None:
     """Watch a running server's TCP traffic with eBPF and report per-request TTFT, ITL, E2E and tokens,
@@ -48,7 +50,10 @@ def observe(
         _fail("give exactly one of --pid PID or --port PORT")
     if capture_bytes < PIECE or capture_bytes % PIECE:
         _fail(f"--capture-bytes must be a positive multiple of {PIECE} (the bytes one bpftrace buf() holds here)")
-    opts = CaptureOptions(capture_bytes=capture_bytes, buffer_pages=buffer_pages, capture_bodies=capture_bodies)
+    if not 0 <= nice <= 19:
+        _fail("--nice must be between 0 and 19")
+    opts = CaptureOptions(capture_bytes=capture_bytes, buffer_pages=buffer_pages, capture_bodies=capture_bodies,
+                          nice=nice)
     try:
         session = Session(pid, port, opts, metrics_port, log=lambda m: typer.echo(m, err=True))
         if capture_bodies:

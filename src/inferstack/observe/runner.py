@@ -29,6 +29,8 @@ class CaptureOptions:
     capture_bytes: int = 4 * PIECE    # prefix captured per syscall: head, SSE framing and usage, not prompts
     buffer_pages: int = 256           # perf buffer per CPU, in 4 KiB pages (bpftrace's default is 64)
     reorder_ms: float = 100.0         # hold events this long to put CPUs' buffers back in time order
+    nice: int = 10                    # bpftrace and the decoding thread yield the CPU to the observed server;
+                                      # the perf buffer absorbs the lag
     capture_bodies: bool = False      # keep request bodies (prompts) of observed requests
     start_timeout_s: float = 60.0
 
@@ -48,6 +50,7 @@ class Observer:
         self.started_ns = 0
         self.cpu_s = 0.0                   # bpftrace's CPU time while attached (after start-up)
         self._cpu0 = 0.0
+        self._last_line = 0.0
         self.bpf_prog_stats: tuple[int, int] | None = None      # (run_time_ns, run_cnt) over all programs
 
     def counters(self) -> tuple[Counters, int]:
@@ -61,8 +64,9 @@ class Observer:
         script.write_text(render(spec))
         env = dict(os.environ, BPFTRACE_STRLEN=str(PIECE), BPFTRACE_PERF_RB_PAGES=str(self.opts.buffer_pages),
                    BPFTRACE_MAP_KEYS_MAX="65536")
+        nice = self.opts.nice
         self.proc = subprocess.Popen([self.bpftrace, "-f", "json", str(script)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+                                     stderr=subprocess.PIPE, env=env, preexec_fn=lambda: os.nice(nice))
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self._reader = threading.Thread(target=self._read, name="observe-reader", daemon=True)
         self._reader.start()
@@ -89,7 +93,10 @@ class Observer:
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
+        # Linux priorities are per thread: only this decoding thread is lowered
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.opts.nice)
         for raw in self.proc.stdout:
+            self._last_line = time.monotonic()
             for ev in self.decoder.line(raw):
                 with self._lock:
                     if isinstance(ev, Lost):
@@ -107,10 +114,14 @@ class Observer:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _tick(self) -> None:
-        """Release held events by the clock, so the last request of a burst is not held back."""
+        """Release held events by the clock, so the last request of a burst is not held back; only while
+        the reader is caught up (idle), else a lagging CPU buffer could still hold older records."""
         assert self.proc is not None
+        half = self.opts.reorder_ms / 2e3
         while self.proc.poll() is None and not self.decoder.ended:
-            time.sleep(self.opts.reorder_ms / 2e3)
+            time.sleep(half)
+            if time.monotonic() - self._last_line < half:
+                continue
             with self._lock:
                 for ev in self.reorder.release(time.monotonic_ns()):
                     self.tracker.handle(ev)
