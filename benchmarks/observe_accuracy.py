@@ -105,6 +105,7 @@ def cost(url: str, tmp: Path, pairs: int, duration: float) -> dict:
             "throughput_cost_pct_median": round((1 - float(np.median(ratio))) * 100, 2),
             "kernel_ns_per_probe": [c["kernel_ns_per_probe"] for c in capture],
             "bpftrace_cpu_us_per_segment": [c["bpftrace_cpu_us_per_segment"] for c in capture],
+            "decoder_cpu_us_per_segment": [c["decoder_cpu_us_per_segment"] for c in capture],
             "segments_per_s": [c["segments"] / c["duration_s"] for c in capture],
             "lost_events": [c["lost_events"] for c in capture]}
 

@@ -112,7 +112,7 @@ def test_metrics_use_the_gateway_names_with_source_ebpf() -> None:
 def test_report_is_the_bench_format_and_compares(tmp_path: Path) -> None:
     reqs = [_req(0), _req(1), _req(2, error="still running when observation ended"),
             ObservedRequest(pid=1, fd=5, method="GET", path="/metrics", arrival_ns=1)]
-    stats = CaptureStats(4.0, 100, 5000, 4000, 0, 0, 3, 0, 0.01, None, None, 1, 0)
+    stats = CaptureStats(4.0, 100, 5000, 4000, 0, 0, 3, 0, 0.01, 0.02, None, None, 1, 0)
     res = build_result(reqs, clock0_ns=0, duration_s=4.0, target="pid 1 port 8000", stats=stats)
     write(res, stats, tmp_path, plots=False)
     data = json.loads((tmp_path / "results.json").read_text())

@@ -70,11 +70,10 @@ def observe(
     signal.signal(signal.SIGTERM, lambda *_: session.stop())
     session.wait(duration)
     res = session.finish()
-    s = res.result.summary
-    lat = s["latency_s"]  # type: ignore[index]
-    ttft = lat["ttft"]
-    typer.echo(f"{s['requests']['completed']} completed, {s['requests']['failed']} failed "  # type: ignore[index]
-               f"(OpenAI requests); TTFT p50 {ttft['p50'] * 1e3:.1f} ms" if ttft else "no streamed request seen")
+    req = res.result.summary["requests"]
+    ttft = res.result.summary["latency_s"]["ttft"]  # type: ignore[index]
+    typer.echo(f"{req['completed']} completed, {req['failed']} failed OpenAI requests"  # type: ignore[index]
+               + (f"; TTFT p50 {ttft['p50'] * 1e3:.1f} ms, p99 {ttft['p99'] * 1e3:.1f} ms" if ttft else ""))
     if res.stats.lost_events:
         typer.echo(f"warning: {res.stats.lost_events} perf records lost: raise --buffer-pages", err=True)
     if out is not None:

@@ -51,6 +51,8 @@ class Observer:
         self.cpu_s = 0.0                   # bpftrace's CPU time while attached (after start-up)
         self._cpu0 = 0.0
         self._last_line = 0.0
+        self._reader_tid = 0
+        self.decoder_cpu_s = 0.0           # CPU of the decoding thread (this process) while attached
         self.bpf_prog_stats: tuple[int, int] | None = None      # (run_time_ns, run_cnt) over all programs
 
     def counters(self) -> tuple[Counters, int]:
@@ -94,7 +96,8 @@ class Observer:
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         # Linux priorities are per thread: only this decoding thread is lowered
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.opts.nice)
+        self._reader_tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, self._reader_tid, self.opts.nice)
         for raw in self.proc.stdout:
             self._last_line = time.monotonic()
             for ev in self.decoder.line(raw):
@@ -105,10 +108,11 @@ class Observer:
                         for ordered in self.reorder.push(ev):
                             self.tracker.handle(ordered)
 
-    def _cpu_s(self) -> float:
+    def _cpu_s(self, stat: str | None = None) -> float:
+        """utime + stime of a process (bpftrace by default) or of a /proc stat path."""
         assert self.proc is not None
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(stat or f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -131,6 +135,8 @@ class Observer:
         assert self.proc is not None
         pid = self.proc.pid
         self.cpu_s = max(0.0, self._cpu_s() - self._cpu0)
+        if self._reader_tid:
+            self.decoder_cpu_s = self._cpu_s(f"/proc/self/task/{self._reader_tid}/stat")
         run_ns = run_cnt = 0
         for fdinfo in Path(f"/proc/{pid}/fdinfo").glob("*"):
             try:

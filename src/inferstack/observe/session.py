@@ -83,7 +83,7 @@ class Session:
         duration = (time.monotonic_ns() - obs.started_ns) / 1e9
         run_ns, run_cnt = obs.bpf_prog_stats or (None, None)
         stats = CaptureStats(duration, c.segments, c.bytes_moved, c.bytes_captured, c.lost_events, desyncs,
-                             c.connections, c.tls_connections, obs.cpu_s, run_ns, run_cnt,
+                             c.connections, c.tls_connections, obs.cpu_s, obs.decoder_cpu_s, run_ns, run_cnt,
                              other_requests=sum(not r.openai for r in self.requests),
                              uncertain_events=sum(r.uncertain_events for r in self.requests))
         res = build_result(self.requests, obs.started_ns, duration, self.target.label, stats)
