@@ -31,8 +31,9 @@ def observe(
     Path("audit"),
     buffer_pages: Annotated[int, typer.Option(help="Perf buffer per CPU in 4 KiB pages; raise it if the "
                                               "report shows lost records")] = 256,
-    nice: Annotated[int, typer.Option(help="Scheduling niceness of bpftrace and the decoder (0-19): they "
-                                      "yield the CPU to the observed server")] = 10,
+    nice: Annotated[int, typer.Option(help="Scheduling niceness of bpftrace and the decoder (0-19): higher "
+                                      "yields the CPU to the observed server, but on a saturated host "
+                                      "records can drop (see the report's lost count)")] = 0,
     plots: Annotated[bool, typer.Option(help="Write PNG plots")] = True,
 ) -> None:
     """Watch a running server's TCP traffic with eBPF and report per-request TTFT, ITL, E2E and tokens,

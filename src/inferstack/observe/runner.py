@@ -29,8 +29,8 @@ class CaptureOptions:
     capture_bytes: int = 4 * PIECE    # prefix captured per syscall: head, SSE framing and usage, not prompts
     buffer_pages: int = 256           # perf buffer per CPU, in 4 KiB pages (bpftrace's default is 64)
     reorder_ms: float = 100.0         # hold events this long to put CPUs' buffers back in time order
-    nice: int = 10                    # bpftrace and the decoding thread yield the CPU to the observed server;
-                                      # the perf buffer absorbs the lag
+    nice: int = 0                     # >0: bpftrace and the decoding thread yield the CPU to the observed
+                                      # server (on a saturated host they then fall behind and records drop)
     capture_bodies: bool = False      # keep request bodies (prompts) of observed requests
     start_timeout_s: float = 60.0
 
@@ -68,7 +68,8 @@ class Observer:
                    BPFTRACE_MAP_KEYS_MAX="65536")
         nice = self.opts.nice
         self.proc = subprocess.Popen([self.bpftrace, "-f", "json", str(script)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env, preexec_fn=lambda: os.nice(nice))
+                                     stderr=subprocess.PIPE, env=env,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice > 0 else None)
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self._reader = threading.Thread(target=self._read, name="observe-reader", daemon=True)
         self._reader.start()
@@ -97,7 +98,8 @@ class Observer:
         assert self.proc is not None and self.proc.stdout is not None
         # Linux priorities are per thread: only this decoding thread is lowered
         self._reader_tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, self._reader_tid, self.opts.nice)
+        if self.opts.nice > 0:
+            os.setpriority(os.PRIO_PROCESS, self._reader_tid, self.opts.nice)
         for raw in self.proc.stdout:
             self._last_line = time.monotonic()
             for ev in self.decoder.line(raw):
