@@ -35,6 +35,8 @@ def test_program_watches_only_the_target_and_captures_a_bounded_prefix() -> None
     assert {int(n) for n in re.findall(r"\$k > (\d+)", text)} == {PIECE}
     assert text.count('printf("D ') == 8 and text.count(f"$i < {MAX_IOV}") == 4
     assert text.count(f"$off < {3 * PIECE}") == 8
+    plain = render(ProgramSpec(pids=(11,), listen=((11, 5),), ports=(8000,), seeds=(), wire_time=False))
+    assert "tcp_probe" not in plain and "@rsk" not in plain and "@wire" not in plain   # older kernels
     with pytest.raises(ValueError, match=f"multiple of {PIECE}"):
         ProgramSpec(pids=(1,), listen=(), ports=(1,), seeds=(), capture_bytes=PIECE + 50)
 

@@ -39,6 +39,7 @@ class ProgramSpec:
     ports: tuple[int, ...]                   # their local ports (for the wire-time probe)
     seeds: tuple[tuple[int, int], ...]       # (pid, fd) of connections already open at start
     capture_bytes: int = 4 * PIECE           # prefix captured per syscall (and per iovec)
+    wire_time: bool = True                   # the kernel has tcp:tcp_probe and sock:sock_recv_length
 
     def __post_init__(self) -> None:
         if not self.pids or not self.ports:
@@ -73,7 +74,7 @@ def _vector_exit(spec: ProgramSpec, call: str, direction: int) -> str:
     later iovecs are reported as unseen (G). The enter probe always writes @vv[tid] (0: unwatched fd)."""
     return f"""
 tracepoint:syscalls:sys_exit_{call} /{_pid_pred(spec)} && @vv[tid] != 0/ {{
-  {_WIRE if direction == 0 else ""}
+  {_WIRE if direction == 0 and spec.wire_time else ""}
   $t = nsecs; $fd = @vf[tid]; $left = (uint64)0; if (args->ret > 0) {{ $left = (uint64)args->ret; }}
   $cnt = (uint64)@vn[tid]; $i = (uint64)0;
   while ($i < {MAX_IOV} && $i < $cnt && $left > 0) {{
@@ -87,6 +88,13 @@ tracepoint:syscalls:sys_exit_{call} /{_pid_pred(spec)} && @vv[tid] != 0/ {{
 }}"""
 
 
+def _wire_probes(spec: ProgramSpec) -> str:
+    ports = " || ".join(f"args->sport == {p}" for p in spec.ports)
+    return f"""tracepoint:tcp:tcp_probe /({ports}) && args->data_len > 0/ {{
+  if (@wire[(uint64)args->skaddr] == 0) {{ @wire[(uint64)args->skaddr] = nsecs; }} }}
+tracepoint:sock:sock_recv_length /{_pid_pred(spec)} && args->ret > 0/ {{ @rsk[tid] = (uint64)args->sk; }}"""
+
+
 def render(spec: ProgramSpec) -> str:
     pp = _pid_pred(spec)
     key = "(uint64)pid, (uint64)args->fd"
@@ -98,7 +106,7 @@ def render(spec: ProgramSpec) -> str:
         flat.append(f"""
 tracepoint:syscalls:sys_enter_{call} /{pp} && @c[{key}]/ {{ @fb[tid] = (uint64)args->{field}; @fd[tid] = args->fd; }}
 tracepoint:syscalls:sys_exit_{call} /{pp} && @fb[tid]/ {{
-  {_WIRE if direction == 0 else ""}
+  {_WIRE if direction == 0 and spec.wire_time else ""}
   if (args->ret > 0) {{ $t = nsecs; $fd = @fd[tid];
     {_capture(spec, "@fb[tid]", "args->ret", direction, "0")}
   }}
@@ -125,11 +133,9 @@ tracepoint:syscalls:sys_exit_accept, tracepoint:syscalls:sys_exit_accept4 /{pp} 
     printf("A %llu %d %d %d\\n", nsecs, pid, tid, args->ret); }}
   delete(@af[tid]);
 }}
-tracepoint:tcp:tcp_probe /({" || ".join(f"args->sport == {p}" for p in spec.ports)}) && args->data_len > 0/ {{
-  if (@wire[(uint64)args->skaddr] == 0) {{ @wire[(uint64)args->skaddr] = nsecs; }} }}
-tracepoint:sock:sock_recv_length /{pp} && args->ret > 0/ {{ @rsk[tid] = (uint64)args->sk; }}
+{_wire_probes(spec) if spec.wire_time else ""}
 tracepoint:syscalls:sys_enter_close /{pp} && @c[{key}]/ {{
   printf("C %llu %d %d %d\\n", nsecs, pid, tid, args->fd); delete(@c[{key}]); }}
 {"".join(flat)}
-END {{ printf("E\\n"); clear(@c); clear(@l); clear(@fb); clear(@fd); clear(@vv); clear(@vn); clear(@vf); clear(@af); clear(@wire); clear(@rsk); }}
+END {{ printf("E\\n"); clear(@c); clear(@l); clear(@fb); clear(@fd); clear(@vv); clear(@vn); clear(@vf); clear(@af);{' clear(@wire); clear(@rsk);' if spec.wire_time else ''} }}
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from inferstack.observe.events import Decoder, Lost
 from inferstack.observe.exchange import ObservedRequest
+from inferstack.observe.preflight import wire_time_available
 from inferstack.observe.program import PIECE, ProgramSpec, render
 from inferstack.observe.targets import Target
 from inferstack.observe.tracker import Counters, Reorder, Tracker
@@ -61,7 +62,7 @@ class Observer:
 
     def start(self) -> None:
         spec = ProgramSpec(self.target.pids, self.target.listen, self.target.ports, self.target.seeds,
-                           self.opts.capture_bytes)
+                           self.opts.capture_bytes, wire_time=wire_time_available())
         script = Path(tempfile.mkstemp(prefix="inferstack-observe-", suffix=".bt")[1])
         script.write_text(render(spec))
         env = dict(os.environ, BPFTRACE_STRLEN=str(PIECE), BPFTRACE_PERF_RB_PAGES=str(self.opts.buffer_pages),
