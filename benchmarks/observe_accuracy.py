@@ -7,10 +7,12 @@
 2. Cost: output tokens/s at 16 concurrent streams, alternating runs without and with observe (target:
    ≤ 3 % lower with observe); kernel time per probe run (kernel.bpf_stats_enabled on during the observed
    runs, restored after) and bpftrace's CPU per captured syscall segment.
-3. A server we did not write: the same accuracy run through `sglang-router` (Rust, PyPI; installed into
-   its own venv by benchmarks/gateway_common.py) in front of the engine, observing the router's port.
+3. The same accuracy run through our gateway (`inferstack gateway serve`) and through a server we did not
+   write, `sglang-router` (Rust, PyPI; installed into its own venv by benchmarks/gateway_common.py), in
+   front of the engine, observing the gateway's / router's port.
 
 Needs root and bpftrace. Run: .venv/bin/python benchmarks/observe_accuracy.py [--pairs 3] [--no-router]
+[--no-gateway] (--pairs 0 skips the cost runs)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gateway_common import Proc, env, start_emulated_fleet, start_sglang_router
+from gateway_common import Proc, env, start_emulated_fleet, start_inferstack_gateway, start_sglang_router
 
 from inferstack.observe.preflight import unavailable_reason
 from inferstack.observe.runner import CaptureOptions
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--cost-duration", type=float, default=10.0)
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--no-router", action="store_true")
+    p.add_argument("--no-gateway", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     reason = unavailable_reason()
@@ -126,20 +129,26 @@ def main() -> None:
     tmp = a.out or Path(tempfile.mkdtemp(prefix="observe-accuracy-"))
     tmp.mkdir(parents=True, exist_ok=True)
     engine = start_emulated_fleet(a.profile, 1)
-    router: Proc | None = None
+    fronts: list[Proc] = []
     report: dict = {"profile": a.profile}
     try:
         report["engine"] = accuracy(engine.url, tmp, "engine", a.rate, a.accuracy_duration)
         print(json.dumps({"engine": report["engine"]}, indent=1), flush=True)
-        report["cost"] = cost(engine.url, tmp, a.pairs, a.cost_duration)
-        print(json.dumps({"cost": report["cost"]}, indent=1), flush=True)
+        if a.pairs:
+            report["cost"] = cost(engine.url, tmp, a.pairs, a.cost_duration)
+            print(json.dumps({"cost": report["cost"]}, indent=1), flush=True)
+        if not a.no_gateway:
+            fronts.append(start_inferstack_gateway({"pools": {"bench": {"endpoints": [engine.url],
+                                                                         "models": [MODEL]}}}))
+            report["gateway"] = accuracy(fronts[-1].url, tmp, "gateway", a.rate, a.accuracy_duration)
+            print(json.dumps({"gateway": report["gateway"]}, indent=1), flush=True)
         if not a.no_router:
-            router = start_sglang_router([engine.url], "round_robin")
-            report["sglang_router"] = accuracy(router.url, tmp, "router", a.rate, a.accuracy_duration)
+            fronts.append(start_sglang_router([engine.url], "round_robin"))
+            report["sglang_router"] = accuracy(fronts[-1].url, tmp, "router", a.rate, a.accuracy_duration)
             print(json.dumps({"sglang_router": report["sglang_router"]}, indent=1), flush=True)
     finally:
-        if router is not None:
-            router.stop()
+        for front in fronts:
+            front.stop()
         engine.stop()
     (tmp / "observe_accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {tmp / 'observe_accuracy.json'}")

@@ -24,7 +24,7 @@ def observe(
                                                      "source=\"ebpf\") at /metrics and a live dashboard at "
                                                      "/dashboard/ on 127.0.0.1:PORT; 0 picks one")] = None,
     capture_bytes: Annotated[int, typer.Option(help="Bytes captured per syscall, a multiple of 160: enough "
-                                               "for HTTP heads, SSE framing and usage chunks")] = 640,
+                                               "for HTTP heads, SSE framing and usage chunks")] = 960,
     capture_bodies: Annotated[bool, typer.Option(help="Keep request bodies (prompts) in OUT/bodies.jsonl; "
                                                  "noted in the audit log")] = False,
     audit_dir: Annotated[Path, typer.Option(help="Audit log directory (written with --capture-bodies)")] =

@@ -38,7 +38,7 @@ class ProgramSpec:
     listen: tuple[tuple[int, int], ...]      # (pid, fd) of watched listening sockets
     ports: tuple[int, ...]                   # their local ports (for the wire-time probe)
     seeds: tuple[tuple[int, int], ...]       # (pid, fd) of connections already open at start
-    capture_bytes: int = 4 * PIECE           # prefix captured per syscall (and per iovec)
+    capture_bytes: int = 6 * PIECE           # prefix captured per syscall (and per iovec)
     wire_time: bool = True                   # the kernel has tcp:tcp_probe and sock:sock_recv_length
 
     def __post_init__(self) -> None:

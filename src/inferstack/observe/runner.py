@@ -27,7 +27,7 @@ class ObserveError(RuntimeError):
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    capture_bytes: int = 4 * PIECE    # prefix captured per syscall: head, SSE framing and usage, not prompts
+    capture_bytes: int = 6 * PIECE    # prefix captured per syscall: head, SSE framing and usage, not prompts
     buffer_pages: int = 256           # perf buffer per CPU, in 4 KiB pages (bpftrace's default is 64)
     reorder_ms: float = 100.0         # hold events this long to put CPUs' buffers back in time order
     nice: int = 0                     # >0: bpftrace and the decoding thread yield the CPU to the observed
