@@ -1,7 +1,7 @@
 """bpftrace's JSON lines (`-f json`) turned into typed events: accepts, closes, data segments, losses.
 
-A data segment's prefix arrives as one D record and up to N−1 P records (see program.py); records of
-one syscall can interleave with other CPUs' records, so pieces are joined by (ts, tid, seg).
+A data segment's prefix arrives as up to capture_bytes/PIECE D records (see program.py); records of one
+syscall can interleave with other CPUs' records, so pieces are joined by (ts, tid, seg).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Segment:
     inbound: bool
     total: int
     data: bytes
+    wire_ns: int = 0          # inbound: when the first of these bytes reached the socket (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,12 @@ class Decoder:
     def __init__(self, capture_bytes: int) -> None:
         self.capture_bytes = capture_bytes
         self.ready = False
+        self.ended = False
         self.records = 0
         self.lost = 0
         self.errors: list[str] = []
         self._pending: dict[tuple[int, int, int], _Pending] = {}
-        self._orphans: dict[tuple[int, int, int], dict[int, bytes]] = {}
+        self._wire: dict[int, int] = {}          # tid → wire time for its next inbound segment
 
     def line(self, raw: bytes) -> list[Event | Lost]:
         try:
@@ -97,41 +99,34 @@ class Decoder:
 
     def _record(self, data: str) -> list[Event | Lost]:
         tag = data[:1]
-        if tag == "R":
-            self.ready = True
+        if tag in "RE":
+            self.ready = self.ready or tag == "R"
+            self.ended = tag == "E"
             return []
         if tag in "AC":
             ts, pid, _tid, fd = (int(x) for x in data[2:].split())
             return [Accept(ts, pid, fd) if tag == "A" else Close(ts, pid, fd)]
         if tag == "D":
-            return self._head(data)
-        if tag == "P":
             return self._piece(data)
+        if tag == "W":
+            tid, wire = (int(x) for x in data[2:].split())
+            self._wire[tid] = wire
+            return []
         if tag == "G":
             ts, pid, _tid, fd, direction, _seg, total = (int(x) for x in data[2:].split())
             return [Segment(ts, pid, fd, direction == 0, total, b"")]
         return []
 
-    def _head(self, data: str) -> list[Event | Lost]:
-        fields = data[2:].split(" ", 7)
-        ts, pid, tid, fd, direction, seg, total = (int(x) for x in fields[:7])
-        body = unescape(fields[7][:-1] if fields[7].endswith("\n") else fields[7])
-        head = Segment(ts, pid, fd, direction == 0, total, body)
-        want = -(-min(total, self.capture_bytes) // PIECE)
-        key = (ts, tid, seg)
-        pend = _Pending(head, {0: body}, want)
-        pend.pieces.update(self._orphans.pop(key, {}))
-        return self._complete(key, pend)
-
     def _piece(self, data: str) -> list[Event | Lost]:
-        fields = data[2:].split(" ", 4)
-        ts, tid, seg, k = (int(x) for x in fields[:4])
-        body = unescape(fields[4][:-1] if fields[4].endswith("\n") else fields[4])
+        fields = data[2:].split(" ", 8)
+        ts, pid, tid, fd, direction, seg, total, k = (int(x) for x in fields[:8])
+        body = unescape(fields[8][:-1] if fields[8].endswith("\n") else fields[8])
         key = (ts, tid, seg)
         pend = self._pending.get(key)
-        if pend is None:                 # its D record comes from a CPU buffer read later
-            self._orphans.setdefault(key, {})[k] = body
-            return []
+        if pend is None:
+            wire = self._wire.pop(tid, 0) if direction == 0 and seg == 0 else 0
+            want = -(-min(total, self.capture_bytes) // PIECE)
+            pend = _Pending(Segment(ts, pid, fd, direction == 0, total, b"", wire), {}, want)
         pend.pieces[k] = body
         return self._complete(key, pend)
 
@@ -142,7 +137,7 @@ class Decoder:
         self._pending.pop(key, None)
         data = b"".join(pend.pieces[k] for k in range(pend.want))
         h = pend.head
-        return [Segment(h.ts_ns, h.pid, h.fd, h.inbound, h.total, data)]
+        return [Segment(h.ts_ns, h.pid, h.fd, h.inbound, h.total, data, h.wire_ns)]
 
     def flush(self) -> list[Event | Lost]:
         """At the end: segments whose later pieces never came (lost) keep the prefix that did."""
@@ -153,7 +148,6 @@ class Decoder:
                 if k not in pend.pieces:
                     break
                 data += pend.pieces[k]
-            out.append(Segment(h.ts_ns, h.pid, h.fd, h.inbound, h.total, data))
+            out.append(Segment(h.ts_ns, h.pid, h.fd, h.inbound, h.total, data, h.wire_ns))
         self._pending.clear()
-        self._orphans.clear()
         return out

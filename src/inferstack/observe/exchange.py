@@ -23,7 +23,8 @@ class ObservedRequest:
     fd: int
     method: str
     path: str
-    arrival_ns: int                      # first byte of the request read by the server
+    arrival_ns: int                      # first byte of the request reached the server's socket
+    read_ns: int = 0                     # ... and the server's read returned it (arrival if unknown)
     request_end_ns: int = 0
     first_byte_ns: int = 0               # first byte of the response written
     end_ns: int = 0                      # last byte of the response written
@@ -70,7 +71,8 @@ class _Requests:
 
     def head(self, head: Head) -> None:
         method, _, rest = head.start_line.partition(" ")
-        self.current = ObservedRequest(self.conn.pid, self.conn.fd, method, rest.rsplit(" ", 1)[0], head.ts_ns)
+        self.current = ObservedRequest(self.conn.pid, self.conn.fd, method, rest.rsplit(" ", 1)[0], head.ts_ns,
+                                       read_ns=head.read_ns)
         if self.conn.capture_bodies:
             self.current.request_body = b""
         self.conn.pending.append(self.current)
@@ -113,6 +115,7 @@ class _Responses:
         self.sse: SSEScanner | None = None
         self.body_buf = b""
         self.body_truncated = False
+        self.done_seen = False
 
     def head(self, head: Head) -> None:
         if head.status < 200 or not self.conn.pending:
@@ -121,11 +124,12 @@ class _Responses:
         req.status_code, req.first_byte_ns = head.status, head.ts_ns
         req.streamed = head.headers.get("content-type", "").startswith("text/event-stream")
         self.sse = SSEScanner(self._event) if req.streamed else None
-        self.body_buf, self.body_truncated = b"", False
+        self.body_buf, self.body_truncated, self.done_seen = b"", False, False
 
     def _event(self, ts_ns: int, raw: bytes, truncated: bool) -> None:
         assert self.req is not None
         info = classify(raw, truncated)
+        self.done_seen = self.done_seen or info.done
         self.req.events += 1
         self.req.uncertain_events += not info.certain
         if info.content:
@@ -156,6 +160,10 @@ class _Responses:
         req = self.req
         if req is None:
             return
+        if error and self.done_seen:
+            # the stream said `data: [DONE]`; only its last framing bytes were not seen (e.g. the final
+            # chunk in an iovec past the captured ones): complete, ended with its last seen write
+            error, ts_ns = "", req.end_ns
         req.end_ns = max(req.end_ns, ts_ns, req.first_byte_ns)
         req.error = req.error or error
         if self.sse is not None:
@@ -189,8 +197,11 @@ class Connection:
         self.inbound = MessageStream(_Requests(self), requests=True, synced=synced)
         self.outbound = MessageStream(self._responses, requests=False, synced=synced)
 
-    def feed(self, ts_ns: int, inbound: bool, data: bytes, total: int) -> None:
-        (self.inbound if inbound else self.outbound).feed(ts_ns, data, total)
+    def feed(self, ts_ns: int, inbound: bool, data: bytes, total: int, wire_ns: int = 0) -> None:
+        if inbound:
+            self.inbound.feed(ts_ns, data, total, wire_ns)
+        else:
+            self.outbound.feed(ts_ns, data, total)
 
     def done(self, req: ObservedRequest) -> None:
         self._done(req)

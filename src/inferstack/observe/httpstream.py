@@ -24,7 +24,8 @@ MAX_HEAD = 32 * 1024
 class Head:
     start_line: str
     headers: dict[str, str]          # lower-case names
-    ts_ns: int                       # when the message's first byte moved
+    ts_ns: int                       # when the message's first byte arrived (wire time when known)
+    read_ns: int = 0                 # when the syscall that moved it returned
 
     @property
     def status(self) -> int:
@@ -54,14 +55,14 @@ class _S(Enum):
     TLS = auto()
 
 
-def parse_head(raw: bytes, ts_ns: int) -> Head:
+def parse_head(raw: bytes, ts_ns: int, read_ns: int = 0) -> Head:
     lines = raw.decode("latin-1").split("\r\n")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if sep:
             headers[name.strip().lower()] = value.strip()
-    return Head(lines[0], headers, ts_ns)
+    return Head(lines[0], headers, ts_ns, read_ns or ts_ns)
 
 
 class MessageStream:
@@ -73,11 +74,15 @@ class MessageStream:
         self._buf = b""
         self._left = 0
         self._start_ns = 0
+        self._read_ns = 0
+        self._wire_ns = 0
         self.desyncs = 0
 
-    def feed(self, ts_ns: int, data: bytes, total: int) -> None:
+    def feed(self, ts_ns: int, data: bytes, total: int, wire_ns: int = 0) -> None:
+        """`wire_ns`: when this segment's first byte reached the socket, if known (inbound only)."""
         if self.state is _S.TLS:
             return
+        self._wire_ns = wire_ns if 0 < wire_ns <= ts_ns else 0
         if data and self.state in (_S.DESYNC, _S.DESYNC_CHUNKED, _S.IDLE):
             self._maybe_resync(ts_ns, data)
         pos = 0
@@ -152,7 +157,10 @@ class MessageStream:
     def _step(self, ts_ns: int, data: bytes, pos: int) -> int:
         s = self.state
         if s is _S.IDLE:
-            self.state, self._buf, self._start_ns = _S.HEAD, b"", ts_ns
+            # a message at the start of a read arrived with its first packet; one behind another in
+            # the same read (pipelining) is dated by the read
+            self.state, self._buf, self._read_ns = _S.HEAD, b"", ts_ns
+            self._start_ns = self._wire_ns if pos == 0 and self._wire_ns else ts_ns
             return pos
         if s is _S.HEAD:
             return self._head(ts_ns, data, pos)
@@ -179,7 +187,7 @@ class MessageStream:
             if len(self._buf) > MAX_HEAD:
                 self._desync(ts_ns, False, "header block too large")
             return len(data)
-        head = parse_head(self._buf[:end], self._start_ns)
+        head = parse_head(self._buf[:end], self._start_ns, self._read_ns)
         self._buf = b""
         self._begin_body(ts_ns, head)
         return pos + (end + 4 - before)

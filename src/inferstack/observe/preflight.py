@@ -47,6 +47,12 @@ def ensure_tracefs() -> None:
                              "needs CONFIG_FTRACE_SYSCALLS")
 
 
+def wire_time_available() -> bool:
+    """tcp:tcp_probe and sock:sock_recv_length (Linux 6.x) date a request by its first packet."""
+    events = TRACEFS / "events"
+    return (events / "tcp" / "tcp_probe").is_dir() and (events / "sock" / "sock_recv_length").is_dir()
+
+
 def check() -> str:
     """Raise PreflightError with the first problem; return the bpftrace path when all is well."""
     if not privileged():

@@ -5,21 +5,30 @@ Output lines (one bpftrace printf each, so one perf-buffer record each):
 
     A ts pid tid fd                          a connection accepted on a watched listening socket
     C ts pid tid fd                          the target closed a watched connection
-    D ts pid tid fd dir seg total <bytes>    a syscall moved `total` bytes of iovec `seg` (dir 0 in, 1 out);
-                                             <bytes> is the first piece of the captured prefix
-    P ts tid seg k <bytes>                   piece k (k >= 1) of that prefix
+    D ts pid tid fd dir seg total k <bytes>  a syscall moved `total` bytes of iovec `seg` (dir 0 in, 1 out);
+                                             <bytes> is piece k of their captured prefix
     G ts pid tid fd dir seg total            `total` bytes moved by iovecs after the first MAX_IOV, unseen
+    R / E                                    attached (BEGIN) / every record before this one was read (END)
+    W tid wire                               the next inbound D of `tid` read bytes whose first packet reached
+                                             the socket at `wire` (tcp:tcp_probe), before the server read them
+
+Wire time: tcp:tcp_probe (every received segment, filtered to the watched local ports) stamps the first
+unread arrival per socket; sock:sock_recv_length, inside the read syscall, says which socket the read
+drains, and the read's exit probe hands the stamp over. A busy server reads late; the difference is the
+time a request waited in the socket.
 
 bpftrace 0.17 keeps strings on the 512-byte BPF stack, so one `buf()` holds at most PIECE bytes; a
-longer prefix goes out as several printf records that carry (ts, tid, seg) to be put back together.
+longer prefix goes out as several printf records that carry (ts, tid, seg, k) to be put back together.
+One exit probe per syscall, with loops, keeps the probe count (and bpftrace's start and detach time,
+one RCU grace period per probe) small.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PIECE = 200                  # BPFTRACE_STRLEN maximum in bpftrace 0.17
-MAX_IOV = 6                  # iovecs captured per readv/writev/recvmsg/sendmsg (two HTTP chunks of 3);
+PIECE = 160                  # bytes per buf(): with the loop's printf this is what fits the BPF stack
+MAX_IOV = 32                 # iovecs captured per readv/writev/recvmsg/sendmsg (hyper writes 3 per chunk);
                              # the bytes of later iovecs are reported as unseen (a G record)
 
 
@@ -27,12 +36,14 @@ MAX_IOV = 6                  # iovecs captured per readv/writev/recvmsg/sendmsg 
 class ProgramSpec:
     pids: tuple[int, ...]
     listen: tuple[tuple[int, int], ...]      # (pid, fd) of watched listening sockets
+    ports: tuple[int, ...]                   # their local ports (for the wire-time probe)
     seeds: tuple[tuple[int, int], ...]       # (pid, fd) of connections already open at start
-    capture_bytes: int = 3 * PIECE           # prefix captured per syscall (and per iovec)
+    capture_bytes: int = 6 * PIECE           # prefix captured per syscall (and per iovec)
+    wire_time: bool = True                   # the kernel has tcp:tcp_probe and sock:sock_recv_length
 
     def __post_init__(self) -> None:
-        if not self.pids:
-            raise ValueError("no process to observe")
+        if not self.pids or not self.ports:
+            raise ValueError("no process or port to observe")
         if self.capture_bytes < PIECE or self.capture_bytes % PIECE:
             raise ValueError(f"capture_bytes must be a positive multiple of {PIECE}, got {self.capture_bytes}")
 
@@ -41,47 +52,47 @@ def _pid_pred(spec: ProgramSpec) -> str:
     return "(" + " || ".join(f"pid == {p}" for p in spec.pids) + ")"
 
 
-def _piece(ptr: str, k: int, direction: int, seg: str) -> str:
-    """Print piece k of the captured prefix of the `$n` bytes at user pointer `ptr`."""
-    off = k * PIECE
-    size = f"$k = $n - {off}; if ($k > {PIECE}) {{ $k = {PIECE}; }}"
-    if k == 0:
-        return (f'{size} printf("D %llu %d %d %d {direction} %d %lld %r\\n", $t, pid, tid, $fd, {seg}, $n, '
-                f"buf({ptr}, $k));")
-    return (f"if ($n > {off}) {{ {size} "
-            f'printf("P %llu %d %d {k} %r\\n", $t, tid, {seg}, buf((uint64){ptr} + {off}, $k)); }}')
-
-
 def _capture(spec: ProgramSpec, ptr: str, n: str, direction: int, seg: str) -> str:
-    """Print the first min(n, capture_bytes) bytes at user pointer `ptr` as PIECE-sized records."""
-    pieces = [_piece(ptr, k, direction, seg) for k in range(spec.capture_bytes // PIECE)]
-    return "\n    ".join([f"$n = (int64){n};", *pieces])
+    """Print the first min(n, capture_bytes) bytes at user address `ptr` as PIECE-sized D records.
+    A loop keeps a single printf site, whose buffer is the one thing the 512-byte BPF stack holds."""
+    return f"""$n = (uint64){n}; $p = (uint64){ptr}; $off = (uint64)0;
+    while ($off < $n && $off < {spec.capture_bytes}) {{
+      $k = $n - $off; if ($k > {PIECE}) {{ $k = {PIECE}; }}
+      printf("D %llu %d %d %d {direction} %d %lld %d %r\\n", $t, pid, tid, $fd, {seg}, $n, $off / {PIECE},
+             buf($p + $off, $k));
+      $off = $off + {PIECE};
+    }}"""
 
 
-def _vector_probes(spec: ProgramSpec, call: str, direction: int) -> str:
-    """One exit probe per (iovec, piece): one probe's printf buffers must fit the 512-byte BPF stack.
-    The enter probe always writes @vv[tid] (0 for unwatched fds), so exit probes need no clean-up. The
-    kernel runs a tracepoint's programs in attach order (script order), so the first one stamps the exit
-    time that all pieces carry."""
-    out = [f"""
-tracepoint:syscalls:sys_exit_{call} /{_pid_pred(spec)} && @vv[tid] != 0/ {{ @vt[tid] = nsecs; }}"""]
-    for i in range(MAX_IOV):
-        before = " ".join(f"$left = $left - (int64)$v[{j}].iov_len;" for j in range(i))
-        for k in range(spec.capture_bytes // PIECE):
-            out.append(f"""
-tracepoint:syscalls:sys_exit_{call} /{_pid_pred(spec)} && @vv[tid] != 0 && @vn[tid] > {i}/ {{
-  $v = uptr((struct iovec *)@vv[tid]); $left = (int64)args->ret; {before}
-  if ($left > 0) {{ $t = @vt[tid]; $fd = @vf[tid]; $n = (int64)$v[{i}].iov_len; if ($n > $left) {{ $n = $left; }}
-    {_piece(f"$v[{i}].iov_base", k, direction, str(i))}
+# the read's W record goes out before its D records (same probe, same CPU)
+_WIRE = ("$s = @rsk[tid]; if ($s != 0) { $w = @wire[$s]; if ($w != 0) { printf(\"W %d %llu\\n\", tid, $w); "
+         "delete(@wire[$s]); } delete(@rsk[tid]); }")
+
+
+def _vector_exit(spec: ProgramSpec, call: str, direction: int) -> str:
+    """Walk the first MAX_IOV iovecs, attributing the syscall's return value to them in order; bytes of
+    later iovecs are reported as unseen (G). The enter probe always writes @vv[tid] (0: unwatched fd)."""
+    return f"""
+tracepoint:syscalls:sys_exit_{call} /{_pid_pred(spec)} && @vv[tid] != 0/ {{
+  {_WIRE if direction == 0 and spec.wire_time else ""}
+  $t = nsecs; $fd = @vf[tid]; $left = (uint64)0; if (args->ret > 0) {{ $left = (uint64)args->ret; }}
+  $cnt = (uint64)@vn[tid]; $i = (uint64)0;
+  while ($i < {MAX_IOV} && $i < $cnt && $left > 0) {{
+    $iov = uptr((struct iovec *)(@vv[tid] + $i * 16));
+    $len = (uint64)$iov->iov_len; if ($len > $left) {{ $len = $left; }}
+    {_capture(spec, "$iov->iov_base", "$len", direction, "$i")}
+    $left = $left - $len; $i = $i + 1;
   }}
-}}""")
-    sizes = " ".join(f"$left = $left - (int64)$v[{j}].iov_len;" for j in range(MAX_IOV))
-    out.append(f"""
-tracepoint:syscalls:sys_exit_{call} /{_pid_pred(spec)} && @vv[tid] != 0 && @vn[tid] > {MAX_IOV}/ {{
-  $v = uptr((struct iovec *)@vv[tid]); $left = (int64)args->ret; {sizes}
-  if ($left > 0) {{ printf("G %llu %d %d %d {direction} {MAX_IOV} %lld\\n", @vt[tid], pid, tid, @vf[tid], $left); }}
-}}""")
-    return "".join(out)
+  if ($left > 0) {{ printf("G %llu %d %d %d {direction} {MAX_IOV} %lld\\n", $t, pid, tid, $fd, $left); }}
+  @vv[tid] = 0;
+}}"""
+
+
+def _wire_probes(spec: ProgramSpec) -> str:
+    ports = " || ".join(f"args->sport == {p}" for p in spec.ports)
+    return f"""tracepoint:tcp:tcp_probe /({ports}) && args->data_len > 0/ {{
+  if (@wire[(uint64)args->skaddr] == 0) {{ @wire[(uint64)args->skaddr] = nsecs; }} }}
+tracepoint:sock:sock_recv_length /{_pid_pred(spec)} && args->ret > 0/ {{ @rsk[tid] = (uint64)args->sk; }}"""
 
 
 def render(spec: ProgramSpec) -> str:
@@ -95,6 +106,7 @@ def render(spec: ProgramSpec) -> str:
         flat.append(f"""
 tracepoint:syscalls:sys_enter_{call} /{pp} && @c[{key}]/ {{ @fb[tid] = (uint64)args->{field}; @fd[tid] = args->fd; }}
 tracepoint:syscalls:sys_exit_{call} /{pp} && @fb[tid]/ {{
+  {_WIRE if direction == 0 and spec.wire_time else ""}
   if (args->ret > 0) {{ $t = nsecs; $fd = @fd[tid];
     {_capture(spec, "@fb[tid]", "args->ret", direction, "0")}
   }}
@@ -104,12 +116,12 @@ tracepoint:syscalls:sys_exit_{call} /{pp} && @fb[tid]/ {{
         flat.append(f"""
 tracepoint:syscalls:sys_enter_{call} /{pp}/ {{
   @vv[tid] = @c[{key}] ? (uint64)args->vec : 0; @vn[tid] = args->vlen; @vf[tid] = args->fd; }}""")
-        flat.append(_vector_probes(spec, call, direction))
+        flat.append(_vector_exit(spec, call, direction))
     for call, direction in (("recvmsg", 0), ("sendmsg", 1)):
         flat.append(f"""
 tracepoint:syscalls:sys_enter_{call} /{pp}/ {{
   @vv[tid] = @c[{key}] ? (uint64)args->msg->msg_iov : 0; @vn[tid] = args->msg->msg_iovlen; @vf[tid] = args->fd; }}""")
-        flat.append(_vector_probes(spec, call, direction))
+        flat.append(_vector_exit(spec, call, direction))
     return f"""BEGIN {{
   {seeds}
   printf("R\\n");
@@ -121,8 +133,9 @@ tracepoint:syscalls:sys_exit_accept, tracepoint:syscalls:sys_exit_accept4 /{pp} 
     printf("A %llu %d %d %d\\n", nsecs, pid, tid, args->ret); }}
   delete(@af[tid]);
 }}
+{_wire_probes(spec) if spec.wire_time else ""}
 tracepoint:syscalls:sys_enter_close /{pp} && @c[{key}]/ {{
   printf("C %llu %d %d %d\\n", nsecs, pid, tid, args->fd); delete(@c[{key}]); }}
 {"".join(flat)}
-END {{ clear(@c); clear(@l); clear(@fb); clear(@fd); clear(@vv); clear(@vn); clear(@vf); clear(@vt); clear(@af); }}
+END {{ printf("E\\n"); clear(@c); clear(@l); clear(@fb); clear(@fd); clear(@vv); clear(@vn); clear(@vf); clear(@af);{' clear(@wire); clear(@rsk);' if spec.wire_time else ''} }}
 """

@@ -56,6 +56,7 @@ class CaptureStats:
     connections: int
     tls_connections: int
     bpftrace_cpu_s: float
+    decoder_cpu_s: float
     bpf_run_time_ns: int | None
     bpf_run_count: int | None
     other_requests: int              # non-OpenAI requests seen (health checks, /metrics, ...)
@@ -64,6 +65,7 @@ class CaptureStats:
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = dict(self.__dict__)
         d["bpftrace_cpu_us_per_segment"] = (self.bpftrace_cpu_s * 1e6 / self.segments) if self.segments else None
+        d["decoder_cpu_us_per_segment"] = (self.decoder_cpu_s * 1e6 / self.segments) if self.segments else None
         d["kernel_ns_per_probe"] = (self.bpf_run_time_ns / self.bpf_run_count) if self.bpf_run_count else None
         return d
 
@@ -89,6 +91,7 @@ def build_result(reqs: list[ObservedRequest], clock0_ns: int, duration_s: float,
 def capture_markdown(stats: CaptureStats) -> str:
     d = stats.as_dict()
     per_seg = d["bpftrace_cpu_us_per_segment"]
+    dec_seg = d["decoder_cpu_us_per_segment"]
     per_probe = d["kernel_ns_per_probe"]
     return "\n".join([
         "", "## eBPF capture", "",
@@ -99,7 +102,9 @@ def capture_markdown(stats: CaptureStats) -> str:
         f"- connections: {stats.connections} ({stats.tls_connections} TLS, not decoded) · other requests "
         f"(not OpenAI completions): {stats.other_requests}",
         f"- bpftrace CPU: {stats.bpftrace_cpu_s:.2f} s"
-        + (f" ({per_seg:.1f} µs per segment)" if isinstance(per_seg, float) else ""),
+        + (f" ({per_seg:.1f} µs per segment)" if isinstance(per_seg, float) else "")
+        + f" · decoder CPU: {stats.decoder_cpu_s:.2f} s"
+        + (f" ({dec_seg:.1f} µs per segment)" if isinstance(dec_seg, float) else ""),
         "- kernel time in the probes: " + (f"{per_probe:.0f} ns per probe run over {stats.bpf_run_count} runs"
                                             if isinstance(per_probe, float) else
                                             "not measured (sysctl kernel.bpf_stats_enabled=0)"), ""])

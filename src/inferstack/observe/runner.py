@@ -15,7 +15,8 @@ from pathlib import Path
 
 from inferstack.observe.events import Decoder, Lost
 from inferstack.observe.exchange import ObservedRequest
-from inferstack.observe.program import ProgramSpec, render
+from inferstack.observe.preflight import wire_time_available
+from inferstack.observe.program import PIECE, ProgramSpec, render
 from inferstack.observe.targets import Target
 from inferstack.observe.tracker import Counters, Reorder, Tracker
 
@@ -26,9 +27,11 @@ class ObserveError(RuntimeError):
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    capture_bytes: int = 600          # prefix captured per syscall: head, SSE framing and usage, not prompts
+    capture_bytes: int = 6 * PIECE    # prefix captured per syscall: head, SSE framing and usage, not prompts
     buffer_pages: int = 256           # perf buffer per CPU, in 4 KiB pages (bpftrace's default is 64)
     reorder_ms: float = 100.0         # hold events this long to put CPUs' buffers back in time order
+    nice: int = 0                     # >0: bpftrace and the decoding thread yield the CPU to the observed
+                                      # server (on a saturated host they then fall behind and records drop)
     capture_bodies: bool = False      # keep request bodies (prompts) of observed requests
     start_timeout_s: float = 60.0
 
@@ -48,6 +51,9 @@ class Observer:
         self.started_ns = 0
         self.cpu_s = 0.0                   # bpftrace's CPU time while attached (after start-up)
         self._cpu0 = 0.0
+        self._last_line = 0.0
+        self._reader_tid = 0
+        self.decoder_cpu_s = 0.0           # CPU of the decoding thread (this process) while attached
         self.bpf_prog_stats: tuple[int, int] | None = None      # (run_time_ns, run_cnt) over all programs
 
     def counters(self) -> tuple[Counters, int]:
@@ -55,13 +61,16 @@ class Observer:
             return self.tracker.counters, self.tracker.desyncs
 
     def start(self) -> None:
-        spec = ProgramSpec(self.target.pids, self.target.listen, self.target.seeds, self.opts.capture_bytes)
+        spec = ProgramSpec(self.target.pids, self.target.listen, self.target.ports, self.target.seeds,
+                           self.opts.capture_bytes, wire_time=wire_time_available())
         script = Path(tempfile.mkstemp(prefix="inferstack-observe-", suffix=".bt")[1])
         script.write_text(render(spec))
-        env = dict(os.environ, BPFTRACE_STRLEN="200", BPFTRACE_PERF_RB_PAGES=str(self.opts.buffer_pages),
+        env = dict(os.environ, BPFTRACE_STRLEN=str(PIECE), BPFTRACE_PERF_RB_PAGES=str(self.opts.buffer_pages),
                    BPFTRACE_MAP_KEYS_MAX="65536")
+        nice = self.opts.nice
         self.proc = subprocess.Popen([self.bpftrace, "-f", "json", str(script)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+                                     stderr=subprocess.PIPE, env=env,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice > 0 else None)
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self._reader = threading.Thread(target=self._read, name="observe-reader", daemon=True)
         self._reader.start()
@@ -88,7 +97,12 @@ class Observer:
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
+        # Linux priorities are per thread: only this decoding thread is lowered
+        self._reader_tid = threading.get_native_id()
+        if self.opts.nice > 0:
+            os.setpriority(os.PRIO_PROCESS, self._reader_tid, self.opts.nice)
         for raw in self.proc.stdout:
+            self._last_line = time.monotonic()
             for ev in self.decoder.line(raw):
                 with self._lock:
                     if isinstance(ev, Lost):
@@ -97,19 +111,24 @@ class Observer:
                         for ordered in self.reorder.push(ev):
                             self.tracker.handle(ordered)
 
-    def _cpu_s(self) -> float:
+    def _cpu_s(self, stat: str | None = None) -> float:
+        """utime + stime of a process (bpftrace by default) or of a /proc stat path."""
         assert self.proc is not None
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(stat or f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _tick(self) -> None:
-        """Release held events by the clock, so the last request of a burst is not held back."""
+        """Release held events by the clock, so the last request of a burst is not held back; only while
+        the reader is caught up (idle), else a lagging CPU buffer could still hold older records."""
         assert self.proc is not None
-        while self.proc.poll() is None:
-            time.sleep(self.opts.reorder_ms / 2e3)
+        half = self.opts.reorder_ms / 2e3
+        while self.proc.poll() is None and not self.decoder.ended:
+            time.sleep(half)
+            if time.monotonic() - self._last_line < half:
+                continue
             with self._lock:
                 for ev in self.reorder.release(time.monotonic_ns()):
                     self.tracker.handle(ev)
@@ -119,6 +138,8 @@ class Observer:
         assert self.proc is not None
         pid = self.proc.pid
         self.cpu_s = max(0.0, self._cpu_s() - self._cpu0)
+        if self._reader_tid:
+            self.decoder_cpu_s = self._cpu_s(f"/proc/self/task/{self._reader_tid}/stat")
         run_ns = run_cnt = 0
         for fdinfo in Path(f"/proc/{pid}/fdinfo").glob("*"):
             try:
@@ -135,18 +156,22 @@ class Observer:
         self.bpf_prog_stats = (run_ns, run_cnt) if run_cnt else None
 
     def stop(self) -> None:
-        """Detach (SIGINT lets bpftrace clean up), read what is left, end what is still open."""
+        """Detach: on SIGINT bpftrace drains its buffers and runs END (our "E" record); it then detaches
+        its probes, one RCU grace period each, which on a loaded machine takes long, so that part is
+        left to a reaper thread. Then read what is left and end what is still open."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
+        proc = self.proc
+        if proc.poll() is None:
             self._sample_costs()
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._reader is not None:
+            proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while not self.decoder.ended and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not self.decoder.ended and proc.poll() is None:
+                proc.kill()
+            threading.Thread(target=proc.wait, name="observe-reaper", daemon=True).start()
+        if proc.poll() is not None and self._reader is not None:
             self._reader.join(15)
         with self._lock:
             for ev in self.decoder.flush():

@@ -9,14 +9,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
 from inferstack.bench.runner import RunResult
 from inferstack.observe import preflight
 from inferstack.observe.exchange import ObservedRequest
 from inferstack.observe.metrics import ObserveMetrics
 from inferstack.observe.report import CaptureStats, build_result, write
 from inferstack.observe.runner import CaptureOptions, Observer
+from inferstack.observe.serve import MetricsServer
 from inferstack.observe.targets import Target, resolve
 
 
@@ -39,7 +38,7 @@ class Session:
         self.observer = Observer(self.bpftrace, self.target, opts, self._done, on_tls=self._tls)
         self.metrics = ObserveMetrics(f"pid={','.join(map(str, self.target.pids))}", self.observer.counters)
         self.metrics_port = metrics_port
-        self.metrics_server = None
+        self.metrics_server: MetricsServer | None = None
         self._stopped = threading.Event()
 
     def _done(self, req: ObservedRequest) -> None:
@@ -56,9 +55,10 @@ class Session:
 
     def start(self) -> None:
         if self.metrics_port is not None:
-            self.metrics_server, _ = start_http_server(self.metrics_port, addr="127.0.0.1",
-                                                       registry=self.metrics.registry)
-            self.metrics_port = self.metrics_server.server_port
+            self.metrics_server = MetricsServer(self.metrics.registry, self.metrics_port,
+                                                f"inferstack observe (eBPF) · {self.target.label}")
+            self.metrics_server.start()
+            self.metrics_port = self.metrics_server.port
         self.observer.start()
 
     def wait(self, duration_s: float | None) -> None:
@@ -77,13 +77,13 @@ class Session:
     def finish(self) -> SessionResult:
         self.observer.stop()
         if self.metrics_server is not None:
-            self.metrics_server.shutdown()
+            self.metrics_server.stop()
         obs = self.observer
         c, desyncs = obs.counters()
         duration = (time.monotonic_ns() - obs.started_ns) / 1e9
         run_ns, run_cnt = obs.bpf_prog_stats or (None, None)
         stats = CaptureStats(duration, c.segments, c.bytes_moved, c.bytes_captured, c.lost_events, desyncs,
-                             c.connections, c.tls_connections, obs.cpu_s, run_ns, run_cnt,
+                             c.connections, c.tls_connections, obs.cpu_s, obs.decoder_cpu_s, run_ns, run_cnt,
                              other_requests=sum(not r.openai for r in self.requests),
                              uncertain_events=sum(r.uncertain_events for r in self.requests))
         res = build_result(self.requests, obs.started_ns, duration, self.target.label, stats)

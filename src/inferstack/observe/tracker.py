@@ -89,7 +89,7 @@ class Tracker:
         c.bytes_moved += ev.total
         c.bytes_captured += len(ev.data)
         was_tls = conn.tls
-        conn.feed(ev.ts_ns, ev.inbound, ev.data, ev.total)
+        conn.feed(ev.ts_ns, ev.inbound, ev.data, ev.total, ev.wire_ns)
         if conn.tls and not was_tls:
             c.tls_connections += 1
             if self.on_tls is not None:
