@@ -48,11 +48,16 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview | str, mode: i
         finally:
             os.close(fd)
     if durable:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable (the folder's entry list is data too)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_ready_file(path: Path | str | None, payload: dict[str, Any]) -> str:

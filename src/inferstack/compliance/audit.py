@@ -33,6 +33,7 @@ from inferstack.compliance.chain import (
     segments,
 )
 from inferstack.compliance.config import AuditConfig
+from inferstack.fileio import fsync_dir
 
 _STOP = object()
 log = logging.getLogger("inferstack.audit")
@@ -328,7 +329,7 @@ class AuditLog:
         active = self.directory / ACTIVE_NAME
         try:
             os.replace(active, self.directory / segment_name(_first_seq(active)))
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as e:  # the active file keeps growing; the next write tries again
             log.error("audit log rotation failed: %s", e)
             return
@@ -468,14 +469,6 @@ def _cut_torn_tail(path: Path) -> int:
             keep = 0
         f.truncate(keep)
         return data_len - keep
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["AuditConfig", "AuditLog", "AuditLogClosed", "AuditRecord"]
