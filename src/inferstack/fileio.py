@@ -64,7 +64,7 @@ def write_ready_file(path: Path | str | None, payload: dict[str, Any]) -> str:
     """The server start-up contract (docs/architecture.md): once serving, print one JSON line
     (``{"urls": [...], "pid": N, ...}``) on stdout and, with ``--ready-file``, write the same line
     there atomically, so a watcher polling for the file never reads half of it. Returns the line."""
-    line = json.dumps(payload)
+    line = json.dumps(payload, separators=(",", ":"))  # one compact line, as orjson writes it
     print(line, flush=True)
     if path:
         atomic_write(Path(path), line + "\n")
