@@ -20,9 +20,12 @@ from collections import OrderedDict
 
 from aiohttp import web
 
+from inferstack.fileio import write_ready_file
+
 
 def build_app(args: argparse.Namespace) -> web.Application:
-    state = {"running": 0, "waiting": 0, "prefill_queued": 0, "peak_load": 0, "bodies": [], "served": 0, "hits": 0, "queries": 0, "peak_running": 0}
+    state = {"running": 0, "waiting": 0, "prefill_queued": 0, "peak_load": 0, "bodies": [], "served": 0, "hits": 0,
+             "queries": 0, "peak_running": 0}
     prefixes: OrderedDict[tuple, None] = OrderedDict()
     sem = asyncio.Semaphore(args.max_running)
     prefill_lock = asyncio.Lock() if args.serial_prefill else contextlib.nullcontext()
@@ -206,11 +209,7 @@ def main() -> None:
         site = web.TCPSite(runner, args.host, args.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        line = json.dumps({"urls": [f"http://{args.host}:{port}"], "pid": os.getpid()})
-        print(line, flush=True)
-        if args.ready_file:
-            with open(args.ready_file, "w") as f:
-                f.write(line + "\n")
+        write_ready_file(args.ready_file, {"urls": [f"http://{args.host}:{port}"], "pid": os.getpid()})
         await asyncio.Event().wait()
 
     asyncio.run(run())
