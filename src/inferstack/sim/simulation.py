@@ -356,11 +356,13 @@ class Simulation:
                 self._route(r)
         if ep is not None:
             ep.view.has_metrics = False
+        self.gateway.changed()
         if c.restart_after_s is not None:
             self.at(self.now + c.restart_after_s, self._restart, rep)
 
     def _restart(self, rep: SimReplica) -> None:
         rep.restart()
+        self.gateway.changed()
         self.gateway.state.precise.cleared(rep.id)
 
     def _autoscale(self) -> None:
@@ -376,6 +378,7 @@ class Simulation:
             self.at(self.now + a.cold_start_s, self._join)
         for ep in reversed(serving[: max(0, have - want)] if want < have else []):
             ep.draining = True
+            self.gateway.changed()
             if not ep.replica.scheduler.has_unfinished():
                 self._leave(ep)
         if self.now < self.s.run.duration_s:
