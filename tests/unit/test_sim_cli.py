@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -109,3 +110,20 @@ def test_sweep_table_and_min_replicas_search(tmp_path):
     r = runner.invoke(app, ["sim", "sweep", "--fleet", f"{FLEET}=1", "--workload", "synthetic", "--rate", "1",
                             "--duration", "1", "--vary", "colour=red", "--out", str(out)])
     assert r.exit_code == 2 and "--vary 'colour=red'" in r.output
+
+
+def test_replays_a_slice_of_the_azure_trace_at_its_own_timestamps(tmp_path):
+    trace = Path(__file__).parents[1] / "data" / "azure_conv_200.csv"
+    out = tmp_path / "azure"
+    r = _sim("--fleet", f"{FLEET}=4", "--workload", f"trace:path={trace},limit=60", "--out", str(out), "--no-plots")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "requests.csv").open()))
+    src = list(csv.DictReader(trace.open()))[:60]
+    assert len(rows) == 60 and all(row["status"] == "ok" for row in rows)
+    by_index = sorted(rows, key=lambda row: int(row["index"]))
+    # each request asks the trace's lengths: output exactly, prompt = context words + chat template
+    for row, rec in zip(by_index, src, strict=True):
+        assert int(row["output_tokens"]) == int(rec["GeneratedTokens"])
+        assert 0 <= int(row["prompt_tokens"]) - int(rec["ContextTokens"]) <= 10
+    sent = [float(row["sent_s"]) for row in by_index]
+    assert sent[0] == 0.0 and sent == sorted(sent) and 10 < sent[-1] < 40     # the trace's own arrival times
