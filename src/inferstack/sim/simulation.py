@@ -109,6 +109,8 @@ class Simulation:
             for _ in range(fleet.replicas):
                 self.replicas.append(self._new_replica(fleet, track))
         self.gateway = SimGateway(s.config, s.pool, self.replicas, s.run.seed)
+        # the shortest context of the fleet: a request longer than that is refused (400) up front
+        self.max_model_len = min(rep.max_model_len for rep in self.replicas)
         self.sink = RecordSink(s.records_path, s.sample_every)
         self.active: dict[str, _Req] = {}
         self.counter = itertools.count()
@@ -196,7 +198,7 @@ class Simulation:
         rec.prompt_tokens = len(r.tokens)
         if self.gateway.precise:      # the live gateway tokenizes through an engine and hashes as it does
             view.token_hashes = self.replicas[0].layout.key_space.hashes(r.tokens, self.gateway.salt)
-        max_len = min(rep.max_model_len for rep in self.replicas)
+        max_len = self.max_model_len
         if len(r.tokens) + spec.output_tokens > max_len:
             self._finish(r, "http_400", f"context length {max_len} exceeded: {len(r.tokens)} prompt + "
                                         f"{spec.output_tokens} output tokens")
