@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -83,3 +84,46 @@ def test_bad_config_trace_and_fleet_name_the_problem(tmp_path):
     r = _sim("--fleet", f"{FLEET}=2", "--pd", "3p", "--workload", "synthetic", "--rate", "1", "--duration", "1",
              "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "--pd '3p'" in r.output
+
+
+def test_sweep_table_and_min_replicas_search(tmp_path):
+    out = tmp_path / "sweep"
+    r = runner.invoke(app, ["sim", "sweep", "--fleet", f"{FLEET}=1", "--workload", "synthetic:input=600,output=40",
+                            "--rate", "60", "--duration", "1.5", "--vary", "routing=round-robin",
+                            "--find-min-replicas", "--slo", "ttft_p95=60ms,tpot_p95=12ms", "--out", str(out),
+                            "--no-plots"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "sweep.json").read_text())
+    found = data["min_replicas"]
+    assert set(found) == {"routing=round-robin"} and all(n and n > 1 for n in found.values())
+    # the answer is minimal: its run meets the SLO and the run with one replica fewer does not
+    for label, n in found.items():
+        rows = {row["run"]: row for row in data["runs"]}
+        assert rows[f"{label},replicas={n}"]["ttft_p50_ms"] is not None
+        below = json.loads((out / "runs" / f"{label},replicas={n - 1}" / "results.json").read_text())
+        at = json.loads((out / "runs" / f"{label},replicas={n}" / "results.json").read_text())
+        lat_below, lat_at = below["summary"]["latency_s"], at["summary"]["latency_s"]
+        assert lat_at["ttft"]["p95"] <= 0.060 and lat_at["tpot"]["p95"] <= 0.012
+        assert lat_below["ttft"]["p95"] > 0.060 or lat_below["tpot"]["p95"] > 0.012
+    assert "## Fleet cost per run" in (out / "sweep.md").read_text()
+
+    r = runner.invoke(app, ["sim", "sweep", "--fleet", f"{FLEET}=1", "--workload", "synthetic", "--rate", "1",
+                            "--duration", "1", "--vary", "colour=red", "--out", str(out)])
+    assert r.exit_code == 2 and "--vary 'colour=red'" in r.output
+
+
+def test_replays_a_slice_of_the_azure_trace_at_its_own_timestamps(tmp_path):
+    trace = Path(__file__).parents[1] / "data" / "azure_conv_200.csv"
+    out = tmp_path / "azure"
+    r = _sim("--fleet", f"{FLEET}=4", "--workload", f"trace:path={trace},limit=60", "--out", str(out), "--no-plots")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "requests.csv").open()))
+    src = list(csv.DictReader(trace.open()))[:60]
+    assert len(rows) == 60 and all(row["status"] == "ok" for row in rows)
+    by_index = sorted(rows, key=lambda row: int(row["index"]))
+    # each request asks the trace's lengths: output exactly, prompt = context words + chat template
+    for row, rec in zip(by_index, src, strict=True):
+        assert int(row["output_tokens"]) == int(rec["GeneratedTokens"])
+        assert 0 <= int(row["prompt_tokens"]) - int(rec["ContextTokens"]) <= 10
+    sent = [float(row["sent_s"]) for row in by_index]
+    assert sent[0] == 0.0 and sent == sorted(sent) and 10 < sent[-1] < 40     # the trace's own arrival times

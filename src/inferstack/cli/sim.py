@@ -113,7 +113,9 @@ def sweep(
     rate: RateOpt = None,
     arrival: ArrivalOpt = "poisson",
     burstiness: BurstinessOpt = 1.0,
-    slo: SloOpt = None,
+    slo: Annotated[str | None, typer.Option(help="With --find-min-replicas: percentile SLOs, e.g. "
+                                            "ttft_p95=500ms,tpot_p95=50ms; otherwise reported as `sim run --slo` "
+                                            "(ttft=200ms,tpot=50ms[,attainment=0.95])")] = None,
     warmup: WarmupOpt = 0.0,
     cooldown: CooldownOpt = 0.0,
     seed: SeedOpt = 0,

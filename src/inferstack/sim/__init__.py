@@ -1,5 +1,7 @@
-"""Cluster simulation building blocks: hardware and model catalogs and the roofline performance model.
+"""Cluster simulation: hardware and model catalogs, the roofline performance model, and `inferstack sim`,
+a discrete-event fleet simulator in virtual time (docs/simulator.md).
 
-Everything here is a pure function over plain data so that the emulated engine executor and the
-virtual-time simulator compute step times from the same code.
+The catalogs and the performance model are pure functions over plain data, so the emulated engine
+executor and the simulator compute step times from the same code; the simulator also runs the engine's
+scheduler and KV cache and the gateway's router as they are.
 """

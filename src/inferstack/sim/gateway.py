@@ -47,6 +47,9 @@ class SimGateway:
         self.router = pool_router(pool, gw, [r.id for r in replicas], self.state, custom)
         self.endpoints: dict[str, SimEndpoint] = {}
         self.order: list[SimEndpoint] = []
+        self.version = 0
+        self._snap: PoolSnapshot | None = None
+        self._snap_key: tuple[int, int] = (-1, -1)
         for r in replicas:
             self.add(r)
         self.now = 0.0
@@ -62,6 +65,7 @@ class SimGateway:
         ep = SimEndpoint(replica, EndpointView(replica.id, max_concurrency=self.pool.max_concurrency))
         self.endpoints[replica.id] = ep
         self.order.append(ep)
+        self.changed()
         if isinstance(self.router, PDRouter):
             self.router.roles[replica.id] = replica.role
         return ep
@@ -69,12 +73,29 @@ class SimGateway:
     def remove(self, ep: SimEndpoint) -> None:
         self.order.remove(ep)
         del self.endpoints[ep.id]
+        self.changed()
         self.state.forget_endpoint(ep.id)
 
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
+        """The pool as the router sees it now. Rebuilt once per scrape tick or membership/health change
+        (views are live objects: the gateway's in-flight counts are always current)."""
         now, gw = self.now, self.cfg.gateway
-        interval = gw.scrape_interval_s
-        tick = int(now / interval)
+        tick = int(now / gw.scrape_interval_s)
+        key = (tick, self.version)
+        if self._snap is None or self._snap_key != key:
+            self._snap, self._snap_key = self._build_snapshot(tick), key
+        snap = self._snap
+        snap.now = now
+        age = now - tick * gw.scrape_interval_s
+        for v in snap.endpoints:
+            if v.has_metrics:
+                v.metrics_age_s = age
+        if exclude:
+            return PoolSnapshot([v for v in snap.endpoints if v.id not in exclude], now, snap.stale_after_s,
+                                snap.queue_threshold, snap.kv_threshold)
+        return snap
+
+    def _build_snapshot(self, tick: int) -> PoolSnapshot:
         views = []
         for ep in self.order:
             v = ep.view
@@ -82,12 +103,15 @@ class SimGateway:
                 v.queue, v.running, v.kv_usage = ep.replica.snapshot_metrics()
                 v.has_metrics = True
                 ep.scraped_tick = tick
-            v.metrics_age_s = now - tick * interval if v.has_metrics else v.metrics_age_s
             v.healthy = ep.replica.up and not ep.draining
-            if ep.id not in exclude:
-                views.append(v)
+            views.append(v)
+        gw = self.cfg.gateway
         fc = gw.flow_control
-        return PoolSnapshot(views, now, gw.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+        return PoolSnapshot(views, self.now, gw.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+
+    def changed(self) -> None:
+        """An endpoint joined, left, crashed, restarted or started draining."""
+        self.version += 1
 
     def free_slots(self) -> int:
         snap = self.snapshot()

@@ -48,25 +48,37 @@ class StepCost:
 
 def seq_flops(model: ModelSpec, work: SeqWork) -> float:
     """GEMM FLOPs for the new tokens plus causal attention over context + new tokens."""
+    return _flops(work, 2.0 * model.num_layers * model.layer_params, 2.0 * model.embedding_params,
+                  4.0 * model.num_layers * model.q_size)
+
+
+def _flops(work: SeqWork, gemm_per_token: float, lm_head: float, attn_coef: float) -> float:
     p, c = work.new_tokens, work.context
-    gemm = 2.0 * model.num_layers * model.layer_params * p
-    lm_head = 2.0 * model.embedding_params if work.samples else 0.0
     # QK^T and AV: 2 FLOPs per multiply-add, each over the attended keys (c + causal half of p).
-    attn = 4.0 * model.num_layers * model.q_size * (p * c + p * (p + 1) / 2)
-    return gemm + lm_head + attn
+    return gemm_per_token * p + (lm_head if work.samples else 0.0) + attn_coef * (p * c + p * (p + 1) / 2)
 
 
 def step_cost(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> StepCost:
     items = [w for w in batch if w.new_tokens > 0]
     if not items:
         return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    prefill_flops = sum(seq_flops(model, w) for w in items if w.new_tokens > 1)
-    decode_flops = sum(seq_flops(model, w) for w in items if w.new_tokens == 1)
+    # per-model constants once per step, not per sequence (the simulator prices millions of steps)
+    coef = (2.0 * model.num_layers * model.layer_params, 2.0 * model.embedding_params,
+            4.0 * model.num_layers * model.q_size)
+    prefill_flops = decode_flops = 0.0
+    tokens = kv_tokens = 0
+    for w in items:
+        f = _flops(w, *coef)
+        if w.new_tokens > 1:
+            prefill_flops += f
+        else:
+            decode_flops += f
+        tokens += w.new_tokens
+        kv_tokens += w.context + w.new_tokens
     weight_bytes = model.weight_bytes_total
-    kv_bytes = model.kv_bytes_per_token * sum(w.context + w.new_tokens for w in items)
+    kv_bytes = model.kv_bytes_per_token * kv_tokens
     compute_s = (prefill_flops / (hw.peak_flops * hw.mfu_prefill)
                  + decode_flops / (hw.peak_flops * hw.mfu_decode)) / tp
-    tokens = sum(w.new_tokens for w in items)
     bandwidth = hw.mem_bandwidth * hw.bw_efficiency * (hw.single_row_bw_gain if tokens == 1 else 1.0)
     memory_s = (weight_bytes + kv_bytes) / bandwidth / tp
     comm_s = 0.0

@@ -43,7 +43,6 @@ class RecordSink:
         self.max_samples = max_samples
         self.max_itl_gaps = max_itl_gaps
         self.count = 0
-        self.rows_digest = 0
 
     def add(self, rec: RequestRecord) -> None:
         row = rec.to_row()

@@ -109,6 +109,8 @@ class Simulation:
             for _ in range(fleet.replicas):
                 self.replicas.append(self._new_replica(fleet, track))
         self.gateway = SimGateway(s.config, s.pool, self.replicas, s.run.seed)
+        # the shortest context of the fleet: a request longer than that is refused (400) up front
+        self.max_model_len = min(rep.max_model_len for rep in self.replicas)
         self.sink = RecordSink(s.records_path, s.sample_every)
         self.active: dict[str, _Req] = {}
         self.counter = itertools.count()
@@ -199,7 +201,7 @@ class Simulation:
         self.tokens_in += len(r.tokens)
         if self.gateway.precise:      # the live gateway tokenizes through an engine and hashes as it does
             view.token_hashes = self.replicas[0].layout.key_space.hashes(r.tokens, self.gateway.salt)
-        max_len = min(rep.max_model_len for rep in self.replicas)
+        max_len = self.max_model_len
         if len(r.tokens) + spec.output_tokens > max_len:
             self._finish(r, "http_400", f"context length {max_len} exceeded: {len(r.tokens)} prompt + "
                                         f"{spec.output_tokens} output tokens")
@@ -364,11 +366,13 @@ class Simulation:
                 self._route(r)
         if ep is not None:
             ep.view.has_metrics = False
+        self.gateway.changed()
         if c.restart_after_s is not None:
             self.at(self.now + c.restart_after_s, self._restart, rep)
 
     def _restart(self, rep: SimReplica) -> None:
         rep.restart()
+        self.gateway.changed()
         self.gateway.state.precise.cleared(rep.id)
 
     def _autoscale(self) -> None:
@@ -384,6 +388,7 @@ class Simulation:
             self.at(self.now + a.cold_start_s, self._join)
         for ep in reversed(serving[: max(0, have - want)] if want < have else []):
             ep.draining = True
+            self.gateway.changed()
             if not ep.replica.scheduler.has_unfinished():
                 self._leave(ep)
         if self.now < self.s.run.duration_s:

@@ -15,6 +15,9 @@ class KVCacheManager:
         self.block_size = pool.block_size
         self.key_space = key_space
         self._req_blocks: dict[str, list[KVBlock]] = {}
+        # the same tables as block ids, kept alongside: every step hands each scheduled request its
+        # table, and rebuilding it from the blocks cost O(blocks) per token
+        self._req_ids: dict[str, list[int]] = {}
         self._num_cached_blocks: dict[str, int] = {}
 
     @property
@@ -22,7 +25,8 @@ class KVCacheManager:
         return self.pool.usage
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._req_blocks.get(request_id, ())]
+        ids = self._req_ids.get(request_id)
+        return list(ids) if ids is not None else []
 
     def update_block_hashes(self, request: Request) -> list[bytes]:
         """Extend the request's hash chain over its newly full blocks (prompt and output tokens)."""
@@ -60,12 +64,16 @@ class KVCacheManager:
         if needed > self._available(new_computed):
             return False
         blocks = self._req_blocks.setdefault(request.request_id, [])
+        ids = self._req_ids.setdefault(request.request_id, [])
         if new_computed:
             self.pool.touch(new_computed)
             blocks.extend(new_computed)
+            ids.extend(b.block_id for b in new_computed)
             self._num_cached_blocks[request.request_id] = len(blocks)
         if needed > 0:
-            blocks.extend(self.pool.allocate(needed))
+            new = self.pool.allocate(needed)
+            blocks.extend(new)
+            ids.extend(b.block_id for b in new)
         # Blocks become cacheable as soon as their tokens are scheduled: the step that computes
         # them writes every new K/V before any attention reads, so a later request may share them.
         num_tokens_after = request.num_computed_tokens + len(new_computed) * self.block_size + num_new_tokens
@@ -74,6 +82,7 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         blocks = self._req_blocks.pop(request.request_id, None)
+        self._req_ids.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         if blocks:
             self.pool.free(reversed(blocks))
