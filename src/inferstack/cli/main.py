@@ -24,6 +24,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("gateway", "gateway"),
     ("config", "config"),
     ("up", "up"),
+    ("workflow", "workflow"),
 ]
 
 
