@@ -130,6 +130,7 @@ async def run_python(code: str, inputs: dict[str, Any], limits: SandboxLimits) -
         finally:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
         return _result(out, err, proc.returncode, limits)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,146 @@
+"""`inferstack workflow run` as a real process against a fake OpenAI-compatible engine: the shipped
+example, the step cache (an unchanged re-run makes zero LLM calls), crash-resume of a killed runner,
+retries/timeouts and the HTTP allow-list."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from support.gateway_procs import start_fake_engine
+from support.procs import Server, inferstack_env
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "src/inferstack/assets/workflows/research_brief.yml"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Server:
+    srv = start_fake_engine("--model", "fake-model", "--ttft-ms", "150", "--itl-ms", "0", "--tokens", "3")
+    yield srv
+    srv.stop()
+
+
+def served(engine: Server) -> int:
+    return httpx.get(engine.url + "/debug/requests").json()["served"]
+
+
+def cli_args(engine: Server, app: Path, db: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "inferstack", "workflow", "run", str(app), "--gateway", engine.url + "/v1",
+            "--model", "fake-model", "--db", str(db), *extra]
+
+
+def cli(engine: Server, app: Path, db: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_args(engine, app, db, *extra), capture_output=True, text=True, timeout=90,
+                          env=inferstack_env(), check=False)
+
+
+def outputs(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_dsl(path: Path, nodes: list[dict], edges: list[tuple[str, str]]) -> Path:
+    doc = {"version": "0.5.0", "kind": "app", "app": {"name": path.stem, "mode": "workflow"},
+           "workflow": {"graph": {"nodes": [{"id": n.pop("id"), "data": n} for n in nodes],
+                                  "edges": [{"source": s, "target": t} for s, t in edges]}}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def llm(node_id: str, text: str, **extra: object) -> dict:
+    return {"id": node_id, "type": "llm", "title": node_id, "prompt_template": [{"role": "user", "text": text}],
+            "model": {"provider": "x", "name": "m", "completion_params": {"temperature": 0}}, **extra}
+
+
+def test_example_runs_then_reruns_from_cache(engine: Server, tmp_path: Path) -> None:
+    db = tmp_path / "runs.sqlite"
+    inputs = ["--input", "topic=KV caching", "--input", "parts=prefill, decode,eviction"]
+    before = served(engine)
+    first = outputs(cli(engine, EXAMPLE, db, *inputs))
+    assert first == {"report": "# KV caching\n- xxx\n- xxx\n- xxx\n", "note": "long brief (3 parts)", "count": 3}
+    assert served(engine) - before == 4  # the outline + one call per part
+    assert httpx.get(engine.url + "/debug/requests").json()["peak_running"] >= 3  # parallel iteration
+
+    again = cli(engine, EXAMPLE, db, *inputs)
+    assert outputs(again) == first and served(engine) - before == 4  # zero new LLM calls
+    assert again.stderr.count("cache hit") == 5  # 4 LLM calls and the code node
+
+    two = cli(engine, EXAMPLE, db, "--input", "topic=KV caching", "--input", "parts=prefill,decode")
+    assert outputs(two)["note"] == "short brief"  # the if-else false branch
+    assert served(engine) - before == 4  # same outline and per-part prompts: still cached
+
+    uncached = cli(engine, EXAMPLE, db, *inputs, "--no-cache")
+    assert outputs(uncached) == first and served(engine) - before == 8
+
+
+def test_killed_run_resumes_without_rerunning_finished_nodes(engine: Server, tmp_path: Path) -> None:
+    app = write_dsl(tmp_path / "crash.yml", [
+        {"id": "start", "type": "start", "variables": [{"variable": "q", "type": "text-input", "required": True}]},
+        llm("a", "first {{#start.q#}}"),
+        {"id": "slow", "type": "code", "code": "import time\ndef main(t):\n    time.sleep(1.5)\n    return {'n': len(t)}\n",
+         "variables": [{"variable": "t", "value_selector": ["a", "text"]}], "outputs": {"n": {"type": "number"}}},
+        llm("b", "second {{#slow.n#}}"),
+        {"id": "end", "type": "end", "outputs": [{"variable": "n", "value_selector": ["slow", "n"]},
+                                                 {"variable": "b", "value_selector": ["b", "text"]}]},
+    ], [("start", "a"), ("a", "slow"), ("slow", "b"), ("b", "end")])
+    db = tmp_path / "runs.sqlite"
+    before = served(engine)
+    proc = subprocess.Popen(cli_args(engine, app, db, "--input", "q=hi", "--run-id", "r1", "--no-cache"),
+                            env=inferstack_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not _node_done(db, "r1", "a"):
+        assert time.monotonic() < deadline and proc.poll() is None, "node a never finished"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(10)
+    assert served(engine) - before == 1 and not _node_done(db, "r1", "b")
+
+    resumed = cli(engine, app, db, "--resume", "r1", "--no-cache")
+    assert outputs(resumed) == {"n": 3, "b": "xxx"}
+    assert "✓ a (llm) resumed" in resumed.stderr
+    assert served(engine) - before == 2  # only b was called; a was not re-run
+
+
+def _node_done(db: Path, run_id: str, node: str) -> bool:
+    if not db.exists():
+        return False
+    with sqlite3.connect(db) as conn:
+        try:
+            return conn.execute("SELECT 1 FROM node_runs WHERE run_id=? AND node_key=? AND status='succeeded'",
+                                (run_id, node)).fetchone() is not None
+        except sqlite3.OperationalError:  # tables not created yet
+            return False
+
+
+def test_timeouts_retry_then_fail_naming_the_node(engine: Server, tmp_path: Path) -> None:
+    app = write_dsl(tmp_path / "slow.yml", [
+        {"id": "start", "type": "start", "variables": []},
+        llm("slow", "hello", timeout_s=0.05, retry_config={"enabled": True, "max_retries": 1, "retry_interval": 10}),
+        {"id": "end", "type": "end", "outputs": []},
+    ], [("start", "slow"), ("slow", "end")])
+    proc = cli(engine, app, tmp_path / "db.sqlite")
+    assert proc.returncode == 1
+    assert "↻ slow attempt 1 failed: timed out after 0.05s" in proc.stderr
+    assert "error: node slow (llm) 'slow' failed after 2 attempt(s): timed out after 0.05s" in proc.stderr
+
+
+def test_http_request_allow_list(engine: Server, tmp_path: Path) -> None:
+    app = write_dsl(tmp_path / "http.yml", [
+        {"id": "start", "type": "start", "variables": []},
+        {"id": "get", "type": "http-request", "method": "get", "url": engine.url + "/health", "headers": "",
+         "params": "", "body": {"type": "none", "data": []}},
+        {"id": "end", "type": "end", "outputs": [{"variable": "body", "value_selector": ["get", "body"]},
+                                                 {"variable": "status", "value_selector": ["get", "status_code"]}]},
+    ], [("start", "get"), ("get", "end")])
+    refused = cli(engine, app, tmp_path / "db.sqlite")
+    assert refused.returncode == 1 and "host '127.0.0.1' is not in the HTTP allow-list" in refused.stderr
+    allowed = cli(engine, app, tmp_path / "db.sqlite", "--allow-host", "127.0.0.1")
+    assert outputs(allowed) == {"body": "ok", "status": 200}
