@@ -4,6 +4,7 @@ retries/timeouts and the HTTP allow-list."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -15,6 +16,10 @@ import httpx
 import pytest
 import yaml
 
+from inferstack.workflow.dsl import load_app
+from inferstack.workflow.nodes import Services
+from inferstack.workflow.runner import Runner, WorkflowError
+from inferstack.workflow.store import RunStore
 from support.gateway_procs import start_fake_engine
 from support.procs import Server, inferstack_env
 
@@ -77,15 +82,12 @@ def test_example_runs_then_reruns_from_cache(engine: Server, tmp_path: Path) -> 
     assert outputs(two)["note"] == "short brief"  # the if-else false branch
     assert served(engine) - before == 4  # same outline and per-part prompts: still cached
 
-    uncached = cli(engine, EXAMPLE, db, *inputs, "--no-cache")
-    assert outputs(uncached) == first and served(engine) - before == 8
-
 
 def test_killed_run_resumes_without_rerunning_finished_nodes(engine: Server, tmp_path: Path) -> None:
     app = write_dsl(tmp_path / "crash.yml", [
         {"id": "start", "type": "start", "variables": [{"variable": "q", "type": "text-input", "required": True}]},
         llm("a", "first {{#start.q#}}"),
-        {"id": "slow", "type": "code", "code": "import time\ndef main(t):\n    time.sleep(1.5)\n    return {'n': len(t)}\n",
+        {"id": "slow", "type": "code", "code": "import time\ndef main(t):\n    time.sleep(1.0)\n    return {'n': len(t)}\n",
          "variables": [{"variable": "t", "value_selector": ["a", "text"]}], "outputs": {"n": {"type": "number"}}},
         llm("b", "second {{#slow.n#}}"),
         {"id": "end", "type": "end", "outputs": [{"variable": "n", "value_selector": ["slow", "n"]},
@@ -120,16 +122,27 @@ def _node_done(db: Path, run_id: str, node: str) -> bool:
             return False
 
 
+def run_in_process(engine: Server, app: Path, db: Path, allow: frozenset[str] = frozenset()) -> tuple[dict, list]:
+    """The runner without the CLI process (faster); returns the outputs and the events."""
+    events: list[dict] = []
+
+    async def go() -> dict:
+        async with httpx.AsyncClient() as client:
+            svc = Services(client=client, gateway=engine.url + "/v1", api_key=None, session_id="", allow_hosts=allow)
+            runner = Runner(load_app(app), RunStore(db), svc, on_event=events.append, model="fake-model")
+            return (await runner.run({})).outputs
+
+    return asyncio.run(go()), events
+
+
 def test_timeouts_retry_then_fail_naming_the_node(engine: Server, tmp_path: Path) -> None:
     app = write_dsl(tmp_path / "slow.yml", [
         {"id": "start", "type": "start", "variables": []},
         llm("slow", "hello", timeout_s=0.05, retry_config={"enabled": True, "max_retries": 1, "retry_interval": 10}),
         {"id": "end", "type": "end", "outputs": []},
     ], [("start", "slow"), ("slow", "end")])
-    proc = cli(engine, app, tmp_path / "db.sqlite")
-    assert proc.returncode == 1
-    assert "↻ slow attempt 1 failed: timed out after 0.05s" in proc.stderr
-    assert "error: node slow (llm) 'slow' failed after 2 attempt(s): timed out after 0.05s" in proc.stderr
+    with pytest.raises(WorkflowError, match=r"node slow \(llm\) 'slow' failed after 2 attempt\(s\): timed out after 0.05s"):
+        run_in_process(engine, app, tmp_path / "db.sqlite")
 
 
 def test_http_request_allow_list(engine: Server, tmp_path: Path) -> None:
@@ -140,7 +153,8 @@ def test_http_request_allow_list(engine: Server, tmp_path: Path) -> None:
         {"id": "end", "type": "end", "outputs": [{"variable": "body", "value_selector": ["get", "body"]},
                                                  {"variable": "status", "value_selector": ["get", "status_code"]}]},
     ], [("start", "get"), ("get", "end")])
-    refused = cli(engine, app, tmp_path / "db.sqlite")
-    assert refused.returncode == 1 and "host '127.0.0.1' is not in the HTTP allow-list" in refused.stderr
-    allowed = cli(engine, app, tmp_path / "db.sqlite", "--allow-host", "127.0.0.1")
-    assert outputs(allowed) == {"body": "ok", "status": 200}
+    with pytest.raises(WorkflowError, match=r"host '127\.0\.0\.1' is not in the HTTP allow-list"):
+        run_in_process(engine, app, tmp_path / "db.sqlite")
+    result, events = run_in_process(engine, app, tmp_path / "db.sqlite", frozenset({"127.0.0.1"}))
+    assert result == {"body": "ok", "status": 200}
+    assert [e["data"]["node_id"] for e in events if e["event"] == "node_finished"] == ["start", "get", "end"]
