@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
+from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from inferstack.workflow.conditions import evaluate_cases
@@ -104,15 +106,22 @@ class Code:
         return NodeResult(outputs)
 
 
-class TemplateTransform:
-    env = ImmutableSandboxedEnvironment(autoescape=False)
+_JINJA = ImmutableSandboxedEnvironment(autoescape=False)
 
+
+@lru_cache(maxsize=256)
+def _compiled(template: str) -> Template:
+    """Compiling is most of a render's cost; a workflow renders the same templates again and again."""
+    return _JINJA.from_string(template)
+
+
+class TemplateTransform:
     def resolve(self, node: Node, ctx: RunContext) -> dict[str, Any]:
         return {"template": node.data.get("template", ""), "inputs": _variables(node, ctx)}
 
     async def run(self, node: Node, resolved: dict[str, Any], svc: Services) -> NodeResult:
         try:
-            text = self.env.from_string(resolved["template"]).render(**resolved["inputs"])
+            text = _compiled(resolved["template"]).render(**resolved["inputs"])
         except Exception as exc:  # any template error (syntax, sandbox refusal, type) fails the node
             raise NodeFailure(f"template: {type(exc).__name__}: {exc}") from None
         return NodeResult({"output": text})
