@@ -158,3 +158,30 @@ def test_http_request_allow_list(engine: Server, tmp_path: Path) -> None:
     result, events = run_in_process(engine, app, tmp_path / "db.sqlite", frozenset({"127.0.0.1"}))
     assert result == {"body": "ok", "status": 200}
     assert [e["data"]["node_id"] for e in events if e["event"] == "node_finished"] == ["start", "get", "end"]
+
+
+def test_advanced_chat_answer_and_parallel_join(engine: Server, tmp_path: Path) -> None:
+    path = write_dsl(tmp_path / "chat.yml", [
+        {"id": "start", "type": "start", "variables": []},
+        llm("left", "left: {{#sys.query#}}"),
+        llm("right", "right: {{#sys.query#}}"),
+        {"id": "reply", "type": "answer", "answer": "{{#left.text#}}|{{#right.text#}}|{{#sys.query#}}"},
+    ], [("start", "left"), ("start", "right"), ("left", "reply"), ("right", "reply")])
+    path.write_text(path.read_text().replace("mode: workflow", "mode: advanced-chat"))
+
+    async def go() -> tuple[dict, list]:
+        events: list[dict] = []
+        async with httpx.AsyncClient() as client:
+            svc = Services(client=client, gateway=engine.url + "/v1", api_key=None, session_id="")
+            runner = Runner(load_app(path), RunStore(tmp_path / "db.sqlite"), svc, use_cache=False,
+                            on_event=events.append, model="fake-model")
+            return (await runner.run({"query": "hello"})).outputs, events
+
+    result, events = asyncio.run(go())
+    assert result == {"answer": "xxx|xxx|hello"}
+    order = [(e["event"], e["data"].get("node_id")) for e in events if e["event"].startswith("node_")]
+    # both branches start before either finishes: they run concurrently
+    assert order.index(("node_started", "right")) < order.index(("node_finished", "left"))
+    assert order.index(("node_started", "left")) < order.index(("node_finished", "right"))
+    bodies = httpx.get(engine.url + "/debug/requests").json()["bodies"]
+    assert {"role": "user", "content": "left: hello"} in bodies[-2]["messages"] + bodies[-1]["messages"]

@@ -23,6 +23,7 @@ from inferstack.workflow.store import RunStore, StoredNode
 
 DEFAULT_TIMEOUT_S = {"llm": 120.0, "http-request": 30.0}
 Event = dict[str, Any]
+QUERY_KEY = "sys.query"  # where a run's stored inputs keep an advanced-chat query
 
 
 class WorkflowError(Exception):
@@ -57,15 +58,20 @@ class Runner:
                 raise WorkflowError(f"no run {run_id!r} to resume")
             if record.app_digest != digest:
                 raise WorkflowError(f"run {run_id} was started from a different version of {self.app.source}")
-            self.run_id, inputs = record.run_id, record.inputs
+            self.run_id, inputs = record.run_id, dict(record.inputs)
+            query = inputs.pop(QUERY_KEY, None)
         else:
+            inputs = dict(inputs)
+            # advanced-chat: the user's message is sys.query, not a start-node input
+            query = inputs.pop("query", None) if self.app.mode == "advanced-chat" else None
             start = next(n for n in self.app.nodes.values() if n.type == "start" and n.parent is None)
             inputs = coerce_inputs(start, inputs)
             self.run_id = run_id or uuid.uuid4().hex
-            self.store.create_run(self.run_id, self.app.source, digest, inputs)
+            stored = {**inputs, QUERY_KEY: query} if query is not None else inputs
+            self.store.create_run(self.run_id, self.app.source, digest, stored)
         self.svc = dataclasses.replace(self.svc, session_id=self.run_id)
         ctx = RunContext({"sys": {"inputs": inputs, "workflow_run_id": self.run_id,
-                                  "query": inputs.get("query"), "app_id": self.app.name},
+                                  "query": query, "app_id": self.app.name},
                           "env": dict(self.app.environment)})
         t0 = time.perf_counter()
         self.emit({"event": "workflow_started", "workflow_run_id": self.run_id, "data": {"inputs": inputs}})
