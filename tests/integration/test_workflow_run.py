@@ -20,7 +20,7 @@ from inferstack.workflow.dsl import load_app
 from inferstack.workflow.nodes import Services
 from inferstack.workflow.runner import Runner, WorkflowError
 from inferstack.workflow.store import RunStore
-from support.gateway_procs import start_fake_engine
+from support.gateway_procs import start_fake_engine, start_gateway
 from support.procs import Server, inferstack_env
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "src/inferstack/assets/workflows/research_brief.yml"
@@ -65,20 +65,36 @@ def llm(node_id: str, text: str, **extra: object) -> dict:
             "model": {"provider": "x", "name": "m", "completion_params": {"temperature": 0}}, **extra}
 
 
-def test_example_runs_then_reruns_from_cache(engine: Server, tmp_path: Path) -> None:
-    db = tmp_path / "runs.sqlite"
-    inputs = ["--input", "topic=KV caching", "--input", "parts=prefill, decode,eviction"]
+@pytest.fixture(scope="module")
+def gateway(engine: Server) -> Server:
+    """The gateway maps model `default` (what the shipped example's LLM nodes name) to the fake engine."""
+    gw = start_gateway({"pools": {"fakes": {"endpoints": [engine.url]}},
+                        "models": {"default": {"targets": [{"pool": "fakes", "model": "fake-model"}]}}})
+    yield gw
+    gw.stop()
+
+
+def test_example_through_gateway_then_reruns_from_cache(engine: Server, gateway: Server, tmp_path: Path) -> None:
+    def run_example(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "inferstack", "workflow", "run", str(EXAMPLE), "--gateway", gateway.url + "/v1",
+             "--db", str(tmp_path / "runs.sqlite"), "--input", "topic=KV caching", *extra],
+            capture_output=True, text=True, timeout=90, env=inferstack_env(), check=False)
+
+    three = ("--input", "parts=prefill, decode,eviction")
     before = served(engine)
-    first = outputs(cli(engine, EXAMPLE, db, *inputs))
+    first = outputs(run_example(*three))
     assert first == {"report": "# KV caching\n- xxx\n- xxx\n- xxx\n", "note": "long brief (3 parts)", "count": 3}
     assert served(engine) - before == 4  # the outline + one call per part
-    assert httpx.get(engine.url + "/debug/requests").json()["peak_running"] >= 3  # parallel iteration
+    debug = httpx.get(engine.url + "/debug/requests").json()
+    assert debug["peak_running"] >= 3  # the parallel iteration
+    assert all(b["model"] == "fake-model" for b in debug["bodies"][-4:])
 
-    again = cli(engine, EXAMPLE, db, *inputs)
+    again = run_example(*three)
     assert outputs(again) == first and served(engine) - before == 4  # zero new LLM calls
     assert again.stderr.count("cache hit") == 5  # 4 LLM calls and the code node
 
-    two = cli(engine, EXAMPLE, db, "--input", "topic=KV caching", "--input", "parts=prefill,decode")
+    two = run_example("--input", "parts=prefill,decode")
     assert outputs(two)["note"] == "short brief"  # the if-else false branch
     assert served(engine) - before == 4  # same outline and per-part prompts: still cached
 
@@ -185,3 +201,4 @@ def test_advanced_chat_answer_and_parallel_join(engine: Server, tmp_path: Path) 
     assert order.index(("node_started", "left")) < order.index(("node_finished", "right"))
     bodies = httpx.get(engine.url + "/debug/requests").json()["bodies"]
     assert {"role": "user", "content": "left: hello"} in bodies[-2]["messages"] + bodies[-1]["messages"]
+
