@@ -202,3 +202,37 @@ def test_advanced_chat_answer_and_parallel_join(engine: Server, tmp_path: Path) 
     bodies = httpx.get(engine.url + "/debug/requests").json()["bodies"]
     assert {"role": "user", "content": "left: hello"} in bodies[-2]["messages"] + bodies[-1]["messages"]
 
+
+
+def _tool_app(path: Path) -> Path:
+    return write_dsl(path, [
+        {"id": "start", "type": "start", "variables": [{"variable": "x", "type": "number", "required": True}]},
+        {"id": "sum", "type": "tool", "provider_type": "mcp", "provider_id": "calc", "tool_name": "add",
+         "tool_parameters": {"a": {"type": "variable", "value": ["start", "x"]}, "b": {"type": "constant", "value": 5}}},
+        {"id": "boom", "type": "tool", "provider_type": "mcp", "provider_id": "calc", "tool_name": "explode",
+         "tool_parameters": {"reason": {"type": "mixed", "value": "x={{#start.x#}}"}}},
+        llm("explain", "The tool said: {{#boom.text#}}"),
+        {"id": "end", "type": "end", "outputs": [{"variable": "sum", "value_selector": ["sum", "json"]},
+                                                 {"variable": "error", "value_selector": ["boom", "is_error"]}]},
+    ], [("start", "sum"), ("start", "boom"), ("boom", "explain"), ("sum", "end"), ("explain", "end")])
+
+
+def test_mcp_tool_nodes_against_a_real_server_process(engine: Server, tmp_path: Path) -> None:
+    from mcp import StdioServerParameters
+
+    from support import mcp_calc_server
+
+    target = StdioServerParameters(command=sys.executable, args=[mcp_calc_server.__file__], env=inferstack_env())
+    app = _tool_app(tmp_path / "tools.yml")
+
+    async def go() -> dict:
+        async with httpx.AsyncClient() as client:
+            svc = Services(client=client, gateway=engine.url + "/v1", api_key=None, session_id="",
+                           mcp_servers={"calc": target})
+            runner = Runner(load_app(app), RunStore(tmp_path / "db.sqlite"), svc, use_cache=False, model="fake-model")
+            return (await runner.run({"x": "37"})).outputs
+
+    assert asyncio.run(go()) == {"sum": [{"result": 42}], "error": True}
+    # the tool's error went to the model as text instead of failing the run
+    last = httpx.get(engine.url + "/debug/requests").json()["bodies"][-1]
+    assert last["messages"] == [{"role": "user", "content": "The tool said: Error executing tool explode"}]

@@ -39,6 +39,25 @@ def _parse_inputs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _mcp_targets(pairs: list[str]) -> dict[str, object]:
+    """NAME=URL (Streamable HTTP) or NAME=COMMAND ARGS... (stdio) → what `mcp.Client` connects to."""
+    import shlex
+
+    targets: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, target = pair.partition("=")
+        if not sep or not name or not target:
+            raise typer.BadParameter(f"{pair!r}: expected NAME=URL or NAME=COMMAND", param_hint="--mcp")
+        if target.startswith(("http://", "https://")):
+            targets[name] = target
+        else:
+            from mcp import StdioServerParameters
+
+            argv = shlex.split(target)
+            targets[name] = StdioServerParameters(command=argv[0], args=argv[1:])
+    return targets
+
+
 def _progress(event: dict[str, Any]) -> None:
     data = event["data"]
     kind = event["event"]
@@ -68,6 +87,9 @@ def run(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not reuse cached step results.")] = False,
     allow_host: Annotated[list[str] | None, typer.Option(help="Host http-request nodes may call (repeatable); "
                                                          "none by default.")] = None,
+    mcp: Annotated[list[str] | None, typer.Option(help="MCP server for tool nodes whose provider_id is NAME: "
+                                                  "NAME=URL (Streamable HTTP) or NAME='COMMAND ARGS' (stdio); "
+                                                  "repeatable.")] = None,
     db: Annotated[Path | None, typer.Option(help="Run store (default $INFERSTACK_WORKFLOW_DB or "
                                             "~/.local/state/inferstack/workflows.sqlite).")] = None,
     run_id: Annotated[str | None, typer.Option(help="Id for the new run (default: random).")] = None,
@@ -91,7 +113,7 @@ def run(
         async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
             svc = Services(client=client, gateway=gateway or os.environ.get("OPENAI_BASE_URL") or DEFAULT_GATEWAY,
                            api_key=api_key or os.environ.get("OPENAI_API_KEY"), session_id="",
-                           allow_hosts=frozenset(allow_host or []))
+                           allow_hosts=frozenset(allow_host or []), mcp_servers=_mcp_targets(mcp or []))
             runner = Runner(loaded, store, svc, use_cache=not no_cache, on_event=_progress, model=model)
             return await runner.run(inputs, run_id=resume or run_id, resume=resume is not None)
 

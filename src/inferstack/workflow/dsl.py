@@ -25,11 +25,11 @@ RUNNABLE_MODES = ("workflow", "advanced-chat")
 # node types the runner executes
 SUPPORTED_TYPES = frozenset({
     "start", "llm", "code", "if-else", "iteration", "iteration-start", "http-request",
-    "template-transform", "variable-aggregator", "answer", "end",
+    "template-transform", "variable-aggregator", "answer", "end", "tool",
 })
 # Dify node types we know but do not run yet (they need structured outputs, MCP or retrieval)
 KNOWN_UNSUPPORTED = frozenset({
-    "parameter-extractor", "question-classifier", "tool", "knowledge-retrieval", "loop", "loop-start",
+    "parameter-extractor", "question-classifier", "knowledge-retrieval", "loop", "loop-start",
     "agent", "document-extractor", "list-operator", "variable-assigner", "assigner",
 })
 # Dify's variable reference in templates: {{#node_id.var[.field...]#}}
@@ -236,6 +236,9 @@ def _check_refs(node: Node, nodes: dict[str, Node], source: str) -> list[str]:
     selectors = references(node.data)
     if node.type == "variable-aggregator":
         selectors += [tuple(s) for s in node.data.get("variables") or [] if isinstance(s, list)]
+    if node.type == "tool":
+        selectors += [tuple(p["value"]) for p in (node.data.get("tool_parameters") or {}).values()
+                      if isinstance(p, dict) and p.get("type") == "variable" and isinstance(p.get("value"), list)]
     bad = sorted({".".join(s) for s in selectors
                   if len(s) < 2 or (s[0] not in nodes and s[0] not in SPECIAL_ROOTS)})
     return [f"{source}:{node.line}: node {node.id} ({node.type}): reference {ref!r} names no node"

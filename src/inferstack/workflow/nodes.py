@@ -34,6 +34,9 @@ class Services:
     session_id: str            # sent as X-Session-Id so the gateway keeps a run's prefixes together
     allow_hosts: frozenset[str] = frozenset()
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    # tool nodes: provider id → what `mcp.Client` connects to (a Streamable HTTP URL, stdio parameters,
+    # or an in-memory server)
+    mcp_servers: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -224,8 +227,40 @@ def _pairs(text: str) -> dict[str, str]:
     return out
 
 
+class Tool:
+    """An MCP tool call with the official SDK's `Client`; an `is_error` result is an output, not a failure,
+    so a later LLM node can see what went wrong (as a model sees tool errors)."""
+
+    def resolve(self, node: Node, ctx: RunContext) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        for name, spec in (node.data.get("tool_parameters") or {}).items():
+            kind, value = spec.get("type"), spec.get("value")
+            if kind == "variable":
+                args[name] = ctx.get(value or [])
+            else:
+                args[name] = ctx.render(value) if isinstance(value, str) else value
+        return {"server": node.data.get("provider_id") or node.data.get("provider_name"),
+                "tool": node.data.get("tool_name"), "arguments": args}
+
+    async def run(self, node: Node, resolved: dict[str, Any], svc: Services) -> NodeResult:
+        from mcp import Client
+
+        server = resolved["server"]
+        target = svc.mcp_servers.get(server)
+        if target is None:
+            raise NodeFailure(f"no MCP server {server!r} configured (give it with --mcp {server}=URL-or-command)")
+        try:
+            async with Client(target) as client:
+                result = await client.call_tool(resolved["tool"], resolved["arguments"])
+        except Exception as exc:  # transport and protocol errors of any kind fail (and retry) the node
+            raise NodeFailure(f"MCP server {server!r}, tool {resolved['tool']!r}: {type(exc).__name__}: {exc}") from None
+        text = "".join(c.text for c in result.content if c.type == "text")
+        structured = [result.structured_content] if result.structured_content is not None else []
+        return NodeResult({"text": text, "json": structured, "files": [], "is_error": bool(result.is_error)})
+
+
 EXECUTORS: dict[str, Executor] = {
     "start": Start(), "llm": Llm(), "code": Code(), "template-transform": TemplateTransform(),
     "if-else": IfElse(), "variable-aggregator": VariableAggregator(), "answer": Answer(), "end": End(),
-    "http-request": HttpRequest(), "iteration-start": Passthrough(),
+    "http-request": HttpRequest(), "iteration-start": Passthrough(), "tool": Tool(),
 }
