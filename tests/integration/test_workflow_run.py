@@ -21,7 +21,7 @@ from inferstack.workflow.nodes import Services
 from inferstack.workflow.runner import Runner, WorkflowError
 from inferstack.workflow.store import RunStore
 from support.gateway_procs import start_fake_engine, start_gateway
-from support.procs import Server, inferstack_env
+from support.procs import Server, inferstack_env, start_inferstack
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "src/inferstack/assets/workflows/research_brief.yml"
 
@@ -236,3 +236,34 @@ def test_mcp_tool_nodes_against_a_real_server_process(engine: Server, tmp_path: 
     # the tool's error went to the model as text instead of failing the run
     last = httpx.get(engine.url + "/debug/requests").json()["bodies"][-1]
     assert last["messages"] == [{"role": "user", "content": "The tool said: Error executing tool explode"}]
+
+
+def test_serve_streams_dify_events_and_keeps_runs(engine: Server, gateway: Server, tmp_path: Path) -> None:
+    srv = start_inferstack(["workflow", "serve", str(EXAMPLE), "--gateway", gateway.url + "/v1", "--no-cache",
+                            "--db", str(tmp_path / "db.sqlite")], timeout=60)
+    try:
+        body = {"inputs": {"topic": "SSE", "parts": "a,b,c"}, "response_mode": "streaming"}
+        with httpx.stream("POST", srv.url + "/v1/workflows/run", json=body, timeout=60) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: ")]
+        kinds = [e["event"] for e in events]
+        assert kinds[0] == "workflow_started" and kinds[-1] == "workflow_finished"
+        finished = [e["data"]["node_id"] for e in events if e["event"] == "node_finished"]
+        assert finished[0] == "start" and finished[-1] == "end" and finished.count("expand") == 3
+        assert events[-1]["data"]["outputs"]["note"] == "long brief (3 parts)"
+        run_id = events[0]["workflow_run_id"]
+
+        detail = httpx.get(f"{srv.url}/v1/workflows/run/{run_id}").json()
+        assert detail["status"] == "succeeded" and len(detail["nodes"]) == len(finished)
+        assert sum(n["tokens"] for n in detail["nodes"] if n["node_type"] == "llm") > 0
+        assert run_id in [r["run_id"] for r in httpx.get(srv.url + "/v1/workflows/runs").json()["data"]]
+
+        blocking = httpx.post(srv.url + "/v1/workflows/run", timeout=60, json={
+            "inputs": {"topic": "SSE", "parts": "a"}, "response_mode": "blocking"}).json()
+        assert blocking["data"]["status"] == "succeeded" and blocking["data"]["outputs"]["count"] == 1
+
+        bad = httpx.post(srv.url + "/v1/workflows/run", json={"inputs": {"parts": "a"}})
+        assert bad.status_code == 400 and "input 'topic' is required" in bad.json()["error"]["message"]
+        assert httpx.get(srv.url + "/v1/workflows/run/nope").status_code == 404
+    finally:
+        srv.stop()

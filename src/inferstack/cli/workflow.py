@@ -58,6 +58,15 @@ def _mcp_targets(pairs: list[str]) -> dict[str, object]:
     return targets
 
 
+def _services(client: Any, gateway: str | None, api_key: str | None, allow_host: list[str] | None,
+              mcp: list[str] | None) -> Any:
+    from inferstack.workflow.nodes import Services
+
+    return Services(client=client, gateway=gateway or os.environ.get("OPENAI_BASE_URL") or DEFAULT_GATEWAY,
+                    api_key=api_key or os.environ.get("OPENAI_API_KEY"), session_id="",
+                    allow_hosts=frozenset(allow_host or []), mcp_servers=_mcp_targets(mcp or []))
+
+
 def _progress(event: dict[str, Any]) -> None:
     data = event["data"]
     kind = event["event"]
@@ -99,7 +108,6 @@ def run(
 ) -> None:
     """Run FILE; progress per node on stderr, the final outputs as JSON on the last stdout line."""
     from inferstack.workflow.inputs import InputError
-    from inferstack.workflow.nodes import Services
     from inferstack.workflow.runner import Runner, WorkflowError
     from inferstack.workflow.store import RunStore, default_db_path
 
@@ -111,9 +119,7 @@ def run(
         import httpx
 
         async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
-            svc = Services(client=client, gateway=gateway or os.environ.get("OPENAI_BASE_URL") or DEFAULT_GATEWAY,
-                           api_key=api_key or os.environ.get("OPENAI_API_KEY"), session_id="",
-                           allow_hosts=frozenset(allow_host or []), mcp_servers=_mcp_targets(mcp or []))
+            svc = _services(client, gateway, api_key, allow_host, mcp)
             runner = Runner(loaded, store, svc, use_cache=not no_cache, on_event=_progress, model=model)
             return await runner.run(inputs, run_id=resume or run_id, resume=resume is not None)
 
@@ -141,3 +147,43 @@ def export(
         out.write_text(text)
     else:
         typer.echo(text, nl=False)
+
+
+@app.command()
+def serve(
+    file: Annotated[Path, typer.Argument(help="Dify DSL file (app.yml) to serve.")],
+    gateway: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL for LLM nodes (default "
+                                                "$OPENAI_BASE_URL or http://127.0.0.1:8000/v1).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for the gateway (default $OPENAI_API_KEY).")] = None,
+    model: Annotated[str | None, typer.Option(help="Serve every LLM node with this model instead of the DSL's.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not reuse cached step results.")] = False,
+    allow_host: Annotated[list[str] | None, typer.Option(help="Host http-request nodes may call (repeatable).")] = None,
+    mcp: Annotated[list[str] | None, typer.Option(help="MCP server for tool nodes: NAME=URL or NAME='COMMAND ARGS'.")] = None,
+    db: Annotated[Path | None, typer.Option(help="Run store (default $INFERSTACK_WORKFLOW_DB or "
+                                            "~/.local/state/inferstack/workflows.sqlite).")] = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 = any free port).")] = 8090,
+    ready_file: Annotated[Path | None, typer.Option(help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
+    confirm_version: Annotated[bool, typer.Option(help="Accept a DSL version that needs confirmation.")] = False,
+) -> None:
+    """Serve FILE over HTTP: POST /v1/workflows/run (SSE events or blocking), GET /v1/workflows/run/ID,
+    GET /v1/workflows/runs."""
+    from inferstack.workflow.serve import ServeState
+    from inferstack.workflow.serve import serve as run_server
+    from inferstack.workflow.store import RunStore, default_db_path
+
+    loaded = _load(file, confirm_version)
+    store = RunStore(db or default_db_path())
+
+    async def go() -> None:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
+            state = ServeState(loaded, store, _services(client, gateway, api_key, allow_host, mcp),
+                               not no_cache, model)
+            await run_server(state, host, port, str(ready_file) if ready_file else None)
+
+    try:
+        asyncio.run(go())
+    finally:
+        store.close()

@@ -71,6 +71,21 @@ class RunStore:
                               (run_id,)).fetchone()
         return RunRecord(row[0], row[1], json.loads(row[2]), row[3]) if row else None
 
+    def run_summaries(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first: id, status, timestamps, outputs and error."""
+        cur = self.db.execute("SELECT run_id, app_path, status, outputs, error, created, updated FROM runs "
+                              "ORDER BY created DESC LIMIT ?", (limit,))
+        rows = [dict(zip([c[0] for c in cur.description], row, strict=True)) for row in cur.fetchall()]
+        for row in rows:
+            row["outputs"] = json.loads(row["outputs"]) if row["outputs"] else None
+        return rows
+
+    def run_detail(self, run_id: str) -> dict[str, Any] | None:
+        row = next((r for r in self.run_summaries(1 << 30) if r["run_id"] == run_id), None)
+        if row is None:
+            return None
+        return {**row, "nodes": self.node_rows(run_id)}
+
     def finish_run(self, run_id: str, status: str, outputs: dict[str, Any] | None, error: str | None) -> None:
         self.db.execute("UPDATE runs SET status=?, outputs=?, error=?, updated=? WHERE run_id=?",
                         (status, json.dumps(outputs) if outputs is not None else None, error, time.time(), run_id))
