@@ -86,9 +86,12 @@ class Llm:
             raise NodeFailure(f"gateway {svc.gateway}: {type(exc).__name__}: {exc}") from None
         if resp.status_code != 200:
             raise NodeFailure(f"gateway answered {resp.status_code}: {resp.text[:300]}")
-        reply = resp.json()
-        text = reply["choices"][0]["message"].get("content") or ""
-        usage = {k: int(v) for k, v in (reply.get("usage") or {}).items() if isinstance(v, int)}
+        try:
+            reply = resp.json()
+            text = reply["choices"][0]["message"].get("content") or ""
+            usage = {k: int(v) for k, v in (reply.get("usage") or {}).items() if isinstance(v, int)}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise NodeFailure(f"the gateway's reply is not a chat completion: {resp.text[:300]}") from None
         return NodeResult({"text": text, "usage": usage}, usage=usage)
 
 
