@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from inferstack.workflow.dsl import load_app
+from inferstack.workflow.mcp_pool import McpConnections
 from inferstack.workflow.nodes import Services
 from inferstack.workflow.runner import Runner, WorkflowError
 from inferstack.workflow.store import RunStore
@@ -220,17 +221,19 @@ def _tool_app(path: Path) -> Path:
 def test_mcp_tool_nodes_against_a_real_server_process(engine: Server, tmp_path: Path) -> None:
     from mcp import StdioServerParameters
 
-    from support import mcp_calc_server
-
-    target = StdioServerParameters(command=sys.executable, args=[mcp_calc_server.__file__], env=inferstack_env())
+    server_script = Path(__file__).resolve().parents[1] / "support" / "mcp_calc_server.py"
+    target = StdioServerParameters(command=sys.executable, args=[str(server_script)], env=inferstack_env())
     app = _tool_app(tmp_path / "tools.yml")
 
     async def go() -> dict:
         async with httpx.AsyncClient() as client:
             svc = Services(client=client, gateway=engine.url + "/v1", api_key=None, session_id="",
-                           mcp_servers={"calc": target})
+                           mcp=McpConnections({"calc": target}))
             runner = Runner(load_app(app), RunStore(tmp_path / "db.sqlite"), svc, use_cache=False, model="fake-model")
-            return (await runner.run({"x": "37"})).outputs
+            try:
+                return (await runner.run({"x": "37"})).outputs
+            finally:
+                await svc.mcp.aclose()
 
     assert asyncio.run(go()) == {"sum": [{"result": 42}], "error": True}
     # the tool's error went to the model as text instead of failing the run

@@ -60,11 +60,12 @@ def _mcp_targets(pairs: list[str]) -> dict[str, object]:
 
 def _services(client: Any, gateway: str | None, api_key: str | None, allow_host: list[str] | None,
               mcp: list[str] | None) -> Any:
+    from inferstack.workflow.mcp_pool import McpConnections
     from inferstack.workflow.nodes import Services
 
     return Services(client=client, gateway=gateway or os.environ.get("OPENAI_BASE_URL") or DEFAULT_GATEWAY,
                     api_key=api_key or os.environ.get("OPENAI_API_KEY"), session_id="",
-                    allow_hosts=frozenset(allow_host or []), mcp_servers=_mcp_targets(mcp or []))
+                    allow_hosts=frozenset(allow_host or []), mcp=McpConnections(_mcp_targets(mcp or [])))
 
 
 def _progress(event: dict[str, Any]) -> None:
@@ -121,7 +122,10 @@ def run(
         async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
             svc = _services(client, gateway, api_key, allow_host, mcp)
             runner = Runner(loaded, store, svc, use_cache=not no_cache, on_event=_progress, model=model)
-            return await runner.run(inputs, run_id=resume or run_id, resume=resume is not None)
+            try:
+                return await runner.run(inputs, run_id=resume or run_id, resume=resume is not None)
+            finally:
+                await svc.mcp.aclose()
 
     try:
         outcome = asyncio.run(go())
@@ -181,7 +185,10 @@ def serve(
         async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
             state = ServeState(loaded, store, _services(client, gateway, api_key, allow_host, mcp),
                                not no_cache, model)
-            await run_server(state, host, port, str(ready_file) if ready_file else None)
+            try:
+                await run_server(state, host, port, str(ready_file) if ready_file else None)
+            finally:
+                await state.services.mcp.aclose()
 
     try:
         asyncio.run(go())

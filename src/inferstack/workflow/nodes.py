@@ -16,6 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from inferstack.workflow.conditions import evaluate_cases
 from inferstack.workflow.context import RunContext
 from inferstack.workflow.dsl import Node
+from inferstack.workflow.mcp_pool import McpConnections
 from inferstack.workflow.sandbox import SandboxError, SandboxLimits, run_python
 
 COMPLETION_PARAMS = ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty",
@@ -34,9 +35,8 @@ class Services:
     session_id: str            # sent as X-Session-Id so the gateway keeps a run's prefixes together
     allow_hosts: frozenset[str] = frozenset()
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
-    # tool nodes: provider id → what `mcp.Client` connects to (a Streamable HTTP URL, stdio parameters,
-    # or an in-memory server)
-    mcp_servers: dict[str, object] = field(default_factory=dict)
+    # tool nodes: provider id → one MCP session per server (the owner closes it)
+    mcp: McpConnections = field(default_factory=McpConnections)
 
 
 @dataclass
@@ -246,15 +246,11 @@ class Tool:
                 "tool": node.data.get("tool_name"), "arguments": args}
 
     async def run(self, node: Node, resolved: dict[str, Any], svc: Services) -> NodeResult:
-        from mcp import Client
-
         server = resolved["server"]
-        target = svc.mcp_servers.get(server)
-        if target is None:
+        if server not in svc.mcp:
             raise NodeFailure(f"no MCP server {server!r} configured (give it with --mcp {server}=URL-or-command)")
         try:
-            async with Client(target) as client:
-                result = await client.call_tool(resolved["tool"], resolved["arguments"])
+            result = await svc.mcp.call(server, resolved["tool"], resolved["arguments"])
         except Exception as exc:  # transport and protocol errors of any kind fail (and retry) the node
             raise NodeFailure(f"MCP server {server!r}, tool {resolved['tool']!r}: {type(exc).__name__}: {exc}") from None
         text = "".join(c.text for c in result.content if c.type == "text")
