@@ -29,6 +29,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("sim", "sim"),
     ("observe", "observe"),
     ("lab", "lab"),
+    ("workflow", "workflow"),
 ]
 
 

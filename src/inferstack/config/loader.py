@@ -78,15 +78,25 @@ def _line_of(data: Any, loc: Sequence[int | str]) -> int:
     return line
 
 
-def parse_config(text: str, source: str = "<string>") -> InferstackConfig:
+def load_marked_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML whose mappings/lists remember their lines (see `line_of`); bad YAML → ConfigError."""
     try:
-        data = yaml.load(text, Loader=_MarkedLoader)
+        return yaml.load(text, Loader=_MarkedLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise ConfigError([f"{source}:{line}: invalid YAML: {exc.problem or exc.context}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}:1: invalid YAML: {exc}"]) from None
+
+
+def line_of(data: Any, loc: Sequence[int | str]) -> int:
+    """The line of the value at path ``loc`` in a document from `load_marked_yaml` (deepest known)."""
+    return _line_of(data, loc)
+
+
+def parse_config(text: str, source: str = "<string>") -> InferstackConfig:
+    data = load_marked_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):

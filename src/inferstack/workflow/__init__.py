@@ -1,0 +1,1 @@
+"""Run Dify-format workflows over the inferstack gateway (see docs/workflows.md)."""

@@ -1,0 +1,152 @@
+"""Run a code node's Python in a separate, limited process.
+
+Layers (docs/workflows.md says what each one guarantees):
+- kernel: a fresh network namespace (no interfaces but a down loopback) when we may create one
+  (root, or unprivileged user namespaces); rlimits on address space, CPU seconds, file size, open files
+  and processes; as root, the child runs as user `nobody` in its own session, killed as a group.
+- interpreter: `python -I -S` (no site-packages, no environment hooks) and an audit hook that refuses
+  sockets, process creation, ctypes and files outside the run directory (sandbox_child.py).
+- wall-clock timeout: the whole process group is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+CHILD = Path(__file__).with_name("sandbox_child.py")
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    memory_mb: int = 256
+    cpu_s: int = 5
+    wall_s: float = 10.0
+    file_mb: int = 16
+    max_procs: int = 64
+    output_kb: int = 1024
+
+
+class SandboxError(Exception):
+    """The code failed, was refused, or went over a limit; the message says which."""
+
+
+@dataclass(frozen=True)
+class Isolation:
+    netns_flags: int      # 0: no namespace could be made; the audit hook alone refuses sockets
+    drop_to_nobody: bool
+
+
+@lru_cache(maxsize=1)
+def isolation() -> Isolation:
+    """The strongest isolation this machine allows, probed once by starting the interpreter with it.
+
+    Root: a network namespace and user `nobody` (if `nobody` can run the interpreter), else a user +
+    network namespace (no capabilities over the host: no DAC override, RLIMIT_NPROC applies).
+    Not root: a user + network namespace if unprivileged ones are enabled, else the audit hook alone.
+    """
+    root = os.geteuid() == 0
+    tries = [Isolation(CLONE_NEWNET, True)] if root else []
+    tries += [Isolation(CLONE_NEWUSER | CLONE_NEWNET, False)]
+    for iso in tries:
+        with contextlib.suppress(OSError):
+            probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
+                                   preexec_fn=_preexec(SandboxLimits(), iso), check=False)
+            if probe.returncode == 0:
+                return iso
+    return Isolation(0, False)
+
+
+def _unshare(flags: int):
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def apply() -> None:
+        if libc.unshare(flags) != 0:
+            raise OSError(ctypes.get_errno(), "unshare failed")
+
+    return apply
+
+
+def _preexec(limits: SandboxLimits, iso: Isolation):
+    unshare = _unshare(iso.netns_flags) if iso.netns_flags else None
+
+    def apply() -> None:
+        if unshare:
+            unshare()  # before dropping root: creating a network namespace needs the capability
+        mem = limits.memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))  # SIGXCPU, then KILL
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb << 20, limits.file_mb << 20))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_procs, limits.max_procs))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if iso.drop_to_nobody:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+
+    return apply
+
+
+def _read_roots() -> list[str]:
+    paths = sysconfig.get_paths()
+    return sorted({paths["stdlib"], paths["platstdlib"], sys.base_prefix + "/lib"})
+
+
+async def run_python(code: str, inputs: dict[str, Any], limits: SandboxLimits) -> dict[str, Any]:
+    """Run ``main(**inputs)`` from ``code`` in the sandbox; its dict result, or SandboxError."""
+    iso = isolation()
+    run_dir = tempfile.mkdtemp(prefix="inferstack-code-")
+    if iso.drop_to_nobody:
+        os.chown(run_dir, NOBODY, NOBODY)
+    request = json.dumps({"code": code, "inputs": inputs, "run_dir": run_dir, "read_roots": _read_roots()})
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", "-c", CHILD.read_text(), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=run_dir,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
+            preexec_fn=_preexec(limits, iso))
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(request.encode()), limits.wall_s)
+        except TimeoutError:
+            raise SandboxError(f"code ran longer than {limits.wall_s:g}s and was killed") from None
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        return _result(out, err, proc.returncode, limits)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _result(out: bytes, err: bytes, rc: int | None, limits: SandboxLimits) -> dict[str, Any]:
+    if len(out) > limits.output_kb << 10:
+        raise SandboxError(f"code output is larger than {limits.output_kb} KiB")
+    lines = out.decode(errors="replace").strip().splitlines()
+    if not lines:
+        tail = err.decode(errors="replace").strip()[-500:]
+        why = {-signal.SIGXCPU: f"CPU limit ({limits.cpu_s}s)", -signal.SIGKILL: "killed: CPU or memory limit",
+               -signal.SIGSEGV: "crashed"}.get(rc or 0, f"exit status {rc}")
+        raise SandboxError(f"code process ended without a result ({why}); memory limit "
+                           f"{limits.memory_mb} MiB; stderr: {tail}")
+    reply = json.loads(lines[-1])
+    if not reply["ok"]:
+        raise SandboxError(reply["error"])
+    return reply["outputs"]

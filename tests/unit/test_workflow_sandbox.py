@@ -1,0 +1,94 @@
+"""Code-node sandbox: escapes are tried for real and must be refused (network, files, processes, memory,
+CPU, wall time); plain code still runs and may use its own run directory."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from inferstack.workflow.sandbox import SandboxError, SandboxLimits, _preexec, isolation, run_python
+
+LIMITS = SandboxLimits(memory_mb=200, cpu_s=1, wall_s=4.0)
+
+
+def run(code: str, **inputs: object) -> dict:
+    return asyncio.run(run_python(code, dict(inputs), LIMITS))
+
+
+def refused(code: str, limits: SandboxLimits = LIMITS) -> str:
+    with pytest.raises(SandboxError) as err:
+        asyncio.run(run_python(code, {}, limits))
+    return str(err.value)
+
+
+def test_plain_code_runs_and_uses_its_run_dir() -> None:
+    code = ("import json, math\n"
+            "def main(a: int) -> dict:\n"
+            "    open('scratch.txt', 'w').write(json.dumps({'r': math.isqrt(a)}))\n"
+            "    print('user prints do not break the result')\n"
+            "    return json.loads(open('scratch.txt').read())\n")
+    assert run(code, a=49) == {"r": 7}
+
+
+@pytest.mark.parametrize("code", [
+    "import socket\ndef main():\n    socket.create_connection(('127.0.0.1', 80))\n",
+    "import socket\ndef main():\n    socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n",
+    "import urllib.request\ndef main():\n    urllib.request.urlopen('http://127.0.0.1:1/')\n",
+])
+def test_network_refused(code: str) -> None:
+    assert "sandbox: socket." in refused(code)
+
+
+def test_network_namespace_blocks_even_without_the_audit_hook() -> None:
+    """The kernel layer alone: a plain interpreter under the sandbox's pre-exec cannot reach a listener."""
+    if not isolation().netns_flags:
+        pytest.skip("this machine allows no network namespace; the audit hook is the only network guard")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        probe = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"],
+            preexec_fn=_preexec(LIMITS, isolation()), capture_output=True, text=True, timeout=20, check=False)
+    assert probe.returncode != 0 and "Network is unreachable" in probe.stderr, probe.stderr
+
+
+@pytest.mark.parametrize(("code", "what"), [
+    ("def main():\n    return {'x': open('/etc/hostname').read()}\n", "outside the run directory"),
+    ("def main():\n    open('/tmp/inferstack-sandbox-escape', 'w').write('x')\n", "outside the run directory"),
+    ("import os\ndef main():\n    return {'x': os.listdir('/')}\n", "outside the run directory"),
+    ("import os\ndef main():\n    os.open('/etc/hostname', os.O_RDONLY)\n", "outside the run directory"),
+    ("import os\ndef main():\n    os.remove('/tmp/anything')\n", "outside the run directory"),
+    ("def main():\n    return {'x': open('../../etc/hostname').read()}\n", "outside the run directory"),
+])
+def test_files_outside_the_run_dir_refused(code: str, what: str) -> None:
+    assert what in refused(code)
+
+
+@pytest.mark.parametrize("code", [
+    "import os\ndef main():\n    while True:\n        os.fork()\n",
+    "import subprocess\ndef main():\n    subprocess.run(['sh', '-c', ':(){ :|:& };:'])\n",
+    "import os\ndef main():\n    os.system('true')\n",
+    "import ctypes\ndef main():\n    ctypes.CDLL(None).fork()\n",
+])
+def test_process_creation_refused(code: str) -> None:
+    assert "is not allowed" in refused(code)
+
+
+def test_memory_limit() -> None:
+    assert "MemoryError" in refused("def main():\n    x = bytearray(1 << 30)\n    return {}\n")
+
+
+def test_cpu_and_wall_limits() -> None:
+    assert "CPU limit" in refused("def main():\n    while True:\n        pass\n")
+    assert "longer than 1s" in refused("import time\ndef main():\n    time.sleep(30)\n",
+                                        SandboxLimits(wall_s=1.0))
+
+
+def test_bad_results_are_errors() -> None:
+    assert "must return a dict" in refused("def main():\n    return 3\n")
+    assert "ZeroDivisionError" in refused("def main():\n    return {'x': 1 / 0}\n")
