@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 
-apt_packages=(redis-server prometheus docker-registry chromium)
+apt_packages=(redis-server prometheus docker-registry chromium bpftrace)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -25,6 +25,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("config", "config"),
     ("up", "up"),
     ("lab", "lab"),
+    ("observe", "observe"),
 ]
 
 
