@@ -4,7 +4,7 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import pd, routing, tuning
+from inferstack.lab.labs import pd, routing, signing, tuning
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -31,8 +31,7 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     _planned("dashboards", 3, "AI dashboards", "Prometheus, Grafana and the live dashboard under load",
              "a dashboards lab module (inferstack up --with-prometheus exists)"),
     _planned("ebpf", 3, "eBPF monitoring", "TTFT/ITL of an unmodified server from the kernel", "inferstack observe"),
-    _planned("signing", 4, "Model signature verification", "pack, sign, tamper, refuse",
-             "a signing lab module (inferstack model sign/verify exist)"),
+    signing.LAB,
     _planned("compliance", 4, "Compliance reporting", "EU AI Act record-keeping evidence",
              "a compliance lab module (inferstack compliance report exists)"),
     _planned("oci", 4, "OCI model distribution", "push, pull with resume, digests",
