@@ -4,7 +4,7 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import pd, routing, signing, tuning
+from inferstack.lab.labs import oci, pd, routing, signing, tuning
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -34,8 +34,7 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     signing.LAB,
     _planned("compliance", 4, "Compliance reporting", "EU AI Act record-keeping evidence",
              "a compliance lab module (inferstack compliance report exists)"),
-    _planned("oci", 4, "OCI model distribution", "push, pull with resume, digests",
-             "an oci lab module (inferstack model push/pull exist)"),
+    oci.LAB,
     tuning.LAB,
     _planned("production", 4, "A production deployment", "Envoy + endpoint picker + engines from the chart",
              "the Kubernetes endpoint picker and chart"),
