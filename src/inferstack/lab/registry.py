@@ -4,7 +4,7 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import oci, pd, routing, signing, tuning
+from inferstack.lab.labs import compliance, oci, pd, routing, signing, tuning
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -32,8 +32,7 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
              "a dashboards lab module (inferstack up --with-prometheus exists)"),
     _planned("ebpf", 3, "eBPF monitoring", "TTFT/ITL of an unmodified server from the kernel", "inferstack observe"),
     signing.LAB,
-    _planned("compliance", 4, "Compliance reporting", "EU AI Act record-keeping evidence",
-             "a compliance lab module (inferstack compliance report exists)"),
+    compliance.LAB,
     oci.LAB,
     tuning.LAB,
     _planned("production", 4, "A production deployment", "Envoy + endpoint picker + engines from the chart",
