@@ -81,6 +81,7 @@ def run(lab: LabRun) -> LabResult:
         raise LabError(f"the gateway wrote no request records into {audit_dir}")
     tamper_rc, tamper_said = _tampered_copy(lab, audit_dir)
     checklist = report["checklist"]
+    with_digest = sum(1 for r in requests if r.get("model_digest"))
     statuses = [c["status"] for c in checklist]
     model = report["models"][0]
     findings = [
@@ -91,9 +92,9 @@ def run(lab: LabRun) -> LabResult:
         + "; after one token count was edited in a copy it said: "
         + (tamper_said.splitlines()[-1] if tamper_rc else "nothing (NOT detected)") + ".",
         f"The packed and signed model's signature status under the trust policy: {model['signature_status']}. "
-        f"{sum(1 for r in requests if r.get('model_digest'))} of {len(requests)} request records carry a model "
-        "digest: the gateway records one only when the pool sets `model_digest` (docs/compliance.md), which "
-        "`inferstack up` does not do for its generated pools.",
+        f"{with_digest} of {len(requests)} request records carry a model digest"
+        + (": the gateway records one only when the pool sets `model_digest` (docs/compliance.md), and this "
+           "stack's pools (made by `inferstack up`) do not." if with_digest < len(requests) else "."),
         f"EU AI Act checklist: {statuses.count('pass')} pass, {statuses.count('fail')} fail, "
         f"{statuses.count('manual')} manual (not observable by the platform): "
         + "; ".join(f"{c['article']} {c['status']}" for c in checklist if c["status"] != "pass") + ".",
