@@ -46,6 +46,16 @@ class Command:
     seconds: float
 
 
+def http_ok(url: str) -> bool:
+    """A readiness probe: ``url`` answers 200."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

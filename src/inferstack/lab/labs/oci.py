@@ -12,13 +12,11 @@ import re
 import shutil
 from pathlib import Path
 
-import httpx
-
 from inferstack.lab.base import Lab, LabResult, Table
 from inferstack.lab.labs._common import compare
 from inferstack.lab.labs.signing import MIB, write_keypair, write_model
 from inferstack.lab.report import bar_plot
-from inferstack.lab.runtime import Command, LabError, LabRun
+from inferstack.lab.runtime import Command, LabError, LabRun, http_ok
 from inferstack.stack.supervisor import free_port
 
 DOCKER_REGISTRY = "/usr/bin/docker-registry"
@@ -32,13 +30,6 @@ def _registry_config(root: Path, port: int) -> Path:
                       f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
                       f"http:\n  addr: 127.0.0.1:{port}\n")
     return config
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _digest(cmd: Command) -> str:
@@ -125,7 +116,7 @@ def run(lab: LabRun) -> LabResult:
     port = free_port()
     config = _registry_config(root, port)
     with lab.process("docker-registry", [DOCKER_REGISTRY, "serve", str(config)],
-                     ready=lambda: _answers(f"http://127.0.0.1:{port}/v2/")):
+                     ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/")):
         rows, facts = _exercise(lab, f"127.0.0.1:{port}", 8 if lab.quick else 256)
     plot = bar_plot(lab.out / "transfer.png", "Registry transfers", "seconds (CLI wall)",
                     {"time": [r[4] for r in rows]}, [r[0].split(" (")[0] for r in rows])
