@@ -119,7 +119,8 @@ def run(lab: LabRun) -> LabResult:
                      ready=lambda: http_ok(f"http://127.0.0.1:{port}/v2/")):
         rows, facts = _exercise(lab, f"127.0.0.1:{port}", 8 if lab.quick else 256)
     plot = bar_plot(lab.out / "transfer.png", "Registry transfers", "seconds (CLI wall)",
-                    {"time": [r[4] for r in rows]}, [r[0].split(" (")[0] for r in rows])
+                    {"time": [r[4] for r in rows] + [facts["cli_startup_s"]]},
+                    [r[0].split(" (")[0] for r in rows] + ["CLI start-up"])
     table = Table("inferstack model push / pull against docker-registry on loopback (plain HTTP)",
                   ["step", "artifact (MiB)", "blobs uploaded/fetched", "registry grew (MiB)",
                    "seconds (CLI wall)"], rows)
