@@ -43,6 +43,10 @@ def _observed(lab: LabRun, engine: str, duration: float, rate: float) -> tuple[d
     return client, json.loads(results.read_text())["summary"]
 
 
+def _gap(row: list) -> str:
+    return "" if row[3] is None else f", client - eBPF = {row[3]:+.2f} ms"
+
+
 def run(lab: LabRun) -> LabResult:
     why = _unmet()
     if why:
@@ -57,10 +61,11 @@ def run(lab: LabRun) -> LabResult:
             rows.append([f"{label} {q}", c, k, None if c is None or k is None else c - k])
     n_client, n_kernel = completed(client), completed(kernel)
     findings = [
-        compare("TTFT p50", "client", rows[0][1], "eBPF (server socket)", rows[0][2]) + ": the kernel sees the "
+        compare("TTFT p50", "client", rows[0][1], "eBPF (server socket)", rows[0][2]) + _gap(rows[0])
+        + ": the kernel sees the "
         "request arrive and the first token leave the server's socket; the client adds its own side of the "
         "loopback, HTTP parsing and scheduling on a shared CPU.",
-        compare("ITL p50", "client", rows[2][1], "eBPF", rows[2][2]) + ": token gaps are set by the engine, so "
+        compare("ITL p50", "client", rows[2][1], "eBPF", rows[2][2]) + _gap(rows[2]) + ": token gaps are set by the engine, so "
         "both views should agree closely.",
         f"Requests counted: client {n_client}, eBPF {n_kernel}"
         + (" (every request seen)." if n_kernel == n_client else
