@@ -121,6 +121,6 @@ def run(lab: LabRun) -> LabResult:
 LAB = Lab(
     name="signing", week=4, title="Model signature verification",
     question="What does signing a model protect against, and what does checking it cost at load time?",
-    teaches="pack a model, sign it (OpenSSF model signing), verify, tamper one byte, refused",
+    teaches="sign a model folder (OpenSSF model signing), verify, wrong key and one tampered byte refused",
     needs=("inferstack model sign/verify", "a model folder written into the run directory"),
     minutes=0.5, run=run)
