@@ -41,6 +41,8 @@ def test_unknown_and_planned_labs_are_clear_errors(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, lab in LABS.items() if lab.available])
 def test_lab_runs_quick_and_reports(name, tmp_path):
+    if LABS[name].missing():  # a binary or root this machine lacks; CI installs them (scripts/setup.sh)
+        pytest.skip(LABS[name].missing())
     r = _cli("run", name, "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = (tmp_path / "report.md").read_text()

@@ -23,6 +23,8 @@ def list_labs() -> None:
             typer.echo(f"{lab.name:<20} week {lab.week}  {lab.teaches}")
             typer.echo(f"{'':<20}         needs: {', '.join(lab.needs)}; about {lab.minutes:g} min "
                        "(--quick: under a minute)")
+            if lab.missing():
+                typer.echo(f"{'':<20}         [cannot run here: {lab.missing()}]")
         else:
             typer.echo(f"{lab.name:<20} week {lab.week}  {lab.teaches}  [not built yet: needs {lab.planned_by}]")
 
@@ -45,6 +47,9 @@ def run(
         raise typer.Exit(2)
     if lab.run is None:
         typer.echo(f"error: lab {name!r} is not built yet: it needs {lab.planned_by}", err=True)
+        raise typer.Exit(2)
+    if lab.missing():
+        typer.echo(f"error: lab {name!r} cannot run on this machine: {lab.missing()}", err=True)
         raise typer.Exit(2)
     out = out or Path(f"lab-{name}")
     out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,12 @@ class Lab:
     minutes: float                      # a full run, on a laptop
     run: Callable[[LabRun], LabResult] | None = None   # None: its feature is not built yet
     planned_by: str = ""                # for a lab not built yet: what brings it
+    unmet: Callable[[], str] | None = None  # why this machine cannot run it ("" when it can): root, a binary
 
     @property
     def available(self) -> bool:
         return self.run is not None
+
+    def missing(self) -> str:
+        """What this machine lacks to run the lab ("" when nothing)."""
+        return self.unmet() if self.unmet else ""

@@ -4,7 +4,7 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import pd, routing, tuning
+from inferstack.lab.labs import compliance, ebpf, oci, pd, routing, signing, tuning
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -30,13 +30,10 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     _planned("capacity", 2, "Capacity planning", "how many replicas for a trace at an SLO", "inferstack sim"),
     _planned("dashboards", 3, "AI dashboards", "Prometheus, Grafana and the live dashboard under load",
              "a dashboards lab module (inferstack up --with-prometheus exists)"),
-    _planned("ebpf", 3, "eBPF monitoring", "TTFT/ITL of an unmodified server from the kernel", "inferstack observe"),
-    _planned("signing", 4, "Model signature verification", "pack, sign, tamper, refuse",
-             "a signing lab module (inferstack model sign/verify exist)"),
-    _planned("compliance", 4, "Compliance reporting", "EU AI Act record-keeping evidence",
-             "a compliance lab module (inferstack compliance report exists)"),
-    _planned("oci", 4, "OCI model distribution", "push, pull with resume, digests",
-             "an oci lab module (inferstack model push/pull exist)"),
+    ebpf.LAB,
+    signing.LAB,
+    compliance.LAB,
+    oci.LAB,
     tuning.LAB,
     _planned("production", 4, "A production deployment", "Envoy + endpoint picker + engines from the chart",
              "the Kubernetes endpoint picker and chart"),

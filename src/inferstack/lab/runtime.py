@@ -2,8 +2,10 @@
 
 `LabRun.stack()` runs `inferstack up` (the supervisor that users run) on a free port and yields its
 URLs; on exit it sends SIGTERM, waits for the supervisor to stop its children, and checks by PID
-that none is left. `LabRun.bench()` runs `inferstack bench run` and returns its summary. Nothing
-is killed by name, and every child's log stays under the run's `logs/` folder.
+that none is left. `LabRun.process()` does the same for one other server (a registry), ready when
+its probe says so. `LabRun.bench()` runs `inferstack bench run` and returns its summary;
+`LabRun.cli()` runs any other `inferstack` command and times it. Nothing is killed by name, and
+every child's log stays under the run's `logs/` folder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,24 @@ class Stack:
     engines: list[str]
     pids: list[int]                 # the supervisor's children, checked gone on exit
     log_dir: Path
+
+
+@dataclass(frozen=True)
+class Command:
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def http_ok(url: str) -> bool:
+    """A readiness probe: ``url`` answers 200."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -114,6 +134,47 @@ class LabRun:
         left = [p for p in pids if _alive(p)]
         if left:
             raise LabError(f"processes left running after the stack stopped: {left} (log {log_dir})")
+
+    @contextlib.contextmanager
+    def process(self, name: str, argv: list[str], ready: Callable[[], bool],
+                timeout_s: float = 30) -> Iterator[int]:
+        """Run ``argv`` (its own session, log in logs/NAME.log) until the block ends; yields its PID once
+        ``ready()`` is true. On exit: SIGTERM, then SIGKILL after 10 s, and a check that it is gone."""
+        log_path = self.out / "logs" / f"{name}.log"
+        self.step(f"start {name}")
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                    start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not ready():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise LabError(f"{name} did not become ready (log {log_path}):\n{tail}")
+                time.sleep(0.05)
+            yield proc.pid
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            if _alive(proc.pid):
+                raise LabError(f"{name} (pid {proc.pid}) still running after it was stopped")
+
+    def cli(self, *args: str, expect: int | None = 0) -> Command:
+        """`inferstack ARGS` in its own process, timed; a LabError unless it exits ``expect`` (None: any)."""
+        self.step("inferstack " + " ".join(args))
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "inferstack", *args], capture_output=True, text=True,
+                              env=self._env(), timeout=300)
+        took = time.perf_counter() - t0
+        if expect is not None and done.returncode != expect:
+            raise LabError(f"inferstack {' '.join(args)} exited {done.returncode}, expected {expect}:\n"
+                           f"{done.stdout[-1500:]}{done.stderr[-1500:]}")
+        return Command(done.returncode, done.stdout, done.stderr, took)
 
     def bench(self, target: str, workload: str, name: str, *, rate: float | None = None,
               duration: float = 10.0, extra: tuple[str, ...] = ()) -> dict[str, Any]:

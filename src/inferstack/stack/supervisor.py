@@ -54,7 +54,7 @@ def _port_of(url: str) -> int:
     return urlsplit(url).port or 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -258,7 +258,7 @@ class Supervisor:
         """Start a third-party server on a free port and wait until it answers."""
         self.reporter.step(f"starting {what}")
         try:
-            child.spawn(_free_port())
+            child.spawn(free_port())
             return await self._wait_all([child])
         except ChildFailed as e:
             self.reporter.error(str(e))
