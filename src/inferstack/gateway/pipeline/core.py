@@ -103,7 +103,7 @@ class Pipeline:
             route = self.resolver.resolve(model)
             fan_out = check_fan_out(inbound.kind, req, self.cfg.gateway.http.max_prompts)
             parts = list(prompt_parts(inbound.kind, req))
-            prompt_tokens = prompt_token_estimate(inbound.kind, req)
+            prompt_tokens = prompt_token_estimate(inbound.kind, req, sum(len(p) for p in parts))
             out_tokens = requested_max_tokens(req) or self.cfg.gateway.limits.default_max_tokens
             engine_body = self.planner.engine_body(req, caller, route)
             admission = await self.admitter.admit(inbound, caller, route, prompt_tokens,
