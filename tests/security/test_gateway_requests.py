@@ -68,6 +68,10 @@ def test_missing_model_is_a_400_like_openai(stack):
     r = httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {STD_KEY}"},
                    json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    # a megabyte of model name is not echoed back (nor written into the audit log)
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {STD_KEY}"},
+                   json={"model": "m" * (1 << 20), "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and len(r.content) < 1024, r.status_code
 
 
 def test_json_nested_too_deep_to_forward_is_an_audited_400(stack):

@@ -96,8 +96,6 @@ class Pipeline:
                 caller = self.auth.authenticate(inbound.headers)
                 ident = caller.ident
             req = parse_body(body)
-            asked = req.get("model")
-            model = asked if isinstance(asked, str) else None
             model = requested_model(req)
             self.auth.authorize(caller, model)
             route = self.resolver.resolve(model)
