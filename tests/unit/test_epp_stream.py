@@ -15,19 +15,19 @@ from google.protobuf import struct_pb2
 
 from inferstack.config import parse_config
 from inferstack.epp import messages as m
-from inferstack.epp.stream import Picker, Stream
+from inferstack.epp.stream import EndpointPicker, Stream
 from inferstack.gateway.pipeline import Pipeline
 
 EPS = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
 KEY = "sk-a"
 
 
-def _picker() -> Picker:
+def _picker() -> EndpointPicker:
     cfg = parse_config(
         "pools:\n  p:\n    models: [m]\n    endpoints: [" + ", ".join(f"http://{e}" for e in EPS) + "]\n"
         f"keys:\n  - sha256: {hashlib.sha256(KEY.encode()).hexdigest()}\n    tenant: t\n")
     pipe = Pipeline(cfg)
-    return Picker(pipe, pipe.pools["p"])
+    return EndpointPicker(pipe, pipe.pools["p"])
 
 
 def _headers(path: str = "/v1/completions", eos: bool = False, key: str | None = KEY,

@@ -23,7 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
 from inferstack.config.schema import InferstackConfig
-from inferstack.epp.stream import Picker, Stream, decision_histogram
+from inferstack.epp.stream import EndpointPicker, Stream, decision_histogram
 from inferstack.gateway.pipeline import Pipeline
 
 log = logging.getLogger("inferstack.epp")
@@ -36,7 +36,7 @@ _OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, picker: Picker):
+    def __init__(self, picker: EndpointPicker):
         self.picker = picker
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
@@ -75,7 +75,8 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     """Serve until SIGTERM/SIGINT, then drain open streams (bounded) and exit."""
     ep = cfg.epp
     pipeline = Pipeline(cfg, tracer_provider)
-    picker = Picker(pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry))
+    picker = EndpointPicker(pipeline, pipeline.pools[pool], ep.conformance_hooks,
+                            decision_histogram(pipeline.metrics.registry))
     health = health_aio.HealthServicer()
     await health.set("liveness", _SERVING)
     for service in ("readiness", EXT_PROC):

@@ -52,7 +52,7 @@ class Phase(enum.Enum):
 
 
 @dataclass
-class Picker:
+class EndpointPicker:
     """What every stream shares: the pipeline, the pool this picker serves and its options."""
 
     pipeline: Pipeline
@@ -73,7 +73,7 @@ class _Response:
 
 
 class Stream:
-    def __init__(self, picker: Picker):
+    def __init__(self, picker: EndpointPicker):
         self.p = picker
         self.phase = Phase.HEADERS
         self.request_mode = _STREAMED
@@ -225,10 +225,11 @@ class Stream:
             if self.resp.sse:
                 strip = self.ctx.plan.inject_usage and self.response_mode == _STREAMED
                 self.resp.meter = StreamMeter(self.ctx.inbound.t0, strip=strip)
-            self._credit(m.served_endpoint(msg))
+            served = m.served_endpoint(msg)
+            self._credit(served)
             self.phase = Phase.RESPONSE
             if self.p.conformance:
-                out[m.CONFORMANCE_SERVED] = (m.served_endpoint(msg) or "").encode()
+                out[m.CONFORMANCE_SERVED] = (served or "").encode()
             if msg.response_headers.end_of_stream or self.response_mode == ProcessingMode.NONE:
                 await self.finish()
         sets = [m.set_header(k, v) for k, v in out.items()]
@@ -257,6 +258,7 @@ class Stream:
         if meter is not None:
             chunk = meter.feed(chunk, time.perf_counter()) if chunk else chunk
             if eos:
+                chunk += meter.flush()
                 await self.finish()
             return self._echo(chunk, eos)
         self.resp.buffered.append(chunk)

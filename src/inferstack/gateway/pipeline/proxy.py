@@ -137,6 +137,8 @@ class Proxy:
                     chunk = meter.feed(chunk, time.perf_counter())
                     if chunk:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if rest := meter.flush():
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
             except OSError as exc:
                 # never retry once streaming began: tell the client, end the stream cleanly
                 conn.close()
