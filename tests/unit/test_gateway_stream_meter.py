@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from inferstack.gateway.pipeline.usage import StreamMeter
 
-EVENTS = [b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n',
-          b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',
-          b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n',
-          b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n',
-          b"data: [DONE]\n\n"]
+EVENTS = [
+    b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n',
+    b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',
+    b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n',
+    b"data: [DONE]\n\n",
+]
 STREAM = b"".join(EVENTS)
 
 

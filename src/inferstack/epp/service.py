@@ -49,7 +49,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             await stream.abandon()
 
 
-async def _track_readiness(health: health_aio.HealthServicer, pipeline: Pipeline, stop: asyncio.Event) -> None:
+async def _track_readiness(
+    health: health_aio.HealthServicer, pipeline: Pipeline, stop: asyncio.Event
+) -> None:
     last = None
     while not stop.is_set():
         ready = pipeline.ready()
@@ -75,8 +77,9 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     """Serve until SIGTERM/SIGINT, then drain open streams (bounded) and exit."""
     ep = cfg.epp
     pipeline = Pipeline(cfg, tracer_provider)
-    picker = EndpointPicker(pipeline, pipeline.pools[pool], ep.conformance_hooks,
-                            decision_histogram(pipeline.metrics.registry))
+    picker = EndpointPicker(
+        pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry)
+    )
     health = health_aio.HealthServicer()
     await health.set("liveness", _SERVING)
     for service in ("readiness", EXT_PROC):
@@ -97,9 +100,16 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
         loop.add_signal_handler(sig, stop.set)
     tracker = asyncio.create_task(_track_readiness(health, pipeline, stop))
     h = f"[{ep.host}]" if ":" in ep.host else ep.host
-    line = json.dumps({"urls": [f"grpc://{h}:{port}", f"grpc://{h}:{hport}", f"http://{h}:{httpd.server_port}"],
-                       "grpc": f"{h}:{port}", "health": f"{h}:{hport}",
-                       "metrics": f"http://{h}:{httpd.server_port}", "pool": pool, "pid": os.getpid()})
+    line = json.dumps(
+        {
+            "urls": [f"grpc://{h}:{port}", f"grpc://{h}:{hport}", f"http://{h}:{httpd.server_port}"],
+            "grpc": f"{h}:{port}",
+            "health": f"{h}:{hport}",
+            "metrics": f"http://{h}:{httpd.server_port}",
+            "pool": pool,
+            "pid": os.getpid(),
+        }
+    )
     print(line, flush=True)
     if ready_file is not None:
         ready_file.write_text(line + "\n")

@@ -21,15 +21,22 @@ class Accountant:
         self.audit = audit
 
     def count(self, ctx: RequestContext) -> None:
-        self.metrics.request_done(ctx.route.model, ctx.route.pool.name, ctx.outcome.endpoint,
-                                  ctx.caller.ident.tenant, ctx.outcome.status)
+        self.metrics.request_done(
+            ctx.route.model,
+            ctx.route.pool.name,
+            ctx.outcome.endpoint,
+            ctx.caller.ident.tenant,
+            ctx.outcome.status,
+        )
 
     async def finish(self, ctx: RequestContext, end: float, usage: Any, chunks: int) -> None:
         """A response completed at ``end``: observe latencies, count tokens (``chunks`` stands in
         for output tokens when the engine sent no usage) and settle the tenant's TPM estimate."""
         out, tname = ctx.outcome, ctx.caller.ident.tenant
         pool = ctx.route.pool.name
-        ttft_h, tpot_h, e2e_h, itl_h = self.metrics.latency_children((ctx.route.model, pool, out.endpoint, tname))
+        ttft_h, tpot_h, e2e_h, itl_h = self.metrics.latency_children(
+            (ctx.route.model, pool, out.endpoint, tname)
+        )
         e2e = end - ctx.inbound.t0
         e2e_h.observe(e2e)
         out_tokens, in_tokens = chunks, 0
@@ -67,22 +74,42 @@ class Accountant:
     async def _audit_done(self, ctx: RequestContext) -> None:
         assert self.audit is not None
         pool = ctx.route.pool.config
-        digest = pool.model_digest or (f"sha256:{pool.precise_prefix.model_digest}" if pool.precise_prefix else None)
+        digest = pool.model_digest or (
+            f"sha256:{pool.precise_prefix.model_digest}" if pool.precise_prefix else None
+        )
         prompt = "\n".join(prompt_parts(ctx.inbound.kind, ctx.body))  # hashed on the writer thread
         out = ctx.outcome
-        await self.audit.append(AuditRecord(
-            model=ctx.route.model, status=out.status,
-            latency_ms=round((time.perf_counter() - ctx.inbound.t0) * 1000, 3),
-            tenant=ctx.caller.ident.tenant, key_id=ctx.caller.ident.key_id,
-            request_id=ctx.inbound.rid.decode("latin-1"), model_digest=digest, endpoint=out.endpoint or None,
-            prompt_tokens=out.in_tokens, completion_tokens=out.out_tokens, prompt=prompt))
+        await self.audit.append(
+            AuditRecord(
+                model=ctx.route.model,
+                status=out.status,
+                latency_ms=round((time.perf_counter() - ctx.inbound.t0) * 1000, 3),
+                tenant=ctx.caller.ident.tenant,
+                key_id=ctx.caller.ident.key_id,
+                request_id=ctx.inbound.rid.decode("latin-1"),
+                model_digest=digest,
+                endpoint=out.endpoint or None,
+                prompt_tokens=out.in_tokens,
+                completion_tokens=out.out_tokens,
+                prompt=prompt,
+            )
+        )
 
-    async def rejected(self, inbound: Inbound, ident: Identity | None, model: str | None, exc: APIError) -> None:
+    async def rejected(
+        self, inbound: Inbound, ident: Identity | None, model: str | None, exc: APIError
+    ) -> None:
         """Audit a completion request refused before it was admitted (or with nothing admitted)."""
         if self.audit is None:
             return
         rid = inbound.headers.get(b"x-request-id")
-        await self.audit.append(AuditRecord(
-            model=model, status=exc.status, latency_ms=round((time.perf_counter() - inbound.t0) * 1000, 3),
-            tenant=ident.tenant if ident else None, key_id=ident.key_id if ident else None,
-            request_id=rid.decode("latin-1") if rid else None, error=exc.code or exc.message))
+        await self.audit.append(
+            AuditRecord(
+                model=model,
+                status=exc.status,
+                latency_ms=round((time.perf_counter() - inbound.t0) * 1000, 3),
+                tenant=ident.tenant if ident else None,
+                key_id=ident.key_id if ident else None,
+                request_id=rid.decode("latin-1") if rid else None,
+                error=exc.code or exc.message,
+            )
+        )

@@ -25,15 +25,21 @@ class Admitter:
             wait, which = await self.limiter.acquire(tname, tenant.limits, est_tokens)
             if wait > 0:
                 self.metrics.rate_limited.labels(tname, which).inc()
-                raise APIError(429, f"Rate limit reached for tenant `{tname}` ({which.upper()}).",
-                               code=f"{which}_limit_exceeded",
-                               headers={"retry-after": str(max(1, int(wait + 0.999)))})
+                raise APIError(
+                    429,
+                    f"Rate limit reached for tenant `{tname}` ({which.upper()}).",
+                    code=f"{which}_limit_exceeded",
+                    headers={"retry-after": str(max(1, int(wait + 0.999)))},
+                )
         fairness = inbound.headers.get(b"x-gateway-inference-fairness-id")
         pool = route.pool.name
         flow = self.flow[pool]
         try:
-            waited = await flow.admit(caller.priority, fairness.decode("latin-1") if fairness else tname,
-                                      tenant.weight if tenant else 1.0)
+            waited = await flow.admit(
+                caller.priority,
+                fairness.decode("latin-1") if fairness else tname,
+                tenant.weight if tenant else 1.0,
+            )
         except APIError:
             self.metrics.shed.labels(pool, "shed" if caller.priority < 0 else "queue").inc()
             raise

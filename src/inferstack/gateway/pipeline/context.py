@@ -42,7 +42,9 @@ class Inbound:
 
     @classmethod
     def arrive(cls, kind: str, headers: Mapping[bytes, bytes]) -> Inbound:
-        return cls(kind, headers, headers.get(b"x-request-id") or uuid.uuid4().hex.encode(), time.perf_counter())
+        return cls(
+            kind, headers, headers.get(b"x-request-id") or uuid.uuid4().hex.encode(), time.perf_counter()
+        )
 
     @property
     def path(self) -> bytes:

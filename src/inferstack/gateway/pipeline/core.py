@@ -40,14 +40,22 @@ class Pipeline:
         custom = {n: (p.filters, p.scorers, p.picker) for n, p in cfg.routing.profiles.items()}
         self.pools = {name: Pool.from_config(name, p, gw, custom) for name, p in cfg.pools.items()}
         self.metrics = GatewayMetrics()
-        self.flow = {name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name))
-                     for name, pool in self.pools.items()}
+        self.flow = {
+            name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name))
+            for name, pool in self.pools.items()
+        }
         self.limiter: Limiter = limiter or (RedisLimiter(gw.redis_url) if gw.redis_url else MemoryLimiter())
-        self.datalayer = DataLayer(list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump())
+        self.datalayer = DataLayer(
+            list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump()
+        )
         self.audit = AuditLog(cfg.audit) if cfg.audit is not None and cfg.audit.enabled else None
-        self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
+        self.tracer = (
+            tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
+        )
         self.keys = KeyStore(cfg)
-        tenants = {n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()}
+        tenants = {
+            n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()
+        }
         self.auth = Authenticator(self.keys, tenants)
         self.resolver = Resolver(cfg, self.pools, random.Random())
         self.admitter = Admitter(self.limiter, self.flow, self.metrics)
@@ -90,9 +98,12 @@ class Pipeline:
         except APIError as exc:
             await self.account.rejected(inbound, ident, model, exc)
             raise
-        plan = await self.planner.plan(inbound.kind, req, parts, caller, route,
-                                       inbound.headers.get(b"x-session-id"))
-        return RequestContext(inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route))
+        plan = await self.planner.plan(
+            inbound.kind, req, parts, caller, route, inbound.headers.get(b"x-session-id")
+        )
+        return RequestContext(
+            inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route)
+        )
 
     async def close(self, ctx: RequestContext) -> None:
         """The request is over: give back a reservation it never used, end its span, audit it."""
@@ -106,7 +117,14 @@ class Pipeline:
         if self.tracer is None:
             return None
         op = "chat" if inbound.kind == "chat" else "text_completion"
-        return self.tracer.start_span(f"{op} {route.model}", attributes={
-            "gen_ai.operation.name": op, "gen_ai.request.model": route.model, "inferstack.pool": route.pool.name,
-            "inferstack.tenant": caller.ident.tenant, "inferstack.request_id": inbound.rid.decode("latin-1"),
-            "inferstack.priority": caller.priority})
+        return self.tracer.start_span(
+            f"{op} {route.model}",
+            attributes={
+                "gen_ai.operation.name": op,
+                "gen_ai.request.model": route.model,
+                "inferstack.pool": route.pool.name,
+                "inferstack.tenant": caller.ident.tenant,
+                "inferstack.request_id": inbound.rid.decode("latin-1"),
+                "inferstack.priority": caller.priority,
+            },
+        )

@@ -22,6 +22,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
 def requested_model(req: dict[str, Any]) -> str:
     model = req.get("model")
     if not isinstance(model, str) or not model:
-        raise APIError(404, "`model` is required: name one of GET /v1/models.", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404, "`model` is required: name one of GET /v1/models.", param="model", code="model_not_found"
+        )
     return model

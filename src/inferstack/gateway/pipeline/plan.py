@@ -24,8 +24,15 @@ class Planner:
         self.block_chars = gw.prefix_index.block_chars
         self.max_blocks = gw.prefix_index.max_blocks
 
-    async def plan(self, kind: str, req: dict[str, Any], parts: list[str], caller: Caller, route: Route,
-                   session_header: bytes | None) -> Plan:
+    async def plan(
+        self,
+        kind: str,
+        req: dict[str, Any],
+        parts: list[str],
+        caller: Caller,
+        route: Route,
+        session_header: bytes | None,
+    ) -> Plan:
         """Mutates ``req`` into the engine's body (the parsed request is not needed afterwards)."""
         salt = caller.salt
         stream = req.get("stream") is True
@@ -38,15 +45,21 @@ class Planner:
             so = req.get("stream_options")
             if not (isinstance(so, dict) and so.get("include_usage")):
                 inject_usage = True
-                req["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+                req["stream_options"] = (
+                    {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+                )
         payload = orjson.dumps(req)
         view = RequestView(
             model=route.upstream_model,
-            prefix_hashes=text_prefix_hashes(parts, route.upstream_model + "\x00" + salt, self.block_chars,
-                                             self.max_blocks),
-            prompt_chars=sum(len(p) for p in parts), adapter=route.adapter,
-            session=session_key(req, session_header), priority=caller.priority,
-            max_tokens=_max_tokens(req))
+            prefix_hashes=text_prefix_hashes(
+                parts, route.upstream_model + "\x00" + salt, self.block_chars, self.max_blocks
+            ),
+            prompt_chars=sum(len(p) for p in parts),
+            adapter=route.adapter,
+            session=session_key(req, session_header),
+            priority=caller.priority,
+            max_tokens=_max_tokens(req),
+        )
         if route.pool.config.precise_prefix is not None:
             view.token_hashes = await token_hashes(route.pool, kind, req, salt)
         return Plan(payload, stream, inject_usage, view)
@@ -66,8 +79,12 @@ async def token_hashes(pool: Pool, kind: str, req: dict, salt: str) -> list[byte
     else:
         q["prompt"] = req.get("prompt")
     try:
-        async with ep.session.post("/tokenize", data=orjson.dumps(q), headers=_tokenize_headers(ep),
-                                   timeout=aiohttp.ClientTimeout(total=2.0)) as r:
+        async with ep.session.post(
+            "/tokenize",
+            data=orjson.dumps(q),
+            headers=_tokenize_headers(ep),
+            timeout=aiohttp.ClientTimeout(total=2.0),
+        ) as r:
             if r.status != 200:
                 return []
             tokens = orjson.loads(await r.read()).get("tokens") or []
