@@ -22,10 +22,14 @@ EPS = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
 KEY = "sk-a"
 
 
-def _picker() -> EndpointPicker:
+def _picker(pool_extra: str = "", extra: str = "") -> EndpointPicker:
     cfg = parse_config(
-        "pools:\n  p:\n    models: [m]\n    endpoints: [" + ", ".join(f"http://{e}" for e in EPS) + "]\n"
-        f"keys:\n  - sha256: {hashlib.sha256(KEY.encode()).hexdigest()}\n    tenant: t\n"
+        "pools:\n  p:\n    models: [m]\n    endpoints: ["
+        + ", ".join(f"http://{e}" for e in EPS)
+        + "]\n"
+        + pool_extra
+        + f"keys:\n  - sha256: {hashlib.sha256(KEY.encode()).hexdigest()}\n    tenant: t\n"
+        + extra
     )
     pipe = Pipeline(cfg)
     return EndpointPicker(pipe, pipe.pools["p"])
@@ -37,8 +41,11 @@ def _headers(
     key: str | None = KEY,
     mode: int | None = None,
     subset: list[str] | None = None,
+    objective: str | None = None,
 ) -> pb.ProcessingRequest:
     hs = [(":path", path), (":method", "POST"), ("content-type", "application/json")]
+    if objective:
+        hs.append(("x-gateway-inference-objective", objective))
     if key:
         hs.append(("authorization", f"Bearer {key}"))
     msg = pb.ProcessingRequest(
@@ -180,7 +187,8 @@ def test_stream_response_is_metered_and_credited_to_the_endpoint_that_served():
         p = _picker()
         s = Stream(p)
         await s.handle(_headers())
-        out = await s.handle(_body(orjson.dumps({"model": "m", "prompt": "hi", "stream": True}), True))
+        body = {"model": "m", "prompt": "a shared document " * 20, "stream": True}
+        out = await s.handle(_body(orjson.dumps(body), True))
         picked = {
             h.header.key: h.header.raw_value
             for h in out[0].request_headers.response.header_mutation.set_headers
@@ -188,10 +196,12 @@ def test_stream_response_is_metered_and_credited_to_the_endpoint_that_served():
         other = next(e for e in EPS if e != picked[m.DESTINATION].decode())
         await s.handle(_served_headers(other, "text/event-stream"))
         in_flight = {e: p.pool.by_id(e).in_flight for e in EPS}
+        hashes = s.ctx.plan.view.prefix_hashes
         echoed = await s.handle(pb.ProcessingRequest(response_body=pb.HttpBody(body=sse, end_of_stream=True)))
-        return p, other, in_flight, echoed
+        return p, other, in_flight, echoed, hashes
 
-    p, other, in_flight, echoed = _run(main())
+    p, other, in_flight, echoed, hashes = _run(main())
+    assert hashes and p.pool.router.state.approx.match(hashes).get(other) == len(hashes)  # prefix credited
     assert in_flight == {e: int(e == other) for e in EPS}  # in-flight moved to the served endpoint
     assert all(p.pool.by_id(e).in_flight == 0 for e in EPS)
     body = b"".join(r.response_body.response.body_mutation.streamed_response.body for r in echoed)
@@ -202,6 +212,32 @@ def test_stream_response_is_metered_and_credited_to_the_endpoint_that_served():
     assert (
         reg.get_sample_value(
             "inferstack_gateway_requests_total", {**labels, "endpoint": other, "status": "200"}
+        )
+        == 1
+    )
+
+
+def test_flow_control_shed_is_an_immediate_429_with_retry_after():
+    async def main():
+        p = _picker("    max_concurrency: 1\n", "objectives:\n  batch:\n    priority: -1\n")
+        held = []
+        for _ in EPS:  # one request in flight on every endpoint: the pool is full
+            s = Stream(p)
+            await s.handle(_headers())
+            held.append(await s.handle(_body(REQ, True)))
+        shed = Stream(p)
+        await shed.handle(_headers(objective="batch"))
+        return p, held, await shed.handle(_body(REQ, True))
+
+    p, held, out = _run(main())
+    assert all(r[0].WhichOneof("response") == "request_headers" for r in held)
+    resp = out[0].immediate_response
+    assert resp.status.code == 429
+    assert orjson.loads(resp.body)["error"]["code"] == "shed"
+    assert {h.header.key: h.header.raw_value for h in resp.headers.set_headers}["retry-after"] == b"1"
+    assert (
+        p.pipeline.metrics.registry.get_sample_value(
+            "inferstack_gateway_shed_total", {"pool": "p", "reason": "shed"}
         )
         == 1
     )
