@@ -77,7 +77,7 @@ def test_queue_timeout_and_bound():
             await fc.admit(0, "b")
         with pytest.raises(APIError, match="Timed out"):
             await t
-        assert fc.queued == 0 and not fc._bands  # memory released
+        assert fc.queued == 0 and not fc.queue._bands  # memory released
 
     asyncio.run(main())
 

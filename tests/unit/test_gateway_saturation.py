@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from inferstack.config.schema import FlowControlConfig
-from inferstack.gateway.flowcontrol import DrainRate, FlowController
+from inferstack.gateway.flowcontrol import FlowController
+from inferstack.gateway.flowqueue import DrainRate, FairQueue
 from inferstack.gateway.routing.types import UNBOUNDED, EndpointView, PoolSnapshot
 from inferstack.protocol.errors import APIError
 
@@ -85,8 +86,7 @@ def test_a_request_that_would_only_time_out_is_refused_at_once():
     async def main():
         clock = Clock()
         free = [0]
-        fc = FlowController(FlowControlConfig(queue_timeout_s=5.0), lambda: free[0])
-        fc.drain = DrainRate(now=clock)
+        fc = FlowController(FlowControlConfig(queue_timeout_s=5.0), lambda: free[0], now=clock)
         waiters = [asyncio.create_task(fc.admit(0, "t")) for _ in range(10)]
         await asyncio.sleep(0)
         assert fc.queued == 10
@@ -111,3 +111,19 @@ def test_a_request_that_would_only_time_out_is_refused_at_once():
         await asyncio.gather(*waiters, high, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_fair_queue_is_the_pure_policy_the_simulator_runs():
+    clock = Clock()
+    room = [0]
+    q = FairQueue(FlowControlConfig(queue_timeout_s=10.0), lambda: room[0], now=clock)
+    for i in range(4):
+        assert q.admit(f"a{i}", 0, "a") is False
+    assert q.admit("b0", 0, "b") is False and q.admit("vip", 5, "c") is False
+    room[0] = 3
+    assert q.release() == [("vip", 5), ("a0", 0), ("b0", 0)]  # band first, then fair share
+    assert q.pending == 3 and q.release() == []                # reservations hold the room
+    q.routed()
+    assert q.remove("a2", 0) and not q.remove("a2", 0)
+    clock.t += 11.0
+    assert q.expire() == [("a1", 0), ("a3", 0)] and q.queued == 0

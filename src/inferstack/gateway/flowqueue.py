@@ -1,0 +1,192 @@
+"""The flow-control policy as a pure, synchronous queue: the live gateway (`flowcontrol.py`, which
+adds asyncio futures and timers) and the simulator (virtual time) run this same code.
+
+Rules: pass straight through while the pool has room and nobody of equal or higher priority waits;
+otherwise shed priority < 0 (429 ``shed``), refuse beyond ``max_queued`` (429 ``queue_full``) or when
+the measured drain rate says the wait would exceed the queue timeout (429 ``queue_timeout``, at
+once), else queue in the request's priority band. `release` hands out waiters, highest band first
+and, inside a band, the flow with the least virtual time (weighted fair sharing), as many as the
+pool has room for; each holds a reservation until `routed`. The clock is injected.
+
+NOTE (shedding at once): `DrainRate` measures how fast the queue empties (releases per second while
+it is non-empty). A newcomer behind N requests of its priority or higher expects to wait N / rate;
+above `queue_timeout_s` it is refused now, with that wait as Retry-After, instead of 429 after the
+timeout. The timeout stays as the backstop for a drain that slows down later.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from inferstack.config.schema import FlowControlConfig
+
+T = TypeVar("T")
+
+
+class Rejected(Exception):
+    """The gateway answers 429 with this code and Retry-After (seconds)."""
+
+    def __init__(self, code: str, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class DrainRate:
+    """Releases per second from a queue, over the last `window_s` seconds in which it was busy."""
+
+    def __init__(self, window_s: float = 10.0, now: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._now = now
+        self._releases: deque[float] = deque()
+        self._busy_since: float | None = None
+
+    def queue_changed(self, queued: int) -> None:
+        if queued and self._busy_since is None:
+            self._busy_since = self._now()
+        elif not queued:
+            self._busy_since = None
+
+    def released(self) -> None:
+        self._releases.append(self._now())
+
+    def expected_wait(self, ahead: int, timeout_s: float) -> float | None:
+        """Seconds until a request behind ``ahead`` others is released, or None while there is too
+        little to go on: the queue busy for under a second, or fewer than two releases in this busy
+        period and less than half the timeout without any."""
+        if self._busy_since is None:
+            return None
+        now = self._now()
+        start = max(now - self.window_s, self._busy_since)
+        while self._releases and self._releases[0] < start:
+            self._releases.popleft()
+        span = now - start
+        if span < 1.0 or (len(self._releases) < 2 and span < timeout_s / 2):
+            return None
+        rate = len(self._releases) / span
+        return (ahead + 1) / rate if rate > 0 else float("inf")
+
+
+@dataclass
+class _Flow(Generic[T]):
+    waiters: deque[tuple[T, float]] = field(default_factory=deque)  # (item, queued at)
+    vtime: float = 0.0
+    weight: float = 1.0
+
+
+@dataclass
+class _Band(Generic[T]):
+    flows: dict[str, _Flow[T]] = field(default_factory=dict)
+    clock: float = 0.0  # virtual time of the last release, for flows that (re)join
+
+    def __len__(self) -> int:
+        return sum(len(f.waiters) for f in self.flows.values())
+
+
+class FairQueue(Generic[T]):
+    """One per pool. ``free_slots`` says how many requests the pool can take now
+    (`PoolSnapshot.free_slots` / `pd_free_slots`); ``pending`` are released, not yet routed."""
+
+    def __init__(self, cfg: FlowControlConfig, free_slots: Callable[[], int],
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.free_slots = free_slots
+        self.now = now
+        self.drain = DrainRate(now=now)
+        self._bands: dict[int, _Band[T]] = {}
+        self.queued = 0
+        self.pending = 0
+
+    def _waiting_at_or_above(self, priority: int) -> int:
+        return sum(len(b) for p, b in self._bands.items() if p >= priority)
+
+    def depth(self, priority: int) -> int:
+        band = self._bands.get(priority)
+        return len(band) if band is not None else 0
+
+    def admit(self, item: T, priority: int, flow_id: str, weight: float = 1.0) -> bool:
+        """True: route ``item`` now. False: it waits until `release` hands it out. Raises Rejected."""
+        if not self.cfg.enabled:
+            return True
+        ahead = self._waiting_at_or_above(priority)
+        if not ahead and self.free_slots() - self.pending > 0:
+            return True
+        if priority < 0:
+            raise Rejected("shed", "The pool is saturated and this request's priority is sheddable.")
+        if self.queued >= self.cfg.max_queued:
+            raise Rejected("queue_full", "Too many requests are queued at the gateway.")
+        wait = self.drain.expected_wait(ahead, self.cfg.queue_timeout_s)
+        if wait is not None and wait > self.cfg.queue_timeout_s:
+            raise Rejected("queue_timeout", f"The pool is saturated: the expected wait ({wait:.0f}s) exceeds the "
+                           f"queue timeout ({self.cfg.queue_timeout_s:g}s).", min(60, math.ceil(wait)))
+        band = self._bands.setdefault(priority, _Band())
+        flow = band.flows.get(flow_id)
+        if flow is None:
+            flow = band.flows[flow_id] = _Flow(vtime=band.clock, weight=weight)
+        elif not flow.waiters:
+            flow.vtime = max(flow.vtime, band.clock)
+        flow.waiters.append((item, self.now()))
+        self.queued += 1
+        self.drain.queue_changed(self.queued)
+        return False
+
+    def release(self) -> list[tuple[T, int]]:
+        """The waiters to route now with their priorities, as many as there is room for; each holds
+        a reservation until `routed`. Call whenever capacity may have freed up."""
+        out: list[tuple[T, int]] = []
+        room = self.free_slots() - self.pending if self.queued else 0
+        while self.queued and room > 0:
+            prio = max(p for p, b in self._bands.items() if len(b))
+            band = self._bands[prio]
+            flow = min((f for f in band.flows.values() if f.waiters), key=lambda f: f.vtime)
+            item, _ = flow.waiters.popleft()
+            flow.vtime += 1.0 / flow.weight
+            band.clock = flow.vtime
+            self.queued -= 1
+            self.pending += 1
+            self.drain.released()
+            out.append((item, prio))
+            room -= 1
+        self._settle()
+        return out
+
+    def routed(self) -> None:
+        """A released request now counts in its endpoint's in-flight (or went away)."""
+        self.pending -= 1
+
+    def remove(self, item: T, priority: int) -> bool:
+        """Take a waiter out (its client gave up or it timed out); False if it was not waiting."""
+        band = self._bands.get(priority)
+        if band is None:
+            return False
+        for flow in band.flows.values():
+            for i, (waiting, _) in enumerate(flow.waiters):
+                if waiting is item or waiting == item:
+                    del flow.waiters[i]
+                    self.queued -= 1
+                    self._settle()
+                    return True
+        return False
+
+    def expire(self) -> list[tuple[T, int]]:
+        """Take out every waiter older than the queue timeout (the simulator's timer; the live
+        gateway times each waiter on its own)."""
+        now, limit = self.now(), self.cfg.queue_timeout_s
+        out: list[tuple[T, int]] = []
+        for prio, band in self._bands.items():
+            for flow in band.flows.values():
+                out += [(item, prio) for item, at in flow.waiters if now - at > limit]
+                flow.waiters = deque(w for w in flow.waiters if now - w[1] <= limit)
+        self.queued -= len(out)
+        self._settle()
+        return out
+
+    def _settle(self) -> None:
+        self.drain.queue_changed(self.queued)
+        for p in [p for p, b in self._bands.items() if not len(b)]:
+            del self._bands[p]  # bounded memory: idle bands and their flows go
