@@ -43,7 +43,11 @@ def take_usage(chunk: bytes, strip: bool) -> tuple[bytes, dict | None]:
 @dataclass(slots=True)
 class StreamMeter:
     """Follows an SSE stream chunk by chunk: time to the first content, gaps between chunks,
-    event count and the final usage. ``strip`` drops the usage-only event we injected."""
+    event count and the final usage. ``strip`` drops the usage-only event we injected.
+
+    Only whole events (up to the last blank line) are passed on; a partial event waits for the
+    rest. Proxies re-cut streams (Envoy does), and a usage event split across two chunks would
+    otherwise be neither read nor stripped."""
 
     t0: float
     strip: bool
@@ -53,9 +57,18 @@ class StreamMeter:
     usage: dict | None = None
     _first_at: float = 0.0
     _last_at: float = 0.0
+    _tail: bytes = b""
 
     def feed(self, chunk: bytes, now: float) -> bytes:
-        """The chunk to forward (empty: nothing left to forward after stripping usage)."""
+        """The whole events to forward now (empty: nothing yet, or all stripped)."""
+        if self._tail:
+            chunk, self._tail = self._tail + chunk, b""
+        end = chunk.rfind(b"\n\n")
+        cut = end + 2 if end >= 0 else 0
+        if cut < len(chunk):
+            chunk, self._tail = chunk[:cut], chunk[cut:]
+        if not chunk:
+            return chunk
         if b'"usage":{' in chunk or b'"usage": {' in chunk:
             chunk, u = take_usage(chunk, strip=self.strip)
             self.usage = u or self.usage
@@ -70,6 +83,11 @@ class StreamMeter:
         self._last_at = now
         self.events += chunk.count(b"data:")
         return chunk
+
+    def flush(self) -> bytes:
+        """What is left at the end of the stream (an unterminated last event), to forward as is."""
+        tail, self._tail = self._tail, b""
+        return tail
 
     @property
     def last_at(self) -> float:
