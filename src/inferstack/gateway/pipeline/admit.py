@@ -2,7 +2,7 @@
 bands, fair share, shed).
 
 Every refusal is an APIError with the OpenAI envelope (and Retry-After where waiting helps); the
-pipeline audits it. TPM reserves the request's worst case here; `Pipeline.close` settles it.
+pipeline audits it. TPM reserves the request's worst case here; `account` settles it when the request ends.
 """
 
 from __future__ import annotations
