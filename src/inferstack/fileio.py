@@ -48,18 +48,23 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview | str, mode: i
         finally:
             os.close(fd)
     if durable:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable (the folder's entry list is data too)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_ready_file(path: Path | str | None, payload: dict[str, Any]) -> str:
     """The server start-up contract (docs/architecture.md): once serving, print one JSON line
     (``{"urls": [...], "pid": N, ...}``) on stdout and, with ``--ready-file``, write the same line
     there atomically, so a watcher polling for the file never reads half of it. Returns the line."""
-    line = json.dumps(payload)
+    line = json.dumps(payload, separators=(",", ":"))  # one compact line, as orjson writes it
     print(line, flush=True)
     if path:
         atomic_write(Path(path), line + "\n")

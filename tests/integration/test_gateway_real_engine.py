@@ -74,13 +74,20 @@ def test_kv_events_from_the_real_engine_steer_the_gateway(stack):
     r = httpx.post(engine.url + "/v1/completions", timeout=120,
                    json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "cache_salt": "acme"})
     assert r.status_code == 200
-    time.sleep(0.5)  # the BlockStored batch reaches the gateway
-    served = []
-    for _ in range(4):
+    target = engine.url.split("//")[1]
+
+    def route() -> str:
         r = httpx.post(gw.url + "/v1/completions", headers={"authorization": f"Bearer {KEY}"}, timeout=120,
                        json={"model": "smol-precise", "prompt": prompt, "max_tokens": 1})
         assert r.status_code == 200, r.text
-        served.append(r.headers["x-gateway-destination-endpoint-served"])
+        return r.headers["x-gateway-destination-endpoint-served"]
+
+    # the BlockStored batch reaches the gateway over ZMQ: poll until a decision shows it (deadline)
+    deadline = time.monotonic() + 15
+    while route() != target:
+        assert time.monotonic() < deadline, "the engine's KV events never steered the gateway"
+        time.sleep(0.05)
+    served = [route() for _ in range(4)]
     assert set(served) == {engine.url.split("//")[1]}
     metrics = httpx.get(gw.url + "/metrics").text
     assert re.search(r'routing_decisions_total\{pool="mixed",profile="precise",scorer="precise-prefix"\} [1-9]', metrics)

@@ -84,3 +84,43 @@ def test_writer_refuses_while_the_disk_is_full_then_resumes_and_records_the_repa
 def test_serve_and_alert_keeps_admitting_while_unhealthy(tmp_path: Path) -> None:
     during = _run_child(tmp_path, "serve_and_alert")
     assert during["healthy"] is False and during["admits"] is True
+
+
+START_FULL = textwrap.dedent('''
+    import json, resource, signal, sys, time
+    from pathlib import Path
+    from inferstack.compliance.audit import AuditLog
+    from inferstack.compliance.config import AuditConfig
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    directory = Path(sys.argv[1])
+    active = directory / "audit.jsonl"
+    with AuditLog(AuditConfig(directory=directory)) as log:
+        log.event("model.loaded", model="m")
+    with active.open("ab") as f:
+        f.write(b'{"seq":1,"pre')                      # a crash mid-write
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (active.stat().st_size - 13, hard))  # and the disk is full
+    log = AuditLog(AuditConfig(directory=directory, retry_max_s=0.05))   # must start, not raise
+    started_healthy = log.healthy
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    deadline = time.monotonic() + 10
+    while not log.healthy:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    log.close()
+    print(json.dumps({"started_healthy": started_healthy}))
+''')
+
+
+def test_a_full_disk_at_start_leaves_the_writer_unhealthy_instead_of_failing(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    out = subprocess.run([sys.executable, "-c", START_FULL, str(tmp_path / "audit")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"started_healthy": False}
+    lines = [json.loads(x) for x in (tmp_path / "audit" / ACTIVE_NAME).read_text().splitlines()]
+    assert [r["type"] for r in lines] == ["model.loaded", "recovery", "recovery"]
+    assert lines[1]["reason"] == "torn_tail_at_start" and lines[1]["torn_bytes_removed"] == 13
+    assert lines[2]["reason"] == "write_failed"
+    assert CliRunner().invoke(app, ["compliance", "verify-log", str(tmp_path / "audit")]).exit_code == 0

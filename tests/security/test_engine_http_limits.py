@@ -61,3 +61,15 @@ def test_a_stalled_body_gets_408(engine: Server) -> None:
                      b"Content-Length: 1000\r\n\r\n{\"model\":")
         status, body, waited = _response(sock)
     assert status == 408 and body["error"]["code"] == "body_timeout" and waited < 3
+
+
+def test_later_requests_on_a_keep_alive_connection_are_metered_too(engine: Server) -> None:
+    with _connect(engine) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b"}"):   # /health answers a small JSON object
+            first += sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (200 << 10) + b"\r\n\r\n")
+        status, body, _ = _response(sock)
+    assert status == 431 and body["error"]["code"] == "headers_too_large"

@@ -20,6 +20,8 @@ from collections import OrderedDict
 
 from aiohttp import web
 
+from inferstack.fileio import write_ready_file
+
 
 def build_app(args: argparse.Namespace) -> web.Application:
     state = {"running": 0, "waiting": 0, "prefill_queued": 0, "peak_load": 0, "bodies": [], "served": 0, "hits": 0, "queries": 0, "peak_running": 0}
@@ -205,11 +207,7 @@ def main() -> None:
         site = web.TCPSite(runner, "127.0.0.1", args.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        line = json.dumps({"urls": [f"http://127.0.0.1:{port}"], "pid": os.getpid()})
-        print(line, flush=True)
-        if args.ready_file:
-            with open(args.ready_file, "w") as f:
-                f.write(line + "\n")
+        write_ready_file(args.ready_file, {"urls": [f"http://127.0.0.1:{port}"], "pid": os.getpid()})
         await asyncio.Event().wait()
 
     asyncio.run(run())

@@ -12,6 +12,7 @@ from inferstack.kvstore.config import build_store
 from inferstack.kvstore.tiers import DiskTier, HostTier, RedisTier
 from inferstack.kvstore.tiers.base import Tier, Value
 from inferstack.sizes import parse_size
+from inferstack.telemetry.promtext import parse
 
 SPACE = KVKeySpace("0" * 64, "float32")
 LAYOUT = ChunkLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
@@ -296,12 +297,14 @@ def test_collector_exposes_per_tier_metrics():
     store.get(keys[1])
     registry = CollectorRegistry()
     registry.register(KVStoreCollector(store, "smollm2-135m"))
-    text = generate_latest(registry).decode()
-    assert 'inferstack_kv_tier_hits_total{model_name="smollm2-135m",tier="host"} 1.0' in text
-    assert 'inferstack_kv_tier_misses_total{model_name="smollm2-135m",tier="host"} 1.0' in text
-    assert f'inferstack_kv_tier_write_bytes_total{{model_name="smollm2-135m",tier="host"}} {float(CHUNK_BYTES)}' in text
-    assert 'inferstack_kv_tier_read_seconds_count{model_name="smollm2-135m",tier="host"} 1.0' in text
-    assert "inferstack_kv_writeback_dropped_total" in text
+    scrape = parse(generate_latest(registry).decode(), t=0.0)
+    host = (("model_name", "smollm2-135m"), ("tier", "host"))
+    assert scrape.select("inferstack_kv_tier_hits_total") == {host: 1.0}
+    assert scrape.select("inferstack_kv_tier_misses_total") == {host: 1.0}
+    assert scrape.select("inferstack_kv_tier_write_bytes_total") == {host: float(CHUNK_BYTES)}
+    assert scrape.select("inferstack_kv_tier_read_seconds_count") == {host: 1.0}
+    # a sample with value 0, not just the HELP/TYPE lines prometheus_client prints for any family
+    assert list(scrape.select("inferstack_kv_writeback_dropped_total").values()) == [0.0]
     store.close()
 
 

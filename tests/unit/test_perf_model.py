@@ -1,4 +1,4 @@
-"""Roofline performance model against the worked example in research/scaling_obs_bench.md §4.1."""
+"""Roofline performance model against the worked example in docs/benchmarking.md ("Performance model")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One request as the client saw it, with the metric definitions of DESIGN.md.
+"""One request as the client saw it, with the metric definitions of docs/architecture.md.
 
 Times are seconds on the run clock (0 = run start). For a request sent at `t0` with content chunks
 at `t1..tk` and `n` output tokens: TTFT = t1 − t0, E2E = tk − t0, TPOT = (E2E − TTFT)/(n − 1),

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 
 import orjson
+
+from inferstack.fileio import write_ready_file
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
 
@@ -164,11 +165,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: HTTPProtocol(state), args.host, args.port, backlog=4096)
     port = server.sockets[0].getsockname()[1]
-    ready = json.dumps({"urls": [f"http://{args.host}:{port}"], "pid": os.getpid()})
-    if args.ready_file:
-        with open(args.ready_file, "w") as f:
-            f.write(ready + "\n")
-    print(ready, flush=True)
+    write_ready_file(args.ready_file, {"urls": [f"http://{args.host}:{port}"], "pid": os.getpid()})
     async with server:
         await server.serve_forever()
 

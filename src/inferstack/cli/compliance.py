@@ -47,8 +47,8 @@ def verify_log(
         )
     else:
         for problem in report.problems:
-            typer.echo(f"TAMPERED {path / problem.file if path.is_dir() else path}:{problem.line}: {problem.message}",
-                       err=True)
+            where = path / problem.file if path.is_dir() else path
+            typer.echo(f"{problem.kind.upper()} {where}:{problem.line}: {problem.message}", err=True)
     raise typer.Exit(0 if report.ok else 1)
 
 

@@ -124,9 +124,9 @@ def serve(
     drain_timeout: Annotated[float, typer.Option(
         help="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")] = 30.0,
     header_timeout: Annotated[float, typer.Option(
-        help="Seconds a client has to send a request's headers (slowloris guard); 408 after.")] = HEADER_TIMEOUT_S,
+        min=0.1, help="Seconds a client has to send a request's headers (slowloris guard); 408 after.")] = HEADER_TIMEOUT_S,
     body_timeout: Annotated[float, typer.Option(
-        help="Seconds a client has to send a request's body once its headers arrived; 408 after.")] = BODY_TIMEOUT_S,
+        min=0.1, help="Seconds a client has to send a request's body once its headers arrived; 408 after.")] = BODY_TIMEOUT_S,
     emulate: Annotated[str | None, typer.Option(
         help="Emulate HARDWARE:MODEL instead of running a model, e.g. h100:llama-3-8b, h100x4:llama-3-70b, "
              "cpu:smollm2-135m: the real scheduler, KV cache and prefix cache, with step times from a "

@@ -33,6 +33,7 @@ from inferstack.compliance.chain import (
     segments,
 )
 from inferstack.compliance.config import AuditConfig
+from inferstack.fileio import fsync_dir
 
 _STOP = object()
 log = logging.getLogger("inferstack.audit")
@@ -109,10 +110,14 @@ class AuditLog:
         self._pending: list[bytes] = []  # sealed, in chain order, not yet on disk
         self._waiters: list[threading.Event] = []
         self._outage: _Outage | None = None
-        self._seq, self._prev = self._recover()
+        self._seq, self._prev, torn = self._recover()
         self._fd = _open_append(self.directory / ACTIVE_NAME)
         self._size = os.fstat(self._fd).st_size
         self._day = self._utc_day(self._clock())
+        if torn:  # queued like any record: a full disk at start makes the writer unhealthy, not the caller fail
+            self._pending.append(self._seal_next({"type": "recovery", "time": utc_now(),
+                                                  "reason": "torn_tail_at_start", "torn_bytes_removed": torn}))
+            self._drain()
         self._prune()
         self._thread = threading.Thread(target=self._run, name="inferstack-audit-writer", daemon=True)
         self._thread.start()
@@ -328,7 +333,7 @@ class AuditLog:
         active = self.directory / ACTIVE_NAME
         try:
             os.replace(active, self.directory / segment_name(_first_seq(active)))
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as e:  # the active file keeps growing; the next write tries again
             log.error("audit log rotation failed: %s", e)
             return
@@ -357,11 +362,12 @@ class AuditLog:
         for p in expired:
             p.unlink()
 
-    def _recover(self) -> tuple[int, str]:
-        """Continue the chain from the last complete line; cut a torn final line left by a crash."""
+    def _recover(self) -> tuple[int, str, int]:
+        """Where the chain continues (next seq, last hash), after cutting a torn final line left by a
+        crash; the third value is how many bytes were cut."""
         files = segments(self.directory)
         if not files:
-            return 0, GENESIS
+            return 0, GENESIS, 0
         active = self.directory / ACTIVE_NAME
         torn = _cut_torn_tail(active) if active.exists() else 0
         for path in reversed(files):
@@ -371,15 +377,7 @@ class AuditLog:
                 break
         else:
             seq, prev = 0, GENESIS
-        if torn:
-            line = seal({"type": "recovery", "time": utc_now(), "reason": "torn_tail_at_start",
-                         "torn_bytes_removed": torn, "seq": seq, "prev": prev}, self._key)
-            with active.open("ab") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            seq, prev = seq + 1, json.loads(line)["hash"]
-        return seq, prev
+        return seq, prev, torn
 
     @staticmethod
     def _utc_day(ts: float) -> str:
@@ -468,14 +466,6 @@ def _cut_torn_tail(path: Path) -> int:
             keep = 0
         f.truncate(keep)
         return data_len - keep
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["AuditConfig", "AuditLog", "AuditLogClosed", "AuditRecord"]

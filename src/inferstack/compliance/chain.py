@@ -63,6 +63,7 @@ class ChainProblem:
     file: str
     line: int
     message: str
+    kind: str = "tampered"  # or "torn": an unfinished last line (crash mid-write), not an edit
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.message}"
@@ -110,11 +111,16 @@ def verify_chain(target: Path, key: bytes | None = None) -> ChainReport:
     prev_seq: int | None = None
     first_prev: str | None = None
     pruned_anchors: dict[int, str] = {}
-    for path in files:
+    for index, path in enumerate(files):
         for lineno, raw in read_lines(path):
             where = (path.name, lineno)
             if not raw.endswith(b"\n"):
-                report.problems.append(ChainProblem(*where, "truncated line (no newline): torn write or cut file"))
+                if index == len(files) - 1 and path.name == ACTIVE_NAME:  # nothing can follow it
+                    report.problems.append(ChainProblem(
+                        *where, "unfinished last line: a write interrupted by a crash (the writer cuts it and "
+                        "records a `recovery` line when it next starts), or a cut file", kind="torn"))
+                else:
+                    report.problems.append(ChainProblem(*where, "truncated line (no newline): cut file"))
                 break
             try:
                 rec = json.loads(raw)

@@ -79,7 +79,7 @@ class PoolConfig(_Section):
 
 
 class PrecisePrefixConfig(_Section):
-    """Key space of the engines' KV block hashes (DESIGN.md, "KV hashing")."""
+    """Key space of the engines' KV block hashes (docs/architecture.md, "KV hashing")."""
 
     model_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     dtype: str = "float32"

@@ -33,11 +33,23 @@ T = TypeVar("T")
 TokenText = Callable[[int], str]
 
 
+class TokenizerLike(Protocol):
+    """What serving needs from the engine's tokenizer (``engine.tokenizer.Tokenizer``)."""
+
+    vocab_size: int
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+    def id_to_token(self, token_id: int) -> str: ...
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> list[int]: ...
+
+
 class EngineLike(Protocol):
     """What serving needs from ``AsyncEngine`` (unit tests may pass a fake at their edge)."""
 
     model_name: str
-    tokenizer: Any
+    tokenizer: TokenizerLike
     max_model_len: int
 
     @property
@@ -57,7 +69,7 @@ class EngineLike(Protocol):
 class TokenTexts:
     """Text of single tokens for logprobs, cached (the vocabulary is small; logprobs are per token)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: TokenizerLike) -> None:
         self._tokenizer = tokenizer
         self._cache: dict[int, str] = {}
 
@@ -193,14 +205,9 @@ async def encode(engine: EngineLike, text: str, add_special_tokens: bool = False
     return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
-def _vocab_size(engine: EngineLike) -> int | None:
-    size = getattr(engine.tokenizer, "vocab_size", None)
-    return size if isinstance(size, int) and size > 0 else None
-
-
 def check_token_ids(engine: EngineLike, ids: list[int], param: str) -> None:
-    size = _vocab_size(engine)
-    if size is not None and ids and max(ids) >= size:
+    size = engine.tokenizer.vocab_size
+    if ids and max(ids) >= size:
         raise bad_request(f"{param}: token id {max(ids)} is outside the vocabulary (size {size})", param)
 
 

@@ -1,4 +1,4 @@
-"""Gateway metrics (DESIGN.md "Metric names"): OTel GenAI names where they exist.
+"""Gateway metrics (docs/architecture.md, "Metric names"): OTel GenAI names where they exist.
 
 Label children are cached per label tuple so the hot path does one dict lookup per observation.
 """

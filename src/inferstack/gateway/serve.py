@@ -1,5 +1,6 @@
-"""Run the gateway under uvicorn (uvloop + httptools) with the DESIGN.md server contract:
-binds 127.0.0.1 by default, accepts port 0, writes ``--ready-file`` once serving, SIGTERM drains."""
+"""Run the gateway under uvicorn (uvloop + httptools) with the server start-up contract of
+docs/architecture.md: binds 127.0.0.1 by default, accepts port 0, writes ``--ready-file`` once
+serving, SIGTERM drains."""
 
 from __future__ import annotations
 

@@ -182,7 +182,11 @@ def _refuse_or_remove_extras(path: Path, manifest: SignedManifest, allow_unsigne
             f"{f' and {len(vcs) - 5} more' if len(vcs) > 5 else ''} (VCS metadata is never model content: delete "
             "it, or set allow_unsigned_files to accept it)", files=vcs)
     for rel in caches:
-        (path / rel).unlink()
+        try:
+            (path / rel).unlink()
+        except OSError as e:
+            raise ModelVerificationError(f"model at {path} holds {rel}, which no signature covers, and it cannot "
+                                         f"be removed ({e.strerror}): delete it", files=[rel]) from None
 
 
 def verify_model(

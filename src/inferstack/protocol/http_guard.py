@@ -5,8 +5,8 @@ header value in memory) and never times out a connection that has not finished i
 client can hold memory with a 64 MB header, or a worker's sockets with slowloris connections that
 dribble a byte every few seconds. `guarded_protocol()` returns a drop-in `http=` class for
 `uvicorn.Config` that answers 431 past `max_header_bytes` and 408 when the header block is not
-complete `header_timeout_s` after the connection opened (or after the previous response on a
-keep-alive connection), both with the OpenAI error envelope and `Connection: close`.
+complete `header_timeout_s` after the connection opened (or after the first byte of a later
+request on a keep-alive connection), both with the OpenAI error envelope and `Connection: close`.
 
 The body deadline is the app's job (it is read through ASGI `receive`): see `read_body_within`.
 """
@@ -37,7 +37,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._expect_headers()
+        self._start_headers()
+        self._arm_header_timer()  # also covers a connection that never sends a byte
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -58,22 +59,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._tail = data[-3:]
         super().data_received(data)
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # The first byte of a later request on a keep-alive connection: meter and time its headers
+        # too (an idle keep-alive connection is uvicorn's timeout_keep_alive's business, not ours).
+        if not self._in_headers:
+            self._start_headers()
+        if self._header_timer is None:
+            self._arm_header_timer()
+
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._cancel_header_timer()
         super().on_headers_complete()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._expect_headers()  # the next request on this keep-alive connection gets its own deadline
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
-    def _expect_headers(self) -> None:
+    def _start_headers(self) -> None:
         self._in_headers = True
         self._header_bytes = 0
         self._tail = b""
-        self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -89,6 +95,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _reject(self, status: int, message: str, code: str) -> None:
         self._in_headers = False
         self._cancel_header_timer()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined request while a response streams: no room for ours
+            return
         body = APIError(status, message, code=code).body()
         head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                 b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body)))

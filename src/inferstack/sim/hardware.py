@@ -1,7 +1,7 @@
 """Hardware catalog: peak compute, memory bandwidth and the efficiency constants of the roofline model.
 
 Peak numbers are vendor dense (no sparsity) figures. Efficiencies and overheads are what a well-tuned
-engine reaches in practice (research/scaling_obs_bench.md §4.1); `cpu` is fitted on this machine by
+engine reaches in practice (docs/benchmarking.md, "Performance model"); `cpu` is fitted on this machine by
 `inferstack engine calibrate` and can be replaced by a file.
 """
 

@@ -1,4 +1,4 @@
-"""Roofline step-time model for a dense decoder (research/scaling_obs_bench.md §4.1).
+"""Roofline step-time model for a dense decoder (docs/benchmarking.md, "Performance model").
 
 A step is what the engine scheduler hands the executor: for each scheduled sequence, how many tokens
 it already has in the KV cache (`context`) and how many new tokens run this step (`new_tokens`; 1 for

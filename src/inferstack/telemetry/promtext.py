@@ -58,6 +58,8 @@ def parse(text: str, t: float, names: Collection[str] | None = None,
     parsed is most of the cost. `label_cache` (label text → parsed labels) saves re-parsing the same
     series on every scrape of a target. Raises ValueError on lines that are not exposition format.
     """
+    if names is not None:
+        return _parse_selected(text, t, frozenset(names), label_cache)
     by_name: dict[str, dict[Labels, float]] = {}
     checked = False
     # split on "\n" only: label values may hold \r, \u2028 and other characters splitlines() breaks on
@@ -100,6 +102,65 @@ def parse(text: str, t: float, names: Collection[str] | None = None,
             series = by_name[name] = {}
         series[labels] = value
     return Scrape(t=t, by_name=by_name)
+
+
+def _parse_selected(text: str, t: float, names: frozenset[str], label_cache: dict[str, Labels] | None) -> Scrape:
+    """`parse` restricted to ``names``: the gateway scrapes every endpoint many times a second, and
+    `str.find` on the few wanted names skips the hundreds of other lines without looking at them."""
+    _check_format(text)
+    by_name: dict[str, dict[Labels, float]] = {}
+    for name in names:
+        if name.endswith("_created"):
+            continue
+        pos = text.find(name)
+        while pos != -1:
+            end = text.find("\n", pos)
+            end = len(text) if end == -1 else end
+            after = pos + len(name)
+            # a sample line starts with the name (HELP/TYPE lines and longer names do not match)
+            if (pos == 0 or text[pos - 1] == "\n") and after < end and text[after] in "{ \t":
+                labels, value = _sample(text, after, end, label_cache)
+                by_name.setdefault(name, {})[labels] = value
+            pos = text.find(name, end)
+    return Scrape(t=t, by_name=by_name)
+
+
+def _sample(text: str, after: int, end: int, label_cache: dict[str, Labels] | None) -> tuple[Labels, float]:
+    """Labels and value of the sample line text[..end] whose name ends at ``after``."""
+    line = text[after:end]
+    try:
+        if line[0] == "{":
+            close = line.rfind("}")
+            if close < 0:
+                raise ValueError("unclosed labels")
+            label_text, rest = line[1:close], line[close + 1:]
+        else:
+            label_text, rest = "", line
+        value = float(rest.split()[0])
+        labels = label_cache.get(label_text) if label_cache is not None else None
+        if labels is None:
+            labels = _parse_labels(label_text, 0, line)
+            if label_cache is not None:
+                label_cache[label_text] = labels
+    except (ValueError, IndexError):
+        lineno = text.count("\n", 0, after) + 1   # counted only when there is an error to report
+        raise ValueError(f"not Prometheus text format (line {lineno}): {line[:80]!r}") from None
+    return labels, value
+
+
+def _check_format(text: str) -> None:
+    """An HTML error page or the like fails here: the first sample line must start with a metric name."""
+    start, lineno = 0, 1
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end == -1 else end
+        line = text[start:end].strip(" \t")
+        if line and line[0] != "#":
+            name = _NAME.match(line)
+            if name is None or (name.end() < len(line) and line[name.end()] not in "{ \t"):
+                raise ValueError(f"not Prometheus text format (line {lineno}): {line[:80]!r}")
+            return
+        start, lineno = end + 1, lineno + 1
 
 
 def _parse_labels(label_text: str, lineno: int, raw: str) -> Labels:

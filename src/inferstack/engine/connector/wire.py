@@ -31,7 +31,7 @@ says the payload is in shared memory:
 |     48 |    8 | payload length in bytes                                                 |
 |     56 |    8 | SHM: byte offset of the payload in the shared-memory file              |
 |     64 |   16 | xxh3-128 of the payload                                                 |
-|     80 |   32 | hash of the chunk's last block (DESIGN.md KV hashing), zeros if unknown  |
+|     80 |   32 | hash of the chunk's last block (docs/architecture.md), zeros if unknown |
 
 CHUNK payload: the chunk's K and V for all layers, ``[num_layers, 2, num_blocks * block_size,
 num_kv_heads, head_dim]`` in C order — the KV store's chunk layout, so a 16-block chunk can be

@@ -1,4 +1,4 @@
-"""Deterministic KV block and chunk keys (DESIGN.md, "KV hashing").
+"""Deterministic KV block and chunk keys (docs/architecture.md, "KV hashing").
 
 Every process that must agree on cache identity — the engine's prefix cache, the KV store, KV
 events and the gateway's precise prefix index — derives keys here. Keys depend only on the model

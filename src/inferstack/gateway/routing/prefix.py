@@ -5,7 +5,7 @@
   endpoint in an LRU with a hard capacity, so memory stays bounded (production-stack's unbounded
   HashTrie ran routers out of memory).
 * `PreciseIndex` is fed by the engines' KV events (BlockStored / BlockRemoved / AllBlocksCleared
-  carrying DESIGN.md's 32-byte block hashes), so it knows what the engines really hold.
+  carrying the 32-byte block hashes of docs/architecture.md), so it knows what the engines really hold.
 """
 
 from __future__ import annotations

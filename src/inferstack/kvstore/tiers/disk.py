@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+from inferstack.fileio import atomic_write
 from inferstack.kvstore.tiers.base import Tier, Value
 
 SUFFIX = ".kv"
@@ -118,23 +118,10 @@ class DiskTier(Tier):
             self._index[key] = size      # reserve before the slow write so budget holds under concurrency
             self._used += size
         path = self._path(key)
-        tmp = self._tmp / f"{key.hex()}.{uuid.uuid4().hex}.tmp"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(value)
-                while view:
-                    view = view[os.write(fd, view):]
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            if self._fsync:
-                _fsync_dir(path.parent)
+            # temp files in tmp/ (swept at start), on the same file system as the chunk's folder
+            atomic_write(path, value, durable=self._fsync, tmp_dir=self._tmp)
         except BaseException:
-            tmp.unlink(missing_ok=True)
             self._forget(key)
             raise
         return True
@@ -165,13 +152,3 @@ class DiskTier(Tier):
 
     def capacity_bytes(self) -> int:
         return self._capacity
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
