@@ -185,7 +185,7 @@ class TracingConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    """What RPM/TPM enforcement does when its store (Redis) fails (docs/security-gateway.md)."""
+    """What RPM/TPM enforcement does when its store (Redis) fails (docs/security.md)."""
 
     on_store_failure: Literal["refuse", "allow"] = Field(
         "refuse", description="refuse: 503 with Retry-After while the store is unreachable; allow: serve "
@@ -199,7 +199,7 @@ class LimitsConfig(_Section):
 
 
 class HttpLimitsConfig(_Section):
-    """Bounds on what a client may send the gateway before it is refused (docs/security-gateway.md)."""
+    """Bounds on what a client may send the gateway before it is refused (docs/security.md)."""
 
     max_header_bytes: int = Field(MAX_HEADER_BYTES, ge=1024, description="Request line + headers; more gets 431.")
     header_timeout_s: float = Field(
