@@ -48,7 +48,7 @@ def _bucket(url: str, tenant: str) -> float:
 
 
 def test_concurrent_requests_cannot_overrun_the_tpm_budget(stack):
-    _, _, gw, _, _ = stack
+    _, engine, gw, _, _ = stack
 
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
@@ -58,8 +58,10 @@ def test_concurrent_requests_cannot_overrun_the_tpm_budget(stack):
                 for i in range(10)))
 
     statuses = sorted(r.status_code for r in asyncio.run(main()))
-    # each may use 1 + 500 tokens of a 1200 budget: two fit, the third must wait (before: all ten ran)
-    assert statuses == [200, 200] + [429] * 8, statuses
+    # each may use 2 + 500 tokens of a 1200 budget: two fit at once, the others must wait (before:
+    # all ten ran). A straggler arriving after one finished may use its refund, never a third slot.
+    assert statuses.count(200) in (2, 3) and statuses.count(429) == 10 - statuses.count(200), statuses
+    assert httpx.get(engine.url + "/debug/requests").json()["peak_running"] == 2
 
 
 def test_every_prompt_counts_toward_the_reservation(stack):
