@@ -23,12 +23,11 @@ import httpx
 import orjson
 from gateway_common import (
     ROOT,
-    Proc,
     median,
     pct,
+    start_envoy_epp,
     start_fake_engines,
     start_inferstack_gateway,
-    start_ready_file,
 )
 from gateway_overhead import cpu_seconds
 
@@ -76,34 +75,11 @@ async def fixed_rate(url: str, body: bytes, rate: float, duration: float) -> tup
     return lat, errors
 
 
-def start_epp(workers: list[str]) -> Proc:
-    backends = [arg for w in workers for arg in ("--backend", w)]
-    return start_ready_file(
-        "epp",
-        [
-            sys.executable,
-            "-m",
-            "inferstack",
-            "epp",
-            "serve",
-            *backends,
-            "--port",
-            "0",
-            "--health-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
-    )
-
-
-def envoy_config(epp: str | None, workers: list[str]) -> dict:
+def envoy_config(epp: str, workers: list[str], ext_proc: bool = True) -> dict:
     eps = [(w.removeprefix("http://").rsplit(":", 1)[0], int(w.rsplit(":", 1)[1])) for w in workers]
-    host, port = (epp or "127.0.0.1:1").rsplit(":", 1)
-    cfg = bootstrap(
-        ("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)), cluster="override_host", endpoints=eps
-    )
-    if epp is None:  # the static-cluster peer: same Envoy, no ext_proc (round robin)
+    host, port = epp.rsplit(":", 1)
+    cfg = bootstrap(("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)), cluster="override_host", endpoints=eps)
+    if not ext_proc:  # the static-cluster peer: same Envoy, no ext_proc (round robin)
         hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
     return cfg
@@ -122,17 +98,17 @@ def main() -> None:
     )
     procs: list = []
     try:
-        epp = start_epp(workers)
-        procs.append(epp)
-        epp_info = epp.extra  # its ready file: grpc, health and metrics addresses
-        via_epp = start_envoy(envoy_config(epp_info["grpc"], workers))
-        static = start_envoy(envoy_config(None, workers))
-        gw = start_inferstack_gateway({"pools": {"bench": {"endpoints": workers, "models": [MODEL]}}})
-        procs += [via_epp, static, gw]
+        pool = {"pools": {"bench": {"endpoints": workers, "models": [MODEL]}}}
+        via_epp = start_envoy_epp(pool, cluster="override_host")
+        procs.append(via_epp)
+        epp_info = via_epp.extra["epp"]  # its ready file: grpc, health and metrics addresses
+        static = start_envoy(envoy_config(epp_info["grpc"], workers, ext_proc=False))
+        gw = start_inferstack_gateway(pool)
+        procs += [static, gw]
         targets = [
             ("direct (1 engine)", workers[0], []),
             ("envoy static cluster", static.url, [static.proc.pid]),
-            ("envoy + inferstack epp", via_epp.url, [via_epp.proc.pid, epp.proc.pid]),
+            ("envoy + inferstack epp", via_epp.url, [p.proc.pid for p in via_epp.parts]),
             ("inferstack gateway (HTTP)", gw.url, [gw.proc.pid]),
         ]
         rows = []
