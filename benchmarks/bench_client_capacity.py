@@ -52,7 +52,8 @@ def ours(url: str, rate: float, duration: float) -> dict[str, float]:
     cpu = time.process_time() - cpu0
     s = res.summary
     return {"send_rate": s["load"]["send_rate"], "done_rate": s["throughput"]["requests_per_s"],
-            "lag_p50_ms": s["load"]["schedule_lag_s"]["p50"] * 1e3, "lag_p99_ms": s["load"]["schedule_lag_s"]["p99"] * 1e3,
+            "lag_p50_ms": s["load"]["schedule_lag_s"]["p50"] * 1e3,
+            "lag_p99_ms": s["load"]["schedule_lag_s"]["p99"] * 1e3,
             "failed": s["requests"]["failed"], "cpu_us_per_request": cpu / max(1, s["requests"]["sent"]) * 1e6}
 
 

@@ -89,8 +89,10 @@ def main() -> None:
     s = json.loads((ours / "results.json").read_text())["summary"]
     rows = {
         "TTFT mean (ms)": (s["latency_s"]["ttft"]["mean"] * 1e3, gmean("time_to_first_token_ms")),
-        "ITL mean, guidellm sense = our TPOT (ms)": (s["latency_s"]["tpot"]["mean"] * 1e3, gmean("inter_token_latency_ms")),
-        "E2E/n = guidellm TPOT (ms)": (s["latency_s"]["e2e_per_token"]["mean"] * 1e3, gmean("time_per_output_token_ms")),
+        "ITL mean, guidellm sense = our TPOT (ms)": (s["latency_s"]["tpot"]["mean"] * 1e3,
+                                                     gmean("inter_token_latency_ms")),
+        "E2E/n = guidellm TPOT (ms)": (s["latency_s"]["e2e_per_token"]["mean"] * 1e3,
+                                       gmean("time_per_output_token_ms")),
         "requests/s": (s["throughput"]["requests_per_s"], gmean("requests_per_second")),
     }
     print(f"profile {args.profile}, input {args.input}, output {args.output}, constant {args.rate:g} req/s, "

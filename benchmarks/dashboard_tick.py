@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--ticks", type=int, default=120)
     args = ap.parse_args()
     rng = random.Random(0)
-    print(f"{'endpoints':>9} {'bytes/tick':>10} {'parse only ms':>13} {'full tick ms':>12} {'ratio':>6} {'CPU at 1 Hz':>11}")
+    print(f"{'endpoints':>9} {'bytes/tick':>10} {'parse only ms':>13} {'full tick ms':>12} {'ratio':>6} "
+          f"{'CPU at 1 Hz':>11}")
     for n in (2, 8, 32):
         gw_text, engine_texts = exposition(n, rng)
         texts = [gw_text, *engine_texts]

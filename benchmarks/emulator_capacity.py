@@ -80,8 +80,10 @@ def main() -> None:
     predicted = step_time(profile.model, profile.hardware, [SeqWork(ctx, 1)] * b)
     print(f"profile {args.profile}: {len(urls)} engines in one process, {rate:g} req/s offered "
           f"({args.rate_per_engine:g}/engine), {args.output} output tokens streamed, {args.duration:g} s")
-    print(f"requests ok {len(reqs)}, failed {s['requests']['failed']}; output {s['throughput']['output_tokens_per_s']:.0f} tok/s")
-    print(f"TTFT mean {s['latency_s']['ttft']['mean'] * 1e3:.1f} ms; TPOT mean {s['latency_s']['tpot']['mean'] * 1e3:.2f} ms "
+    print(f"requests ok {len(reqs)}, failed {s['requests']['failed']}; "
+          f"output {s['throughput']['output_tokens_per_s']:.0f} tok/s")
+    print(f"TTFT mean {s['latency_s']['ttft']['mean'] * 1e3:.1f} ms; "
+          f"TPOT mean {s['latency_s']['tpot']['mean'] * 1e3:.2f} ms "
           f"vs model {predicted * 1e3:.2f} ms at batch {b} (mean concurrency/engine {conc:.2f}); "
           f"ITL p99 {s['latency_s']['itl']['p99'] * 1e3:.1f} ms")
     print(f"emulator: {steps} steps, {late} late ({late / max(1, steps):.2%}); lag p50 of late steps "

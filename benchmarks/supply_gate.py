@@ -5,8 +5,9 @@
 The GGUF is copied into a temp folder and signed there. Each measurement runs in a fresh Python process
 so that import costs count: torch is imported first (the engine has it), then the gate verifies (its own
 imports included; building the TrustPolicy, which the engine does while reading its config, is timed
-apart because it pays pydantic's first-model cost), then `load_model` runs (its imports included; the dequantization cache is warm, as on
-every restart after the first). Both are timed in the same process, so machine noise hits both alike.
+apart because it pays pydantic's first-model cost), then `load_model` runs (its imports included; the
+dequantization cache is warm, as on every restart after the first). Both are timed in the same process,
+so machine noise hits both alike.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def main() -> None:
     shutil.copyfile(gguf, path)
     priv, pub = write_ec_keypair(tmp / "keys")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "INFERSTACK_CACHE_DIR": str(tmp / "cache")}
-    subprocess.run([sys.executable, "-m", "inferstack", "model", "sign", str(model_dir), "--key", str(priv), "--hash", args.hash],
-                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "inferstack", "model", "sign", str(model_dir), "--key", str(priv),
+                    "--hash", args.hash], check=True, env=env, capture_output=True)
     run("load", path, pub, env)  # first load dequantizes into the cache; later loads read it
     both = [run("both", path, pub, env) for _ in range(args.repeats)]
     med = statistics.median

@@ -46,7 +46,8 @@ def test_each_request_is_audited_and_the_chain_verifies(audited) -> None:
                     json={"model": "chat-model", "messages": [{"role": "user", "content": "secret prompt"}]})
     assert ok.status_code == 200
     with httpx.stream("POST", f"{gw.url}/v1/chat/completions", headers=auth,
-                      json={"model": "chat-model", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+                      json={"model": "chat-model", "stream": True,
+                            "messages": [{"role": "user", "content": "x"}]}) as r:
         assert r.status_code == 200 and r.read()
     assert httpx.post(f"{gw.url}/v1/chat/completions", headers={"Authorization": "Bearer wrong"},
                       json={"model": "chat-model", "messages": []}).status_code == 401

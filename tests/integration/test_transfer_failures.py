@@ -49,7 +49,8 @@ def test_prefill_killed_mid_transfer(shm):
         received = []
         with pytest.raises(TransferError):
             for chunk in client.pull("127.0.0.1", port, "r"):
-                expected = torch.stack([c[:, chunk.first_block:chunk.first_block + 4].reshape(2, 64, 2, 8) for c in caches])
+                expected = torch.stack([c[:, chunk.first_block:chunk.first_block + 4].reshape(2, 64, 2, 8)
+                                        for c in caches])
                 assert torch.equal(chunk.tensor, expected), "every chunk that is delivered is intact"
                 received.append(chunk.index)
                 if len(received) == 1:

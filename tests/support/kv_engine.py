@@ -31,7 +31,8 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     """``n`` prompts of exactly ``length`` tokens that differ from their first token on."""
     out = []
     for k in range(n):
-        text = " ".join(f"Note {k}-{i}: replica {k} logs line {i} about cache tier {i % 7}." for i in range(length // 8))
+        text = " ".join(f"Note {k}-{i}: replica {k} logs line {i} about cache tier {i % 7}."
+                        for i in range(length // 8))
         ids = tokenizer.encode(text)
         assert len(ids) >= length, "prompt text too short"
         out.append(ids[:length])

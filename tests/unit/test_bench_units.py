@@ -140,8 +140,10 @@ def test_generic_trace_prefix_and_session(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("content,match", [
-    ('{"timestamp": 0, "input_tokens": 5, "output_tokens": 1}\n{"timestamp": 1, "input_tokens": 5\n', r"t\.jsonl:2: invalid JSON"),
-    ('{"timestamp": 0, "input_tokens": 5, "output_tokens": 1}\n\n{"timestamp": 1, "output_tokens": 3}\n', r"t\.jsonl:3: missing input"),
+    ('{"timestamp": 0, "input_tokens": 5, "output_tokens": 1}\n{"timestamp": 1, "input_tokens": 5\n',
+     r"t\.jsonl:2: invalid JSON"),
+    ('{"timestamp": 0, "input_tokens": 5, "output_tokens": 1}\n\n{"timestamp": 1, "output_tokens": 3}\n',
+     r"t\.jsonl:3: missing input"),
     ('{"timestamp": 0, "input_tokens": -5, "output_tokens": 1}\n', r"t\.jsonl:1: input length must be >= 1"),
     ('{"timestamp": "yesterday", "input_tokens": 5, "output_tokens": 1}\n', r"t\.jsonl:1: timestamp"),
     ("", "no requests"),

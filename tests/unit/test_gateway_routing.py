@@ -159,8 +159,8 @@ def test_session_and_lora_affinity():
 
 
 @settings(max_examples=60, deadline=None)
-@given(cap=st.integers(1, 50), ops=st.lists(st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 80), max_size=30)),
-                                           max_size=40))
+@given(cap=st.integers(1, 50),
+       ops=st.lists(st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 80), max_size=30)), max_size=40))
 def test_approx_index_is_bounded_and_consistent(cap, ops):
     idx = ApproxPrefixIndex(capacity_per_endpoint=cap)
     for ep, hashes in ops:

@@ -77,7 +77,8 @@ def test_detokenize_rejects_negative_ids() -> None:
     assert error_of(DetokenizeRequest, b'{"tokens": [1, -1]}').param == "tokens[1]"
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=5),
+@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+                    | st.text(max_size=5),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                     max_leaves=12))
 def test_any_json_is_a_request_or_a_400(value: object) -> None:

@@ -4,7 +4,8 @@ from hypothesis import strategies as st
 
 from inferstack.protocol.sse import SSE_DONE, SSEDecoder, is_done, sse_event
 
-payloads = st.lists(st.dictionaries(st.text(max_size=6), st.text(max_size=20) | st.integers(-(2**63), 2**63 - 1), max_size=4),
+payloads = st.lists(st.dictionaries(st.text(max_size=6), st.text(max_size=20) | st.integers(-(2**63), 2**63 - 1),
+                                    max_size=4),
                     min_size=1, max_size=6)
 
 

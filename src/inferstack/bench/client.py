@@ -118,7 +118,8 @@ class Client:
         self.targets = [base_url(t) for t in targets]
         self.path = b"/v1/chat/completions" if opts.endpoint == "chat" else b"/v1/completions"
         self.model, self.opts = model, opts
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if opts.stream else "application/json"}
+        headers = {"Content-Type": "application/json",
+                   "Accept": "text/event-stream" if opts.stream else "application/json"}
         if opts.api_key:
             headers["Authorization"] = f"Bearer {opts.api_key}"
         self.headers = headers

@@ -39,7 +39,8 @@ def compare(dirs: list[Path]) -> str:
 
     add("workload", lambda r: r["config"]["workload"])
     add("load", lambda r: r["config"]["load"]["label"])
-    add("completed / failed", lambda r: f"{r['summary']['requests']['completed']} / {r['summary']['requests']['failed']}")
+    add("completed / failed",
+        lambda r: f"{r['summary']['requests']['completed']} / {r['summary']['requests']['failed']}")
     add("requests/s", lambda r: f"{r['summary']['throughput']['requests_per_s']:.2f}")
     add("output tok/s", lambda r: f"{r['summary']['throughput']['output_tokens_per_s']:.1f}")
     for k, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E")):

@@ -88,7 +88,8 @@ def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo
             "total_tokens_per_s": (in_tokens + out_tokens) / duration,
         },
         "tokens": {"input_total": in_tokens, "output_total": out_tokens,
-                   "input_source": "server usage" if len(prompt_known) == len(ok) else "usage where reported, else nominal"},
+                   "input_source": ("server usage" if len(prompt_known) == len(ok)
+                                    else "usage where reported, else nominal")},
         "latency_s": {
             "ttft": dist([r.ttft for r in ok]),
             "tpot": dist([r.tpot for r in ok]),

@@ -26,7 +26,9 @@ def validate(file: Annotated[Path, typer.Argument(help="Path to inferstack.yaml.
 
 
 @app.command()
-def schema(out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None) -> None:
+def schema(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+) -> None:
     """Print the JSON Schema of inferstack.yaml (for editors and CI)."""
     from inferstack.config.schema import InferstackConfig
 

@@ -31,23 +31,43 @@ def _pd_override(base: UpSettings, prefill: int | None, decode: int | None) -> d
 
 
 def up(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="inferstack.yaml; its `up` section sets the defaults below.")] = None,
-    replicas: Annotated[int | None, typer.Option("--replicas", "-n", min=1, help="Engine replicas (default 2).")] = None,
-    prefill: Annotated[int | None, typer.Option("--prefill", help="Prefill/decode disaggregation (xPyD): this many engines with --role prefill; give --decode too.")] = None,
-    decode: Annotated[int | None, typer.Option("--decode", help="xPyD: this many engines with --role decode, behind a PD pool in the gateway.")] = None,
-    port: Annotated[int | None, typer.Option("--port", "-p", min=0, max=65535, help="Gateway port (default 8000; 0 = any free port).")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model to serve: alias (smollm2-135m), .gguf file, HF directory or oci:// reference.")] = None,
-    emulate: Annotated[str | None, typer.Option("--emulate", help="Emulated engines instead of a real model, e.g. h100:llama-3-8b.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch threads per engine (default: cores split between replicas).")] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Address the gateway binds (default 127.0.0.1).")] = None,
-    kv_tiers: Annotated[str | None, typer.Option("--kv-tiers", help="Reuse KV across requests and replicas: any of host,disk,redis, fastest first. The replicas share a disk tier in the log directory and a Redis server that up starts (unless up.kv in --config names them); see docs/kv-cache.md.")] = None,
-    with_prometheus: Annotated[bool, typer.Option("--with-prometheus", help="Also start Prometheus scraping the stack, with inferstack's recording and alert rules.")] = False,
-    log_dir: Annotated[Path | None, typer.Option("--log-dir", help="Directory for child logs and state.json (default: a new temp dir).")] = None,
-    ready_file: Annotated[Path | None, typer.Option("--ready-file", help="Write one JSON line with the URLs here once everything is ready.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="inferstack.yaml; its `up` section sets the defaults below.")] = None,
+    replicas: Annotated[int | None, typer.Option(
+        "--replicas", "-n", min=1, help="Engine replicas (default 2).")] = None,
+    prefill: Annotated[int | None, typer.Option(
+        "--prefill", help="Prefill/decode disaggregation (xPyD): this many engines with --role prefill; "
+        "give --decode too.")] = None,
+    decode: Annotated[int | None, typer.Option(
+        "--decode", help="xPyD: this many engines with --role decode, behind a PD pool in the gateway.")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", "-p", min=0, max=65535, help="Gateway port (default 8000; 0 = any free port).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Model to serve: alias (smollm2-135m), .gguf file, HF directory or oci:// "
+        "reference.")] = None,
+    emulate: Annotated[str | None, typer.Option(
+        "--emulate", help="Emulated engines instead of a real model, e.g. h100:llama-3-8b.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="Torch threads per engine (default: cores split between replicas).")] = None,
+    host: Annotated[str | None, typer.Option(
+        "--host", help="Address the gateway binds (default 127.0.0.1).")] = None,
+    kv_tiers: Annotated[str | None, typer.Option(
+        "--kv-tiers", help="Reuse KV across requests and replicas: any of host,disk,redis, fastest first. The "
+        "replicas share a disk tier in the log directory and a Redis server that up starts (unless up.kv in "
+        "--config names them); see docs/kv-cache.md.")] = None,
+    with_prometheus: Annotated[bool, typer.Option(
+        "--with-prometheus", help="Also start Prometheus scraping the stack, with inferstack's recording and "
+        "alert rules.")] = False,
+    log_dir: Annotated[Path | None, typer.Option(
+        "--log-dir", help="Directory for child logs and state.json (default: a new temp dir).")] = None,
+    ready_file: Annotated[Path | None, typer.Option(
+        "--ready-file", help="Write one JSON line with the URLs here once everything is ready.")] = None,
 ) -> None:
     """Start a working local stack: engine replicas serving a model behind the OpenAI-compatible gateway.
 
-    With no options: 2 CPU replicas of smollm2-135m and the gateway on http://127.0.0.1:8000, with a live dashboard at /dashboard. Ctrl-C stops everything; a crashed engine is taken out of the pool and restarted with backoff.
+    With no options: 2 CPU replicas of smollm2-135m and the gateway on http://127.0.0.1:8000.
+
+    Live dashboard at /dashboard. Ctrl-C stops everything; a crashed engine leaves the pool and restarts with backoff.
 
     Examples:
 
@@ -76,7 +96,8 @@ def up(
         overrides = {k: v for k, v in {
             "replicas": replicas, "port": port, "model": model, "emulate": emulate, "threads": threads,
             "host": host, "log_dir": str(log_dir) if log_dir else None, "pd": pd,
-            "kv": {**(base.kv.model_dump(exclude_unset=True) if base.kv else {}), "tiers": kv_tiers} if kv_tiers else None,
+            "kv": ({**(base.kv.model_dump(exclude_unset=True) if base.kv else {}), "tiers": kv_tiers}
+                   if kv_tiers else None),
         }.items() if v is not None}
         if with_prometheus:
             overrides["with_prometheus"] = True

@@ -31,7 +31,8 @@ _DROP = ("stream_options", "max_completion_tokens", "min_tokens", "n", "best_of"
 class PDMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.decisions = Counter("inferstack_gateway_pd_decisions", "PD routing decisions by outcome "
-                                 "(remote_prefill, local_cached, local_no_prefill, local_no_decode, local_both, local_prefill_busy).",
+                                 "(remote_prefill, local_cached, local_no_prefill, local_no_decode, local_both, "
+                                 "local_prefill_busy).",
                                  ("pool", "outcome"), registry=registry)
         self.prefill_seconds = Histogram("inferstack_gateway_pd_prefill_seconds",
                                          "Duration of successful prefill legs.", ("pool", "endpoint"),
@@ -90,7 +91,8 @@ class PDLegs:
             pep.in_flight -= 1
         if isinstance(outcome, str):
             pep.request_failed(self.cfg)
-            self.metrics.fallbacks.labels(pool.name, "connection" if outcome.startswith("connection") else outcome).inc()
+            reason = "connection" if outcome.startswith("connection") else outcome
+            self.metrics.fallbacks.labels(pool.name, reason).inc()
             log.warning("request %s: prefill leg on %s failed (%s); decode endpoint %s recomputes",
                         rid.decode("latin-1"), pep.id, outcome, result.endpoint.id)
             return payload

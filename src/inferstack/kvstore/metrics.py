@@ -22,8 +22,10 @@ COUNTERS = (
     ("write_bytes", "inferstack_kv_tier_write_bytes", "Bytes written to a KV tier."),
     ("writes", "inferstack_kv_tier_writes", "Chunks written to a KV tier."),
     ("evictions", "inferstack_kv_tier_evictions", "Chunks a KV tier dropped to stay within its byte budget."),
-    ("corrupt", "inferstack_kv_tier_corrupt_chunks", "Chunks that failed their checksum or header check; deleted, served as misses."),
-    ("errors", "inferstack_kv_tier_errors", "KV tier operations that failed (e.g. Redis unreachable); served as misses."),
+    ("corrupt", "inferstack_kv_tier_corrupt_chunks",
+     "Chunks that failed their checksum or header check; deleted, served as misses."),
+    ("errors", "inferstack_kv_tier_errors",
+     "KV tier operations that failed (e.g. Redis unreachable); served as misses."),
 )
 
 
@@ -47,13 +49,16 @@ class KVStoreCollector(Collector):
             for tier in self.store.tiers:
                 fam.add_metric([self.model_name, tier.name], getattr(tier.stats, attr))
             yield fam
-        reads = histogram_family("inferstack_kv_tier_read_seconds", "Time to read and verify one chunk from a KV tier.", labels)
+        reads = histogram_family("inferstack_kv_tier_read_seconds",
+                                 "Time to read and verify one chunk from a KV tier.", labels)
         writes = histogram_family("inferstack_kv_tier_write_seconds", "Time to write one chunk to a KV tier.", labels)
-        up = GaugeMetricFamily("inferstack_kv_tier_up", "0 while a KV tier is skipped after a failure, else 1.", labels=labels)
+        up = GaugeMetricFamily("inferstack_kv_tier_up", "0 while a KV tier is skipped after a failure, else 1.",
+                               labels=labels)
         for tier in self.store.tiers:
             up.add_metric([self.model_name, tier.name], 1 if tier.available() else 0)
         yield up
-        used = GaugeMetricFamily("inferstack_kv_tier_used_bytes", "Bytes a KV tier holds (tiers that track it).", labels=labels)
+        used = GaugeMetricFamily("inferstack_kv_tier_used_bytes", "Bytes a KV tier holds (tiers that track it).",
+                                 labels=labels)
         cap = GaugeMetricFamily("inferstack_kv_tier_capacity_bytes", "A KV tier's byte budget.", labels=labels)
         for tier in self.store.tiers:
             with tier.stats.lock:
@@ -66,12 +71,17 @@ class KVStoreCollector(Collector):
         yield from (reads, writes, used, cap)
         wb = self.store.writeback.stats
         ml = ["model_name"]
-        depth = GaugeMetricFamily("inferstack_kv_writeback_queue_chunks", "Chunks waiting to be written to KV tiers.", labels=ml)
+        depth = GaugeMetricFamily("inferstack_kv_writeback_queue_chunks", "Chunks waiting to be written to KV tiers.",
+                                  labels=ml)
         depth.add_metric([self.model_name], wb.queued_items)
-        qbytes = GaugeMetricFamily("inferstack_kv_writeback_queue_bytes", "Bytes waiting to be written to KV tiers.", labels=ml)
+        qbytes = GaugeMetricFamily("inferstack_kv_writeback_queue_bytes", "Bytes waiting to be written to KV tiers.",
+                                   labels=ml)
         qbytes.add_metric([self.model_name], wb.queued_bytes)
-        dropped = CounterMetricFamily("inferstack_kv_writeback_dropped", "Chunk writes dropped because the write-back queue was full (back-pressure).", labels=ml)
+        dropped = CounterMetricFamily("inferstack_kv_writeback_dropped",
+                                      "Chunk writes dropped because the write-back queue was full (back-pressure).",
+                                      labels=ml)
         dropped.add_metric([self.model_name], wb.dropped)
-        done = CounterMetricFamily("inferstack_kv_writeback_completed", "Chunks the write-back worker finished writing.", labels=ml)
+        done = CounterMetricFamily("inferstack_kv_writeback_completed",
+                                   "Chunks the write-back worker finished writing.", labels=ml)
         done.add_metric([self.model_name], wb.completed)
         yield from (depth, qbytes, dropped, done)

@@ -96,7 +96,8 @@ def ml_bom(
     if info.licenses:
         model["licenses"] = [{"license": {"name": lic}} for lic in info.licenses]
     components = [model] + [
-        {"type": "data", "bom-ref": r, "name": url, "data": [{"type": "dataset", "name": url, "contents": {"url": url}}]}
+        {"type": "data", "bom-ref": r, "name": url,
+         "data": [{"type": "dataset", "name": url, "contents": {"url": url}}]}
         for r, url in zip(dataset_refs, datasets, strict=True)
     ]
     return {

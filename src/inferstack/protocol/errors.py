@@ -99,7 +99,8 @@ def from_validation_error(exc: ValidationError) -> APIError:
     param = loc_to_param(tuple(err["loc"]))
     if any(_is_union_tag(p) for p in err["loc"]):
         # one error per union branch: say what each branch wanted
-        msgs = dict.fromkeys(e["msg"] for e in exc.errors(include_url=False) if (loc_to_param(tuple(e["loc"])) or "").startswith(param or ""))
+        msgs = dict.fromkeys(e["msg"] for e in exc.errors(include_url=False)
+                             if (loc_to_param(tuple(e["loc"])) or "").startswith(param or ""))
         message = f"{param}: no accepted form matches ({'; or '.join(list(msgs)[:4])})"
     else:
         message = f"{param}: {err['msg']}" if param else err["msg"]

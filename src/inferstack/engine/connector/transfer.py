@@ -115,7 +115,8 @@ class PagedKVSource(KVSource):
             raise ValueError("PagedKVSource needs the engine's per-layer KV caches")
         two, _, block_size, heads, dim = kv_caches[0].shape
         if two != 2:
-            raise ValueError(f"KV cache per layer must be [2, blocks, block_size, heads, dim], got {tuple(kv_caches[0].shape)}")
+            raise ValueError("KV cache per layer must be [2, blocks, block_size, heads, dim], "
+                             f"got {tuple(kv_caches[0].shape)}")
         self.kv_caches = list(kv_caches)
         self.layout = KVLayout(len(kv_caches), heads, dim, block_size, kv_caches[0].dtype)
         self.hold_s = hold_s
@@ -251,9 +252,11 @@ class KVTransferServer:
             request_id = pull.request_id
             spec = self.source.open(request_id)
             if spec is None:
-                conn.sendall(_error(request_id, f"no KV held for request {request_id!r} (expired or never prefilled here)"))
+                conn.sendall(_error(request_id,
+                                    f"no KV held for request {request_id!r} (expired or never prefilled here)"))
                 return
-            use_shm = bool(self.allow_shm and pull.flags & FLAG_SHM_OK and self._identity and pull.aux == self._identity)
+            use_shm = bool(self.allow_shm and pull.flags & FLAG_SHM_OK and self._identity
+                           and pull.aux == self._identity)
             t0 = time.perf_counter()
             if use_shm:
                 assert self._segments is not None

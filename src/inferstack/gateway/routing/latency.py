@@ -15,7 +15,8 @@ _FORGET = 0.98  # weight of history per observation: recent behaviour dominates
 @dataclass(slots=True)
 class _RLS:
     w: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.01])
-    p: list[list[float]] = field(default_factory=lambda: [[100.0 if i == j else 0.0 for j in range(3)] for i in range(3)])
+    p: list[list[float]] = field(
+        default_factory=lambda: [[100.0 if i == j else 0.0 for j in range(3)] for i in range(3)])
     n: int = 0
 
     def predict(self, x: list[float]) -> float:

@@ -82,6 +82,7 @@ class RouteContext:
 
     def cold(self) -> bool:
         """No endpoint holds any of this request's prefix."""
-        if self.request.token_hashes and any(v > 0 for v in self.precise_matches(list(self.snapshot.endpoints)).values()):
+        if self.request.token_hashes and any(
+                v > 0 for v in self.precise_matches(list(self.snapshot.endpoints)).values()):
             return False
         return not self.approx_matches()
