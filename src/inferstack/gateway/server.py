@@ -132,7 +132,8 @@ class Gateway:
             raise APIError(400, f"Expected {{\"endpoints\": [{{\"url\": \"http://...\"}}, ...]}}: {exc}",
                            param="endpoints") from None
         await self.datalayer.set_endpoints(pool, wanted)
-        await respond(send, 200, orjson.dumps({"pool": pool.name, "endpoints": [e.id for e in pool.endpoints]}))
+        ids = [e.id for e in pool.endpoints]
+        await respond(send, 200, orjson.dumps({"pool": pool.name, "endpoints": ids}))
 
     def _dashboard_endpoints(self) -> list[dict[str, Any]]:
         return [{"name": e.id, "url": e.url, "model": ", ".join(sorted(e.models)) or None, "pool": p.name,
