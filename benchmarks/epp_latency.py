@@ -78,7 +78,8 @@ async def fixed_rate(url: str, body: bytes, rate: float, duration: float) -> tup
 def envoy_config(epp: str, workers: list[str], ext_proc: bool = True) -> dict:
     eps = [(w.removeprefix("http://").rsplit(":", 1)[0], int(w.rsplit(":", 1)[1])) for w in workers]
     host, port = epp.rsplit(":", 1)
-    cfg = bootstrap(("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)), cluster="override_host", endpoints=eps)
+    cfg = bootstrap(("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)), cluster="override_host",
+                    endpoints=eps)
     if not ext_proc:  # the static-cluster peer: same Envoy, no ext_proc (round robin)
         hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]

@@ -154,7 +154,8 @@ def main() -> None:
     fc_modes = {"on": [True], "off": [False], "both": [True, False]}[args.flow_control]
     fronts = ["", "envoy+epp:"] if args.envoy else [""]
     routers: list[tuple[str, object, bool]] = [
-        (("envoy + inferstack epp " if f else "inferstack ") + p + ("" if fc else " (flow control off)"), f + p, fc)
+        (("envoy + inferstack epp " if f else "inferstack ") + p + ("" if fc else " (flow control off)"),
+         f + p, fc)
         for p in args.routers.split(",") if p for fc in fc_modes for f in fronts]
     if "sglang" in args.peers:
         routers += [("sglang-router cache_aware", "sglang:cache_aware", False),

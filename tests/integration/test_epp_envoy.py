@@ -195,6 +195,13 @@ def test_refusals_reach_the_client_as_openai_errors(stack):
     assert int(r.headers["retry-after"]) >= 1
 
 
+def test_other_paths_pass_through_to_an_endpoint(stack):
+    engines, _, envoy = stack
+    r = httpx.get(envoy.url + "/v1/models", timeout=30)
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [MODEL]
+    assert _served(r) in {u.removeprefix("http://") for u in engines.urls}
+
+
 def test_large_bodies_and_buffered_mode(stack):
     """A body several times the 62,000-byte chunk limit reaches the engine whole through the
     streamed echo; a BUFFERED-mode Envoy (headers answered at once, pick in the body response)

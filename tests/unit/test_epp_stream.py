@@ -241,3 +241,39 @@ def test_flow_control_shed_is_an_immediate_429_with_retry_after():
         )
         == 1
     )
+
+
+def test_a_stream_reset_after_done_is_accounted_as_served():
+    """Envoy forwards `[DONE]` before its end-of-stream message reaches the picker; a client that
+    hangs up in between resets the ext_proc stream. The response was complete: account it."""
+    sse = (
+        b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def main():
+        p = _picker()
+        s = Stream(p)
+        await s.handle(_headers())
+        out = await s.handle(_body(orjson.dumps({"model": "m", "prompt": "hi", "stream": True}), True))
+        dest = {
+            h.header.key: h.header.raw_value
+            for h in out[0].request_headers.response.header_mutation.set_headers
+        }
+        await s.handle(_served_headers(dest[m.DESTINATION].decode(), "text/event-stream"))
+        await s.handle(pb.ProcessingRequest(response_body=pb.HttpBody(body=sse, end_of_stream=False)))
+        await s.abandon()
+        return p, dest[m.DESTINATION].decode()
+
+    p, dest = _run(main())
+    reg = p.pipeline.metrics.registry
+    labels = {"model": "m", "pool": "p", "tenant": "t"}
+    assert reg.get_sample_value("inferstack_gateway_tokens_total", {**labels, "type": "output"}) == 2
+    assert (
+        reg.get_sample_value(
+            "inferstack_gateway_requests_total", {**labels, "endpoint": dest, "status": "200"}
+        )
+        == 1
+    )
+    assert p.pool.by_id(dest).in_flight == 0

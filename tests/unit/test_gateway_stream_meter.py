@@ -39,3 +39,13 @@ def test_partial_events_wait_and_an_unterminated_tail_is_flushed():
     assert meter.feed(EVENTS[1][10:] + b"data: {", now=2.0) == EVENTS[1]
     assert meter.ttft == 2.0 and meter.events == 1
     assert meter.flush() == b"data: {"
+
+
+def test_ttft_is_the_first_content_even_in_a_chunk_coalesced_with_the_role_event():
+    meter = StreamMeter(t0=0.0, strip=False)
+    meter.feed(EVENTS[0] + EVENTS[1], now=3.0)
+    assert meter.ttft == 3.0
+    completions = StreamMeter(t0=0.0, strip=False)
+    completions.feed(b'data: {"choices":[{"text":""}]}\n\n', now=1.0)
+    completions.feed(b'data: {"choices":[{"text":" The"}]}\n\n', now=2.0)
+    assert completions.ttft == 2.0

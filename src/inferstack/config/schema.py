@@ -244,7 +244,8 @@ class EppConfig(_Section):
     port: int = Field(9002, ge=0, le=65535, description="gRPC ext_proc port (GIE's extProcPort).")
     health_port: int = Field(9003, ge=0, le=65535, description="gRPC health (liveness, readiness).")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics over HTTP.")
-    pool: Name | None = Field(None, description="The pool this picker serves; needed when several are configured.")
+    pool: Name | None = Field(
+        None, description="The pool this picker serves; needed when several are configured.")
     conformance_hooks: bool = Field(False, description="GIE conformance test headers; never in production.")
 
 

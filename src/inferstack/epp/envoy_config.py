@@ -145,6 +145,45 @@ def pool_cluster(
     }
 
 
+def _route_config() -> dict[str, Any]:
+    """Everything to the pool; the response names the endpoint that served it (for the picker)."""
+    return {
+        "name": "inference",
+        "virtual_hosts": [
+            {
+                "name": "pool",
+                "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "pool", "timeout": "86400s"}}],
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": SERVED, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def _epp_cluster(epp: tuple[str, int]) -> dict[str, Any]:
+    """The picker, over HTTP/2 (gRPC)."""
+    return {
+        "name": "epp",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "epp",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(*epp)}}]}],
+        },
+    }
+
+
 def bootstrap(
     listen: tuple[str, int],
     admin: tuple[str, int],
@@ -161,22 +200,7 @@ def bootstrap(
     hcm = {
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "inference",
-        "route_config": {
-            "name": "inference",
-            "virtual_hosts": [
-                {
-                    "name": "pool",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "pool", "timeout": "86400s"}}],
-                    "response_headers_to_add": [
-                        {
-                            "header": {"key": SERVED, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
-                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                        }
-                    ],
-                }
-            ],
-        },
+        "route_config": _route_config(),
         # request path runs this list in order, the response path in reverse
         "http_filters": [
             *([_headers_to_metadata(_SUBSET_RULE)] if subset_from_header else []),
@@ -188,37 +212,17 @@ def bootstrap(
             },
         ],
     }
-    epp_cluster = {
-        "name": "epp",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "epp",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(*epp)}}]}],
-        },
+    listener = {
+        "name": "inference",
+        "address": _addr(*listen),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
     }
     return {
         "admin": {"address": _addr(*admin)},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "inference",
-                    "address": _addr(*listen),
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [pool_cluster(cluster, endpoints), epp_cluster],
+            "listeners": [listener],
+            "clusters": [pool_cluster(cluster, endpoints), _epp_cluster(epp)],
         },
     }

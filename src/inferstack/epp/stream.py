@@ -344,6 +344,11 @@ class Stream:
         ctx = self.ctx
         if ctx is None or self.phase is Phase.DONE:
             return
+        meter = self.resp.meter
+        if self.phase is Phase.RESPONSE and meter is not None and meter.done:
+            # the client had `[DONE]` and hung up before Envoy's end-of-stream reached us
+            await self.finish()
+            return
         self.phase = Phase.DONE
         ctx.outcome.status = self.resp.status or 499
         self.p.pipeline.account.count(ctx)

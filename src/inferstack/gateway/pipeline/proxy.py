@@ -132,77 +132,83 @@ class Proxy:
             conn = await ep.upstream.request(b"POST", ctx.inbound.path, headers, payload)
         except OSError as exc:
             return f"connection: {type(exc).__name__}"
-        out = ctx.outcome
         try:
             if conn.status != 200:
-                if conn.status >= 500 and not last:
-                    conn.close()
-                    return f"status {conn.status}"
-                try:
-                    data = await conn.read()
-                except OSError as exc:
-                    conn.close()
-                    return f"connection: {type(exc).__name__}"
-                out.status = conn.status
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": conn.status,
-                        "headers": [
-                            (b"content-type", conn.content_type),
-                            (b"x-request-id", ctx.inbound.rid),
-                            (SERVED, ep.id.encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": data})
-                out.responded = True
-                self.account.count(ctx)
-                conn.release()
-                return None
-            out.status = 200
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        _SSE,
-                        (b"cache-control", b"no-cache"),
-                        (b"x-request-id", ctx.inbound.rid),
-                        (SERVED, ep.id.encode()),
-                    ],
-                }
-            )
-            meter = StreamMeter(ctx.inbound.t0, strip=ctx.plan.inject_usage)
-            try:
-                while (chunk := await conn.next_chunk()) is not None:
-                    chunk = meter.feed(chunk, time.perf_counter())
-                    if chunk:
-                        out.streamed = meter.events  # what a stream cut short here is charged (TPM)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if rest := meter.flush():
-                    await send({"type": "http.response.body", "body": rest, "more_body": True})
-            except OSError as exc:
-                # never retry once streaming began: tell the client, end the stream cleanly
-                conn.close()
-                out.status = 502
-                err = APIError(
-                    502, f"The upstream endpoint failed mid-stream ({exc}).", code="upstream_error"
-                )
-                await send(
-                    {"type": "http.response.body", "body": sse_raw(err.body()) + SSE_DONE, "more_body": True}
-                )
-            await send({"type": "http.response.body", "body": b""})
-            out.responded = True
-            conn.release()
-            out.ttft, out.gaps = meter.ttft, meter.gaps
-            await self.account.finish(
-                ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks
-            )
+                return await self._relay_refusal(ctx, ep, conn, send, last)
+            await self._relay_stream(ctx, ep, conn, send)
             return None
         except BaseException:
             conn.close()  # cancelled (client gone) or failed: drop the upstream connection
             raise
+
+    async def _relay_refusal(
+        self, ctx: RequestContext, ep: Endpoint, conn: Any, send: Any, last: bool
+    ) -> str | None:
+        """A streamed request answered with an error status: relay it whole, or retry a 5xx."""
+        if conn.status >= 500 and not last:
+            conn.close()
+            return f"status {conn.status}"
+        try:
+            data = await conn.read()
+        except OSError as exc:
+            conn.close()
+            return f"connection: {type(exc).__name__}"
+        ctx.outcome.status = conn.status
+        await send(
+            {
+                "type": "http.response.start",
+                "status": conn.status,
+                "headers": [
+                    (b"content-type", conn.content_type),
+                    (b"x-request-id", ctx.inbound.rid),
+                    (SERVED, ep.id.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
+        ctx.outcome.responded = True
+        self.account.count(ctx)
+        conn.release()
+        return None
+
+    async def _relay_stream(self, ctx: RequestContext, ep: Endpoint, conn: Any, send: Any) -> None:
+        """Relay SSE chunk by chunk (whole events), metering TTFT, gaps and usage."""
+        out = ctx.outcome
+        out.status = 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    _SSE,
+                    (b"cache-control", b"no-cache"),
+                    (b"x-request-id", ctx.inbound.rid),
+                    (SERVED, ep.id.encode()),
+                ],
+            }
+        )
+        meter = StreamMeter(ctx.inbound.t0, strip=ctx.plan.inject_usage)
+        try:
+            while (chunk := await conn.next_chunk()) is not None:
+                chunk = meter.feed(chunk, time.perf_counter())
+                if chunk:
+                    out.streamed = meter.events  # what a stream cut short here is charged (TPM)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if rest := meter.flush():
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
+        except OSError as exc:
+            # never retry once streaming began: tell the client, end the stream cleanly
+            conn.close()
+            out.status = 502
+            err = APIError(502, f"The upstream endpoint failed mid-stream ({exc}).", code="upstream_error")
+            await send(
+                {"type": "http.response.body", "body": sse_raw(err.body()) + SSE_DONE, "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b""})
+        out.responded = True
+        conn.release()
+        out.ttft, out.gaps = meter.ttft, meter.gaps
+        await self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
 
 
 async def _fetch(ep: Endpoint, path: bytes, payload: bytes, headers: list) -> tuple[int, bytes, bytes]:

@@ -3,10 +3,13 @@ picker (which sees the same bytes as ext_proc response-body chunks)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+_FIRST_TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')
 
 
 def json_usage(data: bytes) -> dict[str, Any] | None:
@@ -55,6 +58,7 @@ class StreamMeter:
     gaps: list[float] = field(default_factory=list)
     events: int = 0
     usage: dict | None = None
+    done: bool = False  # `data: [DONE]` went by: the client has the whole answer
     _first_at: float = 0.0
     _last_at: float = 0.0
     _tail: bytes = b""
@@ -75,13 +79,16 @@ class StreamMeter:
             if not chunk:
                 return chunk
         if self._first_at == 0.0:
-            if b'"content":""' not in chunk:
+            # the first non-empty content or text, wherever it sits in a chunk that a proxy may have
+            # coalesced with the role-only event before it
+            if _FIRST_TOKEN.search(chunk):
                 self._first_at = now
                 self.ttft = now - self.t0
         else:
             self.gaps.append(now - self._last_at)
         self._last_at = now
         self.events += chunk.count(b"data:")
+        self.done = self.done or b"data: [DONE]" in chunk
         return chunk
 
     def flush(self) -> bytes:
