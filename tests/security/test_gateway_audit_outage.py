@@ -52,13 +52,16 @@ def test_gateway_refuses_while_the_audit_log_cannot_write_and_resumes_after(tmp_
         resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (log.stat().st_size + 40, hard))  # disk full
         assert ask("unrecorded-yet").status_code == 200  # admitted: its record fails after the response
         polls = iter(range(1000))  # one id per try: tries before the writer noticed are served (200)
-        refused = _wait(lambda: (r := ask(f"during-{next(polls)}")).status_code == 503 and r, "admission refuses")
-        assert refused.json()["error"]["code"] == "audit_unavailable" and int(refused.headers["retry-after"]) >= 1
+        refused = _wait(lambda: (r := ask(f"during-{next(polls)}")).status_code == 503 and r,
+                        "admission refuses")
+        assert refused.json()["error"]["code"] == "audit_unavailable"
+        assert int(refused.headers["retry-after"]) >= 1
         ready = httpx.get(gw.url + "/ready")
         assert ready.status_code == 503 and "audit log" in ready.json()["status"]
         metrics = httpx.get(gw.url + "/metrics").text
         assert metric_sum(metrics, "inferstack_audit_writer_healthy") == 0
-        assert metric_sum(metrics, "inferstack_gateway_dependency_unavailable_total", 'dependency="audit_log"') >= 1
+        name = "inferstack_gateway_dependency_unavailable_total"
+        assert metric_sum(metrics, name, 'dependency="audit_log"') >= 1
         resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space returns
         _wait(lambda: ask("after").status_code == 200, "admits again")
         assert httpx.get(gw.url + "/ready").status_code == 200

@@ -43,8 +43,10 @@ def _engine_body(engine, marker: str) -> dict:
 
 
 def _chat(gw, key: str, marker: str, headers: dict | None = None, **extra) -> httpx.Response:
-    return httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}", **(headers or {})},
-                      json={"model": "fake-model", "messages": [{"role": "user", "content": marker}], **extra})
+    return httpx.post(gw.url + "/v1/chat/completions",
+                      headers={"authorization": f"Bearer {key}", **(headers or {})},
+                      json={"model": "fake-model", "messages": [{"role": "user", "content": marker}],
+                            **extra})
 
 
 def test_the_gateway_owns_priority_and_kv_transfer_params(stack):
@@ -134,7 +136,8 @@ def test_slow_headers_and_slow_bodies_are_cut_off(stack):
     t0 = time.monotonic()
     with socket.create_connection(_addr(gw)) as s:  # a body that stops halfway
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                  b"authorization: Bearer " + STD_KEY.encode() + b"\r\ncontent-length: 1000\r\n\r\n{\"model\":")
+                  b"authorization: Bearer " + STD_KEY.encode()
+                  + b"\r\ncontent-length: 1000\r\n\r\n{\"model\":")
         head = _read_until_closed(s, 5)
     assert head.startswith(b"HTTP/1.1 408") and b"body_timeout" in head, head
     assert time.monotonic() - t0 < 4

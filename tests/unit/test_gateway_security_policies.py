@@ -53,9 +53,9 @@ def test_ids_and_session_keys_are_bounded():
     assert len(bounded_key(long)) == 71 and session_key({"user": "u1"}, None) == "u1"
 
 
-@pytest.mark.parametrize(("host", "ok"), [(b"127.0.0.1:8080", True), (b"localhost", True), (b"[::1]:9", True),
-                                          (b"127.9.9.9", True), (b"evil.example", False),
-                                          (b"localhost.evil.example", False), (None, False), (b"10.0.0.1", False)])
+@pytest.mark.parametrize(("host", "ok"), [
+    (b"127.0.0.1:8080", True), (b"localhost", True), (b"[::1]:9", True), (b"127.9.9.9", True),
+    (b"evil.example", False), (b"localhost.evil.example", False), (None, False), (b"10.0.0.1", False)])
 def test_loopback_host_names(host, ok):
     assert is_loopback_host(host) is ok
 

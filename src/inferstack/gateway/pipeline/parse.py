@@ -29,5 +29,6 @@ def requested_model(req: dict[str, Any]) -> str:
         raise APIError(400, "You must provide a model parameter (`model`): name one of GET /v1/models.",
                        param="model", code="missing_model")
     if len(model) > MAX_MODEL_CHARS:  # no configured name is this long; never echo or audit megabytes
-        raise APIError(404, f"The model `{model[:64]}...` does not exist.", param="model", code="model_not_found")
+        raise APIError(404, f"The model `{model[:64]}...` does not exist.", param="model",
+                       code="model_not_found")
     return model
