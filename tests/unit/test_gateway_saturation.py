@@ -53,6 +53,14 @@ def test_cap_and_queue_both_bound_the_room():
     assert snap.room(ep(kv_usage=0.9, queue=1.0)) == 0
     assert snap.room(ep(kv_usage=0.9, in_flight=3, running=2.0)) == 0
     assert snap.room(EndpointView("down", healthy=False)) == 0
+    # over the threshold the room is negative: it counts against the pool's
+    assert snap.room(ep(queue=8.0)) == -3
+
+
+def test_a_hot_endpoints_overflow_counts_against_the_pool():
+    hot, cold = ep(queue=9.0), EndpointView("c", has_metrics=True, metrics_age_s=0.0)
+    assert PoolSnapshot([hot, cold], queue_threshold=5.0).free_slots() == 1
+    assert PoolSnapshot([ep(queue=12.0), cold], queue_threshold=5.0).free_slots() == 0
 
 
 class Clock:

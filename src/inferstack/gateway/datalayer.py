@@ -167,7 +167,7 @@ class Pool:
         now = time.monotonic()
         fc = self.gateway.flow_control
         return PoolSnapshot([e.view(now) for e in self.endpoints if e.id not in exclude], now,
-                            self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold, fc.enabled)
+                            self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
 
     def free_slots(self) -> int:
         """How many queued requests may be released now (flow control)."""

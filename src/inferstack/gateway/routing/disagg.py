@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from inferstack.gateway.routing.filters import within_room
+from inferstack.gateway.routing.filters import within_cap
 from inferstack.gateway.routing.profiles import Pick, Policy, Router, RoutingResult
 from inferstack.gateway.routing.state import RouteContext, RoutingState
 from inferstack.gateway.routing.types import EndpointView, PoolSnapshot, RequestView
@@ -103,7 +103,7 @@ class _RolePolicy:
         return self.policy.name
 
     def pick(self, ctx: RouteContext, cands: list[EndpointView]) -> Pick | None:
-        kept = within_room(ctx.snapshot, [e for e in cands if self.roles.get(e.id, "both") in self.allowed])
+        kept = within_cap([e for e in cands if self.roles.get(e.id, "both") in self.allowed])
         return self.policy.pick(ctx, kept) if kept else None
 
 

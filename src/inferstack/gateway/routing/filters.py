@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from inferstack.gateway.routing.state import RouteContext
-from inferstack.gateway.routing.types import EndpointView, PoolSnapshot
+from inferstack.gateway.routing.types import EndpointView
 
 Filter = Callable[[RouteContext, list[EndpointView]], list[EndpointView]]
 
@@ -23,18 +23,15 @@ def not_saturated(ctx: RouteContext, cands: list[EndpointView]) -> list[Endpoint
     return kept or cands
 
 
-def within_room(snap: PoolSnapshot, cands: list[EndpointView]) -> list[EndpointView]:
-    """The healthy endpoints with room, or all of ``cands`` when none has any.
+def within_cap(cands: list[EndpointView]) -> list[EndpointView]:
+    """The healthy endpoints below their `max_concurrency`, or all of ``cands`` when none is.
 
-    Every router applies this before its policy. Room is the free part of `max_concurrency` and,
-    while flow control is on (`snap.admits_by_room`), the queue left before saturation: flow control
-    releases a request only when some endpoint has room, so a scorer with strong affinity (prefix,
-    session) must not send it to a full endpoint instead. Fails open (every endpoint full, or a
-    reserved slot taken meanwhile): a busy endpoint beats a 503."""
-    if snap.admits_by_room:
-        kept = [e for e in cands if e.healthy and snap.room(e) > 0]
-    else:
-        kept = [e for e in cands if e.healthy and (not e.max_concurrency or e.in_flight < e.max_concurrency)]
+    Every router applies this before its policy: the cap is a promise to the engine, and flow
+    control releases a request only when the pool has room, so a scorer with strong affinity
+    (prefix, session) must not send it to a full endpoint instead. Queue room is deliberately not
+    enforced here (see `PoolSnapshot.free_slots`). Fails open (flow control off, or a reserved slot
+    taken meanwhile): a busy endpoint beats a 503."""
+    kept = [e for e in cands if e.healthy and (not e.max_concurrency or e.in_flight < e.max_concurrency)]
     return kept or cands
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from inferstack.gateway.routing.filters import Filter, within_room
+from inferstack.gateway.routing.filters import Filter, within_cap
 from inferstack.gateway.routing.pickers import Picker
 from inferstack.gateway.routing.scorers import Scorer
 from inferstack.gateway.routing.state import RouteContext, RoutingState
@@ -131,7 +131,7 @@ class Router:
         cold = ctx.cold()
         result: RoutingResult | None = None
         for role, policy in self.handler.profiles(req, snap):
-            pick = policy.pick(ctx, within_room(snap, list(snap.endpoints)))
+            pick = policy.pick(ctx, within_cap(list(snap.endpoints)))
             if pick is None:
                 if result is None:
                     return None
