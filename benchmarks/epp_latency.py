@@ -23,12 +23,11 @@ import httpx
 import orjson
 from gateway_common import (
     ROOT,
-    Proc,
     median,
     pct,
+    start_envoy_epp,
     start_fake_engines,
     start_inferstack_gateway,
-    start_ready_file,
 )
 from gateway_overhead import cpu_seconds
 
@@ -46,8 +45,10 @@ async def fixed_rate(url: str, body: bytes, rate: float, duration: float) -> tup
     """Send at ``rate`` req/s regardless of responses; returns latencies of 200s and the error count."""
     lat: list[float] = []
     errors = 0
-    async with aiohttp.ClientSession(headers={"content-type": "application/json"},
-                                     connector=aiohttp.TCPConnector(limit=0)) as s:
+    async with aiohttp.ClientSession(
+        headers={"content-type": "application/json"}, connector=aiohttp.TCPConnector(limit=0)
+    ) as s:
+
         async def one() -> None:
             nonlocal errors
             t = time.perf_counter()
@@ -74,17 +75,12 @@ async def fixed_rate(url: str, body: bytes, rate: float, duration: float) -> tup
     return lat, errors
 
 
-def start_epp(workers: list[str]) -> Proc:
-    backends = [arg for w in workers for arg in ("--backend", w)]
-    return start_ready_file("epp", [sys.executable, "-m", "inferstack", "epp", "serve", *backends, "--port", "0",
-                                    "--health-port", "0", "--metrics-port", "0"])
-
-
-def envoy_config(epp: str | None, workers: list[str]) -> dict:
+def envoy_config(epp: str, workers: list[str], ext_proc: bool = True) -> dict:
     eps = [(w.removeprefix("http://").rsplit(":", 1)[0], int(w.rsplit(":", 1)[1])) for w in workers]
-    host, port = (epp or "127.0.0.1:1").rsplit(":", 1)
-    cfg = bootstrap(("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)), cluster="override_host", endpoints=eps)
-    if epp is None:  # the static-cluster peer: same Envoy, no ext_proc (round robin)
+    host, port = epp.rsplit(":", 1)
+    cfg = bootstrap(("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)), cluster="override_host",
+                    endpoints=eps)
+    if not ext_proc:  # the static-cluster peer: same Envoy, no ext_proc (round robin)
         hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
     return cfg
@@ -98,20 +94,24 @@ def main() -> None:
     args = ap.parse_args()
     engines = start_fake_engines(2, "--ttft-ms", "0", "--itl-ms", "0", "--tokens", "8")
     workers = [e.url for e in engines]
-    body = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "x" * 200}]})
+    body = orjson.dumps(
+        {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "x" * 200}]}
+    )
     procs: list = []
     try:
-        epp = start_epp(workers)
-        procs.append(epp)
-        epp_info = epp.extra  # its ready file: grpc, health and metrics addresses
-        via_epp = start_envoy(envoy_config(epp_info["grpc"], workers))
-        static = start_envoy(envoy_config(None, workers))
-        gw = start_inferstack_gateway({"pools": {"bench": {"endpoints": workers, "models": [MODEL]}}})
-        procs += [via_epp, static, gw]
-        targets = [("direct (1 engine)", workers[0], []),
-                   ("envoy static cluster", static.url, [static.proc.pid]),
-                   ("envoy + inferstack epp", via_epp.url, [via_epp.proc.pid, epp.proc.pid]),
-                   ("inferstack gateway (HTTP)", gw.url, [gw.proc.pid])]
+        pool = {"pools": {"bench": {"endpoints": workers, "models": [MODEL]}}}
+        via_epp = start_envoy_epp(pool, cluster="override_host")
+        procs.append(via_epp)
+        epp_info = via_epp.extra["epp"]  # its ready file: grpc, health and metrics addresses
+        static = start_envoy(envoy_config(epp_info["grpc"], workers, ext_proc=False))
+        gw = start_inferstack_gateway(pool)
+        procs += [static, gw]
+        targets = [
+            ("direct (1 engine)", workers[0], []),
+            ("envoy static cluster", static.url, [static.proc.pid]),
+            ("envoy + inferstack epp", via_epp.url, [p.proc.pid for p in via_epp.parts]),
+            ("inferstack gateway (HTTP)", gw.url, [gw.proc.pid]),
+        ]
         rows = []
         for name, base, pids in targets:
             url = base + "/v1/chat/completions"
@@ -119,8 +119,14 @@ def main() -> None:
             before = httpx.get(epp_info["metrics"] + "/metrics").text if "epp" in name else ""
             cpu0 = sum(cpu_seconds(p) for p in pids)
             lat, errors = asyncio.run(fixed_rate(url, body, args.rate, args.duration))
-            row = {"target": name, "rate": args.rate, "ok": len(lat), "errors": errors,
-                   "p50_ms": median(lat) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3}
+            row = {
+                "target": name,
+                "rate": args.rate,
+                "ok": len(lat),
+                "errors": errors,
+                "p50_ms": median(lat) * 1e3,
+                "p99_ms": pct(lat, 0.99) * 1e3,
+            }
             if pids:
                 row["cpu_ms_per_req"] = (sum(cpu_seconds(p) for p in pids) - cpu0) / (len(lat) + errors) * 1e3
             if before:
@@ -133,12 +139,24 @@ def main() -> None:
     finally:
         for p in procs + engines:
             p.stop()
-    cols = ["target", "rate", "ok", "errors", "p50_ms", "p99_ms", "cpu_ms_per_req", "decision_p50_ms",
-            "decision_p99_ms"]
+    cols = [
+        "target",
+        "rate",
+        "ok",
+        "errors",
+        "p50_ms",
+        "p99_ms",
+        "cpu_ms_per_req",
+        "decision_p50_ms",
+        "decision_p99_ms",
+    ]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
-                                for c in cols) + " |")
+        print(
+            "| "
+            + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols)
+            + " |"
+        )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 

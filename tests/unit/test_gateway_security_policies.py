@@ -40,9 +40,10 @@ def test_fan_out_cap_and_every_prompt_in_the_estimate():
         check_fan_out("completions", {"prompt": [[1, 2]] * 4, "best_of": 2}, 6)
     assert e.value.status == 400 and e.value.code == "too_many_completions"
     assert check_fan_out("completions", {"prompt": [1, 2, 3], "n": 2}, 6) == 2  # one token-id prompt
-    assert prompt_token_estimate("completions", {"prompt": ["x" * 400] * 3}) == 300
-    assert prompt_token_estimate("completions", {"prompt": [[1] * 50, [2] * 70]}) == 120
-    assert prompt_token_estimate("completions", {"prompt": [7] * 33}) == 33
+    assert prompt_token_estimate("completions", {"prompt": ["x" * 400] * 3}, 400) == 300
+    assert prompt_token_estimate("completions", {"prompt": [[1] * 50, [2] * 70]}, 0) == 120
+    assert prompt_token_estimate("completions", {"prompt": [7] * 33}, 0) == 33
+    assert prompt_token_estimate("chat", {"messages": []}, 80) == 20
 
 
 def test_ids_and_session_keys_are_bounded():
@@ -52,9 +53,9 @@ def test_ids_and_session_keys_are_bounded():
     assert len(bounded_key(long)) == 71 and session_key({"user": "u1"}, None) == "u1"
 
 
-@pytest.mark.parametrize(("host", "ok"), [(b"127.0.0.1:8080", True), (b"localhost", True), (b"[::1]:9", True),
-                                          (b"127.9.9.9", True), (b"evil.example", False),
-                                          (b"localhost.evil.example", False), (None, False), (b"10.0.0.1", False)])
+@pytest.mark.parametrize(("host", "ok"), [
+    (b"127.0.0.1:8080", True), (b"localhost", True), (b"[::1]:9", True), (b"127.9.9.9", True),
+    (b"evil.example", False), (b"localhost.evil.example", False), (None, False), (b"10.0.0.1", False)])
 def test_loopback_host_names(host, ok):
     assert is_loopback_host(host) is ok
 

@@ -108,3 +108,28 @@ def test_errors_timeouts_and_refused():
             await dead.request(b"POST", b"/x", [], b"")
 
     asyncio.run(main())
+
+
+def test_a_connection_closed_before_the_request_is_sent_is_an_upstream_error():
+    """A server that accepts and hangs up at once (an engine going down, or not HTTP at all): under
+    uvloop the write used to raise RuntimeError, which no caller treats as a connection failure."""
+    import uvloop
+
+    async def main():
+        async def handler(reader, writer):
+            writer.close()
+
+        server, url = await _serve(handler)
+        pool = UpstreamPool(url, 2.0, 2.0)
+        conn = await pool._connect()
+        deadline = asyncio.get_running_loop().time() + 5
+        while not conn.closed and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        with pytest.raises(UpstreamError, match="before the request was sent"):
+            conn.send(b"GET / HTTP/1.1\r\n\r\n")
+        with pytest.raises(UpstreamError):
+            await pool.request(b"GET", b"/metrics", [], b"")
+        pool.close()
+        server.close()
+
+    uvloop.run(main())

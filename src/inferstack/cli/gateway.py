@@ -28,7 +28,8 @@ def serve(
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
     cfg = load_pools(config, backend or [], routing)
-    gw = cfg.gateway.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    given = {"host": host, "port": port}
+    gw = cfg.gateway.model_copy(update={k: v for k, v in given.items() if v is not None})
     cfg = cfg.model_copy(update={"gateway": gw})
     from inferstack.gateway.serve import serve as run
 

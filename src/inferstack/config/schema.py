@@ -127,8 +127,8 @@ class KeyConfig(_Section):
     models: list[Name] | None = Field(None, description="Allowed public model names; absent = all.")
     objective: Name | None = Field(None, description="Default objective for requests with this key.")
     max_objective: Name | None = Field(
-        None, description="Highest objective this key may request with x-gateway-inference-objective; a higher "
-        "one is capped to it. Default: the key's own objective (priority 0 without one).")
+        None, description="Highest objective this key may request with x-gateway-inference-objective; a "
+        "higher one is capped to it. Default: the key's own objective (priority 0 without one).")
 
 
 class TenantConfig(_Section):
@@ -197,25 +197,28 @@ class TracingConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    """What RPM/TPM enforcement does when its store (Redis) fails (docs/security-gateway.md)."""
+    """What RPM/TPM enforcement does when its store (Redis) fails (docs/security.md)."""
 
     on_store_failure: Literal["refuse", "allow"] = Field(
         "refuse", description="refuse: 503 with Retry-After while the store is unreachable; allow: serve "
         "without limits. Both are logged, counted and audited.")
     store_timeout_s: float = Field(0.25, gt=0, le=10, description="Connect and reply timeout for the store.")
     store_retry_s: float = Field(
-        1.0, ge=0, description="After a store failure, apply the policy at once for this long before trying again.")
+        1.0, ge=0, description="After a store failure, apply the policy at once for this long before "
+        "trying again.")
     default_max_tokens: int = Field(
         64, ge=1, description="Output tokens TPM reserves per completion for a request without max_tokens "
         "(settled to the real usage afterwards).")
 
 
 class HttpLimitsConfig(_Section):
-    """Bounds on what a client may send the gateway before it is refused (docs/security-gateway.md)."""
+    """Bounds on what a client may send the gateway before it is refused (docs/security.md)."""
 
-    max_header_bytes: int = Field(MAX_HEADER_BYTES, ge=1024, description="Request line + headers; more gets 431.")
+    max_header_bytes: int = Field(
+        MAX_HEADER_BYTES, ge=1024, description="Request line + headers; more gets 431.")
     header_timeout_s: float = Field(
-        HEADER_TIMEOUT_S, gt=0, description="From connect (or the previous response) to the last header; else 408.")
+        HEADER_TIMEOUT_S, gt=0,
+        description="From connect (or the previous response) to the last header; else 408.")
     body_timeout_s: float = Field(BODY_TIMEOUT_S, gt=0, description="Reading the whole body; else 408.")
     max_prompts: int = Field(
         128, ge=1, description="Completions: prompts x n per request (each becomes an engine request).")
@@ -240,8 +243,8 @@ class GatewayConfig(_Section):
         None, description="Serve PUT /admin/pools/{pool}/endpoints (the local stack replaces a pool's endpoints "
         "through it). Default: on when bound to a loopback address. Needs the admin token (admin_token_env).")
     admin_token_env: str = Field(
-        "INFERSTACK_ADMIN_TOKEN", description="Environment variable with the admin API's bearer token; the API "
-        "is off while it is unset (`inferstack up` generates one and passes it).")
+        "INFERSTACK_ADMIN_TOKEN", description="Environment variable with the admin API's bearer token; the "
+        "API is off while it is unset (`inferstack up` generates one and passes it).")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     http: HttpLimitsConfig = Field(default_factory=HttpLimitsConfig)
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
@@ -256,7 +259,8 @@ class EppConfig(_Section):
     port: int = Field(9002, ge=0, le=65535, description="gRPC ext_proc port (GIE's extProcPort).")
     health_port: int = Field(9003, ge=0, le=65535, description="gRPC health (liveness, readiness).")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics over HTTP.")
-    pool: Name | None = Field(None, description="The pool this picker serves; needed when several are configured.")
+    pool: Name | None = Field(
+        None, description="The pool this picker serves; needed when several are configured.")
     conformance_hooks: bool = Field(False, description="GIE conformance test headers; never in production.")
 
 

@@ -37,7 +37,8 @@ def headers_of(msg: pb.HttpHeaders) -> dict[bytes, bytes]:
 def set_header(key: str, value: bytes) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, raw_value=value),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
 
 
 def lb_metadata(destination: str) -> struct_pb2.Struct:
@@ -48,23 +49,34 @@ def lb_metadata(destination: str) -> struct_pb2.Struct:
 
 def routing_mutation(destination: str, extra: Mapping[str, bytes] | None = None) -> pb.CommonResponse:
     """Route to ``destination`` (``ip:port[,fallback...]``): header set, route cache cleared."""
-    sets = [set_header(DESTINATION, destination.encode()), *(set_header(k, v) for k, v in (extra or {}).items())]
+    sets = [
+        set_header(DESTINATION, destination.encode()),
+        *(set_header(k, v) for k, v in (extra or {}).items()),
+    ]
     return pb.CommonResponse(clear_route_cache=True, header_mutation=pb.HeaderMutation(set_headers=sets))
 
 
-def request_headers_response(common: pb.CommonResponse | None = None,
-                             metadata: struct_pb2.Struct | None = None) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common or pb.CommonResponse()),
-                                 dynamic_metadata=metadata)
+def request_headers_response(
+    common: pb.CommonResponse | None = None, metadata: struct_pb2.Struct | None = None
+) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=common or pb.CommonResponse()), dynamic_metadata=metadata
+    )
 
 
 def streamed_chunks(body: bytes, end_of_stream: bool) -> list[pb.CommonResponse]:
     """``body`` as FULL_DUPLEX_STREAMED body mutations of at most CHUNK_LIMIT bytes each; the last
     carries ``end_of_stream``. An empty body is one empty chunk (Envoy still needs the EoS)."""
-    pieces = [body[i:i + CHUNK_LIMIT] for i in range(0, len(body), CHUNK_LIMIT)] or [b""]
+    pieces = [body[i : i + CHUNK_LIMIT] for i in range(0, len(body), CHUNK_LIMIT)] or [b""]
     last = len(pieces) - 1
-    return [pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
-        body=p, end_of_stream=end_of_stream and i == last))) for i, p in enumerate(pieces)]
+    return [
+        pb.CommonResponse(
+            body_mutation=pb.BodyMutation(
+                streamed_response=pb.StreamedBodyResponse(body=p, end_of_stream=end_of_stream and i == last)
+            )
+        )
+        for i, p in enumerate(pieces)
+    ]
 
 
 def request_body_responses(commons: Iterable[pb.CommonResponse]) -> list[pb.ProcessingResponse]:
@@ -77,13 +89,20 @@ def response_body_responses(commons: Iterable[pb.CommonResponse]) -> list[pb.Pro
 
 def immediate(exc: APIError, rid: bytes | None = None) -> pb.ProcessingResponse:
     """An OpenAI error envelope sent by Envoy in place of the upstream response."""
-    sets = [set_header("content-type", b"application/json"),
-            *(set_header(k, v.encode()) for k, v in exc.headers.items())]
+    sets = [
+        set_header("content-type", b"application/json"),
+        *(set_header(k, v.encode()) for k, v in exc.headers.items()),
+    ]
     if rid:
         sets.append(set_header("x-request-id", rid))
-    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=exc.status), headers=pb.HeaderMutation(set_headers=sets),
-        body=exc.body(), details=exc.code or ""))
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=exc.status),
+            headers=pb.HeaderMutation(set_headers=sets),
+            body=exc.body(),
+            details=exc.code or "",
+        )
+    )
 
 
 def _lb_value(msg: pb.ProcessingRequest, namespace: str, key: str) -> list[str] | None:

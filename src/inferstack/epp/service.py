@@ -23,7 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
 from inferstack.config.schema import InferstackConfig
-from inferstack.epp.stream import Picker, Stream, decision_histogram
+from inferstack.epp.stream import EndpointPicker, Stream, decision_histogram
 from inferstack.gateway.pipeline import Pipeline
 
 log = logging.getLogger("inferstack.epp")
@@ -36,7 +36,7 @@ _OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, picker: Picker):
+    def __init__(self, picker: EndpointPicker):
         self.picker = picker
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
@@ -49,7 +49,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             await stream.abandon()
 
 
-async def _track_readiness(health: health_aio.HealthServicer, pipeline: Pipeline, stop: asyncio.Event) -> None:
+async def _track_readiness(
+    health: health_aio.HealthServicer, pipeline: Pipeline, stop: asyncio.Event
+) -> None:
     last = None
     while not stop.is_set():
         why = pipeline.not_ready_reason()
@@ -76,7 +78,9 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     """Serve until SIGTERM/SIGINT, then drain open streams (bounded) and exit."""
     ep = cfg.epp
     pipeline = Pipeline(cfg, tracer_provider)
-    picker = Picker(pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry))
+    picker = EndpointPicker(
+        pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry)
+    )
     health = health_aio.HealthServicer()
     await health.set("liveness", _SERVING)
     for service in ("readiness", EXT_PROC):
@@ -97,9 +101,16 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
         loop.add_signal_handler(sig, stop.set)
     tracker = asyncio.create_task(_track_readiness(health, pipeline, stop))
     h = f"[{ep.host}]" if ":" in ep.host else ep.host
-    line = json.dumps({"urls": [f"grpc://{h}:{port}", f"grpc://{h}:{hport}", f"http://{h}:{httpd.server_port}"],
-                       "grpc": f"{h}:{port}", "health": f"{h}:{hport}",
-                       "metrics": f"http://{h}:{httpd.server_port}", "pool": pool, "pid": os.getpid()})
+    line = json.dumps(
+        {
+            "urls": [f"grpc://{h}:{port}", f"grpc://{h}:{hport}", f"http://{h}:{httpd.server_port}"],
+            "grpc": f"{h}:{port}",
+            "health": f"{h}:{hport}",
+            "metrics": f"http://{h}:{httpd.server_port}",
+            "pool": pool,
+            "pid": os.getpid(),
+        }
+    )
     print(line, flush=True)
     if ready_file is not None:
         ready_file.write_text(line + "\n")

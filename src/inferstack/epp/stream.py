@@ -27,15 +27,40 @@ from inferstack.gateway.pipeline.usage import StreamMeter, json_usage
 from inferstack.protocol.errors import APIError
 
 _STREAMED = ProcessingMode.FULL_DUPLEX_STREAMED
-_DECISION_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.0006, 0.0008, 0.001, 0.0015, 0.002, 0.003,
-                     0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
+_DECISION_BUCKETS = (
+    0.0001,
+    0.0002,
+    0.0003,
+    0.0004,
+    0.0005,
+    0.0006,
+    0.0008,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    5.0,
+    30.0,
+)
 
 
 def decision_histogram(registry: CollectorRegistry) -> Histogram:
-    return Histogram("inferstack_epp_decision_seconds",
-                     "Picker decision time: request end-of-stream in to routing response out (includes "
-                     "flow-control queueing; excludes the body's transfer).", buckets=_DECISION_BUCKETS,
-                     registry=registry)
+    return Histogram(
+        "inferstack_epp_decision_seconds",
+        "Picker decision time: request end-of-stream in to routing response out (includes "
+        "flow-control queueing; excludes the body's transfer).",
+        buckets=_DECISION_BUCKETS,
+        registry=registry,
+    )
 
 
 def address(ep: Endpoint) -> str:
@@ -44,15 +69,15 @@ def address(ep: Endpoint) -> str:
 
 
 class Phase(enum.Enum):
-    HEADERS = 0      # waiting for request headers
-    BODY = 1         # collecting the request body
-    UPSTREAM = 2     # picked; waiting for the response
-    RESPONSE = 3     # relaying the response body
+    HEADERS = 0  # waiting for request headers
+    BODY = 1  # collecting the request body
+    UPSTREAM = 2  # picked; waiting for the response
+    RESPONSE = 3  # relaying the response body
     DONE = 4
 
 
 @dataclass
-class Picker:
+class EndpointPicker:
     """What every stream shares: the pipeline, the pool this picker serves and its options."""
 
     pipeline: Pipeline
@@ -73,7 +98,7 @@ class _Response:
 
 
 class Stream:
-    def __init__(self, picker: Picker):
+    def __init__(self, picker: EndpointPicker):
         self.p = picker
         self.phase = Phase.HEADERS
         self.request_mode = _STREAMED
@@ -115,10 +140,12 @@ class Stream:
         headers = m.headers_of(msg.request_headers)
         self.hint = m.subset_hint(msg)
         if self.p.conformance and headers.get(m.CONFORMANCE_SELECT.encode()):
-            self.hint = [h.strip() for h in headers[m.CONFORMANCE_SELECT.encode()].decode().split(",") if h.strip()]
+            self.hint = [
+                h.strip() for h in headers[m.CONFORMANCE_SELECT.encode()].decode().split(",") if h.strip()
+            ]
         kind = KINDS.get(headers.get(b":path", b"").split(b"?", 1)[0])
         if kind is None:  # /v1/models, /health, ...: any allowed endpoint, no accounting
-            return self._pass_through(msg.request_headers.end_of_stream)
+            return self._pass_through()
         self.inbound = Inbound.arrive(kind, headers)
         try:
             if headers.get(b":method") != b"POST":
@@ -146,8 +173,9 @@ class Stream:
         if self.size > limit:
             exc = APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
             assert self.inbound is not None
-            await self.p.pipeline.account.rejected(self.inbound, self.caller.ident if self.caller else None,
-                                                   None, exc)
+            await self.p.pipeline.account.rejected(
+                self.inbound, self.caller.ident if self.caller else None, None, exc
+            )
             return self._refuse(exc)
         self.body.append(body.body)
         if not body.end_of_stream:
@@ -177,9 +205,7 @@ class Stream:
             ctx.outcome.status = 503
             pipe.account.count(ctx)
             await self._close()
-            where = f"pool `{self.p.pool.name}`" + (" within the subset hint" if self.hint is not None else "")
-            return self._refuse(APIError(503, f"No healthy endpoint in {where}.", code="upstream_unavailable",
-                                         headers={"retry-after": "1"}))
+            return self._no_endpoint()
         self.held = picked.endpoint
         pipe.picker.hold(ctx, picked.endpoint)
         dest = address(picked.endpoint)
@@ -187,28 +213,37 @@ class Stream:
         extra = {"content-length": str(len(payload)).encode(), "x-request-id": ctx.inbound.rid}
         route = m.routing_mutation(dest, extra)
         if self.request_mode == _STREAMED:
-            return [m.request_headers_response(route, m.lb_metadata(dest)),
-                    *m.request_body_responses(m.streamed_chunks(payload, end_of_stream))]
+            return [
+                m.request_headers_response(route, m.lb_metadata(dest)),
+                *m.request_body_responses(m.streamed_chunks(payload, end_of_stream)),
+            ]
         route.body_mutation.body = payload
-        return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=route),
-                                      dynamic_metadata=m.lb_metadata(dest))]
+        return [
+            pb.ProcessingResponse(
+                request_body=pb.BodyResponse(response=route), dynamic_metadata=m.lb_metadata(dest)
+            )
+        ]
 
     def _excluded(self) -> list[str]:
         if self.hint is None:
             return []
         return [e.id for e in self.p.pool.endpoints if not m.allowed(address(e), self.hint)]
 
-    def _pass_through(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+    def _pass_through(self) -> list[pb.ProcessingResponse]:
         """Route a non-completion request to the least-loaded healthy allowed endpoint."""
         self.passthrough = True
         self.phase = Phase.DONE
         excluded = set(self._excluded())
         eps = [e for e in self.p.pool.endpoints if e.healthy and e.id not in excluded]
         if not eps:
-            return self._refuse(APIError(503, f"No healthy endpoint in pool `{self.p.pool.name}`.",
-                                         code="upstream_unavailable", headers={"retry-after": "1"}))
+            return self._no_endpoint()
         dest = address(min(eps, key=lambda e: e.in_flight))
         return [m.request_headers_response(m.routing_mutation(dest), m.lb_metadata(dest))]
+
+    def _no_endpoint(self) -> list[pb.ProcessingResponse]:
+        where = f"pool `{self.p.pool.name}`" + (" within the subset hint" if self.hint is not None else "")
+        return self._refuse(APIError(503, f"No healthy endpoint in {where}.", code="upstream_unavailable",
+                                     headers={"retry-after": "1"}))
 
     def _refuse(self, exc: APIError) -> list[pb.ProcessingResponse]:
         self.phase = Phase.DONE
@@ -225,15 +260,21 @@ class Stream:
             if self.resp.sse:
                 strip = self.ctx.plan.inject_usage and self.response_mode == _STREAMED
                 self.resp.meter = StreamMeter(self.ctx.inbound.t0, strip=strip)
-            self._credit(m.served_endpoint(msg))
+            served = m.served_endpoint(msg)
+            self._credit(served)
             self.phase = Phase.RESPONSE
             if self.p.conformance:
-                out[m.CONFORMANCE_SERVED] = (m.served_endpoint(msg) or "").encode()
+                out[m.CONFORMANCE_SERVED] = (served or "").encode()
             if msg.response_headers.end_of_stream or self.response_mode == ProcessingMode.NONE:
                 await self.finish()
         sets = [m.set_header(k, v) for k, v in out.items()]
-        return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))))]
+        return [
+            pb.ProcessingResponse(
+                response_headers=pb.HeadersResponse(
+                    response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))
+                )
+            )
+        ]
 
     def _credit(self, served: str | None) -> None:
         """Envoy says which endpoint served: move the in-flight count and the routing memory there."""
@@ -258,6 +299,7 @@ class Stream:
             chunk = meter.feed(chunk, time.perf_counter()) if chunk else chunk
             self.ctx.outcome.streamed = meter.events  # what a stream cut short is charged (TPM)
             if eos:
+                chunk += meter.flush()
                 await self.finish()
             return self._echo(chunk, eos)
         self.resp.buffered.append(chunk)
@@ -301,6 +343,11 @@ class Stream:
         """The stream ended early (client gone, Envoy reset, upstream failed): settle the books."""
         ctx = self.ctx
         if ctx is None or self.phase is Phase.DONE:
+            return
+        meter = self.resp.meter
+        if self.phase is Phase.RESPONSE and meter is not None and meter.done:
+            # the client had `[DONE]` and hung up before Envoy's end-of-stream reached us
+            await self.finish()
             return
         self.phase = Phase.DONE
         ctx.outcome.status = self.resp.status or 499

@@ -50,7 +50,8 @@ def admin_refusal(token: str | None, host: bytes | None, authorization: bytes | 
         return APIError(403, "The admin API answers only requests addressed to a loopback host name "
                         "(Host: 127.0.0.1 or localhost).", code="admin_host_not_allowed")
     scheme, _, given = (authorization or b"").decode("latin-1").partition(" ")
-    if token is None or scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    matches = token is not None and hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not matches:
         return APIError(401, "The admin API needs `Authorization: Bearer <admin token>`.",
                         code="invalid_admin_token")
     return None
@@ -89,7 +90,8 @@ class AdminAPI:
         self.datalayer = datalayer
         self.token = token
 
-    async def handle(self, path: bytes, method: str, headers: Mapping[bytes, bytes], read_body: ReadBody) -> bytes:
+    async def handle(self, path: bytes, method: str, headers: Mapping[bytes, bytes],
+                     read_body: ReadBody) -> bytes:
         if self.token is None:
             raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         refusal = admin_refusal(self.token, headers.get(b"host"), headers.get(b"authorization"))
@@ -98,8 +100,8 @@ class AdminAPI:
         parts = path.decode("latin-1").strip("/").split("/")
         if parts == ["admin", "pools"] and method == "GET":
             return orjson.dumps({"pools": {name: [
-                {"id": e.id, "url": e.url, "healthy": e.healthy, "in_flight": e.in_flight, "models": sorted(e.models)}
-                for e in p.endpoints] for name, p in self.pools.items()}})
+                {"id": e.id, "url": e.url, "healthy": e.healthy, "in_flight": e.in_flight,
+                 "models": sorted(e.models)} for e in p.endpoints] for name, p in self.pools.items()}})
         if len(parts) != 4 or parts[3] != "endpoints":
             raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         if method != "PUT":

@@ -76,11 +76,13 @@ def requested_max_tokens(req: dict[str, Any]) -> int | None:
     return _positive_int(req.get("max_completion_tokens", req.get("max_tokens")))
 
 
-def prompt_token_estimate(kind: str, req: dict[str, Any]) -> int:
-    """Input tokens of every prompt: token-id lists by length, text at ~4 characters a token."""
+def prompt_token_estimate(kind: str, req: dict[str, Any], parts_chars: int) -> int:
+    """Input tokens of every prompt: token-id lists by length, text at ~4 characters a token.
+    ``parts_chars``: the characters of `prompt_parts` (already counted by the caller), which cover
+    a chat or a single prompt; only a list of prompts is walked again."""
     prompt = req.get("prompt")
     if kind == "chat" or not isinstance(prompt, list):
-        return max(1, sum(len(p) for p in prompt_parts(kind, req)) // 4)
+        return max(1, parts_chars // 4)
     chars = tokens = 0
     for p in prompt:
         if isinstance(p, str):

@@ -5,7 +5,7 @@ serving, SIGTERM drains."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib.metadata
 import logging
 import os
 import socket
@@ -35,12 +35,15 @@ def make_tracer_provider(cfg: InferstackConfig) -> Any:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError as exc:
-            if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
-                raise RuntimeError("tracing.exporter: otlp needs `pip install opentelemetry-exporter-otlp-proto-http`"
-                                   ) from exc
+            try:
+                importlib.metadata.version("opentelemetry-exporter-otlp-proto-http")
+            except importlib.metadata.PackageNotFoundError:
+                raise RuntimeError("tracing.exporter: otlp needs "
+                                   "`pip install opentelemetry-exporter-otlp-proto-http`") from exc
             # installed but broken: xds-protos (the endpoint picker's protos) overwrote opentelemetry-proto
-            raise RuntimeError(f"tracing.exporter: otlp cannot load ({exc}); restore opentelemetry-proto's files with "
-                               "`pip install --force-reinstall --no-deps opentelemetry-proto`") from exc
+            raise RuntimeError(f"tracing.exporter: otlp cannot load ({exc}); restore opentelemetry-proto's "
+                               "files: `pip install --force-reinstall --no-deps opentelemetry-proto`"
+                               ) from exc
         exporter = OTLPSpanExporter(endpoint=tr.endpoint) if tr.endpoint else OTLPSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider

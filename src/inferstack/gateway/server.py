@@ -43,7 +43,8 @@ class Gateway:
         self.pipeline = Pipeline(cfg, tracer_provider, limiter)
         p = self.pipeline
         self.pools, self.metrics, self.flow, self.datalayer = p.pools, p.metrics, p.flow, p.datalayer
-        self.proxy = Proxy(cfg.gateway, p.picker, p.account, PDLegs(p.metrics.registry, cfg.gateway), p.metrics)
+        pd = PDLegs(p.metrics.registry, cfg.gateway)
+        self.proxy = Proxy(cfg.gateway, p.picker, p.account, pd, p.metrics)
         self._openapi = orjson.dumps(gateway_openapi())
         gw = cfg.gateway
         enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)

@@ -119,6 +119,9 @@ class _Conn(asyncio.Protocol):
 
     # --- request API ---
     def send(self, data: bytes) -> None:
+        if self.closed or self.transport.is_closing():
+            # uvloop raises RuntimeError on a write to a closed transport: say what happened instead
+            raise UpstreamError("upstream closed the connection before the request was sent")
         self._reset()
         self._error = None
         self._read_timer = self.loop.call_later(self.read_timeout, self._timed_out)
@@ -203,8 +206,8 @@ class UpstreamPool:
             conn = self._idle.pop()
             if conn.closed:
                 continue
-            conn.send(data)
             try:
+                conn.send(data)
                 await conn.headers()
                 return conn
             except UpstreamError:
@@ -217,8 +220,8 @@ class UpstreamPool:
                 conn.close()
                 raise
         conn = await self._connect()
-        conn.send(data)
         try:
+            conn.send(data)
             await conn.headers()
         except BaseException:
             conn.close()

@@ -43,8 +43,8 @@ class PoolHook:
         body = {"endpoints": [{"url": e.url, "name": e.name, **({"model": e.model} if e.model else {})}
                               for e in endpoints]}
         try:
-            r = await self.client.put(self.gateway_url + ADMIN_PATH.format(pool=self.pool), json=body, headers=self.headers,
-                                       timeout=5.0)
+            r = await self.client.put(self.gateway_url + ADMIN_PATH.format(pool=self.pool), json=body,
+                                      headers=self.headers, timeout=5.0)
         except httpx.HTTPError as e:
             log.warning("gateway pool update failed: %s", e)
             return False

@@ -83,7 +83,7 @@ class Supervisor:
         self._pool: PoolHook | None = None
         self._dashboard_server: Any = None
         self._env = self._child_env()
-        # The gateway's admin API (PoolHook) takes only this stack's secret (docs/security-gateway.md).
+        # The gateway's admin API (PoolHook) takes only this stack's secret (docs/security.md).
         self._admin_token = secrets.token_urlsafe(32)
         self._gateway_env = {**self._env, self._admin_token_env(): self._admin_token}
 

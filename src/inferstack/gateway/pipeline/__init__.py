@@ -16,4 +16,14 @@ from inferstack.gateway.pipeline.context import (
 )
 from inferstack.gateway.pipeline.core import Pipeline
 
-__all__ = ["Admission", "Caller", "Inbound", "Outcome", "Pipeline", "Plan", "RequestContext", "Route", "Tenant"]
+__all__ = [
+    "Admission",
+    "Caller",
+    "Inbound",
+    "Outcome",
+    "Pipeline",
+    "Plan",
+    "RequestContext",
+    "Route",
+    "Tenant",
+]

@@ -42,7 +42,8 @@ class Accountant:
         for output tokens when the engine sent no usage)."""
         out, tname = ctx.outcome, ctx.caller.ident.tenant
         pool = ctx.route.pool.name
-        ttft_h, tpot_h, e2e_h, itl_h = self.metrics.latency_children((ctx.route.model, pool, out.endpoint, tname))
+        ttft_h, tpot_h, e2e_h, itl_h = self.metrics.latency_children(
+            (ctx.route.model, pool, out.endpoint, tname))
         e2e = end - ctx.inbound.t0
         e2e_h.observe(e2e)
         out_tokens, in_tokens = chunks, 0
@@ -82,7 +83,9 @@ class Accountant:
     async def _audit_done(self, ctx: RequestContext) -> None:
         assert self.audit is not None
         pool = ctx.route.pool.config
-        digest = pool.model_digest or (f"sha256:{pool.precise_prefix.model_digest}" if pool.precise_prefix else None)
+        digest = pool.model_digest or (
+            f"sha256:{pool.precise_prefix.model_digest}" if pool.precise_prefix else None
+        )
         prompt = "\n".join(prompt_parts(ctx.inbound.kind, ctx.body))  # hashed on the writer thread
         out = ctx.outcome
         await self._append(AuditRecord(
@@ -93,7 +96,9 @@ class Accountant:
             prompt_tokens=out.in_tokens, completion_tokens=out.out_tokens, prompt=prompt,
             error="limits_unenforced: limit store unavailable" if ctx.admission.unenforced else None))
 
-    async def rejected(self, inbound: Inbound, ident: Identity | None, model: str | None, exc: APIError) -> None:
+    async def rejected(
+        self, inbound: Inbound, ident: Identity | None, model: str | None, exc: APIError
+    ) -> None:
         """Audit a completion request refused before it was admitted (or with nothing admitted)."""
         if self.audit is None:
             return

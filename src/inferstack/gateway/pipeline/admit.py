@@ -2,7 +2,7 @@
 bands, fair share, shed).
 
 Every refusal is an APIError with the OpenAI envelope (and Retry-After where waiting helps); the
-pipeline audits it. TPM reserves the request's worst case here; `Pipeline.close` settles it.
+pipeline audits it. TPM reserves the request's worst case here; `account` settles it when the request ends.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ class Admitter:
         pool = route.pool.name
         flow = self.flow[pool]
         try:
-            waited = await flow.admit(caller.priority,
-                                      bounded_key(fairness.decode("latin-1")) if fairness else caller.ident.tenant,
-                                      caller.tenant.weight if caller.tenant else 1.0)
+            flow_id = bounded_key(fairness.decode("latin-1")) if fairness else caller.ident.tenant
+            weight = caller.tenant.weight if caller.tenant else 1.0
+            waited = await flow.admit(caller.priority, flow_id, weight)
         except APIError:
             self.metrics.shed.labels(pool, "shed" if caller.priority < 0 else "queue").inc()
             if tokens is not None:  # never ran: give the whole reservation back
@@ -79,7 +79,8 @@ class Admitter:
     def _store_failed(self, tenant: str, exc: LimitStoreError) -> bool:
         """Apply `limits.on_store_failure`: True (admit without limits) under `allow`, else raise 503."""
         policy = self.limits.on_store_failure
-        self.metrics.dependency_unavailable.labels("limit_store", "refused" if policy == "refuse" else "allowed").inc()
+        action = "refused" if policy == "refuse" else "allowed"
+        self.metrics.dependency_unavailable.labels("limit_store", action).inc()
         now = time.monotonic()
         if now - self._store_logged >= 10.0:
             self._store_logged = now
@@ -87,8 +88,9 @@ class Admitter:
                         "admitted without limits" if policy == "allow" else "refused")
         if policy == "allow":
             return True
-        raise APIError(503, "Rate limits cannot be checked right now (limit store unavailable); retry shortly.",
-                       code="limit_store_unavailable", headers=_retry_after(self.limits.store_retry_s)) from None
+        raise APIError(503, "Rate limits cannot be checked right now (limit store unavailable); retry "
+                       "shortly.", code="limit_store_unavailable",
+                       headers=_retry_after(self.limits.store_retry_s)) from None
 
     async def _limits(self, caller: Caller, reserve_tokens: int) -> Reservation | None:
         """Take one RPM token and reserve ``reserve_tokens`` of TPM (None without a TPM limit)."""

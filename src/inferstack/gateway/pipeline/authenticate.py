@@ -26,5 +26,6 @@ class Authenticator:
     @staticmethod
     def authorize(caller: Caller, model: str) -> None:
         if caller.ident.models is not None and model not in caller.ident.models:
-            raise APIError(403, f"This API key may not use the model `{model}`.", param="model",
-                           code="model_not_allowed")
+            raise APIError(
+                403, f"This API key may not use the model `{model}`.", param="model", code="model_not_allowed"
+            )

@@ -43,7 +43,8 @@ class Inbound:
 
     @classmethod
     def arrive(cls, kind: str, headers: Mapping[bytes, bytes]) -> Inbound:
-        rid = clean_request_id(headers[b"x-request-id"].decode("latin-1")) if b"x-request-id" in headers else None
+        given = headers.get(b"x-request-id")
+        rid = clean_request_id(given.decode("latin-1")) if given else None
         return cls(kind, headers, (rid or uuid.uuid4().hex).encode(), time.perf_counter())
 
     @property

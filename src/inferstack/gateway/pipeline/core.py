@@ -50,12 +50,19 @@ class Pipeline:
         self.limiter: Limiter = limiter or (
             RedisLimiter(gw.redis_url, timeout_s=gw.limits.store_timeout_s, retry_s=gw.limits.store_retry_s)
             if gw.redis_url else MemoryLimiter())
-        self.datalayer = DataLayer(list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump())
-        self.audit = (AuditLog(cfg.audit, registry=self.metrics.registry)  # its health metrics on our /metrics
+        self.datalayer = DataLayer(
+            list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump()
+        )
+        # the writer's health metrics go on our /metrics
+        self.audit = (AuditLog(cfg.audit, registry=self.metrics.registry)
                       if cfg.audit is not None and cfg.audit.enabled else None)
-        self.tracer = tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
+        self.tracer = (
+            tracer_provider.get_tracer("inferstack.gateway") if tracer_provider is not None else None
+        )
         self.keys = KeyStore(cfg)
-        tenants = {n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()}
+        tenants = {
+            n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()
+        }
         self.auth = Authenticator(self.keys, tenants)
         self.resolver = Resolver(cfg, self.pools, random.Random())
         self.admitter = Admitter(self.limiter, self.flow, self.metrics, gw.limits, self.audit)
@@ -96,14 +103,12 @@ class Pipeline:
                 caller = self.auth.authenticate(inbound.headers)
                 ident = caller.ident
             req = parse_body(body)
-            asked = req.get("model")
-            model = asked if isinstance(asked, str) else None
             model = requested_model(req)
             self.auth.authorize(caller, model)
             route = self.resolver.resolve(model)
             fan_out = check_fan_out(inbound.kind, req, self.cfg.gateway.http.max_prompts)
             parts = list(prompt_parts(inbound.kind, req))
-            prompt_tokens = prompt_token_estimate(inbound.kind, req)
+            prompt_tokens = prompt_token_estimate(inbound.kind, req, sum(len(p) for p in parts))
             out_tokens = requested_max_tokens(req) or self.cfg.gateway.limits.default_max_tokens
             engine_body = self.planner.engine_body(req, caller, route)
             admission = await self.admitter.admit(inbound, caller, route, prompt_tokens,
@@ -113,7 +118,9 @@ class Pipeline:
             raise
         plan = await self.planner.plan(inbound.kind, req, engine_body, parts, caller, route,
                                        inbound.headers.get(b"x-session-id"))
-        return RequestContext(inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route))
+        return RequestContext(
+            inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route)
+        )
 
     async def close(self, ctx: RequestContext) -> None:
         """The request is over: give back a reservation it never used; `account` settles TPM, ends
@@ -128,7 +135,14 @@ class Pipeline:
         if self.tracer is None:
             return None
         op = "chat" if inbound.kind == "chat" else "text_completion"
-        return self.tracer.start_span(f"{op} {route.model}", attributes={
-            "gen_ai.operation.name": op, "gen_ai.request.model": route.model, "inferstack.pool": route.pool.name,
-            "inferstack.tenant": caller.ident.tenant, "inferstack.request_id": inbound.rid.decode("latin-1"),
-            "inferstack.priority": caller.priority})
+        return self.tracer.start_span(
+            f"{op} {route.model}",
+            attributes={
+                "gen_ai.operation.name": op,
+                "gen_ai.request.model": route.model,
+                "inferstack.pool": route.pool.name,
+                "inferstack.tenant": caller.ident.tenant,
+                "inferstack.request_id": inbound.rid.decode("latin-1"),
+                "inferstack.priority": caller.priority,
+            },
+        )

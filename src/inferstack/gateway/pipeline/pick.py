@@ -55,5 +55,6 @@ class Picker:
         ep.request_succeeded()
         out = ctx.outcome
         if out.ttft is not None:
-            ctx.route.pool.router.state.latency.observe(ep.id, ctx.plan.view.est_prompt_tokens, ep.in_flight + 1,
-                                                        out.ttft, out.tpot)
+            ctx.route.pool.router.state.latency.observe(
+                ep.id, ctx.plan.view.est_prompt_tokens, ep.in_flight + 1, out.ttft, out.tpot
+            )

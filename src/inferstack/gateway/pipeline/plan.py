@@ -36,7 +36,9 @@ class Planner:
             so = req.get("stream_options")
             if not (isinstance(so, dict) and so.get("include_usage")):
                 inject_usage = True
-                req["stream_options"] = {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+                req["stream_options"] = (
+                    {**so, "include_usage": True} if isinstance(so, dict) else {"include_usage": True}
+                )
         return EngineBody(encode_request(req), stream, inject_usage)
 
     async def plan(self, kind: str, req: dict[str, Any], body: EngineBody, parts: list[str], caller: Caller,

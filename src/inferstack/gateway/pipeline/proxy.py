@@ -31,8 +31,9 @@ _SSE = (b"content-type", b"text/event-stream")
 
 
 class Proxy:
-    def __init__(self, gw: GatewayConfig, picker: Picker, account: Accountant, pd: PDLegs,
-                 metrics: GatewayMetrics):
+    def __init__(
+        self, gw: GatewayConfig, picker: Picker, account: Accountant, pd: PDLegs, metrics: GatewayMetrics
+    ):
         self.gw = gw
         self.picker = picker
         self.account = account
@@ -55,7 +56,9 @@ class Proxy:
             try:
                 payload = ctx.plan.payload
                 if isinstance(picked.result, PDResult):  # prefill/decode disaggregation: prefill leg first
-                    payload = await self.pd.decode_payload(pool, picked.result, path, payload, ctx.inbound.rid)
+                    payload = await self.pd.decode_payload(
+                        pool, picked.result, path, payload, ctx.inbound.rid
+                    )
                 outcome = await self._attempt(ctx, ep, payload, send, last=attempt == retries)
             finally:
                 self.picker.release(ctx, ep)
@@ -65,19 +68,31 @@ class Proxy:
             # retryable failure before any byte reached the client
             ep.request_failed(self.gw)
             last_error = outcome
-            log.warning("request %s to %s failed (%s), %s", ctx.inbound.rid.decode("latin-1"), ep.id, outcome,
-                        "retrying" if attempt < retries else "giving up")
+            log.warning(
+                "request %s to %s failed (%s), %s",
+                ctx.inbound.rid.decode("latin-1"),
+                ep.id,
+                outcome,
+                "retrying" if attempt < retries else "giving up",
+            )
             if attempt < retries:
                 self.metrics.retries.labels(pool.name, ep.id, outcome.split(":")[0]).inc()
         ctx.outcome.status = 503 if last_error == "no endpoint" else 502
         self.account.count(ctx)
-        msg = (f"No healthy endpoint in pool `{pool.name}`." if last_error == "no endpoint"
-               else f"Every endpoint tried failed (last: {last_error}).")
-        await send_error(send, APIError(ctx.outcome.status, msg, code="upstream_unavailable",
-                                        headers={"retry-after": "1"}), ctx.inbound.rid)
+        msg = (
+            f"No healthy endpoint in pool `{pool.name}`."
+            if last_error == "no endpoint"
+            else f"Every endpoint tried failed (last: {last_error})."
+        )
+        await send_error(
+            send,
+            APIError(ctx.outcome.status, msg, code="upstream_unavailable", headers={"retry-after": "1"}),
+            ctx.inbound.rid,
+        )
 
-    async def _attempt(self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any,
-                       last: bool) -> str | None:
+    async def _attempt(
+        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, last: bool
+    ) -> str | None:
         """One upstream try. Returns None when the client got a response, or a reason to retry."""
         headers = [*ep.request_headers, (b"x-request-id", ctx.inbound.rid)]
         if ctx.plan.stream:
@@ -93,66 +108,107 @@ class Proxy:
         # E2E only (observing E2E as TTFT would also make TPOT read ~0).
         now = time.perf_counter()
         usage = json_usage(data) if status == 200 else None
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", ctype), (b"content-length", str(len(data)).encode()),
-                                (b"x-request-id", ctx.inbound.rid), (SERVED, ep.id.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", ctype),
+                    (b"content-length", str(len(data)).encode()),
+                    (b"x-request-id", ctx.inbound.rid),
+                    (SERVED, ep.id.encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
         ctx.outcome.responded = True
         await self.account.finish(ctx, now, usage, chunks=1)
         return None
 
-    async def _attempt_stream(self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any,
-                              headers: list, last: bool) -> str | None:
+    async def _attempt_stream(
+        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, headers: list, last: bool
+    ) -> str | None:
         try:
             conn = await ep.upstream.request(b"POST", ctx.inbound.path, headers, payload)
         except OSError as exc:
             return f"connection: {type(exc).__name__}"
-        out = ctx.outcome
         try:
             if conn.status != 200:
-                if conn.status >= 500 and not last:
-                    conn.close()
-                    return f"status {conn.status}"
-                try:
-                    data = await conn.read()
-                except OSError as exc:
-                    conn.close()
-                    return f"connection: {type(exc).__name__}"
-                out.status = conn.status
-                await send({"type": "http.response.start", "status": conn.status,
-                            "headers": [(b"content-type", conn.content_type), (b"x-request-id", ctx.inbound.rid),
-                                        (SERVED, ep.id.encode())]})
-                await send({"type": "http.response.body", "body": data})
-                out.responded = True
-                self.account.count(ctx)
-                conn.release()
-                return None
-            out.status = 200
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [_SSE, (b"cache-control", b"no-cache"), (b"x-request-id", ctx.inbound.rid),
-                                    (SERVED, ep.id.encode())]})
-            meter = StreamMeter(ctx.inbound.t0, strip=ctx.plan.inject_usage)
-            try:
-                while (chunk := await conn.next_chunk()) is not None:
-                    chunk = meter.feed(chunk, time.perf_counter())
-                    if chunk:
-                        out.streamed = meter.events  # what a stream cut short here is charged (TPM)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except OSError as exc:
-                # never retry once streaming began: tell the client, end the stream cleanly
-                conn.close()
-                out.status = 502
-                err = APIError(502, f"The upstream endpoint failed mid-stream ({exc}).", code="upstream_error")
-                await send({"type": "http.response.body", "body": sse_raw(err.body()) + SSE_DONE, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            out.responded = True
-            conn.release()
-            out.ttft, out.gaps = meter.ttft, meter.gaps
-            await self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
+                return await self._relay_refusal(ctx, ep, conn, send, last)
+            await self._relay_stream(ctx, ep, conn, send)
             return None
         except BaseException:
             conn.close()  # cancelled (client gone) or failed: drop the upstream connection
             raise
+
+    async def _relay_refusal(
+        self, ctx: RequestContext, ep: Endpoint, conn: Any, send: Any, last: bool
+    ) -> str | None:
+        """A streamed request answered with an error status: relay it whole, or retry a 5xx."""
+        if conn.status >= 500 and not last:
+            conn.close()
+            return f"status {conn.status}"
+        try:
+            data = await conn.read()
+        except OSError as exc:
+            conn.close()
+            return f"connection: {type(exc).__name__}"
+        ctx.outcome.status = conn.status
+        await send(
+            {
+                "type": "http.response.start",
+                "status": conn.status,
+                "headers": [
+                    (b"content-type", conn.content_type),
+                    (b"x-request-id", ctx.inbound.rid),
+                    (SERVED, ep.id.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
+        ctx.outcome.responded = True
+        self.account.count(ctx)
+        conn.release()
+        return None
+
+    async def _relay_stream(self, ctx: RequestContext, ep: Endpoint, conn: Any, send: Any) -> None:
+        """Relay SSE chunk by chunk (whole events), metering TTFT, gaps and usage."""
+        out = ctx.outcome
+        out.status = 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    _SSE,
+                    (b"cache-control", b"no-cache"),
+                    (b"x-request-id", ctx.inbound.rid),
+                    (SERVED, ep.id.encode()),
+                ],
+            }
+        )
+        meter = StreamMeter(ctx.inbound.t0, strip=ctx.plan.inject_usage)
+        try:
+            while (chunk := await conn.next_chunk()) is not None:
+                chunk = meter.feed(chunk, time.perf_counter())
+                if chunk:
+                    out.streamed = meter.events  # what a stream cut short here is charged (TPM)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if rest := meter.flush():
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
+        except OSError as exc:
+            # never retry once streaming began: tell the client, end the stream cleanly
+            conn.close()
+            out.status = 502
+            err = APIError(502, f"The upstream endpoint failed mid-stream ({exc}).", code="upstream_error")
+            await send(
+                {"type": "http.response.body", "body": sse_raw(err.body()) + SSE_DONE, "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b""})
+        out.responded = True
+        conn.release()
+        out.ttft, out.gaps = meter.ttft, meter.gaps
+        await self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
 
 
 async def _fetch(ep: Endpoint, path: bytes, payload: bytes, headers: list) -> tuple[int, bytes, bytes]:
@@ -168,8 +224,13 @@ async def _fetch(ep: Endpoint, path: bytes, payload: bytes, headers: list) -> tu
 
 
 async def respond(send: Any, status: int, body: bytes, headers: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*(headers or JSON), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*(headers or JSON), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -3,10 +3,13 @@ picker (which sees the same bytes as ext_proc response-body chunks)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+_FIRST_TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')
 
 
 def json_usage(data: bytes) -> dict[str, Any] | None:
@@ -43,7 +46,11 @@ def take_usage(chunk: bytes, strip: bool) -> tuple[bytes, dict | None]:
 @dataclass(slots=True)
 class StreamMeter:
     """Follows an SSE stream chunk by chunk: time to the first content, gaps between chunks,
-    event count and the final usage. ``strip`` drops the usage-only event we injected."""
+    event count and the final usage. ``strip`` drops the usage-only event we injected.
+
+    Only whole events (up to the last blank line) are passed on; a partial event waits for the
+    rest. Proxies re-cut streams (Envoy does), and a usage event split across two chunks would
+    otherwise be neither read nor stripped."""
 
     t0: float
     strip: bool
@@ -51,25 +58,43 @@ class StreamMeter:
     gaps: list[float] = field(default_factory=list)
     events: int = 0
     usage: dict | None = None
+    done: bool = False  # `data: [DONE]` went by: the client has the whole answer
     _first_at: float = 0.0
     _last_at: float = 0.0
+    _tail: bytes = b""
 
     def feed(self, chunk: bytes, now: float) -> bytes:
-        """The chunk to forward (empty: nothing left to forward after stripping usage)."""
+        """The whole events to forward now (empty: nothing yet, or all stripped)."""
+        if self._tail:
+            chunk, self._tail = self._tail + chunk, b""
+        end = chunk.rfind(b"\n\n")
+        cut = end + 2 if end >= 0 else 0
+        if cut < len(chunk):
+            chunk, self._tail = chunk[:cut], chunk[cut:]
+        if not chunk:
+            return chunk
         if b'"usage":{' in chunk or b'"usage": {' in chunk:
             chunk, u = take_usage(chunk, strip=self.strip)
             self.usage = u or self.usage
             if not chunk:
                 return chunk
         if self._first_at == 0.0:
-            if b'"content":""' not in chunk:
+            # the first non-empty content or text, wherever it sits in a chunk that a proxy may have
+            # coalesced with the role-only event before it
+            if _FIRST_TOKEN.search(chunk):
                 self._first_at = now
                 self.ttft = now - self.t0
         else:
             self.gaps.append(now - self._last_at)
         self._last_at = now
         self.events += chunk.count(b"data:")
+        self.done = self.done or b"data: [DONE]" in chunk
         return chunk
+
+    def flush(self) -> bytes:
+        """What is left at the end of the stream (an unterminated last event), to forward as is."""
+        tail, self._tail = self._tail, b""
+        return tail
 
     @property
     def last_at(self) -> float:
