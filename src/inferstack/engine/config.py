@@ -61,5 +61,8 @@ class EngineConfig:
             kvstore_config(self)     # names a bad tier list, a missing --kv-disk-path or --kv-redis-url now
         if self.grammar_workers < 1 or self.grammar_timeout_s <= 0:
             raise ValueError("grammar_workers must be at least 1 and grammar_timeout_s positive")
+        if self.tool_call_parser not in ("auto", "hermes", "llama3_json", "mistral", "smollm2"):
+            raise ValueError("tool_call_parser must be auto, hermes, llama3_json, mistral or smollm2, "
+                             f"got {self.tool_call_parser!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

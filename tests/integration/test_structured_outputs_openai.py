@@ -1,0 +1,198 @@
+"""Structured outputs and tool calling on `inferstack engine serve --model smollm2-135m`, driven by the
+official `openai` client: response_format (pydantic parse, json_schema strict and not, json_object),
+vLLM's guided_* extras, tools with every tool_choice, streamed tool_calls, precise 400s, and a
+pathological schema that fails within the grammar deadline while the engine keeps serving.
+
+One server for the module, started with a short grammar deadline (the pathological test relies on it).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+from support.procs import Server, start_inferstack
+from support.schemas import REAL_WORLD, deep_one_of, random_schema
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+GRAMMAR_TIMEOUT_S = 3.0
+ASK = [{"role": "user", "content": "Answer with JSON."}]
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Local time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+                   "required": ["zone"], "additionalProperties": False}, "strict": True}}
+WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server() -> Server:
+    srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "2", "--dtype", "float32",
+                            "--max-model-len", "1024", "--kv-cache-bytes", "64MiB",
+                            "--grammar-timeout", str(GRAMMAR_TIMEOUT_S)])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
+    out = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Invent a person."}],
+                                        response_format=Person, max_tokens=24, temperature=0)
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Person)
+    assert choice.message.parsed == Person.model_validate_json(choice.message.content)
+
+
+def test_seeded_constrained_generations_all_validate(client: openai.OpenAI) -> None:
+    """Generated and real-world schemas, strict and not, sampled at temperature 1 with seeds, in one batch
+    (benchmarks/structured_outputs.py runs 100 of these)."""
+    rng = random.Random(7)
+    schemas = [(f"gen{i}", random_schema(rng), False) for i in range(4)]
+    schemas += [(name, s, s.get("additionalProperties") is False) for name, s in REAL_WORLD.items()]
+
+    def run(i: int) -> tuple[dict, str, str | None]:
+        name, schema, strict = schemas[i]
+        out = client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=64, temperature=1.0, seed=i,
+            response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}})
+        return schema, out.choices[0].message.content, out.choices[0].finish_reason
+
+    with ThreadPoolExecutor(len(schemas)) as pool:
+        results = list(pool.map(run, range(len(schemas))))
+    for schema, content, finish in results:
+        assert finish == "stop", content
+        jsonschema.validate(json.loads(content), schema)
+
+
+def test_json_object_stream_and_vllm_extras(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0.7, seed=3,
+                                            response_format={"type": "json_object"}, stream=True)
+    text, finish = "", None
+    for chunk in stream:
+        text += chunk.choices[0].delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+    if finish == "stop":      # json_object has no size bound: a long object may hit max_tokens
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert finish == "length" and text.startswith("{")
+    choice = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, max_tokens=5, n=3, temperature=1,
+                                            seed=1, extra_body={"guided_choice": ["sunny", "rainy"]})
+    assert {c.message.content for c in choice.choices} <= {"sunny", "rainy"}
+    assert all(c.finish_reason == "stop" for c in choice.choices)
+    regex = client.completions.create(model=MODEL, prompt="A zip code:", max_tokens=8, temperature=1, seed=2,
+                                      extra_body={"structured_outputs": {"regex": "[0-9]{5}"}})
+    assert regex.choices[0].text.isdigit() and len(regex.choices[0].text) == 5
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_forced_tool_calls(client: openai.OpenAI, choice: str) -> None:
+    tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL],
+                                         tool_choice=tool_choice, max_tokens=48, temperature=0)
+    msg = out.choices[0].message
+    assert out.choices[0].finish_reason == ("tool_calls" if choice == "required" else "stop")
+    assert msg.content is None and len(msg.tool_calls) == 1
+    call = msg.tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    tool = {"get_weather": WEATHER_TOOL, "get_time": TIME_TOOL}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    if choice == "named":
+        assert call.function.name == "get_weather"
+
+
+def test_streamed_tool_call_deltas(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL],
+                                            tool_choice="required", max_tokens=48, temperature=0, stream=True)
+    deltas, finish = [], None
+    for chunk in stream:
+        c = chunk.choices[0]
+        if c.delta.tool_calls:
+            assert len(c.delta.tool_calls) == 1
+            deltas.append(c.delta.tool_calls[0])
+            if len(deltas) == 1:
+                assert c.delta.role == "assistant"
+        finish = c.finish_reason or finish
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.function.name == "get_weather" and first.function.arguments == ""
+    assert rest and all(d.id is None and d.function.name is None and d.index == 0 for d in rest)
+    arguments = "".join(d.function.arguments for d in rest)
+    assert json.loads(arguments)["city"] and finish == "tool_calls"
+
+
+def test_tool_choice_none_and_auto_and_tool_results(client: openai.OpenAI) -> None:
+    none = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL], tool_choice="none",
+                                          max_tokens=6, temperature=0)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+    history = [*WEATHER_Q,
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'}]
+    auto = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER_TOOL], max_tokens=24,
+                                          temperature=0)
+    choice = auto.choices[0]
+    # auto is parsed from free output: either a well-formed call or plain text, never a broken mix
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls" and json.loads(choice.message.tool_calls[0].function.arguments)
+    else:
+        assert choice.message.content and choice.finish_reason in ("stop", "length")
+
+
+def test_schema_errors_name_the_path(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "additionalProperties": False, "required": ["a"],
+              "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}},
+                                   "additionalProperties": False}}}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "S", "schema": schema, "strict": True}})
+    assert bad.value.body["message"] == (
+        "Invalid schema for response_format 'S': In context=('properties', 'a'), 'required' is required to be "
+        "supplied and to be an array including every key in properties. Missing 'b'.")
+    schema["properties"]["a"] = {"type": "string", "minLength": 2}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "S", "schema": schema, "strict": True}})
+    assert bad.value.body["message"].endswith("In context=('properties', 'a'), 'minLength' is not permitted.")
+    bad_tool = {"type": "function", "function": {**TIME_TOOL["function"], "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string"}}}}}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[bad_tool])
+    assert bad.value.body["param"] == "tools[0].function.parameters"
+    assert bad.value.body["message"].startswith("Invalid schema for function 'get_time': In context=()")
+
+
+def test_pathological_schema_is_a_400_within_the_deadline_while_others_are_served(server: Server) -> None:
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": deep_one_of(15)}}}
+    normal = {"model": MODEL, "messages": WEATHER_Q, "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        served = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=normal, timeout=120)
+        start = time.monotonic()
+        bad = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        elapsed = time.monotonic() - start
+        ok = served.result()
+    assert bad.status_code == 400, bad.text
+    err = bad.json()["error"]
+    assert err["param"] == "response_format" and "grammar" in err["message"]
+    assert elapsed < GRAMMAR_TIMEOUT_S + 5      # the deadline plus parsing a 2 MB body on a busy machine
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
