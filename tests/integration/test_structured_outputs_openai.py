@@ -3,7 +3,8 @@ official `openai` client: response_format (pydantic parse, json_schema strict an
 vLLM's guided_* extras, tools with every tool_choice, streamed tool_calls, precise 400s, and a
 pathological schema that fails within the grammar deadline while the engine keeps serving.
 
-One server for the module, started with a short grammar deadline (the pathological test relies on it).
+One server for the module; every generation is submitted at once (the `runs` fixture) so the engine
+batches them.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel
+
 from support.procs import Server, start_inferstack
 from support.schemas import REAL_WORLD, deep_one_of, random_schema
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
-GRAMMAR_TIMEOUT_S = 3.0
+GRAMMAR_TIMEOUT_S = 10.0      # the default deadline
 ASK = [{"role": "user", "content": "Answer with JSON."}]
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
@@ -40,8 +42,7 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 @pytest.fixture(scope="module")
 def server() -> Server:
     srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "2", "--dtype", "float32",
-                            "--max-model-len", "1024", "--kv-cache-bytes", "64MiB",
-                            "--grammar-timeout", str(GRAMMAR_TIMEOUT_S)])
+                            "--max-model-len", "1024", "--kv-cache-bytes", "64MiB"])
     yield srv
     srv.stop()
 
@@ -56,60 +57,99 @@ class Person(BaseModel):
     age: int
 
 
-def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
-    out = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Invent a person."}],
-                                        response_format=Person, max_tokens=24, temperature=0)
-    choice = out.choices[0]
+def _seeded_schemas() -> list[tuple[str, dict, bool]]:
+    rng = random.Random(7)
+    out = [(f"gen{i}", random_schema(rng), False) for i in range(3)]
+    return out + [(name, s, s.get("additionalProperties") is False) for name, s in REAL_WORLD.items()]
+
+
+SEEDED = _seeded_schemas()
+HISTORY = [*WEATHER_Q,
+           {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def _collect(stream) -> tuple[list, str, str | None]:
+    """(tool_call deltas with the chunk's role, content, finish_reason) of a streamed chat completion."""
+    deltas, text, finish = [], "", None
+    for chunk in stream:
+        c = chunk.choices[0]
+        for d in c.delta.tool_calls or []:
+            deltas.append((c.delta.role, d))
+        text += c.delta.content or ""
+        finish = c.finish_reason or finish
+    return deltas, text, finish
+
+
+@pytest.fixture(scope="module")
+def runs(client: openai.OpenAI):
+    """Every generation of this module, submitted at once: the engine batches them, so the module
+    costs about one batch of decode steps; each test then checks its own results."""
+    chat = client.chat.completions.create
+    calls = {
+        "parse": lambda: client.chat.completions.parse(
+            model=MODEL, messages=[{"role": "user", "content": "Invent a person."}], response_format=Person,
+            max_tokens=24, temperature=0),
+        "json_object_stream": lambda: _collect(chat(
+            model=MODEL, messages=ASK, max_tokens=32, temperature=0.7, seed=3,
+            response_format={"type": "json_object"}, stream=True)),
+        "guided_choice": lambda: chat(model=MODEL, messages=WEATHER_Q, max_tokens=5, n=3, temperature=1, seed=1,
+                                      extra_body={"guided_choice": ["sunny", "rainy"]}),
+        "regex": lambda: client.completions.create(model=MODEL, prompt="A zip code:", max_tokens=8, temperature=1,
+                                                   seed=2, extra_body={"structured_outputs": {"regex": "[0-9]{5}"}}),
+        "required": lambda: chat(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL],
+                                 tool_choice="required", max_tokens=40, temperature=0),
+        "named": lambda: chat(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=NAMED,
+                              max_tokens=40, temperature=0),
+        "stream_required": lambda: _collect(chat(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL],
+                                                 tool_choice="required", max_tokens=40, temperature=0, stream=True)),
+        "none": lambda: chat(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL], tool_choice="none",
+                             max_tokens=6, temperature=0),
+        "auto_after_result": lambda: chat(model=MODEL, messages=HISTORY, tools=[WEATHER_TOOL], max_tokens=16,
+                                          temperature=0),
+    }
+    for i, (name, schema, strict) in enumerate(SEEDED):
+        calls[f"seeded{i}"] = (lambda i=i, name=name, schema=schema, strict=strict: chat(
+            model=MODEL, messages=ASK, max_tokens=56, temperature=1.0, seed=i, response_format={
+                "type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}))
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = {name: pool.submit(fn) for name, fn in calls.items()}
+        yield futures
+
+
+def test_parse_with_a_pydantic_model(runs) -> None:
+    choice = runs["parse"].result().choices[0]
     assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Person)
     assert choice.message.parsed == Person.model_validate_json(choice.message.content)
 
 
-def test_seeded_constrained_generations_all_validate(client: openai.OpenAI) -> None:
-    """Generated and real-world schemas, strict and not, sampled at temperature 1 with seeds, in one batch
+def test_seeded_constrained_generations_all_validate(runs) -> None:
+    """Generated and real-world schemas, strict and not, sampled at temperature 1 with seeds
     (benchmarks/structured_outputs.py runs 100 of these)."""
-    rng = random.Random(7)
-    schemas = [(f"gen{i}", random_schema(rng), False) for i in range(4)]
-    schemas += [(name, s, s.get("additionalProperties") is False) for name, s in REAL_WORLD.items()]
-
-    def run(i: int) -> tuple[dict, str, str | None]:
-        name, schema, strict = schemas[i]
-        out = client.chat.completions.create(
-            model=MODEL, messages=ASK, max_tokens=64, temperature=1.0, seed=i,
-            response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}})
-        return schema, out.choices[0].message.content, out.choices[0].finish_reason
-
-    with ThreadPoolExecutor(len(schemas)) as pool:
-        results = list(pool.map(run, range(len(schemas))))
-    for schema, content, finish in results:
-        assert finish == "stop", content
-        jsonschema.validate(json.loads(content), schema)
+    for i, (_, schema, _) in enumerate(SEEDED):
+        choice = runs[f"seeded{i}"].result().choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
 
 
-def test_json_object_stream_and_vllm_extras(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=40, temperature=0.7, seed=3,
-                                            response_format={"type": "json_object"}, stream=True)
-    text, finish = "", None
-    for chunk in stream:
-        text += chunk.choices[0].delta.content or ""
-        finish = chunk.choices[0].finish_reason or finish
+def test_json_object_stream_and_vllm_extras(runs) -> None:
+    _, text, finish = runs["json_object_stream"].result()
     if finish == "stop":      # json_object has no size bound: a long object may hit max_tokens
         assert isinstance(json.loads(text), dict)
     else:
         assert finish == "length" and text.startswith("{")
-    choice = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, max_tokens=5, n=3, temperature=1,
-                                            seed=1, extra_body={"guided_choice": ["sunny", "rainy"]})
-    assert {c.message.content for c in choice.choices} <= {"sunny", "rainy"}
-    assert all(c.finish_reason == "stop" for c in choice.choices)
-    regex = client.completions.create(model=MODEL, prompt="A zip code:", max_tokens=8, temperature=1, seed=2,
-                                      extra_body={"structured_outputs": {"regex": "[0-9]{5}"}})
-    assert regex.choices[0].text.isdigit() and len(regex.choices[0].text) == 5
+    choices = runs["guided_choice"].result().choices
+    assert {c.message.content for c in choices} <= {"sunny", "rainy"}
+    assert all(c.finish_reason == "stop" for c in choices)
+    regex = runs["regex"].result().choices[0].text
+    assert regex.isdigit() and len(regex) == 5
 
 
 @pytest.mark.parametrize("choice", ["required", "named"])
-def test_forced_tool_calls(client: openai.OpenAI, choice: str) -> None:
-    tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": "get_weather"}}
-    out = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL],
-                                         tool_choice=tool_choice, max_tokens=48, temperature=0)
+def test_forced_tool_calls(runs, choice: str) -> None:
+    out = runs[choice].result()
     msg = out.choices[0].message
     assert out.choices[0].finish_reason == ("tool_calls" if choice == "required" else "stop")
     assert msg.content is None and len(msg.tool_calls) == 1
@@ -121,36 +161,24 @@ def test_forced_tool_calls(client: openai.OpenAI, choice: str) -> None:
         assert call.function.name == "get_weather"
 
 
-def test_streamed_tool_call_deltas(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL],
-                                            tool_choice="required", max_tokens=48, temperature=0, stream=True)
-    deltas, finish = [], None
-    for chunk in stream:
-        c = chunk.choices[0]
-        if c.delta.tool_calls:
-            assert len(c.delta.tool_calls) == 1
-            deltas.append(c.delta.tool_calls[0])
-            if len(deltas) == 1:
-                assert c.delta.role == "assistant"
-        finish = c.finish_reason or finish
-    first, rest = deltas[0], deltas[1:]
-    assert first.id.startswith("call_") and first.function.name == "get_weather" and first.function.arguments == ""
+def test_streamed_tool_call_deltas(runs) -> None:
+    deltas, text, finish = runs["stream_required"].result()
+    (role, first), rest = deltas[0], [d for _, d in deltas[1:]]
+    assert role == "assistant" and text == ""
+    assert first.id.startswith("call_") and first.function.name and first.function.arguments == ""
     assert rest and all(d.id is None and d.function.name is None and d.index == 0 for d in rest)
-    arguments = "".join(d.function.arguments for d in rest)
-    assert json.loads(arguments)["city"] and finish == "tool_calls"
+    arguments = json.loads("".join(d.function.arguments for d in rest))
+    tool = {"get_weather": WEATHER_TOOL, "get_time": TIME_TOOL}[first.function.name]
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    assert finish == "tool_calls"
+    # the same greedy request without streaming made the same call
+    assert json.loads(runs["required"].result().choices[0].message.tool_calls[0].function.arguments) == arguments
 
 
-def test_tool_choice_none_and_auto_and_tool_results(client: openai.OpenAI) -> None:
-    none = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL], tool_choice="none",
-                                          max_tokens=6, temperature=0)
-    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
-    history = [*WEATHER_Q,
-               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'}]
-    auto = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER_TOOL], max_tokens=24,
-                                          temperature=0)
-    choice = auto.choices[0]
+def test_tool_choice_none_and_auto_after_a_tool_result(runs) -> None:
+    none = runs["none"].result().choices[0]
+    assert none.message.tool_calls is None and none.message.content
+    choice = runs["auto_after_result"].result().choices[0]
     # auto is parsed from free output: either a well-formed call or plain text, never a broken mix
     if choice.message.tool_calls:
         assert choice.finish_reason == "tool_calls" and json.loads(choice.message.tool_calls[0].function.arguments)
