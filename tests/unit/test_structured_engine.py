@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
-from support.models_tiny import write_tiny_model
-from support.schemas import deep_one_of
 
 from inferstack.engine.builder import BuiltEngine, build_engine
 from inferstack.engine.config import EngineConfig
@@ -23,6 +20,8 @@ from inferstack.engine.sampling_params import SamplingParams
 from inferstack.engine.structured.compiler import GrammarCompiler, GrammarError
 from inferstack.engine.structured.manager import Advance, StructuredOutputManager
 from inferstack.engine.structured.spec import GrammarKind, GrammarSpec
+from support.models_tiny import write_tiny_model
+from support.schemas import deep_one_of
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
                                            "b": {"type": "boolean"}},
