@@ -21,7 +21,7 @@ import pytest
 from pydantic import BaseModel
 
 from support.procs import Server, start_inferstack
-from support.schemas import REAL_WORLD, deep_one_of, random_schema
+from support.schemas import REAL_WORLD, STRICT_COMPATIBLE, deep_one_of, random_schema
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +60,7 @@ class Person(BaseModel):
 def _seeded_schemas() -> list[tuple[str, dict, bool]]:
     rng = random.Random(7)
     out = [(f"gen{i}", random_schema(rng), False) for i in range(2)]
-    return out + [(name, REAL_WORLD[name], REAL_WORLD[name].get("additionalProperties") is False)
-                  for name in ("weather_report", "calendar_event")]
+    return out + [(name, REAL_WORLD[name], name in STRICT_COMPATIBLE) for name in ("weather_report", "calendar_event")]
 
 
 SEEDED = _seeded_schemas()

@@ -7,15 +7,17 @@ from __future__ import annotations
 import random
 from typing import Any
 
+# strict-mode compatible (OpenAI's rules: no maxLength, every object closed and fully required)
+STRICT_COMPATIBLE = frozenset({"weather_report", "sentiment"})
 REAL_WORLD: dict[str, dict[str, Any]] = {
-    "weather_report": {  # strict-compatible: what an agent returns after a weather tool call
+    "weather_report": {  # what an agent returns after a weather tool call
         "type": "object", "additionalProperties": False, "required": ["city", "unit", "temperature", "rain"],
         "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Tokyo", "Lima"]},
                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
                        "temperature": {"type": "integer", "minimum": -40, "maximum": 50},
                        "rain": {"type": "boolean"}}},
     "calendar_event": {
-        "type": "object", "required": ["title", "day", "attendees"],
+        "type": "object", "required": ["title", "day", "attendees"], "additionalProperties": False,
         "properties": {"title": {"type": "string", "maxLength": 12},
                        "day": {"type": "string", "pattern": "^2025-(0[1-9]|1[0-2])-[0-2][0-9]$"},
                        "attendees": {"type": "array", "items": {"type": "string", "maxLength": 8},
@@ -25,7 +27,7 @@ REAL_WORLD: dict[str, dict[str, Any]] = {
         "properties": {"label": {"type": "string", "enum": ["positive", "negative", "neutral"]},
                        "score": {"type": "integer", "minimum": 0, "maximum": 10}}},
     "address": {
-        "type": "object", "required": ["street", "zip", "country"],
+        "type": "object", "required": ["street", "zip", "country"], "additionalProperties": False,
         "properties": {"street": {"type": "string", "maxLength": 16},
                        "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
                        "country": {"anyOf": [{"type": "string", "enum": ["FR", "DE", "US"]}, {"type": "null"}]}}},
