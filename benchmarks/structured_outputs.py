@@ -117,25 +117,34 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--n", type=int, default=100, help="generations per validity run")
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--parts", default="cost,compile,validity", help="which measurements to run")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     llm = LLM("smollm2-135m", dtype="float32", num_threads=args.threads, max_num_seqs=max(args.n, 16))
+    if "cost" in parts:
+        per_token_cost(llm, [int(x) for x in args.batches.split(",")], args.steps)
+    if "compile" in parts:
+        print("grammar compile delay (s)")
+        for k, v in compile_delays(llm).items():
+            print(f"  {k:<32} {v:.4f}")
+    if "validity" in parts:
+        print(f"JSON validity over {args.n} seeded generations (temperature 1, max_tokens {args.max_tokens})")
+        for constrained in (True, False):
+            valid, parsed = validity(llm, args.n, args.max_tokens, constrained)
+            label = "constrained  " if constrained else "unconstrained"
+            print(f"  {label}: parse {parsed}/{args.n}, validate {valid}/{args.n}")
+
+
+def per_token_cost(llm: LLM, batches: list[int], steps: int) -> None:
     print("per-token cost (median process CPU s per decode step)")
-    for b in (int(x) for x in args.batches.split(",")):
+    for b in batches:
         free, bound = [], []
         for _ in range(2):
-            free.append(step_cost(llm, b, args.steps, False))
-            bound.append(step_cost(llm, b, args.steps, True))
+            free.append(step_cost(llm, b, steps, False))
+            bound.append(step_cost(llm, b, steps, True))
         f, c = min(free), min(bound)
         print(f"  batch {b:>3}: unconstrained {f * 1e3:7.1f} ms  constrained {c * 1e3:7.1f} ms  "
               f"overhead {100 * (c / f - 1):+5.1f} %")
-    print("grammar compile delay (s)")
-    for k, v in compile_delays(llm).items():
-        print(f"  {k:<32} {v:.4f}")
-    print(f"JSON validity over {args.n} seeded generations (temperature 1, max_tokens {args.max_tokens})")
-    for constrained in (True, False):
-        valid, parsed = validity(llm, args.n, args.max_tokens, constrained)
-        label = "constrained  " if constrained else "unconstrained"
-        print(f"  {label}: parse {parsed}/{args.n}, validate {valid}/{args.n}")
 
 
 if __name__ == "__main__":
