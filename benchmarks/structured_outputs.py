@@ -6,6 +6,7 @@
    JSON schema that cannot finish within the run (a long string field), so both run the same steps.
    Process CPU time per step (a loaded machine inflates it far less than wall time; it includes
    llguidance's mask threads), median of ``--steps``, runs interleaved.
+   Also the grammar work alone (mask fill + apply), which the model's step time dwarfs on a busy machine.
 2. First-token delay from compiling: a small and a large schema, fresh compile vs cache hit.
 3. JSON validity: ``--n`` seeded generations (temperature 1) over generated and real-world schemas
    (tests/support/schemas.py), the schema given in the prompt; constrained vs unconstrained.
@@ -22,10 +23,13 @@ import time
 from pathlib import Path
 
 import jsonschema
+import torch
 
 from inferstack.engine.llm import LLM, expand_choices
+from inferstack.engine.sampling import apply_token_bitmask_
 from inferstack.engine.sampling_params import SamplingParams
 from inferstack.engine.structured.compiler import GrammarCompiler
+from inferstack.engine.structured.manager import StructuredOutputManager
 from inferstack.engine.structured.spec import GrammarSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -58,6 +62,31 @@ def step_cost(llm: LLM, batch: int, steps: int, constrained: bool) -> float:
     while core.has_unfinished():
         core.step()
     return statistics.median(times)
+
+
+def mask_cost(llm: LLM, batches: list[int], iters: int = 50) -> None:
+    """The grammar work alone per step: fill the rows' masks and apply them to [B, vocab] logits."""
+    structured = llm.engine.core.structured
+    assert structured is not None
+    grammar = structured.compiler.compile(GrammarSpec.json_schema(LONG))
+    prefix = llm.tokenizer.encode('{"story": "Once upon a time')
+    print("grammar work per decode step (median process CPU ms: fill masks + apply to logits)")
+    for b in batches:
+        manager = StructuredOutputManager(structured.compiler, max(b, 16))
+        ids = [f"m{i}" for i in range(b)]
+        for rid in ids:
+            manager.start(rid, grammar)
+            for t in prefix:
+                manager.advance(rid, t)
+        logits = torch.randn(b, structured.compiler.vocab_size)
+        times = []
+        for _ in range(iters):
+            t = time.process_time()
+            mask = manager.bitmask(ids)
+            assert mask is not None
+            apply_token_bitmask_(logits, mask)
+            times.append(time.process_time() - t)
+        print(f"  batch {b:>3}: {statistics.median(times) * 1e3:.2f} ms")
 
 
 def compile_delays(llm: LLM) -> dict[str, float]:
@@ -117,12 +146,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--n", type=int, default=100, help="generations per validity run")
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--parts", default="cost,compile,validity", help="which measurements to run")
+    ap.add_argument("--parts", default="cost,mask,compile,validity", help="which measurements to run")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     llm = LLM("smollm2-135m", dtype="float32", num_threads=args.threads, max_num_seqs=max(args.n, 16))
     if "cost" in parts:
         per_token_cost(llm, [int(x) for x in args.batches.split(",")], args.steps)
+    if "mask" in parts:
+        mask_cost(llm, [int(x) for x in args.batches.split(",")])
     if "compile" in parts:
         print("grammar compile delay (s)")
         for k, v in compile_delays(llm).items():

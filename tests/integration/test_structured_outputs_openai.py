@@ -222,5 +222,5 @@ def test_pathological_schema_is_a_400_within_the_deadline_while_others_are_serve
     assert bad.status_code == 400, bad.text
     err = bad.json()["error"]
     assert err["param"] == "response_format" and "grammar" in err["message"]
-    assert elapsed < GRAMMAR_TIMEOUT_S + 5      # the deadline plus parsing a 2 MB body on a busy machine
+    assert elapsed < GRAMMAR_TIMEOUT_S + 20     # the deadline, plus parsing a 2 MB body on a loaded machine
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
