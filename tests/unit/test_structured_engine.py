@@ -146,3 +146,18 @@ def test_a_failed_compile_ends_only_its_request(engine: BuiltEngine) -> None:
     done = _run(engine, [("broken", prompt, SamplingParams(max_tokens=4, structured_outputs=GrammarSpec(
         GrammarKind.REGEX, "(unclosed"))), ("fine", prompt, SamplingParams(max_tokens=4, ignore_eos=True))])
     assert done["broken#0"][1] is FinishReason.ERROR and done["fine#0"][1] is FinishReason.LENGTH
+
+
+def test_the_emulated_engine_obeys_grammars() -> None:
+    """No logits there: a scripted token the grammar refuses is replaced by an allowed one."""
+    from inferstack.engine.executor.emulated import build_emulated_engine
+    from inferstack.sim.profile import parse_profile
+
+    built = build_emulated_engine(EngineConfig(model="emulated", device="cpu"), parse_profile("cpu:smollm2-135m"),
+                                  realtime=False)
+    done = _run(built, [("e", [1, 2, 3], SamplingParams(max_tokens=30, structured_outputs=GrammarSpec.json_schema(
+        SCHEMA)))])
+    text, reason = done["e#0"]
+    assert reason is FinishReason.STOP
+    jsonschema.validate(json.loads(text), SCHEMA)
+    built.core.shutdown()
