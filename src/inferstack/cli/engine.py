@@ -127,6 +127,20 @@ def serve(
         min=0.1, help="Seconds a client has to send a request's headers (slowloris guard); 408 after.")] = HEADER_TIMEOUT_S,
     body_timeout: Annotated[float, typer.Option(
         min=0.1, help="Seconds a client has to send a request's body once its headers arrived; 408 after.")] = BODY_TIMEOUT_S,
+    grammar_timeout: Annotated[float | None, typer.Option(
+        help="Structured outputs: seconds a grammar (JSON schema, regex, choice, grammar, tool_choice) may "
+             "take to compile; a slower one is a 400 (default 10).")] = None,
+    grammar_workers: Annotated[int | None, typer.Option(
+        help="Threads compiling grammars off the engine loop (default 2).")] = None,
+    tool_call_parser: Annotated[str | None, typer.Option(
+        help="Tool-call format of the model: hermes (Qwen, Hermes), llama3_json, mistral, smollm2, or auto "
+             "(from the chat template and model name; the default).")] = None,
+    strict_max_properties: Annotated[int | None, typer.Option(
+        help="Strict json_schema: most object properties in one schema (default 5000).")] = None,
+    strict_max_nesting: Annotated[int | None, typer.Option(
+        help="Strict json_schema: most levels of nesting (default 10).")] = None,
+    strict_max_enum_values: Annotated[int | None, typer.Option(
+        help="Strict json_schema: most enum values in one schema (default 1000).")] = None,
     emulate: Annotated[str | None, typer.Option(
         help="Emulate HARDWARE:MODEL instead of running a model, e.g. h100:llama-3-8b, h100x4:llama-3-70b, "
              "cpu:smollm2-135m: the real scheduler, KV cache and prefix cache, with step times from a "
@@ -214,7 +228,10 @@ def serve(
             enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
             kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
             kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret,
-            kv_transfer_peers=tuple(kv_transfer_peers.split(",")) if kv_transfer_peers else None)
+            kv_transfer_peers=tuple(kv_transfer_peers.split(",")) if kv_transfer_peers else None,
+            grammar_timeout_s=grammar_timeout, grammar_workers=grammar_workers,
+            tool_call_parser=tool_call_parser, strict_max_properties=strict_max_properties,
+            strict_max_nesting=strict_max_nesting, strict_max_enum_values=strict_max_enum_values)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -74,5 +74,8 @@ class EngineConfig:
             raise ValueError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
         if self.quant_crossover_rows is not None and self.quant_crossover_rows < 1:
             raise ValueError(f"quant_crossover_rows must be at least 1, got {self.quant_crossover_rows}")
+        if self.tool_call_parser not in ("auto", "hermes", "llama3_json", "mistral", "smollm2"):
+            raise ValueError("tool_call_parser must be auto, hermes, llama3_json, mistral or smollm2, "
+                             f"got {self.tool_call_parser!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inferstack.engine.outputs import TokenLogprob
@@ -32,18 +33,23 @@ class GrammarBitmask:
     rows: list[int]
 
 
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: GrammarBitmask) -> None:
-    """Set the logits of disallowed tokens to -inf, in place, on the constrained rows only."""
-    rows = torch.tensor(bitmask.rows, dtype=torch.long)
-    words = bitmask.words.index_select(0, rows)
-    allowed = ((words.unsqueeze(-1) >> _BIT_SHIFTS) & 1).bool().view(len(bitmask.rows), -1)
+    """Set the logits of disallowed tokens to -inf, in place, on the constrained rows only.
+
+    numpy unpacks the bits (bit ``t % 32`` of a little-endian int32 word is bit ``t % 8`` of byte
+    ``t // 8``): one byte pass, against the five passes over int32 of a torch shift-and-mask."""
     vocab = logits.shape[-1]
-    if allowed.shape[1] < vocab:     # logits wider than the grammar's vocabulary: padding rows never allowed
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    logits[rows] = logits.index_select(0, rows).masked_fill_(~allowed[:, :vocab], float("-inf"))
+    full = len(bitmask.rows) == logits.shape[0]
+    words = bitmask.words if full else bitmask.words[bitmask.rows]
+    bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")
+    if bits.shape[1] < vocab:        # logits wider than the grammar's vocabulary: padding never allowed
+        bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])))
+    disallowed = torch.from_numpy(bits[:, :vocab] == 0)
+    if full:
+        logits.masked_fill_(disallowed, float("-inf"))
+    else:
+        rows = torch.tensor(bitmask.rows, dtype=torch.long)
+        logits[rows] = logits.index_select(0, rows).masked_fill_(disallowed, float("-inf"))
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], bitmask: GrammarBitmask | None = None,

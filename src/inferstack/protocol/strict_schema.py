@@ -40,8 +40,8 @@ class _Walk:
     enum_values: int = 0
 
     def fail(self, context: tuple[str, ...], message: str) -> APIError:
-        where = f"In context={context!r}, " if context is not None else ""
-        return APIError(400, f"Invalid schema for {self.owner}: {where}{message}", param=self.param)
+        return APIError(400, f"Invalid schema for {self.owner}: In context={context!r}, {message}",
+                        param=self.param)
 
     def limit(self, message: str) -> APIError:
         return APIError(400, f"Invalid schema for {self.owner}: {message}", param=self.param)
@@ -69,8 +69,6 @@ def _node(walk: _Walk, node: Any, context: tuple[str, ...], depth: int) -> None:
     for key in node:
         if key not in ALLOWED_KEYWORDS:
             raise walk.fail(context, f"'{key}' is not permitted.")
-    if depth > walk.limits.max_nesting:
-        raise walk.limit(f"{depth} levels of nesting exceeds limit of {walk.limits.max_nesting}.")
     if "enum" in node:
         walk.enum_values += len(node["enum"]) if isinstance(node["enum"], list) else 0
         if walk.enum_values > walk.limits.max_enum_values:
@@ -85,6 +83,8 @@ def _node(walk: _Walk, node: Any, context: tuple[str, ...], depth: int) -> None:
     if "$ref" in node or "enum" in node or "const" in node:
         return
     kinds = _types(walk, node, context)
+    if kinds & {"object", "array"} and depth > walk.limits.max_nesting:
+        raise walk.limit(f"{depth} levels of nesting exceeds limit of {walk.limits.max_nesting}.")
     if "object" in kinds:
         _object(walk, node, context, depth)
     if "array" in kinds:

@@ -72,6 +72,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarSpec, cf.Future[CompiledGrammar]] = OrderedDict()
         self._cache_size = cache_size
         self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grammar")
+        self._pool.submit(lambda: self.lltokenizer)    # ~0.5 s, ahead of any request's deadline
 
     @property
     def lltokenizer(self) -> llguidance.LLTokenizer:

@@ -1,8 +1,8 @@
 """Per-request grammar state in the engine and the batch's token bitmask for each step.
 
 One int32 bitmask ``[rows, ceil(vocab / 32)]`` per step (vLLM's layout): a row per sampled sequence,
-all ones for unconstrained ones; llguidance fills the constrained rows in parallel with the GIL
-released. A step without constrained requests does no grammar work at all.
+all ones for unconstrained ones; llguidance fills the constrained rows with the GIL released (in
+parallel for large batches). A step without constrained requests does no grammar work at all.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import torch
 
 from inferstack.engine.sampling import GrammarBitmask
 from inferstack.engine.structured.compiler import CompiledGrammar, GrammarCompiler
+
+# Below this many constrained rows the masks are filled on the engine thread: a row takes tens of
+# microseconds, and the parallel executor's worker threads spin between steps, which costs a small
+# machine more CPU than they save (vLLM also fills in parallel only for large batches).
+PARALLEL_FILL_ROWS = 32
 
 
 class Advance(Enum):
@@ -28,7 +33,7 @@ class StructuredOutputManager:
         self.words = (compiler.vocab_size + 31) // 32
         self._mask = torch.full((max_num_seqs, self.words), -1, dtype=torch.int32)
         self._matchers: dict[str, llguidance.LLMatcher] = {}
-        self._fill = llguidance.LLExecutor(num_threads=2)
+        self._fill: llguidance.LLExecutor | None = None       # made on the first large batch
 
     @property
     def active(self) -> bool:
@@ -53,7 +58,12 @@ class StructuredOutputManager:
             self._mask = torch.full((n, self.words), -1, dtype=torch.int32)
         mask = self._mask[:n]
         mask.fill_(-1)
-        self._fill.unsafe_compute_mask_ptr(pairs, mask.data_ptr(), self.words * 4, n)
+        if len(pairs) >= PARALLEL_FILL_ROWS:
+            self._fill = self._fill or llguidance.LLExecutor(num_threads=2)
+            self._fill.unsafe_compute_mask_ptr(pairs, mask.data_ptr(), self.words * 4, n)
+        else:
+            for matcher, row in pairs:
+                matcher.unsafe_compute_mask_ptr(mask[row].data_ptr(), self.words * 4)
         return GrammarBitmask(mask, [i for _, i in pairs])
 
     def advance(self, request_id: str, token: int) -> Advance:

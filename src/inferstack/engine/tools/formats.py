@@ -75,9 +75,10 @@ class ToolFormat:
             array = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
             return f"start: {json.dumps(self.start)} calls {json.dumps(self.end)}\ncalls: %json {json.dumps(array)}"
         call = f"call: %json {json.dumps(one)}"
-        if self.start:
+        if self.start:      # as render_calls writes them: one tagged call per line
             item = f"{json.dumps(self.start + chr(10))} call {json.dumps(chr(10) + self.end)}"
-            return f"start: item{'+' if parallel else ''}\nitem: {item}\n{call}"
+            more = f' ({json.dumps(chr(10))} item)*' if parallel else ""
+            return f"start: item{more}\nitem: {item}\n{call}"
         more = f' ({json.dumps(self.separator)} call)*' if parallel else ""
         return f"start: call{more}\n{call}"
 

@@ -1,0 +1,226 @@
+"""Structured outputs and tool calling on `inferstack engine serve --model smollm2-135m`, driven by the
+official `openai` client: response_format (pydantic parse, json_schema strict and not, json_object),
+vLLM's guided_* extras, tools with every tool_choice, streamed tool_calls, precise 400s, and a
+pathological schema that fails within the grammar deadline while the engine keeps serving.
+
+One server for the module; every generation is submitted at once (the `runs` fixture) so the engine
+batches them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+from support.procs import Server, start_inferstack
+from support.schemas import REAL_WORLD, STRICT_COMPATIBLE, deep_one_of, random_schema
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+GRAMMAR_TIMEOUT_S = 10.0      # the default deadline
+ASK = [{"role": "user", "content": "Answer with JSON."}]
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Local time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+                   "required": ["zone"], "additionalProperties": False}, "strict": True}}
+WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server() -> Server:
+    srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "2", "--dtype", "float32",
+                            "--max-model-len", "1024", "--kv-cache-bytes", "64MiB"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=900)
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+def _seeded_schemas() -> list[tuple[str, dict, bool]]:
+    rng = random.Random(7)
+    out = [(f"gen{i}", random_schema(rng), False) for i in range(2)]
+    return out + [(name, REAL_WORLD[name], name in STRICT_COMPATIBLE) for name in ("weather_report", "calendar_event")]
+
+
+SEEDED = _seeded_schemas()
+HISTORY = [*WEATHER_Q,
+           {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def _collect(stream) -> tuple[list, str, str | None]:
+    """(tool_call deltas with the chunk's role, content, finish_reason) of a streamed chat completion."""
+    deltas, text, finish = [], "", None
+    for chunk in stream:
+        c = chunk.choices[0]
+        for d in c.delta.tool_calls or []:
+            deltas.append((c.delta.role, d))
+        text += c.delta.content or ""
+        finish = c.finish_reason or finish
+    return deltas, text, finish
+
+
+@pytest.fixture(scope="module")
+def runs(client: openai.OpenAI):
+    """Every generation of this module, submitted at once: the engine batches them, so the module
+    costs about one batch of decode steps; each test then checks its own results."""
+    chat = client.chat.completions.create
+    calls = {
+        "parse": lambda: client.chat.completions.parse(
+            model=MODEL, messages=[{"role": "user", "content": "Invent a person."}], response_format=Person,
+            max_tokens=24, temperature=0),
+        "json_object_stream": lambda: _collect(chat(
+            model=MODEL, messages=ASK, max_tokens=32, temperature=0.7, seed=3,
+            response_format={"type": "json_object"}, stream=True)),
+        "guided_choice": lambda: chat(model=MODEL, messages=WEATHER_Q, max_tokens=5, n=3, temperature=1, seed=1,
+                                      extra_body={"guided_choice": ["sunny", "rainy"]}),
+        "regex": lambda: client.completions.create(model=MODEL, prompt="A zip code:", max_tokens=8, temperature=1,
+                                                   seed=2, extra_body={"structured_outputs": {"regex": "[0-9]{5}"}}),
+        "required": lambda: chat(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL],
+                                 tool_choice="required", max_tokens=40, temperature=0),
+        "named": lambda: chat(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=NAMED,
+                              max_tokens=40, temperature=0),
+        "stream_required": lambda: _collect(chat(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL],
+                                                 tool_choice="required", max_tokens=40, temperature=0, stream=True)),
+        "none": lambda: chat(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL], tool_choice="none",
+                             max_tokens=6, temperature=0),
+        "auto_after_result": lambda: chat(model=MODEL, messages=HISTORY, tools=[WEATHER_TOOL], max_tokens=16,
+                                          temperature=0),
+    }
+    for i, (name, schema, strict) in enumerate(SEEDED):
+        calls[f"seeded{i}"] = (lambda i=i, name=name, schema=schema, strict=strict: chat(
+            model=MODEL, messages=ASK, max_tokens=48, temperature=1.0, seed=i, response_format={
+                "type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}))
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = {name: pool.submit(fn) for name, fn in calls.items()}
+        yield futures
+
+
+def test_parse_with_a_pydantic_model(runs) -> None:
+    choice = runs["parse"].result().choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Person)
+    assert choice.message.parsed == Person.model_validate_json(choice.message.content)
+
+
+def test_seeded_constrained_generations_all_validate(runs) -> None:
+    """Generated and real-world schemas, strict and not, sampled at temperature 1 with seeds
+    (benchmarks/structured_outputs.py runs 100 of these)."""
+    for i, (_, schema, _) in enumerate(SEEDED):
+        choice = runs[f"seeded{i}"].result().choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_json_object_stream_and_vllm_extras(runs) -> None:
+    _, text, finish = runs["json_object_stream"].result()
+    if finish == "stop":      # json_object has no size bound: a long object may hit max_tokens
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert finish == "length" and text.startswith("{")
+    choices = runs["guided_choice"].result().choices
+    assert {c.message.content for c in choices} <= {"sunny", "rainy"}
+    assert all(c.finish_reason == "stop" for c in choices)
+    regex = runs["regex"].result().choices[0].text
+    assert regex.isdigit() and len(regex) == 5
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_forced_tool_calls(runs, choice: str) -> None:
+    out = runs[choice].result()
+    msg = out.choices[0].message
+    assert out.choices[0].finish_reason == ("tool_calls" if choice == "required" else "stop")
+    assert msg.content is None and len(msg.tool_calls) == 1
+    call = msg.tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    tool = {"get_weather": WEATHER_TOOL, "get_time": TIME_TOOL}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    if choice == "named":
+        assert call.function.name == "get_weather"
+
+
+def test_streamed_tool_call_deltas(runs) -> None:
+    deltas, text, finish = runs["stream_required"].result()
+    (role, first), rest = deltas[0], [d for _, d in deltas[1:]]
+    assert role == "assistant" and text == ""
+    assert first.id.startswith("call_") and first.function.name and first.function.arguments == ""
+    assert rest and all(d.id is None and d.function.name is None and d.index == 0 for d in rest)
+    arguments = json.loads("".join(d.function.arguments for d in rest))
+    tool = {"get_weather": WEATHER_TOOL, "get_time": TIME_TOOL}[first.function.name]
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    assert finish == "tool_calls"
+    # the same greedy request without streaming made the same call
+    assert json.loads(runs["required"].result().choices[0].message.tool_calls[0].function.arguments) == arguments
+
+
+def test_tool_choice_none_and_auto_after_a_tool_result(runs) -> None:
+    none = runs["none"].result().choices[0]
+    assert none.message.tool_calls is None and none.message.content
+    choice = runs["auto_after_result"].result().choices[0]
+    # auto is parsed from free output: either a well-formed call or plain text, never a broken mix
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls" and json.loads(choice.message.tool_calls[0].function.arguments)
+    else:
+        assert choice.message.content and choice.finish_reason in ("stop", "length")
+
+
+def test_schema_errors_name_the_path(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "additionalProperties": False, "required": ["a"],
+              "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}},
+                                   "additionalProperties": False}}}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "S", "schema": schema, "strict": True}})
+    assert bad.value.body["message"] == (
+        "Invalid schema for response_format 'S': In context=('properties', 'a'), 'required' is required to be "
+        "supplied and to be an array including every key in properties. Missing 'b'.")
+    schema["properties"]["a"] = {"type": "string", "minLength": 2}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "S", "schema": schema, "strict": True}})
+    assert bad.value.body["message"].endswith("In context=('properties', 'a'), 'minLength' is not permitted.")
+    bad_tool = {"type": "function", "function": {**TIME_TOOL["function"], "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string"}}}}}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[bad_tool])
+    assert bad.value.body["param"] == "tools[0].function.parameters"
+    assert bad.value.body["message"].startswith("Invalid schema for function 'get_time': In context=()")
+
+
+def test_pathological_schema_is_a_400_within_the_deadline_while_others_are_served(server: Server) -> None:
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": deep_one_of(15)}}}
+    normal = {"model": MODEL, "messages": WEATHER_Q, "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        served = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=normal, timeout=120)
+        start = time.monotonic()
+        bad = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        elapsed = time.monotonic() - start
+        ok = served.result()
+    assert bad.status_code == 400, bad.text
+    err = bad.json()["error"]
+    assert err["param"] == "response_format" and "grammar" in err["message"]
+    assert elapsed < GRAMMAR_TIMEOUT_S + 20     # the deadline, plus parsing a 2 MB body on a loaded machine
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
