@@ -147,3 +147,25 @@ def test_gguf_codes_are_exact(tiny_dir, tmp_path, qtype):
     ids = [5, 9, 13, 40, 7, 22]
     ours, theirs = _forward(lm, ids), _forward(ref, ids)
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+
+
+def test_cli_and_yaml_reach_the_engine_config():
+    from typer.testing import CliRunner
+
+    from inferstack.cli.engine import build_engine_config
+    from inferstack.cli.main import app
+    from inferstack.stack.plan import engine_specs
+    from inferstack.stack.settings import UpSettings
+
+    cfg = build_engine_config("m", quantization="int4", quant_group_size=64, dense_prefill=False,
+                              quant_crossover_rows=12)
+    assert (cfg.quantization, cfg.quant_group_size, cfg.dense_prefill, cfg.quant_crossover_rows) == (
+        "int4", 64, False, 12)
+    res = CliRunner().invoke(app, ["engine", "serve", "--model", "m", "--quantization", "int3"])
+    assert res.exit_code == 2 and "int3" in res.output
+    res = CliRunner().invoke(app, ["engine", "serve", "--model", "m", "--quantization", "int4",
+                                   "--quant-group-size", "48"])
+    assert res.exit_code == 2 and "quant_group_size must be 32, 64 or 128" in res.output
+    argv = engine_specs(UpSettings(replicas=1, quantization="gguf", dtype="bfloat16"))[0].argv
+    assert argv[argv.index("--quantization") + 1] == "gguf" and argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert "--quantization" not in engine_specs(UpSettings(replicas=1))[0].argv
