@@ -30,6 +30,13 @@ class Dtype(StrEnum):
     float16 = "float16"
 
 
+class Quantization(StrEnum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+    gguf = "gguf"
+
+
 class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -92,8 +99,22 @@ def serve(
              "to stdout): how scripts learn the real port when --port is 0.")] = None,
     served_model_name: Annotated[str | None, typer.Option(
         help="Name clients put in the `model` field (default: the model's own name).")] = None,
-    dtype: Annotated[Dtype, typer.Option(help="Weight and activation precision; auto picks float32 on CPU "
-                                              "and bfloat16 on CUDA.")] = Dtype.auto,
+    dtype: Annotated[Dtype, typer.Option(help="Activation (and KV cache) precision, and the weights' unless "
+                                              "--quantization; auto picks float32 on CPU, bfloat16 on CUDA or "
+                                              "with --quantization.")] = Dtype.auto,
+    quantization: Annotated[Quantization, typer.Option(
+        help="CPU weight format: none (weights in --dtype), int8 (per row), int4 (groups of "
+             "--quant-group-size) or gguf (keep a .gguf file's own Q8_0/Q4_* precision). int4/gguf decode "
+             "fastest; see docs/engine.md, 'Weight formats'.")] = Quantization.none,
+    quant_group_size: Annotated[int | None, typer.Option(help="int4: columns per scale (32, 64 or 128; "
+                                                              "smaller is more accurate).")] = None,
+    dense_prefill: Annotated[bool, typer.Option(
+        "--dense-prefill/--no-dense-prefill",
+        help="With --quantization: also keep a bf16 copy of the weights for prefill chunks and large batches "
+             "(faster there, about 2 bytes per parameter more memory).")] = True,
+    quant_crossover_rows: Annotated[int | None, typer.Option(
+        help="With --quantization and --dense-prefill: steps of this many tokens or more use the bf16 copy "
+             "(default: measured at start-up).")] = None,
     device: Annotated[Device, typer.Option(help="Where to run; auto uses CUDA when available.")] = Device.auto,
     max_model_len: Annotated[int | None, typer.Option(
         help="Longest prompt + completion in tokens (default: the model's context length, capped by the "
@@ -221,7 +242,9 @@ def serve(
         model, served_model_name = _verified_model(model, served_model_name, trust_policy, allow_unverified)
     try:
         config = build_engine_config(
-            model, served_model_name=served_model_name, dtype=dtype, device=device, max_model_len=max_model_len,
+            model, served_model_name=served_model_name, dtype=dtype, quantization=quantization,
+            quant_group_size=quant_group_size, dense_prefill=dense_prefill,
+            quant_crossover_rows=quant_crossover_rows, device=device, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,

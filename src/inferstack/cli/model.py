@@ -427,3 +427,65 @@ def _local_model(target: str, store: Path | None, plain_http: bool, username: st
     model_dir = s.materialize(digest)
     sync_signatures(s, digest)
     return engine_path(model_dir, s.manifest(digest))
+
+
+_EVAL_FORMATS = ("bfloat16", "int8", "int4", "gguf")
+
+
+def eval_formats(names: list[str], group_size: int) -> list[tuple[str, dict]]:
+    """``--quantization`` names → (table name, LLM keyword arguments); unknown names raise ValueError."""
+    out: list[tuple[str, dict]] = []
+    for name in names:
+        if name == "bfloat16":
+            out.append(("bfloat16", {"dtype": "bfloat16"}))
+        elif name in ("int8", "int4", "gguf"):
+            label = f"int4 g{group_size}" if name == "int4" else name
+            out.append((label, {"quantization": name, "dense_prefill": False, "quant_group_size": group_size}))
+        else:
+            raise ValueError(f"unknown format {name!r}; choose from {', '.join(_EVAL_FORMATS)}")
+    return out
+
+
+@app.command("eval")
+def eval_model(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to evaluate (alias, .gguf or HF "
+                                                             "directory).")] = "smollm2-135m",
+    quantization: Annotated[list[str] | None, typer.Option(
+        help="Format to compare with fp32 (repeat the flag): bfloat16, int8, int4, gguf (a .gguf model only). "
+             "Default: all that apply.")] = None,
+    group_size: Annotated[int, typer.Option(help="int4 columns per scale (32, 64 or 128).")] = 32,
+    text: Annotated[Path, typer.Option(help="English text for perplexity (default: the GPL-3 text every "
+                                            "Debian/Ubuntu machine has).")] = Path("/usr/share/common-licenses/GPL-3"),
+    max_text_tokens: Annotated[int, typer.Option(help="Tokens of --text to score.")] = 2048,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per held-out prompt.")] = 32,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy and speed of weight formats against fp32: top-1 agreement, mean KL, greedy agreement on
+    held-out prompts, perplexity on --text, batch-1 decode tok/s (docs/engine.md, "Weight formats").
+
+    Example: inferstack model eval --model smollm2-135m --quantization int8 --quantization int4
+    """
+    import dataclasses
+
+    from inferstack.engine.evaluate import evaluate, markdown_table
+    from inferstack.engine.models.arch import ModelLoadError
+
+    names = quantization or [f for f in _EVAL_FORMATS if f != "gguf" or model.endswith(".gguf")
+                             or model == "smollm2-135m"]
+    try:
+        formats = eval_formats(names, group_size)
+        body = text.read_text(errors="replace")
+    except ValueError as e:
+        raise _fail(str(e), 2) from None
+    except OSError as e:
+        raise _fail(f"{text}: {e.strerror or e}", 2) from None
+    try:
+        scores = evaluate(model, formats, body, new_tokens=new_tokens, max_text_tokens=max_text_tokens,
+                          threads=threads, progress=lambda m: typer.echo(f"evaluating {m} ...", err=True))
+    except ModelLoadError as e:
+        raise _fail(str(e), 2) from None
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(s) for s in scores], indent=2))
+        return
+    typer.echo(markdown_table(scores, text.name))

@@ -19,6 +19,12 @@ def _port_flag(port: int) -> list[str]:
     return ["--port", str(port)]
 
 
+def _format_args(settings: UpSettings) -> list[str]:
+    """`up.dtype` / `up.quantization` as engine flags, only when set (older engines lack them)."""
+    args = [] if settings.dtype == "auto" else ["--dtype", settings.dtype]
+    return args + ([] if settings.quantization == "none" else ["--quantization", settings.quantization])
+
+
 def engine_specs(settings: UpSettings, python: str = sys.executable, log_dir: str = ".",
                  redis_url: str | None = None) -> list[ChildSpec]:
     """N real replicas (cores split between them), or one emulator process serving N endpoints (one
@@ -39,7 +45,8 @@ def engine_specs(settings: UpSettings, python: str = sys.executable, log_dir: st
         # The role is part of the argv, so a restarted engine comes back with the same role.
         role_args = ["--role", role] if role else []
         argv = _inferstack(python, "engine", "serve", "--model", settings.model,
-                           "--threads", str(threads), *role_args, *kv_args, *settings.engine_args)
+                           "--threads", str(threads), *_format_args(settings), *role_args, *kv_args,
+                           *settings.engine_args)
         specs.append(ChildSpec(
             name=_engine_name(role, i - roles.index(role)), kind="engine", argv=argv, port_args=_port_flag,
             # torch reads these at import; keep BLAS pools from oversubscribing the split cores.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,6 +46,11 @@ class UpSettings(BaseModel):
 
     model: str = Field("smollm2-135m", description="Model every engine replica serves (alias, .gguf, HF dir).")
     replicas: int = Field(2, ge=1, le=64, description="Number of engine replicas.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Engines' activation precision (`engine serve --dtype`).")
+    quantization: Literal["none", "int8", "int4", "gguf"] = Field(
+        "none", description="Engines' weight format (`engine serve --quantization`; docs/engine.md, "
+        "'Weight formats').")
     host: str = Field("127.0.0.1", description="Address the gateway binds.")
     port: int = Field(8000, ge=0, le=65535, description="Gateway port; 0 lets the OS choose.")
     threads: int | None = Field(

@@ -77,15 +77,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin().to(device=device, dtype=dtype), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` rows for a step's tokens, ``[T, 1, head_dim / 2]``; looked up once per step."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """``(cos | cos, -sin | sin)`` rows for a step's tokens, ``[T, 1, head_dim]``; built once per
+        step so each layer's rotation is one cat, two multiplies and an add (half the ops of the
+        textbook form, bit for bit the same: ``a + b·(-s)`` rounds exactly like ``a - b·s``)."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Rotate ``x`` of shape ``[T, heads, head_dim]`` by each token's position."""
-        cos, sin = cos_sin
+        cos, signed_sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
 
 
 class DenseLinear(nn.Module):

@@ -4,8 +4,9 @@
   file's, and each block's (or Q4_K sub-block's) scale and minimum are the file's values
   (Q4_0: ``minimum = -8·d``; Q4_1: ``m``; Q4_K: ``d·sc`` and ``-dmin·m``). Only the kernel's bf16
   scale/zero pairs round them.
-* Q8_0 has a scale per 32 values and our int8 kernel one per row, so it is **requantized** per row
-  from the dequantized values; so are Q5_*, Q6_K and float tensors (to int8), and Q2_K/Q3_K (to int4).
+* Q8_0 becomes :class:`Int8Weight` with group 32 **exactly** (codes and fp16 scales are the file's).
+* Other types are **requantized** from their dequantized values: Q5_*, Q6_K and float tensors to
+  int8 with a scale per 32 columns, Q2_K/Q3_K to int4 g32.
 
 The load log says which tensors were exact and which were requantized.
 """
@@ -21,6 +22,7 @@ import torch
 from inferstack.engine.weights.gguf import _dequantize, gguf_architecture, hf_tensor_name, unpermute_qk
 from inferstack.engine.weights.quantize import (
     Int4Weight,
+    Int8Weight,
     QuantWeight,
     permute_rows,
     quantize_int4,
@@ -67,6 +69,15 @@ def exact_int4(tensor: Any) -> Int4Weight:
                       torch.from_numpy(minimum.reshape(rows, groups).copy()), 32, exact=True)
 
 
+def exact_int8(tensor: Any) -> Int8Weight:
+    """Codes and scales of a Q8_0 tensor (blocks of an fp16 scale and 32 int8 codes)."""
+    rows, cols = (int(d) for d in reversed(tensor.shape))
+    blocks = np.asarray(tensor.data).reshape(-1, 34)
+    codes = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).reshape(rows, cols)
+    scale = _f16(blocks[:, :2]).reshape(rows, cols // 32)
+    return Int8Weight(torch.from_numpy(codes.copy()), torch.from_numpy(scale.copy()), exact=True, group=32)
+
+
 def gguf_quant_weights(reader: Any, path: Path) -> tuple[dict[str, QuantWeight], dict[str, str]]:
     """Every 2-D weight of the file (transformers' names) in int8/int4, and ``{name: how}`` for the log."""
     arch, _, permuted = gguf_architecture(reader, path)
@@ -83,11 +94,15 @@ def gguf_quant_weights(reader: Any, path: Path) -> tuple[dict[str, QuantWeight],
         if kind in _EXACT_INT4 and int(t.shape[0]) % 32 == 0:
             weight: QuantWeight = exact_int4(t)
             how[name] = f"{kind} → int4 g32 (exact codes)"
+        elif kind == "Q8_0":
+            weight = exact_int8(t)
+            how[name] = f"{kind} → int8 g32 (exact codes)"
         else:
             dense = torch.from_numpy(np.array(_dequantize(t, path), dtype=np.float32, order="C"))
-            to_int4 = kind in _INT4_TYPES and dense.shape[1] % 32 == 0
-            weight = quantize_int4(dense, 32) if to_int4 else quantize_int8(dense)
-            how[name] = f"{kind} → {'int4 g32' if to_int4 else 'int8'} (requantized)"
+            group = 32 if dense.shape[1] % 32 == 0 else 0
+            to_int4 = kind in _INT4_TYPES and group
+            weight = quantize_int4(dense, 32) if to_int4 else quantize_int8(dense, group)
+            how[name] = f"{kind} → {'int4' if to_int4 else 'int8'}{' g32' if group else ''} (requantized)"
         if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             n_head = heads if "q_proj" in name else kv_heads
             order = unpermute_qk(np.arange(weight.shape[0])[:, None], n_head)[:, 0]

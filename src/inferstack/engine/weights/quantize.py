@@ -1,6 +1,7 @@
 """Weight-only quantized formats in their host-independent ("unpacked") form.
 
-* :class:`Int8Weight`: symmetric int8, one scale per output row (``w ≈ q · scale``).
+* :class:`Int8Weight`: symmetric int8, one scale per output row (``w ≈ q · scale``), or per group
+  of ``group`` input columns (GGUF's Q8_0 layout; run as two 4-bit planes, see ``quant_linear``).
 * :class:`Int4Weight`: 4-bit codes 0..15 in groups of ``group`` input columns, one scale and one
   minimum per (row, group) (``w ≈ code · scale + minimum``), the shape of GGUF's Q4_1 and of the
   sub-blocks of Q4_K; Q4_0 is the special case ``minimum = -8 · scale``.
@@ -26,18 +27,19 @@ INT4_GROUPS = (32, 64, 128)
 @dataclass
 class Int8Weight:
     q: torch.Tensor          # [N, K] int8
-    scale: torch.Tensor      # [N] float32
+    scale: torch.Tensor      # [N] float32 (per row), or [N, K / group] with ``group``
     exact: bool = False      # the codes and scales are the checkpoint's own (no rounding by us)
+    group: int = 0           # 0: one scale per row
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)  # type: ignore[return-value]
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale[:, None]
-
-    def nbytes(self) -> int:
-        return self.q.numel() + 2 * self.scale.numel()   # as the kernel holds them (bf16 scales)
+        if not self.group:
+            return self.q.float() * self.scale[:, None]
+        n, k = self.q.shape
+        return (self.q.view(n, k // self.group, self.group).float() * self.scale[..., None]).view(n, k)
 
 
 @dataclass
@@ -57,20 +59,19 @@ class Int4Weight:
         grouped = self.codes.view(n, k // self.group, self.group).float()
         return (grouped * self.scale[..., None] + self.minimum[..., None]).view(n, k)
 
-    def nbytes(self) -> int:
-        return self.codes.numel() // 2 + 4 * self.scale.numel()   # packed nibbles + bf16 scale/zero pairs
 
 
 QuantWeight = Int8Weight | Int4Weight
 
 
-def quantize_int8(w: torch.Tensor) -> Int8Weight:
-    """Round-to-nearest symmetric int8 per output row (the zero row gets scale 1)."""
-    w = w.float()
-    amax = w.abs().amax(dim=1)
+def quantize_int8(w: torch.Tensor, group: int = 0) -> Int8Weight:
+    """Round-to-nearest symmetric int8 per output row, or per ``group`` columns (zero blocks get scale 1)."""
+    n, k = w.shape
+    grouped = w.float().view(n, k // group, group) if group else w.float()[:, None, :]
+    amax = grouped.abs().amax(dim=-1)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(q, scale)
+    q = torch.round(grouped / scale[..., None]).clamp_(-127, 127).to(torch.int8).view(n, k)
+    return Int8Weight(q, scale if group else scale[:, 0], group=group)
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
@@ -94,9 +95,10 @@ def int4_group_for(k: int, wanted: int) -> int:
 def concat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
     """Fuse row blocks (Q/K/V, gate/up) into one weight; None when their formats differ."""
     first = parts[0]
-    if isinstance(first, Int8Weight) and all(isinstance(p, Int8Weight) for p in parts):
+    if isinstance(first, Int8Weight) and all(isinstance(p, Int8Weight) and p.group == first.group
+                                             for p in parts):
         return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                          exact=all(p.exact for p in parts))
+                          exact=all(p.exact for p in parts), group=first.group)
     if isinstance(first, Int4Weight) and all(isinstance(p, Int4Weight) and p.group == first.group
                                              for p in parts):
         return Int4Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
@@ -108,5 +110,5 @@ def concat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
 def permute_rows(w: QuantWeight, order: torch.Tensor) -> QuantWeight:
     """The same weight with its output rows reordered (undoing llama.cpp's Q/K permutation)."""
     if isinstance(w, Int8Weight):
-        return Int8Weight(w.q[order], w.scale[order], w.exact)
+        return Int8Weight(w.q[order], w.scale[order], w.exact, w.group)
     return Int4Weight(w.codes[order], w.scale[order], w.minimum[order], w.group, w.exact)

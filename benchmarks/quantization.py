@@ -1,0 +1,125 @@
+"""Weight formats side by side: batch-1 decode and 64 × 128/128 throughput, with peers in the same run.
+
+    PYTHONPATH=src python benchmarks/quantization.py [--threads 2] [--formats float32,bfloat16,int8,int4,gguf]
+                                                     [--requests 64] [--skip-hf]
+
+Rows: our engine in each format (``--quantization`` with the bf16 copy for large steps and the
+start-up crossover), HF ``generate`` fp32 and bf16 (static batch 16; batch 1 for decode) and, when
+``llama-cpp-python`` is importable, llama.cpp on the same GGUF (skipped otherwise: it needs a
+source build). Ratios are against our fp32 row measured in the same run, the number that survives a
+contended machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import platform
+import time
+
+import torch
+from engine_cpu import bench_hf_throughput, bench_throughput, random_prompts
+
+from inferstack.engine.evaluate import decode_rate
+from inferstack.engine.llm import LLM
+from inferstack.engine.weights.loader import resolve_model_path
+
+FORMATS = {
+    "float32": {"dtype": "float32"},
+    "bfloat16": {"dtype": "bfloat16"},
+    "int8": {"quantization": "int8"},
+    "int4": {"quantization": "int4"},
+    "gguf": {"quantization": "gguf"},
+}
+
+
+def ours(model: str, name: str, threads: int, requests: int, steps: int) -> tuple[float, float, str]:
+    llm = LLM(model, num_threads=threads, max_num_batched_tokens=2048, max_num_seqs=256, **FORMATS[name])
+    lm = llm.engine.core.executor.lm
+    detail = "" if lm.quant is None else "; ".join(lm.quant.log_lines()[:2])
+    decode = decode_rate(llm, steps=steps)
+    throughput = bench_throughput(llm, requests, 128, 128)
+    del llm, lm
+    gc.collect()
+    return decode, throughput, detail
+
+
+def hf_decode(model: str, dtype: torch.dtype, steps: int) -> float:
+    """HF ``generate`` batch 1: (time for 1 + steps tokens − time for 1 token) / steps."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent if kwargs else path), dtype=dtype, **kwargs).eval()
+    prompt = torch.tensor(random_prompts(hf.config.vocab_size, 1, 32, seed=2))
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        run(4)
+        return steps / (run(steps + 1) - run(1))
+
+
+def llama_cpp_decode(model: str, threads: int, steps: int) -> float | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    path = resolve_model_path(model)
+    if path.suffix != ".gguf":
+        return None
+    llm = Llama(model_path=str(path), n_threads=threads, n_ctx=512, verbose=False)
+    prompt = random_prompts(llm.n_vocab(), 1, 32, seed=2)[0]
+    bias = {llm.token_eos(): -1e9}
+    llm(prompt, max_tokens=4, temperature=0, logit_bias=bias)
+    t = time.perf_counter()
+    llm(prompt, max_tokens=1, temperature=0, logit_bias=bias)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    llm(prompt, max_tokens=steps + 1, temperature=0, logit_bias=bias)
+    return steps / (time.perf_counter() - t - first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=128, help="batch-1 decode tokens")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[tuple[str, float | None, float | None, str]] = []
+    for name in args.formats.split(","):
+        decode, throughput, detail = ours(args.model, name, args.threads, args.requests, args.steps)
+        rows.append((f"inferstack {name}", decode, throughput, detail))
+    vocab = LLM(args.model, num_threads=args.threads, kv_cache_bytes=16 << 20).tokenizer.vocab_size
+    if not args.skip_hf:
+        for dt in (torch.float32, torch.bfloat16):
+            tp = bench_hf_throughput(args.model, dt, torch.device("cpu"), args.requests, 16, 128, 128, vocab)
+            rows.append((f"HF generate {str(dt).removeprefix('torch.')}", hf_decode(args.model, dt, args.steps),
+                         tp, "static batch 16 for throughput"))
+    cpp = llama_cpp_decode(args.model, args.threads, args.steps)
+    rows.append(("llama.cpp (llama-cpp-python)", cpp, None, "same GGUF" if cpp else "not installed: skipped"))
+    base = rows[0]
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
+          f"{torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}\n")
+    print(f"| engine / format | batch-1 decode tok/s | × {base[0]} | {args.requests} × 128/128 tok/s | "
+          f"× {base[0]} | notes |\n|---|---:|---:|---:|---:|---|")
+    for name, dec, tp, note in rows:
+        def cell(v: float | None, ref: float | None) -> tuple[str, str]:
+            if v is None:
+                return "–", "–"
+            return f"{v:.1f}", f"{v / ref:.2f}×" if ref else "–"
+        d, dr = cell(dec, base[1])
+        t, tr = cell(tp, base[2])
+        print(f"| {name} | {d} | {dr} | {t} | {tr} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Weight-only int8/int4: formats, the per-step kernel choice, the bf16-only guard, GGUF exactness, the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.support.models_tiny import make_meta, new_kv_caches, write_tiny_gguf, write_tiny_model
+
+from inferstack.engine.models.arch import ModelLoadError
+from inferstack.engine.models.quant_linear import PackedWeight, QuantizedLinear, measure_crossover, use_dense
+from inferstack.engine.weights.loader import load_model
+from inferstack.engine.weights.quant_loader import QuantOptions, cache_path
+from inferstack.engine.weights.quantize import int4_group_for, quantize_int4, quantize_int8
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFERSTACK_CACHE_DIR", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("llama"), "llama", seed=3)
+
+
+def _weight(n: int = 128, k: int = 96, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def test_kernel_choice_by_rows():
+    assert not use_dense(1, 16) and not use_dense(15, 16)
+    assert use_dense(16, 16) and use_dense(4096, 16)
+    assert not use_dense(4096, None)       # no bf16 copy kept: always the quantized kernel
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8 g32", "int4"])
+def test_packed_kernels_compute_the_dequantized_product(fmt):
+    w = {"int8": quantize_int8(_weight()), "int8 g32": quantize_int8(_weight(), 32),
+         "int4": quantize_int4(_weight(), 32)}[fmt]
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    ours = PackedWeight.pack(w).matmul(x).float()
+    ref = x.float() @ w.dequantize().t()
+    torch.testing.assert_close(ours, ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    # and the formats themselves are close to the float weight they came from
+    err = (w.dequantize() - _weight()).abs().max().item()
+    assert err < (0.3 if fmt == "int4" else 0.02), err
+
+
+def test_each_step_picks_its_kernel_by_rows():
+    """Below the crossover the int4 kernel (its rounding), from it on the bf16 copy of the float weight."""
+    w = _weight()
+    layer = QuantizedLinear.build(quantize_int4(w, 32), w, None, crossover=8, out_dtype=torch.float32)
+    for rows in (1, 7, 8, 20):
+        x = torch.randn(rows, 96)
+        dense = F.linear(x.bfloat16(), w.bfloat16()).float()
+        packed = layer.packed.matmul(x.bfloat16()).float()
+        expected = dense if rows >= 8 else packed
+        other = packed if rows >= 8 else dense
+        got = layer(x)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, expected) and not torch.equal(got, other), rows
+
+
+def test_crossover_measurement_returns_a_candidate_or_none():
+    found = measure_crossover(quantize_int4(_weight(256, 256), 32), candidates=(1, 64), repeats=1)
+    assert found in (1, 64, None)
+
+
+def test_int4_group_falls_back_to_a_divisor():
+    assert int4_group_for(576, 128) == 64 and int4_group_for(1536, 128) == 128 and int4_group_for(40, 32) == 0
+
+
+def _forward(lm, ids: list[int]) -> torch.Tensor:
+    meta, positions = make_meta([([0, 1, 2, 3], 0, len(ids))], 4)
+    caches = new_kv_caches(lm.arch, 4, 4, dtype=lm.dtype)
+    with torch.inference_mode():
+        return lm.model.compute_logits(lm.model(torch.tensor(ids), positions, caches, meta))
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_no_fp32_activation_reaches_the_scalar_kernels(tiny_dir, monkeypatch, quantization):
+    """The kernels are vectorized for bf16 only; an fp32 model must still hand them bf16."""
+    seen: list[torch.dtype] = []
+    for op in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"):
+        real = getattr(torch, op)
+
+        def spy(x, *args, _real=real):
+            seen.append(x.dtype)
+            return _real(x, *args)
+        monkeypatch.setattr(torch, op, spy)
+    lm = load_model(str(tiny_dir), dtype="float32", quant=QuantOptions(quantization, dense_prefill=False))
+    assert lm.dtype == torch.float32
+    logits = _forward(lm, [5, 9, 13, 40, 7, 22])
+    dense = _forward(load_model(str(tiny_dir), dtype="float32"), [5, 9, 13, 40, 7, 22])
+    # 2 layers x 4 projections, and the grouped-int8 head as two int4 planes
+    assert len(seen) == 2 * 4 + 2 and set(seen) == {torch.bfloat16}
+    assert (logits.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.8
+    # int4 on random (not trained) weights loses more than on a real model; int8 is tight
+    assert (logits - dense).abs().max() < (0.05 if quantization == "int8" else 0.2) * dense.abs().max()
+
+
+def test_quantized_loads_default_to_bf16_and_reuse_the_cache(tiny_dir):
+    opts = QuantOptions("int4", dense_prefill=False)
+    lm = load_model(str(tiny_dir), quant=opts)
+    assert lm.dtype == torch.bfloat16 and lm.kv_key_dtype == "bfloat16+int4"
+    assert lm.quant.formats == {"int4 g32": 8, "int8 g32": 1} and lm.quant.dense_bytes == 0
+    path = cache_path(lm.model_digest, opts)
+    assert path.exists()
+    before = path.stat().st_mtime_ns
+    again = load_model(str(tiny_dir), quant=opts)
+    assert path.stat().st_mtime_ns == before
+    torch.testing.assert_close(_forward(again, [3, 4, 5]), _forward(lm, [3, 4, 5]), atol=0, rtol=0)
+
+
+def test_dense_copy_is_reported(tiny_dir):
+    lm = load_model(str(tiny_dir), quant=QuantOptions("int8", crossover_rows=4))
+    assert lm.quant.crossover == {"int8": 4}
+    params = sum(p.numel() for p in load_model(str(tiny_dir), dtype="float32").model.parameters())
+    assert 0 < lm.quant.dense_bytes < 2 * params and lm.quant.quantized_bytes < lm.quant.dense_bytes
+
+
+def test_bad_quantization_requests_are_clear(tiny_dir):
+    with pytest.raises(ModelLoadError, match=r"keeps a \.gguf file"):
+        load_model(str(tiny_dir), quant=QuantOptions("gguf"))
+    with pytest.raises(ModelLoadError, match="not supported"):
+        load_model(str(tiny_dir), quant=QuantOptions("int3"))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_codes_are_exact(tiny_dir, tmp_path, qtype):
+    from inferstack.engine.weights.gguf import hf_tensors_from_gguf, open_gguf
+    from inferstack.engine.weights.gguf_quant import gguf_quant_weights
+
+    path = write_tiny_gguf(tiny_dir, tmp_path / f"tiny-{qtype}.gguf", "llama", qtype=qtype)
+    reader = open_gguf(path)
+    weights, how = gguf_quant_weights(reader, path)
+    dense = hf_tensors_from_gguf(reader, path, torch.float32)
+    fmt = "int8" if qtype == "Q8_0" else "int4"
+    assert set(how.values()) == {f"{qtype} → {fmt} g32 (exact codes)"}
+    for name, w in weights.items():    # Q/K rows un-permuted exactly like the dense conversion
+        assert w.exact and np.array_equal(w.dequantize().numpy(), dense[name].numpy()), name
+    lm = load_model(str(path), quant=QuantOptions("gguf", dense_prefill=False))
+    ref = load_model(str(path), dtype="float32")
+    ids = [5, 9, 13, 40, 7, 22]
+    ours, theirs = _forward(lm, ids), _forward(ref, ids)
+    assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+
+
+def test_cli_and_yaml_reach_the_engine_config():
+    from typer.testing import CliRunner
+
+    from inferstack.cli.engine import build_engine_config
+    from inferstack.cli.main import app
+    from inferstack.stack.plan import engine_specs
+    from inferstack.stack.settings import UpSettings
+
+    cfg = build_engine_config("m", quantization="int4", quant_group_size=64, dense_prefill=False,
+                              quant_crossover_rows=12)
+    assert (cfg.quantization, cfg.quant_group_size, cfg.dense_prefill, cfg.quant_crossover_rows) == (
+        "int4", 64, False, 12)
+    res = CliRunner().invoke(app, ["engine", "serve", "--model", "m", "--quantization", "int3"])
+    assert res.exit_code == 2 and "int3" in res.output
+    res = CliRunner().invoke(app, ["engine", "serve", "--model", "m", "--quantization", "int4",
+                                   "--quant-group-size", "48"])
+    assert res.exit_code == 2 and "quant_group_size must be 32, 64 or 128" in res.output
+    argv = engine_specs(UpSettings(replicas=1, quantization="gguf", dtype="bfloat16"))[0].argv
+    assert argv[argv.index("--quantization") + 1] == "gguf" and argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert "--quantization" not in engine_specs(UpSettings(replicas=1))[0].argv
