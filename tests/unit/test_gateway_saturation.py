@@ -135,3 +135,17 @@ def test_fair_queue_is_the_pure_policy_the_simulator_runs():
     assert q.remove("a2", 0) and not q.remove("a2", 0)
     clock.t += 11.0
     assert q.expire() == [("a1", 0), ("a3", 0)] and q.queued == 0
+
+
+def test_in_flight_gauge_reads_the_endpoints_counters_at_scrape_time():
+    from prometheus_client import generate_latest
+
+    from inferstack.gateway.metrics import GatewayMetrics
+
+    live = {"a": 3, "b": 0}
+    m = GatewayMetrics()
+    m.track_in_flight(lambda: [("p", e, n) for e, n in live.items()])
+    text = generate_latest(m.registry).decode()
+    assert 'inferstack_gateway_in_flight{endpoint="a",pool="p"} 3.0' in text
+    live["a"] = 1
+    assert 'inferstack_gateway_in_flight{endpoint="a",pool="p"} 1.0' in generate_latest(m.registry).decode()

@@ -5,7 +5,10 @@ Label children are cached per label tuple so the hot path does one dict lookup p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 _LAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 30.0, 60.0, 120.0)
@@ -49,10 +52,13 @@ class GatewayMetrics:
             "Requests that met a failed dependency (audit_log, limit_store), by what the gateway did "
             "(refused: 503; allowed: served without it, per the configured policy).",
             ("dependency", "action"), registry=r)
-        self.in_flight = Gauge("inferstack_gateway_in_flight", "Requests in flight per endpoint.",
-                               ("pool", "endpoint"), registry=r)
         self._children: dict[tuple, tuple] = {}
         self._counters: dict[tuple, object] = {}
+
+    def track_in_flight(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Export `inferstack_gateway_in_flight{pool,endpoint}` read from ``source`` at scrape time
+        (the endpoints' own counters), so the hot path updates nothing extra."""
+        self.registry.register(_InFlight(source))
 
     def latency_children(self, labels: tuple[str, str, str, str]) -> tuple:
         c = self._children.get(labels)
@@ -75,3 +81,24 @@ class GatewayMetrics:
         if c is None:
             c = self._counters[key] = self.decisions.labels(pool, profile, scorer)
         c.inc()
+
+
+class _InFlight:
+    """Collector for the gateway's in-flight requests per endpoint (read at scrape time)."""
+
+    NAME, HELP, LABELS = "inferstack_gateway_in_flight", "Requests in flight per endpoint.", ("pool", "endpoint")
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self.source = source
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.NAME, self.HELP, labels=list(self.LABELS))]
+
+    def doc_row(self) -> tuple[str, str, tuple[str, ...], str]:
+        return self.NAME, "gauge", self.LABELS, self.HELP
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily(self.NAME, self.HELP, labels=list(self.LABELS))
+        for pool, endpoint, n in self.source():
+            fam.add_metric([pool, endpoint], n)
+        yield fam

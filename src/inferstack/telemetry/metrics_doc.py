@@ -23,15 +23,13 @@ _SUFFIX = {"counter": "_total", "info": "_info"}
 
 
 def registry_rows(registry: CollectorRegistry) -> list[str]:
+    defs = [(c._name, c._type, tuple(c._labelnames), c._documentation)
+            for c in registry._collector_to_names if isinstance(c, MetricWrapperBase)]
+    defs += [c.doc_row() for c in registry._collector_to_names if hasattr(c, "doc_row")]  # custom collectors
     rows = ["| name | type | labels | meaning |", "|---|---|---|---|"]
-    collectors = sorted(
-        (c for c in registry._collector_to_names if isinstance(c, MetricWrapperBase)),
-        key=lambda c: c._name)
-    for c in collectors:
-        kind = c._type
-        name = c._name + _SUFFIX.get(kind, "")
-        labels = ", ".join(f"`{x}`" for x in c._labelnames) or "—"
-        rows.append(f"| `{name}` | {kind} | {labels} | {c._documentation} |")
+    for name, kind, labelnames, doc in sorted(defs):
+        labels = ", ".join(f"`{x}`" for x in labelnames) or "—"
+        rows.append(f"| `{name + _SUFFIX.get(kind, '')}` | {kind} | {labels} | {doc} |")
     return rows
 
 
@@ -40,6 +38,7 @@ def gateway_rows() -> list[str]:
     from inferstack.gateway.pd import PDMetrics
 
     metrics = GatewayMetrics()
+    metrics.track_in_flight(list)
     PDMetrics(metrics.registry)
     return registry_rows(metrics.registry)
 

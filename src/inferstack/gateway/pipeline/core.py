@@ -45,6 +45,8 @@ class Pipeline:
         custom = {n: (p.filters, p.scorers, p.picker) for n, p in cfg.routing.profiles.items()}
         self.pools = {name: Pool.from_config(name, p, gw, custom) for name, p in cfg.pools.items()}
         self.metrics = GatewayMetrics()
+        self.metrics.track_in_flight(
+            lambda: [(p.name, e.id, e.in_flight) for p in self.pools.values() for e in p.endpoints])
         self.flow = {name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name))
                      for name, pool in self.pools.items()}
         self.limiter: Limiter = limiter or (
