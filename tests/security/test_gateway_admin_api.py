@@ -57,6 +57,14 @@ def test_an_endpoint_url_the_pool_cannot_use_is_a_clear_400(servers):
     assert _pool_urls(gw) == [engine.url]
 
 
+def test_unknown_endpoint_fields_are_refused_not_dropped(servers):
+    engine, gw, _ = servers
+    r = httpx.put(gw.url + PUT, json={"endpoints": [{"url": engine.url, "model": "other-model"}]},
+                  headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 400 and "model" in r.json()["error"]["message"], r.text
+    assert _pool_urls(gw) == [engine.url]
+
+
 def test_without_a_token_the_admin_api_is_off(servers):
     _, _, tokenless = servers
     r = httpx.put(tokenless.url + PUT, json={"endpoints": [{"url": "http://127.0.0.1:9"}]})

@@ -26,12 +26,12 @@ def run(handler, endpoints: list[PoolEndpoint], calls: int = 1) -> tuple[list[bo
 
 
 def test_sends_the_full_ready_list_to_the_pool() -> None:
-    eps = [PoolEndpoint("http://127.0.0.1:1", "engine-0", "m"), PoolEndpoint("http://127.0.0.1:2", "engine-1")]
+    eps = [PoolEndpoint("http://127.0.0.1:1", "engine-0"), PoolEndpoint("http://127.0.0.1:2", "engine-1")]
     ok, seen = run(lambda r: httpx.Response(200, json={}), eps)
     assert ok == [True]
     assert seen[0].method == "PUT" and seen[0].url.path == "/admin/pools/default/endpoints"
     assert json.loads(seen[0].content) == {"endpoints": [
-        {"url": "http://127.0.0.1:1", "name": "engine-0", "model": "m"},
+        {"url": "http://127.0.0.1:1", "name": "engine-0"},
         {"url": "http://127.0.0.1:2", "name": "engine-1"}]}
 
 

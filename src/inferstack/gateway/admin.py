@@ -72,8 +72,11 @@ def _parse_endpoints(body: bytes) -> list[EndpointConfig]:
         items = raw["endpoints"] if isinstance(raw, dict) else None
         if not isinstance(items, list):
             raise TypeError("`endpoints` must be a list")
-        return [EndpointConfig.model_validate({k: v for k, v in e.items() if k in ("url", "name")})
-                for e in items]
+        unknown = sorted({k for e in items for k in e} - set(EndpointConfig.model_fields))
+        if unknown:  # never drop what a caller sent silently
+            raise APIError(400, f"Unknown endpoint field(s) {', '.join(unknown)}; accepted: "
+                           f"{', '.join(EndpointConfig.model_fields)}.", param="endpoints", code="invalid_endpoint")
+        return [EndpointConfig.model_validate(e) for e in items]
     except ValidationError as exc:
         why = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise APIError(400, f"Invalid endpoint: {why}", param="endpoints", code="invalid_endpoint") from None

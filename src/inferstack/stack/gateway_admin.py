@@ -22,9 +22,10 @@ ADMIN_PATH = "/admin/pools/{pool}/endpoints"
 
 @dataclass(frozen=True)
 class PoolEndpoint:
+    """One endpoint as the gateway's admin API takes it (the gateway learns models from /v1/models)."""
+
     url: str
     name: str
-    model: str | None = None
 
 
 class PoolHook:
@@ -40,8 +41,7 @@ class PoolHook:
         """Replace the pool's endpoint list; False when the gateway has no hook or is unreachable."""
         if self.supported is False:
             return False
-        body = {"endpoints": [{"url": e.url, "name": e.name, **({"model": e.model} if e.model else {})}
-                              for e in endpoints]}
+        body = {"endpoints": [{"url": e.url, "name": e.name} for e in endpoints]}
         try:
             r = await self.client.put(self.gateway_url + ADMIN_PATH.format(pool=self.pool), json=body,
                                       headers=self.headers, timeout=5.0)

@@ -319,8 +319,7 @@ class Supervisor:
     async def _update_pool(self) -> None:
         if self._pool is None:
             return
-        model = self.model_name
-        ready = [PoolEndpoint(url=url, name=name, model=model) for e in self.engines
+        ready = [PoolEndpoint(url=url, name=name) for e in self.engines
                  if e.state == ChildState.READY for name, url in self._named_urls(e)]
         await self._pool.set_endpoints(ready)
         self._write_prometheus_targets()
