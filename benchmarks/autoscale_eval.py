@@ -47,12 +47,12 @@ def diurnal_trace(path: Path, minutes: float, peak_rps: float, seed: int) -> Pat
     return path
 
 
-def policies(profile_text: str, slo_ttft: float, slo_tpot: float) -> dict[str, object]:
+def policies(profile_text: str, slo_ttft: float, slo_tpot: float, target: int) -> dict[str, object]:
     prefill, decode = planner_tables(parse_profile(profile_text), 1000, 200)
     return {
         "hpa (KV use 0.7)": parse_policy("hpa:metric=kv_usage,target=0.7"),
-        "kpa (target 32)": parse_policy("kpa:target=32"),
-        "apa (target 32)": parse_policy("apa:metric=concurrency,target=32"),
+        f"kpa (target {target})": parse_policy(f"kpa:target={target}"),
+        f"apa (target {target})": parse_policy(f"apa:metric=concurrency,target={target}"),
         "slo": parse_policy(f"slo:ttft_p95={slo_ttft}s,tpot_p95={slo_tpot}s"),
         "planner (holt)": Planner(prefill_tokens_per_s=prefill, decode_table=decode, ttft_p95_s=slo_ttft,
                                   itl_s=slo_tpot * 0.8, forecaster=parse_policy("planner:forecaster=holt").forecaster),
@@ -95,12 +95,14 @@ def main() -> None:
     ap.add_argument("--slo-ttft", type=float, default=1.0)
     ap.add_argument("--slo-tpot", type=float, default=0.06)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--target", type=int, default=12,
+                    help="kpa/apa: requests in flight per replica (the concurrency one replica serves within the SLO)")
     ap.add_argument("--only", default="", help="comma-separated policy name prefixes")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     trace = a.trace or diurnal_trace(Path(tempfile.mkdtemp()) / "diurnal.jsonl", a.minutes, a.peak_rps, a.seed)
     rows = []
-    for name, policy in policies(a.fleet, a.slo_ttft, a.slo_tpot).items():
+    for name, policy in policies(a.fleet, a.slo_ttft, a.slo_tpot, a.target).items():
         if a.only and not any(name.startswith(p) for p in a.only.split(",")):
             continue
         row = evaluate(name, policy, trace, a)
