@@ -109,7 +109,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "timeline"}), flush=True)
     hpa = next((r for r in rows if r["policy"].startswith("hpa")), None)
-    print("\n| policy | SLO attainment | replica-hours | vs hpa | peak replicas | failed | cold starts | TTFT p95 (s) |")
+    print("\n| policy | SLO attainment | replica-hours | vs hpa | peak replicas | failed | cold starts "
+          "| TTFT p95 (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rel = f"{r['replica_hours'] / hpa['replica_hours']:.2f}x" if hpa else "–"

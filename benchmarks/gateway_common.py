@@ -121,8 +121,9 @@ def start_inferstack_gateway(config: dict, src: Path | None = None) -> Proc:
     path = Path(tempfile.mkdtemp(prefix="gwbench-cfg-")) / "inferstack.yaml"
     path.write_text(yaml.safe_dump(config))
     extra = {"PYTHONPATH": str(src)} if src is not None else None
-    return start_ready_file("inferstack", [sys.executable, "-m", "inferstack", "gateway", "serve", "--config", str(path),
-                                           "--port", "0"], extra_env=extra)
+    return start_ready_file("inferstack",
+                            [sys.executable, "-m", "inferstack", "gateway", "serve", "--config", str(path),
+                             "--port", "0"], extra_env=extra)
 
 
 @dataclass

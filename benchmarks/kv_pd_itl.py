@@ -51,8 +51,8 @@ async def workload(stream_url: str, long_fn, args) -> tuple[list[float], list[fl
         async def short(i: int) -> list[float]:
             gaps: list[float] = []
             for turn in range(args.turns):
-                body = {"prompt": f"Write a short story number {i}-{turn} about a lighthouse.", "max_tokens": args.stream_tokens,
-                        "temperature": 0, "ignore_eos": True}
+                body = {"prompt": f"Write a short story number {i}-{turn} about a lighthouse.",
+                        "max_tokens": args.stream_tokens, "temperature": 0, "ignore_eos": True}
                 times, _, _ = await stream(client, stream_url, body)
                 gaps += [b - a for a, b in itertools.pairwise(times)]
             return gaps

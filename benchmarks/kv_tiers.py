@@ -58,7 +58,8 @@ def make_tiers(disk_dir: Path, redis_url: str) -> dict[str, object]:
 def raw_throughput(tiers: dict, tokens: int, repeats: int) -> None:
     layout = ChunkLayout(30, 3, 64, torch.float32)
     space = KVKeySpace("b" * 64, "float32")
-    print(f"\n## raw tier throughput: {tokens}-token prefix, {tokens // 256} chunks x {layout.encoded_bytes / 1e6:.1f} MB")
+    print(f"\n## raw tier throughput: {tokens}-token prefix, "
+          f"{tokens // 256} chunks x {layout.encoded_bytes / 1e6:.1f} MB")
     for name, tier in tiers.items():
         store = TieredKVStore([tier], layout, space.root)
         w, r = [], []
@@ -93,7 +94,8 @@ def ttft(model: str, tiers: dict, tokens: int, repeats: int, threads: int) -> No
     conn = core.scheduler.connector
     assert isinstance(conn, KVStoreConnector)
     layout, root = conn.store.layout, conn.store.root
-    text = " ".join(f"Record {i}: the service wrote entry {i} to shard {i % 13} at step {i * 7}." for i in range(tokens // 10))
+    text = " ".join(f"Record {i}: the service wrote entry {i} to shard {i % 13} at step {i * 7}."
+                    for i in range(tokens // 10))
     ids = llm.tokenizer.encode(text)[:tokens]
     params = SamplingParams(temperature=0, max_tokens=1)
 
@@ -126,7 +128,8 @@ def ttft(model: str, tiers: dict, tokens: int, repeats: int, threads: int) -> No
     base = statistics.median(dt for dt, _ in results["recompute"])
     print(f"\n## TTFT, {len(ids)}-token prompt, max_tokens=1 ({repeats} runs each, medians; loaded prefix "
           f"{(len(ids) - 1) // 256 * 256} tokens)")
-    print(f"{'path':10s} {'TTFT ms':>9s} {'speedup':>8s} {'lookup':>8s} {'fetch':>8s} {'load':>8s} {'save':>8s} {'compute+rest':>13s}")
+    print(f"{'path':10s} {'TTFT ms':>9s} {'speedup':>8s} {'lookup':>8s} {'fetch':>8s} {'load':>8s} {'save':>8s} "
+          f"{'compute+rest':>13s}")
     for name, rs in results.items():
         dt = statistics.median(d for d, _ in rs)
         med = {k: statistics.median(p[k] for _, p in rs) * 1e3 for k in rs[0][1]}

@@ -214,7 +214,8 @@ def report(results: dict, slos: list[SLO], fleets: list[Fleet]) -> str:
         late = max((lag.get("late_share", 0.0) for lag in f["lag"]), default=0.0)
         lines.append(f"| {fleet.name} | " + " | ".join(cells) + f" | {late:.1%} |")
     lines += ["", "| fleet | rate | TTFT p50 / p90 (s) | TPOT p50 / p90 (ms) | out tok/s | failed | "
-              + " | ".join(f"{s.name} attainment" for s in slos) + " |", "|---|---|---|---|---|---|" + "---|" * len(slos)]
+              + " | ".join(f"{s.name} attainment" for s in slos) + " |",
+              "|---|---|---|---|---|---|" + "---|" * len(slos)]
     for fleet in fleets:
         for rate, s in results["fleets"][fleet.name]["rates"].items():
             lines.append(f"| {fleet.name} | {rate:g} | {s['ttft_p50_s'] or 0:.3f} / {s['ttft_p90_s'] or 0:.3f} | "

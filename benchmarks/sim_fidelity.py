@@ -9,7 +9,8 @@ the simulator routed to the same endpoint as the live gateway (matched by prompt
 engines' prefix-cache hit counters (/metrics) against the simulated engines' (the "canary").
 
     PYTHONPATH=src python benchmarks/sim_fidelity.py --profile l4:llama-3-8b --replicas 4 \
-        --routing round-robin,cache-aware,default --workload shared-prefix:groups=4,users=8,system=512,question=64,output=48 \
+        --routing round-robin,cache-aware,default \
+        --workload shared-prefix:groups=4,users=8,system=512,question=64,output=48 \
         --rate 2 --duration 60 --out /tmp/sim-fidelity
 """
 

@@ -102,7 +102,8 @@ def test_short_prompt_and_cached_prefix_skip_remote_prefill(stack):
     gm = httpx.get(gw.url + "/metrics").text
     assert metric_sum(gm, "inferstack_gateway_pd_decisions_total", 'outcome="local_cached"') == 2
     assert metric_sum(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 2
-    assert metric_sum(after, "inferstack_kv_transfer_bytes_total") == metric_sum(before, "inferstack_kv_transfer_bytes_total")
+    assert (metric_sum(after, "inferstack_kv_transfer_bytes_total")
+            == metric_sum(before, "inferstack_kv_transfer_bytes_total"))
 
 
 def test_dead_prefill_engine_falls_back_to_recompute(stack):

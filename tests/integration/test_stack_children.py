@@ -18,7 +18,8 @@ from tests.support.procs import inferstack_env
 
 from inferstack.stack.children import Child, ChildFailed, ChildSpec, ChildState
 
-# A minimal server honouring the server start-up contract (docs/architecture.md) (--port, --ready-file, /health, SIGTERM).
+# A minimal server honouring the server start-up contract (docs/architecture.md)
+# (--port, --ready-file, /health, SIGTERM).
 SERVER = textwrap.dedent("""
     import json, signal, sys, time
     from http.server import BaseHTTPRequestHandler, HTTPServer

@@ -104,7 +104,8 @@ def test_killed_run_resumes_without_rerunning_finished_nodes(engine: Server, tmp
     app = write_dsl(tmp_path / "crash.yml", [
         {"id": "start", "type": "start", "variables": [{"variable": "q", "type": "text-input", "required": True}]},
         llm("a", "first {{#start.q#}}"),
-        {"id": "slow", "type": "code", "code": "import time\ndef main(t):\n    time.sleep(1.0)\n    return {'n': len(t)}\n",
+        {"id": "slow", "type": "code",
+         "code": "import time\ndef main(t):\n    time.sleep(1.0)\n    return {'n': len(t)}\n",
          "variables": [{"variable": "t", "value_selector": ["a", "text"]}], "outputs": {"n": {"type": "number"}}},
         llm("b", "second {{#slow.n#}}"),
         {"id": "end", "type": "end", "outputs": [{"variable": "n", "value_selector": ["slow", "n"]},
@@ -158,7 +159,8 @@ def test_timeouts_retry_then_fail_naming_the_node(engine: Server, tmp_path: Path
         llm("slow", "hello", timeout_s=0.05, retry_config={"enabled": True, "max_retries": 1, "retry_interval": 10}),
         {"id": "end", "type": "end", "outputs": []},
     ], [("start", "slow"), ("slow", "end")])
-    with pytest.raises(WorkflowError, match=r"node slow \(llm\) 'slow' failed after 2 attempt\(s\): timed out after 0.05s"):
+    with pytest.raises(WorkflowError,
+                       match=r"node slow \(llm\) 'slow' failed after 2 attempt\(s\): timed out after 0.05s"):
         run_in_process(engine, app, tmp_path / "db.sqlite")
 
 
@@ -209,7 +211,8 @@ def _tool_app(path: Path) -> Path:
     return write_dsl(path, [
         {"id": "start", "type": "start", "variables": [{"variable": "x", "type": "number", "required": True}]},
         {"id": "sum", "type": "tool", "provider_type": "mcp", "provider_id": "calc", "tool_name": "add",
-         "tool_parameters": {"a": {"type": "variable", "value": ["start", "x"]}, "b": {"type": "constant", "value": 5}}},
+         "tool_parameters": {"a": {"type": "variable", "value": ["start", "x"]},
+                             "b": {"type": "constant", "value": 5}}},
         {"id": "boom", "type": "tool", "provider_type": "mcp", "provider_id": "calc", "tool_name": "explode",
          "tool_parameters": {"reason": {"type": "mixed", "value": "x={{#start.x#}}"}}},
         llm("explain", "The tool said: {{#boom.text#}}"),

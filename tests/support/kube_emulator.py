@@ -62,7 +62,8 @@ class KubeApi:
         emu = self.emulator
         emu[lambda req: self.forbidden] << (lambda req: kmock.KubernetesError(
             status=403, reason="Forbidden",
-            message=f'pods is forbidden: User "system:serviceaccount:ns:gw" cannot {"watch" if req.params.get("watch") else "list"} resource '
+            message=f'pods is forbidden: User "system:serviceaccount:ns:gw" '
+                    f'cannot {"watch" if req.params.get("watch") else "list"} resource '
                     f'"pods" in API group "" in the namespace "ns"'))
         emu[lambda req: self.gone_once and req.params.get("watch") == "true"] << self._gone
         emu[kmock.action.WATCH] << self._watch

@@ -109,7 +109,8 @@ def test_decider_skips_the_pull_when_few_tokens_would_come(prefill):
 def test_decode_engine_saves_pulled_kv_to_its_tiers_for_other_replicas(prefill, tmp_path):
     params = run_prefill(prefill)
     store = TieredKVStore([DiskTier(tmp_path, 1 << 30)], LAYOUT, SPACE.root)
-    d = ToyEngine(MultiConnector([PDConnector("decode", trust=TRUST, block_size=BS), KVStoreConnector(store, block_size=BS)]))
+    d = ToyEngine(MultiConnector([PDConnector("decode", trust=TRUST, block_size=BS),
+                                  KVStoreConnector(store, block_size=BS)]))
     assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
     store.flush()
     store.close()
@@ -210,7 +211,8 @@ def test_link_model_paces_a_pull_and_counts_the_modelled_bytes():
         while ("send", "tcp") not in p.connector.server.stats.bytes and time.monotonic() < deadline:
             time.sleep(0.01)
         # the sender starts its clock a moment after the receiver, then waits for the paced DONE
-        for stats, direction, least in ((d.connector.client.stats, "recv", 0.3), (p.connector.server.stats, "send", 0.25)):
+        for stats, direction, least in ((d.connector.client.stats, "recv", 0.3),
+                                        (p.connector.server.stats, "send", 0.25)):
             assert stats.bytes[(direction, "tcp")] == 512 * 131072
             assert stats.seconds[(direction, "tcp")] >= least
     finally:

@@ -170,7 +170,8 @@ def test_sglang_pd_with_hami_and_a_verified_init_container():
     assert e["args"][e["args"].index("--disaggregation-mode") + 1] == "prefill"
     assert e["args"][e["args"].index("--model-path") + 1] == "/models/model"
     assert e["resources"]["limits"] == {"nvidia.com/gpu": 1, "nvidia.com/gpumem": 8000, "nvidia.com/gpucores": 50}
-    assert pod["metadata"]["annotations"] == {"nvidia.com/use-gputype": "A100", "hami.io/gpu-scheduler-policy": "binpack"}
+    assert pod["metadata"]["annotations"] == {"nvidia.com/use-gputype": "A100",
+                                              "hami.io/gpu-scheduler-policy": "binpack"}
     decode = engine(objs, "decode")
     assert decode["spec"]["nodeSelector"] == {"gpu": "a100"} and decode["spec"]["tolerations"][0]["key"] == "gpu"
     init = pod["spec"]["initContainers"][0]
@@ -194,7 +195,8 @@ def test_inferstack_pvc_model_on_cpu_with_pins():
     e = container(pod)
     assert e["args"][e["args"].index("--model") + 1] == "/models/smollm2/q4.gguf"
     assert e["args"][-2:] == ["--max-num-seqs", "8"] and "--device" not in e["args"] and "resources" not in e
-    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["spec"]["volumes"]
+    assert ({"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+            in pod["spec"]["volumes"])
     assert not by_kind(objs, "NetworkPolicy") and not by_kind(objs, "PodDisruptionBudget")
     assert not by_kind(objs, "HTTPRoute")
 

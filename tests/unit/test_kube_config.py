@@ -15,7 +15,8 @@ def test_selector_and_inference_pool_forms_load():
     cfg = parse_config(_pool("    kubernetes:\n      namespace: serving\n      selector: {app: vllm}\n"
                              "      target_port: 8000\n    pd: {enabled: true}\n"))
     k = cfg.pools["llama"].kubernetes
-    assert (k.namespace, k.selector, k.target_port, cfg.pools["llama"].endpoints) == ("serving", {"app": "vllm"}, 8000, [])
+    assert ((k.namespace, k.selector, k.target_port, cfg.pools["llama"].endpoints)
+            == ("serving", {"app": "vllm"}, 8000, []))
     cfg = parse_config(_pool("    kubernetes: {inference_pool: llama-pool}\n"))
     assert cfg.pools["llama"].kubernetes.inference_pool == "llama-pool"
 

@@ -166,7 +166,8 @@ def test_calibration_recovers_a_known_profile() -> None:
         samples.append(StepSample(work, step_time(model, truth, work) * rng.uniform(0.97, 1.03)))
     fitted, report = fit_hardware(model, samples, truth)
     assert report["median_rel_error"] < 0.03
-    assert truth.single_row_bw_gain > 1.5 and fitted.single_row_bw_gain == pytest.approx(truth.single_row_bw_gain, abs=0.1)
+    assert (truth.single_row_bw_gain > 1.5
+            and fitted.single_row_bw_gain == pytest.approx(truth.single_row_bw_gain, abs=0.1))
     for b, n in ((1, 1), (3, 1), (24, 1), (1, 700)):
         work = [SeqWork(200, n)] * b
         assert step_time(model, fitted, work) == pytest.approx(step_time(model, truth, work), rel=0.08)

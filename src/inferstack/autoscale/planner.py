@@ -98,7 +98,9 @@ class Planner:
         prefill, decode, why = self.plan(window)
         return Decision(self.name, current, math.ceil(prefill + decode - 1e-9), why)
 
-    def decide_roles(self, window: Sequence[PoolSample], prefill_now: int, decode_now: int) -> tuple[Decision, Decision]:
+    def decide_roles(
+        self, window: Sequence[PoolSample], prefill_now: int, decode_now: int
+    ) -> tuple[Decision, Decision]:
         """A disaggregated pool: prefill and decode replicas sized separately."""
         prefill, decode, why = self.plan(window)
         return (Decision(self.name, prefill_now, math.ceil(prefill - 1e-9), why),

@@ -14,7 +14,8 @@ app = typer.Typer(help="Benchmark an OpenAI-compatible server (engine, gateway, 
 _WORKLOAD_HELP = (
     "What to send, as KIND[:key=value,...]. Kinds: "
     "synthetic (input, output: an integer or uniform(a,b) | normal(mean,sd) | lognormal(median,sigma) | "
-    "exponential(mean)); long-context (input, output); shared-prefix (groups, users, system, question, output, popularity: uniform or zipf(S)); "
+    "exponential(mean)); long-context (input, output); shared-prefix (groups, users, system, question, output, "
+    "popularity: uniform or zipf(S)); "
     "multi-turn (turns, system, input, output, think seconds); agentic (fanout, context, input, output, aggregate "
     "0|1); trace (path, format auto|jsonl|csv|azure|mooncake, time_scale, limit) or just a .jsonl/.csv path. "
     "Example: synthetic:input=512,output=128"
@@ -47,7 +48,8 @@ def _fail(msg: str) -> None:
 @app.command("run")
 def run(
     target: Annotated[list[str], typer.Option(help="Server base URL, e.g. http://127.0.0.1:8000 "
-                                              "(repeat to spread units round-robin over several; a session stays on one)")],
+                                              "(repeat to spread units round-robin over several; "
+                                              "a session stays on one)")],
     workload: WorkloadOpt,
     out: OutOpt,
     duration: DurationOpt = 0.0,
@@ -67,7 +69,8 @@ def run(
     cooldown: CooldownOpt = 0.0,
     seed: SeedOpt = 0,
     model: Annotated[str | None, typer.Option(help="Model name to request (default: the first of /v1/models)")] = None,
-    endpoint: Annotated[str, typer.Option(help="chat (/v1/chat/completions) or completions (/v1/completions)")] = "chat",
+    endpoint: Annotated[str, typer.Option(help="chat (/v1/chat/completions) "
+                                               "or completions (/v1/completions)")] = "chat",
     stream: Annotated[bool, typer.Option(help="Stream responses (needed for TTFT and ITL)")] = True,
     ignore_eos: Annotated[bool, typer.Option(help="Ask for exactly max_tokens output (vLLM's ignore_eos)")] = True,
     request_timeout: Annotated[float, typer.Option(help="Seconds before a request counts as timed out")] = 600.0,

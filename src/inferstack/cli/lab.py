@@ -32,7 +32,8 @@ def list_labs() -> None:
 @app.command()
 def run(
     name: Annotated[str, typer.Argument(help="Lab name (see `inferstack lab list`).")],
-    quick: Annotated[bool, typer.Option("--quick", help="Short runs (under a minute per lab; numbers are noisier).")] = False,
+    quick: Annotated[bool, typer.Option("--quick",
+                                        help="Short runs (under a minute per lab; numbers are noisier).")] = False,
     out: Annotated[Path | None, typer.Option(help="Directory for report.md, results.json and plots "
                                                   "(default: ./lab-NAME).")] = None,
 ) -> None:

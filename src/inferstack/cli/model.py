@@ -239,7 +239,8 @@ def inspect(
             out["aibom"] = [json.loads(p) for p in payloads(s, digest, mt.CYCLONEDX_JSON).values()]
         if show in ("signatures", "all"):
             out["signatures"] = [
-                {"referrer": d, "statement": statement_of(b)} for d, b in payloads(s, digest, mt.SIGSTORE_BUNDLE).items()
+                {"referrer": d, "statement": statement_of(b)}
+                for d, b in payloads(s, digest, mt.SIGSTORE_BUNDLE).items()
             ]
     if show != "all" and show in out:
         typer.echo(json.dumps(out[show], indent=2))

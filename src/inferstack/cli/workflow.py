@@ -89,11 +89,13 @@ def _progress(event: dict[str, Any]) -> None:
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(help="Dify DSL file (app.yml) with app.mode workflow or advanced-chat.")],
-    input: Annotated[list[str] | None, typer.Option("--input", "-i", help="Start-node input NAME=VALUE (repeatable).")] = None,
+    input: Annotated[list[str] | None,
+                     typer.Option("--input", "-i", help="Start-node input NAME=VALUE (repeatable).")] = None,
     gateway: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL for LLM nodes (default "
                                                 "$OPENAI_BASE_URL or http://127.0.0.1:8000/v1).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for the gateway (default $OPENAI_API_KEY).")] = None,
-    model: Annotated[str | None, typer.Option(help="Serve every LLM node with this model instead of the DSL's.")] = None,
+    model: Annotated[str | None,
+                     typer.Option(help="Serve every LLM node with this model instead of the DSL's.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not reuse cached step results.")] = False,
     allow_host: Annotated[list[str] | None, typer.Option(help="Host http-request nodes may call (repeatable); "
                                                          "none by default.")] = None,
@@ -159,15 +161,18 @@ def serve(
     gateway: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL for LLM nodes (default "
                                                 "$OPENAI_BASE_URL or http://127.0.0.1:8000/v1).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for the gateway (default $OPENAI_API_KEY).")] = None,
-    model: Annotated[str | None, typer.Option(help="Serve every LLM node with this model instead of the DSL's.")] = None,
+    model: Annotated[str | None,
+                     typer.Option(help="Serve every LLM node with this model instead of the DSL's.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not reuse cached step results.")] = False,
     allow_host: Annotated[list[str] | None, typer.Option(help="Host http-request nodes may call (repeatable).")] = None,
-    mcp: Annotated[list[str] | None, typer.Option(help="MCP server for tool nodes: NAME=URL or NAME='COMMAND ARGS'.")] = None,
+    mcp: Annotated[list[str] | None,
+                   typer.Option(help="MCP server for tool nodes: NAME=URL or NAME='COMMAND ARGS'.")] = None,
     db: Annotated[Path | None, typer.Option(help="Run store (default $INFERSTACK_WORKFLOW_DB or "
                                             "~/.local/state/inferstack/workflows.sqlite).")] = None,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 = any free port).")] = 8090,
-    ready_file: Annotated[Path | None, typer.Option(help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
+    ready_file: Annotated[Path | None,
+                          typer.Option(help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
     confirm_version: Annotated[bool, typer.Option(help="Accept a DSL version that needs confirmation.")] = False,
 ) -> None:
     """Serve FILE over HTTP: POST /v1/workflows/run (SSE events or blocking), GET /v1/workflows/run/ID,

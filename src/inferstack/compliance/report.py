@@ -180,7 +180,8 @@ def checklist(models: list[ModelEvidence], log: dict[str, Any], policy: TrustPol
             "Art. 12(1)", "Automatic recording of events over the system's lifetime",
             "pass" if log.get("enabled") and chain.get("ok") else "fail",
             f"audit log {'enabled' if log.get('enabled') else 'disabled'}; {log.get('request_records', 0)} request "
-            f"records; chain {'intact' if chain.get('ok') else 'NOT verified: ' + '; '.join(chain.get('problems', []))}",
+            f"records; chain "
+            f"{'intact' if chain.get('ok') else 'NOT verified: ' + '; '.join(chain.get('problems', []))}",
         ),
         CheckItem(
             "Art. 12(2)(a)", "Logs identify the model version in use (substantial modification)",
@@ -307,7 +308,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("- audit logging is **disabled**")
     lines += ["", "## EU AI Act checklist", "",
               table(["Article", "Requirement", "Status", "Evidence"],
-                    [[i["article"], i["requirement"], i["status"].upper(), i["evidence"]] for i in report["checklist"]]),
+                    [[i["article"], i["requirement"], i["status"].upper(), i["evidence"]]
+                     for i in report["checklist"]]),
               ""]
     return "\n".join(lines)
 

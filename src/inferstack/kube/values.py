@@ -38,7 +38,9 @@ def chart_values(cfg: InferstackConfig, config_dir: Path, *, pool: str | None = 
         raise ValuesError(f"--engine {engine} needs an oci://, pvc:// or hf:// model (--model-uri); "
                           f"{uri!r} is an inferstack alias or local path")
     values: dict[str, Any] = {
-        "modelArtifacts": {"name": _served_name(cfg, pool_name, pool_cfg, up.emulate.split(":", 1)[1] if up.emulate else uri), "uri": uri},
+        "modelArtifacts": {"name": _served_name(cfg, pool_name, pool_cfg,
+                                                up.emulate.split(":", 1)[1] if up.emulate else uri),
+                           "uri": uri},
         "engine": {"type": engine},
         "decode": {"replicas": up.pd.decode if up.pd else up.replicas},
         "prefill": {"replicas": up.pd.prefill if up.pd else 0},

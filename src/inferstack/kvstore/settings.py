@@ -24,7 +24,8 @@ def parse_tiers(text: str | list[str]) -> list[str]:
     names = [n.strip().lower() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     for name in names:
         if name not in TIER_NAMES:
-            raise ValueError(f"unknown KV tier {name!r}; choose from {', '.join(TIER_NAMES)} (e.g. --kv-tiers host,disk)")
+            raise ValueError(f"unknown KV tier {name!r}; choose from {', '.join(TIER_NAMES)} "
+                             "(e.g. --kv-tiers host,disk)")
     if len(set(names)) != len(names):
         raise ValueError(f"KV tier listed twice: {','.join(names)}")
     order = {n: i for i, n in enumerate(TIER_NAMES)}

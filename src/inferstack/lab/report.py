@@ -33,13 +33,15 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return (f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}")
 
 
 def write_report(lab: Lab, result: LabResult, out: Path, quick: bool, setup: list[str], took_s: float) -> Path:
     lines = [f"# Lab `{lab.name}`: {lab.title}", "", f"**Question.** {lab.question}", "",
              "## Setup", "", *[f"- {s}" for s in setup],
-             f"- Machine: {machine()}; run took {took_s:.0f} s{' (--quick: short runs, noisier numbers)' if quick else ''}.",
+             f"- Machine: {machine()}; run took {took_s:.0f} s"
+             f"{' (--quick: short runs, noisier numbers)' if quick else ''}.",
              "", "## Findings", "", *[f"- {f}" for f in result.findings], "", "## Results", ""]
     for t in result.tables:
         lines += [_table_md(t), ""]

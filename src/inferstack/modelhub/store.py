@@ -265,7 +265,8 @@ class Store:
         with self._locked():
             current = [d for d in self.referrers(subject) if d["digest"] != descriptor["digest"]]
             current.append(descriptor)
-            atomic_write(self.root / "referrers" / f"{hex_of(subject)}.json", json.dumps(current, indent=1), durable=True)
+            atomic_write(self.root / "referrers" / f"{hex_of(subject)}.json", json.dumps(current, indent=1),
+                         durable=True)
 
     # ---- materialized models ----
 

@@ -43,7 +43,9 @@ def _push_manifest_blobs(client: RegistryClient, repo: str, store: Store, manife
     return sent, total
 
 
-def push_model(store: Store, ref: Reference, client: RegistryClient, progress: Progress = no_progress) -> TransferResult:
+def push_model(
+    store: Store, ref: Reference, client: RegistryClient, progress: Progress = no_progress
+) -> TransferResult:
     digest = store.resolve(local_name(ref))
     manifest = store.manifest(digest)
     repo = ref.repository
@@ -91,7 +93,9 @@ def check_model_manifest(manifest: dict[str, Any], media_type: str, ref: Referen
         raise RegistryError(f"{ref}: {clash}")
 
 
-def pull_model(store: Store, ref: Reference, client: RegistryClient, progress: Progress = no_progress) -> TransferResult:
+def pull_model(
+    store: Store, ref: Reference, client: RegistryClient, progress: Progress = no_progress
+) -> TransferResult:
     """Download a model and its known referrers; the local ref appears only once everything is in place."""
     repo = ref.repository
     data, media_type, digest = client.get_manifest(repo, ref.identifier)

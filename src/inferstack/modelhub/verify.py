@@ -158,7 +158,8 @@ def _hash_with_model_signing(root: Path, serialization: dict[str, Any], expected
 
     cfg = hashing.Config()
     if serialization["method"] == "shards":
-        cfg.use_shard_serialization(hashing_algorithm=serialization["hash_type"], shard_size=serialization["shard_size"],
+        cfg.use_shard_serialization(hashing_algorithm=serialization["hash_type"],
+                                    shard_size=serialization["shard_size"],
                                     allow_symlinks=False, ignore_paths=serialization.get("ignore_paths", []))
     else:
         cfg.use_file_serialization(hashing_algorithm=serialization["hash_type"], allow_symlinks=False,

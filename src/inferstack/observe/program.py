@@ -122,6 +122,8 @@ tracepoint:syscalls:sys_enter_{call} /{pp}/ {{
 tracepoint:syscalls:sys_enter_{call} /{pp}/ {{
   @vv[tid] = @c[{key}] ? (uint64)args->msg->msg_iov : 0; @vn[tid] = args->msg->msg_iovlen; @vf[tid] = args->fd; }}""")
         flat.append(_vector_exit(spec, call, direction))
+    end_clears = ("clear(@c); clear(@l); clear(@fb); clear(@fd); clear(@vv); clear(@vn); clear(@vf); clear(@af);"
+                  + (" clear(@wire); clear(@rsk);" if spec.wire_time else ""))
     return f"""BEGIN {{
   {seeds}
   printf("R\\n");
@@ -137,5 +139,5 @@ tracepoint:syscalls:sys_exit_accept, tracepoint:syscalls:sys_exit_accept4 /{pp} 
 tracepoint:syscalls:sys_enter_close /{pp} && @c[{key}]/ {{
   printf("C %llu %d %d %d\\n", nsecs, pid, tid, args->fd); delete(@c[{key}]); }}
 {"".join(flat)}
-END {{ printf("E\\n"); clear(@c); clear(@l); clear(@fb); clear(@fd); clear(@vv); clear(@vn); clear(@vf); clear(@af);{' clear(@wire); clear(@rsk);' if spec.wire_time else ''} }}
+END {{ printf("E\\n"); {end_clears} }}
 """

@@ -72,7 +72,8 @@ def sim_pool(cfg: InferstackConfig, fleets: list[FleetSpec], routing: str | None
     if routing is not None:
         if routing not in PRESETS and routing not in cfg.routing.profiles:
             raise SimSetupError(f"--routing {routing!r}: unknown; presets: {', '.join(sorted(PRESETS))}"
-                                + (f"; profiles: {', '.join(sorted(cfg.routing.profiles))}" if cfg.routing.profiles else ""))
+                                + (f"; profiles: {', '.join(sorted(cfg.routing.profiles))}"
+                                   if cfg.routing.profiles else ""))
         fields["routing"] = routing
     split = any(f.role != "both" for f in fleets)
     if split and not (base and base.pd and base.pd.enabled):

@@ -1,6 +1,6 @@
 """The gateway in virtual time: the live gateway's router (`datalayer.pool_router`: every preset, custom
-profiles, the PD decider), its endpoint views and its flow control (`gateway.flowqueue`, the live policy itself), over simulated
-replicas instead of HTTP endpoints.
+profiles, the PD decider), its endpoint views and its flow control (`gateway.flowqueue`, the live policy
+itself), over simulated replicas instead of HTTP endpoints.
 
 What the live gateway scrapes from each engine's /metrics every ``scrape_interval_s`` the simulator
 reads from the replica's scheduler at the first routing decision after each scrape tick (so values

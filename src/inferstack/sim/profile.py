@@ -46,7 +46,8 @@ def parse_profile(text: str, calibration: Path | None = None) -> Profile:
             assert m is not None
             tp = int(m.group("tp") or 1)
             cal = calibration or calibration_path()
-            hw = load_hardware_file(cal) if m.group("name") == "cpu" and cal.is_file() else get_hardware(m.group("name"))
+            hw = (load_hardware_file(cal) if m.group("name") == "cpu" and cal.is_file()
+                  else get_hardware(m.group("name")))
         model = get_model(model_part)
     except (KeyError, ValueError) as e:
         raise ProfileError(f"--emulate {text!r}: {e.args[0] if e.args else e}") from None

@@ -41,7 +41,8 @@ def engine_specs(settings: UpSettings, python: str = sys.executable, log_dir: st
     specs = []
     roles = settings.roles()
     for i, role in enumerate(roles):
-        kv_args = settings.kv.store_config(str(Path(log_dir) / "kv-disk"), redis_url).engine_args() if settings.kv else []
+        kv_args = (settings.kv.store_config(str(Path(log_dir) / "kv-disk"), redis_url).engine_args()
+                   if settings.kv else [])
         # The role is part of the argv, so a restarted engine comes back with the same role.
         role_args = ["--role", role] if role else []
         argv = _inferstack(python, "engine", "serve", "--model", settings.model,

@@ -252,7 +252,9 @@ class Tool:
         try:
             result = await svc.mcp.call(server, resolved["tool"], resolved["arguments"])
         except Exception as exc:  # transport and protocol errors of any kind fail (and retry) the node
-            raise NodeFailure(f"MCP server {server!r}, tool {resolved['tool']!r}: {type(exc).__name__}: {exc}") from None
+            raise NodeFailure(
+                f"MCP server {server!r}, tool {resolved['tool']!r}: {type(exc).__name__}: {exc}"
+            ) from None
         text = "".join(c.text for c in result.content if c.type == "text")
         structured = [result.structured_content] if result.structured_content is not None else []
         return NodeResult({"text": text, "json": structured, "files": [], "is_error": bool(result.is_error)})

@@ -83,6 +83,7 @@ def metric_doc_rows() -> list[str]:
         for fam in collector.collect():
             name = fam.name + ("_total" if fam.type == "counter" else "")
             labels = sorted({k for s in fam.samples for k in s.labels if k != "le"})
-            rows.append(f"| `{name}` | {fam.type} | {', '.join(f'`{x}`' for x in labels) or '—'} | {fam.documentation} |")
+            rows.append(f"| `{name}` | {fam.type} | {', '.join(f'`{x}`' for x in labels) or '—'} "
+                        f"| {fam.documentation} |")
     store.close()
     return rows

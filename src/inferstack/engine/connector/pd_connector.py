@@ -116,7 +116,9 @@ class PDConnector(KVConnectorBase):
         self._stager.start(request.request_id, lambda: self._pull(params, hashes, first_block, max_blocks))
         return None, True
 
-    def _pull(self, params: dict[str, Any], hashes: list[bytes], first_block: int, max_blocks: int) -> StagedLoad | None:
+    def _pull(
+        self, params: dict[str, Any], hashes: list[bytes], first_block: int, max_blocks: int
+    ) -> StagedLoad | None:
         assert self.client is not None
         t0 = time.perf_counter()
         chunks: list[torch.Tensor] = []
@@ -126,7 +128,9 @@ class PDConnector(KVConnectorBase):
             pull = self.client.pull(str(params["remote_host"]), int(params["remote_port"]),
                                     str(params["remote_request_id"]), expected_hashes=hashes)
             for chunk in pull:
-                if chunk.first_block != got or (chunk.num_blocks != BLOCKS_PER_CHUNK and chunk.index + 1 < chunk.num_chunks):
+                if chunk.first_block != got or (
+                    chunk.num_blocks != BLOCKS_PER_CHUNK and chunk.index + 1 < chunk.num_chunks
+                ):
                     raise TransferError(f"peer sends {chunk.num_blocks}-block chunks; decode engines need "
                                         f"{BLOCKS_PER_CHUNK}-block chunks")
                 if chunk.first_block + chunk.num_blocks > first_chunk * BLOCKS_PER_CHUNK:

@@ -51,10 +51,13 @@ class ConnectorCollector(Collector):
         names = ["model_name", "connector"]
         s = self.stats
         for attr, name, doc in (
-            ("loaded_tokens", "inferstack_kv_connector_loaded_tokens", "Prompt tokens whose KV was loaded instead of computed."),
+            ("loaded_tokens", "inferstack_kv_connector_loaded_tokens",
+             "Prompt tokens whose KV was loaded instead of computed."),
             ("saved_chunks", "inferstack_kv_connector_saved_chunks", "Chunks handed to the KV store after compute."),
-            ("load_failures", "inferstack_kv_connector_load_failures", "Loads that failed mid-way and fell back to recompute."),
-            ("save_dropped", "inferstack_kv_connector_save_dropped", "Chunks not saved because the write-back queue was full."),
+            ("load_failures", "inferstack_kv_connector_load_failures",
+             "Loads that failed mid-way and fell back to recompute."),
+            ("save_dropped", "inferstack_kv_connector_save_dropped",
+             "Chunks not saved because the write-back queue was full."),
             ("peers_refused", "inferstack_kv_connector_peers_refused",
              "Remote prefills refused: the peer is not in --kv-transfer-peers or the params are not signed."),
         ):
@@ -62,10 +65,13 @@ class ConnectorCollector(Collector):
             fam.add_metric(self.labels, getattr(s, attr))
             yield fam
         for attr, name, doc in (
-            ("lookup_seconds", "inferstack_kv_connector_lookup_seconds", "Time to find a request's external KV prefix."),
-            ("fetch_seconds", "inferstack_kv_connector_fetch_seconds", "Time to read external KV to host memory (tiers or a prefill peer)."),
+            ("lookup_seconds", "inferstack_kv_connector_lookup_seconds",
+             "Time to find a request's external KV prefix."),
+            ("fetch_seconds", "inferstack_kv_connector_fetch_seconds",
+             "Time to read external KV to host memory (tiers or a prefill peer)."),
             ("load_seconds", "inferstack_kv_connector_load_seconds", "Time to copy external KV into KV blocks."),
-            ("save_seconds", "inferstack_kv_connector_save_seconds", "Time to gather new chunks out of KV blocks for saving."),
+            ("save_seconds", "inferstack_kv_connector_save_seconds",
+             "Time to gather new chunks out of KV blocks for saving."),
         ):
             fam = HistogramMetricFamily(name, doc, labels=names)
             with s.lock:
@@ -83,10 +89,13 @@ class TransferCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model_name", "direction", "transport"]
-        nbytes = CounterMetricFamily("inferstack_kv_transfer_bytes", "KV bytes moved between prefill and decode engines.", labels=labels)
-        secs = CounterMetricFamily("inferstack_kv_transfer_seconds", "Time spent in KV transfers (bytes/seconds = throughput).", labels=labels)
+        nbytes = CounterMetricFamily("inferstack_kv_transfer_bytes",
+                                     "KV bytes moved between prefill and decode engines.", labels=labels)
+        secs = CounterMetricFamily("inferstack_kv_transfer_seconds",
+                                   "Time spent in KV transfers (bytes/seconds = throughput).", labels=labels)
         count = CounterMetricFamily("inferstack_kv_transfers", "KV transfers completed.", labels=labels)
-        fails = CounterMetricFamily("inferstack_kv_transfer_failures", "KV transfers that failed (the rest was recomputed).",
+        fails = CounterMetricFamily("inferstack_kv_transfer_failures",
+                                    "KV transfers that failed (the rest was recomputed).",
                                     labels=["model_name", "direction"])
         for side in (self.connector.server, self.connector.client):
             if side is None:

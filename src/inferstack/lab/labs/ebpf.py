@@ -65,7 +65,8 @@ def run(lab: LabRun) -> LabResult:
         + ": the kernel sees the "
         "request arrive and the first token leave the server's socket; the client adds its own side of the "
         "loopback, HTTP parsing and scheduling on a shared CPU.",
-        compare("ITL p50", "client", rows[2][1], "eBPF", rows[2][2]) + _gap(rows[2]) + ": token gaps are set by the engine, so "
+        compare("ITL p50", "client", rows[2][1], "eBPF", rows[2][2]) + _gap(rows[2])
+        + ": token gaps are set by the engine, so "
         "both views should agree closely.",
         f"Requests counted: client {n_client}, eBPF {n_kernel}"
         + (" (every request seen)." if n_kernel == n_client else

@@ -79,7 +79,8 @@ def _exercise(lab: LabRun, host: str, mib: int) -> tuple[list[list], dict]:
         ["push v2 (config.json changed)", size2 / MIB, blobs2, grew, push2.seconds],
         ["pull v2 (store has v1)", size2 / MIB, "changed only", None, pull2.seconds],
     ]
-    facts = {"cli_startup_s": startup.seconds, "digest_pushed": _digest(push), "digest_cold": _digest(cold), "digest_warm": _digest(warm),
+    facts = {"cli_startup_s": startup.seconds, "digest_pushed": _digest(push), "digest_cold": _digest(cold),
+             "digest_warm": _digest(warm),
              "verify_rc": verify.rc, "verify_out": (verify.stdout + verify.stderr).strip()[-300:],
              "referrers_line": cold.stdout.splitlines()[0] if cold.stdout else ""}
     return rows, facts
