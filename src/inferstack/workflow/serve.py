@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,8 @@ async def _stream(first: Event, queue: asyncio.Queue[Event]) -> AsyncIterator[by
 async def serve(state: ServeState, host: str, port: int, ready_file: str | None) -> None:
     import uvicorn
 
-    from inferstack.engine.server import _bind, server_url, write_ready_file
+    from inferstack.engine.server import _bind, server_url
+    from inferstack.fileio import write_ready_file
 
     sock = _bind(host, port)
     config = uvicorn.Config(build_app(state), log_config=None, access_log=False, lifespan="off")
@@ -121,6 +123,6 @@ async def serve(state: ServeState, host: str, port: int, ready_file: str | None)
     while not server.started and not serving.done():
         await asyncio.sleep(0.02)
     if server.started:
-        write_ready_file(ready_file, [server_url(host, sock.getsockname()[1])])
+        write_ready_file(ready_file, {"urls": [server_url(host, sock.getsockname()[1])], "pid": os.getpid()})
     await serving
 
