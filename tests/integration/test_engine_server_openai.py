@@ -258,8 +258,8 @@ def test_schemathesis_finds_no_server_errors(server: Server, path: str, mode: sc
     session = httpx.Client(headers=AUTH, timeout=120)
 
     @given(case=op.as_strategy(generation_mode=mode))
-    @settings(max_examples=25 if mode.is_positive else 15, deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck),
-              database=None)
+    @settings(max_examples=25 if mode.is_positive else 15, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck), database=None)
     def run(case) -> None:
         body = case.body
         if isinstance(body, dict):       # keep generation cheap on a CPU: the fuzz is about inputs

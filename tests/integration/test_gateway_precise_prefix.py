@@ -18,7 +18,8 @@ def test_kv_events_steer_requests_to_the_engine_holding_the_blocks():
     engines = [start_fake_engine() for _ in range(3)]
     pubs = [ZmqEventPublisher("tcp://127.0.0.1:0") for _ in engines]
     gw = start_gateway({
-        "pools": {"p": {"endpoints": [{"url": e.url, "kv_events": p.endpoint} for e, p in zip(engines, pubs, strict=True)],
+        "pools": {"p": {"endpoints": [{"url": e.url, "kv_events": p.endpoint}
+                                      for e, p in zip(engines, pubs, strict=True)],
                         "models": ["fake-model"], "routing": "precise",
                         "precise_prefix": {"model_digest": DIGEST, "dtype": "float32"}}},
         "routing": {"profiles": {"precise": {"filters": ["healthy"], "scorers": {"precise-prefix": 3, "in-flight": 1},

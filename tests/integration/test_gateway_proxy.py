@@ -72,7 +72,8 @@ def test_openai_client_chat_and_stream(gateway, engines):
 
 def test_stream_with_client_usage_kept(gateway):
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A)
-    chunks = list(client.chat.completions.create(model="chat-model", stream=True, stream_options={"include_usage": True},
+    chunks = list(client.chat.completions.create(model="chat-model", stream=True,
+                                                 stream_options={"include_usage": True},
                                                  messages=[{"role": "user", "content": "usage please"}]))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
 
@@ -103,8 +104,8 @@ def test_cache_salt_and_priority_set_by_gateway(gateway, engines):
         ({"authorization": f"Bearer {KEY_A}"}, {"messages": []}, 400, "missing_model"),
         ({"authorization": f"Bearer {KEY_A}"}, {"model": "nope", "messages": []}, 404, "model_not_found"),
         ({"authorization": f"Bearer {KEY_LIMITED}"}, {"model": "chat-model", "messages": []}, 403, "model_not_allowed"),
-        ({"authorization": f"Bearer {KEY_A}"}, {"model": "chat-model", "messages": [{"role": "user", "content": "x" * 70000}]},
-         413, "request_too_large"),
+        ({"authorization": f"Bearer {KEY_A}"},
+         {"model": "chat-model", "messages": [{"role": "user", "content": "x" * 70000}]}, 413, "request_too_large"),
         ({"authorization": f"Bearer {KEY_A}", "x-gateway-inference-objective": "nope"},
          {"model": "chat-model", "messages": []}, 400, "unknown_objective"),
     ],

@@ -90,4 +90,5 @@ def test_kv_events_from_the_real_engine_steer_the_gateway(stack):
     served = [route() for _ in range(4)]
     assert set(served) == {engine.url.split("//")[1]}
     metrics = httpx.get(gw.url + "/metrics").text
-    assert re.search(r'routing_decisions_total\{pool="mixed",profile="precise",scorer="precise-prefix"\} [1-9]', metrics)
+    assert re.search(r'routing_decisions_total\{pool="mixed",profile="precise",scorer="precise-prefix"\} [1-9]',
+                     metrics)

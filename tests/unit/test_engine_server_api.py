@@ -118,7 +118,8 @@ def test_chat_logprobs() -> None:
 
 def test_completions_forms_and_batch() -> None:
     client, _, engine = make()
-    body = valid("CreateCompletionResponse", client.post(COMPLETIONS, json={"model": "fake-model", "prompt": "abc"}).json())
+    body = valid("CreateCompletionResponse",
+                 client.post(COMPLETIONS, json={"model": "fake-model", "prompt": "abc"}).json())
     assert body["choices"][0]["text"] == "cba" and body["usage"]["prompt_tokens"] == 3
     body = client.post(COMPLETIONS, json={"prompt": [[97, 98], [120]], "n": 2, "max_tokens": 5}).json()
     valid("CreateCompletionResponse", body)

@@ -48,7 +48,8 @@ def test_streamed_tool_call_chunks_match_openai() -> None:
 
 
 def test_required_and_named_choices_send_a_grammar() -> None:
-    client, _, engine = make(FakeEngine(max_model_len=4096, reply='<tool_call>\n{"name": "lookup", "arguments": {"q": "x"}}\n</tool_call>'))
+    client, _, engine = make(FakeEngine(
+        max_model_len=4096, reply='<tool_call>\n{"name": "lookup", "arguments": {"q": "x"}}\n</tool_call>'))
     named = {"type": "function", "function": {"name": "lookup"}}
     body = client.post(CHAT, json=chat_body(tools=TOOLS, tool_choice=named, max_tokens=200)).json()
     assert body["choices"][0]["finish_reason"] == "stop"                  # OpenAI: a forced named call ends in stop

@@ -16,7 +16,8 @@ async def _serve(handler):
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     return head, await reader.readexactly(length)
 
 
@@ -33,7 +34,8 @@ def test_content_length_chunked_keepalive_and_reconnect():
                 except asyncio.IncompleteReadError:
                     break
                 if b"/chunked" in head:
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
                     for part in (b"data: 1\n\n", b"data: 2\n\n"):
                         writer.write(b"%x\r\n%s\r\n" % (len(part), part))
                         await writer.drain()
@@ -45,8 +47,8 @@ def test_content_length_chunked_keepalive_and_reconnect():
                     writer.close()  # server drops the idle keep-alive connection
                     return
                 else:
-                    writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                                 % (len(body), body))
+                    writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
             writer.close()
 

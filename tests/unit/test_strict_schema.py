@@ -87,7 +87,8 @@ def test_an_unsupported_keyword_is_named(schema: dict[str, Any], data: st.DataOb
     schema = json.loads(json.dumps(schema))     # hypothesis shares leaf objects between nodes
     ctx, node = data.draw(st.sampled_from(_nodes(schema)))
     node[keyword] = 1
-    assert _error(schema) == f"Invalid schema for response_format 'S': In context={ctx!r}, '{keyword}' is not permitted."
+    assert _error(schema) == (f"Invalid schema for response_format 'S': In context={ctx!r}, "
+                              f"'{keyword}' is not permitted.")
 
 
 def test_root_must_be_an_object_and_limits_hold() -> None:

@@ -145,9 +145,11 @@ def serve(
     drain_timeout: Annotated[float, typer.Option(
         help="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")] = 30.0,
     header_timeout: Annotated[float, typer.Option(
-        min=0.1, help="Seconds a client has to send a request's headers (slowloris guard); 408 after.")] = HEADER_TIMEOUT_S,
+        min=0.1, help="Seconds a client has to send a request's headers (slowloris guard); 408 after.",
+    )] = HEADER_TIMEOUT_S,
     body_timeout: Annotated[float, typer.Option(
-        min=0.1, help="Seconds a client has to send a request's body once its headers arrived; 408 after.")] = BODY_TIMEOUT_S,
+        min=0.1, help="Seconds a client has to send a request's body once its headers arrived; 408 after.",
+    )] = BODY_TIMEOUT_S,
     grammar_timeout: Annotated[float | None, typer.Option(
         help="Structured outputs: seconds a grammar (JSON schema, regex, choice, grammar, tool_choice) may "
              "take to compile; a slower one is a 400 (default 10).")] = None,

@@ -16,15 +16,18 @@ app = typer.Typer(help="OpenAI-compatible gateway: pools, routing, flow control,
 
 @app.command()
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="inferstack.yaml with pools, models, keys, tenants.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="inferstack.yaml with pools, models, keys, tenants.")] = None,
     backend: Annotated[list[str] | None, typer.Option(
         "--backend", "-b", help="Engine base URL (repeatable); builds one pool named `default` whose models "
         "are discovered from the engines' /v1/models. Pools from --config are kept.")] = None,
     routing: Annotated[str, typer.Option(help="Routing preset for --backend pools: default, gie, cache-aware, "
                                          "least-load, round-robin, power-of-two, latency.")] = "default",
-    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1 or the config's gateway.host).")] = None,
+    host: Annotated[str | None, typer.Option(
+        help="Bind address (default 127.0.0.1 or the config's gateway.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (0 = any free port; default 8080 or the config's).")] = None,
-    ready_file: Annotated[Path | None, typer.Option(help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
+    ready_file: Annotated[Path | None, typer.Option(
+        help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
     cfg = load_pools(config, backend or [], routing)

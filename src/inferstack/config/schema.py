@@ -36,7 +36,8 @@ class EndpointConfig(_Section):
     kv_events: str | None = Field(
         None, description="ZMQ PUB endpoint of the engine's KV events (tcp://host:port) for the precise prefix index.")
     api_key: str | None = Field(None, description="Bearer key the gateway sends to this endpoint.")
-    role: EndpointRole = Field("both", description="PD role (`engine serve --role`); prefill/decode need the pool's `pd`.")
+    role: EndpointRole = Field(
+        "both", description="PD role (`engine serve --role`); prefill/decode need the pool's `pd`.")
 
     @field_validator("url")
     @classmethod
@@ -230,13 +231,15 @@ class GatewayConfig(_Section):
     max_body_bytes: int = Field(8 << 20, ge=1024)
     connect_timeout_s: float = Field(5.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
-    max_retries: int = Field(2, ge=0, description="Other endpoints tried on connection errors / 5xx before the first byte.")
+    max_retries: int = Field(
+        2, ge=0, description="Other endpoints tried on connection errors / 5xx before the first byte.")
     scrape_interval_s: float = Field(0.05, gt=0)
     metrics_stale_s: float = Field(0.2, gt=0, description="Older scraped metrics count as saturated.")
     health_interval_s: float = Field(2.0, gt=0)
     eject_after_failures: int = Field(3, ge=1, description="Consecutive failed requests that eject an endpoint.")
     eject_s: float = Field(5.0, gt=0, description="How long a passively ejected endpoint is skipped.")
-    require_keys: bool | None = Field(None, description="Reject requests without a key; default: when keys are configured.")
+    require_keys: bool | None = Field(
+        None, description="Reject requests without a key; default: when keys are configured.")
     default_tenant: Name = "default"
     redis_url: str | None = Field(None, description="Shared RPM/TPM limits across replicas (redis://host:port/0).")
     admin_api: bool | None = Field(

@@ -144,7 +144,8 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
-    def finish_request(self, request_id: str, reason: FinishReason, stop_reason: str | int | None = None) -> Request | None:
+    def finish_request(self, request_id: str, reason: FinishReason,
+                       stop_reason: str | int | None = None) -> Request | None:
         """End a request (abort, stop string, ...) and release its blocks."""
         request = self.requests.pop(request_id, None)
         if request is None:

@@ -60,8 +60,8 @@ class KeyStore:
         try:
             requested = self.objectives[name]
         except KeyError:
-            raise APIError(400, f"Unknown inference objective {name[:64]!r} in "
-                           "x-gateway-inference-objective.", param="x-gateway-inference-objective", code="unknown_objective") from None
+            raise APIError(400, f"Unknown inference objective {name[:64]!r} in x-gateway-inference-objective.",
+                           param="x-gateway-inference-objective", code="unknown_objective") from None
         return capped_priority(requested, ident.max_priority)
 
 

@@ -215,7 +215,8 @@ def fill_weights(model: CausalLM, checkpoint: SafetensorsCheckpoint, source: str
     unexpected = sorted(n for n in available - set(targets)
                         if n != tied_head and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
-        shown = ", ".join(map(tensor_name, unexpected[:5])) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        shown = ", ".join(map(tensor_name, unexpected[:5]))
+        shown += f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise ModelLoadError(f"{source}: unexpected tensor {shown} for {model.arch.architecture} with "
                              f"{model.arch.num_layers} layers (config.json does not match the weights)")
     for name, target in targets.items():
