@@ -401,6 +401,8 @@ class Simulation:
         self.gateway.add(rep)
 
     def _leave(self, ep: SimEndpoint) -> None:
+        if self.gateway.endpoints.get(ep.id) is not ep:
+            return  # already gone: several requests of a draining replica can finish in one step
         ep.replica.retire()
         self.gateway.remove(ep)
 
