@@ -94,32 +94,32 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows: list[tuple[str, float | None, float | None, str]] = []
-    for name in args.formats.split(","):
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
+          f"{torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}\n")
+    names = args.formats.split(",")
+    print(f"| engine / format | batch-1 decode tok/s | × {names[0]} | {args.requests} × 128/128 tok/s | "
+          f"× {names[0]} | notes |\n|---|---:|---:|---:|---:|---|", flush=True)
+    base: list[float | None] = []
+
+    def row(name: str, dec: float | None, tp: float | None, note: str) -> None:
+        """Printed as soon as measured: a long run on a busy machine still leaves its rows."""
+        if not base:
+            base.extend((dec, tp))
+        cells = [("–", "–") if v is None else (f"{v:.1f}", f"{v / ref:.2f}×" if ref else "–")
+                 for v, ref in ((dec, base[0]), (tp, base[1]))]
+        print(f"| {name} | {cells[0][0]} | {cells[0][1]} | {cells[1][0]} | {cells[1][1]} | {note} |", flush=True)
+
+    for name in names:
         decode, throughput, detail = ours(args.model, name, args.threads, args.requests, args.steps)
-        rows.append((f"inferstack {name}", decode, throughput, detail))
+        row(f"inferstack {name}", decode, throughput, detail)
     vocab = LLM(args.model, num_threads=args.threads, kv_cache_bytes=16 << 20).tokenizer.vocab_size
     if not args.skip_hf:
         for dt in (torch.float32, torch.bfloat16):
+            dec = hf_decode(args.model, dt, args.steps)
             tp = bench_hf_throughput(args.model, dt, torch.device("cpu"), args.requests, 16, 128, 128, vocab)
-            rows.append((f"HF generate {str(dt).removeprefix('torch.')}", hf_decode(args.model, dt, args.steps),
-                         tp, "static batch 16 for throughput"))
+            row(f"HF generate {str(dt).removeprefix('torch.')}", dec, tp, "static batch 16 for throughput")
     cpp = llama_cpp_decode(args.model, args.threads, args.steps)
-    rows.append(("llama.cpp (llama-cpp-python)", cpp, None, "same GGUF" if cpp else "not installed: skipped"))
-    base = rows[0]
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
-          f"{torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}\n")
-    print(f"| engine / format | batch-1 decode tok/s | × {base[0]} | {args.requests} × 128/128 tok/s | "
-          f"× {base[0]} | notes |\n|---|---:|---:|---:|---:|---|")
-    for name, dec, tp, note in rows:
-        def cell(v: float | None, ref: float | None) -> tuple[str, str]:
-            if v is None:
-                return "–", "–"
-            return f"{v:.1f}", f"{v / ref:.2f}×" if ref else "–"
-        d, dr = cell(dec, base[1])
-        t, tr = cell(tp, base[2])
-        print(f"| {name} | {d} | {dr} | {t} | {tr} | {note} |")
-
+    row("llama.cpp (llama-cpp-python)", cpp, None, "same GGUF" if cpp else "not installed: skipped")
 
 if __name__ == "__main__":
     main()

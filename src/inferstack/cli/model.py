@@ -471,13 +471,14 @@ def eval_model(
 
     from inferstack.engine.evaluate import evaluate, markdown_table
     from inferstack.engine.models.arch import ModelLoadError
+    from inferstack.engine.weights.loader import resolve_model_path
 
-    names = quantization or [f for f in _EVAL_FORMATS if f != "gguf" or model.endswith(".gguf")
-                             or model == "smollm2-135m"]
     try:
+        is_gguf = resolve_model_path(model).suffix == ".gguf"
+        names = quantization or [f for f in _EVAL_FORMATS if f != "gguf" or is_gguf]
         formats = eval_formats(names, group_size)
         body = text.read_text(errors="replace")
-    except ValueError as e:
+    except ValueError as e:     # an unknown format, or a model that does not resolve (ModelLoadError)
         raise _fail(str(e), 2) from None
     except OSError as e:
         raise _fail(f"{text}: {e.strerror or e}", 2) from None
