@@ -15,6 +15,8 @@ from inferstack.gateway.datalayer import DataLayer, Pool
 from inferstack.gateway.discovery import KubeDiscovery
 from inferstack.kube.pods import DiscoveredEndpoint
 from support.gateway_procs import start_fake_engine, start_gateway
+
+ADMIN = "admin-token-for-tests"  # the admin API is off without a token (docs/security.md)
 from support.kube_emulator import pod, threaded
 
 REFLECT_S = 1.0
@@ -39,7 +41,7 @@ def test_gateway_routes_to_discovered_pods_and_follows_churn(tmp_path):
         kubeconfig = k8s.api.kubeconfig(tmp_path / "kubeconfig")
         gw = start_gateway({"pools": {"default": {
             "kubernetes": {"selector": {"app": "fake"}, "target_port": int(port), "kubeconfig": str(kubeconfig)},
-            "models": ["fake-model"], "routing": "round-robin"}}})
+            "models": ["fake-model"], "routing": "round-robin"}}}, env={"INFERSTACK_ADMIN_TOKEN": ADMIN})
         client = httpx.Client(base_url=gw.url, timeout=10)
         served: set[str] = set()
 
@@ -69,7 +71,8 @@ def test_gateway_routes_to_discovered_pods_and_follows_churn(tmp_path):
             # no endpoint left: the gateway reports not ready (requests would queue in flow control)
             lat["deleted"] = _until(lambda: httpx.get(gw.url + "/ready").status_code == 503, REFLECT_S,
                                     "deleted pod b dropped")
-            assert httpx.get(gw.url + "/admin/pools").json()["pools"] == {"default": []}
+            admin = {"authorization": f"Bearer {ADMIN}"}
+            assert httpx.get(gw.url + "/admin/pools", headers=admin).json()["pools"] == {"default": []}
         finally:
             client.close()
             gw.stop()
