@@ -15,9 +15,9 @@ from inferstack.gateway.datalayer import DataLayer, Pool
 from inferstack.gateway.discovery import KubeDiscovery
 from inferstack.kube.pods import DiscoveredEndpoint
 from support.gateway_procs import start_fake_engine, start_gateway
+from support.kube_emulator import pod, threaded
 
 ADMIN = "admin-token-for-tests"  # the admin API is off without a token (docs/security.md)
-from support.kube_emulator import pod, threaded
 
 REFLECT_S = 1.0
 
