@@ -251,9 +251,17 @@ def test_epp_unavailable_fail_open(stack):
         assert _complete(fail_open).status_code == 200
         assert _complete(fail_close).status_code == 200
         assert epp.stop() == 0  # SIGTERM: drains and exits cleanly
-        r = _complete(fail_open)
-        assert r.status_code == 200, r.text
-        assert _served(r) in {u.removeprefix("http://") for u in engines.urls}
+        # A request whose stream Envoy had already opened to the old picker when it died counts as
+        # "after the first body chunk" (Envoy then fails closed even with failure_mode_allow); once Envoy
+        # has seen the gRPC connection go, every request is served. Wait for that, then require it.
+        deadline = time.monotonic() + 10
+        while _complete(fail_open).status_code != 200:
+            assert time.monotonic() < deadline, "Envoy never failed open after the picker stopped"
+            time.sleep(0.1)
+        for _ in range(3):
+            r = _complete(fail_open)
+            assert r.status_code == 200, r.text
+            assert _served(r) in {u.removeprefix("http://") for u in engines.urls}
         assert _complete(fail_close).status_code >= 500
     finally:
         fail_open.stop()

@@ -66,7 +66,8 @@ def isolation() -> Isolation:
     tries = [Isolation(CLONE_NEWNET, True)] if root else []
     tries += [Isolation(CLONE_NEWUSER | CLONE_NEWNET, False)]
     for iso in tries:
-        with contextlib.suppress(OSError):
+        # a preexec step this machine refuses surfaces as SubprocessError, not OSError
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
             probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
                                    preexec_fn=_preexec(SandboxLimits(), iso), check=False)
             if probe.returncode == 0:
