@@ -149,7 +149,9 @@ def test_api_outage_keeps_the_last_set_then_resyncs(tmp_path):
         await _until(lambda: disc.state.error is not None, 3, "outage noticed")
         assert "unreachable" in disc.state.error
         await api.delete("Pod", "b")  # a change the watcher cannot see while the API is down
-        await asyncio.sleep(0.5)  # several retries happen meanwhile; nothing may be withdrawn
+        failed = disc.state.failures
+        await _until(lambda: disc.state.failures >= failed + 2, 5, "retries during the outage")
+        # several retries failed meanwhile; nothing may be withdrawn
         assert len(rec.sets) == published and rec.urls == {"http://10.3.0.1:8000", "http://10.3.0.2:8000"}
         await api.up()
         await _until(lambda: rec.urls == {"http://10.3.0.1:8000"}, 2.0, "resync after the outage")

@@ -61,6 +61,7 @@ class DiscoveryState:
     error: str | None = None
     endpoints: tuple[DiscoveredEndpoint, ...] = ()
     relists: int = 0
+    failures: int = 0   # failed attempts so far (API errors, outages), for operators and tests
     target: PoolTarget | None = None
 
 
@@ -273,6 +274,7 @@ class PoolDiscovery:
         if message != self.state.error:
             log.error("pool %s: %s", self.pool, message)
         self.state.error = message
+        self.state.failures += 1
         self.first_attempt.set()
 
     def _set(self, endpoints: tuple[DiscoveredEndpoint, ...]) -> None:
