@@ -130,3 +130,27 @@ def test_stop_string_truncates(llm):
     out = res.outputs[0]
     assert out.finish_reason.value == "stop" and out.stop_reason == " 7"
     assert " 7" not in out.text
+
+
+def test_cpu_engine_caps_its_running_batch(llm):
+    """Unset --max-num-seqs on CPU: 8 sequences per torch thread (engine/config.py, cpu_max_num_seqs);
+    the rest wait in the engine's queue, where the gateway's flow control sees them (issue 21)."""
+    scheduler = llm.engine.core.scheduler
+    assert scheduler.config.max_num_seqs == 16
+    peak = 0
+    schedule = scheduler.schedule
+
+    def watched():
+        nonlocal peak
+        out = schedule()
+        peak = max(peak, len(scheduler.running))
+        return out
+
+    scheduler.schedule = watched
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        results = llm.generate([f"Count to {i}:" for i in range(24)], params)
+    finally:
+        del scheduler.schedule
+    assert len(results) == 24 and all(len(r.outputs[0].token_ids) == 3 for r in results)
+    assert peak == 16

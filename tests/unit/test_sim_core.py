@@ -193,7 +193,7 @@ def test_engine_config_default_matches_the_simulated_one():
     settings = build_settings(_args(), None)
     ref = EngineConfig(model=settings.engine.model)
     assert (settings.engine.max_num_seqs, settings.engine.max_num_batched_tokens, settings.engine.block_size) == \
-        (ref.max_num_seqs, ref.max_num_batched_tokens, ref.block_size)
+        (ref.seq_limit, ref.max_num_batched_tokens, ref.block_size)
 
 
 def test_autoscaling_policies_run_in_the_simulator_on_real_samples():

@@ -125,7 +125,9 @@ def serve(
         help="CUDA: share of GPU memory for weights + KV cache (0-1].")] = None,
     num_kv_blocks: Annotated[int | None, typer.Option(
         help="Exact number of 16-token KV blocks (overrides the memory budgets; for experiments).")] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="Most requests in one running batch.")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(
+        help="Most requests in one running batch (default: 256 on a GPU; 8 per torch thread on CPU, where a "
+             "bigger batch adds little throughput and slows every request: docs/engine.md).")] = None,
     max_num_batched_tokens: Annotated[int | None, typer.Option(
         help="Token budget of one engine step (prefill chunks + decodes).")] = None,
     scheduling_policy: Annotated[Policy | None, typer.Option(

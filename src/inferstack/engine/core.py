@@ -74,7 +74,7 @@ def build_scheduler(config: EngineConfig, num_kv_blocks: int, block_size: int, k
     live engine, the emulated engine and the simulator (`inferstack sim`, with a virtual ``clock``) share."""
     pool = BlockPool(num_kv_blocks, block_size, config.enable_prefix_caching, events)
     return Scheduler(
-        SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        SchedulerConfig(max_num_seqs=config.seq_limit, max_num_batched_tokens=config.max_num_batched_tokens,
                         max_model_len=max_model_len, long_prefill_token_threshold=config.long_prefill_token_threshold,
                         policy=config.scheduling_policy),
         KVCacheManager(pool, key_space), connector, clock)
@@ -108,7 +108,7 @@ class EngineCore:
         compiler = GrammarCompiler(tokenizer, vocab_size or tokenizer.vocab_size, config.grammar_workers,
                                    config.grammar_timeout_s)
         return cls(scheduler, executor, tokenizer, events, publisher,
-                   StructuredOutputManager(compiler, config.max_num_seqs))
+                   StructuredOutputManager(compiler, config.seq_limit))
 
     @property
     def kv_events_endpoint(self) -> str | None:

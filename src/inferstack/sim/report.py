@@ -72,7 +72,7 @@ def build_result(sim: Simulation, wall_s: float) -> RunResult:
     config["sim"] = {
         "fleets": [{"profile": str(f.profile), "replicas": f.replicas, "role": f.role} for f in sim.s.fleets],
         "routing": sim.s.pool.routing, "pd": sim.s.pool.pd.model_dump() if sim.s.pool.pd else None,
-        "tokenizer": sim.s.tokens.name, "max_num_seqs": sim.s.engine.max_num_seqs,
+        "tokenizer": sim.s.tokens.name, "max_num_seqs": sim.s.engine.seq_limit,
         "max_num_batched_tokens": sim.s.engine.max_num_batched_tokens,
         "crashes": [c.__dict__ for c in sim.s.crashes],
     }
