@@ -4,7 +4,7 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import capacity, compliance, ebpf, oci, pd, routing, signing, tuning
+from inferstack.lab.labs import capacity, compliance, ebpf, oci, pd, production, routing, signing, tuning
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -35,6 +35,5 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     compliance.LAB,
     oci.LAB,
     tuning.LAB,
-    _planned("production", 4, "A production deployment", "Envoy + endpoint picker + engines from the chart",
-             "the Kubernetes endpoint picker and chart"),
+    production.LAB,
 ]}
