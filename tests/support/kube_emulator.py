@@ -22,6 +22,7 @@ import kmock
 
 POD_RESOURCE = kmock.resource("v1/pods")
 POOL_RESOURCE = kmock.resource("inference.networking.k8s.io/v1/inferencepools")
+LEASE_RESOURCE = kmock.resource("coordination.k8s.io/v1/leases")
 
 
 def pod(name: str, ip: str, ready: bool = True, labels: dict[str, str] | None = None,
@@ -45,6 +46,7 @@ class KubeApi:
 
     def __init__(self) -> None:
         self.forbidden = False
+        self.leases: dict[tuple[str, str], dict[str, Any]] = {}  # kmock keeps no resourceVersion: see _lease
         self.gone_once = False  # answer the next watch request with HTTP 410 (a version too old to resume)
         self._ends: list[asyncio.Future[str]] = []  # one per open watch: resolve to end it
         self.emulator: kmock.KubernetesEmulator | None = None
@@ -59,7 +61,9 @@ class KubeApi:
         self.emulator.resources["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True)
         self.emulator.resources["inference.networking.k8s.io/v1/inferencepools"] = kmock.ResourceInfo(
             kind="InferencePool", namespaced=True)
+        self.emulator.resources["coordination.k8s.io/v1/leases"] = kmock.ResourceInfo(kind="Lease", namespaced=True)
         emu = self.emulator
+        emu[lambda req: req.resource == LEASE_RESOURCE and not self.forbidden] << self._lease
         emu[lambda req: self.forbidden] << (lambda req: kmock.KubernetesError(
             status=403, reason="Forbidden",
             message=f'pods is forbidden: User "system:serviceaccount:ns:gw" '
@@ -98,6 +102,33 @@ class KubeApi:
             f"contexts: [{{name: t, context: {{cluster: t, user: t, namespace: {namespace}}}}}]\n"
             "users: [{name: t, user: {token: test}}]\n")
         return path
+
+    # ---- leases with optimistic concurrency ----------------------------------------------------------
+    def _lease(self, request: Any) -> Any:
+        """Leases as the API server keeps them: create fails with 409 when one exists, and a write that
+        carries a resourceVersion other than the current one fails with 409 (kmock has neither)."""
+        key = (request.namespace, request.name or (request.data or {}).get("metadata", {}).get("name"))
+        current = self.leases.get(key)
+        if request.action == kmock.action.FETCH:
+            return current if current is not None else kmock.KubernetesError(404, "NotFound", "lease not found")
+        if request.action == kmock.action.CREATE:
+            if current is not None:
+                return kmock.KubernetesError(409, "AlreadyExists", f"leases {key[1]!r} already exists")
+            obj = dict(request.data)
+            obj["metadata"] = {**obj.get("metadata", {}), "namespace": key[0], "resourceVersion": "1"}
+            self.leases[key] = obj
+            return obj
+        if request.action == kmock.action.UPDATE:
+            if current is None:
+                return kmock.KubernetesError(404, "NotFound", "lease not found")
+            version = (request.data or {}).get("metadata", {}).get("resourceVersion")
+            if version is not None and version != current["metadata"]["resourceVersion"]:
+                return kmock.KubernetesError(409, "Conflict", "the object has been modified; please apply your "
+                                             "changes to the latest version and try again")
+            current["spec"] = {**current.get("spec", {}), **(request.data or {}).get("spec", {})}
+            current["metadata"]["resourceVersion"] = str(int(current["metadata"]["resourceVersion"]) + 1)
+            return current
+        return kmock.KubernetesError(405, "MethodNotAllowed", f"{request.action} on leases")
 
     # ---- watch with expiry --------------------------------------------------------------------------
     async def _watch(self, request: Any) -> AsyncIterator[Any]:

@@ -290,3 +290,20 @@ def test_deploy_values_for_an_emulated_stack_render_cpu_engines():
     e = container(engine(render(values), "decode"))
     assert e["args"][:4] == ["--emulate", "h100:llama-3-8b", "--served-model-name", "llama-3-8b"]
     assert "resources" not in e and "--device" not in e["args"]
+
+
+def test_several_pickers_elect_a_leader():
+    """One picker: every replica routes, no Lease rights. Several: `--leader-election`, the pod's name
+    and namespace for its identity, and the Lease verbs client-go's algorithm needs."""
+    single = render({})
+    c = container(one(single, "Deployment", "llm-inferstack-epp")["spec"]["template"], "epp")
+    assert "--leader-election" not in c["args"]
+    assert not any(r["resources"] == ["leases"] for r in one(single, "Role")["rules"])
+    objs = render({"inferenceExtension": {"replicas": 3}})
+    epp = one(objs, "Deployment", "llm-inferstack-epp")
+    c = container(epp["spec"]["template"], "epp")
+    assert epp["spec"]["replicas"] == 3 and "--leader-election" in c["args"]
+    assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]} == {
+        "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+            "verbs": ["get", "create", "update", "patch"]} in one(objs, "Role")["rules"]

@@ -65,6 +65,13 @@ def serve(
             "x-conformance-test-served-endpoint). For conformance tests only."
         ),
     ] = False,
+    leader_election: Annotated[
+        bool,
+        typer.Option(
+            help="Run several replicas with one active: only the holder of a Kubernetes Lease (<pool>-epp) "
+            "reports ready; epp.leader_election in the config sets the details."
+        ),
+    ] = False,
     ready_file: Annotated[
         Path | None,
         typer.Option(help='Write {"urls": [...], "grpc", "health", "metrics", "pid"} here once serving.'),
@@ -86,6 +93,10 @@ def serve(
         "metrics_port": metrics_port,
         "conformance_hooks": conformance_hooks or None,
     }
+    if leader_election and cfg.epp.leader_election is None:
+        from inferstack.kube.config import LeaderElectionConfig
+
+        given["leader_election"] = LeaderElectionConfig()
     epp = cfg.epp.model_copy(update={k: v for k, v in given.items() if v is not None})
     cfg = cfg.model_copy(update={"epp": epp})
     import logging
@@ -94,11 +105,12 @@ def serve(
 
     from inferstack.epp.service import run
     from inferstack.gateway.serve import make_tracer_provider
+    from inferstack.kube.client import KubeClientError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         uvloop.run(run(cfg, name, ready_file, make_tracer_provider(cfg)))
-    except OSError as exc:
+    except (OSError, KubeClientError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 

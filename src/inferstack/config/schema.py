@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from inferstack.compliance.config import AuditConfig
 from inferstack.config.pd import EndpointRole, PDConfig, pd_problems
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
-from inferstack.kube.config import KubernetesPoolConfig
+from inferstack.kube.config import KubernetesPoolConfig, LeaderElectionConfig
 from inferstack.modelhub.policy import TrustPolicy
 from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_HEADER_BYTES
 from inferstack.stack.settings import UpSettings
@@ -265,6 +265,9 @@ class EppConfig(_Section):
     pool: Name | None = Field(
         None, description="The pool this picker serves; needed when several are configured.")
     conformance_hooks: bool = Field(False, description="GIE conformance test headers; never in production.")
+    leader_election: LeaderElectionConfig | None = Field(
+        None, description="Several picker replicas, one active: the Lease holder (docs/kubernetes.md). Off: "
+                          "every replica routes with its own view of the pool.")
 
 
 class InferstackConfig(_Section):

@@ -2,8 +2,10 @@
 
 Health (``grpc.health.v1``): ``liveness`` is SERVING while the process runs; ``readiness`` and
 ``envoy.service.ext_proc.v3.ExternalProcessor`` are SERVING only while the pool has at least one
-ready endpoint (Envoy's gRPC health check on the ext_proc port reads the latter). Every replica is
-active: there is no leader election, each replica routes with its own view of the pool.
+ready endpoint (Envoy's gRPC health check on the ext_proc port reads the latter) and, with
+`epp.leader_election`, only on the replica that holds the Lease (`kube/lease.py`): followers stay
+NOT_SERVING until the leader stops renewing. Without it every replica is active and routes with its
+own view of the pool.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
 from inferstack.config.schema import InferstackConfig
+from inferstack.epp.leader import leader_elector
 from inferstack.epp.stream import EndpointPicker, Stream, decision_histogram
 from inferstack.gateway.pipeline import Pipeline
+from inferstack.kube.lease import LeaderElector
 
 log = logging.getLogger("inferstack.epp")
 
@@ -50,11 +54,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 
 
 async def _track_readiness(
-    health: health_aio.HealthServicer, pipeline: Pipeline, stop: asyncio.Event
+    health: health_aio.HealthServicer, pipeline: Pipeline, stop: asyncio.Event, elector: LeaderElector | None
 ) -> None:
     last = None
     while not stop.is_set():
         why = pipeline.not_ready_reason()
+        if why is None and elector is not None and not elector.is_leader:
+            why = "following: another replica holds the leader lease"
         ready = why is None
         if ready != last:
             for service in ("readiness", EXT_PROC):
@@ -99,7 +105,9 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tracker = asyncio.create_task(_track_readiness(health, pipeline, stop))
+    elector = leader_elector(cfg, pool)
+    election = asyncio.create_task(elector.run(stop)) if elector is not None else None
+    tracker = asyncio.create_task(_track_readiness(health, pipeline, stop, elector))
     h = f"[{ep.host}]" if ":" in ep.host else ep.host
     line = json.dumps(
         {
@@ -118,6 +126,8 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     log.info("draining: readiness NOT_SERVING, waiting for open streams")
     await health.enter_graceful_shutdown()
     await tracker
+    if election is not None:
+        await election  # releases the lease, so a follower takes over at its next retry
     await main.stop(grace=30)
     await side.stop(grace=1)
     httpd.shutdown()

@@ -15,11 +15,17 @@ class KubeClientError(Exception):
 
 
 def make_client(pool: str, cfg: KubernetesPoolConfig) -> AsyncClient:
+    return client_for(cfg.kubeconfig, f"pools.{pool}.kubernetes")
+
+
+def client_for(kubeconfig: str | None, section: str) -> AsyncClient:
+    """A client from ``kubeconfig``, else the in-cluster service account or $KUBECONFIG; ``section`` names
+    the config section in the error."""
     try:
-        config = KubeConfig.from_file(cfg.kubeconfig) if cfg.kubeconfig else KubeConfig.from_env()
+        config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
     except (KubeConfigError, OSError, KeyError) as exc:
-        where = (f"kubeconfig {cfg.kubeconfig!r}" if cfg.kubeconfig
+        where = (f"kubeconfig {kubeconfig!r}" if kubeconfig
                  else "no in-cluster service account and no $KUBECONFIG or ~/.kube/config")
-        raise KubeClientError(f"pools.{pool}.kubernetes: cannot load Kubernetes credentials ({where}): {exc}") from None
+        raise KubeClientError(f"{section}: cannot load Kubernetes credentials ({where}): {exc}") from None
     # connect/read bound every call except the watch stream, whose read timeout lightkube lifts
     return AsyncClient(config, timeout=httpx2.Timeout(10.0, connect=3.0))

@@ -62,3 +62,33 @@ class KubernetesPoolConfig(BaseModel):
         if self.selector is not None and self.target_port is None:
             raise ValueError("`selector` needs `target_port` (the engines' port in each pod)")
         return self
+
+
+class LeaderElectionConfig(BaseModel):
+    """`epp.leader_election`: run several picker replicas with one active (docs/kubernetes.md, "High
+    availability"). The leader holds a coordination.k8s.io/v1 Lease; followers report NOT_SERVING."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease_name: str | None = Field(
+        None, pattern=_DNS_LABEL.replace("{0,61}", "{0,251}"), max_length=253,
+        description="Name of the Lease. Default: `<pool>-epp`.")
+    namespace: str | None = Field(
+        None, pattern=_DNS_LABEL, max_length=63,
+        description="Namespace of the Lease. Default: the pool's `kubernetes.namespace`, else $POD_NAMESPACE, "
+                    "else `default`.")
+    identity: str | None = Field(
+        None, description="This replica's name in the Lease. Default: $POD_NAME (or the host name) plus a "
+                          "random suffix, so a restarted pod never mistakes an old lease for its own.")
+    kubeconfig: str | None = Field(
+        None, description="Kubeconfig file. Default: in-cluster service account, else $KUBECONFIG or "
+                          "~/.kube/config.")
+    lease_duration_s: float = Field(15.0, gt=0, description="How long followers wait on an unrenewed lease.")
+    renew_deadline_s: float = Field(10.0, gt=0, description="A leader that cannot renew this long steps down.")
+    retry_period_s: float = Field(2.0, gt=0, description="How often candidates try to acquire or renew.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaderElectionConfig:
+        if not self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError("needs retry_period_s < renew_deadline_s < lease_duration_s")
+        return self
