@@ -264,3 +264,34 @@ def test_epp_unavailable_fail_open(stack):
     finally:
         fail_open.stop()
         fail_close.stop()
+
+
+def test_pd_pool_runs_the_prefill_leg_behind_envoy():
+    """A PD pool behind the picker: the picker runs the prefill leg (as the HTTP gateway does) before it
+    answers Envoy, and Envoy sends the decode leg, KV whereabouts included, to the decode engine."""
+    emulated = ["engine", "serve", "--emulate", "h100:llama-3-8b"]
+    prefill = start_inferstack([*emulated, "--role", "prefill"])
+    decode = start_inferstack([*emulated, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
+    epp = envoy = None
+    try:
+        epp = start_epp([], pools={"pd": {
+            "endpoints": [{"url": prefill.url, "role": "prefill", "name": "p0"},
+                          {"url": decode.url, "role": "decode", "name": "d0"}],
+            "pd": {"threshold_tokens": 64}}})
+        envoy = start_front(epp, [decode.url])
+        r = _complete(envoy, prompt="lorem ipsum " * 400, max_tokens=8)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert _served(r) == decode.url.removeprefix("http://")
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 16, "KV from the peer"
+        dm = httpx.get(decode.url + "/metrics", timeout=10).text
+        assert metric_sum(dm, "vllm:external_prefix_cache_hits_total") >= usage["prompt_tokens"] - 16
+        pm = httpx.get(prefill.url + "/metrics", timeout=10).text
+        assert metric_sum(pm, "vllm:prompt_tokens_total") >= usage["prompt_tokens"]
+        em = httpx.get(epp.ready["metrics"] + "/metrics", timeout=10).text
+        assert metric_sum(em, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 1
+        assert metric_sum(em, "inferstack_gateway_pd_fallbacks_total") == 0
+    finally:
+        for s in (envoy, epp, decode, prefill):
+            if s is not None:
+                s.stop()

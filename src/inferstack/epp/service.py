@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 from inferstack.config.schema import InferstackConfig
 from inferstack.epp.leader import leader_elector
 from inferstack.epp.stream import EndpointPicker, Stream, decision_histogram
+from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Pipeline
 from inferstack.kube.lease import LeaderElector
 
@@ -85,7 +86,8 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     ep = cfg.epp
     pipeline = Pipeline(cfg, tracer_provider)
     picker = EndpointPicker(
-        pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry)
+        pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry),
+        PDLegs(pipeline.metrics.registry, cfg.gateway),
     )
     health = health_aio.HealthServicer()
     await health.set("liveness", _SERVING)

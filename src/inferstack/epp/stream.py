@@ -21,9 +21,11 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from inferstack.epp import messages as m
 from inferstack.gateway.datalayer import Endpoint, Pool
+from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Caller, Inbound, Pipeline, RequestContext
 from inferstack.gateway.pipeline.context import KINDS
 from inferstack.gateway.pipeline.usage import StreamMeter, json_usage
+from inferstack.gateway.routing.disagg import PDResult
 from inferstack.protocol.errors import APIError
 
 _STREAMED = ProcessingMode.FULL_DUPLEX_STREAMED
@@ -84,6 +86,7 @@ class EndpointPicker:
     pool: Pool
     conformance: bool = False
     decisions: Histogram | None = None
+    pd: PDLegs | None = None            # prefill legs of PD pools (gateway/pd.py, shared with the gateway)
 
     def endpoint_at(self, addr: str) -> Endpoint | None:
         return next((e for e in self.pool.endpoints if address(e) == addr), None)
@@ -210,6 +213,11 @@ class Stream:
         pipe.picker.hold(ctx, picked.endpoint)
         dest = address(picked.endpoint)
         payload = ctx.plan.payload
+        if isinstance(picked.result, PDResult) and self.p.pd is not None:
+            # prefill/decode: run the prefill leg here, as the HTTP gateway does, and send Envoy the decode
+            # leg's body (the KV's whereabouts in kv_transfer_params) for the decode endpoint
+            payload = await self.p.pd.decode_payload(self.p.pool, picked.result, ctx.inbound.path, payload,
+                                                     ctx.inbound.rid)
         extra = {"content-length": str(len(payload)).encode(), "x-request-id": ctx.inbound.rid}
         route = m.routing_mutation(dest, extra)
         if self.request_mode == _STREAMED:
