@@ -295,3 +295,30 @@ def test_pd_pool_runs_the_prefill_leg_behind_envoy():
         for s in (envoy, epp, decode, prefill):
             if s is not None:
                 s.stop()
+
+
+def test_fallback_endpoints_let_envoy_retry_a_dead_pick():
+    """`epp.fallback_endpoints`: the destination lists the pick, then others; Envoy's override_host
+    policy walks the list when the pick refuses the connection (the route retries connect failures)."""
+    fallbacks = 1
+    a = start_inferstack(["engine", "serve", "--emulate", "h100:llama-3-8b"])
+    b = start_inferstack(["engine", "serve", "--emulate", "h100:llama-3-8b"])
+    epp = envoy = None
+    try:
+        # health checks rarely: the picker keeps believing in the dead engine, as between two checks
+        epp = start_epp([a.url, b.url], epp={"fallback_endpoints": fallbacks},
+                        gateway={"health_interval_s": 300, "eject_after_failures": 100})
+        envoy = start_front(epp, [a.url, b.url], cluster="override_host")
+        prompt = "the same prefix every time " * 30
+        assert _complete(envoy, prompt=prompt).status_code == 200    # the prefix now lives on one engine
+        home = _served(_complete(envoy, prompt=prompt))
+        dead, alive = (a, b) if home == a.url.removeprefix("http://") else (b, a)
+        dead.proc.kill()
+        dead.proc.wait(10)
+        r = _complete(envoy, prompt=prompt)     # affinity still picks the dead engine first
+        assert r.status_code == 200, r.text
+        assert _served(r) == alive.url.removeprefix("http://")
+    finally:
+        for s in (envoy, epp, b, a):
+            if s is not None:
+                s.stop()

@@ -265,6 +265,10 @@ class EppConfig(_Section):
     pool: Name | None = Field(
         None, description="The pool this picker serves; needed when several are configured.")
     conformance_hooks: bool = Field(False, description="GIE conformance test headers; never in production.")
+    fallback_endpoints: int = Field(
+        0, ge=0, le=8, description="Endpoints listed after the pick in the destination (`ip:port,ip:port,...`, "
+        "least loaded first) for gateways whose load balancer walks the list on retry, as Envoy's override_host "
+        "policy does. Keep 0 with an ORIGINAL_DST cluster, which reads a single address.")
     leader_election: LeaderElectionConfig | None = Field(
         None, description="Several picker replicas, one active: the Lease holder (docs/kubernetes.md). Off: "
                           "every replica routes with its own view of the pool.")

@@ -26,6 +26,7 @@ from inferstack.epp.messages import DESTINATION, LB_NAMESPACE, SERVED, SUBSET_KE
 
 _T = "type.googleapis.com/"
 _ROUND_ROBIN = _T + "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"
+_PREVIOUS_HOSTS = _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 
 
 def _addr(host: str, port: int) -> dict[str, Any]:
@@ -145,15 +146,23 @@ def pool_cluster(
     }
 
 
-def _route_config() -> dict[str, Any]:
-    """Everything to the pool; the response names the endpoint that served it (for the picker)."""
+def _route_config(retry: bool) -> dict[str, Any]:
+    """Everything to the pool; the response names the endpoint that served it (for the picker). With
+    ``retry``, a request whose endpoint refuses the connection is retried on the next address of the
+    destination list (the picker's `fallback_endpoints`), which the override_host policy walks."""
+    route: dict[str, Any] = {"cluster": "pool", "timeout": "86400s"}
+    if retry:
+        route["retry_policy"] = {"retry_on": "connect-failure,refused-stream", "num_retries": 2,
+                                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                                           "typed_config": {"@type": _PREVIOUS_HOSTS}}],
+                                 "host_selection_retry_max_attempts": 3}
     return {
         "name": "inference",
         "virtual_hosts": [
             {
                 "name": "pool",
                 "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "pool", "timeout": "86400s"}}],
+                "routes": [{"match": {"prefix": "/"}, "route": route}],
                 "response_headers_to_add": [
                     {
                         "header": {"key": SERVED, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
@@ -200,7 +209,7 @@ def bootstrap(
     hcm = {
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "inference",
-        "route_config": _route_config(),
+        "route_config": _route_config(retry=cluster == "override_host"),
         # request path runs this list in order, the response path in reverse
         "http_filters": [
             *([_headers_to_metadata(_SUBSET_RULE)] if subset_from_header else []),

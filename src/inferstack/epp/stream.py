@@ -87,6 +87,7 @@ class EndpointPicker:
     conformance: bool = False
     decisions: Histogram | None = None
     pd: PDLegs | None = None            # prefill legs of PD pools (gateway/pd.py, shared with the gateway)
+    fallbacks: int = 0                  # epp.fallback_endpoints
 
     def endpoint_at(self, addr: str) -> Endpoint | None:
         return next((e for e in self.pool.endpoints if address(e) == addr), None)
@@ -211,7 +212,7 @@ class Stream:
             return self._no_endpoint()
         self.held = picked.endpoint
         pipe.picker.hold(ctx, picked.endpoint)
-        dest = address(picked.endpoint)
+        dest = self._destination(picked.endpoint)
         payload = ctx.plan.payload
         if isinstance(picked.result, PDResult) and self.p.pd is not None:
             # prefill/decode: run the prefill leg here, as the HTTP gateway does, and send Envoy the decode
@@ -231,6 +232,18 @@ class Stream:
                 request_body=pb.BodyResponse(response=route), dynamic_metadata=m.lb_metadata(dest)
             )
         ]
+
+    def _destination(self, primary: Endpoint) -> str:
+        """``ip:port`` of the pick, then up to `fallback_endpoints` others Envoy may retry on: healthy, within
+        the subset hint, least loaded first. None in a PD pool (its endpoints are not interchangeable)."""
+        dest = address(primary)
+        pd = self.p.pool.config.pd
+        if not self.p.fallbacks or (pd is not None and pd.enabled):
+            return dest
+        excluded = set(self._excluded())
+        others = [e for e in self.p.pool.endpoints if e is not primary and e.healthy and e.id not in excluded]
+        others.sort(key=lambda e: e.in_flight)
+        return ",".join([dest, *(address(e) for e in others[: self.p.fallbacks])])
 
     def _excluded(self) -> list[str]:
         if self.hint is None:
