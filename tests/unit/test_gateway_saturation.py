@@ -79,13 +79,14 @@ def test_drain_rate_predicts_the_wait_only_with_evidence():
     clock.t += 0.5
     assert d.expected_wait(3, 30.0) is None  # busy for under a second
     clock.t += 1.5
-    assert d.expected_wait(3, 30.0) is None  # no release yet, well under half the timeout
+    # no release in 2 s: at most one per 2 s, so 4 requests to go take at least 8 s
+    assert d.expected_wait(3, 30.0) == pytest.approx(4 * 2.0)
     for _ in range(4):
         d.released()
     assert d.expected_wait(3, 30.0) == pytest.approx(4 / (4 / 2.0))
     clock.t += 20.0  # nothing released for 20 s: the 10 s window holds no release
-    assert d.expected_wait(0, 30.0) is None  # ... but less than half a 30 s timeout to go on
-    assert d.expected_wait(0, 10.0) == float("inf")
+    assert d.expected_wait(0, 30.0) == pytest.approx(10.0)
+    assert d.expected_wait(5, 30.0) == pytest.approx(60.0)
     d.queue_changed(0)
     assert d.expected_wait(0, 10.0) is None
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from inferstack.engine.config import EngineConfig, cpu_max_num_seqs
+from inferstack.engine.config import EngineConfig
 from inferstack.engine.connector.factory import build_connector
 from inferstack.engine.core import EngineCore
 from inferstack.engine.executor.torch_executor import TorchExecutor
@@ -58,9 +58,9 @@ def configure_threads(config: EngineConfig) -> None:
 def build_engine(config: EngineConfig) -> BuiltEngine:
     configure_threads(config)
     device = resolve_device(config.device)
-    if device.type == "cpu" and config.max_num_seqs is None:
-        config = replace(config, max_num_seqs=cpu_max_num_seqs(torch.get_num_threads()))
-        log.info("running batch capped at %d sequences on CPU (--max-num-seqs to change)", config.max_num_seqs)
+    if device.type == "cpu":
+        config = config.on_cpu(torch.get_num_threads())
+        log.info("running batch capped at %d sequences (--max-num-seqs to change)", config.seq_limit)
     quant = QuantOptions(config.quantization, config.quant_group_size, config.dense_prefill,
                          config.quant_crossover_rows)
     lm = load_model(config.model, dtype=config.dtype, device=device, quant=quant)

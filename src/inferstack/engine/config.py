@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from inferstack.kvstore.settings import KVStoreConfig
@@ -96,6 +96,11 @@ class EngineConfig:
                              f"got {self.tool_call_parser!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def on_cpu(self, threads: int) -> EngineConfig:
+        """This configuration for a CPU engine (real, or emulated on the `cpu` profile) with ``threads``
+        torch threads: an unset running-batch cap becomes `cpu_max_num_seqs`."""
+        return self if self.max_num_seqs is not None else replace(self, max_num_seqs=cpu_max_num_seqs(threads))
 
     @property
     def seq_limit(self) -> int:

@@ -56,9 +56,11 @@ class DrainRate:
         self._releases.append(self._now())
 
     def expected_wait(self, ahead: int, timeout_s: float) -> float | None:
-        """Seconds until a request behind ``ahead`` others is released, or None while there is too
-        little to go on: the queue busy for under a second, or fewer than two releases in this busy
-        period and less than half the timeout without any."""
+        """Seconds until a request behind ``ahead`` others is released, or None while the queue has been
+        busy for under a second. With no release yet in the window, the rate is taken as at most one
+        per window: a pool whose requests each run for tens of seconds (a CPU engine) releases nothing
+        for that long, and waiting for two releases before estimating let a whole run's excess queue
+        up, only to time out after `timeout_s` instead of being refused at once."""
         if self._busy_since is None:
             return None
         now = self._now()
@@ -66,10 +68,9 @@ class DrainRate:
         while self._releases and self._releases[0] < start:
             self._releases.popleft()
         span = now - start
-        if span < 1.0 or (len(self._releases) < 2 and span < timeout_s / 2):
+        if span < 1.0:
             return None
-        rate = len(self._releases) / span
-        return (ahead + 1) / rate if rate > 0 else float("inf")
+        return (ahead + 1) * span / max(1, len(self._releases))
 
 
 @dataclass

@@ -227,6 +227,8 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     from inferstack.engine.core import EngineCore
 
     check_emulation(config, profile)
+    if profile.hardware.name == "cpu":  # the running-batch cap of the real CPU engine it stands for
+        config = config.on_cpu(config.num_threads or 1)
     tokenizer = bundled_tokenizer()
     layout = emulated_layout(config, profile)
     executor = EmulatedExecutor(profile, layout.num_kv_blocks, config.block_size, output_ids(tokenizer),
