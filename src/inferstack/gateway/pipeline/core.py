@@ -10,7 +10,7 @@ metrics, audit, tracing) and runs the stages up to admission in `start`; the fro
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferstack.compliance.audit import AuditLog
 from inferstack.config.schema import InferstackConfig
@@ -34,6 +34,9 @@ from inferstack.gateway.requests import (
     requested_max_tokens,
 )
 from inferstack.protocol.errors import APIError
+
+if TYPE_CHECKING:
+    from inferstack.gateway.kubescale import KubeAutoscalers
 
 
 class Pipeline:
@@ -71,14 +74,34 @@ class Pipeline:
         self.planner = Planner(gw)
         self.picker = Picker(self.metrics)
         self.account = Accountant(self.metrics, self.limiter, self.audit)
+        self.autoscalers: KubeAutoscalers | None = None  # started by `open` for `kubernetes.autoscale` pools
 
     def _depth_gauge(self, pool: str):
         return lambda prio, depth: self.metrics.queue_depth.labels(pool, str(prio)).set(depth)
 
     async def open(self) -> None:
         await self.datalayer.start()
+        self._start_autoscalers()
+
+    def _start_autoscalers(self) -> None:
+        """Pools with `kubernetes.autoscale`: scale their Deployments from here (gateway/kubescale.py)."""
+        scaled = {n: p for n, p in self.pools.items()
+                  if p.config.kubernetes is not None and p.config.kubernetes.autoscale is not None}
+        if not scaled:
+            return
+        from inferstack.gateway.autoscale_signals import PoolSampler
+        from inferstack.gateway.kubescale import KubeAutoscalers  # loads the Kubernetes client only when used
+        from inferstack.kube.client import make_client
+
+        self.autoscalers = KubeAutoscalers()
+        for name, pool in scaled.items():
+            kube = pool.config.kubernetes
+            self.autoscalers.start(PoolSampler(pool, self.flow[name], self.metrics), kube.autoscale,
+                                   make_client(name, kube), kube.namespace)
 
     async def aclose(self) -> None:
+        if self.autoscalers is not None:
+            await self.autoscalers.stop()
         await self.datalayer.stop()
         await self.limiter.close()
         if self.audit is not None:
