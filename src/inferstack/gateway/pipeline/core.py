@@ -1,6 +1,6 @@
 """The request pipeline shared by the HTTP gateway and the Envoy endpoint picker:
 
-    authenticate -> parse -> resolve -> admit -> plan -> pick -> [proxy | answer Envoy] -> account
+    authenticate -> parse -> resolve -> spill -> admit -> plan -> pick -> [proxy | answer Envoy] -> account
 
 `Pipeline` owns the state every stage reads (pools and their data layer, flow control, limits,
 metrics, audit, tracing) and runs the stages up to admission in `start`; the front end (HTTP
@@ -27,6 +27,7 @@ from inferstack.gateway.pipeline.parse import parse_body, requested_model
 from inferstack.gateway.pipeline.pick import Picker
 from inferstack.gateway.pipeline.plan import Planner
 from inferstack.gateway.pipeline.resolve import Resolver
+from inferstack.gateway.pipeline.spill import Spiller
 from inferstack.gateway.requests import (
     check_fan_out,
     prompt_parts,
@@ -66,10 +67,12 @@ class Pipeline:
         )
         self.keys = KeyStore(cfg)
         tenants = {
-            n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()
+            n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight, t.local_only)
+            for n, t in cfg.tenants.items()
         }
         self.auth = Authenticator(self.keys, tenants)
         self.resolver = Resolver(cfg, self.pools, random.Random())
+        self.spiller = Spiller(self.pools, self.flow, self.metrics)
         self.admitter = Admitter(self.limiter, self.flow, self.metrics, gw.limits, self.audit)
         self.planner = Planner(gw)
         self.picker = Picker(self.metrics)
@@ -130,7 +133,7 @@ class Pipeline:
             req = parse_body(body)
             model = requested_model(req)
             self.auth.authorize(caller, model)
-            route = self.resolver.resolve(model)
+            route = self.spiller.divert(self.resolver.resolve(model), caller)
             fan_out = check_fan_out(inbound.kind, req, self.cfg.gateway.http.max_prompts)
             parts = list(prompt_parts(inbound.kind, req))
             prompt_tokens = prompt_token_estimate(inbound.kind, req, sum(len(p) for p in parts))
