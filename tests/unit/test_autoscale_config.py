@@ -61,3 +61,11 @@ def test_kubernetes_autoscale_loads_and_rejects_bad_specs():
         with pytest.raises(ConfigError) as exc:
             parse_config(KUBE.replace("{AUTO}", auto), "x.yaml")
         assert "x.yaml:" in str(exc.value) and fragment in str(exc.value), str(exc.value)
+
+
+def test_the_endpoint_picker_drops_spillover():
+    """Envoy only reaches the InferencePool's pods: a picker narrowed to one pool never spills."""
+    from inferstack.epp.service import single_pool
+
+    narrowed, name = single_pool(parse_config(BASE, "inferstack.yaml"), "edge")
+    assert name == "edge" and set(narrowed.pools) == {"edge"} and narrowed.pools["edge"].spillover is None

@@ -45,8 +45,8 @@ class Spiller:
         reason = unavailable(route.pool, self.flow[route.pool.name])
         if reason is None or reason not in spill.when:
             return route
-        fallback = self.pools[spill.pool]
-        if unavailable(fallback, self.flow[fallback.name]) is not None:
+        fallback = self.pools.get(spill.pool)
+        if fallback is None or unavailable(fallback, self.flow[fallback.name]) is not None:
             return route
         self.metrics.spillover.labels(route.pool.name, fallback.name, reason).inc()
         return Route(route.model, fallback, spill.model or route.upstream_model, None)
