@@ -42,7 +42,10 @@ def test_amounts_are_since_the_previous_sample():
     assert (second.arrivals, second.completions, second.interval_s, second.starting) == (25, 20, 10.0, 0)
     assert 2.5 <= second.ttft_p95_s <= 5.0             # bucket (2.5, 5] of the 20 new observations
     third = s.sample(20.0, {"both": 2})["both"]        # nothing new: no latency, 3 in flight left over
-    assert (third.arrivals, third.completions, third.ttft_p95_s) == (0, 0, None)
+    assert (third.arrivals, third.completions, third.ttft_p95_s, third.gateway_queued) == (0, 0, None, 0)
+    m.spillover.labels("p", "cloud", "saturated").inc(4)  # overflow to the fallback is demand for this pool
+    fourth = s.sample(30.0, {"both": 2})["both"]
+    assert (fourth.arrivals, fourth.gateway_queued) == (4, 4)
 
 
 def test_pd_pool_samples_each_role():

@@ -4,7 +4,10 @@ counters and latency histograms turned into amounts *since the previous sample* 
 a cumulative counter, `autoscale/signals.py`).
 
 Arrivals are counted by conservation: requests finished or shed since the previous sample plus the
-change in requests in the system (in flight at the endpoints + held by flow control). For a PD pool
+change in requests in the system (in flight at the endpoints + held by flow control). Requests
+spilled over to a fallback pool since the previous sample count as arrivals *and* as held demand:
+a pool that spills never queues, so without them a demand-based policy would never see that it is
+short of replicas and would leave the overflow to the fallback for good. For a PD pool
 each role gets its own sample (its endpoints' gauges); arrivals, held requests and latencies are the
 pool's, since every request needs both roles.
 """
@@ -28,6 +31,7 @@ class _Totals:
 
     done: float
     shed: float
+    spilled: float
     in_system: int
     ttft: Mapping[float, float]
     tpot: Mapping[float, float]
@@ -80,15 +84,19 @@ class PoolSampler:
                    for f in self.metrics.requests.collect())
         shed = sum(_counter_sum(f.samples, "inferstack_gateway_shed_total", name)
                    for f in self.metrics.shed.collect())
+        spilled = sum(_counter_sum(f.samples, "inferstack_gateway_spillover_total", name)
+                      for f in self.metrics.spillover.collect())
         in_system = sum(e.in_flight for e in self.pool.endpoints) + self.flow.queued
-        return _Totals(done, shed, in_system, _buckets(self.metrics.ttft, name), _buckets(self.metrics.tpot, name))
+        return _Totals(done, shed, spilled, in_system, _buckets(self.metrics.ttft, name),
+                       _buckets(self.metrics.tpot, name))
 
     def sample(self, t: float, desired: Mapping[str, int]) -> dict[str, PoolSample]:
         """One PoolSample per role at time ``t``; ``desired`` is each role's replicas asked for (the
         Deployment's spec.replicas), so the ones not serving yet count as starting."""
         now, prev = self._totals(), self._prev
+        spilled = 0 if prev is None else max(0, round(now.spilled - prev.spilled))
         arrivals = 0 if prev is None else max(0, round((now.done - prev.done) + (now.shed - prev.shed)
-                                                       + (now.in_system - prev.in_system)))
+                                                       + (now.in_system - prev.in_system)) + spilled)
         completions = 0 if prev is None else max(0, round(now.done - prev.done))
         ttft = None if prev is None else _delta_p95(now.ttft, prev.ttft)
         tpot = None if prev is None else _delta_p95(now.tpot, prev.tpot)
@@ -104,7 +112,7 @@ class PoolSampler:
             kv = sum(m.kv_usage for m in scraped) / len(scraped) if scraped else 0.0
             out[role] = PoolSample(
                 t=t, replicas=len(serving), starting=max(0, desired.get(role, len(serving)) - len(serving)),
-                waiting=int(waiting), running=int(running), kv_usage=kv, gateway_queued=self.flow.queued,
+                waiting=int(waiting), running=int(running), kv_usage=kv, gateway_queued=self.flow.queued + spilled,
                 arrivals=arrivals, completions=completions, ttft_p95_s=ttft, tpot_p95_s=tpot,
                 interval_s=interval)
         return out
