@@ -49,7 +49,7 @@ pools:
 
 def test_kubernetes_autoscale_loads_and_rejects_bad_specs():
     cfg = parse_config(KUBE.replace("{AUTO}", "{policy: 'slo:ttft_p95=1s', deployments: {prefill: a, decode: b}, "
-                                              "min_replicas: 0}"), "x.yaml")
+                                              "min_replicas: 0}") + "    pd: {enabled: true}\n", "x.yaml")
     auto = cfg.pools["p"].kubernetes.autoscale
     assert (auto.min_replicas, auto.max_replicas, auto.interval_s) == (0, 10, 15.0)
     for auto, fragment in [
@@ -57,6 +57,7 @@ def test_kubernetes_autoscale_loads_and_rejects_bad_specs():
         ("{policy: 'cpu', deployments: {both: d}}", "unknown autoscaling policy 'cpu'"),
         ("{policy: kpa, deployments: {both: d, decode: e}}", "not a mix"),
         ("{policy: kpa, deployments: {both: d}, min_replicas: 5, max_replicas: 2}", "max_replicas 2 < min_replicas 5"),
+        ("{policy: kpa, deployments: {prefill: a, decode: b}}", "a PD pool (pd.enabled) scales `prefill` and"),
     ]:
         with pytest.raises(ConfigError) as exc:
             parse_config(KUBE.replace("{AUTO}", auto), "x.yaml")

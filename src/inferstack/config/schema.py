@@ -307,6 +307,12 @@ class InferstackConfig(_Section):
                                  f"unknown routing {pool.routing!r}; known: {', '.join(sorted(profiles))}"))
         problems += pd_problems(self.pools, profiles)
         for name, pool in self.pools.items():
+            auto = pool.kubernetes.autoscale if pool.kubernetes is not None else None
+            pd = pool.pd is not None and pool.pd.enabled
+            if auto is not None and pd != ("both" not in auto.deployments):
+                problems.append((("pools", name, "kubernetes", "autoscale", "deployments"),
+                                 "a PD pool (pd.enabled) scales `prefill` and `decode` Deployments; an aggregated "
+                                 "pool scales one Deployment under `both`"))
             spill = pool.spillover
             if spill is None:
                 continue
