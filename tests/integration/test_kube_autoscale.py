@@ -120,8 +120,9 @@ def test_rbac_denial_and_missing_deployment_are_precise_and_recover(tmp_path):
         try:
             await _until(lambda: auto.last_error is not None and "forbidden" in auto.last_error, 3, "denial seen")
             api.deployments.forbidden = False            # the Role is fixed live
-            await _until(lambda: api.deployments.writes == [("m-decode", 3)], 3, "scaled after the fix")
-            assert auto.last_error is None
+            # the server records the write before the actuator sees the answer: wait for both
+            await _until(lambda: api.deployments.writes == [("m-decode", 3)] and auto.last_error is None, 5,
+                         "scaled after the fix")
         finally:
             task.cancel()
 
@@ -133,8 +134,9 @@ def test_transient_api_errors_are_retried_with_backoff(tmp_path):
         api.deployments.unavailable = 3
         task = asyncio.create_task(auto.run())
         try:
-            await _until(lambda: api.deployments.writes == [("m-decode", 1)], 5, "scaled down after 503s")
-            assert api.deployments.unavailable == 0 and auto.last_error is None
+            await _until(lambda: api.deployments.writes == [("m-decode", 1)] and auto.last_error is None, 10,
+                         "scaled down after 503s")
+            assert api.deployments.unavailable == 0 and auto.steps == 1
         finally:
             task.cancel()
 
