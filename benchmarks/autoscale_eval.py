@@ -3,8 +3,8 @@ failed requests and cold starts, on a trace with daily swings and bursts (or any
 
 Every policy runs the same trace on the same fleet type, starting from the same replica count,
 with the same cold-start delay, bounds and decision interval. HPA scales on a utilisation-like
-signal (KV use per replica); KPA/APA on concurrency; SLO on p95 TTFT/TPOT; the planner forecasts
-and sizes from tables read off the same performance model.
+signal (KV use per replica) and, as a second row, on concurrency; KPA/APA on concurrency; SLO on
+p95 TTFT/TPOT; the planner forecasts and sizes from tables read off the same performance model.
 
     PYTHONPATH=src python benchmarks/autoscale_eval.py [--trace FILE] [--minutes 60] [--cold-start 60]
     # a real trace: the Azure 2023 conversation trace (Splitwise), compressed 2x
@@ -15,42 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import tempfile
-import time
 from pathlib import Path
 
-from inferstack.autoscale.decision import Bounds
-from inferstack.autoscale.driver import PolicyAutoscaler
 from inferstack.autoscale.planner import Planner
 from inferstack.autoscale.spec import parse_policy
+from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate
 from inferstack.sim.planner_tables import planner_tables
 from inferstack.sim.profile import parse_profile
-from inferstack.sim.runner import SimArgs, build_settings, simulate
-
-
-def diurnal_trace(path: Path, minutes: float, peak_rps: float, seed: int) -> Path:
-    """Generic JSONL trace: a compressed day (trough at 15 % of the peak) with three 2-minute bursts
-    at 2x the current rate; lengths log-normal around 1,000 in / 200 out (Azure-conversation-like)."""
-    rng = random.Random(seed)
-    span = minutes * 60.0
-    bursts = [span * f for f in (0.3, 0.55, 0.8)]
-    t, rows = 0.0, []
-    while t < span:
-        base = peak_rps * (0.15 + 0.85 * (0.5 - 0.5 * math.cos(2 * math.pi * t / span)))
-        rate = base * (2.0 if any(b <= t < b + 120 for b in bursts) else 1.0)
-        t += rng.expovariate(rate)
-        rows.append({"timestamp": round(t, 4), "input_tokens": int(min(8000, rng.lognormvariate(6.6, 0.8))),
-                     "output_tokens": int(min(1000, max(4, rng.lognormvariate(5.0, 0.8))))})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def policies(profile_text: str, slo_ttft: float, slo_tpot: float, target: int) -> dict[str, object]:
     prefill, decode = planner_tables(parse_profile(profile_text), 1000, 200)
     return {
         "hpa (KV use 0.7)": parse_policy("hpa:metric=kv_usage,target=0.7"),
+        # the same HPA formula on an AI signal: requests in the system per replica
+        f"hpa (concurrency {target})": parse_policy(f"hpa:metric=concurrency,target={target}"),
         f"kpa (target {target})": parse_policy(f"kpa:target={target}"),
         f"apa (target {target})": parse_policy(f"apa:metric=concurrency,target={target}"),
         "slo": parse_policy(f"slo:ttft_p95={slo_ttft}s,tpot_p95={slo_tpot}s"),
@@ -59,24 +39,10 @@ def policies(profile_text: str, slo_ttft: float, slo_tpot: float, target: int) -
     }
 
 
-def evaluate(name: str, policy: object, trace: Path, a: argparse.Namespace) -> dict:
-    args = SimArgs(fleet=[f"{a.fleet}={a.start}"], workload=f"trace:path={trace},time_scale={a.time_scale}",
-                   slo=f"ttft={a.slo_ttft}s,tpot={a.slo_tpot * 1000:g}ms", seed=a.seed,
-                   max_num_seqs=a.max_num_seqs, drain_timeout=120.0)
-    settings = build_settings(args, None)
-    scaler = PolicyAutoscaler(policy, Bounds(a.min, a.max, idle_s=600), interval_s=a.interval,
-                              window_samples=max(8, int(120 / a.interval)), cold_start_s=a.cold_start)
-    settings.autoscaler = scaler
-    wall = time.perf_counter()
-    _, res = simulate(settings)
-    s = res.summary
-    counts = [d.current for _, _, d in scaler.decisions]
-    ups = sum(max(0, d.desired - d.current) for _, _, d in scaler.decisions)
-    return {"policy": name, "attainment": s["slo"]["attainment"], "replica_hours": sum(counts) * a.interval / 3600,
-            "peak_replicas": max(counts, default=a.start), "failed": s["requests"]["failed"],
-            "requests": s["requests"]["sent"], "cold_starts": ups,
-            "ttft_p95_s": (s["latency_s"]["ttft"] or {}).get("p95"), "wall_s": time.perf_counter() - wall,
-            "timeline": [(t, d.current, d.desired) for t, _, d in scaler.decisions]}
+def setup_of(a: argparse.Namespace) -> EvalSetup:
+    return EvalSetup(fleet=a.fleet, start=a.start, min_replicas=a.min, max_replicas=a.max, cold_start_s=a.cold_start,
+                     interval_s=a.interval, max_num_seqs=a.max_num_seqs, slo_ttft_s=a.slo_ttft, slo_tpot_s=a.slo_tpot,
+                     seed=a.seed, time_scale=a.time_scale)
 
 
 def main() -> None:
@@ -105,9 +71,9 @@ def main() -> None:
     for name, policy in policies(a.fleet, a.slo_ttft, a.slo_tpot, a.target).items():
         if a.only and not any(name.startswith(p) for p in a.only.split(",")):
             continue
-        row = evaluate(name, policy, trace, a)
+        row = evaluate(name, policy, trace, setup_of(a))
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "timeline"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("timeline", "ttft_p95_over_time")}), flush=True)
     hpa = next((r for r in rows if r["policy"].startswith("hpa")), None)
     print("\n| policy | SLO attainment | replica-hours | vs hpa | peak replicas | failed | cold starts "
           "| TTFT p95 (s) |")

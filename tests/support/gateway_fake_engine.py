@@ -167,7 +167,17 @@ def build_app(args: argparse.Namespace) -> web.Application:
         return web.json_response({"bodies": state["bodies"], "served": state["served"], "hits": state["hits"],
                                   "peak_running": state["peak_running"], "peak_load": state["peak_load"]})
 
-    app = web.Application(client_max_size=64 << 20)
+    @web.middleware
+    async def require_key(request: web.Request, handler):
+        """--api-key: answer /v1/* like a hosted provider does without the right bearer key."""
+        if args.api_key and request.path.startswith("/v1/") and \
+                request.headers.get("authorization") != f"Bearer {args.api_key}":
+            return web.json_response({"error": {"message": "Incorrect API key provided.",
+                                                "type": "invalid_request_error", "param": None,
+                                                "code": "invalid_api_key"}}, status=401)
+        return await handler(request)
+
+    app = web.Application(client_max_size=64 << 20, middlewares=[require_key])
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -191,6 +201,7 @@ def main() -> None:
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--cache-entries", type=int, default=1024, help="prompt heads the prefix cache holds")
     p.add_argument("--fail-status", type=int, default=0)
+    p.add_argument("--api-key", default="", help="require this bearer key on /v1/* (a hosted provider stand-in)")
     p.add_argument("--die-after-tokens", type=int, default=0)
     p.add_argument("--no-metrics", action="store_true")
     p.add_argument("--metrics-delay-ms", type=float, default=0.0, help="answer /metrics this late")

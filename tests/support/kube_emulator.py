@@ -41,10 +41,63 @@ def inference_pool(name: str, labels: dict[str, str], ports: list[int], namespac
                      "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}}}
 
 
+class Deployments:
+    """The `scale` subresource of Deployments (kmock has none), as kube-apiserver serves it: GET the
+    autoscaling/v1 Scale, PUT it back with the resourceVersion it was read at (else 409 Conflict).
+    Failures to inject: ``forbidden`` (403, RBAC), ``conflicts`` (the next N writes lose a race with
+    another writer), ``unavailable`` (the next N calls get 503). ``writes`` records (name, replicas)."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, int] = {}
+        self.versions: dict[str, int] = {}
+        self.forbidden = False
+        self.conflicts = 0
+        self.unavailable = 0
+        self.writes: list[tuple[str, int]] = []
+
+    def add(self, name: str, replicas: int) -> None:
+        self.replicas[name], self.versions[name] = replicas, 1
+
+    def _scale(self, name: str, namespace: str) -> dict[str, Any]:
+        return {"apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {"name": name, "namespace": namespace, "resourceVersion": str(self.versions[name])},
+                "spec": {"replicas": self.replicas[name]},
+                "status": {"replicas": self.replicas[name], "selector": "app=m"}}
+
+    def __call__(self, req: Any) -> Any:
+        verb = "get" if req.method == kmock.method.GET else "update"
+        if self.unavailable:
+            self.unavailable -= 1
+            return kmock.KubernetesError(status=503, reason="ServiceUnavailable", message="etcdserver: leader changed")
+        if self.forbidden:
+            return kmock.KubernetesError(
+                status=403, reason="Forbidden",
+                message=f'deployments.apps "{req.name}" is forbidden: User "system:serviceaccount:ns:epp" cannot '
+                        f'{verb} resource "deployments/scale" in API group "apps" in the namespace "{req.namespace}"')
+        if req.name not in self.replicas:
+            return kmock.KubernetesError(status=404, reason="NotFound",
+                                         message=f'deployments.apps "{req.name}" not found')
+        if verb == "get":
+            return self._scale(req.name, req.namespace)
+        if self.conflicts:   # another writer got there first
+            self.conflicts -= 1
+            self.versions[req.name] += 1
+        if req.data["metadata"].get("resourceVersion") != str(self.versions[req.name]):
+            return kmock.KubernetesError(
+                status=409, reason="Conflict",
+                message=f'Operation cannot be fulfilled on deployments.apps "{req.name}": the object has been '
+                        "modified; please apply your changes to the latest version and try again")
+        self.replicas[req.name] = int(req.data["spec"]["replicas"])
+        self.versions[req.name] += 1
+        self.writes.append((req.name, self.replicas[req.name]))
+        return self._scale(req.name, req.namespace)
+
+
 class KubeApi:
     """The emulator, its HTTP server (restartable on its port) and a side server for the test's writes."""
 
     def __init__(self) -> None:
+        self.deployments = Deployments()
         self.forbidden = False
         self.leases: dict[tuple[str, str], dict[str, Any]] = {}  # kmock keeps no resourceVersion: see _lease
         self.gone_once = False  # answer the next watch request with HTTP 410 (a version too old to resume)
@@ -70,6 +123,7 @@ class KubeApi:
                     f'cannot {"watch" if req.params.get("watch") else "list"} resource '
                     f'"pods" in API group "" in the namespace "ns"'))
         emu[lambda req: self.gone_once and req.params.get("watch") == "true"] << self._gone
+        emu[lambda req: req.subresource == "scale"] << self.deployments
         emu[kmock.action.WATCH] << self._watch
         self._side = await self._stack.enter_async_context(kmock.Server(emu))
         await self.up()

@@ -25,7 +25,10 @@ from inferstack.kube.values import CHART_DIR
 KUBE_VERSION = "1.34.0"  # DRA resource.k8s.io/v1 is GA from 1.34
 CRD = yaml.safe_load((CHART_DIR / "crds" / "inferencepool-crd-v1.yaml").read_text())
 POOL_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-NO_SCHEMA = {"InferencePool", "HTTPRoute", "PodMonitor"}  # CRDs: checked below / structurally
+NO_SCHEMA = {"InferencePool", "HTTPRoute", "PodMonitor", "ScaledObject"}  # CRDs: checked below / structurally
+# KEDA's own CRD (tests/data/README.md says where it comes from)
+KEDA_CRD = yaml.safe_load((Path(__file__).parents[1] / "data" / "keda" / "keda.sh_scaledobjects.yaml").read_text())
+SCALED_OBJECT_SCHEMA = KEDA_CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 PEM = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
 
 
@@ -52,6 +55,10 @@ def render(values: dict[str, Any]) -> list[dict[str, Any]]:
         assert ref.get("kind", "Service") != "Service" or "port" in ref  # CEL: port required for a Service
         numbers = [p["number"] for p in pool["spec"]["targetPorts"]]
         assert len(set(numbers)) == len(numbers)  # CEL: port numbers unique
+    for so in by_kind(objs, "ScaledObject"):
+        jsonschema.validate(so, SCALED_OBJECT_SCHEMA)
+        spec = so["spec"]  # the CRD's CEL rule: minReplicaCount <= maxReplicaCount
+        assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100)
     return objs
 
 
@@ -307,3 +314,64 @@ def test_several_pickers_elect_a_leader():
         "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
             "verbs": ["get", "create", "update", "patch"]} in one(objs, "Role")["rules"]
+def test_autoscaling_hpa_per_role_on_ai_metrics():
+    objs = render({"prefill": {"replicas": 1}, "autoscaling": {"mode": "hpa", "minReplicas": 1, "maxReplicas": 6}})
+    for role in ("prefill", "decode"):
+        hpa = one(objs, "HorizontalPodAutoscaler", f"llm-inferstack-{role}")["spec"]
+        assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                         "name": f"llm-inferstack-{role}"}
+        assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 6)
+        pods, ext = hpa["metrics"]
+        assert pods["pods"] == {"metric": {"name": "vllm_num_requests_running"},
+                                "target": {"type": "AverageValue", "averageValue": "8"}}
+        assert ext["external"]["metric"] == {"name": "inferstack_gateway_queue_depth",
+                                             "selector": {"matchLabels": {"pool": "llm-inferstack"}}}
+        assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+        # the HPA owns the replicas: the Deployment leaves them out so `helm upgrade` does not reset them
+        assert "replicas" not in one(objs, "Deployment", f"llm-inferstack-{role}")["spec"]
+    assert not by_kind(objs, "ScaledObject") and not picker_config(objs).pools["llm-inferstack"].kubernetes.autoscale
+    assert all(r["resources"] != ["deployments/scale"] for r in one(objs, "Role")["rules"])
+
+
+def test_autoscaling_keda_scales_to_zero_on_a_single_element_query():
+    objs = render({"autoscaling": {"mode": "keda", "minReplicas": 0, "maxReplicas": 5, "keda": {
+        "serverAddress": "http://prometheus.monitoring:9090", "activationThreshold": "0.5"}}})
+    so = one(objs, "ScaledObject", "llm-inferstack-decode")["spec"]
+    assert (so["minReplicaCount"], so["maxReplicaCount"], so["cooldownPeriod"]) == (0, 5, 300)
+    (trigger,) = so["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    assert trigger["metadata"] == {
+        "serverAddress": "http://prometheus.monitoring:9090", "threshold": "8", "activationThreshold": "0.5",
+        "ignoreNullValues": "true",
+        "query": 'sum(inferstack_gateway_in_flight{pool="llm-inferstack"}) + '
+                 'sum(inferstack_gateway_queue_depth{pool="llm-inferstack"})'}
+    assert not by_kind(objs, "HorizontalPodAutoscaler")
+    assert "replicas" not in one(objs, "Deployment", "llm-inferstack-decode")["spec"]
+
+
+def test_autoscaling_epp_mode_configures_the_picker_and_its_rbac():
+    objs = render({"prefill": {"replicas": 1}, "autoscaling": {
+        "mode": "epp", "minReplicas": 0, "maxReplicas": 3, "epp": {"policy": "slo:ttft_p95=1s,tpot_p95=100ms"}}})
+    auto = picker_config(objs).pools["llm-inferstack"].kubernetes.autoscale
+    assert auto.deployments == {"prefill": "llm-inferstack-prefill", "decode": "llm-inferstack-decode"}
+    assert (auto.policy, auto.min_replicas, auto.max_replicas, auto.interval_s) == (
+        "slo:ttft_p95=1s,tpot_p95=100ms", 0, 3, 15)
+    rule = next(r for r in one(objs, "Role")["rules"] if r["resources"] == ["deployments/scale"])
+    assert rule == {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "update", "patch"],
+                    "resourceNames": ["llm-inferstack-prefill", "llm-inferstack-decode"]}
+    assert not by_kind(objs, "HorizontalPodAutoscaler") and not by_kind(objs, "ScaledObject")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"mode": "keda"}, "autoscaling.mode=keda needs autoscaling.keda.serverAddress"),
+    ({"mode": "keda", "keda": {"serverAddress": "http://p:9090", "query": "inferstack_gateway_in_flight"}},
+     "autoscaling.keda.query must return a single element"),
+    ({"mode": "hpa", "minReplicas": 0}, "minReplicas must be >= 1 (the HPA cannot scale to zero"),
+    ({"mode": "hpa", "minReplicas": 5, "maxReplicas": 2}, "autoscaling: minReplicas 5 > maxReplicas 2"),
+    ({"mode": "kpa"}, "at '/autoscaling/mode': value must be one of 'none', 'epp', 'hpa', 'keda'"),
+    ({"mode": "epp", "epp": {"policy": "cpu:target=50"}}, "at '/autoscaling/epp/policy'"),
+])
+def test_autoscaling_wrong_values_fail_the_render(values, message):
+    with pytest.raises(RenderError) as exc:
+        render({"autoscaling": values})
+    assert message in str(exc.value)

@@ -50,6 +50,18 @@ class EndpointConfig(_Section):
         return v.rstrip("/").removesuffix("/v1")
 
 
+class SpilloverConfig(_Section):
+    """Send a pool's requests to another pool (e.g. a remote OpenAI-compatible provider, with its own
+    `api_key` on its endpoint) while this one cannot take them (docs/autoscaling.md, "Spill-over")."""
+
+    pool: Name = Field(description="The fallback pool (configured under `pools`).")
+    model: Name | None = Field(None, description="Model name sent to the fallback; default: the same as locally.")
+    when: list[Literal["no_replica", "saturated"]] = Field(
+        default_factory=lambda: ["no_replica", "saturated"], min_length=1,
+        description="`no_replica`: no healthy endpoint (replicas starting, scaled to zero); `saturated`: flow "
+                    "control would queue the request.")
+
+
 class PoolConfig(_Section):
     """Endpoints that serve the same model(s)."""
 
@@ -70,6 +82,8 @@ class PoolConfig(_Section):
     precise_prefix: PrecisePrefixConfig | None = Field(
         None, description="Score prefixes from the engines' KV events (needs `kv_events` on endpoints).")
     pd: PDConfig | None = Field(None, description="Prefill/decode disaggregation over the endpoints' roles.")
+    spillover: SpilloverConfig | None = Field(
+        None, description="A fallback pool for requests this pool cannot take now (never for `local_only` tenants).")
     model_digest: str | None = Field(
         None, pattern=r"^sha256:[0-9a-f]{64}$",
         description="Digest of the model the endpoints serve (e.g. its ModelPack manifest digest), written into "
@@ -139,6 +153,8 @@ class TenantConfig(_Section):
         None, description="Prefix-cache isolation domain; tenants with the same salt share cache entries. "
         "Defaults to the tenant name.")
     weight: float = Field(1.0, gt=0, description="Fair-share weight within a priority band.")
+    local_only: bool = Field(False, description="Never send this tenant's requests to a spill-over pool "
+                                                "(data that must stay on local replicas).")
 
 
 class ProfileConfig(_Section):
@@ -297,6 +313,21 @@ class InferstackConfig(_Section):
                 problems.append((("pools", name, "routing"),
                                  f"unknown routing {pool.routing!r}; known: {', '.join(sorted(profiles))}"))
         problems += pd_problems(self.pools, profiles)
+        for name, pool in self.pools.items():
+            auto = pool.kubernetes.autoscale if pool.kubernetes is not None else None
+            pd = pool.pd is not None and pool.pd.enabled
+            if auto is not None and pd != ("both" not in auto.deployments):
+                problems.append((("pools", name, "kubernetes", "autoscale", "deployments"),
+                                 "a PD pool (pd.enabled) scales `prefill` and `decode` Deployments; an aggregated "
+                                 "pool scales one Deployment under `both`"))
+            spill = pool.spillover
+            if spill is None:
+                continue
+            where = ("pools", name, "spillover", "pool")
+            if spill.pool == name or spill.pool not in self.pools:
+                problems.append((where, f"spill-over pool {spill.pool!r} must be another configured pool"))
+            elif self.pools[spill.pool].spillover is not None:
+                problems.append((where, f"pool {spill.pool!r} spills over itself; spill-over does not chain"))
         public: dict[str, tuple[str | int, ...]] = {}
         for name, model in self.models.items():
             for i, t in enumerate(model.targets):

@@ -151,4 +151,6 @@ def single_pool(cfg: InferstackConfig, name: str | None) -> tuple[InferstackConf
         targets = [t for t in model.targets if t.pool == name]
         if targets:
             models[alias] = model.model_copy(update={"targets": targets})
-    return cfg.model_copy(update={"pools": {name: cfg.pools[name]}, "models": models}), name
+    # Envoy routes only to the InferencePool's pods, so a picker cannot spill over to another pool
+    pool = cfg.pools[name].model_copy(update={"spillover": None})
+    return cfg.model_copy(update={"pools": {name: pool}, "models": models}), name

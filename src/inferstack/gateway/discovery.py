@@ -5,14 +5,13 @@ and their PD roles from the pods' `llm-d.ai/role` labels."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from inferstack.config.schema import EndpointConfig
 from inferstack.gateway.routing.disagg import PDRouter
-from inferstack.kube.client import make_client
+from inferstack.kube.client import make_client, stop_all
 from inferstack.kube.pods import DiscoveredEndpoint
 from inferstack.kube.watch import DiscoveryState, PoolDiscovery
 
@@ -72,11 +71,4 @@ class KubeDiscovery:
         log.info("pool %s: %d endpoint(s) from Kubernetes", pool.name, len(endpoints))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        for c in self._clients:
-            with contextlib.suppress(Exception):
-                await c.close()
+        await stop_all(self._tasks, self._clients)

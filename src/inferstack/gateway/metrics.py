@@ -52,6 +52,9 @@ class GatewayMetrics:
             "Requests that met a failed dependency (audit_log, limit_store), by what the gateway did "
             "(refused: 503; allowed: served without it, per the configured policy).",
             ("dependency", "action"), registry=r)
+        self.spillover = Counter("inferstack_gateway_spillover",
+                                 "Requests sent to a pool's spill-over fallback, by why the pool could not take "
+                                 "them (no_replica, saturated).", ("pool", "fallback", "reason"), registry=r)
         self._children: dict[tuple, tuple] = {}
         self._counters: dict[tuple, object] = {}
 

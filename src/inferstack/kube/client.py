@@ -3,6 +3,10 @@ in-cluster service account, else $KUBECONFIG / ~/.kube/config (lightkube's KubeC
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterable
+
 import httpx2
 from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ConfigError as KubeConfigError
@@ -29,3 +33,16 @@ def client_for(kubeconfig: str | None, section: str) -> AsyncClient:
         raise KubeClientError(f"{section}: cannot load Kubernetes credentials ({where}): {exc}") from None
     # connect/read bound every call except the watch stream, whose read timeout lightkube lifts
     return AsyncClient(config, timeout=httpx2.Timeout(10.0, connect=3.0))
+
+
+async def stop_all(tasks: Iterable[asyncio.Task], clients: Iterable[AsyncClient]) -> None:
+    """Cancel background tasks that use Kubernetes clients, wait for them, then close the clients."""
+    tasks = list(tasks)
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+    for c in clients:
+        with contextlib.suppress(Exception):
+            await c.close()

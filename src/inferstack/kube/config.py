@@ -4,14 +4,58 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from inferstack.autoscale.spec import PolicySpecError, parse_policy
 
 # Kubernetes label keys (optional DNS-subdomain prefix + name) and values (validation.go).
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                         r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class KubeAutoscaleConfig(BaseModel):
+    """Scale the pool's engine Deployments from the gateway/EPP (docs/autoscaling.md, "On Kubernetes"):
+    every ``interval_s`` the policy decides from the pool's signals and the scale subresource of the
+    role's Deployment is written when the answer changes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str = Field(description="`POLICY[:key=value,...]`, e.g. `kpa:target=8` or `slo:ttft_p95=1s` "
+                                    "(docs/autoscaling.md lists the keys).")
+    deployments: dict[Literal["both", "prefill", "decode"], str] = Field(
+        description="Deployment to scale per PD role: `{both: NAME}` for an aggregated pool, "
+                    "`{prefill: NAME, decode: NAME}` for a disaggregated one.")
+    namespace: str | None = Field(None, pattern=_DNS_LABEL, max_length=63,
+                                  description="Namespace of the Deployments; default: the pool's.")
+    min_replicas: int = Field(1, ge=0, description="0 allows scale to zero after `idle_s` without requests.")
+    max_replicas: int = Field(10, ge=1)
+    idle_s: float = Field(300.0, gt=0, description="Seconds without requests before scaling to zero.")
+    interval_s: float = Field(15.0, gt=0, description="Seconds between decisions.")
+    window_samples: int = Field(40, ge=1, description="Samples each decision sees (stabilisation windows "
+                                                      "longer than interval_s x window_samples are cut).")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        try:
+            parse_policy(v)
+        except PolicySpecError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> KubeAutoscaleConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        if not self.deployments:
+            raise ValueError("`deployments` needs `both`, or `prefill` and `decode`")
+        if "both" in self.deployments and len(self.deployments) > 1:
+            raise ValueError("`deployments`: `both` (aggregated) or `prefill`/`decode` (disaggregated), not a mix")
+        return self
 
 
 class KubernetesPoolConfig(BaseModel):
@@ -37,6 +81,8 @@ class KubernetesPoolConfig(BaseModel):
         None, description="Kubeconfig file. Default: in-cluster service account when running in a pod, "
                           "else $KUBECONFIG or ~/.kube/config.")
     scheme: str = Field("http", pattern=r"^https?$", description="Scheme of the engine URLs.")
+    autoscale: KubeAutoscaleConfig | None = Field(
+        None, description="Scale the engine Deployments on the pool's signals (docs/autoscaling.md).")
 
     @field_validator("selector")
     @classmethod

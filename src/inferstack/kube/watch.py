@@ -81,7 +81,7 @@ def status_code(exc: BaseException) -> int | None:
     return None
 
 
-def _status_message(exc: BaseException) -> str:
+def status_message(exc: BaseException) -> str:
     """The API server's Status message (lightkube only parses it when the content type is exactly JSON)."""
     if isinstance(exc, ApiError) and exc.status.message:
         return exc.status.message
@@ -96,7 +96,7 @@ def _status_message(exc: BaseException) -> str:
 def describe(exc: BaseException, verb: str, what: str, namespace: str) -> str:
     """A precise, actionable message for an API failure."""
     code = status_code(exc)
-    detail = _status_message(exc)
+    detail = status_message(exc)
     if code == 403:
         return (f"forbidden (RBAC): the gateway's service account may not {verb} {what} in namespace "
                 f"{namespace!r}; grant it get/list/watch on pods and inferencepools (the Helm chart's Role "

@@ -4,7 +4,19 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import capacity, compliance, ebpf, oci, pd, production, routing, signing, tuning
+from inferstack.lab.labs import (
+    autoscaling,
+    capacity,
+    compliance,
+    ebpf,
+    oci,
+    pd,
+    predictive,
+    production,
+    routing,
+    signing,
+    tuning,
+)
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -14,10 +26,8 @@ def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
 
 LABS: dict[str, Lab] = {lab.name: lab for lab in [
     routing.LAB,
-    _planned("autoscaling", 1, "Autoscaling on custom AI metrics", "HPA/KPA/SLO policies on TTFT, queue and KV",
-             "the autoscaling actuators (policies exist: inferstack.autoscale)"),
-    _planned("predictive-scaling", 1, "Predictive scaling", "forecast-driven planner vs reactive policies",
-             "the autoscaling evaluation in the simulator"),
+    autoscaling.LAB,
+    predictive.LAB,
     _planned("workflow", 1, "Multi-agent workflows (Dify)", "what agent traffic does to serving", "workflows"),
     _planned("agents", 1, "Kubernetes-native agents", "tool-calling agents over the gateway", "workflows"),
     pd.LAB,

@@ -79,3 +79,30 @@ def bar_plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]]
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def time_plot(path: Path, title: str, panels: list[tuple[str, dict[str, list[tuple[float, float | None]]],
+                                                        float | None]]) -> Path:
+    """Stacked panels over a shared time axis (seconds): each panel is (y label, {series: [(t, v)]},
+    an optional horizontal reference line such as an objective); None values leave gaps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 2.4 * len(panels)), dpi=110, sharex=True, squeeze=False)
+    for ax, (ylabel, series, ref) in zip(axes[:, 0], panels, strict=True):
+        for name, points in series.items():
+            ax.step([t for t, _ in points], [float("nan") if v is None else v for _, v in points], where="post",
+                    label=name)
+        if ref is not None:
+            ax.axhline(ref, color="black", linestyle="--", linewidth=0.8, label="objective")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("time (virtual s)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -30,6 +30,7 @@ class Tenant:
     limits: Limits
     salt: str
     weight: float
+    local_only: bool = False  # never spilled to a fallback pool (pipeline/spill.py)
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,6 +1,6 @@
 """The request pipeline shared by the HTTP gateway and the Envoy endpoint picker:
 
-    authenticate -> parse -> resolve -> admit -> plan -> pick -> [proxy | answer Envoy] -> account
+    authenticate -> parse -> resolve -> spill -> admit -> plan -> pick -> [proxy | answer Envoy] -> account
 
 `Pipeline` owns the state every stage reads (pools and their data layer, flow control, limits,
 metrics, audit, tracing) and runs the stages up to admission in `start`; the front end (HTTP
@@ -10,7 +10,7 @@ metrics, audit, tracing) and runs the stages up to admission in `start`; the fro
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferstack.compliance.audit import AuditLog
 from inferstack.config.schema import InferstackConfig
@@ -27,6 +27,7 @@ from inferstack.gateway.pipeline.parse import parse_body, requested_model
 from inferstack.gateway.pipeline.pick import Picker
 from inferstack.gateway.pipeline.plan import Planner
 from inferstack.gateway.pipeline.resolve import Resolver
+from inferstack.gateway.pipeline.spill import Spiller
 from inferstack.gateway.requests import (
     check_fan_out,
     prompt_parts,
@@ -34,6 +35,9 @@ from inferstack.gateway.requests import (
     requested_max_tokens,
 )
 from inferstack.protocol.errors import APIError
+
+if TYPE_CHECKING:
+    from inferstack.gateway.kubescale import KubeAutoscalers
 
 
 class Pipeline:
@@ -63,22 +67,44 @@ class Pipeline:
         )
         self.keys = KeyStore(cfg)
         tenants = {
-            n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight) for n, t in cfg.tenants.items()
+            n: Tenant(Limits(t.rpm, t.tpm), t.cache_salt or n, t.weight, t.local_only)
+            for n, t in cfg.tenants.items()
         }
         self.auth = Authenticator(self.keys, tenants)
         self.resolver = Resolver(cfg, self.pools, random.Random())
+        self.spiller = Spiller(self.pools, self.flow, self.metrics)
         self.admitter = Admitter(self.limiter, self.flow, self.metrics, gw.limits, self.audit)
         self.planner = Planner(gw)
         self.picker = Picker(self.metrics)
         self.account = Accountant(self.metrics, self.limiter, self.audit)
+        self.autoscalers: KubeAutoscalers | None = None  # started by `open` for `kubernetes.autoscale` pools
 
     def _depth_gauge(self, pool: str):
         return lambda prio, depth: self.metrics.queue_depth.labels(pool, str(prio)).set(depth)
 
     async def open(self) -> None:
         await self.datalayer.start()
+        self._start_autoscalers()
+
+    def _start_autoscalers(self) -> None:
+        """Pools with `kubernetes.autoscale`: scale their Deployments from here (gateway/kubescale.py)."""
+        scaled = {n: p for n, p in self.pools.items()
+                  if p.config.kubernetes is not None and p.config.kubernetes.autoscale is not None}
+        if not scaled:
+            return
+        from inferstack.gateway.autoscale_signals import PoolSampler
+        from inferstack.gateway.kubescale import KubeAutoscalers  # loads the Kubernetes client only when used
+        from inferstack.kube.client import make_client
+
+        self.autoscalers = KubeAutoscalers()
+        for name, pool in scaled.items():
+            kube = pool.config.kubernetes
+            self.autoscalers.start(PoolSampler(pool, self.flow[name], self.metrics), kube.autoscale,
+                                   make_client(name, kube), kube.namespace)
 
     async def aclose(self) -> None:
+        if self.autoscalers is not None:
+            await self.autoscalers.stop()
         await self.datalayer.stop()
         await self.limiter.close()
         if self.audit is not None:
@@ -107,7 +133,7 @@ class Pipeline:
             req = parse_body(body)
             model = requested_model(req)
             self.auth.authorize(caller, model)
-            route = self.resolver.resolve(model)
+            route = self.spiller.divert(self.resolver.resolve(model), caller)
             fan_out = check_fan_out(inbound.kind, req, self.cfg.gateway.http.max_prompts)
             parts = list(prompt_parts(inbound.kind, req))
             prompt_tokens = prompt_token_estimate(inbound.kind, req, sum(len(p) for p in parts))

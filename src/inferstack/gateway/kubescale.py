@@ -1,0 +1,102 @@
+"""The Kubernetes actuator: pools with `kubernetes.autoscale` have their engine Deployments scaled
+from the gateway (or the EPP) that routes to them, on the signals it already has.
+
+Every `interval_s`: read each role's Deployment scale (spec.replicas = the current count), sample
+the pool (`autoscale_signals.PoolSampler`), let the policy decide over the role's window, bound the
+answer (`autoscale.decision.Bounds`), and write the scale subresource when it changed
+(`kube/scale.py`: conflicts re-read and retried). A transient API failure is retried with backoff;
+a permanent one (RBAC, missing Deployment) is logged with its fix and retried every interval, since
+someone may fix it without restarting us. Decisions are logged and kept for the status API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from inferstack.autoscale.decision import Bounds, Decision
+from inferstack.autoscale.signals import PoolSample
+from inferstack.autoscale.spec import parse_policy
+from inferstack.gateway.autoscale_signals import PoolSampler
+from inferstack.kube.client import stop_all
+from inferstack.kube.config import KubeAutoscaleConfig
+from inferstack.kube.scale import DeploymentScaler, ScaleError
+
+log = logging.getLogger("inferstack.autoscaler")
+
+
+class KubeAutoscaler:
+    """Scales one pool's Deployments (one per PD role)."""
+
+    def __init__(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, scaler: DeploymentScaler, namespace: str,
+                 clock: Callable[[], float] = time.monotonic, backoff_cap_s: float | None = None):
+        self.sampler = sampler
+        self.cfg = cfg
+        self.scaler = scaler
+        self.namespace = namespace
+        self.clock = clock
+        self.policy = parse_policy(cfg.policy)
+        self.bounds = Bounds(cfg.min_replicas, cfg.max_replicas, cfg.idle_s)
+        self.backoff_cap_s = backoff_cap_s if backoff_cap_s is not None else cfg.interval_s
+        self.windows: dict[str, deque[PoolSample]] = {r: deque(maxlen=cfg.window_samples) for r in cfg.deployments}
+        self.decisions: deque[tuple[float, str, Decision]] = deque(maxlen=256)
+        self.last_error: str | None = None
+        self.steps = 0
+
+    async def step(self) -> dict[str, Decision]:
+        """One decision per role, written to the Deployments. Raises ScaleError."""
+        current = {role: (await self.scaler.read(self.namespace, dep)).spec
+                   for role, dep in self.cfg.deployments.items()}
+        samples = self.sampler.sample(self.clock(), current)
+        out: dict[str, Decision] = {}
+        for role, dep in self.cfg.deployments.items():
+            window = self.windows[role]
+            window.append(samples.get(role) or samples["both"])
+            d = self.bounds.apply(self.policy.decide(list(window), current[role]), list(window))
+            out[role] = d
+            self.decisions.append((window[-1].t, role, d))
+            if d.desired != current[role]:
+                res = await self.scaler.scale(self.namespace, dep, d.desired)
+                log.info("pool %s: scaled %s/%s %d -> %d (%s: %s)%s", self.sampler.pool.name, self.namespace, dep,
+                         res.before, res.after, d.policy, d.reason,
+                         f" after {res.conflicts} conflict(s)" if res.conflicts else "")
+        self.steps += 1
+        return out
+
+    async def run(self) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                await self.step()
+                self.last_error, backoff = None, 0.0
+            except ScaleError as exc:
+                self.last_error = str(exc)
+                if exc.transient:
+                    backoff = min(self.backoff_cap_s, max(0.25, 2 * backoff))
+                    log.warning("pool %s: autoscaler: %s; retrying in %.1fs", self.sampler.pool.name, exc, backoff)
+                    await asyncio.sleep(backoff)
+                    continue
+                log.error("pool %s: autoscaler: %s", self.sampler.pool.name, exc)
+            await asyncio.sleep(self.cfg.interval_s)
+
+
+class KubeAutoscalers:
+    """The actuators of every pool with `kubernetes.autoscale`, as background tasks."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, KubeAutoscaler] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._clients: list = []
+
+    def start(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, client, pool_namespace: str | None) -> None:
+        namespace = cfg.namespace or pool_namespace or client.namespace or "default"
+        auto = KubeAutoscaler(sampler, cfg, DeploymentScaler(client), namespace)
+        self.pools[sampler.pool.name] = auto
+        self._clients.append(client)
+        self._tasks.append(asyncio.create_task(auto.run(), name=f"kube-autoscale-{sampler.pool.name}"))
+
+    async def stop(self) -> None:
+        await stop_all(self._tasks, self._clients)

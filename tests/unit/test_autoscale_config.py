@@ -1,0 +1,72 @@
+"""`pools.<name>.spillover`, `tenants.<name>.local_only` and `pools.<name>.kubernetes.autoscale` in
+inferstack.yaml: what loads, and the file:line errors for what does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from inferstack.config import ConfigError, parse_config
+
+BASE = """\
+pools:
+  edge:
+    endpoints: [http://127.0.0.1:8000]
+    spillover: {pool: cloud, model: gpt-cloud}
+  cloud:
+    endpoints: [{url: "http://127.0.0.1:9000", api_key: sk-x}]
+tenants:
+  private: {local_only: true}
+"""
+
+
+def test_spillover_and_local_only_load():
+    cfg = parse_config(BASE, "inferstack.yaml")
+    spill = cfg.pools["edge"].spillover
+    assert (spill.pool, spill.model, spill.when) == ("cloud", "gpt-cloud", ["no_replica", "saturated"])
+    assert cfg.tenants["private"].local_only and not cfg.pools["cloud"].spillover
+
+
+@pytest.mark.parametrize(("old", "new", "fragment"), [
+    ("{pool: cloud, model: gpt-cloud}", "{pool: nowhere}", "spill-over pool 'nowhere' must be another configured pool"),
+    ("{pool: cloud, model: gpt-cloud}", "{pool: edge}", "spill-over pool 'edge' must be another configured pool"),
+    ("sk-x}]", "sk-x}]\n    spillover: {pool: edge}", "spills over itself; spill-over does not chain"),
+    ("{pool: cloud, model: gpt-cloud}", "{pool: cloud, when: [busy]}", "'no_replica' or 'saturated'"),
+])
+def test_spillover_errors_name_the_line(old, new, fragment):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(BASE.replace(old, new), "inferstack.yaml")
+    assert "inferstack.yaml:" in str(exc.value) and fragment in str(exc.value)
+
+
+KUBE = """\
+pools:
+  p:
+    kubernetes:
+      inference_pool: p
+      autoscale: {AUTO}
+"""
+
+
+def test_kubernetes_autoscale_loads_and_rejects_bad_specs():
+    cfg = parse_config(KUBE.replace("{AUTO}", "{policy: 'slo:ttft_p95=1s', deployments: {prefill: a, decode: b}, "
+                                              "min_replicas: 0}") + "    pd: {enabled: true}\n", "x.yaml")
+    auto = cfg.pools["p"].kubernetes.autoscale
+    assert (auto.min_replicas, auto.max_replicas, auto.interval_s) == (0, 10, 15.0)
+    for auto, fragment in [
+        ("{policy: 'hpa:metric=inferstack_gateway_requests_total', deployments: {both: d}}", "cumulative counter"),
+        ("{policy: 'cpu', deployments: {both: d}}", "unknown autoscaling policy 'cpu'"),
+        ("{policy: kpa, deployments: {both: d, decode: e}}", "not a mix"),
+        ("{policy: kpa, deployments: {both: d}, min_replicas: 5, max_replicas: 2}", "max_replicas 2 < min_replicas 5"),
+        ("{policy: kpa, deployments: {prefill: a, decode: b}}", "a PD pool (pd.enabled) scales `prefill` and"),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            parse_config(KUBE.replace("{AUTO}", auto), "x.yaml")
+        assert "x.yaml:" in str(exc.value) and fragment in str(exc.value), str(exc.value)
+
+
+def test_the_endpoint_picker_drops_spillover():
+    """Envoy only reaches the InferencePool's pods: a picker narrowed to one pool never spills."""
+    from inferstack.epp.service import single_pool
+
+    narrowed, name = single_pool(parse_config(BASE, "inferstack.yaml"), "edge")
+    assert name == "edge" and set(narrowed.pools) == {"edge"} and narrowed.pools["edge"].spillover is None
