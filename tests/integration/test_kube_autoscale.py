@@ -164,3 +164,21 @@ def test_pipeline_starts_the_actuator_for_a_kubernetes_pool(tmp_path):
                 await pipe.aclose()
 
     asyncio.run(main())
+
+
+def test_only_the_leading_replica_scales(tmp_path):
+    """With leader election, a follower picker runs no actuator steps; it scales once it leads."""
+    async def body(api: KubeApi, auto: KubeAutoscaler) -> None:
+        leading = False
+        auto.leading = lambda: leading
+        task = asyncio.create_task(auto.run())
+        try:
+            await asyncio.sleep(0.3)                        # several intervals as a follower
+            assert auto.steps == 0 and api.deployments.writes == []
+            leading = True
+            await _until(lambda: api.deployments.writes == [("m-decode", 6)], 5.0, "the leader scales")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    _scenario(tmp_path, "kpa:target=4", [12.0, 12.0], 2, body, interval_s=0.05)

@@ -100,6 +100,9 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     health_pb2_grpc.add_HealthServicer_to_server(health, side)
     port, hport = _bind(main, ep.host, ep.port), _bind(side, ep.host, ep.health_port)
     httpd, _ = start_http_server(ep.metrics_port, ep.host, registry=pipeline.metrics.registry)
+    elector = leader_elector(cfg, pool)
+    if elector is not None:  # only the leader scales Deployments (`kubernetes.autoscale`)
+        pipeline.leading = lambda: elector.is_leader
     await pipeline.open()
     await main.start()
     await side.start()
@@ -107,7 +110,6 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    elector = leader_elector(cfg, pool)
     election = asyncio.create_task(elector.run(stop)) if elector is not None else None
     tracker = asyncio.create_task(_track_readiness(health, pipeline, stop, elector))
     h = f"[{ep.host}]" if ":" in ep.host else ep.host

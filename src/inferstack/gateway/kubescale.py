@@ -32,8 +32,10 @@ class KubeAutoscaler:
     """Scales one pool's Deployments (one per PD role)."""
 
     def __init__(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, scaler: DeploymentScaler, namespace: str,
-                 clock: Callable[[], float] = time.monotonic, backoff_cap_s: float | None = None):
+                 clock: Callable[[], float] = time.monotonic, backoff_cap_s: float | None = None,
+                 leading: Callable[[], bool] = lambda: True):
         self.sampler = sampler
+        self.leading = leading  # with several picker replicas only the Lease holder scales (kube/lease.py)
         self.cfg = cfg
         self.scaler = scaler
         self.namespace = namespace
@@ -69,6 +71,9 @@ class KubeAutoscaler:
     async def run(self) -> None:
         backoff = 0.0
         while True:
+            if not self.leading():
+                await asyncio.sleep(self.cfg.interval_s)
+                continue
             try:
                 await self.step()
                 self.last_error, backoff = None, 0.0
@@ -91,9 +96,10 @@ class KubeAutoscalers:
         self._tasks: list[asyncio.Task] = []
         self._clients: list = []
 
-    def start(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, client, pool_namespace: str | None) -> None:
+    def start(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, client, pool_namespace: str | None,
+              leading: Callable[[], bool] = lambda: True) -> None:
         namespace = cfg.namespace or pool_namespace or client.namespace or "default"
-        auto = KubeAutoscaler(sampler, cfg, DeploymentScaler(client), namespace)
+        auto = KubeAutoscaler(sampler, cfg, DeploymentScaler(client), namespace, leading=leading)
         self.pools[sampler.pool.name] = auto
         self._clients.append(client)
         self._tasks.append(asyncio.create_task(auto.run(), name=f"kube-autoscale-{sampler.pool.name}"))

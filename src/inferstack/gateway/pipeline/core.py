@@ -10,6 +10,7 @@ metrics, audit, tracing) and runs the stages up to admission in `start`; the fro
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from inferstack.compliance.audit import AuditLog
@@ -78,6 +79,8 @@ class Pipeline:
         self.picker = Picker(self.metrics)
         self.account = Accountant(self.metrics, self.limiter, self.audit)
         self.autoscalers: KubeAutoscalers | None = None  # started by `open` for `kubernetes.autoscale` pools
+        # whether this replica acts on the cluster (the EPP sets its leader elector's view before `open`)
+        self.leading: Callable[[], bool] = lambda: True
 
     def _depth_gauge(self, pool: str):
         return lambda prio, depth: self.metrics.queue_depth.labels(pool, str(prio)).set(depth)
@@ -100,7 +103,7 @@ class Pipeline:
         for name, pool in scaled.items():
             kube = pool.config.kubernetes
             self.autoscalers.start(PoolSampler(pool, self.flow[name], self.metrics), kube.autoscale,
-                                   make_client(name, kube), kube.namespace)
+                                   make_client(name, kube), kube.namespace, self.leading)
 
     async def aclose(self) -> None:
         if self.autoscalers is not None:
