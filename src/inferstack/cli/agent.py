@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,49 +64,74 @@ def validate(
     typer.echo(f"ok: {counts or 'no kagent.dev resources'}")
 
 
+GatewayOpt = Annotated[str | None, typer.Option(
+    "--gateway", help="OpenAI-compatible base URL (default: the ModelConfig's openAI.baseUrl, $OPENAI_BASE_URL or "
+                      "http://127.0.0.1:8000/v1).")]
+ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key for the gateway (default $OPENAI_API_KEY).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Use this model instead of the ModelConfig's.")]
+MaxStepsOpt = Annotated[int, typer.Option("--max-steps", min=1, help="Model calls per agent before giving up.")]
+FirstChoiceOpt = Annotated[str, typer.Option(
+    "--first-tool-choice", help="tool_choice of each agent's first step: auto or required (small models rarely "
+                                "call tools by themselves).")]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="Override the ModelConfig's temperature.")]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Override the ModelConfig's maxTokens.")]
+McpOpt = Annotated[list[str] | None, typer.Option(
+    "--mcp", help="MCP server NAME=URL (Streamable HTTP) or NAME='COMMAND ARGS' (stdio), standing in for the "
+                  "server of that name (repeatable).")]
+FilesOpt = Annotated[list[Path] | None, typer.Option("--file", "-f", help="More manifests (repeatable).")]
+
+
+@dataclass
+class Setup:
+    bundle: Any
+    targets: dict[str, object]
+    names: dict[tuple[str, str], str]
+    settings: Any
+    url: str
+    api_key: str | None
+
+
+def _setup(files: list[Path], mcp: list[str] | None, settings: Any, gateway: str | None, api_key: str | None,
+           agent: str | None = None) -> tuple[Setup, Any]:
+    from inferstack.agents.loop import mcp_targets
+    from inferstack.cli.workflow import DEFAULT_GATEWAY, parse_mcp_option
+
+    if settings.first_tool_choice not in ("auto", "required"):
+        raise typer.BadParameter("expected auto or required", param_hint="--first-tool-choice")
+    bundle = _bundle(files)
+    chosen = _pick(bundle, agent)
+    targets, names = mcp_targets(bundle, parse_mcp_option(mcp or []))
+    url = gateway or _base_url(bundle, chosen) or os.environ.get("OPENAI_BASE_URL") or DEFAULT_GATEWAY
+    return Setup(bundle, targets, names, settings, url, api_key or os.environ.get("OPENAI_API_KEY")), chosen
+
+
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(help="YAML with the Agent (and the agents, ModelConfigs and MCP servers "
                                          "it uses).")],
     task: Annotated[str, typer.Argument(help="What to ask the agent.")],
-    also: Annotated[list[Path] | None, typer.Option("--file", "-f", help="More manifests (repeatable).")] = None,
+    also: FilesOpt = None,
     agent: Annotated[str | None, typer.Option(help="Which Agent to run (default: the first in FILE).")] = None,
-    gateway: Annotated[str | None, typer.Option(
-        help="OpenAI-compatible base URL (default: the ModelConfig's openAI.baseUrl, $OPENAI_BASE_URL or "
-             "http://127.0.0.1:8000/v1).")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key for the gateway (default $OPENAI_API_KEY).")] = None,
-    model: Annotated[str | None, typer.Option(help="Use this model instead of the ModelConfig's.")] = None,
-    max_steps: Annotated[int, typer.Option(min=1, help="Model calls per agent before giving up.")] = 8,
-    first_tool_choice: Annotated[str, typer.Option(
-        help="tool_choice of each agent's first step: auto or required (small models rarely call tools by "
-             "themselves).")] = "auto",
-    temperature: Annotated[float | None, typer.Option(help="Override the ModelConfig's temperature.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Override the ModelConfig's maxTokens.")] = None,
-    mcp: Annotated[list[str] | None, typer.Option(help="MCP server NAME=URL (Streamable HTTP) or NAME='COMMAND "
-                                                  "ARGS' (stdio), standing in for the server of that name.")] = None,
+    gateway: GatewayOpt = None, api_key: ApiKeyOpt = None, model: ModelOpt = None, max_steps: MaxStepsOpt = 8,
+    first_tool_choice: FirstChoiceOpt = "auto", temperature: TemperatureOpt = None, max_tokens: MaxTokensOpt = None,
+    mcp: McpOpt = None,
 ) -> None:
     """Run an agent on TASK: the trace on stderr, the answer as JSON on the last stdout line."""
-    from inferstack.agents.loop import AgentError, AgentRunner, RunSettings, mcp_targets
-    from inferstack.cli.workflow import DEFAULT_GATEWAY, parse_mcp_option
+    from inferstack.agents.loop import AgentError, AgentRunner, RunSettings
     from inferstack.workflow.chat import Gateway
     from inferstack.workflow.mcp_pool import McpConnections
 
-    if first_tool_choice not in ("auto", "required"):
-        raise typer.BadParameter("expected auto or required", param_hint="--first-tool-choice")
-    bundle = _bundle([file, *(also or [])])
-    chosen = _pick(bundle, agent)
-    targets, names = mcp_targets(bundle, parse_mcp_option(mcp or []))
     settings = RunSettings(max_steps, model, first_tool_choice, temperature, max_tokens)
-    url = gateway or _base_url(bundle, chosen) or os.environ.get("OPENAI_BASE_URL") or DEFAULT_GATEWAY
+    setup, chosen = _setup([file, *(also or [])], mcp, settings, gateway, api_key, agent)
 
     async def go() -> Any:
         import httpx
 
-        pool = McpConnections(targets)
+        pool = McpConnections(setup.targets)
         async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
-            gw = Gateway(client, url, api_key or os.environ.get("OPENAI_API_KEY"), "")
+            gw = Gateway(client, setup.url, setup.api_key, "")
             try:
-                return await AgentRunner(bundle, gw, pool, settings, names, _trace).run(chosen, task)
+                return await AgentRunner(setup.bundle, gw, pool, settings, setup.names, _trace).run(chosen, task)
             finally:
                 await pool.aclose()
 
@@ -117,6 +143,42 @@ def run(
     typer.echo(json.dumps({"agent": chosen.name, "answer": result.answer, "model_calls": sum(
         s.kind == "model" for s in result.steps), "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens}, ensure_ascii=False))
+
+
+@app.command()
+def serve(
+    files: Annotated[list[Path], typer.Argument(help="Manifests with the agents to serve.")],
+    gateway: GatewayOpt = None, api_key: ApiKeyOpt = None, model: ModelOpt = None, max_steps: MaxStepsOpt = 8,
+    first_tool_choice: FirstChoiceOpt = "auto", temperature: TemperatureOpt = None, max_tokens: MaxTokensOpt = None,
+    mcp: McpOpt = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 = any free port).")] = 8091,
+    ready_file: Annotated[Path | None,
+                          typer.Option(help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
+) -> None:
+    """Serve the agents over HTTP: POST /v1/agents/NAME/run {"task": ...}, GET /v1/agents, GET /healthz."""
+    from inferstack.agents.loop import RunSettings
+    from inferstack.agents.serve import AgentService, build_app
+    from inferstack.workflow.chat import Gateway
+    from inferstack.workflow.mcp_pool import McpConnections
+    from inferstack.workflow.serve import serve_app
+
+    settings = RunSettings(max_steps, model, first_tool_choice, temperature, max_tokens)
+    setup, _ = _setup(files, mcp, settings, gateway, api_key)
+
+    async def go() -> None:
+        import httpx
+
+        pool = McpConnections(setup.targets)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0)) as client:
+            service = AgentService(setup.bundle, Gateway(client, setup.url, setup.api_key, ""), pool, setup.names,
+                                   settings)
+            try:
+                await serve_app(build_app(service), host, port, str(ready_file) if ready_file else None)
+            finally:
+                await pool.aclose()
+
+    asyncio.run(go())
 
 
 def _base_url(bundle: Any, agent: Any) -> str | None:

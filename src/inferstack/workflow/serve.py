@@ -111,13 +111,18 @@ async def _stream(first: Event, queue: asyncio.Queue[Event]) -> AsyncIterator[by
 
 
 async def serve(state: ServeState, host: str, port: int, ready_file: str | None) -> None:
+    await serve_app(build_app(state), host, port, ready_file)
+
+
+async def serve_app(app: Starlette, host: str, port: int, ready_file: str | None) -> None:
+    """Serve ``app`` with uvicorn on host:port (0 = any free port); the ready file names the URL."""
     import uvicorn
 
     from inferstack.engine.server import _bind, server_url
     from inferstack.fileio import write_ready_file
 
     sock = _bind(host, port)
-    config = uvicorn.Config(build_app(state), log_config=None, access_log=False, lifespan="off")
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
