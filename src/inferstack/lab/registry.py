@@ -4,7 +4,7 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import capacity, compliance, ebpf, oci, pd, routing, signing, tuning
+from inferstack.lab.labs import agents, capacity, compliance, ebpf, oci, pd, routing, signing, tuning, workflow
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -18,8 +18,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
              "the autoscaling actuators (policies exist: inferstack.autoscale)"),
     _planned("predictive-scaling", 1, "Predictive scaling", "forecast-driven planner vs reactive policies",
              "the autoscaling evaluation in the simulator"),
-    _planned("workflow", 1, "Multi-agent workflows (Dify)", "what agent traffic does to serving", "workflows"),
-    _planned("agents", 1, "Kubernetes-native agents", "tool-calling agents over the gateway", "workflows"),
+    workflow.LAB,
+    agents.LAB,
     pd.LAB,
     _planned("caching", 2, "Multi-tier caching", "hit rates and TTFT across tiers and workloads",
              "a caching lab module (KV tiers exist: inferstack up --kv-tiers)"),

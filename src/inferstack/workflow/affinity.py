@@ -63,6 +63,14 @@ async def fleet_counters(client: httpx.AsyncClient, engines: list[str]) -> Fleet
     return FleetCounters(queries, hits)
 
 
+def fleet_counters_sync(engines: list[str]) -> FleetCounters:
+    async def go() -> FleetCounters:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await fleet_counters(client, engines)
+
+    return asyncio.run(go())
+
+
 def notes(index: int, words: int, seed: int) -> str:
     rng = random.Random(seed * 100_003 + index)
     return f"Run {index}: " + " ".join(rng.choice(_WORDS) for _ in range(words))
