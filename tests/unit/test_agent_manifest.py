@@ -78,3 +78,18 @@ def test_agent_references_must_exist_and_not_loop(tmp_path: Path) -> None:
     other_ns = agent("a", "    tools:\n    - type: Agent\n      agent: {name: b, namespace: team}\n")
     b_in_team = agent("b", "").replace("name: b\n", "name: b\n  namespace: team\n")
     assert "does not allow namespace default" in problems(tmp_path, other_ns, b_in_team)[0]
+
+
+def test_validate_command_exit_codes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from inferstack.cli.main import app
+
+    good = CliRunner().invoke(app, ["agent", "validate", str(EXAMPLE)])
+    assert good.exit_code == 0 and "ok: 2 Agent, 1 MCPServer, 1 ModelConfig" in good.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(agent("a", "    tools:\n    - type: Agent\n"))
+    out = CliRunner().invoke(app, ["agent", "validate", str(bad)])
+    assert out.exit_code == 2
+    assert f"{bad}:10: Agent/a: spec.declarative.tools[0]: type.agent must be specified for Agent filter.type" in \
+        out.output
