@@ -42,14 +42,15 @@ def _pick(bundle: Any, name: str | None) -> Any:
 
 def _trace(step: Any) -> None:
     pad = "  " * step.depth
+    detail = " ".join(step.detail.split())[:300]  # one line per step
     if step.kind == "model":
         typer.echo(f"{pad}[{step.agent} #{step.index}] model {step.name}: {step.detail} "
                    f"({step.tokens} tokens, {step.elapsed_ms:.0f} ms)", err=True)
     elif step.kind in ("tool", "agent"):
         mark = "✗" if step.is_error else "→"
-        typer.echo(f"{pad}[{step.agent} #{step.index}] {step.kind} {step.name} {mark} {step.detail[:300]}", err=True)
+        typer.echo(f"{pad}[{step.agent} #{step.index}] {step.kind} {step.name} {mark} {detail}", err=True)
     else:
-        typer.echo(f"{pad}[{step.agent}] answer: {step.detail[:300]}", err=True)
+        typer.echo(f"{pad}[{step.agent}] answer: {detail}", err=True)
 
 
 @app.command()
