@@ -41,13 +41,16 @@ def test_extraction_schema_is_strict_and_optional_fields_may_be_null() -> None:
         extraction_schema([{"name": "x", "type": "select"}])
 
 
-def run_node(executor: Any, data: dict[str, Any], reply_content: str) -> tuple[NodeResult, dict[str, Any]]:
-    """Run one node against an in-process OpenAI-shaped endpoint that records the request."""
+def run_node(executor: Any, data: dict[str, Any], reply_content: str,
+             raw_message: bool = False) -> tuple[NodeResult, dict[str, Any]]:
+    """Run one node against an in-process OpenAI-shaped endpoint that records the request; the reply is
+    ``reply_content`` as the message's content, or (``raw_message``) the message itself as JSON."""
     seen: dict[str, Any] = {}
+    message = json.loads(reply_content) if raw_message else {"content": reply_content}
 
     def handle(request: httpx.Request) -> httpx.Response:
         seen["body"], seen["headers"] = json.loads(request.content), request.headers
-        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": reply_content},
+        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", **message},
                                                       "finish_reason": "stop"}],
                                          "usage": {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}})
 
@@ -92,3 +95,19 @@ def test_question_classifier_branches_on_the_class_id() -> None:
         run_node(QuestionClassifier(), data, '{"category_name": "cooking"}')
     with pytest.raises(NodeFailure, match="distinct names"):
         run_node(QuestionClassifier(), {**data, "classes": [{"id": "1", "name": "a"}, {"id": "2", "name": "a"}]}, "")
+
+
+def test_parameter_extractor_function_call_mode_forces_a_strict_function() -> None:
+    data = {"type": "parameter-extractor", "model": MODEL, "query": ["start", "q"], "parameters": PARAMS[:1],
+            "reasoning_mode": "function_call"}
+    arguments = '{"city": "Paris"}'
+    reply = json.dumps({"content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "extract_parameters", "arguments": arguments}}]})
+    result, seen = run_node(ParameterExtractor(), data, reply, raw_message=True)
+    body = seen["body"]
+    assert "response_format" not in body
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "extract_parameters"}}
+    function = body["tools"][0]["function"]
+    assert function["strict"] is True and function["parameters"] == extraction_schema(PARAMS[:1])
+    check_strict_schema(function["parameters"], "function 'extract_parameters'", "tools[0].function.parameters")
+    assert result.outputs["city"] == "Paris" and result.outputs["__is_success"] == 1

@@ -5,8 +5,10 @@ of a prompt that hopes for JSON.
 
 Node config as Dify writes it:
 - parameter-extractor: `model`, `query` (a variable selector), `parameters: [{name, type, description,
-  required, options}]`, `instruction` (may reference variables), `reasoning_mode`. Outputs: one value
-  per parameter (None when the model gave none), `__is_success` (1/0), `__reason`, `__usage`.
+  required, options}]`, `instruction` (may reference variables), `reasoning_mode` (`prompt`: a strict
+  response_format; `function_call`: a forced call of a strict function with that schema, as Dify's
+  tool-calling mode). Outputs: one value per parameter (None when the model gave none), `__is_success`
+  (1/0), `__reason`, `__usage`.
 - question-classifier: `model`, `query_variable_selector`, `classes: [{id, name}]`, `instruction`.
   Outputs `class_name`, `class_id`, `usage`; the edge taken is the one whose sourceHandle is the class id.
 """
@@ -23,6 +25,7 @@ from inferstack.workflow.nodes import COMPLETION_PARAMS, NodeFailure, NodeResult
 # Dify parameter types → JSON Schema (strict mode: every object closed, every property required)
 _SCALARS = {"string": "string", "number": "number", "bool": "boolean", "boolean": "boolean"}
 _CLOSED_OBJECT = {"type": "object", "additionalProperties": False, "properties": {}, "required": []}
+EXTRACT_FUNCTION = "extract_parameters"
 DEFAULT_MAX_TOKENS = 256  # strict schemas allow no string length bound; this ends a rambling model
 
 
@@ -78,6 +81,7 @@ class ParameterExtractor:
     def resolve(self, node: Node, ctx: RunContext) -> dict[str, Any]:
         resolved = _model_request(node, ctx, "query")
         resolved["parameters"] = [dict(p) for p in node.data.get("parameters") or []]
+        resolved["reasoning_mode"] = str(node.data.get("reasoning_mode") or "prompt")
         return resolved
 
     async def run(self, node: Node, resolved: dict[str, Any], svc: Services) -> NodeResult:
@@ -90,8 +94,15 @@ class ParameterExtractor:
                  for p in params]
         system = ("Extract these parameters from the user's text and answer with JSON only.\n"
                   + "\n".join(lines) + (f"\n{resolved['instruction']}" if resolved["instruction"] else ""))
-        reply = await complete(svc, _body(resolved, system, "parameters", schema))
-        values, reason = _parse_object(reply.message.get("content"))
+        body = _body(resolved, system, "parameters", schema)
+        if resolved["reasoning_mode"] == "function_call":  # Dify's tool-calling mode: a forced function call
+            del body["response_format"]
+            body["tools"] = [{"type": "function", "function": {"name": EXTRACT_FUNCTION, "strict": True,
+                                                               "description": "Record the extracted parameters.",
+                                                               "parameters": schema}}]
+            body["tool_choice"] = {"type": "function", "function": {"name": EXTRACT_FUNCTION}}
+        reply = await complete(svc, body)
+        values, reason = _parse_object(_extracted_text(reply.message))
         outputs = {str(p["name"]): (values or {}).get(str(p["name"])) for p in params}
         outputs.update({"__is_success": 1 if reason is None else 0, "__reason": reason, "__usage": reply.usage})
         return NodeResult(outputs, usage=reply.usage)
@@ -121,6 +132,15 @@ class QuestionClassifier:
             raise NodeFailure(f"the model named no category ({reason or values})")
         return NodeResult({"class_name": chosen["name"], "class_id": chosen["id"], "usage": reply.usage},
                           branch=chosen["id"], usage=reply.usage)
+
+
+def _extracted_text(message: dict[str, Any]) -> Any:
+    """The JSON text of the answer: the forced function call's arguments, else the content."""
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        if function.get("name") == EXTRACT_FUNCTION:
+            return function.get("arguments")
+    return message.get("content")
 
 
 def _parse_object(content: Any) -> tuple[dict[str, Any] | None, str | None]:
