@@ -11,7 +11,6 @@ growing prefix on one replica. An MCP result with `is_error` goes back to the mo
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import uuid
@@ -21,7 +20,7 @@ from typing import Any
 
 from inferstack.agents.manifest import Bundle, Resource, tool_target
 from inferstack.workflow.chat import ChatError, Gateway, chat
-from inferstack.workflow.mcp_pool import McpConnections, describe
+from inferstack.workflow.mcp_pool import McpConnections, describe, stdio_server
 
 MAX_DEPTH = 5  # agents calling agents: deeper than this is a loop the manifest check did not catch
 
@@ -228,8 +227,6 @@ def mcp_targets(bundle: Bundle, overrides: dict[str, object]) -> tuple[dict[str,
     A RemoteMCPServer is its URL (Streamable HTTP); an MCPServer with transportType stdio is its
     deployment's `cmd args...` run as a local process; `--mcp NAME=...` replaces a server of that name
     (or adds one) in every namespace."""
-    from mcp import StdioServerParameters
-
     targets: dict[str, object] = {}
     names: dict[tuple[str, str], str] = {}
     for res in bundle.resources.values():
@@ -239,8 +236,7 @@ def mcp_targets(bundle: Bundle, overrides: dict[str, object]) -> tuple[dict[str,
         elif res.kind == "RemoteMCPServer" and res.spec.protocol == "STREAMABLE_HTTP":
             targets[key] = res.spec.url
         elif res.kind == "MCPServer" and res.spec.transport_type == "stdio":
-            targets[key] = StdioServerParameters(command=res.spec.deployment.cmd, args=res.spec.deployment.args,
-                                                 env=dict(os.environ))
+            targets[key] = stdio_server(res.spec.deployment.cmd, res.spec.deployment.args)
         else:
             continue  # SSE / http MCPServer: only reachable inside a cluster; --mcp can stand in
         names[(res.namespace, res.name)] = key

@@ -51,11 +51,10 @@ def parse_mcp_option(pairs: list[str]) -> dict[str, object]:
         if target.startswith(("http://", "https://")):
             targets[name] = target
         else:
-            from mcp import StdioServerParameters
+            from inferstack.workflow.mcp_pool import stdio_server
 
             argv = shlex.split(target)
-            # the SDK passes a child only a few variables; a local server needs our PYTHONPATH, venv...
-            targets[name] = StdioServerParameters(command=argv[0], args=argv[1:], env=dict(os.environ))
+            targets[name] = stdio_server(argv[0], argv[1:])
     return targets
 
 

@@ -89,3 +89,19 @@ def describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"
+
+
+# what a local (stdio) server of ours needs beyond the SDK's safe defaults (HOME, PATH, ...): our
+# sources and virtualenv; API keys and other secrets of the caller stay out of the server's environment
+_PYTHON_ENV = ("PYTHONPATH", "VIRTUAL_ENV", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def stdio_server(command: str, args: list[str]) -> Any:
+    """`StdioServerParameters` for a local MCP server process."""
+    import os
+
+    from mcp import StdioServerParameters
+    from mcp.client.stdio import get_default_environment
+
+    env = {**get_default_environment(), **{k: os.environ[k] for k in _PYTHON_ENV if k in os.environ}}
+    return StdioServerParameters(command=command, args=args, env=env)

@@ -10,7 +10,6 @@ counters say how many prompt tokens were prefilled and how many came from their 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 
 import httpx
@@ -20,6 +19,7 @@ from inferstack.lab.base import Lab, LabResult, Table
 from inferstack.lab.report import bar_plot
 from inferstack.lab.runtime import LabRun
 from inferstack.workflow.affinity import TeamLoad, fleet_counters, run_team
+from inferstack.workflow.mcp_pool import stdio_server
 
 PRESETS = ("round-robin", "default")
 EMULATE = "l4:llama-3-8b"
@@ -42,10 +42,7 @@ async def _team(gateway: str, engines: list[str], model: str, load: TeamLoad, mc
 
 def _measure(lab: LabRun, load: TeamLoad) -> list[list]:
     """Both presets at once, each on its own 4 engines of one emulated fleet (cold caches for both)."""
-    from mcp import StdioServerParameters
-
-    glossary = StdioServerParameters(command=sys.executable, args=["-m", "inferstack.agents.glossary_server"],
-                                     env=dict(os.environ))
+    glossary = stdio_server(sys.executable, ["-m", "inferstack.agents.glossary_server"])
     with lab.server("engines", "engine", "serve", "--emulate", EMULATE, "--emulate-count", "8",
                     "--num-kv-blocks", "2000", "--max-num-seqs", "8") as engines:
         model = httpx.get(engines[0] + "/v1/models", timeout=10).json()["data"][0]["id"]
