@@ -195,8 +195,9 @@ class AgentRunner:
         name = str(fn.get("name", ""))
         tool = tools.get(name)
         t0 = time.perf_counter()
-        try:
-            arguments = json.loads(fn.get("arguments") or "{}")
+        raw = fn.get("arguments") or "{}"
+        try:  # OpenAI sends a JSON string; some servers send the object itself
+            arguments = raw if isinstance(raw, dict) else json.loads(str(raw))
         except ValueError:
             arguments = None
         if tool is None or not isinstance(arguments, dict):
