@@ -120,3 +120,24 @@ def test_serve_runs_an_agent_over_http() -> None:
         bad = client.post("/v1/agents/researcher/run", json={"task": ""})
         assert bad.status_code == 400 and "'task'" in bad.json()["error"]["message"]
         assert client.post("/v1/agents/ghost/run", json={"task": "x"}).status_code == 404
+
+
+def test_unknown_tool_and_bad_arguments_go_back_as_errors() -> None:
+    requests: list[dict[str, Any]] = []
+    bad_calls = iter([call("nope"), {"content": None, "tool_calls": [
+        {"id": "c2", "type": "function", "function": {"name": "lookup", "arguments": "{not json"}}]}])
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        requests.append(body)
+        if "researcher" in {t["function"]["name"] for t in body.get("tools", [])}:
+            last = body["messages"][-1]
+            return reply({"content": "done"} if last["role"] == "tool" else call("researcher", request="x"))
+        return reply(next(bad_calls, {"content": "gave up"}))
+
+    result = run_agent(handle)
+    errors = [s.detail for s in result.steps if s.is_error]
+    assert errors == ["no tool named 'nope'", "arguments are not a JSON object: {not json"]
+    assert requests[2]["messages"][-1] == {"role": "tool", "tool_call_id": "call_nope",
+                                           "content": "Error: no tool named 'nope'"}
+    assert result.answer == "done"
