@@ -8,7 +8,8 @@ background notes (~`--context-words` words) that every agent's prompt starts wit
 as X-Session-Id. Each routing preset gets a fresh fleet (cold caches); the engines' own counters
 (vllm:prefix_cache_queries/hits) give prompt tokens looked up, found, and so computed.
 
-Run: .venv/bin/python benchmarks/workflow_affinity.py [--runs 12] [--concurrency 4] [--context-words 900]
+Run: .venv/bin/python benchmarks/workflow_affinity.py [--runs 12] [--concurrency 4] [--context-words 900] [--split]
+(`--split` adds the default router's scorers split in two: prefix-only and session-only.)
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ from inferstack.agents.glossary_server import server as glossary  # noqa: E402
 from inferstack.workflow.affinity import TeamLoad, fleet_counters, run_team  # noqa: E402
 
 PRESETS = ("round-robin", "default")
+# the default preset's scorers split in two, to see which affinity does the work (docs/gateway.md)
+LOAD_SCORERS = {"in-flight": 2, "kv-cache": 1}
+PROFILES = {
+    "prefix-only": {"filters": ["healthy", "not-overloaded"], "picker": "max-score",
+                    "scorers": {"prefix": 3, "cold-spread": 1, **LOAD_SCORERS}},
+    "session-only": {"filters": ["healthy", "not-overloaded"], "picker": "max-score",
+                     "scorers": {"session-affinity": 2, **LOAD_SCORERS}},
+}
 
 
 async def measure(preset: str, load: TeamLoad, kv_blocks: int) -> dict:
@@ -40,8 +49,10 @@ async def measure(preset: str, load: TeamLoad, kv_blocks: int) -> dict:
     try:
         async with httpx.AsyncClient() as client:
             model = (await client.get(engines[0] + "/v1/models")).json()["data"][0]["id"]
-        gw = start_inferstack_gateway({"pools": {"bench": {"endpoints": engines, "models": [model],
-                                                           "routing": preset}}})
+        config: dict = {"pools": {"bench": {"endpoints": engines, "models": [model], "routing": preset}}}
+        if preset in PROFILES:
+            config["routing"] = {"profiles": {preset: PROFILES[preset]}}
+        gw = start_inferstack_gateway(config)
         try:
             async with httpx.AsyncClient() as client:
                 before = await fleet_counters(client, engines)
@@ -65,11 +76,13 @@ def main() -> None:
     ap.add_argument("--context-words", type=int, default=900)
     ap.add_argument("--kv-blocks", type=int, default=2000, help="KV blocks per emulated engine")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    ap.add_argument("--split", action="store_true", help="also run prefix-only and session-only profiles")
     args = ap.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the MCP SDK turns on INFO logging when imported
     load = TeamLoad(args.runs, args.concurrency, args.context_words)
-    rows = [asyncio.run(measure(p, load, args.kv_blocks)) for p in PRESETS]
-    base, aff = rows
+    presets = (*PRESETS, *PROFILES) if args.split else PRESETS
+    rows = [asyncio.run(measure(p, load, args.kv_blocks)) for p in presets]
+    base, aff = rows[:2]
     print(f"{'routing':12} {'calls':>5} {'prompt tok':>10} {'cached':>8} {'computed':>9} {'hit rate':>8} {'wall s':>7}")
     for r in rows:
         print(f"{r['routing']:12} {r['model_calls']:5d} {r['prompt_tokens']:10.0f} {r['cached_tokens']:8.0f} "
