@@ -263,6 +263,9 @@ def test_serve_streams_dify_events_and_keeps_runs(engine: Server, gateway: Serve
         assert detail["status"] == "succeeded" and len(detail["nodes"]) == len(finished)
         assert sum(n["tokens"] for n in detail["nodes"] if n["node_type"] == "llm") > 0
         assert run_id in [r["run_id"] for r in httpx.get(srv.url + "/v1/workflows/runs").json()["data"]]
+        page = httpx.get(f"{srv.url}/runs/{run_id}").text  # the run view: the graph with each node's status
+        assert 'class="node succeeded" data-node="outline"' in page and "3 steps, 0 cached" in page
+        assert f"runs/{run_id}" in httpx.get(srv.url + "/runs").text
 
         blocking = httpx.post(srv.url + "/v1/workflows/run", timeout=60, json={
             "inputs": {"topic": "SSE", "parts": "a"}, "response_mode": "blocking"}).json()

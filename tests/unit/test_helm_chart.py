@@ -375,3 +375,24 @@ def test_autoscaling_wrong_values_fail_the_render(values, message):
     with pytest.raises(RenderError) as exc:
         render({"autoscaling": values})
     assert message in str(exc.value)
+def test_agents_deployment_serves_the_validated_manifests(tmp_path):
+    from inferstack.agents.manifest import load_bundle
+
+    example = Path(__file__).resolve().parents[2] / "src/inferstack/assets/agents/glossary-team.yaml"
+    objs = render({"agents": {"enabled": True, "gatewayUrl": "http://inference-gateway.serving.svc/v1",
+                              "manifests": example.read_text(), "mcp": ["glossary=http://glossary.tools.svc/mcp"],
+                              "firstToolChoice": "required"}})
+    config = one(objs, "ConfigMap", "llm-inferstack-agents")
+    (tmp_path / "agents.yaml").write_text(config["data"]["agents.yaml"])
+    assert {a.name for a in load_bundle([tmp_path / "agents.yaml"]).agents()} == {"explainer", "researcher"}
+    pod = one(objs, "Deployment", "llm-inferstack-agents")["spec"]["template"]
+    agents = container(pod, "agents")
+    assert agents["command"] == ["inferstack", "agent", "serve"]
+    assert agents["args"][:3] == ["/etc/inferstack/agents/agents.yaml", "--gateway",
+                                  "http://inference-gateway.serving.svc/v1"]
+    assert agents["args"][-3:] == ["required", "--mcp", "glossary=http://glossary.tools.svc/mcp"]
+    service = one(objs, "Service", "llm-inferstack-agents")
+    assert selected(pod["metadata"]["labels"], service["spec"]["selector"])
+    assert all(o["metadata"]["name"] != "llm-inferstack-agents" for o in render({}))  # off by default
+    with pytest.raises(RenderError, match=r"agents\.gatewayUrl is required"):
+        render_chart({"agents": {"enabled": True, "manifests": "x: 1"}}, name="llm", namespace="serving")

@@ -30,6 +30,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("observe", "observe"),
     ("lab", "lab"),
     ("workflow", "workflow"),
+    ("agent", "agent"),
 ]
 
 

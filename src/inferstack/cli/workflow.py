@@ -39,7 +39,7 @@ def _parse_inputs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _mcp_targets(pairs: list[str]) -> dict[str, object]:
+def parse_mcp_option(pairs: list[str]) -> dict[str, object]:
     """NAME=URL (Streamable HTTP) or NAME=COMMAND ARGS... (stdio) → what `mcp.Client` connects to."""
     import shlex
 
@@ -51,10 +51,10 @@ def _mcp_targets(pairs: list[str]) -> dict[str, object]:
         if target.startswith(("http://", "https://")):
             targets[name] = target
         else:
-            from mcp import StdioServerParameters
+            from inferstack.workflow.mcp_pool import stdio_server
 
             argv = shlex.split(target)
-            targets[name] = StdioServerParameters(command=argv[0], args=argv[1:])
+            targets[name] = stdio_server(argv[0], argv[1:])
     return targets
 
 
@@ -65,7 +65,7 @@ def _services(client: Any, gateway: str | None, api_key: str | None, allow_host:
 
     return Services(client=client, gateway=gateway or os.environ.get("OPENAI_BASE_URL") or DEFAULT_GATEWAY,
                     api_key=api_key or os.environ.get("OPENAI_API_KEY"), session_id="",
-                    allow_hosts=frozenset(allow_host or []), mcp=McpConnections(_mcp_targets(mcp or [])))
+                    allow_hosts=frozenset(allow_host or []), mcp=McpConnections(parse_mcp_option(mcp or [])))
 
 
 def _progress(event: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +79,28 @@ def _line_of(data: Any, loc: Sequence[int | str]) -> int:
     return line
 
 
-def load_marked_yaml(text: str, source: str = "<string>") -> Any:
-    """Parse YAML whose mappings/lists remember their lines (see `line_of`); bad YAML → ConfigError."""
+@contextlib.contextmanager
+def _yaml_errors(source: str) -> Iterator[None]:
     try:
-        return yaml.load(text, Loader=_MarkedLoader)
+        yield
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise ConfigError([f"{source}:{line}: invalid YAML: {exc.problem or exc.context}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}:1: invalid YAML: {exc}"]) from None
+
+
+def load_marked_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML whose mappings/lists remember their lines (see `line_of`); bad YAML → ConfigError."""
+    with _yaml_errors(source):
+        return yaml.load(text, Loader=_MarkedLoader)
+
+
+def load_marked_yaml_all(text: str, source: str = "<string>") -> list[Any]:
+    """Every document of a multi-document YAML stream (`---`), lines counted from the stream's start."""
+    with _yaml_errors(source):
+        return list(yaml.load_all(text, Loader=_MarkedLoader))
 
 
 def line_of(data: Any, loc: Sequence[int | str]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from inferstack.lab.base import Lab
 from inferstack.lab.labs import (
+    agents,
     autoscaling,
     capacity,
     compliance,
@@ -16,6 +17,7 @@ from inferstack.lab.labs import (
     routing,
     signing,
     tuning,
+    workflow,
 )
 
 
@@ -28,8 +30,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     routing.LAB,
     autoscaling.LAB,
     predictive.LAB,
-    _planned("workflow", 1, "Multi-agent workflows (Dify)", "what agent traffic does to serving", "workflows"),
-    _planned("agents", 1, "Kubernetes-native agents", "tool-calling agents over the gateway", "workflows"),
+    workflow.LAB,
+    agents.LAB,
     pd.LAB,
     _planned("caching", 2, "Multi-tier caching", "hit rates and TTFT across tiers and workloads",
              "a caching lab module (KV tiers exist: inferstack up --kv-tiers)"),

@@ -164,6 +164,15 @@ class LabRun:
             if _alive(proc.pid):
                 raise LabError(f"{name} (pid {proc.pid}) still running after it was stopped")
 
+    @contextlib.contextmanager
+    def server(self, name: str, *args: str, timeout_s: float = 120) -> Iterator[list[str]]:
+        """`inferstack ARGS --port 0 --ready-file F` via `process()`; yields the URLs it reports."""
+        ready = self.out / "logs" / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "inferstack", *args, "--port", "0", "--ready-file", str(ready)]
+        with self.process(name, argv, lambda: ready.exists() and bool(ready.read_text().strip()), timeout_s):
+            yield json.loads(ready.read_text().splitlines()[0])["urls"]
+
     def cli(self, *args: str, expect: int | None = 0) -> Command:
         """`inferstack ARGS` in its own process, timed; a LabError unless it exits ``expect`` (None: any)."""
         self.step("inferstack " + " ".join(args))

@@ -11,11 +11,11 @@ import hashlib
 import json
 from typing import Any
 
-from inferstack.workflow.dsl import Node
+from inferstack.workflow.dsl import MODEL_NODES, Node
 
 DEFAULT_TTL_S = 7 * 24 * 3600  # Dagger's function-cache default
 # nodes worth caching: they call a model, run code or go to the network; the rest are cheap and pure
-CACHEABLE = frozenset({"llm", "code", "http-request"})
+CACHEABLE = MODEL_NODES | {"code", "http-request"}
 # keys that do not change what a node computes
 _COSMETIC = frozenset({"title", "desc", "selected", "cache", "retry_config", "timeout_s", "isInIteration",
                        "iteration_id", "error_strategy", "default_value"})
@@ -30,7 +30,7 @@ def cache_ttl(node: Node, resolved: dict[str, Any]) -> float | None:
     policy = node.data.get("cache") or {}
     if node.type not in CACHEABLE or policy.get("never"):
         return None
-    if node.type == "llm":
+    if node.type in MODEL_NODES:
         params = resolved.get("params", {})
         if params.get("temperature", 1) != 0 and params.get("seed") is None:
             return None
@@ -44,6 +44,6 @@ def cache_key(node: Node, resolved: dict[str, Any], gateway: str) -> str:
     config = {k: v for k, v in node.data.items() if k not in _COSMETIC}
     model = (node.data.get("model") or {}).get("name")
     material = {"type": node.type, "config": config, "inputs": resolved,
-                "model": [model, gateway] if node.type == "llm" else None}
+                "model": [model, gateway] if node.type in MODEL_NODES else None}
     blob = json.dumps(material, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -25,16 +25,20 @@ RUNNABLE_MODES = ("workflow", "advanced-chat")
 # node types the runner executes
 SUPPORTED_TYPES = frozenset({
     "start", "llm", "code", "if-else", "iteration", "iteration-start", "http-request",
-    "template-transform", "variable-aggregator", "answer", "end", "tool",
+    "template-transform", "variable-aggregator", "answer", "end", "tool", "parameter-extractor",
+    "question-classifier",
 })
-# Dify node types we know but do not run yet (they need structured outputs, MCP or retrieval)
+# node types that call the model (through the gateway)
+MODEL_NODES = frozenset({"llm", "parameter-extractor", "question-classifier"})
+# Dify node types we know but do not run yet (retrieval, loops, Dify's own agent node)
 KNOWN_UNSUPPORTED = frozenset({
-    "parameter-extractor", "question-classifier", "knowledge-retrieval", "loop", "loop-start",
+    "knowledge-retrieval", "loop", "loop-start",
     "agent", "document-extractor", "list-operator", "variable-assigner", "assigner",
 })
 # Dify's variable reference in templates: {{#node_id.var[.field...]#}}
 TEMPLATE_REF = re.compile(r"\{\{#([a-zA-Z0-9_]{1,50}(?:\.[a-zA-Z_][a-zA-Z0-9_]{0,29}){1,10})#\}\}")
-SELECTOR_KEYS = ("value_selector", "variable_selector", "iterator_selector", "output_selector")
+SELECTOR_KEYS = ("value_selector", "variable_selector", "iterator_selector", "output_selector", "query",
+                 "query_variable_selector")
 # selector roots that are not nodes: system, environment and conversation variables
 SPECIAL_ROOTS = ("sys", "env", "conversation")
 

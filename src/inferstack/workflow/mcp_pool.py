@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-Call = tuple[str, dict[str, Any], asyncio.Future[Any]]
+Call = tuple[str | None, dict[str, Any], asyncio.Future[Any]]  # tool None: list the tools
 
 
 class McpConnections:
@@ -25,6 +25,13 @@ class McpConnections:
 
     async def call(self, server: str, tool: str, arguments: dict[str, Any]) -> Any:
         """`CallToolResult` of ``tool`` on ``server``; transport and protocol errors raise."""
+        return await self._request(server, tool, arguments)
+
+    async def list_tools(self, server: str) -> Any:
+        """`ListToolsResult` of ``server`` (`.tools[i].name, description, input_schema`)."""
+        return await self._request(server, None, {})
+
+    async def _request(self, server: str, tool: str | None, arguments: dict[str, Any]) -> Any:
         queue = self._queues.get(server)
         if queue is None:
             queue = self._queues[server] = asyncio.Queue()
@@ -43,7 +50,7 @@ class McpConnections:
                 while (item := await queue.get()) is not None:
                     tool, arguments, future = item
                     try:
-                        result = await client.call_tool(tool, arguments)
+                        result = await (client.list_tools() if tool is None else client.call_tool(tool, arguments))
                     except Exception as exc:  # handed to the caller, who fails the node
                         _settle(future, exc=exc)
                     else:
@@ -75,3 +82,26 @@ def _settle(future: asyncio.Future[Any], result: Any = None, exc: BaseException 
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of the first real error (anyio wraps a server's failure in exception groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+# what a local (stdio) server of ours needs beyond the SDK's safe defaults (HOME, PATH, ...): our
+# sources and virtualenv; API keys and other secrets of the caller stay out of the server's environment
+_PYTHON_ENV = ("PYTHONPATH", "VIRTUAL_ENV", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def stdio_server(command: str, args: list[str]) -> Any:
+    """`StdioServerParameters` for a local MCP server process."""
+    import os
+
+    from mcp import StdioServerParameters
+    from mcp.client.stdio import get_default_environment
+
+    env = {**get_default_environment(), **{k: os.environ[k] for k in _PYTHON_ENV if k in os.environ}}
+    return StdioServerParameters(command=command, args=args, env=env)

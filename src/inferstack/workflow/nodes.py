@@ -13,10 +13,11 @@ import httpx
 from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from inferstack.workflow.chat import ChatError, Gateway, Reply, chat
 from inferstack.workflow.conditions import evaluate_cases
 from inferstack.workflow.context import RunContext
 from inferstack.workflow.dsl import Node
-from inferstack.workflow.mcp_pool import McpConnections
+from inferstack.workflow.mcp_pool import McpConnections, describe
 from inferstack.workflow.sandbox import SandboxError, SandboxLimits, run_python
 
 COMPLETION_PARAMS = ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty",
@@ -37,6 +38,9 @@ class Services:
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     # tool nodes: provider id → one MCP session per server (the owner closes it)
     mcp: McpConnections = field(default_factory=McpConnections)
+
+    def chat_gateway(self) -> Gateway:
+        return Gateway(self.client, self.gateway, self.api_key, self.session_id)
 
 
 @dataclass
@@ -76,23 +80,17 @@ class Llm:
 
     async def run(self, node: Node, resolved: dict[str, Any], svc: Services) -> NodeResult:
         body = {"model": resolved["model"], "messages": resolved["messages"], **resolved["params"]}
-        headers = {"X-Session-Id": svc.session_id}
-        if svc.api_key:
-            headers["Authorization"] = f"Bearer {svc.api_key}"
-        try:
-            resp = await svc.client.post(svc.gateway.rstrip("/") + "/chat/completions", json=body,
-                                         headers=headers)
-        except httpx.HTTPError as exc:
-            raise NodeFailure(f"gateway {svc.gateway}: {type(exc).__name__}: {exc}") from None
-        if resp.status_code != 200:
-            raise NodeFailure(f"gateway answered {resp.status_code}: {resp.text[:300]}")
-        try:
-            reply = resp.json()
-            text = reply["choices"][0]["message"].get("content") or ""
-            usage = {k: int(v) for k, v in (reply.get("usage") or {}).items() if isinstance(v, int)}
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise NodeFailure(f"the gateway's reply is not a chat completion: {resp.text[:300]}") from None
-        return NodeResult({"text": text, "usage": usage}, usage=usage)
+        reply = await complete(svc, body)
+        text = reply.message.get("content") or ""
+        return NodeResult({"text": text, "usage": reply.usage}, usage=reply.usage)
+
+
+async def complete(svc: Services, body: dict[str, Any]) -> Reply:
+    """A chat completion for a node; gateway errors fail (and retry) the node."""
+    try:
+        return await chat(svc.chat_gateway(), body)
+    except ChatError as exc:
+        raise NodeFailure(str(exc)) from None
 
 
 class Code:
@@ -253,15 +251,8 @@ class Tool:
             result = await svc.mcp.call(server, resolved["tool"], resolved["arguments"])
         except Exception as exc:  # transport and protocol errors of any kind fail (and retry) the node
             raise NodeFailure(
-                f"MCP server {server!r}, tool {resolved['tool']!r}: {type(exc).__name__}: {exc}"
+                f"MCP server {server!r}, tool {resolved['tool']!r}: {describe(exc)}"
             ) from None
         text = "".join(c.text for c in result.content if c.type == "text")
         structured = [result.structured_content] if result.structured_content is not None else []
         return NodeResult({"text": text, "json": structured, "files": [], "is_error": bool(result.is_error)})
-
-
-EXECUTORS: dict[str, Executor] = {
-    "start": Start(), "llm": Llm(), "code": Code(), "template-transform": TemplateTransform(),
-    "if-else": IfElse(), "variable-aggregator": VariableAggregator(), "answer": Answer(), "end": End(),
-    "http-request": HttpRequest(), "iteration-start": Passthrough(), "tool": Tool(),
-}

@@ -16,12 +16,14 @@ from typing import Any
 from inferstack.workflow.cache import cache_key, cache_ttl
 from inferstack.workflow.conditions import ConditionError
 from inferstack.workflow.context import RunContext
-from inferstack.workflow.dsl import App, Edge, Node, export_app
+from inferstack.workflow.dsl import MODEL_NODES, App, Edge, Node, export_app
+from inferstack.workflow.executors import EXECUTORS
 from inferstack.workflow.inputs import coerce_inputs
-from inferstack.workflow.nodes import EXECUTORS, Executor, NodeFailure, NodeResult, Services
+from inferstack.workflow.nodes import Executor, NodeFailure, NodeResult, Services
 from inferstack.workflow.store import RunStore, StoredNode
 
-DEFAULT_TIMEOUT_S = {"llm": 120.0, "http-request": 30.0}
+DEFAULT_TIMEOUT_S = {"llm": 120.0, "parameter-extractor": 120.0, "question-classifier": 120.0,
+                     "http-request": 30.0}
 Event = dict[str, Any]
 QUERY_KEY = "sys.query"  # where a run's stored inputs keep an advanced-chat query
 
@@ -172,7 +174,7 @@ class Runner:
             resolved = executor.resolve(node, ctx)
         except ConditionError as exc:
             raise WorkflowError(f"node {node.id} ({node.type}) '{node.title}': {exc}") from None
-        if node.type == "llm" and self.model:
+        if node.type in MODEL_NODES and self.model:
             resolved["model"] = self.model
         ttl = cache_ttl(node, resolved)
         key = cache_key(node, resolved, self.svc.gateway) if ttl else ""
@@ -192,7 +194,7 @@ class Runner:
         timeout = float(node.data.get("timeout_s", default_timeout))
         error = ""
         for attempt in range(1, tries + 1):
-            if node.type == "llm":
+            if node.type in MODEL_NODES:
                 self.llm_calls += 1
             try:
                 return await asyncio.wait_for(executor.run(node, resolved, self.svc), timeout), attempt

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from inferstack.protocol.sse import sse_event
@@ -25,6 +26,7 @@ from inferstack.workflow.dsl import App
 from inferstack.workflow.inputs import InputError
 from inferstack.workflow.nodes import Services
 from inferstack.workflow.runner import Event, Runner, WorkflowError
+from inferstack.workflow.runview import render_html
 from inferstack.workflow.store import RunStore
 
 
@@ -75,10 +77,22 @@ def build_app(state: ServeState) -> Starlette:
     async def health(request: Request) -> Response:
         return Response("ok")
 
+    async def run_page(request: Request) -> Response:
+        detail = state.store.run_detail(request.path_params["run_id"])
+        if detail is None:
+            return HTMLResponse("<p>no such run</p>", 404)
+        return HTMLResponse(render_html(state.app, detail))
+
+    async def runs_page(request: Request) -> Response:
+        items = "".join(f"<li><a href='runs/{html.escape(r['run_id'])}'>{html.escape(r['run_id'])}</a> "
+                        f"{html.escape(r['status'])}</li>" for r in state.store.run_summaries())
+        return HTMLResponse(f"<!doctype html><html><body><h1>{html.escape(state.app.name)} runs</h1>"
+                            f"<ul>{items}</ul></body></html>")
+
     return Starlette(routes=[
         Route("/v1/workflows/run", start_run, methods=["POST"]),
         Route("/v1/workflows/run/{run_id}", get_run), Route("/v1/workflows/runs", list_runs),
-        Route("/health", health)])
+        Route("/health", health), Route("/runs", runs_page), Route("/runs/{run_id}", run_page)])
 
 
 async def _first_event(queue: asyncio.Queue[Event], task: asyncio.Task[Any]) -> Event | Response:
@@ -111,13 +125,18 @@ async def _stream(first: Event, queue: asyncio.Queue[Event]) -> AsyncIterator[by
 
 
 async def serve(state: ServeState, host: str, port: int, ready_file: str | None) -> None:
+    await serve_app(build_app(state), host, port, ready_file)
+
+
+async def serve_app(app: Starlette, host: str, port: int, ready_file: str | None) -> None:
+    """Serve ``app`` with uvicorn on host:port (0 = any free port); the ready file names the URL."""
     import uvicorn
 
     from inferstack.engine.server import _bind, server_url
     from inferstack.fileio import write_ready_file
 
     sock = _bind(host, port)
-    config = uvicorn.Config(build_app(state), log_config=None, access_log=False, lifespan="off")
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
