@@ -4,7 +4,7 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import capacity, compliance, ebpf, oci, pd, routing, signing, tuning
+from inferstack.lab.labs import capacity, compliance, ebpf, network, oci, pd, routing, signing, tuning
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -25,8 +25,7 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
              "a caching lab module (KV tiers exist: inferstack up --kv-tiers)"),
     _planned("quantization", 2, "Performance vs accuracy", "tok/s against accuracy per precision",
              "quantized kernels and `inferstack model eval`"),
-    _planned("network", 2, "Network for KV transfer", "TCP vs shared memory vs modelled RDMA",
-             "a network lab module (benchmarks/kv_transfer.py measures it today)"),
+    network.LAB,
     capacity.LAB,
     _planned("dashboards", 3, "AI dashboards", "Prometheus, Grafana and the live dashboard under load",
              "a dashboards lab module (inferstack up --with-prometheus exists)"),

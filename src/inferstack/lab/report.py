@@ -79,3 +79,31 @@ def bar_plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]]
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def line_plot(path: Path, title: str, xlabel: str, ylabel: str, x: list[float],
+              series: dict[str, list[float | None]], log: bool = True, dashed: tuple[str, ...] = ()) -> Path:
+    """One line per series over ``x`` (log-log by default); series named in ``dashed`` are drawn dashed
+    (modelled, not measured). None values are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    for name, ys in series.items():
+        pts = [(a, b) for a, b in zip(x, ys, strict=True) if b is not None]
+        ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=name,
+                linestyle="--" if name in dashed else "-")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -36,6 +36,8 @@ class Stack:
     engines: list[str]
     pids: list[int]                 # the supervisor's children, checked gone on exit
     log_dir: Path
+    prometheus: str | None = None   # with --with-prometheus
+    dashboard: str | None = None    # the live dashboard page
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ class LabRun:
             state = json.loads((log_dir / "state.json").read_text())
             children = state["children"]
             yield Stack(state["gateway"], [c["urls"][0] for c in children if c["kind"] == "engine"],
-                        [c["pid"] for c in children if c.get("pid")], log_dir)
+                        [c["pid"] for c in children if c.get("pid")], log_dir, state.get("prometheus"),
+                        state.get("dashboard"))
         finally:
             self._stop(proc, log_dir)
 
