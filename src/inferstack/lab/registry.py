@@ -4,7 +4,19 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import capacity, compliance, ebpf, network, oci, pd, routing, signing, tuning
+from inferstack.lab.labs import (
+    caching,
+    capacity,
+    compliance,
+    dashboards,
+    ebpf,
+    network,
+    oci,
+    pd,
+    routing,
+    signing,
+    tuning,
+)
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -21,14 +33,12 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     _planned("workflow", 1, "Multi-agent workflows (Dify)", "what agent traffic does to serving", "workflows"),
     _planned("agents", 1, "Kubernetes-native agents", "tool-calling agents over the gateway", "workflows"),
     pd.LAB,
-    _planned("caching", 2, "Multi-tier caching", "hit rates and TTFT across tiers and workloads",
-             "a caching lab module (KV tiers exist: inferstack up --kv-tiers)"),
+    caching.LAB,
     _planned("quantization", 2, "Performance vs accuracy", "tok/s against accuracy per precision",
              "quantized kernels and `inferstack model eval`"),
     network.LAB,
     capacity.LAB,
-    _planned("dashboards", 3, "AI dashboards", "Prometheus, Grafana and the live dashboard under load",
-             "a dashboards lab module (inferstack up --with-prometheus exists)"),
+    dashboards.LAB,
     ebpf.LAB,
     signing.LAB,
     compliance.LAB,

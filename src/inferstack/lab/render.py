@@ -20,6 +20,7 @@ pre code { padding: 0; }
 table { border-collapse: collapse; margin: 8px 0 18px; font-size: 13.5px; }
 th, td { border: 1px solid #d8dde6; padding: 4px 9px; text-align: left; vertical-align: top; }
 td { font-variant-numeric: tabular-nums; }
+td code { word-break: break-word; font-size: 12px; }
 th { background: #eef1f6; }
 tr:nth-child(even) td { background: #fafbfc; }
 img { max-width: 100%; border: 1px solid #e3e6ec; margin: 6px 0; }
