@@ -97,11 +97,11 @@ def _fmt(series: list[tuple[dict[str, str], float]], legend: str) -> str:
 
 
 def _run_phase(lab: LabRun, stack: Stack, phase: Phase) -> list:
-    """Send the phase's load; its row of the load table (what the client saw)."""
+    """Send the phase's load; its row of the load table (what the client saw), none for idle."""
     if not phase.rate:
         lab.step(f"idle for {phase.seconds:g} s (no requests)")
         time.sleep(phase.seconds)   # the idle phase is the absence of load: nothing to wait for but time
-        return [phase.name, phase.seconds, 0, 0, None]
+        return []
     s = lab.bench(stack.gateway, WORKLOAD, phase.name.replace(" ", "-").replace("/", "per"), rate=phase.rate,
                   duration=phase.seconds, drain_s=15)
     return [phase.name, phase.seconds, phase.rate, completed(s), latency(s, "ttft", "p50")]
@@ -125,7 +125,8 @@ def run(lab: LabRun) -> LabResult:
             raise LabError("inferstack up --with-prometheus reported no Prometheus URL")
         for phase in phases:
             start = time.time()
-            load.append(_run_phase(lab, stack, phase))
+            if row := _run_phase(lab, stack, phase):
+                load.append(row)
             end = time.time()
             _wait_scraped(stack.prometheus, end)
             for title, expr, legend in panels:
@@ -165,7 +166,8 @@ def _result(phases, panels, seen, raw, shot, load) -> LabResult:
     promql = Table(f"Each panel's PromQL (Grafana's $__rate_interval is {RATE_WINDOW} here: 4 scrapes of 1 s)",
                    ["panel", "legend", "PromQL"],
                    [[title, legend, f"`{_concrete(expr)}`"] for title, expr, legend in panels])
-    tables = [Table(f"Load pattern ({WORKLOAD}) and what the client saw",
+    idle = ", ".join(f"{p.name} {p.seconds:g} s" for p in phases if not p.rate)
+    tables = [Table(f"Load phases ({WORKLOAD}) and what the client saw; then no requests ({idle})",
                     ["phase", "seconds", "requests/s sent", "completed", "client TTFT p50 (s)"], load), table, promql]
     return LabResult(_findings(phases, panels, seen), tables, [shot] if shot else [], {"phases": raw},
                      [f"`inferstack up --emulate l4:llama-3-8b --replicas 2 --with-prometheus` (scrape every 1 s), "
