@@ -103,7 +103,7 @@ def run(lab: LabRun) -> LabResult:
 
 
 def _findings(rows: list[list], configs: tuple, workloads: list[str]) -> list[str]:
-    out = []
+    out, shared_only = [], []
     base, best_cfg = configs[0][0], configs[-1][0]
     for w in workloads:
         by = {r[0]: r for r in rows if r[1] == w}
@@ -116,8 +116,11 @@ def _findings(rows: list[list], configs: tuple, workloads: list[str]) -> list[st
                    f"({tier[4] or 0:.0%} of prompt tokens loaded from a tier; chunk hits host {tier[5]}, "
                    f"disk {tier[6]}, redis {tier[7]}); TTFT p50 {dev[8] or 0:.0f} → {tier[8] or 0:.0f} ms.")
         if shared and tier[5] == 0:
-            out.append(f"{w}: every tier hit came from a shared tier: with round-robin the next request sharing a "
-                       "prefix lands on the other replica, whose host RAM never saw it.")
+            shared_only.append(w)
+    if shared_only:
+        out.append(f"Every tier hit of {', '.join(shared_only)} came from a shared tier (disk or Redis), none "
+                   "from host RAM: with round-robin the next request sharing a prefix lands on the other replica, "
+                   "whose host RAM never saw it.")
     fewest = min(r[2] for r in rows)
     if fewest < 5:
         out.append(f"Only {fewest} requests completed in some runs (one at a time, on CPU engines): the hit rates "
@@ -145,4 +148,4 @@ LAB = Lab(
     teaches="prefix hit rate and TTFT per KV tier and workload (shared prefix, multi-turn, agentic, long context)",
     needs=("2 real CPU engines of the bundled model (inferstack up --kv-tiers)", "gateway (round-robin)",
            "redis-server (started by inferstack up)", "inferstack bench"),
-    minutes=6.0, run=run, unmet=_unmet)
+    minutes=15.0, run=run, unmet=_unmet)

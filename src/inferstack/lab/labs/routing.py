@@ -70,7 +70,7 @@ LAB = Lab(
             "prefix/load-aware routing: TTFT, throughput and hit rate",
     needs=("two pools: the bundled model (emulated in --quick) and an emulated 8B on H100, API keys per class",
            "4 emulated L4 engines (inferstack up --emulate)", "gateway", "inferstack bench"),
-    minutes=3.0, run=run)
+    minutes=4.0, run=run)
 
 
 def _ratio(base: float | None, other: float | None) -> str:
