@@ -44,8 +44,9 @@ def render_html(report_md: Path, out: Path | None = None) -> Path:
     from markdown_it import MarkdownIt
 
     text = report_md.read_text()
-    title = text.splitlines()[0].lstrip("# ").strip() if text else report_md.stem
-    body = MarkdownIt("commonmark").enable("table").render(text)
+    title = text.splitlines()[0].lstrip("# ").replace("`", "").strip() if text else report_md.stem
+    # html off: a finding quoting "<none>" or "<b>" is text, never markup that breaks the page
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
     page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
             f"{_inline_images(body, report_md.parent)}</body></html>\n")

@@ -16,6 +16,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -27,6 +28,8 @@ from inferstack.stack import prometheus as prom
 WORKLOAD = "synthetic:input=512,output=32"
 GRAFANA_JSON = prom.DEPLOY / "grafana" / "inferstack.json"
 RATE_WINDOW = "4s"
+Panels = list[tuple[str, str, str]]      # (title, expr, legend) of every query of the dashboard
+Seen = dict[str, list[str]]              # "title\0expr" → one cell per phase
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def _run_phase(lab: LabRun, stack: Stack, phase: Phase) -> list:
     return [phase.name, phase.seconds, phase.rate, completed(s), latency(s, "ttft", "p50")]
 
 
-def _panel_queries() -> list[tuple[str, str, str]]:
+def _panel_queries() -> Panels:
     dash = json.loads(GRAFANA_JSON.read_text())
     return [(p["title"], t["expr"], t.get("legendFormat", "")) for p in dash["panels"] for t in p.get("targets", [])]
 
@@ -139,7 +142,7 @@ def run(lab: LabRun) -> LabResult:
     return _result(phases, panels, seen, raw, shot, load)
 
 
-def _screenshot(lab: LabRun, stack: Stack):
+def _screenshot(lab: LabRun, stack: Stack) -> Path | None:
     from inferstack.lab.browser import chromium_missing, screenshot_page
 
     if chromium_missing() or not stack.dashboard:
@@ -157,7 +160,8 @@ def _num(cell: str) -> float | None:
         return None
 
 
-def _result(phases, panels, seen, raw, shot, load) -> LabResult:
+def _result(phases: tuple[Phase, ...], panels: Panels, seen: Seen, raw: dict, shot: Path | None,
+            load: list[list]) -> LabResult:
     values = [[title if not legend or "{{" in legend else f"{title} [{legend}]", *seen[f"{title}\0{expr}"]]
               for title, expr, legend in panels]
     table = Table("The tour: every panel of the shipped Grafana dashboard as the lab's Prometheus computed it (range "
@@ -175,14 +179,14 @@ def _result(phases, panels, seen, raw, shot, load) -> LabResult:
                       "(import it in Grafana with a Prometheus data source)"])
 
 
-def _cells(panels, seen, title: str) -> list[str] | None:
+def _cells(panels: Panels, seen: Seen, title: str) -> list[str] | None:
     for t, expr, _ in panels:
         if t == title:
             return seen[f"{t}\0{expr}"]
     return None
 
 
-def _findings(phases, panels, seen) -> list[str]:
+def _findings(phases: tuple[Phase, ...], panels: Panels, seen: Seen) -> list[str]:
     out = []
     names = [p.name for p in phases]
     for title, what in (("Requests/s by status", "requests/s answered"),

@@ -18,10 +18,15 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from inferstack.lab.base import Lab, LabResult, Table
 from inferstack.lab.report import line_plot
 from inferstack.lab.runtime import LabRun
+
+if TYPE_CHECKING:
+    from inferstack.engine.connector.transfer import KVLayout
+    from inferstack.sim.models import ModelSpec
 
 MODEL = "smollm2-135m"
 MODELLED = ("h100", "a100", "l4")          # hardware profiles with a NIC line rate for KV transfer
@@ -39,7 +44,7 @@ class Transport:
     pull: Callable[[str, int, str, list[int], list], tuple[int, str]]
 
 
-def _transfer_engine(allow_shm: bool, layout) -> Transport:
+def _transfer_engine(allow_shm: bool, layout: KVLayout) -> Transport:
     from inferstack.engine.connector.blocks import scatter_into_blocks
     from inferstack.engine.connector.transfer import KVTransferClient
 
@@ -56,12 +61,12 @@ def _transfer_engine(allow_shm: bool, layout) -> Transport:
     return Transport("shm" if allow_shm else "tcp", pull)
 
 
-def transports(layout) -> list[Transport]:
+def transports(layout: KVLayout) -> list[Transport]:
     """What this machine measures: TCP always, shared memory where /dev/shm exists."""
     return [_transfer_engine(False, layout), _transfer_engine(True, layout)]
 
 
-def _measure(tokens: int, repeats: int, spec) -> dict[str, list[float]]:
+def _measure(tokens: int, repeats: int, spec: ModelSpec) -> dict[str, list[float]]:
     """Seconds per transfer of ``tokens`` tokens, per transport, interleaved."""
     import torch
 

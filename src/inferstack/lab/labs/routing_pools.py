@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,6 @@ def _ready_url(ready: Path) -> str | None:
 
 
 def run_two_pools(lab: LabRun) -> tuple[Table, list[str], list[list]]:
-    import sys
-
     ready = lab.out / "logs" / "large.ready.json"
     ready.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "inferstack", "engine", "serve", "--emulate", f"h100:{LARGE}", "--port", "0",
