@@ -32,13 +32,15 @@ class LatencyClass:
     priority: int
     route: str           # the model requested, which picks the pool
     workload: str
-    rate: float
+    rate: float          # requests/s in a quick run (the small model emulated)
+    rate_full: float     # ... in a full run (the real model on this CPU: a single-thread engine serves ~1/s)
     slo: str             # `inferstack bench --slo`
 
 
 CLASSES = (
-    LatencyClass("interactive", 10, get_model(SMALL).name, "synthetic:input=64,output=16", 2.0, "ttft=1s"),
-    LatencyClass("batch", -1, get_model(LARGE).name, "synthetic:input=1500,output=128", 2.0, "ttft=2s,tpot=50ms"),
+    LatencyClass("interactive", 10, get_model(SMALL).name, "synthetic:input=64,output=16", 2.0, 0.7, "ttft=1s"),
+    LatencyClass("batch", -1, get_model(LARGE).name, "synthetic:input=1500,output=128", 2.0, 2.0,
+                 "ttft=2s,tpot=50ms"),
 )
 
 
@@ -71,7 +73,8 @@ def run_two_pools(lab: LabRun) -> tuple[Table, list[str], list[list]]:
     with lab.process("large-pool-engine", argv, lambda: _ready_url(ready) is not None, timeout_s=120):
         config = _config(_ready_url(ready), keys, lab.quick)
         with lab.stack(config=config) as stack, concurrent.futures.ThreadPoolExecutor(len(CLASSES)) as pool:
-            runs = {c.name: pool.submit(lab.bench, stack.gateway, c.workload, f"class-{c.name}", rate=c.rate,
+            runs = {c.name: pool.submit(lab.bench, stack.gateway, c.workload, f"class-{c.name}",
+                                        rate=c.rate if lab.quick else c.rate_full,
                                         duration=duration, drain_s=30,
                                         extra=("--model", c.route, "--api-key", keys[c.name], "--slo", c.slo))
                     for c in CLASSES}
@@ -81,24 +84,36 @@ def run_two_pools(lab: LabRun) -> tuple[Table, list[str], list[list]]:
         s = summaries[c.name]
         slo = s.get("slo") or {}
         rows.append([c.name, completed(s), c.route, c.priority, c.slo, slo.get("attainment"),
-                     ms(latency(s, "ttft", "p50")), ms(latency(s, "ttft", "p90")), ms(latency(s, "tpot", "p50"))])
+                     ms(latency(s, "ttft", "p50")), ms(latency(s, "ttft", "p90")), ms(latency(s, "tpot", "p50")),
+                     _statuses(s["requests"]["by_status"])])
     small = f"emulated {SMALL} on this CPU's profile (quick run)" if lab.quick else f"the real {SMALL} (1 replica)"
     table = Table(f"Two pools: `default` = {small}, `large` = emulated {LARGE} on an H100; both classes at once for "
                   f"{duration:g} s", ["class (objective)", "completed", "route (model)", "priority", "SLO",
-                                      "SLO attainment", "TTFT p50 (ms)", "TTFT p90 (ms)", "TPOT p50 (ms)"], rows)
+                                      "SLO attainment", "TTFT p50 (ms)", "TTFT p90 (ms)", "TPOT p50 (ms)",
+                                      "answers"], rows)
     return table, _findings(rows), rows
 
 
 def _findings(rows: list[list]) -> list[str]:
     out = []
-    for name, done, route, _, slo, attained, ttft50, _, tpot50 in rows:
-        met = "no requests finished" if attained is None else f"{attained:.0%} of requests met `{slo}`"
-        out.append(f"`{name}` traffic on `{route}`: {done} completed, {met}; TTFT p50 "
+    for name, done, route, _, slo, attained, ttft50, _, tpot50, statuses in rows:
+        if not done:
+            out.append(f"`{name}` traffic on `{route}`: none completed ({statuses}): this route was "
+                       "overloaded at this rate on this machine; flow control answers 429 once a request has queued "
+                       "too long.")
+            continue
+        met = "no SLO result" if attained is None else f"{attained:.0%} of requests met `{slo}`"
+        out.append(f"`{name}` traffic on `{route}`: {done} completed ({statuses}), {met}; TTFT p50 "
                    f"{ttft50 or 0:.0f} ms, TPOT p50 {tpot50 or 0:.1f} ms.")
-    (_, _, _, _, _, _, fast_ttft, _, _), (_, _, _, _, _, _, big_ttft, _, _) = rows
+    fast_ttft, big_ttft = rows[0][6], rows[1][6]
     if fast_ttft and big_ttft:
         how = f"{big_ttft / fast_ttft:.1f}x sooner" if fast_ttft < big_ttft else f"{fast_ttft / big_ttft:.1f}x later"
         out.append(f"The small model's first token came {how} than the 8B route's here (TTFT p50 "
                    f"{fast_ttft:.0f} vs {big_ttft:.0f} ms): size per route is a latency decision as much as a "
                    "quality one, and a key's objective keeps a batch tenant sheddable wherever it routes.")
     return out
+
+
+def _statuses(by_status: dict[str, int]) -> str:
+    """"58 ok, 3 http_429": how the requests ended, most common first."""
+    return ", ".join(f"{n} {status}" for status, n in sorted(by_status.items(), key=lambda kv: -kv[1]))
