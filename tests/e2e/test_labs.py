@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from inferstack.lab.browser import chromium_missing
 from inferstack.lab.registry import LABS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,8 +50,9 @@ def test_lab_runs_quick_and_reports(name, tmp_path):
     assert report.startswith(f"# Lab `{name}`") and "**Question.**" in report and "## Findings" in report
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] is True and results["findings"]
-    rows = results["tables"][0]["rows"]
-    assert rows and all(row[1] > 0 for row in rows), rows  # every configuration completed requests
+    first = results["tables"][0]
+    col = first["columns"].index("completed") if "completed" in first["columns"] else 1
+    assert first["rows"] and all(row[col] > 0 for row in first["rows"]), first  # every configuration completed requests
     for plot in results["plots"]:
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # nothing left running: every child the supervisor started is gone
@@ -58,3 +60,27 @@ def test_lab_runs_quick_and_reports(name, tmp_path):
         for child in json.loads(state.read_text())["children"]:
             assert not Path(f"/proc/{child['pid']}").exists() or \
                 Path(f"/proc/{child['pid']}/stat").read_text().split(")")[-1].split()[0] == "Z", child
+    if name == RENDERED:
+        _render_and_look(tmp_path, results)
+
+
+RENDERED = "network"   # the fastest lab with plots: its report is rendered to HTML and screenshot
+
+
+def _render_and_look(out: Path, results: dict) -> None:
+    """`inferstack lab render --png`: one self-contained page (plots inlined, every finding and table there),
+    and a full-page Chromium screenshot tall enough to hold all of it."""
+    if chromium_missing():
+        pytest.skip(chromium_missing())
+    png = out / "report.png"
+    r = _cli("render", str(out), "--png", str(png), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(results["plots"]) and 'src="' + results["plots"][0] not in page
+    assert "<table>" in page and all(f.split(":")[0] in page for f in results["findings"])
+    from PIL import Image
+
+    with Image.open(png) as shot:
+        width, height = shot.size
+        assert width >= 1000 and height > 1500, shot.size   # the whole report, not one viewport
+        assert len(shot.convert("L").resize((64, 256)).getcolors(4096) or ()) > 20   # drawn, not blank

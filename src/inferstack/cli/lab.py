@@ -62,8 +62,31 @@ def run(
     except LabError as exc:
         typer.echo(f"error: lab {name} failed: {exc}", err=True)
         raise typer.Exit(1) from None
-    setup = [f"{n}" for n in lab.needs]
+    setup = [*lab.needs, *result.setup]
     report = write_report(lab, result, out, quick, setup, time.monotonic() - t0)
     for f in result.findings:
         typer.echo(f"  → {f}")
     typer.echo(f"report: {report}")
+
+
+@app.command()
+def render(
+    directory: Annotated[Path, typer.Argument(help="A lab's output directory (the one holding report.md).")],
+    png: Annotated[Path | None, typer.Option(help="Also save a full-page screenshot of the page here "
+                                                  "(needs Debian's chromium).")] = None,
+) -> None:
+    """Render DIRECTORY/report.md to one self-contained report.html (plots inlined), to read or share."""
+    from inferstack.lab.browser import chromium_missing
+    from inferstack.lab.render import render_html, screenshot_html
+
+    report = directory / "report.md"
+    if not report.is_file():
+        typer.echo(f"error: {report} does not exist; run `inferstack lab run NAME --out {directory}` first", err=True)
+        raise typer.Exit(2)
+    page = render_html(report)
+    typer.echo(f"html: {page}")
+    if png is not None:
+        if chromium_missing():
+            typer.echo(f"error: cannot take a screenshot: {chromium_missing()}", err=True)
+            raise typer.Exit(2)
+        typer.echo(f"png: {screenshot_html(page, png)}")

@@ -28,6 +28,7 @@ class LabResult:
     tables: list[Table] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)   # this run's setup (sizes, rates, versions), after `needs`
 
 
 @dataclass(frozen=True)

@@ -59,22 +59,21 @@ def write_report(lab: Lab, result: LabResult, out: Path, quick: bool, setup: lis
     return report
 
 
-def bar_plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]], groups: list[str]) -> Path:
-    """Grouped bars: one group per entry of ``groups``, one bar per series."""
+def _axes(figsize: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    width = 0.8 / max(1, len(series))
-    for i, (name, values) in enumerate(series.items()):
-        ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
-    ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
+    return plt.subplots(figsize=figsize, dpi=110)
+
+
+def _save(fig, ax, path: Path, title: str, ylabel: str) -> Path:
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -106,3 +105,31 @@ def time_plot(path: Path, title: str, panels: list[tuple[str, dict[str, list[tup
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def bar_plot(path: Path, title: str, ylabel: str, series: dict[str, list[float]], groups: list[str]) -> Path:
+    """Grouped bars: one group per entry of ``groups``, one bar per series."""
+    fig, ax = _axes((7, 3.6))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
+    ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, ax, path, title, ylabel)
+
+
+def line_plot(path: Path, title: str, xlabel: str, ylabel: str, x: list[float],
+              series: dict[str, list[float | None]], log: bool = True, dashed: tuple[str, ...] = ()) -> Path:
+    """One line per series over ``x`` (log-log by default); series named in ``dashed`` are drawn dashed
+    (modelled, not measured). None values are left out."""
+    fig, ax = _axes((7, 3.8))
+    for name, ys in series.items():
+        pts = [(a, b) for a, b in zip(x, ys, strict=True) if b is not None]
+        ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=name,
+                linestyle="--" if name in dashed else "-")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, ax, path, title, ylabel)

@@ -36,6 +36,8 @@ class Stack:
     engines: list[str]
     pids: list[int]                 # the supervisor's children, checked gone on exit
     log_dir: Path
+    prometheus: str | None = None   # with --with-prometheus
+    dashboard: str | None = None    # the live dashboard page
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ class LabRun:
             state = json.loads((log_dir / "state.json").read_text())
             children = state["children"]
             yield Stack(state["gateway"], [c["urls"][0] for c in children if c["kind"] == "engine"],
-                        [c["pid"] for c in children if c.get("pid")], log_dir)
+                        [c["pid"] for c in children if c.get("pid")], log_dir, state.get("prometheus"),
+                        state.get("dashboard"))
         finally:
             self._stop(proc, log_dir)
 
@@ -186,13 +189,14 @@ class LabRun:
         return Command(done.returncode, done.stdout, done.stderr, took)
 
     def bench(self, target: str, workload: str, name: str, *, rate: float | None = None,
-              duration: float = 10.0, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-        """`inferstack bench run` against ``target``; returns results.json's summary."""
+              duration: float = 10.0, extra: tuple[str, ...] = (), drain_s: float | None = None) -> dict[str, Any]:
+        """`inferstack bench run` against ``target``; returns results.json's summary. Requests still running
+        ``drain_s`` after sending stops (default: the duration, at least 10 s) count as cancelled."""
         out = self.out / "runs" / name
         if out.exists():  # never read a previous run's results
             shutil.rmtree(out)
         argv = [sys.executable, "-m", "inferstack", "bench", "run", "--target", target, "--workload", workload,
-                "--duration", str(duration), "--drain-timeout", str(max(10.0, duration)), "--out", str(out),
+                "--duration", str(duration), "--drain-timeout", str(drain_s or max(10.0, duration)), "--out", str(out),
                 "--no-progress", "--no-plots", *extra]
         if rate is not None:
             argv += ["--rate", str(rate)]

@@ -36,7 +36,7 @@ def run(lab: LabRun) -> LabResult:
     plot = bar_plot(lab.out / "itl.png", "Inter-token latency", "ms", {"ITL p50": [r[5] or 0 for r in rows],
                                                                         "ITL p99": [r[6] or 0 for r in rows]},
                     [r[0] for r in rows])
-    table = Table(f"{WORKLOAD} at {rate:g} req/s for {duration:g} s, emulated H100 engines",
+    table = Table(f"{WORKLOAD} at {rate:g} req/s for {duration:g} s, emulated L4 engines",
                   ["fleet", "completed", "req/s", "TTFT p50 (ms)", "TTFT p90 (ms)", "ITL p50 (ms)", "ITL p99 (ms)"],
                   rows)
     return LabResult(findings, [table], [plot], {"rows": rows})

@@ -1,4 +1,5 @@
-"""`routing`: traditional (round-robin) vs AI-aware routing on the same emulated fleet.
+"""`routing`: routing by model size and latency class (two pools, `routing_pools`), then traditional
+(round-robin) vs AI-aware routing on the same emulated fleet.
 
 Four emulated Llama-3-8B-on-L4 engines with a small KV cache (so a prompt's prefix stays cached
 only where it was computed) behind the gateway; the same multi-tenant shared-prefix load goes
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from inferstack.lab.base import Lab, LabResult, Table
 from inferstack.lab.labs._common import completed, hit_rate, latency, ms, req_per_s
+from inferstack.lab.labs.routing_pools import run_two_pools
 from inferstack.lab.report import bar_plot
 from inferstack.lab.runtime import LabRun
 
@@ -18,6 +20,15 @@ WORKLOAD = "shared-prefix:groups=12,users=16,system=1500,question=64,output=32"
 
 
 def run(lab: LabRun) -> LabResult:
+    pools_table, pools_findings, pools_rows = run_two_pools(lab)
+    result = _presets(lab)
+    result.tables.insert(0, pools_table)
+    result.findings[:0] = pools_findings
+    result.data["two_pools"] = pools_rows
+    return result
+
+
+def _presets(lab: LabRun) -> LabResult:
     duration, rate = (6.0, 6.0) if lab.quick else (30.0, 8.0)
     presets = QUICK_PRESETS if lab.quick else PRESETS
     rows, ttft_p50, ttft_p90, hits = [], [], [], []
@@ -52,11 +63,14 @@ def run(lab: LabRun) -> LabResult:
 
 
 LAB = Lab(
-    name="routing", week=1, title="Routing by cache locality and load",
-    question="How much does AI-aware routing (prefix, load) beat round-robin on the same fleet?",
-    teaches="round-robin vs prefix/load-aware routing: TTFT, throughput and hit rate on one fleet",
-    needs=("4 emulated L4 engines (inferstack up --emulate)", "gateway", "inferstack bench"),
-    minutes=3.0, run=run)
+    name="routing", week=1, title="Routing by model size, latency class, cache locality and load",
+    question="Which route serves each latency class within its objective, and how much does AI-aware routing "
+             "(prefix, load) beat round-robin on the same fleet?",
+    teaches="two pools (small model, emulated 8B on H100) with per-route objectives; round-robin vs "
+            "prefix/load-aware routing: TTFT, throughput and hit rate",
+    needs=("two pools: the bundled model (emulated in --quick) and an emulated 8B on H100, API keys per class",
+           "4 emulated L4 engines (inferstack up --emulate)", "gateway", "inferstack bench"),
+    minutes=4.0, run=run)
 
 
 def _ratio(base: float | None, other: float | None) -> str:
