@@ -81,7 +81,7 @@ class ConnectorCollector(Collector):
 
 
 class TransferCollector(Collector):
-    """KV transfer engine counters of a PD connector (either side)."""
+    """KV transfer counters of a PD connector (either side), per transport (nixl, shm, tcp)."""
 
     def __init__(self, connector: Any, model_name: str) -> None:
         self.connector = connector
@@ -97,10 +97,7 @@ class TransferCollector(Collector):
         fails = CounterMetricFamily("inferstack_kv_transfer_failures",
                                     "KV transfers that failed (the rest was recomputed).",
                                     labels=["model_name", "direction"])
-        for side in (self.connector.server, self.connector.client):
-            if side is None:
-                continue
-            st = side.stats
+        for st in self.connector.transfer_stats():
             with st.lock:
                 for (direction, transport), b in st.bytes.items():
                     key = [self.model_name, direction, transport]
