@@ -251,3 +251,25 @@ def test_link_model_paces_a_pull_and_counts_the_modelled_bytes():
             assert stats.seconds[(direction, "tcp")] >= least
     finally:
         p.connector.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_nixl_read_that_fails_after_the_offer_is_recomputed(prefill):
+    """The prefill engine lets the blocks go (hold expired) between the offer (blocks counted as
+    external) and the direct READ into the decode engine's blocks: it refuses to confirm the READ,
+    the scheduler drops the blocks it filled and recomputes. (A peer killed there: test_pd_nixl.py.)"""
+    params = run_prefill(prefill)
+    d = decode_engine(timeout_s=5, transport="nixl")
+    nixl = d.connector.transport
+    real_read = nixl.read
+
+    def read_after_the_hold_expired(load) -> None:
+        prefill.connector.source.release("p1")
+        real_read(load)
+
+    nixl.read = read_after_the_hold_expired
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    assert d.connector.stats.load_failures == 1 and nixl.stats.failures == {"recv": 1}
+    assert d.ex.computed_prompt_tokens == len(PROMPT), "the whole prompt was recomputed"
+    assert d.sched.kv.pool.get_cached_block(d.last.block_hashes[0]) is not None   # recomputed blocks cached
+    assert d.generate(PROMPT, rid="again") == baseline()      # and they hold the right KV

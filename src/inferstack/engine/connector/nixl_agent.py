@@ -14,6 +14,7 @@ names those addresses on both sides, so the decode engine's blocks are filled in
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -37,6 +38,13 @@ def import_nixl() -> ModuleType:
         import nixl_cu12
     except ImportError as exc:
         raise NixlUnavailable(f"NIXL transport: the nixl-cu12 package does not import ({exc})") from None
+    # nixl's Python logger prints INFO lines to stdout, where `engine serve` prints its ready line:
+    # send them through our logging instead, warnings and up unless NIXL_LOG_LEVEL says otherwise.
+    logger = logging.getLogger("nixl")
+    logger.handlers.clear()
+    logger.propagate = True
+    if not os.environ.get("NIXL_LOG_LEVEL"):
+        logger.setLevel(logging.WARNING)
     return nixl_cu12
 
 
@@ -166,18 +174,26 @@ class NixlAgent:
         except Exception as exc:
             raise TransferError(f"NIXL READ from {peer} could not start ({exc})") from None
         try:
+            self._wait(handle, peer, timeout_s)
+        finally:
+            self._release(handle)
+        return int(runs[:, 2].sum()) * 2 * len(self.regions.bases) * self.regions.block_bytes
+
+    def _wait(self, handle: object, peer: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
             state = self._agent.transfer(handle)
-            deadline = time.monotonic() + timeout_s
             while state == "PROC":
                 if time.monotonic() > deadline:
                     raise TransferError(f"NIXL READ from {peer} did not finish in {timeout_s}s")
                 time.sleep(20e-6)   # let UCX's progress thread have the core (2-core hosts)
                 state = self._agent.check_xfer_state(handle)
-            if state != "DONE":
-                raise TransferError(f"NIXL READ from {peer} failed (peer gone?)")
-        finally:
-            self._release(handle)
-        return int(runs[:, 2].sum()) * 2 * len(self.regions.bases) * self.regions.block_bytes
+        except TransferError:
+            raise
+        except Exception as exc:     # nixlRemoteDisconnectError & co. (the bindings export no base class)
+            raise TransferError(f"NIXL READ from {peer} failed: {exc}") from None
+        if state != "DONE":
+            raise TransferError(f"NIXL READ from {peer} failed ({state})")
 
     def _release(self, handle: object) -> None:
         try:

@@ -103,6 +103,8 @@ class NixlExporter:
             done = read_frame_header(conn)       # the decode side READs in between
             if done.type != FrameType.DONE:
                 raise TransferError(f"expected DONE, got {done.type.name}")
+            if not spec.still_held():
+                raise TransferError(f"the hold on {pull.request_id!r} expired before the READ finished")
             # Still held: what the decode side read was these blocks (it waits for this END).
             conn.sendall(Frame(FrameType.END, pull.request_id).pack_header())
         except (OSError, TransferError):

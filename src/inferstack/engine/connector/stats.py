@@ -90,9 +90,11 @@ class TransferCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["model_name", "direction", "transport"]
         nbytes = CounterMetricFamily("inferstack_kv_transfer_bytes",
-                                     "KV bytes moved between prefill and decode engines.", labels=labels)
+                                     "KV bytes moved between prefill and decode engines; `transport`: nixl "
+                                     "(NIXL/UCX), shm or tcp.", labels=labels)
         secs = CounterMetricFamily("inferstack_kv_transfer_seconds",
-                                   "Time spent in KV transfers (bytes/seconds = throughput).", labels=labels)
+                                   "Time spent in KV transfers (bytes/seconds = throughput; nixl: the READ "
+                                   "alone on the decode side).", labels=labels)
         count = CounterMetricFamily("inferstack_kv_transfers", "KV transfers completed.", labels=labels)
         fails = CounterMetricFamily("inferstack_kv_transfer_failures",
                                     "KV transfers that failed (the rest was recomputed).",

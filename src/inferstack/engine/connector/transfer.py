@@ -82,6 +82,7 @@ class TransferSpec:
     block_hashes: Sequence[bytes] | None
     read: Callable[[int, int, torch.Tensor], None]   # (first block, n blocks, out [L,2,n*bs,H,D])
     block_ids: Sequence[int] | None = None           # paged sources: where the blocks are (NIXL reads them)
+    still_held: Callable[[], bool] = lambda: True    # False once released (expired): the blocks may be reused
 
 
 class KVSource:
@@ -144,7 +145,11 @@ class PagedKVSource(KVSource):
         def read(first: int, n: int, out: torch.Tensor) -> None:
             gather_blocks(self.kv_caches, hold.block_ids[first:first + n], out)
 
-        return TransferSpec(self.layout, len(hold.block_ids), hold.block_hashes, read, hold.block_ids)
+        def still_held() -> bool:
+            with self._lock:
+                return self._holds.get(request_id) is hold
+
+        return TransferSpec(self.layout, len(hold.block_ids), hold.block_hashes, read, hold.block_ids, still_held)
 
     def release(self, request_id: str) -> None:
         with self._lock:
