@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable, import_nixl
+from inferstack.engine.connector.nixl_agent import NixlAgent, nixl_missing
 from inferstack.engine.connector.nixl_transport import NixlKVTransport, RemoteLoad
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import KVLayout, KVTransferClient
@@ -20,10 +20,8 @@ from inferstack.engine.connector.transports import PullRequest, TcpKVTransport
 from inferstack.engine.connector.wire import TransferError
 from support.procs import inferstack_env
 
-try:
-    import_nixl()
-except NixlUnavailable as exc:
-    pytest.skip(f"nixl does not import: {exc}", allow_module_level=True)
+if nixl_missing() is not None:
+    pytest.skip(f"nixl does not import: {nixl_missing()}", allow_module_level=True)
 
 SECRET = b"stack-secret"
 SHAPE = (2, 64, 16, 2, 8)          # per layer: [2, blocks, block_size, heads, dim]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
-from inferstack.engine.connector.nixl_agent import NixlUnavailable, import_nixl
+from inferstack.engine.connector.nixl_agent import nixl_missing
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import LinkModel, TransferSpec
@@ -23,17 +23,8 @@ TRUST = TransferTrust(secret=b"stack-secret")
 
 
 
-
-def _nixl_missing() -> str | None:
-    try:
-        import_nixl()
-    except NixlUnavailable as exc:
-        return str(exc)
-    return None
-
-
 TRANSPORTS = ["tcp", "shm", pytest.param("nixl", marks=pytest.mark.skipif(
-    _nixl_missing() is not None, reason=f"nixl does not import: {_nixl_missing()}"))]
+    nixl_missing() is not None, reason=f"nixl does not import: {nixl_missing()}"))]
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -48,6 +48,15 @@ def import_nixl() -> ModuleType:
     return nixl_cu12
 
 
+def nixl_missing() -> str | None:
+    """Why nixl does not import in this process, or None when it does."""
+    try:
+        import_nixl()
+    except NixlUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def ucx_environment() -> str:
     keys = ("UCX_TLS", "UCX_NET_DEVICES")
     return ", ".join(f"{k}={os.environ.get(k, '<unset>')}" for k in keys)

@@ -192,9 +192,10 @@ class NixlKVTransport:
                 conn.close()
                 return self.fallback.fetch(pull)
             return self._load(conn, address, offer, pull)
-        except (OSError, TransferError, KeyError, ValueError, TypeError, msgpack.UnpackException):
+        except (OSError, TransferError, KeyError, ValueError, TypeError, msgpack.UnpackException) as exc:
             conn.close()
             self.stats.fail("recv")
+            log.warning("request %s: NIXL pull from %s failed, recomputing: %s", pull.request_id, address, exc)
             return Fetched(None, failed=True)
 
     def _offer(self, conn: socket.socket, address: str, pull: PullRequest) -> dict[str, Any] | None:
