@@ -1,67 +1,131 @@
-"""KV transfer engine throughput over loopback: TCP vs the /dev/shm fast path.
+"""PD KV transfer between two processes on one host: TCP vs shared memory vs NIXL (UCX).
 
-Moves one request's prompt KV (SmolLM2-135M shape by default: 30 layers, 3 KV heads, head_dim 64,
-fp32, 16-token blocks) from a PagedKVSource to a client that copies each chunk into its own
-paged cache (what a decode engine does), and reports GB/s and time per transfer.
+A prefill process holds a request's prompt KV in its paged cache (SmolLM2-135M shape by default:
+30 layers, 3 KV heads, head_dim 64, fp32, 16-token blocks: 0.74 MB per block); this process is the
+decode engine and moves the blocks into its own paged cache with each transport, through the
+connector's own code (``KVTransport.fetch`` then ``PendingLoad.copy_into``): tcp and shm receive
+chunks and scatter them into blocks, nixl READs straight into the blocks. Reported per size: the
+median time and GB/s of the whole move (connect, hash checks, bytes, into the blocks), and the
+1-block latency. Sizes are interleaved so machine noise hits every transport alike.
 
-    python benchmarks/kv_transfer.py --tokens 2000 --repeats 5
+    python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from inferstack.engine.connector.blocks import scatter_into_blocks
-from inferstack.engine.connector.transfer import KVTransferClient, KVTransferServer, PagedKVSource
+from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable
+from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
+from inferstack.engine.connector.peers import TransferTrust
+from inferstack.engine.connector.transfer import (
+    KVLayout,
+    KVTransferClient,
+    KVTransferServer,
+    PagedKVSource,
+)
+from inferstack.engine.connector.transports import KVTransport, PullRequest, TcpKVTransport
+
+TRUST = TransferTrust(secret=b"benchmark")
+BS = 16
+
+
+def block_hashes(n: int) -> list[bytes]:
+    return [i.to_bytes(32, "little") for i in range(n)]
+
+
+def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection) -> None:
+    """The prefill engine: holds ``n`` blocks per request id it is sent; answers with its port."""
+    torch.set_num_threads(1)
+    caches = [torch.randn(*shape) for _ in range(layers)]
+    source = PagedKVSource(caches, hold_s=600)
+    try:
+        exporter = NixlExporter(NixlAgent("prefill", caches), TRUST)
+    except NixlUnavailable as exc:
+        print(f"prefill: {exc}", file=sys.stderr)
+        exporter = None
+    server = KVTransferServer(source, nixl=exporter)
+    conn.send(server.address[1])
+    while (msg := conn.recv()) is not None:
+        rid, n = msg
+        source.hold(rid, list(range(n)), block_hashes(n))
+        conn.send(rid)
+    server.close()
+
+
+def transports(layout: KVLayout, caches: list[torch.Tensor]) -> dict[str, KVTransport]:
+    tcp = TcpKVTransport(KVTransferClient(layout, allow_shm=False))
+    out: dict[str, KVTransport] = {"tcp": tcp, "shm": TcpKVTransport(KVTransferClient(layout, allow_shm=True))}
+    try:
+        out["nixl"] = NixlKVTransport(NixlAgent("decode", caches), layout, TRUST, tcp)
+    except NixlUnavailable as exc:
+        print(f"no nixl column: {exc}")
+    return out
+
+
+def move(transport: KVTransport, port: int, rid: str, n: int, caches: list[torch.Tensor]) -> float:
+    t0 = time.perf_counter()
+    fetched = transport.fetch(PullRequest("127.0.0.1", port, rid, block_hashes(n), 0, n))
+    assert fetched.load is not None and not fetched.failed, f"{transport.name}: transfer failed"
+    fetched.load.accept(list(range(n)), n * BS, BS)
+    fetched.load.copy_into(caches, BS)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--sizes-mb", default="4,16,64,256", help="transfer sizes in MB (10^6 bytes)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    bs = 16
-    nblocks = args.tokens // bs
-    caches = [torch.randn(2, nblocks + 8, bs, args.kv_heads, args.head_dim) for _ in range(args.layers)]
-    dst = [torch.zeros_like(c) for c in caches]
-    source = PagedKVSource(caches)
-    server = KVTransferServer(source)
-    host, port = server.address
-    blocks = list(range(4, 4 + nblocks))
-    print(f"{args.tokens} tokens = {nblocks} blocks, {source.layout.chunk_bytes(nblocks) / 1e6:.1f} MB per transfer")
-    results: dict[str, list[tuple[float, float]]] = {}
-    for transport in ("tcp", "shm", "tcp", "shm"):     # interleaved so machine noise hits both
-        client = KVTransferClient(source.layout, allow_shm=transport == "shm")
-        for r in range(args.repeats):
-            rid = f"{transport}-{r}-{time.monotonic_ns()}"
-            source.hold(rid, blocks)
-            t0 = time.perf_counter()
-            pull = client.pull(host, port, rid)
-            for chunk in pull:
-                scatter_into_blocks(dst, blocks[chunk.first_block:chunk.first_block + chunk.num_blocks], chunk.tensor)
-            dt = time.perf_counter() - t0
-            assert pull.result.complete and pull.result.transport == transport
-            results.setdefault(transport, []).append((dt, pull.result.bytes / dt / 1e9))
-    assert all(torch.equal(a[:, 4:4 + nblocks], b[:, 4:4 + nblocks]) for a, b in zip(caches, dst, strict=True))
-    for transport, rs in results.items():
-        secs = [s for s, _ in rs]
-        gbps = [g for _, g in rs]
-        print(f"{transport}: median {statistics.median(secs) * 1e3:.1f} ms per transfer, "
-              f"median {statistics.median(gbps):.2f} GB/s (best {max(gbps):.2f}) over {len(rs)} transfers")
-    server.close()
+    torch.set_num_threads(1)
+    layout = KVLayout(args.layers, args.kv_heads, args.head_dim, BS, torch.float32)
+    block_bytes = layout.chunk_bytes(1)
+    sizes = {mb: max(1, round(mb * 1e6 / block_bytes)) for mb in map(float, args.sizes_mb.split(","))}
+    sizes["1 block"] = 1
+    top = max(sizes.values())
+    shape = (2, top, BS, args.kv_heads, args.head_dim)
+    parent, child = mp.get_context("spawn").Pipe()
+    proc = mp.get_context("spawn").Process(target=prefill_process, args=(shape, args.layers, child), daemon=True)
+    proc.start()
+    port = parent.recv()
+    caches = [torch.zeros(*shape) for _ in range(args.layers)]
+    ways = transports(layout, caches)
+    times: dict[tuple[str, object], list[float]] = {}
+    for r in range(args.repeats + 1):               # round 0 warms connections, pools and metadata
+        for label, n in sizes.items():
+            for name, transport in ways.items():
+                parent.send((f"{name}-{label}-{r}", n))
+                rid = parent.recv()
+                dt = move(transport, port, rid, n, caches)
+                if r > 0:
+                    times.setdefault((name, label), []).append(dt)
+    print(f"block = {block_bytes / 1e6:.2f} MB; medians over {args.repeats} moves, two processes, one host")
+    print("| size | " + " | ".join(f"{n} ms | {n} GB/s" for n in ways) + " |")
+    print("|---|" + "---|---|" * len(ways))
+    for label, n in sizes.items():
+        cells = []
+        for name in ways:
+            med = statistics.median(times[(name, label)])
+            cells.append(f"{med * 1e3:.2f} | {n * block_bytes / med / 1e9:.2f}")
+        size = label if isinstance(label, str) else f"{n * block_bytes / 1e6:.0f} MB ({n} blocks)"
+        print(f"| {size} | " + " | ".join(cells) + " |")
+    parent.send(None)
+    proc.join(30)
+    for transport in ways.values():
+        transport.close()
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_decode_engine_continues_from_the_prefill_engines_kv(prefill_proc, decod
         decode_llm, lambda: run_request(decode_llm.engine.core, ids[0], NEW_TOKENS, results[0]["params"]))
     assert tokens == results[0]["tokens"]
     assert computed <= 16 and hits == 512
-    assert sum(pd.client.stats.bytes.values()) > 0
+    assert sum(pd.transport.stats.bytes.values()) > 0
 
 
 def test_replica_reuses_a_prefix_through_redis(prefill_proc, decode_llm):

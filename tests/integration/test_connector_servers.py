@@ -7,6 +7,7 @@ import re
 import httpx
 import pytest
 
+from inferstack.engine.connector.nixl_agent import nixl_missing
 from support.procs import start_inferstack
 
 pytestmark = pytest.mark.slow
@@ -70,6 +71,9 @@ def test_prefill_and_decode_servers_over_http():
         queries = metric(metrics, "vllm:external_prefix_cache_queries_total")
         assert hits > 0 and queries - hits <= 16, "the decode engine computed at most one block of the prompt"
         assert metric(metrics, "inferstack_kv_transfer_bytes_total") > 0
+        # the default transport (auto) is NIXL where it imports; the old one otherwise
+        transport = "shm" if nixl_missing() is not None else "nixl"
+        assert re.search(rf'^inferstack_kv_transfers_total{{[^}}]*transport="{transport}"[^}}]*}} 1.0$', metrics, re.M)
     finally:
         prefill.stop()
         if decode is not None:

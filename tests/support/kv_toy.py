@@ -86,6 +86,9 @@ class ToyEngine:
             batch = self.sched.schedule()
             if self.connector is not None:
                 self.connector.start_load_kv()
+                failed = self.connector.take_failed_loads()
+                if failed:
+                    self.sched.recompute(batch, failed)
             result = self.ex.execute(batch)
             if self.connector is not None:
                 for seq in batch.seqs:

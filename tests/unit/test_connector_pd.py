@@ -1,4 +1,5 @@
-"""Prefill/decode disaggregation between two engines (paged toy model, real scheduler, real TCP/shm)."""
+"""Prefill/decode disaggregation between two engines (paged toy model, real scheduler, real TCP/shm
+and real NIXL/UCX): the same suite for every transport."""
 
 from __future__ import annotations
 
@@ -8,21 +9,32 @@ import time
 import pytest
 
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
+from inferstack.engine.connector.nixl_agent import nixl_missing
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import LinkModel, TransferSpec
 from inferstack.kvstore import KVStoreConfig, TieredKVStore
 from inferstack.kvstore.tiers import DiskTier
 from inferstack.telemetry.promtext import parse
-from support.kv_toy import BS, LAYOUT, PROMPT, SPACE, ToyEngine, baseline
+from support.kv_toy import BS, DIM, HEADS, LAYERS, LAYOUT, PROMPT, SPACE, ToyEngine, baseline
 
 PREFILL_PARAMS = {"do_remote_decode": True}
 TRUST = TransferTrust(secret=b"stack-secret")
 
 
+
+TRANSPORTS = ["tcp", "shm", pytest.param("nixl", marks=pytest.mark.skipif(
+    nixl_missing() is not None, reason=f"nixl does not import: {nixl_missing()}"))]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def prefill():
-    engine = ToyEngine(PDConnector("prefill", trust=TRUST, block_size=BS, hold_s=30))
+def prefill(transport):
+    engine = ToyEngine(PDConnector("prefill", trust=TRUST, block_size=BS, hold_s=30, transport=transport))
     yield engine
     engine.connector.shutdown()
 
@@ -38,34 +50,40 @@ def run_prefill(prefill: ToyEngine, prompt=PROMPT, rid="p1", salt=None) -> dict:
     return params
 
 
-@pytest.mark.parametrize("shm", [False, True])
-def test_decode_engine_continues_from_pulled_kv(prefill, shm):
+def test_decode_engine_continues_from_pulled_kv(prefill, transport):
     params = run_prefill(prefill)
     held = prefill.sched.kv.pool.usage
     assert held > 0, "the prefill engine keeps the prompt's blocks for the decode engine"
-    d = decode_engine(allow_shm=shm)
+    d = decode_engine(transport=transport)
+    assert d.connector.transport_name == transport
     out = d.generate(PROMPT, kv_transfer_params=params)
     assert out == baseline()
     assert d.ex.computed_prompt_tokens == len(PROMPT) - 512 <= BS
     assert d.sched.counters.external_prefix_cache_hits == 512
     assert d.last.num_external_cached_tokens == 512
-    client = d.connector.client
-    transport = "shm" if shm else "tcp"
-    assert client.stats.bytes[("recv", transport)] > 0 and client.stats.transfers[("recv", transport)] == 1
-    prefill.sched.schedule()            # the prefill engine frees the blocks on its next step
+    stats = d.connector.transport.stats
+    assert stats.bytes[("recv", transport)] == 512 * LAYERS * 2 * HEADS * DIM * 8
+    assert stats.transfers[("recv", transport)] == 1
+    deadline = time.monotonic() + 5     # the prefill engine frees the blocks on a step after the DONE
+    while prefill.sched.kv.pool.usage > 0 and time.monotonic() < deadline:
+        prefill.sched.schedule()
+        time.sleep(0.005)
     assert prefill.sched.kv.pool.usage == 0
+    assert prefill.connector.server.stats.transfers[("send", transport)] == 1
+    d.connector.shutdown()
 
 
-def test_dead_prefill_engine_falls_back_to_recompute(prefill):
+def test_dead_prefill_engine_falls_back_to_recompute(prefill, transport):
     params = run_prefill(prefill)
     prefill.connector.shutdown()
-    d = decode_engine(timeout_s=5)
+    d = decode_engine(timeout_s=5, transport=transport)
     assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
     assert d.connector.stats.load_failures == 1
     assert d.sched.counters.external_prefix_cache_hits == 0
     assert d.ex.computed_prompt_tokens == len(PROMPT)
 
 
+@pytest.mark.parametrize("transport", ["tcp"])
 def test_failure_mid_transfer_keeps_the_intact_prefix_and_recomputes_the_rest(prefill):
     source = prefill.connector.source
     original_open = source.open
@@ -84,32 +102,32 @@ def test_failure_mid_transfer_keeps_the_intact_prefix_and_recomputes_the_rest(pr
 
     source.open = failing_open
     params = run_prefill(prefill)
-    d = decode_engine(timeout_s=5, allow_shm=False)
+    d = decode_engine(timeout_s=5, transport="tcp")
     assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
     assert d.connector.stats.load_failures == 1
     assert d.last.num_external_cached_tokens == 256
     assert d.ex.computed_prompt_tokens == len(PROMPT) - 256
 
 
-def test_kv_from_another_tenant_is_refused(prefill):
+def test_kv_from_another_tenant_is_refused(prefill, transport):
     params = run_prefill(prefill, salt="tenant-a")
-    d = decode_engine()
+    d = decode_engine(transport=transport)
     assert d.generate(PROMPT, salt="tenant-b", kv_transfer_params=params) == baseline(salt="tenant-b")
     assert d.sched.counters.external_prefix_cache_hits == 0
     assert d.connector.stats.load_failures == 1
 
 
-def test_decider_skips_the_pull_when_few_tokens_would_come(prefill):
+def test_decider_skips_the_pull_when_few_tokens_would_come(prefill, transport):
     params = run_prefill(prefill, prompt=PROMPT[:40])
-    d = decode_engine(min_remote_tokens=64)
+    d = decode_engine(min_remote_tokens=64, transport=transport)
     assert d.generate(PROMPT[:40], kv_transfer_params=params) == baseline(PROMPT[:40])
-    assert d.connector.client.stats.transfers == {} and d.sched.counters.external_prefix_cache_hits == 0
+    assert d.connector.transport.stats.transfers == {} and d.sched.counters.external_prefix_cache_hits == 0
 
 
-def test_decode_engine_saves_pulled_kv_to_its_tiers_for_other_replicas(prefill, tmp_path):
+def test_decode_engine_saves_pulled_kv_to_its_tiers_for_other_replicas(prefill, transport, tmp_path):
     params = run_prefill(prefill)
     store = TieredKVStore([DiskTier(tmp_path, 1 << 30)], LAYOUT, SPACE.root)
-    d = ToyEngine(MultiConnector([PDConnector("decode", trust=TRUST, block_size=BS),
+    d = ToyEngine(MultiConnector([PDConnector("decode", trust=TRUST, block_size=BS, transport=transport),
                                   KVStoreConnector(store, block_size=BS)]))
     assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
     store.flush()
@@ -121,7 +139,9 @@ def test_decode_engine_saves_pulled_kv_to_its_tiers_for_other_replicas(prefill, 
     store2.close()
 
 
+@pytest.mark.parametrize("transport", ["shm"])
 def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
+    """The default (auto) decode engine pulls from a prefill engine without NIXL over shm."""
     import torch
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -161,6 +181,7 @@ def _listener() -> socket.socket:
     return sock
 
 
+@pytest.mark.parametrize("transport", ["shm"])
 @pytest.mark.parametrize("how", ["unsigned", "forged_signature", "resigned_elsewhere", "peer_not_listed"])
 def test_decode_never_connects_where_unvetted_params_point(prefill, how):
     """SSRF guard: params a client could write (no or wrong signature, unlisted peer) open no connection."""
@@ -183,11 +204,15 @@ def test_decode_never_connects_where_unvetted_params_point(prefill, how):
     trap.close()
 
 
-def test_a_listed_peer_is_pulled_from_without_a_secret(prefill):
+def test_a_listed_peer_is_pulled_from_without_a_secret(prefill, transport):
+    """Without the secret a decode engine gets no NIXL metadata: it pulls over TCP/shm instead."""
     params = run_prefill(prefill)
-    d = decode_engine(trust=TransferTrust(peers=frozenset({"127.0.0.1"})))
+    d = decode_engine(trust=TransferTrust(peers=frozenset({"127.0.0.1"})), transport=transport)
     assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
     assert d.sched.counters.external_prefix_cache_hits == 512 and d.connector.stats.peers_refused == 0
+    if transport == "nixl":
+        assert d.connector.transport.fallback.stats.transfers[("recv", "shm")] == 1
+        assert d.connector.transport.stats.transfers == {}
 
 
 def test_link_model_paces_a_pull_and_counts_the_modelled_bytes():
@@ -203,7 +228,7 @@ def test_link_model_paces_a_pull_and_counts_the_modelled_bytes():
     p = ToyEngine(PDConnector("prefill", trust=TRUST, block_size=BS, hold_s=30, link=link))
     try:
         params = run_prefill(p)
-        d = decode_engine(link=link, allow_shm=False)
+        d = decode_engine(link=link, transport="tcp")
         assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
         assert asked == [512]
         assert d.connector.stats.fetch_seconds.total >= 0.3
@@ -211,9 +236,31 @@ def test_link_model_paces_a_pull_and_counts_the_modelled_bytes():
         while ("send", "tcp") not in p.connector.server.stats.bytes and time.monotonic() < deadline:
             time.sleep(0.01)
         # the sender starts its clock a moment after the receiver, then waits for the paced DONE
-        for stats, direction, least in ((d.connector.client.stats, "recv", 0.3),
+        for stats, direction, least in ((d.connector.transport.stats, "recv", 0.3),
                                         (p.connector.server.stats, "send", 0.25)):
             assert stats.bytes[(direction, "tcp")] == 512 * 131072
             assert stats.seconds[(direction, "tcp")] >= least
     finally:
         p.connector.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_nixl_read_that_fails_after_the_offer_is_recomputed(prefill):
+    """The prefill engine lets the blocks go (hold expired) between the offer (blocks counted as
+    external) and the direct READ into the decode engine's blocks: it refuses to confirm the READ,
+    the scheduler drops the blocks it filled and recomputes. (A peer killed there: test_pd_nixl.py.)"""
+    params = run_prefill(prefill)
+    d = decode_engine(timeout_s=5, transport="nixl")
+    nixl = d.connector.transport
+    real_read = nixl.read
+
+    def read_after_the_hold_expired(load) -> None:
+        prefill.connector.source.release("p1")
+        real_read(load)
+
+    nixl.read = read_after_the_hold_expired
+    assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
+    assert d.connector.stats.load_failures == 1 and nixl.stats.failures == {"recv": 1}
+    assert d.ex.computed_prompt_tokens == len(PROMPT), "the whole prompt was recomputed"
+    assert d.sched.kv.pool.get_cached_block(d.last.block_hashes[0]) is not None   # recomputed blocks cached
+    assert d.generate(PROMPT, rid="again") == baseline()      # and they hold the right KV

@@ -240,6 +240,7 @@ def test_deploy_values_from_the_local_config_renders(tmp_path, capsys):
 up:
   model: oci://registry.example.com/models/smollm2:1.0
   pd: {prefill: 1, decode: 2, threshold_tokens: 64}
+  kv_transport: tcp
 pools:
   chat:
     endpoints: [http://127.0.0.1:8001]
@@ -274,6 +275,9 @@ trust: {trusted_keys: [pub.pem], allowed_registries: [registry.example.com]}
     assert cfg.gateway.flow_control.max_queued == 500 and cfg.gateway.port == 8080  # local port not carried
     assert [t.pool for t in cfg.models["split"].targets] == ["chat"]  # only this pool's targets
     assert [one(objs, "Deployment", f"llm-inferstack-{r}")["spec"]["replicas"] for r in ("prefill", "decode")] == [1, 2]
+    for role in ("prefill", "decode"):
+        args = container(engine(objs, role))["args"]
+        assert args[args.index("--kv-transport") + 1] == "tcp"
     assert one(objs, "HTTPRoute")["spec"]["parentRefs"][0]["name"] == "gw"
     r = runner.invoke(app, ["deploy", "render", "-c", str(tmp_path / "inferstack.yaml"), "--pool", "chat"])
     assert r.exit_code == 0 and "kind: InferencePool" in r.output

@@ -51,9 +51,12 @@ def test_engines_get_their_role_and_role_names() -> None:
     for s in specs:  # the role is in argv, so a restart (same spec) keeps it
         assert s.argv[s.argv.index("--role") + 1] == s.role
         assert s.argv[s.argv.index("--threads") + 1] == "1"
+        assert "--kv-transport" not in s.argv           # auto: the engine's own default
     plain = plan.engine_specs(UpSettings(replicas=2), python="py")
     assert [s.name for s in plain] == ["engine-0", "engine-1"]
     assert all(s.role is None and "--role" not in s.argv for s in plain)
+    tcp = plan.engine_specs(UpSettings(pd={"prefill": 1, "decode": 1}, kv_transport="tcp"), python="py")
+    assert all(s.argv[s.argv.index("--kv-transport") + 1] == "tcp" for s in tcp)
 
 
 def test_emulated_pd_is_one_emulator_process_per_role() -> None:

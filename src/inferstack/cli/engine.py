@@ -37,6 +37,13 @@ class Quantization(StrEnum):
     gguf = "gguf"
 
 
+class KVTransport(StrEnum):
+    auto = "auto"
+    nixl = "nixl"
+    tcp = "tcp"
+    shm = "shm"
+
+
 class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -194,6 +201,10 @@ def serve(
              "decode: pull it (docs/disaggregation.md).")] = None,
     kv_transfer_port: Annotated[int | None, typer.Option(
         help="--role prefill: TCP port of the KV transfer server (0: the OS picks).")] = None,
+    kv_transport: Annotated[KVTransport | None, typer.Option(
+        help="--role prefill/decode: how KV moves between engines. nixl: NIXL over UCX (what vLLM's "
+             "NixlConnector uses; RDMA when the NICs have it); shm: shared memory on one host, TCP otherwise; "
+             "tcp: TCP only; auto (default): nixl when it imports and UCX starts, else shm.")] = None,
     kv_transfer_peers: Annotated[str | None, typer.Option(
         help="--role decode: prefill engines this engine may pull KV from, HOST or HOST:PORT, comma-separated. "
              "A decode engine never connects elsewhere, whatever a request names.")] = None,
@@ -254,7 +265,7 @@ def serve(
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,
             enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
             kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
-            kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret,
+            kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret, kv_transport=kv_transport,
             kv_transfer_peers=tuple(kv_transfer_peers.split(",")) if kv_transfer_peers else None,
             grammar_timeout_s=grammar_timeout, grammar_workers=grammar_workers,
             tool_call_parser=tool_call_parser, strict_max_properties=strict_max_properties,

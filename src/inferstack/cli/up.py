@@ -55,6 +55,9 @@ def up(
         "--kv-tiers", help="Reuse KV across requests and replicas: any of host,disk,redis, fastest first. The "
         "replicas share a disk tier in the log directory and a Redis server that up starts (unless up.kv in "
         "--config names them); see docs/kv-cache.md.")] = None,
+    kv_transport: Annotated[str | None, typer.Option(
+        "--kv-transport", help="With --prefill/--decode: how engines move KV, auto|nixl|tcp|shm (default auto: "
+        "NIXL over UCX when installed and UCX starts, else shared memory); see docs/disaggregation.md.")] = None,
     with_prometheus: Annotated[bool, typer.Option(
         "--with-prometheus", help="Also start Prometheus scraping the stack, with inferstack's recording and "
         "alert rules.")] = False,
@@ -95,7 +98,7 @@ def up(
         pd = _pd_override(base, prefill, decode)
         overrides = {k: v for k, v in {
             "replicas": replicas, "port": port, "model": model, "emulate": emulate, "threads": threads,
-            "host": host, "log_dir": str(log_dir) if log_dir else None, "pd": pd,
+            "host": host, "log_dir": str(log_dir) if log_dir else None, "pd": pd, "kv_transport": kv_transport,
             "kv": ({**(base.kv.model_dump(exclude_unset=True) if base.kv else {}), "tiers": kv_tiers}
                    if kv_tiers else None),
         }.items() if v is not None}

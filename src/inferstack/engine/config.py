@@ -58,6 +58,8 @@ class EngineConfig:
     kv_role: Literal["both", "prefill", "decode"] = "both"
     kv_transfer_host: str = "127.0.0.1"         # prefill role: where the KV transfer server listens
     kv_transfer_port: int = 0
+    # How PD KV moves (docs/disaggregation.md): auto = NIXL when it imports and UCX starts, else shm.
+    kv_transport: Literal["auto", "nixl", "tcp", "shm"] = "auto"
     # PD SSRF guard (engine/connector/peers.py): a decode engine pulls only from listed peers and/or
     # params signed with the shared secret; a prefill engine signs what it returns with the secret.
     kv_transfer_peers: tuple[str, ...] = ()
@@ -83,6 +85,8 @@ class EngineConfig:
             raise ValueError("--role decode pulls KV from the peers named in each request: allow them with "
                              "--kv-transfer-peers HOST[:PORT],... or share a secret with the prefill engines "
                              "in $INFERSTACK_KV_TRANSFER_SECRET (inferstack up does this for you)")
+        if self.kv_transport not in ("auto", "nixl", "tcp", "shm"):
+            raise ValueError(f"kv_transport must be auto, nixl, tcp or shm, got {self.kv_transport!r}")
         if self.grammar_workers < 1 or self.grammar_timeout_s <= 0:
             raise ValueError("grammar_workers must be at least 1 and grammar_timeout_s positive")
         if self.quantization not in ("none", "int8", "int4", "gguf"):

@@ -170,11 +170,16 @@ class EngineCore:
             if self.has_unfinished():
                 time.sleep(0.001)    # external KV still arriving or grammars compiling: do not spin
             return outputs
-        if self.structured is not None and self.structured.active:
-            batch.grammar_bitmask = self.structured.bitmask(batch.sampled_ids)
         connector = self.scheduler.connector
         if connector is not None:
             connector.start_load_kv()
+            failed = connector.take_failed_loads()
+            if failed:                 # their blocks hold garbage: recompute, never sample from them
+                self.scheduler.recompute(batch, failed)
+                if batch.is_empty:
+                    return outputs
+        if self.structured is not None and self.structured.active:
+            batch.grammar_bitmask = self.structured.bitmask(batch.sampled_ids)
         result = self.executor.execute(batch)
         if connector is not None:
             for seq in batch.seqs:

@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -241,6 +241,31 @@ class Scheduler:
         for request in reversed(fetching):
             self.waiting.add(request, front=True)
         return out
+
+    def recompute(self, out: SchedulerOutput, request_ids: Sequence[str]) -> None:
+        """Requests whose external KV failed to load into their blocks (``take_failed_loads``):
+        take them out of this step, forget the hashes of the blocks the step was to fill (garbage
+        now), and queue them to compute from scratch. A request that took a cache hit on those
+        blocks in this same step is reset too. Their ``do_remote_prefill`` is already consumed, so
+        nothing is pulled again."""
+        failed = set(request_ids)
+        seqs = {s.request_id: s for s in out.seqs}
+        bad: set[int] = set()
+        for rid in failed & seqs.keys():
+            request = seqs[rid].request
+            first = (seqs[rid].start - request.num_external_cached_tokens) // self.kv.block_size
+            bad |= self.kv.forget_from(request, first)
+        for s in out.seqs:
+            if s.request_id not in failed and bad & set(s.block_ids):
+                failed.add(s.request_id)
+                self.kv.forget_from(s.request, s.start // self.kv.block_size)
+        out.seqs = [s for s in out.seqs if s.request_id not in failed]
+        for request in [r for r in self.running if r.request_id in failed]:
+            self.running.remove(request)
+            self.kv.free(request)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
+            self.waiting.add(request, front=True)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance every scheduled request; append sampled tokens; return the requests that

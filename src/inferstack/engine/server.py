@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inferstack.engine.connector.nixl_agent import NixlUnavailable
 from inferstack.engine.serving import (
     EngineLike,
     Generation,
@@ -494,7 +495,9 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
         return 0
     if loading.exception() is not None:
         exc = loading.exception()
-        log.error("could not load the model: %s", exc, exc_info=not isinstance(exc, ValueError | FileNotFoundError))
+        expected = isinstance(exc, ValueError | FileNotFoundError | NixlUnavailable)   # the message says it all
+        what = "start the KV transport" if isinstance(exc, NixlUnavailable) else "load the model"
+        log.error("could not %s: %s", what, exc, exc_info=None if expected else exc)
         server.should_exit = True
         await serving
         return 1

@@ -52,6 +52,8 @@ def chart_values(cfg: InferstackConfig, config_dir: Path, *, pool: str | None = 
     if up.emulate and engine == "inferstack":
         values["engines"] = {"inferstack": {"emulate": up.emulate}}
         values["accelerator"] = {"type": "cpu"}
+    if engine == "inferstack" and up.kv_transport != "auto":
+        values.setdefault("engines", {}).setdefault("inferstack", {})["kvTransport"] = up.kv_transport
     if cfg.trust is not None:
         values["modelArtifacts"]["trust"] = _trust(cfg, config_dir)
     if gateway:

@@ -45,6 +45,8 @@ def engine_specs(settings: UpSettings, python: str = sys.executable, log_dir: st
                    if settings.kv else [])
         # The role is part of the argv, so a restarted engine comes back with the same role.
         role_args = ["--role", role] if role else []
+        if role and settings.kv_transport != "auto":
+            role_args += ["--kv-transport", settings.kv_transport]
         argv = _inferstack(python, "engine", "serve", "--model", settings.model,
                            "--threads", str(threads), *_format_args(settings), *role_args, *kv_args,
                            *settings.engine_args)

@@ -74,6 +74,10 @@ class UpSettings(BaseModel):
     pd: PDSettings | None = Field(
         None, description="Run `prefill` + `decode` engines with PD roles behind a PD pool; the engine count "
         "is their sum (`replicas`, if given, must equal it).")
+    kv_transport: Literal["auto", "nixl", "tcp", "shm"] = Field(
+        "auto", description="How PD engines move KV (`engine serve --kv-transport`): nixl (NIXL over UCX), "
+        "shm (shared memory on one host, TCP otherwise), tcp; auto = nixl when it imports and UCX starts, "
+        "else shm (docs/disaggregation.md).")
 
     @field_validator("emulate")
     @classmethod

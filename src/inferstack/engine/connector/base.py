@@ -10,6 +10,7 @@ Step order inside ``EngineCore.step``:
    ``get_num_new_matched_tokens(request, num_device_hit_tokens)`` then, once blocks are
    allocated for them, ``update_state_after_alloc(request, block_ids, num_external_tokens)``;
 2. ``start_load_kv()`` copies the external KV into those blocks before the model runs;
+   ``take_failed_loads()`` names requests whose load failed there (recomputed instead);
 3. the executor computes the rest; ``save_kv(seqs)`` hands newly full chunks to the store;
 4. ``request_finished(request, block_ids)`` when a request ends; a connector may keep its blocks
    (``delay_free``) until ``take_finished_sending()`` says the blocks may be freed.
@@ -60,6 +61,11 @@ class KVConnectorBase(ABC):
     @abstractmethod
     def start_load_kv(self) -> None:
         """Copy every staged load into its blocks; runs before the step's forward pass."""
+
+    def take_failed_loads(self) -> list[str]:
+        """Requests whose external KV did not arrive in ``start_load_kv`` (a direct read into their
+        blocks failed): their blocks hold garbage, the scheduler must recompute them."""
+        return []
 
     def save_kv(self, seqs: Sequence[Any]) -> None:
         """After a step: save KV that became complete (``seqs`` are the step's ScheduledSeqs)."""

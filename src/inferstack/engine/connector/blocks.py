@@ -3,15 +3,20 @@ tensors (``[num_layers, 2, n * block_size, H, D]``)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from inferstack.engine.connector.wire import TransferError
 from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK
+
+log = logging.getLogger("inferstack.engine.connector")
 
 
 def _index(block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -39,6 +44,26 @@ def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], o
             torch.index_select(cache, 1, ids, out=dst)
         else:
             dst.copy_(cache.index_select(1, ids))
+
+
+class PendingLoad(Protocol):
+    """External KV a connector can put into a request's blocks once they are allocated: chunks
+    already on the host (`StagedLoad`), or blocks a peer holds that are read straight into the
+    engine's KV cache (the NIXL transport's ``RemoteLoad``)."""
+
+    first_block: int
+    num_blocks: int
+
+    def rebase(self, first_block: int) -> PendingLoad | None: ...
+
+    def accept(self, block_ids: Sequence[int], num_external_tokens: int, block_size: int) -> None: ...
+
+    def copy_into(self, kv_caches: Sequence[torch.Tensor], block_size: int) -> None:
+        """Fill the accepted blocks; raises `TransferError` when the KV did not arrive (the blocks
+        then hold garbage and the request must be recomputed)."""
+
+    def discard(self) -> None:
+        """The load will not happen (request aborted or offer declined): let go of what it holds."""
 
 
 @dataclass
@@ -82,6 +107,16 @@ class StagedLoad:
             block += n
             done += n
 
+    def discard(self) -> None:
+        return None   # host tensors only: the garbage collector frees them
+
+
+def _discard_result(fut: Future[PendingLoad | None]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        load = fut.result()
+        if load is not None:
+            load.discard()
+
 
 class Stager:
     """Loads staged per request, fetched on the caller's thread or on a background thread.
@@ -95,9 +130,10 @@ class Stager:
 
     def __init__(self, workers: int = 1) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-stage")
-        self._pending: dict[str, Future[StagedLoad | None]] = {}
-        self._staged: dict[str, StagedLoad | None] = {}
-        self._ready: list[StagedLoad] = []     # accepted, copied into blocks before the next forward
+        self._pending: dict[str, Future[PendingLoad | None]] = {}
+        self._staged: dict[str, PendingLoad | None] = {}
+        self._ready: list[tuple[str, PendingLoad]] = []   # accepted, loaded before the next forward
+        self._failed: list[str] = []           # loads that raised after their blocks were accepted
         self._lock = threading.Lock()
 
     def check(self, request_id: str, first_block: int, block_size: int) -> int | None:
@@ -116,14 +152,17 @@ class Stager:
                 return None
             load = self._staged[request_id]
             if load is not None:
-                load = self._staged[request_id] = load.rebase(first_block)
+                rebased = self._staged[request_id] = load.rebase(first_block)
+                if rebased is None:
+                    load.discard()
+                load = rebased
             return load.num_blocks * block_size if load is not None else 0
 
-    def put(self, request_id: str, load: StagedLoad | None) -> None:
+    def put(self, request_id: str, load: PendingLoad | None) -> None:
         with self._lock:
             self._staged[request_id] = load
 
-    def start(self, request_id: str, fetch: Callable[[], StagedLoad | None]) -> None:
+    def start(self, request_id: str, fetch: Callable[[], PendingLoad | None]) -> None:
         with self._lock:
             self._pending[request_id] = self._pool.submit(fetch)
 
@@ -132,29 +171,42 @@ class Stager:
         releases the staged load): queue the load for `load_into`; returns the tokens it brings."""
         with self._lock:
             staged = self._staged.pop(request_id, None)
-        if staged is None or num_external_tokens <= 0:
+        if staged is None:
+            return 0
+        if num_external_tokens <= 0:
+            staged.discard()
             return 0
         staged.accept(block_ids, num_external_tokens, block_size)
-        self._ready.append(staged)
+        self._ready.append((request_id, staged))
         return staged.num_blocks * block_size
 
     def load_into(self, kv_caches: Sequence[torch.Tensor], block_size: int) -> float | None:
         """Copy every accepted load into its blocks (before the forward pass); the seconds spent,
-        or None when there was nothing to load."""
+        or None when there was nothing to load. A load that fails is recorded for `take_failed`."""
         if not self._ready:
             return None
         t0 = time.perf_counter()
-        for load in self._ready:
-            load.copy_into(kv_caches, block_size)
+        for request_id, load in self._ready:
+            try:
+                load.copy_into(kv_caches, block_size)
+            except TransferError as exc:
+                log.warning("request %s: loading external KV failed, recomputing: %s", request_id, exc)
+                self._failed.append(request_id)
         self._ready.clear()
         return time.perf_counter() - t0
 
+    def take_failed(self) -> list[str]:
+        out, self._failed = self._failed, []
+        return out
+
     def drop(self, request_id: str) -> None:
         with self._lock:
-            self._staged.pop(request_id, None)
+            staged = self._staged.pop(request_id, None)
             fut = self._pending.pop(request_id, None)
-        if fut is not None:
-            fut.cancel()
+        if staged is not None:
+            staged.discard()
+        if fut is not None and not fut.cancel():
+            fut.add_done_callback(_discard_result)   # still fetching: let go of it when it lands
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

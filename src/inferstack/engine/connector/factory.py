@@ -28,7 +28,8 @@ def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key
     if config.kv_role != "both":
         trust = TransferTrust.from_config(config.kv_transfer_peers, config.kv_transfer_secret)
         connectors.append(PDConnector(config.kv_role, trust=trust, block_size=config.block_size,
-                                      host=config.kv_transfer_host, port=config.kv_transfer_port, link=link))
+                                      host=config.kv_transfer_host, port=config.kv_transfer_port,
+                                      transport=config.kv_transport, link=link))
     store_cfg = config.kv_store
     if store_cfg.enabled:
         if config.block_size * 16 != CHUNK_SIZE:
@@ -77,7 +78,7 @@ def metric_doc_rows() -> list[str]:
     transfers.record("recv", "tcp", 1, 1.0)
     transfers.fail("recv")
     collectors = [KVStoreCollector(store, "m"), ConnectorCollector(ConnectorStats(), "m", "kvstore"),
-                  TransferCollector(SimpleNamespace(server=None, client=SimpleNamespace(stats=transfers)), "m")]
+                  TransferCollector(SimpleNamespace(transfer_stats=lambda: [transfers]), "m")]
     rows = ["| name | type | labels | meaning |", "|---|---|---|---|"]
     for collector in collectors:
         for fam in collector.collect():

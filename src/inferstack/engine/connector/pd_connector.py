@@ -32,7 +32,9 @@ from typing import Any, Literal
 import torch
 
 from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.connector.blocks import StagedLoad, Stager
+from inferstack.engine.connector.blocks import PendingLoad, Stager
+from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable
+from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.connector.transfer import (
@@ -41,23 +43,28 @@ from inferstack.engine.connector.transfer import (
     KVTransferServer,
     LinkModel,
     PagedKVSource,
+    TransferStats,
 )
-from inferstack.engine.connector.wire import TransferError
-from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK
+from inferstack.engine.connector.transports import KVTransport, PullRequest, TcpKVTransport
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request
 
 Role = Literal["prefill", "decode"]
+TransportChoice = Literal["auto", "nixl", "tcp", "shm"]
 log = logging.getLogger("inferstack.engine.connector")
 
 
 class PDConnector(KVConnectorBase):
     def __init__(self, role: Role, *, trust: TransferTrust, block_size: int = 16, host: str = "127.0.0.1",
-                 port: int = 0, advertise_host: str | None = None, allow_shm: bool = True, hold_s: float = 60.0,
-                 min_remote_tokens: int = 16, timeout_s: float = 30.0,
+                 port: int = 0, advertise_host: str | None = None, transport: TransportChoice = "shm",
+                 hold_s: float = 60.0, min_remote_tokens: int = 16, timeout_s: float = 30.0,
                  link: LinkModel | None = None) -> None:
         if role not in ("prefill", "decode"):
             raise ValueError(f"PD connector role must be prefill or decode, got {role!r}")
+        if transport not in ("auto", "nixl", "tcp", "shm"):
+            raise ValueError(f"KV transport must be auto, nixl, tcp or shm, got {transport!r}")
+        if transport == "nixl" and link is not None:
+            raise ValueError("--kv-transport nixl moves real KV: emulated engines use tcp or shm")
         self.role = role
         self.block_size = block_size
         self.stats = ConnectorStats()
@@ -65,10 +72,12 @@ class PDConnector(KVConnectorBase):
         self.trust = trust                # decode: who may be pulled from; prefill: signs what it returns
         self._link = link                 # emulated engines: the network their transfers stand for
         self._host, self._port, self._advertise = host, port, advertise_host or host
-        self._allow_shm, self._hold_s, self._timeout = allow_shm, hold_s, timeout_s
+        self._choice = transport
+        self._allow_shm, self._hold_s, self._timeout = transport != "tcp", hold_s, timeout_s
         self.server: KVTransferServer | None = None
         self.source: PagedKVSource | None = None
-        self.client: KVTransferClient | None = None
+        self.transport: KVTransport | None = None
+        self.agent: NixlAgent | None = None
         self._stager = Stager()
         self._released: list[str] = []
         self._released_lock = threading.Lock()
@@ -76,14 +85,47 @@ class PDConnector(KVConnectorBase):
 
     def register_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         self._kv_caches = list(kv_caches)
+        self.agent = self._start_nixl()
         if self.role == "prefill":
             self.source = PagedKVSource(self._kv_caches, hold_s=self._hold_s)
+            exporter = NixlExporter(self.agent, self.trust) if self.agent is not None else None
             self.server = KVTransferServer(self.source, self._host, self._port, allow_shm=self._allow_shm,
-                                           link=self._link)
+                                           link=self._link, nixl=exporter)
         else:
             _, _, bs, heads, dim = kv_caches[0].shape
-            self.client = KVTransferClient(KVLayout(len(kv_caches), heads, dim, bs, kv_caches[0].dtype),
-                                           allow_shm=self._allow_shm, timeout_s=self._timeout, link=self._link)
+            layout = KVLayout(len(kv_caches), heads, dim, bs, kv_caches[0].dtype)
+            tcp = TcpKVTransport(KVTransferClient(layout, allow_shm=self._allow_shm, timeout_s=self._timeout,
+                                                  link=self._link))
+            self.transport = (NixlKVTransport(self.agent, layout, self.trust, tcp, self._timeout)
+                              if self.agent is not None else tcp)
+        log.info("PD %s engine: KV transport %s", self.role, self.transport_name)
+
+    def _start_nixl(self) -> NixlAgent | None:
+        """The NIXL agent for ``nixl`` (failing the start-up when UCX cannot start) and ``auto``
+        (falling back to the shm transport, with the reason in the log); None for tcp/shm."""
+        if self._choice == "nixl" or (self._choice == "auto" and self._link is None):
+            try:
+                return NixlAgent(self.role, self._kv_caches)
+            except NixlUnavailable as exc:
+                if self._choice == "nixl":
+                    raise
+                log.warning("%s; --kv-transport auto falls back to the shm transport", exc)
+        return None
+
+    @property
+    def transport_name(self) -> str:
+        """What this engine moves KV with: nixl, shm (TCP to other hosts) or tcp."""
+        if self.agent is not None:
+            return "nixl"
+        return "shm" if self._allow_shm else "tcp"
+
+    def transfer_stats(self) -> list[TransferStats]:
+        out = [self.server.stats] if self.server is not None else []
+        if isinstance(self.transport, NixlKVTransport):
+            out.append(self.transport.fallback.stats)
+        if self.transport is not None:
+            out.append(self.transport.stats)
+        return out
 
     @property
     def transfer_address(self) -> tuple[str, int] | None:
@@ -99,7 +141,7 @@ class PDConnector(KVConnectorBase):
         if staged is not None:
             return staged, False
         params = request.kv_transfer_params or {}
-        if self.client is None or not params.get("do_remote_prefill"):
+        if self.transport is None or not params.get("do_remote_prefill"):
             return 0, False
         # One pull per request: after a preemption the peer has released the blocks anyway.
         request.kv_transfer_params = {k: v for k, v in params.items() if k != "do_remote_prefill"}
@@ -118,29 +160,20 @@ class PDConnector(KVConnectorBase):
 
     def _pull(
         self, params: dict[str, Any], hashes: list[bytes], first_block: int, max_blocks: int
-    ) -> StagedLoad | None:
-        assert self.client is not None
+    ) -> PendingLoad | None:
+        assert self.transport is not None
         t0 = time.perf_counter()
-        chunks: list[torch.Tensor] = []
-        got = 0
-        first_chunk = first_block // BLOCKS_PER_CHUNK
         try:
-            pull = self.client.pull(str(params["remote_host"]), int(params["remote_port"]),
-                                    str(params["remote_request_id"]), expected_hashes=hashes)
-            for chunk in pull:
-                if chunk.first_block != got or (
-                    chunk.num_blocks != BLOCKS_PER_CHUNK and chunk.index + 1 < chunk.num_chunks
-                ):
-                    raise TransferError(f"peer sends {chunk.num_blocks}-block chunks; decode engines need "
-                                        f"{BLOCKS_PER_CHUNK}-block chunks")
-                if chunk.first_block + chunk.num_blocks > first_chunk * BLOCKS_PER_CHUNK:
-                    chunks.append(chunk.tensor.clone())     # the receive buffer is reused
-                got = chunk.first_block + chunk.num_blocks
-        except (TransferError, KeyError, ValueError):
+            pull = PullRequest(str(params["remote_host"]), int(params["remote_port"]),
+                               str(params["remote_request_id"]), hashes, first_block, max_blocks)
+        except (KeyError, ValueError):
             self.stats.add(load_failures=1)
-        end_block = min(got, max_blocks)
+            return None
+        fetched = self.transport.fetch(pull)
+        if fetched.failed:
+            self.stats.add(load_failures=1)
         self.stats.observe("fetch_seconds", time.perf_counter() - t0)
-        return StagedLoad(first_block, end_block - first_block, chunks) if end_block > first_block else None
+        return fetched.load
 
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
         loaded = self._stager.accept(request.request_id, block_ids, num_external_tokens, self.block_size)
@@ -151,6 +184,12 @@ class PDConnector(KVConnectorBase):
         seconds = self._stager.load_into(self._kv_caches, self.block_size)
         if seconds is not None:
             self.stats.observe("load_seconds", seconds)
+
+    def take_failed_loads(self) -> list[str]:
+        failed = self._stager.take_failed()
+        if failed:
+            self.stats.add(load_failures=len(failed))
+        return failed
 
     # -- prefill side ---------------------------------------------------------------------------
     def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -182,8 +221,10 @@ class PDConnector(KVConnectorBase):
         self._stager.shutdown()
         if self.server is not None:
             self.server.close()
-        if self.client is not None:
-            self.client.close()
+        if self.transport is not None:
+            self.transport.close()
+        elif self.agent is not None:
+            self.agent.close()
 
 
 class MultiConnector(KVConnectorBase):
@@ -222,6 +263,9 @@ class MultiConnector(KVConnectorBase):
 
     def take_finished_sending(self) -> list[str]:
         return [rid for c in self.connectors for rid in c.take_finished_sending()]
+
+    def take_failed_loads(self) -> list[str]:
+        return [rid for c in self.connectors for rid in c.take_failed_loads()]
 
     def take_events(self) -> list[Any]:
         return [e for c in self.connectors for e in c.take_events()]

@@ -81,7 +81,7 @@ class ConnectorCollector(Collector):
 
 
 class TransferCollector(Collector):
-    """KV transfer engine counters of a PD connector (either side)."""
+    """KV transfer counters of a PD connector (either side), per transport (nixl, shm, tcp)."""
 
     def __init__(self, connector: Any, model_name: str) -> None:
         self.connector = connector
@@ -90,17 +90,16 @@ class TransferCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["model_name", "direction", "transport"]
         nbytes = CounterMetricFamily("inferstack_kv_transfer_bytes",
-                                     "KV bytes moved between prefill and decode engines.", labels=labels)
+                                     "KV bytes moved between prefill and decode engines; `transport`: nixl "
+                                     "(NIXL/UCX), shm or tcp.", labels=labels)
         secs = CounterMetricFamily("inferstack_kv_transfer_seconds",
-                                   "Time spent in KV transfers (bytes/seconds = throughput).", labels=labels)
+                                   "Time spent in KV transfers (bytes/seconds = throughput; nixl: the READ "
+                                   "alone on the decode side).", labels=labels)
         count = CounterMetricFamily("inferstack_kv_transfers", "KV transfers completed.", labels=labels)
         fails = CounterMetricFamily("inferstack_kv_transfer_failures",
                                     "KV transfers that failed (the rest was recomputed).",
                                     labels=["model_name", "direction"])
-        for side in (self.connector.server, self.connector.client):
-            if side is None:
-                continue
-            st = side.stats
+        for st in self.connector.transfer_stats():
             with st.lock:
                 for (direction, transport), b in st.bytes.items():
                     key = [self.model_name, direction, transport]

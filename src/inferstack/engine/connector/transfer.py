@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -28,6 +29,7 @@ from inferstack.engine.connector.shm import SHM_DIR, Segment, SegmentMaps, Segme
 from inferstack.engine.connector.wire import (
     FLAG_SHM,
     FLAG_SHM_OK,
+    NO_NIXL,
     ZERO_HASH,
     Frame,
     FrameType,
@@ -35,6 +37,7 @@ from inferstack.engine.connector.wire import (
     checksum,
     host_identity,
     read_frame_header,
+    read_payload,
     recv_exact,
 )
 from inferstack.kvstore.codec import CODE_DTYPES, DTYPE_CODES
@@ -78,6 +81,8 @@ class TransferSpec:
     num_blocks: int
     block_hashes: Sequence[bytes] | None
     read: Callable[[int, int, torch.Tensor], None]   # (first block, n blocks, out [L,2,n*bs,H,D])
+    block_ids: Sequence[int] | None = None           # paged sources: where the blocks are (NIXL reads them)
+    still_held: Callable[[], bool] = lambda: True    # False once released (expired): the blocks may be reused
 
 
 class KVSource:
@@ -132,13 +137,19 @@ class PagedKVSource(KVSource):
     def open(self, request_id: str) -> TransferSpec | None:
         with self._lock:
             hold = self._holds.get(request_id)
+            if hold is not None:     # a pull started: do not expire under it
+                hold.deadline = max(hold.deadline, time.monotonic() + self.hold_s)
         if hold is None:
             return None
 
         def read(first: int, n: int, out: torch.Tensor) -> None:
             gather_blocks(self.kv_caches, hold.block_ids[first:first + n], out)
 
-        return TransferSpec(self.layout, len(hold.block_ids), hold.block_hashes, read)
+        def still_held() -> bool:
+            with self._lock:
+                return self._holds.get(request_id) is hold
+
+        return TransferSpec(self.layout, len(hold.block_ids), hold.block_hashes, read, hold.block_ids, still_held)
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -192,12 +203,20 @@ def _tensor_view(buf, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 
 # server (prefill side)
 
 
+class PullHandler(Protocol):
+    """Serves a transfer whose bytes do not go through this connection (NIXL_PULL)."""
+
+    def serve(self, conn: socket.socket, pull: Frame, spec: TransferSpec | None, stats: TransferStats) -> bool:
+        """True once the blocks were offered (the caller then releases them, DONE or not)."""
+
+
 class KVTransferServer:
     def __init__(self, source: KVSource, host: str = "127.0.0.1", port: int = 0, allow_shm: bool = True,
                  chunk_blocks: int = DEFAULT_CHUNK_BLOCKS, io_timeout_s: float = 30.0,
-                 link: LinkModel | None = None) -> None:
+                 link: LinkModel | None = None, nixl: PullHandler | None = None) -> None:
         self.source = source
         self.link = link
+        self.nixl = nixl
         self.allow_shm = allow_shm and SHM_DIR.is_dir()
         self.chunk_blocks = chunk_blocks
         self.io_timeout_s = io_timeout_s
@@ -247,6 +266,10 @@ class KVTransferServer:
             conn.settimeout(self.io_timeout_s)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pull = read_frame_header(conn)
+            if pull.type == FrameType.NIXL_PULL:
+                # An offer made is released below; a refused pull leaves the hold to a TCP pull.
+                request_id = pull.request_id if self._serve_nixl(conn, pull) else ""
+                return
             if pull.type != FrameType.PULL:
                 raise TransferError(f"expected PULL, got {pull.type.name}")
             request_id = pull.request_id
@@ -282,6 +305,13 @@ class KVTransferServer:
                 self.source.release(request_id)
             conn.close()
             self._threads.discard(threading.current_thread())
+
+    def _serve_nixl(self, conn: socket.socket, pull: Frame) -> bool:
+        if self.nixl is None:
+            read_payload(conn, pull, limit=1 << 16)
+            conn.sendall(_error(pull.request_id, f"{NO_NIXL}: this prefill engine runs no NIXL agent"))
+            return False
+        return self.nixl.serve(conn, pull, self.source.open(pull.request_id), self.stats)
 
     def _plan(self, spec: TransferSpec) -> list[tuple[int, int]]:
         return [(first, min(self.chunk_blocks, spec.num_blocks - first))

@@ -13,7 +13,7 @@ says the payload is in shared memory:
 |-------:|-----:|-------------------------------------------------------------------------|
 |      0 |    4 | magic ``b"ISKT"``                                                         |
 |      4 |    2 | version (1)                                                             |
-|      6 |    1 | frame type: 1 PULL, 2 CHUNK, 3 END, 4 ERROR, 5 DONE                     |
+|      6 |    1 | frame type: 1 PULL, 2 CHUNK, 3 END, 4 ERROR, 5 DONE, 6 NIXL_PULL, 7 NIXL_OFFER |
 |      7 |    1 | flags: bit 0 SHM (payload in shared memory), bit 1 SHM_OK (PULL: client can read shared memory) |
 |      8 |    1 | dtype code (the KV store codec's: 1 f32, 2 f16, 3 bf16, 4 f64, 5 i8, 6 u8) |
 |      9 |    1 | reserved (0)                                                            |
@@ -40,6 +40,13 @@ prompt block, so KV of another model, dtype, salt or prompt is refused, never lo
 PULL aux: the client's host identity (``boot_id/hostname``); the server uses the SHM path only
 when it is equal to its own and the client set SHM_OK. CHUNK aux with SHM: the path of the
 shared-memory file (under ``/dev/shm``). ERROR payload: a UTF-8 message.
+
+NIXL transport (``nixl_transport.py``): the same connection carries only control. The client sends
+NIXL_PULL (msgpack payload: its agent name, the peer agent name it has cached, an HMAC proof); the
+server answers NIXL_OFFER (msgpack payload: its agent name, its NIXL agent metadata unless the
+client has it cached, the KV layout, per-layer base addresses and block counts, the held block ids
+and their block hashes) or ERROR. The client READs the blocks with NIXL and sends DONE (the
+server frees them) or closes the connection (the server frees them too).
 """
 
 from __future__ import annotations
@@ -64,7 +71,11 @@ class FrameType(IntEnum):
     END = 3
     ERROR = 4
     DONE = 5
+    NIXL_PULL = 6
+    NIXL_OFFER = 7
 
+
+NO_NIXL = "no NIXL transfer for this peer"   # ERROR prefix to a NIXL_PULL: pull over TCP instead
 
 FLAG_SHM = 1
 FLAG_SHM_OK = 2
@@ -141,3 +152,17 @@ def host_identity() -> bytes:
     except OSError:
         return b""
     return f"{boot}/{socket.gethostname()}".encode()
+
+
+def send_payload(sock: socket.socket, frame: Frame, payload: bytes) -> None:
+    """One frame followed by its payload (NIXL control messages, ERROR)."""
+    frame.payload_len = len(payload)
+    sock.sendall(frame.pack_header() + payload)
+
+
+def read_payload(sock: socket.socket, frame: Frame, limit: int = 64 << 20) -> bytes:
+    if frame.payload_len > limit:
+        raise TransferError(f"{frame.type.name} payload of {frame.payload_len} bytes is over {limit}")
+    buf = bytearray(frame.payload_len)
+    recv_exact(sock, memoryview(buf))
+    return bytes(buf)

@@ -110,6 +110,18 @@ class BlockPool:
                 for run in runs
             ])
 
+    def uncache(self, blocks: Iterable[KVBlock]) -> None:
+        """Forget the hashes of ``blocks`` (their content is not what the hash says: a failed load)."""
+        removed: list[bytes] = []
+        for block in blocks:
+            if block.block_hash is not None:
+                if self._cached.get(block.block_hash) is block:
+                    del self._cached[block.block_hash]
+                removed.append(block.block_hash)
+                block.block_hash = None
+        if removed and self._events is not None:
+            self._events.publish([BlockRemoved(removed)])
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible while no request holds blocks."""
         if self.num_free_blocks != self.num_blocks:

@@ -80,6 +80,12 @@ class KVCacheManager:
         self._cache_full_blocks(request, num_tokens_after)
         return True
 
+    def forget_from(self, request: Request, first_block: int) -> set[int]:
+        """Uncache the request's blocks from ``first_block`` on (not what their hashes say); their ids."""
+        blocks = self._req_blocks.get(request.request_id, [])[first_block:]
+        self.pool.uncache(blocks)
+        return {b.block_id for b in blocks}
+
     def free(self, request: Request) -> None:
         blocks = self._req_blocks.pop(request.request_id, None)
         self._req_ids.pop(request.request_id, None)

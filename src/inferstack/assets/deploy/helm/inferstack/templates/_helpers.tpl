@@ -141,6 +141,10 @@ app.kubernetes.io/component: endpoint-picker
 - --kv-transfer-port
 - {{ toString $e.kvTransferPort | quote }}
 {{- end }}
+{{- if and $pd $e.kvTransport }}
+- --kv-transport
+- {{ $e.kvTransport | quote }}
+{{- end }}
 {{- if and (eq $v.accelerator.type "nvidia") (not $e.emulate) }}
 - --device
 - cuda

@@ -1,0 +1,221 @@
+"""One NIXL agent per engine (UCX backend) with the engine's paged KV cache registered, and nothing else.
+
+NIXL (NVIDIA's inference transfer library, what vLLM's NixlConnector, Dynamo and llm-d use) moves
+bytes between registered memory of two agents; UCX picks the wire (shared memory or CMA on one
+host, TCP, RDMA/InfiniBand, NVLink). An agent that knows a peer's *metadata* (its name and memory
+keys) can READ any region the peer registered, so an engine registers its per-layer KV cache
+tensors once at start-up and never any other memory, and hands its metadata only to decode engines
+that prove they share the stack's transfer secret (``nixl_transport.py``).
+
+A block ``b`` of layer ``l`` is, in a cache of ``[2, num_blocks, block_size, H, D]`` per layer,
+K at ``base[l] + b * block_bytes`` and V at ``base[l] + (num_blocks + b) * block_bytes``: a READ
+names those addresses on both sides, so the decode engine's blocks are filled in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from inferstack.engine.connector.wire import TransferError
+
+
+class NixlUnavailable(RuntimeError):
+    """The NIXL transport cannot run in this process (not installed, or UCX did not start)."""
+
+
+def import_nixl() -> ModuleType:
+    try:
+        import nixl_cu12
+    except ImportError as exc:
+        raise NixlUnavailable(f"NIXL transport: the nixl-cu12 package does not import ({exc})") from None
+    # nixl's Python logger prints INFO lines to stdout, where `engine serve` prints its ready line:
+    # send them through our logging instead, warnings and up unless NIXL_LOG_LEVEL says otherwise.
+    logger = logging.getLogger("nixl")
+    logger.handlers.clear()
+    logger.propagate = True
+    if not os.environ.get("NIXL_LOG_LEVEL"):
+        logger.setLevel(logging.WARNING)
+    return nixl_cu12
+
+
+def nixl_missing() -> str | None:
+    """Why nixl does not import in this process, or None when it does."""
+    try:
+        import_nixl()
+    except NixlUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def ucx_environment() -> str:
+    keys = ("UCX_TLS", "UCX_NET_DEVICES")
+    return ", ".join(f"{k}={os.environ.get(k, '<unset>')}" for k in keys)
+
+
+@dataclass(frozen=True)
+class KVRegions:
+    """Where an engine's KV blocks are: per-layer base addresses of ``[2, num_blocks, bs, H, D]``."""
+
+    bases: tuple[int, ...]
+    num_blocks: int
+    block_bytes: int
+    mem_type: str        # "DRAM" or "VRAM"
+    device_id: int
+
+    @classmethod
+    def of(cls, kv_caches: Sequence[torch.Tensor]) -> KVRegions:
+        first = kv_caches[0]
+        for cache in kv_caches:
+            if not cache.is_contiguous() or cache.shape != first.shape or cache.dtype != first.dtype:
+                raise ValueError("NIXL transport needs equal, contiguous per-layer KV caches")
+        _, num_blocks, bs, heads, dim = first.shape
+        return cls(tuple(c.data_ptr() for c in kv_caches), num_blocks, bs * heads * dim * first.element_size(),
+                   "VRAM" if first.is_cuda else "DRAM", first.device.index or 0)
+
+    def descs(self, runs: np.ndarray, column: int) -> np.ndarray:
+        """Nx3 (address, length, device) descriptors for ``runs`` (rows: local start, remote start,
+        length in blocks; ``column`` picks which start is ours), every layer, K then V."""
+        starts, lengths = runs[:, column], runs[:, 2]
+        bases = np.asarray(self.bases, dtype=np.int64)[:, None, None]
+        kv = np.asarray([0, self.num_blocks], dtype=np.int64)[None, :, None]
+        addrs = bases + (kv + starts[None, None, :]) * self.block_bytes
+        out = np.empty((addrs.size, 3), dtype=np.int64)
+        out[:, 0] = addrs.reshape(-1)
+        out[:, 1] = np.broadcast_to(lengths[None, None, :] * self.block_bytes, addrs.shape).reshape(-1)
+        out[:, 2] = self.device_id
+        return out
+
+
+def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> np.ndarray:
+    """Rows (local start, remote start, length): maximal runs consecutive on both sides, so that a
+    transfer of n contiguous blocks is 2 * layers descriptors, not 2 * layers * n."""
+    local = np.asarray(local_ids, dtype=np.int64)
+    remote = np.asarray(remote_ids, dtype=np.int64)
+    if len(local) != len(remote) or len(local) == 0:
+        raise ValueError(f"block lists differ in length or are empty ({len(local)} vs {len(remote)})")
+    breaks = np.flatnonzero((np.diff(local) != 1) | (np.diff(remote) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [len(local)])))
+    return np.stack([local[starts], remote[starts], lengths], axis=1)
+
+
+class NixlAgent:
+    """The engine's NIXL agent: KV cache registered at construction, peers' metadata cached by
+    address (and replaced when the agent at that address changed: a restarted peer)."""
+
+    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor]) -> None:
+        nixl = import_nixl()
+        self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        strict = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT   # pulls run on several threads
+        try:
+            self._agent = nixl.nixl_agent(self.name, nixl.nixl_agent_config(backends=["UCX"], sync_mode=strict))
+        except Exception as exc:   # nixlBackendError and friends: no common base class is exported
+            raise NixlUnavailable(f"NIXL transport: the UCX backend did not start ({exc}; {ucx_environment()})") \
+                from None
+        if "UCX" not in self._agent.backends:
+            raise NixlUnavailable("NIXL transport: this nixl build has no UCX plugin")
+        self.regions = KVRegions.of(kv_caches)
+        try:
+            self._registered = self._agent.register_memory(list(kv_caches))
+        except Exception as exc:
+            raise NixlUnavailable(f"NIXL transport: UCX could not register the KV cache ({exc}; "
+                                  f"{ucx_environment()})") from None
+        self._peers: dict[str, str] = {}      # "host:port" -> the remote agent name loaded for it
+        self._lock = threading.Lock()
+
+    def metadata(self) -> bytes:
+        return self._agent.get_agent_metadata()
+
+    def known_peer(self, address: str) -> str:
+        with self._lock:
+            return self._peers.get(address, "")
+
+    def load_peer(self, address: str, name: str, metadata: bytes | None) -> None:
+        """Make ``name`` readable; a different agent at ``address`` (the peer restarted) replaces
+        the old one. Raises `TransferError` when its metadata is needed but missing or bad."""
+        with self._lock:
+            old = self._peers.get(address)
+            if old == name:
+                return
+            if metadata is None:
+                raise TransferError(f"peer {address} sent no NIXL metadata for its agent {name}")
+            try:
+                loaded = self._agent.add_remote_agent(metadata)
+                loaded = loaded.decode() if isinstance(loaded, bytes) else loaded   # bytes in nixl 1.5
+            except Exception as exc:
+                raise TransferError(f"peer {address}: NIXL metadata rejected ({exc})") from None
+            if loaded != name:
+                raise TransferError(f"peer {address} named agent {name} but its metadata is {loaded}")
+            if old is not None and old != name:
+                self._forget(old)
+            self._peers[address] = name
+
+    def forget(self, address: str) -> None:
+        with self._lock:
+            name = self._peers.pop(address, None)
+            if name is not None:
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        try:
+            self._agent.remove_remote_agent(name)
+        except Exception:   # already gone on the NIXL side: nothing left to drop
+            return
+
+    def read(self, peer: str, remote: KVRegions, local_ids: Sequence[int], remote_ids: Sequence[int],
+             timeout_s: float) -> int:
+        """READ ``remote_ids`` of ``peer`` into our blocks ``local_ids``; the bytes moved."""
+        runs = block_runs(local_ids, remote_ids)
+        local = self._agent.get_xfer_descs(self.regions.descs(runs, 0), self.regions.mem_type)
+        far = self._agent.get_xfer_descs(remote.descs(runs, 1), remote.mem_type)
+        try:
+            handle = self._agent.initialize_xfer("READ", local, far, peer)
+        except Exception as exc:
+            raise TransferError(f"NIXL READ from {peer} could not start ({exc})") from None
+        try:
+            self._wait(handle, peer, timeout_s)
+        finally:
+            self._release(handle)
+        return int(runs[:, 2].sum()) * 2 * len(self.regions.bases) * self.regions.block_bytes
+
+    def _wait(self, handle: object, peer: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            state = self._agent.transfer(handle)
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise TransferError(f"NIXL READ from {peer} did not finish in {timeout_s}s")
+                time.sleep(20e-6)   # let UCX's progress thread have the core (2-core hosts)
+                state = self._agent.check_xfer_state(handle)
+        except TransferError:
+            raise
+        except Exception as exc:     # nixlRemoteDisconnectError & co. (the bindings export no base class)
+            raise TransferError(f"NIXL READ from {peer} failed: {exc}") from None
+        if state != "DONE":
+            raise TransferError(f"NIXL READ from {peer} failed ({state})")
+
+    def _release(self, handle: object) -> None:
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception:   # a failed transfer may refuse release; NIXL frees it with the agent
+            return
+
+    def close(self) -> None:
+        with self._lock:
+            for name in self._peers.values():
+                self._forget(name)
+            self._peers.clear()
+        try:
+            self._agent.deregister_memory(self._registered)
+        except Exception:   # UCX already torn down at interpreter exit
+            return

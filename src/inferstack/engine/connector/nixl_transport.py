@@ -1,0 +1,261 @@
+"""PD KV transfer over NIXL: the decode engine READs the prefill engine's blocks into its own blocks.
+
+The hold/pull/release protocol and ``kv_transfer_params`` are the TCP transport's (``transfer.py``,
+``wire.py``): the prefill engine holds a finished prompt's blocks, the decode engine connects to
+``remote_host:remote_port`` and names ``remote_request_id``. With NIXL that connection carries only
+control (NIXL_PULL → NIXL_OFFER: agent name, metadata when the decode side has none cached for that
+address, layout, block ids and block hashes); the bytes go over UCX:
+
+1. on the decode engine's background thread: offer, hash check (the blocks offered must hash like
+   the decode engine's own prompt blocks, or they are refused), metadata loaded once per peer;
+2. once the scheduler allocated the request's blocks, before the step's forward pass: one NIXL
+   READ per request, remote blocks → local blocks, no staging copy; then DONE, the prefill engine
+   answers END (proof it still held the blocks all along) and frees them (it also frees them when
+   the connection drops or times out, and then no END comes: the READ counts as failed);
+3. a READ that fails leaves garbage in the local blocks: the connector reports the request and the
+   scheduler recomputes it from scratch (``Scheduler.recompute``), so no token comes from bad KV.
+
+Only decode engines holding the stack's transfer secret get the prefill engine's agent metadata
+(it lets its holder READ the whole registered KV cache): the NIXL_PULL carries an HMAC of the
+request id and the decode agent's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent
+from inferstack.engine.connector.peers import TransferTrust
+from inferstack.engine.connector.transfer import KVLayout, TransferSpec, TransferStats
+from inferstack.engine.connector.transports import Fetched, KVTransport, PullRequest
+from inferstack.engine.connector.wire import (
+    NO_NIXL,
+    Frame,
+    FrameType,
+    TransferError,
+    read_frame_header,
+    read_payload,
+    send_payload,
+)
+from inferstack.kvstore.codec import DTYPE_CODES
+
+NAME = "nixl"
+log = logging.getLogger("inferstack.engine.connector")
+
+
+def pull_proof(secret: bytes | None, request_id: str, agent: str) -> str:
+    if secret is None:
+        return ""
+    return hmac.new(secret, f"nixl-pull\n{request_id}\n{agent}".encode(), hashlib.sha256).hexdigest()
+
+
+def _layout_fields(layout: KVLayout) -> list[int]:
+    return [layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size,
+            DTYPE_CODES[layout.dtype]]
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill side
+
+
+class NixlExporter:
+    """Answers NIXL_PULL on the prefill engine's transfer server (``KVTransferServer``)."""
+
+    def __init__(self, agent: NixlAgent, trust: TransferTrust) -> None:
+        self.agent = agent
+        self.trust = trust
+
+    def serve(self, conn: socket.socket, pull: Frame, spec: TransferSpec | None, stats: TransferStats) -> bool:
+        """Offer the held blocks, wait for the decode side's DONE (or its disconnect); True once
+        offered (the caller then releases the hold, DONE or not)."""
+        ask = msgpack.unpackb(read_payload(conn, pull, limit=1 << 16))
+        agent = str(ask.get("agent", ""))
+        refusal = self._refusal(pull.request_id, agent, str(ask.get("proof", "")))
+        if refusal is not None:    # the puller may still pull over TCP, as without NIXL
+            send_payload(conn, Frame(FrameType.ERROR, pull.request_id), f"{NO_NIXL}: {refusal}".encode())
+            return False
+        if spec is None or spec.block_ids is None:
+            message = f"no KV held for request {pull.request_id!r} (expired or never prefilled here)"
+            send_payload(conn, Frame(FrameType.ERROR, pull.request_id), message.encode())
+            return False
+        assert spec is not None and spec.block_ids is not None
+        regions = self.agent.regions
+        offer = {"agent": self.agent.name,
+                 "metadata": None if ask.get("known") == self.agent.name else self.agent.metadata(),
+                 "layout": _layout_fields(spec.layout), "bases": list(regions.bases),
+                 "num_blocks": regions.num_blocks, "block_bytes": regions.block_bytes,
+                 "mem_type": regions.mem_type, "device_id": regions.device_id,
+                 "block_ids": list(spec.block_ids), "hashes": list(spec.block_hashes or [])}
+        t0 = time.perf_counter()
+        send_payload(conn, Frame(FrameType.NIXL_OFFER, pull.request_id), msgpack.packb(offer))
+        try:
+            done = read_frame_header(conn)       # the decode side READs in between
+            if done.type != FrameType.DONE:
+                raise TransferError(f"expected DONE, got {done.type.name}")
+            if not spec.still_held():
+                raise TransferError(f"the hold on {pull.request_id!r} expired before the READ finished")
+            # Still held: what the decode side read was these blocks (it waits for this END).
+            conn.sendall(Frame(FrameType.END, pull.request_id).pack_header())
+        except (OSError, TransferError):
+            stats.fail("send")
+            return True
+        stats.record("send", NAME, spec.layout.chunk_bytes(done.num_blocks), time.perf_counter() - t0)
+        return True
+
+    def _refusal(self, request_id: str, agent: str, proof: str) -> str | None:
+        if not agent:
+            return "NIXL_PULL without an agent name"
+        if self.trust.secret is not None and not hmac.compare_digest(
+                proof, pull_proof(self.trust.secret, request_id, agent)):
+            return "NIXL_PULL is not signed with this stack's transfer secret"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# decode side
+
+
+@dataclass
+class RemoteLoad:
+    """Blocks a prefill engine holds for one request, READ into ours once they are allocated."""
+
+    transport: NixlKVTransport
+    conn: socket.socket
+    peer: str
+    regions: KVRegions
+    remote_ids: list[int]          # the peer's blocks for request blocks first_block ..
+    first_block: int
+    num_blocks: int
+    block_ids: list[int] = field(default_factory=list)
+
+    def rebase(self, first_block: int) -> RemoteLoad | None:
+        end = self.first_block + self.num_blocks
+        if first_block == self.first_block:
+            return self
+        if not self.first_block < first_block < end:
+            return None
+        skip = first_block - self.first_block
+        return RemoteLoad(self.transport, self.conn, self.peer, self.regions, self.remote_ids[skip:],
+                          first_block, end - first_block)
+
+    def accept(self, block_ids: Sequence[int], num_external_tokens: int, block_size: int) -> None:
+        self.num_blocks = min(self.num_blocks, num_external_tokens // block_size)
+        self.block_ids = list(block_ids[self.first_block:self.first_block + self.num_blocks])
+
+    def copy_into(self, kv_caches: Sequence[torch.Tensor], block_size: int) -> None:
+        try:
+            self.transport.read(self)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+class NixlKVTransport:
+    """Decode engine's side; ``fallback`` pulls from prefill engines that run no NIXL agent."""
+
+    name = NAME
+
+    def __init__(self, agent: NixlAgent, layout: KVLayout, trust: TransferTrust, fallback: KVTransport,
+                 timeout_s: float = 30.0) -> None:
+        self.agent = agent
+        self.layout = layout
+        self.trust = trust
+        self.fallback = fallback
+        self.timeout_s = timeout_s
+        self.stats = TransferStats()
+
+    def fetch(self, pull: PullRequest) -> Fetched:
+        address = f"{pull.host}:{pull.port}"
+        try:
+            conn = socket.create_connection((pull.host, pull.port), timeout=self.timeout_s)
+        except OSError as exc:
+            self.stats.fail("recv")
+            log.warning("request %s: cannot reach prefill peer %s: %s", pull.request_id, address, exc)
+            return Fetched(None, failed=True)
+        try:
+            offer = self._offer(conn, address, pull)
+            if offer is None:
+                conn.close()
+                return self.fallback.fetch(pull)
+            return self._load(conn, address, offer, pull)
+        except (OSError, TransferError, KeyError, ValueError, TypeError, msgpack.UnpackException) as exc:
+            conn.close()
+            self.stats.fail("recv")
+            log.warning("request %s: NIXL pull from %s failed, recomputing: %s", pull.request_id, address, exc)
+            return Fetched(None, failed=True)
+
+    def _offer(self, conn: socket.socket, address: str, pull: PullRequest) -> dict[str, Any] | None:
+        """The peer's offer; None when the peer runs no NIXL agent (use the fallback transport)."""
+        ask = {"agent": self.agent.name, "known": self.agent.known_peer(address),
+               "proof": pull_proof(self.trust.secret, pull.request_id, self.agent.name)}
+        send_payload(conn, Frame(FrameType.NIXL_PULL, pull.request_id), msgpack.packb(ask))
+        reply = read_frame_header(conn)
+        if reply.type == FrameType.ERROR:
+            message = read_payload(conn, reply, limit=1 << 16).decode(errors="replace")
+            if message.startswith(NO_NIXL):
+                return None
+            raise TransferError(f"prefill peer: {message}")
+        if reply.type != FrameType.NIXL_OFFER:
+            raise TransferError(f"expected NIXL_OFFER, got {reply.type.name}")
+        return msgpack.unpackb(read_payload(conn, reply))
+
+    def _load(self, conn: socket.socket, address: str, offer: dict[str, Any], pull: PullRequest) -> Fetched:
+        if offer["layout"] != _layout_fields(self.layout):
+            raise TransferError(f"peer KV layout {offer['layout']} does not match this engine's "
+                                f"{_layout_fields(self.layout)}")
+        remote_ids = [int(b) for b in offer["block_ids"]]
+        hashes = [bytes(h) for h in offer["hashes"]]
+        usable = 0          # leading blocks whose hash is this prompt's: same prefix, model, salt
+        for theirs, ours in zip(hashes, pull.expected_hashes, strict=False):
+            if theirs != ours:
+                break
+            usable += 1
+        end = min(usable, len(remote_ids), pull.max_blocks)
+        refused = usable < min(len(hashes), pull.max_blocks)   # another prompt, model, dtype or salt
+        if refused:
+            self.stats.fail("recv")
+        if end <= pull.first_block:
+            conn.close()
+            return Fetched(None, refused)
+        self.agent.load_peer(address, str(offer["agent"]), offer.get("metadata"))
+        regions = KVRegions(tuple(int(b) for b in offer["bases"]), int(offer["num_blocks"]),
+                            int(offer["block_bytes"]), str(offer["mem_type"]), int(offer["device_id"]))
+        conn.settimeout(self.timeout_s)
+        return Fetched(RemoteLoad(self, conn, str(offer["agent"]), regions, remote_ids[pull.first_block:end],
+                                  pull.first_block, end - pull.first_block), refused)
+
+    def read(self, load: RemoteLoad) -> None:
+        """READ ``load``'s blocks into ours; DONE tells the peer it may free them."""
+        if load.num_blocks <= 0:
+            return
+        t0 = time.perf_counter()
+        try:
+            nbytes = self.agent.read(load.peer, load.regions, load.block_ids, load.remote_ids[:load.num_blocks],
+                                     self.timeout_s)
+            load.conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
+            # Without END the peer may have let the blocks go (hold timeout) before or during the READ.
+            if read_frame_header(load.conn).type != FrameType.END:
+                raise TransferError("prefill peer did not confirm it held the blocks during the READ")
+        except (TransferError, OSError) as exc:
+            self.stats.fail("recv")
+            raise TransferError(str(exc)) from None
+        self.stats.record("recv", NAME, nbytes, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.fallback.close()
+        self.agent.close()
+

@@ -1,0 +1,85 @@
+"""The decode side of a PD transfer, one interface per way of moving the bytes.
+
+A decode engine asks its `KVTransport` for the blocks a prefill engine holds for a request. The
+answer is a `PendingLoad`: for the TCP/shared-memory transport (``transfer.py``) the chunks are
+already on the host and are copied into the request's blocks once allocated; for NIXL
+(``nixl_transport.py``) the peer keeps the blocks until the decode engine READs them straight into
+its own blocks. Either way the block hashes were checked against the request's own before any
+tokens are offered, and blocks a transfer did not deliver are recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from inferstack.engine.connector.blocks import PendingLoad, StagedLoad
+from inferstack.engine.connector.transfer import KVTransferClient, TransferStats
+from inferstack.engine.connector.wire import TransferError
+from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """What a decode engine pulls: a request's blocks held at a vetted peer (`TransferTrust`)."""
+
+    host: str
+    port: int
+    request_id: str
+    expected_hashes: Sequence[bytes]   # the decode engine's own hashes of the prompt's blocks
+    first_block: int                   # blocks before it are device prefix-cache hits here
+    max_blocks: int                    # at least one prompt token is left to compute
+
+
+@dataclass
+class Fetched:
+    load: PendingLoad | None    # None: nothing usable arrived
+    failed: bool = False        # the transfer broke off (what arrived intact is still used)
+
+
+class KVTransport(Protocol):
+    name: str                   # the `transport` label of inferstack_kv_transfer_* metrics
+    stats: TransferStats
+
+    def fetch(self, pull: PullRequest) -> Fetched:
+        """Runs on a background thread; never raises for a transfer failure."""
+
+    def close(self) -> None: ...
+
+
+class TcpKVTransport:
+    """Pulls over the KV transfer engine (TCP, or shared memory when the peer is on this host)."""
+
+    def __init__(self, client: KVTransferClient) -> None:
+        self.client = client
+        self.name = "shm" if client.allow_shm else "tcp"
+        self.stats = client.stats
+
+    def fetch(self, pull: PullRequest) -> Fetched:
+        chunks: list[torch.Tensor] = []
+        got, failed = 0, False
+        first_chunk = pull.first_block // BLOCKS_PER_CHUNK
+        try:
+            received = self.client.pull(pull.host, pull.port, pull.request_id,
+                                        expected_hashes=list(pull.expected_hashes))
+            for chunk in received:
+                if chunk.first_block != got or (
+                    chunk.num_blocks != BLOCKS_PER_CHUNK and chunk.index + 1 < chunk.num_chunks
+                ):
+                    raise TransferError(f"peer sends {chunk.num_blocks}-block chunks; decode engines need "
+                                        f"{BLOCKS_PER_CHUNK}-block chunks")
+                if chunk.first_block + chunk.num_blocks > first_chunk * BLOCKS_PER_CHUNK:
+                    chunks.append(chunk.tensor.clone())     # the receive buffer is reused
+                got = chunk.first_block + chunk.num_blocks
+        except TransferError:
+            failed = True
+        end_block = min(got, pull.max_blocks)
+        if end_block <= pull.first_block:
+            return Fetched(None, failed)
+        return Fetched(StagedLoad(pull.first_block, end_block - pull.first_block, chunks), failed)
+
+    def close(self) -> None:
+        self.client.close()
