@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from inferstack.autoscale.decision import Decision
 
-_NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?(e-?[0-9]+)?")
+_NUMBER = re.compile(r"(?<![A-Za-z_0-9.])[0-9]+(\.[0-9]+)?(e-?[0-9]+)?")  # not the 95 of p95
 PREFIX = "inferstack_autoscaler_"
 
 

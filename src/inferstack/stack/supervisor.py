@@ -361,6 +361,7 @@ class Supervisor:
                  if e.state == ChildState.READY for name, url in self._named_urls(e)]
         await self._pool.set_endpoints(ready)
         self._write_prometheus_targets()
+        self._write_state()  # replicas come and go with autoscaling: state.json lists the current ones
 
     # ---- watch and restart -------------------------------------------------------------------------
 
