@@ -82,3 +82,20 @@ def test_status_exports_desired_actual_and_bounded_decision_reasons() -> None:
     assert 'direction="hold"' in text
     with pytest.raises(ValueError):
         AutoscalerStatus.from_json("default", {"policy": "kpa", "ready": -1})
+
+
+def test_dashboard_charts_desired_vs_actual_replicas_and_held_requests() -> None:
+    from inferstack.gateway.pipeline.hold import HoldMetrics
+    from inferstack.telemetry.dashboard_state import DashboardHistory
+
+    reg = CollectorRegistry()
+    status = AutoscalerStatus("default", "both", "kpa", ready=1, starting=2)
+    status.decided(Decision("kpa", 1, 3, "panic: 6s demand wants 3"))
+    reg.register(AutoscalerCollector(lambda: [status]))
+    HoldMetrics(reg).held.labels("default").set(4)
+    hist = DashboardHistory(window_s=10, history_s=60)
+    for now in (100.0, 101.0):
+        hist.ingest({"gateway": {"metrics": generate_latest(reg).decode()}, "endpoints": []}, now=now)
+    series = hist.render()["charts"]["replicas"]["series"]
+    assert {k: v[-1][1] for k, v in series.items()} == {"desired": 3.0, "ready": 1.0, "starting": 2.0,
+                                                        "draining": 0.0, "held requests": 4.0}

@@ -4,7 +4,8 @@
 
 (function () {
   const BASE = document.body.dataset.base || "./";
-  const ORDER = ["ttft", "tpot", "itl", "throughput", "requests", "routing", "queue", "kv", "prefix_hit"];
+  const ORDER = ["ttft", "tpot", "itl", "throughput", "requests", "routing", "queue", "kv", "prefix_hit",
+    "replicas"];
   const PALETTE = ["#3b6fd8", "#e0702b", "#1a9e5c", "#b4379c", "#8a6d12", "#1595a8", "#d23c3c",
                    "#6c4fd1", "#5f7a1f", "#c25a7c"];
   const charts = {};         // id -> {meta, series: {name: [[t, v], ...]}, canvas, legend}
