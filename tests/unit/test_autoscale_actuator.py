@@ -99,3 +99,39 @@ def test_dashboard_charts_desired_vs_actual_replicas_and_held_requests() -> None
     series = hist.render()["charts"]["replicas"]["series"]
     assert {k: v[-1][1] for k, v in series.items()} == {"desired": 3.0, "ready": 1.0, "starting": 2.0,
                                                         "draining": 0.0, "held requests": 4.0}
+
+
+def test_hold_bounds_deadline_release_and_header() -> None:
+    import asyncio
+
+    from inferstack.autoscale.config import HoldConfig
+    from inferstack.config.schema import GatewayConfig, PoolConfig
+    from inferstack.gateway.datalayer import Pool
+    from inferstack.gateway.pipeline.hold import HOLD_TIMEOUT_HEADER, Hold, HoldMetrics
+    from inferstack.protocol.errors import APIError
+
+    pool = Pool.from_config("p", PoolConfig(endpoints=["http://127.0.0.1:9"]), GatewayConfig())
+    pool.endpoints[0].active_ok = False            # the pool has no ready endpoint
+    hold = Hold(pool, HoldConfig(timeout_s=5, max_held=1), HoldMetrics(CollectorRegistry()))
+
+    async def scenario() -> tuple[float | None, APIError, APIError, APIError]:
+        first = asyncio.create_task(hold.wait({}, None))
+        while hold.held == 0:
+            await asyncio.sleep(0.001)
+        with pytest.raises(APIError) as full:
+            await hold.wait({}, None)
+        pool.endpoints[0].active_ok = True       # a replica joined; the next refresh pumps
+        hold.pump()
+        waited = await first
+        pool.endpoints[0].active_ok = False
+        with pytest.raises(APIError) as late:
+            await hold.wait({HOLD_TIMEOUT_HEADER: b"0.05"}, None)
+        with pytest.raises(APIError) as bad:
+            await hold.wait({HOLD_TIMEOUT_HEADER: b"soon"}, None)
+        return waited, full.value, late.value, bad.value
+
+    waited, full, late, bad = asyncio.run(scenario())
+    assert waited is not None and waited >= 0 and hold.held == 0
+    assert (full.status, full.code) == (503, "cold_start_queue_full")
+    assert (late.status, late.code) == (504, "cold_start_timeout") and "within 0.05s" in late.message
+    assert bad.status == 400
