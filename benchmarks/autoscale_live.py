@@ -10,6 +10,7 @@ replicas, failures, TTFT p95, scale-ups. `--out DIR` keeps the per-second timeli
 of replicas and TTFT over time per policy.
 
     PYTHONPATH=src python benchmarks/autoscale_live.py --minutes 3 --out runs/autoscale-live
+    PYTHONPATH=src python benchmarks/autoscale_live.py --cold-starts 3 [--model smollm2-135m]
 """
 
 from __future__ import annotations
@@ -63,10 +64,46 @@ def bursty_trace(path: Path, minutes: float, base_rps: float, burst_rps: float, 
 
 
 def stack_config(a: argparse.Namespace, policy: str) -> str:
-    return json.dumps({"up": {
-        "emulate": a.fleet, "engine_args": ["--max-num-seqs", str(a.max_num_seqs)],
-        "autoscale": {"policy": policy, "min_replicas": a.min, "max_replicas": a.max, "interval_s": a.interval,
-                      "window_samples": max(8, int(60 / a.interval)), "idle_s": 600, "hold_timeout_s": 120}}})
+    model = {"model": a.model} if a.model else {"emulate": a.fleet, "engine_args": ["--max-num-seqs",
+                                                                                  str(a.max_num_seqs)]}
+    idle = 2.0 if a.cold_starts else 600
+    return json.dumps({"up": {**model, "autoscale": {
+        "policy": policy, "min_replicas": 0 if a.cold_starts else a.min, "max_replicas": a.max,
+        "interval_s": a.interval, "window_samples": max(8, int(60 / a.interval)), "idle_s": idle,
+        "hold_timeout_s": 300}}})
+
+
+def at_zero(gateway: str) -> bool:
+    reps = replicas_now(httpx.get(gateway + "/metrics", timeout=5).text)
+    return "ready" in reps and reps["ready"] + reps.get("starting", 0) + reps.get("draining", 0) == 0
+
+
+def measure_cold_starts(a: argparse.Namespace, work: Path) -> None:
+    """`--cold-starts N`: N times, wait until the stack scaled to zero, send one streamed request and
+    time its first token (the whole cold start a client sees)."""
+    proc, gateway = start_stack(a, "kpa:target=8", work)
+    try:
+        model = httpx.get(gateway + "/v1/models", timeout=10).json()["data"][0]["id"]
+        for i in range(a.cold_starts):
+            deadline = time.monotonic() + 300
+            while not at_zero(gateway):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the stack did not scale to zero")
+                time.sleep(0.2)
+            t0 = time.perf_counter()
+            with httpx.stream("POST", gateway + "/v1/chat/completions", timeout=300, json={
+                    "model": model, "max_tokens": 8, "stream": True,
+                    "messages": [{"role": "user", "content": f"hello {i}"}]}) as r:
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("data:") and '"content"' in line)
+                ttft = time.perf_counter() - t0
+                assert r.status_code == 200, first
+                for _ in lines:
+                    pass
+            print(json.dumps({"cold_start": i, "model": model, "ttft_s": round(ttft, 3)}), flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
 
 
 def start_stack(a: argparse.Namespace, policy: str, work: Path) -> tuple[subprocess.Popen, str]:
@@ -183,8 +220,13 @@ def main() -> None:
     ap.add_argument("--policies", default=POLICIES, help="POLICY specs separated by ';'")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--model", default=None, help="a real model (e.g. smollm2-135m) instead of --fleet emulation")
+    ap.add_argument("--cold-starts", type=int, default=0,
+                    help="only measure this many cold-start TTFTs (scale to zero, one request, repeat)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="autoscale-live-"))
+    if a.cold_starts:
+        return measure_cold_starts(a, work)
     trace = bursty_trace(work / "trace.jsonl", a.minutes, a.base_rps, a.burst_rps, a.seed)
     live, runs, colds = [], {}, []
     for spec in a.policies.split(";"):
