@@ -45,15 +45,16 @@ POLICIES = "kpa:target=4,stable_window=20s,panic_window=4s;apa:metric=concurrenc
            "hpa:metric=concurrency,target=4,scale_down_stabilization=30s"
 
 
-def bursty_trace(path: Path, minutes: float, base_rps: float, burst_rps: float, seed: int) -> Path:
-    """A quiet base rate with two 30-second bursts (at 25 % and 60 % of the span); lengths
-    log-normal around 300 in / 60 out."""
+def bursty_trace(path: Path, minutes: float, base_rps: float, burst_rps: float, seed: int,
+                 burst_s: float = 30.0) -> Path:
+    """A quiet base rate with two bursts of ``burst_s`` seconds (at 25 % and 60 % of the span);
+    lengths log-normal around 300 in / 60 out."""
     rng = random.Random(seed)
     span = minutes * 60.0
     bursts = [span * 0.25, span * 0.6]
     t, rows = 0.0, []
     while True:
-        rate = burst_rps if any(b <= t < b + 30 for b in bursts) else base_rps
+        rate = burst_rps if any(b <= t < b + burst_s for b in bursts) else base_rps
         t += rng.expovariate(rate)
         if t >= span:
             break
@@ -162,7 +163,8 @@ def live_row(name: str, summary: dict, timeline: list[dict]) -> dict:
     """Replica-seconds integrate ready + starting (a starting replica costs what a serving one does)."""
     seconds = sum((b["t"] - a_["t"]) * (a_.get("ready", 0) + a_.get("starting", 0))
                   for a_, b in itertools.pairwise(timeline))
-    ups = sum(1 for a_, b in itertools.pairwise(timeline) if b.get("desired", 0) > a_.get("desired", 0))
+    # replicas ordered (as the simulator counts cold starts), from the start count on
+    ups = sum(max(0, b.get("desired", 0) - max(a_.get("desired", 0), 1)) for a_, b in itertools.pairwise(timeline))
     return {"policy": name, "attainment": summary["slo"]["attainment"], "replica_s": seconds,
             "peak": max((p.get("ready", 0) for p in timeline), default=0), "failed": summary["requests"]["failed"],
             "requests": summary["requests"]["sent"], "scale_ups": ups,
@@ -209,6 +211,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--base-rps", type=float, default=0.5)
     ap.add_argument("--burst-rps", type=float, default=8.0)
+    ap.add_argument("--burst-s", type=float, default=30.0, help="length of each of the two bursts")
     ap.add_argument("--max-num-seqs", type=int, default=4, help="per emulated replica: what makes one replica fill")
     ap.add_argument("--start", type=int, default=1)
     ap.add_argument("--min", type=int, default=1)
@@ -227,7 +230,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="autoscale-live-"))
     if a.cold_starts:
         return measure_cold_starts(a, work)
-    trace = bursty_trace(work / "trace.jsonl", a.minutes, a.base_rps, a.burst_rps, a.seed)
+    trace = bursty_trace(work / "trace.jsonl", a.minutes, a.base_rps, a.burst_rps, a.seed, a.burst_s)
     live, runs, colds = [], {}, []
     for spec in a.policies.split(";"):
         run_dir = work / spec.split(":")[0]
