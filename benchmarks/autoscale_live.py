@@ -79,6 +79,14 @@ def at_zero(gateway: str) -> bool:
     return "ready" in reps and reps["ready"] + reps.get("starting", 0) + reps.get("draining", 0) == 0
 
 
+def _has_token(sse_line: str) -> bool:
+    """An SSE event carrying generated text (not the role-only first chunk)."""
+    if not sse_line.startswith("data:") or sse_line.strip() == "data: [DONE]":
+        return False
+    choices = json.loads(sse_line[5:]).get("choices") or [{}]
+    return bool((choices[0].get("delta") or {}).get("content"))
+
+
 def measure_cold_starts(a: argparse.Namespace, work: Path) -> None:
     """`--cold-starts N`: N times, wait until the stack scaled to zero, send one streamed request and
     time its first token (the whole cold start a client sees)."""
@@ -95,10 +103,10 @@ def measure_cold_starts(a: argparse.Namespace, work: Path) -> None:
             with httpx.stream("POST", gateway + "/v1/chat/completions", timeout=300, json={
                     "model": model, "max_tokens": 8, "stream": True,
                     "messages": [{"role": "user", "content": f"hello {i}"}]}) as r:
+                assert r.status_code == 200, r.read()
                 lines = r.iter_lines()
-                first = next(line for line in lines if line.startswith("data:") and '"content"' in line)
+                next(line for line in lines if _has_token(line))
                 ttft = time.perf_counter() - t0
-                assert r.status_code == 200, first
                 for _ in lines:
                     pass
             print(json.dumps({"cold_start": i, "model": model, "ttft_s": round(ttft, 3)}), flush=True)
