@@ -114,7 +114,7 @@ def test_deadline_while_held_is_504(stack: Server) -> None:
     assert r.status_code == 504, r.text
     err = r.json()["error"]
     assert err["code"] == "cold_start_timeout" and "scaling from zero" in err["message"]
-    assert 0.5 <= time.monotonic() - t0 < 5
+    assert 0.5 <= time.monotonic() - t0 < 10  # the 0.5 s deadline, not the cold start
 
 
 def test_scale_from_zero_holds_then_serves(stack: Server) -> None:
