@@ -30,6 +30,20 @@ def _pd_override(base: UpSettings, prefill: int | None, decode: int | None) -> d
     return pd
 
 
+def _autoscale_override(base: UpSettings, policy: str | None, low: int | None, high: int | None,
+                        idle: float | None) -> dict[str, object] | None:
+    """--autoscale/--min-replicas/--max-replicas/--scale-to-zero-after on top of the file's `up.autoscale`."""
+    given = {k: v for k, v in {"policy": policy, "min_replicas": low, "max_replicas": high, "idle_s": idle}.items()
+             if v is not None}
+    if not given:
+        return None
+    auto = base.autoscale.model_dump(exclude_unset=True) if base.autoscale else {}
+    if "policy" not in auto and policy is None:
+        raise ValueError("--min-replicas, --max-replicas and --scale-to-zero-after need --autoscale POLICY "
+                         "(e.g. --autoscale kpa:target=8)")
+    return {**auto, **given}
+
+
 def up(
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="inferstack.yaml; its `up` section sets the defaults below.")] = None,
@@ -65,6 +79,18 @@ def up(
         "--log-dir", help="Directory for child logs and state.json (default: a new temp dir).")] = None,
     ready_file: Annotated[Path | None, typer.Option(
         "--ready-file", help="Write one JSON line with the URLs here once everything is ready.")] = None,
+    autoscale: Annotated[str | None, typer.Option(
+        "--autoscale", help="Scale the replicas with a policy: POLICY[:key=value,...], e.g. kpa:target=8 (8 "
+        "requests in flight per replica) or slo:ttft_p95=1s,tpot_p95=100ms; policies hpa, kpa, apa, slo, "
+        "planner (docs/autoscaling.md). --replicas is then the count at start.")] = None,
+    min_replicas: Annotated[int | None, typer.Option(
+        "--min-replicas", min=0, help="With --autoscale: fewest replicas (default 1); 0 scales to zero when idle "
+        "and holds requests at the gateway until a replica is ready.")] = None,
+    max_replicas: Annotated[int | None, typer.Option(
+        "--max-replicas", min=1, help="With --autoscale: most replicas (default 4).")] = None,
+    scale_to_zero_after: Annotated[float | None, typer.Option(
+        "--scale-to-zero-after", min=0.1, help="With --min-replicas 0: seconds without requests before the "
+        "last replica stops (default 300).")] = None,
 ) -> None:
     """Start a working local stack: engine replicas serving a model behind the OpenAI-compatible gateway.
 
@@ -85,6 +111,8 @@ def up(
     inferstack up --kv-tiers host,redis
 
     inferstack up --with-prometheus
+
+    inferstack up --emulate h100:llama-3-8b --autoscale kpa:target=8 --min-replicas 0 --max-replicas 4
     """
     from pydantic import ValidationError
 
@@ -96,9 +124,11 @@ def up(
     try:
         base = _load_settings(config)
         pd = _pd_override(base, prefill, decode)
+        auto = _autoscale_override(base, autoscale, min_replicas, max_replicas, scale_to_zero_after)
         overrides = {k: v for k, v in {
             "replicas": replicas, "port": port, "model": model, "emulate": emulate, "threads": threads,
             "host": host, "log_dir": str(log_dir) if log_dir else None, "pd": pd, "kv_transport": kv_transport,
+            "autoscale": auto,
             "kv": ({**(base.kv.model_dump(exclude_unset=True) if base.kv else {}), "tiers": kv_tiers}
                    if kv_tiers else None),
         }.items() if v is not None}

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from inferstack.autoscale.config import HoldConfig
 from inferstack.compliance.config import AuditConfig
 from inferstack.config.pd import EndpointRole, PDConfig, pd_problems
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
@@ -88,6 +89,9 @@ class PoolConfig(_Section):
         None, pattern=r"^sha256:[0-9a-f]{64}$",
         description="Digest of the model the endpoints serve (e.g. its ModelPack manifest digest), written into "
                     "audit records; default: precise_prefix.model_digest when set.")
+    scale_from_zero: HoldConfig | None = Field(
+        None, description="Hold requests at the gateway while no endpoint is ready (an autoscaler is starting "
+        "one) instead of answering 503; docs/autoscaling.md.")
 
     @field_validator("endpoints", mode="before")
     @classmethod

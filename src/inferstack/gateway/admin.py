@@ -14,10 +14,13 @@ import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 import orjson
 from pydantic import ValidationError
 
+from inferstack.autoscale.metrics import AutoscalerStatus
 from inferstack.config.schema import EndpointConfig, GatewayConfig
 from inferstack.gateway.datalayer import DataLayer, Pool
 from inferstack.protocol.errors import APIError
@@ -85,16 +88,53 @@ def _parse_endpoints(body: bytes) -> list[EndpointConfig]:
                        param="endpoints") from None
 
 
-class AdminAPI:
-    """Answers admin calls with a JSON body; refusals are raised as APIError."""
+class PoolAutoscaling(Protocol):
+    """What the autoscaling routes read and write (the gateway's `Pipeline`)."""
 
-    def __init__(self, pools: dict[str, Pool], datalayer: DataLayer, token: str | None):
+    def pool_load(self, pool: str, since: float) -> dict[str, Any]: ...
+
+    def report_autoscaler(self, status: AutoscalerStatus) -> None: ...
+
+
+def _since(query: bytes) -> float:
+    raw = parse_qs(query.decode("latin-1")).get("since", ["0"])[0]
+    try:
+        return float(raw)
+    except ValueError:
+        raise APIError(400, "`since` must be a number (the `now` of the previous answer).", param="since") from None
+
+
+class AdminAPI:
+    """Answers admin calls with a JSON body; refusals are raised as APIError.
+
+    Autoscalers (docs/autoscaling.md) use two more routes: GET /admin/pools/{pool}/load?since=T (the
+    pool's load, `gateway/poolload.py`) and PUT /admin/pools/{pool}/autoscaler (the actuator's
+    desired/actual replicas and decision counts, exported as `inferstack_autoscaler_*`)."""
+
+    def __init__(self, pools: dict[str, Pool], datalayer: DataLayer, token: str | None,
+                 autoscaling: PoolAutoscaling | None = None):
         self.pools = pools
         self.datalayer = datalayer
         self.token = token
+        self.autoscaling = autoscaling
+
+    async def _autoscaling(self, pool: str, route: str, method: str, query: bytes, read_body: ReadBody) -> bytes:
+        if self.autoscaling is None:
+            raise APIError(404, f"Unknown path /admin/pools/{pool}/{route}.", code="not_found")
+        if route == "load" and method == "GET":
+            return orjson.dumps(self.autoscaling.pool_load(pool, _since(query)))
+        if route == "autoscaler" and method == "PUT":
+            try:
+                status = AutoscalerStatus.from_json(pool, orjson.loads(await read_body(1 << 20)))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise APIError(400, f"Expected an autoscaler status {{\"policy\", \"desired\", \"ready\", "
+                               f"\"decisions\": [...]}}: {exc}") from None
+            self.autoscaling.report_autoscaler(status)
+            return orjson.dumps({"pool": pool, "role": status.role})
+        raise APIError(405, f"Use {'GET' if route == 'load' else 'PUT'} for /admin/pools/{pool}/{route}.")
 
     async def handle(self, path: bytes, method: str, headers: Mapping[bytes, bytes],
-                     read_body: ReadBody) -> bytes:
+                     read_body: ReadBody, query: bytes = b"") -> bytes:
         if self.token is None:
             raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         refusal = admin_refusal(self.token, headers.get(b"host"), headers.get(b"authorization"))
@@ -105,13 +145,15 @@ class AdminAPI:
             return orjson.dumps({"pools": {name: [
                 {"id": e.id, "url": e.url, "healthy": e.healthy, "in_flight": e.in_flight,
                  "models": sorted(e.models)} for e in p.endpoints] for name, p in self.pools.items()}})
-        if len(parts) != 4 or parts[3] != "endpoints":
+        if len(parts) != 4 or parts[3] not in ("endpoints", "load", "autoscaler"):
             raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
-        if method != "PUT":
-            raise APIError(405, "Use PUT with {\"endpoints\": [{\"url\": ...}, ...]}.")
         pool = self.pools.get(parts[2])
         if pool is None:
             raise APIError(404, f"Unknown pool `{parts[2]}`.", param="pool", code="pool_not_found")
+        if parts[3] != "endpoints":
+            return await self._autoscaling(pool.name, parts[3], method, query, read_body)
+        if method != "PUT":
+            raise APIError(405, "Use PUT with {\"endpoints\": [{\"url\": ...}, ...]}.")
         wanted = _parse_endpoints(await read_body(1 << 20))
         await self.datalayer.set_endpoints(pool, wanted)
         return orjson.dumps({"pool": pool.name, "endpoints": [e.id for e in pool.endpoints]})

@@ -22,6 +22,7 @@ from inferstack.gateway.limits import Limiter
 from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Inbound, Pipeline, RequestContext
 from inferstack.gateway.pipeline.context import KINDS
+from inferstack.gateway.pipeline.hold import ClientGone
 from inferstack.gateway.pipeline.proxy import Proxy, respond, send_error
 from inferstack.gateway.pipeline.resolve import shared_models
 from inferstack.protocol.errors import APIError
@@ -49,7 +50,7 @@ class Gateway:
         gw = cfg.gateway
         enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)
         self._body_timeout_s = gw.http.body_timeout_s
-        self.admin = AdminAPI(self.pools, self.datalayer, admin_token(gw, enabled))
+        self.admin = AdminAPI(self.pools, self.datalayer, admin_token(gw, enabled), p)
         self._dashboard = dashboard_asgi("/dashboard", scraping_state_provider(
             lambda: generate_latest(self.metrics.registry).decode(), self._dashboard_endpoints))
 
@@ -114,7 +115,8 @@ class Gateway:
         async def read_body(limit: int) -> bytes:
             return await _read_body(receive, headers.get(b"content-length"), limit, self._body_timeout_s)
 
-        await respond(send, 200, await self.admin.handle(path, method, headers, read_body))
+        query = scope.get("query_string", b"")
+        await respond(send, 200, await self.admin.handle(path, method, headers, read_body, query))
 
     def _dashboard_endpoints(self) -> list[dict[str, Any]]:
         return [{"name": e.id, "url": e.url, "model": ", ".join(sorted(e.models)) or None, "pool": p.name,
@@ -147,18 +149,25 @@ class Gateway:
         except APIError as exc:
             await self.pipeline.account.rejected(inbound, None, None, exc)
             raise
-        ctx = await self.pipeline.start(inbound, body)
+        # the one reader of `receive` from here on: it ends a hold (scale from zero) or cancels the proxy
+        watcher = asyncio.ensure_future(receive())
         try:
-            await self._serve(ctx, receive, send)
+            ctx = await self.pipeline.start(inbound, body, client_gone=watcher)
+        except ClientGone:
+            return  # nobody to answer; counted and audited as 499 by the pipeline
+        except BaseException:
+            watcher.cancel()
+            raise
+        try:
+            await self._serve(ctx, watcher, send)
         finally:
             ctx.outcome.responded = True
             await self.pipeline.close(ctx)
 
-    async def _serve(self, ctx: RequestContext, receive: Any, send: Any) -> None:
-        """Proxy, cancelled if the client disconnects before its response is complete; one extra
-        task per request instead of a wait on two."""
+    async def _serve(self, ctx: RequestContext, watcher: asyncio.Future, send: Any) -> None:
+        """Proxy, cancelled if the client disconnects (``watcher`` completes) before its response is
+        complete; one extra task per request instead of a wait on two."""
         task = asyncio.current_task()
-        watcher = asyncio.ensure_future(receive())
         gone = False
 
         def client_gone(f: asyncio.Future) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inferstack.stack.children import ChildSpec
-from inferstack.stack.settings import UpSettings
+from inferstack.stack.settings import UpSettings, usable_cores
 
 
 def _inferstack(python: str, *args: str) -> tuple[str, ...]:
@@ -57,6 +57,33 @@ def engine_specs(settings: UpSettings, python: str = sys.executable, log_dir: st
             role=role,
         ))
     return specs
+
+
+def replica_spec(settings: UpSettings, index: int, python: str = sys.executable) -> ChildSpec:
+    """One colocated replica as its own process, `engine-{index}`: what the local autoscaler starts
+    and stops one at a time (an emulated replica too, unlike `engine_specs`' one multi-endpoint process)."""
+    if settings.emulate:
+        argv = _inferstack(python, "engine", "serve", "--emulate", settings.emulate, *settings.engine_args)
+        return ChildSpec(name=_engine_name(None, index), kind="engine", argv=argv, port_args=_port_flag)
+    threads = settings.threads or max(1, usable_cores() // max(1, settings.autoscale.max_replicas
+                                                                 if settings.autoscale else settings.replicas))
+    argv = _inferstack(python, "engine", "serve", "--model", settings.model, "--threads", str(threads),
+                       *_format_args(settings), *settings.engine_args)
+    return ChildSpec(name=_engine_name(None, index), kind="engine", argv=argv, port_args=_port_flag,
+                     env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+
+
+def autoscaled_gateway_config(settings: UpSettings, endpoints: list[tuple[str, str]],
+                              user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Gateway config for an autoscaled stack: the user's config plus pool `default` with the ready
+    replicas (name, url) and `scale_from_zero`, so requests wait for a replica instead of a 503."""
+    assert settings.autoscale is not None
+    cfg = dict(user_config or {})
+    pools = dict(cfg.get("pools") or {})
+    pools["default"] = {"endpoints": [{"url": url, "name": name} for name, url in endpoints],
+                        "scale_from_zero": settings.autoscale.hold().model_dump()}
+    cfg["pools"] = pools
+    return cfg
 
 
 def _engine_name(role: str | None, index: int) -> str:

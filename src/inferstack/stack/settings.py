@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from inferstack.autoscale.config import AutoscaleSettings
 from inferstack.kvstore.settings import KVTierSettings
 
 
@@ -78,6 +79,9 @@ class UpSettings(BaseModel):
         "auto", description="How PD engines move KV (`engine serve --kv-transport`): nixl (NIXL over UCX), "
         "shm (shared memory on one host, TCP otherwise), tcp; auto = nixl when it imports and UCX starts, "
         "else shm (docs/disaggregation.md).")
+    autoscale: AutoscaleSettings | None = Field(
+        None, description="Scale the engine replicas with a policy between min and max replicas, down to zero "
+        "(docs/autoscaling.md); `replicas` is then the count at start, within the bounds (at least 1).")
 
     @field_validator("emulate")
     @classmethod
@@ -103,6 +107,13 @@ class UpSettings(BaseModel):
                              f"{self.pd.decode} = {total} engines); drop replicas or make it {total}")
         self.replicas = total
         self.__pydantic_fields_set__.discard("replicas")  # derived: a later override of pd must not clash
+        return self
+
+    @model_validator(mode="after")
+    def _autoscale_colocated(self) -> UpSettings:
+        if self.autoscale is not None and self.pd is not None:
+            raise ValueError("autoscale scales colocated replicas; with pd, scale prefill and decode on "
+                             "Kubernetes (docs/autoscaling.md) or drop one of them")
         return self
 
     def roles(self) -> list[str | None]:

@@ -38,6 +38,7 @@ from inferstack.config.schema import InferstackConfig
 from inferstack.fileio import atomic_write, write_ready_file
 from inferstack.stack import plan
 from inferstack.stack import prometheus as prom
+from inferstack.stack.autoscaler import LocalAutoscaler, ReplicaHooks
 from inferstack.stack.children import Child, ChildFailed, ChildSpec, ChildState
 from inferstack.stack.gateway_admin import PoolEndpoint, PoolHook
 from inferstack.stack.preflight import Servers, preflight
@@ -82,6 +83,9 @@ class Supervisor:
         self._client: httpx.AsyncClient | None = None
         self._pool: PoolHook | None = None
         self._dashboard_server: Any = None
+        self.autoscaler: LocalAutoscaler | None = None   # `up --autoscale` (stack/autoscaler.py)
+        self._autoscaling: asyncio.Task[None] | None = None
+        self._replica_index = 0
         self._env = self._child_env()
         # The gateway's admin API (PoolHook) takes only this stack's secret (docs/security.md).
         self._admin_token = secrets.token_urlsafe(32)
@@ -103,6 +107,7 @@ class Supervisor:
                 if not await self._start_all(servers):
                     return 0 if self._stop.is_set() else 1
                 self._announce(time.monotonic() - started)
+                self._start_autoscaler()
                 await self._watch()
                 return 0
         finally:
@@ -170,9 +175,12 @@ class Supervisor:
         if servers.redis and not await self._start_redis(servers.redis):
             return False
         redis_url = f"{self.redis.urls[0]}/0" if self.redis else None
-        self.engines = [Child(spec, self.log_dir, self._env)
-                        for spec in plan.engine_specs(s, self.python, str(self.log_dir), redis_url)]
-        what = (f"{s.replicas} emulated {s.emulate} engine(s)" if s.emulate else
+        self.engines = ([self._new_replica() for _ in range(self._initial_replicas())] if s.autoscale else
+                        [Child(spec, self.log_dir, self._env)
+                         for spec in plan.engine_specs(s, self.python, str(self.log_dir), redis_url)])
+        what = (f"{len(self.engines)} engine(s) autoscaled by {s.autoscale.policy} between "
+                f"{s.autoscale.min_replicas} and {s.autoscale.max_replicas}" if s.autoscale else
+                f"{s.replicas} emulated {s.emulate} engine(s)" if s.emulate else
                 f"{s.pd.prefill} prefill + {s.pd.decode} decode engine(s) of {s.model}, "
                 f"{s.threads_per_engine()} thread(s) each" if s.pd else
                 f"{s.replicas} engine replica(s) of {s.model}, {s.threads_per_engine()} thread(s) each")
@@ -202,9 +210,10 @@ class Supervisor:
         return True
 
     def _gateway_spec(self) -> ChildSpec:
-        """Plain stacks pass the engines as `--backend`s; a PD stack needs endpoint roles, which only a
-        config file can carry, so the supervisor writes one (the user's config plus pool `default`)."""
-        if self.settings.pd is None:
+        """Plain stacks pass the engines as `--backend`s; a PD stack needs endpoint roles and an autoscaled
+        one `scale_from_zero`, which only a config file can carry, so the supervisor writes one (the
+        user's config plus pool `default`)."""
+        if self.settings.pd is None and self.settings.autoscale is None:
             backends = [u for e in self.engines for u in e.urls]
             return plan.gateway_spec(self.settings, backends, self.config_file, self.python)
         user = None
@@ -212,10 +221,39 @@ class Supervisor:
             import yaml
 
             user = yaml.safe_load(Path(self.config_file).read_text()) or {}
-        endpoints = [(name, url, e.spec.role or "both") for e in self.engines for name, url in self._named_urls(e)]
+        if self.settings.autoscale is not None:
+            named = [nu for e in self.engines for nu in self._named_urls(e)]
+            cfg = plan.autoscaled_gateway_config(self.settings, named, user)
+        else:
+            endpoints = [(name, url, e.spec.role or "both") for e in self.engines
+                         for name, url in self._named_urls(e)]
+            cfg = plan.pd_gateway_config(self.settings, endpoints, user)
         path = self.log_dir / "gateway.yaml"
-        path.write_text(json.dumps(plan.pd_gateway_config(self.settings, endpoints, user), indent=1))  # JSON is YAML
+        path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
         return plan.gateway_spec(self.settings, [], str(path), self.python)
+
+    # ---- autoscaling (stack/autoscaler.py) ---------------------------------------------------------
+
+    def _initial_replicas(self) -> int:
+        """`replicas` within the bounds, at least one: the first replica tells the gateway the model's name."""
+        a = self.settings.autoscale
+        assert a is not None
+        wanted = self.settings.replicas if "replicas" in self.settings.model_fields_set else a.min_replicas
+        return min(a.max_replicas, max(1, a.min_replicas, wanted))
+
+    def _new_replica(self) -> Child:
+        child = Child(plan.replica_spec(self.settings, self._replica_index, self.python), self.log_dir, self._env)
+        self._replica_index += 1
+        return child
+
+    def _start_autoscaler(self) -> None:
+        if self.settings.autoscale is None or self.gateway is None or self._client is None:
+            return
+        hooks = ReplicaHooks(self.engines, self._new_replica, self._update_pool, self.reporter.event)
+        self.autoscaler = LocalAutoscaler(self.settings.autoscale, hooks, self._client, self.gateway.urls[0],
+                                          self._admin_token, self.settings.ready_timeout_s,
+                                          self.settings.stop_timeout_s)
+        self._autoscaling = asyncio.create_task(self.autoscaler.run(self._stop))
 
     async def _served_model(self) -> str:
         """The name clients must send (an emulated or file-based model has its own), from /v1/models."""
@@ -323,6 +361,7 @@ class Supervisor:
                  if e.state == ChildState.READY for name, url in self._named_urls(e)]
         await self._pool.set_endpoints(ready)
         self._write_prometheus_targets()
+        self._write_state()  # replicas come and go with autoscaling: state.json lists the current ones
 
     # ---- watch and restart -------------------------------------------------------------------------
 
@@ -408,6 +447,12 @@ class Supervisor:
     # ---- stop --------------------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        if self._autoscaling is not None:
+            self._autoscaling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._autoscaling
+        if self.autoscaler is not None:
+            await self.autoscaler.aclose()
         for task in self._restarts.values():
             task.cancel()
         for task in self._restarts.values():

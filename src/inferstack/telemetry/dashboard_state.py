@@ -43,7 +43,8 @@ WANTED = sample_names(
               "vllm:generation_tokens", "vllm:request_success", "vllm:prefix_cache_queries",
               "vllm:prefix_cache_hits"],
     gauges=["inferstack_gateway_queue_depth", "vllm:num_requests_waiting", "vllm:num_requests_running",
-            "vllm:kv_cache_usage_perc"],
+            "vllm:kv_cache_usage_perc", "inferstack_autoscaler_desired_replicas", "inferstack_autoscaler_replicas",
+            "inferstack_gateway_held_requests"],
 )
 
 CHART_META: dict[str, dict[str, str]] = {
@@ -56,7 +57,25 @@ CHART_META: dict[str, dict[str, str]] = {
     "kv": {"title": "KV cache use per endpoint", "unit": "%"},
     "prefix_hit": {"title": "Prefix cache hit rate per endpoint", "unit": "%"},
     "routing": {"title": "Routing decisions (by deciding scorer), sheds, retries", "unit": "/s"},
+    "replicas": {"title": "Autoscaler: desired vs actual replicas, held requests", "unit": "count"},
 }
+
+
+def _replicas(latest: Scrape) -> dict[str, float | None]:
+    """Desired and actual replicas by state (summed over pools) and requests held for a cold start;
+    empty unless an autoscaler reports to this gateway (docs/autoscaling.md)."""
+    out: dict[str, float | None] = {}
+    desired = latest.select("inferstack_autoscaler_desired_replicas")
+    if not desired:
+        return out
+    out["desired"] = _finite(sum(desired.values()))
+    for labels, v in latest.select("inferstack_autoscaler_replicas").items():
+        state = dict(labels).get("state", "ready")
+        out[state] = (out.get(state) or 0.0) + v
+    held = latest.select("inferstack_gateway_held_requests")
+    if held:
+        out["held requests"] = _finite(sum(held.values()))
+    return out
 
 
 @dataclass
@@ -232,6 +251,7 @@ class DashboardHistory:
                 if gw[1].has(metric):
                     routing[label] = _finite(sum(_rate(gw, metric).values()))
         point["routing"] = routing
+        point["replicas"] = _replicas(gw[1]) if gw else {}
         return point
 
     def render(self, since: float | None = None) -> dict[str, Any]:

@@ -101,6 +101,20 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ("Preemptions/s per replica", "timeseries", "short",
          [(f"sum by (replica) (rate(vllm:num_preemptions_total{{{R}}}[{W}]))", "{{replica}}")]),
     ]),
+    ("Autoscaling (docs/autoscaling.md)", [
+        ("Desired vs actual replicas", "timeseries", "short",
+         [("sum by (pool, role, policy) (inferstack_autoscaler_desired_replicas)",
+           "{{pool}} {{role}} desired ({{policy}})"),
+          ("sum by (pool, role, state) (inferstack_autoscaler_replicas)", "{{pool}} {{role}} {{state}}")]),
+        ("Scaling decisions/s by direction and reason", "timeseries", "short",
+         [(f'sum by (pool, policy, direction, reason) (rate(inferstack_autoscaler_decisions_total'
+           f'{{direction!="hold"}}[{W}]))', "{{pool}} {{policy}} {{direction}}: {{reason}}")]),
+        ("Requests held for a cold start (scale from zero)", "timeseries", "short",
+         [("sum by (pool) (inferstack_gateway_held_requests)", "{{pool}} held"),
+          (f"sum by (pool, outcome) (rate(inferstack_gateway_hold_outcomes_total[{W}]))", "{{pool}} {{outcome}} /s")]),
+        ("Cold-start wait p95 (held requests released)", "timeseries", "s",
+         [(_pct("inferstack_gateway_hold_wait_seconds", 0.95, "le, pool", ""), "{{pool}}")]),
+    ]),
 ]
 
 DS = {"type": "prometheus", "uid": "${datasource}"}

@@ -36,11 +36,19 @@ def registry_rows(registry: CollectorRegistry) -> list[str]:
 def gateway_rows() -> list[str]:
     from inferstack.gateway.metrics import GatewayMetrics
     from inferstack.gateway.pd import PDMetrics
+    from inferstack.gateway.pipeline.hold import HoldMetrics
 
     metrics = GatewayMetrics()
     metrics.track_in_flight(list)
     PDMetrics(metrics.registry)
+    HoldMetrics(metrics.registry)
     return registry_rows(metrics.registry)
+
+
+def _autoscaler_rows() -> list[str]:
+    from inferstack.autoscale.metrics import doc_rows
+
+    return doc_rows()
 
 
 def _engine_rows() -> list[str]:
@@ -60,6 +68,8 @@ SECTIONS: list[tuple[str, str, Callable[[], list[str]]]] = [
     ("gateway metrics", "## Gateway (`inferstack gateway serve`, OpenTelemetry GenAI names where they exist)",
      gateway_rows),
     ("kv metrics", "## KV tiers, KV connector and KV transfer (engine `/metrics`, docs/kv-cache.md)", _kv_rows),
+    ("autoscaler metrics", "## Autoscaler (`inferstack up --autoscale`, on the gateway's `/metrics`; "
+     "docs/autoscaling.md)", _autoscaler_rows),
 ]
 
 

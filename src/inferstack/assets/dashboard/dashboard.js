@@ -4,7 +4,9 @@
 
 (function () {
   const BASE = document.body.dataset.base || "./";
-  const ORDER = ["ttft", "tpot", "itl", "throughput", "requests", "routing", "queue", "kv", "prefix_hit"];
+  const ORDER = ["ttft", "tpot", "itl", "throughput", "requests", "routing", "queue", "kv", "prefix_hit",
+    "replicas"];
+  const OPTIONAL = new Set(["replicas"]);  // shown once it has data: only stacks with an autoscaler report it
   const PALETTE = ["#3b6fd8", "#e0702b", "#1a9e5c", "#b4379c", "#8a6d12", "#1595a8", "#d23c3c",
                    "#6c4fd1", "#5f7a1f", "#c25a7c"];
   const charts = {};         // id -> {meta, series: {name: [[t, v], ...]}, canvas, legend}
@@ -179,7 +181,7 @@
       const now = body.t || Date.now() / 1000;
       for (const id of ORDER) {
         const c = body.charts[id];
-        if (!c) continue;
+        if (!c || (OPTIONAL.has(id) && !charts[id] && !Object.keys(c.series).length)) continue;
         merge(ensureChart(id, c), c.series, now);
       }
       for (const id of ORDER) if (charts[id]) draw(charts[id], now);

@@ -1,6 +1,6 @@
 """The request pipeline shared by the HTTP gateway and the Envoy endpoint picker:
 
-    authenticate -> parse -> resolve -> spill -> admit -> plan -> pick -> [proxy | answer Envoy] -> account
+    authenticate -> parse -> resolve -> spill -> hold -> admit -> plan -> pick -> [proxy | answer Envoy] -> account
 
 `Pipeline` owns the state every stage reads (pools and their data layer, flow control, limits,
 metrics, audit, tracing) and runs the stages up to admission in `start`; the front end (HTTP
@@ -9,10 +9,12 @@ metrics, audit, tracing) and runs the stages up to admission in `start`; the fro
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from inferstack.autoscale.metrics import AutoscalerCollector, AutoscalerStatus
 from inferstack.compliance.audit import AuditLog
 from inferstack.config.schema import InferstackConfig
 from inferstack.gateway.auth import Identity, KeyStore
@@ -24,11 +26,13 @@ from inferstack.gateway.pipeline.account import Accountant
 from inferstack.gateway.pipeline.admit import Admitter
 from inferstack.gateway.pipeline.authenticate import Authenticator
 from inferstack.gateway.pipeline.context import Caller, Inbound, RequestContext, Route, Tenant
+from inferstack.gateway.pipeline.hold import ClientGone, Hold, HoldMetrics
 from inferstack.gateway.pipeline.parse import parse_body, requested_model
 from inferstack.gateway.pipeline.pick import Picker
 from inferstack.gateway.pipeline.plan import Planner
 from inferstack.gateway.pipeline.resolve import Resolver
 from inferstack.gateway.pipeline.spill import Spiller
+from inferstack.gateway.poolload import PoolLoad
 from inferstack.gateway.requests import (
     check_fan_out,
     prompt_parts,
@@ -57,9 +61,14 @@ class Pipeline:
         self.limiter: Limiter = limiter or (
             RedisLimiter(gw.redis_url, timeout_s=gw.limits.store_timeout_s, retry_s=gw.limits.store_retry_s)
             if gw.redis_url else MemoryLimiter())
-        self.datalayer = DataLayer(
-            list(self.pools.values()), gw, on_refresh=lambda p: self.flow[p.name].pump()
-        )
+        # scale from zero (pipeline/hold.py) and what autoscalers read and report (docs/autoscaling.md)
+        hold_metrics = HoldMetrics(self.metrics.registry)
+        self.holds = {name: Hold(pool, cfg.pools[name].scale_from_zero, hold_metrics)
+                      for name, pool in self.pools.items() if cfg.pools[name].scale_from_zero is not None}
+        self.loads = {name: PoolLoad() for name in self.pools}
+        self.autoscalers: dict[tuple[str, str], AutoscalerStatus] = {}
+        self.metrics.registry.register(AutoscalerCollector(lambda: list(self.autoscalers.values())))
+        self.datalayer = DataLayer(list(self.pools.values()), gw, on_refresh=self._refreshed)
         # the writer's health metrics go on our /metrics
         self.audit = (AuditLog(cfg.audit, registry=self.metrics.registry)
                       if cfg.audit is not None and cfg.audit.enabled else None)
@@ -81,6 +90,11 @@ class Pipeline:
         self.autoscalers: KubeAutoscalers | None = None  # started by `open` for `kubernetes.autoscale` pools
         # whether this replica acts on the cluster (the EPP sets its leader elector's view before `open`)
         self.leading: Callable[[], bool] = lambda: True
+
+    def _refreshed(self, pool: Pool) -> None:
+        self.flow[pool.name].pump()
+        if pool.name in self.holds:
+            self.holds[pool.name].pump()
 
     def _depth_gauge(self, pool: str):
         return lambda prio, depth: self.metrics.queue_depth.labels(pool, str(prio)).set(depth)
@@ -120,13 +134,25 @@ class Pipeline:
         """None when ready to serve, else why not."""
         if self.audit is not None and not self.audit.admits_requests:
             return f"audit log cannot write: {self.audit.failure}"
-        if not any(e.healthy for p in self.pools.values() for e in p.endpoints):
+        # a pool that scales from zero takes requests with no endpoint: it holds them for a replica
+        if not self.holds and not any(e.healthy for p in self.pools.values() for e in p.endpoints):
             return "no healthy endpoint"
         return None
 
-    async def start(self, inbound: Inbound, body: bytes, caller: Caller | None = None) -> RequestContext:
+    def pool_load(self, pool: str, since: float) -> dict[str, Any]:
+        """The pool's load for autoscalers (`GET /admin/pools/{pool}/load`, gateway/poolload.py)."""
+        hold = self.holds.get(pool)
+        return self.loads[pool].report(self.pools[pool], since, hold.held if hold else 0, self.flow[pool].queued)
+
+    def report_autoscaler(self, status: AutoscalerStatus) -> None:
+        """An actuator's newest status (`PUT /admin/pools/{pool}/autoscaler`), exported as metrics."""
+        self.autoscalers[(status.pool, status.role)] = status
+
+    async def start(self, inbound: Inbound, body: bytes, caller: Caller | None = None,
+                    client_gone: asyncio.Future | None = None) -> RequestContext:
         """Run authenticate (unless ``caller`` came from an earlier headers phase), parse, resolve,
-        admit and plan. A refusal is audited here and raised as APIError."""
+        hold (a pool scaling from zero; ``client_gone`` ends the wait), admit and plan. A refusal is
+        audited here and raised as APIError; a client gone while held raises `hold.ClientGone`."""
         ident: Identity | None = caller.ident if caller else None
         model: str | None = None
         try:
@@ -136,16 +162,24 @@ class Pipeline:
             req = parse_body(body)
             model = requested_model(req)
             self.auth.authorize(caller, model)
-            route = self.spiller.divert(self.resolver.resolve(model), caller)
+            local = self.resolver.resolve(model)
+            self.loads[local.pool.name].arrived()  # demand on the local pool, spilled or not
+            route = self.spiller.divert(local, caller)
             fan_out = check_fan_out(inbound.kind, req, self.cfg.gateway.http.max_prompts)
             parts = list(prompt_parts(inbound.kind, req))
             prompt_tokens = prompt_token_estimate(inbound.kind, req, sum(len(p) for p in parts))
             out_tokens = requested_max_tokens(req) or self.cfg.gateway.limits.default_max_tokens
             engine_body = self.planner.engine_body(req, caller, route)
+            hold = self.holds.get(route.pool.name)
+            if hold is not None:
+                await hold.wait(inbound.headers, client_gone)
             admission = await self.admitter.admit(inbound, caller, route, prompt_tokens,
                                                   prompt_tokens + out_tokens * fan_out)
         except APIError as exc:
             await self.account.rejected(inbound, ident, model, exc)
+            raise
+        except ClientGone:
+            await self.account.rejected(inbound, ident, model, APIError(499, "Client disconnected while held."))
             raise
         plan = await self.planner.plan(inbound.kind, req, engine_body, parts, caller, route,
                                        inbound.headers.get(b"x-session-id"))
@@ -161,6 +195,8 @@ class Pipeline:
             adm.reserved = False
             adm.flow.routed()
         await self.account.close(ctx)
+        out = ctx.outcome
+        self.loads[ctx.route.pool.name].finished_request(out.ttft, out.tpot, out.in_tokens, out.out_tokens)
 
     def _span(self, inbound: Inbound, caller: Caller, route: Route) -> Any:
         if self.tracer is None:
