@@ -159,7 +159,7 @@ def test_pipeline_starts_the_actuator_for_a_kubernetes_pool(tmp_path):
             await pipe.open()
             try:
                 await _until(lambda: api.deployments.replicas["m-decode"] == 2, 5, "scaled to min_replicas")
-                assert pipe.autoscalers is not None and pipe.autoscalers.pools["p"].namespace == "ns"
+                assert pipe.kube_autoscalers is not None and pipe.kube_autoscalers.pools["p"].namespace == "ns"
             finally:
                 await pipe.aclose()
 

@@ -87,7 +87,7 @@ class Pipeline:
         self.planner = Planner(gw)
         self.picker = Picker(self.metrics)
         self.account = Accountant(self.metrics, self.limiter, self.audit)
-        self.autoscalers: KubeAutoscalers | None = None  # started by `open` for `kubernetes.autoscale` pools
+        self.kube_autoscalers: KubeAutoscalers | None = None  # started by `open` for `kubernetes.autoscale` pools
         # whether this replica acts on the cluster (the EPP sets its leader elector's view before `open`)
         self.leading: Callable[[], bool] = lambda: True
 
@@ -113,15 +113,15 @@ class Pipeline:
         from inferstack.gateway.kubescale import KubeAutoscalers  # loads the Kubernetes client only when used
         from inferstack.kube.client import make_client
 
-        self.autoscalers = KubeAutoscalers()
+        self.kube_autoscalers = KubeAutoscalers()
         for name, pool in scaled.items():
             kube = pool.config.kubernetes
-            self.autoscalers.start(PoolSampler(pool, self.flow[name], self.metrics), kube.autoscale,
+            self.kube_autoscalers.start(PoolSampler(pool, self.flow[name], self.metrics), kube.autoscale,
                                    make_client(name, kube), kube.namespace, self.leading)
 
     async def aclose(self) -> None:
-        if self.autoscalers is not None:
-            await self.autoscalers.stop()
+        if self.kube_autoscalers is not None:
+            await self.kube_autoscalers.stop()
         await self.datalayer.stop()
         await self.limiter.close()
         if self.audit is not None:
