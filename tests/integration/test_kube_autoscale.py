@@ -67,9 +67,13 @@ async def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 def test_desired_replicas_are_patched_and_bounded(tmp_path):
     async def body(api: KubeApi, auto: KubeAutoscaler) -> None:
+        reports = []
+        auto.report = reports.append     # what becomes the inferstack_autoscaler_* series
         d = (await auto.step())["both"]      # 2 replicas x 12 running = 24 in the system, target 4 each
         assert (d.current, d.desired, d.direction) == (2, 6, "up")
         assert api.deployments.writes == [("m-decode", 6)]
+        assert (reports[-1].pool, reports[-1].role, reports[-1].policy, reports[-1].desired) == ("p", "both", "kpa", 6)
+        assert sum(reports[-1].decisions.values()) == 1
         for ep in auto.sampler.pool.endpoints:
             ep.metrics = ScrapedMetrics(running=40.0)        # 80 in the system: kpa asks 20, bounds say 8
         d = (await auto.step())["both"]

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 from inferstack.autoscale.decision import Bounds, Decision
+from inferstack.autoscale.metrics import AutoscalerStatus
 from inferstack.autoscale.signals import PoolSample
 from inferstack.autoscale.spec import parse_policy
 from inferstack.gateway.autoscale_signals import PoolSampler
@@ -33,8 +34,10 @@ class KubeAutoscaler:
 
     def __init__(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, scaler: DeploymentScaler, namespace: str,
                  clock: Callable[[], float] = time.monotonic, backoff_cap_s: float | None = None,
-                 leading: Callable[[], bool] = lambda: True):
+                 leading: Callable[[], bool] = lambda: True,
+                 report: Callable[[AutoscalerStatus], None] = lambda status: None):
         self.sampler = sampler
+        self.report = report    # to the pipeline's `inferstack_autoscaler_*` series (autoscale/metrics.py)
         self.leading = leading  # with several picker replicas only the Lease holder scales (kube/lease.py)
         self.cfg = cfg
         self.scaler = scaler
@@ -45,13 +48,14 @@ class KubeAutoscaler:
         self.backoff_cap_s = backoff_cap_s if backoff_cap_s is not None else cfg.interval_s
         self.windows: dict[str, deque[PoolSample]] = {r: deque(maxlen=cfg.window_samples) for r in cfg.deployments}
         self.decisions: deque[tuple[float, str, Decision]] = deque(maxlen=256)
+        self.status = {r: AutoscalerStatus(sampler.pool.name, r, self.policy.name) for r in cfg.deployments}
         self.last_error: str | None = None
         self.steps = 0
 
     async def step(self) -> dict[str, Decision]:
         """One decision per role, written to the Deployments. Raises ScaleError."""
-        current = {role: (await self.scaler.read(self.namespace, dep)).spec
-                   for role, dep in self.cfg.deployments.items()}
+        scales = {role: await self.scaler.read(self.namespace, dep) for role, dep in self.cfg.deployments.items()}
+        current = {role: scale.spec for role, scale in scales.items()}
         samples = self.sampler.sample(self.clock(), current)
         out: dict[str, Decision] = {}
         for role, dep in self.cfg.deployments.items():
@@ -60,6 +64,11 @@ class KubeAutoscaler:
             d = self.bounds.apply(self.policy.decide(list(window), current[role]), list(window))
             out[role] = d
             self.decisions.append((window[-1].t, role, d))
+            status = self.status[role]
+            status.decided(d)
+            # the Scale's status.replicas: pods the Deployment runs (not all of them ready yet)
+            status.ready, status.starting = scales[role].status, max(0, d.desired - scales[role].status)
+            self.report(status)
             if d.desired != current[role]:
                 res = await self.scaler.scale(self.namespace, dep, d.desired)
                 log.info("pool %s: scaled %s/%s %d -> %d (%s: %s)%s", self.sampler.pool.name, self.namespace, dep,
@@ -97,9 +106,10 @@ class KubeAutoscalers:
         self._clients: list = []
 
     def start(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, client, pool_namespace: str | None,
-              leading: Callable[[], bool] = lambda: True) -> None:
+              leading: Callable[[], bool] = lambda: True,
+              report: Callable[[AutoscalerStatus], None] = lambda status: None) -> None:
         namespace = cfg.namespace or pool_namespace or client.namespace or "default"
-        auto = KubeAutoscaler(sampler, cfg, DeploymentScaler(client), namespace, leading=leading)
+        auto = KubeAutoscaler(sampler, cfg, DeploymentScaler(client), namespace, leading=leading, report=report)
         self.pools[sampler.pool.name] = auto
         self._clients.append(client)
         self._tasks.append(asyncio.create_task(auto.run(), name=f"kube-autoscale-{sampler.pool.name}"))

@@ -117,7 +117,7 @@ class Pipeline:
         for name, pool in scaled.items():
             kube = pool.config.kubernetes
             self.kube_autoscalers.start(PoolSampler(pool, self.flow[name], self.metrics), kube.autoscale,
-                                   make_client(name, kube), kube.namespace, self.leading)
+                                   make_client(name, kube), kube.namespace, self.leading, self.report_autoscaler)
 
     async def aclose(self) -> None:
         if self.kube_autoscalers is not None:
