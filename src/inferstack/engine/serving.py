@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from inferstack.engine.outputs import FinishReason, RequestOutput
@@ -47,6 +47,7 @@ class TokenizerLike(Protocol):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
     def id_to_token(self, token_id: int) -> str: ...
+    def special_token_id(self, text: str) -> int | None: ...
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     add_special_tokens: bool = False) -> list[int]: ...
 
@@ -108,7 +109,9 @@ async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepar
     check_model(engine, req.model)
     _chat_unsupported(req)
     tools, tool_choice = _tools_of(req)
-    plan = plan_tools(engine.tool_format, tools, tool_choice, req.parallel_tool_calls, engine.strict_limits)
+    fmt = engine.tool_format
+    marker = engine.tokenizer.special_token_id(fmt.start) if fmt.start else None
+    plan = plan_tools(fmt, tools, tool_choice, req.parallel_tool_calls, engine.strict_limits, marker)
     messages = chat_messages(req.messages)
     native = "tools" in (engine.tokenizer.chat_template or "")
     messages = template_messages(engine.tool_format, plan, messages, native)
@@ -127,6 +130,8 @@ async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepar
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     params = _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, grammar)
+    if plan is not None:
+        params = replace(params, keep_special_ids=plan.keep_special_ids)
     return Prepared([prompt_ids], params, bool(req.stream), _include_usage(req), bool(req.logprobs),
                     req.priority or 0, req.cache_salt, req.kv_transfer_params, plan)
 
