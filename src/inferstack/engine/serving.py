@@ -517,7 +517,7 @@ async def chat_stream(gen: Generation, token_text: TokenText, response_id: str, 
 
     totals = _Totals()
     try:
-        parts = (_tool_stream(gen, totals) if gen.tools is not None
+        parts = (_tool_stream(gen, totals, token_text, want_logprobs) if gen.tools is not None
                  else _content_stream(gen, totals, token_text, want_logprobs))
         async for part in parts:
             yield chunk([part])
@@ -545,13 +545,17 @@ async def _content_stream(gen: Generation, totals: _Totals, token_text: TokenTex
         yield R.chat_chunk_choice(index, delta, finish, lps)
 
 
-async def _tool_stream(gen: Generation, totals: _Totals) -> AsyncIterator[dict[str, Any]]:
+async def _tool_stream(gen: Generation, totals: _Totals, token_text: TokenText,
+                       want_logprobs: bool) -> AsyncIterator[dict[str, Any]]:
     """Chat chunk choices when tools may be called: content as it comes (minus what may open a call),
-    then per call one delta with id and name and deltas with ``arguments`` pieces, as OpenAI streams."""
+    then per call one delta with id and name and deltas with ``arguments`` pieces, as OpenAI streams.
+    Logprobs of tokens whose text is held back ride on the choice's next chunk, so the stream carries
+    every token's logprob once, as the non-streamed response does."""
     plan = gen.tools
     assert plan is not None
     streamers = [ToolCallStreamer(plan.fmt) for _ in range(gen.params.n)]
     started: set[int] = set()
+    pending: list[list[dict[str, Any]]] = [[] for _ in range(gen.params.n)]
 
     def opening(index: int, delta: dict[str, Any]) -> dict[str, Any]:
         if index in started:
@@ -561,21 +565,27 @@ async def _tool_stream(gen: Generation, totals: _Totals) -> AsyncIterator[dict[s
 
     async for index, out in gen.outputs():
         totals.add(index, out)
+        if want_logprobs:
+            pending[index] += _chat_logprobs(token_text, out)
         streamer = streamers[index]
         content, calls = streamer.feed(out.new_text)
         if out.finished:
             content += streamer.finish()
+        parts: list[tuple[dict[str, Any], str | None]] = []
         if content:
             if index not in started:
                 started.add(index)
-                yield R.chat_chunk_choice(index, {"role": "assistant", "content": ""})
-            yield R.chat_chunk_choice(index, {"content": content})
-        for call in calls:
-            yield R.chat_chunk_choice(index, opening(index, {"tool_calls": [call]}))
+                parts.append(({"role": "assistant", "content": ""}, None))
+            parts.append(({"content": content}, None))
+        parts += [(opening(index, {"tool_calls": [call]}), None) for call in calls]
         if out.finished:
             finish = plan.finish_reason(streamer.has_calls, _finish_reason(out))
-            yield R.chat_chunk_choice(index, opening(index, {}) if index in started else
-                                      {"role": "assistant", "content": ""}, finish)
+            parts.append((opening(index, {}) if index in started else {"role": "assistant", "content": ""}, finish))
+        for k, (delta, finish_reason) in enumerate(parts):
+            lps = None
+            if want_logprobs and k == len(parts) - 1:
+                lps, pending[index] = R.chat_logprobs(pending[index]), []
+            yield R.chat_chunk_choice(index, delta, finish_reason, lps)
 
 
 async def completion_prompts(engine: EngineLike, prompt: Any) -> list[list[int]]:
