@@ -54,7 +54,8 @@ def bench(url: str, out: Path, *load: str, workload: str) -> dict:
 def observed(url: str, out: Path, fn) -> tuple[object, dict]:   # type: ignore[no-untyped-def]
     """Run fn() while observe watches url's port; return fn's result and the observed results.json
     (with "ebpf_metrics": observe's scrape and "ebpf_samples": its per-request TTFT / gap values)."""
-    session = Session(None, int(url.rsplit(":", 1)[1]), CaptureOptions(), log=print)
+    # attaching 25 probes took 36-45 s at load ~20 on the shared 2-core machine: more than the default 60 s allows
+    session = Session(None, int(url.rsplit(":", 1)[1]), CaptureOptions(start_timeout_s=240), log=print)
     session.start()
     try:
         value = fn()

@@ -52,7 +52,8 @@ def server() -> Server:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=900)
+    # the 100-request batch took 13-15 min on the shared 2-core machine at load 15-20
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=1800)
 
 
 class Person(BaseModel):
@@ -232,16 +233,19 @@ def test_schema_errors_name_the_path(client: openai.OpenAI) -> None:
 
 
 def test_pathological_schema_is_a_400_at_the_deadline_while_others_are_served(server: Server) -> None:
-    """Nested oneOf within llguidance's size limits whose compile outlasts our deadline: a 400 naming
-    the deadline when it passes, while a streamed request sent after it gets its first token before.
+    """Nested oneOf within llguidance's size limits whose compile (~15 s on one core here) outlasts our
+    deadline: a 400 naming the deadline when it passes, while a streamed request sent alongside gets
+    its first token when the compile is provably still pending: before that 400, or (on a loaded
+    machine) before a second ask for the schema, which waits on the same compile, is again a 400.
     (deep_one_of, the exponential shape, is refused sooner by llguidance's size limit.)"""
     body = {"model": MODEL, "messages": ASK, "max_tokens": 4, "response_format": {
         "type": "json_schema", "json_schema": {"name": "slow", "schema": slow_one_of(2, 3000)}}}
     normal = {"model": MODEL, "messages": WEATHER_Q, "max_tokens": 8, "temperature": 0, "stream": True}
 
-    def slow_post() -> tuple[httpx.Response, float]:
+    def slow_post() -> tuple[httpx.Response, float, float]:
+        start = time.monotonic()
         response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
-        return response, time.monotonic()
+        return response, start, time.monotonic()
 
     def first_token_at() -> float | None:
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=normal, timeout=120) as stream:
@@ -253,16 +257,19 @@ def test_pathological_schema_is_a_400_at_the_deadline_while_others_are_served(se
         return None
 
     with ThreadPoolExecutor(1) as pool:
-        start = time.monotonic()
         slow = pool.submit(slow_post)
         first = first_token_at()
-        bad, bad_at = slow.result()
-    assert bad.status_code == 400, bad.text
-    err = bad.json()["error"]
-    assert err["param"] == "response_format"
-    assert f"did not compile within {GRAMMAR_TIMEOUT_S:g} s" in err["message"]
-    assert GRAMMAR_TIMEOUT_S <= bad_at - start < GRAMMAR_TIMEOUT_S + 10
-    assert first is not None and first < bad_at
+        refusals = [slow.result()]
+    assert first is not None
+    if first >= refusals[0][2]:
+        refusals.append(slow_post())
+    for response, start, end in refusals:
+        assert response.status_code == 400, response.text
+        err = response.json()["error"]
+        assert err["param"] == "response_format"
+        assert f"did not compile within {GRAMMAR_TIMEOUT_S:g} s" in err["message"]
+        assert GRAMMAR_TIMEOUT_S <= end - start < GRAMMAR_TIMEOUT_S + 10
+    assert first < refusals[-1][1] + GRAMMAR_TIMEOUT_S      # the compile was pending when it came
     exploding = dict(body, response_format={"type": "json_schema", "json_schema": {
         "name": "deep", "schema": deep_one_of(13)}})
     too_large = httpx.post(f"{server.url}/v1/chat/completions", json=exploding, timeout=120)
