@@ -1,5 +1,6 @@
 """`inferstack observe` against the real thing: bpftrace attached to an emulated engine while
-`inferstack bench` drives it; every request's TTFT and ITL from eBPF against the client's own."""
+`inferstack bench` drives it; every request's TTFT and ITL from eBPF against the client's own, and
+eBPF's TTFT/ITL histograms against the engine's own (its /metrics before and after)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from tests.support.procs import Server, metric_sum, start_inferstack
 from typer.testing import CliRunner
 
 from inferstack.cli.main import app
+from inferstack.observe.crosscheck import HistogramCheck, compare, samples
 from inferstack.observe.preflight import unavailable_reason
 from inferstack.observe.runner import CaptureOptions
 from inferstack.observe.session import Session, SessionResult, save
+from inferstack.stack.prometheus import DEPLOY
+from inferstack.telemetry.grafana import panel_values
+from inferstack.telemetry.promtext import parse
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"eBPF observation unavailable: {REASON}")
@@ -31,9 +36,11 @@ def engine() -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def observed(engine: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, str, dict]]:
-    """20 streamed requests (8/s, constant arrivals) measured by the client and by eBPF at once."""
+def observed(engine: Server, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[tuple[Path, Path, str, dict, list[HistogramCheck]]]:
+    """20 streamed requests (8/s, constant arrivals) measured by the client, by eBPF and by the engine."""
     port = int(engine.url.rsplit(":", 1)[1])
+    engine_before = parse(httpx.get(f"{engine.url}/metrics").text, 0.0)
     session = Session(None, port, CaptureOptions(), metrics_port=0, log=lambda m: None)
     session.start()
     bench_dir, obs_dir = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("observed")
@@ -57,7 +64,9 @@ def observed(engine: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         session.stop()
         result: SessionResult = session.finish()
     save(result, obs_dir, plots=False, capture_bodies=False)
-    yield bench_dir, obs_dir, metrics, dashboard
+    checks = compare(engine_before, parse(httpx.get(f"{engine.url}/metrics").text, 1.0), parse(metrics, 1.0),
+                     samples(result.requests))
+    yield bench_dir, obs_dir, metrics, dashboard, checks
 
 
 def _rows(d: Path) -> list[dict]:
@@ -65,8 +74,8 @@ def _rows(d: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["sent_s"])
 
 
-def test_ttft_and_itl_match_the_client_per_request(observed: tuple[Path, Path, str, dict]) -> None:
-    bench_dir, obs_dir, _, _ = observed
+def test_ttft_and_itl_match_the_client_per_request(observed: tuple) -> None:
+    bench_dir, obs_dir, _, _, _ = observed
     client, ebpf = _rows(bench_dir), _rows(obs_dir)
     assert len(client) == 20 and len(ebpf) == 20
     assert all(r["status"] == "ok" for r in ebpf), [r["error"] for r in ebpf]
@@ -85,8 +94,8 @@ def test_ttft_and_itl_match_the_client_per_request(observed: tuple[Path, Path, s
     assert np.median([c["ttft_s"] - e["ttft_s"] for e, c in zip(ebpf, client, strict=True)]) > -0.0005
 
 
-def test_metrics_endpoint_dashboard_and_bench_compare(observed: tuple[Path, Path, str, dict]) -> None:
-    bench_dir, obs_dir, metrics, dashboard = observed
+def test_metrics_endpoint_dashboard_and_bench_compare(observed: tuple) -> None:
+    bench_dir, obs_dir, metrics, dashboard, _ = observed
     n = metric_sum(metrics, "gen_ai_server_time_to_first_token_seconds_count", 'source="ebpf"')
     assert n == 20
     assert metric_sum(metrics, "inferstack_gateway_tokens_total", 'type="output"') == 20 * 24
@@ -99,3 +108,25 @@ def test_metrics_endpoint_dashboard_and_bench_compare(observed: tuple[Path, Path
     assert p50 and 0.001 < max(p50) < 1.0, dashboard["charts"]["ttft"]
     report = (obs_dir / "report.md").read_text()
     assert "## eBPF capture" in report and "lost perf records: 0" in report
+
+
+def test_histograms_match_the_engines_own(observed: tuple) -> None:
+    """The engine's vllm:time_to_first_token / inter_token_latency histograms over the same 20 requests:
+    equal counts (20 TTFTs, 20 × 23 gaps); gaps: means within 2 ms and, at every bucket bound both
+    share, cumulative counts that differ only by gaps within 2 ms of it; TTFT: eBPF's never shorter
+    (it also spans the server's HTTP work), docs/observe.md."""
+    checks = {c.what: c for c in observed[4]}
+    assert checks["ttft"].server_count == 20 and checks["itl"].server_count == 20 * 23
+    assert all(c.bucket_diff and c.agrees for c in checks.values()), [c.to_dict() for c in checks.values()]
+
+
+def test_grafana_panel_set_reads_what_observe_exports(observed: tuple) -> None:
+    """Every query of the shipped eBPF panel set selects metrics this observe run exported: the
+    request panels with data from these 20 requests, the capture-health panels with their counters."""
+    dash = json.loads((DEPLOY / "grafana" / "observe-ebpf.json").read_text())
+    panels = panel_values(dash, parse(observed[2], 0.0))
+    assert len(panels) == 11
+    for title, values in panels:
+        assert values and all(v is not None for v in values.values()), (title, values)
+        if "lost" not in title.lower() and "resync" not in title.lower() and "TLS" not in title:
+            assert all(v > 0 for v in values.values()), (title, values)

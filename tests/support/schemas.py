@@ -62,3 +62,26 @@ def deep_one_of(depth: int) -> dict[str, Any]:
         schema = {"oneOf": [{"type": "object", "properties": {"a": schema}, "required": ["a"]},
                             {"type": "array", "items": schema}]}
     return schema
+
+
+def deep_ref_one_of(depth: int) -> dict[str, Any]:
+    """deep_one_of's shape through ``$defs``: linear in size, ``depth`` levels of recursion for the
+    compiler (deep enough, ~700 levels, to overflow a default thread stack inside llguidance)."""
+    defs: dict[str, Any] = {"l0": {"type": "string"}}
+    for i in range(1, depth + 1):
+        inner = {"$ref": f"#/$defs/l{i - 1}"}
+        defs[f"l{i}"] = {"oneOf": [{"type": "object", "properties": {"a": inner}, "required": ["a"]},
+                                   {"type": "array", "items": inner}]}
+    return {"$defs": defs, "$ref": f"#/$defs/l{depth}"}
+
+
+def slow_one_of(depth: int, width: int) -> dict[str, Any]:
+    """Nested ``oneOf`` whose every level is an object of ``width`` optional properties (or an array
+    of it): within llguidance's size limits, but its compile time grows with width² (any order of
+    optional properties), so it outlasts a short grammar deadline."""
+    defs: dict[str, Any] = {"l0": {"type": "integer"}}
+    for i in range(1, depth + 1):
+        props = {f"p{j}": {"$ref": f"#/$defs/l{i - 1}"} for j in range(width)}
+        level = {"type": "object", "properties": props, "additionalProperties": False}
+        defs[f"l{i}"] = {"oneOf": [level, {"type": "array", "items": level}]}
+    return {"$defs": defs, "$ref": f"#/$defs/l{depth}"}

@@ -34,6 +34,9 @@ class ByteTokenizer:
         out = bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
         return out if skip_special_tokens or EOS not in ids else out + "</s>"
 
+    def special_token_id(self, text: str) -> int | None:
+        return EOS if text == "</s>" else None
+
     def id_to_token(self, token_id: int) -> str:
         return "</s>" if token_id == EOS else self.decode([token_id])
 

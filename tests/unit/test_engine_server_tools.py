@@ -74,3 +74,18 @@ def test_response_format_reaches_the_engine_as_a_grammar() -> None:
     assert engine.calls[-1][1].structured_outputs is None
     client.post("/v1/completions", json={"prompt": "x", "guided_regex": "[a-z]+", "max_tokens": 3})
     assert engine.grammars[-1][0].kind is GrammarKind.REGEX and engine.grammars[-1][1] == "guided_regex"
+
+
+def test_streamed_tool_calls_carry_every_tokens_logprob_once() -> None:
+    """Text held back (a call may be opening) still has its tokens' logprobs sent, on the choice's next
+    chunk: the stream's logprobs are the non-streamed response's, in order."""
+    client, _, _ = make(FakeEngine(max_model_len=4096, reply=REPLY))
+    body = chat_body(tools=TOOLS, max_tokens=200, logprobs=True, top_logprobs=2)
+    whole = client.post(CHAT, json=body).json()["choices"][0]["logprobs"]["content"]
+    chunks = sse(client.post(CHAT, json={**body, "stream": True}).content)
+    for c in chunks:
+        valid("CreateChatCompletionStreamResponse", c, stream_chunk=True)
+    streamed = [lp for c in chunks for lp in ((c["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert [lp["token"] for lp in streamed] == [lp["token"] for lp in whole]
+    assert len(whole) == len(REPLY.encode()) + 1 and all(len(lp["top_logprobs"]) == 2 for lp in streamed)  # + EOS
+    assert any("tool_calls" in c["choices"][0]["delta"] and c["choices"][0]["logprobs"] for c in chunks)

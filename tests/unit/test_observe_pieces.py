@@ -127,3 +127,38 @@ def test_report_is_the_bench_format_and_compares(tmp_path: Path) -> None:
     assert "## eBPF capture" in (tmp_path / "report.md").read_text()
     assert status_of(_req(0, status_code=503)) == ("http_503", "")
     assert status_of(_req(0, chunk_ns=[]))[0] == "bad_response"
+
+
+def test_histogram_crosscheck_against_the_servers_own() -> None:
+    """crosscheck.compare on real prometheus_client histograms with different bucket bounds: gaps seen the
+    same agree; a TTFT that eBPF sees longer (it spans the server's HTTP work) agrees one-sidedly; one
+    that eBPF sees shorter, or a gap shifted past a shared bound, does not."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from inferstack.observe.crosscheck import ENGINE_PAIRS, compare
+    from inferstack.telemetry.promtext import parse
+
+    def scrape(name: str, bounds: tuple[float, ...], values: dict[str, list[float]]):
+        reg = CollectorRegistry()
+        for what, vs in values.items():
+            pair = next(p for p in ENGINE_PAIRS if p[0] == what)
+            h = Histogram(pair[1 if name == "server" else 2], "h", buckets=bounds, registry=reg)
+            for v in vs:
+                h.observe(v)
+        return parse(generate_latest(reg).decode(), 0.0)
+
+    ttft, gaps = [0.004, 0.012, 0.03], [0.02, 0.02, 0.06]
+    server = scrape("server", (0.005, 0.01, 0.02, 0.05, 0.1), {"ttft": ttft, "itl": gaps})
+    empty = parse("", 0.0)
+
+    def checks(e_ttft: list[float], e_gaps: list[float]) -> dict:
+        ebpf = scrape("ebpf", (0.0025, 0.005, 0.01, 0.025, 0.05), {"ttft": e_ttft, "itl": e_gaps})
+        return {c.what: c for c in compare(empty, server, ebpf, {"ttft": e_ttft, "itl": e_gaps})}
+
+    same = checks([t + 0.003 for t in ttft], [g + 0.0005 for g in gaps])
+    assert same["ttft"].agrees and same["itl"].agrees
+    assert same["ttft"].mean_diff_ms == pytest.approx(3.0) and set(same["itl"].bucket_diff) == {0.005, 0.01, 0.05}
+    shorter = checks([t - 0.003 for t in ttft], gaps)
+    assert not shorter["ttft"].agrees and shorter["itl"].agrees
+    shifted = checks(ttft, [0.02, 0.02, 0.045])                      # 0.06 → 0.045 crosses the 0.05 bound
+    assert not shifted["itl"].agrees and shifted["itl"].bucket_diff[0.05] == 1

@@ -261,3 +261,18 @@ def test_a_stream_whose_last_chunk_was_not_seen_ends_at_done() -> None:
         run.seg(base + 50, False, b"", total=len(writes[-1]))      # "0\r\n\r\n" in an unseen iovec
     run.tracker.handle(Close(300, 100, 7))
     assert [(r.error, r.end_ns, len(r.chunk_ns)) for r in run.done] == [("", 16, 3), ("", 115, 2)]
+
+
+def test_response_bytes_that_are_not_a_status_line_desync_instead_of_failing() -> None:
+    """After dropped perf records a connection can sit IDLE in the middle of a response: the bytes that
+    follow end a "head" that is no status line. They are dropped as a desync; the next exchange parses."""
+    run = Run()
+    run.tracker.handle(Accept(0, 100, 7))
+    run.seg(1, True, request_bytes())
+    run.seg(2, False, b"data: [DONE]\r\n\r\n")
+    run.seg(3, False, b"0\r\n\r\n")
+    run.seg(4, True, request_bytes())
+    for k, w in enumerate(chunked_writes(sse_events(2))):
+        run.seg(5 + k, False, w)
+    assert [(r.status_code, len(r.chunk_ns)) for r in run.done][-1] == (200, 2)
+    assert run.tracker.desyncs >= 1

@@ -17,6 +17,7 @@ from inferstack.telemetry import grafana
 PROMTOOL = shutil.which("promtool")
 RULES = prom.DEPLOY / "prometheus"
 GRAFANA_JSON = prom.DEPLOY / "grafana" / "inferstack.json"
+EBPF_JSON = prom.DEPLOY / "grafana" / "observe-ebpf.json"
 pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) not installed")
 
 
@@ -58,9 +59,10 @@ def test_shipped_scrape_config_is_the_rendered_one_and_valid(tmp_path: Path) -> 
     assert groups == [{"targets": ["127.0.0.1:4100"], "labels": {"component": "engine", "replica": "engine-0"}}]
 
 
-def test_shipped_grafana_dashboard_is_the_generated_one() -> None:
-    assert GRAFANA_JSON.read_text() == grafana.render(), (
-        "regenerate: PYTHONPATH=src python -m inferstack.telemetry.grafana " + str(GRAFANA_JSON))
+def test_shipped_grafana_dashboards_are_the_generated_ones() -> None:
+    hint = f"regenerate: PYTHONPATH=src python -m inferstack.telemetry.grafana {GRAFANA_JSON} {EBPF_JSON}"
+    assert GRAFANA_JSON.read_text() == grafana.render(), hint
+    assert EBPF_JSON.read_text() == grafana.render(grafana.ebpf_dashboard()), hint
 
 
 def test_grafana_dashboard_is_windowed_and_has_slo_goodput_and_replica_panels() -> None:
@@ -77,10 +79,11 @@ def test_grafana_dashboard_is_windowed_and_has_slo_goodput_and_replica_panels() 
     assert len(ids) == len(set(ids))
 
 
-def test_grafana_expressions_parse(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", [GRAFANA_JSON, EBPF_JSON], ids=lambda p: p.name)
+def test_grafana_expressions_parse(tmp_path: Path, path: Path) -> None:
     """promtool has no expression checker; recording rules are expressions it parses."""
     rules = [{"record": f"check:expr_{i}", "expr": substitute(expr)}
-             for i, (_, expr) in enumerate(grafana.expressions(json.loads(GRAFANA_JSON.read_text())))]
+             for i, (_, expr) in enumerate(grafana.expressions(json.loads(path.read_text())))]
     f = tmp_path / "exprs.yml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "grafana", "rules": rules}]}))
     r = promtool("check", "rules", str(f))
@@ -89,4 +92,6 @@ def test_grafana_expressions_parse(tmp_path: Path) -> None:
 
 def substitute(expr: str, window: str = "1m") -> str:
     """Grafana variables as a live query would expand them with 'All' selected."""
-    return expr.replace("$__rate_interval", window).replace("$model", ".*").replace("$replica", ".*")
+    for var in ("$model", "$replica", "$target", "$job"):
+        expr = expr.replace(var, ".*")
+    return expr.replace("$__rate_interval", window)

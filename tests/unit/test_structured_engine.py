@@ -21,7 +21,7 @@ from inferstack.engine.structured.compiler import GrammarCompiler, GrammarError
 from inferstack.engine.structured.manager import Advance, StructuredOutputManager
 from inferstack.engine.structured.spec import GrammarKind, GrammarSpec
 from support.models_tiny import write_tiny_model
-from support.schemas import deep_one_of
+from support.schemas import deep_one_of, deep_ref_one_of
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
                                            "b": {"type": "boolean"}},
@@ -96,6 +96,8 @@ def test_compile_deadline_cache_and_errors(engine: BuiltEngine) -> None:
     with pytest.raises(GrammarError, match=r'Invalid json grammar: Unimplemented keys: \["uniqueItems"\]'):
         slow.compile(GrammarSpec.json_schema({"type": "array", "uniqueItems": True}))
     assert slow.compile(GrammarSpec.choice(["yes", "no"])).compile_s >= 0
+    # 1,500 levels of $ref: a SIGSEGV of the whole process on a default 8 MiB thread stack
+    assert slow.compile(GrammarSpec.json_schema(deep_ref_one_of(1500))).compile_s > 0
     compiler.shutdown()
     slow.shutdown()
 

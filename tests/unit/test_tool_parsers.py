@@ -122,3 +122,59 @@ def test_prompt_rendering_without_a_tools_template() -> None:
     assert native[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}     # objects, as templates expect
     tok = Tokenizer(train_tokenizer(), chat_template="{% for m in messages %}{{ m['content'] }}|{% endfor %}")
     assert "<tool_response>" in tok.apply_chat_template(out)
+
+
+@pytest.fixture(scope="module")
+def mistral_tok() -> Tokenizer:
+    """A tokenizer where `[TOOL_CALLS]` is one special token, as in Mistral's (v0.3, Nemo)."""
+    backend = train_tokenizer()
+    backend.add_special_tokens(["[TOOL_CALLS]"])
+    return Tokenizer(backend)
+
+
+@pytest.mark.parametrize("case", [c for c in GOLDEN if c["family"] == "mistral" and c["calls"]])
+def test_mistral_calls_parse_from_token_ids_with_the_default_skip_special_tokens(case: dict, mistral_tok) -> None:
+    """The recorded output as the model emits it (the marker one special token): detokenized with the
+    defaults a user gets (skip_special_tokens true), streamed token by token and whole, the calls parse."""
+    fmt = FORMATS["mistral"]
+    marker = mistral_tok.special_token_id("[TOOL_CALLS]")
+    ids = mistral_tok.encode(case["text"])
+    assert marker is not None and ids.count(marker) == 1
+    assert "[TOOL_CALLS]" not in mistral_tok.decode(ids)          # what skip_special_tokens alone leaves
+    plan = plan_tools(fmt, TOOLS, "auto", None, StrictLimits(), marker)
+    detok = mistral_tok.detokenizer(skip_special_tokens=True, keep_special_ids=plan.keep_special_ids)
+    streamer, names, args = ToolCallStreamer(fmt), [], []
+    for token in ids:
+        content, deltas = streamer.feed(detok.feed([token]))
+        assert content == ""
+        for d in deltas:
+            if "id" in d:
+                names.append(d["function"]["name"])
+                args.append("")
+            else:
+                args[d["index"]] += d["function"]["arguments"]
+    assert streamer.feed(detok.finish()) == ("", []) and streamer.finish() == ""
+    text = mistral_tok.decode(ids, keep_special_ids=plan.keep_special_ids)
+    assert text == case["text"]
+    content, calls = parse_tool_calls(fmt, text)
+    expected = [(name, arguments) for name, arguments in case["calls"]]
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == expected
+    assert [(n, json.loads(a)) for n, a in zip(names, args, strict=True)] == expected
+
+
+def test_mistral_forcing_grammar_takes_the_special_token(mistral_tok) -> None:
+    """With `[TOOL_CALLS]` a special token, `required` forces that token, not the marker spelled as text."""
+    marker = mistral_tok.special_token_id("[TOOL_CALLS]")
+    plan = plan_tools(FORMATS["mistral"], TOOLS, "required", None, StrictLimits(), marker)
+    assert plan is not None and plan.grammar is not None
+    lltok = llguidance.LLTokenizer(mistral_tok.backend.to_str())
+    body = mistral_tok.encode(' [{"name": "get_time", "arguments": {"zone": "UTC"}}]')
+
+    def accepts(ids: list[int]) -> bool:
+        matcher = llguidance.LLMatcher(lltok, grammar_text(plan.grammar), log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        return matcher.consume_tokens(ids) and matcher.is_accepting()
+
+    assert accepts([marker, *body]) and accepts([marker, *body[1:]])       # " [" or "["
+    assert not accepts(mistral_tok.encode("[") + body)
+    assert not accepts(body)

@@ -117,7 +117,7 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         params = request.sampling_params
         self._text[request.request_id] = _TextState(
-            IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
+            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.keep_special_ids),
             params.stop, params.include_stop_str_in_output)
         if params.structured_outputs is None:
             self.scheduler.add_request(request)

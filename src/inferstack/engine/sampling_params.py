@@ -34,6 +34,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # special tokens kept in the text even when skipping the others (a tool-call marker the parser reads)
+    keep_special_ids: frozenset[int] = frozenset()
     structured_outputs: GrammarSpec | None = None    # constrain the output (docs/structured-outputs.md)
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from inferstack.engine.outputs import FinishReason, RequestOutput
@@ -47,6 +47,7 @@ class TokenizerLike(Protocol):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
     def id_to_token(self, token_id: int) -> str: ...
+    def special_token_id(self, text: str) -> int | None: ...
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     add_special_tokens: bool = False) -> list[int]: ...
 
@@ -108,7 +109,9 @@ async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepar
     check_model(engine, req.model)
     _chat_unsupported(req)
     tools, tool_choice = _tools_of(req)
-    plan = plan_tools(engine.tool_format, tools, tool_choice, req.parallel_tool_calls, engine.strict_limits)
+    fmt = engine.tool_format
+    marker = engine.tokenizer.special_token_id(fmt.start) if fmt.start else None
+    plan = plan_tools(fmt, tools, tool_choice, req.parallel_tool_calls, engine.strict_limits, marker)
     messages = chat_messages(req.messages)
     native = "tools" in (engine.tokenizer.chat_template or "")
     messages = template_messages(engine.tool_format, plan, messages, native)
@@ -127,6 +130,8 @@ async def prepare_chat(engine: EngineLike, req: ChatCompletionRequest) -> Prepar
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     params = _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, grammar)
+    if plan is not None:
+        params = replace(params, keep_special_ids=plan.keep_special_ids)
     return Prepared([prompt_ids], params, bool(req.stream), _include_usage(req), bool(req.logprobs),
                     req.priority or 0, req.cache_salt, req.kv_transfer_params, plan)
 
@@ -512,7 +517,7 @@ async def chat_stream(gen: Generation, token_text: TokenText, response_id: str, 
 
     totals = _Totals()
     try:
-        parts = (_tool_stream(gen, totals) if gen.tools is not None
+        parts = (_tool_stream(gen, totals, token_text, want_logprobs) if gen.tools is not None
                  else _content_stream(gen, totals, token_text, want_logprobs))
         async for part in parts:
             yield chunk([part])
@@ -540,13 +545,17 @@ async def _content_stream(gen: Generation, totals: _Totals, token_text: TokenTex
         yield R.chat_chunk_choice(index, delta, finish, lps)
 
 
-async def _tool_stream(gen: Generation, totals: _Totals) -> AsyncIterator[dict[str, Any]]:
+async def _tool_stream(gen: Generation, totals: _Totals, token_text: TokenText,
+                       want_logprobs: bool) -> AsyncIterator[dict[str, Any]]:
     """Chat chunk choices when tools may be called: content as it comes (minus what may open a call),
-    then per call one delta with id and name and deltas with ``arguments`` pieces, as OpenAI streams."""
+    then per call one delta with id and name and deltas with ``arguments`` pieces, as OpenAI streams.
+    Logprobs of tokens whose text is held back ride on the choice's next chunk, so the stream carries
+    every token's logprob once, as the non-streamed response does."""
     plan = gen.tools
     assert plan is not None
     streamers = [ToolCallStreamer(plan.fmt) for _ in range(gen.params.n)]
     started: set[int] = set()
+    pending: list[list[dict[str, Any]]] = [[] for _ in range(gen.params.n)]
 
     def opening(index: int, delta: dict[str, Any]) -> dict[str, Any]:
         if index in started:
@@ -556,21 +565,27 @@ async def _tool_stream(gen: Generation, totals: _Totals) -> AsyncIterator[dict[s
 
     async for index, out in gen.outputs():
         totals.add(index, out)
+        if want_logprobs:
+            pending[index] += _chat_logprobs(token_text, out)
         streamer = streamers[index]
         content, calls = streamer.feed(out.new_text)
         if out.finished:
             content += streamer.finish()
+        parts: list[tuple[dict[str, Any], str | None]] = []
         if content:
             if index not in started:
                 started.add(index)
-                yield R.chat_chunk_choice(index, {"role": "assistant", "content": ""})
-            yield R.chat_chunk_choice(index, {"content": content})
-        for call in calls:
-            yield R.chat_chunk_choice(index, opening(index, {"tool_calls": [call]}))
+                parts.append(({"role": "assistant", "content": ""}, None))
+            parts.append(({"content": content}, None))
+        parts += [(opening(index, {"tool_calls": [call]}), None) for call in calls]
         if out.finished:
             finish = plan.finish_reason(streamer.has_calls, _finish_reason(out))
-            yield R.chat_chunk_choice(index, opening(index, {}) if index in started else
-                                      {"role": "assistant", "content": ""}, finish)
+            parts.append((opening(index, {}) if index in started else {"role": "assistant", "content": ""}, finish))
+        for k, (delta, finish_reason) in enumerate(parts):
+            lps = None
+            if want_logprobs and k == len(parts) - 1:
+                lps, pending[index] = R.chat_logprobs(pending[index]), []
+            yield R.chat_chunk_choice(index, delta, finish_reason, lps)
 
 
 async def completion_prompts(engine: EngineLike, prompt: Any) -> list[list[int]]:

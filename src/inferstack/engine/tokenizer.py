@@ -75,8 +75,26 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True,
+               keep_special_ids: frozenset[int] = frozenset()) -> str:
+        """``keep_special_ids``: special tokens written even when skipping the others (a tool-call
+        marker such as Mistral's ``[TOOL_CALLS]`` that the output parser reads)."""
+        if not skip_special_tokens or not keep_special_ids.intersection(ids):
+            return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        parts, start = [], 0
+        for i, token in enumerate(ids):
+            if token in keep_special_ids:
+                parts += [self.backend.decode(list(ids[start:i])), self.backend.id_to_token(token)]
+                start = i + 1
+        return "".join(parts) + self.backend.decode(list(ids[start:]))
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of the special token spelled ``text``, or None when no special token is."""
+        return self._special_ids.get(text)
+
+    @cached_property
+    def _special_ids(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
 
     def id_to_token(self, token_id: int) -> str:
         """The text of one token as a user reads it (for logprobs); partial UTF-8 shows as U+FFFD."""
@@ -150,8 +168,9 @@ class Tokenizer:
         backend.encode_special_tokens = True
         return backend
 
-    def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self, skip_special_tokens)
+    def detokenizer(self, skip_special_tokens: bool = True,
+                    keep_special_ids: frozenset[int] = frozenset()) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, skip_special_tokens, keep_special_ids)
 
 
 class IncrementalDetokenizer:
@@ -164,9 +183,11 @@ class IncrementalDetokenizer:
     :meth:`finish` equals ``decode(all_ids)``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
+                 keep_special_ids: frozenset[int] = frozenset()) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._keep = keep_special_ids
         self.ids: list[int] = []
         self._prefix = 0   # window start: first token of the last emitted delta
         self._read = 0     # tokens whose text has been emitted
@@ -182,8 +203,8 @@ class IncrementalDetokenizer:
     def _emit(self, final: bool) -> str:
         if self._read == len(self.ids):
             return ""
-        before = self._tok.decode(self.ids[self._prefix:self._read], self._skip)
-        after = self._tok.decode(self.ids[self._prefix:], self._skip)
+        before = self._tok.decode(self.ids[self._prefix:self._read], self._skip, self._keep)
+        after = self._tok.decode(self.ids[self._prefix:], self._skip, self._keep)
         if len(after) <= len(before) and not final:
             return ""  # nothing visible yet (e.g. skipped special tokens or a partial character)
         if after.endswith("\ufffd") and not final:

@@ -187,6 +187,11 @@ class MessageStream:
             if len(self._buf) > MAX_HEAD:
                 self._desync(ts_ns, False, "header block too large")
             return len(data)
+        if not self.requests and not _RESPONSE_START.match(self._buf):
+            # bytes met in IDLE that are not a status line (the rest of a message whose start was
+            # lost with dropped perf records): not a response head
+            self._desync(ts_ns, False, "not a status line")
+            return len(data)
         head = parse_head(self._buf[:end], self._start_ns, self._read_ns)
         self._buf = b""
         self._begin_body(ts_ns, head)

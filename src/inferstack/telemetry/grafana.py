@@ -1,17 +1,22 @@
 """The Grafana dashboard, written as code so every panel query is one reviewable line.
 
 All rates and percentiles are windowed (`$__rate_interval`), never lifetime `_sum/_count` averages.
-Regenerate the shipped JSON after a change (a test fails while they differ):
+A second panel set reads only what `inferstack observe` exports (eBPF, `source="ebpf"`,
+docs/observe.md). Regenerate the shipped JSON after a change (a test fails while they differ):
 
-    PYTHONPATH=src python -m inferstack.telemetry.grafana src/inferstack/assets/deploy/grafana/inferstack.json
+    PYTHONPATH=src python -m inferstack.telemetry.grafana src/inferstack/assets/deploy/grafana/inferstack.json \
+        src/inferstack/assets/deploy/grafana/observe-ebpf.json
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from inferstack.telemetry.promtext import Scrape
 
 W = "$__rate_interval"
 M = 'model=~"$model"'
@@ -117,6 +122,35 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
     ]),
 ]
 
+EB = 'source="ebpf",endpoint=~"$target"'     # observe's request metrics, per observed process
+OJ = 'job=~"$job"'                              # observe's capture-health counters
+Rows = list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]]
+EBPF_ROWS: Rows = [
+    ("Observed server (eBPF, no instrumentation)", [
+        *[(title, "timeseries", "s", [(_pct(hist, q, match=EB), f"p{round(q * 100)}") for q in (0.5, 0.95, 0.99)])
+          for title, hist in (("Time to first token (socket read → first content chunk)", TTFT),
+                              ("Inter-token latency (gaps between SSE chunks)", ITL),
+                              ("Time per output token", TPOT), ("Request duration (E2E)", E2E))],
+        ("Requests/s by status", "timeseries", "reqps",
+         [(f"sum by (status) (rate(inferstack_gateway_requests_total{{{EB}}}[{W}]))", "{{status}}")]),
+        ("Tokens/s (from the usage chunk or counted chunks)", "timeseries", "short",
+         [(f'sum by (type) (rate(inferstack_gateway_tokens_total{{source="ebpf"}}[{W}]))', "{{type}}")]),
+    ]),
+    ("Capture health", [
+        ("Syscall segments/s on watched connections", "timeseries", "short",
+         [(f"sum(rate(inferstack_observe_segments_total{{{OJ}}}[{W}]))", "segments")]),
+        ("Bytes/s moved and captured", "timeseries", "Bps",
+         [(f"sum by (kind) (rate(inferstack_observe_bytes_total{{{OJ}}}[{W}]))", "{{kind}}")]),
+        ("Lost perf records/s (raise --buffer-pages)", "timeseries", "short",
+         [(f"sum(rate(inferstack_observe_lost_events_total{{{OJ}}}[{W}]))", "lost")]),
+        ("Connections/s followed, TLS among them", "timeseries", "short",
+         [(f"sum(rate(inferstack_observe_connections_total{{{OJ}}}[{W}]))", "connections"),
+          (f"sum(rate(inferstack_observe_tls_connections_total{{{OJ}}}[{W}]))", "TLS (not decoded)")]),
+        ("HTTP resyncs (bytes beyond the capture)", "stat", "short",
+         [(f"max(inferstack_observe_desyncs{{{OJ}}})", "resyncs")]),
+    ]),
+]
+
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
 
@@ -149,10 +183,10 @@ def _variable(name: str, label: str, query: str) -> dict[str, Any]:
             "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}
 
 
-def dashboard() -> dict[str, Any]:
+def _panels(rows: Rows) -> list[dict[str, Any]]:
     panels: list[dict[str, Any]] = []
     pid, y = 1, 0
-    for row_title, row_panels in ROWS:
+    for row_title, row_panels in rows:
         panels.append({"id": pid, "type": "row", "title": row_title, "collapsed": False,
                        "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
         pid, y, x = pid + 1, y + 1, 0
@@ -165,6 +199,10 @@ def dashboard() -> dict[str, Any]:
             panels.append(panel)
             pid, x = pid + 1, x + w
         y += 8
+    return panels
+
+
+def dashboard() -> dict[str, Any]:
     return {
         "uid": "inferstack-overview", "title": "inferstack — gateway, SLOs and replicas",
         "tags": ["inferstack", "llm", "vllm"], "schemaVersion": 39, "version": 1, "editable": True,
@@ -177,12 +215,50 @@ def dashboard() -> dict[str, Any]:
             _variable("replica", "replica", "label_values(vllm:num_requests_running, replica)"),
         ]},
         "annotations": {"list": []},
-        "panels": panels,
+        "panels": _panels(ROWS),
     }
 
 
-def render() -> str:
-    return json.dumps(dashboard(), indent=1, ensure_ascii=False) + "\n"
+def ebpf_dashboard() -> dict[str, Any]:
+    """The panel set for `inferstack observe`: the gateway's latency panels over `source="ebpf"`, and
+    the capture's health."""
+    return {
+        "uid": "inferstack-observe-ebpf", "title": "inferstack observe — eBPF view of an unmodified server",
+        "tags": ["inferstack", "llm", "ebpf"], "schemaVersion": 39, "version": 1, "editable": True,
+        "time": {"from": "now-30m", "to": "now"}, "refresh": "10s", "timezone": "browser", "graphTooltip": 1,
+        "templating": {"list": [
+            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+             "current": {}, "hide": 0},
+            _variable("target", "observed process",
+                      f'label_values({TTFT}_count{{source="ebpf"}}, endpoint)'),
+            _variable("job", "observe job", "label_values(inferstack_observe_segments_total, job)"),
+        ]},
+        "annotations": {"list": []},
+        "panels": _panels(EBPF_ROWS),
+    }
+
+
+def render(dash: dict[str, Any] | None = None) -> str:
+    return json.dumps(dashboard() if dash is None else dash, indent=1, ensure_ascii=False) + "\n"
+
+
+_METRIC = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\{")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The sample names an expression selects (every selector in these dashboards has braces)."""
+    return set(_METRIC.findall(expr))
+
+
+def panel_values(dash: dict[str, Any], scrape: Scrape) -> list[tuple[str, dict[str, float | None]]]:
+    """Per panel: each sample name its queries select → the sum of that name's samples in ``scrape``
+    (None when the scrape has none): whether a target feeds every panel, and with what."""
+    out = []
+    for p in dash["panels"]:
+        names = sorted({n for t in p.get("targets", []) for n in metric_names(t["expr"])})
+        if names:
+            out.append((p["title"], {n: sum(scrape.select(n).values()) if scrape.has(n) else None for n in names}))
+    return out
 
 
 def expressions(dash: dict[str, Any]) -> list[tuple[str, str]]:
@@ -191,8 +267,9 @@ def expressions(dash: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
-    out = render()
     if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(out)
+        Path(sys.argv[1]).write_text(render())
+        if len(sys.argv) > 2:
+            Path(sys.argv[2]).write_text(render(ebpf_dashboard()))
     else:
-        sys.stdout.write(out)
+        sys.stdout.write(render())

@@ -5,6 +5,12 @@ llguidance releases the GIL while it builds a matcher, so a slow compile does no
 thread or the event loop. A compile that misses its deadline keeps running in its worker (threads
 cannot be killed; llguidance's own size and fuel limits end it) and stays in the cache, so asking
 again waits on the same compile instead of starting another.
+
+llguidance recurses over the grammar: a JSON schema ~700 ``$ref`` levels deep or a Lark grammar of a
+few thousand chained rules overflows a default 8 MiB thread stack and kills the whole process
+(SIGSEGV). Its size limits bound the depth, so the compile threads get a stack that the deepest
+grammar within those limits fits in (measured: a 4,000-level ``$ref`` chain and a 20,000-rule Lark
+chain both compile or fail cleanly with 256 MiB). The stack is reserved address space, not memory.
 """
 
 from __future__ import annotations
@@ -12,16 +18,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import json
+import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import llguidance
 
 from inferstack.engine.structured.spec import GrammarKind, GrammarSpec
 from inferstack.engine.tokenizer import Tokenizer
 
+COMPILE_STACK_BYTES = 256 << 20       # see the module docstring
 # Compact JSON with the separators models write anyway: no free whitespace, which small models
 # otherwise fill with endless newlines. oneOf is compiled as anyOf (llguidance cannot prove exclusivity).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
@@ -61,6 +72,44 @@ def grammar_text(spec: GrammarSpec) -> str:
     return llguidance.grammar_from("grammar", spec.source)
 
 
+class _CompilePool:
+    """``workers`` daemon threads with a COMPILE_STACK_BYTES stack running compiles.
+
+    Daemon threads, unlike ThreadPoolExecutor's (joined at interpreter exit), let an engine that
+    stops exit at once instead of waiting for a compile that outlived its deadline.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[cf.Future, Callable[[], Any]] | None] = queue.SimpleQueue()
+        previous = threading.stack_size(COMPILE_STACK_BYTES)     # applies to threads started now
+        try:
+            self._threads = [threading.Thread(target=self._work, name=f"grammar-{i}", daemon=True)
+                             for i in range(workers)]
+            for thread in self._threads:
+                thread.start()
+        finally:
+            threading.stack_size(previous)
+
+    def submit(self, fn: Callable[[], Any]) -> cf.Future:
+        future: cf.Future = cf.Future()
+        self._jobs.put((future, fn))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:     # delivered to whoever waits on the future
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
 class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, workers: int = 2, timeout_s: float = 10.0,
                  cache_size: int = 256) -> None:
@@ -71,7 +120,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._cache: OrderedDict[GrammarSpec, cf.Future[CompiledGrammar]] = OrderedDict()
         self._cache_size = cache_size
-        self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grammar")
+        self._pool = _CompilePool(workers)
         self._pool.submit(lambda: self.lltokenizer)    # ~0.5 s, ahead of any request's deadline
 
     @property
@@ -90,7 +139,7 @@ class GrammarCompiler:
             if fut is not None:
                 self._cache.move_to_end(spec)
                 return fut
-            fut = self._pool.submit(self._build, spec)
+            fut = self._pool.submit(partial(self._build, spec))
             self._cache[spec] = fut
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -127,4 +176,4 @@ class GrammarCompiler:
         return CompiledGrammar(spec, matcher, time.perf_counter() - start)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()

@@ -68,15 +68,19 @@ class ToolFormat:
             example += "\nPut every call in the list; the parameter types must be correct."
         return _PROMPT.format(tools=json.dumps(functions, ensure_ascii=False), example=example)
 
-    def grammar(self, call_schemas: list[dict[str, Any]], parallel: bool) -> str:
-        """A Lark grammar (llguidance dialect) for one or more calls, each matching one of ``call_schemas``."""
+    def grammar(self, call_schemas: list[dict[str, Any]], parallel: bool, start_token: int | None = None) -> str:
+        """A Lark grammar (llguidance dialect) for one or more calls, each matching one of ``call_schemas``.
+        ``start_token``: the id of the special token that spells ``start`` in this tokenizer (Mistral's
+        ``[TOOL_CALLS]``), which the model writes as that one token, not as text."""
         one = {"anyOf": call_schemas} if len(call_schemas) > 1 else call_schemas[0]
+        # a special-token marker is followed by a space where a sentencepiece model writes "▁[" next
+        start = json.dumps(self.start) if start_token is None else f'<[{start_token}]> " "?'
         if self.list_form:
             array = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-            return f"start: {json.dumps(self.start)} calls {json.dumps(self.end)}\ncalls: %json {json.dumps(array)}"
+            return f"start: {start} calls {json.dumps(self.end)}\ncalls: %json {json.dumps(array)}"
         call = f"call: %json {json.dumps(one)}"
         if self.start:      # as render_calls writes them: one tagged call per line
-            item = f"{json.dumps(self.start + chr(10))} call {json.dumps(chr(10) + self.end)}"
+            item = f"{start} {json.dumps(chr(10))} call {json.dumps(chr(10) + self.end)}"
             more = f' ({json.dumps(chr(10))} item)*' if parallel else ""
             return f"start: item{more}\nitem: {item}\n{call}"
         more = f' ({json.dumps(self.separator)} call)*' if parallel else ""

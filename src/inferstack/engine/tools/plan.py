@@ -24,6 +24,12 @@ class ToolPlan:
     choice: Choice
     named: str | None
     parallel: bool
+    marker_id: int | None = None         # the special token spelling fmt.start, if the tokenizer has one
+
+    @property
+    def keep_special_ids(self) -> frozenset[int]:
+        """Special tokens the output parser reads, kept in the text with the default skip_special_tokens."""
+        return frozenset() if self.marker_id is None else frozenset({self.marker_id})
 
     @property
     def grammar(self) -> GrammarSpec | None:
@@ -34,7 +40,8 @@ class ToolPlan:
         schemas = [{"type": "object", "properties": {"name": {"const": f["name"]},
                                                      self.fmt.args_key: _parameters(f)},
                     "required": ["name", self.fmt.args_key], "additionalProperties": False} for f in chosen]
-        return GrammarSpec(GrammarKind.GRAMMAR, self.fmt.grammar(schemas, self.parallel and self.choice == "required"))
+        parallel = self.parallel and self.choice == "required"
+        return GrammarSpec(GrammarKind.GRAMMAR, self.fmt.grammar(schemas, parallel, self.marker_id))
 
     def finish_reason(self, has_calls: bool, reason: str) -> str:
         """OpenAI: "tool_calls" when the model chose to call; a forced named call ends with "stop"."""
@@ -76,8 +83,9 @@ def check_functions(tools: list[dict[str, Any]], limits: StrictLimits) -> list[d
 
 
 def plan_tools(fmt: ToolFormat, tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
-               parallel: bool | None, limits: StrictLimits) -> ToolPlan | None:
-    """None when no tool may be called (no tools, or tool_choice "none")."""
+               parallel: bool | None, limits: StrictLimits, marker_id: int | None = None) -> ToolPlan | None:
+    """None when no tool may be called (no tools, or tool_choice "none"). ``marker_id``: the special
+    token that spells the format's start marker in the model's tokenizer, if any."""
     if not tools:
         if tool_choice is not None and tool_choice != "none":
             raise bad_request("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
@@ -85,7 +93,7 @@ def plan_tools(fmt: ToolFormat, tools: list[dict[str, Any]] | None, tool_choice:
         return None
     functions = check_functions(tools, limits)
     if tool_choice is None or tool_choice in ("auto", "required"):
-        return ToolPlan(fmt, functions, tool_choice or "auto", None, parallel is not False)
+        return ToolPlan(fmt, functions, tool_choice or "auto", None, parallel is not False, marker_id)
     if tool_choice == "none":
         return None
     if isinstance(tool_choice, str):
@@ -97,7 +105,7 @@ def plan_tools(fmt: ToolFormat, tools: list[dict[str, Any]] | None, tool_choice:
     if named not in {f["name"] for f in functions}:
         raise bad_request(f"Invalid value for 'tool_choice': function '{named}' is not among 'tools'.",
                           "tool_choice")
-    return ToolPlan(fmt, functions, "named", named, False)
+    return ToolPlan(fmt, functions, "named", named, False, marker_id)
 
 
 def template_messages(fmt: ToolFormat, plan: ToolPlan | None, messages: list[dict[str, Any]],
