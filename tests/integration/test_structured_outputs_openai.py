@@ -45,7 +45,8 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 def server() -> Server:
     srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "2", "--dtype", "float32",
                             "--max-model-len", "1024", "--kv-cache-bytes", "512MiB",
-                            "--grammar-timeout", str(GRAMMAR_TIMEOUT_S)])
+                            # the seeded batch runs as one batch (the CPU default caps it at 8 per thread)
+                            "--max-num-seqs", "128", "--grammar-timeout", str(GRAMMAR_TIMEOUT_S)])
     yield srv
     srv.stop()
 
