@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from inferstack.config.schema import FlowControlConfig
-from inferstack.gateway.flowcontrol import FlowController
+from inferstack.gateway.flowcontrol import ClientGone, FlowController
 from inferstack.gateway.limits import Limits, MemoryLimiter
 from inferstack.protocol.errors import APIError
 
@@ -109,5 +109,30 @@ def test_memory_limiter_rpm_and_tpm():
         await lim.settle("u", tl, 1500)  # real usage was much larger: the bucket is in debt
         wait, which = await lim.acquire("u", tl, 100)
         assert which == "tpm" and wait > 30
+
+    asyncio.run(main())
+
+
+def test_a_departed_client_leaves_the_queue_at_once():
+    """A queued request whose client hangs up is removed then (ClientGone), so it never takes the slot
+    that frees up next: the request behind it gets it."""
+    async def main():
+        cap = Capacity(1)
+        cap.used = 1  # saturated
+        fc = FlowController(FlowControlConfig(), cap.free)
+        gone = asyncio.get_running_loop().create_future()
+        first = asyncio.create_task(fc.admit(0, "a", client_gone=gone))
+        second = asyncio.create_task(fc.admit(0, "b"))
+        await asyncio.sleep(0.01)
+        assert fc.queued == 2
+        gone.set_result(None)
+        with pytest.raises(ClientGone):
+            await first
+        assert fc.queued == 1
+        cap.used = 0
+        fc.pump()
+        assert await second is not None      # the live client got the freed slot
+        fc.routed()
+        assert (fc.queued, fc.pending) == (0, 0)
 
     asyncio.run(main())

@@ -20,6 +20,10 @@ from inferstack.gateway.flowqueue import FairQueue, Rejected
 from inferstack.protocol.errors import APIError
 
 
+class ClientGone(Exception):
+    """The client hung up while its request waited (in the flow-control queue, or held for a replica)."""
+
+
 class FlowController:
     """One per pool. ``free_slots`` says how many requests may be released right now."""
 
@@ -37,9 +41,12 @@ class FlowController:
     def pending(self) -> int:
         return self.queue.pending
 
-    async def admit(self, priority: int, flow_id: str, weight: float = 1.0) -> float | None:
+    async def admit(self, priority: int, flow_id: str, weight: float = 1.0,
+                    client_gone: asyncio.Future | None = None) -> float | None:
         """Wait until the request may be routed. Returns None if it passed straight through, else
-        the seconds it waited (then call `routed()` once it holds its endpoint). Raises APIError(429)."""
+        the seconds it waited (then call `routed()` once it holds its endpoint). Raises APIError(429),
+        or ClientGone when ``client_gone`` completes first: a departed client's request leaves the
+        queue at once instead of taking a slot when its turn comes."""
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         try:
             if self.queue.admit(fut, priority, flow_id, weight):
@@ -49,21 +56,29 @@ class FlowController:
         self._depth(priority)
         start = time.monotonic()
         self.pump()
+        waiting = asyncio.shield(fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.cfg.queue_timeout_s)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if not fut.done():
-                fut.cancel()
-                self.queue.remove(fut, priority)
-                self._depth(priority)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                raise APIError(429, f"Timed out after {self.cfg.queue_timeout_s:g}s waiting for capacity.",
-                               code="queue_timeout", headers={"retry-after": "1"}) from None
-            if isinstance(exc, asyncio.CancelledError):
-                self.routed()
-                raise
-        return time.monotonic() - start
+            done, _ = await asyncio.wait([waiting] if client_gone is None else [waiting, client_gone],
+                                         timeout=self.cfg.queue_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._leave(fut, priority, released=fut.done())
+            raise
+        if fut.done():
+            return time.monotonic() - start
+        self._leave(fut, priority, released=False)
+        if client_gone is not None and client_gone in done:
+            raise ClientGone
+        raise APIError(429, f"Timed out after {self.cfg.queue_timeout_s:g}s waiting for capacity.",
+                       code="queue_timeout", headers={"retry-after": "1"})
+
+    def _leave(self, fut: asyncio.Future, priority: int, released: bool) -> None:
+        """A waiter that will not be routed: out of the queue, or its reservation given back."""
+        if released:
+            self.routed()
+            return
+        fut.cancel()
+        self.queue.remove(fut, priority)
+        self._depth(priority)
 
     def routed(self) -> None:
         """A released request now counts in its endpoint's in-flight (or went away)."""

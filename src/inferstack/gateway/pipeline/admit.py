@@ -7,13 +7,14 @@ pipeline audits it. TPM reserves the request's worst case here; `account` settle
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
 from typing import Protocol
 
 from inferstack.config.schema import LimitsConfig
-from inferstack.gateway.flowcontrol import FlowController
+from inferstack.gateway.flowcontrol import ClientGone, FlowController
 from inferstack.gateway.limits import Limiter, LimitStoreError, Reservation, settle_reservation
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.context import Admission, Caller, Inbound, Route
@@ -48,9 +49,9 @@ class Admitter:
         self._store_logged = 0.0  # one log line per 10 s of a store outage, not one per request
 
     async def admit(self, inbound: Inbound, caller: Caller, route: Route, prompt_tokens: int,
-                    reserve_tokens: int) -> Admission:
+                    reserve_tokens: int, client_gone: asyncio.Future | None = None) -> Admission:
         """Raises APIError(503) while no audit record could be written, APIError(429) with Retry-After
-        when a limit or flow control refuses the request."""
+        when a limit or flow control refuses the request, ClientGone when the client leaves the queue."""
         if self.audit is not None and not self.audit.admits_requests:
             self.metrics.dependency_unavailable.labels("audit_log", "refused").inc()
             raise APIError(503, "The gateway cannot record requests right now (audit log unavailable); "
@@ -66,9 +67,10 @@ class Admitter:
         try:
             flow_id = bounded_key(fairness.decode("latin-1")) if fairness else caller.ident.tenant
             weight = caller.tenant.weight if caller.tenant else 1.0
-            waited = await flow.admit(caller.priority, flow_id, weight)
-        except APIError:
-            self.metrics.shed.labels(pool, "shed" if caller.priority < 0 else "queue").inc()
+            waited = await flow.admit(caller.priority, flow_id, weight, client_gone)
+        except (APIError, ClientGone) as exc:
+            if isinstance(exc, APIError):
+                self.metrics.shed.labels(pool, "shed" if caller.priority < 0 else "queue").inc()
             if tokens is not None:  # never ran: give the whole reservation back
                 await settle_reservation(self.limiter, tokens, 0)
             raise

@@ -174,12 +174,12 @@ class Pipeline:
             if hold is not None:
                 await hold.wait(inbound.headers, client_gone)
             admission = await self.admitter.admit(inbound, caller, route, prompt_tokens,
-                                                  prompt_tokens + out_tokens * fan_out)
+                                                  prompt_tokens + out_tokens * fan_out, client_gone)
         except APIError as exc:
             await self.account.rejected(inbound, ident, model, exc)
             raise
         except ClientGone:
-            await self.account.rejected(inbound, ident, model, APIError(499, "Client disconnected while held."))
+            await self.account.rejected(inbound, ident, model, APIError(499, "Client disconnected while waiting."))
             raise
         plan = await self.planner.plan(inbound.kind, req, engine_body, parts, caller, route,
                                        inbound.headers.get(b"x-session-id"))

@@ -20,14 +20,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inferstack.autoscale.config import HoldConfig
 from inferstack.gateway.datalayer import Pool
+from inferstack.gateway.flowcontrol import ClientGone
 from inferstack.protocol.errors import APIError
 
 HOLD_TIMEOUT_HEADER = b"x-inferstack-hold-timeout"
 _WAIT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-
-
-class ClientGone(Exception):
-    """The client hung up while its request was held."""
 
 
 class HoldMetrics:
