@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-overload-"))
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the finally below stops the stack
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     proc, ready = start_stack(tmp, args.up_args.split())
     gateway = ready["urls"][0]
     urls = engine_urls(tmp / "logs")
