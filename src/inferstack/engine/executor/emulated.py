@@ -69,13 +69,14 @@ class EmulatedExecutor:
 
     def __init__(self, profile: Profile, num_kv_blocks: int, block_size: int, output_token_ids: Sequence[int],
                  realtime: bool = True, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, closing_token_ids: Sequence[int] = ()) -> None:
         if not output_token_ids:
             raise ValueError("the emulated executor needs at least one output token id")
         self.profile = profile
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
         self.output_token_ids = list(output_token_ids)
+        self.closing_token_ids = list(closing_token_ids)
         self.realtime = realtime
         self._clock, self._sleep = clock, sleep
         self._end = 0.0
@@ -95,7 +96,7 @@ class EmulatedExecutor:
         sampled = {s.request_id: self.output_token_ids[len(s.request.output_token_ids) % len(self.output_token_ids)]
                    for s in batch.seqs if s.sample}
         if batch.grammar_bitmask is not None:
-            _obey_grammar(sampled, batch)
+            _obey_grammar(sampled, batch, self.closing_token_ids)
         return ExecutorOutput(sampled=sampled)
 
     def _advance(self, dt: float, batch: SchedulerOutput) -> None:
@@ -117,19 +118,27 @@ class EmulatedExecutor:
         """Nothing to free: the emulator holds no per-request state."""
 
 
-def _obey_grammar(sampled: dict[str, int], batch: SchedulerOutput) -> None:
-    """Constrained rows: the scripted token where the grammar allows it, else the lowest allowed id
-    (an emulated engine has no logits, but its structured outputs must still parse)."""
+def _obey_grammar(sampled: dict[str, int], batch: SchedulerOutput, closing: Sequence[int] = ()) -> None:
+    """Constrained rows: the first of ``closing`` the grammar allows, else the scripted token where it
+    allows it, else the lowest allowed id. An emulated engine has no logits, but its structured outputs
+    must still parse and end: scripted words inside a JSON string are always allowed, so without
+    closers first a string (and the output) would never end; with them strings stay empty, arrays
+    short and objects end as soon as their required keys are written."""
     mask = batch.grammar_bitmask
     assert mask is not None
     ids = batch.sampled_ids
     for row in mask.rows:
         words = mask.words[row].tolist()
-        token = sampled[ids[row]]
-        if not (words[token // 32] >> (token % 32)) & 1:
+        token = next((t for t in closing if _allowed(words, t)), sampled[ids[row]])
+        if not _allowed(words, token):
             word = next(i for i, w in enumerate(words) if w)
             bits = words[word] & 0xFFFFFFFF
-            sampled[ids[row]] = word * 32 + (bits & -bits).bit_length() - 1
+            token = word * 32 + (bits & -bits).bit_length() - 1
+        sampled[ids[row]] = token
+
+
+def _allowed(words: list[int], token: int) -> bool:
+    return bool((words[token // 32] >> (token % 32)) & 1)
 
 
 def emulated_kv_blocks(profile: Profile, config: EngineConfig) -> int:
@@ -171,6 +180,12 @@ def bundled_tokenizer() -> Tokenizer:
     special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
     return Tokenizer(tokenizers.Tokenizer.from_str(text), chat_template=config.get("chat_template"),
                      special_tokens=special, eos_token_ids=eos, source=f"{path.name} (emulated engine)")
+
+
+def closing_ids(tokenizer: Tokenizer) -> list[int]:
+    """End of sequence, then the JSON closers that are single tokens: what `_obey_grammar` prefers."""
+    singles = [ids[0] for ids in (tokenizer.encode(c) for c in ('"', "}", "]", ",")) if len(ids) == 1]
+    return [*sorted(tokenizer.eos_token_ids), *singles]
 
 
 def output_ids(tokenizer: Tokenizer) -> list[int]:
@@ -232,7 +247,7 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     tokenizer = bundled_tokenizer()
     layout = emulated_layout(config, profile)
     executor = EmulatedExecutor(profile, layout.num_kv_blocks, config.block_size, output_ids(tokenizer),
-                                realtime=realtime)
+                                realtime=realtime, closing_token_ids=closing_ids(tokenizer))
     max_len, digest, key_space = layout.max_model_len, layout.model_digest, layout.key_space
     connector = None
     if config.kv_role != "both":
