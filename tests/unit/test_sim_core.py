@@ -72,6 +72,7 @@ def test_simulated_replica_schedules_exactly_like_the_emulated_engine_core(tmp_p
     settings.engine = dataclasses.replace(settings.engine, max_num_batched_tokens=512, num_kv_blocks=120)
     # the engine alone: no gateway queue in front of it (flow control holds requests while saturated)
     settings.config = InferstackConfig.model_validate({"gateway": {"flow_control": {"enabled": False}}})
+    settings.decode_run_steps = 0     # one event per step, to record each batch (leaps: the test below)
     sim = Simulation(settings)
     sim_steps: list[tuple[float, list]] = []
     rep = sim.replicas[0]
@@ -128,6 +129,54 @@ def test_simulated_replica_schedules_exactly_like_the_emulated_engine_core(tmp_p
                               "prefix_cache_hits": counters.prefix_cache_hits,
                               "num_preemptions": counters.num_preemptions,
                               "generation_tokens": counters.generation_tokens, "steps": len(core_steps)}
+
+
+_LEAP_CASES = {
+    "default routing, scrapes mid-leap": {"routing": "default"},
+    "preemptions": {"engine": {"num_kv_blocks": 200}, "rate": 60.0},
+    "crashes mid-leap": {"crash": ["0@1.2+0.5", "1@2.0"]},
+    "drain timeout ends leaps": {"drain_timeout": 0.3},
+    "request overhead": {"request_overhead_ms": 5.0, "routing": "least-load"},
+    "autoscaler samples": {"fleet": [f"{FLEET}=1"], "rate": 40.0, "duration": 4.0, "engine": {"max_num_seqs": 8},
+                           "autoscaler": True},
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LEAP_CASES))
+def test_decode_leaps_give_the_same_records_as_one_event_per_step(case, tmp_path):
+    """Leaping over identical decode steps is exact: records, final time, engine counters, busy time."""
+    kw = dict(_LEAP_CASES[case])
+    engine, scaled = kw.pop("engine", None), kw.pop("autoscaler", False)
+    runs = []
+    for leap in (0, 64):
+        out = tmp_path / str(leap)
+        out.mkdir()
+        settings = build_settings(_args(workload="synthetic:input=uniform(50,300),output=uniform(2,120)", **kw), out)
+        if engine:
+            settings.engine = dataclasses.replace(settings.engine, **engine)
+        if scaled:
+            settings.autoscaler = QueueTarget(target=8, interval_s=1.0, window_samples=2, cold_start_s=2.0,
+                                              max_replicas=6)
+        settings.decode_run_steps = leap
+        sim, _ = simulate(settings)
+        runs.append(((out / "requests.stream.csv").read_text(), sim.now,
+                     [(r.counters(), r.stats.busy_s, r.stats.lifetimes) for r in sim.replicas], sim.events))
+    (per_step, *same), (leapt, *same_leapt) = runs[0], runs[1]
+    assert per_step.count("\n") > 80
+    assert leapt == per_step
+    assert same_leapt[:2] == same[:2]
+    assert same_leapt[2] < same[2]          # and it did leap: fewer events
+
+
+def test_decode_step_times_price_each_step_as_step_time():
+    from inferstack.sim.perf_model import SeqWork, decode_step_times, step_time
+
+    for fleet in ("h100:llama-3-8b", "h100x4:llama-3-70b", "cpu:llama-3-8b"):
+        p = parse_profile(fleet)
+        for contexts in ([5], [17, 900, 3, 4096], list(range(1, 300, 7))):
+            got = decode_step_times(p.model, p.hardware, contexts, 9, p.tp)
+            assert got == [step_time(p.model, p.hardware, [SeqWork(c + j, 1, True) for c in contexts], p.tp)
+                           for j in range(9)]
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -34,7 +34,7 @@ from inferstack.sim.gateway import SimEndpoint, SimGateway
 from inferstack.sim.profile import Profile
 from inferstack.sim.prompts import PromptTokens
 from inferstack.sim.records import RecordSink
-from inferstack.sim.replica import SimReplica
+from inferstack.sim.replica import DecodeRun, SimReplica
 
 POOL = "sim"
 
@@ -69,6 +69,9 @@ class SimSettings:
     request_overhead_s: float = 0.0
     records_path: Path | None = None     # per-request rows are streamed to this CSV
     sample_every: int = 1
+    # Longest leap over identical decode steps (`SimReplica.begin_run`); 0 steps one event per step.
+    # Leaps are exact: the records are the same either way (tests/unit/test_sim_core.py).
+    decode_run_steps: int = 64
 
 
 @dataclass(eq=False)
@@ -159,6 +162,7 @@ class Simulation:
             t, _, fn, args = heapq.heappop(heap)
             if t > end:
                 heapq.heappush(heap, (t, 0, fn, args))
+                self._settle_runs(end)
                 break
             self.now = self.gateway.now = t
             fn(*args)
@@ -252,6 +256,7 @@ class Simulation:
                 r.prefill.view.in_flight -= 1
             self._finish(r, "connection", f"replica {rep.id} is down")
             return
+        self._cut(rep)
         rep.add(req)
         self._kick(rep)
 
@@ -287,11 +292,56 @@ class Simulation:
             self.gateway.kv_events(rep.id, rep.take_events())
             for req in advanced:
                 self._token(req)
+        self._next(rep)
+
+    def _next(self, rep: SimReplica) -> None:
+        """At a step boundary: leap over a run of identical decode steps, or schedule one step."""
+        if self.s.decode_run_steps > 1:
+            run = rep.begin_run(self.s.decode_run_steps)
+            if run is not None:
+                self.at(run.ends[-1], self._run_end, rep, run)
+                return
         dt = rep.begin_step()
         if dt is None:
             rep.stepping = False
             return
-        self.at(self.now + dt, self._step, rep, epoch)
+        self.at(self.now + dt, self._step, rep, rep.epoch)
+
+    def _run_end(self, rep: SimReplica, run: DecodeRun) -> None:
+        if rep.run is not run:
+            return            # cut short (a request arrived, the replica crashed): already settled
+        self._deliver_run(rep, rep.settle(len(run.ends)))
+        self._next(rep)
+
+    def _deliver_run(self, rep: SimReplica, ends: list[float]) -> None:
+        for req in rep.scheduler.running:
+            self.active[req.request_id].times.extend(ends)
+
+    def _cut(self, rep: SimReplica) -> None:
+        """Something is about to change a replica mid-run: apply the steps over by now and make the step
+        in progress an ordinary one, exactly where per-step simulation would be."""
+        run = rep.run
+        if run is not None and run.completed(self.now) >= len(run.ends):
+            self._run_end(rep, run)      # the run ends right now: end it first (the next one begins now)
+            run = rep.run
+        if run is None:
+            return
+        done = run.completed(self.now)
+        self._deliver_run(rep, rep.settle(done))
+        started = run.ends[done - 1] if done else run.start
+        dt = rep.begin_step()
+        assert dt is not None and started + dt == run.ends[done], "a decode leap diverged from per-step pricing"
+        self.at(run.ends[done], self._step, rep, rep.epoch)
+
+    def _settle_runs(self, end: float) -> None:
+        """The run is over at ``end``: apply every step that ended by then (as per-step events would
+        have been), with the time of the last of them as the simulation's last event time."""
+        for rep in self.replicas:
+            if rep.run is not None:
+                ends = rep.settle(rep.run.completed(end), count_next=True)
+                self._deliver_run(rep, ends)
+                if ends:
+                    self.now = max(self.now, ends[-1])
 
     def _token(self, req: Request) -> None:
         r = self.active[req.request_id]
@@ -350,6 +400,7 @@ class Simulation:
         if c.replica >= len(self.replicas) or not self.replicas[c.replica].up:
             return
         rep = self.replicas[c.replica]
+        self._cut(rep)
         ep = self.gateway.endpoints.get(rep.id)
         for req in rep.crash():
             r = self.active.pop(req.request_id, None)

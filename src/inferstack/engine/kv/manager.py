@@ -56,6 +56,10 @@ class KVCacheManager:
     def can_fit(self, request: Request, num_new_tokens: int, new_computed: Sequence[KVBlock] = ()) -> bool:
         return self._blocks_needed(request, num_new_tokens, new_computed) <= self._available(new_computed)
 
+    def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        """Blocks `allocate_slots` would take for ``num_new_tokens`` more tokens (no cache hits)."""
+        return self._blocks_needed(request, num_new_tokens, ())
+
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed: Sequence[KVBlock] = ()) -> bool:
         """Give ``request`` room for ``num_new_tokens`` more tokens (after taking ``new_computed``
