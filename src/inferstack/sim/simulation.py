@@ -229,11 +229,11 @@ class Simulation:
         ep = self.gateway.endpoints[result.endpoint.id]
         r.tries.add(ep.id)
         r.endpoint = ep
-        ep.view.in_flight += 1
+        self.gateway.shift(ep, 1)
         prefill = result.others.get("prefill")
         if prefill is not None:
             r.prefill = self.gateway.endpoints[prefill.id]
-            r.prefill.view.in_flight += 1
+            self.gateway.shift(r.prefill, 1)
             self._dispatch(r, r.prefill, 1, {"do_remote_decode": True}, suffix="-p")
         else:
             self._dispatch(r, ep, r.spec.output_tokens, None)
@@ -253,7 +253,7 @@ class Simulation:
         if not rep.up:           # it crashed meanwhile (or while this request's prefill leg ran elsewhere)
             r = self.active.pop(req.request_id)
             if req.request_id.endswith("-p") and r.prefill is not None:
-                r.prefill.view.in_flight -= 1
+                self.gateway.shift(r.prefill, -1)
             self._finish(r, "connection", f"replica {rep.id} is down")
             return
         self._cut(rep)
@@ -349,7 +349,7 @@ class Simulation:
             if req.is_finished:      # prefill leg done: the decode leg pulls the KV the prefill holds
                 del self.active[req.request_id]
                 assert r.prefill is not None and r.endpoint is not None
-                r.prefill.view.in_flight -= 1
+                self.gateway.shift(r.prefill, -1)
                 kv = dict(req.kv_transfer_params or {})
                 self._dispatch(r, r.endpoint, r.spec.output_tokens, kv or None)
             return
@@ -364,7 +364,7 @@ class Simulation:
         rec.error = error if status != "ok" else ""
         ep = r.endpoint
         if ep is not None:
-            ep.view.in_flight -= 1
+            self.gateway.shift(ep, -1)
             rec.target = ep.id
         if status == "ok" and r.engine is not None and ep is not None:
             eng = r.engine
@@ -407,12 +407,12 @@ class Simulation:
             if r is None:
                 continue
             if req.request_id.endswith("-p") and r.prefill is not None:
-                r.prefill.view.in_flight -= 1
+                self.gateway.shift(r.prefill, -1)
             if r.times or len(r.tries) > self.s.config.gateway.max_retries:
                 self._finish(r, "connection", f"replica {rep.id} crashed")
             else:          # nothing reached the client yet: the gateway retries another endpoint
                 assert r.endpoint is not None
-                r.endpoint.view.in_flight -= 1
+                self.gateway.shift(r.endpoint, -1)
                 r.prefill = None
                 self._route(r)
         if ep is not None:
