@@ -296,8 +296,9 @@ class Scheduler:
         running, bs = self.running, self.kv.block_size
         start = [r.num_computed_tokens for r in running]
         points: set[tuple[int, int]] = set()
-        for i, nc in enumerate(start):
-            points.add((0, i))
+        for i, (r, nc) in enumerate(zip(running, start, strict=True)):
+            if self.kv.num_cached_blocks(r.request_id) != nc // bs:
+                points.add((0, i))     # unusual (a step caches what it fills): let step 0 catch up
             for first in ((-nc) % bs, (-nc - 1) % bs):
                 points.update((j, i) for j in range(first, steps, bs))
         for r in running:

@@ -211,8 +211,10 @@ class SimReplica:
         if steps:
             out = self.output_token_ids
             n = len(out)
+            # token j of a request is out[(outputs so far + j) % n], as `end_step` samples one per step
+            ring = out * (steps // n + 2)
             self.scheduler.advance_decodes(steps, {
-                r.request_id: [out[(len(r.output_token_ids) + j) % n] for j in range(steps)] for r in run.requests})
+                r.request_id: ring[len(r.output_token_ids) % n:][:steps] for r in run.requests})
         counted = steps + (1 if count_next and steps < len(run.ends) else 0)
         self.stats.steps += counted
         for dt in run.dts[:counted]:
