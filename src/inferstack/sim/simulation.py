@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,7 @@ class SimSettings:
     # Seconds between the gateway routing a request and the engine holding it (HTTP hops, parsing,
     # chat template, tokenization), which the modelled step times do not include.
     request_overhead_s: float = 0.0
+    request_overhead_samples_s: tuple[float, ...] = ()   # if given: each request draws one (seeded) instead
     records_path: Path | None = None     # per-request rows are streamed to this CSV
     sample_every: int = 1
     # Longest leap over identical decode steps (`SimReplica.begin_run`); 0 steps one event per step.
@@ -127,6 +129,7 @@ class Simulation:
         self._last_counts = (0, 0, 0, 0, 0.0)   # arrived, completed, tokens in, tokens out, at
         self.planned = 0
         self.model = s.fleets[0].profile.model.name
+        self._overhead_rng = random.Random(s.run.seed)
 
     # -- event queue ------------------------------------------------------------------------------
     def at(self, t: float, fn: Callable[..., None], *args: object) -> None:
@@ -244,8 +247,11 @@ class Simulation:
                       cache_salt=self.gateway.salt, kv_transfer_params=kv)
         r.engine = req
         self.active[req.request_id] = r
-        if self.s.request_overhead_s > 0:
-            self.at(self.now + self.s.request_overhead_s, self._deliver, ep.replica, req)
+        overhead = self.s.request_overhead_s
+        if self.s.request_overhead_samples_s:
+            overhead = self._overhead_rng.choice(self.s.request_overhead_samples_s)
+        if overhead > 0:
+            self.at(self.now + overhead, self._deliver, ep.replica, req)
         else:
             self._deliver(ep.replica, req)
 
