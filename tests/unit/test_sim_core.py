@@ -279,3 +279,25 @@ def test_calibrated_overhead_samples_are_drawn_per_request_and_repeat_with_the_s
     # light load: TTFT moves by the draw (a few requests also batch differently with their neighbours)
     drawn = [x for x in added if x in (10, 20, 30)]
     assert len(drawn) >= 0.8 * len(added) and set(drawn) == {10, 20, 30}
+
+
+def test_flow_controls_free_slots_kept_incrementally_equal_the_pools_sum():
+    """The simulator keeps the pool's room current as in-flight counts move; flow control must see what
+    summing every endpoint's room (the live gateway's `PoolSnapshot.free_slots`) gives, at every ask."""
+    settings = build_settings(_args(fleet=[f"{FLEET}=3"], rate=120.0, duration=2.0, crash=["1@0.8+0.4"],
+                                    workload="synthetic:input=uniform(50,600),output=uniform(20,200)"), None)
+    settings.engine = dataclasses.replace(settings.engine, max_num_seqs=4)     # saturate: requests queue
+    sim = Simulation(settings)
+    gw, asked = sim.gateway, []
+    kept = gw.free_slots
+
+    def checked() -> int:
+        got = kept()
+        assert got == gw.snapshot().free_slots()
+        asked.append(got)
+        return got
+
+    gw.admission.free_slots = checked
+    sim.run()
+    assert len(asked) > 200 and 0 in asked and max(asked) > 0     # it was asked often, full and not
+    assert sim.completed == sim.arrived
