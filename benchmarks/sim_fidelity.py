@@ -11,7 +11,10 @@ engines' prefix-cache hit counters (/metrics) against the simulated engines' (th
     PYTHONPATH=src python benchmarks/sim_fidelity.py --profile l4:llama-3-8b --replicas 4 \
         --routing round-robin,cache-aware,default \
         --workload shared-prefix:groups=4,users=8,system=512,question=64,output=48 \
-        --rate 2 --duration 60 --out /tmp/sim-fidelity
+        --rate 2 --duration 60 --overhead-ms calibrate --out /tmp/sim-fidelity
+
+``--overhead-ms calibrate`` first measures the live host's per-request time outside the step model on a
+low-load probe run (`calibrate_overhead_ms`) and gives it to every simulation as --request-overhead-ms.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import hashlib
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,7 +88,8 @@ def sim_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[
     """(sim results.json, unit -> endpoint index, simulated prefix hits)."""
     run_simulation(SimArgs(fleet=[f"{a.profile}={a.replicas}"], workload=a.workload, routing=routing,
                            duration=a.duration, rate=a.rate, seed=a.seed, tokenizer="bundled",
-                           request_overhead_ms=a.overhead_ms), out,
+                           request_overhead_ms=a.overhead_ms,
+                           request_overhead_samples_ms=tuple(a.overhead_samples_ms)), out,
                    progress=False, plots=False)
     res = json.loads((out / "results.json").read_text())
     where: dict[int, int] = {}
@@ -94,6 +99,20 @@ def sim_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[
             if row["status"] == "ok":
                 where[int(row["unit"])] = int(row["target"].rsplit("-", 1)[1])
     return res, where, float(res["server"]["prefix_cache_hits"])
+
+
+def calibrate_overheads_ms(a: argparse.Namespace) -> list[float]:
+    """The live host's time per request that step times do not model (HTTP hops through the gateway,
+    parsing, chat template, tokenization), measured on a probe run of its own before the comparisons:
+    the same fleet and workload at a light load (``--calibrate-rate``), live minus simulated TTFT of each
+    request (matched by send order). A calibration of this machine, not a model of the host."""
+    probe = argparse.Namespace(**{**vars(a), "rate": a.calibrate_rate, "duration": a.calibrate_s,
+                                  "overhead_ms": 0.0, "overhead_samples_ms": ()})
+    live, _, _ = live_run(probe, "round-robin", a.out / "calibrate-live")
+    sim, _, _ = sim_run(probe, "round-robin", a.out / "calibrate-sim")
+    sim_ttft = {r["index"]: r["ttft_s"] for r in sim["requests"] if r["status"] == "ok"}
+    return sorted(max(0.0, (r["ttft_s"] - sim_ttft[r["index"]]) * 1e3) for r in live["requests"]
+                  if r["status"] == "ok" and r["index"] in sim_ttft)
 
 
 def compare(a: argparse.Namespace, routing: str) -> dict[str, object]:
@@ -165,14 +184,31 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=2.0)
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--overhead-ms", type=float, default=0.0,
-                    help="the simulator's --request-overhead-ms (0: step times only)")
+    ap.add_argument("--overhead-ms", default="0",
+                    help="the simulator's --request-overhead-ms (0: step times only); 'calibrate': the median "
+                         "of a light-load probe run's per-request overheads (calibrate_overheads_ms); "
+                         "'calibrate-dist': each simulated request draws one of them (seeded)")
+    ap.add_argument("--calibrate-s", type=float, default=40.0, help="seconds of the probe run")
+    ap.add_argument("--calibrate-rate", type=float, default=1.0, help="requests per second of the probe run")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="sim-fidelity-")))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    mode, a.overhead_samples_ms = a.overhead_ms, []
+    if mode in ("calibrate", "calibrate-dist"):
+        samples = calibrate_overheads_ms(a)
+        a.overhead_ms = statistics.median(samples)
+        if mode == "calibrate-dist":
+            a.overhead_samples_ms = samples
+        note = (f"request overhead calibrated on {len(samples)} probe requests: median {a.overhead_ms:.1f} ms, "
+                f"p90 {samples[int(0.9 * (len(samples) - 1))]:.1f} ms; simulated with "
+                f"{'each request drawing one' if mode == 'calibrate-dist' else 'the median'}")
+    else:
+        a.overhead_ms = float(mode)
+        note = f"request overhead {a.overhead_ms:.1f} ms (given)"
     rows = [compare(a, r) for r in a.routing.split(",")]
-    (a.out / "fidelity.json").write_text(json.dumps(rows, indent=1) + "\n")
-    text = table(rows)
+    (a.out / "fidelity.json").write_text(json.dumps({"overhead": note, "overhead_samples_ms": a.overhead_samples_ms,
+                                                     "rows": rows}, indent=1) + "\n")
+    text = note + "\n\n" + table(rows)
     (a.out / "fidelity.md").write_text(text)
     print(text)
 

@@ -230,3 +230,50 @@ def test_sampling_params_validation_names_param():
     with pytest.raises(SamplingParamError) as e:
         SamplingParams(top_p=0)
     assert e.value.param == "top_p"
+
+
+CYCLE = [11, 12, 13, 14, 15]
+
+
+def _state(s: Scheduler, events: EventBuffer) -> tuple:
+    pool = s.kv.pool
+    reqs = sorted((r.request_id, tuple(r.all_token_ids), r.num_computed_tokens, tuple(s.kv.block_ids(r.request_id)),
+                   r.status) for r in s.requests.values())
+    return (reqs, [r.request_id for r in s.running], list(pool._free), {h: b.block_id for h, b in pool._cached.items()},
+            len(pool.blocks), vars(s.counters).copy(), [repr(e) for e in events.drain()])
+
+
+def _step_once(s: Scheduler) -> None:
+    out = s.schedule()
+    s.update_from_output(out, {q.request_id: CYCLE[q.request.num_output_tokens % len(CYCLE)]
+                               for q in out.seqs if q.sample})
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 60), st.integers(8, 70)), min_size=1, max_size=7),
+       num_blocks=st.integers(12, 60), leaps=st.lists(st.integers(1, 40), min_size=8, max_size=30))
+def test_decode_leap_equals_the_same_steps_one_at_a_time(shapes, num_blocks, leaps):
+    """`advance_decodes` within `decode_run_limit` leaves block tables, the free queue's eviction order,
+    the prefix-cache map, counters and KV events exactly as that many `schedule` + `update_from_output`."""
+    buffers = (EventBuffer(), EventBuffer())
+    a, b = make(num_blocks=num_blocks, events=buffers[0]), make(num_blocks=num_blocks, events=buffers[1])
+    for i, (group, extra, out_len) in enumerate(shapes):
+        prompt = [100 + group] * 20 + list(range(extra))      # shared 20-token heads per group
+        for s in (a, b):
+            s.add_request(req(str(i), prompt, max_tokens=out_len))
+    leapt = 0
+    for want in leaps:
+        if not a.has_unfinished():
+            break
+        k = b.decode_run_limit(want)
+        assert k == a.decode_run_limit(want)
+        if k:
+            reqs = {r.request_id: [CYCLE[(r.num_output_tokens + j) % len(CYCLE)] for j in range(k)] for r in b.running}
+            b.advance_decodes(k, reqs)
+            leapt += k
+        for _ in range(max(k, 1)):
+            _step_once(a)
+        if not k:
+            _step_once(b)
+        assert _state(a, buffers[0]) == _state(b, buffers[1])
+    event("leapt" if leapt else "no leap")

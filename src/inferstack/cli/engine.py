@@ -353,3 +353,9 @@ def _verified_model(model: str, served_name: str | None, policy_file: str | None
     if served_name is None and is_oci(model):
         served_name = parse_reference(model).repository.rsplit("/", 1)[-1]
     return str(path), served_name
+
+
+# llm-d-inference-sim's command line over the emulated engine (its own module: a flag-for-flag mapping)
+from inferstack.cli.inference_sim import inference_sim  # noqa: E402
+
+app.command("inference-sim")(inference_sim)

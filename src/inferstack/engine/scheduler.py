@@ -287,6 +287,58 @@ class Scheduler:
                 self.finish_request(request.request_id, reason, stop_reason)
         return advanced
 
+    def decode_run_limit(self, max_steps: int) -> int:
+        """How many of the next steps (at most ``max_steps``) are decode steps of an unchanging batch that
+        `advance_decodes` may apply at once: nothing waits or is held for a KV transfer, every running
+        request has one token to compute and no stop token to watch for, none reaches its length limit
+        within them, and the pool has the blocks they need (so nothing is preempted). 0 otherwise.
+
+        The fleet simulator uses it to leap over runs of identical decode steps; `schedule` itself never
+        does this."""
+        running = self.running
+        if (len(self.waiting) or self.connector is not None or self._delayed_free or not running
+                or len(running) > self.config.max_num_batched_tokens):
+            return 0
+        limit = max_steps
+        for r in running:
+            p = r.sampling_params
+            if r.num_tokens - r.num_computed_tokens != 1 or p.stop_token_ids or not p.ignore_eos:
+                return 0
+            left = self.config.max_model_len - r.num_tokens
+            if p.max_tokens is not None:
+                left = min(left, p.max_tokens - r.num_output_tokens)
+            limit = min(limit, left - 1)     # the step that finishes a request runs through `schedule`
+        while limit > 0 and sum(self.kv.blocks_needed(r, limit) for r in running) > self.kv.pool.num_free_blocks:
+            limit //= 2
+        return max(limit, 0)
+
+    def advance_decodes(self, steps: int, sampled: dict[str, list[int]]) -> None:
+        """Apply ``steps`` decode steps of the running batch at once (``steps`` within `decode_run_limit`),
+        leaving exactly the state of ``steps`` rounds of `schedule` + `update_from_output` with those
+        sampled tokens: blocks are allocated and cached in the same (step, request) order, so block ids,
+        evictions and the prefix-cache map match too. KV slot work happens only at a step that opens or
+        fills a block, so the cost is O(requests + steps x requests / block size)."""
+        running, bs = self.running, self.kv.block_size
+        start = [r.num_computed_tokens for r in running]
+        points: set[tuple[int, int]] = set()
+        for i, (r, nc) in enumerate(zip(running, start, strict=True)):
+            if self.kv.num_cached_blocks(r.request_id) != nc // bs:
+                points.add((0, i))     # unusual (a step caches what it fills): let step 0 catch up
+            for first in ((-nc) % bs, (-nc - 1) % bs):
+                points.update((j, i) for j in range(first, steps, bs))
+        for r in running:
+            tokens = sampled[r.request_id]
+            r.output_token_ids.extend(tokens)
+            r.all_token_ids.extend(tokens)
+        for j, i in sorted(points):
+            r = running[i]
+            r.num_computed_tokens = start[i] + j
+            if not self.kv.allocate_slots(r, 1):
+                raise RuntimeError("advance_decodes beyond decode_run_limit: the pool ran out of blocks")
+        for r, nc in zip(running, start, strict=True):
+            r.num_computed_tokens = nc + steps
+        self.counters.generation_tokens += steps * len(running)
+
     def _check_stop(self, request: Request, token: int) -> tuple[FinishReason | None, int | None]:
         params = request.sampling_params
         n_out = request.num_output_tokens

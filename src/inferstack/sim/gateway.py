@@ -23,6 +23,7 @@ from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, 
 from inferstack.gateway.routing.disagg import PDRouter, pd_free_slots
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 from inferstack.gateway.routing.state import RoutingState
+from inferstack.gateway.routing.types import UNBOUNDED
 from inferstack.sim.replica import SimReplica
 
 
@@ -50,6 +51,11 @@ class SimGateway:
         self.version = 0
         self._snap: PoolSnapshot | None = None
         self._snap_key: tuple[int, int] = (-1, -1)
+        # flow control's free slots = the sum of the endpoints' room, kept current as in-flight counts move
+        # (O(1) per request instead of O(endpoints)); recomputed whenever the snapshot is rebuilt
+        self._room_total = 0
+        self._room_key: tuple[int, int] | None = None
+        self._aged_key: tuple[int, int] | None = None
         for r in replicas:
             self.add(r)
         self.now = 0.0
@@ -85,11 +91,13 @@ class SimGateway:
         if self._snap is None or self._snap_key != key:
             self._snap, self._snap_key = self._build_snapshot(tick), key
         snap = self._snap
-        snap.now = now
-        age = now - tick * gw.scrape_interval_s
-        for v in snap.endpoints:
-            if v.has_metrics:
-                v.metrics_age_s = age
+        if snap.now != now or self._aged_key != key:      # flow control and routing ask at the same instant
+            snap.now = now
+            age = now - tick * gw.scrape_interval_s
+            for v in snap.endpoints:
+                if v.has_metrics:
+                    v.metrics_age_s = age
+            self._aged_key = key
         if exclude:
             return PoolSnapshot([v for v in snap.endpoints if v.id not in exclude], now, snap.stale_after_s,
                                 snap.queue_threshold, snap.kv_threshold)
@@ -117,7 +125,27 @@ class SimGateway:
         snap = self.snapshot()
         if isinstance(self.router, PDRouter):
             return pd_free_slots(snap, self.router.roles, conditional=self.router.max_prefill_queue is not None)
-        return snap.free_slots()
+        if not self._room_exact():
+            return snap.free_slots()
+        if self._room_key != self._snap_key:
+            self._room_total = sum(snap.room(e) for e in snap.endpoints)
+            self._room_key = self._snap_key
+        return max(0, min(UNBOUNDED, self._room_total))
+
+    def _room_exact(self) -> bool:
+        """Between snapshot rebuilds an endpoint's room changes only with its in-flight count, as long as
+        a scrape's age cannot cross `has_live_metrics`' limit (at least 2 s) within one interval."""
+        return self.cfg.gateway.scrape_interval_s <= 2.0
+
+    def shift(self, ep: SimEndpoint, delta: int) -> None:
+        """Change the gateway's in-flight count of ``ep`` (and the pool's room with it)."""
+        snap = self._snap
+        tracked = self._room_key is not None and self._room_key == self._snap_key and snap is not None \
+            and self.endpoints.get(ep.id) is ep
+        before = snap.room(ep.view) if tracked else 0      # type: ignore[union-attr]
+        ep.view.in_flight += delta
+        if tracked:
+            self._room_total += snap.room(ep.view) - before   # type: ignore[union-attr]
 
     def request_view(self, messages: list[tuple[str, str]], priority: int, max_tokens: int, session: str | None,
                      model: str) -> RequestView:

@@ -8,7 +8,7 @@ larger of compute time and memory time, plus tensor-parallel communication and f
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from inferstack.sim.hardware import Hardware
@@ -94,6 +94,37 @@ def step_cost(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int 
 
 def step_time(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> float:
     return step_cost(model, hw, batch, tp).time_s
+
+
+def decode_step_times(model: ModelSpec, hw: Hardware, contexts: Sequence[int], steps: int, tp: int = 1) -> list[float]:
+    """`step_time` of ``steps`` consecutive decode steps of one batch (sequence i at context
+    ``contexts[i] + j`` in step j), float for float the same as pricing each step's batch with `step_time`
+    (the same operations in the same order), at a fraction of the cost: the simulator's decode leaps."""
+    if not contexts:
+        return [0.0] * steps
+    base = 2.0 * model.num_layers * model.layer_params * 1 + 2.0 * model.embedding_params
+    attn = 4.0 * model.num_layers * model.q_size
+    n = len(contexts)
+    ctx_sum = sum(contexts)
+    weight_bytes, kv_per_token = model.weight_bytes_total, model.kv_bytes_per_token
+    prefill_rate, decode_rate = hw.peak_flops * hw.mfu_prefill, hw.peak_flops * hw.mfu_decode
+    bandwidth = hw.mem_bandwidth * hw.bw_efficiency * (hw.single_row_bw_gain if n == 1 else 1.0)
+    comm_s = 0.0
+    if tp > 1:
+        if hw.link_bandwidth <= 0:
+            raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth for tensor parallelism")
+        per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * n * model.hidden_size * 2 / hw.link_bandwidth
+        comm_s = 2 * model.num_layers * per_allreduce
+    overhead_s = hw.step_overhead_s + hw.seq_overhead_s * n + hw.token_overhead_s * n
+    times = []
+    for j in range(steps):
+        flops = 0.0
+        for c in contexts:
+            flops += base + attn * (c + j + 1.0)
+        compute_s = (0.0 / prefill_rate + flops / decode_rate) / tp
+        memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * j + n)) / bandwidth / tp
+        times.append(max(compute_s, memory_s) + comm_s + overhead_s)
+    return times
 
 
 def decode_floor_s(model: ModelSpec, hw: Hardware, tp: int = 1) -> float:

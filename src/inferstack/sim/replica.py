@@ -9,6 +9,7 @@ remains (the emulated executor's back-to-back rule), or when the next request ar
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from inferstack.engine.executor.emulated import emulated_layout
 from inferstack.engine.kv.events import EventBuffer, KVEvent
 from inferstack.engine.request import Request
 from inferstack.engine.scheduler import SchedulerOutput
-from inferstack.sim.perf_model import SeqWork, kv_transfer_time, step_time
+from inferstack.sim.perf_model import SeqWork, decode_step_times, kv_transfer_time, step_time
 from inferstack.sim.profile import Profile
 
 Clock = Callable[[], float]
@@ -100,6 +101,22 @@ class SimPDConnector(KVConnectorBase):
         return None
 
 
+@dataclass(eq=False)
+class DecodeRun:
+    """Consecutive decode steps of an unchanging batch, priced at once and applied when they are over
+    (or when something observes the replica earlier): an exact leap over per-step events."""
+
+    start: float
+    ends: list[float]             # virtual end time of each step
+    dts: list[float]
+    requests: list[Request]       # the batch, in the scheduler's running order
+    free_blocks: int              # the pool's free blocks when the run began
+
+    def completed(self, now: float) -> int:
+        """Steps over by ``now`` (a step ending exactly now counts as over)."""
+        return bisect_right(self.ends, now)
+
+
 @dataclass
 class ReplicaStats:
     steps: int = 0
@@ -125,6 +142,7 @@ class SimReplica:
         self.started_at = clock()
         self.stepping = False          # a step (or a wake-up) is pending in the event queue
         self.batch: SchedulerOutput | None = None
+        self.run: DecodeRun | None = None
         self._saved: dict[str, int] = {}
         self._build()
 
@@ -165,6 +183,44 @@ class SimReplica:
         self.stats.busy_s += dt
         return dt
 
+    def begin_run(self, max_steps: int) -> DecodeRun | None:
+        """At a step boundary: the next decode steps as one run, when at least two of them can leap
+        (`Scheduler.decode_run_limit`); None otherwise (step one at a time). Never with KV events to
+        publish or a PD connector: their per-step effects are observable by the gateway."""
+        if self.events is not None or self.connector is not None:
+            return None
+        k = self.scheduler.decode_run_limit(max_steps)
+        if k < 2:
+            return None
+        reqs = list(self.scheduler.running)
+        p = self.profile
+        dts = decode_step_times(p.model, p.hardware, [r.num_computed_tokens for r in reqs], k, p.tp)
+        ends, t = [], self.clock()
+        for dt in dts:
+            t = t + dt
+            ends.append(t)
+        self.run = DecodeRun(self.clock(), ends, dts, reqs, self.scheduler.kv.pool.num_free_blocks)
+        return self.run
+
+    def settle(self, steps: int, count_next: bool = False) -> list[float]:
+        """Apply the run's first ``steps`` steps and end it; returns their end times (each request of the
+        run received one token at each). ``count_next``: the step after them had begun (it counts in the
+        stats, as `begin_step` counts a step when it starts)."""
+        run, self.run = self.run, None
+        assert run is not None and steps <= len(run.ends)
+        if steps:
+            out = self.output_token_ids
+            n = len(out)
+            # token j of a request is out[(outputs so far + j) % n], as `end_step` samples one per step
+            ring = out * (steps // n + 2)
+            self.scheduler.advance_decodes(steps, {
+                r.request_id: ring[len(r.output_token_ids) % n:][:steps] for r in run.requests})
+        counted = steps + (1 if count_next and steps < len(run.ends) else 0)
+        self.stats.steps += counted
+        for dt in run.dts[:counted]:
+            self.stats.busy_s += dt
+        return run.ends[:steps]
+
     def end_step(self) -> list[Request]:
         """Finish the running batch: the requests that received a token (finished ones included)."""
         batch, self.batch = self.batch, None
@@ -185,6 +241,7 @@ class SimReplica:
         self.up = False
         self.epoch += 1
         self.batch = None
+        self.run = None
         self.stepping = False
         self.stats.lifetimes.append((self.started_at, self.clock()))
         return lost
@@ -204,4 +261,10 @@ class SimReplica:
     def snapshot_metrics(self) -> tuple[int, int, float]:
         """(waiting, running, KV use) as the engine's /metrics would report them now."""
         s = self.scheduler
-        return s.num_waiting, s.num_running, s.kv.pool.usage
+        run = self.run
+        if run is None:
+            return s.num_waiting, s.num_running, s.kv.pool.usage
+        # mid-run: the steps begun by now have taken their blocks (a step allocates when it is scheduled)
+        begun = min(run.completed(self.clock()) + 1, len(run.ends))
+        taken = sum(s.kv.blocks_needed(r, begun) for r in run.requests)
+        return s.num_waiting, s.num_running, 1.0 - (run.free_blocks - taken) / s.kv.pool.num_blocks

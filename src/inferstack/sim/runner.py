@@ -49,6 +49,9 @@ class SimArgs:
     drain_timeout: float = 600.0
     pd_threshold: int | None = None
     request_overhead_ms: float = 0.0
+    # measured per-request host overheads to draw from (seeded) instead of the constant: a calibration
+    # of one machine (`benchmarks/sim_fidelity.py --overhead-ms calibrate-dist`)
+    request_overhead_samples_ms: tuple[float, ...] = ()
 
 
 def parse_crash(text: str) -> Crash:
@@ -95,12 +98,13 @@ def build_settings(a: SimArgs, out: Path | None) -> SimSettings:
         for c in crashes:
             if c.replica >= total:
                 raise SimError(f"--crash {c.replica}@...: the fleet has replicas 0..{total - 1}")
-        if a.request_overhead_ms < 0:
+        if a.request_overhead_ms < 0 or any(x < 0 for x in a.request_overhead_samples_ms):
             raise SimError("--request-overhead-ms must be >= 0")
         stream = out / "requests.stream.csv" if out is not None else None
         return SimSettings(run=run, fleets=fleets, config=cfg, pool=pool, engine=engine,
                            tokens=prompt_tokens(a.tokenizer), crashes=crashes, drain_timeout_s=a.drain_timeout,
                            request_overhead_s=a.request_overhead_ms / 1e3,
+                           request_overhead_samples_s=tuple(x / 1e3 for x in a.request_overhead_samples_ms),
                            records_path=stream)
     except (WorkloadError, TraceError, SLOError, SimSetupError, ConfigError) as e:
         raise SimError(str(e)) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ from inferstack.sim.gateway import SimEndpoint, SimGateway
 from inferstack.sim.profile import Profile
 from inferstack.sim.prompts import PromptTokens
 from inferstack.sim.records import RecordSink
-from inferstack.sim.replica import SimReplica
+from inferstack.sim.replica import DecodeRun, SimReplica
 
 POOL = "sim"
 
@@ -67,8 +68,12 @@ class SimSettings:
     # Seconds between the gateway routing a request and the engine holding it (HTTP hops, parsing,
     # chat template, tokenization), which the modelled step times do not include.
     request_overhead_s: float = 0.0
+    request_overhead_samples_s: tuple[float, ...] = ()   # if given: each request draws one (seeded) instead
     records_path: Path | None = None     # per-request rows are streamed to this CSV
     sample_every: int = 1
+    # Longest leap over identical decode steps (`SimReplica.begin_run`); 0 steps one event per step.
+    # Leaps are exact: the records are the same either way (tests/unit/test_sim_core.py).
+    decode_run_steps: int = 64
 
 
 @dataclass(eq=False)
@@ -124,6 +129,7 @@ class Simulation:
         self._last_counts = (0, 0, 0, 0, 0.0)   # arrived, completed, tokens in, tokens out, at
         self.planned = 0
         self.model = s.fleets[0].profile.model.name
+        self._overhead_rng = random.Random(s.run.seed)
 
     # -- event queue ------------------------------------------------------------------------------
     def at(self, t: float, fn: Callable[..., None], *args: object) -> None:
@@ -159,6 +165,7 @@ class Simulation:
             t, _, fn, args = heapq.heappop(heap)
             if t > end:
                 heapq.heappush(heap, (t, 0, fn, args))
+                self._settle_runs(end)
                 break
             self.now = self.gateway.now = t
             fn(*args)
@@ -225,11 +232,11 @@ class Simulation:
         ep = self.gateway.endpoints[result.endpoint.id]
         r.tries.add(ep.id)
         r.endpoint = ep
-        ep.view.in_flight += 1
+        self.gateway.shift(ep, 1)
         prefill = result.others.get("prefill")
         if prefill is not None:
             r.prefill = self.gateway.endpoints[prefill.id]
-            r.prefill.view.in_flight += 1
+            self.gateway.shift(r.prefill, 1)
             self._dispatch(r, r.prefill, 1, {"do_remote_decode": True}, suffix="-p")
         else:
             self._dispatch(r, ep, r.spec.output_tokens, None)
@@ -240,8 +247,11 @@ class Simulation:
                       cache_salt=self.gateway.salt, kv_transfer_params=kv)
         r.engine = req
         self.active[req.request_id] = r
-        if self.s.request_overhead_s > 0:
-            self.at(self.now + self.s.request_overhead_s, self._deliver, ep.replica, req)
+        overhead = self.s.request_overhead_s
+        if self.s.request_overhead_samples_s:
+            overhead = self._overhead_rng.choice(self.s.request_overhead_samples_s)
+        if overhead > 0:
+            self.at(self.now + overhead, self._deliver, ep.replica, req)
         else:
             self._deliver(ep.replica, req)
 
@@ -249,9 +259,10 @@ class Simulation:
         if not rep.up:           # it crashed meanwhile (or while this request's prefill leg ran elsewhere)
             r = self.active.pop(req.request_id)
             if req.request_id.endswith("-p") and r.prefill is not None:
-                r.prefill.view.in_flight -= 1
+                self.gateway.shift(r.prefill, -1)
             self._finish(r, "connection", f"replica {rep.id} is down")
             return
+        self._cut(rep)
         rep.add(req)
         self._kick(rep)
 
@@ -287,11 +298,56 @@ class Simulation:
             self.gateway.kv_events(rep.id, rep.take_events())
             for req in advanced:
                 self._token(req)
+        self._next(rep)
+
+    def _next(self, rep: SimReplica) -> None:
+        """At a step boundary: leap over a run of identical decode steps, or schedule one step."""
+        if self.s.decode_run_steps > 1:
+            run = rep.begin_run(self.s.decode_run_steps)
+            if run is not None:
+                self.at(run.ends[-1], self._run_end, rep, run)
+                return
         dt = rep.begin_step()
         if dt is None:
             rep.stepping = False
             return
-        self.at(self.now + dt, self._step, rep, epoch)
+        self.at(self.now + dt, self._step, rep, rep.epoch)
+
+    def _run_end(self, rep: SimReplica, run: DecodeRun) -> None:
+        if rep.run is not run:
+            return            # cut short (a request arrived, the replica crashed): already settled
+        self._deliver_run(rep, rep.settle(len(run.ends)))
+        self._next(rep)
+
+    def _deliver_run(self, rep: SimReplica, ends: list[float]) -> None:
+        for req in rep.scheduler.running:
+            self.active[req.request_id].times.extend(ends)
+
+    def _cut(self, rep: SimReplica) -> None:
+        """Something is about to change a replica mid-run: apply the steps over by now and make the step
+        in progress an ordinary one, exactly where per-step simulation would be."""
+        run = rep.run
+        if run is not None and run.completed(self.now) >= len(run.ends):
+            self._run_end(rep, run)      # the run ends right now: end it first (the next one begins now)
+            run = rep.run
+        if run is None:
+            return
+        done = run.completed(self.now)
+        self._deliver_run(rep, rep.settle(done))
+        started = run.ends[done - 1] if done else run.start
+        dt = rep.begin_step()
+        assert dt is not None and started + dt == run.ends[done], "a decode leap diverged from per-step pricing"
+        self.at(run.ends[done], self._step, rep, rep.epoch)
+
+    def _settle_runs(self, end: float) -> None:
+        """The run is over at ``end``: apply every step that ended by then (as per-step events would
+        have been), with the time of the last of them as the simulation's last event time."""
+        for rep in self.replicas:
+            if rep.run is not None:
+                ends = rep.settle(rep.run.completed(end), count_next=True)
+                self._deliver_run(rep, ends)
+                if ends:
+                    self.now = max(self.now, ends[-1])
 
     def _token(self, req: Request) -> None:
         r = self.active[req.request_id]
@@ -299,7 +355,7 @@ class Simulation:
             if req.is_finished:      # prefill leg done: the decode leg pulls the KV the prefill holds
                 del self.active[req.request_id]
                 assert r.prefill is not None and r.endpoint is not None
-                r.prefill.view.in_flight -= 1
+                self.gateway.shift(r.prefill, -1)
                 kv = dict(req.kv_transfer_params or {})
                 self._dispatch(r, r.endpoint, r.spec.output_tokens, kv or None)
             return
@@ -314,7 +370,7 @@ class Simulation:
         rec.error = error if status != "ok" else ""
         ep = r.endpoint
         if ep is not None:
-            ep.view.in_flight -= 1
+            self.gateway.shift(ep, -1)
             rec.target = ep.id
         if status == "ok" and r.engine is not None and ep is not None:
             eng = r.engine
@@ -350,18 +406,19 @@ class Simulation:
         if c.replica >= len(self.replicas) or not self.replicas[c.replica].up:
             return
         rep = self.replicas[c.replica]
+        self._cut(rep)
         ep = self.gateway.endpoints.get(rep.id)
         for req in rep.crash():
             r = self.active.pop(req.request_id, None)
             if r is None:
                 continue
             if req.request_id.endswith("-p") and r.prefill is not None:
-                r.prefill.view.in_flight -= 1
+                self.gateway.shift(r.prefill, -1)
             if r.times or len(r.tries) > self.s.config.gateway.max_retries:
                 self._finish(r, "connection", f"replica {rep.id} crashed")
             else:          # nothing reached the client yet: the gateway retries another endpoint
                 assert r.endpoint is not None
-                r.endpoint.view.in_flight -= 1
+                self.gateway.shift(r.endpoint, -1)
                 r.prefill = None
                 self._route(r)
         if ep is not None:

@@ -69,7 +69,9 @@ class EmulatedExecutor:
 
     def __init__(self, profile: Profile, num_kv_blocks: int, block_size: int, output_token_ids: Sequence[int],
                  realtime: bool = True, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep, closing_token_ids: Sequence[int] = ()) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 timer: Callable[[SchedulerOutput], float] | None = None,
+                 closing_token_ids: Sequence[int] = ()) -> None:
         if not output_token_ids:
             raise ValueError("the emulated executor needs at least one output token id")
         self.profile = profile
@@ -79,11 +81,14 @@ class EmulatedExecutor:
         self.closing_token_ids = list(closing_token_ids)
         self.realtime = realtime
         self._clock, self._sleep = clock, sleep
+        self._timer = timer           # fixed latencies (`inference-sim`) instead of the roofline
         self._end = 0.0
         self._prev: list[Request] = []
         self.stats = EmulatorStats()
 
     def step_time(self, batch: SchedulerOutput) -> float:
+        if self._timer is not None:
+            return self._timer(batch)
         work = [SeqWork(context=s.start, new_tokens=s.num_new_tokens, samples=s.sample) for s in batch.seqs]
         return step_time(self.profile.model, self.profile.hardware, work, self.profile.tp)
 
@@ -232,7 +237,8 @@ def emulated_layout(config: EngineConfig, profile: Profile) -> EmulatedLayout:
                                                                   block_size=config.block_size))
 
 
-def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool = True):  # -> BuiltEngine
+def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool = True,
+                          timer: Callable[[SchedulerOutput], float] | None = None):  # -> BuiltEngine
     """An EngineCore whose executor is emulated; the scheduler, block pool and prefix cache are real.
     With ``config.kv_role`` prefill or decode it gets the real PD connector over a shadow cache, its
     pulls paced to the profile's network (``kv_transfer_time``) and counted in the model's KV bytes."""
@@ -247,7 +253,7 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     tokenizer = bundled_tokenizer()
     layout = emulated_layout(config, profile)
     executor = EmulatedExecutor(profile, layout.num_kv_blocks, config.block_size, output_ids(tokenizer),
-                                realtime=realtime, closing_token_ids=closing_ids(tokenizer))
+                                realtime=realtime, timer=timer, closing_token_ids=closing_ids(tokenizer))
     max_len, digest, key_space = layout.max_model_len, layout.model_digest, layout.key_space
     connector = None
     if config.kv_role != "both":

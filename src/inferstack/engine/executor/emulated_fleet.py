@@ -15,12 +15,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
 
 from inferstack.engine.config import EngineConfig
+from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.sim.profile import Profile
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ async def _wait_ready(urls: list[str], tasks: list[asyncio.Future], timeout_s: f
                 await asyncio.sleep(0.05)
 
 
-def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any) -> int:
+def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any,
+                timer: Callable[[SchedulerOutput], float] | None = None) -> int:
     """Serve `count` emulated engines; `options` is engine.server.ServeOptions (port applies to the first).
 
     Raises ValueError before serving when the profile cannot emulate ``config`` (weights exceed memory,
@@ -63,7 +66,8 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
 
     def factory() -> AsyncEngine:
         # Like --port, a fixed --kv-transfer-port applies to the first engine; the others get free ones.
-        engine = AsyncEngine(build_emulated_engine(replace(config, kv_transfer_port=0) if engines else config, profile))
+        engine = AsyncEngine(build_emulated_engine(replace(config, kv_transfer_port=0) if engines else config, profile,
+                                                    timer=timer))
         engines.append(engine)
         return engine
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ def _cached_file_sha256(path: Path) -> str:
     return hex_digest
 
 
+@lru_cache(maxsize=64)     # pure; asked for at every hash-chain extension
 def root_hash(model: str, dtype: str, kv_layout: str = "paged", block_size: int = BLOCK_SIZE) -> bytes:
     return hashlib.sha256(
         canonical_json(
@@ -74,6 +76,7 @@ def root_hash(model: str, dtype: str, kv_layout: str = "paged", block_size: int 
     ).digest()
 
 
+@lru_cache(maxsize=256)
 def seed_hash(root: bytes, cache_salt: str | None) -> bytes:
     if cache_salt is None:
         return root
@@ -91,11 +94,14 @@ def block_hashes(seed: bytes, token_ids: Sequence[int], block_size: int = BLOCK_
     ``parent`` is the hash of block ``start - 1`` (the seed when ``start == 0``), which lets a
     caller extend a request's chain as tokens arrive without rehashing the prefix.
     """
-    ids = np.asarray(token_ids, dtype="<u4")
-    n_full = len(ids) // block_size
+    n_full = len(token_ids) // block_size
+    if n_full <= start:
+        return []
+    # only the blocks to hash: a request extends its chain one block at a time as it decodes
+    ids = np.asarray(token_ids[start * block_size:n_full * block_size], dtype="<u4")
     prev = seed if parent is None else parent
     out: list[bytes] = []
-    for i in range(start, n_full):
+    for i in range(n_full - start):
         prev = hashlib.sha256(prev + ids[i * block_size:(i + 1) * block_size].tobytes()).digest()
         out.append(prev)
     return out

@@ -56,6 +56,14 @@ class KVCacheManager:
     def can_fit(self, request: Request, num_new_tokens: int, new_computed: Sequence[KVBlock] = ()) -> bool:
         return self._blocks_needed(request, num_new_tokens, new_computed) <= self._available(new_computed)
 
+    def num_cached_blocks(self, request_id: str) -> int:
+        """Leading blocks of the request registered in the prefix cache so far."""
+        return self._num_cached_blocks.get(request_id, 0)
+
+    def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        """Blocks `allocate_slots` would take for ``num_new_tokens`` more tokens (no cache hits)."""
+        return self._blocks_needed(request, num_new_tokens, ())
+
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed: Sequence[KVBlock] = ()) -> bool:
         """Give ``request`` room for ``num_new_tokens`` more tokens (after taking ``new_computed``
