@@ -4,7 +4,7 @@ with what brings them, so `inferstack lab list` shows the whole plan."""
 from __future__ import annotations
 
 from inferstack.lab.base import Lab
-from inferstack.lab.labs import capacity, compliance, ebpf, oci, pd, routing, signing, tuning
+from inferstack.lab.labs import capacity, compliance, ebpf, oci, pd, quantization, routing, signing, tuning
 
 
 def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
@@ -23,8 +23,7 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     pd.LAB,
     _planned("caching", 2, "Multi-tier caching", "hit rates and TTFT across tiers and workloads",
              "a caching lab module (KV tiers exist: inferstack up --kv-tiers)"),
-    _planned("quantization", 2, "Performance vs accuracy", "tok/s against accuracy per precision",
-             "quantized kernels and `inferstack model eval`"),
+    quantization.LAB,
     _planned("network", 2, "Network for KV transfer", "TCP vs shared memory vs modelled RDMA",
              "a network lab module (benchmarks/kv_transfer.py measures it today)"),
     capacity.LAB,

@@ -57,8 +57,9 @@ class PackedWeight:
         if isinstance(w, Int8Weight):
             unsigned = w.q.to(torch.int32) + 128
             zeros = torch.zeros_like(w.scale)
-            # 16·hi·s + lo·s - 128·s = q·s: minimum -128·s on the high plane, 0 on the low one.
-            high = cls.pack(Int4Weight(unsigned >> 4, 16 * w.scale, -128 * w.scale, w.group))
+            offset = zeros if w.offset is None else w.offset
+            # 16·hi·s + lo·s - 128·s + offset = q·s + offset: the high plane carries the minimum.
+            high = cls.pack(Int4Weight(unsigned >> 4, 16 * w.scale, offset - 128 * w.scale, w.group))
             low = cls.pack(Int4Weight(unsigned & 15, w.scale, zeros, w.group))
             return cls("int8x2", high.data, high.scales, w.group, low)
         # torch's dequant is (code - 8) · scale + zero, so zero = minimum + 8 · scale.
