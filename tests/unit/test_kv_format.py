@@ -68,3 +68,20 @@ def test_paged_attention_reads_quantized_rows_back(name):
     torch.testing.assert_close(got, exact, atol=0.1, rtol=0)
     written = fmt.decode(quant[0].view(-1, nkv * fmt.row)[meta.slot_mapping].view(-1, fmt.row))
     torch.testing.assert_close(written.view(6, nkv, HD), k, atol=0.07 * k.abs().max().item(), rtol=0)
+
+
+def test_the_setting_reaches_engines_and_bad_values_are_clear():
+    from pydantic import ValidationError
+
+    from inferstack.engine.config import EngineConfig
+    from inferstack.stack.plan import engine_specs
+    from inferstack.stack.settings import UpSettings
+
+    (spec, _) = engine_specs(UpSettings(kv_cache_dtype="int8", quantization="int4"))
+    argv = list(spec.argv)
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "int8" and "--quantization" in argv
+    assert "--kv-cache-dtype" not in engine_specs(UpSettings())[0].argv
+    with pytest.raises(ValidationError, match="kv_cache_dtype"):
+        UpSettings(kv_cache_dtype="fp4")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineConfig(model="m", kv_cache_dtype="fp4")

@@ -69,12 +69,13 @@ class PackedWeight:
         return cls("int4", packed, scales_zeros, w.group)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` must be bf16 (see the module docstring)."""
+        """``x`` must be bf16 (see the module docstring). bf16 out, but float32 for two planes: their
+        partial sums can be large with opposite signs, and adding them in bf16 rounds the difference."""
         if self.kind == "int8":
             return torch._weight_int8pack_mm(x, self.data, self.scales)
         out = torch._weight_int4pack_mm_for_cpu(x, self.data, self.group, self.scales)
         if self.low is not None:
-            out += self.low.matmul(x)
+            return out.float() + self.low.matmul(x).float()
         return out
 
     def nbytes(self) -> int:
