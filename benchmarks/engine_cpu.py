@@ -1,10 +1,14 @@
 """Engine benchmarks on the bundled model, with HF transformers measured in the same run.
 
-    python benchmarks/engine_cpu.py [--dtype float32|bfloat16] [--threads 2] [--device cpu|cuda] [--model M]
+    python benchmarks/engine_cpu.py [--dtype float32|bfloat16] [--quantization none|int8|int4|gguf]
+                                    [--kv-cache-dtype auto|bfloat16|int8|fp8_e4m3] [--threads 2]
+                                    [--device cpu|cuda] [--model M] [--hf-dtypes float32,bfloat16]
+
+Issue 14's throughput comparison in one go: ``--quantization int4`` (or gguf) against HF fp32 and bf16.
 
 Prints a Markdown table (paste into docs/benchmarks.md) covering:
   1. throughput: 64 concurrent requests, 128 prompt / 128 output tokens (ignore_eos), vs HF
-     `generate` with a static batch of 16 in the same dtype;
+     `generate` with a static batch of 16 in each of ``--hf-dtypes`` (default fp32 and bf16);
   2. batch-1 decode tok/s and its share of the memory-bandwidth roofline (bandwidth from a large
      tensor copy; bytes = weights the kernels read per step + the KV read);
   3. TTFT of a 1,000-token prompt, cold vs fully prefix-cached.
@@ -115,36 +119,41 @@ def bench_ttft(llm: LLM, prompt_len: int = 1000, repeats: int = 3) -> tuple[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="activations (and weights unless --quantization)")
+    ap.add_argument("--quantization", default="none", choices=("none", "int8", "int4", "gguf"))
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hf-dtypes", default="float32,bfloat16", help="HF generate peers, comma-separated")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
               max_num_batched_tokens=2048, max_num_seqs=256)
-    lm_dtype = getattr(torch, args.dtype)
     vocab = llm.tokenizer.vocab_size
 
     rows: list[tuple[str, str]] = []
     ours = bench_throughput(llm, 64, 128, 128)
     rows.append(("throughput, 64 × (128 in / 128 out), inferstack", f"{ours:.1f} tok/s"))
-    if not args.skip_hf:
-        hf = bench_hf_throughput(args.model, lm_dtype, device, 64, 16, 128, 128, vocab)
-        rows.append(("throughput, HF generate static batch 16", f"{hf:.1f} tok/s"))
-        rows.append(("ratio inferstack / HF", f"{ours / hf:.2f}×"))
+    for name in [] if args.skip_hf else args.hf_dtypes.split(","):
+        hf = bench_hf_throughput(args.model, getattr(torch, name), device, 64, 16, 128, 128, vocab)
+        rows.append((f"throughput, HF generate {name} static batch 16", f"{hf:.1f} tok/s"))
+        rows.append((f"ratio inferstack / HF {name}", f"{ours / hf:.2f}×"))
 
     tok_s, ctx = bench_decode_b1(llm)
     bw = measure_bandwidth(device)
-    arch = llm.engine.core.executor.lm.arch
-    elem = torch.empty((), dtype=lm_dtype).element_size()
-    kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elem * ctx
+    executor = llm.engine.core.executor
+    arch = executor.lm.arch
+    kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * executor.kv_format.bytes_per_row() * ctx
     step_bytes = arch.weight_bytes_per_step + kv_bytes
     roofline = bw / step_bytes
+    weights = args.dtype if args.quantization == "none" else args.quantization
     rows.append(("batch-1 decode", f"{tok_s:.1f} tok/s"))
     rows.append(("memory bandwidth (1 GiB copy)", f"{bw / 1e9:.1f} GB/s"))
-    rows.append(("bytes read per decode step (weights + KV)", f"{step_bytes / 1e6:.1f} MB ({args.dtype} weights)"))
+    rows.append(("bytes read per decode step (weights + KV)",
+                 f"{step_bytes / 1e6:.1f} MB ({weights} weights, {executor.kv_format.name} KV)"))
     rows.append(("roofline decode", f"{roofline:.1f} tok/s"))
     rows.append(("share of roofline", f"{100 * tok_s / roofline:.0f}%"))
 
@@ -154,7 +163,8 @@ def main() -> None:
     rows.append(("cold / cached", f"{cold / warm:.1f}×"))
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}\n")
+          f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, weights {weights}, "
+          f"KV {executor.kv_format.name}\n")
     print("| measure | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")

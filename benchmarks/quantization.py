@@ -1,7 +1,10 @@
 """Weight formats side by side: batch-1 decode and 64 × 128/128 throughput, with peers in the same run.
 
     PYTHONPATH=src python benchmarks/quantization.py [--threads 2] [--formats float32,bfloat16,int8,int4,gguf]
-                                                     [--requests 64] [--skip-hf]
+                                                     [--requests 64] [--skip-hf] [--kv-cache-dtype auto]
+
+The default command is issue 14's whole comparison in one go: batch-1 decode per format against HF and
+(when installed) llama.cpp on the same GGUF, and 64 x 128/128 against HF fp32 and bf16 static batch 16.
 
 Rows: our engine in each format (``--quantization`` with the bf16 copy for large steps and the
 start-up crossover), HF ``generate`` fp32 and bf16 (static batch 16; batch 1 for decode) and, when
@@ -34,8 +37,9 @@ FORMATS = {
 }
 
 
-def ours(model: str, name: str, threads: int, requests: int, steps: int) -> tuple[float, float, str]:
-    llm = LLM(model, num_threads=threads, max_num_batched_tokens=2048, max_num_seqs=256, **FORMATS[name])
+def ours(model: str, name: str, threads: int, requests: int, steps: int, kv: str) -> tuple[float, float, str]:
+    llm = LLM(model, num_threads=threads, max_num_batched_tokens=2048, max_num_seqs=256, kv_cache_dtype=kv,
+              **FORMATS[name])
     lm = llm.engine.core.executor.lm
     detail = "" if lm.quant is None else "; ".join(lm.quant.log_lines()[:2])
     decode = decode_rate(llm, steps=steps)
@@ -92,6 +96,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--steps", type=int, default=128, help="batch-1 decode tokens")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="our engine's KV cache (auto: bf16 with int8/int4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
@@ -110,7 +115,8 @@ def main() -> None:
         print(f"| {name} | {cells[0][0]} | {cells[0][1]} | {cells[1][0]} | {cells[1][1]} | {note} |", flush=True)
 
     for name in names:
-        decode, throughput, detail = ours(args.model, name, args.threads, args.requests, args.steps)
+        decode, throughput, detail = ours(args.model, name, args.threads, args.requests, args.steps,
+                                          args.kv_cache_dtype)
         row(f"inferstack {name}", decode, throughput, detail)
     vocab = LLM(args.model, num_threads=args.threads, kv_cache_bytes=16 << 20).tokenizer.vocab_size
     if not args.skip_hf:

@@ -27,13 +27,16 @@ def reference():
     return lm, windows, [score_tokens(lm, w).argmax(-1) for w in windows]
 
 
-# Measured on 384 GPL-3 positions: int8 (per row) 95.6 %, gguf (exact Q4_1 codes) 97.4 %, bf16 98.2 %.
-@pytest.mark.parametrize(("quantization", "min_top1"), [("int8", 0.93), ("gguf", 0.95)])
+# Issue 14's bar (int8 >= 99 %, int4 >= 95 %) is met on `inferstack model eval`'s held-out prompts (99.5 % /
+# 99.7 %). On these 384 GPL-3 positions, with fp32 activations and grouped int8, we measured int8 98.96 %
+# and gguf 97.40 % (contended machine, 2 threads); the bounds leave a few positions of margin.
+@pytest.mark.parametrize(("quantization", "min_top1"), [("int8", 0.98), ("int4", 0.95), ("gguf", 0.96)])
 def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min_top1):
     ref_lm, windows, ref_top = reference
     lm = load_model("smollm2-135m", quant=QuantOptions(quantization, dense_prefill=False))
     agree = sum((score_tokens(lm, w).argmax(-1) == r).sum().item() for w, r in zip(windows, ref_top, strict=True))
-    assert agree / sum(map(len, windows)) >= min_top1
+    top1 = agree / sum(map(len, windows))
+    assert top1 >= min_top1, top1
     assert perplexity(lm, windows) < 1.1 * perplexity(ref_lm, windows)
 
 
@@ -42,7 +45,7 @@ def test_int4_engine_answers_and_switches_kernels():
     llm = LLM("smollm2-135m", quantization="gguf", quant_crossover_rows=8, num_threads=2,
               kv_cache_bytes=64 << 20)
     lm = llm.engine.core.executor.lm
-    assert lm.quant.crossover == {"int4": 8, "int8": 8} and lm.dtype == torch.bfloat16
+    assert lm.quant.crossover == {"int4": 8, "int8": 8} and lm.dtype == torch.float32
     assert lm.quant.formats == {"int4 g32": 30 * 4, "int8 g32": 1}    # the Q8_0 LM head stays 8-bit
     res = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                    SamplingParams(temperature=0, max_tokens=20))

@@ -13,7 +13,7 @@ from inferstack.lab.report import bar_plot, write_report
 
 def test_report_renders_to_one_self_contained_page(tmp_path: Path) -> None:
     lab = Lab(name="demo", week=1, title="Demo", question="Does <b> stay text?", teaches="", needs=("a stack",),
-              minutes=1.0)
+              minutes=1.0, run=lambda run: LabResult([]))
     plot = bar_plot(tmp_path / "ttft.png", "TTFT", "ms", {"p50": [1.0, 2.0]}, ["a", "b"])
     result = LabResult(["TTFT p50: a 1.0 ms, b 2.0 ms"], [Table("runs", ["config", "completed"], [["a", 3]])],
                        [plot, tmp_path / "gone.png"])

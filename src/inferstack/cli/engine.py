@@ -44,6 +44,15 @@ class KVTransport(StrEnum):
     shm = "shm"
 
 
+class KVCacheDtype(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    fp8_e4m3 = "fp8_e4m3"
+    int8 = "int8"
+
+
 class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -106,14 +115,19 @@ def serve(
              "to stdout): how scripts learn the real port when --port is 0.")] = None,
     served_model_name: Annotated[str | None, typer.Option(
         help="Name clients put in the `model` field (default: the model's own name).")] = None,
-    dtype: Annotated[Dtype, typer.Option(help="Activation (and KV cache) precision, and the weights' unless "
-                                              "--quantization; auto picks float32 on CPU, bfloat16 on CUDA or "
-                                              "with --quantization.")] = Dtype.auto,
+    dtype: Annotated[Dtype, typer.Option(help="Activation precision, and the weights' unless --quantization; "
+                                              "auto picks float32 on CPU (also with --quantization: only the "
+                                              "matmul inputs go to bf16), bfloat16 on CUDA.")] = Dtype.auto,
+    kv_cache_dtype: Annotated[KVCacheDtype, typer.Option(
+        help="KV cache precision: auto (the activations' dtype; bfloat16 with --quantization), float32, "
+             "bfloat16, float16, or int8 / fp8_e4m3 (about half of bf16's memory, a scale per token and KV "
+             "head); see docs/engine.md, 'KV cache precision'.")] = KVCacheDtype.auto,
     quantization: Annotated[Quantization, typer.Option(
-        help="CPU weight format: none (weights in --dtype), int8 (per row), int4 (groups of "
-             "--quant-group-size) or gguf (keep a .gguf file's own Q8_0/Q4_* precision). int4/gguf decode "
+        help="CPU weight format: none (weights in --dtype), int8 (min/max per group of --quant-group-size), "
+             "int4 (groups of --quant-group-size) or gguf (keep a .gguf file's own Q8_0/Q4_* precision). "
+             "int4/gguf decode "
              "fastest; see docs/engine.md, 'Weight formats'.")] = Quantization.none,
-    quant_group_size: Annotated[int | None, typer.Option(help="int4: columns per scale (32, 64 or 128; "
+    quant_group_size: Annotated[int | None, typer.Option(help="int8/int4: columns per scale (32, 64 or 128; "
                                                               "smaller is more accurate).")] = None,
     dense_prefill: Annotated[bool, typer.Option(
         "--dense-prefill/--no-dense-prefill",
@@ -257,7 +271,8 @@ def serve(
         model, served_model_name = _verified_model(model, served_model_name, trust_policy, allow_unverified)
     try:
         config = build_engine_config(
-            model, served_model_name=served_model_name, dtype=dtype, quantization=quantization,
+            model, served_model_name=served_model_name, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
             quant_group_size=quant_group_size, dense_prefill=dense_prefill,
             quant_crossover_rows=quant_crossover_rows, device=device, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,

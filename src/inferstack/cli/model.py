@@ -431,16 +431,22 @@ def _local_model(target: str, store: Path | None, plain_http: bool, username: st
 
 
 _EVAL_FORMATS = ("bfloat16", "int8", "int4", "gguf")
+_EVAL_KV = ("bfloat16", "fp8_e4m3", "int8")
 
 
-def eval_formats(names: list[str], group_size: int) -> list[tuple[str, dict]]:
-    """``--quantization`` names → (table name, LLM keyword arguments); unknown names raise ValueError."""
+def eval_formats(names: list[str], group_size: int, kv_dtypes: list[str] | None = None) -> list[tuple[str, dict]]:
+    """``--quantization`` / ``--kv-cache-dtype`` names → (table name, LLM keyword arguments); unknown names
+    raise ValueError. A KV row keeps fp32 weights and activations, so it shows the cache's rounding alone."""
     out: list[tuple[str, dict]] = []
+    for kv in kv_dtypes or []:
+        if kv not in _EVAL_KV:
+            raise ValueError(f"unknown KV cache dtype {kv!r}; choose from {', '.join(_EVAL_KV)}")
+        out.append((f"fp32, KV cache {kv}", {"dtype": "float32", "kv_cache_dtype": kv}))
     for name in names:
         if name == "bfloat16":
             out.append(("bfloat16", {"dtype": "bfloat16"}))
         elif name in ("int8", "int4", "gguf"):
-            label = f"int4 g{group_size}" if name == "int4" else name
+            label = f"{name} g{group_size}" if name in ("int4", "int8") else name
             out.append((label, {"quantization": name, "dense_prefill": False, "quant_group_size": group_size}))
         else:
             raise ValueError(f"unknown format {name!r}; choose from {', '.join(_EVAL_FORMATS)}")
@@ -454,11 +460,16 @@ def eval_model(
     quantization: Annotated[list[str] | None, typer.Option(
         help="Format to compare with fp32 (repeat the flag): bfloat16, int8, int4, gguf (a .gguf model only). "
              "Default: all that apply.")] = None,
-    group_size: Annotated[int, typer.Option(help="int4 columns per scale (32, 64 or 128).")] = 32,
+    group_size: Annotated[int, typer.Option(help="int8/int4 columns per scale (32, 64 or 128).")] = 32,
+    kv_cache_dtype: Annotated[list[str] | None, typer.Option(
+        help="Also score fp32 weights with this KV cache precision (repeat the flag): bfloat16, fp8_e4m3, "
+             "int8. Quantized formats use their default KV cache (bfloat16).")] = None,
     text: Annotated[Path, typer.Option(help="English text for perplexity (default: the GPL-3 text every "
                                             "Debian/Ubuntu machine has).")] = Path("/usr/share/common-licenses/GPL-3"),
     max_text_tokens: Annotated[int, typer.Option(help="Tokens of --text to score.")] = 2048,
     new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per held-out prompt.")] = 32,
+    prompts: Annotated[int, typer.Option(min=1, max=12, help="How many of the 12 held-out prompts to use.")] = 12,
+    decode_steps: Annotated[int, typer.Option(min=8, help="Batch-1 decode steps timed per format.")] = 64,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -466,17 +477,19 @@ def eval_model(
     held-out prompts, perplexity on --text, batch-1 decode tok/s (docs/engine.md, "Weight formats").
 
     Example: inferstack model eval --model smollm2-135m --quantization int8 --quantization int4
+    --kv-cache-dtype int8
     """
     import dataclasses
 
-    from inferstack.engine.evaluate import evaluate, markdown_table
+    from inferstack.engine.evaluate import HELD_OUT_PROMPTS, evaluate, markdown_table
     from inferstack.engine.models.arch import ModelLoadError
     from inferstack.engine.weights.loader import resolve_model_path
 
     try:
         is_gguf = resolve_model_path(model).suffix == ".gguf"
-        names = quantization or [f for f in _EVAL_FORMATS if f != "gguf" or is_gguf]
-        formats = eval_formats(names, group_size)
+        names = quantization if quantization is not None or kv_cache_dtype else \
+            [f for f in _EVAL_FORMATS if f != "gguf" or is_gguf]
+        formats = eval_formats(names or [], group_size, kv_cache_dtype)
         body = text.read_text(errors="replace")
     except ValueError as e:     # an unknown format, or a model that does not resolve (ModelLoadError)
         raise _fail(str(e), 2) from None
@@ -484,7 +497,8 @@ def eval_model(
         raise _fail(f"{text}: {e.strerror or e}", 2) from None
     try:
         scores = evaluate(model, formats, body, new_tokens=new_tokens, max_text_tokens=max_text_tokens,
-                          threads=threads, progress=lambda m: typer.echo(f"evaluating {m} ...", err=True))
+                          prompts=HELD_OUT_PROMPTS[:prompts], decode_steps=decode_steps, threads=threads,
+                          progress=lambda m: typer.echo(f"evaluating {m} ...", err=True))
     except ModelLoadError as e:
         raise _fail(str(e), 2) from None
     if as_json:

@@ -74,7 +74,9 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
         # A request must always fit the cache alone, or preemption could never make room for it.
         log.warning("the KV cache holds %d tokens: capping max_model_len from %d to that", capacity, max_model_len)
         max_model_len = capacity
-    key_space = KVKeySpace(model_digest=lm.model_digest, dtype=lm.kv_key_dtype, block_size=config.block_size)
+    # The KV dtype is part of the key: int8/fp8 blocks must never be served to an engine storing bf16.
+    key_space = KVKeySpace(model_digest=lm.model_digest, dtype=lm.kv_key_dtype + executor.kv_format.key_suffix(),
+                           block_size=config.block_size)
     connector = build_connector(config, executor.kv_caches, key_space)
     core = EngineCore.build(config, executor, lm.tokenizer, key_space, max_model_len, connector,
                             vocab_size=lm.arch.vocab_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from inferstack.engine.executor.kv_format import KV_CACHE_DTYPES
 from inferstack.kvstore.settings import KVStoreConfig
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30     # 1 GiB: two replicas of the bundled model fit in 24 GiB easily
@@ -38,6 +39,9 @@ class EngineConfig:
     quant_group_size: int = 32
     dense_prefill: bool = True
     quant_crossover_rows: int | None = None
+    # KV cache precision (docs/engine.md, "KV cache precision"): auto is the activations' dtype, or
+    # bfloat16 with int8/int4 weights; int8 and fp8_e4m3 keep a scale per (token, KV head) in the block.
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     block_size: int = 16
     max_model_len: int | None = None            # default: the model's context length
@@ -91,6 +95,8 @@ class EngineConfig:
             raise ValueError("grammar_workers must be at least 1 and grammar_timeout_s positive")
         if self.quantization not in ("none", "int8", "int4", "gguf"):
             raise ValueError(f"quantization must be none, int8, int4 or gguf, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quant_group_size not in (32, 64, 128):
             raise ValueError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
         if self.quant_crossover_rows is not None and self.quant_crossover_rows < 1:

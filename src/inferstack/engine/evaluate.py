@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
+from inferstack.engine.executor.kv_format import KVFormat
 from inferstack.engine.llm import LLM, expand_choices
 from inferstack.engine.sampling_params import SamplingParams
 from inferstack.engine.weights.loader import LoadedModel
@@ -64,18 +65,27 @@ class FormatScore:
     weight_mib: float
 
 
-def score_tokens(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
-    """fp32 logits ``[len(ids), vocab]`` of one sequence in one prefill through a private KV cache."""
+def score_tokens(lm: LoadedModel, ids: list[int], fmt: KVFormat | None = None) -> torch.Tensor:
+    """fp32 logits ``[len(ids), vocab]`` of one sequence through a private KV cache, in chunks of
+    ``BLOCK`` tokens: every chunk after the first reads its context back from the cache, so a KV
+    format's rounding (``fmt``; None: the activations as they are) shows in the scores."""
     arch, n = lm.arch, len(ids)
     blocks = -(-n // BLOCK)
-    caches = [torch.zeros((2, blocks, BLOCK, arch.num_kv_heads, arch.head_dim), dtype=lm.dtype)
+    row, storage = (arch.head_dim, lm.dtype) if fmt is None else (fmt.row, fmt.storage)
+    caches = [torch.zeros((2, blocks, BLOCK, arch.num_kv_heads, row), dtype=storage)
               for _ in range(arch.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n]),
-                             seq_lens=torch.tensor([n]), block_tables=torch.arange(blocks)[None],
-                             query_lens_list=[n], seq_lens_list=[n], block_size=BLOCK)
+    tables = torch.arange(blocks)[None]
+    out = []
     with torch.inference_mode():
-        hidden = lm.model(torch.tensor(ids), torch.arange(n), caches, meta)
-        return lm.model.compute_logits(hidden).float()
+        for start in range(0, n, BLOCK):
+            end = min(n, start + BLOCK)
+            q = end - start
+            meta = AttentionMetadata(slot_mapping=torch.arange(start, end), query_start_loc=torch.tensor([0, q]),
+                                     seq_lens=torch.tensor([end]), block_tables=tables, query_lens_list=[q],
+                                     seq_lens_list=[end], block_size=BLOCK, kv_format=fmt)
+            hidden = lm.model(torch.tensor(ids[start:end]), torch.arange(start, end), caches, meta)
+            out.append(lm.model.compute_logits(hidden).float())
+    return torch.cat(out)
 
 
 def text_windows(lm: LoadedModel, text: str, window: int, max_tokens: int) -> list[list[int]]:
@@ -83,10 +93,10 @@ def text_windows(lm: LoadedModel, text: str, window: int, max_tokens: int) -> li
     return [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
 
 
-def perplexity(lm: LoadedModel, windows: list[list[int]]) -> float:
+def perplexity(lm: LoadedModel, windows: list[list[int]], fmt: KVFormat | None = None) -> float:
     nll, count = 0.0, 0
     for ids in windows:
-        logits = score_tokens(lm, ids)[:-1]
+        logits = score_tokens(lm, ids, fmt)[:-1]
         nll += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
         count += len(ids) - 1
     return math.exp(nll / count)
@@ -130,11 +140,11 @@ def reference(llm: LLM, prompts: tuple[str, ...], new_tokens: int) -> Reference:
 
 def compare(llm: LLM, ref: Reference) -> tuple[float, float, float, int]:
     """``(top-1 agreement, mean KL, greedy token agreement, identical answers)`` against ``ref``."""
-    lm = llm.engine.core.executor.lm
+    executor = llm.engine.core.executor
     agree = positions = 0
     kl_sum = 0.0
     for seq, ref_lp in zip(ref.sequences, ref.log_probs, strict=True):
-        lp = score_tokens(lm, seq).log_softmax(-1)
+        lp = score_tokens(executor.lm, seq, executor.kv_format).log_softmax(-1)
         agree += (lp.argmax(-1) == ref_lp.argmax(-1)).sum().item()
         kl_sum += (ref_lp.exp() * (ref_lp - lp)).sum().item()
         positions += len(seq)
@@ -158,6 +168,7 @@ def _weight_mib(lm: LoadedModel) -> float:
 
 def evaluate(model: str, formats: list[tuple[str, dict]], text: str, *, new_tokens: int = 32,
              prompts: tuple[str, ...] = HELD_OUT_PROMPTS, window: int = 256, max_text_tokens: int = 2048,
+             decode_steps: int = 64,
              threads: int | None = None, progress: Callable[[str], None] | None = None) -> list[FormatScore]:
     """Score each ``(name, LLM keyword arguments)`` against fp32 weights and activations."""
     say = progress or (lambda _msg: None)
@@ -168,7 +179,7 @@ def evaluate(model: str, formats: list[tuple[str, dict]], text: str, *, new_toke
     ref = reference(ref_llm, prompts, new_tokens)
     windows = text_windows(ref_lm, text, window, max_text_tokens)
     scores = [FormatScore("float32 (reference)", 1.0, 0.0, 1.0, len(prompts), len(prompts),
-                          perplexity(ref_lm, windows), decode_rate(ref_llm), _weight_mib(ref_lm))]
+                          perplexity(ref_lm, windows), decode_rate(ref_llm, decode_steps), _weight_mib(ref_lm))]
     del ref_llm, ref_lm
     gc.collect()
     for name, kwargs in formats:
@@ -176,8 +187,9 @@ def evaluate(model: str, formats: list[tuple[str, dict]], text: str, *, new_toke
         llm = LLM(model, **common, **kwargs)
         lm = llm.engine.core.executor.lm
         top1, kl, greedy, exact = compare(llm, ref)
-        scores.append(FormatScore(name, top1, kl, greedy, exact, len(prompts), perplexity(lm, windows),
-                                  decode_rate(llm), _weight_mib(lm)))
+        ppl = perplexity(lm, windows, llm.engine.core.executor.kv_format)
+        scores.append(FormatScore(name, top1, kl, greedy, exact, len(prompts), ppl,
+                                  decode_rate(llm, decode_steps), _weight_mib(lm)))
         del llm, lm
         gc.collect()
     return scores

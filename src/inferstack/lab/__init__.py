@@ -2,6 +2,6 @@
 
 `base` defines a lab and its result, `runtime` starts what a lab needs with the stack's own code
 (`inferstack up`, `inferstack bench`) and stops it by PID, `report` writes report.md, results.json
-and PNG plots, `registry` lists every lab (those whose feature is not built yet too), and `labs/`
+and PNG plots, `registry` lists every lab, and `labs/`
 holds one module per lab.
 """

@@ -40,13 +40,8 @@ class Lab:
     teaches: str                        # one line for `lab list`
     needs: tuple[str, ...]              # what it starts
     minutes: float                      # a full run, on a laptop
-    run: Callable[[LabRun], LabResult] | None = None   # None: its feature is not built yet
-    planned_by: str = ""                # for a lab not built yet: what brings it
+    run: Callable[[LabRun], LabResult]
     unmet: Callable[[], str] | None = None  # why this machine cannot run it ("" when it can): root, a binary
-
-    @property
-    def available(self) -> bool:
-        return self.run is not None
 
     def missing(self) -> str:
         """What this machine lacks to run the lab ("" when nothing)."""

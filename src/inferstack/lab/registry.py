@@ -1,5 +1,4 @@
-"""Every lab of the curriculum, in week order; those whose feature is not built yet are listed too,
-with what brings them, so `inferstack lab list` shows the whole plan."""
+"""Every lab of the curriculum, in week order (`inferstack lab list`)."""
 
 from __future__ import annotations
 
@@ -17,17 +16,12 @@ from inferstack.lab.labs import (
     pd,
     predictive,
     production,
+    quantization,
     routing,
     signing,
     tuning,
     workflow,
 )
-
-
-def _planned(name: str, week: int, title: str, teaches: str, by: str) -> Lab:
-    return Lab(name=name, week=week, title=title, question="", teaches=teaches, needs=(), minutes=0.0,
-               planned_by=by)
-
 
 LABS: dict[str, Lab] = {lab.name: lab for lab in [
     routing.LAB,
@@ -37,8 +31,7 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     agents.LAB,
     pd.LAB,
     caching.LAB,
-    _planned("quantization", 2, "Performance vs accuracy", "tok/s against accuracy per precision",
-             "quantized kernels and `inferstack model eval`"),
+    quantization.LAB,
     network.LAB,
     capacity.LAB,
     dashboards.LAB,

@@ -20,8 +20,10 @@ def _port_flag(port: int) -> list[str]:
 
 
 def _format_args(settings: UpSettings) -> list[str]:
-    """`up.dtype` / `up.quantization` as engine flags, only when set (older engines lack them)."""
+    """`up.dtype` / `up.quantization` / `up.kv_cache_dtype` as engine flags, only when set (older engines
+    lack them)."""
     args = [] if settings.dtype == "auto" else ["--dtype", settings.dtype]
+    args += [] if settings.kv_cache_dtype == "auto" else ["--kv-cache-dtype", settings.kv_cache_dtype]
     return args + ([] if settings.quantization == "none" else ["--quantization", settings.quantization])
 
 

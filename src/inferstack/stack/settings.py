@@ -52,6 +52,9 @@ class UpSettings(BaseModel):
     quantization: Literal["none", "int8", "int4", "gguf"] = Field(
         "none", description="Engines' weight format (`engine serve --quantization`; docs/engine.md, "
         "'Weight formats').")
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8"] = Field(
+        "auto", description="Engines' KV cache precision (`engine serve --kv-cache-dtype`; docs/engine.md, "
+        "'KV cache precision').")
     host: str = Field("127.0.0.1", description="Address the gateway binds.")
     port: int = Field(8000, ge=0, le=65535, description="Gateway port; 0 lets the OS choose.")
     threads: int | None = Field(

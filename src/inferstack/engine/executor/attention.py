@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
+from inferstack.engine.executor.kv_format import KVFormat
 
 
 @dataclass
@@ -46,6 +47,7 @@ class AttentionPlan:
     # multi-megabyte tensor per layer costs more in page faults than the copy itself.
     decode_head_rows: torch.Tensor | None = None
     decode_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    kv_format: KVFormat | None = None    # None: the cache holds the activations as they are
 
 
 def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
@@ -87,19 +89,30 @@ def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
         # and a masked-out NaN value still poisons the weighted sum.
         decode_slots = torch.where(valid, slots, current[:, None]).reshape(-1)
         decode_mask = valid[:, None, None, :]
-    return AttentionPlan(start, meta.slot_mapping, decode_rows, decode_slots, decode_mask, decode_len, prefills)
+    return AttentionPlan(start, meta.slot_mapping, decode_rows, decode_slots, decode_mask, decode_len, prefills,
+                         kv_format=meta.kv_format)
+
+
+def _store(x: torch.Tensor, fmt: KVFormat | None) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1) if fmt is None else fmt.encode(x)
+
+
+def _load(rows: torch.Tensor, fmt: KVFormat | None) -> torch.Tensor:
+    """Cache rows ``[N, row]`` → ``[N, head_dim]`` activations."""
+    return rows if fmt is None else fmt.decode(rows)
 
 
 def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                             plan: AttentionPlan, scale: float) -> torch.Tensor:
     """``q [T, nh, hd]``, ``k``/``v [T, nkv, hd]`` → ``[T, nh, hd]``; see the module docstring."""
-    t, num_kv_heads, head_dim = k.shape
+    _, num_kv_heads, head_dim = k.shape
+    fmt = plan.kv_format
     # Rows of num_kv_heads * head_dim: index ops on 2-D rows are plain row copies, several times
     # faster on CPU than the same ops on a 3-D view.
-    cache = kv_cache.view(2, -1, num_kv_heads * head_dim)
+    cache = kv_cache.view(2, -1, num_kv_heads * kv_cache.shape[-1])
     k_cache, v_cache = cache[0], cache[1]
-    k_cache.index_copy_(0, plan.slot_mapping, k.reshape(t, -1))
-    v_cache.index_copy_(0, plan.slot_mapping, v.reshape(t, -1))
+    k_cache.index_copy_(0, plan.slot_mapping, _store(k, fmt))
+    v_cache.index_copy_(0, plan.slot_mapping, _store(v, fmt))
 
     if plan.decode_slots is not None and not plan.prefills and plan.decode_rows is None:
         return _decode(q, k_cache, v_cache, plan, scale)
@@ -110,9 +123,10 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         if p.context_slots is None:
             out[p.start:p.end] = _sdpa_chunk(qs, k[p.start:p.end], v[p.start:p.end], scale)
         else:
-            ctx = (-1, num_kv_heads, head_dim)
-            out[p.start:p.end] = _sdpa_chunk(qs, k_cache.index_select(0, p.context_slots).view(ctx),
-                                             v_cache.index_select(0, p.context_slots).view(ctx), scale)
+            ctx, row = (-1, num_kv_heads, head_dim), kv_cache.shape[-1]
+            keys = _load(k_cache.index_select(0, p.context_slots).view(-1, row), fmt).view(ctx)
+            values = _load(v_cache.index_select(0, p.context_slots).view(-1, row), fmt).view(ctx)
+            out[p.start:p.end] = _sdpa_chunk(qs, keys, values, scale)
     if plan.decode_slots is not None:
         rows = plan.decode_rows
         out[rows] = _decode(q.index_select(0, rows), k_cache, v_cache, plan, scale)
@@ -122,7 +136,8 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
             scale: float) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1] // head_dim
+    row = head_dim if plan.kv_format is None else plan.kv_format.row
+    num_kv_heads = k_cache.shape[1] // row
     group = num_heads // num_kv_heads
     length = plan.decode_len
     if plan.decode_head_rows is None:
@@ -131,12 +146,14 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan:
         heads = torch.arange(num_kv_heads, device=q.device)
         plan.decode_head_rows = (plan.decode_slots.view(batch, 1, length) * num_kv_heads
                                  + heads.view(1, num_kv_heads, 1)).reshape(-1)
-        plan.decode_buffers = (k_cache.new_empty(batch * num_kv_heads * length, head_dim),
-                               v_cache.new_empty(batch * num_kv_heads * length, head_dim))
+        plan.decode_buffers = (k_cache.new_empty(batch * num_kv_heads * length, row),
+                               v_cache.new_empty(batch * num_kv_heads * length, row))
     k_buf, v_buf = plan.decode_buffers
     shape = (batch, num_kv_heads, length, head_dim)
-    keys = torch.index_select(k_cache.view(-1, head_dim), 0, plan.decode_head_rows, out=k_buf).view(shape)
-    values = torch.index_select(v_cache.view(-1, head_dim), 0, plan.decode_head_rows, out=v_buf).view(shape)
+    keys = _load(torch.index_select(k_cache.view(-1, row), 0, plan.decode_head_rows, out=k_buf),
+                 plan.kv_format).view(shape)
+    values = _load(torch.index_select(v_cache.view(-1, row), 0, plan.decode_head_rows, out=v_buf),
+                   plan.kv_format).view(shape)
     # Query heads sharing a KV head become rows of one [group, L] score matrix: no KV repeat needed.
     out = F.scaled_dot_product_attention(q.view(batch, num_kv_heads, group, head_dim), keys, values,
                                          attn_mask=plan.decode_mask, scale=scale)

@@ -2,7 +2,8 @@
 
 Tokens of all scheduled sequences are packed into one flat batch of ``T`` tokens, sequence by
 sequence. KV for each layer lives in a paged cache tensor of shape
-``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0 = K, 1 = V).
+``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0 = K, 1 = V); with an int8/fp8 cache the
+last dimension is the format's row (codes and scale, executor/kv_format.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from inferstack.engine.executor.kv_format import KVFormat
 
 
 @dataclass
@@ -21,6 +24,7 @@ class AttentionMetadata:
     query_lens_list: list[int]     # host copies, so the op never syncs a device tensor to branch
     seq_lens_list: list[int]
     block_size: int
+    kv_format: KVFormat | None = None   # how rows are stored (executor/kv_format.py); None: as the activations
 
     @property
     def num_seqs(self) -> int:

@@ -7,15 +7,15 @@ import torch
 from inferstack.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.executor.base import ExecutorOutput
+from inferstack.engine.executor.kv_format import KVFormat
 from inferstack.engine.sampling import SamplingRow, sample
 from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.engine.weights.loader import LoadedModel
 
 
-def kv_bytes_per_block(lm: LoadedModel, block_size: int) -> int:
+def kv_bytes_per_block(lm: LoadedModel, block_size: int, fmt: KVFormat) -> int:
     arch = lm.arch
-    elem = torch.empty((), dtype=lm.dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * fmt.bytes_per_row()
 
 
 class TorchExecutor:
@@ -23,11 +23,12 @@ class TorchExecutor:
         self.lm = lm
         self.device = device
         self.block_size = config.block_size
-        self.num_kv_blocks = self._size_kv_cache(config)
         arch = lm.arch
+        self.kv_format = KVFormat.resolve(config.kv_cache_dtype, lm.dtype, arch.head_dim, lm.quant is not None)
+        self.num_kv_blocks = self._size_kv_cache(config)
         self.kv_caches = [
-            torch.zeros((2, self.num_kv_blocks, self.block_size, arch.num_kv_heads, arch.head_dim),
-                        dtype=lm.dtype, device=device)
+            torch.zeros((2, self.num_kv_blocks, self.block_size, arch.num_kv_heads, self.kv_format.row),
+                        dtype=self.kv_format.storage, device=device)
             for _ in range(arch.num_layers)
         ]
         self._generators: dict[str, torch.Generator] = {}
@@ -35,7 +36,7 @@ class TorchExecutor:
     def _size_kv_cache(self, config: EngineConfig) -> int:
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
-        per_block = kv_bytes_per_block(self.lm, self.block_size)
+        per_block = kv_bytes_per_block(self.lm, self.block_size, self.kv_format)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * config.gpu_memory_utilization) - (total - free)
@@ -83,6 +84,7 @@ class TorchExecutor:
             query_lens_list=query_lens,
             seq_lens_list=seq_lens,
             block_size=bs,
+            kv_format=self.kv_format,
         )
         hidden = self.lm.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
                                torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)

@@ -57,8 +57,9 @@ class PackedWeight:
         if isinstance(w, Int8Weight):
             unsigned = w.q.to(torch.int32) + 128
             zeros = torch.zeros_like(w.scale)
-            # 16·hi·s + lo·s - 128·s = q·s: minimum -128·s on the high plane, 0 on the low one.
-            high = cls.pack(Int4Weight(unsigned >> 4, 16 * w.scale, -128 * w.scale, w.group))
+            offset = zeros if w.offset is None else w.offset
+            # 16·hi·s + lo·s - 128·s + offset = q·s + offset: the high plane carries the minimum.
+            high = cls.pack(Int4Weight(unsigned >> 4, 16 * w.scale, offset - 128 * w.scale, w.group))
             low = cls.pack(Int4Weight(unsigned & 15, w.scale, zeros, w.group))
             return cls("int8x2", high.data, high.scales, w.group, low)
         # torch's dequant is (code - 8) · scale + zero, so zero = minimum + 8 · scale.
@@ -68,12 +69,13 @@ class PackedWeight:
         return cls("int4", packed, scales_zeros, w.group)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` must be bf16 (see the module docstring)."""
+        """``x`` must be bf16 (see the module docstring). bf16 out, but float32 for two planes: their
+        partial sums can be large with opposite signs, and adding them in bf16 rounds the difference."""
         if self.kind == "int8":
             return torch._weight_int8pack_mm(x, self.data, self.scales)
         out = torch._weight_int4pack_mm_for_cpu(x, self.data, self.group, self.scales)
         if self.low is not None:
-            out += self.low.matmul(x)
+            return out.float() + self.low.matmul(x).float()
         return out
 
     def nbytes(self) -> int:

@@ -82,12 +82,15 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
-def resolve_dtype(dtype: torch.dtype | str, device: torch.device, quantized: bool = False) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA and with quantized weights (their kernels take bf16), else float32."""
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, else float32. With quantized weights on CPU too, activations stay
+    float32 (residual stream, norms, softmax, logits) and only each matmul's input is cast to bf16
+    for the int8/int4 kernels: a bf16 residual stream cost 2.5 points of top-1 agreement on the
+    bundled model (docs/engine.md, "Weight formats")."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
-        resolved = torch.bfloat16 if device.type == "cuda" or quantized else torch.float32
+        resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif dtype in _DTYPES:
         resolved = _DTYPES[dtype]
     else:
@@ -124,7 +127,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
     quant = quant or QuantOptions()
     check_quantization(quant, path, dev)
     quantized = quant.quantization != "none"
-    torch_dtype = resolve_dtype(dtype, dev, quantized)
+    torch_dtype = resolve_dtype(dtype, dev)
     load_dtype = torch.float32 if quantized else torch_dtype   # quantize from full precision
     if path.is_file():
         if path.suffix != ".gguf":

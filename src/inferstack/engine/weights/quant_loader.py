@@ -9,10 +9,14 @@
 3. With ``dense_prefill`` a bf16 copy stays too, for steps of ``crossover`` rows or more, where a
    bf16 GEMM beats the GEMV-shaped quantized kernels (docs/engine.md, "Weight formats").
 
-Formats: ``int8`` per output row; ``int4`` groups of ``group_size`` columns; ``gguf`` keeps the
-file's own precision (:mod:`inferstack.engine.weights.gguf_quant`). The LM head is int8 with a scale
-per 32 columns in every format, as llama.cpp's Q4 files keep it at Q6_K/Q8_0: it decides every token,
-and per-row int8 there cost 3-4 points of top-1 agreement on SmolLM2.
+Formats: ``int8`` per group of ``group_size`` columns, symmetric or min/max over 255 steps, whichever
+is closer to the tensor (per output row only where a shape does not fit the grouped kernel); ``int4``
+groups of ``group_size`` columns; ``gguf`` keeps the file's own precision
+(:mod:`inferstack.engine.weights.gguf_quant`). The LM head is int8 with a scale (and an offset where
+that is closer) per 32 columns in every format, as llama.cpp's Q4 files keep it at Q6_K/Q8_0: it
+decides every token, and per-row int8 there cost 3-4 points of top-1 agreement on SmolLM2. On the
+bundled model (Q4_1 body, Q8_0 head) each grid holds one of them exactly; per-row int8 everywhere
+measured 97.2 % top-1 against fp32 (docs/engine.md, "Weight formats").
 """
 
 from __future__ import annotations
@@ -37,17 +41,18 @@ from inferstack.engine.weights.quantize import (
     int4_group_for,
     quantize_int4,
     quantize_int8,
+    quantize_int8_grouped,
 )
 from inferstack.paths import cache_root
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
 class QuantOptions:
     quantization: str = "none"          # none | int8 | int4 | gguf
-    group_size: int = 32                # int4 group (32, 64 or 128)
+    group_size: int = 32                # int8/int4 group (32, 64 or 128)
     dense_prefill: bool = True          # keep a bf16 copy for large steps
     crossover_rows: int | None = None   # rows from which the bf16 copy is used; None: measure
 
@@ -86,14 +91,12 @@ def _fits_kernel(w: QuantWeight) -> bool:
 
 
 def _from_dense(dense: torch.Tensor, want_int4: bool, group_size: int) -> tuple[QuantWeight, str | None]:
-    group = int4_group_for(dense.shape[1], group_size) if want_int4 else 0
-    if want_int4 and group and dense.shape[0] % 16 == 0:
+    group = int4_group_for(dense.shape[1], group_size)
+    if group and dense.shape[0] % 16 == 0:
         note = None if group == group_size else f"group {group} (the width {dense.shape[1]} is not a " \
                                                 f"multiple of {group_size})"
-        return quantize_int4(dense, group), note
-    if want_int4:
-        return quantize_int8(dense), f"int8 instead of int4: shape {list(dense.shape)} does not fit the kernel"
-    return quantize_int8(dense), None
+        return (quantize_int4(dense, group) if want_int4 else quantize_int8_grouped(dense, group)), note
+    return quantize_int8(dense), f"int8 per row: shape {list(dense.shape)} does not fit the grouped kernel"
 
 
 def convert_projections(model: nn.Module, opts: QuantOptions,
@@ -114,7 +117,7 @@ def convert_projections(model: nn.Module, opts: QuantOptions,
             out[key] = fused
             continue
         if is_head and dense.shape[1] % 32 == 0 and dense.shape[0] % 16 == 0:
-            out[key] = quantize_int8(dense, 32)    # every token's choice: 8 bits, a scale per 32
+            out[key] = quantize_int8_grouped(dense, 32)    # every token's choice: 8 bits, a scale per 32
             continue
         weight, note = _from_dense(dense, opts.quantization == "int4", opts.group_size)
         out[key] = weight
@@ -124,7 +127,7 @@ def convert_projections(model: nn.Module, opts: QuantOptions,
 
 
 def cache_path(digest: str, opts: QuantOptions) -> Path:
-    group = f"-g{opts.group_size}" if opts.quantization == "int4" else ""
+    group = f"-g{opts.group_size}" if opts.quantization in ("int4", "int8") else ""
     return cache_root() / "quant" / f"{digest[:16]}-{opts.quantization}{group}-v{CACHE_VERSION}.safetensors"
 
 
@@ -134,7 +137,9 @@ def save_cache(path: Path, weights: dict[str, QuantWeight], notes: list[str]) ->
     for key, w in weights.items():
         if isinstance(w, Int8Weight):
             tensors |= {f"{key}/q": w.q, f"{key}/scale": w.scale}
-            meta[key] = {"kind": "int8", "exact": w.exact, "group": w.group}
+            if w.offset is not None:
+                tensors[f"{key}/offset"] = w.offset
+            meta[key] = {"kind": "int8", "exact": w.exact, "group": w.group, "offset": w.offset is not None}
         else:
             tensors |= {f"{key}/codes": w.codes, f"{key}/scale": w.scale, f"{key}/min": w.minimum}
             meta[key] = {"kind": "int4", "group": w.group, "exact": w.exact}
@@ -155,7 +160,8 @@ def load_cache(path: Path) -> tuple[dict[str, QuantWeight], list[str]]:
         out: dict[str, QuantWeight] = {}
         for key, m in meta.items():
             if m["kind"] == "int8":
-                out[key] = Int8Weight(get(f"{key}/q"), get(f"{key}/scale"), m["exact"], m["group"])
+                out[key] = Int8Weight(get(f"{key}/q"), get(f"{key}/scale"), m["exact"], m["group"],
+                                      get(f"{key}/offset") if m["offset"] else None)
             else:
                 out[key] = Int4Weight(get(f"{key}/codes"), get(f"{key}/scale"), get(f"{key}/min"), m["group"],
                                       m["exact"])
@@ -212,6 +218,6 @@ def _crossovers(model: nn.Module, weights: dict[str, QuantWeight], opts: QuantOp
     found: dict[str, int | None] = {}
     for kind in sorted(kinds):
         group = int4_group_for(dense.shape[1], opts.group_size) or 32
-        sample = quantize_int8(dense) if kind == "int8" else quantize_int4(dense, group)
+        sample = quantize_int8_grouped(dense, group) if kind == "int8" else quantize_int4(dense, group)
         found[kind] = measure_crossover(sample)
     return found

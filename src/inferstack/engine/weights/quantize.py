@@ -1,7 +1,12 @@
 """Weight-only quantized formats in their host-independent ("unpacked") form.
 
-* :class:`Int8Weight`: symmetric int8, one scale per output row (``w ≈ q · scale``), or per group
-  of ``group`` input columns (GGUF's Q8_0 layout; run as two 4-bit planes, see ``quant_linear``).
+* :class:`Int8Weight`: int8, one scale per output row (``w ≈ q · scale``), or per group of ``group``
+  input columns (GGUF's Q8_0 layout; run as two 4-bit planes, see ``quant_linear``), optionally
+  with an offset per group (``w ≈ q · scale + offset``, min/max over 255 steps). ``--quantization
+  int8`` makes the grouped form, symmetric or min/max per tensor, whichever is closer: the min/max
+  grid holds every 4-bit min/max grid of the same group exactly (255 = 15 · 17) and the symmetric one
+  holds Q8_0 exactly, so a checkpoint that was quantized once (the bundled Q4_1 GGUF with its Q8_0
+  head) loses nothing, where per-row int8 re-rounds every weight (docs/engine.md).
 * :class:`Int4Weight`: 4-bit codes 0..15 in groups of ``group`` input columns, one scale and one
   minimum per (row, group) (``w ≈ code · scale + minimum``), the shape of GGUF's Q4_1 and of the
   sub-blocks of Q4_K; Q4_0 is the special case ``minimum = -8 · scale``.
@@ -30,6 +35,7 @@ class Int8Weight:
     scale: torch.Tensor      # [N] float32 (per row), or [N, K / group] with ``group``
     exact: bool = False      # the codes and scales are the checkpoint's own (no rounding by us)
     group: int = 0           # 0: one scale per row
+    offset: torch.Tensor | None = None   # [N, K / group] float32 with ``group``; None: symmetric
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -39,7 +45,10 @@ class Int8Weight:
         if not self.group:
             return self.q.float() * self.scale[:, None]
         n, k = self.q.shape
-        return (self.q.view(n, k // self.group, self.group).float() * self.scale[..., None]).view(n, k)
+        grouped = self.q.view(n, k // self.group, self.group).float() * self.scale[..., None]
+        if self.offset is not None:
+            grouped += self.offset[..., None]
+        return grouped.view(n, k)
 
 
 @dataclass
@@ -60,7 +69,6 @@ class Int4Weight:
         return (grouped * self.scale[..., None] + self.minimum[..., None]).view(n, k)
 
 
-
 QuantWeight = Int8Weight | Int4Weight
 
 
@@ -72,6 +80,29 @@ def quantize_int8(w: torch.Tensor, group: int = 0) -> Int8Weight:
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     q = torch.round(grouped / scale[..., None]).clamp_(-127, 127).to(torch.int8).view(n, k)
     return Int8Weight(q, scale if group else scale[:, 0], group=group)
+
+
+def quantize_int8_asym(w: torch.Tensor, group: int) -> Int8Weight:
+    """Min/max int8 per group of ``group`` columns, in float32: 255 steps from the group's minimum,
+    stored as ``q = code - 128`` with ``offset = minimum + 128 · scale``."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int8 group {group} does not divide the input width {k}")
+    grouped = w.float().view(n, k // group, group)
+    lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    scale = (hi - lo) / 255
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    codes = torch.round((grouped - lo[..., None]) * inv[..., None]).clamp_(0, 255)
+    q = (codes - 128).to(torch.int8).view(n, k)
+    return Int8Weight(q, scale, group=group, offset=lo + 128 * scale)
+
+
+def quantize_int8_grouped(w: torch.Tensor, group: int) -> Int8Weight:
+    """Symmetric or min/max int8 per group, whichever reconstructs ``w`` with the smaller squared error:
+    each is exact for one kind of checkpoint history (Q8_0's symmetric grid, Q4_*'s min/max grid), and
+    both run on the same kernel at the same cost."""
+    candidates = (quantize_int8(w, group), quantize_int8_asym(w, group))
+    return min(candidates, key=lambda c: (c.dequantize() - w.float()).square().sum().item())
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
@@ -96,9 +127,10 @@ def concat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
     """Fuse row blocks (Q/K/V, gate/up) into one weight; None when their formats differ."""
     first = parts[0]
     if isinstance(first, Int8Weight) and all(isinstance(p, Int8Weight) and p.group == first.group
-                                             for p in parts):
+                                             and (p.offset is None) == (first.offset is None) for p in parts):
+        offset = None if first.offset is None else torch.cat([p.offset for p in parts])
         return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                          exact=all(p.exact for p in parts), group=first.group)
+                          exact=all(p.exact for p in parts), group=first.group, offset=offset)
     if isinstance(first, Int4Weight) and all(isinstance(p, Int4Weight) and p.group == first.group
                                              for p in parts):
         return Int4Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
@@ -110,5 +142,6 @@ def concat_rows(parts: list[QuantWeight]) -> QuantWeight | None:
 def permute_rows(w: QuantWeight, order: torch.Tensor) -> QuantWeight:
     """The same weight with its output rows reordered (undoing llama.cpp's Q/K permutation)."""
     if isinstance(w, Int8Weight):
-        return Int8Weight(w.q[order], w.scale[order], w.exact, w.group)
+        return Int8Weight(w.q[order], w.scale[order], w.exact, w.group,
+                          None if w.offset is None else w.offset[order])
     return Int4Weight(w.codes[order], w.scale[order], w.minimum[order], w.group, w.exact)
