@@ -106,6 +106,23 @@ def _preexec(limits: SandboxLimits, iso: Isolation):
     return apply
 
 
+async def _start_child(run_dir: str, limits: SandboxLimits, iso: Isolation) -> asyncio.subprocess.Process:
+    """Start the sandbox process. Creating a network namespace can fail for a moment on a busy host
+    (the kernel frees namespaces asynchronously): retry briefly, never fall back to weaker isolation."""
+    failure: subprocess.SubprocessError | None = None
+    for attempt in range(4):
+        try:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", "-c", CHILD.read_text(), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=run_dir,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
+                preexec_fn=_preexec(limits, iso))
+        except subprocess.SubprocessError as exc:
+            failure = exc
+            await asyncio.sleep(0.1 * (attempt + 1))
+    raise SandboxError(f"could not start the code sandbox ({failure})")
+
+
 def _read_roots() -> list[str]:
     paths = sysconfig.get_paths()
     return sorted({paths["stdlib"], paths["platstdlib"], sys.base_prefix + "/lib"})
@@ -119,11 +136,7 @@ async def run_python(code: str, inputs: dict[str, Any], limits: SandboxLimits) -
         os.chown(run_dir, NOBODY, NOBODY)
     request = json.dumps({"code": code, "inputs": inputs, "run_dir": run_dir, "read_roots": _read_roots()})
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", "-c", CHILD.read_text(), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=run_dir,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
-            preexec_fn=_preexec(limits, iso))
+        proc = await _start_child(run_dir, limits, iso)
         try:
             out, err = await asyncio.wait_for(proc.communicate(request.encode()), limits.wall_s)
         except TimeoutError:
