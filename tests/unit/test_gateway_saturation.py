@@ -79,8 +79,8 @@ def test_drain_rate_predicts_the_wait_only_with_evidence():
     clock.t += 0.5
     assert d.expected_wait(3, 30.0) is None  # busy for under a second
     clock.t += 1.5
-    # no release in 2 s: at most one per 2 s, so 4 requests to go take at least 8 s
-    assert d.expected_wait(3, 30.0) == pytest.approx(4 * 2.0)
+    # no release in 2 s: taken as one per 10 s window, so 4 requests to go take 40 s
+    assert d.expected_wait(3, 30.0) == pytest.approx(4 * 10.0)
     for _ in range(4):
         d.released()
     assert d.expected_wait(3, 30.0) == pytest.approx(4 / (4 / 2.0))

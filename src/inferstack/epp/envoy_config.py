@@ -26,6 +26,7 @@ from inferstack.epp.messages import DESTINATION, LB_NAMESPACE, SERVED, SUBSET_KE
 
 _T = "type.googleapis.com/"
 _ROUND_ROBIN = _T + "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _PREVIOUS_HOSTS = _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 
 
@@ -175,11 +176,18 @@ def _route_config(retry: bool) -> dict[str, Any]:
 
 
 def _epp_cluster(epp: tuple[str, int]) -> dict[str, Any]:
-    """The picker, over HTTP/2 (gRPC)."""
+    """The picker, over HTTP/2 (gRPC), health-checked on the ExternalProcessor service (as llm-d's Envoy
+    does): a picker that drains (NOT_SERVING on SIGTERM) or dies leaves the cluster with no healthy host,
+    and with panic routing off Envoy then fails the ext_proc call at once — before any body chunk —
+    which `failure_mode_allow` turns into fail-open instead of a 500 mid-request."""
     return {
         "name": "epp",
         "type": "STATIC",
         "connect_timeout": "1s",
+        "health_checks": [{"timeout": "0.5s", "interval": "0.5s", "unhealthy_threshold": 1,
+                           "healthy_threshold": 1, "no_traffic_interval": "0.5s",
+                           "grpc_health_check": {"service_name": EXT_PROC_SERVICE}}],
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

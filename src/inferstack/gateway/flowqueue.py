@@ -61,10 +61,11 @@ class DrainRate:
 
     def expected_wait(self, ahead: int, timeout_s: float) -> float | None:
         """Seconds until a request behind ``ahead`` others is released, or None while the queue has been
-        busy for under a second. With no release yet in the window, the rate is taken as at most one
-        per window: a pool whose requests each run for tens of seconds (a CPU engine) releases nothing
-        for that long, and waiting for two releases before estimating let a whole run's excess queue
-        up, only to time out after `timeout_s` instead of being refused at once."""
+        busy for under a second. With no release in the window, the rate is taken as one per window
+        (`window_s`, not the shorter time since the queue formed): a pool whose requests each run for
+        tens of seconds (a CPU engine) releases nothing for that long, and estimating from the first
+        seconds let the start of an overload queue up, only to time out after `timeout_s` instead of
+        being refused at once."""
         if self._busy_since is None:
             return None
         now = self._now()
@@ -74,7 +75,9 @@ class DrainRate:
         span = now - start
         if span < 1.0:
             return None
-        return (ahead + 1) * span / max(1, len(self._releases))
+        if not self._releases:  # at most one release per window, or one would have been seen by now
+            return (ahead + 1) * self.window_s
+        return (ahead + 1) * span / len(self._releases)
 
 
 @dataclass
