@@ -21,3 +21,23 @@ def test_emulated_engines_cap_like_the_hardware_they_stand_for():
     gpu = build_emulated_engine(EngineConfig(model="llama-3-8b"), parse_profile("h100:llama-3-8b"), realtime=False)
     assert cpu.core.scheduler.config.max_num_seqs == 8
     assert gpu.core.scheduler.config.max_num_seqs == 256
+
+
+def test_a_grammar_that_fails_while_generating_is_the_clients_400():
+    """llguidance can give up mid-generation on a huge schema (its parser row limit): the client's schema,
+    not an engine fault, so a 400 naming why instead of a 500 (engine/serving.py `_finish_reason`)."""
+    import pytest
+
+    from inferstack.engine.outputs import GRAMMAR_FAILED, FinishReason, RequestOutput
+    from inferstack.engine.serving import _finish_reason
+    from inferstack.protocol.errors import APIError
+
+    out = RequestOutput(request_id="r", index=0, new_token_ids=[], new_text="", finish_reason=FinishReason.ERROR,
+                        stop_reason=GRAMMAR_FAILED + "Parser Error: Current row has 11999 items; max is 2000")
+    with pytest.raises(APIError) as exc:
+        _finish_reason(out)
+    assert exc.value.status == 400 and "max is 2000" in str(exc.value) and exc.value.param == "response_format"
+    with pytest.raises(APIError) as exc:
+        _finish_reason(RequestOutput(request_id="r", index=0, new_token_ids=[], new_text="",
+                                     finish_reason=FinishReason.ERROR))
+    assert exc.value.status == 500

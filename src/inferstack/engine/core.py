@@ -20,7 +20,7 @@ from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.kv.events import EventBuffer, KVEventSink, ZmqEventPublisher
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.engine.kv.manager import KVCacheManager
-from inferstack.engine.outputs import FinishReason, RequestOutput
+from inferstack.engine.outputs import GRAMMAR_FAILED, FinishReason, RequestOutput
 from inferstack.engine.request import Request, RequestStatus
 from inferstack.engine.scheduler import Scheduler, SchedulerConfig
 from inferstack.engine.stats import EngineStats
@@ -212,9 +212,12 @@ class EngineCore:
         if advance is Advance.TERMINATED:
             self.scheduler.finish_request(request.request_id, FinishReason.STOP)
         elif advance is Advance.REJECTED:
-            log.error("request %s: token %d breaks its grammar: %s", request.request_id, token,
-                      self.structured.error(request.request_id))
-            self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
+            error = self.structured.error(request.request_id)
+            log.error("request %s: token %d breaks its grammar: %s", request.request_id, token, error)
+            # the grammar engine gave up (e.g. llguidance's parser limits on a huge schema): the client's
+            # schema, not the engine, so the server answers 400 (serving._finish_reason)
+            self.scheduler.finish_request(request.request_id, FinishReason.ERROR,
+                                          GRAMMAR_FAILED + str(error).splitlines()[0][:300])
 
     def stats(self) -> EngineStats:
         c = self.scheduler.counters

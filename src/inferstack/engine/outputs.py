@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+GRAMMAR_FAILED = "grammar: "   # stop_reason prefix of a request whose grammar failed while generating
+
 
 class FinishReason(StrEnum):
     STOP = "stop"          # EOS, a stop string or a stop token id

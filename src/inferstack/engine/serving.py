@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
-from inferstack.engine.outputs import FinishReason, RequestOutput
+from inferstack.engine.outputs import GRAMMAR_FAILED, FinishReason, RequestOutput
 from inferstack.engine.sampling_params import SamplingParams
 from inferstack.engine.structured.requests import requested_grammar
 from inferstack.engine.structured.spec import GrammarSpec
@@ -408,6 +408,10 @@ def _finish_reason(out: RequestOutput) -> str:
     if reason == FinishReason.ABORT:
         raise APIError(503, "The request was aborted by the engine (shutting down or preempted for good).",
                        code="request_aborted")
+    if isinstance(out.stop_reason, str) and out.stop_reason.startswith(GRAMMAR_FAILED):
+        raise APIError(400, "The request's grammar (response_format, tools or guided_*) failed while generating: "
+                       f"{out.stop_reason.removeprefix(GRAMMAR_FAILED)}. Simplify the schema.",
+                       param="response_format", code="grammar_failed")
     raise APIError(500, "The engine failed while generating this request; the server logged the details.",
                    code="engine_error")
 
