@@ -8,6 +8,7 @@ import pytest
 
 from inferstack.config.schema import FlowControlConfig
 from inferstack.gateway.flowcontrol import ClientGone, FlowController
+from inferstack.gateway.flowqueue import FairQueue
 from inferstack.gateway.limits import Limits, MemoryLimiter
 from inferstack.protocol.errors import APIError
 
@@ -134,5 +135,73 @@ def test_a_departed_client_leaves_the_queue_at_once():
         assert await second is not None      # the live client got the freed slot
         fc.routed()
         assert (fc.queued, fc.pending) == (0, 0)
+
+    asyncio.run(main())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_queued_requests_the_drain_rate_cannot_serve_in_time_are_refused_early():
+    clock, free = Clock(), [0]
+    q: FairQueue[str] = FairQueue(FlowControlConfig(queue_timeout_s=10, max_queued=100), lambda: free[0], clock)
+    for name in "abcdef":
+        assert not q.admit(name, 0, "t1")
+    assert not q.admit("h", 1, "t2")  # higher priority: released first, so it is first in line
+    clock.t, free[0] = 0.5, 3
+    assert [item for item, _ in q.release()] == ["h", "a", "b"]
+    for _ in range(3):
+        q.routed()
+    free[0], clock.t = 0, 5.5
+    # 3 releases in 5.5 s busy: 1.83 s each; c, d, e, f have waited 5.5 s of the 10 s timeout.
+    refused = q.hopeless()
+    assert [(item, prio) for item, prio, _ in refused] == [("e", 0), ("f", 0)]
+    assert [round(wait, 2) for _, _, wait in refused] == [5.5, 5.5]  # third in line, behind c and d who stay
+    assert q.queued == 2 and q.hopeless() == []  # one check per second
+    clock.t = 7.0  # nothing released since: 2.33 s each; c (9.3 s in all) still makes it, d (11.7 s) does not
+    assert [item for item, _, _ in q.hopeless()] == ["d"]
+    free[0] = 1
+    assert [item for item, _ in q.release()] == ["c"]
+
+
+def test_the_early_refusal_follows_fair_release_order():
+    clock, free = Clock(), [0]
+    q: FairQueue[str] = FairQueue(FlowControlConfig(queue_timeout_s=10, max_queued=100), lambda: free[0], clock)
+    for name in ("x1", "x2", "x3", "x4"):
+        q.admit(name, 0, "busy-tenant")
+    q.admit("y1", 0, "quiet-tenant")
+    clock.t, free[0] = 1.0, 1
+    assert [item for item, _ in q.release()] == ["x1"]
+    free[0], clock.t = 0, 3.0  # 1 release in 3 s and everyone waited 3 s: two more positions fit in 10 s
+    assert [item for item, _, _ in q.hopeless()] == ["x3", "x4"]  # y1 goes before x2: it is y's turn
+
+
+def test_a_hopeless_waiter_gets_429_with_retry_after_before_the_timeout():
+    async def main():
+        cap = Capacity(1)
+        fc = FlowController(FlowControlConfig(queue_timeout_s=3), cap.free)
+        assert await fc.admit(0, "a") is None
+        cap.used = 1
+        waiters = [asyncio.create_task(fc.admit(0, "a")) for _ in range(3)]
+        await asyncio.sleep(0)  # rate still unknown: all three queue
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + 2.5
+        while not all(w.done() for w in waiters) and loop.time() < deadline:
+            fc.pump()
+            await asyncio.sleep(0.05)
+        codes = []
+        for w in waiters:
+            with pytest.raises(APIError) as err:
+                await w
+            codes.append((err.value.status, err.value.code, err.value.headers["retry-after"]))
+        # No release for over a second: one per 10 s window, past the 3 s timeout for every one of them.
+        assert codes == [(429, "queue_timeout", "10"), (429, "queue_timeout", "10"), (429, "queue_timeout", "10")]
+        assert loop.time() - start < 2.0 and fc.queued == 0 and not fc.queue._bands
 
     asyncio.run(main())

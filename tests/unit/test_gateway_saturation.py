@@ -102,19 +102,26 @@ def test_a_request_that_would_only_time_out_is_refused_at_once():
         clock.t += 2.0
         free[0] = 2
         assert fc.pump() == 2  # two released in two seconds: one per second
+        # The 8 left waited 2 s: at 1/s the first three make the 5 s timeout, the other five are refused now.
+        assert fc.queued == 3
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while sum(t.done() for t in waiters) < 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        refused = [t for t in waiters if t.done() and isinstance(t.exception(), APIError)]
+        assert len(refused) == 5 and {t.exception().code for t in refused} == {"queue_timeout"}
         free[0] = 0  # ... and routed: they now count in their endpoints' in-flight
         fc.routed()
         fc.routed()
-        # 8 ahead at 1/s: 9 s > 5 s timeout -> refused now, not after 5 s
+        # 3 ahead at 1/s: 4 s > half the 5 s timeout -> refused now, not after 5 s
         t0 = asyncio.get_running_loop().time()
         with pytest.raises(APIError) as exc:
             await fc.admit(0, "late")
-        assert exc.value.status == 429 and int(exc.value.headers["retry-after"]) == 9
+        assert exc.value.status == 429 and int(exc.value.headers["retry-after"]) == 4
         assert asyncio.get_running_loop().time() - t0 < 0.1
         # a higher priority with nobody ahead still queues
         high = asyncio.create_task(fc.admit(5, "vip"))
         await asyncio.sleep(0)
-        assert fc.queued == 9
+        assert fc.queued == 4
         for t in [*waiters, high]:
             t.cancel()
         await asyncio.gather(*waiters, high, return_exceptions=True)

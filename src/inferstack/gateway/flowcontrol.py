@@ -12,6 +12,7 @@ subtracts (docs/gateway.md, "When flow control queues, and how it releases").
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 
@@ -61,9 +62,12 @@ class FlowController:
             done, _ = await asyncio.wait([waiting] if client_gone is None else [waiting, client_gone],
                                          timeout=self.cfg.queue_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            self._leave(fut, priority, released=fut.done())
+            self._leave(fut, priority, released=_released(fut))
             raise
         if fut.done():
+            if (refused := fut.exception()) is not None:  # refused as hopeless by `pump`
+                waiting.exception()  # retrieved too, so asyncio logs nothing about it
+                raise refused
             return time.monotonic() - start
         self._leave(fut, priority, released=False)
         if client_gone is not None and client_gone in done:
@@ -76,6 +80,8 @@ class FlowController:
         if released:
             self.routed()
             return
+        if fut.done():  # refused by `pump`: already out of the queue
+            return
         fut.cancel()
         self.queue.remove(fut, priority)
         self._depth(priority)
@@ -86,7 +92,9 @@ class FlowController:
         self.pump()
 
     def pump(self) -> int:
-        """Release as many queued requests as there is room for; returns how many."""
+        """Release as many queued requests as there is room for, and refuse those the current drain
+        rate says would time out anyway (429 at once instead of after the timeout); returns how many
+        were released."""
         released = 0
         while batch := self.queue.release():
             gave_back = False
@@ -100,8 +108,20 @@ class FlowController:
                 released += 1
             if not gave_back:
                 break
+        for fut, prio, wait in self.queue.hopeless():
+            self._depth(prio)
+            if not fut.done():
+                fut.set_exception(APIError(
+                    429, f"The pool is saturated: at the current drain rate this request would wait another "
+                    f"{wait:.0f}s, past the queue timeout ({self.cfg.queue_timeout_s:g}s).",
+                    code="queue_timeout", headers={"retry-after": str(min(60, max(1, math.ceil(wait))))}))
         return released
 
     def _depth(self, priority: int) -> None:
         if self.on_depth is not None:
             self.on_depth(priority, self.queue.depth(priority))
+
+
+def _released(fut: asyncio.Future) -> bool:
+    """The waiter was handed a slot (not cancelled, not refused)."""
+    return fut.done() and not fut.cancelled() and fut.exception() is None

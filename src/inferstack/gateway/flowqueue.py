@@ -14,7 +14,13 @@ above half of `queue_timeout_s` (QUEUE_HEADROOM) it is refused now, with that wa
 instead of 429 after the timeout. Half, because the rate is measured over a few releases of requests
 that may each run for tens of seconds: queued against the full timeout, one in eight requests of the
 README stack at 8x its capacity still waited 30 s for a 429; the engines' own queues keep them busy
-either way. The timeout stays as the backstop for a drain that slows down later.
+either way.
+
+NOTE (refusing the hopeless later): the rate at admission can look fast (a burst of completions) and
+then slow down, so the queue is re-checked against the current rate at most once a second
+(`hopeless`): walking the waiters in the order `release` would hand them out, one whose time already
+waited plus position / rate exceeds the full `queue_timeout_s` is refused then, instead of at the
+timeout; removing it moves everyone behind it forward. The timeout stays as the backstop.
 """
 
 from __future__ import annotations
@@ -66,6 +72,11 @@ class DrainRate:
         tens of seconds (a CPU engine) releases nothing for that long, and estimating from the first
         seconds let the start of an overload queue up, only to time out after `timeout_s` instead of
         being refused at once."""
+        per_release = self.seconds_per_release()
+        return None if per_release is None else (ahead + 1) * per_release
+
+    def seconds_per_release(self) -> float | None:
+        """The current interval between releases (see `expected_wait`), or None while unknown."""
         if self._busy_since is None:
             return None
         now = self._now()
@@ -76,8 +87,8 @@ class DrainRate:
         if span < 1.0:
             return None
         if not self._releases:  # at most one release per window, or one would have been seen by now
-            return (ahead + 1) * self.window_s
-        return (ahead + 1) * span / len(self._releases)
+            return self.window_s
+        return span / len(self._releases)
 
 
 @dataclass
@@ -95,6 +106,12 @@ class _Band(Generic[T]):
     def __len__(self) -> int:
         return sum(len(f.waiters) for f in self.flows.values())
 
+    def release_order(self) -> list[tuple[float, int, int, _Flow[T]]]:
+        """(virtual time, flow index, position in flow, flow) for every waiter, in the order `release`
+        hands them out: the k-th waiter of a flow goes at the flow's virtual time + k / weight."""
+        return sorted((f.vtime + k / f.weight, i, k, f) for i, f in enumerate(self.flows.values())
+                      for k in range(len(f.waiters)))
+
 
 class FairQueue(Generic[T]):
     """One per pool. ``free_slots`` says how many requests the pool can take now
@@ -109,6 +126,7 @@ class FairQueue(Generic[T]):
         self._bands: dict[int, _Band[T]] = {}
         self.queued = 0
         self.pending = 0
+        self._next_check = 0.0
 
     def _waiting_at_or_above(self, priority: int) -> int:
         return sum(len(b) for p, b in self._bands.items() if p >= priority)
@@ -180,6 +198,32 @@ class FairQueue(Generic[T]):
                     self._settle()
                     return True
         return False
+
+    def hopeless(self) -> list[tuple[T, int, float]]:
+        """Take out the waiters that the current drain rate says will not be released before the
+        queue timeout, with their expected wait (Retry-After); at most one check per second."""
+        now = self.now()
+        per_release = self.drain.seconds_per_release() if self.queued and now >= self._next_check else None
+        if per_release is None:
+            return []
+        self._next_check = now + 1.0
+        out: list[tuple[T, int, float]] = []
+        position = 0
+        for prio in sorted(self._bands, reverse=True):
+            doomed: list[tuple[_Flow[T], int]] = []
+            for _, _, k, flow in self._bands[prio].release_order():
+                item, queued_at = flow.waiters[k]
+                wait = (position + 1) * per_release
+                if now - queued_at + wait > self.cfg.queue_timeout_s:
+                    out.append((item, prio, wait))
+                    doomed.append((flow, k))
+                else:
+                    position += 1
+            for flow, k in sorted(doomed, key=lambda d: d[1], reverse=True):
+                del flow.waiters[k]
+        self.queued -= len(out)
+        self._settle()
+        return out
 
     def expire(self) -> list[tuple[T, int]]:
         """Take out every waiter older than the queue timeout (the simulator's timer; the live

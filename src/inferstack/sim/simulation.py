@@ -272,10 +272,13 @@ class Simulation:
             self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
 
     def _release(self) -> None:
-        """Route what flow control releases; each then counts in its endpoint's in-flight."""
+        """Route what flow control releases; each then counts in its endpoint's in-flight. Waiters the
+        drain rate says would time out are refused now, as the live gateway does."""
         for r, _ in self.gateway.admission.release():
             self._route(r)
             self.gateway.admission.routed()
+        for r, _, _ in self.gateway.admission.hopeless():
+            self._finish(r, "http_429", "queue_timeout")
 
     def _expire(self) -> None:
         for r, _ in self.gateway.admission.expire():
