@@ -20,7 +20,10 @@ NOTE (refusing the hopeless later): the rate at admission can look fast (a burst
 then slow down, so the queue is re-checked against the current rate at most once a second
 (`hopeless`): walking the waiters in the order `release` would hand them out, one whose time already
 waited plus position / rate exceeds the full `queue_timeout_s` is refused then, instead of at the
-timeout; removing it moves everyone behind it forward. The timeout stays as the backstop.
+timeout; removing it moves everyone behind it forward. Before the busy period's first release this
+check assumes only what it has seen (one release per busy-so-far, not per window): these requests were
+let in, and a short timeout must not turn one slow release into refusals. The timeout stays as the
+backstop.
 """
 
 from __future__ import annotations
@@ -75,8 +78,10 @@ class DrainRate:
         per_release = self.seconds_per_release()
         return None if per_release is None else (ahead + 1) * per_release
 
-    def seconds_per_release(self) -> float | None:
-        """The current interval between releases (see `expected_wait`), or None while unknown."""
+    def seconds_per_release(self, assume_window: bool = True) -> float | None:
+        """The current interval between releases (see `expected_wait`), or None while unknown. With no
+        release yet, ``assume_window=False`` takes only what has been seen: the time the queue has
+        been busy (a lower bound), for judging requests that were already let in."""
         if self._busy_since is None:
             return None
         now = self._now()
@@ -87,7 +92,7 @@ class DrainRate:
         if span < 1.0:
             return None
         if not self._releases:  # at most one release per window, or one would have been seen by now
-            return self.window_s
+            return self.window_s if assume_window else span
         return span / len(self._releases)
 
 
@@ -203,7 +208,8 @@ class FairQueue(Generic[T]):
         """Take out the waiters that the current drain rate says will not be released before the
         queue timeout, with their expected wait (Retry-After); at most one check per second."""
         now = self.now()
-        per_release = self.drain.seconds_per_release() if self.queued and now >= self._next_check else None
+        busy = self.queued and now >= self._next_check
+        per_release = self.drain.seconds_per_release(assume_window=False) if busy else None
         if per_release is None:
             return []
         self._next_check = now + 1.0
