@@ -4,23 +4,24 @@
                                                      [--requests 64] [--skip-hf] [--kv-cache-dtype auto]
 
 The default command is issue 14's whole comparison in one go: batch-1 decode per format against HF and
-(when installed) llama.cpp on the same GGUF, and 64 x 128/128 against HF fp32 and bf16 static batch 16.
+(when built) llama.cpp on the same GGUF, and 64 x 128/128 against HF fp32 and bf16 static batch 16 and
+llama.cpp's batched decode.
 
 Rows: our engine in each format (``--quantization`` with the bf16 copy for large steps and the
 start-up crossover), HF ``generate`` fp32 and bf16 (static batch 16; batch 1 for decode) and, when
-``llama-cpp-python`` is importable, llama.cpp on the same GGUF (skipped otherwise: it needs a
-source build). Ratios are against our fp32 row measured in the same run, the number that survives a
-contended machine.
+its tools are built (``scripts/build_llama_cpp.sh``), llama.cpp on the same GGUF
+(``benchmarks/llama_cpp_peer.py``; skipped otherwise). Ratios are against our fp32 row measured in
+the same run, the number that survives a contended machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import platform
 import time
 
+import llama_cpp_peer
 import torch
 from engine_cpu import bench_hf_throughput, bench_throughput, random_prompts
 
@@ -68,24 +69,18 @@ def hf_decode(model: str, dtype: torch.dtype, steps: int) -> float:
         return steps / (run(steps + 1) - run(1))
 
 
-def llama_cpp_decode(model: str, threads: int, steps: int) -> float | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
-    from llama_cpp import Llama
-
+def llama_cpp_row(model: str, tools_dir: str | None, threads: int, requests: int, steps: int
+                  ) -> tuple[float | None, float | None, str]:
+    """llama.cpp's own tools on the same GGUF (benchmarks/llama_cpp_peer.py), or a note saying why not."""
+    tools = llama_cpp_peer.find_tools(tools_dir)
     path = resolve_model_path(model)
+    if tools is None:
+        return None, None, "not built: skipped (scripts/build_llama_cpp.sh)"
     if path.suffix != ".gguf":
-        return None
-    llm = Llama(model_path=str(path), n_threads=threads, n_ctx=512, verbose=False)
-    prompt = random_prompts(llm.n_vocab(), 1, 32, seed=2)[0]
-    bias = {llm.token_eos(): -1e9}
-    llm(prompt, max_tokens=4, temperature=0, logit_bias=bias)
-    t = time.perf_counter()
-    llm(prompt, max_tokens=1, temperature=0, logit_bias=bias)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    llm(prompt, max_tokens=steps + 1, temperature=0, logit_bias=bias)
-    return steps / (time.perf_counter() - t - first)
+        return None, None, f"{path.name} is not a GGUF file: skipped"
+    decode = llama_cpp_peer.decode_rate(tools, path, threads, steps)
+    throughput = llama_cpp_peer.batched_throughput(tools, path, threads, requests, 128, 128)
+    return decode, throughput, f"llama-bench / llama-batched-bench, same GGUF, {tools}"
 
 
 def main() -> None:
@@ -97,6 +92,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=128, help="batch-1 decode tokens")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto", help="our engine's KV cache (auto: bf16 with int8/int4)")
+    ap.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp's tools (default: $LLAMA_CPP_BIN, "
+                    ".cache/llama.cpp/bin or PATH; built by scripts/build_llama_cpp.sh)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
@@ -124,8 +121,7 @@ def main() -> None:
             dec = hf_decode(args.model, dt, args.steps)
             tp = bench_hf_throughput(args.model, dt, torch.device("cpu"), args.requests, 16, 128, 128, vocab)
             row(f"HF generate {str(dt).removeprefix('torch.')}", dec, tp, "static batch 16 for throughput")
-    cpp = llama_cpp_decode(args.model, args.threads, args.steps)
-    row("llama.cpp (llama-cpp-python)", cpp, None, "same GGUF" if cpp else "not installed: skipped")
+    row("llama.cpp", *llama_cpp_row(args.model, args.llama_cpp, args.threads, args.requests, args.steps))
 
 if __name__ == "__main__":
     main()
