@@ -5,6 +5,10 @@ vllm-router (round_robin, cache_aware) and the LiteLLM proxy, each installed by 
 own virtual environment (--peers). Same backends for everyone: instant fake OpenAI engines.
 
     python benchmarks/gateway_overhead.py [--peers sglang,vllm-router,litellm] [--seq 300] [--total 2000]
+        [--workers 1,2]
+
+``--workers 1,2`` runs our gateway once per worker count (`gateway.workers`, docs/gateway.md); CPU per
+request counts every process of a target (our workers, the peers' threads and processes).
 
 ``--baseline-src DIR`` adds our gateway run from another source tree (e.g. ``git archive`` of an
 older commit's ``src``), same run, for before/after comparisons of a change.
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=300, help="sequential requests per target")
     ap.add_argument("--total", type=int, default=2000, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="16,64")
+    ap.add_argument("--workers", default="1", help="comma list of our gateway's worker counts, e.g. 1,2")
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also run our gateway (default preset) from this src/ directory, as a baseline")
@@ -81,13 +86,17 @@ def main() -> None:
             "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
             "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}},
         }
-        for preset in ("default", "round-robin"):
-            gw_cfg["pools"]["bench"]["routing"] = preset
-            gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
-            procs.append(gw)
-            targets.append((f"inferstack {preset}", gw.url, {"authorization": f"Bearer {KEY}"}, gw.proc.pid))
+        for n in [int(w) for w in args.workers.split(",")]:
+            for preset in ("default", "round-robin"):
+                gw_cfg["pools"]["bench"]["routing"] = preset
+                gw_cfg["gateway"] = {"workers": n}
+                gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
+                procs.append(gw)
+                name = f"inferstack {preset}" + (f", {n} workers" if n > 1 else "")
+                targets.append((name, gw.url, {"authorization": f"Bearer {KEY}"}, gw.proc.pid))
         if args.baseline_src is not None:
             gw_cfg["pools"]["bench"]["routing"] = "default"
+            gw_cfg.pop("gateway", None)  # an older tree may not know `gateway.workers`
             gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)), src=args.baseline_src.resolve())
             procs.append(gw)
             targets.append(("inferstack default (baseline)", gw.url, {"authorization": f"Bearer {KEY}"},
