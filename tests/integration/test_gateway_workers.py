@@ -91,7 +91,10 @@ def test_both_workers_serve_and_metrics_count_the_whole_gateway(gateway, engines
     assert all(n > 0 for n in own), own  # the kernel spread the connections over both workers
     assert sum(own) == 120
     for _ in range(4):  # every scrape, whichever worker answers it, reports all 120
-        assert _served(httpx.get(gateway.url + "/metrics", timeout=5).text) == 120
+        text = httpx.get(gateway.url + "/metrics", timeout=5).text
+        assert _served(text) == 120
+    tokens = promtext.parse(text, 0.0, names=frozenset({"inferstack_gateway_tokens_total"}))
+    assert sum(tokens.select("inferstack_gateway_tokens_total", type="output").values()) == 240  # 2 per answer
     peaks = [httpx.get(e.url + "/debug/requests", timeout=5).json()["peak_load"] for e in engines]
     assert max(peaks) == CAP and min(peaks) >= 1, peaks  # the cap was reached, never passed, across workers
 

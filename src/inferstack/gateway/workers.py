@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from inferstack.config.schema import InferstackConfig
-from inferstack.fileio import write_ready_file
+from inferstack.fileio import atomic_write, write_ready_file
 from inferstack.gateway.limits import Limiter, SharedMemoryLimiter
 
 log = logging.getLogger("inferstack.gateway.workers")
@@ -80,16 +80,21 @@ def run_workers(cfg: InferstackConfig, ready_file: Path | None) -> int:
 def _fork_worker(cfg: InferstackConfig, index: int, port: int, sockets: list[Path], limiter: Limiter | None,
                  reserve: socket.socket) -> int:
     parent = os.getpid()
+    stops = {signal.SIGTERM, signal.SIGINT}
+    # blocked across the fork: the child must not run the supervisor's handler before it resets them
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         return pid
     status = 1
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os._exit(1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
         reserve.close()
         _serve_worker(cfg, index, port, sockets, limiter)
         status = 0
@@ -109,10 +114,13 @@ def _serve_worker(cfg: InferstackConfig, index: int, port: int, sockets: list[Pa
     tcp = bind_socket(mine.gateway.host, port, reuse_port=True)
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     unix.bind(str(sockets[index]))
-    app = Gateway(mine, tracer_provider=make_tracer_provider(mine), limiter=limiter,
-                  peers=WorkerPeers(index, sockets))
+    tracer = make_tracer_provider(mine)
+    app = Gateway(mine, tracer_provider=tracer, limiter=limiter, peers=WorkerPeers(index, sockets))
     ready = sockets[index].with_suffix(".ready")
-    run_server(app, [tcp, unix], lambda: write_ready_file(ready, {"worker": index, "pid": os.getpid()}))
+    # a file only: stdout's one ready line is the supervisor's, once all workers serve
+    run_server(app, [tcp, unix], lambda: atomic_write(ready, f"{os.getpid()}\n"))
+    if tracer is not None:
+        tracer.shutdown()  # the worker leaves by os._exit, which skips the provider's own atexit flush
 
 
 def _wait_ready(pids: dict[int, int], rundir: Path, n: int, stopping: Callable[[], bool]) -> bool:
