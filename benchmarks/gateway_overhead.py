@@ -8,7 +8,8 @@ own virtual environment (--peers). Same backends for everyone: instant fake Open
         [--workers 1,2]
 
 ``--workers 1,2`` runs our gateway once per worker count (`gateway.workers`, docs/gateway.md); CPU per
-request counts every process of a target (our workers, the peers' threads and processes).
+request counts every process of a target (our workers, the peers' threads and processes). ``cN_queued``
+is how many of our requests waited in flow control's queue at that concurrency.
 
 ``--baseline-src DIR`` adds our gateway run from another source tree (e.g. ``git archive`` of an
 older commit's ``src``), same run, for before/after comparisons of a change.
@@ -36,6 +37,8 @@ from gateway_common import (
     throughput,
 )
 
+from inferstack.telemetry import promtext
+
 MODEL = "bench-model"
 KEY = "sk-bench-tenant"
 
@@ -53,6 +56,16 @@ def cpu_seconds(pid: int | None) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def queued_requests(gateway_url: str) -> float:
+    """Requests our gateway's flow control has queued so far (`inferstack_gateway_queue_wait_seconds`)."""
+    import urllib.request
+
+    with urllib.request.urlopen(gateway_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    name = "inferstack_gateway_queue_wait_seconds_count"
+    return sum(promtext.parse(text, 0.0, names=frozenset({name})).select(name).values())
 
 
 def _fmt(v: object) -> str:
@@ -126,12 +139,16 @@ def main() -> None:
             row["added_p50_ms"] = row["seq_p50_ms"] - median(direct) * 1e3
             row["added_p99_ms"] = row["seq_p99_ms"] - pct(direct, 0.99) * 1e3
             total = args.total if "litellm" not in name else max(200, args.total // 10)
+            ours = name.startswith("inferstack")
             for c in levels:
                 cpu0 = cpu_seconds(pid)
+                queued0 = queued_requests(base) if ours else 0.0
                 rps, lat = asyncio.run(throughput(url, body, total, c, headers))
                 if pid is not None:
                     # CPU the router spent per request: robust to a busy machine, unlike wall time
                     row[f"c{c}_cpu_ms_per_req"] = (cpu_seconds(pid) - cpu0) / total * 1e3
+                if ours:  # requests that waited in flow control's queue (the engines' /metrics lag)
+                    row[f"c{c}_queued"] = int(queued_requests(base) - queued0)
                 row[f"c{c}_rps"] = rps
                 row[f"c{c}_p50_ms"] = median(lat) * 1e3
             results.append(row)
@@ -141,7 +158,7 @@ def main() -> None:
             p.stop()
 
     cols = ["target", "seq_p50_ms", "seq_p99_ms", "added_p50_ms", "added_p99_ms"] + [
-        k for c in levels for k in (f"c{c}_rps", f"c{c}_p50_ms", f"c{c}_cpu_ms_per_req")]
+        k for c in levels for k in (f"c{c}_rps", f"c{c}_p50_ms", f"c{c}_cpu_ms_per_req", f"c{c}_queued")]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(_fmt(r.get(c, "-")) for c in cols) + " |")
