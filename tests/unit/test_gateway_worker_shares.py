@@ -106,3 +106,15 @@ def test_merge_adds_counters_histograms_and_queues_and_keeps_the_worst_health():
     assert samples[("inferstack_audit_writer_healthy", ())] == 0
     assert samples[("inferstack_gateway_queue_depth", ())] == 7
     assert "# TYPE inferstack_gateway_requests_total counter" in merged
+
+
+def test_the_workers_flag_is_checked_against_the_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from inferstack.cli.main import app
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("pools:\n  p:\n    endpoints: [http://127.0.0.1:1]\n    max_concurrency: 1\n")
+    out = CliRunner().invoke(app, ["gateway", "serve", "--config", str(cfg), "--workers", "2"])
+    assert out.exit_code == 2
+    assert "pools.p.max_concurrency: 1 is below gateway.workers (2)" in out.output
