@@ -118,3 +118,24 @@ def test_the_workers_flag_is_checked_against_the_config(tmp_path):
     out = CliRunner().invoke(app, ["gateway", "serve", "--config", str(cfg), "--workers", "2"])
     assert out.exit_code == 2
     assert "pools.p.max_concurrency: 1 is below gateway.workers (2)" in out.output
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_error_line_not_a_traceback(tmp_path, workers):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from inferstack.cli.main import app
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("pools:\n  p:\n    endpoints: [http://127.0.0.1:1]\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = CliRunner().invoke(app, ["gateway", "serve", "--config", str(cfg), "--port", str(port),
+                                       "--workers", workers])
+    assert out.exit_code == 1
+    assert f"error: cannot bind 127.0.0.1:{port}: Address already in use" in out.output
+    assert "Traceback" not in out.output

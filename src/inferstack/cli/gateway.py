@@ -38,9 +38,15 @@ def serve(
     gw = cfg.gateway.model_copy(update={k: v for k, v in given.items() if v is not None})
     cfg = cfg.model_copy(update={"gateway": gw})
     _check_workers(cfg)
+    from inferstack.gateway.serve import BindError
     from inferstack.gateway.serve import serve as run
 
-    raise typer.Exit(run(cfg, ready_file))
+    try:
+        status = run(cfg, ready_file)
+    except BindError as exc:
+        typer.echo(f"error: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(status)
 
 
 def _check_workers(cfg: InferstackConfig) -> None:

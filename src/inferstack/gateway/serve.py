@@ -67,6 +67,10 @@ def serve(cfg: InferstackConfig, ready_file: Path | None = None) -> int:
     return 0
 
 
+class BindError(OSError):
+    """The gateway's address cannot be bound (in use, no permission); the CLI prints it, no traceback."""
+
+
 def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A TCP socket bound to (host, port); with ``reuse_port`` several processes bind the same port
     and the kernel spreads connections over those listening on it."""
@@ -74,7 +78,12 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BindError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror} (pick another --port, "
+                                   "or 0 for any free port)") from None
     return sock
 
 

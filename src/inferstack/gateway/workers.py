@@ -62,7 +62,9 @@ def run_workers(cfg: InferstackConfig, ready_file: Path | None) -> int:
     try:
         for i in range(n):
             pids[_fork_worker(cfg, i, port, sockets, limiter, reserve)] = i
-        if not _wait_ready(pids, rundir, n, lambda: stopping):
+        ready = _wait_ready(pids, rundir, n, lambda: stopping)
+        failed_start = not ready and not stopping
+        if not ready:
             stopping = True
             _signal_all(pids, signal.SIGTERM)
         else:
@@ -71,7 +73,8 @@ def run_workers(cfg: InferstackConfig, ready_file: Path | None) -> int:
                                           "workers": [{"index": i, "pid": p, "metrics_socket": str(sockets[i])}
                                                       for p, i in sorted(pids.items(), key=lambda kv: kv[1])]})
         reserve.close()
-        return _supervise(pids, lambda: stopping)
+        status = _supervise(pids, lambda: stopping)
+        return 1 if failed_start else status
     finally:
         _signal_all(pids, signal.SIGKILL)  # only workers still alive here: after an error in this process
         shutil.rmtree(rundir, ignore_errors=True)
