@@ -137,6 +137,7 @@ class SharedMemoryLimiter(MemoryLimiter):
             b[1] = now
         return b
 
+    # MemoryLimiter's methods never suspend, so the lock is held for a few microseconds, not across I/O
     async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
         if not self._lock.acquire(timeout=self._timeout_s):
             raise LimitStoreError("shared limit buckets locked for too long (a worker died holding them?)")
