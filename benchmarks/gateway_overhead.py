@@ -5,11 +5,12 @@ vllm-router (round_robin, cache_aware) and the LiteLLM proxy, each installed by 
 own virtual environment (--peers). Same backends for everyone: instant fake OpenAI engines.
 
     python benchmarks/gateway_overhead.py [--peers sglang,vllm-router,litellm] [--seq 300] [--total 2000]
-        [--workers 1,2]
+        [--workers 1,2] [--flow-control-off]
 
 ``--workers 1,2`` runs our gateway once per worker count (`gateway.workers`, docs/gateway.md); CPU per
 request counts every process of a target (our workers, the peers' threads and processes). ``cN_queued``
-is how many of our requests waited in flow control's queue at that concurrency.
+is how many of our requests waited in flow control's queue at that concurrency; ``--flow-control-off``
+adds a row without flow control, to see what the queue costs.
 
 ``--baseline-src DIR`` adds our gateway run from another source tree (e.g. ``git archive`` of an
 older commit's ``src``), same run, for before/after comparisons of a change.
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--total", type=int, default=2000, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="16,64")
     ap.add_argument("--workers", default="1", help="comma list of our gateway's worker counts, e.g. 1,2")
+    ap.add_argument("--flow-control-off", action="store_true",
+                    help="also run our gateway (default preset, 1 worker) with flow_control.enabled: false")
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also run our gateway (default preset) from this src/ directory, as a baseline")
@@ -107,6 +110,13 @@ def main() -> None:
                 procs.append(gw)
                 name = f"inferstack {preset}" + (f", {n} workers" if n > 1 else "")
                 targets.append((name, gw.url, {"authorization": f"Bearer {KEY}"}, gw.proc.pid))
+        if args.flow_control_off:
+            gw_cfg["pools"]["bench"]["routing"] = "default"
+            gw_cfg["gateway"] = {"flow_control": {"enabled": False}}
+            gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
+            procs.append(gw)
+            targets.append(("inferstack default, flow control off", gw.url, {"authorization": f"Bearer {KEY}"},
+                            gw.proc.pid))
         if args.baseline_src is not None:
             gw_cfg["pools"]["bench"]["routing"] = "default"
             gw_cfg.pop("gateway", None)  # an older tree may not know `gateway.workers`
