@@ -5,6 +5,12 @@ vllm-router (round_robin, cache_aware) and the LiteLLM proxy, each installed by 
 own virtual environment (--peers). Same backends for everyone: instant fake OpenAI engines.
 
     python benchmarks/gateway_overhead.py [--peers sglang,vllm-router,litellm] [--seq 300] [--total 2000]
+        [--workers 1,2] [--flow-control-off]
+
+``--workers 1,2`` runs our gateway once per worker count (`gateway.workers`, docs/gateway.md); CPU per
+request counts every process of a target (our workers, the peers' threads and processes). ``cN_queued``
+is how many of our requests waited in flow control's queue at that concurrency; ``--flow-control-off``
+adds a row without flow control, to see what the queue costs.
 
 ``--baseline-src DIR`` adds our gateway run from another source tree (e.g. ``git archive`` of an
 older commit's ``src``), same run, for before/after comparisons of a change.
@@ -32,6 +38,8 @@ from gateway_common import (
     throughput,
 )
 
+from inferstack.telemetry import promtext
+
 MODEL = "bench-model"
 KEY = "sk-bench-tenant"
 
@@ -51,6 +59,16 @@ def cpu_seconds(pid: int | None) -> float:
     return total
 
 
+def queued_requests(gateway_url: str) -> float:
+    """Requests our gateway's flow control has queued so far (`inferstack_gateway_queue_wait_seconds`)."""
+    import urllib.request
+
+    with urllib.request.urlopen(gateway_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    name = "inferstack_gateway_queue_wait_seconds_count"
+    return sum(promtext.parse(text, 0.0, names=frozenset({name})).select(name).values())
+
+
 def _fmt(v: object) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -61,6 +79,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=300, help="sequential requests per target")
     ap.add_argument("--total", type=int, default=2000, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="16,64")
+    ap.add_argument("--workers", default="1", help="comma list of our gateway's worker counts, e.g. 1,2")
+    ap.add_argument("--flow-control-off", action="store_true",
+                    help="also run our gateway (default preset, 1 worker) with flow_control.enabled: false")
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also run our gateway (default preset) from this src/ directory, as a baseline")
@@ -81,13 +102,24 @@ def main() -> None:
             "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
             "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}},
         }
-        for preset in ("default", "round-robin"):
-            gw_cfg["pools"]["bench"]["routing"] = preset
+        for n in [int(w) for w in args.workers.split(",")]:
+            for preset in ("default", "round-robin"):
+                gw_cfg["pools"]["bench"]["routing"] = preset
+                gw_cfg["gateway"] = {"workers": n}
+                gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
+                procs.append(gw)
+                name = f"inferstack {preset}" + (f", {n} workers" if n > 1 else "")
+                targets.append((name, gw.url, {"authorization": f"Bearer {KEY}"}, gw.proc.pid))
+        if args.flow_control_off:
+            gw_cfg["pools"]["bench"]["routing"] = "default"
+            gw_cfg["gateway"] = {"flow_control": {"enabled": False}}
             gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)))
             procs.append(gw)
-            targets.append((f"inferstack {preset}", gw.url, {"authorization": f"Bearer {KEY}"}, gw.proc.pid))
+            targets.append(("inferstack default, flow control off", gw.url, {"authorization": f"Bearer {KEY}"},
+                            gw.proc.pid))
         if args.baseline_src is not None:
             gw_cfg["pools"]["bench"]["routing"] = "default"
+            gw_cfg.pop("gateway", None)  # an older tree may not know `gateway.workers`
             gw = start_inferstack_gateway(json.loads(json.dumps(gw_cfg)), src=args.baseline_src.resolve())
             procs.append(gw)
             targets.append(("inferstack default (baseline)", gw.url, {"authorization": f"Bearer {KEY}"},
@@ -117,12 +149,16 @@ def main() -> None:
             row["added_p50_ms"] = row["seq_p50_ms"] - median(direct) * 1e3
             row["added_p99_ms"] = row["seq_p99_ms"] - pct(direct, 0.99) * 1e3
             total = args.total if "litellm" not in name else max(200, args.total // 10)
+            ours = name.startswith("inferstack")
             for c in levels:
                 cpu0 = cpu_seconds(pid)
+                queued0 = queued_requests(base) if ours else 0.0
                 rps, lat = asyncio.run(throughput(url, body, total, c, headers))
                 if pid is not None:
                     # CPU the router spent per request: robust to a busy machine, unlike wall time
                     row[f"c{c}_cpu_ms_per_req"] = (cpu_seconds(pid) - cpu0) / total * 1e3
+                if ours:  # requests that waited in flow control's queue (the engines' /metrics lag)
+                    row[f"c{c}_queued"] = int(queued_requests(base) - queued0)
                 row[f"c{c}_rps"] = rps
                 row[f"c{c}_p50_ms"] = median(lat) * 1e3
             results.append(row)
@@ -132,7 +168,7 @@ def main() -> None:
             p.stop()
 
     cols = ["target", "seq_p50_ms", "seq_p99_ms", "added_p50_ms", "added_p99_ms"] + [
-        k for c in levels for k in (f"c{c}_rps", f"c{c}_p50_ms", f"c{c}_cpu_ms_per_req")]
+        k for c in levels for k in (f"c{c}_rps", f"c{c}_p50_ms", f"c{c}_cpu_ms_per_req", f"c{c}_queued")]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(_fmt(r.get(c, "-")) for c in cols) + " |")

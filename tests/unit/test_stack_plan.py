@@ -40,6 +40,7 @@ def test_emulated_fleet_is_one_process_serving_n_endpoints() -> None:
 def test_gateway_gets_every_backend() -> None:
     spec = plan.gateway_spec(UpSettings(), ["http://127.0.0.1:1", "http://127.0.0.1:2"], python="py")
     assert spec.argv.count("--backend") == 2 and spec.port_args(8000) == ["--port", "8000"]
+    assert spec.argv[-2:] == ("--workers", "1")  # the stack drives its gateway through the admin API
 
 
 def test_backoff_doubles_and_is_capped() -> None:

@@ -28,15 +28,36 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (0 = any free port; default 8080 or the config's).")] = None,
     ready_file: Annotated[Path | None, typer.Option(
         help="Write {\"urls\": [...], \"pid\": N} here once serving.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, max=64, help="Gateway processes sharing the port (default 1 or the config's gateway.workers). "
+        "Raise it when the gateway's one core is busy; see docs/gateway.md, Workers.")] = None,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics."""
     cfg = load_pools(config, backend or [], routing)
-    given = {"host": host, "port": port}
+    given = {"host": host, "port": port, "workers": workers}
     gw = cfg.gateway.model_copy(update={k: v for k, v in given.items() if v is not None})
     cfg = cfg.model_copy(update={"gateway": gw})
+    _check_workers(cfg)
+    from inferstack.gateway.serve import BindError
     from inferstack.gateway.serve import serve as run
 
-    run(cfg, ready_file)
+    try:
+        status = run(cfg, ready_file)
+    except BindError as exc:
+        typer.echo(f"error: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(status)
+
+
+def _check_workers(cfg: InferstackConfig) -> None:
+    """--workers overrides the config after it was checked: check the combinations again."""
+    from inferstack.config.workers import worker_problems
+
+    problems = worker_problems(cfg)
+    if problems:
+        lines = "\n".join(f"  {'.'.join(map(str, loc))}: {msg}" for loc, msg in problems)
+        typer.echo(f"error: invalid configuration for --workers {cfg.gateway.workers}:\n{lines}", err=True)
+        raise typer.Exit(2)
 
 
 def load_pools(config: Path | None, backend: list[str], routing: str) -> InferstackConfig:

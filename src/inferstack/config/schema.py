@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from inferstack.autoscale.config import HoldConfig
 from inferstack.compliance.config import AuditConfig
 from inferstack.config.pd import EndpointRole, PDConfig, pd_problems
+from inferstack.config.workers import worker_problems
 from inferstack.gateway.routing.registry import FILTERS, PICKERS, PRESETS, SCORERS
 from inferstack.kube.config import KubernetesPoolConfig, LeaderElectionConfig
 from inferstack.modelhub.policy import TrustPolicy
@@ -273,6 +274,10 @@ class GatewayConfig(_Section):
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
     prefix_index: PrefixIndexConfig = Field(default_factory=PrefixIndexConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    workers: int = Field(
+        1, ge=1, le=64, description="Gateway processes sharing the port (SO_REUSEPORT); each runs the whole "
+        "pipeline with its share of every endpoint's max_concurrency. Raise it when one gateway core is busy "
+        "(docs/gateway.md, Workers).")
 
 
 class EppConfig(_Section):
@@ -317,6 +322,7 @@ class InferstackConfig(_Section):
                 problems.append((("pools", name, "routing"),
                                  f"unknown routing {pool.routing!r}; known: {', '.join(sorted(profiles))}"))
         problems += pd_problems(self.pools, profiles)
+        problems += worker_problems(self)
         for name, pool in self.pools.items():
             auto = pool.kubernetes.autoscale if pool.kubernetes is not None else None
             pd = pool.pd is not None and pool.pd.enabled

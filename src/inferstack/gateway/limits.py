@@ -13,7 +13,11 @@ retries, then a cool-down that skips the store) and the gateway applies `limits.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
+import multiprocessing
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,6 +105,54 @@ class MemoryLimiter:
 
     async def close(self) -> None:
         return None
+
+
+class SharedMemoryLimiter(MemoryLimiter):
+    """`MemoryLimiter`'s buckets in memory shared by the gateway's worker processes (made before they
+    are forked), so N workers enforce one limit, not N x the limit, without a Redis round trip.
+
+    One slot of two doubles (tokens, last refill on the system-wide monotonic clock) per configured
+    tenant and kind; an inter-process lock makes each check-and-take atomic. A lock not obtained
+    within ``timeout_s`` (a worker killed inside the few microseconds it holds it) is reported as a
+    `LimitStoreError`, so `limits.on_store_failure` applies as for Redis."""
+
+    def __init__(self, tenants: Iterable[str], timeout_s: float = 0.25) -> None:
+        super().__init__()
+        names = sorted(set(tenants))
+        self._slot = {(t, kind): 2 * (2 * i + k) for i, t in enumerate(names) for k, kind in enumerate(("rpm", "tpm"))}
+        self._mem = mmap.mmap(-1, max(1, len(self._slot)) * 16)  # anonymous MAP_SHARED: inherited by fork
+        self._d = memoryview(self._mem).cast("d")
+        for i in range(len(self._d)):
+            self._d[i] = math.nan  # "never used": filled to the limit on first use
+        self._lock = multiprocessing.get_context("fork").Lock()
+        self._timeout_s = timeout_s
+
+    def _level(self, key: tuple[str, str], limit: int, now: float) -> memoryview:  # type: ignore[override]
+        at = self._slot[key]
+        b = self._d[at:at + 2]
+        if math.isnan(b[1]):
+            b[0], b[1] = float(limit), now
+        else:
+            b[0] = min(float(limit), b[0] + (now - b[1]) * limit / 60.0)
+            b[1] = now
+        return b
+
+    # MemoryLimiter's methods never suspend, so the lock is held for a few microseconds, not across I/O
+    async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
+        if not self._lock.acquire(timeout=self._timeout_s):
+            raise LimitStoreError("shared limit buckets locked for too long (a worker died holding them?)")
+        try:
+            return await super().acquire(tenant, limits, tokens)
+        finally:
+            self._lock.release()
+
+    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
+        if not self._lock.acquire(timeout=self._timeout_s):
+            raise LimitStoreError("shared limit buckets locked for too long (a worker died holding them?)")
+        try:
+            await super().settle(tenant, limits, delta_tokens)
+        finally:
+            self._lock.release()
 
 
 # KEYS: rpm bucket, tpm bucket. ARGV: rpm limit (0 = none), tpm limit (0 = none), tokens to charge,

@@ -78,6 +78,15 @@ class GatewayMetrics:
             c = self._counters[key] = self.requests.labels(model, pool, endpoint, tenant, str(status))
         c.inc()
 
+    def tokens_used(self, model: str, pool: str, tenant: str, input_tokens: int, output_tokens: int) -> None:
+        key = (2, model, pool, tenant)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = (self.tokens.labels(model, pool, tenant, "input"),
+                                       self.tokens.labels(model, pool, tenant, "output"))
+        c[0].inc(input_tokens)
+        c[1].inc(output_tokens)
+
     def decision(self, pool: str, profile: str, scorer: str) -> None:
         key = (1, pool, profile, scorer)
         c = self._counters.get(key)

@@ -9,6 +9,7 @@ import importlib.metadata
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,47 @@ def make_tracer_provider(cfg: InferstackConfig) -> Any:
     return provider
 
 
-def serve(cfg: InferstackConfig, ready_file: Path | None = None) -> None:
+def serve(cfg: InferstackConfig, ready_file: Path | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status. ``gateway.workers`` > 1 forks that many
+    worker processes on one port (`gateway/workers.py`); this process then only supervises them."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = cfg.gateway.host, cfg.gateway.port
+    if cfg.gateway.workers > 1:
+        from inferstack.gateway.workers import run_workers
+
+        return run_workers(cfg, ready_file)
+    host = cfg.gateway.host
+    sock = bind_socket(host, cfg.gateway.port, reuse_port=False)
+    bound = sock.getsockname()[1]
+    h = f"[{host}]" if ":" in host else host
+    run_server(Gateway(cfg, tracer_provider=make_tracer_provider(cfg)), [sock],
+               lambda: write_ready_file(ready_file, {"urls": [f"http://{h}:{bound}"], "pid": os.getpid()}))
+    return 0
+
+
+class BindError(OSError):
+    """The gateway's address cannot be bound (in use, no permission); the CLI prints it, no traceback."""
+
+
+def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to (host, port); with ``reuse_port`` several processes bind the same port
+    and the kernel spreads connections over those listening on it."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound = sock.getsockname()[1]
-    app = Gateway(cfg, tracer_provider=make_tracer_provider(cfg))
-    limits = cfg.gateway.http
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BindError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror} (pick another --port, "
+                                   "or 0 for any free port)") from None
+    return sock
+
+
+def run_server(app: Gateway, sockets: list[socket.socket], on_ready: Callable[[], object]) -> None:
+    """uvicorn (uvloop + httptools, our header guards) serving ``app`` on ``sockets``; ``on_ready``
+    runs once it serves. Returns after SIGTERM/SIGINT and the graceful drain."""
+    limits = app.cfg.gateway.http
     protocol = guarded_protocol(limits.max_header_bytes, limits.header_timeout_s)  # 431 / 408 (slowloris)
     config = uvicorn.Config(app, loop="uvloop", http=protocol, lifespan="on", access_log=False,
                             log_level="warning", timeout_graceful_shutdown=30, backlog=4096,
@@ -65,14 +98,13 @@ def serve(cfg: InferstackConfig, ready_file: Path | None = None) -> None:
     server = uvicorn.Server(config)
 
     async def main() -> None:
-        task = asyncio.create_task(server.serve(sockets=[sock]))
+        task = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started:
             if task.done():
                 await task
                 return
             await asyncio.sleep(0.02)
-        h = f"[{host}]" if ":" in host else host
-        write_ready_file(ready_file, {"urls": [f"http://{h}:{bound}"], "pid": os.getpid()})
+        on_ready()
         await task
 
     import uvloop

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from inferstack.config.schema import InferstackConfig
 from inferstack.gateway.admin import AdminAPI, admin_token
 from inferstack.gateway.limits import Limiter
+from inferstack.gateway.metricsmerge import WorkerPeers, local_scrape
 from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Inbound, Pipeline, RequestContext
 from inferstack.gateway.pipeline.context import KINDS
@@ -39,8 +40,10 @@ __all__ = ["Gateway", "gateway_openapi", "shared_models"]
 class Gateway:
     """ASGI app over a `Pipeline`. ``tracer_provider`` (OpenTelemetry) is optional."""
 
-    def __init__(self, cfg: InferstackConfig, tracer_provider: Any = None, limiter: Limiter | None = None):
+    def __init__(self, cfg: InferstackConfig, tracer_provider: Any = None, limiter: Limiter | None = None,
+                 peers: WorkerPeers | None = None):
         self.cfg = cfg
+        self.peers = peers  # the other worker processes of this gateway (gateway/workers.py), if any
         self.pipeline = Pipeline(cfg, tracer_provider, limiter)
         p = self.pipeline
         self.pools, self.metrics, self.flow, self.datalayer = p.pools, p.metrics, p.flow, p.datalayer
@@ -75,6 +78,8 @@ class Gateway:
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 await self.pipeline.aclose()
+                if self.peers is not None:
+                    await self.peers.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -92,8 +97,7 @@ class Gateway:
                 await respond(send, 503 if why else 200,
                               orjson.dumps({"status": why}) if why else b'{"status":"ready"}')
             elif path == b"/metrics":
-                await respond(send, 200, generate_latest(self.metrics.registry),
-                              [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+                await self._metrics(scope, send)
             elif path == b"/v1/models":
                 await self._list_models(scope, send)
             elif path == b"/openapi.json":
@@ -106,6 +110,16 @@ class Gateway:
                 raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         except APIError as exc:
             await send_error(send, exc)
+
+    async def _metrics(self, scope: dict, send: Any) -> None:
+        """This process's metrics; with workers, the whole gateway's (one worker's own over its Unix socket)."""
+        text = generate_latest(self.metrics.registry)
+        if self.peers is not None and not local_scrape(scope):
+            try:
+                text = await self.peers.gateway_metrics(text)
+            except (OSError, TimeoutError) as exc:
+                raise APIError(503, f"Metrics incomplete: {exc}", code="metrics_unavailable") from None
+        await respond(send, 200, text, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
 
     async def _admin(self, path: bytes, method: str, scope: dict, receive: Any, send: Any) -> None:
         """GET /admin/pools: pools and endpoint state. PUT /admin/pools/{pool}/endpoints with

@@ -115,7 +115,10 @@ def gateway_spec(settings: UpSettings, backends: list[str], config_file: str | N
     source = [arg for url in backends for arg in ("--backend", url)]
     if config_file:
         source += ["--config", config_file]
-    argv = _inferstack(python, "gateway", "serve", *source, "--host", settings.host, *settings.gateway_args)
+    # one worker: the stack replaces the gateway's endpoints through its admin API, which a gateway of
+    # several workers does not serve (docs/gateway.md, Workers)
+    argv = _inferstack(python, "gateway", "serve", *source, "--host", settings.host, *settings.gateway_args,
+                       "--workers", "1")
     return ChildSpec(name="gateway", kind="gateway", argv=argv, port_args=_port_flag)
 
 

@@ -51,8 +51,7 @@ class Accountant:
             out_tokens = int(usage.get("completion_tokens") or 0)
             in_tokens = int(usage.get("prompt_tokens") or 0)
             out.usage_tokens = in_tokens + out_tokens
-            self.metrics.tokens.labels(ctx.route.model, pool, tname, "input").inc(in_tokens)
-            self.metrics.tokens.labels(ctx.route.model, pool, tname, "output").inc(out_tokens)
+            self.metrics.tokens_used(ctx.route.model, pool, tname, in_tokens, out_tokens)
         if out.ttft is not None:
             ttft_h.observe(out.ttft)
             if out_tokens > 1:

@@ -6,8 +6,8 @@ A stage reads the records of the stages before it and returns its own; nothing i
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +33,14 @@ class Tenant:
     local_only: bool = False  # never spilled to a fallback pool (pipeline/spill.py)
 
 
+def _uuid4_hex() -> str:
+    """``uuid.uuid4().hex`` (the same random version-4 UUID) at a fifth of its cost: it runs per request."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return b.hex()
+
+
 @dataclass(slots=True, frozen=True)
 class Inbound:
     """What arrived: the API (chat or completions), request headers, id and arrival time."""
@@ -46,7 +54,7 @@ class Inbound:
     def arrive(cls, kind: str, headers: Mapping[bytes, bytes]) -> Inbound:
         given = headers.get(b"x-request-id")
         rid = clean_request_id(given.decode("latin-1")) if given else None
-        return cls(kind, headers, (rid or uuid.uuid4().hex).encode(), time.perf_counter())
+        return cls(kind, headers, (rid or _uuid4_hex()).encode(), time.perf_counter())
 
     @property
     def path(self) -> bytes:
