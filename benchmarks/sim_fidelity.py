@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -51,13 +50,17 @@ from gateway_common import Stack, env, start_emulated_fleet, start_inferstack_ga
 from inferstack.bench.workloads import parse_workload
 from inferstack.gateway.requests import prompt_parts
 from inferstack.sim.runner import SimArgs, run_simulation
+from inferstack.telemetry import promtext
 
 METRICS = ("ttft", "tpot", "e2e")
 
 
-def _hits(url: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M))
+def _engine_counters(url: str) -> tuple[float, float, float]:
+    """(prefix-cache hit tokens, sum and count of the engine's own TTFT histogram) from /metrics."""
+    scrape = promtext.parse(urllib.request.urlopen(url + "/metrics", timeout=10).read().decode(), 0.0)
+    return tuple(sum(scrape.select(name).values()) for name in  # type: ignore[return-value]
+                 ("vllm:prefix_cache_hits_total", "vllm:time_to_first_token_seconds_sum",
+                  "vllm:time_to_first_token_seconds_count"))
 
 
 def _prompt_digest(messages: list[tuple[str, str]]) -> str:
@@ -104,7 +107,7 @@ def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict
                            check=True, env=env(), stdout=subprocess.DEVNULL)
         finally:
             gw.stop()
-        hits = sum(_hits(u) for u in urls)
+        counters = [_engine_counters(u) for u in urls]
     finally:
         engines.stop()
     index = {u.split("//", 1)[1]: i for i, u in enumerate(urls)}
@@ -114,7 +117,11 @@ def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict
             rec = json.loads(line)
             if rec.get("type") == "request" and rec.get("endpoint") in index and "prompt_sha256" in rec:
                 where.setdefault(rec["prompt_sha256"], []).append(index[rec["endpoint"]])
-    return json.loads((out / "results.json").read_text()), where, hits
+    res = json.loads((out / "results.json").read_text())
+    # the engines' own mean TTFT (arrival at the engine to first token): what the live TTFT is without
+    # the host path in front of the engine
+    res["engine_ttft_mean_s"] = sum(c[1] for c in counters) / max(1.0, sum(c[2] for c in counters))
+    return res, where, sum(c[0] for c in counters)
 
 
 def sim_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[int, int], float]:
@@ -167,6 +174,11 @@ def compare(a: argparse.Namespace, routing: str) -> dict[str, object]:
             row[f"{m}_{p}_live_runs_ms"] = [v * 1e3 for v in values]
             row[f"{m}_{p}_spread"] = (max(values) - min(values)) / lv
     row["ttft_gap_ms"] = ttft_gap(live, sim)
+    ok = [r["ttft_s"] for r in live["requests"] if r["status"] == "ok"]
+    row["live_ttft_mean_ms"] = statistics.fmean(ok) * 1e3 if ok else None
+    row["live_engine_ttft_mean_ms"] = live["engine_ttft_mean_s"] * 1e3
+    sim_ok = [r["ttft_s"] for r in sim["requests"] if r["status"] == "ok"]
+    row["sim_ttft_mean_ms"] = statistics.fmean(sim_ok) * 1e3 if sim_ok else None
     # a prompt that repeats (shared-prefix cycles through its users) is matched occurrence by occurrence:
     # repeats are far apart in time, so completion order is send order
     digests = _unit_digests(a.workload, a.seed, max(sim_where, default=-1) + 1)
@@ -305,7 +317,9 @@ def main() -> None:
         if g:
             text += (f"\nTTFT live - sim ({r['routing']}): p50 {g['p50']:.1f} ms, p90 {g['p90']:.1f} ms; median for "
                      f"<= {g['inflight_cut']:.0f} in flight {g['low_inflight_p50']:.1f} ms, "
-                     f"above {g['high_inflight_p50']:.1f} ms")
+                     f"above {g['high_inflight_p50']:.1f} ms; live mean TTFT {r['live_ttft_mean_ms']:.1f} ms, "
+                     f"of which inside the engines {r['live_engine_ttft_mean_ms']:.1f} ms; simulated mean "
+                     f"{r['sim_ttft_mean_ms']:.1f} ms (overhead {a.overhead_ms:.1f} ms included)")
     (a.out / "fidelity.md").write_text(text + "\n")
     print(text)
 
