@@ -13,6 +13,21 @@ engines' prefix-cache hit counters (/metrics) against the simulated engines' (th
         --workload shared-prefix:groups=4,users=8,system=512,question=64,output=48 \
         --rate 2 --duration 60 --overhead-ms calibrate --out /tmp/sim-fidelity
 
+Against real CPU engines (``--engines real``): N ``inferstack engine serve --model MODEL --threads 1``
+processes (what ``inferstack up`` starts, one torch thread each, the default CPU batch cap) instead of
+the emulated fleet, and the simulator on the `cpu` profile that ``inferstack engine calibrate`` fits on
+this machine just before (``--hardware-file`` reuses a fitted one). The request overhead probe runs on
+emulated engines of that profile (the same HTTP/tokenization path, step times exactly the model), so it
+does not absorb the step model's error. The one command the lead reruns on a quiet machine:
+
+    PYTHONPATH=src python benchmarks/sim_fidelity.py --engines real --replicas 2 --routing round-robin \
+        --workload shared-prefix:groups=2,users=4,system=256,question=32,output=32 --rate 1 --duration 60 \
+        --repeats 2 --overhead-ms calibrate --out /tmp/sim-fidelity-cpu
+
+``--repeats N`` runs each live configuration N times: the live value is the median of the runs, and the
+table shows the runs' own spread ((max - min) / median) next to the simulator's error, since a live
+measurement cannot be matched more closely than it repeats.
+
 ``--overhead-ms calibrate`` first measures the live host's per-request time outside the step model on a
 low-load probe run (`calibrate_overhead_ms`) and gives it to every simulation as --request-overhead-ms.
 """
@@ -22,7 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
+import os
 import statistics
 import subprocess
 import sys
@@ -30,18 +45,22 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from gateway_common import env, start_emulated_fleet, start_inferstack_gateway
+from gateway_common import Stack, env, start_emulated_fleet, start_inferstack_gateway, start_ready_file
 
 from inferstack.bench.workloads import parse_workload
 from inferstack.gateway.requests import prompt_parts
 from inferstack.sim.runner import SimArgs, run_simulation
+from inferstack.telemetry import promtext
 
 METRICS = ("ttft", "tpot", "e2e")
 
 
-def _hits(url: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M))
+def _engine_counters(url: str) -> tuple[float, float, float]:
+    """(prefix-cache hit tokens, sum and count of the engine's own TTFT histogram) from /metrics."""
+    scrape = promtext.parse(urllib.request.urlopen(url + "/metrics", timeout=10).read().decode(), 0.0)
+    return tuple(sum(scrape.select(name).values()) for name in  # type: ignore[return-value]
+                 ("vllm:prefix_cache_hits_total", "vllm:time_to_first_token_seconds_sum",
+                  "vllm:time_to_first_token_seconds_count"))
 
 
 def _prompt_digest(messages: list[tuple[str, str]]) -> str:
@@ -55,10 +74,27 @@ def _unit_digests(workload: str, seed: int, n: int) -> list[str]:
     return [_prompt_digest(next(units).stages[0][0].messages) for _ in range(n)]
 
 
+def start_real_fleet(model: str, n: int) -> Stack:
+    """N real engines, one process and one torch thread each, as `inferstack up` starts them."""
+    one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    parts = []
+    try:
+        for i in range(n):
+            parts.append(start_ready_file(f"engine{i}", [sys.executable, "-m", "inferstack", "engine", "serve",
+                                                          "--model", model, "--threads", "1", "--port", "0"],
+                                          timeout=300, extra_env=one))
+    except BaseException:
+        for p in parts:
+            p.stop()
+        raise
+    return Stack("real", parts[0].url, parts, {"urls": [p.url for p in parts]})
+
+
 def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[str, list[int]], float]:
     """(bench results.json, prompt digest -> endpoint index of each of its requests in completion
     order, engines' prefix hits)."""
-    engines = start_emulated_fleet(a.profile, a.replicas)
+    engines = start_real_fleet(a.model, a.replicas) if a.engines == "real" else start_emulated_fleet(a.profile,
+                                                                                                    a.replicas)
     urls = engines.extra["urls"]
     audit = Path(tempfile.mkdtemp(prefix="sim-fidelity-audit-"))
     try:
@@ -71,7 +107,7 @@ def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict
                            check=True, env=env(), stdout=subprocess.DEVNULL)
         finally:
             gw.stop()
-        hits = sum(_hits(u) for u in urls)
+        counters = [_engine_counters(u) for u in urls]
     finally:
         engines.stop()
     index = {u.split("//", 1)[1]: i for i, u in enumerate(urls)}
@@ -81,7 +117,11 @@ def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict
             rec = json.loads(line)
             if rec.get("type") == "request" and rec.get("endpoint") in index and "prompt_sha256" in rec:
                 where.setdefault(rec["prompt_sha256"], []).append(index[rec["endpoint"]])
-    return json.loads((out / "results.json").read_text()), where, hits
+    res = json.loads((out / "results.json").read_text())
+    # the engines' own mean TTFT (arrival at the engine to first token): what the live TTFT is without
+    # the host path in front of the engine
+    res["engine_ttft_mean_s"] = sum(c[1] for c in counters) / max(1.0, sum(c[2] for c in counters))
+    return res, where, sum(c[0] for c in counters)
 
 
 def sim_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[int, int], float]:
@@ -107,7 +147,7 @@ def calibrate_overheads_ms(a: argparse.Namespace) -> list[float]:
     the same fleet and workload at a light load (``--calibrate-rate``), live minus simulated TTFT of each
     request (matched by send order). A calibration of this machine, not a model of the host."""
     probe = argparse.Namespace(**{**vars(a), "rate": a.calibrate_rate, "duration": a.calibrate_s,
-                                  "overhead_ms": 0.0, "overhead_samples_ms": ()})
+                                  "overhead_ms": 0.0, "overhead_samples_ms": (), "engines": "emulated"})
     live, _, _ = live_run(probe, "round-robin", a.out / "calibrate-live")
     sim, _, _ = sim_run(probe, "round-robin", a.out / "calibrate-sim")
     sim_ttft = {r["index"]: r["ttft_s"] for r in sim["requests"] if r["status"] == "ok"}
@@ -116,15 +156,29 @@ def calibrate_overheads_ms(a: argparse.Namespace) -> list[float]:
 
 
 def compare(a: argparse.Namespace, routing: str) -> dict[str, object]:
-    live, live_where, live_hits = live_run(a, routing, a.out / f"live-{routing}")
+    runs = []
+    for k in range(a.repeats):
+        load = os.getloadavg()[0]
+        runs.append((*live_run(a, routing, a.out / f"live-{routing}-{k}"), load))
+    live, live_where, live_hits, _ = runs[0]
     sim, sim_where, sim_hits = sim_run(a, routing, a.out / f"sim-{routing}")
     row: dict[str, object] = {"routing": routing, "requests_live": live["summary"]["requests"]["completed"],
-                              "requests_sim": sim["summary"]["requests"]["completed"]}
+                              "requests_sim": sim["summary"]["requests"]["completed"],
+                              "load_avg_1m": [round(r[3], 2) for r in runs]}
     for m in METRICS:
         for p in ("p50", "p90"):
-            lv, sv = live["summary"]["latency_s"][m][p], sim["summary"]["latency_s"][m][p]
+            values = [r[0]["summary"]["latency_s"][m][p] for r in runs]
+            lv, sv = statistics.median(values), sim["summary"]["latency_s"][m][p]
             row[f"{m}_{p}_live_ms"], row[f"{m}_{p}_sim_ms"] = lv * 1e3, sv * 1e3
             row[f"{m}_{p}_err"] = (sv - lv) / lv
+            row[f"{m}_{p}_live_runs_ms"] = [v * 1e3 for v in values]
+            row[f"{m}_{p}_spread"] = (max(values) - min(values)) / lv
+    row["ttft_gap_ms"] = ttft_gap(live, sim)
+    ok = [r["ttft_s"] for r in live["requests"] if r["status"] == "ok"]
+    row["live_ttft_mean_ms"] = statistics.fmean(ok) * 1e3 if ok else None
+    row["live_engine_ttft_mean_ms"] = live["engine_ttft_mean_s"] * 1e3
+    sim_ok = [r["ttft_s"] for r in sim["requests"] if r["status"] == "ok"]
+    row["sim_ttft_mean_ms"] = statistics.fmean(sim_ok) * 1e3 if sim_ok else None
     # a prompt that repeats (shared-prefix cycles through its users) is matched occurrence by occurrence:
     # repeats are far apart in time, so completion order is send order
     digests = _unit_digests(a.workload, a.seed, max(sim_where, default=-1) + 1)
@@ -140,6 +194,26 @@ def compare(a: argparse.Namespace, routing: str) -> dict[str, object]:
     row["routing_same_partition"] = _same_partition(both)
     row["prefix_hits_live"], row["prefix_hits_sim"] = live_hits, sim_hits
     return row
+
+
+def ttft_gap(live: dict, sim: dict) -> dict[str, float]:
+    """Where live and simulated TTFT part, request by request (matched by send order): the gap's median
+    and p90, and its median for requests sent while few vs many others were in flight at the live
+    gateway (split at the median in-flight count). A gap that grows with in-flight requests is host
+    work that scales with concurrency, which a constant request overhead cannot model."""
+    sim_ttft = {r["index"]: r["ttft_s"] for r in sim["requests"] if r["status"] == "ok"}
+    ok = [r for r in live["requests"] if r["status"] == "ok" and r["index"] in sim_ttft]
+    if len(ok) < 4:
+        return {}
+    spans = [(r["sent_s"], r["end_s"]) for r in ok]
+    rows = sorted((sum(a < r["sent_s"] < b for a, b in spans), (r["ttft_s"] - sim_ttft[r["index"]]) * 1e3)
+                  for r in ok)
+    gaps = sorted(g for _, g in rows)
+    cut = statistics.median(n for n, _ in rows)
+    low = [g for n, g in rows if n <= cut] or [0.0]
+    high = [g for n, g in rows if n > cut] or [0.0]
+    return {"p50": statistics.median(gaps), "p90": gaps[int(0.9 * (len(gaps) - 1))], "inflight_cut": cut,
+            "low_inflight_p50": statistics.median(low), "high_inflight_p50": statistics.median(high)}
 
 
 def _same_partition(pairs: list[tuple[int, int]]) -> float | None:
@@ -162,22 +236,45 @@ def _same_partition(pairs: list[tuple[int, int]]) -> float | None:
 
 def table(rows: list[dict[str, object]]) -> str:
     head = ["routing", "n live/sim", *[f"{m.upper()} {p} live/sim ms (err)" for m in METRICS for p in ("p50", "p90")],
-            "same endpoint (same grouping)", "prefix hits live/sim"]
+            "same endpoint (same grouping)", "prefix hits live/sim", "load avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["routing"]), f"{r['requests_live']}/{r['requests_sim']}"]
-        cells += [f"{r[f'{m}_{p}_live_ms']:.1f}/{r[f'{m}_{p}_sim_ms']:.1f} ({r[f'{m}_{p}_err']:+.1%})"
+        cells += [f"{r[f'{m}_{p}_live_ms']:.1f}/{r[f'{m}_{p}_sim_ms']:.1f} ({r[f'{m}_{p}_err']:+.1%}"
+                  + (f"; live ±{r[f'{m}_{p}_spread']:.1%})" if len(r["load_avg_1m"]) > 1 else ")")  # type: ignore
                   for m in METRICS for p in ("p50", "p90")]
         same = r["routing_same"]
         cells += ["–" if same is None else f"{same:.1%} ({r['routing_same_partition']:.1%}) of {r['routing_compared']}",
-                  f"{r['prefix_hits_live']:.0f}/{r['prefix_hits_sim']:.0f}"]
+                  f"{r['prefix_hits_live']:.0f}/{r['prefix_hits_sim']:.0f}",
+                  "/".join(f"{x:.1f}" for x in r["load_avg_1m"])]  # type: ignore[attr-defined]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def calibrate_cpu_profile(a: argparse.Namespace) -> tuple[Path, str]:
+    """(the `cpu` hardware file to simulate with, a line saying where it came from): ``--hardware-file``,
+    or `inferstack engine calibrate` run now (one torch thread, as the real engines serve)."""
+    if a.hardware_file is not None:
+        return a.hardware_file, f"step model from {a.hardware_file}"
+    out = a.out / "cpu.json"
+    load = os.getloadavg()[0]
+    done = subprocess.run([sys.executable, "-m", "inferstack", "engine", "calibrate", "--model", a.model,
+                           "--threads", "1", "--out", str(out), "--samples-out", str(a.out / "cpu-steps.jsonl")],
+                          check=True, env={**env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                          capture_output=True, text=True)
+    return out, f"step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="l4:llama-3-8b")
+    ap.add_argument("--engines", choices=("emulated", "real"), default="emulated",
+                    help="live side: emulated engines of --profile, or real CPU engines of --model")
+    ap.add_argument("--profile", default="l4:llama-3-8b", help="emulation profile (--engines emulated)")
+    ap.add_argument("--model", default="smollm2-135m", help="real engines' model (--engines real)")
+    ap.add_argument("--hardware-file", type=Path, default=None,
+                    help="--engines real: a fitted cpu profile to use; default: run `inferstack engine "
+                         "calibrate` first and use what it writes to OUT/cpu.json")
+    ap.add_argument("--repeats", type=int, default=1, help="live runs per routing profile (spread reported)")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--routing", default="round-robin,cache-aware,default")
     ap.add_argument("--workload", default="shared-prefix:groups=4,users=8,system=512,question=64,output=48")
@@ -193,6 +290,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="sim-fidelity-")))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    calibration = ""
+    if a.engines == "real":
+        hw_file, calibration = calibrate_cpu_profile(a)
+        a.profile = f"{hw_file}:{a.model}"
     mode, a.overhead_samples_ms = a.overhead_ms, []
     if mode in ("calibrate", "calibrate-dist"):
         samples = calibrate_overheads_ms(a)
@@ -206,10 +307,20 @@ def main() -> None:
         a.overhead_ms = float(mode)
         note = f"request overhead {a.overhead_ms:.1f} ms (given)"
     rows = [compare(a, r) for r in a.routing.split(",")]
-    (a.out / "fidelity.json").write_text(json.dumps({"overhead": note, "overhead_samples_ms": a.overhead_samples_ms,
+    (a.out / "fidelity.json").write_text(json.dumps({"engines": a.engines, "profile": a.profile,
+                                                     "calibration": calibration, "overhead": note,
+                                                     "overhead_samples_ms": a.overhead_samples_ms,
                                                      "rows": rows}, indent=1) + "\n")
-    text = note + "\n\n" + table(rows)
-    (a.out / "fidelity.md").write_text(text)
+    text = f"{a.engines} engines ×{a.replicas}, simulated as {a.profile}; {calibration}\n{note}\n\n" + table(rows)
+    for r in rows:
+        g = r["ttft_gap_ms"]
+        if g:
+            text += (f"\nTTFT live - sim ({r['routing']}): p50 {g['p50']:.1f} ms, p90 {g['p90']:.1f} ms; median for "
+                     f"<= {g['inflight_cut']:.0f} in flight {g['low_inflight_p50']:.1f} ms, "
+                     f"above {g['high_inflight_p50']:.1f} ms; live mean TTFT {r['live_ttft_mean_ms']:.1f} ms, "
+                     f"of which inside the engines {r['live_engine_ttft_mean_ms']:.1f} ms; simulated mean "
+                     f"{r['sim_ttft_mean_ms']:.1f} ms (overhead {a.overhead_ms:.1f} ms included)")
+    (a.out / "fidelity.md").write_text(text + "\n")
     print(text)
 
 

@@ -322,6 +322,8 @@ def calibrate(
     threads: Annotated[int | None, typer.Option(help="torch threads, as you will serve with.")] = 1,
     out: Annotated[str | None, typer.Option(help="Where to write the fitted profile (default: the cache file "
                                                  "that --emulate cpu:... reads).")] = None,
+    samples_out: Annotated[str | None, typer.Option(help="Also write every measured step (batch shape and "
+                                                         "seconds) to this JSON-lines file.")] = None,
 ) -> None:
     """Fit the `cpu` hardware profile of the emulator to real engine steps on this machine (a few minutes).
 
@@ -334,7 +336,8 @@ def calibrate(
     from inferstack.sim.profile import calibration_path
 
     try:
-        hw, report = calibrate_cpu(model, threads, progress=lambda msg: typer.echo(f"measuring {msg}", err=True))
+        hw, report = calibrate_cpu(model, threads, progress=lambda msg: typer.echo(f"measuring {msg}", err=True),
+                                   samples_out=Path(samples_out) if samples_out else None)
     except (KeyError, ValueError) as exc:
         typer.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
         raise typer.Exit(2) from None

@@ -35,7 +35,8 @@ PoolOpt = Annotated[str | None, typer.Option(help="Which pool of the config (nee
 PdOpt = Annotated[str, typer.Option(help="colocated, or XpYd: split the fleet into X prefill and Y decode replicas")]
 TokenizerOpt = Annotated[str, typer.Option(help="words (fast: one token per word) or bundled (the emulated "
                                            "engine's tokenizer and chat template, exact token ids)")]
-SeqsOpt = Annotated[int, typer.Option(help="Engine max_num_seqs of every replica")]
+SeqsOpt = Annotated[int | None, typer.Option(help="Engine max_num_seqs of every replica (default: 256, or 8 "
+                                              "for a `cpu` fleet: the real CPU engine's cap per torch thread)")]
 BatchedOpt = Annotated[int, typer.Option(help="Engine max_num_batched_tokens of every replica")]
 CrashOpt = Annotated[list[str], typer.Option(help="Crash replica I at T virtual seconds, restarting after R: "
                                              "I@T[+R] (repeatable)")]
@@ -68,7 +69,7 @@ def run(
     cooldown: CooldownOpt = 0.0,
     seed: SeedOpt = 0,
     tokenizer: TokenizerOpt = "words",
-    max_num_seqs: SeqsOpt = 256,
+    max_num_seqs: SeqsOpt = None,
     max_num_batched_tokens: BatchedOpt = 2048,
     crash: CrashOpt = [],  # noqa: B006 - typer reads the default, never mutates it
     drain_timeout: DrainOpt = 600.0,
@@ -120,7 +121,7 @@ def sweep(
     cooldown: CooldownOpt = 0.0,
     seed: SeedOpt = 0,
     tokenizer: TokenizerOpt = "words",
-    max_num_seqs: SeqsOpt = 256,
+    max_num_seqs: SeqsOpt = None,
     max_num_batched_tokens: BatchedOpt = 2048,
     drain_timeout: DrainOpt = 600.0,
     request_overhead_ms: OverheadOpt = 0.0,

@@ -3,13 +3,16 @@
 The model is the one the emulator uses: t = max(FLOPs/F, bytes/(BW·g)) + t_step + t_seq·B + t_tok·T,
 with efficiencies folded into F and BW, and g (`single_row_bw_gain`) > 1 only for one-row steps.
 F, BW and g are searched on a grid; for each triple the overheads are a non-negative least-squares
-fit; the triple with the least squared relative error wins.
+fit (exact, every triple of a gain at once); the triple with the least squared relative error wins.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -24,17 +27,43 @@ class StepSample:
     seconds: float
 
 
-def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with coefficients >= 0: drop negative ones and refit (3 unknowns, so this ends fast)."""
-    active = list(range(x.shape[1]))
-    coef = np.zeros(x.shape[1])
-    while active:
-        sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
-        if (sol >= 0).all():
-            coef[active] = sol
-            return coef
-        active = [a for a, s in zip(active, sol, strict=True) if s > 0]
-    return coef
+def save_step_samples(samples: Sequence[StepSample], path: Path) -> None:
+    """One JSON line per measured step: ``{"work": [[context, new_tokens, samples], ...], "seconds": t}``
+    (what `inferstack engine calibrate --samples-out` records, to refit or test the fit later)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"work": [[w.context, w.new_tokens, int(w.samples)] for w in s.work],
+                                        "seconds": round(s.seconds, 7)}) + "\n" for s in samples))
+
+
+def load_step_samples(path: Path) -> list[StepSample]:
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            out.append(StepSample(tuple(SeqWork(int(c), int(p), bool(s)) for c, p, s in rec["work"]),
+                                  float(rec["seconds"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a step sample ({e})") from None
+    return out
+
+
+def _nonneg_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row y of ``ys``: min |x·c - y|² over c >= 0, exactly, for all rows at once. With 3 unknowns
+    every support (subset of columns) is tried: the optimum is the least-error support whose
+    unconstrained solution is non-negative. Returns (coefficients (G, k), mean squared errors (G,))."""
+    g, k = ys.shape[0], x.shape[1]
+    best_err, best = np.full(g, np.inf), np.zeros((g, k))
+    for mask in itertools.product((False, True), repeat=k):
+        cols = np.flatnonzero(mask)
+        sol = ys @ np.linalg.pinv(x[:, cols]).T if cols.size else np.zeros((g, 0))
+        err = ((ys - sol @ x[:, cols].T) ** 2).mean(axis=1)
+        err[(sol < 0).any(axis=1)] = np.inf
+        better = err < best_err
+        best_err[better] = err[better]
+        best[better] = 0.0
+        if cols.size:
+            best[np.ix_(better, cols)] = sol[better]
+    return best, best_err
 
 
 def fit_hardware(model: ModelSpec, samples: Sequence[StepSample], base: Hardware) -> tuple[Hardware, dict[str, float]]:
@@ -49,15 +78,16 @@ def fit_hardware(model: ModelSpec, samples: Sequence[StepSample], base: Hardware
     feats = np.array([[1.0, len(s.work), sum(w.new_tokens for w in s.work)] for s in samples])
     one_row = feats[:, 2] == 1
     w = 1.0 / t                                   # relative error: weight rows by 1/t
+    fs, bws = np.meshgrid(np.logspace(8.5, 13, 46), np.logspace(8.5, 12, 36), indexing="ij")
+    fs, bws = fs.ravel(), bws.ravel()
     best: tuple[float, float, float, float, np.ndarray] | None = None
     for gain in np.arange(1.0, 2.01, 0.05) if one_row.any() else (1.0,):
-        for f in np.logspace(8.5, 13, 46):
-            for bw in np.logspace(8.5, 12, 36):
-                roof = np.maximum(flops / f, nbytes / np.where(one_row, bw * gain, bw))
-                coef = _nonneg_lstsq(feats * w[:, None], (t - roof) * w)
-                err = float(np.mean(((roof + feats @ coef) - t) ** 2 * w**2))
-                if best is None or err < best[0]:
-                    best = (err, f, bw, gain, coef)
+        # every (F, BW) pair of the grid at once: rows are pairs, columns samples
+        roof = np.maximum(flops / fs[:, None], nbytes / (bws[:, None] * np.where(one_row, gain, 1.0)))
+        coefs, errs = _nonneg_fits(feats * w[:, None], (t - roof) * w)
+        i = int(np.argmin(errs))
+        if best is None or errs[i] < best[0]:
+            best = (float(errs[i]), fs[i], bws[i], float(gain), coefs[i])
     assert best is not None
     _, f, bw, gain, coef = best
     hw = replace(unit, peak_flops=float(f), mem_bandwidth=float(bw), single_row_bw_gain=float(gain),

@@ -8,6 +8,7 @@ engine reaches in practice (docs/benchmarking.md, "Performance model"); `cpu` is
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -107,14 +108,42 @@ def get_hardware(name: str, overrides_file: Path | None = None) -> Hardware:
     return _CATALOG[key]
 
 
+class HardwareFileError(ValueError):
+    """A hardware JSON file that cannot be used; ``str()`` is ``file:line: message``."""
+
+
+def _key_line(text: str, key: str) -> int:
+    """The line of ``"key":`` in a flat JSON object (1 when absent: the object itself is at fault)."""
+    m = re.search(rf'^\s*"{re.escape(key)}"\s*:', text, re.M)
+    return text.count("\n", 0, m.start()) + 1 if m else 1
+
+
 def load_hardware_file(path: Path) -> Hardware:
-    data = json.loads(Path(path).read_text())
+    """A `Hardware` from a JSON object of its fields (what `inferstack engine calibrate` writes); fields
+    left out come from the catalog entry of the same name. Errors name file:line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise HardwareFileError(f"{path}: cannot read hardware file: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HardwareFileError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise HardwareFileError(f"{path}:1: expected a JSON object of hardware fields")
     fields = set(Hardware.__dataclass_fields__)
-    unknown = set(data) - fields
-    if unknown:
-        raise ValueError(f"{path}: unknown hardware fields {sorted(unknown)}; allowed: {sorted(fields)}")
+    for key in data:
+        if key not in fields:
+            raise HardwareFileError(f"{path}:{_key_line(text, key)}: unknown hardware field {key!r}; "
+                                    f"allowed: {', '.join(sorted(fields))}")
     base = _CATALOG.get(str(data.get("name", "")).lower())
-    return replace(base, **data) if base else Hardware(**data)
+    try:
+        return replace(base, **data) if base else Hardware(**data)
+    except TypeError as e:      # a required field missing from a file naming no catalog entry
+        raise HardwareFileError(f"{path}:1: {e.args[0]}") from None
+    except ValueError as e:     # Hardware.__post_init__ names the field
+        bad = re.search(r": (\w+) must be", str(e))
+        raise HardwareFileError(f"{path}:{_key_line(text, bad.group(1)) if bad else 1}: {e}") from None
 
 
 def save_hardware_file(hw: Hardware, path: Path) -> None:

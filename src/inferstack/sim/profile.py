@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from inferstack.engine.config import ACCELERATOR_MAX_NUM_SEQS, cpu_max_num_seqs
 from inferstack.paths import cache_root
 from inferstack.sim.hardware import Hardware, get_hardware, load_hardware_file
 from inferstack.sim.models import ModelSpec, get_model
@@ -54,3 +55,12 @@ def parse_profile(text: str, calibration: Path | None = None) -> Profile:
     if tp < 1:
         raise ProfileError(f"--emulate {text!r}: tensor parallel degree must be >= 1")
     return Profile(hw, model, tp, text)
+
+
+def default_max_num_seqs(profiles: list[Profile]) -> int:
+    """The running-batch cap a simulated replica gets when the user sets none: what the engine it stands
+    for would use — `cpu_max_num_seqs` of one torch thread (the thread count `cpu` is calibrated with)
+    when every profile is `cpu`, else the accelerator default."""
+    if profiles and all(p.hardware.name == "cpu" for p in profiles):
+        return cpu_max_num_seqs(1)
+    return ACCELERATOR_MAX_NUM_SEQS

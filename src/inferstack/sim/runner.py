@@ -16,6 +16,7 @@ from inferstack.bench.workloads import WorkloadError, parse_workload
 from inferstack.config.loader import ConfigError
 from inferstack.engine.config import EngineConfig
 from inferstack.sim.fleet import SimSetupError, apply_pd, load_sim_config, parse_fleet, sim_pool
+from inferstack.sim.profile import default_max_num_seqs
 from inferstack.sim.prompts import TOKENIZERS, prompt_tokens
 from inferstack.sim.simulation import Crash, SimSettings, Simulation
 
@@ -43,7 +44,7 @@ class SimArgs:
     cooldown: float = 0.0
     seed: int = 0
     tokenizer: str = "words"
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None    # None: the engine default of the fleet's hardware (`default_max_num_seqs`)
     max_num_batched_tokens: int = 2048
     crash: list[str] = field(default_factory=list)
     drain_timeout: float = 600.0
@@ -87,7 +88,8 @@ def build_settings(a: SimArgs, out: Path | None) -> SimSettings:
             raise SimError(f"every --fleet must serve the same model (got {', '.join(sorted(models))})")
         cfg = load_sim_config(a.config)
         pool = sim_pool(cfg, fleets, a.routing, a.pool, a.pd_threshold)
-        engine = EngineConfig(model=fleets[0].profile.model.name, max_num_seqs=a.max_num_seqs,
+        seqs = a.max_num_seqs if a.max_num_seqs is not None else default_max_num_seqs([f.profile for f in fleets])
+        engine = EngineConfig(model=fleets[0].profile.model.name, max_num_seqs=seqs,
                               max_num_batched_tokens=a.max_num_batched_tokens)
         run = RunConfig(targets=["simulated fleet"], model=fleets[0].profile.model.name, workload=wl,
                         load=LoadSpec(rate=a.rate, arrival=a.arrival, burstiness=a.burstiness),

@@ -317,13 +317,17 @@ def measure_real_steps(config: EngineConfig, batch_sizes: Sequence[int] = (1, 2,
     return timed.samples[2:]      # the first steps include one-off warm-up costs
 
 
-def calibrate_cpu(model: str, threads: int | None = None, progress: Callable[[str], None] = lambda _: None):
-    """Measure the real engine on this machine and fit the `cpu` hardware profile for it."""
-    from inferstack.sim.calibrate import fit_hardware
+def calibrate_cpu(model: str, threads: int | None = None, progress: Callable[[str], None] = lambda _: None,
+                  samples_out: Path | None = None):
+    """Measure the real engine on this machine and fit the `cpu` hardware profile for it (the measured
+    steps also go to ``samples_out`` as JSON lines when given)."""
+    from inferstack.sim.calibrate import fit_hardware, save_step_samples
     from inferstack.sim.hardware import get_hardware
     from inferstack.sim.models import get_model
 
     config = EngineConfig(model=model, device="cpu", dtype="float32", num_threads=threads, max_num_seqs=64)
     samples = measure_real_steps(config, progress=progress)
+    if samples_out is not None:
+        save_step_samples(samples, samples_out)
     spec = get_model(model)
     return fit_hardware(spec, samples, get_hardware("cpu"))
