@@ -40,6 +40,7 @@ UTIL = "hpa (GPU util 0.7)"
 
 def policies(a: argparse.Namespace) -> dict[str, object]:
     prefill, decode = planner_tables(parse_profile(a.fleet), 1000, 200)
+    holt = parse_policy("planner:forecaster=holt").forecaster
     out: dict[str, object] = {
         UTIL: parse_policy("hpa:metric=gpu_util,target=0.7"),
         "hpa (KV use 0.7)": parse_policy("hpa:metric=kv_usage,target=0.7"),
@@ -55,8 +56,11 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
         f"apa (target {a.target})": parse_policy(f"apa:metric=concurrency,target={a.target}"),
         f"slo (concurrency {parse_policy(slo).concurrency:g})": parse_policy(slo),
         "planner (holt)": Planner(prefill_tokens_per_s=prefill, decode_table=decode, ttft_p95_s=a.slo_ttft,
-                                  itl_s=a.slo_tpot * 0.8,
-                                  forecaster=parse_policy("planner:forecaster=holt").forecaster),
+                                  itl_s=a.slo_tpot * 0.8, forecaster=holt),
+        # with slo's headroom and stabilisation (its seed-1 values, not tuned for the planner)
+        "planner (holt, spare 1.5, 40s)": Planner(
+            prefill_tokens_per_s=prefill, decode_table=decode, ttft_p95_s=a.slo_ttft, itl_s=a.slo_tpot * 0.8,
+            forecaster=holt, spare=1.5, scale_down_stabilization_s=40.0, max_step_down=0.5),
     }
     return out
 

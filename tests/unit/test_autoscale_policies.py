@@ -168,6 +168,21 @@ def test_planner_sizes_from_the_tables_with_forecasts_and_corrections():
     assert slow.plan(w2)[1] == pytest.approx(10 * 200 / 50)
 
 
+def test_planner_headroom_and_stabilised_scale_down():
+    table = (DecodePoint(1, 0.02, 50), DecodePoint(16, 0.03, 500), DecodePoint(64, 0.06, 1200))
+    p = Planner(prefill_tokens_per_s=10_000, decode_table=table, itl_s=0.04, correction=False, spare=1.0,
+                scale_down_stabilization_s=30, max_step_down=0.5)
+    w = window([8] * 20, arrivals=20, completions=20, in_tokens=20 * 1000, out_tokens=20 * 200, dt=2)
+    assert p.need(w) == pytest.approx(5 + 5 ** 0.5)                 # 1 prefill + 4 decode, + sqrt(5)
+    assert p.decide(w, 2).desired == 8
+    # the rate fell to a tenth in the newest sample: the 30 s window still remembers 10 req/s
+    fell = w[:-1] + [PoolSample(**{**w[-1].__dict__, "arrivals": 2, "input_tokens": 2000, "output_tokens": 400})]
+    assert p.decide(fell, 8).desired == 8
+    later = fell + [PoolSample(**{**fell[-1].__dict__, "t": fell[-1].t + 2 * k}) for k in range(1, 20)]
+    assert p.decide(later, 8).desired == 4                           # then half per decision
+    assert Planner(decode_table=table).decide(fell, 8).desired < 8   # Dynamo's default: the newest plan
+
+
 def test_forecasters():
     rising = [float(x) for x in range(10)]
     assert Constant().next(rising) == 9

@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from inferstack.autoscale.decision import Decision, ceil_div
+from inferstack.autoscale.decision import Decision, ceil_div, stabilised_down
 from inferstack.autoscale.signals import PoolSample, within
 
 
@@ -70,7 +70,7 @@ class SLO:
         done = sum(x.completions for x in measured)
         # Little's law holds over a period long against the time in the system; a shorter history (the
         # first minutes) counts the few early finishers only and overestimates it: the count now decides
-        settled = sum(x.interval_s for x in measured) >= self.window_s - 1e-9
+        settled = sum(x.interval_s for x in window) >= self.window_s - 1e-9
         time_in_system = (sum(x.demand * x.interval_s for x in measured) / done) if done and settled else 0.0
         need = max(rate * time_in_system, float(s.demand)) / self.concurrency
         need += self.spare * math.sqrt(need)
@@ -88,10 +88,8 @@ class SLO:
         wanted = ceil_div(need, 1.0)
         if wanted >= current:
             return Decision(self.name, current, wanted, f"{why}: {wanted} replicas at {self.concurrency:g} each")
-        calm = within(window, self.scale_down_stabilization_s)
-        held = max(ceil_div(self.need(window[: len(window) - len(calm) + i + 1])[0], 1.0) for i in range(len(calm)))
-        floor = current - max(1, math.floor(current * self.max_step_down))
-        desired = min(current, max(wanted, held, floor))
+        desired = stabilised_down(window, current, wanted, lambda w: self.need(w)[0],
+                                  self.scale_down_stabilization_s, self.max_step_down)
         if desired == current:
             return Decision(self.name, current, current,
                             f"{why}; scale-down held by the {self.scale_down_stabilization_s:g}s stabilisation window")
