@@ -52,7 +52,7 @@ class SLO:
         if self.ttft_p95_s <= 0 or self.tpot_p95_s <= 0 or self.concurrency <= 0:
             raise ValueError("slo: objectives and concurrency must be > 0")
         if self.spare < 0 or self.max_boost < 1 or not 0 < self.max_step_down <= 1 or self.rate_window_s <= 0:
-            raise ValueError("slo: max_boost >= 1, 0 < max_step_down <= 1 and rate_window > 0")
+            raise ValueError("slo: spare >= 0, max_boost >= 1, 0 < max_step_down <= 1 and rate_window > 0")
 
     def miss(self, recent: Sequence[PoolSample]) -> float | None:
         """The worst p95 / objective of TTFT and TPOT over ``recent``; None without latencies."""
