@@ -176,7 +176,7 @@ def test_planner_headroom_and_stabilised_scale_down():
     assert p.need(w) == pytest.approx(5 + 5 ** 0.5)                 # 1 prefill + 4 decode, + sqrt(5)
     assert p.decide(w, 2).desired == 8
     # the rate fell to a tenth in the newest sample: the 30 s window still remembers 10 req/s
-    fell = w[:-1] + [PoolSample(**{**w[-1].__dict__, "arrivals": 2, "input_tokens": 2000, "output_tokens": 400})]
+    fell = [*w[:-1], PoolSample(**{**w[-1].__dict__, "arrivals": 2, "input_tokens": 2000, "output_tokens": 400})]
     assert p.decide(fell, 8).desired == 8
     later = fell + [PoolSample(**{**fell[-1].__dict__, "t": fell[-1].t + 2 * k}) for k in range(1, 20)]
     assert p.decide(later, 8).desired == 4                           # then half per decision
