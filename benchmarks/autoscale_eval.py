@@ -1,12 +1,21 @@
 """Autoscaling policies side by side in the simulator (virtual time): SLO attainment, replica-hours,
-failed requests and cold starts, on a trace with daily swings and bursts (or any trace given).
+failed requests and cold starts, on a trace with daily swings and bursts, a Mooncake-like trace, or
+any trace given. Virtual time: the numbers do not depend on the machine's load.
 
-Every policy runs the same trace on the same fleet type, starting from the same replica count,
-with the same cold-start delay, bounds and decision interval. HPA scales on a utilisation-like
-signal (KV use per replica) and, as a second row, on concurrency; KPA/APA on concurrency; SLO on
-p95 TTFT/TPOT; the planner forecasts and sizes from tables read off the same performance model.
+Every policy runs the same trace on the same fleet type, starting from the same replica count, with
+the same cold-start delay, bounds and decision interval. The baselines:
+- `hpa (GPU util)`: the HPA on the accelerator's duty cycle (DCGM_FI_DEV_GPU_UTIL, the "utilisation"
+  teams scale GPU pods on), target 0.7 as the usual advice says; the cost ratio is measured against it;
+- `hpa (KV use)`: the HPA on KV-cache use (another utilisation-like signal);
+- `hpa (concurrency T)`: the HPA on requests in the system per replica, the default 300 s scale-down
+  stabilisation and a tuned 60 s, at each `--hpa-targets` value (the best-tuned HPA is reported too);
+- `kpa` / `apa` on concurrency; then ours: `slo` (Little's law + objectives) and `planner` (Holt).
 
-    PYTHONPATH=src python benchmarks/autoscale_eval.py [--trace FILE] [--minutes 60] [--cold-start 60]
+    PYTHONPATH=src python benchmarks/autoscale_eval.py --fleet l4:llama-3-8b --minutes 10 --peak-rps 6 \\
+        --start 1 --max 24 --cold-start 30 --interval 10 --max-num-seqs 32 --slo-ttft 2 --slo-tpot 0.1 \\
+        --seed 2 --jobs 2 --plot docs/img/autoscale_eval_seed2.png
+    # the Mooncake-like trace (long shared-prefix prompts, bursty arrivals)
+    PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --trace-kind mooncake --peak-rps 2
     # a real trace: the Azure 2023 conversation trace (Splitwise), compressed 2x
     PYTHONPATH=src python benchmarks/autoscale_eval.py --trace AzureLLMInferenceTrace_conv.csv --time-scale 2
 """
@@ -16,27 +25,44 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from multiprocessing import Pool
 from pathlib import Path
+from typing import Any
 
 from inferstack.autoscale.planner import Planner
 from inferstack.autoscale.spec import parse_policy
-from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate
+from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate, mooncake_like_trace
 from inferstack.sim.planner_tables import planner_tables
 from inferstack.sim.profile import parse_profile
 
+UTIL = "hpa (GPU util 0.7)"
 
-def policies(profile_text: str, slo_ttft: float, slo_tpot: float, target: int) -> dict[str, object]:
-    prefill, decode = planner_tables(parse_profile(profile_text), 1000, 200)
-    return {
+
+def policies(a: argparse.Namespace) -> dict[str, object]:
+    prefill, decode = planner_tables(parse_profile(a.fleet), 1000, 200)
+    holt = parse_policy("planner:forecaster=holt").forecaster
+    out: dict[str, object] = {
+        UTIL: parse_policy("hpa:metric=gpu_util,target=0.7"),
         "hpa (KV use 0.7)": parse_policy("hpa:metric=kv_usage,target=0.7"),
-        # the same HPA formula on an AI signal: requests in the system per replica
-        f"hpa (concurrency {target})": parse_policy(f"hpa:metric=concurrency,target={target}"),
-        f"kpa (target {target})": parse_policy(f"kpa:target={target}"),
-        f"apa (target {target})": parse_policy(f"apa:metric=concurrency,target={target}"),
-        "slo": parse_policy(f"slo:ttft_p95={slo_ttft}s,tpot_p95={slo_tpot}s"),
-        "planner (holt)": Planner(prefill_tokens_per_s=prefill, decode_table=decode, ttft_p95_s=slo_ttft,
-                                  itl_s=slo_tpot * 0.8, forecaster=parse_policy("planner:forecaster=holt").forecaster),
     }
+    for t in a.hpa_targets.split(","):
+        out[f"hpa (concurrency {t})"] = parse_policy(f"hpa:metric=concurrency,target={t}")
+        out[f"hpa (concurrency {t}, 60s)"] = parse_policy(
+            f"hpa:metric=concurrency,target={t},scale_down_stabilization=60s")
+    slo = f"slo:ttft_p95={a.slo_ttft}s,tpot_p95={a.slo_tpot}s" + (
+        f",concurrency={a.slo_concurrency}" if a.slo_concurrency else "")
+    out |= {
+        f"kpa (target {a.target})": parse_policy(f"kpa:target={a.target}"),
+        f"apa (target {a.target})": parse_policy(f"apa:metric=concurrency,target={a.target}"),
+        f"slo (concurrency {parse_policy(slo).concurrency:g})": parse_policy(slo),
+        "planner (holt)": Planner(prefill_tokens_per_s=prefill, decode_table=decode, ttft_p95_s=a.slo_ttft,
+                                  itl_s=a.slo_tpot * 0.8, forecaster=holt),
+        # with slo's headroom and stabilisation (its seed-1 values, not tuned for the planner)
+        "planner (holt, spare 1.5, 40s)": Planner(
+            prefill_tokens_per_s=prefill, decode_table=decode, ttft_p95_s=a.slo_ttft, itl_s=a.slo_tpot * 0.8,
+            forecaster=holt, spare=1.5, scale_down_stabilization_s=40.0, max_step_down=0.5),
+    }
+    return out
 
 
 def setup_of(a: argparse.Namespace) -> EvalSetup:
@@ -45,11 +71,51 @@ def setup_of(a: argparse.Namespace) -> EvalSetup:
                      seed=a.seed, time_scale=a.time_scale)
 
 
+def _run(job: tuple[str, object, Path, EvalSetup]) -> dict[str, Any]:
+    return evaluate(*job)
+
+
+def _cheapest(rows: list[dict[str, Any]], prefix: str, attainment: float) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["policy"].startswith(prefix) and r["attainment"] >= attainment]
+    return min(ok, key=lambda r: r["replica_hours"], default=None)
+
+
+def report(rows: list[dict[str, Any]], goal: float) -> None:
+    util = next((r for r in rows if r["policy"] == UTIL), None)
+    print(f"\n| policy | SLO attainment | replica-hours | vs {UTIL} | peak replicas | failed | cold starts "
+          "| TTFT p95 (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rel = f"{r['replica_hours'] / util['replica_hours']:.2f}x" if util else "–"
+        ttft = f"{r['ttft_p95_s']:.2f}" if r["ttft_p95_s"] is not None else "–"
+        print(f"| {r['policy']} | {r['attainment']:.2%} | {r['replica_hours']:.2f} | {rel} | {r['peak_replicas']} | "
+              f"{r['failed']} | {r['cold_starts']} | {ttft} |")
+    ours = _cheapest(rows, "slo", goal) or _cheapest(rows, "planner", goal)
+    for label, base in (("hpa on GPU util", util), ("best hpa on concurrency", _cheapest(rows, "hpa (conc", goal))):
+        if ours and base:
+            print(f"\n{ours['policy']} vs {label} ({base['policy']}, {base['attainment']:.2%}): "
+                  f"{ours['replica_hours'] / base['replica_hours']:.3f}x the replica-hours")
+    if not ours:
+        print(f"\nno policy of ours reached {goal:.0%} attainment")
+
+
+def plot(rows: list[dict[str, Any]], path: Path, slo_ttft: float) -> None:
+    from inferstack.lab.report import time_plot
+
+    shown = [r for r in rows if r["policy"] == UTIL or r["policy"].startswith(("slo", "planner", "kpa"))
+             or r["policy"].endswith("60s)")]
+    time_plot(path, "Replicas and p95 TTFT over time (simulator, virtual time)", [
+        ("replicas", {r["policy"]: [(t, cur) for t, cur, _ in r["timeline"]] for r in shown}, None),
+        ("TTFT p95 (s)", {r["policy"]: r["ttft_p95_over_time"] for r in shown}, slo_ttft)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", type=Path, default=None)
+    ap.add_argument("--trace", type=Path, default=None, help="replay this trace file instead of generating one")
+    ap.add_argument("--trace-kind", choices=("diurnal", "mooncake"), default="diurnal",
+                    help="the generated trace: a day with three 2x bursts, or Mooncake-like long shared prompts")
     ap.add_argument("--time-scale", type=float, default=1.0)
-    ap.add_argument("--minutes", type=float, default=60.0, help="length of the generated diurnal trace")
+    ap.add_argument("--minutes", type=float, default=60.0, help="length of the generated trace")
     ap.add_argument("--peak-rps", type=float, default=30.0)
     ap.add_argument("--fleet", default="h100:llama-3-8b")
     ap.add_argument("--start", type=int, default=2)
@@ -60,31 +126,32 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--slo-ttft", type=float, default=1.0)
     ap.add_argument("--slo-tpot", type=float, default=0.06)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--slo-concurrency", type=float, default=None,
+                    help="slo: requests one replica holds within the objectives (default: the policy's)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the generated trace and of the simulation")
     ap.add_argument("--target", type=int, default=12,
                     help="kpa/apa: requests in flight per replica (the concurrency one replica serves within the SLO)")
+    ap.add_argument("--hpa-targets", default="6,8", help="comma-separated concurrency targets of the hpa rows")
+    ap.add_argument("--goal", type=float, default=0.99, help="attainment the cost comparison requires")
     ap.add_argument("--only", default="", help="comma-separated policy name prefixes")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="policies simulated at once (processes)")
+    ap.add_argument("--out", type=Path, default=None, help="write every row (timelines included) as JSON")
+    ap.add_argument("--plot", type=Path, default=None, help="write replicas and p95 TTFT over time (PNG)")
     a = ap.parse_args()
-    trace = a.trace or diurnal_trace(Path(tempfile.mkdtemp()) / "diurnal.jsonl", a.minutes, a.peak_rps, a.seed)
-    rows = []
-    for name, policy in policies(a.fleet, a.slo_ttft, a.slo_tpot, a.target).items():
-        if a.only and not any(name.startswith(p) for p in a.only.split(",")):
-            continue
-        row = evaluate(name, policy, trace, setup_of(a))
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("timeline", "ttft_p95_over_time")}), flush=True)
-    hpa = next((r for r in rows if r["policy"].startswith("hpa")), None)
-    print("\n| policy | SLO attainment | replica-hours | vs hpa | peak replicas | failed | cold starts "
-          "| TTFT p95 (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        rel = f"{r['replica_hours'] / hpa['replica_hours']:.2f}x" if hpa else "–"
-        ttft = f"{r['ttft_p95_s']:.2f}" if r["ttft_p95_s"] is not None else "–"
-        print(f"| {r['policy']} | {r['attainment']:.1%} | {r['replica_hours']:.2f} | {rel} | {r['peak_replicas']} | "
-              f"{r['failed']} | {r['cold_starts']} | {ttft} |")
+    make = mooncake_like_trace if a.trace_kind == "mooncake" else diurnal_trace
+    trace = a.trace or make(Path(tempfile.mkdtemp()) / f"{a.trace_kind}.jsonl", a.minutes, a.peak_rps, a.seed)
+    jobs = [(name, p, trace, setup_of(a)) for name, p in policies(a).items()
+            if not a.only or any(name.startswith(x) for x in a.only.split(","))]
+    with Pool(max(1, a.jobs)) as pool:
+        rows = []
+        for row in pool.imap(_run, jobs):
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("timeline", "ttft_p95_over_time")}), flush=True)
+    report(rows, a.goal)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=2))
+    if a.plot:
+        plot(rows, a.plot, a.slo_ttft)
 
 
 if __name__ == "__main__":

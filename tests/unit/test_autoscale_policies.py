@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -94,24 +96,59 @@ def test_apa_tolerance_band_and_step_bounds():
     assert apa.decide(window([0] * 10), 4).desired == 2           # at least N/2
 
 
-def test_slo_scales_up_on_a_miss_and_on_saturation():
-    slo = SLO(ttft_p95_s=1.0, tpot_p95_s=0.1)
-    assert slo.decide(window([4] * 10, ttft=3.0, tpot=0.05), 4).desired == 8      # 3x miss, capped at 2x
-    assert slo.decide(window([4] * 10, ttft=1.5, tpot=0.05), 4).desired == 6
-    saturated = window([4] * 10, ttft=0.2, tpot=0.02, queued=40)
-    d = slo.decide(saturated, 4)
-    assert d.desired > 4 and "saturated" in d.reason
+def steady(n=13, dt=10.0, demand=60, arrivals=50, completions=50, **kw) -> list[PoolSample]:
+    """A settled window (spans the 120 s Little's-law window): 5 req/s, 60 in the system, W = 12 s."""
+    return window([demand] * n, dt=dt, arrivals=arrivals, completions=completions, **kw)
 
 
-def test_slo_scales_down_one_step_only_with_sustained_headroom():
-    slo = SLO(ttft_p95_s=1.0, tpot_p95_s=0.1, scale_down_stabilization_s=60)
-    fast = window([4] * 40, ttft=0.2, tpot=0.02, dt=2)
-    assert slo.decide(fast, 4).desired == 3
-    flapping = window([4] * 35 + [4] + [4] * 4, ttft=0.2, tpot=0.02, dt=2)
-    flapping[-3] = PoolSample(**{**flapping[-3].__dict__, "ttft_p95_s": 0.8})
-    assert slo.decide(flapping, 4).desired == 4  # one sample near the objective: no headroom
-    no_latency = window([4] * 40, ttft=None, tpot=None)
-    assert slo.decide(no_latency, 4).desired == 4
+def test_slo_sizes_by_littles_law_with_square_root_staffing():
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=1.5)
+    need = 5 * 12 / 12                                          # rate x time in system / concurrency
+    assert slo.need(steady(ttft=0.5, tpot=0.05))[0] == pytest.approx(need + 1.5 * need ** 0.5)
+    assert slo.decide(steady(ttft=0.5, tpot=0.05), 4).desired == 9            # 5 + 3.35, up at once
+    # a burst shows in the newest interval's arrivals before the queue it builds: twice the rate
+    burst = steady(ttft=0.5, tpot=0.05)
+    burst[-1] = PoolSample(**{**burst[-1].__dict__, "arrivals": 100})
+    assert slo.decide(burst, 9).desired == math.ceil(10 + 1.5 * 10 ** 0.5)
+    # the first minutes (window shorter than 120 s): few finished requests, Little's law not trusted
+    early = steady(n=4, ttft=0.5, tpot=0.05, demand=24)
+    assert slo.need(early)[0] == pytest.approx(2 + 1.5 * 2 ** 0.5)
+
+
+def test_slo_boosts_on_a_miss_unless_replicas_are_starting():
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, max_boost=1.5)
+    assert slo.need(steady(ttft=0.5, tpot=0.12))[0] == pytest.approx(5 * 1.2)
+    assert slo.need(steady(ttft=9.0, tpot=0.05))[0] == pytest.approx(5 * 1.5)      # capped
+    starting = steady(ttft=9.0, tpot=0.05)
+    starting[-1] = PoolSample(**{**starting[-1].__dict__, "starting": 3})
+    assert slo.need(starting)[0] == pytest.approx(5.0)     # the starting replicas answer the misses
+
+
+def test_slo_scales_down_slowly_and_ignores_flapping_and_missing_metrics():
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, scale_down_stabilization_s=40,
+              max_step_down=0.5)
+    quiet = steady(arrivals=12, completions=12, demand=12, ttft=0.5, tpot=0.05)      # needs 1 replica
+    assert slo.decide(quiet, 8).desired == 4                                         # half per decision
+    flapping = steady(n=20, ttft=0.5, tpot=0.05)
+    flapping[-3] = PoolSample(**{**flapping[-3].__dict__, "running": 240})           # 20 s ago: 20 replicas
+    for i in (-2, -1):
+        flapping[i] = PoolSample(**{**flapping[i].__dict__, "running": 12, "arrivals": 12})
+    assert slo.decide(flapping, 20).desired == 20          # held by the stabilisation window
+    # missing metrics: a stale scrape (no arrivals, no completions, no latency) leaves the count now
+    stale = steady(arrivals=0, completions=0, demand=36)
+    d = slo.decide(stale, 3)
+    assert d.desired == 3 and "0 req/s" in d.reason
+    repeated = steady(ttft=0.5, tpot=0.05)
+    repeated[-1] = PoolSample(**{**repeated[-2].__dict__, "t": repeated[-1].t, "interval_s": 0.0, "arrivals": 999})
+    assert slo.need(repeated)[0] == pytest.approx(5.0 + 1.5 * 0)   # an interval of 0 s adds no arrivals
+    assert slo.decide([], 3).desired == 3
+
+
+def test_hpa_on_the_duty_cycle():
+    hpa = HPA(metric="gpu_util", target=0.7)
+    busy = [PoolSample(**{**s.__dict__, "busy": 0.95}) for s in window([4] * 5)]
+    assert hpa.decide(busy, 4).desired == math.ceil(4 * 0.95 / 0.7)
+    assert hpa.decide(window([4] * 5), 4).desired == 4          # no duty cycle exported: hold
 
 
 def test_planner_sizes_from_the_tables_with_forecasts_and_corrections():
@@ -129,6 +166,21 @@ def test_planner_sizes_from_the_tables_with_forecasts_and_corrections():
     w2 = window([64] * 6, r=4, arrivals=20, completions=20, in_tokens=20_000, out_tokens=4000, dt=2,
                 ttft=0.1, tpot=0.06)
     assert slow.plan(w2)[1] == pytest.approx(10 * 200 / 50)
+
+
+def test_planner_headroom_and_stabilised_scale_down():
+    table = (DecodePoint(1, 0.02, 50), DecodePoint(16, 0.03, 500), DecodePoint(64, 0.06, 1200))
+    p = Planner(prefill_tokens_per_s=10_000, decode_table=table, itl_s=0.04, correction=False, spare=1.0,
+                scale_down_stabilization_s=30, max_step_down=0.5)
+    w = window([8] * 20, arrivals=20, completions=20, in_tokens=20 * 1000, out_tokens=20 * 200, dt=2)
+    assert p.need(w) == pytest.approx(5 + 5 ** 0.5)                 # 1 prefill + 4 decode, + sqrt(5)
+    assert p.decide(w, 2).desired == 8
+    # the rate fell to a tenth in the newest sample: the 30 s window still remembers 10 req/s
+    fell = [*w[:-1], PoolSample(**{**w[-1].__dict__, "arrivals": 2, "input_tokens": 2000, "output_tokens": 400})]
+    assert p.decide(fell, 8).desired == 8
+    later = fell + [PoolSample(**{**fell[-1].__dict__, "t": fell[-1].t + 2 * k}) for k in range(1, 20)]
+    assert p.decide(later, 8).desired == 4                           # then half per decision
+    assert Planner(decode_table=table).decide(fell, 8).desired < 8   # Dynamo's default: the newest plan
 
 
 def test_forecasters():

@@ -22,7 +22,7 @@ from inferstack.gateway.routing import PRESETS
 from inferstack.sim.autoscale import QueueTarget
 from inferstack.sim.profile import parse_profile
 from inferstack.sim.runner import SimArgs, build_settings, simulate
-from inferstack.sim.simulation import Simulation
+from inferstack.sim.simulation import POOL, Simulation
 
 FLEET = "h100:llama-3-8b"
 
@@ -263,6 +263,28 @@ def test_autoscaling_policies_run_in_the_simulator_on_real_samples():
     assert len(sim.replicas) > 1 and max(d.desired for _, _, d in scaler.decisions) <= 6
     samples = [d for _, _, d in scaler.decisions]
     assert samples[0].current == 1 and any(d.direction == "up" for d in samples)
+
+
+def test_samples_carry_the_replicas_duty_cycle():
+    """`busy` (the GPU-utilisation signal) is the fraction of each interval the replicas ran a step:
+    near 1 for a saturated replica, lower when it idles between light arrivals."""
+    from inferstack.autoscale.decision import Bounds
+    from inferstack.autoscale.driver import PolicyAutoscaler
+    from inferstack.autoscale.hpa import HPA
+
+    busy = {}
+    for rate in (60.0, 1.0):
+        settings = build_settings(_args(fleet=[f"{FLEET}=1"], rate=rate, duration=4.0,
+                                        workload="synthetic:input=400,output=60"), None)
+        settings.engine = dataclasses.replace(settings.engine, max_num_seqs=8)
+        settings.autoscaler = PolicyAutoscaler(HPA(metric="gpu_util", target=2.0), Bounds(1, 1), interval_s=1.0,
+                                               window_samples=4, cold_start_s=1.0)
+        sim = Simulation(settings)
+        sim.run()
+        values = [s.pools[POOL].busy for s in sim._samples]
+        assert all(v is None or 0.0 <= v <= 1.0 for v in values)
+        busy[rate] = max(v for v in values if v is not None)
+    assert busy[60.0] >= 0.9 and busy[1.0] < busy[60.0]
 
 
 def test_calibrated_overhead_samples_are_drawn_per_request_and_repeat_with_the_seed(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,3 +65,17 @@ class Bounds:
 
 def ceil_div(a: float, b: float) -> int:
     return math.ceil(a / b - 1e-9) if b > 0 else 0
+
+
+def stabilised_down(window: Sequence[PoolSample], current: int, wanted: int,
+                    need: Callable[[Sequence[PoolSample]], float], stabilization_s: float, max_step_down: float) -> int:
+    """Fast up, slow down: below ``current``, the highest ``need`` (replicas, a fraction) of every window
+    ending within the last ``stabilization_s`` (HPA's scale-down stabilisation on any sizing rule), and
+    at most ``max_step_down`` of the replicas (at least one) removed per decision."""
+    if wanted >= current:
+        return wanted
+    calm = within(window, stabilization_s)
+    first = len(window) - len(calm)
+    held = max(ceil_div(need(window[: first + i + 1]), 1.0) for i in range(len(calm)))
+    floor = current - max(1, math.floor(current * max_step_down))
+    return min(current, max(wanted, held, floor))

@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from inferstack.autoscale.decision import Decision
+from inferstack.autoscale.decision import Decision, ceil_div, stabilised_down
 from inferstack.autoscale.forecast import Constant, Forecaster
 from inferstack.autoscale.signals import PoolSample
 
@@ -40,11 +40,19 @@ class Planner:
     forecaster: Forecaster = field(default_factory=Constant)
     correction: bool = True
     history: int = 12                            # samples the forecaster sees
+    # colocated pools: square-root-staffing headroom (need + spare x sqrt(need)) and a scale-down
+    # stabilisation (the highest plan of the window, at most max_step_down removed per decision);
+    # 0 and 0 s are Dynamo's planner as published: the plan of the newest sample, no headroom
+    spare: float = 0.0
+    scale_down_stabilization_s: float = 0.0
+    max_step_down: float = 1.0
     name: str = "planner"
 
     def __post_init__(self) -> None:
         if self.prefill_tokens_per_s <= 0 or not self.decode_table:
             raise ValueError("planner: prefill_tokens_per_s > 0 and a non-empty decode table")
+        if self.spare < 0 or self.scale_down_stabilization_s < 0 or not 0 < self.max_step_down <= 1:
+            raise ValueError("planner: spare >= 0, scale_down_stabilization >= 0 and 0 < max_step_down <= 1")
 
     def decode_capacity(self, itl_target: float) -> float:
         """Best tokens/s of one replica with ITL within the target (the first row if none is)."""
@@ -95,8 +103,18 @@ class Planner:
         """A colocated pool: its replicas prefill and decode, so it needs both shares together."""
         if not window:
             return Decision(self.name, current, current, "no samples")
-        prefill, decode, why = self.plan(window)
-        return Decision(self.name, current, math.ceil(prefill + decode - 1e-9), why)
+        _, _, why = self.plan(window)
+        wanted = ceil_div(self.need(window), 1.0)
+        desired = stabilised_down(window, current, wanted, self.need, self.scale_down_stabilization_s,
+                                  self.max_step_down)
+        if desired > wanted:
+            why += f"; scale-down held by the {self.scale_down_stabilization_s:g}s stabilisation window"
+        return Decision(self.name, current, desired, why)
+
+    def need(self, window: Sequence[PoolSample]) -> float:
+        """Replicas (a fraction) a colocated pool needs: both shares and the headroom."""
+        prefill, decode, _ = self.plan(window)
+        return prefill + decode + self.spare * math.sqrt(prefill + decode)
 
     def decide_roles(
         self, window: Sequence[PoolSample], prefill_now: int, decode_now: int

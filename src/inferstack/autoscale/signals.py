@@ -31,6 +31,9 @@ class PoolSample:
     input_tokens: int = 0        # prompt tokens of the arrivals since the previous sample
     output_tokens: int = 0       # output tokens of the completions since the previous sample
     interval_s: float = 0.0      # time since the previous sample (0: unknown, the first one)
+    # mean fraction of the interval the serving replicas' accelerators ran a step: the GPU duty cycle
+    # (DCGM_FI_DEV_GPU_UTIL); None where the source cannot see it (the live engines do not export it)
+    busy: float | None = None
 
     @property
     def demand(self) -> int:
@@ -51,6 +54,7 @@ SIGNALS = {
     "concurrency": "requests in the system per replica (waiting + running + held at the gateway)",
     "queue": "requests waiting per replica (engine queues + held at the gateway)",
     "kv_usage": "mean KV-cache use of the replicas, 0..1",
+    "gpu_util": "mean accelerator duty cycle of the replicas, 0..1 (DCGM_FI_DEV_GPU_UTIL; simulator only)",
     "request_rate": "arrivals per second per replica",
     "ttft_p95": "p95 time to first token, seconds (pool-wide)",
     "tpot_p95": "p95 time per output token, seconds (pool-wide)",
@@ -78,6 +82,8 @@ def signal_value(name: str, s: PoolSample) -> float | None:
         return (s.waiting + s.gateway_queued) / per
     if name == "kv_usage":
         return s.kv_usage
+    if name == "gpu_util":
+        return s.busy
     if name == "request_rate":
         return s.request_rate / per
     if name == "ttft_p95":

@@ -1,18 +1,35 @@
-"""Latency objectives: scale on the windowed p95 TTFT and TPOT against the pool's objectives.
+"""Latency objectives met with demand-proportional replicas: Little's law sizes the fleet, the
+windowed p95 TTFT/TPOT against the objectives corrects it, and it scales up fast and down slowly.
 
-Up when either p95 misses its objective (by the ratio of the miss, at least one replica, at most
-doubling) or when the replicas are saturated whatever the latencies say (queue per replica or KV
-use over the guards: latencies lag a filling queue). Down by one replica only with headroom: every
-sample of the stabilisation window under ``headroom`` x both objectives, nothing saturated, and the
-remaining replicas would carry the demand at the current per-replica load. No finished request in
-the window (no latency to judge) holds the count; the bounds decide about idleness."""
+    need = max(arrival rate x time in system, requests in the system now) / concurrency
+
+Little's law (L = lambda W): the requests one replica holds within the objectives (``concurrency``) and
+the time a request spends in the system (W, measured over ``window_s`` as mean requests in the
+system / completions per second) turn the arrival rate into replicas. The arrival rate is the newest
+``rate_window_s`` (a burst shows in the first sample, before the queue it builds does); the count
+in the system now (waiting + running + held at the gateway) covers a backlog.
+
+Objectives: while a p95 of the newest ``rate_window_s`` misses its objective and no replica is
+starting, ``need`` is multiplied by the miss (at most ``max_boost``): the concurrency target was
+too optimistic for these requests. Replicas that are starting are the answer to the misses already
+seen, so they are not boosted again (the old latency-only policy overshot to its bound that way).
+
+Bursts: ``spare`` x sqrt(need) replicas more (square-root staffing: the headroom that absorbs a
+burst during the cold start of the replicas it calls for costs little on a large fleet, and is what
+keeps a small one within the objectives). Scale-up is immediate; scale-down takes the highest need of
+the ``scale_down_stabilization_s`` before (the HPA's stabilisation, on this signal) and removes at
+most ``max_step_down`` of the replicas per decision. Missing metrics: no arrivals and no completions in
+the window leave only the count in the system; no latency in the window means no boost; an empty
+window holds.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from inferstack.autoscale.decision import Decision
+from inferstack.autoscale.decision import Decision, ceil_div, stabilised_down
 from inferstack.autoscale.signals import PoolSample, within
 
 
@@ -20,44 +37,60 @@ from inferstack.autoscale.signals import PoolSample, within
 class SLO:
     ttft_p95_s: float = 1.0
     tpot_p95_s: float = 0.1
-    window_s: float = 60.0
-    queue_guard: float = 5.0        # waiting requests per replica that mean saturated
-    kv_guard: float = 0.9
-    headroom: float = 0.5
-    scale_down_stabilization_s: float = 120.0
+    # defaults tuned on one seed of benchmarks/autoscale_eval.py's trace (docs/autoscaling.md); concurrency
+    # is the deployment's own number: what one replica holds within the objectives (an emulator sweep)
+    concurrency: float = 12.0             # requests in the system one replica serves within the objectives
+    rate_window_s: float = 10.0           # the arrival rate and the latencies that boost: this recent
+    window_s: float = 120.0               # time in the system (Little's law) measured over this
+    spare: float = 1.5                    # square-root staffing: need + spare x sqrt(need) (burst headroom)
+    max_boost: float = 1.5
+    scale_down_stabilization_s: float = 40.0
+    max_step_down: float = 0.5            # fraction of the replicas one decision may remove
     name: str = "slo"
 
     def __post_init__(self) -> None:
-        if self.ttft_p95_s <= 0 or self.tpot_p95_s <= 0 or not 0 < self.headroom < 1:
-            raise ValueError("slo: objectives must be > 0 and 0 < headroom < 1")
+        if self.ttft_p95_s <= 0 or self.tpot_p95_s <= 0 or self.concurrency <= 0:
+            raise ValueError("slo: objectives and concurrency must be > 0")
+        if self.spare < 0 or self.max_boost < 1 or not 0 < self.max_step_down <= 1 or self.rate_window_s <= 0:
+            raise ValueError("slo: spare >= 0, max_boost >= 1, 0 < max_step_down <= 1 and rate_window > 0")
 
-    def _miss(self, s: PoolSample) -> float | None:
-        """The worse of p95 / objective for TTFT and TPOT; None without latencies."""
-        ratios = [v / o for v, o in ((s.ttft_p95_s, self.ttft_p95_s), (s.tpot_p95_s, self.tpot_p95_s))
-                  if v is not None]
+    def miss(self, recent: Sequence[PoolSample]) -> float | None:
+        """The worst p95 / objective of TTFT and TPOT over ``recent``; None without latencies."""
+        pairs = [(s.ttft_p95_s, self.ttft_p95_s) for s in recent] + [(s.tpot_p95_s, self.tpot_p95_s) for s in recent]
+        ratios = [v / o for v, o in pairs if v is not None]
         return max(ratios) if ratios else None
 
-    def _saturated(self, s: PoolSample) -> bool:
-        per = max(1, s.replicas)
-        return (s.waiting + s.gateway_queued) / per >= self.queue_guard or s.kv_usage >= self.kv_guard
+    def need(self, window: Sequence[PoolSample]) -> tuple[float, str]:
+        """Replicas (a fraction) the newest sample of ``window`` asks for, and why."""
+        s = window[-1]
+        recent = [x for x in within(window, self.rate_window_s) if x.interval_s > 0]
+        span = sum(x.interval_s for x in recent)
+        rate = sum(x.arrivals for x in recent) / span if span > 0 else 0.0
+        measured = [x for x in within(window, self.window_s) if x.interval_s > 0]
+        done = sum(x.completions for x in measured)
+        # Little's law holds over a period long against the time in the system; a shorter history (the
+        # first minutes) counts the few early finishers only and overestimates it: the count now decides
+        settled = sum(x.interval_s for x in window) >= self.window_s - 1e-9
+        time_in_system = (sum(x.demand * x.interval_s for x in measured) / done) if done and settled else 0.0
+        need = max(rate * time_in_system, float(s.demand)) / self.concurrency
+        need += self.spare * math.sqrt(need)
+        why = f"{rate:.3g} req/s x {time_in_system:.3g}s in the system, {s.demand} now"
+        miss = self.miss(within(window, self.rate_window_s))
+        if miss is not None and miss > 1.0 and s.starting == 0:
+            boost = min(self.max_boost, miss)
+            return need * boost, f"{why}; p95 at {miss:.2f}x the objective: x{boost:.2f}"
+        return need, why
 
     def decide(self, window: Sequence[PoolSample], current: int) -> Decision:
-        recent = within(window, self.window_s)
-        misses = [m for m in (self._miss(s) for s in recent) if m is not None]
-        if recent and self._saturated(recent[-1]):
-            return Decision(self.name, current, min(2 * max(1, current), current + max(1, current // 2)),
-                            "saturated (queue or KV over the guard)")
-        if misses and max(misses) > 1.0:
-            worst = max(misses)
-            desired = min(2 * max(1, current), max(current + 1, round(current * worst)))
-            return Decision(self.name, current, desired, f"p95 latency at {worst:.2f}x its objective")
-        calm = within(window, self.scale_down_stabilization_s)
-        calm_misses = [self._miss(s) for s in calm]
-        spans = bool(window) and window[-1].t - window[0].t >= self.scale_down_stabilization_s
-        if (current > 1 and spans and all(m is not None and m < self.headroom for m in calm_misses)
-                and not any(self._saturated(s) for s in calm)):
-            load = recent[-1].demand / max(1, recent[-1].replicas) if recent else 0.0
-            if load * current / (current - 1) <= self.queue_guard:
-                return Decision(self.name, current, current - 1,
-                                f"p95 under {self.headroom:g}x the objectives for {self.scale_down_stabilization_s:g}s")
-        return Decision(self.name, current, current, "objectives met" if misses else "no latency in the window")
+        if not window:
+            return Decision(self.name, current, current, "no samples")
+        need, why = self.need(window)
+        wanted = ceil_div(need, 1.0)
+        if wanted >= current:
+            return Decision(self.name, current, wanted, f"{why}: {wanted} replicas at {self.concurrency:g} each")
+        desired = stabilised_down(window, current, wanted, lambda w: self.need(w)[0],
+                                  self.scale_down_stabilization_s, self.max_step_down)
+        if desired == current:
+            return Decision(self.name, current, current,
+                            f"{why}; scale-down held by the {self.scale_down_stabilization_s:g}s stabilisation window")
+        return Decision(self.name, current, desired, f"{why}: down to {desired}")

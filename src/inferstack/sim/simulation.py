@@ -127,6 +127,7 @@ class Simulation:
         self._window_tpot: list[float] = []
         self._samples: list[MetricSample] = []
         self._last_counts = (0, 0, 0, 0, 0.0)   # arrived, completed, tokens in, tokens out, at
+        self._last_busy: dict[str, float] = {}   # replica id -> its modelled device time at the last sample
         self.planned = 0
         self.model = s.fleets[0].profile.model.name
         self._overhead_rng = random.Random(s.run.seed)
@@ -479,9 +480,23 @@ class Simulation:
                             sum(g[1] for g in gauges), sum(g[2] for g in gauges) / max(1, len(gauges)),
                             self.gateway.admission.queued, self.arrived - last[0], self.completed - last[1],
                             p95(self._window_ttft), p95(self._window_tpot), input_tokens=self.tokens_in - last[2],
-                            output_tokens=self.tokens_out - last[3], interval_s=self.now - last[4])
+                            output_tokens=self.tokens_out - last[3], interval_s=self.now - last[4],
+                            busy=self._duty_cycle(eps, last[4]))
         self._window_ttft, self._window_tpot = [], []
         return MetricSample({POOL: sample})
+
+    def _duty_cycle(self, eps: list[SimEndpoint], since: float) -> float | None:
+        """Mean fraction of the time since the previous sample (or since it came up) each serving replica
+        ran a step, as DCGM's GPU utilisation reports it. A decode leap books its device time when it
+        settles, so a fraction may lean a few steps late; it is clamped to 1."""
+        busy = {ep.id: ep.replica.stats.busy_s for ep in eps}
+        fractions = []
+        for ep in eps:
+            span = self.now - max(since, ep.replica.started_at)
+            if span > 0:
+                fractions.append(min(1.0, (busy[ep.id] - self._last_busy.get(ep.id, 0.0)) / span))
+        self._last_busy = busy
+        return sum(fractions) / len(fractions) if fractions else None
 
 
 class _Feed:
