@@ -203,7 +203,7 @@ class Simulation:
                             input_tokens_nominal=spec.input_tokens, output_tokens_nominal=spec.output_tokens,
                             session=spec.session, group=spec.group, included=u.included, target=POOL)
         view = self.gateway.request_view(spec.messages, 0, spec.output_tokens, spec.session, self.model)
-        r = _Req(rec, u, spec, self.s.tokens.encode(spec.messages), view)
+        r = _Req(rec, u, spec, self.s.tokens.encode_request(spec), view)
         rec.prompt_tokens = len(r.tokens)
         self.tokens_in += len(r.tokens)
         if self.gateway.precise:      # the live gateway tokenizes through an engine and hashes as it does
