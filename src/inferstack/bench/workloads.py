@@ -30,7 +30,7 @@ class RequestSpec:
     group: str | None = None
     # the vocabulary indices of the words of a one-message request, when the workload drew them: the
     # simulator maps them to token ids without splitting the text (`sim.prompts.WordTokens`)
-    word_ids: np.ndarray | None = None
+    word_ids: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
