@@ -21,8 +21,9 @@ def _records(out: Path, routing: str, columnar: bool) -> tuple[str, dict[str, in
     # a small fleet under load (queues, ties, skew) with shared prefixes and sessions
     args = SimArgs(fleet=["h100:llama-3-8b=12"], workload="multi-turn:turns=3,system=200,input=64,output=16",
                    rate=120.0, duration=2.0, seed=3, routing=routing)
-    sim = Simulation(build_settings(args, out))
-    sim.gateway.columnar = columnar
+    settings = build_settings(args, out)
+    settings.columnar_routing = columnar
+    sim = Simulation(settings)
     sim.run()
     assert (sim.gateway._snap is not None and sim.gateway._snap.columns is not None) == columnar
     return hashlib.sha256((out / "requests.stream.csv").read_bytes()).hexdigest(), sim.gateway.decisions

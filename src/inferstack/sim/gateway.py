@@ -41,14 +41,15 @@ class SimEndpoint:
 
 
 class SimGateway:
-    def __init__(self, cfg: InferstackConfig, pool: PoolConfig, replicas: list[SimReplica], seed: int) -> None:
+    def __init__(self, cfg: InferstackConfig, pool: PoolConfig, replicas: list[SimReplica], seed: int,
+                 columnar: bool = True) -> None:
         self.cfg, self.pool = cfg, pool
         gw = cfg.gateway
         custom = {n: (p.filters, p.scorers, p.picker) for n, p in cfg.routing.profiles.items()}
         self.state = RoutingState(rng=random.Random(seed))
         self.router = pool_router(pool, gw, [r.id for r in replicas], self.state, custom)
         # route over numpy columns of the endpoints (`routing.columns`: same decisions, C speed)
-        self.columnar = self.router.columnar() and self._room_exact()
+        self.columnar = columnar and self.router.columnar() and self._room_exact()
         self._views_aged = False
         self.endpoints: dict[str, SimEndpoint] = {}
         self.order: list[SimEndpoint] = []
