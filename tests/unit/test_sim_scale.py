@@ -18,9 +18,10 @@ from inferstack.sim.simulation import Simulation
 
 def _records(out: Path, routing: str, columnar: bool) -> tuple[str, dict[str, int]]:
     out.mkdir()
-    # a small fleet under load (queues, ties, skew) with shared prefixes and sessions
+    # a small fleet under load (queues, ties, skew) with shared prefixes and sessions; two crashes (retries
+    # route over a snapshot without the failed endpoint: the Python path, on views aged to the instant)
     args = SimArgs(fleet=["h100:llama-3-8b=12"], workload="multi-turn:turns=3,system=200,input=64,output=16",
-                   rate=120.0, duration=2.0, seed=3, routing=routing)
+                   rate=120.0, duration=2.0, seed=3, routing=routing, crash=["0@0.7+0.4", "5@1.1"])
     settings = build_settings(args, out)
     settings.columnar_routing = columnar
     sim = Simulation(settings)
