@@ -6,7 +6,8 @@ Each configuration runs in its own child process (so its peak RSS is its own), w
 streamed to disk as `inferstack sim run` does. Reported: CPU seconds (`time.process_time`, less affected
 by other load on a shared machine than wall time), wall seconds, peak RSS, simulated requests per CPU
 second, and the extrapolation of that rate to the target's request count. `--decode-run-steps 0` runs the
-simulator one event per engine step (no decode leaps), for a before/after in the same run.
+simulator one event per engine step (no decode leaps) and `--python-routing` routes without the columnar
+twin (`gateway/routing/columns.py`), each for a before/after in the same run (same records sha256).
 
     PYTHONPATH=src python benchmarks/sim_scale.py --replicas 100,1000 --requests 20000 \
         --routing round-robin,default --out /tmp/sim-scale
@@ -39,11 +40,13 @@ def one(a: argparse.Namespace) -> dict:
     settings = build_settings(args, out)
     settings.sample_every = max(1, a.requests // 20_000)
     settings.decode_run_steps = a.decode_run_steps
+    settings.columnar_routing = not a.python_routing
     cpu0, wall0 = time.process_time(), time.perf_counter()
     sim, res = simulate(settings)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     lat: dict = res.summary.get("latency_s") or {}  # type: ignore[assignment]
-    return {"replicas": a.replicas, "routing": a.routing, "decode_run_steps": a.decode_run_steps,
+    return {"replicas": a.replicas, "routing": a.routing + (" (python)" if a.python_routing else ""),
+            "decode_run_steps": a.decode_run_steps,
             "requests": sim.completed, "ok": int(sum(sim.sink.ok)), "virtual_s": round(sim.now, 2),
             "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
             "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -59,6 +62,7 @@ def _child(a: argparse.Namespace, replicas: int, routing: str, leap: int, out: P
     cmd = [sys.executable, __file__, "--one", "--replicas", str(replicas), "--routing", routing,
            "--requests", str(a.requests), "--rate-per-replica", str(a.rate_per_replica), "--workload", a.workload,
            "--profile", a.profile, "--seed", str(a.seed), "--decode-run-steps", str(leap), "--out", str(out)]
+    cmd += ["--python-routing"] if a.python_routing else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -76,6 +80,8 @@ def main() -> None:
     p.add_argument("--profile", default="h100:llama-3-8b")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--decode-run-steps", default="64", help="comma-separated; 0 = one event per engine step")
+    p.add_argument("--python-routing", action="store_true",
+                   help="route with the Python path, not the columnar one (same decisions; for a before/after)")
     p.add_argument("--out", default="/tmp/sim-scale")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -87,7 +93,8 @@ def main() -> None:
     for replicas in (int(x) for x in a.replicas.split(",")):
         for routing in a.routing.split(","):
             for leap in (int(x) for x in a.decode_run_steps.split(",")):
-                row = _child(a, replicas, routing, leap, Path(a.out) / f"{replicas}-{routing}-{leap}")
+                tag = "-python" if a.python_routing else ""
+                row = _child(a, replicas, routing, leap, Path(a.out) / f"{replicas}-{routing}-{leap}{tag}")
                 row["extrapolated_1m_cpu_s"] = round(TARGET_REQUESTS / row["req_per_cpu_s"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)

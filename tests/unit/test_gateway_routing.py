@@ -167,10 +167,10 @@ def test_approx_index_is_bounded_and_consistent(cap, ops):
         idx.insert(ep, hashes)
         for lru in idx._lru.values():
             assert len(lru) <= cap
-    for h, holders in idx._holders.items():
-        assert holders and all(h in idx._lru[e] for e in holders)
-    total = sum(len(v) for v in idx._lru.values())
-    assert total == sum(len(s) for s in idx._holders.values())
+    held = {h for lru in idx._lru.values() for h in lru}
+    for h in held | set(range(81)):
+        assert idx.holders(h) == {e for e, lru in idx._lru.items() if h in lru}
+    assert len(idx) == sum(len(idx.holders(h)) for h in held)
 
 
 def test_text_hash_chain_is_a_prefix_chain():

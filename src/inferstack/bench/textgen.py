@@ -27,10 +27,18 @@ def key_seed(*parts: object) -> int:
 
 
 def words(n: int, rng: np.random.Generator) -> str:
+    return words_of(word_indices(n, rng))
+
+
+def word_indices(n: int, rng: np.random.Generator) -> np.ndarray:
+    """The vocabulary indices of the `n` words `words(n, rng)` draws (the same draws)."""
     if n <= 0:
-        return ""
-    vocab = vocabulary()
-    return " ".join(vocab[rng.integers(0, len(vocab), n)])
+        return np.empty(0, dtype=np.int64)
+    return rng.integers(0, len(vocabulary()), n)
+
+
+def words_of(indices: np.ndarray) -> str:
+    return " ".join(vocabulary()[indices]) if len(indices) else ""
 
 
 def keyed_words(n: int, *key: object) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from inferstack.bench.distributions import LengthDist, parse_length
-from inferstack.bench.textgen import keyed_words, words
+from inferstack.bench.textgen import keyed_words, word_indices, words, words_of
 
 Message = tuple[str, str]   # (role, content)
 
@@ -28,6 +28,9 @@ class RequestSpec:
     output_tokens: int
     session: str | None = None
     group: str | None = None
+    # the vocabulary indices of the words of a one-message request, when the workload drew them: the
+    # simulator maps them to token ids without splitting the text (`sim.prompts.WordTokens`)
+    word_ids: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -118,7 +121,8 @@ def _synthetic(p: _Params) -> Workload:
         while True:
             ins, outs = inp.sample(rng, 256), out.sample(rng, 256)
             for i, o in zip(ins, outs, strict=True):
-                yield Unit([[RequestSpec([("user", words(int(i), rng))], int(i), int(o))]])
+                ids = word_indices(int(i), rng)
+                yield Unit([[RequestSpec([("user", words_of(ids))], int(i), int(o), word_ids=ids)]])
 
     return Workload(p.kind, p.values, units, f"{p.kind}: input {inp} tokens, output {out} tokens")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -144,9 +145,11 @@ class Pool:
 
     @classmethod
     def from_config(cls, name: str, cfg: PoolConfig, gw: GatewayConfig,
-                    custom_profiles: dict | None = None) -> Pool:
+                    custom_profiles: dict | None = None, rng: random.Random | None = None) -> Pool:
+        """``rng``: the router's random choices (tie-breaks, power-of-two); None: seeded from the OS."""
         eps = [Endpoint(e.url, e.name, e.api_key, e.kv_events, cfg.max_concurrency) for e in cfg.endpoints]
-        router = pool_router(cfg, gw, [ep.id for ep in eps], RoutingState(), custom_profiles)
+        router = pool_router(cfg, gw, [ep.id for ep in eps], RoutingState(rng=rng or random.Random()),
+                             custom_profiles)
         return cls(name, cfg, eps, router, gw, set(cfg.models))
 
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:

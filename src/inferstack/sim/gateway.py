@@ -20,6 +20,7 @@ from inferstack.gateway.flowqueue import FairQueue
 from inferstack.gateway.kvevents import apply_batch
 from inferstack.gateway.requests import prompt_parts
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingResult
+from inferstack.gateway.routing.columns import EndpointColumns
 from inferstack.gateway.routing.disagg import PDRouter, pd_free_slots
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 from inferstack.gateway.routing.state import RoutingState
@@ -40,12 +41,16 @@ class SimEndpoint:
 
 
 class SimGateway:
-    def __init__(self, cfg: InferstackConfig, pool: PoolConfig, replicas: list[SimReplica], seed: int) -> None:
+    def __init__(self, cfg: InferstackConfig, pool: PoolConfig, replicas: list[SimReplica], seed: int,
+                 columnar: bool = True) -> None:
         self.cfg, self.pool = cfg, pool
         gw = cfg.gateway
         custom = {n: (p.filters, p.scorers, p.picker) for n, p in cfg.routing.profiles.items()}
         self.state = RoutingState(rng=random.Random(seed))
         self.router = pool_router(pool, gw, [r.id for r in replicas], self.state, custom)
+        # route over numpy columns of the endpoints (`routing.columns`: same decisions, C speed)
+        self.columnar = columnar and self.router.columnar() and self._room_exact()
+        self._views_aged = False
         self.endpoints: dict[str, SimEndpoint] = {}
         self.order: list[SimEndpoint] = []
         self.version = 0
@@ -90,32 +95,53 @@ class SimGateway:
         key = (tick, self.version)
         if self._snap is None or self._snap_key != key:
             self._snap, self._snap_key = self._build_snapshot(tick), key
+            self._aged_key = None
         snap = self._snap
         if snap.now != now or self._aged_key != key:      # flow control and routing ask at the same instant
             snap.now = now
-            age = now - tick * gw.scrape_interval_s
-            for v in snap.endpoints:
-                if v.has_metrics:
-                    v.metrics_age_s = age
+            self._age(snap, now - tick * gw.scrape_interval_s)
             self._aged_key = key
         if exclude:
+            if snap.columns is not None and not self._views_aged:
+                self._age_views(snap, now - tick * gw.scrape_interval_s)
             return PoolSnapshot([v for v in snap.endpoints if v.id not in exclude], now, snap.stale_after_s,
                                 snap.queue_threshold, snap.kv_threshold)
         return snap
 
+    def _age(self, snap: PoolSnapshot, age: float) -> None:
+        """Scrapes are ``age`` old. With columns only they age (at C speed); the views age when a
+        Python path reads them (`_room_exact` holds, so flow control's room does not depend on the age)."""
+        cols = snap.columns
+        if cols is None:
+            self._age_views(snap, age)
+        else:
+            cols.metrics_age[cols.has_metrics] = age
+            self._views_aged = False
+
+    def _age_views(self, snap: PoolSnapshot, age: float) -> None:
+        for v in snap.endpoints:
+            if v.has_metrics:
+                v.metrics_age_s = age
+        self._views_aged = True
+
     def _build_snapshot(self, tick: int) -> PoolSnapshot:
         views = []
+        age = self.now - tick * self.cfg.gateway.scrape_interval_s
         for ep in self.order:
             v = ep.view
             if ep.scraped_tick != tick and ep.replica.up:
                 v.queue, v.running, v.kv_usage = ep.replica.snapshot_metrics()
                 v.has_metrics = True
                 ep.scraped_tick = tick
+            if v.has_metrics:
+                v.metrics_age_s = age
             v.healthy = ep.replica.up and not ep.draining
             views.append(v)
         gw = self.cfg.gateway
         fc = gw.flow_control
-        return PoolSnapshot(views, self.now, gw.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+        self._views_aged = True
+        return PoolSnapshot(views, self.now, gw.metrics_stale_s, fc.queue_threshold, fc.kv_threshold,
+                            EndpointColumns.of(views) if self.columnar else None)
 
     def changed(self) -> None:
         """An endpoint joined, left, crashed, restarted or started draining."""
@@ -144,6 +170,8 @@ class SimGateway:
             and self.endpoints.get(ep.id) is ep
         before = snap.room(ep.view) if tracked else 0      # type: ignore[union-attr]
         ep.view.in_flight += delta
+        if snap is not None and snap.columns is not None:
+            snap.columns.shift(ep.id, ep.view.in_flight)
         if tracked:
             self._room_total += snap.room(ep.view) - before   # type: ignore[union-attr]
 

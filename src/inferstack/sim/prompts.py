@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Protocol
 
+import numpy as np
+
 from inferstack.bench.textgen import vocabulary
-from inferstack.bench.workloads import Message
+from inferstack.bench.workloads import Message, RequestSpec
 
 TOKENIZERS = ("words", "bundled")
 # Per-message template tokens of ChatML-style templates (`<|im_start|>role\n ... <|im_end|>\n`).
@@ -28,6 +30,10 @@ class PromptTokens(Protocol):
     name: str
 
     def encode(self, messages: Sequence[Message]) -> list[int]: ...
+
+    def encode_request(self, spec: RequestSpec) -> list[int]:
+        """``encode(spec.messages)``, faster where the workload gave the words' vocabulary indices."""
+        ...
 
     def output_ids(self) -> list[int]: ...
 
@@ -59,6 +65,14 @@ class WordTokens:
         ids += _ROLE_IDS["assistant"]
         return ids
 
+    def encode_request(self, spec: RequestSpec) -> list[int]:
+        if spec.word_ids is None or len(spec.messages) != 1:
+            return self.encode(spec.messages)
+        # the vocabulary's words are distinct, so word i of the vocabulary is id _WORD_BASE + i (`_word_ids`)
+        role = spec.messages[0][0]
+        return [*_ROLE_IDS.get(role, _ROLE_IDS["user"]), *(np.asarray(spec.word_ids) + _WORD_BASE).tolist(), *_END,
+                *_ROLE_IDS["assistant"]]
+
     def output_ids(self) -> list[int]:
         return list(_OUTPUT_IDS)
 
@@ -76,6 +90,9 @@ class BundledTokens:
         text = self._tok.apply_chat_template([{"role": r, "content": c} for r, c in messages],
                                              add_generation_prompt=True)
         return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_request(self, spec: RequestSpec) -> list[int]:
+        return self.encode(spec.messages)
 
     def output_ids(self) -> list[int]:
         return list(self._out)

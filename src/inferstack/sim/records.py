@@ -14,6 +14,7 @@ import io
 from array import array
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class RecordSink:
     def __init__(self, path: Path | None, sample_every: int = 1, max_samples: int = 20_000,
                  max_itl_gaps: int = 2_000_000) -> None:
         self._file: io.TextIOBase | None = path.open("w", newline="") if path is not None else None
-        self._writer: csv.DictWriter | None = None
+        self._writer: Any = None     # a csv.writer once the header is written
         self.cols = {k: array("d") for k in _COLUMNS}
         self.included = array("b")
         self.ok = array("b")
@@ -48,9 +49,9 @@ class RecordSink:
         row = rec.to_row()
         if self._file is not None:
             if self._writer is None:
-                self._writer = csv.DictWriter(self._file, fieldnames=list(row))
-                self._writer.writeheader()
-            self._writer.writerow(row)
+                self._writer = csv.writer(self._file)
+                self._writer.writerow(list(row))
+            self._writer.writerow(list(row.values()))     # what csv.DictWriter writes, without its checks
         c = self.cols
         for key, value in (("sent", rec.sent), ("end", rec.end), ("ttft", row["ttft_s"]), ("tpot", row["tpot_s"]),
                            ("e2e", row["e2e_s"]), ("e2e_per_token", row["e2e_per_token_s"]),

@@ -74,6 +74,9 @@ class SimSettings:
     # Longest leap over identical decode steps (`SimReplica.begin_run`); 0 steps one event per step.
     # Leaps are exact: the records are the same either way (tests/unit/test_sim_core.py).
     decode_run_steps: int = 64
+    # Route over numpy columns of the endpoints where the profile allows (`routing.columns`); the same
+    # decisions as the Python path (tests/unit/test_sim_scale.py), which False forces (for comparisons).
+    columnar_routing: bool = True
 
 
 @dataclass(eq=False)
@@ -113,7 +116,7 @@ class Simulation:
         for fleet in s.fleets:
             for _ in range(fleet.replicas):
                 self.replicas.append(self._new_replica(fleet, track))
-        self.gateway = SimGateway(s.config, s.pool, self.replicas, s.run.seed)
+        self.gateway = SimGateway(s.config, s.pool, self.replicas, s.run.seed, s.columnar_routing)
         # the shortest context of the fleet: a request longer than that is refused (400) up front
         self.max_model_len = min(rep.max_model_len for rep in self.replicas)
         self.sink = RecordSink(s.records_path, s.sample_every)
@@ -204,7 +207,7 @@ class Simulation:
                             input_tokens_nominal=spec.input_tokens, output_tokens_nominal=spec.output_tokens,
                             session=spec.session, group=spec.group, included=u.included, target=POOL)
         view = self.gateway.request_view(spec.messages, 0, spec.output_tokens, spec.session, self.model)
-        r = _Req(rec, u, spec, self.s.tokens.encode(spec.messages), view)
+        r = _Req(rec, u, spec, self.s.tokens.encode_request(spec), view)
         rec.prompt_tokens = len(r.tokens)
         self.tokens_in += len(r.tokens)
         if self.gateway.precise:      # the live gateway tokenizes through an engine and hashes as it does

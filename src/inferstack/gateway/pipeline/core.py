@@ -46,13 +46,17 @@ if TYPE_CHECKING:
 
 
 class Pipeline:
-    """``tracer_provider`` (OpenTelemetry) is optional; without one no spans are made."""
+    """``tracer_provider`` (OpenTelemetry) is optional; without one no spans are made. ``rng`` seeds every
+    random choice of routing (tie-breaks, power-of-two, model resolution); None: seeded from the OS."""
 
-    def __init__(self, cfg: InferstackConfig, tracer_provider: Any = None, limiter: Limiter | None = None):
+    def __init__(self, cfg: InferstackConfig, tracer_provider: Any = None, limiter: Limiter | None = None,
+                 rng: random.Random | None = None):
         self.cfg = cfg
         gw = cfg.gateway
+        rng = rng or random.Random()
         custom = {n: (p.filters, p.scorers, p.picker) for n, p in cfg.routing.profiles.items()}
-        self.pools = {name: Pool.from_config(name, p, gw, custom) for name, p in cfg.pools.items()}
+        self.pools = {name: Pool.from_config(name, p, gw, custom, random.Random(rng.getrandbits(64)))
+                      for name, p in cfg.pools.items()}
         self.metrics = GatewayMetrics()
         self.metrics.track_in_flight(
             lambda: [(p.name, e.id, e.in_flight) for p in self.pools.values() for e in p.endpoints])
@@ -81,7 +85,7 @@ class Pipeline:
             for n, t in cfg.tenants.items()
         }
         self.auth = Authenticator(self.keys, tenants)
-        self.resolver = Resolver(cfg, self.pools, random.Random())
+        self.resolver = Resolver(cfg, self.pools, random.Random(rng.getrandbits(64)))
         self.spiller = Spiller(self.pools, self.flow, self.metrics)
         self.admitter = Admitter(self.limiter, self.flow, self.metrics, gw.limits, self.audit)
         self.planner = Planner(gw)

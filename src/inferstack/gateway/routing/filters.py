@@ -44,9 +44,8 @@ OVERLOAD_SLACK = 8.0
 def not_overloaded(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointView]:
     """Drop endpoints whose load > 2 x min load + slack, and stale ones; never empties the list."""
     stale = ctx.snapshot.stale_after_s
-    # `EndpointView.stale` and `.load` inlined: this runs over every endpoint for every request
-    fresh = [e for e in cands if not (e.has_metrics and e.metrics_age_s > stale)] or cands
-    loads = [max(float(e.in_flight), e.queue + e.running) for e in fresh]
+    fresh = [e for e in cands if not e.stale(stale)] or cands
+    loads = [e.load() for e in fresh]
     bound = 2.0 * min(loads) + OVERLOAD_SLACK
     return [e for e, v in zip(fresh, loads, strict=True) if v <= bound]
 

@@ -47,15 +47,23 @@ def text_prefix_hashes(parts: Iterable[str], seed_text: str, block_chars: int, m
 
 
 class ApproxPrefixIndex:
-    """Per-endpoint LRU of block hashes plus a reverse map hash -> endpoints."""
+    """Per-endpoint LRU of block hashes plus a reverse map hash -> endpoints.
+
+    A hash held by one endpoint (most of them: distinct prompts) maps to that endpoint's id itself, and
+    only a shared one to a set: a set costs ~200 bytes, and a gateway in front of 1,000 endpoints holds
+    up to 31M hashes (the simulator's memory at that scale went mostly here)."""
 
     def __init__(self, capacity_per_endpoint: int = 31_250):
         self.capacity = capacity_per_endpoint
         self._lru: dict[str, OrderedDict[int, None]] = {}
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, str | set[str]] = {}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._lru.values())
+
+    def holders(self, block_hash: int) -> frozenset[str]:
+        s = self._holders.get(block_hash)
+        return frozenset() if s is None else frozenset((s,)) if type(s) is str else frozenset(s)
 
     def insert(self, endpoint: str, hashes: Sequence[int]) -> None:
         lru = self._lru.get(endpoint)
@@ -69,24 +77,32 @@ class ApproxPrefixIndex:
             lru[h] = None
             s = holders.get(h)
             if s is None:
-                holders[h] = {endpoint}
+                holders[h] = endpoint
+            elif type(s) is str:     # another endpoint holds it (``endpoint`` does not: h is not in its LRU)
+                holders[h] = {s, endpoint}
             else:
                 s.add(endpoint)
         while len(lru) > self.capacity:
             old, _ = lru.popitem(last=False)
-            s = holders.get(old)
-            if s is not None:
-                s.discard(endpoint)
-                if not s:
-                    del holders[old]
+            self._drop(old, endpoint)
+
+    def _drop(self, block_hash: int, endpoint: str) -> None:
+        s = self._holders.get(block_hash)
+        if s is None:
+            return
+        if type(s) is str:
+            if s == endpoint:
+                del self._holders[block_hash]
+            return
+        s.discard(endpoint)
+        if len(s) == 1:
+            self._holders[block_hash] = next(iter(s))
+        elif not s:
+            del self._holders[block_hash]
 
     def remove_endpoint(self, endpoint: str) -> None:
         for h in self._lru.pop(endpoint, ()):
-            s = self._holders.get(h)
-            if s is not None:
-                s.discard(endpoint)
-                if not s:
-                    del self._holders[h]
+            self._drop(h, endpoint)
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Consecutive blocks from the start that each endpoint holds (greedy, stops at the
@@ -97,6 +113,11 @@ class ApproxPrefixIndex:
             s = holders.get(h)
             if not s:
                 break
+            if type(s) is str:
+                if counts.get(s, 0) != i:
+                    break
+                counts[s] = i + 1
+                continue
             progressed = False
             for e in s:
                 if counts.get(e, 0) == i:

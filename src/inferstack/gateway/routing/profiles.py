@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
+from inferstack.gateway.routing import columns as col
 from inferstack.gateway.routing.filters import Filter, within_cap
 from inferstack.gateway.routing.pickers import Picker
 from inferstack.gateway.routing.scorers import Scorer
@@ -33,6 +36,7 @@ class Profile:
     filters: Sequence[tuple[str, Filter]]
     scorers: Sequence[tuple[str, Scorer, float]]
     picker: Picker
+    picker_name: str = ""
 
     def pick(self, ctx: RouteContext, cands: list[EndpointView]) -> Pick | None:
         for _, f in self.filters:
@@ -55,6 +59,37 @@ class Profile:
         i = self.picker(ctx, cands, totals)
         return Pick(cands[i], _deciding_scorer(i, totals, parts))
 
+    def columnar(self) -> bool:
+        """Every filter and the picker have a columnar twin (`routing.columns`)."""
+        return all(f in col.COL_FILTERS for f, _ in self.filters) and self.picker_name in col.COL_PICKERS
+
+    def pick_columns(self, ctx: RouteContext, cols: col.EndpointColumns) -> Pick | None:
+        """`pick` over ``within_cap(snapshot.endpoints)``, evaluated over the snapshot's columns (same
+        decision, tie-break draw and reason; only when `columnar`)."""
+        idx = col.within_cap(cols)
+        for name, _ in self.filters:
+            idx = col.COL_FILTERS[name](ctx, cols, idx)
+            if not idx.size:
+                return None
+        views = cols.views
+        if idx.size == 1:
+            return Pick(views[idx[0]], "only")
+        totals = np.zeros(idx.size)
+        parts: list[tuple[str, float, np.ndarray]] = []
+        cands: list[EndpointView] | None = None
+        for sname, scorer, weight in self.scorers:
+            if weight == 0:
+                continue
+            twin = col.COL_SCORERS.get(sname)
+            s = twin(ctx, cols, idx) if twin is not None else None
+            if s is None:     # no twin for this scorer or this request: the Python scorer
+                cands = cands if cands is not None else [views[j] for j in idx]
+                s = np.asarray(scorer(ctx, cands), dtype=np.float64)
+            parts.append((sname, weight, s))
+            totals += weight * np.minimum(np.maximum(s, 0.0), 1.0)
+        i = col.COL_PICKERS[self.picker_name](ctx, totals)
+        return Pick(views[idx[i]], _deciding_scorer_columns(i, totals, parts))
+
 
 def _deciding_scorer(chosen: int, totals: list[float], parts: list[tuple[str, float, list[float]]]) -> str:
     """The scorer with the largest weighted margin of the chosen endpoint over the runner-up."""
@@ -68,6 +103,19 @@ def _deciding_scorer(chosen: int, totals: list[float], parts: list[tuple[str, fl
     best_name, best_margin = "tie", 0.0
     for name, w, s in parts:
         margin = w * (s[chosen] - s[runner])
+        if margin > best_margin:
+            best_name, best_margin = name, margin
+    return best_name
+
+
+def _deciding_scorer_columns(chosen: int, totals: np.ndarray, parts: list[tuple[str, float, np.ndarray]]) -> str:
+    """`_deciding_scorer` over arrays."""
+    runner = col.runner_up(totals, chosen)
+    if abs(float(totals[chosen]) - float(totals[runner])) < 1e-9:
+        return "tie"
+    best_name, best_margin = "tie", 0.0
+    for name, w, s in parts:
+        margin = w * (float(s[chosen]) - float(s[runner]))
         if margin > best_margin:
             best_name, best_margin = name, margin
     return best_name
@@ -129,13 +177,22 @@ class Router:
     handler: ProfileHandler
     state: RoutingState
 
+    def columnar(self) -> bool:
+        """Every pick can run over a snapshot's columns (`Profile.pick_columns`)."""
+        h = self.handler
+        return isinstance(h, SingleProfile) and isinstance(h.policy, Profile) and h.policy.columnar()
+
     def route(self, req: RequestView, snap: PoolSnapshot) -> RoutingResult | None:
         """Pick endpoints for ``req`` and record the decision in the routing state."""
         ctx = RouteContext(req, snap, self.state)
         cold = ctx.cold()
         result: RoutingResult | None = None
+        cols = snap.columns
         for role, policy in self.handler.profiles(req, snap):
-            pick = policy.pick(ctx, within_cap(list(snap.endpoints)))
+            if cols is not None and isinstance(policy, Profile) and policy.columnar():
+                pick = policy.pick_columns(ctx, cols)
+            else:
+                pick = policy.pick(ctx, within_cap(list(snap.endpoints)))
             if pick is None:
                 if result is None:
                     return None
@@ -145,4 +202,6 @@ class Router:
             else:
                 result.others[role] = pick.endpoint
             self.state.record(req, pick.endpoint.id, cold)
+            if cold and cols is not None:
+                cols.cold_recorded(pick.endpoint.id, self.state.cold_clock)
         return result

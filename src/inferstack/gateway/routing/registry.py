@@ -17,6 +17,7 @@ def make_profile(name: str, filters: list[str], scorers: Mapping[str, float], pi
         filters=[(f, FILTERS[f]) for f in filters],
         scorers=[(s, SCORERS[s], float(w)) for s, w in scorers.items()],
         picker=PICKERS[picker],
+        picker_name=picker,
     )
 
 

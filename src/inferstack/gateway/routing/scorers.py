@@ -35,15 +35,14 @@ def running(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
 def kv_cache(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     """1 - KV use; stale metrics score 0, endpoints without KV metrics are neutral (1)."""
     stale = ctx.snapshot.stale_after_s
-    # `EndpointView.stale` inlined: this runs over every endpoint for every request
-    return [1.0 if not e.has_metrics else 0.0 if e.metrics_age_s > stale else min(1.0, max(0.0, 1.0 - e.kv_usage))
+    return [1.0 if not e.has_metrics else 0.0 if e.stale(stale) else min(1.0, max(0.0, 1.0 - e.kv_usage))
             for e in cands]
 
 
 def in_flight(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     """Smooth least-load: (min_load + K) / (load + K) over the gateway's own in-flight counts
     (fresh on every request, unlike scraped metrics) or the engine's, whichever is larger."""
-    loads = [max(float(e.in_flight), e.queue + e.running) for e in cands]     # `EndpointView.load`, inlined
+    loads = [e.load() for e in cands]
     lo = min(loads)
     return [(lo + _LOAD_SOFTNESS) / (v + _LOAD_SOFTNESS) for v in loads]
 

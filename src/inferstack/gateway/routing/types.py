@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inferstack.gateway.routing.columns import EndpointColumns
 
 NEVER = float("inf")
 UNBOUNDED = 1 << 30  # room of an endpoint nothing can saturate (no metrics, no cap)
@@ -49,6 +53,8 @@ class PoolSnapshot:
     stale_after_s: float = 0.2
     queue_threshold: float = 5.0
     kv_threshold: float = 0.8
+    # numpy columns mirroring ``endpoints`` (kept in step by the owner), for columnar routing; or None
+    columns: EndpointColumns | None = None
 
     def saturation(self, e: EndpointView) -> float:
         """GIE's utilization detector, max(Q/q_thr, KV/kv_thr), over the queue as of *now*
