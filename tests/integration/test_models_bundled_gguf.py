@@ -34,10 +34,9 @@ def ref_tokenizer(gguf_path):
 
 
 @pytest.fixture(scope="session")
-def ref_model(gguf_path):
-    torch.set_num_threads(2)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+def ref_model(gguf_path, smollm2_gguf, hf_smollm2):
+    assert gguf_path == smollm2_gguf  # the alias resolves to the file the shared reference read
+    return hf_smollm2
 
 
 @pytest.fixture(scope="session")

@@ -85,3 +85,47 @@ def test_example_round_trips_unchanged() -> None:
     exported = export_app(app)
     assert yaml.safe_load(exported) == yaml.safe_load(EXAMPLE.read_text())
     assert export_app(parse_app(exported)) == exported
+
+
+ITERATION = """\
+version: "0.5.0"
+kind: app
+app: {name: t, mode: workflow}
+workflow:
+  graph:
+    nodes:
+    - id: start
+      data: {type: start, title: Start, variables: []}
+    - id: each
+      data: {type: iteration, title: Each, iterator_selector: [start, items], output_selector: [say, output]}
+    - id: each_start
+      parentId: each
+      data: {type: iteration-start, title: ''}
+    - id: say
+      parentId: each
+      data: {type: template-transform, title: Say, template: "{{ x }}", variables: []}
+    edges:
+    - {source: start, target: each}
+    - {source: each_start, target: say}
+"""
+
+
+def test_iteration_child_that_no_edge_reaches_is_an_error_with_its_line() -> None:
+    assert set(parse_app(ITERATION).nodes) == {"start", "each", "each_start", "say"}   # connected: fine
+    with pytest.raises(DslError) as err:
+        parse_app(ITERATION.replace("    - {source: each_start, target: say}\n", ""), "app.yml")
+    assert err.value.problems == ["app.yml:14: node say (template-transform): inside iteration each, but no edge "
+                                  "path from its iteration-start each_start reaches it, so it would never run"]
+
+
+def test_iteration_needs_one_iteration_start_and_children_an_iteration_parent() -> None:
+    no_start = ITERATION.replace("data: {type: iteration-start, title: ''}", "data: {type: code, title: ''}")
+    with pytest.raises(DslError) as err:
+        parse_app(no_start, "app.yml")
+    assert err.value.problems == ["app.yml:9: node each (iteration): needs exactly one iteration-start child "
+                                  "(a node with parentId each and type iteration-start), found 0"]
+    with pytest.raises(DslError) as err:
+        parse_app(ITERATION.replace("parentId: each\n      data: {type: template", "parentId: start\n      "
+                                    "data: {type: template"), "app.yml")
+    assert err.value.problems == ["app.yml:14: node say (template-transform): its parent 'start' is not an "
+                                  "iteration node"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from enum import Enum, StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
+from inferstack.engine import config
 from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
 from inferstack.sizes import parse_size
 
@@ -23,51 +24,18 @@ def _size_option(value: str | None) -> int | None:
         raise typer.BadParameter(str(exc)) from None
 
 
-class Dtype(StrEnum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def _choices(name: str, literal: Any) -> type[StrEnum]:
+    """An option's choices for typer, from the engine config's Literal (their one source of truth)."""
+    return StrEnum(name, [(v, v) for v in get_args(literal)])
 
 
-class Quantization(StrEnum):
-    none = "none"
-    int8 = "int8"
-    int4 = "int4"
-    gguf = "gguf"
-
-
-class KVTransport(StrEnum):
-    auto = "auto"
-    nixl = "nixl"
-    tcp = "tcp"
-    shm = "shm"
-
-
-class KVCacheDtype(StrEnum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    fp8_e4m3 = "fp8_e4m3"
-    int8 = "int8"
-
-
-class Device(StrEnum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Policy(StrEnum):
-    fcfs = "fcfs"
-    priority = "priority"
-
-
-class Role(StrEnum):
-    both = "both"
-    prefill = "prefill"
-    decode = "decode"
+Dtype = _choices("Dtype", config.Dtype)
+Quantization = _choices("Quantization", config.Quantization)
+KVTransport = _choices("KVTransport", config.KVTransport)
+KVCacheDtype = _choices("KVCacheDtype", config.KVCacheDtype)
+Device = _choices("Device", config.Device)
+Policy = _choices("Policy", config.SchedulingPolicy)
+Role = _choices("Role", config.KVRole)
 
 
 class LogFormat(StrEnum):
@@ -75,13 +43,12 @@ class LogFormat(StrEnum):
     json = "json"
 
 
-def build_engine_config(model: str, **options: Any) -> Any:
+def build_engine_config(model: str, **options: Any) -> config.EngineConfig:
     """The one place CLI options become an EngineConfig (flags added later, e.g. --emulate, go here).
 
     ``options`` are the CLI's keyword values; None means "engine default". Raises ValueError with a
     message naming the bad value.
     """
-    from inferstack.engine.config import EngineConfig
     from inferstack.kvstore.settings import KVStoreConfig
 
     kv_cache_bytes = options.pop("kv_cache_bytes", None)
@@ -98,7 +65,7 @@ def build_engine_config(model: str, **options: Any) -> Any:
         fields["num_threads"] = fields.pop("threads")
     if kv_cache_bytes is not None:
         fields["kv_cache_bytes"] = parse_size(kv_cache_bytes) if isinstance(kv_cache_bytes, str) else kv_cache_bytes
-    return EngineConfig(model=model, **fields)
+    return config.EngineConfig(model=model, **fields)
 
 
 @app.command()

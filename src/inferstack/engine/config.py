@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
-from inferstack.engine.executor.kv_format import KV_CACHE_DTYPES
 from inferstack.kvstore.settings import KVStoreConfig
+
+# The one list of each choice: the CLI's options (cli/engine.py) and `up`'s settings (stack/settings.py)
+# are made from these. This module imports no torch, so `inferstack ... --help` and an emulated engine
+# start without it.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "int8", "int4", "gguf"]
+KVCacheDtype = Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8"]
+Device = Literal["auto", "cpu", "cuda"]
+SchedulingPolicy = Literal["fcfs", "priority"]
+KVRole = Literal["both", "prefill", "decode"]
+KVTransport = Literal["auto", "nixl", "tcp", "shm"]
+KV_CACHE_DTYPES: tuple[str, ...] = get_args(KVCacheDtype)
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30     # 1 GiB: two replicas of the bundled model fit in 24 GiB easily
 ACCELERATOR_MAX_NUM_SEQS = 256           # vLLM's default running batch on a GPU
@@ -32,17 +43,17 @@ def cpu_max_num_seqs(threads: int) -> int:
 class EngineConfig:
     model: str
     served_model_name: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     # Weight formats (docs/engine.md, "Weight formats"): int8/int4 kernels for small steps, a bf16
     # copy of the weights for steps of quant_crossover_rows rows or more (None: measured at start-up).
-    quantization: Literal["none", "int8", "int4", "gguf"] = "none"
+    quantization: Quantization = "none"
     quant_group_size: int = 32
     dense_prefill: bool = True
     quant_crossover_rows: int | None = None
     # KV cache precision (docs/engine.md, "KV cache precision"): auto is the activations' dtype, or
     # bfloat16 with int8/int4 weights; int8 and fp8_e4m3 keep a scale per (token, KV head) in the block.
-    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    kv_cache_dtype: KVCacheDtype = "auto"
+    device: Device = "auto"
     block_size: int = 16
     max_model_len: int | None = None            # default: the model's context length
     kv_cache_bytes: int | None = None           # CPU budget for the paged KV cache
@@ -52,18 +63,18 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     long_prefill_token_threshold: int = 0        # 0: no cap per request per step beyond the budget
     enable_prefix_caching: bool = True
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    scheduling_policy: SchedulingPolicy = "fcfs"
     num_threads: int | None = None              # torch intra-op threads on CPU
     seed: int = 0
     kv_events_endpoint: str | None = None
     kv_events_topic: str = "kv"
     # External KV (docs/kv-cache.md, docs/disaggregation.md): tiers fastest first; no tiers = no store.
     kv_store: KVStoreConfig = field(default_factory=KVStoreConfig)
-    kv_role: Literal["both", "prefill", "decode"] = "both"
+    kv_role: KVRole = "both"
     kv_transfer_host: str = "127.0.0.1"         # prefill role: where the KV transfer server listens
     kv_transfer_port: int = 0
     # How PD KV moves (docs/disaggregation.md): auto = NIXL when it imports and UCX starts, else shm.
-    kv_transport: Literal["auto", "nixl", "tcp", "shm"] = "auto"
+    kv_transport: KVTransport = "auto"
     # PD SSRF guard (engine/connector/peers.py): a decode engine pulls only from listed peers and/or
     # params signed with the shared secret; a prefill engine signs what it returns with the secret.
     kv_transfer_peers: tuple[str, ...] = ()
@@ -83,17 +94,17 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
-        if self.kv_role not in ("both", "prefill", "decode"):
+        if self.kv_role not in get_args(KVRole):
             raise ValueError(f"kv_role must be both, prefill or decode, got {self.kv_role!r}")
         if self.kv_role == "decode" and not (self.kv_transfer_peers or self.kv_transfer_secret):
             raise ValueError("--role decode pulls KV from the peers named in each request: allow them with "
                              "--kv-transfer-peers HOST[:PORT],... or share a secret with the prefill engines "
                              "in $INFERSTACK_KV_TRANSFER_SECRET (inferstack up does this for you)")
-        if self.kv_transport not in ("auto", "nixl", "tcp", "shm"):
+        if self.kv_transport not in get_args(KVTransport):
             raise ValueError(f"kv_transport must be auto, nixl, tcp or shm, got {self.kv_transport!r}")
         if self.grammar_workers < 1 or self.grammar_timeout_s <= 0:
             raise ValueError("grammar_workers must be at least 1 and grammar_timeout_s positive")
-        if self.quantization not in ("none", "int8", "int4", "gguf"):
+        if self.quantization not in get_args(Quantization):
             raise ValueError(f"quantization must be none, int8, int4 or gguf, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")

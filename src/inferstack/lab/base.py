@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,3 +47,8 @@ class Lab:
     def missing(self) -> str:
         """What this machine lacks to run the lab ("" when nothing)."""
         return self.unmet() if self.unmet else ""
+
+
+def debian_binary(name: str) -> Callable[[], str]:
+    """A `Lab.unmet` for a lab that starts Debian's NAME (scripts/setup.sh installs it)."""
+    return lambda: "" if shutil.which(name) else f"Debian's {name} is not installed (scripts/setup.sh)"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferstack.autoscale.config import AutoscaleSettings
+from inferstack.engine.config import Dtype, KVCacheDtype, KVTransport, Quantization
 from inferstack.kvstore.settings import KVTierSettings
 
 
@@ -47,12 +47,12 @@ class UpSettings(BaseModel):
 
     model: str = Field("smollm2-135m", description="Model every engine replica serves (alias, .gguf, HF dir).")
     replicas: int = Field(2, ge=1, le=64, description="Number of engine replicas.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto", description="Engines' activation precision (`engine serve --dtype`).")
-    quantization: Literal["none", "int8", "int4", "gguf"] = Field(
+    quantization: Quantization = Field(
         "none", description="Engines' weight format (`engine serve --quantization`; docs/engine.md, "
         "'Weight formats').")
-    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8"] = Field(
+    kv_cache_dtype: KVCacheDtype = Field(
         "auto", description="Engines' KV cache precision (`engine serve --kv-cache-dtype`; docs/engine.md, "
         "'KV cache precision').")
     host: str = Field("127.0.0.1", description="Address the gateway binds.")
@@ -78,7 +78,7 @@ class UpSettings(BaseModel):
     pd: PDSettings | None = Field(
         None, description="Run `prefill` + `decode` engines with PD roles behind a PD pool; the engine count "
         "is their sum (`replicas`, if given, must equal it).")
-    kv_transport: Literal["auto", "nixl", "tcp", "shm"] = Field(
+    kv_transport: KVTransport = Field(
         "auto", description="How PD engines move KV (`engine serve --kv-transport`): nixl (NIXL over UCX), "
         "shm (shared memory on one host, TCP otherwise), tcp; auto = nixl when it imports and UCX starts, "
         "else shm (docs/disaggregation.md).")

@@ -199,6 +199,8 @@ def _read_graph(doc: dict, source: str) -> tuple[dict[str, Node], list[Edge]]:
         problems += _check_refs(node, nodes, source)
     if not problems and not any(n.type == "start" and n.parent is None for n in nodes.values()):
         problems.append(f"{source}:{line_of(doc, ['workflow', 'graph', 'nodes'])}: the graph has no start node")
+    if not problems:
+        problems += _check_iterations(nodes, edges, source)
     if problems:
         raise DslError(problems)
     return nodes, edges
@@ -217,6 +219,34 @@ def _read_node(raw: Any, line: int, source: str, problems: list[str]) -> Node | 
     elif node.type not in SUPPORTED_TYPES:
         problems.append(f"{source}:{line}: node {node.id} ({node.type}): unknown node type")
     return node
+
+
+def _check_iterations(nodes: dict[str, Node], edges: list[Edge], source: str) -> list[str]:
+    """Each iteration's children run from its iteration-start along edges inside the iteration (as the
+    runner walks them): a child nothing leads to would be skipped on every step, so it is an error here."""
+    problems = []
+    for node in nodes.values():
+        if node.parent is not None and (node.parent not in nodes or nodes[node.parent].type != "iteration"):
+            problems.append(f"{source}:{node.line}: node {node.id} ({node.type}): its parent {node.parent!r} "
+                            "is not an iteration node")
+    for it in (n for n in nodes.values() if n.type == "iteration"):
+        children = {i: n for i, n in nodes.items() if n.parent == it.id}
+        starts = [i for i, n in children.items() if n.type == "iteration-start"]
+        if len(starts) != 1:
+            problems.append(f"{source}:{it.line}: node {it.id} (iteration): needs exactly one iteration-start "
+                            f"child (a node with parentId {it.id} and type iteration-start), found {len(starts)}")
+            continue
+        reached, todo = {starts[0]}, [starts[0]]
+        while todo:
+            here = todo.pop()
+            for e in edges:
+                if e.source == here and e.target in children and e.target not in reached:
+                    reached.add(e.target)
+                    todo.append(e.target)
+        problems += [f"{source}:{n.line}: node {i} ({n.type}): inside iteration {it.id}, but no edge path from "
+                     f"its iteration-start {starts[0]} reaches it, so it would never run" for i, n in children.items()
+                     if i not in reached]
+    return problems
 
 
 def references(value: Any) -> list[tuple[str, ...]]:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
+from inferstack.engine.config import KV_CACHE_DTYPES
+
 _PLAIN = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
 SCALE_BYTES = 4

@@ -9,7 +9,6 @@ from inferstack.autoscale.spec import parse_policy
 from inferstack.lab.base import Lab, LabResult, Table
 from inferstack.lab.report import time_plot
 from inferstack.lab.runtime import LabRun
-from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate
 
 
 def _first_up(row: dict) -> float | None:
@@ -18,6 +17,9 @@ def _first_up(row: dict) -> float | None:
 
 
 def run(lab: LabRun) -> LabResult:
+    # the simulator imports torch (seconds): only the runs that simulate pay for it, not `lab list` or other labs
+    from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate
+
     minutes, peak = (3.0, 2.5) if lab.quick else (12.0, 6.0)
     setup = EvalSetup(max_replicas=16)
     trace = diurnal_trace(lab.out / "bursty.jsonl", minutes, peak, seed=7, bursts=2, trough=0.4)

@@ -16,7 +16,7 @@ import re
 
 import httpx
 
-from inferstack.lab.base import Lab, LabResult, Table
+from inferstack.lab.base import Lab, LabResult, Table, debian_binary
 from inferstack.lab.labs._common import completed, hit_rate, latency, ms
 from inferstack.lab.report import bar_plot
 from inferstack.lab.runtime import LabRun
@@ -138,12 +138,6 @@ def _findings(rows: list[list], configs: tuple, workloads: list[str], quick: boo
     return out
 
 
-def _unmet() -> str:
-    import shutil
-
-    return "" if shutil.which("redis-server") else "Debian's redis-server is not installed (scripts/setup.sh)"
-
-
 LAB = Lab(
     name="caching", week=2, title="Multi-tier caching",
     question="Which KV tier (device only, host RAM, shared disk, shared Redis) pays off for which workload, "
@@ -151,4 +145,4 @@ LAB = Lab(
     teaches="prefix hit rate and TTFT per KV tier and workload (shared prefix, multi-turn, agentic, long context)",
     needs=("2 real CPU engines of the bundled model (inferstack up --kv-tiers)", "gateway (round-robin)",
            "redis-server (started by inferstack up)", "inferstack bench"),
-    minutes=15.0, run=run, unmet=_unmet)
+    minutes=15.0, run=run, unmet=debian_binary("redis-server"))

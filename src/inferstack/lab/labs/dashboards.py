@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from inferstack.lab.base import Lab, LabResult, Table
+from inferstack.lab.base import Lab, LabResult, Table, debian_binary
 from inferstack.lab.labs._common import completed, latency
 from inferstack.lab.runtime import LabError, LabRun, Stack
 from inferstack.stack import prometheus as prom
@@ -209,12 +209,6 @@ def _findings(phases: tuple[Phase, ...], panels: Panels, seen: Seen) -> list[str
     return out
 
 
-def _unmet() -> str:
-    import shutil
-
-    return "" if shutil.which("prometheus") else "Debian's prometheus is not installed (scripts/setup.sh)"
-
-
 LAB = Lab(
     name="dashboards", week=3, title="AI dashboards",
     question="What does each dashboard panel show when the load ramps up, bursts and stops, and which PromQL "
@@ -222,4 +216,4 @@ LAB = Lab(
     teaches="Prometheus + the Grafana dashboard + the live dashboard, panel by panel, under ramp/burst/idle load",
     needs=("2 emulated L4 engines + gateway (inferstack up --emulate)", "Prometheus (started by inferstack up)",
            "Chromium for the screenshot (optional)", "inferstack bench"),
-    minutes=3.0, run=run, unmet=_unmet)
+    minutes=3.0, run=run, unmet=debian_binary("prometheus"))

@@ -11,8 +11,6 @@ from inferstack.autoscale.planner import Planner
 from inferstack.lab.base import Lab, LabResult, Table
 from inferstack.lab.report import time_plot
 from inferstack.lab.runtime import LabRun
-from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate
-from inferstack.sim.planner_tables import planner_tables
 from inferstack.sim.profile import parse_profile
 
 
@@ -25,6 +23,10 @@ def _arrival_rate(trace_path, bin_s: float) -> list[tuple[float, float | None]]:
 
 
 def run(lab: LabRun) -> LabResult:
+    # the simulator imports torch (seconds): only the runs that simulate pay for it, not `lab list` or other labs
+    from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate
+    from inferstack.sim.planner_tables import planner_tables
+
     minutes, peak = (4.0, 2.5) if lab.quick else (15.0, 6.0)
     setup = EvalSetup(max_replicas=16)
     trace = diurnal_trace(lab.out / "diurnal.jsonl", minutes, peak, seed=3, bursts=0)
