@@ -90,6 +90,8 @@ class NixlExporter:
         agent = str(ask.get("agent", ""))
         prefix = ask.get("prefix")
         refusal = self._refusal(pull.request_id, agent, str(ask.get("proof", "")), prefix is not None)
+        if prefix is not None and not (isinstance(prefix, list) and all(isinstance(h, bytes) for h in prefix)):
+            refusal = "NIXL_PULL prefix is not a list of block hashes"
         if refusal is not None:    # the puller may still pull over TCP, as without NIXL
             send_payload(conn, Frame(FrameType.ERROR, pull.request_id), f"{NO_NIXL}: {refusal}".encode())
             return False
@@ -97,7 +99,7 @@ class NixlExporter:
         if prefix is not None:
             assert self.pins is not None
             stats = self.reuse_stats
-            pinned = self.pins.pin(pull.request_id, [bytes(h) for h in prefix], self.pin_timeout_s) > 0
+            pinned = self.pins.pin(pull.request_id, prefix, self.pin_timeout_s) > 0
         spec = source.open(pull.request_id)
         if spec is None or spec.block_ids is None:
             message = ("no cached block of this prefix here (evicted, or the engine is busy)" if prefix is not None
