@@ -113,12 +113,15 @@ class NixlAgent:
     """The engine's NIXL agent: KV cache registered at construction, peers' metadata cached by
     address (and replaced when the agent at that address changed: a restarted peer)."""
 
-    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor]) -> None:
+    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int = 0) -> None:
+        """``threads``: UCX backend worker threads (0: NIXL's default; measured no faster on one host,
+        docs/benchmarks.md)."""
         nixl = import_nixl()
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         strict = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT   # pulls run on several threads
+        config = nixl.nixl_agent_config(backends=["UCX"], sync_mode=strict, num_threads=threads)
         try:
-            self._agent = nixl.nixl_agent(self.name, nixl.nixl_agent_config(backends=["UCX"], sync_mode=strict))
+            self._agent = nixl.nixl_agent(self.name, config)
         except Exception as exc:   # nixlBackendError and friends: no common base class is exported
             raise NixlUnavailable(f"NIXL transport: the UCX backend did not start ({exc}; {ucx_environment()})") \
                 from None
