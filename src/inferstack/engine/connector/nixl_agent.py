@@ -119,7 +119,11 @@ class NixlAgent:
         nixl = import_nixl()
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         strict = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT   # pulls run on several threads
-        config = nixl.nixl_agent_config(backends=["UCX"], sync_mode=strict, num_threads=threads)
+        # No UCX progress thread: idle, it polls and takes half a core (measured), which a CPU engine's
+        # forward pass needs; the reader progresses its READ itself (`_wait`), the peer's CPU is not
+        # involved in a READ on one host (CMA) or with RDMA.
+        config = nixl.nixl_agent_config(enable_prog_thread=False, backends=["UCX"], sync_mode=strict,
+                                        num_threads=threads)
         try:
             self._agent = nixl.nixl_agent(self.name, config)
         except Exception as exc:   # nixlBackendError and friends: no common base class is exported
@@ -135,6 +139,10 @@ class NixlAgent:
                                   f"{ucx_environment()})") from None
         self._peers: dict[str, str] = {}      # "host:port" -> the remote agent name loaded for it
         self._lock = threading.Lock()
+
+    def progress(self) -> None:
+        """Move UCX along (no progress thread runs): a peer's READ of our blocks needs it on our side."""
+        self._agent.get_new_notifs()
 
     def metadata(self) -> bytes:
         return self._agent.get_agent_metadata()

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import select
 import socket
 import time
 from collections.abc import Sequence
@@ -121,7 +122,8 @@ class NixlExporter:
         t0 = time.perf_counter()
         send_payload(conn, Frame(FrameType.NIXL_OFFER, pull.request_id), msgpack.packb(offer))
         try:
-            done = read_frame_header(conn)       # the decode side READs in between
+            self._progress_until_readable(conn)  # the decode side READs in between
+            done = read_frame_header(conn)
             if done.type != FrameType.DONE:
                 raise TransferError(f"expected DONE, got {done.type.name}")
             if not spec.still_held():
@@ -133,6 +135,14 @@ class NixlExporter:
             return True
         stats.record("send", NAME, spec.layout.chunk_bytes(done.num_blocks), time.perf_counter() - t0)
         return True
+
+    def _progress_until_readable(self, conn: socket.socket) -> None:
+        """Progress UCX while the reader READs (its DONE then arrives on ``conn``)."""
+        deadline = time.monotonic() + (conn.gettimeout() or 30.0)
+        while not select.select([conn], [], [], 0.0002)[0]:
+            self.agent.progress()
+            if time.monotonic() > deadline:
+                raise TransferError("no DONE from the reader in time")
 
     def _refusal(self, request_id: str, agent: str, proof: str, prefix: bool) -> str | None:
         if not agent:
