@@ -63,11 +63,11 @@ def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection) -> No
     server.close()
 
 
-def transports(layout: KVLayout, caches: list[torch.Tensor]) -> dict[str, KVTransport]:
+def transports(layout: KVLayout, caches: list[torch.Tensor], nixl_threads: int = 0) -> dict[str, KVTransport]:
     tcp = TcpKVTransport(KVTransferClient(layout, allow_shm=False))
     out: dict[str, KVTransport] = {"tcp": tcp, "shm": TcpKVTransport(KVTransferClient(layout, allow_shm=True))}
     try:
-        out["nixl"] = NixlKVTransport(NixlAgent("decode", caches), layout, TRUST, tcp)
+        out["nixl"] = NixlKVTransport(NixlAgent("decode", caches, nixl_threads), layout, TRUST, tcp)
     except NixlUnavailable as exc:
         print(f"no nixl column: {exc}")
     return out
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--nixl-threads", type=int, default=0,
+                    help="UCX backend worker threads of the reading (decode) agent; 0: NIXL's default")
     args = ap.parse_args()
     torch.set_num_threads(1)
     layout = KVLayout(args.layers, args.kv_heads, args.head_dim, BS, torch.float32)
@@ -102,7 +104,7 @@ def main() -> None:
     proc.start()
     port = parent.recv()
     caches = [torch.zeros(*shape) for _ in range(args.layers)]
-    ways = transports(layout, caches)
+    ways = transports(layout, caches, args.nixl_threads)
     times: dict[tuple[str, object], list[float]] = {}
     for r in range(args.repeats + 1):               # round 0 warms connections, pools and metadata
         for label, n in sizes.items():

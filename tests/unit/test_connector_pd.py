@@ -162,7 +162,7 @@ def test_factory_builds_pd_plus_tiers_and_exposes_metrics(prefill):
     connector.connectors[1].store.flush()      # the pulled chunks reach the host tier through write-back
     scrape = parse(generate_latest(registry).decode(), t=0.0)
     assert scrape.select("inferstack_kv_transfers_total", direction="recv", transport="shm") == {
-        (("direction", "recv"), ("model_name", "toy"), ("transport", "shm")): 1.0}
+        (("direction", "recv"), ("model_name", "toy"), ("path", "pd"), ("transport", "shm")): 1.0}
     assert sum(scrape.select("inferstack_kv_connector_loaded_tokens_total", connector="pd").values()) == 512
     assert sum(scrape.select("inferstack_kv_tier_writes_total", tier="host").values()) == 512 // 256
     assert sum(scrape.select("inferstack_kv_connector_fetch_seconds_count").values()) == 1

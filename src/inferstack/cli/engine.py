@@ -181,7 +181,13 @@ def serve(
         help="both: prefill and decode here; prefill: hold each prompt's KV for a decode engine to pull; "
              "decode: pull it (docs/disaggregation.md).")] = None,
     kv_transfer_port: Annotated[int | None, typer.Option(
-        help="--role prefill: TCP port of the KV transfer server (0: the OS picks).")] = None,
+        help="--role prefill or --kv-reuse: TCP port of the KV transfer server (0: the OS picks).")] = None,
+    kv_reuse: Annotated[bool | None, typer.Option(
+        "--kv-reuse/--no-kv-reuse",
+        help="Cross-replica KV reuse over NIXL: when the gateway names another replica holding a prompt's "
+             "prefix, READ its blocks directly instead of recomputing or loading them from the KV tiers; "
+             "and serve this engine's cached blocks to the other replicas (needs the transfer secret; "
+             "docs/disaggregation.md).")] = None,
     kv_transport: Annotated[KVTransport | None, typer.Option(
         help="--role prefill/decode: how KV moves between engines. nixl: NIXL over UCX (what vLLM's "
              "NixlConnector uses; RDMA when the NICs have it); shm: shared memory on one host, TCP otherwise; "
@@ -248,6 +254,7 @@ def serve(
             enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
             kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
             kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret, kv_transport=kv_transport,
+            kv_reuse=kv_reuse,
             kv_transfer_peers=tuple(kv_transfer_peers.split(",")) if kv_transfer_peers else None,
             grammar_timeout_s=grammar_timeout, grammar_workers=grammar_workers,
             tool_call_parser=tool_call_parser, strict_max_properties=strict_max_properties,

@@ -38,6 +38,10 @@ class EndpointConfig(_Section):
     kv_events: str | None = Field(
         None, description="ZMQ PUB endpoint of the engine's KV events (tcp://host:port) for the precise prefix index.")
     api_key: str | None = Field(None, description="Bearer key the gateway sends to this endpoint.")
+    kv_transfer: str | None = Field(
+        None, pattern=r"^[^\s:/]+:[0-9]{1,5}$",
+        description="HOST:PORT of the engine's KV transfer server (`engine serve --kv-reuse --kv-transfer-port`): "
+                    "where other replicas READ the prefixes it holds (precise_prefix.direct_reads).")
     role: EndpointRole = Field(
         "both", description="PD role (`engine serve --role`); prefill/decode need the pool's `pd`.")
 
@@ -117,6 +121,11 @@ class PrecisePrefixConfig(_Section):
     dtype: str = "float32"
     kv_layout: str = "paged"
     block_size: int = Field(16, ge=1)
+    direct_reads: bool = Field(
+        True, description="When another replica holds more of a prompt's leading blocks than the chosen one, "
+        "name it (signed with $INFERSTACK_KV_TRANSFER_SECRET) so the chosen engine READs them over NIXL "
+        "(docs/disaggregation.md, 'Cross-replica reads'); needs `kv_transfer` on the endpoints.")
+    direct_min_blocks: int = Field(2, ge=1, description="Direct reads only for a lead of at least this many blocks.")
 
 
 class TargetConfig(_Section):

@@ -53,6 +53,9 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
+        connector = self.core.scheduler.connector
+        if connector is not None:    # a peer's pin of cached blocks must not wait for the next request
+            connector.set_waker(lambda: self._inbox.put(("wake", None)))
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self._thread.start()
 

@@ -79,6 +79,9 @@ class EngineConfig:
     # params signed with the shared secret; a prefill engine signs what it returns with the secret.
     kv_transfer_peers: tuple[str, ...] = ()
     kv_transfer_secret: str | None = field(default=None, repr=False)
+    # Cross-replica KV reuse (docs/disaggregation.md): READ a prefix another replica holds over NIXL when
+    # the gateway names it; serve this engine's cached blocks to the others. Needs the transfer secret.
+    kv_reuse: bool = False
     # Structured outputs and tool calling (docs/structured-outputs.md)
     grammar_workers: int = 2                    # threads compiling grammars off the step loop
     grammar_timeout_s: float = 10.0             # deadline for every grammar kind; past it: HTTP 400
@@ -100,6 +103,9 @@ class EngineConfig:
             raise ValueError("--role decode pulls KV from the peers named in each request: allow them with "
                              "--kv-transfer-peers HOST[:PORT],... or share a secret with the prefill engines "
                              "in $INFERSTACK_KV_TRANSFER_SECRET (inferstack up does this for you)")
+        if self.kv_reuse and not self.kv_transfer_secret:
+            raise ValueError("--kv-reuse lets replicas read each other's KV cache: it needs the stack's secret in "
+                             "$INFERSTACK_KV_TRANSFER_SECRET (inferstack up sets it)")
         if self.kv_transport not in get_args(KVTransport):
             raise ValueError(f"kv_transport must be auto, nixl, tcp or shm, got {self.kv_transport!r}")
         if self.grammar_workers < 1 or self.grammar_timeout_s <= 0:

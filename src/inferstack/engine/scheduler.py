@@ -173,6 +173,7 @@ class Scheduler:
         now = self.clock()
         preempted_this_step = False
         if self.connector is not None:
+            self.connector.serve_holds(self.kv.pool)
             for rid in self.connector.take_finished_sending():
                 held = self._delayed_free.pop(rid, None)
                 if held is not None:

@@ -74,8 +74,9 @@ class Endpoint:
     """One upstream engine: its HTTP session, scraped metrics and the gateway's own counters."""
 
     def __init__(self, url: str, name: str | None, api_key: str | None, kv_events: str | None,
-                 max_concurrency: int | None):
+                 max_concurrency: int | None, kv_transfer: str | None = None):
         self.url = url
+        self.kv_transfer = kv_transfer   # HOST:PORT other replicas READ its cached prefixes from
         self.id = name or urlsplit(url).netloc
         self.api_key = api_key
         self.kv_events = kv_events
@@ -147,7 +148,8 @@ class Pool:
     def from_config(cls, name: str, cfg: PoolConfig, gw: GatewayConfig,
                     custom_profiles: dict | None = None, rng: random.Random | None = None) -> Pool:
         """``rng``: the router's random choices (tie-breaks, power-of-two); None: seeded from the OS."""
-        eps = [Endpoint(e.url, e.name, e.api_key, e.kv_events, cfg.max_concurrency) for e in cfg.endpoints]
+        eps = [Endpoint(e.url, e.name, e.api_key, e.kv_events, cfg.max_concurrency, e.kv_transfer)
+               for e in cfg.endpoints]
         router = pool_router(cfg, gw, [ep.id for ep in eps], RoutingState(rng=rng or random.Random()),
                              custom_profiles)
         return cls(name, cfg, eps, router, gw, set(cfg.models))

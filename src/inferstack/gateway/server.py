@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from inferstack.config.schema import InferstackConfig
 from inferstack.gateway.admin import AdminAPI, admin_token
+from inferstack.gateway.kvreuse import DirectReads
 from inferstack.gateway.limits import Limiter
 from inferstack.gateway.metricsmerge import WorkerPeers, local_scrape
 from inferstack.gateway.pd import PDLegs
@@ -48,7 +49,7 @@ class Gateway:
         p = self.pipeline
         self.pools, self.metrics, self.flow, self.datalayer = p.pools, p.metrics, p.flow, p.datalayer
         pd = PDLegs(p.metrics.registry, cfg.gateway)
-        self.proxy = Proxy(cfg.gateway, p.picker, p.account, pd, p.metrics)
+        self.proxy = Proxy(cfg.gateway, p.picker, p.account, pd, p.metrics, DirectReads(p.metrics.registry))
         self._openapi = orjson.dumps(gateway_openapi())
         gw = cfg.gateway
         enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)

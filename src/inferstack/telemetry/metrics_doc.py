@@ -34,6 +34,7 @@ def registry_rows(registry: CollectorRegistry) -> list[str]:
 
 
 def gateway_rows() -> list[str]:
+    from inferstack.gateway.kvreuse import DirectReads
     from inferstack.gateway.metrics import GatewayMetrics
     from inferstack.gateway.pd import PDMetrics
     from inferstack.gateway.pipeline.hold import HoldMetrics
@@ -42,6 +43,7 @@ def gateway_rows() -> list[str]:
     metrics.track_in_flight(list)
     PDMetrics(metrics.registry)
     HoldMetrics(metrics.registry)
+    DirectReads(metrics.registry, secret="")
     return registry_rows(metrics.registry)
 
 

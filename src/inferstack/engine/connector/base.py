@@ -19,11 +19,12 @@ Step order inside ``EngineCore.step``:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.request import Request
 
 
@@ -52,6 +53,15 @@ class KVConnectorBase(ABC):
     def take_finished_sending(self) -> list[str]:
         """Requests whose blocks were held (delay_free) and may now be freed."""
         return []
+
+    def serve_holds(self, pool: BlockPool) -> None:
+        """On the engine thread at the start of each schedule: pin cached blocks peers asked to READ
+        (cross-replica reuse) and unpin those whose reads ended."""
+        return None
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        """``wake()`` makes an idle engine thread run a step (so it serves a peer's pin soon)."""
+        return None
 
     # -- worker side ----------------------------------------------------------------------------
     @abstractmethod

@@ -25,11 +25,11 @@ def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key
     """PD transfer for ``--role prefill|decode``, then KV tiers for ``--kv-tiers``; None if neither.
     ``link`` is the network an emulated engine's PD transfers stand for."""
     connectors: list[KVConnectorBase] = []
-    if config.kv_role != "both":
+    if config.kv_role != "both" or config.kv_reuse:
         trust = TransferTrust.from_config(config.kv_transfer_peers, config.kv_transfer_secret)
         connectors.append(PDConnector(config.kv_role, trust=trust, block_size=config.block_size,
                                       host=config.kv_transfer_host, port=config.kv_transfer_port,
-                                      transport=config.kv_transport, link=link))
+                                      transport=config.kv_transport, link=link, reuse=config.kv_reuse))
     store_cfg = config.kv_store
     if store_cfg.enabled:
         if config.block_size * 16 != CHUNK_SIZE:

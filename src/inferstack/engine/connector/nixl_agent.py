@@ -113,12 +113,19 @@ class NixlAgent:
     """The engine's NIXL agent: KV cache registered at construction, peers' metadata cached by
     address (and replaced when the agent at that address changed: a restarted peer)."""
 
-    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor]) -> None:
+    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int = 0) -> None:
+        """``threads``: UCX backend worker threads (0: NIXL's default; measured no faster on one host,
+        docs/benchmarks.md)."""
         nixl = import_nixl()
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         strict = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT   # pulls run on several threads
+        # No UCX progress thread: idle, it polls and takes half a core (measured), which a CPU engine's
+        # forward pass needs; the reader progresses its READ itself (`_wait`), the peer's CPU is not
+        # involved in a READ on one host (CMA) or with RDMA.
+        config = nixl.nixl_agent_config(enable_prog_thread=False, backends=["UCX"], sync_mode=strict,
+                                        num_threads=threads)
         try:
-            self._agent = nixl.nixl_agent(self.name, nixl.nixl_agent_config(backends=["UCX"], sync_mode=strict))
+            self._agent = nixl.nixl_agent(self.name, config)
         except Exception as exc:   # nixlBackendError and friends: no common base class is exported
             raise NixlUnavailable(f"NIXL transport: the UCX backend did not start ({exc}; {ucx_environment()})") \
                 from None
@@ -132,6 +139,10 @@ class NixlAgent:
                                   f"{ucx_environment()})") from None
         self._peers: dict[str, str] = {}      # "host:port" -> the remote agent name loaded for it
         self._lock = threading.Lock()
+
+    def progress(self) -> None:
+        """Move UCX along (no progress thread runs): a peer's READ of our blocks needs it on our side."""
+        self._agent.get_new_notifs()
 
     def metadata(self) -> bytes:
         return self._agent.get_agent_metadata()

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import select
 import socket
 import time
 from collections.abc import Sequence
@@ -37,7 +38,8 @@ import torch
 
 from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent
 from inferstack.engine.connector.peers import TransferTrust
-from inferstack.engine.connector.transfer import KVLayout, TransferSpec, TransferStats
+from inferstack.engine.connector.prefix_pins import PrefixPins
+from inferstack.engine.connector.transfer import KVLayout, KVSource, TransferSpec, TransferStats
 from inferstack.engine.connector.transports import Fetched, KVTransport, PullRequest
 from inferstack.engine.connector.wire import (
     NO_NIXL,
@@ -51,6 +53,7 @@ from inferstack.engine.connector.wire import (
 from inferstack.kvstore.codec import DTYPE_CODES
 
 NAME = "nixl"
+REUSE = "reuse"      # the `path` label of transfers that read another replica's cached prefix
 log = logging.getLogger("inferstack.engine.connector")
 
 
@@ -70,26 +73,45 @@ def _layout_fields(layout: KVLayout) -> list[int]:
 
 
 class NixlExporter:
-    """Answers NIXL_PULL on the prefill engine's transfer server (``KVTransferServer``)."""
+    """Answers NIXL_PULL on the transfer server (``KVTransferServer``): for a request's held blocks
+    (PD), or, with ``pins``, for cached prefix blocks named by hash (cross-replica reuse)."""
 
-    def __init__(self, agent: NixlAgent, trust: TransferTrust) -> None:
+    def __init__(self, agent: NixlAgent, trust: TransferTrust, pins: PrefixPins | None = None,
+                 pin_timeout_s: float = 5.0) -> None:
         self.agent = agent
         self.trust = trust
+        self.pins = pins
+        self.pin_timeout_s = pin_timeout_s
+        self.reuse_stats = TransferStats(path=REUSE)
 
-    def serve(self, conn: socket.socket, pull: Frame, spec: TransferSpec | None, stats: TransferStats) -> bool:
+    def serve(self, conn: socket.socket, pull: Frame, source: KVSource, stats: TransferStats) -> bool:
         """Offer the held blocks, wait for the decode side's DONE (or its disconnect); True once
-        offered (the caller then releases the hold, DONE or not)."""
-        ask = msgpack.unpackb(read_payload(conn, pull, limit=1 << 16))
+        offered or pinned (the caller then releases the hold, DONE or not)."""
+        ask = msgpack.unpackb(read_payload(conn, pull, limit=1 << 20))
         agent = str(ask.get("agent", ""))
-        refusal = self._refusal(pull.request_id, agent, str(ask.get("proof", "")))
+        prefix = ask.get("prefix")
+        refusal = self._refusal(pull.request_id, agent, str(ask.get("proof", "")), prefix is not None)
+        if prefix is not None and not (isinstance(prefix, list) and all(isinstance(h, bytes) for h in prefix)):
+            refusal = "NIXL_PULL prefix is not a list of block hashes"
         if refusal is not None:    # the puller may still pull over TCP, as without NIXL
             send_payload(conn, Frame(FrameType.ERROR, pull.request_id), f"{NO_NIXL}: {refusal}".encode())
             return False
+        pinned = False
+        if prefix is not None:
+            assert self.pins is not None
+            stats = self.reuse_stats
+            pinned = self.pins.pin(pull.request_id, prefix, self.pin_timeout_s) > 0
+        spec = source.open(pull.request_id)
         if spec is None or spec.block_ids is None:
-            message = f"no KV held for request {pull.request_id!r} (expired or never prefilled here)"
+            message = ("no cached block of this prefix here (evicted, or the engine is busy)" if prefix is not None
+                       else f"no KV held for request {pull.request_id!r} (expired or never prefilled here)")
             send_payload(conn, Frame(FrameType.ERROR, pull.request_id), message.encode())
-            return False
-        assert spec is not None and spec.block_ids is not None
+            return pinned
+        return self._offer(conn, pull, ask, spec, stats)
+
+    def _offer(self, conn: socket.socket, pull: Frame, ask: dict[str, Any], spec: TransferSpec,
+               stats: TransferStats) -> bool:
+        assert spec.block_ids is not None
         regions = self.agent.regions
         offer = {"agent": self.agent.name,
                  "metadata": None if ask.get("known") == self.agent.name else self.agent.metadata(),
@@ -100,7 +122,8 @@ class NixlExporter:
         t0 = time.perf_counter()
         send_payload(conn, Frame(FrameType.NIXL_OFFER, pull.request_id), msgpack.packb(offer))
         try:
-            done = read_frame_header(conn)       # the decode side READs in between
+            self._progress_until_readable(conn)  # the decode side READs in between
+            done = read_frame_header(conn)
             if done.type != FrameType.DONE:
                 raise TransferError(f"expected DONE, got {done.type.name}")
             if not spec.still_held():
@@ -113,9 +136,20 @@ class NixlExporter:
         stats.record("send", NAME, spec.layout.chunk_bytes(done.num_blocks), time.perf_counter() - t0)
         return True
 
-    def _refusal(self, request_id: str, agent: str, proof: str) -> str | None:
+    def _progress_until_readable(self, conn: socket.socket) -> None:
+        """Progress UCX while the reader READs (its DONE then arrives on ``conn``)."""
+        deadline = time.monotonic() + (conn.gettimeout() or 30.0)
+        while not select.select([conn], [], [], 0.0002)[0]:
+            self.agent.progress()
+            if time.monotonic() > deadline:
+                raise TransferError("no DONE from the reader in time")
+
+    def _refusal(self, request_id: str, agent: str, proof: str, prefix: bool) -> str | None:
         if not agent:
             return "NIXL_PULL without an agent name"
+        if prefix and (self.pins is None or self.trust.secret is None):
+            # reading cached blocks by hash needs the stack secret: no allow-list can vouch for it
+            return "this engine serves no cross-replica reads (--kv-reuse, with the stack's transfer secret)"
         if self.trust.secret is not None and not hmac.compare_digest(
                 proof, pull_proof(self.trust.secret, request_id, agent)):
             return "NIXL_PULL is not signed with this stack's transfer secret"
@@ -137,6 +171,7 @@ class RemoteLoad:
     remote_ids: list[int]          # the peer's blocks for request blocks first_block ..
     first_block: int
     num_blocks: int
+    stats: TransferStats               # the transport's PD or reuse counters
     block_ids: list[int] = field(default_factory=list)
 
     def rebase(self, first_block: int) -> RemoteLoad | None:
@@ -147,7 +182,7 @@ class RemoteLoad:
             return None
         skip = first_block - self.first_block
         return RemoteLoad(self.transport, self.conn, self.peer, self.regions, self.remote_ids[skip:],
-                          first_block, end - first_block)
+                          first_block, end - first_block, self.stats)
 
     def accept(self, block_ids: Sequence[int], num_external_tokens: int, block_size: int) -> None:
         self.num_blocks = min(self.num_blocks, num_external_tokens // block_size)
@@ -177,31 +212,37 @@ class NixlKVTransport:
         self.fallback = fallback
         self.timeout_s = timeout_s
         self.stats = TransferStats()
+        self.reuse_stats = TransferStats(path=REUSE)
 
     def fetch(self, pull: PullRequest) -> Fetched:
         address = f"{pull.host}:{pull.port}"
+        stats = self.reuse_stats if pull.prefix is not None else self.stats
+        peer = "holder" if pull.prefix is not None else "prefill peer"
         try:
             conn = socket.create_connection((pull.host, pull.port), timeout=self.timeout_s)
         except OSError as exc:
-            self.stats.fail("recv")
-            log.warning("request %s: cannot reach prefill peer %s: %s", pull.request_id, address, exc)
+            stats.fail("recv")
+            log.warning("request %s: cannot reach %s %s: %s", pull.request_id, peer, address, exc)
             return Fetched(None, failed=True)
         try:
             offer = self._offer(conn, address, pull)
             if offer is None:
                 conn.close()
-                return self.fallback.fetch(pull)
-            return self._load(conn, address, offer, pull)
+                # a holder without NIXL has nothing to offer over TCP: the KV tiers come next
+                return Fetched(None) if pull.prefix is not None else self.fallback.fetch(pull)
+            return self._load(conn, address, offer, pull, stats)
         except (OSError, TransferError, KeyError, ValueError, TypeError, msgpack.UnpackException) as exc:
             conn.close()
-            self.stats.fail("recv")
-            log.warning("request %s: NIXL pull from %s failed, recomputing: %s", pull.request_id, address, exc)
+            stats.fail("recv")
+            log.warning("request %s: NIXL pull from %s %s failed: %s", pull.request_id, peer, address, exc)
             return Fetched(None, failed=True)
 
     def _offer(self, conn: socket.socket, address: str, pull: PullRequest) -> dict[str, Any] | None:
         """The peer's offer; None when the peer runs no NIXL agent (use the fallback transport)."""
         ask = {"agent": self.agent.name, "known": self.agent.known_peer(address),
                "proof": pull_proof(self.trust.secret, pull.request_id, self.agent.name)}
+        if pull.prefix is not None:
+            ask["prefix"] = list(pull.prefix)
         send_payload(conn, Frame(FrameType.NIXL_PULL, pull.request_id), msgpack.packb(ask))
         reply = read_frame_header(conn)
         if reply.type == FrameType.ERROR:
@@ -213,7 +254,8 @@ class NixlKVTransport:
             raise TransferError(f"expected NIXL_OFFER, got {reply.type.name}")
         return msgpack.unpackb(read_payload(conn, reply))
 
-    def _load(self, conn: socket.socket, address: str, offer: dict[str, Any], pull: PullRequest) -> Fetched:
+    def _load(self, conn: socket.socket, address: str, offer: dict[str, Any], pull: PullRequest,
+              stats: TransferStats) -> Fetched:
         if offer["layout"] != _layout_fields(self.layout):
             raise TransferError(f"peer KV layout {offer['layout']} does not match this engine's "
                                 f"{_layout_fields(self.layout)}")
@@ -227,7 +269,7 @@ class NixlKVTransport:
         end = min(usable, len(remote_ids), pull.max_blocks)
         refused = usable < min(len(hashes), pull.max_blocks)   # another prompt, model, dtype or salt
         if refused:
-            self.stats.fail("recv")
+            stats.fail("recv")
         if end <= pull.first_block:
             conn.close()
             return Fetched(None, refused)
@@ -236,7 +278,7 @@ class NixlKVTransport:
                             int(offer["block_bytes"]), str(offer["mem_type"]), int(offer["device_id"]))
         conn.settimeout(self.timeout_s)
         return Fetched(RemoteLoad(self, conn, str(offer["agent"]), regions, remote_ids[pull.first_block:end],
-                                  pull.first_block, end - pull.first_block), refused)
+                                  pull.first_block, end - pull.first_block, stats), refused)
 
     def read(self, load: RemoteLoad) -> None:
         """READ ``load``'s blocks into ours; DONE tells the peer it may free them."""
@@ -249,11 +291,11 @@ class NixlKVTransport:
             load.conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
             # Without END the peer may have let the blocks go (hold timeout) before or during the READ.
             if read_frame_header(load.conn).type != FrameType.END:
-                raise TransferError("prefill peer did not confirm it held the blocks during the READ")
+                raise TransferError("the peer did not confirm it held the blocks during the READ")
         except (TransferError, OSError) as exc:
-            self.stats.fail("recv")
+            load.stats.fail("recv")
             raise TransferError(str(exc)) from None
-        self.stats.record("recv", NAME, nbytes, time.perf_counter() - t0)
+        load.stats.record("recv", NAME, nbytes, time.perf_counter() - t0)
 
     def close(self) -> None:
         self.fallback.close()

@@ -15,6 +15,13 @@ fails mid-way the chunks that did arrive intact are used, the rest is recomputed
 failure is counted. When fewer than ``min_remote_tokens`` tokens would come from the peer the
 pull is skipped (the decider's engine-side half).
 
+Cross-replica reuse (``reuse=True``, any role; ``--kv-reuse``): the gateway names, in a request's
+signed ``kv_transfer_params`` (``kv_reuse: true``), another replica whose KV events say it holds the
+prompt's leading blocks; this engine READs them over NIXL straight into its own blocks through the
+same pull, hash checks and fallbacks, the holder pinning them meanwhile (``prefix_pins.py``). Every
+reuse engine therefore runs both halves: a transfer server that exports its cached blocks, and the
+NIXL puller. Without NIXL reuse is off (logged): TCP/shm pulls name held requests, not hashes.
+
 Emulated engines (``--emulate``) run this same connector over a one-float-per-token shadow cache
 and pass a ``LinkModel``: a pull then lasts as long as the modelled network would take to move the
 real model's KV (``sim.perf_model.kv_transfer_time``) and the transfer metrics count the real
@@ -26,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -36,6 +43,7 @@ from inferstack.engine.connector.blocks import PendingLoad, Stager
 from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable
 from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
 from inferstack.engine.connector.peers import TransferTrust
+from inferstack.engine.connector.prefix_pins import PrefixPins
 from inferstack.engine.connector.stats import ConnectorStats
 from inferstack.engine.connector.transfer import (
     KVLayout,
@@ -46,10 +54,11 @@ from inferstack.engine.connector.transfer import (
     TransferStats,
 )
 from inferstack.engine.connector.transports import KVTransport, PullRequest, TcpKVTransport
+from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request
 
-Role = Literal["prefill", "decode"]
+Role = Literal["prefill", "decode", "both"]
 TransportChoice = Literal["auto", "nixl", "tcp", "shm"]
 log = logging.getLogger("inferstack.engine.connector")
 
@@ -58,9 +67,12 @@ class PDConnector(KVConnectorBase):
     def __init__(self, role: Role, *, trust: TransferTrust, block_size: int = 16, host: str = "127.0.0.1",
                  port: int = 0, advertise_host: str | None = None, transport: TransportChoice = "shm",
                  hold_s: float = 60.0, min_remote_tokens: int = 16, timeout_s: float = 30.0,
-                 link: LinkModel | None = None) -> None:
-        if role not in ("prefill", "decode"):
-            raise ValueError(f"PD connector role must be prefill or decode, got {role!r}")
+                 link: LinkModel | None = None, reuse: bool = False) -> None:
+        if role not in ("prefill", "decode", "both") or (role == "both" and not reuse):
+            raise ValueError(f"PD connector role must be prefill or decode (or both, with reuse), got {role!r}")
+        if reuse and (trust.secret is None or link is not None):
+            raise ValueError("cross-replica KV reuse (--kv-reuse) needs the stack's transfer secret and a real "
+                             "model (not --emulate)")
         if transport not in ("auto", "nixl", "tcp", "shm"):
             raise ValueError(f"KV transport must be auto, nixl, tcp or shm, got {transport!r}")
         if transport == "nixl" and link is not None:
@@ -78,6 +90,8 @@ class PDConnector(KVConnectorBase):
         self.source: PagedKVSource | None = None
         self.transport: KVTransport | None = None
         self.agent: NixlAgent | None = None
+        self.reuse = reuse
+        self.pins: PrefixPins | None = None
         self._stager = Stager()
         self._released: list[str] = []
         self._released_lock = threading.Lock()
@@ -86,19 +100,30 @@ class PDConnector(KVConnectorBase):
     def register_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         self._kv_caches = list(kv_caches)
         self.agent = self._start_nixl()
-        if self.role == "prefill":
-            self.source = PagedKVSource(self._kv_caches, hold_s=self._hold_s)
-            exporter = NixlExporter(self.agent, self.trust) if self.agent is not None else None
-            self.server = KVTransferServer(self.source, self._host, self._port, allow_shm=self._allow_shm,
-                                           link=self._link, nixl=exporter)
-        else:
+        if self.reuse and self.agent is None:
+            log.warning("cross-replica KV reuse (--kv-reuse) needs the NIXL transport: off on this engine")
+            self.reuse = False
+        if self.role == "prefill" or self.reuse:
+            self._serve_blocks()
+        if self.role == "decode" or self.reuse:
             _, _, bs, heads, dim = kv_caches[0].shape
             layout = KVLayout(len(kv_caches), heads, dim, bs, kv_caches[0].dtype)
             tcp = TcpKVTransport(KVTransferClient(layout, allow_shm=self._allow_shm, timeout_s=self._timeout,
                                                   link=self._link))
             self.transport = (NixlKVTransport(self.agent, layout, self.trust, tcp, self._timeout)
                               if self.agent is not None else tcp)
-        log.info("PD %s engine: KV transport %s", self.role, self.transport_name)
+        log.info("PD %s engine: KV transport %s%s", self.role, self.transport_name,
+                 ", cross-replica reads on" if self.reuse else "")
+
+    def _serve_blocks(self) -> None:
+        """The transfer server: held prefills (PD) and, with reuse, pinned prefix blocks."""
+        self.source = PagedKVSource(self._kv_caches, hold_s=self._hold_s)
+        exporter = None
+        if self.agent is not None:
+            self.pins = PrefixPins(self.source) if self.reuse else None
+            exporter = NixlExporter(self.agent, self.trust, self.pins)
+        self.server = KVTransferServer(self.source, self._host, self._port, allow_shm=self._allow_shm,
+                                       link=self._link, nixl=exporter)
 
     def _start_nixl(self) -> NixlAgent | None:
         """The NIXL agent for ``nixl`` (failing the start-up when UCX cannot start) and ``auto``
@@ -121,8 +146,12 @@ class PDConnector(KVConnectorBase):
 
     def transfer_stats(self) -> list[TransferStats]:
         out = [self.server.stats] if self.server is not None else []
+        if self.server is not None and isinstance(self.server.nixl, NixlExporter) and self.reuse:
+            out.append(self.server.nixl.reuse_stats)
         if isinstance(self.transport, NixlKVTransport):
             out.append(self.transport.fallback.stats)
+            if self.reuse:
+                out.append(self.transport.reuse_stats)
         if self.transport is not None:
             out.append(self.transport.stats)
         return out
@@ -143,6 +172,8 @@ class PDConnector(KVConnectorBase):
         params = request.kv_transfer_params or {}
         if self.transport is None or not params.get("do_remote_prefill"):
             return 0, False
+        if params.get("kv_reuse") and not self.reuse:
+            return 0, False
         # One pull per request: after a preemption the peer has released the blocks anyway.
         request.kv_transfer_params = {k: v for k, v in params.items() if k != "do_remote_prefill"}
         refusal = self.trust.refusal(params)
@@ -155,17 +186,23 @@ class PDConnector(KVConnectorBase):
         if (offered - first_block) * bs < self.min_remote_tokens:
             return 0, False
         hashes = list(request.block_hashes)
-        self._stager.start(request.request_id, lambda: self._pull(params, hashes, first_block, max_blocks))
+        self._stager.start(request.request_id,
+                           lambda: self._pull(params, request.request_id, hashes, first_block, max_blocks))
         return None, True
 
-    def _pull(
-        self, params: dict[str, Any], hashes: list[bytes], first_block: int, max_blocks: int
-    ) -> PendingLoad | None:
+    def _pull(self, params: dict[str, Any], request_id: str, hashes: list[bytes], first_block: int,
+              max_blocks: int) -> PendingLoad | None:
         assert self.transport is not None
         t0 = time.perf_counter()
         try:
-            pull = PullRequest(str(params["remote_host"]), int(params["remote_port"]),
-                               str(params["remote_request_id"]), hashes, first_block, max_blocks)
+            if params.get("kv_reuse"):     # the holder pins our prompt's leading blocks under this key
+                assert self.agent is not None
+                pull = PullRequest(str(params["remote_host"]), int(params["remote_port"]),
+                                   f"reuse/{self.agent.name}/{request_id}", hashes, first_block, max_blocks,
+                                   prefix=hashes[:max_blocks])
+            else:
+                pull = PullRequest(str(params["remote_host"]), int(params["remote_port"]),
+                                   str(params["remote_request_id"]), hashes, first_block, max_blocks)
         except (KeyError, ValueError):
             self.stats.add(load_failures=1)
             return None
@@ -217,6 +254,14 @@ class PDConnector(KVConnectorBase):
             out, self._released = self._released, []
         return out
 
+    def serve_holds(self, pool: BlockPool) -> None:
+        if self.pins is not None:
+            self.pins.serve(pool)
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        if self.pins is not None:
+            self.pins.set_waker(wake)
+
     def shutdown(self) -> None:
         self._stager.shutdown()
         if self.server is not None:
@@ -266,6 +311,14 @@ class MultiConnector(KVConnectorBase):
 
     def take_failed_loads(self) -> list[str]:
         return [rid for c in self.connectors for rid in c.take_failed_loads()]
+
+    def serve_holds(self, pool: BlockPool) -> None:
+        for c in self.connectors:
+            c.serve_holds(pool)
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        for c in self.connectors:
+            c.set_waker(wake)
 
     def take_events(self) -> list[Any]:
         return [e for c in self.connectors for e in c.take_events()]

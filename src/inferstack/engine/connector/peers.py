@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 SIG_FIELD = "transfer_sig"
-_SIGNED = ("remote_host", "remote_port", "remote_request_id", "remote_num_blocks")
+# kv_reuse: the gateway's cross-replica read (it signs these itself; absent in PD, signed as "").
+_SIGNED = ("remote_host", "remote_port", "remote_request_id", "remote_num_blocks", "kv_reuse")
 
 
 @dataclass(frozen=True)

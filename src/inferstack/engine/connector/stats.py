@@ -81,31 +81,33 @@ class ConnectorCollector(Collector):
 
 
 class TransferCollector(Collector):
-    """KV transfer counters of a PD connector (either side), per transport (nixl, shm, tcp)."""
+    """KV transfer counters of a PD connector (either side), per transport (nixl, shm, tcp) and path
+    (pd: prefill → decode; reuse: a replica's cached prefix read by another)."""
 
     def __init__(self, connector: Any, model_name: str) -> None:
         self.connector = connector
         self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["model_name", "direction", "transport"]
+        labels = ["model_name", "direction", "transport", "path"]
         nbytes = CounterMetricFamily("inferstack_kv_transfer_bytes",
-                                     "KV bytes moved between prefill and decode engines; `transport`: nixl "
-                                     "(NIXL/UCX), shm or tcp.", labels=labels)
+                                     "KV bytes moved between engines; `transport`: nixl (NIXL/UCX), shm or tcp; "
+                                     "`path`: pd (prefill to decode) or reuse (another replica's cached prefix).",
+                                     labels=labels)
         secs = CounterMetricFamily("inferstack_kv_transfer_seconds",
                                    "Time spent in KV transfers (bytes/seconds = throughput; nixl: the READ "
                                    "alone on the decode side).", labels=labels)
         count = CounterMetricFamily("inferstack_kv_transfers", "KV transfers completed.", labels=labels)
         fails = CounterMetricFamily("inferstack_kv_transfer_failures",
-                                    "KV transfers that failed (the rest was recomputed).",
-                                    labels=["model_name", "direction"])
+                                    "KV transfers that failed (the KV tiers or a recompute took over).",
+                                    labels=["model_name", "direction", "path"])
         for st in self.connector.transfer_stats():
             with st.lock:
                 for (direction, transport), b in st.bytes.items():
-                    key = [self.model_name, direction, transport]
+                    key = [self.model_name, direction, transport, st.path]
                     nbytes.add_metric(key, b)
                     secs.add_metric(key, st.seconds[(direction, transport)])
                     count.add_metric(key, st.transfers[(direction, transport)])
                 for direction, n in st.failures.items():
-                    fails.add_metric([self.model_name, direction], n)
+                    fails.add_metric([self.model_name, direction, st.path], n)
         yield from (nbytes, secs, count, fails)

@@ -170,8 +170,10 @@ class PagedKVSource(KVSource):
 
 @dataclass
 class TransferStats:
-    """Cumulative counters per (direction, transport); direction is "send" or "recv"."""
+    """Cumulative counters per (direction, transport); direction is "send" or "recv"; ``path``:
+    pd (prefill → decode) or reuse (a replica's cached prefix read by another)."""
 
+    path: str = "pd"
     bytes: dict[tuple[str, str], int] = field(default_factory=dict)
     seconds: dict[tuple[str, str], float] = field(default_factory=dict)
     transfers: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -206,8 +208,9 @@ def _tensor_view(buf, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 
 class PullHandler(Protocol):
     """Serves a transfer whose bytes do not go through this connection (NIXL_PULL)."""
 
-    def serve(self, conn: socket.socket, pull: Frame, spec: TransferSpec | None, stats: TransferStats) -> bool:
-        """True once the blocks were offered (the caller then releases them, DONE or not)."""
+    def serve(self, conn: socket.socket, pull: Frame, source: KVSource, stats: TransferStats) -> bool:
+        """True once blocks were offered or held for this pull (the caller then releases them, DONE
+        or not)."""
 
 
 class KVTransferServer:
@@ -311,7 +314,7 @@ class KVTransferServer:
             read_payload(conn, pull, limit=1 << 16)
             conn.sendall(_error(pull.request_id, f"{NO_NIXL}: this prefill engine runs no NIXL agent"))
             return False
-        return self.nixl.serve(conn, pull, self.source.open(pull.request_id), self.stats)
+        return self.nixl.serve(conn, pull, self.source, self.stats)
 
     def _plan(self, spec: TransferSpec) -> list[tuple[int, int]]:
         return [(first, min(self.chunk_blocks, spec.num_blocks - first))

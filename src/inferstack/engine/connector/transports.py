@@ -32,6 +32,9 @@ class PullRequest:
     expected_hashes: Sequence[bytes]   # the decode engine's own hashes of the prompt's blocks
     first_block: int                   # blocks before it are device prefix-cache hits here
     max_blocks: int                    # at least one prompt token is left to compute
+    # Cross-replica reuse: the holder pins its cached blocks with these hashes (``prefix_pins.py``)
+    # under ``request_id`` instead of naming blocks a finished prefill holds.
+    prefix: Sequence[bytes] | None = None
 
 
 @dataclass

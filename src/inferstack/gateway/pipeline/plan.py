@@ -59,27 +59,34 @@ class Planner:
 
 async def token_hashes(pool: Pool, kind: str, req: dict, salt: str) -> list[bytes]:
     """Tokenize through an endpoint's /tokenize (the engine applies its chat template), then hash
-    blocks exactly as the engines do (docs/kv-cache.md). Failures fall back to
-    the approximate index."""
+    blocks exactly as the engines do (docs/kv-cache.md). A second healthy endpoint is asked when the
+    first does not answer (it may have died since the last health check); failures fall back to the
+    approximate index."""
     pp = pool.config.precise_prefix
-    ep = next((e for e in pool.endpoints if e.healthy), None)
-    if ep is None or pp is None:
+    if pp is None:
         return []
     q: dict[str, Any] = {"model": req["model"]}
     if kind == "chat":
         q["messages"] = req.get("messages")
     else:
         q["prompt"] = req.get("prompt")
+    for ep in [e for e in pool.endpoints if e.healthy][:2]:
+        tokens = await _tokenize(ep, q)
+        if tokens is not None:
+            space = KVKeySpace(pp.model_digest, pp.dtype, pp.kv_layout, pp.block_size)
+            return space.hashes(tokens, salt)
+    return []
+
+
+async def _tokenize(ep: Endpoint, q: dict[str, Any]) -> list[int] | None:
     try:
         async with ep.session.post("/tokenize", data=orjson.dumps(q), headers=_tokenize_headers(ep),
                                    timeout=aiohttp.ClientTimeout(total=2.0)) as r:
             if r.status != 200:
-                return []
-            tokens = orjson.loads(await r.read()).get("tokens") or []
+                return None
+            return orjson.loads(await r.read()).get("tokens") or []
     except (*RETRYABLE, orjson.JSONDecodeError, AttributeError):
-        return []
-    space = KVKeySpace(pp.model_digest, pp.dtype, pp.kv_layout, pp.block_size)
-    return space.hashes(tokens, salt)
+        return None
 
 
 def _tokenize_headers(ep: Endpoint) -> dict[str, str]:

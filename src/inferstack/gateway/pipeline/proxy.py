@@ -12,6 +12,7 @@ from typing import Any
 
 from inferstack.config.schema import GatewayConfig
 from inferstack.gateway.datalayer import Endpoint
+from inferstack.gateway.kvreuse import DirectReads
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline.account import Accountant
@@ -32,9 +33,11 @@ _SSE = (b"content-type", b"text/event-stream")
 
 class Proxy:
     def __init__(
-        self, gw: GatewayConfig, picker: Picker, account: Accountant, pd: PDLegs, metrics: GatewayMetrics
+        self, gw: GatewayConfig, picker: Picker, account: Accountant, pd: PDLegs, metrics: GatewayMetrics,
+        reads: DirectReads,
     ):
         self.gw = gw
+        self.reads = reads
         self.picker = picker
         self.account = account
         self.pd = pd
@@ -59,6 +62,8 @@ class Proxy:
                     payload = await self.pd.decode_payload(
                         pool, picked.result, path, payload, ctx.inbound.rid
                     )
+                else:  # another replica may hold more of the prompt: READ it from there
+                    payload = self.reads.payload(pool, ep, payload, ctx.inbound.rid, ctx.plan.view.token_hashes)
                 outcome = await self._attempt(ctx, ep, payload, send, last=attempt == retries)
             finally:
                 self.picker.release(ctx, ep)

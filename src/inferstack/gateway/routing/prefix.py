@@ -159,6 +159,17 @@ class PreciseIndex:
     def blocks(self, endpoint: str) -> int:
         return len(self._blocks.get(endpoint, ()))
 
+    def leading(self, endpoint: str, hashes: Sequence[bytes], medium: str = "device") -> int:
+        """Consecutive leading blocks this endpoint holds in ``medium`` (its paged KV cache for device)."""
+        od = self._blocks.get(endpoint)
+        n = 0
+        if od:
+            for h in hashes:
+                if od.get(h) != medium:
+                    break
+                n += 1
+        return n
+
     def match(self, endpoint: str, hashes: Sequence[bytes]) -> float:
         """Tier-weighted count of the longest consecutive prefix this endpoint holds."""
         od = self._blocks.get(endpoint)
