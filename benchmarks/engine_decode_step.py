@@ -1,6 +1,7 @@
 """Decode step time of the built-in engine at several batch sizes, split into its parts.
 
     python benchmarks/engine_decode_step.py [--batches 1,16,64] [--dtype float32] [--threads 1] [--steps 8]
+                                            [--quantization none|int8|int4|gguf] [--quant-crossover-rows N]
 
 For each batch size B: B requests with 128-token prompts are prefilled, then ``--steps`` decode
 steps are timed. Prints the median of three numbers per step: the whole ``EngineCore.step``
@@ -83,11 +84,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--quantization", default="none", choices=("none", "int8", "int4", "gguf"))
+    ap.add_argument("--quant-crossover-rows", type=int, default=None, help="default: measured at start-up")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_batched_tokens=2048,
-              max_num_seqs=256)
-    print(f"{args.dtype}, {args.threads} thread(s), 128-token prompts, median CPU ms of {args.steps} decode steps")
+              max_num_seqs=256, quantization=args.quantization, quant_crossover_rows=args.quant_crossover_rows)
+    print(f"{args.dtype}, quantization {args.quantization}, {args.threads} thread(s), 128-token prompts, "
+          f"median CPU ms of {args.steps} decode steps")
     print("| batch | step ms | executor ms | model forward ms |\n|---|---|---|---|")
     for b in (int(x) for x in args.batches.split(",")):
         step, exe, model = measure(llm, b, args.steps)

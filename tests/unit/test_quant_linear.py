@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from tests.support.models_tiny import make_meta, new_kv_caches, write_tiny_gguf, write_tiny_model
 
+from inferstack.engine.executor.kv_format import KVFormat
 from inferstack.engine.models.arch import ModelLoadError
 from inferstack.engine.models.quant_linear import PackedWeight, QuantizedLinear, measure_crossover, use_dense
 from inferstack.engine.weights.loader import load_model
@@ -190,3 +191,32 @@ def test_cli_and_yaml_reach_the_engine_config():
     argv = engine_specs(UpSettings(replicas=1, quantization="gguf", dtype="bfloat16"))[0].argv
     assert argv[argv.index("--quantization") + 1] == "gguf" and argv[argv.index("--dtype") + 1] == "bfloat16"
     assert "--quantization" not in engine_specs(UpSettings(replicas=1))[0].argv
+
+
+def test_a_quantized_decode_step_casts_once_per_norm_and_attends_in_bf16(tiny_dir, monkeypatch):
+    """The served configuration (int4 weights, the default bf16 KV cache): the residual stream and the
+    logits stay fp32, attention runs in bf16, and a decode step makes at most 8 dtype copies per layer
+    besides the kernels' internal one (two norm outputs, rotary's input, q, k, two residual adds); it
+    made 12 (plus two inside each ``F.rms_norm``) before."""
+    lm = load_model(str(tiny_dir), quant=QuantOptions("int4", dense_prefill=False))
+    fmt = KVFormat.resolve("auto", lm.dtype, lm.arch.head_dim, quantized_weights=True)
+    assert fmt.compute == fmt.storage == torch.bfloat16
+    caches = [torch.zeros((2, 4, 4, lm.arch.num_kv_heads, fmt.row), dtype=fmt.storage)
+              for _ in range(lm.arch.num_layers)]
+    sdpa_dtypes: list[torch.dtype] = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        sdpa_dtypes.append(q.dtype)
+        return real_sdpa(q, *args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.inference_mode():
+        for cached, ids in ((0, [5, 9, 13, 40, 7]), (5, [22])):
+            meta, positions = make_meta([([0, 1, 2, 3], cached, len(ids))], 4)
+            meta.kv_format = fmt
+            with torch.profiler.profile() as prof:
+                hidden = lm.model(torch.tensor(ids), positions, caches, meta)
+    copies = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+    kernel_calls = 4 * lm.arch.num_layers
+    assert hidden.dtype == torch.float32 and set(sdpa_dtypes) == {torch.bfloat16}
+    assert copies <= 8 * lm.arch.num_layers + kernel_calls, copies

@@ -46,7 +46,7 @@ class AttentionPlan:
     # reused by the others (they depend only on the plan and the cache shape): a fresh
     # multi-megabyte tensor per layer costs more in page faults than the copy itself.
     decode_head_rows: torch.Tensor | None = None
-    decode_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    decode_buffer: torch.Tensor | None = None    # [2, B_d * num_kv_heads * L, row]: keys, values
     kv_format: KVFormat | None = None    # None: the cache holds the activations as they are
 
 
@@ -93,35 +93,38 @@ def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
                          kv_format=meta.kv_format)
 
 
-def _store(x: torch.Tensor, fmt: KVFormat | None) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1) if fmt is None else fmt.encode(x)
+def _store(x: torch.Tensor, fmt: KVFormat | None, storage: torch.dtype) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).to(storage) if fmt is None else fmt.encode(x)
 
 
 def _load(rows: torch.Tensor, fmt: KVFormat | None) -> torch.Tensor:
-    """Cache rows ``[N, row]`` → ``[N, head_dim]`` activations."""
+    """Cache rows ``[..., row]`` → ``[..., head_dim]`` activations."""
     return rows if fmt is None else fmt.decode(rows)
 
 
 def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                             plan: AttentionPlan, scale: float) -> torch.Tensor:
-    """``q [T, nh, hd]``, ``k``/``v [T, nkv, hd]`` → ``[T, nh, hd]``; see the module docstring."""
+    """``q [T, nh, hd]``, ``k``/``v [T, nkv, hd]`` → ``[T, nh, hd]`` in the format's compute dtype (the
+    cache's dtype without a format); see the module docstring."""
     _, num_kv_heads, head_dim = k.shape
     fmt = plan.kv_format
+    compute = kv_cache.dtype if fmt is None else fmt.compute
+    q = q.to(compute)
     # Rows of num_kv_heads * head_dim: index ops on 2-D rows are plain row copies, several times
     # faster on CPU than the same ops on a 3-D view.
     cache = kv_cache.view(2, -1, num_kv_heads * kv_cache.shape[-1])
     k_cache, v_cache = cache[0], cache[1]
-    k_cache.index_copy_(0, plan.slot_mapping, _store(k, fmt))
-    v_cache.index_copy_(0, plan.slot_mapping, _store(v, fmt))
+    k_cache.index_copy_(0, plan.slot_mapping, _store(k, fmt, kv_cache.dtype))
+    v_cache.index_copy_(0, plan.slot_mapping, _store(v, fmt, kv_cache.dtype))
 
     if plan.decode_slots is not None and not plan.prefills and plan.decode_rows is None:
-        return _decode(q, k_cache, v_cache, plan, scale)
+        return _decode(q, kv_cache, plan, scale)
 
     out = torch.empty_like(q)
     for p in plan.prefills:
         qs = q[p.start:p.end]
         if p.context_slots is None:
-            out[p.start:p.end] = _sdpa_chunk(qs, k[p.start:p.end], v[p.start:p.end], scale)
+            out[p.start:p.end] = _sdpa_chunk(qs, k[p.start:p.end].to(compute), v[p.start:p.end].to(compute), scale)
         else:
             ctx, row = (-1, num_kv_heads, head_dim), kv_cache.shape[-1]
             keys = _load(k_cache.index_select(0, p.context_slots).view(-1, row), fmt).view(ctx)
@@ -129,33 +132,28 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
             out[p.start:p.end] = _sdpa_chunk(qs, keys, values, scale)
     if plan.decode_slots is not None:
         rows = plan.decode_rows
-        out[rows] = _decode(q.index_select(0, rows), k_cache, v_cache, plan, scale)
+        out[rows] = _decode(q.index_select(0, rows), kv_cache, plan, scale)
     return out
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
-            scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
-    row = head_dim if plan.kv_format is None else plan.kv_format.row
-    num_kv_heads = k_cache.shape[1] // row
+    _, _, _, num_kv_heads, row = kv_cache.shape
     group = num_heads // num_kv_heads
     length = plan.decode_len
+    # The cache seen as [2, slots * num_kv_heads, row]: row ``slot * num_kv_heads + h`` of each half is
+    # head h of that slot, so one gather over dim 1 fetches keys and values together.
+    heads = kv_cache.view(2, -1, row)
     if plan.decode_head_rows is None:
-        # Row ``slot * num_kv_heads + h`` of the cache seen as [slots * num_kv_heads, head_dim] is
-        # head h of that slot; ordered [B, num_kv_heads, L] so the gather lands head-major.
-        heads = torch.arange(num_kv_heads, device=q.device)
+        # Ordered [B, num_kv_heads, L] so the gather lands head-major.
+        kv_heads = torch.arange(num_kv_heads, device=q.device)
         plan.decode_head_rows = (plan.decode_slots.view(batch, 1, length) * num_kv_heads
-                                 + heads.view(1, num_kv_heads, 1)).reshape(-1)
-        plan.decode_buffers = (k_cache.new_empty(batch * num_kv_heads * length, row),
-                               v_cache.new_empty(batch * num_kv_heads * length, row))
-    k_buf, v_buf = plan.decode_buffers
-    shape = (batch, num_kv_heads, length, head_dim)
-    keys = _load(torch.index_select(k_cache.view(-1, row), 0, plan.decode_head_rows, out=k_buf),
-                 plan.kv_format).view(shape)
-    values = _load(torch.index_select(v_cache.view(-1, row), 0, plan.decode_head_rows, out=v_buf),
-                   plan.kv_format).view(shape)
+                                 + kv_heads.view(1, num_kv_heads, 1)).reshape(-1)
+        plan.decode_buffer = heads.new_empty(2, batch * num_kv_heads * length, row)
+    kv = _load(torch.index_select(heads, 1, plan.decode_head_rows, out=plan.decode_buffer), plan.kv_format)
+    kv = kv.view(2, batch, num_kv_heads, length, head_dim)
     # Query heads sharing a KV head become rows of one [group, L] score matrix: no KV repeat needed.
-    out = F.scaled_dot_product_attention(q.view(batch, num_kv_heads, group, head_dim), keys, values,
+    out = F.scaled_dot_product_attention(q.view(batch, num_kv_heads, group, head_dim), kv[0], kv[1],
                                          attn_mask=plan.decode_mask, scale=scale)
     return out.reshape(batch, num_heads, head_dim)
 

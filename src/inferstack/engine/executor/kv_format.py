@@ -1,7 +1,8 @@
 """How K/V rows are stored in the paged cache (`--kv-cache-dtype`, docs/engine.md "KV cache precision").
 
-* ``auto``: the model's activation dtype, except bfloat16 when the weights are int8/int4 (their
-  activations are float32 only for accuracy of the residual stream; the cache does not need it);
+* ``auto``: the dtype attention computes in: the model's activation dtype, except bfloat16 when the
+  weights are int8/int4 (their activations are float32 only in the residual stream and the norms;
+  ``models/quant_linear.inner_dtype``);
 * ``float32`` / ``bfloat16`` / ``float16``: plain casts;
 * ``int8`` / ``fp8_e4m3``: one byte per element plus a float32 scale per (token, KV head), stored in
   the same row right after the codes. A cache tensor is then ``uint8 [2, blocks, block_size,
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from inferstack.engine.config import KV_CACHE_DTYPES
+from inferstack.engine.models.quant_linear import inner_dtype
 
 _PLAIN = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
@@ -36,8 +38,10 @@ class KVFormat:
     def resolve(cls, requested: str, compute: torch.dtype, head_dim: int, quantized_weights: bool) -> KVFormat:
         if requested not in KV_CACHE_DTYPES:
             raise ValueError(f"kv cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {requested!r}")
+        if quantized_weights:
+            compute = inner_dtype(compute)   # attention runs in the projections' output dtype
         if requested == "auto":
-            requested = "bfloat16" if quantized_weights else str(compute).removeprefix("torch.")
+            requested = str(compute).removeprefix("torch.")
         return cls(requested, compute, head_dim)
 
     @property
@@ -75,10 +79,10 @@ class KVFormat:
         return torch.cat((codes, scale.view(torch.uint8)), dim=-1).reshape(t, -1)
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[N, row]`` cache rows → ``[N, head_dim]`` in the activation dtype."""
+        """``[..., row]`` cache rows → ``[..., head_dim]`` in the activation dtype."""
         if not self.quantized:
             return rows.to(self.compute)
-        codes = rows[:, :self.head_dim]
-        scale = rows[:, self.head_dim:].contiguous().view(torch.float32)
+        codes = rows[..., :self.head_dim]
+        scale = rows[..., self.head_dim:].contiguous().view(torch.float32)
         values = codes.view(torch.int8 if self.name == "int8" else torch.float8_e4m3fn).to(torch.float32)
         return (values * scale).to(self.compute)

@@ -1,7 +1,7 @@
 """Building blocks shared by the model families: the projection, rotary embedding and the fused
 gated MLP.
 
-RMSNorm is ``torch.nn.functional.rms_norm`` (one fused kernel); the rotary cache is precomputed
+RMSNorm is transformers' formula written out (:func:`rms_norm`); the rotary cache is precomputed
 once and indexed by position so a step does no trigonometry.
 """
 
@@ -29,6 +29,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rows in (2, 3) and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
         return F.linear(torch.cat((x, x.new_zeros(4 - rows, x.shape[1]))), weight, bias)[:rows]
     return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, op for op as transformers' ``LlamaRMSNorm``. ``F.rms_norm`` on CPU runs the
+    same pow/mean/rsqrt/mul composite plus two copies and a ``type_as`` per call (torch 2.13): 61
+    norms per SmolLM2 step made 122 of the step's 485 copies (docs/benchmarks.md, issue 14 third pass)."""
+    dtype = x.dtype
+    h = x if dtype == torch.float32 else x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if dtype != torch.float32:
+        h = h.to(dtype)
+    return h if weight is None else weight * h
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:

@@ -19,7 +19,7 @@ from inferstack.engine.executor.attention import AttentionPlan, paged_attention_
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import Projection, WeightTarget
-from inferstack.engine.models.layers import DenseLinear, GatedMLP, RotaryEmbedding, linear
+from inferstack.engine.models.layers import DenseLinear, GatedMLP, RotaryEmbedding, linear, rms_norm
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -45,8 +45,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(t, nh + 2 * nkv, hd)
         qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
         if self.qk_norm is not None:
-            qk = F.rms_norm(qk, (hd,), eps=self.eps) * self.qk_norm
-        qk = RotaryEmbedding.rotate(qk, cos_sin)
+            qk = rms_norm(qk, self.qk_norm, self.eps)
+        # Rotary in the tables' dtype (the model's): with quantized weights one cast of the bf16
+        # projection output, instead of two hidden ones inside mixed-dtype multiplies.
+        qk = RotaryEmbedding.rotate(qk.to(cos_sin[0].dtype), cos_sin)
         out = paged_attention_planned(qk[:, :nh], qk[:, nh:], v, kv_cache, plan, self.scale)
         return self.o(out.reshape(t, nh * hd))
 
@@ -54,7 +56,6 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.hidden = arch.hidden_size
         self.eps = arch.rms_norm_eps
         self.input_norm = _param(arch.hidden_size)
         self.attn = Attention(arch)
@@ -63,9 +64,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                 plan: AttentionPlan) -> torch.Tensor:
-        h = F.rms_norm(x, (self.hidden,), self.input_norm, self.eps)
+        h = rms_norm(x, self.input_norm, self.eps)
         x = x + self.attn(h, cos_sin, kv_cache, plan)
-        h = F.rms_norm(x, (self.hidden,), self.post_attn_norm, self.eps)
+        h = rms_norm(x, self.post_attn_norm, self.eps)
         return x + self.mlp(h)
 
 
@@ -95,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos_sin, kv_cache, plan)
-        return F.rms_norm(x, (self.arch.hidden_size,), self.norm, self.arch.rms_norm_eps)
+        return rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inferstack.engine.models.quant_linear import QuantizedLinear, measure_crossover
+from inferstack.engine.models.quant_linear import QuantizedLinear, inner_dtype, measure_crossover
 from inferstack.engine.weights.gguf import save_safetensors_atomic
 from inferstack.engine.weights.quantize import (
     Int4Weight,
@@ -189,7 +189,8 @@ def cached_projections(model: nn.Module, opts: QuantOptions, digest: str,
 
 def install_quantized(model: nn.Module, weights: dict[str, QuantWeight], opts: QuantOptions,
                       act_dtype: torch.dtype) -> QuantSummary:
-    """Swap every projection for its packed kernel (plus the bf16 copy when kept)."""
+    """Swap every projection for its packed kernel (plus the bf16 copy when kept). The body's
+    projections return :func:`inner_dtype`, the LM head ``act_dtype``."""
     summary = QuantSummary(opts.quantization)
     if opts.dense_prefill:
         summary.crossover = _crossovers(model, weights, opts)
@@ -197,8 +198,9 @@ def install_quantized(model: nn.Module, weights: dict[str, QuantWeight], opts: Q
         w = weights["+".join(proj.parts)]
         dense, bias = model.projection_weight(proj)
         kind = _kind(w)
+        out_dtype = act_dtype if proj.attr == "lm_head" else inner_dtype(act_dtype)
         layer = QuantizedLinear.build(w, dense if opts.dense_prefill else None, bias,
-                                      summary.crossover.get(kind.split()[0]), act_dtype)
+                                      summary.crossover.get(kind.split()[0]), out_dtype)
         setattr(proj.parent, proj.attr, layer)
         summary.formats[kind] += 1
         quantized, dense_bytes = layer.memory()

@@ -82,18 +82,27 @@ def quantize_int8(w: torch.Tensor, group: int = 0) -> Int8Weight:
     return Int8Weight(q, scale if group else scale[:, 0], group=group)
 
 
-def quantize_int8_asym(w: torch.Tensor, group: int) -> Int8Weight:
-    """Min/max int8 per group of ``group`` columns, in float32: 255 steps from the group's minimum,
-    stored as ``q = code - 128`` with ``offset = minimum + 128 · scale``."""
+def _minmax_grid(w: torch.Tensor, group: int, steps: int, name: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``steps`` even steps from each group's minimum to its maximum, in float32 (llama.cpp's Q4_1
+    rule): ``(codes 0..steps as float [N, K/group, group], scale, minimum)``; a constant group gets
+    scale 0 and codes 0."""
     n, k = w.shape
     if k % group:
-        raise ValueError(f"int8 group {group} does not divide the input width {k}")
+        raise ValueError(f"{name} group {group} does not divide the input width {k}")
     grouped = w.float().view(n, k // group, group)
     lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    scale = (hi - lo) / 255
+    scale = (hi - lo) / steps
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    codes = torch.round((grouped - lo[..., None]) * inv[..., None]).clamp_(0, 255)
-    q = (codes - 128).to(torch.int8).view(n, k)
+    codes = torch.round((grouped - lo[..., None]) * inv[..., None]).clamp_(0, steps)
+    return codes, scale, lo
+
+
+def quantize_int8_asym(w: torch.Tensor, group: int) -> Int8Weight:
+    """Min/max int8 per group of ``group`` columns: 255 steps from the group's minimum, stored as
+    ``q = code - 128`` with ``offset = minimum + 128 · scale``."""
+    codes, scale, lo = _minmax_grid(w, group, 255, "int8")
+    q = (codes - 128).to(torch.int8).view(w.shape)
     return Int8Weight(q, scale, group=group, offset=lo + 128 * scale)
 
 
@@ -107,15 +116,8 @@ def quantize_int8_grouped(w: torch.Tensor, group: int) -> Int8Weight:
 
 def quantize_int4(w: torch.Tensor, group: int) -> Int4Weight:
     """Asymmetric min/max int4 per group of ``group`` columns (llama.cpp's Q4_1 rule, in float32)."""
-    n, k = w.shape
-    if k % group:
-        raise ValueError(f"int4 group {group} does not divide the input width {k}")
-    grouped = w.float().view(n, k // group, group)
-    lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    scale = (hi - lo) / 15
-    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    codes = torch.round((grouped - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
-    return Int4Weight(codes.view(n, k), scale, lo, group)
+    codes, scale, lo = _minmax_grid(w, group, 15, "int4")
+    return Int4Weight(codes.to(torch.uint8).view(w.shape), scale, lo, group)
 
 
 def int4_group_for(k: int, wanted: int) -> int:
