@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferstack.autoscale.decision import Bounds
-from inferstack.autoscale.spec import PolicySpecError, parse_policy
+from inferstack.autoscale.spec import checked_spec, parse_policy
 
 
 class HoldConfig(BaseModel):
@@ -50,11 +50,7 @@ class AutoscaleSettings(BaseModel):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        try:
-            parse_policy(v)
-        except PolicySpecError as e:
-            raise ValueError(str(e)) from None
-        return v
+        return checked_spec(v)
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscaleSettings:

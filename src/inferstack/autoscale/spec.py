@@ -49,6 +49,13 @@ def _value(policy: str, key: str, raw: str, default: Any) -> Any:
     return raw
 
 
+def checked_spec(spec: str) -> str:
+    """``spec`` unchanged once it parses: the one check behind every config's ``policy`` field (a bad spec
+    raises PolicySpecError, a ValueError, which the config loader reports at file:line)."""
+    parse_policy(spec)
+    return spec
+
+
 def parse_policy(spec: str) -> Any:
     """The policy object for ``spec``; PolicySpecError naming what is wrong."""
     name, _, rest = spec.strip().partition(":")

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from inferstack.autoscale.spec import PolicySpecError, parse_policy
+from inferstack.autoscale.spec import checked_spec
 
 # Kubernetes label keys (optional DNS-subdomain prefix + name) and values (validation.go).
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -41,11 +41,7 @@ class KubeAutoscaleConfig(BaseModel):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        try:
-            parse_policy(v)
-        except PolicySpecError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return checked_spec(v)
 
     @model_validator(mode="after")
     def _shape(self) -> KubeAutoscaleConfig:
