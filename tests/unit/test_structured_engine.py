@@ -15,10 +15,10 @@ from inferstack.engine.builder import BuiltEngine, build_engine
 from inferstack.engine.config import EngineConfig
 from inferstack.engine.llm import expand_choices
 from inferstack.engine.outputs import FinishReason
-from inferstack.engine.sampling import GrammarBitmask, apply_token_bitmask_
+from inferstack.engine.sampling import apply_token_bitmask_
 from inferstack.engine.sampling_params import SamplingParams
 from inferstack.engine.structured.compiler import GrammarCompiler, GrammarError
-from inferstack.engine.structured.manager import Advance, StructuredOutputManager
+from inferstack.engine.structured.manager import Advance, GrammarBitmask, StructuredOutputManager
 from inferstack.engine.structured.spec import GrammarKind, GrammarSpec
 from support.models_tiny import write_tiny_model
 from support.schemas import deep_one_of, deep_ref_one_of

@@ -77,9 +77,12 @@ class AsyncEngine:
 
     def metric_collectors(self) -> list[Collector]:
         """Prometheus collectors beyond the engine stats: KV tiers and PD transfers (docs/kv-cache.md)."""
+        connector = self.core.scheduler.connector
+        if connector is None:      # the connectors import torch: an engine without one must not pay for it
+            return []
         from inferstack.engine.connector.factory import connector_collectors
 
-        return connector_collectors(self.core.scheduler.connector, self.model_name)
+        return connector_collectors(connector, self.model_name)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        priority: int = 0, cache_salt: str | None = None,

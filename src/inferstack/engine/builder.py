@@ -5,19 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from inferstack.engine.config import EngineConfig
-from inferstack.engine.connector.factory import build_connector
 from inferstack.engine.core import EngineCore
-from inferstack.engine.executor.torch_executor import TorchExecutor
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.engine.tokenizer import Tokenizer
 from inferstack.engine.tools.formats import FORMATS, ToolFormat, detect_format
-from inferstack.engine.weights.loader import load_model
-from inferstack.engine.weights.quant_loader import QuantOptions
 from inferstack.protocol.strict_schema import StrictLimits
+
+# torch, the weight loaders and the connectors are imported where a real engine is built, not here:
+# the emulated engine shares BuiltEngine and output_settings and starts without torch (~2 s CPU).
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def output_settings(config: EngineConfig, tokenizer: Tokenizer, model_name: str)
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -52,10 +54,19 @@ def resolve_device(device: str) -> torch.device:
 def configure_threads(config: EngineConfig) -> None:
     threads = config.num_threads or int(os.environ.get("INFERSTACK_THREADS", "0")) or None
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
 
 
 def build_engine(config: EngineConfig) -> BuiltEngine:
+    import torch
+
+    from inferstack.engine.connector.factory import build_connector
+    from inferstack.engine.executor.torch_executor import TorchExecutor
+    from inferstack.engine.weights.loader import load_model
+    from inferstack.engine.weights.quant_loader import QuantOptions
+
     configure_threads(config)
     device = resolve_device(config.device)
     if device.type == "cpu":

@@ -14,6 +14,7 @@ import torch
 
 from inferstack.engine.outputs import TokenLogprob
 from inferstack.engine.sampling_params import SamplingParams
+from inferstack.engine.structured.manager import GrammarBitmask
 
 
 @dataclass
@@ -22,15 +23,6 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None
-
-
-@dataclass(frozen=True)
-class GrammarBitmask:
-    """One step's allowed tokens: bit ``t % 32`` of ``words[row, t // 32]``; only ``rows`` constrain
-    (every other row is all ones and is left alone)."""
-
-    words: torch.Tensor      # int32 [N, ceil(V / 32)]
-    rows: list[int]
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: GrammarBitmask) -> None:

@@ -15,13 +15,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from inferstack.engine.connector.base import KVConnectorBase
 from inferstack.engine.kv.manager import KVCacheManager
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request, RequestStatus
-from inferstack.engine.sampling import GrammarBitmask
+
+if TYPE_CHECKING:
+    from inferstack.engine.structured.manager import GrammarBitmask
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from inferstack.engine.models.arch import ModelLoadError
+from inferstack.engine.models.shape import ModelLoadError
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _MARK = re.compile("\ue000(\\d+)\ue001")  # private-use marks standing for message text while rendering

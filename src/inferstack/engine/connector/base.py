@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.request import Request
+
+if TYPE_CHECKING:      # annotations only: an emulated engine's scheduler must not import torch
+    import torch
 
 
 class KVConnectorBase(ABC):

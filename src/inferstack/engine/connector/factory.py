@@ -46,11 +46,9 @@ def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key
     return connector
 
 
-def connector_collectors(connector: KVConnectorBase | None, model_name: str) -> list[Collector]:
+def connector_collectors(connector: KVConnectorBase, model_name: str) -> list[Collector]:
     """Prometheus collectors for the engine's /metrics registry: per-tier, write-back, connector
     load/save/fetch times; register each with ``registry.register(c)``."""
-    if connector is None:
-        return []
     parts = connector.connectors if isinstance(connector, MultiConnector) else [connector]
     out: list[Collector] = []
     for part in parts:

@@ -22,11 +22,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from inferstack.engine.connector.wire import TransferError
+
+if TYPE_CHECKING:      # annotations only: the engine server imports this module for NixlUnavailable
+    import torch
 
 
 class NixlUnavailable(RuntimeError):

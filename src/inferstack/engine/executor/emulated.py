@@ -243,8 +243,6 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     With ``config.kv_role`` prefill or decode it gets the real PD connector over a shadow cache, its
     pulls paced to the profile's network (``kv_transfer_time``) and counted in the model's KV bytes."""
     from inferstack.engine.builder import BuiltEngine, output_settings
-    from inferstack.engine.connector.factory import build_connector
-    from inferstack.engine.connector.transfer import LinkModel
     from inferstack.engine.core import EngineCore
 
     check_emulation(config, profile)
@@ -257,6 +255,10 @@ def build_emulated_engine(config: EngineConfig, profile: Profile, realtime: bool
     max_len, digest, key_space = layout.max_model_len, layout.model_digest, layout.key_space
     connector = None
     if config.kv_role != "both":
+        # the PD connector moves torch tensors (the shadow cache): only a prefill/decode emulator imports torch
+        from inferstack.engine.connector.factory import build_connector
+        from inferstack.engine.connector.transfer import LinkModel
+
         def link_time(tokens: int) -> float:
             return kv_transfer_time(profile.model, profile.hardware, tokens, profile.tp) if realtime else 0.0
 

@@ -7,18 +7,30 @@ parallel for large batches). A step without constrained requests does no grammar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 import llguidance
-import torch
 
-from inferstack.engine.sampling import GrammarBitmask
 from inferstack.engine.structured.compiler import CompiledGrammar, GrammarCompiler
+
+if TYPE_CHECKING:
+    import torch
 
 # Below this many constrained rows the masks are filled on the engine thread: a row takes tens of
 # microseconds, and the parallel executor's worker threads spin between steps, which costs a small
 # machine more CPU than they save (vLLM also fills in parallel only for large batches).
 PARALLEL_FILL_ROWS = 32
+
+
+@dataclass(frozen=True)
+class GrammarBitmask:
+    """One step's allowed tokens: bit ``t % 32`` of ``words[row, t // 32]``; only ``rows`` constrain
+    (every other row is all ones and is left alone)."""
+
+    words: torch.Tensor      # int32 [N, ceil(V / 32)]
+    rows: list[int]
 
 
 class Advance(Enum):
@@ -31,7 +43,8 @@ class StructuredOutputManager:
     def __init__(self, compiler: GrammarCompiler, max_num_seqs: int) -> None:
         self.compiler = compiler
         self.words = (compiler.vocab_size + 31) // 32
-        self._mask = torch.full((max_num_seqs, self.words), -1, dtype=torch.int32)
+        self._max_num_seqs = max_num_seqs
+        self._mask: torch.Tensor | None = None    # made on the first constrained step (see bitmask)
         self._matchers: dict[str, llguidance.LLMatcher] = {}
         self._fill: llguidance.LLExecutor | None = None       # made on the first large batch
 
@@ -54,8 +67,12 @@ class StructuredOutputManager:
         if not pairs:
             return None
         n = len(sampled_ids)
-        if n > self._mask.shape[0]:
-            self._mask = torch.full((n, self.words), -1, dtype=torch.int32)
+        if self._mask is None or n > self._mask.shape[0]:
+            # torch is imported here, not at start: an emulated engine (no torch otherwise) starts in
+            # a fraction of the time, and only pays for it once a request asks for a grammar.
+            import torch
+
+            self._mask = torch.full((max(n, self._max_num_seqs), self.words), -1, dtype=torch.int32)
         mask = self._mask[:n]
         mask.fill_(-1)
         if len(pairs) >= PARALLEL_FILL_ROWS:

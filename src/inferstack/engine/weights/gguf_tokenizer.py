@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from inferstack.engine.models.arch import ModelLoadError
+from inferstack.engine.models.shape import ModelLoadError
 
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 

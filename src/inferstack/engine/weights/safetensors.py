@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from inferstack.engine.models.arch import ModelLoadError
+from inferstack.engine.models.shape import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
 
