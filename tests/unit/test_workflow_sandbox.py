@@ -84,7 +84,11 @@ def test_memory_limit() -> None:
 
 
 def test_cpu_and_wall_limits() -> None:
-    assert "CPU limit" in refused("def main():\n    while True:\n        pass\n")
+    # A wall limit far above the CPU limit: on a loaded machine the busy loop may take many seconds of
+    # wall time to burn 1 s of CPU, and the wall limit must not answer first. The message still proves
+    # the CPU limit (SIGXCPU) stopped it, not the wall clock.
+    busy = SandboxLimits(memory_mb=LIMITS.memory_mb, cpu_s=1, wall_s=120.0)
+    assert "CPU limit (1s)" in refused("def main():\n    while True:\n        pass\n", busy)
     assert "longer than 1s" in refused("import time\ndef main():\n    time.sleep(30)\n",
                                         SandboxLimits(wall_s=1.0))
 
