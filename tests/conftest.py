@@ -1,5 +1,7 @@
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,3 +11,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # hinge on the draw. Developers' runs keep drawing fresh examples.
 settings.register_profile("ci", derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+# Tests never leave files in the checkout (a `lab run` without --out writes ./lab-NAME, a server's
+# default log dir, a benchmark's output): everything goes under tmp_path. The session fails if the
+# repository's top level gained an entry while it ran.
+_ROOT = Path(__file__).resolve().parents[1]
+_ROOT_ENTRIES = pytest.StashKey[set[str]]()
+_TOOL_CACHES = {".pytest_cache", ".hypothesis", ".ruff_cache", "__pycache__"}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_ROOT_ENTRIES] = set(os.listdir(_ROOT))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_ROOT_ENTRIES, None)
+    if before is None:
+        return
+    litter = sorted(set(os.listdir(_ROOT)) - before - _TOOL_CACHES)
+    if litter:
+        session.config.get_terminal_writer().line(
+            f"\ntests left files in the checkout ({_ROOT}): {', '.join(litter)}; write them under tmp_path", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

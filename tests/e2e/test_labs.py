@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from inferstack.lab.browser import chromium_missing
 from inferstack.lab.registry import LABS
+from support.procs import pid_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +40,38 @@ def test_list_shows_every_lab():
 def test_an_unknown_lab_is_a_clear_error(tmp_path):
     r = _cli("run", "nosuch", "--out", str(tmp_path))
     assert r.returncode == 2 and "no lab named 'nosuch'" in r.stderr and "routing" in r.stderr
+
+
+@pytest.mark.parametrize("how", ["stdout closed", "SIGHUP"])
+def test_a_lab_nobody_listens_to_stops_its_stack(tmp_path, how):
+    """`inferstack lab run X | head` (the reader goes away) or a closed terminal (SIGHUP) while a stack is
+    up: the lab stops the `inferstack up` it started (its own session, so nothing else would) and exits
+    128 + the signal. (A lab that is silent for minutes notices a closed reader at once too:
+    tests/unit/test_lab_hangup.py.)"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    with (tmp_path / "stderr.log").open("wb") as err:
+        lab = subprocess.Popen([sys.executable, "-m", "inferstack", "lab", "run", "tuning", "--quick", "--out",
+                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=err, env=env, cwd=tmp_path)
+    stack_dir = tmp_path / "out" / "logs" / "stack-1"
+    deadline = time.monotonic() + 180
+    while not ((stack_dir / "up.ready.json").exists() and (stack_dir / "up.ready.json").read_text().strip()):
+        assert lab.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.log").read_text()
+        time.sleep(0.1)
+    supervisor = json.loads((stack_dir / "up.ready.json").read_text().splitlines()[0])["pid"]
+    children = [c["pid"] for c in json.loads((stack_dir / "state.json").read_text())["children"] if c.get("pid")]
+    assert children and not pid_gone(supervisor)
+    if how == "SIGHUP":
+        lab.send_signal(signal.SIGHUP)
+    else:
+        lab.stdout.close()        # what `| head` does once it has its lines
+    rc = lab.wait(120)
+    # the watcher turns a closed reader into SIGHUP; a write that loses the race is a BrokenPipeError
+    assert rc in ((128 + signal.SIGHUP,) if how == "SIGHUP" else (128 + signal.SIGHUP, 128 + signal.SIGPIPE)), rc
+    deadline = time.monotonic() + 30
+    while not all(pid_gone(p) for p in [supervisor, *children]):
+        assert time.monotonic() < deadline, [p for p in [supervisor, *children] if not pid_gone(p)]
+        time.sleep(0.1)
+    assert "everything it started is stopped" in (tmp_path / "stderr.log").read_text()
 
 
 PARALLEL = 3

@@ -3,9 +3,13 @@ explain (docs/labs.md)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -35,6 +39,7 @@ def run(
                                                   "(default: ./lab-NAME).")] = None,
 ) -> None:
     """Run lab NAME and write its report; everything it started is stopped by PID at the end."""
+    from inferstack.lab.hangup import Hangup, stop_on_hangup
     from inferstack.lab.registry import LABS
     from inferstack.lab.report import write_report
     from inferstack.lab.runtime import LabError, LabRun
@@ -52,15 +57,29 @@ def run(
     t0 = time.monotonic()
     runner = LabRun(out, quick, echo=typer.echo)
     try:
-        result = lab.run(runner)
+        with stop_on_hangup():      # SIGHUP/SIGTERM or a closed stdout: the stacks' cleanup still runs
+            result = lab.run(runner)
     except LabError as exc:
         typer.echo(f"error: lab {name} failed: {exc}", err=True)
         raise typer.Exit(1) from None
+    except (Hangup, BrokenPipeError) as exc:
+        _stopped(name, exc.signum if isinstance(exc, Hangup) else signal.SIGPIPE)
     setup = [*lab.needs, *result.setup]
     report = write_report(lab, result, out, quick, setup, time.monotonic() - t0)
     for f in result.findings:
         typer.echo(f"  → {f}")
     typer.echo(f"report: {report}")
+
+
+def _stopped(name: str, signum: int) -> NoReturn:
+    """Everything the lab started is stopped by now; say so where someone may still read, and exit
+    128 + the signal like a shell would. stdout goes to /dev/null first: its reader may be gone, and
+    Python's final flush would otherwise print a BrokenPipeError."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    with contextlib.suppress(OSError):
+        typer.echo(f"lab {name}: stopped by {signal.Signals(signum).name}; everything it started is stopped",
+                   err=True)
+    raise typer.Exit(128 + signum)
 
 
 @app.command()
