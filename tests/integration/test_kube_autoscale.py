@@ -15,29 +15,27 @@ from pathlib import Path
 import pytest
 
 from inferstack.config.schema import GatewayConfig, InferstackConfig, PoolConfig
-from inferstack.gateway.autoscale_signals import PoolSampler
 from inferstack.gateway.datalayer import Pool, ScrapedMetrics
-from inferstack.gateway.flowcontrol import FlowController
 from inferstack.gateway.kubescale import KubeAutoscaler
-from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.core import Pipeline
+from inferstack.gateway.poolload import PoolLoad
 from inferstack.kube.client import make_client
 from inferstack.kube.config import KubeAutoscaleConfig, KubernetesPoolConfig
 from inferstack.kube.scale import DeploymentScaler, ScaleError
 from support.kube_emulator import KubeApi
 
 
-def _pool(running: list[float]) -> tuple[Pool, FlowController, GatewayMetrics]:
+def _pool(running: list[float]) -> Pool:
     """A pool whose endpoints the scraper has just read with ``running`` requests each."""
     gw = GatewayConfig()
     cfg = PoolConfig(endpoints=[f"http://10.0.0.{i + 1}:8000" for i in range(len(running))], models=["m"])
     pool = Pool.from_config("p", cfg, gw)
     for ep, n in zip(pool.endpoints, running, strict=True):
         ep.metrics, ep.metrics_at = ScrapedMetrics(queue=0.0, running=n, kv_usage=0.3), time.monotonic()
-    return pool, FlowController(gw.flow_control, pool.free_slots), GatewayMetrics()
+    return pool
 
 
-Body = Callable[[KubeApi, KubeAutoscaler], Awaitable[None]]
+Body = Callable[[KubeApi, KubeAutoscaler, Pool], Awaitable[None]]
 
 
 def _scenario(tmp: Path, policy: str, running: list[float], spec: int, body: Body, **auto: object) -> None:
@@ -46,11 +44,12 @@ def _scenario(tmp: Path, policy: str, running: list[float], spec: int, body: Bod
             api.deployments.add("m-decode", spec)
             client = make_client("p", KubernetesPoolConfig(kubeconfig=str(api.kubeconfig(tmp / "kc")),
                                                            selector={"app": "m"}, target_port=8000))
-            pool, flow, metrics = _pool(running)
+            pool, load = _pool(running), PoolLoad()
             cfg = KubeAutoscaleConfig(policy=policy, deployments={"both": "m-decode"}, **auto)
             try:
-                await body(api, KubeAutoscaler(PoolSampler(pool, flow, metrics), cfg,
-                                               DeploymentScaler(client), "ns", backoff_cap_s=0.2))
+                # the pool's snapshot as the pipeline takes it (`Pipeline.pool_load`)
+                await body(api, KubeAutoscaler("p", lambda since: load.snapshot(pool, since, 0, 0), cfg,
+                                               DeploymentScaler(client), "ns", backoff_cap_s=0.2), pool)
             finally:
                 await client.close()
 
@@ -66,7 +65,7 @@ async def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_desired_replicas_are_patched_and_bounded(tmp_path):
-    async def body(api: KubeApi, auto: KubeAutoscaler) -> None:
+    async def body(api: KubeApi, auto: KubeAutoscaler, pool: Pool) -> None:
         reports = []
         auto.report = reports.append     # what becomes the inferstack_autoscaler_* series
         d = (await auto.step())["both"]      # 2 replicas x 12 running = 24 in the system, target 4 each
@@ -74,7 +73,7 @@ def test_desired_replicas_are_patched_and_bounded(tmp_path):
         assert api.deployments.writes == [("m-decode", 6)]
         assert (reports[-1].pool, reports[-1].role, reports[-1].policy, reports[-1].desired) == ("p", "both", "kpa", 6)
         assert sum(reports[-1].decisions.values()) == 1
-        for ep in auto.sampler.pool.endpoints:
+        for ep in pool.endpoints:
             ep.metrics = ScrapedMetrics(running=40.0)        # 80 in the system: kpa asks 20, bounds say 8
         d = (await auto.step())["both"]
         assert (d.current, d.desired) == (6, 8) and "bounded to 1..8" in d.reason
@@ -86,7 +85,7 @@ def test_desired_replicas_are_patched_and_bounded(tmp_path):
 
 
 def test_conflicts_are_reread_and_retried_then_reported(tmp_path):
-    async def body(api: KubeApi, auto: KubeAutoscaler) -> None:
+    async def body(api: KubeApi, auto: KubeAutoscaler, pool: Pool) -> None:
         api.deployments.conflicts = 2          # another writer wins twice; the third write lands
         res = await auto.scaler.scale("ns", "m-decode", 5)
         assert (res.before, res.after, res.conflicts) == (2, 5, 2)
@@ -103,7 +102,7 @@ def test_conflicts_are_reread_and_retried_then_reported(tmp_path):
 
 
 def test_rbac_denial_and_missing_deployment_are_precise_and_recover(tmp_path):
-    async def body(api: KubeApi, auto: KubeAutoscaler) -> None:
+    async def body(api: KubeApi, auto: KubeAutoscaler, pool: Pool) -> None:
         api.deployments.forbidden = True
         with pytest.raises(ScaleError) as err:
             await auto.step()
@@ -134,7 +133,7 @@ def test_rbac_denial_and_missing_deployment_are_precise_and_recover(tmp_path):
 
 
 def test_transient_api_errors_are_retried_with_backoff(tmp_path):
-    async def body(api: KubeApi, auto: KubeAutoscaler) -> None:
+    async def body(api: KubeApi, auto: KubeAutoscaler, pool: Pool) -> None:
         api.deployments.unavailable = 3
         task = asyncio.create_task(auto.run())
         try:
@@ -172,7 +171,7 @@ def test_pipeline_starts_the_actuator_for_a_kubernetes_pool(tmp_path):
 
 def test_only_the_leading_replica_scales(tmp_path):
     """With leader election, a follower picker runs no actuator steps; it scales once it leads."""
-    async def body(api: KubeApi, auto: KubeAutoscaler) -> None:
+    async def body(api: KubeApi, auto: KubeAutoscaler, pool: Pool) -> None:
         leading = False
         auto.leading = lambda: leading
         task = asyncio.create_task(auto.run())

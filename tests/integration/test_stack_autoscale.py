@@ -1,7 +1,8 @@
 """`inferstack up --autoscale` on emulated engines: real processes started, drained and stopped by the
 local autoscaler, and requests held at the gateway while the pool has no replica (scale from zero).
 
-One stack for the module (kpa with target 1, 0..2 replicas, idle 1.5 s); the tests run in file order
+One stack for the module (kpa with target 1, 0..2 replicas, idle 1.5 s; it starts with no replica); the
+tests run in file order
 and each first waits for the state it needs (zero replicas, one, two) by polling the gateway's
 `inferstack_autoscaler_*` series.
 """
@@ -89,6 +90,15 @@ def test_bad_autoscale_spec_is_a_clear_error() -> None:
     assert "autoscale.policy: kpa: unknown key 'targt'; known: target," in r.stderr + r.stdout
 
 
+def test_starts_with_zero_replicas(stack: Server) -> None:
+    """`--min-replicas 0` with an emulated model (its name known up front): no engine process at start."""
+    state = json.loads(Path(stack.ready["state_file"]).read_text())
+    engines = [c for c in state["children"] if c["kind"] == "engine"]
+    assert engines == [] and "starting 0 engine(s) autoscaled" in stack.log()
+    r = httpx.get(stack.url + "/v1/models", timeout=10)
+    assert [m["id"] for m in r.json()["data"]] == ["meta-llama/Meta-Llama-3-8B-Instruct"]
+
+
 def test_client_gone_while_held_is_dropped(stack: Server) -> None:
     wait_for_zero(stack)
     text = metrics(stack)
@@ -120,15 +130,23 @@ def test_deadline_while_held_is_504(stack: Server) -> None:
 def test_scale_from_zero_holds_then_serves(stack: Server) -> None:
     wait_for_zero(stack)
     t0 = time.monotonic()
-    r = chat(stack)
-    cold = time.monotonic() - t0
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    with httpx.stream("POST", stack.url + "/v1/chat/completions", timeout=90, json={
+            "model": "meta-llama/Meta-Llama-3-8B-Instruct", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": "hello"}]}) as r:
+        assert r.status_code == 200
+        cold, lines = None, []
+        for line in filter(None, r.iter_lines()):
+            if cold is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
+                    "content"):
+                cold = time.monotonic() - t0           # the first token: the hold, the cold start, the prefill
+            lines.append(line)
+    assert lines[-1] == "data: [DONE]" and cold is not None
     text = metrics(stack)
     assert replicas(stack) == 1
     assert metric_sum(text, "inferstack_gateway_hold_outcomes_total", 'outcome="released"') >= 1
     assert metric_sum(text, "inferstack_autoscaler_decisions_total",
                       'reason="requests are waiting for a replica: scale from zero"') >= 1
-    print(f"cold-start TTFT (emulated, non-streamed E2E): {cold:.2f}s")
+    print(f"cold-start TTFT (emulated engine, streamed): {cold:.2f}s")
 
 
 def _load(stack: Server, concurrency: Callable[[], int], stop: threading.Event, statuses: list[int]) -> None:

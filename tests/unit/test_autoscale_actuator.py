@@ -1,4 +1,4 @@
-"""The local actuator's pure parts: config section (file:line errors), load → PoolSample, status → metrics."""
+"""The local actuator's pure parts: config section (file:line errors), status → metrics."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from inferstack.autoscale.decision import Decision
 from inferstack.autoscale.metrics import AutoscalerCollector, AutoscalerStatus, reason_label
 from inferstack.config import ConfigError, load_config
-from inferstack.gateway.poolload import p95
-from inferstack.stack.autoscaler import LoadSampler
 
 
 def test_autoscale_section_errors_name_file_and_line(tmp_path: Path) -> None:
@@ -35,34 +33,6 @@ def test_autoscale_section_defaults_and_pd_clash(tmp_path: Path) -> None:
     cfg.write_text("up:\n  pd: {prefill: 1, decode: 1}\n  autoscale: {policy: kpa}\n")
     with pytest.raises(ConfigError, match="autoscale scales colocated replicas"):
         load_config(cfg)
-
-
-def _load(now: float, arrivals: int, completions: int, held: int = 0, **ep: float) -> dict:
-    endpoint = {"id": "e0", "url": "http://x", "healthy": True, "in_flight": 0, "waiting": 0.0, "running": 0.0,
-                "kv_usage": 0.0, **ep}
-    return {"pool": "default", "now": now, "arrivals": arrivals, "completions": completions,
-            "input_tokens": 10 * arrivals, "output_tokens": 5 * completions, "ttft_p95_s": 0.2,
-            "tpot_p95_s": None, "held": held, "queued": 1,
-            "endpoints": [endpoint]}
-
-
-def test_load_sampler_turns_cumulative_counts_into_amounts_since_the_previous_sample() -> None:
-    s = LoadSampler()
-    first = s.sample(_load(100.0, 7, 3, in_flight=4, waiting=1.0, running=2.0, kv_usage=0.5), starting=1)
-    assert (first.arrivals, first.completions, first.interval_s, first.input_tokens) == (0, 0, 0.0, 0)
-    # engines reported 2 running, the gateway has 4 in flight of which 1 waits: 3 running
-    assert (first.waiting, first.running, first.gateway_queued, first.kv_usage, first.starting) == (1, 3, 1, 0.5, 1)
-    assert s.since == 100.0
-    second = s.sample(_load(102.0, 17, 8, held=2), starting=0)
-    assert (second.arrivals, second.completions, second.interval_s) == (10, 5, 2.0)
-    assert (second.request_rate, second.input_tokens, second.output_tokens, second.gateway_queued) == (5.0, 100, 25, 3)
-    assert second.ttft_p95_s == 0.2 and second.tpot_p95_s is None
-
-
-def test_p95_is_nearest_rank() -> None:
-    assert p95([]) is None
-    assert p95([float(i) for i in range(1, 101)]) == 95.0
-    assert p95([3.0]) == 3.0
 
 
 def test_status_exports_desired_actual_and_bounded_decision_reasons() -> None:

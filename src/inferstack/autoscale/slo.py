@@ -46,6 +46,11 @@ class SLO:
     max_boost: float = 1.5
     scale_down_stabilization_s: float = 40.0
     max_step_down: float = 0.5            # fraction of the replicas one decision may remove
+    # the forecast: the arrival rate's trend over ``trend_window_s`` (least squares) carried ``horizon_s``
+    # ahead, the replicas' cold start: a replica ordered now serves the rate of then. 0 s: no forecast
+    horizon_s: float = 0.0
+    trend_window_s: float = 60.0
+    tokens: bool = False                  # demand in request equivalents weighted by prompt length
     name: str = "slo"
 
     def __post_init__(self) -> None:
@@ -53,6 +58,8 @@ class SLO:
             raise ValueError("slo: objectives and concurrency must be > 0")
         if self.spare < 0 or self.max_boost < 1 or not 0 < self.max_step_down <= 1 or self.rate_window_s <= 0:
             raise ValueError("slo: spare >= 0, max_boost >= 1, 0 < max_step_down <= 1 and rate_window > 0")
+        if self.horizon_s < 0 or self.trend_window_s <= 0:
+            raise ValueError("slo: horizon >= 0 and trend_window > 0")
 
     def miss(self, recent: Sequence[PoolSample]) -> float | None:
         """The worst p95 / objective of TTFT and TPOT over ``recent``; None without latencies."""
@@ -60,12 +67,27 @@ class SLO:
         ratios = [v / o for v, o in pairs if v is not None]
         return max(ratios) if ratios else None
 
-    def need(self, window: Sequence[PoolSample]) -> tuple[float, str]:
-        """Replicas (a fraction) the newest sample of ``window`` asks for, and why."""
-        s = window[-1]
+    def rate(self, window: Sequence[PoolSample], down: bool = False) -> float:
+        """Arrivals per second the replicas ordered now will serve. Up: the newest ``rate_window_s`` (a burst
+        shows at once). Down: the trend's fitted level now (a lull of one interval is noise). Both carried
+        ``horizon_s`` ahead along a rising trend: a scale-down is safe only if the cold-start horizon's
+        forecast allows it. ``tokens``: in request equivalents, weighted by the recent prompt length
+        against the window's (a run of long prompts is more work than its count says)."""
         recent = [x for x in within(window, self.rate_window_s) if x.interval_s > 0]
         span = sum(x.interval_s for x in recent)
         rate = sum(x.arrivals for x in recent) / span if span > 0 else 0.0
+        level, slope = fit(window, self.trend_window_s) if self.horizon_s else (rate, 0.0)
+        if down:
+            rate = max(0.0, level)
+        rate += max(0.0, slope) * self.horizon_s
+        if self.tokens:
+            rate *= _work_ratio(recent, [x for x in within(window, self.window_s) if x.interval_s > 0])
+        return rate
+
+    def need(self, window: Sequence[PoolSample], down: bool = False) -> tuple[float, str]:
+        """Replicas (a fraction) the newest sample of ``window`` asks for, and why."""
+        s = window[-1]
+        rate = self.rate(window, down)
         measured = [x for x in within(window, self.window_s) if x.interval_s > 0]
         done = sum(x.completions for x in measured)
         # Little's law holds over a period long against the time in the system; a shorter history (the
@@ -74,7 +96,8 @@ class SLO:
         time_in_system = (sum(x.demand * x.interval_s for x in measured) / done) if done and settled else 0.0
         need = max(rate * time_in_system, float(s.demand)) / self.concurrency
         need += self.spare * math.sqrt(need)
-        why = f"{rate:.3g} req/s x {time_in_system:.3g}s in the system, {s.demand} now"
+        why = f"{rate:.3g} req/s{' (forecast)' if self.horizon_s else ''} x {time_in_system:.3g}s in the system, " \
+              f"{s.demand} now"
         miss = self.miss(within(window, self.rate_window_s))
         if miss is not None and miss > 1.0 and s.starting == 0:
             boost = min(self.max_boost, miss)
@@ -88,9 +111,37 @@ class SLO:
         wanted = ceil_div(need, 1.0)
         if wanted >= current:
             return Decision(self.name, current, wanted, f"{why}: {wanted} replicas at {self.concurrency:g} each")
-        desired = stabilised_down(window, current, wanted, lambda w: self.need(w)[0],
+        desired = stabilised_down(window, current, wanted, lambda w: self.need(w, down=True)[0],
                                   self.scale_down_stabilization_s, self.max_step_down)
         if desired == current:
             return Decision(self.name, current, current,
                             f"{why}; scale-down held by the {self.scale_down_stabilization_s:g}s stabilisation window")
         return Decision(self.name, current, desired, f"{why}: down to {desired}")
+
+
+def fit(window: Sequence[PoolSample], seconds: float) -> tuple[float, float]:
+    """The arrival rate's least-squares line over the last ``seconds``: (its value at the newest sample,
+    its slope in req/s per second); the plain mean and no slope with fewer than three intervals."""
+    pts = [(x.t, x.arrivals / x.interval_s) for x in within(window, seconds) if x.interval_s > 0]
+    if not pts:
+        return 0.0, 0.0
+    mt = sum(t for t, _ in pts) / len(pts)
+    mr = sum(r for _, r in pts) / len(pts)
+    var = sum((t - mt) ** 2 for t, _ in pts)
+    if len(pts) < 3 or var <= 0:
+        return mr, 0.0
+    slope = sum((t - mt) * (r - mr) for t, r in pts) / var
+    return mr + slope * (pts[-1][0] - mt), slope
+
+
+def _work_ratio(recent: Sequence[PoolSample], long: Sequence[PoolSample]) -> float:
+    """Tokens per request of the recent arrivals (prompt, plus the window's mean output, unknown yet for
+    them) over the window's; 1 without the numbers."""
+    arrived, done = sum(x.arrivals for x in long), sum(x.completions for x in long)
+    recent_arrived = sum(x.arrivals for x in recent)
+    if not arrived or not done or not recent_arrived:
+        return 1.0
+    out = sum(x.output_tokens for x in long) / done
+    usual = sum(x.input_tokens for x in long) / arrived + out
+    now = sum(x.input_tokens for x in recent) / recent_arrived + out
+    return now / usual if usual > 0 else 1.0

@@ -107,7 +107,8 @@ class PoolConfig(_Section):
 
     @model_validator(mode="after")
     def _endpoint_source(self) -> PoolConfig:
-        if not self.endpoints and self.kubernetes is None:
+        # a pool that scales from zero may start without a replica (`inferstack up --min-replicas 0`)
+        if not self.endpoints and self.kubernetes is None and self.scale_from_zero is None:
             raise ValueError("a pool needs `endpoints` (at least one URL) or `kubernetes` (discovery)")
         if self.endpoints and self.kubernetes is not None:
             raise ValueError("set either `endpoints` or `kubernetes`, not both")

@@ -14,12 +14,13 @@ import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import parse_qs
 
 import orjson
 from pydantic import ValidationError
 
+from inferstack.autoscale.load import LoadSnapshot
 from inferstack.autoscale.metrics import AutoscalerStatus
 from inferstack.config.schema import EndpointConfig, GatewayConfig
 from inferstack.gateway.datalayer import DataLayer, Pool
@@ -91,7 +92,7 @@ def _parse_endpoints(body: bytes) -> list[EndpointConfig]:
 class PoolAutoscaling(Protocol):
     """What the autoscaling routes read and write (the gateway's `Pipeline`)."""
 
-    def pool_load(self, pool: str, since: float) -> dict[str, Any]: ...
+    def pool_load(self, pool: str, since: float) -> LoadSnapshot: ...
 
     def report_autoscaler(self, status: AutoscalerStatus) -> None: ...
 
@@ -108,7 +109,7 @@ class AdminAPI:
     """Answers admin calls with a JSON body; refusals are raised as APIError.
 
     Autoscalers (docs/autoscaling.md) use two more routes: GET /admin/pools/{pool}/load?since=T (the
-    pool's load, `gateway/poolload.py`) and PUT /admin/pools/{pool}/autoscaler (the actuator's
+    pool's `LoadSnapshot`, `autoscale/load.py`) and PUT /admin/pools/{pool}/autoscaler (the actuator's
     desired/actual replicas and decision counts, exported as `inferstack_autoscaler_*`)."""
 
     def __init__(self, pools: dict[str, Pool], datalayer: DataLayer, token: str | None,
@@ -122,7 +123,7 @@ class AdminAPI:
         if self.autoscaling is None:
             raise APIError(404, f"Unknown path /admin/pools/{pool}/{route}.", code="not_found")
         if route == "load" and method == "GET":
-            return orjson.dumps(self.autoscaling.pool_load(pool, _since(query)))
+            return orjson.dumps(self.autoscaling.pool_load(pool, _since(query)).to_json())
         if route == "autoscaler" and method == "PUT":
             try:
                 status = AutoscalerStatus.from_json(pool, orjson.loads(await read_body(1 << 20)))

@@ -1,8 +1,9 @@
 """The Kubernetes actuator: pools with `kubernetes.autoscale` have their engine Deployments scaled
 from the gateway (or the EPP) that routes to them, on the signals it already has.
 
-Every `interval_s`: read each role's Deployment scale (spec.replicas = the current count), sample
-the pool (`autoscale_signals.PoolSampler`), let the policy decide over the role's window, bound the
+Every `interval_s`: read each role's Deployment scale (spec.replicas = the current count), take the
+pool's `LoadSnapshot` (the one the admin API serves) and difference it with `autoscale.load.LoadSampler`
+(the local supervisor's and the simulator's too), let the policy decide over the role's window, bound the
 answer (`autoscale.decision.Bounds`), and write the scale subresource when it changed
 (`kube/scale.py`: conflicts re-read and retried). A transient API failure is retried with backoff;
 a permanent one (RBAC, missing Deployment) is logged with its fix and retried every interval, since
@@ -13,15 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 
 from inferstack.autoscale.decision import Bounds, Decision
+from inferstack.autoscale.load import BOTH, LoadSampler, LoadSnapshot, by_role
 from inferstack.autoscale.metrics import AutoscalerStatus
 from inferstack.autoscale.signals import PoolSample
 from inferstack.autoscale.spec import parse_policy
-from inferstack.gateway.autoscale_signals import PoolSampler
 from inferstack.kube.client import stop_all
 from inferstack.kube.config import KubeAutoscaleConfig
 from inferstack.kube.scale import DeploymentScaler, ScaleError
@@ -32,23 +32,24 @@ log = logging.getLogger("inferstack.autoscaler")
 class KubeAutoscaler:
     """Scales one pool's Deployments (one per PD role)."""
 
-    def __init__(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, scaler: DeploymentScaler, namespace: str,
-                 clock: Callable[[], float] = time.monotonic, backoff_cap_s: float | None = None,
+    def __init__(self, pool: str, snapshot: Callable[[float], LoadSnapshot], cfg: KubeAutoscaleConfig,
+                 scaler: DeploymentScaler, namespace: str, backoff_cap_s: float | None = None,
                  leading: Callable[[], bool] = lambda: True,
                  report: Callable[[AutoscalerStatus], None] = lambda status: None):
-        self.sampler = sampler
+        self.pool = pool
+        self.snapshot = snapshot  # the pool's snapshot with latencies since the given time (Pipeline.pool_load)
+        self.sampler = LoadSampler()
         self.report = report    # to the pipeline's `inferstack_autoscaler_*` series (autoscale/metrics.py)
         self.leading = leading  # with several picker replicas only the Lease holder scales (kube/lease.py)
         self.cfg = cfg
         self.scaler = scaler
         self.namespace = namespace
-        self.clock = clock
         self.policy = parse_policy(cfg.policy)
         self.bounds = Bounds(cfg.min_replicas, cfg.max_replicas, cfg.idle_s)
         self.backoff_cap_s = backoff_cap_s if backoff_cap_s is not None else cfg.interval_s
         self.windows: dict[str, deque[PoolSample]] = {r: deque(maxlen=cfg.window_samples) for r in cfg.deployments}
         self.decisions: deque[tuple[float, str, Decision]] = deque(maxlen=256)
-        self.status = {r: AutoscalerStatus(sampler.pool.name, r, self.policy.name) for r in cfg.deployments}
+        self.status = {r: AutoscalerStatus(pool, r, self.policy.name) for r in cfg.deployments}
         self.last_error: str | None = None
         self.steps = 0
 
@@ -56,11 +57,15 @@ class KubeAutoscaler:
         """One decision per role, written to the Deployments. Raises ScaleError."""
         scales = {role: await self.scaler.read(self.namespace, dep) for role, dep in self.cfg.deployments.items()}
         current = {role: scale.spec for role, scale in scales.items()}
-        samples = self.sampler.sample(self.clock(), current)
+        snap = self.snapshot(self.sampler.since)
+        serving = {r: sum(e.healthy for e in eps) for r, eps in by_role(snap.endpoints).items()}
+        # the Deployment's spec.replicas that do not serve yet are starting
+        starting = {r: max(0, n - serving.get(r, serving.get(BOTH, 0))) for r, n in current.items()}
+        samples = self.sampler.sample(snap, starting)
         out: dict[str, Decision] = {}
         for role, dep in self.cfg.deployments.items():
             window = self.windows[role]
-            window.append(samples.get(role) or samples["both"])
+            window.append(samples.get(role) or samples[BOTH])
             d = self.bounds.apply(self.policy.decide(list(window), current[role]), list(window))
             out[role] = d
             self.decisions.append((window[-1].t, role, d))
@@ -71,7 +76,7 @@ class KubeAutoscaler:
             self.report(status)
             if d.desired != current[role]:
                 res = await self.scaler.scale(self.namespace, dep, d.desired)
-                log.info("pool %s: scaled %s/%s %d -> %d (%s: %s)%s", self.sampler.pool.name, self.namespace, dep,
+                log.info("pool %s: scaled %s/%s %d -> %d (%s: %s)%s", self.pool, self.namespace, dep,
                          res.before, res.after, d.policy, d.reason,
                          f" after {res.conflicts} conflict(s)" if res.conflicts else "")
         self.steps += 1
@@ -90,10 +95,10 @@ class KubeAutoscaler:
                 self.last_error = str(exc)
                 if exc.transient:
                     backoff = min(self.backoff_cap_s, max(0.25, 2 * backoff))
-                    log.warning("pool %s: autoscaler: %s; retrying in %.1fs", self.sampler.pool.name, exc, backoff)
+                    log.warning("pool %s: autoscaler: %s; retrying in %.1fs", self.pool, exc, backoff)
                     await asyncio.sleep(backoff)
                     continue
-                log.error("pool %s: autoscaler: %s", self.sampler.pool.name, exc)
+                log.error("pool %s: autoscaler: %s", self.pool, exc)
             await asyncio.sleep(self.cfg.interval_s)
 
 
@@ -105,14 +110,16 @@ class KubeAutoscalers:
         self._tasks: list[asyncio.Task] = []
         self._clients: list = []
 
-    def start(self, sampler: PoolSampler, cfg: KubeAutoscaleConfig, client, pool_namespace: str | None,
+    def start(self, pool: str, snapshot: Callable[[float], LoadSnapshot], cfg: KubeAutoscaleConfig, client,
+              pool_namespace: str | None,
               leading: Callable[[], bool] = lambda: True,
               report: Callable[[AutoscalerStatus], None] = lambda status: None) -> None:
         namespace = cfg.namespace or pool_namespace or client.namespace or "default"
-        auto = KubeAutoscaler(sampler, cfg, DeploymentScaler(client), namespace, leading=leading, report=report)
-        self.pools[sampler.pool.name] = auto
+        auto = KubeAutoscaler(pool, snapshot, cfg, DeploymentScaler(client), namespace, leading=leading,
+                              report=report)
+        self.pools[pool] = auto
         self._clients.append(client)
-        self._tasks.append(asyncio.create_task(auto.run(), name=f"kube-autoscale-{sampler.pool.name}"))
+        self._tasks.append(asyncio.create_task(auto.run(), name=f"kube-autoscale-{pool}"))
 
     async def stop(self) -> None:
         await stop_all(self._tasks, self._clients)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inferstack.autoscale.load import BOTH, EndpointLoad, LoadSampler, LoadSnapshot
 from inferstack.bench.records import RequestRecord
 from inferstack.bench.runner import RunConfig
 from inferstack.bench.runner import _arrivals as bench_arrivals
@@ -30,7 +31,7 @@ from inferstack.engine.sampling_params import SamplingParams
 from inferstack.gateway.flowqueue import Rejected
 from inferstack.gateway.requests import engine_priority
 from inferstack.gateway.routing import RequestView
-from inferstack.sim.autoscale import Autoscaler, MetricSample, PoolSample
+from inferstack.sim.autoscale import Autoscaler, MetricSample
 from inferstack.sim.gateway import SimEndpoint, SimGateway
 from inferstack.sim.profile import Profile
 from inferstack.sim.prompts import PromptTokens
@@ -129,7 +130,7 @@ class Simulation:
         self._window_ttft: list[float] = []
         self._window_tpot: list[float] = []
         self._samples: list[MetricSample] = []
-        self._last_counts = (0, 0, 0, 0, 0.0)   # arrived, completed, tokens in, tokens out, at
+        self._load = LoadSampler()               # the pool's snapshots differenced, as live actuators do
         self._last_busy: dict[str, float] = {}   # replica id -> its modelled device time at the last sample
         self.planned = 0
         self.model = s.fleets[0].profile.model.name
@@ -471,35 +472,36 @@ class Simulation:
         self.gateway.remove(ep)
 
     def _sample(self) -> MetricSample:
+        """The pool's `LoadSnapshot`, differenced by the `LoadSampler` the live actuators use."""
         eps = [ep for ep in self.gateway.order if ep.replica.up and not ep.draining]
-        gauges = [ep.replica.snapshot_metrics() for ep in eps]
-        last = self._last_counts
-        self._last_counts = (self.arrived, self.completed, self.tokens_in, self.tokens_out, self.now)
+        duty = self._duty_cycle(eps, self._load.since)
+        loads = []
+        for ep in eps:
+            waiting, running, kv = ep.replica.snapshot_metrics()
+            loads.append(EndpointLoad(ep.id, ep.id, True, waiting=waiting, running=running, kv_usage=kv,
+                                      busy=duty.get(ep.id)))
 
         def p95(v: list[float]) -> float | None:
             return float(np.percentile(v, 95)) if v else None
 
-        sample = PoolSample(self.now, len(eps), self.starting, sum(g[0] for g in gauges),
-                            sum(g[1] for g in gauges), sum(g[2] for g in gauges) / max(1, len(gauges)),
-                            self.gateway.admission.queued, self.arrived - last[0], self.completed - last[1],
-                            p95(self._window_ttft), p95(self._window_tpot), input_tokens=self.tokens_in - last[2],
-                            output_tokens=self.tokens_out - last[3], interval_s=self.now - last[4],
-                            busy=self._duty_cycle(eps, last[4]))
+        snap = LoadSnapshot(POOL, self.now, self.arrived, self.completed, self.tokens_in, self.tokens_out,
+                            p95(self._window_ttft), p95(self._window_tpot), held=0,
+                            queued=self.gateway.admission.queued, endpoints=tuple(loads))
         self._window_ttft, self._window_tpot = [], []
-        return MetricSample({POOL: sample})
+        return MetricSample({POOL: self._load.sample(snap, self.starting)[BOTH]})
 
-    def _duty_cycle(self, eps: list[SimEndpoint], since: float) -> float | None:
-        """Mean fraction of the time since the previous sample (or since it came up) each serving replica
+    def _duty_cycle(self, eps: list[SimEndpoint], since: float) -> dict[str, float]:
+        """Per serving replica, the fraction of the time since the previous sample (or since it came up) it
         ran a step, as DCGM's GPU utilisation reports it. A decode leap books its device time when it
         settles, so a fraction may lean a few steps late; it is clamped to 1."""
         busy = {ep.id: ep.replica.stats.busy_s for ep in eps}
-        fractions = []
+        fractions = {}
         for ep in eps:
             span = self.now - max(since, ep.replica.started_at)
             if span > 0:
-                fractions.append(min(1.0, (busy[ep.id] - self._last_busy.get(ep.id, 0.0)) / span))
+                fractions[ep.id] = min(1.0, (busy[ep.id] - self._last_busy.get(ep.id, 0.0)) / span)
         self._last_busy = busy
-        return sum(fractions) / len(fractions) if fractions else None
+        return fractions
 
 
 class _Feed:

@@ -2,7 +2,8 @@
 
 Every `interval_s` (every 0.25 s while the pool has no replica, so a held request is not kept waiting
 for the next tick) the loop reads the pool's load from the gateway (`GET /admin/pools/default/load`),
-turns it into a `PoolSample` (`LoadSampler`), and asks `PolicyAutoscaler` (the policy plus the
+differences it into a `PoolSample` (`autoscale.load.LoadSampler`, as the Kubernetes actuator and the
+simulator do), and asks `PolicyAutoscaler` (the policy plus the
 min/max/idle bounds) for the desired replica count, starting replicas included. Then it acts:
 
 - up: spawn `engine-N` processes on free ports; each joins the gateway's pool when its ready file
@@ -26,48 +27,19 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
 from inferstack.autoscale.config import AutoscaleSettings
 from inferstack.autoscale.driver import PolicyAutoscaler
+from inferstack.autoscale.load import BOTH, LoadSampler, LoadSnapshot
 from inferstack.autoscale.metrics import AutoscalerStatus
-from inferstack.autoscale.signals import PoolSample
 from inferstack.gateway.datalayer import parse_engine_metrics
 from inferstack.sim.autoscale import MetricSample
 from inferstack.stack.children import Child, ChildFailed, ChildState
 
 POOL = "default"
 ZERO_TICK_S = 0.25
-
-
-class LoadSampler:
-    """Successive load answers of one pool → `PoolSample`s (differences of the cumulative counts)."""
-
-    def __init__(self) -> None:
-        self.prev: dict[str, Any] | None = None
-
-    @property
-    def since(self) -> float:
-        return float(self.prev["now"]) if self.prev else 0.0
-
-    def sample(self, load: dict[str, Any], starting: int) -> PoolSample:
-        prev = self.prev or load
-        self.prev = load
-        eps = [e for e in load["endpoints"] if e["healthy"]]
-        waiting = sum(e["waiting"] for e in eps)
-        # engines that export no gauges still show the gateway's own in-flight count
-        running = max(sum(e["running"] for e in eps), sum(e["in_flight"] for e in eps) - waiting)
-        return PoolSample(
-            t=load["now"], replicas=len(eps), starting=starting, waiting=int(waiting), running=int(running),
-            kv_usage=sum(e["kv_usage"] for e in eps) / len(eps) if eps else 0.0,
-            gateway_queued=load["held"] + load["queued"],
-            arrivals=load["arrivals"] - prev["arrivals"], completions=load["completions"] - prev["completions"],
-            ttft_p95_s=load["ttft_p95_s"], tpot_p95_s=load["tpot_p95_s"],
-            input_tokens=load["input_tokens"] - prev["input_tokens"],
-            output_tokens=load["output_tokens"] - prev["output_tokens"],
-            interval_s=load["now"] - prev["now"])
 
 
 @dataclass
@@ -112,10 +84,10 @@ class LocalAutoscaler:
             r = await self.client.get(self.admin + "/load", params={"since": self.sampler.since},
                                       headers=self.headers, timeout=5.0)
             r.raise_for_status()
-            load = r.json()
-        except (httpx.HTTPError, ValueError):
+            snap = LoadSnapshot.from_json(r.json())
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return  # the gateway is restarting: decide on the next tick, with fresh numbers
-        self.window.append(MetricSample({POOL: self.sampler.sample(load, len(self.starting))}))
+        self.window.append(MetricSample({POOL: self.sampler.sample(snap, len(self.starting))[BOTH]}))
         current = len(self.hooks.engines) + len(self.starting)
         desired = self.driver.desired(list(self.window), {POOL: current})[POOL]
         _, _, decision = self.driver.decisions.pop()  # the report is the status' counters: keep memory bounded

@@ -78,14 +78,33 @@ def replica_spec(settings: UpSettings, index: int, python: str = sys.executable)
 def autoscaled_gateway_config(settings: UpSettings, endpoints: list[tuple[str, str]],
                               user_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Gateway config for an autoscaled stack: the user's config plus pool `default` with the ready
-    replicas (name, url) and `scale_from_zero`, so requests wait for a replica instead of a 503."""
+    replicas (name, url) and `scale_from_zero`, so requests wait for a replica instead of a 503. The
+    served model's name when known up front (a stack that starts with no replica has nobody to ask)."""
     assert settings.autoscale is not None
     cfg = dict(user_config or {})
     pools = dict(cfg.get("pools") or {})
+    model = known_model_name(settings)
     pools["default"] = {"endpoints": [{"url": url, "name": name} for name, url in endpoints],
-                        "scale_from_zero": settings.autoscale.hold().model_dump()}
+                        "scale_from_zero": settings.autoscale.hold().model_dump(),
+                        **({"models": [model]} if model else {})}
     cfg["pools"] = pools
     return cfg
+
+
+def known_model_name(settings: UpSettings) -> str | None:
+    """The name the replicas will serve, known without starting one: `--served-model-name` among the
+    engine arguments, or the emulated profile's model; None for a model file or alias (the engine names it)."""
+    args = list(settings.engine_args)
+    for i, a in enumerate(args):
+        if a == "--served-model-name" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--served-model-name="):
+            return a.split("=", 1)[1]
+    if settings.emulate:
+        from inferstack.sim.profile import parse_profile
+
+        return parse_profile(settings.emulate).model.name
+    return None
 
 
 def _engine_name(role: str | None, index: int) -> str:

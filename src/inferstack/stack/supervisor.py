@@ -235,11 +235,13 @@ class Supervisor:
     # ---- autoscaling (stack/autoscaler.py) ---------------------------------------------------------
 
     def _initial_replicas(self) -> int:
-        """`replicas` within the bounds, at least one: the first replica tells the gateway the model's name."""
+        """`replicas` within the bounds. Zero only when the model's name is known without a replica (emulated,
+        or `--served-model-name`): otherwise the first replica tells the gateway, then idles to zero."""
         a = self.settings.autoscale
         assert a is not None
         wanted = self.settings.replicas if "replicas" in self.settings.model_fields_set else a.min_replicas
-        return min(a.max_replicas, max(1, a.min_replicas, wanted))
+        least = 0 if plan.known_model_name(self.settings) else 1
+        return min(a.max_replicas, max(least, a.min_replicas, wanted))
 
     def _new_replica(self) -> Child:
         child = Child(plan.replica_spec(self.settings, self._replica_index, self.python), self.log_dir, self._env)
@@ -261,7 +263,7 @@ class Supervisor:
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
             r = await self._client.get(self.gateway.urls[0] + "/v1/models", timeout=10.0)
             return str(r.json()["data"][0]["id"])
-        return self.settings.model
+        return plan.known_model_name(self.settings) or self.settings.model
 
     async def _dashboard(self) -> str | None:
         """The gateway's /dashboard when it serves one; otherwise the supervisor serves it itself."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from inferstack.autoscale.load import LoadSnapshot
 from inferstack.autoscale.metrics import AutoscalerCollector, AutoscalerStatus
 from inferstack.compliance.audit import AuditLog
 from inferstack.config.schema import InferstackConfig
@@ -39,6 +41,7 @@ from inferstack.gateway.requests import (
     prompt_token_estimate,
     requested_max_tokens,
 )
+from inferstack.gateway.routing.disagg import PDRouter
 from inferstack.protocol.errors import APIError
 
 if TYPE_CHECKING:
@@ -113,14 +116,13 @@ class Pipeline:
                   if p.config.kubernetes is not None and p.config.kubernetes.autoscale is not None}
         if not scaled:
             return
-        from inferstack.gateway.autoscale_signals import PoolSampler
         from inferstack.gateway.kubescale import KubeAutoscalers  # loads the Kubernetes client only when used
         from inferstack.kube.client import make_client
 
         self.kube_autoscalers = KubeAutoscalers()
         for name, pool in scaled.items():
             kube = pool.config.kubernetes
-            self.kube_autoscalers.start(PoolSampler(pool, self.flow[name], self.metrics), kube.autoscale,
+            self.kube_autoscalers.start(name, partial(self.pool_load, name), kube.autoscale,
                                    make_client(name, kube), kube.namespace, self.leading, self.report_autoscaler)
 
     async def aclose(self) -> None:
@@ -143,10 +145,11 @@ class Pipeline:
             return "no healthy endpoint"
         return None
 
-    def pool_load(self, pool: str, since: float) -> dict[str, Any]:
-        """The pool's load for autoscalers (`GET /admin/pools/{pool}/load`, gateway/poolload.py)."""
-        hold = self.holds.get(pool)
-        return self.loads[pool].report(self.pools[pool], since, hold.held if hold else 0, self.flow[pool].queued)
+    def pool_load(self, pool: str, since: float) -> LoadSnapshot:
+        """The pool's load for autoscalers (`GET /admin/pools/{pool}/load` and the Kubernetes actuator)."""
+        hold, p = self.holds.get(pool), self.pools[pool]
+        roles = p.router.roles if isinstance(p.router, PDRouter) else None
+        return self.loads[pool].snapshot(p, since, hold.held if hold else 0, self.flow[pool].queued, roles)
 
     def report_autoscaler(self, status: AutoscalerStatus) -> None:
         """An actuator's newest status (`PUT /admin/pools/{pool}/autoscaler`), exported as metrics."""
@@ -169,6 +172,8 @@ class Pipeline:
             local = self.resolver.resolve(model)
             self.loads[local.pool.name].arrived()  # demand on the local pool, spilled or not
             route = self.spiller.divert(local, caller)
+            if route.pool is not local.pool:
+                self.loads[local.pool.name].spilled_over()
             fan_out = check_fan_out(inbound.kind, req, self.cfg.gateway.http.max_prompts)
             parts = list(prompt_parts(inbound.kind, req))
             prompt_tokens = prompt_token_estimate(inbound.kind, req, sum(len(p) for p in parts))
