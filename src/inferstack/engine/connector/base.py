@@ -35,7 +35,9 @@ class KVConnectorBase(ABC):
         """Tokens beyond ``num_computed_tokens`` (device prefix-cache hits) that can be loaded
         from outside, block-aligned and leaving at least one prompt token to compute, and whether
         the load is asynchronous. ``None`` means "not known yet": the KV is being read or pulled
-        on a background thread, and the scheduler should run other requests and ask again."""
+        on a background thread, and the scheduler should run other requests and ask again.
+        An asynchronous load (vLLM's ``load_kv_async``) starts in ``update_state_after_alloc``; the
+        request then waits for remote KV, unscheduled, until ``take_finished_recving`` names it."""
 
     @abstractmethod
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
@@ -52,6 +54,11 @@ class KVConnectorBase(ABC):
 
     def take_finished_sending(self) -> list[str]:
         """Requests whose blocks were held (delay_free) and may now be freed."""
+        return []
+
+    def take_finished_recving(self) -> list[tuple[str, bool]]:
+        """Asynchronous loads that ended since the last call: (request id, whether the KV is now in
+        its blocks; False leaves garbage there, to be recomputed)."""
         return []
 
     def serve_holds(self, pool: BlockPool) -> None:
