@@ -1,11 +1,19 @@
-"""Share of the decode engine's TTFT spent moving KV, per PD transport (real CPU engines).
+"""Share of the decode engine's TTFT spent waiting on the KV transfer, per PD transport (real CPU engines).
 
 For each transport: a prefill and a decode `inferstack engine serve` (SmolLM2-135M, one thread
 each), the gateway's PD flow played by hand (prefill leg with `max_tokens: 1`, then the decode leg
-with the returned `kv_transfer_params`), ``--requests`` prompts of ~``--tokens`` tokens after one
-warm-up. From the decode engine's /metrics: the time its PD connector spent getting the KV
-(`inferstack_kv_connector_fetch_seconds` + `..._load_seconds`, connector="pd") over the sum of its
-`vllm:time_to_first_token_seconds`.
+with the returned `kv_transfer_params`), ``--requests`` prompts of ``--tokens`` tokens (after one
+warm-up that loads the peer's NIXL metadata and warms the connections).
+
+What counts as waiting on the transfer, from the decode engine's /metrics (connector="pd"):
+`inferstack_kv_connector_fetch_seconds` (connect, offer or chunk stream, block-hash checks) plus
+`..._load_seconds` (the READ into the request's blocks, or the copy of staged chunks into them).
+The request cannot compute before both ended, and in this benchmark nothing else runs on the decode
+engine, so every one of those seconds is on its TTFT; the share is their sum over the sum of the
+decode engine's `vllm:time_to_first_token_seconds` (arrival at the decode engine to its first token).
+Bytes are checked against what the KV of the transferred blocks must weigh: full prompt blocks
+(the last, partial block and at least one token are computed on the decode engine) x block size x
+layers x 2 (K, V) x KV heads x head dim x the KV cache's element size.
 
     PYTHONPATH=src python benchmarks/pd_transfer_share.py --transports nixl,shm --requests 3
 """
@@ -27,6 +35,9 @@ SUMS = {"fetch": ("inferstack_kv_connector_fetch_seconds_sum", {"connector": "pd
         "load": ("inferstack_kv_connector_load_seconds_sum", {"connector": "pd"}),
         "ttft": ("vllm:time_to_first_token_seconds_sum", {}),
         "bytes": ("inferstack_kv_transfer_bytes_total", {"direction": "recv"})}
+# SmolLM2-135M: 30 layers, 3 KV heads of 64 (grouped-query attention: 9 query heads share them)
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16
+ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def sums(url: str) -> dict[str, float]:
@@ -35,17 +46,24 @@ def sums(url: str) -> dict[str, float]:
 
 
 def prompt(k: int, tokens: int) -> str:
+    # ~21.6 SmolLM2 tokens per line: 46 lines are 996 tokens (checked with the model's tokenizer)
     return " ".join(f"Doc {k} line {i}: sensor {i % 17} reported value {i * 3 % 101} at hour {i % 24}."
-                    for i in range(tokens // 18))
+                    for i in range(max(1, round(tokens / 21.6))))
+
+
+def expected_bytes(prompt_tokens: int, kv_dtype: str) -> int:
+    full_blocks = (prompt_tokens - 1) // BLOCK
+    return full_blocks * BLOCK * LAYERS * 2 * KV_HEADS * HEAD_DIM * ELEMENT[kv_dtype]
 
 
 def run(transport: str, args: argparse.Namespace) -> dict[str, float]:
     base = ["engine", "serve", "--model", "smollm2-135m", "--dtype", "float32", "--threads", "1",
-            "--kv-transport", transport]
+            "--kv-cache-dtype", args.kv_cache_dtype, "--kv-transport", transport]
     prefill = start_inferstack([*base, "--role", "prefill"])
     decode = start_inferstack([*base, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
     try:
         before: dict[str, float] = {}
+        expected = 0
         for k in range(args.requests + 1):               # request 0 warms connections and metadata
             text = prompt(k, args.tokens)
             r = httpx.post(f"{prefill.url}/v1/completions", timeout=900, json={
@@ -57,8 +75,10 @@ def run(transport: str, args: argparse.Namespace) -> dict[str, float]:
             r.raise_for_status()
             if k == 0:
                 before = sums(decode.url)
+            else:
+                expected += expected_bytes(r.json()["usage"]["prompt_tokens"], args.kv_cache_dtype)
         after = sums(decode.url)
-        return {key: after[key] - before[key] for key in SUMS}
+        return {**{key: after[key] - before[key] for key in SUMS}, "expected": expected}
     finally:
         prefill.stop()
         decode.stop()
@@ -69,14 +89,19 @@ def main() -> None:
     ap.add_argument("--transports", default="nixl,shm")
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=sorted(ELEMENT),
+                    help="both engines' KV cache precision (the bytes a transfer moves scale with it)")
     args = ap.parse_args()
-    print("| transport | KV moved | fetch + load | decode TTFT (sum) | share of TTFT |")
+    print(f"{args.requests} requests of ~{args.tokens} tokens, KV cache {args.kv_cache_dtype}; per request:")
+    print("| transport | KV moved (expected) | waiting on transfer: fetch + load | decode TTFT | share of TTFT |")
     print("|---|---:|---:|---:|---:|")
     for transport in args.transports.split(","):
         d = run(transport, args)
-        moved = d["fetch"] + d["load"]
-        print(f"| {transport} | {d['bytes'] / 1e6:.0f} MB | {moved * 1e3:.0f} ms | {d['ttft'] * 1e3:.0f} ms "
-              f"| {moved / d['ttft'] * 100:.1f} % |", flush=True)
+        n = args.requests
+        waiting = d["fetch"] + d["load"]
+        print(f"| {transport} | {d['bytes'] / n / 1e6:.1f} MB ({d['expected'] / n / 1e6:.1f} MB) "
+              f"| {d['fetch'] / n * 1e3:.1f} + {d['load'] / n * 1e3:.1f} ms | {d['ttft'] / n * 1e3:.0f} ms "
+              f"| {waiting / d['ttft'] * 100:.1f} % |", flush=True)
 
 
 if __name__ == "__main__":

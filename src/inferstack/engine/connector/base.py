@@ -66,6 +66,10 @@ class KVConnectorBase(ABC):
         (cross-replica reuse) and unpin those whose reads ended."""
         return None
 
+    def reuse_address(self) -> str | None:
+        """HOST:PORT where other replicas READ the prefixes this engine holds (``--kv-reuse``), or None."""
+        return None
+
     def set_waker(self, wake: Callable[[], None]) -> None:
         """``wake()`` makes an idle engine thread run a step (so it serves a peer's pin soon)."""
         return None

@@ -160,6 +160,10 @@ class PDConnector(KVConnectorBase):
     def transfer_address(self) -> tuple[str, int] | None:
         return (self._advertise, self.server.address[1]) if self.server else None
 
+    def reuse_address(self) -> str | None:
+        address = self.transfer_address
+        return f"{address[0]}:{address[1]}" if self.reuse and address is not None else None
+
     # -- decode side ----------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         bs = self.block_size
@@ -333,6 +337,9 @@ class MultiConnector(KVConnectorBase):
     def set_waker(self, wake: Callable[[], None]) -> None:
         for c in self.connectors:
             c.set_waker(wake)
+
+    def reuse_address(self) -> str | None:
+        return next((a for c in self.connectors if (a := c.reuse_address()) is not None), None)
 
     def take_events(self) -> list[Any]:
         return [e for c in self.connectors for e in c.take_events()]
