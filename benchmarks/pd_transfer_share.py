@@ -1,11 +1,23 @@
-"""Share of the decode engine's TTFT spent moving KV, per PD transport (real CPU engines).
+"""Share of the decode engine's TTFT spent waiting on the KV transfer, per PD transport (real CPU engines).
 
 For each transport: a prefill and a decode `inferstack engine serve` (SmolLM2-135M, one thread
 each), the gateway's PD flow played by hand (prefill leg with `max_tokens: 1`, then the decode leg
-with the returned `kv_transfer_params`), ``--requests`` prompts of ~``--tokens`` tokens after one
-warm-up. From the decode engine's /metrics: the time its PD connector spent getting the KV
-(`inferstack_kv_connector_fetch_seconds` + `..._load_seconds`, connector="pd") over the sum of its
-`vllm:time_to_first_token_seconds`.
+with the returned `kv_transfer_params`), ``--requests`` prompts of ``--tokens`` tokens (after one
+warm-up that loads the peer's NIXL metadata and warms the connections).
+
+What counts as waiting on the transfer, two ways:
+- the connector's own clocks, from the decode engine's /metrics (connector="pd"):
+  `inferstack_kv_connector_fetch_seconds` (connect, offer or chunk stream, block-hash checks) plus
+  `..._load_seconds` (the READ into the request's blocks, or the copy of staged chunks into them). The
+  request cannot compute before both ended, and nothing else runs on the decode engine here, so all of
+  those seconds are on its TTFT; not counted: the scheduler steps between them (up to ~1 ms each);
+- end to end: the decode engine's TTFT of the PD request minus its TTFT for the same prompt sent again
+  right after, whose KV is then in its own prefix cache (the same tokens left to compute, no transfer).
+Each share is over the decode engine's `vllm:time_to_first_token_seconds` of the PD requests (arrival at
+the decode engine to its first token). On a loaded machine the end-to-end difference is noisy.
+Bytes are checked against what the KV of the transferred blocks must weigh: full prompt blocks
+(the last, partial block and at least one token are computed on the decode engine) x block size x
+layers x 2 (K, V) x KV heads x head dim x the KV cache's element size.
 
     PYTHONPATH=src python benchmarks/pd_transfer_share.py --transports nixl,shm --requests 3
 """
@@ -27,6 +39,9 @@ SUMS = {"fetch": ("inferstack_kv_connector_fetch_seconds_sum", {"connector": "pd
         "load": ("inferstack_kv_connector_load_seconds_sum", {"connector": "pd"}),
         "ttft": ("vllm:time_to_first_token_seconds_sum", {}),
         "bytes": ("inferstack_kv_transfer_bytes_total", {"direction": "recv"})}
+# SmolLM2-135M: 30 layers, 3 KV heads of 64 (grouped-query attention: 9 query heads share them)
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16
+ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def sums(url: str) -> dict[str, float]:
@@ -35,30 +50,47 @@ def sums(url: str) -> dict[str, float]:
 
 
 def prompt(k: int, tokens: int) -> str:
+    # ~21.6 SmolLM2 tokens per line: 46 lines are 996 tokens (checked with the model's tokenizer)
     return " ".join(f"Doc {k} line {i}: sensor {i % 17} reported value {i * 3 % 101} at hour {i % 24}."
-                    for i in range(tokens // 18))
+                    for i in range(max(1, round(tokens / 21.6))))
+
+
+def expected_bytes(prompt_tokens: int, kv_dtype: str) -> int:
+    full_blocks = (prompt_tokens - 1) // BLOCK
+    return full_blocks * BLOCK * LAYERS * 2 * KV_HEADS * HEAD_DIM * ELEMENT[kv_dtype]
+
+
+def decoded(url: str, text: str, params: dict | None) -> dict:
+    body = {"prompt": text, "max_tokens": 4, "temperature": 0, **({"kv_transfer_params": params} if params else {})}
+    r = httpx.post(f"{url}/v1/completions", timeout=900, json=body)
+    r.raise_for_status()
+    return r.json()
 
 
 def run(transport: str, args: argparse.Namespace) -> dict[str, float]:
     base = ["engine", "serve", "--model", "smollm2-135m", "--dtype", "float32", "--threads", "1",
-            "--kv-transport", transport]
+            "--kv-cache-dtype", args.kv_cache_dtype, "--kv-transport", transport]
     prefill = start_inferstack([*base, "--role", "prefill"])
     decode = start_inferstack([*base, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
     try:
-        before: dict[str, float] = {}
+        out = dict.fromkeys([*SUMS, "expected", "cached_ttft"], 0.0)
         for k in range(args.requests + 1):               # request 0 warms connections and metadata
             text = prompt(k, args.tokens)
             r = httpx.post(f"{prefill.url}/v1/completions", timeout=900, json={
                 "prompt": text, "max_tokens": 1, "temperature": 0, "kv_transfer_params": {"do_remote_decode": True}})
             r.raise_for_status()
             params = r.json()["kv_transfer_params"]
-            r = httpx.post(f"{decode.url}/v1/completions", timeout=900, json={
-                "prompt": text, "max_tokens": 4, "temperature": 0, "kv_transfer_params": params})
-            r.raise_for_status()
-            if k == 0:
-                before = sums(decode.url)
-        after = sums(decode.url)
-        return {key: after[key] - before[key] for key in SUMS}
+            s0 = sums(decode.url)
+            r = decoded(decode.url, text, params)
+            s1 = sums(decode.url)
+            decoded(decode.url, text, None)      # the same prompt again: its KV is local now
+            s2 = sums(decode.url)
+            if k > 0:
+                for key in SUMS:
+                    out[key] += s1[key] - s0[key]
+                out["cached_ttft"] += s2["ttft"] - s1["ttft"]
+                out["expected"] += expected_bytes(r["usage"]["prompt_tokens"], args.kv_cache_dtype)
+        return out
     finally:
         prefill.stop()
         decode.stop()
@@ -69,14 +101,21 @@ def main() -> None:
     ap.add_argument("--transports", default="nixl,shm")
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=sorted(ELEMENT),
+                    help="both engines' KV cache precision (the bytes a transfer moves scale with it)")
     args = ap.parse_args()
-    print("| transport | KV moved | fetch + load | decode TTFT (sum) | share of TTFT |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"{args.requests} requests of ~{args.tokens} tokens, KV cache {args.kv_cache_dtype}; per request:")
+    print("| transport | KV moved (expected) | fetch + load | decode TTFT | same prompt, KV local "
+          "| share: connector clocks | share: end to end |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for transport in args.transports.split(","):
         d = run(transport, args)
-        moved = d["fetch"] + d["load"]
-        print(f"| {transport} | {d['bytes'] / 1e6:.0f} MB | {moved * 1e3:.0f} ms | {d['ttft'] * 1e3:.0f} ms "
-              f"| {moved / d['ttft'] * 100:.1f} % |", flush=True)
+        n = args.requests
+        waiting = d["fetch"] + d["load"]
+        print(f"| {transport} | {d['bytes'] / n / 1e6:.1f} MB ({d['expected'] / n / 1e6:.1f} MB) "
+              f"| {d['fetch'] / n * 1e3:.1f} + {d['load'] / n * 1e3:.1f} ms | {d['ttft'] / n * 1e3:.0f} ms "
+              f"| {d['cached_ttft'] / n * 1e3:.0f} ms | {waiting / d['ttft'] * 100:.1f} % "
+              f"| {(d['ttft'] - d['cached_ttft']) / d['ttft'] * 100:.1f} % |", flush=True)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,24 @@ pools:
         await layer.stop()
 
     asyncio.run(main())
+
+
+def test_discovered_pods_get_their_kv_events_and_kv_transfer_addresses(tmp_path):
+    cfg = parse_config(f"""
+pools:
+  fleet:
+    kubernetes: {{selector: {{app: m}}, target_port: 8000, kubeconfig: {tmp_path / "none"},
+                 kv_events_port: 5557, kv_transfer_port: 8100}}
+    models: [m]
+    precise_prefix: {{model_digest: "{"ab" * 32}"}}
+""")
+    pool = Pool.from_config("fleet", cfg.pools["fleet"], cfg.gateway)
+    layer = DataLayer([pool], cfg.gateway)
+
+    async def main() -> None:
+        await KubeDiscovery(layer).apply(pool, (DiscoveredEndpoint("http://127.0.0.2:9", "a0", "both"),))
+        (ep,) = pool.endpoints
+        assert (ep.kv_events, ep.kv_transfer) == ("tcp://127.0.0.2:5557", "127.0.0.2:8100")
+        await layer.stop()
+
+    asyncio.run(main())

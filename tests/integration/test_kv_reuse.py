@@ -43,6 +43,11 @@ def fleet(smollm2_gguf):
                                              "--kv-transfer-port", str(transfer)], env=env))
             endpoints.append({"url": engines[-1].url, "name": name, "kv_events": events,
                               "kv_transfer": f"127.0.0.1:{transfer}"})
+            # what `inferstack up --kv-reuse` builds the gateway's pool from (stack/plan.py)
+            ready = engines[-1].ready
+            assert (ready["kv_events"], ready["kv_transfer"]) == (events, f"127.0.0.1:{transfer}")
+            assert ready["kv_key_space"] == {"model_digest": model_digest([smollm2_gguf]), "dtype": "float32",
+                                             "kv_layout": "paged", "block_size": 16}
         gw = start_gateway({
             # round-robin: requests alternate a, b, a, b; health checks rarely, so a killed engine
             # still looks healthy and is still named as the holder of what it had cached

@@ -83,18 +83,22 @@ class ToyEngine:
 
     def run(self) -> None:
         while self.sched.has_unfinished():
-            batch = self.sched.schedule()
-            if self.connector is not None:
-                self.connector.start_load_kv()
-                failed = self.connector.take_failed_loads()
-                if failed:
-                    self.sched.recompute(batch, failed)
-            result = self.ex.execute(batch)
-            if self.connector is not None:
-                for seq in batch.seqs:
-                    self.sched.kv.update_block_hashes(seq.request)
-                self.connector.save_kv(batch.seqs)
-            self.sched.update_from_output(batch, result.sampled)
+            self.step()
+
+    def step(self) -> SchedulerOutput:
+        batch = self.sched.schedule()
+        if self.connector is not None:
+            self.connector.start_load_kv()
+            failed = self.connector.take_failed_loads()
+            if failed:
+                self.sched.recompute(batch, failed)
+        result = self.ex.execute(batch)
+        if self.connector is not None:
+            for seq in batch.seqs:
+                self.sched.kv.update_block_hashes(seq.request)
+            self.connector.save_kv(batch.seqs)
+        self.sched.update_from_output(batch, result.sampled)
+        return batch
 
 
 PROMPT = [(i * 13 + 5) % 500 for i in range(520)]      # 32 full blocks + 8 tokens: two full chunks

@@ -80,6 +80,9 @@ class FakeEngine:
     def metric_collectors(self) -> list:
         return []
 
+    def ready_info(self) -> dict:
+        return {}
+
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
         if request_id in self._abort_events:

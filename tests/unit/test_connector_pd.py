@@ -4,6 +4,7 @@ and real NIXL/UCX): the same suite for every transport."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -13,6 +14,8 @@ from inferstack.engine.connector.nixl_agent import nixl_missing
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import LinkModel, TransferSpec
+from inferstack.engine.outputs import FinishReason
+from inferstack.engine.request import RequestStatus
 from inferstack.kvstore import KVStoreConfig, TieredKVStore
 from inferstack.kvstore.tiers import DiskTier
 from inferstack.telemetry.promtext import parse
@@ -264,3 +267,66 @@ def test_nixl_read_that_fails_after_the_offer_is_recomputed(prefill):
     assert d.ex.computed_prompt_tokens == len(PROMPT), "the whole prompt was recomputed"
     assert d.sched.kv.pool.get_cached_block(d.last.block_hashes[0]) is not None   # recomputed blocks cached
     assert d.generate(PROMPT, rid="again") == baseline()      # and they hold the right KV
+
+
+def gated_reads(d: ToyEngine) -> tuple[threading.Event, threading.Event]:
+    """Hold the decode engine's NIXL READs until ``go`` is set; ``started`` once one began."""
+    nixl = d.connector.transport
+    real_read, started, go = nixl.read, threading.Event(), threading.Event()
+
+    def read(load) -> None:
+        started.set()
+        assert go.wait(10), "the test never let the READ go"
+        real_read(load)
+
+    nixl.read = read
+    return started, go
+
+
+def step_until(d: ToyEngine, done, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        d.step()
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_engine_keeps_stepping_while_a_nixl_read_fills_a_requests_blocks(prefill):
+    """The READ runs off the engine thread: the pulling request waits for remote KV (blocks allocated,
+    not in the prefix cache, not scheduled) while another request generates; then it gives the
+    colocated answer, and its blocks are cached only once their bytes are in."""
+    params = run_prefill(prefill)
+    d = decode_engine(transport="nixl")
+    started, go = gated_reads(d)
+    pulling = d.submit(PROMPT, kv_transfer_params=params, rid="pd")
+    step_until(d, started.is_set, "the READ to start")
+    assert pulling.status is RequestStatus.WAITING_FOR_REMOTE_KVS and d.sched.num_waiting == 1
+    assert len(d.sched.kv.block_ids("pd")) == 32 and d.sched.kv.pool.get_cached_block(pulling.block_hashes[0]) is None
+    other_prompt = [(i * 7 + 3) % 500 for i in range(40)]
+    other = d.submit(other_prompt, rid="other")
+    step_until(d, lambda: other.is_finished, "the other request")
+    assert other.output_token_ids == baseline(other_prompt) and pulling.num_output_tokens == 0
+    go.set()
+    step_until(d, lambda: pulling.is_finished, "the pulled request")
+    assert pulling.output_token_ids == baseline() and d.ex.computed_prompt_tokens == 40 + len(PROMPT) - 512
+    assert d.sched.kv.pool.get_cached_block(pulling.block_hashes[31]) is not None
+    assert d.connector.stats.load_seconds.n == 1 and d.connector.stats.load_failures == 0
+    d.connector.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_abort_during_a_nixl_read_frees_the_blocks_once_the_read_ended(prefill):
+    params = run_prefill(prefill)
+    d = decode_engine(transport="nixl")
+    started, go = gated_reads(d)
+    pulling = d.submit(PROMPT, kv_transfer_params=params, rid="pd")
+    step_until(d, started.is_set, "the READ to start")
+    d.sched.finish_request("pd", FinishReason.ABORT)
+    assert pulling.is_finished and d.sched.kv.pool.num_free_blocks == 128 - 32, \
+        "blocks a READ is writing into are not handed out again"
+    go.set()
+    step_until(d, lambda: not d.sched.has_unfinished(), "the aborted READ to end")
+    assert d.sched.kv.pool.num_free_blocks == 128 and d.sched.kv.pool.get_cached_block(pulling.block_hashes[0]) is None
+    assert d.generate(PROMPT, rid="again") == baseline(), "nothing of the aborted request leaked into the cache"
+    d.connector.shutdown()

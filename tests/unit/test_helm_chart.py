@@ -400,3 +400,38 @@ def test_agents_deployment_serves_the_validated_manifests(tmp_path):
     assert all(o["metadata"]["name"] != "llm-inferstack-agents" for o in render({}))  # off by default
     with pytest.raises(RenderError, match=r"agents\.gatewayUrl is required"):
         render_chart({"agents": {"enabled": True, "manifests": "x: 1"}}, name="llm", namespace="serving")
+
+
+def test_cross_replica_kv_reuse_wires_engines_secret_and_picker_discovery():
+    digest = "cd" * 32
+    objs = render({"accelerator": {"type": "cpu"},
+                   "engines": {"inferstack": {"kvReuse": True, "kvTransferSecret": "kv-secret", "kvEventsPort": 5600}},
+                   "inferenceExtension": {"poolConfig": {"precise_prefix": {"model_digest": digest}}}})
+    e = container(engine(objs, "decode"))
+    args = e["args"]
+    assert "--kv-reuse" in args and args[args.index("--kv-transfer-port") + 1] == "8100"
+    assert args[args.index("--kv-events-endpoint") + 1] == "tcp://*:5600"
+    assert {(p["name"], p["containerPort"]) for p in e["ports"]} >= {("kv-transfer", 8100), ("kv-events", 5600)}
+    secret_env = {"name": "INFERSTACK_KV_TRANSFER_SECRET",
+                  "valueFrom": {"secretKeyRef": {"name": "kv-secret", "key": "secret"}}}
+    assert secret_env in e["env"]
+    assert secret_env in container(one(objs, "Deployment", "llm-inferstack-epp")["spec"]["template"], "epp")["env"]
+    pool = picker_config(objs).pools["llm-inferstack"]
+    assert (pool.kubernetes.kv_events_port, pool.kubernetes.kv_transfer_port) == (5600, 8100)
+    assert pool.precise_prefix.model_digest == digest and pool.precise_prefix.direct_reads
+    plain = container(engine(render({"accelerator": {"type": "cpu"}}), "decode"))
+    assert "--kv-reuse" not in plain["args"] and "env" not in plain
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"engines": {"inferstack": {"kvReuse": True}},
+      "inferenceExtension": {"poolConfig": {"precise_prefix": {"model_digest": "cd" * 32}}}},
+     "kvReuse needs engines.inferstack.kvTransferSecret"),
+    ({"engines": {"inferstack": {"kvReuse": True, "kvTransferSecret": "s"}}}, "needs inferenceExtension.poolConfig"),
+    ({"engines": {"inferstack": {"kvReuse": True, "kvTransferSecret": "s"}}, "prefill": {"replicas": 1},
+      "inferenceExtension": {"poolConfig": {"precise_prefix": {"model_digest": "cd" * 32}}}}, "aggregated pods"),
+])
+def test_kv_reuse_without_what_it_needs_fails_the_render(values, message):
+    with pytest.raises(RenderError) as exc:
+        render(values)
+    assert message in str(exc.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -121,3 +122,38 @@ def test_up_section_is_part_of_the_one_schema(tmp_path: Path) -> None:
     f = tmp_path / "inferstack.yaml"
     f.write_text("pools:\n  p:\n    endpoints: [http://127.0.0.1:9]\nup:\n  replicas: 1\n")
     assert load_up_settings(f).replicas == 1
+
+
+def test_kv_reuse_from_inferstack_yaml_wires_engines_and_the_gateways_precise_index(tmp_path: Path) -> None:
+    from inferstack.config import parse_config
+
+    f = tmp_path / "inferstack.yaml"
+    f.write_text("up:\n  replicas: 2\n  kv_reuse: true\n  kv_transport: nixl\n")
+    s = load_up_settings(f)
+    for spec in plan.engine_specs(s, python="py"):
+        argv = list(spec.argv)
+        assert "--kv-reuse" in argv and argv[argv.index("--kv-transfer-port") + 1] == "0"
+        assert argv[argv.index("--kv-events-endpoint") + 1] == "tcp://127.0.0.1:0"
+        assert argv[argv.index("--kv-transport") + 1] == "nixl"
+    space = {"model_digest": "ab" * 32, "dtype": "float32", "kv_layout": "paged", "block_size": 16}
+    ready = [("engine-0", "http://127.0.0.1:9001", {"kv_events": "tcp://127.0.0.1:7001", "kv_transfer":
+                                                    "127.0.0.1:8001", "kv_key_space": space}),
+             ("engine-1", "http://127.0.0.1:9002", {"kv_events": "tcp://127.0.0.1:7002", "kv_key_space": space})]
+    user = {"pools": {"default": {"routing": "round-robin", "precise_prefix": {"direct_min_blocks": 4}}}}
+    cfg = parse_config(json.dumps(plan.reuse_gateway_config(ready, user)))      # JSON is YAML
+    pool = cfg.pools["default"]
+    assert pool.routing == "round-robin" and [e.kv_transfer for e in pool.endpoints] == ["127.0.0.1:8001", None]
+    assert [e.kv_events for e in pool.endpoints] == ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]
+    assert pool.precise_prefix is not None and pool.precise_prefix.model_digest == "ab" * 32
+    assert pool.precise_prefix.direct_min_blocks == 4 and pool.precise_prefix.direct_reads
+    other = {**space, "dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="same KV key space"):
+        plan.reuse_gateway_config([*ready, ("engine-2", "http://127.0.0.1:9003",
+                                            {"kv_events": "tcp://127.0.0.1:7003", "kv_key_space": other})])
+
+
+@pytest.mark.parametrize(("extra", "why"), [({"emulate": "h100:llama-3-8b"}, "emulate"),
+                                            ({"pd": {"prefill": 1, "decode": 1}}, "pd")])
+def test_kv_reuse_is_refused_where_it_cannot_apply(extra: dict, why: str) -> None:
+    with pytest.raises(ValueError, match=f"kv_reuse reads prefixes between colocated replicas: drop it or {why}"):
+        UpSettings.model_validate({"kv_reuse": True, **extra})

@@ -72,6 +72,10 @@ def up(
     kv_transport: Annotated[str | None, typer.Option(
         "--kv-transport", help="With --prefill/--decode: how engines move KV, auto|nixl|tcp|shm (default auto: "
         "NIXL over UCX when installed and UCX starts, else shared memory); see docs/disaggregation.md.")] = None,
+    kv_reuse: Annotated[bool | None, typer.Option(
+        "--kv-reuse/--no-kv-reuse", help="Cross-replica KV reuse: a replica READs a prompt prefix another replica "
+        "holds (over NIXL) instead of computing it; the gateway learns who holds what from the engines' KV "
+        "events (default: up.kv_reuse in --config, else off); see docs/disaggregation.md.")] = None,
     with_prometheus: Annotated[bool, typer.Option(
         "--with-prometheus", help="Also start Prometheus scraping the stack, with inferstack's recording and "
         "alert rules.")] = False,
@@ -128,7 +132,7 @@ def up(
         overrides = {k: v for k, v in {
             "replicas": replicas, "port": port, "model": model, "emulate": emulate, "threads": threads,
             "host": host, "log_dir": str(log_dir) if log_dir else None, "pd": pd, "kv_transport": kv_transport,
-            "autoscale": auto,
+            "autoscale": auto, "kv_reuse": kv_reuse,
             "kv": ({**(base.kv.model_dump(exclude_unset=True) if base.kv else {}), "tiers": kv_tiers}
                    if kv_tiers else None),
         }.items() if v is not None}

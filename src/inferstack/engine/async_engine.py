@@ -72,6 +72,22 @@ class AsyncEngine:
     def kv_events_endpoint(self) -> str | None:
         return self.core.kv_events_endpoint
 
+    def ready_info(self) -> dict[str, object]:
+        """What a supervisor needs to route cross-replica KV reads to this engine (the ready file's extra
+        keys): its KV events endpoint, its KV transfer address and its KV key space, when it has them."""
+        info: dict[str, object] = {}
+        if self.kv_events_endpoint:
+            info["kv_events"] = self.kv_events_endpoint
+        connector = self.core.scheduler.connector
+        address = connector.reuse_address() if connector is not None else None
+        if address is not None:
+            info["kv_transfer"] = address
+        if info:       # a gateway indexing these events or naming this holder must hash blocks like this engine
+            space = self.core.scheduler.kv.key_space
+            info["kv_key_space"] = {"model_digest": space.model_digest, "dtype": space.dtype,
+                                    "kv_layout": space.kv_layout, "block_size": space.block_size}
+        return info
+
     def stats(self) -> EngineStats:
         return self.core.stats()
 

@@ -11,6 +11,7 @@ from inferstack.engine.sampling_params import SamplingParams
 
 class RequestStatus(Enum):
     WAITING = auto()
+    WAITING_FOR_REMOTE_KVS = auto()     # blocks allocated, a peer's KV being READ into them (vLLM's name)
     RUNNING = auto()
     PREEMPTED = auto()
     FINISHED = auto()

@@ -5,6 +5,13 @@ decode takes one token, an unfinished prefill takes the next chunk of its prompt
 requests, whose prompts are chunked to fit what is left. There are no prefill/decode phases, so a
 step mixes both. Under KV pressure the lowest-priority running request is preempted: its blocks
 are freed and it is recomputed later (its cached prefix usually survives in the prefix cache).
+
+A request whose external KV arrives asynchronously (a peer's blocks READ over NIXL) waits for it
+outside both queues (``WAITING_FOR_REMOTE_KVS``, as in vLLM): its blocks are allocated but not in
+the prefix cache, it is not scheduled, and the engine keeps stepping the others. When the connector
+says the READ ended, its blocks are cached and it runs first among the newcomers; a failed READ frees
+the blocks and queues it to compute from scratch. An abort meanwhile frees its blocks only when the
+READ has ended (until then the READ still writes into them).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from inferstack.engine.connector.base import KVConnectorBase
+from inferstack.engine.kv.block_pool import KVBlock
 from inferstack.engine.kv.manager import KVCacheManager
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request, RequestStatus
@@ -126,6 +134,8 @@ class Scheduler:
         self.kv = kv
         self.connector = connector
         self._delayed_free: dict[str, Request] = {}   # finished, blocks kept for a KV transfer
+        self._recving: dict[str, Request] = {}        # their blocks being filled by an asynchronous load
+        self._kv_ready: deque[Request] = deque()      # that load done: scheduled before the waiting queue
         self.waiting = _WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -133,14 +143,20 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """Queued, plus those waiting for remote KV (vLLM counts them as waiting too)."""
+        return len(self.waiting) + self.num_waiting_for_remote_kvs + len(self._kv_ready)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_waiting_for_remote_kvs(self) -> int:
+        return sum(1 for r in self._recving.values() if not r.is_finished)
+
     def has_unfinished(self) -> bool:
-        return bool(self.running) or len(self.waiting) > 0
+        # an aborted request whose READ is still running counts: its blocks are freed when it ends
+        return bool(self.running) or len(self.waiting) > 0 or bool(self._recving) or bool(self._kv_ready)
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -156,6 +172,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
+        elif request in self._kv_ready:
+            self._kv_ready.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
@@ -165,7 +183,7 @@ class Scheduler:
                 request, self.kv.block_ids(request_id))
         if delay_free:
             self._delayed_free[request_id] = request
-        else:
+        elif request_id not in self._recving:     # else freed when its READ ends (`_take_loaded`)
             self.kv.free(request)
         return request
 
@@ -180,6 +198,7 @@ class Scheduler:
                 held = self._delayed_free.pop(rid, None)
                 if held is not None:
                     self.kv.free(held)
+            self._take_loaded()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -206,19 +225,35 @@ class Scheduler:
                 continue
             # `request` itself was preempted: the list shrank under index i.
 
+        while (not preempted_this_step and self._kv_ready and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            request = self._kv_ready[0]
+            n = self._chunk(request, budget)
+            if not self.kv.allocate_slots(request, n):
+                break
+            self._kv_ready.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.seqs.append(self._scheduled(request, n))
+            budget -= n
+
         fetching: list[Request] = []     # external KV still on its way: they wait, others go
         while (not preempted_this_step and len(self.waiting) > 0 and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting.peek()
             hits, num_hit = self.kv.get_computed_blocks(request)
-            num_external = 0
+            num_external, load_async = 0, False
             if self.connector is not None:
                 self.kv.update_block_hashes(request)
-                matched, _ = self.connector.get_num_new_matched_tokens(request, num_hit)
+                matched, load_async = self.connector.get_num_new_matched_tokens(request, num_hit)
                 if matched is None:
                     fetching.append(self.waiting.pop())
                     continue
                 num_external = matched
+            if load_async and num_external > 0:
+                if not self._start_async_load(request, hits, num_hit, num_external, now):
+                    break
+                continue
             n = self._chunk(request, budget, num_hit + num_external)
             if not self.kv.allocate_slots(request, num_external + n, hits):
                 break   # the connector keeps what it staged for the next attempt
@@ -226,17 +261,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit + num_external
             if self.connector is not None:
                 self.connector.update_state_after_alloc(request, self.kv.block_ids(request.request_id), num_external)
-            first_time = request.num_cached_tokens < 0
-            if first_time:
-                request.num_cached_tokens = num_hit + num_external
-                request.num_external_cached_tokens = num_external
-                request.scheduled_time = now
-                self.counters.prompt_tokens += request.num_prompt_tokens
-                self.counters.prefix_cache_queries += request.num_prompt_tokens
-                self.counters.prefix_cache_hits += num_hit
-                if self.connector is not None:
-                    self.counters.external_prefix_cache_queries += request.num_prompt_tokens
-                    self.counters.external_prefix_cache_hits += num_external
+            self._count_admission(request, num_hit, num_external, now)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.seqs.append(self._scheduled(request, n))
@@ -244,6 +269,56 @@ class Scheduler:
         for request in reversed(fetching):
             self.waiting.add(request, front=True)
         return out
+
+    def _count_admission(self, request: Request, num_hit: int, num_external: int, now: float) -> None:
+        if request.num_cached_tokens >= 0:      # admitted before (preempted or recomputed since)
+            return
+        request.num_cached_tokens = num_hit + num_external
+        request.num_external_cached_tokens = num_external
+        request.scheduled_time = now
+        self.counters.prompt_tokens += request.num_prompt_tokens
+        self.counters.prefix_cache_queries += request.num_prompt_tokens
+        self.counters.prefix_cache_hits += num_hit
+        if self.connector is not None:
+            self.counters.external_prefix_cache_queries += request.num_prompt_tokens
+            self.counters.external_prefix_cache_hits += num_external
+
+    def _start_async_load(self, request: Request, hits: list[KVBlock], num_hit: int, num_external: int,
+                          now: float) -> bool:
+        """Allocate the blocks an asynchronous load fills (uncached until it ends), start it, and park
+        the request until `_take_loaded` hears it ended; False when the pool is short of blocks."""
+        assert self.connector is not None
+        if not self.kv.allocate_slots(request, num_external, hits, cache=False):
+            return False
+        self.waiting.pop()
+        request.num_computed_tokens = num_hit + num_external
+        self.connector.update_state_after_alloc(request, self.kv.block_ids(request.request_id), num_external)
+        self._count_admission(request, num_hit, num_external, now)
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self._recving[request.request_id] = request
+        return True
+
+    def _take_loaded(self) -> None:
+        """Asynchronous loads that ended: cache and ready their blocks, or recompute (failure), or
+        free them (the request was aborted meanwhile)."""
+        assert self.connector is not None
+        for rid, ok in self.connector.take_finished_recving():
+            request = self._recving.pop(rid, None)
+            if request is None:
+                continue
+            if request.is_finished:
+                self.kv.free(request)
+            elif ok:
+                self.kv.cache_computed(request)
+                self._kv_ready.append(request)
+            else:                      # garbage in the blocks: never cached, so nobody else reads it
+                self.kv.free(request)
+                self.counters.external_prefix_cache_hits -= request.num_external_cached_tokens
+                request.num_cached_tokens -= request.num_external_cached_tokens
+                request.num_external_cached_tokens = 0
+                request.num_computed_tokens = 0
+                request.status = RequestStatus.WAITING
+                self.waiting.add(request, front=True)
 
     def recompute(self, out: SchedulerOutput, request_ids: Sequence[str]) -> None:
         """Requests whose external KV failed to load into their blocks (``take_failed_loads``):
@@ -299,7 +374,7 @@ class Scheduler:
         The fleet simulator uses it to leap over runs of identical decode steps; `schedule` itself never
         does this."""
         running = self.running
-        if (len(self.waiting) or self.connector is not None or self._delayed_free or not running
+        if (len(self.waiting) or self.connector is not None or self._recving or self._delayed_free or not running
                 or len(running) > self.config.max_num_batched_tokens):
             return 0
         limit = max_steps

@@ -505,7 +505,7 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
     state.attach(engine)
     if not server.should_exit:
         log.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
-        write_ready_file(options.ready_file, {"urls": [url], "pid": os.getpid()})
+        write_ready_file(options.ready_file, {"urls": [url], "pid": os.getpid(), **engine.ready_info()})
     await serving
     await engine.shutdown()
     log.info("stopped")

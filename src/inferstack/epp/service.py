@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 from inferstack.config.schema import InferstackConfig
 from inferstack.epp.leader import leader_elector
 from inferstack.epp.stream import EndpointPicker, Stream, decision_histogram
+from inferstack.gateway.kvreuse import DirectReads
 from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Pipeline
 from inferstack.kube.lease import LeaderElector
@@ -87,7 +88,7 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     pipeline = Pipeline(cfg, tracer_provider)
     picker = EndpointPicker(
         pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry),
-        PDLegs(pipeline.metrics.registry, cfg.gateway), ep.fallback_endpoints,
+        PDLegs(pipeline.metrics.registry, cfg.gateway), ep.fallback_endpoints, DirectReads(pipeline.metrics.registry),
     )
     health = health_aio.HealthServicer()
     await health.set("liveness", _SERVING)

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from inferstack.epp import messages as m
 from inferstack.gateway.datalayer import Endpoint, Pool
+from inferstack.gateway.kvreuse import DirectReads
 from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Caller, Inbound, Pipeline, RequestContext
 from inferstack.gateway.pipeline.context import KINDS
@@ -87,6 +88,7 @@ class EndpointPicker:
     conformance: bool = False
     decisions: Histogram | None = None
     pd: PDLegs | None = None            # prefill legs of PD pools (gateway/pd.py, shared with the gateway)
+    reads: DirectReads | None = None    # cross-replica KV reads (gateway/kvreuse.py, shared with the gateway)
     fallbacks: int = 0                  # epp.fallback_endpoints
 
     def endpoint_at(self, addr: str) -> Endpoint | None:
@@ -219,6 +221,9 @@ class Stream:
             # leg's body (the KV's whereabouts in kv_transfer_params) for the decode endpoint
             payload = await self.p.pd.decode_payload(self.p.pool, picked.result, ctx.inbound.path, payload,
                                                      ctx.inbound.rid)
+        elif self.p.reads is not None:     # name the replica holding more of the prompt's prefix, if any
+            payload = self.p.reads.payload(self.p.pool, picked.endpoint, payload, ctx.inbound.rid,
+                                           ctx.plan.view.token_hashes)
         extra = {"content-length": str(len(payload)).encode(), "x-request-id": ctx.inbound.rid}
         route = m.routing_mutation(dest, extra)
         if self.request_mode == _STREAMED:

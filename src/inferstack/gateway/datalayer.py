@@ -233,7 +233,7 @@ class DataLayer:
         for w in wanted:
             ep = by_url.pop(w.url, None)
             if ep is None:
-                ep = Endpoint(w.url, w.name, w.api_key, w.kv_events, pool.config.max_concurrency)
+                ep = Endpoint(w.url, w.name, w.api_key, w.kv_events, pool.config.max_concurrency, w.kv_transfer)
                 self._open(pool, ep)
                 fresh.append(ep)
             new.append(ep)

@@ -64,11 +64,20 @@ class KubeDiscovery:
         pd_roles = pool.router.roles if isinstance(pool.router, PDRouter) else None
         if pd_roles is not None:
             pd_roles.update(roles)  # before the endpoints appear, so a new pod is never routed as `both`
-        await self.datalayer.set_endpoints(pool, [EndpointConfig(url=e.url, role=e.role) for e in endpoints])
+        await self.datalayer.set_endpoints(pool, [self.endpoint_config(pool, e) for e in endpoints])
         if pd_roles is not None:
             for gone in set(pd_roles) - set(roles):
                 del pd_roles[gone]
         log.info("pool %s: %d endpoint(s) from Kubernetes", pool.name, len(endpoints))
+
+    @staticmethod
+    def endpoint_config(pool: Pool, e: DiscoveredEndpoint) -> EndpointConfig:
+        """The pod's endpoint, with its KV events and KV transfer address on the pool's ports when set."""
+        cfg = pool.config.kubernetes
+        host = urlsplit(e.url).hostname
+        events = f"tcp://{host}:{cfg.kv_events_port}" if cfg is not None and cfg.kv_events_port else None
+        transfer = f"{host}:{cfg.kv_transfer_port}" if cfg is not None and cfg.kv_transfer_port else None
+        return EndpointConfig(url=e.url, role=e.role, kv_events=events, kv_transfer=transfer)
 
     async def stop(self) -> None:
         await stop_all(self._tasks, self._clients)

@@ -77,6 +77,12 @@ class KubernetesPoolConfig(BaseModel):
         None, description="Kubeconfig file. Default: in-cluster service account when running in a pod, "
                           "else $KUBECONFIG or ~/.kube/config.")
     scheme: str = Field("http", pattern=r"^https?$", description="Scheme of the engine URLs.")
+    kv_events_port: int | None = Field(
+        None, ge=1, le=65535, description="Each pod's KV events port (`engine serve --kv-events-endpoint "
+        "tcp://*:PORT`): the endpoint's `kv_events` is tcp://<podIP>:PORT (the precise prefix index).")
+    kv_transfer_port: int | None = Field(
+        None, ge=1, le=65535, description="Each pod's KV transfer port (`engine serve --kv-reuse "
+        "--kv-transfer-port`): the endpoint's `kv_transfer` is <podIP>:PORT (cross-replica reads).")
     autoscale: KubeAutoscaleConfig | None = Field(
         None, description="Scale the engine Deployments on the pool's signals (docs/autoscaling.md).")
 

@@ -19,6 +19,8 @@ CHART_DIR = Path(__file__).resolve().parents[1] / "assets" / "deploy" / "helm" /
 ENGINES = ("inferstack", "vllm", "sglang")
 _DNS = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # gateway settings the picker gets from its flags or that only make sense for the local HTTP gateway
+# up.kv_reuse: the Secret (key `secret`) engines and picker share; created by the operator (docs/disaggregation.md)
+KV_SECRET_NAME = "inferstack-kv-transfer"
 _LOCAL_GATEWAY_KEYS = {"host", "port", "admin_api"}
 
 
@@ -54,6 +56,12 @@ def chart_values(cfg: InferstackConfig, config_dir: Path, *, pool: str | None = 
         values["accelerator"] = {"type": "cpu"}
     if engine == "inferstack" and up.kv_transport != "auto":
         values.setdefault("engines", {}).setdefault("inferstack", {})["kvTransport"] = up.kv_transport
+    if engine == "inferstack" and up.kv_reuse:
+        if pool_cfg is None or pool_cfg.precise_prefix is None:
+            raise ValuesError(f"up.kv_reuse on Kubernetes needs pools.{pool_name}.precise_prefix (model_digest, "
+                              "dtype: the engines' KV key space) so the picker indexes the pods' KV events")
+        values.setdefault("engines", {}).setdefault("inferstack", {}).update(
+            kvReuse=True, kvTransferSecret=KV_SECRET_NAME)
     if cfg.trust is not None:
         values["modelArtifacts"]["trust"] = _trust(cfg, config_dir)
     if gateway:

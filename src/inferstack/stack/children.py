@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -84,6 +85,7 @@ class Child:
         self._env = {**env, **spec.env}
         self.proc: subprocess.Popen[bytes] | None = None
         self.urls: list[str] = []
+        self.ready_info: dict[str, Any] = {}     # the ready file's other keys (an engine's kv_transfer, ...)
         self.port = 0
         self.state = ChildState.STARTING
         self.restarts = 0
@@ -143,8 +145,9 @@ class Child:
     async def _probe_ready(self, client: httpx.AsyncClient) -> list[str]:
         if self.spec.ready_file_flag:
             try:
-                line = self.ready_file.read_text().splitlines()[0]
-                return list(json.loads(line)["urls"])
+                ready = json.loads(self.ready_file.read_text().splitlines()[0])
+                self.ready_info = {k: v for k, v in ready.items() if k != "urls"}
+                return list(ready["urls"])
             except (FileNotFoundError, IndexError, json.JSONDecodeError, KeyError):
                 return []
         url = f"{self.spec.url_scheme}://127.0.0.1:{self.port}"

@@ -26,6 +26,8 @@ class PoolEndpoint:
 
     url: str
     name: str
+    kv_events: str | None = None       # `up.kv_reuse`: what the engine reported in its ready file
+    kv_transfer: str | None = None
 
 
 class PoolHook:
@@ -41,7 +43,7 @@ class PoolHook:
         """Replace the pool's endpoint list; False when the gateway has no hook or is unreachable."""
         if self.supported is False:
             return False
-        body = {"endpoints": [{"url": e.url, "name": e.name} for e in endpoints]}
+        body = {"endpoints": [{k: v for k, v in vars(e).items() if v is not None} for e in endpoints]}
         try:
             r = await self.client.put(self.gateway_url + ADMIN_PATH.format(pool=self.pool), json=body,
                                       headers=self.headers, timeout=5.0)

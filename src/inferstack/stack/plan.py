@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,10 @@ def engine_specs(settings: UpSettings, python: str = sys.executable, log_dir: st
                    if settings.kv else [])
         # The role is part of the argv, so a restarted engine comes back with the same role.
         role_args = ["--role", role] if role else []
-        if role and settings.kv_transport != "auto":
+        if (role or settings.kv_reuse) and settings.kv_transport != "auto":
             role_args += ["--kv-transport", settings.kv_transport]
+        if settings.kv_reuse:    # the engine reports the ports it got in its ready file (`reuse_gateway_config`)
+            role_args += ["--kv-reuse", "--kv-transfer-port", "0", "--kv-events-endpoint", "tcp://127.0.0.1:0"]
         argv = _inferstack(python, "engine", "serve", "--model", settings.model,
                            "--threads", str(threads), *_format_args(settings), *role_args, *kv_args,
                            *settings.engine_args)
@@ -124,6 +127,29 @@ def pd_gateway_config(settings: UpSettings, endpoints: list[tuple[str, str, str]
         "pd": {"enabled": True, "threshold_tokens": settings.pd.threshold_tokens,
                "max_prefill_queue": settings.pd.max_prefill_queue},
     }
+    cfg["pools"] = pools
+    return cfg
+
+
+def reuse_gateway_config(ready: list[tuple[str, str, dict[str, Any]]],
+                         user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Gateway config for `up.kv_reuse`: the user's config plus pool `default` listing each engine (name, url,
+    ready-file info) with its KV events and KV transfer address (absent where the engine runs no NIXL: it is
+    then never named as a holder), and the precise prefix index in the engines' own KV key space (reported
+    in their ready files, so the gateway hashes blocks exactly as they do)."""
+    spaces = {json.dumps(info.get("kv_key_space"), sort_keys=True) for _, _, info in ready}
+    if len(spaces) != 1 or not ready[0][2].get("kv_key_space") or any("kv_events" not in i for _, _, i in ready):
+        raise ValueError("kv_reuse: every engine must report its KV events and the same KV key space in its "
+                         f"ready file; got {[info for _, _, info in ready]}")
+    cfg = dict(user_config or {})
+    pools = dict(cfg.get("pools") or {})
+    endpoints = [{"url": url, "name": name, **{k: info[k] for k in ("kv_events", "kv_transfer") if k in info}}
+                 for name, url, info in ready]
+    space = ready[0][2]["kv_key_space"]
+    pools["default"] = {**dict(pools.get("default") or {}), "endpoints": endpoints,
+                        "precise_prefix": {**dict((pools.get("default") or {}).get("precise_prefix") or {}),
+                                           "model_digest": space["model_digest"], "dtype": space["dtype"],
+                                           "kv_layout": space["kv_layout"], "block_size": space["block_size"]}}
     cfg["pools"] = pools
     return cfg
 

@@ -82,6 +82,12 @@ class UpSettings(BaseModel):
         "auto", description="How PD engines move KV (`engine serve --kv-transport`): nixl (NIXL over UCX), "
         "shm (shared memory on one host, TCP otherwise), tcp; auto = nixl when it imports and UCX starts, "
         "else shm (docs/disaggregation.md).")
+    kv_reuse: bool = Field(
+        False, description="Cross-replica KV reuse: every replica runs `engine serve --kv-reuse` (a KV transfer "
+        "server and KV events on free ports) and the gateway's pool `default` gets each replica's `kv_events` "
+        "and `kv_transfer` plus the precise prefix index, so a replica READs a prompt prefix another replica "
+        "holds over NIXL instead of computing it (docs/disaggregation.md, 'Cross-replica reads'). Colocated, "
+        "real, fixed replicas only; without NIXL the engines log that reuse is off and serve as usual.")
     autoscale: AutoscaleSettings | None = Field(
         None, description="Scale the engine replicas with a policy between min and max replicas, down to zero "
         "(docs/autoscaling.md); `replicas` is then the count at start, within the bounds (at least 1).")
@@ -117,6 +123,17 @@ class UpSettings(BaseModel):
         if self.autoscale is not None and self.pd is not None:
             raise ValueError("autoscale scales colocated replicas; with pd, scale prefill and decode on "
                              "Kubernetes (docs/autoscaling.md) or drop one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _kv_reuse_scope(self) -> UpSettings:
+        if not self.kv_reuse:
+            return self
+        clash = ("emulate (emulated engines hold no KV bytes)" if self.emulate else
+                 "pd (a PD pool moves KV from prefill to decode engines already)" if self.pd else
+                 "autoscale (replicas that come and go are not wired for it yet)" if self.autoscale else None)
+        if clash is not None:
+            raise ValueError(f"kv_reuse reads prefixes between colocated replicas: drop it or {clash}")
         return self
 
     def roles(self) -> list[str | None]:

@@ -213,7 +213,7 @@ class Supervisor:
         """Plain stacks pass the engines as `--backend`s; a PD stack needs endpoint roles and an autoscaled
         one `scale_from_zero`, which only a config file can carry, so the supervisor writes one (the
         user's config plus pool `default`)."""
-        if self.settings.pd is None and self.settings.autoscale is None:
+        if self.settings.pd is None and self.settings.autoscale is None and not self.settings.kv_reuse:
             backends = [u for e in self.engines for u in e.urls]
             return plan.gateway_spec(self.settings, backends, self.config_file, self.python)
         user = None
@@ -221,7 +221,13 @@ class Supervisor:
             import yaml
 
             user = yaml.safe_load(Path(self.config_file).read_text()) or {}
-        if self.settings.autoscale is not None:
+        if self.settings.kv_reuse:
+            ready = [(name, url, e.ready_info) for e in self.engines for name, url in self._named_urls(e)]
+            cfg = plan.reuse_gateway_config(ready, user)
+            if not any("kv_transfer" in info for _, _, info in ready):
+                self.reporter.event("kv_reuse: no engine serves cross-replica reads (NIXL missing? see the "
+                                    "engine logs); the gateway still routes on its KV events")
+        elif self.settings.autoscale is not None:
             named = [nu for e in self.engines for nu in self._named_urls(e)]
             cfg = plan.autoscaled_gateway_config(self.settings, named, user)
         else:
@@ -359,7 +365,8 @@ class Supervisor:
     async def _update_pool(self) -> None:
         if self._pool is None:
             return
-        ready = [PoolEndpoint(url=url, name=name) for e in self.engines
+        ready = [PoolEndpoint(url=url, name=name, kv_events=e.ready_info.get("kv_events"),
+                              kv_transfer=e.ready_info.get("kv_transfer")) for e in self.engines
                  if e.state == ChildState.READY for name, url in self._named_urls(e)]
         await self._pool.set_endpoints(ready)
         self._write_prometheus_targets()

@@ -36,7 +36,9 @@ class KVConnectorBase(ABC):
         """Tokens beyond ``num_computed_tokens`` (device prefix-cache hits) that can be loaded
         from outside, block-aligned and leaving at least one prompt token to compute, and whether
         the load is asynchronous. ``None`` means "not known yet": the KV is being read or pulled
-        on a background thread, and the scheduler should run other requests and ask again."""
+        on a background thread, and the scheduler should run other requests and ask again.
+        An asynchronous load (vLLM's ``load_kv_async``) starts in ``update_state_after_alloc``; the
+        request then waits for remote KV, unscheduled, until ``take_finished_recving`` names it."""
 
     @abstractmethod
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
@@ -55,9 +57,18 @@ class KVConnectorBase(ABC):
         """Requests whose blocks were held (delay_free) and may now be freed."""
         return []
 
+    def take_finished_recving(self) -> list[tuple[str, bool]]:
+        """Asynchronous loads that ended since the last call: (request id, whether the KV is now in
+        its blocks; False leaves garbage there, to be recomputed)."""
+        return []
+
     def serve_holds(self, pool: BlockPool) -> None:
         """On the engine thread at the start of each schedule: pin cached blocks peers asked to READ
         (cross-replica reuse) and unpin those whose reads ended."""
+        return None
+
+    def reuse_address(self) -> str | None:
+        """HOST:PORT where other replicas READ the prefixes this engine holds (``--kv-reuse``), or None."""
         return None
 
     def set_waker(self, wake: Callable[[], None]) -> None:

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +53,9 @@ class PendingLoad(Protocol):
 
     first_block: int
     num_blocks: int
+    # True: `copy_into` waits on a transfer (a NIXL READ), so it runs on a reader thread while the
+    # engine keeps stepping; False: a host copy, done on the engine thread before the forward pass.
+    asynchronous: bool
 
     def rebase(self, first_block: int) -> PendingLoad | None: ...
 
@@ -79,6 +82,7 @@ class StagedLoad:
     num_blocks: int
     chunks: list[torch.Tensor]
     block_ids: list[int] = field(default_factory=list)
+    asynchronous: bool = False
 
     def rebase(self, first_block: int) -> StagedLoad | None:
         """The same load for a request whose device prefix hit moved to ``first_block`` since it
@@ -124,12 +128,19 @@ class Stager:
     A background fetch lets the scheduler run other requests while KV is read from a slow tier
     or pulled from a prefill engine (``get_num_new_matched_tokens`` answers None meanwhile, as in
     vLLM). A finished fetch that found nothing is remembered as zero, so it is not retried.
+
+    An accepted `asynchronous` load (a NIXL READ into the request's blocks) runs on a reader thread;
+    `take_finished_reads` reports it once its bytes are in the blocks (or the READ failed). Until then
+    the scheduler neither runs the request nor caches its blocks, and never frees them (the READ is
+    still writing into them), even if the request is aborted meanwhile.
     """
 
     PENDING = -1
 
     def __init__(self, workers: int = 1) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-stage")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-read")
+        self._reading: dict[str, Future[float]] = {}   # async loads in flight: seconds they took
         self._pending: dict[str, Future[PendingLoad | None]] = {}
         self._staged: dict[str, PendingLoad | None] = {}
         self._ready: list[tuple[str, PendingLoad]] = []   # accepted, loaded before the next forward
@@ -166,9 +177,17 @@ class Stager:
         with self._lock:
             self._pending[request_id] = self._pool.submit(fetch)
 
-    def accept(self, request_id: str, block_ids: Sequence[int], num_external_tokens: int, block_size: int) -> int:
+    def is_async(self, request_id: str) -> bool:
+        """Whether the load staged for ``request_id`` is read on the reader thread."""
+        with self._lock:
+            load = self._staged.get(request_id)
+        return load is not None and load.asynchronous
+
+    def accept(self, request_id: str, block_ids: Sequence[int], num_external_tokens: int, block_size: int,
+               kv_caches: Sequence[torch.Tensor] = ()) -> int:
         """The scheduler allocated ``block_ids`` and took ``num_external_tokens`` of the offer (0
-        releases the staged load): queue the load for `load_into`; returns the tokens it brings."""
+        releases the staged load): start an asynchronous load now, queue another for `load_into`;
+        returns the tokens it brings."""
         with self._lock:
             staged = self._staged.pop(request_id, None)
         if staged is None:
@@ -177,8 +196,28 @@ class Stager:
             staged.discard()
             return 0
         staged.accept(block_ids, num_external_tokens, block_size)
-        self._ready.append((request_id, staged))
+        if staged.asynchronous:
+            with self._lock:
+                self._reading[request_id] = self._reader.submit(_timed_copy, staged, kv_caches, block_size)
+        else:
+            self._ready.append((request_id, staged))
         return staged.num_blocks * block_size
+
+    def take_finished_reads(self) -> list[tuple[str, float | None]]:
+        """Asynchronous loads that ended since the last call: (request id, seconds the load took, or
+        None when it failed and the blocks hold garbage)."""
+        with self._lock:
+            done = [(rid, fut) for rid, fut in self._reading.items() if fut.done()]
+            for rid, _ in done:
+                del self._reading[rid]
+        out: list[tuple[str, float | None]] = []
+        for rid, fut in done:
+            try:
+                out.append((rid, fut.result()))
+            except (TransferError, CancelledError) as exc:
+                log.warning("request %s: reading external KV failed, recomputing: %s", rid, exc)
+                out.append((rid, None))
+        return out
 
     def load_into(self, kv_caches: Sequence[torch.Tensor], block_size: int) -> float | None:
         """Copy every accepted load into its blocks (before the forward pass); the seconds spent,
@@ -210,4 +249,11 @@ class Stager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._reader.shutdown(wait=True, cancel_futures=True)
+
+
+def _timed_copy(load: PendingLoad, kv_caches: Sequence[torch.Tensor], block_size: int) -> float:
+    t0 = time.perf_counter()
+    load.copy_into(kv_caches, block_size)
+    return time.perf_counter() - t0
 

@@ -173,6 +173,7 @@ class RemoteLoad:
     num_blocks: int
     stats: TransferStats               # the transport's PD or reuse counters
     block_ids: list[int] = field(default_factory=list)
+    asynchronous: bool = True          # the READ runs on the connector's reader thread
 
     def rebase(self, first_block: int) -> RemoteLoad | None:
         end = self.first_block + self.num_blocks

@@ -160,6 +160,10 @@ class PDConnector(KVConnectorBase):
     def transfer_address(self) -> tuple[str, int] | None:
         return (self._advertise, self.server.address[1]) if self.server else None
 
+    def reuse_address(self) -> str | None:
+        address = self.transfer_address
+        return f"{address[0]}:{address[1]}" if self.reuse and address is not None else None
+
     # -- decode side ----------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         bs = self.block_size
@@ -168,7 +172,7 @@ class PDConnector(KVConnectorBase):
         if staged == Stager.PENDING:
             return None, True              # pulling on a background thread; other requests run meanwhile
         if staged is not None:
-            return staged, False
+            return staged, staged > 0 and self._stager.is_async(request.request_id)
         params = request.kv_transfer_params or {}
         if self.transport is None or not params.get("do_remote_prefill"):
             return 0, False
@@ -213,9 +217,20 @@ class PDConnector(KVConnectorBase):
         return fetched.load
 
     def update_state_after_alloc(self, request: Request, block_ids: Sequence[int], num_external_tokens: int) -> None:
-        loaded = self._stager.accept(request.request_id, block_ids, num_external_tokens, self.block_size)
+        loaded = self._stager.accept(request.request_id, block_ids, num_external_tokens, self.block_size,
+                                     self._kv_caches)
         if loaded:
             self.stats.add(loaded_tokens=loaded)
+
+    def take_finished_recving(self) -> list[tuple[str, bool]]:
+        out: list[tuple[str, bool]] = []
+        for request_id, seconds in self._stager.take_finished_reads():
+            if seconds is None:
+                self.stats.add(load_failures=1)
+            else:
+                self.stats.observe("load_seconds", seconds)
+            out.append((request_id, seconds is not None))
+        return out
 
     def start_load_kv(self) -> None:
         seconds = self._stager.load_into(self._kv_caches, self.block_size)
@@ -312,6 +327,9 @@ class MultiConnector(KVConnectorBase):
     def take_failed_loads(self) -> list[str]:
         return [rid for c in self.connectors for rid in c.take_failed_loads()]
 
+    def take_finished_recving(self) -> list[tuple[str, bool]]:
+        return [done for c in self.connectors for done in c.take_finished_recving()]
+
     def serve_holds(self, pool: BlockPool) -> None:
         for c in self.connectors:
             c.serve_holds(pool)
@@ -319,6 +337,9 @@ class MultiConnector(KVConnectorBase):
     def set_waker(self, wake: Callable[[], None]) -> None:
         for c in self.connectors:
             c.set_waker(wake)
+
+    def reuse_address(self) -> str | None:
+        return next((a for c in self.connectors if (a := c.reuse_address()) is not None), None)
 
     def take_events(self) -> list[Any]:
         return [e for c in self.connectors for e in c.take_events()]

@@ -65,9 +65,10 @@ class KVCacheManager:
         return self._blocks_needed(request, num_new_tokens, ())
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed: Sequence[KVBlock] = ()) -> bool:
+                       new_computed: Sequence[KVBlock] = (), cache: bool = True) -> bool:
         """Give ``request`` room for ``num_new_tokens`` more tokens (after taking ``new_computed``
-        cache hits); False, changing nothing, when the pool cannot."""
+        cache hits); False, changing nothing, when the pool cannot. ``cache=False``: the new blocks
+        are filled by an asynchronous load, not by a step; `cache_computed` caches them once it ended."""
         needed = self._blocks_needed(request, num_new_tokens, new_computed)
         if needed > self._available(new_computed):
             return False
@@ -85,8 +86,14 @@ class KVCacheManager:
         # Blocks become cacheable as soon as their tokens are scheduled: the step that computes
         # them writes every new K/V before any attention reads, so a later request may share them.
         num_tokens_after = request.num_computed_tokens + len(new_computed) * self.block_size + num_new_tokens
-        self._cache_full_blocks(request, num_tokens_after)
+        if cache:
+            self._cache_full_blocks(request, num_tokens_after)
         return True
+
+    def cache_computed(self, request: Request) -> None:
+        """Enter the request's full blocks up to ``num_computed_tokens`` in the prefix cache (their KV
+        arrived by an asynchronous load)."""
+        self._cache_full_blocks(request, request.num_computed_tokens)
 
     def forget_from(self, request: Request, first_block: int) -> set[int]:
         """Uncache the request's blocks from ``first_block`` on (not what their hashes say); their ids."""

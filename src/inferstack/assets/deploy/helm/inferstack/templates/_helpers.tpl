@@ -141,9 +141,16 @@ app.kubernetes.io/component: endpoint-picker
 - --kv-transfer-port
 - {{ toString $e.kvTransferPort | quote }}
 {{- end }}
-{{- if and $pd $e.kvTransport }}
+{{- if and (or $pd $e.kvReuse) $e.kvTransport }}
 - --kv-transport
 - {{ $e.kvTransport | quote }}
+{{- end }}
+{{- if include "inferstack.kvReuse" $root }}
+- --kv-reuse
+- --kv-transfer-port
+- {{ toString $e.kvTransferPort | quote }}
+- --kv-events-endpoint
+- {{ printf "tcp://*:%d" (int $e.kvEventsPort) | quote }}
 {{- end }}
 {{- if and (eq $v.accelerator.type "nvidia") (not $e.emulate) }}
 - --device
@@ -186,4 +193,29 @@ app.kubernetes.io/component: endpoint-picker
 {{- range .spec.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when the inferstack engines run cross-replica KV reuse (engines.inferstack.kvReuse); checks
+what it needs. */}}
+{{- define "inferstack.kvReuse" -}}
+{{- $v := .Values }}
+{{- if and (eq $v.engine.type "inferstack") $v.engines.inferstack.kvReuse }}
+{{- if gt (int $v.prefill.replicas) 0 }}
+{{- fail "engines.inferstack.kvReuse is for aggregated pods (prefill.replicas 0): a PD pool moves KV from prefill to decode pods already" }}
+{{- end }}
+{{- if not $v.engines.inferstack.kvTransferSecret }}
+{{- fail "engines.inferstack.kvReuse needs engines.inferstack.kvTransferSecret: a Secret (key `secret`) shared by the engine pods and the picker" }}
+{{- end }}
+{{- if not (hasKey (default dict $v.inferenceExtension.poolConfig) "precise_prefix") }}
+{{- fail "engines.inferstack.kvReuse needs inferenceExtension.poolConfig.precise_prefix (model_digest, dtype: the engines' KV key space) so the picker indexes their KV events" }}
+{{- end }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
+
+{{/* The KV transfer secret as a container env entry (cross-replica KV reuse). */}}
+{{- define "inferstack.kvSecretEnv" -}}
+- name: INFERSTACK_KV_TRANSFER_SECRET
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.engines.inferstack.kvTransferSecret | quote }}, key: secret}
 {{- end }}
