@@ -45,7 +45,9 @@ def start_stack(tmp: Path, up_args: list[str]) -> tuple[subprocess.Popen, dict]:
 
 
 def engine_urls(log_dir: Path) -> list[str]:
-    return [json.loads(p.read_text().splitlines()[0])["urls"][0] for p in sorted(log_dir.glob("engine-*.ready.json"))]
+    # one ready file per engine process; an emulated fleet (`--emulate`) lists all its engines in one
+    ready = [json.loads(p.read_text().splitlines()[0]) for p in sorted(log_dir.glob("engine-*.ready.json"))]
+    return [u for r in ready for u in r["urls"]]
 
 
 def engine_load(urls: list[str]) -> float:

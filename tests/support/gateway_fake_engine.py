@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from aiohttp import web
 
@@ -26,6 +26,8 @@ from inferstack.fileio import write_ready_file
 def build_app(args: argparse.Namespace) -> web.Application:
     state = {"running": 0, "waiting": 0, "prefill_queued": 0, "peak_load": 0, "bodies": [], "served": 0, "hits": 0,
              "queries": 0, "peak_running": 0}
+    # (monotonic time, +1 arrived / -1 finished): tests merge engines' logs into the pool's load over time
+    load_changes: deque[tuple[float, int]] = deque(maxlen=20_000)
     prefixes: OrderedDict[tuple, None] = OrderedDict()
     sem = asyncio.Semaphore(args.max_running)
     prefill_lock = asyncio.Lock() if args.serial_prefill else contextlib.nullcontext()
@@ -66,6 +68,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
         state["hits"] += hit
         state["queries"] += 1
         state["waiting"] += 1
+        load_changes.append((time.monotonic(), 1))
         state["peak_load"] = max(state["peak_load"], state["waiting"] + state["running"])
         async with sem:
             state["waiting"] -= 1
@@ -119,6 +122,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
                 return resp
             finally:
                 state["running"] -= 1
+                load_changes.append((time.monotonic(), -1))
 
     async def chat(request: web.Request) -> web.StreamResponse:
         return await generate(request, True)
@@ -136,10 +140,13 @@ def build_app(args: argparse.Namespace) -> web.Application:
         else:
             kv = min(1.0, (state["running"] + state["waiting"]) / max(1, args.max_running * 2))
         m = args.model[0]
+        # the running batch's cap: with --serial-prefill one request starts at a time, the rest waits for it
+        cap = 1 if args.serial_prefill else args.max_running
         running, waiting = state["running"] - state["prefill_queued"], state["waiting"] + state["prefill_queued"]
         return (f'vllm:num_requests_running{{model_name="{m}"}} {running}\n'
                 f'vllm:num_requests_waiting{{model_name="{m}"}} {waiting}\n'
                 f'vllm:kv_cache_usage_perc{{model_name="{m}"}} {kv}\n'
+                f'inferstack:max_num_seqs{{model_name="{m}"}} {cap}\n'
                 f'vllm:prefix_cache_hits_total{{model_name="{m}"}} {state["hits"]}\n'
                 f'vllm:prefix_cache_queries_total{{model_name="{m}"}} {state["queries"]}\n')
 
@@ -165,7 +172,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
 
     async def debug(request: web.Request) -> web.Response:
         return web.json_response({"bodies": state["bodies"], "served": state["served"], "hits": state["hits"],
-                                  "peak_running": state["peak_running"], "peak_load": state["peak_load"]})
+                                  "peak_running": state["peak_running"], "peak_load": state["peak_load"],
+                                  "load_changes": list(load_changes)})
 
     @web.middleware
     async def require_key(request: web.Request, handler):

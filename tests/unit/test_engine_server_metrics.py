@@ -15,6 +15,7 @@ DESIGN_NAMES = {
     "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
     "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
     "vllm:cache_config_info",
+    "inferstack:max_num_seqs",  # ours: the running-batch cap the gateway's saturation signal reads
 }
 
 

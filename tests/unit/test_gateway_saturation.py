@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from inferstack.config.schema import FlowControlConfig
+from inferstack.gateway.datalayer import parse_engine_metrics
 from inferstack.gateway.flowcontrol import FlowController
 from inferstack.gateway.flowqueue import DrainRate, FairQueue
 from inferstack.gateway.routing.types import UNBOUNDED, EndpointView, PoolSnapshot
@@ -26,6 +27,46 @@ def test_requests_the_engine_has_not_reported_count_as_queued():
     # the next scrape shows them running: the queue is empty again
     assert snap.saturation(ep(in_flight=7, running=7.0)) == 0.0
     assert snap.room(ep(in_flight=7, running=7.0)) == 5
+
+
+def test_unreported_requests_take_the_engines_free_batch_slots_first():
+    """c64 on fast engines: responses wait in the gateway's socket backlog, so the engine reports ~0
+    running while the gateway holds dozens in flight; with room in its batch nothing is queued."""
+    snap = PoolSnapshot([], queue_threshold=5.0)
+    fast = ep(in_flight=30, running=1.0, batch_cap=256)
+    assert fast.queued_now() == 0.0 and snap.saturation(fast) == 0.0 and snap.room(fast) == 5
+    pool = PoolSnapshot([EndpointView(f"e{i}", has_metrics=True, metrics_age_s=0.0, in_flight=16, batch_cap=256)
+                         for i in range(4)], queue_threshold=5.0)
+    assert pool.free_slots() == 20
+    # an engine that exports no batch cap: its running batch is assumed full, the rest waits (as before)
+    assert ep(in_flight=30, running=1.0).queued_now() == 29.0
+    # a burst beyond the batch: 2 slots free (cap 3, 1 running), so 7 of the 9 unreported wait
+    burst = ep(in_flight=10, running=1.0, batch_cap=3)
+    assert burst.queued_now() == 7.0 and snap.room(burst) == -2
+    # the engine already queues (KV space, not the batch, holds it back): every unreported request waits
+    held = ep(in_flight=10, running=1.0, queue=2.0, batch_cap=256)
+    assert held.queued_now() == 2.0 + 7.0 and snap.room(held) == -4
+    # other gateways' requests in the engine's counts never make this gateway's share negative
+    assert ep(in_flight=1, running=40.0, batch_cap=64).queued_now() == 0.0
+
+
+def test_an_endpoint_without_a_queue_signal_is_limited_by_its_cap_alone():
+    snap = PoolSnapshot([], queue_threshold=5.0)
+    kv_only = ep(in_flight=40, kv_usage=0.95, reports_queue=False)
+    assert snap.saturation(kv_only) == 0.0 and snap.room(kv_only) == 5
+    capped = ep(in_flight=8, max_concurrency=8, reports_queue=False)
+    assert snap.saturation(capped) == 1.0 and snap.room(capped) == 0
+
+
+def test_the_scrape_reads_the_batch_cap_and_whether_a_queue_is_reported():
+    full = parse_engine_metrics('vllm:num_requests_running{model_name="m"} 3\n'
+                                'vllm:num_requests_waiting{model_name="m"} 1\n'
+                                'inferstack:max_num_seqs{model_name="m"} 16\n')
+    assert (full.running, full.queue, full.batch_cap, full.reports_queue) == (3.0, 1.0, 16, True)
+    vllm = parse_engine_metrics('vllm:num_requests_running{model_name="m"} 3\n')
+    assert (vllm.batch_cap, vllm.reports_queue) == (0, True)
+    kv_only = parse_engine_metrics('vllm:kv_cache_usage_perc{model_name="m"} 0.5\n')
+    assert (kv_only.kv_usage, kv_only.reports_queue) == (0.5, False)
 
 
 def test_stale_metrics_do_not_saturate_an_idle_endpoint():

@@ -224,6 +224,7 @@ class EngineCore:
         pool = self.scheduler.kv.pool
         return EngineStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            max_num_seqs=self.scheduler.config.max_num_seqs,
             kv_cache_usage=pool.usage, num_kv_blocks=pool.num_blocks, block_size=pool.block_size,
             prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
             prefix_cache_queries=c.prefix_cache_queries, prefix_cache_hits=c.prefix_cache_hits,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
+    max_num_seqs: int = 0                     # the running batch's cap: beyond it requests wait
     kv_cache_usage: float = 0.0               # used blocks / total blocks, 0..1
     num_kv_blocks: int = 0
     block_size: int = 16

@@ -35,7 +35,8 @@ _QUEUE = {"vllm:num_requests_waiting", "sglang:num_queue_reqs"}
 _RUNNING = {"vllm:num_requests_running", "sglang:num_running_reqs"}
 _KV = {"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"}
 _LORA = "vllm:lora_requests_info"
-_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA})
+_BATCH_CAP = "inferstack:max_num_seqs"  # our engines: how many requests the running batch takes at once
+_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA, _BATCH_CAP})
 _NO_METRICS_RETRY_S = 5.0
 
 
@@ -47,6 +48,8 @@ class ScrapedMetrics:
     adapters_active: frozenset[str] = frozenset()
     adapters_waiting: frozenset[str] = frozenset()
     max_lora: int = 0
+    batch_cap: int = 0
+    reports_queue: bool = True  # a waiting or running family is present (not only KV use)
 
 
 def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
@@ -59,7 +62,9 @@ def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
         return None
     m = ScrapedMetrics(queue=sum(v for n in _QUEUE for v in scrape.select(n).values()),
                        running=sum(v for n in _RUNNING for v in scrape.select(n).values()),
-                       kv_usage=max((v for n in _KV for v in scrape.select(n).values()), default=0.0))
+                       kv_usage=max((v for n in _KV for v in scrape.select(n).values()), default=0.0),
+                       batch_cap=int(sum(scrape.select(_BATCH_CAP).values())),
+                       reports_queue=any(scrape.has(n) for n in _QUEUE | _RUNNING))
     lora = scrape.select(_LORA)
     if lora:  # several series over time: the newest (its value is a timestamp) is the current state
         labels = dict(max(lora, key=lambda k: lora[k]))
@@ -107,7 +112,7 @@ class Endpoint:
                                 max_concurrency=self.max_concurrency)
         return EndpointView(self.id, m.queue, m.running, m.kv_usage, now - self.metrics_at, True,
                             self.in_flight, self.healthy, self.max_concurrency, m.adapters_active,
-                            m.adapters_waiting, m.max_lora)
+                            m.adapters_waiting, m.max_lora, m.batch_cap, m.reports_queue)
 
     def request_failed(self, cfg: GatewayConfig) -> None:
         self.failures += 1

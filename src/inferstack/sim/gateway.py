@@ -131,6 +131,7 @@ class SimGateway:
             v = ep.view
             if ep.scraped_tick != tick and ep.replica.up:
                 v.queue, v.running, v.kv_usage = ep.replica.snapshot_metrics()
+                v.batch_cap = ep.replica.scheduler.config.max_num_seqs  # `inferstack:max_num_seqs`, as live
                 v.has_metrics = True
                 ep.scraped_tick = tick
             if v.has_metrics:

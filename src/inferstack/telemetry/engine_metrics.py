@@ -46,6 +46,10 @@ ENGINE_METRICS: tuple[MetricDef, ...] = (
               stat="num_running"),
     MetricDef("vllm:num_requests_waiting", "gauge", "Requests queued, waiting to be scheduled.",
               stat="num_waiting"),
+    MetricDef("inferstack:max_num_seqs", "gauge",
+              "Most requests the engine runs at once (its running-batch cap); beyond it requests wait. "
+              "The gateway reads it to tell requests the engine can start at once from queued ones.",
+              stat="max_num_seqs"),
     MetricDef("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0-1).",
               stat="kv_cache_usage"),
     MetricDef("vllm:prompt_tokens_total", "counter", "Prompt tokens processed (prefill), cached ones included.",

@@ -30,15 +30,33 @@ class EndpointView:
     adapters_active: frozenset[str] = frozenset()
     adapters_waiting: frozenset[str] = frozenset()
     max_lora: int = 0
+    # the engine's running-batch cap (`inferstack:max_num_seqs`), 0 when it does not export one
+    batch_cap: int = 0
+    # the endpoint exports a waiting or running count (not only KV use): in-flight can be compared to it
+    reports_queue: bool = True
 
     def stale(self, stale_after_s: float) -> bool:
         return self.has_metrics and self.metrics_age_s > stale_after_s
 
     def queued_now(self) -> float:
-        """The engine's queue as of now: what it reported, or more when the gateway has more in
-        flight there than the engine reported running (sent, or finished, after its metrics were
-        taken: the running batch is assumed unchanged and the rest waits)."""
-        return max(self.queue, self.in_flight - self.running)
+        """The engine's queue as of now: what it reported, plus the requests this gateway has in flight
+        there beyond what the engine reported (sent, or finished, after its metrics were taken) that its
+        running batch has no room for. Without a batch cap (engines that do not export
+        `inferstack:max_num_seqs`) the running batch is assumed full and all of them wait; with one, they
+        take the free batch slots first, as the engine's scheduler does, unless it already has a queue
+        (then something else, such as KV space, holds it back and new requests wait too).
+
+        NOTE (why the cap and not an "unseen" count): at thousands of requests a second a request lives
+        for less than a scrape interval, so nearly all of what the gateway has in flight is newer than
+        the engine's last report. Counting those as queued held an idle pool of fast engines at the
+        queue threshold (flow control queued 2,990 of 3,000 requests at c64), and discounting them
+        reopened the burst pile-up on CPU engines whose gauges lag a step. Only the engine knows how
+        many it can start at once; see docs/gateway.md, "The saturation signal"."""
+        if not self.reports_queue:
+            return 0.0
+        unreported = self.in_flight - self.running - self.queue
+        free = max(0.0, self.batch_cap - self.running) if self.batch_cap and self.queue <= 0 else 0.0
+        return self.queue + max(0.0, unreported - free)
 
     def load(self) -> float:
         """Work at the endpoint: the gateway's own in-flight count, or the engine's if larger
