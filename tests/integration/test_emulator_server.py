@@ -67,7 +67,7 @@ def test_bench_against_the_emulated_fleet(fleet: Server, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_served_model_name(tmp_path: Path) -> None:
+def test_served_model_name() -> None:
     # the refusals of bad --emulate settings: tests/unit/test_engine_server_cli.py (no process needed)
     srv = start_inferstack(["engine", "serve", "--emulate", "cpu:smollm2-135m", "--served-model-name", "tiny"])
     try:
