@@ -43,3 +43,16 @@ def test_help_explains_the_server() -> None:
     assert res.exit_code == 0
     for words in ("OpenAI-compatible", "--ready-file", "--port", "--api-key", "--kv-cache-bytes", "--log-format"):
         assert words in res.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--emulate", "tpu:llama-3-8b"], "unknown hardware"),
+    (["--emulate", "h100:llama-3-70b"], "does not fit"),
+    (["--emulate", "h100:llama-3-8b", "--kv-tiers", "host"], "--kv-tiers needs a real engine"),
+    (["--model", "smollm2-135m", "--emulate-kv-link-gbps", "25"], "--emulate-kv-link-gbps needs --emulate"),
+    (["--emulate", "h100:llama-3-8b", "--emulate-kv-link-gbps", "25"], "needs --role prefill or --role decode"),
+])
+def test_bad_emulation_settings_exit_2_before_serving(args: list[str], message: str) -> None:
+    """Refused with exit 2 and a message naming the fix, before any port is bound or model loaded."""
+    res = CliRunner().invoke(app, ["engine", "serve", *args, "--port", "0"])
+    assert res.exit_code == 2 and message in res.output, res.output
