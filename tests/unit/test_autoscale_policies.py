@@ -15,7 +15,7 @@ from inferstack.autoscale.hpa import HPA
 from inferstack.autoscale.kpa import KPA
 from inferstack.autoscale.planner import DecodePoint, Planner
 from inferstack.autoscale.signals import PoolSample, SignalError, check_signal
-from inferstack.autoscale.slo import SLO
+from inferstack.autoscale.slo import SLO, fit
 from inferstack.autoscale.spec import PolicySpecError, parse_policy
 
 
@@ -102,7 +102,7 @@ def steady(n=13, dt=10.0, demand=60, arrivals=50, completions=50, **kw) -> list[
 
 
 def test_slo_sizes_by_littles_law_with_square_root_staffing():
-    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=1.5)
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=1.5, horizon_s=0)   # no forecast here
     need = 5 * 12 / 12                                          # rate x time in system / concurrency
     assert slo.need(steady(ttft=0.5, tpot=0.05))[0] == pytest.approx(need + 1.5 * need ** 0.5)
     assert slo.decide(steady(ttft=0.5, tpot=0.05), 4).desired == 9            # 5 + 3.35, up at once
@@ -246,3 +246,38 @@ def test_driver_slices_each_pool_and_bounds_the_answer():
     scaler = PolicyAutoscaler(KPA(target=8), Bounds(min_replicas=1, max_replicas=6))
     assert scaler.desired(fleet, {"a": 4, "b": 4}) == {"a": 6, "b": 2}
     assert [(pool, d.policy) for _, pool, d in scaler.decisions] == [("a", "kpa"), ("b", "kpa")]
+
+
+def ramp(rates, dt=10.0, demand=60, completions=50, in_tokens=None) -> list[PoolSample]:
+    """A settled window whose arrival rate per interval follows ``rates`` (req/s)."""
+    base = steady(n=len(rates), dt=dt, demand=demand, completions=completions, ttft=0.5, tpot=0.05)
+    return [PoolSample(**{**s.__dict__, "arrivals": round(r * dt),
+                          "input_tokens": round(r * dt) * (in_tokens[i] if in_tokens else 0)})
+            for i, (s, r) in enumerate(zip(base, rates, strict=True))]
+
+
+def test_slo_forecast_scales_ahead_of_a_ramp_by_the_horizon():
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, horizon_s=30, trend_window_s=60)
+    rising = ramp([1, 1, 1, 1, 1, 1, 1, 2, 3, 4, 5, 6, 7])       # +0.1 req/s per second over the last minute
+    assert slo.rate(rising) == pytest.approx(7 + 0.1 * 30)       # the newest rate, 30 s ahead on the trend
+    assert SLO(horizon_s=0).rate(rising) == pytest.approx(7.0)   # no forecast: the newest rate
+    falling = ramp([7, 7, 7, 7, 7, 7, 7, 6, 5, 4, 3, 2, 1])
+    assert slo.rate(falling) == pytest.approx(1.0)               # a falling trend does not shrink scale-up
+    # scale-down: the fitted level, and only as far as the horizon's forecast allows (a lull is noise)
+    lull = ramp([5] * 12 + [1])
+    assert slo.rate(lull) == pytest.approx(1.0)
+    assert slo.rate(lull, down=True) == pytest.approx(13 / 3 - 25 * 100 / 1750)   # the line's value now: 2.9
+    rising_then_lull = ramp([1, 1, 1, 1, 1, 1, 1, 2, 3, 4, 5, 6, 1])
+    level, slope = fit(rising_then_lull, 60)
+    assert slope > 0 and slo.rate(rising_then_lull, down=True) == pytest.approx(level + slope * 30)
+
+
+def test_slo_token_aware_demand_weighs_long_prompts():
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, tokens=True)
+    usual = ramp([5] * 13, in_tokens=[1000] * 13)
+    assert slo.rate(usual) == pytest.approx(5.0)
+    long_now = ramp([5] * 13, in_tokens=[1000] * 12 + [3000])    # the newest arrivals bring 3x the prompt
+    window_in = (11 * 1000 + 3000) / 12                          # the 120 s window: the newest 12 intervals
+    out = usual[-1].output_tokens                                # 0 here: the weight is the prompts'
+    assert out == 0 and slo.rate(long_now) == pytest.approx(5.0 * 3000 / window_in)
+    assert SLO(tokens=False).rate(long_now) == pytest.approx(5.0)

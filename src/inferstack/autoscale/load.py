@@ -84,8 +84,10 @@ def by_role(endpoints: Sequence[EndpointLoad]) -> dict[str, list[EndpointLoad]]:
 class LoadSampler:
     """Successive snapshots of one pool → one `PoolSample` per role (amounts since the previous snapshot)."""
 
-    def __init__(self) -> None:
-        self.prev: LoadSnapshot | None = None
+    def __init__(self, origin: LoadSnapshot | None = None) -> None:
+        """``origin``: the snapshot the first one is differenced against; None: the first sample has no
+        amounts (a reader joining a running gateway knows nothing of what came before)."""
+        self.prev: LoadSnapshot | None = origin
 
     @property
     def since(self) -> float:

@@ -14,6 +14,13 @@ starting, ``need`` is multiplied by the miss (at most ``max_boost``): the concur
 too optimistic for these requests. Replicas that are starting are the answer to the misses already
 seen, so they are not boosted again (the old latency-only policy overshot to its bound that way).
 
+Forecast: the arrival rate's least-squares trend over ``trend_window_s`` is carried ``horizon_s`` ahead (set
+it to the replicas' cold start): on a rising trend a replica ordered now is sized for the rate it will meet
+when it joins. A scale-down uses the trend line's value now instead of the newest interval (one quiet
+interval is noise) and also looks ``horizon_s`` ahead, so the fleet does not shrink into a rise it would
+have to buy back a cold start later. ``tokens`` (off by default) weighs the arrivals by their prompt length
+against the window's.
+
 Bursts: ``spare`` x sqrt(need) replicas more (square-root staffing: the headroom that absorbs a
 burst during the cold start of the replicas it calls for costs little on a large fleet, and is what
 keeps a small one within the objectives). Scale-up is immediate; scale-down takes the highest need of
@@ -42,13 +49,13 @@ class SLO:
     concurrency: float = 12.0             # requests in the system one replica serves within the objectives
     rate_window_s: float = 10.0           # the arrival rate and the latencies that boost: this recent
     window_s: float = 120.0               # time in the system (Little's law) measured over this
-    spare: float = 1.5                    # square-root staffing: need + spare x sqrt(need) (burst headroom)
-    max_boost: float = 1.5
+    spare: float = 0.75                   # square-root staffing: need + spare x sqrt(need) (burst headroom)
+    max_boost: float = 2.0
     scale_down_stabilization_s: float = 40.0
     max_step_down: float = 0.5            # fraction of the replicas one decision may remove
     # the forecast: the arrival rate's trend over ``trend_window_s`` (least squares) carried ``horizon_s``
     # ahead, the replicas' cold start: a replica ordered now serves the rate of then. 0 s: no forecast
-    horizon_s: float = 0.0
+    horizon_s: float = 30.0
     trend_window_s: float = 60.0
     tokens: bool = False                  # demand in request equivalents weighted by prompt length
     name: str = "slo"

@@ -130,7 +130,8 @@ class Simulation:
         self._window_ttft: list[float] = []
         self._window_tpot: list[float] = []
         self._samples: list[MetricSample] = []
-        self._load = LoadSampler()               # the pool's snapshots differenced, as live actuators do
+        # the pool's snapshots differenced, as live actuators do; the simulation's counts start at 0 at t = 0
+        self._load = LoadSampler(LoadSnapshot(POOL, 0.0, 0, 0, 0, 0, None, None, held=0, queued=0))
         self._last_busy: dict[str, float] = {}   # replica id -> its modelled device time at the last sample
         self.planned = 0
         self.model = s.fleets[0].profile.model.name
