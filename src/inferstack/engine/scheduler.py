@@ -284,9 +284,12 @@ class Scheduler:
     def _start_async_load(self, request: Request, hits: list[KVBlock], num_hit: int, num_external: int,
                           now: float) -> bool:
         """Allocate the blocks an asynchronous load fills (uncached until it ends), start it, and park
-        the request until `_take_loaded` hears it ended; False when the pool is short of blocks."""
+        the request until `_take_loaded` hears it ended; False when the pool is short of blocks. The
+        prompt's last tokens get their block now too: parked requests holding every free block between
+        them, none able to run for want of one more, would wait for each other forever."""
         assert self.connector is not None
-        if not self.kv.allocate_slots(request, num_external, hits, cache=False):
+        rest = request.num_tokens - num_hit - num_external
+        if not self.kv.allocate_slots(request, num_external + rest, hits, cache=False):
             return False
         self.waiting.pop()
         request.num_computed_tokens = num_hit + num_external
