@@ -223,17 +223,8 @@ class Scheduler:
                 continue
             # `request` itself was preempted: the list shrank under index i.
 
-        while (not preempted_this_step and self._kv_ready and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
-            request = self._kv_ready[0]
-            n = self._chunk(request, budget)
-            if not self.kv.allocate_slots(request, n):
-                break
-            self._kv_ready.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.seqs.append(self._scheduled(request, n))
-            budget -= n
+        if not preempted_this_step:
+            budget = self._schedule_kv_ready(out, budget)
 
         fetching: list[Request] = []     # external KV still on its way: they wait, others go
         while (not preempted_this_step and len(self.waiting) > 0 and budget > 0
@@ -267,6 +258,20 @@ class Scheduler:
         for request in reversed(fetching):
             self.waiting.add(request, front=True)
         return out
+
+    def _schedule_kv_ready(self, out: SchedulerOutput, budget: int) -> int:
+        """Run the requests whose asynchronous load ended (their blocks are all allocated); the budget left."""
+        while self._kv_ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self._kv_ready[0]
+            n = self._chunk(request, budget)
+            if not self.kv.allocate_slots(request, n):
+                break
+            self._kv_ready.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.seqs.append(self._scheduled(request, n))
+            budget -= n
+        return budget
 
     def _count_admission(self, request: Request, num_hit: int, num_external: int, now: float) -> None:
         if request.num_cached_tokens >= 0:      # admitted before (preempted or recomputed since)
