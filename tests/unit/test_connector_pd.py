@@ -302,7 +302,8 @@ def test_engine_keeps_stepping_while_a_nixl_read_fills_a_requests_blocks(prefill
     pulling = d.submit(PROMPT, kv_transfer_params=params, rid="pd")
     step_until(d, started.is_set, "the READ to start")
     assert pulling.status is RequestStatus.WAITING_FOR_REMOTE_KVS and d.sched.num_waiting == 1
-    assert len(d.sched.kv.block_ids("pd")) == 32 and d.sched.kv.pool.get_cached_block(pulling.block_hashes[0]) is None
+    # 32 blocks READ + the last 8 prompt tokens' block, allocated up front; none cached while the READ runs
+    assert len(d.sched.kv.block_ids("pd")) == 33 and d.sched.kv.pool.get_cached_block(pulling.block_hashes[0]) is None
     other_prompt = [(i * 7 + 3) % 500 for i in range(40)]
     other = d.submit(other_prompt, rid="other")
     step_until(d, lambda: other.is_finished, "the other request")
@@ -323,10 +324,25 @@ def test_abort_during_a_nixl_read_frees_the_blocks_once_the_read_ended(prefill):
     pulling = d.submit(PROMPT, kv_transfer_params=params, rid="pd")
     step_until(d, started.is_set, "the READ to start")
     d.sched.finish_request("pd", FinishReason.ABORT)
-    assert pulling.is_finished and d.sched.kv.pool.num_free_blocks == 128 - 32, \
+    assert pulling.is_finished and d.sched.kv.pool.num_free_blocks == 128 - 33, \
         "blocks a READ is writing into are not handed out again"
     go.set()
     step_until(d, lambda: not d.sched.has_unfinished(), "the aborted READ to end")
     assert d.sched.kv.pool.num_free_blocks == 128 and d.sched.kv.pool.get_cached_block(pulling.block_hashes[0]) is None
     assert d.generate(PROMPT, rid="again") == baseline(), "nothing of the aborted request leaked into the cache"
+    d.connector.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_two_reads_that_fill_the_pool_between_them_both_finish(prefill):
+    """Two pulling requests whose READ blocks alone take the whole pool: each gets its last prompt block
+    with its READ blocks, so one runs while the other waits for blocks, instead of both parked forever."""
+    second = [(i * 17 + 11) % 500 for i in range(520)]
+    params = [run_prefill(prefill), run_prefill(prefill, second, rid="p2")]
+    d = ToyEngine(PDConnector("decode", trust=TRUST, block_size=BS, transport="nixl"), num_blocks=64)
+    a = d.submit(PROMPT, kv_transfer_params=params[0], rid="a")
+    b = d.submit(second, kv_transfer_params=params[1], rid="b")
+    step_until(d, lambda: a.is_finished and b.is_finished, "both pulled requests")
+    assert a.output_token_ids == baseline() and b.output_token_ids == baseline(second)
+    assert d.sched.counters.external_prefix_cache_hits == 2 * 512, "both READs were used, neither recomputed"
     d.connector.shutdown()

@@ -435,3 +435,16 @@ def test_kv_reuse_without_what_it_needs_fails_the_render(values, message):
     with pytest.raises(RenderError) as exc:
         render(values)
     assert message in str(exc.value)
+
+
+def test_deploy_values_carry_up_kv_reuse_and_render(tmp_path):
+    from inferstack.kube.values import ValuesError, chart_values
+
+    pool = "pools:\n  default:\n    endpoints: [http://127.0.0.1:8001]\n"
+    cfg = parse_config("up: {kv_reuse: true}\n" + pool + f"    precise_prefix: {{model_digest: '{'ef' * 32}'}}\n")
+    values = chart_values(cfg, tmp_path)
+    assert values["engines"]["inferstack"] == {"kvReuse": True, "kvTransferSecret": "inferstack-kv-transfer"}
+    args = container(engine(render({**values, "accelerator": {"type": "cpu"}}), "decode"))["args"]
+    assert "--kv-reuse" in args
+    with pytest.raises(ValuesError, match=r"needs pools\.default\.precise_prefix"):
+        chart_values(parse_config("up: {kv_reuse: true}\n" + pool), tmp_path)

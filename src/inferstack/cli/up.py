@@ -70,8 +70,9 @@ def up(
         "replicas share a disk tier in the log directory and a Redis server that up starts (unless up.kv in "
         "--config names them); see docs/kv-cache.md.")] = None,
     kv_transport: Annotated[str | None, typer.Option(
-        "--kv-transport", help="With --prefill/--decode: how engines move KV, auto|nixl|tcp|shm (default auto: "
-        "NIXL over UCX when installed and UCX starts, else shared memory); see docs/disaggregation.md.")] = None,
+        "--kv-transport", help="With --prefill/--decode or --kv-reuse: how engines move KV, auto|nixl|tcp|shm "
+        "(default auto: NIXL over UCX when installed and UCX starts, else shared memory); see "
+        "docs/disaggregation.md.")] = None,
     kv_reuse: Annotated[bool | None, typer.Option(
         "--kv-reuse/--no-kv-reuse", help="Cross-replica KV reuse: a replica READs a prompt prefix another replica "
         "holds (over NIXL) instead of computing it; the gateway learns who holds what from the engines' KV "

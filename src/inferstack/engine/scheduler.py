@@ -225,17 +225,8 @@ class Scheduler:
                 continue
             # `request` itself was preempted: the list shrank under index i.
 
-        while (not preempted_this_step and self._kv_ready and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
-            request = self._kv_ready[0]
-            n = self._chunk(request, budget)
-            if not self.kv.allocate_slots(request, n):
-                break
-            self._kv_ready.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.seqs.append(self._scheduled(request, n))
-            budget -= n
+        if not preempted_this_step:
+            budget = self._schedule_kv_ready(out, budget)
 
         fetching: list[Request] = []     # external KV still on its way: they wait, others go
         while (not preempted_this_step and len(self.waiting) > 0 and budget > 0
@@ -270,6 +261,20 @@ class Scheduler:
             self.waiting.add(request, front=True)
         return out
 
+    def _schedule_kv_ready(self, out: SchedulerOutput, budget: int) -> int:
+        """Run the requests whose asynchronous load ended (their blocks are all allocated); the budget left."""
+        while self._kv_ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self._kv_ready[0]
+            n = self._chunk(request, budget)
+            if not self.kv.allocate_slots(request, n):
+                break
+            self._kv_ready.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.seqs.append(self._scheduled(request, n))
+            budget -= n
+        return budget
+
     def _count_admission(self, request: Request, num_hit: int, num_external: int, now: float) -> None:
         if request.num_cached_tokens >= 0:      # admitted before (preempted or recomputed since)
             return
@@ -286,9 +291,12 @@ class Scheduler:
     def _start_async_load(self, request: Request, hits: list[KVBlock], num_hit: int, num_external: int,
                           now: float) -> bool:
         """Allocate the blocks an asynchronous load fills (uncached until it ends), start it, and park
-        the request until `_take_loaded` hears it ended; False when the pool is short of blocks."""
+        the request until `_take_loaded` hears it ended; False when the pool is short of blocks. The
+        prompt's last tokens get their block now too: parked requests holding every free block between
+        them, none able to run for want of one more, would wait for each other forever."""
         assert self.connector is not None
-        if not self.kv.allocate_slots(request, num_external, hits, cache=False):
+        rest = request.num_tokens - num_hit - num_external
+        if not self.kv.allocate_slots(request, num_external + rest, hits, cache=False):
             return False
         self.waiting.pop()
         request.num_computed_tokens = num_hit + num_external

@@ -79,7 +79,8 @@ class UpSettings(BaseModel):
         None, description="Run `prefill` + `decode` engines with PD roles behind a PD pool; the engine count "
         "is their sum (`replicas`, if given, must equal it).")
     kv_transport: KVTransport = Field(
-        "auto", description="How PD engines move KV (`engine serve --kv-transport`): nixl (NIXL over UCX), "
+        "auto", description="How PD (and kv_reuse) engines move KV (`engine serve --kv-transport`): nixl (NIXL "
+        "over UCX), "
         "shm (shared memory on one host, TCP otherwise), tcp; auto = nixl when it imports and UCX starts, "
         "else shm (docs/disaggregation.md).")
     kv_reuse: bool = Field(
