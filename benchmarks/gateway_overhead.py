@@ -18,7 +18,9 @@ older commit's ``src``), same run, for before/after comparisons of a change.
 ``--cpu-reps N`` measures only the gateway's own CPU per request (µs, median of N runs of ``--total``
 requests at the last ``--concurrency`` level, targets interleaved run by run): on a busy machine wall-clock
 throughput swings 2x between identical runs, CPU seconds per request do not. With ``--baseline-src``
-it is a before/after of a change; peers are measured the same way when named.
+it is a before/after of a change; peers are measured the same way when named. ``--floor`` adds
+`gateway_floor.py` (a bare proxy on the same uvicorn stack and upstream client): the part of our CPU that
+no trimming of the pipeline can remove.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import orjson
@@ -38,6 +41,7 @@ from gateway_common import (
     start_fake_engines,
     start_inferstack_gateway,
     start_litellm,
+    start_ready_file,
     start_sglang_router,
     start_vllm_router,
     throughput,
@@ -105,6 +109,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also run our gateway (default preset) from this src/ directory, as a baseline")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run a bare ASGI proxy on our server stack (benchmarks/gateway_floor.py)")
     ap.add_argument("--cpu-reps", type=int, default=0,
                     help="only measure CPU µs per request, median of this many runs per target (see above)")
     args = ap.parse_args()
@@ -146,6 +152,11 @@ def main() -> None:
             procs.append(gw)
             targets.append(("inferstack default (baseline)", gw.url, {"authorization": f"Bearer {KEY}"},
                             gw.proc.pid))
+        if args.floor:
+            fl = start_ready_file("floor", [sys.executable, str(Path(__file__).with_name("gateway_floor.py")),
+                                            *(a for w in workers for a in ("--upstream", w)), "--port", "0"])
+            procs.append(fl)
+            targets.append(("bare proxy on our server stack (floor)", fl.url, {}, fl.proc.pid))
         if "sglang" in peers:
             for policy in ("round_robin", "cache_aware"):
                 p = start_sglang_router(workers, policy)
