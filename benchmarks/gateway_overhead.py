@@ -14,6 +14,13 @@ adds a row without flow control, to see what the queue costs.
 
 ``--baseline-src DIR`` adds our gateway run from another source tree (e.g. ``git archive`` of an
 older commit's ``src``), same run, for before/after comparisons of a change.
+
+``--cpu-reps N`` measures only the gateway's own CPU per request (µs, median of N runs of ``--total``
+requests at the last ``--concurrency`` level, targets interleaved run by run): on a busy machine wall-clock
+throughput swings 2x between identical runs, CPU seconds per request do not. With ``--baseline-src``
+it is a before/after of a change; peers are measured the same way when named. ``--floor`` adds
+`gateway_floor.py` (a bare proxy on the same uvicorn stack and upstream client): the part of our CPU that
+no trimming of the pipeline can remove.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import orjson
@@ -33,6 +41,7 @@ from gateway_common import (
     start_fake_engines,
     start_inferstack_gateway,
     start_litellm,
+    start_ready_file,
     start_sglang_router,
     start_vllm_router,
     throughput,
@@ -69,6 +78,21 @@ def queued_requests(gateway_url: str) -> float:
     return sum(promtext.parse(text, 0.0, names=frozenset({name})).select(name).values())
 
 
+def cpu_only(targets: list[tuple], body: bytes, total: int, concurrency: int, reps: int) -> None:
+    """CPU µs per request of each target, runs interleaved across targets so load drifts hit all alike."""
+    samples: dict[str, list[float]] = {t[0]: [] for t in targets}
+    for _name, base, headers, _ in targets:  # warm-up: connections, caches, first scrapes
+        asyncio.run(throughput(base + "/v1/chat/completions", body, min(total, 500), concurrency, headers))
+    for _ in range(reps):
+        for name, base, headers, pid in targets:
+            cpu0 = cpu_seconds(pid)
+            asyncio.run(throughput(base + "/v1/chat/completions", body, total, concurrency, headers))
+            samples[name].append((cpu_seconds(pid) - cpu0) / total * 1e6)
+    print(f"\n| target | c{concurrency} CPU µs/req (median of {reps}) | runs |\n|---|---:|---|")
+    for name, v in samples.items():
+        print(f"| {name} | {median(v):.0f} | {', '.join(f'{x:.0f}' for x in v)} |")
+
+
 def _fmt(v: object) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -85,6 +109,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also run our gateway (default preset) from this src/ directory, as a baseline")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run a bare ASGI proxy on our server stack (benchmarks/gateway_floor.py)")
+    ap.add_argument("--cpu-reps", type=int, default=0,
+                    help="only measure CPU µs per request, median of this many runs per target (see above)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     peers = [p for p in args.peers.split(",") if p]
@@ -124,6 +152,11 @@ def main() -> None:
             procs.append(gw)
             targets.append(("inferstack default (baseline)", gw.url, {"authorization": f"Bearer {KEY}"},
                             gw.proc.pid))
+        if args.floor:
+            fl = start_ready_file("floor", [sys.executable, str(Path(__file__).with_name("gateway_floor.py")),
+                                            *(a for w in workers for a in ("--upstream", w)), "--port", "0"])
+            procs.append(fl)
+            targets.append(("bare proxy on our server stack (floor)", fl.url, {}, fl.proc.pid))
         if "sglang" in peers:
             for policy in ("round_robin", "cache_aware"):
                 p = start_sglang_router(workers, policy)
@@ -140,6 +173,9 @@ def main() -> None:
             procs.append(p)
             targets.append((p.name, p.url, {"authorization": f"Bearer {p.extra['key']}"}, p.proc.pid))
 
+        if args.cpu_reps:
+            cpu_only(targets[1:], body, args.total, levels[-1], args.cpu_reps)
+            return
         seqs = asyncio.run(interleaved_latencies([(b + "/v1/chat/completions", h) for _, b, h, _ in targets],
                                                  body, args.seq))
         direct = seqs[0]

@@ -111,3 +111,34 @@ def test_a_burst_is_bounded_by_requests_the_engines_have_not_reported(lagging_en
         assert 2 * 2 <= peak <= 2 * (2 + 5), peak
     finally:
         gw.stop()
+
+
+def _queued_total(url: str) -> float:
+    """Requests flow control has queued so far (the queue-wait histogram's count)."""
+    text = httpx.get(url + "/metrics").text
+    return sum(float(v) for v in re.findall(r'^inferstack_gateway_queue_wait_seconds_count\{[^}]*\} (\S+)$',
+                                            text, re.M))
+
+
+@pytest.fixture(scope="module")
+def lagging_wide_engines():
+    # the same lagging gauges, but a running batch of 256 (exported as inferstack:max_num_seqs)
+    engines = [start_fake_engine("--ttft-ms", "30", "--tokens", "4", "--itl-ms", "5", "--metrics-lag-ms", "3000")
+               for _ in range(2)]
+    yield engines
+    for e in engines:
+        e.stop()
+
+
+def test_unreported_requests_fill_free_batch_slots_before_anything_queues(lagging_wide_engines):
+    """The c64 trap: engines whose last report shows an empty batch while the gateway has dozens in
+    flight there. With room in their batch, none of those requests is queued at the gateway (the
+    previous estimate counted every unreported request as waiting and queued 30 of these 40)."""
+    gw = start_gateway({"pools": {"p": {"endpoints": [e.url for e in lagging_wide_engines],
+                                        "models": ["fake-model"]}}})
+    try:
+        statuses = asyncio.run(_burst_then_steady(gw.url, burst=40, rate=20, seconds=1.0))
+        assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
+        assert _queued_total(gw.url) == 0
+    finally:
+        gw.stop()

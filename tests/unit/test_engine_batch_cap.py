@@ -21,6 +21,8 @@ def test_emulated_engines_cap_like_the_hardware_they_stand_for():
     gpu = build_emulated_engine(EngineConfig(model="llama-3-8b"), parse_profile("h100:llama-3-8b"), realtime=False)
     assert cpu.core.scheduler.config.max_num_seqs == 8
     assert gpu.core.scheduler.config.max_num_seqs == 256
+    # exported on /metrics as `inferstack:max_num_seqs`: the gateway's saturation signal reads it
+    assert (cpu.core.stats().max_num_seqs, gpu.core.stats().max_num_seqs) == (8, 256)
 
 
 def test_a_grammar_that_fails_while_generating_is_the_clients_400():

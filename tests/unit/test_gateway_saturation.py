@@ -65,6 +65,9 @@ def test_the_scrape_reads_the_batch_cap_and_whether_a_queue_is_reported():
     assert (full.running, full.queue, full.batch_cap, full.reports_queue) == (3.0, 1.0, 16, True)
     vllm = parse_engine_metrics('vllm:num_requests_running{model_name="m"} 3\n')
     assert (vllm.batch_cap, vllm.reports_queue) == (0, True)
+    sglang = parse_engine_metrics('sglang:num_running_reqs{model_name="m"} 2\n'
+                                  'sglang:max_running_requests{model_name="m"} 48\n')
+    assert (sglang.running, sglang.batch_cap) == (2.0, 48)
     kv_only = parse_engine_metrics('vllm:kv_cache_usage_perc{model_name="m"} 0.5\n')
     assert (kv_only.kv_usage, kv_only.reports_queue) == (0.5, False)
 

@@ -35,8 +35,9 @@ _QUEUE = {"vllm:num_requests_waiting", "sglang:num_queue_reqs"}
 _RUNNING = {"vllm:num_requests_running", "sglang:num_running_reqs"}
 _KV = {"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"}
 _LORA = "vllm:lora_requests_info"
-_BATCH_CAP = "inferstack:max_num_seqs"  # our engines: how many requests the running batch takes at once
-_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA, _BATCH_CAP})
+# how many requests the running batch takes at once: our engines; SGLang versions that export it
+_BATCH_CAP = {"inferstack:max_num_seqs", "sglang:max_running_requests"}
+_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA, *_BATCH_CAP})
 _NO_METRICS_RETRY_S = 5.0
 
 
@@ -63,7 +64,7 @@ def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
     m = ScrapedMetrics(queue=sum(v for n in _QUEUE for v in scrape.select(n).values()),
                        running=sum(v for n in _RUNNING for v in scrape.select(n).values()),
                        kv_usage=max((v for n in _KV for v in scrape.select(n).values()), default=0.0),
-                       batch_cap=int(sum(scrape.select(_BATCH_CAP).values())),
+                       batch_cap=int(sum(v for n in _BATCH_CAP for v in scrape.select(n).values())),
                        reports_queue=any(scrape.has(n) for n in _QUEUE | _RUNNING))
     lora = scrape.select(_LORA)
     if lora:  # several series over time: the newest (its value is a timestamp) is the current state

@@ -84,7 +84,8 @@ class PoolSnapshot:
         requests onto an engine that still reported an empty queue, and judging stale metrics as
         saturated (as was KV use that counts a full prefix cache) held a healthy, idle pool at zero
         in flight. The gateway's own in-flight count is always fresh, so requests the engine has not
-        reported yet are assumed to wait in its queue until a scrape shows otherwise."""
+        reported yet are assumed to wait in its queue until a scrape shows otherwise, beyond the free
+        slots of its running batch when it exports the batch's cap (`queued_now`)."""
         if not e.healthy:
             return 1.0
         s = 0.0
