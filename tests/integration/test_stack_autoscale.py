@@ -57,6 +57,11 @@ def replicas(stack: Server, state: str = "ready") -> float:
     return metric_sum(metrics(stack), "inferstack_autoscaler_replicas", f'state="{state}"')
 
 
+def engine_pids(stack: Server) -> list[int]:
+    state = json.loads(Path(stack.ready["state_file"]).read_text())
+    return [c["pid"] for c in state["children"] if c["kind"] == "engine"]
+
+
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -92,9 +97,7 @@ def test_bad_autoscale_spec_is_a_clear_error() -> None:
 
 def test_starts_with_zero_replicas(stack: Server) -> None:
     """`--min-replicas 0` with an emulated model (its name known up front): no engine process at start."""
-    state = json.loads(Path(stack.ready["state_file"]).read_text())
-    engines = [c for c in state["children"] if c["kind"] == "engine"]
-    assert engines == [] and "starting 0 engine(s) autoscaled" in stack.log()
+    assert engine_pids(stack) == [] and "starting 0 engine(s) autoscaled" in stack.log()
     r = httpx.get(stack.url + "/v1/models", timeout=10)
     assert [m["id"] for m in r.json()["data"]] == ["meta-llama/Meta-Llama-3-8B-Instruct"]
 
@@ -174,10 +177,9 @@ def test_scale_up_under_load_then_drain_down_to_zero(stack: Server) -> None:
     loader = threading.Thread(target=_load, args=(stack, lambda: level["n"], stop, statuses))
     loader.start()
     try:
-        wait_until("two replicas under load", lambda: replicas(stack) == 2)
-        state = json.loads(Path(stack.ready["state_file"]).read_text())
-        pids = [c["pid"] for c in state["children"] if c["kind"] == "engine"]
-        assert len(pids) == 2
+        # the series and state.json are written at different moments (a drain may start in between): poll both
+        wait_until("two replicas under load", lambda: replicas(stack) == 2 and len(engine_pids(stack)) == 2)
+        pids = engine_pids(stack)
         level["n"] = 1  # demand falls to the target of one replica: one is drained while requests run
         wait_until("drained to one replica", lambda: replicas(stack) == 1 and replicas(stack, "draining") == 0)
         stop.set()

@@ -70,3 +70,22 @@ def test_the_endpoint_picker_drops_spillover():
 
     narrowed, name = single_pool(parse_config(BASE, "inferstack.yaml"), "edge")
     assert name == "edge" and set(narrowed.pools) == {"edge"} and narrowed.pools["edge"].spillover is None
+
+
+def test_a_pool_that_scales_from_zero_may_start_without_endpoints():
+    cfg = parse_config("pools:\n  default:\n    models: [m]\n    scale_from_zero: {timeout_s: 5}\n")
+    assert cfg.pools["default"].endpoints == [] and cfg.pools["default"].models == ["m"]
+    with pytest.raises(ConfigError, match="a pool needs `endpoints`"):
+        parse_config("pools:\n  default:\n    models: [m]\n")
+
+
+def test_up_starts_at_zero_only_when_the_served_name_is_known():
+    from inferstack.stack.plan import known_model_name
+    from inferstack.stack.settings import UpSettings
+
+    auto = {"policy": "kpa", "min_replicas": 0}
+    assert known_model_name(UpSettings(emulate="h100:llama-3-8b", autoscale=auto)) == \
+        "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert known_model_name(UpSettings(model="smollm2-135m", autoscale=auto)) is None      # the engine names it
+    assert known_model_name(UpSettings(model="x.gguf", autoscale=auto,
+                                       engine_args=["--served-model-name", "mine"])) == "mine"
