@@ -1,0 +1,105 @@
+"""CPU µs per request in each stage of our gateway's pipeline, in process, no network.
+
+The same configuration as `gateway_overhead.py` (keys, RPM/TPM limits, metrics, flow control on; one
+pool of two endpoints), driven request by request through the stages the HTTP front end runs: arrive
+(request id, header map), read the body, `Pipeline.start` (authenticate, parse, resolve, admit, plan),
+pick (routing), hold and the upstream request head, account, release, close. The endpoints are never
+contacted. Each stage is timed with the process CPU clock (about 0.3 µs per reading); the best of
+``--reps`` passes is reported. Together with `gateway_overhead.py --cpu-reps --floor` (the whole process,
+and a bare proxy on the same server stack) it says where a request's CPU goes (docs/benchmarks.md).
+
+    python benchmarks/gateway_stages.py [--routing default|round-robin|...] [--requests 5000] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import time
+
+import orjson
+import uvloop
+
+from inferstack.config.schema import InferstackConfig
+from inferstack.gateway.pipeline.context import Inbound
+from inferstack.gateway.pipeline.core import Pipeline
+from inferstack.gateway.server import _read_body
+from inferstack.gateway.upstream import UpstreamPool
+
+KEY = "sk-bench-tenant"
+MODEL = "bench-model"
+BODY = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "x" * 200}]})
+HEADERS = [(b"host", b"127.0.0.1:8000"), (b"authorization", f"Bearer {KEY}".encode()),
+           (b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode()),
+           (b"accept", b"*/*"), (b"accept-encoding", b"gzip, deflate")]
+USAGE = {"prompt_tokens": 50, "completion_tokens": 8, "total_tokens": 58}
+
+
+def config(routing: str) -> InferstackConfig:
+    return InferstackConfig.model_validate({
+        "pools": {"bench": {"endpoints": ["http://127.0.0.1:9", "http://127.0.0.1:10"], "models": [MODEL],
+                            "routing": routing}},
+        "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
+        "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}}})
+
+
+async def one_pass(p: Pipeline, heads: dict[str, UpstreamPool], n: int) -> dict[str, float]:
+    """µs per request in each stage over ``n`` requests."""
+    clock, acc = time.process_time, dict.fromkeys(
+        ("arrive", "read body", "start", "pick", "hold + head", "account", "release", "close"), 0.0)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": BODY, "more_body": False}
+
+    for _ in range(n):
+        t0 = clock()
+        inbound = Inbound.arrive("chat", dict(HEADERS))
+        t1 = clock()
+        body = await _read_body(receive, inbound.headers.get(b"content-length"), 1 << 20, 30.0)
+        t2 = clock()
+        gone = asyncio.get_running_loop().create_future()
+        ctx = await p.start(inbound, body, client_gone=gone)
+        t3 = clock()
+        picked = p.picker.pick(ctx)
+        t4 = clock()
+        ep = picked.endpoint
+        p.picker.hold(ctx, ep)
+        heads[ep.id]._head(b"POST", inbound.path, [*ep.request_headers, (b"x-request-id", inbound.rid)],
+                           len(ctx.plan.payload))
+        t5 = clock()
+        await p.account.finish(ctx, time.perf_counter(), USAGE, 1)
+        t6 = clock()
+        p.picker.release(ctx, ep)
+        p.picker.succeeded(ctx, ep)
+        t7 = clock()
+        await p.close(ctx)
+        t8 = clock()
+        gone.cancel()
+        for k, d in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7), strict=True):
+            acc[k] += d
+    return {k: v / n * 1e6 for k, v in acc.items()}
+
+
+async def run(routing: str, n: int, reps: int) -> dict[str, float]:
+    p = Pipeline(config(routing))
+    heads = {e.id: UpstreamPool(e.url, 1.0, 1.0) for pool in p.pools.values() for e in pool.endpoints}
+    passes = [await one_pass(p, heads, n) for _ in range(reps)]
+    return {k: min(x[k] for x in passes) for k in passes[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--routing", default="default,round-robin", help="comma list of routing presets")
+    ap.add_argument("--requests", type=int, default=5000, help="requests per pass")
+    ap.add_argument("--reps", type=int, default=3, help="passes; the best per stage is reported")
+    args = ap.parse_args()
+    rows = {r: uvloop.run(run(r, args.requests, args.reps)) for r in args.routing.split(",")}
+    stages = list(next(iter(rows.values())))
+    print("| routing | " + " | ".join(stages) + " | sum |\n|---|" + "---:|" * (len(stages) + 1))
+    for r, v in rows.items():
+        print(f"| {r} | " + " | ".join(f"{v[s]:.1f}" for s in stages) + f" | {sum(v.values()):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
