@@ -220,30 +220,3 @@ def test_a_quantized_decode_step_casts_once_per_norm_and_attends_in_bf16(tiny_di
     kernel_calls = 4 * lm.arch.num_layers
     assert hidden.dtype == torch.float32 and set(sdpa_dtypes) == {torch.bfloat16}
     assert copies <= 8 * lm.arch.num_layers + kernel_calls, copies
-
-
-def test_int4_lm_head_is_one_kernel_call_and_cached_apart(tiny_dir, monkeypatch):
-    """--quant-lm-head int4: the head is int4 g32 (one int4 call instead of the int8 head's two planes),
-    cached under its own name, and its logits stay close to the int8 head's."""
-    int8_head = load_model(str(tiny_dir), quant=QuantOptions("int4", dense_prefill=False))
-    opts = QuantOptions("int4", dense_prefill=False, lm_head="int4")
-    lm = load_model(str(tiny_dir), quant=opts)
-    assert lm.quant.formats == {"int4 g32": 9}
-    assert cache_path(lm.model_digest, opts) != cache_path(lm.model_digest, QuantOptions("int4"))
-    assert cache_path(lm.model_digest, opts).exists()
-    assert lm.quant.quantized_bytes < int8_head.quant.quantized_bytes
-    calls: list[int] = []
-    real = torch._weight_int4pack_mm_for_cpu
-    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or real(*a))
-    logits = _forward(lm, [5, 9, 13, 40, 7, 22])
-    assert len(calls) == 2 * 4 + 1
-    ref = _forward(int8_head, [5, 9, 13, 40, 7, 22])
-    assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
-    assert (logits - ref).abs().max() < 0.2 * ref.abs().max()
-
-
-def test_bad_lm_head_format_is_clear():
-    from inferstack.engine.config import EngineConfig
-
-    with pytest.raises(ValueError, match="quant_lm_head must be int8 or int4, got 'int2'"):
-        EngineConfig(model="smollm2-135m", quant_lm_head="int2")

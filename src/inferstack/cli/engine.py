@@ -103,10 +103,6 @@ def serve(
     quant_crossover_rows: Annotated[int | None, typer.Option(
         help="With --quantization and --dense-prefill: steps of this many tokens or more use the bf16 copy "
              "(default: measured at start-up).")] = None,
-    quant_lm_head: Annotated[str | None, typer.Option(
-        help="With --quantization: the LM head's format, int8 (default: a scale per 32 columns, GGUF's Q8_0 "
-             "kept exactly) or int4 (groups of 32: faster batch-1 decode, a little less accurate; see "
-             "docs/engine.md).")] = None,
     device: Annotated[Device, typer.Option(help="Where to run; auto uses CUDA when available.")] = Device.auto,
     max_model_len: Annotated[int | None, typer.Option(
         help="Longest prompt + completion in tokens (default: the model's context length, capped by the "
@@ -249,7 +245,7 @@ def serve(
     try:
         config = build_engine_config(
             model, served_model_name=served_model_name, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-            quantization=quantization, quant_lm_head=quant_lm_head,
+            quantization=quantization,
             quant_group_size=quant_group_size, dense_prefill=dense_prefill,
             quant_crossover_rows=quant_crossover_rows, device=device, max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,

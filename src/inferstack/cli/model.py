@@ -432,7 +432,6 @@ def _local_model(target: str, store: Path | None, plain_http: bool, username: st
 
 _EVAL_FORMATS = ("bfloat16", "int8", "int4", "gguf")
 _EVAL_KV = ("bfloat16", "fp8_e4m3", "int8")
-_HEAD4 = "+head4"   # a quantized format with the LM head in int4 (--quant-lm-head int4), e.g. gguf+head4
 
 
 def eval_formats(names: list[str], group_size: int, kv_dtypes: list[str] | None = None) -> list[tuple[str, dict]]:
@@ -446,13 +445,9 @@ def eval_formats(names: list[str], group_size: int, kv_dtypes: list[str] | None 
     for name in names:
         if name == "bfloat16":
             out.append(("bfloat16", {"dtype": "bfloat16"}))
-        elif name.removesuffix(_HEAD4) in ("int8", "int4", "gguf"):
-            base = name.removesuffix(_HEAD4)
-            label = f"{base} g{group_size}" if base in ("int4", "int8") else base
-            head = "int4" if name.endswith(_HEAD4) else "int8"
-            out.append((label + (", int4 LM head" if head == "int4" else ""),
-                        {"quantization": base, "dense_prefill": False, "quant_group_size": group_size,
-                         "quant_lm_head": head}))
+        elif name in ("int8", "int4", "gguf"):
+            label = f"{name} g{group_size}" if name in ("int4", "int8") else name
+            out.append((label, {"quantization": name, "dense_prefill": False, "quant_group_size": group_size}))
         else:
             raise ValueError(f"unknown format {name!r}; choose from {', '.join(_EVAL_FORMATS)}")
     return out
@@ -463,8 +458,8 @@ def eval_model(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to evaluate (alias, .gguf or HF "
                                                              "directory).")] = "smollm2-135m",
     quantization: Annotated[list[str] | None, typer.Option(
-        help="Format to compare with fp32 (repeat the flag): bfloat16, int8, int4, gguf (a .gguf model only); "
-             "add +head4 to a quantized one for an int4 LM head (gguf+head4). Default: all that apply.")] = None,
+        help="Format to compare with fp32 (repeat the flag): bfloat16, int8, int4, gguf (a .gguf model only). "
+             "Default: all that apply.")] = None,
     group_size: Annotated[int, typer.Option(help="int8/int4 columns per scale (32, 64 or 128).")] = 32,
     kv_cache_dtype: Annotated[list[str] | None, typer.Option(
         help="Also score fp32 weights with this KV cache precision (repeat the flag): bfloat16, fp8_e4m3, "

@@ -50,9 +50,6 @@ class EngineConfig:
     quant_group_size: int = 32
     dense_prefill: bool = True
     quant_crossover_rows: int | None = None
-    # The LM head's format with quantization: int8 per group of 32 (default; GGUF's Q8_0 kept exactly)
-    # or int4 groups of 32 (half the bytes, one kernel call instead of two; docs/engine.md).
-    quant_lm_head: str = "int8"
     # KV cache precision (docs/engine.md, "KV cache precision"): auto is the activations' dtype, or
     # bfloat16 with int8/int4 weights; int8 and fp8_e4m3 keep a scale per (token, KV head) in the block.
     kv_cache_dtype: KVCacheDtype = "auto"
@@ -119,8 +116,6 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quant_group_size not in (32, 64, 128):
             raise ValueError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
-        if self.quant_lm_head not in ("int8", "int4"):
-            raise ValueError(f"quant_lm_head must be int8 or int4, got {self.quant_lm_head!r}")
         if self.quant_crossover_rows is not None and self.quant_crossover_rows < 1:
             raise ValueError(f"quant_crossover_rows must be at least 1, got {self.quant_crossover_rows}")
         if self.tool_call_parser not in ("auto", "hermes", "llama3_json", "mistral", "smollm2"):

@@ -55,7 +55,6 @@ class QuantOptions:
     group_size: int = 32                # int8/int4 group (32, 64 or 128)
     dense_prefill: bool = True          # keep a bf16 copy for large steps
     crossover_rows: int | None = None   # rows from which the bf16 copy is used; None: measure
-    lm_head: str = "int8"               # int8 (a scale per 32 columns) or int4 (groups of 32)
 
 
 @dataclass
@@ -110,10 +109,6 @@ def convert_projections(model: nn.Module, opts: QuantOptions,
         key = "+".join(proj.parts)
         dense, _ = model.projection_weight(proj)
         is_head = proj is projections[-1]
-        if is_head and opts.lm_head == "int4" and dense.shape[1] % 32 == 0 and dense.shape[0] % 16 == 0:
-            out[key] = quantize_int4(dense, 32)
-            notes.append(f"{key}: LM head requantized to int4 g32 (--quant-lm-head int4)")
-            continue
         if source is not None:
             fused = concat_rows([source[p] for p in proj.parts])
             if fused is None or not _fits_kernel(fused):
@@ -133,8 +128,7 @@ def convert_projections(model: nn.Module, opts: QuantOptions,
 
 def cache_path(digest: str, opts: QuantOptions) -> Path:
     group = f"-g{opts.group_size}" if opts.quantization in ("int4", "int8") else ""
-    head = "-head4" if opts.lm_head == "int4" else ""
-    return cache_root() / "quant" / f"{digest[:16]}-{opts.quantization}{group}{head}-v{CACHE_VERSION}.safetensors"
+    return cache_root() / "quant" / f"{digest[:16]}-{opts.quantization}{group}-v{CACHE_VERSION}.safetensors"
 
 
 def save_cache(path: Path, weights: dict[str, QuantWeight], notes: list[str]) -> None:
