@@ -72,3 +72,29 @@ def test_bfloat16_close_to_float32():
     out16 = paged_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.bfloat16(), meta, hd ** -0.5)
     assert out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.float(), out32, atol=3e-2, rtol=3e-2)
+
+
+def test_bfloat16_decode_batch_matmul_path_matches_reference():
+    """Decode batches of MATMUL_DECODE_MIN_BATCH or more bf16 sequences take the two-matmul path: it must
+    agree with the dense float32 reference, mask each sequence's padding, and never read the NaN that
+    unwritten cache memory may hold (next to a prefill chunk in the same step)."""
+    from inferstack.engine.executor.attention import MATMUL_DECODE_MIN_BATCH
+
+    torch.manual_seed(1)
+    nh, nkv, hd, bs = 9, 3, 64, 4
+    decodes = max(6, MATMUL_DECODE_MIN_BATCH)
+    seqs = [*[(c % 23, 1) for c in range(1, 4 * decodes, 4)], (6, 5)]
+    need = [math.ceil((c + q) / bs) for c, q in seqs]
+    perm = torch.randperm(sum(need) + 2).tolist()
+    tables = [perm[sum(need[:i]):sum(need[:i + 1])] for i in range(len(need))]
+    cache = torch.full((2, sum(need) + 2, bs, nkv, hd), float("nan"))
+    full = [(torch.randn(c + q, nh, hd), torch.randn(c + q, nkv, hd), torch.randn(c + q, nkv, hd)) for c, q in seqs]
+    for (c, _), table, (_, k, v) in zip(seqs, tables, full, strict=True):
+        for pos in range(c):
+            cache[0, table[pos // bs], pos % bs], cache[1, table[pos // bs], pos % bs] = k[pos], v[pos]
+    meta, _ = make_meta([(t, c, q) for t, (c, q) in zip(tables, seqs, strict=True)], bs)
+    new = [torch.cat([f[i][c:] for f, (c, _) in zip(full, seqs, strict=True)]) for i in range(3)]
+    out = paged_attention(*(x.bfloat16() for x in new), cache.bfloat16(), meta, hd ** -0.5)
+    want = torch.cat([reference(qa, ka, va, c, hd ** -0.5) for (qa, ka, va), (c, _) in zip(full, seqs, strict=True)])
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    torch.testing.assert_close(out.float(), want, atol=4e-2, rtol=4e-2)

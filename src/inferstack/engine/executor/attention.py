@@ -25,6 +25,10 @@ import torch.nn.functional as F
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.executor.kv_format import KVFormat
 
+# Decode batches from this many sequences attend with plain matmuls instead of SDPA when the cache
+# reads back as bf16/fp16 on CPU (_decode_matmul); measured crossover 4 (2: SDPA 58 µs vs 74 µs; 4: 107 vs 89).
+MATMUL_DECODE_MIN_BATCH = 4
+
 
 @dataclass
 class _Prefill:
@@ -47,6 +51,7 @@ class AttentionPlan:
     # multi-megabyte tensor per layer costs more in page faults than the copy itself.
     decode_head_rows: torch.Tensor | None = None
     decode_buffer: torch.Tensor | None = None    # [2, B_d * num_kv_heads * L, row]: keys, values
+    decode_bias: torch.Tensor | None = None      # [B_d, 1, 1, L]: decode_mask as 0 / -inf, made by layer 0
     kv_format: KVFormat | None = None    # None: the cache holds the activations as they are
 
 
@@ -153,9 +158,28 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan, scale:
     kv = _load(torch.index_select(heads, 1, plan.decode_head_rows, out=plan.decode_buffer), plan.kv_format)
     kv = kv.view(2, batch, num_kv_heads, length, head_dim)
     # Query heads sharing a KV head become rows of one [group, L] score matrix: no KV repeat needed.
-    out = F.scaled_dot_product_attention(q.view(batch, num_kv_heads, group, head_dim), kv[0], kv[1],
-                                         attn_mask=plan.decode_mask, scale=scale)
+    q = q.view(batch, num_kv_heads, group, head_dim)
+    matmul = batch >= MATMUL_DECODE_MIN_BATCH and kv.dtype in (torch.bfloat16, torch.float16) and q.is_cpu
+    if plan.decode_bias is None:
+        # Additive, built once per step: SDPA would turn a bool mask into this in every layer.
+        plan.decode_bias = torch.zeros(plan.decode_mask.shape, dtype=torch.float32 if matmul else q.dtype,
+                                       device=q.device).masked_fill_(~plan.decode_mask, float("-inf"))
+    if matmul:
+        out = _decode_matmul(q, kv, plan.decode_bias, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=plan.decode_bias, scale=scale)
     return out.reshape(batch, num_heads, head_dim)
+
+
+def _decode_matmul(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention as two batched matmuls with a float32 softmax between them. torch 2.13's CPU
+    flash kernel tiles queries in blocks sized for prefill, so a decode batch's ``group`` query rows
+    per (sequence, KV head) leave most of each tile empty: 64 sequences × 256 positions of SmolLM2's
+    layer took 7.6 ms in SDPA against 1.4 ms here (bf16, 1 thread; docs/benchmarks.md). The scores
+    are rounded to bf16 once before the softmax (SDPA keeps them in float32), the same order of error
+    as the bf16 queries and keys themselves; float32 caches keep SDPA (the exact parity path)."""
+    scores = torch.matmul(q, kv[0].transpose(-1, -2)).float().mul_(scale).add_(bias)
+    return torch.matmul(scores.softmax(-1).to(kv.dtype), kv[1])
 
 
 def _sdpa_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
