@@ -204,8 +204,9 @@ class SimReplica:
 
     def settle(self, steps: int, count_next: bool = False) -> list[float]:
         """Apply the run's first ``steps`` steps and end it; returns their end times (each request of the
-        run received one token at each). ``count_next``: the step after them had begun (it counts in the
-        stats, as `begin_step` counts a step when it starts)."""
+        run received one token at each; after its last step, those that reached their length are finished).
+        ``count_next``: the step after them had begun (it counts in the stats, as `begin_step` counts a step
+        when it starts)."""
         run, self.run = self.run, None
         assert run is not None and steps <= len(run.ends)
         if steps:

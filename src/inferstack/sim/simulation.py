@@ -323,12 +323,21 @@ class Simulation:
     def _run_end(self, rep: SimReplica, run: DecodeRun) -> None:
         if rep.run is not run:
             return            # cut short (a request arrived, the replica crashed): already settled
-        self._deliver_run(rep, rep.settle(len(run.ends)))
+        self._deliver_run(run, rep.settle(len(run.ends)))
         self._next(rep)
 
-    def _deliver_run(self, rep: SimReplica, ends: list[float]) -> None:
-        for req in rep.scheduler.running:
-            self.active[req.request_id].times.extend(ends)
+    def _deliver_run(self, run: DecodeRun, ends: list[float]) -> None:
+        """The tokens of a run's settled steps, and the requests its last step finished, in batch order (as
+        `_token` takes the tokens of a step)."""
+        if not ends:
+            return
+        active = self.active
+        for req in run.requests:
+            r = active[req.request_id]
+            r.times.extend(ends)
+            if req.is_finished:
+                del active[req.request_id]
+                self._finish(r, "ok", "")
 
     def _cut(self, rep: SimReplica) -> None:
         """Something is about to change a replica mid-run: apply the steps over by now and make the step
@@ -340,7 +349,7 @@ class Simulation:
         if run is None:
             return
         done = run.completed(self.now)
-        self._deliver_run(rep, rep.settle(done))
+        self._deliver_run(run, rep.settle(done))
         started = run.ends[done - 1] if done else run.start
         dt = rep.begin_step()
         assert dt is not None and started + dt == run.ends[done], "a decode leap diverged from per-step pricing"
@@ -350,9 +359,10 @@ class Simulation:
         """The run is over at ``end``: apply every step that ended by then (as per-step events would
         have been), with the time of the last of them as the simulation's last event time."""
         for rep in self.replicas:
-            if rep.run is not None:
-                ends = rep.settle(rep.run.completed(end), count_next=True)
-                self._deliver_run(rep, ends)
+            run = rep.run
+            if run is not None:        # its last step ends after ``end`` (else its event came first): none finish
+                ends = rep.settle(run.completed(end), count_next=True)
+                self._deliver_run(run, ends)
                 if ends:
                     self.now = max(self.now, ends[-1])
 

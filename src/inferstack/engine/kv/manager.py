@@ -68,16 +68,17 @@ class KVCacheManager:
                        new_computed: Sequence[KVBlock] = ()) -> bool:
         """Give ``request`` room for ``num_new_tokens`` more tokens (after taking ``new_computed``
         cache hits); False, changing nothing, when the pool cannot."""
+        if not new_computed:
+            return self._allocate_new(request, num_new_tokens)
         needed = self._blocks_needed(request, num_new_tokens, new_computed)
         if needed > self._available(new_computed):
             return False
         blocks = self._req_blocks.setdefault(request.request_id, [])
         ids = self._req_ids.setdefault(request.request_id, [])
-        if new_computed:
-            self.pool.touch(new_computed)
-            blocks.extend(new_computed)
-            ids.extend(b.block_id for b in new_computed)
-            self._num_cached_blocks[request.request_id] = len(blocks)
+        self.pool.touch(new_computed)
+        blocks.extend(new_computed)
+        ids.extend(b.block_id for b in new_computed)
+        self._num_cached_blocks[request.request_id] = len(blocks)
         if needed > 0:
             new = self.pool.allocate(needed)
             blocks.extend(new)
@@ -86,6 +87,30 @@ class KVCacheManager:
         # them writes every new K/V before any attention reads, so a later request may share them.
         num_tokens_after = request.num_computed_tokens + len(new_computed) * self.block_size + num_new_tokens
         self._cache_full_blocks(request, num_tokens_after)
+        return True
+
+    def _allocate_new(self, request: Request, num_new_tokens: int) -> bool:
+        """`allocate_slots` without cache hits, the call of every running request at every step: the same
+        arithmetic, state changes and order, without the general path's per-call generator and lookups."""
+        rid = request.request_id
+        blocks = self._req_blocks.get(rid)
+        num_tokens_after = request.num_computed_tokens + num_new_tokens
+        needed = -(-num_tokens_after // self.block_size) - (len(blocks) if blocks is not None else 0)
+        pool = self.pool
+        if needed > 0 and needed > pool.num_free_blocks:
+            return False
+        if blocks is None:
+            blocks = self._req_blocks[rid] = []
+        ids = self._req_ids.get(rid)
+        if ids is None:
+            ids = self._req_ids[rid] = []
+        if needed > 0:
+            new = pool.allocate(needed)
+            blocks.extend(new)
+            ids.extend([b.block_id for b in new])
+        if pool.enable_caching and min(num_tokens_after, len(request.all_token_ids)) // self.block_size > \
+                self._num_cached_blocks.get(rid, 0):
+            self._cache_full_blocks(request, num_tokens_after)
         return True
 
     def forget_from(self, request: Request, first_block: int) -> set[int]:
