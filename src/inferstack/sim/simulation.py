@@ -340,8 +340,11 @@ class Simulation:
                 self._finish(r, "ok", "")
 
     def _cut(self, rep: SimReplica) -> None:
-        """Something is about to change a replica mid-run: apply the steps over by now and make the step
-        in progress an ordinary one, exactly where per-step simulation would be."""
+        """Something is about to change a replica mid-run: apply the steps over by now and end the run with
+        the step in progress, exactly where per-step simulation would be. That step was scheduled before
+        the change, so it is the run's step either way: the scheduler applies it now (its blocks were taken
+        when it began) and its tokens arrive at its end (`_landed`). When it is the run's last step, the one
+        that finishes requests, it is made an ordinary step instead (finishing is observable at once)."""
         run = rep.run
         if run is not None and run.completed(self.now) >= len(run.ends):
             self._run_end(rep, run)      # the run ends right now: end it first (the next one begins now)
@@ -349,11 +352,25 @@ class Simulation:
         if run is None:
             return
         done = run.completed(self.now)
+        if done + 1 < len(run.ends):
+            self._deliver_run(run, rep.settle_through(done))
+            self.at(run.ends[done], self._landed, rep, rep.epoch, run)
+            return
         self._deliver_run(run, rep.settle(done))
         started = run.ends[done - 1] if done else run.start
         dt = rep.begin_step()
         assert dt is not None and started + dt == run.ends[done], "a decode leap diverged from per-step pricing"
         self.at(run.ends[done], self._step, rep, rep.epoch)
+
+    def _landed(self, rep: SimReplica, epoch: int, run: DecodeRun) -> None:
+        """The end of a step `_cut` applied early: its tokens, then the next step (as `_step`)."""
+        if epoch != rep.epoch:
+            return
+        rep.land()
+        active = self.active
+        for req in run.requests:
+            active[req.request_id].times.append(self.now)
+        self._next(rep)
 
     def _settle_runs(self, end: float) -> None:
         """The run is over at ``end``: apply every step that ended by then (as per-step events would
