@@ -323,3 +323,35 @@ def test_flow_controls_free_slots_kept_incrementally_equal_the_pools_sum():
     sim.run()
     assert len(asked) > 200 and 0 in asked and max(asked) > 0     # it was asked often, full and not
     assert sim.completed == sim.arrived
+
+
+_LEAP_WORKLOADS = (
+    "synthetic:input=uniform(20,400),output=uniform(1,90)",
+    "shared-prefix:groups=2,users=3,system=120,question=uniform(10,60),output=uniform(1,70)",
+    "multi-turn:turns=3,input=40,output=uniform(1,40),think=0.05",
+    "agentic:fanout=3,context=200,input=30,output=uniform(2,50)",
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=st.sampled_from(_LEAP_WORKLOADS), routing=st.sampled_from(sorted(PRESETS)),
+       fleet=st.sampled_from((FLEET, "l4:llama-3-8b")), rate=st.floats(10, 60), seed=st.integers(0, 2**16),
+       blocks=st.sampled_from((None, 120)), max_steps=st.sampled_from((2, 7, 64)))
+def test_leaps_ending_in_finishes_and_cut_by_arrivals_keep_every_record(workload, routing, fleet, rate, seed,
+                                                                        blocks, max_steps, tmp_path_factory):
+    """Leaps that end with the step finishing requests, and leaps cut by an arrival (the step in progress
+    applied with the leap, its tokens delivered at its end), write the records of one event per step, for
+    every workload shape, routing preset and two hardware profiles, with and without KV pressure."""
+    outputs = []
+    for leap in (0, max_steps):
+        out = tmp_path_factory.mktemp("leap")
+        s = build_settings(_args(fleet=[f"{fleet}=2"], workload=workload, routing=routing, rate=rate, seed=seed,
+                                 duration=1.5), out)
+        if blocks:
+            s.engine = dataclasses.replace(s.engine, num_kv_blocks=blocks)
+        s.decode_run_steps = leap
+        sim, _ = simulate(s)
+        outputs.append(((out / "requests.stream.csv").read_bytes(), sim.now,
+                        [(r.counters(), r.stats.busy_s) for r in sim.replicas]))
+    assert outputs[0][0].count(b"\n") > 5
+    assert outputs[1] == outputs[0]

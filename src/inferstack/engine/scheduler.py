@@ -377,7 +377,8 @@ class Scheduler:
         """How many of the next steps (at most ``max_steps``) are decode steps of an unchanging batch that
         `advance_decodes` may apply at once: nothing waits or is held for a KV transfer, every running
         request has one token to compute and no stop token to watch for, none reaches its length limit
-        within them, and the pool has the blocks they need (so nothing is preempted). 0 otherwise.
+        before the last of them (the last may finish requests, as `update_from_output` would at its end),
+        and the pool has the blocks they need (so nothing is preempted). 0 otherwise.
 
         The fleet simulator uses it to leap over runs of identical decode steps; `schedule` itself never
         does this."""
@@ -393,17 +394,19 @@ class Scheduler:
             left = self.config.max_model_len - r.num_tokens
             if p.max_tokens is not None:
                 left = min(left, p.max_tokens - r.num_output_tokens)
-            limit = min(limit, left - 1)     # the step that finishes a request runs through `schedule`
+            limit = min(limit, left)         # the step that finishes a request ends the run
         while limit > 0 and sum(self.kv.blocks_needed(r, limit) for r in running) > self.kv.pool.num_free_blocks:
             limit //= 2
         return max(limit, 0)
 
-    def advance_decodes(self, steps: int, sampled: dict[str, list[int]]) -> None:
+    def advance_decodes(self, steps: int, sampled: dict[str, list[int]]) -> list[Request]:
         """Apply ``steps`` decode steps of the running batch at once (``steps`` within `decode_run_limit`),
         leaving exactly the state of ``steps`` rounds of `schedule` + `update_from_output` with those
         sampled tokens: blocks are allocated and cached in the same (step, request) order, so block ids,
-        evictions and the prefix-cache map match too. KV slot work happens only at a step that opens or
-        fills a block, so the cost is O(requests + steps x requests / block size)."""
+        evictions and the prefix-cache map match too; requests that reach their length limit at the last
+        step finish there, in batch order, after that step's allocations (as `update_from_output` releases
+        them after `schedule` allocated). Returns the batch, finished requests included. KV slot work happens
+        only at a step that opens or fills a block, so the cost is O(requests + steps x requests / block size)."""
         running, bs = self.running, self.kv.block_size
         start = [r.num_computed_tokens for r in running]
         points: set[tuple[int, int]] = set()
@@ -421,9 +424,15 @@ class Scheduler:
             r.num_computed_tokens = start[i] + j
             if not self.kv.allocate_slots(r, 1):
                 raise RuntimeError("advance_decodes beyond decode_run_limit: the pool ran out of blocks")
-        for r, nc in zip(running, start, strict=True):
+        batch = list(running)
+        for r, nc in zip(batch, start, strict=True):
             r.num_computed_tokens = nc + steps
-        self.counters.generation_tokens += steps * len(running)
+        self.counters.generation_tokens += steps * len(batch)
+        for r in batch:
+            reason, stop_reason = self._check_stop(r, r.output_token_ids[-1])
+            if reason is not None:
+                self.finish_request(r.request_id, reason, stop_reason)
+        return batch
 
     def _check_stop(self, request: Request, token: int) -> tuple[FinishReason | None, int | None]:
         params = request.sampling_params

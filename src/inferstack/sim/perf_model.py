@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from inferstack.sim.hardware import Hardware
 from inferstack.sim.models import ModelSpec
 
@@ -116,15 +118,15 @@ def decode_step_times(model: ModelSpec, hw: Hardware, contexts: Sequence[int], s
         per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * n * model.hidden_size * 2 / hw.link_bandwidth
         comm_s = 2 * model.num_layers * per_allreduce
     overhead_s = hw.step_overhead_s + hw.seq_overhead_s * n + hw.token_overhead_s * n
-    times = []
-    for j in range(steps):
-        flops = 0.0
-        for c in contexts:
-            flops += base + attn * (c + j + 1.0)
-        compute_s = (0.0 / prefill_rate + flops / decode_rate) / tp
-        memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * j + n)) / bandwidth / tp
-        times.append(max(compute_s, memory_s) + comm_s + overhead_s)
-    return times
+    # One row per step, one column per sequence, with `step_cost`'s IEEE operations elementwise: numpy's
+    # cumulative sum adds left to right as its loop does (unlike `sum`, which is pairwise), so the last
+    # column is its FLOP total bit for bit.
+    js = np.arange(steps)
+    terms = base + attn * ((np.asarray(contexts, dtype=np.int64)[None, :] + js[:, None]) + 1.0)
+    flops = np.cumsum(terms, axis=1)[:, -1]
+    compute_s = (0.0 / prefill_rate + flops / decode_rate) / tp
+    memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth / tp
+    return ((np.maximum(compute_s, memory_s) + comm_s) + overhead_s).tolist()
 
 
 def decode_floor_s(model: ModelSpec, hw: Hardware, tp: int = 1) -> float:

@@ -144,13 +144,15 @@ class SimReplica:
         self.batch: SchedulerOutput | None = None
         self.run: DecodeRun | None = None
         self._saved: dict[str, int] = {}
+        # tokens the scheduler has applied for a step still running (`settle_through`): not generated yet
+        self.ahead = 0
         self._build()
 
     def counters(self) -> dict[str, int]:
         """The engine's /metrics counters over the replica's whole life (restarts included)."""
         c = self.scheduler.counters
         now = {"prefix_cache_queries": c.prefix_cache_queries, "prefix_cache_hits": c.prefix_cache_hits,
-               "num_preemptions": c.num_preemptions, "generation_tokens": c.generation_tokens}
+               "num_preemptions": c.num_preemptions, "generation_tokens": c.generation_tokens - self.ahead}
         return {**{k: v + self._saved.get(k, 0) for k, v in now.items()}, "steps": self.stats.steps}
 
     def _build(self) -> None:
@@ -204,8 +206,9 @@ class SimReplica:
 
     def settle(self, steps: int, count_next: bool = False) -> list[float]:
         """Apply the run's first ``steps`` steps and end it; returns their end times (each request of the
-        run received one token at each). ``count_next``: the step after them had begun (it counts in the
-        stats, as `begin_step` counts a step when it starts)."""
+        run received one token at each; after its last step, those that reached their length are finished).
+        ``count_next``: the step after them had begun (it counts in the stats, as `begin_step` counts a step
+        when it starts)."""
         run, self.run = self.run, None
         assert run is not None and steps <= len(run.ends)
         if steps:
@@ -220,6 +223,20 @@ class SimReplica:
         for dt in run.dts[:counted]:
             self.stats.busy_s += dt
         return run.ends[:steps]
+
+    def settle_through(self, done: int) -> list[float]:
+        """Apply the run's ``done`` steps over and the step in progress, which is not the run's last (so
+        nothing finishes in it) and took its blocks when it began; returns the end times of the ``done``
+        steps. The step in progress delivers its tokens at its end (`land`); until then they are `ahead`."""
+        run = self.run
+        assert run is not None and done + 1 < len(run.ends)
+        ends = self.settle(done + 1)
+        self.ahead = len(run.requests)
+        return ends[:done]
+
+    def land(self) -> None:
+        """The step `settle_through` applied early has ended: its tokens are generated."""
+        self.ahead = 0
 
     def end_step(self) -> list[Request]:
         """Finish the running batch: the requests that received a token (finished ones included)."""
@@ -238,6 +255,8 @@ class SimReplica:
     def crash(self) -> list[Request]:
         """Lose every request and the KV cache; returns the requests that were on the replica."""
         lost = list(self.scheduler.requests.values())
+        self.scheduler.counters.generation_tokens -= self.ahead     # the step in progress never ends
+        self.ahead = 0
         self.up = False
         self.epoch += 1
         self.batch = None

@@ -69,16 +69,17 @@ class KVCacheManager:
         """Give ``request`` room for ``num_new_tokens`` more tokens (after taking ``new_computed``
         cache hits); False, changing nothing, when the pool cannot. ``cache=False``: the new blocks
         are filled by an asynchronous load, not by a step; `cache_computed` caches them once it ended."""
+        if not new_computed:
+            return self._allocate_new(request, num_new_tokens, cache)
         needed = self._blocks_needed(request, num_new_tokens, new_computed)
         if needed > self._available(new_computed):
             return False
         blocks = self._req_blocks.setdefault(request.request_id, [])
         ids = self._req_ids.setdefault(request.request_id, [])
-        if new_computed:
-            self.pool.touch(new_computed)
-            blocks.extend(new_computed)
-            ids.extend(b.block_id for b in new_computed)
-            self._num_cached_blocks[request.request_id] = len(blocks)
+        self.pool.touch(new_computed)
+        blocks.extend(new_computed)
+        ids.extend(b.block_id for b in new_computed)
+        self._num_cached_blocks[request.request_id] = len(blocks)
         if needed > 0:
             new = self.pool.allocate(needed)
             blocks.extend(new)
@@ -94,6 +95,30 @@ class KVCacheManager:
         """Enter the request's full blocks up to ``num_computed_tokens`` in the prefix cache (their KV
         arrived by an asynchronous load)."""
         self._cache_full_blocks(request, request.num_computed_tokens)
+
+    def _allocate_new(self, request: Request, num_new_tokens: int, cache: bool) -> bool:
+        """`allocate_slots` without cache hits, the call of every running request at every step: the same
+        arithmetic, state changes and order, without the general path's per-call generator and lookups."""
+        rid = request.request_id
+        blocks = self._req_blocks.get(rid)
+        num_tokens_after = request.num_computed_tokens + num_new_tokens
+        needed = -(-num_tokens_after // self.block_size) - (len(blocks) if blocks is not None else 0)
+        pool = self.pool
+        if needed > 0 and needed > pool.num_free_blocks:
+            return False
+        if blocks is None:
+            blocks = self._req_blocks[rid] = []
+        ids = self._req_ids.get(rid)
+        if ids is None:
+            ids = self._req_ids[rid] = []
+        if needed > 0:
+            new = pool.allocate(needed)
+            blocks.extend(new)
+            ids.extend([b.block_id for b in new])
+        if cache and pool.enable_caching and min(num_tokens_after, len(request.all_token_ids)) // self.block_size > \
+                self._num_cached_blocks.get(rid, 0):
+            self._cache_full_blocks(request, num_tokens_after)
+        return True
 
     def forget_from(self, request: Request, first_block: int) -> set[int]:
         """Uncache the request's blocks from ``first_block`` on (not what their hashes say); their ids."""
