@@ -55,6 +55,9 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
         f"kpa (target {a.target})": parse_policy(f"kpa:target={a.target}"),
         f"apa (target {a.target})": parse_policy(f"apa:metric=concurrency,target={a.target}"),
         f"slo (concurrency {parse_policy(slo).concurrency:g})": parse_policy(slo),
+        # the forecast setting: the arrival-rate trend carried one cold start ahead, with less headroom
+        f"slo (forecast {a.cold_start:g}s, spare 0.75)": parse_policy(
+            f"{slo},horizon={a.cold_start}s,spare=0.75,max_boost=2"),
         "planner (holt)": Planner(prefill_tokens_per_s=prefill, decode_table=decode, ttft_p95_s=a.slo_ttft,
                                   itl_s=a.slo_tpot * 0.8, forecaster=holt),
         # with slo's headroom and stabilisation (its seed-1 values, not tuned for the planner)
