@@ -88,7 +88,8 @@ async def run(cfg: InferstackConfig, pool: str, ready_file: Path | None, tracer_
     pipeline = Pipeline(cfg, tracer_provider)
     picker = EndpointPicker(
         pipeline, pipeline.pools[pool], ep.conformance_hooks, decision_histogram(pipeline.metrics.registry),
-        PDLegs(pipeline.metrics.registry, cfg.gateway), ep.fallback_endpoints, DirectReads(pipeline.metrics.registry),
+        pd=PDLegs(pipeline.metrics.registry, cfg.gateway), reads=DirectReads(pipeline.metrics.registry),
+        fallbacks=ep.fallback_endpoints,
     )
     health = health_aio.HealthServicer()
     await health.set("liveness", _SERVING)
