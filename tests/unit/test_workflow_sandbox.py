@@ -10,7 +10,15 @@ import sys
 
 import pytest
 
-from inferstack.workflow.sandbox import SandboxError, SandboxLimits, _preexec, isolation, run_python
+from inferstack.workflow.sandbox import (
+    Isolation,
+    SandboxError,
+    SandboxLimits,
+    _preexec,
+    _start_child,
+    isolation,
+    run_python,
+)
 
 LIMITS = SandboxLimits(memory_mb=200, cpu_s=1, wall_s=4.0)
 
@@ -96,3 +104,11 @@ def test_cpu_and_wall_limits() -> None:
 def test_bad_results_are_errors() -> None:
     assert "must return a dict" in refused("def main():\n    return 3\n")
     assert "ZeroDivisionError" in refused("def main():\n    return {'x': 1 / 0}\n")
+
+
+def test_a_set_up_step_that_fails_is_named(tmp_path):
+    """subprocess says only "Exception occurred in preexec_fn": the error names the step and the reason
+    (here an unshare flag the kernel rejects)."""
+    bad = Isolation(netns_flags=1, drop_to_nobody=False)
+    with pytest.raises(SandboxError, match=r"network namespace \(unshare\): Invalid argument"):
+        asyncio.run(_start_child(str(tmp_path), LIMITS, bad, attempts=2))

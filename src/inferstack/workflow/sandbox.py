@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -80,47 +81,76 @@ def _unshare(flags: int):
 
     def apply() -> None:
         if libc.unshare(flags) != 0:
-            raise OSError(ctypes.get_errno(), "unshare failed")
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
 
     return apply
 
 
-def _preexec(limits: SandboxLimits, iso: Isolation):
+def _preexec(limits: SandboxLimits, iso: Isolation, report_fd: int | None = None):
+    """The child's set-up before exec. A step that fails writes which one and why to ``report_fd``
+    (subprocess reports only "Exception occurred in preexec_fn")."""
     unshare = _unshare(iso.netns_flags) if iso.netns_flags else None
+    mem = limits.memory_mb << 20
+    caps = ((resource.RLIMIT_AS, mem, mem),
+            (resource.RLIMIT_CPU, limits.cpu_s, limits.cpu_s + 1),   # SIGXCPU, then KILL
+            (resource.RLIMIT_FSIZE, limits.file_mb << 20, limits.file_mb << 20),
+            (resource.RLIMIT_NOFILE, 64, 64),
+            (resource.RLIMIT_NPROC, limits.max_procs, limits.max_procs),
+            (resource.RLIMIT_CORE, 0, 0))
+
+    def rlimits() -> None:
+        for which, soft, hard in caps:
+            resource.setrlimit(which, (soft, hard))
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    steps: list[tuple[str, Callable[[], None]]] = [("resource limits", rlimits)]
+    if unshare:   # first, before dropping root: creating a network namespace needs the capability
+        steps.insert(0, ("network namespace (unshare)", unshare))
+    if iso.drop_to_nobody:
+        steps.append(("dropping to user nobody", drop))
 
     def apply() -> None:
-        if unshare:
-            unshare()  # before dropping root: creating a network namespace needs the capability
-        mem = limits.memory_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))  # SIGXCPU, then KILL
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb << 20, limits.file_mb << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_procs, limits.max_procs))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if iso.drop_to_nobody:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
+        for name, step in steps:
+            try:
+                step()
+            except OSError as exc:
+                if report_fd is not None:
+                    os.write(report_fd, f"{name}: {exc.strerror or exc}".encode())
+                raise
 
     return apply
 
 
-async def _start_child(run_dir: str, limits: SandboxLimits, iso: Isolation) -> asyncio.subprocess.Process:
-    """Start the sandbox process. Creating a network namespace can fail for a moment on a busy host
-    (the kernel frees namespaces asynchronously): retry briefly, never fall back to weaker isolation."""
-    failure: subprocess.SubprocessError | None = None
-    for attempt in range(4):
+async def _start_child(run_dir: str, limits: SandboxLimits, iso: Isolation,
+                       attempts: int = 7) -> asyncio.subprocess.Process:
+    """Start the sandbox process. Creating a network namespace can fail for a while on a busy host
+    (the kernel frees namespaces asynchronously): retry with backoff for ~6 s, never fall back to weaker
+    isolation, and name the step that failed."""
+    reason = ""
+    for attempt in range(attempts):
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
         try:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", "-c", CHILD.read_text(), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=run_dir,
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
-                preexec_fn=_preexec(limits, iso))
+                preexec_fn=_preexec(limits, iso, write_fd))
         except subprocess.SubprocessError as exc:
-            failure = exc
-            await asyncio.sleep(0.1 * (attempt + 1))
-    raise SandboxError(f"could not start the code sandbox ({failure})")
+            reason = str(exc)
+            with contextlib.suppress(BlockingIOError):
+                reason = os.read(read_fd, 512).decode(errors="replace") or reason
+        finally:
+            os.close(read_fd)
+            os.close(write_fd)
+        if attempt + 1 < attempts:
+            await asyncio.sleep(0.1 * 2 ** attempt)
+    raise SandboxError(f"could not start the code sandbox ({reason})")
 
 
 def _read_roots() -> list[str]:
