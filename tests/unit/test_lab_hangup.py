@@ -13,6 +13,14 @@ import pytest
 from inferstack.lab.hangup import Hangup, stop_on_hangup
 
 
+def _running_watcher() -> threading.Thread:
+    deadline = time.monotonic() + 10
+    while not (found := [t for t in threading.enumerate() if t.name == "stdout-reader" and t.is_alive()]):
+        assert time.monotonic() < deadline, "the stdout watcher never started"
+        time.sleep(0.01)
+    return found[0]
+
+
 def _blocked_until_hangup(budget_s: float = 30.0) -> float:
     """Sleep (as a lab does while its benchmark runs) until Hangup, which must come well before the
     sleep ends; returns its signal."""
@@ -46,9 +54,11 @@ def test_an_open_reader_raises_nothing() -> None:
     read_end, write_end = os.pipe()
     try:
         with stop_on_hangup(stdout_fd=write_end):
-            time.sleep(0.5)     # longer than the watcher's poll interval
+            watcher = _running_watcher()
             os.write(write_end, b"line\n")
-        assert os.read(read_end, 100) == b"line\n"
+            assert os.read(read_end, 100) == b"line\n"
+            assert watcher.is_alive()     # it returns only after signalling a hang-up
+        assert not watcher.is_alive()
     finally:
         os.close(read_end)
         os.close(write_end)
