@@ -8,8 +8,14 @@ goodput at 1x. Shed = HTTP 429; refusal time = send to 429. Before the measured 
 warm-up (same seed, so the same system prompts) fills the prefix caches, as a running stack has them:
 on a cold CPU stack each group's first 2,048-token prefill alone takes tens of seconds.
 
-    PYTHONPATH=src python benchmarks/gateway_overload.py [--capacity 1.0] [--factors 1,2,4,8] \
+    PYTHONPATH=src python benchmarks/gateway_overload.py [--capacity 1.0|auto] [--factors 1,2,4,8] \
         [--duration 30] [--workload shared-prefix] [--up-args "--replicas 2"]
+
+`--capacity auto` measures it in the same run (a busy machine gives CPU engines less): after the
+warm-up, a closed loop of --calibrate-concurrency clients (enough to fill every engine's running
+batch, fewer than make the gateway queue: a closed loop does not back off on 429) for
+--calibrate-duration seconds; capacity = requests that finished in its last two thirds / that time
+(the first third fills the pipeline; counting completions by when they end keeps the backlog out).
 """
 
 from __future__ import annotations
@@ -77,6 +83,18 @@ def warm_up(gateway: str, args: argparse.Namespace, out: Path) -> None:
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
 
+def calibrate(gateway: str, args: argparse.Namespace, out: Path) -> float:
+    """Requests/s the stack completes under a saturating closed loop (see the module's docstring)."""
+    cmd = [sys.executable, "-m", "inferstack", "bench", "run", "--target", gateway, "--workload", args.workload,
+           "--concurrency", str(args.calibrate_concurrency), "--duration", str(args.calibrate_duration), "--seed", "2",
+           "--drain-timeout", "1", "--no-progress", "--no-plots", "--out", str(out)]
+    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    reqs = json.loads((out / "results.json").read_text())["requests"]
+    start = args.calibrate_duration / 3
+    done = [r for r in reqs if r["status"] == "ok" and start <= r["end_s"] <= args.calibrate_duration]
+    return len(done) / (args.calibrate_duration - start)
+
+
 def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "inferstack", "bench", "run", "--target", gateway, "--workload", args.workload,
            "--rate", str(rate), "--duration", str(args.duration), "--seed", "1", "--drain-timeout",
@@ -100,7 +118,10 @@ def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--capacity", type=float, default=1.0, help="req/s the stack serves (1x)")
+    ap.add_argument("--capacity", default="1.0", help="req/s the stack serves (1x), or `auto`: measure it here")
+    ap.add_argument("--calibrate-concurrency", type=int, default=16,
+                    help="closed-loop clients for --capacity auto (default: 2 engines x 8 running)")
+    ap.add_argument("--calibrate-duration", type=float, default=90.0, help="seconds of it")
     ap.add_argument("--factors", default="1,2,4,8")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--drain", type=float, default=30.0, help="bench --drain-timeout")
@@ -121,8 +142,12 @@ def main() -> None:
         if args.warmup > 0:
             warm_up(gateway, args, tmp / "warmup")
             settle_time(urls)
+        capacity = calibrate(gateway, args, tmp / "calibrate") if args.capacity == "auto" else float(args.capacity)
+        if args.capacity == "auto":
+            settle_time(urls)
+            print(json.dumps({"capacity_rps": capacity}), flush=True)
         for f in (float(x) for x in args.factors.split(",")):
-            row = run_rate(gateway, args.capacity * f, args, tmp / f"x{f:g}")
+            row = run_rate(gateway, capacity * f, args, tmp / f"x{f:g}")
             row["factor"] = f
             row["engines_settle_s"] = settle_time(urls)
             rows.append(row)

@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferstack.epp.envoy_config import bootstrap
 from support.envoy_procs import start_envoy
-from support.procs import Server, metric_sum, start_inferstack
+from support.faulty_picker import FAULT
+from support.procs import SRC, Server, inferstack_env, metric_sum, start_inferstack
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 LIMITED_KEY = "sk-limited"
@@ -43,13 +44,16 @@ def _serving(target: str, service: str) -> int:
             return -int(exc.code().value[0])
 
 
-def start_epp(engines: list[str], *extra: str, **config: object) -> Server:
+def start_epp(engines: list[str], *extra: str, faulty: bool = False, **config: object) -> Server:
+    """``faulty``: the picker of `support.faulty_picker` (raises on requests asking for it)."""
     cfg = {"pools": {"emu": {"endpoints": engines}}, **config}
     path = Path(tempfile.mkdtemp(prefix="epp-cfg-")) / "inferstack.yaml"
     path.write_text(yaml.safe_dump(cfg))
     epp = start_inferstack(
         ["epp", "serve", "--config", str(path), "--health-port", "0", "--metrics-port", "0", *extra],
         timeout=60,
+        **({"module": "support.faulty_picker", "env": inferstack_env(PYTHONPATH=f"{SRC}:{SRC.parent / 'tests'}")}
+           if faulty else {}),
     )
     deadline = time.monotonic() + 20  # readiness: the data layer has seen a healthy endpoint
     while _serving(epp.ready["health"], "readiness") != health_pb2.HealthCheckResponse.SERVING:
@@ -76,6 +80,7 @@ def stack():
         keys=[{"sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(), "tenant": "limited"}],
         tenants={"limited": {"rpm": 1}},
         gateway={"require_keys": False},
+        faulty=True,  # the real picker, raising only on requests that carry the fault header
     )
     envoy = start_front(epp, engines.urls, subset_from_header=True)
     yield engines, epp, envoy
@@ -193,6 +198,29 @@ def test_refusals_reach_the_client_as_openai_errors(stack):
     r = _complete(envoy, auth)
     assert r.status_code == 429 and r.json()["error"]["code"] == "rpm_limit_exceeded"
     assert int(r.headers["retry-after"]) >= 1
+
+
+def test_a_picker_failure_is_an_openai_error_or_passes_the_answer_through(stack):
+    """An exception inside the ext_proc stream: while routing, the client gets a 500 OpenAI envelope
+    with its request id (not Envoy's bare 500) and the picker gives the endpoint back; while the
+    response streams, the engine's answer passes through whole."""
+    _, epp, envoy = stack
+    r = _complete(envoy, {FAULT.decode(): "route", "x-request-id": "fault-1"})
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["code"] == "internal_error" and err["type"] == "server_error" and "fault-1" in err["message"]
+    assert r.headers["x-request-id"] == "fault-1"
+    deadline = time.monotonic() + 5  # the stream's end settles the books: nothing stays in flight
+    while metric_sum(httpx.get(epp.ready["metrics"] + "/metrics", timeout=10).text,
+                     "inferstack_gateway_in_flight") != 0:
+        assert time.monotonic() < deadline, "the failed request still holds its endpoint"
+        time.sleep(0.05)
+    with httpx.stream("POST", envoy.url + "/v1/completions", headers={FAULT.decode(): "response"}, timeout=30,
+                      json={"model": MODEL, "prompt": "hello " * 40, "max_tokens": 6, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "data: [DONE]"
+    assert len(events) >= 7  # six tokens, then [DONE]: nothing lost after the failure
+    assert _complete(envoy).status_code == 200
 
 
 def test_other_paths_pass_through_to_an_endpoint(stack):

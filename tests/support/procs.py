@@ -60,13 +60,14 @@ class Server:
 
 
 def start_inferstack(args: list[str], timeout: float = 180.0, env: dict[str, str] | None = None,
-                     preexec_fn: Callable[[], None] | None = None) -> Server:
+                     preexec_fn: Callable[[], None] | None = None, module: str = "inferstack") -> Server:
     """Run `inferstack ARGS --port 0 --ready-file F` and wait until it reports its URLs.
-    ``preexec_fn`` runs in the child before exec (e.g. to ignore a signal the test provokes)."""
+    ``preexec_fn`` runs in the child before exec (e.g. to ignore a signal the test provokes);
+    ``module``: another entry point with the same CLI (e.g. `support.faulty_picker`)."""
     tmp = Path(tempfile.mkdtemp(prefix="inferstack-test-"))
     ready_file = tmp / "ready.json"
     log_path = tmp / "server.log"
-    cmd = [sys.executable, "-m", "inferstack", *args, "--ready-file", str(ready_file)]
+    cmd = [sys.executable, "-m", module, *args, "--ready-file", str(ready_file)]
     if "--port" not in args:
         cmd += ["--port", "0"]
     log = log_path.open("wb")

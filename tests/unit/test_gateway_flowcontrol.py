@@ -147,21 +147,24 @@ class Clock:
         return self.t
 
 
-def test_queued_requests_the_drain_rate_cannot_serve_in_time_are_refused_early():
+def test_a_stalled_pool_refuses_its_waiters_before_the_timeout_a_burst_cycle_does_not():
     clock, free = Clock(), [0]
     q: FairQueue[str] = FairQueue(FlowControlConfig(queue_timeout_s=10, max_queued=100), lambda: free[0], clock)
     for name in "abcdef":
         assert not q.admit(name, 0, "t1")
     assert not q.admit("h", 1, "t2")  # higher priority: released first, so it is first in line
     clock.t, free[0] = 0.5, 3
+    for _ in range(3):
+        q.completed()
     assert [item for item, _ in q.release()] == ["h", "a", "b"]
     for _ in range(3):
         q.routed()
-    free[0], clock.t = 0, 5.5
-    # 3 releases in 5.5 s busy: 1.83 s each; c, d, e, f have waited 5.5 s of the 10 s timeout.
+    free[0], clock.t = 0, 5.0
+    assert q.hopeless() == []  # 4.5 s without a release: within the 5 s budget, a burst cycle may be that long
+    clock.t = 6.0  # 5.5 s: a stall. 3 completions in 6 s of busy time: 2 s each; c..f have waited 6 s of 10.
     refused = q.hopeless()
     assert [(item, prio) for item, prio, _ in refused] == [("e", 0), ("f", 0)]
-    assert [round(wait, 2) for _, _, wait in refused] == [5.5, 5.5]  # third in line, behind c and d who stay
+    assert [round(wait, 2) for _, _, wait in refused] == [6.0, 6.0]  # third in line, behind c and d who stay
     assert q.queued == 2 and q.hopeless() == []  # one check per second
     clock.t = 7.0  # nothing released since: 2.33 s each; c (9.3 s in all) still makes it, d (11.7 s) does not
     assert [item for item, _, _ in q.hopeless()] == ["d"]
@@ -171,13 +174,20 @@ def test_queued_requests_the_drain_rate_cannot_serve_in_time_are_refused_early()
 
 def test_the_early_refusal_follows_fair_release_order():
     clock, free = Clock(), [0]
-    q: FairQueue[str] = FairQueue(FlowControlConfig(queue_timeout_s=10, max_queued=100), lambda: free[0], clock)
+    q: FairQueue[str] = FairQueue(FlowControlConfig(queue_timeout_s=20, max_queued=100), lambda: free[0], clock)
+    for i in range(4):
+        q.admit(f"w{i}", 0, "warm")
+    clock.t, free[0] = 0.5, 4
+    for _ in range(4):
+        q.completed()
+    assert len(q.release()) == 4  # 4 completions in 0.5 s busy; the queue empties
+    for _ in range(4):
+        q.routed()
+    free[0], clock.t = 0, 1.0
     for name in ("x1", "x2", "x3", "x4"):
         q.admit(name, 0, "busy-tenant")
     q.admit("y1", 0, "quiet-tenant")
-    clock.t, free[0] = 1.0, 1
-    assert [item for item, _ in q.release()] == ["x1"]
-    free[0], clock.t = 0, 3.0  # 1 release in 3 s and everyone waited 3 s: two more positions fit in 10 s
+    clock.t = 12.0  # 11 s without a release (> the 10 s budget): (0.5 + 11) / 4 = 2.875 s each, all waited 11 s
     assert [item for item, _, _ in q.hopeless()] == ["x3", "x4"]  # y1 goes before x2: it is y's turn
 
 
@@ -200,8 +210,8 @@ def test_a_hopeless_waiter_gets_429_with_retry_after_before_the_timeout():
                 await w
             codes.append((err.value.status, err.value.code, "drain rate" in str(err.value)))
             assert int(err.value.headers["retry-after"]) >= 1
-        # No release for t s: at least t s per release, so the n-th in line expects n * t more and is refused
-        # once (n + 1) * t exceeds the 3 s timeout; checks run once a second: the third at 1 s, the others at 2 s.
+        # No release ever, busy for t s: at least t s per release. Past the 1.5 s budget the pool stalled, and
+        # each of the three, waited t plus (n + 1) * t to go, is over the 3 s timeout.
         assert codes == [(429, "queue_timeout", True)] * 3  # refused by the re-check, not by the timeout
         assert fc.queued == 0 and not fc.queue._bands
 

@@ -49,7 +49,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         stream = Stream(self.picker)
         try:
             while (msg := await context.read()) is not grpc.aio.EOF:
-                for resp in await stream.handle(msg):
+                try:
+                    out = await stream.handle(msg)
+                except Exception:  # answered, not raised: Envoy would make a raised error a bare 500
+                    out = await stream.failed(msg)
+                for resp in out:
                     await context.write(resp)
         finally:
             await stream.abandon()

@@ -11,6 +11,7 @@ served endpoint, TTFT/ITL and usage, echoed back; at the end, accounting and aud
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -27,7 +28,9 @@ from inferstack.gateway.pipeline import Caller, Inbound, Pipeline, RequestContex
 from inferstack.gateway.pipeline.context import KINDS
 from inferstack.gateway.pipeline.usage import StreamMeter, json_usage
 from inferstack.gateway.routing.disagg import PDResult
-from inferstack.protocol.errors import APIError
+from inferstack.protocol.errors import APIError, internal_error
+
+log = logging.getLogger("inferstack.epp")
 
 _STREAMED = ProcessingMode.FULL_DUPLEX_STREAMED
 _DECISION_BUCKETS = (
@@ -69,6 +72,9 @@ def decision_histogram(registry: CollectorRegistry) -> Histogram:
 def address(ep: Endpoint) -> str:
     """The ``ip:port`` Envoy's ORIGINAL_DST cluster connects to."""
     return urlsplit(ep.url).netloc
+
+
+_RESPONSE_MESSAGES = frozenset({"response_headers", "response_body", "response_trailers"})
 
 
 class Phase(enum.Enum):
@@ -140,6 +146,31 @@ class Stream:
             await self.finish()
             return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
         return []
+
+    async def failed(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        """The answer to ``msg`` after `handle` raised (a picker bug, never a client's fault), so Envoy
+        never turns the broken stream into a bare 500 (docs/kubernetes.md, "Failure modes"). Before the
+        upstream answered: a 500 OpenAI envelope (``internal_error``, the request id) as the immediate
+        response, the request's endpoint and flow-control slot given back. Once the response runs: the
+        engine's answer passes through untouched (no more metering), so the client keeps what it was
+        being served; only this request's accounting is lost."""
+        rid = self.inbound.rid if self.inbound else None
+        which = msg.WhichOneof("request")
+        log.exception("request %s: the picker failed on %s", (rid or b"-").decode("latin-1"), which)
+        response_side = self.phase is Phase.RESPONSE or which in _RESPONSE_MESSAGES
+        self.resp.status = self.resp.status or 500
+        try:
+            await self.abandon()
+        except Exception:  # the books are lost for this request; the client still gets an answer
+            log.exception("request %s: settling after the failure failed too", (rid or b"-").decode("latin-1"))
+        self.phase = Phase.DONE
+        if not response_side:
+            return [m.immediate(internal_error(rid.decode("latin-1") if rid else None), rid)]
+        if which == "response_body":
+            return self._echo(msg.response_body.body, msg.response_body.end_of_stream)
+        if which == "response_trailers":
+            return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+        return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse()))]
 
     # ---- request -------------------------------------------------------------------------------
     async def _request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:

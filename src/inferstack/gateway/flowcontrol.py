@@ -91,6 +91,11 @@ class FlowController:
         self.queue.routed()
         self.pump()
 
+    def completed(self) -> None:
+        """A request of this pool finished at its endpoint: measure it, then release waiters."""
+        self.queue.completed()
+        self.pump()
+
     def pump(self) -> int:
         """Release as many queued requests as there is room for, and refuse those the current drain
         rate says would time out anyway (429 at once instead of after the timeout); returns how many

@@ -8,22 +8,38 @@ once), else queue in the request's priority band. `release` hands out waiters, h
 and, inside a band, the flow with the least virtual time (weighted fair sharing), as many as the
 pool has room for; each holds a reservation until `routed`. The clock is injected.
 
-NOTE (shedding at once): `DrainRate` measures how fast the queue empties (releases per second while
-it is non-empty). A newcomer behind N requests of its priority or higher expects to wait N / rate;
-above half of `queue_timeout_s` (QUEUE_HEADROOM) it is refused now, with that wait as Retry-After,
-instead of 429 after the timeout. Half, because the rate is measured over a few releases of requests
-that may each run for tens of seconds: queued against the full timeout, one in eight requests of the
-README stack at 8x its capacity still waited 30 s for a 429; the engines' own queues keep them busy
-either way.
+NOTE (deadline-aware admission): a queued request is a promise to serve it before `queue_timeout_s`,
+so the wait is predicted at arrival and the request refused *then* (429 ``queue_timeout``, the wait as
+Retry-After) when the prediction exceeds the budget, half the timeout (QUEUE_HEADROOM: room for a
+rate that wobbles). The prediction is `admission_wait`: the waiters ahead of it (its priority or
+higher) + 1, times the pool's measured seconds per completion while the queue waits (`ServiceRate`):
+then each completion frees the slot the next waiter takes, so that is the queue's release interval.
+Completions, not releases, because a burst of completions can empty the queue and hand its other
+slots straight to arrivals, which a count of releases would miss (the rate looked 2-3x slower).
 
-NOTE (refusing the hopeless later): the rate at admission can look fast (a burst of completions) and
-then slow down, so the queue is re-checked against the current rate at most once a second
-(`hopeless`): walking the waiters in the order `release` would hand them out, one whose time already
-waited plus position / rate exceeds the full `queue_timeout_s` is refused then, instead of at the
-timeout; removing it moves everyone behind it forward. Before the busy period's first release this
-check assumes only what it has seen (one release per busy-so-far, not per window): these requests were
-let in, and a short timeout must not turn one slow release into refusals. The timeout stays as the
-backstop.
+NOTE (why the rate is measured over busy time and many releases): CPU engines finish their running
+batch together, every tens of seconds, so releases come in bursts. The previous estimate (releases
+per wall second over the last 10 s of the current busy period) swung with every burst: a burst made
+the rate look fast, the arrivals after it were queued, and when the window slid past the burst they
+were refused 3-20 s later; and each new busy period started with no evidence and assumed one release
+per 10 s, shedding requests the pool served moments later (the README stack at 2x served less than at
+8x). `ServiceRate` keeps its history across busy periods and averages the busy time between the last
+`min_releases` releases (at least 32, and all of the last 60 s of busy time), plus the time since the
+latest release while the queue still waits: a stall raises the estimate at once, a burst cannot
+shrink it below the average over the bursts.
+
+NOTE (refusing the hopeless later, only on a stall): once the pool has completed nothing for longer
+than the admission budget and than twice its longest interval between completions seen (a pool
+that finishes a batch every 20 s is not stalled after 16 s), it broke the promise made to the
+waiters, and the queue is re-checked
+at most once a second (`hopeless`): walking the waiters in the order `release` would hand them out,
+one whose time already waited plus its predicted wait exceeds the full `queue_timeout_s` is refused
+then instead of at the timeout; everyone behind moves forward. Not before: on a pool whose releases
+come in bursts, "waited so far + position x mean interval" overstates the wait just before the next
+burst, and an earlier version of this check refused, 3-20 s after they arrived, requests the next
+burst would have served. Before the pool's first release ever there is no rate: the first second
+of that queue is let in, then the busy time so far is a lower bound of one release's interval. The
+timeout stays as the backstop.
 """
 
 from __future__ import annotations
@@ -38,7 +54,7 @@ from typing import Generic, TypeVar
 from inferstack.config.schema import FlowControlConfig
 
 T = TypeVar("T")
-QUEUE_HEADROOM = 0.5  # queue a request only when its expected wait is at most this share of the timeout
+QUEUE_HEADROOM = 0.5  # queue a request only when its predicted wait is at most this share of the timeout
 
 
 class Rejected(Exception):
@@ -50,50 +66,70 @@ class Rejected(Exception):
         self.retry_after_s = retry_after_s
 
 
-class DrainRate:
-    """Releases per second from a queue, over the last `window_s` seconds in which it was busy."""
+def admission_wait(ahead: int, per_release_s: float | None, budget_s: float) -> float | None:
+    """The admission decision for a request that must queue: its predicted wait when that exceeds
+    ``budget_s`` (refuse it now), else None (queue it). ``ahead``: waiters released before it;
+    ``per_release_s``: the pool's measured seconds per release, None while unknown (queue it)."""
+    if per_release_s is None:
+        return None
+    wait = (ahead + 1) * per_release_s
+    return wait if wait > budget_s else None
 
-    def __init__(self, window_s: float = 10.0, now: Callable[[], float] = time.monotonic):
-        self.window_s = window_s
+
+class ServiceRate:
+    """Seconds per release of one pool's queue: the busy time (the queue non-empty) between the pool's
+    completions in it."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic, min_releases: int = 32,
+                 window_s: float = 60.0, max_kept: int = 4096):
         self._now = now
-        self._releases: deque[float] = deque()
+        self.min_releases = min_releases
+        self.window_s = window_s            # of busy time: at high rates, average over this much
+        self.max_kept = max_kept            # bounded memory at thousands of releases a second
+        self._gaps: deque[float] = deque()  # busy seconds before each release (since the previous one)
+        self._gap_sum = 0.0
         self._busy_since: float | None = None
+        self._since_release = 0.0            # busy seconds since the latest release, closed periods
 
     def queue_changed(self, queued: int) -> None:
+        now = self._now()
         if queued and self._busy_since is None:
-            self._busy_since = self._now()
-        elif not queued:
+            self._busy_since = now
+        elif not queued and self._busy_since is not None:
+            self._since_release += now - self._busy_since
             self._busy_since = None
 
-    def released(self) -> None:
-        self._releases.append(self._now())
+    def stalled_s(self) -> float:
+        """Busy seconds since the latest completion (or since the first busy period began)."""
+        return self._since_release + (self._now() - self._busy_since if self._busy_since is not None else 0.0)
 
-    def expected_wait(self, ahead: int, timeout_s: float) -> float | None:
-        """Seconds until a request behind ``ahead`` others is released, or None while the queue has been
-        busy for under a second. With no release in the window, the rate is taken as one per window
-        (`window_s`, not the shorter time since the queue formed): a pool whose requests each run for
-        tens of seconds (a CPU engine) releases nothing for that long, and estimating from the first
-        seconds let the start of an overload queue up, only to time out after `timeout_s` instead of
-        being refused at once."""
-        per_release = self.seconds_per_release()
-        return None if per_release is None else (ahead + 1) * per_release
+    def stalled(self, budget_s: float) -> bool:
+        """No completion for longer than ``budget_s`` and than twice the longest interval kept: the
+        pool stopped, rather than being between two of its usual bursts."""
+        open_s = self.stalled_s()
+        return open_s > budget_s and open_s > 2 * max(self._gaps, default=0.0)
 
-    def seconds_per_release(self, assume_window: bool = True) -> float | None:
-        """The current interval between releases (see `expected_wait`), or None while unknown. With no
-        release yet, ``assume_window=False`` takes only what has been seen: the time the queue has
-        been busy (a lower bound), for judging requests that were already let in."""
+    def completed(self) -> None:
+        """A request of the pool finished; counted only while the queue waits (busy)."""
         if self._busy_since is None:
-            return None
-        now = self._now()
-        start = max(now - self.window_s, self._busy_since)
-        while self._releases and self._releases[0] < start:
-            self._releases.popleft()
-        span = now - start
-        if span < 1.0:
-            return None
-        if not self._releases:  # at most one release per window, or one would have been seen by now
-            return self.window_s if assume_window else span
-        return span / len(self._releases)
+            return
+        gap = self.stalled_s()
+        self._since_release = 0.0
+        self._busy_since = self._now()
+        self._gaps.append(gap)
+        self._gap_sum += gap
+        while len(self._gaps) > self.min_releases and (
+                self._gap_sum - self._gaps[0] >= self.window_s or len(self._gaps) > self.max_kept):
+            self._gap_sum -= self._gaps.popleft()
+
+    def seconds_per_release(self) -> float | None:
+        """The mean busy interval between the kept releases, the current open one included (a stall
+        raises it at once). Before any release: the busy time so far as a lower bound, None for its
+        first second."""
+        open_s = self.stalled_s() if self._busy_since is not None else 0.0
+        if not self._gaps:
+            return None if open_s < 1.0 else open_s
+        return (self._gap_sum + open_s) / len(self._gaps)
 
 
 @dataclass
@@ -127,7 +163,7 @@ class FairQueue(Generic[T]):
         self.cfg = cfg
         self.free_slots = free_slots
         self.now = now
-        self.drain = DrainRate(now=now)
+        self.rate = ServiceRate(now=now)
         self._bands: dict[int, _Band[T]] = {}
         self.queued = 0
         self.pending = 0
@@ -151,8 +187,8 @@ class FairQueue(Generic[T]):
             raise Rejected("shed", "The pool is saturated and this request's priority is sheddable.")
         if self.queued >= self.cfg.max_queued:
             raise Rejected("queue_full", "Too many requests are queued at the gateway.")
-        wait = self.drain.expected_wait(ahead, self.cfg.queue_timeout_s)
-        if wait is not None and wait > self.cfg.queue_timeout_s * QUEUE_HEADROOM:
+        wait = admission_wait(ahead, self.rate.seconds_per_release(), self.cfg.queue_timeout_s * QUEUE_HEADROOM)
+        if wait is not None:
             raise Rejected("queue_timeout", f"The pool is saturated: the expected wait ({wait:.0f}s) is too close "
                            f"to the queue timeout ({self.cfg.queue_timeout_s:g}s).", min(60, math.ceil(wait)))
         band = self._bands.setdefault(priority, _Band())
@@ -163,7 +199,7 @@ class FairQueue(Generic[T]):
             flow.vtime = max(flow.vtime, band.clock)
         flow.waiters.append((item, self.now()))
         self.queued += 1
-        self.drain.queue_changed(self.queued)
+        self.rate.queue_changed(self.queued)
         return False
 
     def release(self) -> list[tuple[T, int]]:
@@ -180,7 +216,6 @@ class FairQueue(Generic[T]):
             band.clock = flow.vtime
             self.queued -= 1
             self.pending += 1
-            self.drain.released()
             out.append((item, prio))
             room -= 1
         self._settle()
@@ -189,6 +224,10 @@ class FairQueue(Generic[T]):
     def routed(self) -> None:
         """A released request now counts in its endpoint's in-flight (or went away)."""
         self.pending -= 1
+
+    def completed(self) -> None:
+        """A request of the pool finished at its endpoint (the service rate's sample); then `release`."""
+        self.rate.completed()
 
     def remove(self, item: T, priority: int) -> bool:
         """Take a waiter out (its client gave up or it timed out); False if it was not waiting."""
@@ -205,11 +244,14 @@ class FairQueue(Generic[T]):
         return False
 
     def hopeless(self) -> list[tuple[T, int, float]]:
-        """Take out the waiters that the current drain rate says will not be released before the
-        queue timeout, with their expected wait (Retry-After); at most one check per second."""
+        """While the pool is stalled (`ServiceRate.stalled`: no completion for longer than the admission
+        budget and than its usual bursts), take out the waiters the current rate says will not be
+        released before the queue timeout, with their expected wait (Retry-After); at most one check
+        per second."""
         now = self.now()
         busy = self.queued and now >= self._next_check
-        per_release = self.drain.seconds_per_release(assume_window=False) if busy else None
+        stalled = busy and self.rate.stalled(self.cfg.queue_timeout_s * QUEUE_HEADROOM)
+        per_release = self.rate.seconds_per_release() if stalled else None
         if per_release is None:
             return []
         self._next_check = now + 1.0
@@ -245,6 +287,6 @@ class FairQueue(Generic[T]):
         return out
 
     def _settle(self) -> None:
-        self.drain.queue_changed(self.queued)
+        self.rate.queue_changed(self.queued)
         for p in [p for p, b in self._bands.items() if not len(b)]:
             del self._bands[p]  # bounded memory: idle bands and their flows go

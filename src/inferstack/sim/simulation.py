@@ -413,6 +413,7 @@ class Simulation:
         ep = r.endpoint
         if ep is not None:
             self.gateway.shift(ep, -1)
+            self.gateway.admission.completed()
             rec.target = ep.id
         if status == "ok" and r.engine is not None and ep is not None:
             eng = r.engine

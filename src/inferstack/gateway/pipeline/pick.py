@@ -47,7 +47,7 @@ class Picker:
     @staticmethod
     def release(ctx: RequestContext, ep: Endpoint) -> None:
         ep.in_flight -= 1
-        ctx.admission.flow.pump()
+        ctx.admission.flow.completed()
 
     @staticmethod
     def succeeded(ctx: RequestContext, ep: Endpoint) -> None:
