@@ -3,8 +3,8 @@ adds asyncio futures and timers) and the simulator (virtual time) run this same 
 
 Rules: pass straight through while the pool has room and nobody of equal or higher priority waits;
 otherwise shed priority < 0 (429 ``shed``), refuse beyond ``max_queued`` (429 ``queue_full``) or when
-the measured drain rate says the wait would exceed the queue timeout (429 ``queue_timeout``, at
-once), else queue in the request's priority band. `release` hands out waiters, highest band first
+the measured service rate says the wait would exceed the budget (429 ``queue_timeout``, at once),
+else queue in the request's priority band. `release` hands out waiters, highest band first
 and, inside a band, the flow with the least virtual time (weighted fair sharing), as many as the
 pool has room for; each holds a reservation until `routed`. The clock is injected.
 
@@ -29,17 +29,16 @@ latest release while the queue still waits: a stall raises the estimate at once,
 shrink it below the average over the bursts.
 
 NOTE (refusing the hopeless later, only on a stall): once the pool has completed nothing for longer
-than the admission budget and than twice its longest interval between completions seen (a pool
-that finishes a batch every 20 s is not stalled after 16 s), it broke the promise made to the
-waiters, and the queue is re-checked
-at most once a second (`hopeless`): walking the waiters in the order `release` would hand them out,
-one whose time already waited plus its predicted wait exceeds the full `queue_timeout_s` is refused
-then instead of at the timeout; everyone behind moves forward. Not before: on a pool whose releases
-come in bursts, "waited so far + position x mean interval" overstates the wait just before the next
-burst, and an earlier version of this check refused, 3-20 s after they arrived, requests the next
-burst would have served. Before the pool's first release ever there is no rate: the first second
-of that queue is let in, then the busy time so far is a lower bound of one release's interval. The
-timeout stays as the backstop.
+than the admission budget and than twice its longest interval between completions seen (a pool that
+finishes a batch every 20 s is not stalled after 16 s), it broke the promise made to the waiters,
+and the queue is re-checked at most once a second (`hopeless`): walking the waiters in the order
+`release` would hand them out, one whose time already waited plus its predicted wait exceeds the
+full `queue_timeout_s` is refused then instead of at the timeout; everyone behind moves forward.
+Not before: on a pool whose completions come in bursts, "waited so far + position x mean interval"
+overstates the wait just before the next burst, and an earlier version of this check refused,
+3-20 s after they arrived, requests the next burst would have served. Before the pool's first
+completion under load ever there is no rate: the first second of that queue is let in, then the
+busy time so far is a lower bound of one interval. The timeout stays as the backstop.
 """
 
 from __future__ import annotations
