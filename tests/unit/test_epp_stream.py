@@ -277,3 +277,40 @@ def test_a_stream_reset_after_done_is_accounted_as_served():
         == 1
     )
     assert p.pool.by_id(dest).in_flight == 0
+
+
+def test_a_failure_while_routing_answers_500_envelope_and_frees_the_endpoint():
+    async def main():
+        p = _picker()
+        s = Stream(p)
+        await s.handle(_headers())
+        await s.handle(_body(orjson.dumps({"model": "m", "prompt": "hi"}), True))  # routed: one endpoint held
+        held = sum(p.pool.by_id(e).in_flight for e in EPS)
+        out = await s.failed(_body(b"", True))  # as if that message had raised inside `handle`
+        return p, held, out
+
+    p, held, out = _run(main())
+    assert held == 1 and all(p.pool.by_id(e).in_flight == 0 for e in EPS)
+    imm = out[0].immediate_response
+    assert imm.status.code == 500 and orjson.loads(imm.body)["error"]["code"] == "internal_error"
+
+
+def test_a_failure_while_relaying_passes_the_engines_answer_through_unchanged():
+    chunk = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+
+    async def main():
+        p = _picker()
+        s = Stream(p)
+        await s.handle(_headers())
+        out = await s.handle(_body(orjson.dumps({"model": "m", "prompt": "hi", "stream": True}), True))
+        dest = {h.header.key: h.header.raw_value for h in out[0].request_headers.response.header_mutation.set_headers}
+        await s.handle(_served_headers(dest[m.DESTINATION].decode(), "text/event-stream"))
+        first = await s.failed(pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=False)))
+        rest = await s.handle(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"data: [DONE]\n\n",
+                                                                             end_of_stream=True)))
+        return p, first, rest
+
+    p, first, rest = _run(main())
+    relayed = b"".join(r.response_body.response.body_mutation.streamed_response.body for r in [*first, *rest])
+    assert relayed == chunk + b"data: [DONE]\n\n"  # byte for byte, metering off
+    assert all(p.pool.by_id(e).in_flight == 0 for e in EPS)
