@@ -34,7 +34,7 @@ def test_admission_refuses_at_arrival_when_the_predicted_wait_exceeds_the_budget
 
 def test_service_rate_averages_bursts_over_busy_time_and_sees_a_stall():
     clock = Clock()
-    rate = ServiceRate(now=clock, min_releases=16, window_s=60.0)
+    rate = ServiceRate(now=clock, min_samples=16, window_s=60.0)
     rate.completed()  # the queue is empty: not a sample of the saturated pool
     rate.queue_changed(3)
     clock.t = 0.5

@@ -17,16 +17,16 @@ then each completion frees the slot the next waiter takes, so that is the queue'
 Completions, not releases, because a burst of completions can empty the queue and hand its other
 slots straight to arrivals, which a count of releases would miss (the rate looked 2-3x slower).
 
-NOTE (why the rate is measured over busy time and many releases): CPU engines finish their running
-batch together, every tens of seconds, so releases come in bursts. The previous estimate (releases
-per wall second over the last 10 s of the current busy period) swung with every burst: a burst made
-the rate look fast, the arrivals after it were queued, and when the window slid past the burst they
-were refused 3-20 s later; and each new busy period started with no evidence and assumed one release
-per 10 s, shedding requests the pool served moments later (the README stack at 2x served less than at
-8x). `ServiceRate` keeps its history across busy periods and averages the busy time between the last
-`min_releases` releases (at least 32, and all of the last 60 s of busy time), plus the time since the
-latest release while the queue still waits: a stall raises the estimate at once, a burst cannot
-shrink it below the average over the bursts.
+NOTE (why the rate is measured over busy time and many completions): CPU engines finish their
+running batch together, every tens of seconds, so completions come in bursts. The previous estimate
+(releases per wall second over the last 10 s of the current busy period) swung with every burst: a
+burst made the rate look fast, the arrivals after it were queued, and when the window slid past the
+burst they were refused 3-20 s later; and each new busy period started with no evidence and assumed
+one release per 10 s, shedding requests the pool served moments later. `ServiceRate` keeps its
+history across busy periods and averages the busy time between the last `min_samples` completions
+(at least 32, and all of the last 60 s of busy time), plus the time since the latest one while the
+queue still waits: a stall raises the estimate at once, a burst cannot shrink it below the average
+over the bursts.
 
 NOTE (refusing the hopeless later, only on a stall): once the pool has completed nothing for longer
 than the admission budget and than twice its longest interval between completions seen (a pool that
@@ -79,28 +79,28 @@ class ServiceRate:
     """Seconds per release of one pool's queue: the busy time (the queue non-empty) between the pool's
     completions in it."""
 
-    def __init__(self, now: Callable[[], float] = time.monotonic, min_releases: int = 32,
+    def __init__(self, now: Callable[[], float] = time.monotonic, min_samples: int = 32,
                  window_s: float = 60.0, max_kept: int = 4096):
         self._now = now
-        self.min_releases = min_releases
+        self.min_samples = min_samples
         self.window_s = window_s            # of busy time: at high rates, average over this much
-        self.max_kept = max_kept            # bounded memory at thousands of releases a second
-        self._gaps: deque[float] = deque()  # busy seconds before each release (since the previous one)
+        self.max_kept = max_kept            # bounded memory at thousands of completions a second
+        self._gaps: deque[float] = deque()  # busy seconds before each completion (since the previous one)
         self._gap_sum = 0.0
         self._busy_since: float | None = None
-        self._since_release = 0.0            # busy seconds since the latest release, closed periods
+        self._since_completion = 0.0         # busy seconds since the latest completion, closed periods
 
     def queue_changed(self, queued: int) -> None:
         now = self._now()
         if queued and self._busy_since is None:
             self._busy_since = now
         elif not queued and self._busy_since is not None:
-            self._since_release += now - self._busy_since
+            self._since_completion += now - self._busy_since
             self._busy_since = None
 
     def stalled_s(self) -> float:
         """Busy seconds since the latest completion (or since the first busy period began)."""
-        return self._since_release + (self._now() - self._busy_since if self._busy_since is not None else 0.0)
+        return self._since_completion + (self._now() - self._busy_since if self._busy_since is not None else 0.0)
 
     def stalled(self, budget_s: float) -> bool:
         """No completion for longer than ``budget_s`` and than twice the longest interval kept: the
@@ -113,18 +113,18 @@ class ServiceRate:
         if self._busy_since is None:
             return
         gap = self.stalled_s()
-        self._since_release = 0.0
+        self._since_completion = 0.0
         self._busy_since = self._now()
         self._gaps.append(gap)
         self._gap_sum += gap
-        while len(self._gaps) > self.min_releases and (
+        while len(self._gaps) > self.min_samples and (
                 self._gap_sum - self._gaps[0] >= self.window_s or len(self._gaps) > self.max_kept):
             self._gap_sum -= self._gaps.popleft()
 
     def seconds_per_release(self) -> float | None:
-        """The mean busy interval between the kept releases, the current open one included (a stall
-        raises it at once). Before any release: the busy time so far as a lower bound, None for its
-        first second."""
+        """The mean busy interval between the kept completions, the current open one included (a stall
+        raises it at once): the queue's seconds per release. Before any completion under load: the
+        busy time so far as a lower bound, None for its first second."""
         open_s = self.stalled_s() if self._busy_since is not None else 0.0
         if not self._gaps:
             return None if open_s < 1.0 else open_s
