@@ -107,12 +107,14 @@ class Endpoint:
         return self.active_ok and time.monotonic() >= self.ejected_until
 
     def view(self, now: float) -> EndpointView:
+        """This endpoint at ``now`` (a `time.monotonic()` reading), for routing and flow control."""
         m = self.metrics
+        healthy = self.active_ok and now >= self.ejected_until  # `healthy` without another clock reading
         if m is None:
-            return EndpointView(self.id, in_flight=self.in_flight, healthy=self.healthy,
+            return EndpointView(self.id, in_flight=self.in_flight, healthy=healthy,
                                 max_concurrency=self.max_concurrency)
         return EndpointView(self.id, m.queue, m.running, m.kv_usage, now - self.metrics_at, True,
-                            self.in_flight, self.healthy, self.max_concurrency, m.adapters_active,
+                            self.in_flight, healthy, self.max_concurrency, m.adapters_active,
                             m.adapters_waiting, m.max_lora, m.batch_cap, m.reports_queue)
 
     def request_failed(self, cfg: GatewayConfig) -> None:
@@ -163,8 +165,9 @@ class Pool:
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
         now = time.monotonic()
         fc = self.gateway.flow_control
-        return PoolSnapshot([e.view(now) for e in self.endpoints if e.id not in exclude], now,
-                            self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+        views = [e.view(now) for e in self.endpoints if e.id not in exclude] if exclude else \
+            [e.view(now) for e in self.endpoints]
+        return PoolSnapshot(views, now, self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
 
     def free_slots(self) -> int:
         """How many queued requests may be released now (flow control)."""
