@@ -101,6 +101,16 @@ class Endpoint:
         self.scrape: UpstreamPool | None = None  # /metrics, with a short read timeout
         auth = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
         self.request_headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json"), *auth]
+        self.id_bytes = self.id.encode()
+        self._heads: dict[bytes, bytes] = {}
+
+    def post_head(self, path: bytes, request_id: bytes) -> bytes:
+        """The head of a completion request to this endpoint (`UpstreamPool.send_request`): request line,
+        Host and `request_headers` built once per path, then the request's id."""
+        head = self._heads.get(path)
+        if head is None:
+            head = self._heads[path] = self.upstream.head(b"POST", path, self.request_headers)
+        return b"%sx-request-id: %s\r\n" % (head, request_id)
 
     @property
     def healthy(self) -> bool:

@@ -108,7 +108,7 @@ def check_fan_out(kind: str, req: dict[str, Any], max_prompts: int) -> int:
     return total
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PromptFacts:
     """What admission, routing and accounting read from a body, worked out once per request."""
 
