@@ -57,9 +57,8 @@ class Profile:
         for sname, scorer, weight in self._weighted:
             s = scorer(ctx, cands)
             parts.append((sname, weight, s))
-            for i in range(n):
-                v = s[i]
-                totals[i] += weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
+            # the same additions in the same order as an index loop, so the totals are bit-identical
+            totals = [t + weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v) for t, v in zip(totals, s, strict=True)]
         i = self.picker(ctx, cands, totals)
         return Pick(cands[i], _deciding_scorer(i, totals, parts))
 
