@@ -101,18 +101,30 @@ class Endpoint:
         self.scrape: UpstreamPool | None = None  # /metrics, with a short read timeout
         auth = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
         self.request_headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json"), *auth]
+        self.id_bytes = self.id.encode()
+        self._heads: dict[bytes, bytes] = {}
+
+    def post_head(self, path: bytes, request_id: bytes) -> bytes:
+        """The head of a completion request to this endpoint (`UpstreamPool.send_request`): request line,
+        Host and `request_headers` built once per path, then the request's id."""
+        head = self._heads.get(path)
+        if head is None:
+            head = self._heads[path] = self.upstream.head(b"POST", path, self.request_headers)
+        return b"%sx-request-id: %s\r\n" % (head, request_id)
 
     @property
     def healthy(self) -> bool:
         return self.active_ok and time.monotonic() >= self.ejected_until
 
     def view(self, now: float) -> EndpointView:
+        """This endpoint at ``now`` (a `time.monotonic()` reading), for routing and flow control."""
         m = self.metrics
+        healthy = self.active_ok and now >= self.ejected_until  # `healthy` without another clock reading
         if m is None:
-            return EndpointView(self.id, in_flight=self.in_flight, healthy=self.healthy,
+            return EndpointView(self.id, in_flight=self.in_flight, healthy=healthy,
                                 max_concurrency=self.max_concurrency)
         return EndpointView(self.id, m.queue, m.running, m.kv_usage, now - self.metrics_at, True,
-                            self.in_flight, self.healthy, self.max_concurrency, m.adapters_active,
+                            self.in_flight, healthy, self.max_concurrency, m.adapters_active,
                             m.adapters_waiting, m.max_lora, m.batch_cap, m.reports_queue)
 
     def request_failed(self, cfg: GatewayConfig) -> None:
@@ -163,8 +175,9 @@ class Pool:
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
         now = time.monotonic()
         fc = self.gateway.flow_control
-        return PoolSnapshot([e.view(now) for e in self.endpoints if e.id not in exclude], now,
-                            self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+        views = [e.view(now) for e in self.endpoints if e.id not in exclude] if exclude else \
+            [e.view(now) for e in self.endpoints]
+        return PoolSnapshot(views, now, self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
 
     def free_slots(self) -> int:
         """How many queued requests may be released now (flow control)."""

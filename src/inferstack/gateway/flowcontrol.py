@@ -100,6 +100,8 @@ class FlowController:
         """Release as many queued requests as there is room for, and refuse those the current drain
         rate says would time out anyway (429 at once instead of after the timeout); returns how many
         were released."""
+        if not self.queue.queued:  # nothing waits: nothing to release or refuse (the common case, per request)
+            return 0
         released = 0
         while batch := self.queue.release():
             gave_back = False

@@ -169,6 +169,8 @@ class FairQueue(Generic[T]):
         self._next_check = 0.0
 
     def _waiting_at_or_above(self, priority: int) -> int:
+        if not self.queued:  # every admission asks; nothing waits most of the time
+            return 0
         return sum(len(b) for p, b in self._bands.items() if p >= priority)
 
     def depth(self, priority: int) -> int:

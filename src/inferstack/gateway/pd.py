@@ -103,7 +103,7 @@ class PDLegs:
 
     @staticmethod
     async def _leg(ep: Endpoint, path: bytes, body: bytes, rid: bytes) -> dict[str, Any] | str:
-        conn = await ep.upstream.request(b"POST", path, [*ep.request_headers, (b"x-request-id", rid)], body)
+        conn = await ep.upstream.send_request(ep.post_head(path, rid), body)
         try:
             data = await conn.read()
         except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -69,7 +70,10 @@ def prompt_count(kind: str, req: dict[str, Any]) -> int:
 
 def choices_per_prompt(req: dict[str, Any]) -> int:
     """Sequences generated per prompt (`best_of` >= `n` generates the larger number)."""
-    return max(_positive_int(req.get("n")) or 1, _positive_int(req.get("best_of")) or 1)
+    n, best_of = req.get("n"), req.get("best_of")
+    if n is None and best_of is None:  # most requests: skip the checks
+        return 1
+    return max(_positive_int(n) or 1, _positive_int(best_of) or 1)
 
 
 def requested_max_tokens(req: dict[str, Any]) -> int | None:
@@ -102,6 +106,25 @@ def check_fan_out(kind: str, req: dict[str, Any], max_prompts: int) -> int:
                        f"most {max_prompts} per request.", param="prompt" if kind != "chat" else "n",
                        code="too_many_completions")
     return total
+
+
+@dataclass(slots=True)
+class PromptFacts:
+    """What admission, routing and accounting read from a body, worked out once per request."""
+
+    parts: list[str]  # `prompt_parts`: the text the prefix index hashes
+    chars: int  # characters of ``parts``
+    prompt_tokens: int  # `prompt_token_estimate`
+    max_tokens: int | None  # `requested_max_tokens`
+    fan_out: int  # `check_fan_out`: engine sequences (prompts x choices)
+
+
+def prompt_facts(kind: str, req: dict[str, Any], max_prompts: int) -> PromptFacts:
+    """`PromptFacts` of a parsed body; raises APIError(400) for too many completions."""
+    fan_out = check_fan_out(kind, req, max_prompts)
+    parts = list(prompt_parts(kind, req))
+    chars = sum(map(len, parts))
+    return PromptFacts(parts, chars, prompt_token_estimate(kind, req, chars), requested_max_tokens(req), fan_out)
 
 
 def set_gateway_fields(req: dict[str, Any], *, model: str, salt: str, priority: int) -> None:

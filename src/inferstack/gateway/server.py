@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -28,12 +28,13 @@ from inferstack.gateway.pipeline.hold import ClientGone
 from inferstack.gateway.pipeline.proxy import Proxy, respond, send_error
 from inferstack.gateway.pipeline.resolve import shared_models
 from inferstack.protocol.errors import APIError
-from inferstack.protocol.http_guard import read_body_within
+from inferstack.protocol.http_guard import CLIENT_GONE, read_asgi_body
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.responses import model_card, model_list
 from inferstack.telemetry.dashboard import dashboard_asgi, scraping_state_provider
 
 log = logging.getLogger("inferstack.gateway")
+_NO_EXTENSIONS = MappingProxyType({})
 
 __all__ = ["Gateway", "gateway_openapi", "shared_models"]
 
@@ -164,8 +165,10 @@ class Gateway:
         except APIError as exc:
             await self.pipeline.account.rejected(inbound, None, None, exc)
             raise
-        # the one reader of `receive` from here on: it ends a hold (scale from zero) or cancels the proxy
-        watcher = asyncio.ensure_future(receive())
+        # completes when the client goes away: ends a hold (scale from zero) or cancels the proxy. Our
+        # server protocol hands every request one (http_guard.CLIENT_GONE); under another ASGI server a
+        # task waits in `receive` for the disconnect, as the one reader of `receive` from here on
+        watcher = scope.get("extensions", _NO_EXTENSIONS).get(CLIENT_GONE) or asyncio.ensure_future(receive())
         try:
             ctx = await self.pipeline.start(inbound, body, client_gone=watcher)
         except ClientGone:
@@ -201,6 +204,7 @@ class Gateway:
             ctx.outcome.status = 499
             self.pipeline.account.count(ctx)
         finally:
+            watcher.remove_done_callback(client_gone)
             watcher.cancel()
 
 
@@ -243,14 +247,4 @@ async def _read_body(receive: Any, content_length: bytes | None, limit: int, tim
                 raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
         except ValueError:
             raise APIError(400, "Invalid Content-Length header.") from None
-    return await read_body_within(_body_chunks(receive), limit, timeout_s)
-
-
-async def _body_chunks(receive: Any) -> AsyncIterator[bytes]:
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise APIError(499, "Client disconnected.")
-        yield msg.get("body", b"")
-        if not msg.get("more_body"):
-            return
+    return await read_asgi_body(receive, limit, timeout_s)

@@ -181,12 +181,12 @@ class UpstreamPool:
         self.closed = False
         self._idle: list[_Conn] = []
 
-    def _head(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body_len: int) -> bytes:
-        parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", self.hostport, b"\r\ncontent-length: ",
-                 str(body_len).encode(), b"\r\n"]
+    def head(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The request line, Host and ``headers`` as sent: a template to build once and pass to
+        `send_request` (which adds Content-Length and the blank line ending the head)."""
+        parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", self.hostport, b"\r\n"]
         for k, v in headers:
             parts += [k, b": ", v, b"\r\n"]
-        parts.append(b"\r\n")
         return b"".join(parts)
 
     async def _connect(self) -> _Conn:
@@ -201,7 +201,11 @@ class UpstreamPool:
     async def request(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> _Conn:
         """Send a request; returns the connection once the response headers are in.
         The caller must `release()` (or `close()`) it."""
-        data = self._head(method, path, headers, len(body)) + body
+        return await self.send_request(self.head(method, path, headers), body)
+
+    async def send_request(self, head: bytes, body: bytes) -> _Conn:
+        """`request` with the head built by `head` (plus any per-request header lines)."""
+        data = b"%scontent-length: %d\r\n\r\n%s" % (head, len(body), body)
         while self._idle:
             conn = self._idle.pop()
             if conn.closed:

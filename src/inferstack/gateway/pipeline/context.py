@@ -2,6 +2,10 @@
 
 A stage reads the records of the stages before it and returns its own; nothing is filled in
 "later" except `Outcome`, which the serving stage (proxy or Envoy answer) and accounting share.
+
+The per-request records are plain slotted dataclasses, not frozen ones: a frozen dataclass sets each
+field through `object.__setattr__` and costs about three times as much to build, and every request
+builds several. No stage writes another stage's record (`Admission` and `Outcome` excepted, as said).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def _uuid4_hex() -> str:
     return b.hex()
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Inbound:
     """What arrived: the API (chat or completions), request headers, id and arrival time."""
 
@@ -61,7 +65,7 @@ class Inbound:
         return PATHS[self.kind]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Caller:
     """authenticate: who is asking, their tenant (if configured) and the request's priority."""
 
@@ -74,7 +78,7 @@ class Caller:
         return self.tenant.salt if self.tenant else self.ident.tenant
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Route:
     """resolve: the model as asked, the pool serving it, the name upstream and a LoRA adapter."""
 
@@ -96,7 +100,7 @@ class Admission:
     unenforced: bool = False  # admitted without limits: the store was down (`on_store_failure: allow`)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class EngineBody:
     """plan, before admission: the body as the engine gets it, serialized once, so a body the
     gateway cannot forward is refused before it holds any capacity."""
@@ -106,7 +110,7 @@ class EngineBody:
     inject_usage: bool  # we asked for stream usage: strip the usage-only event before the client
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Plan:
     """The body as the engine gets it (rewritten, serialized once) and the routing view of it."""
 

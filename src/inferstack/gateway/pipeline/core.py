@@ -35,12 +35,7 @@ from inferstack.gateway.pipeline.plan import Planner
 from inferstack.gateway.pipeline.resolve import Resolver
 from inferstack.gateway.pipeline.spill import Spiller
 from inferstack.gateway.poolload import PoolLoad
-from inferstack.gateway.requests import (
-    check_fan_out,
-    prompt_parts,
-    prompt_token_estimate,
-    requested_max_tokens,
-)
+from inferstack.gateway.requests import prompt_facts
 from inferstack.gateway.routing.disagg import PDRouter
 from inferstack.protocol.errors import APIError
 
@@ -174,23 +169,21 @@ class Pipeline:
             route = self.spiller.divert(local, caller)
             if route.pool is not local.pool:
                 self.loads[local.pool.name].spilled_over()
-            fan_out = check_fan_out(inbound.kind, req, self.cfg.gateway.http.max_prompts)
-            parts = list(prompt_parts(inbound.kind, req))
-            prompt_tokens = prompt_token_estimate(inbound.kind, req, sum(len(p) for p in parts))
-            out_tokens = requested_max_tokens(req) or self.cfg.gateway.limits.default_max_tokens
+            facts = prompt_facts(inbound.kind, req, self.cfg.gateway.http.max_prompts)
+            out_tokens = facts.max_tokens or self.cfg.gateway.limits.default_max_tokens
             engine_body = self.planner.engine_body(req, caller, route)
             hold = self.holds.get(route.pool.name)
             if hold is not None:
                 await hold.wait(inbound.headers, client_gone)
-            admission = await self.admitter.admit(inbound, caller, route, prompt_tokens,
-                                                  prompt_tokens + out_tokens * fan_out, client_gone)
+            admission = await self.admitter.admit(inbound, caller, route, facts.prompt_tokens,
+                                                  facts.prompt_tokens + out_tokens * facts.fan_out, client_gone)
         except APIError as exc:
             await self.account.rejected(inbound, ident, model, exc)
             raise
         except ClientGone:
             await self.account.rejected(inbound, ident, model, APIError(499, "Client disconnected while waiting."))
             raise
-        plan = await self.planner.plan(inbound.kind, req, engine_body, parts, caller, route,
+        plan = await self.planner.plan(inbound.kind, req, engine_body, facts, caller, route,
                                        inbound.headers.get(b"x-session-id"))
         return RequestContext(
             inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route)

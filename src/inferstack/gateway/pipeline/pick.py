@@ -15,7 +15,7 @@ from inferstack.gateway.pipeline.context import RequestContext
 from inferstack.gateway.routing import RoutingResult
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Picked:
     endpoint: Endpoint
     result: RoutingResult

@@ -13,7 +13,7 @@ from inferstack.config.schema import GatewayConfig
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.datalayer import Endpoint, Pool
 from inferstack.gateway.pipeline.context import Caller, EngineBody, Plan, Route
-from inferstack.gateway.requests import encode_request, requested_max_tokens, session_key, set_gateway_fields
+from inferstack.gateway.requests import PromptFacts, encode_request, session_key, set_gateway_fields
 from inferstack.gateway.routing import RequestView
 from inferstack.gateway.routing.prefix import text_prefix_hashes
 
@@ -41,17 +41,15 @@ class Planner:
                 )
         return EngineBody(encode_request(req), stream, inject_usage)
 
-    async def plan(self, kind: str, req: dict[str, Any], body: EngineBody, parts: list[str], caller: Caller,
+    async def plan(self, kind: str, req: dict[str, Any], body: EngineBody, facts: PromptFacts, caller: Caller,
                    route: Route, session_header: bytes | None) -> Plan:
         """The routing view of an admitted request (precise KV hashes ask an engine's /tokenize)."""
         salt = caller.salt
         view = RequestView(
-            model=route.upstream_model,
-            prefix_hashes=text_prefix_hashes(parts, route.upstream_model + "\x00" + salt, self.block_chars,
-                                             self.max_blocks),
-            prompt_chars=sum(len(p) for p in parts), adapter=route.adapter,
-            session=session_key(req, session_header), priority=caller.priority,
-            max_tokens=requested_max_tokens(req) or 64)
+            route.upstream_model,
+            text_prefix_hashes(facts.parts, route.upstream_model + "\x00" + salt, self.block_chars, self.max_blocks),
+            (), facts.chars, route.adapter, session_key(req, session_header), caller.priority,
+            facts.max_tokens or 64)
         if route.pool.config.precise_prefix is not None:
             view.token_hashes = await token_hashes(route.pool, kind, req, salt)
         return Plan(body.payload, body.stream, body.inject_usage, view)

@@ -99,11 +99,11 @@ class Proxy:
         self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, last: bool
     ) -> str | None:
         """One upstream try. Returns None when the client got a response, or a reason to retry."""
-        headers = [*ep.request_headers, (b"x-request-id", ctx.inbound.rid)]
+        head = ep.post_head(ctx.inbound.path, ctx.inbound.rid)
         if ctx.plan.stream:
-            return await self._attempt_stream(ctx, ep, payload, send, headers, last)
+            return await self._attempt_stream(ctx, ep, payload, send, head, last)
         try:
-            status, ctype, data = await _fetch(ep, ctx.inbound.path, payload, headers)
+            status, ctype, data = await _fetch(ep, head, payload)
         except RETRYABLE as exc:
             return f"connection: {type(exc).__name__}"
         if status >= 500 and not last:
@@ -119,9 +119,9 @@ class Proxy:
                 "status": status,
                 "headers": [
                     (b"content-type", ctype),
-                    (b"content-length", str(len(data)).encode()),
+                    (b"content-length", b"%d" % len(data)),
                     (b"x-request-id", ctx.inbound.rid),
-                    (SERVED, ep.id.encode()),
+                    (SERVED, ep.id_bytes),
                 ],
             }
         )
@@ -131,10 +131,10 @@ class Proxy:
         return None
 
     async def _attempt_stream(
-        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, headers: list, last: bool
+        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, head: bytes, last: bool
     ) -> str | None:
         try:
-            conn = await ep.upstream.request(b"POST", ctx.inbound.path, headers, payload)
+            conn = await ep.upstream.send_request(head, payload)
         except OSError as exc:
             return f"connection: {type(exc).__name__}"
         try:
@@ -166,7 +166,7 @@ class Proxy:
                 "headers": [
                     (b"content-type", conn.content_type),
                     (b"x-request-id", ctx.inbound.rid),
-                    (SERVED, ep.id.encode()),
+                    (SERVED, ep.id_bytes),
                 ],
             }
         )
@@ -188,7 +188,7 @@ class Proxy:
                     _SSE,
                     (b"cache-control", b"no-cache"),
                     (b"x-request-id", ctx.inbound.rid),
-                    (SERVED, ep.id.encode()),
+                    (SERVED, ep.id_bytes),
                 ],
             }
         )
@@ -216,8 +216,8 @@ class Proxy:
         await self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
 
 
-async def _fetch(ep: Endpoint, path: bytes, payload: bytes, headers: list) -> tuple[int, bytes, bytes]:
-    conn = await ep.upstream.request(b"POST", path, headers, payload)
+async def _fetch(ep: Endpoint, head: bytes, payload: bytes) -> tuple[int, bytes, bytes]:
+    conn = await ep.upstream.send_request(head, payload)
     try:
         data = await conn.read()
     except BaseException:

@@ -38,30 +38,33 @@ class Profile:
     picker: Picker
     picker_name: str = ""
 
+    def __post_init__(self) -> None:
+        # worked out once, not per request: the scorers that count, and whether the columnar path applies
+        self._weighted = [(n, s, w) for n, s, w in self.scorers if w != 0]
+        self._columnar = (all(f in col.COL_FILTERS for f, _ in self.filters)
+                          and self.picker_name in col.COL_PICKERS)
+
     def pick(self, ctx: RouteContext, cands: list[EndpointView]) -> Pick | None:
         for _, f in self.filters:
             cands = f(ctx, cands)
             if not cands:
                 return None
-        if len(cands) == 1:
-            return Pick(cands[0], "only")
         n = len(cands)
+        if n == 1:
+            return Pick(cands[0], "only")
         totals = [0.0] * n
         parts: list[tuple[str, float, list[float]]] = []
-        for sname, scorer, weight in self.scorers:
-            if weight == 0:
-                continue
+        for sname, scorer, weight in self._weighted:
             s = scorer(ctx, cands)
             parts.append((sname, weight, s))
-            for i in range(n):
-                v = s[i]
-                totals[i] += weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
+            # the same additions in the same order as an index loop, so the totals are bit-identical
+            totals = [t + weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v) for t, v in zip(totals, s, strict=True)]
         i = self.picker(ctx, cands, totals)
         return Pick(cands[i], _deciding_scorer(i, totals, parts))
 
     def columnar(self) -> bool:
         """Every filter and the picker have a columnar twin (`routing.columns`)."""
-        return all(f in col.COL_FILTERS for f, _ in self.filters) and self.picker_name in col.COL_PICKERS
+        return self._columnar
 
     def pick_columns(self, ctx: RouteContext, cols: col.EndpointColumns) -> Pick | None:
         """`pick` over ``within_cap(snapshot.endpoints)``, evaluated over the snapshot's columns (same
@@ -77,9 +80,7 @@ class Profile:
         totals = np.zeros(idx.size)
         parts: list[tuple[str, float, np.ndarray]] = []
         cands: list[EndpointView] | None = None
-        for sname, scorer, weight in self.scorers:
-            if weight == 0:
-                continue
+        for sname, scorer, weight in self._weighted:
             twin = col.COL_SCORERS.get(sname)
             s = twin(ctx, cols, idx) if twin is not None else None
             if s is None:     # no twin for this scorer or this request: the Python scorer
