@@ -1,10 +1,11 @@
-"""CPU seconds from launch to ready: one emulated `engine serve`, and `inferstack up` with emulated engines.
+"""CPU seconds from launch to ready: one emulated `engine serve`, and `inferstack up` with emulated engines
+(``--real``: also one real CPU engine of the bundled model).
 
 CPU time, not wall time, because the suite's machines are shared: it is what every emulated stack in
 the tests and the labs costs, whatever else runs. Counted over the whole process tree at the moment
 the ready file appears (live processes and the children they already reaped).
 
-    PYTHONPATH=src python benchmarks/emulated_start_cpu.py [--runs 3] [--src OTHER/src]
+    PYTHONPATH=src python benchmarks/emulated_start_cpu.py [--runs 3] [--src OTHER/src] [--real]
 
 ``--src`` runs the same measurement against another checkout's sources in the same run (a baseline).
 """
@@ -62,22 +63,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--src", action="append", default=[], help="another source tree to measure (baseline)")
+    ap.add_argument("--real", action="store_true", help="also a real CPU engine of the bundled model (model load)")
     args = ap.parse_args()
     here = str(Path(__file__).resolve().parents[1] / "src")
     cases = {"engine serve --emulate": ["engine", "serve", "--emulate", EMULATE, "--port", "0"],
              "up --emulate (2 engines)": ["up", "--emulate", EMULATE, "--replicas", "2", "--port", "0"]}
+    if args.real:
+        cases["engine serve --model (real)"] = ["engine", "serve", "--model", "smollm2-135m", "--threads", "1",
+                                                "--dtype", "float32", "--port", "0"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-emustart-"))
     rows = []
+    srcs = [*args.src, here]
     for name, cmd in cases.items():
-        for src in [*args.src, here]:
-            samples = []
-            for i in range(args.runs):      # interleaving sources would be fairer; runs are short and few
-                run_dir = tmp / f"{len(rows)}-{i}"
+        samples: dict[str, list[tuple[float, float]]] = {src: [] for src in srcs}
+        for i in range(args.runs):
+            for j, src in enumerate(srcs):      # interleaved: a shared machine's load hits every tree alike
+                run_dir = tmp / f"{name.split()[0]}-{len(rows)}-{i}-{j}"
                 run_dir.mkdir()
                 extra = ["--log-dir", str(run_dir / "logs")] if cmd[0] == "up" else []
-                samples.append(measure([*cmd, *extra], src, run_dir / "ready.json"))
-            cpu = statistics.median(s[0] for s in samples)
-            wall = statistics.median(s[1] for s in samples)
+                samples[src].append(measure([*cmd, *extra], src, run_dir / "ready.json"))
+        for src in srcs:
+            cpu = statistics.median(s[0] for s in samples[src])
+            wall = statistics.median(s[1] for s in samples[src])
             rows.append({"case": name, "src": src, "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
                          "runs": args.runs})
             print(json.dumps(rows[-1]), flush=True)

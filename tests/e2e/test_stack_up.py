@@ -62,8 +62,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert not (missing := _missing_commands()), f"`inferstack up` needs the {', '.join(missing)} command(s)"
     tmp = tmp_path_factory.mktemp("up")
     config = tmp / "inferstack.yaml"
+    # a SIGSTOPped engine is noticed after 3 checks of 2 s (the default 5 s made the hung-engine test ~20 s)
     config.write_text("up:\n  scrape_interval_s: 1\n  restart:\n    initial_backoff_s: 0.5\n"
-                      "    health_failures: 3\n")
+                      "    health_failures: 3\n    health_timeout_s: 2\n")
     ready_file, log = tmp / "ready.json", tmp / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from support.procs import Server, start_inferstack
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +26,14 @@ def hf_smollm2(smollm2_gguf: Path):
     torch.set_num_threads(2)
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def real_engine() -> Iterator[Server]:
+    """One real `engine serve` of the bundled model (1 thread, float32) for the modules that only send it
+    requests and read answers and counter deltas (the agentic tests, the bench): a real engine start is
+    ~4 CPU-s. A module that restarts, signals or reconfigures its engine starts its own."""
+    srv = start_inferstack(["engine", "serve", "--model", "smollm2-135m", "--threads", "1", "--dtype", "float32",
+                            "--max-model-len", "1024", "--kv-cache-bytes", "128MiB"], timeout=300)
+    yield srv
+    srv.stop()

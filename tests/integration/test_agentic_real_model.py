@@ -14,7 +14,7 @@ import yaml
 
 from inferstack.agents.glossary_server import GLOSSARY
 from support.gateway_procs import start_gateway
-from support.procs import inferstack_env, start_inferstack
+from support.procs import Server, inferstack_env
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +23,11 @@ AGENTS = Path(__file__).resolve().parents[2] / "src/inferstack/assets/agents/glo
 
 
 @pytest.fixture(scope="module")
-def gateway(smollm2_gguf):
-    engine = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "1", "--dtype", "float32",
-                               "--max-model-len", "1024", "--kv-cache-bytes", "128MiB"])
-    gw = start_gateway({"pools": {"solo": {"endpoints": [engine.url]}},
+def gateway(real_engine: Server):
+    gw = start_gateway({"pools": {"solo": {"endpoints": [real_engine.url]}},
                         "models": {MODEL: {"targets": [{"pool": "solo"}]}}})
     yield gw
     gw.stop()
-    engine.stop()
 
 
 def node(node_id: str, **data: object) -> dict:

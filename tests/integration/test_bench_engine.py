@@ -6,22 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.support.procs import start_inferstack
 from typer.testing import CliRunner
 
 from inferstack.cli.main import app
+from support.procs import Server
 
 
 @pytest.mark.slow
-def test_bench_measures_the_real_engine(tmp_path: Path) -> None:
-    srv = start_inferstack(["engine", "serve", "--model", "smollm2-135m", "--threads", "1"], timeout=300)
-    try:
-        res = CliRunner().invoke(app, ["bench", "run", "--target", srv.url, "--workload",
-                                       "multi-turn:turns=2,system=48,input=16,output=6", "--concurrency", "2",
-                                       "--duration", "4", "--out", str(tmp_path), "--no-progress",
-                                       "--scrape-interval", "0.5"])
-    finally:
-        srv.stop()
+def test_bench_measures_the_real_engine(tmp_path: Path, real_engine: Server) -> None:
+    res = CliRunner().invoke(app, ["bench", "run", "--target", real_engine.url, "--workload",
+                                   "multi-turn:turns=2,system=48,input=16,output=6", "--concurrency", "2",
+                                   "--duration", "4", "--out", str(tmp_path), "--no-progress",
+                                   "--scrape-interval", "0.5"])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "results.json").read_text())
     s = data["summary"]

@@ -56,22 +56,29 @@ def redis_url():
 
 
 @pytest.fixture(scope="module")
-def prefill_proc(redis_url, tmp_path_factory):
+def prefill_started(redis_url, tmp_path_factory):
     disk = tmp_path_factory.mktemp("kv-disk")
     tests_dir = str(__import__("pathlib").Path(__file__).resolve().parents[1])
     env = inferstack_env(PYTHONPATH=f"{inferstack_env()['PYTHONPATH']}:{tests_dir}")
     cfg = {"disk": str(disk), "redis": redis_url, "len": PROMPT_LEN, "new": NEW_TOKENS}
     proc = subprocess.Popen([sys.executable, "-c", PREFILL, json.dumps(cfg)], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line, f"prefill engine exited with {proc.wait()}"
-    yield proc, json.loads(line), disk
+    yield proc, disk
     proc.kill()
     proc.wait(10)
 
 
 @pytest.fixture(scope="module")
-def decode_llm(redis_url):
+def prefill_proc(prefill_started, decode_llm):
+    """P's results; D (``decode_llm``) loads its model while P loads and computes (one core each)."""
+    proc, disk = prefill_started
+    line = proc.stdout.readline()
+    assert line, f"prefill engine exited with {proc.wait()}"
+    return proc, json.loads(line), disk
+
+
+@pytest.fixture(scope="module")
+def decode_llm(redis_url, prefill_started):
     return LLM("smollm2-135m", dtype="float32", num_threads=1, kv_role="decode", kv_transfer_peers=("127.0.0.1",),
                kv_store=KVStoreConfig(tiers="host,redis", redis_url=redis_url))
 

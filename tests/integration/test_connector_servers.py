@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from inferstack.engine.connector.nixl_agent import nixl_missing
-from support.procs import start_inferstack
+from support.procs import Server, start_inferstack
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +56,22 @@ def test_second_server_reuses_the_first_servers_prefix_from_disk(tmp_path):
 def test_prefill_and_decode_servers_over_http():
     """The gateway's PD flow by hand: prefill leg (max_tokens 1), then the decode leg with its params."""
     base = ["engine", "serve", "--model", "smollm2-135m", "--dtype", "float32", "--threads", "1"]
-    prefill = start_inferstack([*base, "--role", "prefill"])
-    decode = None
+    # the decode engine loads its model while the prefill engine computes (one core each)
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(start_inferstack, [*base, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
+        try:
+            _prefill_then_decode(start_inferstack([*base, "--role", "prefill"]), starting)
+        finally:
+            starting.result().stop()
+
+
+def _prefill_then_decode(prefill: Server, starting: Future[Server]) -> None:
     try:
         reference = complete(prefill.url)["choices"][0]["text"]          # colocated on the prefill engine
         leg1 = complete(prefill.url, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         params = leg1["kv_transfer_params"]
         assert params["do_remote_prefill"] and params["remote_port"] > 0 and params["remote_num_blocks"] >= 32
-        decode = start_inferstack([*base, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
+        decode = starting.result()
         leg2 = complete(decode.url, kv_transfer_params=params)
         assert leg2["choices"][0]["text"] == reference
         assert "kv_transfer_params" not in leg2
@@ -76,5 +85,3 @@ def test_prefill_and_decode_servers_over_http():
         assert re.search(rf'^inferstack_kv_transfers_total{{[^}}]*transport="{transport}"[^}}]*}} 1.0$', metrics, re.M)
     finally:
         prefill.stop()
-        if decode is not None:
-            decode.stop()

@@ -1,6 +1,7 @@
 """`inferstack engine serve --model smollm2-135m` in a real process, driven by the official `openai`
 client, httpx and schemathesis. One server process (a session fixture) serves every test here; the last sends it
-SIGTERM while a request is in flight (drain, exit 0).
+SIGTERM while a request is in flight (drain, exit 0). It runs under Python's import profiler, so one test can
+check what a real engine start imports.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from inferstack.protocol.openapi import engine_openapi, schema_validator
 from inferstack.protocol.sse import SSEDecoder
-from support.procs import Server, start_inferstack
+from support.procs import Server, inferstack_env, start_inferstack
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,8 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 def server() -> Server:
     srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "1", "--dtype", "float32",
                             "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-bytes", "128MiB",
-                            "--api-key", KEY, "--log-format", "json", "--drain-timeout", "60"])
+                            "--api-key", KEY, "--log-format", "json", "--drain-timeout", "60"],
+                           env=inferstack_env(PYTHONPROFILEIMPORTTIME="1"))
     yield srv
     srv.stop()
 
@@ -75,6 +77,17 @@ def test_ready_file_reports_the_real_port(server: Server) -> None:
     assert json.dumps(server.ready, separators=(",", ":")) in server.log()    # also printed to stdout
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/ready").status_code == 200
+
+
+def test_a_real_engine_never_imports_sympy(client: openai.OpenAI, server: Server) -> None:
+    """Loading the model allocates its meta-device parameters with `torch.empty` (weights/loader.py: allocate):
+    `nn.Module.to_empty` went through the meta `empty_like`, which imports torch's symbolic shapes and sympy,
+    ~0.3 CPU s of every real engine start in the suite, the labs and `inferstack up`."""
+    reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+    assert reply.usage.completion_tokens == 2
+    imported = server.imported()
+    assert {"torch", "safetensors", "tokenizers"} <= imported      # the profiler saw the model load
+    assert "sympy" not in imported, "a real engine start imported sympy"
 
 
 def test_chat_with_the_openai_client(client: openai.OpenAI) -> None:

@@ -48,6 +48,12 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def imported(self) -> set[str]:
+        """Top-level packages the process imported, from its log when started with PYTHONPROFILEIMPORTTIME=1
+        (lines ``import time: self | cumulative | name``)."""
+        return {m.group(1).split(".")[0]
+                for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+([\w.]+)", self.log(), re.M)}
+
     def stop(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

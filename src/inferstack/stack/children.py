@@ -159,13 +159,13 @@ class Child:
             return []
         return [url] if r.status_code == 200 else []
 
-    async def healthy(self, client: httpx.AsyncClient) -> bool:
+    async def healthy(self, client: httpx.AsyncClient, timeout_s: float = 5.0) -> bool:
         if not self.alive() or not self.urls:
             return False
         if self.spec.probe is not None:
             return await self.spec.probe(self.port)
         try:
-            r = await client.get(self.urls[0] + self.spec.health_path, timeout=5.0)
+            r = await client.get(self.urls[0] + self.spec.health_path, timeout=timeout_s)
         except httpx.HTTPError:
             return False
         return r.status_code == 200

@@ -21,8 +21,9 @@ class RestartPolicy(BaseModel):
     stable_after_s: float = Field(60.0, gt=0, description="Healthy this long resets the backoff.")
     health_interval_s: float = Field(1.0, gt=0, description="How often children are health-checked.")
     health_failures: int = Field(
-        10, ge=1, description="Consecutive failed /health checks (5 s timeout each) before a hung child is "
+        10, ge=1, description="Consecutive failed /health checks (`health_timeout_s` each) before a hung child is "
         "killed and restarted; a busy CPU engine can answer slowly, so keep this generous.")
+    health_timeout_s: float = Field(5.0, gt=0, description="How long one /health check waits for its answer.")
 
 
 class PDSettings(BaseModel):

@@ -383,7 +383,7 @@ class Supervisor:
             if self._stop.is_set():
                 return
             ready = [c for c in self._children() if c.state == ChildState.READY]
-            health = await asyncio.gather(*(c.healthy(self._client) for c in ready))
+            health = await asyncio.gather(*(c.healthy(self._client, policy.health_timeout_s) for c in ready))
             for child, ok in zip(ready, health, strict=True):
                 if not child.alive():
                     code = child.proc.returncode if child.proc else None

@@ -1,6 +1,6 @@
 """The model contract: what the weight loader and the torch executor need from a model class.
 
-A model is an `nn.Module` (the loader moves it with `to`/`to_empty` and calls `eval`) that also
+A model is an `nn.Module` (the loader casts it with `to`, allocates it with `_apply` and calls `eval`) that also
 provides these methods; `LlamaForCausalLM` is the one implementation, serving Llama, Mistral,
 Qwen2 and Qwen3 checkpoints (engine/models/registry.py). A new family implements `CausalLM` and
 registers a `ModelFamily`.
@@ -8,6 +8,7 @@ registers a `ModelFamily`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol, Self
 
 import torch
@@ -53,5 +54,5 @@ class CausalLM(Protocol):
 
     # the nn.Module methods the loader uses
     def to(self, *args: object, **kwargs: object) -> Self: ...
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Self: ...
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self: ...
     def eval(self) -> Self: ...

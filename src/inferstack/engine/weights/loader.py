@@ -196,9 +196,17 @@ def build_model(config: dict[str, Any], files: list[Path], dtype: torch.dtype, d
     arch = family.to_arch(config, architecture, source).finalize(dtype)
     with torch.device("meta"):
         model = family.model_class(arch)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = allocate(model.to(dtype=dtype), device)
     fill_weights(model, SafetensorsCheckpoint(files), source, tensor_name)
     return model.eval(), arch
+
+
+def allocate(model: CausalLM, device: torch.device) -> CausalLM:
+    """``model.to_empty(device=device)`` without importing sympy: ``to_empty`` allocates with
+    ``torch.empty_like`` of each meta tensor, whose meta path imports ``torch.fx.experimental.symbolic_shapes``
+    and with it sympy (~0.3 CPU s of every engine start, torch 2.13). ``torch.empty`` of the same shape and
+    dtype allocates the same uninitialised storage; the checkpoint fills it next."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def fill_weights(model: CausalLM, checkpoint: SafetensorsCheckpoint, source: str,
