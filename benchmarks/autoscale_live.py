@@ -39,7 +39,7 @@ from inferstack.bench.workloads import parse_workload
 from inferstack.telemetry import promtext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autoscale_eval import evaluate  # the simulator side, same trace
+from autoscale_eval import evaluate, setup_of  # the simulator side, same trace
 
 POLICIES = "kpa:target=4,stable_window=20s,panic_window=4s;apa:metric=concurrency,target=4,window=20s;" \
            "hpa:metric=concurrency,target=4,scale_down_stabilization=30s"
@@ -262,7 +262,7 @@ def main() -> None:
                                   interval=a.interval, cold_start=math.ceil(cold))
     sim = []
     for spec in a.policies.split(";"):
-        r = evaluate(spec, parse_policy(spec), trace, sim_args)
+        r = evaluate(spec, parse_policy(spec), trace, setup_of(sim_args))
         sim.append({**r, "replica_s": r["replica_hours"] * 3600, "peak": r["peak_replicas"],
                     "scale_ups": r["cold_starts"]})
     print(f"\ntrace: {trace} ({sum(1 for _ in trace.open())} requests over {a.minutes:g} min); live cold start "
