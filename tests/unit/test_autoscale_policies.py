@@ -141,6 +141,11 @@ def test_slo_learns_the_capacity_from_misses():
     # misses older than learn_window are forgotten; learn_window 0 turns learning off
     old = chain(steady(n=3, demand=24, ttft=3.0), steady(n=10, demand=24, ttft=0.5))
     assert slo.capacity(old) == 12 and SLO(learn_window_s=0, concurrency=12).capacity(missed) == 12
+    # a miss while ordered replicas start is the cold start's (the fleet was short): nothing learned from it
+    lagging = [PoolSample(**{**x.__dict__, "starting": 2}) for x in missed]
+    assert slo.capacity(lagging) == 12
+    lagging[-1] = PoolSample(**{**lagging[-1].__dict__, "starting": 0})     # its requests lived through the start
+    assert slo.capacity(lagging) == 12
     # the load of a miss is the higher of its sample's and the previous one's (its requests lived through both)
     falling = steady(n=3, demand=48, ttft=0.5)
     falling[-1] = PoolSample(**{**falling[-1].__dict__, "running": 24, "ttft_p95_s": 3.0})

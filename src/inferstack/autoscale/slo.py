@@ -24,10 +24,11 @@ against the window's.
 Capacity: ``concurrency`` is an upper bound, learned down from what the replicas actually hold within the
 objectives: every sample of the last ``learn_window_s`` whose p95 missed (by the factor m) at L requests per
 replica says a replica holds about L / m; the median of those, never above ``concurrency`` nor below a quarter
-of it, is the capacity Little's law divides by. A workload heavier than the one ``concurrency`` was set for
-(long prompts) lowers it while the misses last in the window, and only misses can lower it: a fleet that meets
-its objectives keeps the configured number. (The transient ``max_boost`` answers one miss; the learned capacity
-keeps the fleet from shrinking back into the next one.)
+of it, is the capacity Little's law divides by. A miss while ordered replicas were still starting is the cold
+start's (the fleet was short, as for the boost), so it teaches nothing. A workload heavier than the one
+``concurrency`` was set for (long prompts) lowers it while the misses last in the window, and only misses can
+lower it: a fleet that meets its objectives keeps the configured number. (The transient ``max_boost``
+answers one miss; the learned capacity keeps the fleet from shrinking back into the next one.)
 
 Bursts: ``spare`` x sqrt(need) replicas more (square-root staffing: the headroom that absorbs a
 burst during the cold start of the replicas it calls for costs little on a large fleet, and is what
@@ -69,7 +70,7 @@ class SLO:
     trend_window_s: float = 60.0
     tokens: bool = False                  # demand in request equivalents weighted by prompt length
     # capacity learned from the misses of this long (0 s: always ``concurrency``); on the Mooncake-like trace it
-    # took concurrency 12 from 80 % to 93 % attainment, on the diurnal seeds it changes nothing (docs/autoscaling.md)
+    # took concurrency 12 from 80 % to 93 % attainment, on the diurnal seeds it changes ~nothing (docs/autoscaling.md)
     learn_window_s: float = 300.0
     name: str = "slo"
 
@@ -131,14 +132,15 @@ class SLO:
         """Requests one replica holds within the objectives: the median of load / miss over the samples of the
         last ``learn_window_s`` that missed, within [concurrency / 4, concurrency]; ``concurrency`` without a
         miss. The load of a sample is the higher of its own and the previous sample's per-replica demand: its
-        latencies are those of requests that finished in it, which lived through the previous interval too."""
+        latencies are those of requests that finished in it, which lived through the previous interval too; for
+        the same reason a miss with replicas starting in either sample is left out (the fleet was short)."""
         if not self.learn_window_s:
             return self.concurrency
         recent = within(window, self.learn_window_s)
         held = []
         for before, x in zip([recent[0], *recent], recent, strict=False):
             m = self.miss([x])
-            if m is not None and m > 1.0 and x.replicas > 0:
+            if m is not None and m > 1.0 and x.replicas > 0 and not x.starting and not before.starting:
                 load = max(x.demand / x.replicas, before.demand / max(1, before.replicas))
                 held.append(load / m)
         if not held:
