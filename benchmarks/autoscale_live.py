@@ -191,7 +191,7 @@ def plot(out: Path, runs: dict[str, tuple[list[dict], list]]) -> None:
         ts = [p["t"] for p in timeline]
         ax.step(ts, [p.get("ready", 0) for p in timeline], where="post", label="ready")
         ax.step(ts, [p.get("desired", 0) for p in timeline], where="post", label="desired", linestyle="--")
-        ax.set_title(name.split(":")[0])
+        ax.set_title(name if len(name) <= 40 else name[:39] + "…", fontsize=9)
         ax.set_ylabel("replicas")
         ax.legend()
         t0 = min((s for s, _ in per_request), default=0.0)
@@ -240,8 +240,8 @@ def main() -> None:
         return measure_cold_starts(a, work)
     trace = bursty_trace(work / "trace.jsonl", a.minutes, a.base_rps, a.burst_rps, a.seed, a.burst_s)
     live, runs, colds = [], {}, []
-    for spec in a.policies.split(";"):
-        run_dir = work / spec.split(":")[0]
+    for i, spec in enumerate(a.policies.split(";")):
+        run_dir = work / f"{i}-{spec.split(':')[0]}"     # one policy may be given twice with other keys
         run_dir.mkdir()
         proc, gateway = start_stack(a, spec, run_dir)
         try:
