@@ -39,7 +39,7 @@ from inferstack.bench.workloads import parse_workload
 from inferstack.telemetry import promtext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autoscale_eval import evaluate  # the simulator side, same trace
+from autoscale_eval import evaluate, setup_of  # the simulator side, same trace
 
 POLICIES = "kpa:target=4,stable_window=20s,panic_window=4s;apa:metric=concurrency,target=4,window=20s;" \
            "hpa:metric=concurrency,target=4,scale_down_stabilization=30s"
@@ -191,7 +191,7 @@ def plot(out: Path, runs: dict[str, tuple[list[dict], list]]) -> None:
         ts = [p["t"] for p in timeline]
         ax.step(ts, [p.get("ready", 0) for p in timeline], where="post", label="ready")
         ax.step(ts, [p.get("desired", 0) for p in timeline], where="post", label="desired", linestyle="--")
-        ax.set_title(name.split(":")[0])
+        ax.set_title(name if len(name) <= 40 else name[:39] + "…", fontsize=9)
         ax.set_ylabel("replicas")
         ax.legend()
         t0 = min((s for s, _ in per_request), default=0.0)
@@ -240,8 +240,8 @@ def main() -> None:
         return measure_cold_starts(a, work)
     trace = bursty_trace(work / "trace.jsonl", a.minutes, a.base_rps, a.burst_rps, a.seed, a.burst_s)
     live, runs, colds = [], {}, []
-    for spec in a.policies.split(";"):
-        run_dir = work / spec.split(":")[0]
+    for i, spec in enumerate(a.policies.split(";")):
+        run_dir = work / f"{i}-{spec.split(':')[0]}"     # one policy may be given twice with other keys
         run_dir.mkdir()
         proc, gateway = start_stack(a, spec, run_dir)
         try:
@@ -262,7 +262,7 @@ def main() -> None:
                                   interval=a.interval, cold_start=math.ceil(cold))
     sim = []
     for spec in a.policies.split(";"):
-        r = evaluate(spec, parse_policy(spec), trace, sim_args)
+        r = evaluate(spec, parse_policy(spec), trace, setup_of(sim_args))
         sim.append({**r, "replica_s": r["replica_hours"] * 3600, "peak": r["peak_replicas"],
                     "scale_ups": r["cold_starts"]})
     print(f"\ntrace: {trace} ({sum(1 for _ in trace.open())} requests over {a.minutes:g} min); live cold start "

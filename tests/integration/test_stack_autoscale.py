@@ -194,3 +194,20 @@ def test_scale_up_under_load_then_drain_down_to_zero(stack: Server) -> None:
     assert metric_sum(text, "inferstack_autoscaler_decisions_total", 'direction="up"') >= 2
     assert metric_sum(text, "inferstack_autoscaler_decisions_total", 'direction="down"') >= 2
     assert metric_sum(text, "inferstack_autoscaler_desired_replicas", 'policy="kpa"') == 0
+
+
+def test_bundled_model_starts_at_zero_and_serves_under_the_name_listed(tmp_path: Path) -> None:
+    """A model given as an alias: the stack names it the way the engine will (no engine process to ask), lists it,
+    holds the first request, and the replica it starts answers under that same name."""
+    stack = start_inferstack(["up", "--autoscale", "kpa:target=4", "--min-replicas", "0", "--max-replicas", "1",
+                              "--log-dir", str(tmp_path / "run")], timeout=120)
+    try:
+        assert engine_pids(stack) == []
+        r = httpx.get(stack.url + "/v1/models", timeout=10)
+        assert [m["id"] for m in r.json()["data"]] == ["smollm2-135m"]
+        r = httpx.post(stack.url + "/v1/chat/completions", timeout=120, json={
+            "model": "smollm2-135m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "smollm2-135m" and len(engine_pids(stack)) == 1
+    finally:
+        stop_up(stack)

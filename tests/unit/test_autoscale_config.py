@@ -3,6 +3,8 @@ inferstack.yaml: what loads, and the file:line errors for what does not."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from inferstack.config import ConfigError, parse_config
@@ -79,13 +81,25 @@ def test_a_pool_that_scales_from_zero_may_start_without_endpoints():
         parse_config("pools:\n  default:\n    models: [m]\n")
 
 
-def test_up_starts_at_zero_only_when_the_served_name_is_known():
+def test_up_starts_at_zero_when_the_served_name_is_known(tmp_path: Path):
+    from inferstack.engine.weights.location import model_name
     from inferstack.stack.plan import known_model_name
     from inferstack.stack.settings import UpSettings
 
     auto = {"policy": "kpa", "min_replicas": 0}
     assert known_model_name(UpSettings(emulate="h100:llama-3-8b", autoscale=auto)) == \
         "meta-llama/Meta-Llama-3-8B-Instruct"
-    assert known_model_name(UpSettings(model="smollm2-135m", autoscale=auto)) is None      # the engine names it
     assert known_model_name(UpSettings(model="x.gguf", autoscale=auto,
                                        engine_args=["--served-model-name", "mine"])) == "mine"
+    # named the way the engine names a loaded model (the same function): alias, file stem, directory name
+    assert known_model_name(UpSettings(model="smollm2-135m", autoscale=auto)) == "smollm2-135m"
+    (tmp_path / "tiny.Q4_0.gguf").write_bytes(b"GGUF")
+    (tmp_path / "hf-model").mkdir()
+    assert known_model_name(UpSettings(model=str(tmp_path / "tiny.Q4_0.gguf"), autoscale=auto)) == "tiny.Q4_0"
+    assert known_model_name(UpSettings(model=str(tmp_path / "hf-model"), autoscale=auto)) == "hf-model"
+    assert model_name(str(tmp_path / "hf-model")) == "hf-model"
+    # only the engine can tell: a pulled or verified copy, or a reference naming nothing (its error says why)
+    assert known_model_name(UpSettings(model="oci://reg/ns/m:1", autoscale=auto)) is None
+    assert known_model_name(UpSettings(model="smollm2-135m", autoscale=auto,
+                                       engine_args=["--trust-policy=p.yaml"])) is None
+    assert known_model_name(UpSettings(model=str(tmp_path / "missing.gguf"), autoscale=auto)) is None

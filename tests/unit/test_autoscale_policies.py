@@ -116,12 +116,54 @@ def test_slo_sizes_by_littles_law_with_square_root_staffing():
 
 
 def test_slo_boosts_on_a_miss_unless_replicas_are_starting():
-    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, max_boost=1.5)
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, max_boost=1.5, learn_window_s=0)
     assert slo.need(steady(ttft=0.5, tpot=0.12))[0] == pytest.approx(5 * 1.2)
     assert slo.need(steady(ttft=9.0, tpot=0.05))[0] == pytest.approx(5 * 1.5)      # capped
     starting = steady(ttft=9.0, tpot=0.05)
     starting[-1] = PoolSample(**{**starting[-1].__dict__, "starting": 3})
     assert slo.need(starting)[0] == pytest.approx(5.0)     # the starting replicas answer the misses
+
+
+def test_slo_learns_the_capacity_from_misses():
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, max_boost=1.0, learn_window_s=60)
+    # 24 in the system on 4 replicas (6 each), 5 req/s, W = 4.8 s: Little's law asks for 24 requests in flight
+    met = steady(demand=24, ttft=0.5, tpot=0.05)
+    assert slo.capacity(met) == 12 and slo.need(met)[0] == pytest.approx(24 / 12)
+    missed = steady(demand=24, ttft=3.0, tpot=0.05)            # 6 per replica missed TTFT by 1.5x: ~4 fit
+    assert slo.capacity(missed) == pytest.approx(4.0) and slo.need(missed)[0] == pytest.approx(24 / 4)
+    assert "4 per replica (learned from misses)" in slo.decide(missed, 2).reason
+    # the median of the misses: one outlier (a single huge prompt) does not set it; floor at concurrency / 4
+    mixed = steady(demand=24, ttft=0.5, tpot=0.05)
+    for i, ttft in ((-3, 3.0), (-2, 2.4), (-1, 60.0)):
+        mixed[i] = PoolSample(**{**mixed[i].__dict__, "ttft_p95_s": ttft})
+    assert slo.capacity(mixed) == pytest.approx(6 / 1.5)           # of 6 / 1.2, 6 / 1.5 and 6 / 30
+    assert slo.capacity(steady(demand=24, ttft=60.0)) == pytest.approx(3.0)
+    # misses older than learn_window are forgotten; learn_window 0 turns learning off
+    old = chain(steady(n=3, demand=24, ttft=3.0), steady(n=10, demand=24, ttft=0.5))
+    assert slo.capacity(old) == 12 and SLO(learn_window_s=0, concurrency=12).capacity(missed) == 12
+    # a miss while ordered replicas start is the cold start's (the fleet was short): nothing learned from it
+    lagging = [PoolSample(**{**x.__dict__, "starting": 2}) for x in missed]
+    assert slo.capacity(lagging) == 12
+    lagging[-1] = PoolSample(**{**lagging[-1].__dict__, "starting": 0})     # its requests lived through the start
+    assert slo.capacity(lagging) == 12
+    # the load of a miss is the higher of its sample's and the previous one's (its requests lived through both)
+    falling = steady(n=3, demand=48, ttft=0.5)
+    falling[-1] = PoolSample(**{**falling[-1].__dict__, "running": 24, "ttft_p95_s": 3.0})
+    assert slo.capacity(falling) == pytest.approx(12 / 1.5)
+
+
+def test_slo_capacity_on_a_recorded_mooncake_like_window():
+    """Samples of the Mooncake-like run (seed 3, slo defaults, 120-160 s): six replicas missing TPOT and
+    TTFT at four requests each hold ~3.3 within the objectives, not the configured 12."""
+    rows = [(17, 0, 20, 0.68, 0.102), (9, 0, 17, 1.93, 0.089), (17, 0, 24, 1.28, 0.103), (16, 0, 25, 1.46, 0.125),
+            (16, 1, 28, 1.87, 0.097)]
+    recorded = [PoolSample(t=120 + 10 * i, replicas=6, starting=0, waiting=w, running=run, kv_usage=0.3,
+                           gateway_queued=0, arrivals=arr, completions=arr, ttft_p95_s=ttft, tpot_p95_s=tpot,
+                           interval_s=10) for i, (arr, w, run, ttft, tpot) in enumerate(rows)]
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12)
+    assert slo.capacity(recorded) == pytest.approx((25 / 6) / 1.25)
+    assert slo.decide(recorded, 6).desired > SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, learn_window_s=0).decide(
+        recorded, 6).desired
 
 
 def test_slo_scales_down_slowly_and_ignores_flapping_and_missing_metrics():

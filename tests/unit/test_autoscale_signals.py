@@ -73,3 +73,29 @@ def test_malformed_snapshot_is_refused_and_p95_is_nearest_rank():
         LoadSnapshot.from_json({"pool": "p", "now": 1.0, "endpoints": [{"id": "e", "bogus": 1}]})
     assert p95([]) is None
     assert p95([float(i) for i in range(1, 101)]) == 95.0
+
+
+def test_duty_cycle_is_the_rate_of_the_engines_step_time():
+    """`inferstack:busy_seconds_total` as the gateway scrapes it, differenced per endpoint: GPU utilisation."""
+    from inferstack.autoscale.signals import signal_value
+    from inferstack.gateway.datalayer import parse_engine_metrics
+
+    text = ("# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 2\n"
+            "# TYPE inferstack:busy_seconds_total counter\ninferstack:busy_seconds_total{model_name=\"m\"} 10.0\n")
+    assert parse_engine_metrics(text).busy_seconds == 10.0
+    assert parse_engine_metrics(text.split("# TYPE inferstack")[0]).busy_seconds is None
+    pool, load, sampler = _pool(), PoolLoad(), LoadSampler()
+    for ep, busy in zip(pool.endpoints, (10.0, 4.0), strict=True):
+        ep.metrics.busy_seconds = busy
+    first = sampler.sample(_over_http(load.snapshot(pool, sampler.since, 0, 0)))["both"]
+    assert first.busy is None                            # one end only: no rate yet
+    before = sampler.prev
+    pool.endpoints[0].metrics.busy_seconds = 10.0 + 0.9 * 2.0   # busy 90 % and 40 % of the next 2 s
+    pool.endpoints[1].metrics.busy_seconds = 4.0 + 0.4 * 2.0
+    snap = load.snapshot(pool, sampler.since, 0, 0)
+    snap = LoadSnapshot(**{**snap.__dict__, "now": before.now + 2.0})
+    second = sampler.sample(_over_http(snap))["both"]
+    assert second.busy == pytest.approx(0.65) and signal_value("gpu_util", second) == pytest.approx(0.65)
+    pool.endpoints[1].metrics.busy_seconds = None        # an engine without the counter drops out of the mean
+    third = sampler.sample(LoadSnapshot(**{**load.snapshot(pool, 0, 0, 0).__dict__, "now": snap.now + 1.0}))
+    assert third["both"].busy == 0.0

@@ -16,6 +16,7 @@ DESIGN_NAMES = {
     "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
     "vllm:cache_config_info",
     "inferstack:max_num_seqs",  # ours: the running-batch cap the gateway's saturation signal reads
+    "inferstack:busy_seconds_total",  # ours: step time, whose rate is the duty cycle an HPA on "GPU util" reads
 }
 
 
@@ -44,7 +45,7 @@ def test_gateway_table_lists_design_names() -> None:
 
 def test_exposition_parses_and_reads_stats_at_scrape_time() -> None:
     stats = EngineStats(num_running=2, num_waiting=1, kv_cache_usage=0.25, num_kv_blocks=10, prompt_tokens=7,
-                        request_success={"stop": 3})
+                        request_success={"stop": 3}, busy_seconds=1.5)
     metrics = EngineMetrics()
     assert b"vllm:num_requests_running{" not in metrics.render()[0]      # nothing until an engine is bound
     metrics.bind("m", lambda: stats)
@@ -59,6 +60,7 @@ def test_exposition_parses_and_reads_stats_at_scrape_time() -> None:
     assert samples[("vllm:num_requests_running", lab)] == 5
     assert samples[("vllm:kv_cache_usage_perc", lab)] == 0.25
     assert samples[("vllm:prompt_tokens_total", lab)] == 7
+    assert samples[("inferstack:busy_seconds_total", lab)] == 1.5
     assert samples[("vllm:request_success_total", (("finished_reason", "stop"), ("model_name", "m")))] == 3
     assert samples[("vllm:time_to_first_token_seconds_sum", lab)] == 1.0
     assert samples[("vllm:request_queue_time_seconds_sum", lab)] == 0.5

@@ -36,8 +36,10 @@ class EndpointLoad:
     running: float = 0.0
     kv_usage: float = 0.0
     role: str = BOTH
-    # accelerator duty cycle since the previous snapshot (DCGM_FI_DEV_GPU_UTIL); None where unseen (live engines)
+    # accelerator duty cycle since the previous snapshot (DCGM_FI_DEV_GPU_UTIL), where the source knows it (the
+    # simulator); a live engine exports its cumulative step time instead, which `LoadSampler` differences
     busy: float | None = None
+    busy_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class LoadSampler:
             waiting = sum(e.waiting for e in serving)
             # engines that export no gauges still show the gateway's own in-flight count
             running = max(sum(e.running for e in serving), sum(e.in_flight for e in serving) - waiting)
-            duty = [e.busy for e in serving if e.busy is not None]
+            duty = [d for d in (_duty(e, prev, snap.now) for e in serving) if d is not None]
             out[role] = PoolSample(
                 t=snap.now, replicas=len(serving),
                 starting=starting if isinstance(starting, int) else starting.get(role, 0),
@@ -116,3 +118,14 @@ class LoadSampler:
                 output_tokens=snap.output_tokens - prev.output_tokens, interval_s=snap.now - prev.now,
                 busy=sum(duty) / len(duty) if duty else None)
         return out
+
+
+def _duty(e: EndpointLoad, prev: LoadSnapshot, now: float) -> float | None:
+    """The endpoint's duty cycle since ``prev``: given (the simulator), or its step time's growth over the
+    elapsed time (a live engine's counter); None without both ends (a new endpoint, an engine without it)."""
+    if e.busy is not None:
+        return e.busy
+    before = next((p for p in prev.endpoints if p.id == e.id), None)
+    if e.busy_seconds is None or before is None or before.busy_seconds is None or now <= prev.now:
+        return None
+    return min(1.0, max(0.0, (e.busy_seconds - before.busy_seconds) / (now - prev.now)))

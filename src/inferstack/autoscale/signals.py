@@ -54,7 +54,7 @@ SIGNALS = {
     "concurrency": "requests in the system per replica (waiting + running + held at the gateway)",
     "queue": "requests waiting per replica (engine queues + held at the gateway)",
     "kv_usage": "mean KV-cache use of the replicas, 0..1",
-    "gpu_util": "mean accelerator duty cycle of the replicas, 0..1 (DCGM_FI_DEV_GPU_UTIL; simulator only)",
+    "gpu_util": "mean accelerator duty cycle of the replicas, 0..1 (DCGM_FI_DEV_GPU_UTIL, inferstack:busy_seconds)",
     "request_rate": "arrivals per second per replica",
     "ttft_p95": "p95 time to first token, seconds (pool-wide)",
     "tpot_p95": "p95 time per output token, seconds (pool-wide)",

@@ -326,7 +326,7 @@ def _verified_model(model: str, served_name: str | None, policy_file: str | None
     """oci:// -> pulled local path; with a policy, verified before anything loads (fail closed)."""
     from pathlib import Path
 
-    from inferstack.engine.weights.loader import resolve_model_path
+    from inferstack.engine.weights.location import resolve_model_path
     from inferstack.modelhub.errors import ModelHubError
     from inferstack.modelhub.policy import load_trust_policy
     from inferstack.modelhub.reference import is_oci, parse_reference

@@ -483,7 +483,7 @@ def eval_model(
 
     from inferstack.engine.evaluate import HELD_OUT_PROMPTS, evaluate, markdown_table
     from inferstack.engine.models.arch import ModelLoadError
-    from inferstack.engine.weights.loader import resolve_model_path
+    from inferstack.engine.weights.location import resolve_model_path
 
     try:
         is_gguf = resolve_model_path(model).suffix == ".gguf"

@@ -90,8 +90,8 @@ def up(
         "planner (docs/autoscaling.md). --replicas is then the count at start.")] = None,
     min_replicas: Annotated[int | None, typer.Option(
         "--min-replicas", min=0, help="With --autoscale: fewest replicas (default 1); 0 scales to zero when idle "
-        "and holds requests at the gateway until a replica is ready (with --emulate or --served-model-name "
-        "the stack starts with none).")] = None,
+        "and holds requests at the gateway until a replica is ready (the stack starts with none unless the model "
+        "is an oci:// reference or needs --trust-policy).")] = None,
     max_replicas: Annotated[int | None, typer.Option(
         "--max-replicas", min=1, help="With --autoscale: most replicas (default 4).")] = None,
     scale_to_zero_after: Annotated[float | None, typer.Option(

@@ -92,6 +92,7 @@ class EngineCore:
         self._publisher = publisher
         self._text: dict[str, _TextState] = {}
         self._success: dict[str, int] = {}
+        self._busy_s = 0.0     # wall time inside executor steps: the accelerator's duty cycle is its rate
         # constrained requests whose grammar is still compiling: not scheduled until it is ready
         self._compiling: dict[str, tuple[Request, Future[CompiledGrammar]]] = {}
 
@@ -180,7 +181,9 @@ class EngineCore:
                     return outputs
         if self.structured is not None and self.structured.active:
             batch.grammar_bitmask = self.structured.bitmask(batch.sampled_ids)
+        started = time.perf_counter()
         result = self.executor.execute(batch)
+        self._busy_s += time.perf_counter() - started
         if connector is not None:
             for seq in batch.seqs:
                 self.scheduler.kv.update_block_hashes(seq.request)
@@ -230,7 +233,7 @@ class EngineCore:
             prefix_cache_queries=c.prefix_cache_queries, prefix_cache_hits=c.prefix_cache_hits,
             external_prefix_cache_queries=c.external_prefix_cache_queries,
             external_prefix_cache_hits=c.external_prefix_cache_hits,
-            num_preemptions=c.num_preemptions, request_success=dict(self._success))
+            num_preemptions=c.num_preemptions, request_success=dict(self._success), busy_seconds=self._busy_s)
 
     def _finish_output(self, request: Request, tokens: list[int], now: float, logprobs=None) -> RequestOutput:
         state = self._text.pop(request.request_id)

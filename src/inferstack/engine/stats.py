@@ -20,4 +20,5 @@ class EngineStats:
     external_prefix_cache_queries: int = 0    # tokens looked up in KV tiers / peers
     external_prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    busy_seconds: float = 0.0                 # wall time spent running steps (duty cycle = its rate)
     request_success: dict[str, int] = field(default_factory=dict)   # finished_reason -> count

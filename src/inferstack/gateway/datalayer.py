@@ -37,7 +37,8 @@ _KV = {"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_us
 _LORA = "vllm:lora_requests_info"
 # how many requests the running batch takes at once: our engines; SGLang versions that export it
 _BATCH_CAP = {"inferstack:max_num_seqs", "sglang:max_running_requests"}
-_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA, *_BATCH_CAP})
+_BUSY = "inferstack:busy_seconds_total"   # cumulative step time: the autoscaler's duty cycle is its rate
+_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA, *_BATCH_CAP, _BUSY})
 _NO_METRICS_RETRY_S = 5.0
 
 
@@ -51,6 +52,7 @@ class ScrapedMetrics:
     max_lora: int = 0
     batch_cap: int = 0
     reports_queue: bool = True  # a waiting or running family is present (not only KV use)
+    busy_seconds: float | None = None  # cumulative; None where the engine does not export it
 
 
 def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
@@ -65,7 +67,8 @@ def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
                        running=sum(v for n in _RUNNING for v in scrape.select(n).values()),
                        kv_usage=max((v for n in _KV for v in scrape.select(n).values()), default=0.0),
                        batch_cap=int(sum(v for n in _BATCH_CAP for v in scrape.select(n).values())),
-                       reports_queue=any(scrape.has(n) for n in _QUEUE | _RUNNING))
+                       reports_queue=any(scrape.has(n) for n in _QUEUE | _RUNNING),
+                       busy_seconds=sum(scrape.select(_BUSY).values()) if scrape.has(_BUSY) else None)
     lora = scrape.select(_LORA)
     if lora:  # several series over time: the newest (its value is a timestamp) is the current state
         labels = dict(max(lora, key=lambda k: lora[k]))

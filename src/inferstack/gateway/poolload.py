@@ -61,6 +61,7 @@ class PoolLoad:
                                  waiting=e.metrics.queue if e.metrics else 0.0,
                                  running=e.metrics.running if e.metrics else 0.0,
                                  kv_usage=e.metrics.kv_usage if e.metrics else 0.0,
+                                 busy_seconds=e.metrics.busy_seconds if e.metrics else None,
                                  role=(roles or {}).get(e.id, "both"))
                     for e in pool.endpoints)
         return LoadSnapshot(pool=pool.name, now=now, arrivals=self.arrivals, completions=self.completions,

@@ -96,7 +96,10 @@ def autoscaled_gateway_config(settings: UpSettings, endpoints: list[tuple[str, s
 
 def known_model_name(settings: UpSettings) -> str | None:
     """The name the replicas will serve, known without starting one: `--served-model-name` among the
-    engine arguments, or the emulated profile's model; None for a model file or alias (the engine names it)."""
+    engine arguments, the emulated profile's model, or the model reference named the way the engine names
+    it (`engine.weights.location.model_name`: an alias itself, a file's stem, a directory's name). None
+    where only the engine can tell: an oci:// reference or a trust policy (the engine serves the pulled or
+    verified copy), or a reference that names nothing (the replica's own error says why)."""
     args = list(settings.engine_args)
     for i, a in enumerate(args):
         if a == "--served-model-name" and i + 1 < len(args):
@@ -107,7 +110,15 @@ def known_model_name(settings: UpSettings) -> str | None:
         from inferstack.sim.profile import parse_profile
 
         return parse_profile(settings.emulate).model.name
-    return None
+    if settings.model.startswith("oci://") or any(a.split("=", 1)[0] == "--trust-policy" for a in args):
+        return None
+    from inferstack.engine.models.shape import ModelLoadError
+    from inferstack.engine.weights.location import model_name
+
+    try:
+        return model_name(settings.model)
+    except ModelLoadError:
+        return None
 
 
 def _engine_name(role: str | None, index: int) -> str:

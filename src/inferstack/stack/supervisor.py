@@ -241,8 +241,8 @@ class Supervisor:
     # ---- autoscaling (stack/autoscaler.py) ---------------------------------------------------------
 
     def _initial_replicas(self) -> int:
-        """`replicas` within the bounds. Zero only when the model's name is known without a replica (emulated,
-        or `--served-model-name`): otherwise the first replica tells the gateway, then idles to zero."""
+        """`replicas` within the bounds. Zero only when the model's name is known without a replica
+        (`plan.known_model_name`): otherwise the first replica tells the gateway, then idles to zero."""
         a = self.settings.autoscale
         assert a is not None
         wanted = self.settings.replicas if "replicas" in self.settings.model_fields_set else a.min_replicas

@@ -67,6 +67,9 @@ ENGINE_METRICS: tuple[MetricDef, ...] = (
               labels=("model_name", "finished_reason"), stat="request_success"),
     MetricDef("vllm:num_preemptions_total", "counter", "Requests preempted (KV blocks reclaimed, recomputed later).",
               stat="num_preemptions"),
+    MetricDef("inferstack:busy_seconds_total", "counter",
+              "Seconds spent running engine steps; its rate is the accelerator's duty cycle (what "
+              "DCGM_FI_DEV_GPU_UTIL reports), the 'GPU utilisation' an HPA can target.", stat="busy_seconds"),
     MetricDef("vllm:time_to_first_token_seconds", "histogram", "Time from arrival to the first generated token.",
               buckets=TTFT_BUCKETS),
     MetricDef("vllm:inter_token_latency_seconds", "histogram", "Time between consecutive generated tokens.",

