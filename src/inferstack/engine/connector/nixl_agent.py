@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -187,28 +187,36 @@ class NixlAgent:
             return
 
     def read(self, peer: str, remote: KVRegions, local_ids: Sequence[int], remote_ids: Sequence[int],
-             timeout_s: float) -> int:
-        """READ ``remote_ids`` of ``peer`` into our blocks ``local_ids``; the bytes moved."""
+             timeout_s: float, on_layer: Callable[[int], None] | None = None) -> int:
+        """READ ``remote_ids`` of ``peer`` into our blocks ``local_ids``; the bytes moved. One READ per
+        layer, in layer order, each announced to ``on_layer`` once its bytes are in: the engine's forward
+        pass may compute layer l while later layers are still arriving."""
         runs = block_runs(local_ids, remote_ids)
-        local = self._agent.get_xfer_descs(self.regions.descs(runs, 0), self.regions.mem_type)
-        far = self._agent.get_xfer_descs(remote.descs(runs, 1), remote.mem_type)
-        try:
-            handle = self._agent.initialize_xfer("READ", local, far, peer)
-        except Exception as exc:
-            raise TransferError(f"NIXL READ from {peer} could not start ({exc})") from None
-        try:
-            self._wait(handle, peer, timeout_s)
-        finally:
-            self._release(handle)
+        local_rows, far_rows = self.regions.descs(runs, 0), remote.descs(runs, 1)
+        per_layer = len(local_rows) // len(self.regions.bases)    # K and V rows of every run, layer-major
+        deadline = time.monotonic() + timeout_s
+        for layer in range(len(self.regions.bases)):
+            rows = slice(layer * per_layer, (layer + 1) * per_layer)
+            local = self._agent.get_xfer_descs(local_rows[rows], self.regions.mem_type)
+            far = self._agent.get_xfer_descs(far_rows[rows], remote.mem_type)
+            try:
+                handle = self._agent.initialize_xfer("READ", local, far, peer)
+            except Exception as exc:
+                raise TransferError(f"NIXL READ from {peer} could not start ({exc})") from None
+            try:
+                self._wait(handle, peer, deadline)
+            finally:
+                self._release(handle)
+            if on_layer is not None:
+                on_layer(layer)
         return int(runs[:, 2].sum()) * 2 * len(self.regions.bases) * self.regions.block_bytes
 
-    def _wait(self, handle: object, peer: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _wait(self, handle: object, peer: str, deadline: float) -> None:
         try:
             state = self._agent.transfer(handle)
             while state == "PROC":
                 if time.monotonic() > deadline:
-                    raise TransferError(f"NIXL READ from {peer} did not finish in {timeout_s}s")
+                    raise TransferError(f"NIXL READ from {peer} did not finish in time")
                 time.sleep(20e-6)   # let UCX's progress thread have the core (2-core hosts)
                 state = self._agent.check_xfer_state(handle)
         except TransferError:

@@ -36,6 +36,7 @@ from typing import Any
 import msgpack
 import torch
 
+from inferstack.engine.connector.blocks import LayerProgress
 from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.prefix_pins import PrefixPins
@@ -174,6 +175,7 @@ class RemoteLoad:
     stats: TransferStats               # the transport's PD or reuse counters
     block_ids: list[int] = field(default_factory=list)
     asynchronous: bool = True          # the READ runs on the connector's reader thread
+    layers: LayerProgress | None = field(default_factory=LayerProgress)   # READ layer by layer
 
     def rebase(self, first_block: int) -> RemoteLoad | None:
         end = self.first_block + self.num_blocks
@@ -288,7 +290,7 @@ class NixlKVTransport:
         t0 = time.perf_counter()
         try:
             nbytes = self.agent.read(load.peer, load.regions, load.block_ids, load.remote_ids[:load.num_blocks],
-                                     self.timeout_s)
+                                     self.timeout_s, load.layers.landed if load.layers is not None else None)
             load.conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
             # Without END the peer may have let the blocks go (hold timeout) before or during the READ.
             if read_frame_header(load.conn).type != FrameType.END:
