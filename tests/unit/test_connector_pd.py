@@ -354,6 +354,7 @@ def gated_after_first_layer(d: ToyEngine, between=lambda: None) -> tuple[threadi
     """Hold the decode engine's NIXL READs after their first layer landed until ``go`` is set
     (``between()`` runs there first); ``first_in`` once layer 0 is in."""
     agent = d.connector.transport.agent
+    agent.min_read_bytes = 0      # one READ per layer even for the toy model's few kilobytes
     real_read, first_in, go = agent.read, threading.Event(), threading.Event()
 
     def read(peer, remote, local_ids, remote_ids, timeout_s, on_layer=None):
