@@ -428,3 +428,26 @@ def test_a_read_that_fails_after_its_request_ran_discards_the_step_and_recompute
     assert d.ex.computed_prompt_tokens == len(PROMPT) + 8, "8 tokens over the bad READ, then all recomputed"
     assert d.connector.stats.load_failures == 1 and d.sched.counters.external_prefix_cache_hits == 0
     d.connector.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_a_read_still_landing_waits_while_other_requests_run(prefill):
+    """With another request running, a request whose READ is still landing is not run: that step's
+    forward pass would wait on the peer, and the running request's next token must not. It runs once
+    its READ ended, and answers as colocated."""
+    params = run_prefill(prefill)
+    d = decode_engine(transport="nixl")
+    first_in, go = gated_after_first_layer(d)
+    other = d.submit([(i * 7 + 3) % 500 for i in range(40)], max_tokens=3000, rid="other")   # runs throughout
+    d.step()
+    pulling = d.submit(PROMPT, kv_transfer_params=params, rid="pd")
+    step_until(d, first_in.is_set, "the first layer to land")
+    made = other.num_output_tokens
+    step_until(d, lambda: other.num_output_tokens >= made + 3, "the running request")   # never blocks
+    assert pulling.status is RequestStatus.WAITING_FOR_REMOTE_KVS and not d.sched.streaming_ids
+    go.set()
+    step_until(d, lambda: pulling.is_finished, "the pulled request")
+    assert not other.is_finished, "the other request ran all along"
+    assert pulling.output_token_ids == baseline() and d.connector.stats.load_failures == 0
+    assert d.ex.computed_prompt_tokens == 40 + len(PROMPT) - 512
+    d.connector.shutdown()

@@ -273,10 +273,16 @@ class Scheduler:
 
     def _schedule_kv_ready(self, out: SchedulerOutput, budget: int) -> int:
         """Run the requests whose asynchronous load ended (their blocks are all allocated); the budget left."""
+        later: list[Request] = []
         while self._kv_ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self._kv_ready[0]
-            n = self._chunk(request, budget)
             landing = request.request_id in self._recving    # not cached until its last layer is in
+            if landing and self.running:
+                # the step's forward pass would wait on the peer's READ: the running requests' next token
+                # never does, so it runs once its READ ended (or once nothing else runs)
+                later.append(self._kv_ready.popleft())
+                continue
+            n = self._chunk(request, budget)
             if not self.kv.allocate_slots(request, n, cache=not landing):
                 break
             self._kv_ready.popleft()
@@ -286,6 +292,7 @@ class Scheduler:
             self.running.append(request)
             out.seqs.append(self._scheduled(request, n))
             budget -= n
+        self._kv_ready.extendleft(reversed(later))
         return budget
 
     def _count_admission(self, request: Request, num_hit: int, num_external: int, now: float) -> None:
