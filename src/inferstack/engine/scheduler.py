@@ -11,7 +11,10 @@ outside both queues (``WAITING_FOR_REMOTE_KVS``, as in vLLM): its blocks are all
 the prefix cache, it is not scheduled, and the engine keeps stepping the others. When the connector
 says the READ ended, its blocks are cached and it runs first among the newcomers; a failed READ frees
 the blocks and queues it to compute from scratch. An abort meanwhile frees its blocks only when the
-READ has ended (until then the READ still writes into them).
+READ has ended (until then the READ still writes into them). A READ that lands layer by layer lets
+its request run once the first layer is in, if nothing else runs: the step's forward pass waits for
+each later layer, and `end_layer_loads` caches the blocks or, on failure, drops the step's token for
+it and recomputes.
 """
 
 from __future__ import annotations

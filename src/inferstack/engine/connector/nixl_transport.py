@@ -8,8 +8,9 @@ address, layout, block ids and block hashes); the bytes go over UCX:
 
 1. on the decode engine's background thread: offer, hash check (the blocks offered must hash like
    the decode engine's own prompt blocks, or they are refused), metadata loaded once per peer;
-2. once the scheduler allocated the request's blocks, before the step's forward pass: one NIXL
-   READ per request, remote blocks → local blocks, no staging copy; then DONE, the prefill engine
+2. once the scheduler allocated the request's blocks, on the connector's reader thread: NIXL READs
+   remote blocks → local blocks layer by layer (the request may run once the first layer is in, its
+   forward pass waiting for later layers), no staging copy; then DONE, the prefill engine
    answers END (proof it still held the blocks all along) and frees them (it also frees them when
    the connection drops or times out, and then no END comes: the READ counts as failed);
 3. a READ that fails leaves garbage in the local blocks: the connector reports the request and the
