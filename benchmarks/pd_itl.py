@@ -210,8 +210,9 @@ def main() -> None:
     if "colocated" in results:
         for kind in (k for k in fleets if k != "colocated"):
             for key in ("itl_ms", "itl_ms_during_long_prefills"):
-                results[f"{kind}_over_colocated_{key}_p99"] = round(
-                    results[kind][key]["p99"] / results["colocated"][key]["p99"], 3)
+                base = results["colocated"][key]["p99"]     # 0 when no gap overlapped a long prefill
+                results[f"{kind}_over_colocated_{key}_p99"] = (
+                    round(results[kind][key]["p99"] / base, 3) if base else None)
     results["load1_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
     if args.json:

@@ -34,14 +34,17 @@ class PagedToyExecutor:
 
     def execute(self, batch: SchedulerOutput) -> ExecutorOutput:
         out = ExecutorOutput()
-        for seq in batch.seqs:
-            toks = seq.request.all_token_ids
-            for p in range(seq.start, seq.start + seq.num_new_tokens):
-                b, o = seq.block_ids[p // BS], p % BS
-                for layer, cache in enumerate(self.kv_caches):
+        for layer, cache in enumerate(self.kv_caches):
+            if batch.wait_for_layer is not None:      # as the real model: before a layer touches its cache
+                batch.wait_for_layer(layer)
+            for seq in batch.seqs:
+                toks = seq.request.all_token_ids
+                for p in range(seq.start, seq.start + seq.num_new_tokens):
+                    b, o = seq.block_ids[p // BS], p % BS
                     v = float((toks[p] * 31 + p * 7 + layer) % 1009)
                     cache[0, b, o] = v
                     cache[1, b, o] = -2 * v
+        for seq in batch.seqs:
             end = seq.start + seq.num_new_tokens
             self.computed_prompt_tokens += max(0, min(end, seq.request.num_prompt_tokens) - seq.start)
             if seq.sample:
@@ -92,7 +95,13 @@ class ToyEngine:
             failed = self.connector.take_failed_loads()
             if failed:
                 self.sched.recompute(batch, failed)
+        streaming = self.sched.streaming_ids
+        landing = self.connector.layer_loads(streaming) if self.connector is not None and streaming else None
+        if landing is not None:
+            batch.wait_for_layer = landing.wait_for_layer
         result = self.ex.execute(batch)
+        if landing is not None:
+            self.sched.end_layer_loads(batch, landing.finish())
         if self.connector is not None:
             for seq in batch.seqs:
                 self.sched.kv.update_block_hashes(seq.request)

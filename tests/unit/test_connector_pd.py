@@ -264,7 +264,9 @@ def test_nixl_read_that_fails_after_the_offer_is_recomputed(prefill):
     nixl.read = read_after_the_hold_expired
     assert d.generate(PROMPT, kv_transfer_params=params) == baseline()
     assert d.connector.stats.load_failures == 1 and nixl.stats.failures == {"recv": 1}
-    assert d.ex.computed_prompt_tokens == len(PROMPT), "the whole prompt was recomputed"
+    # the whole prompt was recomputed; a step that ran during the READ (its layers landed before the
+    # refused END) also computed the last 8 tokens over them and was discarded
+    assert d.ex.computed_prompt_tokens in (len(PROMPT), len(PROMPT) + 8)
     assert d.sched.kv.pool.get_cached_block(d.last.block_hashes[0]) is not None   # recomputed blocks cached
     assert d.generate(PROMPT, rid="again") == baseline()      # and they hold the right KV
 
@@ -345,4 +347,107 @@ def test_two_reads_that_fill_the_pool_between_them_both_finish(prefill):
     step_until(d, lambda: a.is_finished and b.is_finished, "both pulled requests")
     assert a.output_token_ids == baseline() and b.output_token_ids == baseline(second)
     assert d.sched.counters.external_prefix_cache_hits == 2 * 512, "both READs were used, neither recomputed"
+    d.connector.shutdown()
+
+
+def gated_after_first_layer(d: ToyEngine, between=lambda: None) -> tuple[threading.Event, threading.Event]:
+    """Hold the decode engine's NIXL READs after their first layer landed until ``go`` is set
+    (``between()`` runs there first); ``first_in`` once layer 0 is in."""
+    agent = d.connector.transport.agent
+    agent.min_read_bytes = 0      # one READ per layer even for the toy model's few kilobytes
+    real_read, first_in, go = agent.read, threading.Event(), threading.Event()
+
+    def read(peer, remote, local_ids, remote_ids, timeout_s, on_layer=None):
+        def landed(layer: int) -> None:
+            on_layer(layer)
+            if layer == 0:
+                first_in.set()
+                between()
+                assert go.wait(10), "the test never let the READ go on"
+        return real_read(peer, remote, local_ids, remote_ids, timeout_s, landed)
+
+    agent.read = read
+    return first_in, go
+
+
+def step_until_layer_0_ran(d: ToyEngine, rid: str) -> threading.Thread:
+    """Run a step on a thread until it wrote layer 0 of the KV of ``rid``'s last prompt tokens."""
+    t = threading.Thread(target=d.step, daemon=True)
+    t.start()
+    tail_block = d.sched.kv.block_ids(rid)[32]
+    deadline = time.monotonic() + 10
+    while float(d.ex.kv_caches[0][0, tail_block, 0, 0, 0]) == 0.0:
+        assert time.monotonic() < deadline, "the request did not run while its READ was landing"
+        time.sleep(0.001)
+    assert t.is_alive()
+    return t
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_a_request_computes_layer_by_layer_while_its_read_still_lands(prefill):
+    """Once the first layer is in, the request runs: the forward pass computes layer 0 of the last 8
+    prompt tokens while layer 1 is still being READ, waits for it, and the answer is the colocated one
+    (only those 8 tokens computed here). The engine was woken when the first layer landed."""
+    params = run_prefill(prefill)
+    d = decode_engine(transport="nixl")
+    woken = threading.Event()
+    d.connector.set_waker(woken.set)
+    first_in, go = gated_after_first_layer(d)
+    pulling = d.submit(PROMPT, kv_transfer_params=params, rid="pd")
+    step_until(d, first_in.is_set, "the first layer to land")
+    assert woken.is_set() and pulling.status is RequestStatus.WAITING_FOR_REMOTE_KVS
+    stepping = step_until_layer_0_ran(d, "pd")
+    assert float(d.ex.kv_caches[1][0, d.sched.kv.block_ids("pd")[32], 0, 0, 0]) == 0.0   # ...and waits for layer 1
+    go.set()
+    stepping.join(10)
+    assert not stepping.is_alive() and pulling.num_output_tokens == 1
+    step_until(d, lambda: pulling.is_finished, "the pulled request")
+    assert pulling.output_token_ids == baseline() and d.ex.computed_prompt_tokens == len(PROMPT) - 512
+    assert d.sched.kv.pool.get_cached_block(pulling.block_hashes[31]) is not None
+    stats = d.connector.stats
+    assert stats.load_seconds.n == 1 and stats.wait_seconds.n == 1 and stats.load_failures == 0
+    d.connector.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_a_read_that_fails_after_its_request_ran_discards_the_step_and_recomputes(prefill):
+    """The prefill engine lets the blocks go while the READ lands (no END): the step that already ran
+    the request over them drops its token, the blocks are never cached, the prompt is recomputed."""
+    params = run_prefill(prefill)
+    d = decode_engine(transport="nixl", timeout_s=5)
+    first_in, go = gated_after_first_layer(d, between=lambda: prefill.connector.source.release("p1"))
+    pulling = d.submit(PROMPT, kv_transfer_params=params, rid="pd")
+    step_until(d, first_in.is_set, "the first layer to land")
+    stepping = step_until_layer_0_ran(d, "pd")
+    go.set()
+    stepping.join(10)
+    assert not stepping.is_alive() and pulling.num_output_tokens == 0, "no token from a step over bad KV"
+    assert pulling.status is RequestStatus.PREEMPTED and pulling.num_external_cached_tokens == 0
+    step_until(d, lambda: pulling.is_finished, "the recomputed request")
+    assert pulling.output_token_ids == baseline()
+    assert d.ex.computed_prompt_tokens == len(PROMPT) + 8, "8 tokens over the bad READ, then all recomputed"
+    assert d.connector.stats.load_failures == 1 and d.sched.counters.external_prefix_cache_hits == 0
+    d.connector.shutdown()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_a_read_still_landing_waits_while_other_requests_run(prefill):
+    """With another request running, a request whose READ is still landing is not run: that step's
+    forward pass would wait on the peer, and the running request's next token must not. It runs once
+    its READ ended, and answers as colocated."""
+    params = run_prefill(prefill)
+    d = decode_engine(transport="nixl")
+    first_in, go = gated_after_first_layer(d)
+    other = d.submit([(i * 7 + 3) % 500 for i in range(40)], max_tokens=3000, rid="other")   # runs throughout
+    d.step()
+    pulling = d.submit(PROMPT, kv_transfer_params=params, rid="pd")
+    step_until(d, first_in.is_set, "the first layer to land")
+    made = other.num_output_tokens
+    step_until(d, lambda: other.num_output_tokens >= made + 3, "the running request")   # never blocks
+    assert pulling.status is RequestStatus.WAITING_FOR_REMOTE_KVS and not d.sched.streaming_ids
+    go.set()
+    step_until(d, lambda: pulling.is_finished, "the pulled request")
+    assert not other.is_finished, "the other request ran all along"
+    assert pulling.output_token_ids == baseline() and d.connector.stats.load_failures == 0
+    assert d.ex.computed_prompt_tokens == 40 + len(PROMPT) - 512
     d.connector.shutdown()

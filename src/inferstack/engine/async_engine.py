@@ -53,11 +53,23 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
+        self._woken = threading.Event()
         connector = self.core.scheduler.connector
-        if connector is not None:    # a peer's pin of cached blocks must not wait for the next request
-            connector.set_waker(lambda: self._inbox.put(("wake", None)))
+        if connector is not None:
+            # a peer's pin of cached blocks must not wait for the next request, and a request whose KV
+            # transfer has news (fetched, first layer in, READ done) must not wait for the next 1 ms poll
+            connector.set_waker(self._wake)
+            self.core.set_idle_wait(self._idle_wait)
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self._thread.start()
+
+    def _wake(self) -> None:
+        self._woken.set()
+        self._inbox.put(("wake", None))
+
+    def _idle_wait(self, seconds: float) -> None:
+        self._woken.wait(seconds)
+        self._woken.clear()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:

@@ -95,6 +95,12 @@ class EngineCore:
         self._busy_s = 0.0     # wall time inside executor steps: the accelerator's duty cycle is its rate
         # constrained requests whose grammar is still compiling: not scheduled until it is ready
         self._compiling: dict[str, tuple[Request, Future[CompiledGrammar]]] = {}
+        self._idle_wait: Callable[[float], object] = time.sleep
+
+    def set_idle_wait(self, wait: Callable[[float], object]) -> None:
+        """How a step that found nothing runnable waits (at most the seconds given) before returning:
+        the async engine passes an event's ``wait``, set by the connector's waker and new requests."""
+        self._idle_wait = wait
 
     @classmethod
     def build(cls, config: EngineConfig, executor: Executor, tokenizer: Tokenizer, key_space: KVKeySpace,
@@ -169,7 +175,9 @@ class EngineCore:
         if batch.is_empty:
             self._flush_events()
             if self.has_unfinished():
-                time.sleep(0.001)    # external KV still arriving or grammars compiling: do not spin
+                # external KV still arriving or grammars compiling: do not spin; the connector's waker
+                # (`set_idle_wait`) ends the wait as soon as a transfer has news
+                self._idle_wait(0.001)
             return outputs
         connector = self.scheduler.connector
         if connector is not None:
@@ -181,9 +189,15 @@ class EngineCore:
                     return outputs
         if self.structured is not None and self.structured.active:
             batch.grammar_bitmask = self.structured.bitmask(batch.sampled_ids)
+        streaming = self.scheduler.streaming_ids
+        landing = connector.layer_loads(streaming) if connector is not None and streaming else None
+        if landing is not None:        # the forward pass computes layer l while later layers still arrive
+            batch.wait_for_layer = landing.wait_for_layer
         started = time.perf_counter()
         result = self.executor.execute(batch)
         self._busy_s += time.perf_counter() - started
+        if landing is not None:
+            self.scheduler.end_layer_loads(batch, landing.finish())
         if connector is not None:
             for seq in batch.seqs:
                 self.scheduler.kv.update_block_hashes(seq.request)

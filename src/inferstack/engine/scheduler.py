@@ -11,7 +11,10 @@ outside both queues (``WAITING_FOR_REMOTE_KVS``, as in vLLM): its blocks are all
 the prefix cache, it is not scheduled, and the engine keeps stepping the others. When the connector
 says the READ ended, its blocks are cached and it runs first among the newcomers; a failed READ frees
 the blocks and queues it to compute from scratch. An abort meanwhile frees its blocks only when the
-READ has ended (until then the READ still writes into them).
+READ has ended (until then the READ still writes into them). A READ that lands layer by layer lets
+its request run once the first layer is in, if nothing else runs: the step's forward pass waits for
+each later layer, and `end_layer_loads` caches the blocks or, on failure, drops the step's token for
+it and recomputes.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     grammar_bitmask: GrammarBitmask | None = None    # rows follow the sampled seqs, in order
+    # set when external KV of a scheduled request is still landing: the forward pass calls it with each
+    # layer's index before that layer reads the KV cache (the connector's `LayerWait.wait_for_layer`)
+    wait_for_layer: Callable[[int], None] | None = None
 
     @property
     def sampled_ids(self) -> list[str]:
@@ -135,7 +141,8 @@ class Scheduler:
         self.connector = connector
         self._delayed_free: dict[str, Request] = {}   # finished, blocks kept for a KV transfer
         self._recving: dict[str, Request] = {}        # their blocks being filled by an asynchronous load
-        self._kv_ready: deque[Request] = deque()      # that load done: scheduled before the waiting queue
+        self._kv_ready: deque[Request] = deque()      # that load done (or landing layer by layer): run first
+        self._streaming: dict[str, Request] = {}      # scheduled this step while their load still lands
         self.waiting = _WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -153,6 +160,12 @@ class Scheduler:
     @property
     def num_waiting_for_remote_kvs(self) -> int:
         return sum(1 for r in self._recving.values() if not r.is_finished)
+
+    @property
+    def streaming_ids(self) -> list[str]:
+        """Requests of the step just scheduled whose external KV still lands layer by layer: the forward
+        pass waits for each layer (`SchedulerOutput.wait_for_layer`), then `end_layer_loads`."""
+        return list(self._streaming)
 
     def has_unfinished(self) -> bool:
         # an aborted request whose READ is still running counts: its blocks are freed when it ends
@@ -263,16 +276,26 @@ class Scheduler:
 
     def _schedule_kv_ready(self, out: SchedulerOutput, budget: int) -> int:
         """Run the requests whose asynchronous load ended (their blocks are all allocated); the budget left."""
+        later: list[Request] = []
         while self._kv_ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self._kv_ready[0]
+            landing = request.request_id in self._recving    # not cached until its last layer is in
+            if landing and self.running:
+                # the step's forward pass would wait on the peer's READ: the running requests' next token
+                # never does, so it runs once its READ ended (or once nothing else runs)
+                later.append(self._kv_ready.popleft())
+                continue
             n = self._chunk(request, budget)
-            if not self.kv.allocate_slots(request, n):
+            if not self.kv.allocate_slots(request, n, cache=not landing):
                 break
             self._kv_ready.popleft()
+            if landing:
+                self._streaming[request.request_id] = self._recving.pop(request.request_id)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.seqs.append(self._scheduled(request, n))
             budget -= n
+        self._kv_ready.extendleft(reversed(later))
         return budget
 
     def _count_admission(self, request: Request, num_hit: int, num_external: int, now: float) -> None:
@@ -308,25 +331,57 @@ class Scheduler:
 
     def _take_loaded(self) -> None:
         """Asynchronous loads that ended: cache and ready their blocks, or recompute (failure), or
-        free them (the request was aborted meanwhile)."""
+        free them (the request was aborted meanwhile). Loads landing layer by layer whose first layer
+        is in: ready their request already (it stays in `_recving` until it is scheduled)."""
         assert self.connector is not None
         for rid, ok in self.connector.take_finished_recving():
             request = self._recving.pop(rid, None)
             if request is None:
                 continue
+            ready = any(r is request for r in self._kv_ready)
             if request.is_finished:
                 self.kv.free(request)
             elif ok:
                 self.kv.cache_computed(request)
-                self._kv_ready.append(request)
+                if not ready:
+                    self._kv_ready.append(request)
             else:                      # garbage in the blocks: never cached, so nobody else reads it
+                if ready:
+                    self._kv_ready.remove(request)
                 self.kv.free(request)
-                self.counters.external_prefix_cache_hits -= request.num_external_cached_tokens
-                request.num_cached_tokens -= request.num_external_cached_tokens
-                request.num_external_cached_tokens = 0
+                self._drop_external(request)
                 request.num_computed_tokens = 0
                 request.status = RequestStatus.WAITING
                 self.waiting.add(request, front=True)
+        for rid in self.connector.take_started_recving():
+            request = self._recving.get(rid)
+            if request is not None and not request.is_finished:
+                self._kv_ready.append(request)
+
+    def _drop_external(self, request: Request) -> None:
+        self.counters.external_prefix_cache_hits -= request.num_external_cached_tokens
+        request.num_cached_tokens -= request.num_external_cached_tokens
+        request.num_external_cached_tokens = 0
+
+    def end_layer_loads(self, out: SchedulerOutput, finished: Sequence[tuple[str, bool]]) -> None:
+        """After the forward pass of a step that ran requests while their KV still landed
+        (`streaming_ids`; ``finished`` from the connector's `LayerWait.finish`): cache the blocks of
+        those whose KV arrived; take the others out of the step (it computed them over garbage, their
+        sampled token is dropped) and recompute them from scratch."""
+        failed = []
+        for rid, ok in finished:
+            request = self._streaming.get(rid)
+            if request is None:
+                continue
+            if ok:
+                self.kv.cache_computed(request)
+            else:
+                failed.append(request)
+        self._streaming.clear()
+        if failed:
+            self.recompute(out, [r.request_id for r in failed])
+            for request in failed:
+                self._drop_external(request)
 
     def recompute(self, out: SchedulerOutput, request_ids: Sequence[str]) -> None:
         """Requests whose external KV failed to load into their blocks (``take_failed_loads``):

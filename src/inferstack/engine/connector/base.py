@@ -10,7 +10,8 @@ Step order inside ``EngineCore.step``:
    ``get_num_new_matched_tokens(request, num_device_hit_tokens)`` then, once blocks are
    allocated for them, ``update_state_after_alloc(request, block_ids, num_external_tokens)``;
 2. ``start_load_kv()`` copies the external KV into those blocks before the model runs;
-   ``take_failed_loads()`` names requests whose load failed there (recomputed instead);
+   ``take_failed_loads()`` names requests whose load failed there (recomputed instead); a load that
+   lands layer by layer (``layer_loads``) is waited for per layer inside the forward pass;
 3. the executor computes the rest; ``save_kv(seqs)`` hands newly full chunks to the store;
 4. ``request_finished(request, block_ids)`` when a request ends; a connector may keep its blocks
    (``delay_free``) until ``take_finished_sending()`` says the blocks may be freed.
@@ -20,13 +21,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.request import Request
 
 if TYPE_CHECKING:      # annotations only: an emulated engine's scheduler must not import torch
     import torch
+
+
+class LayerWait(Protocol):
+    """A step's external KV still landing, layer by layer (vLLM's ``wait_for_layer_load``)."""
+
+    def wait_for_layer(self, layer: int) -> None:
+        """Return once ``layer``'s external KV is in the cache (or its load failed)."""
+
+    def finish(self) -> list[tuple[str, bool]]:
+        """After the forward pass: wait for the loads to end; (request id, whether its KV arrived:
+        False means the step computed that request over garbage and must discard and recompute it)."""
 
 
 class KVConnectorBase(ABC):
@@ -61,6 +73,17 @@ class KVConnectorBase(ABC):
         """Asynchronous loads that ended since the last call: (request id, whether the KV is now in
         its blocks; False leaves garbage there, to be recomputed)."""
         return []
+
+    def take_started_recving(self) -> list[str]:
+        """Asynchronous loads landing layer by layer whose first layer is in (each named once): the
+        request may run before the load ends, since the step's forward pass waits for each layer it
+        reads (`layer_loads`). Loads never named here are reported by `take_finished_recving` only."""
+        return []
+
+    def layer_loads(self, request_ids: Sequence[str]) -> LayerWait | None:
+        """The still-landing loads of ``request_ids`` (requests named by `take_started_recving` and
+        scheduled in this step), or None; `take_finished_recving` no longer reports them."""
+        return None
 
     def serve_holds(self, pool: BlockPool) -> None:
         """On the engine thread at the start of each schedule: pin cached blocks peers asked to READ

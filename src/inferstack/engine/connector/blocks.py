@@ -46,6 +46,74 @@ def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], o
             dst.copy_(cache.index_select(1, ids))
 
 
+class LayerProgress:
+    """How far a load that lands layer by layer (in layer order) has got; ``wake`` is called when the
+    first layer lands, so an idle engine schedules the request at once."""
+
+    def __init__(self) -> None:
+        self.wake: Callable[[], None] = _nothing
+        self._landed = 0
+        self._ended = False
+        self._cond = threading.Condition()
+
+    def landed(self, layer: int) -> None:
+        with self._cond:
+            self._landed = layer + 1
+            self._cond.notify_all()
+        if layer == 0:
+            self.wake()
+
+    def end(self) -> None:
+        """Nothing more will land (the load finished or failed)."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    @property
+    def started(self) -> bool:
+        with self._cond:
+            return self._landed > 0
+
+    def wait(self, layer: int) -> None:
+        """Until ``layer`` landed or the load ended (a failed load is reported by its future)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._landed > layer or self._ended)
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class LayerLoads:
+    """Asynchronous loads of requests scheduled before their last layer landed: the forward pass calls
+    `wait_for_layer` before a layer reads its KV, and `finish` after it waits for the loads' ends."""
+
+    loads: list[tuple[str, LayerProgress, Future[float]]]
+    waited_s: float = 0.0        # what the forward pass and `finish` spent waiting: on the step's critical path
+
+    def wait_for_layer(self, layer: int) -> None:
+        t0 = time.perf_counter()
+        for _, progress, _ in self.loads:
+            progress.wait(layer)
+        self.waited_s += time.perf_counter() - t0
+
+    def finish(self) -> list[tuple[str, float | None]]:
+        """(request id, seconds the load took, or None when it failed: the step computed over garbage)."""
+        t0 = time.perf_counter()
+        out = [(rid, _read_result(rid, fut)) for rid, _, fut in self.loads]
+        self.waited_s += time.perf_counter() - t0
+        return out
+
+
+def _read_result(request_id: str, fut: Future[float]) -> float | None:
+    try:
+        return fut.result()
+    except (TransferError, CancelledError) as exc:
+        log.warning("request %s: reading external KV failed, recomputing: %s", request_id, exc)
+        return None
+
+
 class PendingLoad(Protocol):
     """External KV a connector can put into a request's blocks once they are allocated: chunks
     already on the host (`StagedLoad`), or blocks a peer holds that are read straight into the
@@ -56,6 +124,9 @@ class PendingLoad(Protocol):
     # True: `copy_into` waits on a transfer (a NIXL READ), so it runs on a reader thread while the
     # engine keeps stepping; False: a host copy, done on the engine thread before the forward pass.
     asynchronous: bool
+    # An asynchronous load that lands layer by layer says so here: its request may run once the first
+    # layer is in, the forward pass waiting for each later layer (`LayerLoads`). None: all at once.
+    layers: LayerProgress | None
 
     def rebase(self, first_block: int) -> PendingLoad | None: ...
 
@@ -83,6 +154,7 @@ class StagedLoad:
     chunks: list[torch.Tensor]
     block_ids: list[int] = field(default_factory=list)
     asynchronous: bool = False
+    layers: LayerProgress | None = None
 
     def rebase(self, first_block: int) -> StagedLoad | None:
         """The same load for a request whose device prefix hit moved to ``first_block`` since it
@@ -145,7 +217,15 @@ class Stager:
         self._staged: dict[str, PendingLoad | None] = {}
         self._ready: list[tuple[str, PendingLoad]] = []   # accepted, loaded before the next forward
         self._failed: list[str] = []           # loads that raised after their blocks were accepted
+        self._layers: dict[str, LayerProgress] = {}   # async loads in flight that land layer by layer
+        self._announced: set[str] = set()              # those `take_started_reads` named already
+        self._wake: Callable[[], None] = _nothing
         self._lock = threading.Lock()
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        """``wake()`` runs when a fetch ends, a READ's first layer lands and a READ ends: an idle engine
+        then schedules at once instead of at its next poll."""
+        self._wake = wake
 
     def check(self, request_id: str, first_block: int, block_size: int) -> int | None:
         """PENDING while fetching; the tokens staged (possibly 0); None if nothing was started."""
@@ -175,7 +255,11 @@ class Stager:
 
     def start(self, request_id: str, fetch: Callable[[], PendingLoad | None]) -> None:
         with self._lock:
-            self._pending[request_id] = self._pool.submit(fetch)
+            fut = self._pending[request_id] = self._pool.submit(fetch)
+        fut.add_done_callback(self._woken)
+
+    def _woken(self, _: Future) -> None:
+        self._wake()
 
     def is_async(self, request_id: str) -> bool:
         """Whether the load staged for ``request_id`` is read on the reader thread."""
@@ -197,8 +281,13 @@ class Stager:
             return 0
         staged.accept(block_ids, num_external_tokens, block_size)
         if staged.asynchronous:
+            if staged.layers is not None:
+                staged.layers.wake = self._wake
             with self._lock:
-                self._reading[request_id] = self._reader.submit(_timed_copy, staged, kv_caches, block_size)
+                fut = self._reading[request_id] = self._reader.submit(_timed_copy, staged, kv_caches, block_size)
+                if staged.layers is not None:
+                    self._layers[request_id] = staged.layers
+            fut.add_done_callback(self._woken)
         else:
             self._ready.append((request_id, staged))
         return staged.num_blocks * block_size
@@ -210,14 +299,31 @@ class Stager:
             done = [(rid, fut) for rid, fut in self._reading.items() if fut.done()]
             for rid, _ in done:
                 del self._reading[rid]
-        out: list[tuple[str, float | None]] = []
-        for rid, fut in done:
-            try:
-                out.append((rid, fut.result()))
-            except (TransferError, CancelledError) as exc:
-                log.warning("request %s: reading external KV failed, recomputing: %s", rid, exc)
-                out.append((rid, None))
-        return out
+                self._layers.pop(rid, None)
+                self._announced.discard(rid)
+        return [(rid, _read_result(rid, fut)) for rid, fut in done]
+
+    def take_started_reads(self) -> list[str]:
+        """Layer-by-layer reads whose first layer landed since the last call (each named once): their
+        request may run now, its forward pass waiting for the layers still to come (`layer_loads`)."""
+        with self._lock:
+            started = [rid for rid, progress in self._layers.items()
+                       if rid not in self._announced and progress.started]
+            self._announced.update(started)
+        return started
+
+    def layer_loads(self, request_ids: Sequence[str]) -> LayerLoads | None:
+        """The reads of ``request_ids``, scheduled before they ended; `take_finished_reads` no longer
+        reports them (`LayerLoads.finish` does)."""
+        loads: list[tuple[str, LayerProgress, Future[float]]] = []
+        with self._lock:
+            for rid in request_ids:
+                fut = self._reading.pop(rid, None)
+                progress = self._layers.pop(rid, None)
+                self._announced.discard(rid)
+                if fut is not None and progress is not None:
+                    loads.append((rid, progress, fut))
+        return LayerLoads(loads) if loads else None
 
     def load_into(self, kv_caches: Sequence[torch.Tensor], block_size: int) -> float | None:
         """Copy every accepted load into its blocks (before the forward pass); the seconds spent,
@@ -254,6 +360,10 @@ class Stager:
 
 def _timed_copy(load: PendingLoad, kv_caches: Sequence[torch.Tensor], block_size: int) -> float:
     t0 = time.perf_counter()
-    load.copy_into(kv_caches, block_size)
+    try:
+        load.copy_into(kv_caches, block_size)
+    finally:
+        if load.layers is not None:
+            load.layers.end()    # a forward pass waiting for a layer that will never land goes on
     return time.perf_counter() - t0
 

@@ -8,8 +8,9 @@ address, layout, block ids and block hashes); the bytes go over UCX:
 
 1. on the decode engine's background thread: offer, hash check (the blocks offered must hash like
    the decode engine's own prompt blocks, or they are refused), metadata loaded once per peer;
-2. once the scheduler allocated the request's blocks, before the step's forward pass: one NIXL
-   READ per request, remote blocks → local blocks, no staging copy; then DONE, the prefill engine
+2. once the scheduler allocated the request's blocks, on the connector's reader thread: NIXL READs
+   remote blocks → local blocks layer by layer (the request may run once the first layer is in, its
+   forward pass waiting for later layers), no staging copy; then DONE, the prefill engine
    answers END (proof it still held the blocks all along) and frees them (it also frees them when
    the connection drops or times out, and then no END comes: the READ counts as failed);
 3. a READ that fails leaves garbage in the local blocks: the connector reports the request and the
@@ -36,6 +37,7 @@ from typing import Any
 import msgpack
 import torch
 
+from inferstack.engine.connector.blocks import LayerProgress
 from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.prefix_pins import PrefixPins
@@ -174,6 +176,7 @@ class RemoteLoad:
     stats: TransferStats               # the transport's PD or reuse counters
     block_ids: list[int] = field(default_factory=list)
     asynchronous: bool = True          # the READ runs on the connector's reader thread
+    layers: LayerProgress | None = field(default_factory=LayerProgress)   # READ layer by layer
 
     def rebase(self, first_block: int) -> RemoteLoad | None:
         end = self.first_block + self.num_blocks
@@ -288,7 +291,7 @@ class NixlKVTransport:
         t0 = time.perf_counter()
         try:
             nbytes = self.agent.read(load.peer, load.regions, load.block_ids, load.remote_ids[:load.num_blocks],
-                                     self.timeout_s)
+                                     self.timeout_s, load.layers.landed if load.layers is not None else None)
             load.conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
             # Without END the peer may have let the blocks go (hold timeout) before or during the READ.
             if read_frame_header(load.conn).type != FrameType.END:

@@ -34,12 +34,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.connector.blocks import PendingLoad, Stager
+from inferstack.engine.connector.base import KVConnectorBase, LayerWait
+from inferstack.engine.connector.blocks import LayerLoads, PendingLoad, Stager
 from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable
 from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
 from inferstack.engine.connector.peers import TransferTrust
@@ -223,19 +224,32 @@ class PDConnector(KVConnectorBase):
             self.stats.add(loaded_tokens=loaded)
 
     def take_finished_recving(self) -> list[tuple[str, bool]]:
-        out: list[tuple[str, bool]] = []
-        for request_id, seconds in self._stager.take_finished_reads():
+        finished = self._stager.take_finished_reads()
+        for _, seconds in finished:
+            if seconds is not None:       # the request ran after the whole READ
+                self.stats.observe("wait_seconds", seconds)
+        return self._count_loads(finished)
+
+    def _count_loads(self, finished: list[tuple[str, float | None]]) -> list[tuple[str, bool]]:
+        for _, seconds in finished:
             if seconds is None:
                 self.stats.add(load_failures=1)
             else:
                 self.stats.observe("load_seconds", seconds)
-            out.append((request_id, seconds is not None))
-        return out
+        return [(request_id, seconds is not None) for request_id, seconds in finished]
+
+    def take_started_recving(self) -> list[str]:
+        return self._stager.take_started_reads()
+
+    def layer_loads(self, request_ids: Sequence[str]) -> LayerWait | None:
+        loads = self._stager.layer_loads(request_ids)
+        return _CountedLayerLoads(loads, self) if loads is not None else None
 
     def start_load_kv(self) -> None:
         seconds = self._stager.load_into(self._kv_caches, self.block_size)
-        if seconds is not None:
+        if seconds is not None:        # on the engine thread, before the forward pass: all of it is waited for
             self.stats.observe("load_seconds", seconds)
+            self.stats.observe("wait_seconds", seconds)
 
     def take_failed_loads(self) -> list[str]:
         failed = self._stager.take_failed()
@@ -274,6 +288,7 @@ class PDConnector(KVConnectorBase):
             self.pins.serve(pool)
 
     def set_waker(self, wake: Callable[[], None]) -> None:
+        self._stager.set_waker(wake)
         if self.pins is not None:
             self.pins.set_waker(wake)
 
@@ -285,6 +300,22 @@ class PDConnector(KVConnectorBase):
             self.transport.close()
         elif self.agent is not None:
             self.agent.close()
+
+
+@dataclass
+class _CountedLayerLoads:
+    """A step's layer-by-layer READs, counted in the connector's metrics when the step ends."""
+
+    loads: LayerLoads
+    connector: PDConnector
+
+    def wait_for_layer(self, layer: int) -> None:
+        self.loads.wait_for_layer(layer)
+
+    def finish(self) -> list[tuple[str, bool]]:
+        finished = self.loads.finish()
+        self.connector.stats.observe("wait_seconds", self.loads.waited_s)
+        return self.connector._count_loads(finished)
 
 
 class MultiConnector(KVConnectorBase):
@@ -329,6 +360,13 @@ class MultiConnector(KVConnectorBase):
 
     def take_finished_recving(self) -> list[tuple[str, bool]]:
         return [done for c in self.connectors for done in c.take_finished_recving()]
+
+    def take_started_recving(self) -> list[str]:
+        return [rid for c in self.connectors for rid in c.take_started_recving()]
+
+    def layer_loads(self, request_ids: Sequence[str]) -> LayerWait | None:
+        # only the PD connector's NIXL READs land layer by layer (the tiers load before the step)
+        return next((w for c in self.connectors if (w := c.layer_loads(request_ids)) is not None), None)
 
     def serve_holds(self, pool: BlockPool) -> None:
         for c in self.connectors:

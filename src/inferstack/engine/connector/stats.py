@@ -30,6 +30,9 @@ class ConnectorStats:
     fetch_seconds: Histogram = field(default_factory=_hist)    # reading it to host (tiers or peer)
     load_seconds: Histogram = field(default_factory=_hist)     # copying it into KV blocks
     save_seconds: Histogram = field(default_factory=_hist)     # gathering new chunks for the store
+    # asynchronous loads: what the request's computation waited on them once its blocks were allocated
+    # (the whole load when it ran after it; the forward pass's per-layer waits when it ran during it)
+    wait_seconds: Histogram = field(default_factory=_hist)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def observe(self, name: str, seconds: float) -> None:
@@ -72,6 +75,9 @@ class ConnectorCollector(Collector):
             ("load_seconds", "inferstack_kv_connector_load_seconds", "Time to copy external KV into KV blocks."),
             ("save_seconds", "inferstack_kv_connector_save_seconds",
              "Time to gather new chunks out of KV blocks for saving."),
+            ("wait_seconds", "inferstack_kv_connector_load_wait_seconds",
+             "Time a request's computation waited on an asynchronous load (a NIXL READ) after its blocks were "
+             "allocated: all of it, or only the forward pass's waits for layers still landing."),
         ):
             fam = HistogramMetricFamily(name, doc, labels=names)
             with s.lock:

@@ -8,6 +8,7 @@ last dimension is the format's row (codes and scale, executor/kv_format.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     block_size: int
     kv_format: KVFormat | None = None   # how rows are stored (executor/kv_format.py); None: as the activations
+    # external KV still landing layer by layer (a NIXL READ): called with a layer's index before it runs
+    wait_for_layer: Callable[[int], None] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -85,6 +85,7 @@ class TorchExecutor:
             seq_lens_list=seq_lens,
             block_size=bs,
             kv_format=self.kv_format,
+            wait_for_layer=batch.wait_for_layer,
         )
         hidden = self.lm.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
                                torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)

@@ -94,7 +94,9 @@ class LlamaForCausalLM(nn.Module):
         plan = plan_attention(meta)
         cos_sin = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if meta.wait_for_layer is not None:    # this layer's external KV may still be landing
+                meta.wait_for_layer(i)
             x = layer(x, cos_sin, kv_cache, plan)
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
