@@ -70,6 +70,13 @@ class ApproxPrefixIndex:
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
         holders = self._holders
+        fresh = dict.fromkeys(hashes)
+        if len(fresh) == len(hashes) and holders.keys().isdisjoint(fresh):
+            # the usual case (a prompt nobody sent before): the loop below would append each hash to the
+            # LRU and give it this endpoint as sole holder, in order; done at C speed
+            lru.update(fresh)
+            holders.update(dict.fromkeys(fresh, endpoint))
+            hashes = ()
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
