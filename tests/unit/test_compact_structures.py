@@ -109,8 +109,8 @@ class RefIndex:
 
 
 @settings(max_examples=80, deadline=None)
-@given(cap=st.integers(1, 40), ops=st.lists(st.tuples(st.sampled_from("abcx"), st.lists(st.integers(0, 30), max_size=25)),
-                                            max_size=120))
+@given(cap=st.integers(1, 40),
+       ops=st.lists(st.tuples(st.sampled_from("abcx"), st.lists(st.integers(0, 30), max_size=25)), max_size=120))
 def test_approx_index_keeps_the_ordered_dict_lru_order(cap, ops):
     idx, ref = ApproxPrefixIndex(capacity_per_endpoint=cap), RefIndex(cap)
     for ep, hashes in ops:

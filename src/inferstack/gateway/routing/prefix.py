@@ -51,7 +51,7 @@ class _Lru:
     a copy and the older copies are skipped as stale when they reach the front (8 bytes a hash; an ordered dict
     cost ~120). Compacted when stale copies outnumber live ones, so a hot prefix cannot grow it."""
 
-    __slots__ = ("order", "stale", "live")
+    __slots__ = ("live", "order", "stale")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()
