@@ -60,7 +60,8 @@ class RefPool:
 
 
 @settings(max_examples=80, deadline=None)
-@given(num_blocks=st.integers(1, 12), ops=st.lists(st.tuples(st.sampled_from("acft"), st.integers(0, 40)), max_size=60))
+@given(num_blocks=st.integers(1, 8),
+       ops=st.lists(st.tuples(st.sampled_from("aacfft"), st.integers(0, 40)), min_size=20, max_size=80))
 def test_block_pool_matches_the_object_per_block_pool(num_blocks, ops):
     events = EventBuffer()
     pool, ref = BlockPool(num_blocks, 4, events=events), RefPool(num_blocks)
@@ -139,3 +140,13 @@ def _ref_match(ref: RefIndex, hashes: list[int]) -> dict[str, int]:
         if not progressed:
             break
     return counts
+
+
+def test_approx_index_re_inserting_a_hot_prefix_stays_bounded_and_ordered():
+    idx, ref = ApproxPrefixIndex(capacity_per_endpoint=10), RefIndex(10)
+    for i in range(3000):                 # a hot prefix sent again and again, with a new tail each time
+        hashes = [1, 2, 3, 100 + i % 20]
+        idx.insert("a", hashes)
+        ref.insert("a", hashes)
+    assert idx.held_by("a") == list(ref.lru["a"])
+    assert len(idx._lru["a"].order) <= 2 * 10 + 1025     # stale copies compacted away, not accumulated
