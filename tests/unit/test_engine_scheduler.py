@@ -239,8 +239,8 @@ def _state(s: Scheduler, events: EventBuffer) -> tuple:
     pool = s.kv.pool
     reqs = sorted((r.request_id, tuple(r.all_token_ids), r.num_computed_tokens, tuple(s.kv.block_ids(r.request_id)),
                    r.status) for r in s.requests.values())
-    return (reqs, [r.request_id for r in s.running], list(pool._free), {h: b.block_id for h, b in pool._cached.items()},
-            len(pool.blocks), vars(s.counters).copy(), [repr(e) for e in events.drain()])
+    return (reqs, [r.request_id for r in s.running], pool.free_order(), pool.cached_blocks(),
+            pool.num_created, vars(s.counters).copy(), [repr(e) for e in events.drain()])
 
 
 def _step_once(s: Scheduler) -> None:

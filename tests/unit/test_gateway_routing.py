@@ -165,11 +165,12 @@ def test_approx_index_is_bounded_and_consistent(cap, ops):
     idx = ApproxPrefixIndex(capacity_per_endpoint=cap)
     for ep, hashes in ops:
         idx.insert(ep, hashes)
-        for lru in idx._lru.values():
-            assert len(lru) <= cap
-    held = {h for lru in idx._lru.values() for h in lru}
+        for ep_ in "abc":
+            assert len(idx.held_by(ep_)) <= cap
+    lrus = {ep_: set(idx.held_by(ep_)) for ep_ in "abc"}
+    held = {h for lru in lrus.values() for h in lru}
     for h in held | set(range(81)):
-        assert idx.holders(h) == {e for e, lru in idx._lru.items() if h in lru}
+        assert idx.holders(h) == {e for e, lru in lrus.items() if h in lru}
     assert len(idx) == sum(len(idx.holders(h)) for h in held)
 
 

@@ -42,13 +42,13 @@ def test_engine_thread_pins_leading_cached_blocks_until_released():
     assert got == [3]
     spec = source.open("reuse/x/1")
     assert spec is not None and list(spec.block_ids) == [0, 1, 2] and list(spec.block_hashes) == hashes[:3]
-    assert [b.ref_cnt for b in pool.blocks[:4]] == [1, 1, 1, 0] and pool.num_free_blocks == 5
+    assert pool.ref_cnt[:4] == [1, 1, 1, 0] and pool.num_free_blocks == 5
     pool.allocate(5)                  # eviction cannot reach pinned blocks
-    assert all(pool.get_cached_block(h) is pool.blocks[i] for i, h in enumerate(hashes[:3]))
+    assert all(pool.get_cached_block(h) == i for i, h in enumerate(hashes[:3]))
 
     source.release("reuse/x/1")        # the pull ended (DONE, disconnect or hold timeout)
     pins.serve(pool)
-    assert [b.ref_cnt for b in pool.blocks[:3]] == [0, 0, 0] and pins.num_pinned() == 0 and pool.num_free_blocks == 3
+    assert pool.ref_cnt[:3] == [0, 0, 0] and pins.num_pinned() == 0 and pool.num_free_blocks == 3
 
 
 def test_ask_not_served_in_time_pins_nothing():
@@ -56,7 +56,7 @@ def test_ask_not_served_in_time_pins_nothing():
     pins = PrefixPins(PagedKVSource([torch.zeros(2, 8, 4, 1, 2)]))
     assert pins.pin("reuse/x/2", hashes, 0.05) == 0
     pins.serve(pool)                   # the engine thread comes too late: the ask was withdrawn
-    assert pins.num_pinned() == 0 and all(b.ref_cnt == 0 for b in pool.blocks)
+    assert pins.num_pinned() == 0 and all(r == 0 for r in pool.ref_cnt)
 
 
 def test_prefix_reads_need_the_stack_secret_and_move_the_pinned_blocks():
@@ -104,7 +104,7 @@ def test_prefix_reads_need_the_stack_secret_and_move_the_pinned_blocks():
         deadline = time.monotonic() + 10
         while pins.num_pinned() and time.monotonic() < deadline:
             time.sleep(0.01)                           # the engine thread unpins once the pull ended
-        assert pins.num_pinned() == 0 and all(b.ref_cnt == 0 for b in pool.blocks[:4])
+        assert pins.num_pinned() == 0 and all(r == 0 for r in pool.ref_cnt[:4])
     finally:
         stop.set()
         engine.join(5)

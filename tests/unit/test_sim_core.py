@@ -196,10 +196,10 @@ def test_no_request_or_token_is_lost_and_kv_never_overflows(routing, replicas, b
         def checked(rep=rep, step=step):
             dt = step()
             pool = rep.scheduler.kv.pool
-            assert len(pool.blocks) <= pool.num_blocks and 0 <= pool.num_free_blocks <= pool.num_blocks
+            assert pool.num_created <= pool.num_blocks and 0 <= pool.num_free_blocks <= pool.num_blocks
             held = Counter(b for r in rep.scheduler.requests for b in rep.scheduler.kv.block_ids(r))
             assert len(held) + pool.num_free_blocks <= pool.num_blocks      # a block is free or held, never both
-            assert all(pool.blocks[b].ref_cnt >= n for b, n in held.items())
+            assert all(pool.ref_cnt[b] >= n for b, n in held.items())
             return dt
 
         rep.begin_step = checked

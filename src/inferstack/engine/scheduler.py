@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from inferstack.engine.connector.base import KVConnectorBase
-from inferstack.engine.kv.block_pool import KVBlock
 from inferstack.engine.kv.manager import KVCacheManager
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request, RequestStatus
@@ -311,7 +310,7 @@ class Scheduler:
             self.counters.external_prefix_cache_queries += request.num_prompt_tokens
             self.counters.external_prefix_cache_hits += num_external
 
-    def _start_async_load(self, request: Request, hits: list[KVBlock], num_hit: int, num_external: int,
+    def _start_async_load(self, request: Request, hits: list[int], num_hit: int, num_external: int,
                           now: float) -> bool:
         """Allocate the blocks an asynchronous load fills (uncached until it ends), start it, and park
         the request until `_take_loaded` hears it ended; False when the pool is short of blocks. The
@@ -450,7 +449,7 @@ class Scheduler:
             if p.max_tokens is not None:
                 left = min(left, p.max_tokens - r.num_output_tokens)
             limit = min(limit, left)         # the step that finishes a request ends the run
-        while limit > 0 and sum(self.kv.blocks_needed(r, limit) for r in running) > self.kv.pool.num_free_blocks:
+        while limit > 0 and self.kv.total_blocks_needed(running, limit) > self.kv.pool.num_free_blocks:
             limit //= 2
         return max(limit, 0)
 
@@ -464,21 +463,23 @@ class Scheduler:
         only at a step that opens or fills a block, so the cost is O(requests + steps x requests / block size)."""
         running, bs = self.running, self.kv.block_size
         start = [r.num_computed_tokens for r in running]
-        points: set[tuple[int, int]] = set()
+        n = len(running)
+        points: set[int] = set()       # step j of request i as j * n + i: sorted, the (step, request) order
         for i, (r, nc) in enumerate(zip(running, start, strict=True)):
             if self.kv.num_cached_blocks(r.request_id) != nc // bs:
-                points.add((0, i))     # unusual (a step caches what it fills): let step 0 catch up
+                points.add(i)          # unusual (a step caches what it fills): let step 0 catch up
             for first in ((-nc) % bs, (-nc - 1) % bs):
-                points.update((j, i) for j in range(first, steps, bs))
+                points.update(range(first * n + i, steps * n, bs * n))
         for r in running:
             tokens = sampled[r.request_id]
             r.output_token_ids.extend(tokens)
             r.all_token_ids.extend(tokens)
-        for j, i in sorted(points):
-            r = running[i]
-            r.num_computed_tokens = start[i] + j
-            if not self.kv.allocate_slots(r, 1):
-                raise RuntimeError("advance_decodes beyond decode_run_limit: the pool ran out of blocks")
+        slots = []
+        for p in sorted(points):
+            j, i = divmod(p, n)
+            slots.append((running[i], start[i] + j))
+        if not self.kv.allocate_decode_slots(slots):
+            raise RuntimeError("advance_decodes beyond decode_run_limit: the pool ran out of blocks")
         batch = list(running)
         for r, nc in zip(batch, start, strict=True):
             r.num_computed_tokens = nc + steps

@@ -123,7 +123,7 @@ def decode_step_times(model: ModelSpec, hw: Hardware, contexts: Sequence[int], s
     # column is its FLOP total bit for bit.
     js = np.arange(steps)
     terms = base + attn * ((np.asarray(contexts, dtype=np.int64)[None, :] + js[:, None]) + 1.0)
-    flops = np.cumsum(terms, axis=1)[:, -1]
+    flops = terms.cumsum(axis=1)[:, -1]
     compute_s = (0.0 / prefill_rate + flops / decode_rate) / tp
     memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth / tp
     return ((np.maximum(compute_s, memory_s) + comm_s) + overhead_s).tolist()

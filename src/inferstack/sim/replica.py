@@ -217,7 +217,7 @@ class SimReplica:
             # token j of a request is out[(outputs so far + j) % n], as `end_step` samples one per step
             ring = out * (steps // n + 2)
             self.scheduler.advance_decodes(steps, {
-                r.request_id: ring[len(r.output_token_ids) % n:][:steps] for r in run.requests})
+                r.request_id: ring[(k := len(r.output_token_ids) % n):k + steps] for r in run.requests})
         counted = steps + (1 if count_next and steps < len(run.ends) else 0)
         self.stats.steps += counted
         for dt in run.dts[:counted]:
@@ -285,5 +285,5 @@ class SimReplica:
             return s.num_waiting, s.num_running, s.kv.pool.usage
         # mid-run: the steps begun by now have taken their blocks (a step allocates when it is scheduled)
         begun = min(run.completed(self.clock()) + 1, len(run.ends))
-        taken = sum(s.kv.blocks_needed(r, begun) for r in run.requests)
+        taken = s.kv.total_blocks_needed(run.requests, begun)
         return s.num_waiting, s.num_running, 1.0 - (run.free_blocks - taken) / s.kv.pool.num_blocks

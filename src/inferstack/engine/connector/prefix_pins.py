@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from inferstack.engine.connector.transfer import PagedKVSource
-from inferstack.engine.kv.block_pool import BlockPool, KVBlock
+from inferstack.engine.kv.block_pool import BlockPool
 
 
 @dataclass
@@ -35,7 +35,7 @@ class PrefixPins:
         self.source = source
         self._asks: dict[str, _Ask] = {}
         self._released: list[str] = []
-        self._pinned: dict[str, list[KVBlock]] = {}     # engine thread only
+        self._pinned: dict[str, list[int]] = {}     # engine thread only
         self._lock = threading.Lock()
         self._wake: Callable[[], None] = lambda: None
 
@@ -77,7 +77,7 @@ class PrefixPins:
             if blocks:
                 pool.free(reversed(blocks))
         for key, ask in asks:
-            blocks: list[KVBlock] = []
+            blocks: list[int] = []
             for block_hash in ask.hashes:
                 block = pool.get_cached_block(block_hash)
                 if block is None:
@@ -86,7 +86,7 @@ class PrefixPins:
             if blocks:
                 pool.touch(blocks)
                 self._pinned[key] = blocks
-                self.source.hold(key, [b.block_id for b in blocks], ask.hashes[:len(blocks)],
+                self.source.hold(key, list(blocks), ask.hashes[:len(blocks)],
                                  on_release=self._on_release)
             ask.pinned = len(blocks)
             ask.done.set()

@@ -3,22 +3,21 @@
 A block with ``ref_cnt == 0`` sits in the free queue but keeps its hash while it is there, so a
 later request with the same prefix can take it back (a cache hit). Allocation takes the least
 recently freed block and only then drops its hash (eviction).
+
+Blocks are plain ids (ints), their state kept in columns (struct of arrays): the fleet simulator runs
+a thousand pools of ~27k blocks each, where a Python object per block plus an ordered-dict entry for
+the free queue cost ~300 bytes a block (13 GB for the fleet) and an object allocation per new block.
+The free queue is a doubly linked list through two int arrays (8 bytes a block), in LRU order.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from inferstack.engine.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventSink
 
-
-@dataclass(eq=False, slots=True)
-class KVBlock:
-    block_id: int
-    ref_cnt: int = 0
-    block_hash: bytes | None = None
+_NIL = -1
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -36,68 +35,137 @@ class BlockPool:
         # Blocks are created on first use: a never-used block sorts before every freed one in the LRU
         # order, so taking them from a counter first is the same order as a queue that starts full,
         # and an idle pool of 30k blocks costs nothing (the simulator runs a thousand of them).
-        self.blocks: list[KVBlock] = []
-        self._free: OrderedDict[int, KVBlock] = OrderedDict()
-        self._cached: dict[bytes, KVBlock] = {}
+        self.ref_cnt: list[int] = []                 # per created block
+        self.hashes: list[bytes | None] = []         # per created block: its prefix-cache key, if cached
+        self._prev = array("i")                      # free-queue links (valid while ref_cnt == 0)
+        self._next = array("i")
+        self._head = self._tail = _NIL               # least / most recently freed
+        self._num_free = 0                           # created blocks in the free queue
+        self._cached: dict[bytes, int] = {}
         self._events = events
 
     @property
+    def num_created(self) -> int:
+        """Blocks handed out at least once (the others have never held anything)."""
+        return len(self.ref_cnt)
+
+    @property
     def num_free_blocks(self) -> int:
-        return len(self._free) + self.num_blocks - len(self.blocks)
+        return self._num_free + self.num_blocks - len(self.ref_cnt)
 
     @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_cached_block(self, block_hash: bytes) -> KVBlock | None:
-        return self._cached.get(block_hash)
-
-    def touch(self, blocks: Iterable[KVBlock]) -> None:
-        """Take a reference on cache-hit blocks, pulling free ones out of the eviction queue."""
-        for block in blocks:
-            if block.ref_cnt == 0:
-                del self._free[block.block_id]
-            block.ref_cnt += 1
-
-    def allocate(self, n: int) -> list[KVBlock]:
-        if n > self.num_free_blocks:
-            raise NoFreeBlocksError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
-        fresh = min(n, self.num_blocks - len(self.blocks))
-        out = [KVBlock(i, ref_cnt=1) for i in range(len(self.blocks), len(self.blocks) + fresh)]
-        self.blocks += out
-        evicted: list[bytes] = []
-        for _ in range(n - fresh):
-            _, block = self._free.popitem(last=False)
-            if block.block_hash is not None:
-                evicted.append(block.block_hash)
-                del self._cached[block.block_hash]
-                block.block_hash = None
-            block.ref_cnt = 1
-            out.append(block)
-        if evicted and self._events is not None:
-            self._events.publish([BlockRemoved(evicted)])
+    def free_order(self) -> list[int]:
+        """The free queue, least recently freed first (the eviction order)."""
+        out, b, nxt = [], self._head, self._next
+        while b != _NIL:
+            out.append(b)
+            b = nxt[b]
         return out
 
-    def free(self, blocks: Iterable[KVBlock]) -> None:
+    def cached_blocks(self) -> dict[bytes, int]:
+        """The prefix-cache map, hash -> block id (a copy)."""
+        return dict(self._cached)
+
+    def get_cached_block(self, block_hash: bytes) -> int | None:
+        return self._cached.get(block_hash)
+
+    def touch(self, blocks: Iterable[int]) -> None:
+        """Take a reference on cache-hit blocks, pulling free ones out of the eviction queue."""
+        ref = self.ref_cnt
+        for b in blocks:
+            if ref[b] == 0:
+                self._unlink(b)
+            ref[b] += 1
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free_blocks:
+            raise NoFreeBlocksError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
+        ref = self.ref_cnt
+        first = len(ref)
+        fresh = min(n, self.num_blocks - first)
+        out = list(range(first, first + fresh))
+        if fresh:
+            ref += [1] * fresh
+            self.hashes += [None] * fresh
+            links = array("i", [_NIL]) * fresh
+            self._prev += links
+            self._next += links
+        if n > fresh:
+            self._take_free(n - fresh, out)
+        return out
+
+    def _take_free(self, n: int, out: list[int]) -> None:
+        """Pop ``n`` blocks off the head of the free queue into ``out``, evicting their hashes."""
+        ref, hashes, cached, nxt = self.ref_cnt, self.hashes, self._cached, self._next
+        evicted: list[bytes] = []
+        b = self._head
+        for _ in range(n):
+            out.append(b)
+            ref[b] = 1
+            h = hashes[b]
+            if h is not None:
+                evicted.append(h)
+                del cached[h]
+                hashes[b] = None
+            b = nxt[b]
+        self._head = b
+        if b == _NIL:
+            self._tail = _NIL
+        else:
+            self._prev[b] = _NIL
+        self._num_free -= n
+        if evicted and self._events is not None:
+            self._events.publish([BlockRemoved(evicted)])
+
+    def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference from each block; callers pass a request's blocks tail first so
         that its tail is evicted before its (more shareable) head."""
-        for block in blocks:
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                self._free[block.block_id] = block
+        ref, prev, nxt = self.ref_cnt, self._prev, self._next
+        tail, freed = self._tail, 0
+        for b in blocks:
+            r = ref[b] - 1
+            ref[b] = r
+            if r == 0:           # append at the tail of the free queue
+                prev[b] = tail
+                nxt[b] = _NIL
+                if tail == _NIL:
+                    self._head = b
+                else:
+                    nxt[tail] = b
+                tail = b
+                freed += 1
+        self._tail = tail
+        self._num_free += freed
 
-    def cache_full_blocks(self, blocks: Sequence[KVBlock], hashes: Sequence[bytes], start: int, end: int,
+    def _unlink(self, b: int) -> None:
+        prev, nxt = self._prev, self._next
+        p, n = prev[b], nxt[b]
+        if p == _NIL:
+            self._head = n
+        else:
+            nxt[p] = n
+        if n == _NIL:
+            self._tail = p
+        else:
+            prev[n] = p
+        self._num_free -= 1
+
+    def cache_full_blocks(self, blocks: Sequence[int], hashes: Sequence[bytes], start: int, end: int,
                           token_ids: Sequence[int]) -> None:
         """Register blocks ``start..end-1`` of a request (now full) under their chained hashes."""
         if not self.enable_caching or start >= end:
             return
+        own, cached = self.hashes, self._cached
         runs: list[list[int]] = []      # contiguous runs of newly cached block indices
         for i in range(start, end):
-            block, block_hash = blocks[i], hashes[i]
-            if block.block_hash is not None or block_hash in self._cached:
+            b, block_hash = blocks[i], hashes[i]
+            if own[b] is not None or block_hash in cached:
                 continue  # already cached, or a twin computed concurrently: one cached copy is enough
-            block.block_hash = block_hash
-            self._cached[block_hash] = block
+            own[b] = block_hash
+            cached[block_hash] = b
             if runs and runs[-1][-1] == i - 1:
                 runs[-1].append(i)
             else:
@@ -110,15 +178,17 @@ class BlockPool:
                 for run in runs
             ])
 
-    def uncache(self, blocks: Iterable[KVBlock]) -> None:
+    def uncache(self, blocks: Iterable[int]) -> None:
         """Forget the hashes of ``blocks`` (their content is not what the hash says: a failed load)."""
+        own, cached = self.hashes, self._cached
         removed: list[bytes] = []
-        for block in blocks:
-            if block.block_hash is not None:
-                if self._cached.get(block.block_hash) is block:
-                    del self._cached[block.block_hash]
-                removed.append(block.block_hash)
-                block.block_hash = None
+        for b in blocks:
+            h = own[b]
+            if h is not None:
+                if cached.get(h) == b:
+                    del cached[h]
+                removed.append(h)
+                own[b] = None
         if removed and self._events is not None:
             self._events.publish([BlockRemoved(removed)])
 
@@ -126,8 +196,7 @@ class BlockPool:
         """Forget every cached hash; only possible while no request holds blocks."""
         if self.num_free_blocks != self.num_blocks:
             return False
-        for block in self.blocks:
-            block.block_hash = None
+        self.hashes = [None] * len(self.hashes)
         self._cached.clear()
         if self._events is not None:
             self._events.publish([AllBlocksCleared()])

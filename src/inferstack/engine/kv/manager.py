@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from inferstack.engine.kv.block_pool import BlockPool, KVBlock
+from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.kv.hashing import KVKeySpace, block_hashes
 from inferstack.engine.request import Request
 
@@ -14,10 +14,7 @@ class KVCacheManager:
         self.pool = pool
         self.block_size = pool.block_size
         self.key_space = key_space
-        self._req_blocks: dict[str, list[KVBlock]] = {}
-        # the same tables as block ids, kept alongside: every step hands each scheduled request its
-        # table, and rebuilding it from the blocks cost O(blocks) per token
-        self._req_ids: dict[str, list[int]] = {}
+        self._req_blocks: dict[str, list[int]] = {}     # request id -> its block table (block ids)
         self._num_cached_blocks: dict[str, int] = {}
 
     @property
@@ -25,7 +22,7 @@ class KVCacheManager:
         return self.pool.usage
 
     def block_ids(self, request_id: str) -> list[int]:
-        ids = self._req_ids.get(request_id)
+        ids = self._req_blocks.get(request_id)
         return list(ids) if ids is not None else []
 
     def update_block_hashes(self, request: Request) -> list[bytes]:
@@ -38,22 +35,23 @@ class KVCacheManager:
                 parent=request.block_hashes[-1] if have else None))
         return request.block_hashes
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Longest cached prefix of full blocks, leaving at least one token to compute (its logits
         are needed to sample)."""
         if not self.pool.enable_caching:
             return [], 0
         hashes = self.update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hits: list[KVBlock] = []
+        hits: list[int] = []
+        cached = self.pool.get_cached_block
         for block_hash in hashes[:max_blocks]:
-            block = self.pool.get_cached_block(block_hash)
+            block = cached(block_hash)
             if block is None:
                 break
             hits.append(block)
         return hits, len(hits) * self.block_size
 
-    def can_fit(self, request: Request, num_new_tokens: int, new_computed: Sequence[KVBlock] = ()) -> bool:
+    def can_fit(self, request: Request, num_new_tokens: int, new_computed: Sequence[int] = ()) -> bool:
         return self._blocks_needed(request, num_new_tokens, new_computed) <= self._available(new_computed)
 
     def num_cached_blocks(self, request_id: str) -> int:
@@ -64,8 +62,40 @@ class KVCacheManager:
         """Blocks `allocate_slots` would take for ``num_new_tokens`` more tokens (no cache hits)."""
         return self._blocks_needed(request, num_new_tokens, ())
 
+    def total_blocks_needed(self, requests: Sequence[Request], num_new_tokens: int) -> int:
+        """Σ `blocks_needed` over ``requests`` (each with ``num_new_tokens`` more tokens), in one pass."""
+        bs, tables, total = self.block_size, self._req_blocks, 0
+        for r in requests:
+            blocks = tables.get(r.request_id)
+            need = -(-(r.num_computed_tokens + num_new_tokens) // bs) - (len(blocks) if blocks is not None else 0)
+            if need > 0:
+                total += need
+        return total
+
+    def allocate_decode_slots(self, slots: Sequence[tuple[Request, int]]) -> bool:
+        """For each (request, computed) in order: `allocate_slots(request, 1)` as if ``request`` had
+        ``computed`` tokens computed (without setting it), with the same block takes and prefix-cache entries
+        in the same order; False at the first the pool cannot serve (the earlier ones stay applied). The
+        decode leaps of the fleet simulator apply a run's block boundaries through this, one call a run."""
+        bs, pool, tables, ncached = self.block_size, self.pool, self._req_blocks, self._num_cached_blocks
+        caching = pool.enable_caching
+        for request, computed in slots:
+            rid = request.request_id
+            blocks = tables.get(rid)
+            if blocks is None:
+                blocks = tables[rid] = []
+            after = computed + 1
+            needed = -(-after // bs) - len(blocks)
+            if needed > 0:
+                if needed > pool.num_free_blocks:
+                    return False
+                blocks.extend(pool.allocate(needed))
+            if caching and min(after, len(request.all_token_ids)) // bs > ncached.get(rid, 0):
+                self._cache_full_blocks(request, after)
+        return True
+
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed: Sequence[KVBlock] = (), cache: bool = True) -> bool:
+                       new_computed: Sequence[int] = (), cache: bool = True) -> bool:
         """Give ``request`` room for ``num_new_tokens`` more tokens (after taking ``new_computed``
         cache hits); False, changing nothing, when the pool cannot. ``cache=False``: the new blocks
         are filled by an asynchronous load, not by a step; `cache_computed` caches them once it ended."""
@@ -75,15 +105,11 @@ class KVCacheManager:
         if needed > self._available(new_computed):
             return False
         blocks = self._req_blocks.setdefault(request.request_id, [])
-        ids = self._req_ids.setdefault(request.request_id, [])
         self.pool.touch(new_computed)
         blocks.extend(new_computed)
-        ids.extend(b.block_id for b in new_computed)
         self._num_cached_blocks[request.request_id] = len(blocks)
         if needed > 0:
-            new = self.pool.allocate(needed)
-            blocks.extend(new)
-            ids.extend(b.block_id for b in new)
+            blocks.extend(self.pool.allocate(needed))
         # Blocks become cacheable as soon as their tokens are scheduled: the step that computes
         # them writes every new K/V before any attention reads, so a later request may share them.
         num_tokens_after = request.num_computed_tokens + len(new_computed) * self.block_size + num_new_tokens
@@ -108,13 +134,8 @@ class KVCacheManager:
             return False
         if blocks is None:
             blocks = self._req_blocks[rid] = []
-        ids = self._req_ids.get(rid)
-        if ids is None:
-            ids = self._req_ids[rid] = []
         if needed > 0:
-            new = pool.allocate(needed)
-            blocks.extend(new)
-            ids.extend([b.block_id for b in new])
+            blocks.extend(pool.allocate(needed))
         if cache and pool.enable_caching and min(num_tokens_after, len(request.all_token_ids)) // self.block_size > \
                 self._num_cached_blocks.get(rid, 0):
             self._cache_full_blocks(request, num_tokens_after)
@@ -124,23 +145,23 @@ class KVCacheManager:
         """Uncache the request's blocks from ``first_block`` on (not what their hashes say); their ids."""
         blocks = self._req_blocks.get(request.request_id, [])[first_block:]
         self.pool.uncache(blocks)
-        return {b.block_id for b in blocks}
+        return set(blocks)
 
     def free(self, request: Request) -> None:
         blocks = self._req_blocks.pop(request.request_id, None)
-        self._req_ids.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         if blocks:
             self.pool.free(reversed(blocks))
 
-    def _blocks_needed(self, request: Request, num_new_tokens: int, new_computed: Sequence[KVBlock]) -> int:
+    def _blocks_needed(self, request: Request, num_new_tokens: int, new_computed: Sequence[int]) -> int:
         have = len(self._req_blocks.get(request.request_id, ())) + len(new_computed)
         total = request.num_computed_tokens + len(new_computed) * self.block_size + num_new_tokens
         return max(0, -(-total // self.block_size) - have)
 
-    def _available(self, new_computed: Sequence[KVBlock]) -> int:
+    def _available(self, new_computed: Sequence[int]) -> int:
         # Hits that sit in the free queue stop being allocatable once we take them.
-        return self.pool.num_free_blocks - sum(1 for b in new_computed if b.ref_cnt == 0)
+        ref = self.pool.ref_cnt
+        return self.pool.num_free_blocks - sum(1 for b in new_computed if ref[b] == 0)
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.pool.enable_caching:

@@ -161,10 +161,16 @@ def prefix(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
 def cold_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
     if not ctx.cold():
         return np.ones(idx.size)
-    order, rank = np.unique(cols.cold(ctx.state.cold_served, ctx.state.cold_clock)[idx], return_inverse=True)
+    stamps = cols.cold(ctx.state.cold_served, ctx.state.cold_clock)[idx]
+    # np.unique(stamps, return_inverse=True), without its argsort (one plain sort, then a binary search)
+    srt = np.sort(stamps)
+    first = np.empty(srt.size, dtype=bool)
+    first[0] = True
+    np.not_equal(srt[1:], srt[:-1], out=first[1:])
+    order = srt[first]
     if order.size == 1:
         return np.ones(idx.size)
-    return 1.0 - rank / (order.size - 1)
+    return 1.0 - np.searchsorted(order, stamps) / (order.size - 1)
 
 
 def session_affinity(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:

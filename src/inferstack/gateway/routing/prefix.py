@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 import xxhash
@@ -46,20 +46,69 @@ def text_prefix_hashes(parts: Iterable[str], seed_text: str, block_chars: int, m
     return out
 
 
+class _Lru:
+    """One endpoint's hashes, least recently inserted first: a deque where inserting a held hash again appends
+    a copy and the older copies are skipped as stale when they reach the front (8 bytes a hash; an ordered dict
+    cost ~120). Compacted when stale copies outnumber live ones, so a hot prefix cannot grow it."""
+
+    __slots__ = ("live", "order", "stale")
+
+    def __init__(self) -> None:
+        self.order: deque[int] = deque()
+        self.stale: dict[int, int] = {}       # hash -> its copies in `order` older than the live one
+        self.live = 0
+
+    def again(self, h: int) -> None:
+        self.stale[h] = self.stale.get(h, 0) + 1
+        self.order.append(h)
+        if len(self.order) > 2 * self.live + 1024:
+            self.order = deque(reversed(dict.fromkeys(reversed(self.order))))
+            self.stale.clear()
+
+    def pop_oldest(self) -> int:
+        order, stale = self.order, self.stale
+        while True:
+            h = order.popleft()
+            n = stale.get(h)
+            if not n:
+                self.live -= 1
+                return h
+            if n == 1:
+                del stale[h]
+            else:
+                stale[h] = n - 1
+
+    def hashes(self) -> list[int]:
+        """The live hashes, least recently inserted first."""
+        skip, out = dict(self.stale), []
+        for h in self.order:
+            if skip.get(h):
+                skip[h] -= 1
+            else:
+                out.append(h)
+        return out
+
+
 class ApproxPrefixIndex:
     """Per-endpoint LRU of block hashes plus a reverse map hash -> endpoints.
 
     A hash held by one endpoint (most of them: distinct prompts) maps to that endpoint's id itself, and
     only a shared one to a set: a set costs ~200 bytes, and a gateway in front of 1,000 endpoints holds
-    up to 31M hashes (the simulator's memory at that scale went mostly here)."""
+    up to 31M hashes (the simulator's memory at that scale went mostly here). Whether an endpoint holds a
+    hash is read from the reverse map, so the LRU itself only keeps the order (`_Lru`)."""
 
     def __init__(self, capacity_per_endpoint: int = 31_250):
         self.capacity = capacity_per_endpoint
-        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._lru: dict[str, _Lru] = {}
         self._holders: dict[int, str | set[str]] = {}
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._lru.values())
+        return sum(lru.live for lru in self._lru.values())
+
+    def held_by(self, endpoint: str) -> list[int]:
+        """The hashes ``endpoint`` holds, least recently inserted first (the eviction order)."""
+        lru = self._lru.get(endpoint)
+        return lru.hashes() if lru is not None else []
 
     def holders(self, block_hash: int) -> frozenset[str]:
         s = self._holders.get(block_hash)
@@ -68,23 +117,34 @@ class ApproxPrefixIndex:
     def insert(self, endpoint: str, hashes: Sequence[int]) -> None:
         lru = self._lru.get(endpoint)
         if lru is None:
-            lru = self._lru[endpoint] = OrderedDict()
+            lru = self._lru[endpoint] = _Lru()
         holders = self._holders
+        fresh = dict.fromkeys(hashes)
+        if len(fresh) == len(hashes) and holders.keys().isdisjoint(fresh):
+            # the usual case (a prompt nobody sent before): the loop below would append each hash to the
+            # LRU and give it this endpoint as sole holder, in order; done at C speed
+            lru.order.extend(fresh)
+            lru.live += len(fresh)
+            holders.update(dict.fromkeys(fresh, endpoint))
+            hashes = ()
         for h in hashes:
-            if h in lru:
-                lru.move_to_end(h)
-                continue
-            lru[h] = None
             s = holders.get(h)
             if s is None:
                 holders[h] = endpoint
-            elif type(s) is str:     # another endpoint holds it (``endpoint`` does not: h is not in its LRU)
+            elif type(s) is str:
+                if s == endpoint:
+                    lru.again(h)          # held: now the most recent
+                    continue
                 holders[h] = {s, endpoint}
+            elif endpoint in s:
+                lru.again(h)
+                continue
             else:
                 s.add(endpoint)
-        while len(lru) > self.capacity:
-            old, _ = lru.popitem(last=False)
-            self._drop(old, endpoint)
+            lru.order.append(h)
+            lru.live += 1
+        while lru.live > self.capacity:
+            self._drop(lru.pop_oldest(), endpoint)
 
     def _drop(self, block_hash: int, endpoint: str) -> None:
         s = self._holders.get(block_hash)
@@ -101,7 +161,8 @@ class ApproxPrefixIndex:
             del self._holders[block_hash]
 
     def remove_endpoint(self, endpoint: str) -> None:
-        for h in self._lru.pop(endpoint, ()):
+        lru = self._lru.pop(endpoint, None)
+        for h in lru.hashes() if lru is not None else ():
             self._drop(h, endpoint)
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
