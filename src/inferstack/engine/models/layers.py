@@ -8,6 +8,7 @@ once and indexed by position so a step does no trigonometry.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,16 +32,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMSNorm in float32, op for op as transformers' ``LlamaRMSNorm``. ``F.rms_norm`` on CPU runs the
     same pow/mean/rsqrt/mul composite plus two copies and a ``type_as`` per call (torch 2.13): 61
-    norms per SmolLM2 step made 122 of the step's 485 copies (docs/benchmarks.md, issue 14 third pass)."""
+    norms per SmolLM2 step made 122 of the step's 485 copies (docs/benchmarks.md, issue 14 third pass).
+
+    ``out_dtype`` (a float32 input only) writes the weighted result straight into that dtype: the bf16
+    input of a quantized projection without a separate cast, rounded exactly as ``(w * h).to(dtype)``.
+    The statistics are updated in place (same values, two allocations fewer per call)."""
     dtype = x.dtype
     h = x if dtype == torch.float32 else x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     if dtype != torch.float32:
         h = h.to(dtype)
-    return h if weight is None else weight * h
+    if weight is None:
+        return h if out_dtype is None else h.to(out_dtype)
+    if out_dtype is not None and out_dtype != h.dtype:
+        return torch.mul(h, weight, out=torch.empty(h.shape, dtype=out_dtype, device=h.device))
+    return h.mul_(weight) if weight.dtype == h.dtype else weight * h
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -77,6 +87,33 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return torch.where(medium, smoothed, scaled)
 
 
+# Steps of at most this many tokens rotate with one batched matmul when the projections return bf16
+# (Rotary.apply); larger steps keep the elementwise form, whose tables are 64x smaller.
+ROTATION_MATMUL_MAX_TOKENS = 64
+
+
+@dataclass
+class Rotary:
+    """One step's rotary tables, built once and applied by every layer (:meth:`RotaryEmbedding.lookup`)."""
+
+    cos: torch.Tensor                  # [T, 1, head_dim]: cos | cos
+    signed_sin: torch.Tensor           # [T, 1, head_dim]: -sin | sin
+    out_dtype: torch.dtype             # what attention and the KV cache take
+    matrix: torch.Tensor | None = None  # [T, head_dim, head_dim]: the rotation as a matrix, or None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [T, heads, head_dim]`` by each token's position, in the tables' dtype, and return
+        it in ``out_dtype``. With a ``matrix``: one ``bmm`` of the rows against each token's rotation
+        (``x @ R`` with ``R = diag(cos) + roll(diag(signed_sin), half)``) instead of a cast, a cat, two
+        multiplies and an add; the fp32 sums may round the last bit differently (FMA), which the
+        following bf16 cast hides."""
+        if self.matrix is not None:
+            return torch.bmm(x.to(self.matrix.dtype), self.matrix).to(self.out_dtype)
+        x = x.to(self.cos.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return (x * self.cos + torch.cat((x2, x1), dim=-1) * self.signed_sin).to(self.out_dtype)
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary (rotate halves) over a cos/sin table for every position up to the context length."""
 
@@ -88,19 +125,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device=device, dtype=dtype), persistent=False)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, positions: torch.Tensor, out_dtype: torch.dtype) -> Rotary:
         """``(cos | cos, -sin | sin)`` rows for a step's tokens, ``[T, 1, head_dim]``; built once per
         step so each layer's rotation is one cat, two multiplies and an add (half the ops of the
-        textbook form, bit for bit the same: ``a + b·(-s)`` rounds exactly like ``a - b·s``)."""
-        cos, sin = self.cos[positions], self.sin[positions]
-        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+        textbook form, bit for bit the same: ``a + b·(-s)`` rounds exactly like ``a - b·s``).
 
-    @staticmethod
-    def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate ``x`` of shape ``[T, heads, head_dim]`` by each token's position."""
-        cos, signed_sin = cos_sin
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
+        When attention runs in another dtype than the tables (bf16 projections around an fp32
+        residual stream) and the step is decode-sized, also the rotation matrices (see :class:`Rotary`):
+        that path is not the fp32 parity path, so the matmul's rounding is free to differ."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        rot = Rotary(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1),
+                     out_dtype)
+        if out_dtype != cos.dtype and positions.shape[0] <= ROTATION_MATMUL_MAX_TOKENS:
+            half = cos.shape[-1]
+            rot.matrix = torch.diag_embed(rot.cos[:, 0]) + torch.diag_embed(rot.signed_sin[:, 0]).roll(half, -2)
+        return rot
 
 
 class DenseLinear(nn.Module):
