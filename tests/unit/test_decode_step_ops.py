@@ -30,18 +30,20 @@ def test_norm_into_bf16_rounds_exactly_like_a_cast_and_keeps_its_input():
     assert rms_norm(xb, w, 1e-6).dtype == torch.float32
 
 
-def test_rotation_matrix_equals_the_elementwise_rotary():
-    """Decode-sized steps of a quantized model rotate q/k with one bmm against each token's rotation
-    matrix; it must agree with the elementwise form to fp32 rounding, for positions near and far."""
+def test_rotary_narrows_once_to_attention_dtype_exactly_as_before():
+    """q and k leave rotary in attention's dtype with one cast, equal bit for bit to rotating in the
+    tables' dtype and casting q and k separately (what attention and the cache write did)."""
     rotary = RotaryEmbedding(_arch(), torch.float32, "cpu")
     positions = torch.tensor([0, 1, 17, 900, 4095])
     x = torch.randn(5, 6, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    fast = rotary.lookup(positions, torch.bfloat16)
-    exact = rotary.lookup(positions, torch.float32)
-    assert fast.matrix is not None and exact.matrix is None
-    torch.testing.assert_close(torch.bmm(x.float(), fast.matrix), exact.apply(x), atol=2e-6, rtol=1e-6)
-    assert fast.apply(x).dtype == torch.bfloat16
-    assert rotary.lookup(torch.arange(65), torch.bfloat16).matrix is None   # prefill-sized: elementwise tables
+    rot = rotary.lookup(positions, torch.bfloat16)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+    textbook = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    assert rot.apply(x).dtype == torch.bfloat16
+    assert torch.equal(rot.apply(x), textbook.to(torch.bfloat16))
+    assert torch.equal(rotary.lookup(positions, torch.float32).apply(xf), textbook)
 
 
 def test_small_decode_attends_on_one_thread_and_restores_the_count(monkeypatch):

@@ -87,11 +87,6 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return torch.where(medium, smoothed, scaled)
 
 
-# Steps of at most this many tokens rotate with one batched matmul when the projections return bf16
-# (Rotary.apply); larger steps keep the elementwise form, whose tables are 64x smaller.
-ROTATION_MATMUL_MAX_TOKENS = 64
-
-
 @dataclass
 class Rotary:
     """One step's rotary tables, built once and applied by every layer (:meth:`RotaryEmbedding.lookup`)."""
@@ -99,19 +94,15 @@ class Rotary:
     cos: torch.Tensor                  # [T, 1, head_dim]: cos | cos
     signed_sin: torch.Tensor           # [T, 1, head_dim]: -sin | sin
     out_dtype: torch.dtype             # what attention and the KV cache take
-    matrix: torch.Tensor | None = None  # [T, head_dim, head_dim]: the rotation as a matrix, or None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [T, heads, head_dim]`` by each token's position, in the tables' dtype, and return
-        it in ``out_dtype``. With a ``matrix``: one ``bmm`` of the rows against each token's rotation
-        (``x @ R`` with ``R = diag(cos) + roll(diag(signed_sin), half)``) instead of a cast, a cat, two
-        multiplies and an add; the fp32 sums may round the last bit differently (FMA), which the
-        following bf16 cast hides."""
-        if self.matrix is not None:
-            return torch.bmm(x.to(self.matrix.dtype), self.matrix).to(self.out_dtype)
+        """Rotate ``x [T, heads, head_dim]`` by each token's position in the tables' dtype and return it
+        in ``out_dtype``: one narrowing cast for q and k together, where attention and the cache write
+        each made their own."""
         x = x.to(self.cos.dtype)
         x1, x2 = x.chunk(2, dim=-1)
-        return (x * self.cos + torch.cat((x2, x1), dim=-1) * self.signed_sin).to(self.out_dtype)
+        out = x * self.cos + torch.cat((x2, x1), dim=-1) * self.signed_sin
+        return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -128,18 +119,10 @@ class RotaryEmbedding(nn.Module):
     def lookup(self, positions: torch.Tensor, out_dtype: torch.dtype) -> Rotary:
         """``(cos | cos, -sin | sin)`` rows for a step's tokens, ``[T, 1, head_dim]``; built once per
         step so each layer's rotation is one cat, two multiplies and an add (half the ops of the
-        textbook form, bit for bit the same: ``a + b·(-s)`` rounds exactly like ``a - b·s``).
-
-        When attention runs in another dtype than the tables (bf16 projections around an fp32
-        residual stream) and the step is decode-sized, also the rotation matrices (see :class:`Rotary`):
-        that path is not the fp32 parity path, so the matmul's rounding is free to differ."""
+        textbook form, bit for bit the same: ``a + b·(-s)`` rounds exactly like ``a - b·s``)."""
         cos, sin = self.cos[positions], self.sin[positions]
-        rot = Rotary(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1),
-                     out_dtype)
-        if out_dtype != cos.dtype and positions.shape[0] <= ROTATION_MATMUL_MAX_TOKENS:
-            half = cos.shape[-1]
-            rot.matrix = torch.diag_embed(rot.cos[:, 0]) + torch.diag_embed(rot.signed_sin[:, 0]).roll(half, -2)
-        return rot
+        return Rotary(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1),
+                      out_dtype)
 
 
 class DenseLinear(nn.Module):
