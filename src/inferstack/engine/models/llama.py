@@ -46,8 +46,8 @@ class Attention(nn.Module):
         qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]
         if self.qk_norm is not None:
             qk = rms_norm(qk, self.qk_norm, self.eps)
-        # Rotary in the tables' dtype (the model's), returned in attention's: with quantized weights
-        # one widening of the bf16 projection output and one narrowing for attention and the cache.
+        # Rotary in the tables' dtype (the model's): with quantized weights one cast of the bf16
+        # projection output, instead of two hidden ones inside mixed-dtype multiplies.
         qk = rot.apply(qk)
         out = paged_attention_planned(qk[:, :nh], qk[:, nh:], v, kv_cache, plan, self.scale)
         return self.o(out.reshape(t, nh * hd))
@@ -98,7 +98,7 @@ class LlamaForCausalLM(nn.Module):
         """``input_ids``/``positions [T]`` → final hidden states ``[T, hidden]``."""
         assert self.rotary is not None, "init_buffers() was not called"
         plan = plan_attention(meta)
-        rot = self.rotary.lookup(positions, self.layers[0].inner or self.embed.dtype)
+        rot = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rot, kv_cache, plan)
