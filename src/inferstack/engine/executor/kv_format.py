@@ -68,7 +68,8 @@ class KVFormat:
         """``[T, kv_heads, head_dim]`` activations → ``[T, kv_heads * row]`` cache rows."""
         t = x.shape[0]
         if not self.quantized:
-            return x.reshape(t, -1).to(self.storage)
+            x = x.reshape(t, -1)
+            return x if x.dtype == self.storage else x.to(self.storage)
         xf = x.float()
         scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / _QMAX[self.name]
         scaled = xf / scale
@@ -81,7 +82,7 @@ class KVFormat:
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
         """``[..., row]`` cache rows → ``[..., head_dim]`` in the activation dtype."""
         if not self.quantized:
-            return rows.to(self.compute)
+            return rows if rows.dtype == self.compute else rows.to(self.compute)
         codes = rows[..., :self.head_dim]
         scale = rows[..., self.head_dim:].contiguous().view(torch.float32)
         values = codes.view(torch.int8 if self.name == "int8" else torch.float8_e4m3fn).to(torch.float32)

@@ -92,8 +92,11 @@ class TorchExecutor:
         sample_seqs = [(i, s) for i, s in enumerate(batch.seqs) if s.sample]
         if not sample_seqs:
             return ExecutorOutput()
-        last_rows = torch.tensor([qsl[i + 1] - 1 for i, _ in sample_seqs], dtype=torch.long, device=dev)
-        logits = self.lm.model.compute_logits(hidden.index_select(0, last_rows)).float().cpu()
+        if len(sample_seqs) < hidden.shape[0]:
+            last_rows = torch.tensor([qsl[i + 1] - 1 for i, _ in sample_seqs], dtype=torch.long, device=dev)
+            hidden = hidden.index_select(0, last_rows)
+        # else every row is a sampled sequence's last token, in order (a decode step): no gather
+        logits = self.lm.model.compute_logits(hidden).float().cpu()
         rows = [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
                             self._generator(s.request.request_id, s.request.sampling_params.seed))
                 for _, s in sample_seqs]

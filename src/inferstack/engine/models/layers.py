@@ -8,6 +8,7 @@ once and indexed by position so a step does no trigonometry.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,16 +32,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMSNorm in float32, op for op as transformers' ``LlamaRMSNorm``. ``F.rms_norm`` on CPU runs the
     same pow/mean/rsqrt/mul composite plus two copies and a ``type_as`` per call (torch 2.13): 61
-    norms per SmolLM2 step made 122 of the step's 485 copies (docs/benchmarks.md, issue 14 third pass)."""
+    norms per SmolLM2 step made 122 of the step's 485 copies (docs/benchmarks.md, issue 14 third pass).
+
+    ``out_dtype`` (a float32 input only) writes the weighted result straight into that dtype: the bf16
+    input of a quantized projection without a separate cast, rounded exactly as ``(w * h).to(dtype)``.
+    The statistics are updated in place (same values, two allocations fewer per call)."""
     dtype = x.dtype
     h = x if dtype == torch.float32 else x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     if dtype != torch.float32:
         h = h.to(dtype)
-    return h if weight is None else weight * h
+    if weight is None:
+        return h if out_dtype is None else h.to(out_dtype)
+    if out_dtype is not None and out_dtype != h.dtype:
+        return torch.mul(h, weight, out=torch.empty(h.shape, dtype=out_dtype, device=h.device))
+    return h.mul_(weight) if weight.dtype == h.dtype else weight * h
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -77,6 +87,22 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return torch.where(medium, smoothed, scaled)
 
 
+@dataclass
+class Rotary:
+    """One step's rotary tables, built once and applied by every layer (:meth:`RotaryEmbedding.lookup`)."""
+
+    cos: torch.Tensor                  # [T, 1, head_dim]: cos | cos
+    signed_sin: torch.Tensor           # [T, 1, head_dim]: -sin | sin
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [T, heads, head_dim]`` by each token's position, in the tables' dtype. Attention
+        narrows q and the cache write k separately: one cast of the whole result would hand SDPA
+        strided views, which changed bf16 prefill results (up to 0.9 in a logit)."""
+        x = x.to(self.cos.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat((x2, x1), dim=-1) * self.signed_sin
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary (rotate halves) over a cos/sin table for every position up to the context length."""
 
@@ -88,19 +114,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device=device, dtype=dtype), persistent=False)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, positions: torch.Tensor) -> Rotary:
         """``(cos | cos, -sin | sin)`` rows for a step's tokens, ``[T, 1, head_dim]``; built once per
         step so each layer's rotation is one cat, two multiplies and an add (half the ops of the
         textbook form, bit for bit the same: ``a + b·(-s)`` rounds exactly like ``a - b·s``)."""
         cos, sin = self.cos[positions], self.sin[positions]
-        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate ``x`` of shape ``[T, heads, head_dim]`` by each token's position."""
-        cos, signed_sin = cos_sin
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
+        return Rotary(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1))
 
 
 class DenseLinear(nn.Module):

@@ -19,7 +19,8 @@ from inferstack.engine.executor.attention import AttentionPlan, paged_attention_
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import Projection, WeightTarget
-from inferstack.engine.models.layers import DenseLinear, GatedMLP, RotaryEmbedding, linear, rms_norm
+from inferstack.engine.models.layers import DenseLinear, GatedMLP, Rotary, RotaryEmbedding, linear, rms_norm
+from inferstack.engine.models.quant_linear import QuantizedLinear
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -38,8 +39,7 @@ class Attention(nn.Module):
         # normalisation covers both.
         self.qk_norm = _param(arch.num_heads + arch.num_kv_heads, arch.head_dim) if arch.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
-                plan: AttentionPlan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rot: Rotary, kv_cache: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         t = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(t, nh + 2 * nkv, hd)
@@ -48,7 +48,7 @@ class Attention(nn.Module):
             qk = rms_norm(qk, self.qk_norm, self.eps)
         # Rotary in the tables' dtype (the model's): with quantized weights one cast of the bf16
         # projection output, instead of two hidden ones inside mixed-dtype multiplies.
-        qk = RotaryEmbedding.rotate(qk.to(cos_sin[0].dtype), cos_sin)
+        qk = rot.apply(qk)
         out = paged_attention_planned(qk[:, :nh], qk[:, nh:], v, kv_cache, plan, self.scale)
         return self.o(out.reshape(t, nh * hd))
 
@@ -61,13 +61,14 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(arch)
         self.post_attn_norm = _param(arch.hidden_size)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
+        self.inner: torch.dtype | None = None   # the projections' input dtype when not the stream's
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
-                plan: AttentionPlan) -> torch.Tensor:
-        h = rms_norm(x, self.input_norm, self.eps)
-        x = x + self.attn(h, cos_sin, kv_cache, plan)
-        h = rms_norm(x, self.post_attn_norm, self.eps)
-        return x + self.mlp(h)
+    def forward(self, x: torch.Tensor, rot: Rotary, kv_cache: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """Updates the residual stream ``x`` in place (the model's own tensor from the embedding on)."""
+        h = rms_norm(x, self.input_norm, self.eps, self.inner)
+        x.add_(self.attn(h, rot, kv_cache, plan))
+        h = rms_norm(x, self.post_attn_norm, self.eps, self.inner)
+        return x.add_(self.mlp(h))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -84,20 +85,30 @@ class LlamaForCausalLM(nn.Module):
         self.rotary: RotaryEmbedding | None = None
 
     def init_buffers(self) -> None:
-        """Compute the non-checkpoint state (rotary tables) on the parameters' device and dtype."""
+        """Compute the non-checkpoint state (rotary tables) on the parameters' device and dtype, and
+        which dtype the body's projections take: bf16 for quantized ones around an fp32 stream, so
+        each norm writes its output in it (models/quant_linear.py ``inner_dtype``)."""
         self.rotary = RotaryEmbedding(self.arch, self.embed.dtype, self.embed.device)
+        for layer in self.layers:
+            qkv = layer.attn.qkv
+            layer.inner = qkv.out_dtype if isinstance(qkv, QuantizedLinear) else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """``input_ids``/``positions [T]`` → final hidden states ``[T, hidden]``."""
         assert self.rotary is not None, "init_buffers() was not called"
         plan = plan_attention(meta)
-        cos_sin = self.rotary.lookup(positions)
+        rot = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
+<<<<<<< HEAD
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if meta.wait_for_layer is not None:    # this layer's external KV may still be landing
                 meta.wait_for_layer(i)
             x = layer(x, cos_sin, kv_cache, plan)
+=======
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, rot, kv_cache, plan)
+>>>>>>> wip/c14
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
