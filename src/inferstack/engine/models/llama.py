@@ -100,15 +100,10 @@ class LlamaForCausalLM(nn.Module):
         plan = plan_attention(meta)
         rot = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
-<<<<<<< HEAD
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if meta.wait_for_layer is not None:    # this layer's external KV may still be landing
                 meta.wait_for_layer(i)
-            x = layer(x, cos_sin, kv_cache, plan)
-=======
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rot, kv_cache, plan)
->>>>>>> wip/c14
         return rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
