@@ -28,11 +28,6 @@ from inferstack.engine.executor.kv_format import KVFormat
 # Decode batches from this many sequences attend with plain matmuls instead of SDPA when the cache
 # reads back as bf16/fp16 on CPU (_decode_matmul); measured crossover 4 (2: SDPA 58 µs vs 74 µs; 4: 107 vs 89).
 MATMUL_DECODE_MIN_BATCH = 4
-# A CPU decode step gathering at most this many context positions (sequences x padded length) attends on
-# one thread (AttentionPlan.threads): SDPA opens an OpenMP region even for batch 1's three heads, and
-# waking the second thread cost more than it saved (SmolLM2 layer, 64 positions, 2 threads
-# under load, OMP_WAIT_POLICY=PASSIVE: 34.6 vs 20.6 µs of CPU per call; docs/engine.md).
-SINGLE_THREAD_DECODE_POSITIONS = 512
 
 
 @dataclass
@@ -58,7 +53,6 @@ class AttentionPlan:
     decode_buffer: torch.Tensor | None = None    # [2, B_d * num_kv_heads * L, row]: keys, values
     decode_bias: torch.Tensor | None = None      # [B_d, 1, 1, L]: decode_mask as 0 / -inf, made by layer 0
     kv_format: KVFormat | None = None    # None: the cache holds the activations as they are
-    threads: int = 0                     # >0: attend on one thread, then restore this many (CPU, small decode)
 
 
 def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
@@ -100,10 +94,8 @@ def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
         # and a masked-out NaN value still poisons the weighted sum.
         decode_slots = torch.where(valid, slots, current[:, None]).reshape(-1)
         decode_mask = valid[:, None, None, :]
-    threads = torch.get_num_threads()
-    small = not prefills and device.type == "cpu" and len(decode_seqs) * decode_len <= SINGLE_THREAD_DECODE_POSITIONS
     return AttentionPlan(start, meta.slot_mapping, decode_rows, decode_slots, decode_mask, decode_len, prefills,
-                         kv_format=meta.kv_format, threads=threads if small and threads > 1 else 0)
+                         kv_format=meta.kv_format)
 
 
 def _store(x: torch.Tensor, fmt: KVFormat | None, storage: torch.dtype) -> torch.Tensor:
@@ -122,17 +114,6 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
                             plan: AttentionPlan, scale: float) -> torch.Tensor:
     """``q [T, nh, hd]``, ``k``/``v [T, nkv, hd]`` → ``[T, nh, hd]`` in the format's compute dtype (the
     cache's dtype without a format); see the module docstring."""
-    if not plan.threads:
-        return _attend(q, k, v, kv_cache, plan, scale)
-    torch.set_num_threads(1)
-    try:
-        return _attend(q, k, v, kv_cache, plan, scale)
-    finally:
-        torch.set_num_threads(plan.threads)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan,
-            scale: float) -> torch.Tensor:
     _, num_kv_heads, head_dim = k.shape
     fmt = plan.kv_format
     compute = kv_cache.dtype if fmt is None else fmt.compute
