@@ -43,8 +43,14 @@ def test_body_read_from_receive_joins_chunks_and_enforces_limit_deadline_and_dis
         assert gone.value.status == 499
 
         # a cancellation from elsewhere (the server shutting down) is not mistaken for the deadline
-        reader = asyncio.ensure_future(read_asgi_body(_receive_from([]), 10, 5.0))
-        await asyncio.sleep(0.01)
+        blocked = asyncio.Event()
+
+        async def never() -> dict:
+            blocked.set()
+            return await asyncio.get_running_loop().create_future()
+
+        reader = asyncio.ensure_future(read_asgi_body(never, 10, 5.0))
+        await asyncio.wait_for(blocked.wait(), 5.0)  # the reader is inside receive(): cancel it there
         reader.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reader
@@ -73,14 +79,17 @@ def test_client_gone_future_completes_only_for_a_client_that_left_before_its_res
         server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(), lifespan="off", log_level="warning"))
         task = asyncio.create_task(server.serve(sockets=[sock]))
         try:
+            deadline = asyncio.get_running_loop().time() + 10.0
             while not server.started:
+                assert asyncio.get_running_loop().time() < deadline and not task.done(), "uvicorn did not start"
                 await asyncio.sleep(0.01)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /fast HTTP/1.1\r\nhost: x\r\n\r\n")
             assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
             writer.write(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")  # same connection, then hang up
             deadline = asyncio.get_running_loop().time() + 5.0
-            while b"/slow" not in seen and asyncio.get_running_loop().time() < deadline:
+            while b"/slow" not in seen:
+                assert asyncio.get_running_loop().time() < deadline, "the /slow request never reached the app"
                 await asyncio.sleep(0.01)
             writer.close()
             await asyncio.wait_for(seen[b"/slow"], 5.0)  # completes once the connection is lost

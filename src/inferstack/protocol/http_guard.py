@@ -170,29 +170,24 @@ def _too_slow(timeout_s: float) -> APIError:
 
 
 async def read_body_within(chunks: AsyncIterator[bytes], limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
-    """The whole body from an ASGI chunk stream: 413 past `limit` bytes, 408 past `timeout_s` seconds."""
-    parts: list[bytes] = []
-    size = 0
-    deadline = _Deadline(timeout_s)
-    try:
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            parts.append(chunk)
-    except asyncio.CancelledError:
-        if deadline.expired():
-            raise _too_slow(timeout_s) from None
-        raise
-    finally:
-        deadline.done()
-    return b"".join(parts)
+    """The whole body from an ASGI chunk stream: 413 past `limit` bytes, 408 past `timeout_s` seconds
+    (`read_asgi_body` over the stream's chunks, so both readers share one set of rules)."""
+    stream = chunks.__aiter__()
+
+    async def receive() -> dict:
+        try:
+            return {"type": "http.request", "body": await stream.__anext__(), "more_body": True}
+        except StopAsyncIteration:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+    return await read_asgi_body(receive, limit, timeout_s)
 
 
 async def read_asgi_body(receive: Callable[[], Awaitable[dict]], limit: int,
                          timeout_s: float = BODY_TIMEOUT_S) -> bytes:
-    """`read_body_within` straight from ASGI ``receive`` (no iterator in between: the gateway reads every
-    request's body here). A disconnect while reading is APIError(499)."""
+    """The request body straight from ASGI ``receive`` (no iterator in between: the gateway reads every
+    request's body here; the engine's `read_body_within` goes through it too): 413 past `limit` bytes, 408 past
+    `timeout_s` seconds, a disconnect while reading is APIError(499)."""
     parts: list[bytes] = []
     size = 0
     deadline = _Deadline(timeout_s)
