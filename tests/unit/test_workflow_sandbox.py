@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,6 @@ from inferstack.workflow.sandbox import (
     Isolation,
     SandboxError,
     SandboxLimits,
-    _preexec,
     _start_child,
     isolation,
     run_python,
@@ -51,18 +48,23 @@ def test_network_refused(code: str) -> None:
     assert "sandbox: socket." in refused(code)
 
 
-def test_network_namespace_blocks_even_without_the_audit_hook() -> None:
-    """The kernel layer alone: a plain interpreter under the sandbox's pre-exec cannot reach a listener."""
+def test_network_namespace_blocks_even_without_the_audit_hook(tmp_path) -> None:
+    """The kernel layer alone: a plain interpreter started the way the sandbox starts its child (same
+    pre-exec, same retries while the host frees namespaces) cannot reach a listener."""
     if not isolation().netns_flags:
         pytest.skip("this machine allows no network namespace; the audit hook is the only network guard")
+
+    async def probe(port: int) -> tuple[int | None, str]:
+        proc = await _start_child(str(tmp_path), LIMITS, isolation(),
+                                  program=f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)")
+        _, err = await asyncio.wait_for(proc.communicate(b""), 20)
+        return proc.returncode, err.decode()
+
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        port = listener.getsockname()[1]
-        probe = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"],
-            preexec_fn=_preexec(LIMITS, isolation()), capture_output=True, text=True, timeout=20, check=False)
-    assert probe.returncode != 0 and "Network is unreachable" in probe.stderr, probe.stderr
+        rc, stderr = asyncio.run(probe(listener.getsockname()[1]))
+    assert rc != 0 and "Network is unreachable" in stderr, stderr
 
 
 @pytest.mark.parametrize(("code", "what"), [

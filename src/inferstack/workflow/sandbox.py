@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +34,7 @@ CHILD = Path(__file__).with_name("sandbox_child.py")
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 NOBODY = 65534
+PROBE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,22 @@ def isolation() -> Isolation:
     tries = [Isolation(CLONE_NEWNET, True)] if root else []
     tries += [Isolation(CLONE_NEWUSER | CLONE_NEWNET, False)]
     for iso in tries:
-        # a preexec step this machine refuses surfaces as SubprocessError, not OSError
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
-                                   preexec_fn=_preexec(SandboxLimits(), iso), check=False)
-            if probe.returncode == 0:
+        # A busy host can refuse a namespace for a moment (see _start_child): probe each level a few
+        # times before settling for a weaker one for the life of the process.
+        for attempt in range(PROBE_ATTEMPTS):
+            if _starts(iso):
                 return iso
+            time.sleep(0.05 * 2 ** attempt)
     return Isolation(0, False)
+
+
+def _starts(iso: Isolation) -> bool:
+    # a preexec step this machine refuses surfaces as SubprocessError, not OSError
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
+                               preexec_fn=_preexec(SandboxLimits(), iso), check=False)
+        return probe.returncode == 0
+    return False
 
 
 def _unshare(flags: int):
@@ -126,18 +137,20 @@ def _preexec(limits: SandboxLimits, iso: Isolation, report_fd: int | None = None
     return apply
 
 
-async def _start_child(run_dir: str, limits: SandboxLimits, iso: Isolation,
-                       attempts: int = 7) -> asyncio.subprocess.Process:
-    """Start the sandbox process. Creating a network namespace can fail for a while on a busy host
-    (the kernel frees namespaces asynchronously): retry with backoff for ~6 s, never fall back to weaker
-    isolation, and name the step that failed."""
+async def _start_child(run_dir: str, limits: SandboxLimits, iso: Isolation, attempts: int = 7,
+                       program: str | None = None) -> asyncio.subprocess.Process:
+    """Start the sandbox process running ``program`` (Python source; default the runner in
+    sandbox_child.py). Creating a network namespace can fail for a while on a busy host (the kernel
+    frees namespaces asynchronously): retry with backoff for ~6 s, never fall back to weaker isolation,
+    and name the step that failed."""
+    source = CHILD.read_text() if program is None else program
     reason = ""
     for attempt in range(attempts):
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         try:
             return await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", "-c", CHILD.read_text(), stdin=asyncio.subprocess.PIPE,
+                sys.executable, "-I", "-S", "-c", source, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=run_dir,
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True,
                 preexec_fn=_preexec(limits, iso, write_fd))
