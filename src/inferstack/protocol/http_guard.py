@@ -85,6 +85,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a new request (not an upgrade)
+            cycle.transport = _HeadJoiner(self.transport, self.loop)
             gone = self.loop.create_future()
             self.scope["extensions"] = {**self.scope.get("extensions", {}), CLIENT_GONE: gone}
             # at most the pipelined requests of this connection are kept, answered ones dropped
@@ -128,6 +129,45 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.loop.call_later(_LINGER_S, self.transport.close)
 
 
+class _HeadJoiner:
+    """The transport as one request's uvicorn response cycle sees it: the cycle writes the response head
+    alone on ``http.response.start`` and the body on ``http.response.body``; held back, the head leaves
+    with the first body bytes in one socket write. On loopback a write is a TCP segment the kernel
+    delivers in the writer's system call, so the second write was a measurable part of a request's CPU.
+    A head with no body write in the same event-loop step (a stream waiting for its first token) is
+    written at the next step, so a client never waits on the head for longer than before."""
+
+    __slots__ = ("_head", "_loop", "_started", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._head: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif not self._started and data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
+            self._started = True  # the response head (an interim 100 Continue goes out at once)
+            self._head = data
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 def guarded_protocol(max_header_bytes: int = MAX_HEADER_BYTES,
                      header_timeout_s: float = HEADER_TIMEOUT_S) -> type[GuardedHttpToolsProtocol]:
     """A protocol class for `uvicorn.Config(http=...)` with these limits."""
@@ -146,7 +186,7 @@ class _Deadline:
         task = asyncio.current_task()
         assert task is not None
         self._task, self._cancelling, self.fired = task, task.cancelling(), False
-        self._handle = asyncio.get_running_loop().call_later(timeout_s, self._fire)
+        self._handle = task.get_loop().call_later(timeout_s, self._fire)  # no second loop lookup
 
     def _fire(self) -> None:
         self.fired = True
