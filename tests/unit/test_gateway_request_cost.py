@@ -181,3 +181,41 @@ def test_response_head_leaves_with_the_body_in_one_write_and_a_stream_head_at_th
         assert cont.writes[1:] == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"] and cont.closed
 
     asyncio.run(main())
+
+
+def test_a_later_keep_alive_request_whose_headers_stall_is_cut_off():
+    """The header deadline is armed only when a header block does not arrive whole in one read; a later
+    request on a keep-alive connection that stalls in its headers still gets its 408."""
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(header_timeout_s=0.5), lifespan="off",
+                                               log_level="warning"))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            deadline = asyncio.get_running_loop().time() + 10.0
+            while not server.started:
+                assert asyncio.get_running_loop().time() < deadline and not task.done(), "uvicorn did not start"
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(2):  # whole header blocks, answered; the deadline never fires in between
+                writer.write(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5.0)).startswith(b"HTTP/1.1 200")
+                await asyncio.sleep(0.6)  # longer than the header timeout: idle keep-alive is not cut
+            t0 = asyncio.get_running_loop().time()
+            writer.write(b"GET /b HTTP/1.1\r\nhost: x\r\n")  # headers that never end
+            rest = await asyncio.wait_for(reader.read(), 5.0)
+            assert rest.startswith(b"HTTP/1.1 408") and b"header_timeout" in rest, rest
+            assert asyncio.get_running_loop().time() - t0 >= 0.45
+            writer.close()
+        finally:
+            server.should_exit = True
+            await task
+
+    asyncio.run(main())

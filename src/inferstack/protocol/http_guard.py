@@ -69,15 +69,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
             self._tail = data[-3:]
         super().data_received(data)
+        if self._in_headers and self._header_timer is None and not self._discarding \
+                and not self.transport.is_closing():
+            # A later request on a keep-alive connection whose header block did not arrive whole in this
+            # read: its deadline starts now. One that did (nearly every request) needs no timer at all.
+            self._arm_header_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        # The first byte of a later request on a keep-alive connection: meter and time its headers
-        # too (an idle keep-alive connection is uvicorn's timeout_keep_alive's business, not ours).
+        # The first byte of a later request on a keep-alive connection: meter its headers too, and time
+        # them if they do not complete in this read (`data_received`; an idle keep-alive connection is
+        # uvicorn's timeout_keep_alive's business, not ours).
         if not self._in_headers:
             self._start_headers()
-        if self._header_timer is None:
-            self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
