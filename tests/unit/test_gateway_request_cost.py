@@ -219,3 +219,16 @@ def test_a_later_keep_alive_request_whose_headers_stall_is_cut_off():
             await task
 
     asyncio.run(main())
+
+
+def test_request_ids_are_distinct_version4_uuids_across_refills():
+    import uuid
+
+    from inferstack.gateway.pipeline.context import RequestIds
+
+    ids = RequestIds()
+    got = [ids.new() for _ in range(600)]  # past two 256-id refills
+    assert len(set(got)) == 600
+    for rid in got:
+        u = uuid.UUID(hex=rid)
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and u.hex == rid

@@ -156,7 +156,7 @@ class Gateway:
 
     # ---- completions: the pipeline, then the proxy stage -----------------------------------------
     async def _completion(self, kind: str, method: str, scope: dict, receive: Any, send: Any) -> None:
-        inbound = Inbound.arrive(kind, dict(scope["headers"]))
+        inbound = Inbound.arrive(kind, dict(scope["headers"]), self.pipeline.request_ids)
         # completes when the client goes away: ends a hold (scale from zero) or cancels the proxy. Our
         # server protocol hands every request one (http_guard.CLIENT_GONE); under another ASGI server a
         # task waits in `receive` for the disconnect, as the one reader of `receive` once the body is in
