@@ -136,10 +136,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 class _HeadJoiner:
     """The transport as one request's uvicorn response cycle sees it: the cycle writes the response head
     alone on ``http.response.start`` and the body on ``http.response.body``; held back, the head leaves
-    with the first body bytes in one socket write. On loopback a write is a TCP segment the kernel
-    delivers in the writer's system call, so the second write was a measurable part of a request's CPU.
-    A head with no body write in the same event-loop step (a stream waiting for its first token) is
-    written at the next step, so a client never waits on the head for longer than before."""
+    with the first body bytes in one socket write: one system call and one TCP segment (which the kernel
+    delivers to the reader inside the writer's call, on loopback) fewer per response. A head with no body
+    write in the same event-loop step (a stream waiting for its first token) is written at the next step,
+    so a client never waits on the head for longer than before."""
 
     __slots__ = ("_head", "_loop", "_started", "_transport")
 
