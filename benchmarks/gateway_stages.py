@@ -54,7 +54,7 @@ async def one_pass(p: Pipeline, n: int) -> dict[str, float]:
 
     for _ in range(n):
         t0 = clock()
-        inbound = Inbound.arrive("chat", dict(HEADERS))
+        inbound = Inbound.arrive("chat", dict(HEADERS), p.request_ids)
         t1 = clock()
         body = await _read_body(receive, inbound.headers.get(b"content-length"), 1 << 20, 30.0)
         t2 = clock()

@@ -116,3 +116,119 @@ def test_endpoint_request_head_is_built_once_per_path_and_carries_the_request_id
                      b"authorization: Bearer sk-up\r\nx-request-id: rid-1\r\n")
     assert ep.post_head(b"/v1/chat/completions", b"rid-2").endswith(b"x-request-id: rid-2\r\n")
     assert ep.post_head(b"/v1/completions", b"r").startswith(b"POST /v1/completions HTTP/1.1\r\n")
+
+
+class _Recorder:
+    """A transport that records what is written to it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_response_head_leaves_with_the_body_in_one_write_and_a_stream_head_at_the_next_loop_step():
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    from inferstack.protocol.http_guard import _HeadJoiner
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def cycle(rec: _Recorder, method: str = "POST") -> RequestResponseCycle:
+            c = RequestResponseCycle(scope={"method": method, "http_version": "1.1"}, transport=rec,
+                                     flow=FlowControl(rec), logger=None, access_logger=None, access_log=False,
+                                     default_headers=[], message_event=asyncio.Event(),
+                                     expect_100_continue=False, keep_alive=True, on_response=lambda: None)
+            c.transport = _HeadJoiner(rec, loop)  # what GuardedHttpToolsProtocol does per request
+            return c
+
+        whole = _Recorder()
+        c = cycle(whole)
+        await c.send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await c.send({"type": "http.response.body", "body": b"ok"})
+        assert whole.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+        await asyncio.sleep(0)  # the scheduled flush finds nothing held
+        assert len(whole.writes) == 1
+
+        stream = _Recorder()
+        c = cycle(stream)
+        sse = (b"content-type", b"text/event-stream")
+        await c.send({"type": "http.response.start", "status": 200, "headers": [sse]})
+        assert stream.writes == []
+        await asyncio.sleep(0)  # the first token is not there yet: the head goes out on its own
+        assert stream.writes == [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n"]
+        await c.send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await c.send({"type": "http.response.body", "body": b""})
+        assert stream.writes[1:] == [b"9\r\ndata: 1\n\n\r\n", b"0\r\n\r\n"]
+
+        cont = _Recorder()  # an interim 100 Continue is never held, the head after it is
+        j = _HeadJoiner(cont, loop)
+        j.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        j.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+        assert cont.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+        j.close()  # closing flushes a held head first
+        assert cont.writes[1:] == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"] and cont.closed
+
+    asyncio.run(main())
+
+
+def test_a_later_keep_alive_request_whose_headers_stall_is_cut_off():
+    """The header deadline is armed only when a header block does not arrive whole in one read; a later
+    request on a keep-alive connection that stalls in its headers still gets its 408."""
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(header_timeout_s=0.5), lifespan="off",
+                                               log_level="warning"))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            deadline = asyncio.get_running_loop().time() + 10.0
+            while not server.started:
+                assert asyncio.get_running_loop().time() < deadline and not task.done(), "uvicorn did not start"
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(2):  # whole header blocks, answered; the deadline never fires in between
+                writer.write(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5.0)).startswith(b"HTTP/1.1 200")
+                await asyncio.sleep(0.6)  # longer than the header timeout: idle keep-alive is not cut
+            t0 = asyncio.get_running_loop().time()
+            writer.write(b"GET /b HTTP/1.1\r\nhost: x\r\n")  # headers that never end
+            rest = await asyncio.wait_for(reader.read(), 5.0)
+            assert rest.startswith(b"HTTP/1.1 408") and b"header_timeout" in rest, rest
+            assert asyncio.get_running_loop().time() - t0 >= 0.45
+            writer.close()
+        finally:
+            server.should_exit = True
+            await task
+
+    asyncio.run(main())
+
+
+def test_request_ids_are_distinct_version4_uuids_across_refills():
+    import uuid
+
+    from inferstack.gateway.pipeline.context import RequestIds
+
+    ids = RequestIds()
+    got = [ids.new() for _ in range(600)]  # past two 256-id refills
+    assert len(set(got)) == 600
+    for rid in got:
+        u = uuid.UUID(hex=rid)
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and u.hex == rid

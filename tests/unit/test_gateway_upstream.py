@@ -135,3 +135,35 @@ def test_a_connection_closed_before_the_request_is_sent_is_an_upstream_error():
         server.close()
 
     uvloop.run(main())
+
+
+def test_read_timeout_counts_from_the_last_bytes_not_from_the_request():
+    """One timer per request: bytes keep arriving for longer than the timeout and the response is read;
+    when they stop, the request fails after the timeout."""
+    async def main():
+        async def handler(reader, writer):
+            head, _ = await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(25):  # 2.5 s of bytes, every 0.1 s, against a 1 s read timeout
+                writer.write(b"1\r\nx\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            if b"/stall" in head:
+                await asyncio.sleep(30)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+        server, url = await _serve(handler)
+        pool = UpstreamPool(url, 1.0, 1.0)
+        conn = await pool.request(b"POST", b"/trickle", [], b"")
+        assert await conn.read() == b"x" * 25
+        conn.release()
+        conn = await pool.request(b"POST", b"/stall", [], b"")
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamError, match="no data"):
+            await conn.read()
+        assert asyncio.get_running_loop().time() - t0 >= 2.5  # not before the last bytes + 1 s
+        conn.close()
+        server.close()
+
+    asyncio.run(main())

@@ -183,7 +183,7 @@ class Stream:
         kind = KINDS.get(headers.get(b":path", b"").split(b"?", 1)[0])
         if kind is None:  # /v1/models, /health, ...: any allowed endpoint, no accounting
             return self._pass_through()
-        self.inbound = Inbound.arrive(kind, headers)
+        self.inbound = Inbound.arrive(kind, headers, self.p.pipeline.request_ids)
         try:
             if headers.get(b":method") != b"POST":
                 raise APIError(405, f"Use POST for {self.inbound.path.decode()}.")

@@ -48,7 +48,9 @@ class FlowController:
         the seconds it waited (then call `routed()` once it holds its endpoint). Raises APIError(429),
         or ClientGone when ``client_gone`` completes first: a departed client's request leaves the
         queue at once instead of taking a slot when its turn comes."""
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        # the loop from the client-gone future when there is one: `get_running_loop` is a getpid system call
+        loop = client_gone.get_loop() if client_gone is not None else asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
         try:
             if self.queue.admit(fut, priority, flow_id, weight):
                 return None

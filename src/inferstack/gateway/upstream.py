@@ -21,8 +21,9 @@ class UpstreamError(ConnectionError):
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("_chunks", "_done", "_error", "_headers", "_parser", "_read_timer", "_waiter", "closed",
-                 "content_type", "got_bytes", "keep_alive", "loop", "pool", "read_timeout", "status", "transport")
+    __slots__ = ("_chunks", "_done", "_error", "_headers", "_last_data", "_parser", "_read_timer", "_waiter",
+                 "closed", "content_type", "got_bytes", "keep_alive", "loop", "pool", "read_timeout", "status",
+                 "transport")
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
@@ -51,9 +52,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = self.loop.call_later(self.read_timeout, self._timed_out)
+        self._last_data = self.loop.time()  # the read timer looks at this when it fires (`_timer_fired`)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -98,6 +97,17 @@ class _Conn(asyncio.Protocol):
             w.set_exception(exc)
         self._error = exc
 
+    def _timer_fired(self) -> None:
+        """The read deadline is ``read_timeout`` after the last bytes. One timer per request, not one per
+        network read: it is set when the request is sent and, when it fires with data seen since, set
+        again for the rest of the deadline."""
+        idle = self.loop.time() - self._last_data
+        if idle < self.read_timeout:
+            self._read_timer = self.loop.call_later(self.read_timeout - idle, self._timer_fired)
+            return
+        self._read_timer = None
+        self._timed_out()
+
     def _timed_out(self) -> None:
         self._fail(UpstreamError(f"no data from upstream for {self.read_timeout:g}s"))
         if self.transport is not None:
@@ -124,7 +134,8 @@ class _Conn(asyncio.Protocol):
             raise UpstreamError("upstream closed the connection before the request was sent")
         self._reset()
         self._error = None
-        self._read_timer = self.loop.call_later(self.read_timeout, self._timed_out)
+        self._last_data = self.loop.time()
+        self._read_timer = self.loop.call_later(self.read_timeout, self._timer_fired)
         self.transport.write(data)
 
     async def headers(self) -> None:

@@ -27,7 +27,7 @@ from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.account import Accountant
 from inferstack.gateway.pipeline.admit import Admitter
 from inferstack.gateway.pipeline.authenticate import Authenticator
-from inferstack.gateway.pipeline.context import Caller, Inbound, RequestContext, Route, Tenant
+from inferstack.gateway.pipeline.context import Caller, Inbound, RequestContext, RequestIds, Route, Tenant
 from inferstack.gateway.pipeline.hold import ClientGone, Hold, HoldMetrics
 from inferstack.gateway.pipeline.parse import parse_body, requested_model
 from inferstack.gateway.pipeline.pick import Picker
@@ -56,6 +56,7 @@ class Pipeline:
         self.pools = {name: Pool.from_config(name, p, gw, custom, random.Random(rng.getrandbits(64)))
                       for name, p in cfg.pools.items()}
         self.metrics = GatewayMetrics()
+        self.request_ids = RequestIds()  # for requests that bring no x-request-id (`Inbound.arrive`)
         self.metrics.track_in_flight(
             lambda: [(p.name, e.id, e.in_flight) for p in self.pools.values() for e in p.endpoints])
         self.flow = {name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name))
