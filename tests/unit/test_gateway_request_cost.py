@@ -232,3 +232,55 @@ def test_request_ids_are_distinct_version4_uuids_across_refills():
     for rid in got:
         u = uuid.UUID(hex=rid)
         assert u.version == 4 and u.variant == uuid.RFC_4122 and u.hex == rid
+
+
+class _Socketless(_Recorder):
+    """Enough of an asyncio transport for uvicorn's protocol to run without a socket."""
+
+    def get_extra_info(self, name: str, default=None):
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_a_later_keep_alive_header_block_arriving_in_one_read_is_metered_from_its_first_byte():
+    """The header cap holds for a later request on a keep-alive connection even when its whole oversized
+    header block arrives in a single read (before, only the bytes after that read were counted)."""
+    from uvicorn.server import ServerState
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        config = uvicorn.Config(app, lifespan="off", log_level="warning")
+        protocol = guarded_protocol(max_header_bytes=4096)(config=config, server_state=ServerState(), app_state={})
+        transport = _Socketless()
+        protocol.connection_made(transport)
+        protocol.data_received(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while not any(b"ok" in w for w in transport.writes):
+            assert asyncio.get_running_loop().time() < deadline, transport.writes
+            await asyncio.sleep(0.01)
+        assert transport.writes[0].startswith(b"HTTP/1.1 200")
+        protocol.data_received(b"GET /b HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 8192 + b"\r\n\r\n")
+        assert transport.writes[-1].startswith(b"HTTP/1.1 431") and b"headers_too_large" in transport.writes[-1]
+        protocol.connection_lost(None)
+
+    asyncio.run(main())

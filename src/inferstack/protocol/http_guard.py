@@ -39,6 +39,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout_s = HEADER_TIMEOUT_S
     _header_timer: asyncio.TimerHandle | None = None  # connection_lost may come before the first arming
     _in_headers = False
+    _between_requests = False  # a request completed; the next bytes start another one (metered, not timed)
     _discarding = False  # rejected: read and drop what the client still sends until the close
     _gone: list | None = None  # (cycle, future) of requests whose response is not complete yet
 
@@ -69,8 +70,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
             self._tail = data[-3:]
         super().data_received(data)
-        if self._in_headers and self._header_timer is None and not self._discarding \
-                and not self.transport.is_closing():
+        if self._in_headers and self._header_timer is None and not self._between_requests \
+                and not self._discarding and not self.transport.is_closing():
             # A later request on a keep-alive connection whose header block did not arrive whole in this
             # read: its deadline starts now. One that did (nearly every request) needs no timer at all.
             self._arm_header_timer()
@@ -82,6 +83,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn's timeout_keep_alive's business, not ours).
         if not self._in_headers:
             self._start_headers()
+        self._between_requests = False
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # Whatever arrives next is the next request's header block: count it from its first byte, so a
+        # header block that arrives in one large read is refused like one that trickles in.
+        self._start_headers()
+        self._between_requests = True
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
