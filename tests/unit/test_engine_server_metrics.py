@@ -74,3 +74,29 @@ def test_aborted_requests_do_not_skew_latency() -> None:
     metrics.bind("m", EngineStats)
     metrics.observer().on_output(0, 0, {"arrival": 0.0, "now": 9.0, "finished": 9.0}, "abort")
     assert b'vllm:e2e_request_latency_seconds_count{model_name="m"} 0.0' in metrics.render()[0]
+
+
+def test_an_unchanged_engine_is_not_rendered_again_and_every_change_shows() -> None:
+    """The render cache: the same text object while stats and histograms are unchanged; a new text as soon
+    as either moves (a counter, a gauge, or a request's latency observation)."""
+    stats = EngineStats(num_running=1, request_success={"stop": 2})
+    m = EngineMetrics()
+    m.bind("tiny", lambda: EngineStats(**{**stats.__dict__, "request_success": dict(stats.request_success)}))
+    first, _ = m.render()
+    assert m.render()[0] is first    # idle: served from the cache
+
+    stats.num_running = 0            # a gauge moved
+    second, _ = m.render()
+    assert second is not first and b'vllm:num_requests_running{model_name="tiny"} 0.0' in second
+
+    stats.request_success["stop"] = 3   # a counter moved
+    third, _ = m.render()
+    assert b'vllm:request_success_total{finished_reason="stop",model_name="tiny"} 3.0' in third
+
+    obs = m.observer()               # a finished request observes its latencies; the stats are unchanged
+    obs.on_output(0, 1, {"arrival": 0.0, "scheduled": 0.1, "first_token": 0.5, "finished": 0.5, "now": 0.5},
+                  "stop")
+    fourth, _ = m.render()
+    assert fourth is not third
+    assert b'vllm:time_to_first_token_seconds_count{model_name="tiny"} 1.0' in fourth
+    assert m.render()[0] is fourth

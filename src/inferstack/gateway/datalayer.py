@@ -93,6 +93,7 @@ class Endpoint:
         self.metrics: ScrapedMetrics | None = None
         self.metrics_at = 0.0
         self.metrics_supported = True
+        self.metrics_text = b""   # the last /metrics body: an unchanged one is not parsed again
         self.in_flight = 0
         self.active_ok = True
         self.failures = 0
@@ -292,7 +293,11 @@ class DataLayer:
             ep.metrics_supported = False
             ep.metrics_at = now
             return
+        if body == ep.metrics_text and ep.metrics is not None:   # an idle engine: same text, same values
+            ep.metrics_at = time.monotonic()
+            return
         m = parse_engine_metrics(body.decode("utf-8", "replace"))
+        ep.metrics_text = body if m is not None else b""
         if m is None:
             ep.metrics_supported = False
             ep.metrics, ep.metrics_at = None, now

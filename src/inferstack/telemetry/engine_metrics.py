@@ -142,12 +142,15 @@ class EngineMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._model_name: str | None = None
         self._stats: Callable[[], Any] | None = None
-        self.registry.register(_StatsCollector(self._snapshot))
+        self.registry.register(_StatsCollector(lambda: self._scrape))
         self._hist: dict[str, Histogram] = {
             m.name: Histogram(m.name, m.help, labelnames=m.labels, buckets=m.buckets, registry=self.registry)
             for m in ENGINE_METRICS if m.kind == "histogram"
         }
         self._children: dict[str, Any] = {}
+        self._observed = _Observed()
+        self._rendered: tuple[int, Any, bytes] | None = None   # (observations, stats, text) of the last scrape
+        self._scrape: tuple[str, Any] | None = None   # what the collector writes during this render
 
     def bind(self, model_name: str, stats: Callable[[], Any]) -> None:
         """Attach the loaded engine: its served name labels every series, ``stats`` is read per scrape."""
@@ -155,26 +158,46 @@ class EngineMetrics:
         self._stats = stats
         self._children = {name: h.labels(model_name=model_name) for name, h in self._hist.items()}
 
-    def _snapshot(self) -> tuple[str, Any] | None:
-        if self._stats is None or self._model_name is None:
-            return None
-        return self._model_name, self._stats()
-
     def observer(self) -> RequestObserver:
-        return RequestObserver(self._children)
+        return RequestObserver(self._children, self._observed)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The exposition text. An idle engine is scraped many times a second (a gateway refreshes its
+        routing signals every 50 ms) and its text does not change: while no histogram was observed and
+        the stats snapshot is equal, the last text is served instead of being rendered again."""
+        if self._stats is None or self._model_name is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        count, stats = self._observed.count, self._stats()
+        last = self._rendered
+        if last is not None and last[0] == count and last[1] == stats:
+            return last[2], CONTENT_TYPE_LATEST
+        self._scrape = self._model_name, stats   # the text is written from this very snapshot
+        try:
+            text = generate_latest(self.registry)
+        finally:
+            self._scrape = None
+        self._rendered = (count, stats, text)
+        return text, CONTENT_TYPE_LATEST
+
+
+class _Observed:
+    """How many times any request's histograms were observed: the render cache's change marker."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 class RequestObserver:
     """Turns one request's output timestamps into histogram observations (per choice index)."""
 
-    __slots__ = ("_children", "_last")
+    __slots__ = ("_children", "_last", "_observed")
 
-    def __init__(self, children: Mapping[str, Any]) -> None:
+    def __init__(self, children: Mapping[str, Any], observed: _Observed) -> None:
         self._children = children
         self._last: dict[int, float] = {}
+        self._observed = observed
 
     def on_output(self, index: int, num_new_tokens: int, metrics: Mapping[str, float],
                   finish_reason: str | None) -> None:
@@ -196,6 +219,7 @@ class RequestObserver:
             for name, (start, end) in _SPANS.items():
                 if start in metrics and end in metrics:
                     self._children[name].observe(max(0.0, metrics[end] - metrics[start]))
+        self._observed.count += 1   # after the observations: a render that saw them also sees this
 
 
 # --- docs ------------------------------------------------------------------------------------------
