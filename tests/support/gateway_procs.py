@@ -24,8 +24,13 @@ def start_fake_engine(*args: str, timeout: float = 30.0) -> Server:
 
 def start_fake_engines(count: int, *args: str, timeout: float = 30.0) -> list[Server]:
     """``count`` fake engines with the same ``args``, started at once (their starts overlap)."""
+    return start_fake_engine_set([args] * count, timeout=timeout)
+
+
+def start_fake_engine_set(argsets: list[tuple[str, ...]], timeout: float = 30.0) -> list[Server]:
+    """One fake engine per entry of ``argsets`` (its arguments), all started at once."""
     started = []
-    for _ in range(count):
+    for args in argsets:
         tmp = Path(tempfile.mkdtemp(prefix="gw-fake-"))
         log_path = tmp / "log"
         proc = subprocess.Popen([sys.executable, str(FAKE), "--ready-file", str(tmp / "ready.json"), *args],
