@@ -62,9 +62,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert not (missing := _missing_commands()), f"`inferstack up` needs the {', '.join(missing)} command(s)"
     tmp = tmp_path_factory.mktemp("up")
     config = tmp / "inferstack.yaml"
-    # a SIGSTOPped engine is noticed after 3 checks of 2 s (the default 5 s made the hung-engine test ~20 s)
-    config.write_text("up:\n  scrape_interval_s: 1\n  restart:\n    initial_backoff_s: 0.5\n"
-                      "    health_failures: 3\n    health_timeout_s: 2\n")
+    # a SIGSTOPped engine is noticed after 3 checks of 2 s, 0.5 s apart (the defaults, 10 checks of 5 s 1 s
+    # apart, would make the hung-engine test minutes long), and restarted 0.1 s later
+    config.write_text("up:\n  scrape_interval_s: 1\n  restart:\n    initial_backoff_s: 0.1\n"
+                      "    health_failures: 3\n    health_timeout_s: 2\n    health_interval_s: 0.5\n")
     ready_file, log = tmp / "ready.json", tmp / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -218,7 +219,7 @@ def test_killed_engine_is_restarted_and_serves_again(stack: Stack) -> None:
         if now["pid"] != before["pid"] and now["state"] == "ready":
             break
         assert time.monotonic() < deadline, stack.output()[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert now["restarts"] == before["restarts"] + 1 and now["urls"] == before["urls"]
     assert "engine-0 is back" in stack.output()
     # Back in the pool: requests through the gateway reach the new process.
@@ -244,7 +245,7 @@ def test_hung_engine_is_killed_and_restarted(stack: Stack) -> None:
         if now["pid"] != before["pid"] and now["state"] == "ready":
             break
         assert time.monotonic() < deadline, stack.output()[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert "failed 3 health checks" in stack.output()
     assert _wait_gone(before["pid"], 5)
 

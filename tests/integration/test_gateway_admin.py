@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from inferstack.stack.gateway_admin import PoolEndpoint, PoolHook
-from support.gateway_procs import start_fake_engine, start_gateway
+from support.gateway_procs import start_fake_engines, start_gateway
 
 TOKEN = "admin-secret"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -19,7 +19,7 @@ def _served(gw, n: int) -> set[str]:
 
 
 def test_stack_pool_hook_replaces_endpoints():
-    a, b = start_fake_engine(), start_fake_engine()
+    a, b = start_fake_engines(2)
     gw = start_gateway({"pools": {"default": {"endpoints": [a.url], "models": ["fake-model"]}}},
                        env={"INFERSTACK_ADMIN_TOKEN": TOKEN})
     host = lambda s: s.url.split("//")[1]  # noqa: E731

@@ -10,12 +10,12 @@ import httpx
 import pytest
 
 from inferstack.gateway.auth import hash_key
-from support.gateway_procs import start_fake_engine, start_gateway
+from support.gateway_procs import start_fake_engines, start_gateway
 
 
 @pytest.fixture(scope="module")
 def engines():
-    engines = [start_fake_engine("--ttft-ms", "20", "--tokens", "2", "--itl-ms", "1") for _ in range(2)]
+    engines = start_fake_engines(2, "--ttft-ms", "20", "--tokens", "2", "--itl-ms", "1")
     yield engines
     for e in engines:
         e.stop()

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from support.gateway_procs import start_fake_engine, start_gateway
+from support.gateway_procs import start_fake_engines, start_gateway
 
 BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -51,8 +51,8 @@ def _drained(url: str) -> bool:
 def cache_kv_engines():
     # KV use reported as prefix-cache occupancy (it stays high on an idle engine) and a /metrics
     # that turns slower than the gateway's 1 s scrape timeout while the engine serves requests
-    engines = [start_fake_engine("--ttft-ms", "20", "--tokens", "4", "--itl-ms", "2", "--max-running", "4",
-                                 "--cache-entries", "4", "--kv-metric", "cache") for _ in range(3)]
+    engines = start_fake_engines(3, "--ttft-ms", "20", "--tokens", "4", "--itl-ms", "2", "--max-running", "4",
+                                 "--cache-entries", "4", "--kv-metric", "cache")
     yield engines
     for e in engines:
         e.stop()
@@ -81,8 +81,8 @@ def test_idle_engines_are_never_saturated(cache_kv_engines):
 @pytest.fixture(scope="module")
 def lagging_engines():
     # gauges refreshed once every 3 s, like a CPU engine that updates them once per long step
-    engines = [start_fake_engine("--ttft-ms", "30", "--tokens", "4", "--itl-ms", "5", "--max-running", "2",
-                                 "--metrics-lag-ms", "3000") for _ in range(2)]
+    engines = start_fake_engines(2, "--ttft-ms", "30", "--tokens", "4", "--itl-ms", "5", "--max-running", "2",
+                                 "--metrics-lag-ms", "3000")
     yield engines
     for e in engines:
         e.stop()
@@ -123,8 +123,7 @@ def _queued_total(url: str) -> float:
 @pytest.fixture(scope="module")
 def lagging_wide_engines():
     # the same lagging gauges, but a running batch of 256 (exported as inferstack:max_num_seqs)
-    engines = [start_fake_engine("--ttft-ms", "30", "--tokens", "4", "--itl-ms", "5", "--metrics-lag-ms", "3000")
-               for _ in range(2)]
+    engines = start_fake_engines(2, "--ttft-ms", "30", "--tokens", "4", "--itl-ms", "5", "--metrics-lag-ms", "3000")
     yield engines
     for e in engines:
         e.stop()

@@ -9,13 +9,13 @@ import httpx
 from inferstack.engine.kv.events import BlockStored, ZmqEventPublisher
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.telemetry.promtext import parse
-from support.gateway_procs import start_fake_engine, start_gateway
+from support.gateway_procs import start_fake_engines, start_gateway
 
 DIGEST = "ab" * 32
 
 
 def test_kv_events_steer_requests_to_the_engine_holding_the_blocks():
-    engines = [start_fake_engine() for _ in range(3)]
+    engines = start_fake_engines(3)
     pubs = [ZmqEventPublisher("tcp://127.0.0.1:0") for _ in engines]
     gw = start_gateway({
         "pools": {"p": {"endpoints": [{"url": e.url, "kv_events": p.endpoint}

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from inferstack.gateway.auth import hash_key
-from support.gateway_procs import start_fake_engine, start_gateway
+from support.gateway_procs import start_fake_engines, start_gateway
 from support.procs import inferstack_env, start_inferstack
 
 KEY_A = "sk-tenant-a-0123456789"
@@ -21,7 +21,7 @@ KEY_LIMITED = "sk-only-small-model"
 
 @pytest.fixture(scope="module")
 def engines():
-    servers = [start_fake_engine("--model", "fake-model", "--ttft-ms", "1", "--tokens", "5") for _ in range(3)]
+    servers = start_fake_engines(3, "--model", "fake-model", "--ttft-ms", "1", "--tokens", "5")
     yield servers
     for s in servers:
         s.stop()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from inferstack.telemetry.promtext import parse
-from support.gateway_procs import start_fake_engine, start_gateway
+from support.gateway_procs import start_fake_engine, start_fake_engine_set, start_gateway
 
 
 def _post(url: str, i: int) -> int:
@@ -32,8 +32,10 @@ def _wait_running(url: str, timeout_s: float = 10.0) -> None:
 
 @pytest.mark.slow
 def test_killed_endpoint_loses_no_request_and_pool_recovers():
-    # 300 ms to first token: a request seen running on the victim is still running when it is killed
-    engines = [start_fake_engine("--ttft-ms", "300", "--tokens", "4", "--itl-ms", "5") for _ in range(3)]
+    # the victim takes 3 s to a first token: a request seen running on it is still running when it is killed,
+    # however busy the machine (with 300 ms, as on the others, a loaded run could see it finish first)
+    fast = ("--ttft-ms", "300", "--tokens", "4", "--itl-ms", "5")
+    engines = start_fake_engine_set([fast, ("--ttft-ms", "3000", "--tokens", "4", "--itl-ms", "5"), fast])
     gw = start_gateway({"gateway": {"health_interval_s": 0.2, "eject_s": 0.5, "eject_after_failures": 1},
                         "pools": {"p": {"endpoints": [e.url for e in engines], "routing": "least-load"}}})
     victim = engines[1]

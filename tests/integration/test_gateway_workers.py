@@ -15,14 +15,14 @@ import pytest
 
 from inferstack.gateway.auth import hash_key
 from inferstack.telemetry import promtext
-from support.gateway_procs import start_fake_engine, start_gateway
+from support.gateway_procs import start_fake_engines, start_gateway
 
 CAP = 3  # per endpoint: worker 0 holds 2 slots, worker 1 holds 1
 
 
 @pytest.fixture(scope="module")
 def engines():
-    engines = [start_fake_engine("--ttft-ms", "15", "--tokens", "2", "--itl-ms", "1") for _ in range(2)]
+    engines = start_fake_engines(2, "--ttft-ms", "15", "--tokens", "2", "--itl-ms", "1")
     yield engines
     for e in engines:
         e.stop()

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 
 def test_one_flag_gives_replicas_a_shared_redis_and_disk_tier(tmp_path: Path) -> None:
     config = tmp_path / "inferstack.yaml"
+    # a crash is noticed within 0.5 s and restarted 0.1 s later (defaults 1 s and 1 s: the same path, slower)
     config.write_text("up:\n  threads: 1\n  engine_args: [--dtype, float32, --max-model-len, '1024', "
-                      "--kv-cache-bytes, 64MiB]\n")
+                      "--kv-cache-bytes, 64MiB]\n  restart: {health_interval_s: 0.5, initial_backoff_s: 0.1}\n")
     run = tmp_path / "run"
     stack = start_inferstack(["up", "--config", str(config), "--replicas", "2", "--kv-tiers", "disk,redis",
                               "--log-dir", str(run)], timeout=300, env=inferstack_env(COLUMNS="200"))

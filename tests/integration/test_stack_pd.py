@@ -24,7 +24,9 @@ def test_xpyd_stack_serves_the_colocated_answer_with_kv_transfer(tmp_path: Path)
     config = tmp_path / "inferstack.yaml"
     config.write_text(
         "up:\n  threads: 1\n  pd: {threshold_tokens: 16, prefill: 1, decode: 1}\n"
-        "  engine_args: [--dtype, float32, --max-model-len, '1024', --kv-cache-bytes, 64MiB]\n")
+        "  engine_args: [--dtype, float32, --max-model-len, '1024', --kv-cache-bytes, 64MiB]\n"
+        # the killed engine is noticed within 0.5 s and restarted 0.1 s later (defaults 1 s and 1 s)
+        "  restart: {health_interval_s: 0.5, initial_backoff_s: 0.1}\n")
     stack = start_inferstack(["up", "--config", str(config), "--prefill", "1", "--decode", "1",
                               "--log-dir", str(tmp_path / "run")], timeout=300, env=inferstack_env(COLUMNS="200"))
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -463,12 +464,15 @@ def _load_in_thread(factory: Callable[[], EngineLike]) -> asyncio.Future[EngineL
 
 
 async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
-                stop: asyncio.Event | None = None, on_listening: Callable[[str], None] | None = None) -> int:
+                stop: asyncio.Event | None = None, on_listening: Callable[[str], None] | None = None,
+                freeze_heap: bool = False) -> int:
     """Bind, answer /health at once, load the engine (``factory``, blocking, on a thread), announce
     readiness, serve until SIGTERM (or ``stop`` is set), drain, shut the engine down.
 
-    ``on_listening(url)`` is called once the socket is bound, before the model loads. Returns the exit
-    status."""
+    ``on_listening(url)`` is called once the socket is bound, before the model loads. ``freeze_heap`` (a
+    server process, never a host embedding it): `gc.freeze()` once loaded, so neither the full collections
+    while serving nor the one at exit walk the engine's objects again (exiting took a real engine ~0.9 and
+    an emulated fleet ~0.4 CPU-s of that walk; 0.3 and 0.06 frozen). Returns the exit status."""
     sock = _bind(options.host, options.port)
     url = server_url(options.host, sock.getsockname()[1])
     state = ServerState(api_key=options.api_key, body_timeout_s=options.body_timeout_s)
@@ -503,6 +507,8 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
         return 1
     engine = loading.result()
     state.attach(engine)
+    if freeze_heap:   # the loaded engine lives until the process exits: no collection needs to walk it again
+        gc.freeze()
     if not server.should_exit:
         log.info("model %s ready (max_model_len %d)", engine.model_name, engine.max_model_len)
         write_ready_file(options.ready_file, {"urls": [url], "pid": os.getpid(), **engine.ready_info()})
@@ -517,6 +523,6 @@ def run(factory: Callable[[], EngineLike], options: ServeOptions) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(factory, options))
+        return asyncio.run(serve(factory, options, freeze_heap=True))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(factory, options))
+        return runner.run(serve(factory, options, freeze_heap=True))

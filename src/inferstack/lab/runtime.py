@@ -19,11 +19,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class LabError(RuntimeError):
@@ -38,6 +41,14 @@ class Stack:
     log_dir: Path
     prometheus: str | None = None   # with --with-prometheus
     dashboard: str | None = None    # the live dashboard page
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """One `inferstack up` of `LabRun.stacks`: its arguments and the config file made from ``config``."""
+
+    up_args: tuple[str, ...] = ()
+    config: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,53 +98,86 @@ class LabRun:
     @contextlib.contextmanager
     def stack(self, *up_args: str, config: dict[str, Any] | None = None, timeout_s: float = 300) -> Iterator[Stack]:
         """`inferstack up UP_ARGS` (plus a config file made from ``config``) until the block ends."""
+        with self.stacks(StackSpec(up_args, config), timeout_s=timeout_s) as (stack,):
+            yield stack
+
+    @contextlib.contextmanager
+    def stacks(self, *specs: StackSpec, timeout_s: float = 300) -> Iterator[list[Stack]]:
+        """Several `inferstack up` side by side: all start at once (their starts overlap instead of
+        adding up), the block runs once every one is ready, and all stop at its end. For labs that
+        compare configurations which one emulated fleet cannot carry (engine flags, PD roles)."""
+        started: list[tuple[subprocess.Popen, Path]] = []
+        try:
+            for spec in specs:
+                started.append(self._spawn_stack(spec))
+            yield [self._wait_stack(proc, log_dir, timeout_s) for proc, log_dir in started]
+        finally:
+            # SIGTERM every supervisor first, so the stacks drain and stop together, then reap each
+            pids = [(proc, log_dir, self._terminate(proc, log_dir)) for proc, log_dir in started]
+            errors = []
+            for proc, log_dir, children in pids:
+                try:
+                    self._reap(proc, log_dir, children)
+                except LabError as e:
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+
+    def _spawn_stack(self, spec: StackSpec) -> tuple[subprocess.Popen, Path]:
         self._stacks += 1
         log_dir = self.out / "logs" / f"stack-{self._stacks}"
         if log_dir.exists():  # a previous run's ready file would look like this stack being up
             shutil.rmtree(log_dir)
         log_dir.mkdir(parents=True)
-        ready = log_dir / "up.ready.json"
-        argv = [sys.executable, "-m", "inferstack", "up", "--port", "0", "--ready-file", str(ready),
-                "--log-dir", str(log_dir), *up_args]
-        if config is not None:
+        argv = [sys.executable, "-m", "inferstack", "up", "--port", "0", "--ready-file",
+                str(log_dir / "up.ready.json"), "--log-dir", str(log_dir), *spec.up_args]
+        if spec.config is not None:
             path = log_dir / "inferstack.yaml"
-            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            path.write_text(yaml.safe_dump(spec.config, sort_keys=False))
             argv += ["--config", str(path)]
-        self.step("inferstack up " + " ".join(up_args))
+        self.step("inferstack up " + " ".join(spec.up_args))
         with (log_dir / "up.log").open("wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
                                     start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while not (ready.exists() and ready.read_text().strip()):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (log_dir / "up.log").read_text(errors="replace")[-2000:]
-                    raise LabError(f"inferstack up did not become ready (log {log_dir / 'up.log'}):\n{tail}")
-                time.sleep(0.1)
-            state = json.loads((log_dir / "state.json").read_text())
-            children = state["children"]
-            yield Stack(state["gateway"], [c["urls"][0] for c in children if c["kind"] == "engine"],
-                        [c["pid"] for c in children if c.get("pid")], log_dir, state.get("prometheus"),
-                        state.get("dashboard"))
-        finally:
-            self._stop(proc, log_dir)
+        return proc, log_dir
 
-    def _stop(self, proc: subprocess.Popen, log_dir: Path) -> None:
+    def _wait_stack(self, proc: subprocess.Popen, log_dir: Path, timeout_s: float) -> Stack:
+        ready = log_dir / "up.ready.json"
+        deadline = time.monotonic() + timeout_s
+        while not (ready.exists() and ready.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (log_dir / "up.log").read_text(errors="replace")[-2000:]
+                raise LabError(f"inferstack up did not become ready (log {log_dir / 'up.log'}):\n{tail}")
+            time.sleep(0.05)
+        state = json.loads((log_dir / "state.json").read_text())
+        children = state["children"]
+        return Stack(state["gateway"], [c["urls"][0] for c in children if c["kind"] == "engine"],
+                     [c["pid"] for c in children if c.get("pid")], log_dir, state.get("prometheus"),
+                     state.get("dashboard"))
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen, log_dir: Path) -> list[int]:
+        """SIGTERM the supervisor (once: a second signal makes it kill its children at once); returns the
+        PIDs of the children it reported."""
         state_file = log_dir / "state.json"
         pids = []
         if state_file.exists():
             pids = [c["pid"] for c in json.loads(state_file.read_text())["children"] if c.get("pid")]
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        return pids
+
+    @staticmethod
+    def _reap(proc: subprocess.Popen, log_dir: Path, pids: list[int]) -> None:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
         left = [p for p in pids if _alive(p)]
         if left:
             raise LabError(f"processes left running after the stack stopped: {left} (log {log_dir})")
@@ -187,6 +231,12 @@ class LabRun:
             raise LabError(f"inferstack {' '.join(args)} exited {done.returncode}, expected {expect}:\n"
                            f"{done.stdout[-1500:]}{done.stderr[-1500:]}")
         return Command(done.returncode, done.stdout, done.stderr, took)
+
+    @staticmethod
+    def together(*calls: Callable[[], T]) -> list[T]:
+        """Run ``calls`` at once (benches against side-by-side stacks) and return their results in order."""
+        with ThreadPoolExecutor(max(1, len(calls))) as pool:
+            return [f.result() for f in [pool.submit(c) for c in calls]]
 
     def bench(self, target: str, workload: str, name: str, *, rate: float | None = None,
               duration: float = 10.0, extra: tuple[str, ...] = (), drain_s: float | None = None) -> dict[str, Any]:

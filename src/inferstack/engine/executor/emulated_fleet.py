@@ -79,7 +79,8 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
             return lambda url: urls.__setitem__(i, url)
 
         tasks = [asyncio.ensure_future(serve(factory, replace(options, port=options.port if i == 0 else 0,
-                                                              ready_file=None), stop=stop, on_listening=listening(i)))
+                                                              ready_file=None), stop=stop, on_listening=listening(i),
+                                               freeze_heap=True))
                  for i in range(count)]
         while None in urls and not any(t.done() for t in tasks):
             await asyncio.sleep(0.01)

@@ -3,14 +3,17 @@
 Long prompts arriving among short chats stall every decode step of a colocated engine (its steps
 carry the prefill), so inter-token latency of the running streams jumps; splitting prefill onto its
 own engines keeps decode steps short. Same engines (4 emulated L4s, where an 8k-token prefill takes
-about a second), same load, colocated 4 replicas vs 2 prefill + 2 decode."""
+about a second), same load, colocated 4 replicas vs 2 prefill + 2 decode, both stacks side by side
+(started and measured at the same time, so both see the same machine)."""
 
 from __future__ import annotations
+
+import functools
 
 from inferstack.lab.base import Lab, LabResult, Table
 from inferstack.lab.labs._common import compare, completed, latency, ms, req_per_s
 from inferstack.lab.report import bar_plot
-from inferstack.lab.runtime import LabRun
+from inferstack.lab.runtime import LabRun, StackSpec
 
 WORKLOAD = "synthetic:input=uniform(100,8000),output=64"
 FLEETS = (("colocated 4", ["--replicas", "4"]), ("2P2D", ["--prefill", "2", "--decode", "2"]))
@@ -19,9 +22,12 @@ FLEETS = (("colocated 4", ["--replicas", "4"]), ("2P2D", ["--prefill", "2", "--d
 def run(lab: LabRun) -> LabResult:
     duration, rate = (8.0, 2.0) if lab.quick else (40.0, 2.5)
     rows = []
-    for name, args in FLEETS:
-        with lab.stack("--emulate", "l4:llama-3-8b", *args) as stack:
-            s = lab.bench(stack.gateway, WORKLOAD, name.replace(" ", "-"), rate=rate, duration=duration)
+    specs = [StackSpec(("--emulate", "l4:llama-3-8b", *args)) for _, args in FLEETS]
+    with lab.stacks(*specs) as stacks:
+        summaries = lab.together(*(functools.partial(lab.bench, stack.gateway, WORKLOAD, name.replace(" ", "-"),
+                                                     rate=rate, duration=duration)
+                                   for (name, _), stack in zip(FLEETS, stacks, strict=True)))
+    for (name, _), s in zip(FLEETS, summaries, strict=True):
         rows.append([name, completed(s), req_per_s(s), ms(latency(s, "ttft", "p50")), ms(latency(s, "ttft", "p90")),
                      ms(latency(s, "itl", "p50")), ms(latency(s, "itl", "p99"))])
     colo, pd = rows

@@ -1,12 +1,16 @@
 """`tuning`: the batch size knob (max_num_seqs) on an emulated fleet, swept under one load:
-throughput and TTFT move in opposite directions, and the knee is where a bigger batch stops paying."""
+throughput and TTFT move in opposite directions, and the knee is where a bigger batch stops paying.
+Every batch size gets a stack of its own (the knob is an engine flag), all side by side under the same
+load at the same time."""
 
 from __future__ import annotations
+
+import functools
 
 from inferstack.lab.base import Lab, LabResult, Table
 from inferstack.lab.labs._common import compare, completed, latency, ms, req_per_s
 from inferstack.lab.report import bar_plot
-from inferstack.lab.runtime import LabRun
+from inferstack.lab.runtime import LabRun, StackSpec
 
 WORKLOAD = "synthetic:input=512,output=64"
 
@@ -14,13 +18,14 @@ WORKLOAD = "synthetic:input=512,output=64"
 def run(lab: LabRun) -> LabResult:
     batches = (2, 8) if lab.quick else (2, 4, 8, 16, 32)
     duration, rate = (8.0, 2.5) if lab.quick else (30.0, 4.0)
-    rows = []
-    for b in batches:
-        config = {"up": {"emulate": "l4:llama-3-8b", "replicas": 2, "engine_args": ["--max-num-seqs", str(b)]}}
-        with lab.stack(config=config) as stack:
-            s = lab.bench(stack.gateway, WORKLOAD, f"max-num-seqs-{b}", rate=rate, duration=duration)
-        rows.append([b, completed(s), req_per_s(s), s["throughput"]["output_tokens_per_s"],
-                     ms(latency(s, "ttft", "p90")), ms(latency(s, "tpot", "p50"))])
+    specs = [StackSpec(config={"up": {"emulate": "l4:llama-3-8b", "replicas": 2,
+                                      "engine_args": ["--max-num-seqs", str(b)]}}) for b in batches]
+    with lab.stacks(*specs) as stacks:
+        summaries = lab.together(*(functools.partial(lab.bench, stack.gateway, WORKLOAD, f"max-num-seqs-{b}",
+                                                     rate=rate, duration=duration)
+                                   for b, stack in zip(batches, stacks, strict=True)))
+    rows = [[b, completed(s), req_per_s(s), s["throughput"]["output_tokens_per_s"], ms(latency(s, "ttft", "p90")),
+             ms(latency(s, "tpot", "p50"))] for b, s in zip(batches, summaries, strict=True)]
     best = max(rows, key=lambda r: r[2])
     small, large = rows[0], rows[-1]
     findings = [
