@@ -46,9 +46,14 @@ class EndpointColumns:
     cold_clock: int = -1
     cold_keys: np.ndarray | None = None
     cold_next: int = 0
-    # per scrape: queue + running (`loads`), and the kv-cache scores of every endpoint for one staleness limit
+    # Derived columns, kept until what they read changes (`shift`: in-flight counts, `set_age`: scrape ages;
+    # the rest only changes with a new `EndpointColumns`): queue + running, `loads`, staleness and kv-cache
+    # scores for one staleness limit, the healthy positions when no endpoint has a concurrency cap
     _queued: np.ndarray | None = None
+    _loads: np.ndarray | None = None
+    _stale: tuple[float, np.ndarray] | None = None
     _kv_scores: tuple[float, np.ndarray] | None = None
+    _uncapped_idx: Idx | None = None
 
     @classmethod
     def of(cls, views: Sequence[EndpointView]) -> EndpointColumns:
@@ -67,16 +72,19 @@ class EndpointColumns:
         i = self.index.get(endpoint)
         if i is not None:
             self.in_flight[i] = in_flight
+            self._loads = None
 
     def loads(self) -> np.ndarray:
-        if self._queued is None:
-            self._queued = self.queue + self.running
-        return np.maximum(self.in_flight, self._queued)   # `EndpointView.load`
+        if self._loads is None:
+            if self._queued is None:
+                self._queued = self.queue + self.running
+            self._loads = np.maximum(self.in_flight, self._queued)   # `EndpointView.load`
+        return self._loads
 
     def set_age(self, age: float) -> None:
         """Every scrape is ``age`` old now (the owner's scrapes all happened at one tick)."""
         self.metrics_age[self.has_metrics] = age
-        self._kv_scores = None
+        self._kv_scores = self._stale = None
 
     def kv_scores(self, stale_after_s: float) -> np.ndarray:
         """`scorers.kv_cache` of every endpoint: 1 - KV use clamped, 0 when stale, 1 without metrics."""
@@ -88,7 +96,16 @@ class EndpointColumns:
         return memo[1]
 
     def stale(self, stale_after_s: float) -> np.ndarray:
-        return self.has_metrics & (self.metrics_age > stale_after_s)    # `EndpointView.stale`
+        memo = self._stale
+        if memo is None or memo[0] != stale_after_s:
+            memo = self._stale = (stale_after_s, self.has_metrics & (self.metrics_age > stale_after_s))
+        return memo[1]    # `EndpointView.stale`
+
+    def uncapped_healthy(self) -> Idx | None:
+        """`within_cap` when no endpoint has a concurrency cap (its result then ignores in-flight counts)."""
+        if self._uncapped_idx is None and not self.cap.any():
+            self._uncapped_idx = np.flatnonzero(self.healthy) if self.healthy.any() else np.arange(len(self.views))
+        return self._uncapped_idx
 
     def cold_recorded(self, endpoint: str, clock: int) -> None:
         """The routing state stamped ``endpoint`` with ``clock`` (`RoutingState.record`): keep the mirror.
@@ -125,6 +142,9 @@ class EndpointColumns:
 
 def within_cap(cols: EndpointColumns) -> Idx:
     """`filters.within_cap`."""
+    uncapped = cols.uncapped_healthy()
+    if uncapped is not None:
+        return uncapped
     kept = cols.healthy & ((cols.cap == 0) | (cols.in_flight < cols.cap))
     return np.flatnonzero(kept) if kept.any() else np.arange(len(cols.views))
 
