@@ -23,6 +23,8 @@ from inferstack.gateway.routing.state import RouteContext
 from inferstack.gateway.routing.types import EndpointView
 
 Idx = np.ndarray          # ascending positions into the snapshot's endpoints (the candidates, in order)
+# the reductions ndarray.min / .max run, called without their Python-level wrappers (once per request each)
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce
 
 
 @dataclass(eq=False)
@@ -161,7 +163,7 @@ def not_overloaded(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> Idx:
     if not fresh.size:
         fresh = idx
     loads = cols.loads()[fresh]
-    bound = 2.0 * float(loads.min()) + OVERLOAD_SLACK
+    bound = 2.0 * float(_MIN(loads)) + OVERLOAD_SLACK
     return fresh[loads <= bound]
 
 
@@ -174,7 +176,7 @@ ColScorer = Callable[[RouteContext, EndpointColumns, Idx], np.ndarray | float | 
 
 
 def _min_max_low_is_good(values: np.ndarray) -> np.ndarray:
-    lo, hi = values.min(), values.max()
+    lo, hi = _MIN(values), _MAX(values)
     if hi == lo:
         return np.ones(values.size)
     return (hi - values) / (hi - lo)
@@ -190,7 +192,7 @@ def least_load(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray
 
 def in_flight(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
     loads = cols.loads()[idx]
-    return (loads.min() + _LOAD_SOFTNESS) / (loads + _LOAD_SOFTNESS)
+    return (_MIN(loads) + _LOAD_SOFTNESS) / (loads + _LOAD_SOFTNESS)
 
 
 def kv_cache(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
@@ -224,7 +226,7 @@ def cold_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarra
     # how many distinct keys up to its own, counted over the key range, which stays O(endpoints)
     seen = np.zeros(bound, dtype=bool)
     seen[mine] = True
-    upto = np.cumsum(seen)
+    upto = seen.cumsum()
     top = int(upto[-1]) - 1
     if top == 0:
         return 1.0
@@ -255,7 +257,7 @@ ColPicker = Callable[[RouteContext, np.ndarray], int]
 
 
 def max_score(ctx: RouteContext, totals: np.ndarray) -> int:
-    top = np.flatnonzero(totals >= totals.max() - _EPS)
+    top = (totals >= _MAX(totals) - _EPS).nonzero()[0]
     return int(top[0]) if top.size == 1 else int(top[ctx.state.rng.randrange(top.size)])
 
 
