@@ -43,10 +43,14 @@ def _requests(rng: random.Random, count: int) -> list[RequestView]:
     return out
 
 
-def _run(profile: str, seed: int, columnar: bool) -> list[tuple[str, str, int]]:
+def _run(profile: str, seed: int, columnar: bool, count: int = 60, scrape_every: int = 7,
+         sizes: tuple[int, ...] = (1, 2, 7, 40), cold_share: float = 0.0) -> list[tuple[str, str, int]]:
     rng = random.Random(seed)
-    views = _pool(rng, rng.choice([1, 2, 7, 40]))
-    reqs = _requests(rng, 60)
+    views = _pool(rng, rng.choice(sizes))
+    reqs = _requests(rng, count)
+    for r in reqs:           # a prompt nobody sent before: a cold pick
+        if rng.random() < cold_share:
+            r.prefix_hashes = [rng.getrandbits(40)]
     custom = {"mixed": PROFILES["mixed"]} if PROFILES[profile] else None
     router = build_router(profile, RoutingState(rng=random.Random(seed)), custom)
     assert router.columnar()
@@ -59,7 +63,7 @@ def _run(profile: str, seed: int, columnar: bool) -> list[tuple[str, str, int]]:
             result.endpoint.in_flight += 1
             if snap.columns is not None:     # the owner keeps the columns in step (as `SimGateway.shift`)
                 snap.columns.shift(result.endpoint.id, result.endpoint.in_flight)
-        if k % 7 == 3:           # a scrape: the engines' gauges move, the owner rebuilds the columns
+        if k % scrape_every == 3:           # a scrape: the engines' gauges move, the owner rebuilds the columns
             for v in views:
                 v.queue = float(rng.choice([0, 1, 5]))
                 v.kv_usage = rng.choice([0.1, 0.85])
@@ -71,6 +75,14 @@ def _run(profile: str, seed: int, columnar: bool) -> list[tuple[str, str, int]]:
 def test_columnar_picks_are_identical(profile: str) -> None:
     for seed in range(40):
         assert _run(profile, seed, True) == _run(profile, seed, False), (profile, seed)
+
+
+def test_cold_ranks_stay_exact_over_long_runs_between_scrapes() -> None:
+    """Many cold picks on one set of columns: the cold keys are renumbered (every 4n + 16 picks) on the way."""
+    for seed in range(6):
+        args = ("default", seed)
+        kw = {"count": 200, "scrape_every": 1000, "sizes": (3, 7, 12), "cold_share": 0.8}
+        assert _run(*args, True, **kw) == _run(*args, False, **kw), seed
 
 
 def test_columnar_covers_the_default_profile_and_falls_back_elsewhere() -> None:

@@ -38,7 +38,8 @@ def word_indices(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def words_of(indices: np.ndarray) -> str:
-    return " ".join(vocabulary()[indices]) if len(indices) else ""
+    # join a list, not the object array: str.join copies a non-list into a list item by item first
+    return " ".join(vocabulary()[indices].tolist()) if len(indices) else ""
 
 
 def keyed_words(n: int, *key: object) -> str:

@@ -115,7 +115,7 @@ class SimGateway:
         if cols is None:
             self._age_views(snap, age)
         else:
-            cols.metrics_age[cols.has_metrics] = age
+            cols.set_age(age)
             self._views_aged = False
 
     def _age_views(self, snap: PoolSnapshot, age: float) -> None:

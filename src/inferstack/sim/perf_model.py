@@ -124,9 +124,18 @@ def decode_step_times(model: ModelSpec, hw: Hardware, contexts: Sequence[int], s
     js = np.arange(steps)
     terms = base + attn * ((np.asarray(contexts, dtype=np.int64)[None, :] + js[:, None]) + 1.0)
     flops = terms.cumsum(axis=1)[:, -1]
-    compute_s = (0.0 / prefill_rate + flops / decode_rate) / tp
-    memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth / tp
-    return ((np.maximum(compute_s, memory_s) + comm_s) + overhead_s).tolist()
+    # (0.0 + x) / 1 and y + 0.0 are x and y exactly: the usual case (no prefill, tp 1) skips those passes
+    no_prefill = 0.0 / prefill_rate
+    compute_s = flops / decode_rate
+    if no_prefill != 0.0 or tp != 1:
+        compute_s = (no_prefill + compute_s) / tp
+    memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth
+    if tp != 1:
+        memory_s = memory_s / tp
+    busy = np.maximum(compute_s, memory_s)
+    if comm_s != 0.0:
+        busy = busy + comm_s
+    return (busy + overhead_s).tolist()
 
 
 def decode_floor_s(model: ModelSpec, hw: Hardware, tp: int = 1) -> float:

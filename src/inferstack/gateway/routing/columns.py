@@ -23,6 +23,8 @@ from inferstack.gateway.routing.state import RouteContext
 from inferstack.gateway.routing.types import EndpointView
 
 Idx = np.ndarray          # ascending positions into the snapshot's endpoints (the candidates, in order)
+# the reductions ndarray.min / .max run, called without their Python-level wrappers (once per request each)
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce
 
 
 @dataclass(eq=False)
@@ -39,9 +41,21 @@ class EndpointColumns:
     has_metrics: np.ndarray
     healthy: np.ndarray
     cap: np.ndarray               # max_concurrency, 0 for none
-    # the routing state's cold-served stamps per endpoint, as of `cold_clock` (-1: not built yet)
+    # the routing state's cold-served stamps per endpoint, as of `cold_clock` (-1: not built yet), and
+    # `cold_keys`: small integers in the stamps' order (equal keys for equal stamps, all below `cold_next`),
+    # so a candidate set's ranks come from a cumulative count over the keys instead of a sort
     cold_stamps: np.ndarray | None = None
     cold_clock: int = -1
+    cold_keys: np.ndarray | None = None
+    cold_next: int = 0
+    # Derived columns, kept until what they read changes (`shift`: in-flight counts, `set_age`: scrape ages;
+    # the rest only changes with a new `EndpointColumns`): queue + running, `loads`, staleness and kv-cache
+    # scores for one staleness limit, the healthy positions when no endpoint has a concurrency cap
+    _queued: np.ndarray | None = None
+    _loads: np.ndarray | None = None
+    _stale: tuple[float, np.ndarray] | None = None
+    _kv_scores: tuple[float, np.ndarray] | None = None
+    _uncapped_idx: Idx | None = None
 
     @classmethod
     def of(cls, views: Sequence[EndpointView]) -> EndpointColumns:
@@ -60,23 +74,57 @@ class EndpointColumns:
         i = self.index.get(endpoint)
         if i is not None:
             self.in_flight[i] = in_flight
+            self._loads = None
 
     def loads(self) -> np.ndarray:
-        return np.maximum(self.in_flight, self.queue + self.running)   # `EndpointView.load`
+        if self._loads is None:
+            if self._queued is None:
+                self._queued = self.queue + self.running
+            self._loads = np.maximum(self.in_flight, self._queued)   # `EndpointView.load`
+        return self._loads
+
+    def set_age(self, age: float) -> None:
+        """Every scrape is ``age`` old now (the owner's scrapes all happened at one tick)."""
+        self.metrics_age[self.has_metrics] = age
+        self._kv_scores = self._stale = None
+
+    def kv_scores(self, stale_after_s: float) -> np.ndarray:
+        """`scorers.kv_cache` of every endpoint: 1 - KV use clamped, 0 when stale, 1 without metrics."""
+        memo = self._kv_scores
+        if memo is None or memo[0] != stale_after_s:
+            fresh = np.minimum(1.0, np.maximum(0.0, 1.0 - self.kv_usage))
+            scores = np.where(~self.has_metrics, 1.0, np.where(self.metrics_age > stale_after_s, 0.0, fresh))
+            memo = self._kv_scores = (stale_after_s, scores)
+        return memo[1]
 
     def stale(self, stale_after_s: float) -> np.ndarray:
-        return self.has_metrics & (self.metrics_age > stale_after_s)    # `EndpointView.stale`
+        memo = self._stale
+        if memo is None or memo[0] != stale_after_s:
+            memo = self._stale = (stale_after_s, self.has_metrics & (self.metrics_age > stale_after_s))
+        return memo[1]    # `EndpointView.stale`
+
+    def uncapped_healthy(self) -> Idx | None:
+        """`within_cap` when no endpoint has a concurrency cap (its result then ignores in-flight counts)."""
+        if self._uncapped_idx is None and not self.cap.any():
+            self._uncapped_idx = np.flatnonzero(self.healthy) if self.healthy.any() else np.arange(len(self.views))
+        return self._uncapped_idx
 
     def cold_recorded(self, endpoint: str, clock: int) -> None:
-        """The routing state stamped ``endpoint`` with ``clock`` (`RoutingState.record`): keep the mirror."""
-        if self.cold_stamps is not None and self.cold_clock == clock - 1:
+        """The routing state stamped ``endpoint`` with ``clock`` (`RoutingState.record`): keep the mirror.
+        ``clock`` is the newest stamp, so the endpoint takes the next (largest) key."""
+        if self.cold_stamps is not None and self.cold_keys is not None and self.cold_clock == clock - 1:
             i = self.index.get(endpoint)
             if i is not None:
                 self.cold_stamps[i] = clock
                 self.cold_clock = clock
+                self.cold_keys[i] = self.cold_next
+                self.cold_next += 1
+                if self.cold_next > 4 * len(self.views) + 16:     # renumber now and then: the count stays O(n)
+                    self._renumber(self.cold_keys)
 
-    def cold(self, served: dict[str, int], clock: int) -> np.ndarray:
-        if self.cold_stamps is None or self.cold_clock != clock:
+    def cold(self, served: dict[str, int], clock: int) -> tuple[np.ndarray, int]:
+        """The endpoints' cold keys (see `cold_keys`) and the bound on them, as of the state's ``clock``."""
+        if self.cold_stamps is None or self.cold_keys is None or self.cold_clock != clock:
             stamps = np.zeros(len(self.views), dtype=np.int64)
             index = self.index
             for e, s in served.items():
@@ -84,11 +132,21 @@ class EndpointColumns:
                 if i is not None:
                     stamps[i] = s
             self.cold_stamps, self.cold_clock = stamps, clock
-        return self.cold_stamps
+            self._renumber(stamps)
+        assert self.cold_keys is not None
+        return self.cold_keys, self.cold_next
+
+    def _renumber(self, order: np.ndarray) -> None:
+        """Keys 0..k-1: the dense ranks of ``order`` (same order, ties kept)."""
+        distinct, keys = np.unique(order, return_inverse=True)
+        self.cold_keys, self.cold_next = keys.astype(np.int64).reshape(-1), int(distinct.size)
 
 
 def within_cap(cols: EndpointColumns) -> Idx:
     """`filters.within_cap`."""
+    uncapped = cols.uncapped_healthy()
+    if uncapped is not None:
+        return uncapped
     kept = cols.healthy & ((cols.cap == 0) | (cols.in_flight < cols.cap))
     return np.flatnonzero(kept) if kept.any() else np.arange(len(cols.views))
 
@@ -105,18 +163,20 @@ def not_overloaded(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> Idx:
     if not fresh.size:
         fresh = idx
     loads = cols.loads()[fresh]
-    bound = 2.0 * float(loads.min()) + OVERLOAD_SLACK
+    bound = 2.0 * float(_MIN(loads)) + OVERLOAD_SLACK
     return fresh[loads <= bound]
 
 
 COL_FILTERS: dict[str, ColFilter] = {"healthy": healthy, "not-overloaded": not_overloaded}
 
-# A scorer twin returns the scores of the candidates ``idx``, or None to use the Python scorer
-ColScorer = Callable[[RouteContext, EndpointColumns, Idx], np.ndarray | None]
+# A scorer twin returns the scores of the candidates ``idx``; one float in [0, 1] when every candidate scores
+# it (its weighted share is then added as a scalar: the same sums, and it can decide no pick); or None to
+# use the Python scorer
+ColScorer = Callable[[RouteContext, EndpointColumns, Idx], np.ndarray | float | None]
 
 
 def _min_max_low_is_good(values: np.ndarray) -> np.ndarray:
-    lo, hi = values.min(), values.max()
+    lo, hi = _MIN(values), _MAX(values)
     if hi == lo:
         return np.ones(values.size)
     return (hi - values) / (hi - lo)
@@ -132,13 +192,11 @@ def least_load(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray
 
 def in_flight(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
     loads = cols.loads()[idx]
-    return (loads.min() + _LOAD_SOFTNESS) / (loads + _LOAD_SOFTNESS)
+    return (_MIN(loads) + _LOAD_SOFTNESS) / (loads + _LOAD_SOFTNESS)
 
 
 def kv_cache(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
-    fresh = np.minimum(1.0, np.maximum(0.0, 1.0 - cols.kv_usage[idx]))
-    return np.where(~cols.has_metrics[idx], 1.0,
-                    np.where(cols.metrics_age[idx] > ctx.snapshot.stale_after_s, 0.0, fresh))
+    return cols.kv_scores(ctx.snapshot.stale_after_s)[idx]
 
 
 def _by_id(cols: EndpointColumns, idx: Idx, values: dict[str, int] | dict[str, float]) -> np.ndarray:
@@ -151,39 +209,44 @@ def _by_id(cols: EndpointColumns, idx: Idx, values: dict[str, int] | dict[str, f
     return full[idx]
 
 
-def prefix(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
+def prefix(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | float:
     total = len(ctx.request.prefix_hashes)
-    if not total:
-        return np.zeros(idx.size)
-    return _by_id(cols, idx, ctx.approx_matches()) / total
+    matches = ctx.approx_matches() if total else None
+    if not matches:
+        return 0.0
+    return _by_id(cols, idx, matches) / total
 
 
-def cold_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
+def cold_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | float:
     if not ctx.cold():
-        return np.ones(idx.size)
-    stamps = cols.cold(ctx.state.cold_served, ctx.state.cold_clock)[idx]
-    # np.unique(stamps, return_inverse=True), without its argsort (one plain sort, then a binary search)
-    srt = np.sort(stamps)
-    first = np.empty(srt.size, dtype=bool)
-    first[0] = True
-    np.not_equal(srt[1:], srt[:-1], out=first[1:])
-    order = srt[first]
-    if order.size == 1:
-        return np.ones(idx.size)
-    return 1.0 - np.searchsorted(order, stamps) / (order.size - 1)
+        return 1.0
+    keys, bound = cols.cold(ctx.state.cold_served, ctx.state.cold_clock)
+    mine = keys[idx]
+    # the rank of each candidate's stamp among the candidates' distinct stamps (the Python scorer's `rank`):
+    # how many distinct keys up to its own, counted over the key range, which stays O(endpoints)
+    seen = np.zeros(bound, dtype=bool)
+    seen[mine] = True
+    upto = seen.cumsum()
+    top = int(upto[-1]) - 1
+    if top == 0:
+        return 1.0
+    return 1.0 - (upto[mine] - 1) / top
 
 
-def session_affinity(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
+def session_affinity(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | float:
     sess = ctx.request.session
     target = ctx.state.sessions.get(sess) if sess else None
     if target is None:
-        return np.zeros(idx.size)
+        return 0.0
     return _by_id(cols, idx, {target: 1.0})
 
 
-def lora_affinity(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | None:
-    return None if ctx.request.adapter else np.ones(idx.size)
+def lora_affinity(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> float | None:
+    return None if ctx.request.adapter else 1.0
 
+
+# twins whose scores are within [0, 1] by construction: clamping them changes nothing, so it is skipped
+BOUNDED = frozenset({"queue", "least-load", "kv-cache", "cold-spread", "session-affinity"})
 
 COL_SCORERS: dict[str, ColScorer] = {
     "queue": queue, "least-load": least_load, "in-flight": in_flight, "kv-cache": kv_cache, "prefix": prefix,
@@ -194,7 +257,7 @@ ColPicker = Callable[[RouteContext, np.ndarray], int]
 
 
 def max_score(ctx: RouteContext, totals: np.ndarray) -> int:
-    top = np.flatnonzero(totals >= totals.max() - _EPS)
+    top = (totals >= _MAX(totals) - _EPS).nonzero()[0]
     return int(top[0]) if top.size == 1 else int(top[ctx.state.rng.randrange(top.size)])
 
 

@@ -86,11 +86,17 @@ class Profile:
         for sname, scorer, weight in self._weighted:
             twin = col.COL_SCORERS.get(sname)
             s = twin(ctx, cols, idx) if twin is not None else None
+            if isinstance(s, float):
+                # the same score everywhere: totals[i] + weight * s as with a full column; a zero margin
+                # over every runner-up, so it never decides (`_deciding_scorer` needs a positive one)
+                totals += weight * s
+                continue
+            bounded = s is not None and sname in col.BOUNDED
             if s is None:     # no twin for this scorer or this request: the Python scorer
                 cands = cands if cands is not None else [views[j] for j in idx]
                 s = np.asarray(scorer(ctx, cands), dtype=np.float64)
             parts.append((sname, weight, s))
-            totals += weight * np.minimum(np.maximum(s, 0.0), 1.0)
+            totals += weight * (s if bounded else np.minimum(np.maximum(s, 0.0), 1.0))
         i = col.COL_PICKERS[self.picker_name](ctx, totals)
         return Pick(views[idx[i]], _deciding_scorer_columns(i, totals, parts))
 
