@@ -34,6 +34,8 @@ class EndpointView:
     batch_cap: int = 0
     # the endpoint exports a waiting or running count (not only KV use): in-flight can be compared to it
     reports_queue: bool = True
+    # the engine's measured seconds per completion while it was full (`EngineDrain`), None while unknown
+    drain_s: float | None = None
 
     def stale(self, stale_after_s: float) -> bool:
         return self.has_metrics and self.metrics_age_s > stale_after_s
@@ -73,6 +75,8 @@ class PoolSnapshot:
     kv_threshold: float = 0.8
     # numpy columns mirroring ``endpoints`` (kept in step by the owner), for columnar routing; or None
     columns: EndpointColumns | None = None
+    # longest an engine's own queue may take to start what the gateway sent it (see `queue_limit`)
+    queue_wait_s: float = 1.0
 
     def saturation(self, e: EndpointView) -> float:
         """GIE's utilization detector, max(Q/q_thr, KV/kv_thr), over the queue as of *now*
@@ -93,10 +97,25 @@ class PoolSnapshot:
             queued = e.queued_now()
             # KV use saturates only with requests waiting: engines count cached, evictable blocks
             # differently, and a full prefix cache on an idle engine is not a full engine
-            s = max(queued / self.queue_threshold, e.kv_usage / self.kv_threshold if queued > 0 else 0.0)
+            s = max(queued / self.queue_limit(e), e.kv_usage / self.kv_threshold if queued > 0 else 0.0)
         if e.max_concurrency:
             s = max(s, e.in_flight / e.max_concurrency)
         return s
+
+    def queue_limit(self, e: EndpointView) -> float:
+        """Requests that may wait in ``e``'s own queue: `queue_threshold`, and no more than the engine
+        starts within `queue_wait_s` at its measured pace (`drain_s`, seconds per completion while full).
+
+        NOTE (why a time bound): the engine's queue is FIFO and deaf to priorities, fairness and deadlines;
+        once a request is in it the gateway can neither refuse nor reorder it. Five waiting requests start
+        within milliseconds on a GPU but take minutes on a CPU engine finishing a request every 10-20 s,
+        so a count alone let overload pile up where nothing could shed it (the README stack under 4x held
+        requests without a first token for 70 s while the gateway saw room). Bounded by time, a slow
+        engine keeps at most one request waiting (``room`` rounds up) and the rest queues at the gateway,
+        where deadline-aware admission refuses at arrival what it cannot serve in time."""
+        if e.drain_s is None or e.drain_s <= 0:
+            return self.queue_threshold
+        return max(1e-3, min(self.queue_threshold, self.queue_wait_s / e.drain_s))
 
     def has_live_metrics(self, e: EndpointView) -> bool:
         """Metrics to judge saturation by: scraped, and not so old that the scrape is clearly
@@ -115,7 +134,7 @@ class PoolSnapshot:
             room = max(0, e.max_concurrency - e.in_flight)
         if self.has_live_metrics(e):
             queued = e.queued_now()
-            left = math.ceil(self.queue_threshold - queued)
+            left = math.ceil(self.queue_limit(e) - queued)
             if queued > 0 and e.kv_usage >= self.kv_threshold:
                 left = min(left, 0)
             room = min(room, left)
