@@ -93,3 +93,24 @@ def test_a_stall_raises_the_estimate_and_a_restart_does_not_count_backwards():
     assert drain.seconds_per_completion() > 1.0
     feed(drain, [(50.0, scrape(0, 0, 0)), (51.0, scrape(8, 1, 0)), (52.0, scrape(8, 1, 1))])
     assert drain.seconds_per_completion() is not None and drain.seconds_per_completion() > 0
+
+
+# (seconds, running, waiting, finished): the changes seen scraping an emulated CPU engine (batch cap 4) every
+# 50 ms while 12 requests of 48 tokens arrived at once (`engine serve --emulate cpu:smollm2-135m --max-num-seqs 4`)
+RECORDED = [(0.21, 0, 0, 0), (0.33, 1, 0, 0), (0.75, 4, 8, 0), (6.18, 4, 7, 1), (6.45, 4, 4, 4), (11.86, 4, 3, 5),
+            (12.19, 4, 0, 8), (17.92, 3, 0, 9)]
+
+
+def test_recorded_scrapes_of_a_cpu_engine_bound_its_queue_to_one():
+    drain = EngineDrain()
+    rows = []
+    for (t, running, waiting, finished), nxt in zip(RECORDED, [*RECORDED[1:], (18.0,)], strict=True):
+        rows += [(t + k * 0.05, scrape(running, waiting, finished, cap=4)) for k in range(int((nxt[0] - t) / 0.05))]
+    feed(drain, rows[:rows.index(next(r for r in rows if r[0] >= 6.45))])
+    assert drain.seconds_per_completion() is None or drain.seconds_per_completion() > 5  # one completion, 5.4 s
+    feed(drain, rows)
+    # the engine finishes its batch of 4 every ~5.5 s: ~1.4-1.9 s per completion, so a 1 s budget allows < 1 waiting
+    assert 1.2 < drain.seconds_per_completion() < 2.5
+    snap = PoolSnapshot([], queue_threshold=5.0, queue_wait_s=1.0)
+    assert snap.room(view(drain, in_flight=4, running=4, cap=4)) == 1
+    assert snap.room(view(drain, in_flight=12, running=4, waiting=8, cap=4)) == -7  # the burst before it was known
