@@ -18,6 +18,7 @@ from support.procs import start_inferstack
 BATCH = 4        # each engine's running-batch cap: 4 requests of 48 tokens take ~5 s, ~0.8 req/s per engine
 RATE = 6.0       # requests per second: ~4x what the two engines complete
 SECONDS = 15.0
+TOKEN = "overload-test-admin-token"
 
 
 def _engine_counts(url: str) -> tuple[float, float]:
@@ -35,7 +36,7 @@ def slow_stack():
     # a queue timeout shorter than the default keeps waits short; the admission budget (half of it, 6 s)
     # still outlasts the engines' first batch (~5 s), so the pool is not taken for stalled before it
     gw = start_gateway({"pools": {"p": {"endpoints": engines.urls}},
-                        "gateway": {"flow_control": {"queue_timeout_s": 12}}})
+                        "gateway": {"flow_control": {"queue_timeout_s": 12}}}, env={"INFERSTACK_ADMIN_TOKEN": TOKEN})
     yield engines, gw
     gw.stop()
     engines.stop()
@@ -87,6 +88,9 @@ def test_excess_is_refused_at_the_gateway_not_queued_in_the_engines(slow_stack):
     # one request; before, the count threshold kept five waiting at each engine for the whole overload
     late = [w for t, w in waiting if t > 8.0]
     assert late and max(late) <= 2, waiting
+    # the gateway measured each engine's pace while full: a batch of 4 every ~5 s, ~1.2 s per completion
+    pools = httpx.get(gw.url + "/admin/pools", headers={"authorization": f"Bearer {TOKEN}"}).json()["pools"]
+    assert all(0.5 < e["drain_s"] < 5.0 for e in pools["p"]), pools
     # the client stopped: nothing keeps running or waiting at the engines
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
