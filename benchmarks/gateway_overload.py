@@ -8,7 +8,8 @@ goodput at 1x. With requests that run for tens of seconds that count includes th
 during the drain (up to what the engines and the queue hold), so `steady_rps` also counts the
 completions that ended in the last two thirds of the sending window, per second: the rate served
 while loaded, comparable with the calibrated capacity. Shed = HTTP 429; refusal time = send to
-429; `late_429` = refusals after 1 s.
+429; `late_429` = refusals after 1 s; `engine_waiting_*` = the engines' own queues (summed), sampled
+every 0.5 s while the rate runs: what waits where the gateway can neither refuse nor reorder it.
 
 Before the measured rates the stack is warmed as a running one is: every group's system prompt (the
 workload's own prompts, same seed) is sent once through the gateway, one request per engine at a
@@ -31,12 +32,14 @@ It uses the measured runs' seed, so its system prompts are the cached ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,7 +142,19 @@ def calibrate(gateway: str, concurrency: int, args: argparse.Namespace, out: Pat
     return len(done) / (args.calibrate_duration - start)
 
 
-def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> dict:
+def sample_engine_waiting(urls: list[str], stop: threading.Event, out: list[float]) -> None:
+    """`vllm:num_requests_waiting` summed over the engines, every 0.5 s until ``stop``: what waits where
+    the gateway can neither refuse nor reorder it."""
+    while not stop.wait(0.5):
+        with contextlib.suppress(httpx.HTTPError):
+            out.append(engine_gauge(urls, "vllm:num_requests_waiting"))
+
+
+def run_rate(gateway: str, urls: list[str], rate: float, args: argparse.Namespace, out: Path) -> dict:
+    waiting: list[float] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_engine_waiting, args=(urls, stop, waiting), daemon=True)
+    sampler.start()
     cmd = [sys.executable, "-m", "inferstack", "bench", "run", "--target", gateway, "--workload", args.workload,
            "--rate", str(rate), "--duration", str(args.duration), "--seed", "1", "--drain-timeout",
            str(args.drain), "--no-progress", "--no-plots", "--out", str(out)]
@@ -147,6 +162,8 @@ def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> 
         cmd += ["--slo", args.slo]
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL,  # exit 1 when nothing completed: still a row
                    env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    stop.set()
+    sampler.join()
     reqs = json.loads((out / "results.json").read_text())["requests"]
     ok = [r for r in reqs if r["status"] == "ok"]
     shed = sorted(r["end_s"] - r["sent_s"] for r in reqs if r["status"] == "http_429")
@@ -155,6 +172,8 @@ def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> 
     row = {"rate": rate, "sent": len(reqs), "ok": len(ok), "goodput_rps": len(ok) / args.duration,
            "steady_rps": steady, "shed": len(shed), "late_429": sum(1 for t in shed if t > 1.0),
            "other_errors": len(reqs) - len(ok) - len(shed),
+           "engine_waiting_max": max(waiting, default=0.0),
+           "engine_waiting_mean": sum(waiting) / len(waiting) if waiting else 0.0,
            "refusal_p50_s": shed[len(shed) // 2] if shed else None,
            "refusal_p99_s": shed[min(len(shed) - 1, int(0.99 * len(shed)))] if shed else None,
            "refusal_max_s": shed[-1] if shed else None}
@@ -204,7 +223,7 @@ def main() -> None:
         else:
             capacity = float(args.capacity)
         for f in (float(x) for x in args.factors.split(",")):
-            row = run_rate(gateway, capacity * f, args, tmp / f"x{f:g}")
+            row = run_rate(gateway, urls, capacity * f, args, tmp / f"x{f:g}")
             row["factor"] = f
             row["engines_settle_s"] = settle_time(urls)
             rows.append(row)
@@ -215,7 +234,8 @@ def main() -> None:
     base = rows[0]["goodput_rps"] or float("nan")
     steady_base = rows[0]["steady_rps"] or float("nan")
     cols = ["factor", "rate", "sent", "ok", "goodput_rps", "steady_rps", "shed", "late_429", "other_errors",
-            "refusal_p50_s", "refusal_max_s", "ttft_p50_s", "engines_settle_s"]
+            "refusal_p50_s", "refusal_max_s", "ttft_p50_s", "engine_waiting_max", "engine_waiting_mean",
+            "engines_settle_s"]
     print("\n| " + " | ".join(cols) + " | goodput vs 1x | steady vs 1x |\n|" + "---|" * (len(cols) + 2))
     for r in rows:
         cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else ("–" if r[c] is None else str(r[c])) for c in cols]
