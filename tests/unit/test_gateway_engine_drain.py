@@ -55,8 +55,13 @@ def test_a_slow_engine_may_hold_at_most_one_waiting_request():
     assert snap.room(one_waiting) == 0 and snap.saturation(one_waiting) >= 1.0
     # before: the count threshold let five more wait, ~40 s of queue nobody could shed or reorder
     assert PoolSnapshot([], queue_threshold=5.0).room(view(EngineDrain(), in_flight=8, running=8)) == 5
-    # its free batch slots still fill: unreported requests take them first, so nothing counts as queued
-    assert view(drain, in_flight=8, running=3).queued_now() == 0.0
+    # slots its responses just freed refill at once: the gateway saw them end (in flight below running)
+    assert snap.room(view(drain, in_flight=5, running=8)) == 1
+    # but a report of free batch slots is not trusted on a slow engine: one prefilling a cold prompt reports
+    # one running for a whole step of seconds while its token budget holds the rest in its FIFO
+    prefilling = view(drain, in_flight=8, running=1)
+    assert snap.queued(prefilling) == 7.0 and snap.room(prefilling) == -6
+    assert prefilling.queued_now() == 0.0  # a fast engine's view of the same report: 7 free slots
 
 
 def test_two_slow_engines_leave_the_excess_at_the_gateway():
