@@ -8,34 +8,46 @@ goodput at 1x. With requests that run for tens of seconds that count includes th
 during the drain (up to what the engines and the queue hold), so `steady_rps` also counts the
 completions that ended in the last two thirds of the sending window, per second: the rate served
 while loaded, comparable with the calibrated capacity. Shed = HTTP 429; refusal time = send to
-429; `late_429` = refusals after 1 s. Before the measured rates a closed-loop
-warm-up (same seed, so the same system prompts) fills the prefix caches, as a running stack has them:
-on a cold CPU stack each group's first 2,048-token prefill alone takes tens of seconds.
+429; `late_429` = refusals after 1 s; `engine_waiting_*` = the engines' own queues (summed), sampled
+every 0.5 s while the rate runs: what waits where the gateway can neither refuse nor reorder it.
+
+Before the measured rates the stack is warmed as a running one is: every group's system prompt (the
+workload's own prompts, same seed) is sent once through the gateway, one request per engine at a
+time, so the groups spread over the engines' prefix caches and the router knows where each is (on a
+cold 1-thread CPU engine one 2,048-token prefill alone takes tens of seconds, minutes on a busy
+machine, and the previous time-boxed closed-loop warm-up left groups cold, so its calibration measured
+those prefills: 0.13 req/s). `--warmup` caps its seconds.
 
     PYTHONPATH=src python benchmarks/gateway_overload.py [--capacity 1.0|auto] [--factors 1,2,4,8] \
         [--duration 30] [--workload shared-prefix] [--up-args "--replicas 2"]
 
-`--capacity auto` measures it in the same run (a busy machine gives CPU engines less): after the
-warm-up, a closed loop of --calibrate-concurrency clients (enough to fill every engine's running
-batch, fewer than make the gateway queue: a closed loop does not back off on 429) for
+`--capacity auto` measures the stack's service rate for this workload in the same run (a busy machine
+gives CPU engines less): after the warm-up, a closed loop of as many clients as the engines run at
+once (the sum of their `inferstack:max_num_seqs`, or --calibrate-concurrency) for
 --calibrate-duration seconds; capacity = requests that finished in its last two thirds / that time
 (the first third fills the pipeline; counting completions by when they end keeps the backlog out).
-It uses the warm-up's seed, so its system prompts are the cached ones, as in the measured rates.
+It uses the measured runs' seed, so its system prompts are the cached ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+from inferstack.bench.workloads import RequestSpec, parse_workload
+from inferstack.telemetry import promtext
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,17 +93,47 @@ def settle_time(urls: list[str], limit_s: float = 60.0) -> float:
     return limit_s
 
 
-def warm_up(gateway: str, args: argparse.Namespace, out: Path) -> None:
-    cmd = [sys.executable, "-m", "inferstack", "bench", "run", "--target", gateway, "--workload", args.workload,
-           "--concurrency", "2", "--duration", str(args.warmup), "--seed", "1", "--drain-timeout", "120",
-           "--no-progress", "--no-plots", "--out", str(out)]
-    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+def engine_gauge(urls: list[str], name: str) -> float:
+    """The sum of one gauge over the engines' /metrics."""
+    scrapes = [promtext.parse(httpx.get(u + "/metrics", timeout=10).text, 0.0, names={name}) for u in urls]
+    return sum(v for s in scrapes for v in s.select(name).values())
 
 
-def calibrate(gateway: str, args: argparse.Namespace, out: Path) -> float:
-    """Requests/s the stack completes under a saturating closed loop (see the module's docstring)."""
+def group_prompts(workload: str, seed: int) -> list[RequestSpec]:
+    """One request of each group of the workload, with the prompts the measured runs send."""
+    first: dict[str | None, RequestSpec] = {}
+    for n, unit in enumerate(parse_workload(workload).units(seed)):
+        for spec in (s for stage in unit.stages for s in stage):
+            first.setdefault(spec.group, spec)
+        if n > 10_000 or None in first:  # a workload without groups: its first request is all there is
+            break
+    return list(first.values())
+
+
+def warm_up(gateway: str, model: str, clients: int, args: argparse.Namespace) -> int:
+    """Each group's prompt once through the gateway, ``clients`` at a time (one per engine), so the
+    router spreads the groups and remembers where each prefix is cached; returns how many finished."""
+    specs = group_prompts(args.workload, 1)
+    deadline = time.monotonic() + args.warmup
+
+    def one(spec: RequestSpec) -> bool:
+        if time.monotonic() > deadline:
+            return False
+        body = {"model": model, "max_tokens": 1, "messages": [{"role": r, "content": t} for r, t in spec.messages]}
+        try:
+            return httpx.post(gateway + "/v1/chat/completions", json=body,
+                              timeout=max(1.0, deadline - time.monotonic())).status_code == 200
+        except httpx.TimeoutException:
+            return False
+
+    with ThreadPoolExecutor(clients) as pool:
+        return sum(pool.map(one, specs))
+
+
+def calibrate(gateway: str, concurrency: int, args: argparse.Namespace, out: Path) -> float:
+    """Requests/s the stack completes under a closed loop at the engines' concurrency (module docstring)."""
     cmd = [sys.executable, "-m", "inferstack", "bench", "run", "--target", gateway, "--workload", args.workload,
-           "--concurrency", str(args.calibrate_concurrency), "--duration", str(args.calibrate_duration), "--seed", "1",
+           "--concurrency", str(concurrency), "--duration", str(args.calibrate_duration), "--seed", "1",
            "--drain-timeout", "1", "--no-progress", "--no-plots", "--out", str(out)]
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     reqs = json.loads((out / "results.json").read_text())["requests"]
@@ -100,7 +142,19 @@ def calibrate(gateway: str, args: argparse.Namespace, out: Path) -> float:
     return len(done) / (args.calibrate_duration - start)
 
 
-def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> dict:
+def sample_engine_waiting(urls: list[str], stop: threading.Event, out: list[float]) -> None:
+    """`vllm:num_requests_waiting` summed over the engines, every 0.5 s until ``stop``: what waits where
+    the gateway can neither refuse nor reorder it."""
+    while not stop.wait(0.5):
+        with contextlib.suppress(httpx.HTTPError):
+            out.append(engine_gauge(urls, "vllm:num_requests_waiting"))
+
+
+def run_rate(gateway: str, urls: list[str], rate: float, args: argparse.Namespace, out: Path) -> dict:
+    waiting: list[float] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_engine_waiting, args=(urls, stop, waiting), daemon=True)
+    sampler.start()
     cmd = [sys.executable, "-m", "inferstack", "bench", "run", "--target", gateway, "--workload", args.workload,
            "--rate", str(rate), "--duration", str(args.duration), "--seed", "1", "--drain-timeout",
            str(args.drain), "--no-progress", "--no-plots", "--out", str(out)]
@@ -108,6 +162,8 @@ def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> 
         cmd += ["--slo", args.slo]
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL,  # exit 1 when nothing completed: still a row
                    env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    stop.set()
+    sampler.join()
     reqs = json.loads((out / "results.json").read_text())["requests"]
     ok = [r for r in reqs if r["status"] == "ok"]
     shed = sorted(r["end_s"] - r["sent_s"] for r in reqs if r["status"] == "http_429")
@@ -116,6 +172,8 @@ def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> 
     row = {"rate": rate, "sent": len(reqs), "ok": len(ok), "goodput_rps": len(ok) / args.duration,
            "steady_rps": steady, "shed": len(shed), "late_429": sum(1 for t in shed if t > 1.0),
            "other_errors": len(reqs) - len(ok) - len(shed),
+           "engine_waiting_max": max(waiting, default=0.0),
+           "engine_waiting_mean": sum(waiting) / len(waiting) if waiting else 0.0,
            "refusal_p50_s": shed[len(shed) // 2] if shed else None,
            "refusal_p99_s": shed[min(len(shed) - 1, int(0.99 * len(shed)))] if shed else None,
            "refusal_max_s": shed[-1] if shed else None}
@@ -127,14 +185,15 @@ def run_rate(gateway: str, rate: float, args: argparse.Namespace, out: Path) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--capacity", default="1.0", help="req/s the stack serves (1x), or `auto`: measure it here")
-    ap.add_argument("--calibrate-concurrency", type=int, default=16,
-                    help="closed-loop clients for --capacity auto (default: 2 engines x 8 running)")
+    ap.add_argument("--calibrate-concurrency", type=int, default=0,
+                    help="closed-loop clients for --capacity auto (0: the engines' running-batch caps summed)")
     ap.add_argument("--calibrate-duration", type=float, default=90.0, help="seconds of it")
     ap.add_argument("--factors", default="1,2,4,8")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--drain", type=float, default=30.0, help="bench --drain-timeout")
     ap.add_argument("--workload", default="shared-prefix")
-    ap.add_argument("--warmup", type=float, default=120.0, help="seconds of closed-loop warm-up (0: none)")
+    ap.add_argument("--warmup", type=float, default=600.0,
+                    help="most seconds of warm-up: each group's prompt prefilled on each engine (0: none)")
     ap.add_argument("--slo", default="", help="e.g. ttft=5s: goodput counts only requests meeting it")
     ap.add_argument("--up-args", default="", help="extra `inferstack up` flags")
     ap.add_argument("--out", type=Path, default=None)
@@ -148,14 +207,23 @@ def main() -> None:
     rows = []
     try:
         if args.warmup > 0:
-            warm_up(gateway, args, tmp / "warmup")
+            t0 = time.monotonic()
+            model = httpx.get(gateway + "/v1/models", timeout=10).json()["data"][0]["id"]
+            warmed = warm_up(gateway, model, len(urls), args)
             settle_time(urls)
-        capacity = calibrate(gateway, args, tmp / "calibrate") if args.capacity == "auto" else float(args.capacity)
+            print(json.dumps({"warmup_s": round(time.monotonic() - t0, 1), "groups_warmed": warmed}), flush=True)
         if args.capacity == "auto":
+            clients = args.calibrate_concurrency or int(engine_gauge(urls, "inferstack:max_num_seqs")) or 16
+            capacity = calibrate(gateway, clients, args, tmp / "calibrate")
             settle_time(urls)
-            print(json.dumps({"capacity_rps": capacity}), flush=True)
+            print(json.dumps({"capacity_rps": capacity, "calibrate_concurrency": clients}), flush=True)
+            if capacity <= 0:
+                raise SystemExit(f"the calibration completed no request in its last {args.calibrate_duration * 2 / 3:g}"
+                                 " s: raise --calibrate-duration (requests run longer than that here)")
+        else:
+            capacity = float(args.capacity)
         for f in (float(x) for x in args.factors.split(",")):
-            row = run_rate(gateway, capacity * f, args, tmp / f"x{f:g}")
+            row = run_rate(gateway, urls, capacity * f, args, tmp / f"x{f:g}")
             row["factor"] = f
             row["engines_settle_s"] = settle_time(urls)
             rows.append(row)
@@ -166,7 +234,8 @@ def main() -> None:
     base = rows[0]["goodput_rps"] or float("nan")
     steady_base = rows[0]["steady_rps"] or float("nan")
     cols = ["factor", "rate", "sent", "ok", "goodput_rps", "steady_rps", "shed", "late_429", "other_errors",
-            "refusal_p50_s", "refusal_max_s", "ttft_p50_s", "engines_settle_s"]
+            "refusal_p50_s", "refusal_max_s", "ttft_p50_s", "engine_waiting_max", "engine_waiting_mean",
+            "engines_settle_s"]
     print("\n| " + " | ".join(cols) + " | goodput vs 1x | steady vs 1x |\n|" + "---|" * (len(cols) + 2))
     for r in rows:
         cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else ("–" if r[c] is None else str(r[c])) for c in cols]

@@ -215,6 +215,9 @@ class FlowControlConfig(_Section):
     queue_timeout_s: float = Field(30.0, gt=0)
     queue_threshold: float = Field(5.0, gt=0, description="Waiting requests at which an endpoint is saturated.")
     kv_threshold: float = Field(0.8, gt=0, le=1, description="KV use at which an endpoint is saturated.")
+    queue_wait_s: float = Field(
+        1.0, gt=0, description="Most an engine's own queue may hold, in time: what it starts within this many "
+        "seconds at its measured pace while full; the rest waits at the gateway (docs/gateway.md).")
 
 
 class PrefixIndexConfig(_Section):

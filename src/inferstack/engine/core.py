@@ -91,7 +91,9 @@ class EngineCore:
         self._events = events
         self._publisher = publisher
         self._text: dict[str, _TextState] = {}
-        self._success: dict[str, int] = {}
+        # every reason from 0, as vLLM does: a counter that appears only at its first increment hides that
+        # increment from rate() and from the gateway's drain measurement (gateway/enginedrain.py)
+        self._success: dict[str, int] = {r.value: 0 for r in FinishReason}
         self._busy_s = 0.0     # wall time inside executor steps: the accelerator's duty cycle is its rate
         # constrained requests whose grammar is still compiling: not scheduled until it is ready
         self._compiling: dict[str, tuple[Request, Future[CompiledGrammar]]] = {}

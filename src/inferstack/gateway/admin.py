@@ -145,7 +145,8 @@ class AdminAPI:
         if parts == ["admin", "pools"] and method == "GET":
             return orjson.dumps({"pools": {name: [
                 {"id": e.id, "url": e.url, "healthy": e.healthy, "in_flight": e.in_flight,
-                 "models": sorted(e.models)} for e in p.endpoints] for name, p in self.pools.items()}})
+                 "drain_s": e.drain_s, "models": sorted(e.models)}
+                for e in p.endpoints] for name, p in self.pools.items()}})
         if len(parts) != 4 or parts[3] not in ("endpoints", "load", "autoscaler"):
             raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         pool = self.pools.get(parts[2])

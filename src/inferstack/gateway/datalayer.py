@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from inferstack.config.schema import EndpointConfig, GatewayConfig, PoolConfig
+from inferstack.gateway.enginedrain import EngineDrain, engine_full
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build_router
 from inferstack.gateway.routing.disagg import PDRouter, build_pd_router, pd_free_slots
 from inferstack.gateway.routing.state import RoutingState
@@ -38,7 +39,8 @@ _LORA = "vllm:lora_requests_info"
 # how many requests the running batch takes at once: our engines; SGLang versions that export it
 _BATCH_CAP = {"inferstack:max_num_seqs", "sglang:max_running_requests"}
 _BUSY = "inferstack:busy_seconds_total"   # cumulative step time: the autoscaler's duty cycle is its rate
-_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA, *_BATCH_CAP, _BUSY})
+_FINISHED = "vllm:request_success_total"  # finished requests (all reasons): the engine's drain (`EngineDrain`)
+_WANTED = frozenset({*_QUEUE, *_RUNNING, *_KV, _LORA, *_BATCH_CAP, _BUSY, _FINISHED})
 _NO_METRICS_RETRY_S = 5.0
 
 
@@ -53,6 +55,7 @@ class ScrapedMetrics:
     batch_cap: int = 0
     reports_queue: bool = True  # a waiting or running family is present (not only KV use)
     busy_seconds: float | None = None  # cumulative; None where the engine does not export it
+    finished: float | None = None      # cumulative finished requests; None where not exported
 
 
 def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
@@ -68,7 +71,8 @@ def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
                        kv_usage=max((v for n in _KV for v in scrape.select(n).values()), default=0.0),
                        batch_cap=int(sum(v for n in _BATCH_CAP for v in scrape.select(n).values())),
                        reports_queue=any(scrape.has(n) for n in _QUEUE | _RUNNING),
-                       busy_seconds=sum(scrape.select(_BUSY).values()) if scrape.has(_BUSY) else None)
+                       busy_seconds=sum(scrape.select(_BUSY).values()) if scrape.has(_BUSY) else None,
+                       finished=sum(scrape.select(_FINISHED).values()) if scrape.has(_FINISHED) else None)
     lora = scrape.select(_LORA)
     if lora:  # several series over time: the newest (its value is a timestamp) is the current state
         labels = dict(max(lora, key=lambda k: lora[k]))
@@ -92,6 +96,8 @@ class Endpoint:
         self.max_concurrency = max_concurrency
         self.metrics: ScrapedMetrics | None = None
         self.metrics_at = 0.0
+        self.drain = EngineDrain()
+        self.drain_s: float | None = None  # `drain.seconds_per_completion()` as of the latest scrape
         self.metrics_supported = True
         self.metrics_text = b""   # the last /metrics body: an unchanged one is not parsed again
         self.in_flight = 0
@@ -129,7 +135,8 @@ class Endpoint:
                                 max_concurrency=self.max_concurrency)
         return EndpointView(self.id, m.queue, m.running, m.kv_usage, now - self.metrics_at, True,
                             self.in_flight, healthy, self.max_concurrency, m.adapters_active,
-                            m.adapters_waiting, m.max_lora, m.batch_cap, m.reports_queue)
+                            m.adapters_waiting, m.max_lora, m.batch_cap, m.reports_queue,
+                            self.drain_s)
 
     def request_failed(self, cfg: GatewayConfig) -> None:
         self.failures += 1
@@ -181,7 +188,8 @@ class Pool:
         fc = self.gateway.flow_control
         views = [e.view(now) for e in self.endpoints if e.id not in exclude] if exclude else \
             [e.view(now) for e in self.endpoints]
-        return PoolSnapshot(views, now, self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold)
+        return PoolSnapshot(views, now, self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold,
+                            queue_wait_s=fc.queue_wait_s)
 
     def free_slots(self) -> int:
         """How many queued requests may be released now (flow control)."""
@@ -304,6 +312,8 @@ class DataLayer:
         else:
             ep.metrics_supported = True
             ep.metrics, ep.metrics_at = m, time.monotonic()
+            ep.drain.observe(ep.metrics_at, m.finished, engine_full(m.queue, m.running, m.batch_cap))
+            ep.drain_s = ep.drain.seconds_per_completion()
 
     async def _scrape_loop(self, pool: Pool) -> None:
         interval = self.cfg.scrape_interval_s

@@ -34,11 +34,13 @@ class EndpointView:
     batch_cap: int = 0
     # the endpoint exports a waiting or running count (not only KV use): in-flight can be compared to it
     reports_queue: bool = True
+    # the engine's measured seconds per completion while it was full (`EngineDrain`), None while unknown
+    drain_s: float | None = None
 
     def stale(self, stale_after_s: float) -> bool:
         return self.has_metrics and self.metrics_age_s > stale_after_s
 
-    def queued_now(self) -> float:
+    def queued_now(self, trust_free_slots: bool = True) -> float:
         """The engine's queue as of now: what it reported, plus the requests this gateway has in flight
         there beyond what the engine reported (sent, or finished, after its metrics were taken) that its
         running batch has no room for. Without a batch cap (engines that do not export
@@ -51,11 +53,16 @@ class EndpointView:
         the engine's last report. Counting those as queued held an idle pool of fast engines at the
         queue threshold (flow control queued 2,990 of 3,000 requests at c64), and discounting them
         reopened the burst pile-up on CPU engines whose gauges lag a step. Only the engine knows how
-        many it can start at once; see docs/gateway.md, "The saturation signal"."""
+        many it can start at once; see docs/gateway.md, "The saturation signal".
+
+        ``trust_free_slots`` False (`PoolSnapshot.queued`: a slow engine) counts every unreported request
+        as waiting: a CPU engine prefilling a long prompt reports one running for the whole step while
+        its token budget, not its batch, holds the rest back."""
         if not self.reports_queue:
             return 0.0
         unreported = self.in_flight - self.running - self.queue
-        free = max(0.0, self.batch_cap - self.running) if self.batch_cap and self.queue <= 0 else 0.0
+        free = max(0.0, self.batch_cap - self.running) if self.batch_cap and self.queue <= 0 \
+            and trust_free_slots else 0.0
         return self.queue + max(0.0, unreported - free)
 
     def load(self) -> float:
@@ -73,6 +80,8 @@ class PoolSnapshot:
     kv_threshold: float = 0.8
     # numpy columns mirroring ``endpoints`` (kept in step by the owner), for columnar routing; or None
     columns: EndpointColumns | None = None
+    # longest an engine's own queue may take to start what the gateway sent it (see `queue_limit`)
+    queue_wait_s: float = 1.0
 
     def saturation(self, e: EndpointView) -> float:
         """GIE's utilization detector, max(Q/q_thr, KV/kv_thr), over the queue as of *now*
@@ -90,13 +99,36 @@ class PoolSnapshot:
             return 1.0
         s = 0.0
         if self.has_live_metrics(e):
-            queued = e.queued_now()
+            queued = self.queued(e)
             # KV use saturates only with requests waiting: engines count cached, evictable blocks
             # differently, and a full prefix cache on an idle engine is not a full engine
-            s = max(queued / self.queue_threshold, e.kv_usage / self.kv_threshold if queued > 0 else 0.0)
+            s = max(queued / self.queue_limit(e), e.kv_usage / self.kv_threshold if queued > 0 else 0.0)
         if e.max_concurrency:
             s = max(s, e.in_flight / e.max_concurrency)
         return s
+
+    def queue_limit(self, e: EndpointView) -> float:
+        """Requests that may wait in ``e``'s own queue: `queue_threshold`, and no more than the engine
+        starts within `queue_wait_s` at its measured pace (`drain_s`, seconds per completion while full).
+
+        NOTE (why a time bound): the engine's queue is FIFO and deaf to priorities, fairness and deadlines;
+        once a request is in it the gateway can neither refuse nor reorder it. Five waiting requests start
+        within milliseconds on a GPU but take minutes on a CPU engine finishing a request every 10-20 s,
+        so a count alone let overload pile up where nothing could shed it (the README stack under 4x held
+        requests without a first token for 70 s while the gateway saw room). Bounded by time, a slow
+        engine keeps at most one request waiting (``room`` rounds up) and the rest queues at the gateway,
+        where deadline-aware admission refuses at arrival what it cannot serve in time."""
+        if e.drain_s is None or e.drain_s <= 0:
+            return self.queue_threshold
+        return max(1e-3, min(self.queue_threshold, self.queue_wait_s / e.drain_s))
+
+    def queued(self, e: EndpointView) -> float:
+        """``e``'s queue as of now (`queued_now`). Its free batch slots count only on an engine that starts
+        at least one request within `queue_wait_s`: the gateway sends into a slow engine's free slots one
+        request per report (its gauges move once per step, seconds on a CPU), since a batch slot is free
+        there only if the token budget of its steps is too (a cold 2,048-token prefill takes the whole
+        budget: the README stack's engines took 7 more requests into their FIFO that way)."""
+        return e.queued_now(self.queue_limit(e) >= 1.0)
 
     def has_live_metrics(self, e: EndpointView) -> bool:
         """Metrics to judge saturation by: scraped, and not so old that the scrape is clearly
@@ -114,8 +146,8 @@ class PoolSnapshot:
         if e.max_concurrency:
             room = max(0, e.max_concurrency - e.in_flight)
         if self.has_live_metrics(e):
-            queued = e.queued_now()
-            left = math.ceil(self.queue_threshold - queued)
+            queued = self.queued(e)
+            left = math.ceil(self.queue_limit(e) - queued)
             if queued > 0 and e.kv_usage >= self.kv_threshold:
                 left = min(left, 0)
             room = min(room, left)
