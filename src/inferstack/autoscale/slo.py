@@ -17,9 +17,9 @@ seen, so they are not boosted again (the old latency-only policy overshot to its
 Forecast: the arrival rate's least-squares trend over ``trend_window_s`` is carried ``horizon_s`` ahead (set
 it to the replicas' cold start): on a rising trend a replica ordered now is sized for the rate it will meet
 when it joins. A scale-down uses the trend line's value now instead of the newest interval (one quiet
-interval is noise) and also looks ``horizon_s`` ahead, so the fleet does not shrink into a rise it would
-have to buy back a cold start later. ``tokens`` (off by default) weighs the arrivals by their prompt length
-against the window's.
+interval is noise; ``trend_down`` turns that on without a forecast) and also looks ``horizon_s`` ahead, so
+the fleet does not shrink into a rise it would have to buy back a cold start later. ``tokens`` (off by
+default) weighs the arrivals by their prompt length against the window's.
 
 Capacity: ``concurrency`` is an upper bound, learned down from what the replicas actually hold within the
 objectives: every sample of the last ``learn_window_s`` whose p95 missed (by the factor m) at L requests per
