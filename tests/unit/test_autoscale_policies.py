@@ -314,6 +314,20 @@ def test_slo_forecast_scales_ahead_of_a_ramp_by_the_horizon():
     assert slope > 0 and slo.rate(rising_then_lull, down=True) == pytest.approx(level + slope * 30)
 
 
+def test_slo_trend_down_sizes_a_scale_down_on_the_trend_level_without_a_forecast():
+    lull = ramp([5] * 12 + [1])
+    plain, trend = SLO(horizon_s=0), parse_policy("slo:trend_down=true")
+    assert trend.horizon_s == 0 and trend.trend_down
+    assert plain.rate(lull, down=True) == pytest.approx(1.0)                        # the newest interval
+    assert trend.rate(lull, down=True) == pytest.approx(13 / 3 - 25 * 100 / 1750)   # the line's value now: 2.9
+    assert trend.rate(lull) == pytest.approx(1.0)                                   # scale-up unchanged
+    # a falling day with one busy interval last: sized on the falling line, not on the spike
+    falling = ramp([7, 7, 7, 7, 7, 7, 7, 6, 5, 4, 3, 2, 4], demand=20, completions=10)   # W = 20 s
+    level, slope = fit(falling, 60)
+    assert slope < 0 and trend.rate(falling, down=True) == pytest.approx(level) and level < 4
+    assert trend.need(falling, down=True)[0] < plain.need(falling, down=True)[0]
+
+
 def test_slo_token_aware_demand_weighs_long_prompts():
     slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, tokens=True)
     usual = ramp([5] * 13, in_tokens=[1000] * 13)

@@ -355,3 +355,31 @@ def test_leaps_ending_in_finishes_and_cut_by_arrivals_keep_every_record(workload
                         [(r.counters(), r.stats.busy_s) for r in sim.replicas]))
     assert outputs[0][0].count(b"\n") > 5
     assert outputs[1] == outputs[0]
+
+
+@dataclasses.dataclass
+class _Scripted:
+    """An autoscaler that answers a fixed list of replica counts, then holds."""
+
+    answers: list[int]
+    interval_s: float = 1.0
+    window_samples: int = 2
+    cold_start_s: float = 2.0
+
+    def desired(self, window, replicas):
+        return {POOL: self.answers.pop(0) if self.answers else replicas[POOL]}
+
+
+def test_a_scale_down_cancels_replicas_still_starting_before_draining_ready_ones():
+    """1 ready replica, 3 ordered at 1 s, then 2 wanted at 2 s (all 3 still in their cold start): two orders are
+    cancelled and the ready replica keeps serving, as the local actuator does. (The simulator used to drain the
+    ready replica and keep the orders: no replica served until the orders joined.)"""
+    settings = build_settings(_args(fleet=[f"{FLEET}=1"], rate=20.0, duration=5.0,
+                                    workload="synthetic:input=200,output=40"), None)
+    settings.autoscaler = _Scripted([4, 2])
+    sim = Simulation(settings)
+    sim.run()
+    assert len(sim.replicas) == 2                        # the first one and the one order left
+    assert sim.replicas[1].stats.lifetimes[0][0] >= 3.0 - 1e-9     # ordered at 1 s, 2 s cold start
+    assert sim.replicas[0].id in sim.gateway.endpoints and not sim.gateway.endpoints[sim.replicas[0].id].draining
+    assert sim.starting == 0 and sim.completed == sim.arrived and set(sim.sink.status) == {"ok"}

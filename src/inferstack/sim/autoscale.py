@@ -3,8 +3,9 @@ current replica counts, and answers the replica counts it wants.
 
 The simulator samples every ``interval_s`` of virtual time, calls `Autoscaler.desired`, and applies
 the answer: new replicas join the pool after ``cold_start_s`` (image pull, weight load, warm-up);
-removed replicas stop receiving requests at once and leave when their last request finishes. The
-same policy objects run against the live fleet, fed by the gateway's metrics: `PoolSample` is the
+a scale-down first cancels replicas still starting (the newest order first), as the local actuator does,
+then drains ready ones: they stop receiving requests at once and leave when their last request finishes.
+The same policy objects run against the live fleet, fed by the gateway's metrics: `PoolSample` is the
 autoscaling package's (`inferstack.autoscale.signals`), and `autoscale.driver.PolicyAutoscaler`
 puts any of its policies (hpa, kpa, apa, slo, planner) behind this hook.
 """

@@ -128,7 +128,8 @@ class Simulation:
         self.window = (s.run.warmup_s, max(s.run.warmup_s, s.run.duration_s - s.run.cooldown_s))
         self.arrived = self.completed = self.events = 0
         self.tokens_in = self.tokens_out = 0     # prompt tokens of arrivals, output tokens of completions
-        self.starting = 0
+        # replicas ordered and in their cold start, oldest first; a scale-down cancels the newest first
+        self.orders: list[_Order] = []
         self._window_ttft: list[float] = []
         self._window_tpot: list[float] = []
         self._samples: list[MetricSample] = []
@@ -484,9 +485,17 @@ class Simulation:
         want = a.desired(self._samples, {POOL: len(serving) + self.starting}).get(POOL, len(serving))
         have = len(serving) + self.starting
         for _ in range(max(0, want - have)):
-            self.starting += 1
-            self.at(self.now + a.cold_start_s, self._join)
-        for ep in reversed(serving[: max(0, have - want)] if want < have else []):
+            order = _Order()
+            self.orders.append(order)
+            self.at(self.now + a.cold_start_s, self._join, order)
+        # down: cancel replicas still starting first (the newest order: it serves nobody yet), as the local
+        # actuator does; only the rest drains ready replicas (draining those and keeping the orders left the
+        # pool with no replica serving for up to a cold start, and its queue timed out)
+        cancel = min(max(0, have - want), len(self.orders))
+        for order in self.orders[len(self.orders) - cancel:]:
+            order.cancelled = True
+        del self.orders[len(self.orders) - cancel:]
+        for ep in reversed(serving[: max(0, have - want - cancel)]):
             ep.draining = True
             self.gateway.changed()
             if not ep.replica.scheduler.has_unfinished():
@@ -494,8 +503,14 @@ class Simulation:
         if self.now < self.s.run.duration_s:
             self.at(self.now + a.interval_s, self._autoscale)
 
-    def _join(self) -> None:
-        self.starting -= 1
+    @property
+    def starting(self) -> int:
+        return len(self.orders)
+
+    def _join(self, order: _Order) -> None:
+        if order.cancelled:
+            return
+        self.orders.remove(order)
         rep = self._new_replica(self.s.fleets[0], self.s.pool.precise_prefix is not None)
         self.replicas.append(rep)
         self.gateway.add(rep)
@@ -551,6 +566,13 @@ def _sparse_gc() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*old)
+
+
+@dataclass
+class _Order:
+    """A replica ordered by the autoscaler, in its cold start until it joins (or is cancelled)."""
+
+    cancelled: bool = False
 
 
 class _Feed:
