@@ -90,10 +90,10 @@ class FusedDecode:
     scale: float
 
     @classmethod
-    def create(cls, model: torch.nn.Module, ext: ModuleType | None) -> FusedDecode | None:
-        """None when ``ext`` is missing or the model is not the case the extension implements: every
-        projection int4 without bias, bf16 between the norms, a float32 stream, no q/k norms, CPU."""
-        if ext is None or model.embed.dtype != torch.float32 or model.embed.device.type != "cpu":
+    def create(cls, model: torch.nn.Module) -> FusedDecode | None:
+        """None when the model is not the case the extension implements (every projection int4 without
+        bias, bf16 between the norms, a float32 stream, no q/k norms, CPU) or the extension is not built."""
+        if model.embed.dtype != torch.float32 or model.embed.device.type != "cpu":
             return None
         weights: list[torch.Tensor] = []
         groups: list[int] = []
@@ -105,6 +105,12 @@ class FusedDecode:
             for p in projs:
                 weights += [p.packed.data, p.packed.scales]
                 groups.append(p.packed.group)
+        ext = load_extension()
+        if ext is None:
+            log.info("batch-1 decode runs the Python layer loop: the C++ decode layers are not built "
+                     "(python -m inferstack.engine.models.fused_decode --build)")
+            return None
+        log.info("batch-1 decode runs the C++ decode layers (%s)", ext.__name__)
         first = model.layers[0]
         return cls(ext, weights, groups, first.attn.num_heads, first.attn.num_kv_heads, first.attn.head_dim,
                    first.mlp.intermediate, first.eps, first.attn.scale)

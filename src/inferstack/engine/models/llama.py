@@ -19,7 +19,7 @@ from inferstack.engine.executor.attention import AttentionPlan, paged_attention_
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import Projection, WeightTarget
-from inferstack.engine.models.fused_decode import FusedDecode, load_extension
+from inferstack.engine.models.fused_decode import FusedDecode
 from inferstack.engine.models.layers import DenseLinear, GatedMLP, Rotary, RotaryEmbedding, linear, rms_norm
 from inferstack.engine.models.quant_linear import QuantizedLinear
 
@@ -94,7 +94,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             qkv = layer.attn.qkv
             layer.inner = qkv.out_dtype if isinstance(qkv, QuantizedLinear) else None
-        self.fused = FusedDecode.create(self, load_extension())
+        self.fused = FusedDecode.create(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
