@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.layers import Rotary
 from inferstack.engine.models.quant_linear import QuantizedLinear, use_dense
 from inferstack.paths import cache_root
+
+if TYPE_CHECKING:   # llama.py imports this module
+    from inferstack.engine.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class FusedDecode:
     scale: float
 
     @classmethod
-    def create(cls, model: torch.nn.Module) -> FusedDecode | None:
+    def create(cls, model: LlamaForCausalLM) -> FusedDecode | None:
         """None when the model is not the case the extension implements (every projection int4 without
         bias, bf16 between the norms, a float32 stream, no q/k norms, CPU) or the extension is not built."""
         if model.embed.dtype != torch.float32 or model.embed.device.type != "cpu":
