@@ -2,10 +2,14 @@
 
     python benchmarks/engine_decode_step.py [--batches 1,16,64] [--dtype float32] [--threads 1] [--steps 8]
                                             [--quantization none|int8|int4|gguf] [--quant-crossover-rows N]
+                                            [--layers cpp,python]
 
 For each batch size B: B requests with 128-token prompts are prefilled, then ``--steps`` decode
 steps are timed. Prints the median of three numbers per step: the whole ``EngineCore.step``
 (scheduling, executor, sampling, detokenizing), the executor alone, and the model forward alone.
+
+``--layers cpp,python`` measures each batch size twice, with the C++ decode layers
+(engine/models/fused_decode.py; batch 1 with int4 weights, when built) and with the Python layer loop.
 
 Times are process CPU time (``time.process_time``), so a shared, loaded machine inflates them far
 less than wall time; with ``--threads`` above 1 they add up the threads' time.
@@ -86,16 +90,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--quantization", default="none", choices=("none", "int8", "int4", "gguf"))
     ap.add_argument("--quant-crossover-rows", type=int, default=None, help="default: measured at start-up")
+    ap.add_argument("--layers", default="cpp", help="cpp (the C++ decode layers where they apply), python, "
+                    "or both: cpp,python")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_batched_tokens=2048,
               max_num_seqs=256, quantization=args.quantization, quant_crossover_rows=args.quant_crossover_rows)
     print(f"{args.dtype}, quantization {args.quantization}, {args.threads} thread(s), 128-token prompts, "
           f"median CPU ms of {args.steps} decode steps")
-    print("| batch | step ms | executor ms | model forward ms |\n|---|---|---|---|")
+    model = llm.engine.core.executor.lm.model
+    fused = model.fused
+    print("| batch | layers | step ms | executor ms | model forward ms |\n|---|---|---|---|---|")
     for b in (int(x) for x in args.batches.split(",")):
-        step, exe, model = measure(llm, b, args.steps)
-        print(f"| {b} | {step:.1f} | {exe:.1f} | {model:.1f} |", flush=True)
+        for layers in args.layers.split(","):
+            model.fused = fused if layers == "cpp" else None
+            step, exe, fwd = measure(llm, b, args.steps)
+            used = layers if layers == "python" or (b == 1 and fused is not None) else "python (cpp n/a)"
+            print(f"| {b} | {used} | {step:.2f} | {exe:.2f} | {fwd:.2f} |", flush=True)
+    model.fused = fused
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ FORMATS = {
     "int8": {"quantization": "int8"},
     "int4": {"quantization": "int4"},
     "gguf": {"quantization": "gguf"},
+    # gguf with the decoder layers in Python even when the C++ decode layers are built (models/fused_decode.py)
+    "gguf-python-layers": {"quantization": "gguf"},
 }
 
 
@@ -43,6 +45,9 @@ def ours(model: str, name: str, threads: int, requests: int, steps: int, kv: str
               **FORMATS[name])
     lm = llm.engine.core.executor.lm
     detail = "" if lm.quant is None else "; ".join(lm.quant.log_lines()[:2])
+    if name.endswith("-python-layers"):
+        lm.model.fused = None
+        detail += "; decoder layers in Python"
     decode = decode_rate(llm, steps=steps)
     throughput = bench_throughput(llm, requests, 128, 128)
     del llm, lm
@@ -87,7 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default="float32,bfloat16,int8,int4,gguf",
+                    help=f"comma-separated, from: {', '.join(FORMATS)}")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--steps", type=int, default=128, help="batch-1 decode tokens")
     ap.add_argument("--skip-hf", action="store_true")

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 
-apt_packages=(redis-server prometheus docker-registry chromium bpftrace)
+# g++, ninja-build, python3-dev: the C++ batch-1 decode layers (engine/models/fused_decode.py), built below
+apt_packages=(redis-server prometheus docker-registry chromium bpftrace g++ ninja-build python3-dev)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -33,4 +34,8 @@ for p in opentelemetry-proto googleapis-common-protos; do
     "${pip[@]}" -c constraints.txt --no-deps --force-reinstall "$p"
   fi
 done
+# Once per source and torch version, into the cache folder; without it the engine runs its Python layer loop.
+echo "==> building the C++ batch-1 decode layers"
+.venv/bin/python -m inferstack.engine.models.fused_decode --build \
+  || echo "    not built: batch-1 decode runs the Python layer loop (slower, same results)"
 echo "==> ready: .venv/bin/inferstack"

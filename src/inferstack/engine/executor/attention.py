@@ -153,26 +153,37 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan, scale:
     # The cache seen as [2, slots * num_kv_heads, row]: row ``slot * num_kv_heads + h`` of each half is
     # head h of that slot, so one gather over dim 1 fetches keys and values together.
     heads = kv_cache.view(2, -1, row)
-    if plan.decode_head_rows is None:
-        # Ordered [B, num_kv_heads, L] so the gather lands head-major.
-        kv_heads = torch.arange(num_kv_heads, device=q.device)
-        plan.decode_head_rows = (plan.decode_slots.view(batch, 1, length) * num_kv_heads
-                                 + kv_heads.view(1, num_kv_heads, 1)).reshape(-1)
-        plan.decode_buffer = heads.new_empty(2, batch * num_kv_heads * length, row)
-    kv = _load(torch.index_select(heads, 1, plan.decode_head_rows, out=plan.decode_buffer), plan.kv_format)
+    compute = kv_cache.dtype if plan.kv_format is None else plan.kv_format.compute
+    matmul = batch >= MATMUL_DECODE_MIN_BATCH and compute in (torch.bfloat16, torch.float16) and q.is_cpu
+    head_rows, buffer, bias = decode_gather_inputs(plan, kv_cache, batch, torch.float32 if matmul else q.dtype)
+    kv = _load(torch.index_select(heads, 1, head_rows, out=buffer), plan.kv_format)
     kv = kv.view(2, batch, num_kv_heads, length, head_dim)
     # Query heads sharing a KV head become rows of one [group, L] score matrix: no KV repeat needed.
     q = q.view(batch, num_kv_heads, group, head_dim)
-    matmul = batch >= MATMUL_DECODE_MIN_BATCH and kv.dtype in (torch.bfloat16, torch.float16) and q.is_cpu
+    if matmul:
+        out = _decode_matmul(q, kv, bias, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=scale)
+    return out.reshape(batch, num_heads, head_dim)
+
+
+def decode_gather_inputs(plan: AttentionPlan, kv_cache: torch.Tensor, batch: int, bias_dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode gather's row indices and target buffer and the additive mask, made by the step's first
+    layer and kept on the plan for the others (models/fused_decode.py makes them the same way)."""
+    _, _, _, num_kv_heads, row = kv_cache.shape
+    length = plan.decode_len
+    if plan.decode_head_rows is None:
+        # Ordered [B, num_kv_heads, L] so the gather lands head-major.
+        kv_heads = torch.arange(num_kv_heads, device=kv_cache.device)
+        plan.decode_head_rows = (plan.decode_slots.view(batch, 1, length) * num_kv_heads
+                                 + kv_heads.view(1, num_kv_heads, 1)).reshape(-1)
+        plan.decode_buffer = kv_cache.new_empty(2, batch * num_kv_heads * length, row)
     if plan.decode_bias is None:
         # Additive, built once per step: SDPA would turn a bool mask into this in every layer.
-        plan.decode_bias = torch.zeros(plan.decode_mask.shape, dtype=torch.float32 if matmul else q.dtype,
-                                       device=q.device).masked_fill_(~plan.decode_mask, float("-inf"))
-    if matmul:
-        out = _decode_matmul(q, kv, plan.decode_bias, scale)
-    else:
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=plan.decode_bias, scale=scale)
-    return out.reshape(batch, num_heads, head_dim)
+        plan.decode_bias = torch.zeros(plan.decode_mask.shape, dtype=bias_dtype,
+                                       device=kv_cache.device).masked_fill_(~plan.decode_mask, float("-inf"))
+    return plan.decode_head_rows, plan.decode_buffer, plan.decode_bias
 
 
 def _decode_matmul(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from inferstack.engine.executor.attention import AttentionPlan, paged_attention_
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import Projection, WeightTarget
+from inferstack.engine.models.fused_decode import FusedDecode
 from inferstack.engine.models.layers import DenseLinear, GatedMLP, Rotary, RotaryEmbedding, linear, rms_norm
 from inferstack.engine.models.quant_linear import QuantizedLinear
 
@@ -83,6 +84,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head: nn.Module | None = (None if arch.tie_word_embeddings
                                           else DenseLinear(arch.vocab_size, arch.hidden_size))
         self.rotary: RotaryEmbedding | None = None
+        self.fused: FusedDecode | None = None   # the C++ layer loop for batch-1 decode, when built
 
     def init_buffers(self) -> None:
         """Compute the non-checkpoint state (rotary tables) on the parameters' device and dtype, and
@@ -92,6 +94,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             qkv = layer.attn.qkv
             layer.inner = qkv.out_dtype if isinstance(qkv, QuantizedLinear) else None
+        self.fused = FusedDecode.create(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -100,6 +103,9 @@ class LlamaForCausalLM(nn.Module):
         plan = plan_attention(meta)
         rot = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
+        if self.fused is not None and self.fused.accepts(meta, plan, kv_caches):
+            x = self.fused.run(x, rot, kv_caches, plan)
+            return rms_norm(x, self.norm, self.arch.rms_norm_eps)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if meta.wait_for_layer is not None:    # this layer's external KV may still be landing
                 meta.wait_for_layer(i)

@@ -1,0 +1,153 @@
+"""Batch-1 decode with the decoder layers in C++ (``csrc/decode_layers.cpp``), when it is built.
+
+Profiling a batch-1 int4 decode step of SmolLM2-135M showed about 40 % of the body's CPU time outside
+the int4 matmuls, most of it the Python interpreter around ~40 small ops per layer × 30 layers
+(docs/engine.md, "How a decode step runs"). The extension computes what the Python layer loop
+computes, bit for bit (tested): the same ATen calls for the matmuls, statistics and SDPA, loops that
+round where torch rounds for the element-wise glue. Everything else of the step (embedding, attention plan, final norm,
+LM head, sampling) stays in Python.
+
+It is built once, ahead of time (``python -m inferstack.engine.models.fused_decode --build``, which
+``scripts/setup.sh`` runs), into the cache folder under a name that hashes the source and the torch
+version, so a stale build never loads. The engine never compiles: without a matching build it runs
+the Python loop, which is also the path for every step the extension does not cover (more than one
+row, int8 or dense projections, a quantized KV cache, Qwen3's q/k norms, layer-by-layer KV waits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+from inferstack.engine.executor.attention import AttentionPlan, decode_gather_inputs
+from inferstack.engine.executor.attention_metadata import AttentionMetadata
+from inferstack.engine.models.layers import Rotary
+from inferstack.engine.models.quant_linear import QuantizedLinear, use_dense
+from inferstack.paths import cache_root
+
+if TYPE_CHECKING:   # llama.py imports this module
+    from inferstack.engine.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_layers.cpp"
+
+
+def extension_name() -> str:
+    """The module name of the build that matches this source and this torch."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    return f"inferstack_decode_{digest}"
+
+
+def build_dir() -> Path:
+    return cache_root() / "extensions" / extension_name()
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the extension (needs g++ and ninja); returns the shared library's path."""
+    from torch.utils import cpp_extension
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    # -ffp-contract=off: no fused multiply-adds, so the C++ loops round where torch's kernels round.
+    cpp_extension.load(extension_name(), [str(SOURCE)], build_directory=str(out),
+                       extra_cflags=["-O2", "-ffp-contract=off"], verbose=verbose)
+    return out / f"{extension_name()}.so"
+
+
+def load_extension() -> ModuleType | None:
+    """The built extension, or None when it is not built for this source and torch (never compiles)."""
+    name = extension_name()
+    path = build_dir() / f"{name}.so"
+    if not path.is_file():
+        return None
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    if spec is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@dataclass
+class FusedDecode:
+    """The model's tensors in the extension's order, gathered once at load."""
+
+    ext: ModuleType
+    weights: list[torch.Tensor]     # 10 per layer (see decode_layers.cpp)
+    groups: list[int]               # 4 per layer
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    scale: float
+
+    @classmethod
+    def create(cls, model: LlamaForCausalLM) -> FusedDecode | None:
+        """None when the model is not the case the extension implements (every projection int4 without
+        bias, bf16 between the norms, a float32 stream, no q/k norms, CPU) or the extension is not built."""
+        if model.embed.dtype != torch.float32 or model.embed.device.type != "cpu":
+            return None
+        weights: list[torch.Tensor] = []
+        groups: list[int] = []
+        for layer in model.layers:
+            projs = (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)
+            if layer.attn.qk_norm is not None or layer.inner != torch.bfloat16 or not all(map(_int4, projs)):
+                return None
+            weights += [layer.input_norm.data, layer.post_attn_norm.data]
+            for p in projs:
+                weights += [p.packed.data, p.packed.scales]
+                groups.append(p.packed.group)
+        ext = load_extension()
+        if ext is None:
+            log.info("batch-1 decode runs the Python layer loop: the C++ decode layers are not built "
+                     "(python -m inferstack.engine.models.fused_decode --build)")
+            return None
+        log.info("batch-1 decode runs the C++ decode layers (%s)", ext.__name__)
+        first = model.layers[0]
+        return cls(ext, weights, groups, first.attn.num_heads, first.attn.num_kv_heads, first.attn.head_dim,
+                   first.mlp.intermediate, first.eps, first.attn.scale)
+
+    def accepts(self, meta: AttentionMetadata, plan: AttentionPlan, kv_caches: list[torch.Tensor]) -> bool:
+        """A single-sequence decode step over a plain bf16 cache, with every layer's KV already local."""
+        fmt = plan.kv_format
+        return (plan.num_tokens == 1 and plan.decode_slots is not None and not plan.prefills
+                and meta.wait_for_layer is None and kv_caches[0].dtype == torch.bfloat16
+                and (fmt is None or (fmt.compute == torch.bfloat16 and not fmt.quantized)))
+
+    def run(self, x: torch.Tensor, rot: Rotary, kv_caches: list[torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
+        """Every decoder layer over ``x [1, hidden]`` (updated in place), as ``DecoderLayer`` would."""
+        head_rows, buffer, bias = decode_gather_inputs(plan, kv_caches[0], 1, torch.bfloat16)
+        return self.ext.decode_layers(x, self.weights, self.groups, kv_caches, rot.cos, rot.signed_sin,
+                                      plan.slot_mapping, head_rows, buffer, bias, self.num_heads,
+                                      self.num_kv_heads, self.head_dim, self.intermediate, self.eps, self.scale)
+
+
+def _int4(p: torch.nn.Module) -> bool:
+    return (isinstance(p, QuantizedLinear) and p.packed.kind == "int4" and p.bias_ is None
+            and p.out_dtype == torch.bfloat16 and not use_dense(1, p.crossover))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Build or check the C++ batch-1 decode extension (needs g++ and "
+                                 "ninja). The engine uses it when built and runs its Python loop otherwise.")
+    ap.add_argument("--build", action="store_true", help="compile it into the cache folder if not there yet")
+    args = ap.parse_args()
+    if args.build and load_extension() is None:
+        print(f"built {build()}")
+    print(f"{extension_name()}: {'built' if load_extension() is not None else 'not built'} ({build_dir()})")
+
+
+if __name__ == "__main__":
+    main()
