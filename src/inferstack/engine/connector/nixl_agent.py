@@ -40,7 +40,7 @@ MIN_READ_BYTES = 1 << 20
 def default_threads() -> int:
     """Copy threads of the UCX backend (`ucx_backend_params`): on one host UCX READs with CMA, a copy
     made by the reading process, so a READ split over two threads copies on two cores (measured,
-    docs/disaggregation.md); idle, they sleep (no polling). None for a process pinned to one core."""
+    docs/disaggregation.md); idle, they sleep (no polling). No copy threads for a process pinned to one core."""
     return 2 if len(os.sched_getaffinity(0)) >= 2 else 0
 
 
@@ -259,7 +259,7 @@ class NixlAgent:
             while state == "PROC":
                 if time.monotonic() > deadline:
                     raise TransferError(f"NIXL READ from {peer} did not finish in time")
-                time.sleep(20e-6)   # let UCX's progress thread have the core (2-core hosts)
+                time.sleep(20e-6)   # let the UCX copy threads have the core (2-core hosts)
                 state = self._agent.check_xfer_state(handle)
         except TransferError:
             raise
