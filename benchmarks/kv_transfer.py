@@ -6,7 +6,8 @@ decode engine and moves the blocks into its own paged cache with each transport,
 connector's own code (``KVTransport.fetch`` then ``PendingLoad.copy_into``): tcp and shm receive
 chunks and scatter them into blocks, nixl READs straight into the blocks. Reported per size: the
 median time and GB/s of the whole move (connect, hash checks, bytes, into the blocks), and the
-1-block latency. Sizes are interleaved so machine noise hits every transport alike.
+1-block latency. Transports are interleaved so machine noise hits each alike; one size at a time, so the
+shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
 
     python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
 """
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable
+from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable, default_threads
 from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import (
@@ -63,13 +64,17 @@ def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection) -> No
     server.close()
 
 
-def transports(layout: KVLayout, caches: list[torch.Tensor], nixl_threads: int = 0) -> dict[str, KVTransport]:
+def transports(layout: KVLayout, caches: list[torch.Tensor], names: list[str],
+               nixl_threads: list[int]) -> dict[str, KVTransport]:
     tcp = TcpKVTransport(KVTransferClient(layout, allow_shm=False))
     out: dict[str, KVTransport] = {"tcp": tcp, "shm": TcpKVTransport(KVTransferClient(layout, allow_shm=True))}
-    try:
-        out["nixl"] = NixlKVTransport(NixlAgent("decode", caches, nixl_threads), layout, TRUST, tcp)
-    except NixlUnavailable as exc:
-        print(f"no nixl column: {exc}")
+    out = {name: way for name, way in out.items() if name in names}
+    for threads in nixl_threads if "nixl" in names else ():
+        column = "nixl" if len(nixl_threads) == 1 else f"nixl-t{threads}"
+        try:
+            out[column] = NixlKVTransport(NixlAgent("decode", caches, threads), layout, TRUST, tcp)
+        except NixlUnavailable as exc:
+            print(f"no nixl column: {exc}")
     return out
 
 
@@ -89,8 +94,10 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--nixl-threads", type=int, default=0,
-                    help="UCX backend worker threads of the reading (decode) agent; 0: NIXL's default")
+    ap.add_argument("--transports", default="tcp,shm,nixl", help="columns, of tcp, shm, nixl")
+    ap.add_argument("--nixl-threads", default=str(default_threads()),
+                    help="copy threads of the reading (decode) agent's UCX backend, a comma-separated list "
+                         "for one nixl column each (0: the thread that asks copies)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     layout = KVLayout(args.layers, args.kv_heads, args.head_dim, BS, torch.float32)
@@ -104,10 +111,10 @@ def main() -> None:
     proc.start()
     port = parent.recv()
     caches = [torch.zeros(*shape) for _ in range(args.layers)]
-    ways = transports(layout, caches, args.nixl_threads)
+    ways = transports(layout, caches, args.transports.split(","), [int(t) for t in args.nixl_threads.split(",")])
     times: dict[tuple[str, object], list[float]] = {}
-    for r in range(args.repeats + 1):               # round 0 warms connections, pools and metadata
-        for label, n in sizes.items():
+    for label, n in sizes.items():
+        for r in range(args.repeats + 1):           # round 0 warms connections, pools and metadata
             for name, transport in ways.items():
                 parent.send((f"{name}-{label}-{r}", n))
                 rid = parent.recv()

@@ -9,8 +9,8 @@ What counts as waiting on the transfer, two ways:
 - end to end (the definition): how much longer the decode engine's TTFT of the PD request is than its
   TTFT for the same prompt sent again right after, whose KV is then in its own prefix cache (the same
   tokens left to compute, no transfer): the time the request's TTFT waits on the transfer beyond the
-  local-KV TTFT, as a share of the PD request's TTFT. On a loaded machine the difference is noisy: the
-  mean and the median of the per-request differences are both printed;
+  local-KV TTFT, as a share of the PD request's TTFT. Per request; the median and quartiles over the
+  requests are printed (on a loaded machine single differences are noisy: ask for 20 or more);
 - the connector's own clocks, from the decode engine's /metrics (connector="pd"):
   `inferstack_kv_connector_fetch_seconds` (connect, offer or chunk stream, block-hash checks) plus
   `..._load_wait_seconds`, what the request's computation waited on the load once its blocks were
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -73,14 +74,35 @@ def decoded(url: str, text: str, params: dict | None) -> dict:
     return r.json()
 
 
-def run(transport: str, args: argparse.Namespace) -> dict[str, float]:
+@dataclass
+class Sample:
+    """One PD request on the decode engine (deltas of its /metrics around the request)."""
+
+    ttft: float          # the PD request's decode-engine TTFT
+    local_ttft: float    # the same prompt sent again right after: its KV is local, nothing to transfer
+    fetch: float
+    wait: float
+    load: float
+    bytes: float
+    expected: float
+
+    @property
+    def end_to_end(self) -> float:
+        """The definition: the TTFT beyond the local-KV TTFT, as a share of the PD request's TTFT."""
+        return (self.ttft - self.local_ttft) / self.ttft
+
+    @property
+    def connector(self) -> float:
+        return (self.fetch + self.wait) / self.ttft
+
+
+def run(transport: str, args: argparse.Namespace) -> list[Sample]:
     base = ["engine", "serve", "--model", "smollm2-135m", "--dtype", "float32", "--threads", "1",
             "--kv-cache-dtype", args.kv_cache_dtype, "--kv-transport", transport]
     prefill = start_inferstack([*base, "--role", "prefill"])
     decode = start_inferstack([*base, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
     try:
-        out: dict[str, float] = dict.fromkeys([*SUMS, "expected", "cached_ttft"], 0.0)
-        extra: list[float] = []        # per request: PD TTFT minus local-KV TTFT
+        samples: list[Sample] = []
         for k in range(args.requests + 1):               # request 0 warms connections and metadata
             text = prompt(k, args.tokens)
             r = httpx.post(f"{prefill.url}/v1/completions", timeout=900, json={
@@ -93,16 +115,19 @@ def run(transport: str, args: argparse.Namespace) -> dict[str, float]:
             decoded(decode.url, text, None)      # the same prompt again: its KV is local now
             s2 = sums(decode.url)
             if k > 0:
-                for key in SUMS:
-                    out[key] += s1[key] - s0[key]
-                out["cached_ttft"] += s2["ttft"] - s1["ttft"]
-                extra.append((s1["ttft"] - s0["ttft"]) - (s2["ttft"] - s1["ttft"]))
-                out["expected"] += expected_bytes(r["usage"]["prompt_tokens"], args.kv_cache_dtype)
-        out["median_extra"] = statistics.median(extra)
-        return out
+                d = {key: s1[key] - s0[key] for key in SUMS}
+                samples.append(Sample(d["ttft"], s2["ttft"] - s1["ttft"], d["fetch"], d["wait"], d["load"],
+                                      d["bytes"], expected_bytes(r["usage"]["prompt_tokens"], args.kv_cache_dtype)))
+        return samples
     finally:
         prefill.stop()
         decode.stop()
+
+
+def quartiles(values: list[float]) -> str:
+    """Median [25th-75th percentile], in percent."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"{q[1] * 100:.1f} % [{q[0] * 100:.1f}-{q[2] * 100:.1f}]"
 
 
 def main() -> None:
@@ -113,20 +138,26 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="float32", choices=sorted(ELEMENT),
                     help="both engines' KV cache precision (the bytes a transfer moves scale with it)")
     args = ap.parse_args()
-    print(f"{args.requests} requests of ~{args.tokens} tokens, KV cache {args.kv_cache_dtype}; per request:")
+    print(f"{args.requests} requests of ~{args.tokens} tokens, KV cache {args.kv_cache_dtype}. Share of the decode "
+          "engine's TTFT spent in transfer, per request, median [quartiles]:\n"
+          "  end to end (the definition) = (PD request's decode TTFT - same prompt's TTFT with its KV local) "
+          "/ PD request's decode TTFT;\n"
+          "  connector clocks = (fetch + waited on the load) / PD request's decode TTFT. Times are medians.")
     print("| transport | KV moved (expected) | fetch + waited (load, overlapped) | decode TTFT "
-          "| same prompt, KV local | share: connector clocks | share: end to end, mean / median |")
+          "| same prompt, KV local | share: end to end | share: connector clocks |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for transport in args.transports.split(","):
-        d = run(transport, args)
-        n = args.requests
-        waiting = d["fetch"] + d["wait"]
-        ttft = d["ttft"] / n
-        print(f"| {transport} | {d['bytes'] / n / 1e6:.1f} MB ({d['expected'] / n / 1e6:.1f} MB) "
-              f"| {d['fetch'] / n * 1e3:.1f} + {d['wait'] / n * 1e3:.1f} ms ({d['load'] / n * 1e3:.1f} ms) "
-              f"| {ttft * 1e3:.0f} ms | {d['cached_ttft'] / n * 1e3:.0f} ms | {waiting / d['ttft'] * 100:.1f} % "
-              f"| {(d['ttft'] - d['cached_ttft']) / d['ttft'] * 100:.1f} % / {d['median_extra'] / ttft * 100:.1f} % |",
-              flush=True)
+        got = run(transport, args)
+
+        def ms(field: str, got: list[Sample] = got) -> float:
+            return statistics.median(getattr(x, field) for x in got) * 1e3
+
+        moved = statistics.median(x.bytes for x in got) / 1e6
+        expected = statistics.median(x.expected for x in got) / 1e6
+        print(f"| {transport} | {moved:.1f} MB ({expected:.1f} MB) | {ms('fetch'):.1f} + {ms('wait'):.1f} ms "
+              f"({ms('load'):.1f} ms) | {ms('ttft'):.0f} ms | {ms('local_ttft'):.0f} ms "
+              f"| {quartiles([x.end_to_end for x in got])} | {quartiles([x.connector for x in got])} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

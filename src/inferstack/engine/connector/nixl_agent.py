@@ -32,9 +32,16 @@ if TYPE_CHECKING:      # annotations only: the engine server imports this module
     import torch
 
 
-# A layer-by-layer READ groups layers until one READ moves at least this much (one layer of a
-# 1,000-token SmolLM2 fp32 prompt is 1.5 MB: a READ per layer; one 16-token block, all layers at once).
+# The first READ of a layer-by-layer transfer groups layers until it moves at least this much
+# (`layer_groups`).
 MIN_READ_BYTES = 1 << 20
+
+
+def default_threads() -> int:
+    """Copy threads of the UCX backend (`ucx_backend_params`): on one host UCX READs with CMA, a copy
+    made by the reading process, so a READ split over two threads copies on two cores (measured,
+    docs/disaggregation.md); idle, they sleep (no polling). No copy threads for a process pinned to one core."""
+    return 2 if len(os.sched_getaffinity(0)) >= 2 else 0
 
 
 class NixlUnavailable(RuntimeError):
@@ -68,6 +75,16 @@ def nixl_missing() -> str | None:
 def ucx_environment() -> str:
     keys = ("UCX_TLS", "UCX_NET_DEVICES")
     return ", ".join(f"{k}={os.environ.get(k, '<unset>')}" for k in keys)
+
+
+def ucx_backend_params(threads: int) -> dict[str, str]:
+    """NIXL's UCX backend parameters for ``threads`` dedicated copy threads (0: none, the caller's
+    thread posts and progresses every READ). NIXL splits a READ across its threads only when it has
+    ``split_batch_size`` descriptors or more (1,024 by default); ours have 2 per layer (K and V), so
+    the threshold is 1: every descriptor may go to another thread."""
+    if threads <= 0:
+        return {}
+    return {"num_threads": str(threads), "split_batch_size": "1"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,23 @@ class KVRegions:
         return out
 
 
+def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int) -> list[range]:
+    """The layers of each READ of a layer-by-layer transfer: the first READ as few layers as weigh
+    ``min_read_bytes`` (one layer of a 1,000-token SmolLM2 fp32 prompt, 1.5 MB; all layers of a
+    1-block transfer, as each READ costs ~50 us of set-up), then each READ twice the layers of the one
+    before. The first layer lands as early as with a READ per layer, and the engine computes layer l
+    while the next group arrives, but 30 layers take 5 READs, not 30: each READ is a hand-off to the
+    copy threads and back, which on a loaded host waits for the scheduler (measured,
+    docs/disaggregation.md)."""
+    size = max(1, min(layers, -(-min_read_bytes // max(1, layer_bytes))))
+    groups: list[range] = []
+    start = 0
+    while start < layers:
+        groups.append(range(start, min(layers, start + size)))
+        start, size = start + size, size * 2
+    return groups
+
+
 def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> np.ndarray:
     """Rows (local start, remote start, length): maximal runs consecutive on both sides, so that a
     transfer of n contiguous blocks is 2 * layers descriptors, not 2 * layers * n."""
@@ -121,19 +155,19 @@ class NixlAgent:
     """The engine's NIXL agent: KV cache registered at construction, peers' metadata cached by
     address (and replaced when the agent at that address changed: a restarted peer)."""
 
-    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int = 0) -> None:
-        """``threads``: UCX backend worker threads (0: NIXL's default; measured no faster on one host,
-        docs/benchmarks.md)."""
+    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int | None = None) -> None:
+        """``threads``: the UCX backend's copy threads (0: the thread that calls `read` copies; None:
+        `default_threads`)."""
         nixl = import_nixl()
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         strict = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT   # pulls run on several threads
         # No UCX progress thread: idle, it polls and takes half a core (measured), which a CPU engine's
         # forward pass needs; the reader progresses its READ itself (`_wait`), the peer's CPU is not
         # involved in a READ on one host (CMA) or with RDMA.
-        config = nixl.nixl_agent_config(enable_prog_thread=False, backends=["UCX"], sync_mode=strict,
-                                        num_threads=threads)
+        config = nixl.nixl_agent_config(enable_prog_thread=False, backends=[], sync_mode=strict)
         try:
             self._agent = nixl.nixl_agent(self.name, config)
+            self._agent.create_backend("UCX", ucx_backend_params(default_threads() if threads is None else threads))
         except Exception as exc:   # nixlBackendError and friends: no common base class is exported
             raise NixlUnavailable(f"NIXL transport: the UCX backend did not start ({exc}; {ucx_environment()})") \
                 from None
@@ -195,19 +229,16 @@ class NixlAgent:
     def read(self, peer: str, remote: KVRegions, local_ids: Sequence[int], remote_ids: Sequence[int],
              timeout_s: float, on_layer: Callable[[int], None] | None = None) -> int:
         """READ ``remote_ids`` of ``peer`` into our blocks ``local_ids``; the bytes moved. One READ per
-        group of layers, in layer order, each layer announced to ``on_layer`` once its bytes are in: the
-        engine's forward pass may compute layer l while later layers are still arriving. A group is one
-        layer when a layer's blocks weigh ``min_read_bytes`` or more, else as many layers as reach it (each
-        READ costs ~50 us of set-up: a 1-block transfer stays one READ)."""
+        group of layers (`layer_groups`), in layer order, each layer announced to ``on_layer`` once its
+        bytes are in: the engine's forward pass may compute layer l while later layers still arrive."""
         runs = block_runs(local_ids, remote_ids)
         layers = len(self.regions.bases)
         nbytes = int(runs[:, 2].sum()) * 2 * layers * self.regions.block_bytes
-        group = max(1, min(layers, -(-self.min_read_bytes * layers // nbytes)))
         local_rows, far_rows = self.regions.descs(runs, 0), remote.descs(runs, 1)
         per_layer = len(local_rows) // layers    # K and V rows of every run, layer-major
         deadline = time.monotonic() + timeout_s
-        for first in range(0, layers, group):
-            rows = slice(first * per_layer, min(layers, first + group) * per_layer)
+        for group in layer_groups(layers, nbytes // layers, self.min_read_bytes):
+            rows = slice(group.start * per_layer, group.stop * per_layer)
             local = self._agent.get_xfer_descs(local_rows[rows], self.regions.mem_type)
             far = self._agent.get_xfer_descs(far_rows[rows], remote.mem_type)
             try:
@@ -218,7 +249,7 @@ class NixlAgent:
                 self._wait(handle, peer, deadline)
             finally:
                 self._release(handle)
-            for layer in range(first, min(layers, first + group)) if on_layer is not None else ():
+            for layer in group if on_layer is not None else ():
                 on_layer(layer)
         return nbytes
 
@@ -228,7 +259,7 @@ class NixlAgent:
             while state == "PROC":
                 if time.monotonic() > deadline:
                     raise TransferError(f"NIXL READ from {peer} did not finish in time")
-                time.sleep(20e-6)   # let UCX's progress thread have the core (2-core hosts)
+                time.sleep(20e-6)   # let the UCX copy threads have the core (2-core hosts)
                 state = self._agent.check_xfer_state(handle)
         except TransferError:
             raise

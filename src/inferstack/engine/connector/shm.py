@@ -78,10 +78,17 @@ class SegmentPool:
         return seg
 
     def checkin(self, seg: Segment) -> None:
+        """Keep the largest segments: a big one serves small transfers too, while keeping the first
+        ones returned made every larger transfer map (and the kernel zero) a fresh segment."""
         with self._lock:
             if len(self._free) < self._max_free:
                 self._free.append(seg)
                 return
+            smallest = min(self._free, key=lambda s: s.size)
+            if smallest.size < seg.size:
+                self._free.remove(smallest)
+                self._free.append(seg)
+                seg = smallest
             self._all.discard(seg)
         _destroy(seg)
 

@@ -1,0 +1,81 @@
+"""How a NIXL READ is cut (layer groups, copy threads) and the shm segment pool's choice of what to keep."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent, layer_groups, nixl_missing, ucx_backend_params
+from inferstack.engine.connector.shm import SegmentPool
+
+
+def test_layer_groups_start_small_then_double_and_cover_every_layer_once():
+    # SmolLM2 fp32, 87 blocks (64 MB): 2.1 MB per layer, 30 layers -> 5 READs, the first one layer
+    groups = layer_groups(30, 2_138_112, 1 << 20)
+    assert [(g.start, g.stop) for g in groups] == [(0, 1), (1, 3), (3, 7), (7, 15), (15, 30)]
+    # one 16-token block weighs 24.6 KB per layer: all 30 layers in one READ
+    assert [(g.start, g.stop) for g in layer_groups(30, 24_576, 1 << 20)] == [(0, 30)]
+    # small layers: the first READ groups as many as reach the minimum, then doubles
+    assert [(g.start, g.stop) for g in layer_groups(30, 300_000, 1 << 20)] == [(0, 4), (4, 12), (12, 28), (28, 30)]
+    for layers, size, least in [(1, 10, 0), (7, 1, 0), (30, 5, 1 << 20), (64, 1 << 22, 1 << 20)]:
+        flat = [layer for g in layer_groups(layers, size, least) for layer in g]
+        assert flat == list(range(layers))
+
+
+def test_copy_threads_split_every_read():
+    assert ucx_backend_params(0) == {}
+    # NIXL only splits READs of split_batch_size descriptors or more; ours have 2 per layer
+    assert ucx_backend_params(2) == {"num_threads": "2", "split_batch_size": "1"}
+
+
+@pytest.mark.skipif(nixl_missing() is not None, reason="nixl-cu12 not installed")
+def test_a_read_split_over_copy_threads_moves_the_right_bytes():
+    """Two agents in one process, the reader with two copy threads: scattered blocks (three runs)
+    land in the right places, every layer, K and V, and nothing else is written."""
+    torch.manual_seed(0)
+    shape = (2, 12, 16, 2, 8)
+    theirs = [torch.randn(*shape) for _ in range(3)]
+    ours = [torch.zeros(*shape) for _ in range(3)]
+    holder, reader = NixlAgent("holder", theirs, threads=0), NixlAgent("reader", ours, threads=2)
+    done = threading.Event()
+
+    def serve() -> None:     # the holder answers UCX's connection set-up only when progressed
+        while not done.wait(0.0002):
+            holder.progress()
+
+    progress = threading.Thread(target=serve)
+    progress.start()
+    try:
+        reader.load_peer("here:1", holder.name, holder.metadata())
+        reader.min_read_bytes = 0          # a READ per layer group, as for a long prompt
+        landed: list[int] = []
+        local, remote = [0, 1, 2, 7, 9, 10], [5, 6, 7, 0, 3, 4]
+        moved = reader.read(holder.name, KVRegions.of(theirs), local, remote, 10.0, landed.append)
+        assert landed == [0, 1, 2]
+        assert moved == len(local) * 2 * 3 * KVRegions.of(ours).block_bytes
+        for mine, peer in zip(ours, theirs, strict=True):
+            assert torch.equal(mine[:, local], peer[:, remote])
+            untouched = [b for b in range(12) if b not in local]
+            assert not mine[:, untouched].any()
+    finally:
+        done.set()
+        progress.join(5)
+        reader.close()
+        holder.close()
+
+
+def test_the_segment_pool_keeps_its_largest_free_segments():
+    """Returned segments beyond ``max_free`` drop the smallest: a 64 MB transfer after two small
+    ones reuses its segment the next time instead of mapping (and zeroing) a fresh one."""
+    pool = SegmentPool(max_free=2)
+    try:
+        small, medium, large = (pool.checkout(n) for n in (1, 17 << 20, 33 << 20))
+        for seg in (small, medium, large):
+            pool.checkin(seg)
+        assert not small.path.exists(), "the smallest was dropped"
+        assert pool.checkout(40 << 20) is large
+        assert pool.checkout(1) is medium
+    finally:
+        pool.close()
