@@ -5,9 +5,11 @@ garbage-collector settings of the server process and the per-endpoint request he
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 
 import pytest
 import uvicorn
@@ -24,6 +26,24 @@ def _receive_from(messages: list[dict], then: asyncio.Future | None = None):
             return messages.pop(0)
         return await (then or asyncio.get_running_loop().create_future())
     return receive
+
+
+@contextlib.asynccontextmanager
+async def _serving(app, protocol) -> AsyncIterator[int]:
+    """A real uvicorn server with ``protocol`` on a free loopback port, started (polled) and stopped."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=protocol, lifespan="off", log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while not server.started:
+            assert asyncio.get_running_loop().time() < deadline and not task.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
 
 
 def test_body_read_from_receive_joins_chunks_and_enforces_limit_deadline_and_disconnect():
@@ -73,16 +93,7 @@ def test_client_gone_future_completes_only_for_a_client_that_left_before_its_res
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def main():
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(), lifespan="off", log_level="warning"))
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            deadline = asyncio.get_running_loop().time() + 10.0
-            while not server.started:
-                assert asyncio.get_running_loop().time() < deadline and not task.done(), "uvicorn did not start"
-                await asyncio.sleep(0.01)
+        async with _serving(app, guarded_protocol()) as port:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /fast HTTP/1.1\r\nhost: x\r\n\r\n")
             assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
@@ -94,9 +105,6 @@ def test_client_gone_future_completes_only_for_a_client_that_left_before_its_res
             writer.close()
             await asyncio.wait_for(seen[b"/slow"], 5.0)  # completes once the connection is lost
             assert not seen[b"/fast"].done()  # answered before the hang-up: never completes
-        finally:
-            server.should_exit = True
-            await task
 
     asyncio.run(main())
 
@@ -192,17 +200,7 @@ def test_a_later_keep_alive_request_whose_headers_stall_is_cut_off():
             await send({"type": "http.response.body", "body": b"ok"})
 
     async def main():
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(header_timeout_s=0.5), lifespan="off",
-                                               log_level="warning"))
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            deadline = asyncio.get_running_loop().time() + 10.0
-            while not server.started:
-                assert asyncio.get_running_loop().time() < deadline and not task.done(), "uvicorn did not start"
-                await asyncio.sleep(0.01)
+        async with _serving(app, guarded_protocol(header_timeout_s=0.5)) as port:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             for _ in range(2):  # whole header blocks, answered; the deadline never fires in between
                 writer.write(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -214,9 +212,6 @@ def test_a_later_keep_alive_request_whose_headers_stall_is_cut_off():
             assert rest.startswith(b"HTTP/1.1 408") and b"header_timeout" in rest, rest
             assert asyncio.get_running_loop().time() - t0 >= 0.45
             writer.close()
-        finally:
-            server.should_exit = True
-            await task
 
     asyncio.run(main())
 
