@@ -49,7 +49,7 @@ def test_a_lab_nobody_listens_to_stops_its_stack(tmp_path):
     SIGTERM, SIGHUP and a silent lab's closed reader are in tests/unit/test_lab_hangup.py."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     with (tmp_path / "stderr.log").open("wb") as err:
-        lab = subprocess.Popen([sys.executable, "-m", "inferstack", "lab", "run", "tuning", "--quick", "--out",
+        lab = subprocess.Popen([sys.executable, "-m", "inferstack", "lab", "run", "compliance", "--quick", "--out",
                                 str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=err, env=env, cwd=tmp_path)
     stack_dir = tmp_path / "out" / "logs" / "stack-1"
     deadline = time.monotonic() + 180

@@ -144,7 +144,7 @@ def test_read_timeout_counts_from_the_last_bytes_not_from_the_request():
         async def handler(reader, writer):
             head, _ = await _read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            for _ in range(25):  # 2.5 s of bytes, every 0.1 s, against a 1 s read timeout
+            for _ in range(10):  # 1 s of bytes, every 0.1 s, against a 0.4 s read timeout
                 writer.write(b"1\r\nx\r\n")
                 await writer.drain()
                 await asyncio.sleep(0.1)
@@ -154,15 +154,15 @@ def test_read_timeout_counts_from_the_last_bytes_not_from_the_request():
             await writer.drain()
 
         server, url = await _serve(handler)
-        pool = UpstreamPool(url, 1.0, 1.0)
+        pool = UpstreamPool(url, 1.0, 0.4)
         conn = await pool.request(b"POST", b"/trickle", [], b"")
-        assert await conn.read() == b"x" * 25
+        assert await conn.read() == b"x" * 10
         conn.release()
         conn = await pool.request(b"POST", b"/stall", [], b"")
         t0 = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamError, match="no data"):
             await conn.read()
-        assert asyncio.get_running_loop().time() - t0 >= 2.5  # not before the last bytes + 1 s
+        assert asyncio.get_running_loop().time() - t0 >= 1.0  # after the trickle (a timer from the request: 0.4 s)
         conn.close()
         server.close()
 
