@@ -119,3 +119,54 @@ def test_recorded_scrapes_of_a_cpu_engine_bound_its_queue_to_one():
     snap = PoolSnapshot([], queue_threshold=5.0, queue_wait_s=1.0)
     assert snap.room(view(drain, in_flight=4, running=4, cap=4)) == 1
     assert snap.room(view(drain, in_flight=12, running=4, waiting=8, cap=4)) == -7  # the burst before it was known
+
+
+class _Body:
+    """One scrape response from a fake engine (what `UpstreamPool.request` hands back)."""
+
+    status = 200
+
+    def __init__(self, text: str) -> None:
+        self._text = text.encode()
+
+    async def read(self) -> bytes:
+        return self._text
+
+    def release(self) -> None:
+        pass
+
+
+class _Engine:
+    """The scrape pool of an engine whose /metrics text is set by the test."""
+
+    text = ""
+
+    async def request(self, method: bytes, path: bytes, headers: list, body: bytes) -> _Body:
+        return _Body(self.text)
+
+
+def test_an_unchanged_metrics_text_still_feeds_the_drain_so_a_stall_is_seen(monkeypatch):
+    """The scrape loop skips parsing a body equal to the last one (an idle engine); a full engine that stops
+    completing also sends the same text, and its drain estimate must still rise with the time that passes."""
+    import asyncio
+
+    from inferstack.config.schema import GatewayConfig
+    from inferstack.gateway import datalayer
+    from inferstack.gateway.datalayer import DataLayer, Endpoint
+
+    clock = [0.0]
+    monkeypatch.setattr(datalayer.time, "monotonic", lambda: clock[0])
+    ep = Endpoint("http://127.0.0.1:1", None, None, None, None)
+    engine = _Engine()
+    ep.scrape = engine
+    layer = DataLayer([], GatewayConfig())
+
+    async def scrapes(rows: list[tuple[float, str]]) -> None:
+        for t, text in rows:
+            clock[0], engine.text = t, text
+            await layer._scrape_one(ep, t)
+
+    asyncio.run(scrapes([(t * 0.5, scrape(8, 2, t)) for t in range(40)]))  # two completions a second
+    assert ep.drain_s == pytest.approx(0.5, rel=0.1)
+    asyncio.run(scrapes([(19.5 + t, scrape(8, 2, 39)) for t in range(1, 31)]))  # the same text for 30 s
+    assert ep.drain_s > 1.0

@@ -302,10 +302,10 @@ class DataLayer:
             ep.metrics_at = now
             return
         if body == ep.metrics_text and ep.metrics is not None:   # an idle engine: same text, same values
-            ep.metrics_at = time.monotonic()
-            return
-        m = parse_engine_metrics(body.decode("utf-8", "replace"))
-        ep.metrics_text = body if m is not None else b""
+            m = ep.metrics
+        else:
+            m = parse_engine_metrics(body.decode("utf-8", "replace"))
+            ep.metrics_text = body if m is not None else b""
         if m is None:
             ep.metrics_supported = False
             ep.metrics, ep.metrics_at = None, now
