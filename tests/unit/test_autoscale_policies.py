@@ -15,7 +15,7 @@ from inferstack.autoscale.hpa import HPA
 from inferstack.autoscale.kpa import KPA
 from inferstack.autoscale.planner import DecodePoint, Planner
 from inferstack.autoscale.signals import PoolSample, SignalError, check_signal
-from inferstack.autoscale.slo import SLO, fit
+from inferstack.autoscale.slo import SLO, dispersion, fit
 from inferstack.autoscale.spec import PolicySpecError, parse_policy
 
 
@@ -337,3 +337,36 @@ def test_slo_token_aware_demand_weighs_long_prompts():
     out = usual[-1].output_tokens                                # 0 here: the weight is the prompts'
     assert out == 0 and slo.rate(long_now) == pytest.approx(5.0 * 3000 / window_in)
     assert SLO(tokens=False).rate(long_now) == pytest.approx(5.0)
+
+
+def test_dispersion_of_arrivals_around_their_trend():
+    assert dispersion(ramp([5] * 13), 60) == 1.0                       # steadier than Poisson: 1, never less
+    assert dispersion(ramp([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]), 60) == 1.0   # a ramp is a trend, not burstiness
+    # counts 20, 0, 20, 20, 0, 20 per 10 s (symmetric: no trend): mean 13.3, squared residuals 533.3 over
+    # 80 arrivals, times 6 / 4 for the two fitted parameters
+    clumps = ramp([1, 1, 1, 1, 1, 1, 1, 2, 0, 2, 2, 0, 2])
+    assert dispersion(clumps, 60) == pytest.approx(533.33 / 80 * 6 / 4, rel=1e-3)
+    assert dispersion(clumps[-3:], 60) == 1.0                          # three intervals: too few to tell
+    # a missing sample (no interval) is skipped; a late one (20 s, twice the arrivals) is no burst
+    late = ramp([5] * 13)
+    late[-4] = PoolSample(**{**late[-4].__dict__, "interval_s": 0.0, "arrivals": 0})
+    late[-2] = PoolSample(**{**late[-2].__dict__, "interval_s": 20.0, "arrivals": 100})
+    assert dispersion(late, 60) == 1.0
+    assert dispersion(ramp([0] * 13), 60) == 1.0                       # no arrivals: nothing to measure
+
+
+def test_slo_burst_headroom_grows_with_the_dispersion_and_is_capped():
+    plain = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=1.0)
+    bursty = parse_policy("slo:ttft_p95=2s,tpot_p95=100ms,spare=1.0,dispersion=true,max_dispersion=4")
+    calm = ramp([5] * 13, demand=60, completions=50)                   # 5 req/s x 12 s / 12 = 5 replicas
+    assert bursty.need(calm)[0] == pytest.approx(plain.need(calm)[0]) == pytest.approx(5 + 5 ** 0.5)
+    # the same mean rate in clumps (counts 100, 0, 100, 0, ...): D far above 4, so the cap: 5 + sqrt(5 x 4)
+    clumps = ramp([10, 0] * 6 + [5], demand=60, completions=50)
+    need, why = bursty.need(clumps)
+    base = 5 * 12 / 12
+    assert need == pytest.approx(base + (base * 4) ** 0.5) and "as bursty as Poisson" in why
+    assert plain.need(clumps)[0] == pytest.approx(base + base ** 0.5)
+    # flapping counts do not flap the fleet: the decision holds the capped headroom through the lulls
+    assert bursty.decide(clumps, 10).desired == 10 and plain.decide(clumps, 10).desired < 10
+    with pytest.raises(PolicySpecError, match="max_dispersion"):
+        parse_policy("slo:dispersion=true,max_dispersion=0.5")

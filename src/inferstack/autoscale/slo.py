@@ -76,6 +76,11 @@ class SLO:
     # capacity learned from the misses of this long (0 s: always ``concurrency``); on the Mooncake-like trace it
     # took concurrency 12 from 80 % to 93 % attainment, on the diurnal seeds it changes ~nothing (docs/autoscaling.md)
     learn_window_s: float = 300.0
+    # the burst headroom scaled by the arrivals' burstiness: spare x sqrt(need x D), D the index of dispersion
+    # (variance / mean) of the arrival counts per interval around their ``trend_window`` trend, within
+    # [1, ``max_dispersion``]; Poisson arrivals (D = 1) keep the plain square-root staffing (off: D = 1 always)
+    dispersion: bool = False
+    max_dispersion: float = 4.0
     name: str = "slo"
 
     def __post_init__(self) -> None:
@@ -85,6 +90,8 @@ class SLO:
             raise ValueError("slo: spare >= 0, max_boost >= 1, 0 < max_step_down <= 1 and rate_window > 0")
         if self.horizon_s < 0 or self.trend_window_s <= 0 or self.learn_window_s < 0:
             raise ValueError("slo: horizon >= 0, trend_window > 0 and learn_window >= 0")
+        if self.max_dispersion < 1:
+            raise ValueError("slo: max_dispersion >= 1")
 
     def miss(self, recent: Sequence[PoolSample]) -> float | None:
         """The worst p95 / objective of TTFT and TPOT over ``recent``; None without latencies."""
@@ -122,11 +129,14 @@ class SLO:
         time_in_system = (sum(x.demand * x.interval_s for x in measured) / done) if done and settled else 0.0
         per_replica = self.capacity(window)
         need = max(rate * time_in_system, float(s.demand)) / per_replica
-        need += self.spare * math.sqrt(need)
+        burst = min(self.max_dispersion, dispersion(window, self.trend_window_s)) if self.dispersion else 1.0
+        need += self.spare * math.sqrt(need * burst)
         why = f"{rate:.3g} req/s{' (forecast)' if self.horizon_s else ''} x {time_in_system:.3g}s in the system, " \
               f"{s.demand} now"
         if per_replica < self.concurrency:
             why += f", {per_replica:.3g} per replica (learned from misses)"
+        if burst > 1.0:
+            why += f", arrivals {burst:.2g}x as bursty as Poisson"
         miss = self.miss(within(window, self.rate_window_s))
         if miss is not None and miss > 1.0 and s.starting == 0:
             boost = min(self.max_boost, miss)
@@ -180,6 +190,30 @@ def fit(window: Sequence[PoolSample], seconds: float) -> tuple[float, float]:
         return mr, 0.0
     slope = sum((t - mt) * (r - mr) for t, r in pts) / var
     return mr + slope * (pts[-1][0] - mt), slope
+
+
+def dispersion(window: Sequence[PoolSample], seconds: float) -> float:
+    """The index of dispersion (variance / mean) of the arrival counts per interval over the last ``seconds``,
+    around the arrival rate's least-squares trend there (a ramp is not burstiness); at least 1 (Poisson or
+    smoother), and 1 with fewer than four intervals or no arrivals (too little to tell). Each interval's
+    count is compared with the trend's count for its own length, so a late or missing sample weighs as
+    what it is."""
+    pts = [(x.t, x.arrivals, x.interval_s) for x in within(window, seconds) if x.interval_s > 0]
+    if len(pts) < 4:
+        return 1.0
+    mt = sum(t for t, _, _ in pts) / len(pts)
+    rates = [a / dt for _, a, dt in pts]
+    mr = sum(rates) / len(rates)
+    var_t = sum((t - mt) ** 2 for t, _, _ in pts)
+    slope = sum((t - mt) * (r - mr) for (t, _, _), r in zip(pts, rates, strict=True)) / var_t if var_t > 0 else 0.0
+    expected = [max(0.0, mr + slope * (t - mt)) * dt for t, _, dt in pts]
+    total = sum(expected)
+    if total <= 0:
+        return 1.0
+    # Poisson: each count's variance equals its mean, so the squared residuals sum to ~(n - 2) / n of the
+    # means' sum (two parameters fitted); the factor n / (n - 2) makes Poisson arrivals 1
+    sq = sum((a - e) ** 2 for (_, a, _), e in zip(pts, expected, strict=True))
+    return max(1.0, sq / total * len(pts) / (len(pts) - 2))
 
 
 def _work_ratio(recent: Sequence[PoolSample], long: Sequence[PoolSample]) -> float:
