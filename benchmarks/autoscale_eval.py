@@ -55,8 +55,9 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
         f"kpa (target {a.target})": parse_policy(f"kpa:target={a.target}"),
         f"apa (target {a.target})": parse_policy(f"apa:metric=concurrency,target={a.target}"),
         f"slo (concurrency {parse_policy(slo).concurrency:g})": parse_policy(slo),
-        # scale-down on the arrival-rate trend's level (no forecast): for bursty arrivals
-        f"slo (concurrency {parse_policy(slo).concurrency:g}, trend_down)": parse_policy(f"{slo},trend_down=true"),
+        # the defaults of the sixth stop, for comparison: no forecast, plain square-root headroom, 40 s and halves
+        "slo (sixth-stop defaults)": parse_policy(f"{slo},horizon=0s,spare=1.5,dispersion=false,"
+                                                  "scale_down_stabilization=40s,max_step_down=0.5"),
         # the forecast setting: the arrival-rate trend carried one cold start ahead, with less headroom
         f"slo (forecast {a.cold_start:g}s, spare 0.75)": parse_policy(
             f"{slo},horizon={a.cold_start}s,spare=0.75,max_boost=2"),

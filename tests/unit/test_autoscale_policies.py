@@ -102,7 +102,8 @@ def steady(n=13, dt=10.0, demand=60, arrivals=50, completions=50, **kw) -> list[
 
 
 def test_slo_sizes_by_littles_law_with_square_root_staffing():
-    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=1.5, horizon_s=0)   # no forecast here
+    # no forecast, plain square-root headroom (the burst in the last interval would raise the dispersion)
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=1.5, horizon_s=0, dispersion=False)
     need = 5 * 12 / 12                                          # rate x time in system / concurrency
     assert slo.need(steady(ttft=0.5, tpot=0.05))[0] == pytest.approx(need + 1.5 * need ** 0.5)
     assert slo.decide(steady(ttft=0.5, tpot=0.05), 4).desired == 9            # 5 + 3.35, up at once
@@ -316,7 +317,7 @@ def test_slo_forecast_scales_ahead_of_a_ramp_by_the_horizon():
 
 def test_slo_trend_down_sizes_a_scale_down_on_the_trend_level_without_a_forecast():
     lull = ramp([5] * 12 + [1])
-    plain, trend = SLO(horizon_s=0), parse_policy("slo:trend_down=true")
+    plain, trend = SLO(horizon_s=0), parse_policy("slo:trend_down=true,horizon=0s")
     assert trend.horizon_s == 0 and trend.trend_down
     assert plain.rate(lull, down=True) == pytest.approx(1.0)                        # the newest interval
     assert trend.rate(lull, down=True) == pytest.approx(13 / 3 - 25 * 100 / 1750)   # the line's value now: 2.9
@@ -356,8 +357,8 @@ def test_dispersion_of_arrivals_around_their_trend():
 
 
 def test_slo_burst_headroom_grows_with_the_dispersion_and_is_capped():
-    plain = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=1.0)
-    bursty = parse_policy("slo:ttft_p95=2s,tpot_p95=100ms,spare=1.0,dispersion=true,max_dispersion=4")
+    plain = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=1.0, horizon_s=0, dispersion=False)
+    bursty = parse_policy("slo:ttft_p95=2s,tpot_p95=100ms,horizon=0s,spare=1.0,dispersion=true,max_dispersion=4")
     calm = ramp([5] * 13, demand=60, completions=50)                   # 5 req/s x 12 s / 12 = 5 replicas
     assert bursty.need(calm)[0] == pytest.approx(plain.need(calm)[0]) == pytest.approx(5 + 5 ** 0.5)
     # the same mean rate in clumps (counts 100, 0, 100, 0, ...): D far above 4, so the cap: 5 + sqrt(5 x 4)
