@@ -371,3 +371,19 @@ def test_slo_burst_headroom_grows_with_the_dispersion_and_is_capped():
     assert bursty.decide(clumps, 10).desired == 10 and plain.decide(clumps, 10).desired < 10
     with pytest.raises(PolicySpecError, match="max_dispersion"):
         parse_policy("slo:dispersion=true,max_dispersion=0.5")
+
+
+def test_slo_defaults_follow_a_fall_in_quarter_steps_and_hold_through_a_one_interval_lull():
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1)          # the defaults: 40 s horizon, 20 s window, quarter steps
+    assert (slo.horizon_s, slo.scale_down_stabilization_s, slo.max_step_down, slo.dispersion) == (40, 20, 0.25, True)
+    # a recorded fall: 1 req/s for two minutes (12 s in the system: need 1 + sqrt(1)); 16 replicas step down by 4
+    fall = ramp([1] * 13, demand=12, completions=10)
+    assert slo.decide(fall, 16).desired == 12 and slo.decide(fall, 12).desired == 9
+    # flapping: a steady 5 req/s with one quiet interval last never scales down (the 8 replicas of 5 + sqrt(5)
+    # stay); the dispersion is two-sided, so the lull reads as burstiness (D capped at 4) and the 60 requests
+    # still in the system get 5 + sqrt(5 x 4) = 9.5 replicas: a lull adds headroom instead of removing it
+    steady5 = ramp([5] * 13, demand=60, completions=50)
+    lull = ramp([5] * 12 + [1], demand=60, completions=50)
+    held = slo.decide(steady5, 9).desired
+    assert held == 8 and slo.decide(lull, held).desired == 10
+    assert SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, dispersion=False).decide(lull, held).desired == held  # plain: holds
