@@ -30,13 +30,14 @@ start's (the fleet was short, as for the boost), so it teaches nothing. A worklo
 lower it: a fleet that meets its objectives keeps the configured number. (The transient ``max_boost``
 answers one miss; the learned capacity keeps the fleet from shrinking back into the next one.)
 
-Bursts: ``spare`` x sqrt(need) replicas more (square-root staffing: the headroom that absorbs a
-burst during the cold start of the replicas it calls for costs little on a large fleet, and is what
-keeps a small one within the objectives). Scale-up is immediate; scale-down takes the highest need of
-the ``scale_down_stabilization_s`` before (the HPA's stabilisation, on this signal) and removes at
-most ``max_step_down`` of the replicas per decision. Missing metrics: no arrivals and no completions in
-the window leave only the count in the system; no latency in the window means no boost; an empty
-window holds.
+Bursts: ``spare`` x sqrt(need x D) replicas more (square-root staffing: the headroom that absorbs a burst
+during the cold start of the replicas it calls for costs little on a large fleet, and is what keeps a small
+one within the objectives; D, with ``dispersion``, is how much burstier than Poisson the arrivals around their
+trend are, so clumped arrivals get more headroom and smooth ones less). Scale-up is immediate; scale-down
+takes the highest need of the ``scale_down_stabilization_s`` before (the HPA's stabilisation, on this signal)
+and removes at most ``max_step_down`` of the replicas per decision. Missing metrics: no arrivals and no
+completions in the window leave only the count in the system; no latency in the window means no boost; an
+empty window holds.
 """
 
 from __future__ import annotations
@@ -203,12 +204,8 @@ def dispersion(window: Sequence[PoolSample], seconds: float) -> float:
     pts = [(x.t, x.arrivals, x.interval_s) for x in within(window, seconds) if x.interval_s > 0]
     if len(pts) < 4:
         return 1.0
-    mt = sum(t for t, _, _ in pts) / len(pts)
-    rates = [a / dt for _, a, dt in pts]
-    mr = sum(rates) / len(rates)
-    var_t = sum((t - mt) ** 2 for t, _, _ in pts)
-    slope = sum((t - mt) * (r - mr) for (t, _, _), r in zip(pts, rates, strict=True)) / var_t if var_t > 0 else 0.0
-    expected = [max(0.0, mr + slope * (t - mt)) * dt for t, _, dt in pts]
+    level, slope = fit(window, seconds)       # the same points' line, its value at the newest one
+    expected = [max(0.0, level + slope * (t - pts[-1][0])) * dt for t, _, dt in pts]
     total = sum(expected)
     if total <= 0:
         return 1.0
