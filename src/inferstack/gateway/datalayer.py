@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from inferstack.config.schema import EndpointConfig, GatewayConfig, PoolConfig
-from inferstack.gateway.enginedrain import EngineDrain, engine_full
+from inferstack.gateway.enginedrain import EngineDrain, engine_full, pool_drain_s
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build_router
 from inferstack.gateway.routing.disagg import PDRouter, build_pd_router, pd_free_slots
 from inferstack.gateway.routing.state import RoutingState
@@ -197,6 +197,17 @@ class Pool:
         if isinstance(self.router, PDRouter):
             return pd_free_slots(snap, self.router.roles, conditional=self.router.max_prefill_queue is not None)
         return snap.free_slots()
+
+    def engines_pace(self) -> float | None:
+        """The pool's seconds per release from its healthy engines' own drain (flow control's prior)."""
+        return pool_drain_s([e.drain_s for e in self.endpoints if e.healthy])
+
+    def batches_full(self) -> bool:
+        """Every healthy engine reports its running batch at its cap (`inferstack:max_num_seqs`); False when
+        one does not export a cap or has no metrics yet (flow control's hold, `FairQueue.batches_full`)."""
+        healthy = [e for e in self.endpoints if e.healthy]
+        return bool(healthy) and all(e.metrics is not None and 0 < e.metrics.batch_cap <= e.metrics.running
+                                     for e in healthy)
 
     def by_id(self, endpoint_id: str) -> Endpoint:
         for e in self.endpoints:
