@@ -103,16 +103,16 @@ def test_a_bursty_pool_under_overload_refuses_at_arrival_and_stays_busy(factor):
     assert run["served"] >= 16 + 8 * (400 // 20 - 1)
 
 
-def test_without_evidence_of_a_pace_a_waiter_is_held_half_a_queue_wait_while_batches_are_full():
+def test_without_evidence_of_a_pace_a_waiter_is_held_half_a_queue_wait_while_engines_are_full():
     clock, free, full = Clock(), [0], [False]
     q: FairQueue[str] = FairQueue(FlowControlConfig(queue_timeout_s=30, queue_wait_s=1.0), lambda: free[0], clock,
-                                  batches_full=lambda: full[0])
+                                  engines_full=lambda: full[0])
     assert not q.admit("a", 0, "t") and not q.admit("b", 0, "t")
     clock.t = 0.3
     assert not q.admit("c", 0, "t")
     assert q.hopeless() == []  # 0.3 s: within the hold
     clock.t = 0.51
-    assert q.hopeless() == []  # an engine has a free batch slot (its queue waits for token budget): it moves
+    assert q.hopeless() == []  # an engine has room: what waits goes there soon
     full[0] = True
     assert [(item, wait) for item, _, wait in q.hopeless()] == [("a", math.inf), ("b", math.inf)]
     free[0] = 1
@@ -124,7 +124,7 @@ def test_without_evidence_of_a_pace_a_waiter_is_held_half_a_queue_wait_while_bat
 def test_the_engines_own_pace_predicts_the_wait_until_the_queue_measures_its_own():
     clock, pace = Clock(), [None]
     q: FairQueue[int] = FairQueue(FlowControlConfig(queue_timeout_s=30), lambda: 0, clock, prior=lambda: pace[0],
-                                  batches_full=lambda: True)
+                                  engines_full=lambda: True)
     assert not q.admit(0, 0, "t")  # no pace from anywhere: it queues (and is held briefly, above)
     pace[0] = 2.0  # the engines finished a request every 2 s while full (a warm-up): 15 s budget, 7 fit
     for n in range(1, 7):

@@ -175,13 +175,15 @@ def test_an_unchanged_metrics_text_still_feeds_the_drain_so_a_stall_is_seen(monk
 
 def test_the_pool_reads_its_engines_pace_and_whether_every_batch_is_full():
     pool = Pool.from_config("p", PoolConfig(endpoints=["http://127.0.0.1:1", "http://127.0.0.1:2"]), GatewayConfig())
-    assert pool.engines_pace() is None and not pool.batches_full()  # nothing scraped yet
+    assert pool.engines_pace() is None and not pool.engines_full()  # nothing scraped yet
     a, b = pool.endpoints
-    a.metrics, b.metrics = parse_engine_metrics(scrape(8, 0, 0)), parse_engine_metrics(scrape(7, 0, 0))
-    a.drain_s = 7.5
+    a.metrics, b.metrics = parse_engine_metrics(scrape(8, 0, 0)), parse_engine_metrics(scrape(1, 0, 0))
+    a.drain, a.drain_s = slow_engine(), 7.5
+    b.drain_s = 4.0  # full for a while without a completion: a lower bound, not a pace
+    assert not b.drain.measured() and a.drain.measured()
     assert pool.engines_pace() == pytest.approx(3.75)  # the unmeasured engine taken as fast as the other
-    assert not pool.batches_full()  # b has a free batch slot: the gateway's hold does not apply
-    b.metrics = parse_engine_metrics(scrape(8, 2, 0))
-    assert pool.batches_full()
+    assert not pool.engines_full()  # b has room: the gateway's hold does not apply
+    b.metrics = parse_engine_metrics(scrape(1, 2, 0))  # one running, two waiting (a cold prefill's token budget)
+    assert pool.engines_full()
     b.active_ok = False  # an unhealthy engine neither counts nor blocks
-    assert pool.batches_full() and pool.engines_pace() == pytest.approx(7.5)
+    assert pool.engines_full() and pool.engines_pace() == pytest.approx(7.5)

@@ -194,7 +194,7 @@ def test_the_early_refusal_follows_fair_release_order():
 def test_a_hopeless_waiter_gets_429_with_retry_after_before_the_timeout():
     async def main():
         cap = Capacity(1)
-        fc = FlowController(FlowControlConfig(queue_timeout_s=3), cap.free, batches_full=lambda: cap.used >= 1)
+        fc = FlowController(FlowControlConfig(queue_timeout_s=3), cap.free, engines_full=lambda: cap.used >= 1)
         assert await fc.admit(0, "a") is None
         cap.used = 1
         waiters = [asyncio.create_task(fc.admit(0, "a")) for _ in range(3)]
@@ -211,7 +211,7 @@ def test_a_hopeless_waiter_gets_429_with_retry_after_before_the_timeout():
                 await w
             codes.append((err.value.status, err.value.code, "drain rate" in str(err.value)))
             assert int(err.value.headers["retry-after"]) >= 1
-        # No completion ever and the batch full: no pace to promise a wait by, so each is held half of
+        # No completion ever and the engine full: no pace to promise a wait by, so each is held half of
         # queue_wait_s (1 s), not until the re-check of a stall or the 3 s timeout
         assert codes == [(429, "queue_timeout", False)] * 3
         assert loop.time() - started < 1.0

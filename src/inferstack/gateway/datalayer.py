@@ -199,15 +199,16 @@ class Pool:
         return snap.free_slots()
 
     def engines_pace(self) -> float | None:
-        """The pool's seconds per release from its healthy engines' own drain (flow control's prior)."""
-        return pool_drain_s([e.drain_s for e in self.endpoints if e.healthy])
+        """The pool's seconds per release from its healthy engines' own drain (flow control's prior); only
+        engines that completed a request while full count (before that an engine's drain is a lower bound)."""
+        return pool_drain_s([e.drain_s if e.drain.measured() else None for e in self.endpoints if e.healthy])
 
-    def batches_full(self) -> bool:
-        """Every healthy engine reports its running batch at its cap (`inferstack:max_num_seqs`); False when
-        one does not export a cap or has no metrics yet (flow control's hold, `FairQueue.batches_full`)."""
+    def engines_full(self) -> bool:
+        """Every healthy engine reports itself full (`enginedrain.engine_full`: requests waiting, or its running
+        batch at its cap); False while one has no metrics (flow control's hold, `FairQueue.engines_full`)."""
         healthy = [e for e in self.endpoints if e.healthy]
-        return bool(healthy) and all(e.metrics is not None and 0 < e.metrics.batch_cap <= e.metrics.running
-                                     for e in healthy)
+        return bool(healthy) and all(e.metrics is not None and engine_full(e.metrics.queue, e.metrics.running,
+                                                                           e.metrics.batch_cap) for e in healthy)
 
     def by_id(self, endpoint_id: str) -> Endpoint:
         for e in self.endpoints:

@@ -40,6 +40,10 @@ class EngineDrain:
         self._finished = finished  # a smaller value: the engine restarted, count from here
         self._rate.queue_changed(1 if full else 0)
 
+    def measured(self) -> bool:
+        """At least one completion seen while full (before it, `seconds_per_completion` is only a lower bound)."""
+        return self._rate.measured()
+
     def seconds_per_completion(self) -> float | None:
         """Mean busy seconds between the engine's completions while full (None: no evidence yet)."""
         return self._rate.seconds_per_release()

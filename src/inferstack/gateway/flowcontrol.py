@@ -30,11 +30,11 @@ class FlowController:
 
     def __init__(self, cfg: FlowControlConfig, free_slots: Callable[[], int],
                  on_depth: Callable[[int, int], None] | None = None, now: Callable[[], float] = time.monotonic,
-                 prior: Callable[[], float | None] | None = None, batches_full: Callable[[], bool] | None = None):
-        """``prior``, ``batches_full``: the engines' own pace and whether their batches are full (`FairQueue`)."""
+                 prior: Callable[[], float | None] | None = None, engines_full: Callable[[], bool] | None = None):
+        """``prior``, ``engines_full``: the engines' own pace, and whether all report themselves full (`FairQueue`)."""
         self.cfg = cfg
         self.on_depth = on_depth
-        self.queue: FairQueue[asyncio.Future] = FairQueue(cfg, free_slots, now, prior, batches_full)
+        self.queue: FairQueue[asyncio.Future] = FairQueue(cfg, free_slots, now, prior, engines_full)
 
     @property
     def queued(self) -> int:

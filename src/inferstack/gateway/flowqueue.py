@@ -45,14 +45,12 @@ sources stand in. First the engines' own pace (`prior`: their seconds per comple
 from their counters on every scrape, `EngineDrain`), which a stack that served anything while full,
 a warm-up included, already has; admission then predicts with it at arrival. Without that either, and
 before the pool completed any request (a cold CPU engine takes 10-200 s for its first prefill), while
-every engine reports its running batch at its cap (`batches_full`), a queued request is held at most half
-of `queue_wait_s` (1 s) and refused then (`hopeless`, Retry-After 1). Before this rule such a queue was
-judged only by the stall re-check, ~15 s after it formed, so its refusals came up to 16 s late. Full
-batches, not a queue at the engine: an engine with free batch slots that queues (its step's token
-budget is spent) starts what waits within a few steps, and holding back there refused requests a
-simulated 64-slot CPU engine served (tests/unit/test_sim_cpu_profile.py). It cannot starve a healthy pool:
-the engines' batches and their own bounded queues stay full (the gateway releases into them as before),
-and the hold ends for good with the pool's first completion.
+every engine reports itself full (`engines_full`: requests waiting there, or its batch at its cap), a
+queued request is held at most half of `queue_wait_s` (1 s) and refused then (`hopeless`, Retry-After 1).
+Before this rule such a queue was judged only by the stall re-check, ~15 s after it formed, so its
+refusals came up to 16 s late. It cannot starve a healthy pool: the engines stay full (the gateway
+releases into them as before), an engine with room is not held against, and the hold ends for good with
+the pool's first completion. The simulator injects no `engines_full` and so never holds.
 """
 
 from __future__ import annotations
@@ -177,17 +175,17 @@ class FairQueue(Generic[T]):
     """One per pool. ``free_slots`` says how many requests the pool can take now
     (`PoolSnapshot.free_slots` / `pd_free_slots`); ``pending`` are released, not yet routed.
     ``prior`` gives the engines' own seconds per release of the pool (None: unmeasured), used until the
-    queue measures its own; ``batches_full`` says every engine's running batch is at its cap (module NOTE
+    queue measures its own; ``engines_full`` says every engine reports itself full (module NOTE
     "no promise without evidence"; None: never, as in the simulator)."""
 
     def __init__(self, cfg: FlowControlConfig, free_slots: Callable[[], int],
                  now: Callable[[], float] = time.monotonic,
                  prior: Callable[[], float | None] | None = None,
-                 batches_full: Callable[[], bool] | None = None) -> None:
+                 engines_full: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
         self.free_slots = free_slots
         self.prior = prior
-        self.batches_full = batches_full
+        self.engines_full = engines_full
         self.now = now
         self.rate = ServiceRate(now=now)
         self._bands: dict[int, _Band[T]] = {}
@@ -329,9 +327,9 @@ class FairQueue(Generic[T]):
     def _unproven(self, now: float) -> list[tuple[T, int, float]]:
         """Waiters held longer than half of `queue_wait_s` (the other half: the pump's cadence and the
         answer's way back, so the refusal reaches the client within `queue_wait_s`), taken out while every
-        engine's running batch is at its cap (`batches_full`) and nothing measures the pace (`hopeless`)."""
-        if self.batches_full is None or not self.batches_full():
-            return []  # an engine still has a free batch slot: what waits now starts soon, hold on
+        engine reports itself full (`engines_full`) and nothing measures the pace (`hopeless`)."""
+        if self.engines_full is None or not self.engines_full():
+            return []  # an engine has room: what waits now goes there soon, hold on
         out = [(item, prio, math.inf)
                for item, prio in self._older_than(self.cfg.queue_wait_s * QUEUE_HEADROOM, now)]
         self._refused_unproven = self._refused_unproven or bool(out)
