@@ -298,8 +298,8 @@ class FairQueue(Generic[T]):
         per second. Without any evidence of a pace (`evidence`), the waiters held past half of
         `queue_wait_s`, with an infinite wait (no promise could be made)."""
         now = self.now()
-        if self.queued and not self.evidence():
-            return self._unproven(now)
+        if self.queued and not self.evidence() and (held := self._unproven(now)):
+            return held  # else the stall re-check below still applies (an engine with room that stalls)
         busy = self.queued and now >= self._next_check
         stalled = busy and self.rate.stalled(self.cfg.queue_timeout_s * QUEUE_HEADROOM)
         per_release = self.rate.seconds_per_release() if stalled else None
