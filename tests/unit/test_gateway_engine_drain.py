@@ -173,7 +173,7 @@ def test_an_unchanged_metrics_text_still_feeds_the_drain_so_a_stall_is_seen(monk
     assert ep.drain_s > 1.0
 
 
-def test_the_pool_reads_its_engines_pace_and_whether_every_batch_is_full():
+def test_the_pool_reads_its_engines_pace_and_whether_every_engine_is_full():
     pool = Pool.from_config("p", PoolConfig(endpoints=["http://127.0.0.1:1", "http://127.0.0.1:2"]), GatewayConfig())
     assert pool.engines_pace() is None and not pool.engines_full()  # nothing scraped yet
     a, b = pool.endpoints
