@@ -19,7 +19,7 @@ machine, and the previous time-boxed closed-loop warm-up left groups cold, so it
 those prefills: 0.13 req/s). `--warmup` caps its seconds.
 
     PYTHONPATH=src python benchmarks/gateway_overload.py [--capacity 1.0|auto] [--factors 1,2,4,8] \
-        [--duration 30] [--workload shared-prefix] [--up-args "--replicas 2"]
+        [--duration 30] [--workload shared-prefix:groups=4,system=256,question=32,output=32] [--up-args ...]
 
 `--capacity auto` measures the stack's service rate for this workload in the same run (a busy machine
 gives CPU engines less): after the warm-up, a closed loop of as many clients as the engines run at
@@ -50,6 +50,8 @@ from inferstack.bench.workloads import RequestSpec, parse_workload
 from inferstack.telemetry import promtext
 
 ROOT = Path(__file__).resolve().parents[1]
+
+README_WORKLOAD = "shared-prefix:groups=4,system=256,question=32,output=32"  # README.md's `bench run` line
 
 
 def start_stack(tmp: Path, up_args: list[str]) -> tuple[subprocess.Popen, dict]:
@@ -191,7 +193,9 @@ def main() -> None:
     ap.add_argument("--factors", default="1,2,4,8")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--drain", type=float, default=30.0, help="bench --drain-timeout")
-    ap.add_argument("--workload", default="shared-prefix")
+    ap.add_argument("--workload", default=README_WORKLOAD,
+                    help="the README's `inferstack bench` example by default (bare `shared-prefix` is 8 groups of "
+                         "2,048-token prompts: a cold prefill alone takes ~20 s on the default stack)")
     ap.add_argument("--warmup", type=float, default=600.0,
                     help="most seconds of warm-up: each group's prompt prefilled on each engine (0: none)")
     ap.add_argument("--slo", default="", help="e.g. ttft=5s: goodput counts only requests meeting it")

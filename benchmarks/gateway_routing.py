@@ -23,6 +23,7 @@ import json
 import random
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -35,6 +36,8 @@ from gateway_common import (
     start_inferstack_gateway,
     start_sglang_router,
 )
+
+from inferstack.telemetry import promtext
 
 MODEL = "bench-model"
 _CONTENT = re.compile(rb'"content":\s*"[^"]')  # a non-empty content delta (not the role-only first chunk)
@@ -105,8 +108,6 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
 
 
 def engine_hits(urls: list[str]) -> tuple[float, float]:
-    import urllib.request
-
     hits = queries = 0.0
     for u in urls:
         for line in urllib.request.urlopen(u + "/metrics").read().decode().splitlines():
@@ -115,6 +116,18 @@ def engine_hits(urls: list[str]) -> tuple[float, float]:
             elif line.startswith("vllm:prefix_cache_queries_total"):
                 queries += float(line.rsplit(" ", 1)[1])
     return hits, queries
+
+
+def decided_by(gateway_url: str) -> dict[str, int]:
+    """The gateway's routing decisions by the scorer that decided (its largest weighted margin): which
+    term moved requests where they went (a hit rate below a peer's shows here as non-prefix decisions)."""
+    text = urllib.request.urlopen(gateway_url + "/metrics").read().decode()
+    picks = promtext.parse(text, 0.0).select("inferstack_gateway_routing_decisions_total")
+    out: dict[str, int] = {}
+    for labels, n in picks.items():
+        scorer = dict(labels).get("scorer", "?")
+        out[scorer] = out.get(scorer, 0) + int(n)
+    return out
 
 
 def _served_model(url: str) -> str:
@@ -187,6 +200,8 @@ def main() -> None:
                 hits, queries = engine_hits(urls)
                 row["router"] = name
                 row["hit_rate"] = hits / queries if queries else float("nan")
+                if not str(which).startswith("sglang:"):
+                    row["decided_by"] = decided_by(router.url)
                 results.append(row)
                 print(json.dumps(row), flush=True)
             finally:

@@ -5,9 +5,12 @@ and the pool stays busy."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from inferstack.config.schema import FlowControlConfig
+from inferstack.gateway.enginedrain import pool_drain_s
 from inferstack.gateway.flowqueue import FairQueue, Rejected, ServiceRate, admission_wait
 
 
@@ -98,3 +101,46 @@ def test_a_bursty_pool_under_overload_refuses_at_arrival_and_stays_busy(factor):
     assert run["refused_at_arrival"] > 0 and max(run["waits"]) <= cfg.queue_timeout_s
     # 16 at the start, then 8 per 20 s: the pool never idles for want of a queued request
     assert run["served"] >= 16 + 8 * (400 // 20 - 1)
+
+
+def test_without_evidence_of_a_pace_a_waiter_is_held_half_a_queue_wait_while_engines_are_full():
+    clock, free, full = Clock(), [0], [False]
+    q: FairQueue[str] = FairQueue(FlowControlConfig(queue_timeout_s=30, queue_wait_s=1.0), lambda: free[0], clock,
+                                  engines_full=lambda: full[0])
+    assert not q.admit("a", 0, "t") and not q.admit("b", 0, "t")
+    clock.t = 0.3
+    assert not q.admit("c", 0, "t")
+    assert q.hopeless() == []  # 0.3 s: within the hold
+    clock.t = 0.51
+    assert q.hopeless() == []  # an engine has room: what waits goes there soon
+    full[0] = True
+    assert [(item, wait) for item, _, wait in q.hopeless()] == [("a", math.inf), ("b", math.inf)]
+    free[0] = 1
+    q.completed()  # the pool serves: from now on its rate (or its lower bound) predicts, no more holds
+    clock.t = 5.0
+    assert q.hopeless() == [] and [item for item, _ in q.release()] == ["c"]
+
+
+def test_the_engines_own_pace_predicts_the_wait_until_the_queue_measures_its_own():
+    clock, pace = Clock(), [None]
+    q: FairQueue[int] = FairQueue(FlowControlConfig(queue_timeout_s=30), lambda: 0, clock, prior=lambda: pace[0],
+                                  engines_full=lambda: True)
+    assert not q.admit(0, 0, "t")  # no pace from anywhere: it queues (and is held briefly, above)
+    pace[0] = 2.0  # the engines finished a request every 2 s while full (a warm-up): 15 s budget, 7 fit
+    for n in range(1, 7):
+        assert not q.admit(n, 0, "t")
+    with pytest.raises(Rejected) as r:
+        q.admit(7, 0, "t")  # 8 x 2 s = 16 s > 15 s: refused at arrival
+    assert r.value.code == "queue_timeout" and r.value.retry_after_s == 16
+    assert q.evidence() and q.hopeless() == []  # with a pace there is no hold
+
+
+@pytest.mark.parametrize(("drains", "expected"), [
+    ([None, None], None),
+    ([4.0, 4.0], 2.0),        # two engines, one completion each per 4 s: the pool releases one per 2 s
+    ([4.0, None], 2.0),       # the unmeasured one is assumed as fast as the measured one
+    ([2.0, 6.0], 1.5),        # 0.5 + 0.167 per s
+    ([0.0, 3.0, None], 1.0),  # a zero is no measurement
+])
+def test_the_pools_pace_from_its_engines(drains, expected):
+    assert pool_drain_s(drains) == (None if expected is None else pytest.approx(expected))

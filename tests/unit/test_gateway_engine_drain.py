@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from inferstack.gateway.datalayer import parse_engine_metrics
+from inferstack.config.schema import GatewayConfig, PoolConfig
+from inferstack.gateway.datalayer import Pool, parse_engine_metrics
 from inferstack.gateway.enginedrain import EngineDrain, engine_full
 from inferstack.gateway.routing.types import EndpointView, PoolSnapshot
 
@@ -170,3 +171,19 @@ def test_an_unchanged_metrics_text_still_feeds_the_drain_so_a_stall_is_seen(monk
     assert ep.drain_s == pytest.approx(0.5, rel=0.1)
     asyncio.run(scrapes([(19.5 + t, scrape(8, 2, 39)) for t in range(1, 31)]))  # the same text for 30 s
     assert ep.drain_s > 1.0
+
+
+def test_the_pool_reads_its_engines_pace_and_whether_every_engine_is_full():
+    pool = Pool.from_config("p", PoolConfig(endpoints=["http://127.0.0.1:1", "http://127.0.0.1:2"]), GatewayConfig())
+    assert pool.engines_pace() is None and not pool.engines_full()  # nothing scraped yet
+    a, b = pool.endpoints
+    a.metrics, b.metrics = parse_engine_metrics(scrape(8, 0, 0)), parse_engine_metrics(scrape(1, 0, 0))
+    a.drain, a.drain_s = slow_engine(), 7.5
+    b.drain_s = 4.0  # full for a while without a completion: a lower bound, not a pace
+    assert not b.drain.measured() and a.drain.measured()
+    assert pool.engines_pace() == pytest.approx(3.75)  # the unmeasured engine taken as fast as the other
+    assert not pool.engines_full()  # b has room: the gateway's hold does not apply
+    b.metrics = parse_engine_metrics(scrape(1, 2, 0))  # one running, two waiting (a cold prefill's token budget)
+    assert pool.engines_full()
+    b.active_ok = False  # an unhealthy engine neither counts nor blocks
+    assert pool.engines_full() and pool.engines_pace() == pytest.approx(7.5)

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from inferstack.config.schema import EndpointConfig, GatewayConfig, PoolConfig
-from inferstack.gateway.enginedrain import EngineDrain, engine_full
+from inferstack.gateway.enginedrain import EngineDrain, engine_full, pool_drain_s
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, Router, build_router
 from inferstack.gateway.routing.disagg import PDRouter, build_pd_router, pd_free_slots
 from inferstack.gateway.routing.state import RoutingState
@@ -197,6 +197,18 @@ class Pool:
         if isinstance(self.router, PDRouter):
             return pd_free_slots(snap, self.router.roles, conditional=self.router.max_prefill_queue is not None)
         return snap.free_slots()
+
+    def engines_pace(self) -> float | None:
+        """The pool's seconds per release from its healthy engines' own drain (flow control's prior); only
+        engines that completed a request while full count (before that an engine's drain is a lower bound)."""
+        return pool_drain_s([e.drain_s if e.drain.measured() else None for e in self.endpoints if e.healthy])
+
+    def engines_full(self) -> bool:
+        """Every healthy engine reports itself full (`enginedrain.engine_full`: requests waiting, or its running
+        batch at its cap); False while one has no metrics (flow control's hold, `FairQueue.engines_full`)."""
+        healthy = [e for e in self.endpoints if e.healthy]
+        return bool(healthy) and all(e.metrics is not None and engine_full(e.metrics.queue, e.metrics.running,
+                                                                           e.metrics.batch_cap) for e in healthy)
 
     def by_id(self, endpoint_id: str) -> Endpoint:
         for e in self.endpoints:

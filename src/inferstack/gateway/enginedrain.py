@@ -15,6 +15,8 @@ at the arrival rate, which says nothing about its capacity.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from inferstack.gateway.flowqueue import ServiceRate
 
 
@@ -38,6 +40,10 @@ class EngineDrain:
         self._finished = finished  # a smaller value: the engine restarted, count from here
         self._rate.queue_changed(1 if full else 0)
 
+    def measured(self) -> bool:
+        """At least one completion seen while full (before it, `seconds_per_completion` is only a lower bound)."""
+        return self._rate.measured()
+
     def seconds_per_completion(self) -> float | None:
         """Mean busy seconds between the engine's completions while full (None: no evidence yet)."""
         return self._rate.seconds_per_release()
@@ -46,3 +52,13 @@ class EngineDrain:
 def engine_full(queue: float, running: float, batch_cap: int) -> bool:
     """Requests wait at the engine, or its running batch is at its cap (when it exports one)."""
     return queue > 0 or (batch_cap > 0 and running >= batch_cap)
+
+
+def pool_drain_s(drains: Sequence[float | None]) -> float | None:
+    """A pool's seconds per release from its healthy engines' own paces (`EngineDrain`): n engines at the
+    measured ones' mean rate (engines of a pool are alike; one unmeasured yet is assumed as fast as the
+    others). None when none is measured. Flow control's prior until its queue measures its own pace."""
+    known = [d for d in drains if d is not None and d > 0]
+    if not known:
+        return None
+    return 1.0 / (len(drains) * sum(1.0 / d for d in known) / len(known))

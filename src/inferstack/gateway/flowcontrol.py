@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from inferstack.config.schema import FlowControlConfig
-from inferstack.gateway.flowqueue import FairQueue, Rejected
+from inferstack.gateway.flowqueue import QUEUE_HEADROOM, FairQueue, Rejected
 from inferstack.protocol.errors import APIError
 
 
@@ -29,10 +29,12 @@ class FlowController:
     """One per pool. ``free_slots`` says how many requests may be released right now."""
 
     def __init__(self, cfg: FlowControlConfig, free_slots: Callable[[], int],
-                 on_depth: Callable[[int, int], None] | None = None, now: Callable[[], float] = time.monotonic):
+                 on_depth: Callable[[int, int], None] | None = None, now: Callable[[], float] = time.monotonic,
+                 prior: Callable[[], float | None] | None = None, engines_full: Callable[[], bool] | None = None):
+        """``prior``, ``engines_full``: the engines' own pace, and whether all report themselves full (`FairQueue`)."""
         self.cfg = cfg
         self.on_depth = on_depth
-        self.queue: FairQueue[asyncio.Future] = FairQueue(cfg, free_slots, now)
+        self.queue: FairQueue[asyncio.Future] = FairQueue(cfg, free_slots, now, prior, engines_full)
 
     @property
     def queued(self) -> int:
@@ -120,15 +122,23 @@ class FlowController:
         for fut, prio, wait in self.queue.hopeless():
             self._depth(prio)
             if not fut.done():
-                fut.set_exception(APIError(
-                    429, f"The pool is saturated: at the current drain rate this request would wait another "
-                    f"{wait:.0f}s, past the queue timeout ({self.cfg.queue_timeout_s:g}s).",
-                    code="queue_timeout", headers={"retry-after": str(min(60, max(1, math.ceil(wait))))}))
+                fut.set_exception(_hopeless_error(wait, self.cfg))
         return released
 
     def _depth(self, priority: int) -> None:
         if self.on_depth is not None:
             self.on_depth(priority, self.queue.depth(priority))
+
+
+def _hopeless_error(wait: float, cfg: FlowControlConfig) -> APIError:
+    """The 429 for a waiter `FairQueue.hopeless` took out; an infinite ``wait``: no pace was measured yet."""
+    if math.isinf(wait):
+        return APIError(429, "The pool is saturated and has not completed a request under load yet, so no wait "
+                        f"can be promised; held {cfg.queue_wait_s * QUEUE_HEADROOM:g}s without a free slot.",
+                        code="queue_timeout", headers={"retry-after": "1"})
+    return APIError(429, f"The pool is saturated: at the current drain rate this request would wait another "
+                    f"{wait:.0f}s, past the queue timeout ({cfg.queue_timeout_s:g}s).",
+                    code="queue_timeout", headers={"retry-after": str(min(60, max(1, math.ceil(wait))))})
 
 
 def _released(fut: asyncio.Future) -> bool:

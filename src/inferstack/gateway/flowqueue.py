@@ -39,6 +39,18 @@ overstates the wait just before the next burst, and an earlier version of this c
 3-20 s after they arrived, requests the next burst would have served. Before the pool's first
 completion under load ever there is no rate: the first second of that queue is let in, then the
 busy time so far is a lower bound of one interval. The timeout stays as the backstop.
+
+NOTE (no promise without evidence): until the queue has seen a completion, its wait is unknown. Two
+sources stand in. First the engines' own pace (`prior`: their seconds per completion while full, measured
+from their counters on every scrape, `EngineDrain`), which a stack that served anything while full,
+a warm-up included, already has; admission then predicts with it at arrival. Without that either, and
+before the pool completed any request (a cold CPU engine takes 10-200 s for its first prefill), while
+every engine reports itself full (`engines_full`: requests waiting there, or its batch at its cap), a
+queued request is held at most half of `queue_wait_s` (1 s) and refused then (`hopeless`, Retry-After 1).
+Before this rule such a queue was judged only by the stall re-check, ~15 s after it formed, so its
+refusals came up to 16 s late. It cannot starve a healthy pool: the engines stay full (the gateway
+releases into them as before), an engine with room is not held against, and the hold ends for good with
+the pool's first completion. The simulator injects no `engines_full` and so never holds.
 """
 
 from __future__ import annotations
@@ -109,8 +121,10 @@ class ServiceRate:
         return open_s > budget_s and open_s > 2 * max(self._gaps, default=0.0)
 
     def completed(self) -> None:
-        """A request of the pool finished; counted only while the queue waits (busy)."""
+        """A request of the pool finished; counted only while the queue waits (busy). One while the queue
+        is empty is no sample, but it ends the open interval: the busy time before it was no stall."""
         if self._busy_since is None:
+            self._since_completion = 0.0
             return
         gap = self.stalled_s()
         self._since_completion = 0.0
@@ -120,6 +134,10 @@ class ServiceRate:
         while len(self._gaps) > self.min_samples and (
                 self._gap_sum - self._gaps[0] >= self.window_s or len(self._gaps) > self.max_kept):
             self._gap_sum -= self._gaps.popleft()
+
+    def measured(self) -> bool:
+        """At least one completion was seen while the queue waited."""
+        return bool(self._gaps)
 
     def seconds_per_release(self) -> float | None:
         """The mean busy interval between the kept completions, the current open one included (a stall
@@ -155,17 +173,26 @@ class _Band(Generic[T]):
 
 class FairQueue(Generic[T]):
     """One per pool. ``free_slots`` says how many requests the pool can take now
-    (`PoolSnapshot.free_slots` / `pd_free_slots`); ``pending`` are released, not yet routed."""
+    (`PoolSnapshot.free_slots` / `pd_free_slots`); ``pending`` are released, not yet routed.
+    ``prior`` gives the engines' own seconds per release of the pool (None: unmeasured), used until the
+    queue measures its own; ``engines_full`` says every engine reports itself full (module NOTE
+    "no promise without evidence"; None: never, as in the simulator)."""
 
     def __init__(self, cfg: FlowControlConfig, free_slots: Callable[[], int],
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], float] = time.monotonic,
+                 prior: Callable[[], float | None] | None = None,
+                 engines_full: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
         self.free_slots = free_slots
+        self.prior = prior
+        self.engines_full = engines_full
         self.now = now
         self.rate = ServiceRate(now=now)
         self._bands: dict[int, _Band[T]] = {}
         self.queued = 0
         self.pending = 0
+        self.completions_seen = False
+        self._refused_unproven = False  # the hold refused someone before the first completion
         self._next_check = 0.0
 
     def _waiting_at_or_above(self, priority: int) -> int:
@@ -188,7 +215,7 @@ class FairQueue(Generic[T]):
             raise Rejected("shed", "The pool is saturated and this request's priority is sheddable.")
         if self.queued >= self.cfg.max_queued:
             raise Rejected("queue_full", "Too many requests are queued at the gateway.")
-        wait = admission_wait(ahead, self.rate.seconds_per_release(), self.cfg.queue_timeout_s * QUEUE_HEADROOM)
+        wait = admission_wait(ahead, self.per_release(), self.cfg.queue_timeout_s * QUEUE_HEADROOM)
         if wait is not None:
             raise Rejected("queue_timeout", f"The pool is saturated: the expected wait ({wait:.0f}s) is too close "
                            f"to the queue timeout ({self.cfg.queue_timeout_s:g}s).", min(60, math.ceil(wait)))
@@ -202,6 +229,21 @@ class FairQueue(Generic[T]):
         self.queued += 1
         self.rate.queue_changed(self.queued)
         return False
+
+    def per_release(self) -> float | None:
+        """The queue's seconds per release: measured once it saw a completion; before that the engines'
+        own pace (`prior`) or, without it, the busy time so far (a lower bound; None in its first second)."""
+        bound = self.rate.seconds_per_release()
+        if self.rate.measured() or self.prior is None:
+            return bound
+        prior = self.prior()
+        return bound if prior is None else max(prior, bound or 0.0)
+
+    def evidence(self) -> bool:
+        """Something to promise a wait by: the pool completed a request (its queue's rate then measures or
+        bounds the pace; a completion while the queue was empty still proves the pool serves), or the
+        engines measured their own pace (`prior`)."""
+        return self.completions_seen or (self.prior is not None and self.prior() is not None)
 
     def release(self) -> list[tuple[T, int]]:
         """The waiters to route now with their priorities, as many as there is room for; each holds
@@ -228,6 +270,11 @@ class FairQueue(Generic[T]):
 
     def completed(self) -> None:
         """A request of the pool finished at its endpoint (the service rate's sample); then `release`."""
+        if not self.completions_seen and self._refused_unproven and not self.queued:
+            # the hold emptied the queue of a pool that stayed full: its first completion still measures the
+            # busy time before it (else the next queue starts with no history and the lower bound misleads)
+            self.rate.queue_changed(1)
+        self.completions_seen = True
         self.rate.completed()
 
     def remove(self, item: T, priority: int) -> bool:
@@ -248,8 +295,11 @@ class FairQueue(Generic[T]):
         """While the pool is stalled (`ServiceRate.stalled`: no completion for longer than the admission
         budget and than its usual bursts), take out the waiters the current rate says will not be
         released before the queue timeout, with their expected wait (Retry-After); at most one check
-        per second."""
+        per second. Without any evidence of a pace (`evidence`), the waiters held past half of
+        `queue_wait_s`, with an infinite wait (no promise could be made)."""
         now = self.now()
+        if self.queued and not self.evidence() and (held := self._unproven(now)):
+            return held  # else the stall re-check below still applies (an engine with room that stalls)
         busy = self.queued and now >= self._next_check
         stalled = busy and self.rate.stalled(self.cfg.queue_timeout_s * QUEUE_HEADROOM)
         per_release = self.rate.seconds_per_release() if stalled else None
@@ -274,10 +324,24 @@ class FairQueue(Generic[T]):
         self._settle()
         return out
 
+    def _unproven(self, now: float) -> list[tuple[T, int, float]]:
+        """Waiters held longer than half of `queue_wait_s` (the other half: the pump's cadence and the
+        answer's way back, so the refusal reaches the client within `queue_wait_s`), taken out while every
+        engine reports itself full (`engines_full`) and nothing measures the pace (`hopeless`)."""
+        if self.engines_full is None or not self.engines_full():
+            return []  # an engine has room: what waits now goes there soon, hold on
+        out = [(item, prio, math.inf)
+               for item, prio in self._older_than(self.cfg.queue_wait_s * QUEUE_HEADROOM, now)]
+        self._refused_unproven = self._refused_unproven or bool(out)
+        return out
+
     def expire(self) -> list[tuple[T, int]]:
         """Take out every waiter older than the queue timeout (the simulator's timer; the live
         gateway times each waiter on its own)."""
-        now, limit = self.now(), self.cfg.queue_timeout_s
+        return self._older_than(self.cfg.queue_timeout_s, self.now())
+
+    def _older_than(self, limit: float, now: float) -> list[tuple[T, int]]:
+        """Take out the waiters queued more than ``limit`` seconds ago."""
         out: list[tuple[T, int]] = []
         for prio, band in self._bands.items():
             for flow in band.flows.values():

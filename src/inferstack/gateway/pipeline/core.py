@@ -59,7 +59,8 @@ class Pipeline:
         self.request_ids = RequestIds()  # for requests that bring no x-request-id (`Inbound.arrive`)
         self.metrics.track_in_flight(
             lambda: [(p.name, e.id, e.in_flight) for p in self.pools.values() for e in p.endpoints])
-        self.flow = {name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name))
+        self.flow = {name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name),
+                                          prior=pool.engines_pace, engines_full=pool.engines_full)
                      for name, pool in self.pools.items()}
         self.limiter: Limiter = limiter or (
             RedisLimiter(gw.redis_url, timeout_s=gw.limits.store_timeout_s, retry_s=gw.limits.store_retry_s)

@@ -37,8 +37,10 @@ def within_cap(cands: list[EndpointView]) -> list[EndpointView]:
 
 # An endpoint is overloaded when its load exceeds twice the least-loaded endpoint's plus this slack;
 # the relative bound keeps prefix affinity through ordinary imbalance (GIE's absolute queue/KV
-# thresholds evict hot prefixes from their holder exactly when caching matters most).
-OVERLOAD_SLACK = 8.0
+# thresholds evict hot prefixes from their holder exactly when caching matters most). 16, not 8: at 8
+# a Zipf-hot prefix left its holder at ordinary bursts (docs/gateway.md, "Presets"), and each copy on a
+# second endpoint evicts another tenant's prefix there.
+OVERLOAD_SLACK = 16.0
 
 
 def not_overloaded(ctx: RouteContext, cands: list[EndpointView]) -> list[EndpointView]:
