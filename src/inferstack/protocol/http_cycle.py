@@ -104,7 +104,8 @@ class Cycle:
         if self.expect_100 and not proto.transport.is_closing():
             proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.expect_100 = False
-        proto.resume_reading()  # paused past the high-water mark: the app is taking the body now
+        if not proto.pipeline:  # paused past the high-water mark: the app takes the body now (a pipelined
+            proto.resume_reading()  # request keeps reading paused until its turn)
         # wait only when there is nothing to hand over: body bytes not in yet, or the body all delivered
         while not self.disconnected and not self.response_complete and (
                 self.delivered or (self.more_body and not self.body)):
