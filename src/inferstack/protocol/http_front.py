@@ -69,11 +69,18 @@ class FrontProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._expect_100 = False
+        self._default_src: list | None = None
+        self._default_head = b""
 
     @property
     def default_head(self) -> bytes:
-        """The server's default response headers (uvicorn keeps ``date`` current once a second)."""
-        return b"".join(b"%s: %s\r\n" % kv for kv in self.server_state.default_headers)
+        """The server's default response headers, encoded once per change (uvicorn replaces the list when
+        ``date`` moves, once a second)."""
+        headers = self.server_state.default_headers
+        if headers is not self._default_src:
+            self._default_src = headers
+            self._default_head = b"".join(b"%s: %s\r\n" % kv for kv in headers)
+        return self._default_head
 
     # ---- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
