@@ -2,9 +2,10 @@
 
 uvicorn still runs the process (sockets, lifespan, signals, graceful drain: it builds this class through
 ``uvicorn.Config(http=...)`` and calls `shutdown` on every connection when draining), but each connection
-and request is handled here, not by uvicorn's HttpToolsProtocol and RequestResponseCycle: those cost ~70 µs
-of CPU per request on this project's 2-core machine where a bare httptools protocol costs ~20
-(docs/gateway.md, "The HTTP front"), and a Python gateway is judged against Rust routers.
+and request is handled here, not by uvicorn's HttpToolsProtocol and RequestResponseCycle, which do more per
+request than our servers need (measured on a 2-core machine, `benchmarks/http_front_cost.py`: uvicorn's
+protocol 50-70 µs of CPU per request, this one 40-45, a bare httptools protocol with no ASGI 15-20;
+docs/gateway.md, "The HTTP front").
 
 Guards uvicorn lacks (`guarded_protocol` sets the limits): a header block over ``max_header_bytes`` gets
 431 and one not complete ``header_timeout_s`` after the connection opened (or after the first byte of a
