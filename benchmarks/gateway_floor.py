@@ -1,6 +1,6 @@
 """The floor under our gateway's per-request CPU: a bare ASGI proxy on the same server stack.
 
-uvicorn with the gateway's settings (uvloop, httptools with the header guards, access log off) and the
+uvicorn with the gateway's settings (uvloop, our HTTP front with its header guards, access log off) and the
 gateway's own upstream client (`gateway.upstream.UpstreamPool`, keep-alive), round-robin over the
 engines, no keys, limits, metrics, flow control or routing. What our gateway spends per request above
 this is the pipeline's; what this spends is the price of one Python event loop relaying HTTP.

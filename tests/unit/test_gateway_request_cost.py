@@ -144,49 +144,54 @@ class _Recorder:
 
 
 def test_response_head_leaves_with_the_body_in_one_write_and_a_stream_head_at_the_next_loop_step():
-    from uvicorn.protocols.http.flow_control import FlowControl
-    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+    """The front holds a response head until the first body bytes (one write per response); a stream's head
+    leaves at the next event-loop step when no body joins it; an interim 100 Continue is never held."""
+    from uvicorn.server import ServerState
 
-    from inferstack.protocol.http_guard import _HeadJoiner
+    stream_go = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        if scope["path"] == "/whole":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await stream_go.wait()  # the first token is not there yet
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def until(transport, n: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while len(transport.writes) < n:
+            assert asyncio.get_running_loop().time() < deadline, transport.writes
+            await asyncio.sleep(0.005)
 
     async def main():
-        loop = asyncio.get_running_loop()
+        config = uvicorn.Config(app, lifespan="off", log_level="warning")
+        protocol = guarded_protocol()(config=config, server_state=ServerState(), app_state={})
+        transport = _Socketless()
+        protocol.connection_made(transport)
+        protocol.data_received(b"POST /whole HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+        await until(transport, 1)
+        assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
 
-        def cycle(rec: _Recorder, method: str = "POST") -> RequestResponseCycle:
-            c = RequestResponseCycle(scope={"method": method, "http_version": "1.1"}, transport=rec,
-                                     flow=FlowControl(rec), logger=None, access_logger=None, access_log=False,
-                                     default_headers=[], message_event=asyncio.Event(),
-                                     expect_100_continue=False, keep_alive=True, on_response=lambda: None)
-            c.transport = _HeadJoiner(rec, loop)  # what GuardedHttpToolsProtocol does per request
-            return c
+        protocol.data_received(b"POST /stream HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await until(transport, 2)  # the head alone, before any token
+        assert transport.writes[1] == (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                       b"transfer-encoding: chunked\r\n\r\n")
+        stream_go.set()
+        await until(transport, 4)
+        assert transport.writes[2:] == [b"9\r\ndata: 1\n\n\r\n", b"0\r\n\r\n"]
 
-        whole = _Recorder()
-        c = cycle(whole)
-        await c.send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await c.send({"type": "http.response.body", "body": b"ok"})
-        assert whole.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
-        await asyncio.sleep(0)  # the scheduled flush finds nothing held
-        assert len(whole.writes) == 1
-
-        stream = _Recorder()
-        c = cycle(stream)
-        sse = (b"content-type", b"text/event-stream")
-        await c.send({"type": "http.response.start", "status": 200, "headers": [sse]})
-        assert stream.writes == []
-        await asyncio.sleep(0)  # the first token is not there yet: the head goes out on its own
-        assert stream.writes == [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                                 b"transfer-encoding: chunked\r\n\r\n"]
-        await c.send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
-        await c.send({"type": "http.response.body", "body": b""})
-        assert stream.writes[1:] == [b"9\r\ndata: 1\n\n\r\n", b"0\r\n\r\n"]
-
-        cont = _Recorder()  # an interim 100 Continue is never held, the head after it is
-        j = _HeadJoiner(cont, loop)
-        j.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        j.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
-        assert cont.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
-        j.close()  # closing flushes a held head first
-        assert cont.writes[1:] == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"] and cont.closed
+        protocol.data_received(b"POST /whole HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                               b"content-length: 2\r\n\r\n")
+        await until(transport, 5)
+        assert transport.writes[4] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        protocol.data_received(b"hi")
+        await until(transport, 6)
+        assert transport.writes[5] == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        protocol.connection_lost(None)
 
     asyncio.run(main())
 

@@ -1,4 +1,5 @@
-"""Run the gateway under uvicorn (uvloop + httptools) with the server start-up contract of
+"""Run the gateway on uvloop under uvicorn (the process: sockets, lifespan, signals, drain) with our HTTP front
+(`protocol/http_front.py`: every connection and request) and the server start-up contract of
 docs/architecture.md: binds 127.0.0.1 by default, accepts port 0, writes ``--ready-file`` once
 serving, SIGTERM drains."""
 
@@ -104,7 +105,7 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 
 def run_server(app: Gateway, sockets: list[socket.socket], on_ready: Callable[[], object]) -> None:
-    """uvicorn (uvloop + httptools, our header guards) serving ``app`` on ``sockets``; ``on_ready``
+    """uvicorn (uvloop, our HTTP front with its header guards) serving ``app`` on ``sockets``; ``on_ready``
     runs once it serves. Returns after SIGTERM/SIGINT and the graceful drain."""
     limits = app.cfg.gateway.http
     protocol = guarded_protocol(limits.max_header_bytes, limits.header_timeout_s)  # 431 / 408 (slowloris)

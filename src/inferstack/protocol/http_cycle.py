@@ -1,0 +1,200 @@
+"""One HTTP request's ASGI cycle on the front (`protocol/http_front.py`): ``receive``, ``send`` and the run
+of the app, with the rules of uvicorn's RequestResponseCycle (same messages, same checks on headers and
+lengths, 500 when the app fails before answering) at a fraction of its per-request work.
+
+The response head is held until the first body bytes and leaves with them in one socket write (one system
+call and one TCP segment fewer; on loopback the kernel delivers to the reader inside the writer's call). A
+head with no length (a stream, sent chunked) is written at the next event-loop step if no body joins it
+first, so a streaming client never waits on its head for a first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from inferstack.protocol.http_front import FrontProtocol
+
+log = logging.getLogger("uvicorn.error")  # where uvicorn's own cycle reports app failures
+# RFC 9110 token characters for names; control characters (but tab) for values: no header splitting
+_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
+_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS_LINES: dict[int, bytes] = {}
+_CHUNKED_END = b"0\r\n\r\n"
+_DISCONNECT = {"type": "http.disconnect"}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = http.HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b""
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+    return line
+
+
+class Cycle:
+    """The request's body as it arrives (fed by the protocol) and its response as the app sends it."""
+
+    __slots__ = ("_waiter", "body", "chunked", "delivered", "disconnected", "expect_100", "gone", "head",
+                 "keep_alive", "more_body", "proto", "remaining", "response_complete", "response_started", "scope")
+
+    def __init__(self, proto: FrontProtocol, scope: dict, keep_alive: bool, expect_100: bool,
+                 gone: asyncio.Future):
+        self.proto, self.scope, self.keep_alive, self.expect_100, self.gone = proto, scope, keep_alive, expect_100, gone
+        self.body: list[bytes] = []
+        self.more_body = True
+        self.delivered = False  # the last body message went to the app: `receive` now waits for the end
+        self.disconnected = False
+        self.response_started = self.response_complete = False
+        self.chunked = False
+        self.remaining = 0  # body bytes the Content-Length still expects
+        self.head: bytes | None = None
+        self._waiter: asyncio.Future | None = None
+
+    def wake(self) -> None:
+        """Body bytes, the body's end, the response's end or a disconnect: a waiting `receive` goes on."""
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = self.proto.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def run(self, app: Callable[..., Any]) -> None:
+        """The app on this request; a failure before the response started is a 500, after it a closed connection."""
+        try:
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            log.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self._send_500()
+            else:
+                self.proto.transport.close()
+            return
+        if result is not None:
+            log.error("ASGI callable should return None, but returned '%s'.", result)
+            self.proto.transport.close()
+        elif not self.response_started and not self.disconnected:
+            log.error("ASGI callable returned without starting response.")
+            await self._send_500()
+        elif not self.response_complete and not self.disconnected:
+            log.error("ASGI callable returned without completing response.")
+            self.proto.transport.close()
+
+    async def _send_500(self) -> None:
+        await self.send({"type": "http.response.start", "status": 500,
+                         "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
+                                     (b"connection", b"close")]})
+        await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+
+    async def receive(self) -> dict:
+        proto = self.proto
+        if self.expect_100 and not proto.transport.is_closing():
+            proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.expect_100 = False
+        if not proto.pipeline:  # paused past the high-water mark: the app takes the body now (a pipelined
+            proto.resume_reading()  # request keeps reading paused until its turn)
+        # wait only when there is nothing to hand over: body bytes not in yet, or the body all delivered
+        while not self.disconnected and not self.response_complete and (
+                self.delivered or (self.more_body and not self.body)):
+            await self._wait()
+        if self.disconnected or self.response_complete:
+            return _DISCONNECT
+        parts, self.body = self.body, []
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        if not self.more_body:
+            self.delivered = True
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: dict) -> None:
+        proto = self.proto
+        if proto.write_paused and not self.disconnected:
+            await proto.drain()
+        if self.disconnected:
+            return
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{message['type']}'.")
+            self.response_started = True
+            self.expect_100 = False
+            self.head = self._encode_head(message["status"], message.get("headers", ()))
+            if self.chunked:  # a stream: its head goes out at the next step unless its first bytes come first
+                proto.loop.call_soon(self._flush_head)
+            return
+        if self.response_complete or message["type"] != "http.response.body":
+            raise RuntimeError(f"Unexpected ASGI message '{message['type']}' sent"
+                               f"{', after response already completed' if self.response_complete else ''}.")
+        self._write_body(message.get("body", b""), message.get("more_body", False))
+
+    def _write_body(self, body: bytes, more: bool) -> None:
+        if self.scope["method"] == "HEAD":
+            data = b""
+        elif self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            if not more:
+                data += _CHUNKED_END
+        else:
+            self.remaining -= len(body)
+            if self.remaining < 0:
+                raise RuntimeError("Response content longer than Content-Length")
+            data = body
+        if self.head is not None:
+            data, self.head = self.head + data, None
+        transport = self.proto.transport
+        if data:
+            transport.write(data)
+        if not more:
+            if self.remaining > 0 and self.scope["method"] != "HEAD":
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.wake()
+            if not self.keep_alive:
+                transport.close()
+            self.proto.response_complete(self)
+
+    def _flush_head(self) -> None:
+        head, self.head = self.head, None
+        if head is not None and not self.disconnected and not self.proto.transport.is_closing():
+            self.proto.transport.write(head)
+
+    def _encode_head(self, status: int, headers: Any) -> bytes:
+        """Status line, the server's default headers (date), the app's headers checked as uvicorn checks them,
+        and the framing: Content-Length as given, else chunked (not for HEAD, 204, 304)."""
+        content = [status_line(status), self.proto.default_head]
+        length: bytes | None = None
+        close = False
+        for name, value in headers:
+            if _BAD_NAME.search(name):
+                raise RuntimeError("Invalid HTTP header name.")
+            if _BAD_VALUE.search(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            name = name.lower()
+            if name == b"content-length" and length is None and not self.chunked:
+                length = value
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.chunked = True
+            elif name == b"connection" and b"close" in (t.strip() for t in value.lower().split(b",")):
+                self.keep_alive = False
+                close = True
+            content += (name, b": ", value, b"\r\n")
+        if not self.keep_alive and not close:
+            content.append(b"connection: close\r\n")
+        if length is not None and not self.chunked:
+            self.remaining = int(length)
+        elif not self.chunked and self.scope["method"] != "HEAD" and status not in (204, 304):
+            self.chunked = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        return b"".join(content)

@@ -1,0 +1,151 @@
+"""Our HTTP front (`protocol/http_front.py`) driven without a socket: pipelined requests answered in order,
+a malformed request refused, a disconnect reaching the app, keep-alive idle timeout (one timer per connection).
+The header limits and the held response head are tested in test_gateway_request_cost.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from inferstack.protocol.http_guard import CLIENT_GONE, guarded_protocol
+
+
+class _Transport:
+    """Enough of an asyncio transport for the protocol: records writes, close and reading pauses."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default=None):
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+async def _until(cond, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.005)
+
+
+def _connect(app, **config):
+    cfg = uvicorn.Config(app, lifespan="off", log_level="warning", **config)
+    protocol = guarded_protocol()(config=cfg, server_state=ServerState(), app_state={})
+    transport = _Transport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+def test_pipelined_requests_are_answered_in_order_and_bodies_reach_their_own_request():
+    release_first = asyncio.Event()
+    seen: list[tuple[str, bytes]] = []
+
+    async def app(scope, receive, send):
+        body = (await receive())["body"]
+        seen.append((scope["path"], body))
+        if scope["path"] == "/first":
+            await release_first.wait()  # the second request must not start before this one answers
+        answer = scope["path"].encode() + b":" + body
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % len(answer))]})
+        await send({"type": "http.response.body", "body": answer})
+
+    async def main():
+        protocol, transport = _connect(app)
+        protocol.data_received(b"POST /first HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nonePOST /second HTTP/1.1"
+                               b"\r\nhost: x\r\ncontent-length: 3\r\n\r\ntwo")
+        await _until(lambda: seen, "first request started")
+        await asyncio.sleep(0.05)
+        assert seen == [("/first", b"one")] and transport.paused  # the pipelined one waits, reading paused
+        release_first.set()
+        await _until(lambda: len(transport.writes) == 2, "both answered")
+        assert transport.writes[0].endswith(b"\r\n\r\n/first:one")
+        assert transport.writes[1].endswith(b"\r\n\r\n/second:two")
+        assert seen == [("/first", b"one"), ("/second", b"two")] and not transport.paused
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_malformed_request_gets_400_and_the_connection_closes():
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("app called for a malformed request")
+
+    async def main():
+        protocol, transport = _connect(app)
+        protocol.data_received(b"GARBAGE\x00 / HTTP/1.1\r\n\r\n")
+        assert transport.writes[0].startswith(b"HTTP/1.1 400 Bad Request\r\n") and transport.closed
+        assert transport.writes[0].endswith(b"Invalid HTTP request received.")
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_client_gone_mid_request_completes_its_future_and_receive_says_disconnect():
+    got: dict = {}
+
+    async def app(scope, receive, send):
+        gone = scope["extensions"][CLIENT_GONE]
+        await receive()
+        await gone  # completes only when the connection is lost before the response is complete
+        got["after"] = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # dropped: nobody to answer
+
+    async def main():
+        protocol, transport = _connect(app)
+        protocol.data_received(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.sleep(0.02)
+        protocol.connection_lost(ConnectionResetError())
+        await _until(lambda: "after" in got, "app saw the disconnect")
+        assert got["after"] == {"type": "http.disconnect"} and transport.writes == []
+
+    asyncio.run(main())
+
+
+def test_keep_alive_idle_connections_close_after_the_timeout_and_busy_ones_do_not():
+    async def app(scope, receive, send):
+        await receive()
+        if scope["path"] == "/slow":
+            await asyncio.sleep(0.35)  # longer than the keep-alive timeout: a busy connection stays open
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        protocol, transport = _connect(app, timeout_keep_alive=0.2)
+        loop = asyncio.get_running_loop()
+        protocol.data_received(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        await _until(lambda: len(transport.writes) == 1, "first answer")
+        await asyncio.sleep(0.1)  # idle for half the timeout, then busy for longer than it
+        protocol.data_received(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        await _until(lambda: len(transport.writes) == 2, "slow answer")
+        assert not transport.closed
+        answered = loop.time()
+        await _until(lambda: transport.closed, "idle close")
+        assert loop.time() - answered >= 0.15  # counted from the last response, not from the first timer
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
