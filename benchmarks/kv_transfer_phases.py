@@ -12,8 +12,9 @@ and `NixlAgent.read` make for a one-group READ):
 - ``offer``: the offer's payload read and unpacked;
 - ``check``: layout and block-hash checks, the peer's metadata looked up (loaded on the first pull);
 - ``descs``: the descriptor arrays of the READ (numpy), ``dlists``: NIXL descriptor lists,
-  ``post``: `initialize_xfer`, ``copy``: `transfer` until DONE (the bytes, plus the hand-off to the
-  UCX copy threads when there are any), ``release``: the transfer handle freed;
+  ``post``: `initialize_xfer`, ``copy``: `transfer` polled until DONE (the bytes, plus the hand-off to
+  the UCX copy threads when there are any: with ``--threads`` above 0 the block is forced through
+  them, which `NixlAgent.read` does only from ``BULK_MIN_BYTES`` on), ``release``: the handle freed;
 - ``done→end``: DONE sent, END read (the prefill side's proof that it held the blocks).
 Each as the median and the 90th percentile over ``--pulls`` pulls, after ``--warmup``; ``total`` is
 the median of the per-pull sums, ``move`` the median of whole `fetch` + `copy_into` calls for the
@@ -53,7 +54,9 @@ def timed_pull(transport: NixlKVTransport, port: int, rid: str) -> dict[str, flo
     assert isinstance(load, RemoteLoad)
     load.accept([0], BS, BS)
     clock.append(time.perf_counter())
-    agent, nixl = transport.agent, transport.agent._agent
+    agent = transport.agent
+    # the agent `NixlAgent.read` picks: the bulk one (copy threads) when bulk_min_bytes is 0
+    nixl = agent._bulk.agent if agent._bulk is not None and agent.bulk_min_bytes == 0 else agent._agent
     runs = block_runs(load.block_ids, load.remote_ids)
     local_rows, far_rows = agent.regions.descs(runs, 0), load.regions.descs(runs, 1)
     clock.append(time.perf_counter())
@@ -87,7 +90,8 @@ def p90(values: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", default="0,2", help="UCX copy threads of the decode agent, one run each")
+    ap.add_argument("--threads", default="0,2",
+                    help="UCX copy threads of the decode agent, one run each (above 0: the block goes through them)")
     ap.add_argument("--pulls", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     args = ap.parse_args()
@@ -104,6 +108,7 @@ def main() -> None:
     print("|---|" + "---|" * (len(PHASES) + 3))
     for threads in map(int, args.threads.split(",")):
         transport = NixlKVTransport(NixlAgent("decode", caches, threads), layout, TRUST, None)  # type: ignore[arg-type]
+        transport.agent.bulk_min_bytes = 0      # one block through the copy threads, to time their hand-off
         rows: list[dict[str, float]] = []
         connects, moves = [], []
         for i in range(args.warmup + args.pulls):

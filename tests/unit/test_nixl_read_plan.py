@@ -50,6 +50,7 @@ def test_a_read_split_over_copy_threads_moves_the_right_bytes():
     try:
         reader.load_peer("here:1", holder.name, holder.metadata())
         reader.min_read_bytes = 0          # a READ per layer group, as for a long prompt
+        reader.bulk_min_bytes = 0          # through the copy threads, as a large transfer goes
         landed: list[int] = []
         local, remote = [0, 1, 2, 7, 9, 10], [5, 6, 7, 0, 3, 4]
         moved = reader.read(holder.name, KVRegions.of(theirs), local, remote, 10.0, landed.append)
