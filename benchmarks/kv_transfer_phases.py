@@ -18,7 +18,11 @@ and `NixlAgent.read` make for a one-group READ):
 - ``done→end``: DONE sent, END read (the prefill side's proof that it held the blocks).
 Each as the median and the 90th percentile over ``--pulls`` pulls, after ``--warmup``; ``total`` is
 the median of the per-pull sums, ``move`` the median of whole `fetch` + `copy_into` calls for the
-same block (what `kv_transfer.py` reports as the one-block latency).
+same block (what `kv_transfer.py` reports as the one-block latency) on a kept connection, and
+``move, new conn`` the same with a new control connection each time (as before connections were
+kept), interleaved with the others so that both see the same load. The row with copy threads and a
+new connection is the one-block path before this benchmark was written; 0 threads on a kept
+connection is today's.
 
     PYTHONPATH=src python benchmarks/kv_transfer_phases.py --threads 0,2
 """
@@ -104,24 +108,27 @@ def main() -> None:
     caches = [torch.zeros(*shape) for _ in range(layers)]
     layout = KVLayout(layers, 3, 64, BS, torch.float32)
     print(f"one block = {layout.chunk_bytes(1) / 1e6:.2f} MB; ms, median / p90 over {args.pulls} pulls")
-    print("| copy threads | connect | " + " | ".join(PHASES) + " | total | move |")
-    print("|---|" + "---|" * (len(PHASES) + 3))
+    print("| copy threads | connect | " + " | ".join(PHASES) + " | total | move | move, new conn |")
+    print("|---|" + "---|" * (len(PHASES) + 4))
     for threads in map(int, args.threads.split(",")):
         transport = NixlKVTransport(NixlAgent("decode", caches, threads), layout, TRUST, None)  # type: ignore[arg-type]
         transport.agent.bulk_min_bytes = 0      # one block through the copy threads, to time their hand-off
         rows: list[dict[str, float]] = []
-        connects, moves = [], []
+        connects, moves, fresh = [], [], []
         for i in range(args.warmup + args.pulls):
             parent.send((f"t{threads}-{i}", 1))
             rows.append(timed_pull(transport, port, parent.recv()))
             connects.append(connect_ms(transport, port))
-            parent.send((f"t{threads}-move-{i}", 1))
-            moves.append(move(transport, port, parent.recv(), 1, caches) * 1e3)
-        rows, connects, moves = rows[args.warmup:], connects[args.warmup:], moves[args.warmup:]
+            for kept, out in ((10.0, moves), (-1.0, fresh)):
+                transport.control.max_idle_s = kept     # -1: every kept connection is too old to reuse
+                parent.send((f"t{threads}-move-{kept}-{i}", 1))
+                out.append(move(transport, port, parent.recv(), 1, caches) * 1e3)
+        rows, connects = rows[args.warmup:], connects[args.warmup:]
+        moves, fresh = moves[args.warmup:], fresh[args.warmup:]
         columns = [connects, *([r[p] for r in rows] for p in PHASES)]
         cells = [f"{statistics.median(v):.3f} / {p90(v):.3f}" for v in columns]
         totals = [sum(r.values()) for r in rows]
-        cells += [f"{statistics.median(v):.3f} / {p90(v):.3f}" for v in (totals, moves)]
+        cells += [f"{statistics.median(v):.3f} / {p90(v):.3f}" for v in (totals, moves, fresh)]
         print(f"| {threads} | " + " | ".join(cells) + " |")
         transport.control.close()
         transport.agent.close()

@@ -146,15 +146,17 @@ def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int) -> list[ran
 
 def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> np.ndarray:
     """Rows (local start, remote start, length): maximal runs consecutive on both sides, so that a
-    transfer of n contiguous blocks is 2 * layers descriptors, not 2 * layers * n."""
-    local = np.asarray(local_ids, dtype=np.int64)
-    remote = np.asarray(remote_ids, dtype=np.int64)
-    if len(local) != len(remote) or len(local) == 0:
-        raise ValueError(f"block lists differ in length or are empty ({len(local)} vs {len(remote)})")
-    breaks = np.flatnonzero((np.diff(local) != 1) | (np.diff(remote) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [len(local)])))
-    return np.stack([local[starts], remote[starts], lengths], axis=1)
+    transfer of n contiguous blocks is 2 * layers descriptors, not 2 * layers * n. A Python loop: for
+    the few blocks of a short prompt numpy's per-call cost was 0.15 ms of a 0.8 ms transfer."""
+    if len(local_ids) != len(remote_ids) or len(local_ids) == 0:
+        raise ValueError(f"block lists differ in length or are empty ({len(local_ids)} vs {len(remote_ids)})")
+    rows: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(local_ids) + 1):
+        if i == len(local_ids) or local_ids[i] != local_ids[i - 1] + 1 or remote_ids[i] != remote_ids[i - 1] + 1:
+            rows.append((local_ids[start], remote_ids[start], i - start))
+            start = i
+    return np.array(rows, dtype=np.int64)
 
 
 class _Endpoint:
