@@ -181,7 +181,10 @@ def main() -> None:
           "engine's TTFT spent in transfer, per request, median [quartiles]:\n"
           "  end to end (the definition) = (PD request's decode TTFT - same prompt's TTFT with its KV local) "
           "/ PD request's decode TTFT;\n"
-          "  connector clocks = (fetch + waited on the load) / PD request's decode TTFT. Times are medians.")
+          "  null = (same prompt's third TTFT - its second, both with the KV local) / PD request's decode TTFT:\n"
+          "    nothing moves in either, so its spread is the resolution of the end-to-end share here;\n"
+          "  connector clocks = (fetch + waited on the load) / PD request's decode TTFT. Times are medians;\n"
+          "  [a, b] after a share: 95 % bootstrap interval of its median.")
     print("| transport | KV moved (expected) | fetch + waited (load, overlapped) | decode TTFT "
           "| same prompt, KV local | share: end to end (95 % CI of median) | null (95 % CI) "
           "| share: connector clocks | <= 1 % end to end |")
