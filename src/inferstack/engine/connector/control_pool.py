@@ -64,6 +64,11 @@ class ControlPool:
                 return
         conn.close()
 
+    def idle(self, host: str, port: int) -> int:
+        """Connections to ``host:port`` kept for reuse now."""
+        with self._lock:
+            return len(self._idle.get((host, port), []))
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, {}
