@@ -147,7 +147,8 @@ def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int) -> list[ran
 def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> np.ndarray:
     """Rows (local start, remote start, length): maximal runs consecutive on both sides, so that a
     transfer of n contiguous blocks is 2 * layers descriptors, not 2 * layers * n. A Python loop: for
-    the few blocks of a short prompt numpy's per-call cost was 0.15 ms of a 0.8 ms transfer."""
+    one block it took 1.4 us where numpy's calls took 0.18 ms (loaded host); ~1 us per block on long
+    lists is noise beside the ~0.25 ms copy of each block."""
     if len(local_ids) != len(remote_ids) or len(local_ids) == 0:
         raise ValueError(f"block lists differ in length or are empty ({len(local_ids)} vs {len(remote_ids)})")
     rows: list[tuple[int, int, int]] = []
