@@ -109,7 +109,8 @@ class NixlExporter:
         spec = source.open(pull.request_id)
         if spec is None or spec.block_ids is None:
             message = ("no cached block of this prefix here (evicted, or the engine is busy)" if prefix is not None
-                       else f"no KV held for request {pull.request_id!r} (expired or never prefilled here)")
+                       else f"no KV held for request {pull.request_id!r} (expired, never prefilled here, or "
+                            "already being pulled)")
             send_payload(conn, Frame(FrameType.ERROR, pull.request_id), message.encode())
             return Served(offered=pinned, reusable=True)
         try:

@@ -288,12 +288,12 @@ class KVTransferServer:
                 return
             if pull.type != FrameType.PULL:
                 raise TransferError(f"expected PULL, got {pull.type.name}")
-            request_id = pull.request_id
-            spec = self.source.open(request_id)
-            if spec is None:
-                conn.sendall(_error(request_id,
-                                    f"no KV held for request {request_id!r} (expired or never prefilled here)"))
+            spec = self.source.open(pull.request_id)
+            if spec is None:     # not held here, or leased to another pull: not ours to release
+                conn.sendall(_error(pull.request_id, f"no KV held for request {pull.request_id!r} "
+                                                     "(expired, never prefilled here, or already being pulled)"))
                 return
+            request_id = pull.request_id       # opened: released below however the pull ends
             use_shm = bool(self.allow_shm and pull.flags & FLAG_SHM_OK and self._identity
                            and pull.aux == self._identity)
             t0 = time.perf_counter()
