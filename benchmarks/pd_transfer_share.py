@@ -143,7 +143,7 @@ def run(transport: str, args: argparse.Namespace) -> list[Sample]:
 def quartiles(values: list[float]) -> str:
     """Median [25th-75th percentile], in percent."""
     q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return f"{q[1] * 100:.1f} % [{q[0] * 100:.1f}-{q[2] * 100:.1f}]"
+    return f"{q[1] * 100:.1f} % [{q[0] * 100:.1f}, {q[2] * 100:.1f}]"
 
 
 def median_interval(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
