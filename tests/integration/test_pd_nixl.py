@@ -35,7 +35,7 @@ from inferstack.engine.connector.transfer import KVTransferServer, PagedKVSource
 torch.manual_seed(int(sys.argv[2]))
 caches = [torch.randn(2, 64, 16, 2, 8) for _ in range(3)]
 source = PagedKVSource(caches)
-for rid in ("a", "b", "c"):
+for rid in ("a", "b", "c", "d"):
     source.hold(rid, list(range(40, 10, -1)), [bytes([i]) * 32 for i in range(30)])
 exporter = NixlExporter(NixlAgent("prefill", caches), TransferTrust(secret=b"stack-secret"))
 server = KVTransferServer(source, port=int(sys.argv[1]), nixl=exporter)
@@ -93,6 +93,7 @@ def test_read_into_paged_blocks_then_peer_killed_then_peer_restarted(decode):
         assert torch.equal(got, expected_blocks(0)[:, :, 2:]), "the READ put the peer's blocks in ours, in order"
         assert transport.stats.transfers[("recv", "nixl")] == 1
         assert transport.agent.known_peer(f"127.0.0.1:{port}") == agent
+        assert transport.control.idle("127.0.0.1", port) == 1, "the control connection is kept for the next pull"
 
         # a decode engine without the stack's secret gets no NIXL metadata (it may pull over TCP/shm)
         stranger = NixlKVTransport(NixlAgent("stranger", [torch.zeros(*SHAPE)]), transport.layout,
@@ -102,22 +103,29 @@ def test_read_into_paged_blocks_then_peer_killed_then_peer_restarted(decode):
         assert fetched.load is not None and not isinstance(fetched.load, RemoteLoad)
         stranger.agent.close()
 
-        load = pull(transport, port, "b")         # offered and counted as external ...
+        load = pull(transport, port, "b")         # offered and counted as external (on the kept connection) ...
+        assert transport.control.idle("127.0.0.1", port) == 0
         load.accept([0, 1, *local], 30 * 16, 16)
+        other = pull(transport, port, "d")        # (a second connection, kept once its READ is done)
+        other.accept([0, 1, *local], 30 * 16, 16)
+        other.copy_into(caches, 16)
+        assert transport.control.idle("127.0.0.1", port) == 1
         proc.send_signal(signal.SIGKILL)          # ... then the prefill engine dies before the READ
         proc.wait(10)
         with pytest.raises(TransferError):
             load.copy_into(caches, 16)
         assert transport.stats.failures["recv"] == 1
+        assert transport.control.idle("127.0.0.1", port) == 1, "a failed READ's connection is not kept"
 
         proc, port2, agent2 = start_prefill(port, seed=1)    # same address, new agent, new memory keys
         assert port2 == port and agent2 != agent
-        load = pull(transport, port, "a")
+        load = pull(transport, port, "a")         # the kept connection went to the dead process: replaced
         assert transport.agent.known_peer(f"127.0.0.1:{port}") == agent2, "stale metadata replaced"
         load.accept([0, 1, *local], 30 * 16, 16)
         load.copy_into(caches, 16)
         assert torch.equal(torch.stack([c[:, local] for c in caches]), expected_blocks(1)[:, :, 2:])
-        assert transport.stats.transfers[("recv", "nixl")] == 2
+        assert transport.stats.transfers[("recv", "nixl")] == 3 and transport.stats.failures["recv"] == 1
+        assert transport.control.idle("127.0.0.1", port) == 1
     finally:
         proc.kill()
         proc.wait(10)

@@ -7,7 +7,14 @@ import threading
 import pytest
 import torch
 
-from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent, layer_groups, nixl_missing, ucx_backend_params
+from inferstack.engine.connector.nixl_agent import (
+    KVRegions,
+    NixlAgent,
+    block_runs,
+    layer_groups,
+    nixl_missing,
+    ucx_backend_params,
+)
 from inferstack.engine.connector.shm import SegmentPool
 
 
@@ -22,6 +29,18 @@ def test_layer_groups_start_small_then_double_and_cover_every_layer_once():
     for layers, size, least in [(1, 10, 0), (7, 1, 0), (30, 5, 1 << 20), (64, 1 << 22, 1 << 20)]:
         flat = [layer for g in layer_groups(layers, size, least) for layer in g]
         assert flat == list(range(layers))
+
+
+def test_block_runs_merge_only_blocks_consecutive_on_both_sides():
+    assert block_runs([0], [9]).tolist() == [[0, 9, 1]]
+    assert block_runs([3, 4, 5, 6], [10, 11, 12, 13]).tolist() == [[3, 10, 4]]
+    # consecutive here but not there, and back: three runs
+    assert block_runs([0, 1, 2, 7, 9, 10], [5, 6, 7, 0, 3, 4]).tolist() == [[0, 5, 3], [7, 0, 1], [9, 3, 2]]
+    assert block_runs([5, 4], [1, 2]).tolist() == [[5, 1, 1], [4, 2, 1]]
+    with pytest.raises(ValueError):
+        block_runs([1, 2], [1])
+    with pytest.raises(ValueError):
+        block_runs([], [])
 
 
 def test_copy_threads_split_every_read():
@@ -50,6 +69,7 @@ def test_a_read_split_over_copy_threads_moves_the_right_bytes():
     try:
         reader.load_peer("here:1", holder.name, holder.metadata())
         reader.min_read_bytes = 0          # a READ per layer group, as for a long prompt
+        reader.bulk_min_bytes = 0          # through the copy threads, as a large transfer goes
         landed: list[int] = []
         local, remote = [0, 1, 2, 7, 9, 10], [5, 6, 7, 0, 3, 4]
         moved = reader.read(holder.name, KVRegions.of(theirs), local, remote, 10.0, landed.append)

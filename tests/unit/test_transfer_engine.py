@@ -71,6 +71,19 @@ def test_unknown_request_is_a_clear_transfer_error(engine_kv):
     assert client.stats.failures["recv"] == 1
 
 
+def test_a_second_pull_of_a_request_being_pulled_gets_nothing_and_frees_nothing(engine_kv):
+    _, source, server = engine_kv
+    released: list[str] = []
+    source.hold("busy", [1, 2], on_release=released.append)
+    assert source.open("busy") is not None             # a first pull is in flight: the hold is leased to it
+    client = KVTransferClient(source.layout)
+    with pytest.raises(TransferError, match="already being pulled"):
+        list(client.pull(*server.address, "busy"))
+    assert source.held() == ["busy"] and released == [], "the first pull's blocks stay held"
+    source.release("busy")
+    assert released == ["busy"]
+
+
 def test_kv_of_another_prompt_or_salt_is_refused(engine_kv):
     _, source, server = engine_kv
     tokens = list(range(4 * BS))

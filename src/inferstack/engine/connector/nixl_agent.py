@@ -14,6 +14,7 @@ names those addresses on both sides, so the decode engine's blocks are filled in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -35,6 +36,11 @@ if TYPE_CHECKING:      # annotations only: the engine server imports this module
 # The first READ of a layer-by-layer transfer groups layers until it moves at least this much
 # (`layer_groups`).
 MIN_READ_BYTES = 1 << 20
+# Transfers this large or larger go to the agent with UCX copy threads; smaller ones are copied by
+# the thread that asks, as the hand-off to a copy thread and back costs more than the second core
+# saves there (docs/disaggregation.md: a one-block READ took 0.55 ms with two copy threads, 0.28 ms
+# without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without, 16 MB and up with them).
+BULK_MIN_BYTES = 8 << 20
 
 
 def default_threads() -> int:
@@ -140,48 +146,69 @@ def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int) -> list[ran
 
 def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> np.ndarray:
     """Rows (local start, remote start, length): maximal runs consecutive on both sides, so that a
-    transfer of n contiguous blocks is 2 * layers descriptors, not 2 * layers * n."""
-    local = np.asarray(local_ids, dtype=np.int64)
-    remote = np.asarray(remote_ids, dtype=np.int64)
-    if len(local) != len(remote) or len(local) == 0:
-        raise ValueError(f"block lists differ in length or are empty ({len(local)} vs {len(remote)})")
-    breaks = np.flatnonzero((np.diff(local) != 1) | (np.diff(remote) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [len(local)])))
-    return np.stack([local[starts], remote[starts], lengths], axis=1)
+    transfer of n contiguous blocks is 2 * layers descriptors, not 2 * layers * n. A Python loop: for
+    one block it took 1.4 us where numpy's calls took 0.18 ms (loaded host); ~1 us per block on long
+    lists is noise beside the ~0.25 ms copy of each block."""
+    if len(local_ids) != len(remote_ids) or len(local_ids) == 0:
+        raise ValueError(f"block lists differ in length or are empty ({len(local_ids)} vs {len(remote_ids)})")
+    rows: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(local_ids) + 1):
+        if i == len(local_ids) or local_ids[i] != local_ids[i - 1] + 1 or remote_ids[i] != remote_ids[i - 1] + 1:
+            rows.append((local_ids[start], remote_ids[start], i - start))
+            start = i
+    return np.array(rows, dtype=np.int64)
 
 
-class NixlAgent:
-    """The engine's NIXL agent: KV cache registered at construction, peers' metadata cached by
-    address (and replaced when the agent at that address changed: a restarted peer)."""
+class _Endpoint:
+    """One nixl agent with the KV cache registered (the NIXL side of `NixlAgent`)."""
 
-    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int | None = None) -> None:
-        """``threads``: the UCX backend's copy threads (0: the thread that calls `read` copies; None:
-        `default_threads`)."""
-        nixl = import_nixl()
-        self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    def __init__(self, nixl: ModuleType, name: str, threads: int, kv_caches: Sequence[torch.Tensor]) -> None:
         strict = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT   # pulls run on several threads
         # No UCX progress thread: idle, it polls and takes half a core (measured), which a CPU engine's
         # forward pass needs; the reader progresses its READ itself (`_wait`), the peer's CPU is not
         # involved in a READ on one host (CMA) or with RDMA.
         config = nixl.nixl_agent_config(enable_prog_thread=False, backends=[], sync_mode=strict)
         try:
-            self._agent = nixl.nixl_agent(self.name, config)
-            self._agent.create_backend("UCX", ucx_backend_params(default_threads() if threads is None else threads))
+            self.agent = nixl.nixl_agent(name, config)
+            self.agent.create_backend("UCX", ucx_backend_params(threads))
         except Exception as exc:   # nixlBackendError and friends: no common base class is exported
             raise NixlUnavailable(f"NIXL transport: the UCX backend did not start ({exc}; {ucx_environment()})") \
                 from None
-        if "UCX" not in self._agent.backends:
+        if "UCX" not in self.agent.backends:
             raise NixlUnavailable("NIXL transport: this nixl build has no UCX plugin")
-        self.regions = KVRegions.of(kv_caches)
         try:
-            self._registered = self._agent.register_memory(list(kv_caches))
+            self.registered = self.agent.register_memory(list(kv_caches))
         except Exception as exc:
             raise NixlUnavailable(f"NIXL transport: UCX could not register the KV cache ({exc}; "
                                   f"{ucx_environment()})") from None
+
+
+class NixlAgent:
+    """The engine's NIXL agent: KV cache registered at construction, peers' metadata cached by
+    address (and replaced when the agent at that address changed: a restarted peer).
+
+    With copy threads it runs two nixl agents over the same registered KV cache: a direct one (no
+    copy threads; its name and metadata are what peers see, and it READs transfers under
+    ``bulk_min_bytes``) and a bulk one whose UCX backend splits each READ over the copy threads."""
+
+    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int | None = None) -> None:
+        """``threads``: the UCX backend's copy threads for large READs (0: the thread that calls
+        `read` always copies; None: `default_threads`)."""
+        nixl = import_nixl()
+        self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        threads = default_threads() if threads is None else threads
+        self.regions = KVRegions.of(kv_caches)
+        self._direct = _Endpoint(nixl, self.name, 0, kv_caches)
+        self._agent = self._direct.agent
+        self._bulk = _Endpoint(nixl, f"{self.name}-bulk", threads, kv_caches) if threads > 0 else None
         self._peers: dict[str, str] = {}      # "host:port" -> the remote agent name loaded for it
         self.min_read_bytes = MIN_READ_BYTES
+        self.bulk_min_bytes = BULK_MIN_BYTES
         self._lock = threading.Lock()
+
+    def _endpoints(self) -> list[_Endpoint]:
+        return [self._direct] if self._bulk is None else [self._direct, self._bulk]
 
     def progress(self) -> None:
         """Move UCX along (no progress thread runs): a peer's READ of our blocks needs it on our side."""
@@ -203,13 +230,14 @@ class NixlAgent:
                 return
             if metadata is None:
                 raise TransferError(f"peer {address} sent no NIXL metadata for its agent {name}")
-            try:
-                loaded = self._agent.add_remote_agent(metadata)
-                loaded = loaded.decode() if isinstance(loaded, bytes) else loaded   # bytes in nixl 1.5
-            except Exception as exc:
-                raise TransferError(f"peer {address}: NIXL metadata rejected ({exc})") from None
-            if loaded != name:
-                raise TransferError(f"peer {address} named agent {name} but its metadata is {loaded}")
+            for endpoint in self._endpoints():
+                try:
+                    loaded = endpoint.agent.add_remote_agent(metadata)
+                    loaded = loaded.decode() if isinstance(loaded, bytes) else loaded   # bytes in nixl 1.5
+                except Exception as exc:
+                    raise TransferError(f"peer {address}: NIXL metadata rejected ({exc})") from None
+                if loaded != name:
+                    raise TransferError(f"peer {address} named agent {name} but its metadata is {loaded}")
             if old is not None and old != name:
                 self._forget(old)
             self._peers[address] = name
@@ -221,10 +249,9 @@ class NixlAgent:
                 self._forget(name)
 
     def _forget(self, name: str) -> None:
-        try:
-            self._agent.remove_remote_agent(name)
-        except Exception:   # already gone on the NIXL side: nothing left to drop
-            return
+        for endpoint in self._endpoints():
+            with contextlib.suppress(Exception):   # already gone on the NIXL side: nothing left to drop
+                endpoint.agent.remove_remote_agent(name)
 
     def read(self, peer: str, remote: KVRegions, local_ids: Sequence[int], remote_ids: Sequence[int],
              timeout_s: float, on_layer: Callable[[int], None] | None = None) -> int:
@@ -234,52 +261,53 @@ class NixlAgent:
         runs = block_runs(local_ids, remote_ids)
         layers = len(self.regions.bases)
         nbytes = int(runs[:, 2].sum()) * 2 * layers * self.regions.block_bytes
+        bulk = self._bulk is not None and nbytes >= self.bulk_min_bytes
+        agent = self._bulk.agent if bulk and self._bulk is not None else self._agent
         local_rows, far_rows = self.regions.descs(runs, 0), remote.descs(runs, 1)
         per_layer = len(local_rows) // layers    # K and V rows of every run, layer-major
         deadline = time.monotonic() + timeout_s
         for group in layer_groups(layers, nbytes // layers, self.min_read_bytes):
             rows = slice(group.start * per_layer, group.stop * per_layer)
-            local = self._agent.get_xfer_descs(local_rows[rows], self.regions.mem_type)
-            far = self._agent.get_xfer_descs(far_rows[rows], remote.mem_type)
+            local = agent.get_xfer_descs(local_rows[rows], self.regions.mem_type)
+            far = agent.get_xfer_descs(far_rows[rows], remote.mem_type)
             try:
-                handle = self._agent.initialize_xfer("READ", local, far, peer)
+                handle = agent.initialize_xfer("READ", local, far, peer)
             except Exception as exc:
                 raise TransferError(f"NIXL READ from {peer} could not start ({exc})") from None
             try:
-                self._wait(handle, peer, deadline)
+                _wait(agent, handle, peer, deadline, yield_core=bulk)
             finally:
-                self._release(handle)
+                with contextlib.suppress(Exception):   # a failed READ may refuse; NIXL frees it with the agent
+                    agent.release_xfer_handle(handle)
             for layer in group if on_layer is not None else ():
                 on_layer(layer)
         return nbytes
-
-    def _wait(self, handle: object, peer: str, deadline: float) -> None:
-        try:
-            state = self._agent.transfer(handle)
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise TransferError(f"NIXL READ from {peer} did not finish in time")
-                time.sleep(20e-6)   # let the UCX copy threads have the core (2-core hosts)
-                state = self._agent.check_xfer_state(handle)
-        except TransferError:
-            raise
-        except Exception as exc:     # nixlRemoteDisconnectError & co. (the bindings export no base class)
-            raise TransferError(f"NIXL READ from {peer} failed: {exc}") from None
-        if state != "DONE":
-            raise TransferError(f"NIXL READ from {peer} failed ({state})")
-
-    def _release(self, handle: object) -> None:
-        try:
-            self._agent.release_xfer_handle(handle)
-        except Exception:   # a failed transfer may refuse release; NIXL frees it with the agent
-            return
 
     def close(self) -> None:
         with self._lock:
             for name in self._peers.values():
                 self._forget(name)
             self._peers.clear()
-        try:
-            self._agent.deregister_memory(self._registered)
-        except Exception:   # UCX already torn down at interpreter exit
-            return
+        for endpoint in self._endpoints():
+            with contextlib.suppress(Exception):   # UCX already torn down at interpreter exit
+                endpoint.agent.deregister_memory(endpoint.registered)
+
+
+def _wait(agent: object, handle: object, peer: str, deadline: float, yield_core: bool) -> None:
+    """Post the READ and poll it to the end. Without copy threads this thread's polling is what
+    progresses the copy, so it polls without sleeping; with them it sleeps 20 us between polls so
+    that the copy threads have the core (2-core hosts)."""
+    try:
+        state = agent.transfer(handle)    # type: ignore[attr-defined]
+        while state == "PROC":
+            if time.monotonic() > deadline:
+                raise TransferError(f"NIXL READ from {peer} did not finish in time")
+            if yield_core:
+                time.sleep(20e-6)
+            state = agent.check_xfer_state(handle)    # type: ignore[attr-defined]
+    except TransferError:
+        raise
+    except Exception as exc:     # nixlRemoteDisconnectError & co. (the bindings export no base class)
+        raise TransferError(f"NIXL READ from {peer} failed: {exc}") from None
+    if state != "DONE":
+        raise TransferError(f"NIXL READ from {peer} failed ({state})")

@@ -10,9 +10,12 @@ address, layout, block ids and block hashes); the bytes go over UCX:
    the decode engine's own prompt blocks, or they are refused), metadata loaded once per peer;
 2. once the scheduler allocated the request's blocks, on the connector's reader thread: NIXL READs
    remote blocks → local blocks layer by layer (the request may run once the first layer is in, its
-   forward pass waiting for later layers), no staging copy; then DONE, the prefill engine
-   answers END (proof it still held the blocks all along) and frees them (it also frees them when
-   the connection drops or times out, and then no END comes: the READ counts as failed);
+   forward pass waiting for later layers), no staging copy; then DONE, the prefill engine answers
+   END (proof it still held the blocks all along) and frees them (it also frees them when the
+   connection drops or times out, and then no END comes: the READ counts as failed). The offer
+   leased the hold to this pull (`PagedKVSource.open`): it no longer expires, and no second pull
+   gets it. After END the connection goes back to a pool for the next pull from that engine
+   (``control_pool.py``: no connect and no new server thread per transfer);
 3. a READ that fails leaves garbage in the local blocks: the connector reports the request and the
    scheduler recomputes it from scratch (``Scheduler.recompute``), so no token comes from bad KV.
 
@@ -38,10 +41,11 @@ import msgpack
 import torch
 
 from inferstack.engine.connector.blocks import LayerProgress
+from inferstack.engine.connector.control_pool import ControlPool
 from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.prefix_pins import PrefixPins
-from inferstack.engine.connector.transfer import KVLayout, KVSource, TransferSpec, TransferStats
+from inferstack.engine.connector.transfer import KVLayout, KVSource, Served, TransferSpec, TransferStats
 from inferstack.engine.connector.transports import Fetched, KVTransport, PullRequest
 from inferstack.engine.connector.wire import (
     NO_NIXL,
@@ -86,9 +90,8 @@ class NixlExporter:
         self.pin_timeout_s = pin_timeout_s
         self.reuse_stats = TransferStats(path=REUSE)
 
-    def serve(self, conn: socket.socket, pull: Frame, source: KVSource, stats: TransferStats) -> bool:
-        """Offer the held blocks, wait for the decode side's DONE (or its disconnect); True once
-        offered or pinned (the caller then releases the hold, DONE or not)."""
+    def serve(self, conn: socket.socket, pull: Frame, source: KVSource, stats: TransferStats) -> Served:
+        """Offer the held blocks, wait for the decode side's DONE (or its disconnect)."""
         ask = msgpack.unpackb(read_payload(conn, pull, limit=1 << 20))
         agent = str(ask.get("agent", ""))
         prefix = ask.get("prefix")
@@ -97,7 +100,7 @@ class NixlExporter:
             refusal = "NIXL_PULL prefix is not a list of block hashes"
         if refusal is not None:    # the puller may still pull over TCP, as without NIXL
             send_payload(conn, Frame(FrameType.ERROR, pull.request_id), f"{NO_NIXL}: {refusal}".encode())
-            return False
+            return Served(offered=False, reusable=True)
         pinned = False
         if prefix is not None:
             assert self.pins is not None
@@ -106,13 +109,19 @@ class NixlExporter:
         spec = source.open(pull.request_id)
         if spec is None or spec.block_ids is None:
             message = ("no cached block of this prefix here (evicted, or the engine is busy)" if prefix is not None
-                       else f"no KV held for request {pull.request_id!r} (expired or never prefilled here)")
+                       else f"no KV held for request {pull.request_id!r} (expired, never prefilled here, or "
+                            "already being pulled)")
             send_payload(conn, Frame(FrameType.ERROR, pull.request_id), message.encode())
-            return pinned
-        return self._offer(conn, pull, ask, spec, stats)
+            return Served(offered=pinned, reusable=True)
+        try:
+            return self._offer(conn, pull, ask, spec, stats)
+        except Exception:      # the opened hold is leased to this pull: whatever broke, it must be released
+            stats.fail("send")
+            log.exception("NIXL offer of %s failed", pull.request_id)
+            return Served(offered=True, reusable=False)
 
     def _offer(self, conn: socket.socket, pull: Frame, ask: dict[str, Any], spec: TransferSpec,
-               stats: TransferStats) -> bool:
+               stats: TransferStats) -> Served:
         assert spec.block_ids is not None
         regions = self.agent.regions
         offer = {"agent": self.agent.name,
@@ -122,21 +131,21 @@ class NixlExporter:
                  "mem_type": regions.mem_type, "device_id": regions.device_id,
                  "block_ids": list(spec.block_ids), "hashes": list(spec.block_hashes or [])}
         t0 = time.perf_counter()
-        send_payload(conn, Frame(FrameType.NIXL_OFFER, pull.request_id), msgpack.packb(offer))
         try:
+            send_payload(conn, Frame(FrameType.NIXL_OFFER, pull.request_id), msgpack.packb(offer))
             self._progress_until_readable(conn)  # the decode side READs in between
             done = read_frame_header(conn)
             if done.type != FrameType.DONE:
                 raise TransferError(f"expected DONE, got {done.type.name}")
             if not spec.still_held():
-                raise TransferError(f"the hold on {pull.request_id!r} expired before the READ finished")
+                raise TransferError(f"the hold on {pull.request_id!r} was let go before the READ finished")
             # Still held: what the decode side read was these blocks (it waits for this END).
             conn.sendall(Frame(FrameType.END, pull.request_id).pack_header())
         except (OSError, TransferError):
             stats.fail("send")
-            return True
+            return Served(offered=True, reusable=False)
         stats.record("send", NAME, spec.layout.chunk_bytes(done.num_blocks), time.perf_counter() - t0)
-        return True
+        return Served(offered=True, reusable=True)
 
     def _progress_until_readable(self, conn: socket.socket) -> None:
         """Progress UCX while the reader READs (its DONE then arrives on ``conn``)."""
@@ -168,6 +177,7 @@ class RemoteLoad:
 
     transport: NixlKVTransport
     conn: socket.socket
+    address: tuple[str, int]       # the peer's transfer server: the connection goes back to its pool
     peer: str
     regions: KVRegions
     remote_ids: list[int]          # the peer's blocks for request blocks first_block ..
@@ -177,6 +187,7 @@ class RemoteLoad:
     block_ids: list[int] = field(default_factory=list)
     asynchronous: bool = True          # the READ runs on the connector's reader thread
     layers: LayerProgress | None = field(default_factory=LayerProgress)   # READ layer by layer
+    kept: bool = False                 # the READ ended cleanly: ``conn`` went back to the pool
 
     def rebase(self, first_block: int) -> RemoteLoad | None:
         end = self.first_block + self.num_blocks
@@ -185,8 +196,8 @@ class RemoteLoad:
         if not self.first_block < first_block < end:
             return None
         skip = first_block - self.first_block
-        return RemoteLoad(self.transport, self.conn, self.peer, self.regions, self.remote_ids[skip:],
-                          first_block, end - first_block, self.stats)
+        return RemoteLoad(self.transport, self.conn, self.address, self.peer, self.regions,
+                          self.remote_ids[skip:], first_block, end - first_block, self.stats)
 
     def accept(self, block_ids: Sequence[int], num_external_tokens: int, block_size: int) -> None:
         self.num_blocks = min(self.num_blocks, num_external_tokens // block_size)
@@ -199,6 +210,8 @@ class RemoteLoad:
             self.discard()
 
     def discard(self) -> None:
+        if self.kept:
+            return
         with contextlib.suppress(OSError):
             self.conn.close()
 
@@ -217,19 +230,20 @@ class NixlKVTransport:
         self.timeout_s = timeout_s
         self.stats = TransferStats()
         self.reuse_stats = TransferStats(path=REUSE)
+        self.control = ControlPool(timeout_s)
 
     def fetch(self, pull: PullRequest) -> Fetched:
         address = f"{pull.host}:{pull.port}"
         stats = self.reuse_stats if pull.prefix is not None else self.stats
         peer = "holder" if pull.prefix is not None else "prefill peer"
         try:
-            conn = socket.create_connection((pull.host, pull.port), timeout=self.timeout_s)
+            conn, reply = self._ask(pull)
         except OSError as exc:
             stats.fail("recv")
             log.warning("request %s: cannot reach %s %s: %s", pull.request_id, peer, address, exc)
             return Fetched(None, failed=True)
         try:
-            offer = self._offer(conn, address, pull)
+            offer = self._offer(conn, reply)
             if offer is None:
                 conn.close()
                 # a holder without NIXL has nothing to offer over TCP: the KV tiers come next
@@ -241,14 +255,33 @@ class NixlKVTransport:
             log.warning("request %s: NIXL pull from %s %s failed: %s", pull.request_id, peer, address, exc)
             return Fetched(None, failed=True)
 
-    def _offer(self, conn: socket.socket, address: str, pull: PullRequest) -> dict[str, Any] | None:
-        """The peer's offer; None when the peer runs no NIXL agent (use the fallback transport)."""
-        ask = {"agent": self.agent.name, "known": self.agent.known_peer(address),
+    def _ask(self, pull: PullRequest) -> tuple[socket.socket, Frame]:
+        """Send NIXL_PULL on a kept connection to the peer, or a new one when the kept one is dead
+        (the peer closed it idle, or restarted); the connection and the reply's header. Raises
+        `OSError` when the peer cannot be reached."""
+        ask = {"agent": self.agent.name, "known": self.agent.known_peer(f"{pull.host}:{pull.port}"),
                "proof": pull_proof(self.trust.secret, pull.request_id, self.agent.name)}
         if pull.prefix is not None:
             ask["prefix"] = list(pull.prefix)
-        send_payload(conn, Frame(FrameType.NIXL_PULL, pull.request_id), msgpack.packb(ask))
-        reply = read_frame_header(conn)
+        message = Frame(FrameType.NIXL_PULL, pull.request_id)
+        conn, kept = self.control.take(pull.host, pull.port)
+        try:
+            send_payload(conn, message, msgpack.packb(ask))
+            return conn, read_frame_header(conn)
+        except (OSError, TransferError) as exc:
+            conn.close()
+            if not kept:
+                raise OSError(str(exc)) from None
+        conn = self.control.connect(pull.host, pull.port)
+        try:
+            send_payload(conn, message, msgpack.packb(ask))
+            return conn, read_frame_header(conn)
+        except (OSError, TransferError) as exc:
+            conn.close()
+            raise OSError(str(exc)) from None
+
+    def _offer(self, conn: socket.socket, reply: Frame) -> dict[str, Any] | None:
+        """The peer's offer; None when the peer runs no NIXL agent (use the fallback transport)."""
         if reply.type == FrameType.ERROR:
             message = read_payload(conn, reply, limit=1 << 16).decode(errors="replace")
             if message.startswith(NO_NIXL):
@@ -281,8 +314,9 @@ class NixlKVTransport:
         regions = KVRegions(tuple(int(b) for b in offer["bases"]), int(offer["num_blocks"]),
                             int(offer["block_bytes"]), str(offer["mem_type"]), int(offer["device_id"]))
         conn.settimeout(self.timeout_s)
-        return Fetched(RemoteLoad(self, conn, str(offer["agent"]), regions, remote_ids[pull.first_block:end],
-                                  pull.first_block, end - pull.first_block, stats), refused)
+        return Fetched(RemoteLoad(self, conn, (pull.host, pull.port), str(offer["agent"]), regions,
+                                  remote_ids[pull.first_block:end], pull.first_block, end - pull.first_block,
+                                  stats), refused)
 
     def read(self, load: RemoteLoad) -> None:
         """READ ``load``'s blocks into ours; DONE tells the peer it may free them."""
@@ -293,15 +327,19 @@ class NixlKVTransport:
             nbytes = self.agent.read(load.peer, load.regions, load.block_ids, load.remote_ids[:load.num_blocks],
                                      self.timeout_s, load.layers.landed if load.layers is not None else None)
             load.conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
-            # Without END the peer may have let the blocks go (hold timeout) before or during the READ.
+            # Without END the peer may have let the blocks go before or during the READ (its I/O
+            # timeout ran out waiting for DONE, or the connection broke): the READ may hold garbage.
             if read_frame_header(load.conn).type != FrameType.END:
                 raise TransferError("the peer did not confirm it held the blocks during the READ")
         except (TransferError, OSError) as exc:
             load.stats.fail("recv")
             raise TransferError(str(exc)) from None
         load.stats.record("recv", NAME, nbytes, time.perf_counter() - t0)
+        self.control.give_back(*load.address, load.conn)
+        load.kept = True
 
     def close(self) -> None:
+        self.control.close()
         self.fallback.close()
         self.agent.close()
 

@@ -104,6 +104,7 @@ class _Hold:
     block_hashes: list[bytes] | None
     deadline: float
     on_release: Callable[[str], None] | None
+    leased: bool = False      # a pull is serving it (`PagedKVSource.open`)
 
 
 class PagedKVSource(KVSource):
@@ -137,10 +138,11 @@ class PagedKVSource(KVSource):
     def open(self, request_id: str) -> TransferSpec | None:
         with self._lock:
             hold = self._holds.get(request_id)
-            if hold is not None:     # a pull started: do not expire under it
-                hold.deadline = max(hold.deadline, time.monotonic() + self.hold_s)
-        if hold is None:
-            return None
+            if hold is None or hold.leased:
+                return None
+            # Leased to one pull: only the connection serving it releases it (when it ends, however it
+            # ends), so the blocks stay put for the whole READ and no second puller reads them after.
+            hold.leased, hold.deadline = True, float("inf")
 
         def read(first: int, n: int, out: torch.Tensor) -> None:
             gather_blocks(self.kv_caches, hold.block_ids[first:first + n], out)
@@ -205,12 +207,19 @@ def _tensor_view(buf, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 
 # server (prefill side)
 
 
+@dataclass(frozen=True)
+class Served:
+    """How a NIXL pull ended: ``offered``: blocks were opened or pinned for it (the server releases
+    them now, DONE or not); ``reusable``: it ended cleanly, the connection may carry the next pull."""
+
+    offered: bool
+    reusable: bool
+
+
 class PullHandler(Protocol):
     """Serves a transfer whose bytes do not go through this connection (NIXL_PULL)."""
 
-    def serve(self, conn: socket.socket, pull: Frame, source: KVSource, stats: TransferStats) -> bool:
-        """True once blocks were offered or held for this pull (the caller then releases them, DONE
-        or not)."""
+    def serve(self, conn: socket.socket, pull: Frame, source: KVSource, stats: TransferStats) -> Served: ...
 
 
 class KVTransferServer:
@@ -230,6 +239,7 @@ class KVTransferServer:
         self._sock.settimeout(1.0)
         self._closed = threading.Event()
         self._threads: set[threading.Thread] = set()
+        self._conns: set[socket.socket] = set()     # open, possibly idle between NIXL pulls
         self._accept = threading.Thread(target=self._accept_loop, name="kv-transfer-accept", daemon=True)
         self._accept.start()
 
@@ -244,6 +254,9 @@ class KVTransferServer:
             self._sock.shutdown(socket.SHUT_RDWR)     # wakes the accept loop at once on Linux
         self._accept.join(5)
         self._sock.close()
+        for conn in list(self._conns):              # wakes threads idle on a kept connection
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         for t in list(self._threads):
             t.join(5)
         if self._segments is not None:
@@ -260,6 +273,7 @@ class KVTransferServer:
                 return
             t = threading.Thread(target=self._serve, args=(conn,), name="kv-transfer-send", daemon=True)
             self._threads.add(t)
+            self._conns.add(conn)
             t.start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -270,17 +284,16 @@ class KVTransferServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pull = read_frame_header(conn)
             if pull.type == FrameType.NIXL_PULL:
-                # An offer made is released below; a refused pull leaves the hold to a TCP pull.
-                request_id = pull.request_id if self._serve_nixl(conn, pull) else ""
+                self._serve_nixl(conn, pull)
                 return
             if pull.type != FrameType.PULL:
                 raise TransferError(f"expected PULL, got {pull.type.name}")
-            request_id = pull.request_id
-            spec = self.source.open(request_id)
-            if spec is None:
-                conn.sendall(_error(request_id,
-                                    f"no KV held for request {request_id!r} (expired or never prefilled here)"))
+            spec = self.source.open(pull.request_id)
+            if spec is None:     # not held here, or leased to another pull: not ours to release
+                conn.sendall(_error(pull.request_id, f"no KV held for request {pull.request_id!r} "
+                                                     "(expired, never prefilled here, or already being pulled)"))
                 return
+            request_id = pull.request_id       # opened: released below however the pull ends
             use_shm = bool(self.allow_shm and pull.flags & FLAG_SHM_OK and self._identity
                            and pull.aux == self._identity)
             t0 = time.perf_counter()
@@ -307,14 +320,29 @@ class KVTransferServer:
             if request_id:
                 self.source.release(request_id)
             conn.close()
+            self._conns.discard(conn)
             self._threads.discard(threading.current_thread())
 
-    def _serve_nixl(self, conn: socket.socket, pull: Frame) -> bool:
-        if self.nixl is None:
-            read_payload(conn, pull, limit=1 << 16)
-            conn.sendall(_error(pull.request_id, f"{NO_NIXL}: this prefill engine runs no NIXL agent"))
-            return False
-        return self.nixl.serve(conn, pull, self.source, self.stats)
+    def _serve_nixl(self, conn: socket.socket, pull: Frame) -> None:
+        """NIXL pulls one after another: the decode engine keeps the connection for its next pull
+        from this engine (``control_pool.py``). An offer made is released as its pull ends; a refused
+        pull leaves the hold to a TCP pull."""
+        while True:
+            if self.nixl is None:
+                read_payload(conn, pull, limit=1 << 16)
+                conn.sendall(_error(pull.request_id, f"{NO_NIXL}: this prefill engine runs no NIXL agent"))
+                return
+            served = self.nixl.serve(conn, pull, self.source, self.stats)
+            if served.offered:
+                self.source.release(pull.request_id)
+            if not served.reusable or self._closed.is_set():
+                return
+            try:
+                pull = read_frame_header(conn)   # idle until the next pull, the close, or the I/O timeout
+            except (OSError, TransferError):
+                return                           # a kept connection's normal end, not a failed transfer
+            if pull.type != FrameType.NIXL_PULL:
+                raise TransferError(f"expected NIXL_PULL, got {pull.type.name}")
 
     def _plan(self, spec: TransferSpec) -> list[tuple[int, int]]:
         return [(first, min(self.chunk_blocks, spec.num_blocks - first))

@@ -46,7 +46,9 @@ NIXL_PULL (msgpack payload: its agent name, the peer agent name it has cached, a
 server answers NIXL_OFFER (msgpack payload: its agent name, its NIXL agent metadata unless the
 client has it cached, the KV layout, per-layer base addresses and block counts, the held block ids
 and their block hashes) or ERROR. The client READs the blocks with NIXL and sends DONE (the
-server frees them) or closes the connection (the server frees them too).
+server frees them) or closes the connection (the server frees them too). After DONE the connection
+may carry the client's next NIXL_PULL (the server answers pulls on it until it closes or idles past
+the server's I/O timeout).
 """
 
 from __future__ import annotations
