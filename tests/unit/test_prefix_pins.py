@@ -51,6 +51,28 @@ def test_engine_thread_pins_leading_cached_blocks_until_released():
     assert pool.ref_cnt[:3] == [0, 0, 0] and pins.num_pinned() == 0 and pool.num_free_blocks == 3
 
 
+
+def _pin(pins: PrefixPins, pool: BlockPool, key: str, hashes: list[bytes]) -> int:
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(pins.pin(key, hashes, 10.0)))
+    t.start()
+    while t.is_alive():               # the engine thread's schedule loop
+        pins.serve(pool)
+        t.join(0.01)
+    return got[0]
+
+
+def test_a_repeated_pull_key_pins_nothing_more_and_leaks_no_block():
+    pool, hashes = cached_pool()
+    source = PagedKVSource([torch.zeros(2, 8, 4, 1, 2)])
+    pins = PrefixPins(source)
+    assert _pin(pins, pool, "reuse/x/1", hashes) == 4
+    assert _pin(pins, pool, "reuse/x/1", hashes) == 0   # held already: the first pin stays, no second ref
+    assert pool.ref_cnt[:4] == [1, 1, 1, 1]
+    source.release("reuse/x/1")
+    pins.serve(pool)
+    assert pool.ref_cnt[:4] == [0, 0, 0, 0] and pins.num_pinned() == 0
+
 def test_ask_not_served_in_time_pins_nothing():
     pool, hashes = cached_pool()
     pins = PrefixPins(PagedKVSource([torch.zeros(2, 8, 4, 1, 2)]))

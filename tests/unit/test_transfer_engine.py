@@ -197,3 +197,16 @@ def test_shm_segments_are_reused_and_removed_on_close():
     server.close()
     client.close()
     assert list(SHM_DIR.glob(mine)) == []
+
+
+def test_a_second_hold_of_a_held_id_is_refused_and_the_first_stays_whole(engine_kv):
+    _, source, _ = engine_kv
+    released = []
+    assert source.hold("dup", [1, 2], on_release=released.append)
+    assert not source.hold("dup", [3, 4], on_release=released.append)  # the caller keeps blocks 3 and 4
+    spec = source.open("dup")
+    assert spec is not None and spec.block_ids == [1, 2]
+    source.release("dup")
+    assert released == ["dup"]  # once: blocks 1 and 2, nothing freed twice
+    assert source.hold("dup", [3, 4])  # free again once released
+    source.release("dup")

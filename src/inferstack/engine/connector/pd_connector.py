@@ -267,8 +267,9 @@ class PDConnector(KVConnectorBase):
         n_full = min(request.num_prompt_tokens // self.block_size, len(block_ids), len(request.block_hashes))
         if n_full == 0:
             return False, None
-        self.source.hold(request.request_id, block_ids[:n_full], request.block_hashes[:n_full],
-                         on_release=self._on_release)
+        if not self.source.hold(request.request_id, block_ids[:n_full], request.block_hashes[:n_full],
+                                on_release=self._on_release):
+            return False, None  # the id's earlier prefill is still held for a pull: the decode side recomputes
         host, port = self.transfer_address or ("", 0)
         return True, self.trust.sign({"do_remote_prefill": True, "remote_host": host, "remote_port": port,
                                       "remote_request_id": request.request_id, "remote_num_blocks": n_full})

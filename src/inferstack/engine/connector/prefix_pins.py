@@ -83,11 +83,12 @@ class PrefixPins:
                 if block is None:
                     break
                 blocks.append(block)
-            if blocks:
+            if blocks and key not in self._pinned and self.source.hold(
+                    key, list(blocks), ask.hashes[:len(blocks)], on_release=self._on_release):
                 pool.touch(blocks)
                 self._pinned[key] = blocks
-                self.source.hold(key, list(blocks), ask.hashes[:len(blocks)],
-                                 on_release=self._on_release)
+            else:
+                blocks = []  # nothing cached, or the key is held already (a repeated pull): pin nothing
             ask.pinned = len(blocks)
             ask.done.set()
 

@@ -130,10 +130,16 @@ class PagedKVSource(KVSource):
         self._lock = threading.Lock()
 
     def hold(self, request_id: str, block_ids: Sequence[int], block_hashes: Sequence[bytes] | None = None,
-             on_release: Callable[[str], None] | None = None) -> None:
+             on_release: Callable[[str], None] | None = None) -> bool:
+        """Hold ``block_ids`` under ``request_id`` until pulled or expired. False, holding nothing, when the
+        id is held already: the earlier hold stays whole (a peer may be reading it) and the caller keeps its
+        blocks. A replace used to leak the earlier blocks and let the earlier hold's release free these."""
         with self._lock:
+            if request_id in self._holds:
+                return False
             self._holds[request_id] = _Hold(list(block_ids), list(block_hashes) if block_hashes else None,
                                             time.monotonic() + self.hold_s, on_release)
+        return True
 
     def open(self, request_id: str) -> TransferSpec | None:
         with self._lock:
