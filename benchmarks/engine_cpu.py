@@ -57,8 +57,8 @@ def bench_throughput(llm: LLM, n: int, prompt_len: int, out_len: int) -> float:
     return sum(len(r.outputs[0].token_ids) for r in results) / dt
 
 
-def bench_hf_throughput(model_ref: str, dtype: torch.dtype, device: torch.device, n: int, batch: int,
-                        prompt_len: int, out_len: int, vocab: int) -> float:
+def load_hf(model_ref: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """transformers' own model for ``model_ref`` (a bundled GGUF loads through transformers' GGUF reader)."""
     from transformers import AutoModelForCausalLM
 
     from inferstack.engine.weights.loader import resolve_model_path
@@ -68,19 +68,30 @@ def bench_hf_throughput(model_ref: str, dtype: torch.dtype, device: torch.device
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    model = model.to(device).eval()
-    prompts = torch.tensor(random_prompts(vocab, n, prompt_len, seed=1), device=device)
+    return model.to(device).eval()
+
+
+def hf_generate_tokens(model: torch.nn.Module, prompts: torch.Tensor, batch: int, out_len: int) -> int:
+    """Greedy ``generate`` over ``prompts`` in static batches of ``batch``; returns the tokens produced."""
+    produced = 0
     with torch.inference_mode():
-        model.generate(prompts[:2], max_new_tokens=4, do_sample=False, min_new_tokens=4, pad_token_id=0)
-        t = time.perf_counter()
-        produced = 0
-        for i in range(0, n, batch):
+        for i in range(0, prompts.shape[0], batch):
             out = model.generate(prompts[i:i + batch], max_new_tokens=out_len, min_new_tokens=out_len,
                                  do_sample=False, pad_token_id=0)
-            produced += (out.shape[1] - prompt_len) * out.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return produced / (time.perf_counter() - t)
+            produced += (out.shape[1] - prompts.shape[1]) * out.shape[0]
+    if prompts.device.type == "cuda":
+        torch.cuda.synchronize()
+    return produced
+
+
+def bench_hf_throughput(model_ref: str, dtype: torch.dtype, device: torch.device, n: int, batch: int,
+                        prompt_len: int, out_len: int, vocab: int) -> float:
+    model = load_hf(model_ref, dtype, device)
+    prompts = torch.tensor(random_prompts(vocab, n, prompt_len, seed=1), device=device)
+    hf_generate_tokens(model, prompts[:2], 2, 4)
+    t = time.perf_counter()
+    produced = hf_generate_tokens(model, prompts, batch, out_len)
+    return produced / (time.perf_counter() - t)
 
 
 def bench_decode_b1(llm: LLM, steps: int = 128) -> tuple[float, float]:
