@@ -27,7 +27,8 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("smollm2-135m", dtype="float32", num_threads=2)
+    # one thread (tests/conftest.py); the batch cap two threads gave, so the ten prompts still run as one batch
+    return LLM("smollm2-135m", dtype="float32", num_threads=1, max_num_seqs=16)
 
 
 def hf_greedy(model, ids: list[int], ours: list[int]) -> list[int]:
@@ -103,7 +104,8 @@ def test_preemption_keeps_greedy_outputs(llm):
     prompts = [f"Count slowly from {i} to {i + 30}:" for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ample = llm
-    scarce = LLM("smollm2-135m", dtype="float32", num_threads=2, num_kv_blocks=8, max_num_batched_tokens=64)
+    scarce = LLM("smollm2-135m", dtype="float32", num_threads=1, max_num_seqs=16, num_kv_blocks=8,
+                 max_num_batched_tokens=64)
     want = [r.outputs[0].token_ids for r in ample.generate(prompts, params)]
     got = [r.outputs[0].token_ids for r in scarce.generate(prompts, params)]
     assert scarce.engine.core.stats().num_preemptions > 0
