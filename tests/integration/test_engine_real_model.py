@@ -27,8 +27,8 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    # one thread (tests/conftest.py); the batch cap two threads gave, so the ten prompts still run as one batch
-    return LLM("smollm2-135m", dtype="float32", num_threads=1, max_num_seqs=16)
+    # one torch thread, as every test process (tests/conftest.py); the batch cap is left unset (8 per thread)
+    return LLM("smollm2-135m", dtype="float32", num_threads=1)
 
 
 def hf_greedy(model, ids: list[int], ours: list[int]) -> list[int]:
@@ -128,10 +128,10 @@ def test_stop_string_truncates(llm):
 
 
 def test_cpu_engine_caps_its_running_batch(llm):
-    """Unset --max-num-seqs on CPU: 8 sequences per torch thread (engine/config.py, cpu_max_num_seqs);
-    the rest wait in the engine's queue, where the gateway's flow control sees them (issue 21)."""
+    """Unset --max-num-seqs on CPU: 8 sequences per torch thread (engine/config.py, cpu_max_num_seqs; this
+    engine has one); the rest wait in the engine's queue, where the gateway's flow control sees them (issue 21)."""
     scheduler = llm.engine.core.scheduler
-    assert scheduler.config.max_num_seqs == 16
+    assert scheduler.config.max_num_seqs == 8
     peak = 0
     schedule = scheduler.schedule
 
@@ -148,4 +148,4 @@ def test_cpu_engine_caps_its_running_batch(llm):
     finally:
         del scheduler.schedule
     assert len(results) == 24 and all(len(r.outputs[0].token_ids) == 3 for r in results)
-    assert peak == 16
+    assert peak == 8
