@@ -6,6 +6,14 @@ from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch (OpenMP) thread per process, here and in every engine, lab and CLI the tests start: the suite runs
+# two workers on two cores, and an OpenMP team of two that shares its cores with the other worker spins at
+# each barrier while its partner waits for a core. Measured on this machine under load: 16 decode steps of
+# 4 prompts took 25-28 CPU-s with two threads and 1.8-2.0 CPU-s with one (docs/testing.md). Set before
+# anything imports torch, which reads it once. A process that still asks for more threads (`inferstack up`
+# gives one engine every core) waits passively instead: 2.4 CPU-s for the same work with two threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # CI replays the same examples on every run (.ci/run sets HYPOTHESIS_PROFILE=ci): a landing must not
 # hinge on the draw. Developers' runs keep drawing fresh examples.

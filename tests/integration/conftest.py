@@ -23,7 +23,7 @@ def hf_smollm2(smollm2_gguf: Path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers needs it to read GGUF files
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)   # tests/conftest.py: one thread per process
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
 

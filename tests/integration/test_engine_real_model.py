@@ -27,7 +27,8 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("smollm2-135m", dtype="float32", num_threads=2)
+    # one torch thread, as every test process (tests/conftest.py); the batch cap is left unset (8 per thread)
+    return LLM("smollm2-135m", dtype="float32", num_threads=1)
 
 
 def hf_greedy(model, ids: list[int], ours: list[int]) -> list[int]:
@@ -103,7 +104,8 @@ def test_preemption_keeps_greedy_outputs(llm):
     prompts = [f"Count slowly from {i} to {i + 30}:" for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ample = llm
-    scarce = LLM("smollm2-135m", dtype="float32", num_threads=2, num_kv_blocks=8, max_num_batched_tokens=64)
+    scarce = LLM("smollm2-135m", dtype="float32", num_threads=1, max_num_seqs=16, num_kv_blocks=8,
+                 max_num_batched_tokens=64)
     want = [r.outputs[0].token_ids for r in ample.generate(prompts, params)]
     got = [r.outputs[0].token_ids for r in scarce.generate(prompts, params)]
     assert scarce.engine.core.stats().num_preemptions > 0
@@ -126,10 +128,10 @@ def test_stop_string_truncates(llm):
 
 
 def test_cpu_engine_caps_its_running_batch(llm):
-    """Unset --max-num-seqs on CPU: 8 sequences per torch thread (engine/config.py, cpu_max_num_seqs);
-    the rest wait in the engine's queue, where the gateway's flow control sees them (issue 21)."""
+    """Unset --max-num-seqs on CPU: 8 sequences per torch thread (engine/config.py, cpu_max_num_seqs; this
+    engine has one); the rest wait in the engine's queue, where the gateway's flow control sees them (issue 21)."""
     scheduler = llm.engine.core.scheduler
-    assert scheduler.config.max_num_seqs == 16
+    assert scheduler.config.max_num_seqs == 8
     peak = 0
     schedule = scheduler.schedule
 
@@ -146,4 +148,4 @@ def test_cpu_engine_caps_its_running_batch(llm):
     finally:
         del scheduler.schedule
     assert len(results) == 24 and all(len(r.outputs[0].token_ids) == 3 for r in results)
-    assert peak == 16
+    assert peak == 8

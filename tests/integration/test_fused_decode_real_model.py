@@ -25,7 +25,8 @@ def llm():
         if os.environ.get("INFERSTACK_REQUIRE_DECODE_EXTENSION"):   # CI: setup.sh must have built it
             pytest.fail(why)
         pytest.skip(why)
-    return LLM("smollm2-135m", quantization="gguf", num_threads=2, kv_cache_bytes=64 << 20, max_model_len=512)
+    return LLM("smollm2-135m", quantization="gguf", num_threads=1, kv_cache_bytes=64 << 20,
+               max_model_len=512, max_num_seqs=16)   # the batch cap two threads gave (8 per thread)
 
 
 def _run(llm: LLM, prompts: list[str], fused: FusedDecode | None, max_tokens: int

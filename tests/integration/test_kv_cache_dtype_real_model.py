@@ -18,8 +18,8 @@ PROMPT_LEN, NEW_TOKENS = 100, 16     # 6 full blocks + 4 tokens
 
 @pytest.fixture(scope="module")
 def engines():
-    torch.set_num_threads(2)
-    common = {"dtype": "float32", "num_threads": 2, "kv_cache_bytes": KV_BYTES, "kv_cache_dtype": "int8"}
+    torch.set_num_threads(1)
+    common = {"dtype": "float32", "num_threads": 1, "kv_cache_bytes": KV_BYTES, "kv_cache_dtype": "int8"}
     prefill = LLM("smollm2-135m", kv_role="prefill", **common)
     decode = LLM("smollm2-135m", kv_role="decode", kv_transfer_peers=("127.0.0.1",), **common)
     return prefill, decode

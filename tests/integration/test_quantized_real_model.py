@@ -20,7 +20,7 @@ FALLBACK = ("The quick brown fox jumps over the lazy dog. Paris is the capital o
 
 @pytest.fixture(scope="module")
 def reference():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     lm = load_model("smollm2-135m", dtype="float32")
     text = DEFAULT_TEXT.read_text() if DEFAULT_TEXT.exists() else FALLBACK
     windows = text_windows(lm, text, 192, 192)
@@ -42,7 +42,7 @@ def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min
 
 def test_int4_engine_answers_and_switches_kernels():
     """The served path: the bf16 copy for the prompt (crossover 8 rows), int4 for each decode step."""
-    llm = LLM("smollm2-135m", quantization="gguf", quant_crossover_rows=8, num_threads=2,
+    llm = LLM("smollm2-135m", quantization="gguf", quant_crossover_rows=8, num_threads=1,
               kv_cache_bytes=64 << 20)
     lm = llm.engine.core.executor.lm
     assert lm.quant.crossover == {"int4": 8, "int8": 8} and lm.dtype == torch.float32

@@ -43,7 +43,7 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server() -> Server:
-    srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "2", "--dtype", "float32",
+    srv = start_inferstack(["engine", "serve", "--model", MODEL, "--threads", "1", "--dtype", "float32",
                             "--max-model-len", "1024", "--kv-cache-bytes", "512MiB",
                             # the seeded batch runs as one batch (the CPU default caps it at 8 per thread)
                             "--max-num-seqs", "128", "--grammar-timeout", str(GRAMMAR_TIMEOUT_S)])

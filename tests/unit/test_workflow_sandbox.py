@@ -4,11 +4,15 @@ CPU, wall time); plain code still runs and may use its own run directory."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
 import pytest
 
+from inferstack.workflow import sandbox
 from inferstack.workflow.sandbox import (
+    CLONE_NEWNET,
+    CLONE_NEWUSER,
     Isolation,
     SandboxError,
     SandboxLimits,
@@ -114,3 +118,21 @@ def test_a_set_up_step_that_fails_is_named(tmp_path):
     bad = Isolation(netns_flags=1, drop_to_nobody=False)
     with pytest.raises(SandboxError, match=r"network namespace \(unshare\): Invalid argument"):
         asyncio.run(_start_child(str(tmp_path), LIMITS, bad, attempts=2))
+
+
+@pytest.mark.parametrize(("answers", "want_flags", "waits"), [
+    # the host frees namespaces for a few seconds (longer than the 3 tries of 0.35 s the probe made before):
+    # wait, then take the network namespace
+    ([errno.EACCES, *[errno.ENOSPC] * 4, errno.EAGAIN, None], CLONE_NEWUSER | CLONE_NEWNET, 5),
+    # not allowed here (and `nobody` may not run the interpreter): the audit hook alone, without waiting
+    ([errno.EACCES, errno.EPERM], 0, 0),
+])
+def test_the_probe_waits_out_a_busy_host_but_not_a_refusal_for_good(monkeypatch, answers, want_flags, waits) -> None:
+    """The isolation level is chosen once per process: a namespace the kernel refuses for a moment (ENOSPC
+    while it frees old ones) must not leave the process on the audit hook alone for its whole life."""
+    asked, slept = iter(answers), []
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sandbox, "_refusal", lambda iso: next(asked))
+    monkeypatch.setattr(sandbox.time, "sleep", slept.append)
+    assert isolation.__wrapped__().netns_flags == want_flags
+    assert len(slept) == waits and next(asked, "all used") == "all used"

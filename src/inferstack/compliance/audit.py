@@ -263,7 +263,9 @@ class AuditLog:
             return self._outage is None
         data = b"".join(self._pending)
         try:
-            self._cut_torn_bytes()
+            torn = self._cut_torn_bytes()
+            if self._outage is not None:
+                self._outage.torn_bytes += torn
             _write_all(self._fd, data)
             if self.config.fsync:
                 os.fsync(self._fd)
@@ -279,30 +281,32 @@ class AuditLog:
         self._maybe_rotate()
         return True
 
-    def _cut_torn_bytes(self) -> None:
-        """Bytes past the last whole line are a torn write from a failed attempt: cut them."""
+    def _cut_torn_bytes(self) -> int:
+        """Bytes past the last whole line are a torn write from a failed attempt: cut them (how many)."""
         actual = os.fstat(self._fd).st_size
-        if actual > self._size:
-            os.ftruncate(self._fd, self._size)
-            if self._outage is not None:
-                self._outage.torn_bytes += actual - self._size
+        if actual <= self._size:
+            return 0
+        os.ftruncate(self._fd, self._size)
+        return actual - self._size
 
     def _write_failed(self, e: OSError) -> None:
         self._metrics.errors.inc()
         self._metrics.healthy.set(0)
         now = time.monotonic()
         error = f"{e.strerror or e} (errno {e.errno})"
+        outage = self._outage or _Outage(started=now, wall_start=utc_now(), error=error)
+        outage.error = error
+        outage.failed_writes += 1
+        with contextlib.suppress(OSError):
+            outage.torn_bytes += self._cut_torn_bytes()  # on a full disk the partial line is usually still there
         if self._outage is None:
-            self._outage = _Outage(started=now, wall_start=utc_now(), error=error)
+            # published only now: whoever sees the writer unhealthy sees the file without the torn line
+            self._outage = outage
             log.error("audit log cannot write to %s: %s; %s", self.directory, error,
                       "refusing requests" if self.config.on_failure == "refuse" else "serving without records")
-        self._outage.error = error
-        self._outage.failed_writes += 1
-        with contextlib.suppress(OSError):
-            self._cut_torn_bytes()  # on a full disk the partial line is usually still there
-        if now - self._outage.logged >= 30.0:
-            self._outage.logged = now
-            log.error("audit log still cannot write (%d records waiting): %s", len(self._pending), self._outage.error)
+        if now - outage.logged >= 30.0:
+            outage.logged = now
+            log.error("audit log still cannot write (%d records waiting): %s", len(self._pending), outage.error)
 
     def _recovered(self) -> None:
         outage, self._outage = self._outage, None

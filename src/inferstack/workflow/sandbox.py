@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import json
+import logging
 import os
 import resource
 import shutil
@@ -30,11 +32,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 CHILD = Path(__file__).with_name("sandbox_child.py")
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 NOBODY = 65534
-PROBE_ATTEMPTS = 3
+# How the kernel says "not now" to a namespace or a process (a per-user count the host has not freed yet,
+# memory): the probe waits for these as long as _start_child would (~6 s). Any other answer (EPERM: not
+# allowed here; EACCES: `nobody` may not run the interpreter) is this machine's answer for good.
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EUSERS, errno.EAGAIN, errno.ENOMEM})
+PROBE_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 
 @dataclass(frozen=True)
@@ -68,23 +76,49 @@ def isolation() -> Isolation:
     root = os.geteuid() == 0
     tries = [Isolation(CLONE_NEWNET, True)] if root else []
     tries += [Isolation(CLONE_NEWUSER | CLONE_NEWNET, False)]
+    refusals = []
     for iso in tries:
-        # A busy host can refuse a namespace for a moment (see _start_child): probe each level a few
-        # times before settling for a weaker one for the life of the process.
-        for attempt in range(PROBE_ATTEMPTS):
-            if _starts(iso):
+        # A busy host can refuse a namespace for a moment (see _start_child): wait that out before
+        # settling for a weaker level for the life of the process; a refusal for good moves on at once.
+        for delay in (*PROBE_BACKOFF_S, None):
+            refused = _refusal(iso)
+            if refused is None:
                 return iso
-            time.sleep(0.05 * 2 ** attempt)
+            if refused not in TRANSIENT_ERRNOS or delay is None:
+                refusals.append(f"{iso}: {errno.errorcode.get(refused, refused)}")
+                break
+            time.sleep(delay)
+    log.warning("code sandbox: no network namespace on this machine (%s); the audit hook alone refuses sockets",
+                "; ".join(refusals))
     return Isolation(0, False)
 
 
-def _starts(iso: Isolation) -> bool:
-    # a preexec step this machine refuses surfaces as SubprocessError, not OSError
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
+def _refusal(iso: Isolation) -> int | None:
+    """None when the interpreter starts with ``iso``; else the errno that refused it (0: none given)."""
+    read_fd, write_fd = os.pipe()
+    apply = _preexec(SandboxLimits(), iso)
+
+    def preexec() -> None:   # runs in the child before exec and before subprocess closes this fd
+        try:
+            apply()
+        except OSError as exc:
+            os.write(write_fd, str(exc.errno or 0).encode())
+            raise
+
+    try:
         probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
-                               preexec_fn=_preexec(SandboxLimits(), iso), check=False)
-        return probe.returncode == 0
-    return False
+                               preexec_fn=preexec, check=False)
+        return None if probe.returncode == 0 else 0
+    except subprocess.SubprocessError:   # a pre-exec step was refused; the child wrote its errno
+        os.set_blocking(read_fd, False)
+        with contextlib.suppress(BlockingIOError, ValueError):
+            return int(os.read(read_fd, 32) or b"0")
+        return 0
+    except OSError as exc:   # fork or exec refused
+        return exc.errno or 0
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def _unshare(flags: int):
