@@ -18,6 +18,7 @@ from inferstack.gateway.datalayer import Endpoint
 from inferstack.gateway.upstream import UpstreamPool
 from inferstack.protocol.errors import APIError
 from inferstack.protocol.http_guard import CLIENT_GONE, guarded_protocol, read_asgi_body
+from support.fake_transport import SocketlessTransport
 
 
 def _receive_from(messages: list[dict], then: asyncio.Future | None = None):
@@ -126,23 +127,6 @@ def test_endpoint_request_head_is_built_once_per_path_and_carries_the_request_id
     assert ep.post_head(b"/v1/completions", b"r").startswith(b"POST /v1/completions HTTP/1.1\r\n")
 
 
-class _Recorder:
-    """A transport that records what is written to it."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
 def test_response_head_leaves_with_the_body_in_one_write_and_a_stream_head_at_the_next_loop_step():
     """The front holds a response head until the first body bytes (one write per response); a stream's head
     leaves at the next event-loop step when no body joins it; an interim 100 Continue is never held."""
@@ -170,7 +154,7 @@ def test_response_head_leaves_with_the_body_in_one_write_and_a_stream_head_at_th
     async def main():
         config = uvicorn.Config(app, lifespan="off", log_level="warning")
         protocol = guarded_protocol()(config=config, server_state=ServerState(), app_state={})
-        transport = _Socketless()
+        transport = SocketlessTransport()
         protocol.connection_made(transport)
         protocol.data_received(b"POST /whole HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
         await until(transport, 1)
@@ -234,31 +218,6 @@ def test_request_ids_are_distinct_version4_uuids_across_refills():
         assert u.version == 4 and u.variant == uuid.RFC_4122 and u.hex == rid
 
 
-class _Socketless(_Recorder):
-    """Enough of an asyncio transport for uvicorn's protocol to run without a socket."""
-
-    def get_extra_info(self, name: str, default=None):
-        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
 def test_a_later_keep_alive_header_block_arriving_in_one_read_is_metered_from_its_first_byte():
     """The header cap holds for a later request on a keep-alive connection even when its whole oversized
     header block arrives in a single read (before, only the bytes after that read were counted)."""
@@ -271,7 +230,7 @@ def test_a_later_keep_alive_header_block_arriving_in_one_read_is_metered_from_it
     async def main():
         config = uvicorn.Config(app, lifespan="off", log_level="warning")
         protocol = guarded_protocol(max_header_bytes=4096)(config=config, server_state=ServerState(), app_state={})
-        transport = _Socketless()
+        transport = SocketlessTransport()
         protocol.connection_made(transport)
         protocol.data_received(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
         deadline = asyncio.get_running_loop().time() + 5.0

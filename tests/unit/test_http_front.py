@@ -10,39 +10,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from inferstack.protocol.http_guard import CLIENT_GONE, guarded_protocol
-
-
-class _Transport:
-    """Enough of an asyncio transport for the protocol: records writes, close and reading pauses."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str, default=None):
-        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
+from support.fake_transport import SocketlessTransport
 
 
 async def _until(cond, what: str) -> None:
@@ -55,7 +23,7 @@ async def _until(cond, what: str) -> None:
 def _connect(app, **config):
     cfg = uvicorn.Config(app, lifespan="off", log_level="warning", **config)
     protocol = guarded_protocol()(config=cfg, server_state=ServerState(), app_state={})
-    transport = _Transport()
+    transport = SocketlessTransport()
     protocol.connection_made(transport)
     return protocol, transport
 
