@@ -30,7 +30,17 @@ def gguf_path():
 
 @pytest.fixture(scope="session")
 def ref_tokenizer(gguf_path):
-    return transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    """transformers' tokenizer for the file, split as llama.cpp splits this file's `tokenizer.ggml.pre`
+    ("smollm"): every number character (Unicode N: "1", but also "¹", "½") on its own, then the GPT-2 regex,
+    as SmolLM2's own tokenizer.json does. transformers' GGUF conversion ignores the pre-type and applies the
+    GPT-2 regex alone, so " ¹" became one piece there ([3351, 134]) and two in llama.cpp and here ([216, 43183])."""
+    from tokenizers import pre_tokenizers
+
+    ref = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return ref
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +105,7 @@ def test_tokenizer_ids_match_transformers(ours, ref_tokenizer):
              "日本語のテキスト、中文", "مرحبا بالعالم", "e\u0301 combining, ß, ﬁ ligature",
              "def f(x):\n    return [i**2 for i in range(10)]  # squares", "2024-11-27 12:34:56 and 3.14159",
              "<|im_start|>user\nhi<|im_end|>\n", "<|endoftext|>text after", "I'm sure they'll say we've won",
-             "$1,000.00 + 5% = ???", "\x00\x01 control \x7f", ""]
+             "$1,000.00 + 5% = ???", "\x00\x01 control \x7f", "x ¹ ² ½ Ⅻ", ""]
     for text in texts:
         ids = ours.tokenizer.encode(text)
         assert ids == ref_tokenizer.encode(text, add_special_tokens=False), text
