@@ -118,6 +118,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
                     await resp.write(b"data: " + json.dumps({"id": rid, "object": cobj, "created": 0, "model": model,
                                                              "choices": [], "usage": usage(ptoks)}).encode() + b"\n\n")
                 await resp.write(b"data: [DONE]\n\n")
+                if args.end_delay_ms:  # a stream that ends a while after its [DONE] (a slow engine's teardown)
+                    await asyncio.sleep(args.end_delay_ms / 1000)
                 await resp.write_eof()
                 return resp
             finally:
@@ -211,6 +213,7 @@ def main() -> None:
     p.add_argument("--fail-status", type=int, default=0)
     p.add_argument("--api-key", default="", help="require this bearer key on /v1/* (a hosted provider stand-in)")
     p.add_argument("--die-after-tokens", type=int, default=0)
+    p.add_argument("--end-delay-ms", type=float, default=0.0, help="end a stream this long after its [DONE]")
     p.add_argument("--no-metrics", action="store_true")
     p.add_argument("--metrics-delay-ms", type=float, default=0.0, help="answer /metrics this late")
     p.add_argument("--metrics-lag-ms", type=float, default=0.0,

@@ -199,6 +199,9 @@ class Proxy:
                 if chunk:
                     out.streamed = meter.events  # what a stream cut short here is charged (TPM)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    # [DONE] went out: the client has the whole answer, and a client that closes now (the
+                    # OpenAI SDK does, before the stream's terminator) has not abandoned it: it stays served
+                    out.responded = out.responded or meter.done
             if rest := meter.flush():
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
         except OSError as exc:
