@@ -167,3 +167,54 @@ def test_read_timeout_counts_from_the_last_bytes_not_from_the_request():
         server.close()
 
     asyncio.run(main())
+
+
+def test_the_read_timer_outlives_a_response_and_never_closes_an_idle_pooled_connection():
+    """One read timer per connection, kept armed across requests: when it fires on an idle pooled connection
+    it leaves the connection alone (it is reused, one server connection), and a later stalled request on the
+    same connection still fails after the timeout counted from its own request."""
+    async def main():
+        conns = 0
+
+        async def handler(reader, writer):
+            nonlocal conns
+            conns += 1
+            while True:
+                try:
+                    head, _ = await _read_request(reader)
+                except asyncio.IncompleteReadError:
+                    break
+                if b"/stall" in head:  # the head, then nothing
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(30)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+            writer.close()
+
+        server, url = await _serve(handler)
+        loop = asyncio.get_running_loop()
+        pool = UpstreamPool(url, 1.0, 0.2)
+        conn = await pool.request(b"POST", b"/a", [], b"")
+        assert await conn.read() == b"ok"
+        conn.release()
+        first = conn
+        t_idle = loop.time()
+        while loop.time() - t_idle < 0.5:  # the timer fires on the idle connection (twice its timeout)
+            await asyncio.sleep(0.05)
+        assert not first.closed
+        conn = await pool.request(b"POST", b"/b", [], b"")
+        assert conn is first and await conn.read() == b"ok"
+        conn.release()
+        conn = await pool.request(b"POST", b"/stall", [], b"")
+        t0 = loop.time()
+        with pytest.raises(UpstreamError, match="no data"):
+            await conn.read()
+        waited = loop.time() - t0
+        assert conn is first and 0.15 <= waited < 2.0, waited
+        assert conns == 1
+        conn.close()
+        pool.close()
+        server.close()
+
+    asyncio.run(main())

@@ -9,7 +9,7 @@ import asyncio
 import uvicorn
 from uvicorn.server import ServerState
 
-from inferstack.protocol.http_guard import CLIENT_GONE, guarded_protocol
+from inferstack.protocol.http_guard import BODY_NOW, CLIENT_GONE, guarded_protocol
 from support.fake_transport import SocketlessTransport
 
 
@@ -119,5 +119,62 @@ def test_keep_alive_idle_connections_close_after_the_timeout_and_busy_ones_do_no
         await _until(lambda: transport.closed, "idle close")
         assert loop.time() - answered[-1] >= 0.2  # counted from the last response, not from the first timer
         protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_body_now_hands_over_a_complete_body_and_declines_one_still_arriving():
+    """`BODY_NOW`: the whole body without `receive` when it came with the headers; None while it is still
+    arriving or while `Expect: 100-continue` awaits its answer (then `receive` reads it as before)."""
+    got: dict[str, list] = {}
+
+    async def app(scope, receive, send):
+        body_now = scope["extensions"][BODY_NOW]
+        first = body_now()
+        seen = got.setdefault(scope["path"], [first])
+        if first is None:
+            while (msg := await receive())["more_body"]:
+                seen.append(msg["body"])
+            seen.append(msg["body"])
+        assert body_now() is None  # handed over once
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        protocol, transport = _connect(app)
+        protocol.data_received(b"POST /whole HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+        await _until(lambda: len(transport.writes) == 1, "first answered")
+        protocol.data_received(b"POST /split HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhe")
+        await _until(lambda: "/split" in got, "second started")
+        protocol.data_received(b"llo")
+        await _until(lambda: len(transport.writes) == 2, "second answered")
+        protocol.data_received(b"POST /expect HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 5\r\n"
+                               b"\r\nhello")
+        await _until(lambda: len(transport.writes) == 4, "third answered after its 100 Continue")
+        assert got["/whole"] == [b"hello"]
+        assert got["/split"][0] is None and b"".join(got["/split"][1:]) == b"hello"
+        assert got["/expect"][0] is None and b"".join(got["/expect"][1:]) == b"hello"
+        assert transport.writes[2] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_read_asgi_body_applies_its_limit_to_a_body_handed_over_whole():
+    from inferstack.protocol.errors import APIError
+    from inferstack.protocol.http_guard import read_asgi_body
+
+    async def receive():
+        return {"type": "http.request", "body": b"from-receive", "more_body": False}
+
+    async def main():
+        assert await read_asgi_body(receive, 100, 1.0, body_now=lambda: b"x" * 100) == b"x" * 100
+        assert await read_asgi_body(receive, 100, 1.0, body_now=lambda: None) == b"from-receive"
+        try:
+            await read_asgi_body(receive, 100, 1.0, body_now=lambda: b"x" * 101)
+        except APIError as exc:
+            assert (exc.status, exc.code) == (413, "body_too_large")
+        else:
+            raise AssertionError("a body over the limit was accepted")
 
     asyncio.run(main())

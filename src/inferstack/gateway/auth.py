@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from inferstack.config.schema import InferstackConfig
 from inferstack.protocol.errors import APIError
 
+# distinct Authorization values of configured keys remembered (`KeyStore.identify`); more are hashed each time
+_KNOWN_MAX = 1024
+
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -32,6 +35,10 @@ class KeyStore:
         self.default = Identity(cfg.gateway.default_tenant, None, 0)
         self.objectives = {n: o.priority for n, o in cfg.objectives.items()}
         self._by_hash: dict[str, Identity] = {}
+        # Authorization header -> identity, for headers that named a configured key: a request with a key seen
+        # before costs one dict lookup instead of a parse and a sha256 (~2 µs of every request's CPU). Only
+        # configured keys enter it, and at most _KNOWN_MAX spellings of them, so its memory is bounded.
+        self._known: dict[bytes, Identity] = {}
         for k in cfg.keys:
             prio = self.objectives[k.objective] if k.objective else 0
             cap = self.objectives[k.max_objective] if k.max_objective else prio
@@ -43,6 +50,9 @@ class KeyStore:
             if self.require:
                 raise APIError(401, "Missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
             return self.default
+        known = self._known.get(authorization)
+        if known is not None:
+            return known
         scheme, _, token = authorization.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise APIError(401, "Malformed Authorization header: expected `Bearer <key>`.", code="invalid_api_key")
@@ -51,6 +61,8 @@ class KeyStore:
             if self.require:
                 raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
             return self.default
+        if len(self._known) < _KNOWN_MAX:
+            self._known[authorization] = ident
         return ident
 
     def priority(self, ident: Identity, objective: bytes | None) -> int:

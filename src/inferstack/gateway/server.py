@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -28,7 +29,7 @@ from inferstack.gateway.pipeline.hold import ClientGone
 from inferstack.gateway.pipeline.proxy import Proxy, respond, send_error
 from inferstack.gateway.pipeline.resolve import shared_models
 from inferstack.protocol.errors import APIError
-from inferstack.protocol.http_guard import CLIENT_GONE, read_asgi_body
+from inferstack.protocol.http_guard import BODY_NOW, CLIENT_GONE, read_asgi_body
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.responses import model_card, model_list
 from inferstack.telemetry.dashboard import dashboard_asgi, scraping_state_provider
@@ -160,14 +161,16 @@ class Gateway:
         # completes when the client goes away: ends a hold (scale from zero) or cancels the proxy. Our
         # server protocol hands every request one (http_guard.CLIENT_GONE); under another ASGI server a
         # task waits in `receive` for the disconnect, as the one reader of `receive` once the body is in
-        gone = scope.get("extensions", _NO_EXTENSIONS).get(CLIENT_GONE)
+        extensions = scope.get("extensions", _NO_EXTENSIONS)
+        gone = extensions.get(CLIENT_GONE)
         # this task, found through the future's loop: `asyncio.current_task()` alone is a getpid system call
         task = asyncio.current_task(gone.get_loop()) if gone is not None else asyncio.current_task()
         try:
             if method != "POST":
                 raise APIError(405, f"Use POST for {inbound.path.decode()}.")
             body = await _read_body(receive, inbound.headers.get(b"content-length"),
-                                    self.cfg.gateway.max_body_bytes, self._body_timeout_s, task)
+                                    self.cfg.gateway.max_body_bytes, self._body_timeout_s, task,
+                                    extensions.get(BODY_NOW))
         except APIError as exc:
             await self.pipeline.account.rejected(inbound, None, None, exc)
             raise
@@ -241,7 +244,7 @@ def _header(scope: dict, name: bytes) -> bytes | None:
 
 
 async def _read_body(receive: Any, content_length: bytes | None, limit: int, timeout_s: float,
-                     task: asyncio.Task | None = None) -> bytes:
+                     task: asyncio.Task | None = None, body_now: Callable[[], bytes | None] | None = None) -> bytes:
     """The whole body: 413 past ``limit`` bytes, 408 when it takes longer than ``timeout_s`` (a
     client trickling its body must not hold a request slot for ever)."""
     if content_length is not None:
@@ -250,4 +253,4 @@ async def _read_body(receive: Any, content_length: bytes | None, limit: int, tim
                 raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
         except ValueError:
             raise APIError(400, "Invalid Content-Length header.") from None
-    return await read_asgi_body(receive, limit, timeout_s, task)
+    return await read_asgi_body(receive, limit, timeout_s, task, body_now)

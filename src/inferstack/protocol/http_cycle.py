@@ -118,6 +118,20 @@ class Cycle:
             self.delivered = True
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
+    def body_now(self) -> bytes | None:
+        """The whole request body, when all of it is in and the app has read none of it: what `receive` would
+        hand over in one message, without its coroutine, its message dict or a deadline timer around it (the
+        scope's `BODY_NOW` extension; nearly every request's body arrives with its headers). None when the
+        body is not complete yet (or `Expect: 100-continue` must be answered first): read it with `receive`."""
+        if self.more_body or self.delivered or self.disconnected or self.expect_100:
+            return None
+        proto = self.proto
+        if not proto.pipeline:  # as `receive`: a body past the high-water mark paused reading; the app has it now
+            proto.resume_reading()
+        parts, self.body = self.body, []
+        self.delivered = True
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def send(self, message: dict) -> None:
         proto = self.proto
         if proto.write_paused and not self.disconnected:

@@ -12,7 +12,8 @@ Guards uvicorn lacks (`guarded_protocol` sets the limits): a header block over `
 later request on a keep-alive connection) gets 408, both with the OpenAI error envelope and
 ``Connection: close``. Every request's scope carries a future that completes when the client goes away
 before the response is complete (`CLIENT_GONE`), so an app reacts to a disconnect without a task blocked in
-``receive()``. Kept from uvicorn: keep-alive with its idle timeout, pipelined requests answered in order,
+``receive()``, and a function that hands over the whole body when it is already in (`BODY_NOW`).
+Kept from uvicorn: keep-alive with its idle timeout, pipelined requests answered in order,
 write flow control, ``Expect: 100-continue``, 400 on a malformed request, HTTP/1.0, HEAD.
 """
 
@@ -34,6 +35,7 @@ from inferstack.protocol.http_limits import HEADER_TIMEOUT_S, MAX_HEADER_BYTES
 
 log = logging.getLogger("uvicorn.error")
 CLIENT_GONE = "inferstack.client_gone"  # ASGI scope extension: see the module's doc
+BODY_NOW = "inferstack.body_now"  # ASGI scope extension: `Cycle.body_now`, the body without `receive`
 _END = b"\r\n\r\n"
 _LINGER_S = 1.0
 _HIGH_WATER = 65536  # buffered request body bytes past which reading pauses (uvicorn's limit)
@@ -183,6 +185,7 @@ class FrontProtocol(asyncio.Protocol):
                  "extensions": {CLIENT_GONE: gone}}
         keep_alive = version != "1.0" and parser.should_keep_alive()
         cycle = Cycle(self, scope, keep_alive, self._expect_100, gone)
+        scope["extensions"][BODY_NOW] = cycle.body_now
         if self.cycle is None or self.cycle.response_complete:
             self.cycle = cycle
             self._start(cycle)

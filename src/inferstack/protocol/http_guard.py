@@ -10,10 +10,10 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from inferstack.protocol.errors import APIError
-from inferstack.protocol.http_front import CLIENT_GONE, guarded_protocol
+from inferstack.protocol.http_front import BODY_NOW, CLIENT_GONE, guarded_protocol
 from inferstack.protocol.http_limits import BODY_TIMEOUT_S
 
-__all__ = ["CLIENT_GONE", "guarded_protocol", "read_asgi_body", "read_body_within"]
+__all__ = ["BODY_NOW", "CLIENT_GONE", "guarded_protocol", "read_asgi_body", "read_body_within"]
 
 
 class _Deadline:
@@ -65,11 +65,17 @@ async def read_body_within(chunks: AsyncIterator[bytes], limit: int, timeout_s: 
 
 
 async def read_asgi_body(receive: Callable[[], Awaitable[dict]], limit: int,
-                         timeout_s: float = BODY_TIMEOUT_S, task: asyncio.Task | None = None) -> bytes:
+                         timeout_s: float = BODY_TIMEOUT_S, task: asyncio.Task | None = None,
+                         body_now: Callable[[], bytes | None] | None = None) -> bytes:
     """The request body straight from ASGI ``receive`` (no iterator in between: the gateway reads every
     request's body here; the engine's `read_body_within` goes through it too): 413 past `limit` bytes, 408 past
     `timeout_s` seconds, a disconnect while reading is APIError(499). ``task``: the current task, when the
-    caller has it (looking it up costs a getpid system call on Python 3.11)."""
+    caller has it (looking it up costs a getpid system call on Python 3.11). ``body_now``: our front's
+    `BODY_NOW` extension, which hands over a body already complete with no wait (so no deadline either)."""
+    if body_now is not None and (whole := body_now()) is not None:
+        if len(whole) > limit:
+            raise _too_large(limit)
+        return whole
     parts: list[bytes] = []
     size = 0
     deadline = _Deadline(timeout_s, task)
