@@ -178,3 +178,36 @@ def test_read_asgi_body_applies_its_limit_to_a_body_handed_over_whole():
             raise AssertionError("a body over the limit was accepted")
 
     asyncio.run(main())
+
+
+def test_a_request_leaves_no_garbage_for_the_cycle_collector():
+    """Each request's objects are freed by reference counting alone: a reference cycle per request (the scope's
+    `BODY_NOW` referring to a cycle that referred back to the scope did) makes the collector run every few
+    dozen requests at c64, measured at ~8 % of the gateway's CPU."""
+    import gc
+
+    async def app(scope, receive, send):
+        assert scope["extensions"][BODY_NOW]() == b"hello"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        protocol, transport = _connect(app)
+        request = b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"
+        protocol.data_received(request)  # warm-up: first-use caches
+        await _until(lambda: len(transport.writes) == 1, "warm-up answered")
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for i in range(2, 52):
+                protocol.data_received(request)
+                await _until(lambda i=i: len(transport.writes) == i, "answered")
+            gc.collect()
+            garbage = [type(o).__qualname__ for o in gc.garbage]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert garbage == []
+        protocol.connection_lost(None)
+
+    asyncio.run(main())

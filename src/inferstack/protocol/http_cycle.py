@@ -44,11 +44,13 @@ class Cycle:
     """The request's body as it arrives (fed by the protocol) and its response as the app sends it."""
 
     __slots__ = ("_waiter", "body", "chunked", "delivered", "disconnected", "expect_100", "gone", "head",
-                 "keep_alive", "more_body", "proto", "remaining", "response_complete", "response_started", "scope")
+                 "head_only", "keep_alive", "more_body", "proto", "remaining", "response_complete", "response_started",
+                 "scope")
 
     def __init__(self, proto: FrontProtocol, scope: dict, keep_alive: bool, expect_100: bool,
                  gone: asyncio.Future):
         self.proto, self.scope, self.keep_alive, self.expect_100, self.gone = proto, scope, keep_alive, expect_100, gone
+        self.head_only = scope["method"] == "HEAD"  # a HEAD request: the head is sent, no body
         self.body: list[bytes] = []
         self.more_body = True
         self.delivered = False  # the last body message went to the app: `receive` now waits for the end
@@ -74,8 +76,11 @@ class Cycle:
 
     async def run(self, app: Callable[..., Any]) -> None:
         """The app on this request; a failure before the response started is a 500, after it a closed connection."""
+        # The app holds the scope from here on, not this cycle: the scope's `BODY_NOW` refers to the cycle, and a
+        # cycle that referred back to its scope would be garbage only the collector frees (~13 objects a request).
+        scope, self.scope = self.scope, None
         try:
-            result = await app(self.scope, self.receive, self.send)
+            result = await app(scope, self.receive, self.send)
         except BaseException as exc:
             log.error("Exception in ASGI application\n", exc_info=exc)
             if not self.response_started:
@@ -153,7 +158,7 @@ class Cycle:
         self._write_body(message.get("body", b""), message.get("more_body", False))
 
     def _write_body(self, body: bytes, more: bool) -> None:
-        if self.scope["method"] == "HEAD":
+        if self.head_only:
             data = b""
         elif self.chunked:
             data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
@@ -170,7 +175,7 @@ class Cycle:
         if data:
             transport.write(data)
         if not more:
-            if self.remaining > 0 and self.scope["method"] != "HEAD":
+            if self.remaining > 0 and not self.head_only:
                 raise RuntimeError("Response content shorter than Content-Length")
             self.response_complete = True
             self.wake()
@@ -207,7 +212,7 @@ class Cycle:
             content.append(b"connection: close\r\n")
         if length is not None and not self.chunked:
             self.remaining = int(length)
-        elif not self.chunked and self.scope["method"] != "HEAD" and status not in (204, 304):
+        elif not self.chunked and not self.head_only and status not in (204, 304):
             self.chunked = True
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
