@@ -142,16 +142,21 @@ def test_read_timeout_counts_from_the_last_bytes_not_from_the_request():
     when they stop, the request fails after the timeout."""
     async def main():
         async def handler(reader, writer):
-            head, _ = await _read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            for _ in range(10):  # 1 s of bytes, every 0.1 s, against a 0.4 s read timeout
-                writer.write(b"1\r\nx\r\n")
+            while True:  # every request of the keep-alive connection
+                try:
+                    head, _ = await _read_request(reader)
+                except asyncio.IncompleteReadError:
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for _ in range(10):  # 1 s of bytes, every 0.1 s, against a 0.4 s read timeout
+                    writer.write(b"1\r\nx\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                if b"/stall" in head:
+                    await asyncio.sleep(30)
+                writer.write(b"0\r\n\r\n")
                 await writer.drain()
-                await asyncio.sleep(0.1)
-            if b"/stall" in head:
-                await asyncio.sleep(30)
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+            writer.close()
 
         server, url = await _serve(handler)
         pool = UpstreamPool(url, 1.0, 0.4)
@@ -214,6 +219,42 @@ def test_the_read_timer_outlives_a_response_and_never_closes_an_idle_pooled_conn
         assert conn is first and 0.15 <= waited < 2.0, waited
         assert conns == 1
         conn.close()
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_that_times_out_on_a_reused_connection_is_not_sent_again():
+    """A hung engine on a keep-alive connection: the request fails after one read timeout and reaches the
+    engine once (it was sent again on a fresh connection, running it twice and doubling the wait)."""
+    async def main():
+        seen: list[bytes] = []
+
+        async def handler(reader, writer):
+            while True:
+                try:
+                    head, _ = await _read_request(reader)
+                except asyncio.IncompleteReadError:
+                    break
+                seen.append(head.split(b" ")[1])
+                if b"/hang" in head:
+                    await asyncio.sleep(30)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+            writer.close()
+
+        server, url = await _serve(handler)
+        loop = asyncio.get_running_loop()
+        pool = UpstreamPool(url, 1.0, 0.3)
+        conn = await pool.request(b"POST", b"/ok", [], b"")
+        assert await conn.read() == b"ok"
+        conn.release()
+        t0 = loop.time()
+        with pytest.raises(UpstreamError, match="no data"):
+            await pool.request(b"POST", b"/hang", [], b"")
+        assert loop.time() - t0 < 0.55  # one timeout (0.3 s), not two
+        assert seen == [b"/ok", b"/hang"]
         pool.close()
         server.close()
 

@@ -20,6 +20,10 @@ class UpstreamError(ConnectionError):
     """The connection failed, closed early, or timed out."""
 
 
+class UpstreamTimeout(UpstreamError):
+    """No data from the upstream within the read timeout: the request reached it (never sent again)."""
+
+
 class _Conn(asyncio.Protocol):
     __slots__ = ("_chunks", "_done", "_error", "_headers", "_last_data", "_parser", "_read_timer", "_waiter",
                  "closed", "content_type", "got_bytes", "keep_alive", "loop", "pool", "read_timeout", "status",
@@ -112,7 +116,7 @@ class _Conn(asyncio.Protocol):
         self._timed_out()
 
     def _timed_out(self) -> None:
-        self._fail(UpstreamError(f"no data from upstream for {self.read_timeout:g}s"))
+        self._fail(UpstreamTimeout(f"no data from upstream for {self.read_timeout:g}s"))
         if self.transport is not None:
             self.transport.abort()
 
@@ -228,10 +232,10 @@ class UpstreamPool:
                 conn.send(data)
                 await conn.headers()
                 return conn
-            except UpstreamError:
+            except UpstreamError as exc:
                 conn.close()
-                if conn.got_bytes:
-                    raise
+                if conn.got_bytes or isinstance(exc, UpstreamTimeout):
+                    raise  # the server has the request: sending it again would run it twice
                 # the server closed an idle keep-alive connection: try a fresh one
                 break
             except BaseException:
