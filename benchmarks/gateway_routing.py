@@ -165,6 +165,17 @@ def decided_by(gateway_url: str) -> dict[str, int]:
     return out
 
 
+def placement(trace: list[tuple[float, str, str]]) -> list[tuple[int, int]]:
+    """Per endpoint (busiest first): the distinct groups it served, and its requests."""
+    groups: dict[str, set[str]] = {}
+    served: dict[str, int] = {}
+    for _, group, ep in trace:
+        if ep:
+            groups.setdefault(ep, set()).add(group)
+            served[ep] = served.get(ep, 0) + 1
+    return sorted(((len(groups[e]), served[e]) for e in served), key=lambda p: -p[1])
+
+
 def _cache_entries(engine_args: str) -> int:
     """The fake engines' `--cache-entries` (their default when not given)."""
     words = engine_args.split()
@@ -245,6 +256,7 @@ def main() -> None:
                 if not str(which).startswith("sglang:"):
                     row["decided_by"] = decided_by(router.url)
                     row["misses"] = miss_causes(trace, _cache_entries(args.engine_args))
+                    row["placement"] = placement(trace)
                 results.append(row)
                 print(json.dumps(row), flush=True)
             finally:
