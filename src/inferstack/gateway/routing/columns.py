@@ -234,12 +234,10 @@ def cold_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarra
 
 
 def prefix_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | float:
-    if not ctx.cold():
+    roots = ctx.state.roots
+    if not ctx.cold() or not roots.sharing():
         return 1.0
-    counts = ctx.state.roots.counts()
-    if not any(counts.values()):
-        return 1.0
-    return _min_max_low_is_good(_by_id(cols, idx, counts))
+    return _min_max_low_is_good(_by_id(cols, idx, roots.counts()))
 
 
 def session_affinity(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | float:

@@ -1,12 +1,15 @@
 """Which shared prompts each endpoint keeps warm: the roots (first prefix block) of the prompts routed
-there more than once within the last `horizon` routing decisions of the pool.
+there, counted per endpoint over the pool's recent routing decisions.
 
 An engine's prefix cache holds a bounded number of prompts; an endpoint that is sent more distinct shared
 prompts than it can hold evicts the rarest of them again and again (every request of those then prefills
 cold), while another endpoint with fewer has room. The gateway does not know an engine's capacity, but it
-can keep the counts even: a prompt nobody holds yet goes where the fewest shared prompts live
-(`scorers.prefix_spread`). A root routed only once is not counted, so a workload of distinct prompts
-(nothing to keep warm) leaves every count at 0 and the spread neutral. Pure data; bounded by the horizon.
+can keep the counts even: a prompt nobody holds yet goes where the fewest prompts live
+(`scorers.prefix_spread`). A root routed there twice or more stays counted for `REUSED_HORIZON` decisions
+after its last use; one routed once counts only for `SINGLE_HORIZON` decisions (a new tenant's prompt, not
+reused yet, still counts while more new ones arrive in the same burst), and is remembered as long as a
+reused one, so a second use promotes it. While no root is reused anywhere (a workload of distinct
+prompts: nothing to keep warm) the spread is neutral (`sharing`). Pure data; bounded by the horizons.
 """
 
 from __future__ import annotations
@@ -14,53 +17,69 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-# Routing decisions a root stays counted after its last use: far longer than a steady tenant's gap between
+# Decisions a reused root stays counted after its last use: far longer than a steady tenant's gap between
 # requests (the rarest of 32 Zipf(1.1) tenants at 60 req/s comes every ~160 decisions), short enough that a
 # tenant gone quiet stops counting while the engine's cache has most likely dropped it anyway.
-ROOT_HORIZON = 2048
+REUSED_HORIZON = 2048
+# Decisions a root routed once stays counted: a burst of new prompts spreads instead of piling onto the
+# endpoint that had the fewest reused ones. Short: counted longer, the hottest tenants (the first to
+# arrive) would be placed by count before their load shows, and two of them could share an engine.
+SINGLE_HORIZON = 16
+
+
+@dataclass
+class _Warm:
+    """One endpoint's roots, each with the decision of its last use, least recently used first."""
+
+    single: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    reused: OrderedDict[int, int] = field(default_factory=OrderedDict)
 
 
 @dataclass
 class ReusedRoots:
-    horizon: int = ROOT_HORIZON
+    reused_horizon: int = REUSED_HORIZON
+    single_horizon: int = SINGLE_HORIZON
     clock: int = 0
-    # endpoint -> root -> (decision of its last use, uses), least recently used first
-    _seen: dict[str, OrderedDict[int, tuple[int, int]]] = field(default_factory=dict)
-    _reused: dict[str, int] = field(default_factory=dict)  # endpoint -> its roots with uses >= 2
+    _warm: dict[str, _Warm] = field(default_factory=dict)
 
     def record(self, endpoint: str, root: int) -> None:
         """A request whose prompt starts with ``root`` was routed to ``endpoint``."""
         self.clock += 1
-        seen = self._seen.get(endpoint)
-        if seen is None:
-            seen = self._seen[endpoint] = OrderedDict()
-            self._reused[endpoint] = 0
-        last = seen.pop(root, None)
-        uses = 1 if last is None else last[1] + 1
-        seen[root] = (self.clock, uses)
-        if uses == 2:
-            self._reused[endpoint] += 1
-        self._expire(endpoint, seen)
+        warm = self._warm.get(endpoint)
+        if warm is None:
+            warm = self._warm[endpoint] = _Warm()
+        if root in warm.reused:
+            warm.reused.move_to_end(root)
+        elif warm.single.pop(root, None) is None:
+            warm.single[root] = self.clock
+            self._expire(warm)
+            return
+        warm.reused[root] = self.clock
+        self._expire(warm)
 
     def counts(self) -> dict[str, int]:
-        """Per endpoint, the shared prompts it keeps warm now (0 for endpoints never routed to: absent)."""
-        for endpoint, seen in self._seen.items():
-            self._expire(endpoint, seen)
-        return self._reused
+        """Per endpoint (absent: never routed to), the prompts it keeps warm now."""
+        out = {}
+        newest = self.clock - self.single_horizon
+        for endpoint, warm in self._warm.items():
+            self._expire(warm)
+            fresh = 0
+            for at in reversed(warm.single.values()):  # routed once, in order: the latest are last
+                if at <= newest:
+                    break
+                fresh += 1
+            out[endpoint] = len(warm.reused) + fresh
+        return out
 
-    def any_reused(self) -> bool:
-        return any(self._reused.values())
+    def sharing(self) -> bool:
+        """Some endpoint was sent the same prompt root twice within the horizon (prompts are shared)."""
+        return any(self._expire(w) or w.reused for w in self._warm.values())
 
     def forget(self, endpoint: str) -> None:
-        self._seen.pop(endpoint, None)
-        self._reused.pop(endpoint, None)
+        self._warm.pop(endpoint, None)
 
-    def _expire(self, endpoint: str, seen: OrderedDict[int, tuple[int, int]]) -> None:
-        oldest = self.clock - self.horizon
-        while seen:
-            root, (at, uses) = next(iter(seen.items()))
-            if at > oldest:
-                return
-            del seen[root]
-            if uses >= 2:
-                self._reused[endpoint] -= 1
+    def _expire(self, warm: _Warm) -> None:
+        oldest = self.clock - self.reused_horizon  # a root routed once is remembered as long (a second use)
+        for roots in (warm.single, warm.reused):
+            while roots and next(iter(roots.values())) <= oldest:
+                roots.popitem(last=False)

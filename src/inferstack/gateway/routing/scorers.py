@@ -87,13 +87,14 @@ def cold_spread(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
 
 
 def prefix_spread(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
-    """For requests nobody has cached, prefer the endpoints that keep the fewest shared prompts warm
+    """For requests nobody has cached, prefer the endpoints that keep the fewest prompts warm
     (`roots.ReusedRoots`; min-max, so one prompt more decides): an engine's prefix cache holds a bounded
     number of them, and the one sent more than it holds evicts its rarest again and again. Neutral for
     requests with a cache hit somewhere and while no prompt is shared."""
-    if not ctx.cold():
+    roots = ctx.state.roots
+    if not ctx.cold() or not roots.sharing():
         return [1.0] * len(cands)
-    counts = ctx.state.roots.counts()
+    counts = roots.counts()
     return _min_max_low_is_good([counts.get(e.id, 0) for e in cands])
 
 
