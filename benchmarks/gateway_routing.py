@@ -7,6 +7,9 @@ LRU prefix cache of prompt heads (a hit skips the prefill of all but the last 10
 cost per uncached token, a decode time per token and a fixed number of parallel slots (so load
 queues). Groups (system prompts) are drawn uniformly or by Zipf popularity (`--popularity zipf:1.1`).
 inferstack runs with the user's defaults (flow control on) unless `--flow-control off|both`.
+Rows of inferstack routers also say which scorer decided (`decided_by`), each endpoint's distinct groups and
+requests (`placement`), and the misses by cause (`misses`: the fake engines' prefix LRUs replayed over the
+requests in send order, endpoint from the gateway's served header; see `miss_causes`).
 
     python benchmarks/gateway_routing.py [--rates 10,20,30,40] [--duration 12] [--peers sglang]
     # the held-out load: 32 tenants' prompts with Zipf(1.1) popularity at 60 req/s for 40 s

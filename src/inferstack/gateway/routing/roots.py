@@ -41,6 +41,7 @@ class ReusedRoots:
     single_horizon: int = SINGLE_HORIZON
     clock: int = 0
     _warm: dict[str, _Warm] = field(default_factory=dict)
+    _reused: int = 0  # reused roots over every endpoint, not yet expired (an endpoint's expire when it is read)
 
     def record(self, endpoint: str, root: int) -> None:
         """A request whose prompt starts with ``root`` was routed to ``endpoint``."""
@@ -54,6 +55,8 @@ class ReusedRoots:
             warm.single[root] = self.clock
             self._expire(warm)
             return
+        else:
+            self._reused += 1
         warm.reused[root] = self.clock
         self._expire(warm)
 
@@ -72,14 +75,23 @@ class ReusedRoots:
         return out
 
     def sharing(self) -> bool:
-        """Some endpoint was sent the same prompt root twice within the horizon (prompts are shared)."""
-        return any(self._expire(w) or w.reused for w in self._warm.values())
+        """Some endpoint was sent the same prompt root twice within the horizon (prompts are shared). O(1) while
+        nothing is shared, so a workload of distinct prompts (every request cold) pays nothing per endpoint."""
+        if self._reused:
+            for warm in self._warm.values():
+                self._expire(warm)
+        return self._reused > 0
 
     def forget(self, endpoint: str) -> None:
-        self._warm.pop(endpoint, None)
+        warm = self._warm.pop(endpoint, None)
+        if warm is not None:
+            self._reused -= len(warm.reused)
 
     def _expire(self, warm: _Warm) -> None:
         oldest = self.clock - self.reused_horizon  # a root routed once is remembered as long (a second use)
-        for roots in (warm.single, warm.reused):
-            while roots and next(iter(roots.values())) <= oldest:
-                roots.popitem(last=False)
+        single, reused = warm.single, warm.reused
+        while single and next(iter(single.values())) <= oldest:
+            single.popitem(last=False)
+        while reused and next(iter(reused.values())) <= oldest:
+            reused.popitem(last=False)
+            self._reused -= 1
