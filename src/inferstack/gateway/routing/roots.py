@@ -14,8 +14,9 @@ prompts: nothing to keep warm) the spread is neutral (`sharing`). Pure data; bou
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 # Decisions a reused root stays counted after its last use: far longer than a steady tenant's gap between
 # requests (the rarest of 32 Zipf(1.1) tenants at 60 req/s comes every ~160 decisions), short enough that a
@@ -27,71 +28,73 @@ REUSED_HORIZON = 2048
 SINGLE_HORIZON = 16
 
 
-@dataclass
-class _Warm:
-    """One endpoint's roots, each with the decision of its last use, least recently used first."""
-
-    single: OrderedDict[int, int] = field(default_factory=OrderedDict)
-    reused: OrderedDict[int, int] = field(default_factory=OrderedDict)
+@dataclass(slots=True)
+class _Use:
+    last: int             # the decision of its last use
+    reused: bool = False  # routed to this endpoint twice or more
 
 
 @dataclass
 class ReusedRoots:
+    """Every (endpoint, root) routed within the horizon with its `_Use`, and one event per decision in order,
+    so expiry costs O(1) per decision and the counts never scan old roots."""
+
     reused_horizon: int = REUSED_HORIZON
     single_horizon: int = SINGLE_HORIZON
     clock: int = 0
-    _warm: dict[str, _Warm] = field(default_factory=dict)
-    _reused: int = 0  # reused roots over every endpoint, not yet expired (an endpoint's expire when it is read)
+    _entries: dict[tuple[str, int], _Use] = field(default_factory=dict)
+    _events: deque[tuple[int, tuple[str, int]]] = field(default_factory=deque)  # (decision, key), oldest first
+    _reused: dict[str, int] = field(default_factory=dict)  # endpoint -> its reused roots
+    _reused_total: int = 0
 
     def record(self, endpoint: str, root: int) -> None:
         """A request whose prompt starts with ``root`` was routed to ``endpoint``."""
         self.clock += 1
-        warm = self._warm.get(endpoint)
-        if warm is None:
-            warm = self._warm[endpoint] = _Warm()
-        if root in warm.reused:
-            warm.reused.move_to_end(root)
-        elif warm.single.pop(root, None) is None:
-            warm.single[root] = self.clock
-            self._expire(warm)
-            return
+        key = (endpoint, root)
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = _Use(self.clock)
+            self._reused.setdefault(endpoint, 0)
         else:
-            self._reused += 1
-        warm.reused[root] = self.clock
-        self._expire(warm)
+            entry.last = self.clock
+            if not entry.reused:
+                entry.reused = True
+                self._reused[endpoint] += 1
+                self._reused_total += 1
+        self._events.append((self.clock, key))
+        self._expire()
 
     def counts(self) -> dict[str, int]:
         """Per endpoint (absent: never routed to), the prompts it keeps warm now."""
-        out = {}
-        newest = self.clock - self.single_horizon
-        for endpoint, warm in self._warm.items():
-            self._expire(warm)
-            fresh = 0
-            for at in reversed(warm.single.values()):  # routed once, in order: the latest are last
-                if at <= newest:
-                    break
-                fresh += 1
-            out[endpoint] = len(warm.reused) + fresh
+        out = dict(self._reused)
+        entries = self._entries
+        for at, key in islice(reversed(self._events), self.single_horizon):
+            entry = entries.get(key)
+            if entry is not None and not entry.reused and entry.last == at:   # routed once, just now
+                out[key[0]] += 1
         return out
 
     def sharing(self) -> bool:
-        """Some endpoint was sent the same prompt root twice within the horizon (prompts are shared). O(1) while
-        nothing is shared, so a workload of distinct prompts (every request cold) pays nothing per endpoint."""
-        if self._reused:
-            for warm in self._warm.values():
-                self._expire(warm)
-        return self._reused > 0
+        """Some endpoint was sent the same prompt root twice within the horizon (prompts are shared)."""
+        return self._reused_total > 0
 
     def forget(self, endpoint: str) -> None:
-        warm = self._warm.pop(endpoint, None)
-        if warm is not None:
-            self._reused -= len(warm.reused)
+        for key in [k for k in self._entries if k[0] == endpoint]:
+            if self._entries.pop(key).reused:
+                self._reused_total -= 1
+        self._reused.pop(endpoint, None)
 
-    def _expire(self, warm: _Warm) -> None:
-        oldest = self.clock - self.reused_horizon  # a root routed once is remembered as long (a second use)
-        single, reused = warm.single, warm.reused
-        while single and next(iter(single.values())) <= oldest:
-            single.popitem(last=False)
-        while reused and next(iter(reused.values())) <= oldest:
-            reused.popitem(last=False)
-            self._reused -= 1
+    def _expire(self) -> None:
+        """Drop the roots whose last use is `reused_horizon` decisions old (a root routed once is remembered as
+        long, so a second use promotes it)."""
+        oldest = self.clock - self.reused_horizon
+        events, entries = self._events, self._entries
+        while events and events[0][0] <= oldest:
+            at, key = events.popleft()
+            entry = entries.get(key)
+            if entry is None or entry.last != at:
+                continue  # used again since: a later event stands for it
+            del entries[key]
+            if entry.reused:
+                self._reused[key[0]] -= 1
+                self._reused_total -= 1
