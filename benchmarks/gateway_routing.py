@@ -7,6 +7,9 @@ LRU prefix cache of prompt heads (a hit skips the prefill of all but the last 10
 cost per uncached token, a decode time per token and a fixed number of parallel slots (so load
 queues). Groups (system prompts) are drawn uniformly or by Zipf popularity (`--popularity zipf:1.1`).
 inferstack runs with the user's defaults (flow control on) unless `--flow-control off|both`.
+Rows of inferstack routers also say which scorer decided (`decided_by`), each endpoint's distinct groups and
+requests (`placement`), and the misses by cause (`misses`: the fake engines' prefix LRUs replayed over the
+requests in send order, endpoint from the gateway's served header; see `miss_causes`).
 
     python benchmarks/gateway_routing.py [--rates 10,20,30,40] [--duration 12] [--peers sglang]
     # the held-out load: 32 tenants' prompts with Zipf(1.1) popularity at 60 req/s for 40 s
@@ -24,6 +27,7 @@ import random
 import re
 import time
 import urllib.request
+from collections import OrderedDict
 from pathlib import Path
 
 import aiohttp
@@ -41,6 +45,7 @@ from inferstack.telemetry import promtext
 
 MODEL = "bench-model"
 _CONTENT = re.compile(rb'"content":\s*"[^"]')  # a non-empty content delta (not the role-only first chunk)
+SERVED = "x-gateway-destination-endpoint-served"
 ENGINE_ARGS = ["--ttft-ms", "5", "--prefill-us-per-token", "250", "--itl-ms", "20", "--tokens", "16",
                "--max-running", "4", "--cache-entries", "6"]
 
@@ -56,12 +61,15 @@ def workload(groups: int, tenants: int, system_tokens: int, seed: int = 0) -> li
     return out
 
 
-async def one(session: aiohttp.ClientSession, url: str, key: str, system: str, q: int, out: list) -> None:
+async def one(session: aiohttp.ClientSession, url: str, key: str, system: str, q: int, out: list,
+              trace: list) -> None:
+    """One streamed request; ``trace`` gets (send time, group head, endpoint that served it or "")."""
     body = {"model": MODEL, "stream": True, "max_tokens": 16, "ignore_eos": True,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {q} " * 40}]}
     t0 = time.perf_counter()
     ttft = None
     async with session.post(url, json=body, headers={"authorization": f"Bearer {key}"}) as r:
+        trace.append((t0, system[:16], r.headers.get(SERVED, "")))
         if r.status != 200:
             out.append(("error", r.status))
             return
@@ -69,6 +77,34 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, system: str, q
             if ttft is None and _CONTENT.search(chunk):
                 ttft = time.perf_counter() - t0
     out.append(("ok", ttft if ttft is not None else time.perf_counter() - t0, time.perf_counter() - t0))
+
+
+def miss_causes(trace: list[tuple[float, str, str]], cache_entries: int) -> dict[str, int]:
+    """Replay the engines' prefix LRUs (``cache_entries`` prompt heads each) over the requests in send order
+    (endpoint from the gateway's served header) and name each miss: ``cold`` (the group's first request),
+    ``spread`` (another engine held the group: the router sent it elsewhere), ``evicted`` (this engine had
+    held it and dropped it for other groups; none held it), ``moved`` (held nowhere, last on another engine)."""
+    lrus: dict[str, OrderedDict[str, None]] = {}
+    last: dict[str, str] = {}
+    out = {"hit": 0, "cold": 0, "spread": 0, "evicted": 0, "moved": 0}
+    for _, group, ep in sorted(trace):
+        if not ep:
+            continue
+        lru = lrus.setdefault(ep, OrderedDict())
+        if group in lru:
+            out["hit"] += 1
+        elif group not in last:
+            out["cold"] += 1
+        elif any(group in other for e, other in lrus.items() if e != ep):
+            out["spread"] += 1
+        else:
+            out["evicted" if last[group] == ep else "moved"] += 1
+        last[group] = ep
+        lru[group] = None
+        lru.move_to_end(group)
+        while len(lru) > cache_entries:
+            lru.popitem(last=False)
+    return out
 
 
 def popularity(spec: str, n: int) -> list[float]:
@@ -85,6 +121,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
                    weights: list[float]) -> dict:
     rng = random.Random(seed)
     out: list = []
+    trace: list = []
     tasks = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
@@ -97,14 +134,15 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
             if delay > 0:
                 await asyncio.sleep(delay)
             key, system = rng.choices(groups, weights)[0]
-            tasks.append(asyncio.create_task(one(s, url, key, system, q, out)))
+            tasks.append(asyncio.create_task(one(s, url, key, system, q, out, trace)))
             q += 1
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     ok = [o for o in out if o[0] == "ok"]
     ttfts = [o[1] for o in ok]
     return {"rate": rate, "sent": len(out), "ok": len(ok), "req_per_s": len(ok) / elapsed,
-            "ttft_p50_s": median(ttfts), "ttft_p90_s": pct(ttfts, 0.9), "ttft_p99_s": pct(ttfts, 0.99)}
+            "ttft_p50_s": median(ttfts), "ttft_p90_s": pct(ttfts, 0.9), "ttft_p99_s": pct(ttfts, 0.99),
+            "trace": trace}
 
 
 def engine_hits(urls: list[str]) -> tuple[float, float]:
@@ -128,6 +166,23 @@ def decided_by(gateway_url: str) -> dict[str, int]:
         scorer = dict(labels).get("scorer", "?")
         out[scorer] = out.get(scorer, 0) + int(n)
     return out
+
+
+def placement(trace: list[tuple[float, str, str]]) -> list[tuple[int, int]]:
+    """Per endpoint (busiest first): the distinct groups it served, and its requests."""
+    groups: dict[str, set[str]] = {}
+    served: dict[str, int] = {}
+    for _, group, ep in trace:
+        if ep:
+            groups.setdefault(ep, set()).add(group)
+            served[ep] = served.get(ep, 0) + 1
+    return sorted(((len(groups[e]), served[e]) for e in served), key=lambda p: -p[1])
+
+
+def _cache_entries(engine_args: str) -> int:
+    """The fake engines' `--cache-entries` (their default when not given)."""
+    words = engine_args.split()
+    return int(words[words.index("--cache-entries") + 1]) if "--cache-entries" in words else 1024
 
 
 def _served_model(url: str) -> str:
@@ -198,10 +253,13 @@ def main() -> None:
                 row = asyncio.run(run_rate(router.url + "/v1/chat/completions", groups, rate, args.duration,
                                            seed=int(rate), weights=weights))
                 hits, queries = engine_hits(urls)
+                trace = row.pop("trace")
                 row["router"] = name
                 row["hit_rate"] = hits / queries if queries else float("nan")
                 if not str(which).startswith("sglang:"):
                     row["decided_by"] = decided_by(router.url)
+                    row["misses"] = miss_causes(trace, _cache_entries(args.engine_args))
+                    row["placement"] = placement(trace)
                 results.append(row)
                 print(json.dumps(row), flush=True)
             finally:

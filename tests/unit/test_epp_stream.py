@@ -314,3 +314,46 @@ def test_a_failure_while_relaying_passes_the_engines_answer_through_unchanged():
     relayed = b"".join(r.response_body.response.body_mutation.streamed_response.body for r in [*first, *rest])
     assert relayed == chunk + b"data: [DONE]\n\n"  # byte for byte, metering off
     assert all(p.pool.by_id(e).in_flight == 0 for e in EPS)
+
+
+def _stream_to(p: EndpointPicker, s: Stream, status: bytes = b"200") -> None:
+    """Route one streamed request through ``s`` and let the engine's response headers through."""
+
+    async def main():
+        await s.handle(_headers())
+        out = await s.handle(_body(orjson.dumps({"model": "m", "prompt": "hi", "stream": True}), True))
+        dest = {h.header.key: h.header.raw_value for h in out[0].request_headers.response.header_mutation.set_headers}
+        headers = _served_headers(dest[m.DESTINATION].decode(), "text/event-stream")
+        headers.response_headers.headers.headers[0].raw_value = status
+        await s.handle(headers)
+
+    return main()
+
+
+def test_only_a_served_request_is_a_completion_for_flow_control():
+    """A client that cancels mid-stream, or an engine's 5xx, frees the slot but is no evidence of the pool's
+    pace: it must not end flow control's no-evidence hold nor feed the service rate; a reset after
+    `[DONE]` and a finished stream are completions (failed on the code that completed every release)."""
+    chunk = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+
+    async def main():
+        p = _picker()
+        queue = p.pipeline.flow["p"].queue
+        seen = []
+        cancelled = Stream(p)  # the client goes away after one token
+        await _stream_to(p, cancelled)
+        await cancelled.handle(pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=False)))
+        await cancelled.abandon()
+        failed = Stream(p)  # the engine answers 503
+        await _stream_to(p, failed, b"503")
+        await failed.handle(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"{}", end_of_stream=True)))
+        seen.append((queue.completions_seen, queue.evidence(), sum(e.in_flight for e in p.pool.endpoints)))
+        done = Stream(p)  # the client hangs up once it has [DONE]
+        await _stream_to(p, done)
+        await done.handle(pb.ProcessingRequest(
+            response_body=pb.HttpBody(body=chunk + b"data: [DONE]\n\n", end_of_stream=False)))
+        await done.abandon()
+        seen.append((queue.completions_seen, queue.evidence(), sum(e.in_flight for e in p.pool.endpoints)))
+        return seen
+
+    assert _run(main()) == [(False, False, 0), (True, True, 0)]

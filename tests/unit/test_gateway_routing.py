@@ -12,7 +12,8 @@ from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.kvevents import apply_batch
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingState, build_router
 from inferstack.gateway.routing.prefix import ApproxPrefixIndex, PreciseIndex, text_prefix_hashes
-from inferstack.gateway.routing.registry import PRESETS
+from inferstack.gateway.routing.registry import PRESETS, make_profile
+from inferstack.gateway.routing.roots import ReusedRoots
 from inferstack.gateway.routing.scorers import SCORERS
 from inferstack.gateway.routing.state import RouteContext
 
@@ -214,3 +215,63 @@ def test_latency_model_learns_the_slower_endpoint():
     eps = [EndpointView("slow", in_flight=2), EndpointView("fast", in_flight=2)]
     router = build_router("latency", state)
     assert router.route(req("p" * 2000), PoolSnapshot(eps)).endpoint.id == "fast"
+
+
+def _warm(state: RoutingState, placement: dict[str, int]) -> None:
+    """Each endpoint keeps ``placement[e]`` shared prompts warm (each routed to it twice)."""
+    for e, n in placement.items():
+        for g in range(n):
+            r = req(f"tenant {e}-{g} system prompt " * 20)
+            state.record(r, e, cold=False)
+            state.record(r, e, cold=False)
+
+
+def test_default_sends_a_new_shared_prompt_where_the_fewest_live_despite_its_load():
+    """Recorded on the held-out load (gateway_routing.py, 32 Zipf tenants, engines holding 8 prompts each):
+    the endpoint with the hottest tenant carries more requests but fewer prompts. A new tenant sent to a
+    less-loaded endpoint that already keeps 8 warm evicted one of them there on every rare request."""
+    loads = {"e0": 9, "e1": 2, "e2": 2, "e3": 3}
+    eps = [EndpointView(e, has_metrics=True, metrics_age_s=0.01, in_flight=n, running=n) for e, n in loads.items()]
+    new = req("a new tenant's system prompt " * 20)
+    picks = []
+    for profile in (PRESETS["default"](),  # and the same without the spread (the seventh stop's default)
+                    make_profile("old", ["healthy", "not-overloaded"],
+                                 {"prefix": 3, "in-flight": 2, "kv-cache": 1, "cold-spread": 1}, "max-score")):
+        state = RoutingState()
+        _warm(state, {"e0": 7, "e1": 8, "e2": 8, "e3": 8})
+        picks.append(profile.pick(RouteContext(new, PoolSnapshot(eps), state), eps).endpoint.id)
+    assert picks[0] == "e0" and picks[1] in {"e1", "e2"}
+
+
+def test_a_burst_of_new_prompts_spreads_before_any_is_reused():
+    """Recorded at the held-out load's start: e1 kept no reused prompt yet, and four new tenants arriving
+    within 30 ms all went there (then it was overloaded and two hot tenants spilled onto a second
+    engine). A prompt routed once counts too, for a while: one new prompt per endpoint."""
+    state = RoutingState()
+    _warm(state, {"e0": 1, "e2": 1, "e3": 1})
+    state.record(req("e1's first tenant " * 20), "e1", cold=True)
+    router = build_router("default", state)
+    snap = PoolSnapshot(fleet(4))
+    picks = [router.route(req(f"burst tenant {i} " * 20), snap).endpoint.id for i in range(4)]
+    assert Counter(picks) == {"e0": 1, "e1": 1, "e2": 1, "e3": 1}
+
+
+def test_prefix_spread_is_neutral_for_distinct_prompts_and_forgets_quiet_ones():
+    state = RoutingState()
+    for i in range(50):   # every prompt distinct: nothing to keep warm, the load decides
+        state.record(req(f"one-off {i} " * 20), f"e{i % 2}", cold=True)
+    ctx = RouteContext(req("another one-off " * 20), PoolSnapshot(fleet(2)), state)
+    assert not state.roots.sharing() and SCORERS["prefix-spread"](ctx, fleet(2)) == [1.0, 1.0]
+    roots = ReusedRoots(reused_horizon=8, single_horizon=2)
+    roots.record("a", 1)
+    roots.record("a", 1)     # reused: counted for 8 decisions after its last use
+    roots.record("b", 2)     # routed once: counted for 2
+    assert roots.counts() == {"a": 1, "b": 1} and roots.sharing()
+    roots.record("b", 3)
+    roots.record("b", 4)
+    assert roots.counts() == {"a": 1, "b": 2}   # root 2 went quiet
+    for r in range(5, 10):
+        roots.record("b", r)
+    assert roots.counts() == {"a": 0, "b": 2} and not roots.sharing()
+    roots.record("b", 5)     # 5 decisions after its first use: no longer counted, still remembered
+    assert roots.sharing() and roots.counts()["b"] == 2   # reused now (5), plus the latest one-off (9)

@@ -387,6 +387,7 @@ class Stream:
         else:
             usage = json_usage(b"".join(r.buffered)) if r.status == 200 else None
             await self.p.pipeline.account.finish(ctx, end, usage, chunks=1)
+        ctx.outcome.responded = True  # the whole response went by: served if its status says so (`Picker.release`)
         held, self.held = self.held, None
         if held is not None:
             self.p.pipeline.picker.release(ctx, held)

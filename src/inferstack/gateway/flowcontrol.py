@@ -96,8 +96,13 @@ class FlowController:
         self.pump()
 
     def completed(self) -> None:
-        """A request of this pool finished at its endpoint: measure it, then release waiters."""
+        """A request of this pool was served by its endpoint: measure it, then release waiters."""
         self.queue.completed()
+        self.pump()
+
+    def freed(self) -> None:
+        """A request left its endpoint unserved (failed, refused, cancelled): its slot is free, but it
+        says nothing about the pool's pace, so only release waiters."""
         self.pump()
 
     def pump(self) -> int:

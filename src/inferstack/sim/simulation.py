@@ -414,7 +414,8 @@ class Simulation:
         ep = r.endpoint
         if ep is not None:
             self.gateway.shift(ep, -1)
-            self.gateway.admission.completed()
+            if status == "ok":  # only a served request measures the pool's pace (gateway/pipeline/pick.py)
+                self.gateway.admission.completed()
             rec.target = ep.id
         if status == "ok" and r.engine is not None and ep is not None:
             eng = r.engine

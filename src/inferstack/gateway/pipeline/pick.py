@@ -2,6 +2,8 @@
 
 Holding an endpoint counts the request in its in-flight and hands a flow-control reservation
 over to it (`FlowController.routed`); releasing frees the slot and lets flow control release more.
+Only a served request is a completion (`FlowController.completed`, the pool's pace); a failure or
+a client's cancel frees its slot (`FlowController.freed`) without being evidence of pace.
 """
 
 from __future__ import annotations
@@ -46,8 +48,12 @@ class Picker:
 
     @staticmethod
     def release(ctx: RequestContext, ep: Endpoint) -> None:
+        """The request left ``ep``: free its slot; a completion for flow control only if it was `served`."""
         ep.in_flight -= 1
-        ctx.admission.flow.completed()
+        if served(ctx):
+            ctx.admission.flow.completed()
+        else:
+            ctx.admission.flow.freed()
 
     @staticmethod
     def succeeded(ctx: RequestContext, ep: Endpoint) -> None:
@@ -58,3 +64,11 @@ class Picker:
             ctx.route.pool.router.state.latency.observe(
                 ep.id, ctx.plan.view.est_prompt_tokens, ep.in_flight + 1, out.ttft, out.tpot
             )
+
+
+def served(ctx: RequestContext) -> bool:
+    """The client has a whole successful answer (a stream it closed after `data: [DONE]` included). A
+    failure, an engine's refusal or a cancel took no service time worth measuring: counted as completions
+    they would end flow control's no-evidence hold early and make the pool's pace look faster."""
+    out = ctx.outcome
+    return out.responded and 200 <= out.status < 300

@@ -233,6 +233,13 @@ def cold_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarra
     return 1.0 - (upto[mine] - 1) / top
 
 
+def prefix_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | float:
+    roots = ctx.state.roots
+    if not ctx.cold() or not roots.sharing():
+        return 1.0
+    return _min_max_low_is_good(_by_id(cols, idx, roots.counts()))
+
+
 def session_affinity(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | float:
     sess = ctx.request.session
     target = ctx.state.sessions.get(sess) if sess else None
@@ -246,11 +253,12 @@ def lora_affinity(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> float |
 
 
 # twins whose scores are within [0, 1] by construction: clamping them changes nothing, so it is skipped
-BOUNDED = frozenset({"queue", "least-load", "kv-cache", "cold-spread", "session-affinity"})
+BOUNDED = frozenset({"queue", "least-load", "kv-cache", "cold-spread", "prefix-spread", "session-affinity"})
 
 COL_SCORERS: dict[str, ColScorer] = {
     "queue": queue, "least-load": least_load, "in-flight": in_flight, "kv-cache": kv_cache, "prefix": prefix,
-    "cold-spread": cold_spread, "session-affinity": session_affinity, "lora-affinity": lora_affinity,
+    "cold-spread": cold_spread, "prefix-spread": prefix_spread, "session-affinity": session_affinity,
+    "lora-affinity": lora_affinity,
 }
 
 ColPicker = Callable[[RouteContext, np.ndarray], int]

@@ -24,9 +24,11 @@ def make_profile(name: str, filters: list[str], scorers: Mapping[str, float], pi
 def _default() -> Policy:
     # Ours: GIE's signals plus a smooth in-flight load term (fresh, not 50 ms old) and the
     # no-hit spreader, so an idle fleet spreads distinct prefixes while shared prefixes stick
-    # until their holder is overloaded relative to the rest of the pool.
+    # until their holder is overloaded relative to the rest of the pool. A new shared prompt goes where the
+    # fewest shared prompts live (prefix-spread; 1.5: one more outweighs a moderate load gap, not a large
+    # one), so no engine is sent more than its cache holds while another has room (docs/gateway.md, "Presets").
     return make_profile("default", ["healthy", "not-overloaded"],
-                        {"prefix": 3, "in-flight": 2, "kv-cache": 1, "cold-spread": 1,
+                        {"prefix": 3, "in-flight": 2, "kv-cache": 1, "cold-spread": 1, "prefix-spread": 1.5,
                          "lora-affinity": 2, "session-affinity": 2}, "max-score")
 
 

@@ -86,6 +86,18 @@ def cold_spread(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     return [1.0 - rank[s] / top for s in stamps]
 
 
+def prefix_spread(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
+    """For requests nobody has cached, prefer the endpoints that keep the fewest prompts warm
+    (`roots.ReusedRoots`; min-max, so one prompt more decides): an engine's prefix cache holds a bounded
+    number of them, and the one sent more than it holds evicts its rarest again and again. Neutral for
+    requests with a cache hit somewhere and while no prompt is shared."""
+    roots = ctx.state.roots
+    if not ctx.cold() or not roots.sharing():
+        return [1.0] * len(cands)
+    counts = roots.counts()
+    return _min_max_low_is_good([counts.get(e.id, 0) for e in cands])
+
+
 def session_affinity(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     sess = ctx.request.session
     if not sess:
@@ -143,6 +155,7 @@ SCORERS: dict[str, Scorer] = {
     "prefix": prefix,
     "precise-prefix": precise_prefix,
     "cold-spread": cold_spread,
+    "prefix-spread": prefix_spread,
     "session-affinity": session_affinity,
     "lora-affinity": lora_affinity,
     "predicted-latency": predicted_latency,

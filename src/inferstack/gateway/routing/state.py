@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from inferstack.gateway.routing.latency import LatencyModel
 from inferstack.gateway.routing.prefix import ApproxPrefixIndex, PreciseIndex
+from inferstack.gateway.routing.roots import ReusedRoots
 from inferstack.gateway.routing.types import EndpointView, PoolSnapshot, RequestView
 
 _MAX_SESSIONS = 100_000
@@ -27,11 +28,13 @@ class RoutingState:
     cold_clock: int = 0
     sessions: OrderedDict[str, str] = field(default_factory=OrderedDict)
     adapters_seen: dict[str, OrderedDict[str, None]] = field(default_factory=dict)
+    roots: ReusedRoots = field(default_factory=ReusedRoots)  # the shared prompts each endpoint keeps warm
 
     def record(self, req: RequestView, endpoint: str, cold: bool) -> None:
         """Remember where a request went (prefix LRU, cold LRU, session and adapter affinity)."""
         if req.prefix_hashes:
             self.approx.insert(endpoint, req.prefix_hashes)
+            self.roots.record(endpoint, req.prefix_hashes[0])
         if cold:
             self.cold_clock += 1
             self.cold_served[endpoint] = self.cold_clock
@@ -55,6 +58,7 @@ class RoutingState:
         self.latency.tpot.pop(endpoint, None)
         self.cold_served.pop(endpoint, None)
         self.adapters_seen.pop(endpoint, None)
+        self.roots.forget(endpoint)
 
 
 class RouteContext:
