@@ -14,7 +14,9 @@ What counts as waiting on the transfer, two ways:
   differences are noisy: ask for 20 or more);
 - the method's own resolution (null): the same prompt sent a third time, its KV local as for the
   second: (third - second) / PD request's TTFT has nothing to do with any transfer, so its spread is
-  how small a share the end-to-end figure can tell from zero on this machine at this load. ``<= 1 %``
+  how small a share the end-to-end figure can tell from zero on this machine at this load. Which of
+  the two local sends is the end-to-end figure's baseline alternates from request to request (the
+  other one is then the null's), so that an order effect between them cancels instead of biasing it. ``<= 1 %``
   counts as shown only when the end-to-end interval's upper end is at most 1 % (and the null's
   interval is narrower than that: otherwise the machine is too noisy to tell);
 - the connector's own clocks, from the decode engine's /metrics (connector="pd"):
@@ -131,8 +133,12 @@ def run(transport: str, args: argparse.Namespace) -> list[Sample]:
             s3 = sums(decode.url)
             if k > 0:
                 d = {key: s1[key] - s0[key] for key in SUMS}
-                samples.append(Sample(d["ttft"], s2["ttft"] - s1["ttft"], s3["ttft"] - s2["ttft"], d["fetch"],
-                                      d["wait"], d["load"], d["bytes"],
+                second, third = s2["ttft"] - s1["ttft"], s3["ttft"] - s2["ttft"]
+                # counterbalanced: odd requests compare the PD TTFT with the third send, even ones with
+                # the second, so that a systematic difference between the second and third send (the
+                # prompt's blocks hotter in the CPU caches, say) does not leak into the end-to-end share
+                local, again = (third, second) if k % 2 else (second, third)
+                samples.append(Sample(d["ttft"], local, again, d["fetch"], d["wait"], d["load"], d["bytes"],
                                       expected_bytes(r["usage"]["prompt_tokens"], args.kv_cache_dtype)))
         return samples
     finally:
