@@ -5,8 +5,9 @@ A prefill process holds a request's prompt KV in its paged cache (SmolLM2-135M s
 decode engine and moves the blocks into its own paged cache with each transport, through the
 connector's own code (``KVTransport.fetch`` then ``PendingLoad.copy_into``): tcp and shm receive
 chunks and scatter them into blocks, nixl READs straight into the blocks. Reported per size: the
-median time and GB/s of the whole move (connect, hash checks, bytes, into the blocks), and the
-1-block latency. Transports are interleaved so machine noise hits each alike; one size at a time, so the
+median time and GB/s of the whole move (connect, hash checks, bytes, into the blocks), the CPU
+time both processes spent on it (on a loaded host the wall time is mostly waiting for a core), and
+the 1-block latency. Transports are interleaved so machine noise hits each alike; one size at a time, so the
 shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
 
     python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
@@ -58,6 +59,9 @@ def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection) -> No
     server = KVTransferServer(source, nixl=exporter)
     conn.send(server.address[1])
     while (msg := conn.recv()) is not None:
+        if msg == "cpu":              # this process's CPU seconds so far (its part of a transfer's cost)
+            conn.send(time.process_time())
+            continue
         rid, n = msg
         source.hold(rid, list(range(n)), block_hashes(n))
         conn.send(rid)
@@ -87,6 +91,13 @@ def move(transport: KVTransport, port: int, rid: str, n: int, caches: list[torch
     return time.perf_counter() - t0
 
 
+def cpu_both(prefill: Connection) -> float:
+    """CPU seconds of this process and the prefill process so far: on a loaded host a move's wall time
+    is mostly the scheduler's, its CPU time is the work both sides did for it."""
+    prefill.send("cpu")
+    return time.process_time() + prefill.recv()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", default="4,16,64,256", help="transfer sizes in MB (10^6 bytes)")
@@ -113,22 +124,27 @@ def main() -> None:
     caches = [torch.zeros(*shape) for _ in range(args.layers)]
     ways = transports(layout, caches, args.transports.split(","), [int(t) for t in args.nixl_threads.split(",")])
     times: dict[tuple[str, object], list[float]] = {}
+    cpu: dict[tuple[str, object], list[float]] = {}
     for label, n in sizes.items():
         for r in range(args.repeats + 1):           # round 0 warms connections, pools and metadata
             for name, transport in ways.items():
                 parent.send((f"{name}-{label}-{r}", n))
                 rid = parent.recv()
+                spent = cpu_both(parent)
                 dt = move(transport, port, rid, n, caches)
                 if r > 0:
                     times.setdefault((name, label), []).append(dt)
-    print(f"block = {block_bytes / 1e6:.2f} MB; medians over {args.repeats} moves, two processes, one host")
-    print("| size | " + " | ".join(f"{n} ms | {n} GB/s" for n in ways) + " |")
-    print("|---|" + "---|---|" * len(ways))
+                    cpu.setdefault((name, label), []).append(cpu_both(parent) - spent)
+    print(f"block = {block_bytes / 1e6:.2f} MB; medians over {args.repeats} moves, two processes, one host; "
+          "CPU = both processes' CPU time for the move (all threads)")
+    print("| size | " + " | ".join(f"{n} ms | {n} GB/s | {n} CPU ms" for n in ways) + " |")
+    print("|---|" + "---|---|---|" * len(ways))
     for label, n in sizes.items():
         cells = []
         for name in ways:
             med = statistics.median(times[(name, label)])
-            cells.append(f"{med * 1e3:.2f} | {n * block_bytes / med / 1e9:.2f}")
+            cells.append(f"{med * 1e3:.2f} | {n * block_bytes / med / 1e9:.2f} "
+                         f"| {statistics.median(cpu[(name, label)]) * 1e3:.2f}")
         size = label if isinstance(label, str) else f"{n * block_bytes / 1e6:.0f} MB ({n} blocks)"
         print(f"| {size} | " + " | ".join(cells) + " |")
     parent.send(None)

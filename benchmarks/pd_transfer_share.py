@@ -14,7 +14,9 @@ What counts as waiting on the transfer, two ways:
   differences are noisy: ask for 20 or more);
 - the method's own resolution (null): the same prompt sent a third time, its KV local as for the
   second: (third - second) / PD request's TTFT has nothing to do with any transfer, so its spread is
-  how small a share the end-to-end figure can tell from zero on this machine at this load. ``<= 1 %``
+  how small a share the end-to-end figure can tell from zero on this machine at this load. Which of
+  the two local sends is the end-to-end figure's baseline alternates from request to request (the
+  other one is then the null's), so that an order effect between them cancels instead of biasing it. ``<= 1 %``
   counts as shown only when the end-to-end interval's upper end is at most 1 % (and the null's
   interval is narrower than that: otherwise the machine is too noisy to tell);
 - the connector's own clocks, from the decode engine's /metrics (connector="pd"):
@@ -22,7 +24,15 @@ What counts as waiting on the transfer, two ways:
   `..._load_wait_seconds`, what the request's computation waited on the load once its blocks were
   allocated (with NIXL: the first layer's READ and whatever the forward pass waited for later layers;
   with shm/tcp: the copy into the blocks). `..._load_seconds` (the whole READ or copy, mostly
-  overlapped with the forward pass under NIXL) is printed for reference. Not counted: scheduler hops.
+  overlapped with the forward pass under NIXL) is printed for reference. Not counted: scheduler hops;
+- the end-to-end share split by the decode engine's own per-request timestamps (its
+  `vllm:request_queue_time_seconds`, arrival to the request's blocks allocated, and
+  `vllm:request_prefill_time_seconds`, from there to the first token): **before allocation** =
+  (PD request's queue time - the local send's) / PD TTFT — the pull's handshake, hash checks and the
+  scheduler hops around them, a difference of two short spans, so little noise — and **after** = the
+  rest of the end-to-end share (the READ's wait for its first layer, the forward pass's layer waits
+  and END, and the forward pass itself, whose noise is most of the end-to-end figure's). Each with
+  the same null comparison.
 Each share is over the decode engine's `vllm:time_to_first_token_seconds` of the PD requests (arrival at
 the decode engine to its first token).
 Bytes are checked against what the KV of the transferred blocks must weigh: full prompt blocks
@@ -52,6 +62,7 @@ SUMS = {"fetch": ("inferstack_kv_connector_fetch_seconds_sum", {"connector": "pd
         "load": ("inferstack_kv_connector_load_seconds_sum", {"connector": "pd"}),
         "wait": ("inferstack_kv_connector_load_wait_seconds_sum", {"connector": "pd"}),
         "ttft": ("vllm:time_to_first_token_seconds_sum", {}),
+        "queue": ("vllm:request_queue_time_seconds_sum", {}),
         "bytes": ("inferstack_kv_transfer_bytes_total", {"direction": "recv"})}
 # SmolLM2-135M: 30 layers, 3 KV heads of 64 (grouped-query attention: 9 query heads share them)
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16
@@ -93,6 +104,9 @@ class Sample:
     load: float
     bytes: float
     expected: float
+    queue: float              # arrival to blocks allocated, of the PD request and of the two local sends
+    local_queue: float
+    again_queue: float
 
     @property
     def end_to_end(self) -> float:
@@ -103,6 +117,23 @@ class Sample:
     def null(self) -> float:
         """Two local-KV TTFTs of the same prompt compared like the end-to-end share: noise only."""
         return (self.again_ttft - self.local_ttft) / self.ttft
+
+    @property
+    def before_alloc(self) -> float:
+        """The part of the end-to-end share spent before the request's blocks were allocated."""
+        return (self.queue - self.local_queue) / self.ttft
+
+    @property
+    def before_alloc_null(self) -> float:
+        return (self.again_queue - self.local_queue) / self.ttft
+
+    @property
+    def after_alloc(self) -> float:
+        return self.end_to_end - self.before_alloc
+
+    @property
+    def after_alloc_null(self) -> float:
+        return self.null - self.before_alloc_null
 
     @property
     def connector(self) -> float:
@@ -131,9 +162,16 @@ def run(transport: str, args: argparse.Namespace) -> list[Sample]:
             s3 = sums(decode.url)
             if k > 0:
                 d = {key: s1[key] - s0[key] for key in SUMS}
-                samples.append(Sample(d["ttft"], s2["ttft"] - s1["ttft"], s3["ttft"] - s2["ttft"], d["fetch"],
-                                      d["wait"], d["load"], d["bytes"],
-                                      expected_bytes(r["usage"]["prompt_tokens"], args.kv_cache_dtype)))
+                second, third = s2["ttft"] - s1["ttft"], s3["ttft"] - s2["ttft"]
+                queues = (s2["queue"] - s1["queue"], s3["queue"] - s2["queue"])
+                # counterbalanced: odd requests compare the PD TTFT with the third send, even ones with
+                # the second, so that a systematic difference between the second and third send (the
+                # prompt's blocks hotter in the CPU caches, say) does not leak into the end-to-end share
+                local, again = (third, second) if k % 2 else (second, third)
+                local_queue, again_queue = queues[::-1] if k % 2 else queues
+                samples.append(Sample(d["ttft"], local, again, d["fetch"], d["wait"], d["load"], d["bytes"],
+                                      expected_bytes(r["usage"]["prompt_tokens"], args.kv_cache_dtype),
+                                      d["queue"], local_queue, again_queue))
         return samples
     finally:
         prefill.stop()
@@ -156,6 +194,13 @@ def median_interval(values: list[float], rounds: int = 2000, seed: int = 0) -> t
 def interval(values: list[float]) -> str:
     low, high = median_interval(values)
     return f"[{low * 100:.1f}, {high * 100:.1f}]"
+
+
+def split(samples: list[Sample], part: str) -> str:
+    """A part of the end-to-end share and its null: median and 95 % interval of each."""
+    values, null = [getattr(x, part) for x in samples], [getattr(x, f"{part}_null") for x in samples]
+    return (f"{statistics.median(values) * 100:.1f} % {interval(values)} "
+            f"({statistics.median(null) * 100:.1f} % {interval(null)})")
 
 
 def verdict(samples: list[Sample]) -> str:
@@ -187,8 +232,8 @@ def main() -> None:
           "  [a, b] after a share: 95 % bootstrap interval of its median.")
     print("| transport | KV moved (expected) | fetch + waited (load, overlapped) | decode TTFT "
           "| same prompt, KV local | share: end to end (95 % CI of median) | null (95 % CI) "
-          "| share: connector clocks | <= 1 % end to end |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| share: connector clocks | <= 1 % end to end | before allocation (null) | after (null) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for transport in args.transports.split(","):
         got = run(transport, args)
 
@@ -201,7 +246,8 @@ def main() -> None:
               f"({ms('load'):.1f} ms) | {ms('ttft'):.0f} ms | {ms('local_ttft'):.0f} ms "
               f"| {quartiles([x.end_to_end for x in got])} {interval([x.end_to_end for x in got])} "
               f"| {quartiles([x.null for x in got])} {interval([x.null for x in got])} "
-              f"| {quartiles([x.connector for x in got])} | {verdict(got)} |", flush=True)
+              f"| {quartiles([x.connector for x in got])} | {verdict(got)} "
+              f"| {split(got, 'before_alloc')} | {split(got, 'after_alloc')} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -10,12 +11,12 @@ import torch
 from inferstack.engine.connector.nixl_agent import (
     KVRegions,
     NixlAgent,
-    block_runs,
     layer_groups,
     nixl_missing,
     ucx_backend_params,
 )
 from inferstack.engine.connector.shm import SegmentPool
+from inferstack.engine.connector.wire import TransferError
 
 
 def test_layer_groups_start_small_then_double_and_cover_every_layer_once():
@@ -31,16 +32,18 @@ def test_layer_groups_start_small_then_double_and_cover_every_layer_once():
         assert flat == list(range(layers))
 
 
-def test_block_runs_merge_only_blocks_consecutive_on_both_sides():
-    assert block_runs([0], [9]).tolist() == [[0, 9, 1]]
-    assert block_runs([3, 4, 5, 6], [10, 11, 12, 13]).tolist() == [[3, 10, 4]]
-    # consecutive here but not there, and back: three runs
-    assert block_runs([0, 1, 2, 7, 9, 10], [5, 6, 7, 0, 3, 4]).tolist() == [[0, 5, 3], [7, 0, 1], [9, 3, 2]]
-    assert block_runs([5, 4], [1, 2]).tolist() == [[5, 1, 1], [4, 2, 1]]
-    with pytest.raises(ValueError):
-        block_runs([1, 2], [1])
-    with pytest.raises(ValueError):
-        block_runs([], [])
+def test_indices_name_the_prepared_rows_of_each_layer_k_then_v():
+    """Row (layer * 2 + kv) * num_blocks + block of `all_descs` is that block's K (kv 0) or V (kv 1)."""
+    regions = KVRegions((1000, 9000), num_blocks=4, block_bytes=10, mem_type="DRAM", device_id=0)
+    rows = regions.all_descs()
+    assert rows.shape == (2 * 2 * 4, 3)
+    # layer 1, V of block 2: base 9000 + (num_blocks + 2) * 10
+    assert rows[(1 * 2 + 1) * 4 + 2].tolist() == [9060, 10, 0]
+    assert regions.indices(range(0, 2), [2, 0]).tolist() == [2, 0, 6, 4, 10, 8, 14, 12]
+    assert regions.indices(range(1, 2), [3]).tolist() == [11, 15]
+    for bad in ([4], [-1]):
+        with pytest.raises(TransferError, match="outside a cache of 4 blocks"):
+            regions.indices(range(0, 1), bad)
 
 
 def test_copy_threads_split_every_read():
@@ -52,7 +55,8 @@ def test_copy_threads_split_every_read():
 @pytest.mark.skipif(nixl_missing() is not None, reason="nixl-cu12 not installed")
 def test_a_read_split_over_copy_threads_moves_the_right_bytes():
     """Two agents in one process, the reader with two copy threads: scattered blocks (three runs)
-    land in the right places, every layer, K and V, and nothing else is written."""
+    land in the right places, every layer, K and V, and nothing else is written; through either
+    of the reader's agents; blocks outside what the holder registered are refused."""
     torch.manual_seed(0)
     shape = (2, 12, 16, 2, 8)
     theirs = [torch.randn(*shape) for _ in range(3)]
@@ -79,6 +83,17 @@ def test_a_read_split_over_copy_threads_moves_the_right_bytes():
             assert torch.equal(mine[:, local], peer[:, remote])
             untouched = [b for b in range(12) if b not in local]
             assert not mine[:, untouched].any()
+        # the direct agent (no copy threads) reads from its own prepared lists: another scatter
+        reader.bulk_min_bytes = 1 << 40
+        reader.read(holder.name, KVRegions.of(theirs), [11, 3], [1, 11], 10.0)
+        for mine, peer in zip(ours, theirs, strict=True):
+            assert torch.equal(mine[:, [11, 3]], peer[:, [1, 11]])
+        # an offer whose regions are not the memory the holder registered is refused before any READ
+        shifted = dataclasses.replace(KVRegions.of(theirs), num_blocks=24)
+        with pytest.raises(TransferError, match="not memory it registered"):
+            reader.read(holder.name, shifted, [0], [0], 10.0)
+        with pytest.raises(TransferError, match="outside a cache"):
+            reader.read(holder.name, KVRegions.of(theirs), [0], [12], 10.0)
     finally:
         done.set()
         progress.join(5)

@@ -113,18 +113,29 @@ class KVRegions:
         return cls(tuple(c.data_ptr() for c in kv_caches), num_blocks, bs * heads * dim * first.element_size(),
                    "VRAM" if first.is_cuda else "DRAM", first.device.index or 0)
 
-    def descs(self, runs: np.ndarray, column: int) -> np.ndarray:
-        """Nx3 (address, length, device) descriptors for ``runs`` (rows: local start, remote start,
-        length in blocks; ``column`` picks which start is ours), every layer, K then V."""
-        starts, lengths = runs[:, column], runs[:, 2]
+    def all_descs(self) -> np.ndarray:
+        """Nx3 (address, length, device) descriptors of every block of every layer, K then V: row
+        ``(layer * 2 + kv) * num_blocks + block`` (`indices`). Prepared once per agent and per peer
+        (`NixlAgent`), a READ then names rows by index instead of building and checking descriptors."""
         bases = np.asarray(self.bases, dtype=np.int64)[:, None, None]
         kv = np.asarray([0, self.num_blocks], dtype=np.int64)[None, :, None]
-        addrs = bases + (kv + starts[None, None, :]) * self.block_bytes
+        blocks = np.arange(self.num_blocks, dtype=np.int64)[None, None, :]
+        addrs = (bases + (kv + blocks) * self.block_bytes).reshape(-1)
         out = np.empty((addrs.size, 3), dtype=np.int64)
-        out[:, 0] = addrs.reshape(-1)
-        out[:, 1] = np.broadcast_to(lengths[None, None, :] * self.block_bytes, addrs.shape).reshape(-1)
+        out[:, 0] = addrs
+        out[:, 1] = self.block_bytes
         out[:, 2] = self.device_id
         return out
+
+    def indices(self, layers: range, block_ids: Sequence[int]) -> np.ndarray:
+        """Rows of `all_descs` for ``block_ids`` of ``layers``, layer-major, K then V, blocks in the
+        given order (both sides of a READ list them alike, so row i here pairs with row i there).
+        Raises `TransferError` for a block id outside the cache (an offer naming blocks that are not there)."""
+        ids = np.asarray(block_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            raise TransferError(f"block ids outside a cache of {self.num_blocks} blocks")
+        rows = np.arange(layers.start, layers.stop, dtype=np.int64)[:, None, None] * 2 + np.arange(2)[None, :, None]
+        return (rows * self.num_blocks + ids[None, None, :]).reshape(-1).astype(np.int32)
 
 
 def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int) -> list[range]:
@@ -144,26 +155,11 @@ def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int) -> list[ran
     return groups
 
 
-def block_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> np.ndarray:
-    """Rows (local start, remote start, length): maximal runs consecutive on both sides, so that a
-    transfer of n contiguous blocks is 2 * layers descriptors, not 2 * layers * n. A Python loop: for
-    one block it took 1.4 us where numpy's calls took 0.18 ms (loaded host); ~1 us per block on long
-    lists is noise beside the ~0.25 ms copy of each block."""
-    if len(local_ids) != len(remote_ids) or len(local_ids) == 0:
-        raise ValueError(f"block lists differ in length or are empty ({len(local_ids)} vs {len(remote_ids)})")
-    rows: list[tuple[int, int, int]] = []
-    start = 0
-    for i in range(1, len(local_ids) + 1):
-        if i == len(local_ids) or local_ids[i] != local_ids[i - 1] + 1 or remote_ids[i] != remote_ids[i - 1] + 1:
-            rows.append((local_ids[start], remote_ids[start], i - start))
-            start = i
-    return np.array(rows, dtype=np.int64)
-
-
 class _Endpoint:
     """One nixl agent with the KV cache registered (the NIXL side of `NixlAgent`)."""
 
-    def __init__(self, nixl: ModuleType, name: str, threads: int, kv_caches: Sequence[torch.Tensor]) -> None:
+    def __init__(self, nixl: ModuleType, name: str, threads: int, kv_caches: Sequence[torch.Tensor],
+                 regions: KVRegions) -> None:
         strict = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT   # pulls run on several threads
         # No UCX progress thread: idle, it polls and takes half a core (measured), which a CPU engine's
         # forward pass needs; the reader progresses its READ itself (`_wait`), the peer's CPU is not
@@ -179,9 +175,32 @@ class _Endpoint:
             raise NixlUnavailable("NIXL transport: this nixl build has no UCX plugin")
         try:
             self.registered = self.agent.register_memory(list(kv_caches))
+            self.local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", regions.all_descs(), regions.mem_type)
         except Exception as exc:
             raise NixlUnavailable(f"NIXL transport: UCX could not register the KV cache ({exc}; "
                                   f"{ucx_environment()})") from None
+        # each peer's blocks, prepared at its first READ: (agent name, its regions) -> prepared list
+        self.remote: dict[tuple[str, KVRegions], object] = {}
+
+    def remote_list(self, peer: str, regions: KVRegions) -> object:
+        """``peer``'s blocks as a prepared descriptor list (the caller holds `NixlAgent`'s lock).
+        NIXL checks here that every block lies in memory the peer registered: an offer naming
+        other memory is refused before any READ."""
+        key = (peer, regions)
+        prepared = self.remote.get(key)
+        if prepared is None:
+            try:
+                prepared = self.agent.prep_xfer_dlist(peer, regions.all_descs(), regions.mem_type)
+            except Exception as exc:
+                raise TransferError(f"peer {peer}'s KV regions are not memory it registered ({exc})") from None
+            self.remote[key] = prepared
+        return prepared
+
+    def drop(self, peer: str) -> None:
+        """Release ``peer``'s prepared lists (before its agent is removed)."""
+        for key in [key for key in self.remote if key[0] == peer]:
+            with contextlib.suppress(Exception):   # already gone on the NIXL side
+                self.agent.release_dlist_handle(self.remote.pop(key))
 
 
 class NixlAgent:
@@ -199,9 +218,10 @@ class NixlAgent:
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         threads = default_threads() if threads is None else threads
         self.regions = KVRegions.of(kv_caches)
-        self._direct = _Endpoint(nixl, self.name, 0, kv_caches)
+        self._direct = _Endpoint(nixl, self.name, 0, kv_caches, self.regions)
         self._agent = self._direct.agent
-        self._bulk = _Endpoint(nixl, f"{self.name}-bulk", threads, kv_caches) if threads > 0 else None
+        self._bulk = (_Endpoint(nixl, f"{self.name}-bulk", threads, kv_caches, self.regions)
+                      if threads > 0 else None)
         self._peers: dict[str, str] = {}      # "host:port" -> the remote agent name loaded for it
         self.min_read_bytes = MIN_READ_BYTES
         self.bulk_min_bytes = BULK_MIN_BYTES
@@ -250,6 +270,7 @@ class NixlAgent:
 
     def _forget(self, name: str) -> None:
         for endpoint in self._endpoints():
+            endpoint.drop(name)
             with contextlib.suppress(Exception):   # already gone on the NIXL side: nothing left to drop
                 endpoint.agent.remove_remote_agent(name)
 
@@ -257,28 +278,29 @@ class NixlAgent:
              timeout_s: float, on_layer: Callable[[int], None] | None = None) -> int:
         """READ ``remote_ids`` of ``peer`` into our blocks ``local_ids``; the bytes moved. One READ per
         group of layers (`layer_groups`), in layer order, each layer announced to ``on_layer`` once its
-        bytes are in: the engine's forward pass may compute layer l while later layers still arrive."""
-        runs = block_runs(local_ids, remote_ids)
+        bytes are in: the engine's forward pass may compute layer l while later layers still arrive.
+        A READ names rows of descriptor lists prepared once (ours at start-up, the peer's at its first
+        READ); NIXL merges rows adjacent on both sides, so n consecutive blocks are one descriptor per
+        layer and K/V (measured in docs/disaggregation.md)."""
+        if len(local_ids) != len(remote_ids) or len(local_ids) == 0:
+            raise ValueError(f"block lists differ in length or are empty ({len(local_ids)} vs {len(remote_ids)})")
         layers = len(self.regions.bases)
-        nbytes = int(runs[:, 2].sum()) * 2 * layers * self.regions.block_bytes
-        bulk = self._bulk is not None and nbytes >= self.bulk_min_bytes
-        agent = self._bulk.agent if bulk and self._bulk is not None else self._agent
-        local_rows, far_rows = self.regions.descs(runs, 0), remote.descs(runs, 1)
-        per_layer = len(local_rows) // layers    # K and V rows of every run, layer-major
+        nbytes = len(local_ids) * 2 * layers * self.regions.block_bytes
+        endpoint = self._bulk if self._bulk is not None and nbytes >= self.bulk_min_bytes else self._direct
+        with self._lock:
+            far = endpoint.remote_list(peer, remote)
         deadline = time.monotonic() + timeout_s
         for group in layer_groups(layers, nbytes // layers, self.min_read_bytes):
-            rows = slice(group.start * per_layer, group.stop * per_layer)
-            local = agent.get_xfer_descs(local_rows[rows], self.regions.mem_type)
-            far = agent.get_xfer_descs(far_rows[rows], remote.mem_type)
+            ours, theirs = self.regions.indices(group, local_ids), remote.indices(group, remote_ids)
             try:
-                handle = agent.initialize_xfer("READ", local, far, peer)
+                handle = endpoint.agent.make_prepped_xfer("READ", endpoint.local, ours, far, theirs)
             except Exception as exc:
                 raise TransferError(f"NIXL READ from {peer} could not start ({exc})") from None
             try:
-                _wait(agent, handle, peer, deadline, yield_core=bulk)
+                _wait(endpoint.agent, handle, peer, deadline, yield_core=endpoint is self._bulk)
             finally:
                 with contextlib.suppress(Exception):   # a failed READ may refuse; NIXL frees it with the agent
-                    agent.release_xfer_handle(handle)
+                    endpoint.agent.release_xfer_handle(handle)
             for layer in group if on_layer is not None else ():
                 on_layer(layer)
         return nbytes
@@ -290,6 +312,8 @@ class NixlAgent:
             self._peers.clear()
         for endpoint in self._endpoints():
             with contextlib.suppress(Exception):   # UCX already torn down at interpreter exit
+                endpoint.agent.release_dlist_handle(endpoint.local)
+            with contextlib.suppress(Exception):
                 endpoint.agent.deregister_memory(endpoint.registered)
 
 
