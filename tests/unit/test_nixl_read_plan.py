@@ -15,6 +15,7 @@ from inferstack.engine.connector.nixl_agent import (
     nixl_missing,
     ucx_backend_params,
 )
+from inferstack.engine.connector.nixl_transport import PEER_BLOCKS_FACTOR, PEER_BLOCKS_FLOOR, peer_regions
 from inferstack.engine.connector.shm import SegmentPool
 from inferstack.engine.connector.wire import TransferError
 
@@ -72,6 +73,10 @@ def test_a_read_split_over_copy_threads_moves_the_right_bytes():
     progress.start()
     try:
         reader.load_peer("here:1", holder.name, holder.metadata())
+        # an offer whose regions are not the memory the holder registered is refused before any READ
+        shifted = dataclasses.replace(KVRegions.of(theirs), num_blocks=24)
+        with pytest.raises(TransferError, match="not memory it registered"):
+            reader.read(holder.name, shifted, [0], [0], 10.0)
         reader.min_read_bytes = 0          # a READ per layer group, as for a long prompt
         reader.bulk_min_bytes = 0          # through the copy threads, as a large transfer goes
         landed: list[int] = []
@@ -88,10 +93,11 @@ def test_a_read_split_over_copy_threads_moves_the_right_bytes():
         reader.read(holder.name, KVRegions.of(theirs), [11, 3], [1, 11], 10.0)
         for mine, peer in zip(ours, theirs, strict=True):
             assert torch.equal(mine[:, [11, 3]], peer[:, [1, 11]])
-        # an offer whose regions are not the memory the holder registered is refused before any READ
-        shifted = dataclasses.replace(KVRegions.of(theirs), num_blocks=24)
-        with pytest.raises(TransferError, match="not memory it registered"):
-            reader.read(holder.name, shifted, [0], [0], 10.0)
+        # once read from, the holder's regions are fixed: other ones (even inside its memory) are refused, so a
+        # peer cannot make this side prepare list after list
+        smaller = dataclasses.replace(KVRegions.of(theirs), num_blocks=6)
+        with pytest.raises(TransferError, match="other than the ones it offered before"):
+            reader.read(holder.name, smaller, [0], [0], 10.0)
         with pytest.raises(TransferError, match="outside a cache"):
             reader.read(holder.name, KVRegions.of(theirs), [0], [12], 10.0)
     finally:
@@ -114,3 +120,19 @@ def test_the_segment_pool_keeps_its_largest_free_segments():
         assert pool.checkout(1) is medium
     finally:
         pool.close()
+
+
+def test_a_peer_offer_is_checked_against_our_layout_before_its_list_is_prepared():
+    """An offer claiming a huge cache, or blocks of another size, is refused before anything is allocated."""
+    ours = KVRegions((1000, 9000), num_blocks=100_000, block_bytes=64, mem_type="DRAM", device_id=0)
+
+    def offer(**over: object) -> dict:
+        return {"bases": [1, 2], "num_blocks": 10, "block_bytes": 64, "mem_type": "DRAM", "device_id": 0} | over
+
+    assert peer_regions(ours=ours, offer=offer()).num_blocks == 10
+    assert peer_regions(ours=ours, offer=offer(num_blocks=PEER_BLOCKS_FACTOR * 100_000)).bases == (1, 2)
+    for bad, why in [({"num_blocks": PEER_BLOCKS_FACTOR * 100_000 + 1}, "at most"), ({"num_blocks": 0}, "at most"),
+                     ({"block_bytes": 128}, "do not match"), ({"bases": [1, 2, 3]}, "do not match")]:
+        with pytest.raises(TransferError, match=why):
+            peer_regions(ours=ours, offer=offer(**bad))
+    assert PEER_BLOCKS_FLOOR <= PEER_BLOCKS_FACTOR * 100_000

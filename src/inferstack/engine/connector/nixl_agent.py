@@ -189,6 +189,10 @@ class _Endpoint:
         key = (peer, regions)
         prepared = self.remote.get(key)
         if prepared is None:
+            if any(known == peer for known, _ in self.remote):
+                # an agent's registered memory does not move while it lives (a restarted peer is a new agent):
+                # other regions from the same agent are refused, so its lists cannot pile up here
+                raise TransferError(f"peer {peer} offered KV regions other than the ones it offered before")
             try:
                 prepared = self.agent.prep_xfer_dlist(peer, regions.all_descs(), regions.mem_type)
             except Exception as exc:

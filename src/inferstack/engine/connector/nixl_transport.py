@@ -60,6 +60,10 @@ from inferstack.kvstore.codec import DTYPE_CODES
 
 NAME = "nixl"
 REUSE = "reuse"      # the `path` label of transfers that read another replica's cached prefix
+# A peer's cache may be larger than ours (another device, more memory), but the list of its blocks prepared at its
+# first READ costs ~70 bytes per block and layer: accept up to this many times our block count (or the floor).
+PEER_BLOCKS_FACTOR = 8
+PEER_BLOCKS_FLOOR = 1 << 16
 log = logging.getLogger("inferstack.engine.connector")
 
 
@@ -311,8 +315,7 @@ class NixlKVTransport:
             conn.close()
             return Fetched(None, refused)
         self.agent.load_peer(address, str(offer["agent"]), offer.get("metadata"))
-        regions = KVRegions(tuple(int(b) for b in offer["bases"]), int(offer["num_blocks"]),
-                            int(offer["block_bytes"]), str(offer["mem_type"]), int(offer["device_id"]))
+        regions = peer_regions(offer, self.agent.regions)
         conn.settimeout(self.timeout_s)
         return Fetched(RemoteLoad(self, conn, (pull.host, pull.port), str(offer["agent"]), regions,
                                   remote_ids[pull.first_block:end], pull.first_block, end - pull.first_block,
@@ -343,3 +346,18 @@ class NixlKVTransport:
         self.fallback.close()
         self.agent.close()
 
+
+def peer_regions(offer: dict[str, Any], ours: KVRegions) -> KVRegions:
+    """The peer's KV regions from its offer, checked against ours before anything is allocated for them: the
+    list of its blocks is prepared at its first READ (`NixlAgent.read`), so an offer claiming a huge cache would
+    make this engine build a huge list before NIXL refused it. Raises `TransferError`."""
+    regions = KVRegions(tuple(int(b) for b in offer["bases"]), int(offer["num_blocks"]),
+                        int(offer["block_bytes"]), str(offer["mem_type"]), int(offer["device_id"]))
+    if len(regions.bases) != len(ours.bases) or regions.block_bytes != ours.block_bytes:
+        raise TransferError(f"peer KV regions ({len(regions.bases)} layers of {regions.block_bytes}-byte blocks) "
+                            f"do not match this engine's ({len(ours.bases)} of {ours.block_bytes})")
+    most = max(PEER_BLOCKS_FACTOR * ours.num_blocks, PEER_BLOCKS_FLOOR)
+    if not 0 < regions.num_blocks <= most:
+        raise TransferError(f"peer claims a KV cache of {regions.num_blocks} blocks (at most {most} accepted: "
+                            f"{PEER_BLOCKS_FACTOR}x this engine's)")
+    return regions
