@@ -111,6 +111,21 @@ def report(rows: list[dict[str, Any]], goal: float) -> None:
         print(f"\nno policy of ours reached {goal:.0%} attainment")
 
 
+def diagnose(rows: list[dict[str, Any]], bin_s: float) -> None:
+    """Per bin of the trace (by send time): requests sent, and per policy the requests that missed the SLO (failed
+    ones included) and the mean replicas it paid for (starting ones included) — which burst the misses come from
+    and where the replica-hours go."""
+    print("\n| from (s) | sent | " + " | ".join(f"{r['policy']}: missed, replicas" for r in rows) + " |")
+    print("|---:|---:|" + "---:|" * len(rows))
+    for i, (start, sent, _) in enumerate(rows[0]["misses_over_time"]):
+        cells = []
+        for r in rows:
+            paid = [cur for t, cur, _ in r["timeline"] if start < t <= start + bin_s]
+            missed = r["misses_over_time"][i][2] if i < len(r["misses_over_time"]) else 0
+            cells.append(f"{missed}, {sum(paid) / len(paid):.1f}" if paid else f"{missed}, –")
+        print(f"| {start:g} | {sent} | " + " | ".join(cells) + " |")
+
+
 def plot(rows: list[dict[str, Any]], path: Path, slo_ttft: float, goal: float) -> None:
     from inferstack.lab.report import time_plot
 
@@ -152,6 +167,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated policy name prefixes")
     ap.add_argument("--jobs", type=int, default=1, help="policies simulated at once (processes)")
     ap.add_argument("--out", type=Path, default=None, help="write every row (timelines included) as JSON")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also print, per 30 s of the trace (by send time), the requests that missed the SLO "
+                         "and the replicas paid for")
     ap.add_argument("--plot", type=Path, default=None, help="write replicas and p95 TTFT over time (PNG)")
     a = ap.parse_args()
     make = mooncake_like_trace if a.trace_kind == "mooncake" else diurnal_trace
@@ -162,8 +180,10 @@ def main() -> None:
         rows = []
         for row in pool.imap(_run, jobs):
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k not in ("timeline", "ttft_p95_over_time")}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if not k.endswith(("timeline", "_over_time"))}), flush=True)
     report(rows, a.goal)
+    if a.diagnose:
+        diagnose(rows, setup_of(a).bin_s)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=2))
     if a.plot:

@@ -21,6 +21,7 @@ import numpy as np
 from inferstack.autoscale.decision import Bounds, Policy
 from inferstack.autoscale.driver import PolicyAutoscaler
 from inferstack.sim.runner import SimArgs, build_settings, simulate
+from inferstack.sim.simulation import Simulation
 
 
 def diurnal_trace(path: Path, minutes: float, peak_rps: float, seed: int, bursts: int = 3,
@@ -100,6 +101,20 @@ def _latency_bins(cols: dict[str, Any], bin_s: float) -> list[tuple[float, float
     return out
 
 
+def _miss_bins(sim: Simulation, bin_s: float) -> list[tuple[float, int, int]]:
+    """(bin start, requests sent in it, of those the ones that missed the SLO or failed), by send time:
+    where in the trace the misses come from (a burst's onset, a cold start after a scale-down)."""
+    sink = sim.sink
+    sent = sink.column("sent")
+    if sent.size == 0 or sim.s.run.slo is None:
+        return []
+    included = np.frombuffer(sink.included, dtype=np.int8).astype(bool)
+    missed = included & ~sink.met(sim.s.run.slo)
+    bins = (sent // bin_s).astype(int)
+    return [(b * bin_s, int((included & (bins == b)).sum()), int((missed & (bins == b)).sum()))
+            for b in range(int(bins.max()) + 1)]
+
+
 def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[str, Any]:
     """Simulate ``trace`` with ``policy`` scaling the fleet; the run's numbers and timelines."""
     args = SimArgs(fleet=[f"{setup.fleet}={setup.start}"],
@@ -123,4 +138,5 @@ def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[s
             "cold_starts": sum(max(0, d.desired - d.current) for _, _, d in scaler.decisions),
             "ttft_p95_s": (s["latency_s"]["ttft"] or {}).get("p95"), "wall_s": time.perf_counter() - wall,
             "timeline": [(t, d.current, d.desired) for t, _, d in scaler.decisions],
-            "ttft_p95_over_time": _latency_bins(sim.sink.cols, setup.bin_s)}
+            "ttft_p95_over_time": _latency_bins(sim.sink.cols, setup.bin_s),
+            "misses_over_time": _miss_bins(sim, setup.bin_s)}
