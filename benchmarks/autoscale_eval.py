@@ -17,6 +17,8 @@ the same cold-start delay, bounds and decision interval. The baselines:
         --seed 2 --jobs 2 --plot docs/img/autoscale_eval_seed2.png
     # the Mooncake-like trace (long shared-prefix prompts, bursty arrivals)
     PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --trace-kind mooncake --peak-rps 2
+    # where the misses and the replica-hours go (per 30 s), and hindsight rows (a bound, not a policy)
+    PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --diagnose --oracle 0.5,0.6
     # a real trace: the Azure 2023 conversation trace (Splitwise), compressed 2x
     PYTHONPATH=src python benchmarks/autoscale_eval.py --trace AzureLLMInferenceTrace_conv.csv --time-scale 2
 """
@@ -32,7 +34,8 @@ from typing import Any
 
 from inferstack.autoscale.planner import Planner
 from inferstack.autoscale.spec import parse_policy
-from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate, mooncake_like_trace
+from inferstack.bench.traces import load_trace
+from inferstack.sim.autoscale_eval import EvalSetup, Oracle, diurnal_trace, evaluate, mooncake_like_trace
 from inferstack.sim.planner_tables import planner_tables
 from inferstack.sim.profile import parse_profile
 
@@ -69,6 +72,12 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
             forecaster=holt, spare=1.5, scale_down_stabilization_s=40.0, max_step_down=0.5),
     }
     return out
+
+
+def oracles(a: argparse.Namespace, trace: Path) -> dict[str, object]:
+    sent = tuple(sorted(r.timestamp for r in load_trace(trace)))
+    return {f"oracle (hindsight, {c:g} req/s per replica)": Oracle(sent, c, a.cold_start, a.interval)
+            for c in (float(x) for x in a.oracle.split(",") if x)}
 
 
 def setup_of(a: argparse.Namespace) -> EvalSetup:
@@ -167,6 +176,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated policy name prefixes")
     ap.add_argument("--jobs", type=int, default=1, help="policies simulated at once (processes)")
     ap.add_argument("--out", type=Path, default=None, help="write every row (timelines included) as JSON")
+    ap.add_argument("--oracle", default="",
+                    help="comma-separated arrival rates per replica (e.g. 0.45): also run a hindsight row at each, "
+                         "which reads the trace's future arrivals (a bound, not a policy)")
     ap.add_argument("--diagnose", action="store_true",
                     help="also print, per 30 s of the trace (by send time), the requests that missed the SLO "
                          "and the replicas paid for")
@@ -174,7 +186,7 @@ def main() -> None:
     a = ap.parse_args()
     make = mooncake_like_trace if a.trace_kind == "mooncake" else diurnal_trace
     trace = a.trace or make(Path(tempfile.mkdtemp()) / f"{a.trace_kind}.jsonl", a.minutes, a.peak_rps, a.seed)
-    jobs = [(name, p, trace, setup_of(a)) for name, p in policies(a).items()
+    jobs = [(name, p, trace, setup_of(a)) for name, p in (policies(a) | oracles(a, trace)).items()
             if not a.only or any(name.startswith(x) for x in a.only.split(","))]
     with Pool(max(1, a.jobs)) as pool:
         rows = []

@@ -8,18 +8,21 @@ count, cold-start delay, bounds and decision interval (`EvalSetup`).
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from inferstack.autoscale.decision import Bounds, Policy
+from inferstack.autoscale.decision import Bounds, Decision, Policy
 from inferstack.autoscale.driver import PolicyAutoscaler
+from inferstack.autoscale.signals import PoolSample
 from inferstack.sim.runner import SimArgs, build_settings, simulate
 from inferstack.sim.simulation import Simulation
 
@@ -85,6 +88,35 @@ class EvalSetup:
     seed: int = 1
     time_scale: float = 1.0
     bin_s: float = 30.0          # width of the latency-over-time bins
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """Hindsight, not a policy: it reads the trace's future arrivals and gives every interval exactly
+    ``per_replica_rps`` of arrivals per replica, ordering each replica one cold start ahead and removing one only
+    when no interval before a replacement could join needs it. What perfect foresight costs and attains on this
+    trace and fleet: the bound a policy that only sees the past is measured against."""
+
+    sent: tuple[float, ...]           # every request's send time, sorted
+    per_replica_rps: float
+    cold_start_s: float
+    interval_s: float
+    name: str = "oracle"
+
+    def need(self, start: float, end: float) -> int:
+        """The most replicas any interval in [start, end) needs."""
+        most, t = 0, start
+        while t < end:
+            n = bisect.bisect_left(self.sent, t + self.interval_s) - bisect.bisect_left(self.sent, t)
+            most, t = max(most, math.ceil(n / (self.interval_s * self.per_replica_rps))), t + self.interval_s
+        return most
+
+    def decide(self, window: Sequence[PoolSample], current: int) -> Decision:
+        t = window[-1].t if window else 0.0
+        lead = self.cold_start_s + self.interval_s
+        joined = self.need(t + self.cold_start_s, t + lead)         # what a replica ordered now will meet
+        desired = joined if joined >= current else max(joined, min(current, self.need(t, t + lead)))
+        return Decision(self.name, current, desired, "hindsight")
 
 
 def _latency_bins(cols: dict[str, Any], bin_s: float) -> list[tuple[float, float | None]]:
