@@ -17,6 +17,8 @@ the same cold-start delay, bounds and decision interval. The baselines:
         --seed 2 --jobs 2 --plot docs/img/autoscale_eval_seed2.png
     # the Mooncake-like trace (long shared-prefix prompts, bursty arrivals)
     PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --trace-kind mooncake --peak-rps 2
+    # where the misses and the replica-hours go (per 30 s), and hindsight rows (a bound, not a policy)
+    PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --diagnose --oracle 0.5,0.6
     # a real trace: the Azure 2023 conversation trace (Splitwise), compressed 2x
     PYTHONPATH=src python benchmarks/autoscale_eval.py --trace AzureLLMInferenceTrace_conv.csv --time-scale 2
 """
@@ -32,7 +34,8 @@ from typing import Any
 
 from inferstack.autoscale.planner import Planner
 from inferstack.autoscale.spec import parse_policy
-from inferstack.sim.autoscale_eval import EvalSetup, diurnal_trace, evaluate, mooncake_like_trace
+from inferstack.bench.traces import load_trace
+from inferstack.sim.autoscale_eval import EvalSetup, Oracle, diurnal_trace, evaluate, mooncake_like_trace
 from inferstack.sim.planner_tables import planner_tables
 from inferstack.sim.profile import parse_profile
 
@@ -69,6 +72,12 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
             forecaster=holt, spare=1.5, scale_down_stabilization_s=40.0, max_step_down=0.5),
     }
     return out
+
+
+def oracles(a: argparse.Namespace, trace: Path) -> dict[str, object]:
+    sent = tuple(sorted(r.timestamp for r in load_trace(trace)))
+    return {f"oracle (hindsight, {c:g} req/s per replica)": Oracle(sent, c, a.cold_start, a.interval)
+            for c in (float(x) for x in a.oracle.split(",") if x)}
 
 
 def setup_of(a: argparse.Namespace) -> EvalSetup:
@@ -109,6 +118,21 @@ def report(rows: list[dict[str, Any]], goal: float) -> None:
                   f"{ours['replica_hours'] / base['replica_hours']:.3f}x the replica-hours")
     if not ours:
         print(f"\nno policy of ours reached {goal:.0%} attainment")
+
+
+def diagnose(rows: list[dict[str, Any]], bin_s: float) -> None:
+    """Per bin of the trace (by send time): requests sent, and per policy the requests that missed the SLO (failed
+    ones included) and the mean replicas it paid for (starting ones included) — which burst the misses come from
+    and where the replica-hours go."""
+    print("\n| from (s) | sent | " + " | ".join(f"{r['policy']}: missed, replicas" for r in rows) + " |")
+    print("|---:|---:|" + "---:|" * len(rows))
+    for i, (start, sent, _) in enumerate(rows[0]["misses_over_time"]):
+        cells = []
+        for r in rows:
+            paid = [cur for t, cur, _ in r["timeline"] if start < t <= start + bin_s]
+            missed = r["misses_over_time"][i][2] if i < len(r["misses_over_time"]) else 0
+            cells.append(f"{missed}, {sum(paid) / len(paid):.1f}" if paid else f"{missed}, –")
+        print(f"| {start:g} | {sent} | " + " | ".join(cells) + " |")
 
 
 def plot(rows: list[dict[str, Any]], path: Path, slo_ttft: float, goal: float) -> None:
@@ -152,18 +176,26 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated policy name prefixes")
     ap.add_argument("--jobs", type=int, default=1, help="policies simulated at once (processes)")
     ap.add_argument("--out", type=Path, default=None, help="write every row (timelines included) as JSON")
+    ap.add_argument("--oracle", default="",
+                    help="comma-separated arrival rates per replica (e.g. 0.45): also run a hindsight row at each, "
+                         "which reads the trace's future arrivals (a bound, not a policy)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also print, per 30 s of the trace (by send time), the requests that missed the SLO "
+                         "and the replicas paid for")
     ap.add_argument("--plot", type=Path, default=None, help="write replicas and p95 TTFT over time (PNG)")
     a = ap.parse_args()
     make = mooncake_like_trace if a.trace_kind == "mooncake" else diurnal_trace
     trace = a.trace or make(Path(tempfile.mkdtemp()) / f"{a.trace_kind}.jsonl", a.minutes, a.peak_rps, a.seed)
-    jobs = [(name, p, trace, setup_of(a)) for name, p in policies(a).items()
+    jobs = [(name, p, trace, setup_of(a)) for name, p in (policies(a) | oracles(a, trace)).items()
             if not a.only or any(name.startswith(x) for x in a.only.split(","))]
     with Pool(max(1, a.jobs)) as pool:
         rows = []
         for row in pool.imap(_run, jobs):
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k not in ("timeline", "ttft_p95_over_time")}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if not k.endswith(("timeline", "_over_time"))}), flush=True)
     report(rows, a.goal)
+    if a.diagnose:
+        diagnose(rows, setup_of(a).bin_s)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=2))
     if a.plot:

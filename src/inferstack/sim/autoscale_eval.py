@@ -8,19 +8,23 @@ count, cold-start delay, bounds and decision interval (`EvalSetup`).
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from inferstack.autoscale.decision import Bounds, Policy
+from inferstack.autoscale.decision import Bounds, Decision, Policy
 from inferstack.autoscale.driver import PolicyAutoscaler
+from inferstack.autoscale.signals import PoolSample
 from inferstack.sim.runner import SimArgs, build_settings, simulate
+from inferstack.sim.simulation import Simulation
 
 
 def diurnal_trace(path: Path, minutes: float, peak_rps: float, seed: int, bursts: int = 3,
@@ -86,6 +90,35 @@ class EvalSetup:
     bin_s: float = 30.0          # width of the latency-over-time bins
 
 
+@dataclass(frozen=True)
+class Oracle:
+    """Hindsight, not a policy: it reads the trace's future arrivals and gives every interval exactly
+    ``per_replica_rps`` of arrivals per replica, ordering each replica one cold start ahead and removing one only
+    when no interval before a replacement could join needs it. What perfect foresight costs and attains on this
+    trace and fleet: the bound a policy that only sees the past is measured against."""
+
+    sent: tuple[float, ...]           # every request's send time, sorted
+    per_replica_rps: float
+    cold_start_s: float
+    interval_s: float
+    name: str = "oracle"
+
+    def need(self, start: float, end: float) -> int:
+        """The most replicas any interval in [start, end) needs."""
+        most, t = 0, start
+        while t < end:
+            n = bisect.bisect_left(self.sent, t + self.interval_s) - bisect.bisect_left(self.sent, t)
+            most, t = max(most, math.ceil(n / (self.interval_s * self.per_replica_rps))), t + self.interval_s
+        return most
+
+    def decide(self, window: Sequence[PoolSample], current: int) -> Decision:
+        t = window[-1].t if window else 0.0
+        lead = self.cold_start_s + self.interval_s
+        joined = self.need(t + self.cold_start_s, t + lead)         # what a replica ordered now will meet
+        desired = joined if joined >= current else max(joined, min(current, self.need(t, t + lead)))
+        return Decision(self.name, current, desired, "hindsight")
+
+
 def _latency_bins(cols: dict[str, Any], bin_s: float) -> list[tuple[float, float | None]]:
     """(bin start, p95 TTFT of the requests that finished in it) over the run."""
     end = np.asarray(cols["end"], dtype=float)
@@ -98,6 +131,20 @@ def _latency_bins(cols: dict[str, Any], bin_s: float) -> list[tuple[float, float
         sel = sel[~np.isnan(sel)]
         out.append((b * bin_s, float(np.percentile(sel, 95)) if sel.size else None))
     return out
+
+
+def _miss_bins(sim: Simulation, bin_s: float) -> list[tuple[float, int, int]]:
+    """(bin start, requests sent in it, of those the ones that missed the SLO or failed), by send time:
+    where in the trace the misses come from (a burst's onset, a cold start after a scale-down)."""
+    sink = sim.sink
+    sent = sink.column("sent")
+    if sent.size == 0 or sim.s.run.slo is None:
+        return []
+    included = np.frombuffer(sink.included, dtype=np.int8).astype(bool)
+    missed = included & ~sink.met(sim.s.run.slo)
+    bins = (sent // bin_s).astype(int)
+    return [(b * bin_s, int((included & (bins == b)).sum()), int((missed & (bins == b)).sum()))
+            for b in range(int(bins.max()) + 1)]
 
 
 def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[str, Any]:
@@ -123,4 +170,5 @@ def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[s
             "cold_starts": sum(max(0, d.desired - d.current) for _, _, d in scaler.decisions),
             "ttft_p95_s": (s["latency_s"]["ttft"] or {}).get("p95"), "wall_s": time.perf_counter() - wall,
             "timeline": [(t, d.current, d.desired) for t, _, d in scaler.decisions],
-            "ttft_p95_over_time": _latency_bins(sim.sink.cols, setup.bin_s)}
+            "ttft_p95_over_time": _latency_bins(sim.sink.cols, setup.bin_s),
+            "misses_over_time": _miss_bins(sim, setup.bin_s)}

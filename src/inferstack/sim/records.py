@@ -125,8 +125,13 @@ class RecordSink:
             summary["errors_sample"] = self.errors
         return summary
 
+    def met(self, slo: SLO) -> np.ndarray:
+        """Per request, in arrival-record order: completed and within every limit of ``slo``."""
+        ok = np.frombuffer(self.ok, dtype=np.int8).astype(bool) if self.count else np.empty(0, bool)
+        return self._meets(slo, ok, {k: self.column(k) for k in _COLUMNS})
+
     @staticmethod
-    def _slo(slo: SLO, inc: np.ndarray, ok: np.ndarray, col: dict[str, np.ndarray], duration: float) -> dict:
+    def _meets(slo: SLO, ok: np.ndarray, col: dict[str, np.ndarray]) -> np.ndarray:
         """`bench.metrics.meets`, vectorized: a one-token reply has no TPOT/ITL to miss."""
         good = ok.copy()
         for key, limit in slo.limits_s.items():
@@ -134,6 +139,11 @@ class RecordSink:
             missing = np.isnan(v)
             exempt = missing & (col["output"] < 2) if key in ("tpot", "itl") else np.zeros_like(missing)
             good &= exempt | (~missing & (np.nan_to_num(v, nan=np.inf) <= limit))
+        return good
+
+    @staticmethod
+    def _slo(slo: SLO, inc: np.ndarray, ok: np.ndarray, col: dict[str, np.ndarray], duration: float) -> dict:
+        good = RecordSink._meets(slo, ok, col)
         n_inc, n_good = int(inc.sum()), int(good.sum())
         return {"spec": dict(slo.limits_s), "attainment_target": slo.attainment,
                 "attainment": n_good / n_inc if n_inc else 0.0, "goodput_requests_per_s": n_good / duration,

@@ -1,0 +1,57 @@
+"""The evaluation's diagnosis: misses by the time the request was sent, from the same per-request SLO test as
+the attainment (so the two agree exactly), and the hindsight row that bounds what foresight buys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inferstack.autoscale.signals import PoolSample
+from inferstack.autoscale.spec import parse_policy
+from inferstack.sim.autoscale_eval import EvalSetup, Oracle, diurnal_trace, evaluate
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 90 s of a compressed day: the busy middle third sends most of the ~125 requests
+    return diurnal_trace(tmp_path_factory.mktemp("trace") / "t.jsonl", minutes=1.5, peak_rps=1.5, seed=4)
+
+
+def run(trace: Path, replicas: int, slo_ttft_s: float = 2.0) -> dict:
+    setup = EvalSetup(start=replicas, min_replicas=replicas, max_replicas=replicas, slo_ttft_s=slo_ttft_s, bin_s=30.0)
+    row = evaluate("fixed", parse_policy("kpa:target=4"), trace, setup)
+    bins = row["misses_over_time"]
+    assert [b for b, _, _ in bins] == [30.0 * i for i in range(len(bins))]
+    assert sum(sent for _, sent, _ in bins) == row["requests"] > 100
+    assert sum(m for _, _, m in bins) == round((1 - row["attainment"]) * row["requests"])
+    return row
+
+
+def test_misses_sit_in_the_busy_bins_of_a_short_fleet(trace: Path) -> None:
+    short, enough = run(trace, 3), run(trace, 6)
+    assert [m for _, _, m in enough["misses_over_time"]] == [0] * len(enough["misses_over_time"])
+    missed = [m for _, _, m in short["misses_over_time"]]
+    busiest = max(range(len(missed)), key=lambda i: short["misses_over_time"][i][1])
+    assert missed[busiest] == sum(missed) > 0        # the quiet start and end are served within the SLO
+
+
+def test_an_objective_no_prefill_meets_misses_every_request_where_it_was_sent(trace: Path) -> None:
+    row = run(trace, 3, slo_ttft_s=0.05)
+    assert row["attainment"] == 0.0
+    assert all(m == sent for _, sent, m in row["misses_over_time"])
+
+
+def at(t: float) -> list[PoolSample]:
+    return [PoolSample(t=t, replicas=0, starting=0, waiting=0, running=0, kv_usage=0.0, gateway_queued=0,
+                       arrivals=0, completions=0, ttft_p95_s=None, tpot_p95_s=None, interval_s=10.0)]
+
+
+def test_the_hindsight_row_orders_one_cold_start_ahead_and_keeps_what_the_lead_needs() -> None:
+    sent = tuple(100.0 + i for i in range(100))          # 1 req/s from 100 s to 200 s, nothing else
+    oracle = Oracle(sent, per_replica_rps=0.5, cold_start_s=30.0, interval_s=10.0)
+    assert [oracle.decide(at(t), 0).desired for t in (50.0, 60.0, 70.0)] == [0, 0, 2]   # joins at 100 s
+    assert oracle.need(90.0, 110.0) == 2 and oracle.need(95.0, 105.0) == 1 and oracle.need(0.0, 90.0) == 0
+    # a replica removed now could not be back for 40 s: it stays while any interval of those 40 s needs it
+    assert [oracle.decide(at(t), 2).desired for t in (150.0, 180.0, 190.0, 200.0)] == [2, 2, 2, 0]
+    assert Oracle(sent, 0.25, 30.0, 10.0).decide(at(70.0), 1).desired == 4
