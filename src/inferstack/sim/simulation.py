@@ -82,7 +82,7 @@ class SimSettings:
     columnar_routing: bool = True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)     # one per request: no per-instance dict
 class _Unit:
     n: int
     unit: Unit
@@ -93,7 +93,7 @@ class _Unit:
     ok: bool = True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)     # one per request: no per-instance dict
 class _Req:
     rec: RequestRecord
     unit: _Unit
