@@ -169,7 +169,7 @@ def test_decode_leaps_give_the_same_records_as_one_event_per_step(case, tmp_path
 
 
 def test_decode_step_times_price_each_step_as_step_time():
-    from inferstack.sim.perf_model import SeqWork, decode_step_times, step_time
+    from inferstack.sim.perf_model import SeqWork, decode_step_times, step_cost, step_time
 
     for fleet in ("h100:llama-3-8b", "h100x4:llama-3-70b", "cpu:llama-3-8b"):
         p = parse_profile(fleet)
@@ -177,6 +177,16 @@ def test_decode_step_times_price_each_step_as_step_time():
             got = decode_step_times(p.model, p.hardware, contexts, 9, p.tp)
             assert got == [step_time(p.model, p.hardware, [SeqWork(c + j, 1, True) for c in contexts], p.tp)
                            for j in range(9)]
+    # batches at the ridge whose steps go from compute- to memory-bound within the leap (memory grows faster
+    # with the context): the memory-bound shortcut must not apply, and the mixed result is still exact
+    for fleet, contexts, steps in (("cpu:llama-3-8b", [490] * 11, 64), ("h100:llama-3-8b", [0] * 199, 16)):
+        p = parse_profile(fleet)
+        want = [step_time(p.model, p.hardware, [SeqWork(c + j, 1, True) for c in contexts], p.tp)
+                for j in range(steps)]
+        costs = [step_cost(p.model, p.hardware, [SeqWork(c + j, 1, True) for c in contexts], p.tp)
+                 for j in (0, steps - 1)]
+        assert costs[0].compute_s > costs[0].memory_s and costs[1].compute_s < costs[1].memory_s
+        assert decode_step_times(p.model, p.hardware, contexts, steps, p.tp) == want
 
 
 @settings(max_examples=60, deadline=None)
