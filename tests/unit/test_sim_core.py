@@ -169,14 +169,38 @@ def test_decode_leaps_give_the_same_records_as_one_event_per_step(case, tmp_path
 
 
 def test_decode_step_times_price_each_step_as_step_time():
-    from inferstack.sim.perf_model import SeqWork, decode_step_times, step_time
+    from inferstack.sim.perf_model import SeqWork, decode_step_times, step_cost, step_time
 
     for fleet in ("h100:llama-3-8b", "h100x4:llama-3-70b", "cpu:llama-3-8b"):
         p = parse_profile(fleet)
-        for contexts in ([5], [17, 900, 3, 4096], list(range(1, 300, 7))):
+        for contexts in ([5], [17, 900, 3, 4096], list(range(1, 300, 7)), [4000] * 256):
             got = decode_step_times(p.model, p.hardware, contexts, 9, p.tp)
             assert got == [step_time(p.model, p.hardware, [SeqWork(c + j, 1, True) for c in contexts], p.tp)
                            for j in range(9)]
+    # batches at the ridge whose steps go from compute- to memory-bound within the leap (memory grows faster
+    # with the context): the memory-bound shortcut must not apply, and the mixed result is still exact
+    for fleet, contexts, steps in (("cpu:llama-3-8b", [490] * 11, 64), ("h100:llama-3-8b", [0] * 199, 16)):
+        p = parse_profile(fleet)
+        want = [step_time(p.model, p.hardware, [SeqWork(c + j, 1, True) for c in contexts], p.tp)
+                for j in range(steps)]
+        costs = [step_cost(p.model, p.hardware, [SeqWork(c + j, 1, True) for c in contexts], p.tp)
+                 for j in (0, steps - 1)]
+        assert costs[0].compute_s > costs[0].memory_s and costs[1].compute_s < costs[1].memory_s
+        assert decode_step_times(p.model, p.hardware, contexts, steps, p.tp) == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(fleet=st.sampled_from(["h100:llama-3-8b", "h100x4:llama-3-70b", "cpu:llama-3-8b", "l4:llama-3-8b"]),
+       contexts=st.lists(st.integers(0, 8000), min_size=1, max_size=80), steps=st.integers(1, 64))
+def test_decode_step_times_memory_bound_shortcut_is_exact(fleet, contexts, steps):
+    """Leaps that are memory-bound throughout skip the FLOP matrix; compute-bound ones (the cpu profile at
+    a large batch) and those that cross the ridge mid-run take it: every step time is `step_time`'s."""
+    from inferstack.sim.perf_model import SeqWork, decode_step_times, step_time
+
+    p = parse_profile(fleet)
+    got = decode_step_times(p.model, p.hardware, contexts, steps, p.tp)
+    assert got == [step_time(p.model, p.hardware, [SeqWork(c + j, 1, True) for c in contexts], p.tp)
+                   for j in range(steps)]
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -102,40 +102,77 @@ def decode_step_times(model: ModelSpec, hw: Hardware, contexts: Sequence[int], s
     """`step_time` of ``steps`` consecutive decode steps of one batch (sequence i at context
     ``contexts[i] + j`` in step j), float for float the same as pricing each step's batch with `step_time`
     (the same operations in the same order), at a fraction of the cost: the simulator's decode leaps."""
-    if not contexts:
-        return [0.0] * steps
-    base = 2.0 * model.num_layers * model.layer_params * 1 + 2.0 * model.embedding_params
-    attn = 4.0 * model.num_layers * model.q_size
-    n = len(contexts)
-    ctx_sum = sum(contexts)
-    weight_bytes, kv_per_token = model.weight_bytes_total, model.kv_bytes_per_token
-    prefill_rate, decode_rate = hw.peak_flops * hw.mfu_prefill, hw.peak_flops * hw.mfu_decode
-    bandwidth = hw.mem_bandwidth * hw.bw_efficiency * (hw.single_row_bw_gain if n == 1 else 1.0)
-    comm_s = 0.0
-    if tp > 1:
-        if hw.link_bandwidth <= 0:
-            raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth for tensor parallelism")
-        per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * n * model.hidden_size * 2 / hw.link_bandwidth
-        comm_s = 2 * model.num_layers * per_allreduce
-    overhead_s = hw.step_overhead_s + hw.seq_overhead_s * n + hw.token_overhead_s * n
-    # One row per step, one column per sequence, with `step_cost`'s IEEE operations elementwise: numpy's
-    # cumulative sum adds left to right as its loop does (unlike `sum`, which is pairwise), so the last
-    # column is its FLOP total bit for bit.
-    js = np.arange(steps)
-    terms = base + attn * ((np.asarray(contexts, dtype=np.int64)[None, :] + js[:, None]) + 1.0)
-    flops = terms.cumsum(axis=1)[:, -1]
-    # (0.0 + x) / 1 and y + 0.0 are x and y exactly: the usual case (no prefill, tp 1) skips those passes
-    no_prefill = 0.0 / prefill_rate
-    compute_s = flops / decode_rate
-    if no_prefill != 0.0 or tp != 1:
-        compute_s = (no_prefill + compute_s) / tp
-    memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth
-    if tp != 1:
-        memory_s = memory_s / tp
-    busy = np.maximum(compute_s, memory_s)
-    if comm_s != 0.0:
-        busy = busy + comm_s
-    return (busy + overhead_s).tolist()
+    return DecodePricing(model, hw, tp).times(contexts, steps)
+
+
+class DecodePricing:
+    """`decode_step_times` with its model and hardware constants worked out once (a replica prices a leap at
+    every arrival and finish; the constants are properties that recount the model's parameters)."""
+
+    def __init__(self, model: ModelSpec, hw: Hardware, tp: int = 1) -> None:
+        self.model, self.hw, self.tp = model, hw, tp
+        self.base = 2.0 * model.num_layers * model.layer_params * 1 + 2.0 * model.embedding_params
+        self.attn = 4.0 * model.num_layers * model.q_size
+        self.weight_bytes, self.kv_per_token = model.weight_bytes_total, model.kv_bytes_per_token
+        self.prefill_rate, self.decode_rate = hw.peak_flops * hw.mfu_prefill, hw.peak_flops * hw.mfu_decode
+        self.bandwidth_one = hw.mem_bandwidth * hw.bw_efficiency * hw.single_row_bw_gain
+        self.bandwidth = hw.mem_bandwidth * hw.bw_efficiency * 1.0
+
+    def times(self, contexts: Sequence[int], steps: int) -> list[float]:
+        if not contexts:
+            return [0.0] * steps
+        if steps <= 0:
+            return []
+        model, hw, tp, base, attn = self.model, self.hw, self.tp, self.base, self.attn
+        n = len(contexts)
+        ctx_sum = sum(contexts)
+        weight_bytes, kv_per_token = self.weight_bytes, self.kv_per_token
+        prefill_rate, decode_rate = self.prefill_rate, self.decode_rate
+        bandwidth = self.bandwidth_one if n == 1 else self.bandwidth
+        comm_s = 0.0
+        if tp > 1:
+            if hw.link_bandwidth <= 0:
+                raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth for tensor parallelism")
+            per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * n * model.hidden_size * 2 / hw.link_bandwidth
+            comm_s = 2 * model.num_layers * per_allreduce
+        overhead_s = hw.step_overhead_s + hw.seq_overhead_s * n + hw.token_overhead_s * n
+        js = np.arange(steps)
+        memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth
+        if tp != 1:
+            memory_s = memory_s / tp
+        # (0.0 + x) / 1 and y + 0.0 are x and y exactly: the usual case (no prefill, tp 1) skips those passes
+        no_prefill = 0.0 / prefill_rate
+        exact_compute = no_prefill != 0.0 or tp != 1
+        # Every IEEE operation below is monotone, so compute time grows with the step: when the last step's
+        # compute time is within the first step's memory time, every step is memory-bound and `max` picks the
+        # memory time (equal values are the same float), so the FLOP matrix need not be built (the usual case
+        # on a GPU: an H100 leap of Llama-3-8B at ~10 sequences is ~20x below its ridge of ~200).
+        last = _row_flops(contexts, steps - 1, base, attn) / decode_rate
+        if exact_compute:
+            last = (no_prefill + last) / tp
+        if last <= memory_s[0]:
+            busy = memory_s
+        else:
+            # One row per step, one column per sequence, with `step_cost`'s IEEE operations elementwise: numpy's
+            # cumulative sum adds left to right as its loop does (unlike `sum`, which is pairwise), so the last
+            # column is its FLOP total bit for bit.
+            terms = base + attn * ((np.asarray(contexts, dtype=np.int64)[None, :] + js[:, None]) + 1.0)
+            compute_s = terms.cumsum(axis=1)[:, -1] / decode_rate
+            if exact_compute:
+                compute_s = (no_prefill + compute_s) / tp
+            busy = np.maximum(compute_s, memory_s)
+        if comm_s != 0.0:
+            busy = busy + comm_s
+        return (busy + overhead_s).tolist()
+
+
+def _row_flops(contexts: Sequence[int], j: int, base: float, attn: float) -> float:
+    """The FLOP total of decode step ``j`` as `decode_step_times`' matrix row: the same terms, added left to
+    right (an explicit loop: `sum` of floats is compensated from Python 3.12 on)."""
+    total = 0.0
+    for c in contexts:
+        total += base + attn * ((c + j) + 1.0)
+    return total
 
 
 def decode_floor_s(model: ModelSpec, hw: Hardware, tp: int = 1) -> float:

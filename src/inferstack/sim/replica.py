@@ -21,7 +21,7 @@ from inferstack.engine.executor.emulated import emulated_layout
 from inferstack.engine.kv.events import EventBuffer, KVEvent
 from inferstack.engine.request import Request
 from inferstack.engine.scheduler import SchedulerOutput
-from inferstack.sim.perf_model import SeqWork, decode_step_times, kv_transfer_time, step_time
+from inferstack.sim.perf_model import DecodePricing, SeqWork, kv_transfer_time, step_time
 from inferstack.sim.profile import Profile
 
 Clock = Callable[[], float]
@@ -136,6 +136,7 @@ class SimReplica:
         self.wake = wake
         self.track_events = track_events
         self.layout = emulated_layout(config, profile)
+        self.pricing = DecodePricing(profile.model, profile.hardware, profile.tp)
         self.stats = ReplicaStats()
         self.epoch = 0
         self.up = True
@@ -195,8 +196,7 @@ class SimReplica:
         if k < 2:
             return None
         reqs = list(self.scheduler.running)
-        p = self.profile
-        dts = decode_step_times(p.model, p.hardware, [r.num_computed_tokens for r in reqs], k, p.tp)
+        dts = self.pricing.times([r.num_computed_tokens for r in reqs], k)
         ends, t = [], self.clock()
         for dt in dts:
             t = t + dt

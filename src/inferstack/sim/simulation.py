@@ -82,7 +82,7 @@ class SimSettings:
     columnar_routing: bool = True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)     # one per request: no per-instance dict
 class _Unit:
     n: int
     unit: Unit
@@ -93,7 +93,7 @@ class _Unit:
     ok: bool = True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)     # one per request: no per-instance dict
 class _Req:
     rec: RequestRecord
     unit: _Unit
@@ -139,6 +139,7 @@ class Simulation:
         self.planned = 0
         self.model = s.fleets[0].profile.model.name
         self._overhead_rng = random.Random(s.run.seed)
+        self._params: dict[int, SamplingParams] = {}
 
     # -- event queue ------------------------------------------------------------------------------
     def at(self, t: float, fn: Callable[..., None], *args: object) -> None:
@@ -255,7 +256,10 @@ class Simulation:
             self._dispatch(r, ep, r.spec.output_tokens, None)
 
     def _dispatch(self, r: _Req, ep: SimEndpoint, max_tokens: int, kv: dict | None, suffix: str = "") -> None:
-        req = Request(f"{r.rec.index}{suffix}", r.tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        params = self._params.get(max_tokens)
+        if params is None:     # one per length: the engine never changes a request's params (validated once)
+            params = self._params[max_tokens] = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        req = Request(f"{r.rec.index}{suffix}", r.tokens, params,
                       arrival_time=self.now, priority=engine_priority(r.view.priority),
                       cache_salt=self.gateway.salt, kv_transfer_params=kv)
         r.engine = req

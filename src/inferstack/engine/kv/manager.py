@@ -29,10 +29,11 @@ class KVCacheManager:
         """Extend the request's hash chain over its newly full blocks (prompt and output tokens)."""
         have = len(request.block_hashes)
         if (request.num_tokens // self.block_size) > have:
-            seed = self.key_space.seed(request.cache_salt)
-            request.block_hashes.extend(block_hashes(
-                seed, request.all_token_ids, self.block_size, start=have,
-                parent=request.block_hashes[-1] if have else None))
+            # the seed only roots a new chain; an extension hangs off the chain's last hash (a decode's case)
+            parent = request.block_hashes[-1] if have else None
+            seed = self.key_space.seed(request.cache_salt) if parent is None else parent
+            request.block_hashes.extend(block_hashes(seed, request.all_token_ids, self.block_size, start=have,
+                                                     parent=parent))
         return request.block_hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
