@@ -12,6 +12,7 @@
 #include <torch/csrc/utils/pybind.h>   // at::Tensor <-> torch.Tensor; lighter than torch/extension.h
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -134,6 +135,15 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<at::Tensor>& weights, c
   return x;
 }
 
+// q8_matmul.cpp
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& offset,
+                     int64_t group, const std::string& isa);
+std::string q8_isa(int64_t group);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layers", &decode_layers, "Every decoder layer of a batch-1 int4 decode step");
+  m.def("q8_matmul", &q8_matmul, "Grouped int8 matmul, one pass over the weights: [M, K] x [N, K]^T -> [M, N] f32",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scale"), pybind11::arg("offset"), pybind11::arg("group"),
+        pybind11::arg("isa") = "");
+  m.def("q8_isa", &q8_isa, "The vector width q8_matmul runs with on this CPU for a group size");
 }
