@@ -60,9 +60,9 @@ template <int64_t mb>
 __attribute__((target("avx2,fma"))) void row_avx2(const Args& a, int64_t n, int64_t m0) {
   const int64_t G = a.K / a.group;
   const int8_t* w = a.q + n * a.K;
-  __m256 acc[mb];
+  __m256 acc[mb], odd[mb];   // even and odd groups: two dependency chains instead of one
   #pragma GCC unroll 4
-  for (int64_t j = 0; j < mb; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < mb; ++j) acc[j] = odd[j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256 dot[mb];
     #pragma GCC unroll 4
@@ -75,8 +75,13 @@ __attribute__((target("avx2,fma"))) void row_avx2(const Args& a, int64_t n, int6
     }
     const __m256 s = _mm256_set1_ps(a.scale[n * G + g]);
     #pragma GCC unroll 4
-    for (int64_t j = 0; j < mb; ++j) acc[j] = _mm256_fmadd_ps(dot[j], s, acc[j]);
+    for (int64_t j = 0; j < mb; ++j) {
+      if (g % 2 == 0) acc[j] = _mm256_fmadd_ps(dot[j], s, acc[j]);
+      else odd[j] = _mm256_fmadd_ps(dot[j], s, odd[j]);
+    }
   }
+  #pragma GCC unroll 4
+  for (int64_t j = 0; j < mb; ++j) acc[j] = _mm256_add_ps(acc[j], odd[j]);
   #pragma GCC unroll 4
   for (int64_t j = 0; j < mb; ++j) {
     float total = hsum256(acc[j]);
@@ -92,9 +97,9 @@ template <int64_t mb>
 __attribute__((target("avx512f"))) void row_avx512(const Args& a, int64_t n, int64_t m0) {
   const int64_t G = a.K / a.group;
   const int8_t* w = a.q + n * a.K;
-  __m512 acc[mb];
+  __m512 acc[mb], odd[mb];   // even and odd groups: two dependency chains instead of one
   #pragma GCC unroll 4
-  for (int64_t j = 0; j < mb; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < mb; ++j) acc[j] = odd[j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m512 dot[mb];
     #pragma GCC unroll 4
@@ -107,8 +112,13 @@ __attribute__((target("avx512f"))) void row_avx512(const Args& a, int64_t n, int
     }
     const __m512 s = _mm512_set1_ps(a.scale[n * G + g]);
     #pragma GCC unroll 4
-    for (int64_t j = 0; j < mb; ++j) acc[j] = _mm512_fmadd_ps(dot[j], s, acc[j]);
+    for (int64_t j = 0; j < mb; ++j) {
+      if (g % 2 == 0) acc[j] = _mm512_fmadd_ps(dot[j], s, acc[j]);
+      else odd[j] = _mm512_fmadd_ps(dot[j], s, odd[j]);
+    }
   }
+  #pragma GCC unroll 4
+  for (int64_t j = 0; j < mb; ++j) acc[j] = _mm512_add_ps(acc[j], odd[j]);
   #pragma GCC unroll 4
   for (int64_t j = 0; j < mb; ++j) {
     float total = _mm512_reduce_add_ps(acc[j]);
