@@ -20,12 +20,18 @@ import torch
 
 from inferstack.paths import cache_root
 
+# -ffp-contract=off: no fused multiply-adds, so the decode layers' loops round where torch's kernels round.
+# -fopenmp: torch's CPU at::parallel_for is OpenMP pragmas in its headers; without it they run one thread.
+# The int8 kernel's vector variants are compiled per function (target attributes) and picked at run time,
+# so the build does not depend on the build machine's CPU.
+CFLAGS = ("-O2", "-ffp-contract=off", "-fopenmp")
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("decode_layers.cpp", "q8_matmul.cpp"))
 
 
 def extension_name() -> str:
     """The module name of the build that matches these sources and this torch."""
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+                            + " ".join(CFLAGS).encode()).hexdigest()
     return f"inferstack_decode_{digest[:16]}"
 
 
@@ -39,11 +45,8 @@ def build(verbose: bool = False) -> Path:
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    # -ffp-contract=off: no fused multiply-adds, so the decode layers' loops round where torch's kernels
-    # round. The int8 kernel's vector variants are compiled per function (target attributes) and picked
-    # at run time, so the build does not depend on the build machine's CPU.
     cpp_extension.load(extension_name(), [str(p) for p in SOURCES], build_directory=str(out),
-                       extra_cflags=["-O2", "-ffp-contract=off"], verbose=verbose)
+                       extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], verbose=verbose)
     return out / f"{extension_name()}.so"
 
 
