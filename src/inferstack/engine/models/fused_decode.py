@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from inferstack.engine.executor.attention import AttentionPlan, decode_gather_inputs
+from inferstack.engine.executor.attention import AttentionPlan
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.extension import build, build_dir, extension_name, load_extension
 from inferstack.engine.models.layers import Rotary
@@ -82,13 +82,16 @@ class FusedDecode:
                 and meta.wait_for_layer is None and kv_caches[0].dtype == torch.bfloat16
                 and (fmt is None or (fmt.compute == torch.bfloat16 and not fmt.quantized)))
 
-    def run(self, x: torch.Tensor, rot: Rotary, kv_caches: list[torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
-        """Every decoder layer over ``x [1, hidden]`` (updated in place), as ``DecoderLayer`` would."""
-        head_rows, buffer, bias = decode_gather_inputs(plan, kv_caches[0], 1, torch.bfloat16)
-        return self.ext.decode_layers(x, self.weights, self.groups, kv_caches, rot.cos, rot.signed_sin,
-                                      plan.slot_mapping, head_rows, buffer, bias, self.num_heads,
-                                      self.num_kv_heads, self.head_dim, self.intermediate, self.eps, self.scale)
-
+    def run(self, x: torch.Tensor, rot: Rotary, kv_caches: list[torch.Tensor], plan: AttentionPlan,
+            meta: AttentionMetadata) -> torch.Tensor:
+        """Every decoder layer over ``x [1, hidden]`` (updated in place), as ``DecoderLayer`` would. The
+        context is the first ``seq_lens_list[0]`` of the plan's decode slots (the rest pads the last block),
+        the new token's slot the last of them."""
+        assert plan.decode_slots is not None
+        return self.ext.decode_layers(x, self.weights, self.groups, kv_caches, rot.cos.view(-1),
+                                      rot.signed_sin.view(-1), plan.decode_slots,
+                                      meta.seq_lens_list[0], self.num_heads, self.num_kv_heads, self.head_dim,
+                                      self.intermediate, self.eps, self.scale)
 
 def _int4(p: torch.nn.Module) -> bool:
     return (isinstance(p, QuantizedLinear) and p.packed.kind == "int4" and p.bias_ is None
