@@ -3,9 +3,11 @@
 Profiling a batch-1 int4 decode step of SmolLM2-135M showed about 40 % of the body's CPU time outside
 the int4 matmuls, most of it the Python interpreter around ~40 small ops per layer × 30 layers
 (docs/engine.md, "How a decode step runs"). The extension computes what the Python layer loop
-computes, bit for bit (tested): the same ATen calls for the matmuls, statistics and SDPA, loops that
-round where torch rounds for the element-wise glue. Everything else of the step (embedding, attention plan, final norm,
-LM head, sampling) stays in Python.
+computes: the same ATen calls for the int4 matmuls, plain loops over reused buffers for everything
+between them (norms, rotary and the cache write, attention read in place from the paged cache, SiLU,
+residual adds). Sums run in their own order, so the logits match the Python loop's to bf16-activation
+noise and the greedy tokens up to near ties (tested). Everything else of the step (embedding, attention
+plan, final norm, LM head, sampling) stays in Python.
 
 It is part of the engine's extension (``extension.py``: built once, ahead of time, by this module's
 ``--build``, which ``scripts/setup.sh`` runs). The engine never compiles: without a matching build it runs
