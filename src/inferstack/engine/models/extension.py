@@ -22,6 +22,8 @@ from inferstack.paths import cache_root
 
 # -ffp-contract=off: no fused multiply-adds, so the decode layers' loops round where torch's kernels round.
 # -fopenmp: torch's CPU at::parallel_for is OpenMP pragmas in its headers; without it they run one thread.
+# The library then needs libgomp.so.1, which the loader binds by soname to the copy torch already loaded
+# (torch/lib/libgomp.so.1): one OpenMP runtime and one pool, sized by torch.set_num_threads (docs/engine.md).
 # The int8 kernel's vector variants are compiled per function (target attributes) and picked at run time,
 # so the build does not depend on the build machine's CPU.
 CFLAGS = ("-O2", "-ffp-contract=off", "-fopenmp")
