@@ -170,7 +170,7 @@ def _decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan, scale:
 def decode_gather_inputs(plan: AttentionPlan, kv_cache: torch.Tensor, batch: int, bias_dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decode gather's row indices and target buffer and the additive mask, made by the step's first
-    layer and kept on the plan for the others (models/fused_decode.py makes them the same way)."""
+    layer and kept on the plan for the others."""
     _, _, _, num_kv_heads, row = kv_cache.shape
     length = plan.decode_len
     if plan.decode_head_rows is None:

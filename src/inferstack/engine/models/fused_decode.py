@@ -3,13 +3,14 @@
 Profiling a batch-1 int4 decode step of SmolLM2-135M showed about 40 % of the body's CPU time outside
 the int4 matmuls, most of it the Python interpreter around ~40 small ops per layer × 30 layers
 (docs/engine.md, "How a decode step runs"). The extension computes what the Python layer loop
-computes, bit for bit (tested): the same ATen calls for the matmuls, statistics and SDPA, loops that
-round where torch rounds for the element-wise glue. Everything else of the step (embedding, attention plan, final norm,
-LM head, sampling) stays in Python.
+computes: the same ATen calls for the int4 matmuls, plain loops over reused buffers for everything
+between them (norms, rotary and the cache write, attention read in place from the paged cache, SiLU,
+residual adds). Sums run in their own order, so the logits match the Python loop's to bf16-activation
+noise and the greedy tokens up to near ties (tested). Everything else of the step (embedding, attention
+plan, final norm, LM head, sampling) stays in Python.
 
-It is built once, ahead of time (``python -m inferstack.engine.models.fused_decode --build``, which
-``scripts/setup.sh`` runs), into the cache folder under a name that hashes the source and the torch
-version, so a stale build never loads. The engine never compiles: without a matching build it runs
+It is part of the engine's extension (``extension.py``: built once, ahead of time, by this module's
+``--build``, which ``scripts/setup.sh`` runs). The engine never compiles: without a matching build it runs
 the Python loop, which is also the path for every step the extension does not cover (more than one
 row, int8 or dense projections, a quantized KV cache, Qwen3's q/k norms, layer-by-layer KV waits).
 """
@@ -17,66 +18,23 @@ row, int8 or dense projections, a quantized KV cache, Qwen3's q/k norms, layer-b
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.machinery
-import importlib.util
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 
-from inferstack.engine.executor.attention import AttentionPlan, decode_gather_inputs
+from inferstack.engine.executor.attention import AttentionPlan
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
+from inferstack.engine.models.extension import build, build_dir, extension_name, load_extension
 from inferstack.engine.models.layers import Rotary
 from inferstack.engine.models.quant_linear import QuantizedLinear, use_dense
-from inferstack.paths import cache_root
 
 if TYPE_CHECKING:   # llama.py imports this module
     from inferstack.engine.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).parent / "csrc" / "decode_layers.cpp"
-
-
-def extension_name() -> str:
-    """The module name of the build that matches this source and this torch."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    return f"inferstack_decode_{digest}"
-
-
-def build_dir() -> Path:
-    return cache_root() / "extensions" / extension_name()
-
-
-def build(verbose: bool = False) -> Path:
-    """Compile the extension (needs g++ and ninja); returns the shared library's path."""
-    from torch.utils import cpp_extension
-
-    out = build_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    # -ffp-contract=off: no fused multiply-adds, so the C++ loops round where torch's kernels round.
-    cpp_extension.load(extension_name(), [str(SOURCE)], build_directory=str(out),
-                       extra_cflags=["-O2", "-ffp-contract=off"], verbose=verbose)
-    return out / f"{extension_name()}.so"
-
-
-def load_extension() -> ModuleType | None:
-    """The built extension, or None when it is not built for this source and torch (never compiles)."""
-    name = extension_name()
-    path = build_dir() / f"{name}.so"
-    if not path.is_file():
-        return None
-    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-    if spec is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -126,13 +84,16 @@ class FusedDecode:
                 and meta.wait_for_layer is None and kv_caches[0].dtype == torch.bfloat16
                 and (fmt is None or (fmt.compute == torch.bfloat16 and not fmt.quantized)))
 
-    def run(self, x: torch.Tensor, rot: Rotary, kv_caches: list[torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
-        """Every decoder layer over ``x [1, hidden]`` (updated in place), as ``DecoderLayer`` would."""
-        head_rows, buffer, bias = decode_gather_inputs(plan, kv_caches[0], 1, torch.bfloat16)
-        return self.ext.decode_layers(x, self.weights, self.groups, kv_caches, rot.cos, rot.signed_sin,
-                                      plan.slot_mapping, head_rows, buffer, bias, self.num_heads,
-                                      self.num_kv_heads, self.head_dim, self.intermediate, self.eps, self.scale)
-
+    def run(self, x: torch.Tensor, rot: Rotary, kv_caches: list[torch.Tensor], plan: AttentionPlan,
+            meta: AttentionMetadata) -> torch.Tensor:
+        """Every decoder layer over ``x [1, hidden]`` (updated in place), as ``DecoderLayer`` would. The
+        context is the first ``seq_lens_list[0]`` of the plan's decode slots (the rest pads the last block),
+        the new token's slot the last of them."""
+        assert plan.decode_slots is not None
+        return self.ext.decode_layers(x, self.weights, self.groups, kv_caches, rot.cos.view(-1),
+                                      rot.signed_sin.view(-1), plan.decode_slots,
+                                      meta.seq_lens_list[0], self.num_heads, self.num_kv_heads, self.head_dim,
+                                      self.intermediate, self.eps, self.scale)
 
 def _int4(p: torch.nn.Module) -> bool:
     return (isinstance(p, QuantizedLinear) and p.packed.kind == "int4" and p.bias_ is None

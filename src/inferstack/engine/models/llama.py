@@ -104,7 +104,7 @@ class LlamaForCausalLM(nn.Module):
         rot = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
         if self.fused is not None and self.fused.accepts(meta, plan, kv_caches):
-            x = self.fused.run(x, rot, kv_caches, plan)
+            x = self.fused.run(x, rot, kv_caches, plan, meta)
             return rms_norm(x, self.norm, self.arch.rms_norm_eps)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if meta.wait_for_layer is not None:    # this layer's external KV may still be landing

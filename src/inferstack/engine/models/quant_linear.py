@@ -8,10 +8,12 @@ costs more than the matmul on a small model):
   weights packed by ``torch._convert_weight_to_int4pack_for_cpu`` *on this host* (the layout
   depends on the CPU's vector width);
 * int8 with a scale per group of 32 (GGUF's Q8_0, and every LM head): no torch kernel takes group
-  scales for int8, so the unsigned code ``q + 128 = 16·hi + lo`` runs as two int4 matmuls over the
-  nibble planes, ``hi`` with scale ``16·s`` and ``lo`` with ``s`` (the power-of-two factor is exact
-  in bf16). Same bytes per weight as int8, and per-row int8 cost this model 3-4 points of top-1
-  agreement on the LM head (docs/engine.md).
+  scales for int8. With the engine's C++ extension built (``extension.py``), ``q8_matmul``
+  (``csrc/q8_matmul.cpp``) reads the int8 codes once with float32 scales and sums (kind ``int8g``);
+  without it the unsigned code ``q + 128 = 16·hi + lo`` runs as two int4 matmuls over the nibble
+  planes, ``hi`` with scale ``16·s`` and ``lo`` with ``s`` (kind ``int8x2``: two passes, and the scales
+  rounded to bf16, ~0.4 % relative error on the head's logits). Same bytes per weight as int8 either
+  way; per-row int8 cost this model 3-4 points of top-1 agreement on the LM head (docs/engine.md).
 
 Both kernels are vectorized only for bf16 activations; fp32 and fp16 fall into a scalar loop
 10-100x slower. So the activation is always cast to bf16 first, whatever the model's dtype
@@ -28,12 +30,16 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferstack.engine.models.extension import load_extension
 from inferstack.engine.weights.quantize import Int4Weight, Int8Weight, QuantWeight
+
+_NO_OFFSET = torch.empty(0)   # q8_matmul's "symmetric" (an empty offset tensor; never written)
 
 
 def inner_dtype(act_dtype: torch.dtype) -> torch.dtype:
@@ -54,16 +60,23 @@ def use_dense(rows: int, crossover: int | None) -> bool:
 class PackedWeight:
     """A quantized weight in its kernel's layout, valid only on the host that packed it."""
 
-    kind: str                       # "int8", "int4" or "int8x2" (grouped int8 as two int4 planes)
+    kind: str                       # "int8", "int4", "int8g" (grouped int8, C++), "int8x2" (two int4 planes)
     data: torch.Tensor              # int8 [N, K] or the int4 packed layout
-    scales: torch.Tensor            # bf16 [N] or [K / group, N, 2]
+    scales: torch.Tensor            # bf16 [N], float32 [N, K / group] (int8g) or bf16 [K / group, N, 2]
     group: int = 0
     low: PackedWeight | None = None   # int8x2: the low nibble plane
+    offset: torch.Tensor | None = None   # int8g: float32 [N, K / group], or None (symmetric)
+    kernel: ModuleType | None = None     # int8g: the extension that runs it
 
     @classmethod
     def pack(cls, w: QuantWeight) -> PackedWeight:
         if isinstance(w, Int8Weight) and not w.group:
             return cls("int8", w.q.contiguous(), w.scale.to(torch.bfloat16))
+        ext = load_extension() if isinstance(w, Int8Weight) else None
+        if isinstance(w, Int8Weight) and ext is not None:
+            offset = None if w.offset is None else w.offset.float().contiguous()
+            return cls("int8g", w.q.contiguous(), w.scale.float().contiguous(), w.group, offset=offset,
+                       kernel=ext)
         if isinstance(w, Int8Weight):
             unsigned = w.q.to(torch.int32) + 128
             zeros = torch.zeros_like(w.scale)
@@ -83,13 +96,17 @@ class PackedWeight:
         partial sums can be large with opposite signs, and adding them in bf16 rounds the difference."""
         if self.kind == "int8":
             return torch._weight_int8pack_mm(x, self.data, self.scales)
+        if self.kernel is not None:
+            offset = self.offset if self.offset is not None else _NO_OFFSET
+            return self.kernel.q8_matmul(x, self.data, self.scales, offset, self.group)
         out = torch._weight_int4pack_mm_for_cpu(x, self.data, self.group, self.scales)
         if self.low is not None:
             return out.float().add_(self.low.matmul(x))   # the in-place add widens the bf16 plane itself
         return out
 
     def nbytes(self) -> int:
-        own = self.data.numel() * self.data.element_size() + self.scales.numel() * 2
+        own = self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+        own += 0 if self.offset is None else self.offset.numel() * 4
         return own + (self.low.nbytes() if self.low is not None else 0)
 
 

@@ -1,45 +1,61 @@
 // The decoder layers of one batch-1 decode step in C++ (engine/models/fused_decode.py).
 //
 // The Python layer loop (models/llama.py, layers.py, quant_linear.py, executor/attention.py) for its
-// int4, bf16-KV, float32-stream case, bit for bit: the matmuls, the norms' statistics, SDPA, SiLU and
-// the residual adds are the same ATen calls with the same arguments; the element-wise glue between
-// them (norm scaling and bf16 cast, rotary, the cache write, the K/V gather) is plain loops that round
-// exactly where torch's kernels round. What goes away is the Python interpreter around ~40 small ops
-// per layer and most of their dispatches and allocations.
+// int4, bf16-KV, float32-stream case: the int4 matmuls are the same ATen calls with the same arguments;
+// everything between them is plain loops over buffers reused by every layer of the step, so one layer
+// is four ATen dispatches instead of ~15 (and ~40 Python ops before this file existed):
+//
+// * RMS norm: sum of squares in double (torch sums float32 in its own order: the statistic differs in
+//   the last float32 bits), then the two multiplies and the bf16 rounding where torch rounds;
+// * rotary and the cache write: rounded as torch rounds ``x * cos + cat(x2, x1) * signed_sin``;
+// * attention straight from the paged cache through the context's slots, float32 scores, softmax and
+//   weighted sum, one bf16 rounding at the end (SDPA's CPU kernel, with the gather copy before it,
+//   cost more than an int4 matmul per layer at batch 1 on a short context);
+// * SiLU(gate) * up and the residual adds, rounded as torch's bf16 ops round.
+//
+// So the result is the Python loop's to rounding, not bit for bit (the differences grow to bf16-activation
+// noise over 30 layers): the test compares greedy tokens and logits within a tolerance. -ffp-contract=off
+// keeps the element-wise roundings torch's.
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>   // at::Tensor <-> torch.Tensor; lighter than torch/extension.h
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <vector>
 
 namespace {
 
+using bf16 = at::BFloat16;
+
 struct Step {
-  at::Tensor cos, signed_sin;          // [1, 1, head_dim] float32 rotary rows of this token
+  const float* cos;                    // [head_dim] rotary rows of this token: cos | cos
+  const float* sin;                    // -sin | sin
   int64_t slot;                        // cache slot of the new token
-  at::Tensor head_rows;                // [num_kv_heads * L] rows of the decode gather
-  at::Tensor buffer;                   // [2, num_kv_heads * L, head_dim] gather target
-  at::Tensor bias;                     // [1, 1, 1, L] additive mask
+  const int64_t* slots;                // the context's cache slots, the new token's included
+  int64_t length;                      // how many
+  at::Tensor h, q, attn, act;          // bf16 buffers every layer reuses: norm out, q, attention out, MLP act
+  std::vector<float> scores;           // [length] one head's attention weights
+  std::vector<float> acc;              // [head_dim] one head's weighted sum of values
   int64_t nh, nkv, hd, inter;
-  double eps, scale;
+  double eps;
+  float scale;
 };
 
-// layers.rms_norm(x, weight, eps, out_dtype=bfloat16) for a float32 stream. The statistics stay ATen
-// ops (their summation order is torch's); the two multiplies and the bf16 rounding are one loop with
-// the same float32 roundings as ``x * r`` then ``torch.mul(h, weight, out=<bf16>)``.
-at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const float r = x.pow(2).mean({-1}, true).add_(eps).rsqrt_().item<float>();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) {
-    const float h = xp[i] * r;
-    op[i] = at::BFloat16(h * wp[i]);
+// layers.rms_norm(x, weight, eps, out_dtype=bfloat16) for a float32 stream: ``x * r`` then ``* weight``
+// rounded to float32 each, then to bf16, as torch's two multiplies round.
+void rms_norm_bf16(const float* x, const float* w, bf16* out, int64_t n, double eps) {
+  double squares = 0.0;
+  for (int64_t i = 0; i < n; ++i) squares += static_cast<double>(x[i]) * x[i];
+  const float r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(static_cast<float>(squares / n)) + eps));
+  for (int64_t i = 0; i < n; ++i) {
+    const float h = x[i] * r;
+    out[i] = bf16(h * w[i]);
   }
-  return out;
 }
 
 // QuantizedLinear on its int4 kernel: bf16 in, bf16 out.
@@ -48,92 +64,153 @@ at::Tensor int4(const at::Tensor& x, const at::Tensor& data, const at::Tensor& s
 }
 
 // Rotary.apply on the q and k heads of ``qkv [nh + 2 nkv, hd]`` (bf16), then the cache write: rotated q
-// heads go to the returned bf16 tensor, rotated k heads and the v heads straight into the token's cache
-// slot. Each element is rounded as torch rounds ``x * cos + cat(x2, x1) * signed_sin`` (three float32
-// roundings, no fused multiply-add: built with -ffp-contract=off) and then cast to bf16.
-at::Tensor rotary_and_write(const at::Tensor& qkv, const at::Tensor& kv_cache, const Step& s) {
+// heads go to s.q, rotated k heads and the v heads straight into the token's cache slot. Each element is
+// rounded as torch rounds ``x * cos + cat(x2, x1) * signed_sin`` (three float32 roundings, no fused
+// multiply-add) and then cast to bf16.
+void rotary_and_write(const at::Tensor& qkv, bf16* cache, int64_t half_stride, Step& s) {
   TORCH_CHECK(qkv.is_contiguous() && qkv.scalar_type() == at::kBFloat16, "decode_layers: qkv must be bf16");
   const int64_t hd = s.hd, half = hd / 2;
-  const float* cos = s.cos.data_ptr<float>();
-  const float* sin = s.signed_sin.data_ptr<float>();
-  const at::BFloat16* in = qkv.data_ptr<at::BFloat16>();
-  at::Tensor q = at::empty({1, s.nh, hd}, qkv.options());
-  at::BFloat16* cache = kv_cache.data_ptr<at::BFloat16>();
-  const int64_t half_stride = kv_cache.numel() / 2;           // keys, then values
-  at::BFloat16* k_row = cache + s.slot * s.nkv * hd;
-  at::BFloat16* v_row = k_row + half_stride;
+  const bf16* in = qkv.data_ptr<bf16>();
+  bf16* k_row = cache + s.slot * s.nkv * hd;
+  bf16* v_row = k_row + half_stride;
+  bf16* q = s.q.data_ptr<bf16>();
   for (int64_t h = 0; h < s.nh + s.nkv; ++h) {
-    const at::BFloat16* x = in + h * hd;
-    at::BFloat16* out = h < s.nh ? q.data_ptr<at::BFloat16>() + h * hd : k_row + (h - s.nh) * hd;
+    const bf16* x = in + h * hd;
+    bf16* out = h < s.nh ? q + h * hd : k_row + (h - s.nh) * hd;
     for (int64_t d = 0; d < hd; ++d) {
-      const float a = static_cast<float>(x[d]) * cos[d];
-      const float b = static_cast<float>(x[d < half ? d + half : d - half]) * sin[d];
-      out[d] = at::BFloat16(a + b);
+      const float a = static_cast<float>(x[d]) * s.cos[d];
+      const float b = static_cast<float>(x[d < half ? d + half : d - half]) * s.sin[d];
+      out[d] = bf16(a + b);
     }
   }
-  std::memcpy(v_row, in + (s.nh + s.nkv) * hd, s.nkv * hd * sizeof(at::BFloat16));
-  return q;
+  std::memcpy(v_row, in + (s.nh + s.nkv) * hd, s.nkv * hd * sizeof(bf16));
 }
 
-// _decode for one sequence: gather the context's K/V rows head-major into the plan's buffer (plain row
-// copies, as index_select makes them), then SDPA with the additive mask.
-at::Tensor attend(const at::Tensor& q, const at::Tensor& kv_cache, const Step& s) {
-  const int64_t row = kv_cache.size(-1), rows = s.head_rows.numel();
-  const int64_t half_stride = kv_cache.numel() / 2;
-  const at::BFloat16* cache = kv_cache.data_ptr<at::BFloat16>();
-  at::BFloat16* buf = s.buffer.data_ptr<at::BFloat16>();
-  const int64_t* idx = s.head_rows.data_ptr<int64_t>();
-  for (int64_t half = 0; half < 2; ++half) {
-    for (int64_t i = 0; i < rows; ++i) {
-      std::memcpy(buf + (half * rows + i) * row, cache + half * half_stride + idx[i] * row,
-                  row * sizeof(at::BFloat16));
-    }
+// One query head against one KV head's context: scores, softmax, weighted sum (float32), bf16 out.
+// The dot products are reductions the compiler may reorder only where told (omp simd); target_clones
+// builds them for AVX-512, AVX2 and the baseline and picks one at load time.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void attend_head(const bf16* q, const bf16* keys, const bf16* values, int64_t row_stride, Step& s, bf16* out) {
+  const int64_t hd = s.hd;
+  float qf[256];
+  for (int64_t d = 0; d < hd; ++d) qf[d] = static_cast<float>(q[d]);
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < s.length; ++t) {
+    const bf16* k = keys + s.slots[t] * row_stride;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < hd; ++d) dot += qf[d] * static_cast<float>(k[d]);
+    s.scores[t] = dot * s.scale;
+    top = std::max(top, s.scores[t]);
   }
-  const int64_t length = s.bias.size(-1);
-  at::Tensor kv = s.buffer.view({2, 1, s.nkv, length, s.hd});
-  at::Tensor out = at::scaled_dot_product_attention(q.view({1, s.nkv, s.nh / s.nkv, s.hd}), kv.select(0, 0),
-                                                    kv.select(0, 1), s.bias, 0.0, false, s.scale, false);
-  return out.reshape({1, s.nh * s.hd});
+  float total = 0.f;
+  for (int64_t t = 0; t < s.length; ++t) {
+    s.scores[t] = std::exp(s.scores[t] - top);
+    total += s.scores[t];
+  }
+  float* acc = s.acc.data();
+  std::fill(acc, acc + hd, 0.f);
+  for (int64_t t = 0; t < s.length; ++t) {
+    const bf16* v = values + s.slots[t] * row_stride;
+    const float p = s.scores[t];
+#pragma omp simd
+    for (int64_t d = 0; d < hd; ++d) acc[d] += p * static_cast<float>(v[d]);
+  }
+  const float inv = 1.f / total;
+  for (int64_t d = 0; d < hd; ++d) out[d] = bf16(acc[d] * inv);
+}
+
+// _decode for one sequence over the paged cache: every query head of a KV-head group reads that KV head's
+// rows in place (no gather copy); writes s.attn [1, nh * hd].
+void attend(const bf16* cache, int64_t half_stride, Step& s) {
+  const int64_t group = s.nh / s.nkv, row_stride = s.nkv * s.hd;
+  const bf16* q = s.q.data_ptr<bf16>();
+  bf16* out = s.attn.data_ptr<bf16>();
+  for (int64_t h = 0; h < s.nh; ++h) {
+    const bf16* keys = cache + (h / group) * s.hd;
+    attend_head(q + h * s.hd, keys, keys + half_stride, row_stride, s, out + h * s.hd);
+  }
+}
+
+// x += y (bf16), each sum rounded to float32 as torch's in-place add of a bf16 tensor to a float32 one.
+void add_bf16(float* x, const at::Tensor& y, int64_t n) {
+  const bf16* yp = y.data_ptr<bf16>();
+  for (int64_t i = 0; i < n; ++i) x[i] += static_cast<float>(yp[i]);
+}
+
+// silu(gate) * up over ``gate_up [1, 2 inter]`` into s.act, rounded to bf16 after each op as torch's bf16
+// silu and multiply round.
+void silu_mul(const at::Tensor& gate_up, Step& s) {
+  const bf16* g = gate_up.data_ptr<bf16>();
+  const bf16* u = g + s.inter;
+  bf16* out = s.act.data_ptr<bf16>();
+  for (int64_t i = 0; i < s.inter; ++i) {
+    const float x = static_cast<float>(g[i]);
+    const bf16 silu(x / (1.f + std::exp(-x)));
+    out[i] = bf16(static_cast<float>(silu) * static_cast<float>(u[i]));
+  }
 }
 
 // DecoderLayer.forward: updates the residual stream x in place.
-void layer(at::Tensor& x, const at::Tensor* w, const int64_t* groups, const at::Tensor& kv_cache, const Step& s) {
-  at::Tensor h = rms_norm_bf16(x, w[0], s.eps);
-  at::Tensor q = rotary_and_write(int4(h, w[2], w[3], groups[0]), kv_cache, s);
-  x.add_(int4(attend(q, kv_cache, s), w[4], w[5], groups[1]));
-  h = rms_norm_bf16(x, w[1], s.eps);
-  std::vector<at::Tensor> gate_up = int4(h, w[6], w[7], groups[2]).split(s.inter, -1);
-  x.add_(int4(at::silu(gate_up[0]) * gate_up[1], w[8], w[9], groups[3]));
+void layer(at::Tensor& x, const at::Tensor* w, const int64_t* groups, const at::Tensor& kv_cache, Step& s) {
+  float* xp = x.data_ptr<float>();
+  const int64_t hidden = x.numel(), half_stride = kv_cache.numel() / 2;   // keys, then values
+  bf16* cache = kv_cache.data_ptr<bf16>();
+  rms_norm_bf16(xp, w[0].data_ptr<float>(), s.h.data_ptr<bf16>(), hidden, s.eps);
+  rotary_and_write(int4(s.h, w[2], w[3], groups[0]), cache, half_stride, s);
+  attend(cache, half_stride, s);
+  add_bf16(xp, int4(s.attn, w[4], w[5], groups[1]), hidden);
+  rms_norm_bf16(xp, w[1].data_ptr<float>(), s.h.data_ptr<bf16>(), hidden, s.eps);
+  silu_mul(int4(s.h, w[6], w[7], groups[2]), s);
+  add_bf16(xp, int4(s.act, w[8], w[9], groups[3]), hidden);
 }
 
 }  // namespace
 
 // Runs every decoder layer over x [1, hidden] float32 (updated in place and returned). ``weights``
 // holds 10 tensors per layer: input norm, post-attention norm, then (packed data, scales_zeros) of
-// qkv, o, gate_up and down; ``groups`` the four projections' group sizes per layer.
+// qkv, o, gate_up and down; ``groups`` the four projections' group sizes per layer. ``slots``: the
+// context's cache slots (at least ``length``), the new token's the last of them.
 at::Tensor decode_layers(at::Tensor x, const std::vector<at::Tensor>& weights, const std::vector<int64_t>& groups,
                          const std::vector<at::Tensor>& kv_caches, at::Tensor cos, at::Tensor signed_sin,
-                         at::Tensor slot_mapping, at::Tensor head_rows, at::Tensor buffer, at::Tensor bias,
-                         int64_t nh, int64_t nkv, int64_t hd, int64_t inter, double eps, double scale) {
+                         at::Tensor slots, int64_t length, int64_t nh, int64_t nkv, int64_t hd,
+                         int64_t inter, double eps, double scale) {
   TORCH_CHECK(weights.size() == 10 * kv_caches.size() && groups.size() == 4 * kv_caches.size(),
               "decode_layers: 10 weights and 4 group sizes per layer");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "decode_layers: x must be a contiguous [1, hidden] float32 tensor");
   for (const at::Tensor& c : kv_caches) {
-    TORCH_CHECK(c.scalar_type() == at::kBFloat16 && c.is_contiguous() && c.size(-1) == hd,
+    TORCH_CHECK(c.scalar_type() == at::kBFloat16 && c.is_contiguous() && c.size(-1) == hd && c.size(-2) == nkv,
                 "decode_layers: every KV cache must be a contiguous plain bf16 cache");
   }
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && signed_sin.is_contiguous() &&
-              head_rows.scalar_type() == at::kLong && head_rows.is_contiguous() && buffer.is_contiguous(),
-              "decode_layers: unexpected rotary tables or gather inputs");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.numel() == hd &&
+              signed_sin.scalar_type() == at::kFloat && signed_sin.is_contiguous() && signed_sin.numel() == hd,
+              "decode_layers: the rotary rows must be contiguous float32 [head_dim]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && length > 0 && slots.numel() >= length,
+              "decode_layers: slots must hold the context's int64 cache slots");
+  TORCH_CHECK(hd <= 256 && nh % nkv == 0, "decode_layers: head_dim up to 256 and whole KV-head groups");
   c10::InferenceMode guard;
-  Step s{cos, signed_sin, slot_mapping.item<int64_t>(), head_rows, buffer, bias, nh, nkv, hd, inter, eps, scale};
+  const at::TensorOptions bf16_opts = x.options().dtype(at::kBFloat16);
+  const int64_t* context = slots.data_ptr<int64_t>();
+  Step s{cos.data_ptr<float>(), signed_sin.data_ptr<float>(), context[length - 1], context, length,
+         at::empty({1, x.size(1)}, bf16_opts), at::empty({1, nh * hd}, bf16_opts), at::empty({1, nh * hd}, bf16_opts),
+         at::empty({1, inter}, bf16_opts), std::vector<float>(length), std::vector<float>(hd),
+         nh, nkv, hd, inter, eps, static_cast<float>(scale)};
   for (size_t i = 0; i < kv_caches.size(); ++i) {
     layer(x, weights.data() + 10 * i, groups.data() + 4 * i, kv_caches[i], s);
   }
   return x;
 }
 
+// q8_matmul.cpp
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& offset,
+                     int64_t group, const std::string& isa);
+std::string q8_isa(int64_t group);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layers", &decode_layers, "Every decoder layer of a batch-1 int4 decode step");
+  m.def("q8_matmul", &q8_matmul, "Grouped int8 matmul, one pass over the weights: [M, K] x [N, K]^T -> [M, N] f32",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scale"), pybind11::arg("offset"), pybind11::arg("group"),
+        pybind11::arg("isa") = "");
+  m.def("q8_isa", &q8_isa, "The vector width q8_matmul runs with on this CPU for a group size");
 }
