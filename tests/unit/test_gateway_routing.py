@@ -12,7 +12,7 @@ from inferstack.engine.kv.events import BlockRemoved, BlockStored, decode_batch,
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.kvevents import apply_batch
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingState, build_router
-from inferstack.gateway.routing.prefix import ApproxPrefixIndex, PreciseIndex, text_prefix_hashes
+from inferstack.gateway.routing.prefix import ApproxPrefixIndex, PreciseIndex, PrefixHasher, text_prefix_hashes
 from inferstack.gateway.routing.profiles import _deciding_scorer
 from inferstack.gateway.routing.registry import PRESETS, make_profile
 from inferstack.gateway.routing.roots import ReusedRoots
@@ -321,3 +321,17 @@ def test_uniform_scores_added_as_one_number_decide_as_every_list(eps, history, t
     expected = _pick_with_every_list(profile, RouteContext(r, snap, state), list(eps))
     assert (None if got is None else (got.endpoint.id, got.reason)) == expected
     assert state.rng.getstate() == rng_after
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests=st.lists(st.tuples(st.sampled_from(["", "s" * 70, "é" * 90, "\ud800x" * 40, "sys " * 300]),
+                                   st.lists(st.text(max_size=150), max_size=3), st.sampled_from(["m\x00", "m\x00t"])),
+                         min_size=1, max_size=6),
+       step=st.sampled_from([4, 16, 64]), most=st.sampled_from([1, 3, 128]))
+def test_prefix_hasher_remembers_first_parts_without_changing_a_hash(requests, step, most):
+    """The chain with a remembered first part is the chain over the whole text, hit or miss, after evictions."""
+    hasher = PrefixHasher(step, most, capacity=2)
+    for first, rest, seed in requests + requests:
+        parts = [first, *rest]
+        assert hasher.hashes(parts, seed) == text_prefix_hashes(parts, seed, step, most), (parts, step, most)
+    assert len(hasher) <= 2
