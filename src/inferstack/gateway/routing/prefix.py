@@ -26,7 +26,15 @@ def text_prefix_hashes(parts: Iterable[str], seed_text: str, block_chars: int, m
     ``max_blocks`` blocks so long prompts cost a bounded amount.
     """
     data = _head_bytes(parts, block_chars * max_blocks)
-    return _chain(data, _seed_hash(seed_text), [], _blocks(len(data), block_chars, max_blocks), block_chars)
+    h = xxhash.xxh3_64_intdigest(seed_text.encode("utf-8", "surrogatepass"))
+    step = block_chars
+    n = _blocks(len(data), step, max_blocks)
+    out = [0] * n
+    digest = xxhash.xxh3_64_intdigest
+    for i in range(n):    # `_chain` from nothing, inline: every request of one part comes here
+        h = digest(data[i * step:(i + 1) * step], h)
+        out[i] = h
+    return out
 
 
 def _seed_hash(seed_text: str) -> int:
