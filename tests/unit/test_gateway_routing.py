@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -335,3 +335,25 @@ def test_prefix_hasher_remembers_first_parts_without_changing_a_hash(requests, s
         parts = [first, *rest]
         assert hasher.hashes(parts, seed) == text_prefix_hashes(parts, seed, step, most), (parts, step, most)
     assert len(hasher) <= 2
+
+
+def test_approx_index_keeps_lru_order_through_reinserts_and_compactions():
+    """Each endpoint's hashes evict least recently inserted first, as an ordered dict would keep them, through
+    thousands of re-inserts of held prompts (the stale copies are compacted away, so the order stays bounded)."""
+    rng = random.Random(7)
+    cap = 40
+    idx = ApproxPrefixIndex(capacity_per_endpoint=cap)
+    model: dict[str, OrderedDict[int, None]] = {e: OrderedDict() for e in "ab"}
+    prompts = [[rng.getrandbits(20) for _ in range(rng.randint(1, 12))] for _ in range(12)]
+    for _ in range(8000):
+        # mostly four hot prompts that fit (their stale copies pile up until compacted), now and then a cold one
+        ep, hashes = rng.choice("ab"), rng.choice(prompts[:4] if rng.random() < 0.9 else prompts)
+        idx.insert(ep, hashes)
+        lru = model[ep]
+        for h in hashes:
+            lru[h] = None
+            lru.move_to_end(h)
+        while len(lru) > cap:
+            lru.popitem(last=False)
+        assert idx.held_by(ep) == list(lru)
+        assert len(idx._lru[ep].order) <= 2 * cap + 1024 + len(hashes)
