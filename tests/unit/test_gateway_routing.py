@@ -357,3 +357,20 @@ def test_approx_index_keeps_lru_order_through_reinserts_and_compactions():
             lru.popitem(last=False)
         assert idx.held_by(ep) == list(lru)
         assert len(idx._lru[ep].order) <= 2 * cap + 1024 + len(hashes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 12), max_size=8)), max_size=12),
+       query=st.lists(st.integers(0, 12), max_size=10), cap=st.integers(1, 20))
+def test_approx_match_is_each_endpoints_leading_run(ops, query, cap):
+    """`match` gives each endpoint the blocks it holds from the start of the request, consecutively."""
+    idx = ApproxPrefixIndex(capacity_per_endpoint=cap)
+    for ep, hashes in ops:
+        idx.insert(ep, hashes)
+    expected = {}
+    for ep in "abc":
+        held = set(idx.held_by(ep))
+        run = next((i for i, h in enumerate(query) if h not in held), len(query))
+        if run:
+            expected[ep] = run
+    assert idx.match(query) == expected

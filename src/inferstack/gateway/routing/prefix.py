@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 import xxhash
 
@@ -239,16 +240,24 @@ class ApproxPrefixIndex:
         """Consecutive blocks from the start that each endpoint holds (greedy, stops at the
         first block nobody holds)."""
         counts: dict[str, int] = {}
-        holders = self._holders
+        get = self._holders.get
         for i, h in enumerate(hashes):
-            s = holders.get(h)
+            s = get(h)
             if not s:
                 break
             if type(s) is str:
                 if counts.get(s, 0) != i:
                     break
-                counts[s] = i + 1
-                continue
+                # ``s`` alone is i + 1 blocks in, so only it can go further: count its run without the others
+                # (a tenant's system prompt on its holder: dozens of blocks per request)
+                n = i + 1
+                for h2 in islice(hashes, n, None):
+                    s2 = get(h2)
+                    if s2 != s and (type(s2) is not set or s not in s2):
+                        break
+                    n += 1
+                counts[s] = n
+                break
             progressed = False
             for e in s:
                 if counts.get(e, 0) == i:
