@@ -325,16 +325,28 @@ def test_uniform_scores_added_as_one_number_decide_as_every_list(eps, history, t
 
 @settings(max_examples=150, deadline=None)
 @given(requests=st.lists(st.tuples(st.sampled_from(["", "s" * 70, "é" * 90, "\ud800x" * 40, "sys " * 300]),
-                                   st.lists(st.text(max_size=150), max_size=3), st.sampled_from(["m\x00", "m\x00t"])),
+                                   st.lists(st.text(max_size=150), max_size=4), st.sampled_from(["m\x00", "m\x00t"]),
+                                   st.booleans()),
                          min_size=1, max_size=6),
        step=st.sampled_from([4, 16, 64]), most=st.sampled_from([1, 3, 128]))
-def test_prefix_hasher_remembers_first_parts_without_changing_a_hash(requests, step, most):
-    """The chain with a remembered first part is the chain over the whole text, hit or miss, after evictions."""
+def test_prefix_hasher_remembers_leads_without_changing_a_hash(requests, step, most):
+    """The chain with a remembered lead is the chain over the whole text, hit or miss, after evictions; a chat's
+    parts (role, separator, content, ...) and a prompt's alike."""
     hasher = PrefixHasher(step, most, capacity=2)
-    for first, rest, seed in requests + requests:
-        parts = [first, *rest]
+    for first, rest, seed, chat in requests + requests:
+        parts = ["system", "\x1e", first, "\x1f", *rest] if chat else [first, *rest]
         assert hasher.hashes(parts, seed) == text_prefix_hashes(parts, seed, step, most), (parts, step, most)
     assert len(hasher) <= 2
+
+
+def test_prefix_hasher_remembers_a_system_prompt_not_a_lone_message():
+    hasher = PrefixHasher(64, 128)
+    system = ["system", "\x1e", "s" * 2000, "\x1f"]
+    for turn in ("a" * 100, "b" * 100):
+        hasher.hashes([*system, "user", "\x1e", turn, "\x1f"], "m\x00")
+    assert len(hasher) == 1
+    hasher.hashes(["user", "\x1e", "c" * 3000, "\x1f"], "m\x00")
+    assert len(hasher) == 1
 
 
 def test_approx_index_keeps_lru_order_through_reinserts_and_compactions():

@@ -70,36 +70,39 @@ def _chain(data: bytes, h: int, out: list[int], n: int, step: int) -> list[int]:
 
 
 class PrefixHasher:
-    """`text_prefix_hashes` that remembers the chain over a request's first part when more follow (a system
-    prompt, or a conversation's first turn): its full blocks are the first blocks of every request that starts
-    with it, so a tenant's 2,000-character system prompt is hashed once, not per request (5 of 5.2 µs).
+    """`text_prefix_hashes` that remembers the chain over a request's lead: its parts up to the first one of a
+    block or more (a chat's first message: role, separator, content), when more than a closing separator follows
+    (a system prompt, or a conversation's first turn). The lead's full blocks are the first blocks of every
+    request that starts with it, so a tenant's system prompt is hashed once, not per request.
 
-    At most `capacity` first parts (least recently used dropped), each cut to ``block_chars x max_blocks``
-    characters: 4 MB of ASCII at the defaults. A request of one part is not remembered (its text is rarely
-    sent again), nor a first part shorter than a block (nothing to save)."""
+    At most `capacity` leads (least recently used dropped), each cut to ``block_chars x max_blocks`` characters:
+    4 MB of ASCII at the defaults. A lone message or prompt is not remembered (its text is rarely sent again)."""
 
     def __init__(self, block_chars: int, max_blocks: int, capacity: int = 512):
         self.block_chars, self.max_blocks, self.capacity = block_chars, max_blocks, capacity
         self._memo: OrderedDict[tuple[str, str], tuple[int, list[int]]] = OrderedDict()
 
     def __len__(self) -> int:
-        """First parts remembered."""
+        """Leads remembered."""
         return len(self._memo)
 
     def hashes(self, parts: Sequence[str], seed_text: str) -> list[int]:
         step, most = self.block_chars, self.max_blocks
-        if len(parts) < 2 or len(parts[0]) < step:
+        j = 0
+        while j < 4 and j < len(parts) and len(parts[j]) < step:
+            j += 1
+        if j == 4 or len(parts) <= j + 2:
             return text_prefix_hashes(parts, seed_text, step, most)
         limit = step * most
         data = _head_bytes(parts, limit)
-        first = parts[0] if len(parts[0]) <= limit else parts[0][:limit]
-        key = (seed_text, first)
+        lead = "".join(parts[:j + 1]) if j else parts[0]
+        key = (seed_text, lead if len(lead) <= limit else lead[:limit])
         memo = self._memo
         known = memo.get(key)
         if known is None:
-            # the first part's bytes begin ``data`` (a UTF-8 encoding of a concatenation is the concatenation
-            # of the encodings), so each of its full blocks is a block of ``data`` with the same chain value
-            head = first.encode("utf-8", "surrogatepass")
+            # the lead's bytes begin ``data`` (a UTF-8 encoding of a concatenation is the concatenation of the
+            # encodings), so each of its full blocks is a block of ``data`` with the same chain value
+            head = key[1].encode("utf-8", "surrogatepass")
             seed = _seed_hash(seed_text)
             known = memo[key] = (seed, _chain(head, seed, [], min(most, len(head) // step), step))
             if len(memo) > self.capacity:
