@@ -76,9 +76,10 @@ class PrefixHasher:
     request that starts with it, so a tenant's system prompt is hashed once, not per request.
 
     At most `capacity` leads (least recently used dropped), each cut to ``block_chars x max_blocks`` characters:
-    4 MB of ASCII at the defaults. A lone message or prompt is not remembered (its text is rarely sent again)."""
+    at the defaults (64 x 256) up to 4 MB of ASCII text and ~2.5 MB of hashes. A lone message or prompt is not
+    remembered (its text is rarely sent again)."""
 
-    def __init__(self, block_chars: int, max_blocks: int, capacity: int = 512):
+    def __init__(self, block_chars: int, max_blocks: int, capacity: int = 256):
         self.block_chars, self.max_blocks, self.capacity = block_chars, max_blocks, capacity
         self._memo: OrderedDict[tuple[str, str], tuple[int, list[int]]] = OrderedDict()
 
