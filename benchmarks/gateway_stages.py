@@ -9,6 +9,7 @@ contacted. Each stage is timed with the process CPU clock (about 0.3 µs per rea
 and a bare proxy on the same server stack) it says where a request's CPU goes (docs/benchmarks.md).
 
     python benchmarks/gateway_stages.py [--routing default|round-robin|...] [--requests 5000] [--reps 3]
+        [--system-chars 2000]
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ from inferstack.gateway.upstream import UpstreamPool
 
 KEY = "sk-bench-tenant"
 MODEL = "bench-model"
-BODY = orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "x" * 200}]})
 HEADERS = [(b"host", b"127.0.0.1:8000"), (b"authorization", f"Bearer {KEY}".encode()),
-           (b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode()),
-           (b"accept", b"*/*"), (b"accept-encoding", b"gzip, deflate")]
+           (b"content-type", b"application/json"), (b"accept", b"*/*"), (b"accept-encoding", b"gzip, deflate")]
 USAGE = {"prompt_tokens": 50, "completion_tokens": 8, "total_tokens": 58}
+
+
+def request_body(system_chars: int) -> bytes:
+    """A 200-character user turn, after a system prompt of ``system_chars`` (the same in every request)."""
+    system = [{"role": "system", "content": "s" * system_chars}] if system_chars else []
+    user = {"role": "user", "content": "x" * 200}
+    return orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": [*system, user]})
 
 
 def config(routing: str) -> InferstackConfig:
@@ -44,22 +50,24 @@ def config(routing: str) -> InferstackConfig:
         "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}}})
 
 
-async def one_pass(p: Pipeline, n: int) -> dict[str, float]:
+async def one_pass(p: Pipeline, n: int, body: bytes) -> dict[str, float]:
     """µs per request in each stage over ``n`` requests."""
     clock, acc = time.process_time, dict.fromkeys(
         ("arrive", "read body", "start", "pick", "hold + head", "account", "release", "close"), 0.0)
 
     async def receive() -> dict:
-        return {"type": "http.request", "body": BODY, "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = dict(HEADERS) | {b"content-length": str(len(body)).encode()}
 
     for _ in range(n):
         t0 = clock()
-        inbound = Inbound.arrive("chat", dict(HEADERS), p.request_ids)
+        inbound = Inbound.arrive("chat", dict(headers), p.request_ids)
         t1 = clock()
-        body = await _read_body(receive, inbound.headers.get(b"content-length"), 1 << 20, 30.0)
+        got = await _read_body(receive, inbound.headers.get(b"content-length"), 1 << 20, 30.0)
         t2 = clock()
         gone = asyncio.get_running_loop().create_future()
-        ctx = await p.start(inbound, body, client_gone=gone)
+        ctx = await p.start(inbound, got, client_gone=gone)
         t3 = clock()
         picked = p.picker.pick(ctx)
         t4 = clock()
@@ -80,12 +88,12 @@ async def one_pass(p: Pipeline, n: int) -> dict[str, float]:
     return {k: v / n * 1e6 for k, v in acc.items()}
 
 
-async def run(routing: str, n: int, reps: int) -> dict[str, float]:
+async def run(routing: str, n: int, reps: int, body: bytes) -> dict[str, float]:
     p = Pipeline(config(routing))
     for pool in p.pools.values():
         for e in pool.endpoints:  # never connected: only its request head is built
             e.upstream = UpstreamPool(e.url, 1.0, 1.0)
-    passes = [await one_pass(p, n) for _ in range(reps)]
+    passes = [await one_pass(p, n, body) for _ in range(reps)]
     return {k: min(x[k] for x in passes) for k in passes[0]}
 
 
@@ -94,8 +102,11 @@ def main() -> None:
     ap.add_argument("--routing", default="default,round-robin", help="comma list of routing presets")
     ap.add_argument("--requests", type=int, default=5000, help="requests per pass")
     ap.add_argument("--reps", type=int, default=3, help="passes; the best per stage is reported")
+    ap.add_argument("--system-chars", type=int, default=0,
+                    help="a system prompt of this many characters before the user turn, the same in every request")
     args = ap.parse_args()
-    rows = {r: uvloop.run(run(r, args.requests, args.reps)) for r in args.routing.split(",")}
+    body = request_body(args.system_chars)
+    rows = {r: uvloop.run(run(r, args.requests, args.reps, body)) for r in args.routing.split(",")}
     stages = list(next(iter(rows.values())))
     print("| routing | " + " | ".join(stages) + " | sum |\n|---|" + "---:|" * (len(stages) + 1))
     for r, v in rows.items():

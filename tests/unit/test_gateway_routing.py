@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import random
+from collections import Counter, OrderedDict
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,10 +12,11 @@ from inferstack.engine.kv.events import BlockRemoved, BlockStored, decode_batch,
 from inferstack.engine.kv.hashing import KVKeySpace
 from inferstack.gateway.kvevents import apply_batch
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, RoutingState, build_router
-from inferstack.gateway.routing.prefix import ApproxPrefixIndex, PreciseIndex, text_prefix_hashes
+from inferstack.gateway.routing.prefix import ApproxPrefixIndex, PreciseIndex, PrefixHasher, text_prefix_hashes
+from inferstack.gateway.routing.profiles import _deciding_scorer
 from inferstack.gateway.routing.registry import PRESETS, make_profile
 from inferstack.gateway.routing.roots import ReusedRoots
-from inferstack.gateway.routing.scorers import SCORERS
+from inferstack.gateway.routing.scorers import SCORERS, UNIFORM
 from inferstack.gateway.routing.state import RouteContext
 
 
@@ -159,7 +161,7 @@ def test_session_and_lora_affinity():
     assert router.route(RequestView("m", adapter="sql"), PoolSnapshot(eps)).endpoint.id == "e2"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(cap=st.integers(1, 50),
        ops=st.lists(st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 80), max_size=30)), max_size=40))
 def test_approx_index_is_bounded_and_consistent(cap, ops):
@@ -275,3 +277,112 @@ def test_prefix_spread_is_neutral_for_distinct_prompts_and_forgets_quiet_ones():
     assert roots.counts() == {"a": 0, "b": 2} and not roots.sharing()
     roots.record("b", 5)     # 5 decisions after its first use: no longer counted, still remembered
     assert roots.sharing() and roots.counts()["b"] == 2   # reused now (5), plus the latest one-off (9)
+
+
+def _pick_with_every_list(profile, ctx: RouteContext, cands: list[EndpointView]) -> tuple[str, str] | None:
+    """`Profile.pick` as written before uniform scores were added as one number: every scorer's list."""
+    for _, f in profile.filters:
+        cands = f(ctx, cands)
+        if not cands:
+            return None
+    if len(cands) == 1:
+        return cands[0].id, "only"
+    parts = [(n, w, s(ctx, cands)) for n, s, w in profile.scorers if w != 0]
+    totals = [sum((w * min(1.0, max(0.0, s[i])) for _, w, s in parts), 0.0) for i in range(len(cands))]
+    i = profile.picker(ctx, cands, totals)
+    return cands[i].id, _deciding_scorer(i, totals, parts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(eps=st.lists(endpoint_st, min_size=1, max_size=5, unique_by=lambda e: e.id),
+       history=st.lists(st.tuples(st.sampled_from(["p1", "p2", "p3"]), st.sampled_from(["a", "b", "c"]),
+                                  st.sampled_from([None, "s"])), max_size=8),
+       text=st.sampled_from(["p1", "p2", "p4", ""]), adapter=st.sampled_from([None, "l1"]),
+       session=st.sampled_from([None, "s", "t"]), seed=st.integers(0, 3))
+def test_uniform_scores_added_as_one_number_decide_as_every_list(eps, history, text, adapter, session, seed):
+    """A scorer's `UNIFORM` check gives the value of each of its scores, and the default profile's pick with
+    those added as one number is the pick over every scorer's list (endpoint, reason and tie-break draw)."""
+    state = RoutingState(rng=random.Random(seed))
+    for prompt, endpoint, sess in history:
+        h = req(prompt * 40)
+        h.session = sess
+        state.record(h, endpoint, cold=True)
+    r = req(text * 40)
+    r.adapter, r.session = adapter, session
+    snap = PoolSnapshot(eps)
+    for scorer, same in UNIFORM.items():
+        v = same(RouteContext(r, snap, state))
+        assert v is None or scorer(RouteContext(r, snap, state), list(eps)) == [v] * len(eps)
+    profile = PRESETS["default"]()
+    rng_before = state.rng.getstate()
+    got = profile.pick(RouteContext(r, snap, state), list(eps))
+    rng_after = state.rng.getstate()
+    state.rng.setstate(rng_before)
+    expected = _pick_with_every_list(profile, RouteContext(r, snap, state), list(eps))
+    assert (None if got is None else (got.endpoint.id, got.reason)) == expected
+    assert state.rng.getstate() == rng_after
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests=st.lists(st.tuples(st.sampled_from(["", "s" * 70, "é" * 90, "\ud800x" * 40, "sys " * 300]),
+                                   st.lists(st.text(max_size=150), max_size=4), st.sampled_from(["m\x00", "m\x00t"]),
+                                   st.booleans()),
+                         min_size=1, max_size=6),
+       step=st.sampled_from([4, 16, 64]), most=st.sampled_from([1, 3, 128]))
+def test_prefix_hasher_remembers_leads_without_changing_a_hash(requests, step, most):
+    """The chain with a remembered lead is the chain over the whole text, hit or miss, after evictions; a chat's
+    parts (role, separator, content, ...) and a prompt's alike."""
+    hasher = PrefixHasher(step, most, capacity=2)
+    for first, rest, seed, chat in requests + requests:
+        parts = ["system", "\x1e", first, "\x1f", *rest] if chat else [first, *rest]
+        assert hasher.hashes(parts, seed) == text_prefix_hashes(parts, seed, step, most), (parts, step, most)
+    assert len(hasher) <= 2
+
+
+def test_prefix_hasher_remembers_a_system_prompt_not_a_lone_message():
+    hasher = PrefixHasher(64, 128)
+    system = ["system", "\x1e", "s" * 2000, "\x1f"]
+    for turn in ("a" * 100, "b" * 100):
+        hasher.hashes([*system, "user", "\x1e", turn, "\x1f"], "m\x00")
+    assert len(hasher) == 1
+    hasher.hashes(["user", "\x1e", "c" * 3000, "\x1f"], "m\x00")
+    assert len(hasher) == 1
+
+
+def test_approx_index_keeps_lru_order_through_reinserts_and_compactions():
+    """Each endpoint's hashes evict least recently inserted first, as an ordered dict would keep them, through
+    thousands of re-inserts of held prompts (the stale copies are compacted away, so the order stays bounded)."""
+    rng = random.Random(7)
+    cap = 40
+    idx = ApproxPrefixIndex(capacity_per_endpoint=cap)
+    model: dict[str, OrderedDict[int, None]] = {e: OrderedDict() for e in "ab"}
+    prompts = [[rng.getrandbits(20) for _ in range(rng.randint(1, 12))] for _ in range(12)]
+    for _ in range(8000):
+        # mostly four hot prompts that fit (their stale copies pile up until compacted), now and then a cold one
+        ep, hashes = rng.choice("ab"), rng.choice(prompts[:4] if rng.random() < 0.9 else prompts)
+        idx.insert(ep, hashes)
+        lru = model[ep]
+        for h in hashes:
+            lru[h] = None
+            lru.move_to_end(h)
+        while len(lru) > cap:
+            lru.popitem(last=False)
+        assert idx.held_by(ep) == list(lru)
+        assert len(idx._lru[ep].order) <= 2 * cap + 1024 + len(hashes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 12), max_size=8)), max_size=12),
+       query=st.lists(st.integers(0, 12), max_size=10), cap=st.integers(1, 20))
+def test_approx_match_is_each_endpoints_leading_run(ops, query, cap):
+    """`match` gives each endpoint the blocks it holds from the start of the request, consecutively."""
+    idx = ApproxPrefixIndex(capacity_per_endpoint=cap)
+    for ep, hashes in ops:
+        idx.insert(ep, hashes)
+    expected = {}
+    for ep in "abc":
+        held = set(idx.held_by(ep))
+        run = next((i for i, h in enumerate(query) if h not in held), len(query))
+        if run:
+            expected[ep] = run
+    assert idx.match(query) == expected

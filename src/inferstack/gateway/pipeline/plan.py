@@ -15,15 +15,14 @@ from inferstack.gateway.datalayer import Endpoint, Pool
 from inferstack.gateway.pipeline.context import Caller, EngineBody, Plan, Route
 from inferstack.gateway.requests import PromptFacts, encode_request, session_key, set_gateway_fields
 from inferstack.gateway.routing import RequestView
-from inferstack.gateway.routing.prefix import text_prefix_hashes
+from inferstack.gateway.routing.prefix import PrefixHasher
 
 RETRYABLE = (aiohttp.ClientError, TimeoutError, OSError)
 
 
 class Planner:
     def __init__(self, gw: GatewayConfig):
-        self.block_chars = gw.prefix_index.block_chars
-        self.max_blocks = gw.prefix_index.max_blocks
+        self.hasher = PrefixHasher(gw.prefix_index.block_chars, gw.prefix_index.max_blocks)
 
     @staticmethod
     def engine_body(req: dict[str, Any], caller: Caller, route: Route) -> EngineBody:
@@ -47,7 +46,7 @@ class Planner:
         salt = caller.salt
         view = RequestView(
             route.upstream_model,
-            text_prefix_hashes(facts.parts, route.upstream_model + "\x00" + salt, self.block_chars, self.max_blocks),
+            self.hasher.hashes(facts.parts, route.upstream_model + "\x00" + salt),
             (), facts.chars, route.adapter, session_key(req, session_header), caller.priority,
             facts.max_tokens or 64)
         if route.pool.config.precise_prefix is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 import xxhash
 
@@ -25,7 +26,24 @@ def text_prefix_hashes(parts: Iterable[str], seed_text: str, block_chars: int, m
     The trailing partial block is hashed too (GIE does the same); work is capped at
     ``max_blocks`` blocks so long prompts cost a bounded amount.
     """
-    limit = block_chars * max_blocks
+    data = _head_bytes(parts, block_chars * max_blocks)
+    h = xxhash.xxh3_64_intdigest(seed_text.encode("utf-8", "surrogatepass"))
+    step = block_chars
+    n = _blocks(len(data), step, max_blocks)
+    out = [0] * n
+    digest = xxhash.xxh3_64_intdigest
+    for i in range(n):    # `_chain` from nothing, inline: every request of one part comes here
+        h = digest(data[i * step:(i + 1) * step], h)
+        out[i] = h
+    return out
+
+
+def _seed_hash(seed_text: str) -> int:
+    return xxhash.xxh3_64_intdigest(seed_text.encode("utf-8", "surrogatepass"))
+
+
+def _head_bytes(parts: Iterable[str], limit: int) -> bytes:
+    """The first ``limit`` characters of the concatenated parts, UTF-8 (joined only as far as needed)."""
     buf: list[str] = []
     size = 0
     for p in parts:
@@ -33,17 +51,67 @@ def text_prefix_hashes(parts: Iterable[str], seed_text: str, block_chars: int, m
             break
         buf.append(p)
         size += len(p)
-    data = "".join(buf)[:limit].encode("utf-8", "surrogatepass")
-    h = xxhash.xxh3_64_intdigest(seed_text.encode("utf-8", "surrogatepass"))
+    return "".join(buf)[:limit].encode("utf-8", "surrogatepass")
+
+
+def _blocks(size: int, step: int, max_blocks: int) -> int:
     # byte blocks: the encoded size may exceed the char count for non-ASCII text; cap again
-    step = block_chars
-    n = min(max_blocks, (len(data) + step - 1) // step)
-    out = [0] * n
+    return min(max_blocks, (size + step - 1) // step)
+
+
+def _chain(data: bytes, h: int, out: list[int], n: int, step: int) -> list[int]:
+    """``out`` (the chain's first blocks of ``data``, ``h`` the last of them or the seed's hash) extended to
+    ``n`` blocks."""
     digest = xxhash.xxh3_64_intdigest
-    for i in range(n):
+    for i in range(len(out), n):
         h = digest(data[i * step:(i + 1) * step], h)
-        out[i] = h
+        out.append(h)
     return out
+
+
+class PrefixHasher:
+    """`text_prefix_hashes` that remembers the chain over a request's lead: its parts up to the first one of a
+    block or more (a chat's first message: role, separator, content), when more than a closing separator follows
+    (a system prompt, or a conversation's first turn). The lead's full blocks are the first blocks of every
+    request that starts with it, so a tenant's system prompt is hashed once, not per request.
+
+    At most `capacity` leads (least recently used dropped), each cut to ``block_chars x max_blocks`` characters:
+    at the defaults (64 x 256) up to 4 MB of ASCII text and ~2.5 MB of hashes. A lone message or prompt is not
+    remembered (its text is rarely sent again)."""
+
+    def __init__(self, block_chars: int, max_blocks: int, capacity: int = 256):
+        self.block_chars, self.max_blocks, self.capacity = block_chars, max_blocks, capacity
+        self._memo: OrderedDict[tuple[str, str], tuple[int, list[int]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Leads remembered."""
+        return len(self._memo)
+
+    def hashes(self, parts: Sequence[str], seed_text: str) -> list[int]:
+        step, most = self.block_chars, self.max_blocks
+        j = 0
+        while j < 4 and j < len(parts) and len(parts[j]) < step:
+            j += 1
+        if j == 4 or len(parts) <= j + 2:
+            return text_prefix_hashes(parts, seed_text, step, most)
+        limit = step * most
+        data = _head_bytes(parts, limit)
+        lead = "".join(parts[:j + 1]) if j else parts[0]
+        key = (seed_text, lead if len(lead) <= limit else lead[:limit])
+        memo = self._memo
+        known = memo.get(key)
+        if known is None:
+            # the lead's bytes begin ``data`` (a UTF-8 encoding of a concatenation is the concatenation of the
+            # encodings), so each of its full blocks is a block of ``data`` with the same chain value
+            head = key[1].encode("utf-8", "surrogatepass")
+            seed = _seed_hash(seed_text)
+            known = memo[key] = (seed, _chain(head, seed, [], min(most, len(head) // step), step))
+            if len(memo) > self.capacity:
+                memo.popitem(last=False)
+        else:
+            memo.move_to_end(key)
+        seed, blocks = known
+        return _chain(data, blocks[-1] if blocks else seed, blocks[:], _blocks(len(data), step, most), step)
 
 
 class _Lru:
@@ -58,12 +126,10 @@ class _Lru:
         self.stale: dict[int, int] = {}       # hash -> its copies in `order` older than the live one
         self.live = 0
 
-    def again(self, h: int) -> None:
-        self.stale[h] = self.stale.get(h, 0) + 1
-        self.order.append(h)
-        if len(self.order) > 2 * self.live + 1024:
-            self.order = deque(reversed(dict.fromkeys(reversed(self.order))))
-            self.stale.clear()
+    def compact(self) -> None:
+        """Keep only the live (newest) copy of each hash."""
+        self.order = deque(reversed(dict.fromkeys(reversed(self.order))))
+        self.stale.clear()
 
     def pop_oldest(self) -> int:
         order, stale = self.order, self.stale
@@ -127,22 +193,31 @@ class ApproxPrefixIndex:
             lru.live += len(fresh)
             holders.update(dict.fromkeys(fresh, endpoint))
             hashes = ()
+        # `_Lru.again` inline, its compaction checked once at the end: a tenant's system prompt sent to its
+        # holder again is dozens of held blocks per request (a method call each cost ~10 µs at 2,000 characters)
+        stale, append, again = lru.stale, lru.order.append, False
         for h in hashes:
             s = holders.get(h)
             if s is None:
                 holders[h] = endpoint
             elif type(s) is str:
-                if s == endpoint:
-                    lru.again(h)          # held: now the most recent
+                if s == endpoint:         # held: now the most recent
+                    stale[h] = stale.get(h, 0) + 1
+                    append(h)
+                    again = True
                     continue
                 holders[h] = {s, endpoint}
             elif endpoint in s:
-                lru.again(h)
+                stale[h] = stale.get(h, 0) + 1
+                append(h)
+                again = True
                 continue
             else:
                 s.add(endpoint)
-            lru.order.append(h)
+            append(h)
             lru.live += 1
+        if again and len(lru.order) > 2 * lru.live + 1024:
+            lru.compact()
         while lru.live > self.capacity:
             self._drop(lru.pop_oldest(), endpoint)
 
@@ -169,16 +244,24 @@ class ApproxPrefixIndex:
         """Consecutive blocks from the start that each endpoint holds (greedy, stops at the
         first block nobody holds)."""
         counts: dict[str, int] = {}
-        holders = self._holders
+        get = self._holders.get
         for i, h in enumerate(hashes):
-            s = holders.get(h)
+            s = get(h)
             if not s:
                 break
             if type(s) is str:
                 if counts.get(s, 0) != i:
                     break
-                counts[s] = i + 1
-                continue
+                # ``s`` alone is i + 1 blocks in, so only it can go further: count its run without the others
+                # (a tenant's system prompt on its holder: dozens of blocks per request)
+                n = i + 1
+                for h2 in islice(hashes, n, None):
+                    s2 = get(h2)
+                    if s2 != s and (type(s2) is not set or s not in s2):
+                        break
+                    n += 1
+                counts[s] = n
+                break
             progressed = False
             for e in s:
                 if counts.get(e, 0) == i:

@@ -11,7 +11,7 @@ import numpy as np
 from inferstack.gateway.routing import columns as col
 from inferstack.gateway.routing.filters import Filter, within_cap
 from inferstack.gateway.routing.pickers import Picker
-from inferstack.gateway.routing.scorers import Scorer
+from inferstack.gateway.routing.scorers import UNIFORM, Scorer
 from inferstack.gateway.routing.state import RouteContext, RoutingState
 from inferstack.gateway.routing.types import EndpointView, PoolSnapshot, RequestView
 
@@ -41,6 +41,7 @@ class Profile:
     def __post_init__(self) -> None:
         # worked out once, not per request: the scorers that count, and whether the columnar path applies
         self._weighted = [(n, s, w) for n, s, w in self.scorers if w != 0]
+        self._uniform = [(n, s, w, UNIFORM.get(s)) for n, s, w in self._weighted]
         self._columnar = (all(f in col.COL_FILTERS for f, _ in self.filters)
                           and self.picker_name in col.COL_PICKERS)
 
@@ -52,18 +53,38 @@ class Profile:
         n = len(cands)
         if n == 1:
             return Pick(cands[0], "only")
-        parts = [(sname, weight, scorer(ctx, cands)) for sname, scorer, weight in self._weighted]
+        parts, terms = self._scores(ctx, cands)
         # endpoint by endpoint, the scorers' terms added in scorer order (the same additions as a loop over
         # scorers, so the totals are bit-identical): a quarter of the cost of a list per scorer
         totals = []
         for i in range(n):
             t = 0.0
-            for _, w, s in parts:
-                v = s[i]
-                t += w * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
+            for w, s in terms:
+                if s is None:
+                    t += w
+                else:
+                    v = s[i]
+                    t += w * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v)
             totals.append(t)
         i = self.picker(ctx, cands, totals)
         return Pick(cands[i], _deciding_scorer(i, totals, parts))
+
+    def _scores(self, ctx: RouteContext, cands: list[EndpointView]) -> tuple[list[tuple[str, float, list[float]]],
+                                                                             list[tuple[float, list[float] | None]]]:
+        """The scorers' lists (``parts``, for the reason) and each scorer's term in order: (weight, its list), or
+        (its weighted clamped score, None) when every candidate scores the same (`scorers.UNIFORM`): the same
+        float `pick` would add per candidate, with no list built; it has a zero margin, so it never decides."""
+        parts: list[tuple[str, float, list[float]]] = []
+        terms: list[tuple[float, list[float] | None]] = []
+        for sname, scorer, weight, same in self._uniform:
+            v = same(ctx) if same is not None else None
+            if v is None:
+                s = scorer(ctx, cands)
+                parts.append((sname, weight, s))
+                terms.append((weight, s))
+            else:
+                terms.append((weight * (0.0 if v < 0.0 else 1.0 if v > 1.0 else v), None))
+        return parts, terms
 
     def columnar(self) -> bool:
         """Every filter and the picker have a columnar twin (`routing.columns`)."""
@@ -105,9 +126,12 @@ def _deciding_scorer(chosen: int, totals: list[float], parts: list[tuple[str, fl
     """The scorer with the largest weighted margin of the chosen endpoint over the runner-up."""
     # the first best of the others (as max() over them would pick), found at C speed: routing runs
     # this for every request over every endpoint
-    others = totals[:chosen] + totals[chosen + 1:]
-    runner = others.index(max(others))
-    runner += runner >= chosen
+    if len(totals) == 2:    # the other one (most pools are small)
+        runner = 1 - chosen
+    else:
+        others = totals[:chosen] + totals[chosen + 1:]
+        runner = others.index(max(others))
+        runner += runner >= chosen
     if abs(totals[chosen] - totals[runner]) < 1e-9:
         return "tie"
     best_name, best_margin = "tie", 0.0

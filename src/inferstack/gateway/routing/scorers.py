@@ -8,6 +8,11 @@ from inferstack.gateway.routing.state import RouteContext
 from inferstack.gateway.routing.types import EndpointView
 
 Scorer = Callable[[RouteContext, list[EndpointView]], list[float]]
+# The score a scorer gives every candidate alike, known from the request and the routing state alone (before
+# looking at the candidates); None when the candidates may differ. `Profile.pick` adds such a score as one number
+# instead of calling the scorer for a list of equal values (most requests: no adapter, no session, a prompt
+# some endpoint holds).
+Uniform = Callable[[RouteContext], float | None]
 
 # Softness of the in-flight scorer: (min + K) / (load + K). With K = 4 one extra request on an
 # idle endpoint costs 0.2, while at 40 vs 44 in flight the gap is under 0.1, so prefix affinity
@@ -52,12 +57,17 @@ def least_load(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     return _min_max_low_is_good([e.load() for e in cands])
 
 
+def _prefix_same(ctx: RouteContext) -> float | None:
+    return 0.0 if not ctx.request.prefix_hashes or not ctx.approx_matches() else None
+
+
 def prefix(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     """Approximate prefix hit: matched blocks / request blocks (GIE's prefix-cache-scorer)."""
-    total = len(ctx.request.prefix_hashes)
-    if not total:
-        return [0.0] * len(cands)
+    same = _prefix_same(ctx)
+    if same is not None:
+        return [same] * len(cands)
     m = ctx.approx_matches()
+    total = len(ctx.request.prefix_hashes)
     return [m.get(e.id, 0) / total for e in cands]
 
 
@@ -70,12 +80,17 @@ def precise_prefix(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     return [min(1.0, m.get(e.id, 0.0) / total) for e in cands]
 
 
+def _warm_neutral(ctx: RouteContext) -> float | None:
+    return None if ctx.cold() else 1.0
+
+
 def cold_spread(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     """For requests nobody has cached, prefer the endpoint that least recently got such a
     request, so an idle fleet fills its caches evenly instead of piling onto one endpoint.
     Neutral (all 1) for requests with a cache hit somewhere."""
-    if not ctx.cold():
-        return [1.0] * len(cands)
+    same = _warm_neutral(ctx)
+    if same is not None:
+        return [same] * len(cands)
     served = ctx.state.cold_served
     stamps = [served.get(e.id, 0) for e in cands]
     order = sorted(set(stamps))
@@ -86,32 +101,46 @@ def cold_spread(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     return [1.0 - rank[s] / top for s in stamps]
 
 
+def _prefix_spread_same(ctx: RouteContext) -> float | None:
+    return 1.0 if not ctx.cold() or not ctx.state.roots.sharing() else None
+
+
 def prefix_spread(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     """For requests nobody has cached, prefer the endpoints that keep the fewest prompts warm
     (`roots.ReusedRoots`; min-max, so one prompt more decides): an engine's prefix cache holds a bounded
     number of them, and the one sent more than it holds evicts its rarest again and again. Neutral for
     requests with a cache hit somewhere and while no prompt is shared."""
-    roots = ctx.state.roots
-    if not ctx.cold() or not roots.sharing():
-        return [1.0] * len(cands)
-    counts = roots.counts()
+    same = _prefix_spread_same(ctx)
+    if same is not None:
+        return [same] * len(cands)
+    counts = ctx.state.roots.counts()
     return _min_max_low_is_good([counts.get(e.id, 0) for e in cands])
 
 
-def session_affinity(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
+def _session_same(ctx: RouteContext) -> float | None:
     sess = ctx.request.session
-    if not sess:
-        return [0.0] * len(cands)
-    target = ctx.state.sessions.get(sess)
+    return 0.0 if not sess or sess not in ctx.state.sessions else None   # no endpoint is the session's
+
+
+def session_affinity(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
+    same = _session_same(ctx)
+    if same is not None:
+        return [same] * len(cands)
+    target = ctx.state.sessions[ctx.request.session]
     return [1.0 if e.id == target else 0.0 for e in cands]
+
+
+def _lora_same(ctx: RouteContext) -> float | None:
+    return None if ctx.request.adapter else 1.0
 
 
 def lora_affinity(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     """GIE: 1.0 adapter active, 0.8 room to load, 0.6 waiting to load, else 0. Endpoints that
     export no adapter metrics are judged by which adapters this gateway sent them lately."""
+    same = _lora_same(ctx)
+    if same is not None:
+        return [same] * len(cands)
     adapter = ctx.request.adapter
-    if not adapter:
-        return [1.0] * len(cands)
     out = []
     for e in cands:
         if adapter in e.adapters_active:
@@ -159,4 +188,10 @@ SCORERS: dict[str, Scorer] = {
     "session-affinity": session_affinity,
     "lora-affinity": lora_affinity,
     "predicted-latency": predicted_latency,
+}
+
+# `Uniform` checks of the scorers above, by function (a custom scorer under one of these names has none)
+UNIFORM: dict[Scorer, Uniform] = {
+    prefix: _prefix_same, cold_spread: _warm_neutral, prefix_spread: _prefix_spread_same,
+    session_affinity: _session_same, lora_affinity: _lora_same,
 }

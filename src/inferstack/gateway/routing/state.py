@@ -64,7 +64,7 @@ class RoutingState:
 class RouteContext:
     """One routing decision's inputs, with lazily computed shared intermediate results."""
 
-    __slots__ = ("_approx", "_precise", "request", "snapshot", "state")
+    __slots__ = ("_approx", "_cold", "_precise", "request", "snapshot", "state")
 
     def __init__(self, request: RequestView, snapshot: PoolSnapshot, state: RoutingState):
         self.request = request
@@ -72,6 +72,7 @@ class RouteContext:
         self.state = state
         self._approx: dict[str, int] | None = None
         self._precise: dict[str, float] | None = None
+        self._cold: bool | None = None
 
     def approx_matches(self) -> dict[str, int]:
         if self._approx is None:
@@ -85,8 +86,10 @@ class RouteContext:
         return self._precise
 
     def cold(self) -> bool:
-        """No endpoint holds any of this request's prefix."""
-        if self.request.token_hashes and any(
-                v > 0 for v in self.precise_matches(list(self.snapshot.endpoints)).values()):
-            return False
-        return not self.approx_matches()
+        """No endpoint holds any of this request's prefix (asked by the router and two scorers per pick; it
+        reads only the matches, which are kept, so it is worked out once)."""
+        if self._cold is None:
+            self._cold = not (self.request.token_hashes and any(
+                v > 0 for v in self.precise_matches(list(self.snapshot.endpoints)).values())) \
+                and not self.approx_matches()
+        return self._cold
