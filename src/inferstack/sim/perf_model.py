@@ -83,15 +83,20 @@ def step_cost(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int 
                  + decode_flops / (hw.peak_flops * hw.mfu_decode)) / tp
     bandwidth = hw.mem_bandwidth * hw.bw_efficiency * (hw.single_row_bw_gain if tokens == 1 else 1.0)
     memory_s = (weight_bytes + kv_bytes) / bandwidth / tp
-    comm_s = 0.0
-    if tp > 1:
-        if hw.link_bandwidth <= 0:
-            raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth for tensor parallelism")
-        per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * tokens * model.hidden_size * 2 / hw.link_bandwidth
-        comm_s = 2 * model.num_layers * per_allreduce
+    comm_s = tp_comm_s(hw, model, tp, tokens)
     overhead_s = hw.step_overhead_s + hw.seq_overhead_s * len(items) + hw.token_overhead_s * tokens
     return StepCost(prefill_flops, decode_flops, weight_bytes, kv_bytes, compute_s, memory_s,
                     comm_s, overhead_s)
+
+
+def tp_comm_s(hw: Hardware, model: ModelSpec, tp: int, tokens: int) -> float:
+    """A step's tensor-parallel all-reduces: two per layer over ``tokens`` rows of the hidden state (0 at tp 1)."""
+    if tp <= 1:
+        return 0.0
+    if hw.link_bandwidth <= 0:
+        raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth for tensor parallelism")
+    per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * tokens * model.hidden_size * 2 / hw.link_bandwidth
+    return 2 * model.num_layers * per_allreduce
 
 
 def step_time(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> float:
@@ -129,12 +134,7 @@ class DecodePricing:
         weight_bytes, kv_per_token = self.weight_bytes, self.kv_per_token
         prefill_rate, decode_rate = self.prefill_rate, self.decode_rate
         bandwidth = self.bandwidth_one if n == 1 else self.bandwidth
-        comm_s = 0.0
-        if tp > 1:
-            if hw.link_bandwidth <= 0:
-                raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth for tensor parallelism")
-            per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * n * model.hidden_size * 2 / hw.link_bandwidth
-            comm_s = 2 * model.num_layers * per_allreduce
+        comm_s = tp_comm_s(hw, model, tp, n)
         overhead_s = hw.step_overhead_s + hw.seq_overhead_s * n + hw.token_overhead_s * n
         js = np.arange(steps)
         memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth
