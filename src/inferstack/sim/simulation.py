@@ -468,7 +468,7 @@ class Simulation:
             else:          # nothing reached the client yet: the gateway retries another endpoint
                 assert r.endpoint is not None
                 self.gateway.shift(r.endpoint, -1)
-                r.prefill = None
+                r.endpoint = r.prefill = None  # released: a retry that finds no endpoint must not release it again
                 self._route(r)
         if ep is not None:
             ep.view.has_metrics = False
