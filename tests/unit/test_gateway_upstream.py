@@ -204,9 +204,10 @@ def test_the_read_timer_outlives_a_response_and_never_closes_an_idle_pooled_conn
         assert await conn.read() == b"ok"
         conn.release()
         first = conn
-        t_idle = loop.time()
-        while loop.time() - t_idle < 0.5:  # the timer fires on the idle connection (twice its timeout)
-            await asyncio.sleep(0.05)
+        deadline = loop.time() + 10
+        while first._read_timer is not None:  # poll until the timer has fired on the idle connection
+            assert loop.time() < deadline, "the read timer never fired"
+            await asyncio.sleep(0.01)
         assert not first.closed
         conn = await pool.request(b"POST", b"/b", [], b"")
         assert conn is first and await conn.read() == b"ok"
@@ -245,16 +246,13 @@ def test_a_request_that_times_out_on_a_reused_connection_is_not_sent_again():
             writer.close()
 
         server, url = await _serve(handler)
-        loop = asyncio.get_running_loop()
         pool = UpstreamPool(url, 1.0, 0.3)
         conn = await pool.request(b"POST", b"/ok", [], b"")
         assert await conn.read() == b"ok"
         conn.release()
-        t0 = loop.time()
         with pytest.raises(UpstreamError, match="no data"):
             await pool.request(b"POST", b"/hang", [], b"")
-        assert loop.time() - t0 < 0.55  # one timeout (0.3 s), not two
-        assert seen == [b"/ok", b"/hang"]
+        assert seen == [b"/ok", b"/hang"]  # sent once: sent again, the engine ran it twice and the client waited twice
         pool.close()
         server.close()
 

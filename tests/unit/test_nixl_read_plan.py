@@ -135,4 +135,7 @@ def test_a_peer_offer_is_checked_against_our_layout_before_its_list_is_prepared(
                      ({"block_bytes": 128}, "do not match"), ({"bases": [1, 2, 3]}, "do not match")]:
         with pytest.raises(TransferError, match=why):
             peer_regions(ours=ours, offer=offer(**bad))
-    assert PEER_BLOCKS_FLOOR <= PEER_BLOCKS_FACTOR * 100_000
+    small = dataclasses.replace(ours, num_blocks=100)   # a small cache still accepts a peer up to the floor
+    assert peer_regions(ours=small, offer=offer(num_blocks=PEER_BLOCKS_FLOOR)).num_blocks == PEER_BLOCKS_FLOOR
+    with pytest.raises(TransferError, match="at most"):
+        peer_regions(ours=small, offer=offer(num_blocks=PEER_BLOCKS_FLOOR + 1))
