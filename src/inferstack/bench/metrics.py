@@ -55,6 +55,41 @@ def meets(rec: RequestRecord, slo: SLO) -> bool:
     return True
 
 
+def _load(inc: list[RequestRecord], target_rate: float | None, planned_rate: float | None) -> dict[str, object]:
+    """The offered load: asked, planned, and as sent (first stages only), with the sender's lag behind plan."""
+    # arrivals are units: later stages of a session or agent task are sent when the earlier ones finish
+    firsts = [r for r in inc if r.stage == 0]
+    sends = sorted(r.sent for r in firsts)
+    lags = np.asarray([r.schedule_lag for r in firsts]) if firsts else np.empty(0)
+    return {
+        "target_rate": target_rate,
+        "planned_rate": planned_rate,      # the arrival process's own sample (Poisson varies around the target)
+        "send_rate": (len(sends) - 1) / (sends[-1] - sends[0]) if len(sends) > 2 and sends[-1] > sends[0] else None,
+        "schedule_lag_s": dist(lags),
+    }
+
+
+def _client_prefix_hits(prompt_known: list[RequestRecord]) -> dict[str, object]:
+    """Cached prompt tokens over prompt tokens, from the usage of responses that report both."""
+    cached = [r for r in prompt_known if r.cached_tokens is not None]
+    return {
+        "requests_reporting": len(cached),
+        "hit_rate": (sum(r.cached_tokens or 0 for r in cached) / max(1, sum(r.prompt_tokens or 0 for r in cached)))
+        if cached else None,
+    }
+
+
+def _slo(inc: list[RequestRecord], slo: SLO, duration: float) -> dict[str, object]:
+    """Attainment (share of sent requests meeting every limit) and goodput against `slo`."""
+    good = [r for r in inc if meets(r, slo)]
+    return {
+        "spec": dict(slo.limits_s.items()), "attainment_target": slo.attainment,
+        "attainment": len(good) / len(inc) if inc else 0.0,
+        "goodput_requests_per_s": len(good) / duration,
+        "met": (len(good) / len(inc) >= slo.attainment) if inc else False,
+    }
+
+
 def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo: SLO | None = None,
               target_rate: float | None = None, planned_rate: float | None = None) -> dict[str, object]:
     """Statistics over the requests sent inside `window` (run clock seconds)."""
@@ -67,12 +102,7 @@ def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo
     out_tokens = sum(r.output_tokens for r in ok)
     prompt_known = [r for r in ok if r.prompt_tokens is not None]
     in_tokens = sum((r.prompt_tokens if r.prompt_tokens is not None else r.input_tokens_nominal) for r in ok)
-    cached = [r for r in prompt_known if r.cached_tokens is not None]
     itl_pool = np.concatenate([r.itls for r in ok]) if ok else np.empty(0)
-    # arrivals are units: later stages of a session or agent task are sent when the earlier ones finish
-    firsts = [r for r in inc if r.stage == 0]
-    sends = sorted(r.sent for r in firsts)
-    lags = np.asarray([r.schedule_lag for r in firsts]) if firsts else np.empty(0)
     summary: dict[str, object] = {
         "window_s": [start, end],
         "duration_s": duration,
@@ -97,27 +127,12 @@ def summarize(records: Sequence[RequestRecord], window: tuple[float, float], slo
             "e2e": dist([r.e2e for r in ok]),
             "e2e_per_token": dist([r.e2e_per_token for r in ok]),
         },
-        "load": {
-            "target_rate": target_rate,
-            "planned_rate": planned_rate,      # the arrival process's own sample (Poisson varies around the target)
-            "send_rate": (len(sends) - 1) / (sends[-1] - sends[0]) if len(sends) > 2 and sends[-1] > sends[0] else None,
-            "schedule_lag_s": dist(lags),
-        },
-        "prefix_cache_client": {
-            "requests_reporting": len(cached),
-            "hit_rate": (sum(r.cached_tokens or 0 for r in cached) / max(1, sum(r.prompt_tokens or 0 for r in cached)))
-            if cached else None,
-        },
+        "load": _load(inc, target_rate, planned_rate),
+        "prefix_cache_client": _client_prefix_hits(prompt_known),
         "definitions": DEFINITIONS,
     }
     if slo is not None:
-        good = [r for r in inc if meets(r, slo)]
-        summary["slo"] = {
-            "spec": {k: v for k, v in slo.limits_s.items()}, "attainment_target": slo.attainment,
-            "attainment": len(good) / len(inc) if inc else 0.0,
-            "goodput_requests_per_s": len(good) / duration,
-            "met": (len(good) / len(inc) >= slo.attainment) if inc else False,
-        }
+        summary["slo"] = _slo(inc, slo, duration)
     errors = [r for r in inc if not r.ok]
     if errors:
         summary["errors_sample"] = [{"status": r.status, "error": r.error[:300]} for r in errors[:5]]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from inferstack.bench.runner import RunConfig
 
 app = typer.Typer(help="Benchmark an OpenAI-compatible server (engine, gateway, vLLM, SGLang, ...).",
                   no_args_is_help=True)
@@ -43,6 +46,39 @@ PlotsOpt = Annotated[bool, typer.Option(help="Write PNG plots")]
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
+
+
+def _check_modes(rate: float | None, concurrency: int | None, sweep: bool, goodput: str | None, endpoint: str,
+                 stream: bool, slo: str | None) -> None:
+    """Exit 2 on flags that contradict each other: two load modes, an unknown endpoint, latency SLOs unstreamed."""
+    modes = [m for m, on in (("--rate", rate is not None and goodput is None), ("--concurrency", concurrency),
+                             ("--sweep", sweep), ("--goodput", goodput)) if on]
+    if len(modes) > 1:
+        _fail(f"choose one of --rate, --concurrency, --sweep, --goodput (got {' and '.join(modes)}); "
+              "--rate with --goodput sets the search's starting rate")
+    if endpoint not in ("chat", "completions"):
+        _fail(f"--endpoint must be chat or completions, got {endpoint!r}")
+    if not stream and (goodput or slo) and any(k in (goodput or slo or "") for k in ("ttft", "tpot", "itl")):
+        _fail("TTFT/TPOT/ITL SLOs need streamed responses; drop --no-stream")
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _single_run(cfg: RunConfig, out: Path, plots: bool) -> None:
+    """One run at the configured load: reports to `out`, the Markdown one printed; exit 1 if nothing succeeded."""
+    from inferstack.bench.report import write_run
+    from inferstack.bench.runner import run_sync
+
+    res = run_sync(cfg)
+    write_run(res, out, plots=plots)
+    typer.echo((out / "report.md").read_text())
+    failed = res.summary["requests"]["failed"]  # type: ignore[index]
+    if failed and failed == res.summary["requests"]["sent"]:  # type: ignore[index]
+        typer.secho(f"every request failed ({res.summary['requests']['by_status']}); "  # type: ignore[index]
+                    f"see {out}/report.md", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
 
 
 @app.command("run")
@@ -93,21 +129,12 @@ def run(
     from inferstack.bench.client import BenchError, ClientOptions, probe_target
     from inferstack.bench.modes import goodput_search
     from inferstack.bench.modes import sweep as run_sweep
-    from inferstack.bench.report import write_run
-    from inferstack.bench.runner import LoadSpec, RunConfig, run_sync
+    from inferstack.bench.runner import LoadSpec, RunConfig
     from inferstack.bench.slo import SLOError, parse_slo
     from inferstack.bench.traces import TraceError
     from inferstack.bench.workloads import WorkloadError, parse_workload
 
-    modes = [m for m, on in (("--rate", rate is not None and goodput is None), ("--concurrency", concurrency),
-                             ("--sweep", sweep), ("--goodput", goodput)) if on]
-    if len(modes) > 1:
-        _fail(f"choose one of --rate, --concurrency, --sweep, --goodput (got {' and '.join(modes)}); "
-              "--rate with --goodput sets the search's starting rate")
-    if endpoint not in ("chat", "completions"):
-        _fail(f"--endpoint must be chat or completions, got {endpoint!r}")
-    if not stream and (goodput or slo) and any(k in (goodput or slo or "") for k in ("ttft", "tpot", "itl")):
-        _fail("TTFT/TPOT/ITL SLOs need streamed responses; drop --no-stream")
+    _check_modes(rate, concurrency, sweep, goodput, endpoint, stream, slo)
     try:
         wl = parse_workload(workload)
         slo_spec = parse_slo(goodput or slo) if (goodput or slo) else None
@@ -135,28 +162,18 @@ def run(
                                              request_timeout_s=request_timeout, stall_timeout_s=stall_timeout,
                                              api_key=api_key),
                         scrape_interval_s=scrape_interval, drain_timeout_s=drain_timeout, progress=progress)
-        def log(msg: str) -> None:
-            typer.echo(msg, err=True)
-
         if sweep:
-            run_sweep(cfg, out, sweep_points, sweep_concurrency, log, plots)
+            run_sweep(cfg, out, sweep_points, sweep_concurrency, _log, plots)
             typer.echo((out / "sweep.md").read_text())
         elif goodput:
-            best, _ = goodput_search(cfg, out, rate or 1.0, log, max_runs=goodput_max_runs, plots=plots)
+            best, _ = goodput_search(cfg, out, rate or 1.0, _log, max_runs=goodput_max_runs, plots=plots)
             typer.echo((out / "goodput.md").read_text())
             if best is None:
                 typer.secho(f"no rate met the SLO ({slo_spec}); see {out}/goodput.md", err=True,
                             fg=typer.colors.YELLOW)
                 raise typer.Exit(1)
         else:
-            res = run_sync(cfg)
-            write_run(res, out, plots=plots)
-            typer.echo((out / "report.md").read_text())
-            failed = res.summary["requests"]["failed"]  # type: ignore[index]
-            if failed and failed == res.summary["requests"]["sent"]:  # type: ignore[index]
-                typer.secho(f"every request failed ({res.summary['requests']['by_status']}); "  # type: ignore[index]
-                            f"see {out}/report.md", err=True, fg=typer.colors.RED)
-                raise typer.Exit(1)
+            _single_run(cfg, out, plots)
     except (BenchError, WorkloadError, TraceError, SLOError) as e:
         _fail(str(e))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from enum import Enum, StrEnum
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, NoReturn, get_args
 
 import typer
 
@@ -66,6 +66,40 @@ def build_engine_config(model: str, **options: Any) -> config.EngineConfig:
     if kv_cache_bytes is not None:
         fields["kv_cache_bytes"] = parse_size(kv_cache_bytes) if isinstance(kv_cache_bytes, str) else kv_cache_bytes
     return config.EngineConfig(model=model, **fields)
+
+
+def _emulation(emulate: str | None, model: str | None, link_gbps: float | None, count: int,
+               role: Role | None) -> tuple[Any, str | None]:
+    """The profile `--emulate` names (None without it) and the model to serve; exits 2 on a bad combination."""
+    def fail(message: str) -> NoReturn:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2)
+
+    if emulate is None:
+        if link_gbps is not None:
+            fail("--emulate-kv-link-gbps needs --emulate")
+        if count != 1:
+            fail("--emulate-count needs --emulate and a count >= 1")
+        return None, model
+    from inferstack.sim.profile import ProfileError, parse_profile
+
+    try:
+        profile = parse_profile(emulate)
+    except ProfileError as exc:
+        fail(str(exc))
+    if model is not None:
+        fail("--emulate names its model (HARDWARE:MODEL); drop --model")
+    if count < 1:
+        fail("--emulate-count needs --emulate and a count >= 1")
+    if link_gbps is not None:
+        if link_gbps <= 0:
+            fail("--emulate-kv-link-gbps must be > 0")
+        if role in (None, Role.both):
+            fail("--emulate-kv-link-gbps models KV transfer between engines: it needs --role prefill or "
+                 "--role decode")
+        profile = dataclasses.replace(profile, hardware=dataclasses.replace(
+            profile.hardware, net_bandwidth=link_gbps * 1e9 / 8))
+    return profile, profile.model.name
 
 
 @app.command()
@@ -208,35 +242,7 @@ def serve(
     from inferstack.telemetry.logs import configure_logging
 
     configure_logging(log_format.value)
-    profile = None
-    if emulate is not None:
-        from inferstack.sim.profile import ProfileError, parse_profile
-
-        try:
-            profile = parse_profile(emulate)
-        except ProfileError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        if model is not None:
-            typer.echo("error: --emulate names its model (HARDWARE:MODEL); drop --model", err=True)
-            raise typer.Exit(2)
-        model = profile.model.name
-        if emulate_kv_link_gbps is not None:
-            if emulate_kv_link_gbps <= 0:
-                typer.echo("error: --emulate-kv-link-gbps must be > 0", err=True)
-                raise typer.Exit(2)
-            if role in (None, Role.both):
-                typer.echo("error: --emulate-kv-link-gbps models KV transfer between engines: it needs "
-                           "--role prefill or --role decode", err=True)
-                raise typer.Exit(2)
-            profile = dataclasses.replace(profile, hardware=dataclasses.replace(
-                profile.hardware, net_bandwidth=emulate_kv_link_gbps * 1e9 / 8))
-    elif emulate_kv_link_gbps is not None:
-        typer.echo("error: --emulate-kv-link-gbps needs --emulate", err=True)
-        raise typer.Exit(2)
-    if emulate_count != 1 and (profile is None or emulate_count < 1):
-        typer.echo("error: --emulate-count needs --emulate and a count >= 1", err=True)
-        raise typer.Exit(2)
+    profile, model = _emulation(emulate, model, emulate_kv_link_gbps, emulate_count, role)
     if model is None:
         typer.echo("error: --model is required (or --emulate HARDWARE:MODEL)", err=True)
         raise typer.Exit(2)

@@ -35,6 +35,37 @@ def purl(ref: Reference, manifest_digest: str) -> str:
     )
 
 
+def _model_parameters(info: ModelInfo, dataset_refs: list[str]) -> dict[str, Any]:
+    """CycloneDX modelCard.modelParameters: task, text in and out, architecture, the datasets' refs."""
+    params: dict[str, Any] = {
+        "task": info.task,
+        "inputs": [{"format": "text"}],
+        "outputs": [{"format": "text"}],
+    }
+    if info.family or info.architecture:
+        params["architectureFamily"] = info.family or info.architecture
+    if info.architecture:
+        params["modelArchitecture"] = info.architecture
+    if dataset_refs:
+        params["datasets"] = [{"ref": r} for r in dataset_refs]
+    return params
+
+
+def _model_properties(info: ModelInfo) -> list[dict[str, str]]:
+    """The ModelPack (org.cncf.model.*) facts known for the model, as CycloneDX name/value properties."""
+    return [
+        {"name": name, "value": value}
+        for name, value in (
+            ("org.cncf.model.format", info.format),
+            ("org.cncf.model.paramSize", info.param_size),
+            ("org.cncf.model.precision", info.precision),
+            ("org.cncf.model.quantization", info.quantization or "none"),
+            ("parameters", str(info.param_count) if info.param_count else None),
+        )
+        if value
+    ]
+
+
 def ml_bom(
     *,
     ref: Reference,
@@ -48,28 +79,6 @@ def ml_bom(
     """`files` are (relative path, sha256 digest, size) of the packed layers."""
     datasets = list(datasets if datasets is not None else info.datasets)
     dataset_refs = [f"dataset-{i}" for i in range(len(datasets))]
-    params: dict[str, Any] = {
-        "task": info.task,
-        "inputs": [{"format": "text"}],
-        "outputs": [{"format": "text"}],
-    }
-    if info.family or info.architecture:
-        params["architectureFamily"] = info.family or info.architecture
-    if info.architecture:
-        params["modelArchitecture"] = info.architecture
-    if dataset_refs:
-        params["datasets"] = [{"ref": r} for r in dataset_refs]
-    properties = [
-        {"name": name, "value": value}
-        for name, value in (
-            ("org.cncf.model.format", info.format),
-            ("org.cncf.model.paramSize", info.param_size),
-            ("org.cncf.model.precision", info.precision),
-            ("org.cncf.model.quantization", info.quantization or "none"),
-            ("parameters", str(info.param_count) if info.param_count else None),
-        )
-        if value
-    ]
     model: dict[str, Any] = {
         "type": "machine-learning-model",
         "bom-ref": "model",
@@ -78,9 +87,9 @@ def ml_bom(
         "hashes": [{"alg": "SHA-256", "content": manifest_digest.split(":", 1)[1]}],
         "purl": purl(ref, manifest_digest),
         "modelCard": {
-            "modelParameters": params,
+            "modelParameters": _model_parameters(info, dataset_refs),
             "considerations": {"technicalLimitations": list(limitations or default_limitations(info))},
-            "properties": properties,
+            "properties": _model_properties(info),
         },
         "components": [
             {

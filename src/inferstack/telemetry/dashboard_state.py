@@ -78,6 +78,9 @@ def _replicas(latest: Scrape) -> dict[str, float | None]:
     return out
 
 
+_Pair = tuple[Scrape, Scrape]   # the first and last scrape of a window
+
+
 @dataclass
 class _Target:
     scrapes: deque[Scrape] = field(default_factory=deque)
@@ -88,7 +91,7 @@ class _Target:
         while len(self.scrapes) > 2 and scrape.t - self.scrapes[0].t > keep_s:
             self.scrapes.popleft()
 
-    def window(self, window_s: float) -> tuple[Scrape, Scrape] | None:
+    def window(self, window_s: float) -> _Pair | None:
         """(oldest scrape inside the window, newest), or None with fewer than two scrapes."""
         if len(self.scrapes) < 2:
             return None
@@ -99,7 +102,7 @@ class _Target:
         return self.scrapes[-2], newest
 
 
-def _rate(pair: tuple[Scrape, Scrape] | None, name: str, by: str | None = None) -> dict[str, float]:
+def _rate(pair: _Pair | None, name: str, by: str | None = None) -> dict[str, float]:
     if pair is None:
         return {}
     old, new = pair
@@ -111,6 +114,55 @@ def _rate(pair: tuple[Scrape, Scrape] | None, name: str, by: str | None = None) 
 
 def _finite(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) or math.isinf(v) else round(v, 6)
+
+
+def _latencies(gw: _Pair | None, eps: dict[str, _Pair | None]) -> dict[str, dict[str, float | None]]:
+    """Quantiles per latency chart: the gateway's histograms when it has them, else the engines' merged."""
+    point: dict[str, dict[str, float | None]] = {}
+    for chart, _title, gw_metric, engine_metric in LATENCY_CHARTS:
+        if gw and gw[1].has(f"{gw_metric}_bucket"):
+            buckets = bucket_increase(gw[0], gw[1], gw_metric)
+        else:
+            buckets = merge_buckets(bucket_increase(p[0], p[1], engine_metric) for p in eps.values() if p)
+        point[chart] = {label: _finite(histogram_quantile(q, buckets)) for label, q in QUANTILES}
+    return point
+
+
+def _throughput(gw: _Pair | None, eps: dict[str, _Pair | None]) -> dict[str, float | None]:
+    """Input and output tokens per second (the gateway's count, else the engines' sums)."""
+    tokens: dict[str, float] = {}
+    if gw and gw[1].has("inferstack_gateway_tokens_total"):
+        tokens = _rate(gw, "inferstack_gateway_tokens_total", by="type")
+    elif any(eps.values()):
+        tokens = {"input": 0.0, "output": 0.0}
+        for p in eps.values():
+            tokens["input"] += sum(_rate(p, "vllm:prompt_tokens_total").values())
+            tokens["output"] += sum(_rate(p, "vllm:generation_tokens_total").values())
+    return {k: _finite(v) for k, v in tokens.items()}
+
+
+def _requests(gw: _Pair | None, eps: dict[str, _Pair | None]) -> dict[str, float | None]:
+    """Requests per second by status at the gateway, else by finish reason summed over the engines."""
+    if gw and gw[1].has("inferstack_gateway_requests_total"):
+        return {k or "unknown": _finite(v) for k, v in _rate(gw, "inferstack_gateway_requests_total", "status").items()}
+    by_reason: dict[str, float] = {}
+    for p in eps.values():
+        for k, v in _rate(p, "vllm:request_success_total", "finished_reason").items():
+            by_reason[k] = by_reason.get(k, 0.0) + v
+    return {f"finished:{k}": _finite(v) for k, v in by_reason.items()}
+
+
+def _routing(gw: _Pair | None) -> dict[str, float | None]:
+    """The gateway's routing decisions per deciding scorer, sheds and retries per second."""
+    routing: dict[str, float | None] = {}
+    if gw:
+        for k, v in _rate(gw, "inferstack_gateway_routing_decisions_total", "scorer").items():
+            routing[f"decided by {k}" if k else "decisions"] = _finite(v)
+        for metric, label in (("inferstack_gateway_shed_total", "shed"),
+                              ("inferstack_gateway_retries_total", "retries")):
+            if gw[1].has(metric):
+                routing[label] = _finite(sum(_rate(gw, metric).values()))
+    return routing
 
 
 class DashboardHistory:
@@ -189,37 +241,16 @@ class DashboardHistory:
     def _point(self) -> dict[str, dict[str, float | None]]:
         gw = self._gateway.window(self.window_s)
         eps = {name: t.window(self.window_s) for name, t in self._endpoints.items()}
-        point: dict[str, dict[str, float | None]] = {}
-        for chart, _title, gw_metric, engine_metric in LATENCY_CHARTS:
-            buckets: dict[float, float] = {}
-            if gw and gw[1].has(f"{gw_metric}_bucket"):
-                buckets = bucket_increase(gw[0], gw[1], gw_metric)
-            else:
-                buckets = merge_buckets(
-                    bucket_increase(p[0], p[1], engine_metric) for p in eps.values() if p
-                )
-            point[chart] = {label: _finite(histogram_quantile(q, buckets)) for label, q in QUANTILES}
+        point = _latencies(gw, eps)
+        point["throughput"] = _throughput(gw, eps)
+        point["requests"] = _requests(gw, eps)
+        point.update(self._per_endpoint(gw, eps))
+        point["routing"] = _routing(gw)
+        point["replicas"] = _replicas(gw[1]) if gw else {}
+        return point
 
-        tokens: dict[str, float] = {}
-        if gw and gw[1].has("inferstack_gateway_tokens_total"):
-            tokens = _rate(gw, "inferstack_gateway_tokens_total", by="type")
-        elif any(eps.values()):
-            tokens = {"input": 0.0, "output": 0.0}
-            for p in eps.values():
-                tokens["input"] += sum(_rate(p, "vllm:prompt_tokens_total").values())
-                tokens["output"] += sum(_rate(p, "vllm:generation_tokens_total").values())
-        point["throughput"] = {k: _finite(v) for k, v in tokens.items()}
-
-        if gw and gw[1].has("inferstack_gateway_requests_total"):
-            point["requests"] = {k or "unknown": _finite(v)
-                                 for k, v in _rate(gw, "inferstack_gateway_requests_total", "status").items()}
-        else:
-            by_reason: dict[str, float] = {}
-            for p in eps.values():
-                for k, v in _rate(p, "vllm:request_success_total", "finished_reason").items():
-                    by_reason[k] = by_reason.get(k, 0.0) + v
-            point["requests"] = {f"finished:{k}": _finite(v) for k, v in by_reason.items()}
-
+    def _per_endpoint(self, gw: _Pair | None, eps: dict[str, _Pair | None]) -> dict[str, dict[str, float | None]]:
+        """Each engine's queue, KV usage and prefix hit rate (and the gateway's own queue depth)."""
         queue: dict[str, float | None] = {}
         kv: dict[str, float | None] = {}
         hit: dict[str, float | None] = {}
@@ -238,21 +269,7 @@ class DashboardHistory:
             depth = gw[1].select("inferstack_gateway_queue_depth")
             if depth:
                 queue["gateway queue"] = _finite(sum(depth.values()))
-        point["queue"] = queue
-        point["kv"] = kv
-        point["prefix_hit"] = hit
-
-        routing: dict[str, float | None] = {}
-        if gw:
-            for k, v in _rate(gw, "inferstack_gateway_routing_decisions_total", "scorer").items():
-                routing[f"decided by {k}" if k else "decisions"] = _finite(v)
-            for metric, label in (("inferstack_gateway_shed_total", "shed"),
-                                  ("inferstack_gateway_retries_total", "retries")):
-                if gw[1].has(metric):
-                    routing[label] = _finite(sum(_rate(gw, metric).values()))
-        point["routing"] = routing
-        point["replicas"] = _replicas(gw[1]) if gw else {}
-        return point
+        return {"queue": queue, "kv": kv, "prefix_hit": hit}
 
     def render(self, since: float | None = None) -> dict[str, Any]:
         """JSON for the page: per chart, per series, [[t, v], ...] (points after `since` only)."""

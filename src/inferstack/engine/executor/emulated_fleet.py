@@ -17,13 +17,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from inferstack.engine.config import EngineConfig
 from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.sim.profile import Profile
+
+if TYPE_CHECKING:
+    from inferstack.engine.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -46,70 +49,78 @@ async def _wait_ready(urls: list[str], tasks: list[asyncio.Future], timeout_s: f
                 await asyncio.sleep(0.05)
 
 
-def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any,
-                timer: Callable[[SchedulerOutput], float] | None = None) -> int:
-    """Serve `count` emulated engines; `options` is engine.server.ServeOptions (port applies to the first).
+class _Fleet:
+    """The engines of one `serve_fleet` call and the event loop serving them (on a worker thread)."""
 
-    Raises ValueError before serving when the profile cannot emulate ``config`` (weights exceed memory,
-    KV tiers asked for, no network for a PD role)."""
-    from inferstack.engine.async_engine import AsyncEngine
-    from inferstack.engine.executor.emulated import build_emulated_engine, check_emulation
-    from inferstack.engine.server import serve
-    from inferstack.fileio import write_ready_file
+    def __init__(self, config: EngineConfig, profile: Profile, count: int, options: Any,
+                 timer: Callable[[SchedulerOutput], float] | None) -> None:
+        self.config, self.profile, self.options, self.timer = config, profile, options, timer
+        self.engines: list[AsyncEngine] = []
+        self.urls: list[str | None] = [None] * count
+        self.codes: list[int] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop: asyncio.Event | None = None
 
-    check_emulation(config, profile)        # fail fast, before any port is bound
+    def factory(self) -> AsyncEngine:
+        from inferstack.engine.async_engine import AsyncEngine
+        from inferstack.engine.executor.emulated import build_emulated_engine
 
-    engines: list[AsyncEngine] = []
-    urls: list[str | None] = [None] * count
-    codes: list[int] = []
-    state: dict[str, Any] = {}
-
-    def factory() -> AsyncEngine:
         # Like --port, a fixed --kv-transfer-port applies to the first engine; the others get free ones.
-        engine = AsyncEngine(build_emulated_engine(replace(config, kv_transfer_port=0) if engines else config, profile,
-                                                    timer=timer))
-        engines.append(engine)
+        config = replace(self.config, kv_transfer_port=0) if self.engines else self.config
+        engine = AsyncEngine(build_emulated_engine(config, self.profile, timer=self.timer))
+        self.engines.append(engine)
         return engine
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        state["loop"], state["stop"] = asyncio.get_running_loop(), stop
+    async def main(self) -> None:
+        from inferstack.engine.server import serve
+        from inferstack.fileio import write_ready_file
 
-        def listening(i: int) -> Any:
-            return lambda url: urls.__setitem__(i, url)
-
-        tasks = [asyncio.ensure_future(serve(factory, replace(options, port=options.port if i == 0 else 0,
-                                                              ready_file=None), stop=stop, on_listening=listening(i),
-                                               freeze_heap=True))
-                 for i in range(count)]
-        while None in urls and not any(t.done() for t in tasks):
+        self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
+        tasks = [asyncio.ensure_future(serve(self.factory, replace(self.options, port=self.options.port if i == 0
+                                                                   else 0, ready_file=None),
+                                             stop=self.stop, on_listening=self._listening(i), freeze_heap=True))
+                 for i in range(len(self.urls))]
+        while None in self.urls and not any(t.done() for t in tasks):
             await asyncio.sleep(0.01)
-        if None not in urls:
+        if None not in self.urls:
+            urls = [u for u in self.urls if u]
             try:
-                await _wait_ready([u for u in urls if u], tasks, timeout_s=300)
-                write_ready_file(options.ready_file, {"urls": [u for u in urls if u], "pid": os.getpid()})
+                await _wait_ready(urls, tasks, timeout_s=300)
+                write_ready_file(self.options.ready_file, {"urls": urls, "pid": os.getpid()})
             except (TimeoutError, RuntimeError) as e:
                 log.error("%s", e)
-                stop.set()
-        codes.extend(await asyncio.gather(*tasks))
+                self.stop.set()
+        self.codes.extend(await asyncio.gather(*tasks))
 
-    def run_loop() -> None:
+    def _listening(self, i: int) -> Callable[[str], None]:
+        return lambda url: self.urls.__setitem__(i, url)
+
+    def run_loop(self) -> None:
         try:
             import uvloop
             runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
         except ImportError:    # pragma: no cover
             runner = asyncio.Runner()
         with runner:
-            runner.run(main())
+            runner.run(self.main())
 
-    thread = threading.Thread(target=run_loop, name="emulated-fleet")
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.loop is not None and self.stop is not None:
+            self.loop.call_soon_threadsafe(self.stop.set)
 
-    def on_signal(signum: int, frame: Any) -> None:
-        loop, stop = state.get("loop"), state.get("stop")
-        if loop is not None and stop is not None:
-            loop.call_soon_threadsafe(stop.set)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any,
+                timer: Callable[[SchedulerOutput], float] | None = None) -> int:
+    """Serve `count` emulated engines; `options` is engine.server.ServeOptions (port applies to the first).
+
+    Raises ValueError before serving when the profile cannot emulate ``config`` (weights exceed memory,
+    KV tiers asked for, no network for a PD role)."""
+    from inferstack.engine.executor.emulated import check_emulation
+
+    check_emulation(config, profile)        # fail fast, before any port is bound
+    fleet = _Fleet(config, profile, count, options, timer)
+    thread = threading.Thread(target=fleet.run_loop, name="emulated-fleet")
+    previous = {s: signal.signal(s, fleet.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     # Engine threads wake from their emulated step sleeps and need the GIL at once; Python's default
     # 5 ms switch interval would let the HTTP loop hold it for a whole decode step.
     switch_interval = sys.getswitchinterval()
@@ -122,6 +133,6 @@ def serve_fleet(config: EngineConfig, profile: Profile, count: int, options: Any
         sys.setswitchinterval(switch_interval)
         for s, handler in previous.items():
             signal.signal(s, handler)
-    stats = [e.core.executor.stats.summary() for e in engines]   # type: ignore[attr-defined]
+    stats = [e.core.executor.stats.summary() for e in fleet.engines]   # type: ignore[attr-defined]
     print(json.dumps({"emulator": str(profile), "engines": len(stats), "stats": stats}), file=sys.stderr, flush=True)
-    return max(codes, default=1)
+    return max(fleet.codes, default=1)
