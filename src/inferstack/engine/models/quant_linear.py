@@ -26,7 +26,6 @@ They are GEMV-shaped kernels: fastest for a few rows (decode), slower than a bf1
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,21 +141,31 @@ class QuantizedLinear(nn.Module):
         return self.packed.nbytes(), 0 if self.dense is None else self.dense.numel() * 2
 
 
+# The sizes the start-up measurement tries; none below 8 rows. There the quantized kernels read 2-4x
+# fewer bytes than the bf16 copy, and the kernel table (docs/engine.md) has them 1.4-3.8x ahead. A
+# timing below 8 rows that says otherwise was disturbed by load, or timed a probe weight that stayed
+# in the core's cache (one layer's weight, called repeatedly) where a decode step streams the whole
+# model; acting on it would send every small decode step, and the whole LM head, to the bf16 copy.
+CROSSOVER_CANDIDATES = (8, 16, 32, 64, 128)
+
+
 def _dense_wins(dense: Callable[[], torch.Tensor], quantized: Callable[[], torch.Tensor], repeats: int) -> bool:
-    """Whether the bf16 GEMM is faster, by the median of ``repeats`` interleaved timings of each: a
-    burst of load from another process then slows both sides alike, where the best of separate runs
-    (the first version) let one burst decide (2 rows one start, 128 the next, on a loaded machine)."""
-    times: tuple[list[float], list[float]] = ([], [])
+    """Whether the bf16 GEMM is faster, by the fastest of ``repeats`` interleaved timings of each.
+    Load from other processes only ever adds time to a call (a wait for a core, evicted caches), so the
+    fastest call is the kernel's own cost as soon as one call of each ran undisturbed. The median (the
+    previous version) needed most calls undisturbed: with more runnable threads than cores most are
+    not, and the choice then followed the noise (2 rows at one start, 128 at the next)."""
+    best = [float("inf"), float("inf")]
     dense(), quantized()
     for _ in range(repeats):
-        for fn, out in ((dense, times[0]), (quantized, times[1])):
+        for i, fn in enumerate((dense, quantized)):
             t = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - t)
-    return statistics.median(times[0]) <= statistics.median(times[1])
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0] <= best[1]
 
 
-def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128),
+def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = CROSSOVER_CANDIDATES,
                       repeats: int = 7) -> int | None:
     """The fewest rows from which the bf16 GEMM beats the quantized kernel on ``w`` and stays
     ahead for every larger candidate (None: the quantized kernel wins at every size tried)."""
