@@ -2,11 +2,17 @@
 against the Python layer loop on the bundled SmolLM2 GGUF: the same greedy tokens and logits within
 bf16-activation noise, and the Python loop whenever the extension is not built or the step is not the
 case it implements. The grouped-int8 kernel (csrc/q8_matmul.cpp) in every vector width this CPU runs,
-and as the model's Q8_0 LM head, against the dequantized product."""
+and as the model's Q8_0 LM head, against the dequantized product.
+
+The comparisons run for the normal build and for the builds for one instruction set (``avx2``,
+``baseline``: the attention clone and int8 kernel a CPU without AVX-512, or without AVX2, runs), which
+this test compiles into the cache folder when they are not there (~40 CPU-s each, once)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 from types import ModuleType
 
 import pytest
@@ -34,6 +40,23 @@ def ext() -> ModuleType:
     return module
 
 
+@pytest.fixture(scope="module", params=["", "avx2", "baseline"], ids=["normal", "avx2", "baseline"])
+def variant(request, ext) -> ModuleType:
+    """The extension built for ``request.param`` ("" the engine's own), compiled here when missing."""
+    isa = request.param
+    module = extension.load_extension(isa)
+    if module is None:
+        if shutil.which("g++") is None or shutil.which("ninja") is None:
+            if os.environ.get("INFERSTACK_REQUIRE_DECODE_EXTENSION"):
+                pytest.fail(f"the {isa} build needs g++ and ninja")
+            pytest.skip(f"the {isa} build needs g++ and ninja")
+        extension.build(isa=isa)
+        module = extension.load_extension(isa)
+    assert module is not None
+    assert module.q8_isa(32) == {"": module.q8_isa(32), "avx2": "avx2", "baseline": "scalar"}[isa]
+    return module
+
+
 @pytest.fixture(scope="module")
 def llm(ext):
     return LLM("smollm2-135m", quantization="gguf", num_threads=1, kv_cache_bytes=64 << 20,
@@ -54,12 +77,13 @@ def _run(llm: LLM, prompts: list[str], fused: FusedDecode | None, max_tokens: in
         return logits[-1]
 
     model.compute_logits = recording
+    own = model.fused
     model.fused = None if fused is None else _Counting(fused, calls)
     try:
         results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     finally:
         del model.compute_logits
-        model.fused = fused
+        model.fused = own
     return [r.outputs[0].token_ids for r in results], logits, calls[0]
 
 
@@ -72,14 +96,15 @@ class _Counting:
         return self.fused.run(*args)
 
 
-def test_batch1_decode_matches_the_python_layers(llm):
+def test_batch1_decode_matches_the_python_layers(llm, variant):
     """The C++ glue sums in its own order and keeps attention scores in float32, so its logits are the
     Python loop's within bf16-activation noise (measured 0.1-0.5 on logits of magnitude 15-40), not bit
     for bit. Greedy tokens are identical until a step where the Python loop's top two logits are closer
     than that noise (a near tie may flip; the contexts differ from there on); a wrong slot, head or
-    rounding diverges at once and by whole units."""
+    rounding diverges at once and by whole units. Every build: each runs its own attention clone."""
     fused = llm.engine.core.executor.lm.model.fused
     assert fused is not None
+    fused = dataclasses.replace(fused, ext=variant)
     prompt = ["The history of the printing press began"]
     tokens, logits, calls = _run(llm, prompt, fused, 40)
     want_tokens, want_logits, _ = _run(llm, prompt, None, 40)
@@ -126,10 +151,12 @@ def _isas(ext: ModuleType, group: int) -> list[str]:
 
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("asymmetric", [False, True])
-def test_q8_matmul_is_the_dequantized_product(ext, group, asymmetric):
+def test_q8_matmul_is_the_dequantized_product(variant, group, asymmetric):
     """Every vector width, 1 to 6 activation rows (blocks of 4 and a remainder), a row count that is
     not a multiple of the 16-row tile, with and without per-group offsets: float32 sums of exact
-    products, so within float32 rounding of the float64 product."""
+    products, so within float32 rounding of the float64 product. Every build: one for fewer
+    instruction sets picks its own widest and refuses the wider ones."""
+    ext = variant
     gen = torch.Generator().manual_seed(group + asymmetric)
     n, k = 203, 4 * group
     q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
@@ -144,23 +171,29 @@ def test_q8_matmul_is_the_dequantized_product(ext, group, asymmetric):
             assert got.dtype == torch.float32 and got.shape == (rows, n)
             err = (got.double() - want).abs().max().item()
             assert err < 2e-6 * want.abs().max().item(), (isa, rows, err)
+    if ext.q8_isa(group) != "avx512":
+        with pytest.raises(RuntimeError, match="cannot run 'avx512'"):
+            ext.q8_matmul(x, q, scale, torch.empty(0), group, "avx512")
     with pytest.raises(RuntimeError, match="multiple of the group size"):
         ext.q8_matmul(x[:, :-1], q[:, :-1].contiguous(), scale, torch.empty(0), group)
 
 
-def test_the_q8_0_head_runs_in_one_pass_with_exact_scales(llm, ext):
+def test_the_q8_0_head_runs_in_one_pass_with_exact_scales(llm, ext, variant):
     """The bundled GGUF's Q8_0 LM head is the C++ kernel's (kind int8g), and its logits for a real hidden
     state are the dequantized head's within float32 rounding (the two-int4-plane path it replaces was
-    ~0.4 % off: bf16 scales)."""
+    ~0.4 % off: bf16 scales). Every build's kernel."""
     model = llm.engine.core.executor.lm.model
     head = model.lm_head
     assert isinstance(head, QuantizedLinear) and head.packed.kind == "int8g" and head.packed.kernel is ext
     packed = head.packed
     dequantized = Int8Weight(packed.data, packed.scales, group=packed.group).dequantize().double()
     hidden = model.embed[[17, 2004, 9000]]        # three real rows of the model's scale
-    # One row per call, as at batch 1: from the start-up crossover on (as low as 2 rows on a loaded
-    # machine) the head runs its bf16 copy instead, which made a 3-row call flaky.
-    got = torch.cat([model.compute_logits(row[None]) for row in hidden])
+    # One row per call, as at batch 1 (from the start-up crossover on the head runs its bf16 copy).
+    packed.kernel = variant
+    try:
+        got = torch.cat([model.compute_logits(row[None]) for row in hidden])
+    finally:
+        packed.kernel = ext
     want = hidden.to(torch.bfloat16).double() @ dequantized.t()
     assert (got.double() - want).abs().max().item() < 2e-6 * want.abs().max().item()
     assert torch.equal(got.argmax(-1), want.argmax(-1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -29,33 +30,54 @@ from inferstack.paths import cache_root
 CFLAGS = ("-O2", "-ffp-contract=off", "-fopenmp")
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("decode_layers.cpp", "q8_matmul.cpp"))
 
+# A build for one instruction set only, as a CPU without the wider ones runs it: the attention loops get
+# only that target_clones variant and the int8 kernel takes the wider vector units as absent. This CPU
+# has AVX-512, so without these builds the AVX2 and baseline paths would first run on someone else's CPU.
+# "" is the normal build (every variant, picked at run time). Chosen by $INFERSTACK_DECODE_ISA or the
+# ``isa`` argument; part of the name, so each variant has its own build and a process can load several.
+ISA_DEFINES: dict[str, tuple[str, ...]] = {
+    "": (), "avx2": ("-DINFERSTACK_ISA_AVX2",), "baseline": ("-DINFERSTACK_ISA_BASELINE",)}
+ISA_ENV = "INFERSTACK_DECODE_ISA"
 
-def extension_name() -> str:
-    """The module name of the build that matches these sources and this torch."""
+
+def isa_variant(isa: str | None = None) -> str:
+    """``isa``, or $INFERSTACK_DECODE_ISA when None: a key of :data:`ISA_DEFINES`."""
+    chosen = os.environ.get(ISA_ENV, "") if isa is None else isa
+    if chosen not in ISA_DEFINES:
+        raise ValueError(f"{ISA_ENV} must be one of {sorted(ISA_DEFINES)}, got {chosen!r}")
+    return chosen
+
+
+def extension_name(isa: str | None = None) -> str:
+    """The module name of the build that matches these sources, this torch and the ISA variant."""
+    variant = isa_variant(isa)
+    flags = CFLAGS + ISA_DEFINES[variant]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
-                            + " ".join(CFLAGS).encode()).hexdigest()
-    return f"inferstack_decode_{digest[:16]}"
+                            + " ".join(flags).encode()).hexdigest()
+    return f"inferstack_decode_{digest[:16]}" + (f"_{variant}" if variant else "")
 
 
-def build_dir() -> Path:
-    return cache_root() / "extensions" / extension_name()
+def build_dir(isa: str | None = None) -> Path:
+    return cache_root() / "extensions" / extension_name(isa)
 
 
-def build(verbose: bool = False) -> Path:
+def build(verbose: bool = False, isa: str | None = None) -> Path:
     """Compile the extension (needs g++ and ninja); returns the shared library's path."""
     from torch.utils import cpp_extension
 
-    out = build_dir()
+    variant = isa_variant(isa)
+    name, out = extension_name(variant), build_dir(variant)
     out.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(extension_name(), [str(p) for p in SOURCES], build_directory=str(out),
-                       extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], verbose=verbose)
-    return out / f"{extension_name()}.so"
+    cpp_extension.load(name, [str(p) for p in SOURCES], build_directory=str(out),
+                       extra_cflags=list(CFLAGS + ISA_DEFINES[variant]), extra_ldflags=["-fopenmp"],
+                       verbose=verbose)
+    return out / f"{name}.so"
 
 
-def load_extension() -> ModuleType | None:
+def load_extension(isa: str | None = None) -> ModuleType | None:
     """The built extension, or None when it is not built for these sources and torch (never compiles)."""
-    name = extension_name()
-    path = build_dir() / f"{name}.so"
+    name = extension_name(isa)
+    path = build_dir(isa) / f"{name}.so"
     if not path.is_file():
         return None
     if name in sys.modules:     # a shared library initializes once per process; later loads reuse it

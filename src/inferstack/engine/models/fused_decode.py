@@ -27,7 +27,15 @@ import torch
 
 from inferstack.engine.executor.attention import AttentionPlan
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
-from inferstack.engine.models.extension import build, build_dir, extension_name, load_extension
+from inferstack.engine.models.extension import (
+    ISA_DEFINES,
+    ISA_ENV,
+    build,
+    build_dir,
+    extension_name,
+    isa_variant,
+    load_extension,
+)
 from inferstack.engine.models.layers import Rotary
 from inferstack.engine.models.quant_linear import QuantizedLinear, use_dense
 
@@ -104,10 +112,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Build or check the C++ batch-1 decode extension (needs g++ and "
                                  "ninja). The engine uses it when built and runs its Python loop otherwise.")
     ap.add_argument("--build", action="store_true", help="compile it into the cache folder if not there yet")
+    ap.add_argument("--isa", choices=sorted(ISA_DEFINES), default=None,
+                    help=f"a build for one instruction set only, as a CPU without the wider ones runs it (tests; "
+                         f"default ${ISA_ENV}, else the normal build with every variant)")
     args = ap.parse_args()
-    if args.build and load_extension() is None:
-        print(f"built {build()}")
-    print(f"{extension_name()}: {'built' if load_extension() is not None else 'not built'} ({build_dir()})")
+    isa = isa_variant(args.isa)
+    if args.build and load_extension(isa) is None:
+        print(f"built {build(isa=isa)}")
+    built = "built" if load_extension(isa) is not None else "not built"
+    print(f"{extension_name(isa)}: {built} ({build_dir(isa)})")
 
 
 if __name__ == "__main__":

@@ -86,10 +86,21 @@ void rotary_and_write(const at::Tensor& qkv, bf16* cache, int64_t half_stride, S
   std::memcpy(v_row, in + (s.nh + s.nkv) * hd, s.nkv * hd * sizeof(bf16));
 }
 
+// The attention loops' vector variants: target_clones builds them for AVX-512, AVX2 and the baseline and
+// picks one at load time, so a CPU without AVX-512 runs a clone this one never would. A build for one
+// instruction set (extension.py, INFERSTACK_DECODE_ISA) compiles only the clone that CPU runs, with the
+// same target options and not inlined (as a clone is not), so the tests here run that code too.
+#if defined(INFERSTACK_ISA_AVX2)
+#define VECTOR_CLONES __attribute__((target("avx2"), noinline))
+#elif defined(INFERSTACK_ISA_BASELINE)
+#define VECTOR_CLONES __attribute__((noinline))
+#else
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+
 // One query head against one KV head's context: scores, softmax, weighted sum (float32), bf16 out.
-// The dot products are reductions the compiler may reorder only where told (omp simd); target_clones
-// builds them for AVX-512, AVX2 and the baseline and picks one at load time.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+// The dot products are reductions the compiler may reorder only where told (omp simd).
+VECTOR_CLONES
 void attend_head(const bf16* q, const bf16* keys, const bf16* values, int64_t row_stride, Step& s, bf16* out) {
   const int64_t hd = s.hd;
   float qf[256];

@@ -150,11 +150,24 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Args& a, int64_t n, int
   }
 }
 
+// What this CPU runs. A build for one instruction set (extension.py, INFERSTACK_DECODE_ISA) takes the
+// wider ones as absent, as a CPU without them would, so the tests here run the choice such a CPU makes.
+#if defined(INFERSTACK_ISA_AVX2) || defined(INFERSTACK_ISA_BASELINE)
+bool cpu_avx512() { return false; }
+#else
+bool cpu_avx512() { return __builtin_cpu_supports("avx512f"); }
+#endif
+#if defined(INFERSTACK_ISA_BASELINE)
+bool cpu_avx2_fma() { return false; }
+#else
+bool cpu_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#endif
+
 // The widest variant this CPU runs for ``group``; ``isa`` ("avx512", "avx2", "scalar") asks for one
 // (tests run every variant the CPU has), and one the CPU cannot run is refused.
 RowFn pick(int64_t group, const std::string& isa) {
-  const bool avx512 = group % 16 == 0 && __builtin_cpu_supports("avx512f");
-  const bool avx2 = group % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = group % 16 == 0 && cpu_avx512();
+  const bool avx2 = group % 8 == 0 && cpu_avx2_fma();
   if (isa.empty()) return avx512 ? rows_avx512 : avx2 ? rows_avx2 : row_scalar;
   TORCH_CHECK(isa == "scalar" || (isa == "avx2" && avx2) || (isa == "avx512" && avx512),
               "q8_matmul: this CPU or group size cannot run '", isa, "'");
