@@ -103,7 +103,7 @@ LOCAL = list(range(63, 35, -1))     # the decode side's blocks for request block
 def decode():
     caches = [torch.zeros(*SHAPE) for _ in range(LAYERS)]
     layout = KVLayout(LAYERS, 2, 8, 16, torch.float32)
-    transport = NixlKVTransport(NixlAgent("decode", caches), layout, TransferTrust(secret=b"stack-secret"),
+    transport = NixlKVTransport(NixlAgent("decode", caches, threads=2), layout, TransferTrust(secret=b"stack-secret"),
                                 TcpKVTransport(KVTransferClient(layout)), timeout_s=10)
     yield transport, caches
     transport.close()
@@ -150,6 +150,22 @@ def test_a_direct_read_needs_no_offer_and_is_claimed_after(decode, prefill):
     assert prefill.ask("held") == [], "the claim freed the hold"
     assert transport.stats.transfers[("recv", "nixl")] == 2 and "recv" not in transport.stats.failures
     assert transport.control.idle("127.0.0.1", prefill.port) == 1, "the claim's connection is kept"
+
+
+def test_no_direct_read_through_an_agent_not_connected_to_the_peer(decode, prefill):
+    """UCX connects an agent to a peer only while the peer progresses UCX (it does while serving an offer):
+    a first direct READ through the copy-thread agent (large transfers) would wait for its timeout."""
+    transport, caches = decode
+    first_pull(transport, prefill, caches)                    # through the direct agent (a small transfer)
+    transport.agent.bulk_min_bytes = 1                        # this transfer is large: the copy-thread agent
+    load = fetch(transport, prefill.port, "a", prefill.direct("a"))
+    assert load.claim is None, "the copy-thread agent never READ from this peer: the offer first"
+    load.copy_into(caches, 16)
+    load = fetch(transport, prefill.port, "b", prefill.direct("b"))
+    assert load.claim is not None
+    caches[2].zero_()
+    load.copy_into(caches, 16)
+    assert torch.equal(landed(caches), expected_blocks(0)[:, :, 2:])
 
 
 def test_a_hold_let_go_before_the_read_is_never_used(decode, prefill):

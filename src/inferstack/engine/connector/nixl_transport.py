@@ -19,6 +19,14 @@ address, layout, block ids and block hashes); the bytes go over UCX:
 3. a READ that fails leaves garbage in the local blocks: the connector reports the request and the
    scheduler recomputes it from scratch (``Scheduler.recompute``), so no token comes from bad KV.
 
+Direct READ (every pull after a peer's first, as vLLM's NixlConnector does): the signed params also
+name the prefill agent, the hold (a token), its block ids and the last block's hash (`DirectRead`). A
+decode engine with that agent loaded for the address, whose own hash of that block is equal, skips
+step 1's round trip: it READs at once, then sends NIXL_CLAIM; the prefill engine answers END, and frees
+the hold, only if that very hold is still in place and unleased and holds those blocks
+(`PagedKVSource.claim`): a hold released is never held again, so END proves the blocks were held
+throughout the READ. Anything else is a failed READ (step 3). docs/disaggregation.md has the argument.
+
 Only decode engines holding the stack's transfer secret get the prefill engine's agent metadata
 (it lets its holder READ the whole registered KV cache): the NIXL_PULL carries an HMAC of the
 request id and the decode agent's name.
@@ -306,9 +314,10 @@ class NixlKVTransport:
     def _direct(self, pull: PullRequest, stats: TransferStats) -> Fetched | None:
         """A READ of the blocks the params name, with no round trip before it; None when the offer is
         needed: the peer's agent is not the one loaded for its address (first pull from it, or it
-        restarted: the offer brings its metadata), or its last block's hash is not this prompt's (the
-        offer's per-block check then decides which leading blocks are usable). Nothing vouches yet that
-        the blocks are still held: the READ's `Claim` does, after it (``read``)."""
+        restarted: the offer brings its metadata), our agent for that size has not READ from it yet (UCX
+        sets up its connection only while the peer progresses: during an offer), or its last block's hash
+        is not this prompt's (the offer's per-block check then decides which leading blocks are usable).
+        Nothing vouches yet that the blocks are still held: the READ's `Claim` does, after it (``read``)."""
         direct = pull.direct
         assert direct is not None
         address = f"{pull.host}:{pull.port}"
@@ -322,6 +331,8 @@ class NixlKVTransport:
         end = min(n, pull.max_blocks)
         if end <= pull.first_block:
             return Fetched(None)
+        if not self.agent.connected(direct.agent, end - pull.first_block):
+            return None      # the agent that would READ this many blocks has no UCX connection to the peer yet
         claim = Claim(pull.request_id, direct.hold, pull.expected_hashes)
         return Fetched(RemoteLoad(self, None, (pull.host, pull.port), direct.agent, known[1],
                                   list(direct.block_ids[pull.first_block:end]), pull.first_block,
