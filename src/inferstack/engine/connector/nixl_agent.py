@@ -83,14 +83,24 @@ def ucx_environment() -> str:
     return ", ".join(f"{k}={os.environ.get(k, '<unset>')}" for k in keys)
 
 
+# UCX configuration of our agents. No keepalive: UCX checks an idle connection by a round trip that
+# only completes when the peer progresses its worker, which a prefill engine does only while it serves an
+# offer (it runs no progress thread); a direct READ issued after a keepalive fired waited for its timeout
+# (measured: every READ after 10 s idle with the default, 3 s idle with KEEPALIVE_INTERVAL=0.5s). A dead
+# peer still fails a READ: on one host CMA fails at once, across hosts the transport times out, and every
+# READ has its own deadline.
+UCX_ENGINE_CONFIG = "KEEPALIVE_INTERVAL=inf"
+
+
 def ucx_backend_params(threads: int) -> dict[str, str]:
     """NIXL's UCX backend parameters for ``threads`` dedicated copy threads (0: none, the caller's
     thread posts and progresses every READ). NIXL splits a READ across its threads only when it has
     ``split_batch_size`` descriptors or more (1,024 by default); ours have 2 per layer (K and V), so
     the threshold is 1: every descriptor may go to another thread."""
+    params = {"engine_config": UCX_ENGINE_CONFIG}
     if threads <= 0:
-        return {}
-    return {"num_threads": str(threads), "split_batch_size": "1"}
+        return params
+    return {**params, "num_threads": str(threads), "split_batch_size": "1"}
 
 
 @dataclass(frozen=True)
