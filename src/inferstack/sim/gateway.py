@@ -155,7 +155,7 @@ class SimGateway:
         if not self._room_exact():
             return snap.free_slots()
         if self._room_key != self._snap_key:
-            self._room_total = sum(max(0, snap.room(e)) for e in snap.endpoints)
+            self._room_total = sum(snap.room(e) for e in snap.endpoints)
             self._room_key = self._snap_key
         return max(0, min(UNBOUNDED, self._room_total))
 
@@ -169,12 +169,12 @@ class SimGateway:
         snap = self._snap
         tracked = self._room_key is not None and self._room_key == self._snap_key and snap is not None \
             and self.endpoints.get(ep.id) is ep
-        before = max(0, snap.room(ep.view)) if tracked else 0      # type: ignore[union-attr]
+        before = snap.room(ep.view) if tracked else 0      # type: ignore[union-attr]
         ep.view.in_flight += delta
         if snap is not None and snap.columns is not None:
             snap.columns.shift(ep.id, ep.view.in_flight)
         if tracked:
-            self._room_total += max(0, snap.room(ep.view)) - before   # type: ignore[union-attr]
+            self._room_total += snap.room(ep.view) - before   # type: ignore[union-attr]
 
     def request_view(self, messages: list[tuple[str, str]], priority: int, max_tokens: int, session: str | None,
                      model: str) -> RequestView:

@@ -74,12 +74,11 @@ def pd_free_slots(snap: PoolSnapshot, roles: Mapping[str, str], conditional: boo
     endpoint, so the pool has room only while both sides do. Without this, saturated prefill
     engines queue without bound behind free decode engines and nothing is ever shed. When no
     prefill endpoint is healthy, or with conditional disaggregation (busy prefill endpoints send
-    the prefill to the decode side), the decode side alone counts. Each side's overflow counts against its
-    room (`PoolSnapshot.net_slots`: unlike an aggregated pool's, not measured on a PD load yet)."""
-    decode = snap.net_slots(lambda e: roles.get(e.id, "both") != "prefill")
+    the prefill to the decode side), the decode side alone counts."""
+    decode = snap.free_slots(lambda e: roles.get(e.id, "both") != "prefill")
     if conditional or not any(e.healthy and roles.get(e.id) == "prefill" for e in snap.endpoints):
         return decode
-    return min(decode, snap.net_slots(lambda e: roles.get(e.id) == "prefill"))
+    return min(decode, snap.free_slots(lambda e: roles.get(e.id) == "prefill"))
 
 
 @dataclass(slots=True)
