@@ -126,6 +126,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
     out: list = []
     trace: list = []
     tasks = []
+    sent_s: dict[int, float] = {}  # scheduled send time per request: the same in every run with this seed
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
         start = time.perf_counter()
@@ -137,6 +138,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
             if delay > 0:
                 await asyncio.sleep(delay)
             key, system = rng.choices(groups, weights)[0]
+            sent_s[q] = t
             tasks.append(asyncio.create_task(one(s, url, key, system, q, out, trace)))
             q += 1
         await asyncio.gather(*tasks)
@@ -145,7 +147,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
     ttfts = [o[1] for o in ok]
     return {"rate": rate, "sent": len(out), "ok": len(ok), "req_per_s": len(ok) / elapsed,
             "ttft_p50_s": median(ttfts), "ttft_p90_s": pct(ttfts, 0.9), "ttft_p99_s": pct(ttfts, 0.99),
-            "trace": trace, "ttft_by_q": {o[3]: o[1] for o in ok}}
+            "trace": trace, "ttft_by_q": {o[3]: o[1] for o in ok}, "sent_s_by_q": sent_s}
 
 
 def engine_hits(urls: list[str]) -> tuple[float, float]:
@@ -283,6 +285,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="N > 1: flow control on vs off only (first preset of --routers, first rate), N pairs "
                          "of runs in ABBA order, with the paired comparison (onoff_pairs.py)")
+    ap.add_argument("--warmup-s", type=float, default=0.0,
+                    help="with --repeats: also compare the requests sent after this many seconds (caches warm)")
     ap.add_argument("--engine-args", default=" ".join(ENGINE_ARGS), help="fake engine flags")
     ap.add_argument("--routers", default="default,gie,round-robin", help="inferstack presets to run")
     ap.add_argument("--envoy", action="store_true",
@@ -301,7 +305,7 @@ def main() -> None:
     if args.repeats > 1:
         preset = args.routers.split(",")[0]
         results = paired_runs(lambda on: run_point(setup, f"inferstack {preset}" + ("" if on else " (off)"),
-                                                   preset, on, rates[0]), args.repeats)
+                                                   preset, on, rates[0]), args.repeats, args.warmup_s)
     else:
         results = [run_point(setup, name, which, fc, rate) for name, which, fc in routers(args) for rate in rates]
     print_table(results)
