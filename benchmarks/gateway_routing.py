@@ -15,6 +15,10 @@ requests in send order, endpoint from the gateway's served header; see `miss_cau
     # the held-out load: 32 tenants' prompts with Zipf(1.1) popularity at 60 req/s for 40 s
     python benchmarks/gateway_routing.py --groups 32 --tenants 32 --popularity zipf:1.1 --rates 60 \
         --duration 40 --routers default --flow-control both --peers sglang
+    # flow control on vs off, paired: 3 ABBA pairs over the same arrivals, CI on the p90 ratio (onoff_pairs.py)
+    python benchmarks/gateway_routing.py --groups 32 --tenants 32 --popularity zipf:1.1 --rates 60 \
+        --duration 40 --routers default --repeats 3 --warmup-s 10 --engine-args "..."
+Rows of inferstack routers also say what flow control did (`flow`: requests queued, their summed wait, refusals).
 """
 
 from __future__ import annotations
