@@ -132,11 +132,11 @@ class Endpoint:
         healthy = self.active_ok and now >= self.ejected_until  # `healthy` without another clock reading
         if m is None:
             return EndpointView(self.id, in_flight=self.in_flight, healthy=healthy,
-                                max_concurrency=self.max_concurrency, held=getattr(self, "held", 0))
+                                max_concurrency=self.max_concurrency)
         return EndpointView(self.id, m.queue, m.running, m.kv_usage, now - self.metrics_at, True,
                             self.in_flight, healthy, self.max_concurrency, m.adapters_active,
                             m.adapters_waiting, m.max_lora, m.batch_cap, m.reports_queue,
-                            self.drain_s, getattr(self, "held", 0))
+                            self.drain_s)
 
     def request_failed(self, cfg: GatewayConfig) -> None:
         self.failures += 1

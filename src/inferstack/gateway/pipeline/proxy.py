@@ -55,21 +55,6 @@ class Proxy:
                 break
             ep = picked.endpoint
             tried.append(ep.id)
-            import os
-            if os.environ.get("C21F_HOLD") and attempt == 0 and self.gw.flow_control.enabled:
-                import asyncio
-                import time
-                deadline = time.monotonic() + self.gw.flow_control.queue_timeout_s
-                ep.held = getattr(ep, "held", 0) + 1
-                try:
-                    while time.monotonic() < deadline:
-                        snap = pool.snapshot()
-                        v = next(x for x in snap.endpoints if x.id == ep.id)
-                        if snap.room(v) > 0:
-                            break
-                        await asyncio.sleep(0.005)
-                finally:
-                    ep.held -= 1
             self.picker.hold(ctx, ep)
             try:
                 payload = ctx.plan.payload

@@ -36,7 +36,6 @@ class EndpointView:
     reports_queue: bool = True
     # the engine's measured seconds per completion while it was full (`EngineDrain`), None while unknown
     drain_s: float | None = None
-    held: int = 0
 
     def stale(self, stale_after_s: float) -> bool:
         return self.has_metrics and self.metrics_age_s > stale_after_s
@@ -69,7 +68,7 @@ class EndpointView:
     def load(self) -> float:
         """Work at the endpoint: the gateway's own in-flight count, or the engine's if larger
         (other gateways send to it too)."""
-        return max(float(self.in_flight), self.queue + self.running) + self.held
+        return max(float(self.in_flight), self.queue + self.running)
 
 
 @dataclass(slots=True)
@@ -165,9 +164,6 @@ class PoolSnapshot:
         endpoints with room instead broke affinity exactly under load and collapsed the hit rate
         (0.56 against 0.89 with flow control off on the held-out load)."""
         eps = self.endpoints if include is None else [e for e in self.endpoints if include(e)]
-        import os
-        if os.environ.get("C21F_HOLD"):
-            return min(UNBOUNDED, sum(max(0, self.room(e)) for e in eps))
         return max(0, min(UNBOUNDED, sum(map(self.room, eps))))
 
 
