@@ -15,6 +15,10 @@ requests in send order, endpoint from the gateway's served header; see `miss_cau
     # the held-out load: 32 tenants' prompts with Zipf(1.1) popularity at 60 req/s for 40 s
     python benchmarks/gateway_routing.py --groups 32 --tenants 32 --popularity zipf:1.1 --rates 60 \
         --duration 40 --routers default --flow-control both --peers sglang
+    # flow control on vs off, paired: 3 ABBA pairs over the same arrivals, CI on the p90 ratio (onoff_pairs.py)
+    python benchmarks/gateway_routing.py --groups 32 --tenants 32 --popularity zipf:1.1 --rates 60 \
+        --duration 40 --routers default --repeats 3 --warmup-s 10 --engine-args "..."
+Rows of inferstack routers also say what flow control did (`flow`: requests queued, their summed wait, refusals).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import re
 import time
 import urllib.request
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -40,6 +45,7 @@ from gateway_common import (
     start_inferstack_gateway,
     start_sglang_router,
 )
+from onoff_pairs import paired_runs
 
 from inferstack.telemetry import promtext
 
@@ -63,23 +69,24 @@ def workload(groups: int, tenants: int, system_tokens: int, seed: int = 0) -> li
 
 async def one(session: aiohttp.ClientSession, url: str, key: str, system: str, q: int, out: list,
               trace: list) -> None:
-    """One streamed request; ``trace`` gets (send time, group head, endpoint that served it or "")."""
+    """One streamed request; ``trace`` gets (send time, group head, endpoint that served it or "", q) and
+    ``out`` ("ok", TTFT, latency, q) or ("error", status, q)."""
     body = {"model": MODEL, "stream": True, "max_tokens": 16, "ignore_eos": True,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {q} " * 40}]}
     t0 = time.perf_counter()
     ttft = None
     async with session.post(url, json=body, headers={"authorization": f"Bearer {key}"}) as r:
-        trace.append((t0, system[:16], r.headers.get(SERVED, "")))
+        trace.append((t0, system[:16], r.headers.get(SERVED, ""), q))
         if r.status != 200:
-            out.append(("error", r.status))
+            out.append(("error", r.status, q))
             return
         async for chunk in r.content.iter_any():
             if ttft is None and _CONTENT.search(chunk):
                 ttft = time.perf_counter() - t0
-    out.append(("ok", ttft if ttft is not None else time.perf_counter() - t0, time.perf_counter() - t0))
+    out.append(("ok", ttft if ttft is not None else time.perf_counter() - t0, time.perf_counter() - t0, q))
 
 
-def miss_causes(trace: list[tuple[float, str, str]], cache_entries: int) -> dict[str, int]:
+def miss_causes(trace: list[tuple[float, str, str, int]], cache_entries: int) -> dict[str, int]:
     """Replay the engines' prefix LRUs (``cache_entries`` prompt heads each) over the requests in send order
     (endpoint from the gateway's served header) and name each miss: ``cold`` (the group's first request),
     ``spread`` (another engine held the group: the router sent it elsewhere), ``evicted`` (this engine had
@@ -87,7 +94,7 @@ def miss_causes(trace: list[tuple[float, str, str]], cache_entries: int) -> dict
     lrus: dict[str, OrderedDict[str, None]] = {}
     last: dict[str, str] = {}
     out = {"hit": 0, "cold": 0, "spread": 0, "evicted": 0, "moved": 0}
-    for _, group, ep in sorted(trace):
+    for _, group, ep, _ in sorted(trace):
         if not ep:
             continue
         lru = lrus.setdefault(ep, OrderedDict())
@@ -123,6 +130,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
     out: list = []
     trace: list = []
     tasks = []
+    sent_s: dict[int, float] = {}  # scheduled send time per request: the same in every run with this seed
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
         start = time.perf_counter()
@@ -134,6 +142,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
             if delay > 0:
                 await asyncio.sleep(delay)
             key, system = rng.choices(groups, weights)[0]
+            sent_s[q] = t
             tasks.append(asyncio.create_task(one(s, url, key, system, q, out, trace)))
             q += 1
         await asyncio.gather(*tasks)
@@ -142,7 +151,7 @@ async def run_rate(url: str, groups: list[tuple[str, str]], rate: float, duratio
     ttfts = [o[1] for o in ok]
     return {"rate": rate, "sent": len(out), "ok": len(ok), "req_per_s": len(ok) / elapsed,
             "ttft_p50_s": median(ttfts), "ttft_p90_s": pct(ttfts, 0.9), "ttft_p99_s": pct(ttfts, 0.99),
-            "trace": trace}
+            "trace": trace, "ttft_by_q": {o[3]: o[1] for o in ok}, "sent_s_by_q": sent_s}
 
 
 def engine_hits(urls: list[str]) -> tuple[float, float]:
@@ -168,11 +177,27 @@ def decided_by(gateway_url: str) -> dict[str, int]:
     return out
 
 
-def placement(trace: list[tuple[float, str, str]]) -> list[tuple[int, int]]:
+def flow_stats(gateway_url: str) -> dict[str, float]:
+    """What flow control did during the run, from the gateway's /metrics: requests that waited in its queue
+    (`queued`), their summed wait, the upper bound of the longest (the smallest histogram bucket holding
+    them all; 0 when none waited), and requests it refused (`shed`: shed, queue full or timed out)."""
+    scrape = promtext.parse(urllib.request.urlopen(gateway_url + "/metrics").read().decode(), 0.0)
+    queued = sum(scrape.select("inferstack_gateway_queue_wait_seconds_count").values())
+    buckets: dict[float, float] = {}
+    for labels, n in scrape.select("inferstack_gateway_queue_wait_seconds_bucket").items():
+        le = float(dict(labels)["le"])
+        buckets[le] = buckets.get(le, 0.0) + n
+    longest = min((le for le, n in buckets.items() if n >= queued), default=0.0) if queued else 0.0
+    return {"queued": int(queued), "queue_wait_sum_s": sum(scrape.select("inferstack_gateway_queue_wait_seconds_sum")
+                                                           .values()),
+            "queue_wait_max_le_s": longest, "shed": int(sum(scrape.select("inferstack_gateway_shed_total").values()))}
+
+
+def placement(trace: list[tuple[float, str, str, int]]) -> list[tuple[int, int]]:
     """Per endpoint (busiest first): the distinct groups it served, and its requests."""
     groups: dict[str, set[str]] = {}
     served: dict[str, int] = {}
-    for _, group, ep in trace:
+    for _, group, ep, _ in trace:
         if ep:
             groups.setdefault(ep, set()).add(group)
             served[ep] = served.get(ep, 0) + 1
@@ -191,6 +216,65 @@ def _served_model(url: str) -> str:
     return json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["id"]
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every point of a run shares: the workload and the backends' flags."""
+
+    args: argparse.Namespace
+    groups: list[tuple[str, str]]
+    keys: list[str]
+    weights: list[float]
+
+
+def run_point(setup: Setup, name: str, which: str, flow_control: bool, rate: float) -> dict:
+    """One router at one rate over fresh engines (every router starts from cold caches); the row printed."""
+    global MODEL
+    args = setup.args
+    if args.backend == "emulated":
+        fleet = start_emulated_fleet(args.emulate, 4, *args.emulate_args.split())
+        engines, urls = [fleet], fleet.extra["urls"]
+        MODEL = _served_model(urls[0])
+    else:
+        engines = start_fake_engines(4, *args.engine_args.split())
+        urls = [e.url for e in engines]
+    if which.startswith("sglang:"):
+        router = start_sglang_router(urls, which.split(":", 1)[1])
+    else:
+        start = start_envoy_epp if which.startswith("envoy+epp:") else start_inferstack_gateway
+        router = start({
+            "pools": {"bench": {"endpoints": urls, "models": [MODEL], "routing": which.removeprefix("envoy+epp:")}},
+            "keys": [{"sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": k[3:]} for k in setup.keys],
+            "gateway": {"flow_control": {"enabled": flow_control}},
+        })
+    try:
+        row = asyncio.run(run_rate(router.url + "/v1/chat/completions", setup.groups, rate, args.duration,
+                                   seed=int(rate), weights=setup.weights))
+        hits, queries = engine_hits(urls)
+        trace = row.pop("trace")
+        row["router"] = name
+        row["hit_rate"] = hits / queries if queries else float("nan")
+        if not which.startswith("sglang:"):
+            row["decided_by"] = decided_by(router.url)
+            row["flow"] = flow_stats(router.url)
+            row["misses"] = miss_causes(trace, _cache_entries(args.engine_args))
+            row["placement"] = placement(trace)
+        index = {u.split("//", 1)[-1]: i for i, u in enumerate(urls)}
+        row["endpoint_by_q"] = {q: index.get(ep, -1) for _, _, ep, q in trace}
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_by_q")}), flush=True)
+        return row
+    finally:
+        router.stop()
+        for e in engines:
+            e.stop()
+
+
+def print_table(results: list[dict]) -> None:
+    cols = ["router", "rate", "sent", "ok", "req_per_s", "hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="10,20,30,40")
@@ -202,6 +286,11 @@ def main() -> None:
     ap.add_argument("--popularity", default="uniform", help="uniform | zipf:S (group popularity)")
     ap.add_argument("--flow-control", choices=["on", "off", "both"], default="on",
                     help="inferstack's flow control: on is the default a user gets")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="N > 1: flow control on vs off only (first preset of --routers, first rate), N pairs "
+                         "of runs in ABBA order, with the paired comparison (onoff_pairs.py)")
+    ap.add_argument("--warmup-s", type=float, default=0.0,
+                    help="with --repeats: also compare the requests sent after this many seconds (caches warm)")
     ap.add_argument("--engine-args", default=" ".join(ENGINE_ARGS), help="fake engine flags")
     ap.add_argument("--routers", default="default,gie,round-robin", help="inferstack presets to run")
     ap.add_argument("--envoy", action="store_true",
@@ -214,64 +303,32 @@ def main() -> None:
     ap.add_argument("--emulate-args", default="--num-kv-blocks 1200 --max-num-seqs 8",
                     help="engine flags that make 4 emulated engines saturate at rates this machine can drive")
     args = ap.parse_args()
-    global MODEL
     rates = [float(r) for r in args.rates.split(",")]
     groups = workload(args.groups, args.tenants, args.system_tokens)
-    keys = sorted({k for k, _ in groups})
-    weights = popularity(args.popularity, len(groups))
-    fc_modes = {"on": [True], "off": [False], "both": [True, False]}[args.flow_control]
-    fronts = ["", "envoy+epp:"] if args.envoy else [""]
-    routers: list[tuple[str, object, bool]] = [
-        (("envoy + inferstack epp " if f else "inferstack ") + p + ("" if fc else " (flow control off)"),
-         f + p, fc)
-        for p in args.routers.split(",") if p for fc in fc_modes for f in fronts]
-    if "sglang" in args.peers:
-        routers += [("sglang-router cache_aware", "sglang:cache_aware", False),
-                    ("sglang-router round_robin", "sglang:round_robin", False)]
-    results = []
-    for name, which, flow_control in routers:
-        for rate in rates:
-            # fresh engines per point: every router starts from cold caches
-            if args.backend == "emulated":
-                fleet = start_emulated_fleet(args.emulate, 4, *args.emulate_args.split())
-                engines, urls = [fleet], fleet.extra["urls"]
-                MODEL = _served_model(urls[0])
-            else:
-                engines = start_fake_engines(4, *args.engine_args.split())
-                urls = [e.url for e in engines]
-            if str(which).startswith("sglang:"):
-                router = start_sglang_router(urls, str(which).split(":", 1)[1])
-            else:
-                preset = str(which).removeprefix("envoy+epp:")
-                start = start_envoy_epp if str(which).startswith("envoy+epp:") else start_inferstack_gateway
-                router = start({
-                    "pools": {"bench": {"endpoints": urls, "models": [MODEL], "routing": preset}},
-                    "keys": [{"sha256": hashlib.sha256(k.encode()).hexdigest(), "tenant": k[3:]} for k in keys],
-                    "gateway": {"flow_control": {"enabled": flow_control}},
-                })
-            try:
-                row = asyncio.run(run_rate(router.url + "/v1/chat/completions", groups, rate, args.duration,
-                                           seed=int(rate), weights=weights))
-                hits, queries = engine_hits(urls)
-                trace = row.pop("trace")
-                row["router"] = name
-                row["hit_rate"] = hits / queries if queries else float("nan")
-                if not str(which).startswith("sglang:"):
-                    row["decided_by"] = decided_by(router.url)
-                    row["misses"] = miss_causes(trace, _cache_entries(args.engine_args))
-                    row["placement"] = placement(trace)
-                results.append(row)
-                print(json.dumps(row), flush=True)
-            finally:
-                router.stop()
-                for e in engines:
-                    e.stop()
-    cols = ["router", "rate", "sent", "ok", "req_per_s", "hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s"]
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in results:
-        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    setup = Setup(args, groups, sorted({k for k, _ in groups}), popularity(args.popularity, len(groups)))
+    if args.repeats > 1:
+        preset = args.routers.split(",")[0]
+        results = paired_runs(lambda on: run_point(setup, f"inferstack {preset}" + ("" if on else " (off)"),
+                                                   preset, on, rates[0]), args.repeats, args.warmup_s)
+    else:
+        results = [run_point(setup, name, which, fc, rate) for name, which, fc in routers(args) for rate in rates]
+    print_table(results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+
+
+def routers(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(name, which, flow control) per router to run: our presets (with the flow-control modes and fronts
+    asked for), then the peers."""
+    fc_modes = {"on": [True], "off": [False], "both": [True, False]}[args.flow_control]
+    fronts = ["", "envoy+epp:"] if args.envoy else [""]
+    out = [(("envoy + inferstack epp " if f else "inferstack ") + p + ("" if fc else " (flow control off)"),
+            f + p, fc)
+           for p in args.routers.split(",") if p for fc in fc_modes for f in fronts]
+    if "sglang" in args.peers:
+        out += [("sglang-router cache_aware", "sglang:cache_aware", False),
+                ("sglang-router round_robin", "sglang:round_robin", False)]
+    return out
 
 
 if __name__ == "__main__":

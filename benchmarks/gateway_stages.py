@@ -9,7 +9,7 @@ contacted. Each stage is timed with the process CPU clock (about 0.3 µs per rea
 and a bare proxy on the same server stack) it says where a request's CPU goes (docs/benchmarks.md).
 
     python benchmarks/gateway_stages.py [--routing default|round-robin|...] [--requests 5000] [--reps 3]
-        [--system-chars 2000]
+        [--system-chars 2000] [--flow-control on,off]
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ def request_body(system_chars: int) -> bytes:
     return orjson.dumps({"model": MODEL, "max_tokens": 8, "messages": [*system, user]})
 
 
-def config(routing: str) -> InferstackConfig:
+def config(routing: str, flow_control: bool = True) -> InferstackConfig:
     return InferstackConfig.model_validate({
         "pools": {"bench": {"endpoints": ["http://127.0.0.1:9", "http://127.0.0.1:10"], "models": [MODEL],
                             "routing": routing}},
         "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
-        "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}}})
+        "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}},
+        "gateway": {"flow_control": {"enabled": flow_control}}})
 
 
 async def one_pass(p: Pipeline, n: int, body: bytes) -> dict[str, float]:
@@ -88,8 +89,8 @@ async def one_pass(p: Pipeline, n: int, body: bytes) -> dict[str, float]:
     return {k: v / n * 1e6 for k, v in acc.items()}
 
 
-async def run(routing: str, n: int, reps: int, body: bytes) -> dict[str, float]:
-    p = Pipeline(config(routing))
+async def run(routing: str, n: int, reps: int, body: bytes, flow_control: bool = True) -> dict[str, float]:
+    p = Pipeline(config(routing, flow_control))
     for pool in p.pools.values():
         for e in pool.endpoints:  # never connected: only its request head is built
             e.upstream = UpstreamPool(e.url, 1.0, 1.0)
@@ -102,11 +103,15 @@ def main() -> None:
     ap.add_argument("--routing", default="default,round-robin", help="comma list of routing presets")
     ap.add_argument("--requests", type=int, default=5000, help="requests per pass")
     ap.add_argument("--reps", type=int, default=3, help="passes; the best per stage is reported")
+    ap.add_argument("--flow-control", default="on", help="comma list of on / off: flow control's admission check "
+                    "is part of `start` (a pass-through request's cost: the on - off difference)")
     ap.add_argument("--system-chars", type=int, default=0,
                     help="a system prompt of this many characters before the user turn, the same in every request")
     args = ap.parse_args()
     body = request_body(args.system_chars)
-    rows = {r: uvloop.run(run(r, args.requests, args.reps, body)) for r in args.routing.split(",")}
+    rows = {f"{r}{'' if fc == 'on' else ' (flow control off)'}":
+            uvloop.run(run(r, args.requests, args.reps, body, fc == "on"))
+            for r in args.routing.split(",") for fc in args.flow_control.split(",")}
     stages = list(next(iter(rows.values())))
     print("| routing | " + " | ".join(stages) + " | sum |\n|---|" + "---:|" * (len(stages) + 1))
     for r, v in rows.items():
