@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from inferstack.autoscale.decision import Decision, ceil_div, stabilised_down
-from inferstack.autoscale.signals import PoolSample, within
+from inferstack.autoscale.signals import Objectives, PoolSample, within
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,14 @@ class SLO:
     # [1, ``max_dispersion``]; Poisson arrivals (D = 1) keep the plain square-root staffing (off: D = 1 always)
     dispersion: bool = True
     max_dispersion: float = 4.0
+    # capacity learned against the per-request target from the sources' miss counts (`PoolSample.missed`): over
+    # ``learn_window_s``, every request finished within the objectives raises the per-replica capacity by
+    # ``miss_gain`` x ``miss_budget`` (log scale) and every miss lowers it by ``miss_gain``, so it settles where
+    # the share of misses is the budget; within [concurrency / 4, concurrency x ``max_capacity_gain``]. Samples
+    # without a miss count fall back to the p95 learning below; ``miss_gain=0`` turns this off
+    miss_budget: float = 0.01
+    miss_gain: float = 0.1
+    max_capacity_gain: float = 1.0
     name: str = "slo"
 
     def __post_init__(self) -> None:
@@ -95,6 +103,13 @@ class SLO:
             raise ValueError("slo: horizon >= 0, trend_window > 0 and learn_window >= 0")
         if self.max_dispersion < 1:
             raise ValueError("slo: max_dispersion >= 1")
+        if not 0 < self.miss_budget < 1 or self.miss_gain < 0 or self.max_capacity_gain < 1:
+            raise ValueError("slo: 0 < miss_budget < 1, miss_gain >= 0 and max_capacity_gain >= 1")
+
+    @property
+    def objectives(self) -> Objectives:
+        """What the driver asks the source to count misses against (`PoolSample.missed`)."""
+        return Objectives(self.ttft_p95_s, self.tpot_p95_s)
 
     def miss(self, recent: Sequence[PoolSample]) -> float | None:
         """The worst p95 / objective of TTFT and TPOT over ``recent``; None without latencies."""
@@ -136,7 +151,7 @@ class SLO:
         need += self.spare * math.sqrt(need * burst)
         why = f"{rate:.3g} req/s{' (forecast)' if self.horizon_s else ''} x {time_in_system:.3g}s in the system, " \
               f"{s.demand} now"
-        if per_replica < self.concurrency:
+        if per_replica != self.concurrency:
             why += f", {per_replica:.3g} per replica (learned from misses)"
         if burst > 1.0:
             why += f", arrivals {burst:.2g}x as bursty as Poisson"
@@ -155,6 +170,9 @@ class SLO:
         if not self.learn_window_s:
             return self.concurrency
         recent = within(window, self.learn_window_s)
+        if self.miss_gain and any(x.missed is not None for x in recent):
+            return self.concurrency * miss_factor(recent, self.miss_budget, self.miss_gain,
+                                                  (0.25, self.max_capacity_gain))
         held = []
         for before, x in zip([recent[0], *recent], recent, strict=False):
             m = self.miss([x])
@@ -178,6 +196,21 @@ class SLO:
             return Decision(self.name, current, current,
                             f"{why}; scale-down held by the {self.scale_down_stabilization_s:g}s stabilisation window")
         return Decision(self.name, current, desired, f"{why}: down to {desired}")
+
+
+def miss_factor(recent: Sequence[PoolSample], budget: float, gain: float, bounds: tuple[float, float]) -> float:
+    """An integral controller on the misses, replayed over ``recent`` from 1: each sample adds ``gain`` x (budget x
+    completions - missed) to the factor's log, clamped to ``bounds`` at every step (no wind-up). At the budget's
+    share of misses it holds; more misses lower it (fewer requests per replica, more replicas), a run within the
+    objectives raises it back slowly. A sample with replicas starting in it or the one before is skipped: its
+    misses are the cold start's (the fleet was short), not the replicas' capacity."""
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    log_f = 0.0
+    for before, x in zip([recent[0], *recent], recent, strict=False):
+        if x.missed is None or x.starting or before.starting:
+            continue
+        log_f = min(hi, max(lo, log_f + gain * (budget * x.completions - x.missed)))
+    return math.exp(log_f)
 
 
 def fit(window: Sequence[PoolSample], seconds: float) -> tuple[float, float]:
