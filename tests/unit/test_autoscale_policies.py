@@ -409,7 +409,8 @@ def test_slo_learns_the_capacity_against_the_per_request_budget_from_miss_counts
     at_budget = [PoolSample(**{**x.__dict__, "completions": 100}) for x in counted([1] * 13)]
     assert slo.capacity(at_budget) == pytest.approx(12)
     # a higher ceiling lets a clean run raise it: 13 x 0.05
-    roomy = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, learn_window_s=300, max_capacity_gain=2.0)
+    roomy = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, learn_window_s=300, miss_gain=0.1,
+                max_capacity_gain=2.0)
     assert roomy.capacity(counted([0] * 13)) == pytest.approx(12 * math.exp(0.65))
     # no wind-up: a clean run at the ceiling, then 5 misses in each of the last two samples: 2 x 0.1 x (0.5 - 5)
     assert slo.capacity(counted([0] * 11 + [5, 5])) == pytest.approx(12 * math.exp(-0.9))
@@ -418,8 +419,15 @@ def test_slo_learns_the_capacity_against_the_per_request_budget_from_miss_counts
     starting[-2] = PoolSample(**{**starting[-2].__dict__, "starting": 2})
     assert slo.capacity(starting) == 12
     assert slo.capacity(counted([5] * 3 + [0] * 30, n=33)) == 12
-    # off (gain 0) or no counts in the window: the p95 learning (nothing missed its p95 here)
-    assert SLO(concurrency=12, miss_gain=0).capacity(counted([2] * 13)) == 12
+    # off (gain 0, the default) or no counts in the window: the p95 learning (nothing missed its p95 here)
+    assert SLO(concurrency=12).capacity(counted([2] * 13)) == 12
+    assert slo.capacity(steady(demand=24, ttft=0.5, tpot=0.05)) == 12
+    # both: the lower of the two (a p95 missed by 1.5x at 6 per replica says 4)
+    both = counted([0] * 13)
+    both[-1] = PoolSample(**{**both[-1].__dict__, "ttft_p95_s": 3.0})
+    assert slo.capacity(both) == pytest.approx(4.0)
+    # clamped at every step: after the floor one clean sample counts at once (12 / 4 x exp(0.05), not the sum's 1.9)
+    assert slo.capacity(counted([2] * 12 + [0])) == pytest.approx(3 * math.exp(0.05))
     assert slo.objectives.ttft_s == 2.0 and slo.objectives.tpot_s == 0.1
     with pytest.raises(ValueError):
         SLO(miss_budget=0.0)
