@@ -431,3 +431,20 @@ def test_slo_learns_the_capacity_against_the_per_request_budget_from_miss_counts
     assert slo.objectives.ttft_s == 2.0 and slo.objectives.tpot_s == 0.1
     with pytest.raises(ValueError):
         SLO(miss_budget=0.0)
+
+
+def test_slo_does_not_learn_from_the_backlog_a_cold_start_leaves():
+    """Requests queued while the fleet was short finish after the ordered replicas joined: with ``backlog_s``, a
+    miss up to that long after a sample with replicas starting teaches neither estimate (seed 16's fleet stayed at
+    its bound for 230 s on such a miss)."""
+    base = dict(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, max_boost=1.0, learn_window_s=300)
+    samples = steady(demand=24, ttft=0.5, tpot=0.05)
+    samples[8] = PoolSample(**{**samples[8].__dict__, "starting": 3})              # t = 80 s
+    for i in (10, 11):                                                             # t = 100, 110 s: the backlog
+        samples[i] = PoolSample(**{**samples[i].__dict__, "ttft_p95_s": 3.0, "missed": 5})
+    assert SLO(**base).capacity(samples) == pytest.approx(4.0)                     # 6 per replica / 1.5
+    assert SLO(**base, backlog_s=30).capacity(samples) == 12
+    assert SLO(**base, backlog_s=20).capacity(samples) == pytest.approx(4.0)       # 110 s is 30 s after
+    counted = [PoolSample(**{**x.__dict__, "ttft_p95_s": 0.5, "missed": x.missed or 0}) for x in samples]
+    assert SLO(**base, miss_gain=0.1).capacity(counted) == pytest.approx(12 * math.exp(-0.1 * 4.5 * 2 + 0.05))
+    assert SLO(**base, miss_gain=0.1, backlog_s=30).capacity(counted) == 12
