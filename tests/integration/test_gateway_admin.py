@@ -47,3 +47,28 @@ def test_stack_pool_hook_replaces_endpoints():
         gw.stop()
         a.stop()
         b.stop()
+
+
+def test_pool_load_counts_the_misses_of_the_objectives_the_reader_gives():
+    """`GET /admin/pools/{pool}/load?since=T&ttft=S&tpot=S` (what the local actuator asks for its `slo` policy):
+    of the requests finished since T, those over either objective; no objectives, no count."""
+    (a,) = start_fake_engines(1)
+    gw = start_gateway({"pools": {"default": {"endpoints": [a.url], "models": ["fake-model"]}}},
+                       env={"INFERSTACK_ADMIN_TOKEN": TOKEN})
+    try:
+        for i in range(3):
+            r = httpx.post(gw.url + "/v1/completions", json={"model": "fake-model", "prompt": f"p{i}", "stream": True})
+            assert r.status_code == 200
+
+        def load(query: str) -> httpx.Response:
+            return httpx.get(gw.url + "/admin/pools/default/load?" + query, headers=AUTH)
+
+        lenient, strict, none = load("since=0&ttft=60&tpot=60"), load("since=0&ttft=1e-9&tpot=60"), load("since=0")
+        assert (lenient.json()["completions"], lenient.json()["missed"]) == (3, 0)
+        assert strict.json()["missed"] == 3 and none.json()["missed"] is None
+        later = load(f"since={lenient.json()['now']}&ttft=1e-9&tpot=60").json()
+        assert later["missed"] == 0                      # none finished since that snapshot
+        assert load("since=0&ttft=2").status_code == 400
+    finally:
+        gw.stop()
+        a.stop()

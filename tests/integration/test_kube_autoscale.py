@@ -48,8 +48,11 @@ def _scenario(tmp: Path, policy: str, running: list[float], spec: int, body: Bod
             cfg = KubeAutoscaleConfig(policy=policy, deployments={"both": "m-decode"}, **auto)
             try:
                 # the pool's snapshot as the pipeline takes it (`Pipeline.pool_load`)
-                await body(api, KubeAutoscaler("p", lambda since: load.snapshot(pool, since, 0, 0), cfg,
-                                               DeploymentScaler(client), "ns", backoff_cap_s=0.2), pool)
+                def snapshot(since, objectives):
+                    return load.snapshot(pool, since, 0, 0, objectives=objectives)
+
+                await body(api, KubeAutoscaler("p", snapshot, cfg, DeploymentScaler(client), "ns", backoff_cap_s=0.2),
+                           pool)
             finally:
                 await client.close()
 

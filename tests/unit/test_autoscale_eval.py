@@ -55,3 +55,29 @@ def test_the_hindsight_row_orders_one_cold_start_ahead_and_keeps_what_the_lead_n
     # a replica removed now could not be back for 40 s: it stays while any interval of those 40 s needs it
     assert [oracle.decide(at(t), 2).desired for t in (150.0, 180.0, 190.0, 200.0)] == [2, 2, 2, 0]
     assert Oracle(sent, 0.25, 30.0, 10.0).decide(at(70.0), 1).desired == 4
+
+
+class Recording:
+    """A fixed fleet's policy that keeps every sample the simulator handed it."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.seen: list[PoolSample] = []
+
+    def decide(self, window: list[PoolSample], current: int):
+        self.seen.append(window[-1])
+        return parse_policy("kpa:target=4").decide(window, current)
+
+
+def test_the_simulators_samples_count_the_misses_of_the_attainments_test(trace: Path) -> None:
+    """`PoolSample.missed`: per sample, the requests finished since the previous one that missed the run's SLO
+    (the attainment's per-request test, failed ones included); over the run they add up to the attainment's."""
+    short, enough = Recording(), Recording()
+    setup = EvalSetup(start=3, min_replicas=3, max_replicas=3, slo_ttft_s=2.0)
+    row = evaluate("short", short, trace, setup)
+    evaluate("enough", enough, trace, EvalSetup(start=6, min_replicas=6, max_replicas=6, slo_ttft_s=2.0))
+    missed = [s.missed for s in short.seen]
+    assert all(m is not None and 0 <= m <= s.completions for m, s in zip(missed, short.seen, strict=True))
+    assert sum(missed) == sum(m for _, _, m in row["misses_over_time"]) > 0
+    assert [s.missed for s in enough.seen] == [0] * len(enough.seen) and sum(s.completions for s in enough.seen)

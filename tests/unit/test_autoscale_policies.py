@@ -387,3 +387,64 @@ def test_slo_defaults_follow_a_fall_in_quarter_steps_and_hold_through_a_one_inte
     held = slo.decide(steady5, 9).desired
     assert held == 8 and slo.decide(lull, held).desired == 10
     assert SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, dispersion=False).decide(lull, held).desired == held  # plain: holds
+
+
+def test_slo_learns_the_capacity_against_the_per_request_budget_from_miss_counts():
+    """`PoolSample.missed` (the per-request test): each request within the objectives raises the capacity's log by
+    gain x budget, each miss lowers it by gain, clamped at every step; p95s inside the objectives do not hide it."""
+    slo = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, max_boost=1.0, learn_window_s=300,
+              miss_budget=0.01, miss_gain=0.1)
+
+    def counted(missed, n=13, **kw):
+        return [PoolSample(**{**x.__dict__, "missed": m}) for x, m in
+                zip(steady(n=n, demand=24, ttft=0.5, tpot=0.05, **kw), missed, strict=True)]
+
+    # 2 of 50 missing in every sample (4 %, p95 inside): 13 x 0.1 x (0.5 - 2) = -1.95, floored at concurrency / 4
+    assert slo.capacity(counted([2] * 13)) == pytest.approx(3.0)
+    assert slo.need(counted([2] * 13))[0] == pytest.approx(24 / 3)
+    # one miss in three samples (0.7 %): each -0.05 made up by the next clean sample (clamped at concurrency);
+    # a miss in the newest sample is not made up yet: x exp(-0.05); at the budget it holds
+    assert slo.capacity(counted([0, 0, 1] * 4 + [0])) == 12
+    assert slo.capacity(counted([1, 0, 0] * 4 + [1])) == pytest.approx(12 * math.exp(-0.05))
+    at_budget = [PoolSample(**{**x.__dict__, "completions": 100}) for x in counted([1] * 13)]
+    assert slo.capacity(at_budget) == pytest.approx(12)
+    # a higher ceiling lets a clean run raise it: 13 x 0.05
+    roomy = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, learn_window_s=300, miss_gain=0.1,
+                max_capacity_gain=2.0)
+    assert roomy.capacity(counted([0] * 13)) == pytest.approx(12 * math.exp(0.65))
+    # no wind-up: a clean run at the ceiling, then 5 misses in each of the last two samples: 2 x 0.1 x (0.5 - 5)
+    assert slo.capacity(counted([0] * 11 + [5, 5])) == pytest.approx(12 * math.exp(-0.9))
+    # misses with replicas starting (in the sample or the one before) are the cold start's; old ones forgotten
+    starting = counted([0] * 11 + [5, 5])
+    starting[-2] = PoolSample(**{**starting[-2].__dict__, "starting": 2})
+    assert slo.capacity(starting) == 12
+    assert slo.capacity(counted([5] * 3 + [0] * 30, n=33)) == 12
+    # off (gain 0, the default) or no counts in the window: the p95 learning (nothing missed its p95 here)
+    assert SLO(concurrency=12).capacity(counted([2] * 13)) == 12
+    assert slo.capacity(steady(demand=24, ttft=0.5, tpot=0.05)) == 12
+    # both: the lower of the two (a p95 missed by 1.5x at 6 per replica says 4)
+    both = counted([0] * 13)
+    both[-1] = PoolSample(**{**both[-1].__dict__, "ttft_p95_s": 3.0})
+    assert slo.capacity(both) == pytest.approx(4.0)
+    # clamped at every step: after the floor one clean sample counts at once (12 / 4 x exp(0.05), not the sum's 1.9)
+    assert slo.capacity(counted([2] * 12 + [0])) == pytest.approx(3 * math.exp(0.05))
+    assert slo.objectives.ttft_s == 2.0 and slo.objectives.tpot_s == 0.1
+    with pytest.raises(ValueError):
+        SLO(miss_budget=0.0)
+
+
+def test_slo_does_not_learn_from_the_backlog_a_cold_start_leaves():
+    """Requests queued while the fleet was short finish after the ordered replicas joined: with ``backlog_s``, a
+    miss up to that long after a sample with replicas starting teaches neither estimate (seed 16's fleet stayed at
+    its bound for 230 s on such a miss)."""
+    base = dict(ttft_p95_s=2.0, tpot_p95_s=0.1, concurrency=12, spare=0.0, max_boost=1.0, learn_window_s=300)
+    samples = steady(demand=24, ttft=0.5, tpot=0.05)
+    samples[8] = PoolSample(**{**samples[8].__dict__, "starting": 3})              # t = 80 s
+    for i in (10, 11):                                                             # t = 100, 110 s: the backlog
+        samples[i] = PoolSample(**{**samples[i].__dict__, "ttft_p95_s": 3.0, "missed": 5})
+    assert SLO(**base).capacity(samples) == pytest.approx(4.0)                     # 6 per replica / 1.5
+    assert SLO(**base, backlog_s=30).capacity(samples) == 12
+    assert SLO(**base, backlog_s=20).capacity(samples) == pytest.approx(4.0)       # 110 s is 30 s after
+    counted = [PoolSample(**{**x.__dict__, "ttft_p95_s": 0.5, "missed": x.missed or 0}) for x in samples]
+    assert SLO(**base, miss_gain=0.1).capacity(counted) == pytest.approx(12 * math.exp(-0.1 * 4.5 * 2 + 0.05))
+    assert SLO(**base, miss_gain=0.1, backlog_s=30).capacity(counted) == 12

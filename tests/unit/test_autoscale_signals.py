@@ -13,6 +13,7 @@ from inferstack.autoscale.load import LoadSampler, LoadSnapshot
 from inferstack.config.schema import GatewayConfig, PoolConfig
 from inferstack.gateway.datalayer import Pool, ScrapedMetrics
 from inferstack.gateway.poolload import PoolLoad, p95
+from inferstack.protocol.errors import APIError
 
 
 def _pool(pd: bool = False) -> Pool:
@@ -99,3 +100,29 @@ def test_duty_cycle_is_the_rate_of_the_engines_step_time():
     pool.endpoints[1].metrics.busy_seconds = None        # an engine without the counter drops out of the mean
     third = sampler.sample(LoadSnapshot(**{**load.snapshot(pool, 0, 0, 0).__dict__, "now": snap.now + 1.0}))
     assert third["both"].busy == 0.0
+
+
+def test_misses_of_the_readers_objectives_are_counted_per_snapshot():
+    """`missed`: the requests finished since the reader's previous snapshot that missed the objectives it gave
+    (TTFT or TPOT over, or no first token), carried through JSON into `PoolSample.missed`; None without them."""
+    from inferstack.autoscale.signals import Objectives
+    from inferstack.gateway.admin import _objectives
+
+    obj = Objectives(ttft_s=2.0, tpot_s=0.1)
+    assert [obj.missed(*x) for x in ((0.5, 0.05), (2.5, 0.05), (0.5, 0.12), (None, None), (0.5, None), (2.0, 0.1))] \
+        == [False, True, True, True, False, False]
+    pool, load, sampler = _pool(), PoolLoad(), LoadSampler()
+    sampler.sample(load.snapshot(pool, sampler.since, 0, 0, objectives=obj))
+    for ttft, tpot in [(0.5, 0.05)] * 7 + [(3.0, 0.05), (0.5, 0.2), (None, None)]:
+        load.finished_request(ttft, tpot, 10, 10)
+    snap = load.snapshot(pool, sampler.since, 0, 0, objectives=obj)
+    got = sampler.sample(_over_http(snap))["both"]
+    assert (got.completions, got.missed) == (10, 3)
+    assert load.snapshot(pool, 0.0, 0, 0, objectives=Objectives(10.0, 1.0)).missed == 1    # only the failed one
+    assert sampler.sample(load.snapshot(pool, sampler.since, 0, 0, objectives=obj))["both"].missed == 0
+    assert sampler.sample(_over_http(load.snapshot(pool, 0.0, 0, 0)))["both"].missed is None
+    # the admin route's query: both objectives or neither
+    assert _objectives(b"since=1.5&ttft=2&tpot=0.1") == obj and _objectives(b"since=1.5") is None
+    for bad in (b"ttft=2", b"ttft=2&tpot=x", b"ttft=0&tpot=0.1"):
+        with pytest.raises(APIError):
+            _objectives(bad)

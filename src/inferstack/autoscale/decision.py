@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from inferstack.autoscale.signals import PoolSample, within
+from inferstack.autoscale.signals import Objectives, PoolSample, within
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,13 @@ class Policy(Protocol):
     name: str
 
     def decide(self, window: Sequence[PoolSample], current: int) -> Decision: ...
+
+
+def objectives_of(policy: object) -> Objectives | None:
+    """The per-request objectives a policy steers by (`slo`'s), which its driver asks the source to count misses
+    against (`PoolSample.missed`); None for policies without objectives."""
+    found = getattr(policy, "objectives", None)
+    return found if isinstance(found, Objectives) else None
 
 
 @dataclass(frozen=True)

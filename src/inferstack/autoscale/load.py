@@ -58,6 +58,9 @@ class LoadSnapshot:
     queued: int                  # queued by flow control
     endpoints: tuple[EndpointLoad, ...] = ()
     spilled: int = 0             # sent to the fallback pool
+    # of the requests that finished since the reader's previous snapshot, those that missed the objectives the
+    # reader gave (`signals.Objectives`); None: no objectives given
+    missed: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -69,7 +72,8 @@ class LoadSnapshot:
         opt = {k: (None if raw.get(k) is None else float(raw[k])) for k in ("ttft_p95_s", "tpot_p95_s")}
         ints = {k: int(raw.get(k, 0)) for k in ("arrivals", "completions", "input_tokens", "output_tokens",
                                                  "held", "queued", "spilled")}
-        return cls(pool=str(raw["pool"]), now=float(raw["now"]), endpoints=eps, **opt, **ints)
+        missed = None if raw.get("missed") is None else int(raw["missed"])
+        return cls(pool=str(raw["pool"]), now=float(raw["now"]), endpoints=eps, missed=missed, **opt, **ints)
 
 
 def by_role(endpoints: Sequence[EndpointLoad]) -> dict[str, list[EndpointLoad]]:
@@ -116,7 +120,7 @@ class LoadSampler:
                 ttft_p95_s=snap.ttft_p95_s, tpot_p95_s=snap.tpot_p95_s,
                 input_tokens=snap.input_tokens - prev.input_tokens,
                 output_tokens=snap.output_tokens - prev.output_tokens, interval_s=snap.now - prev.now,
-                busy=sum(duty) / len(duty) if duty else None)
+                busy=sum(duty) / len(duty) if duty else None, missed=snap.missed)
         return out
 
 

@@ -34,6 +34,9 @@ class PoolSample:
     # mean fraction of the interval the serving replicas' accelerators ran a step: the GPU duty cycle
     # (DCGM_FI_DEV_GPU_UTIL); None where the source cannot see it (the live engines do not export it)
     busy: float | None = None
+    # requests that finished since the previous sample and missed their objectives (failed ones included): the
+    # per-request test the SLO attainment counts; None where the source was given no objectives
+    missed: int | None = None
 
     @property
     def demand(self) -> int:
@@ -43,6 +46,19 @@ class PoolSample:
     @property
     def request_rate(self) -> float:
         return self.arrivals / self.interval_s if self.interval_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """Per-request latency limits a reader asks the source to count misses against (`PoolSample.missed`)."""
+
+    ttft_s: float
+    tpot_s: float
+
+    def missed(self, ttft: float | None, tpot: float | None) -> bool:
+        """A request missed when it has no first token (failed) or its TTFT or TPOT is over the limit; a reply
+        without a TPOT (one token) has none to miss, as in the attainment (`bench.metrics.meets`)."""
+        return ttft is None or ttft > self.ttft_s or (tpot is not None and tpot > self.tpot_s)
 
 
 class SignalError(ValueError):

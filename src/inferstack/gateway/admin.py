@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from inferstack.autoscale.load import LoadSnapshot
 from inferstack.autoscale.metrics import AutoscalerStatus
+from inferstack.autoscale.signals import Objectives
 from inferstack.config.schema import EndpointConfig, GatewayConfig
 from inferstack.gateway.datalayer import DataLayer, Pool
 from inferstack.protocol.errors import APIError
@@ -92,7 +93,7 @@ def _parse_endpoints(body: bytes) -> list[EndpointConfig]:
 class PoolAutoscaling(Protocol):
     """What the autoscaling routes read and write (the gateway's `Pipeline`)."""
 
-    def pool_load(self, pool: str, since: float) -> LoadSnapshot: ...
+    def pool_load(self, pool: str, since: float, objectives: Objectives | None = None) -> LoadSnapshot: ...
 
     def report_autoscaler(self, status: AutoscalerStatus) -> None: ...
 
@@ -105,12 +106,28 @@ def _since(query: bytes) -> float:
         raise APIError(400, "`since` must be a number (the `now` of the previous answer).", param="since") from None
 
 
+def _objectives(query: bytes) -> Objectives | None:
+    """``ttft`` and ``tpot`` (seconds, both or neither): count the misses of the requests finished since."""
+    q = parse_qs(query.decode("latin-1"))
+    if "ttft" not in q and "tpot" not in q:
+        return None
+    try:
+        ttft, tpot = float(q["ttft"][0]), float(q["tpot"][0])
+    except (KeyError, ValueError):
+        raise APIError(400, "`ttft` and `tpot` must both be numbers of seconds (the objectives misses are "
+                            "counted against).", param="ttft") from None
+    if not (ttft > 0 and tpot > 0):
+        raise APIError(400, "`ttft` and `tpot` must be > 0 seconds.", param="ttft")
+    return Objectives(ttft, tpot)
+
+
 class AdminAPI:
     """Answers admin calls with a JSON body; refusals are raised as APIError.
 
-    Autoscalers (docs/autoscaling.md) use two more routes: GET /admin/pools/{pool}/load?since=T (the
-    pool's `LoadSnapshot`, `autoscale/load.py`) and PUT /admin/pools/{pool}/autoscaler (the actuator's
-    desired/actual replicas and decision counts, exported as `inferstack_autoscaler_*`)."""
+    Autoscalers (docs/autoscaling.md) use two more routes: GET /admin/pools/{pool}/load?since=T[&ttft=S&tpot=S]
+    (the pool's `LoadSnapshot`, `autoscale/load.py`, with the misses of those objectives) and PUT
+    /admin/pools/{pool}/autoscaler (the actuator's desired/actual replicas and decision counts, exported as
+    `inferstack_autoscaler_*`)."""
 
     def __init__(self, pools: dict[str, Pool], datalayer: DataLayer, token: str | None,
                  autoscaling: PoolAutoscaling | None = None):
@@ -123,7 +140,7 @@ class AdminAPI:
         if self.autoscaling is None:
             raise APIError(404, f"Unknown path /admin/pools/{pool}/{route}.", code="not_found")
         if route == "load" and method == "GET":
-            return orjson.dumps(self.autoscaling.pool_load(pool, _since(query)).to_json())
+            return orjson.dumps(self.autoscaling.pool_load(pool, _since(query), _objectives(query)).to_json())
         if route == "autoscaler" and method == "PUT":
             try:
                 status = AutoscalerStatus.from_json(pool, orjson.loads(await read_body(1 << 20)))

@@ -17,27 +17,29 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from inferstack.autoscale.decision import Bounds, Decision
+from inferstack.autoscale.decision import Bounds, Decision, objectives_of
 from inferstack.autoscale.load import BOTH, LoadSampler, LoadSnapshot, by_role
 from inferstack.autoscale.metrics import AutoscalerStatus
-from inferstack.autoscale.signals import PoolSample
+from inferstack.autoscale.signals import Objectives, PoolSample
 from inferstack.autoscale.spec import parse_policy
 from inferstack.kube.client import stop_all
 from inferstack.kube.config import KubeAutoscaleConfig
 from inferstack.kube.scale import DeploymentScaler, ScaleError
 
 log = logging.getLogger("inferstack.autoscaler")
+# the pool's snapshot since a time on its clock, with the misses of the objectives given (Pipeline.pool_load)
+Snapshot = Callable[[float, Objectives | None], LoadSnapshot]
 
 
 class KubeAutoscaler:
     """Scales one pool's Deployments (one per PD role)."""
 
-    def __init__(self, pool: str, snapshot: Callable[[float], LoadSnapshot], cfg: KubeAutoscaleConfig,
+    def __init__(self, pool: str, snapshot: Snapshot, cfg: KubeAutoscaleConfig,
                  scaler: DeploymentScaler, namespace: str, backoff_cap_s: float | None = None,
                  leading: Callable[[], bool] = lambda: True,
                  report: Callable[[AutoscalerStatus], None] = lambda status: None):
         self.pool = pool
-        self.snapshot = snapshot  # the pool's snapshot with latencies since the given time (Pipeline.pool_load)
+        self.snapshot = snapshot
         self.sampler = LoadSampler()
         self.report = report    # to the pipeline's `inferstack_autoscaler_*` series (autoscale/metrics.py)
         self.leading = leading  # with several picker replicas only the Lease holder scales (kube/lease.py)
@@ -57,7 +59,7 @@ class KubeAutoscaler:
         """One decision per role, written to the Deployments. Raises ScaleError."""
         scales = {role: await self.scaler.read(self.namespace, dep) for role, dep in self.cfg.deployments.items()}
         current = {role: scale.spec for role, scale in scales.items()}
-        snap = self.snapshot(self.sampler.since)
+        snap = self.snapshot(self.sampler.since, objectives_of(self.policy))
         serving = {r: sum(e.healthy for e in eps) for r, eps in by_role(snap.endpoints).items()}
         # the Deployment's spec.replicas that do not serve yet are starting
         starting = {r: max(0, n - serving.get(r, serving.get(BOTH, 0))) for r, n in current.items()}
@@ -110,7 +112,7 @@ class KubeAutoscalers:
         self._tasks: list[asyncio.Task] = []
         self._clients: list = []
 
-    def start(self, pool: str, snapshot: Callable[[float], LoadSnapshot], cfg: KubeAutoscaleConfig, client,
+    def start(self, pool: str, snapshot: Snapshot, cfg: KubeAutoscaleConfig, client,
               pool_namespace: str | None,
               leading: Callable[[], bool] = lambda: True,
               report: Callable[[AutoscalerStatus], None] = lambda status: None) -> None:

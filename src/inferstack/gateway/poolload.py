@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from inferstack.autoscale.load import EndpointLoad, LoadSnapshot
+from inferstack.autoscale.signals import Objectives
 from inferstack.gateway.datalayer import Pool
 
 _RING = 4096  # finished requests remembered per pool (at 100 req/s: 40 s, longer than any sample interval)
@@ -53,8 +54,9 @@ class PoolLoad:
         self.finished.append((time.monotonic(), ttft, tpot))
 
     def snapshot(self, pool: Pool, since: float, held: int, queued: int,
-                 roles: Mapping[str, str] | None = None) -> LoadSnapshot:
-        """``roles``: endpoint id -> PD role (a PD pool's router's); every endpoint `both` without."""
+                 roles: Mapping[str, str] | None = None, objectives: Objectives | None = None) -> LoadSnapshot:
+        """``roles``: endpoint id -> PD role (a PD pool's router's); every endpoint `both` without.
+        ``objectives``: count the requests finished after ``since`` that missed them (None: no count)."""
         now = time.monotonic()
         recent = [(a, b) for t, a, b in self.finished if t > since]
         eps = tuple(EndpointLoad(id=e.id, url=e.url, healthy=e.healthy, in_flight=e.in_flight,
@@ -68,4 +70,5 @@ class PoolLoad:
                             input_tokens=self.input_tokens, output_tokens=self.output_tokens,
                             ttft_p95_s=p95([a for a, _ in recent if a is not None]),
                             tpot_p95_s=p95([b for _, b in recent if b is not None]),
-                            held=held, queued=queued, endpoints=eps, spilled=self.spilled)
+                            held=held, queued=queued, endpoints=eps, spilled=self.spilled,
+                            missed=sum(objectives.missed(a, b) for a, b in recent) if objectives else None)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from inferstack.autoscale.load import BOTH, EndpointLoad, LoadSampler, LoadSnapshot
+from inferstack.bench.metrics import meets
 from inferstack.bench.records import RequestRecord
 from inferstack.bench.runner import RunConfig
 from inferstack.bench.runner import _arrivals as bench_arrivals
@@ -132,6 +133,8 @@ class Simulation:
         self.orders: list[_Order] = []
         self._window_ttft: list[float] = []
         self._window_tpot: list[float] = []
+        # finished since the last sample and missing the run's SLO (the attainment's test); None without an SLO
+        self._window_missed: int | None = None if s.run.slo is None else 0
         self._samples: list[MetricSample] = []
         # the pool's snapshots differenced, as live actuators do; the simulation's counts start at 0 at t = 0
         self._load = LoadSampler(LoadSnapshot(POOL, 0.0, 0, 0, 0, 0, None, None, held=0, queued=0))
@@ -435,6 +438,8 @@ class Simulation:
             if tpot is not None:
                 self._window_tpot.append(tpot)
         self.completed += 1
+        if self._window_missed is not None and self.s.run.slo is not None:
+            self._window_missed += not meets(rec, self.s.run.slo)
         self.sink.add(rec)
         if ep is not None and ep.draining and not ep.replica.scheduler.has_unfinished():
             self._leave(ep)
@@ -541,8 +546,9 @@ class Simulation:
 
         snap = LoadSnapshot(POOL, self.now, self.arrived, self.completed, self.tokens_in, self.tokens_out,
                             p95(self._window_ttft), p95(self._window_tpot), held=0,
-                            queued=self.gateway.admission.queued, endpoints=tuple(loads))
+                            queued=self.gateway.admission.queued, endpoints=tuple(loads), missed=self._window_missed)
         self._window_ttft, self._window_tpot = [], []
+        self._window_missed = None if self._window_missed is None else 0
         return MetricSample({POOL: self._load.sample(snap, self.starting)[BOTH]})
 
     def _duty_cycle(self, eps: list[SimEndpoint], since: float) -> dict[str, float]:

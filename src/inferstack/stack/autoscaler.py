@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import httpx
 
 from inferstack.autoscale.config import AutoscaleSettings
+from inferstack.autoscale.decision import objectives_of
 from inferstack.autoscale.driver import PolicyAutoscaler
 from inferstack.autoscale.load import BOTH, LoadSampler, LoadSnapshot
 from inferstack.autoscale.metrics import AutoscalerStatus
@@ -81,8 +82,10 @@ class LocalAutoscaler:
 
     async def tick(self) -> None:
         try:
-            r = await self.client.get(self.admin + "/load", params={"since": self.sampler.since},
-                                      headers=self.headers, timeout=5.0)
+            params: dict[str, float] = {"since": self.sampler.since}
+            if (obj := objectives_of(self.driver.policy)) is not None:
+                params |= {"ttft": obj.ttft_s, "tpot": obj.tpot_s}   # the policy's misses counted at the gateway
+            r = await self.client.get(self.admin + "/load", params=params, headers=self.headers, timeout=5.0)
             r.raise_for_status()
             snap = LoadSnapshot.from_json(r.json())
         except (httpx.HTTPError, ValueError, KeyError, TypeError):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from inferstack.autoscale.load import LoadSnapshot
 from inferstack.autoscale.metrics import AutoscalerCollector, AutoscalerStatus
+from inferstack.autoscale.signals import Objectives
 from inferstack.compliance.audit import AuditLog
 from inferstack.config.schema import InferstackConfig
 from inferstack.gateway.auth import Identity, KeyStore
@@ -142,11 +143,12 @@ class Pipeline:
             return "no healthy endpoint"
         return None
 
-    def pool_load(self, pool: str, since: float) -> LoadSnapshot:
+    def pool_load(self, pool: str, since: float, objectives: Objectives | None = None) -> LoadSnapshot:
         """The pool's load for autoscalers (`GET /admin/pools/{pool}/load` and the Kubernetes actuator)."""
         hold, p = self.holds.get(pool), self.pools[pool]
         roles = p.router.roles if isinstance(p.router, PDRouter) else None
-        return self.loads[pool].snapshot(p, since, hold.held if hold else 0, self.flow[pool].queued, roles)
+        return self.loads[pool].snapshot(p, since, hold.held if hold else 0, self.flow[pool].queued, roles,
+                                         objectives)
 
     def report_autoscaler(self, status: AutoscalerStatus) -> None:
         """An actuator's newest status (`PUT /admin/pools/{pool}/autoscaler`), exported as metrics."""
