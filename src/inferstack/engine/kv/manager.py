@@ -91,8 +91,12 @@ class KVCacheManager:
                 if needed > pool.num_free_blocks:
                     return False
                 blocks.extend(pool.allocate(needed))
-            if caching and min(after, len(request.all_token_ids)) // bs > ncached.get(rid, 0):
-                self._cache_full_blocks(request, after)
+            if caching:      # `_cache_full_blocks(request, after)` inline: a leap's every block boundary comes here
+                full, start = min(after, len(request.all_token_ids)) // bs, ncached.get(rid, 0)
+                if full > start:
+                    pool.cache_full_blocks(blocks, self.update_block_hashes(request), start, full,
+                                           request.all_token_ids)
+                    ncached[rid] = full
         return True
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
