@@ -214,7 +214,8 @@ def _rls_reference(w: list[float], p: list[list[float]], x: list[float], y: floa
     denom = 0.98 + sum(x[i] * px[i] for i in range(3))
     k = [v / denom for v in px]
     err = y - (w[0] * x[0] + w[1] * x[1] + w[2] * x[2])
-    return [w[i] + k[i] * err for i in range(3)], [[(p[i][j] - k[i] * px[j]) / 0.98 for j in range(3)] for i in range(3)]
+    new_p = [[(p[i][j] - k[i] * px[j]) / 0.98 for j in range(3)] for i in range(3)]
+    return [w[i] + k[i] * err for i in range(3)], new_p
 
 
 @settings(max_examples=50, deadline=None)
