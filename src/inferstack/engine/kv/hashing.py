@@ -103,6 +103,8 @@ def block_hashes(seed: bytes, token_ids: Sequence[int], block_size: int = BLOCK_
     count = (n_full - start) * block_size
     data = _packer(count).pack(*token_ids[start * block_size:n_full * block_size])
     prev = seed if parent is None else parent
+    if count == block_size:      # one block (most calls: a decode's next block), without the loop
+        return [hashlib.sha256(prev + data).digest()]
     out: list[bytes] = []
     width = 4 * block_size
     sha = hashlib.sha256
