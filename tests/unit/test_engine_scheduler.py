@@ -249,6 +249,21 @@ def _step_once(s: Scheduler) -> None:
                                for q in out.seqs if q.sample})
 
 
+def _leap_and_steps(a: Scheduler, b: Scheduler, want: int) -> int:
+    """``b`` leaps over the decode steps it may (at most ``want``), ``a`` takes them one at a time (one step each
+    when no leap is possible); the steps leapt."""
+    k = b.decode_run_limit(want)
+    assert k == a.decode_run_limit(want)
+    if k:
+        b.advance_decodes(k, {r.request_id: [CYCLE[(r.num_output_tokens + j) % len(CYCLE)] for j in range(k)]
+                              for r in b.running})
+    for _ in range(max(k, 1)):
+        _step_once(a)
+    if not k:
+        _step_once(b)
+    return k
+
+
 @settings(max_examples=40, deadline=None)
 @given(shapes=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 60), st.integers(8, 70)), min_size=1, max_size=7),
        num_blocks=st.integers(12, 60), leaps=st.lists(st.integers(1, 40), min_size=8, max_size=30),
@@ -268,16 +283,7 @@ def test_decode_leap_equals_the_same_steps_one_at_a_time(shapes, num_blocks, lea
     for want in leaps:
         if not a.has_unfinished():
             break
-        k = b.decode_run_limit(want)
-        assert k == a.decode_run_limit(want)
-        if k:
-            reqs = {r.request_id: [CYCLE[(r.num_output_tokens + j) % len(CYCLE)] for j in range(k)] for r in b.running}
-            b.advance_decodes(k, reqs)
-            leapt += k
-        for _ in range(max(k, 1)):
-            _step_once(a)
-        if not k:
-            _step_once(b)
+        leapt += _leap_and_steps(a, b, want)
         assert _state(a, buffers[0]) == _state(b, buffers[1])
     event("leapt" if leapt else "no leap")
 
@@ -298,12 +304,5 @@ def test_decode_leap_equals_steps_when_a_replay_meets_its_evicted_twin(shapes, n
         for want in leaps:
             if not a.has_unfinished():
                 break
-            k = b.decode_run_limit(want)
-            if k:
-                b.advance_decodes(k, {r.request_id: [CYCLE[(r.num_output_tokens + j) % len(CYCLE)] for j in range(k)]
-                                      for r in b.running})
-            for _ in range(max(k, 1)):
-                _step_once(a)
-            if not k:
-                _step_once(b)
+            _leap_and_steps(a, b, want)
             assert _state(a, None) == _state(b, None)
