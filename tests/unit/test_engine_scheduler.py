@@ -240,7 +240,7 @@ def _state(s: Scheduler, events: EventBuffer) -> tuple:
     reqs = sorted((r.request_id, tuple(r.all_token_ids), r.num_computed_tokens, tuple(s.kv.block_ids(r.request_id)),
                    r.status) for r in s.requests.values())
     return (reqs, [r.request_id for r in s.running], pool.free_order(), pool.cached_blocks(),
-            pool.num_created, vars(s.counters).copy(), [repr(e) for e in events.drain()])
+            pool.num_created, vars(s.counters).copy(), [repr(e) for e in events.drain()] if events else [])
 
 
 def _step_once(s: Scheduler) -> None:
@@ -249,13 +249,31 @@ def _step_once(s: Scheduler) -> None:
                                for q in out.seqs if q.sample})
 
 
-@settings(max_examples=25, deadline=None)
+def _leap_and_steps(a: Scheduler, b: Scheduler, want: int) -> int:
+    """``b`` leaps over the decode steps it may (at most ``want``), ``a`` takes them one at a time (one step each
+    when no leap is possible); the steps leapt."""
+    k = b.decode_run_limit(want)
+    assert k == a.decode_run_limit(want)
+    if k:
+        b.advance_decodes(k, {r.request_id: [CYCLE[(r.num_output_tokens + j) % len(CYCLE)] for j in range(k)]
+                              for r in b.running})
+    for _ in range(max(k, 1)):
+        _step_once(a)
+    if not k:
+        _step_once(b)
+    return k
+
+
+@settings(max_examples=40, deadline=None)
 @given(shapes=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 60), st.integers(8, 70)), min_size=1, max_size=7),
-       num_blocks=st.integers(12, 60), leaps=st.lists(st.integers(1, 40), min_size=8, max_size=30))
-def test_decode_leap_equals_the_same_steps_one_at_a_time(shapes, num_blocks, leaps):
+       num_blocks=st.integers(12, 60), leaps=st.lists(st.integers(1, 40), min_size=8, max_size=30),
+       with_events=st.booleans())
+def test_decode_leap_equals_the_same_steps_one_at_a_time(shapes, num_blocks, leaps, with_events):
     """`advance_decodes` within `decode_run_limit` leaves block tables, the free queue's eviction order,
-    the prefix-cache map, counters and KV events exactly as that many `schedule` + `update_from_output`."""
-    buffers = (EventBuffer(), EventBuffer())
+    the prefix-cache map, counters and KV events exactly as that many `schedule` + `update_from_output`.
+    Without events the pool takes a leap's blocks at once where it can (`KVCacheManager._decode_slots_at_once`;
+    equal prompts here give twin hashes, where it cannot)."""
+    buffers = (EventBuffer(), EventBuffer()) if with_events else (None, None)
     a, b = make(num_blocks=num_blocks, events=buffers[0]), make(num_blocks=num_blocks, events=buffers[1])
     for i, (group, extra, out_len) in enumerate(shapes):
         prompt = [100 + group] * 20 + list(range(extra))      # shared 20-token heads per group
@@ -265,15 +283,26 @@ def test_decode_leap_equals_the_same_steps_one_at_a_time(shapes, num_blocks, lea
     for want in leaps:
         if not a.has_unfinished():
             break
-        k = b.decode_run_limit(want)
-        assert k == a.decode_run_limit(want)
-        if k:
-            reqs = {r.request_id: [CYCLE[(r.num_output_tokens + j) % len(CYCLE)] for j in range(k)] for r in b.running}
-            b.advance_decodes(k, reqs)
-            leapt += k
-        for _ in range(max(k, 1)):
-            _step_once(a)
-        if not k:
-            _step_once(b)
+        leapt += _leap_and_steps(a, b, want)
         assert _state(a, buffers[0]) == _state(b, buffers[1])
     event("leapt" if leapt else "no leap")
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(17, 60)), min_size=1, max_size=4),
+       num_blocks=st.integers(10, 30), leaps=st.lists(st.integers(2, 40), min_size=30, max_size=60))
+def test_decode_leap_equals_steps_when_a_replay_meets_its_evicted_twin(shapes, num_blocks, leaps):
+    """The same requests twice, one wave after the other, on a small pool without events: the second wave's
+    decode blocks hash as the first wave's, which sit freed (still cached) in the eviction queue, and a leap's
+    own allocations evict them. The at-once path must step aside there (the point-by-point order decides which
+    block keeps the hash), so the state equals that many single steps."""
+    a, b = make(num_blocks=num_blocks), make(num_blocks=num_blocks)
+    for w in range(2):
+        for i, (extra, out_len) in enumerate(shapes):
+            for s in (a, b):
+                s.add_request(req(f"{w}-{i}", [7] * 3 + list(range(extra)), max_tokens=out_len))
+        for want in leaps:
+            if not a.has_unfinished():
+                break
+            _leap_and_steps(a, b, want)
+            assert _state(a, None) == _state(b, None)

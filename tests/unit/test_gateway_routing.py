@@ -208,6 +208,31 @@ def test_precise_index_capacity():
     assert idx.blocks("e") == 5
 
 
+def _rls_reference(w: list[float], p: list[list[float]], x: list[float], y: float) -> tuple[list, list]:
+    """The TTFT model's update in its generator-expression form (what `_RLS.update` unrolls)."""
+    px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
+    denom = 0.98 + sum(x[i] * px[i] for i in range(3))
+    k = [v / denom for v in px]
+    err = y - (w[0] * x[0] + w[1] * x[1] + w[2] * x[2])
+    new_p = [[(p[i][j] - k[i] * px[j]) / 0.98 for j in range(3)] for i in range(3)]
+    return [w[i] + k[i] * err for i in range(3)], new_p
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, -0.0, 0.25, 1.7, 3.0]), st.sampled_from([0.0, -0.0, 1.0, 7.0, 40.0]),
+                          st.sampled_from([0.0, -0.0, 0.004, 0.3, 2.5])), min_size=1, max_size=40))
+def test_latency_model_update_is_the_generator_form_bit_for_bit(obs):
+    from inferstack.gateway.routing.latency import _RLS
+
+    m, w, p = _RLS(), _RLS().w, _RLS().p
+    for ktokens, load, ttft in obs:
+        x = [1.0, ktokens, load]
+        m.update(x, ttft)
+        w, p = _rls_reference(w, p, x, ttft)
+        assert [v.hex() for v in m.w] == [v.hex() for v in w]
+        assert [[v.hex() for v in row] for row in m.p] == [[v.hex() for v in row] for row in p]
+
+
 def test_latency_model_learns_the_slower_endpoint():
     state = RoutingState()
     for _ in range(50):

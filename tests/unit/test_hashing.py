@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from inferstack.engine.kv.hashing import (
     KVKeySpace,
+    block_hash,
     block_hashes,
     chunk_keys,
     model_digest_from_file_digests,
@@ -66,3 +67,16 @@ def test_model_digest_is_order_independent():
     a = model_digest_from_file_digests({"b.safetensors": "1" * 64, "a.safetensors": "2" * 64})
     b = model_digest_from_file_digests({"a.safetensors": "2" * 64, "b.safetensors": "1" * 64})
     assert a == b and len(a) == 64
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=16, max_size=120))
+def test_block_at_a_time_chain_is_the_numpy_chain(tokens):
+    """Extending a chain one block at a time (a decode's path) gives `block_hash`'s own (numpy) bytes."""
+    chain: list[bytes] = []
+    for end in range(16, len(tokens) + 1, 16):
+        chain += block_hashes(SPACE.seed(), tokens[:end], start=len(chain), parent=chain[-1] if chain else None)
+    prev, want = SPACE.seed(), []
+    for i in range(0, len(tokens) // 16 * 16, 16):
+        prev = block_hash(prev, tokens[i:i + 16])
+        want.append(prev)
+    assert chain == want

@@ -117,3 +117,19 @@ def test_live_pool_tie_breaks_follow_the_injected_rng() -> None:
 
     assert picks(5) == picks(5)
     assert picks(5) != picks(6)
+
+
+def test_aged_columns_score_as_columns_built_at_that_age() -> None:
+    """`set_age` keeps the staleness and kv-cache memos while the age stays on one side of the limit and
+    drops them when it crosses: after every ageing they equal those of columns built from views of that age."""
+    for limit in (0.2, 0.12):
+        views = _pool(random.Random(11), 40)
+        cols = EndpointColumns.of(views)
+        for age in (0.01, 0.1, 0.3, 0.25, 0.15, 0.2, 0.21, 0.05, 0.5, 0.0):
+            cols.set_age(age)
+            for v in views:
+                if v.has_metrics:
+                    v.metrics_age_s = age
+            fresh = EndpointColumns.of(views)
+            assert list(cols.stale(limit)) == list(fresh.stale(limit)), (age, limit)
+            assert list(cols.kv_scores(limit)) == list(fresh.kv_scores(limit)), (age, limit)

@@ -150,7 +150,7 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         """Queued, plus those waiting for remote KV (vLLM counts them as waiting too)."""
-        return len(self.waiting) + self.num_waiting_for_remote_kvs + len(self._kv_ready)
+        return len(self.waiting) + (self.num_waiting_for_remote_kvs if self._recving else 0) + len(self._kv_ready)
 
     @property
     def num_running(self) -> int:
@@ -440,15 +440,17 @@ class Scheduler:
         if (len(self.waiting) or self.connector is not None or self._recving or self._delayed_free or not running
                 or len(running) > self.config.max_num_batched_tokens):
             return 0
-        limit = max_steps
-        for r in running:
+        limit, max_len = max_steps, self.config.max_model_len
+        for r in running:      # `num_tokens` / `num_output_tokens` read as lengths: once per request per leap
             p = r.sampling_params
-            if r.num_tokens - r.num_computed_tokens != 1 or p.stop_token_ids or not p.ignore_eos:
+            num_tokens = len(r.all_token_ids)
+            if num_tokens - r.num_computed_tokens != 1 or p.stop_token_ids or not p.ignore_eos:
                 return 0
-            left = self.config.max_model_len - r.num_tokens
-            if p.max_tokens is not None:
-                left = min(left, p.max_tokens - r.num_output_tokens)
-            limit = min(limit, left)         # the step that finishes a request ends the run
+            left = max_len - num_tokens
+            if p.max_tokens is not None and p.max_tokens - len(r.output_token_ids) < left:
+                left = p.max_tokens - len(r.output_token_ids)
+            if left < limit:       # the step that finishes a request ends the run
+                limit = left
         while limit > 0 and self.kv.total_blocks_needed(running, limit) > self.kv.pool.num_free_blocks:
             limit //= 2
         return max(limit, 0)
@@ -464,20 +466,20 @@ class Scheduler:
         running, bs = self.running, self.kv.block_size
         start = [r.num_computed_tokens for r in running]
         n = len(running)
-        points: set[int] = set()       # step j of request i as j * n + i: sorted, the (step, request) order
+        # step j of request i as j * n + i: sorted, the (step, request) order. A point listed twice is applied
+        # once (the second finds its block taken and cached), so a list does, without a set's hashing.
+        points: list[int] = []
+        cached = self.kv.num_cached_blocks
         for i, (r, nc) in enumerate(zip(running, start, strict=True)):
-            if self.kv.num_cached_blocks(r.request_id) != nc // bs:
-                points.add(i)          # unusual (a step caches what it fills): let step 0 catch up
-            for first in ((-nc) % bs, (-nc - 1) % bs):
-                points.update(range(first * n + i, steps * n, bs * n))
-        for r in running:
+            if cached(r.request_id) != nc // bs:
+                points.append(i)       # unusual (a step caches what it fills): let step 0 catch up
+            points += range((-nc) % bs * n + i, steps * n, bs * n)
+            points += range((-nc - 1) % bs * n + i, steps * n, bs * n)
             tokens = sampled[r.request_id]
             r.output_token_ids.extend(tokens)
             r.all_token_ids.extend(tokens)
-        slots = []
-        for p in sorted(points):
-            j, i = divmod(p, n)
-            slots.append((running[i], start[i] + j))
+        points.sort()
+        slots = [(running[p % n], start[p % n] + p // n) for p in points]
         if not self.kv.allocate_decode_slots(slots):
             raise RuntimeError("advance_decodes beyond decode_run_limit: the pool ran out of blocks")
         batch = list(running)
@@ -492,7 +494,7 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token: int) -> tuple[FinishReason | None, int | None]:
         params = request.sampling_params
-        n_out = request.num_output_tokens
+        n_out = len(request.output_token_ids)     # `num_output_tokens`: every token of every request comes here
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
                 return FinishReason.STOP, token
@@ -500,7 +502,7 @@ class Scheduler:
                 return FinishReason.STOP, None
         if params.max_tokens is not None and n_out >= params.max_tokens:
             return FinishReason.LENGTH, None
-        if request.num_tokens >= self.config.max_model_len:
+        if len(request.all_token_ids) >= self.config.max_model_len:
             return FinishReason.LENGTH, None
         return None, None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from inferstack.engine.config import EngineConfig
@@ -197,11 +198,10 @@ class SimReplica:
             return None
         reqs = list(self.scheduler.running)
         dts = self.pricing.times([r.num_computed_tokens for r in reqs], k)
-        ends, t = [], self.clock()
-        for dt in dts:
-            t = t + dt
-            ends.append(t)
-        self.run = DecodeRun(self.clock(), ends, dts, reqs, self.scheduler.kv.pool.num_free_blocks)
+        now = self.clock()
+        ends = list(accumulate(dts, initial=now))     # t + dt step after step, at C speed
+        del ends[0]
+        self.run = DecodeRun(now, ends, dts, reqs, self.scheduler.kv.pool.num_free_blocks)
         return self.run
 
     def settle(self, steps: int, count_next: bool = False) -> list[float]:
@@ -219,9 +219,12 @@ class SimReplica:
             self.scheduler.advance_decodes(steps, {
                 r.request_id: ring[(k := len(r.output_token_ids) % n):k + steps] for r in run.requests})
         counted = steps + (1 if count_next and steps < len(run.ends) else 0)
-        self.stats.steps += counted
-        for dt in run.dts[:counted]:
-            self.stats.busy_s += dt
+        stats = self.stats
+        stats.steps += counted
+        busy = stats.busy_s
+        for dt in run.dts[:counted]:     # one addition per step, in order (as per-step simulation adds them)
+            busy += dt
+        stats.busy_s = busy
         return run.ends[:steps]
 
     def settle_through(self, done: int) -> list[float]:

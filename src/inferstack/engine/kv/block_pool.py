@@ -54,6 +54,11 @@ class BlockPool:
         return self._num_free + self.num_blocks - len(self.ref_cnt)
 
     @property
+    def publishes_events(self) -> bool:
+        """KV events are published (their order is observable)."""
+        return self._events is not None
+
+    @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
@@ -81,11 +86,18 @@ class BlockPool:
             ref[b] += 1
 
     def allocate(self, n: int) -> list[int]:
-        if n > self.num_free_blocks:
-            raise NoFreeBlocksError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
         ref = self.ref_cnt
         first = len(ref)
-        fresh = min(n, self.num_blocks - first)
+        unused = self.num_blocks - first
+        if n > self._num_free + unused:
+            raise NoFreeBlocksError(f"asked for {n} KV blocks, {self.num_free_blocks} free")
+        if n == 1 and unused:      # a decode's next block (most calls), never used before: no lists to build
+            ref.append(1)
+            self.hashes.append(None)
+            self._prev.append(_NIL)
+            self._next.append(_NIL)
+            return [first]
+        fresh = min(n, unused)
         out = list(range(first, first + fresh))
         if fresh:
             ref += [1] * fresh
@@ -159,6 +171,13 @@ class BlockPool:
         if not self.enable_caching or start >= end:
             return
         own, cached = self.hashes, self._cached
+        if self._events is None:      # nothing to publish: no runs to collect (every prompt's blocks come here)
+            for i in range(start, end):
+                b, block_hash = blocks[i], hashes[i]
+                if own[b] is None and block_hash not in cached:
+                    own[b] = block_hash
+                    cached[block_hash] = b
+            return
         runs: list[list[int]] = []      # contiguous runs of newly cached block indices
         for i in range(start, end):
             b, block_hash = blocks[i], hashes[i]

@@ -101,8 +101,10 @@ def block_hashes(seed: bytes, token_ids: Sequence[int], block_size: int = BLOCK_
     # only the blocks to hash: a request extends its chain one block at a time as it decodes. struct packs
     # the same little-endian uint32 bytes as numpy, ~3x faster for the few blocks of a decode step.
     count = (n_full - start) * block_size
-    data = struct.pack(f"<{count}I", *token_ids[start * block_size:n_full * block_size])
+    data = _packer(count).pack(*token_ids[start * block_size:n_full * block_size])
     prev = seed if parent is None else parent
+    if count == block_size:      # one block (most calls: a decode's next block), without the loop
+        return [hashlib.sha256(prev + data).digest()]
     out: list[bytes] = []
     width = 4 * block_size
     sha = hashlib.sha256
@@ -110,6 +112,11 @@ def block_hashes(seed: bytes, token_ids: Sequence[int], block_size: int = BLOCK_
         prev = sha(prev + data[i:i + width]).digest()
         out.append(prev)
     return out
+
+
+@lru_cache(maxsize=256)    # compiled once per length: a decode extends its chain by one block at a time
+def _packer(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}I")
 
 
 def chunk_keys(hashes: Sequence[bytes], blocks_per_chunk: int = BLOCKS_PER_CHUNK) -> list[bytes]:

@@ -78,6 +78,8 @@ class KVCacheManager:
         ``computed`` tokens computed (without setting it), with the same block takes and prefix-cache entries
         in the same order; False at the first the pool cannot serve (the earlier ones stay applied). The
         decode leaps of the fleet simulator apply a run's block boundaries through this, one call a run."""
+        if not self.pool.publishes_events and self._decode_slots_at_once(slots):
+            return True
         bs, pool, tables, ncached = self.block_size, self.pool, self._req_blocks, self._num_cached_blocks
         caching = pool.enable_caching
         for request, computed in slots:
@@ -91,8 +93,63 @@ class KVCacheManager:
                 if needed > pool.num_free_blocks:
                     return False
                 blocks.extend(pool.allocate(needed))
-            if caching and min(after, len(request.all_token_ids)) // bs > ncached.get(rid, 0):
-                self._cache_full_blocks(request, after)
+            if caching:      # `_cache_full_blocks(request, after)` inline: a leap's every block boundary comes here
+                full, start = min(after, len(request.all_token_ids)) // bs, ncached.get(rid, 0)
+                if full > start:
+                    pool.cache_full_blocks(blocks, self.update_block_hashes(request), start, full,
+                                           request.all_token_ids)
+                    ncached[rid] = full
+        return True
+
+    def _decode_slots_at_once(self, slots: Sequence[tuple[Request, int]]) -> bool:
+        """`allocate_decode_slots` with every block taken in one pool call (in the points' order, so the same ids)
+        and each request's new full blocks cached in one, where that cannot differ from point by point: the pool
+        has the blocks, and the new hashes are distinct and none is cached yet (so no point's twin check or
+        eviction can meet another's). False otherwise, having changed nothing but extended hash chains (which
+        the point-by-point path extends the same way)."""
+        bs, tables, ncached = self.block_size, self._req_blocks, self._num_cached_blocks
+        held: dict[str, int] = {}
+        last: dict[str, tuple[Request, int]] = {}        # per request, in order of first point: its last point
+        takes: list[tuple[str, int]] = []
+        total = 0
+        for request, computed in slots:
+            rid = request.request_id
+            have = held.get(rid)
+            if have is None:
+                blocks = tables.get(rid)
+                have = len(blocks) if blocks is not None else 0
+            needed = -(-(computed + 1) // bs) - have
+            if needed > 0:
+                takes.append((rid, needed))
+                total += needed
+                have += needed
+            held[rid] = have
+            last[rid] = (request, computed + 1)
+        pool = self.pool
+        if total > pool.num_free_blocks:
+            return False
+        plans: list[tuple[Request, list[bytes], int, int]] = []
+        if pool.enable_caching:
+            new: list[bytes] = []
+            for rid, (request, after) in last.items():
+                full, start = min(after, len(request.all_token_ids)) // bs, ncached.get(rid, 0)
+                if full > start:
+                    hashes = self.update_block_hashes(request)
+                    plans.append((request, hashes, start, full))
+                    new += hashes[start:full]
+            cached = pool.get_cached_block
+            if len(set(new)) != len(new) or any(cached(h) is not None for h in new):
+                return False
+        for rid in last:
+            if rid not in tables:
+                tables[rid] = []
+        ids, pos = pool.allocate(total) if total else [], 0
+        for rid, count in takes:
+            tables[rid].extend(ids[pos:pos + count])
+            pos += count
+        for request, hashes, start, full in plans:
+            pool.cache_full_blocks(tables[request.request_id], hashes, start, full, request.all_token_ids)
+            ncached[request.request_id] = full
         return True
 
     def allocate_slots(self, request: Request, num_new_tokens: int,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
@@ -56,6 +57,10 @@ class EndpointColumns:
     _stale: tuple[float, np.ndarray] | None = None
     _kv_scores: tuple[float, np.ndarray] | None = None
     _uncapped_idx: Idx | None = None
+    _age: float | None = None     # the age `set_age` gave every scraped endpoint (None: not called yet)
+    # the last filter results by the identity of their inputs (arrays are never changed in place)
+    _healthy_of: tuple[Idx, Idx] | None = None
+    _fresh_of: tuple[Idx, np.ndarray, Idx] | None = None
 
     @classmethod
     def of(cls, views: Sequence[EndpointView]) -> EndpointColumns:
@@ -64,10 +69,11 @@ class EndpointColumns:
         def col(get: Callable[[EndpointView], float], dtype: type = np.float64) -> np.ndarray:
             return np.fromiter(map(get, views), dtype=dtype, count=n)
 
-        return cls(views, {v.id: i for i, v in enumerate(views)}, col(lambda v: v.in_flight), col(lambda v: v.queue),
-                   col(lambda v: v.running), col(lambda v: v.kv_usage), col(lambda v: v.metrics_age_s),
-                   col(lambda v: v.has_metrics, np.bool_), col(lambda v: v.healthy, np.bool_),
-                   col(lambda v: v.max_concurrency or 0))
+        # attribute getters at C speed: the simulator rebuilds these at every scrape tick over 1,000 endpoints
+        return cls(views, {v.id: i for i, v in enumerate(views)}, col(attrgetter("in_flight")),
+                   col(attrgetter("queue")), col(attrgetter("running")), col(attrgetter("kv_usage")),
+                   col(attrgetter("metrics_age_s")), col(attrgetter("has_metrics"), np.bool_),
+                   col(attrgetter("healthy"), np.bool_), col(lambda v: v.max_concurrency or 0))
 
     def shift(self, endpoint: str, in_flight: int) -> None:
         """``endpoint``'s in-flight count is now ``in_flight`` (ignored if it is not in this snapshot)."""
@@ -84,9 +90,16 @@ class EndpointColumns:
         return self._loads
 
     def set_age(self, age: float) -> None:
-        """Every scrape is ``age`` old now (the owner's scrapes all happened at one tick)."""
+        """Every scrape is ``age`` old now (the owner's scrapes all happened at one tick). The staleness and
+        kv-cache memos read the ages only through ``age > limit``, and every scraped endpoint had the previous
+        age: a memo whose limit the age did not cross stays as it is (the owner ages the columns at every
+        routing decision, and the age crosses the limit at most once per scrape)."""
         self.metrics_age[self.has_metrics] = age
-        self._kv_scores = self._stale = None
+        old, self._age = self._age, age
+        if old is None or (self._kv_scores is not None and (old > self._kv_scores[0]) != (age > self._kv_scores[0])):
+            self._kv_scores = None
+        if old is None or (self._stale is not None and (old > self._stale[0]) != (age > self._stale[0])):
+            self._stale = None
 
     def kv_scores(self, stale_after_s: float) -> np.ndarray:
         """`scorers.kv_cache` of every endpoint: 1 - KV use clamped, 0 when stale, 1 without metrics."""
@@ -155,11 +168,18 @@ ColFilter = Callable[[RouteContext, EndpointColumns, Idx], Idx]
 
 
 def healthy(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> Idx:
-    return idx[cols.healthy[idx]]
+    memo = cols._healthy_of       # health only changes with new columns: the same candidates, the same result
+    if memo is None or memo[0] is not idx:
+        memo = cols._healthy_of = (idx, idx[cols.healthy[idx]])
+    return memo[1]
 
 
 def not_overloaded(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> Idx:
-    fresh = idx[~cols.stale(ctx.snapshot.stale_after_s)[idx]]
+    stale = cols.stale(ctx.snapshot.stale_after_s)
+    memo = cols._fresh_of          # the candidates with fresh metrics, kept while the candidates and staleness are
+    if memo is None or memo[0] is not idx or memo[1] is not stale:
+        memo = cols._fresh_of = (idx, stale, idx[~stale[idx]])
+    fresh = memo[2]
     if not fresh.size:
         fresh = idx
     loads = cols.loads()[fresh]

@@ -23,13 +23,17 @@ class _RLS:
         return self.w[0] * x[0] + self.w[1] * x[1] + self.w[2] * x[2]
 
     def update(self, x: list[float], y: float) -> None:
-        p = self.p
-        px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
-        denom = _FORGET + sum(x[i] * px[i] for i in range(3))
-        k = [v / denom for v in px]
+        # unrolled (every completion updates its endpoint's model): each sum is `sum()`'s own float additions
+        # in its order, from 0.0, so the weights are bit for bit those of the generator-expression form
+        (p0, p1, p2), (x0, x1, x2), w = self.p, x, self.w
+        px = [0.0 + p0[0] * x0 + p0[1] * x1 + p0[2] * x2, 0.0 + p1[0] * x0 + p1[1] * x1 + p1[2] * x2,
+              0.0 + p2[0] * x0 + p2[1] * x1 + p2[2] * x2]
+        denom = _FORGET + (0.0 + x0 * px[0] + x1 * px[1] + x2 * px[2])
+        k = [px[0] / denom, px[1] / denom, px[2] / denom]
         err = y - self.predict(x)
-        self.w = [self.w[i] + k[i] * err for i in range(3)]
-        self.p = [[(p[i][j] - k[i] * px[j]) / _FORGET for j in range(3)] for i in range(3)]
+        self.w = [w[0] + k[0] * err, w[1] + k[1] * err, w[2] + k[2] * err]
+        self.p = [[(row[0] - ki * px[0]) / _FORGET, (row[1] - ki * px[1]) / _FORGET, (row[2] - ki * px[2]) / _FORGET]
+                  for row, ki in zip((p0, p1, p2), k, strict=True)]
         self.n += 1
 
 
