@@ -19,9 +19,11 @@ Both kernels are vectorized only for bf16 activations; fp32 and fp16 fall into a
 10-100x slower. So the activation is always cast to bf16 first, whatever the model's dtype
 (``tests/unit/test_quant_linear.py`` guards this).
 
-They are GEMV-shaped kernels: fastest for a few rows (decode), slower than a bf16 GEMM for many
-(prefill chunks, large batches). Each call picks by its number of rows (:func:`use_dense`): below
-``crossover`` rows the quantized kernel, from it on a bf16 copy of the weight when one is kept.
+They are GEMV-shaped kernels: fastest for a few rows (decode), slower than a GEMM for many (prefill
+chunks, large batches). Each call picks by its number of rows (:func:`use_dense`): below ``crossover``
+rows the quantized kernel, from it on the large-step copy of the weight when one is kept: bf16 for
+``F.linear``, or int8 per output channel for an int8 × int8 GEMM (``int8_gemm.py``), whichever
+:func:`large_step_kernel` measured faster on this CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferstack.engine.models.extension import load_extension
+from inferstack.engine.models.int8_gemm import Int8Gemm
 from inferstack.engine.weights.quantize import Int4Weight, Int8Weight, QuantWeight
 
 _NO_OFFSET = torch.empty(0)   # q8_matmul's "symmetric" (an empty offset tensor; never written)
@@ -114,32 +117,56 @@ class QuantizedLinear(nn.Module):
     """Weight-only quantized projection. Its tensors are plain attributes, not buffers: the packed
     layout is host-specific and must never reach a state dict or a cache."""
 
-    def __init__(self, packed: PackedWeight, dense: torch.Tensor | None, bias: torch.Tensor | None,
+    def __init__(self, packed: PackedWeight, dense: torch.Tensor | Int8Gemm | None, bias: torch.Tensor | None,
                  crossover: int | None, out_dtype: torch.dtype) -> None:
         super().__init__()
         self.packed = packed
-        self.dense = dense                      # bf16 [N, K] for large steps, or None
+        self.dense = dense                      # large steps: bf16 [N, K], int8 per channel, or None
         self.bias_ = None if bias is None else bias.to(out_dtype)
         self.crossover = crossover if dense is not None else None
         self.out_dtype = out_dtype
 
     @classmethod
     def build(cls, w: QuantWeight, dense_source: torch.Tensor | None, bias: torch.Tensor | None,
-              crossover: int | None, out_dtype: torch.dtype) -> QuantizedLinear:
-        dense = None if dense_source is None else dense_source.to(torch.bfloat16).contiguous()
-        return cls(PackedWeight.pack(w), dense, bias, crossover, out_dtype)
+              crossover: int | None, out_dtype: torch.dtype, large: str = "bfloat16") -> QuantizedLinear:
+        """``large``: the large-step copy's format, ``bfloat16`` or ``int8`` (:func:`large_step_kernel`)."""
+        return cls(PackedWeight.pack(w), large_copy(dense_source, large), bias, crossover, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-        y = F.linear(xb, self.dense) if use_dense(rows, self.crossover) else self.packed.matmul(xb)
+        large = use_dense(x.shape[0], self.crossover)
+        if large and isinstance(self.dense, Int8Gemm):
+            y = self.dense.matmul(x, self.out_dtype)    # quantizes x itself: no bf16 cast first
+        else:
+            xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+            y = F.linear(xb, self.dense) if large else self.packed.matmul(xb)
         if y.dtype != self.out_dtype:
             y = y.to(self.out_dtype)
         return y if self.bias_ is None else y + self.bias_
 
     def memory(self) -> tuple[int, int]:
-        """``(quantized bytes, dense bf16 copy bytes)``."""
+        """``(quantized bytes, large-step copy bytes)``."""
+        if isinstance(self.dense, Int8Gemm):
+            return self.packed.nbytes(), self.dense.nbytes()
         return self.packed.nbytes(), 0 if self.dense is None else self.dense.numel() * 2
+
+
+def large_copy(dense: torch.Tensor | None, large: str) -> torch.Tensor | Int8Gemm | None:
+    if dense is None:
+        return None
+    if large == "int8":
+        return Int8Gemm.quantize(dense)
+    return dense.to(torch.bfloat16).contiguous()
+
+
+def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 7) -> str:
+    """``int8`` or ``bfloat16``: which large-step GEMM is faster on this CPU for ``rows`` rows of
+    ``dense``'s shape (interleaved medians). bf16 wins where the CPU has AMX or a fast bf16 dot product;
+    on AVX-512 VNNI without AMX the int8 GEMM was 4.7× faster at 64 rows (docs/benchmarks.md)."""
+    bf16, int8 = large_copy(dense, "bfloat16"), Int8Gemm.quantize(dense)
+    x = torch.randn(rows, dense.shape[1])
+    xb = x.to(torch.bfloat16)
+    bf16_wins = _dense_wins(lambda: F.linear(xb, bf16), lambda: int8.matmul(xb, torch.bfloat16), repeats)
+    return "bfloat16" if bf16_wins else "int8"
 
 
 def _dense_wins(dense: Callable[[], torch.Tensor], quantized: Callable[[], torch.Tensor], repeats: int) -> bool:
@@ -157,18 +184,25 @@ def _dense_wins(dense: Callable[[], torch.Tensor], quantized: Callable[[], torch
 
 
 def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128),
-                      repeats: int = 7) -> int | None:
-    """The fewest rows from which the bf16 GEMM beats the quantized kernel on ``w`` and stays
-    ahead for every larger candidate (None: the quantized kernel wins at every size tried)."""
+                      repeats: int = 7, large: str = "bfloat16") -> int | None:
+    """The fewest rows from which the large-step GEMM (``large``, as in :func:`large_copy`) beats the
+    quantized kernel on ``w`` and stays ahead for every larger candidate (None: the quantized kernel
+    wins at every size tried)."""
     packed = PackedWeight.pack(w)
-    dense = (w.dequantize() if isinstance(w, (Int8Weight, Int4Weight)) else w).to(torch.bfloat16)
+    copy = large_copy(w.dequantize() if isinstance(w, (Int8Weight, Int4Weight)) else w, large)
     wins = []
     for rows in candidates:
-        x = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
-        wins.append(_dense_wins(lambda x=x: F.linear(x, dense), lambda x=x: packed.matmul(x), repeats))
+        x = torch.randn(rows, packed_in_features(copy)).to(torch.bfloat16)
+        gemm = ((lambda x=x: copy.matmul(x, torch.bfloat16)) if isinstance(copy, Int8Gemm)
+                else (lambda x=x: F.linear(x, copy)))
+        wins.append(_dense_wins(gemm, lambda x=x: packed.matmul(x), repeats))
     crossover = None
     for rows, dense_wins in zip(reversed(candidates), reversed(wins), strict=True):
         if not dense_wins:
             break
         crossover = rows
     return crossover
+
+
+def packed_in_features(copy: torch.Tensor | Int8Gemm) -> int:
+    return copy.weight_t.shape[0] if isinstance(copy, Int8Gemm) else copy.shape[1]
