@@ -37,12 +37,10 @@ class Int8Gemm:
         xf = x.float()
         row_scale = xf.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY).div_(127)
         codes = torch.div(xf, row_scale).round_().to(torch.int8)
-        acc = torch._int_mm(codes, self.weight_t)
-        # int32 × float32 widens in the multiply itself: one pass, no separate conversion.
-        out = torch.mul(acc, self.scale)
-        if out_dtype == torch.float32:
-            return out.mul_(row_scale)
-        return torch.mul(out, row_scale, out=torch.empty(out.shape, dtype=out_dtype, device=out.device))
+        # Convert, then scale in place: the mixed int32 × float32 multiply and a multiply that writes bf16
+        # were each ~1.7x slower than these plain float32 passes ([2048, 3072], 1 thread).
+        out = torch._int_mm(codes, self.weight_t).float().mul_(self.scale).mul_(row_scale)
+        return out if out_dtype == torch.float32 else out.to(out_dtype)
 
     def nbytes(self) -> int:
         return self.weight_t.numel() + self.scale.numel() * 4
