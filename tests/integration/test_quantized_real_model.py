@@ -30,6 +30,9 @@ def reference():
 # Issue 14's bar (int8 >= 99 %, int4 >= 95 %) is met on `inferstack model eval`'s held-out prompts (99.5 % /
 # 99.7 %). On these 384 GPL-3 positions, with fp32 activations and grouped int8, we measured int8 98.96 %
 # and gguf 97.40 % (contended machine, 2 threads); the bounds leave a few positions of margin.
+MIN_TOP1_INT8_GEMM = 0.0
+
+
 @pytest.mark.parametrize(("quantization", "min_top1"), [("int8", 0.98), ("int4", 0.95), ("gguf", 0.96)])
 def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min_top1):
     ref_lm, windows, ref_top = reference
@@ -38,6 +41,20 @@ def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min
     top1 = agree / sum(map(len, windows))
     assert top1 >= min_top1, top1
     assert perplexity(lm, windows) < 1.1 * perplexity(ref_lm, windows)
+
+
+def test_int8_gemm_large_steps_against_fp32(reference):
+    """Every step on the int8 × int8 large-step copy (crossover 1): per-channel weights and per-row
+    activations rounded to 8 bits, scored like the quantized formats above."""
+    ref_lm, windows, ref_top = reference
+    lm = load_model("smollm2-135m", quant=QuantOptions("gguf", crossover_rows=1, large_kernel="int8"))
+    assert lm.quant.large_kernel == "int8"
+    agree = sum((score_tokens(lm, w).argmax(-1) == r).sum().item() for w, r in zip(windows, ref_top, strict=True))
+    top1 = agree / sum(map(len, windows))
+    ppl, ref_ppl = perplexity(lm, windows), perplexity(ref_lm, windows)
+    print(f"int8 GEMM large steps: top-1 {top1:.4f}, perplexity {ppl:.3f} vs fp32 {ref_ppl:.3f}")
+    assert top1 >= MIN_TOP1_INT8_GEMM, top1
+    assert ppl < 1.1 * ref_ppl
 
 
 def test_int4_engine_answers_and_switches_kernels():

@@ -198,14 +198,26 @@ def test_each_step_picks_int8_gemm_or_the_quantized_kernel_by_rows():
         torch.testing.assert_close(layer(x), int8 if rows >= 8 else packed, atol=0, rtol=0)
 
 
+def test_fp32_large_step_copy_widens_the_bf16_input_exactly():
+    """``large="float32"`` (what ``auto`` picks where fp32 GEMMs beat bf16 ones): the bf16 activation is
+    widened exactly, multiplied by the float weight in fp32, and narrowed once to the layer's output dtype."""
+    w = _weight(128, 96)
+    layer = QuantizedLinear.build(quantize_int4(w, 32), w, None, crossover=8, out_dtype=torch.bfloat16,
+                                  large="float32")
+    assert layer.dense.dtype == torch.float32 and layer.memory()[1] == 4 * w.numel()
+    x = torch.randn(16, 96).bfloat16()
+    torch.testing.assert_close(layer(x), F.linear(x.float(), w).bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(layer(x[:4]), layer.packed.matmul(x[:4]), atol=0, rtol=0)
+
+
 def test_large_step_kernel_is_measured_and_pins_reach_the_config():
     from inferstack.cli.engine import build_engine_config
 
-    assert large_step_kernel(_weight(256, 128), rows=16, repeats=1) in ("bfloat16", "int8")
+    assert large_step_kernel(_weight(256, 128), rows=16, repeats=1) in ("bfloat16", "float32")
     assert measure_crossover(quantize_int4(_weight(256, 256), 32), candidates=(1, 64), repeats=1,
                              large="int8") in (1, 64, None)
     assert build_engine_config("m", quantization="int4", quant_large_kernel="int8").quant_large_kernel == "int8"
-    with pytest.raises(ValueError, match="quant_large_kernel must be auto, bfloat16 or int8"):
+    with pytest.raises(ValueError, match="quant_large_kernel must be auto, bfloat16, float32 or int8"):
         build_engine_config("m", quantization="int4", quant_large_kernel="fp8")
 
 

@@ -104,9 +104,10 @@ def serve(
         help="With --quantization and --dense-prefill: steps of this many tokens or more use the bf16 copy "
              "(default: measured at start-up).")] = None,
     quant_large_kernel: Annotated[str | None, typer.Option(
-        help="With --quantization and --dense-prefill: the large-step copy, bfloat16 (2 bytes per parameter) "
-             "or int8 (1 byte, int8 x int8 GEMMs with per-row activation scales); auto: the faster on this "
-             "CPU, measured at start-up (docs/engine.md, 'Kernel choice per step').")] = None,
+        help="With --quantization and --dense-prefill: the large-step copy, bfloat16 (2 bytes per parameter), "
+             "float32 (4) or int8 (1 byte, int8 x int8 GEMMs with per-row activation scales: fastest, less "
+             "accurate); auto: the faster of bfloat16 and float32 on this CPU, measured at start-up "
+             "(docs/engine.md, 'Kernel choice per step').")] = None,
     device: Annotated[Device, typer.Option(help="Where to run; auto uses CUDA when available.")] = Device.auto,
     max_model_len: Annotated[int | None, typer.Option(
         help="Longest prompt + completion in tokens (default: the model's context length, capped by the "

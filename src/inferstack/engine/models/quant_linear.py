@@ -21,9 +21,9 @@ Both kernels are vectorized only for bf16 activations; fp32 and fp16 fall into a
 
 They are GEMV-shaped kernels: fastest for a few rows (decode), slower than a GEMM for many (prefill
 chunks, large batches). Each call picks by its number of rows (:func:`use_dense`): below ``crossover``
-rows the quantized kernel, from it on the large-step copy of the weight when one is kept: bf16 for
-``F.linear``, or int8 per output channel for an int8 × int8 GEMM (``int8_gemm.py``), whichever
-:func:`large_step_kernel` measured faster on this CPU.
+rows the quantized kernel, from it on the large-step copy of the weight when one is kept: bf16 or
+float32 for ``F.linear``, whichever :func:`large_step_kernel` measured faster on this CPU, or on request
+int8 per output channel for an int8 × int8 GEMM (``int8_gemm.py``: fastest, but less accurate).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class QuantizedLinear(nn.Module):
                  crossover: int | None, out_dtype: torch.dtype) -> None:
         super().__init__()
         self.packed = packed
-        self.dense = dense                      # large steps: bf16 [N, K], int8 per channel, or None
+        self.dense = dense                      # large steps: bf16/fp32 [N, K], int8 per channel, or None
         self.bias_ = None if bias is None else bias.to(out_dtype)
         self.crossover = crossover if dense is not None else None
         self.out_dtype = out_dtype
@@ -129,16 +129,14 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def build(cls, w: QuantWeight, dense_source: torch.Tensor | None, bias: torch.Tensor | None,
               crossover: int | None, out_dtype: torch.dtype, large: str = "bfloat16") -> QuantizedLinear:
-        """``large``: the large-step copy's format, ``bfloat16`` or ``int8`` (:func:`large_step_kernel`)."""
+        """``large``: the large-step copy's format, ``bfloat16``, ``float32`` or ``int8`` (:func:`large_copy`)."""
         return cls(PackedWeight.pack(w), large_copy(dense_source, large), bias, crossover, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        large = use_dense(x.shape[0], self.crossover)
-        if large and isinstance(self.dense, Int8Gemm):
-            y = self.dense.matmul(x, self.out_dtype)    # quantizes x itself: no bf16 cast first
+        if use_dense(x.shape[0], self.crossover):
+            y = large_matmul(self.dense, x, self.out_dtype)
         else:
-            xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-            y = F.linear(xb, self.dense) if large else self.packed.matmul(xb)
+            y = self.packed.matmul(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
         if y.dtype != self.out_dtype:
             y = y.to(self.out_dtype)
         return y if self.bias_ is None else y + self.bias_
@@ -147,7 +145,7 @@ class QuantizedLinear(nn.Module):
         """``(quantized bytes, large-step copy bytes)``."""
         if isinstance(self.dense, Int8Gemm):
             return self.packed.nbytes(), self.dense.nbytes()
-        return self.packed.nbytes(), 0 if self.dense is None else self.dense.numel() * 2
+        return self.packed.nbytes(), 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
 
 
 def large_copy(dense: torch.Tensor | None, large: str) -> torch.Tensor | Int8Gemm | None:
@@ -155,18 +153,29 @@ def large_copy(dense: torch.Tensor | None, large: str) -> torch.Tensor | Int8Gem
         return None
     if large == "int8":
         return Int8Gemm.quantize(dense)
-    return dense.to(torch.bfloat16).contiguous()
+    dtype = torch.float32 if large == "float32" else torch.bfloat16
+    return dense.to(dtype).contiguous()
+
+
+def large_matmul(copy: torch.Tensor | Int8Gemm, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x · wᵀ`` on a large-step copy: the int8 GEMM quantizes ``x`` itself; ``F.linear`` takes ``x`` in
+    the copy's dtype (a bf16 input to an fp32 copy widens exactly)."""
+    if isinstance(copy, Int8Gemm):
+        return copy.matmul(x, out_dtype)
+    y = F.linear(x if x.dtype == copy.dtype else x.to(copy.dtype), copy)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 7) -> str:
-    """``int8`` or ``bfloat16``: which large-step GEMM is faster on this CPU for ``rows`` rows of
-    ``dense``'s shape (interleaved medians). bf16 wins where the CPU has AMX or a fast bf16 dot product;
-    on AVX-512 VNNI without AMX the int8 GEMM was 4.7× faster at 64 rows (docs/benchmarks.md)."""
-    bf16, int8 = large_copy(dense, "bfloat16"), Int8Gemm.quantize(dense)
-    x = torch.randn(rows, dense.shape[1])
-    xb = x.to(torch.bfloat16)
-    bf16_wins = _dense_wins(lambda: F.linear(xb, bf16), lambda: int8.matmul(xb, torch.bfloat16), repeats)
-    return "bfloat16" if bf16_wins else "int8"
+    """``bfloat16`` or ``float32``: which large-step copy multiplies ``rows`` rows of ``dense``'s shape
+    faster on this CPU (interleaved medians). bf16 wins where the CPU has AMX or a fast bf16 GEMM (the
+    AMD EPYC: 2x fp32); on an Intel Xeon with AVX-512 bf16 but no AMX oneDNN's bf16 GEMM was 1.5x
+    *slower* than fp32 (docs/benchmarks.md). int8 is never picked here: it costs accuracy."""
+    bf16, fp32 = large_copy(dense, "bfloat16"), large_copy(dense, "float32")
+    xb = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
+    bf16_wins = _dense_wins(lambda: large_matmul(bf16, xb, torch.bfloat16),
+                            lambda: large_matmul(fp32, xb, torch.bfloat16), repeats)
+    return "bfloat16" if bf16_wins else "float32"
 
 
 def _dense_wins(dense: Callable[[], torch.Tensor], quantized: Callable[[], torch.Tensor], repeats: int) -> bool:
@@ -193,9 +202,8 @@ def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = (2, 4, 8, 16
     wins = []
     for rows in candidates:
         x = torch.randn(rows, packed_in_features(copy)).to(torch.bfloat16)
-        gemm = ((lambda x=x: copy.matmul(x, torch.bfloat16)) if isinstance(copy, Int8Gemm)
-                else (lambda x=x: F.linear(x, copy)))
-        wins.append(_dense_wins(gemm, lambda x=x: packed.matmul(x), repeats))
+        wins.append(_dense_wins(lambda x=x: large_matmul(copy, x, torch.bfloat16), lambda x=x: packed.matmul(x),
+                                repeats))
     crossover = None
     for rows, dense_wins in zip(reversed(candidates), reversed(wins), strict=True):
         if not dense_wins:

@@ -60,7 +60,7 @@ class QuantOptions:
     group_size: int = 32                # int8/int4 group (32, 64 or 128)
     dense_prefill: bool = True          # keep a bf16 copy for large steps
     crossover_rows: int | None = None   # rows from which the bf16 copy is used; None: measure
-    large_kernel: str = "auto"          # the large-step copy: bfloat16 | int8 | auto (the faster here)
+    large_kernel: str = "auto"          # the large-step copy: bfloat16 | float32 | int8 | auto (bf16 or fp32)
 
 
 @dataclass
@@ -71,18 +71,18 @@ class QuantSummary:
     quantized_bytes: int = 0
     dense_bytes: int = 0
     crossover: dict[str, int | None] = field(default_factory=dict)
-    large_kernel: str = "bfloat16"      # what the large-step copy is: bfloat16 (F.linear) or int8 (int8 GEMM)
+    large_kernel: str = "bfloat16"      # the large-step copy: bfloat16 / float32 (F.linear) or int8 (int8 GEMM)
 
     def log_lines(self) -> list[str]:
         mib = 2 ** 20
         formats = ", ".join(f"{n} × {f}" for f, n in sorted(self.formats.items()))
-        copy = "bf16" if self.large_kernel == "bfloat16" else "int8 (per channel, int8 × int8 GEMM)"
+        copy = {"bfloat16": "bf16", "float32": "fp32"}.get(self.large_kernel, "int8 (per channel, int8 × int8 GEMM)")
         dense = (f"; {copy} copy for large steps {self.dense_bytes / mib:.0f} MiB (--no-dense-prefill drops it)"
                  if self.dense_bytes else "; no large-step copy: every step uses the quantized kernels")
         lines = [f"quantization {self.quantization}: {formats}; quantized weights "
                  f"{self.quantized_bytes / mib:.0f} MiB{dense}"]
         if self.crossover:
-            gemm = "bf16 GEMM" if self.large_kernel == "bfloat16" else "int8 GEMM"
+            gemm = {"bfloat16": "bf16 GEMM", "float32": "fp32 GEMM"}.get(self.large_kernel, "int8 GEMM")
             lines.append(f"kernel choice: {gemm} from " + ", ".join(
                 f"{rows} rows for {kind}" if rows else f"never for {kind}"
                 for kind, rows in sorted(self.crossover.items())))
@@ -225,8 +225,8 @@ def _gate_up_probe(model: nn.Module) -> torch.Tensor:
 
 
 def _large_kernel(model: nn.Module, opts: QuantOptions) -> str:
-    """The large-step copy's format: the user's, or whichever GEMM is faster at 64 rows on layer 0's
-    gate/up weight (~0.2 s)."""
+    """The large-step copy's format: the user's, or whichever of bf16 and fp32 is faster at 64 rows on
+    layer 0's gate/up weight (~0.2 s)."""
     if opts.large_kernel != "auto":
         return opts.large_kernel
     return large_step_kernel(_gate_up_probe(model))
