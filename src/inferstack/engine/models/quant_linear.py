@@ -166,11 +166,12 @@ def large_matmul(copy: torch.Tensor | Int8Gemm, x: torch.Tensor, out_dtype: torc
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 7) -> str:
+def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 15) -> str:
     """``bfloat16`` or ``float32``: which large-step copy multiplies ``rows`` rows of ``dense``'s shape
     faster on this CPU (interleaved medians). bf16 wins where the CPU has AMX or a fast bf16 GEMM (the
     AMD EPYC: 2x fp32); on an Intel Xeon with AVX-512 bf16 but no AMX oneDNN's bf16 GEMM was 1.5x
-    *slower* than fp32 (docs/benchmarks.md). int8 is never picked here: it costs accuracy."""
+    *slower* than fp32 (docs/benchmarks.md). 15 timings each: with 7, one start in five picked bf16 under
+    load ~18 on 2 cores. int8 is never picked here: it costs accuracy."""
     bf16, fp32 = large_copy(dense, "bfloat16"), large_copy(dense, "float32")
     xb = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
     bf16_wins = _dense_wins(lambda: large_matmul(bf16, xb, torch.bfloat16),
