@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/engine_throughput.py [--threads 2] [--rounds 3]
         [--ours float32,bfloat16,int4,gguf] [--hf float32,bfloat16] [--quant-crossover-rows N]
+        [--quant-large-kernel auto|bfloat16|float32|int8]
 
 Every engine and HF model is loaded once, then each round runs every configuration in turn (the order
 rotates by one each round), so a machine whose load changes hurts every row alike. Each run is timed
@@ -59,7 +60,8 @@ class Row:
 def our_row(name: str, args: argparse.Namespace) -> Row:
     seqs = {} if args.max_num_seqs == 0 else {"max_num_seqs": args.max_num_seqs}
     llm = LLM(args.model, num_threads=args.threads, max_num_batched_tokens=args.max_num_batched_tokens,
-              quant_crossover_rows=args.quant_crossover_rows, **seqs, **OURS[name])
+              quant_crossover_rows=args.quant_crossover_rows, quant_large_kernel=args.quant_large_kernel,
+              **seqs, **OURS[name])
     quant = llm.engine.core.executor.lm.quant
     print(f"loaded inferstack {name}" + ("" if quant is None else f" ({'; '.join(quant.log_lines())})"), flush=True)
     prompts = random_prompts(llm.tokenizer.vocab_size, args.requests, args.prompt_len, seed=1)
@@ -93,6 +95,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--quant-crossover-rows", type=int, default=None,
                     help="pin the bf16-copy crossover (default: measured at start-up, which swings under load)")
+    ap.add_argument("--quant-large-kernel", default="auto",
+                    help="the quantized formats' large-step copy (docs/engine.md, 'Kernel choice per step')")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [our_row(n, args) for n in args.ours.split(",") if n]

@@ -30,6 +30,11 @@ def reference():
 # Issue 14's bar (int8 >= 99 %, int4 >= 95 %) is met on `inferstack model eval`'s held-out prompts (99.5 % /
 # 99.7 %). On these 384 GPL-3 positions, with fp32 activations and grouped int8, we measured int8 98.96 %
 # and gguf 97.40 % (contended machine, 2 threads); the bounds leave a few positions of margin.
+# The int8 × int8 large-step GEMM (opt-in) loses accuracy: 84.4 % top-1 here with every step on it (ninth
+# stop, docs/engine.md); the bound pins that level so a regression of the kernel shows.
+MIN_TOP1_INT8_GEMM = 0.82
+
+
 @pytest.mark.parametrize(("quantization", "min_top1"), [("int8", 0.98), ("int4", 0.95), ("gguf", 0.96)])
 def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min_top1):
     ref_lm, windows, ref_top = reference
@@ -38,6 +43,23 @@ def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min
     top1 = agree / sum(map(len, windows))
     assert top1 >= min_top1, top1
     assert perplexity(lm, windows) < 1.1 * perplexity(ref_lm, windows)
+
+
+@pytest.mark.parametrize(("large", "min_top1"), [("float32", 0.98), ("int8", MIN_TOP1_INT8_GEMM)])
+def test_large_step_copies_against_fp32(reference, large, min_top1):
+    """Every step on the large-step copy (crossover 1). The fp32 copy holds the dequantized weights and
+    widens the bf16 activations exactly: it must score like fp32 up to the bf16 activations between the
+    norms (98.96 % measured, ninth stop). int8 rounds the weights per channel and each activation row to
+    8 bits."""
+    ref_lm, windows, ref_top = reference
+    lm = load_model("smollm2-135m", quant=QuantOptions("gguf", crossover_rows=1, large_kernel=large))
+    assert lm.quant.large_kernel == large
+    agree = sum((score_tokens(lm, w).argmax(-1) == r).sum().item() for w, r in zip(windows, ref_top, strict=True))
+    top1 = agree / sum(map(len, windows))
+    ppl, ref_ppl = perplexity(lm, windows), perplexity(ref_lm, windows)
+    print(f"{large} large steps: top-1 {top1:.4f}, perplexity {ppl:.3f} vs fp32 {ref_ppl:.3f}")
+    assert top1 >= min_top1, top1
+    assert ppl < 1.1 * ref_ppl
 
 
 def test_int4_engine_answers_and_switches_kernels():

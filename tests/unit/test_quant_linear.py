@@ -12,7 +12,14 @@ from tests.support.models_tiny import make_meta, new_kv_caches, write_tiny_gguf,
 
 from inferstack.engine.executor.kv_format import KVFormat
 from inferstack.engine.models.arch import ModelLoadError
-from inferstack.engine.models.quant_linear import PackedWeight, QuantizedLinear, measure_crossover, use_dense
+from inferstack.engine.models.int8_gemm import Int8Gemm
+from inferstack.engine.models.quant_linear import (
+    PackedWeight,
+    QuantizedLinear,
+    large_step_kernel,
+    measure_crossover,
+    use_dense,
+)
 from inferstack.engine.weights.loader import load_model
 from inferstack.engine.weights.quant_loader import QuantOptions, cache_path
 from inferstack.engine.weights.quantize import (
@@ -195,10 +202,80 @@ def test_quantized_loads_keep_fp32_activations_and_reuse_the_cache(tiny_dir):
 
 
 def test_dense_copy_is_reported(tiny_dir):
-    lm = load_model(str(tiny_dir), quant=QuantOptions("int8", crossover_rows=4))
-    assert lm.quant.crossover == {"int8": 4}
+    lm = load_model(str(tiny_dir), quant=QuantOptions("int8", crossover_rows=4, large_kernel="bfloat16"))
+    assert lm.quant.crossover == {"int8": 4} and lm.quant.large_kernel == "bfloat16"
     params = sum(p.numel() for p in load_model(str(tiny_dir), dtype="float32").model.parameters())
     assert 0 < lm.quant.dense_bytes < 2 * params and lm.quant.quantized_bytes < lm.quant.dense_bytes
+
+
+def test_int8_large_step_copy_is_reported_and_used(tiny_dir):
+    """``large_kernel="int8"``: one byte per weight (plus a scale per row) instead of bf16's two, and a
+    step from the crossover on goes through the int8 GEMM."""
+    lm = load_model(str(tiny_dir), quant=QuantOptions("int4", crossover_rows=4, large_kernel="int8"))
+    assert lm.quant.large_kernel == "int8" and "int8 GEMM from 4 rows" in " ".join(lm.quant.log_lines())
+    layers = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(isinstance(m.dense, Int8Gemm) for m in layers)
+    weights = sum(m.dense.weight_t.numel() for m in layers)
+    assert lm.quant.dense_bytes == weights + 4 * sum(m.dense.scale.numel() for m in layers)
+    bf16 = load_model(str(tiny_dir), quant=QuantOptions("int4", crossover_rows=4, large_kernel="bfloat16"))
+    ids = [5, 9, 13, 40, 7, 22]
+    ours, theirs = _forward(lm, ids), _forward(bf16, ids)   # 6 rows: both on their large-step copy
+    assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.8
+
+
+def test_int8_gemm_is_the_product_of_its_codes_and_scales():
+    """Per-channel int8 weights × per-row int8 activations: exactly (codes · codes) · scales up to float32
+    rounding, and within 2 % of the float product for Gaussian data."""
+    w, x = _weight(192, 96, seed=1), torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
+    x[3] = 0.0                                   # an all-zero row must not divide by zero
+    gemm = Int8Gemm.quantize(w)
+    assert gemm.weight_t.dtype == torch.int8 and gemm.weight_t.shape == (96, 192)
+    assert gemm.weight_t.abs().max() == 127
+    row_scale = x.abs().amax(1, keepdim=True).clamp(min=1e-30) / 127
+    codes = (x / row_scale).round()
+    exact = (codes.double() @ gemm.weight_t.double()) * row_scale.double() * gemm.scale.double()
+    out = gemm.matmul(x, torch.float32)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+    assert out[3].abs().max() == 0
+    ref = F.linear(x, w)
+    assert (out - ref).norm() < 0.02 * ref.norm()
+    narrow = gemm.matmul(x.bfloat16(), torch.bfloat16)
+    assert narrow.dtype == torch.bfloat16 and (narrow.float() - ref).norm() < 0.03 * ref.norm()
+
+
+def test_each_step_picks_int8_gemm_or_the_quantized_kernel_by_rows():
+    w = _weight(128, 96)
+    layer = QuantizedLinear.build(quantize_int4(w, 32), w, None, crossover=8, out_dtype=torch.float32,
+                                  large="int8")
+    for rows in (1, 7, 8, 33):
+        x = torch.randn(rows, 96)
+        int8 = layer.dense.matmul(x, torch.float32)
+        packed = layer.packed.matmul(x.bfloat16()).float()
+        torch.testing.assert_close(layer(x), int8 if rows >= 8 else packed, atol=0, rtol=0)
+
+
+def test_fp32_large_step_copy_widens_the_bf16_input_exactly():
+    """``large="float32"`` (what ``auto`` picks where fp32 GEMMs beat bf16 ones): the bf16 activation is
+    widened exactly, multiplied by the float weight in fp32, and narrowed once to the layer's output dtype."""
+    w = _weight(128, 96)
+    layer = QuantizedLinear.build(quantize_int4(w, 32), w, None, crossover=8, out_dtype=torch.bfloat16,
+                                  large="float32")
+    assert layer.dense.dtype == torch.float32 and layer.memory()[1] == 4 * w.numel()
+    x = torch.randn(16, 96).bfloat16()
+    torch.testing.assert_close(layer(x), F.linear(x.float(), w).bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(layer(x[:4]), layer.packed.matmul(x[:4]), atol=0, rtol=0)
+
+
+def test_large_step_kernel_is_measured_and_pins_reach_the_config():
+    from inferstack.cli.engine import build_engine_config
+
+    assert large_step_kernel(_weight(256, 128), rows=16, repeats=1) in ("bfloat16", "float32")
+    assert measure_crossover(quantize_int4(_weight(256, 256), 32), candidates=(1, 64), repeats=1,
+                             large="int8") in (1, 64, None)
+    assert build_engine_config("m", quantization="int4", quant_large_kernel="int8").quant_large_kernel == "int8"
+    with pytest.raises(ValueError, match="quant_large_kernel must be auto, bfloat16, float32 or int8"):
+        build_engine_config("m", quantization="int4", quant_large_kernel="fp8")
 
 
 def test_bad_quantization_requests_are_clear(tiny_dir):

@@ -137,6 +137,11 @@ def serve(
     quant_crossover_rows: Annotated[int | None, typer.Option(
         help="With --quantization and --dense-prefill: steps of this many tokens or more use the bf16 copy "
              "(default: measured at start-up).")] = None,
+    quant_large_kernel: Annotated[str | None, typer.Option(
+        help="With --quantization and --dense-prefill: the large-step copy, bfloat16 (2 bytes per parameter), "
+             "float32 (4) or int8 (1 byte, int8 x int8 GEMMs with per-row activation scales: fastest, less "
+             "accurate); auto: the faster of bfloat16 and float32 on this CPU, measured at start-up "
+             "(docs/engine.md, 'Kernel choice per step').")] = None,
     device: Annotated[Device, typer.Option(help="Where to run; auto uses CUDA when available.")] = Device.auto,
     max_model_len: Annotated[int | None, typer.Option(
         help="Longest prompt + completion in tokens (default: the model's context length, capped by the "
@@ -253,7 +258,8 @@ def serve(
             model, served_model_name=served_model_name, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
             quantization=quantization,
             quant_group_size=quant_group_size, dense_prefill=dense_prefill,
-            quant_crossover_rows=quant_crossover_rows, device=device, max_model_len=max_model_len,
+            quant_crossover_rows=quant_crossover_rows, quant_large_kernel=quant_large_kernel, device=device,
+            max_model_len=max_model_len,
             kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,

@@ -73,7 +73,7 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
         config = config.on_cpu(torch.get_num_threads())
         log.info("running batch capped at %d sequences (--max-num-seqs to change)", config.seq_limit)
     quant = QuantOptions(config.quantization, config.quant_group_size, config.dense_prefill,
-                         config.quant_crossover_rows)
+                         config.quant_crossover_rows, config.quant_large_kernel)
     lm = load_model(config.model, dtype=config.dtype, device=device, quant=quant)
     model_max = lm.arch.max_position_embeddings
     if config.max_model_len is not None and config.max_model_len > model_max:

@@ -12,6 +12,7 @@ from inferstack.kvstore.settings import KVStoreConfig
 # start without it.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "int8", "int4", "gguf"]
+LargeKernel = Literal["auto", "bfloat16", "float32", "int8"]
 KVCacheDtype = Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8"]
 Device = Literal["auto", "cpu", "cuda"]
 SchedulingPolicy = Literal["fcfs", "priority"]
@@ -50,6 +51,9 @@ class EngineConfig:
     quant_group_size: int = 32
     dense_prefill: bool = True
     quant_crossover_rows: int | None = None
+    # The large-step copy: bf16 or fp32 (F.linear), or int8 per channel (int8 × int8 GEMM, less accurate);
+    # auto: the faster of bf16 and fp32 here.
+    quant_large_kernel: LargeKernel = "auto"
     # KV cache precision (docs/engine.md, "KV cache precision"): auto is the activations' dtype, or
     # bfloat16 with int8/int4 weights; int8 and fp8_e4m3 keep a scale per (token, KV head) in the block.
     kv_cache_dtype: KVCacheDtype = "auto"
@@ -116,6 +120,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quant_group_size not in (32, 64, 128):
             raise ValueError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
+        if self.quant_large_kernel not in get_args(LargeKernel):
+            raise ValueError("quant_large_kernel must be auto, bfloat16, float32 or int8, "
+                             f"got {self.quant_large_kernel!r}")
         if self.quant_crossover_rows is not None and self.quant_crossover_rows < 1:
             raise ValueError(f"quant_crossover_rows must be at least 1, got {self.quant_crossover_rows}")
         if self.tool_call_parser not in ("auto", "hermes", "llama3_json", "mistral", "smollm2"):

@@ -19,9 +19,11 @@ Both kernels are vectorized only for bf16 activations; fp32 and fp16 fall into a
 10-100x slower. So the activation is always cast to bf16 first, whatever the model's dtype
 (``tests/unit/test_quant_linear.py`` guards this).
 
-They are GEMV-shaped kernels: fastest for a few rows (decode), slower than a bf16 GEMM for many
-(prefill chunks, large batches). Each call picks by its number of rows (:func:`use_dense`): below
-``crossover`` rows the quantized kernel, from it on a bf16 copy of the weight when one is kept.
+They are GEMV-shaped kernels: fastest for a few rows (decode), slower than a GEMM for many (prefill
+chunks, large batches). Each call picks by its number of rows (:func:`use_dense`): below ``crossover``
+rows the quantized kernel, from it on the large-step copy of the weight when one is kept: bf16 or
+float32 for ``F.linear``, whichever :func:`large_step_kernel` measured faster on this CPU, or on request
+int8 per output channel for an int8 × int8 GEMM (``int8_gemm.py``: fastest, but less accurate).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferstack.engine.models.extension import load_extension
+from inferstack.engine.models.int8_gemm import Int8Gemm
 from inferstack.engine.weights.quantize import Int4Weight, Int8Weight, QuantWeight
 
 log = logging.getLogger(__name__)
@@ -116,32 +119,67 @@ class QuantizedLinear(nn.Module):
     """Weight-only quantized projection. Its tensors are plain attributes, not buffers: the packed
     layout is host-specific and must never reach a state dict or a cache."""
 
-    def __init__(self, packed: PackedWeight, dense: torch.Tensor | None, bias: torch.Tensor | None,
+    def __init__(self, packed: PackedWeight, dense: torch.Tensor | Int8Gemm | None, bias: torch.Tensor | None,
                  crossover: int | None, out_dtype: torch.dtype) -> None:
         super().__init__()
         self.packed = packed
-        self.dense = dense                      # bf16 [N, K] for large steps, or None
+        self.dense = dense                      # large steps: bf16/fp32 [N, K], int8 per channel, or None
         self.bias_ = None if bias is None else bias.to(out_dtype)
         self.crossover = crossover if dense is not None else None
         self.out_dtype = out_dtype
 
     @classmethod
     def build(cls, w: QuantWeight, dense_source: torch.Tensor | None, bias: torch.Tensor | None,
-              crossover: int | None, out_dtype: torch.dtype) -> QuantizedLinear:
-        dense = None if dense_source is None else dense_source.to(torch.bfloat16).contiguous()
-        return cls(PackedWeight.pack(w), dense, bias, crossover, out_dtype)
+              crossover: int | None, out_dtype: torch.dtype, large: str = "bfloat16") -> QuantizedLinear:
+        """``large``: the large-step copy's format, ``bfloat16``, ``float32`` or ``int8`` (:func:`large_copy`)."""
+        return cls(PackedWeight.pack(w), large_copy(dense_source, large), bias, crossover, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-        y = F.linear(xb, self.dense) if use_dense(rows, self.crossover) else self.packed.matmul(xb)
+        if use_dense(x.shape[0], self.crossover):
+            y = large_matmul(self.dense, x, self.out_dtype)
+        else:
+            y = self.packed.matmul(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
         if y.dtype != self.out_dtype:
             y = y.to(self.out_dtype)
         return y if self.bias_ is None else y + self.bias_
 
     def memory(self) -> tuple[int, int]:
-        """``(quantized bytes, dense bf16 copy bytes)``."""
-        return self.packed.nbytes(), 0 if self.dense is None else self.dense.numel() * 2
+        """``(quantized bytes, large-step copy bytes)``."""
+        if isinstance(self.dense, Int8Gemm):
+            return self.packed.nbytes(), self.dense.nbytes()
+        return self.packed.nbytes(), 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
+
+
+def large_copy(dense: torch.Tensor | None, large: str) -> torch.Tensor | Int8Gemm | None:
+    if dense is None:
+        return None
+    if large == "int8":
+        return Int8Gemm.quantize(dense)
+    dtype = torch.float32 if large == "float32" else torch.bfloat16
+    return dense.to(dtype).contiguous()
+
+
+def large_matmul(copy: torch.Tensor | Int8Gemm, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x · wᵀ`` on a large-step copy: the int8 GEMM quantizes ``x`` itself; ``F.linear`` takes ``x`` in
+    the copy's dtype (a bf16 input to an fp32 copy widens exactly)."""
+    if isinstance(copy, Int8Gemm):
+        return copy.matmul(x, out_dtype)
+    y = F.linear(x if x.dtype == copy.dtype else x.to(copy.dtype), copy)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 15) -> str:
+    """``bfloat16`` or ``float32``: which large-step copy multiplies ``rows`` rows of ``dense``'s shape
+    faster on this CPU (each its fastest undisturbed call, `_undisturbed`). bf16 wins where the CPU has
+    AMX or a fast bf16 GEMM (the AMD EPYC: 2x fp32); on an Intel Xeon with AVX-512 bf16 but no AMX oneDNN's bf16 GEMM was 1.5x
+    *slower* than fp32 (docs/benchmarks.md). 15 timings each: with 7, one start in five picked bf16 under
+    load ~18 on 2 cores. int8 is never picked here: it costs accuracy. When load disturbs every timing
+    (`_dense_wins` None) the fp32 copy: the more accurate of the two, never the slower by more than ~2x."""
+    bf16, fp32 = large_copy(dense, "bfloat16"), large_copy(dense, "float32")
+    xb = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
+    bf16_wins = _dense_wins(lambda: large_matmul(bf16, xb, torch.bfloat16),
+                            lambda: large_matmul(fp32, xb, torch.bfloat16), repeats)
+    return "bfloat16" if bf16_wins else "float32"
 
 
 # The sizes the start-up measurement tries; none below 8 rows. There the quantized kernels read 2-4x
@@ -181,7 +219,7 @@ def _undisturbed(times: list[float]) -> float | None:
 
 def _dense_wins(dense: Callable[[], torch.Tensor], quantized: Callable[[], torch.Tensor],
                 repeats: int) -> bool | None:
-    """Whether the bf16 GEMM is faster; None when load disturbed the timings twice running."""
+    """Whether the large-step (dense) GEMM is faster; None when load disturbed the timings twice running."""
     for _ in range(2):
         costs = [_undisturbed(t) for t in _timings(dense, quantized, repeats)]
         if costs[0] is not None and costs[1] is not None:
@@ -190,16 +228,18 @@ def _dense_wins(dense: Callable[[], torch.Tensor], quantized: Callable[[], torch
 
 
 def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = CROSSOVER_CANDIDATES,
-                      repeats: int = 7) -> int | None:
-    """The fewest rows from which the bf16 GEMM beats the quantized kernel on ``w`` and stays
-    ahead for every larger candidate (None: the quantized kernel wins at every size tried);
-    :data:`TABLE_CROSSOVER` when load leaves no undisturbed timing at some size (logged)."""
+                      repeats: int = 7, large: str = "bfloat16") -> int | None:
+    """The fewest rows from which the large-step GEMM (``large``, as in :func:`large_copy`) beats the
+    quantized kernel on ``w`` and stays ahead for every larger candidate (None: the quantized kernel
+    wins at every size tried); :data:`TABLE_CROSSOVER` when load leaves no undisturbed timing at some
+    size (logged)."""
     packed = PackedWeight.pack(w)
-    dense = (w.dequantize() if isinstance(w, (Int8Weight, Int4Weight)) else w).to(torch.bfloat16)
+    copy = large_copy(w.dequantize() if isinstance(w, (Int8Weight, Int4Weight)) else w, large)
     wins = []
     for rows in candidates:
-        x = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
-        wins.append(_dense_wins(lambda x=x: F.linear(x, dense), lambda x=x: packed.matmul(x), repeats))
+        x = torch.randn(rows, packed_in_features(copy)).to(torch.bfloat16)
+        wins.append(_dense_wins(lambda x=x: large_matmul(copy, x, torch.bfloat16), lambda x=x: packed.matmul(x),
+                                repeats))
         if wins[-1] is None:
             table = TABLE_CROSSOVER["int8" if isinstance(w, Int8Weight) else "int4"]
             log.warning("kernel choice: load disturbed every timing at %d rows (no two calls of a kernel "
@@ -212,3 +252,7 @@ def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = CROSSOVER_CA
             break
         crossover = rows
     return crossover
+
+
+def packed_in_features(copy: torch.Tensor | Int8Gemm) -> int:
+    return copy.weight_t.shape[0] if isinstance(copy, Int8Gemm) else copy.shape[1]

@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inferstack.engine.models.quant_linear import QuantizedLinear, inner_dtype, measure_crossover
+from inferstack.engine.models.quant_linear import (
+    QuantizedLinear,
+    inner_dtype,
+    large_step_kernel,
+    measure_crossover,
+)
 from inferstack.engine.weights.gguf import save_safetensors_atomic
 from inferstack.engine.weights.quantize import (
     Int4Weight,
@@ -55,6 +60,7 @@ class QuantOptions:
     group_size: int = 32                # int8/int4 group (32, 64 or 128)
     dense_prefill: bool = True          # keep a bf16 copy for large steps
     crossover_rows: int | None = None   # rows from which the bf16 copy is used; None: measure
+    large_kernel: str = "auto"          # the large-step copy: bfloat16 | float32 | int8 | auto (bf16 or fp32)
 
 
 @dataclass
@@ -65,16 +71,19 @@ class QuantSummary:
     quantized_bytes: int = 0
     dense_bytes: int = 0
     crossover: dict[str, int | None] = field(default_factory=dict)
+    large_kernel: str = "bfloat16"      # the large-step copy: bfloat16 / float32 (F.linear) or int8 (int8 GEMM)
 
     def log_lines(self) -> list[str]:
         mib = 2 ** 20
         formats = ", ".join(f"{n} × {f}" for f, n in sorted(self.formats.items()))
-        dense = (f"; bf16 copy for large steps {self.dense_bytes / mib:.0f} MiB (--no-dense-prefill drops it)"
-                 if self.dense_bytes else "; no bf16 copy: every step uses the quantized kernels")
+        copy = {"bfloat16": "bf16", "float32": "fp32"}.get(self.large_kernel, "int8 (per channel, int8 × int8 GEMM)")
+        dense = (f"; {copy} copy for large steps {self.dense_bytes / mib:.0f} MiB (--no-dense-prefill drops it)"
+                 if self.dense_bytes else "; no large-step copy: every step uses the quantized kernels")
         lines = [f"quantization {self.quantization}: {formats}; quantized weights "
                  f"{self.quantized_bytes / mib:.0f} MiB{dense}"]
         if self.crossover:
-            lines.append("kernel choice: bf16 GEMM from " + ", ".join(
+            gemm = {"bfloat16": "bf16 GEMM", "float32": "fp32 GEMM"}.get(self.large_kernel, "int8 GEMM")
+            lines.append(f"kernel choice: {gemm} from " + ", ".join(
                 f"{rows} rows for {kind}" if rows else f"never for {kind}"
                 for kind, rows in sorted(self.crossover.items())))
         return lines + self.notes
@@ -193,14 +202,15 @@ def install_quantized(model: nn.Module, weights: dict[str, QuantWeight], opts: Q
     projections return :func:`inner_dtype`, the LM head ``act_dtype``."""
     summary = QuantSummary(opts.quantization)
     if opts.dense_prefill:
-        summary.crossover = _crossovers(model, weights, opts)
+        summary.large_kernel = _large_kernel(model, opts)
+        summary.crossover = _crossovers(model, weights, opts, summary.large_kernel)
     for proj in model.projections():
         w = weights["+".join(proj.parts)]
         dense, bias = model.projection_weight(proj)
         kind = _kind(w)
         out_dtype = act_dtype if proj.attr == "lm_head" else inner_dtype(act_dtype)
         layer = QuantizedLinear.build(w, dense if opts.dense_prefill else None, bias,
-                                      summary.crossover.get(kind.split()[0]), out_dtype)
+                                      summary.crossover.get(kind.split()[0]), out_dtype, summary.large_kernel)
         setattr(proj.parent, proj.attr, layer)
         summary.formats[kind] += 1
         quantized, dense_bytes = layer.memory()
@@ -209,17 +219,30 @@ def install_quantized(model: nn.Module, weights: dict[str, QuantWeight], opts: Q
     return summary
 
 
-def _crossovers(model: nn.Module, weights: dict[str, QuantWeight], opts: QuantOptions) -> dict[str, int | None]:
-    """Per kernel kind, the rows from which the bf16 copy is used: the user's, or measured now on
+def _gate_up_probe(model: nn.Module) -> torch.Tensor:
+    probe = next(p for p in model.projections() if p.attr == "gate_up")
+    return model.projection_weight(probe)[0]
+
+
+def _large_kernel(model: nn.Module, opts: QuantOptions) -> str:
+    """The large-step copy's format: the user's, or whichever of bf16 and fp32 is faster at 64 rows on
+    layer 0's gate/up weight (~0.2 s)."""
+    if opts.large_kernel != "auto":
+        return opts.large_kernel
+    return large_step_kernel(_gate_up_probe(model))
+
+
+def _crossovers(model: nn.Module, weights: dict[str, QuantWeight], opts: QuantOptions,
+                large: str) -> dict[str, int | None]:
+    """Per kernel kind, the rows from which the large-step copy is used: the user's, or measured now on
     layer 0's gate/up weight (~0.5 s)."""
     kinds = {_kind(w).split()[0] for w in weights.values()}
     if opts.crossover_rows is not None:
         return dict.fromkeys(kinds, opts.crossover_rows)
-    probe = next(p for p in model.projections() if p.attr == "gate_up")
-    dense, _ = model.projection_weight(probe)
+    dense = _gate_up_probe(model)
     found: dict[str, int | None] = {}
     for kind in sorted(kinds):
         group = int4_group_for(dense.shape[1], opts.group_size) or 32
         sample = quantize_int8_grouped(dense, group) if kind == "int8" else quantize_int4(dense, group)
-        found[kind] = measure_crossover(sample)
+        found[kind] = measure_crossover(sample, large=large)
     return found
