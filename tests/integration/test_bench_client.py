@@ -94,7 +94,7 @@ def test_open_loop_rate_does_not_drift(instant: Server, tmp_path: Path) -> None:
 
 def test_concurrency_mode_multi_turn_and_reports(scripted: Server, tmp_path: Path) -> None:
     code, output = bench("--target", scripted.url, "--workload", "multi-turn:turns=3,input=8,output=4",
-                         "--concurrency", "4", "--duration", "1.5", "--out", str(tmp_path))
+                         "--concurrency", "4", "--duration", "1.5", "--scrape-interval", "0.2", "--out", str(tmp_path))
     assert code == 0, output
     data = results(tmp_path)
     stages = {r["stage"] for r in data["requests"]}
