@@ -171,10 +171,11 @@ def large_matmul(copy: torch.Tensor | Int8Gemm, x: torch.Tensor, out_dtype: torc
 def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 15) -> str:
     """``bfloat16`` or ``float32``: which large-step copy multiplies ``rows`` rows of ``dense``'s shape
     faster on this CPU (each its fastest undisturbed call, `_undisturbed`). bf16 wins where the CPU has
-    AMX or a fast bf16 GEMM (the AMD EPYC: 2x fp32); on an Intel Xeon with AVX-512 bf16 but no AMX oneDNN's bf16 GEMM was 1.5x
-    *slower* than fp32 (docs/benchmarks.md). 15 timings each: with 7, one start in five picked bf16 under
-    load ~18 on 2 cores. int8 is never picked here: it costs accuracy. When load disturbs every timing
-    (`_dense_wins` None) the fp32 copy: the more accurate of the two, never the slower by more than ~2x."""
+    AMX or a fast bf16 GEMM (the AMD EPYC: 2x fp32); on an Intel Xeon with AVX-512 bf16 but no AMX
+    oneDNN's bf16 GEMM was 1.5x *slower* than fp32 (docs/benchmarks.md). 15 timings each: with 7 (and
+    medians), one start in five picked bf16 under load ~18 on 2 cores. int8 is never picked here: it
+    costs accuracy. When load disturbs every timing (`_dense_wins` None): the fp32 copy, the more
+    accurate of the two."""
     bf16, fp32 = large_copy(dense, "bfloat16"), large_copy(dense, "float32")
     xb = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
     bf16_wins = _dense_wins(lambda: large_matmul(bf16, xb, torch.bfloat16),
