@@ -14,6 +14,7 @@ from inferstack.engine.executor.kv_format import KVFormat
 from inferstack.engine.models.arch import ModelLoadError
 from inferstack.engine.models.int8_gemm import Int8Gemm
 from inferstack.engine.models.quant_linear import (
+    TABLE_CROSSOVER,
     PackedWeight,
     QuantizedLinear,
     large_step_kernel,
@@ -270,9 +271,9 @@ def test_fp32_large_step_copy_widens_the_bf16_input_exactly():
 def test_large_step_kernel_is_measured_and_pins_reach_the_config():
     from inferstack.cli.engine import build_engine_config
 
-    assert large_step_kernel(_weight(256, 128), rows=16, repeats=1) in ("bfloat16", "float32")
-    assert measure_crossover(quantize_int4(_weight(256, 256), 32), candidates=(1, 64), repeats=1,
-                             large="int8") in (1, 64, None)
+    assert large_step_kernel(_weight(256, 128), rows=16, repeats=2) in ("bfloat16", "float32")
+    assert measure_crossover(quantize_int4(_weight(256, 256), 32), candidates=(1, 64), repeats=2,
+                             large="int8") in (1, 64, None, TABLE_CROSSOVER["int4"])
     assert build_engine_config("m", quantization="int4", quant_large_kernel="int8").quant_large_kernel == "int8"
     with pytest.raises(ValueError, match="quant_large_kernel must be auto, bfloat16, float32 or int8"):
         build_engine_config("m", quantization="int4", quant_large_kernel="fp8")

@@ -214,6 +214,8 @@ def _undisturbed(times: list[float]) -> float | None:
     the delays differ from call to call, so two calls that close are two undisturbed ones. The median
     (the previous version) needed most calls undisturbed and, with more runnable threads than cores,
     followed the noise (2 rows at one start, 128 at the next)."""
+    if len(times) < 2:      # one call cannot tell an undisturbed one
+        return None
     first, second = sorted(times)[:2]
     return first if second <= 1.25 * first else None
 
