@@ -21,6 +21,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
+async def _requests(reader: asyncio.StreamReader):
+    """Each request on a connection until the client closes it."""
+    while True:
+        try:
+            yield await _read_request(reader)
+        except asyncio.IncompleteReadError:
+            return
+
+
 def test_content_length_chunked_keepalive_and_reconnect():
     async def main():
         conns = 0
@@ -269,11 +278,7 @@ def test_sent_runs_once_before_the_first_suspension_on_a_kept_or_a_new_connectio
         async def handler(reader, writer):
             nonlocal accepted
             accepted += 1
-            while True:
-                try:
-                    head, body = await _read_request(reader)
-                except asyncio.IncompleteReadError:
-                    break
+            async for head, body in _requests(reader):
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
                 if b"/close-after" in head:
