@@ -45,9 +45,19 @@ class Picker:
     def pick(self, ctx: RequestContext, exclude: Collection[str] = (), defer: bool = False) -> Picked | None:
         """The router's choice among the pool's endpoints not in ``exclude`` (None: no endpoint). ``defer``:
         the decision is recorded by `Picked.commit`, which the caller runs before its task next suspends
-        (the proxy: right after the request is written upstream); else it is recorded here."""
+        (the proxy: right after the request is written upstream); else it is recorded here.
+
+        The first pick routes over admission's snapshot (`Admission.snapshot`) when there is one: flow control
+        let the request straight through and its task has not suspended since, so no other request ran and no
+        background refresh (metrics, health) either: every field it holds is what a new snapshot would read, but
+        for its clock, a few microseconds earlier. A later pick (a retry) or one with ``exclude`` builds its own."""
         pool = ctx.route.pool
-        snap = pool.snapshot(frozenset(exclude)) if exclude else pool.snapshot()
+        adm = ctx.admission
+        snap, adm.snapshot = adm.snapshot, None
+        if exclude:
+            snap = pool.snapshot(frozenset(exclude))
+        elif snap is None:
+            snap = pool.snapshot()
         result = pool.router.route(ctx.plan.view, snap, defer)
         if result is None:
             return None
