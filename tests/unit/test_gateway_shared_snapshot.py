@@ -6,6 +6,7 @@ routes exactly as two do."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 
@@ -122,11 +123,15 @@ def test_a_shared_snapshot_routes_as_a_new_one(preset, seed, steps):
             outcomes = []
             for pipe in (shared, fresh):
                 _set(pipe.pools["p"], state, at)
-                try:
-                    ctx = await asyncio.wait_for(_start(pipe, prompt * 50), 0.05)
-                except TimeoutError:  # no room: queued (then left by the timeout), the same for both
+                task = asyncio.ensure_future(_start(pipe, prompt * 50))
+                await asyncio.sleep(0)  # one step: a request that passes straight through is admitted and planned
+                if not task.done():  # no room: it waits in the queue (then leaves it), the same for both
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                     outcomes.append("queued")
                     continue
+                ctx = task.result()
                 if pipe is fresh:
                     ctx.admission.snapshot = None
                 picked = pipe.picker.pick(ctx)
