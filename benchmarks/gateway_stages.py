@@ -14,8 +14,9 @@ and a bare proxy on the same server stack) it says where a request's CPU goes (d
 ``--instructions SRC[,SRC...]`` counts instead the CPU instructions per request of the whole pass (every stage)
 for each source tree (``.``: this one) under valgrind's callgrind: the difference between a run of
 ``--requests`` requests and one of six times as many, divided by the extra requests, so start-up and imports
-cancel out. Deterministic to a fraction of a percent, whatever else the machine runs: the before/after measure
-for changes of a few µs that CPU timings on a busy machine cannot resolve (~2 min per tree at 200 requests).
+cancel out. Whatever else the machine runs, it repeats to ~3 % (string hashing is seeded the same in every run;
+the garbage collector's timing still varies): the before/after measure for changes of a few µs that CPU timings
+on a busy machine cannot resolve; run it twice (~4 min per tree at 200 requests on a busy machine).
 
     python benchmarks/gateway_stages.py --instructions /tmp/base/src,. [--routing default] [--requests 200]
 """
@@ -117,7 +118,7 @@ def instructions(src: str, routing: str, n: int, system_chars: int) -> float:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
                "--routing", routing, "--requests", str(count), "--reps", "1", "--system-chars", str(system_chars),
                "--quiet"]
-        env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
+        env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "PYTHONHASHSEED": "0"}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stderr
         counts.append(int(re.search(r"refs:\s+([\d,]+)", out).group(1).replace(",", "")))
     return (counts[1] - counts[0]) / (5 * n)
