@@ -10,11 +10,22 @@ so the split is for shares and for finding extra loop iterations (an ``epoll_wai
 absolute µs. Needs ``strace`` and permission to attach to a child process.
 
     python benchmarks/gateway_c1_timeline.py [--floor] [--requests 400] [--traced 200]
+
+``--probe`` times the path without strace: `c1probe/sitecustomize.py` on the gateway's PYTHONPATH stamps each
+point (front read, request task, `Pipeline.start`, pick, engine request written, engine answer read, task
+resumed, client response written) and the client stamps its send and receive on the same clock, so the split
+includes the wake-ups between processes. ``--cpu`` stamps the gateway thread's CPU time instead: what each
+segment costs in CPU whatever else runs on the machine (the robust measure on a busy one), plus the
+bookkeeping after the response. ``--baseline-src DIR`` runs a second gateway from another source tree, the
+two (and the engine alone) measured in alternating blocks of ``--requests`` for ``--rounds`` rounds.
+
+    python benchmarks/gateway_c1_timeline.py --probe [--cpu] [--baseline-src DIR] [--requests 500] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import re
@@ -34,15 +45,31 @@ BODY = json.dumps({"model": "bench-model", "max_tokens": 8,
 REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
            b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s" % (KEY.encode(), len(BODY), BODY))
 _LINE = re.compile(r"\d+\s+([\d.]+) (\w+)\((\d+), \"(.{0,14})")
+PROBE = Path(__file__).with_name("c1probe")
+# (segment, from point, to point); "send" / "done" are the client's, the rest the probe's (`c1probe`)
+SEGMENTS = [("client send -> gateway read (wake-up)", "send", "in"), ("front: read -> request task", "in", "task"),
+            ("request task -> Pipeline.start", "task", "start0"), ("Pipeline.start", "start0", "start1"),
+            ("start -> pick", "start1", "pick0"), ("pick (routing)", "pick0", "pick1"),
+            ("pick -> engine request written", "pick1", "up_write"),
+            ("engine: request written -> answer read", "up_write", "up_read"),
+            ("answer read -> task resumed", "up_read", "resumed"),
+            ("resumed -> client response written", "resumed", "out"),
+            ("response written -> client has it", "out", "done")]
+CPU_AFTER = ("after the response, to the next request (off the path)", "out", "next")
 
 
 def sequential(url: str, n: int) -> list[float]:
+    return [(t1 - t0) / 1e9 for t0, t1 in stamped(url, n)]
+
+
+def stamped(url: str, n: int) -> list[tuple[int, int]]:
+    """``n`` sequential requests on one connection: (sent, whole response in) per request, `perf_counter_ns`."""
     host, port = url.split("//")[1].rsplit(":", 1)
     with socket.create_connection((host, int(port))) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         out = []
         for _ in range(n):
-            t0, buf = time.perf_counter(), b""
+            t0, buf = time.perf_counter_ns(), b""
             while True:
                 if not buf:
                     s.sendall(REQUEST)
@@ -51,7 +78,7 @@ def sequential(url: str, n: int) -> list[float]:
                 length = re.search(rb"content-length: *(\d+)", buf[:end], re.I) if end >= 0 else None
                 if length and len(buf) >= end + 4 + int(length.group(1)):
                     break
-            out.append(time.perf_counter() - t0)
+            out.append((t0, time.perf_counter_ns()))
     return out
 
 
@@ -76,21 +103,103 @@ def split(trace: str) -> dict[str, list[float]]:
     return stages
 
 
+def gateway_config(engine_url: str) -> dict:
+    return {"pools": {"bench": {"endpoints": [engine_url], "models": ["bench-model"]}},
+            "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
+            "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}}}
+
+
+def per_request(events: list[tuple[str, int]], client: list[tuple[int, int]], cpu: bool) -> list[dict[str, int]]:
+    """Each request's first stamp of every point. Wall clock: the stamps inside a client request's (send,
+    done); CPU clock (not comparable with the client's): stamps in order, a request starting at the first
+    read after a response was written, ``next`` its successor's read."""
+    if not cpu:
+        rows, i = [], 0
+        for t0, t1 in client:
+            row = {"send": t0, "done": t1}
+            while i < len(events) and events[i][1] <= t1:
+                if events[i][1] >= t0:
+                    row.setdefault(*events[i])
+                i += 1
+            rows.append(row)
+        return rows
+    rows, row = [], {}
+    for point, t in events:
+        if point == "in" and "out" in row:
+            row["next"] = t
+            rows.append(row)
+            row = {}
+        row.setdefault(point, t)
+    return rows
+
+
+def probe_report(name: str, rows: list[dict[str, int]], cpu: bool) -> None:
+    # CPU: the client's stamps are on another clock, and the engine's time is the gateway's idle time
+    segments = [s for s in SEGMENTS if not cpu or (s[1] not in ("send", "up_write") and s[2] != "done")]
+    if cpu:
+        segments.append(CPU_AFTER)
+    print(f"\n{name}: {len(rows)} requests, {'gateway thread CPU' if cpu else 'wall clock'} per segment (µs)")
+    on_path = 0.0
+    for label, a, b in segments:
+        v = sorted(r[b] - r[a] for r in rows if a in r and b in r)
+        if not v:
+            continue
+        p50 = statistics.median(v) / 1e3
+        on_path += p50 if (label, a, b) != CPU_AFTER else 0.0
+        print(f"  {label:58s} p50 {p50:7.1f}  p10 {v[len(v) // 10] / 1e3:7.1f}  (n={len(v)})")
+    print(f"  {'sum of the p50s on the path':58s} {on_path:7.1f}")
+
+
+def probe(args: argparse.Namespace) -> None:
+    """Alternating blocks: the engine alone, then each gateway; stamps as described in the module's doc."""
+    engine = start_fake_engines(1, "--ttft-ms", "0", "--itl-ms", "0", "--tokens", "8")[0]
+    out = Path(tempfile.mkdtemp(prefix="c1-probe-"))
+    trees = [("this tree", None)] + ([("baseline", args.baseline_src.resolve())] if args.baseline_src else [])
+    gws = []
+    try:
+        for i, (_, src) in enumerate(trees):
+            env = {"PYTHONPATH": str(PROBE), "INFERSTACK_C1_PROBE": str(out / f"gw{i}")}
+            if args.cpu:
+                env["INFERSTACK_C1_PROBE_CLOCK"] = "cpu"
+            gws.append(start_inferstack_gateway(gateway_config(engine.url), src=src, extra_env=env))
+        client: list[list[tuple[int, int]]] = [[] for _ in gws]
+        direct: list[tuple[int, int]] = []
+        for _ in range(args.rounds):
+            direct += stamped(engine.url, args.requests)[20:]
+            for i, gw in enumerate(gws):
+                client[i] += stamped(gw.url, args.requests)[20:]  # the first 20 of a block warm up
+    finally:
+        for gw in gws:
+            gw.stop()
+        engine.stop()
+    p50s = [f"{name} {statistics.median(b - a for a, b in c) / 1e3:.0f} µs"
+            for (name, _), c in zip(trees, client, strict=True)]
+    print(f"client p50: direct {statistics.median(b - a for a, b in direct) / 1e3:.0f} µs, " + ", ".join(p50s))
+    for i, (name, _) in enumerate(trees):
+        events = sorted(((line.split()[0], int(line.split()[1])) for f in glob.glob(f"{out}/gw{i}.*")
+                         for line in Path(f).read_text().splitlines()), key=lambda e: e[1])
+        probe_report(name, per_request(events, sorted(client[i]), args.cpu), args.cpu)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--floor", action="store_true", help="trace the bare proxy instead of our gateway")
     ap.add_argument("--requests", type=int, default=400, help="untraced sequential requests per block")
     ap.add_argument("--traced", type=int, default=200, help="requests under strace")
+    ap.add_argument("--probe", action="store_true", help="stamp points in the gateway instead of strace")
+    ap.add_argument("--cpu", action="store_true", help="--probe: the gateway thread's CPU time per segment")
+    ap.add_argument("--baseline-src", type=Path, default=None, help="--probe: also a gateway from this src/")
+    ap.add_argument("--rounds", type=int, default=3, help="--probe: alternating blocks per target")
     args = ap.parse_args()
+    if args.probe:
+        probe(args)
+        return
     engine = start_fake_engines(1, "--ttft-ms", "0", "--itl-ms", "0", "--tokens", "8")[0]
     if args.floor:
         gw = start_ready_file("floor", [sys.executable, str(Path(__file__).with_name("gateway_floor.py")),
                                         "--upstream", engine.url, "--port", "0"])
     else:
-        gw = start_inferstack_gateway({
-            "pools": {"bench": {"endpoints": [engine.url], "models": ["bench-model"]}},
-            "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "bench"}],
-            "tenants": {"bench": {"rpm": 10_000_000, "tpm": 10_000_000_000}}})
+        gw = start_inferstack_gateway(gateway_config(engine.url))
     trace_file = Path(tempfile.mkdtemp(prefix="c1-timeline-")) / "strace.txt"
     try:
         p50 = {"direct": [], "gateway": []}

@@ -116,11 +116,14 @@ def start_emulated_fleet(profile: str, count: int, *args: str) -> Proc:
                                          "--emulate-count", str(count), "--port", "0", *args], timeout=300)
 
 
-def start_inferstack_gateway(config: dict, src: Path | None = None) -> Proc:
-    """Our gateway; ``src`` runs another source tree of it (a baseline checkout) instead of this one."""
+def start_inferstack_gateway(config: dict, src: Path | None = None, extra_env: dict[str, str] | None = None) -> Proc:
+    """Our gateway; ``src`` runs another source tree of it (a baseline checkout) instead of this one;
+    ``extra_env`` is added to its environment (a ``PYTHONPATH`` there is searched after the source tree)."""
     path = Path(tempfile.mkdtemp(prefix="gwbench-cfg-")) / "inferstack.yaml"
     path.write_text(yaml.safe_dump(config))
-    extra = {"PYTHONPATH": str(src)} if src is not None else None
+    extra = dict(extra_env or {})
+    if src is not None or "PYTHONPATH" in extra:
+        extra["PYTHONPATH"] = os.pathsep.join(p for p in (str(src or ROOT / "src"), extra.get("PYTHONPATH")) if p)
     return start_ready_file("inferstack",
                             [sys.executable, "-m", "inferstack", "gateway", "serve", "--config", str(path),
                              "--port", "0"], extra_env=extra)

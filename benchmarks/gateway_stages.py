@@ -10,6 +10,15 @@ and a bare proxy on the same server stack) it says where a request's CPU goes (d
 
     python benchmarks/gateway_stages.py [--routing default|round-robin|...] [--requests 5000] [--reps 3]
         [--system-chars 2000] [--flow-control on,off]
+
+``--instructions SRC[,SRC...]`` counts instead the CPU instructions per request of the whole pass (every stage)
+for each source tree (``.``: this one) under valgrind's callgrind: the difference between a run of
+``--requests`` requests and one of six times as many, divided by the extra requests, so start-up and imports
+cancel out. Whatever else the machine runs, it repeats to ~3 % (string hashing is seeded the same in every run;
+the garbage collector's timing still varies): the before/after measure for changes of a few µs that CPU timings
+on a busy machine cannot resolve; run it twice (~4 min per tree at 200 requests on a busy machine).
+
+    python benchmarks/gateway_stages.py --instructions /tmp/base/src,. [--routing default] [--requests 200]
 """
 
 from __future__ import annotations
@@ -17,7 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import orjson
 import uvloop
@@ -98,6 +112,19 @@ async def run(routing: str, n: int, reps: int, body: bytes, flow_control: bool =
     return {k: min(x[k] for x in passes) for k in passes[0]}
 
 
+def instructions(src: str, routing: str, n: int, system_chars: int) -> float:
+    """Instructions per request of a pass through the stages, ``src`` on PYTHONPATH (see the module doc)."""
+    counts = []
+    for count in (n, 6 * n):
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+               "--routing", routing, "--requests", str(count), "--reps", "1", "--system-chars", str(system_chars),
+               "--quiet"]
+        env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "PYTHONHASHSEED": "0"}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stderr
+        counts.append(int(re.search(r"refs:\s+([\d,]+)", out).group(1).replace(",", "")))
+    return (counts[1] - counts[0]) / (5 * n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--routing", default="default,round-robin", help="comma list of routing presets")
@@ -107,11 +134,21 @@ def main() -> None:
                     "is part of `start` (a pass-through request's cost: the on - off difference)")
     ap.add_argument("--system-chars", type=int, default=0,
                     help="a system prompt of this many characters before the user turn, the same in every request")
+    ap.add_argument("--instructions", default="", help="comma list of source trees: instructions per request")
+    ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # `instructions`' own runs
     args = ap.parse_args()
+    if args.instructions:
+        routing = args.routing.split(",")[0]
+        for src in args.instructions.split(","):
+            per = instructions(src, routing, args.requests, args.system_chars)
+            print(f"{src} ({routing}): {per:,.0f} instructions per request")
+        return
     body = request_body(args.system_chars)
     rows = {f"{r}{'' if fc == 'on' else ' (flow control off)'}":
             uvloop.run(run(r, args.requests, args.reps, body, fc == "on"))
             for r in args.routing.split(",") for fc in args.flow_control.split(",")}
+    if args.quiet:
+        return
     stages = list(next(iter(rows.values())))
     print("| routing | " + " | ".join(stages) + " | sum |\n|---|" + "---:|" * (len(stages) + 1))
     for r, v in rows.items():

@@ -411,3 +411,24 @@ def test_approx_match_is_each_endpoints_leading_run(ops, query, cap):
         if run:
             expected[ep] = run
     assert idx.match(query) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompts=st.lists(st.sampled_from(["p1", "p2", "p3", "p4"]), min_size=1, max_size=12),
+       preset=st.sampled_from(sorted(PRESETS)), seed=st.integers(0, 3))
+def test_a_deferred_record_leaves_the_state_as_an_immediate_one(prompts, preset, seed):
+    """`route(defer=True)` changes no routing state until its `pending` record runs; run right after, every
+    decision and the prefix index are those of routing with the record made at once."""
+    now, later = (build_router(preset, RoutingState(rng=random.Random(seed))) for _ in range(2))
+    snap = PoolSnapshot(fleet(3))
+    for p in prompts:
+        r = req(p * 40)
+        got = now.route(r, snap)
+        before = later.state.approx.match(r.prefix_hashes)
+        deferred = later.route(r, snap, defer=True)
+        assert later.state.approx.match(r.prefix_hashes) == before  # nothing recorded yet
+        assert deferred.pending is not None and got.pending is None
+        deferred.pending()
+        assert (deferred.endpoint.id, deferred.reason) == (got.endpoint.id, got.reason)
+        assert later.state.approx.match(r.prefix_hashes) == now.state.approx.match(r.prefix_hashes)
+        assert later.state.cold_served == now.state.cold_served

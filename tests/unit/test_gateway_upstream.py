@@ -21,6 +21,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
+async def _requests(reader: asyncio.StreamReader):
+    """Each request on a connection until the client closes it."""
+    while True:
+        try:
+            yield await _read_request(reader)
+        except asyncio.IncompleteReadError:
+            return
+
+
 def test_content_length_chunked_keepalive_and_reconnect():
     async def main():
         conns = 0
@@ -253,6 +262,48 @@ def test_a_request_that_times_out_on_a_reused_connection_is_not_sent_again():
         with pytest.raises(UpstreamError, match="no data"):
             await pool.request(b"POST", b"/hang", [], b"")
         assert seen == [b"/ok", b"/hang"]  # sent once: sent again, the engine ran it twice and the client waited twice
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_sent_runs_once_before_the_first_suspension_on_a_kept_or_a_new_connection():
+    """`send_request`'s ``sent`` (what the proxy puts off until its request is on its way: the routing record)
+    runs exactly once: right after the write on a kept connection, before the connect of a new one, and once
+    when a kept connection the server closed is replaced by a new one."""
+    async def main():
+        accepted = 0
+
+        async def handler(reader, writer):
+            nonlocal accepted
+            accepted += 1
+            async for head, body in _requests(reader):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                if b"/close-after" in head:
+                    writer.close()  # the kept connection dies while idle
+                    return
+            writer.close()
+
+        server, url = await _serve(handler)
+        pool = UpstreamPool(url, 1.0, 2.0)
+        calls: list[tuple[int, bool]] = []  # (connections accepted so far, a kept connection was in the pool)
+
+        async def one(path: bytes, body: bytes) -> None:
+            kept = bool(pool._idle)
+            conn = await pool.send_request(pool.head(b"POST", path, []), body,
+                                           lambda: calls.append((accepted, kept)))
+            assert await conn.read() == body
+            conn.release()
+
+        await one(b"/new", b"a")  # no kept connection: before connecting (nothing accepted yet)
+        await one(b"/close-after", b"b")  # on the kept connection, right after the write
+        assert calls == [(0, False), (1, True)]
+        while not pool._idle[0].closed:  # the server's close reached the pooled connection
+            await asyncio.sleep(0.01)
+        await one(b"/again", b"c")  # the dead kept connection is skipped: once, before the new connect
+        assert calls[2:] == [(1, True)] and accepted == 2
         pool.close()
         server.close()
 

@@ -191,9 +191,10 @@ class Pool:
         return PoolSnapshot(views, now, self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold,
                             queue_wait_s=fc.queue_wait_s)
 
-    def free_slots(self) -> int:
-        """How many queued requests may be released now (flow control)."""
-        snap = self.snapshot()
+    def free_slots(self, snap: PoolSnapshot | None = None) -> int:
+        """How many queued requests may be released now (flow control), over ``snap`` (None: a new snapshot)."""
+        if snap is None:
+            snap = self.snapshot()
         if isinstance(self.router, PDRouter):
             return pd_free_slots(snap, self.router.roles, conditional=self.router.max_prefill_queue is not None)
         return snap.free_slots()

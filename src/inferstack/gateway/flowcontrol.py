@@ -45,16 +45,17 @@ class FlowController:
         return self.queue.pending
 
     async def admit(self, priority: int, flow_id: str, weight: float = 1.0,
-                    client_gone: asyncio.Future | None = None) -> float | None:
-        """Wait until the request may be routed. Returns None if it passed straight through, else
-        the seconds it waited (then call `routed()` once it holds its endpoint). Raises APIError(429),
-        or ClientGone when ``client_gone`` completes first: a departed client's request leaves the
-        queue at once instead of taking a slot when its turn comes."""
+                    client_gone: asyncio.Future | None = None,
+                    free_slots: Callable[[], int] | None = None) -> float | None:
+        """Wait until the request may be routed. Returns None if it passed straight through (without
+        suspending), else the seconds it waited (then call `routed()` once it holds its endpoint). Raises
+        APIError(429), or ClientGone when ``client_gone`` completes first: a departed client's request leaves
+        the queue at once instead of taking a slot when its turn comes. ``free_slots``: `FairQueue.admit`."""
         # the loop from the client-gone future when there is one: `get_running_loop` is a getpid system call
         loop = client_gone.get_loop() if client_gone is not None else asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         try:
-            if self.queue.admit(fut, priority, flow_id, weight):
+            if self.queue.admit(fut, priority, flow_id, weight, free_slots):
                 return None
         except Rejected as r:
             raise APIError(429, str(r), code=r.code, headers={"retry-after": str(r.retry_after_s)}) from None

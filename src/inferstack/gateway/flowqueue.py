@@ -204,12 +204,15 @@ class FairQueue(Generic[T]):
         band = self._bands.get(priority)
         return len(band) if band is not None else 0
 
-    def admit(self, item: T, priority: int, flow_id: str, weight: float = 1.0) -> bool:
-        """True: route ``item`` now. False: it waits until `release` hands it out. Raises Rejected."""
+    def admit(self, item: T, priority: int, flow_id: str, weight: float = 1.0,
+              free_slots: Callable[[], int] | None = None) -> bool:
+        """True: route ``item`` now. False: it waits until `release` hands it out. Raises Rejected.
+        ``free_slots``: the pool's room as this request's own snapshot counts it (the live gateway's routing
+        then reuses that snapshot, `pipeline/admit.py`); None: the queue's ``free_slots``."""
         if not self.cfg.enabled:
             return True
         ahead = self._waiting_at_or_above(priority)
-        if not ahead and self.free_slots() - self.pending > 0:
+        if not ahead and (free_slots or self.free_slots)() - self.pending > 0:
             return True
         if priority < 0:
             raise Rejected("shed", "The pool is saturated and this request's priority is sheddable.")

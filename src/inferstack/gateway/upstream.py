@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -221,8 +222,10 @@ class UpstreamPool:
         The caller must `release()` (or `close()`) it."""
         return await self.send_request(self.head(method, path, headers), body)
 
-    async def send_request(self, head: bytes, body: bytes) -> _Conn:
-        """`request` with the head built by `head` (plus any per-request header lines)."""
+    async def send_request(self, head: bytes, body: bytes, sent: Callable[[], None] | None = None) -> _Conn:
+        """`request` with the head built by `head` (plus any per-request header lines). ``sent`` is called
+        once before this first suspends: right after the request is written on a kept connection, or
+        before connecting a new one (work the caller put off until its request is on its way)."""
         data = b"%scontent-length: %d\r\n\r\n%s" % (head, len(body), body)
         while self._idle:
             conn = self._idle.pop()
@@ -230,6 +233,9 @@ class UpstreamPool:
                 continue
             try:
                 conn.send(data)
+                if sent is not None:
+                    sent, then = None, sent
+                    then()
                 await conn.headers()
                 return conn
             except UpstreamError as exc:
@@ -241,6 +247,8 @@ class UpstreamPool:
             except BaseException:
                 conn.close()
                 raise
+        if sent is not None:
+            sent()
         conn = await self._connect()
         try:
             conn.send(data)

@@ -11,13 +11,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from inferstack.config.schema import LimitsConfig
+from inferstack.gateway.datalayer import Pool
 from inferstack.gateway.flowcontrol import ClientGone, FlowController
 from inferstack.gateway.limits import Limiter, LimitStoreError, Reservation, settle_reservation
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.context import Admission, Caller, Inbound, Route
+from inferstack.gateway.routing import PoolSnapshot
 from inferstack.protocol.errors import APIError
 from inferstack.protocol.ids import bounded_key
 
@@ -36,6 +39,18 @@ class AuditHealth(Protocol):
 
 def _retry_after(seconds: float) -> dict[str, str]:
     return {"retry-after": str(max(1, int(seconds + 0.999)))}
+
+
+@dataclass(slots=True)
+class _PoolSeen:
+    """Flow control's free-slot check over a snapshot this request keeps (`Admission.snapshot`)."""
+
+    pool: Pool
+    snap: PoolSnapshot | None = None
+
+    def free_slots(self) -> int:
+        self.snap = self.pool.snapshot()
+        return self.pool.free_slots(self.snap)
 
 
 class Admitter:
@@ -67,7 +82,8 @@ class Admitter:
         try:
             flow_id = bounded_key(fairness.decode("latin-1")) if fairness else caller.ident.tenant
             weight = caller.tenant.weight if caller.tenant else 1.0
-            waited = await flow.admit(caller.priority, flow_id, weight, client_gone)
+            seen = _PoolSeen(route.pool)
+            waited = await flow.admit(caller.priority, flow_id, weight, client_gone, seen.free_slots)
         except (APIError, ClientGone) as exc:
             if isinstance(exc, APIError):
                 self.metrics.shed.labels(pool, "shed" if caller.priority < 0 else "queue").inc()
@@ -76,7 +92,9 @@ class Admitter:
             raise
         if waited is not None:
             self.metrics.queue_wait.labels(pool).observe(waited)
-        return Admission(flow, prompt_tokens, waited is not None, tokens, unenforced)
+        # straight through: no suspension since the snapshot, so routing may reuse it; a waiter's is stale
+        return Admission(flow, prompt_tokens, waited is not None, tokens, unenforced,
+                         seen.snap if waited is None else None)
 
     def _store_failed(self, tenant: str, exc: LimitStoreError) -> bool:
         """Apply `limits.on_store_failure`: True (admit without limits) under `allow`, else raise 503."""

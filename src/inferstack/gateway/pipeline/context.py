@@ -20,7 +20,7 @@ from inferstack.gateway.auth import Identity
 from inferstack.gateway.datalayer import Pool
 from inferstack.gateway.flowcontrol import FlowController
 from inferstack.gateway.limits import Limits, Reservation
-from inferstack.gateway.routing import RequestView
+from inferstack.gateway.routing import PoolSnapshot, RequestView
 from inferstack.protocol.ids import clean_request_id
 
 KINDS = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions"}
@@ -113,6 +113,9 @@ class Admission:
     reserved: bool
     tokens: Reservation | None = None  # TPM held until `Pipeline.close` settles it to the real usage
     unenforced: bool = False  # admitted without limits: the store was down (`on_store_failure: allow`)
+    # the pool as flow control's free-slot check saw it, for the first pick to reuse; None once anything
+    # may have changed since (the request waited, or its task suspended): see `Picker.pick`
+    snapshot: PoolSnapshot | None = None
 
 
 @dataclass(slots=True)

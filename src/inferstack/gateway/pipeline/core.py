@@ -189,6 +189,8 @@ class Pipeline:
             raise
         plan = await self.planner.plan(inbound.kind, req, engine_body, facts, caller, route,
                                        inbound.headers.get(b"x-session-id"))
+        if route.pool.config.precise_prefix is not None:  # plan awaited /tokenize: admission's snapshot is stale
+            admission.snapshot = None
         return RequestContext(
             inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route)
         )

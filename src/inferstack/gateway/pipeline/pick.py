@@ -21,21 +21,50 @@ from inferstack.gateway.routing import RoutingResult
 class Picked:
     endpoint: Endpoint
     result: RoutingResult
+    pool: str
+    metrics: GatewayMetrics
+    committed: bool = False
+
+    def commit(self) -> None:
+        """Record the decision: the routing state (`RoutingResult.pending`, when the pick deferred it) and
+        the decisions metric. Once; later calls do nothing."""
+        if self.committed:
+            return
+        self.committed = True
+        r = self.result
+        if r.pending is not None:
+            r.pending()
+            r.pending = None
+        self.metrics.decision(self.pool, r.profile, r.reason)
 
 
 class Picker:
     def __init__(self, metrics: GatewayMetrics):
         self.metrics = metrics
 
-    def pick(self, ctx: RequestContext, exclude: Collection[str] = ()) -> Picked | None:
-        """The router's choice among the pool's endpoints not in ``exclude`` (None: no endpoint)."""
+    def pick(self, ctx: RequestContext, exclude: Collection[str] = (), defer: bool = False) -> Picked | None:
+        """The router's choice among the pool's endpoints not in ``exclude`` (None: no endpoint). ``defer``:
+        the decision is recorded by `Picked.commit`, which the caller runs before its task next suspends
+        (the proxy: right after the request is written upstream); else it is recorded here.
+
+        The first pick routes over admission's snapshot (`Admission.snapshot`) when there is one: flow control
+        let the request straight through and its task has not suspended since, so no other request ran and no
+        background refresh (metrics, health) either: every field it holds is what a new snapshot would read, but
+        for its clock, a few microseconds earlier. A later pick (a retry) or one with ``exclude`` builds its own."""
         pool = ctx.route.pool
-        snap = pool.snapshot(frozenset(exclude)) if exclude else pool.snapshot()
-        result = pool.router.route(ctx.plan.view, snap)
+        adm = ctx.admission
+        snap, adm.snapshot = adm.snapshot, None
+        if exclude:
+            snap = pool.snapshot(frozenset(exclude))
+        elif snap is None:
+            snap = pool.snapshot()
+        result = pool.router.route(ctx.plan.view, snap, defer)
         if result is None:
             return None
-        self.metrics.decision(pool.name, result.profile, result.reason)
-        return Picked(pool.by_id(result.endpoint.id), result)
+        picked = Picked(pool.by_id(result.endpoint.id), result, pool.name, self.metrics)
+        if not defer:
+            picked.commit()
+        return picked
 
     @staticmethod
     def hold(ctx: RequestContext, ep: Endpoint) -> None:

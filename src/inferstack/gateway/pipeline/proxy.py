@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from inferstack.config.schema import GatewayConfig
@@ -50,7 +51,9 @@ class Proxy:
         last_error = "no endpoint"
         retries = self.gw.max_retries
         for attempt in range(retries + 1):
-            picked = self.picker.pick(ctx, tried)
+            # the decision is recorded (routing state, metrics) once the request is written upstream, before
+            # this task suspends: off a lone request's latency, and no other request routes without it
+            picked = self.picker.pick(ctx, tried, defer=True)
             if picked is None:
                 break
             ep = picked.endpoint
@@ -59,13 +62,15 @@ class Proxy:
             try:
                 payload = ctx.plan.payload
                 if isinstance(picked.result, PDResult):  # prefill/decode disaggregation: prefill leg first
+                    picked.commit()
                     payload = await self.pd.decode_payload(
                         pool, picked.result, path, payload, ctx.inbound.rid
                     )
                 else:  # another replica may hold more of the prompt: READ it from there
                     payload = self.reads.payload(pool, ep, payload, ctx.inbound.rid, ctx.plan.view.token_hashes)
-                outcome = await self._attempt(ctx, ep, payload, send, last=attempt == retries)
+                outcome = await self._attempt(ctx, ep, payload, send, attempt == retries, picked.commit)
             finally:
+                picked.commit()  # failed before the request was written: recorded all the same
                 self.picker.release(ctx, ep)
             if outcome is None:
                 self.picker.succeeded(ctx, ep)
@@ -96,14 +101,15 @@ class Proxy:
         )
 
     async def _attempt(
-        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, last: bool
+        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, last: bool, sent: Callable[[], None]
     ) -> str | None:
-        """One upstream try. Returns None when the client got a response, or a reason to retry."""
+        """One upstream try (``sent``: `UpstreamPool.send_request`). Returns None when the client got a
+        response, or a reason to retry."""
         head = ep.post_head(ctx.inbound.path, ctx.inbound.rid)
         if ctx.plan.stream:
-            return await self._attempt_stream(ctx, ep, payload, send, head, last)
+            return await self._attempt_stream(ctx, ep, payload, send, head, last, sent)
         try:
-            status, ctype, data = await _fetch(ep, head, payload)
+            status, ctype, data = await _fetch(ep, head, payload, sent)
         except RETRYABLE as exc:
             return f"connection: {type(exc).__name__}"
         if status >= 500 and not last:
@@ -112,7 +118,6 @@ class Proxy:
         # A non-streamed response arrives whole: its first token's time is unknown, so it feeds
         # E2E only (observing E2E as TTFT would also make TPOT read ~0).
         now = time.perf_counter()
-        usage = json_usage(data) if status == 200 else None
         await send(
             {
                 "type": "http.response.start",
@@ -127,14 +132,16 @@ class Proxy:
         )
         await send({"type": "http.response.body", "body": data})
         ctx.outcome.responded = True
-        await self.account.finish(ctx, now, usage, chunks=1)
+        # the usage is read once the client has its answer: off the response's latency
+        await self.account.finish(ctx, now, json_usage(data) if status == 200 else None, chunks=1)
         return None
 
     async def _attempt_stream(
-        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, head: bytes, last: bool
+        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, head: bytes, last: bool,
+        sent: Callable[[], None],
     ) -> str | None:
         try:
-            conn = await ep.upstream.send_request(head, payload)
+            conn = await ep.upstream.send_request(head, payload, sent)
         except OSError as exc:
             return f"connection: {type(exc).__name__}"
         try:
@@ -219,8 +226,8 @@ class Proxy:
         await self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
 
 
-async def _fetch(ep: Endpoint, head: bytes, payload: bytes) -> tuple[int, bytes, bytes]:
-    conn = await ep.upstream.send_request(head, payload)
+async def _fetch(ep: Endpoint, head: bytes, payload: bytes, sent: Callable[[], None]) -> tuple[int, bytes, bytes]:
+    conn = await ep.upstream.send_request(head, payload, sent)
     try:
         data = await conn.read()
     except BaseException:

@@ -122,7 +122,9 @@ class PDRouter(Router):
         self.block_size = block_size
         self.max_prefill_queue = max_prefill_queue
 
-    def route(self, req: RequestView, snap: PoolSnapshot) -> PDResult | None:
+    def route(self, req: RequestView, snap: PoolSnapshot, defer: bool = False) -> PDResult | None:
+        """The decode pick, then the prefill pick when the request is split; recorded at once whatever
+        ``defer`` says (the prefill pick reads the decode pick's record)."""
         ctx = RouteContext(req, snap, self.state)
         cold = ctx.cold()
         eps = list(snap.endpoints)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -204,6 +205,8 @@ class RoutingResult:
     profile: str
     reason: str
     others: dict[str, EndpointView] = field(default_factory=dict)  # extra roles (e.g. prefill)
+    # `Router.route(defer=True)`: the decision's record in the routing state, for the caller to run
+    pending: Callable[[], None] | None = None
 
 
 @dataclass
@@ -216,13 +219,19 @@ class Router:
         h = self.handler
         return isinstance(h, SingleProfile) and isinstance(h.policy, Profile) and h.policy.columnar()
 
-    def route(self, req: RequestView, snap: PoolSnapshot) -> RoutingResult | None:
-        """Pick endpoints for ``req`` and record the decision in the routing state."""
+    def route(self, req: RequestView, snap: PoolSnapshot, defer: bool = False) -> RoutingResult | None:
+        """Pick endpoints for ``req`` and record the decision in the routing state. ``defer``: a one-profile
+        pick leaves its record to the caller (`RoutingResult.pending`), who runs it before its task next
+        suspends, so no other decision sees the state without it (the HTTP gateway: once the request is
+        written upstream, so the record is off a lone request's latency). With several profiles a later
+        pick reads an earlier one's record: recorded at once."""
         ctx = RouteContext(req, snap, self.state)
         cold = ctx.cold()
         result: RoutingResult | None = None
         cols = snap.columns
-        for role, policy in self.handler.profiles(req, snap):
+        roles = self.handler.profiles(req, snap)
+        defer = defer and len(roles) == 1
+        for role, policy in roles:
             if cols is not None and isinstance(policy, Profile) and policy.columnar():
                 pick = policy.pick_columns(ctx, cols)
             else:
@@ -235,7 +244,13 @@ class Router:
                 result = RoutingResult(pick.endpoint, policy.name, pick.reason)
             else:
                 result.others[role] = pick.endpoint
-            self.state.record(req, pick.endpoint.id, cold)
-            if cold and cols is not None:
-                cols.cold_recorded(pick.endpoint.id, self.state.cold_clock)
+            if defer:
+                result.pending = partial(self._record, req, pick.endpoint.id, cold, cols)
+            else:
+                self._record(req, pick.endpoint.id, cold, cols)
         return result
+
+    def _record(self, req: RequestView, endpoint: str, cold: bool, cols: col.EndpointColumns | None) -> None:
+        self.state.record(req, endpoint, cold)
+        if cold and cols is not None:
+            cols.cold_recorded(endpoint, self.state.cold_clock)
