@@ -268,12 +268,31 @@ def test_fp32_large_step_copy_widens_the_bf16_input_exactly():
     torch.testing.assert_close(layer(x[:4]), layer.packed.matmul(x[:4]), atol=0, rtol=0)
 
 
-def test_large_step_kernel_is_measured_and_pins_reach_the_config():
+@pytest.mark.parametrize(("verdict", "kernel", "crossover"), [
+    (True, "bfloat16", 1),                            # the dense copy wins at every size: from the smallest
+    (False, "float32", None),                         # never: the quantized kernel everywhere
+    (None, "float32", TABLE_CROSSOVER["int4"]),       # load disturbed every timing: the accurate copy, the table
+])
+def test_large_step_kernel_and_crossover_follow_the_timings(monkeypatch, verdict, kernel, crossover):
+    import inferstack.engine.models.quant_linear as ql
+
+    calls = []
+
+    def judged(dense, quantized, repeats):
+        calls.append((dense(), quantized()))     # both kernels really run, on the copy the choice names
+        return verdict
+
+    monkeypatch.setattr(ql, "_dense_wins", judged)
+    assert large_step_kernel(_weight(256, 128), rows=16, repeats=2) == kernel
+    w = quantize_int4(_weight(256, 256), 32)
+    assert measure_crossover(w, candidates=(1, 64), repeats=2, large="int8") == crossover
+    dense, quantized = calls[-1]        # the int8 copy's GEMM against the int4 kernel, same rows and columns
+    assert dense.shape == quantized.shape and dense.shape[1] == 256
+
+
+def test_large_step_kernel_pins_reach_the_config():
     from inferstack.cli.engine import build_engine_config
 
-    assert large_step_kernel(_weight(256, 128), rows=16, repeats=2) in ("bfloat16", "float32")
-    assert measure_crossover(quantize_int4(_weight(256, 256), 32), candidates=(1, 64), repeats=2,
-                             large="int8") in (1, 64, None, TABLE_CROSSOVER["int4"])
     assert build_engine_config("m", quantization="int4", quant_large_kernel="int8").quant_large_kernel == "int8"
     with pytest.raises(ValueError, match="quant_large_kernel must be auto, bfloat16, float32 or int8"):
         build_engine_config("m", quantization="int4", quant_large_kernel="fp8")

@@ -132,11 +132,11 @@ def serve(
                                                               "smaller is more accurate).")] = None,
     dense_prefill: Annotated[bool, typer.Option(
         "--dense-prefill/--no-dense-prefill",
-        help="With --quantization: also keep a bf16 copy of the weights for prefill chunks and large batches "
-             "(faster there, about 2 bytes per parameter more memory).")] = True,
+        help="With --quantization: also keep a copy of the weights for prefill chunks and large batches "
+             "(faster there; 1, 2 or 4 bytes per parameter more memory, see --quant-large-kernel).")] = True,
     quant_crossover_rows: Annotated[int | None, typer.Option(
-        help="With --quantization and --dense-prefill: steps of this many tokens or more use the bf16 copy "
-             "(default: measured at start-up).")] = None,
+        help="With --quantization and --dense-prefill: steps of this many tokens or more use the large-step "
+             "copy (default: measured at start-up).")] = None,
     quant_large_kernel: Annotated[str | None, typer.Option(
         help="With --quantization and --dense-prefill: the large-step copy, bfloat16 (2 bytes per parameter), "
              "float32 (4) or int8 (1 byte, int8 x int8 GEMMs with per-row activation scales: fastest, less "
