@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from inferstack.sim.hardware import get_hardware, hardware_names, load_hardware_file, save_hardware_file
 from inferstack.sim.models import ModelSpec, get_model, model_names
 from inferstack.sim.perf_model import (
+    DecodePricing,
     SeqWork,
     decode_floor_s,
     kv_capacity_tokens,
@@ -19,6 +20,7 @@ from inferstack.sim.perf_model import (
     ridge_batch,
     step_cost,
     step_time,
+    tp_comm_s,
 )
 
 H100 = get_hardware("h100")
@@ -101,6 +103,47 @@ def test_step_time_is_monotone_in_work(batch: list[tuple[int, int]], extra: tupl
     assert step_time(LLAMA8, H100, more) >= step_time(LLAMA8, H100, work)
     longer = [SeqWork(w.context + 100, w.new_tokens) for w in work]
     assert step_time(LLAMA8, H100, longer) >= step_time(LLAMA8, H100, work)
+
+
+def _step_time_reference(model: ModelSpec, hw, batch: list[SeqWork], tp: int) -> float:
+    """The step time as the model defines it, written out operation by operation (the order the floats are
+    added in is part of what the simulator's replay hashes pin)."""
+    items = [w for w in batch if w.new_tokens > 0]
+    if not items:
+        return 0.0
+    gemm, lm_head = 2.0 * model.num_layers * model.layer_params, 2.0 * model.embedding_params
+    attn = 4.0 * model.num_layers * model.q_size
+    prefill = decode = 0.0
+    tokens = kv_tokens = 0
+    for w in items:
+        p, c = w.new_tokens, w.context
+        f = gemm * p + (lm_head if w.samples else 0.0) + attn * (p * c + p * (p + 1) / 2)
+        if p > 1:
+            prefill += f
+        else:
+            decode += f
+        tokens += p
+        kv_tokens += c + p
+    compute_s = (prefill / (hw.peak_flops * hw.mfu_prefill) + decode / (hw.peak_flops * hw.mfu_decode)) / tp
+    bandwidth = hw.mem_bandwidth * hw.bw_efficiency * (hw.single_row_bw_gain if tokens == 1 else 1.0)
+    memory_s = (model.weight_bytes_total + model.kv_bytes_per_token * kv_tokens) / bandwidth / tp
+    overhead_s = hw.step_overhead_s + hw.seq_overhead_s * len(items) + hw.token_overhead_s * tokens
+    return max(compute_s, memory_s) + tp_comm_s(hw, model, tp, tokens) + overhead_s
+
+
+@given(st.lists(st.tuples(st.integers(0, 8000), st.integers(0, 2048), st.booleans()), max_size=24),
+       st.sampled_from([1, 2, 4]), st.sampled_from(["h100", "a100", "cpu"]))
+def test_replica_step_pricing_is_step_time_float_for_float(batch: list[tuple[int, int, bool]], tp: int,
+                                                           hw_name: str) -> None:
+    """A replica prices its steps with `DecodePricing.step_time` over (context, new tokens, samples) triples,
+    without building `SeqWork`s or a `StepCost`: the same float as `step_time`, and as the model's formula."""
+    hw = get_hardware(hw_name)
+    if tp > 1 and hw.link_bandwidth <= 0:
+        tp = 1
+    work = [SeqWork(c, p, s) for c, p, s in batch]
+    want = _step_time_reference(LLAMA8, hw, work, tp)
+    assert step_time(LLAMA8, hw, work, tp) == want
+    assert DecodePricing(LLAMA8, hw, tp).step_time(batch) == want
 
 
 def test_catalogs_cover_the_issue() -> None:

@@ -45,48 +45,44 @@ class StepCost:
 
     @property
     def time_s(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.comm_s + self.overhead_s
+        return _time_s(self.compute_s, self.memory_s, self.comm_s, self.overhead_s)
+
+
+def _time_s(compute_s: float, memory_s: float, comm_s: float, overhead_s: float) -> float:
+    return max(compute_s, memory_s) + comm_s + overhead_s
 
 
 def seq_flops(model: ModelSpec, work: SeqWork) -> float:
     """GEMM FLOPs for the new tokens plus causal attention over context + new tokens."""
-    return _flops(work, 2.0 * model.num_layers * model.layer_params, 2.0 * model.embedding_params,
-                  4.0 * model.num_layers * model.q_size)
+    prefill, decode, _, _ = _sum_work([(work.context, work.new_tokens, work.samples)], *_flop_coefs(model))
+    return prefill + decode     # one of them is 0.0 + the sequence's FLOPs, the other 0.0: that value exactly
 
 
-def _flops(work: SeqWork, gemm_per_token: float, lm_head: float, attn_coef: float) -> float:
-    p, c = work.new_tokens, work.context
-    # QK^T and AV: 2 FLOPs per multiply-add, each over the attended keys (c + causal half of p).
-    return gemm_per_token * p + (lm_head if work.samples else 0.0) + attn_coef * (p * c + p * (p + 1) / 2)
-
-
-def step_cost(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> StepCost:
-    items = [w for w in batch if w.new_tokens > 0]
-    if not items:
-        return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    # per-model constants once per step, not per sequence (the simulator prices millions of steps)
-    coef = (2.0 * model.num_layers * model.layer_params, 2.0 * model.embedding_params,
+def _flop_coefs(model: ModelSpec) -> tuple[float, float, float]:
+    """(GEMM FLOPs per token, LM head FLOPs per sampled token, attention FLOPs per attended key)."""
+    return (2.0 * model.num_layers * model.layer_params, 2.0 * model.embedding_params,
             4.0 * model.num_layers * model.q_size)
+
+
+def _sum_work(items: Iterable[tuple[int, int, bool]], gemm_per_token: float, lm_head: float,
+              attn_coef: float) -> tuple[float, float, int, int]:
+    """(prefill FLOPs, decode FLOPs, new tokens, KV tokens after the step) of (context, new tokens, samples)."""
     prefill_flops = decode_flops = 0.0
     tokens = kv_tokens = 0
-    for w in items:
-        f = _flops(w, *coef)
-        if w.new_tokens > 1:
+    for c, p, samples in items:
+        # QK^T and AV: 2 FLOPs per multiply-add, each over the attended keys (c + causal half of p).
+        f = gemm_per_token * p + (lm_head if samples else 0.0) + attn_coef * (p * c + p * (p + 1) / 2)
+        if p > 1:
             prefill_flops += f
         else:
             decode_flops += f
-        tokens += w.new_tokens
-        kv_tokens += w.context + w.new_tokens
-    weight_bytes = model.weight_bytes_total
-    kv_bytes = model.kv_bytes_per_token * kv_tokens
-    compute_s = (prefill_flops / (hw.peak_flops * hw.mfu_prefill)
-                 + decode_flops / (hw.peak_flops * hw.mfu_decode)) / tp
-    bandwidth = hw.mem_bandwidth * hw.bw_efficiency * (hw.single_row_bw_gain if tokens == 1 else 1.0)
-    memory_s = (weight_bytes + kv_bytes) / bandwidth / tp
-    comm_s = tp_comm_s(hw, model, tp, tokens)
-    overhead_s = hw.step_overhead_s + hw.seq_overhead_s * len(items) + hw.token_overhead_s * tokens
-    return StepCost(prefill_flops, decode_flops, weight_bytes, kv_bytes, compute_s, memory_s,
-                    comm_s, overhead_s)
+        tokens += p
+        kv_tokens += c + p
+    return prefill_flops, decode_flops, tokens, kv_tokens
+
+
+def step_cost(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> StepCost:
+    return DecodePricing(model, hw, tp).cost([(w.context, w.new_tokens, w.samples) for w in batch])
 
 
 def tp_comm_s(hw: Hardware, model: ModelSpec, tp: int, tokens: int) -> float:
@@ -97,7 +93,6 @@ def tp_comm_s(hw: Hardware, model: ModelSpec, tp: int, tokens: int) -> float:
         raise ValueError(f"hardware {hw.name!r} has no interconnect bandwidth for tensor parallelism")
     per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * tokens * model.hidden_size * 2 / hw.link_bandwidth
     return 2 * model.num_layers * per_allreduce
-
 
 def step_time(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> float:
     return step_cost(model, hw, batch, tp).time_s
@@ -111,17 +106,47 @@ def decode_step_times(model: ModelSpec, hw: Hardware, contexts: Sequence[int], s
 
 
 class DecodePricing:
-    """`decode_step_times` with its model and hardware constants worked out once (a replica prices a leap at
-    every arrival and finish; the constants are properties that recount the model's parameters)."""
+    """Step pricing with the model's and hardware's constants worked out once (a replica prices a step or a
+    leap at every arrival and finish; the constants are properties that recount the model's parameters).
+    `step_cost` goes through `cost`, so `step_time` here is the module's `step_time`, float for float."""
 
     def __init__(self, model: ModelSpec, hw: Hardware, tp: int = 1) -> None:
         self.model, self.hw, self.tp = model, hw, tp
+        self.coefs = _flop_coefs(model)
         self.base = 2.0 * model.num_layers * model.layer_params * 1 + 2.0 * model.embedding_params
         self.attn = 4.0 * model.num_layers * model.q_size
         self.weight_bytes, self.kv_per_token = model.weight_bytes_total, model.kv_bytes_per_token
         self.prefill_rate, self.decode_rate = hw.peak_flops * hw.mfu_prefill, hw.peak_flops * hw.mfu_decode
         self.bandwidth_one = hw.mem_bandwidth * hw.bw_efficiency * hw.single_row_bw_gain
         self.bandwidth = hw.mem_bandwidth * hw.bw_efficiency * 1.0
+
+    def cost(self, batch: Iterable[tuple[int, int, bool]]) -> StepCost:
+        """`step_cost` of a step given as (context, new tokens, samples) per scheduled sequence."""
+        items = [w for w in batch if w[1] > 0]
+        if not items:
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return StepCost(*self._parts(items))
+
+    def step_time(self, batch: Iterable[tuple[int, int, bool]]) -> float:
+        """`cost(batch).time_s` without building the `StepCost` (the simulator prices a step per arrival)."""
+        items = [w for w in batch if w[1] > 0]
+        if not items:
+            return 0.0
+        parts = self._parts(items)
+        return _time_s(parts[4], parts[5], parts[6], parts[7])
+
+    def _parts(self, items: list[tuple[int, int, bool]]) -> tuple[float, float, float, float, float, float,
+                                                                     float, float]:
+        """`StepCost`'s fields, in its order, for non-empty ``items`` (each with new tokens)."""
+        hw, tp = self.hw, self.tp
+        prefill_flops, decode_flops, tokens, kv_tokens = _sum_work(items, *self.coefs)
+        kv_bytes = self.kv_per_token * kv_tokens
+        compute_s = (prefill_flops / self.prefill_rate + decode_flops / self.decode_rate) / tp
+        bandwidth = self.bandwidth_one if tokens == 1 else self.bandwidth
+        memory_s = (self.weight_bytes + kv_bytes) / bandwidth / tp
+        comm_s = tp_comm_s(hw, self.model, tp, tokens)
+        overhead_s = hw.step_overhead_s + hw.seq_overhead_s * len(items) + hw.token_overhead_s * tokens
+        return prefill_flops, decode_flops, self.weight_bytes, kv_bytes, compute_s, memory_s, comm_s, overhead_s
 
     def times(self, contexts: Sequence[int], steps: int) -> list[float]:
         if not contexts:

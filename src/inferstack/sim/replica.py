@@ -22,7 +22,7 @@ from inferstack.engine.executor.emulated import emulated_layout
 from inferstack.engine.kv.events import EventBuffer, KVEvent
 from inferstack.engine.request import Request
 from inferstack.engine.scheduler import SchedulerOutput
-from inferstack.sim.perf_model import DecodePricing, SeqWork, kv_transfer_time, step_time
+from inferstack.sim.perf_model import DecodePricing, kv_transfer_time
 from inferstack.sim.profile import Profile
 
 Clock = Callable[[], float]
@@ -180,9 +180,8 @@ class SimReplica:
             self.batch = None
             return None
         self.batch = batch
-        p = self.profile
-        work = [SeqWork(s.start, s.num_new_tokens, s.sample) for s in batch.seqs]
-        dt = step_time(p.model, p.hardware, work, p.tp)
+        # `step_time` of the batch's `SeqWork`s, float for float, without building them
+        dt = self.pricing.step_time([(s.start, s.num_new_tokens, s.sample) for s in batch.seqs])
         self.stats.steps += 1
         self.stats.busy_s += dt
         return dt
