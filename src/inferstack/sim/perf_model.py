@@ -94,6 +94,7 @@ def tp_comm_s(hw: Hardware, model: ModelSpec, tp: int, tokens: int) -> float:
     per_allreduce = hw.link_latency_s + 2 * (tp - 1) / tp * tokens * model.hidden_size * 2 / hw.link_bandwidth
     return 2 * model.num_layers * per_allreduce
 
+
 def step_time(model: ModelSpec, hw: Hardware, batch: Iterable[SeqWork], tp: int = 1) -> float:
     return step_cost(model, hw, batch, tp).time_s
 
