@@ -200,18 +200,31 @@ class Scheduler:
         return request
 
     def schedule(self) -> SchedulerOutput:
+        """One step: the running requests first (preempting from the back when blocks run out), then the
+        requests whose asynchronous KV load ended, then the waiting queue, all within the token budget."""
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
         now = self.clock()
-        preempted_this_step = False
-        if self.connector is not None:
-            self.connector.serve_holds(self.kv.pool)
-            for rid in self.connector.take_finished_sending():
-                held = self._delayed_free.pop(rid, None)
-                if held is not None:
-                    self.kv.free(held)
-            self._take_loaded()
+        self._serve_connector()
+        budget, preempted = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not preempted:
+            budget = self._schedule_kv_ready(out, budget)
+            self._schedule_waiting(out, budget, now)
+        return out
 
+    def _serve_connector(self) -> None:
+        """The KV connector's bookkeeping before a step: serve holds, free what finished sending, take loads."""
+        if self.connector is None:
+            return
+        self.connector.serve_holds(self.kv.pool)
+        for rid in self.connector.take_finished_sending():
+            held = self._delayed_free.pop(rid, None)
+            if held is not None:
+                self.kv.free(held)
+        self._take_loaded()
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        """Schedule the running requests in order; the budget left and whether any was preempted."""
+        preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -227,7 +240,7 @@ class Scheduler:
                     i -= 1
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
-                preempted_this_step = True
+                preempted = True
                 if victim is request:
                     break
             else:
@@ -236,13 +249,12 @@ class Scheduler:
                 i += 1
                 continue
             # `request` itself was preempted: the list shrank under index i.
+        return budget, preempted
 
-        if not preempted_this_step:
-            budget = self._schedule_kv_ready(out, budget)
-
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        """Admit waiting requests in queue order while the budget, the sequence cap and the blocks allow."""
         fetching: list[Request] = []     # external KV still on its way: they wait, others go
-        while (not preempted_this_step and len(self.waiting) > 0 and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
+        while len(self.waiting) > 0 and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
             hits, num_hit = self.kv.get_computed_blocks(request)
             num_external, load_async = 0, False
@@ -271,7 +283,6 @@ class Scheduler:
             budget -= n
         for request in reversed(fetching):
             self.waiting.add(request, front=True)
-        return out
 
     def _schedule_kv_ready(self, out: SchedulerOutput, budget: int) -> int:
         """Run the requests whose asynchronous load ended (their blocks are all allocated); the budget left."""
