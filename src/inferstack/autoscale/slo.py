@@ -23,15 +23,15 @@ default) weighs the arrivals by their prompt length against the window's.
 
 Capacity: ``concurrency`` is an upper bound, learned down from what the replicas actually hold within the
 objectives: every sample of the last ``learn_window_s`` whose p95 missed (by the factor m) at L requests per
-replica says a replica holds about L / m; the median of those, never above ``concurrency`` nor below a quarter
-of it, is the capacity Little's law divides by. A miss while ordered replicas were still starting is the cold
-start's (the fleet was short, as for the boost), so it teaches nothing, and so does the window's oldest sample,
-whose predecessor is unknown. A workload heavier than the one ``concurrency`` was set for (long prompts) lowers
-it while the misses last in the window, and only misses can lower it: a fleet that meets its objectives keeps
-the configured number. (The transient ``max_boost`` answers one miss; the learned capacity keeps the fleet from shrinking back into the next one.) With ``miss_gain``
-(off by default), the per-request misses the sources count (`PoolSample.missed`: the attainment's own test, which
-a p95 inside its objective can hide) steer a second estimate toward ``miss_budget`` of the requests missing, and
-the lower of the two is used.
+replica says a replica holds about L / m; the median of those, never above ``concurrency`` nor below a quarter of
+it, is the capacity Little's law divides by. A miss while ordered replicas were still starting is the cold start's
+(the fleet was short, as for the boost), so it teaches nothing, and so does the window's oldest sample, whose
+predecessor is unknown. A workload heavier than the one ``concurrency`` was set for (long prompts) lowers it while
+the misses last in the window, and only misses can lower it: a fleet that meets its objectives keeps the
+configured number. (The transient ``max_boost`` answers one miss; the learned capacity keeps the fleet from
+shrinking back into the next one.) With ``miss_gain`` (off by default), the per-request misses the sources count
+(`PoolSample.missed`: the attainment's own test, which a p95 inside its objective can hide) steer a second
+estimate toward ``miss_budget`` of the requests missing, and the lower of the two is used.
 
 Bursts: ``spare`` x sqrt(need x D) replicas more (square-root staffing: the headroom that absorbs a burst
 during the cold start of the replicas it calls for costs little on a large fleet, and is what keeps a small
