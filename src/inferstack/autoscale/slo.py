@@ -23,15 +23,15 @@ default) weighs the arrivals by their prompt length against the window's.
 
 Capacity: ``concurrency`` is an upper bound, learned down from what the replicas actually hold within the
 objectives: every sample of the last ``learn_window_s`` whose p95 missed (by the factor m) at L requests per
-replica says a replica holds about L / m; the median of those, never above ``concurrency`` nor below a quarter
-of it, is the capacity Little's law divides by. A miss while ordered replicas were still starting is the cold
-start's (the fleet was short, as for the boost), so it teaches nothing. A workload heavier than the one
-``concurrency`` was set for (long prompts) lowers it while the misses last in the window, and only misses can
-lower it: a fleet that meets its objectives keeps the configured number. (The transient ``max_boost``
-answers one miss; the learned capacity keeps the fleet from shrinking back into the next one.) With ``miss_gain``
-(off by default), the per-request misses the sources count (`PoolSample.missed`: the attainment's own test, which
-a p95 inside its objective can hide) steer a second estimate toward ``miss_budget`` of the requests missing, and
-the lower of the two is used.
+replica says a replica holds about L / m; the median of those, never above ``concurrency`` nor below a quarter of
+it, is the capacity Little's law divides by. A miss while ordered replicas were still starting is the cold start's
+(the fleet was short, as for the boost), so it teaches nothing, and so does the window's oldest sample, whose
+predecessor is unknown. A workload heavier than the one ``concurrency`` was set for (long prompts) lowers it while
+the misses last in the window, and only misses can lower it: a fleet that meets its objectives keeps the
+configured number. (The transient ``max_boost`` answers one miss; the learned capacity keeps the fleet from
+shrinking back into the next one.) With ``miss_gain`` (off by default), the per-request misses the sources count
+(`PoolSample.missed`: the attainment's own test, which a p95 inside its objective can hide) steer a second
+estimate toward ``miss_budget`` of the requests missing, and the lower of the two is used.
 
 Bursts: ``spare`` x sqrt(need x D) replicas more (square-root staffing: the headroom that absorbs a burst
 during the cold start of the replicas it calls for costs little on a large fleet, and is what keeps a small
@@ -177,23 +177,22 @@ class SLO:
         neither."""
         if not self.learn_window_s:
             return self.concurrency
-        recent = within(window, self.learn_window_s)
-        by_p95 = self.p95_capacity(recent)
-        if not self.miss_gain or all(x.missed is None for x in recent):
+        learned = learnable(window, self.learn_window_s, self.backlog_s)
+        by_p95 = self.p95_capacity(learned)
+        if not self.miss_gain or all(x.missed is None for _, x, _ in learned):
             return self.concurrency if by_p95 is None else by_p95
-        by_misses = self.concurrency * miss_factor(recent, self.miss_budget, self.miss_gain,
-                                                   (0.25, self.max_capacity_gain), self.backlog_s)
+        by_misses = self.concurrency * miss_factor(learned, self.miss_budget, self.miss_gain,
+                                                   (0.25, self.max_capacity_gain))
         return by_misses if by_p95 is None else min(by_p95, by_misses)
 
-    def p95_capacity(self, recent: Sequence[PoolSample]) -> float | None:
-        """The median of load / miss over the samples of ``recent`` whose p95 missed, within [concurrency / 4,
-        concurrency]; None without a miss. The load of a sample is the higher of its own and the previous sample's
-        per-replica demand: its latencies are those of requests that finished in it, which lived through the
-        previous interval too; for the same reason a miss with replicas starting in either sample is left out (the
-        fleet was short)."""
+    def p95_capacity(self, learned: Sequence[tuple[PoolSample, PoolSample, bool]]) -> float | None:
+        """The median of load / miss over the samples (`learnable`: previous sample, sample, skipped) whose p95
+        missed, within [concurrency / 4, concurrency]; None without a miss. The load of a sample is the higher of
+        its own and the previous sample's per-replica demand: its latencies are those of requests that finished in
+        it, which lived through the previous interval too; for the same reason a miss with replicas starting in
+        either sample is skipped (the fleet was short)."""
         held = []
-        short = after_start(recent, self.backlog_s)
-        for before, x, skip in zip([recent[0], *recent], recent, short, strict=False):
+        for before, x, skip in learned:
             m = self.miss([x])
             if m is not None and m > 1.0 and x.replicas > 0 and not skip:
                 load = max(x.demand / x.replicas, before.demand / max(1, before.replicas))
@@ -227,16 +226,29 @@ def after_start(recent: Sequence[PoolSample], backlog_s: float) -> list[bool]:
     return out
 
 
-def miss_factor(recent: Sequence[PoolSample], budget: float, gain: float, bounds: tuple[float, float],
-                backlog_s: float = 0.0) -> float:
-    """An integral controller on the misses, replayed over ``recent`` from 1: each sample adds ``gain`` x (budget x
-    completions - missed) to the factor's log, clamped to ``bounds`` at every step (no wind-up). At the budget's
-    share of misses it holds; more misses lower it (fewer requests per replica, more replicas), a run within the
-    objectives raises it back slowly. A sample with replicas starting in it or the one before is skipped: its
-    misses are the cold start's (the fleet was short), not the replicas' capacity."""
+def learnable(window: Sequence[PoolSample], seconds: float,
+              backlog_s: float) -> list[tuple[PoolSample, PoolSample, bool]]:
+    """(previous sample, sample, skipped) for each sample of the last ``seconds``, skipped where `after_start`
+    says so, and the window's oldest sample always: whether replicas were starting before it is unknown (the
+    sample after a burst's cold start, the backlog draining onto the new replicas, taught a capacity of half once
+    it became the oldest: seed 4 of the evaluation, 480 s). The previous samples and the flags come from the whole
+    window, so the oldest sample of the last ``seconds`` keeps the one before it."""
+    skipped = after_start(window, backlog_s)
+    first = len(window) - len(within(window, seconds))
+    return [(window[max(0, i - 1)], window[i], skipped[i] or i == 0) for i in range(first, len(window))]
+
+
+def miss_factor(learned: Sequence[tuple[PoolSample, PoolSample, bool]], budget: float, gain: float,
+                bounds: tuple[float, float]) -> float:
+    """An integral controller on the misses, replayed over ``learned`` (`learnable`) from 1: each sample adds
+    ``gain`` x (budget x completions - missed) to the factor's log, clamped to ``bounds`` at every step (no
+    wind-up). At the budget's share of misses it holds; more misses lower it (fewer requests per replica, more
+    replicas), a run within the objectives raises it back slowly. A skipped sample (replicas starting in it or the
+    one before) does not count: its misses are the cold start's (the fleet was short), not the replicas'
+    capacity."""
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
     log_f = 0.0
-    for x, skip in zip(recent, after_start(recent, backlog_s), strict=True):
+    for _, x, skip in learned:
         if x.missed is None or skip:
             continue
         log_f = min(hi, max(lo, log_f + gain * (budget * x.completions - x.missed)))
