@@ -57,8 +57,8 @@ class Accountant:
             if out_tokens > 1:
                 out.tpot = (e2e - out.ttft) / (out_tokens - 1)
                 tpot_h.observe(out.tpot)
-        for g in out.gaps:
-            itl_h.observe(g)
+        if out.gaps:
+            itl_h.observe_many(out.gaps)
         self.count(ctx)
         if ctx.span is not None:
             ctx.span.set_attribute("gen_ai.usage.input_tokens", in_tokens)
