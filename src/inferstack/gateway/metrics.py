@@ -74,7 +74,8 @@ class _Tallied:
     reset, so a scrape from another thread (the endpoint picker's metrics server) never races the event loop:
     the loop only adds to tallies, a scrape only reads them (under a lock against a second scrape)."""
 
-    def _tally_init(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._tallies: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._fold_lock = threading.Lock()
 
@@ -93,10 +94,6 @@ class _Tallied:
 
 
 class TalliedHistogram(_Tallied, Histogram):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._tally_init()
-
     @staticmethod
     def _new_tally(child: Histogram) -> HistTally:
         return HistTally(tuple(child._upper_bounds))
@@ -109,10 +106,6 @@ class TalliedHistogram(_Tallied, Histogram):
 
 
 class TalliedCounter(_Tallied, Counter):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._tally_init()
-
     @staticmethod
     def _new_tally(child: Counter) -> CountTally:
         return CountTally()
