@@ -198,12 +198,12 @@ class Cycle:
         # a regex search costs ~1 µs on a header name: a name this connection already sent is not searched again
         names = self.proto.header_names
         for raw, value in headers:
-            name = names.get(raw)
+            name = names.get(raw) if raw.__class__ is bytes else None  # a bytearray cannot be a key
             if name is None:
                 if _BAD_NAME.search(raw):
                     raise RuntimeError("Invalid HTTP header name.")
                 name = raw.lower()
-                if len(names) < _NAMES_KEPT:
+                if len(names) < _NAMES_KEPT and raw.__class__ is bytes:
                     names[raw] = name
             if _BAD_VALUE.search(value):
                 raise RuntimeError("Invalid HTTP header value.")
