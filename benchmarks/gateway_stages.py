@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import inspect
 import os
 import re
 import subprocess
@@ -90,7 +91,9 @@ async def one_pass(p: Pipeline, n: int, body: bytes) -> dict[str, float]:
         p.picker.hold(ctx, ep)
         ep.post_head(inbound.path, inbound.rid)
         t5 = clock()
-        await p.account.finish(ctx, time.perf_counter(), USAGE, 1)
+        done = p.account.finish(ctx, time.perf_counter(), USAGE, 1)
+        if inspect.isawaitable(done):  # an older tree (`--instructions`): finish was a coroutine
+            await done
         t6 = clock()
         p.picker.release(ctx, ep)
         p.picker.succeeded(ctx, ep)
@@ -119,7 +122,9 @@ def instructions(src: str, routing: str, n: int, system_chars: int) -> float:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
                "--routing", routing, "--requests", str(count), "--reps", "1", "--system-chars", str(system_chars),
                "--quiet"]
-        env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "PYTHONHASHSEED": "0"}
+        tree = Path(src).resolve()
+        tree = tree / "src" if (tree / "src" / "inferstack").is_dir() else tree  # a checkout's root: its src/
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stderr
         counts.append(int(re.search(r"refs:\s+([\d,]+)", out).group(1).replace(",", "")))
     return (counts[1] - counts[0]) / (5 * n)

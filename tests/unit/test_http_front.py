@@ -211,3 +211,33 @@ def test_a_request_leaves_no_garbage_for_the_cycle_collector():
         protocol.connection_lost(None)
 
     asyncio.run(main())
+
+
+def test_response_header_checks_hold_on_a_connection_that_already_sent_headers():
+    """Names a connection already used are not searched again; a new bad name, or a bad value under a known name,
+    is still refused (the app fails: nothing of that response is written and the connection closes), and names go
+    out lower-cased."""
+    answers = {b"/good": [(b"X-Served", b"a"), (b"Content-Type", b"text/plain")],
+               b"/split": [(b"X-Served", b"c\r\nset-cookie: x=1")],  # a known name, a value that splits the head
+               b"/bad-name": [(b"X-Served", b"a"), (b"Bad Name", b"d")]}
+
+    async def app(scope, receive, send):
+        await receive()
+        headers = [*answers[scope["raw_path"]], (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def after_a_good_one(path: bytes) -> tuple[list[bytes], bool]:
+        protocol, transport = _connect(app)
+        for n, p in enumerate((b"/good", path)):
+            protocol.data_received(b"GET %s HTTP/1.1\r\nhost: x\r\n\r\n" % p)
+            await _until(lambda n=n: len(transport.writes) > n or transport.closed, "answered or closed")
+        closed = transport.closed
+        protocol.connection_lost(None)
+        return transport.writes, closed
+
+    (good, again), closed = asyncio.run(after_a_good_one(b"/good"))
+    assert good == again and b"\r\nx-served: a\r\ncontent-type: text/plain\r\n" in good and not closed
+    for path in (b"/split", b"/bad-name"):
+        writes, closed = asyncio.run(after_a_good_one(path))
+        assert writes == [good] and closed, path

@@ -383,10 +383,10 @@ class Stream:
         end = time.perf_counter()
         if r.meter is not None:
             ctx.outcome.ttft, ctx.outcome.gaps = r.meter.ttft, r.meter.gaps
-            await self.p.pipeline.account.finish(ctx, r.meter.last_at or end, r.meter.usage, r.meter.chunks)
+            self.p.pipeline.account.finish(ctx, r.meter.last_at or end, r.meter.usage, r.meter.chunks)
         else:
             usage = json_usage(b"".join(r.buffered)) if r.status == 200 else None
-            await self.p.pipeline.account.finish(ctx, end, usage, chunks=1)
+            self.p.pipeline.account.finish(ctx, end, usage, chunks=1)
         ctx.outcome.responded = True  # the whole response went by: served if its status says so (`Picker.release`)
         held, self.held = self.held, None
         if held is not None:

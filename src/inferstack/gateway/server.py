@@ -29,7 +29,7 @@ from inferstack.gateway.pipeline.hold import ClientGone
 from inferstack.gateway.pipeline.proxy import Proxy, respond, send_error
 from inferstack.gateway.pipeline.resolve import shared_models
 from inferstack.protocol.errors import APIError
-from inferstack.protocol.http_guard import BODY_NOW, CLIENT_GONE, read_asgi_body
+from inferstack.protocol.http_guard import BODY_NOW, CLIENT_GONE, body_at_hand, read_asgi_body
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.responses import model_card, model_list
 from inferstack.telemetry.dashboard import dashboard_asgi, scraping_state_provider
@@ -168,9 +168,13 @@ class Gateway:
         try:
             if method != "POST":
                 raise APIError(405, f"Use POST for {inbound.path.decode()}.")
-            body = await _read_body(receive, inbound.headers.get(b"content-length"),
-                                    self.cfg.gateway.max_body_bytes, self._body_timeout_s, task,
-                                    extensions.get(BODY_NOW))
+            limit, length = self.cfg.gateway.max_body_bytes, inbound.headers.get(b"content-length")
+            _check_length(length, limit)
+            body_now = extensions.get(BODY_NOW)
+            # nearly every body came with its headers: taken with no coroutine (`body_at_hand`)
+            body = body_at_hand(body_now, limit) if body_now is not None else None
+            if body is None:
+                body = await read_asgi_body(receive, limit, self._body_timeout_s, task)
         except APIError as exc:
             await self.pipeline.account.rejected(inbound, None, None, exc)
             raise
@@ -247,10 +251,15 @@ async def _read_body(receive: Any, content_length: bytes | None, limit: int, tim
                      task: asyncio.Task | None = None, body_now: Callable[[], bytes | None] | None = None) -> bytes:
     """The whole body: 413 past ``limit`` bytes, 408 when it takes longer than ``timeout_s`` (a
     client trickling its body must not hold a request slot for ever)."""
+    _check_length(content_length, limit)
+    return await read_asgi_body(receive, limit, timeout_s, task, body_now)
+
+
+def _check_length(content_length: bytes | None, limit: int) -> None:
+    """413 for a declared length past ``limit`` before reading any of the body; 400 for a malformed one."""
     if content_length is not None:
         try:
             if int(content_length) > limit:
                 raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
         except ValueError:
             raise APIError(400, "Invalid Content-Length header.") from None
-    return await read_asgi_body(receive, limit, timeout_s, task, body_now)

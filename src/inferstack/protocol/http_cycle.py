@@ -25,6 +25,7 @@ log = logging.getLogger("uvicorn.error")  # where uvicorn's own cycle reports ap
 _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 _STATUS_LINES: dict[int, bytes] = {}
+_NAMES_KEPT = 32  # response header names a connection remembers as checked (an app sends a handful)
 _CHUNKED_END = b"0\r\n\r\n"
 _DISCONNECT = {"type": "http.disconnect"}
 
@@ -194,12 +195,18 @@ class Cycle:
         content = [status_line(status), self.proto.default_head]
         length: bytes | None = None
         close = False
-        for name, value in headers:
-            if _BAD_NAME.search(name):
-                raise RuntimeError("Invalid HTTP header name.")
+        # a regex search costs ~1 µs on a header name: a name this connection already sent is not searched again
+        names = self.proto.header_names
+        for raw, value in headers:
+            name = names.get(raw) if raw.__class__ is bytes else None  # a bytearray cannot be a key
+            if name is None:
+                if _BAD_NAME.search(raw):
+                    raise RuntimeError("Invalid HTTP header name.")
+                name = raw.lower()
+                if len(names) < _NAMES_KEPT and raw.__class__ is bytes:
+                    names[raw] = name
             if _BAD_VALUE.search(value):
                 raise RuntimeError("Invalid HTTP header value.")
-            name = name.lower()
             if name == b"content-length" and length is None and not self.chunked:
                 length = value
             elif name == b"transfer-encoding" and value.lower() == b"chunked":

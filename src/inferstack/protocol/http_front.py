@@ -74,6 +74,8 @@ class FrontProtocol(asyncio.Protocol):
         self._expect_100 = False
         self._default_src: list | None = None
         self._default_head = b""
+        # response header names this connection's responses already used, checked, lower-cased (`Cycle`)
+        self.header_names: dict[bytes, bytes] = {}
 
     @property
     def default_head(self) -> bytes:

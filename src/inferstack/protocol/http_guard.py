@@ -64,6 +64,15 @@ async def read_body_within(chunks: AsyncIterator[bytes], limit: int, timeout_s: 
     return await read_asgi_body(receive, limit, timeout_s)
 
 
+def body_at_hand(body_now: Callable[[], bytes | None], limit: int) -> bytes | None:
+    """The whole body from our front's `BODY_NOW` extension when it is already in (413 past ``limit``), with no
+    coroutine at all; None: read it with `read_asgi_body`."""
+    whole = body_now()
+    if whole is not None and len(whole) > limit:
+        raise _too_large(limit)
+    return whole
+
+
 async def read_asgi_body(receive: Callable[[], Awaitable[dict]], limit: int,
                          timeout_s: float = BODY_TIMEOUT_S, task: asyncio.Task | None = None,
                          body_now: Callable[[], bytes | None] | None = None) -> bytes:
@@ -72,9 +81,7 @@ async def read_asgi_body(receive: Callable[[], Awaitable[dict]], limit: int,
     `timeout_s` seconds, a disconnect while reading is APIError(499). ``task``: the current task, when the
     caller has it (looking it up costs a getpid system call on Python 3.11). ``body_now``: our front's
     `BODY_NOW` extension, which hands over a body already complete with no wait (so no deadline either)."""
-    if body_now is not None and (whole := body_now()) is not None:
-        if len(whole) > limit:
-            raise _too_large(limit)
+    if body_now is not None and (whole := body_at_hand(body_now, limit)) is not None:
         return whole
     parts: list[bytes] = []
     size = 0

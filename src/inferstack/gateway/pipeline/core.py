@@ -187,9 +187,11 @@ class Pipeline:
         except ClientGone:
             await self.account.rejected(inbound, ident, model, APIError(499, "Client disconnected while waiting."))
             raise
-        plan = await self.planner.plan(inbound.kind, req, engine_body, facts, caller, route,
-                                       inbound.headers.get(b"x-session-id"))
-        if route.pool.config.precise_prefix is not None:  # plan awaited /tokenize: admission's snapshot is stale
+        session = inbound.headers.get(b"x-session-id")
+        if route.pool.config.precise_prefix is None:
+            plan = self.planner.plan_now(req, engine_body, facts, caller, route, session)
+        else:  # plan awaited /tokenize: admission's snapshot is stale
+            plan = await self.planner.plan(inbound.kind, req, engine_body, facts, caller, route, session)
             admission.snapshot = None
         return RequestContext(
             inbound, caller, req, route, admission, plan, span=self._span(inbound, caller, route)

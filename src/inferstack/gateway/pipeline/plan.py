@@ -43,14 +43,19 @@ class Planner:
     async def plan(self, kind: str, req: dict[str, Any], body: EngineBody, facts: PromptFacts, caller: Caller,
                    route: Route, session_header: bytes | None) -> Plan:
         """The routing view of an admitted request (precise KV hashes ask an engine's /tokenize)."""
-        salt = caller.salt
+        plan = self.plan_now(req, body, facts, caller, route, session_header)
+        if route.pool.config.precise_prefix is not None:
+            plan.view.token_hashes = await token_hashes(route.pool, kind, req, caller.salt)
+        return plan
+
+    def plan_now(self, req: dict[str, Any], body: EngineBody, facts: PromptFacts, caller: Caller, route: Route,
+                 session_header: bytes | None) -> Plan:
+        """`plan` for a pool without precise prefix routing (nothing to wait for: no coroutine per request)."""
         view = RequestView(
             route.upstream_model,
-            self.hasher.hashes(facts.parts, route.upstream_model + "\x00" + salt),
+            self.hasher.hashes(facts.parts, route.upstream_model + "\x00" + caller.salt),
             (), facts.chars, route.adapter, session_key(req, session_header), caller.priority,
             facts.max_tokens or 64)
-        if route.pool.config.precise_prefix is not None:
-            view.token_hashes = await token_hashes(route.pool, kind, req, salt)
         return Plan(body.payload, body.stream, body.inject_usage, view)
 
 

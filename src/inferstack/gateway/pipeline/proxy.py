@@ -133,7 +133,7 @@ class Proxy:
         await send({"type": "http.response.body", "body": data})
         ctx.outcome.responded = True
         # the usage is read once the client has its answer: off the response's latency
-        await self.account.finish(ctx, now, json_usage(data) if status == 200 else None, chunks=1)
+        self.account.finish(ctx, now, json_usage(data) if status == 200 else None, chunks=1)
         return None
 
     async def _attempt_stream(
@@ -223,7 +223,7 @@ class Proxy:
         out.responded = True
         conn.release()
         out.ttft, out.gaps = meter.ttft, meter.gaps
-        await self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
+        self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
 
 
 async def _fetch(ep: Endpoint, head: bytes, payload: bytes, sent: Callable[[], None]) -> tuple[int, bytes, bytes]:
