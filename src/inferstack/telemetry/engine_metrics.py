@@ -151,6 +151,10 @@ class EngineMetrics:
         self._observed = _Observed()
         self._rendered: tuple[int, Any, bytes] | None = None   # (observations, stats, text) of the last scrape
         self._scrape: tuple[str, Any] | None = None   # what the collector writes during this render
+        # Collectors whose counters move on other threads (KV tiers, KV transfers: a holder serves a READ
+        # while its engine stats stay equal): outside the render cache, rendered at every scrape.
+        self._live = CollectorRegistry(auto_describe=False)
+        self._has_live = False
 
     def bind(self, model_name: str, stats: Callable[[], Any]) -> None:
         """Attach the loaded engine: its served name labels every series, ``stats`` is read per scrape."""
@@ -158,26 +162,39 @@ class EngineMetrics:
         self._stats = stats
         self._children = {name: h.labels(model_name=model_name) for name, h in self._hist.items()}
 
+    def add_live(self, collector: Collector) -> None:
+        """Register ``collector``, read at every scrape: what it reports may change while the engine's
+        stats and histograms do not, which the render cache (`render`) cannot see."""
+        self._live.register(collector)
+        self._has_live = True
+
     def observer(self) -> RequestObserver:
         return RequestObserver(self._children, self._observed)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text. An idle engine is scraped many times a second (a gateway refreshes its
         routing signals every 50 ms) and its text does not change: while no histogram was observed and
-        the stats snapshot is equal, the last text is served instead of being rendered again."""
+        the stats snapshot is equal, the last text of the engine's own series is served instead of being
+        rendered again. The live collectors (`add_live`) are rendered every time."""
+        text = self._engine_text()
+        if self._has_live:
+            text += generate_latest(self._live)
+        return text, CONTENT_TYPE_LATEST
+
+    def _engine_text(self) -> bytes:
         if self._stats is None or self._model_name is None:
-            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return generate_latest(self.registry)
         count, stats = self._observed.count, self._stats()
         last = self._rendered
         if last is not None and last[0] == count and last[1] == stats:
-            return last[2], CONTENT_TYPE_LATEST
+            return last[2]
         self._scrape = self._model_name, stats   # the text is written from this very snapshot
         try:
             text = generate_latest(self.registry)
         finally:
             self._scrape = None
         self._rendered = (count, stats, text)
-        return text, CONTENT_TYPE_LATEST
+        return text
 
 
 class _Observed:
