@@ -227,6 +227,7 @@ class TransferStats:
     transfers: dict[tuple[str, str], int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    changes: int = 0      # bumped by every record and failure: the engine's /metrics re-renders on a change
 
     def record(self, direction: str, transport: str, nbytes: int, seconds: float) -> None:
         key = (direction, transport)
@@ -234,10 +235,12 @@ class TransferStats:
             self.bytes[key] = self.bytes.get(key, 0) + nbytes
             self.seconds[key] = self.seconds.get(key, 0.0) + seconds
             self.transfers[key] = self.transfers.get(key, 0) + 1
+            self.changes += 1     # after the update: a scrape that sees the new count sees the new values
 
     def fail(self, direction: str) -> None:
         with self.lock:
             self.failures[direction] = self.failures.get(direction, 0) + 1
+            self.changes += 1
 
 
 def _tensor_view(buf, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
