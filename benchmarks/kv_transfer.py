@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable, default_threads
+from inferstack.engine.connector.nixl_agent import BULK_MIN_BYTES, NixlAgent, NixlUnavailable, default_threads
 from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import (
@@ -72,7 +72,7 @@ def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection) -> No
 
 
 def transports(layout: KVLayout, caches: list[torch.Tensor], names: list[str],
-               nixl_threads: list[int], paths: list[str]) -> dict[str, tuple[KVTransport, bool]]:
+               nixl_threads: list[int], paths: list[str], bulk_mib: list[float]) -> dict[str, tuple[KVTransport, bool]]:
     """Columns: (transport, whether it READs straight from the params when it can)."""
     tcp = TcpKVTransport(KVTransferClient(layout, allow_shm=False))
     out: dict[str, tuple[KVTransport, bool]] = {
@@ -80,13 +80,17 @@ def transports(layout: KVLayout, caches: list[torch.Tensor], names: list[str],
     out = {name: way for name, way in out.items() if name in names}
     for threads in nixl_threads if "nixl" in names else ():
         for path in paths:
-            column = "nixl" if len(nixl_threads) == 1 else f"nixl-t{threads}"
-            column += "" if path == "direct" else f"-{path}"
-            try:
-                out[column] = (NixlKVTransport(NixlAgent("decode", caches, threads), layout, TRUST, tcp),
-                               path == "direct")
-            except NixlUnavailable as exc:
-                print(f"no nixl column: {exc}")
+            for mib in bulk_mib:
+                column = "nixl" if len(nixl_threads) == 1 else f"nixl-t{threads}"
+                column += "" if path == "direct" else f"-{path}"
+                column += "" if len(bulk_mib) == 1 else f"-b{mib:g}"
+                try:
+                    agent = NixlAgent("decode", caches, threads)
+                except NixlUnavailable as exc:
+                    print(f"no nixl column: {exc}")
+                    continue
+                agent.bulk_min_bytes = int(mib * (1 << 20))
+                out[column] = (NixlKVTransport(agent, layout, TRUST, tcp), path == "direct")
     return out
 
 
@@ -122,6 +126,9 @@ def main() -> None:
     ap.add_argument("--nixl-paths", default="direct",
                     help="direct (READ straight from the params once the peer's agent is loaded: the engine's "
                          "path), offer (NIXL_PULL -> NIXL_OFFER before every READ), or both: a column each")
+    ap.add_argument("--nixl-bulk-mib", default=f"{BULK_MIN_BYTES / (1 << 20):g}",
+                    help="READs of this many MiB or more go to the agent with copy threads "
+                         "(nixl_agent.BULK_MIN_BYTES); a comma-separated list for one nixl column each")
     args = ap.parse_args()
     torch.set_num_threads(1)
     layout = KVLayout(args.layers, args.kv_heads, args.head_dim, BS, torch.float32)
@@ -136,7 +143,7 @@ def main() -> None:
     port = parent.recv()
     caches = [torch.zeros(*shape) for _ in range(args.layers)]
     ways = transports(layout, caches, args.transports.split(","), [int(t) for t in args.nixl_threads.split(",")],
-                      args.nixl_paths.split(","))
+                      args.nixl_paths.split(","), [float(m) for m in args.nixl_bulk_mib.split(",")])
     times: dict[tuple[str, object], list[float]] = {}
     cpu: dict[tuple[str, object], list[float]] = {}
     for label, n in sizes.items():

@@ -39,8 +39,9 @@ MIN_READ_BYTES = 1 << 20
 # Transfers this large or larger go to the agent with UCX copy threads; smaller ones are copied by
 # the thread that asks, as the hand-off to a copy thread and back costs more than the second core
 # saves there (docs/disaggregation.md: a one-block READ took 0.55 ms with two copy threads, 0.28 ms
-# without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without, 16 MB and up with them).
-BULK_MIN_BYTES = 8 << 20
+# without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without; 16 MB took 20-25 % less CPU
+# without in every same-run comparison of the ninth and tenth stops, 64 MB and up went faster with them).
+BULK_MIN_BYTES = 32 << 20
 
 
 def default_threads() -> int:
