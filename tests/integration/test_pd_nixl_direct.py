@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -80,6 +81,16 @@ class Prefill:
         self.proc.stdin.flush()
         return self._answer()
 
+    def held_soon(self, expected: list[str], timeout_s: float = 10.0) -> list[str]:
+        """The held ids once they equal ``expected`` (or the last answer at the timeout): after an offered
+        pull the server's thread lets the hold go just after it sent END, which the reader may outrun."""
+        deadline = time.monotonic() + timeout_s
+        held = self.ask("held")
+        while held != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+            held = self.ask("held")
+        return held
+
     def direct(self, rid: str) -> DirectRead:
         """Hold ``rid``'s blocks; what its signed kv_transfer_params say for a direct READ."""
         return DirectRead(self.agent, self.ask(f"hold {rid}"), tuple(HELD), HASHES[-1])
@@ -147,7 +158,7 @@ def test_a_direct_read_needs_no_offer_and_is_claimed_after(decode, prefill):
     caches[0].zero_()
     load.copy_into(caches, 16)
     assert torch.equal(landed(caches), expected_blocks(0)[:, :, 2:])
-    assert prefill.ask("held") == [], "the claim freed the hold"
+    assert prefill.held_soon([]) == [], "the claim freed the hold"
     assert transport.stats.transfers[("recv", "nixl")] == 2 and "recv" not in transport.stats.failures
     assert transport.control.idle("127.0.0.1", prefill.port) == 1, "the claim's connection is kept"
 
@@ -182,7 +193,7 @@ def test_a_hold_let_go_before_the_read_is_never_used(decode, prefill):
     prefill.ask("hold b")                       # the same id held again: the old params name the old hold
     with pytest.raises(TransferError, match="not in place"):
         again.copy_into(caches, 16)
-    assert prefill.ask("held") == ["b"], "a refused claim frees nothing"
+    assert prefill.held_soon(["b"]) == ["b"], "a refused claim frees nothing"
     assert transport.stats.failures["recv"] == 2
 
 
@@ -197,13 +208,13 @@ def test_forged_or_mismatched_params(decode, prefill):
                    DirectRead(real.agent, real.hold, tuple(b - 1 for b in real.block_ids), real.last_hash)):
         with pytest.raises(TransferError, match="not in place"):
             fetch(transport, prefill.port, "a", forged).copy_into(caches, 16)
-    assert prefill.ask("held") == ["a"]
+    assert prefill.held_soon(["a"]) == ["a"]
     stranger = NixlKVTransport(transport.agent, transport.layout, TransferTrust(secret=b"other"),
                                transport.fallback, timeout_s=10)
     stranger._regions = transport._regions
     with pytest.raises(TransferError, match="not signed"):
         fetch(stranger, prefill.port, "a", real).copy_into(caches, 16)
-    assert prefill.ask("held") == ["a"]
+    assert prefill.held_soon(["a"]) == ["a"]
 
     other_prompt = [*HASHES[:-1], b"x" * 32]
     load = fetch(transport, prefill.port, "a", real, hashes=other_prompt, refused=True)
@@ -215,7 +226,7 @@ def test_forged_or_mismatched_params(decode, prefill):
     assert load.claim is None, "an agent not loaded for that address is asked for an offer"
     load.copy_into(caches, 16)
     assert torch.equal(landed(caches), expected_blocks(0)[:, :, 2:])
-    assert prefill.ask("held") == []
+    assert prefill.held_soon([]) == []
 
 
 def test_peer_killed_mid_read_then_restarted_with_stale_params(decode, prefill):
