@@ -7,7 +7,9 @@ connector's own code (``KVTransport.fetch`` then ``PendingLoad.copy_into``): tcp
 chunks and scatter them into blocks, nixl READs straight into the blocks. Reported per size: the
 median time and GB/s of the whole move (connect, hash checks, bytes, into the blocks), the CPU
 time both processes spent on it (on a loaded host the wall time is mostly waiting for a core), and
-the 1-block latency. Transports are interleaved so machine noise hits each alike; one size at a time, so the
+the 1-block latency. NIXL READs straight from the prefill side's params once its agent is loaded (round 0, a
+warm-up, asks for an offer), as the engine does; ``--nixl-paths direct,offer`` adds the offer-first path as
+a column. Transports are interleaved so machine noise hits each alike; one size at a time, so the
 shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
 
     python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
@@ -27,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable, default_threads
+from inferstack.engine.connector.nixl_agent import BULK_MIN_BYTES, NixlAgent, NixlUnavailable, default_threads
 from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import (
@@ -36,7 +38,7 @@ from inferstack.engine.connector.transfer import (
     KVTransferServer,
     PagedKVSource,
 )
-from inferstack.engine.connector.transports import KVTransport, PullRequest, TcpKVTransport
+from inferstack.engine.connector.transports import DirectRead, KVTransport, PullRequest, TcpKVTransport
 
 TRUST = TransferTrust(secret=b"benchmark")
 BS = 16
@@ -64,31 +66,43 @@ def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection) -> No
             continue
         rid, n = msg
         source.hold(rid, list(range(n)), block_hashes(n))
-        conn.send(rid)
+        agent = exporter.agent.name if exporter is not None else ""
+        conn.send(DirectRead(agent, source.token(rid) or "", tuple(range(n)), block_hashes(n)[-1]))
     server.close()
 
 
 def transports(layout: KVLayout, caches: list[torch.Tensor], names: list[str],
-               nixl_threads: list[int]) -> dict[str, KVTransport]:
+               nixl_threads: list[int], paths: list[str], bulk_mib: list[float]) -> dict[str, tuple[KVTransport, bool]]:
+    """Columns: (transport, whether it READs straight from the params when it can)."""
     tcp = TcpKVTransport(KVTransferClient(layout, allow_shm=False))
-    out: dict[str, KVTransport] = {"tcp": tcp, "shm": TcpKVTransport(KVTransferClient(layout, allow_shm=True))}
+    out: dict[str, tuple[KVTransport, bool]] = {
+        "tcp": (tcp, False), "shm": (TcpKVTransport(KVTransferClient(layout, allow_shm=True)), False)}
     out = {name: way for name, way in out.items() if name in names}
     for threads in nixl_threads if "nixl" in names else ():
-        column = "nixl" if len(nixl_threads) == 1 else f"nixl-t{threads}"
-        try:
-            out[column] = NixlKVTransport(NixlAgent("decode", caches, threads), layout, TRUST, tcp)
-        except NixlUnavailable as exc:
-            print(f"no nixl column: {exc}")
+        for path in paths:
+            for mib in bulk_mib:
+                column = "nixl" if len(nixl_threads) == 1 else f"nixl-t{threads}"
+                column += "" if path == "direct" else f"-{path}"
+                column += "" if len(bulk_mib) == 1 else f"-b{mib:g}"
+                try:
+                    agent = NixlAgent("decode", caches, threads)
+                except NixlUnavailable as exc:
+                    print(f"no nixl column: {exc}")
+                    continue
+                agent.bulk_min_bytes = int(mib * (1 << 20))
+                out[column] = (NixlKVTransport(agent, layout, TRUST, tcp), path == "direct")
     return out
 
 
-def move(transport: KVTransport, port: int, rid: str, n: int, caches: list[torch.Tensor]) -> float:
+def move(transport: KVTransport, port: int, rid: str, n: int, caches: list[torch.Tensor],
+         direct: DirectRead | None) -> tuple[float, bool]:
+    """Seconds of the move, and whether it was a direct READ."""
     t0 = time.perf_counter()
-    fetched = transport.fetch(PullRequest("127.0.0.1", port, rid, block_hashes(n), 0, n))
+    fetched = transport.fetch(PullRequest("127.0.0.1", port, rid, block_hashes(n), 0, n, direct=direct))
     assert fetched.load is not None and not fetched.failed, f"{transport.name}: transfer failed"
     fetched.load.accept(list(range(n)), n * BS, BS)
     fetched.load.copy_into(caches, BS)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, getattr(fetched.load, "claim", None) is not None
 
 
 def cpu_both(prefill: Connection) -> float:
@@ -109,6 +123,12 @@ def main() -> None:
     ap.add_argument("--nixl-threads", default=str(default_threads()),
                     help="copy threads of the reading (decode) agent's UCX backend, a comma-separated list "
                          "for one nixl column each (0: the thread that asks copies)")
+    ap.add_argument("--nixl-paths", default="direct",
+                    help="direct (READ straight from the params once the peer's agent is loaded: the engine's "
+                         "path), offer (NIXL_PULL -> NIXL_OFFER before every READ), or both: a column each")
+    ap.add_argument("--nixl-bulk-mib", default=f"{BULK_MIN_BYTES / (1 << 20):g}",
+                    help="READs of this many MiB or more go to the agent with copy threads "
+                         "(nixl_agent.BULK_MIN_BYTES); a comma-separated list for one nixl column each")
     args = ap.parse_args()
     torch.set_num_threads(1)
     layout = KVLayout(args.layers, args.kv_heads, args.head_dim, BS, torch.float32)
@@ -122,16 +142,19 @@ def main() -> None:
     proc.start()
     port = parent.recv()
     caches = [torch.zeros(*shape) for _ in range(args.layers)]
-    ways = transports(layout, caches, args.transports.split(","), [int(t) for t in args.nixl_threads.split(",")])
+    ways = transports(layout, caches, args.transports.split(","), [int(t) for t in args.nixl_threads.split(",")],
+                      args.nixl_paths.split(","), [float(m) for m in args.nixl_bulk_mib.split(",")])
     times: dict[tuple[str, object], list[float]] = {}
     cpu: dict[tuple[str, object], list[float]] = {}
     for label, n in sizes.items():
         for r in range(args.repeats + 1):           # round 0 warms connections, pools and metadata
-            for name, transport in ways.items():
-                parent.send((f"{name}-{label}-{r}", n))
-                rid = parent.recv()
+            for name, (transport, use_direct) in ways.items():
+                rid = f"{name}-{label}-{r}"
+                parent.send((rid, n))
+                direct = parent.recv()
                 spent = cpu_both(parent)
-                dt = move(transport, port, rid, n, caches)
+                dt, was_direct = move(transport, port, rid, n, caches, direct if use_direct else None)
+                assert was_direct == use_direct or r == 0, f"{name}: not the path its column names"
                 if r > 0:
                     times.setdefault((name, label), []).append(dt)
                     cpu.setdefault((name, label), []).append(cpu_both(parent) - spent)
@@ -149,7 +172,7 @@ def main() -> None:
         print(f"| {size} | " + " | ".join(cells) + " |")
     parent.send(None)
     proc.join(30)
-    for transport in ways.values():
+    for transport, _ in ways.values():
         transport.close()
 
 

@@ -271,6 +271,35 @@ def test_nixl_read_that_fails_after_the_offer_is_recomputed(prefill):
     assert d.generate(PROMPT, rid="again") == baseline()      # and they hold the right KV
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_nixl_reads_straight_from_the_params_once_the_peer_is_known(prefill):
+    """The first pull from a prefill engine asks for an offer (its metadata); later ones READ at once from
+    the signed params and claim the hold after: the colocated answer. A direct READ of a hold let go
+    before it (expired) and of blocks freed meanwhile: the claim is refused, the prompt recomputed."""
+    d = decode_engine(timeout_s=5, transport="nixl")
+    nixl = d.connector.transport
+    real_ask, real_read, asks = nixl._ask, nixl.read, []
+    nixl._ask = lambda pull: (asks.append(pull.request_id), real_ask(pull))[1]
+    assert d.generate(PROMPT, kv_transfer_params=run_prefill(prefill, rid="p1")) == baseline()
+    params = run_prefill(prefill, rid="p2", salt="two")      # another salt: not in the decode prefix cache
+    assert {"remote_agent", "remote_hold", "remote_block_ids", "remote_block_hash"} <= set(params)
+    assert d.generate(PROMPT, salt="two", rid="d2", kv_transfer_params=params) == baseline(salt="two")
+    assert asks == ["p1"] and d.last.num_external_cached_tokens == 512 and d.connector.stats.load_failures == 0
+
+    def read_after_the_hold_expired(load) -> None:
+        prefill.connector.source.release("p3")
+        step_until(prefill, lambda: prefill.sched.kv.pool.usage == 0, "the prefill engine freeing p3's blocks")
+        for cache in prefill.ex.kv_caches:      # the freed blocks reused: a READ now gets other bytes
+            cache.zero_()
+        real_read(load)
+
+    params = run_prefill(prefill, rid="p3", salt="three")
+    nixl.read = read_after_the_hold_expired
+    assert d.generate(PROMPT, salt="three", rid="d3", kv_transfer_params=params) == baseline(salt="three")
+    assert asks == ["p1"] and d.connector.stats.load_failures == 1 and nixl.stats.failures == {"recv": 1}
+    d.connector.shutdown()
+
+
 def gated_reads(d: ToyEngine) -> tuple[threading.Event, threading.Event]:
     """Hold the decode engine's NIXL READs until ``go`` is set; ``started`` once one began."""
     nixl = d.connector.transport

@@ -100,3 +100,48 @@ def test_an_unchanged_engine_is_not_rendered_again_and_every_change_shows() -> N
     assert fourth is not third
     assert b'vllm:time_to_first_token_seconds_count{model_name="tiny"} 1.0' in fourth
     assert m.render()[0] is fourth
+
+
+def test_a_transfer_counted_while_the_engine_is_idle_shows_at_the_next_scrape() -> None:
+    """Regression: a holder serves another replica's KV read on a transfer thread while its engine stats stay
+    equal; the render cache served the text from before the send (test_kv_reuse.py saw 0 bytes sent)."""
+    from types import SimpleNamespace
+
+    from inferstack.engine.connector.stats import TransferCollector
+    from inferstack.engine.connector.transfer import TransferStats
+
+    sent = TransferStats(path="reuse")
+    m = EngineMetrics()
+    m.bind("tiny", EngineStats)
+    m.add_live(TransferCollector(SimpleNamespace(transfer_stats=lambda: [sent]), "tiny"))
+    assert b"inferstack_kv_transfer_bytes_total{" not in m.render()[0]
+    assert m.render()[0] == m.render()[0]          # idle: served from the caches
+    sent.record("send", "nixl", 14_008_320, 0.01)
+    line = b'inferstack_kv_transfer_bytes_total{direction="send",model_name="tiny",path="reuse",transport="nixl"}'
+    assert line + b" 1.400832e+07" in m.render()[0]
+    sent.record("send", "nixl", 14_008_320, 0.01)
+    assert line + b" 2.801664e+07" in m.render()[0]
+    sent.fail("send")
+    assert b'inferstack_kv_transfer_failures_total{direction="send",model_name="tiny",path="reuse"} 1.0' \
+        in m.render()[0]
+    assert b"vllm:num_requests_running{" in m.render()[0]
+
+
+def test_a_live_collector_without_a_version_is_rendered_at_every_scrape() -> None:
+    from prometheus_client.core import CounterMetricFamily
+
+    class Moving:
+        n = 0.0
+
+        def collect(self):
+            fam = CounterMetricFamily("moving", "A counter that changes on another thread.")
+            fam.add_metric([], self.n)
+            yield fam
+
+    moving = Moving()
+    m = EngineMetrics()
+    m.bind("tiny", EngineStats)
+    m.add_live(moving)
+    assert b"moving_total 0.0" in m.render()[0]
+    moving.n = 2.0
+    assert b"moving_total 2.0" in m.render()[0]

@@ -343,3 +343,33 @@ def test_inferstack_yaml_kv_section_becomes_engine_flags(tmp_path):
         KVTierSettings(tiers="redis,host", redis_url="redis://127.0.0.1:1/0")
     with pytest.raises(ValueError, match="not a byte size"):
         KVTierSettings(tiers="host", host_bytes="lots")
+
+
+def test_tier_metrics_behind_the_engine_render_cache_follow_every_store_change():
+    """The engine's /metrics keeps the tiers' text while their `version()` is equal: a write, a hit, a miss
+    (on the store's threads, the engine stats unchanged) each show at the next scrape."""
+    from inferstack.engine.stats import EngineStats
+    from inferstack.kvstore.metrics import KVStoreCollector
+    from inferstack.telemetry.engine_metrics import EngineMetrics
+
+    store = TieredKVStore([HostTier(10 * CHUNK_BYTES)], LAYOUT, SPACE.root)
+    metrics = EngineMetrics()
+    metrics.bind("m", EngineStats)
+    metrics.add_live(KVStoreCollector(store, "m"))
+    host = (("model_name", "m"), ("tier", "host"))
+
+    def scrape(name: str) -> float:
+        return parse(metrics.render()[0].decode(), t=0.0).select(name).get(host, 0.0)
+
+    assert metrics.render()[0] == metrics.render()[0]
+    keys = keys_for()
+    fill(store, keys[0], 0)
+    store.flush()
+    assert scrape("inferstack_kv_tier_write_bytes_total") == float(CHUNK_BYTES)
+    assert scrape("inferstack_kv_tier_used_bytes") == float(CHUNK_BYTES)
+    store.get(keys[0])
+    assert scrape("inferstack_kv_tier_hits_total") == 1.0
+    assert scrape("inferstack_kv_tier_read_seconds_count") == 1.0
+    store.get(keys[1])
+    assert scrape("inferstack_kv_tier_misses_total") == 1.0
+    store.close()

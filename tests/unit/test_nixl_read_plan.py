@@ -48,9 +48,10 @@ def test_indices_name_the_prepared_rows_of_each_layer_k_then_v():
 
 
 def test_copy_threads_split_every_read():
-    assert ucx_backend_params(0) == {}
+    assert ucx_backend_params(0) == {"engine_config": "KEEPALIVE_INTERVAL=inf"}
     # NIXL only splits READs of split_batch_size descriptors or more; ours have 2 per layer
-    assert ucx_backend_params(2) == {"num_threads": "2", "split_batch_size": "1"}
+    assert ucx_backend_params(2) == {"engine_config": "KEEPALIVE_INTERVAL=inf", "num_threads": "2",
+                                     "split_batch_size": "1"}
 
 
 @pytest.mark.skipif(nixl_missing() is not None, reason="nixl-cu12 not installed")

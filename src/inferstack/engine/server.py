@@ -89,7 +89,7 @@ class ServerState:
         self.token_texts = TokenTexts(engine.tokenizer)
         self.metrics.bind(engine.model_name, engine.stats)
         for collector in engine.metric_collectors():
-            self.metrics.registry.register(collector)
+            self.metrics.add_live(collector)
 
     def ready_engine(self) -> EngineLike:
         if self.engine is None:

@@ -42,6 +42,15 @@ class KVStoreCollector(Collector):
         self.store = store
         self.model_name = model_name
 
+    def version(self) -> tuple[object, ...]:
+        """Every counter and gauge `collect` reports, and each histogram's count (bumped after its buckets
+        and sum): equal while the text is (`EngineMetrics.add_live` renders the tiers again on a change)."""
+        tiers = tuple((*(getattr(t.stats, attr) for attr, _, _ in COUNTERS), t.stats.read_seconds.n,
+                       t.stats.write_seconds.n, t.available(), t.used_bytes(), t.capacity_bytes())
+                      for t in self.store.tiers)
+        wb = self.store.writeback.stats
+        return tiers, wb.queued_items, wb.queued_bytes, wb.dropped, wb.completed
+
     def collect(self) -> Iterator[Metric]:
         labels = ["model_name", "tier"]
         for attr, name, doc in COUNTERS:

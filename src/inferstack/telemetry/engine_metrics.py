@@ -151,6 +151,11 @@ class EngineMetrics:
         self._observed = _Observed()
         self._rendered: tuple[int, Any, bytes] | None = None   # (observations, stats, text) of the last scrape
         self._scrape: tuple[str, Any] | None = None   # what the collector writes during this render
+        # Collectors whose counters move on other threads (KV tiers, KV transfers: a holder serves a READ
+        # while its engine stats stay equal): their own text, cached only on their `version()`.
+        self._live = CollectorRegistry(auto_describe=False)
+        self._live_collectors: list[Collector] = []
+        self._live_rendered: tuple[tuple[Any, ...], bytes] | None = None
 
     def bind(self, model_name: str, stats: Callable[[], Any]) -> None:
         """Attach the loaded engine: its served name labels every series, ``stats`` is read per scrape."""
@@ -158,26 +163,49 @@ class EngineMetrics:
         self._stats = stats
         self._children = {name: h.labels(model_name=model_name) for name, h in self._hist.items()}
 
+    def add_live(self, collector: Collector) -> None:
+        """Register ``collector``, whose series may change while the engine's stats and histograms do not
+        (the render cache cannot see it). A collector with a ``version()`` method (a value that changes
+        whenever its series do) is rendered again only when that changes; one without it, at every scrape."""
+        self._live.register(collector)
+        self._live_collectors.append(collector)
+
+    def _live_text(self) -> bytes:
+        if not self._live_collectors:
+            return b""
+        versions = tuple(c.version() if callable(getattr(c, "version", None)) else None  # type: ignore[attr-defined]
+                         for c in self._live_collectors)
+        last = self._live_rendered
+        if last is not None and None not in versions and last[0] == versions:
+            return last[1]
+        text = generate_latest(self._live)
+        self._live_rendered = (versions, text)
+        return text
+
     def observer(self) -> RequestObserver:
         return RequestObserver(self._children, self._observed)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text. An idle engine is scraped many times a second (a gateway refreshes its
         routing signals every 50 ms) and its text does not change: while no histogram was observed and
-        the stats snapshot is equal, the last text is served instead of being rendered again."""
+        the stats snapshot is equal, the last text of the engine's own series is served instead of being
+        rendered again; the live collectors' text (`add_live`) is kept while their versions are equal."""
+        return self._engine_text() + self._live_text(), CONTENT_TYPE_LATEST
+
+    def _engine_text(self) -> bytes:
         if self._stats is None or self._model_name is None:
-            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return generate_latest(self.registry)
         count, stats = self._observed.count, self._stats()
         last = self._rendered
         if last is not None and last[0] == count and last[1] == stats:
-            return last[2], CONTENT_TYPE_LATEST
+            return last[2]
         self._scrape = self._model_name, stats   # the text is written from this very snapshot
         try:
             text = generate_latest(self.registry)
         finally:
             self._scrape = None
         self._rendered = (count, stats, text)
-        return text, CONTENT_TYPE_LATEST
+        return text
 
 
 class _Observed:

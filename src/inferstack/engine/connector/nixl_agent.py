@@ -39,8 +39,9 @@ MIN_READ_BYTES = 1 << 20
 # Transfers this large or larger go to the agent with UCX copy threads; smaller ones are copied by
 # the thread that asks, as the hand-off to a copy thread and back costs more than the second core
 # saves there (docs/disaggregation.md: a one-block READ took 0.55 ms with two copy threads, 0.28 ms
-# without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without, 16 MB and up with them).
-BULK_MIN_BYTES = 8 << 20
+# without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without; 16 MB took 20-25 % less CPU
+# without in every same-run comparison of the ninth and tenth stops, 64 MB and up went faster with them).
+BULK_MIN_BYTES = 32 << 20
 
 
 def default_threads() -> int:
@@ -83,14 +84,24 @@ def ucx_environment() -> str:
     return ", ".join(f"{k}={os.environ.get(k, '<unset>')}" for k in keys)
 
 
+# UCX configuration of our agents. No keepalive: UCX checks an idle connection by a round trip that
+# only completes when the peer progresses its worker, which a prefill engine does only while it serves an
+# offer (it runs no progress thread); a direct READ issued after a keepalive fired waited for its timeout
+# (measured: every READ after 10 s idle with the default, 3 s idle with KEEPALIVE_INTERVAL=0.5s). A dead
+# peer still fails a READ: on one host CMA fails at once, across hosts the transport times out, and every
+# READ has its own deadline.
+UCX_ENGINE_CONFIG = "KEEPALIVE_INTERVAL=inf"
+
+
 def ucx_backend_params(threads: int) -> dict[str, str]:
     """NIXL's UCX backend parameters for ``threads`` dedicated copy threads (0: none, the caller's
     thread posts and progresses every READ). NIXL splits a READ across its threads only when it has
     ``split_batch_size`` descriptors or more (1,024 by default); ours have 2 per layer (K and V), so
     the threshold is 1: every descriptor may go to another thread."""
+    params = {"engine_config": UCX_ENGINE_CONFIG}
     if threads <= 0:
-        return {}
-    return {"num_threads": str(threads), "split_batch_size": "1"}
+        return params
+    return {**params, "num_threads": str(threads), "split_batch_size": "1"}
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,10 @@ class _Endpoint:
                                   f"{ucx_environment()})") from None
         # each peer's blocks, prepared at its first READ: (agent name, its regions) -> prepared list
         self.remote: dict[tuple[str, KVRegions], object] = {}
+        # peers this agent has READ from: UCX's connection to them is up. Setting it up needs the peer to
+        # progress its worker, which it does only while it serves an offer: a direct READ (no offer) goes
+        # only through an agent that is connected already, or it would wait for its timeout.
+        self.connected: set[str] = set()
 
     def remote_list(self, peer: str, regions: KVRegions) -> object:
         """``peer``'s blocks as a prepared descriptor list (the caller holds `NixlAgent`'s lock).
@@ -202,6 +217,7 @@ class _Endpoint:
 
     def drop(self, peer: str) -> None:
         """Release ``peer``'s prepared lists (before its agent is removed)."""
+        self.connected.discard(peer)
         for key in [key for key in self.remote if key[0] == peer]:
             with contextlib.suppress(Exception):   # already gone on the NIXL side
                 self.agent.release_dlist_handle(self.remote.pop(key))
@@ -290,7 +306,7 @@ class NixlAgent:
             raise ValueError(f"block lists differ in length or are empty ({len(local_ids)} vs {len(remote_ids)})")
         layers = len(self.regions.bases)
         nbytes = len(local_ids) * 2 * layers * self.regions.block_bytes
-        endpoint = self._bulk if self._bulk is not None and nbytes >= self.bulk_min_bytes else self._direct
+        endpoint = self._endpoint(nbytes)
         with self._lock:
             far = endpoint.remote_list(peer, remote)
         deadline = time.monotonic() + timeout_s
@@ -307,7 +323,19 @@ class NixlAgent:
                     endpoint.agent.release_xfer_handle(handle)
             for layer in group if on_layer is not None else ():
                 on_layer(layer)
+        with self._lock:
+            endpoint.connected.add(peer)
         return nbytes
+
+    def _endpoint(self, nbytes: int) -> _Endpoint:
+        return self._bulk if self._bulk is not None and nbytes >= self.bulk_min_bytes else self._direct
+
+    def connected(self, peer: str, num_blocks: int) -> bool:
+        """Whether the agent that would READ ``num_blocks`` blocks has READ from ``peer`` before (its UCX
+        connection is up: a READ without the peer progressing UCX, the direct READ, can complete)."""
+        endpoint = self._endpoint(num_blocks * 2 * len(self.regions.bases) * self.regions.block_bytes)
+        with self._lock:
+            return peer in endpoint.connected
 
     def close(self) -> None:
         with self._lock:

@@ -19,6 +19,14 @@ address, layout, block ids and block hashes); the bytes go over UCX:
 3. a READ that fails leaves garbage in the local blocks: the connector reports the request and the
    scheduler recomputes it from scratch (``Scheduler.recompute``), so no token comes from bad KV.
 
+Direct READ (every pull after a peer's first, as vLLM's NixlConnector does): the signed params also
+name the prefill agent, the hold (a token), its block ids and the last block's hash (`DirectRead`). A
+decode engine with that agent loaded for the address, whose own hash of that block is equal, skips
+step 1's round trip: it READs at once, then sends NIXL_CLAIM; the prefill engine answers END, and frees
+the hold, only if that very hold is still in place and unleased and holds those blocks
+(`PagedKVSource.claim`): a hold released is never held again, so END proves the blocks were held
+throughout the READ. Anything else is a failed READ (step 3). docs/disaggregation.md has the argument.
+
 Only decode engines holding the stack's transfer secret get the prefill engine's agent metadata
 (it lets its holder READ the whole registered KV cache): the NIXL_PULL carries an HMAC of the
 request id and the decode agent's name.
@@ -32,6 +40,7 @@ import hmac
 import logging
 import select
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,7 +104,10 @@ class NixlExporter:
         self.reuse_stats = TransferStats(path=REUSE)
 
     def serve(self, conn: socket.socket, pull: Frame, source: KVSource, stats: TransferStats) -> Served:
-        """Offer the held blocks, wait for the decode side's DONE (or its disconnect)."""
+        """Offer the held blocks, wait for the decode side's DONE (or its disconnect); or answer the
+        claim of a direct READ."""
+        if pull.type == FrameType.NIXL_CLAIM:
+            return self._claim(conn, pull, source, stats)
         ask = msgpack.unpackb(read_payload(conn, pull, limit=1 << 20))
         agent = str(ask.get("agent", ""))
         prefix = ask.get("prefix")
@@ -151,6 +163,29 @@ class NixlExporter:
         stats.record("send", NAME, spec.layout.chunk_bytes(done.num_blocks), time.perf_counter() - t0)
         return Served(offered=True, reusable=True)
 
+    def _claim(self, conn: socket.socket, claim: Frame, source: KVSource, stats: TransferStats) -> Served:
+        """A decode engine READ held blocks straight from signed ``kv_transfer_params`` (no offer): END
+        when the hold it names was in place all along (`KVSource.claim`, which frees it), else ERROR."""
+        try:
+            ask = msgpack.unpackb(read_payload(conn, claim, limit=1 << 20))
+            agent, ids = str(ask["agent"]), [int(b) for b in ask["ids"]]
+            refusal = self._refusal(claim.request_id, agent, str(ask["proof"]), False)
+            held = refusal is None and source.claim(claim.request_id, str(ask["hold"]), int(ask["first"]), ids,
+                                                    bytes(ask["hash"]))
+            seconds = float(ask["seconds"])
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+            refusal, held, ids, seconds = f"bad NIXL_CLAIM ({exc})", False, [], 0.0
+        if not held:
+            stats.fail("send")
+            message = refusal or (f"the hold on {claim.request_id!r} the READ named is not in place (expired, "
+                                  "pulled, or another hold)")
+            send_payload(conn, Frame(FrameType.ERROR, claim.request_id), message.encode())
+            return Served(offered=False, reusable=True)
+        conn.sendall(Frame(FrameType.END, claim.request_id).pack_header())
+        regions = self.agent.regions
+        stats.record("send", NAME, len(ids) * 2 * len(regions.bases) * regions.block_bytes, seconds)
+        return Served(offered=False, reusable=True)
+
     def _progress_until_readable(self, conn: socket.socket) -> None:
         """Progress UCX while the reader READs (its DONE then arrives on ``conn``)."""
         deadline = time.monotonic() + (conn.gettimeout() or 30.0)
@@ -175,12 +210,21 @@ class NixlExporter:
 # decode side
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What a direct READ (no offer) claims once it is done: the hold its params named."""
+
+    request_id: str
+    hold: str
+    hashes: Sequence[bytes]        # the request's block hashes (equal to the peer's: checked before)
+
+
 @dataclass
 class RemoteLoad:
     """Blocks a prefill engine holds for one request, READ into ours once they are allocated."""
 
     transport: NixlKVTransport
-    conn: socket.socket
+    conn: socket.socket | None     # the offer's connection; None for a direct READ (``claim``)
     address: tuple[str, int]       # the peer's transfer server: the connection goes back to its pool
     peer: str
     regions: KVRegions
@@ -192,6 +236,7 @@ class RemoteLoad:
     asynchronous: bool = True          # the READ runs on the connector's reader thread
     layers: LayerProgress | None = field(default_factory=LayerProgress)   # READ layer by layer
     kept: bool = False                 # the READ ended cleanly: ``conn`` went back to the pool
+    claim: Claim | None = None         # a direct READ: claimed on a pooled connection once done
 
     def rebase(self, first_block: int) -> RemoteLoad | None:
         end = self.first_block + self.num_blocks
@@ -201,7 +246,7 @@ class RemoteLoad:
             return None
         skip = first_block - self.first_block
         return RemoteLoad(self.transport, self.conn, self.address, self.peer, self.regions,
-                          self.remote_ids[skip:], first_block, end - first_block, self.stats)
+                          self.remote_ids[skip:], first_block, end - first_block, self.stats, claim=self.claim)
 
     def accept(self, block_ids: Sequence[int], num_external_tokens: int, block_size: int) -> None:
         self.num_blocks = min(self.num_blocks, num_external_tokens // block_size)
@@ -214,7 +259,7 @@ class RemoteLoad:
             self.discard()
 
     def discard(self) -> None:
-        if self.kept:
+        if self.kept or self.conn is None:
             return
         with contextlib.suppress(OSError):
             self.conn.close()
@@ -235,11 +280,18 @@ class NixlKVTransport:
         self.stats = TransferStats()
         self.reuse_stats = TransferStats(path=REUSE)
         self.control = ControlPool(timeout_s)
+        # "host:port" -> (the peer agent's name, its KV regions) as its last offer gave them: a direct READ
+        # (no offer) goes only to the agent loaded for that address, where it was read before
+        self._regions: dict[str, tuple[str, KVRegions]] = {}
+        self._regions_lock = threading.Lock()
 
     def fetch(self, pull: PullRequest) -> Fetched:
         address = f"{pull.host}:{pull.port}"
         stats = self.reuse_stats if pull.prefix is not None else self.stats
         peer = "holder" if pull.prefix is not None else "prefill peer"
+        direct = self._direct(pull, stats) if pull.direct is not None and pull.prefix is None else None
+        if direct is not None:
+            return direct
         try:
             conn, reply = self._ask(pull)
         except OSError as exc:
@@ -259,26 +311,58 @@ class NixlKVTransport:
             log.warning("request %s: NIXL pull from %s %s failed: %s", pull.request_id, peer, address, exc)
             return Fetched(None, failed=True)
 
+    def _direct(self, pull: PullRequest, stats: TransferStats) -> Fetched | None:
+        """A READ of the blocks the params name, with no round trip before it; None when the offer is
+        needed: the peer's agent is not the one loaded for its address (first pull from it, or it
+        restarted: the offer brings its metadata), our agent for that size has not READ from it yet (UCX
+        sets up its connection only while the peer progresses: during an offer), or its last block's hash
+        is not this prompt's (the offer's per-block check then decides which leading blocks are usable).
+        Nothing vouches yet that the blocks are still held: the READ's `Claim` does, after it (``read``)."""
+        direct = pull.direct
+        assert direct is not None
+        address = f"{pull.host}:{pull.port}"
+        with self._regions_lock:
+            known = self._regions.get(address)
+        if known is None or known[0] != direct.agent or self.agent.known_peer(address) != direct.agent:
+            return None
+        n = len(direct.block_ids)
+        if n == 0 or n > len(pull.expected_hashes) or pull.expected_hashes[n - 1] != direct.last_hash:
+            return None
+        end = min(n, pull.max_blocks)
+        if end <= pull.first_block:
+            return Fetched(None)
+        if not self.agent.connected(direct.agent, end - pull.first_block):
+            return None      # the agent that would READ this many blocks has no UCX connection to the peer yet
+        claim = Claim(pull.request_id, direct.hold, pull.expected_hashes)
+        return Fetched(RemoteLoad(self, None, (pull.host, pull.port), direct.agent, known[1],
+                                  list(direct.block_ids[pull.first_block:end]), pull.first_block,
+                                  end - pull.first_block, stats, claim=claim))
+
     def _ask(self, pull: PullRequest) -> tuple[socket.socket, Frame]:
-        """Send NIXL_PULL on a kept connection to the peer, or a new one when the kept one is dead
-        (the peer closed it idle, or restarted); the connection and the reply's header. Raises
-        `OSError` when the peer cannot be reached."""
+        """Send NIXL_PULL; the connection and the reply's header. Raises `OSError` when the peer
+        cannot be reached."""
         ask = {"agent": self.agent.name, "known": self.agent.known_peer(f"{pull.host}:{pull.port}"),
                "proof": pull_proof(self.trust.secret, pull.request_id, self.agent.name)}
         if pull.prefix is not None:
             ask["prefix"] = list(pull.prefix)
-        message = Frame(FrameType.NIXL_PULL, pull.request_id)
-        conn, kept = self.control.take(pull.host, pull.port)
+        return self._exchange(pull.host, pull.port, Frame(FrameType.NIXL_PULL, pull.request_id), ask)
+
+    def _exchange(self, host: str, port: int, message: Frame, payload: dict[str, Any]) -> tuple[socket.socket, Frame]:
+        """Send ``message`` on a kept connection to the peer, or a new one when the kept one is dead
+        (the peer closed it idle, or restarted); the connection and the reply's header. Raises
+        `OSError` when the peer cannot be reached."""
+        body = msgpack.packb(payload)
+        conn, kept = self.control.take(host, port)
         try:
-            send_payload(conn, message, msgpack.packb(ask))
+            send_payload(conn, message, body)
             return conn, read_frame_header(conn)
         except (OSError, TransferError) as exc:
             conn.close()
             if not kept:
                 raise OSError(str(exc)) from None
-        conn = self.control.connect(pull.host, pull.port)
+        conn = self.control.connect(host, port)
         try:
-            send_payload(conn, message, msgpack.packb(ask))
+            send_payload(conn, message, body)
             return conn, read_frame_header(conn)
         except (OSError, TransferError) as exc:
             conn.close()
@@ -316,6 +400,8 @@ class NixlKVTransport:
             return Fetched(None, refused)
         self.agent.load_peer(address, str(offer["agent"]), offer.get("metadata"))
         regions = peer_regions(offer, self.agent.regions)
+        with self._regions_lock:
+            self._regions[address] = (str(offer["agent"]), regions)
         conn.settimeout(self.timeout_s)
         return Fetched(RemoteLoad(self, conn, (pull.host, pull.port), str(offer["agent"]), regions,
                                   remote_ids[pull.first_block:end], pull.first_block, end - pull.first_block,
@@ -329,17 +415,41 @@ class NixlKVTransport:
         try:
             nbytes = self.agent.read(load.peer, load.regions, load.block_ids, load.remote_ids[:load.num_blocks],
                                      self.timeout_s, load.layers.landed if load.layers is not None else None)
-            load.conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
-            # Without END the peer may have let the blocks go before or during the READ (its I/O
-            # timeout ran out waiting for DONE, or the connection broke): the READ may hold garbage.
-            if read_frame_header(load.conn).type != FrameType.END:
-                raise TransferError("the peer did not confirm it held the blocks during the READ")
+            if load.claim is not None:
+                load.conn = self._claim(load, time.perf_counter() - t0)
+            else:
+                assert load.conn is not None
+                load.conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
+                # Without END the peer may have let the blocks go before or during the READ (its I/O
+                # timeout ran out waiting for DONE, or the connection broke): the READ may hold garbage.
+                if read_frame_header(load.conn).type != FrameType.END:
+                    raise TransferError("the peer did not confirm it held the blocks during the READ")
         except (TransferError, OSError) as exc:
             load.stats.fail("recv")
             raise TransferError(str(exc)) from None
         load.stats.record("recv", NAME, nbytes, time.perf_counter() - t0)
         self.control.give_back(*load.address, load.conn)
         load.kept = True
+
+    def _claim(self, load: RemoteLoad, seconds: float) -> socket.socket:
+        """After a direct READ: the peer answers END only if the hold the params named was in place
+        throughout it (`KVSource.claim`), and frees it; else the READ may hold garbage (`TransferError`).
+        The connection, for the pool."""
+        claim = load.claim
+        assert claim is not None
+        ids = load.remote_ids[:load.num_blocks]
+        ask = {"agent": self.agent.name, "proof": pull_proof(self.trust.secret, claim.request_id, self.agent.name),
+               "hold": claim.hold, "first": load.first_block, "ids": ids,
+               "hash": claim.hashes[load.first_block + load.num_blocks - 1], "seconds": seconds}
+        conn, reply = self._exchange(*load.address, Frame(FrameType.NIXL_CLAIM, claim.request_id), ask)
+        if reply.type == FrameType.END:
+            return conn
+        message = ""
+        with contextlib.suppress(OSError, TransferError):
+            message = read_payload(conn, reply, limit=1 << 16).decode(errors="replace")
+        conn.close()
+        raise TransferError(f"prefill peer refused the claim of a direct READ: {message}"
+                            if reply.type == FrameType.ERROR else f"expected END, got {reply.type.name}")
 
     def close(self) -> None:
         self.control.close()

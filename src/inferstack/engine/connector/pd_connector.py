@@ -54,7 +54,7 @@ from inferstack.engine.connector.transfer import (
     PagedKVSource,
     TransferStats,
 )
-from inferstack.engine.connector.transports import KVTransport, PullRequest, TcpKVTransport
+from inferstack.engine.connector.transports import DirectRead, KVTransport, PullRequest, TcpKVTransport
 from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request
@@ -207,7 +207,8 @@ class PDConnector(KVConnectorBase):
                                    prefix=hashes[:max_blocks])
             else:
                 pull = PullRequest(str(params["remote_host"]), int(params["remote_port"]),
-                                   str(params["remote_request_id"]), hashes, first_block, max_blocks)
+                                   str(params["remote_request_id"]), hashes, first_block, max_blocks,
+                                   direct=DirectRead.from_params(params))
         except (KeyError, ValueError):
             self.stats.add(load_failures=1)
             return None
@@ -271,8 +272,13 @@ class PDConnector(KVConnectorBase):
                                 on_release=self._on_release):
             return False, None  # the id's earlier prefill is still held for a pull: the decode side recomputes
         host, port = self.transfer_address or ("", 0)
-        return True, self.trust.sign({"do_remote_prefill": True, "remote_host": host, "remote_port": port,
-                                      "remote_request_id": request.request_id, "remote_num_blocks": n_full})
+        params = {"do_remote_prefill": True, "remote_host": host, "remote_port": port,
+                  "remote_request_id": request.request_id, "remote_num_blocks": n_full}
+        token = self.source.token(request.request_id)
+        if self.agent is not None and token is not None:   # a decode engine that knows our agent READs at once
+            params |= DirectRead(self.agent.name, token, tuple(block_ids[:n_full]),
+                                 request.block_hashes[n_full - 1]).params()
+        return True, self.trust.sign(params)
 
     def _on_release(self, request_id: str) -> None:
         # Runs on a transfer-server thread: only enqueue; the scheduler frees on its own thread.

@@ -23,7 +23,9 @@ from typing import Any
 
 SIG_FIELD = "transfer_sig"
 # kv_reuse: the gateway's cross-replica read (it signs these itself; absent in PD, signed as "").
-_SIGNED = ("remote_host", "remote_port", "remote_request_id", "remote_num_blocks", "kv_reuse")
+# remote_agent .. remote_block_hash: a NIXL prefill engine's direct READ (`transports.DirectRead`; absent: "").
+_SIGNED = ("remote_host", "remote_port", "remote_request_id", "remote_num_blocks", "kv_reuse",
+           "remote_agent", "remote_hold", "remote_block_ids", "remote_block_hash")
 
 
 @dataclass(frozen=True)

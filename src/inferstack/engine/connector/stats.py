@@ -34,21 +34,28 @@ class ConnectorStats:
     # (the whole load when it ran after it; the forward pass's per-layer waits when it ran during it)
     wait_seconds: Histogram = field(default_factory=_hist)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    changes: int = 0      # bumped by every update: the engine's /metrics re-renders on a change
 
     def observe(self, name: str, seconds: float) -> None:
         with self.lock:
             getattr(self, name).observe(seconds)
+            self.changes += 1     # after the update: a scrape that sees the new count sees the new values
 
     def add(self, **deltas: int) -> None:
         with self.lock:
             for k, v in deltas.items():
                 setattr(self, k, getattr(self, k) + v)
+            self.changes += 1
 
 
 class ConnectorCollector(Collector):
     def __init__(self, stats: ConnectorStats, model_name: str, connector: str) -> None:
         self.stats = stats
         self.labels = [model_name, connector]
+
+    def version(self) -> int:
+        """Changes whenever what `collect` reports changes (`EngineMetrics.add_live`)."""
+        return self.stats.changes
 
     def collect(self) -> Iterator[Metric]:
         names = ["model_name", "connector"]
@@ -93,6 +100,10 @@ class TransferCollector(Collector):
     def __init__(self, connector: Any, model_name: str) -> None:
         self.connector = connector
         self.model_name = model_name
+
+    def version(self) -> tuple[int, ...]:
+        """Changes whenever what `collect` reports changes (`EngineMetrics.add_live`)."""
+        return tuple(st.changes for st in self.connector.transfer_stats())
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model_name", "direction", "transport", "path"]

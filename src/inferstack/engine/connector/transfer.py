@@ -13,7 +13,9 @@ format.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -97,6 +99,10 @@ class KVSource:
     def expire(self, now: float) -> None:
         """Drop holds nobody pulled in time (called about once a second)."""
 
+    def claim(self, request_id: str, token: str, first: int, block_ids: Sequence[int], last_hash: bytes) -> bool:
+        """Release a hold a peer READ without a pull (NIXL direct READ); False when that was not this hold."""
+        return False
+
 
 @dataclass
 class _Hold:
@@ -105,6 +111,8 @@ class _Hold:
     deadline: float
     on_release: Callable[[str], None] | None
     leased: bool = False      # a pull is serving it (`PagedKVSource.open`)
+    # Names this hold and no later one of the same request id: a direct READ's claim must name it.
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 class PagedKVSource(KVSource):
@@ -165,6 +173,28 @@ class PagedKVSource(KVSource):
         if hold is not None and hold.on_release is not None:
             hold.on_release(request_id)
 
+    def token(self, request_id: str) -> str | None:
+        """The token of ``request_id``'s hold (what a direct READ's claim names), None when not held."""
+        with self._lock:
+            hold = self._holds.get(request_id)
+            return hold.token if hold is not None else None
+
+    def claim(self, request_id: str, token: str, first: int, block_ids: Sequence[int], last_hash: bytes) -> bool:
+        """Release ``request_id``'s hold if it is the one ``token`` names, no pull has it leased, and
+        ``block_ids`` are its blocks from ``first`` on, the last one hashing to ``last_hash``. True proves
+        to a peer whose READ of those blocks ended before it sent the claim that they were held (never
+        written) throughout that READ: a hold released (pulled, expired) is never held again, and a new
+        hold of the same id has another token. False leaves the hold as it was."""
+        ids = list(block_ids)
+        with self._lock:
+            hold = self._holds.get(request_id)
+            if hold is None or hold.leased or not _names(hold, token, first, ids, last_hash):
+                return False
+            del self._holds[request_id]
+        if hold.on_release is not None:
+            hold.on_release(request_id)
+        return True
+
     def expire(self, now: float) -> None:
         with self._lock:
             stale = [rid for rid, h in self._holds.items() if h.deadline < now]
@@ -174,6 +204,16 @@ class PagedKVSource(KVSource):
     def held(self) -> list[str]:
         with self._lock:
             return list(self._holds)
+
+
+def _names(hold: _Hold, token: str, first: int, ids: list[int], last_hash: bytes) -> bool:
+    """Whether a claim names this hold and blocks of it (``claim``)."""
+    end = first + len(ids)
+    if not ids or first < 0 or end > len(hold.block_ids) or hold.block_ids[first:end] != ids:
+        return False
+    if hold.block_hashes is not None and (end > len(hold.block_hashes) or hold.block_hashes[end - 1] != last_hash):
+        return False
+    return hmac.compare_digest(hold.token, token)
 
 
 @dataclass
@@ -187,6 +227,7 @@ class TransferStats:
     transfers: dict[tuple[str, str], int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    changes: int = 0      # bumped by every record and failure: the engine's /metrics re-renders on a change
 
     def record(self, direction: str, transport: str, nbytes: int, seconds: float) -> None:
         key = (direction, transport)
@@ -194,10 +235,12 @@ class TransferStats:
             self.bytes[key] = self.bytes.get(key, 0) + nbytes
             self.seconds[key] = self.seconds.get(key, 0.0) + seconds
             self.transfers[key] = self.transfers.get(key, 0) + 1
+            self.changes += 1     # after the update: a scrape that sees the new count sees the new values
 
     def fail(self, direction: str) -> None:
         with self.lock:
             self.failures[direction] = self.failures.get(direction, 0) + 1
+            self.changes += 1
 
 
 def _tensor_view(buf, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
@@ -289,7 +332,7 @@ class KVTransferServer:
             conn.settimeout(self.io_timeout_s)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pull = read_frame_header(conn)
-            if pull.type == FrameType.NIXL_PULL:
+            if pull.type in (FrameType.NIXL_PULL, FrameType.NIXL_CLAIM):
                 self._serve_nixl(conn, pull)
                 return
             if pull.type != FrameType.PULL:
@@ -330,9 +373,9 @@ class KVTransferServer:
             self._threads.discard(threading.current_thread())
 
     def _serve_nixl(self, conn: socket.socket, pull: Frame) -> None:
-        """NIXL pulls one after another: the decode engine keeps the connection for its next pull
-        from this engine (``control_pool.py``). An offer made is released as its pull ends; a refused
-        pull leaves the hold to a TCP pull."""
+        """NIXL pulls (and claims of direct READs) one after another: the decode engine keeps the
+        connection for its next one to this engine (``control_pool.py``). An offer made is released as
+        its pull ends; a refused pull leaves the hold to a TCP pull."""
         while True:
             if self.nixl is None:
                 read_payload(conn, pull, limit=1 << 16)
@@ -347,8 +390,8 @@ class KVTransferServer:
                 pull = read_frame_header(conn)   # idle until the next pull, the close, or the I/O timeout
             except (OSError, TransferError):
                 return                           # a kept connection's normal end, not a failed transfer
-            if pull.type != FrameType.NIXL_PULL:
-                raise TransferError(f"expected NIXL_PULL, got {pull.type.name}")
+            if pull.type not in (FrameType.NIXL_PULL, FrameType.NIXL_CLAIM):
+                raise TransferError(f"expected NIXL_PULL or NIXL_CLAIM, got {pull.type.name}")
 
     def _plan(self, spec: TransferSpec) -> list[tuple[int, int]]:
         return [(first, min(self.chunk_blocks, spec.num_blocks - first))

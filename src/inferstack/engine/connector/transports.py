@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -20,6 +20,35 @@ from inferstack.engine.connector.blocks import PendingLoad, StagedLoad
 from inferstack.engine.connector.transfer import KVTransferClient, TransferStats
 from inferstack.engine.connector.wire import TransferError
 from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK
+
+
+@dataclass(frozen=True)
+class DirectRead:
+    """What a NIXL prefill engine's signed ``kv_transfer_params`` add so that a decode engine that
+    already has its agent loaded READs the held blocks without asking for an offer first
+    (``nixl_transport.py``, direct READ): its agent, the hold's token, the held block ids and the
+    last one's hash (the hashes are chained: equal last hashes mean every block is this prompt's)."""
+
+    agent: str
+    hold: str
+    block_ids: tuple[int, ...]
+    last_hash: bytes
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("remote_agent", "remote_hold", "remote_block_ids", "remote_block_hash")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> DirectRead | None:
+        """None when the params carry no (well-formed) direct READ: the decode engine asks for an offer."""
+        try:
+            ids = tuple(int(b) for b in params["remote_block_ids"])
+            return cls(str(params["remote_agent"]), str(params["remote_hold"]), ids,
+                       bytes.fromhex(str(params["remote_block_hash"])))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def params(self) -> dict[str, Any]:
+        return dict(zip(self.FIELDS, (self.agent, self.hold, list(self.block_ids), self.last_hash.hex()),
+                        strict=True))
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,7 @@ class PullRequest:
     # Cross-replica reuse: the holder pins its cached blocks with these hashes (``prefix_pins.py``)
     # under ``request_id`` instead of naming blocks a finished prefill holds.
     prefix: Sequence[bytes] | None = None
+    direct: DirectRead | None = None   # NIXL: READ these blocks without an offer when the peer's agent is loaded
 
 
 @dataclass

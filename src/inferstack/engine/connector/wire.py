@@ -13,7 +13,7 @@ says the payload is in shared memory:
 |-------:|-----:|-------------------------------------------------------------------------|
 |      0 |    4 | magic ``b"ISKT"``                                                         |
 |      4 |    2 | version (1)                                                             |
-|      6 |    1 | frame type: 1 PULL, 2 CHUNK, 3 END, 4 ERROR, 5 DONE, 6 NIXL_PULL, 7 NIXL_OFFER |
+|      6 |    1 | frame type: 1 PULL, 2 CHUNK, 3 END, 4 ERROR, 5 DONE, 6 NIXL_PULL, 7 NIXL_OFFER, 8 NIXL_CLAIM |
 |      7 |    1 | flags: bit 0 SHM (payload in shared memory), bit 1 SHM_OK (PULL: client can read shared memory) |
 |      8 |    1 | dtype code (the KV store codec's: 1 f32, 2 f16, 3 bf16, 4 f64, 5 i8, 6 u8) |
 |      9 |    1 | reserved (0)                                                            |
@@ -48,7 +48,10 @@ client has it cached, the KV layout, per-layer base addresses and block counts, 
 and their block hashes) or ERROR. The client READs the blocks with NIXL and sends DONE (the
 server frees them) or closes the connection (the server frees them too). After DONE the connection
 may carry the client's next NIXL_PULL (the server answers pulls on it until it closes or idles past
-the server's I/O timeout).
+the server's I/O timeout). A client that already READ the blocks named by signed ``kv_transfer_params``
+(no NIXL_PULL: ``nixl_transport.py``, "direct READ") sends NIXL_CLAIM instead (msgpack payload: its agent
+name, HMAC proof, the hold's token, the first block and the peer's block ids it read, the hash of the last
+one); the server answers END when that hold was in place all along (it frees it then) or ERROR.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class FrameType(IntEnum):
     DONE = 5
     NIXL_PULL = 6
     NIXL_OFFER = 7
+    NIXL_CLAIM = 8
 
 
 NO_NIXL = "no NIXL transfer for this peer"   # ERROR prefix to a NIXL_PULL: pull over TCP instead
