@@ -13,12 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+
+@runtime_checkable
+class Versioned(Protocol):
+    """A collector that says when its series changed: ``version()`` differs whenever they do."""
+
+    def version(self) -> object: ...
 
 Kind = Literal["gauge", "counter", "histogram", "info"]
 
@@ -154,7 +161,7 @@ class EngineMetrics:
         # Collectors whose counters move on other threads (KV tiers, KV transfers: a holder serves a READ
         # while its engine stats stay equal): their own text, cached only on their `version()`.
         self._live = CollectorRegistry(auto_describe=False)
-        self._live_collectors: list[Collector] = []
+        self._live_versions: list[Callable[[], object] | None] = []
         self._live_rendered: tuple[tuple[Any, ...], bytes] | None = None
 
     def bind(self, model_name: str, stats: Callable[[], Any]) -> None:
@@ -165,16 +172,15 @@ class EngineMetrics:
 
     def add_live(self, collector: Collector) -> None:
         """Register ``collector``, whose series may change while the engine's stats and histograms do not
-        (the render cache cannot see it). A collector with a ``version()`` method (a value that changes
-        whenever its series do) is rendered again only when that changes; one without it, at every scrape."""
+        (the render cache cannot see it). A `Versioned` collector (a ``version()`` that changes whenever its
+        series do) is rendered again only when that changes; one without it, at every scrape."""
         self._live.register(collector)
-        self._live_collectors.append(collector)
+        self._live_versions.append(collector.version if isinstance(collector, Versioned) else None)
 
     def _live_text(self) -> bytes:
-        if not self._live_collectors:
+        if not self._live_versions:
             return b""
-        versions = tuple(c.version() if callable(getattr(c, "version", None)) else None  # type: ignore[attr-defined]
-                         for c in self._live_collectors)
+        versions = tuple(None if v is None else v() for v in self._live_versions)
         last = self._live_rendered
         if last is not None and None not in versions and last[0] == versions:
             return last[1]
