@@ -119,7 +119,8 @@ class EndpointQueues:
             self.on_depth(priority)
 
     def _held(self, ep: Endpoint) -> None:
-        if self.on_held is not None:
+        entry = self._queues.get(ep.id)
+        if self.on_held is not None and entry is not None and entry[0] is ep:  # a dropped one's series is gone
             self.on_held(ep.id, ep.held)
 
 
