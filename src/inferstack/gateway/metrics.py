@@ -40,6 +40,9 @@ class GatewayMetrics:
         self.endpoint_held = Gauge("inferstack_gateway_endpoint_held",
                                    "Requests routed to an endpoint without room, waiting at the gateway for it "
                                    "(also in inferstack_gateway_queue_depth).", ("pool", "endpoint"), registry=r)
+        self.endpoint_wait = Histogram("inferstack_gateway_endpoint_wait_seconds",
+                                       "Time routed requests waited at the gateway for their endpoint's room.",
+                                       ("pool",), buckets=_LAT_BUCKETS, registry=r)
         self.queue_wait = Histogram("inferstack_gateway_queue_wait_seconds", "Time spent in flow control.",
                                     ("pool",), buckets=_LAT_BUCKETS, registry=r)
         self.shed = Counter("inferstack_gateway_shed", "Requests shed or timed out in flow control.",

@@ -84,7 +84,7 @@ class Picker:
                 continue
             if waited is not None:
                 adm.held_at = queues.queue(ep)
-                self.metrics.queue_wait.labels(ctx.route.pool.name).observe(waited)
+                self.metrics.endpoint_wait.labels(ctx.route.pool.name).observe(waited)
             return picked
         if refused is not None:
             self.metrics.shed.labels(ctx.route.pool.name, "shed" if prio < 0 else "queue").inc()
