@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from support.gateway_procs import start_fake_engines, start_gateway
+from support.procs import until
 
 HOT = "You are the support assistant of the hottest tenant. " * 40  # ~2,000 characters: one prefix
 SERVED = "x-gateway-destination-endpoint-served"
@@ -26,15 +27,6 @@ def _body(system: str, user: str) -> dict:
 def _metric_sum(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics").text
     return sum(float(v) for v in re.findall(rf'^{name}\{{[^}}]*\}} (\S+)$', text, re.M))
-
-
-def _until(check, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +68,7 @@ def test_a_hot_engine_does_not_hold_back_requests_for_idle_engines(engines):
         elsewhere = [round(t, 2) for _, t, ep in cold if ep not in hot_engines]
         assert len(elsewhere) >= 3 and max(elsewhere) < 1.5, (elsewhere, hot_engines, cold)
         # the hot overflow waited at its engine(s): counted in the queue depth while it did, and it drains
-        assert _until(lambda: _metric_sum(gw.url, "inferstack_gateway_queue_depth") == 0)
-        assert _until(lambda: _metric_sum(gw.url, "inferstack_gateway_endpoint_held") == 0)
+        assert until(lambda: _metric_sum(gw.url, "inferstack_gateway_queue_depth") == 0)
+        assert until(lambda: _metric_sum(gw.url, "inferstack_gateway_endpoint_held") == 0)
     finally:
         gw.stop()

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inferstack.config.schema import FlowControlConfig, InferstackConfig
-from inferstack.gateway.datalayer import Pool, ScrapedMetrics
+from inferstack.gateway.datalayer import Endpoint, Pool, ScrapedMetrics
 from inferstack.gateway.endpointflow import EndpointQueues, Rerouted
 from inferstack.gateway.pipeline.context import Inbound
 from inferstack.gateway.pipeline.core import Pipeline
@@ -30,6 +30,14 @@ def _pool(cap: int | None = 1, **flow: object) -> Pool:
         {"pools": {"p": {"endpoints": ENDPOINTS, "models": ["m"], "max_concurrency": cap}},
          "gateway": {"flow_control": flow}})
     return Pool.from_config("p", cfg.pools["p"], cfg.gateway, rng=random.Random(0))
+
+
+def _full_endpoint(**flow: object) -> tuple[EndpointQueues, Endpoint]:
+    """The endpoint queues of a pool whose endpoints take one request each, and its first endpoint, full."""
+    pool = _pool(cap=1, **flow)
+    ep = pool.endpoints[0]
+    ep.in_flight = 1
+    return EndpointQueues(pool.gateway.flow_control, pool), ep
 
 
 def test_a_hot_endpoints_overflow_does_not_cancel_idle_endpoints_room():
@@ -60,10 +68,7 @@ async def _waiter(queues: EndpointQueues, ep, prio: int, flow: str, log: list, t
 
 def test_waiters_of_a_full_endpoint_are_released_by_priority_then_fair_share_as_it_frees():
     async def main() -> list:
-        pool = _pool(cap=1)
-        queues = EndpointQueues(pool.gateway.flow_control, pool)
-        ep = pool.endpoints[0]
-        ep.in_flight = 1
+        queues, ep = _full_endpoint()
         log: list = []
         tasks = [asyncio.create_task(_waiter(queues, ep, 0, f, log)) for f in ("a", "a", "a", "b")]
         tasks.append(asyncio.create_task(_waiter(queues, ep, 3, "c", log)))
@@ -97,10 +102,7 @@ def test_an_endpoint_with_room_lets_requests_through_without_waiting():
 
 def test_sheddable_timeout_and_cancel_at_a_full_endpoint():
     async def main() -> None:
-        pool = _pool(cap=1, queue_timeout_s=0.2)
-        queues = EndpointQueues(pool.gateway.flow_control, pool)
-        ep = pool.endpoints[0]
-        ep.in_flight = 1
+        queues, ep = _full_endpoint(queue_timeout_s=0.2)
         with pytest.raises(APIError) as shed:
             await queues.wait(ep, -1, "a", 1.0, 5.0)
         assert shed.value.status == 429 and shed.value.code == "shed"
@@ -120,10 +122,7 @@ def test_sheddable_timeout_and_cancel_at_a_full_endpoint():
 
 def test_the_bound_on_queued_requests_holds_per_endpoint():
     async def main() -> None:
-        pool = _pool(cap=1, max_queued=2)
-        queues = EndpointQueues(pool.gateway.flow_control, pool)
-        ep = pool.endpoints[0]
-        ep.in_flight = 1
+        queues, ep = _full_endpoint(max_queued=2)
         waiting = [asyncio.create_task(queues.wait(ep, 0, "a", 1.0, 5.0)) for _ in range(2)]
         await asyncio.sleep(0.01)
         with pytest.raises(APIError) as full:
