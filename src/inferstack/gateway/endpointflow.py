@@ -54,13 +54,14 @@ class EndpointQueues:
             entry = self._queues[ep.id] = (ep, fc)
         return entry[1]
 
-    def passes(self, ep: Endpoint, priority: int) -> bool:
-        """``ep`` takes a request of ``priority`` now: nothing to wait for."""
+    def passes(self, ep: Endpoint, priority: int, room: Callable[[], int] | None = None) -> bool:
+        """``ep`` takes a request of ``priority`` now: nothing to wait for. ``room``: ``ep``'s room as the
+        caller's snapshot counts it (None: `Pool.room`, a fresh view)."""
         if not self.cfg.enabled:
             return True
         entry = self._queues.get(ep.id)
         fc = entry[1] if entry is not None and entry[0] is ep else self.queue(ep)
-        return fc.queue.passes(priority)
+        return fc.queue.passes(priority, room)
 
     async def wait(self, ep: Endpoint, priority: int, flow_id: str, weight: float, timeout_s: float) -> float | None:
         """Wait for room at ``ep``. None: it has room now; else the seconds waited, and the request holds a

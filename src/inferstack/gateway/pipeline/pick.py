@@ -18,7 +18,7 @@ from inferstack.gateway.datalayer import Endpoint
 from inferstack.gateway.endpointflow import EndpointQueues, Rerouted
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.context import RequestContext
-from inferstack.gateway.routing import RoutingResult
+from inferstack.gateway.routing import PoolSnapshot, RoutingResult
 from inferstack.protocol.errors import APIError
 
 
@@ -29,6 +29,12 @@ class Picked:
     pool: str
     metrics: GatewayMetrics
     committed: bool = False
+    snapshot: PoolSnapshot | None = None  # the pool as the router saw it
+
+    def room(self) -> int:
+        """The picked endpoint's room as the router saw it (`PoolSnapshot.room`): current until the task suspends."""
+        assert self.snapshot is not None
+        return self.snapshot.room(self.result.endpoint)
 
     def commit(self) -> None:
         """Record the decision: the routing state (`RoutingResult.pending`, when the pick deferred it) and
@@ -66,7 +72,7 @@ class Picker:
         deadline = time.monotonic() + queues.cfg.queue_timeout_s
         while picked is not None:
             ep = picked.endpoint
-            if queues.passes(ep, prio):
+            if queues.passes(ep, prio, picked.room):
                 return picked
             picked.commit()  # the decision is recorded before this task suspends (`pick`, ``defer``)
             if adm.reserved:  # routed: the pool's reservation is done with, the endpoint's queue takes over
@@ -110,7 +116,7 @@ class Picker:
         result = pool.router.route(ctx.plan.view, snap, defer)
         if result is None:
             return None
-        picked = Picked(pool.by_id(result.endpoint.id), result, pool.name, self.metrics)
+        picked = Picked(pool.by_id(result.endpoint.id), result, pool.name, self.metrics, snapshot=snap)
         if not defer:
             picked.commit()
         return picked
