@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from inferstack.config.schema import FlowControlConfig, InferstackConfig
 from inferstack.gateway.datalayer import Endpoint, Pool, ScrapedMetrics
 from inferstack.gateway.endpointflow import EndpointQueues, Rerouted
-from inferstack.gateway.pipeline.context import Inbound
+from inferstack.gateway.pipeline.context import Inbound, RequestContext
 from inferstack.gateway.pipeline.core import Pipeline
 from inferstack.gateway.routing import EndpointView, PoolSnapshot
 from inferstack.gateway.routing.columns import EndpointColumns
@@ -216,22 +216,33 @@ def test_no_request_is_lost_or_duplicated_and_the_cap_holds(ops: list, cap: int)
     asyncio.run(main())
 
 
+def _two_endpoints(full_queue: float) -> tuple[Pipeline, Endpoint, Endpoint]:
+    """A round-robin pool of two endpoints with fresh metrics: the first with ``full_queue`` waiting (over the
+    queue threshold: no room), the other idle."""
+    cfg = InferstackConfig.model_validate(
+        {"pools": {"p": {"endpoints": ENDPOINTS[:2], "models": ["m"], "routing": "round-robin"}}})
+    pipe = Pipeline(cfg, rng=random.Random(0))
+    pool = pipe.pools["p"]
+    now = time.monotonic()
+    for ep, queue in zip(pool.endpoints, (full_queue, 0.0), strict=True):
+        ep.metrics, ep.metrics_at = ScrapedMetrics(queue=queue, running=1.0, batch_cap=1), now
+    return pipe, pool.endpoints[0], pool.endpoints[1]
+
+
+async def _started(pipe: Pipeline) -> RequestContext:
+    body = orjson.dumps({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+    return await pipe.start(Inbound.arrive("chat", {}, pipe.request_ids), body)
+
+
 def test_a_request_routed_to_a_full_endpoint_waits_for_it_and_its_pool_reservation_is_given_back():
     """Through the pipeline: admission passes (another endpoint has room), the router's pick has none (its
     metrics show a queue over the threshold), so the request waits at that endpoint, holding nothing of the
-    pool's, and is routed there once a completion frees it."""
+    pool's, and is routed there once a metrics refresh shows room."""
     async def main() -> None:
-        cfg = InferstackConfig.model_validate(
-            {"pools": {"p": {"endpoints": ENDPOINTS[:2], "models": ["m"], "routing": "round-robin"}}})
-        pipe = Pipeline(cfg, rng=random.Random(0))
+        pipe, full, _ = _two_endpoints(full_queue=9.0)
         pool = pipe.pools["p"]
-        now = time.monotonic()
-        for ep, queue in zip(pool.endpoints, (9.0, 0.0), strict=True):
-            ep.metrics, ep.metrics_at = ScrapedMetrics(queue=queue, running=1.0, batch_cap=1), now
-        full = pool.endpoints[0]
-        body = orjson.dumps({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
         for _ in range(4):  # round-robin: one of the first two picks is the full endpoint
-            ctx = await pipe.start(Inbound.arrive("chat", {}, pipe.request_ids), body)
+            ctx = await _started(pipe)
             task = asyncio.create_task(pipe.picker.route(ctx))
             await asyncio.sleep(0.01)
             if not task.done():
@@ -256,5 +267,23 @@ def test_flow_control_off_never_waits_at_an_endpoint():
         ep = queues.pool.endpoints[0]
         ep.in_flight = 5
         assert await queues.wait(ep, 0, "a", 1.0, 5.0) is None
+
+    asyncio.run(main())
+
+
+def test_a_request_the_pool_queue_released_goes_where_the_room_is():
+    """The pool queues only while no endpoint has room; a waiter it releases (a slot freed somewhere) and the
+    router sends to a full endpoint takes the free slot instead of waiting there (it was promised one)."""
+    async def main() -> None:
+        pipe, full, other = _two_endpoints(full_queue=9.0)
+        for _ in range(4):  # round-robin: one of the first two picks is the full endpoint
+            ctx = await _started(pipe)
+            ctx.admission.reserved = True  # as if released from the pool's queue (it holds a reservation)
+            pipe.flow["p"].queue.pending += 1
+            picked = await asyncio.wait_for(pipe.picker.route(ctx), 1.0)
+            assert picked is not None and picked.endpoint is other and full.held == 0
+            pipe.picker.hold(ctx, picked.endpoint)
+            assert pipe.flow["p"].pending == 0
+            picked.endpoint.in_flight -= 1  # done: room again for the next one
 
     asyncio.run(main())
