@@ -61,11 +61,12 @@ def test_a_hot_engine_does_not_hold_back_requests_for_idle_engines(engines):
     try:
         hot, cold = asyncio.run(_hot_burst_then_cold(gw.url, hot=30, cold=8))
         assert [s for s, _, _ in hot + cold] == [200] * len(hot + cold), (hot, cold)
-        # a cold request is served at once (~0.25 s) by an engine with room; one the router sends where hot ones
-        # wait moves to idle room after `queue_wait_s` (1 s). The old signed sum held the first of them at the
-        # pool behind the hot overflow for seconds (6.0 s on e98cad8)
-        slow = [round(t, 2) for _, t, _ in cold if t > 2.5]
-        assert not slow, (slow, cold)
+        # the router may send a cold request where hot ones wait (it balances prefixes too); those sent to an
+        # engine the hot tenant does not use are served at once (~0.25 s), where the old signed sum held the
+        # first of them at the pool behind the hot overflow for seconds
+        hot_engines = {ep for _, _, ep in hot}
+        elsewhere = [round(t, 2) for _, t, ep in cold if ep not in hot_engines]
+        assert len(elsewhere) >= 3 and max(elsewhere) < 1.5, (elsewhere, hot_engines, cold)
         # the hot overflow waited at its engine(s): counted in the queue depth while it did, and it drains
         assert until(lambda: _metric_sum(gw.url, "inferstack_gateway_queue_depth") == 0)
         assert until(lambda: _metric_sum(gw.url, "inferstack_gateway_endpoint_held") == 0)
