@@ -218,12 +218,11 @@ def test_no_request_is_lost_or_duplicated_and_the_cap_holds(ops: list, cap: int)
     asyncio.run(main())
 
 
-def _two_endpoints(full_queue: float, **flow: object) -> tuple[Pipeline, Endpoint, Endpoint]:
+def _two_endpoints(full_queue: float) -> tuple[Pipeline, Endpoint, Endpoint]:
     """A round-robin pool of two endpoints with fresh metrics: the first with ``full_queue`` waiting (over the
     queue threshold: no room), the other idle."""
     cfg = InferstackConfig.model_validate(
-        {"pools": {"p": {"endpoints": ENDPOINTS[:2], "models": ["m"], "routing": "round-robin"}},
-         "gateway": {"flow_control": flow}})
+        {"pools": {"p": {"endpoints": ENDPOINTS[:2], "models": ["m"], "routing": "round-robin"}}})
     pipe = Pipeline(cfg, rng=random.Random(0))
     pool = pipe.pools["p"]
     now = time.monotonic()
@@ -288,28 +287,5 @@ def test_a_request_the_pool_queue_released_goes_where_the_room_is():
             pipe.picker.hold(ctx, picked.endpoint)
             assert pipe.flow["p"].pending == 0
             picked.endpoint.in_flight -= 1  # done: room again for the next one
-
-    asyncio.run(main())
-
-
-def test_a_waiter_past_its_patience_moves_to_an_endpoint_left_idle():
-    """A request waiting at a full endpoint for longer than `queue_wait_s` goes to another endpoint with room at
-    the next refresh (not before: affinity first), instead of waiting while that engine idles."""
-    async def main() -> None:
-        pipe, full, other = _two_endpoints(full_queue=9.0, queue_wait_s=0.2)
-        pool = pipe.pools["p"]
-        for _ in range(4):
-            ctx = await _started(pipe)
-            task = asyncio.create_task(pipe.picker.route(ctx))
-            await asyncio.sleep(0.01)
-            if not task.done():  # else straight through to the idle one; the next goes to the full one
-                break
-        pipe._refreshed(pool)  # a refresh within its patience: it stays
-        await asyncio.sleep(0.01)
-        assert not task.done() and full.held == 1
-        await asyncio.sleep(0.25)
-        pipe._refreshed(pool)
-        picked = await asyncio.wait_for(task, 1.0)
-        assert picked.endpoint is other and full.held == 0 and pipe.held["p"].queued == 0
 
     asyncio.run(main())

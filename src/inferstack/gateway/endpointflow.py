@@ -31,10 +31,6 @@ class Rerouted(Exception):
     """The endpoint a request waited for became unhealthy or left the pool: route it again."""
 
 
-class Moved(Rerouted):
-    """The request waited past its patience (`queue_wait_s`) while another endpoint had room: go there."""
-
-
 class EndpointQueues:
     """One per pool: a hold queue per endpoint, made when first needed, dropped with its endpoint.
     ``on_depth(priority)``: a band's depth changed somewhere (the pool's depth gauge sums `depth`);
@@ -95,14 +91,7 @@ class EndpointQueues:
 
     def pump(self) -> None:
         """After a metrics refresh: release what each endpoint has room for; the waiters of an endpoint
-        that is unhealthy or left the pool route again, and those that waited longer than `queue_wait_s`
-        move to the room other endpoints have left idle (`Moved`).
-
-        NOTE (why patience): affinity sends a group's requests to the engine holding its prefix; on slow
-        engines (the README stack's CPU replicas) a waiter there waits seconds per place while another engine
-        idles, and goodput fell below the signed sum's. A request that waited `queue_wait_s` (the time the
-        engine's own queue may hold, "The engine's own queue is bounded in time") trades its cache hit for a
-        free slot; on fast engines waiters leave within milliseconds and affinity is untouched."""
+        that is unhealthy or left the pool route again."""
         members = {id(e) for e in self.pool.endpoints}
         for key, (ep, fc) in list(self._queues.items()):
             if id(ep) not in members:
@@ -111,17 +100,6 @@ class EndpointQueues:
                 fc.evict(Rerouted)
             else:
                 fc.pump()
-        spare = self._idle_room() if self.queued else 0
-        for _, fc in self._queues.values():
-            if spare <= 0:
-                break
-            if fc.queued:
-                spare -= fc.evict(Moved, self.cfg.queue_wait_s, spare)
-
-    def _idle_room(self) -> int:
-        """Room at the healthy endpoints nobody waits for."""
-        waiting = {key for key, (_, fc) in self._queues.items() if fc.queued}
-        return sum(max(0, self.pool.room(e)) for e in self.pool.endpoints if e.id not in waiting and e.healthy)
 
     def depth(self, priority: int) -> int:
         """Requests of ``priority`` held at any endpoint of the pool."""

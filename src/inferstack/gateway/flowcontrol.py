@@ -108,10 +108,9 @@ class FlowController:
         says nothing about the pool's pace, so only release waiters."""
         self.pump()
 
-    def evict(self, reason: Callable[[], BaseException], waited_s: float | None = None, most: int = 0) -> int:
-        """Take every waiter out, or with ``waited_s`` up to ``most`` of those that waited longer (release
-        order), and raise ``reason()`` in each; how many."""
-        out = self.queue.take_all() if waited_s is None else self.queue.take_waited(waited_s, most)
+    def evict(self, reason: Callable[[], BaseException]) -> int:
+        """Take every waiter out and raise ``reason()`` in each (their endpoint is gone); how many."""
+        out = self.queue.take_all()
         for fut, prio in out:
             self._depth(prio)
             if not fut.done():

@@ -343,26 +343,6 @@ class FairQueue(Generic[T]):
         self._refused_unproven = self._refused_unproven or bool(out)
         return out
 
-    def take_waited(self, limit_s: float, n: int) -> list[tuple[T, int]]:
-        """Take out up to ``n`` waiters queued more than ``limit_s`` ago, in the order `release` would hand
-        them out (they go to another endpoint with room: the per-endpoint hold's patience)."""
-        now = self.now()
-        out: list[tuple[T, int]] = []
-        for prio in sorted(self._bands, reverse=True):
-            taken: list[tuple[_Flow[T], int]] = []
-            for _, _, k, flow in self._bands[prio].release_order():
-                if len(out) >= n:
-                    break
-                item, queued_at = flow.waiters[k]
-                if now - queued_at > limit_s:
-                    out.append((item, prio))
-                    taken.append((flow, k))
-            for flow, k in sorted(taken, key=lambda d: d[1], reverse=True):
-                del flow.waiters[k]
-        self.queued -= len(out)
-        self._settle()
-        return out
-
     def take_all(self) -> list[tuple[T, int]]:
         """Take every waiter out (their endpoint left the pool or turned unhealthy: they route again)."""
         return self._older_than(-math.inf, self.now())

@@ -327,35 +327,9 @@ class Simulation:
         """A metrics refresh: endpoint holds first (what waits there was routed earlier), then the pool."""
         for key in list(self.gateway.holds):
             self._release_held(key)
-        self._move_waited()
         self._release()
         if self.gateway.admission.queued or any(q.queued for q in self.gateway.holds.values()):
             self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
-
-    def _move_waited(self) -> None:
-        """Waiters past `queue_wait_s` go to the room that endpoints nobody waits for left idle
-        (`EndpointQueues.pump`, its patience)."""
-        gw = self.gateway
-        waiting = {key for key, q in gw.holds.items() if q.queued}
-        if not waiting:
-            return
-        spare = sum(max(0, gw.room(ep)) for ep in gw.order if ep.id not in waiting)
-        for key in sorted(waiting):
-            if spare <= 0:
-                return
-            for r, _ in gw.holds[key].take_waited(self.s.config.gateway.flow_control.queue_wait_s, spare):
-                spare -= 1
-                self._route_to_room(r, self._unhold(r))
-
-    def _route_to_room(self, r: _Req, left: SimEndpoint) -> None:
-        """``r`` left ``left``'s hold: to an endpoint with room (`Picker._with_room`), else route it again."""
-        snap = self.gateway.snapshot()
-        full = frozenset(v.id for v in snap.endpoints if snap.room(v) <= 0) | {left.id}
-        result = self.gateway.route(r.view, full)
-        if result is None:
-            self._route(r)
-        else:
-            self._send(r, self.gateway.endpoints[result.endpoint.id], None)
 
     def _release_held(self, key: str) -> None:
         """Release what endpoint ``key`` has room for; waiters of one that is down, draining or gone route

@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from inferstack.gateway.datalayer import Endpoint
-from inferstack.gateway.endpointflow import EndpointQueues, Moved, Rerouted
+from inferstack.gateway.endpointflow import EndpointQueues, Rerouted
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.context import RequestContext
 from inferstack.gateway.routing import PoolSnapshot, RoutingResult
@@ -87,9 +87,6 @@ class Picker:
             try:
                 waited = await queues.wait(ep, prio, adm.flow_id, adm.weight, max(0.0, deadline - time.monotonic()))
             except (Rerouted, APIError) as exc:
-                if isinstance(exc, Moved):  # waited past its patience: to the room another endpoint left idle
-                    picked = self._with_room(ctx, [*skip, ep.id]) or self.pick(ctx, skip, defer=True)
-                    continue
                 skip.append(ep.id)
                 if isinstance(exc, APIError):
                     refused = exc
