@@ -12,7 +12,6 @@ KV events reach the precise prefix index at the end of each engine step, as the 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -161,7 +160,7 @@ class SimGateway:
         if not self._room_exact():
             return snap.free_slots(positive=True)
         if self._room_key != self._snap_key:
-            self._room_total = sum(max(0, snap.room(e) - e.held) for e in snap.endpoints)
+            self._room_total = sum(max(0, snap.room(e)) for e in snap.endpoints)
             self._room_key = self._snap_key
         return min(UNBOUNDED, self._room_total)
 
@@ -187,9 +186,8 @@ class SimGateway:
         return self.snapshot(exclude).free_slots(positive=True) > 0
 
     def shift_held(self, ep: SimEndpoint, delta: int) -> None:
-        """Change ``ep``'s count of requests held for it (the router sees it in the endpoint's load; the pool's
-        room leaves out what it holds for them)."""
-        self._shift(ep, lambda v: setattr(v, "held", v.held + delta))
+        """Change ``ep``'s count of requests held for it (the router sees it in the endpoint's load)."""
+        ep.view.held += delta
         snap = self._snap
         if snap is not None and snap.columns is not None:
             snap.columns.shift_held(ep.id, ep.view.held)
@@ -201,20 +199,15 @@ class SimGateway:
 
     def shift(self, ep: SimEndpoint, delta: int) -> None:
         """Change the gateway's in-flight count of ``ep`` (and the pool's room with it)."""
-        self._shift(ep, lambda v: setattr(v, "in_flight", v.in_flight + delta))
-        snap = self._snap
-        if snap is not None and snap.columns is not None:
-            snap.columns.shift(ep.id, ep.view.in_flight)
-
-    def _shift(self, ep: SimEndpoint, change: Callable[[EndpointView], None]) -> None:
-        """Apply ``change`` to ``ep``'s view, keeping the pool's room (`free_slots`) current."""
         snap = self._snap
         tracked = self._room_key is not None and self._room_key == self._snap_key and snap is not None \
             and self.endpoints.get(ep.id) is ep
-        before = max(0, snap.room(ep.view) - ep.view.held) if tracked else 0      # type: ignore[union-attr]
-        change(ep.view)
+        before = max(0, snap.room(ep.view)) if tracked else 0      # type: ignore[union-attr]
+        ep.view.in_flight += delta
+        if snap is not None and snap.columns is not None:
+            snap.columns.shift(ep.id, ep.view.in_flight)
         if tracked:
-            self._room_total += max(0, snap.room(ep.view) - ep.view.held) - before   # type: ignore[union-attr]
+            self._room_total += max(0, snap.room(ep.view)) - before   # type: ignore[union-attr]
 
     def request_view(self, messages: list[tuple[str, str]], priority: int, max_tokens: int, session: str | None,
                      model: str) -> RequestView:

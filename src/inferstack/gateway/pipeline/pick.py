@@ -114,7 +114,7 @@ class Picker:
         came from the pool queueing while endpoints had room, which it no longer does."""
         pool = ctx.route.pool
         snap = pool.snapshot(frozenset(skip))
-        full = [e.id for e in snap.endpoints if snap.room(e) - e.held <= 0]  # room not promised to its waiters
+        full = [e.id for e in snap.endpoints if snap.room(e) <= 0]
         if len(full) == len(snap.endpoints):
             return None
         return self.pick(ctx, [*skip, *full], defer=True)

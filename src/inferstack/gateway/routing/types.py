@@ -161,8 +161,6 @@ class PoolSnapshot:
         keeps (None: all): the pool's room, the sum of the endpoints' `room` (at least 0, at most UNBOUNDED).
         ``positive``: the sum of the positive rooms, where a request routed to a full endpoint waits for
         it (`gateway.endpointflow`): then one endpoint over its threshold holds back only its own requests.
-        Each room net of the requests already waiting for that endpoint (`held`): it is promised to them, and
-        counted for the pool too it let the pool's queue release requests into room they could not get.
 
         NOTE (why a sum, with negative terms): routers keep prefix and session affinity, so a hot
         endpoint may queue past the threshold while others have room. Its overflow counts against
@@ -172,7 +170,7 @@ class PoolSnapshot:
         (0.56 against 0.89 with flow control off on the held-out load)."""
         eps = self.endpoints if include is None else [e for e in self.endpoints if include(e)]
         if positive:
-            return min(UNBOUNDED, sum(max(0, self.room(e) - e.held) for e in eps))
+            return min(UNBOUNDED, sum(max(0, self.room(e)) for e in eps))
         return max(0, min(UNBOUNDED, sum(map(self.room, eps))))
 
 
