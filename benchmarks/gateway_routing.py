@@ -180,7 +180,8 @@ def decided_by(gateway_url: str) -> dict[str, int]:
 def flow_stats(gateway_url: str) -> dict[str, float]:
     """What flow control did during the run, from the gateway's /metrics: requests that waited in its queue
     (`queued`), their summed wait, the upper bound of the longest (the smallest histogram bucket holding
-    them all; 0 when none waited), and requests it refused (`shed`: shed, queue full or timed out)."""
+    them all; 0 when none waited), requests it refused (`shed`: shed, queue full or timed out), and requests
+    routed to an endpoint without room that waited for it (`held`, `held_wait_sum_s`)."""
     scrape = promtext.parse(urllib.request.urlopen(gateway_url + "/metrics").read().decode(), 0.0)
     queued = sum(scrape.select("inferstack_gateway_queue_wait_seconds_count").values())
     buckets: dict[float, float] = {}
@@ -190,7 +191,9 @@ def flow_stats(gateway_url: str) -> dict[str, float]:
     longest = min((le for le, n in buckets.items() if n >= queued), default=0.0) if queued else 0.0
     return {"queued": int(queued), "queue_wait_sum_s": sum(scrape.select("inferstack_gateway_queue_wait_seconds_sum")
                                                            .values()),
-            "queue_wait_max_le_s": longest, "shed": int(sum(scrape.select("inferstack_gateway_shed_total").values()))}
+            "queue_wait_max_le_s": longest, "shed": int(sum(scrape.select("inferstack_gateway_shed_total").values())),
+            "held": int(sum(scrape.select("inferstack_gateway_endpoint_wait_seconds_count").values())),
+            "held_wait_sum_s": sum(scrape.select("inferstack_gateway_endpoint_wait_seconds_sum").values())}
 
 
 def placement(trace: list[tuple[float, str, str, int]]) -> list[tuple[int, int]]:

@@ -109,13 +109,15 @@ def verdict(low: float, high: float, bound: float = 0.10) -> str:
 
 
 def print_comparison(pairs: Sequence[Pair]) -> None:
-    print("\n| pair | order | TTFT p90 on | off | on/off | queued (on) | waited s (on) | refused (on) | "
-          "ok on/off | same engine |\n|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("\n| pair | order | TTFT p90 on | off | on/off | queued (on) | waited s (on) | held at endpoint (on) | "
+          "held s (on) | refused (on) | ok on/off | same engine |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for k, (on, off) in enumerate(pairs):
         flow = on.get("flow", {})
         print(f"| {k} | {'on, off' if k % 2 == 0 else 'off, on'} | {on['ttft_p90_s']:.3f} | {off['ttft_p90_s']:.3f} "
               f"| {on['ttft_p90_s'] / off['ttft_p90_s']:.3f} | {flow.get('queued', '?')} "
-              f"| {flow.get('queue_wait_sum_s', math.nan):.3f} | {flow.get('shed', '?')} "
+              f"| {flow.get('queue_wait_sum_s', math.nan):.3f} | {flow.get('held', '?')} "
+              f"| {flow.get('held_wait_sum_s', math.nan):.3f} | {flow.get('shed', '?')} "
               f"| {on['ok']}/{on['sent']}, {off['ok']}/{off['sent']} | {same_endpoint(on, off):.3f} |")
     low, high = cluster_interval(pairs, pooled_ratio)
     glow, ghigh = cluster_interval(pairs, geomean_ratio)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from support.gateway_procs import start_fake_engines, start_gateway
+from support.procs import until
 
 BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -39,12 +40,7 @@ async def _burst_then_steady(url: str, burst: int, rate: float, seconds: float) 
 
 
 def _drained(url: str) -> bool:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if _queue_depth(httpx.get(url + "/metrics").text) == 0:
-            return True
-        time.sleep(0.05)
-    return False
+    return until(lambda: _queue_depth(httpx.get(url + "/metrics").text) == 0)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,16 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
+def until(check: Callable[[], bool], timeout_s: float = 5.0, every_s: float = 0.05) -> bool:
+    """Poll ``check`` until it holds (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(every_s)
+    return False
+
+
 def free_port() -> int:
     """A port free right now; only for third-party servers that cannot take port 0."""
     with socket.socket() as s:

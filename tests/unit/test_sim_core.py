@@ -331,7 +331,7 @@ def test_calibrated_overhead_samples_are_drawn_per_request_and_repeat_with_the_s
 
 def test_flow_controls_free_slots_kept_incrementally_equal_the_pools_sum():
     """The simulator keeps the pool's room current as in-flight counts move; flow control must see what
-    summing every endpoint's room (the live gateway's `PoolSnapshot.free_slots`) gives, at every ask."""
+    summing every endpoint's positive room (the live gateway's `Pool.free_slots`) gives, at every ask."""
     settings = build_settings(_args(fleet=[f"{FLEET}=3"], rate=120.0, duration=2.0, crash=["1@0.8+0.4"],
                                     workload="synthetic:input=uniform(50,600),output=uniform(20,200)"), None)
     settings.engine = dataclasses.replace(settings.engine, max_num_seqs=4)     # saturate: requests queue
@@ -341,7 +341,7 @@ def test_flow_controls_free_slots_kept_incrementally_equal_the_pools_sum():
 
     def checked() -> int:
         got = kept()
-        assert got == gw.snapshot().free_slots()
+        assert got == gw.snapshot().free_slots(positive=True)
         asked.append(got)
         return got
 
@@ -349,6 +349,36 @@ def test_flow_controls_free_slots_kept_incrementally_equal_the_pools_sum():
     sim.run()
     assert len(asked) > 200 and 0 in asked and max(asked) > 0     # it was asked often, full and not
     assert sim.completed == sim.arrived
+
+
+def test_requests_routed_to_a_full_endpoint_wait_for_it_and_the_run_repeats(tmp_path):
+    """The simulator mirrors the live per-endpoint hold (`gateway.endpointflow`): under saturation with prefix
+    affinity some requests wait in their endpoint's hold queue, every one of them ends (served here), nothing
+    stays held, and a seeded run repeats bit for bit."""
+    def run(out) -> tuple[bytes, int]:
+        out.mkdir()
+        settings = build_settings(_args(fleet=[f"{FLEET}=3"], rate=120.0, duration=2.0, crash=["1@0.8+0.4"],
+                                        workload="shared-prefix:groups=2,users=3,system=400,question=uniform(10,60),"
+                                                 "output=uniform(20,120)"), out)
+        settings.engine = dataclasses.replace(settings.engine, max_num_seqs=4)
+        sim = Simulation(settings)
+        held = [0]
+        shift = sim.gateway.shift_held
+
+        def counted(ep, delta: int) -> None:
+            held[0] += delta > 0
+            shift(ep, delta)
+
+        sim.gateway.shift_held = counted
+        sim.run()
+        assert sim.completed == sim.arrived
+        assert all(q.queued == 0 for q in sim.gateway.holds.values())
+        assert all(ep.view.held == 0 for ep in sim.gateway.order)
+        return (out / "requests.stream.csv").read_bytes(), held[0]
+
+    first, held = run(tmp_path / "a")
+    assert held > 10
+    assert run(tmp_path / "b") == (first, held)
 
 
 _LEAP_WORKLOADS = (

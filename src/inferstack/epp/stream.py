@@ -237,12 +237,19 @@ class Stream:
         except APIError as exc:
             return self._refuse(exc)
         self.body = []
-        picked = pipe.picker.pick(ctx, self._excluded())
+        try:  # waits for the picked endpoint's room when it has none (`Picker.route`)
+            picked = await pipe.picker.route(ctx, self._excluded())
+        except APIError as exc:
+            ctx.outcome.status = exc.status
+            pipe.account.count(ctx)
+            await self._close()
+            return self._refuse(exc)
         if picked is None:
             ctx.outcome.status = 503
             pipe.account.count(ctx)
             await self._close()
             return self._no_endpoint()
+        picked.commit()
         self.held = picked.endpoint
         pipe.picker.hold(ctx, picked.endpoint)
         dest = self._destination(picked.endpoint)

@@ -101,6 +101,7 @@ class Endpoint:
         self.metrics_supported = True
         self.metrics_text = b""   # the last /metrics body: an unchanged one is not parsed again
         self.in_flight = 0
+        self.held = 0  # requests routed here that wait for its room at the gateway (`endpointflow`)
         self.active_ok = True
         self.failures = 0
         self.ejected_until = 0.0
@@ -132,11 +133,11 @@ class Endpoint:
         healthy = self.active_ok and now >= self.ejected_until  # `healthy` without another clock reading
         if m is None:
             return EndpointView(self.id, in_flight=self.in_flight, healthy=healthy,
-                                max_concurrency=self.max_concurrency)
+                                max_concurrency=self.max_concurrency, held=self.held)
         return EndpointView(self.id, m.queue, m.running, m.kv_usage, now - self.metrics_at, True,
                             self.in_flight, healthy, self.max_concurrency, m.adapters_active,
                             m.adapters_waiting, m.max_lora, m.batch_cap, m.reports_queue,
-                            self.drain_s)
+                            self.drain_s, self.held)
 
     def request_failed(self, cfg: GatewayConfig) -> None:
         self.failures += 1
@@ -191,13 +192,27 @@ class Pool:
         return PoolSnapshot(views, now, self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold,
                             queue_wait_s=fc.queue_wait_s)
 
+    def room(self, ep: Endpoint) -> int:
+        """Requests ``ep`` may take now (`PoolSnapshot.room`): the per-endpoint hold's free slots."""
+        now = time.monotonic()
+        fc = self.gateway.flow_control
+        return PoolSnapshot((), now, self.gateway.metrics_stale_s, fc.queue_threshold, fc.kv_threshold,
+                            queue_wait_s=fc.queue_wait_s).room(ep.view(now))
+
+    def holds_at_endpoints(self) -> bool:
+        """Requests routed to an endpoint without room wait for it (`endpointflow`): every pool but a
+        prefill/decode one, whose legs' rooms the pool-level check keeps together (`pd_free_slots`)."""
+        return not isinstance(self.router, PDRouter)
+
     def free_slots(self, snap: PoolSnapshot | None = None) -> int:
-        """How many queued requests may be released now (flow control), over ``snap`` (None: a new snapshot)."""
+        """How many queued requests may be released now (flow control), over ``snap`` (None: a new snapshot):
+        the endpoints' positive rooms, since a request routed to a full endpoint waits for it there
+        (`holds_at_endpoints`); a prefill/decode pool's signed sums (`pd_free_slots`)."""
         if snap is None:
             snap = self.snapshot()
         if isinstance(self.router, PDRouter):
             return pd_free_slots(snap, self.router.roles, conditional=self.router.max_prefill_queue is not None)
-        return snap.free_slots()
+        return snap.free_slots(positive=True)
 
     def engines_pace(self) -> float | None:
         """The pool's seconds per release from its healthy engines' own drain (flow control's prior); only

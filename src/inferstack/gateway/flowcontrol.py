@@ -46,11 +46,12 @@ class FlowController:
 
     async def admit(self, priority: int, flow_id: str, weight: float = 1.0,
                     client_gone: asyncio.Future | None = None,
-                    free_slots: Callable[[], int] | None = None) -> float | None:
+                    free_slots: Callable[[], int] | None = None, timeout_s: float | None = None) -> float | None:
         """Wait until the request may be routed. Returns None if it passed straight through (without
         suspending), else the seconds it waited (then call `routed()` once it holds its endpoint). Raises
         APIError(429), or ClientGone when ``client_gone`` completes first: a departed client's request leaves
-        the queue at once instead of taking a slot when its turn comes. ``free_slots``: `FairQueue.admit`."""
+        the queue at once instead of taking a slot when its turn comes. ``free_slots``: `FairQueue.admit`;
+        ``timeout_s``: the longest wait (None: `queue_timeout_s`). Raises whatever `evict` hands a waiter."""
         # the loop from the client-gone future when there is one: `get_running_loop` is a getpid system call
         loop = client_gone.get_loop() if client_gone is not None else asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
@@ -61,11 +62,12 @@ class FlowController:
             raise APIError(429, str(r), code=r.code, headers={"retry-after": str(r.retry_after_s)}) from None
         self._depth(priority)
         start = time.monotonic()
+        timeout_s = self.cfg.queue_timeout_s if timeout_s is None else timeout_s
         self.pump()
         waiting = asyncio.shield(fut)
         try:
             done, _ = await asyncio.wait([waiting] if client_gone is None else [waiting, client_gone],
-                                         timeout=self.cfg.queue_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+                                         timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             self._leave(fut, priority, released=_released(fut))
             raise
@@ -77,7 +79,7 @@ class FlowController:
         self._leave(fut, priority, released=False)
         if client_gone is not None and client_gone in done:
             raise ClientGone
-        raise APIError(429, f"Timed out after {self.cfg.queue_timeout_s:g}s waiting for capacity.",
+        raise APIError(429, f"Timed out after {timeout_s:g}s waiting for capacity.",
                        code="queue_timeout", headers={"retry-after": "1"})
 
     def _leave(self, fut: asyncio.Future, priority: int, released: bool) -> None:
@@ -105,6 +107,15 @@ class FlowController:
         """A request left its endpoint unserved (failed, refused, cancelled): its slot is free, but it
         says nothing about the pool's pace, so only release waiters."""
         self.pump()
+
+    def evict(self, reason: Callable[[], BaseException]) -> int:
+        """Take every waiter out and raise ``reason()`` in each (their endpoint is gone); how many."""
+        out = self.queue.take_all()
+        for fut, prio in out:
+            self._depth(prio)
+            if not fut.done():
+                fut.set_exception(reason())
+        return len(out)
 
     def pump(self) -> int:
         """Release as many queued requests as there is room for, and refuse those the current drain

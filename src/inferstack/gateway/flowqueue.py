@@ -209,11 +209,9 @@ class FairQueue(Generic[T]):
         """True: route ``item`` now. False: it waits until `release` hands it out. Raises Rejected.
         ``free_slots``: the pool's room as this request's own snapshot counts it (the live gateway's routing
         then reuses that snapshot, `pipeline/admit.py`); None: the queue's ``free_slots``."""
-        if not self.cfg.enabled:
+        if self.passes(priority, free_slots):
             return True
         ahead = self._waiting_at_or_above(priority)
-        if not ahead and (free_slots or self.free_slots)() - self.pending > 0:
-            return True
         if priority < 0:
             raise Rejected("shed", "The pool is saturated and this request's priority is sheddable.")
         if self.queued >= self.cfg.max_queued:
@@ -232,6 +230,13 @@ class FairQueue(Generic[T]):
         self.queued += 1
         self.rate.queue_changed(self.queued)
         return False
+
+    def passes(self, priority: int, free_slots: Callable[[], int] | None = None) -> bool:
+        """A request of ``priority`` goes straight through now: nobody of equal or higher priority waits
+        and there is room beyond the reservations (what `admit` checks first, without queueing anything)."""
+        if not self.cfg.enabled:
+            return True
+        return not self._waiting_at_or_above(priority) and (free_slots or self.free_slots)() - self.pending > 0
 
     def per_release(self) -> float | None:
         """The queue's seconds per release: measured once it saw a completion; before that the engines'
@@ -337,6 +342,10 @@ class FairQueue(Generic[T]):
                for item, prio in self._older_than(self.cfg.queue_wait_s * QUEUE_HEADROOM, now)]
         self._refused_unproven = self._refused_unproven or bool(out)
         return out
+
+    def take_all(self) -> list[tuple[T, int]]:
+        """Take every waiter out (their endpoint left the pool or turned unhealthy: they route again)."""
+        return self._older_than(-math.inf, self.now())
 
     def expire(self) -> list[tuple[T, int]]:
         """Take out every waiter older than the queue timeout (the simulator's timer; the live

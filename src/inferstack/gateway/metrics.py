@@ -9,6 +9,7 @@ written by its tally only.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -136,6 +137,12 @@ class GatewayMetrics:
                                      ("model", "pool", "tenant", "type"), registry=r)
         self.queue_depth = Gauge("inferstack_gateway_queue_depth", "Requests waiting in flow control.",
                                  ("pool", "priority"), registry=r)
+        self.endpoint_held = Gauge("inferstack_gateway_endpoint_held",
+                                   "Requests routed to an endpoint without room, waiting at the gateway for it "
+                                   "(also in inferstack_gateway_queue_depth).", ("pool", "endpoint"), registry=r)
+        self.endpoint_wait = Histogram("inferstack_gateway_endpoint_wait_seconds",
+                                       "Time routed requests waited at the gateway for their endpoint's room.",
+                                       ("pool",), buckets=_LAT_BUCKETS, registry=r)
         self.queue_wait = Histogram("inferstack_gateway_queue_wait_seconds", "Time spent in flow control.",
                                     ("pool",), buckets=_LAT_BUCKETS, registry=r)
         self.shed = Counter("inferstack_gateway_shed", "Requests shed or timed out in flow control.",
@@ -157,6 +164,15 @@ class GatewayMetrics:
                                  "them (no_replica, saturated).", ("pool", "fallback", "reason"), registry=r)
         self._children: dict[tuple, tuple[HistTally, HistTally, HistTally, HistTally]] = {}
         self._counters: dict[tuple, Any] = {}
+
+    def set_endpoint_held(self, pool: str, endpoint: str, held: int | None) -> None:
+        """`inferstack_gateway_endpoint_held`; None: the endpoint left the pool (its series goes too, so the
+        label set stays bounded by the pool's endpoints)."""
+        if held is not None:
+            self.endpoint_held.labels(pool, endpoint).set(held)
+            return
+        with contextlib.suppress(KeyError):
+            self.endpoint_held.remove(pool, endpoint)
 
     def track_in_flight(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """Export `inferstack_gateway_in_flight{pool,endpoint}` read from ``source`` at scrape time

@@ -1,6 +1,7 @@
 """The gateway in virtual time: the live gateway's router (`datalayer.pool_router`: every preset, custom
 profiles, the PD decider), its endpoint views and its flow control (`gateway.flowqueue`, the live policy
-itself), over simulated replicas instead of HTTP endpoints.
+itself: the pool's queue over the endpoints' positive rooms, and a queue per endpoint for requests routed to
+one without room, as `gateway.endpointflow` holds them), over simulated replicas instead of HTTP endpoints.
 
 What the live gateway scrapes from each engine's /metrics every ``scrape_interval_s`` the simulator
 reads from the replica's scheduler at the first routing decision after each scrape tick (so values
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 
 from inferstack.config.schema import InferstackConfig, PoolConfig
 from inferstack.engine.kv.events import KVEvent, KVEventBatch
@@ -56,7 +58,8 @@ class SimGateway:
         self.version = 0
         self._snap: PoolSnapshot | None = None
         self._snap_key: tuple[int, int] = (-1, -1)
-        # flow control's free slots = the sum of the endpoints' room, kept current as in-flight counts move
+        # flow control's free slots = the sum of the endpoints' positive rooms (the sum of their rooms in a
+        # prefill/decode pool, `Pool.free_slots`), kept current as in-flight counts move
         # (O(1) per request instead of O(endpoints)); recomputed whenever the snapshot is rebuilt
         self._room_total = 0
         self._room_key: tuple[int, int] | None = None
@@ -66,6 +69,8 @@ class SimGateway:
         self.now = 0.0
         # the live gateway's flow-control policy itself, on the simulation's clock
         self.admission: FairQueue[object] = FairQueue(gw.flow_control, self.free_slots, now=lambda: self.now)
+        # requests routed to an endpoint without room wait for it (`gateway.endpointflow`), by endpoint id
+        self.holds: dict[str, FairQueue[object]] = {}
         tenant = cfg.tenants.get(gw.default_tenant)
         self.salt = (tenant.cache_salt or gw.default_tenant) if tenant else gw.default_tenant
         self.tenant_weight = tenant.weight if tenant else 1.0
@@ -150,14 +155,42 @@ class SimGateway:
 
     def free_slots(self) -> int:
         snap = self.snapshot()
-        if isinstance(self.router, PDRouter):
+        if not self.holds_at_endpoints():
             return pd_free_slots(snap, self.router.roles, conditional=self.router.max_prefill_queue is not None)
         if not self._room_exact():
-            return snap.free_slots()
+            return snap.free_slots(positive=True)
         if self._room_key != self._snap_key:
-            self._room_total = sum(snap.room(e) for e in snap.endpoints)
+            self._room_total = sum(max(0, snap.room(e)) for e in snap.endpoints)
             self._room_key = self._snap_key
-        return max(0, min(UNBOUNDED, self._room_total))
+        return min(UNBOUNDED, self._room_total)
+
+    def holds_at_endpoints(self) -> bool:
+        """`Pool.holds_at_endpoints`: every pool but a prefill/decode one."""
+        return not isinstance(self.router, PDRouter)
+
+    def hold_queue(self, ep: SimEndpoint) -> FairQueue[object]:
+        """``ep``'s queue of requests routed to it while it had no room (the live `EndpointQueues.queue`)."""
+        q = self.holds.get(ep.id)
+        if q is None:
+            q = self.holds[ep.id] = FairQueue(self.cfg.gateway.flow_control, partial(self.room, ep),
+                                              now=lambda: self.now)
+        return q
+
+    def room(self, ep: SimEndpoint) -> int:
+        """Requests ``ep`` may take now (`PoolSnapshot.room`; with columns the views' ages may lag, which
+        `_room_exact` makes irrelevant to the room)."""
+        return self.snapshot().room(ep.view)
+
+    def room_elsewhere(self, exclude: frozenset[str]) -> bool:
+        """An endpoint not in ``exclude`` has room now (`pick._room_elsewhere`)."""
+        return self.snapshot(exclude).free_slots(positive=True) > 0
+
+    def shift_held(self, ep: SimEndpoint, delta: int) -> None:
+        """Change ``ep``'s count of requests held for it (the router sees it in the endpoint's load)."""
+        ep.view.held += delta
+        snap = self._snap
+        if snap is not None and snap.columns is not None:
+            snap.columns.shift_held(ep.id, ep.view.held)
 
     def _room_exact(self) -> bool:
         """Between snapshot rebuilds an endpoint's room changes only with its in-flight count, as long as
@@ -169,12 +202,12 @@ class SimGateway:
         snap = self._snap
         tracked = self._room_key is not None and self._room_key == self._snap_key and snap is not None \
             and self.endpoints.get(ep.id) is ep
-        before = snap.room(ep.view) if tracked else 0      # type: ignore[union-attr]
+        before = max(0, snap.room(ep.view)) if tracked else 0      # type: ignore[union-attr]
         ep.view.in_flight += delta
         if snap is not None and snap.columns is not None:
             snap.columns.shift(ep.id, ep.view.in_flight)
         if tracked:
-            self._room_total += snap.room(ep.view) - before   # type: ignore[union-attr]
+            self._room_total += max(0, snap.room(ep.view)) - before   # type: ignore[union-attr]
 
     def request_view(self, messages: list[tuple[str, str]], priority: int, max_tokens: int, session: str | None,
                      model: str) -> RequestView:

@@ -33,7 +33,7 @@ from inferstack.engine.request import Request
 from inferstack.engine.sampling_params import SamplingParams
 from inferstack.gateway.flowqueue import Rejected
 from inferstack.gateway.requests import engine_priority
-from inferstack.gateway.routing import RequestView
+from inferstack.gateway.routing import EndpointView, RequestView
 from inferstack.sim.autoscale import Autoscaler, MetricSample
 from inferstack.sim.gateway import SimEndpoint, SimGateway
 from inferstack.sim.profile import Profile
@@ -104,6 +104,7 @@ class _Req:
     tries: set[str] = field(default_factory=set)
     endpoint: SimEndpoint | None = None
     prefill: SimEndpoint | None = None
+    held: SimEndpoint | None = None  # routed to it while it had no room: waiting in its hold queue
     engine: Request | None = None
     times: list[float] = field(default_factory=list)
 
@@ -241,16 +242,52 @@ class Simulation:
         self._route(r)
 
     # -- gateway -----------------------------------------------------------------------------------
-    def _route(self, r: _Req) -> None:
-        result = self.gateway.route(r.view, frozenset(r.tries))
+    def _route(self, r: _Req, skip: frozenset[str] = frozenset(), refused: str = "") -> None:
+        """Route ``r``; on its first routing, an endpoint without room holds it (`_hold`). ``skip``: endpoints
+        whose hold refused it (``refused``: the last refusal's code, answered when no endpoint is left)."""
+        first = not r.tries
+        result = self.gateway.route(r.view, frozenset(r.tries) | skip)
         if result is None:
-            self._finish(r, "http_503", "no healthy endpoint")
+            self._finish(r, "http_429" if refused else "http_503", refused or "no healthy endpoint")
             return
         ep = self.gateway.endpoints[result.endpoint.id]
+        prefill = result.others.get("prefill")
+        if first and prefill is None and self.gateway.holds_at_endpoints() and not self._hold(r, ep, skip):
+            return
+        self._send(r, ep, prefill)
+
+    def _hold(self, r: _Req, ep: SimEndpoint, skip: frozenset[str]) -> bool:
+        """True: ``ep`` takes ``r`` now. Else ``r`` waits in ``ep``'s hold queue, or was refused there and
+        is routed again without ``ep`` while another endpoint has room (else answered 429), as
+        `Picker.route` does live."""
+        q = self.gateway.hold_queue(ep)
+        try:
+            if q.admit(r, 0, self.gateway.salt, self.gateway.tenant_weight):
+                return True
+        except Rejected as e:
+            skip = skip | {ep.id}
+            if self.gateway.room_elsewhere(skip):
+                self._route(r, skip, e.code)
+            else:
+                self._finish(r, "http_429", e.code)
+            return False
+        r.held = ep
+        self.gateway.shift_held(ep, 1)
+        self.at(self.now + self.s.config.gateway.flow_control.queue_timeout_s + 1e-9, self._expire)
+        self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
+        return False
+
+    def _unhold(self, r: _Req) -> SimEndpoint:
+        ep = r.held
+        assert ep is not None
+        r.held = None
+        self.gateway.shift_held(ep, -1)
+        return ep
+
+    def _send(self, r: _Req, ep: SimEndpoint, prefill: EndpointView | None) -> None:
         r.tries.add(ep.id)
         r.endpoint = ep
         self.gateway.shift(ep, 1)
-        prefill = result.others.get("prefill")
         if prefill is not None:
             r.prefill = self.gateway.endpoints[prefill.id]
             self.gateway.shift(r.prefill, 1)
@@ -287,9 +324,34 @@ class Simulation:
         self._kick(rep)
 
     def _pump(self) -> None:
+        """A metrics refresh: endpoint holds first (what waits there was routed earlier), then the pool."""
+        for key in list(self.gateway.holds):
+            self._release_held(key)
         self._release()
-        if self.gateway.admission.queued:
+        if self.gateway.admission.queued or any(q.queued for q in self.gateway.holds.values()):
             self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
+
+    def _release_held(self, key: str) -> None:
+        """Release what endpoint ``key`` has room for; waiters of one that is down, draining or gone route
+        again without it (`EndpointQueues.pump`)."""
+        q = self.gateway.holds.get(key)
+        if q is None or not q.queued:
+            return
+        ep = self.gateway.endpoints.get(key)
+        if ep is None or not ep.replica.up or ep.draining:
+            for r, _ in q.take_all():
+                self._unhold(r)
+                self._route(r, frozenset({key}))
+            if ep is None:
+                del self.gateway.holds[key]
+            return
+        for r, _ in q.release():
+            self._unhold(r)
+            self._send(r, ep, None)
+            q.routed()
+        for r, _, _ in q.hopeless():
+            self._unhold(r)
+            self._finish(r, "http_429", "queue_timeout")
 
     def _release(self) -> None:
         """Route what flow control releases; each then counts in its endpoint's in-flight. Waiters the
@@ -303,6 +365,10 @@ class Simulation:
     def _expire(self) -> None:
         for r, _ in self.gateway.admission.expire():
             self._finish(r, "http_429", "queue_timeout")
+        for q in self.gateway.holds.values():
+            for r, _ in q.expire():
+                self._unhold(r)
+                self._finish(r, "http_429", "queue_timeout")
 
     # -- engines -----------------------------------------------------------------------------------
     def _kick(self, rep: SimReplica) -> None:
@@ -419,9 +485,12 @@ class Simulation:
         rec.status, rec.end = status, self.now
         rec.error = error if status != "ok" else ""
         ep = r.endpoint
+        held = self.gateway.holds.get(ep.id) if ep is not None else None
         if ep is not None:
             self.gateway.shift(ep, -1)
-            if status == "ok":  # only a served request measures the pool's pace (gateway/pipeline/pick.py)
+            if status == "ok":  # only a served request measures the pace (gateway/pipeline/pick.py)
+                if held is not None:
+                    held.completed()
                 self.gateway.admission.completed()
             rec.target = ep.id
         if status == "ok" and r.engine is not None and ep is not None:
@@ -444,6 +513,8 @@ class Simulation:
         if ep is not None and ep.draining and not ep.replica.scheduler.has_unfinished():
             self._leave(ep)
         self._unit_done(r.unit, status == "ok")
+        if held is not None and held.queued:
+            self._release_held(ep.id)
         if self.gateway.admission.queued:
             self._release()
 
@@ -546,7 +617,8 @@ class Simulation:
 
         snap = LoadSnapshot(POOL, self.now, self.arrived, self.completed, self.tokens_in, self.tokens_out,
                             p95(self._window_ttft), p95(self._window_tpot), held=0,
-                            queued=self.gateway.admission.queued, endpoints=tuple(loads), missed=self._window_missed)
+                            queued=self.gateway.admission.queued + sum(q.queued for q in self.gateway.holds.values()),
+                            endpoints=tuple(loads), missed=self._window_missed)
         self._window_ttft, self._window_tpot = [], []
         self._window_missed = None if self._window_missed is None else 0
         return MetricSample({POOL: self._load.sample(snap, self.starting)[BOTH]})

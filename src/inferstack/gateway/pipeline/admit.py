@@ -94,7 +94,7 @@ class Admitter:
             self.metrics.queue_wait.labels(pool).observe(waited)
         # straight through: no suspension since the snapshot, so routing may reuse it; a waiter's is stale
         return Admission(flow, prompt_tokens, waited is not None, tokens, unenforced,
-                         seen.snap if waited is None else None)
+                         seen.snap if waited is None else None, flow_id, weight)
 
     def _store_failed(self, tenant: str, exc: LimitStoreError) -> bool:
         """Apply `limits.on_store_failure`: True (admit without limits) under `allow`, else raise 503."""

@@ -116,6 +116,10 @@ class Admission:
     # the pool as flow control's free-slot check saw it, for the first pick to reuse; None once anything
     # may have changed since (the request waited, or its task suspended): see `Picker.pick`
     snapshot: PoolSnapshot | None = None
+    flow_id: str = ""    # its fairness flow and weight, for the wait at its endpoint (`Picker.route`)
+    weight: float = 1.0
+    # the endpoint queue that released it to its endpoint, until `Picker.hold` counts it in-flight there
+    held_at: FlowController | None = None
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from inferstack.compliance.audit import AuditLog
 from inferstack.config.schema import InferstackConfig
 from inferstack.gateway.auth import Identity, KeyStore
 from inferstack.gateway.datalayer import DataLayer, Pool
+from inferstack.gateway.endpointflow import EndpointQueues
 from inferstack.gateway.flowcontrol import FlowController
 from inferstack.gateway.limits import Limiter, Limits, MemoryLimiter, RedisLimiter
 from inferstack.gateway.metrics import GatewayMetrics
@@ -63,6 +64,10 @@ class Pipeline:
         self.flow = {name: FlowController(gw.flow_control, pool.free_slots, self._depth_gauge(name),
                                           prior=pool.engines_pace, engines_full=pool.engines_full)
                      for name, pool in self.pools.items()}
+        # requests routed to an endpoint without room wait for it (gateway/endpointflow.py)
+        self.held = {name: EndpointQueues(gw.flow_control, pool, partial(self._set_depth, name),
+                                          partial(self.metrics.set_endpoint_held, name))
+                     for name, pool in self.pools.items() if pool.holds_at_endpoints()}
         self.limiter: Limiter = limiter or (
             RedisLimiter(gw.redis_url, timeout_s=gw.limits.store_timeout_s, retry_s=gw.limits.store_retry_s)
             if gw.redis_url else MemoryLimiter())
@@ -90,19 +95,27 @@ class Pipeline:
         self.spiller = Spiller(self.pools, self.flow, self.metrics)
         self.admitter = Admitter(self.limiter, self.flow, self.metrics, gw.limits, self.audit)
         self.planner = Planner(gw)
-        self.picker = Picker(self.metrics)
+        self.picker = Picker(self.metrics, self.held)
         self.account = Accountant(self.metrics, self.limiter, self.audit)
         self.kube_autoscalers: KubeAutoscalers | None = None  # started by `open` for `kubernetes.autoscale` pools
         # whether this replica acts on the cluster (the EPP sets its leader elector's view before `open`)
         self.leading: Callable[[], bool] = lambda: True
 
     def _refreshed(self, pool: Pool) -> None:
+        if pool.name in self.held:  # what waits for an endpoint was routed earlier: it goes first
+            self.held[pool.name].pump()
         self.flow[pool.name].pump()
         if pool.name in self.holds:
             self.holds[pool.name].pump()
 
     def _depth_gauge(self, pool: str):
-        return lambda prio, depth: self.metrics.queue_depth.labels(pool, str(prio)).set(depth)
+        return lambda prio, _depth: self._set_depth(pool, prio)
+
+    def _set_depth(self, pool: str, prio: int) -> None:
+        """`inferstack_gateway_queue_depth`: the pool's queue and its endpoints' queues, per priority."""
+        held = self.held.get(pool)
+        depth = self.flow[pool].queue.depth(prio) + (held.depth(prio) if held is not None else 0)
+        self.metrics.queue_depth.labels(pool, str(prio)).set(depth)
 
     async def open(self) -> None:
         await self.datalayer.start()
@@ -147,8 +160,9 @@ class Pipeline:
         """The pool's load for autoscalers (`GET /admin/pools/{pool}/load` and the Kubernetes actuator)."""
         hold, p = self.holds.get(pool), self.pools[pool]
         roles = p.router.roles if isinstance(p.router, PDRouter) else None
-        return self.loads[pool].snapshot(p, since, hold.held if hold else 0, self.flow[pool].queued, roles,
-                                         objectives)
+        held = self.held.get(pool)
+        queued = self.flow[pool].queued + (held.queued if held is not None else 0)
+        return self.loads[pool].snapshot(p, since, hold.held if hold else 0, queued, roles, objectives)
 
     def report_autoscaler(self, status: AutoscalerStatus) -> None:
         """An actuator's newest status (`PUT /admin/pools/{pool}/autoscaler`), exported as metrics."""
@@ -204,6 +218,9 @@ class Pipeline:
         if adm.reserved:
             adm.reserved = False
             adm.flow.routed()
+        if adm.held_at is not None:  # released by its endpoint's queue, never routed there
+            adm.held_at, held_at = None, adm.held_at
+            held_at.routed()
         await self.account.close(ctx)
         out = ctx.outcome
         self.loads[ctx.route.pool.name].finished_request(out.ttft, out.tpot, out.in_tokens, out.out_tokens)

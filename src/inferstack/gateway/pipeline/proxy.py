@@ -53,7 +53,13 @@ class Proxy:
         for attempt in range(retries + 1):
             # the decision is recorded (routing state, metrics) once the request is written upstream, before
             # this task suspends: off a lone request's latency, and no other request routes without it
-            picked = self.picker.pick(ctx, tried, defer=True)
+            try:
+                picked = await self.picker.route(ctx, tried, first=attempt == 0)
+            except APIError as exc:  # its endpoint's queue refused it, and every other endpoint's
+                ctx.outcome.status = exc.status
+                self.account.count(ctx)
+                await send_error(send, exc, ctx.inbound.rid)
+                return
             if picked is None:
                 break
             ep = picked.endpoint

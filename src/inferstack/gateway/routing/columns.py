@@ -42,6 +42,7 @@ class EndpointColumns:
     has_metrics: np.ndarray
     healthy: np.ndarray
     cap: np.ndarray               # max_concurrency, 0 for none
+    held: np.ndarray              # requests held at the gateway for the endpoint's room (`EndpointView.held`)
     # the routing state's cold-served stamps per endpoint, as of `cold_clock` (-1: not built yet), and
     # `cold_keys`: small integers in the stamps' order (equal keys for equal stamps, all below `cold_next`),
     # so a candidate set's ranks come from a cumulative count over the keys instead of a sort
@@ -73,7 +74,8 @@ class EndpointColumns:
         return cls(views, {v.id: i for i, v in enumerate(views)}, col(attrgetter("in_flight")),
                    col(attrgetter("queue")), col(attrgetter("running")), col(attrgetter("kv_usage")),
                    col(attrgetter("metrics_age_s")), col(attrgetter("has_metrics"), np.bool_),
-                   col(attrgetter("healthy"), np.bool_), col(lambda v: v.max_concurrency or 0))
+                   col(attrgetter("healthy"), np.bool_), col(lambda v: v.max_concurrency or 0),
+                   col(attrgetter("held")))
 
     def shift(self, endpoint: str, in_flight: int) -> None:
         """``endpoint``'s in-flight count is now ``in_flight`` (ignored if it is not in this snapshot)."""
@@ -82,11 +84,18 @@ class EndpointColumns:
             self.in_flight[i] = in_flight
             self._loads = None
 
+    def shift_held(self, endpoint: str, held: int) -> None:
+        """``endpoint``'s held count is now ``held`` (ignored if it is not in this snapshot)."""
+        i = self.index.get(endpoint)
+        if i is not None:
+            self.held[i] = held
+            self._loads = None
+
     def loads(self) -> np.ndarray:
         if self._loads is None:
             if self._queued is None:
                 self._queued = self.queue + self.running
-            self._loads = np.maximum(self.in_flight, self._queued)   # `EndpointView.load`
+            self._loads = np.maximum(self.in_flight, self._queued) + self.held   # `EndpointView.load`
         return self._loads
 
     def set_age(self, age: float) -> None:

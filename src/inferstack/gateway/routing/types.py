@@ -36,6 +36,8 @@ class EndpointView:
     reports_queue: bool = True
     # the engine's measured seconds per completion while it was full (`EngineDrain`), None while unknown
     drain_s: float | None = None
+    # requests the gateway routed here that wait at the gateway for its room (`gateway.endpointflow`)
+    held: int = 0
 
     def stale(self, stale_after_s: float) -> bool:
         return self.has_metrics and self.metrics_age_s > stale_after_s
@@ -67,8 +69,9 @@ class EndpointView:
 
     def load(self) -> float:
         """Work at the endpoint: the gateway's own in-flight count, or the engine's if larger
-        (other gateways send to it too)."""
-        return max(float(self.in_flight), self.queue + self.running)
+        (other gateways send to it too), plus the requests held at the gateway for its room: they are
+        bound for it, and a router that did not see them kept sending a hot tenant to its full engine."""
+        return max(float(self.in_flight), self.queue + self.running) + self.held
 
 
 @dataclass(slots=True)
@@ -153,9 +156,11 @@ class PoolSnapshot:
             room = min(room, left)
         return room
 
-    def free_slots(self, include: Callable[[EndpointView], bool] | None = None) -> int:
+    def free_slots(self, include: Callable[[EndpointView], bool] | None = None, positive: bool = False) -> int:
         """How many queued requests flow control may release now, over the endpoints ``include``
         keeps (None: all): the pool's room, the sum of the endpoints' `room` (at least 0, at most UNBOUNDED).
+        ``positive``: the sum of the positive rooms, where a request routed to a full endpoint waits for
+        it (`gateway.endpointflow`): then one endpoint over its threshold holds back only its own requests.
 
         NOTE (why a sum, with negative terms): routers keep prefix and session affinity, so a hot
         endpoint may queue past the threshold while others have room. Its overflow counts against
@@ -164,6 +169,8 @@ class PoolSnapshot:
         endpoints with room instead broke affinity exactly under load and collapsed the hit rate
         (0.56 against 0.89 with flow control off on the held-out load)."""
         eps = self.endpoints if include is None else [e for e in self.endpoints if include(e)]
+        if positive:
+            return min(UNBOUNDED, sum(max(0, self.room(e)) for e in eps))
         return max(0, min(UNBOUNDED, sum(map(self.room, eps))))
 
 
