@@ -189,29 +189,55 @@ AVX512 inline __m512 round_vec_bf16(__m512 v) {   // to the nearest bf16, ties t
   return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
+// 16 elements of a plain row (float32, bf16 or fp16 storage) as float32, rounded to C as KVFormat.decode rounds.
+template <typename S, typename C>
+AVX512 inline __m512 load16(const S* x) {
+  __m512 v;
+  if constexpr (std::is_same_v<S, float>) {
+    v = _mm512_loadu_ps(x);
+  } else if constexpr (std::is_same_v<S, bf16>) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  } else {
+    v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<C, bf16>) v = round_vec_bf16(v);
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<C, half>) {
+    v = _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  return v;
+}
+
+template <typename S>
+constexpr bool kCodes = std::is_same_v<S, Int8Codes> || std::is_same_v<S, Fp8Codes>;
+
 template <typename S, typename C>
 AVX512 inline void load_row16(const uint8_t* p, int64_t hd, float* dst) {
-  if constexpr (std::is_same_v<S, Int8Codes> || std::is_same_v<S, Fp8Codes>) {
+  if constexpr (kCodes<S>) {
     Row<S, C>::load(p, hd, dst);
   } else {
-    const S* x = reinterpret_cast<const S*>(p);
-    for (int64_t d = 0; d < hd; d += 16) {
-      __m512 v;
-      if constexpr (std::is_same_v<S, float>) {
-        v = _mm512_loadu_ps(x + d);
-      } else if constexpr (std::is_same_v<S, bf16>) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d));
-        v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      } else {
-        v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d)));
-      }
-      if constexpr (std::is_same_v<S, float> && std::is_same_v<C, bf16>) v = round_vec_bf16(v);
-      if constexpr (std::is_same_v<S, float> && std::is_same_v<C, half>) {
-        v = _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      }
-      _mm512_storeu_ps(dst + d, v);
-    }
+    for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(dst + d, load16<S, C>(reinterpret_cast<const S*>(p) + d));
   }
+}
+
+// r[i] = the sum of v[i]'s 16 lanes, for 16 vectors: two rounds of 128-bit lane pairing, then a 4x4
+// transpose-add within lanes, then the positions put in order (lane k, slot m held position 4m + k).
+AVX512 inline __m512 sum16(__m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i) {
+    pairs[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {
+    quads[i] = _mm512_add_ps(_mm512_shuffle_f32x4(pairs[2 * i], pairs[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(pairs[2 * i], pairs[2 * i + 1], 0xDD));
+  }
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(quads[0], quads[1]), _mm512_unpackhi_ps(quads[0], quads[1]));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(quads[2], quads[3]), _mm512_unpackhi_ps(quads[2], quads[3]));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
 }
 
 AVX512 inline __m512 exp512(__m512 x) {   // exp_nonpositive's polynomial, 16 lanes
@@ -284,6 +310,69 @@ AVX512 void attend_pair16(const C* q, const uint8_t* const* rows, int64_t length
   for (int64_t i = 0; i < g * hd; ++i) out[i] = static_cast<C>(qf[i]);
 }
 
+// JT query heads of one KV head with head_dim 16 * CH, plain rows: the queries and the weighted sums stay
+// in registers, and the scores of 16 positions are reduced together (sum16) instead of one by one.
+template <typename S, typename C, int JT, int CH>
+AVX512 void attend_tile(const C* q, const uint8_t* const* rows, int64_t length, const Shape& s, float* scores,
+                        C* out) {
+  constexpr int64_t hd = 16 * CH;
+  alignas(64) float buf[JT * hd];
+  __m512 qv[JT][CH], acc[JT][CH], parts[JT][16];
+  for (int64_t i = 0; i < JT * hd; ++i) buf[i] = static_cast<float>(q[i]);
+  for (int j = 0; j < JT; ++j)
+    for (int c = 0; c < CH; ++c) qv[j][c] = _mm512_load_ps(buf + j * hd + 16 * c);
+  const __m512 scale = _mm512_set1_ps(s.scale);
+  for (int64_t t0 = 0; t0 < length; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, length - t0);
+    for (int64_t u = 0; u < 16; ++u) {
+      if (u >= n) {
+        for (int j = 0; j < JT; ++j) parts[j][u] = _mm512_setzero_ps();
+        continue;
+      }
+      const S* k = reinterpret_cast<const S*>(rows[t0 + u]);
+      __m512 kv[CH];
+      for (int c = 0; c < CH; ++c) kv[c] = load16<S, C>(k + 16 * c);
+      for (int j = 0; j < JT; ++j) {
+        __m512 dot = _mm512_mul_ps(qv[j][0], kv[0]);
+        for (int c = 1; c < CH; ++c) dot = _mm512_fmadd_ps(qv[j][c], kv[c], dot);
+        parts[j][u] = dot;
+      }
+    }
+    const __mmask16 m = n == 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
+    for (int j = 0; j < JT; ++j) _mm512_mask_storeu_ps(scores + j * length + t0, m, _mm512_mul_ps(sum16(parts[j]), scale));
+  }
+  for (int j = 0; j < JT; ++j) softmax16(scores + j * length, length);
+  for (int j = 0; j < JT; ++j)
+    for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < length; ++t) {
+    const S* v = reinterpret_cast<const S*>(rows[t] + s.half_bytes);
+    __m512 vv[CH];
+    for (int c = 0; c < CH; ++c) vv[c] = load16<S, C>(v + 16 * c);
+    for (int j = 0; j < JT; ++j) {
+      const __m512 w = _mm512_set1_ps(scores[j * length + t]);
+      for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_fmadd_ps(w, vv[c], acc[j][c]);
+    }
+  }
+  for (int j = 0; j < JT; ++j)
+    for (int c = 0; c < CH; ++c) _mm512_store_ps(buf + j * hd + 16 * c, acc[j][c]);
+  for (int64_t i = 0; i < JT * hd; ++i) out[i] = static_cast<C>(buf[i]);
+}
+
+// A KV head's group in tiles of up to four query heads (head_dim 64 or 128).
+template <typename S, typename C, int CH>
+AVX512 void attend_tiles(const C* q, const uint8_t* const* rows, int64_t length, const Shape& s, float* scores,
+                         C* out) {
+  for (int64_t j0 = 0; j0 < s.group; j0 += 4) {
+    const int64_t off = j0 * s.hd;
+    switch (std::min<int64_t>(4, s.group - j0)) {
+      case 1: attend_tile<S, C, 1, CH>(q + off, rows, length, s, scores, out + off); break;
+      case 2: attend_tile<S, C, 2, CH>(q + off, rows, length, s, scores, out + off); break;
+      case 3: attend_tile<S, C, 3, CH>(q + off, rows, length, s, scores, out + off); break;
+      default: attend_tile<S, C, 4, CH>(q + off, rows, length, s, scores, out + off); break;
+    }
+  }
+}
+
 template <typename S, typename C>
 AVX512 void attend_range16(const C* q, const uint8_t* cache, const int64_t* tables, const int64_t* lens,
                            const Shape& s, C* out, int64_t begin, int64_t end) {
@@ -294,6 +383,16 @@ AVX512 void attend_range16(const C* q, const uint8_t* cache, const int64_t* tabl
   for (int64_t i = begin; i < end; ++i) {
     const int64_t b = i / s.nkv, kvh = i % s.nkv, head = (b * s.nkv + kvh) * s.group * s.hd;
     context_rows(cache, tables + b * s.max_blocks, lens[b], kvh, s, rows.data());
+    if constexpr (!kCodes<S>) {
+      if (s.hd == 64) {
+        attend_tiles<S, C, 4>(q + head, rows.data(), lens[b], s, scores.data(), out + head);
+        continue;
+      }
+      if (s.hd == 128) {
+        attend_tiles<S, C, 8>(q + head, rows.data(), lens[b], s, scores.data(), out + head);
+        continue;
+      }
+    }
     attend_pair16<S, C>(q + head, rows.data(), lens[b], s, scores.data(), out + head);
   }
 }
