@@ -160,18 +160,29 @@ inline void attend_pair(const C* q, const uint8_t* const* rows, int64_t length, 
   for (int64_t i = 0; i < g * hd; ++i) out[i] = static_cast<C>(acc[i]);
 }
 
-template <typename S, typename C>
-inline void attend_range(const C* q, const uint8_t* cache, const int64_t* tables, const int64_t* lens,
-                         const Shape& s, C* out, int64_t begin, int64_t end) {
+// Calls attend(head offset, context rows, length, scores) for the (sequence, KV head) pairs [begin, end)
+// (pair i: sequence i / nkv, KV head i % nkv), with scratch sized for the longest of them.
+template <typename Attend>
+inline void for_each_pair(const uint8_t* cache, const int64_t* tables, const int64_t* lens, const Shape& s,
+                          int64_t begin, int64_t end, Attend attend) {
   int64_t longest = 0;
   for (int64_t i = begin; i < end; ++i) longest = std::max(longest, lens[i / s.nkv]);
   std::vector<float> scores(s.group * longest);
   std::vector<const uint8_t*> rows(longest);
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / s.nkv, kvh = i % s.nkv, head = (b * s.nkv + kvh) * s.group * s.hd;
+    const int64_t b = i / s.nkv, kvh = i % s.nkv;
     context_rows(cache, tables + b * s.max_blocks, lens[b], kvh, s, rows.data());
-    attend_pair<S, C>(q + head, rows.data(), lens[b], s, scores.data(), out + head);
+    attend((b * s.nkv + kvh) * s.group * s.hd, rows.data(), lens[b], scores.data());
   }
+}
+
+template <typename S, typename C>
+inline void attend_range(const C* q, const uint8_t* cache, const int64_t* tables, const int64_t* lens,
+                         const Shape& s, C* out, int64_t begin, int64_t end) {
+  for_each_pair(cache, tables, lens, s, begin, end,
+                [&](int64_t head, const uint8_t* const* rows, int64_t length, float* scores) {
+                  attend_pair<S, C>(q + head, rows, length, s, scores, out + head);
+                });
 }
 
 // The AVX-512 path (head_dim a multiple of 16), written with intrinsics: GCC's vectorizer left the
@@ -376,25 +387,14 @@ AVX512 void attend_tiles(const C* q, const uint8_t* const* rows, int64_t length,
 template <typename S, typename C>
 AVX512 void attend_range16(const C* q, const uint8_t* cache, const int64_t* tables, const int64_t* lens,
                            const Shape& s, C* out, int64_t begin, int64_t end) {
-  int64_t longest = 0;
-  for (int64_t i = begin; i < end; ++i) longest = std::max(longest, lens[i / s.nkv]);
-  std::vector<float> scores(s.group * longest);
-  std::vector<const uint8_t*> rows(longest);
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / s.nkv, kvh = i % s.nkv, head = (b * s.nkv + kvh) * s.group * s.hd;
-    context_rows(cache, tables + b * s.max_blocks, lens[b], kvh, s, rows.data());
-    if constexpr (!kCodes<S>) {
-      if (s.hd == 64) {
-        attend_tiles<S, C, 4>(q + head, rows.data(), lens[b], s, scores.data(), out + head);
-        continue;
-      }
-      if (s.hd == 128) {
-        attend_tiles<S, C, 8>(q + head, rows.data(), lens[b], s, scores.data(), out + head);
-        continue;
-      }
-    }
-    attend_pair16<S, C>(q + head, rows.data(), lens[b], s, scores.data(), out + head);
-  }
+  for_each_pair(cache, tables, lens, s, begin, end,
+                [&](int64_t head, const uint8_t* const* rows, int64_t length, float* scores) {
+                  if constexpr (!kCodes<S>) {
+                    if (s.hd == 64) return attend_tiles<S, C, 4>(q + head, rows, length, s, scores, out + head);
+                    if (s.hd == 128) return attend_tiles<S, C, 8>(q + head, rows, length, s, scores, out + head);
+                  }
+                  attend_pair16<S, C>(q + head, rows, length, s, scores, out + head);
+                });
 }
 #endif
 
