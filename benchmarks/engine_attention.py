@@ -2,10 +2,12 @@
 
 Prints CPU microseconds per layer call of the paged attention op for pure-decode batches (the
 step's plan is made once and shared by all layers, as the model does; its cost is listed apart), next to a
-per-sequence loop over the same cache (the obvious implementation this one replaces), and the
-whole model's decode step for the bundled model when ``--model`` is given.
+per-sequence loop over the same cache (the obvious implementation this one replaces), the C++ kernel that
+reads the cache in place (models/csrc/paged_attention.cpp; when the extension is built) through the same op,
+and the whole model's decode step for the bundled model when ``--model`` is given.
 
-    python benchmarks/engine_attention.py [--context 256] [--threads 1] [--model smollm2-135m]
+    python benchmarks/engine_attention.py [--context 256] [--threads 1] [--dtype float32|bfloat16]
+                                          [--model smollm2-135m]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from inferstack.engine.executor.attention import paged_attention_planned, plan_attention
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
+from inferstack.engine.models.extension import load_extension
 
 NH, NKV, HD, BS = 9, 3, 64, 16
 
@@ -60,22 +63,32 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256, help="tokens of context per sequence")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="cache and queries")
     ap.add_argument("--model", default=None, help="also time full decode steps of this model (e.g. smollm2-135m)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"context={args.context} threads={args.threads} torch={torch.__version__} (CPU time per call)")
-    print(f"{'batch':>5} {'paged_attention us':>19} {'plan us':>8} {'per-seq loop us':>16} {'speedup':>8}")
-    for batch in (1, 16, 64):
+    dtype = getattr(torch, args.dtype)
+    ext = load_extension()
+    kernel = None if ext is None else ext.paged_decode_attention
+    print(f"context={args.context} threads={args.threads} {args.dtype} torch={torch.__version__} (CPU time per call)")
+    print(f"{'batch':>5} {'paged_attention us':>19} {'plan us':>8} {'per-seq loop us':>16} {'speedup':>8} "
+          f"{'in-place C++ us':>16} {'C++ speedup':>12}")
+    for batch in (1, 4, 16, 64):
         num_blocks = batch * (-(-args.context // BS)) + 8
-        cache = torch.randn(2, num_blocks, BS, NKV, HD)
+        cache = torch.randn(2, num_blocks, BS, NKV, HD).to(dtype)
         meta = decode_meta(batch, args.context, num_blocks)
-        q, k, v = torch.randn(batch, NH, HD), torch.randn(batch, NKV, HD), torch.randn(batch, NKV, HD)
+        q, k, v = (torch.randn(batch, n, HD).to(dtype) for n in (NH, NKV, NKV))
         plan = plan_attention(meta)  # once per step, shared by all layers (as the model does)
         ours = bench(lambda: paged_attention_planned(q, k, v, cache, plan, HD ** -0.5), args.iters)  # noqa: B023
         plan_us = bench(lambda: plan_attention(meta), args.iters)  # noqa: B023
         loop = bench(lambda: loop_attention(q, k, v, cache, meta, HD ** -0.5), max(5, args.iters // 5))  # noqa: B023
-        print(f"{batch:>5} {ours:>19.0f} {plan_us:>8.0f} {loop:>16.0f} {loop / ours:>7.1f}x")
+        cpp = "n/a (not built)"
+        if kernel is not None:
+            in_place = plan_attention(meta, kernel)
+            us = bench(lambda: paged_attention_planned(q, k, v, cache, in_place, HD ** -0.5), args.iters)  # noqa: B023
+            cpp = f"{us:>16.0f} {ours / us:>11.1f}x"
+        print(f"{batch:>5} {ours:>19.0f} {plan_us:>8.0f} {loop:>16.0f} {loop / ours:>7.1f}x {cpp}")
     if args.model:
         model_steps(args)
 

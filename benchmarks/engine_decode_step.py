@@ -2,7 +2,7 @@
 
     python benchmarks/engine_decode_step.py [--batches 1,16,64] [--dtype float32] [--threads 1] [--steps 8]
                                             [--quantization none|int8|int4|gguf] [--quant-crossover-rows N]
-                                            [--layers cpp,python]
+                                            [--layers cpp,python] [--attention cpp,torch]
 
 For each batch size B: B requests with 128-token prompts are prefilled, then ``--steps`` decode
 steps are timed. Prints the median of three numbers per step: the whole ``EngineCore.step``
@@ -10,6 +10,9 @@ steps are timed. Prints the median of three numbers per step: the whole ``Engine
 
 ``--layers cpp,python`` measures each batch size twice, with the C++ decode layers
 (engine/models/fused_decode.py; batch 1 with int4 weights, when built) and with the Python layer loop.
+``--attention cpp,torch`` does the same for decode attention: the C++ kernel that reads the paged cache in
+place (models/csrc/paged_attention.cpp, when built) against the torch gather path, one after the other
+per batch size (same process, same minutes).
 
 Times are process CPU time (``time.process_time``), so a shared, loaded machine inflates them far
 less than wall time; with ``--threads`` above 1 they add up the threads' time.
@@ -92,6 +95,8 @@ def main() -> None:
     ap.add_argument("--quant-crossover-rows", type=int, default=None, help="default: measured at start-up")
     ap.add_argument("--layers", default="cpp", help="cpp (the C++ decode layers where they apply), python, "
                     "or both: cpp,python")
+    ap.add_argument("--attention", default="cpp", help="cpp (the C++ in-place decode attention, when built), "
+                    "torch (the gather path), or both: cpp,torch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_batched_tokens=2048,
@@ -99,15 +104,18 @@ def main() -> None:
     print(f"{args.dtype}, quantization {args.quantization}, {args.threads} thread(s), 128-token prompts, "
           f"median CPU ms of {args.steps} decode steps")
     model = llm.engine.core.executor.lm.model
-    fused = model.fused
-    print("| batch | layers | step ms | executor ms | model forward ms |\n|---|---|---|---|---|")
+    fused, kernel = model.fused, model.decode_kernel
+    print("| batch | layers | attention | step ms | executor ms | model forward ms |\n|---|---|---|---|---|---|")
     for b in (int(x) for x in args.batches.split(",")):
         for layers in args.layers.split(","):
-            model.fused = fused if layers == "cpp" else None
-            step, exe, fwd = measure(llm, b, args.steps)
-            used = layers if layers == "python" or (b == 1 and fused is not None) else "python (cpp n/a)"
-            print(f"| {b} | {used} | {step:.2f} | {exe:.2f} | {fwd:.2f} |", flush=True)
-    model.fused = fused
+            for attn in args.attention.split(","):
+                model.fused = fused if layers == "cpp" else None
+                model.decode_kernel = kernel if attn == "cpp" else None
+                step, exe, fwd = measure(llm, b, args.steps)
+                used = layers if layers == "python" or (b == 1 and fused is not None) else "python (cpp n/a)"
+                attn_used = attn if attn == "torch" or kernel is not None else "torch (cpp not built)"
+                print(f"| {b} | {used} | {attn_used} | {step:.2f} | {exe:.2f} | {fwd:.2f} |", flush=True)
+    model.fused, model.decode_kernel = fused, kernel
 
 
 if __name__ == "__main__":

@@ -11,12 +11,17 @@ every layer, because it depends only on the metadata:
   ``head_dim`` row per (sequence, KV head, position), so its result is already in the layout SDPA
   reads fastest; gathering whole ``[num_kv_heads * head_dim]`` slots instead leaves a strided
   ``[B, L, num_kv_heads, head_dim]`` view that makes both the copy and SDPA slower;
+* on CPU, when the engine's C++ extension is built, decode sequences skip that gather instead: its
+  ``paged_decode_attention`` reads each sequence's rows in place through the block tables
+  (``models/csrc/paged_attention.cpp``). :func:`decode_kernel_accepts` says which caches it covers (plain
+  float32/bf16/fp16 and the int8/fp8 formats); anything else, CUDA included, takes the gather above;
 * sequences with several new tokens (prefill chunks) get one SDPA call each, causal with the
   diagonal offset by the tokens already cached; a chunk with no cached context skips the gather.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +33,9 @@ from inferstack.engine.executor.kv_format import KVFormat
 # Decode batches from this many sequences attend with plain matmuls instead of SDPA when the cache
 # reads back as bf16/fp16 on CPU (_decode_matmul); measured crossover 4 (2: SDPA 58 µs vs 74 µs; 4: 107 vs 89).
 MATMUL_DECODE_MIN_BATCH = 4
+
+# The extension's paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, codes) -> out.
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, str], torch.Tensor]
 
 
 @dataclass
@@ -53,9 +61,14 @@ class AttentionPlan:
     decode_buffer: torch.Tensor | None = None    # [2, B_d * num_kv_heads * L, row]: keys, values
     decode_bias: torch.Tensor | None = None      # [B_d, 1, 1, L]: decode_mask as 0 / -inf, made by layer 0
     kv_format: KVFormat | None = None    # None: the cache holds the activations as they are
+    decode_kernel: DecodeKernel | None = None   # the C++ in-place decode attention, when built (CPU)
+    decode_tables: torch.Tensor | None = None   # [B_d, n_blocks] block tables of the decode sequences
+    decode_lens: torch.Tensor | None = None     # [B_d] their context lengths
 
 
-def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
+def plan_attention(meta: AttentionMetadata, decode_kernel: DecodeKernel | None = None) -> AttentionPlan:
+    """``decode_kernel``: the extension's in-place decode attention, used where
+    :func:`decode_kernel_accepts` says it applies."""
     device = meta.slot_mapping.device
     bs = meta.block_size
     decode_seqs: list[int] = []
@@ -75,7 +88,7 @@ def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
             prefills.append(_Prefill(start, start + q_len, slots))
         start += q_len
 
-    decode_rows = decode_slots = decode_mask = None
+    decode_rows = decode_slots = decode_mask = tables = lens = None
     decode_len = 0
     if decode_seqs:
         all_decode = len(decode_seqs) == meta.num_seqs
@@ -95,7 +108,8 @@ def plan_attention(meta: AttentionMetadata) -> AttentionPlan:
         decode_slots = torch.where(valid, slots, current[:, None]).reshape(-1)
         decode_mask = valid[:, None, None, :]
     return AttentionPlan(start, meta.slot_mapping, decode_rows, decode_slots, decode_mask, decode_len, prefills,
-                         kv_format=meta.kv_format)
+                         kv_format=meta.kv_format, decode_kernel=decode_kernel,
+                         decode_tables=None if tables is None else tables.contiguous(), decode_lens=lens)
 
 
 def _store(x: torch.Tensor, fmt: KVFormat | None, storage: torch.dtype) -> torch.Tensor:
@@ -145,7 +159,26 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     return out
 
 
+def decode_kernel_accepts(q: torch.Tensor, kv_cache: torch.Tensor, fmt: KVFormat | None) -> bool:
+    """Whether the C++ decode attention covers this step: a CPU cache that is float32, the queries' own
+    dtype or an int8/fp8 format, whole KV-head groups of at most 16 heads, head_dim up to 256."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    plain = kv_cache.dtype in (torch.float32, q.dtype) and kv_cache.shape[-1] == head_dim
+    return (q.is_cpu and kv_cache.is_cpu and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (plain if fmt is None or not fmt.quantized else fmt.name in ("int8", "fp8_e4m3"))
+            and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 16 and head_dim <= 256)
+
+
 def _decode(q: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    fmt = plan.kv_format
+    if plan.decode_kernel is not None and decode_kernel_accepts(q, kv_cache, fmt):
+        codes = fmt.name if fmt is not None and fmt.quantized else ""
+        return plan.decode_kernel(q.contiguous(), kv_cache, plan.decode_tables, plan.decode_lens, scale, codes)
+    return _decode_gathered(q, kv_cache, plan, scale)
+
+
+def _decode_gathered(q: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
     _, _, _, num_kv_heads, row = kv_cache.shape
     group = num_heads // num_kv_heads

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from inferstack.engine.executor.attention import AttentionPlan
+from inferstack.engine.executor.attention import AttentionPlan, DecodeKernel
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.extension import (
     ISA_DEFINES,
@@ -102,6 +102,12 @@ class FusedDecode:
                                       rot.signed_sin.view(-1), plan.decode_slots,
                                       meta.seq_lens_list[0], self.num_heads, self.num_kv_heads, self.head_dim,
                                       self.intermediate, self.eps, self.scale)
+
+def decode_attention_kernel(device: torch.device) -> DecodeKernel | None:
+    """The extension's in-place decode attention for a model on ``device`` (CPU only), None when not built."""
+    ext = load_extension() if device.type == "cpu" else None
+    return None if ext is None else ext.paged_decode_attention
+
 
 def _int4(p: torch.nn.Module) -> bool:
     return (isinstance(p, QuantizedLinear) and p.packed.kind == "int4" and p.bias_ is None

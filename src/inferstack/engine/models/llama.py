@@ -15,11 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inferstack.engine.executor.attention import AttentionPlan, paged_attention_planned, plan_attention
+from inferstack.engine.executor.attention import (
+    AttentionPlan,
+    DecodeKernel,
+    paged_attention_planned,
+    plan_attention,
+)
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import Projection, WeightTarget
-from inferstack.engine.models.fused_decode import FusedDecode
+from inferstack.engine.models.fused_decode import FusedDecode, decode_attention_kernel
 from inferstack.engine.models.layers import DenseLinear, GatedMLP, Rotary, RotaryEmbedding, linear, rms_norm
 from inferstack.engine.models.quant_linear import QuantizedLinear
 
@@ -85,6 +90,7 @@ class LlamaForCausalLM(nn.Module):
                                           else DenseLinear(arch.vocab_size, arch.hidden_size))
         self.rotary: RotaryEmbedding | None = None
         self.fused: FusedDecode | None = None   # the C++ layer loop for batch-1 decode, when built
+        self.decode_kernel: DecodeKernel | None = None   # the C++ in-place decode attention, when built
 
     def init_buffers(self) -> None:
         """Compute the non-checkpoint state (rotary tables) on the parameters' device and dtype, and
@@ -95,12 +101,13 @@ class LlamaForCausalLM(nn.Module):
             qkv = layer.attn.qkv
             layer.inner = qkv.out_dtype if isinstance(qkv, QuantizedLinear) else None
         self.fused = FusedDecode.create(self)
+        self.decode_kernel = decode_attention_kernel(self.embed.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """``input_ids``/``positions [T]`` → final hidden states ``[T, hidden]``."""
         assert self.rotary is not None, "init_buffers() was not called"
-        plan = plan_attention(meta)
+        plan = plan_attention(meta, self.decode_kernel)
         rot = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
         if self.fused is not None and self.fused.accepts(meta, plan, kv_caches):

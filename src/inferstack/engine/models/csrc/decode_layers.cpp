@@ -217,6 +217,9 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<at::Tensor>& weights, c
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& offset,
                      int64_t group, const std::string& isa);
 std::string q8_isa(int64_t group);
+// paged_attention.cpp
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, double scale, const std::string& codes);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layers", &decode_layers, "Every decoder layer of a batch-1 int4 decode step");
@@ -224,4 +227,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scale"), pybind11::arg("offset"), pybind11::arg("group"),
         pybind11::arg("isa") = "");
   m.def("q8_isa", &q8_isa, "The vector width q8_matmul runs with on this CPU for a group size");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "Decode attention of one new token per sequence, read in place from the paged KV cache",
+        pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("block_tables"), pybind11::arg("seq_lens"),
+        pybind11::arg("scale"), pybind11::arg("codes") = "");
 }
