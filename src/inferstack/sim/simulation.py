@@ -255,27 +255,22 @@ class Simulation:
         prefill = result.others.get("prefill")
         if first and prefill is None and self.gateway.holds_at_endpoints():
             if released and self.gateway.room(ep) <= 0:
-                ep, promised = self._released_to(r, ep, skip)
-                if promised:
-                    self._send(r, ep, None)
-                    return
+                ep = self._released_to(r, ep, skip)
             if not self._hold(r, ep, skip):
                 return
         self._send(r, ep, prefill)
 
-    def _released_to(self, r: _Req, ep: SimEndpoint, skip: frozenset[str]) -> tuple[SimEndpoint, bool]:
+    def _released_to(self, r: _Req, ep: SimEndpoint, skip: frozenset[str]) -> SimEndpoint:
         """Where a request the pool's queue released goes when the router picked ``ep`` without room, as
-        `Picker.route` does live: the router's choice among the endpoints with room; without one, ``ep`` over
-        its soft room (True: sent without a second wait) unless ``ep`` is at its hard cap."""
+        `Picker.route` does live: the router's choice among the endpoints with room, else ``ep`` (it waits there)."""
         exclude = frozenset(r.tries) | skip
         snap = self.gateway.snapshot(exclude)
         full = frozenset(e.id for e in snap.endpoints if snap.room(e) <= 0)
         if len(full) < len(snap.endpoints):
             other = self.gateway.route(r.view, exclude | full)
             if other is not None:
-                return self.gateway.endpoints[other.endpoint.id], False
-        v = ep.view
-        return ep, v.max_concurrency is None or v.in_flight < v.max_concurrency
+                return self.gateway.endpoints[other.endpoint.id]
+        return ep
 
     def _hold(self, r: _Req, ep: SimEndpoint, skip: frozenset[str]) -> bool:
         """True: ``ep`` takes ``r`` now. Else ``r`` waits in ``ep``'s hold queue, or was refused there and

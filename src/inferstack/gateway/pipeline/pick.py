@@ -80,8 +80,6 @@ class Picker:
                 if (other := self._with_room(ctx, skip)) is not None:
                     picked = other
                     continue
-                if _under_cap(ep):  # promised a slot: no second wait, and never a refusal after the first
-                    return picked
             picked.commit()  # the decision is recorded before this task suspends (`pick`, ``defer``)
             if adm.reserved:  # routed: the pool's reservation is done with, the endpoint's queue takes over
                 adm.reserved = False
@@ -180,19 +178,6 @@ class Picker:
             ctx.route.pool.router.state.latency.observe(
                 ep.id, ctx.plan.view.est_prompt_tokens, ep.in_flight + 1, out.ttft, out.tpot
             )
-
-
-def _under_cap(ep: Endpoint) -> bool:
-    """``ep`` may take one more request: below its hard `max_concurrency`, or without one.
-
-    NOTE (a released request whose slot went elsewhere): the pool's queue releases a waiter when its view shows
-    a slot free; by the time the request is routed that view can have moved (an engine's metrics refresh, a
-    request that passed straight through), and no endpoint has room. Waiting again at its endpoint, the
-    endpoint's queue refused 3 of 101 such requests on the README stack at 2x overload as "expected wait too
-    long", 5.7-7.4 s after they arrived (the goal: refused within 1 s, or served). A soft room (queue depth
-    thresholds, the one-slot default) is a signal, not a limit: one request over it is what the released
-    waiter was promised. A hard cap stays hard: at the cap it waits like any other."""
-    return ep.max_concurrency is None or ep.in_flight < ep.max_concurrency
 
 
 def _room_elsewhere(ctx: RequestContext, skip: Collection[str]) -> bool:
