@@ -271,20 +271,25 @@ def test_flow_control_off_never_waits_at_an_endpoint():
     asyncio.run(main())
 
 
-def test_a_request_the_pool_queue_released_goes_where_the_room_is():
-    """The pool queues only while no endpoint has room; a waiter it releases (a slot freed somewhere) and the
-    router sends to a full endpoint takes the free slot instead of waiting there (it was promised one)."""
+def test_a_request_the_pool_queue_released_keeps_its_affinity_and_waits_at_its_endpoint():
+    """A waiter the pool's queue released that the router sends to a full endpoint waits there (affinity
+    kept), giving the pool's reservation back. Sending released requests to whichever endpoint had room
+    instead collapsed the held-out load quietly (p90 22.6 s, 483 of 2,422 refused, hit rate 0.72 against
+    0.30 s, none refused, 0.98 with this rule)."""
     async def main() -> None:
-        pipe, full, other = _two_endpoints(full_queue=9.0)
+        pipe, full, _ = _two_endpoints(full_queue=9.0)
         for _ in range(4):  # round-robin: one of the first two picks is the full endpoint
             ctx = await _started(pipe)
             ctx.admission.reserved = True  # as if released from the pool's queue (it holds a reservation)
             pipe.flow["p"].queue.pending += 1
-            picked = await asyncio.wait_for(pipe.picker.route(ctx), 1.0)
-            assert picked is not None and picked.endpoint is other and full.held == 0
-            pipe.picker.hold(ctx, picked.endpoint)
-            assert pipe.flow["p"].pending == 0
-            picked.endpoint.in_flight -= 1  # done: room again for the next one
+            task = asyncio.create_task(pipe.picker.route(ctx))
+            await asyncio.sleep(0.01)
+            if not task.done():
+                break
+            pipe.picker.hold(ctx, task.result().endpoint)
+            task.result().endpoint.in_flight -= 1
+        assert not task.done() and full.held == 1 and pipe.flow["p"].pending == 0
+        task.cancel()
 
     asyncio.run(main())
 

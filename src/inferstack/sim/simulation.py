@@ -242,10 +242,9 @@ class Simulation:
         self._route(r)
 
     # -- gateway -----------------------------------------------------------------------------------
-    def _route(self, r: _Req, skip: frozenset[str] = frozenset(), refused: str = "", released: bool = False) -> None:
+    def _route(self, r: _Req, skip: frozenset[str] = frozenset(), refused: str = "") -> None:
         """Route ``r``; on its first routing, an endpoint without room holds it (`_hold`). ``skip``: endpoints
-        whose hold refused it (``refused``: the last refusal's code, answered when no endpoint is left).
-        ``released``: the pool's queue released it (`_released_to`)."""
+        whose hold refused it (``refused``: the last refusal's code, answered when no endpoint is left)."""
         first = not r.tries
         result = self.gateway.route(r.view, frozenset(r.tries) | skip)
         if result is None:
@@ -253,24 +252,9 @@ class Simulation:
             return
         ep = self.gateway.endpoints[result.endpoint.id]
         prefill = result.others.get("prefill")
-        if first and prefill is None and self.gateway.holds_at_endpoints():
-            if released and self.gateway.room(ep) <= 0:
-                ep = self._released_to(r, ep, skip)
-            if not self._hold(r, ep, skip):
-                return
+        if first and prefill is None and self.gateway.holds_at_endpoints() and not self._hold(r, ep, skip):
+            return
         self._send(r, ep, prefill)
-
-    def _released_to(self, r: _Req, ep: SimEndpoint, skip: frozenset[str]) -> SimEndpoint:
-        """Where a request the pool's queue released goes when the router picked ``ep`` without room, as
-        `Picker.route` does live: the router's choice among the endpoints with room, else ``ep`` (it waits there)."""
-        exclude = frozenset(r.tries) | skip
-        snap = self.gateway.snapshot(exclude)
-        full = frozenset(e.id for e in snap.endpoints if snap.room(e) <= 0)
-        if len(full) < len(snap.endpoints):
-            other = self.gateway.route(r.view, exclude | full)
-            if other is not None:
-                return self.gateway.endpoints[other.endpoint.id]
-        return ep
 
     def _hold(self, r: _Req, ep: SimEndpoint, skip: frozenset[str]) -> bool:
         """True: ``ep`` takes ``r`` now. Else ``r`` waits in ``ep``'s hold queue, or was refused there and
@@ -373,7 +357,7 @@ class Simulation:
         """Route what flow control releases; each then counts in its endpoint's in-flight. Waiters the
         drain rate says would time out are refused now, as the live gateway does."""
         for r, _ in self.gateway.admission.release():
-            self._route(r, released=True)
+            self._route(r)
             self.gateway.admission.routed()
         for r, _, _ in self.gateway.admission.hopeless():
             self._finish(r, "http_429", "queue_timeout")

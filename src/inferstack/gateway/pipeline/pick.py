@@ -70,16 +70,10 @@ class Picker:
         skip = list(exclude)
         refused: APIError | None = None
         deadline = time.monotonic() + queues.cfg.queue_timeout_s
-        moved = False
         while picked is not None:
             ep = picked.endpoint
             if queues.passes(ep, prio, picked.room):
                 return picked
-            if adm.reserved and not moved:  # released by the pool's queue for a slot that freed somewhere
-                moved = True
-                if (other := self._with_room(ctx, skip)) is not None:
-                    picked = other
-                    continue
             picked.commit()  # the decision is recorded before this task suspends (`pick`, ``defer``)
             if adm.reserved:  # routed: the pool's reservation is done with, the endpoint's queue takes over
                 adm.reserved = False
@@ -102,22 +96,6 @@ class Picker:
             self.metrics.shed.labels(ctx.route.pool.name, "shed" if prio < 0 else "queue").inc()
             raise refused
         return None
-
-    def _with_room(self, ctx: RequestContext, skip: Collection[str]) -> Picked | None:
-        """The router's choice among the endpoints with room now (None: none has).
-
-        NOTE (why a request the pool's queue released goes where the room is): the pool queues only while no
-        endpoint has room, and releases a waiter when a slot frees somewhere. Routed by affinity to a full
-        endpoint instead, it waited there too, and on the README stack under overload it was refused at that
-        endpoint ("expected wait too long") 15-20 s after it was sent, having been promised a slot. Affinity
-        gives way only here, under saturation; the hit rate cost of doing it for every request (0.89 -> 0.56)
-        came from the pool queueing while endpoints had room, which it no longer does."""
-        pool = ctx.route.pool
-        snap = pool.snapshot(frozenset(skip))
-        full = [e.id for e in snap.endpoints if snap.room(e) <= 0]
-        if len(full) == len(snap.endpoints):
-            return None
-        return self.pick(ctx, [*skip, *full], defer=True)
 
     def pick(self, ctx: RequestContext, exclude: Collection[str] = (), defer: bool = False) -> Picked | None:
         """The router's choice among the pool's endpoints not in ``exclude`` (None: no endpoint). ``defer``:
