@@ -68,7 +68,8 @@ def measure(llm: LLM, batch: int, steps: int, prompt_len: int = 128) -> tuple[fl
         executor.execute, executor.lm.model = real_execute, real_model
     while core.has_unfinished():
         core.step()
-    return tuple(1000 * statistics.median(x) for x in (step_times, exec_times, model_times))  # type: ignore[return-value]
+    medians = (1000 * statistics.median(x) for x in (step_times, exec_times, model_times))
+    return tuple(medians)  # type: ignore[return-value]
 
 
 class _TimedModel:
