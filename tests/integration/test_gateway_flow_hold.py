@@ -25,8 +25,21 @@ def _body(system: str, user: str) -> dict:
 
 
 def _metric_sum(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics").text
+    return _series_sum(httpx.get(url + "/metrics").text, name)
+
+
+def _series_sum(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf'^{name}\{{[^}}]*\}} (\S+)$', text, re.M))
+
+
+async def _until_held(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
+    """Poll the gateway until some request waits at an endpoint (the hot engine is full, its overflow held)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _series_sum((await client.get("/metrics")).text, "inferstack_gateway_endpoint_held") > 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no request held at an endpoint within {timeout_s:g} s of the hot burst")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +63,7 @@ async def _hot_burst_then_cold(url: str, hot: int, cold: int) -> tuple[list[Answ
             return r.status_code, time.monotonic() - t0, r.headers.get(SERVED, "")
 
         hot_tasks = [asyncio.create_task(post(_body(HOT, f"question {i}"))) for i in range(hot)]
-        await asyncio.sleep(0.5)  # the hot engine is full, its overflow waits
+        await _until_held(client)  # the hot engine is full, its overflow waits
         cold_out = [await post(_body(f"Tenant {i} has its own assistant. " * 40, "hello")) for i in range(cold)]
         return list(await asyncio.gather(*hot_tasks)), cold_out
 
