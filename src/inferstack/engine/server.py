@@ -54,7 +54,7 @@ from inferstack.fileio import write_ready_file
 from inferstack.protocol import responses as R
 from inferstack.protocol.errors import APIError, bad_request, error_from_exception, internal_error
 from inferstack.protocol.http_guard import guarded_protocol, read_body_within
-from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_HEADER_BYTES
+from inferstack.protocol.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_HEADER_BYTES
 from inferstack.protocol.ids import clean_request_id
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.requests import (
@@ -479,7 +479,7 @@ async def serve(factory: Callable[[], EngineLike], options: ServeOptions, *,
     protocol = guarded_protocol(options.max_header_bytes, options.header_timeout_s)
     config = uvicorn.Config(build_app(state), loop="none", http=protocol, lifespan="off", log_config=None,
                             access_log=False, timeout_graceful_shutdown=options.drain_timeout,
-                            server_header=False)
+                            timeout_keep_alive=KEEP_ALIVE_S, server_header=False)
     server = _DrainingServer(config, state)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     if stop is not None:

@@ -21,6 +21,7 @@ from inferstack.config.schema import InferstackConfig
 from inferstack.fileio import write_ready_file
 from inferstack.gateway.server import Gateway
 from inferstack.protocol.http_guard import guarded_protocol
+from inferstack.protocol.http_limits import KEEP_ALIVE_S
 
 
 def make_tracer_provider(cfg: InferstackConfig) -> Any:
@@ -111,7 +112,7 @@ def run_server(app: Gateway, sockets: list[socket.socket], on_ready: Callable[[]
     protocol = guarded_protocol(limits.max_header_bytes, limits.header_timeout_s)  # 431 / 408 (slowloris)
     config = uvicorn.Config(app, loop="uvloop", http=protocol, lifespan="on", access_log=False,
                             log_level="warning", timeout_graceful_shutdown=30, backlog=4096,
-                            proxy_headers=False, server_header=False)
+                            proxy_headers=False, server_header=False, timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
 
     async def main() -> None:

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from inferstack.protocol.http_limits import KEEP_ALIVE_S
 from inferstack.protocol.sse import sse_event
 from inferstack.workflow.dsl import App
 from inferstack.workflow.inputs import InputError
@@ -136,7 +137,7 @@ async def serve_app(app: Starlette, host: str, port: int, ready_file: str | None
     from inferstack.fileio import write_ready_file
 
     sock = _bind(host, port)
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
