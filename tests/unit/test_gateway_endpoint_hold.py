@@ -327,3 +327,29 @@ def test_a_released_request_at_a_hard_cap_waits_for_its_endpoint():
         task.cancel()
 
     asyncio.run(main())
+
+
+def test_a_released_request_is_not_refused_again_by_its_endpoints_deadline_check():
+    """The pool's queue promised a released request service within the timeout; its endpoint's queue, whose
+    pace says the wait exceeds the budget, refuses a new request at once (429 ``queue_timeout``, no endpoint
+    has room) but keeps the released one waiting (3 of 101 released requests were refused late this way under
+    contended load)."""
+    async def main() -> None:
+        pipe, full, other = _two_endpoints(full_queue=9.0)
+        fresh, released = await _started(pipe), await _started(pipe)  # admitted while `other` had room
+        other.metrics = ScrapedMetrics(queue=9.0, running=1.0, batch_cap=1)
+        fresh.admission.snapshot = None  # the pick sees both full
+        for ep in (full, other):  # each engine completes one request a minute: any wait exceeds the budget
+            pipe.held["p"].queue(ep).queue.per_release = lambda: 60.0
+        with pytest.raises(APIError) as refused:
+            await pipe.picker.route(fresh)
+        assert refused.value.status == 429 and refused.value.code == "queue_timeout"
+        released.admission.reserved = True  # as if released from the pool's queue (it then has no snapshot)
+        released.admission.snapshot = None
+        pipe.flow["p"].queue.pending += 1
+        task = asyncio.create_task(pipe.picker.route(released))
+        await asyncio.sleep(0.01)
+        assert not task.done() and full.held + other.held == 1 and pipe.flow["p"].pending == 0
+        task.cancel()
+
+    asyncio.run(main())

@@ -63,16 +63,18 @@ class EndpointQueues:
         fc = entry[1] if entry is not None and entry[0] is ep else self.queue(ep)
         return fc.queue.passes(priority, room)
 
-    async def wait(self, ep: Endpoint, priority: int, flow_id: str, weight: float, timeout_s: float) -> float | None:
+    async def wait(self, ep: Endpoint, priority: int, flow_id: str, weight: float, timeout_s: float,
+                   promised: bool = False) -> float | None:
         """Wait for room at ``ep``. None: it has room now; else the seconds waited, and the request holds a
         reservation in `queue(ep)` until its `routed`. Raises APIError (429: shed, queue full, the wait would exceed the
-        budget, timed out) or `Rerouted`; a cancelled task (client gone) leaves the queue at once."""
+        budget — not for a request the pool's queue released, ``promised``: `FairQueue.admit` —, timed out) or
+        `Rerouted`; a cancelled task (client gone) leaves the queue at once."""
         if self.passes(ep, priority):
             return None
         ep.held += 1
         self._held(ep)
         try:
-            return await self.queue(ep).admit(priority, flow_id, weight, timeout_s=timeout_s)
+            return await self.queue(ep).admit(priority, flow_id, weight, timeout_s=timeout_s, promised=promised)
         finally:
             ep.held -= 1
             self._held(ep)

@@ -46,17 +46,19 @@ class FlowController:
 
     async def admit(self, priority: int, flow_id: str, weight: float = 1.0,
                     client_gone: asyncio.Future | None = None,
-                    free_slots: Callable[[], int] | None = None, timeout_s: float | None = None) -> float | None:
+                    free_slots: Callable[[], int] | None = None, timeout_s: float | None = None,
+                    promised: bool = False) -> float | None:
         """Wait until the request may be routed. Returns None if it passed straight through (without
         suspending), else the seconds it waited (then call `routed()` once it holds its endpoint). Raises
         APIError(429), or ClientGone when ``client_gone`` completes first: a departed client's request leaves
         the queue at once instead of taking a slot when its turn comes. ``free_slots``: `FairQueue.admit`;
-        ``timeout_s``: the longest wait (None: `queue_timeout_s`). Raises whatever `evict` hands a waiter."""
+        ``timeout_s``: the longest wait (None: `queue_timeout_s`); ``promised``: `FairQueue.admit`. Raises whatever
+        `evict` hands a waiter."""
         # the loop from the client-gone future when there is one: `get_running_loop` is a getpid system call
         loop = client_gone.get_loop() if client_gone is not None else asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         try:
-            if self.queue.admit(fut, priority, flow_id, weight, free_slots):
+            if self.queue.admit(fut, priority, flow_id, weight, free_slots, promised):
                 return None
         except Rejected as r:
             raise APIError(429, str(r), code=r.code, headers={"retry-after": str(r.retry_after_s)}) from None

@@ -242,9 +242,10 @@ class Simulation:
         self._route(r)
 
     # -- gateway -----------------------------------------------------------------------------------
-    def _route(self, r: _Req, skip: frozenset[str] = frozenset(), refused: str = "") -> None:
+    def _route(self, r: _Req, skip: frozenset[str] = frozenset(), refused: str = "", promised: bool = False) -> None:
         """Route ``r``; on its first routing, an endpoint without room holds it (`_hold`). ``skip``: endpoints
-        whose hold refused it (``refused``: the last refusal's code, answered when no endpoint is left)."""
+        whose hold refused it (``refused``: the last refusal's code, answered when no endpoint is left);
+        ``promised``: the pool's queue released it (`FairQueue.admit`)."""
         first = not r.tries
         result = self.gateway.route(r.view, frozenset(r.tries) | skip)
         if result is None:
@@ -252,22 +253,22 @@ class Simulation:
             return
         ep = self.gateway.endpoints[result.endpoint.id]
         prefill = result.others.get("prefill")
-        if first and prefill is None and self.gateway.holds_at_endpoints() and not self._hold(r, ep, skip):
+        if first and prefill is None and self.gateway.holds_at_endpoints() and not self._hold(r, ep, skip, promised):
             return
         self._send(r, ep, prefill)
 
-    def _hold(self, r: _Req, ep: SimEndpoint, skip: frozenset[str]) -> bool:
+    def _hold(self, r: _Req, ep: SimEndpoint, skip: frozenset[str], promised: bool) -> bool:
         """True: ``ep`` takes ``r`` now. Else ``r`` waits in ``ep``'s hold queue, or was refused there and
         is routed again without ``ep`` while another endpoint has room (else answered 429), as
         `Picker.route` does live."""
         q = self.gateway.hold_queue(ep)
         try:
-            if q.admit(r, 0, self.gateway.salt, self.gateway.tenant_weight):
+            if q.admit(r, 0, self.gateway.salt, self.gateway.tenant_weight, promised=promised):
                 return True
         except Rejected as e:
             skip = skip | {ep.id}
             if self.gateway.room_elsewhere(skip):
-                self._route(r, skip, e.code)
+                self._route(r, skip, e.code, promised)
             else:
                 self._finish(r, "http_429", e.code)
             return False
@@ -357,7 +358,7 @@ class Simulation:
         """Route what flow control releases; each then counts in its endpoint's in-flight. Waiters the
         drain rate says would time out are refused now, as the live gateway does."""
         for r, _ in self.gateway.admission.release():
-            self._route(r)
+            self._route(r, promised=True)
             self.gateway.admission.routed()
         for r, _, _ in self.gateway.admission.hopeless():
             self._finish(r, "http_429", "queue_timeout")

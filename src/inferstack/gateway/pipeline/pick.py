@@ -68,6 +68,7 @@ class Picker:
             return picked
         adm, prio = ctx.admission, ctx.caller.priority
         skip = list(exclude)
+        promised = adm.reserved  # it waited in the pool's queue: no second deadline check at its endpoint
         refused: APIError | None = None
         deadline = time.monotonic() + queues.cfg.queue_timeout_s
         while picked is not None:
@@ -79,7 +80,8 @@ class Picker:
                 adm.reserved = False
                 adm.flow.routed()
             try:
-                waited = await queues.wait(ep, prio, adm.flow_id, adm.weight, max(0.0, deadline - time.monotonic()))
+                waited = await queues.wait(ep, prio, adm.flow_id, adm.weight, max(0.0, deadline - time.monotonic()),
+                                           promised)
             except (Rerouted, APIError) as exc:
                 skip.append(ep.id)
                 if isinstance(exc, APIError):
