@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from inferstack.config.schema import FlowControlConfig, InferstackConfig
 from inferstack.gateway.datalayer import Endpoint, Pool, ScrapedMetrics
 from inferstack.gateway.endpointflow import EndpointQueues, Rerouted
+from inferstack.gateway.flowqueue import FairQueue, Rejected
 from inferstack.gateway.pipeline.context import Inbound, RequestContext
 from inferstack.gateway.pipeline.core import Pipeline
 from inferstack.gateway.routing import EndpointView, PoolSnapshot
@@ -353,3 +354,18 @@ def test_a_released_request_is_not_refused_again_by_its_endpoints_deadline_check
         task.cancel()
 
     asyncio.run(main())
+
+
+def test_a_released_requests_wait_at_its_endpoint_counts_from_its_arrival():
+    """`queue_timeout_s` bounds the whole wait at the gateway: a request that spent 25 of its 30 s in the pool's
+    queue expires from its endpoint's queue 5 s later, not 30 s later."""
+    clock = [100.0]
+    queue: FairQueue[str] = FairQueue(FlowControlConfig(queue_timeout_s=30.0), lambda: 0, now=lambda: clock[0],
+                                      prior=lambda: 60.0)
+    assert not queue.admit("released", 0, "a", promised=75.0)   # no second prediction: 60 s/release is ignored
+    with pytest.raises(Rejected):
+        queue.admit("fresh", 0, "a")
+    clock[0] = 104.0
+    assert queue.expire() == []
+    clock[0] = 105.5
+    assert queue.expire() == [("released", 0)] and queue.queued == 0

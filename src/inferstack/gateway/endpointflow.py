@@ -64,7 +64,7 @@ class EndpointQueues:
         return fc.queue.passes(priority, room)
 
     async def wait(self, ep: Endpoint, priority: int, flow_id: str, weight: float, timeout_s: float,
-                   promised: bool = False) -> float | None:
+                   promised: float | None = None) -> float | None:
         """Wait for room at ``ep``. None: it has room now; else the seconds waited, and the request holds a
         reservation in `queue(ep)` until its `routed`. Raises APIError (429: shed, queue full, the wait would exceed the
         budget — not for a request the pool's queue released, ``promised``: `FairQueue.admit` —, timed out) or

@@ -47,7 +47,7 @@ class FlowController:
     async def admit(self, priority: int, flow_id: str, weight: float = 1.0,
                     client_gone: asyncio.Future | None = None,
                     free_slots: Callable[[], int] | None = None, timeout_s: float | None = None,
-                    promised: bool = False) -> float | None:
+                    promised: float | None = None) -> float | None:
         """Wait until the request may be routed. Returns None if it passed straight through (without
         suspending), else the seconds it waited (then call `routed()` once it holds its endpoint). Raises
         APIError(429), or ClientGone when ``client_gone`` completes first: a departed client's request leaves

@@ -205,14 +205,14 @@ class FairQueue(Generic[T]):
         return len(band) if band is not None else 0
 
     def admit(self, item: T, priority: int, flow_id: str, weight: float = 1.0,
-              free_slots: Callable[[], int] | None = None, promised: bool = False) -> bool:
+              free_slots: Callable[[], int] | None = None, promised: float | None = None) -> bool:
         """True: route ``item`` now. False: it waits until `release` hands it out. Raises Rejected.
         ``free_slots``: the pool's room as this request's own snapshot counts it (the live gateway's routing
-        then reuses that snapshot, `pipeline/admit.py`); None: the queue's ``free_slots``. ``promised``: the
-        request already waited in the pool's queue, whose admission promised it service within the timeout
-        (module NOTE "deadline-aware admission"): an endpoint's hold queue takes it without predicting its
-        wait again, so it is not refused late for a promise made elsewhere; the bound on queued requests and
-        the timeout still apply."""
+        then reuses that snapshot, `pipeline/admit.py`); None: the queue's ``free_slots``. ``promised``: when
+        the request arrived, if it already waited in the pool's queue, whose admission promised it service
+        within the timeout (module NOTE "deadline-aware admission"): an endpoint's hold queue takes it without
+        predicting its wait again, so it is not refused late for a promise made elsewhere, and counts its
+        wait from then (the timeout and `hopeless` cover its whole wait); the bound on queued requests holds."""
         if self.passes(priority, free_slots):
             return True
         ahead = self._waiting_at_or_above(priority)
@@ -221,7 +221,7 @@ class FairQueue(Generic[T]):
         if self.queued >= self.cfg.max_queued:
             raise Rejected("queue_full", "Too many requests are queued at the gateway.")
         budget = self.cfg.queue_timeout_s * QUEUE_HEADROOM
-        wait = None if promised else admission_wait(ahead, self.per_release(), budget)
+        wait = None if promised is not None else admission_wait(ahead, self.per_release(), budget)
         if wait is not None:
             raise Rejected("queue_timeout", f"The pool is saturated: the expected wait ({wait:.0f}s) is too close "
                            f"to the queue timeout ({self.cfg.queue_timeout_s:g}s).", min(60, math.ceil(wait)))
@@ -231,7 +231,7 @@ class FairQueue(Generic[T]):
             flow = band.flows[flow_id] = _Flow(vtime=band.clock, weight=weight)
         elif not flow.waiters:
             flow.vtime = max(flow.vtime, band.clock)
-        flow.waiters.append((item, self.now()))
+        flow.waiters.append((item, self.now() if promised is None else promised))
         self.queued += 1
         self.rate.queue_changed(self.queued)
         return False

@@ -242,10 +242,11 @@ class Simulation:
         self._route(r)
 
     # -- gateway -----------------------------------------------------------------------------------
-    def _route(self, r: _Req, skip: frozenset[str] = frozenset(), refused: str = "", promised: bool = False) -> None:
+    def _route(self, r: _Req, skip: frozenset[str] = frozenset(), refused: str = "",
+               promised: float | None = None) -> None:
         """Route ``r``; on its first routing, an endpoint without room holds it (`_hold`). ``skip``: endpoints
         whose hold refused it (``refused``: the last refusal's code, answered when no endpoint is left);
-        ``promised``: the pool's queue released it (`FairQueue.admit`)."""
+        ``promised``: its arrival, when the pool's queue released it (`FairQueue.admit`)."""
         first = not r.tries
         result = self.gateway.route(r.view, frozenset(r.tries) | skip)
         if result is None:
@@ -257,7 +258,7 @@ class Simulation:
             return
         self._send(r, ep, prefill)
 
-    def _hold(self, r: _Req, ep: SimEndpoint, skip: frozenset[str], promised: bool) -> bool:
+    def _hold(self, r: _Req, ep: SimEndpoint, skip: frozenset[str], promised: float | None) -> bool:
         """True: ``ep`` takes ``r`` now. Else ``r`` waits in ``ep``'s hold queue, or was refused there and
         is routed again without ``ep`` while another endpoint has room (else answered 429), as
         `Picker.route` does live."""
@@ -274,7 +275,8 @@ class Simulation:
             return False
         r.held = ep
         self.gateway.shift_held(ep, 1)
-        self.at(self.now + self.s.config.gateway.flow_control.queue_timeout_s + 1e-9, self._expire)
+        since = self.now if promised is None else promised
+        self.at(since + self.s.config.gateway.flow_control.queue_timeout_s + 1e-9, self._expire)
         self.at(self.now + self.s.config.gateway.scrape_interval_s, self._pump)
         return False
 
@@ -358,7 +360,7 @@ class Simulation:
         """Route what flow control releases; each then counts in its endpoint's in-flight. Waiters the
         drain rate says would time out are refused now, as the live gateway does."""
         for r, _ in self.gateway.admission.release():
-            self._route(r, promised=True)
+            self._route(r, promised=r.rec.sent)
             self.gateway.admission.routed()
         for r, _, _ in self.gateway.admission.hopeless():
             self._finish(r, "http_429", "queue_timeout")

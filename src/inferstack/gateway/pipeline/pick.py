@@ -61,16 +61,19 @@ class Picker:
         endpoint's room when it has none (`EndpointQueues.wait`). A waiter whose endpoint leaves or
         turns unhealthy is routed again without it; one whose endpoint queue refuses it (shed, full, too long
         a wait) too, while another endpoint has room now (else the refusal is raised at once: APIError 429),
-        within what is left of `queue_timeout_s`. None: no endpoint at all. Call `hold` before the next suspension."""
+        within what is left of `queue_timeout_s` since the request arrived. None: no endpoint at all. Call `hold`
+        before the next suspension."""
         queues = self.held.get(ctx.route.pool.name)
         picked = self.pick(ctx, exclude, defer=True)
         if picked is None or queues is None or not first or not queues.cfg.enabled:
             return picked
         adm, prio = ctx.admission, ctx.caller.priority
         skip = list(exclude)
-        promised = adm.reserved  # it waited in the pool's queue: no second deadline check at its endpoint
+        # the whole wait at the gateway counts, the pool's queue included (`t0` is on `perf_counter`'s clock)
+        arrived = time.monotonic() - (time.perf_counter() - ctx.inbound.t0)
+        deadline = arrived + queues.cfg.queue_timeout_s
+        promised = arrived if adm.reserved else None  # it waited in the pool's queue: `FairQueue.admit`
         refused: APIError | None = None
-        deadline = time.monotonic() + queues.cfg.queue_timeout_s
         while picked is not None:
             ep = picked.endpoint
             if queues.passes(ep, prio, picked.room):
