@@ -35,11 +35,20 @@ from typing import Any
 from inferstack.autoscale.planner import Planner
 from inferstack.autoscale.spec import parse_policy
 from inferstack.bench.traces import load_trace
-from inferstack.sim.autoscale_eval import EvalSetup, Oracle, diurnal_trace, evaluate, mooncake_like_trace
+from inferstack.sim.autoscale_eval import (
+    UTIL,
+    EvalSetup,
+    Oracle,
+    Verdict,
+    baseline,
+    cheapest,
+    diurnal_trace,
+    evaluate,
+    judge,
+    mooncake_like_trace,
+)
 from inferstack.sim.planner_tables import planner_tables
 from inferstack.sim.profile import parse_profile
-
-UTIL = "hpa (GPU util"
 
 
 def policies(a: argparse.Namespace) -> dict[str, object]:
@@ -90,17 +99,6 @@ def _run(job: tuple[str, object, Path, EvalSetup]) -> dict[str, Any]:
     return evaluate(*job)
 
 
-def _cheapest(rows: list[dict[str, Any]], prefix: str, attainment: float) -> dict[str, Any] | None:
-    ok = [r for r in rows if r["policy"].startswith(prefix) and r["attainment"] >= attainment]
-    return min(ok, key=lambda r: r["replica_hours"], default=None)
-
-
-def baseline(rows: list[dict[str, Any]], goal: float) -> dict[str, Any] | None:
-    """The utilisation baseline: the cheapest GPU-util target reaching ``goal``, else the best-attaining one."""
-    util = [r for r in rows if r["policy"].startswith(UTIL)]
-    return _cheapest(rows, UTIL, goal) or max(util, key=lambda r: r["attainment"], default=None)
-
-
 def report(rows: list[dict[str, Any]], goal: float) -> None:
     util = baseline(rows, goal)
     print(f"\n| policy | SLO attainment | replica-hours | vs {util['policy'] if util else UTIL + ')'} | peak replicas "
@@ -111,8 +109,8 @@ def report(rows: list[dict[str, Any]], goal: float) -> None:
         ttft = f"{r['ttft_p95_s']:.2f}" if r["ttft_p95_s"] is not None else "–"
         print(f"| {r['policy']} | {r['attainment']:.2%} | {r['replica_hours']:.2f} | {rel} | {r['peak_replicas']} | "
               f"{r['failed']} | {r['cold_starts']} | {ttft} |")
-    ours = _cheapest(rows, "slo", goal) or _cheapest(rows, "planner", goal)
-    for label, base in (("hpa on GPU util", util), ("best hpa on concurrency", _cheapest(rows, "hpa (conc", goal))):
+    ours = cheapest(rows, "slo", goal) or cheapest(rows, "planner", goal)
+    for label, base in (("hpa on GPU util", util), ("best hpa on concurrency", cheapest(rows, "hpa (conc", goal))):
         if ours and base:
             print(f"\n{ours['policy']} vs {label} ({base['policy']}, {base['attainment']:.2%}): "
                   f"{ours['replica_hours'] / base['replica_hours']:.3f}x the replica-hours")
@@ -144,6 +142,50 @@ def plot(rows: list[dict[str, Any]], path: Path, slo_ttft: float, goal: float) -
     time_plot(path, "Replicas and p95 TTFT over time (simulator, virtual time)", [
         ("replicas", {r["policy"]: [(t, cur) for t, cur, _ in r["timeline"]] for r in shown}, None),
         ("TTFT p95 (s)", {r["policy"]: r["ttft_p95_over_time"] for r in shown}, slo_ttft)])
+
+
+def run_seed(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every selected policy on the trace of ``a`` (its seed), each row printed as JSON when it finishes."""
+    make = mooncake_like_trace if a.trace_kind == "mooncake" else diurnal_trace
+    trace = a.trace or make(Path(tempfile.mkdtemp()) / f"{a.trace_kind}.jsonl", a.minutes, a.peak_rps, a.seed)
+    jobs = [(name, p, trace, setup_of(a)) for name, p in (policies(a) | oracles(a, trace)).items()
+            if not a.only or any(name.startswith(x) for x in a.only.split(","))]
+    rows = []
+    with Pool(max(1, a.jobs)) as pool:
+        for row in pool.imap(_run, jobs):
+            rows.append(row)
+            print(json.dumps({"seed": a.seed} | {k: v for k, v in row.items()
+                                                 if not k.endswith(("timeline", "_over_time"))}), flush=True)
+    return rows
+
+
+def seed_list(text: str) -> list[int]:
+    """``26-30`` or ``1,3,5`` (or both: ``1-5,16``) as seeds."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def judge_seeds(a: argparse.Namespace) -> None:
+    """The goal's verdict on each seed (held-out seeds are judged once, after the setting was chosen elsewhere)."""
+    verdicts: dict[str, list[Verdict]] = {}
+    for seed in seed_list(a.seeds):
+        a.seed = seed
+        rows = run_seed(a)
+        base = baseline(rows, a.goal)
+        print(f"seed {seed}: baseline {base['policy'] if base else 'none'}"
+              + (f" {base['attainment']:.2%} at {base['replica_hours']:.2f} rh" if base else ""))
+        for v in judge(rows, a.goal, a.max_cost):
+            cost = f"{v.cost:.3f}x" if v.cost is not None else "–"
+            print(f"  {v.policy}: {v.attainment:.2%} at {cost}, failed {v.failed} (kpa {v.kpa_failed})"
+                  f"{'  GOAL MET' if v.met else ''}", flush=True)
+            verdicts.setdefault(v.policy, []).append(v)
+    for policy, vs in verdicts.items():
+        costs = [v.cost for v in vs if v.cost is not None]
+        print(f"{policy}: goal met on {sum(v.met for v in vs)} of {len(vs)}; mean "
+              f"{sum(v.attainment for v in vs) / len(vs):.2%} at {sum(costs) / max(1, len(costs)):.3f}x")
 
 
 def main() -> None:
@@ -183,16 +225,16 @@ def main() -> None:
                     help="also print, per 30 s of the trace (by send time), the requests that missed the SLO "
                          "and the replicas paid for")
     ap.add_argument("--plot", type=Path, default=None, help="write replicas and p95 TTFT over time (PNG)")
+    ap.add_argument("--seeds", default="",
+                    help="judge on several generated traces (e.g. 26-30 or 1,3,5; overrides --seed): per seed the "
+                         "goal's verdict for every slo/planner row, then goal met on k of n and the means")
+    ap.add_argument("--max-cost", type=float, default=0.75,
+                    help="--seeds: the goal's replica-hours / the utilisation baseline's, at most")
     a = ap.parse_args()
-    make = mooncake_like_trace if a.trace_kind == "mooncake" else diurnal_trace
-    trace = a.trace or make(Path(tempfile.mkdtemp()) / f"{a.trace_kind}.jsonl", a.minutes, a.peak_rps, a.seed)
-    jobs = [(name, p, trace, setup_of(a)) for name, p in (policies(a) | oracles(a, trace)).items()
-            if not a.only or any(name.startswith(x) for x in a.only.split(","))]
-    with Pool(max(1, a.jobs)) as pool:
-        rows = []
-        for row in pool.imap(_run, jobs):
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if not k.endswith(("timeline", "_over_time"))}), flush=True)
+    if a.seeds:
+        judge_seeds(a)
+        return
+    rows = run_seed(a)
     report(rows, a.goal)
     if a.diagnose:
         diagnose(rows, setup_of(a).bin_s)

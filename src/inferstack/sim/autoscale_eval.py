@@ -172,3 +172,47 @@ def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[s
             "timeline": [(t, d.current, d.desired) for t, _, d in scaler.decisions],
             "ttft_p95_over_time": _latency_bins(sim.sink.cols, setup.bin_s),
             "misses_over_time": _miss_bins(sim, setup.bin_s)}
+
+
+UTIL = "hpa (GPU util"     # the utilisation baseline's rows: `hpa (GPU util T)`
+
+
+def cheapest(rows: Sequence[dict[str, Any]], prefix: str, attainment: float) -> dict[str, Any] | None:
+    """The row named ``prefix``... with the fewest replica-hours among those reaching ``attainment``."""
+    ok = [r for r in rows if r["policy"].startswith(prefix) and r["attainment"] >= attainment]
+    return min(ok, key=lambda r: r["replica_hours"], default=None)
+
+
+def baseline(rows: Sequence[dict[str, Any]], goal: float) -> dict[str, Any] | None:
+    """The utilisation baseline: the cheapest GPU-util target reaching ``goal``, else the best-attaining one."""
+    util = [r for r in rows if r["policy"].startswith(UTIL)]
+    return cheapest(rows, UTIL, goal) or max(util, key=lambda r: r["attainment"], default=None)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One policy on one trace against the issue's goal."""
+
+    policy: str
+    attainment: float
+    cost: float | None              # replica-hours / the utilisation baseline's; None without a baseline
+    failed: int
+    kpa_failed: int | None          # the failures the goal allows (kpa's); None without a kpa row
+    met: bool
+
+
+def judge(rows: Sequence[dict[str, Any]], goal: float = 0.99, max_cost: float = 0.75,
+          ours: tuple[str, ...] = ("slo", "planner")) -> list[Verdict]:
+    """The goal, per row of ``ours`` on one trace: attainment >= ``goal``, replica-hours <= ``max_cost`` x the
+    utilisation baseline's (`baseline`) and no more failed requests than kpa; not met without a baseline."""
+    base = baseline(rows, goal)
+    kpa = next((r["failed"] for r in rows if r["policy"].startswith("kpa")), None)
+    out = []
+    for r in rows:
+        if not r["policy"].startswith(ours):
+            continue
+        cost = r["replica_hours"] / base["replica_hours"] if base and base["replica_hours"] > 0 else None
+        met = (r["attainment"] >= goal and cost is not None and cost <= max_cost
+               and (kpa is None or r["failed"] <= kpa))
+        out.append(Verdict(r["policy"], r["attainment"], cost, r["failed"], kpa, met))
+    return out
