@@ -241,3 +241,33 @@ def test_response_header_checks_hold_on_a_connection_that_already_sent_headers()
     for path in (b"/split", b"/bad-name"):
         writes, closed = asyncio.run(after_a_good_one(path))
         assert writes == [good] and closed, path
+
+
+def test_response_header_values_remembered_per_connection_stay_checked_and_bounded():
+    """A value made of letters and digits, or one this connection already sent, skips the regex search; the values
+    remembered are bounded, and a value that splits the head is refused after the memory filled up."""
+    async def app(scope, receive, send):
+        await receive()
+        path = scope["raw_path"]
+        value = b"c\r\nset-cookie: x=1" if path == b"/split" else b"v-" + path[1:]  # not letters and digits only
+        headers = [(b"x-served", value), (b"x-id", path[1:].zfill(32)), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        protocol, transport = _connect(app)
+        for n in range(40):  # 40 new values: more than a connection remembers
+            protocol.data_received(b"GET /%d HTTP/1.1\r\nhost: x\r\n\r\n" % n)
+            await _until(lambda n=n: len(transport.writes) > n, "answered")
+        remembered = set(protocol.header_values)
+        assert b"\r\nx-served: v-39\r\nx-id: " + b"39".zfill(32) + b"\r\n" in transport.writes[-1]
+        protocol.data_received(b"GET /split HTTP/1.1\r\nhost: x\r\n\r\n")
+        await _until(lambda: transport.closed, "closed")
+        written = len(transport.writes)
+        protocol.connection_lost(None)
+        return remembered, written
+
+    remembered, written = asyncio.run(main())
+    assert len(remembered) == 32 and b"v-0" in remembered and b"v-39" not in remembered
+    assert all(not v.isalnum() for v in remembered)  # letters-and-digits values are never stored
+    assert written == 40  # nothing of the refused response went out

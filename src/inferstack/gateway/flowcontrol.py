@@ -54,10 +54,12 @@ class FlowController:
         the queue at once instead of taking a slot when its turn comes. ``free_slots``: `FairQueue.admit`;
         ``timeout_s``: the longest wait (None: `queue_timeout_s`); ``promised``: `FairQueue.admit`. Raises whatever
         `evict` hands a waiter."""
+        if self.queue.passes(priority, free_slots):  # nearly every request: no future, nothing queued
+            return None
         # the loop from the client-gone future when there is one: `get_running_loop` is a getpid system call
         loop = client_gone.get_loop() if client_gone is not None else asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        try:
+        try:  # checks the room again: the same answer (no suspension since), at a queueing request's cost only
             if self.queue.admit(fut, priority, flow_id, weight, free_slots, promised):
                 return None
         except Rejected as r:

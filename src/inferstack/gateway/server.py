@@ -62,31 +62,12 @@ class Gateway:
 
     # ---- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        t = scope["type"]
-        if t == "http":
-            await self._http(scope, receive, send)
-        elif t == "lifespan":
-            await self._lifespan(receive, send)
-
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                try:
-                    await self.pipeline.open()
-                except Exception as exc:  # report startup failures through the lifespan protocol
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                self._warn_shared_models()
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                await self.pipeline.aclose()
-                if self.peers is not None:
-                    await self.peers.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    async def _http(self, scope: dict, receive: Any, send: Any) -> None:
+        """The HTTP routes (in this coroutine, not one more per request: every await in a request's task passes
+        through each coroutine above it), or the lifespan."""
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            return
         path = scope["raw_path"].split(b"?", 1)[0] if scope.get("raw_path") else scope["path"].encode()
         method = scope["method"]
         kind = KINDS.get(path)
@@ -113,6 +94,24 @@ class Gateway:
                 raise APIError(404, f"Unknown path {path.decode('latin-1')}.", code="not_found")
         except APIError as exc:
             await send_error(send, exc)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.pipeline.open()
+                except Exception as exc:  # report startup failures through the lifespan protocol
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                self._warn_shared_models()
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.pipeline.aclose()
+                if self.peers is not None:
+                    await self.peers.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def _metrics(self, scope: dict, send: Any) -> None:
         """This process's metrics; with workers, the whole gateway's (one worker's own over its Unix socket)."""

@@ -26,6 +26,7 @@ _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 _STATUS_LINES: dict[int, bytes] = {}
 _NAMES_KEPT = 32  # response header names a connection remembers as checked (an app sends a handful)
+_VALUES_KEPT = 32  # and values (the first response's fill it: a content type, an endpoint's name)
 _CHUNKED_END = b"0\r\n\r\n"
 _DISCONNECT = {"type": "http.disconnect"}
 
@@ -196,7 +197,7 @@ class Cycle:
         length: bytes | None = None
         close = False
         # a regex search costs ~1 µs on a header name: a name this connection already sent is not searched again
-        names = self.proto.header_names
+        names, values = self.proto.header_names, self.proto.header_values
         for raw, value in headers:
             name = names.get(raw) if raw.__class__ is bytes else None  # a bytearray cannot be a key
             if name is None:
@@ -205,8 +206,13 @@ class Cycle:
                 name = raw.lower()
                 if len(names) < _NAMES_KEPT and raw.__class__ is bytes:
                     names[raw] = name
-            if _BAD_VALUE.search(value):
-                raise RuntimeError("Invalid HTTP header value.")
+            # letters and digits only (a length, a request id) or a value this connection sent: no control
+            # characters, no regex search (~0.6 µs a value)
+            if value.__class__ is not bytes or not (value.isalnum() or value in values):
+                if _BAD_VALUE.search(value):
+                    raise RuntimeError("Invalid HTTP header value.")
+                if len(values) < _VALUES_KEPT and value.__class__ is bytes:
+                    values.add(value)
             if name == b"content-length" and length is None and not self.chunked:
                 length = value
             elif name == b"transfer-encoding" and value.lower() == b"chunked":

@@ -76,6 +76,8 @@ class FrontProtocol(asyncio.Protocol):
         self._default_head = b""
         # response header names this connection's responses already used, checked, lower-cased (`Cycle`)
         self.header_names: dict[bytes, bytes] = {}
+        # response header values this connection's responses already sent, checked (`Cycle`)
+        self.header_values: set[bytes] = set()
 
     @property
     def default_head(self) -> bytes:

@@ -37,26 +37,36 @@ class Tenant:
     local_only: bool = False  # never spilled to a fallback pool (pipeline/spill.py)
 
 
+_VERSION_4 = bytes((x & 0x0F) | 0x40 for x in range(256))  # a UUID's version nibble: 4
+_VARIANT = bytes((x & 0x3F) | 0x80 for x in range(256))     # its variant bits: RFC 4122
+
+
 class RequestIds:
     """Ids for requests that bring none: random version-4 UUIDs as hex (what ``uuid.uuid4().hex`` gives),
     cut from 4 KiB of `os.urandom` at a time, so one getrandom system call serves 256 requests instead of
     one. One per process (the `Pipeline` owns it): a copy inherited through fork would repeat ids, and
     the gateway's workers build their pipelines after forking."""
 
-    __slots__ = ("_at", "_pool")
+    __slots__ = ("_at", "_hex")
     _BATCH = 4096
 
     def __init__(self) -> None:
-        self._pool, self._at = b"", 0
+        self._hex, self._at = "", 0
 
     def new(self) -> str:
         at = self._at
-        if at >= len(self._pool):
-            self._pool, at = os.urandom(self._BATCH), 0
-        b = bytearray(self._pool[at:at + 16])
-        self._at = at + 16
-        b[6] = (b[6] & 0x0F) | 0x40  # version 4
-        b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+        if at >= len(self._hex):
+            self._hex, at = self._refill(), 0
+        self._at = at + 32
+        return self._hex[at:at + 32]
+
+    @classmethod
+    def _refill(cls) -> str:
+        """256 ids' worth of random bytes with the version and variant bits set, as hex: a request's id is then
+        one slice of it (marking and hex-encoding 16 bytes per request cost it 0.6 µs)."""
+        b = bytearray(os.urandom(cls._BATCH))
+        b[6::16] = b[6::16].translate(_VERSION_4)  # byte 6 of every id
+        b[8::16] = b[8::16].translate(_VARIANT)    # byte 8 of every id
         return b.hex()
 
 

@@ -114,10 +114,17 @@ class Proxy:
         head = ep.post_head(ctx.inbound.path, ctx.inbound.rid)
         if ctx.plan.stream:
             return await self._attempt_stream(ctx, ep, payload, send, head, last, sent)
-        try:
-            status, ctype, data = await _fetch(ep, head, payload, sent)
+        try:  # the exchange here, not in a coroutine of its own: every await passes through each one above it
+            conn = await ep.upstream.send_request(head, payload, sent)
+            try:
+                data = await conn.read()
+            except BaseException:
+                conn.close()
+                raise
         except RETRYABLE as exc:
             return f"connection: {type(exc).__name__}"
+        status, ctype = conn.status, conn.content_type
+        conn.release()
         if status >= 500 and not last:
             return f"status {status}"
         ctx.outcome.status = status
@@ -230,18 +237,6 @@ class Proxy:
         conn.release()
         out.ttft, out.gaps = meter.ttft, meter.gaps
         self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
-
-
-async def _fetch(ep: Endpoint, head: bytes, payload: bytes, sent: Callable[[], None]) -> tuple[int, bytes, bytes]:
-    conn = await ep.upstream.send_request(head, payload, sent)
-    try:
-        data = await conn.read()
-    except BaseException:
-        conn.close()
-        raise
-    status, ctype = conn.status, conn.content_type
-    conn.release()
-    return status, ctype, data
 
 
 async def respond(send: Any, status: int, body: bytes, headers: list | None = None) -> None:

@@ -13,13 +13,23 @@ _FIRST_TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')
 
 
 def json_usage(data: bytes) -> dict[str, Any] | None:
-    """``usage`` of a whole (non-streamed) JSON response, if it has one."""
-    if data.rfind(b'"usage"') < 0:
+    """``usage`` of a whole (non-streamed) JSON response, if it has one.
+
+    Engines write ``usage`` after the choices, so the object from its last key on is parsed first: ``{`` and the
+    tail from that key is valid JSON exactly when the key is one of the response's own (a key in a nested
+    object leaves closing brackets over, a string value "usage" is no key), and its ``usage`` is the response's
+    (the last of duplicate keys, as a whole parse); a response malformed before that key is still charged by it.
+    Else the whole response is parsed. A long answer's text is not decoded to find a few counts."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
         return None
     try:
-        usage = orjson.loads(data).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
+        usage = orjson.loads(b"{" + data[at:]).get("usage")
+    except orjson.JSONDecodeError:
+        try:
+            usage = orjson.loads(data).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
     return usage if isinstance(usage, dict) else None
 
 

@@ -102,10 +102,11 @@ class PoolSnapshot:
             return 1.0
         s = 0.0
         if self.has_live_metrics(e):
-            queued = self.queued(e)
+            limit = self.queue_limit(e)
+            queued = e.queued_now(limit >= 1.0)  # `queued`, with the limit worked out once
             # KV use saturates only with requests waiting: engines count cached, evictable blocks
             # differently, and a full prefix cache on an idle engine is not a full engine
-            s = max(queued / self.queue_limit(e), e.kv_usage / self.kv_threshold if queued > 0 else 0.0)
+            s = max(queued / limit, e.kv_usage / self.kv_threshold if queued > 0 else 0.0)
         if e.max_concurrency:
             s = max(s, e.in_flight / e.max_concurrency)
         return s
@@ -149,8 +150,9 @@ class PoolSnapshot:
         if e.max_concurrency:
             room = max(0, e.max_concurrency - e.in_flight)
         if self.has_live_metrics(e):
-            queued = self.queued(e)
-            left = math.ceil(self.queue_limit(e) - queued)
+            limit = self.queue_limit(e)
+            queued = e.queued_now(limit >= 1.0)  # `queued`, with the limit worked out once
+            left = math.ceil(limit - queued)
             if queued > 0 and e.kv_usage >= self.kv_threshold:
                 left = min(left, 0)
             room = min(room, left)
@@ -169,8 +171,13 @@ class PoolSnapshot:
         endpoints with room instead broke affinity exactly under load and collapsed the hit rate
         (0.56 against 0.89 with flow control off on the held-out load)."""
         eps = self.endpoints if include is None else [e for e in self.endpoints if include(e)]
-        if positive:
-            return min(UNBOUNDED, sum(max(0, self.room(e)) for e in eps))
+        if positive:  # a loop, not a generator: flow control asks this for every request it lets through
+            total = 0
+            for e in eps:
+                r = self.room(e)
+                if r > 0:
+                    total += r
+            return min(UNBOUNDED, total)
         return max(0, min(UNBOUNDED, sum(map(self.room, eps))))
 
 
