@@ -260,8 +260,8 @@ def cold_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarra
     mine = _at(keys, idx)
     # the rank of each candidate's stamp among the candidates' distinct stamps (the Python scorer's `rank`):
     # how many distinct keys up to its own, counted over the key range, which stays O(endpoints). Counted in
-    # float64 (exact below 2**53): a boolean count casts every element and cost 3x; rank / top is then the
-    # same division of two exact doubles as the Python scorer's int / int
+    # float64 (exact below 2**53), so no pass casts booleans or integers; rank / top is then the same division
+    # of two exact doubles as the Python scorer's int / int
     seen = np.zeros(bound)
     seen[mine] = 1.0
     upto = seen.cumsum()
