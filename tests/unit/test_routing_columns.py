@@ -16,6 +16,10 @@ PROFILES = {
     "default": None, "gie": None, "least-load": None, "round-robin": None,
     # a custom profile mixing twins and Python fallbacks (predicted-latency, running, power-of-two picker)
     "mixed": (["healthy", "not-overloaded"], {"prefix": 2, "running": 1, "queue": 1, "lora-affinity": 1}, "max-score"),
+    # scores that are one float before the first column (summed into the totals' start), a kept column
+    # (kv-cache's memo) as the first term with weight 1, then columns and floats after it
+    "lead": (["healthy"], {"session-affinity": 0.5, "lora-affinity": 2, "kv-cache": 1, "in-flight": 1.5,
+                           "prefix": 1, "cold-spread": 1}, "max-score"),
 }
 
 
@@ -51,7 +55,7 @@ def _run(profile: str, seed: int, columnar: bool, count: int = 60, scrape_every:
     for r in reqs:           # a prompt nobody sent before: a cold pick
         if rng.random() < cold_share:
             r.prefix_hashes = [rng.getrandbits(40)]
-    custom = {"mixed": PROFILES["mixed"]} if PROFILES[profile] else None
+    custom = {profile: PROFILES[profile]} if PROFILES[profile] else None
     router = build_router(profile, RoutingState(rng=random.Random(seed)), custom)
     assert router.columnar()
     snap = PoolSnapshot(views, 0.0, 0.2, columns=EndpointColumns.of(views) if columnar else None)

@@ -28,6 +28,12 @@ Idx = np.ndarray          # ascending positions into the snapshot's endpoints (t
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce
 
 
+def _at(column: np.ndarray, idx: Idx) -> np.ndarray:
+    """``column[idx]``; the column itself when the candidates are every endpoint (ascending positions, so
+    as many as the column's rows means all of them): a gather less per step. Callers never write to it."""
+    return column if idx.size == column.size else column[idx]
+
+
 @dataclass(eq=False)
 class EndpointColumns:
     """``columns[i]`` mirrors ``snapshot.endpoints[i]``; the owner keeps them in step."""
@@ -191,7 +197,7 @@ def not_overloaded(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> Idx:
     fresh = memo[2]
     if not fresh.size:
         fresh = idx
-    loads = cols.loads()[fresh]
+    loads = _at(cols.loads(), fresh)
     bound = 2.0 * float(_MIN(loads)) + OVERLOAD_SLACK
     return fresh[loads <= bound]
 
@@ -212,20 +218,21 @@ def _min_max_low_is_good(values: np.ndarray) -> np.ndarray:
 
 
 def queue(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
-    return _min_max_low_is_good(cols.queue[idx])
+    return _min_max_low_is_good(_at(cols.queue, idx))
 
 
 def least_load(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
-    return _min_max_low_is_good(cols.loads()[idx])
+    return _min_max_low_is_good(_at(cols.loads(), idx))
 
 
 def in_flight(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
-    loads = cols.loads()[idx]
-    return (_MIN(loads) + _LOAD_SOFTNESS) / (loads + _LOAD_SOFTNESS)
+    loads = _at(cols.loads(), idx)
+    scores = loads + _LOAD_SOFTNESS
+    return np.divide(_MIN(loads) + _LOAD_SOFTNESS, scores, out=scores)
 
 
 def kv_cache(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray:
-    return cols.kv_scores(ctx.snapshot.stale_after_s)[idx]
+    return _at(cols.kv_scores(ctx.snapshot.stale_after_s), idx)
 
 
 def _by_id(cols: EndpointColumns, idx: Idx, values: dict[str, int] | dict[str, float]) -> np.ndarray:
@@ -250,16 +257,21 @@ def cold_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarra
     if not ctx.cold():
         return 1.0
     keys, bound = cols.cold(ctx.state.cold_served, ctx.state.cold_clock)
-    mine = keys[idx]
+    mine = _at(keys, idx)
     # the rank of each candidate's stamp among the candidates' distinct stamps (the Python scorer's `rank`):
-    # how many distinct keys up to its own, counted over the key range, which stays O(endpoints)
-    seen = np.zeros(bound, dtype=bool)
-    seen[mine] = True
+    # how many distinct keys up to its own, counted over the key range, which stays O(endpoints). Counted in
+    # float64 (exact below 2**53), so no pass casts booleans or integers; rank / top is then the same division
+    # of two exact doubles as the Python scorer's int / int
+    seen = np.zeros(bound)
+    seen[mine] = 1.0
     upto = seen.cumsum()
-    top = int(upto[-1]) - 1
-    if top == 0:
+    top = float(upto[-1]) - 1.0
+    if top == 0.0:
         return 1.0
-    return 1.0 - (upto[mine] - 1) / top
+    ranks = upto[mine]
+    ranks -= 1.0
+    ranks /= top
+    return np.subtract(1.0, ranks, out=ranks)
 
 
 def prefix_spread(ctx: RouteContext, cols: EndpointColumns, idx: Idx) -> np.ndarray | float:

@@ -102,25 +102,46 @@ class Profile:
         views = cols.views
         if idx.size == 1:
             return Pick(views[idx[0]], "only")
-        totals = np.zeros(idx.size)
+        totals, parts = self._totals_columns(ctx, cols, idx)
+        i = col.COL_PICKERS[self.picker_name](ctx, totals)
+        return Pick(views[idx[i]], _deciding_scorer_columns(i, totals, parts))
+
+    def _totals_columns(self, ctx: RouteContext, cols: col.EndpointColumns,
+                        idx: col.Idx) -> tuple[np.ndarray, list[tuple[str, float, np.ndarray]]]:
+        """Every candidate's total, the scorers' terms added in scorer order, as `pick` adds them, and the
+        scorers' columns (``parts``, for the reason). A score that is the same everywhere is one float: added
+        to the one float all totals start from (``lead``) while no column came yet, else to every total
+        (adding 0.0 changes no value, so it is skipped); a weight of 1 multiplies nothing. Each total is
+        the same sum of the same doubles in the same order as a row of per-scorer columns."""
+        lead = 0.0
+        totals: np.ndarray | None = None
         parts: list[tuple[str, float, np.ndarray]] = []
         cands: list[EndpointView] | None = None
         for sname, scorer, weight in self._weighted:
             twin = col.COL_SCORERS.get(sname)
             s = twin(ctx, cols, idx) if twin is not None else None
             if isinstance(s, float):
-                # the same score everywhere: totals[i] + weight * s as with a full column; a zero margin
-                # over every runner-up, so it never decides (`_deciding_scorer` needs a positive one)
-                totals += weight * s
+                # a zero margin over every runner-up, so it never decides (`_deciding_scorer` needs a positive one)
+                if totals is None:
+                    lead += weight * s
+                elif weight * s != 0.0:
+                    totals += weight * s
                 continue
             bounded = s is not None and sname in col.BOUNDED
             if s is None:     # no twin for this scorer or this request: the Python scorer
-                cands = cands if cands is not None else [views[j] for j in idx]
+                cands = cands if cands is not None else [cols.views[j] for j in idx]
                 s = np.asarray(scorer(ctx, cands), dtype=np.float64)
             parts.append((sname, weight, s))
-            totals += weight * (s if bounded else np.minimum(np.maximum(s, 0.0), 1.0))
-        i = col.COL_PICKERS[self.picker_name](ctx, totals)
-        return Pick(views[idx[i]], _deciding_scorer_columns(i, totals, parts))
+            term = s if bounded else np.minimum(np.maximum(s, 0.0), 1.0)    # `s` stays as it is, for the reason
+            if weight != 1.0:
+                term = np.multiply(term, weight, out=None if term is s else term)
+            if totals is None:
+                totals = term + lead        # a new array: ``term`` may be a scorer's kept column
+            else:
+                totals += term
+        if totals is None:
+            totals = np.full(idx.size, lead)
+        return totals, parts
 
 
 def _deciding_scorer(chosen: int, totals: list[float], parts: list[tuple[str, float, list[float]]]) -> str:
