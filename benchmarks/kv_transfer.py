@@ -9,8 +9,8 @@ median time and GB/s of the whole move (connect, hash checks, bytes, into the bl
 time both processes spent on it (on a loaded host the wall time is mostly waiting for a core), and
 the 1-block latency. NIXL READs straight from the prefill side's params once its agent is loaded (round 0, a
 warm-up, asks for an offer), as the engine does; ``--nixl-paths direct,claim,offer`` adds the claim-after and
-the offer-first paths as columns. Transports are interleaved so machine noise hits each alike; one size at a time, so the
-shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
+the offer-first paths as columns. Transports are interleaved so machine noise hits each alike; one size at a
+time, so the shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
 
     python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
 """
