@@ -9,7 +9,7 @@ same calls, in the same order, as `NixlKVTransport.read` and `NixlAgent.read` ma
 - ``direct``: `NixlKVTransport.fetch` (the params checked against the loaded peer, no round trip) and
   ``accept``;
 - ``index``: the rows of the prepared descriptor lists for every layer (each READ names a slice of them);
-- per READ of the engine's layer groups (`layer_groups`: 3 READs for 5 blocks, 4 for 22), summed:
+- per READ of the engine's layer groups (`layer_groups`: 1 READ for 5 blocks, 3 for 22), summed:
   ``make`` `make_prepped_xfer`, ``copy`` `transfer`
   polled until DONE (the bytes; the hand-off to the UCX copy threads with ``--threads`` above 0, which
   forces every pull through them), ``release`` the handle freed;
