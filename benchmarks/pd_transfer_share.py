@@ -48,8 +48,9 @@ Also printed, the **paired** estimator: median over requests of (PD TTFT - local
 median PD TTFT, and its null likewise (third - second send); 95 % intervals by resampling whole requests
 (both medians recomputed per resample). The verdict stays on the per-request shares (in the first run that
 had both, neither estimator's intervals were the narrower on both figures). ``<= 1 %`` counts as shown when the
-end-to-end interval's upper end is at most 1 % and the null's interval is at most 2 % wide (``--requests``
-300 or more on a quiet machine).
+end-to-end interval's upper end is at most 1 % and the null's interval is at most 2 % wide. How many requests
+that takes: the interval narrows as 1/sqrt(requests); the tenth stop's quiet run had a null 9.7 points wide at
+20 requests, which scales to ~2.5 at 300 and ~1.9 at 500.
 Bytes are checked against what the KV of the transferred blocks must weigh: full prompt blocks
 (the last, partial block and at least one token are computed on the decode engine) x block size x
 layers x 2 (K, V) x KV heads x head dim x the KV cache's element size.
