@@ -20,9 +20,9 @@ HUGE_PAGE = 2 << 20
 
 
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed, contiguous CPU tensor whose memory starts on a 2 MiB boundary and is advised onto huge
-    pages (``MADV_HUGEPAGE``). The tensor keeps its anonymous private mapping alive; freeing the tensor
-    unmaps it."""
+    """A zeroed, contiguous CPU tensor whose memory starts on a 2 MiB boundary, is advised onto huge pages
+    (``MADV_HUGEPAGE``) and is already touched. The tensor keeps its anonymous private mapping alive; freeing
+    the tensor unmaps it."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
@@ -33,4 +33,7 @@ def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if advice is not None:
         with contextlib.suppress(OSError):        # no THP in this kernel: plain pages
             area.madvise(advice, start, nbytes)
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    tensor = raw[start:start + nbytes].view(dtype).view(shape)
+    # touched now, as torch.zeros does: the page faults (2 MiB zeroed at a time) happen at start-up, not in the
+    # first requests' forward passes, and the memory is committed up front as before
+    return tensor.zero_()
