@@ -8,8 +8,8 @@ chunks and scatter them into blocks, nixl READs straight into the blocks. Report
 median time and GB/s of the whole move (connect, hash checks, bytes, into the blocks), the CPU
 time both processes spent on it (on a loaded host the wall time is mostly waiting for a core), and
 the 1-block latency. NIXL READs straight from the prefill side's params once its agent is loaded (round 0, a
-warm-up, asks for an offer), as the engine does; ``--nixl-paths direct,claim,offer`` adds the claim-after and
-the offer-first paths as columns. Transports are interleaved so machine noise hits each alike; one size at a
+warm-up, asks for an offer), as the engine does; ``--nixl-paths direct,offer`` adds the offer-first path as
+a column. Transports are interleaved so machine noise hits each alike; one size at a
 time, so the shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
 
     python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
@@ -96,9 +96,7 @@ def transports(layout: KVLayout, caches: list[torch.Tensor], names: list[str],
                     print(f"no nixl column: {exc}")
                     continue
                 agent.bulk_min_bytes = int(mib * (1 << 20))
-                transport = NixlKVTransport(agent, layout, TRUST, tcp)
-                transport.lease_first = path != "claim"
-                out[column] = (transport, path != "offer")
+                out[column] = (NixlKVTransport(agent, layout, TRUST, tcp), path == "direct")
     return out
 
 
@@ -132,9 +130,8 @@ def main() -> None:
                     help="copy threads of the reading (decode) agent's UCX backend, a comma-separated list "
                          "for one nixl column each (0: the thread that asks copies)")
     ap.add_argument("--nixl-paths", default="direct",
-                    help="direct (READ straight from the params once the peer's agent is loaded, its lease sent "
-                         "before it: the engine's path), claim (the same READ, claimed after it instead: before "
-                         "the lease), offer (NIXL_PULL -> NIXL_OFFER before every READ); a column each")
+                    help="direct (READ straight from the params once the peer's agent is loaded: the engine's "
+                         "path), offer (NIXL_PULL -> NIXL_OFFER before every READ), or both: a column each")
     ap.add_argument("--nixl-bulk-mib", default=f"{BULK_MIN_BYTES / (1 << 20):g}",
                     help="READs of this many MiB or more go to the agent with copy threads "
                          "(nixl_agent.BULK_MIN_BYTES); a comma-separated list for one nixl column each")

@@ -13,9 +13,8 @@ same calls, in the same order, as `NixlKVTransport.read` and `NixlAgent.read` ma
   ``make`` `make_prepped_xfer`, ``copy`` `transfer`
   polled until DONE (the bytes; the hand-off to the UCX copy threads with ``--threads`` above 0, which
   forces every pull through them), ``release`` the handle freed;
-- ``lease``: NIXL_LEASE sent on a kept control connection before the READ (not waited for);
-- ``answer``: after the READ, the lease's END read (the prefill side's proof that the blocks are held until
-  DONE; it travelled while the READ ran) and DONE sent, the connection given back to the pool.
+- ``claim``: NIXL_CLAIM sent on a kept control connection, END back (the prefill side's proof that it
+  held the blocks throughout the READ), the connection given back to the pool.
 
 Each as the median and the 90th percentile over ``--pulls`` pulls, after ``--warmup``; ``total`` is the
 median of the per-pull sums, ``move`` the median of whole `fetch` + `copy_into` calls (what
@@ -45,7 +44,7 @@ from inferstack.engine.connector.nixl_transport import NixlKVTransport, RemoteLo
 from inferstack.engine.connector.transfer import KVLayout
 from inferstack.engine.connector.transports import DirectRead, PullRequest
 
-PHASES = ("direct", "lease", "index", "make", "copy", "release", "answer")
+PHASES = ("direct", "index", "make", "copy", "release", "claim")
 
 
 class _IOVec(ctypes.Structure):
@@ -60,10 +59,6 @@ def timed_pull(transport: NixlKVTransport, port: int, rid: str, params: DirectRe
     assert isinstance(load, RemoteLoad) and load.claim is not None, "not a direct READ"
     load.accept(list(range(n)), n * BS, BS)
     took["direct"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lease = transport._lease(load)
-    assert lease is not None, "the lease could not be sent"
-    took["lease"] = time.perf_counter() - t0
     agent = transport.agent
     endpoint = agent._endpoint(n * 2 * len(agent.regions.bases) * agent.regions.block_bytes)
     with agent._lock:
@@ -84,10 +79,9 @@ def timed_pull(transport: NixlKVTransport, port: int, rid: str, params: DirectRe
         endpoint.agent.release_xfer_handle(handle)
         took["release"] += time.perf_counter()
     t0 = time.perf_counter()
-    conn = transport._leased(load, lease, time.monotonic(), 0.0)
-    assert conn is lease[0], "the lease was not answered: claimed instead"
+    conn = transport._claim(load, 0.0)
     transport.control.give_back(*load.address, conn)
-    took["answer"] = time.perf_counter() - t0
+    took["claim"] = time.perf_counter() - t0
     return {name: seconds * 1e3 for name, seconds in took.items()}
 
 

@@ -7,17 +7,13 @@ import socket
 import threading
 import time
 
-import msgpack
 import pytest
 
-from inferstack.engine.connector import nixl_transport
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.nixl_agent import nixl_missing
-from inferstack.engine.connector.nixl_transport import pull_proof
 from inferstack.engine.connector.pd_connector import MultiConnector, PDConnector
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.transfer import LinkModel, TransferSpec
-from inferstack.engine.connector.wire import LEASE_S, Frame, FrameType, read_frame_header, send_payload
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import RequestStatus
 from inferstack.kvstore import KVStoreConfig, TieredKVStore
@@ -282,16 +278,13 @@ def test_nixl_reads_straight_from_the_params_once_the_peer_is_known(prefill):
     before it (expired) and of blocks freed meanwhile: the claim is refused, the prompt recomputed."""
     d = decode_engine(timeout_s=5, transport="nixl")
     nixl = d.connector.transport
-    real_ask, real_read, real_claim, asks, claims = nixl._ask, nixl.read, nixl._claim, [], []
+    real_ask, real_read, asks = nixl._ask, nixl.read, []
     nixl._ask = lambda pull: (asks.append(pull.request_id), real_ask(pull))[1]
-    nixl._claim = lambda load, seconds: (claims.append(load), real_claim(load, seconds))[1]
     assert d.generate(PROMPT, kv_transfer_params=run_prefill(prefill, rid="p1")) == baseline()
     params = run_prefill(prefill, rid="p2", salt="two")      # another salt: not in the decode prefix cache
     assert {"remote_agent", "remote_hold", "remote_block_ids", "remote_block_hash"} <= set(params)
     assert d.generate(PROMPT, salt="two", rid="d2", kv_transfer_params=params) == baseline(salt="two")
     assert asks == ["p1"] and d.last.num_external_cached_tokens == 512 and d.connector.stats.load_failures == 0
-    assert claims == [], "the direct READ's lease was answered while it ran: no claim after it"
-    poll(lambda: prefill.connector.source.held() == [], "the prefill engine freeing p2 on DONE")
 
     def read_after_the_hold_expired(load) -> None:
         prefill.connector.source.release("p3")
@@ -319,48 +312,6 @@ def gated_reads(d: ToyEngine) -> tuple[threading.Event, threading.Event]:
 
     nixl.read = read
     return started, go
-
-
-def poll(done, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS[2:])
-def test_a_leased_hold_outlives_its_dropped_connection_until_the_lease_ends(prefill):
-    """A direct READ's lease answered END: if the reader's connection then drops (it crashed mid-READ, say)
-    the prefill engine keeps the blocks until the lease ends, not less, since a READ may still be copying
-    them; no other lease or claim gets them meanwhile."""
-    params = run_prefill(prefill)
-    source = prefill.connector.source
-    ask = {"agent": "reader", "proof": pull_proof(TRUST.secret, "p1", "reader"), "hold": params["remote_hold"],
-           "first": 0, "ids": params["remote_block_ids"], "hash": bytes.fromhex(params["remote_block_hash"])}
-    for answer in (FrameType.END, FrameType.ERROR):       # the second lease of the same hold is refused
-        conn = socket.create_connection(prefill.connector.server.address, timeout=5)
-        send_payload(conn, Frame(FrameType.NIXL_LEASE, "p1"), msgpack.packb(ask))
-        assert read_frame_header(conn).type == answer
-        conn.close()
-    stats = prefill.connector.server.stats
-    poll(lambda: stats.failures.get("send", 0) == 2, "the server noticing the dropped connection and the refusal")
-    source.expire(time.monotonic() + LEASE_S - 1)
-    assert source.held() == ["p1"]
-    source.expire(time.monotonic() + LEASE_S + 1)
-    assert source.held() == []
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS[2:])
-def test_a_direct_read_that_outlasts_half_its_lease_is_recomputed(prefill, monkeypatch):
-    """The reader trusts a direct READ only if it ended within half the lease from when the lease was sent
-    (after that the prefill engine may have let the blocks go): here every READ is too slow for a 0 s lease."""
-    d = decode_engine(timeout_s=5, transport="nixl")
-    assert d.generate(PROMPT, kv_transfer_params=run_prefill(prefill, rid="p1")) == baseline()   # loads the peer
-    monkeypatch.setattr(nixl_transport, "LEASE_S", 0.0)
-    params = run_prefill(prefill, rid="p2", salt="two")
-    assert d.generate(PROMPT, salt="two", rid="d2", kv_transfer_params=params) == baseline(salt="two")
-    assert d.connector.stats.load_failures == 1 and d.connector.transport.stats.failures == {"recv": 1}
-    d.connector.shutdown()
 
 
 def step_until(d: ToyEngine, done, what: str) -> None:

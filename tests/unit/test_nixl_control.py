@@ -80,32 +80,6 @@ def test_a_claim_frees_only_the_hold_it_names():
     assert source.held() == ["r"]
 
 
-def test_a_lease_keeps_the_hold_it_names_until_released_or_its_end():
-    """A direct READ's lease (`PagedKVSource.lease`) names the hold as a claim does; once leased, neither a
-    pull, a claim, another lease nor the hold's own expiry frees it: only ``release`` (the reader's DONE)
-    or the lease's end."""
-    source = PagedKVSource([torch.zeros(2, 8, 16, 1, 8)], hold_s=0.01)
-    hashes = [bytes([i]) * 32 for i in range(4)]
-    released: list[str] = []
-    source.hold("r", [2, 5, 3, 1], hashes, on_release=released.append)
-    token = source.token("r") or ""
-    assert not source.lease("r", "0" * 16, 1, [5, 3], hashes[2], 60), "another token"
-    assert not source.lease("r", token, 1, [5, 4], hashes[2], 60), "other blocks"
-    assert not source.lease("r", token, 1, [5, 3], hashes[3], 60), "another last hash"
-    assert source.lease("r", token, 1, [5, 3], hashes[2], 60)
-    assert not source.lease("r", token, 1, [5, 3], hashes[2], 60), "leased once"
-    assert not source.claim("r", token, 1, [5, 3], hashes[2]), "a leased hold is not claimed"
-    assert source.open("r") is None, "nor pulled"
-    source.expire(time.monotonic() + 30)
-    assert source.held() == ["r"] and released == [], "the hold's own 10 ms expiry no longer applies"
-    source.expire(time.monotonic() + 61)
-    assert source.held() == [] and released == ["r"], "the lease ended"
-    source.hold("s", [7], hashes[:1], on_release=released.append)
-    assert source.lease("s", source.token("s") or "", 0, [7], hashes[0], 60)
-    source.release("s")                                      # the reader's DONE
-    assert source.held() == [] and released == ["r", "s"]
-
-
 def test_direct_read_params_are_signed():
     trust = TransferTrust(secret=b"s")
     direct = DirectRead("agent", "ab" * 8, (4, 5, 6), b"h" * 32)

@@ -57,7 +57,6 @@ from inferstack.engine.connector.prefix_pins import PrefixPins
 from inferstack.engine.connector.transfer import KVLayout, KVSource, Served, TransferSpec, TransferStats
 from inferstack.engine.connector.transports import Fetched, KVTransport, PullRequest
 from inferstack.engine.connector.wire import (
-    LEASE_S,
     NO_NIXL,
     Frame,
     FrameType,
@@ -109,8 +108,6 @@ class NixlExporter:
         claim of a direct READ."""
         if pull.type == FrameType.NIXL_CLAIM:
             return self._claim(conn, pull, source, stats)
-        if pull.type == FrameType.NIXL_LEASE:
-            return self._lease(conn, pull, source, stats)
         ask = msgpack.unpackb(read_payload(conn, pull, limit=1 << 20))
         agent = str(ask.get("agent", ""))
         prefix = ask.get("prefix")
@@ -169,58 +166,25 @@ class NixlExporter:
     def _claim(self, conn: socket.socket, claim: Frame, source: KVSource, stats: TransferStats) -> Served:
         """A decode engine READ held blocks straight from signed ``kv_transfer_params`` (no offer): END
         when the hold it names was in place all along (`KVSource.claim`, which frees it), else ERROR."""
-        refusal, ids, seconds = self._apply(conn, claim, source)
-        if refusal is not None:
-            return self._refuse(conn, claim, refusal, stats)
-        conn.sendall(Frame(FrameType.END, claim.request_id).pack_header())
-        stats.record("send", NAME, self._bytes(ids), seconds)
-        return Served(offered=False, reusable=True)
-
-    def _lease(self, conn: socket.socket, lease: Frame, source: KVSource, stats: TransferStats) -> Served:
-        """A decode engine is about to READ held blocks straight from signed params: END when the hold it
-        names is in place (`KVSource.lease`: it then stays until the reader's DONE, or `LEASE_S`), else ERROR.
-        A connection that breaks before DONE leaves the hold to the lease's end, not sooner."""
-        t0 = time.perf_counter()
-        refusal, ids, _ = self._apply(conn, lease, source)
-        if refusal is not None:
-            return self._refuse(conn, lease, refusal, stats)
         try:
-            conn.sendall(Frame(FrameType.END, lease.request_id).pack_header())
-            done = read_frame_header(conn)
-            if done.type != FrameType.DONE:
-                raise TransferError(f"expected DONE, got {done.type.name}")
-        except (OSError, TransferError):
-            stats.fail("send")
-            return Served(offered=False, reusable=False)
-        source.release(lease.request_id)
-        stats.record("send", NAME, self._bytes(ids), time.perf_counter() - t0)
-        return Served(offered=False, reusable=True)
-
-    def _apply(self, conn: socket.socket, frame: Frame, source: KVSource) -> tuple[str | None, list[int], float]:
-        """Read a NIXL_CLAIM's or NIXL_LEASE's payload and apply it to the hold it names: why it was refused
-        (None: claimed or leased), the peer's block ids it names, and the READ's seconds (claims only)."""
-        try:
-            ask = msgpack.unpackb(read_payload(conn, frame, limit=1 << 20))
-            agent, proof, ids = str(ask["agent"]), str(ask["proof"]), [int(b) for b in ask["ids"]]
-            names = (frame.request_id, str(ask["hold"]), int(ask["first"]), ids, bytes(ask["hash"]))
-            seconds = float(ask.get("seconds", 0.0))
+            ask = msgpack.unpackb(read_payload(conn, claim, limit=1 << 20))
+            agent, ids = str(ask["agent"]), [int(b) for b in ask["ids"]]
+            refusal = self._refusal(claim.request_id, agent, str(ask["proof"]), False)
+            held = refusal is None and source.claim(claim.request_id, str(ask["hold"]), int(ask["first"]), ids,
+                                                    bytes(ask["hash"]))
+            seconds = float(ask["seconds"])
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
-            return f"bad {frame.type.name} ({exc})", [], 0.0
-        refusal = self._refusal(frame.request_id, agent, proof, False)
-        if refusal is None and not (source.lease(*names, LEASE_S) if frame.type == FrameType.NIXL_LEASE
-                                    else source.claim(*names)):
-            refusal = (f"the hold on {frame.request_id!r} the READ named is not in place (expired, pulled, or "
-                       "another hold)")
-        return refusal, ids, seconds
-
-    def _refuse(self, conn: socket.socket, frame: Frame, refusal: str, stats: TransferStats) -> Served:
-        stats.fail("send")
-        send_payload(conn, Frame(FrameType.ERROR, frame.request_id), refusal.encode())
-        return Served(offered=False, reusable=True)
-
-    def _bytes(self, ids: Sequence[int]) -> int:
+            refusal, held, ids, seconds = f"bad NIXL_CLAIM ({exc})", False, [], 0.0
+        if not held:
+            stats.fail("send")
+            message = refusal or (f"the hold on {claim.request_id!r} the READ named is not in place (expired, "
+                                  "pulled, or another hold)")
+            send_payload(conn, Frame(FrameType.ERROR, claim.request_id), message.encode())
+            return Served(offered=False, reusable=True)
+        conn.sendall(Frame(FrameType.END, claim.request_id).pack_header())
         regions = self.agent.regions
-        return len(ids) * 2 * len(regions.bases) * regions.block_bytes
+        stats.record("send", NAME, len(ids) * 2 * len(regions.bases) * regions.block_bytes, seconds)
+        return Served(offered=False, reusable=True)
 
     def _progress_until_readable(self, conn: socket.socket) -> None:
         """Progress UCX while the reader READs (its DONE then arrives on ``conn``)."""
@@ -313,8 +277,6 @@ class NixlKVTransport:
         self.trust = trust
         self.fallback = fallback
         self.timeout_s = timeout_s
-        # a direct READ sends its lease before it (`_lease`); False: claims after it instead (a round trip more)
-        self.lease_first = True
         self.stats = TransferStats()
         self.reuse_stats = TransferStats(path=REUSE)
         self.control = ControlPool(timeout_s)
@@ -446,17 +408,15 @@ class NixlKVTransport:
                                   stats), refused)
 
     def read(self, load: RemoteLoad) -> None:
-        """READ ``load``'s blocks into ours; DONE tells the peer it may free them. A direct READ sends its
-        lease first (`_lease`), so that the peer's answer travels while the READ runs."""
+        """READ ``load``'s blocks into ours; DONE tells the peer it may free them."""
         if load.num_blocks <= 0:
             return
         t0 = time.perf_counter()
-        lease = self._lease(load) if load.claim is not None and self.lease_first else None
         try:
             nbytes = self.agent.read(load.peer, load.regions, load.block_ids, load.remote_ids[:load.num_blocks],
                                      self.timeout_s, load.layers.landed if load.layers is not None else None)
             if load.claim is not None:
-                load.conn, lease = self._leased(load, lease, time.monotonic(), time.perf_counter() - t0), None
+                load.conn = self._claim(load, time.perf_counter() - t0)
             else:
                 assert load.conn is not None
                 load.conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
@@ -467,81 +427,29 @@ class NixlKVTransport:
         except (TransferError, OSError) as exc:
             load.stats.fail("recv")
             raise TransferError(str(exc)) from None
-        finally:
-            if lease is not None:          # the READ failed: DONE frees the leased hold now, not at the lease's end
-                with contextlib.suppress(OSError):
-                    lease[0].sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
-                lease[0].close()
         load.stats.record("recv", NAME, nbytes, time.perf_counter() - t0)
         self.control.give_back(*load.address, load.conn)
         load.kept = True
-
-    def _claim_ask(self, load: RemoteLoad, seconds: float | None = None) -> dict[str, Any]:
-        claim = load.claim
-        assert claim is not None
-        ask = {"agent": self.agent.name, "proof": pull_proof(self.trust.secret, claim.request_id, self.agent.name),
-               "hold": claim.hold, "first": load.first_block, "ids": load.remote_ids[:load.num_blocks],
-               "hash": claim.hashes[load.first_block + load.num_blocks - 1]}
-        return ask if seconds is None else {**ask, "seconds": seconds}
-
-    def _lease(self, load: RemoteLoad) -> tuple[socket.socket, float] | None:
-        """Before a direct READ: NIXL_LEASE sent on a kept connection, not waited for. The connection and
-        when (monotonic) the lease was sent; None when it could not be sent (the READ is claimed after)."""
-        assert load.claim is not None
-        try:
-            conn, _ = self.control.take(*load.address)
-        except OSError:
-            return None
-        sent = time.monotonic()
-        try:
-            send_payload(conn, Frame(FrameType.NIXL_LEASE, load.claim.request_id), msgpack.packb(self._claim_ask(load)))
-        except OSError:
-            conn.close()
-            return None
-        return conn, sent
-
-    def _leased(self, load: RemoteLoad, lease: tuple[socket.socket, float] | None, ended: float,
-                seconds: float) -> socket.socket:
-        """After a direct READ that ended at ``ended`` (monotonic): the lease's answer. END means the hold was
-        in place when the lease arrived (a hold released is never held again: so since the params were made)
-        and stays until our DONE or `LEASE_S` after the lease arrived, which was after ``sent``: a READ that
-        ended within half of that from ``sent`` read held blocks throughout. No answer (a kept connection that
-        had died, a peer without leases): the READ is claimed as before (`_claim`). The connection, for the pool."""
-        if lease is None:
-            return self._claim(load, seconds)
-        conn, sent = lease
-        try:
-            reply = read_frame_header(conn)
-        except (OSError, TransferError):
-            conn.close()
-            return self._claim(load, seconds)
-        if reply.type != FrameType.END:
-            raise self._refused(conn, reply, "lease")
-        conn.sendall(Frame(FrameType.DONE, "", num_blocks=load.num_blocks).pack_header())
-        if ended - sent > LEASE_S / 2:
-            conn.close()
-            raise TransferError(f"a direct READ took {ended - sent:.1f} s, past half its {LEASE_S:.0f} s lease")
-        return conn
 
     def _claim(self, load: RemoteLoad, seconds: float) -> socket.socket:
         """After a direct READ: the peer answers END only if the hold the params named was in place
         throughout it (`KVSource.claim`), and frees it; else the READ may hold garbage (`TransferError`).
         The connection, for the pool."""
-        assert load.claim is not None
-        conn, reply = self._exchange(*load.address, Frame(FrameType.NIXL_CLAIM, load.claim.request_id),
-                                     self._claim_ask(load, seconds))
+        claim = load.claim
+        assert claim is not None
+        ids = load.remote_ids[:load.num_blocks]
+        ask = {"agent": self.agent.name, "proof": pull_proof(self.trust.secret, claim.request_id, self.agent.name),
+               "hold": claim.hold, "first": load.first_block, "ids": ids,
+               "hash": claim.hashes[load.first_block + load.num_blocks - 1], "seconds": seconds}
+        conn, reply = self._exchange(*load.address, Frame(FrameType.NIXL_CLAIM, claim.request_id), ask)
         if reply.type == FrameType.END:
             return conn
-        raise self._refused(conn, reply, "claim")
-
-    def _refused(self, conn: socket.socket, reply: Frame, what: str) -> TransferError:
-        """The error for a claim's or lease's answer other than END (the connection is closed)."""
         message = ""
         with contextlib.suppress(OSError, TransferError):
             message = read_payload(conn, reply, limit=1 << 16).decode(errors="replace")
         conn.close()
-        return TransferError(f"prefill peer refused the {what} of a direct READ: {message}"
-                             if reply.type == FrameType.ERROR else f"expected END, got {reply.type.name}")
+        raise TransferError(f"prefill peer refused the claim of a direct READ: {message}"
+                            if reply.type == FrameType.ERROR else f"expected END, got {reply.type.name}")
 
     def close(self) -> None:
         self.control.close()

@@ -31,7 +31,6 @@ from inferstack.engine.connector.shm import SHM_DIR, Segment, SegmentMaps, Segme
 from inferstack.engine.connector.wire import (
     FLAG_SHM,
     FLAG_SHM_OK,
-    NIXL_FRAMES,
     NO_NIXL,
     ZERO_HASH,
     Frame,
@@ -102,12 +101,6 @@ class KVSource:
 
     def claim(self, request_id: str, token: str, first: int, block_ids: Sequence[int], last_hash: bytes) -> bool:
         """Release a hold a peer READ without a pull (NIXL direct READ); False when that was not this hold."""
-        return False
-
-    def lease(self, request_id: str, token: str, first: int, block_ids: Sequence[int], last_hash: bytes,
-              seconds: float) -> bool:
-        """Keep a hold a peer is READing without a pull for ``seconds`` (NIXL direct READ); False when that
-        was not this hold."""
         return False
 
 
@@ -200,21 +193,6 @@ class PagedKVSource(KVSource):
             del self._holds[request_id]
         if hold.on_release is not None:
             hold.on_release(request_id)
-        return True
-
-    def lease(self, request_id: str, token: str, first: int, block_ids: Sequence[int], last_hash: bytes,
-              seconds: float) -> bool:
-        """Lease the hold a direct READ is reading (the same names as ``claim``) for ``seconds``: from now on
-        only ``release`` (the reader's DONE) or the lease's end (``expire``) frees it, never a pull, a claim or
-        the hold's own expiry. True proves to a peer that sent the lease before its READ began that the blocks
-        stay held until its DONE or ``seconds`` after the lease arrived, whichever comes first; False leaves
-        the hold as it was."""
-        ids = list(block_ids)
-        with self._lock:
-            hold = self._holds.get(request_id)
-            if hold is None or hold.leased or not _names(hold, token, first, ids, last_hash):
-                return False
-            hold.leased, hold.deadline = True, time.monotonic() + seconds
         return True
 
     def expire(self, now: float) -> None:
@@ -354,7 +332,7 @@ class KVTransferServer:
             conn.settimeout(self.io_timeout_s)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pull = read_frame_header(conn)
-            if pull.type in NIXL_FRAMES:
+            if pull.type in (FrameType.NIXL_PULL, FrameType.NIXL_CLAIM):
                 self._serve_nixl(conn, pull)
                 return
             if pull.type != FrameType.PULL:
@@ -412,8 +390,8 @@ class KVTransferServer:
                 pull = read_frame_header(conn)   # idle until the next pull, the close, or the I/O timeout
             except (OSError, TransferError):
                 return                           # a kept connection's normal end, not a failed transfer
-            if pull.type not in NIXL_FRAMES:
-                raise TransferError(f"expected NIXL_PULL, NIXL_CLAIM or NIXL_LEASE, got {pull.type.name}")
+            if pull.type not in (FrameType.NIXL_PULL, FrameType.NIXL_CLAIM):
+                raise TransferError(f"expected NIXL_PULL or NIXL_CLAIM, got {pull.type.name}")
 
     def _plan(self, spec: TransferSpec) -> list[tuple[int, int]]:
         return [(first, min(self.chunk_blocks, spec.num_blocks - first))

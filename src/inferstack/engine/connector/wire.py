@@ -13,8 +13,7 @@ says the payload is in shared memory:
 |-------:|-----:|-------------------------------------------------------------------------|
 |      0 |    4 | magic ``b"ISKT"``                                                         |
 |      4 |    2 | version (1)                                                             |
-|      6 |    1 | frame type: 1 PULL, 2 CHUNK, 3 END, 4 ERROR, 5 DONE, 6 NIXL_PULL, 7 NIXL_OFFER, 8 NIXL_CLAIM, |
-|        |      | 9 NIXL_LEASE                                                            |
+|      6 |    1 | frame type: 1 PULL, 2 CHUNK, 3 END, 4 ERROR, 5 DONE, 6 NIXL_PULL, 7 NIXL_OFFER, 8 NIXL_CLAIM |
 |      7 |    1 | flags: bit 0 SHM (payload in shared memory), bit 1 SHM_OK (PULL: client can read shared memory) |
 |      8 |    1 | dtype code (the KV store codec's: 1 f32, 2 f16, 3 bf16, 4 f64, 5 i8, 6 u8) |
 |      9 |    1 | reserved (0)                                                            |
@@ -52,10 +51,7 @@ may carry the client's next NIXL_PULL (the server answers pulls on it until it c
 the server's I/O timeout). A client that already READ the blocks named by signed ``kv_transfer_params``
 (no NIXL_PULL: ``nixl_transport.py``, "direct READ") sends NIXL_CLAIM instead (msgpack payload: its agent
 name, HMAC proof, the hold's token, the first block and the peer's block ids it read, the hash of the last
-one); the server answers END when that hold was in place all along (it frees it then) or ERROR. Or, sent
-*before* the direct READ so that its answer arrives while the READ runs, NIXL_LEASE (the same payload, no
-``seconds``): the server answers END when that hold is in place, and then keeps it until the client's DONE or
-``LEASE_S`` after the lease, whichever comes first (a connection that drops does not free it earlier), or ERROR.
+one); the server answers END when that hold was in place all along (it frees it then) or ERROR.
 """
 
 from __future__ import annotations
@@ -83,14 +79,7 @@ class FrameType(IntEnum):
     NIXL_PULL = 6
     NIXL_OFFER = 7
     NIXL_CLAIM = 8
-    NIXL_LEASE = 9
 
-
-# what a NIXL control connection carries from the client
-NIXL_FRAMES = (FrameType.NIXL_PULL, FrameType.NIXL_CLAIM, FrameType.NIXL_LEASE)
-# A leased hold stays put this long after its lease arrived unless the reader's DONE frees it sooner; the reader
-# counts a READ as covered only when it ended within half of it, measured from before it sent the lease.
-LEASE_S = 30.0
 
 NO_NIXL = "no NIXL transfer for this peer"   # ERROR prefix to a NIXL_PULL: pull over TCP instead
 
