@@ -9,8 +9,8 @@ median time and GB/s of the whole move (connect, hash checks, bytes, into the bl
 time both processes spent on it (on a loaded host the wall time is mostly waiting for a core), and
 the 1-block latency. NIXL READs straight from the prefill side's params once its agent is loaded (round 0, a
 warm-up, asks for an offer), as the engine does; ``--nixl-paths direct,offer`` adds the offer-first path as
-a column. Transports are interleaved so machine noise hits each alike; one size at a time, so the
-shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
+a column. Transports are interleaved so machine noise hits each alike; one size at a
+time, so the shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
 
     python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
 """
@@ -39,6 +39,7 @@ from inferstack.engine.connector.transfer import (
     PagedKVSource,
 )
 from inferstack.engine.connector.transports import DirectRead, KVTransport, PullRequest, TcpKVTransport
+from inferstack.engine.kv.host_memory import huge_page_zeros
 
 TRUST = TransferTrust(secret=b"benchmark")
 BS = 16
@@ -48,10 +49,15 @@ def block_hashes(n: int) -> list[bytes]:
     return [i.to_bytes(32, "little") for i in range(n)]
 
 
-def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection) -> None:
+def kv_caches(shape: tuple[int, ...], layers: int, huge: bool) -> list[torch.Tensor]:
+    """Zeroed per-layer caches: on huge pages as the engine's CPU KV cache (``huge``), or torch's own memory."""
+    return [huge_page_zeros(shape, torch.float32) if huge else torch.zeros(shape) for _ in range(layers)]
+
+
+def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection, huge: bool = True) -> None:
     """The prefill engine: holds ``n`` blocks per request id it is sent; answers with its port."""
     torch.set_num_threads(1)
-    caches = [torch.randn(*shape) for _ in range(layers)]
+    caches = [cache.normal_() for cache in kv_caches(shape, layers, huge)]
     source = PagedKVSource(caches, hold_s=600)
     try:
         exporter = NixlExporter(NixlAgent("prefill", caches), TRUST)
@@ -129,6 +135,9 @@ def main() -> None:
     ap.add_argument("--nixl-bulk-mib", default=f"{BULK_MIN_BYTES / (1 << 20):g}",
                     help="READs of this many MiB or more go to the agent with copy threads "
                          "(nixl_agent.BULK_MIN_BYTES); a comma-separated list for one nixl column each")
+    ap.add_argument("--plain-pages", action="store_true",
+                    help="both caches in torch's own memory (4 KiB pages) instead of huge pages, as before the "
+                         "engine's CPU KV cache asked for them")
     args = ap.parse_args()
     torch.set_num_threads(1)
     layout = KVLayout(args.layers, args.kv_heads, args.head_dim, BS, torch.float32)
@@ -138,10 +147,11 @@ def main() -> None:
     top = max(sizes.values())
     shape = (2, top, BS, args.kv_heads, args.head_dim)
     parent, child = mp.get_context("spawn").Pipe()
-    proc = mp.get_context("spawn").Process(target=prefill_process, args=(shape, args.layers, child), daemon=True)
+    proc = mp.get_context("spawn").Process(target=prefill_process, args=(shape, args.layers, child,
+                                                                         not args.plain_pages), daemon=True)
     proc.start()
     port = parent.recv()
-    caches = [torch.zeros(*shape) for _ in range(args.layers)]
+    caches = kv_caches(shape, args.layers, not args.plain_pages)
     ways = transports(layout, caches, args.transports.split(","), [int(t) for t in args.nixl_threads.split(",")],
                       args.nixl_paths.split(","), [float(m) for m in args.nixl_bulk_mib.split(",")])
     times: dict[tuple[str, object], list[float]] = {}

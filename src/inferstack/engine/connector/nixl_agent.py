@@ -34,8 +34,10 @@ if TYPE_CHECKING:      # annotations only: the engine server imports this module
 
 
 # The first READ of a layer-by-layer transfer groups layers until it moves at least this much
-# (`layer_groups`).
-MIN_READ_BYTES = 1 << 20
+# (`layer_groups`). 4 MiB, not 1: a 4 MB transfer is one READ instead of 3 and 16 MB 3 instead of 4, each READ
+# ~30-50 us of set-up and a post (4 MB moves 5-8 % faster at the median, docs/disaggregation.md); the first
+# layers of a 1,000-token SmolLM2 prompt then land after ~1 ms instead of ~0.3, beside a forward pass of tens.
+MIN_READ_BYTES = 4 << 20
 # Transfers this large or larger go to the agent with UCX copy threads; smaller ones are copied by
 # the thread that asks, as the hand-off to a copy thread and back costs more than the second core
 # saves there (docs/disaggregation.md: a one-block READ took 0.55 ms with two copy threads, 0.28 ms
@@ -151,8 +153,8 @@ class KVRegions:
 
 def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int) -> list[range]:
     """The layers of each READ of a layer-by-layer transfer: the first READ as few layers as weigh
-    ``min_read_bytes`` (one layer of a 1,000-token SmolLM2 fp32 prompt, 1.5 MB; all layers of a
-    1-block transfer, as each READ costs ~50 us of set-up), then each READ twice the layers of the one
+    ``min_read_bytes`` (three layers of a 1,000-token SmolLM2 fp32 prompt, 1.5 MB each; all layers of a
+    transfer up to 4 MiB, as each READ costs ~50 us of set-up), then each READ twice the layers of the one
     before. The first layer lands as early as with a READ per layer, and the engine computes layer l
     while the next group arrives, but 30 layers take 5 READs, not 30: each READ is a hand-off to the
     copy threads and back, which on a loaded host waits for the scheduler (measured,
@@ -310,8 +312,14 @@ class NixlAgent:
         with self._lock:
             far = endpoint.remote_list(peer, remote)
         deadline = time.monotonic() + timeout_s
+        # the rows of every layer, once: a group's rows are a slice of them (layer-major), not another
+        # numpy build per READ (~25 us each, measured in docs/disaggregation.md)
+        every = range(layers)
+        ours_all, theirs_all = self.regions.indices(every, local_ids), remote.indices(every, remote_ids)
+        per_layer = 2 * len(local_ids)
         for group in layer_groups(layers, nbytes // layers, self.min_read_bytes):
-            ours, theirs = self.regions.indices(group, local_ids), remote.indices(group, remote_ids)
+            rows = slice(group.start * per_layer, group.stop * per_layer)
+            ours, theirs = ours_all[rows], theirs_all[rows]
             try:
                 handle = endpoint.agent.make_prepped_xfer("READ", endpoint.local, ours, far, theirs)
             except Exception as exc:
