@@ -6,8 +6,9 @@ and gives it back with ``munmap`` on free, so each large activation of a step (a
 of SmolLM2 makes dozens of 5-25 MB tensors per layer) is a new mapping whose every page faults in and
 is zeroed by the kernel, and every elementwise op pays that again. Raising the threshold to glibc's
 maximum (32 MiB) and keeping freed memory at the top of the heap (trim threshold, top pad) lets the
-next step reuse the same pages: a 2,048-row prefill step of the bundled GGUF took 10 % less CPU, its
-SiLU·up 2.7× and its rotary 2.4× less (docs/benchmarks.md, "helper c14c").
+next step reuse the same pages: in a 2,048-row prefill step of the bundled GGUF with fp32 activations,
+SiLU·up took 197 instead of 604 ms of CPU and rotary 170 instead of 440 ms (one pair of runs; glibc's own
+adaptive threshold sometimes gets there too; docs/benchmarks.md, "helper c14c").
 
 The heap then holds about one step's peak of activations after the step ends (the trim threshold
 bounds what it keeps beyond that). Other C libraries (musl, macOS) are left alone.
