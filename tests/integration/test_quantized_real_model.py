@@ -45,12 +45,12 @@ def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min
     assert perplexity(lm, windows) < 1.1 * perplexity(ref_lm, windows)
 
 
-@pytest.mark.parametrize(("large", "min_top1"), [("float32", 0.98), ("int8", MIN_TOP1_INT8_GEMM)])
+@pytest.mark.parametrize(("large", "min_top1"), [("float32", 0.995), ("int8", MIN_TOP1_INT8_GEMM)])
 def test_large_step_copies_against_fp32(reference, large, min_top1):
-    """Every step on the large-step copy (crossover 1). The fp32 copy holds the dequantized weights and
-    widens the bf16 activations exactly: it must score like fp32 up to the bf16 activations between the
-    norms (98.96 % measured, ninth stop). int8 rounds the weights per channel and each activation row to
-    8 bits."""
+    """Every step on the large-step copy (crossover 1). The fp32 copy holds the dequantized weights, and its
+    steps keep the activations in fp32 from norm to residual (``DecoderLayer.wide_from``): it scores as
+    fp32 itself (100 % and the same perplexity measured; 98.96 % when the activations between the norms
+    were bf16, ninth stop). int8 rounds the weights per channel and each activation row to 8 bits."""
     ref_lm, windows, ref_top = reference
     lm = load_model("smollm2-135m", quant=QuantOptions("gguf", crossover_rows=1, large_kernel=large))
     assert lm.quant.large_kernel == large

@@ -256,16 +256,23 @@ def test_each_step_picks_int8_gemm_or_the_quantized_kernel_by_rows():
         torch.testing.assert_close(layer(x), int8 if rows >= 8 else packed, atol=0, rtol=0)
 
 
-def test_fp32_large_step_copy_widens_the_bf16_input_exactly():
-    """``large="float32"`` (what ``auto`` picks where fp32 GEMMs beat bf16 ones): the bf16 activation is
-    widened exactly, multiplied by the float weight in fp32, and narrowed once to the layer's output dtype."""
+def test_fp32_large_step_copy_keeps_fp32_activations():
+    """``large="float32"`` (what ``auto`` picks where fp32 GEMMs beat bf16 ones): a large step multiplies in
+    fp32 and returns fp32, a bf16 input widened exactly and an fp32 one taken as it is (no rounding to bf16
+    on either side); below the crossover the int4 kernel, bf16 in and out."""
     w = _weight(128, 96)
     layer = QuantizedLinear.build(quantize_int4(w, 32), w, None, crossover=8, out_dtype=torch.bfloat16,
                                   large="float32")
     assert layer.dense.dtype == torch.float32 and layer.memory()[1] == 4 * w.numel()
-    x = torch.randn(16, 96).bfloat16()
-    torch.testing.assert_close(layer(x), F.linear(x.float(), w).bfloat16(), atol=0, rtol=0)
-    torch.testing.assert_close(layer(x[:4]), layer.packed.matmul(x[:4]), atol=0, rtol=0)
+    assert layer.wide_from() == 8
+    x = torch.randn(16, 96)
+    torch.testing.assert_close(layer(x), F.linear(x, w), atol=0, rtol=0)
+    torch.testing.assert_close(layer(x.bfloat16()), F.linear(x.bfloat16().float(), w), atol=0, rtol=0)
+    small = layer(x[:4])
+    assert small.dtype == torch.bfloat16
+    torch.testing.assert_close(small, layer.packed.matmul(x[:4].bfloat16()), atol=0, rtol=0)
+    bf16_copy = QuantizedLinear.build(quantize_int4(w, 32), w, None, crossover=8, out_dtype=torch.bfloat16)
+    assert bf16_copy.wide_from() is None and bf16_copy(x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(("verdict", "kernel", "crossover"), [

@@ -63,6 +63,7 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
     import torch
 
     from inferstack.engine.connector.factory import build_connector
+    from inferstack.engine.cpu_malloc import keep_step_buffers
     from inferstack.engine.executor.torch_executor import TorchExecutor
     from inferstack.engine.weights.loader import load_model
     from inferstack.engine.weights.quant_loader import QuantOptions
@@ -71,6 +72,7 @@ def build_engine(config: EngineConfig) -> BuiltEngine:
     device = resolve_device(config.device)
     if device.type == "cpu":
         config = config.on_cpu(torch.get_num_threads())
+        keep_step_buffers()
         log.info("running batch capped at %d sequences (--max-num-seqs to change)", config.seq_limit)
     quant = QuantOptions(config.quantization, config.quant_group_size, config.dense_prefill,
                          config.quant_crossover_rows, config.quant_large_kernel)

@@ -238,11 +238,13 @@ def _sdpa_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     else:
         mask = torch.ones(q_len, ctx_len, dtype=torch.bool, device=q.device).tril(ctx_len - q_len)
         causal = False
+    # A batch dimension of one: torch's CPU flash kernel takes only 4-D inputs, and 3-D ones fall to the
+    # unfused math path (a 128-token SmolLM2 prompt per layer, 1 thread: 0.85 against 1.5 ms).
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

@@ -68,13 +68,23 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = _param(arch.hidden_size)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
         self.inner: torch.dtype | None = None   # the projections' input dtype when not the stream's
+        self.wide_from: int | None = None       # from this many rows every projection takes the stream's dtype
 
     def forward(self, x: torch.Tensor, rot: Rotary, kv_cache: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Updates the residual stream ``x`` in place (the model's own tensor from the embedding on)."""
-        h = rms_norm(x, self.input_norm, self.eps, self.inner)
+        inner = None if self.wide_from is not None and x.shape[0] >= self.wide_from else self.inner
+        h = rms_norm(x, self.input_norm, self.eps, inner)
         x.add_(self.attn(h, rot, kv_cache, plan))
-        h = rms_norm(x, self.post_attn_norm, self.eps, self.inner)
+        h = rms_norm(x, self.post_attn_norm, self.eps, inner)
         return x.add_(self.mlp(h))
+
+
+def _wide_from(layer: DecoderLayer) -> int | None:
+    """The fewest rows from which all of ``layer``'s projections run on fp32 copies (None: never), so its
+    norms can hand them the fp32 stream as it is (``QuantizedLinear.wide_from``)."""
+    projs = (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)
+    rows = [p.wide_from() if isinstance(p, QuantizedLinear) else None for p in projs]
+    return None if None in rows else max(r for r in rows if r is not None)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -100,6 +110,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             qkv = layer.attn.qkv
             layer.inner = qkv.out_dtype if isinstance(qkv, QuantizedLinear) else None
+            layer.wide_from = _wide_from(layer) if layer.inner is not None else None
         self.fused = FusedDecode.create(self)
         self.decode_kernel = decode_attention_kernel(self.embed.device)
 

@@ -127,6 +127,9 @@ class QuantizedLinear(nn.Module):
         self.bias_ = None if bias is None else bias.to(out_dtype)
         self.crossover = crossover if dense is not None else None
         self.out_dtype = out_dtype
+        # An fp32 copy gives fp32 and is left so: narrowing to bf16 here and widening again at the next
+        # projection were two copies per matmul for nothing but a rounding (:meth:`wide_from`).
+        self.large_out = torch.float32 if self.wide_from() is not None else out_dtype
 
     @classmethod
     def build(cls, w: QuantWeight, dense_source: torch.Tensor | None, bias: torch.Tensor | None,
@@ -136,12 +139,20 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_dense(x.shape[0], self.crossover):
-            y = large_matmul(self.dense, x, self.out_dtype)
+            y = large_matmul(self.dense, x, self.large_out)
         else:
             y = self.packed.matmul(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
-        if y.dtype != self.out_dtype:
-            y = y.to(self.out_dtype)
+            if y.dtype != self.out_dtype:
+                y = y.to(self.out_dtype)
         return y if self.bias_ is None else y + self.bias_
+
+    def wide_from(self) -> int | None:
+        """The fewest rows from which this projection runs on an fp32 copy (None: never). Such a step takes
+        its input in fp32 without a cast and returns fp32, so a layer whose projections all do this keeps
+        its activations in fp32 from the norm to the residual add (``DecoderLayer``): no bf16 round trip
+        around each GEMM, and the same or better accuracy (nothing is rounded to bf16 but the KV cache)."""
+        fp32_copy = isinstance(self.dense, torch.Tensor) and self.dense.dtype == torch.float32
+        return self.crossover if fp32_copy else None
 
     def memory(self) -> tuple[int, int]:
         """``(quantized bytes, large-step copy bytes)``."""
