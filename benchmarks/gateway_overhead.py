@@ -17,8 +17,9 @@ older commit's ``src``), same run, for before/after comparisons of a change.
 
 ``--cpu-reps N`` measures only the gateway's own CPU per request (µs, median of N runs of ``--total``
 requests at the last ``--concurrency`` level, targets interleaved run by run): on a busy machine wall-clock
-throughput swings 2x between identical runs, CPU seconds per request do not. With ``--baseline-src``
-it is a before/after of a change; peers are measured the same way when named. ``--floor`` adds
+throughput swings 2x between identical runs, CPU seconds per request do not. It also gives each target's req/s
+as a ratio to sglang-router round_robin's in the same repetition (median and range of the N ratios).
+With ``--baseline-src`` it is a before/after of a change; peers are measured the same way when named. ``--floor`` adds
 `gateway_floor.py` (a bare proxy on the same uvicorn stack and upstream client): the part of our CPU that
 no trimming of the pipeline can remove.
 """
@@ -51,6 +52,7 @@ from inferstack.telemetry import promtext
 
 MODEL = "bench-model"
 KEY = "sk-bench-tenant"
+REFERENCE_PEER = "sglang-router round_robin"  # the issue's throughput goal is a ratio to this peer
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -79,18 +81,29 @@ def queued_requests(gateway_url: str) -> float:
 
 
 def cpu_only(targets: list[tuple], body: bytes, total: int, concurrency: int, reps: int) -> None:
-    """CPU µs per request of each target, runs interleaved across targets so load drifts hit all alike."""
+    """CPU µs per request and req/s of each target, runs interleaved across targets so load drifts hit all
+    alike; each target's req/s also as a ratio to the reference peer's (sglang-router round_robin) in the same
+    repetition, whose median and range say more than one wall-clock run on a busy machine can."""
     samples: dict[str, list[float]] = {t[0]: [] for t in targets}
+    rates: dict[str, list[float]] = {t[0]: [] for t in targets}
     for _name, base, headers, _ in targets:  # warm-up: connections, caches, first scrapes
         asyncio.run(throughput(base + "/v1/chat/completions", body, min(total, 500), concurrency, headers))
     for _ in range(reps):
         for name, base, headers, pid in targets:
             cpu0 = cpu_seconds(pid)
-            asyncio.run(throughput(base + "/v1/chat/completions", body, total, concurrency, headers))
+            rps, _ = asyncio.run(throughput(base + "/v1/chat/completions", body, total, concurrency, headers))
             samples[name].append((cpu_seconds(pid) - cpu0) / total * 1e6)
-    print(f"\n| target | c{concurrency} CPU µs/req (median of {reps}) | runs |\n|---|---:|---|")
+            rates[name].append(rps)
+    ref = next((n for n in rates if n == REFERENCE_PEER), None)
+    print(f"\n| target | c{concurrency} CPU µs/req (median of {reps}) | runs | c{concurrency} req/s (median) "
+          f"| ÷ {ref or 'reference'} per repetition: median (min-max) |\n|---|---:|---|---:|---|")
     for name, v in samples.items():
-        print(f"| {name} | {median(v):.0f} | {', '.join(f'{x:.0f}' for x in v)} |")
+        ratio = "–"
+        if ref is not None and name != ref:
+            r = sorted(a / b for a, b in zip(rates[name], rates[ref], strict=True))
+            ratio = f"{median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
+        runs = ", ".join(f"{x:.0f}" for x in v)
+        print(f"| {name} | {median(v):.0f} | {runs} | {median(rates[name]):.0f} | {ratio} |")
 
 
 def _fmt(v: object) -> str:
