@@ -230,6 +230,20 @@ def _two_endpoints(full_queue: float) -> tuple[Pipeline, Endpoint, Endpoint]:
     return pipe, pool.endpoints[0], pool.endpoints[1]
 
 
+async def _route_released(pipe: Pipeline, ctx: RequestContext) -> asyncio.Task:
+    """Route ``ctx`` as if the pool's queue had released it (a reservation, no snapshot), and return its routing
+    task once the request waits at one of the pool's endpoints (polled, 5 s deadline)."""
+    ctx.admission.reserved = True
+    ctx.admission.snapshot = None
+    pipe.flow["p"].queue.pending += 1
+    task = asyncio.create_task(pipe.picker.route(ctx))
+    deadline = time.monotonic() + 5.0
+    while sum(ep.held for ep in pipe.pools["p"].endpoints) != 1 and not task.done():
+        assert time.monotonic() < deadline, "the released request never waited at an endpoint"
+        await asyncio.sleep(0.001)
+    return task
+
+
 async def _started(pipe: Pipeline) -> RequestContext:
     body = orjson.dumps({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
     return await pipe.start(Inbound.arrive("chat", {}, pipe.request_ids), body)
@@ -303,10 +317,7 @@ def test_a_released_request_with_no_room_anywhere_waits_at_its_endpoint():
         pipe, full, other = _two_endpoints(full_queue=9.0)
         ctx = await _started(pipe)  # admitted while `other` had room; then its slot goes elsewhere
         other.metrics = ScrapedMetrics(queue=9.0, running=1.0, batch_cap=1)
-        ctx.admission.reserved = True  # as if released from the pool's queue
-        pipe.flow["p"].queue.pending += 1
-        task = asyncio.create_task(pipe.picker.route(ctx))
-        await asyncio.sleep(0.01)
+        task = await _route_released(pipe, ctx)
         assert not task.done() and full.held + other.held == 1 and pipe.flow["p"].pending == 0
         task.cancel()
 
@@ -320,10 +331,7 @@ def test_a_released_request_at_a_hard_cap_waits_for_its_endpoint():
         ctx = await _started(pipe)
         for ep in (full, other):
             ep.max_concurrency, ep.in_flight = 1, 1
-        ctx.admission.reserved = True
-        pipe.flow["p"].queue.pending += 1
-        task = asyncio.create_task(pipe.picker.route(ctx))
-        await asyncio.sleep(0.01)
+        task = await _route_released(pipe, ctx)
         assert not task.done() and full.held + other.held == 1
         task.cancel()
 
@@ -345,11 +353,7 @@ def test_a_released_request_is_not_refused_again_by_its_endpoints_deadline_check
         with pytest.raises(APIError) as refused:
             await pipe.picker.route(fresh)
         assert refused.value.status == 429 and refused.value.code == "queue_timeout"
-        released.admission.reserved = True  # as if released from the pool's queue (it then has no snapshot)
-        released.admission.snapshot = None
-        pipe.flow["p"].queue.pending += 1
-        task = asyncio.create_task(pipe.picker.route(released))
-        await asyncio.sleep(0.01)
+        task = await _route_released(pipe, released)
         assert not task.done() and full.held + other.held == 1 and pipe.flow["p"].pending == 0
         task.cancel()
 

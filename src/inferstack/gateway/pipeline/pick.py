@@ -67,6 +67,13 @@ class Picker:
         picked = self.pick(ctx, exclude, defer=True)
         if picked is None or queues is None or not first or not queues.cfg.enabled:
             return picked
+        if queues.passes(picked.endpoint, ctx.caller.priority, picked.room):  # nearly every request
+            return picked
+        return await self._wait_for_room(ctx, queues, picked, exclude)
+
+    async def _wait_for_room(self, ctx: RequestContext, queues: EndpointQueues, picked: Picked | None,
+                             exclude: Collection[str]) -> Picked | None:
+        """`route` once its pick has no room: wait at that endpoint, or route again without it."""
         adm, prio = ctx.admission, ctx.caller.priority
         skip = list(exclude)
         # the whole wait at the gateway counts, the pool's queue included (`t0` is on `perf_counter`'s clock)
