@@ -170,8 +170,10 @@ def test_trace_replay_uses_trace_timestamps(instant: Server, tmp_path: Path) -> 
 
 
 def test_goodput_search_and_compare(scripted: Server, tmp_path: Path) -> None:
+    # The SLO sits 50x above the script's 40 ms TTFT: this test is about the search's runs, files and compare (the
+    # search itself is unit-tested), and a loaded CI machine once put 2 of 16 first tokens past a 150 ms SLO.
     code, output = bench("--target", scripted.url, "--workload", "synthetic:input=8,output=4",
-                         "--goodput", "ttft=150ms,attainment=0.9", "--rate", "8", "--duration", "1",
+                         "--goodput", "ttft=2s,attainment=0.9", "--rate", "8", "--duration", "1",
                          "--goodput-max-runs", "2", "--out", str(tmp_path))
     assert code == 0, output
     series = json.loads((tmp_path / "goodput.json").read_text())
