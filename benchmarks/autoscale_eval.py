@@ -67,6 +67,8 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
         f"kpa (target {a.target})": parse_policy(f"kpa:target={a.target}"),
         f"apa (target {a.target})": parse_policy(f"apa:metric=concurrency,target={a.target}"),
         f"slo (concurrency {parse_policy(slo).concurrency:g})": parse_policy(slo),
+        # the scale-up forecast from Holt's level and trend instead of the least-squares line (twelfth stop)
+        f"slo (concurrency {parse_policy(slo).concurrency:g}, holt)": parse_policy(f"{slo},forecaster=holt"),
         # the defaults of the sixth stop, for comparison: no forecast, plain square-root headroom, 40 s and halves
         "slo (sixth-stop defaults)": parse_policy(f"{slo},horizon=0s,spare=1.5,dispersion=false,"
                                                   "scale_down_stabilization=40s,max_step_down=0.5"),

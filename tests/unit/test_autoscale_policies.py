@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -254,6 +255,16 @@ def test_forecasters():
     assert Kalman().next([]) == 0.0
 
 
+def test_forecasters_carry_their_forecast_several_intervals_ahead():
+    rising = [float(x) for x in range(10)]
+    assert Holt().ahead(rising, 4) == pytest.approx(13, abs=0.5)           # level + 4 x trend
+    assert Holt().ahead(rising, 1) == Holt().next(rising)
+    assert Holt().ahead([9.0, 5.0, 1.0], 10) == 0.0                        # never below zero
+    assert Constant().ahead(rising, 4) == 9                                # the last value at any horizon
+    level = [5.0] * 10 + [50.0]
+    assert Kalman().ahead(level, 4) == Kalman().next(level)                # a local level has no trend
+
+
 def test_bounds_scale_to_zero_only_after_idle_and_back_on_demand():
     b = Bounds(min_replicas=0, max_replicas=8, idle_s=30)
     busy = window([0] * 10, dt=2, arrivals=0)
@@ -333,6 +344,28 @@ def test_slo_forecast_scales_ahead_of_a_ramp_by_the_horizon():
     rising_then_lull = ramp([1, 1, 1, 1, 1, 1, 1, 2, 3, 4, 5, 6, 1])
     level, slope = fit(rising_then_lull, 60)
     assert slope > 0 and slo.rate(rising_then_lull, down=True) == pytest.approx(level + slope * 30)
+
+
+def test_slo_forecaster_replaces_the_line_in_a_scale_up_forecast():
+    # a rising minute whose newest interval dips: the line starts from that dip, Holt from its smoothed level
+    dip = ramp([1] * 7 + [2, 3, 4, 5, 6, 5])                    # settled: W = 60 requests / 5 per s = 12 s
+    line = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, spare=0.0, horizon_s=40, trend_window_s=60)
+    holt = parse_policy("slo:ttft_p95=2s,tpot_p95=0.1s,spare=0,horizon=40s,trend_window=60s,forecaster=holt")
+    assert isinstance(holt.forecaster, Holt)
+    _, slope = fit(dip, 60)
+    assert line.rate(dip) == pytest.approx(5 + slope * 40)      # the newest rate on the minute's line: 7.9
+    expected = Holt().ahead([2.0, 3, 4, 5, 6, 5], 4)            # the last 60 s's six intervals, 40 s ahead: 8.8
+    assert expected > line.rate(dip) and holt.rate(dip) == pytest.approx(expected)
+    assert (line.decide(dip, 4).desired, holt.decide(dip, 4).desired) == (8, 9)     # 12 s x the rate / 12
+    assert holt.rate(dip, down=True) == line.rate(dip, down=True)   # a scale-down keeps the line's level
+    # a step: the line adds the step's whole slope to the newest rate, Holt's smoothed trend less
+    step = ramp([2] * 9 + [4, 6])
+    assert holt.rate(step) == pytest.approx(Holt().ahead([2.0, 2, 2, 2, 4, 6], 4))       # 7.5
+    assert 6.0 < holt.rate(step) < line.rate(step) == pytest.approx(6 + fit(step, 60)[1] * 40)   # 9.0
+    fall = ramp([6] * 9 + [4, 2])
+    assert holt.rate(fall) == line.rate(fall) == pytest.approx(2.0)   # never below the newest rate
+    assert replace(holt, horizon_s=0).rate(dip) == pytest.approx(5.0)   # no horizon: no forecast at all
+    assert holt.predicted(dip[-2:]) == 0.0                      # fewer than three intervals: no trend to read
 
 
 def test_slo_trend_down_sizes_a_scale_down_on_the_trend_level_without_a_forecast():

@@ -1,5 +1,5 @@
-"""Forecasters for the planner: the next interval's value of a series (request rate, input and
-output lengths) from its history. Pure: a forecaster is its parameters, the history is passed in."""
+"""Forecasters for the planner and the `slo` policy: a series' value (request rate, input and output lengths)
+some intervals ahead from its history. Pure: a forecaster is its parameters, the history is passed in."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ class Forecaster(Protocol):
 
     def next(self, history: Sequence[float]) -> float: ...
 
+    def ahead(self, history: Sequence[float], steps: float) -> float: ...
+
 
 @dataclass(frozen=True)
 class Constant:
@@ -21,18 +23,24 @@ class Constant:
     name: str = "constant"
 
     def next(self, history: Sequence[float]) -> float:
+        return self.ahead(history, 1)
+
+    def ahead(self, history: Sequence[float], steps: float) -> float:
         return history[-1] if history else 0.0
 
 
 @dataclass(frozen=True)
 class Holt:
-    """Holt's linear (double exponential) smoothing: level and trend, one step ahead."""
+    """Holt's linear (double exponential) smoothing: level and trend, carried ``steps`` intervals ahead."""
 
     alpha: float = 0.5
     beta: float = 0.3
     name: str = "holt"
 
     def next(self, history: Sequence[float]) -> float:
+        return self.ahead(history, 1)
+
+    def ahead(self, history: Sequence[float], steps: float) -> float:
         if len(history) < 2:
             return history[-1] if history else 0.0
         level, trend = history[0], history[1] - history[0]
@@ -40,7 +48,7 @@ class Holt:
             prev = level
             level = self.alpha * x + (1 - self.alpha) * (level + trend)
             trend = self.beta * (level - prev) + (1 - self.beta) * trend
-        return max(0.0, level + trend)
+        return max(0.0, level + steps * trend)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,10 @@ class Kalman:
     name: str = "kalman"
 
     def next(self, history: Sequence[float]) -> float:
+        return self.ahead(history, 1)
+
+    def ahead(self, history: Sequence[float], steps: float) -> float:
+        """A local level has no trend: the same value at any horizon."""
         if not history:
             return 0.0
         x, p = history[0], 1.0

@@ -18,8 +18,10 @@ Forecast: the arrival rate's least-squares trend over ``trend_window_s`` is carr
 it to the replicas' cold start): on a rising trend a replica ordered now is sized for the rate it will meet
 when it joins. A scale-down uses the trend line's value now instead of the newest interval (one quiet
 interval is noise; ``trend_down`` turns that on without a forecast) and also looks ``horizon_s`` ahead, so
-the fleet does not shrink into a rise it would have to buy back a cold start later. ``tokens`` (off by
-default) weighs the arrivals by their prompt length against the window's.
+the fleet does not shrink into a rise it would have to buy back a cold start later. ``forecaster`` (off by
+default) puts one of the planner's predictors (Holt, Kalman) over the same intervals in the line's place for a
+scale-up, never below the newest rate. ``tokens`` (off by default) weighs the arrivals by their prompt length
+against the window's.
 
 Capacity: ``concurrency`` is an upper bound, learned down from what the replicas actually hold within the
 objectives: every sample of the last ``learn_window_s`` whose p95 missed (by the factor m) at L requests per
@@ -50,6 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from inferstack.autoscale.decision import Decision, ceil_div, stabilised_down
+from inferstack.autoscale.forecast import Forecaster
 from inferstack.autoscale.signals import Objectives, PoolSample, within
 
 
@@ -101,6 +104,12 @@ class SLO:
     # Off by default: 30 s kept held-out seed 16's fleet off its bound (0.853 -> 0.767x) but took the Mooncake-like
     # trace from 86.01 % to 74.84 %, whose learning comes from exactly those samples (ninth stop)
     backlog_s: float = 0.0
+    # a planner predictor (`autoscale/forecast.py`: holt, kalman, constant) over the arrival rates per interval of
+    # the last ``trend_window_s``, carried ``horizon_s`` ahead, replaces the least-squares line in a scale-up's
+    # forecast (never below the newest rate; scale-down keeps the line's level). Holt's smoothed level and trend
+    # carry a step ahead by less than the line, which adds a step's whole slope to the step. None (the default):
+    # the line (twelfth stop, docs/autoscaling.md)
+    forecaster: Forecaster | None = None
     name: str = "slo"
 
     def __post_init__(self) -> None:
@@ -131,7 +140,8 @@ class SLO:
         shows at once). Down, with a horizon or ``trend_down``: the trend's fitted level now (a lull of one
         interval is noise). Both carried
         ``horizon_s`` ahead along a rising trend: a scale-down is safe only if the cold-start horizon's
-        forecast allows it. ``tokens``: in request equivalents, weighted by the recent prompt length
+        forecast allows it. With ``forecaster``, a scale-up takes its forecast instead (`predicted`) where it is
+        above the newest rate. ``tokens``: in request equivalents, weighted by the recent prompt length
         against the window's (a run of long prompts is more work than its count says)."""
         recent = [x for x in within(window, self.rate_window_s) if x.interval_s > 0]
         span = sum(x.interval_s for x in recent)
@@ -139,10 +149,21 @@ class SLO:
         level, slope = fit(window, self.trend_window_s) if self.horizon_s or (down and self.trend_down) else (rate, 0.0)
         if down:
             rate = max(0.0, level)
-        rate += max(0.0, slope) * self.horizon_s
+        if not down and self.horizon_s and self.forecaster is not None:
+            rate = max(rate, self.predicted(window))
+        else:
+            rate += max(0.0, slope) * self.horizon_s
         if self.tokens:
             rate *= _work_ratio(recent, [x for x in within(window, self.window_s) if x.interval_s > 0])
         return rate
+
+    def predicted(self, window: Sequence[PoolSample]) -> float:
+        """``forecaster``'s arrival rate ``horizon_s`` ahead (in steps of the newest interval) from the rates per
+        interval of the last ``trend_window_s``; 0 with fewer than three intervals (too little for a trend)."""
+        pts = [x for x in within(window, self.trend_window_s) if x.interval_s > 0]
+        if self.forecaster is None or len(pts) < 3:
+            return 0.0
+        return self.forecaster.ahead([x.arrivals / x.interval_s for x in pts], self.horizon_s / pts[-1].interval_s)
 
     def need(self, window: Sequence[PoolSample], down: bool = False) -> tuple[float, str]:
         """Replicas (a fraction) the newest sample of ``window`` asks for, and why."""
