@@ -169,13 +169,14 @@ LargeCopy = torch.Tensor | Int8Gemm | Int8Blocks
 
 
 def large_copy(dense: torch.Tensor | None, large: str, w: QuantWeight | None = None) -> LargeCopy | None:
-    """``int8blk`` packs ``w``'s own codes where the kernel runs (:func:`int8_blocks.available`) and the
-    shape fits, else falls back to the fp32 copy."""
+    """``int8blk`` packs ``w``'s own codes where the kernel runs (a CPU model, :func:`int8_blocks.available`)
+    and the shape fits, else falls back to the fp32 copy."""
     if dense is None:
         return None
     if large == "int8":
         return Int8Gemm.quantize(dense)
-    kernel = available() if large == "int8blk" and w is not None and packable(w) else None
+    fits = large == "int8blk" and w is not None and packable(w) and dense.device.type == "cpu"
+    kernel = available() if fits else None
     if kernel is not None and w is not None:
         return Int8Blocks.pack(w, kernel)
     dtype = torch.bfloat16 if large == "bfloat16" else torch.float32
