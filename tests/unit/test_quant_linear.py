@@ -299,6 +299,14 @@ def test_int8blk_copy_holds_the_codes_or_falls_back_to_fp32(monkeypatch):
     assert fallback.dense.dtype == torch.float32 and fallback.wide_from() == 8
 
 
+def test_int8blk_request_without_the_kernel_loads_and_reports_fp32(tiny_dir, monkeypatch):
+    import inferstack.engine.weights.quant_loader as qload
+
+    monkeypatch.setattr(qload, "available", lambda: None)
+    lm = load_model(str(tiny_dir), quant=QuantOptions("int4", crossover_rows=4, large_kernel="int8blk"))
+    assert lm.quant.large_kernel == "float32" and "fp32 copy for large steps" in " ".join(lm.quant.log_lines())
+
+
 @pytest.mark.parametrize(("qtype", "quantization", "kernel"), [
     ("Q4_1", "gguf", "int8blk"),       # a 4-bit file: the block kernel meets the int4 floor, and it is faster
     ("Q8_0", "gguf", "bfloat16"),      # an 8-bit file: the int8 floor (99 %) is not met, never raced

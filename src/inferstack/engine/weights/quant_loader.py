@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from inferstack.engine.models.contract import Projection
+from inferstack.engine.models.int8_blocks import available
 from inferstack.engine.models.quant_linear import (
     QuantizedLinear,
     inner_dtype,
@@ -236,6 +237,10 @@ def _large_kernel(model: nn.Module, weights: dict[str, QuantWeight], opts: Quant
     Q4_1 GGUF's own fp32 weights (``tests/integration/test_quantized_real_model.py``), above issue 14's
     int4 floor (95 %), below its int8 floor (99 %). So ``auto`` races it only for a GGUF whose projections
     are all 4-bit (its LM head may be Q8_0); ``--quant-large-kernel int8blk`` asks for it anywhere."""
+    if opts.large_kernel == "int8blk" and available() is None:
+        log.warning("--quant-large-kernel int8blk: this CPU has no AVX-512 VNNI or the engine's extension is not "
+                    "built; the large-step copy is fp32")
+        return "float32"
     if opts.large_kernel != "auto":
         return opts.large_kernel
     probe = _gate_up_probe(model)
