@@ -2,6 +2,7 @@
 
     python benchmarks/engine_decode_step.py [--batches 1,16,64] [--dtype float32] [--threads 1] [--steps 8]
                                             [--quantization none|int8|int4|gguf] [--quant-crossover-rows N]
+                                            [--quant-large-kernel auto|bfloat16|float32|int8|int8blk]
                                             [--layers cpp,python] [--attention cpp,torch]
 
 For each batch size B: B requests with 128-token prompts are prefilled, then ``--steps`` decode
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--quantization", default="none", choices=("none", "int8", "int4", "gguf"))
     ap.add_argument("--quant-crossover-rows", type=int, default=None, help="default: measured at start-up")
+    ap.add_argument("--quant-large-kernel", default="auto", help="the large-step copy (auto, bfloat16, float32, int8, "
+                    "int8blk; docs/engine.md)")
     ap.add_argument("--layers", default="cpp", help="cpp (the C++ decode layers where they apply), python, "
                     "or both: cpp,python")
     ap.add_argument("--attention", default="cpp", help="cpp (the C++ in-place decode attention, when built), "
@@ -101,7 +104,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_batched_tokens=2048,
-              max_num_seqs=256, quantization=args.quantization, quant_crossover_rows=args.quant_crossover_rows)
+              max_num_seqs=256, quantization=args.quantization, quant_crossover_rows=args.quant_crossover_rows,
+              quant_large_kernel=args.quant_large_kernel)
     print(f"{args.dtype}, quantization {args.quantization}, {args.threads} thread(s), 128-token prompts, "
           f"median CPU ms of {args.steps} decode steps")
     model = llm.engine.core.executor.lm.model

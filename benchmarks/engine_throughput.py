@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/engine_throughput.py [--threads 2] [--rounds 3]
         [--ours float32,bfloat16,int4,gguf] [--hf float32,bfloat16] [--quant-crossover-rows N]
-        [--quant-large-kernel auto|bfloat16|float32|int8]
+        [--quant-large-kernel auto|bfloat16|float32|int8|int8blk]
 
 Every engine and HF model is loaded once, then each round runs every configuration in turn (the order
 rotates by one each round), so a machine whose load changes hurts every row alike. Each run is timed

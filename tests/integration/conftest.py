@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from inferstack.engine.models import extension
 from support.procs import Server, start_inferstack
 
 
@@ -37,3 +40,16 @@ def real_engine() -> Iterator[Server]:
                             "--max-model-len", "1024", "--kv-cache-bytes", "128MiB"], timeout=300)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ext() -> ModuleType:
+    """The engine's built C++ extension (engine/models/extension.py); skipped when not built, except on CI."""
+    module = extension.load_extension()
+    if module is None:
+        why = "the decode extension is not built (python -m inferstack.engine.models.fused_decode --build; " \
+              "scripts/setup.sh runs it)"
+        if os.environ.get("INFERSTACK_REQUIRE_DECODE_EXTENSION"):   # CI: setup.sh must have built it
+            pytest.fail(why)
+        pytest.skip(why)
+    return module

@@ -28,18 +28,6 @@ from inferstack.engine.weights.quantize import Int8Weight
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ext() -> ModuleType:
-    module = extension.load_extension()
-    if module is None:
-        why = "the decode extension is not built (python -m inferstack.engine.models.fused_decode --build; " \
-              "scripts/setup.sh runs it)"
-        if os.environ.get("INFERSTACK_REQUIRE_DECODE_EXTENSION"):   # CI: setup.sh must have built it
-            pytest.fail(why)
-        pytest.skip(why)
-    return module
-
-
 @pytest.fixture(scope="module", params=["", "avx2", "baseline"], ids=["normal", "avx2", "baseline"])
 def variant(request, ext) -> ModuleType:
     """The extension built for ``request.param`` ("" the engine's own), compiled here when missing."""
@@ -54,6 +42,7 @@ def variant(request, ext) -> ModuleType:
         module = extension.load_extension(isa)
     assert module is not None
     assert module.q8_isa(32) == {"": module.q8_isa(32), "avx2": "avx2", "baseline": "scalar"}[isa]
+    assert not (isa and module.int8_blocks_supported())    # no AVX-512 VNNI kernel in a one-ISA build
     return module
 
 

@@ -7,6 +7,7 @@ import torch
 
 from inferstack.engine.evaluate import DEFAULT_TEXT, perplexity, score_tokens, text_windows
 from inferstack.engine.llm import LLM
+from inferstack.engine.models.int8_blocks import available
 from inferstack.engine.sampling_params import SamplingParams
 from inferstack.engine.weights.loader import load_model
 from inferstack.engine.weights.quant_loader import QuantOptions
@@ -33,6 +34,9 @@ def reference():
 # The int8 × int8 large-step GEMM (opt-in) loses accuracy: 84.4 % top-1 here with every step on it (ninth
 # stop, docs/engine.md); the bound pins that level so a regression of the kernel shows.
 MIN_TOP1_INT8_GEMM = 0.82
+# The int8 block kernel (the file's own codes, activations per 32 columns) measured 96.35 % here: issue
+# 14's int4 floor, the file's format.
+MIN_TOP1_INT8_BLOCKS = 0.95
 
 
 @pytest.mark.parametrize(("quantization", "min_top1"), [("int8", 0.98), ("int4", 0.95), ("gguf", 0.96)])
@@ -45,13 +49,16 @@ def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min
     assert perplexity(lm, windows) < 1.1 * perplexity(ref_lm, windows)
 
 
-@pytest.mark.parametrize(("large", "min_top1"), [("float32", 0.995), ("int8", MIN_TOP1_INT8_GEMM)])
+@pytest.mark.parametrize(("large", "min_top1"), [("float32", 0.995), ("int8", MIN_TOP1_INT8_GEMM),
+                                                 ("int8blk", MIN_TOP1_INT8_BLOCKS)])
 def test_large_step_copies_against_fp32(reference, large, min_top1):
     """Every step on the large-step copy (crossover 1). The fp32 copy holds the dequantized weights, and its
     steps keep the activations in fp32 from norm to residual (``DecoderLayer.wide_from``): it scores as
     fp32 itself (100 % and the same perplexity measured; 98.96 % when the activations between the norms
     were bf16, ninth stop). int8 rounds the weights per channel and each activation row to 8 bits."""
     ref_lm, windows, ref_top = reference
+    if large == "int8blk" and available() is None:
+        pytest.skip("the int8 block kernel needs AVX-512 VNNI and the built extension")
     lm = load_model("smollm2-135m", quant=QuantOptions("gguf", crossover_rows=1, large_kernel=large))
     assert lm.quant.large_kernel == large
     agree = sum((score_tokens(lm, w).argmax(-1) == r).sum().item() for w, r in zip(windows, ref_top, strict=True))

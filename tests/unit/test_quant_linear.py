@@ -12,6 +12,7 @@ from tests.support.models_tiny import make_meta, new_kv_caches, write_tiny_gguf,
 
 from inferstack.engine.executor.kv_format import KVFormat
 from inferstack.engine.models.arch import ModelLoadError
+from inferstack.engine.models.int8_blocks import Int8Blocks
 from inferstack.engine.models.int8_gemm import Int8Gemm
 from inferstack.engine.models.quant_linear import (
     TABLE_CROSSOVER,
@@ -275,6 +276,55 @@ def test_fp32_large_step_copy_keeps_fp32_activations():
     assert bf16_copy.wide_from() is None and bf16_copy(x).dtype == torch.bfloat16
 
 
+def test_int8blk_copy_holds_the_codes_or_falls_back_to_fp32(monkeypatch):
+    """``large="int8blk"``: the weight's own codes, 1 byte each plus a scale (and a minimum) per 32, taking and
+    giving fp32 like the fp32 copy; the fp32 copy where the kernel does not run (no AVX-512 VNNI, extension
+    not built) or the shape does not fit (input columns not in blocks of 32)."""
+    import inferstack.engine.models.quant_linear as ql
+
+    kernel = object()          # packing is torch only; no step runs here
+    monkeypatch.setattr(ql, "available", lambda: kernel)
+    w = _weight(48, 96)
+    layer = QuantizedLinear.build(quantize_int4(w, 32), w, None, crossover=8, out_dtype=torch.bfloat16,
+                                  large="int8blk")
+    assert isinstance(layer.dense, Int8Blocks) and layer.dense.kernel is kernel
+    assert layer.wide_from() == 8 and layer.large_out == torch.float32
+    # 3 vectors of 16 output columns × 96 codes, a scale and a minimum per 32 columns
+    assert layer.dense.codes.shape == (3, 24, 16, 4) and layer.memory()[1] == 48 * 96 + 2 * 4 * 48 * 3
+    odd = _weight(40, 48)      # per-row int8 over 48 columns: not blocks of 32
+    assert isinstance(QuantizedLinear.build(quantize_int8(odd), odd, None, 8, torch.bfloat16, "int8blk").dense,
+                      torch.Tensor)
+    monkeypatch.setattr(ql, "available", lambda: None)
+    fallback = QuantizedLinear.build(quantize_int4(w, 32), w, None, 8, torch.bfloat16, "int8blk")
+    assert fallback.dense.dtype == torch.float32 and fallback.wide_from() == 8
+
+
+def test_int8blk_request_without_the_kernel_loads_and_reports_fp32(tiny_dir, monkeypatch):
+    import inferstack.engine.weights.quant_loader as qload
+
+    monkeypatch.setattr(qload, "available", lambda: None)
+    lm = load_model(str(tiny_dir), quant=QuantOptions("int4", crossover_rows=4, large_kernel="int8blk"))
+    assert lm.quant.large_kernel == "float32" and "fp32 copy for large steps" in " ".join(lm.quant.log_lines())
+
+
+@pytest.mark.parametrize(("qtype", "quantization", "kernel"), [
+    ("Q4_1", "gguf", "int8blk"),       # a 4-bit file: the block kernel meets the int4 floor, and it is faster
+    ("Q8_0", "gguf", "bfloat16"),      # an 8-bit file: the int8 floor (99 %) is not met, never raced
+    ("F32", "int4", "bfloat16"),       # our own int4 (measured only on GGUF files): never raced
+])
+def test_auto_races_the_block_kernel_only_for_a_4bit_gguf(tiny_dir, tmp_path, monkeypatch, qtype, quantization,
+                                                         kernel):
+    import inferstack.engine.models.quant_linear as ql
+
+    monkeypatch.setattr(ql, "available", lambda: object())
+    monkeypatch.setattr(ql, "_dense_wins", lambda dense, quantized, repeats: True)   # the challenger always wins
+    path = write_tiny_gguf(tiny_dir, tmp_path / f"tiny-{qtype}.gguf", "llama", qtype=qtype)
+    lm = load_model(str(path), quant=QuantOptions(quantization))
+    assert lm.quant.large_kernel == kernel
+    layers = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear)]
+    assert all(isinstance(m.dense, Int8Blocks) == (kernel == "int8blk") for m in layers)
+
+
 @pytest.mark.parametrize(("verdict", "kernel", "crossover"), [
     (True, "bfloat16", 1),                            # the dense copy wins at every size: from the smallest
     (False, "float32", None),                         # never: the quantized kernel everywhere
@@ -301,7 +351,8 @@ def test_large_step_kernel_pins_reach_the_config():
     from inferstack.cli.engine import build_engine_config
 
     assert build_engine_config("m", quantization="int4", quant_large_kernel="int8").quant_large_kernel == "int8"
-    with pytest.raises(ValueError, match="quant_large_kernel must be auto, bfloat16, float32 or int8"):
+    assert build_engine_config("m", quantization="gguf", quant_large_kernel="int8blk").quant_large_kernel == "int8blk"
+    with pytest.raises(ValueError, match="quant_large_kernel must be auto, bfloat16, float32, int8 or int8blk"):
         build_engine_config("m", quantization="int4", quant_large_kernel="fp8")
 
 

@@ -139,9 +139,11 @@ def serve(
              "copy (default: measured at start-up).")] = None,
     quant_large_kernel: Annotated[str | None, typer.Option(
         help="With --quantization and --dense-prefill: the large-step copy, bfloat16 (2 bytes per parameter), "
-             "float32 (4) or int8 (1 byte, int8 x int8 GEMMs with per-row activation scales: fastest, less "
-             "accurate); auto: the faster of bfloat16 and float32 on this CPU, measured at start-up "
-             "(docs/engine.md, 'Kernel choice per step').")] = None,
+             "float32 (4), int8 (1 byte, int8 x int8 GEMMs with per-row activation scales: fast, less "
+             "accurate) or int8blk (1 byte: the file's own block codes in a VNNI int8 x int8 kernel, activation "
+             "scales per 32 columns; AVX-512 VNNI CPUs, else float32); auto: the fastest of bfloat16, float32 "
+             "and, for a 4-bit GGUF only, int8blk, measured at start-up (docs/engine.md, 'Kernel choice per "
+             "step').")] = None,
     device: Annotated[Device, typer.Option(help="Where to run; auto uses CUDA when available.")] = Device.auto,
     max_model_len: Annotated[int | None, typer.Option(
         help="Longest prompt + completion in tokens (default: the model's context length, capped by the "

@@ -12,7 +12,7 @@ from inferstack.kvstore.settings import KVStoreConfig
 # start without it.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "int8", "int4", "gguf"]
-LargeKernel = Literal["auto", "bfloat16", "float32", "int8"]
+LargeKernel = Literal["auto", "bfloat16", "float32", "int8", "int8blk"]
 KVCacheDtype = Literal["auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8"]
 Device = Literal["auto", "cpu", "cuda"]
 SchedulingPolicy = Literal["fcfs", "priority"]
@@ -121,7 +121,7 @@ class EngineConfig:
         if self.quant_group_size not in (32, 64, 128):
             raise ValueError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
         if self.quant_large_kernel not in get_args(LargeKernel):
-            raise ValueError("quant_large_kernel must be auto, bfloat16, float32 or int8, "
+            raise ValueError("quant_large_kernel must be auto, bfloat16, float32, int8 or int8blk, "
                              f"got {self.quant_large_kernel!r}")
         if self.quant_crossover_rows is not None and self.quant_crossover_rows < 1:
             raise ValueError(f"quant_crossover_rows must be at least 1, got {self.quant_crossover_rows}")

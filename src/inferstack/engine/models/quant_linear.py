@@ -23,7 +23,8 @@ They are GEMV-shaped kernels: fastest for a few rows (decode), slower than a GEM
 chunks, large batches). Each call picks by its number of rows (:func:`use_dense`): below ``crossover``
 rows the quantized kernel, from it on the large-step copy of the weight when one is kept: bf16 or
 float32 for ``F.linear``, whichever :func:`large_step_kernel` measured faster on this CPU, or on request
-int8 per output channel for an int8 × int8 GEMM (``int8_gemm.py``: fastest, but less accurate).
+int8 per output channel for an int8 × int8 GEMM (``int8_gemm.py``: fast, but less accurate), or the
+weight's own block codes for the VNNI int8 × int8 kernel (``int8_blocks.py``, ``int8blk``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferstack.engine.models.extension import load_extension
+from inferstack.engine.models.int8_blocks import Int8Blocks, available, packable
 from inferstack.engine.models.int8_gemm import Int8Gemm
 from inferstack.engine.weights.quantize import Int4Weight, Int8Weight, QuantWeight
 
@@ -119,11 +121,11 @@ class QuantizedLinear(nn.Module):
     """Weight-only quantized projection. Its tensors are plain attributes, not buffers: the packed
     layout is host-specific and must never reach a state dict or a cache."""
 
-    def __init__(self, packed: PackedWeight, dense: torch.Tensor | Int8Gemm | None, bias: torch.Tensor | None,
+    def __init__(self, packed: PackedWeight, dense: LargeCopy | None, bias: torch.Tensor | None,
                  crossover: int | None, out_dtype: torch.dtype) -> None:
         super().__init__()
         self.packed = packed
-        self.dense = dense                      # large steps: bf16/fp32 [N, K], int8 per channel, or None
+        self.dense = dense                      # large steps: bf16/fp32 [N, K], int8 per channel or blocks, or None
         self.bias_ = None if bias is None else bias.to(out_dtype)
         self.crossover = crossover if dense is not None else None
         self.out_dtype = out_dtype
@@ -134,8 +136,9 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def build(cls, w: QuantWeight, dense_source: torch.Tensor | None, bias: torch.Tensor | None,
               crossover: int | None, out_dtype: torch.dtype, large: str = "bfloat16") -> QuantizedLinear:
-        """``large``: the large-step copy's format, ``bfloat16``, ``float32`` or ``int8`` (:func:`large_copy`)."""
-        return cls(PackedWeight.pack(w), large_copy(dense_source, large), bias, crossover, out_dtype)
+        """``large``: the large-step copy's format, ``bfloat16``, ``float32``, ``int8`` or ``int8blk``
+        (:func:`large_copy`)."""
+        return cls(PackedWeight.pack(w), large_copy(dense_source, large, w), bias, crossover, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_dense(x.shape[0], self.crossover):
@@ -150,48 +153,67 @@ class QuantizedLinear(nn.Module):
         """The fewest rows from which this projection runs on an fp32 copy (None: never). Such a step takes
         its input in fp32 without a cast and returns fp32, so a layer whose projections all do this keeps
         its activations in fp32 from the norm to the residual add (``DecoderLayer``): no bf16 round trip
-        around each GEMM, and the same or better accuracy (nothing is rounded to bf16 but the KV cache)."""
+        around each GEMM, and the same or better accuracy (nothing is rounded to bf16 but the KV cache).
+        The block kernel also takes and gives fp32 (it quantizes its input itself)."""
         fp32_copy = isinstance(self.dense, torch.Tensor) and self.dense.dtype == torch.float32
-        return self.crossover if fp32_copy else None
+        return self.crossover if fp32_copy or isinstance(self.dense, Int8Blocks) else None
 
     def memory(self) -> tuple[int, int]:
         """``(quantized bytes, large-step copy bytes)``."""
-        if isinstance(self.dense, Int8Gemm):
+        if isinstance(self.dense, (Int8Gemm, Int8Blocks)):
             return self.packed.nbytes(), self.dense.nbytes()
         return self.packed.nbytes(), 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
 
 
-def large_copy(dense: torch.Tensor | None, large: str) -> torch.Tensor | Int8Gemm | None:
+LargeCopy = torch.Tensor | Int8Gemm | Int8Blocks
+
+
+def large_copy(dense: torch.Tensor | None, large: str, w: QuantWeight | None = None) -> LargeCopy | None:
+    """``int8blk`` packs ``w``'s own codes where the kernel runs (a CPU model, :func:`int8_blocks.available`)
+    and the shape fits, else falls back to the fp32 copy."""
     if dense is None:
         return None
     if large == "int8":
         return Int8Gemm.quantize(dense)
-    dtype = torch.float32 if large == "float32" else torch.bfloat16
+    fits = large == "int8blk" and w is not None and packable(w) and dense.device.type == "cpu"
+    kernel = available() if fits else None
+    if kernel is not None and w is not None:
+        return Int8Blocks.pack(w, kernel)
+    dtype = torch.bfloat16 if large == "bfloat16" else torch.float32
     return dense.to(dtype).contiguous()
 
 
-def large_matmul(copy: torch.Tensor | Int8Gemm, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``x · wᵀ`` on a large-step copy: the int8 GEMM quantizes ``x`` itself; ``F.linear`` takes ``x`` in
+def large_matmul(copy: LargeCopy, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x · wᵀ`` on a large-step copy: the int8 GEMMs quantize ``x`` themselves; ``F.linear`` takes ``x`` in
     the copy's dtype (a bf16 input to an fp32 copy widens exactly)."""
-    if isinstance(copy, Int8Gemm):
+    if isinstance(copy, (Int8Gemm, Int8Blocks)):
         return copy.matmul(x, out_dtype)
     y = F.linear(x if x.dtype == copy.dtype else x.to(copy.dtype), copy)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 15) -> str:
-    """``bfloat16`` or ``float32``: which large-step copy multiplies ``rows`` rows of ``dense``'s shape
-    faster on this CPU (each its fastest undisturbed call, `_undisturbed`). bf16 wins where the CPU has
+def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 15,
+                      blocks: QuantWeight | None = None) -> str:
+    """``bfloat16``, ``float32`` or ``int8blk``: which large-step copy multiplies ``rows`` rows of ``dense``'s
+    shape faster on this CPU (each its fastest undisturbed call, `_undisturbed`). bf16 wins where the CPU has
     AMX or a fast bf16 GEMM (the AMD EPYC: 2x fp32); on an Intel Xeon with AVX-512 bf16 but no AMX
     oneDNN's bf16 GEMM was 1.5x *slower* than fp32 (docs/benchmarks.md). 15 timings each: with 7 (and
-    medians), one start in five picked bf16 under load ~18 on 2 cores. int8 is never picked here: it
-    costs accuracy. When load disturbs every timing (`_dense_wins` None): the fp32 copy, the more
-    accurate of the two."""
+    medians), one start in five picked bf16 under load ~18 on 2 cores. Per-channel int8 is never picked
+    here: it costs accuracy. ``blocks`` (``dense``'s quantized codes, given only where the caller's accuracy
+    floor allows the block kernel, ``quant_loader``) then races the winner on the VNNI block kernel. When
+    load disturbs every timing (`_dense_wins` None): the fp32 copy, the most accurate."""
     bf16, fp32 = large_copy(dense, "bfloat16"), large_copy(dense, "float32")
     xb = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
     bf16_wins = _dense_wins(lambda: large_matmul(bf16, xb, torch.bfloat16),
                             lambda: large_matmul(fp32, xb, torch.bfloat16), repeats)
-    return "bfloat16" if bf16_wins else "float32"
+    kernel = "bfloat16" if bf16_wins else "float32"
+    blk = large_copy(dense, "int8blk", blocks) if blocks is not None else None
+    if not isinstance(blk, Int8Blocks):
+        return kernel
+    fast, x = (bf16, xb) if bf16_wins else (fp32, xb.float())
+    blk_wins = _dense_wins(lambda: large_matmul(blk, x, torch.float32),
+                           lambda: large_matmul(fast, x, torch.float32), repeats)
+    return "int8blk" if blk_wins else kernel
 
 
 # The sizes the start-up measurement tries; none below 8 rows. There the quantized kernels read 2-4x
@@ -248,7 +270,7 @@ def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = CROSSOVER_CA
     wins at every size tried); :data:`TABLE_CROSSOVER` when load leaves no undisturbed timing at some
     size (logged)."""
     packed = PackedWeight.pack(w)
-    copy = large_copy(w.dequantize() if isinstance(w, (Int8Weight, Int4Weight)) else w, large)
+    copy = large_copy(w.dequantize() if isinstance(w, (Int8Weight, Int4Weight)) else w, large, w)
     wins = []
     for rows in candidates:
         x = torch.randn(rows, packed_in_features(copy)).to(torch.bfloat16)
@@ -268,5 +290,7 @@ def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = CROSSOVER_CA
     return crossover
 
 
-def packed_in_features(copy: torch.Tensor | Int8Gemm) -> int:
+def packed_in_features(copy: LargeCopy) -> int:
+    if isinstance(copy, Int8Blocks):
+        return copy.in_features
     return copy.weight_t.shape[0] if isinstance(copy, Int8Gemm) else copy.shape[1]

@@ -217,6 +217,10 @@ at::Tensor decode_layers(at::Tensor x, const std::vector<at::Tensor>& weights, c
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& offset,
                      int64_t group, const std::string& isa);
 std::string q8_isa(int64_t group);
+// int8_blocks.cpp
+at::Tensor int8_blocks_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                              const at::Tensor& minimum, int64_t zero, int64_t n);
+bool int8_blocks_supported();
 // paged_attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale, const std::string& codes);
@@ -227,6 +231,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scale"), pybind11::arg("offset"), pybind11::arg("group"),
         pybind11::arg("isa") = "");
   m.def("q8_isa", &q8_isa, "The vector width q8_matmul runs with on this CPU for a group size");
+  m.def("int8_blocks_matmul", &int8_blocks_matmul,
+        "int8 x int8 (VNNI) matmul over packed block codes, activations quantized per 32 columns -> [M, n] f32");
+  m.def("int8_blocks_supported", &int8_blocks_supported, "Whether this CPU and build run int8_blocks_matmul");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention of one new token per sequence, read in place from the paged KV cache",
         pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("block_tables"), pybind11::arg("seq_lens"),
