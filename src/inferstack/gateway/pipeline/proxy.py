@@ -122,7 +122,9 @@ class Proxy:
         try:  # the exchange here, not in a coroutine of its own: every await passes through each one above it
             conn = await ep.upstream.send_request(head, payload, sent)
             try:
-                data = await conn.read()
+                data = conn.body_now()
+                if data is None:
+                    data = await conn.read()
             except BaseException:
                 conn.close()
                 raise
