@@ -327,7 +327,7 @@ def test_a_direct_post_skips_asgi_and_answers_in_one_write_in_order_with_pipelin
 
 def test_a_direct_reply_keeps_the_header_checks_of_send():
     """A bad header value fails the reply as it fails `send` (uvicorn's rule too): nothing written, the connection
-    closed; a handler failing before its reply gets a 500."""
+    closed; a handler failing before its reply gets a 500; past `limit_concurrency`, the front's 503."""
     async def bad_value(cycle) -> None:
         await cycle.reply(200, [(b"x-bad", b"a\r\nset-cookie: x"), (b"content-length", b"2")], b"ok")
 
@@ -350,6 +350,12 @@ def test_a_direct_reply_keeps_the_header_checks_of_send():
         protocol.data_received(b"POST /fails HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
         await _until(lambda: transport.writes, "answered")
         assert transport.writes[0].startswith(b"HTTP/1.1 500 ")
+        protocol.connection_lost(None)
+        # over uvicorn's `limit_concurrency` the front's own 503 answers, not the handler
+        protocol, transport = _connect(App(), proxy_headers=False, limit_concurrency=1)
+        protocol.data_received(b"POST /fails HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: transport.writes, "answered")
+        assert transport.writes[0].startswith(b"HTTP/1.1 503 ")
         protocol.connection_lost(None)
 
     asyncio.run(main())
