@@ -271,3 +271,91 @@ def test_response_header_values_remembered_per_connection_stay_checked_and_bound
     assert len(remembered) == 32 and b"v-0" in remembered and b"v-39" not in remembered
     assert all(not v.isalnum() for v in remembered)  # letters-and-digits values are never stored
     assert written == 40  # nothing of the refused response went out
+
+
+class _DirectApp:
+    """An ASGI app with a direct handler for ``POST /direct`` (`FrontProtocol.direct`)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+        self.direct_post = {b"/direct": self.direct}
+
+    async def direct(self, cycle) -> None:
+        body = cycle.body_now()
+        if body is None:
+            body = (await cycle.receive())["body"]
+        self.seen.append(("direct", (dict(cycle.headers)[b"x-name"], body)))
+        await cycle.reply(200, [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))], body)
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.seen.append(("asgi", (scope["method"], scope["raw_path"], scope["query_string"])))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"asgi"})
+
+
+def test_a_direct_post_skips_asgi_and_answers_in_one_write_in_order_with_pipelined_asgi_requests():
+    """The app's ``direct_post`` handler serves exactly its POST target (no scope, one write for head and body);
+    another method, a query string or an unknown path goes through ASGI, and pipelined requests of both kinds
+    are answered in order."""
+    app = _DirectApp()
+
+    async def main():
+        wrapped, _ = _connect(app)  # behind uvicorn's proxy-headers middleware: nothing goes around it
+        assert wrapped.direct == {}
+        wrapped.connection_lost(None)
+        protocol, transport = _connect(app, proxy_headers=False)
+        protocol.data_received(b"POST /direct HTTP/1.1\r\nhost: x\r\nX-Name: a\r\ncontent-length: 5\r\n\r\nhello"
+                               b"GET /direct HTTP/1.1\r\nhost: x\r\n\r\n"
+                               b"POST /direct?q=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+                               b"POST /direct HTTP/1.1\r\nhost: x\r\nx-name: b\r\ncontent-length: 3\r\n\r\nbye")
+        await _until(lambda: len(transport.writes) == 4, "all four answered")
+        assert app.seen == [("direct", (b"a", b"hello")), ("asgi", ("GET", b"/direct", b"")),
+                            ("asgi", ("POST", b"/direct", b"q=1")), ("direct", (b"b", b"bye"))]
+        first, last = transport.writes[0], transport.writes[3]
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nhello")
+        assert b"content-type: text/plain\r\ncontent-length: 5\r\n" in first
+        assert last.endswith(b"\r\n\r\nbye") and transport.writes[1].endswith(b"\r\n\r\nasgi")
+        # a direct request's body still arriving is read through `receive`
+        protocol.data_received(b"POST /direct HTTP/1.1\r\nhost: x\r\nx-name: c\r\ncontent-length: 4\r\n\r\nsl")
+        protocol.data_received(b"ow")
+        await _until(lambda: len(transport.writes) == 5, "split body answered")
+        assert app.seen[-1] == ("direct", (b"c", b"slow")) and transport.writes[4].endswith(b"\r\n\r\nslow")
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_direct_reply_keeps_the_header_checks_of_send():
+    """A bad header value fails the reply as it fails `send` (uvicorn's rule too): nothing written, the connection
+    closed; a handler failing before its reply gets a 500; past `limit_concurrency`, the front's 503."""
+    async def bad_value(cycle) -> None:
+        await cycle.reply(200, [(b"x-bad", b"a\r\nset-cookie: x"), (b"content-length", b"2")], b"ok")
+
+    async def fails(cycle) -> None:
+        raise ValueError("before any reply")
+
+    class App:
+        def __init__(self) -> None:
+            self.direct_post = {b"/bad": bad_value, b"/fails": fails}
+
+        async def __call__(self, scope, receive, send) -> None:
+            raise AssertionError("not through ASGI")
+
+    async def main():
+        protocol, transport = _connect(App(), proxy_headers=False)
+        protocol.data_received(b"POST /bad HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: transport.closed, "closed")
+        assert transport.writes == []
+        protocol, transport = _connect(App(), proxy_headers=False)
+        protocol.data_received(b"POST /fails HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: transport.writes, "answered")
+        assert transport.writes[0].startswith(b"HTTP/1.1 500 ")
+        protocol.connection_lost(None)
+        # over uvicorn's `limit_concurrency` the front's own 503 answers, not the handler
+        protocol, transport = _connect(App(), proxy_headers=False, limit_concurrency=1)
+        protocol.data_received(b"POST /fails HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: transport.writes, "answered")
+        assert transport.writes[0].startswith(b"HTTP/1.1 503 ")
+        protocol.connection_lost(None)
+
+    asyncio.run(main())

@@ -79,7 +79,8 @@ class MemoryLimiter:
         if b is None:
             b = self._b[key] = [float(limit), now]
         else:
-            b[0] = min(float(limit), b[0] + (now - b[1]) * limit / 60.0)
+            full, level = float(limit), b[0] + (now - b[1]) * limit / 60.0
+            b[0] = level if level < full else full  # min(full, level), without the builtin's call cost
             b[1] = now
         return b
 
@@ -101,7 +102,8 @@ class MemoryLimiter:
     async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
         if limits.tpm and delta_tokens:
             t = self._level((tenant, "tpm"), limits.tpm, time.monotonic())
-            t[0] = min(float(limits.tpm), t[0] - delta_tokens)
+            full, level = float(limits.tpm), t[0] - delta_tokens
+            t[0] = level if level < full else full
 
     async def close(self) -> None:
         return None

@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -26,9 +27,10 @@ from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Inbound, Pipeline, RequestContext
 from inferstack.gateway.pipeline.context import KINDS
 from inferstack.gateway.pipeline.hold import ClientGone
-from inferstack.gateway.pipeline.proxy import Proxy, respond, send_error
+from inferstack.gateway.pipeline.proxy import Proxy, Reply, asgi_reply, respond, send_error
 from inferstack.gateway.pipeline.resolve import shared_models
 from inferstack.protocol.errors import APIError
+from inferstack.protocol.http_cycle import Cycle
 from inferstack.protocol.http_guard import BODY_NOW, CLIENT_GONE, body_at_hand, read_asgi_body
 from inferstack.protocol.openapi import engine_openapi
 from inferstack.protocol.responses import model_card, model_list
@@ -56,6 +58,9 @@ class Gateway:
         gw = cfg.gateway
         enabled = gw.admin_api if gw.admin_api is not None else _is_loopback(gw.host)
         self._body_timeout_s = gw.http.body_timeout_s
+        # the completion paths our HTTP front serves without ASGI (`FrontProtocol.direct`): every request that
+        # costs CPU per token goes there; the rest (admin, metrics, models, errors) is ASGI
+        self.direct_post = {path: partial(self._direct, kind) for path, kind in KINDS.items()}
         self.admin = AdminAPI(self.pools, self.datalayer, admin_token(gw, enabled), p)
         self._dashboard = dashboard_asgi("/dashboard", scraping_state_provider(
             lambda: generate_latest(self.metrics.registry).decode(), self._dashboard_endpoints))
@@ -155,13 +160,26 @@ class Gateway:
                         model, ", ".join(pools), pools[0])
 
     # ---- completions: the pipeline, then the proxy stage -----------------------------------------
+    async def _direct(self, kind: str, cycle: Cycle) -> None:
+        """A completion POST from our HTTP front without ASGI (`direct_post`): no scope, no message dicts; the
+        same request, checks and answers as through `__call__`."""
+        try:
+            await self._complete(kind, "POST", cycle.headers, cycle.gone, cycle.body_now, cycle.receive, cycle.send,
+                                 cycle.reply)
+        except APIError as exc:
+            await send_error(cycle.send, exc)
+
     async def _completion(self, kind: str, method: str, scope: dict, receive: Any, send: Any) -> None:
-        inbound = Inbound.arrive(kind, dict(scope["headers"]), self.pipeline.request_ids)
-        # completes when the client goes away: ends a hold (scale from zero) or cancels the proxy. Our
+        extensions = scope.get("extensions", _NO_EXTENSIONS)
+        await self._complete(kind, method, scope["headers"], extensions.get(CLIENT_GONE), extensions.get(BODY_NOW),
+                             receive, send, partial(asgi_reply, send))
+
+    async def _complete(self, kind: str, method: str, headers: list[tuple[bytes, bytes]], gone: asyncio.Future | None,
+                        body_now: Callable[[], bytes | None] | None, receive: Any, send: Any, reply: Reply) -> None:
+        inbound = Inbound.arrive(kind, dict(headers), self.pipeline.request_ids)
+        # ``gone`` completes when the client goes away: ends a hold (scale from zero) or cancels the proxy. Our
         # server protocol hands every request one (http_guard.CLIENT_GONE); under another ASGI server a
         # task waits in `receive` for the disconnect, as the one reader of `receive` once the body is in
-        extensions = scope.get("extensions", _NO_EXTENSIONS)
-        gone = extensions.get(CLIENT_GONE)
         # this task, found through the future's loop: `asyncio.current_task()` alone is a getpid system call
         task = asyncio.current_task(gone.get_loop()) if gone is not None else asyncio.current_task()
         try:
@@ -169,7 +187,6 @@ class Gateway:
                 raise APIError(405, f"Use POST for {inbound.path.decode()}.")
             limit, length = self.cfg.gateway.max_body_bytes, inbound.headers.get(b"content-length")
             _check_length(length, limit)
-            body_now = extensions.get(BODY_NOW)
             # nearly every body came with its headers: taken with no coroutine (`body_at_hand`)
             body = body_at_hand(body_now, limit) if body_now is not None else None
             if body is None:
@@ -186,12 +203,13 @@ class Gateway:
             watcher.cancel()
             raise
         try:
-            await self._serve(ctx, watcher, send, task)
+            await self._serve(ctx, watcher, send, reply, task)
         finally:
             ctx.outcome.responded = True
             await self.pipeline.close(ctx)
 
-    async def _serve(self, ctx: RequestContext, watcher: asyncio.Future, send: Any, task: asyncio.Task) -> None:
+    async def _serve(self, ctx: RequestContext, watcher: asyncio.Future, send: Any, reply: Reply,
+                     task: asyncio.Task) -> None:
         """Proxy in ``task`` (the current one), cancelled if the client disconnects (``watcher`` completes)
         before its response is complete; no extra task per request, no wait on two."""
         gone = False
@@ -204,7 +222,7 @@ class Gateway:
 
         watcher.add_done_callback(client_gone)
         try:
-            await self.proxy.serve(ctx, send)
+            await self.proxy.serve(ctx, send, reply)
         except asyncio.CancelledError:
             if not gone:
                 raise

@@ -154,7 +154,15 @@ class _Conn(asyncio.Protocol):
     async def read(self) -> bytes:
         while not self._done:
             await self._wait()
-        data = b"".join(self._chunks)
+        return self._take()
+
+    def body_now(self) -> bytes | None:
+        """`read` with no coroutine when the response is complete (nearly always, by the time its head was read:
+        an engine writes head and body together); None while it is still arriving."""
+        return self._take() if self._done else None
+
+    def _take(self) -> bytes:
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         return data
 
@@ -236,7 +244,8 @@ class UpstreamPool:
                 if sent is not None:
                     sent, then = None, sent
                     then()
-                await conn.headers()
+                while not conn._headers:  # `headers`, without a coroutine of its own (every request waits here)
+                    await conn._wait()
                 return conn
             except UpstreamError as exc:
                 conn.close()

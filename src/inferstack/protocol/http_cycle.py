@@ -14,11 +14,15 @@ import asyncio
 import http
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from inferstack.protocol.http_front import FrontProtocol
+
+# A request's handler that bypasses ASGI (`FrontProtocol.direct`): it reads the request from the cycle (`headers`,
+# `body_now`, `receive`, `gone`) and answers through `reply` or `send`.
+DirectCall = Callable[["Cycle"], Awaitable[None]]
 
 log = logging.getLogger("uvicorn.error")  # where uvicorn's own cycle reports app failures
 # RFC 9110 token characters for names; control characters (but tab) for values: no header splitting
@@ -45,14 +49,16 @@ def status_line(status: int) -> bytes:
 class Cycle:
     """The request's body as it arrives (fed by the protocol) and its response as the app sends it."""
 
-    __slots__ = ("_waiter", "body", "chunked", "delivered", "disconnected", "expect_100", "gone", "head",
-                 "head_only", "keep_alive", "more_body", "proto", "remaining", "response_complete", "response_started",
-                 "scope")
+    __slots__ = ("_waiter", "body", "chunked", "delivered", "direct", "disconnected", "expect_100", "gone", "head",
+                 "head_only", "headers", "keep_alive", "more_body", "proto", "remaining", "response_complete",
+                 "response_started", "scope")
 
-    def __init__(self, proto: FrontProtocol, scope: dict, keep_alive: bool, expect_100: bool,
-                 gone: asyncio.Future):
+    def __init__(self, proto: FrontProtocol, scope: dict | None, headers: list[tuple[bytes, bytes]], keep_alive: bool,
+                 expect_100: bool, gone: asyncio.Future, head_only: bool = False, direct: DirectCall | None = None):
         self.proto, self.scope, self.keep_alive, self.expect_100, self.gone = proto, scope, keep_alive, expect_100, gone
-        self.head_only = scope["method"] == "HEAD"  # a HEAD request: the head is sent, no body
+        self.headers = headers  # the request's, names lower-cased (the scope's list; a direct request has no scope)
+        self.head_only = head_only  # a HEAD request: the head is sent, no body
+        self.direct = direct  # the app's handler for this request without ASGI (`FrontProtocol.direct`), or None
         self.body: list[bytes] = []
         self.more_body = True
         self.delivered = False  # the last body message went to the app: `receive` now waits for the end
@@ -77,12 +83,17 @@ class Cycle:
             self._waiter = None
 
     async def run(self, app: Callable[..., Any]) -> None:
-        """The app on this request; a failure before the response started is a 500, after it a closed connection."""
+        """The app on this request, or its direct handler (``direct``: then there is no scope); a failure before
+        the response started is a 500, after it a closed connection."""
         # The app holds the scope from here on, not this cycle: the scope's `BODY_NOW` refers to the cycle, and a
         # cycle that referred back to its scope would be garbage only the collector frees (~13 objects a request).
         scope, self.scope = self.scope, None
+        direct, self.direct = self.direct, None  # the handler is bound to the app, not to this cycle: no cycle
         try:
-            result = await app(scope, self.receive, self.send)
+            if direct is not None:
+                result = await direct(self)
+            else:
+                result = await app(scope, self.receive, self.send)
         except BaseException as exc:
             log.error("Exception in ASGI application\n", exc_info=exc)
             if not self.response_started:
@@ -158,6 +169,18 @@ class Cycle:
             raise RuntimeError(f"Unexpected ASGI message '{message['type']}' sent"
                                f"{', after response already completed' if self.response_complete else ''}.")
         self._write_body(message.get("body", b""), message.get("more_body", False))
+
+    async def reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole response in one call, by the rules of `send` (same head, same checks, one write), without its
+        two messages and second await: how a direct handler (`FrontProtocol.direct`) answers."""
+        if self.response_started or self.disconnected or self.proto.write_paused:
+            await self.send({"type": "http.response.start", "status": status, "headers": headers})
+            await self.send({"type": "http.response.body", "body": body})
+            return
+        self.response_started = True
+        self.expect_100 = False
+        self.head = self._encode_head(status, headers)
+        self._write_body(body, False)
 
     def _write_body(self, body: bytes, more: bool) -> None:
         if self.head_only:

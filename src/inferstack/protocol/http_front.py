@@ -15,6 +15,12 @@ before the response is complete (`CLIENT_GONE`), so an app reacts to a disconnec
 ``receive()``, and a function that hands over the whole body when it is already in (`BODY_NOW`).
 Kept from uvicorn: keep-alive with its idle timeout, pipelined requests answered in order,
 write flow control, ``Expect: 100-continue``, 400 on a malformed request, HTTP/1.0, HEAD.
+
+An app may serve some POST targets without ASGI: its ``direct_post`` map (exact request target -> handler, see
+`http_cycle.DirectCall`) is looked up before a scope is built, and a matching request's handler gets the cycle
+itself (headers, `Cycle.body_now`, `Cycle.receive`, the client-gone future, `Cycle.reply` / `Cycle.send`): no
+scope dict, no message dicts. Everything above (limits, keep-alive, pipelining, checks on response headers and
+lengths, 500 on failure) applies to it the same. The gateway serves its completion paths this way.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from inferstack.protocol.errors import APIError
-from inferstack.protocol.http_cycle import Cycle, status_line
+from inferstack.protocol.http_cycle import Cycle, DirectCall, status_line
 from inferstack.protocol.http_limits import HEADER_TIMEOUT_S, MAX_HEADER_BYTES
 
 log = logging.getLogger("uvicorn.error")
@@ -56,6 +62,9 @@ class FrontProtocol(asyncio.Protocol):
         self.server_state, self.app_state = server_state, app_state
         self.connections, self.tasks = server_state.connections, server_state.tasks
         self.root_path = config.root_path
+        # POST targets the app serves without ASGI (its ``direct_post`` map: request target -> handler); none under
+        # a root path (the app's routes would see the prefixed path) or with a middleware in between
+        self.direct: dict[bytes, DirectCall] = {} if config.root_path else getattr(self.app, "direct_post", None) or {}
         self.limit_concurrency = config.limit_concurrency
         self.keep_alive_s = config.timeout_keep_alive
         self.parser = httptools.HttpRequestParser(self)
@@ -175,27 +184,36 @@ class FrontProtocol(asyncio.Protocol):
         self._cancel_header_timer()
         parser = self.parser
         version = parser.get_http_version()
-        url = httptools.parse_url(self._url)
-        raw_path = url.path
-        path = raw_path.decode("ascii")
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        gone = self.loop.create_future()
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": version,
-                 "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
-                 "headers": self._headers, "state": self.app_state.copy(),
-                 "method": parser.get_method().decode("ascii"), "path": self.root_path + path,
-                 "raw_path": self.root_path.encode("ascii") + raw_path, "query_string": url.query or b"",
-                 "extensions": {CLIENT_GONE: gone}}
         keep_alive = version != "1.0" and parser.should_keep_alive()
-        cycle = Cycle(self, scope, keep_alive, self._expect_100, gone)
-        scope["extensions"][BODY_NOW] = cycle.body_now
+        gone = self.loop.create_future()
+        method = parser.get_method()
+        # the app's own handler for this method and exact request target (no query, no absolute form): no scope
+        direct = self.direct.get(self._url) if method == b"POST" else None
+        if direct is not None:
+            cycle = Cycle(self, None, self._headers, keep_alive, self._expect_100, gone, direct=direct)
+        else:
+            scope = self._scope(version, method, gone)
+            cycle = Cycle(self, scope, self._headers, keep_alive, self._expect_100, gone, scope["method"] == "HEAD")
+            scope["extensions"][BODY_NOW] = cycle.body_now
         if self.cycle is None or self.cycle.response_complete:
             self.cycle = cycle
             self._start(cycle)
         else:  # pipelined: answered after the one in progress, in order
             self.pause_reading()
             self.pipeline.append(cycle)
+
+    def _scope(self, version: str, method: bytes, gone: asyncio.Future) -> dict:
+        """The request's ASGI scope (its `BODY_NOW` is the cycle's, added once the cycle exists)."""
+        url = httptools.parse_url(self._url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": version,
+                "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
+                "headers": self._headers, "state": self.app_state.copy(), "method": method.decode("ascii"),
+                "path": self.root_path + path, "raw_path": self.root_path.encode("ascii") + raw_path,
+                "query_string": url.query or b"", "extensions": {CLIENT_GONE: gone}}
 
     def on_body(self, body: bytes) -> None:
         cycle = self.pipeline[-1] if self.pipeline else self.cycle
@@ -222,6 +240,7 @@ class FrontProtocol(asyncio.Protocol):
         if self.limit_concurrency is not None and (len(self.connections) >= self.limit_concurrency
                                                    or len(self.tasks) >= self.limit_concurrency):
             app = service_unavailable
+            cycle.direct = None  # answered by uvicorn's 503 (which reads no scope), not by the app
             log.warning("Exceeded concurrency limit.")
         task = self.loop.create_task(cycle.run(app))
         task.add_done_callback(self.tasks.discard)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from inferstack.config.schema import GatewayConfig
@@ -30,6 +30,8 @@ log = logging.getLogger("inferstack.gateway")
 JSON = [(b"content-type", b"application/json")]
 SERVED = b"x-gateway-destination-endpoint-served"
 _SSE = (b"content-type", b"text/event-stream")
+# a whole response: status, headers (with its Content-Length), body
+Reply = Callable[[int, list[tuple[bytes, bytes]], bytes], Awaitable[None]]
 
 
 class Proxy:
@@ -44,7 +46,9 @@ class Proxy:
         self.pd = pd
         self.metrics = metrics
 
-    async def serve(self, ctx: RequestContext, send: Any) -> None:
+    async def serve(self, ctx: RequestContext, send: Any, reply: Reply) -> None:
+        """Answer ``ctx`` through ASGI ``send``; a whole (non-streamed) response goes through ``reply``
+        (`asgi_reply` over ``send``, or our front's `Cycle.reply`)."""
         pool = ctx.route.pool
         tried: list[str] = []
         path = ctx.inbound.path
@@ -74,7 +78,7 @@ class Proxy:
                     )
                 else:  # another replica may hold more of the prompt: READ it from there
                     payload = self.reads.payload(pool, ep, payload, ctx.inbound.rid, ctx.plan.view.token_hashes)
-                outcome = await self._attempt(ctx, ep, payload, send, attempt == retries, picked.commit)
+                outcome = await self._attempt(ctx, ep, payload, send, reply, attempt == retries, picked.commit)
             finally:
                 picked.commit()  # failed before the request was written: recorded all the same
                 self.picker.release(ctx, ep)
@@ -107,7 +111,8 @@ class Proxy:
         )
 
     async def _attempt(
-        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, last: bool, sent: Callable[[], None]
+        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, reply: Reply, last: bool,
+        sent: Callable[[], None],
     ) -> str | None:
         """One upstream try (``sent``: `UpstreamPool.send_request`). Returns None when the client got a
         response, or a reason to retry."""
@@ -117,7 +122,9 @@ class Proxy:
         try:  # the exchange here, not in a coroutine of its own: every await passes through each one above it
             conn = await ep.upstream.send_request(head, payload, sent)
             try:
-                data = await conn.read()
+                data = conn.body_now()
+                if data is None:
+                    data = await conn.read()
             except BaseException:
                 conn.close()
                 raise
@@ -131,19 +138,12 @@ class Proxy:
         # A non-streamed response arrives whole: its first token's time is unknown, so it feeds
         # E2E only (observing E2E as TTFT would also make TPOT read ~0).
         now = time.perf_counter()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", ctype),
-                    (b"content-length", b"%d" % len(data)),
-                    (b"x-request-id", ctx.inbound.rid),
-                    (SERVED, ep.id_bytes),
-                ],
-            }
+        await reply(
+            status,
+            [(b"content-type", ctype), (b"content-length", b"%d" % len(data)), (b"x-request-id", ctx.inbound.rid),
+             (SERVED, ep.id_bytes)],
+            data,
         )
-        await send({"type": "http.response.body", "body": data})
         ctx.outcome.responded = True
         # the usage is read once the client has its answer: off the response's latency
         self.account.finish(ctx, now, json_usage(data) if status == 200 else None, chunks=1)
@@ -237,6 +237,12 @@ class Proxy:
         conn.release()
         out.ttft, out.gaps = meter.ttft, meter.gaps
         self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
+
+
+async def asgi_reply(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """A whole response as ASGI's two messages (`Reply` over ``send``: bind it with `functools.partial`)."""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def respond(send: Any, status: int, body: bytes, headers: list | None = None) -> None:

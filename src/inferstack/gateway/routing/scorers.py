@@ -20,6 +20,12 @@ Uniform = Callable[[RouteContext], float | None]
 _LOAD_SOFTNESS = 4.0
 
 
+def _unit(v: float) -> float:
+    """min(1.0, max(0.0, v)), the same value (NaN: 0.0) without the builtins' argument parsing (per request)."""
+    v = v if v > 0.0 else 0.0
+    return v if v < 1.0 else 1.0
+
+
 def _min_max_low_is_good(values: list[float]) -> list[float]:
     lo, hi = min(values), max(values)
     if hi == lo:
@@ -40,8 +46,7 @@ def running(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
 def kv_cache(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
     """1 - KV use; stale metrics score 0, endpoints without KV metrics are neutral (1)."""
     stale = ctx.snapshot.stale_after_s
-    return [1.0 if not e.has_metrics else 0.0 if e.stale(stale) else min(1.0, max(0.0, 1.0 - e.kv_usage))
-            for e in cands]
+    return [1.0 if not e.has_metrics else 0.0 if e.stale(stale) else _unit(1.0 - e.kv_usage) for e in cands]
 
 
 def in_flight(ctx: RouteContext, cands: list[EndpointView]) -> list[float]:
@@ -167,7 +172,8 @@ def predicted_latency(ctx: RouteContext, cands: list[EndpointView]) -> list[floa
     model = ctx.state.latency
     preds = []
     for e in cands:
-        cached = min(1.0, m.get(e.id, 0) / total_blocks)
+        share = m.get(e.id, 0) / total_blocks
+        cached = share if share < 1.0 else 1.0
         uncached = req.est_prompt_tokens * (1.0 - cached)
         preds.append(model.predict_ttft(e.id, uncached, e.load())
                      + model.predict_tpot(e.id) * min(req.max_tokens, 256))

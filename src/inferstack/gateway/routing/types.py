@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from inferstack.gateway.routing.columns import EndpointColumns
 
 NEVER = float("inf")
+# The per-request methods below write max(a, b) as ``b if b > a else a`` and min(a, b) as ``b if b < a else a``:
+# the same value in every case (NaN included: the builtins keep the first argument unless the second compares
+# greater / less), at a sixth of the builtins' cost (~180 ns a call in argument parsing; some 20 calls a request).
 UNBOUNDED = 1 << 30  # room of an endpoint nothing can saturate (no metrics, no cap)
 
 
@@ -63,15 +66,19 @@ class EndpointView:
         if not self.reports_queue:
             return 0.0
         unreported = self.in_flight - self.running - self.queue
-        free = max(0.0, self.batch_cap - self.running) if self.batch_cap and self.queue <= 0 \
-            and trust_free_slots else 0.0
-        return self.queue + max(0.0, unreported - free)
+        free = 0.0
+        if self.batch_cap and self.queue <= 0 and trust_free_slots:
+            slots = self.batch_cap - self.running
+            free = slots if slots > 0.0 else 0.0
+        waiting = unreported - free
+        return self.queue + (waiting if waiting > 0.0 else 0.0)
 
     def load(self) -> float:
         """Work at the endpoint: the gateway's own in-flight count, or the engine's if larger
         (other gateways send to it too), plus the requests held at the gateway for its room: they are
         bound for it, and a router that did not see them kept sending a hot tenant to its full engine."""
-        return max(float(self.in_flight), self.queue + self.running) + self.held
+        own, reported = float(self.in_flight), self.queue + self.running
+        return (reported if reported > own else own) + self.held
 
 
 @dataclass(slots=True)
@@ -106,9 +113,11 @@ class PoolSnapshot:
             queued = e.queued_now(limit >= 1.0)  # `queued`, with the limit worked out once
             # KV use saturates only with requests waiting: engines count cached, evictable blocks
             # differently, and a full prefix cache on an idle engine is not a full engine
-            s = max(queued / limit, e.kv_usage / self.kv_threshold if queued > 0 else 0.0)
+            s, kv = queued / limit, e.kv_usage / self.kv_threshold if queued > 0 else 0.0
+            s = kv if kv > s else s
         if e.max_concurrency:
-            s = max(s, e.in_flight / e.max_concurrency)
+            capped = e.in_flight / e.max_concurrency
+            s = capped if capped > s else s
         return s
 
     def queue_limit(self, e: EndpointView) -> float:
@@ -138,7 +147,8 @@ class PoolSnapshot:
         """Metrics to judge saturation by: scraped, and not so old that the scrape is clearly
         failing (then the endpoint is judged like one without metrics, by its cap alone: fail open
         on performance, health checks handle dead endpoints)."""
-        return e.has_metrics and e.metrics_age_s <= max(2.0, 10 * self.stale_after_s)
+        stale = 10 * self.stale_after_s
+        return e.has_metrics and e.metrics_age_s <= (stale if stale > 2.0 else 2.0)
 
     def room(self, e: EndpointView) -> int:
         """Requests ``e`` may still take: the free part of its cap, and the queue left below the
@@ -148,14 +158,15 @@ class PoolSnapshot:
             return 0
         room = UNBOUNDED
         if e.max_concurrency:
-            room = max(0, e.max_concurrency - e.in_flight)
+            free = e.max_concurrency - e.in_flight
+            room = free if free > 0 else 0
         if self.has_live_metrics(e):
             limit = self.queue_limit(e)
             queued = e.queued_now(limit >= 1.0)  # `queued`, with the limit worked out once
             left = math.ceil(limit - queued)
-            if queued > 0 and e.kv_usage >= self.kv_threshold:
-                left = min(left, 0)
-            room = min(room, left)
+            if queued > 0 and e.kv_usage >= self.kv_threshold and left > 0:
+                left = 0
+            room = left if left < room else room
         return room
 
     def free_slots(self, include: Callable[[EndpointView], bool] | None = None, positive: bool = False) -> int:
@@ -177,7 +188,7 @@ class PoolSnapshot:
                 r = self.room(e)
                 if r > 0:
                     total += r
-            return min(UNBOUNDED, total)
+            return total if total < UNBOUNDED else UNBOUNDED
         return max(0, min(UNBOUNDED, sum(map(self.room, eps))))
 
 
