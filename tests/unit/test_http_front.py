@@ -359,3 +359,19 @@ def test_a_direct_reply_keeps_the_header_checks_of_send():
         protocol.connection_lost(None)
 
     asyncio.run(main())
+
+
+def test_the_gateway_server_serves_its_completion_paths_without_asgi():
+    """The gateway's own uvicorn settings leave no middleware between our front and the app (proxy headers
+    would add one), so its completion paths reach the direct handlers, not the slower ASGI path."""
+    from inferstack.config import parse_config
+    from inferstack.gateway.serve import server_config
+    from inferstack.gateway.server import Gateway
+
+    config = server_config(Gateway(parse_config("pools:\n  p:\n    endpoints: [http://127.0.0.1:9]\n")))
+    config.load()
+
+    async def direct_paths() -> set[bytes]:
+        return set(config.http_protocol_class(config=config, server_state=ServerState(), app_state={}).direct)
+
+    assert asyncio.run(direct_paths()) == {b"/v1/chat/completions", b"/v1/completions"}

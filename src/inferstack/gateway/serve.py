@@ -105,15 +105,21 @@ def bind_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def server_config(app: Gateway) -> uvicorn.Config:
+    """uvicorn's settings for the gateway. ``proxy_headers=False`` also keeps uvicorn's proxy-headers middleware
+    out: with any middleware around the app our HTTP front cannot reach the app's ``direct_post`` handlers, and
+    every completion would take the slower ASGI path (`http_front.FrontProtocol`)."""
+    limits = app.cfg.gateway.http
+    protocol = guarded_protocol(limits.max_header_bytes, limits.header_timeout_s)  # 431 / 408 (slowloris)
+    return uvicorn.Config(app, loop="uvloop", http=protocol, lifespan="on", access_log=False,
+                          log_level="warning", timeout_graceful_shutdown=30, backlog=4096,
+                          proxy_headers=False, server_header=False, timeout_keep_alive=KEEP_ALIVE_S)
+
+
 def run_server(app: Gateway, sockets: list[socket.socket], on_ready: Callable[[], object]) -> None:
     """uvicorn (uvloop, our HTTP front with its header guards) serving ``app`` on ``sockets``; ``on_ready``
     runs once it serves. Returns after SIGTERM/SIGINT and the graceful drain."""
-    limits = app.cfg.gateway.http
-    protocol = guarded_protocol(limits.max_header_bytes, limits.header_timeout_s)  # 431 / 408 (slowloris)
-    config = uvicorn.Config(app, loop="uvloop", http=protocol, lifespan="on", access_log=False,
-                            log_level="warning", timeout_graceful_shutdown=30, backlog=4096,
-                            proxy_headers=False, server_header=False, timeout_keep_alive=KEEP_ALIVE_S)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(app))
 
     async def main() -> None:
         task = asyncio.create_task(server.serve(sockets=sockets))

@@ -14,8 +14,8 @@ import asyncio
 import http
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from inferstack.protocol.http_front import FrontProtocol
@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 # A request's handler that bypasses ASGI (`FrontProtocol.direct`): it reads the request from the cycle (`headers`,
 # `body_now`, `receive`, `gone`) and answers through `reply` or `send`.
 DirectCall = Callable[["Cycle"], Awaitable[None]]
+
+
+@runtime_checkable
+class DirectApp(Protocol):
+    """An ASGI app that also serves some POST targets without ASGI: exact request target -> handler."""
+
+    direct_post: Mapping[bytes, DirectCall]
 
 log = logging.getLogger("uvicorn.error")  # where uvicorn's own cycle reports app failures
 # RFC 9110 token characters for names; control characters (but tab) for values: no header splitting

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import urllib.parse
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import httptools
@@ -36,7 +37,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from inferstack.protocol.errors import APIError
-from inferstack.protocol.http_cycle import Cycle, DirectCall, status_line
+from inferstack.protocol.http_cycle import Cycle, DirectApp, DirectCall, status_line
 from inferstack.protocol.http_limits import HEADER_TIMEOUT_S, MAX_HEADER_BYTES
 
 log = logging.getLogger("uvicorn.error")
@@ -64,7 +65,8 @@ class FrontProtocol(asyncio.Protocol):
         self.root_path = config.root_path
         # POST targets the app serves without ASGI (its ``direct_post`` map: request target -> handler); none under
         # a root path (the app's routes would see the prefixed path) or with a middleware in between
-        self.direct: dict[bytes, DirectCall] = {} if config.root_path else getattr(self.app, "direct_post", None) or {}
+        self.direct: Mapping[bytes, DirectCall] = (
+            self.app.direct_post if isinstance(self.app, DirectApp) and not config.root_path else {})
         self.limit_concurrency = config.limit_concurrency
         self.keep_alive_s = config.timeout_keep_alive
         self.parser = httptools.HttpRequestParser(self)
