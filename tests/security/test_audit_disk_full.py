@@ -75,7 +75,10 @@ def test_writer_refuses_while_the_disk_is_full_then_resumes_and_records_the_repa
     requests = [r["request_id"] for r in lines if r["type"] == "request"]
     assert requests == [f"r{i}" for i in range(8)], "no record may be lost across the outage"
     recovery = [r for r in lines if r["type"] == "recovery"]
-    assert len(recovery) == 1 and recovery[0]["failed_writes"] >= 1 and recovery[0]["torn_bytes_removed"] == 60
+    # each failed write tore off the 60 bytes the limit let through, and each tear was cut (a loaded machine lets the
+    # writer retry more than once before the test lifts the limit)
+    assert len(recovery) == 1 and recovery[0]["failed_writes"] >= 1
+    assert recovery[0]["torn_bytes_removed"] == 60 * recovery[0]["failed_writes"], recovery[0]
     result = CliRunner().invoke(app, ["compliance", "verify-log", str(tmp_path / "audit")])
     assert result.exit_code == 0, result.output
     assert "audit log intact: 9 records" in result.output
