@@ -41,8 +41,8 @@ from kv_transfer import BS, TRUST, block_hashes, kv_caches, move, prefill_proces
 
 from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent, _Endpoint, layer_groups
 from inferstack.engine.connector.nixl_transport import NixlKVTransport, RemoteLoad
-from inferstack.engine.connector.transfer import KVLayout
-from inferstack.engine.connector.transports import DirectRead, PullRequest
+from inferstack.engine.connector.transfer import KVLayout, KVTransferClient
+from inferstack.engine.connector.transports import DirectRead, PullRequest, TcpKVTransport
 
 PHASES = ("direct", "index", "make", "copy", "release", "claim")
 
@@ -130,6 +130,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--plain-pages", action="store_true",
                     help="both caches in torch's own memory (4 KiB pages), not on huge pages as the engine's")
+    ap.add_argument("--after-shm", action="store_true",
+                    help="an shm move of the same blocks before each NIXL pull, as kv_transfer.py's interleaved "
+                         "columns do (it leaves both caches' lines where an shm move puts them)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(b) for b in args.blocks.split(",")]
@@ -166,9 +169,18 @@ def sample(transport: NixlKVTransport, port: int, parent: Connection, pid: int, 
     rows: list[dict[str, float]] = []
     moves, cpu, cma, copies = [], [], [], []
     theirs = next(iter(transport._regions.values()))[1]
+    shm = TcpKVTransport(KVTransferClient(transport.layout, allow_shm=True)) if args.after_shm else None
     for i in range(args.warmup + args.pulls):
+        if shm is not None:
+            parent.send((f"n{n}-shm-{i}", n))
+            parent.recv()
+            move(shm, port, f"n{n}-shm-{i}", n, caches, None)
         parent.send((f"n{n}-{i}", n))
         rows.append(timed_pull(transport, port, f"n{n}-{i}", parent.recv(), n))
+        if shm is not None:
+            parent.send((f"n{n}-shm2-{i}", n))
+            parent.recv()
+            move(shm, port, f"n{n}-shm2-{i}", n, caches, None)
         parent.send((f"n{n}-move-{i}", n))
         params = parent.recv()
         c0 = time.process_time()
@@ -178,6 +190,8 @@ def sample(transport: NixlKVTransport, port: int, parent: Connection, pid: int, 
         cpu.append((time.process_time() - c0) * 1e3)
         cma.append(cma_ms(pid, transport.agent.regions, theirs, n))
         copies.append(memcpy_ms(caches, sources, n))
+    if shm is not None:
+        shm.close()
     skip = args.warmup
     columns = [*([r[p] for r in rows[skip:]] for p in PHASES), [sum(r.values()) for r in rows[skip:]],
                moves[skip:], cpu[skip:], cma[skip:], copies[skip:]]
