@@ -64,9 +64,10 @@ class Model:
         weights = [[torch.randn(shape) * 0.02 for shape in shapes] for _ in range(LAYERS)]
         return cls(weights, torch.randn(KV_HEADS, tokens, HEAD_DIM), torch.randn(KV_HEADS, tokens, HEAD_DIM))
 
-    def forward(self, new: int) -> tuple[float, float]:
-        """Wall and this thread's CPU seconds of one forward pass over ``new`` tokens."""
-        t0, c0 = time.perf_counter(), time.thread_time()
+    def forward(self, new: int) -> tuple[float, float, float]:
+        """Wall seconds of one forward pass over ``new`` tokens, this thread's CPU seconds for it and the
+        seconds it waited on a run queue for a core (`schedstat`)."""
+        t0, (c0, q0) = time.perf_counter(), schedstat()
         x = torch.randn(new, HIDDEN)
         group = HEADS // KV_HEADS
         keys, values = self.keys.repeat_interleave(group, 0), self.values.repeat_interleave(group, 0)
@@ -78,36 +79,51 @@ class Model:
             x = x + attn.transpose(0, 1).reshape(new, -1) @ wo
             gate, up = (torch.nn.functional.rms_norm(x, (HIDDEN,)) @ wup).chunk(2, dim=-1)
             x = x + (torch.nn.functional.silu(gate) * up) @ wdown
-        return time.perf_counter() - t0, time.thread_time() - c0
+        c1, q1 = schedstat()
+        return time.perf_counter() - t0, c1 - c0, q1 - q0
+
+
+def schedstat() -> tuple[float, float]:
+    """This thread's CPU seconds and seconds spent runnable on a run queue (Linux's schedstat). The rest of
+    a span's wall time the thread was blocked: here, waiting for the GIL."""
+    with open("/proc/thread-self/schedstat") as f:
+        cpu_ns, queued_ns, _ = f.read().split()
+    return int(cpu_ns) / 1e9, int(queued_ns) / 1e9
 
 
 @dataclass
 class Sample:
     forward: float
     forward_cpu: float
+    queued: float        # the forward pass's thread runnable, waiting for a core
     read: float
     ready: float
+
+    @property
+    def blocked(self) -> float:
+        """The forward pass's thread neither running nor runnable: waiting for the GIL."""
+        return max(0.0, self.forward - self.forward_cpu - self.queued)
 
 
 def run_mode(mode: str, model: Model, new: int, reads: dict[int, NixlKVTransport], hold: Callable[[], tuple]) -> Sample:
     if mode == "alone":
-        wall, cpu = model.forward(new)
-        return Sample(wall, cpu, 0.0, wall)
+        wall, cpu, queued = model.forward(new)
+        return Sample(wall, cpu, queued, 0.0, wall)
     way, threads = mode.split("-t")
     transport = reads[int(threads)]
     rid, n, params, port, caches = hold()
     t0 = time.perf_counter()
     if way == "defer":
         read = move(transport, port, rid, n, caches, params)[0]
-        wall, cpu = model.forward(new)
-        return Sample(wall, cpu, read, time.perf_counter() - t0)
+        wall, cpu, queued = model.forward(new)
+        return Sample(wall, cpu, queued, read, time.perf_counter() - t0)
     took: list[float] = []
     reader = threading.Thread(target=lambda: took.append(move(transport, port, rid, n, caches, params)[0]),
                               name="kv-read")
     reader.start()
-    wall, cpu = model.forward(new)
+    wall, cpu, queued = model.forward(new)
     reader.join()
-    return Sample(wall, cpu, took[0], time.perf_counter() - t0)
+    return Sample(wall, cpu, queued, took[0], time.perf_counter() - t0)
 
 
 def share_interval(diffs: list[float], rng: random.Random) -> tuple[float, float]:
@@ -168,14 +184,17 @@ def report(samples: dict[str, list[Sample]], args: argparse.Namespace, nbytes: i
     alone = [s.ready for s in samples["alone"]]
     print(f"READ {nbytes / 1e6:.1f} MB ({args.tokens} tokens); forward pass over {args.new} new tokens; "
           f"medians over {args.rounds} rounds, ms")
-    print("| mode | forward | forward CPU | READ | ready | ready - alone (% of alone, 95 % CI) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| mode | forward | its CPU | waited for a core | blocked (GIL) | READ | ready "
+          "| ready - alone (% of alone, 95 % CI) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     base = statistics.median(alone)
     for mode, rows in samples.items():
         diffs = [(s.ready - a) / base * 100 for s, a in zip(rows, alone, strict=True)]
         lo, hi = share_interval(diffs, rng) if mode != "alone" else (0.0, 0.0)
         print(f"| {mode} | {statistics.median(s.forward for s in rows) * 1e3:.1f} "
               f"| {statistics.median(s.forward_cpu for s in rows) * 1e3:.1f} "
+              f"| {statistics.median(s.queued for s in rows) * 1e3:.1f} "
+              f"| {statistics.median(s.blocked for s in rows) * 1e3:.1f} "
               f"| {statistics.median(s.read for s in rows) * 1e3:.2f} "
               f"| {statistics.median(s.ready for s in rows) * 1e3:.1f} "
               f"| {statistics.median(diffs):+.1f} % [{lo:+.1f}, {hi:+.1f}] |")
