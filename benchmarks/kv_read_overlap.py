@@ -20,10 +20,11 @@ fp32, one torch thread as `pd_transfer_share.py`'s engines), random weights, ove
 attending to ``--tokens`` cached ones (the decode leg of a PD request computes the last partial block
 and its first token). It does not wait for layers to land (the READ of a 1,000-token prompt ends long
 before the forward pass reaches its last layers). Printed per mode, medians over ``--rounds``: the
-forward pass's wall time and this thread's CPU time for it (the same CPU with a READ beside it means
-the READ slows it by taking its core or the GIL, not by memory traffic), the READ's wall time, the
-request's ready time, and that minus the same round's ``alone`` as a share of ``alone`` with a 95 %
-bootstrap interval of its median.
+forward pass's wall time split into this thread's CPU time (the same CPU with a READ beside it means the
+READ slows it by taking its core or the GIL, not by memory traffic), its time runnable but waiting for a
+core (Linux ``schedstat``) and the rest, blocked (on the GIL: nixl's ``transfer()`` holds it for a READ's
+copy); the READ's wall time, the request's ready time, and that minus the same round's ``alone`` as a
+share of ``alone`` with a 95 % bootstrap interval of its median.
 
     PYTHONPATH=src python benchmarks/kv_read_overlap.py --threads 0,1,2 --rounds 30
 """
