@@ -33,6 +33,7 @@ import argparse
 import ctypes
 import multiprocessing as mp
 import statistics
+import threading
 import time
 from multiprocessing.connection import Connection
 
@@ -41,8 +42,8 @@ from kv_transfer import BS, TRUST, block_hashes, kv_caches, move, prefill_proces
 
 from inferstack.engine.connector.nixl_agent import KVRegions, NixlAgent, _Endpoint, layer_groups
 from inferstack.engine.connector.nixl_transport import NixlKVTransport, RemoteLoad
-from inferstack.engine.connector.transfer import KVLayout
-from inferstack.engine.connector.transports import DirectRead, PullRequest
+from inferstack.engine.connector.transfer import KVLayout, KVTransferClient
+from inferstack.engine.connector.transports import DirectRead, PullRequest, TcpKVTransport
 
 PHASES = ("direct", "index", "make", "copy", "release", "claim")
 
@@ -51,7 +52,27 @@ class _IOVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-def timed_pull(transport: NixlKVTransport, port: int, rid: str, params: DirectRead, n: int) -> dict[str, float]:
+class Spinner:
+    """A Python thread counting loop iterations: how much of the GIL another thread leaves it (``--gil``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.during_copy = 0        # iterations counted while a READ was in `transfer` / polled
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, name="gil-probe", daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while not self._stop.is_set():
+            self.count += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_pull(transport: NixlKVTransport, port: int, rid: str, params: DirectRead, n: int,
+               spinner: Spinner | None = None) -> dict[str, float]:
     took = dict.fromkeys(PHASES, 0.0)
     t0 = time.perf_counter()
     fetched = transport.fetch(PullRequest("127.0.0.1", port, rid, block_hashes(n), 0, n, direct=params))
@@ -73,8 +94,11 @@ def timed_pull(transport: NixlKVTransport, port: int, rid: str, params: DirectRe
         handle = endpoint.agent.make_prepped_xfer("READ", endpoint.local, ours[rows], far, theirs[rows])
         took["make"] += time.perf_counter()
         took["copy"] -= time.perf_counter()
+        before = spinner.count if spinner is not None else 0
         _poll(endpoint, handle, endpoint is agent._bulk)
         took["copy"] += time.perf_counter()
+        if spinner is not None:
+            spinner.during_copy += spinner.count - before
         took["release"] -= time.perf_counter()
         endpoint.agent.release_xfer_handle(handle)
         took["release"] += time.perf_counter()
@@ -130,6 +154,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--plain-pages", action="store_true",
                     help="both caches in torch's own memory (4 KiB pages), not on huge pages as the engine's")
+    ap.add_argument("--gil", action="store_true",
+                    help="a Python thread spins beside the pulls: printed, its loop iterations per ms during the "
+                         "READs' copies and during the rest (0 during the copies: the copy holds the GIL, and an "
+                         "engine's forward pass beside it waits)")
+    ap.add_argument("--after-shm", action="store_true",
+                    help="an shm move of the same blocks before each NIXL pull, as kv_transfer.py's interleaved "
+                         "columns do (it leaves both caches' lines where an shm move puts them)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(b) for b in args.blocks.split(",")]
@@ -166,9 +197,20 @@ def sample(transport: NixlKVTransport, port: int, parent: Connection, pid: int, 
     rows: list[dict[str, float]] = []
     moves, cpu, cma, copies = [], [], [], []
     theirs = next(iter(transport._regions.values()))[1]
+    shm = TcpKVTransport(KVTransferClient(transport.layout, allow_shm=True)) if args.after_shm else None
+    spinner = Spinner() if args.gil else None
+    t_start = time.perf_counter()
     for i in range(args.warmup + args.pulls):
+        if shm is not None:
+            parent.send((f"n{n}-shm-{i}", n))
+            parent.recv()
+            move(shm, port, f"n{n}-shm-{i}", n, caches, None)
         parent.send((f"n{n}-{i}", n))
-        rows.append(timed_pull(transport, port, f"n{n}-{i}", parent.recv(), n))
+        rows.append(timed_pull(transport, port, f"n{n}-{i}", parent.recv(), n, spinner))
+        if shm is not None:
+            parent.send((f"n{n}-shm2-{i}", n))
+            parent.recv()
+            move(shm, port, f"n{n}-shm2-{i}", n, caches, None)
         parent.send((f"n{n}-move-{i}", n))
         params = parent.recv()
         c0 = time.process_time()
@@ -178,6 +220,14 @@ def sample(transport: NixlKVTransport, port: int, parent: Connection, pid: int, 
         cpu.append((time.process_time() - c0) * 1e3)
         cma.append(cma_ms(pid, transport.agent.regions, theirs, n))
         copies.append(memcpy_ms(caches, sources, n))
+    if shm is not None:
+        shm.close()
+    if spinner is not None:
+        spinner.stop()
+        copy_ms = sum(r["copy"] for r in rows)
+        rest_ms = (time.perf_counter() - t_start) * 1e3 - copy_ms
+        print(f"--gil, {n} blocks: a Python thread beside ran {spinner.during_copy / copy_ms:.0f} iterations/ms during "
+              f"the copies, {(spinner.count - spinner.during_copy) / rest_ms:.0f}/ms the rest of the time")
     skip = args.warmup
     columns = [*([r[p] for r in rows[skip:]] for p in PHASES), [sum(r.values()) for r in rows[skip:]],
                moves[skip:], cpu[skip:], cma[skip:], copies[skip:]]
