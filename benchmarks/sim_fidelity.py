@@ -49,6 +49,9 @@ from gateway_common import Stack, env, start_emulated_fleet, start_inferstack_ga
 
 from inferstack.bench.workloads import parse_workload
 from inferstack.gateway.requests import prompt_parts
+from inferstack.sim.calibrate import fit_hardware, served_step_samples
+from inferstack.sim.hardware import get_hardware, save_hardware_file
+from inferstack.sim.models import get_model
 from inferstack.sim.runner import SimArgs, run_simulation
 from inferstack.telemetry import promtext
 
@@ -74,14 +77,16 @@ def _unit_digests(workload: str, seed: int, n: int) -> list[str]:
     return [_prompt_digest(next(units).stages[0][0].messages) for _ in range(n)]
 
 
-def start_real_fleet(model: str, n: int) -> Stack:
-    """N real engines, one process and one torch thread each, as `inferstack up` starts them."""
+def start_real_fleet(model: str, n: int, step_logs: Path) -> Stack:
+    """N real engines, one process and one torch thread each, as `inferstack up` starts them; each writes
+    its step log to ``step_logs/engine{i}-steps.jsonl``."""
     one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     parts = []
     try:
         for i in range(n):
             parts.append(start_ready_file(f"engine{i}", [sys.executable, "-m", "inferstack", "engine", "serve",
-                                                          "--model", model, "--threads", "1", "--port", "0"],
+                                                          "--model", model, "--threads", "1", "--port", "0",
+                                                          "--step-log", str(step_logs / f"engine{i}-steps.jsonl")],
                                           timeout=300, extra_env=one))
     except BaseException:
         for p in parts:
@@ -93,8 +98,9 @@ def start_real_fleet(model: str, n: int) -> Stack:
 def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[str, list[int]], float]:
     """(bench results.json, prompt digest -> endpoint index of each of its requests in completion
     order, engines' prefix hits)."""
-    engines = start_real_fleet(a.model, a.replicas) if a.engines == "real" else start_emulated_fleet(a.profile,
-                                                                                                    a.replicas)
+    out.mkdir(parents=True, exist_ok=True)
+    engines = (start_real_fleet(a.model, a.replicas, out) if a.engines == "real"
+               else start_emulated_fleet(a.profile, a.replicas))
     urls = engines.extra["urls"]
     audit = Path(tempfile.mkdtemp(prefix="sim-fidelity-audit-"))
     try:
@@ -252,10 +258,13 @@ def table(rows: list[dict[str, object]]) -> str:
 
 
 def calibrate_cpu_profile(a: argparse.Namespace) -> tuple[Path, str]:
-    """(the `cpu` hardware file to simulate with, a line saying where it came from): ``--hardware-file``,
-    or `inferstack engine calibrate` run now (one torch thread, as the real engines serve)."""
+    """(the `cpu` hardware file to simulate with, a line saying where it came from): ``--hardware-file``;
+    or `inferstack engine calibrate` run now (``--step-model bare``: one engine alone, bare forward passes,
+    one torch thread); or the steps the fleet serves (``--step-model served``, `calibrate_on_served_steps`)."""
     if a.hardware_file is not None:
         return a.hardware_file, f"step model from {a.hardware_file}"
+    if a.step_model == "served":
+        return calibrate_on_served_steps(a)
     out = a.out / "cpu.json"
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-m", "inferstack", "engine", "calibrate", "--model", a.model,
@@ -263,6 +272,27 @@ def calibrate_cpu_profile(a: argparse.Namespace) -> tuple[Path, str]:
                           check=True, env={**env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
                           capture_output=True, text=True)
     return out, f"step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
+
+
+def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
+    """Fit the `cpu` profile on what the real engines spend per step *while serving*: the same fleet (N
+    engines, one torch thread each, side by side), gateway, workload and rate as the comparison, for
+    ``--calibrate-served-s`` seconds on another seed (``--seed`` + 1000, so the comparison's own requests
+    are not fitted), each engine logging its steps (`engine serve --step-log`). Every step is priced start
+    to next start (`served_step_samples`): the forward pass slowed by its neighbours on the shared cores,
+    plus the serving loop's host work."""
+    first = a.routing.split(",")[0]
+    run = argparse.Namespace(**{**vars(a), "seed": a.seed + 1000, "duration": a.calibrate_served_s})
+    load = os.getloadavg()[0]
+    live_run(run, first, a.out / "calibrate-served")
+    samples = [s for p in sorted((a.out / "calibrate-served").glob("engine*-steps.jsonl"))
+               for s in served_step_samples(p)]
+    hw, report = fit_hardware(get_model(a.model), samples, get_hardware("cpu"))
+    out = a.out / "cpu.json"
+    save_hardware_file(hw, out)
+    return out, (f"step model fitted on {report['steps']} served steps ({a.replicas} engines, {first}, seed "
+                 f"{run.seed}, {run.duration:.0f} s, load avg {load:.1f}): median step-time error "
+                 f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%})")
 
 
 def main() -> None:
@@ -274,6 +304,11 @@ def main() -> None:
     ap.add_argument("--hardware-file", type=Path, default=None,
                     help="--engines real: a fitted cpu profile to use; default: run `inferstack engine "
                          "calibrate` first and use what it writes to OUT/cpu.json")
+    ap.add_argument("--step-model", choices=("served", "bare"), default="served",
+                    help="--engines real without --hardware-file: fit the cpu profile on the steps the fleet "
+                         "serves in a calibration run (served) or on `inferstack engine calibrate`'s bare steps")
+    ap.add_argument("--calibrate-served-s", type=float, default=60.0,
+                    help="seconds of the served calibration run (--step-model served)")
     ap.add_argument("--repeats", type=int, default=1, help="live runs per routing profile (spread reported)")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--routing", default="round-robin,cache-aware,default")

@@ -162,6 +162,9 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     kv_events_endpoint: Annotated[str | None, typer.Option(
         help="Publish vLLM-style KV cache events on this ZMQ PUB endpoint, e.g. tcp://127.0.0.1:5557.")] = None,
+    step_log: Annotated[str | None, typer.Option(
+        help="Append one JSON line per engine step (batch shape, forward and step seconds) to this file: what "
+             "`benchmarks/sim_fidelity.py` calibrates the simulator on (docs/simulator.md).")] = None,
     enable_prefix_caching: Annotated[bool, typer.Option(
         "--enable-prefix-caching/--no-enable-prefix-caching",
         help="Reuse KV blocks of identical prompt prefixes across requests.")] = True,
@@ -263,6 +266,7 @@ def serve(
             kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,
+            step_log=step_log,
             enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
             kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
             kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret, kv_transport=kv_transport,

@@ -47,6 +47,28 @@ def load_step_samples(path: Path) -> list[StepSample]:
     return out
 
 
+def served_step_samples(path: Path, skip: int = 2) -> list[StepSample]:
+    """Step samples from a serving engine's step log (`engine serve --step-log`, `engine/steplog.py`), each
+    priced at what the engine spent on it while serving: from its start to the next step's start while
+    work was left (the forward pass, sampling, detokenization, handing tokens to the HTTP side, and any
+    wait for the CPU or the GIL in between), or the step itself when the engine went idle after it.
+    The first ``skip`` steps (one-off warm-up costs) are left out. Errors name file:line."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            work = tuple(SeqWork(int(c), int(p), bool(s)) for c, p, s in rec["work"])
+            rows.append((work, float(rec["start"]), float(rec["step_s"]), bool(rec["busy"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a step-log line ({e})") from None
+    out = []
+    for i, (work, start, step_s, busy) in enumerate(rows[:-1]):
+        out.append(StepSample(work, rows[i + 1][1] - start if busy else step_s))
+    if rows:
+        out.append(StepSample(rows[-1][0], rows[-1][2]))
+    return out[skip:]
+
+
 def _nonneg_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row y of ``ys``: min |x·c - y|² over c >= 0, exactly, for all rows at once. With 3 unknowns
     every support (subset of columns) is tried: the optimum is the least-error support whose
