@@ -49,9 +49,8 @@ from gateway_common import Stack, env, start_emulated_fleet, start_inferstack_ga
 
 from inferstack.bench.workloads import parse_workload
 from inferstack.gateway.requests import prompt_parts
-from inferstack.sim.calibrate import fit_hardware, served_step_samples
-from inferstack.sim.hardware import get_hardware, save_hardware_file
-from inferstack.sim.models import get_model
+from inferstack.sim.calibrate import fit_served_steps
+from inferstack.sim.hardware import save_hardware_file
 from inferstack.sim.runner import SimArgs, run_simulation
 from inferstack.telemetry import promtext
 
@@ -161,13 +160,24 @@ def calibrate_overheads_ms(a: argparse.Namespace) -> list[float]:
                   if r["status"] == "ok" and r["index"] in sim_ttft)
 
 
-def compare(a: argparse.Namespace, routing: str) -> dict[str, object]:
+def compare(a: argparse.Namespace, routing: str) -> list[dict[str, object]]:
+    """One row per step model (``a.profiles``), each simulated against the same live runs."""
     runs = []
     for k in range(a.repeats):
         load = os.getloadavg()[0]
         runs.append((*live_run(a, routing, a.out / f"live-{routing}-{k}"), load))
+    rows = []
+    for name, profile in a.profiles:
+        label = routing if len(a.profiles) == 1 else f"{routing} ({name} steps)"
+        sim = sim_run(argparse.Namespace(**{**vars(a), "profile": profile}), routing,
+                      a.out / f"sim-{routing}" if len(a.profiles) == 1 else a.out / f"sim-{routing}-{name}")
+        rows.append(compare_row(a, label, runs, *sim))
+    return rows
+
+
+def compare_row(a: argparse.Namespace, routing: str, runs: list, sim: dict, sim_where: dict[int, int],
+                sim_hits: float) -> dict[str, object]:
     live, live_where, live_hits, _ = runs[0]
-    sim, sim_where, sim_hits = sim_run(a, routing, a.out / f"sim-{routing}")
     row: dict[str, object] = {"routing": routing, "requests_live": live["summary"]["requests"]["completed"],
                               "requests_sim": sim["summary"]["requests"]["completed"],
                               "load_avg_1m": [round(r[3], 2) for r in runs]}
@@ -257,21 +267,21 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def calibrate_cpu_profile(a: argparse.Namespace) -> tuple[Path, str]:
+def calibrate_cpu_profile(a: argparse.Namespace, kind: str) -> tuple[Path, str]:
     """(the `cpu` hardware file to simulate with, a line saying where it came from): ``--hardware-file``;
-    or `inferstack engine calibrate` run now (``--step-model bare``: one engine alone, bare forward passes,
-    one torch thread); or the steps the fleet serves (``--step-model served``, `calibrate_on_served_steps`)."""
+    or `inferstack engine calibrate` run now (``bare``: one engine alone, bare forward passes, one torch
+    thread); or the steps the fleet serves (``served``, `calibrate_on_served_steps`)."""
     if a.hardware_file is not None:
         return a.hardware_file, f"step model from {a.hardware_file}"
-    if a.step_model == "served":
+    if kind == "served":
         return calibrate_on_served_steps(a)
-    out = a.out / "cpu.json"
+    out = a.out / "cpu-bare.json"
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-m", "inferstack", "engine", "calibrate", "--model", a.model,
                            "--threads", "1", "--out", str(out), "--samples-out", str(a.out / "cpu-steps.jsonl")],
                           check=True, env={**env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
                           capture_output=True, text=True)
-    return out, f"step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
+    return out, f"bare step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
 
 
 def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
@@ -285,12 +295,10 @@ def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
     run = argparse.Namespace(**{**vars(a), "seed": a.seed + 1000, "duration": a.calibrate_served_s})
     load = os.getloadavg()[0]
     live_run(run, first, a.out / "calibrate-served")
-    samples = [s for p in sorted((a.out / "calibrate-served").glob("engine*-steps.jsonl"))
-               for s in served_step_samples(p)]
-    hw, report = fit_hardware(get_model(a.model), samples, get_hardware("cpu"))
-    out = a.out / "cpu.json"
+    hw, report = fit_served_steps(a.model, sorted((a.out / "calibrate-served").glob("engine*-steps.jsonl")))
+    out = a.out / "cpu-served.json"
     save_hardware_file(hw, out)
-    return out, (f"step model fitted on {report['steps']} served steps ({a.replicas} engines, {first}, seed "
+    return out, (f"served step model fitted on {report['steps']} served steps ({a.replicas} engines, {first}, seed "
                  f"{run.seed}, {run.duration:.0f} s, load avg {load:.1f}): median step-time error "
                  f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%})")
 
@@ -304,9 +312,11 @@ def main() -> None:
     ap.add_argument("--hardware-file", type=Path, default=None,
                     help="--engines real: a fitted cpu profile to use; default: run `inferstack engine "
                          "calibrate` first and use what it writes to OUT/cpu.json")
-    ap.add_argument("--step-model", choices=("served", "bare"), default="served",
+    ap.add_argument("--step-model", default="served",
                     help="--engines real without --hardware-file: fit the cpu profile on the steps the fleet "
-                         "serves in a calibration run (served) or on `inferstack engine calibrate`'s bare steps")
+                         "serves in a calibration run (served) or on `inferstack engine calibrate`'s bare steps "
+                         "(bare); 'served,bare' simulates both against the same live runs (the first probes "
+                         "the request overhead)")
     ap.add_argument("--calibrate-served-s", type=float, default=60.0,
                     help="seconds of the served calibration run (--step-model served)")
     ap.add_argument("--repeats", type=int, default=1, help="live runs per routing profile (spread reported)")
@@ -325,10 +335,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="sim-fidelity-")))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    calibration = ""
+    calibration, a.profiles = "", [("", a.profile)]
     if a.engines == "real":
-        hw_file, calibration = calibrate_cpu_profile(a)
-        a.profile = f"{hw_file}:{a.model}"
+        kinds = a.step_model.split(",")
+        if not set(kinds) <= {"served", "bare"}:
+            ap.error(f"--step-model: served, bare or both, got {a.step_model!r}")
+        if a.hardware_file is not None:
+            kinds = kinds[:1]
+        fitted = [(kind, *calibrate_cpu_profile(a, kind)) for kind in kinds]
+        a.profiles = [(kind, f"{path}:{a.model}") for kind, path, _ in fitted]
+        a.profile = a.profiles[0][1]
+        calibration = "; ".join(note for _, _, note in fitted)
     mode, a.overhead_samples_ms = a.overhead_ms, []
     if mode in ("calibrate", "calibrate-dist"):
         samples = calibrate_overheads_ms(a)
@@ -341,7 +358,7 @@ def main() -> None:
     else:
         a.overhead_ms = float(mode)
         note = f"request overhead {a.overhead_ms:.1f} ms (given)"
-    rows = [compare(a, r) for r in a.routing.split(",")]
+    rows = [row for r in a.routing.split(",") for row in compare(a, r)]
     (a.out / "fidelity.json").write_text(json.dumps({"engines": a.engines, "profile": a.profile,
                                                      "calibration": calibration, "overhead": note,
                                                      "overhead_samples_ms": a.overhead_samples_ms,

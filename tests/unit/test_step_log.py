@@ -62,3 +62,35 @@ def test_served_samples_name_the_bad_line(tmp_path) -> None:
     log.write_text(_line([[0, 32, 1]], 1.0, 0.3, True) + '{"work": [[0, 32, 1]], "seconds": 0.1}\n')
     with pytest.raises(ValueError, match=rf"{log}:2: not a step-log line"):
         served_step_samples(log)
+
+
+def test_calibrate_fits_served_step_logs(tmp_path) -> None:
+    """`engine calibrate --served-steps LOG...` fits the profile on what the engines spent serving: steps 1.3x
+    the catalog `cpu` model, each followed by 2 ms of host work, give back that cost per shape."""
+    from typer.testing import CliRunner
+
+    from inferstack.cli.main import app
+    from inferstack.sim.hardware import get_hardware, load_hardware_file
+    from inferstack.sim.perf_model import step_time
+
+    model, cpu = parse_profile("cpu:smollm2-135m").model, get_hardware("cpu")
+    shapes = [[[0, n, 1]] * b for n in (32, 96, 288) for b in (1, 2)] + [[[300, 1, 1]] * b for b in range(1, 9)]
+    logs, start = [tmp_path / "engine0.jsonl", tmp_path / "engine1.jsonl"], 100.0
+    for log in logs:
+        lines = ""
+        for work in shapes * 3:
+            t = 1.3 * step_time(model, cpu, [SeqWork(c, n, bool(s)) for c, n, s in work])
+            lines += _line(work, start, t, True)
+            start += t + 0.002
+        log.write_text(lines)
+    out = tmp_path / "cpu.json"
+    result = CliRunner().invoke(app, ["engine", "calibrate", "--model", "smollm2-135m", "--out", str(out),
+                                      *[x for log in logs for x in ("--served-steps", str(log))]])
+    assert result.exit_code == 0, result.output
+    assert "steps" in result.output
+    fitted = load_hardware_file(out)
+    for work in shapes:
+        seqs = [SeqWork(c, n, bool(s)) for c, n, s in work]
+        assert step_time(model, fitted, seqs) == pytest.approx(1.3 * step_time(model, cpu, seqs) + 0.002, rel=0.08)
+    missing = CliRunner().invoke(app, ["engine", "calibrate", "--served-steps", str(tmp_path / "nope.jsonl")])
+    assert missing.exit_code == 2 and "nope.jsonl: cannot read step log" in missing.output

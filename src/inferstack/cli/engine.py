@@ -314,6 +314,9 @@ def calibrate(
                                                  "that --emulate cpu:... reads).")] = None,
     samples_out: Annotated[str | None, typer.Option(help="Also write every measured step (batch shape and "
                                                          "seconds) to this JSON-lines file.")] = None,
+    served_steps: Annotated[list[str] | None, typer.Option(
+        help="Fit on these step logs of serving engines (`engine serve --step-log`; repeat for several) instead "
+             "of measuring bare steps: each step priced start to next start, as the fleet served it.")] = None,
 ) -> None:
     """Fit the `cpu` hardware profile of the emulator to real engine steps on this machine (a few minutes).
 
@@ -322,12 +325,16 @@ def calibrate(
     from pathlib import Path
 
     from inferstack.engine.executor.emulated import calibrate_cpu
+    from inferstack.sim.calibrate import fit_served_steps
     from inferstack.sim.hardware import save_hardware_file
     from inferstack.sim.profile import calibration_path
 
     try:
-        hw, report = calibrate_cpu(model, threads, progress=lambda msg: typer.echo(f"measuring {msg}", err=True),
-                                   samples_out=Path(samples_out) if samples_out else None)
+        if served_steps:
+            hw, report = fit_served_steps(model, [Path(p) for p in served_steps])
+        else:
+            hw, report = calibrate_cpu(model, threads, progress=lambda msg: typer.echo(f"measuring {msg}", err=True),
+                                       samples_out=Path(samples_out) if samples_out else None)
     except (KeyError, ValueError) as exc:
         typer.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
         raise typer.Exit(2) from None

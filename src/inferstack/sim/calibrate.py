@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inferstack.sim.hardware import Hardware
-from inferstack.sim.models import ModelSpec
+from inferstack.sim.hardware import Hardware, get_hardware
+from inferstack.sim.models import ModelSpec, get_model
 from inferstack.sim.perf_model import SeqWork, step_cost, step_time
 
 
@@ -53,8 +53,12 @@ def served_step_samples(path: Path, skip: int = 2) -> list[StepSample]:
     work was left (the forward pass, sampling, detokenization, handing tokens to the HTTP side, and any
     wait for the CPU or the GIL in between), or the step itself when the engine went idle after it.
     The first ``skip`` steps (one-off warm-up costs) are left out. Errors name file:line."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read step log: {e.strerror}") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             rec = json.loads(line)
             work = tuple(SeqWork(int(c), int(p), bool(s)) for c, p, s in rec["work"])
@@ -67,6 +71,12 @@ def served_step_samples(path: Path, skip: int = 2) -> list[StepSample]:
     if rows:
         out.append(StepSample(rows[-1][0], rows[-1][2]))
     return out[skip:]
+
+
+def fit_served_steps(model: str, step_logs: Sequence[Path]) -> tuple[Hardware, dict[str, float]]:
+    """The `cpu` profile fitted on serving engines' step logs (`served_step_samples` of each file)."""
+    samples = [s for path in step_logs for s in served_step_samples(Path(path))]
+    return fit_hardware(get_model(model), samples, get_hardware("cpu"))
 
 
 def _nonneg_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
