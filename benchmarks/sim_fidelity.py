@@ -49,8 +49,10 @@ from gateway_common import Stack, env, start_emulated_fleet, start_inferstack_ga
 
 from inferstack.bench.workloads import parse_workload
 from inferstack.gateway.requests import prompt_parts
-from inferstack.sim.calibrate import fit_served_steps
-from inferstack.sim.hardware import save_hardware_file
+from inferstack.sim.calibrate import fit_served_steps, served_step_samples
+from inferstack.sim.hardware import load_hardware_file, save_hardware_file
+from inferstack.sim.models import get_model
+from inferstack.sim.perf_model import DecodePricing
 from inferstack.sim.runner import SimArgs, run_simulation
 from inferstack.telemetry import promtext
 
@@ -166,11 +168,17 @@ def compare(a: argparse.Namespace, routing: str) -> list[dict[str, object]]:
     for k in range(a.repeats):
         load = os.getloadavg()[0]
         runs.append((*live_run(a, routing, a.out / f"live-{routing}-{k}"), load))
+    profiles = list(a.profiles)
+    if a.engines == "real" and "live" in a.step_model.split(","):
+        # in sample: fitted on the compared runs' own steps, so only the model's structure is judged
+        hw, _ = fit_served_steps(a.model, sorted(a.out.glob(f"live-{routing}-*/engine*-steps.jsonl")))
+        save_hardware_file(hw, a.out / f"cpu-live-{routing}.json")
+        profiles.append(("live", f"{a.out / f'cpu-live-{routing}.json'}:{a.model}"))
     rows = []
-    for name, profile in a.profiles:
-        label = routing if len(a.profiles) == 1 else f"{routing} ({name} steps)"
+    for name, profile in profiles:
+        label = routing if len(profiles) == 1 else f"{routing} ({name} steps)"
         sim = sim_run(argparse.Namespace(**{**vars(a), "profile": profile}), routing,
-                      a.out / f"sim-{routing}" if len(a.profiles) == 1 else a.out / f"sim-{routing}-{name}")
+                      a.out / f"sim-{routing}" if len(profiles) == 1 else a.out / f"sim-{routing}-{name}")
         rows.append(compare_row(a, label, runs, *sim))
     return rows
 
@@ -284,6 +292,26 @@ def calibrate_cpu_profile(a: argparse.Namespace, kind: str) -> tuple[Path, str]:
     return out, f"bare step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
 
 
+def colocation_slowdown(logs: list[Path], hw_file: Path, model: str) -> dict[str, float]:
+    """How much a served step costs while another engine on the same cores is stepping against while none
+    is: each step's served time over the fitted model's price for its shape, median of the steps that
+    overlap other engines' steps for more than 80 % of their time, and of those that overlap less than
+    20 %. The step model has no term for it (a replica's step does not depend on its neighbours)."""
+    pricing = DecodePricing(get_model(model), load_hardware_file(hw_file))
+    starts = {p: [json.loads(line)["start"] for line in p.read_text().splitlines()] for p in logs}
+    steps = {p: list(zip(starts[p], served_step_samples(p, skip=0), strict=True)) for p in logs}
+    alone, together = [], []
+    for p in logs:
+        others = [(t, t + s.seconds) for q in logs if q != p for t, s in steps[q]]
+        for t, s in steps[p][2:]:
+            shared = sum(max(0.0, min(t + s.seconds, b) - max(t, a)) for a, b in others) / s.seconds
+            ratio = s.seconds / pricing.step_time([(w.context, w.new_tokens, w.samples) for w in s.work])
+            (alone if shared < 0.2 else together if shared > 0.8 else []).append(ratio)
+    med = statistics.median
+    return {"alone": med(alone) if alone else float("nan"), "alone_n": len(alone),
+            "together": med(together) if together else float("nan"), "together_n": len(together)}
+
+
 def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
     """Fit the `cpu` profile on what the real engines spend per step *while serving*: the same fleet (N
     engines, one torch thread each, side by side), gateway, workload and rate as the comparison, for
@@ -295,12 +323,16 @@ def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
     run = argparse.Namespace(**{**vars(a), "seed": a.seed + 1000, "duration": a.calibrate_served_s})
     load = os.getloadavg()[0]
     live_run(run, first, a.out / "calibrate-served")
-    hw, report = fit_served_steps(a.model, sorted((a.out / "calibrate-served").glob("engine*-steps.jsonl")))
+    logs = sorted((a.out / "calibrate-served").glob("engine*-steps.jsonl"))
+    hw, report = fit_served_steps(a.model, logs)
     out = a.out / "cpu-served.json"
     save_hardware_file(hw, out)
+    co = colocation_slowdown(logs, out, a.model)
     return out, (f"served step model fitted on {report['steps']} served steps ({a.replicas} engines, {first}, seed "
                  f"{run.seed}, {run.duration:.0f} s, load avg {load:.1f}): median step-time error "
-                 f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%})")
+                 f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%}); served ÷ fitted step "
+                 f"{co['alone']:.2f} while the other engines were idle ({co['alone_n']} steps), {co['together']:.2f} "
+                 f"while they stepped too ({co['together_n']})")
 
 
 def main() -> None:
@@ -316,7 +348,8 @@ def main() -> None:
                     help="--engines real without --hardware-file: fit the cpu profile on the steps the fleet "
                          "serves in a calibration run (served) or on `inferstack engine calibrate`'s bare steps "
                          "(bare); 'served,bare' simulates both against the same live runs (the first probes "
-                         "the request overhead)")
+                         "the request overhead); 'live' adds a profile fitted on the compared live runs' own "
+                         "steps (in sample: judges the model's structure, not its prediction)")
     ap.add_argument("--calibrate-served-s", type=float, default=60.0,
                     help="seconds of the served calibration run (--step-model served)")
     ap.add_argument("--repeats", type=int, default=1, help="live runs per routing profile (spread reported)")
@@ -338,10 +371,9 @@ def main() -> None:
     calibration, a.profiles = "", [("", a.profile)]
     if a.engines == "real":
         kinds = a.step_model.split(",")
-        if not set(kinds) <= {"served", "bare"}:
-            ap.error(f"--step-model: served, bare or both, got {a.step_model!r}")
-        if a.hardware_file is not None:
-            kinds = kinds[:1]
+        if not set(kinds) <= {"served", "bare", "live"} or kinds[0] == "live":
+            ap.error(f"--step-model: served and/or bare, then optionally live; got {a.step_model!r}")
+        kinds = [k for k in kinds if k != "live"][:1 if a.hardware_file is not None else None]
         fitted = [(kind, *calibrate_cpu_profile(a, kind)) for kind in kinds]
         a.profiles = [(kind, f"{path}:{a.model}") for kind, path, _ in fitted]
         a.profile = a.profiles[0][1]

@@ -94,3 +94,20 @@ def test_calibrate_fits_served_step_logs(tmp_path) -> None:
         assert step_time(model, fitted, seqs) == pytest.approx(1.3 * step_time(model, cpu, seqs) + 0.002, rel=0.08)
     missing = CliRunner().invoke(app, ["engine", "calibrate", "--served-steps", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2 and "nope.jsonl: cannot read step log" in missing.output
+
+
+def test_mean_unbiased_fit_prices_noisy_steps_at_their_mean() -> None:
+    """Served steps of one shape scatter (neighbours on the cores): weighting by 1/measured fits them below
+    their mean (the fast ones count more), which shortens every simulated latency; the served fit prices
+    them at their mean."""
+    from inferstack.sim.calibrate import fit_hardware
+    from inferstack.sim.hardware import get_hardware
+    from inferstack.sim.perf_model import step_time
+
+    model, cpu = parse_profile("cpu:smollm2-135m").model, get_hardware("cpu")
+    shapes = [(SeqWork(0, n),) * b for n in (32, 128) for b in (1, 2)] + [(SeqWork(200, 1),) * b for b in (1, 2, 4)]
+    samples = [StepSample(w, k * step_time(model, cpu, w)) for w in shapes for k in (0.7, 1.3)]
+    _, plain = fit_hardware(model, samples, cpu)
+    _, served = fit_hardware(model, samples, cpu, mean_unbiased=True)
+    assert plain["mean_ratio"] < 0.9
+    assert served["mean_ratio"] == pytest.approx(1.0, abs=0.03)
