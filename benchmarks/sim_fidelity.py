@@ -15,14 +15,16 @@ engines' prefix-cache hit counters (/metrics) against the simulated engines' (th
 
 Against real CPU engines (``--engines real``): N ``inferstack engine serve --model MODEL --threads 1``
 processes (what ``inferstack up`` starts, one torch thread each, the default CPU batch cap) instead of
-the emulated fleet, and the simulator on the `cpu` profile that ``inferstack engine calibrate`` fits on
-this machine just before (``--hardware-file`` reuses a fitted one). The request overhead probe runs on
-emulated engines of that profile (the same HTTP/tokenization path, step times exactly the model), so it
-does not absorb the step model's error. The one command the lead reruns on a quiet machine:
+the emulated fleet, and the simulator on the `cpu` profile fitted just before on the steps that fleet
+serves in a calibration run of its own (``--step-model served``, `calibrate_on_served_steps`; ``bare``: on
+``inferstack engine calibrate``'s steps of one engine alone; ``--hardware-file`` reuses a fitted one).
+The request overhead probe runs on emulated engines of that profile (the same HTTP/tokenization path,
+step times exactly the model), so it does not absorb the step model's error. The one command the lead
+reruns on a quiet machine:
 
     PYTHONPATH=src python benchmarks/sim_fidelity.py --engines real --replicas 2 --routing round-robin \
         --workload shared-prefix:groups=2,users=4,system=256,question=32,output=32 --rate 1 --duration 60 \
-        --repeats 2 --overhead-ms calibrate --out /tmp/sim-fidelity-cpu
+        --repeats 2 --overhead-ms calibrate --step-model served,bare,live --out /tmp/sim-fidelity-cpu
 
 ``--repeats N`` runs each live configuration N times: the live value is the median of the runs, and the
 table shows the runs' own spread ((max - min) / median) next to the simulator's error, since a live
