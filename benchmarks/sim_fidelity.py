@@ -200,6 +200,8 @@ def compare_row(a: argparse.Namespace, routing: str, runs: list, sim: dict, sim_
             row[f"{m}_{p}_live_runs_ms"] = [v * 1e3 for v in values]
             row[f"{m}_{p}_spread"] = (max(values) - min(values)) / lv
     row["ttft_gap_ms"] = ttft_gap(live, sim)
+    if a.engines == "real":
+        row["live_busy_share"] = busy_share(sorted(a.out.glob(f"live-{routing.split()[0]}-0/engine*-steps.jsonl")))
     ok = [r["ttft_s"] for r in live["requests"] if r["status"] == "ok"]
     row["live_ttft_mean_ms"] = statistics.fmean(ok) * 1e3 if ok else None
     row["live_engine_ttft_mean_ms"] = live["engine_ttft_mean_s"] * 1e3
@@ -314,6 +316,18 @@ def colocation_slowdown(logs: list[Path], hw_file: Path, model: str) -> dict[str
             "together": med(together) if together else float("nan"), "together_n": len(together)}
 
 
+def busy_share(logs: list[Path]) -> float:
+    """Mean share of the time between its first and last step that an engine spent stepping (served
+    steps): near 1 the fleet runs near saturation, where a few % of step time move latencies by far more."""
+    shares = []
+    for p in logs:
+        starts = [json.loads(line)["start"] for line in p.read_text().splitlines()]
+        steps = served_step_samples(p, skip=0)
+        if len(steps) > 1:
+            shares.append(sum(s.seconds for s in steps) / (starts[-1] + steps[-1].seconds - starts[0]))
+    return statistics.fmean(shares) if shares else float("nan")
+
+
 def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
     """Fit the `cpu` profile on what the real engines spend per step *while serving*: the same fleet (N
     engines, one torch thread each, side by side), gateway, workload and rate as the comparison, for
@@ -405,7 +419,9 @@ def main() -> None:
                      f"<= {g['inflight_cut']:.0f} in flight {g['low_inflight_p50']:.1f} ms, "
                      f"above {g['high_inflight_p50']:.1f} ms; live mean TTFT {r['live_ttft_mean_ms']:.1f} ms, "
                      f"of which inside the engines {r['live_engine_ttft_mean_ms']:.1f} ms; simulated mean "
-                     f"{r['sim_ttft_mean_ms']:.1f} ms (overhead {a.overhead_ms:.1f} ms included)")
+                     f"{r['sim_ttft_mean_ms']:.1f} ms (overhead {a.overhead_ms:.1f} ms included)"
+                     + (f"; live engines busy {r['live_busy_share']:.0%} of the time"
+                        if "live_busy_share" in r else ""))
     (a.out / "fidelity.md").write_text(text + "\n")
     print(text)
 
