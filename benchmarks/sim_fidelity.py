@@ -351,6 +351,29 @@ def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
                  f"while they stepped too ({co['together_n']})")
 
 
+def step_models(a: argparse.Namespace, ap: argparse.ArgumentParser) -> list[str]:
+    """The profiles to fit before the live runs (``--step-model`` less ``live``, which is fitted after)."""
+    kinds = a.step_model.split(",")
+    if not set(kinds) <= {"served", "bare", "live"} or kinds[0] == "live":
+        ap.error(f"--step-model: served and/or bare, then optionally live; got {a.step_model!r}")
+    return [k for k in kinds if k != "live"][:1 if a.hardware_file is not None else None]
+
+
+def request_overhead(a: argparse.Namespace) -> str:
+    """Sets ``a.overhead_ms`` (and ``a.overhead_samples_ms``) from ``--overhead-ms``; returns what it did."""
+    mode, a.overhead_samples_ms = a.overhead_ms, []
+    if mode not in ("calibrate", "calibrate-dist"):
+        a.overhead_ms = float(mode)
+        return f"request overhead {a.overhead_ms:.1f} ms (given)"
+    samples = calibrate_overheads_ms(a)
+    a.overhead_ms = statistics.median(samples)
+    if mode == "calibrate-dist":
+        a.overhead_samples_ms = samples
+    return (f"request overhead calibrated on {len(samples)} probe requests: median {a.overhead_ms:.1f} ms, "
+            f"p90 {samples[int(0.9 * (len(samples) - 1))]:.1f} ms; simulated with "
+            f"{'each request drawing one' if mode == 'calibrate-dist' else 'the median'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", choices=("emulated", "real"), default="emulated",
@@ -358,14 +381,15 @@ def main() -> None:
     ap.add_argument("--profile", default="l4:llama-3-8b", help="emulation profile (--engines emulated)")
     ap.add_argument("--model", default="smollm2-135m", help="real engines' model (--engines real)")
     ap.add_argument("--hardware-file", type=Path, default=None,
-                    help="--engines real: a fitted cpu profile to use; default: run `inferstack engine "
-                         "calibrate` first and use what it writes to OUT/cpu.json")
+                    help="--engines real: a fitted cpu profile to use instead of fitting one now "
+                         "(--step-model; OUT/cpu-served.json, OUT/cpu-bare.json)")
     ap.add_argument("--step-model", default="served",
                     help="--engines real without --hardware-file: fit the cpu profile on the steps the fleet "
                          "serves in a calibration run (served) or on `inferstack engine calibrate`'s bare steps "
-                         "(bare); 'served,bare' simulates both against the same live runs (the first probes "
-                         "the request overhead); 'live' adds a profile fitted on the compared live runs' own "
-                         "steps (in sample: judges the model's structure, not its prediction)")
+                         "(bare); 'served,bare' simulates both against the same live runs (the overhead probe "
+                         "uses the bare profile, or the catalog cpu one); 'live' adds a profile fitted on the "
+                         "compared live runs' own steps (in sample: judges the model's structure, not its "
+                         "prediction)")
     ap.add_argument("--calibrate-served-s", type=float, default=60.0,
                     help="seconds of the served calibration run (--step-model served)")
     ap.add_argument("--repeats", type=int, default=1, help="live runs per routing profile (spread reported)")
@@ -385,27 +409,19 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     calibration, a.profiles = "", [("", a.profile)]
-    if a.engines == "real":
-        kinds = a.step_model.split(",")
-        if not set(kinds) <= {"served", "bare", "live"} or kinds[0] == "live":
-            ap.error(f"--step-model: served and/or bare, then optionally live; got {a.step_model!r}")
-        kinds = [k for k in kinds if k != "live"][:1 if a.hardware_file is not None else None]
-        fitted = [(kind, *calibrate_cpu_profile(a, kind)) for kind in kinds]
-        a.profiles = [(kind, f"{path}:{a.model}") for kind, path, _ in fitted]
+    kinds = step_models(a, ap) if a.engines == "real" else []
+    # bare first, then the overhead probe, then the served calibration run: right before the live runs it
+    # prices, so the neighbours' load drifts as little as possible in between
+    done = {k: calibrate_cpu_profile(a, k) for k in kinds if k != "served"}
+    if kinds:
+        a.profile = f"{next(iter(done.values()))[0]}:{a.model}" if done else f"cpu:{a.model}"
+    note = request_overhead(a)
+    if "served" in kinds:
+        done["served"] = calibrate_cpu_profile(a, "served")
+    if kinds:
+        a.profiles = [(k, f"{done[k][0]}:{a.model}") for k in kinds]
         a.profile = a.profiles[0][1]
-        calibration = "; ".join(note for _, _, note in fitted)
-    mode, a.overhead_samples_ms = a.overhead_ms, []
-    if mode in ("calibrate", "calibrate-dist"):
-        samples = calibrate_overheads_ms(a)
-        a.overhead_ms = statistics.median(samples)
-        if mode == "calibrate-dist":
-            a.overhead_samples_ms = samples
-        note = (f"request overhead calibrated on {len(samples)} probe requests: median {a.overhead_ms:.1f} ms, "
-                f"p90 {samples[int(0.9 * (len(samples) - 1))]:.1f} ms; simulated with "
-                f"{'each request drawing one' if mode == 'calibrate-dist' else 'the median'}")
-    else:
-        a.overhead_ms = float(mode)
-        note = f"request overhead {a.overhead_ms:.1f} ms (given)"
+        calibration = "; ".join(done[k][1] for k in kinds)
     rows = [row for r in a.routing.split(",") for row in compare(a, r)]
     (a.out / "fidelity.json").write_text(json.dumps({"engines": a.engines, "profile": a.profile,
                                                      "calibration": calibration, "overhead": note,
