@@ -15,14 +15,16 @@ engines' prefix-cache hit counters (/metrics) against the simulated engines' (th
 
 Against real CPU engines (``--engines real``): N ``inferstack engine serve --model MODEL --threads 1``
 processes (what ``inferstack up`` starts, one torch thread each, the default CPU batch cap) instead of
-the emulated fleet, and the simulator on the `cpu` profile that ``inferstack engine calibrate`` fits on
-this machine just before (``--hardware-file`` reuses a fitted one). The request overhead probe runs on
-emulated engines of that profile (the same HTTP/tokenization path, step times exactly the model), so it
-does not absorb the step model's error. The one command the lead reruns on a quiet machine:
+the emulated fleet, and the simulator on the `cpu` profile fitted just before on the steps that fleet
+serves in a calibration run of its own (``--step-model served``, `calibrate_on_served_steps`; ``bare``: on
+``inferstack engine calibrate``'s steps of one engine alone; ``--hardware-file`` reuses a fitted one).
+The request overhead probe runs on emulated engines of that profile (the same HTTP/tokenization path,
+step times exactly the model), so it does not absorb the step model's error. The one command the lead
+reruns on a quiet machine:
 
     PYTHONPATH=src python benchmarks/sim_fidelity.py --engines real --replicas 2 --routing round-robin \
         --workload shared-prefix:groups=2,users=4,system=256,question=32,output=32 --rate 1 --duration 60 \
-        --repeats 2 --overhead-ms calibrate --out /tmp/sim-fidelity-cpu
+        --repeats 2 --overhead-ms calibrate --step-model served,bare,live --out /tmp/sim-fidelity-cpu
 
 ``--repeats N`` runs each live configuration N times: the live value is the median of the runs, and the
 table shows the runs' own spread ((max - min) / median) next to the simulator's error, since a live
@@ -49,6 +51,10 @@ from gateway_common import Stack, env, start_emulated_fleet, start_inferstack_ga
 
 from inferstack.bench.workloads import parse_workload
 from inferstack.gateway.requests import prompt_parts
+from inferstack.sim.calibrate import fit_served_steps, served_step_samples
+from inferstack.sim.hardware import load_hardware_file, save_hardware_file
+from inferstack.sim.models import get_model
+from inferstack.sim.perf_model import DecodePricing
 from inferstack.sim.runner import SimArgs, run_simulation
 from inferstack.telemetry import promtext
 
@@ -74,14 +80,16 @@ def _unit_digests(workload: str, seed: int, n: int) -> list[str]:
     return [_prompt_digest(next(units).stages[0][0].messages) for _ in range(n)]
 
 
-def start_real_fleet(model: str, n: int) -> Stack:
-    """N real engines, one process and one torch thread each, as `inferstack up` starts them."""
+def start_real_fleet(model: str, n: int, step_logs: Path) -> Stack:
+    """N real engines, one process and one torch thread each, as `inferstack up` starts them; each writes
+    its step log to ``step_logs/engine{i}-steps.jsonl``."""
     one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     parts = []
     try:
         for i in range(n):
             parts.append(start_ready_file(f"engine{i}", [sys.executable, "-m", "inferstack", "engine", "serve",
-                                                          "--model", model, "--threads", "1", "--port", "0"],
+                                                          "--model", model, "--threads", "1", "--port", "0",
+                                                          "--step-log", str(step_logs / f"engine{i}-steps.jsonl")],
                                           timeout=300, extra_env=one))
     except BaseException:
         for p in parts:
@@ -93,8 +101,9 @@ def start_real_fleet(model: str, n: int) -> Stack:
 def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[str, list[int]], float]:
     """(bench results.json, prompt digest -> endpoint index of each of its requests in completion
     order, engines' prefix hits)."""
-    engines = start_real_fleet(a.model, a.replicas) if a.engines == "real" else start_emulated_fleet(a.profile,
-                                                                                                    a.replicas)
+    out.mkdir(parents=True, exist_ok=True)
+    engines = (start_real_fleet(a.model, a.replicas, out) if a.engines == "real"
+               else start_emulated_fleet(a.profile, a.replicas))
     urls = engines.extra["urls"]
     audit = Path(tempfile.mkdtemp(prefix="sim-fidelity-audit-"))
     try:
@@ -155,13 +164,30 @@ def calibrate_overheads_ms(a: argparse.Namespace) -> list[float]:
                   if r["status"] == "ok" and r["index"] in sim_ttft)
 
 
-def compare(a: argparse.Namespace, routing: str) -> dict[str, object]:
+def compare(a: argparse.Namespace, routing: str) -> list[dict[str, object]]:
+    """One row per step model (``a.profiles``), each simulated against the same live runs."""
     runs = []
     for k in range(a.repeats):
         load = os.getloadavg()[0]
         runs.append((*live_run(a, routing, a.out / f"live-{routing}-{k}"), load))
+    profiles = list(a.profiles)
+    if a.engines == "real" and "live" in a.step_model.split(","):
+        # in sample: fitted on the compared runs' own steps, so only the model's structure is judged
+        hw, _ = fit_served_steps(a.model, sorted(a.out.glob(f"live-{routing}-*/engine*-steps.jsonl")))
+        save_hardware_file(hw, a.out / f"cpu-live-{routing}.json")
+        profiles.append(("live", f"{a.out / f'cpu-live-{routing}.json'}:{a.model}"))
+    rows = []
+    for name, profile in profiles:
+        label = routing if len(profiles) == 1 else f"{routing} ({name} steps)"
+        sim = sim_run(argparse.Namespace(**{**vars(a), "profile": profile}), routing,
+                      a.out / f"sim-{routing}" if len(profiles) == 1 else a.out / f"sim-{routing}-{name}")
+        rows.append(compare_row(a, label, runs, *sim))
+    return rows
+
+
+def compare_row(a: argparse.Namespace, routing: str, runs: list, sim: dict, sim_where: dict[int, int],
+                sim_hits: float) -> dict[str, object]:
     live, live_where, live_hits, _ = runs[0]
-    sim, sim_where, sim_hits = sim_run(a, routing, a.out / f"sim-{routing}")
     row: dict[str, object] = {"routing": routing, "requests_live": live["summary"]["requests"]["completed"],
                               "requests_sim": sim["summary"]["requests"]["completed"],
                               "load_avg_1m": [round(r[3], 2) for r in runs]}
@@ -174,6 +200,8 @@ def compare(a: argparse.Namespace, routing: str) -> dict[str, object]:
             row[f"{m}_{p}_live_runs_ms"] = [v * 1e3 for v in values]
             row[f"{m}_{p}_spread"] = (max(values) - min(values)) / lv
     row["ttft_gap_ms"] = ttft_gap(live, sim)
+    if a.engines == "real":
+        row["live_busy_share"] = busy_share(sorted(a.out.glob(f"live-{routing.split()[0]}-0/engine*-steps.jsonl")))
     ok = [r["ttft_s"] for r in live["requests"] if r["status"] == "ok"]
     row["live_ttft_mean_ms"] = statistics.fmean(ok) * 1e3 if ok else None
     row["live_engine_ttft_mean_ms"] = live["engine_ttft_mean_s"] * 1e3
@@ -251,18 +279,99 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def calibrate_cpu_profile(a: argparse.Namespace) -> tuple[Path, str]:
-    """(the `cpu` hardware file to simulate with, a line saying where it came from): ``--hardware-file``,
-    or `inferstack engine calibrate` run now (one torch thread, as the real engines serve)."""
+def calibrate_cpu_profile(a: argparse.Namespace, kind: str) -> tuple[Path, str]:
+    """(the `cpu` hardware file to simulate with, a line saying where it came from): ``--hardware-file``;
+    or `inferstack engine calibrate` run now (``bare``: one engine alone, bare forward passes, one torch
+    thread); or the steps the fleet serves (``served``, `calibrate_on_served_steps`)."""
     if a.hardware_file is not None:
         return a.hardware_file, f"step model from {a.hardware_file}"
-    out = a.out / "cpu.json"
+    if kind == "served":
+        return calibrate_on_served_steps(a)
+    out = a.out / "cpu-bare.json"
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-m", "inferstack", "engine", "calibrate", "--model", a.model,
                            "--threads", "1", "--out", str(out), "--samples-out", str(a.out / "cpu-steps.jsonl")],
                           check=True, env={**env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
                           capture_output=True, text=True)
-    return out, f"step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
+    return out, f"bare step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
+
+
+def colocation_slowdown(logs: list[Path], hw_file: Path, model: str) -> dict[str, float]:
+    """How much a served step costs while another engine on the same cores is stepping against while none
+    is: each step's served time over the fitted model's price for its shape, median of the steps that
+    overlap other engines' steps for more than 80 % of their time, and of those that overlap less than
+    20 %. The step model has no term for it (a replica's step does not depend on its neighbours)."""
+    pricing = DecodePricing(get_model(model), load_hardware_file(hw_file))
+    starts = {p: [json.loads(line)["start"] for line in p.read_text().splitlines()] for p in logs}
+    steps = {p: list(zip(starts[p], served_step_samples(p, skip=0), strict=True)) for p in logs}
+    alone, together = [], []
+    for p in logs:
+        others = [(t, t + s.seconds) for q in logs if q != p for t, s in steps[q]]
+        for t, s in steps[p][2:]:
+            shared = sum(max(0.0, min(t + s.seconds, b) - max(t, a)) for a, b in others) / s.seconds
+            ratio = s.seconds / pricing.step_time([(w.context, w.new_tokens, w.samples) for w in s.work])
+            (alone if shared < 0.2 else together if shared > 0.8 else []).append(ratio)
+    med = statistics.median
+    return {"alone": med(alone) if alone else float("nan"), "alone_n": len(alone),
+            "together": med(together) if together else float("nan"), "together_n": len(together)}
+
+
+def busy_share(logs: list[Path]) -> float:
+    """Mean share of the time between its first and last step that an engine spent stepping (served
+    steps): near 1 the fleet runs near saturation, where a few % of step time move latencies by far more."""
+    shares = []
+    for p in logs:
+        starts = [json.loads(line)["start"] for line in p.read_text().splitlines()]
+        steps = served_step_samples(p, skip=0)
+        if len(steps) > 1:
+            shares.append(sum(s.seconds for s in steps) / (starts[-1] + steps[-1].seconds - starts[0]))
+    return statistics.fmean(shares) if shares else float("nan")
+
+
+def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
+    """Fit the `cpu` profile on what the real engines spend per step *while serving*: the same fleet (N
+    engines, one torch thread each, side by side), gateway, workload and rate as the comparison, for
+    ``--calibrate-served-s`` seconds on another seed (``--seed`` + 1000, so the comparison's own requests
+    are not fitted), each engine logging its steps (`engine serve --step-log`). Every step is priced start
+    to next start (`served_step_samples`): the forward pass slowed by its neighbours on the shared cores,
+    plus the serving loop's host work."""
+    first = a.routing.split(",")[0]
+    run = argparse.Namespace(**{**vars(a), "seed": a.seed + 1000, "duration": a.calibrate_served_s})
+    load = os.getloadavg()[0]
+    live_run(run, first, a.out / "calibrate-served")
+    logs = sorted((a.out / "calibrate-served").glob("engine*-steps.jsonl"))
+    hw, report = fit_served_steps(a.model, logs)
+    out = a.out / "cpu-served.json"
+    save_hardware_file(hw, out)
+    co = colocation_slowdown(logs, out, a.model)
+    return out, (f"served step model fitted on {report['steps']} served steps ({a.replicas} engines, {first}, seed "
+                 f"{run.seed}, {run.duration:.0f} s, load avg {load:.1f}): median step-time error "
+                 f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%}); served ÷ fitted step "
+                 f"{co['alone']:.2f} while the other engines were idle ({co['alone_n']} steps), {co['together']:.2f} "
+                 f"while they stepped too ({co['together_n']})")
+
+
+def step_models(a: argparse.Namespace, ap: argparse.ArgumentParser) -> list[str]:
+    """The profiles to fit before the live runs (``--step-model`` less ``live``, which is fitted after)."""
+    kinds = a.step_model.split(",")
+    if not set(kinds) <= {"served", "bare", "live"} or kinds[0] == "live":
+        ap.error(f"--step-model: served and/or bare, then optionally live; got {a.step_model!r}")
+    return [k for k in kinds if k != "live"][:1 if a.hardware_file is not None else None]
+
+
+def request_overhead(a: argparse.Namespace) -> str:
+    """Sets ``a.overhead_ms`` (and ``a.overhead_samples_ms``) from ``--overhead-ms``; returns what it did."""
+    mode, a.overhead_samples_ms = a.overhead_ms, []
+    if mode not in ("calibrate", "calibrate-dist"):
+        a.overhead_ms = float(mode)
+        return f"request overhead {a.overhead_ms:.1f} ms (given)"
+    samples = calibrate_overheads_ms(a)
+    a.overhead_ms = statistics.median(samples)
+    if mode == "calibrate-dist":
+        a.overhead_samples_ms = samples
+    return (f"request overhead calibrated on {len(samples)} probe requests: median {a.overhead_ms:.1f} ms, "
+            f"p90 {samples[int(0.9 * (len(samples) - 1))]:.1f} ms; simulated with "
+            f"{'each request drawing one' if mode == 'calibrate-dist' else 'the median'}")
 
 
 def main() -> None:
@@ -272,8 +381,17 @@ def main() -> None:
     ap.add_argument("--profile", default="l4:llama-3-8b", help="emulation profile (--engines emulated)")
     ap.add_argument("--model", default="smollm2-135m", help="real engines' model (--engines real)")
     ap.add_argument("--hardware-file", type=Path, default=None,
-                    help="--engines real: a fitted cpu profile to use; default: run `inferstack engine "
-                         "calibrate` first and use what it writes to OUT/cpu.json")
+                    help="--engines real: a fitted cpu profile to use instead of fitting one now "
+                         "(--step-model; OUT/cpu-served.json, OUT/cpu-bare.json)")
+    ap.add_argument("--step-model", default="served",
+                    help="--engines real without --hardware-file: fit the cpu profile on the steps the fleet "
+                         "serves in a calibration run (served) or on `inferstack engine calibrate`'s bare steps "
+                         "(bare); 'served,bare' simulates both against the same live runs (the overhead probe "
+                         "uses the bare profile, or the catalog cpu one); 'live' adds a profile fitted on the "
+                         "compared live runs' own steps (in sample: judges the model's structure, not its "
+                         "prediction)")
+    ap.add_argument("--calibrate-served-s", type=float, default=60.0,
+                    help="seconds of the served calibration run (--step-model served)")
     ap.add_argument("--repeats", type=int, default=1, help="live runs per routing profile (spread reported)")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--routing", default="round-robin,cache-aware,default")
@@ -290,23 +408,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="sim-fidelity-")))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    calibration = ""
-    if a.engines == "real":
-        hw_file, calibration = calibrate_cpu_profile(a)
-        a.profile = f"{hw_file}:{a.model}"
-    mode, a.overhead_samples_ms = a.overhead_ms, []
-    if mode in ("calibrate", "calibrate-dist"):
-        samples = calibrate_overheads_ms(a)
-        a.overhead_ms = statistics.median(samples)
-        if mode == "calibrate-dist":
-            a.overhead_samples_ms = samples
-        note = (f"request overhead calibrated on {len(samples)} probe requests: median {a.overhead_ms:.1f} ms, "
-                f"p90 {samples[int(0.9 * (len(samples) - 1))]:.1f} ms; simulated with "
-                f"{'each request drawing one' if mode == 'calibrate-dist' else 'the median'}")
-    else:
-        a.overhead_ms = float(mode)
-        note = f"request overhead {a.overhead_ms:.1f} ms (given)"
-    rows = [compare(a, r) for r in a.routing.split(",")]
+    calibration, a.profiles = "", [("", a.profile)]
+    kinds = step_models(a, ap) if a.engines == "real" else []
+    # bare first, then the overhead probe, then the served calibration run: right before the live runs it
+    # prices, so the neighbours' load drifts as little as possible in between
+    done = {k: calibrate_cpu_profile(a, k) for k in kinds if k != "served"}
+    if kinds:
+        a.profile = f"{next(iter(done.values()))[0]}:{a.model}" if done else f"cpu:{a.model}"
+    note = request_overhead(a)
+    if "served" in kinds:
+        done["served"] = calibrate_cpu_profile(a, "served")
+    if kinds:
+        a.profiles = [(k, f"{done[k][0]}:{a.model}") for k in kinds]
+        a.profile = a.profiles[0][1]
+        calibration = "; ".join(done[k][1] for k in kinds)
+    rows = [row for r in a.routing.split(",") for row in compare(a, r)]
     (a.out / "fidelity.json").write_text(json.dumps({"engines": a.engines, "profile": a.profile,
                                                      "calibration": calibration, "overhead": note,
                                                      "overhead_samples_ms": a.overhead_samples_ms,
@@ -319,7 +435,9 @@ def main() -> None:
                      f"<= {g['inflight_cut']:.0f} in flight {g['low_inflight_p50']:.1f} ms, "
                      f"above {g['high_inflight_p50']:.1f} ms; live mean TTFT {r['live_ttft_mean_ms']:.1f} ms, "
                      f"of which inside the engines {r['live_engine_ttft_mean_ms']:.1f} ms; simulated mean "
-                     f"{r['sim_ttft_mean_ms']:.1f} ms (overhead {a.overhead_ms:.1f} ms included)")
+                     f"{r['sim_ttft_mean_ms']:.1f} ms (overhead {a.overhead_ms:.1f} ms included)"
+                     + (f"; live engines busy {r['live_busy_share']:.0%} of the time"
+                        if "live_busy_share" in r else ""))
     (a.out / "fidelity.md").write_text(text + "\n")
     print(text)
 

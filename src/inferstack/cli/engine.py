@@ -164,6 +164,9 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     kv_events_endpoint: Annotated[str | None, typer.Option(
         help="Publish vLLM-style KV cache events on this ZMQ PUB endpoint, e.g. tcp://127.0.0.1:5557.")] = None,
+    step_log: Annotated[str | None, typer.Option(
+        help="Append one JSON line per engine step (batch shape, forward and step seconds) to this file: what "
+             "`benchmarks/sim_fidelity.py` calibrates the simulator on (docs/simulator.md).")] = None,
     enable_prefix_caching: Annotated[bool, typer.Option(
         "--enable-prefix-caching/--no-enable-prefix-caching",
         help="Reuse KV blocks of identical prompt prefixes across requests.")] = True,
@@ -265,6 +268,7 @@ def serve(
             kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             scheduling_policy=scheduling_policy, threads=threads, kv_events_endpoint=kv_events_endpoint,
+            step_log=step_log,
             enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
             kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
             kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret, kv_transport=kv_transport,
@@ -312,6 +316,9 @@ def calibrate(
                                                  "that --emulate cpu:... reads).")] = None,
     samples_out: Annotated[str | None, typer.Option(help="Also write every measured step (batch shape and "
                                                          "seconds) to this JSON-lines file.")] = None,
+    served_steps: Annotated[list[str] | None, typer.Option(
+        help="Fit on these step logs of serving engines (`engine serve --step-log`; repeat for several) instead "
+             "of measuring bare steps: each step priced start to next start, as the fleet served it.")] = None,
 ) -> None:
     """Fit the `cpu` hardware profile of the emulator to real engine steps on this machine (a few minutes).
 
@@ -320,12 +327,16 @@ def calibrate(
     from pathlib import Path
 
     from inferstack.engine.executor.emulated import calibrate_cpu
+    from inferstack.sim.calibrate import fit_served_steps
     from inferstack.sim.hardware import save_hardware_file
     from inferstack.sim.profile import calibration_path
 
     try:
-        hw, report = calibrate_cpu(model, threads, progress=lambda msg: typer.echo(f"measuring {msg}", err=True),
-                                   samples_out=Path(samples_out) if samples_out else None)
+        if served_steps:
+            hw, report = fit_served_steps(model, [Path(p) for p in served_steps])
+        else:
+            hw, report = calibrate_cpu(model, threads, progress=lambda msg: typer.echo(f"measuring {msg}", err=True),
+                                       samples_out=Path(samples_out) if samples_out else None)
     except (KeyError, ValueError) as exc:
         typer.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
         raise typer.Exit(2) from None

@@ -72,6 +72,7 @@ class EngineConfig:
     seed: int = 0
     kv_events_endpoint: str | None = None
     kv_events_topic: str = "kv"
+    step_log: str | None = None                 # JSON lines, one per step (engine/steplog.py); None: off
     # External KV (docs/kv-cache.md, docs/disaggregation.md): tiers fastest first; no tiers = no store.
     kv_store: KVStoreConfig = field(default_factory=KVStoreConfig)
     kv_role: KVRole = "both"

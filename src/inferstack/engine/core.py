@@ -24,6 +24,7 @@ from inferstack.engine.outputs import GRAMMAR_FAILED, FinishReason, RequestOutpu
 from inferstack.engine.request import Request, RequestStatus
 from inferstack.engine.scheduler import Scheduler, SchedulerConfig
 from inferstack.engine.stats import EngineStats
+from inferstack.engine.steplog import StepLog
 from inferstack.engine.structured.compiler import CompiledGrammar, GrammarCompiler
 from inferstack.engine.structured.manager import Advance, StructuredOutputManager
 from inferstack.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -83,7 +84,7 @@ def build_scheduler(config: EngineConfig, num_kv_blocks: int, block_size: int, k
 class EngineCore:
     def __init__(self, scheduler: Scheduler, executor: Executor, tokenizer: Tokenizer,
                  events: EventBuffer | None = None, publisher: ZmqEventPublisher | None = None,
-                 structured: StructuredOutputManager | None = None) -> None:
+                 structured: StructuredOutputManager | None = None, step_log: StepLog | None = None) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
@@ -98,6 +99,7 @@ class EngineCore:
         # constrained requests whose grammar is still compiling: not scheduled until it is ready
         self._compiling: dict[str, tuple[Request, Future[CompiledGrammar]]] = {}
         self._idle_wait: Callable[[float], object] = time.sleep
+        self._step_log = step_log
 
     def set_idle_wait(self, wait: Callable[[float], object]) -> None:
         """How a step that found nothing runnable waits (at most the seconds given) before returning:
@@ -117,7 +119,8 @@ class EngineCore:
         compiler = GrammarCompiler(tokenizer, vocab_size or tokenizer.vocab_size, config.grammar_workers,
                                    config.grammar_timeout_s)
         return cls(scheduler, executor, tokenizer, events, publisher,
-                   StructuredOutputManager(compiler, config.seq_limit))
+                   StructuredOutputManager(compiler, config.seq_limit),
+                   StepLog(config.step_log) if config.step_log else None)
 
     @property
     def kv_events_endpoint(self) -> str | None:
@@ -172,6 +175,7 @@ class EngineCore:
         return request
 
     def step(self) -> list[RequestOutput]:
+        step_start = time.perf_counter()
         outputs = self._admit_compiled() if self._compiling else []
         batch = self.scheduler.schedule()
         if batch.is_empty:
@@ -197,7 +201,8 @@ class EngineCore:
             batch.wait_for_layer = landing.wait_for_layer
         started = time.perf_counter()
         result = self.executor.execute(batch)
-        self._busy_s += time.perf_counter() - started
+        execute_s = time.perf_counter() - started
+        self._busy_s += execute_s
         if landing is not None:
             self.scheduler.end_layer_loads(batch, landing.finish())
         if connector is not None:
@@ -223,6 +228,8 @@ class EngineCore:
             else:
                 outputs.append(self._output(request, state, [token], now, [lp] if lp else None, final=False))
         self._flush_events()
+        if self._step_log is not None:
+            self._step_log.record(batch, step_start, execute_s, time.perf_counter(), self.has_unfinished())
         return outputs
 
     def _advance_grammar(self, request: Request, token: int) -> None:
@@ -285,6 +292,8 @@ class EngineCore:
             self._publisher.publish(self._events.drain())
 
     def shutdown(self) -> None:
+        if self._step_log is not None:
+            self._step_log.close()
         if self.structured is not None:
             self.structured.compiler.shutdown()
         if self._publisher is not None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inferstack.sim.hardware import Hardware
-from inferstack.sim.models import ModelSpec
+from inferstack.sim.hardware import Hardware, get_hardware
+from inferstack.sim.models import ModelSpec, get_model
 from inferstack.sim.perf_model import SeqWork, step_cost, step_time
 
 
@@ -47,6 +47,38 @@ def load_step_samples(path: Path) -> list[StepSample]:
     return out
 
 
+def served_step_samples(path: Path, skip: int = 2) -> list[StepSample]:
+    """Step samples from a serving engine's step log (`engine serve --step-log`, `engine/steplog.py`), each
+    priced at what the engine spent on it while serving: from its start to the next step's start while
+    work was left (the forward pass, sampling, detokenization, handing tokens to the HTTP side, and any
+    wait for the CPU or the GIL in between), or the step itself when the engine went idle after it.
+    The first ``skip`` steps (one-off warm-up costs) are left out. Errors name file:line."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read step log: {e.strerror}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            work = tuple(SeqWork(int(c), int(p), bool(s)) for c, p, s in rec["work"])
+            rows.append((work, float(rec["start"]), float(rec["step_s"]), bool(rec["busy"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a step-log line ({e})") from None
+    out = []
+    for i, (work, start, step_s, busy) in enumerate(rows[:-1]):
+        out.append(StepSample(work, rows[i + 1][1] - start if busy else step_s))
+    if rows:
+        out.append(StepSample(rows[-1][0], rows[-1][2]))
+    return out[skip:]
+
+
+def fit_served_steps(model: str, step_logs: Sequence[Path]) -> tuple[Hardware, dict[str, float]]:
+    """The `cpu` profile fitted on serving engines' step logs (`served_step_samples` of each file)."""
+    samples = [s for path in step_logs for s in served_step_samples(Path(path))]
+    return fit_hardware(get_model(model), samples, get_hardware("cpu"), mean_unbiased=True)
+
+
 def _nonneg_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row y of ``ys``: min |x·c - y|² over c >= 0, exactly, for all rows at once. With 3 unknowns
     every support (subset of columns) is tried: the optimum is the least-error support whose
@@ -66,7 +98,11 @@ def _nonneg_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return best, best_err
 
 
-def fit_hardware(model: ModelSpec, samples: Sequence[StepSample], base: Hardware) -> tuple[Hardware, dict[str, float]]:
+def fit_hardware(model: ModelSpec, samples: Sequence[StepSample], base: Hardware,
+                 mean_unbiased: bool = False) -> tuple[Hardware, dict[str, float]]:
+    """Fit on the squared relative error (each step weighted by 1/measured). With ``mean_unbiased`` a
+    second pass weights by 1/first-fit prediction instead: noisy steps of one shape are then fitted at their
+    mean, not below it (1/measured favours the fast ones), which is what latencies summed over steps need."""
     if len(samples) < 4:
         raise ValueError(f"need at least 4 measured steps to calibrate, got {len(samples)}")
     unit = replace(base, peak_flops=1.0, mem_bandwidth=1.0, mfu_prefill=1.0, mfu_decode=1.0, bw_efficiency=1.0,
@@ -76,8 +112,20 @@ def fit_hardware(model: ModelSpec, samples: Sequence[StepSample], base: Hardware
     nbytes = np.array([c.bytes for c in costs])
     t = np.array([s.seconds for s in samples])
     feats = np.array([[1.0, len(s.work), sum(w.new_tokens for w in s.work)] for s in samples])
+    hw = _grid_fit(unit, flops, nbytes, t, feats, 1.0 / t)
+    if mean_unbiased:
+        hw = _grid_fit(unit, flops, nbytes, t, feats, 1.0 / np.array([step_time(model, hw, s.work) for s in samples]))
+    pred = np.array([step_time(model, hw, s.work) for s in samples])
+    rel = np.abs(pred - t) / t
+    return hw, {"steps": len(samples), "median_rel_error": float(np.median(rel)), "mean_rel_error": float(rel.mean()),
+                "p90_rel_error": float(np.percentile(rel, 90)), "mean_ratio": float(pred.sum() / t.sum())}
+
+
+def _grid_fit(unit: Hardware, flops: np.ndarray, nbytes: np.ndarray, t: np.ndarray, feats: np.ndarray,
+              w: np.ndarray) -> Hardware:
+    """F, BW and the one-row gain on a grid, the three overheads exactly (non-negative), minimising
+    the squared error of each step weighted by ``w``."""
     one_row = feats[:, 2] == 1
-    w = 1.0 / t                                   # relative error: weight rows by 1/t
     fs, bws = np.meshgrid(np.logspace(8.5, 13, 46), np.logspace(8.5, 12, 36), indexing="ij")
     fs, bws = fs.ravel(), bws.ravel()
     best: tuple[float, float, float, float, np.ndarray] | None = None
@@ -90,9 +138,5 @@ def fit_hardware(model: ModelSpec, samples: Sequence[StepSample], base: Hardware
             best = (float(errs[i]), fs[i], bws[i], float(gain), coefs[i])
     assert best is not None
     _, f, bw, gain, coef = best
-    hw = replace(unit, peak_flops=float(f), mem_bandwidth=float(bw), single_row_bw_gain=float(gain),
-                 step_overhead_s=float(coef[0]), seq_overhead_s=float(coef[1]), token_overhead_s=float(coef[2]))
-    pred = np.array([step_time(model, hw, s.work) for s in samples])
-    rel = np.abs(pred - t) / t
-    return hw, {"steps": len(samples), "median_rel_error": float(np.median(rel)), "mean_rel_error": float(rel.mean()),
-                "p90_rel_error": float(np.percentile(rel, 90))}
+    return replace(unit, peak_flops=float(f), mem_bandwidth=float(bw), single_row_bw_gain=float(gain),
+                   step_overhead_s=float(coef[0]), seq_overhead_s=float(coef[1]), token_overhead_s=float(coef[2]))
