@@ -98,3 +98,46 @@ def test_bfloat16_decode_batch_matmul_path_matches_reference():
     want = torch.cat([reference(qa, ka, va, c, hd ** -0.5) for (qa, ka, va), (c, _) in zip(full, seqs, strict=True)])
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     torch.testing.assert_close(out.float(), want, atol=4e-2, rtol=4e-2)
+
+
+def test_wide_prefill_attends_in_float32_over_the_bf16_values():
+    """``prefill_wide``: bf16 prefill chunks (one with cached context, one without) attend in float32 over the
+    same rounded q/k/v and round once at the end: within one bf16 rounding of the float32 reference over those
+    values, and no further from it than the bf16 flash kernel."""
+    from inferstack.engine.executor.attention import paged_attention_planned, plan_attention
+
+    torch.manual_seed(2)
+    nh, nkv, hd, bs = 9, 3, 64, 4
+    seqs = [(0, 37), (9, 20)]
+    tables = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17]]
+    full = [tuple(torch.randn(c + q, h, hd).bfloat16() for h in (nh, nkv, nkv)) for c, q in seqs]
+    meta, _ = make_meta([(t, c, q) for t, (c, q) in zip(tables, seqs, strict=True)], bs)
+    new = [torch.cat([f[i][c:] for f, (c, _) in zip(full, seqs, strict=True)]) for i in range(3)]
+    want = torch.cat([reference(*(x.float() for x in f), c, hd ** -0.5) for f, (c, _) in zip(full, seqs, strict=True)])
+    errors = []
+    for wide in (True, False):
+        cache = torch.zeros(2, 18, bs, nkv, hd, dtype=torch.bfloat16)
+        for pos in range(seqs[1][0]):
+            cache[0, tables[1][pos // bs], pos % bs], cache[1, tables[1][pos // bs], pos % bs] = full[1][1][pos], \
+                full[1][2][pos]
+        out = paged_attention_planned(*new, cache, plan_attention(meta, prefill_wide=wide), hd ** -0.5)
+        assert out.dtype == torch.bfloat16
+        errors.append((out.float() - want).abs().max().item())
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    assert errors[0] <= errors[1] and errors[0] <= 2 ** -8 * want.abs().max().item(), errors
+
+
+def test_model_widens_prefill_only_where_the_race_says_so(monkeypatch):
+    """models/llama.py ``_prefill_wide``: float32 prefill attention only for a bf16/fp16 CPU cache whose race it
+    won; a race that load disturbed twice (None) keeps bf16."""
+    from types import SimpleNamespace
+
+    from inferstack.engine.models import llama
+
+    arch = SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
+    cpu = torch.device("cpu")
+    for verdict, wide in ((True, True), (False, False), (None, False)):
+        monkeypatch.setattr(llama, "_dense_wins", lambda first, second, repeats, v=verdict: v)
+        assert llama._prefill_wide(arch, torch.bfloat16, cpu) is wide
+    monkeypatch.setattr(llama, "_dense_wins", lambda *a: (_ for _ in ()).throw(AssertionError("raced")))
+    assert not llama._prefill_wide(arch, torch.float32, cpu) and not llama._prefill_wide(arch, None, cpu)

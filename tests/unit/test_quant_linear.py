@@ -411,6 +411,7 @@ def test_a_quantized_decode_step_casts_once_per_norm_and_attends_in_bf16(tiny_di
     besides the kernels' internal one (two norm outputs, rotary's input, q, k, two residual adds); it
     made 12 (plus two inside each ``F.rms_norm``) before."""
     lm = load_model(str(tiny_dir), quant=QuantOptions("int4", dense_prefill=False))
+    lm.model.prefill_wide = False   # the bf16 prefill path (the float32 one: test_attention_paged.py)
     fmt = KVFormat.resolve("auto", lm.dtype, lm.arch.head_dim, quantized_weights=True)
     assert fmt.compute == fmt.storage == torch.bfloat16
     caches = [torch.zeros((2, 4, 4, lm.arch.num_kv_heads, fmt.row), dtype=fmt.storage)

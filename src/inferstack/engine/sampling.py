@@ -55,7 +55,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], bitmask: GrammarBitmas
         apply_token_bitmask_(logits, bitmask)
 
     if all(r.params.greedy and not r.params.has_penalties for r in rows):
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = row_argmax(logits).tolist()
     else:
         logits = _apply_penalties(logits.clone(), rows)
         tokens = _sample_processed(logits, rows)
@@ -72,6 +72,24 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], bitmask: GrammarBitmas
                 top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
             logprobs[i] = TokenLogprob(tokens[i], float(raw_logprobs[i, tokens[i]]), top)
     return tokens, logprobs
+
+
+# Columns per block in :func:`row_argmax`: a divisor of every common vocabulary (32000, 49152, 128256, 151936).
+ARGMAX_BLOCK = 128
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for ``[N, V]``, the same index (first maximum, NaN counted largest). torch 2.13's
+    CPU argmax runs a scalar loop: 6.1 ms for 64 x 49,152 float32 (1 thread), 5 % of a 64-row decode step.
+    Instead: each block's maximum with ``amax`` (vectorized), the first block holding the row's maximum
+    (a 128x smaller argmax), and the first maximum inside that block: 0.86 ms."""
+    rows, vocab = x.shape
+    if vocab % ARGMAX_BLOCK or vocab < 2 * ARGMAX_BLOCK:
+        return x.argmax(dim=-1)
+    blocks = x.reshape(rows, vocab // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best = blocks.amax(dim=-1).argmax(dim=-1)
+    inner = blocks[torch.arange(rows), best].argmax(dim=-1)
+    return best * ARGMAX_BLOCK + inner
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -128,7 +146,7 @@ def _sample_processed(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int
     for i, row in enumerate(rows):
         if row.generator is not None:
             noise[i] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=row.generator)
-    tokens = (probs / noise).argmax(dim=-1)
+    tokens = row_argmax(probs / noise)
     if greedy_rows:
-        tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
+        tokens[greedy_rows] = row_argmax(logits[greedy_rows])
     return tokens.tolist()
