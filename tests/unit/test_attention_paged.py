@@ -137,7 +137,7 @@ def test_model_widens_prefill_only_where_the_race_says_so(monkeypatch):
     arch = SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
     cpu = torch.device("cpu")
     for verdict, wide in ((True, True), (False, False), (None, False)):
-        monkeypatch.setattr(llama, "_dense_wins", lambda first, second, repeats, v=verdict: v)
+        monkeypatch.setattr(llama, "first_is_faster", lambda first, second, repeats, v=verdict: v)
         assert llama._prefill_wide(arch, torch.bfloat16, cpu) is wide
-    monkeypatch.setattr(llama, "_dense_wins", lambda *a: (_ for _ in ()).throw(AssertionError("raced")))
+    monkeypatch.setattr(llama, "first_is_faster", lambda *a: (_ for _ in ()).throw(AssertionError("raced")))
     assert not llama._prefill_wide(arch, torch.float32, cpu) and not llama._prefill_wide(arch, None, cpu)

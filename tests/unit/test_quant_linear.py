@@ -317,7 +317,7 @@ def test_auto_races_the_block_kernel_only_for_a_4bit_gguf(tiny_dir, tmp_path, mo
     import inferstack.engine.models.quant_linear as ql
 
     monkeypatch.setattr(ql, "available", lambda: object())
-    monkeypatch.setattr(ql, "_dense_wins", lambda dense, quantized, repeats: True)   # the challenger always wins
+    monkeypatch.setattr(ql, "first_is_faster", lambda dense, quantized, repeats: True)   # the challenger always wins
     path = write_tiny_gguf(tiny_dir, tmp_path / f"tiny-{qtype}.gguf", "llama", qtype=qtype)
     lm = load_model(str(path), quant=QuantOptions(quantization))
     assert lm.quant.large_kernel == kernel
@@ -339,7 +339,7 @@ def test_large_step_kernel_and_crossover_follow_the_timings(monkeypatch, verdict
         calls.append((dense(), quantized()))     # both kernels really run, on the copy the choice names
         return verdict
 
-    monkeypatch.setattr(ql, "_dense_wins", judged)
+    monkeypatch.setattr(ql, "first_is_faster", judged)
     assert large_step_kernel(_weight(256, 128), rows=16, repeats=2) == kernel
     w = quantize_int4(_weight(256, 256), 32)
     assert measure_crossover(w, candidates=(1, 64), repeats=2, large="int8") == crossover

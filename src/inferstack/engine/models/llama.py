@@ -27,7 +27,7 @@ from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import Projection, WeightTarget
 from inferstack.engine.models.fused_decode import FusedDecode, decode_attention_kernel
 from inferstack.engine.models.layers import DenseLinear, GatedMLP, Rotary, RotaryEmbedding, linear, rms_norm
-from inferstack.engine.models.quant_linear import QuantizedLinear, _dense_wins
+from inferstack.engine.models.quant_linear import QuantizedLinear, first_is_faster
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -98,7 +98,7 @@ def _prefill_wide(arch: ModelArch, dtype: torch.dtype | None, device: torch.devi
     q, k, v = (torch.randn(128, h, arch.head_dim, generator=g).to(dtype)
                for h in (arch.num_heads, arch.num_kv_heads, arch.num_kv_heads))
     scale = arch.head_dim ** -0.5
-    return bool(_dense_wins(lambda: sdpa_chunk(q, k, v, scale, True), lambda: sdpa_chunk(q, k, v, scale), 7))
+    return bool(first_is_faster(lambda: sdpa_chunk(q, k, v, scale, True), lambda: sdpa_chunk(q, k, v, scale), 7))
 
 
 class LlamaForCausalLM(nn.Module):

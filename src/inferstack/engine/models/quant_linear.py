@@ -201,17 +201,17 @@ def large_step_kernel(dense: torch.Tensor, rows: int = 64, repeats: int = 15,
     medians), one start in five picked bf16 under load ~18 on 2 cores. Per-channel int8 is never picked
     here: it costs accuracy. ``blocks`` (``dense``'s quantized codes, given only where the caller's accuracy
     floor allows the block kernel, ``quant_loader``) then races the winner on the VNNI block kernel. When
-    load disturbs every timing (`_dense_wins` None): the fp32 copy, the most accurate."""
+    load disturbs every timing (`first_is_faster` None): the fp32 copy, the most accurate."""
     bf16, fp32 = large_copy(dense, "bfloat16"), large_copy(dense, "float32")
     xb = torch.randn(rows, dense.shape[1]).to(torch.bfloat16)
-    bf16_wins = _dense_wins(lambda: large_matmul(bf16, xb, torch.bfloat16),
+    bf16_wins = first_is_faster(lambda: large_matmul(bf16, xb, torch.bfloat16),
                             lambda: large_matmul(fp32, xb, torch.bfloat16), repeats)
     kernel = "bfloat16" if bf16_wins else "float32"
     blk = large_copy(dense, "int8blk", blocks) if blocks is not None else None
     if not isinstance(blk, Int8Blocks):
         return kernel
     fast, x = (bf16, xb) if bf16_wins else (fp32, xb.float())
-    blk_wins = _dense_wins(lambda: large_matmul(blk, x, torch.float32),
+    blk_wins = first_is_faster(lambda: large_matmul(blk, x, torch.float32),
                            lambda: large_matmul(fast, x, torch.float32), repeats)
     return "int8blk" if blk_wins else kernel
 
@@ -253,11 +253,12 @@ def _undisturbed(times: list[float]) -> float | None:
     return first if second <= 1.25 * first else None
 
 
-def _dense_wins(dense: Callable[[], torch.Tensor], quantized: Callable[[], torch.Tensor],
-                repeats: int) -> bool | None:
-    """Whether the large-step (dense) GEMM is faster; None when load disturbed the timings twice running."""
+def first_is_faster(first: Callable[[], torch.Tensor], second: Callable[[], torch.Tensor],
+                    repeats: int) -> bool | None:
+    """Whether ``first`` runs faster than ``second`` (here: a large-step GEMM against a quantized kernel or another
+    copy; `llama._prefill_wide`: two attention dtypes); None when load disturbed the timings twice running."""
     for _ in range(2):
-        costs = [_undisturbed(t) for t in _timings(dense, quantized, repeats)]
+        costs = [_undisturbed(t) for t in _timings(first, second, repeats)]
         if costs[0] is not None and costs[1] is not None:
             return costs[0] <= costs[1]
     return None
@@ -274,7 +275,7 @@ def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = CROSSOVER_CA
     wins = []
     for rows in candidates:
         x = torch.randn(rows, packed_in_features(copy)).to(torch.bfloat16)
-        wins.append(_dense_wins(lambda x=x: large_matmul(copy, x, torch.bfloat16), lambda x=x: packed.matmul(x),
+        wins.append(first_is_faster(lambda x=x: large_matmul(copy, x, torch.bfloat16), lambda x=x: packed.matmul(x),
                                 repeats))
         if wins[-1] is None:
             table = TABLE_CROSSOVER["int8" if isinstance(w, Int8Weight) else "int4"]
