@@ -185,3 +185,18 @@ def test_any_single_byte_flip_breaks_verification(tmp_path_factory, events, data
     raw[i] = (raw[i] + 1) % 256
     path.write_bytes(bytes(raw))
     assert not verify_chain(cfg.directory).ok
+
+
+def test_a_byte_that_breaks_utf8_is_reported_not_raised(tmp_path) -> None:
+    """Found by the byte-flip property: a flipped byte inside a multi-byte character made `json.loads` raise
+    UnicodeDecodeError out of verification instead of reporting the edit."""
+    cfg = _cfg(tmp_path)
+    with AuditLog(cfg) as log:
+        log.append_nowait({"type": "x", "note": "café"})
+    path = cfg.directory / ACTIVE_NAME
+    raw = bytearray(path.read_bytes())
+    i = raw.index("é".encode())
+    raw[i + 1] = 0x41   # the second byte of "é" (0xC3 0xA9) is no longer a continuation byte
+    path.write_bytes(bytes(raw))
+    report = verify_chain(cfg.directory)
+    assert not report.ok and "not UTF-8" in str(report.problems[0])

@@ -127,6 +127,9 @@ def verify_chain(target: Path, key: bytes | None = None) -> ChainReport:
             except json.JSONDecodeError as e:
                 report.problems.append(ChainProblem(*where, f"not JSON ({e.msg})"))
                 return report
+            except UnicodeDecodeError as e:  # a changed byte inside a multi-byte character: the writer wrote UTF-8
+                report.problems.append(ChainProblem(*where, f"not UTF-8 at byte {e.start} (line edited)"))
+                return report
             if not isinstance(rec, dict) or not {"seq", "prev", "hash"} <= rec.keys():
                 report.problems.append(ChainProblem(*where, "missing seq/prev/hash fields"))
                 return report
