@@ -19,12 +19,13 @@ the emulated fleet, and the simulator on the `cpu` profile fitted just before on
 serves in a calibration run of its own (``--step-model served``, `calibrate_on_served_steps`; ``bare``: on
 ``inferstack engine calibrate``'s steps of one engine alone; ``--hardware-file`` reuses a fitted one).
 The request overhead probe runs on emulated engines of that profile (the same HTTP/tokenization path,
-step times exactly the model), so it does not absorb the step model's error. The one command the lead
-reruns on a quiet machine:
+step times exactly the model), so it does not absorb the step model's error. The command of the quiet
+twelfth-stop numbers (docs/benchmarks.md):
 
     PYTHONPATH=src python benchmarks/sim_fidelity.py --engines real --replicas 2 --routing round-robin \
-        --workload shared-prefix:groups=2,users=4,system=256,question=32,output=32 --rate 1 --duration 60 \
-        --repeats 2 --overhead-ms calibrate --step-model served,bare,live --out /tmp/sim-fidelity-cpu
+        --workload shared-prefix:groups=2,users=4,system=128,question=24,output=24 --rate 0.5 --duration 60 \
+        --repeats 2 --overhead-ms calibrate --calibrate-s 30 --calibrate-rate 0.5 --step-model served,bare,live \
+        --out /tmp/sim-fidelity-cpu
 
 ``--repeats N`` runs each live configuration N times: the live value is the median of the runs, and the
 table shows the runs' own spread ((max - min) / median) next to the simulator's error, since a live

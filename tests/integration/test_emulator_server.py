@@ -20,8 +20,14 @@ PROFILE = "h100:llama-3-8b"
 
 
 @pytest.fixture(scope="module")
-def fleet() -> Iterator[Server]:
-    srv = start_inferstack(["engine", "serve", "--emulate", PROFILE, "--emulate-count", "2"])
+def step_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("steps") / "steps.jsonl"
+
+
+@pytest.fixture(scope="module")
+def fleet(step_log: Path) -> Iterator[Server]:
+    srv = start_inferstack(["engine", "serve", "--emulate", PROFILE, "--emulate-count", "2",
+                            "--step-log", str(step_log)])
     yield srv
     srv.stop()
 
@@ -74,3 +80,14 @@ def test_served_model_name() -> None:
         assert httpx.get(srv.url + "/v1/models").json()["data"][0]["id"] == "tiny"
     finally:
         srv.stop()
+
+
+def test_each_engine_of_the_fleet_logs_its_own_steps(fleet: Server, step_log: Path) -> None:
+    """Served step times are start to next start of one engine: engine 1 writes FILE.1, not into engine 0's file."""
+    body = {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "prompt": "hello there", "max_tokens": 4}
+    for url in fleet.urls:
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200
+    logs = [step_log, step_log.with_name(step_log.name + ".1")]
+    for log in logs:   # each line is written once its step ends, before the response completes
+        starts = [json.loads(line)["start"] for line in log.read_text().splitlines()]
+        assert len(starts) >= 4 and starts == sorted(starts), log

@@ -111,3 +111,16 @@ def test_mean_unbiased_fit_prices_noisy_steps_at_their_mean() -> None:
     _, served = fit_hardware(model, samples, cpu, mean_unbiased=True)
     assert plain["mean_ratio"] < 0.9
     assert served["mean_ratio"] == pytest.approx(1.0, abs=0.03)
+
+
+def test_serve_refuses_a_step_log_it_cannot_write(tmp_path) -> None:
+    """Named at once with exit 2, not reported later as a model that could not load."""
+    from typer.testing import CliRunner
+
+    from inferstack.cli.main import app
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, ["engine", "serve", "--emulate", "cpu:smollm2-135m", "--port", "0",
+                                      "--step-log", str(blocker / "steps.jsonl")])
+    assert result.exit_code == 2 and "--step-log" in result.output and "cannot write" in result.output

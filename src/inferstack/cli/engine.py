@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from enum import Enum, StrEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, get_args
 
 import typer
@@ -16,6 +17,18 @@ app = typer.Typer(
     help="The built-in inference engine (paged KV cache, continuous batching, prefix caching).",
     no_args_is_help=True,
 )
+
+
+def _check_step_log(path: str) -> None:
+    """Fail at once, naming the option, when the step log cannot be written (not as a failed model load later)."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        typer.echo(f"error: --step-log {path}: cannot write: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+
 
 def _size_option(value: str | None) -> int | None:
     try:
@@ -166,7 +179,8 @@ def serve(
         help="Publish vLLM-style KV cache events on this ZMQ PUB endpoint, e.g. tcp://127.0.0.1:5557.")] = None,
     step_log: Annotated[str | None, typer.Option(
         help="Append one JSON line per engine step (batch shape, forward and step seconds) to this file: what "
-             "`benchmarks/sim_fidelity.py` calibrates the simulator on (docs/simulator.md).")] = None,
+             "`benchmarks/sim_fidelity.py` calibrates the simulator on (docs/simulator.md). With --emulate-count N, "
+             "engine n > 0 writes FILE.n.")] = None,
     enable_prefix_caching: Annotated[bool, typer.Option(
         "--enable-prefix-caching/--no-enable-prefix-caching",
         help="Reuse KV blocks of identical prompt prefixes across requests.")] = True,
@@ -258,6 +272,8 @@ def serve(
         raise typer.Exit(2)
     if model.startswith("oci://") or trust_policy:
         model, served_model_name = _verified_model(model, served_model_name, trust_policy, allow_unverified)
+    if step_log:
+        _check_step_log(step_log)
     try:
         config = build_engine_config(
             model, served_model_name=served_model_name, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
@@ -324,7 +340,6 @@ def calibrate(
 
     Example: inferstack engine calibrate --model smollm2-135m
     """
-    from pathlib import Path
 
     from inferstack.engine.executor.emulated import calibrate_cpu
     from inferstack.sim.calibrate import fit_served_steps
@@ -349,8 +364,6 @@ def calibrate(
 def _verified_model(model: str, served_name: str | None, policy_file: str | None,
                     allow_unverified: bool) -> tuple[str, str | None]:
     """oci:// -> pulled local path; with a policy, verified before anything loads (fail closed)."""
-    from pathlib import Path
-
     from inferstack.engine.weights.location import resolve_model_path
     from inferstack.modelhub.errors import ModelHubError
     from inferstack.modelhub.policy import load_trust_policy

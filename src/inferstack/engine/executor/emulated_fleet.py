@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -61,12 +62,17 @@ class _Fleet:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop: asyncio.Event | None = None
 
-    def factory(self) -> AsyncEngine:
+    def factory(self, n: int) -> AsyncEngine:
+        """Engine ``n`` of the fleet (engines load concurrently on threads: ``n`` is passed, never counted)."""
         from inferstack.engine.async_engine import AsyncEngine
         from inferstack.engine.executor.emulated import build_emulated_engine
 
-        # Like --port, a fixed --kv-transfer-port applies to the first engine; the others get free ones.
-        config = replace(self.config, kv_transfer_port=0) if self.engines else self.config
+        # Like --port, a fixed --kv-transfer-port applies to the first engine; the others get free ones. A step log
+        # is one engine's steps in order (served step times are start to next start): engine n > 0 writes PATH.n.
+        config = self.config
+        if n:
+            config = replace(config, kv_transfer_port=0,
+                             step_log=f"{config.step_log}.{n}" if config.step_log else None)
         engine = AsyncEngine(build_emulated_engine(config, self.profile, timer=self.timer))
         self.engines.append(engine)
         return engine
@@ -76,8 +82,9 @@ class _Fleet:
         from inferstack.fileio import write_ready_file
 
         self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
-        tasks = [asyncio.ensure_future(serve(self.factory, replace(self.options, port=self.options.port if i == 0
-                                                                   else 0, ready_file=None),
+        tasks = [asyncio.ensure_future(serve(partial(self.factory, i),
+                                             replace(self.options, port=self.options.port if i == 0 else 0,
+                                                     ready_file=None),
                                              stop=self.stop, on_listening=self._listening(i), freeze_heap=True))
                  for i in range(len(self.urls))]
         while None in self.urls and not any(t.done() for t in tasks):
