@@ -88,8 +88,10 @@ def test_open_loop_rate_does_not_drift(instant: Server, tmp_path: Path) -> None:
     assert code == 0, output
     s = results(tmp_path)["summary"]
     assert s["requests"]["sent"] == 900 and s["requests"]["failed"] == 0
-    assert s["load"]["send_rate"] == pytest.approx(300, rel=0.02)
-    assert s["throughput"]["requests_per_s"] == pytest.approx(300, rel=0.02)
+    # 5 %: a loaded CI-sized machine measured 292 req/s (2.7 % low) once; a loop that sleeps 1/rate after each send
+    # drifts by its per-send overhead (~10 % at 300/s), which this still catches
+    assert s["load"]["send_rate"] == pytest.approx(300, rel=0.05)
+    assert s["throughput"]["requests_per_s"] == pytest.approx(300, rel=0.05)
 
 
 def test_concurrency_mode_multi_turn_and_reports(scripted: Server, tmp_path: Path) -> None:
