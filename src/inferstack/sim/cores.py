@@ -28,6 +28,7 @@ class _Step:
     left: float          # work not done yet
     rate: float          # work done per virtual second now
     token: int
+    slowed: bool = False  # ran below full speed at some point (else it took exactly ``work``)
 
 
 class CoreShare(Generic[R]):
@@ -51,7 +52,7 @@ class CoreShare(Generic[R]):
         new ends)."""
         self._advance(now)
         step, _ = self._steps.pop(rep)
-        return (now - step.began) - step.work, self._retime(now)
+        return (now - step.began) - step.work if step.slowed else 0.0, self._retime(now)
 
     def token(self, rep: R) -> int | None:
         """The token of ``rep``'s current step end (None: no step in progress)."""
@@ -72,6 +73,7 @@ class CoreShare(Generic[R]):
             rate = 1.0 / (1.0 + slowdown * others)
             if rate != step.rate:
                 step.rate, step.token = rate, next(self._tokens)
+                step.slowed |= rate < 1.0
                 # a step starting alone ends at exactly now + work, as an unshared replica's step does
                 moved.append((rep, now + max(0.0, step.left) / rate, step.token))
         return moved
