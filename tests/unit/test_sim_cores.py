@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from inferstack.sim.calibrate import fit_hardware, fit_served_steps, side_by_side_samples
+from inferstack.sim.calibrate import fit_hardware, side_by_side_samples
 from inferstack.sim.cores import CoreShare
 from inferstack.sim.fleet import apply_pd, parse_fleet
-from inferstack.sim.hardware import get_hardware, save_hardware_file
+from inferstack.sim.hardware import get_hardware, load_hardware_file, save_hardware_file
 from inferstack.sim.models import get_model
 from inferstack.sim.perf_model import SeqWork, step_time
 from inferstack.sim.runner import SimArgs, build_settings, simulate
@@ -160,14 +160,22 @@ def _side_by_side_logs(tmp: Path, slowdown: float, seed: int) -> list[Path]:
 
 @pytest.mark.parametrize("slowdown", [0.0, 0.4])
 def test_calibration_recovers_a_known_colocation_slowdown(tmp_path, slowdown):
-    """From the two engines' step logs alone (overlaps measured from their starts and durations), the fit
-    gives back c and the step prices of the model that made them."""
+    """From the two engines' step logs alone (overlaps measured from their starts and durations), `engine
+    calibrate --served-steps` gives back c and the step prices of the model that made them."""
+    from typer.testing import CliRunner
+
+    from inferstack.cli.main import app
+
     logs = _side_by_side_logs(tmp_path, slowdown, seed=11)
     samples = side_by_side_samples(logs, skip=0)
     assert 0.2 < sum(s.shared_s for s in samples) / sum(s.seconds for s in samples) < 0.9
-    hw, report = fit_served_steps(MODEL, logs)
+    out = tmp_path / "cpu.json"
+    result = CliRunner().invoke(app, ["engine", "calibrate", "--model", MODEL, "--out", str(out),
+                                      *[x for log in logs for x in ("--served-steps", str(log))]])
+    assert result.exit_code == 0, result.output
+    assert f"co-location slowdown {slowdown:.1f}" in result.output
+    hw = load_hardware_file(out)
     assert hw.colocation_slowdown == pytest.approx(slowdown, abs=0.02)
-    assert report["median_rel_error"] < 0.02
     model, cpu = get_model(MODEL), get_hardware("cpu")
     for work in [(SeqWork(0, 96),), (SeqWork(150, 1),), (SeqWork(150, 1),) * 4]:
         assert step_time(model, hw, list(work)) == pytest.approx(step_time(model, cpu, list(work)), rel=0.05)
