@@ -191,3 +191,19 @@ def test_logs_that_never_overlap_fit_as_before(tmp_path):
     flat = fit_hardware(model, [dataclasses.replace(s, shared_s=0.0) for s in only], cpu, mean_unbiased=True)
     assert fit_hardware(model, only, cpu, mean_unbiased=True) == flat
     assert flat[0].colocation_slowdown == 0.0
+
+
+def test_a_crash_on_a_shared_host_loses_no_request_and_frees_the_cores(tmp_path):
+    """The crashed replica's step in progress leaves the host (its neighbours speed up at once, no step is left
+    on it at the end); every request ends once."""
+    from inferstack.sim.simulation import Crash
+
+    settings = build_settings(SimArgs(fleet=[f"{_profile(tmp_path, 0.5)}=3@box"], rate=3.0, duration=12.0, seed=2,
+                                      workload="synthetic:input=uniform(50,300),output=uniform(2,40)"), None)
+    settings.crashes = [Crash(1, 4.0, 2.0)]
+    sim, res = simulate(settings)
+    assert sim.arrived == sim.completed and not sim.active
+    assert res.summary["requests"]["by_status"].get("connection", 0) >= 1
+    share = sim._cores[sim.replicas[1]]
+    assert all(share.token(r) is None for r in sim.replicas)
+    assert sim.replicas[1].stats.lifetimes[0][1] == pytest.approx(4.0)
