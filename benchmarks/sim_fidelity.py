@@ -304,7 +304,7 @@ def calibrate_cpu_profile(a: argparse.Namespace, kind: str) -> tuple[Path, str]:
     return out, f"bare step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
 
 
-def colocation_slowdown(logs: list[Path], hw_file: Path, model: str) -> dict[str, float]:
+def neighbour_ratios(logs: list[Path], hw_file: Path, model: str) -> dict[str, float]:
     """How much a served step costs while another engine on the same cores is stepping against while none
     is: each step's served time over the fitted model's price for its shape, median of the steps that
     overlap other engines' steps for more than 80 % of their time, and of those that overlap less than
@@ -352,7 +352,7 @@ def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
     out = a.out / "cpu-served.json"
     save_hardware_file(hw, out)
     save_hardware_file(fit_served_steps(a.model, logs, colocation=False)[0], a.out / "cpu-flat.json")
-    co = colocation_slowdown(logs, a.out / "cpu-flat.json", a.model)
+    co = neighbour_ratios(logs, a.out / "cpu-flat.json", a.model)
     return out, (f"served step model fitted on {report['steps']} served steps ({a.replicas} engines, {first}, seed "
                  f"{run.seed}, {run.duration:.0f} s, load avg {load:.1f}): median step-time error "
                  f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%}), co-location slowdown c = "
