@@ -308,7 +308,8 @@ def neighbour_ratios(logs: list[Path], hw_file: Path, model: str) -> dict[str, f
     """How much a served step costs while another engine on the same cores is stepping against while none
     is: each step's served time over the fitted model's price for its shape, median of the steps that
     overlap other engines' steps for more than 80 % of their time, and of those that overlap less than
-    20 %. The step model has no term for it (a replica's step does not depend on its neighbours)."""
+    20 %, against ``hw_file``'s prices (the flat fit: one price per shape, whatever the neighbours do; the
+    served profile's `colocation_slowdown` is what this ratio looks like as a model term)."""
     pricing = DecodePricing(get_model(model), load_hardware_file(hw_file))
     starts = {p: [json.loads(line)["start"] for line in p.read_text().splitlines()] for p in logs}
     steps = {p: list(zip(starts[p], served_step_samples(p, skip=0), strict=True)) for p in logs}
