@@ -16,7 +16,9 @@ engines' prefix-cache hit counters (/metrics) against the simulated engines' (th
 Against real CPU engines (``--engines real``): N ``inferstack engine serve --model MODEL --threads 1``
 processes (what ``inferstack up`` starts, one torch thread each, the default CPU batch cap) instead of
 the emulated fleet, and the simulator on the `cpu` profile fitted just before on the steps that fleet
-serves in a calibration run of its own (``--step-model served``, `calibrate_on_served_steps`; ``bare``: on
+serves in a calibration run of its own (``--step-model served``, `calibrate_on_served_steps`, with the
+co-location term: the engines share this machine's cores, so they are simulated on one host, `sim.cores`;
+``flat``: the same steps at one price per shape, the twelfth stop's model; ``bare``: on
 ``inferstack engine calibrate``'s steps of one engine alone; ``--hardware-file`` reuses a fitted one).
 The request overhead probe runs on emulated engines of that profile (the same HTTP/tokenization path,
 step times exactly the model), so it does not absorb the step model's error. The command of the quiet
@@ -136,7 +138,9 @@ def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict
 
 def sim_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[int, int], float]:
     """(sim results.json, unit -> endpoint index, simulated prefix hits)."""
-    run_simulation(SimArgs(fleet=[f"{a.profile}={a.replicas}"], workload=a.workload, routing=routing,
+    # real engines share this machine's cores: simulated on one host, each step slowed while the other steps
+    host = "@local" if a.engines == "real" else ""
+    run_simulation(SimArgs(fleet=[f"{a.profile}={a.replicas}{host}"], workload=a.workload, routing=routing,
                            duration=a.duration, rate=a.rate, seed=a.seed, tokenizer="bundled",
                            request_overhead_ms=a.overhead_ms,
                            request_overhead_samples_ms=tuple(a.overhead_samples_ms)), out,
@@ -174,7 +178,8 @@ def compare(a: argparse.Namespace, routing: str) -> list[dict[str, object]]:
     profiles = list(a.profiles)
     if a.engines == "real" and "live" in a.step_model.split(","):
         # in sample: fitted on the compared runs' own steps, so only the model's structure is judged
-        hw, _ = fit_served_steps(a.model, sorted(a.out.glob(f"live-{routing}-*/engine*-steps.jsonl")))
+        hw, _ = fit_served_steps(a.model, sorted(a.out.glob(f"live-{routing}-*/engine*-steps.jsonl")),
+                                 colocation="served" in a.step_model.split(","))
         save_hardware_file(hw, a.out / f"cpu-live-{routing}.json")
         profiles.append(("live", f"{a.out / f'cpu-live-{routing}.json'}:{a.model}"))
     rows = []
@@ -288,6 +293,8 @@ def calibrate_cpu_profile(a: argparse.Namespace, kind: str) -> tuple[Path, str]:
         return a.hardware_file, f"step model from {a.hardware_file}"
     if kind == "served":
         return calibrate_on_served_steps(a)
+    if kind == "flat":
+        return a.out / "cpu-flat.json", "flat: the same served steps, one price per shape whatever the neighbours do"
     out = a.out / "cpu-bare.json"
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-m", "inferstack", "engine", "calibrate", "--model", a.model,
@@ -297,11 +304,12 @@ def calibrate_cpu_profile(a: argparse.Namespace, kind: str) -> tuple[Path, str]:
     return out, f"bare step model calibrated now (load avg {load:.1f}): {done.stdout.strip()}"
 
 
-def colocation_slowdown(logs: list[Path], hw_file: Path, model: str) -> dict[str, float]:
+def neighbour_ratios(logs: list[Path], hw_file: Path, model: str) -> dict[str, float]:
     """How much a served step costs while another engine on the same cores is stepping against while none
     is: each step's served time over the fitted model's price for its shape, median of the steps that
     overlap other engines' steps for more than 80 % of their time, and of those that overlap less than
-    20 %. The step model has no term for it (a replica's step does not depend on its neighbours)."""
+    20 %, against ``hw_file``'s prices (the flat fit: one price per shape, whatever the neighbours do; the
+    served profile's `colocation_slowdown` is what this ratio looks like as a model term)."""
     pricing = DecodePricing(get_model(model), load_hardware_file(hw_file))
     starts = {p: [json.loads(line)["start"] for line in p.read_text().splitlines()] for p in logs}
     steps = {p: list(zip(starts[p], served_step_samples(p, skip=0), strict=True)) for p in logs}
@@ -344,19 +352,22 @@ def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
     hw, report = fit_served_steps(a.model, logs)
     out = a.out / "cpu-served.json"
     save_hardware_file(hw, out)
-    co = colocation_slowdown(logs, out, a.model)
+    save_hardware_file(fit_served_steps(a.model, logs, colocation=False)[0], a.out / "cpu-flat.json")
+    co = neighbour_ratios(logs, a.out / "cpu-flat.json", a.model)
     return out, (f"served step model fitted on {report['steps']} served steps ({a.replicas} engines, {first}, seed "
                  f"{run.seed}, {run.duration:.0f} s, load avg {load:.1f}): median step-time error "
-                 f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%}); served ÷ fitted step "
-                 f"{co['alone']:.2f} while the other engines were idle ({co['alone_n']} steps), {co['together']:.2f} "
-                 f"while they stepped too ({co['together_n']})")
+                 f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%}), co-location slowdown c = "
+                 f"{hw.colocation_slowdown:.3f} (another engine stepped during {report['shared_share']:.0%} of the "
+                 f"step time); flat fit's served ÷ fitted step {co['alone']:.2f} while the other engines were idle "
+                 f"({co['alone_n']} steps), {co['together']:.2f} while they stepped too ({co['together_n']})")
 
 
 def step_models(a: argparse.Namespace, ap: argparse.ArgumentParser) -> list[str]:
     """The profiles to fit before the live runs (``--step-model`` less ``live``, which is fitted after)."""
     kinds = a.step_model.split(",")
-    if not set(kinds) <= {"served", "bare", "live"} or kinds[0] == "live":
-        ap.error(f"--step-model: served and/or bare, then optionally live; got {a.step_model!r}")
+    if not set(kinds) <= {"served", "flat", "bare", "live"} or kinds[0] in ("live", "flat") \
+            or ("flat" in kinds and "served" not in kinds):
+        ap.error(f"--step-model: served (then optionally flat) and/or bare, then optionally live; got {a.step_model!r}")
     return [k for k in kinds if k != "live"][:1 if a.hardware_file is not None else None]
 
 
@@ -386,7 +397,9 @@ def main() -> None:
                          "(--step-model; OUT/cpu-served.json, OUT/cpu-bare.json)")
     ap.add_argument("--step-model", default="served",
                     help="--engines real without --hardware-file: fit the cpu profile on the steps the fleet "
-                         "serves in a calibration run (served) or on `inferstack engine calibrate`'s bare steps "
+                         "serves in a calibration run (served: with the co-location slowdown, the engines "
+                         "simulated on one shared host; 'served,flat' adds the same steps fitted at one price per "
+                         "shape, without it) or on `inferstack engine calibrate`'s bare steps "
                          "(bare); 'served,bare' simulates both against the same live runs (the overhead probe "
                          "uses the bare profile, or the catalog cpu one); 'live' adds a profile fitted on the "
                          "compared live runs' own steps (in sample: judges the model's structure, not its "
@@ -413,12 +426,14 @@ def main() -> None:
     kinds = step_models(a, ap) if a.engines == "real" else []
     # bare first, then the overhead probe, then the served calibration run: right before the live runs it
     # prices, so the neighbours' load drifts as little as possible in between
-    done = {k: calibrate_cpu_profile(a, k) for k in kinds if k != "served"}
+    done = {k: calibrate_cpu_profile(a, k) for k in kinds if k not in ("served", "flat")}
     if kinds:
         a.profile = f"{next(iter(done.values()))[0]}:{a.model}" if done else f"cpu:{a.model}"
     note = request_overhead(a)
     if "served" in kinds:
         done["served"] = calibrate_cpu_profile(a, "served")
+    if "flat" in kinds:
+        done["flat"] = calibrate_cpu_profile(a, "flat")
     if kinds:
         a.profiles = [(k, f"{done[k][0]}:{a.model}") for k in kinds]
         a.profile = a.profiles[0][1]

@@ -334,7 +334,8 @@ def calibrate(
                                                          "seconds) to this JSON-lines file.")] = None,
     served_steps: Annotated[list[str] | None, typer.Option(
         help="Fit on these step logs of serving engines (`engine serve --step-log`; repeat for several) instead "
-             "of measuring bare steps: each step priced start to next start, as the fleet served it.")] = None,
+             "of measuring bare steps: each step priced start to next start, as the fleet served it; logs of "
+             "engines that served side by side (overlapping in time) also fit the co-location slowdown.")] = None,
 ) -> None:
     """Fit the `cpu` hardware profile of the emulator to real engine steps on this machine (a few minutes).
 
@@ -358,7 +359,8 @@ def calibrate(
     path = Path(out) if out else calibration_path()
     save_hardware_file(hw, path)
     typer.echo(f"wrote {path}: {report['steps']} steps, median step-time error {report['median_rel_error']:.1%} "
-               f"(p90 {report['p90_rel_error']:.1%})")
+               f"(p90 {report['p90_rel_error']:.1%})" + (f", co-location slowdown {hw.colocation_slowdown:.3f}"
+                                                         if report.get("shared_share") else ""))
 
 
 def _verified_model(model: str, served_name: str | None, policy_file: str | None,

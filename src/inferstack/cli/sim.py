@@ -26,8 +26,10 @@ from inferstack.cli.bench import (
 app = typer.Typer(help="Simulate a fleet (gateway routing, flow control, engine schedulers) in virtual time: "
                        "capacity planning and what-if questions without GPUs.", no_args_is_help=True)
 
-FleetOpt = Annotated[list[str], typer.Option(help="HARDWARE:MODEL=N[:prefill|decode|both] replicas, e.g. "
-                                             "h100:llama-3-8b=8 (repeat for a mixed fleet of one model)")]
+FleetOpt = Annotated[list[str], typer.Option(help="HARDWARE:MODEL=N[:prefill|decode|both][@HOST] replicas, e.g. "
+                                             "h100:llama-3-8b=8 (repeat for a mixed fleet of one model); @HOST: "
+                                             "they share one machine's cores with every replica naming HOST, each "
+                                             "step slowed while others step (the profile's colocation_slowdown)")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="inferstack.yaml: its gateway, pool (routing, "
                                                 "max_concurrency, pd, precise_prefix) and routing sections apply")]
 RoutingOpt = Annotated[str | None, typer.Option(help="Routing preset or profile (overrides the pool's)")]

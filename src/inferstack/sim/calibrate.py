@@ -4,6 +4,12 @@ The model is the one the emulator uses: t = max(FLOPs/F, bytes/(BW·g)) + t_step
 with efficiencies folded into F and BW, and g (`single_row_bw_gain`) > 1 only for one-row steps.
 F, BW and g are searched on a grid; for each triple the overheads are a non-negative least-squares
 fit (exact, every triple of a gain at once); the triple with the least squared relative error wins.
+
+Engines that served side by side on the same cores (their step logs overlap in time) add one more
+linear term: a step runs at 1/(1 + c) of its speed while another engine is mid-step, so its measured
+time is t + k·s, s the seconds another engine stepped during it and k = c/(1 + c) (exact for two
+engines; with more, s counts neighbour-seconds). k is fitted with the overheads; the profile keeps c
+(`Hardware.colocation_slowdown`, what `sim.cores` prices).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from inferstack.sim.perf_model import SeqWork, step_cost, step_time
 class StepSample:
     work: tuple[SeqWork, ...]
     seconds: float
+    shared_s: float = 0.0     # seconds of it during which another engine on the same cores was mid-step
 
 
 def save_step_samples(samples: Sequence[StepSample], path: Path) -> None:
@@ -47,12 +54,8 @@ def load_step_samples(path: Path) -> list[StepSample]:
     return out
 
 
-def served_step_samples(path: Path, skip: int = 2) -> list[StepSample]:
-    """Step samples from a serving engine's step log (`engine serve --step-log`, `engine/steplog.py`), each
-    priced at what the engine spent on it while serving: from its start to the next step's start while
-    work was left (the forward pass, sampling, detokenization, handing tokens to the HTTP side, and any
-    wait for the CPU or the GIL in between), or the step itself when the engine went idle after it.
-    The first ``skip`` steps (one-off warm-up costs) are left out. Errors name file:line."""
+def _read_step_log(path: Path) -> list[tuple[tuple[SeqWork, ...], float, float, bool]]:
+    """(work, start, step seconds, busy after it) of each line of a step log. Errors name file:line."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -65,17 +68,48 @@ def served_step_samples(path: Path, skip: int = 2) -> list[StepSample]:
             rows.append((work, float(rec["start"]), float(rec["step_s"]), bool(rec["busy"])))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: not a step-log line ({e})") from None
+    return rows
+
+
+def _periods(rows: Sequence[tuple[tuple[SeqWork, ...], float, float, bool]]) -> list[float]:
+    """Each step's served price: start to the next start while work was left, else the step itself."""
+    return [rows[i + 1][1] - start if busy else step_s for i, (_, start, step_s, busy) in enumerate(rows[:-1])] \
+        + [rows[-1][2]] * bool(rows)
+
+
+def served_step_samples(path: Path, skip: int = 2) -> list[StepSample]:
+    """Step samples from a serving engine's step log (`engine serve --step-log`, `engine/steplog.py`), each
+    priced at what the engine spent on it while serving: from its start to the next step's start while
+    work was left (the forward pass, sampling, detokenization, handing tokens to the HTTP side, and any
+    wait for the CPU or the GIL in between), or the step itself when the engine went idle after it.
+    The first ``skip`` steps (one-off warm-up costs) are left out. Errors name file:line."""
+    rows = _read_step_log(path)
+    return [StepSample(r[0], d) for r, d in zip(rows, _periods(rows), strict=True)][skip:]
+
+
+def side_by_side_samples(paths: Sequence[Path], skip: int = 2) -> list[StepSample]:
+    """`served_step_samples` of every log, each step with ``shared_s``: the seconds of its served period
+    during which the other logs' engines were mid-step (their steps start to start + step seconds; logs
+    of runs at other times never overlap, so the logs of several runs can be given together)."""
+    logs = [_read_step_log(Path(p)) for p in paths]
+    spans = [(np.array([r[1] for r in rows]), np.array([r[1] + r[2] for r in rows])) for rows in logs]
     out = []
-    for i, (work, start, step_s, busy) in enumerate(rows[:-1]):
-        out.append(StepSample(work, rows[i + 1][1] - start if busy else step_s))
-    if rows:
-        out.append(StepSample(rows[-1][0], rows[-1][2]))
-    return out[skip:]
+    for i, rows in enumerate(logs):
+        for r, d in list(zip(rows, _periods(rows), strict=True))[skip:]:
+            a, b = r[1], r[1] + d
+            shared = sum(float(np.clip(np.minimum(b, ends) - np.maximum(a, starts), 0.0, None).sum())
+                         for j, (starts, ends) in enumerate(spans) if j != i)
+            out.append(StepSample(r[0], d, shared))
+    return out
 
 
-def fit_served_steps(model: str, step_logs: Sequence[Path]) -> tuple[Hardware, dict[str, float]]:
-    """The `cpu` profile fitted on serving engines' step logs (`served_step_samples` of each file)."""
-    samples = [s for path in step_logs for s in served_step_samples(Path(path))]
+def fit_served_steps(model: str, step_logs: Sequence[Path],
+                     colocation: bool = True) -> tuple[Hardware, dict[str, float]]:
+    """The `cpu` profile fitted on serving engines' step logs (`side_by_side_samples` of the files): with
+    ``colocation``, the slowdown while another engine steps too; without, every step at its own shape's price."""
+    samples = side_by_side_samples([Path(p) for p in step_logs])
+    if not colocation:
+        samples = [replace(s, shared_s=0.0) for s in samples]
     return fit_hardware(get_model(model), samples, get_hardware("cpu"), mean_unbiased=True)
 
 
@@ -102,29 +136,40 @@ def fit_hardware(model: ModelSpec, samples: Sequence[StepSample], base: Hardware
                  mean_unbiased: bool = False) -> tuple[Hardware, dict[str, float]]:
     """Fit on the squared relative error (each step weighted by 1/measured). With ``mean_unbiased`` a
     second pass weights by 1/first-fit prediction instead: noisy steps of one shape are then fitted at their
-    mean, not below it (1/measured favours the fast ones), which is what latencies summed over steps need."""
+    mean, not below it (1/measured favours the fast ones), which is what latencies summed over steps need.
+    Samples with ``shared_s`` fit the co-location slowdown too (none: it stays 0, the fit is as before)."""
     if len(samples) < 4:
         raise ValueError(f"need at least 4 measured steps to calibrate, got {len(samples)}")
     unit = replace(base, peak_flops=1.0, mem_bandwidth=1.0, mfu_prefill=1.0, mfu_decode=1.0, bw_efficiency=1.0,
-                   step_overhead_s=0.0, seq_overhead_s=0.0, token_overhead_s=0.0)
+                   step_overhead_s=0.0, seq_overhead_s=0.0, token_overhead_s=0.0, colocation_slowdown=0.0)
     costs = [step_cost(model, unit, s.work) for s in samples]
     flops = np.array([c.flops for c in costs])
     nbytes = np.array([c.bytes for c in costs])
     t = np.array([s.seconds for s in samples])
+    shared = np.array([s.shared_s for s in samples])
     feats = np.array([[1.0, len(s.work), sum(w.new_tokens for w in s.work)] for s in samples])
+    if shared.any():
+        feats = np.column_stack([feats, shared])
+
+    def predict(hw: Hardware) -> np.ndarray:
+        k = hw.colocation_slowdown / (1.0 + hw.colocation_slowdown)
+        return np.array([step_time(model, hw, s.work) for s in samples]) + k * shared
+
     hw = _grid_fit(unit, flops, nbytes, t, feats, 1.0 / t)
     if mean_unbiased:
-        hw = _grid_fit(unit, flops, nbytes, t, feats, 1.0 / np.array([step_time(model, hw, s.work) for s in samples]))
-    pred = np.array([step_time(model, hw, s.work) for s in samples])
+        hw = _grid_fit(unit, flops, nbytes, t, feats, 1.0 / predict(hw))
+    pred = predict(hw)
     rel = np.abs(pred - t) / t
     return hw, {"steps": len(samples), "median_rel_error": float(np.median(rel)), "mean_rel_error": float(rel.mean()),
-                "p90_rel_error": float(np.percentile(rel, 90)), "mean_ratio": float(pred.sum() / t.sum())}
+                "p90_rel_error": float(np.percentile(rel, 90)), "mean_ratio": float(pred.sum() / t.sum()),
+                "colocation_slowdown": hw.colocation_slowdown, "shared_share": float(shared.sum() / t.sum())}
 
 
 def _grid_fit(unit: Hardware, flops: np.ndarray, nbytes: np.ndarray, t: np.ndarray, feats: np.ndarray,
               w: np.ndarray) -> Hardware:
-    """F, BW and the one-row gain on a grid, the three overheads exactly (non-negative), minimising
-    the squared error of each step weighted by ``w``."""
+    """F, BW and the one-row gain on a grid, the three overheads (and the co-location term k when ``feats``
+    has a fourth column, the shared seconds) exactly (non-negative), minimising the squared error of each
+    step weighted by ``w``."""
     one_row = feats[:, 2] == 1
     fs, bws = np.meshgrid(np.logspace(8.5, 13, 46), np.logspace(8.5, 12, 36), indexing="ij")
     fs, bws = fs.ravel(), bws.ravel()
@@ -138,5 +183,8 @@ def _grid_fit(unit: Hardware, flops: np.ndarray, nbytes: np.ndarray, t: np.ndarr
             best = (float(errs[i]), fs[i], bws[i], float(gain), coefs[i])
     assert best is not None
     _, f, bw, gain, coef = best
+    # k = c/(1 + c) < 1: a step cannot stop while a neighbour runs; capped at c = 9 (a tenth of its speed)
+    k = min(float(coef[3]), 0.9) if len(coef) > 3 else 0.0
     return replace(unit, peak_flops=float(f), mem_bandwidth=float(bw), single_row_bw_gain=float(gain),
-                   step_overhead_s=float(coef[0]), seq_overhead_s=float(coef[1]), token_overhead_s=float(coef[2]))
+                   step_overhead_s=float(coef[0]), seq_overhead_s=float(coef[1]), token_overhead_s=float(coef[2]),
+                   colocation_slowdown=k / (1.0 - k))

@@ -1,5 +1,5 @@
 """What `inferstack sim` simulates, from the command line and `inferstack.yaml`: the fleet
-(`--fleet HW:MODEL=N[:ROLE]`, `--pd XpYd`) and the pool the gateway routes over (routing, max
+(`--fleet HW:MODEL=N[:ROLE][@HOST]`, `--pd XpYd`) and the pool the gateway routes over (routing, max
 concurrency, PD and precise prefix from the config's pool, with the fleet as its endpoints)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from inferstack.gateway.routing.registry import PRESETS
 from inferstack.sim.profile import ProfileError, parse_profile
 from inferstack.sim.simulation import FleetSpec
 
-_FLEET = re.compile(r"^(?P<profile>.+?)=(?P<n>\d+)(?::(?P<role>prefill|decode|both))?$")
+_FLEET = re.compile(r"^(?P<profile>.+?)=(?P<n>\d+)(?::(?P<role>prefill|decode|both))?(?:@(?P<host>[\w.-]+))?$")
 _PD = re.compile(r"^(?P<p>\d+)p(?P<d>\d+)d$")
 
 
@@ -25,8 +25,8 @@ class SimSetupError(ValueError):
 def parse_fleet(text: str) -> FleetSpec:
     m = _FLEET.match(text.strip())
     if not m:
-        raise SimSetupError(f"--fleet {text!r}: expected HARDWARE:MODEL=N[:prefill|decode|both], "
-                            "e.g. h100:llama-3-8b=8")
+        raise SimSetupError(f"--fleet {text!r}: expected HARDWARE:MODEL=N[:prefill|decode|both][@HOST], "
+                            "e.g. h100:llama-3-8b=8 or cpu:smollm2-135m=2@box")
     try:
         profile = parse_profile(m.group("profile"))
     except ProfileError as e:
@@ -34,7 +34,7 @@ def parse_fleet(text: str) -> FleetSpec:
     n = int(m.group("n"))
     if n < 1:
         raise SimSetupError(f"--fleet {text!r}: the replica count must be >= 1")
-    return FleetSpec(profile, n, m.group("role") or "both")
+    return FleetSpec(profile, n, m.group("role") or "both", m.group("host"))
 
 
 def apply_pd(fleets: list[FleetSpec], pd: str) -> list[FleetSpec]:
@@ -48,7 +48,8 @@ def apply_pd(fleets: list[FleetSpec], pd: str) -> list[FleetSpec]:
     p, d = int(m.group("p")), int(m.group("d"))
     if len(fleets) != 1 or p < 1 or d < 1:
         raise SimSetupError(f"--pd {pd}: needs exactly one --fleet and at least 1 prefill and 1 decode replica")
-    return [FleetSpec(fleets[0].profile, p, "prefill"), FleetSpec(fleets[0].profile, d, "decode")]
+    host = fleets[0].host
+    return [FleetSpec(fleets[0].profile, p, "prefill", host), FleetSpec(fleets[0].profile, d, "decode", host)]
 
 
 def load_sim_config(path: Path | None) -> InferstackConfig:

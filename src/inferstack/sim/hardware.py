@@ -32,6 +32,10 @@ class Hardware:
     # runs one row as a matrix-vector product, the cheapest step by far (a 1-sequence decode step
     # costs ~55 ms here where 2-4 sequences cost ~90 ms; `cpu` fits gave 1.35-1.9). GPUs: not measured, 1.
     single_row_bw_gain: float = 1.0
+    # Replicas declared on the same cores (`--fleet ...@HOST`) slow each other: a step runs at 1/(1 + c·m)
+    # of its speed while m others of its host are mid-step (`sim/cores.py`). Fitted by `engine calibrate
+    # --served-steps` from engines that served side by side (0.04-0.3 on the 2-core development machine).
+    colocation_slowdown: float = 0.0
     link_bandwidth: float = 0.0        # bytes/s between devices for tensor parallelism (0: no TP)
     link_latency_s: float = 0.0
     # KV transfer between engines on different nodes (prefill/decode disaggregation): the line rate

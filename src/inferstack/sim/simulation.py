@@ -35,6 +35,7 @@ from inferstack.gateway.flowqueue import Rejected
 from inferstack.gateway.requests import engine_priority
 from inferstack.gateway.routing import EndpointView, RequestView
 from inferstack.sim.autoscale import Autoscaler, MetricSample
+from inferstack.sim.cores import CoreShare
 from inferstack.sim.gateway import SimEndpoint, SimGateway
 from inferstack.sim.profile import Profile
 from inferstack.sim.prompts import PromptTokens
@@ -49,6 +50,7 @@ class FleetSpec:
     profile: Profile
     replicas: int
     role: str = "both"          # prefill | decode | both
+    host: str | None = None     # replicas of fleets naming the same host share its cores (`sim.cores`)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class Simulation:
         self._seq = itertools.count()
         self.replicas: list[SimReplica] = []
         self._next_replica = itertools.count()
+        self._hosts: dict[str, CoreShare[SimReplica]] = {}
+        self._cores: dict[SimReplica, CoreShare[SimReplica]] = {}     # replicas on a shared host -> its share
         track = s.pool.precise_prefix is not None
         for fleet in s.fleets:
             for _ in range(fleet.replicas):
@@ -160,6 +164,8 @@ class Simulation:
         replica = SimReplica(rid, fleet.profile, config, self._clock, self.s.tokens.output_ids(), lambda t: None,
                              track_events=track)
         replica.wake = lambda t, r=replica: self.at(t, self._wake, r)
+        if fleet.host is not None:
+            self._cores[replica] = self._hosts.setdefault(fleet.host, CoreShare())
         return replica
 
     def run(self, progress: Callable[[Simulation], None] | None = None) -> None:
@@ -393,8 +399,10 @@ class Simulation:
         self._next(rep)
 
     def _next(self, rep: SimReplica) -> None:
-        """At a step boundary: leap over a run of identical decode steps, or schedule one step."""
-        if self.s.decode_run_steps > 1:
+        """At a step boundary: leap over a run of identical decode steps, or schedule one step. A replica
+        sharing its host's cores steps one event at a time: its steps' ends move with its neighbours'."""
+        share = self._cores.get(rep) if self._cores else None
+        if self.s.decode_run_steps > 1 and share is None:
             run = rep.begin_run(self.s.decode_run_steps)
             if run is not None:
                 self.at(run.ends[-1], self._run_end, rep, run)
@@ -403,7 +411,24 @@ class Simulation:
         if dt is None:
             rep.stepping = False
             return
-        self.at(self.now + dt, self._step, rep, rep.epoch)
+        if share is None:
+            self.at(self.now + dt, self._step, rep, rep.epoch)
+        else:
+            self._retimed(share.start(rep, dt, rep.profile.hardware.colocation_slowdown, self.now))
+
+    def _retimed(self, ends: list[tuple[SimReplica, float, int]]) -> None:
+        for rep, end, token in ends:
+            self.at(end, self._shared_step, rep, rep.epoch, token)
+
+    def _shared_step(self, rep: SimReplica, epoch: int, token: int) -> None:
+        """The end of a shared-host step, unless a neighbour's start or end has moved it since."""
+        share = self._cores[rep]
+        if epoch != rep.epoch or share.token(rep) != token:
+            return
+        slowed, ends = share.end(rep, self.now)
+        rep.stats.busy_s += slowed      # the device was busy for the step's whole stretched time
+        self._retimed(ends)
+        self._step(rep, epoch)
 
     def _run_end(self, rep: SimReplica, run: DecodeRun) -> None:
         if rep.run is not run:
@@ -535,6 +560,9 @@ class Simulation:
             return
         rep = self.replicas[c.replica]
         self._cut(rep)
+        share = self._cores.get(rep)
+        if share is not None and share.token(rep) is not None:   # its step is lost: the neighbours speed up
+            self._retimed(share.end(rep, self.now)[1])
         ep = self.gateway.endpoints.get(rep.id)
         for req in rep.crash():
             r = self.active.pop(req.request_id, None)
