@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import signal
@@ -67,17 +68,27 @@ def _tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def _switches(pid: int) -> int:
+    """Context switches (voluntary + involuntary) of every thread of a process (psutil's count only its first)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            total += sum(int(line.split()[1]) for line in task.read_text().splitlines() if "ctxt_switches" in line)
+    return total
+
+
 def cpu_split(pid: int | None) -> tuple[float, float, int]:
-    """User CPU, system CPU and context switches (voluntary + involuntary, every thread) of a process and all its
-    descendants (peers run worker processes)."""
+    """User CPU, system CPU and context switches (every thread) of a process and all its descendants (peers run
+    worker processes)."""
     user = system = 0.0
     switches = 0
     for p in _tree(pid) if pid is not None else []:
         try:
-            t, c = p.cpu_times(), p.num_ctx_switches()
-        except psutil.NoSuchProcess:
+            t = p.cpu_times()
+            switches += _switches(p.pid)
+        except (psutil.NoSuchProcess, FileNotFoundError):
             continue
-        user, system, switches = user + t.user, system + t.system, switches + c.voluntary + c.involuntary
+        user, system = user + t.user, system + t.system
     return user, system, switches
 
 
