@@ -19,7 +19,10 @@ older commit's ``src``), same run, for before/after comparisons of a change.
 requests at the last ``--concurrency`` level, targets interleaved run by run): on a busy machine wall-clock
 throughput swings 2x between identical runs, CPU seconds per request do not. It also gives each target's req/s
 as a ratio to sglang-router round_robin's in the same repetition (median and range of the N ratios).
-With ``--baseline-src`` it is a before/after of a change; peers are measured the same way when named. ``--floor`` adds
+With ``--baseline-src`` it is a before/after of a change; peers are measured the same way when named.
+Each target's CPU is split into user and system time with its context switches per request.
+``--syscalls N`` counts each target's system calls per request (strace -c, N requests at the last ``--concurrency``
+level). ``--floor`` adds
 `gateway_floor.py` (a bare proxy on the same uvicorn stack and upstream client): the part of our CPU that
 no trimming of the pipeline can remove.
 """
@@ -28,9 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import orjson
@@ -55,19 +63,39 @@ KEY = "sk-bench-tenant"
 REFERENCE_PEER = "sglang-router round_robin"  # the issue's throughput goal is a ratio to this peer
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU of a process and all its descendants (peers run worker processes)."""
-    if pid is None:
-        return 0.0
+def _tree(pid: int) -> list[psutil.Process]:
     root = psutil.Process(pid)
-    total = 0.0
-    for p in [root, *root.children(recursive=True)]:
+    return [root, *root.children(recursive=True)]
+
+
+def _switches(pid: int) -> int:
+    """Context switches (voluntary + involuntary) of every thread of a process (psutil's count only its first)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            total += sum(int(line.split()[1]) for line in task.read_text().splitlines() if "ctxt_switches" in line)
+    return total
+
+
+def cpu_split(pid: int | None) -> tuple[float, float, int]:
+    """User CPU, system CPU and context switches (every thread) of a process and all its descendants (peers run
+    worker processes)."""
+    user = system = 0.0
+    switches = 0
+    for p in _tree(pid) if pid is not None else []:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+            switches += _switches(p.pid)
+        except (psutil.NoSuchProcess, FileNotFoundError):
+            continue
+        user, system = user + t.user, system + t.system
+    return user, system, switches
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and all its descendants."""
+    user, system, _ = cpu_split(pid)
+    return user + system
 
 
 def queued_requests(gateway_url: str) -> float:
@@ -84,26 +112,54 @@ def cpu_only(targets: list[tuple], body: bytes, total: int, concurrency: int, re
     """CPU µs per request and req/s of each target, runs interleaved across targets so load drifts hit all
     alike; each target's req/s also as a ratio to the reference peer's (sglang-router round_robin) in the same
     repetition, whose median and range say more than one wall-clock run on a busy machine can."""
-    samples: dict[str, list[float]] = {t[0]: [] for t in targets}
+    samples: dict[str, list[tuple[float, float, float]]] = {t[0]: [] for t in targets}  # user µs, system µs, switches
     rates: dict[str, list[float]] = {t[0]: [] for t in targets}
     for _name, base, headers, _ in targets:  # warm-up: connections, caches, first scrapes
         asyncio.run(throughput(base + "/v1/chat/completions", body, min(total, 500), concurrency, headers))
     for _ in range(reps):
         for name, base, headers, pid in targets:
-            cpu0 = cpu_seconds(pid)
+            before = cpu_split(pid)
             rps, _ = asyncio.run(throughput(base + "/v1/chat/completions", body, total, concurrency, headers))
-            samples[name].append((cpu_seconds(pid) - cpu0) / total * 1e6)
+            after = cpu_split(pid)
+            user, system, switches = (a - b for a, b in zip(after, before, strict=True))
+            samples[name].append((user / total * 1e6, system / total * 1e6, switches / total))
             rates[name].append(rps)
     ref = next((n for n in rates if n == REFERENCE_PEER), None)
-    print(f"\n| target | c{concurrency} CPU µs/req (median of {reps}) | runs | c{concurrency} req/s (median) "
-          f"| ÷ {ref or 'reference'} per repetition: median (min-max) |\n|---|---:|---|---:|---|")
+    print(f"\n| target | c{concurrency} CPU µs/req (median of {reps}) | user / system µs | context switches/req "
+          f"| runs | c{concurrency} req/s (median) | ÷ {ref or 'reference'} per repetition: median (min-max) |\n"
+          "|---|---:|---|---:|---|---:|---|")
     for name, v in samples.items():
         ratio = "–"
         if ref is not None and name != ref:
             r = sorted(a / b for a, b in zip(rates[name], rates[ref], strict=True))
             ratio = f"{median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
-        runs = ", ".join(f"{x:.0f}" for x in v)
-        print(f"| {name} | {median(v):.0f} | {runs} | {median(rates[name]):.0f} | {ratio} |")
+        runs = ", ".join(f"{u + k:.0f}" for u, k, _ in v)
+        split = f"{median([u for u, _, _ in v]):.0f} / {median([k for _, k, _ in v]):.0f}"
+        print(f"| {name} | {median([u + k for u, k, _ in v]):.0f} | {split} | {median([c for _, _, c in v]):.2f} "
+              f"| {runs} | {median(rates[name]):.0f} | {ratio} |")
+
+
+def syscalls(targets: list[tuple], body: bytes, total: int, concurrency: int) -> None:
+    """System calls per request of each target (`strace -c -f` attached to every thread of the target's processes
+    while it serves ``total`` requests after a warm-up): which calls, how many, errors. strace slows system calls,
+    so this counts them; it does not time them."""
+    for name, base, headers, pid in targets:
+        url = base + "/v1/chat/completions"
+        asyncio.run(throughput(url, body, min(total, 500), concurrency, headers))
+        out = Path(tempfile.mkdtemp(prefix="gwbench-strace-")) / "counts"
+        tids = [str(t.id) for p in _tree(pid) for t in p.threads()]
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), *(a for t in tids for a in ("-p", t))],
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # attached to every thread (strace has no readiness signal)
+        asyncio.run(throughput(url, body, total, concurrency, headers))
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+        print(f"\n{name}: system calls per request ({total} requests, c{concurrency})")
+        for line in out.read_text().splitlines():
+            f = line.split()  # % time, seconds, usecs/call, calls, [errors], syscall
+            if len(f) in (5, 6) and f[3].isdigit() and f[-1].isidentifier():
+                errors = f" ({int(f[4]) / total:.2f} failed)" if len(f) == 6 else ""
+                print(f"  {f[-1]:<16} {int(f[3]) / total:7.3f}{errors}")
 
 
 def _fmt(v: object) -> str:
@@ -126,6 +182,8 @@ def main() -> None:
                     help="also run a bare ASGI proxy on our server stack (benchmarks/gateway_floor.py)")
     ap.add_argument("--cpu-reps", type=int, default=0,
                     help="only measure CPU µs per request, median of this many runs per target (see above)")
+    ap.add_argument("--syscalls", type=int, default=0,
+                    help="only count each target's system calls per request (strace -c) over this many requests")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     peers = [p for p in args.peers.split(",") if p]
@@ -186,6 +244,9 @@ def main() -> None:
             procs.append(p)
             targets.append((p.name, p.url, {"authorization": f"Bearer {p.extra['key']}"}, p.proc.pid))
 
+        if args.syscalls:
+            syscalls(targets[1:], body, args.syscalls, levels[-1])
+            return
         if args.cpu_reps:
             cpu_only(targets[1:], body, args.total, levels[-1], args.cpu_reps)
             return

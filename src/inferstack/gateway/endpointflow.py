@@ -74,7 +74,7 @@ class EndpointQueues:
         ep.held += 1
         self._held(ep)
         try:
-            return await self.queue(ep).admit(priority, flow_id, weight, timeout_s=timeout_s, promised=promised)
+            return await self.queue(ep).wait(priority, flow_id, weight, timeout_s=timeout_s, promised=promised)
         finally:
             ep.held -= 1
             self._held(ep)

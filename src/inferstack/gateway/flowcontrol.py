@@ -56,6 +56,18 @@ class FlowController:
         `evict` hands a waiter."""
         if self.queue.passes(priority, free_slots):  # nearly every request: no future, nothing queued
             return None
+        return await self.wait(priority, flow_id, weight, client_gone, free_slots, timeout_s, promised)
+
+    def passes(self, priority: int, free_slots: Callable[[], int] | None = None) -> bool:
+        """`admit` would let the request straight through: a plain call, no coroutine (then `admit` is not
+        needed; otherwise await `wait`)."""
+        return self.queue.passes(priority, free_slots)
+
+    async def wait(self, priority: int, flow_id: str, weight: float = 1.0,
+                   client_gone: asyncio.Future | None = None,
+                   free_slots: Callable[[], int] | None = None, timeout_s: float | None = None,
+                   promised: float | None = None) -> float | None:
+        """`admit` for a request that did not pass at once (`passes` said no): the same arguments and answers."""
         # the loop from the client-gone future when there is one: `get_running_loop` is a getpid system call
         loop = client_gone.get_loop() if client_gone is not None else asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()

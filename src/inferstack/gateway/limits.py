@@ -35,9 +35,22 @@ class Limits:
 
 
 class Limiter(Protocol):
+    """``acquire_now`` and ``settle_now`` answer without a coroutine when no I/O is needed (buckets in this
+    process or in shared memory: every request calls both, and a coroutine that never suspends still costs its
+    creation and its `StopIteration`); a limiter whose buckets are elsewhere says so (None, False) and the caller
+    awaits ``acquire`` or ``settle``."""
+
+    def acquire_now(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str] | None:
+        """`acquire`'s answer, or None when it needs I/O (then await `acquire`)."""
+        ...
+
     async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
         """(0, "") when admitted (the TPM bucket held all ``tokens`` and now holds them less), else
         (seconds to wait, "rpm" | "tpm"). Raises LimitStoreError when the store cannot answer."""
+        ...
+
+    def settle_now(self, tenant: str, limits: Limits, delta_tokens: int) -> bool:
+        """`settle` done (True), or False when it needs I/O (then await `settle`)."""
         ...
 
     async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
@@ -57,15 +70,32 @@ class Reservation:
     settled: bool = False
 
 
+def _settle_failed(res: Reservation, used_tokens: int, exc: LimitStoreError) -> None:
+    log.warning("could not settle %d TPM tokens for tenant %s: %s", used_tokens, res.tenant, exc)
+
+
+def settle_reservation_now(limiter: Limiter, res: Reservation, used_tokens: int) -> bool:
+    """`settle_reservation` without a coroutine (`Limiter.settle_now`): True when settled (now or before),
+    False when the limiter needs its store: then await `settle_reservation`."""
+    if res.settled:
+        return True
+    try:
+        res.settled = limiter.settle_now(res.tenant, res.limits, used_tokens - res.tokens)
+    except LimitStoreError as exc:
+        res.settled = True
+        _settle_failed(res, used_tokens, exc)
+    return res.settled
+
+
 async def settle_reservation(limiter: Limiter, res: Reservation, used_tokens: int) -> None:
     """Settle once to what the request really used; a store failure here only loses accuracy."""
-    if res.settled:
+    if settle_reservation_now(limiter, res, used_tokens):
         return
     res.settled = True
     try:
         await limiter.settle(res.tenant, res.limits, used_tokens - res.tokens)
     except LimitStoreError as exc:
-        log.warning("could not settle %d TPM tokens for tenant %s: %s", used_tokens, res.tenant, exc)
+        _settle_failed(res, used_tokens, exc)
 
 
 class MemoryLimiter:
@@ -84,7 +114,7 @@ class MemoryLimiter:
             b[1] = now
         return b
 
-    async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
+    def acquire_now(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
         now = time.monotonic()
         if limits.rpm:
             r = self._level((tenant, "rpm"), limits.rpm, now)
@@ -99,11 +129,18 @@ class MemoryLimiter:
             r[0] -= 1.0
         return 0.0, ""
 
-    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
+    async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
+        return self.acquire_now(tenant, limits, tokens)
+
+    def settle_now(self, tenant: str, limits: Limits, delta_tokens: int) -> bool:
         if limits.tpm and delta_tokens:
             t = self._level((tenant, "tpm"), limits.tpm, time.monotonic())
             full, level = float(limits.tpm), t[0] - delta_tokens
             t[0] = level if level < full else full
+        return True
+
+    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
+        self.settle_now(tenant, limits, delta_tokens)
 
     async def close(self) -> None:
         return None
@@ -139,20 +176,20 @@ class SharedMemoryLimiter(MemoryLimiter):
             b[1] = now
         return b
 
-    # MemoryLimiter's methods never suspend, so the lock is held for a few microseconds, not across I/O
-    async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
+    # the lock is held for a few microseconds, never across I/O; `acquire` and `settle` (MemoryLimiter's) call these
+    def acquire_now(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
         if not self._lock.acquire(timeout=self._timeout_s):
             raise LimitStoreError("shared limit buckets locked for too long (a worker died holding them?)")
         try:
-            return await super().acquire(tenant, limits, tokens)
+            return super().acquire_now(tenant, limits, tokens)
         finally:
             self._lock.release()
 
-    async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
+    def settle_now(self, tenant: str, limits: Limits, delta_tokens: int) -> bool:
         if not self._lock.acquire(timeout=self._timeout_s):
             raise LimitStoreError("shared limit buckets locked for too long (a worker died holding them?)")
         try:
-            await super().settle(tenant, limits, delta_tokens)
+            return super().settle_now(tenant, limits, delta_tokens)
         finally:
             self._lock.release()
 
@@ -229,8 +266,14 @@ class RedisLimiter:
             raise LimitStoreError(self._down_reason) from exc
         return int(wait_ms) / 1000.0, ("", "rpm", "tpm")[int(which)]
 
+    def acquire_now(self, tenant: str, limits: Limits, tokens: int) -> None:
+        return None  # a round trip to Redis: always `acquire`
+
     async def acquire(self, tenant: str, limits: Limits, tokens: int) -> tuple[float, str]:
         return await self._run(tenant, limits, tokens, 0)
+
+    def settle_now(self, tenant: str, limits: Limits, delta_tokens: int) -> bool:
+        return False
 
     async def settle(self, tenant: str, limits: Limits, delta_tokens: int) -> None:
         if limits.tpm and delta_tokens:

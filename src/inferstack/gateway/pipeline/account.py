@@ -8,7 +8,7 @@ from typing import Any
 
 from inferstack.compliance.audit import AuditLog, AuditRecord
 from inferstack.gateway.auth import Identity
-from inferstack.gateway.limits import Limiter, settle_reservation
+from inferstack.gateway.limits import Limiter, settle_reservation, settle_reservation_now
 from inferstack.gateway.metrics import GatewayMetrics
 from inferstack.gateway.pipeline.context import Inbound, Outcome, RequestContext
 from inferstack.gateway.requests import prompt_parts
@@ -69,9 +69,11 @@ class Accountant:
     async def close(self, ctx: RequestContext) -> None:
         """The request is over (served, failed or abandoned): settle its TPM reservation to what it
         used, end its span, write its audit record."""
-        if ctx.admission.tokens is not None:
-            await settle_reservation(self.limiter, ctx.admission.tokens,
-                                     used_tokens(ctx.outcome, ctx.admission.prompt_tokens))
+        res = ctx.admission.tokens
+        if res is not None:
+            used = used_tokens(ctx.outcome, ctx.admission.prompt_tokens)
+            if not settle_reservation_now(self.limiter, res, used):  # a shared store: a round trip
+                await settle_reservation(self.limiter, res, used)
         if ctx.span is not None:
             ctx.span.set_attribute("http.response.status_code", ctx.outcome.status)
             ctx.span.set_attribute("inferstack.endpoint", ctx.outcome.endpoint)

@@ -37,6 +37,13 @@ class AuditHealth(Protocol):
     def failure(self) -> str | None: ...
 
 
+class _AskStore:
+    """`Admitter._limits`'s answer when the limiter cannot answer without its store."""
+
+
+_ASK_STORE = _AskStore()
+
+
 def _retry_after(seconds: float) -> dict[str, str]:
     return {"retry-after": str(max(1, int(seconds + 0.999)))}
 
@@ -73,7 +80,9 @@ class Admitter:
                            "retry shortly.", code="audit_unavailable", headers=_retry_after(5))
         unenforced = False
         try:
-            tokens = await self._limits(caller, reserve_tokens)
+            tokens = self._limits(caller, reserve_tokens)
+            if isinstance(tokens, _AskStore):
+                tokens = await self._limits_from_store(caller, reserve_tokens)
         except LimitStoreError as exc:
             tokens, unenforced = None, self._store_failed(caller.ident.tenant, exc)
         fairness = inbound.headers.get(b"x-gateway-inference-fairness-id")
@@ -83,7 +92,9 @@ class Admitter:
             flow_id = bounded_key(fairness.decode("latin-1")) if fairness else caller.ident.tenant
             weight = caller.tenant.weight if caller.tenant else 1.0
             seen = _PoolSeen(route.pool)
-            waited = await flow.admit(caller.priority, flow_id, weight, client_gone, seen.free_slots)
+            # nearly every request passes: a plain call, the waiting coroutine only for one that queues
+            waited = None if flow.passes(caller.priority, seen.free_slots) else await flow.wait(
+                caller.priority, flow_id, weight, client_gone, seen.free_slots)
         except (APIError, ClientGone) as exc:
             if isinstance(exc, APIError):
                 self.metrics.shed.labels(pool, "shed" if caller.priority < 0 else "queue").inc()
@@ -112,20 +123,40 @@ class Admitter:
                        "shortly.", code="limit_store_unavailable",
                        headers=_retry_after(self.limits.store_retry_s)) from None
 
-    async def _limits(self, caller: Caller, reserve_tokens: int) -> Reservation | None:
-        """Take one RPM token and reserve ``reserve_tokens`` of TPM (None without a TPM limit)."""
-        tenant, tname = caller.tenant, caller.ident.tenant
+    def _limits(self, caller: Caller, reserve_tokens: int) -> Reservation | _AskStore | None:
+        """Take one RPM token and reserve ``reserve_tokens`` of TPM (None without a TPM limit); `_ASK_STORE`
+        when the limiter must ask its store (then `_limits_from_store`)."""
+        tenant = caller.tenant
         if tenant is None or not (tenant.limits.rpm or tenant.limits.tpm):
             return None
-        tpm = tenant.limits.tpm
+        answer = self.limiter.acquire_now(caller.ident.tenant, tenant.limits, self._charge(caller, reserve_tokens))
+        return _ASK_STORE if answer is None else self._granted(caller, reserve_tokens, answer)
+
+    async def _limits_from_store(self, caller: Caller, reserve_tokens: int) -> Reservation | None:
+        """`_limits` through the limiter's store (a round trip)."""
+        assert caller.tenant is not None
+        answer = await self.limiter.acquire(caller.ident.tenant, caller.tenant.limits,
+                                            self._charge(caller, reserve_tokens))
+        return self._granted(caller, reserve_tokens, answer)
+
+    def _charge(self, caller: Caller, reserve_tokens: int) -> int:
+        """The TPM tokens to reserve (0 without a TPM limit); APIError(429) when the limit can never hold them."""
+        assert caller.tenant is not None
+        tname, tpm = caller.ident.tenant, caller.tenant.limits.tpm
         if tpm and reserve_tokens > tpm:
             self.metrics.rate_limited.labels(tname, "tpm").inc()
             raise APIError(429, f"Request too large for tenant `{tname}`: it may use {reserve_tokens} tokens "
                            f"(prompts + max_tokens x n) and the limit is {tpm} tokens per minute. Lower "
                            "max_tokens or split the request.", code="tpm_request_too_large")
-        wait, which = await self.limiter.acquire(tname, tenant.limits, reserve_tokens if tpm else 0)
+        return reserve_tokens if tpm else 0
+
+    def _granted(self, caller: Caller, reserve_tokens: int, answer: tuple[float, str]) -> Reservation | None:
+        """The limiter's answer: APIError(429) with Retry-After when it refused, else the TPM reservation."""
+        assert caller.tenant is not None
+        tname, limits = caller.ident.tenant, caller.tenant.limits
+        wait, which = answer
         if wait > 0:
             self.metrics.rate_limited.labels(tname, which).inc()
             raise APIError(429, f"Rate limit reached for tenant `{tname}` ({which.upper()}).",
                            code=f"{which}_limit_exceeded", headers=_retry_after(wait))
-        return Reservation(tname, tenant.limits, reserve_tokens) if tpm else None
+        return Reservation(tname, limits, reserve_tokens) if limits.tpm else None
