@@ -98,3 +98,13 @@ def test_the_stager_reads_on_a_thread_nicer_by_reader_nice(by: int) -> None:
         assert load.seen == [min(19, nice() + by)]
     finally:
         stager.shutdown()
+
+
+def test_engine_config_takes_a_read_nice_from_0_to_19() -> None:
+    from inferstack.engine.config import EngineConfig
+
+    assert EngineConfig(model="m").kv_read_nice == 10
+    assert EngineConfig(model="m", kv_read_nice=0).kv_read_nice == 0
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="kv_read_nice must be 0 to 19"):
+            EngineConfig(model="m", kv_read_nice=bad)
