@@ -356,29 +356,35 @@ class NixlAgent:
         layers = len(self.regions.bases)
         nbytes = len(local_ids) * 2 * layers * self.regions.block_bytes
         endpoint = self._endpoint(nbytes)
+        # A layer-by-layer READ's first group gates its request's forward pass: the calling thread copies it
+        # (the direct agent) instead of handing it to the copy threads and waking when they are done, two
+        # wake-ups that cost milliseconds on a busy host; the copy threads take the groups after it.
+        first = self._direct if on_layer is not None else endpoint
         with self._lock:
-            far = endpoint.remote_list(peer, remote)
+            far = {id(e): e.remote_list(peer, remote) for e in (first, endpoint)}
         deadline = time.monotonic() + timeout_s
         # the rows of every layer, once: a group's rows are a slice of them (layer-major), not another
         # numpy build per READ (~25 us each, measured in docs/disaggregation.md)
         every = range(layers)
         ours_all, theirs_all = self.regions.indices(every, local_ids), remote.indices(every, remote_ids)
         per_layer = 2 * len(local_ids)
-        for group in layer_groups(layers, nbytes // layers, self.min_read_bytes):
+        for i, group in enumerate(layer_groups(layers, nbytes // layers, self.min_read_bytes)):
             rows = slice(group.start * per_layer, group.stop * per_layer)
             ours, theirs = ours_all[rows], theirs_all[rows]
+            reader = first if i == 0 else endpoint
             try:
-                handle = endpoint.agent.make_prepped_xfer("READ", endpoint.local, ours, far, theirs)
+                handle = reader.agent.make_prepped_xfer("READ", reader.local, ours, far[id(reader)], theirs)
             except Exception as exc:
                 raise TransferError(f"NIXL READ from {peer} could not start ({exc})") from None
             try:
-                _wait(endpoint.agent, handle, peer, deadline, yield_core=endpoint is self._bulk)
+                _wait(reader.agent, handle, peer, deadline, yield_core=reader is self._bulk)
             finally:
                 with contextlib.suppress(Exception):   # a failed READ may refuse; NIXL frees it with the agent
-                    endpoint.agent.release_xfer_handle(handle)
+                    reader.agent.release_xfer_handle(handle)
             for layer in group if on_layer is not None else ():
                 on_layer(layer)
         with self._lock:
+            first.connected.add(peer)
             endpoint.connected.add(peer)
         return nbytes
 
@@ -386,11 +392,12 @@ class NixlAgent:
         return self._bulk if self._bulk is not None and nbytes >= self.bulk_min_bytes else self._direct
 
     def connected(self, peer: str, num_blocks: int) -> bool:
-        """Whether the agent that would READ ``num_blocks`` blocks has READ from ``peer`` before (its UCX
-        connection is up: a READ without the peer progressing UCX, the direct READ, can complete)."""
+        """Whether the agents that would READ ``num_blocks`` blocks have READ from ``peer`` before (their UCX
+        connections are up: a READ without the peer progressing UCX, the direct READ, can complete). A large
+        transfer's first layers go through the direct agent, the rest through the copy-thread one: both."""
         endpoint = self._endpoint(num_blocks * 2 * len(self.regions.bases) * self.regions.block_bytes)
         with self._lock:
-            return peer in endpoint.connected
+            return peer in endpoint.connected and peer in self._direct.connected
 
     def close(self) -> None:
         with self._lock:
