@@ -12,8 +12,8 @@ in rotating order,
   polls without sleeping, the engine's path under ``BULK_MIN_BYTES``; above 0: the copy threads copy and
   the reader sleeps between polls, the engine's path for large READs). The request is ready when both
   ended (the engine's first token waits for the READ's end and its claim);
-- ``beside-tN-nK`` (``--nice``, K > 0): the same with the READ's threads (the reader and UCX's copy
-  threads) K nicer than the forward pass's, as the engine runs them (``--kv-read-nice``, 10 by default);
+- ``beside-tN-nK`` (``--nice``, K > 0): the same with UCX's copy threads K nicer than the forward pass's,
+  as the engine runs them (``--kv-read-nice``, 10 by default; the reader thread is not lowered);
 - ``defer-tN``: the READ first, then the forward pass (the engine deferring the request's forward pass
   until its READ ended).
 
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from kv_transfer import BS, TRUST, kv_caches, move, prefill_process
 
-from inferstack.engine.connector.nixl_agent import NixlAgent, lower_thread_priority
+from inferstack.engine.connector.nixl_agent import NixlAgent
 from inferstack.engine.connector.nixl_transport import NixlKVTransport
 from inferstack.engine.connector.transfer import KVLayout
 
@@ -124,11 +124,8 @@ def run_mode(mode: str, model: Model, new: int, reads: dict[tuple[int, int], Nix
         return Sample(wall, cpu, queued, read, time.perf_counter() - t0)
     took: list[float] = []
 
-    def read() -> None:
-        lower_thread_priority(nice)      # as the connector's reader thread (`Stager`)
-        took.append(move(transport, port, rid, n, caches, params)[0])
-
-    reader = threading.Thread(target=read, name="kv-read")
+    reader = threading.Thread(target=lambda: took.append(move(transport, port, rid, n, caches, params)[0]),
+                              name="kv-read")
     reader.start()
     wall, cpu, queued = model.forward(new)
     reader.join()

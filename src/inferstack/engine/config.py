@@ -80,8 +80,8 @@ class EngineConfig:
     kv_transfer_port: int = 0
     # How PD KV moves (docs/disaggregation.md): auto = NIXL when it imports and UCX starts, else shm.
     kv_transport: KVTransport = "auto"
-    # How much nicer than the engine thread a NIXL READ's threads run (reader, UCX copy threads): the READ
-    # beside a request's forward pass yields the core to it where all cores are busy. 0: same priority.
+    # How much nicer than the engine thread UCX's copy threads run (NIXL READs from 32 MiB): the READ beside a
+    # request's forward pass leaves its core to it. 0: the same priority.
     kv_read_nice: int = 10
     # PD SSRF guard (engine/connector/peers.py): a decode engine pulls only from listed peers and/or
     # params signed with the shared secret; a prefill engine signs what it returns with the secret.

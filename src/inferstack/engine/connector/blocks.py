@@ -13,7 +13,6 @@ from typing import Protocol
 
 import torch
 
-from inferstack.engine.connector.nixl_agent import lower_thread_priority
 from inferstack.engine.connector.wire import TransferError
 from inferstack.engine.kv.hashing import BLOCKS_PER_CHUNK
 
@@ -210,11 +209,9 @@ class Stager:
 
     PENDING = -1
 
-    def __init__(self, workers: int = 1, reader_nice: int = 0) -> None:
-        """``reader_nice``: how much nicer than the engine thread the reader thread runs (`READ_NICE`)."""
+    def __init__(self, workers: int = 1) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-stage")
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-read",
-                                          initializer=lower_thread_priority, initargs=(reader_nice,))
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-read")
         self._reading: dict[str, Future[float]] = {}   # async loads in flight: seconds they took
         self._pending: dict[str, Future[PendingLoad | None]] = {}
         self._staged: dict[str, PendingLoad | None] = {}

@@ -46,12 +46,14 @@ MIN_READ_BYTES = 4 << 20
 # without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without; 16 MB took 20-25 % less CPU
 # without in every same-run comparison of the ninth and tenth stops, 64 MB and up went faster with them).
 BULK_MIN_BYTES = 32 << 20
-# A READ's own threads (the connector's reader, UCX's copy threads) run this much nicer than the engine
-# thread. A request's READ runs beside its forward pass (layer by layer); where every core is busy, CFS would
-# otherwise share the forward pass's core equally with the copy, and the request's TTFT grows by about the
-# copy's CPU time. At nice +10 (CFS weight 110 against 1,024) the copy still keeps ahead of the forward
-# pass (a layer's READ costs ~1/25 of its compute), and when it falls behind the forward pass waits for the
-# layer, leaving the core to it (docs/disaggregation.md, "The READ's threads yield").
+# UCX's copy threads (READs from BULK_MIN_BYTES) run this much nicer than the engine thread. A request's READ
+# runs beside its forward pass (layer by layer); with two copy threads and the forward pass on two cores, CFS
+# would balance a copy thread onto the forward pass's core and share it equally. At nice +10 (CFS weight 110
+# against 1,024) their load is small, so they stay on the other core, and one that shares the forward pass's
+# gets a tenth of it; the copy still keeps ahead of the forward pass (a layer's READ costs ~1/25 of its
+# compute), and when it falls behind the forward pass waits for the layer, leaving the core to it. The reader
+# thread is not lowered: it copies a transfer's first layers, which gate the forward pass, and smaller
+# transfers whole, holding the GIL (docs/disaggregation.md, NIXL transport).
 READ_NICE = 10
 
 

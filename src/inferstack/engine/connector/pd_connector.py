@@ -93,8 +93,8 @@ class PDConnector(KVConnectorBase):
         self.agent: NixlAgent | None = None
         self.reuse = reuse
         self.pins: PrefixPins | None = None
-        self._read_nice = read_nice       # NIXL READs: the reader's and copy threads' nice value above ours
-        self._stager = Stager(reader_nice=read_nice)
+        self._read_nice = read_nice       # NIXL: UCX copy threads' nice value above the engine thread's
+        self._stager = Stager()
         self._released: list[str] = []
         self._released_lock = threading.Lock()
         self._kv_caches: list[torch.Tensor] = []
