@@ -13,7 +13,7 @@ in rotating order,
   the reader sleeps between polls, the engine's path for large READs). The request is ready when both
   ended (the engine's first token waits for the READ's end and its claim);
 - ``beside-tN-nK`` (``--nice``, K > 0): the same with UCX's copy threads K nicer than the forward pass's,
-  as the engine runs them (``--kv-read-nice``, 10 by default; the reader thread is not lowered);
+  as the engine runs them with ``--kv-read-nice K`` (0 by default; the reader thread is never lowered);
 - ``defer-tN``: the READ first, then the forward pass (the engine deferring the request's forward pass
   until its READ ended).
 

@@ -6,8 +6,6 @@ with `os.sched_setaffinity`, behind `inferstack gateway serve`:
 * colocated: two `--role both` engines, least-load routing;
 * PD: one `--role prefill` + one `--role decode` engine, a PD pool (short prompts stay on the
   decode engine, long ones are prefilled remotely and their KV pulled);
-* pd-nice0 (``--fleets ...,pd-nice0``): PD with the decode engine's NIXL READ threads at the engine
-  thread's priority (``--kv-read-nice 0``; PD's default runs them 10 nicer, docs/disaggregation.md);
 * chunked (``--fleets ...,chunked``): colocated engines with a small step budget
   (``--chunk-tokens``, Sarathi-style chunked prefill), the other answer to prefill stalls.
 
@@ -169,12 +167,11 @@ def run_fleet(kind: str, args: argparse.Namespace) -> dict:
         budget = ["--max-num-batched-tokens", str(args.chunk_tokens)]
         engines = [engine("both", 0, *budget), engine("both", 1, *budget)]
     else:
-        nice = ["--kv-read-nice", "0"] if kind == "pd-nice0" else []
-        engines = [engine("prefill", 0), engine("decode", 1, "--kv-transfer-peers", "127.0.0.1", *nice)]
+        engines = [engine("prefill", 0), engine("decode", 1, "--kv-transfer-peers", "127.0.0.1")]
     gw = None
     try:
         urls = [e.wait() for e in engines]
-        if not kind.startswith("pd"):
+        if kind != "pd":
             gw = gateway([{"url": u} for u in urls], None)
         else:
             gw = gateway([{"url": urls[0], "role": "prefill"}, {"url": urls[1], "role": "decode"}],
@@ -199,8 +196,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=int, default=256, help="PD decider threshold (tokens)")
     ap.add_argument("--grace", type=float, default=15.0, help="seconds to wait for long prompts after the run")
     ap.add_argument("--fleets", default="colocated,pd",
-                    help="comma-separated: colocated, pd, pd-nice0 (PD, READ threads not lowered), chunked "
-                         "(colocated with a small step budget)")
+                    help="comma-separated: colocated, pd, chunked (colocated with a small step budget)")
     ap.add_argument("--chunk-tokens", type=int, default=64,
                     help="chunked fleet: --max-num-batched-tokens of its engines (chunked prefill)")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -208,8 +204,8 @@ def main() -> None:
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs 2 cores (one per engine)")
     fleets = args.fleets.split(",")
-    if unknown := set(fleets) - {"colocated", "pd", "pd-nice0", "chunked"}:
-        sys.exit(f"unknown fleets {sorted(unknown)}: choose from colocated, pd, pd-nice0, chunked")
+    if unknown := set(fleets) - {"colocated", "pd", "chunked"}:
+        sys.exit(f"unknown fleets {sorted(unknown)}: choose from colocated, pd, chunked")
     results: dict = {kind: run_fleet(kind, args) for kind in fleets}
     if "colocated" in results:
         for kind in (k for k in fleets if k != "colocated"):

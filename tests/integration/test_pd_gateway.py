@@ -32,7 +32,8 @@ def stack():
     prefill = start_inferstack([*ENGINE, "--role", "prefill"])
     decode = gw = None
     try:
-        decode = start_inferstack([*ENGINE, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
+        decode = start_inferstack([*ENGINE, "--role", "decode", "--kv-transfer-peers", "127.0.0.1",
+                                   "--kv-read-nice", "10"])
         gw = start_gateway({
             # active health checks rarely, so a killed prefill engine is found by the prefill leg
             "gateway": {"health_interval_s": 300, "max_retries": 0},
@@ -102,8 +103,8 @@ def thread_nices(pid: int) -> dict[int, int]:
 @pytest.mark.skipif(nixl_missing() is not None or default_threads() == 0,
                     reason="UCX copy threads run only with NIXL and two cores or more")
 def test_decode_engine_copies_kv_on_threads_nicer_than_the_engine(stack):
-    """The decode engine's UCX copy threads run --kv-read-nice (10) nicer than its main thread; the engine's own
-    threads, the connector's reader among them, do not."""
+    """With --kv-read-nice 10 the decode engine's UCX copy threads run 10 nicer than its main thread; the engine's
+    own threads, the connector's reader among them, do not."""
     _, decode, _ = stack
     nices = thread_nices(decode.proc.pid)
     base = nices[decode.proc.pid]

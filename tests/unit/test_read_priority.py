@@ -1,5 +1,5 @@
-"""UCX's copy threads run nicer than the engine thread (`nixl_agent.READ_NICE`): lowering changes the calling
-thread only, and threads it starts inherit it (how the copy threads get it)."""
+"""``--kv-read-nice``: UCX's copy threads run nicer than the engine thread. Lowering changes the calling thread
+only, and threads it starts inherit it (how the copy threads get it)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def test_threads_started_under_on_nicer_thread_inherit_it_and_errors_reach_the_c
 def test_engine_config_takes_a_read_nice_from_0_to_19() -> None:
     from inferstack.engine.config import EngineConfig
 
-    assert EngineConfig(model="m").kv_read_nice == 10
-    assert EngineConfig(model="m", kv_read_nice=0).kv_read_nice == 0
+    assert EngineConfig(model="m").kv_read_nice == 0
+    assert EngineConfig(model="m", kv_read_nice=10).kv_read_nice == 10
     for bad in (-1, 20):
         with pytest.raises(ValueError, match="kv_read_nice must be 0 to 19"):
             EngineConfig(model="m", kv_read_nice=bad)

@@ -251,9 +251,9 @@ def serve(
              "NixlConnector uses; RDMA when the NICs have it); shm: shared memory on one host, TCP otherwise; "
              "tcp: TCP only; auto (default): nixl when it imports and UCX starts, else shm.")] = None,
     kv_read_nice: Annotated[int | None, typer.Option(
-        help="NIXL READs from 32 MiB: how much nicer than the engine thread UCX's copy threads run (0-19, "
-             "default 10), so that a READ beside a request's forward pass leaves its core to it; 0: the same "
-             "priority (docs/disaggregation.md).")] = None,
+        help="NIXL READs from 32 MiB: how much nicer than the engine thread UCX's copy threads run (0-19; "
+             "default 0, the same priority), so that a READ beside a request's forward pass leaves its core to "
+             "it; an experiment, not shown to help (docs/disaggregation.md).")] = None,
     kv_transfer_peers: Annotated[str | None, typer.Option(
         help="--role decode: prefill engines this engine may pull KV from, HOST or HOST:PORT, comma-separated. "
              "A decode engine never connects elsewhere, whatever a request names.")] = None,

@@ -80,9 +80,10 @@ class EngineConfig:
     kv_transfer_port: int = 0
     # How PD KV moves (docs/disaggregation.md): auto = NIXL when it imports and UCX starts, else shm.
     kv_transport: KVTransport = "auto"
-    # How much nicer than the engine thread UCX's copy threads run (NIXL READs from 32 MiB): the READ beside a
-    # request's forward pass leaves its core to it. 0: the same priority.
-    kv_read_nice: int = 10
+    # How much nicer than the engine thread UCX's copy threads run (NIXL READs from 32 MiB), so that the READ
+    # beside a request's forward pass leaves its core to it. 0 (the default): the same priority; +10 was slower
+    # on a busy host in the one run that resolved a difference (docs/disaggregation.md).
+    kv_read_nice: int = 0
     # PD SSRF guard (engine/connector/peers.py): a decode engine pulls only from listed peers and/or
     # params signed with the shared secret; a prefill engine signs what it returns with the secret.
     kv_transfer_peers: tuple[str, ...] = ()

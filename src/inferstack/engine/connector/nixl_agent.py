@@ -46,15 +46,6 @@ MIN_READ_BYTES = 4 << 20
 # without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without; 16 MB took 20-25 % less CPU
 # without in every same-run comparison of the ninth and tenth stops, 64 MB and up went faster with them).
 BULK_MIN_BYTES = 32 << 20
-# UCX's copy threads (READs from BULK_MIN_BYTES) run this much nicer than the engine thread. A request's READ
-# runs beside its forward pass (layer by layer); with two copy threads and the forward pass on two cores, CFS
-# would balance a copy thread onto the forward pass's core and share it equally. At nice +10 (CFS weight 110
-# against 1,024) their load is small, so they stay on the other core, and one that shares the forward pass's
-# gets a tenth of it; the copy still keeps ahead of the forward pass (a layer's READ costs ~1/25 of its
-# compute), and when it falls behind the forward pass waits for the layer, leaving the core to it. The reader
-# thread is not lowered: it copies a transfer's first layers, which gate the forward pass, and smaller
-# transfers whole, holding the GIL (docs/disaggregation.md, NIXL transport).
-READ_NICE = 10
 
 
 def lower_thread_priority(by: int) -> None:
@@ -283,7 +274,13 @@ class NixlAgent:
                  copy_nice: int = 0) -> None:
         """``threads``: the UCX backend's copy threads for large READs (0: the thread that calls
         `read` always copies; None: `default_threads`); ``copy_nice``: how much nicer than the engine
-        those threads run (`READ_NICE`)."""
+        those threads run (``--kv-read-nice``). The idea: with two copy threads and a forward pass on two
+        cores CFS balances a copy thread onto the forward pass's core and shares it equally; nicer, their
+        load is small and they stay on the other core, the copy keeping ahead of the forward pass (a layer's
+        READ costs ~1/25 of its compute). Not shown to help: on a busy host +10 made a forward pass beside a
+        45.7 MB READ slower in the one run that resolved a difference (the copy, spread over the whole forward
+        pass in small slices, cost it CPU time), docs/disaggregation.md. The reader thread is never lowered:
+        it copies the first layers, which gate the forward pass, and smaller transfers whole."""
         nixl = import_nixl()
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         threads = default_threads() if threads is None else threads

@@ -41,7 +41,7 @@ import torch
 
 from inferstack.engine.connector.base import KVConnectorBase, LayerWait
 from inferstack.engine.connector.blocks import LayerLoads, PendingLoad, Stager
-from inferstack.engine.connector.nixl_agent import READ_NICE, NixlAgent, NixlUnavailable
+from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable
 from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.prefix_pins import PrefixPins
@@ -68,7 +68,7 @@ class PDConnector(KVConnectorBase):
     def __init__(self, role: Role, *, trust: TransferTrust, block_size: int = 16, host: str = "127.0.0.1",
                  port: int = 0, advertise_host: str | None = None, transport: TransportChoice = "shm",
                  hold_s: float = 60.0, min_remote_tokens: int = 16, timeout_s: float = 30.0,
-                 link: LinkModel | None = None, reuse: bool = False, read_nice: int = READ_NICE) -> None:
+                 link: LinkModel | None = None, reuse: bool = False, read_nice: int = 0) -> None:
         if role not in ("prefill", "decode", "both") or (role == "both" and not reuse):
             raise ValueError(f"PD connector role must be prefill or decode (or both, with reuse), got {role!r}")
         if reuse and (trust.secret is None or link is not None):
