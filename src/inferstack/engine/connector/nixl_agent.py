@@ -367,10 +367,12 @@ class NixlAgent:
         every = range(layers)
         ours_all, theirs_all = self.regions.indices(every, local_ids), remote.indices(every, remote_ids)
         per_layer = 2 * len(local_ids)
+        used: list[_Endpoint] = []       # the agents that READ: each has a UCX connection to the peer after
         for i, group in enumerate(layer_groups(layers, nbytes // layers, self.min_read_bytes)):
             rows = slice(group.start * per_layer, group.stop * per_layer)
             ours, theirs = ours_all[rows], theirs_all[rows]
             reader = first if i == 0 else endpoint
+            used.append(reader)
             try:
                 handle = reader.agent.make_prepped_xfer("READ", reader.local, ours, far[id(reader)], theirs)
             except Exception as exc:
@@ -383,8 +385,8 @@ class NixlAgent:
             for layer in group if on_layer is not None else ():
                 on_layer(layer)
         with self._lock:
-            first.connected.add(peer)
-            endpoint.connected.add(peer)
+            for reader in used:
+                reader.connected.add(peer)
         return nbytes
 
     def _endpoint(self, nbytes: int) -> _Endpoint:
