@@ -11,8 +11,13 @@ the 1-block latency. NIXL READs straight from the prefill side's params once its
 warm-up, asks for an offer), as the engine does; ``--nixl-paths direct,offer`` adds the offer-first path as
 a column. Transports are interleaved so machine noise hits each alike; one size at a
 time, so the shm segment pool (two free segments) holds that size's segment as it would in a steady stream.
+In a fixed order every column's move follows the same other column's (NIXL's follows shm's: the twelfth stop
+found each phase of a 16 MB NIXL move slower right after an shm move); ``--order abba`` reverses the order every
+other round, so each column follows each other column (and itself) about equally often, and prints the times
+split by the move just before.
 
     python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
+    python benchmarks/kv_transfer.py --sizes-mb 4,16 --repeats 30 --transports shm,nixl --order abba
 """
 
 from __future__ import annotations
@@ -118,6 +123,19 @@ def cpu_both(prefill: Connection) -> float:
     return time.process_time() + prefill.recv()
 
 
+def print_after(after: dict[tuple[str, object, str], list[float]], sizes: dict[object, int], names: list[str],
+                block_bytes: int) -> None:
+    """Each column's median move time by the column whose move came just before it (ABBA order)."""
+    print("\nBy the move just before (ms median, moves in brackets):")
+    print("| size | " + " | ".join(f"{n} after {m}" for n in names for m in names) + " |")
+    print("|---|" + "---:|" * len(names) ** 2)
+    for label, n in sizes.items():
+        cells = [f"{statistics.median(got) * 1e3:.2f} ({len(got)})" if (got := after.get((name, label, prev)))
+                 else "–" for name in names for prev in names]
+        size = label if isinstance(label, str) else f"{n * block_bytes / 1e6:.0f} MB"
+        print(f"| {size} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", default="4,16,64,256", help="transfer sizes in MB (10^6 bytes)")
@@ -138,6 +156,8 @@ def main() -> None:
     ap.add_argument("--plain-pages", action="store_true",
                     help="both caches in torch's own memory (4 KiB pages) instead of huge pages, as before the "
                          "engine's CPU KV cache asked for them")
+    ap.add_argument("--order", choices=("fixed", "abba"), default="fixed",
+                    help="columns in the same order every round, or reversed every other round (ABBA)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     layout = KVLayout(args.layers, args.kv_heads, args.head_dim, BS, torch.float32)
@@ -156,9 +176,12 @@ def main() -> None:
                       args.nixl_paths.split(","), [float(m) for m in args.nixl_bulk_mib.split(",")])
     times: dict[tuple[str, object], list[float]] = {}
     cpu: dict[tuple[str, object], list[float]] = {}
+    after: dict[tuple[str, object, str], list[float]] = {}     # by the column whose move came just before
+    before = ""
     for label, n in sizes.items():
         for r in range(args.repeats + 1):           # round 0 warms connections, pools and metadata
-            for name, (transport, use_direct) in ways.items():
+            order = list(ways.items())
+            for name, (transport, use_direct) in order[::-1] if args.order == "abba" and r % 2 else order:
                 rid = f"{name}-{label}-{r}"
                 parent.send((rid, n))
                 direct = parent.recv()
@@ -168,6 +191,8 @@ def main() -> None:
                 if r > 0:
                     times.setdefault((name, label), []).append(dt)
                     cpu.setdefault((name, label), []).append(cpu_both(parent) - spent)
+                    after.setdefault((name, label, before), []).append(dt)
+                before = name
     print(f"block = {block_bytes / 1e6:.2f} MB; medians over {args.repeats} moves, two processes, one host; "
           "CPU = both processes' CPU time for the move (all threads)")
     print("| size | " + " | ".join(f"{n} ms | {n} GB/s | {n} CPU ms" for n in ways) + " |")
@@ -180,6 +205,8 @@ def main() -> None:
                          f"| {statistics.median(cpu[(name, label)]) * 1e3:.2f}")
         size = label if isinstance(label, str) else f"{n * block_bytes / 1e6:.0f} MB ({n} blocks)"
         print(f"| {size} | " + " | ".join(cells) + " |")
+    if args.order == "abba":
+        print_after(after, sizes, list(ways), block_bytes)
     parent.send(None)
     proc.join(30)
     for transport, _ in ways.values():

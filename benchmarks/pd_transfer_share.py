@@ -44,6 +44,17 @@ What counts as waiting on the transfer, two ways:
 Each share is over the decode engine's `vllm:time_to_first_token_seconds` of the PD requests (arrival at
 the decode engine to its first token).
 
+The **idle control** (``--idle-control``): after the two local sends, the prefill engine runs another leg of the
+same prompt (a plain request) and then the decode engine gets the prompt a fourth time, its KV local. It sees
+the decode engine in the PD request's condition — idle while the prefill engine computed, rather than right
+after a decode request of its own — without any transfer: (control - local) / PD TTFT is the part of the
+end-to-end share that the engine's idle spell costs, not the transfer; (PD - control) / PD TTFT the share
+with that condition equal on both sides. Each with its 95 % interval.
+
+A transport may carry decode-engine options, ``nixl:read-nice=10`` (``--kv-read-nice 10``): the same
+transport several times in ``--transports`` runs the variants one after another, each with its own engines
+(``nixl,nixl:read-nice=10,nixl:read-nice=10,nixl`` is an ABBA order).
+
 Also printed, the **paired** estimator: median over requests of (PD TTFT - local TTFT), in seconds, over the
 median PD TTFT, and its null likewise (third - second send); 95 % intervals by resampling whole requests
 (both medians recomputed per resample). The verdict stays on the per-request shares (in the first run that
@@ -57,6 +68,7 @@ Bytes are checked against what the KV of the transferred blocks must weigh: full
 layers x 2 (K, V) x KV heads x head dim x the KV cache's element size.
 
     PYTHONPATH=src python benchmarks/pd_transfer_share.py --transports nixl,shm --requests 300
+    PYTHONPATH=src python benchmarks/pd_transfer_share.py --transports nixl,nixl:read-nice=10 --idle-control
 """
 
 from __future__ import annotations
@@ -124,6 +136,19 @@ class Sample:
     queue: float              # arrival to blocks allocated, of the PD request and of the two local sends
     local_queue: float
     again_queue: float
+    idle_ttft: float | None = None   # the idle control (``--idle-control``): local KV after a prefill leg
+
+    @property
+    def idle(self) -> float:
+        """The engine's idle spell before a request (the PD request's condition), with no transfer."""
+        assert self.idle_ttft is not None
+        return (self.idle_ttft - self.local_ttft) / self.ttft
+
+    @property
+    def beyond_idle(self) -> float:
+        """The end-to-end share against the idle control: the transfer's with the condition equal."""
+        assert self.idle_ttft is not None
+        return (self.ttft - self.idle_ttft) / self.ttft
 
     @property
     def end_to_end(self) -> float:
@@ -164,22 +189,37 @@ def decode_blocks(tokens: int) -> int:
     return one + one // 2
 
 
-def run(transport: str, args: argparse.Namespace) -> list[Sample]:
+def variant(spec: str) -> tuple[str, list[str]]:
+    """``nixl:read-nice=10`` -> ("nixl", ["--kv-read-nice", "10"]): the transport and the decode engine's options."""
+    transport, *options = spec.split(":")
+    extra: list[str] = []
+    for option in options:
+        key, _, value = option.partition("=")
+        extra += [f"--kv-{key}", value]
+    return transport, extra
+
+
+def prefill_leg(url: str, text: str, params: dict | None) -> dict:
+    body = {"prompt": text, "max_tokens": 1, "temperature": 0, **({"kv_transfer_params": params} if params else {})}
+    r = httpx.post(f"{url}/v1/completions", timeout=900, json=body)
+    r.raise_for_status()
+    return r.json()
+
+
+def run(spec: str, args: argparse.Namespace) -> list[Sample]:
+    transport, extra = variant(spec)
     base = ["engine", "serve", "--model", "smollm2-135m", "--dtype", "float32", "--threads", "1",
             "--kv-cache-dtype", args.kv_cache_dtype, "--kv-transport", transport]
     prefill = start_inferstack([*base, "--role", "prefill"])
     decode = start_inferstack([*base, "--role", "decode", "--kv-transfer-peers", "127.0.0.1",
-                               "--num-kv-blocks", str(decode_blocks(args.tokens))])
+                               "--num-kv-blocks", str(decode_blocks(args.tokens)), *extra])
     try:
         samples: list[Sample] = []
         # the first round of each prompt is a warm-up: the prefill engine computes the prompt, the first
         # pull loads the peer's NIXL metadata and warms the connections
         for k in range(args.requests + args.prompts):
             text = prompt(k % args.prompts, args.tokens)
-            r = httpx.post(f"{prefill.url}/v1/completions", timeout=900, json={
-                "prompt": text, "max_tokens": 1, "temperature": 0, "kv_transfer_params": {"do_remote_decode": True}})
-            r.raise_for_status()
-            params = r.json()["kv_transfer_params"]
+            params = prefill_leg(prefill.url, text, {"do_remote_decode": True})["kv_transfer_params"]
             s0 = sums(decode.url)
             r = decoded(decode.url, text, params)
             s1 = sums(decode.url)
@@ -187,6 +227,11 @@ def run(transport: str, args: argparse.Namespace) -> list[Sample]:
             s2 = sums(decode.url)
             decoded(decode.url, text, None)      # and a third time (the null comparison)
             s3 = sums(decode.url)
+            idle = None
+            if args.idle_control:                # the PD request's condition, without a transfer
+                prefill_leg(prefill.url, text, None)
+                decoded(decode.url, text, None)
+                idle = sums(decode.url)["ttft"] - s3["ttft"]
             if k >= args.prompts:
                 d = {key: s1[key] - s0[key] for key in SUMS}
                 second, third = s2["ttft"] - s1["ttft"], s3["ttft"] - s2["ttft"]
@@ -198,7 +243,7 @@ def run(transport: str, args: argparse.Namespace) -> list[Sample]:
                 local_queue, again_queue = queues[::-1] if k % 2 else queues
                 samples.append(Sample(d["ttft"], local, again, d["fetch"], d["wait"], d["load"], d["bytes"],
                                       expected_bytes(r["usage"]["prompt_tokens"], args.kv_cache_dtype),
-                                      d["queue"], local_queue, again_queue))
+                                      d["queue"], local_queue, again_queue, idle))
         return samples
     finally:
         prefill.stop()
@@ -272,6 +317,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3,
                     help="distinct prompts the requests cycle over (3 or more: see the docstring)")
     ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--idle-control", action="store_true",
+                    help="a fourth send after another prefill leg: the idle spell's share (see the docstring)")
     ap.add_argument("--kv-cache-dtype", default="float32", choices=sorted(ELEMENT),
                     help="both engines' KV cache precision (the bytes a transfer moves scale with it)")
     args = ap.parse_args()
@@ -307,6 +354,11 @@ def main() -> None:
               f"| {quartiles([x.connector for x in got])} | {paired_cell(got, 'ttft', 'local_ttft')} "
               f"| {paired_cell(got, 'again_ttft', 'local_ttft')} | {verdict(got)} "
               f"| {split(got, 'before_alloc')} | {split(got, 'after_alloc')} |", flush=True)
+        if args.idle_control:
+            print(f"  {transport}: idle control TTFT {ms('idle_ttft'):.0f} ms; its share (control - local) "
+                  f"{quartiles([x.idle for x in got])} {interval([x.idle for x in got])}; end to end against "
+                  f"it (PD - control) {quartiles([x.beyond_idle for x in got])} "
+                  f"{interval([x.beyond_idle for x in got])}", flush=True)
 
 
 if __name__ == "__main__":

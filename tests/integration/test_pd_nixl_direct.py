@@ -169,6 +169,7 @@ def test_no_direct_read_through_an_agent_not_connected_to_the_peer(decode, prefi
     transport, caches = decode
     first_pull(transport, prefill, caches)                    # through the direct agent (a small transfer)
     transport.agent.bulk_min_bytes = 1                        # this transfer is large: the copy-thread agent
+    transport.agent.min_read_bytes = 1                        # in layer groups: the first through the direct agent
     load = fetch(transport, prefill.port, "a", prefill.direct("a"))
     assert load.claim is None, "the copy-thread agent never READ from this peer: the offer first"
     load.copy_into(caches, 16)

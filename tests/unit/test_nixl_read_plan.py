@@ -84,6 +84,9 @@ def test_a_read_split_over_copy_threads_moves_the_right_bytes():
         local, remote = [0, 1, 2, 7, 9, 10], [5, 6, 7, 0, 3, 4]
         moved = reader.read(holder.name, KVRegions.of(theirs), local, remote, 10.0, landed.append)
         assert landed == [0, 1, 2]
+        # the first layer gates the request's forward pass: the calling thread READ it (the direct agent), not
+        # the copy threads, so both agents are connected to the holder now
+        assert holder.name in reader._direct.connected and reader.connected(holder.name, len(local))
         assert moved == len(local) * 2 * 3 * KVRegions.of(ours).block_bytes
         for mine, peer in zip(ours, theirs, strict=True):
             assert torch.equal(mine[:, local], peer[:, remote])

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,8 @@ from inferstack.engine.connector.wire import TransferError
 
 if TYPE_CHECKING:      # annotations only: the engine server imports this module for NixlUnavailable
     import torch
+
+T = TypeVar("T")
 
 
 # The first READ of a layer-by-layer transfer groups layers until it moves at least this much
@@ -44,6 +46,41 @@ MIN_READ_BYTES = 4 << 20
 # without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without; 16 MB took 20-25 % less CPU
 # without in every same-run comparison of the ninth and tenth stops, 64 MB and up went faster with them).
 BULK_MIN_BYTES = 32 << 20
+
+
+def lower_thread_priority(by: int) -> None:
+    """Raise the calling thread's nice value by ``by`` (at most to 19). On Linux nice is per thread and the
+    threads it starts inherit it; lowering one's own priority needs no privilege. Best effort: elsewhere a
+    no-op."""
+    if by <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+
+
+def on_nicer_thread(make: Callable[[], T], by: int) -> T:
+    """``make()`` run on a short-lived thread ``by`` nicer than this one: threads it starts (UCX's copy
+    threads) keep that priority, while the caller's stays as it was (a thread cannot raise its own
+    priority back without privilege)."""
+    if by <= 0:
+        return make()
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        lower_thread_priority(by)
+        try:
+            result.append(make())
+        except BaseException as exc:   # re-raised on the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="nixl-start")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def default_threads() -> int:
@@ -233,16 +270,25 @@ class NixlAgent:
     copy threads; its name and metadata are what peers see, and it READs transfers under
     ``bulk_min_bytes``) and a bulk one whose UCX backend splits each READ over the copy threads."""
 
-    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int | None = None) -> None:
+    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int | None = None,
+                 copy_nice: int = 0) -> None:
         """``threads``: the UCX backend's copy threads for large READs (0: the thread that calls
-        `read` always copies; None: `default_threads`)."""
+        `read` always copies; None: `default_threads`); ``copy_nice``: how much nicer than the engine
+        those threads run (``--kv-read-nice``). The idea: with two copy threads and a forward pass on two
+        cores CFS balances a copy thread onto the forward pass's core and shares it equally; nicer, their
+        load is small and they stay on the other core, the copy keeping ahead of the forward pass (a layer's
+        READ costs ~1/25 of its compute). Not shown to help: on a busy host +10 made a forward pass beside a
+        45.7 MB READ slower in the one run that resolved a difference (the copy, spread over the whole forward
+        pass in small slices, cost it CPU time), docs/disaggregation.md. The reader thread is never lowered:
+        it copies the first layers, which gate the forward pass, and smaller transfers whole."""
         nixl = import_nixl()
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         threads = default_threads() if threads is None else threads
         self.regions = KVRegions.of(kv_caches)
         self._direct = _Endpoint(nixl, self.name, 0, kv_caches, self.regions)
         self._agent = self._direct.agent
-        self._bulk = (_Endpoint(nixl, f"{self.name}-bulk", threads, kv_caches, self.regions)
+        self._bulk = (on_nicer_thread(lambda: _Endpoint(nixl, f"{self.name}-bulk", threads, kv_caches,
+                                                        self.regions), copy_nice)
                       if threads > 0 else None)
         self._peers: dict[str, str] = {}      # "host:port" -> the remote agent name loaded for it
         self.min_read_bytes = MIN_READ_BYTES
@@ -309,41 +355,50 @@ class NixlAgent:
         layers = len(self.regions.bases)
         nbytes = len(local_ids) * 2 * layers * self.regions.block_bytes
         endpoint = self._endpoint(nbytes)
+        # A layer-by-layer READ's first group gates its request's forward pass: the calling thread copies it
+        # (the direct agent) instead of handing it to the copy threads and waking when they are done, two
+        # wake-ups that cost milliseconds on a busy host; the copy threads take the groups after it.
+        first = self._direct if on_layer is not None else endpoint
         with self._lock:
-            far = endpoint.remote_list(peer, remote)
+            far = {id(e): e.remote_list(peer, remote) for e in (first, endpoint)}
         deadline = time.monotonic() + timeout_s
         # the rows of every layer, once: a group's rows are a slice of them (layer-major), not another
         # numpy build per READ (~25 us each, measured in docs/disaggregation.md)
         every = range(layers)
         ours_all, theirs_all = self.regions.indices(every, local_ids), remote.indices(every, remote_ids)
         per_layer = 2 * len(local_ids)
-        for group in layer_groups(layers, nbytes // layers, self.min_read_bytes):
+        used: list[_Endpoint] = []       # the agents that READ: each has a UCX connection to the peer after
+        for i, group in enumerate(layer_groups(layers, nbytes // layers, self.min_read_bytes)):
             rows = slice(group.start * per_layer, group.stop * per_layer)
             ours, theirs = ours_all[rows], theirs_all[rows]
+            reader = first if i == 0 else endpoint
+            used.append(reader)
             try:
-                handle = endpoint.agent.make_prepped_xfer("READ", endpoint.local, ours, far, theirs)
+                handle = reader.agent.make_prepped_xfer("READ", reader.local, ours, far[id(reader)], theirs)
             except Exception as exc:
                 raise TransferError(f"NIXL READ from {peer} could not start ({exc})") from None
             try:
-                _wait(endpoint.agent, handle, peer, deadline, yield_core=endpoint is self._bulk)
+                _wait(reader.agent, handle, peer, deadline, yield_core=reader is self._bulk)
             finally:
                 with contextlib.suppress(Exception):   # a failed READ may refuse; NIXL frees it with the agent
-                    endpoint.agent.release_xfer_handle(handle)
+                    reader.agent.release_xfer_handle(handle)
             for layer in group if on_layer is not None else ():
                 on_layer(layer)
         with self._lock:
-            endpoint.connected.add(peer)
+            for reader in used:
+                reader.connected.add(peer)
         return nbytes
 
     def _endpoint(self, nbytes: int) -> _Endpoint:
         return self._bulk if self._bulk is not None and nbytes >= self.bulk_min_bytes else self._direct
 
     def connected(self, peer: str, num_blocks: int) -> bool:
-        """Whether the agent that would READ ``num_blocks`` blocks has READ from ``peer`` before (its UCX
-        connection is up: a READ without the peer progressing UCX, the direct READ, can complete)."""
+        """Whether the agents that would READ ``num_blocks`` blocks have READ from ``peer`` before (their UCX
+        connections are up: a READ without the peer progressing UCX, the direct READ, can complete). A large
+        transfer's first layers go through the direct agent, the rest through the copy-thread one: both."""
         endpoint = self._endpoint(num_blocks * 2 * len(self.regions.bases) * self.regions.block_bytes)
         with self._lock:
-            return peer in endpoint.connected
+            return peer in endpoint.connected and peer in self._direct.connected
 
     def close(self) -> None:
         with self._lock:
