@@ -36,6 +36,7 @@ from inferstack.autoscale.planner import Planner
 from inferstack.autoscale.spec import parse_policy
 from inferstack.bench.traces import load_trace
 from inferstack.sim.autoscale_eval import (
+    CAUSES,
     UTIL,
     EvalSetup,
     Oracle,
@@ -123,7 +124,8 @@ def report(rows: list[dict[str, Any]], goal: float) -> None:
 def diagnose(rows: list[dict[str, Any]], bin_s: float) -> None:
     """Per bin of the trace (by send time): requests sent, and per policy the requests that missed the SLO (failed
     ones included) and the mean replicas it paid for (starting ones included) — which burst the misses come from
-    and where the replica-hours go."""
+    and where the replica-hours go; then per policy its misses by the fleet's state when they were sent
+    (`miss_cause`: a cold start, after a scale-down, at the bound...)."""
     print("\n| from (s) | sent | " + " | ".join(f"{r['policy']}: missed, replicas" for r in rows) + " |")
     print("|---:|---:|" + "---:|" * len(rows))
     for i, (start, sent, _) in enumerate(rows[0]["misses_over_time"]):
@@ -133,6 +135,10 @@ def diagnose(rows: list[dict[str, Any]], bin_s: float) -> None:
             missed = r["misses_over_time"][i][2] if i < len(r["misses_over_time"]) else 0
             cells.append(f"{missed}, {sum(paid) / len(paid):.1f}" if paid else f"{missed}, –")
         print(f"| {start:g} | {sent} | " + " | ".join(cells) + " |")
+    print("\n| why the requests missed (`miss_cause`) | " + " | ".join(r["policy"] for r in rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    for cause in CAUSES:
+        print(f"| {cause} | " + " | ".join(str(r["miss_causes"].get(cause, 0)) for r in rows) + " |")
 
 
 def plot(rows: list[dict[str, Any]], path: Path, slo_ttft: float, goal: float) -> None:
