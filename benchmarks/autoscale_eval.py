@@ -70,6 +70,9 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
         f"slo (concurrency {parse_policy(slo).concurrency:g})": parse_policy(slo),
         # the scale-up forecast from Holt's level and trend instead of the least-squares line (twelfth stop)
         f"slo (concurrency {parse_policy(slo).concurrency:g}, holt)": parse_policy(f"{slo},forecaster=holt"),
+        # thirteenth stop: hold 85 % of the fleet for 30 s after a step down in the arrivals, with less headroom
+        f"slo (concurrency {parse_policy(slo).concurrency:g}, step hold)": parse_policy(
+            f"{slo},spare=0.9,step_hold=30s"),
         # the defaults of the sixth stop, for comparison: no forecast, plain square-root headroom, 40 s and halves
         "slo (sixth-stop defaults)": parse_policy(f"{slo},horizon=0s,spare=1.5,dispersion=false,"
                                                   "scale_down_stabilization=40s,max_step_down=0.5"),
