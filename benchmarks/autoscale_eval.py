@@ -17,7 +17,8 @@ the same cold-start delay, bounds and decision interval. The baselines:
         --seed 2 --jobs 2 --plot docs/img/autoscale_eval_seed2.png
     # the Mooncake-like trace (long shared-prefix prompts, bursty arrivals)
     PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --trace-kind mooncake --peak-rps 2
-    # where the misses and the replica-hours go (per 30 s), and hindsight rows (a bound, not a policy)
+    # where the misses and the replica-hours go (per 30 s), why they missed (by the fleet's state when sent),
+    # and hindsight rows (a bound, not a policy)
     PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --diagnose --oracle 0.5,0.6
     # a real trace: the Azure 2023 conversation trace (Splitwise), compressed 2x
     PYTHONPATH=src python benchmarks/autoscale_eval.py --trace AzureLLMInferenceTrace_conv.csv --time-scale 2
