@@ -17,7 +17,8 @@ the same cold-start delay, bounds and decision interval. The baselines:
         --seed 2 --jobs 2 --plot docs/img/autoscale_eval_seed2.png
     # the Mooncake-like trace (long shared-prefix prompts, bursty arrivals)
     PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --trace-kind mooncake --peak-rps 2
-    # where the misses and the replica-hours go (per 30 s), and hindsight rows (a bound, not a policy)
+    # where the misses and the replica-hours go (per 30 s), why they missed (by the fleet's state when sent),
+    # and hindsight rows (a bound, not a policy)
     PYTHONPATH=src python benchmarks/autoscale_eval.py ...same... --diagnose --oracle 0.5,0.6
     # a real trace: the Azure 2023 conversation trace (Splitwise), compressed 2x
     PYTHONPATH=src python benchmarks/autoscale_eval.py --trace AzureLLMInferenceTrace_conv.csv --time-scale 2
@@ -36,6 +37,7 @@ from inferstack.autoscale.planner import Planner
 from inferstack.autoscale.spec import parse_policy
 from inferstack.bench.traces import load_trace
 from inferstack.sim.autoscale_eval import (
+    CAUSES,
     UTIL,
     EvalSetup,
     Oracle,
@@ -69,6 +71,9 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
         f"slo (concurrency {parse_policy(slo).concurrency:g})": parse_policy(slo),
         # the scale-up forecast from Holt's level and trend instead of the least-squares line (twelfth stop)
         f"slo (concurrency {parse_policy(slo).concurrency:g}, holt)": parse_policy(f"{slo},forecaster=holt"),
+        # thirteenth stop: hold 85 % of the fleet for 30 s after a step down in the arrivals, with less headroom
+        f"slo (concurrency {parse_policy(slo).concurrency:g}, step hold)": parse_policy(
+            f"{slo},spare=0.9,step_hold=30s"),
         # the defaults of the sixth stop, for comparison: no forecast, plain square-root headroom, 40 s and halves
         "slo (sixth-stop defaults)": parse_policy(f"{slo},horizon=0s,spare=1.5,dispersion=false,"
                                                   "scale_down_stabilization=40s,max_step_down=0.5"),
@@ -123,7 +128,8 @@ def report(rows: list[dict[str, Any]], goal: float) -> None:
 def diagnose(rows: list[dict[str, Any]], bin_s: float) -> None:
     """Per bin of the trace (by send time): requests sent, and per policy the requests that missed the SLO (failed
     ones included) and the mean replicas it paid for (starting ones included) — which burst the misses come from
-    and where the replica-hours go."""
+    and where the replica-hours go; then per policy its misses by the fleet's state when they were sent
+    (`miss_cause`: a cold start, after a scale-down, at the bound...)."""
     print("\n| from (s) | sent | " + " | ".join(f"{r['policy']}: missed, replicas" for r in rows) + " |")
     print("|---:|---:|" + "---:|" * len(rows))
     for i, (start, sent, _) in enumerate(rows[0]["misses_over_time"]):
@@ -133,6 +139,10 @@ def diagnose(rows: list[dict[str, Any]], bin_s: float) -> None:
             missed = r["misses_over_time"][i][2] if i < len(r["misses_over_time"]) else 0
             cells.append(f"{missed}, {sum(paid) / len(paid):.1f}" if paid else f"{missed}, –")
         print(f"| {start:g} | {sent} | " + " | ".join(cells) + " |")
+    print("\n| why the requests missed (`miss_cause`) | " + " | ".join(r["policy"] for r in rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    for cause in CAUSES:
+        print(f"| {cause} | " + " | ".join(str(r["miss_causes"].get(cause, 0)) for r in rows) + " |")
 
 
 def plot(rows: list[dict[str, Any]], path: Path, slo_ttft: float, goal: float) -> None:

@@ -9,7 +9,17 @@ import pytest
 
 from inferstack.autoscale.signals import PoolSample
 from inferstack.autoscale.spec import parse_policy
-from inferstack.sim.autoscale_eval import EvalSetup, Oracle, Verdict, baseline, diurnal_trace, evaluate, judge
+from inferstack.sim.autoscale_eval import (
+    CAUSES,
+    EvalSetup,
+    Oracle,
+    Verdict,
+    baseline,
+    diurnal_trace,
+    evaluate,
+    judge,
+    miss_cause,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +44,31 @@ def test_misses_sit_in_the_busy_bins_of_a_short_fleet(trace: Path) -> None:
     missed = [m for _, _, m in short["misses_over_time"]]
     busiest = max(range(len(missed)), key=lambda i: short["misses_over_time"][i][1])
     assert missed[busiest] == sum(missed) > 0        # the quiet start and end are served within the SLO
+
+
+def test_every_miss_has_one_cause_and_a_fixed_fleet_never_blames_a_cold_start(trace: Path) -> None:
+    row = run(trace, 3)
+    causes = row["miss_causes"]
+    assert list(causes) == list(CAUSES)
+    assert sum(causes.values()) == sum(m for _, _, m in row["misses_over_time"]) > 0
+    # bounded to 3..3 the fleet never orders or removes a replica: its misses are its capacity's (or the bound's)
+    assert causes["cold start"] == causes["cold start after a scale-down"] == causes["after a scale-down"] == 0
+
+
+def test_a_miss_is_blamed_on_the_fleets_state_when_it_was_sent() -> None:
+    setup = EvalSetup(cold_start_s=30.0, interval_s=10.0, max_replicas=8)
+    # (time, replicas counted, desired): steady at 4, down to 3 at 100 s, an order to 8 at 150 s (ready at 180 s)
+    timeline = ([(float(t), 4, 4) for t in range(10, 100, 10)] + [(100.0, 4, 3)]
+                + [(float(t), 3, 3) for t in range(110, 150, 10)] + [(150.0, 3, 8)]
+                + [(float(t), 8, 8) for t in range(160, 400, 10)])
+    assert miss_cause(155.0, False, timeline, setup) == "failed"
+    assert miss_cause(35.0, True, timeline, setup) == "first cold start"       # no order could be ready before 40 s
+    assert miss_cause(95.0, True, timeline, setup) == "steady"
+    assert miss_cause(120.0, True, timeline, setup) == "after a scale-down"
+    assert miss_cause(155.0, True, timeline, setup) == "cold start after a scale-down"   # 100 s is within 60 s
+    assert miss_cause(185.0, True, timeline, setup) == "at the bound"          # the order joined at 180 s
+    late = [(when, cur, want) for when, cur, want in timeline if when < 150] + [(170.0, 3, 8)]
+    assert miss_cause(175.0, True, late, setup) == "cold start"               # the scale-down is 75 s old
 
 
 def test_an_objective_no_prefill_meets_misses_every_request_where_it_was_sent(trace: Path) -> None:

@@ -16,7 +16,7 @@ from inferstack.autoscale.hpa import HPA
 from inferstack.autoscale.kpa import KPA
 from inferstack.autoscale.planner import DecodePoint, Planner
 from inferstack.autoscale.signals import PoolSample, SignalError, check_signal
-from inferstack.autoscale.slo import SLO, dispersion, fit
+from inferstack.autoscale.slo import SLO, dispersion, fit, stepped_down
 from inferstack.autoscale.spec import PolicySpecError, parse_policy
 
 
@@ -206,6 +206,30 @@ def test_slo_scales_down_slowly_and_ignores_flapping_and_missing_metrics():
     repeated[-1] = PoolSample(**{**repeated[-2].__dict__, "t": repeated[-1].t, "interval_s": 0.0, "arrivals": 999})
     assert slo.need(repeated)[0] == pytest.approx(5.0 + 1.5 * 0)   # an interval of 0 s adds no arrivals
     assert slo.decide([], 3).desired == 3
+
+
+def test_slo_keeps_most_of_the_fleet_for_a_while_after_a_step_down_in_the_arrivals():
+    """`step_hold`: the end of a burst (10 -> 4 req/s in one interval) keeps 85 % of the 20 replicas serving at the
+    step for 30 s, where the plain policy halves the fleet at once; later the hold lapses and noise on a small count
+    is no step."""
+    busy = steady(n=13, arrivals=100, completions=100, demand=200, r=20)
+
+    def after(k: int) -> list[PoolSample]:
+        return chain(busy, steady(n=k, arrivals=40, completions=100, demand=120, r=20))
+
+    plain = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, dispersion=False, spare=0.0, max_step_down=0.5)
+    held = replace(plain, step_hold_s=30.0)
+    assert stepped_down(after(1), 30.0, 0.6) and not stepped_down(after(3), 30.0, 0.6)
+    assert [plain.decide(after(k), 20).desired for k in (2, 3, 6)] == [12, 10, 10]
+    assert [held.decide(after(k), 20).desired for k in (2, 3, 5, 6)] == [17, 17, 17, 10]   # 30 s after the last step
+    assert "17 kept for 30s after a step down" in held.decide(after(3), 20).reason
+    assert held.decide(after(3), 12).desired == 12                  # never above the fleet it has
+    # 5 -> 2 arrivals per interval is under 60 % but within three Poisson standard deviations: noise, not a step
+    quiet = chain(steady(n=13, arrivals=5, completions=5, demand=10, r=3), steady(n=1, arrivals=2, demand=8, r=3))
+    assert not stepped_down(quiet, 30.0, 0.6)
+    assert parse_policy("slo:step_hold=30s,step_keep=0.9").step_hold_s == 30.0 and SLO().step_hold_s == 0.0
+    with pytest.raises(PolicySpecError, match="step_keep"):
+        parse_policy("slo:step_keep=1.5")
 
 
 def test_hpa_on_the_duty_cycle():

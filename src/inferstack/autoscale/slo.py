@@ -110,6 +110,15 @@ class SLO:
     # carry a step ahead by less than the line, which adds a step's whole slope to the step. None (the default):
     # the line (twelfth stop, docs/autoscaling.md)
     forecaster: Forecaster | None = None
+    # after a step down in the arrivals (an interval below ``step_ratio`` of the rate of the ``step_before_s``
+    # before it, and by more than three Poisson standard deviations), keep at least ``step_keep`` of the replicas
+    # serving or starting at the step for ``step_hold_s``: the end of a burst is followed by the next one often
+    # enough that the replicas removed in the gap are bought back a cold start late (thirteenth stop: most misses
+    # of the evaluation are in a cold start that followed a scale-down). 0 s (the default): off
+    step_hold_s: float = 0.0
+    step_ratio: float = 0.6
+    step_before_s: float = 30.0
+    step_keep: float = 0.85
     name: str = "slo"
 
     def __post_init__(self) -> None:
@@ -123,6 +132,9 @@ class SLO:
             raise ValueError("slo: max_dispersion >= 1")
         if not 0 < self.miss_budget < 1 or self.miss_gain < 0 or self.max_capacity_gain < 1:
             raise ValueError("slo: 0 < miss_budget < 1, miss_gain >= 0 and max_capacity_gain >= 1")
+        if (self.step_hold_s < 0 or not 0 < self.step_ratio < 1 or self.step_before_s <= 0
+                or not 0 < self.step_keep <= 1):
+            raise ValueError("slo: step_hold >= 0, 0 < step_ratio < 1, step_before > 0 and 0 < step_keep <= 1")
 
     @property
     def objectives(self) -> Objectives:
@@ -231,10 +243,38 @@ class SLO:
             return Decision(self.name, current, wanted, f"{why}: {wanted} replicas")
         desired = stabilised_down(window, current, wanted, lambda w: self.need(w, down=True)[0],
                                   self.scale_down_stabilization_s, self.max_step_down)
+        kept = min(current, self.step_floor(window))
+        if kept > desired:
+            desired, why = kept, f"{why}; {kept} kept for {self.step_hold_s:g}s after a step down in the arrivals"
         if desired == current:
             return Decision(self.name, current, current,
                             f"{why}; scale-down held by the {self.scale_down_stabilization_s:g}s stabilisation window")
         return Decision(self.name, current, desired, f"{why}: down to {desired}")
+
+    def step_floor(self, window: Sequence[PoolSample]) -> int:
+        """Replicas a scale-down keeps: ``step_keep`` of those serving or starting at the newest step down in the
+        arrivals (`stepped_down`) within the last ``step_hold_s``; 0 without one (or with ``step_hold_s`` 0)."""
+        if not self.step_hold_s:
+            return 0
+        for i in range(len(window) - 1, 0, -1):
+            if window[-1].t - window[i].t > self.step_hold_s:
+                return 0
+            if stepped_down(window[: i + 1], self.step_before_s, self.step_ratio):
+                return math.ceil(self.step_keep * (window[i].replicas + window[i].starting) - 1e-9)
+        return 0
+
+
+def stepped_down(window: Sequence[PoolSample], before_s: float, ratio: float) -> bool:
+    """The newest sample's arrivals fell below ``ratio`` of the rate of the samples of the ``before_s`` before it
+    (at least two), and short of that rate's count by more than three Poisson standard deviations: a step, not the
+    noise of a small count."""
+    x = window[-1]
+    before = [y for y in window[:-1] if x.t - before_s <= y.t < x.t and y.interval_s > 0]
+    span = sum(y.interval_s for y in before)
+    if len(before) < 2 or x.interval_s <= 0 or span <= 0:
+        return False
+    expected = sum(y.arrivals for y in before) / span * x.interval_s
+    return expected > 0 and x.arrivals < ratio * expected and expected - x.arrivals > 3.0 * math.sqrt(expected)
 
 
 def after_start(recent: Sequence[PoolSample], backlog_s: float) -> list[bool]:

@@ -147,6 +147,45 @@ def _miss_bins(sim: Simulation, bin_s: float) -> list[tuple[float, int, int]]:
             for b in range(int(bins.max()) + 1)]
 
 
+CAUSES = ("failed", "first cold start", "cold start after a scale-down", "cold start", "at the bound",
+          "after a scale-down", "steady")
+
+
+def miss_cause(t: float, ok: bool, timeline: Sequence[tuple[float, int, int]], setup: EvalSetup) -> str:
+    """Why a request sent at ``t`` (completed: ``ok``) missed, from the fleet's decisions (time, replicas counted,
+    desired) up to then; the first that applies of `CAUSES`: it failed (the trace's over-long prompts); it was
+    sent before any ordered replica could be ready (the first decision plus a cold start); replicas ordered within
+    the last cold start were still starting (the fleet was short and had already asked for more) and a scale-down
+    came within two cold starts before (replicas removed that the order then had to buy back), or none did; the
+    fleet was at its upper bound; a scale-down within two cold starts before; none of these (the replicas' own
+    capacity, or routing)."""
+    if not ok:
+        return "failed"
+    if t < setup.interval_s + setup.cold_start_s:
+        return "first cold start"
+    past = [(when, cur, want) for when, cur, want in timeline if when <= t]
+    down = any(want < cur for when, cur, want in past if t - 2 * setup.cold_start_s <= when)
+    if any(want > cur for when, cur, want in past if t - setup.cold_start_s < when):
+        return "cold start after a scale-down" if down else "cold start"
+    if past and past[-1][1] >= setup.max_replicas:
+        return "at the bound"
+    return "after a scale-down" if down else "steady"
+
+
+def _miss_causes(sim: Simulation, timeline: Sequence[tuple[float, int, int]], setup: EvalSetup) -> dict[str, int]:
+    """The run's misses (failed requests included) counted by `miss_cause`."""
+    sink = sim.sink
+    sent = sink.column("sent")
+    if sent.size == 0 or sim.s.run.slo is None:
+        return {}
+    included = np.frombuffer(sink.included, dtype=np.int8).astype(bool)
+    ok = np.frombuffer(sink.ok, dtype=np.int8).astype(bool)
+    out = dict.fromkeys(CAUSES, 0)
+    for i in np.flatnonzero(included & ~sink.met(sim.s.run.slo)):
+        out[miss_cause(float(sent[i]), bool(ok[i]), timeline, setup)] += 1
+    return out
+
+
 def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[str, Any]:
     """Simulate ``trace`` with ``policy`` scaling the fleet; the run's numbers and timelines."""
     args = SimArgs(fleet=[f"{setup.fleet}={setup.start}"],
@@ -163,13 +202,14 @@ def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[s
     sim, res = simulate(settings)
     s = res.summary
     counts = [d.current for _, _, d in scaler.decisions]
+    timeline = [(t, d.current, d.desired) for t, _, d in scaler.decisions]
     return {"policy": name, "attainment": s["slo"]["attainment"],
             "replica_hours": sum(counts) * setup.interval_s / 3600,
             "peak_replicas": max(counts, default=setup.start), "failed": s["requests"]["failed"],
             "requests": s["requests"]["sent"],
             "cold_starts": sum(max(0, d.desired - d.current) for _, _, d in scaler.decisions),
             "ttft_p95_s": (s["latency_s"]["ttft"] or {}).get("p95"), "wall_s": time.perf_counter() - wall,
-            "timeline": [(t, d.current, d.desired) for t, _, d in scaler.decisions],
+            "timeline": timeline, "miss_causes": _miss_causes(sim, timeline, setup),
             "ttft_p95_over_time": _latency_bins(sim.sink.cols, setup.bin_s),
             "misses_over_time": _miss_bins(sim, setup.bin_s)}
 
