@@ -69,3 +69,51 @@ def test_kernel_rejects_what_it_cannot_run(kernel):
         kernel.int8_blocks_matmul(torch.randn(3, 48), blocks.codes, blocks.scale, blocks.minimum, 0, 32)
     with pytest.raises(RuntimeError, match="zero"):
         kernel.int8_blocks_matmul(torch.randn(3, 64), blocks.codes, blocks.scale, blocks.minimum, 0, 40)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("m", "inter", "k"), [(1, 16, 64), (9, 48, 128), (67, 32, 64), (64, 1536, 576)])
+def test_silu_mul_is_silu_of_gate_times_up(kernel, fmt, m, inter, k):
+    """A fused gate/up weight: one call gives silu(gate) * up, as the MLP computed it from the plain product."""
+    if fmt.endswith("g64") and k % 64:
+        pytest.skip("groups of 64 need K a multiple of 64")
+    gen = torch.Generator().manual_seed(m + inter + k)
+    w = _weight(fmt, 2 * inter, k, gen)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[m // 2] = 0.0
+    blocks = Int8Blocks.pack(w, kernel)
+    assert blocks.fuses_silu_mul()
+    plain = blocks.matmul(x)
+    # Large gate values both ways: SiLU's two tails (exp overflowing to inf, and to 0).
+    plain[0, :4] = torch.tensor([-200.0, -30.0, 30.0, 200.0])
+    want = torch.nn.functional.silu(plain[:, :inter]) * plain[:, inter:]
+    got = blocks.silu_mul(x)
+    assert got.shape == (m, inter) and got.dtype == torch.float32
+    # The products are the plain kernel's bit for bit; only the exponential differs from torch's (~1 ulp).
+    torch.testing.assert_close(got[1:], want[1:], rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    assert got[m // 2].abs().max() == 0
+
+
+def test_silu_mul_tails(kernel):
+    """exp's clamp and overflow: silu(g) * u for |g| far beyond float32's exp range matches torch."""
+    k, inter = 32, 16
+    gate = torch.zeros(2 * inter, k)
+    gate[:inter, 0] = torch.tensor([-1e4, -200.0, -88.0, -30.0, -1.0, -1e-3, 0.0, 1e-3,
+                                    1.0, 5.0, 30.0, 88.0, 89.0, 200.0, 1e4, 3e4])
+    gate[inter:, 0] = 1.0
+    w = Int8Weight((gate * 127 / gate.abs().amax(1, keepdim=True).clamp_min(1e-9)).round().to(torch.int8),
+                   gate.abs().amax(1).clamp_min(1e-9) / 127)
+    blocks = Int8Blocks.pack(w, kernel)
+    x = torch.zeros(1, k)
+    x[0, 0] = 1.0
+    plain = blocks.matmul(x)
+    want = torch.nn.functional.silu(plain[:, :inter]) * plain[:, inter:]
+    torch.testing.assert_close(blocks.silu_mul(x), want, rtol=2e-6, atol=0)
+
+
+def test_silu_mul_rejects_an_odd_split(kernel):
+    w = _weight("q4_1", 48, 64, torch.Generator().manual_seed(1))      # gate and up of 24: not whole vectors
+    blocks = Int8Blocks.pack(w, kernel)
+    assert not blocks.fuses_silu_mul()
+    with pytest.raises(RuntimeError, match="2 I output columns"):
+        blocks.silu_mul(torch.randn(2, 64))
