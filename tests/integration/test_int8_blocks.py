@@ -72,7 +72,9 @@ def test_kernel_rejects_what_it_cannot_run(kernel):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize(("m", "inter", "k"), [(1, 16, 64), (9, 48, 128), (67, 32, 64), (64, 1536, 576)])
+# Intermediate sizes in multiples of 32, as the models' (SmolLM2: 1536): torch's own SiLU takes a scalar exp (glibc's,
+# not SLEEF's) for a row's last columns past a multiple of 32 (its loop steps two vectors), 1 ulp apart at times.
+@pytest.mark.parametrize(("m", "inter", "k"), [(2, 32, 64), (9, 64, 128), (67, 32, 64), (64, 1536, 576)])
 def test_silu_mul_is_silu_of_gate_times_up(kernel, fmt, m, inter, k):
     """A fused gate/up weight: one call gives silu(gate) * up, as the MLP computed it from the plain product."""
     if fmt.endswith("g64") and k % 64:
@@ -84,22 +86,22 @@ def test_silu_mul_is_silu_of_gate_times_up(kernel, fmt, m, inter, k):
     blocks = Int8Blocks.pack(w, kernel)
     assert blocks.fuses_silu_mul()
     plain = blocks.matmul(x)
-    # Large gate values both ways: SiLU's two tails (exp overflowing to inf, and to 0).
-    plain[0, :4] = torch.tensor([-200.0, -30.0, 30.0, 200.0])
     want = torch.nn.functional.silu(plain[:, :inter]) * plain[:, inter:]
     got = blocks.silu_mul(x)
     assert got.shape == (m, inter) and got.dtype == torch.float32
-    # The products are the plain kernel's bit for bit; only the exponential differs from torch's (~1 ulp).
-    torch.testing.assert_close(got[1:], want[1:], rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    # Bit for bit: the products are the plain kernel's, SiLU is torch's own (its exp included). A 1-ulp
+    # difference in SiLU moved the 384-position top-1 check between 0.92 and 0.96 (int8 codes flip and cascade).
+    assert torch.equal(got, want)
     assert got[m // 2].abs().max() == 0
 
 
 def test_silu_mul_tails(kernel):
-    """exp's clamp and overflow: silu(g) * u for |g| far beyond float32's exp range matches torch."""
-    k, inter = 32, 16
+    """silu(g) * u for |g| far beyond float32's exp range (exp overflowing to inf, underflowing to 0) as torch."""
+    k, inter = 32, 32
     gate = torch.zeros(2 * inter, k)
-    gate[:inter, 0] = torch.tensor([-1e4, -200.0, -88.0, -30.0, -1.0, -1e-3, 0.0, 1e-3,
-                                    1.0, 5.0, 30.0, 88.0, 89.0, 200.0, 1e4, 3e4])
+    gate[:inter, 0] = torch.tensor([-1e4, -200.0, -104.0, -88.0, -87.0, -30.0, -17.0, -1.0, -0.5, -1e-3, -1e-30, 0.0,
+                                    1e-30, 1e-3, 0.5, 1.0, 2.0, 5.0, 9.0, 16.0, 17.0, 30.0, 60.0, 87.0, 88.0, 88.7,
+                                    89.0, 104.0, 200.0, 1e3, 1e4, 3e4])
     gate[inter:, 0] = 1.0
     w = Int8Weight((gate * 127 / gate.abs().amax(1, keepdim=True).clamp_min(1e-9)).round().to(torch.int8),
                    gate.abs().amax(1).clamp_min(1e-9) / 127)
@@ -108,7 +110,7 @@ def test_silu_mul_tails(kernel):
     x[0, 0] = 1.0
     plain = blocks.matmul(x)
     want = torch.nn.functional.silu(plain[:, :inter]) * plain[:, inter:]
-    torch.testing.assert_close(blocks.silu_mul(x), want, rtol=2e-6, atol=0)
+    assert torch.equal(blocks.silu_mul(x), want)
 
 
 def test_silu_mul_rejects_an_odd_split(kernel):

@@ -29,6 +29,8 @@
 
 #include <algorithm>
 
+extern "C" __m512 Sleef_expf16_u10(__m512 x);   // in libtorch_cpu (torch's vectorized exp on AVX-512)
+
 namespace {
 
 constexpr int64_t kBlock = 32;     // input columns per scale (GGUF's block)
@@ -81,27 +83,13 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_row(const float* x, in
   }
 }
 
-// e^x to ~1 ulp: 2^n * p(r), x = n ln 2 + r, |r| <= ln 2 / 2, p a degree-6 Taylor polynomial (error < 2e-8
-// relative). x is clamped to +-100 first (e^100 overflows to inf in scalef, as expf does; e^-100 is 3.7e-44).
-__attribute__((target("avx512f"))) inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(100.f)), _mm512_set1_ps(-100.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// silu(g) * u as torch's F.silu(gate).mul_(up) rounds it: g / (1 + e^-g), then times u.
+// silu(g) * u exactly as torch's F.silu(gate).mul_(up) rounds it on an AVX-512 CPU (aten's silu_kernel:
+// g / (1 + exp(-g)) with Vectorized<float>::exp, which is SLEEF's expf16_u10; libtorch_cpu exports it). Bit for
+// bit matters more than it seems: a 1-ulp change in SiLU's output flips an int8 code of the down projection's
+// input now and then, and the flips cascade through the layers; on the 384-position accuracy check such
+// changes moved top-1 between 0.92 and 0.96 (docs/benchmarks.md, helper c14f).
 __attribute__((target("avx512f"))) inline __m512 silu_mul(__m512 g, __m512 u) {
-  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_set1_ps(-0.f), g));   // -0 - g: torch's neg (sign flip)
   return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
 }
 
