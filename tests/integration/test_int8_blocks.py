@@ -69,3 +69,53 @@ def test_kernel_rejects_what_it_cannot_run(kernel):
         kernel.int8_blocks_matmul(torch.randn(3, 48), blocks.codes, blocks.scale, blocks.minimum, 0, 32)
     with pytest.raises(RuntimeError, match="zero"):
         kernel.int8_blocks_matmul(torch.randn(3, 64), blocks.codes, blocks.scale, blocks.minimum, 0, 40)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+# Intermediate sizes in multiples of 32, as the models' (SmolLM2: 1536): torch's own SiLU takes a scalar exp (glibc's,
+# not SLEEF's) for a row's last columns past a multiple of 32 (its loop steps two vectors), 1 ulp apart at times.
+@pytest.mark.parametrize(("m", "inter", "k"), [(2, 32, 64), (9, 64, 128), (67, 32, 64), (64, 1536, 576)])
+def test_silu_mul_is_silu_of_gate_times_up(kernel, fmt, m, inter, k):
+    """A fused gate/up weight: one call gives silu(gate) * up, as the MLP computed it from the plain product."""
+    if fmt.endswith("g64") and k % 64:
+        pytest.skip("groups of 64 need K a multiple of 64")
+    gen = torch.Generator().manual_seed(m + inter + k)
+    w = _weight(fmt, 2 * inter, k, gen)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[m // 2] = 0.0
+    blocks = Int8Blocks.pack(w, kernel)
+    assert blocks.fuses_silu_mul()
+    plain = blocks.matmul(x)
+    want = torch.nn.functional.silu(plain[:, :inter]) * plain[:, inter:]
+    got = blocks.silu_mul(x)
+    assert got.shape == (m, inter) and got.dtype == torch.float32
+    # Bit for bit: the products are the plain kernel's, SiLU is torch's own (its exp included). A 1-ulp
+    # difference in SiLU moved the 384-position top-1 check between 0.92 and 0.96 (int8 codes flip and cascade).
+    assert torch.equal(got, want)
+    assert got[m // 2].abs().max() == 0
+
+
+def test_silu_mul_tails(kernel):
+    """silu(g) * u for |g| far beyond float32's exp range (exp overflowing to inf, underflowing to 0) as torch."""
+    k, inter = 32, 32
+    gate = torch.zeros(2 * inter, k)
+    gate[:inter, 0] = torch.tensor([-1e4, -200.0, -104.0, -88.0, -87.0, -30.0, -17.0, -1.0, -0.5, -1e-3, -1e-30, 0.0,
+                                    1e-30, 1e-3, 0.5, 1.0, 2.0, 5.0, 9.0, 16.0, 17.0, 30.0, 60.0, 87.0, 88.0, 88.7,
+                                    89.0, 104.0, 200.0, 1e3, 1e4, 3e4])
+    gate[inter:, 0] = 1.0
+    w = Int8Weight((gate * 127 / gate.abs().amax(1, keepdim=True).clamp_min(1e-9)).round().to(torch.int8),
+                   gate.abs().amax(1).clamp_min(1e-9) / 127)
+    blocks = Int8Blocks.pack(w, kernel)
+    x = torch.zeros(1, k)
+    x[0, 0] = 1.0
+    plain = blocks.matmul(x)
+    want = torch.nn.functional.silu(plain[:, :inter]) * plain[:, inter:]
+    assert torch.equal(blocks.silu_mul(x), want)
+
+
+def test_silu_mul_rejects_an_odd_split(kernel):
+    w = _weight("q4_1", 48, 64, torch.Generator().manual_seed(1))      # gate and up of 24: not whole vectors
+    blocks = Int8Blocks.pack(w, kernel)
+    assert not blocks.fuses_silu_mul()
+    with pytest.raises(RuntimeError, match="2 I output columns"):
+        blocks.silu_mul(torch.randn(2, 64))

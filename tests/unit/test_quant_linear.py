@@ -9,11 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.support.models_tiny import make_meta, new_kv_caches, write_tiny_gguf, write_tiny_model
+from torch import nn
 
 from inferstack.engine.executor.kv_format import KVFormat
+from inferstack.engine.models import int8_blocks
 from inferstack.engine.models.arch import ModelLoadError
 from inferstack.engine.models.int8_blocks import Int8Blocks
 from inferstack.engine.models.int8_gemm import Int8Gemm
+from inferstack.engine.models.layers import GatedMLP
 from inferstack.engine.models.quant_linear import (
     TABLE_CROSSOVER,
     PackedWeight,
@@ -25,6 +28,7 @@ from inferstack.engine.models.quant_linear import (
 from inferstack.engine.weights.loader import load_model
 from inferstack.engine.weights.quant_loader import QuantOptions, cache_path
 from inferstack.engine.weights.quantize import (
+    QuantWeight,
     int4_group_for,
     quantize_int4,
     quantize_int8,
@@ -433,3 +437,42 @@ def test_a_quantized_decode_step_casts_once_per_norm_and_attends_in_bf16(tiny_di
     kernel_calls = 4 * lm.arch.num_layers
     assert hidden.dtype == torch.float32 and set(sdpa_dtypes) == {torch.bfloat16}
     assert copies <= 8 * lm.arch.num_layers + kernel_calls, copies
+
+
+class _ReferenceBlocks:
+    """A stand-in for the block kernel (torch only): the reference product of one weight, calls recorded."""
+
+    def __init__(self, w: QuantWeight) -> None:
+        self.w, self.calls = w, []
+
+    def int8_blocks_matmul(self, x, codes, scale, minimum, zero, n):
+        self.calls.append("matmul")
+        return int8_blocks.reference(self.w, x)
+
+    def int8_blocks_silu_mul(self, x, codes, scale, minimum, zero, n):
+        self.calls.append("silu_mul")
+        y = int8_blocks.reference(self.w, x)
+        return F.silu(y[:, :n // 2]) * y[:, n // 2:]
+
+
+@pytest.mark.parametrize(("inter", "rows", "calls"), [
+    (32, 8, ["silu_mul"]),      # a large step: one fused call, no [rows, 2 I] product
+    (32, 4, []),                # below the crossover: the packed kernel, then SiLU and the product
+    (24, 8, ["matmul"]),        # gate and up not whole 16-column vectors: the plain product, split
+])
+def test_gated_mlp_fuses_silu_mul_on_the_block_kernel(monkeypatch, inter, rows, calls):
+    import inferstack.engine.models.quant_linear as ql
+
+    w = _weight(2 * inter, 64, seed=inter)
+    q = quantize_int4(w, 32)
+    kernel = _ReferenceBlocks(q)
+    monkeypatch.setattr(ql, "available", lambda: kernel)
+    mlp = GatedMLP(64, inter)
+    mlp.gate_up = QuantizedLinear.build(q, w, None, crossover=8, out_dtype=torch.bfloat16, large="int8blk")
+    mlp.down = nn.Identity()
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(1))
+    y = mlp(x)
+    assert kernel.calls == calls
+    gate, up = mlp.gate_up(x).split(inter, dim=-1)      # the plain product, split as before
+    assert y.dtype == gate.dtype
+    torch.testing.assert_close(y, F.silu(gate) * up)

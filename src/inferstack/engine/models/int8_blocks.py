@@ -73,6 +73,17 @@ class Int8Blocks:
         y = self.kernel.int8_blocks_matmul(x, self.codes, self.scale, minimum, self.zero, self.out_features)
         return y if out_dtype == torch.float32 else y.to(out_dtype)
 
+    def fuses_silu_mul(self) -> bool:
+        """Whether :meth:`silu_mul` runs: gate and up each a whole number of 16-column vectors."""
+        return self.out_features % (2 * LANES) == 0
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """For a fused gate/up weight (gate the first half of the output columns): ``silu(x · gateᵀ) · (x · upᵀ)``
+        ``[M, N / 2]`` float32 in one call (each register tile multiplies a gate and its up column vector and
+        stores only the product: no ``[M, N]`` intermediate, no SiLU pass). Needs :meth:`fuses_silu_mul`."""
+        minimum = _NO_MIN if self.minimum is None else self.minimum
+        return self.kernel.int8_blocks_silu_mul(x, self.codes, self.scale, minimum, self.zero, self.out_features)
+
     def nbytes(self) -> int:
         extra = 0 if self.minimum is None else self.minimum.numel() * 4
         return self.codes.numel() + self.scale.numel() * 4 + extra

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferstack.engine.models.arch import ModelArch, ModelLoadError
+from inferstack.engine.models.quant_linear import QuantizedLinear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,5 +146,9 @@ class GatedMLP(nn.Module):
         self.down: nn.Module = DenseLinear(hidden, intermediate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.down(F.silu(gate).mul_(up))   # in place: one [rows, intermediate] tensor fewer
+        # A quantized gate/up on the int8 block kernel gives silu(gate) · up itself (QuantizedLinear.silu_mul).
+        h = self.gate_up.silu_mul(x) if isinstance(self.gate_up, QuantizedLinear) else None
+        if h is None:
+            gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+            h = F.silu(gate).mul_(up)   # in place: one [rows, intermediate] tensor fewer
+        return self.down(h)

@@ -149,6 +149,16 @@ class QuantizedLinear(nn.Module):
                 y = y.to(self.out_dtype)
         return y if self.bias_ is None else y + self.bias_
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a fused gate/up projection (gate the first half of the outputs): ``silu(gate) · up`` in one kernel
+        call where this step runs on the int8 block copy (``Int8Blocks.silu_mul``), else None (the caller
+        splits the plain product)."""
+        blocks = self.dense
+        if (isinstance(blocks, Int8Blocks) and self.bias_ is None and use_dense(x.shape[0], self.crossover)
+                and blocks.fuses_silu_mul()):
+            return blocks.silu_mul(x)
+        return None
+
     def wide_from(self) -> int | None:
         """The fewest rows from which this projection runs on an fp32 copy (None: never). Such a step takes
         its input in fp32 without a cast and returns fp32, so a layer whose projections all do this keeps

@@ -18,17 +18,24 @@
 // term is the int32 accumulator's starting value, so Q8_0 costs nothing more than Q4_1's codes.
 // A register tile of kRows rows x 2 column vectors (32 columns) keeps each loaded weight vector in use for
 // kRows products; the block's scales then cost a convert, a multiply and one or two FMAs per 8 dot products.
+// Six rows, not four: 12 independent vpdpbusd chains (latency 5, two ports) instead of 8, +5-15 % here.
+//
+// int8_blocks_silu_mul is the same product for a fused gate/up weight (gate the first half of the output
+// columns, up the second): a tile's two column vectors are gate column c and up column c, and it stores
+// silu(gate) * up, so the MLP's [M, 2 I] intermediate and its SiLU pass never exist.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
 
+extern "C" __m512 Sleef_expf16_u10(__m512 x);   // in libtorch_cpu (torch's vectorized exp on AVX-512)
+
 namespace {
 
 constexpr int64_t kBlock = 32;     // input columns per scale (GGUF's block)
 constexpr int64_t kLanes = 16;     // output columns per vector
-constexpr int64_t kRows = 4;       // activation rows per register tile
+constexpr int64_t kRows = 6;       // activation rows per register tile
 constexpr int64_t kRowChunk = 256; // activation rows kept in L2 while the weight panel passes over them
 
 struct Acts {
@@ -44,6 +51,8 @@ struct Panel {
   const float* scale;     // [T, G, 16]
   const float* minimum;   // [T, G, 16] or nullptr
   int64_t N, K, G;
+  int64_t step;           // column vectors between a tile's two vectors: 1, or I / 16 for gate and up
+  int64_t ldo;            // output row stride: N, or I for silu(gate) * up
 };
 
 #if defined(INFERSTACK_ISA_AVX2) || defined(INFERSTACK_ISA_BASELINE)
@@ -74,19 +83,30 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_row(const float* x, in
   }
 }
 
-// out[m0 : m0 + MR, 16 * t0 : 16 * (t0 + NR)] for column vectors t0.. (the last may be partial: masked store).
-template <int MR, int NR, bool MIN>
+// silu(g) * u exactly as torch's F.silu(gate).mul_(up) rounds it on an AVX-512 CPU (aten's silu_kernel:
+// g / (1 + exp(-g)) with Vectorized<float>::exp, which is SLEEF's expf16_u10; libtorch_cpu exports it). Bit for
+// bit matters more than it seems: a 1-ulp change in SiLU's output flips an int8 code of the down projection's
+// input now and then, and the flips cascade through the layers; on the 384-position accuracy check such
+// changes moved top-1 between 0.92 and 0.96 (docs/benchmarks.md, helper c14f).
+__attribute__((target("avx512f"))) inline __m512 silu_mul(__m512 g, __m512 u) {
+  const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_set1_ps(-0.f), g));   // -0 - g: torch's neg (sign flip)
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
+}
+
+// out[m0 : m0 + MR, 16 * t0 : 16 * (t0 + NR)] for column vectors t0, t0 + step.. (the last may be partial:
+// masked store); with GLU (NR 2, step I / 16) out[m0 : m0 + MR, 16 * t0 : 16 * t0 + 16] = silu(gate) * up.
+template <int MR, int NR, bool MIN, bool GLU>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile(const Acts& x, const Panel& w, int64_t m0,
                                                                   int64_t t0, float* out) {
   __m512 acc[MR][NR];
-  #pragma GCC unroll 4
+  #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
     #pragma GCC unroll 2
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t K = w.K, G = w.G;
   for (int64_t g = 0; g < G; ++g) {
     __m512i dot[MR][NR];
-    #pragma GCC unroll 4
+    #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512i start = _mm512_set1_epi32(x.zterm[(m0 + i) * G + g]);
       #pragma GCC unroll 2
@@ -97,8 +117,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile(const Acts& x, 
       const int64_t k = g * kBlock + 4 * s;
       __m512i wv[NR];
       #pragma GCC unroll 2
-      for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(w.codes + (t0 + j) * K * kLanes + k * kLanes);
-      #pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(w.codes + (t0 + j * w.step) * K * kLanes + k * kLanes);
+      #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         int32_t four;
         __builtin_memcpy(&four, x.q + (m0 + i) * K + k, 4);
@@ -110,10 +130,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile(const Acts& x, 
     __m512 d[NR], mn[NR];
     #pragma GCC unroll 2
     for (int j = 0; j < NR; ++j) {
-      d[j] = _mm512_loadu_ps(w.scale + ((t0 + j) * G + g) * kLanes);
-      if (MIN) mn[j] = _mm512_loadu_ps(w.minimum + ((t0 + j) * G + g) * kLanes);
+      d[j] = _mm512_loadu_ps(w.scale + ((t0 + j * w.step) * G + g) * kLanes);
+      if (MIN) mn[j] = _mm512_loadu_ps(w.minimum + ((t0 + j * w.step) * G + g) * kLanes);
     }
-    #pragma GCC unroll 4
+    #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 sx = _mm512_set1_ps(x.scale[(m0 + i) * G + g]);
       const __m512 xs = _mm512_set1_ps(MIN ? x.sum[(m0 + i) * G + g] : 0.f);
@@ -124,36 +144,60 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile(const Acts& x, 
       }
     }
   }
-  #pragma GCC unroll 2
-  for (int j = 0; j < NR; ++j) {
-    const int64_t n = (t0 + j) * kLanes;
-    const __mmask16 mask = n + kLanes <= w.N ? 0xFFFF : static_cast<__mmask16>((1u << (w.N - n)) - 1);
-    #pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(out + (m0 + i) * w.N + n, mask, acc[i][j]);
+  if constexpr (GLU) {
+    static_assert(NR == 2, "silu(gate) * up takes one gate and one up vector");
+    #pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) _mm512_storeu_ps(out + (m0 + i) * w.ldo + t0 * kLanes, silu_mul(acc[i][0], acc[i][1]));
+  } else {
+    #pragma GCC unroll 2
+    for (int j = 0; j < NR; ++j) {
+      const int64_t n = (t0 + j) * kLanes;
+      const __mmask16 mask = n + kLanes <= w.N ? 0xFFFF : static_cast<__mmask16>((1u << (w.N - n)) - 1);
+      #pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(out + (m0 + i) * w.ldo + n, mask, acc[i][j]);
+    }
   }
 }
 
 // The rows left over after whole tiles of kRows: the row count is a template argument (registers).
-template <int NR, bool MIN>
+template <int NR, bool MIN, bool GLU>
 void rows(const Acts& x, const Panel& w, int64_t m0, int64_t mb, int64_t t0, float* out) {
   switch (mb) {
-    case 1: return tile<1, NR, MIN>(x, w, m0, t0, out);
-    case 2: return tile<2, NR, MIN>(x, w, m0, t0, out);
-    case 3: return tile<3, NR, MIN>(x, w, m0, t0, out);
-    default: return tile<kRows, NR, MIN>(x, w, m0, t0, out);
+    case 1: return tile<1, NR, MIN, GLU>(x, w, m0, t0, out);
+    case 2: return tile<2, NR, MIN, GLU>(x, w, m0, t0, out);
+    case 3: return tile<3, NR, MIN, GLU>(x, w, m0, t0, out);
+    case 4: return tile<4, NR, MIN, GLU>(x, w, m0, t0, out);
+    case 5: return tile<5, NR, MIN, GLU>(x, w, m0, t0, out);
+    default: return tile<kRows, NR, MIN, GLU>(x, w, m0, t0, out);
   }
 }
 
-// Column vectors [tb, te) against activation rows [mb, me).
-template <bool MIN>
+// Output column vectors [tb, te) against activation rows [mb, me): pairs (t, t + 1), the last one alone; with
+// GLU each t is a gate vector, paired with its up vector t + step.
+template <bool MIN, bool GLU>
 void panel(const Acts& x, const Panel& w, int64_t mb, int64_t me, int64_t tb, int64_t te, float* out) {
-  for (int64_t t = tb; t < te; t += 2) {
+  for (int64_t t = tb; t < te; t += GLU ? 1 : 2) {
     for (int64_t m = mb; m < me; m += kRows) {
       const int64_t rows_left = std::min(kRows, me - m);
-      if (t + 1 < te) rows<2, MIN>(x, w, m, rows_left, t, out);
-      else rows<1, MIN>(x, w, m, rows_left, t, out);
+      if (GLU || t + 1 < te) rows<2, MIN, GLU>(x, w, m, rows_left, t, out);
+      else rows<1, MIN, false>(x, w, m, rows_left, t, out);
     }
   }
+}
+
+// Each task takes `per_task` column vectors (pairs; gate vectors with GLU) and walks the rows in chunks that
+// stay in L2.
+template <bool GLU>
+void run(const Acts& a, const Panel& w, int64_t M, int64_t vectors, float* out) {
+  const int64_t per_task = GLU ? 1 : 2;
+  at::parallel_for(0, (vectors + per_task - 1) / per_task, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tb = per_task * begin, te = std::min(vectors, per_task * end);
+    for (int64_t mb = 0; mb < M; mb += kRowChunk) {
+      const int64_t me = std::min(M, mb + kRowChunk);
+      if (w.minimum != nullptr) panel<true, GLU>(a, w, mb, me, tb, te, out);
+      else panel<false, GLU>(a, w, mb, me, tb, te, out);
+    }
+  });
 }
 
 }  // namespace
@@ -161,47 +205,74 @@ void panel(const Acts& x, const Panel& w, int64_t mb, int64_t me, int64_t tb, in
 // Whether this CPU (and this build, extension.py's ISA variants) runs int8_blocks_matmul.
 bool int8_blocks_supported() { return cpu_vnni(); }
 
+namespace {
+
+// The checked inputs and the quantized activation of one call (the tensors own the buffers `acts` points to).
+struct Call {
+  at::Tensor xq, xs, zterm;
+  Acts acts;
+  Panel panel;
+  int64_t M, T;
+};
+
+Call prepare(const char* fn, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+             const at::Tensor& minimum, int64_t zero) {
+  TORCH_CHECK(cpu_vnni(), fn, ": this CPU or build has no AVX-512 VNNI");
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 4 && codes.size(2) == kLanes && codes.size(3) == 4,
+              fn, ": x [M, K] and codes [T, K / 4, 16, 4]");
+  const int64_t M = x.size(0), K = x.size(1), T = codes.size(0), G = K / kBlock;
+  TORCH_CHECK(K % kBlock == 0 && codes.size(1) * 4 == K, fn, ": K must be a multiple of 32");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), fn, ": codes uint8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == T * G * kLanes,
+              fn, ": scale float32 [T, K / 32, 16]");
+  const bool has_min = minimum.numel() > 0;
+  TORCH_CHECK(!has_min || (minimum.scalar_type() == at::kFloat && minimum.is_contiguous() &&
+                           minimum.numel() == T * G * kLanes), fn, ": minimum like scale or empty");
+  TORCH_CHECK(zero == 0 || zero == 128, fn, ": zero 0 or 128");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  Call c{at::empty({M, K}, xf.options().dtype(at::kChar)), at::empty({2, M, G}, xf.options()),
+         at::empty({M, G}, xf.options().dtype(at::kInt)), {}, {}, M, T};
+  const float* xp = xf.data_ptr<float>();
+  int8_t* q = c.xq.data_ptr<int8_t>();
+  float* xs = c.xs.data_ptr<float>();
+  int32_t* zt = c.zterm.data_ptr<int32_t>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      quantize_row(xp + m * K, G, static_cast<int32_t>(zero), q + m * K, xs + m * G, xs + (M + m) * G, zt + m * G);
+    }
+  });
+  c.acts = Acts{q, xs, xs + M * G, zt, G};
+  c.panel = Panel{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), has_min ? minimum.data_ptr<float>() : nullptr,
+                  0, K, G, 1, 0};
+  return c;
+}
+
+}  // namespace
+
 // x [M, K] (any float dtype), codes uint8 [T, K / 4, 16, 4], scale float32 [T, K / 32, 16], minimum the same
 // or empty, zero 0 or 128, n the output columns (<= 16 T) -> [M, n] float32.
 at::Tensor int8_blocks_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                               const at::Tensor& minimum, int64_t zero, int64_t n) {
-  TORCH_CHECK(cpu_vnni(), "int8_blocks_matmul: this CPU or build has no AVX-512 VNNI");
-  TORCH_CHECK(x.dim() == 2 && codes.dim() == 4 && codes.size(2) == kLanes && codes.size(3) == 4,
-              "int8_blocks_matmul: x [M, K] and codes [T, K / 4, 16, 4]");
-  const int64_t M = x.size(0), K = x.size(1), T = codes.size(0), G = K / kBlock;
-  TORCH_CHECK(K % kBlock == 0 && codes.size(1) * 4 == K, "int8_blocks_matmul: K must be a multiple of 32");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "int8_blocks_matmul: codes uint8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == T * G * kLanes,
-              "int8_blocks_matmul: scale float32 [T, K / 32, 16]");
-  const bool has_min = minimum.numel() > 0;
-  TORCH_CHECK(!has_min || (minimum.scalar_type() == at::kFloat && minimum.is_contiguous() &&
-                           minimum.numel() == T * G * kLanes), "int8_blocks_matmul: minimum like scale or empty");
-  TORCH_CHECK((zero == 0 || zero == 128) && n > (T - 1) * kLanes && n <= T * kLanes,
+  Call c = prepare("int8_blocks_matmul", x, codes, scale, minimum, zero);
+  TORCH_CHECK(n > (c.T - 1) * kLanes && n <= c.T * kLanes,
               "int8_blocks_matmul: zero 0 or 128, n within the last column vector");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
-  at::Tensor xs = at::empty({2, M, G}, xf.options());
-  at::Tensor zterm = at::empty({M, G}, xf.options().dtype(at::kInt));
-  const float* xp = xf.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      quantize_row(xp + m * K, G, static_cast<int32_t>(zero), xq.data_ptr<int8_t>() + m * K,
-                   xs.data_ptr<float>() + m * G, xs.data_ptr<float>() + (M + m) * G, zterm.data_ptr<int32_t>() + m * G);
-    }
-  });
-  at::Tensor out = at::empty({M, n}, xf.options());
-  const Acts a{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xs.data_ptr<float>() + M * G, zterm.data_ptr<int32_t>(), G};
-  const Panel w{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), has_min ? minimum.data_ptr<float>() : nullptr,
-                n, K, G};
-  float* op = out.data_ptr<float>();
-  // Pairs of column vectors per task; each task walks the rows in chunks that stay in L2.
-  const int64_t pairs = (T + 1) / 2;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t mb = 0; mb < M; mb += kRowChunk) {
-      const int64_t me = std::min(M, mb + kRowChunk);
-      if (has_min) panel<true>(a, w, mb, me, 2 * begin, std::min(T, 2 * end), op);
-      else panel<false>(a, w, mb, me, 2 * begin, std::min(T, 2 * end), op);
-    }
-  });
+  c.panel.N = c.panel.ldo = n;
+  at::Tensor out = at::empty({c.M, n}, c.xs.options());
+  run<false>(c.acts, c.panel, c.M, c.T, out.data_ptr<float>());
+  return out;
+}
+
+// The same for a fused gate/up weight of n = 2 I output columns (gate [0, I), up [I, 2 I), I a multiple of 16):
+// silu(x gate^T) * (x up^T) -> [M, I] float32.
+at::Tensor int8_blocks_silu_mul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                                const at::Tensor& minimum, int64_t zero, int64_t n) {
+  Call c = prepare("int8_blocks_silu_mul", x, codes, scale, minimum, zero);
+  TORCH_CHECK(c.T % 2 == 0 && n == c.T * kLanes, "int8_blocks_silu_mul: n = 2 I output columns, I % 16 == 0");
+  const int64_t half = c.T / 2;
+  c.panel.N = c.T * kLanes;
+  c.panel.ldo = half * kLanes;
+  c.panel.step = half;
+  at::Tensor out = at::empty({c.M, half * kLanes}, c.xs.options());
+  run<true>(c.acts, c.panel, c.M, half, out.data_ptr<float>());
   return out;
 }
