@@ -3,7 +3,7 @@
     python benchmarks/engine_decode_step.py [--batches 1,16,64] [--dtype float32] [--threads 1] [--steps 8]
                                             [--quantization none|int8|int4|gguf] [--quant-crossover-rows N]
                                             [--quant-large-kernel auto|bfloat16|float32|int8|int8blk]
-                                            [--layers cpp,python] [--attention cpp,torch]
+                                            [--layers cpp,python] [--attention cpp,torch] [--kv-cache-dtype int8]
 
 For each batch size B: B requests with 128-token prompts are prefilled, then ``--steps`` decode
 steps are timed. Prints the median of three numbers per step: the whole ``EngineCore.step``
@@ -99,15 +99,16 @@ def main() -> None:
                     "int8blk; docs/engine.md)")
     ap.add_argument("--layers", default="cpp", help="cpp (the C++ decode layers where they apply), python, "
                     "or both: cpp,python")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="KV cache precision (docs/engine.md)")
     ap.add_argument("--attention", default="cpp", help="cpp (the C++ in-place decode attention, when built), "
                     "torch (the gather path), or both: cpp,torch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_batched_tokens=2048,
               max_num_seqs=256, quantization=args.quantization, quant_crossover_rows=args.quant_crossover_rows,
-              quant_large_kernel=args.quant_large_kernel)
-    print(f"{args.dtype}, quantization {args.quantization}, {args.threads} thread(s), 128-token prompts, "
-          f"median CPU ms of {args.steps} decode steps")
+              quant_large_kernel=args.quant_large_kernel, kv_cache_dtype=args.kv_cache_dtype)
+    print(f"{args.dtype}, quantization {args.quantization}, KV cache {args.kv_cache_dtype}, {args.threads} "
+          f"thread(s), 128-token prompts, median CPU ms of {args.steps} decode steps")
     model = llm.engine.core.executor.lm.model
     fused, kernel = model.fused, model.decode_kernel
     print("| batch | layers | attention | step ms | executor ms | model forward ms |\n|---|---|---|---|---|---|")

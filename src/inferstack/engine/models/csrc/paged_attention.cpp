@@ -3,15 +3,21 @@
 //
 // The torch path gathers every decode sequence's context through the block tables into a padded
 // [B, kv_heads, L, head_dim] copy and attends over it with two matmuls or SDPA; at 64 sequences x 256
-// tokens the copy is ~7-12 MB per layer, more than the attention's arithmetic. Here each (sequence,
-// KV head) pair reads its rows where they lie: slot = table[t / block_size] * block_size + t % block_size.
-// All query heads of the KV head's group share each key and value row once it is converted to float32.
+// tokens the copy is ~7-12 MB per layer, more than the attention's arithmetic. Here each sequence's rows
+// are read where they lie: slot = table[t / block_size] * block_size + t % block_size. All query heads of a
+// KV head's group share each key and value row once it is converted to float32. The AVX-512 path takes a
+// whole sequence (all its KV heads) per unit of work and walks its blocks in tiles of 16 positions, so
+// each block is read front to back once per pass; at 64 sequences x ~190 positions it moves ~9 MB of bf16
+// K/V per layer (4.9 MB as int8), and is bound by that traffic more than by its arithmetic.
 //
 // Numerics: scores, softmax and the weighted sum in float32 (two passes: scores, then values), one
-// rounding to the query dtype at the end. A quantized row (int8 / fp8_e4m3 codes and a float32 scale,
-// executor/kv_format.py) is dequantized and rounded to the query dtype as KVFormat.decode rounds it, so
-// both paths attend over the same values. The exponential is a Cephes-style polynomial (~2 float32 ulp)
-// written so the compiler vectorizes it; SDPA's softmax uses its own vector exp of the same accuracy.
+// rounding to the query dtype at the end. Plain rows are read as KVFormat.decode reads them (a float32
+// cache rounded to the query dtype). A quantized row (int8 / fp8_e4m3 codes and a float32 scale,
+// executor/kv_format.py) is attended as code x scale in float32, not rounded to the query dtype first as
+// the torch path's KVFormat.decode rounds it: at most half a unit of bf16's last place finer per value.
+// The AVX-512 path applies an int8 row's scale to the whole dot product and softmax weight instead of to
+// each element. The exponential is a Cephes-style polynomial (~2 float32 ulp) written so the compiler
+// vectorizes it; SDPA's softmax uses its own vector exp of the same accuracy.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -47,7 +53,8 @@ inline float round_to<float>(float v) {
   return v;
 }
 
-// One cache row -> head_dim floats, rounded to C (the query dtype) as KVFormat.decode rounds.
+// One cache row -> head_dim floats: a plain row rounded to C (the query dtype) as KVFormat.decode rounds,
+// a quantized one as code x scale in float32.
 template <typename S, typename C>
 struct Row {
   static inline void load(const uint8_t* p, int64_t hd, float* dst) {
@@ -64,7 +71,7 @@ struct Row<Int8Codes, C> {
     std::memcpy(&scale, p + hd, sizeof(float));
     const int8_t* x = reinterpret_cast<const int8_t*>(p);
 #pragma omp simd
-    for (int64_t d = 0; d < hd; ++d) dst[d] = round_to<C>(static_cast<float>(x[d]) * scale);
+    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<float>(x[d]) * scale;
   }
 };
 
@@ -74,7 +81,7 @@ struct Row<Fp8Codes, C> {
     float scale;
     std::memcpy(&scale, p + hd, sizeof(float));
     const c10::Float8_e4m3fn* x = reinterpret_cast<const c10::Float8_e4m3fn*>(p);
-    for (int64_t d = 0; d < hd; ++d) dst[d] = round_to<C>(static_cast<float>(x[d]) * scale);
+    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<float>(x[d]) * scale;
   }
 };
 
