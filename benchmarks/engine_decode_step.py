@@ -3,11 +3,12 @@
     python benchmarks/engine_decode_step.py [--batches 1,16,64] [--dtype float32] [--threads 1] [--steps 8]
                                             [--quantization none|int8|int4|gguf] [--quant-crossover-rows N]
                                             [--quant-large-kernel auto|bfloat16|float32|int8|int8blk]
-                                            [--layers cpp,python] [--attention cpp,torch]
+                                            [--layers cpp,python] [--attention cpp,torch] [--kv-cache-dtype int8]
 
 For each batch size B: B requests with 128-token prompts are prefilled, then ``--steps`` decode
 steps are timed. Prints the median of three numbers per step: the whole ``EngineCore.step``
-(scheduling, executor, sampling, detokenizing), the executor alone, and the model forward alone.
+(scheduling, executor, sampling, detokenizing), the executor alone, and the model forward alone; and the
+C++ decode attention's CPU time per step (its calls in all layers, mean over the steps) where it runs.
 
 ``--layers cpp,python`` measures each batch size twice, with the C++ decode layers
 (engine/models/fused_decode.py; batch 1 with int4 weights, when built) and with the Python layer loop.
@@ -41,7 +42,10 @@ def _timed(fn, sink: list[float]):
     return wrapper
 
 
-def measure(llm: LLM, batch: int, steps: int, prompt_len: int = 128) -> tuple[float, float, float]:
+def measure(llm: LLM, batch: int, steps: int, prompt_len: int = 128,
+            attention: list[float] | None = None) -> tuple[float, float, float]:
+    """Median CPU ms of the step, the executor and the forward; ``attention`` (the C++ decode attention's
+    call times, when timed) is cleared before the timed steps, so it holds only theirs."""
     core = llm.engine.core
     executor = core.executor
     g = torch.Generator().manual_seed(batch)
@@ -60,6 +64,8 @@ def measure(llm: LLM, batch: int, steps: int, prompt_len: int = 128) -> tuple[fl
     real_execute, real_model = executor.execute, executor.lm.model
     executor.execute = _timed(real_execute, exec_times)
     executor.lm.model = _TimedModel(real_model, model_times)
+    if attention is not None:
+        attention.clear()
     try:
         for _ in range(steps):
             t = time.process_time()
@@ -99,27 +105,32 @@ def main() -> None:
                     "int8blk; docs/engine.md)")
     ap.add_argument("--layers", default="cpp", help="cpp (the C++ decode layers where they apply), python, "
                     "or both: cpp,python")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="KV cache precision (docs/engine.md)")
     ap.add_argument("--attention", default="cpp", help="cpp (the C++ in-place decode attention, when built), "
                     "torch (the gather path), or both: cpp,torch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_num_batched_tokens=2048,
               max_num_seqs=256, quantization=args.quantization, quant_crossover_rows=args.quant_crossover_rows,
-              quant_large_kernel=args.quant_large_kernel)
-    print(f"{args.dtype}, quantization {args.quantization}, {args.threads} thread(s), 128-token prompts, "
-          f"median CPU ms of {args.steps} decode steps")
+              quant_large_kernel=args.quant_large_kernel, kv_cache_dtype=args.kv_cache_dtype)
+    print(f"{args.dtype}, quantization {args.quantization}, KV cache {args.kv_cache_dtype}, {args.threads} "
+          f"thread(s), 128-token prompts, median CPU ms of {args.steps} decode steps")
     model = llm.engine.core.executor.lm.model
     fused, kernel = model.fused, model.decode_kernel
-    print("| batch | layers | attention | step ms | executor ms | model forward ms |\n|---|---|---|---|---|---|")
+    print("| batch | layers | attention | step ms | executor ms | model forward ms | C++ decode attention ms |\n"
+          "|---|---|---|---|---|---|---|")
+    calls: list[float] = []
     for b in (int(x) for x in args.batches.split(",")):
         for layers in args.layers.split(","):
             for attn in args.attention.split(","):
                 model.fused = fused if layers == "cpp" else None
-                model.decode_kernel = kernel if attn == "cpp" else None
-                step, exe, fwd = measure(llm, b, args.steps)
+                timed = attn == "cpp" and kernel is not None
+                model.decode_kernel = _timed(kernel, calls) if timed else None
+                step, exe, fwd = measure(llm, b, args.steps, attention=calls)
                 used = layers if layers == "python" or (b == 1 and fused is not None) else "python (cpp n/a)"
                 attn_used = attn if attn == "torch" or kernel is not None else "torch (cpp not built)"
-                print(f"| {b} | {used} | {attn_used} | {step:.2f} | {exe:.2f} | {fwd:.2f} |", flush=True)
+                attn_ms = f"{1000 * sum(calls) / args.steps:.2f}" if timed and calls else "-"
+                print(f"| {b} | {used} | {attn_used} | {step:.2f} | {exe:.2f} | {fwd:.2f} | {attn_ms} |", flush=True)
     model.fused, model.decode_kernel = fused, kernel
 
 

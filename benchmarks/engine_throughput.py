@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/engine_throughput.py [--threads 2] [--rounds 3]
         [--ours float32,bfloat16,int4,gguf] [--hf float32,bfloat16] [--quant-crossover-rows N]
-        [--quant-large-kernel auto|bfloat16|float32|int8|int8blk]
+        [--quant-large-kernel auto|bfloat16|float32|int8|int8blk] [--kv-cache-dtype auto,int8]
 
 Every engine and HF model is loaded once, then each round runs every configuration in turn (the order
 rotates by one each round), so a machine whose load changes hurts every row alike. Each run is timed
@@ -57,12 +57,14 @@ class Row:
         self.cpu.append(tokens / (time.process_time() - c))
 
 
-def our_row(name: str, args: argparse.Namespace) -> Row:
+def our_row(name: str, kv: str, args: argparse.Namespace) -> Row:
     seqs = {} if args.max_num_seqs == 0 else {"max_num_seqs": args.max_num_seqs}
     llm = LLM(args.model, num_threads=args.threads, max_num_batched_tokens=args.max_num_batched_tokens,
               quant_crossover_rows=args.quant_crossover_rows, quant_large_kernel=args.quant_large_kernel,
-              **seqs, **OURS[name])
+              kv_cache_dtype=kv, **seqs, **OURS[name])
     quant = llm.engine.core.executor.lm.quant
+    if kv != "auto":
+        name = f"{name} kv {kv}"
     print(f"loaded inferstack {name}" + ("" if quant is None else f" ({'; '.join(quant.log_lines())})"), flush=True)
     prompts = random_prompts(llm.tokenizer.vocab_size, args.requests, args.prompt_len, seed=1)
     params = SamplingParams(temperature=0, max_tokens=args.out_len, ignore_eos=True)
@@ -97,9 +99,11 @@ def main() -> None:
                     help="pin the bf16-copy crossover (default: measured at start-up, which swings under load)")
     ap.add_argument("--quant-large-kernel", default="auto",
                     help="the quantized formats' large-step copy (docs/engine.md, 'Kernel choice per step')")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="KV cache precision(s), comma-separated: each of --ours runs with each (e.g. auto,int8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [our_row(n, args) for n in args.ours.split(",") if n]
+    rows = [our_row(n, kv, args) for n in args.ours.split(",") if n for kv in args.kv_cache_dtype.split(",")]
     rows += [hf_row(n, args) for n in args.hf.split(",") if n]
     for r in range(args.rounds):
         for row in rows[r % len(rows):] + rows[:r % len(rows)]:

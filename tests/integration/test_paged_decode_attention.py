@@ -67,14 +67,14 @@ def _case(batch: int, block_size: int, seed: int, max_len: int = 200) -> tuple[A
 
 def _exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """float64 attention of each sequence's query over its context (``keys``/``values``: decoded
-    [slots, nkv, hd] as the torch path reads them)."""
+    [slots, nkv, hd] as the kernel reads them)."""
     out = torch.empty(q.shape, dtype=torch.float64)
-    bs = meta.block_size
+    bs, group, head_dim = meta.block_size, q.shape[1] // keys.shape[1], q.shape[2]
     for b, n in enumerate(meta.seq_lens_list):
         slots = (meta.block_tables[b, :, None] * bs + torch.arange(bs)).reshape(-1)[:n]
-        k = keys[slots].double().repeat_interleave(NH // NKV, 1)
-        v = values[slots].double().repeat_interleave(NH // NKV, 1)
-        scores = torch.einsum("hd,thd->ht", q[b].double(), k) * HD ** -0.5
+        k = keys[slots].double().repeat_interleave(group, 1)
+        v = values[slots].double().repeat_interleave(group, 1)
+        scores = torch.einsum("hd,thd->ht", q[b].double(), k) * head_dim ** -0.5
         out[b] = torch.einsum("ht,thd->hd", scores.softmax(-1), v)
     return out
 
@@ -89,7 +89,8 @@ FORMATS = [(None, torch.float32, 5e-6), (None, torch.bfloat16, 4e-3), (None, tor
 @pytest.mark.parametrize(("name", "compute", "tol"), FORMATS, ids=[f"{f}-{c}" for f, c, _ in FORMATS])
 @pytest.mark.parametrize(("batch", "block_size"), [(1, 16), (7, 16), (64, 16), (5, 1), (6, 5)])
 def test_matches_the_torch_path(variant, name, compute, tol, batch, block_size):
-    """Against float64 over the same decoded values: within the output's rounding (the torch path's bf16
+    """Against float64 over the values the kernel reads (quantized rows as code x scale, not rounded to the
+    compute dtype as the torch path rounds them): within the output's rounding (the torch path's bf16
     matmuls also round the scores, so it is compared to ours at three times that)."""
     meta, num_blocks = _case(batch, block_size, seed=batch * 31 + block_size)
     fmt = None if name is None else KVFormat(name, compute, HD)
@@ -105,13 +106,54 @@ def test_matches_the_torch_path(variant, name, compute, tol, batch, block_size):
 
     want = paged_attention_planned(q, k, v, cache, plan_attention(meta), HD ** -0.5)
     got = paged_attention_planned(q, k, v, cache, plan_attention(meta, variant.paged_decode_attention), HD ** -0.5)
-    decoded = [x.view(-1, NKV, row) if fmt is None else fmt.decode(x.view(-1, NKV, row)) for x in cache]
-    exact = _exact(q, *decoded, meta)
+    exact = _exact(q, *_read(cache, fmt, NKV), meta)
     assert got.dtype == compute and got.shape == (batch, NH, HD)
     top = exact.abs().max().item()
     err = (got.double() - exact).abs().max().item()
     assert err <= tol * top, (err, top)
     torch.testing.assert_close(got.float(), want.float(), atol=3 * tol * top, rtol=0)
+
+
+def _read(cache: torch.Tensor, fmt: KVFormat | None, nkv: int) -> list[torch.Tensor]:
+    """Keys and values [slots, nkv, hd] as the kernel reads them: a plain row as KVFormat.decode reads it, a
+    quantized one as code x scale in float32."""
+    row = cache.shape[-1]
+    if fmt is not None and fmt.quantized:
+        fmt = KVFormat(fmt.name, torch.float32, fmt.head_dim)
+    return [x.view(-1, nkv, row) if fmt is None else fmt.decode(x.view(-1, nkv, row)) for x in cache]
+
+
+# Shapes beside SmolLM2's (query heads, KV heads, head_dim): head_dim 128, a group wider than the kernel's
+# tile of four query heads, one KV head, no sharing. With one thread a batch of 16 is shared out by sequence
+# (every KV head of it at once) and a batch of 3 by (sequence, KV head).
+SHAPES = [(12, 2, 128), (8, 1, 64), (4, 4, 64)]
+OTHER_FORMATS = [(None, torch.bfloat16, 4e-3), ("int8", torch.bfloat16, 4e-3), (None, torch.float32, 5e-6),
+                 ("float32", torch.bfloat16, 4e-3)]
+
+
+@pytest.mark.parametrize(("nh", "nkv", "hd"), SHAPES, ids=[f"{a}q{b}kv{c}" for a, b, c in SHAPES])
+@pytest.mark.parametrize("batch", [3, 16])
+@pytest.mark.parametrize(("name", "compute", "tol"), OTHER_FORMATS, ids=[f"{f}-{c}" for f, c, _ in OTHER_FORMATS])
+def test_other_shapes_against_float64(variant, nh, nkv, hd, batch, name, compute, tol):
+    meta, num_blocks = _case(batch, 16, seed=batch + nh + hd, max_len=90)
+    fmt = None if name is None else KVFormat(name, compute, hd)
+    storage, row = (compute, hd) if fmt is None else (fmt.storage, fmt.row)
+    gen = torch.Generator().manual_seed(hd + batch)
+    acts = torch.randn(2, num_blocks * 16, nkv, hd, generator=gen).to(compute)
+    cache = torch.empty((2, num_blocks, 16, nkv, row), dtype=storage)
+    for i in range(2):
+        cache[i].view(-1, nkv * row)[:] = acts[i].reshape(-1, nkv * hd) if fmt is None else fmt.encode(acts[i])
+    q = torch.randn(batch, nh, hd, generator=gen).to(compute)
+    codes = fmt.name if fmt is not None and fmt.quantized else ""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = variant.paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, hd ** -0.5, codes)
+    finally:
+        torch.set_num_threads(threads)
+    exact = _exact(q, *_read(cache, fmt, nkv), meta)
+    top = exact.abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= tol * top
 
 
 def test_formats_it_does_not_cover_take_the_gather(variant, monkeypatch):

@@ -3,15 +3,21 @@
 //
 // The torch path gathers every decode sequence's context through the block tables into a padded
 // [B, kv_heads, L, head_dim] copy and attends over it with two matmuls or SDPA; at 64 sequences x 256
-// tokens the copy is ~7-12 MB per layer, more than the attention's arithmetic. Here each (sequence,
-// KV head) pair reads its rows where they lie: slot = table[t / block_size] * block_size + t % block_size.
-// All query heads of the KV head's group share each key and value row once it is converted to float32.
+// tokens the copy is ~7-12 MB per layer, more than the attention's arithmetic. Here each sequence's rows
+// are read where they lie: slot = table[t / block_size] * block_size + t % block_size. All query heads of a
+// KV head's group share each key and value row once it is converted to float32. The AVX-512 path takes a
+// whole sequence (all its KV heads) per unit of work and walks its blocks in tiles of 16 positions, so
+// each block is read front to back once per pass; at 64 sequences x ~190 positions it moves ~9 MB of bf16
+// K/V per layer (4.9 MB as int8), and is bound by that traffic more than by its arithmetic.
 //
 // Numerics: scores, softmax and the weighted sum in float32 (two passes: scores, then values), one
-// rounding to the query dtype at the end. A quantized row (int8 / fp8_e4m3 codes and a float32 scale,
-// executor/kv_format.py) is dequantized and rounded to the query dtype as KVFormat.decode rounds it, so
-// both paths attend over the same values. The exponential is a Cephes-style polynomial (~2 float32 ulp)
-// written so the compiler vectorizes it; SDPA's softmax uses its own vector exp of the same accuracy.
+// rounding to the query dtype at the end. Plain rows are read as KVFormat.decode reads them (a float32
+// cache rounded to the query dtype). A quantized row (int8 / fp8_e4m3 codes and a float32 scale,
+// executor/kv_format.py) is attended as code x scale in float32, not rounded to the query dtype first as
+// the torch path's KVFormat.decode rounds it: at most half a unit of bf16's last place finer per value.
+// The AVX-512 path applies an int8 row's scale to the whole dot product and softmax weight instead of to
+// each element. The exponential is a Cephes-style polynomial (~2 float32 ulp) written so the compiler
+// vectorizes it; SDPA's softmax uses its own vector exp of the same accuracy.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -47,7 +53,8 @@ inline float round_to<float>(float v) {
   return v;
 }
 
-// One cache row -> head_dim floats, rounded to C (the query dtype) as KVFormat.decode rounds.
+// One cache row -> head_dim floats: a plain row rounded to C (the query dtype) as KVFormat.decode rounds,
+// a quantized one as code x scale in float32.
 template <typename S, typename C>
 struct Row {
   static inline void load(const uint8_t* p, int64_t hd, float* dst) {
@@ -64,7 +71,7 @@ struct Row<Int8Codes, C> {
     std::memcpy(&scale, p + hd, sizeof(float));
     const int8_t* x = reinterpret_cast<const int8_t*>(p);
 #pragma omp simd
-    for (int64_t d = 0; d < hd; ++d) dst[d] = round_to<C>(static_cast<float>(x[d]) * scale);
+    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<float>(x[d]) * scale;
   }
 };
 
@@ -74,7 +81,7 @@ struct Row<Fp8Codes, C> {
     float scale;
     std::memcpy(&scale, p + hd, sizeof(float));
     const c10::Float8_e4m3fn* x = reinterpret_cast<const c10::Float8_e4m3fn*>(p);
-    for (int64_t d = 0; d < hd; ++d) dst[d] = round_to<C>(static_cast<float>(x[d]) * scale);
+    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<float>(x[d]) * scale;
   }
 };
 
@@ -99,32 +106,33 @@ inline float exp_nonpositive(float x) {
 struct Shape {
   int64_t nh, nkv, hd, group, block_size, max_blocks, row_bytes;   // row_bytes: one (slot, KV head) row
   int64_t half_bytes;                                              // keys, then values
+  int64_t unit_heads;   // KV heads per work unit: all of a sequence's, or one where too few sequences to share
   float scale;
 };
 
-// The key rows of one (sequence, KV head)'s first ``length`` positions, block by block (no division per
-// position); its value rows lie ``half_bytes`` further.
-inline void context_rows(const uint8_t* cache, const int64_t* table, int64_t length, int64_t kvh, const Shape& s,
+// The key rows of KV head 0 at one sequence's first ``length`` positions, block by block (no division per
+// position); KV head h's row lies h * row_bytes further, its value rows half_bytes further.
+inline void context_rows(const uint8_t* cache, const int64_t* table, int64_t length, const Shape& s,
                          const uint8_t** rows) {
   const int64_t step = s.nkv * s.row_bytes;
   for (int64_t start = 0, blk = 0; start < length; start += s.block_size, ++blk) {
-    const uint8_t* row = cache + (table[blk] * s.block_size * s.nkv + kvh) * s.row_bytes;
+    const uint8_t* row = cache + table[blk] * s.block_size * step;
     for (int64_t t = start; t < std::min(length, start + s.block_size); ++t, row += step) rows[t] = row;
   }
 }
 
-// One (sequence, KV head): every query head of the group against the context's rows in the cache.
-// ``scores`` holds group * length floats.
+// One (sequence, KV head): every query head of the group against the context's rows in the cache, each
+// ``off`` bytes into its position's rows. ``scores`` holds group * length floats.
 template <typename S, typename C>
-inline void attend_pair(const C* q, const uint8_t* const* rows, int64_t length, const Shape& s, float* scores,
-                        C* out) {
+inline void attend_pair(const C* q, const uint8_t* const* rows, int64_t off, int64_t length, const Shape& s,
+                        float* scores, C* out) {
   const int64_t hd = s.hd, g = s.group;
   float qf[kMaxGroup * kMaxHeadDim];
   float row[kMaxHeadDim];
   float acc[kMaxGroup * kMaxHeadDim];
   for (int64_t i = 0; i < g * hd; ++i) qf[i] = static_cast<float>(q[i]);
   for (int64_t t = 0; t < length; ++t) {
-    Row<S, C>::load(rows[t], hd, row);
+    Row<S, C>::load(rows[t] + off, hd, row);
     for (int64_t j = 0; j < g; ++j) {
       const float* qj = qf + j * hd;
       float dot = 0.f;
@@ -149,7 +157,7 @@ inline void attend_pair(const C* q, const uint8_t* const* rows, int64_t length, 
   }
   std::fill(acc, acc + g * hd, 0.f);
   for (int64_t t = 0; t < length; ++t) {
-    Row<S, C>::load(rows[t] + s.half_bytes, hd, row);
+    Row<S, C>::load(rows[t] + off + s.half_bytes, hd, row);
     for (int64_t j = 0; j < g; ++j) {
       const float w = scores[j * length + t];
       float* a = acc + j * hd;
@@ -160,28 +168,41 @@ inline void attend_pair(const C* q, const uint8_t* const* rows, int64_t length, 
   for (int64_t i = 0; i < g * hd; ++i) out[i] = static_cast<C>(acc[i]);
 }
 
-// Calls attend(head offset, context rows, length, scores) for the (sequence, KV head) pairs [begin, end)
-// (pair i: sequence i / nkv, KV head i % nkv), with scratch sized for the longest of them.
+// Calls attend(sequence, first KV head, context rows, length, scores) for the work units [begin, end) (unit i:
+// sequence i / units per sequence, KV heads from (i % units per sequence) * unit_heads), with scratch sized
+// for the longest of them.
+struct Scratch {
+  float* scores;   // unit_heads * group * length
+  float* qf;       // unit_heads * group * head_dim: the queries as float32
+  float* acc;      // the same: the weighted sums
+};
+
 template <typename Attend>
-inline void for_each_pair(const uint8_t* cache, const int64_t* tables, const int64_t* lens, const Shape& s,
+inline void for_each_unit(const uint8_t* cache, const int64_t* tables, const int64_t* lens, const Shape& s,
                           int64_t begin, int64_t end, Attend attend) {
+  const int64_t per_seq = s.nkv / s.unit_heads, heads = s.unit_heads * s.group;
   int64_t longest = 0;
-  for (int64_t i = begin; i < end; ++i) longest = std::max(longest, lens[i / s.nkv]);
-  std::vector<float> scores(s.group * longest);
+  for (int64_t i = begin; i < end; ++i) longest = std::max(longest, lens[i / per_seq]);
+  std::vector<float> buffer(heads * (longest + 2 * s.hd));
+  Scratch scratch{buffer.data(), buffer.data() + heads * longest, buffer.data() + heads * (longest + s.hd)};
   std::vector<const uint8_t*> rows(longest);
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / s.nkv, kvh = i % s.nkv;
-    context_rows(cache, tables + b * s.max_blocks, lens[b], kvh, s, rows.data());
-    attend((b * s.nkv + kvh) * s.group * s.hd, rows.data(), lens[b], scores.data());
+  for (int64_t i = begin, filled = -1; i < end; ++i) {
+    const int64_t b = i / per_seq;
+    if (b != filled) context_rows(cache, tables + b * s.max_blocks, lens[b], s, rows.data());
+    filled = b;
+    attend(b, (i % per_seq) * s.unit_heads, rows.data(), lens[b], scratch);
   }
 }
 
 template <typename S, typename C>
 inline void attend_range(const C* q, const uint8_t* cache, const int64_t* tables, const int64_t* lens,
                          const Shape& s, C* out, int64_t begin, int64_t end) {
-  for_each_pair(cache, tables, lens, s, begin, end,
-                [&](int64_t head, const uint8_t* const* rows, int64_t length, float* scores) {
-                  attend_pair<S, C>(q + head, rows, length, s, scores, out + head);
+  for_each_unit(cache, tables, lens, s, begin, end,
+                [&](int64_t b, int64_t h0, const uint8_t* const* rows, int64_t length, Scratch& w) {
+                  for (int64_t h = h0; h < h0 + s.unit_heads; ++h) {
+                    const int64_t head = (b * s.nkv + h) * s.group * s.hd;
+                    attend_pair<S, C>(q + head, rows, h * s.row_bytes, length, s, w.scores, out + head);
+                  }
                 });
 }
 
@@ -200,27 +221,60 @@ AVX512 inline __m512 round_vec_bf16(__m512 v) {   // to the nearest bf16, ties t
   return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
-// 16 elements of a plain row (float32, bf16 or fp16 storage) as float32, rounded to C as KVFormat.decode rounds.
-template <typename S, typename C>
-AVX512 inline __m512 load16(const S* x) {
-  __m512 v;
-  if constexpr (std::is_same_v<S, float>) {
-    v = _mm512_loadu_ps(x);
-  } else if constexpr (std::is_same_v<S, bf16>) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  } else {
-    v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-  }
-  if constexpr (std::is_same_v<S, float> && std::is_same_v<C, bf16>) v = round_vec_bf16(v);
-  if constexpr (std::is_same_v<S, float> && std::is_same_v<C, half>) {
-    v = _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+template <typename C>
+AVX512 inline __m512 round_vec(__m512 v) {   // float32 values rounded to C as KVFormat.decode rounds
+  if constexpr (std::is_same_v<C, bf16>) return round_vec_bf16(v);
+  if constexpr (std::is_same_v<C, half>) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   return v;
 }
 
+// 16 elements of a plain row (float32, bf16 or fp16 storage) as float32, rounded to C as KVFormat.decode rounds.
+template <typename S, typename C>
+AVX512 inline __m512 load16(const S* x) {
+  if constexpr (std::is_same_v<S, float>) return round_vec<C>(_mm512_loadu_ps(x));
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  if constexpr (std::is_same_v<S, bf16>) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  return _mm512_cvtph_ps(raw);
+}
+
 template <typename S>
 constexpr bool kCodes = std::is_same_v<S, Int8Codes> || std::is_same_v<S, Fp8Codes>;
+
+// bf16 rows are widened 32 elements at a time, the even elements by a shift and the odd ones by a mask (two
+// ALU operations per 32, where widening 16 in order takes a shuffle and a shift each). Chunk 2k of such a
+// row then holds its elements 32k + 2i and chunk 2k + 1 the elements 32k + 2i + 1; queries and weighted
+// sums are kept in the same order, and put back in order once at the end.
+template <typename S>
+constexpr bool kSplit = std::is_same_v<S, bf16>;
+
+// The 16 * CH elements of one row as float32 chunks: plain rows rounded to C as KVFormat.decode rounds
+// them; int8 rows as their codes, with the row's scale returned (1 for a plain row) for the caller to apply
+// to a whole dot product or weight: code x scale is then never rounded to C (a finer value than the torch
+// path's, by at most half a unit of C's last place).
+template <typename S, typename C, int CH>
+AVX512 inline float load_chunks(const uint8_t* p, __m512* out) {
+  if constexpr (std::is_same_v<S, Int8Codes>) {
+    for (int c = 0; c < CH; ++c) {
+      out[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + c)));
+    }
+    float scale;
+    std::memcpy(&scale, p + 16 * CH, sizeof(float));
+    return scale;
+  } else if constexpr (kSplit<S>) {
+    static_assert(CH % 2 == 0, "bf16 rows widen 32 elements at a time");
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    for (int c = 0; c < CH; c += 2) {
+      const __m512i x = _mm512_loadu_si512(p + 32 * c);
+      out[c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      out[c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+    }
+  } else {
+    for (int c = 0; c < CH; ++c) out[c] = load16<S, C>(reinterpret_cast<const S*>(p) + 16 * c);
+  }
+  return 1.f;
+}
 
 template <typename S, typename C>
 AVX512 inline void load_row16(const uint8_t* p, int64_t hd, float* dst) {
@@ -289,15 +343,15 @@ AVX512 inline void softmax16(float* p, int64_t length) {
 }
 
 template <typename S, typename C>
-AVX512 void attend_pair16(const C* q, const uint8_t* const* rows, int64_t length, const Shape& s, float* scores,
-                          C* out) {
+AVX512 void attend_pair16(const C* q, const uint8_t* const* rows, int64_t off, int64_t length, const Shape& s,
+                          float* scores, C* out) {
   const int64_t hd = s.hd, g = s.group, chunks = hd / 16;
   alignas(64) float qf[kMaxGroup * kMaxHeadDim];
   alignas(64) float row[kMaxHeadDim];
   __m512 acc[kMaxGroup * kMaxHeadDim / 16];
   for (int64_t i = 0; i < g * hd; ++i) qf[i] = static_cast<float>(q[i]);
   for (int64_t t = 0; t < length; ++t) {
-    load_row16<S, C>(rows[t], hd, row);
+    load_row16<S, C>(rows[t] + off, hd, row);
     for (int64_t j = 0; j < g; ++j) {
       __m512 dot = _mm512_mul_ps(_mm512_load_ps(qf + j * hd), _mm512_load_ps(row));
       for (int64_t c = 1; c < chunks; ++c) {
@@ -309,7 +363,7 @@ AVX512 void attend_pair16(const C* q, const uint8_t* const* rows, int64_t length
   for (int64_t j = 0; j < g; ++j) softmax16(scores + j * length, length);
   for (int64_t i = 0; i < g * chunks; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t t = 0; t < length; ++t) {
-    load_row16<S, C>(rows[t] + s.half_bytes, hd, row);
+    load_row16<S, C>(rows[t] + off + s.half_bytes, hd, row);
     for (int64_t j = 0; j < g; ++j) {
       const __m512 w = _mm512_set1_ps(scores[j * length + t]);
       for (int64_t c = 0; c < chunks; ++c) {
@@ -321,79 +375,146 @@ AVX512 void attend_pair16(const C* q, const uint8_t* const* rows, int64_t length
   for (int64_t i = 0; i < g * hd; ++i) out[i] = static_cast<C>(qf[i]);
 }
 
-// JT query heads of one KV head with head_dim 16 * CH, plain rows: the queries and the weighted sums stay
-// in registers, and the scores of 16 positions are reduced together (sum16) instead of one by one.
+// The scores of JT query heads (qf: JT * 16 * CH floats, in load_chunks' order) at the n <= 16 positions
+// from t0, one KV head's rows ``off`` bytes into each position's: 16 positions' dot products are reduced
+// together (sum16).
 template <typename S, typename C, int JT, int CH>
-AVX512 void attend_tile(const C* q, const uint8_t* const* rows, int64_t length, const Shape& s, float* scores,
-                        C* out) {
+AVX512 void score_tile(const float* qf, const uint8_t* const* rows, int64_t off, int64_t t0, int64_t n, float scale,
+                       float* scores, int64_t length) {
   constexpr int64_t hd = 16 * CH;
-  alignas(64) float buf[JT * hd];
-  __m512 qv[JT][CH], acc[JT][CH], parts[JT][16];
-  for (int64_t i = 0; i < JT * hd; ++i) buf[i] = static_cast<float>(q[i]);
+  __m512 qv[JT][CH], parts[JT][16];
+  alignas(64) float row_scale[16];
   for (int j = 0; j < JT; ++j)
-    for (int c = 0; c < CH; ++c) qv[j][c] = _mm512_load_ps(buf + j * hd + 16 * c);
-  const __m512 scale = _mm512_set1_ps(s.scale);
-  for (int64_t t0 = 0; t0 < length; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, length - t0);
-    for (int64_t u = 0; u < 16; ++u) {
-      if (u >= n) {
-        for (int j = 0; j < JT; ++j) parts[j][u] = _mm512_setzero_ps();
-        continue;
-      }
-      const S* k = reinterpret_cast<const S*>(rows[t0 + u]);
-      __m512 kv[CH];
-      for (int c = 0; c < CH; ++c) kv[c] = load16<S, C>(k + 16 * c);
-      for (int j = 0; j < JT; ++j) {
-        __m512 dot = _mm512_mul_ps(qv[j][0], kv[0]);
-        for (int c = 1; c < CH; ++c) dot = _mm512_fmadd_ps(qv[j][c], kv[c], dot);
-        parts[j][u] = dot;
-      }
+    for (int c = 0; c < CH; ++c) qv[j][c] = _mm512_loadu_ps(qf + j * hd + 16 * c);
+  for (int64_t u = 0; u < 16; ++u) {
+    if (u >= n) {
+      for (int j = 0; j < JT; ++j) parts[j][u] = _mm512_setzero_ps();
+      row_scale[u] = 0.f;
+      continue;
     }
-    const __mmask16 m = n == 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
-    for (int j = 0; j < JT; ++j) _mm512_mask_storeu_ps(scores + j * length + t0, m, _mm512_mul_ps(sum16(parts[j]), scale));
-  }
-  for (int j = 0; j < JT; ++j) softmax16(scores + j * length, length);
-  for (int j = 0; j < JT; ++j)
-    for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < length; ++t) {
-    const S* v = reinterpret_cast<const S*>(rows[t] + s.half_bytes);
-    __m512 vv[CH];
-    for (int c = 0; c < CH; ++c) vv[c] = load16<S, C>(v + 16 * c);
+    __m512 kv[CH];
+    row_scale[u] = load_chunks<S, C, CH>(rows[t0 + u] + off, kv) * scale;
     for (int j = 0; j < JT; ++j) {
-      const __m512 w = _mm512_set1_ps(scores[j * length + t]);
-      for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_fmadd_ps(w, vv[c], acc[j][c]);
+      __m512 dot = _mm512_mul_ps(qv[j][0], kv[0]);
+      for (int c = 1; c < CH; ++c) dot = _mm512_fmadd_ps(qv[j][c], kv[c], dot);
+      parts[j][u] = dot;
     }
   }
-  for (int j = 0; j < JT; ++j)
-    for (int c = 0; c < CH; ++c) _mm512_store_ps(buf + j * hd + 16 * c, acc[j][c]);
-  for (int64_t i = 0; i < JT * hd; ++i) out[i] = static_cast<C>(buf[i]);
+  const __mmask16 m = n == 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
+  const __m512 sv = _mm512_load_ps(row_scale);
+  for (int j = 0; j < JT; ++j) _mm512_mask_storeu_ps(scores + j * length + t0, m, _mm512_mul_ps(sum16(parts[j]), sv));
 }
 
-// A KV head's group in tiles of up to four query heads (head_dim 64 or 128).
-template <typename S, typename C, int CH>
-AVX512 void attend_tiles(const C* q, const uint8_t* const* rows, int64_t length, const Shape& s, float* scores,
-                         C* out) {
-  for (int64_t j0 = 0; j0 < s.group; j0 += 4) {
-    const int64_t off = j0 * s.hd;
-    switch (std::min<int64_t>(4, s.group - j0)) {
-      case 1: attend_tile<S, C, 1, CH>(q + off, rows, length, s, scores, out + off); break;
-      case 2: attend_tile<S, C, 2, CH>(q + off, rows, length, s, scores, out + off); break;
-      case 3: attend_tile<S, C, 3, CH>(q + off, rows, length, s, scores, out + off); break;
-      default: attend_tile<S, C, 4, CH>(q + off, rows, length, s, scores, out + off); break;
+// acc (JT * 16 * CH floats) += the softmax weights of JT query heads times one KV head's value rows at the
+// n <= 16 positions from t0 (``off`` bytes into each position's value rows).
+template <typename S, typename C, int JT, int CH>
+AVX512 void value_tile(const float* weights, int64_t length, const uint8_t* const* rows, int64_t off, int64_t t0,
+                       int64_t n, float* acc) {
+  constexpr int64_t hd = 16 * CH;
+  __m512 a[JT][CH];
+  for (int j = 0; j < JT; ++j)
+    for (int c = 0; c < CH; ++c) a[j][c] = _mm512_loadu_ps(acc + j * hd + 16 * c);
+  for (int64_t t = t0; t < t0 + n; ++t) {
+    __m512 vv[CH];
+    const float row_scale = load_chunks<S, C, CH>(rows[t] + off, vv);
+    for (int j = 0; j < JT; ++j) {
+      const __m512 w = _mm512_set1_ps(weights[j * length + t] * row_scale);
+      for (int c = 0; c < CH; ++c) a[j][c] = _mm512_fmadd_ps(w, vv[c], a[j][c]);
     }
   }
+  for (int j = 0; j < JT; ++j)
+    for (int c = 0; c < CH; ++c) _mm512_storeu_ps(acc + j * hd + 16 * c, a[j][c]);
+}
+
+template <typename S, typename C, int JT, int CH, bool Values>
+AVX512 inline void group_tile(const float* qf, const uint8_t* const* rows, int64_t off, int64_t t0, int64_t n,
+                              int64_t length, float scale, float* scores, float* acc) {
+  if constexpr (Values) {
+    value_tile<S, C, JT, CH>(scores, length, rows, off, t0, n, acc);
+  } else {
+    score_tile<S, C, JT, CH>(qf, rows, off, t0, n, scale, scores, length);
+  }
+}
+
+// One tile of positions for every KV head of the unit (scores, or with Values the weighted sums), each
+// KV head's group in tiles of up to four query heads.
+template <typename S, typename C, int CH, bool Values>
+AVX512 void unit_tile(const float* qf, const uint8_t* const* rows, int64_t off, int64_t t0, int64_t length,
+                      const Shape& s, float* scores, float* acc) {
+  constexpr int64_t hd = 16 * CH;
+  const int64_t n = std::min<int64_t>(16, length - t0);
+  for (int64_t h = 0; h < s.unit_heads; ++h) {
+    const int64_t row_off = off + h * s.row_bytes;
+    for (int64_t j0 = 0; j0 < s.group; j0 += 4) {
+      const int64_t head = h * s.group + j0;
+      const float* qj = qf + head * hd;
+      float* sc = scores + head * length;
+      float* a = acc + head * hd;
+      switch (std::min<int64_t>(4, s.group - j0)) {
+        case 1: group_tile<S, C, 1, CH, Values>(qj, rows, row_off, t0, n, length, s.scale, sc, a); break;
+        case 2: group_tile<S, C, 2, CH, Values>(qj, rows, row_off, t0, n, length, s.scale, sc, a); break;
+        case 3: group_tile<S, C, 3, CH, Values>(qj, rows, row_off, t0, n, length, s.scale, sc, a); break;
+        default: group_tile<S, C, 4, CH, Values>(qj, rows, row_off, t0, n, length, s.scale, sc, a); break;
+      }
+    }
+  }
+}
+
+// Puts ``count`` floats in load_chunks' split order (pairs of chunks: even, then odd elements) back in order.
+AVX512 inline void unsplit(float* x, int64_t count) {
+  const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t i = 0; i < count; i += 32) {
+    const __m512 even = _mm512_loadu_ps(x + i), odd = _mm512_loadu_ps(x + i + 16);
+    _mm512_storeu_ps(x + i, _mm512_permutex2var_ps(even, low, odd));
+    _mm512_storeu_ps(x + i + 16, _mm512_permutex2var_ps(even, high, odd));
+  }
+}
+
+// Every KV head of a work unit (head_dim 64 or 128, plain or int8 rows), its query heads and outputs from q
+// and out: two passes (scores, then values) over the context in tiles of 16 positions, each tile's rows of
+// all the unit's KV heads together (they are adjacent in the cache). (Prefetching the next tile in software
+// measured no faster: the hardware prefetcher follows a block read front to back.)
+template <typename S, typename C, int CH>
+AVX512 void attend_unit(const C* q, const uint8_t* const* rows, int64_t h0, int64_t length, const Shape& s,
+                        Scratch& w, C* out) {
+  const int64_t heads = s.unit_heads * s.group, off = h0 * s.row_bytes;
+  if constexpr (kSplit<S>) {
+    static_assert(std::is_same_v<C, S>, "a bf16 cache is read with bf16 queries");
+    for (int64_t i = 0; i < heads; ++i) {
+      __m512 qc[CH];
+      load_chunks<S, C, CH>(reinterpret_cast<const uint8_t*>(q + i * s.hd), qc);
+      for (int c = 0; c < CH; ++c) _mm512_storeu_ps(w.qf + i * s.hd + 16 * c, qc[c]);
+    }
+  } else {
+    for (int64_t i = 0; i < heads * s.hd; ++i) w.qf[i] = static_cast<float>(q[i]);
+  }
+  std::fill(w.acc, w.acc + heads * s.hd, 0.f);
+  for (int64_t t0 = 0; t0 < length; t0 += 16) {
+    unit_tile<S, C, CH, false>(w.qf, rows, off, t0, length, s, w.scores, w.acc);
+  }
+  for (int64_t i = 0; i < heads; ++i) softmax16(w.scores + i * length, length);
+  for (int64_t t0 = 0; t0 < length; t0 += 16) {
+    unit_tile<S, C, CH, true>(w.qf, rows, off + s.half_bytes, t0, length, s, w.scores, w.acc);
+  }
+  if constexpr (kSplit<S>) unsplit(w.acc, heads * s.hd);
+  for (int64_t i = 0; i < heads * s.hd; ++i) out[i] = static_cast<C>(w.acc[i]);
 }
 
 template <typename S, typename C>
 AVX512 void attend_range16(const C* q, const uint8_t* cache, const int64_t* tables, const int64_t* lens,
                            const Shape& s, C* out, int64_t begin, int64_t end) {
-  for_each_pair(cache, tables, lens, s, begin, end,
-                [&](int64_t head, const uint8_t* const* rows, int64_t length, float* scores) {
-                  if constexpr (!kCodes<S>) {
-                    if (s.hd == 64) return attend_tiles<S, C, 4>(q + head, rows, length, s, scores, out + head);
-                    if (s.hd == 128) return attend_tiles<S, C, 8>(q + head, rows, length, s, scores, out + head);
+  for_each_unit(cache, tables, lens, s, begin, end,
+                [&](int64_t b, int64_t h0, const uint8_t* const* rows, int64_t length, Scratch& w) {
+                  const int64_t head = (b * s.nkv + h0) * s.group * s.hd;
+                  if constexpr (!std::is_same_v<S, Fp8Codes>) {
+                    if (s.hd == 64) return attend_unit<S, C, 4>(q + head, rows, h0, length, s, w, out + head);
+                    if (s.hd == 128) return attend_unit<S, C, 8>(q + head, rows, h0, length, s, w, out + head);
                   }
-                  attend_pair16<S, C>(q + head, rows, length, s, scores, out + head);
+                  for (int64_t h = 0; h < s.unit_heads; ++h) {
+                    const int64_t at = head + h * s.group * s.hd;
+                    attend_pair16<S, C>(q + at, rows, (h0 + h) * s.row_bytes, length, s, w.scores, out + at);
+                  }
                 });
 }
 #endif
@@ -488,7 +609,7 @@ bool use_fast(int64_t hd) {
 
 template <typename C>
 void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables, const at::Tensor& lens,
-         const std::string& codes, const Shape& s, at::Tensor& out) {
+         const std::string& codes, Shape s, at::Tensor& out) {
   Variant<C> fn = pick<C>(cache.scalar_type(), codes);
   if (fn != nullptr && use_fast(s.hd)) fn = pick_fast<C>(cache.scalar_type(), codes);
   TORCH_CHECK(fn != nullptr, "paged_decode_attention: no kernel for this cache and query dtype");
@@ -497,11 +618,14 @@ void run(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   C* op = out.data_ptr<C>();
-  const int64_t pairs = q.size(0) * s.nkv;
+  // A unit of work is a whole sequence (each cache block read front to back once per pass) where there are
+  // enough sequences to share out, else one (sequence, KV head) pair, so a short batch still uses every thread.
+  s.unit_heads = q.size(0) >= 4 * at::get_num_threads() ? s.nkv : 1;
+  const int64_t units = q.size(0) * (s.nkv / s.unit_heads);
   // ~8k context rows per task: a short batch runs inline instead of waking the pool.
   const int64_t longest = std::max<int64_t>(1, lens.max().item<int64_t>());
-  const int64_t grain = std::max<int64_t>(1, 8192 / longest);
-  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) { fn(qp, cp, tp, lp, s, op, begin, end); });
+  const int64_t grain = std::max<int64_t>(1, 8192 / (longest * s.unit_heads));
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) { fn(qp, cp, tp, lp, s, op, begin, end); });
 }
 
 }  // namespace
@@ -537,7 +661,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cach
   }
   const int64_t row_bytes = row * kv_cache.element_size();
   Shape s{nh, nkv, hd, nh / nkv, block_size, block_tables.size(1), row_bytes,
-          kv_cache.numel() / 2 * kv_cache.element_size(), static_cast<float>(scale)};
+          kv_cache.numel() / 2 * kv_cache.element_size(), nkv, static_cast<float>(scale)};
   at::Tensor out = at::empty_like(q);
   if (q.size(0) == 0) return out;
   switch (q.scalar_type()) {
