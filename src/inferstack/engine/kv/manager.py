@@ -138,8 +138,7 @@ class KVCacheManager:
                     hashes = self.update_block_hashes(request)
                     plans.append((request, hashes, start, full))
                     new += hashes[start:full]
-            cached = pool.get_cached_block
-            if len(set(new)) != len(new) or any(cached(h) is not None for h in new):
+            if len(set(new)) != len(new) or pool.any_cached(new):
                 return False
         for rid in last:
             if rid not in tables:
