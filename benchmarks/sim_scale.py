@@ -41,6 +41,8 @@ def one(a: argparse.Namespace) -> dict:
     settings.sample_every = max(1, a.requests // 20_000)
     settings.decode_run_steps = a.decode_run_steps
     settings.columnar_routing = not a.python_routing
+    if a.kv_digest:
+        settings.kv_digest = a.kv_digest
     cpu0, wall0 = time.process_time(), time.perf_counter()
     sim, res = simulate(settings)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -63,6 +65,7 @@ def _child(a: argparse.Namespace, replicas: int, routing: str, leap: int, out: P
            "--requests", str(a.requests), "--rate-per-replica", str(a.rate_per_replica), "--workload", a.workload,
            "--profile", a.profile, "--seed", str(a.seed), "--decode-run-steps", str(leap), "--out", str(out)]
     cmd += ["--python-routing"] if a.python_routing else []
+    cmd += ["--kv-digest", a.kv_digest] if a.kv_digest else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -82,6 +85,8 @@ def main() -> None:
     p.add_argument("--decode-run-steps", default="64", help="comma-separated; 0 = one event per engine step")
     p.add_argument("--python-routing", action="store_true",
                    help="route with the Python path, not the columnar one (same decisions; for a before/after)")
+    p.add_argument("--kv-digest", default="", help="the replicas' KV block-hash digest (sha256: the engines' own; "
+                   "default: the simulator's, xxh3-128; same records)")
     p.add_argument("--out", default="/tmp/sim-scale")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from inferstack.engine.kv.hashing import (
+    DIGESTS,
     KVKeySpace,
     block_hash,
     block_hashes,
@@ -50,6 +51,20 @@ def test_incremental_chain_equals_full_chain(tokens, split_block):
     head = full[:split]
     tail = block_hashes(seed, tokens, start=split, parent=head[-1] if head else None)
     assert head + tail == full
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=200), st.integers(0, 12))
+def test_the_in_process_digest_chains_like_sha256(tokens, split_block):
+    """`xxh3-128` (the simulator's) extends a chain as SHA-256 does, and only the digest differs."""
+    space = KVKeySpace("0" * 64, "float32", digest="xxh3-128")
+    seed, digest = space.seed(), DIGESTS["xxh3-128"]
+    full = space.hashes(tokens)
+    assert full == block_hashes(seed, tokens, digest=digest)
+    assert len(full) == len(SPACE.hashes(tokens)) == len(tokens) // 16
+    assert all(len(h) == 16 for h in full) and not set(full) & set(SPACE.hashes(tokens))
+    split = min(split_block, len(full))
+    tail = block_hashes(seed, tokens, start=split, parent=full[split - 1] if split else None, digest=digest)
+    assert full[:split] + tail == full
 
 
 @given(st.lists(st.integers(0, 50_000), min_size=16, max_size=100))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any
 
@@ -130,13 +130,16 @@ class SimReplica:
     step's modelled time has passed; `epoch` changes at a crash so stale step events are ignored."""
 
     def __init__(self, rid: str, profile: Profile, config: EngineConfig, clock: Clock,
-                 output_token_ids: Sequence[int], wake: WakeFn, track_events: bool = False) -> None:
+                 output_token_ids: Sequence[int], wake: WakeFn, track_events: bool = False,
+                 kv_digest: str = "sha256") -> None:
         self.id, self.profile, self.config, self.clock = rid, profile, config, clock
         self.role = config.kv_role
         self.output_token_ids = list(output_token_ids)
         self.wake = wake
         self.track_events = track_events
-        self.layout = emulated_layout(config, profile)
+        layout = emulated_layout(config, profile)
+        # ``kv_digest``: the block-hash chain's digest (`hashing.DIGESTS`); only its equalities reach the records
+        self.layout = replace(layout, key_space=replace(layout.key_space, digest=kv_digest))
         self.pricing = DecodePricing(profile.model, profile.hardware, profile.tp)
         self.stats = ReplicaStats()
         self.epoch = 0

@@ -83,6 +83,10 @@ class SimSettings:
     # Route over numpy columns of the endpoints where the profile allows (`routing.columns`); the same
     # decisions as the Python path (tests/unit/test_sim_scale.py), which False forces (for comparisons).
     columnar_routing: bool = True
+    # The replicas' KV block-hash digest (`engine.kv.hashing.DIGESTS`). Hashes never leave the simulation and
+    # only their equalities matter (prefix hits, twins, the precise index), so a cheaper one than the engines'
+    # SHA-256 gives the same records (tests/unit/test_sim_scale.py); "sha256" runs the engines' own.
+    kv_digest: str = "xxh3-128"
 
 
 @dataclass(eq=False, slots=True)     # one per request: no per-instance dict
@@ -162,7 +166,7 @@ class Simulation:
         config = replace(self.s.engine, kv_role=fleet.role, kv_transfer_secret="simulated")
         rid = f"{fleet.profile.hardware.name}-{i}"
         replica = SimReplica(rid, fleet.profile, config, self._clock, self.s.tokens.output_ids(), lambda t: None,
-                             track_events=track)
+                             track_events=track, kv_digest=self.s.kv_digest)
         replica.wake = lambda t, r=replica: self.at(t, self._wake, r)
         if fleet.host is not None:
             self._cores[replica] = self._hosts.setdefault(fleet.host, CoreShare())

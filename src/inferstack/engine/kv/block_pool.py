@@ -77,6 +77,10 @@ class BlockPool:
     def get_cached_block(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)
 
+    def any_cached(self, block_hashes: Iterable[bytes]) -> bool:
+        """Whether any of ``block_hashes`` is cached (one set operation at C speed)."""
+        return not self._cached.keys().isdisjoint(block_hashes)
+
     def touch(self, blocks: Iterable[int]) -> None:
         """Take a reference on cache-hit blocks, pulling free ones out of the eviction queue."""
         ref = self.ref_cnt

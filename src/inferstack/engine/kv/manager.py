@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from inferstack.engine.kv.block_pool import BlockPool
-from inferstack.engine.kv.hashing import KVKeySpace, block_hashes
+from inferstack.engine.kv.hashing import DIGESTS, KVKeySpace, block_hashes
 from inferstack.engine.request import Request
 
 
@@ -14,6 +14,7 @@ class KVCacheManager:
         self.pool = pool
         self.block_size = pool.block_size
         self.key_space = key_space
+        self._digest = DIGESTS[key_space.digest]
         self._req_blocks: dict[str, list[int]] = {}     # request id -> its block table (block ids)
         self._num_cached_blocks: dict[str, int] = {}
 
@@ -33,7 +34,7 @@ class KVCacheManager:
             parent = request.block_hashes[-1] if have else None
             seed = self.key_space.seed(request.cache_salt) if parent is None else parent
             request.block_hashes.extend(block_hashes(seed, request.all_token_ids, self.block_size, start=have,
-                                                     parent=parent))
+                                                     parent=parent, digest=self._digest))
         return request.block_hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
@@ -137,8 +138,7 @@ class KVCacheManager:
                     hashes = self.update_block_hashes(request)
                     plans.append((request, hashes, start, full))
                     new += hashes[start:full]
-            cached = pool.get_cached_block
-            if len(set(new)) != len(new) or any(cached(h) is not None for h in new):
+            if len(set(new)) != len(new) or pool.any_cached(new):
                 return False
         for rid in last:
             if rid not in tables:

@@ -218,8 +218,27 @@ class ApproxPrefixIndex:
             lru.live += 1
         if again and len(lru.order) > 2 * lru.live + 1024:
             lru.compact()
-        while lru.live > self.capacity:
-            self._drop(lru.pop_oldest(), endpoint)
+        if lru.live > self.capacity:
+            self._evict(lru, endpoint, lru.live - self.capacity)
+
+    def _evict(self, lru: _Lru, endpoint: str, n: int) -> None:
+        """Drop ``endpoint``'s ``n`` least recently inserted hashes (`pop_oldest` then `_drop`, each). Without
+        stale copies (distinct prompts: every insert of a full endpoint evicts a prompt's worth) those are the
+        order's first ``n`` entries, popped in one pass, and a hash only ``endpoint`` holds leaves the reverse map
+        without a call: at capacity this ran two method calls per block of every request."""
+        if lru.stale:
+            for _ in range(n):
+                self._drop(lru.pop_oldest(), endpoint)
+            return
+        popleft, holders = lru.order.popleft, self._holders
+        oldest = [popleft() for _ in range(n)]
+        lru.live -= n
+        for h in oldest:
+            s = holders.get(h)
+            if s == endpoint:          # held by it alone (a set never equals a str)
+                del holders[h]
+            elif s is not None and type(s) is not str:
+                self._drop(h, endpoint)
 
     def _drop(self, block_hash: int, endpoint: str) -> None:
         s = self._holders.get(block_hash)
