@@ -46,13 +46,13 @@ OURS = {
 @dataclass
 class Row:
     name: str
-    run: Callable[[], int]               # one measured run; returns the tokens produced
+    run: Callable[[int], int]            # one measured run (the round's prompts); returns the tokens produced
     wall: list[float] = field(default_factory=list)   # tok/s per round
     cpu: list[float] = field(default_factory=list)    # tok per CPU-second per round
 
     def measure(self) -> None:
         w, c = time.perf_counter(), time.process_time()
-        tokens = self.run()
+        tokens = self.run(len(self.wall))
         self.wall.append(tokens / (time.perf_counter() - w))
         self.cpu.append(tokens / (time.process_time() - c))
 
@@ -66,20 +66,26 @@ def our_row(name: str, kv: str, args: argparse.Namespace) -> Row:
     if kv != "auto":
         name = f"{name} kv {kv}"
     print(f"loaded inferstack {name}" + ("" if quant is None else f" ({'; '.join(quant.log_lines())})"), flush=True)
-    prompts = random_prompts(llm.tokenizer.vocab_size, args.requests, args.prompt_len, seed=1)
+    rounds = round_prompts(llm.tokenizer.vocab_size, args)
     params = SamplingParams(temperature=0, max_tokens=args.out_len, ignore_eos=True)
-    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    llm.generate([p[:8] for p in rounds[0][:4]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     return Row(f"inferstack {name}",
-               lambda: sum(len(r.outputs[0].token_ids) for r in llm.generate(prompts, params)))
+               lambda r: sum(len(o.outputs[0].token_ids) for o in llm.generate(rounds[r], params)))
 
 
 def hf_row(name: str, args: argparse.Namespace) -> Row:
     model = load_hf(args.model, getattr(torch, name), torch.device("cpu"))
-    prompts = torch.tensor(random_prompts(model.config.vocab_size, args.requests, args.prompt_len, seed=1))
-    hf_generate_tokens(model, prompts[:2], 2, 4)
+    rounds = [torch.tensor(p) for p in round_prompts(model.config.vocab_size, args)]
+    hf_generate_tokens(model, rounds[0][:2], 2, 4)
     print(f"loaded HF {name}", flush=True)
     return Row(f"HF generate {name} batch {args.hf_batch}",
-               lambda: hf_generate_tokens(model, prompts, args.hf_batch, args.out_len))
+               lambda r: hf_generate_tokens(model, rounds[r], args.hf_batch, args.out_len))
+
+
+def round_prompts(vocab: int, args: argparse.Namespace) -> list[list[list[int]]]:
+    """Each round's own prompts (seed 1 + round: round 1's are the single-round runs' of earlier stops): the same
+    prompts again would be prefix-cache hits in our engine's later rounds (no prefill), never in HF's."""
+    return [random_prompts(vocab, args.requests, args.prompt_len, seed=1 + r) for r in range(args.rounds)]
 
 
 def main() -> None:
