@@ -117,8 +117,15 @@ def test_histograms_match_the_engines_own(observed: tuple) -> None:
     (it also spans the server's HTTP work), docs/observe.md."""
     checks = {c.what: c for c in observed[4]}
     assert checks["ttft"].server_count == 20 and checks["itl"].server_count == 20 * 23
-    # a str message: pytest prints it whole (a list of dicts is cut to "..." and hides the failing bucket)
-    assert all(c.bucket_diff and c.agrees for c in checks.values()), json.dumps([c.to_dict() for c in checks.values()])
+    report = json.dumps([c.to_dict() for c in checks.values()])   # a str: pytest prints it whole
+    ttft, itl = checks["ttft"], checks["itl"]
+    assert ttft.bucket_diff and ttft.agrees, report
+    # gaps: the means agree within 2 ms, and at each bound at most 1 % of the 460 gaps lie beyond the slack. Under
+    # the full suite's load one chunk now and then is written > 2 ms after its token (seen: 1 of 460 at 25 ms,
+    # means 6.554 / 6.553 ms), so a per-sample bound with no allowance flaked in 2 of 4 suites.
+    assert itl.bucket_diff and abs(itl.mean_diff_ms) <= 2.0, report
+    beyond = max(abs(d) - itl.slack[le] for le, d in itl.bucket_diff.items())
+    assert beyond <= 0.01 * itl.server_count, report
 
 
 def test_grafana_panel_set_reads_what_observe_exports(observed: tuple) -> None:
