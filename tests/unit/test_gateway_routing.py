@@ -396,6 +396,23 @@ def test_approx_index_keeps_lru_order_through_reinserts_and_compactions():
         assert len(idx._lru[ep].order) <= 2 * cap + 1024 + len(hashes)
 
 
+def test_approx_match_runs_of_shared_and_sole_blocks():
+    """Each endpoint's own run when holders share blocks, drop out one by one, or one goes on alone (the set
+    operations per block and the lone holder's count, `ApproxPrefixIndex.match`)."""
+    idx = ApproxPrefixIndex()
+    idx.insert("a", [1, 2, 3, 4, 5, 6])
+    idx.insert("b", [1, 2, 3, 4])
+    idx.insert("c", [1, 2])
+    assert idx.match([1, 2, 3, 4, 5, 6, 7]) == {"a": 6, "b": 4, "c": 2}   # c, then b drop out; a goes on alone
+    assert idx.match([1, 2, 9]) == {"a": 2, "b": 2, "c": 2}                # a block nobody holds ends every run
+    assert idx.match([1, 5, 6]) == {"a": 3, "b": 1, "c": 1}                # only a holds the second block
+    assert idx.match([2, 1]) == {"a": 2, "b": 2, "c": 2}
+    assert idx.match([6, 5, 1]) == {"a": 3}                                # a lone holder first
+    assert idx.match([7, 1]) == {} and idx.match([]) == {}
+    idx.insert("d", [8])
+    assert idx.match([1, 8]) == {"a": 1, "b": 1, "c": 1}                   # d holds the second block, not the first
+
+
 @settings(max_examples=150, deadline=None)
 @given(ops=st.lists(st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 12), max_size=8)), max_size=12),
        query=st.lists(st.integers(0, 12), max_size=10), cap=st.integers(1, 20))

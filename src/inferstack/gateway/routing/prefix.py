@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 
 import xxhash
@@ -261,34 +261,52 @@ class ApproxPrefixIndex:
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Consecutive blocks from the start that each endpoint holds (greedy, stops at the
-        first block nobody holds)."""
-        counts: dict[str, int] = {}
+        first block nobody holds): each holder of the first block with the length of its own run."""
         get = self._holders.get
-        for i, h in enumerate(hashes):
-            s = get(h)
+        s = get(hashes[0]) if hashes else None
+        if not s:
+            return {}
+        if type(s) is str:
+            return {s: _run(get, hashes, s, 1)}
+        # the endpoints still on their run, one set operation per block (a hash shared by several endpoints:
+        # a tenant's system prompt on every replica is dozens of such blocks per request); one that drops out
+        # keeps the blocks it held so far
+        alive, counts, n = s, {}, len(hashes)
+        for i in range(1, n):
+            s = get(hashes[i])
             if not s:
+                n = i
                 break
             if type(s) is str:
-                if counts.get(s, 0) != i:
+                if s not in alive:
+                    n = i
                     break
-                # ``s`` alone is i + 1 blocks in, so only it can go further: count its run without the others
-                # (a tenant's system prompt on its holder: dozens of blocks per request)
-                n = i + 1
-                for h2 in islice(hashes, n, None):
-                    s2 = get(h2)
-                    if s2 != s and (type(s2) is not set or s not in s2):
-                        break
-                    n += 1
-                counts[s] = n
-                break
-            progressed = False
-            for e in s:
-                if counts.get(e, 0) == i:
-                    counts[e] = i + 1
-                    progressed = True
-            if not progressed:
-                break
+                for e in alive:
+                    counts[e] = i
+                counts[s] = _run(get, hashes, s, i + 1)
+                return counts
+            if not alive <= s:
+                kept = alive & s
+                if not kept:
+                    n = i
+                    break
+                for e in alive - kept:
+                    counts[e] = i
+                alive = kept
+        for e in alive:
+            counts[e] = n
         return counts
+
+
+def _run(get: Callable[[int], str | set[str] | None], hashes: Sequence[int], endpoint: str, start: int) -> int:
+    """``start`` plus the consecutive blocks from ``hashes[start]`` that ``endpoint`` holds (alone or shared)."""
+    n = start
+    for h in islice(hashes, start, None):
+        s = get(h)
+        if s != endpoint and (type(s) is not set or endpoint not in s):
+            break
+        n += 1
+    return n
 
 
 class PreciseIndex:
