@@ -12,8 +12,6 @@ in rotating order,
   polls without sleeping, the engine's path under ``BULK_MIN_BYTES``; above 0: the copy threads copy and
   the reader sleeps between polls, the engine's path for large READs). The request is ready when both
   ended (the engine's first token waits for the READ's end and its claim);
-- ``beside-tN-nK`` (``--nice``, K > 0): the same with UCX's copy threads K nicer than the forward pass's,
-  as the engine runs them with ``--kv-read-nice K`` (0 by default; the reader thread is never lowered);
 - ``defer-tN``: the READ first, then the forward pass (the engine deferring the request's forward pass
   until its READ ended).
 
@@ -29,7 +27,6 @@ copy); the READ's wall time, the request's ready time, and that minus the same r
 share of ``alone`` with a 95 % bootstrap interval of its median.
 
     PYTHONPATH=src python benchmarks/kv_read_overlap.py --threads 0,1,2 --rounds 30
-    PYTHONPATH=src python benchmarks/kv_read_overlap.py --threads 0,2 --nice 0,10 --rounds 40
 """
 
 from __future__ import annotations
@@ -109,13 +106,13 @@ class Sample:
         return max(0.0, self.forward - self.forward_cpu - self.queued)
 
 
-def run_mode(mode: str, model: Model, new: int, reads: dict[tuple[int, int], NixlKVTransport],
+def run_mode(mode: str, model: Model, new: int, reads: dict[int, NixlKVTransport],
              hold: Callable[[], tuple]) -> Sample:
     if mode == "alone":
         wall, cpu, queued = model.forward(new)
         return Sample(wall, cpu, queued, 0.0, wall)
-    way, threads, nice = parse_mode(mode)
-    transport = reads[threads, nice]
+    way, threads = mode.split("-t")
+    transport = reads[int(threads)]
     rid, n, params, port, caches = hold()
     t0 = time.perf_counter()
     if way == "defer":
@@ -132,13 +129,6 @@ def run_mode(mode: str, model: Model, new: int, reads: dict[tuple[int, int], Nix
     return Sample(wall, cpu, queued, took[0], time.perf_counter() - t0)
 
 
-def parse_mode(mode: str) -> tuple[str, int, int]:
-    """``beside-t2-n10`` -> ("beside", 2 copy threads, nice 10); no ``-nK``: nice 0."""
-    way, rest = mode.split("-t")
-    threads, _, nice = rest.partition("-n")
-    return way, int(threads), int(nice or 0)
-
-
 def share_interval(diffs: list[float], rng: random.Random) -> tuple[float, float]:
     meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(2000))
     return meds[50], meds[1949]
@@ -149,7 +139,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1000, help="the prompt's tokens: its full blocks are READ")
     ap.add_argument("--new", type=int, default=16, help="tokens the decode leg's forward pass computes")
     ap.add_argument("--threads", default="0,1,2", help="UCX copy threads of the reading agent, one mode pair each")
-    ap.add_argument("--nice", default="0", help="how much nicer the READ's threads run, a beside mode each")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
@@ -162,7 +151,7 @@ def main() -> None:
     port = parent.recv()
     caches = kv_caches(shape, LAYERS, True)
     layout = KVLayout(LAYERS, KV_HEADS, HEAD_DIM, BS, torch.float32)
-    reads: dict[tuple[int, int], NixlKVTransport] = {}
+    reads: dict[int, NixlKVTransport] = {}
     counter = iter(range(1 << 30))
 
     def hold() -> tuple:
@@ -171,16 +160,15 @@ def main() -> None:
         return rid, n, parent.recv(), port, caches
 
     for threads in map(int, args.threads.split(",")):
-        for nice in map(int, args.nice.split(",")):
-            agent = NixlAgent("decode", caches, threads, copy_nice=nice)
-            agent.bulk_min_bytes = 0 if threads > 0 else 1 << 62     # every READ through the copy threads, or none
-            reads[threads, nice] = NixlKVTransport(agent, layout, TRUST, None)  # type: ignore[arg-type]
-            rid, _, _, _, _ = hold()
-            move(reads[threads, nice], port, rid, n, caches, None)   # the offer: loads the peer, connects UCX
+        agent = NixlAgent("decode", caches, threads)
+        agent.bulk_min_bytes = 0 if threads > 0 else 1 << 62     # every READ through the copy threads, or none
+        reads[threads] = NixlKVTransport(agent, layout, TRUST, None)  # type: ignore[arg-type]
+        rid, _, _, _, _ = hold()
+        move(reads[threads], port, rid, n, caches, None)   # the offer: loads the peer, connects UCX
     model = Model.make(args.tokens)
     modes = ["alone"]
-    for threads, nice in reads:
-        modes += [f"beside-t{threads}-n{nice}"] if nice else [f"beside-t{threads}", f"defer-t{threads}"]
+    for threads in reads:
+        modes += [f"beside-t{threads}", f"defer-t{threads}"]
     samples: dict[str, list[Sample]] = {mode: [] for mode in modes}
     for r in range(args.warmup + args.rounds):
         order = modes[r % len(modes):] + modes[:r % len(modes)]

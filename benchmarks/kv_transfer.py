@@ -14,10 +14,13 @@ time, so the shm segment pool (two free segments) holds that size's segment as i
 In a fixed order every column's move follows the same other column's (NIXL's follows shm's: the twelfth stop
 found each phase of a 16 MB NIXL move slower right after an shm move); ``--order abba`` reverses the order every
 other round, so each column follows each other column (and itself) about equally often, and prints the times
-split by the move just before.
+split by the move just before. ``--copy-control`` also times an in-process copy of the same bytes each round
+(huge pages, one thread): the machine's own copy speed in that run, against which NIXL's single-thread CMA copy
+can be compared across runs (the fourteenth stop found both slow down together on this host).
 
     python benchmarks/kv_transfer.py --sizes-mb 4,16,64,256 --repeats 5
     python benchmarks/kv_transfer.py --sizes-mb 4,16 --repeats 30 --transports shm,nixl --order abba
+    python benchmarks/kv_transfer.py --sizes-mb 4,16 --repeats 15 --transports shm,nixl --order abba --copy-control
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from inferstack.engine.connector.transfer import (
     PagedKVSource,
 )
 from inferstack.engine.connector.transports import DirectRead, KVTransport, PullRequest, TcpKVTransport
-from inferstack.engine.kv.host_memory import huge_page_zeros
+from inferstack.engine.kv.host_memory import huge_page_layers, huge_page_zeros
 
 TRUST = TransferTrust(secret=b"benchmark")
 BS = 16
@@ -56,7 +59,7 @@ def block_hashes(n: int) -> list[bytes]:
 
 def kv_caches(shape: tuple[int, ...], layers: int, huge: bool) -> list[torch.Tensor]:
     """Zeroed per-layer caches: on huge pages as the engine's CPU KV cache (``huge``), or torch's own memory."""
-    return [huge_page_zeros(shape, torch.float32) if huge else torch.zeros(shape) for _ in range(layers)]
+    return huge_page_layers(layers, shape, torch.float32) if huge else [torch.zeros(shape) for _ in range(layers)]
 
 
 def prefill_process(shape: tuple[int, ...], layers: int, conn: Connection, huge: bool = True) -> None:
@@ -116,6 +119,13 @@ def move(transport: KVTransport, port: int, rid: str, n: int, caches: list[torch
     return time.perf_counter() - t0, getattr(fetched.load, "claim", None) is not None
 
 
+def copy_seconds(src: torch.Tensor, dst: torch.Tensor, nbytes: int) -> float:
+    """Seconds of an in-process copy of ``nbytes`` (the machine's copy speed now, a control for the moves)."""
+    t0 = time.perf_counter()
+    dst[:nbytes].copy_(src[:nbytes])
+    return time.perf_counter() - t0
+
+
 def cpu_both(prefill: Connection) -> float:
     """CPU seconds of this process and the prefill process so far: on a loaded host a move's wall time
     is mostly the scheduler's, its CPU time is the work both sides did for it."""
@@ -158,6 +168,8 @@ def main() -> None:
                          "engine's CPU KV cache asked for them")
     ap.add_argument("--order", choices=("fixed", "abba"), default="fixed",
                     help="columns in the same order every round, or reversed every other round (ABBA)")
+    ap.add_argument("--copy-control", action="store_true",
+                    help="also time an in-process copy of each size's bytes every round (a control row)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     layout = KVLayout(args.layers, args.kv_heads, args.head_dim, BS, torch.float32)
@@ -178,6 +190,7 @@ def main() -> None:
     cpu: dict[tuple[str, object], list[float]] = {}
     after: dict[tuple[str, object, str], list[float]] = {}     # by the column whose move came just before
     before = ""
+    copies = [huge_page_zeros((top * block_bytes,), torch.uint8) for _ in range(2)] if args.copy_control else []
     for label, n in sizes.items():
         for r in range(args.repeats + 1):           # round 0 warms connections, pools and metadata
             order = list(ways.items())
@@ -193,6 +206,8 @@ def main() -> None:
                     cpu.setdefault((name, label), []).append(cpu_both(parent) - spent)
                     after.setdefault((name, label, before), []).append(dt)
                 before = name
+            if copies and r > 0:
+                times.setdefault(("copy", label), []).append(copy_seconds(*copies, n * block_bytes))
     print(f"block = {block_bytes / 1e6:.2f} MB; medians over {args.repeats} moves, two processes, one host; "
           "CPU = both processes' CPU time for the move (all threads)")
     print("| size | " + " | ".join(f"{n} ms | {n} GB/s | {n} CPU ms" for n in ways) + " |")
@@ -205,6 +220,10 @@ def main() -> None:
                          f"| {statistics.median(cpu[(name, label)]) * 1e3:.2f}")
         size = label if isinstance(label, str) else f"{n * block_bytes / 1e6:.0f} MB ({n} blocks)"
         print(f"| {size} | " + " | ".join(cells) + " |")
+    if copies:
+        cells = [f"{label if isinstance(label, str) else f'{label:g} MB'} "
+                 f"{statistics.median(times[('copy', label)]) * 1e3:.2f}" for label in sizes]
+        print("In-process copy of the same bytes (control), ms median: " + ", ".join(cells))
     if args.order == "abba":
         print_after(after, sizes, list(ways), block_bytes)
     parent.send(None)

@@ -14,7 +14,6 @@ cost by phase: before the forward pass (fetch, first layer, wake-up), inside it 
 (the READ's end and claim).
 
     PYTHONPATH=src python benchmarks/pd_timeline.py --requests 30
-    PYTHONPATH=src python benchmarks/pd_timeline.py --requests 30 --decode-args="" --decode-args="--kv-read-nice 10"
 """
 
 from __future__ import annotations

@@ -51,9 +51,9 @@ after a decode request of its own — without any transfer: (control - local) / 
 end-to-end share that the engine's idle spell costs, not the transfer; (PD - control) / PD TTFT the share
 with that condition equal on both sides. Each with its 95 % interval.
 
-A transport may carry decode-engine options, ``nixl:read-nice=10`` (``--kv-read-nice 10``): the same
+A transport may carry decode-engine ``--kv-*`` options, ``nixl:OPTION=VALUE`` (``--kv-OPTION VALUE``): the same
 transport several times in ``--transports`` runs the variants one after another, each with its own engines
-(``nixl,nixl:read-nice=10,nixl:read-nice=10,nixl`` is an ABBA order).
+(``nixl,nixl:O=V,nixl:O=V,nixl`` is an ABBA order).
 
 Also printed, the **paired** estimator: median over requests of (PD TTFT - local TTFT), in seconds, over the
 median PD TTFT, and its null likewise (third - second send); 95 % intervals by resampling whole requests
@@ -68,7 +68,7 @@ Bytes are checked against what the KV of the transferred blocks must weigh: full
 layers x 2 (K, V) x KV heads x head dim x the KV cache's element size.
 
     PYTHONPATH=src python benchmarks/pd_transfer_share.py --transports nixl,shm --requests 300
-    PYTHONPATH=src python benchmarks/pd_transfer_share.py --transports nixl,nixl:read-nice=10 --idle-control
+    PYTHONPATH=src python benchmarks/pd_transfer_share.py --transports nixl,shm --idle-control
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def decode_blocks(tokens: int) -> int:
 
 
 def variant(spec: str) -> tuple[str, list[str]]:
-    """``nixl:read-nice=10`` -> ("nixl", ["--kv-read-nice", "10"]): the transport and the decode engine's options."""
+    """``nixl:OPTION=VALUE`` -> ("nixl", ["--kv-OPTION", "VALUE"]): the transport and the decode engine's options."""
     transport, *options = spec.split(":")
     extra: list[str] = []
     for option in options:

@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 
-from inferstack.engine.connector.nixl_agent import default_threads, nixl_missing
 from support.gateway_procs import start_gateway
 from support.procs import metric_sum, start_inferstack
 
@@ -32,8 +31,7 @@ def stack():
     prefill = start_inferstack([*ENGINE, "--role", "prefill"])
     decode = gw = None
     try:
-        decode = start_inferstack([*ENGINE, "--role", "decode", "--kv-transfer-peers", "127.0.0.1",
-                                   "--kv-read-nice", "10"])
+        decode = start_inferstack([*ENGINE, "--role", "decode", "--kv-transfer-peers", "127.0.0.1"])
         gw = start_gateway({
             # active health checks rarely, so a killed prefill engine is found by the prefill leg
             "gateway": {"health_interval_s": 300, "max_retries": 0},
@@ -88,29 +86,6 @@ def test_pd_output_equals_colocated_and_kv_moved(stack):
     assert usage.prompt_tokens > 200 and usage.prompt_tokens_details.cached_tokens >= usage.prompt_tokens - 16
     gm = httpx.get(gw.url + "/metrics").text
     assert metric_sum(gm, "inferstack_gateway_pd_decisions_total", 'outcome="remote_prefill"') == 2
-
-
-def thread_nices(pid: int) -> dict[int, int]:
-    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat)."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            stat = f.read()
-        out[int(tid)] = int(stat[stat.rindex(")") + 2:].split()[16])
-    return out
-
-
-@pytest.mark.skipif(nixl_missing() is not None or default_threads() == 0,
-                    reason="UCX copy threads run only with NIXL and two cores or more")
-def test_decode_engine_copies_kv_on_threads_nicer_than_the_engine(stack):
-    """With --kv-read-nice 10 the decode engine's UCX copy threads run 10 nicer than its main thread; the engine's
-    own threads, the connector's reader among them, do not."""
-    _, decode, _ = stack
-    nices = thread_nices(decode.proc.pid)
-    base = nices[decode.proc.pid]
-    lowered = [tid for tid, n in nices.items() if n == min(19, base + 10)]
-    assert len(lowered) >= default_threads(), nices
-    assert sum(n == base for n in nices.values()) >= 3, nices     # main, engine loop, reader (after the READs)
 
 
 def test_short_prompt_and_cached_prefix_skip_remote_prefill(stack):

@@ -250,10 +250,6 @@ def serve(
         help="--role prefill/decode: how KV moves between engines. nixl: NIXL over UCX (what vLLM's "
              "NixlConnector uses; RDMA when the NICs have it); shm: shared memory on one host, TCP otherwise; "
              "tcp: TCP only; auto (default): nixl when it imports and UCX starts, else shm.")] = None,
-    kv_read_nice: Annotated[int | None, typer.Option(
-        help="NIXL READs from 32 MiB: how much nicer than the engine thread UCX's copy threads run (0-19; "
-             "default 0, the same priority), so that a READ beside a request's forward pass leaves its core to "
-             "it; an experiment, not shown to help (docs/disaggregation.md).")] = None,
     kv_transfer_peers: Annotated[str | None, typer.Option(
         help="--role decode: prefill engines this engine may pull KV from, HOST or HOST:PORT, comma-separated. "
              "A decode engine never connects elsewhere, whatever a request names.")] = None,
@@ -292,7 +288,7 @@ def serve(
             enable_prefix_caching=enable_prefix_caching, kv_tiers=kv_tiers, kv_host_bytes=kv_host_bytes,
             kv_disk_path=kv_disk_path, kv_disk_bytes=kv_disk_bytes, kv_redis_url=kv_redis_url, role=role,
             kv_transfer_port=kv_transfer_port, kv_transfer_secret=kv_transfer_secret, kv_transport=kv_transport,
-            kv_read_nice=kv_read_nice, kv_reuse=kv_reuse,
+            kv_reuse=kv_reuse,
             kv_transfer_peers=tuple(kv_transfer_peers.split(",")) if kv_transfer_peers else None,
             grammar_timeout_s=grammar_timeout, grammar_workers=grammar_workers,
             tool_call_parser=tool_call_parser, strict_max_properties=strict_max_properties,

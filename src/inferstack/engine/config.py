@@ -80,10 +80,6 @@ class EngineConfig:
     kv_transfer_port: int = 0
     # How PD KV moves (docs/disaggregation.md): auto = NIXL when it imports and UCX starts, else shm.
     kv_transport: KVTransport = "auto"
-    # How much nicer than the engine thread UCX's copy threads run (NIXL READs from 32 MiB), so that the READ
-    # beside a request's forward pass leaves its core to it. 0 (the default): the same priority; +10 was slower
-    # on a busy host in the one run that resolved a difference (docs/disaggregation.md).
-    kv_read_nice: int = 0
     # PD SSRF guard (engine/connector/peers.py): a decode engine pulls only from listed peers and/or
     # params signed with the shared secret; a prefill engine signs what it returns with the secret.
     kv_transfer_peers: tuple[str, ...] = ()
@@ -117,8 +113,6 @@ class EngineConfig:
                              "$INFERSTACK_KV_TRANSFER_SECRET (inferstack up sets it)")
         if self.kv_transport not in get_args(KVTransport):
             raise ValueError(f"kv_transport must be auto, nixl, tcp or shm, got {self.kv_transport!r}")
-        if not 0 <= self.kv_read_nice <= 19:
-            raise ValueError(f"kv_read_nice must be 0 to 19, got {self.kv_read_nice}")
         if self.grammar_workers < 1 or self.grammar_timeout_s <= 0:
             raise ValueError("grammar_workers must be at least 1 and grammar_timeout_s positive")
         if self.quantization not in get_args(Quantization):

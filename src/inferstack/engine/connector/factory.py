@@ -29,8 +29,7 @@ def build_connector(config: EngineConfig, kv_caches: Sequence[torch.Tensor], key
         trust = TransferTrust.from_config(config.kv_transfer_peers, config.kv_transfer_secret)
         connectors.append(PDConnector(config.kv_role, trust=trust, block_size=config.block_size,
                                       host=config.kv_transfer_host, port=config.kv_transfer_port,
-                                      transport=config.kv_transport, link=link, reuse=config.kv_reuse,
-                                      read_nice=config.kv_read_nice))
+                                      transport=config.kv_transport, link=link, reuse=config.kv_reuse))
     store_cfg = config.kv_store
     if store_cfg.enabled:
         if config.block_size * 16 != CHUNK_SIZE:

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,8 +31,6 @@ from inferstack.engine.connector.wire import TransferError
 
 if TYPE_CHECKING:      # annotations only: the engine server imports this module for NixlUnavailable
     import torch
-
-T = TypeVar("T")
 
 
 # The first READ of a layer-by-layer transfer groups layers until it moves at least this much
@@ -46,41 +44,6 @@ MIN_READ_BYTES = 4 << 20
 # without, p90 6 ms vs 0.4 ms on a loaded host; 4 MB went faster without; 16 MB took 20-25 % less CPU
 # without in every same-run comparison of the ninth and tenth stops, 64 MB and up went faster with them).
 BULK_MIN_BYTES = 32 << 20
-
-
-def lower_thread_priority(by: int) -> None:
-    """Raise the calling thread's nice value by ``by`` (at most to 19). On Linux nice is per thread and the
-    threads it starts inherit it; lowering one's own priority needs no privilege. Best effort: elsewhere a
-    no-op."""
-    if by <= 0 or not hasattr(os, "setpriority"):
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
-
-
-def on_nicer_thread(make: Callable[[], T], by: int) -> T:
-    """``make()`` run on a short-lived thread ``by`` nicer than this one: threads it starts (UCX's copy
-    threads) keep that priority, while the caller's stays as it was (a thread cannot raise its own
-    priority back without privilege)."""
-    if by <= 0:
-        return make()
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        lower_thread_priority(by)
-        try:
-            result.append(make())
-        except BaseException as exc:   # re-raised on the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name="nixl-start")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def default_threads() -> int:
@@ -270,26 +233,16 @@ class NixlAgent:
     copy threads; its name and metadata are what peers see, and it READs transfers under
     ``bulk_min_bytes``) and a bulk one whose UCX backend splits each READ over the copy threads."""
 
-    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int | None = None,
-                 copy_nice: int = 0) -> None:
+    def __init__(self, role: str, kv_caches: Sequence[torch.Tensor], threads: int | None = None) -> None:
         """``threads``: the UCX backend's copy threads for large READs (0: the thread that calls
-        `read` always copies; None: `default_threads`); ``copy_nice``: how much nicer than the engine
-        those threads run (``--kv-read-nice``). The idea: with two copy threads and a forward pass on two
-        cores CFS balances a copy thread onto the forward pass's core and shares it equally; nicer, their
-        load is small and they stay on the other core, the copy keeping ahead of the forward pass (a layer's
-        READ costs ~1/25 of its compute). Not shown to help: on a busy host +10 made a forward pass beside a
-        45.7 MB READ slower in the one run that resolved a difference (the copy, spread over the whole forward
-        pass in small slices, cost it CPU time), docs/disaggregation.md. The reader thread is never lowered:
-        it copies the first layers, which gate the forward pass, and smaller transfers whole."""
+        `read` always copies; None: `default_threads`)."""
         nixl = import_nixl()
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         threads = default_threads() if threads is None else threads
         self.regions = KVRegions.of(kv_caches)
         self._direct = _Endpoint(nixl, self.name, 0, kv_caches, self.regions)
         self._agent = self._direct.agent
-        self._bulk = (on_nicer_thread(lambda: _Endpoint(nixl, f"{self.name}-bulk", threads, kv_caches,
-                                                        self.regions), copy_nice)
-                      if threads > 0 else None)
+        self._bulk = _Endpoint(nixl, f"{self.name}-bulk", threads, kv_caches, self.regions) if threads > 0 else None
         self._peers: dict[str, str] = {}      # "host:port" -> the remote agent name loaded for it
         self.min_read_bytes = MIN_READ_BYTES
         self.bulk_min_bytes = BULK_MIN_BYTES

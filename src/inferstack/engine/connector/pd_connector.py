@@ -68,7 +68,7 @@ class PDConnector(KVConnectorBase):
     def __init__(self, role: Role, *, trust: TransferTrust, block_size: int = 16, host: str = "127.0.0.1",
                  port: int = 0, advertise_host: str | None = None, transport: TransportChoice = "shm",
                  hold_s: float = 60.0, min_remote_tokens: int = 16, timeout_s: float = 30.0,
-                 link: LinkModel | None = None, reuse: bool = False, read_nice: int = 0) -> None:
+                 link: LinkModel | None = None, reuse: bool = False) -> None:
         if role not in ("prefill", "decode", "both") or (role == "both" and not reuse):
             raise ValueError(f"PD connector role must be prefill or decode (or both, with reuse), got {role!r}")
         if reuse and (trust.secret is None or link is not None):
@@ -93,7 +93,6 @@ class PDConnector(KVConnectorBase):
         self.agent: NixlAgent | None = None
         self.reuse = reuse
         self.pins: PrefixPins | None = None
-        self._read_nice = read_nice       # NIXL: UCX copy threads' nice value above the engine thread's
         self._stager = Stager()
         self._released: list[str] = []
         self._released_lock = threading.Lock()
@@ -132,7 +131,7 @@ class PDConnector(KVConnectorBase):
         (falling back to the shm transport, with the reason in the log); None for tcp/shm."""
         if self._choice == "nixl" or (self._choice == "auto" and self._link is None):
             try:
-                return NixlAgent(self.role, self._kv_caches, copy_nice=self._read_nice)
+                return NixlAgent(self.role, self._kv_caches)
             except NixlUnavailable as exc:
                 if self._choice == "nixl":
                     raise

@@ -8,7 +8,7 @@ from inferstack.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.executor.base import ExecutorOutput
 from inferstack.engine.executor.kv_format import KVFormat
-from inferstack.engine.kv.host_memory import huge_page_zeros
+from inferstack.engine.kv.host_memory import huge_page_layers
 from inferstack.engine.sampling import SamplingRow, sample
 from inferstack.engine.scheduler import SchedulerOutput
 from inferstack.engine.weights.loader import LoadedModel
@@ -28,11 +28,9 @@ class TorchExecutor:
         self.kv_format = KVFormat.resolve(config.kv_cache_dtype, lm.dtype, arch.head_dim, lm.quant is not None)
         self.num_kv_blocks = self._size_kv_cache(config)
         shape = (2, self.num_kv_blocks, self.block_size, arch.num_kv_heads, self.kv_format.row)
-        self.kv_caches = [
-            huge_page_zeros(shape, self.kv_format.storage) if device.type == "cpu"
-            else torch.zeros(shape, dtype=self.kv_format.storage, device=device)
-            for _ in range(arch.num_layers)
-        ]
+        self.kv_caches = (
+            huge_page_layers(arch.num_layers, shape, self.kv_format.storage) if device.type == "cpu"
+            else [torch.zeros(shape, dtype=self.kv_format.storage, device=device) for _ in range(arch.num_layers)])
         self._generators: dict[str, torch.Generator] = {}
 
     def _size_kv_cache(self, config: EngineConfig) -> int:
