@@ -38,7 +38,8 @@ estimate toward ``miss_budget`` of the requests missing, and the lower of the tw
 Bursts: ``spare`` x sqrt(need x D) replicas more (square-root staffing: the headroom that absorbs a burst
 during the cold start of the replicas it calls for costs little on a large fleet, and is what keeps a small
 one within the objectives; D, with ``dispersion``, is how much burstier than Poisson the arrivals around their
-trend are, so clumped arrivals get more headroom and smooth ones less). Scale-up is immediate; scale-down
+trend are, so clumped arrivals get more headroom and smooth ones less; with ``falling_spare`` < 1 a falling trend
+gets less, since the fleet that follows a fall down slowly already stands above it). Scale-up is immediate; scale-down
 takes the highest need of the ``scale_down_stabilization_s`` before (the HPA's stabilisation, on this signal)
 and removes at most ``max_step_down`` of the replicas per decision. Missing metrics: no arrivals and no
 completions in the window leave only the count in the system; no latency in the window means no boost; an
