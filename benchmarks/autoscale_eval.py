@@ -74,6 +74,10 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
         # thirteenth stop: hold 85 % of the fleet for 30 s after a step down in the arrivals, with less headroom
         f"slo (concurrency {parse_policy(slo).concurrency:g}, step hold)": parse_policy(
             f"{slo},spare=0.9,step_hold=30s"),
+        # fourteenth stop: the step hold with the full headroom, halved while the arrival trend falls, and the
+        # capacity learned over 2 minutes (a miss at the replica bound no longer holds the fleet there for 5)
+        f"slo (concurrency {parse_policy(slo).concurrency:g}, step hold, falling spare)": parse_policy(
+            f"{slo},step_hold=30s,falling_spare=0.5,learn_window=120s"),
         # the defaults of the sixth stop, for comparison: no forecast, plain square-root headroom, 40 s and halves
         "slo (sixth-stop defaults)": parse_policy(f"{slo},horizon=0s,spare=1.5,dispersion=false,"
                                                   "scale_down_stabilization=40s,max_step_down=0.5"),

@@ -232,6 +232,26 @@ def test_slo_keeps_most_of_the_fleet_for_a_while_after_a_step_down_in_the_arriva
         parse_policy("slo:step_keep=1.5")
 
 
+def test_slo_halves_the_burst_headroom_while_the_arrivals_fall():
+    """`falling_spare`: with the arrival trend falling (80 -> 56 per 10 s over two minutes) the square-root headroom is
+    multiplied by it; on the same arrivals rising it is the full headroom."""
+    def trend(counts: list[int]) -> list[PoolSample]:
+        return [PoolSample(**{**s.__dict__, "arrivals": a}) for s, a in zip(steady(n=len(counts)), counts, strict=True)]
+
+    falling, rising = trend(list(range(80, 54, -2))), trend(list(range(56, 82, 2)))
+    plain = SLO(ttft_p95_s=2.0, tpot_p95_s=0.1, dispersion=False)
+    half = replace(plain, falling_spare=0.5)
+    bare = replace(plain, spare=0.0)
+    assert plain.need(falling)[0] - bare.need(falling)[0] > 1.0               # the headroom is real
+    assert half.need(falling)[0] - bare.need(falling)[0] == pytest.approx(
+        0.5 * (plain.need(falling)[0] - bare.need(falling)[0]))
+    assert "headroom x0.5 (arrivals falling)" in half.need(falling)[1]
+    assert half.need(rising) == plain.need(rising)
+    assert parse_policy("slo:falling_spare=0.5").falling_spare == 0.5 and SLO().falling_spare == 1.0
+    with pytest.raises(PolicySpecError, match="falling_spare"):
+        parse_policy("slo:falling_spare=1.5")
+
+
 def test_hpa_on_the_duty_cycle():
     hpa = HPA(metric="gpu_util", target=0.7)
     busy = [PoolSample(**{**s.__dict__, "busy": 0.95}) for s in window([4] * 5)]

@@ -38,7 +38,8 @@ estimate toward ``miss_budget`` of the requests missing, and the lower of the tw
 Bursts: ``spare`` x sqrt(need x D) replicas more (square-root staffing: the headroom that absorbs a burst
 during the cold start of the replicas it calls for costs little on a large fleet, and is what keeps a small
 one within the objectives; D, with ``dispersion``, is how much burstier than Poisson the arrivals around their
-trend are, so clumped arrivals get more headroom and smooth ones less). Scale-up is immediate; scale-down
+trend are, so clumped arrivals get more headroom and smooth ones less; with ``falling_spare`` < 1 a falling trend
+gets less, since the fleet that follows a fall down slowly already stands above it). Scale-up is immediate; scale-down
 takes the highest need of the ``scale_down_stabilization_s`` before (the HPA's stabilisation, on this signal)
 and removes at most ``max_step_down`` of the replicas per decision. Missing metrics: no arrivals and no
 completions in the window leave only the count in the system; no latency in the window means no boost; an
@@ -119,6 +120,11 @@ class SLO:
     step_ratio: float = 0.6
     step_before_s: float = 30.0
     step_keep: float = 0.85
+    # the burst headroom (``spare``) times this while the arrival rate's least-squares trend over ``trend_window_s``
+    # falls: on the way down the fleet already stands above what the arrivals need (scale-down is stabilised and
+    # stepped), so full headroom there is paid twice; with ``step_hold`` the end of a burst keeps its fleet anyway
+    # (fourteenth stop, docs/autoscaling.md). 1 (the default): the same headroom either way
+    falling_spare: float = 1.0
     name: str = "slo"
 
     def __post_init__(self) -> None:
@@ -135,6 +141,8 @@ class SLO:
         if (self.step_hold_s < 0 or not 0 < self.step_ratio < 1 or self.step_before_s <= 0
                 or not 0 < self.step_keep <= 1):
             raise ValueError("slo: step_hold >= 0, 0 < step_ratio < 1, step_before > 0 and 0 < step_keep <= 1")
+        if not 0 <= self.falling_spare <= 1:
+            raise ValueError("slo: 0 <= falling_spare <= 1")
 
     @property
     def objectives(self) -> Objectives:
@@ -190,9 +198,12 @@ class SLO:
         per_replica = self.capacity(window)
         need = max(rate * time_in_system, float(s.demand)) / per_replica
         burst = min(self.max_dispersion, dispersion(window, self.trend_window_s)) if self.dispersion else 1.0
-        need += self.spare * math.sqrt(need * burst)
+        spare = self.headroom(window)
+        need += spare * math.sqrt(need * burst)
         why = f"{rate:.3g} req/s{' (forecast)' if self.horizon_s else ''} x {time_in_system:.3g}s in the system, " \
               f"{s.demand} now"
+        if spare != self.spare:
+            why += f", headroom x{self.falling_spare:g} (arrivals falling)"
         if per_replica != self.concurrency:
             why += f", {per_replica:.3g} per replica (learned from misses)"
         if burst > 1.0:
@@ -202,6 +213,12 @@ class SLO:
             boost = min(self.max_boost, miss)
             return need * boost, f"{why}; p95 at {miss:.2f}x the objective: x{boost:.2f}"
         return need, why
+
+    def headroom(self, window: Sequence[PoolSample]) -> float:
+        """``spare``, times ``falling_spare`` while the arrival rate's trend over ``trend_window_s`` (`fit`) falls."""
+        if self.falling_spare == 1.0 or fit(window, self.trend_window_s)[1] >= 0:
+            return self.spare
+        return self.spare * self.falling_spare
 
     def capacity(self, window: Sequence[PoolSample]) -> float:
         """Requests one replica holds within the objectives, learned over the last ``learn_window_s``: the lower
