@@ -17,9 +17,11 @@ Against real CPU engines (``--engines real``): N ``inferstack engine serve --mod
 processes (what ``inferstack up`` starts, one torch thread each, the default CPU batch cap) instead of
 the emulated fleet, and the simulator on the `cpu` profile fitted just before on the steps that fleet
 serves in a calibration run of its own (``--step-model served``, `calibrate_on_served_steps`, with the
-co-location term: the engines share this machine's cores, so they are simulated on one host, `sim.cores`;
-``flat``: the same steps at one price per shape, the twelfth stop's model; ``bare``: on
-``inferstack engine calibrate``'s steps of one engine alone; ``--hardware-file`` reuses a fitted one).
+co-location term and the host's speed drift: the engines share this machine's cores, so they are simulated on
+one host, `sim.cores`; ``steady``: the same fit without the drift, the thirteenth stop's model; ``flat``: the
+same steps at one price per shape, the twelfth stop's model; ``bare``: on ``inferstack engine calibrate``'s
+steps of one engine alone; ``--hardware-file`` reuses a fitted one). ``--draws K`` simulates each step model on
+K hosts of other names (other draws of the drift) and reports each figure's median over them.
 The request overhead probe runs on emulated engines of that profile (the same HTTP/tokenization path,
 step times exactly the model), so it does not absorb the step model's error. The command of the quiet
 twelfth-stop numbers (docs/benchmarks.md):
@@ -48,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 from gateway_common import Stack, env, start_emulated_fleet, start_inferstack_gateway, start_ready_file
@@ -136,10 +139,11 @@ def live_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict
     return res, where, sum(c[0] for c in counters)
 
 
-def sim_run(a: argparse.Namespace, routing: str, out: Path) -> tuple[dict, dict[int, int], float]:
+def sim_run(a: argparse.Namespace, routing: str, out: Path, host: str = "local") -> tuple[dict, dict[int, int], float]:
     """(sim results.json, unit -> endpoint index, simulated prefix hits)."""
     # real engines share this machine's cores: simulated on one host, each step slowed while the other steps
-    host = "@local" if a.engines == "real" else ""
+    # (the host's name seeds its speed drift: `sim.cores.HostSpeed`)
+    host = f"@{host}" if a.engines == "real" else ""
     run_simulation(SimArgs(fleet=[f"{a.profile}={a.replicas}{host}"], workload=a.workload, routing=routing,
                            duration=a.duration, rate=a.rate, seed=a.seed, tokenizer="bundled",
                            request_overhead_ms=a.overhead_ms,
@@ -185,10 +189,26 @@ def compare(a: argparse.Namespace, routing: str) -> list[dict[str, object]]:
     rows = []
     for name, profile in profiles:
         label = routing if len(profiles) == 1 else f"{routing} ({name} steps)"
-        sim = sim_run(argparse.Namespace(**{**vars(a), "profile": profile}), routing,
-                      a.out / f"sim-{routing}" if len(profiles) == 1 else a.out / f"sim-{routing}-{name}")
-        rows.append(compare_row(a, label, runs, *sim))
+        out = a.out / f"sim-{routing}" if len(profiles) == 1 else a.out / f"sim-{routing}-{name}"
+        pa = argparse.Namespace(**{**vars(a), "profile": profile})
+        if a.draws > 1 and a.engines == "real":
+            sims = [sim_run(pa, routing, out / f"local{i}", f"local{i}") for i in range(a.draws)]
+            rows.append(compare_row(a, label, runs, median_draw([r[0] for r in sims]), *sims[0][1:]))
+        else:
+            rows.append(compare_row(a, label, runs, *sim_run(pa, routing, out)))
     return rows
+
+
+def median_draw(results: list[dict]) -> dict:
+    """The first draw's results with each latency figure replaced by its median over the draws (hosts of other
+    names: other draws of the host's speed drift, the same requests and routing) and the draws' values kept."""
+    first = json.loads(json.dumps(results[0]))
+    for m in METRICS:
+        for p in ("p50", "p90"):
+            values = [r["summary"]["latency_s"][m][p] for r in results]
+            first["summary"]["latency_s"][m][p] = statistics.median(values)
+            first.setdefault("draws", {})[f"{m}_{p}"] = values
+    return first
 
 
 def compare_row(a: argparse.Namespace, routing: str, runs: list, sim: dict, sim_where: dict[int, int],
@@ -205,6 +225,8 @@ def compare_row(a: argparse.Namespace, routing: str, runs: list, sim: dict, sim_
             row[f"{m}_{p}_err"] = (sv - lv) / lv
             row[f"{m}_{p}_live_runs_ms"] = [v * 1e3 for v in values]
             row[f"{m}_{p}_spread"] = (max(values) - min(values)) / lv
+            if "draws" in sim:
+                row[f"{m}_{p}_sim_draws_ms"] = [v * 1e3 for v in sim["draws"][f"{m}_{p}"]]
     row["ttft_gap_ms"] = ttft_gap(live, sim)
     if a.engines == "real":
         row["live_busy_share"] = busy_share(sorted(a.out.glob(f"live-{routing.split()[0]}-0/engine*-steps.jsonl")))
@@ -295,6 +317,8 @@ def calibrate_cpu_profile(a: argparse.Namespace, kind: str) -> tuple[Path, str]:
         return calibrate_on_served_steps(a)
     if kind == "flat":
         return a.out / "cpu-flat.json", "flat: the same served steps, one price per shape whatever the neighbours do"
+    if kind == "steady":
+        return a.out / "cpu-steady.json", "steady: the served fit without the host's speed drift"
     out = a.out / "cpu-bare.json"
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-m", "inferstack", "engine", "calibrate", "--model", a.model,
@@ -353,21 +377,25 @@ def calibrate_on_served_steps(a: argparse.Namespace) -> tuple[Path, str]:
     out = a.out / "cpu-served.json"
     save_hardware_file(hw, out)
     save_hardware_file(fit_served_steps(a.model, logs, colocation=False)[0], a.out / "cpu-flat.json")
+    save_hardware_file(replace(hw, speed_jitter=0.0, speed_jitter_corr=0.0), a.out / "cpu-steady.json")
     co = neighbour_ratios(logs, a.out / "cpu-flat.json", a.model)
     return out, (f"served step model fitted on {report['steps']} served steps ({a.replicas} engines, {first}, seed "
                  f"{run.seed}, {run.duration:.0f} s, load avg {load:.1f}): median step-time error "
                  f"{report['median_rel_error']:.1%} (p90 {report['p90_rel_error']:.1%}), co-location slowdown c = "
                  f"{hw.colocation_slowdown:.3f} (another engine stepped during {report['shared_share']:.0%} of the "
-                 f"step time); flat fit's served ÷ fitted step {co['alone']:.2f} while the other engines were idle "
+                 f"step time), host speed drift sigma {hw.speed_jitter:.3f} per {hw.speed_jitter_s:.0f} s "
+                 f"(consecutive windows correlated {hw.speed_jitter_corr:.2f}); flat fit's served ÷ fitted step "
+                 f"{co['alone']:.2f} while the other engines were idle "
                  f"({co['alone_n']} steps), {co['together']:.2f} while they stepped too ({co['together_n']})")
 
 
 def step_models(a: argparse.Namespace, ap: argparse.ArgumentParser) -> list[str]:
     """The profiles to fit before the live runs (``--step-model`` less ``live``, which is fitted after)."""
     kinds = a.step_model.split(",")
-    if not set(kinds) <= {"served", "flat", "bare", "live"} or kinds[0] in ("live", "flat") \
-            or ("flat" in kinds and "served" not in kinds):
-        ap.error(f"--step-model: served (then optionally flat) and/or bare, then optionally live; got {a.step_model!r}")
+    if not set(kinds) <= {"served", "steady", "flat", "bare", "live"} or kinds[0] in ("live", "flat", "steady") \
+            or (bool({"flat", "steady"} & set(kinds)) and "served" not in kinds):
+        ap.error(f"--step-model: served (then optionally steady, flat) and/or bare, then optionally live; "
+                 f"got {a.step_model!r}")
     return [k for k in kinds if k != "live"][:1 if a.hardware_file is not None else None]
 
 
@@ -398,7 +426,8 @@ def main() -> None:
     ap.add_argument("--step-model", default="served",
                     help="--engines real without --hardware-file: fit the cpu profile on the steps the fleet "
                          "serves in a calibration run (served: with the co-location slowdown, the engines "
-                         "simulated on one shared host; 'served,flat' adds the same steps fitted at one price per "
+                         "simulated on one shared host, its speed drifting as fitted; 'served,steady' adds the same "
+                         "fit without the drift; 'served,flat' adds the same steps fitted at one price per "
                          "shape, without it) or on `inferstack engine calibrate`'s bare steps "
                          "(bare); 'served,bare' simulates both against the same live runs (the overhead probe "
                          "uses the bare profile, or the catalog cpu one); 'live' adds a profile fitted on the "
@@ -407,6 +436,9 @@ def main() -> None:
     ap.add_argument("--calibrate-served-s", type=float, default=60.0,
                     help="seconds of the served calibration run (--step-model served)")
     ap.add_argument("--repeats", type=int, default=1, help="live runs per routing profile (spread reported)")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="--engines real: simulate each step model on K hosts (local0..): K draws of the host's "
+                         "speed drift; the table shows each figure's median over the draws")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--routing", default="round-robin,cache-aware,default")
     ap.add_argument("--workload", default="shared-prefix:groups=4,users=8,system=512,question=64,output=48")
@@ -426,14 +458,15 @@ def main() -> None:
     kinds = step_models(a, ap) if a.engines == "real" else []
     # bare first, then the overhead probe, then the served calibration run: right before the live runs it
     # prices, so the neighbours' load drifts as little as possible in between
-    done = {k: calibrate_cpu_profile(a, k) for k in kinds if k not in ("served", "flat")}
+    done = {k: calibrate_cpu_profile(a, k) for k in kinds if k not in ("served", "steady", "flat")}
     if kinds:
         a.profile = f"{next(iter(done.values()))[0]}:{a.model}" if done else f"cpu:{a.model}"
     note = request_overhead(a)
     if "served" in kinds:
         done["served"] = calibrate_cpu_profile(a, "served")
-    if "flat" in kinds:
-        done["flat"] = calibrate_cpu_profile(a, "flat")
+    for k in ("steady", "flat"):
+        if k in kinds:
+            done[k] = calibrate_cpu_profile(a, k)
     if kinds:
         a.profiles = [(k, f"{done[k][0]}:{a.model}") for k in kinds]
         a.profile = a.profiles[0][1]

@@ -360,7 +360,9 @@ def calibrate(
     save_hardware_file(hw, path)
     typer.echo(f"wrote {path}: {report['steps']} steps, median step-time error {report['median_rel_error']:.1%} "
                f"(p90 {report['p90_rel_error']:.1%})" + (f", co-location slowdown {hw.colocation_slowdown:.3f}"
-                                                         if report.get("shared_share") else ""))
+                                                         if report.get("shared_share") else "")
+               + (f", host speed drift sigma {hw.speed_jitter:.3f} per {hw.speed_jitter_s:.0f} s"
+                  if report.get("speed_jitter") else ""))
 
 
 def _verified_model(model: str, served_name: str | None, policy_file: str | None,

@@ -29,7 +29,9 @@ app = typer.Typer(help="Simulate a fleet (gateway routing, flow control, engine 
 FleetOpt = Annotated[list[str], typer.Option(help="HARDWARE:MODEL=N[:prefill|decode|both][@HOST] replicas, e.g. "
                                              "h100:llama-3-8b=8 (repeat for a mixed fleet of one model); @HOST: "
                                              "they share one machine's cores with every replica naming HOST, each "
-                                             "step slowed while others step (the profile's colocation_slowdown)")]
+                                             "step slowed while others step (the profile's colocation_slowdown) and "
+                                             "the host's speed drifting (its speed_jitter, drawn from the seed and "
+                                             "HOST)")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="inferstack.yaml: its gateway, pool (routing, "
                                                 "max_concurrency, pd, precise_prefix) and routing sections apply")]
 RoutingOpt = Annotated[str | None, typer.Option(help="Routing preset or profile (overrides the pool's)")]

@@ -10,6 +10,11 @@ linear term: a step runs at 1/(1 + c) of its speed while another engine is mid-s
 time is t + k·s, s the seconds another engine stepped during it and k = c/(1 + c) (exact for two
 engines; with more, s counts neighbour-seconds). k is fitted with the overheads; the profile keeps c
 (`Hardware.colocation_slowdown`, what `sim.cores` prices).
+
+The host's speed itself drifts over seconds (other load, frequency; the same on every engine of the host):
+`fit_speed_jitter` measures the spread of measured over modelled time across windows of a few seconds, which
+`sim.cores.HostSpeed` replays as a seeded speed factor. The fitted prices are the mean; the spread widens
+the latencies of lone requests as the live host does, which is what moves a median that sits among them.
 """
 
 from __future__ import annotations
@@ -91,6 +96,11 @@ def side_by_side_samples(paths: Sequence[Path], skip: int = 2) -> list[StepSampl
     """`served_step_samples` of every log, each step with ``shared_s``: the seconds of its served period
     during which the other logs' engines were mid-step (their steps start to start + step seconds; logs
     of runs at other times never overlap, so the logs of several runs can be given together)."""
+    return [s for _, s in _timed_side_by_side(paths, skip)]
+
+
+def _timed_side_by_side(paths: Sequence[Path], skip: int) -> list[tuple[float, StepSample]]:
+    """(start, sample) of each step of `side_by_side_samples`, log by log."""
     logs = [_read_step_log(Path(p)) for p in paths]
     spans = [(np.array([r[1] for r in rows]), np.array([r[1] + r[2] for r in rows])) for rows in logs]
     out = []
@@ -99,18 +109,56 @@ def side_by_side_samples(paths: Sequence[Path], skip: int = 2) -> list[StepSampl
             a, b = r[1], r[1] + d
             shared = sum(float(np.clip(np.minimum(b, ends) - np.maximum(a, starts), 0.0, None).sum())
                          for j, (starts, ends) in enumerate(spans) if j != i)
-            out.append(StepSample(r[0], d, shared))
+            out.append((a, StepSample(r[0], d, shared)))
     return out
 
 
 def fit_served_steps(model: str, step_logs: Sequence[Path],
                      colocation: bool = True) -> tuple[Hardware, dict[str, float]]:
     """The `cpu` profile fitted on serving engines' step logs (`side_by_side_samples` of the files): with
-    ``colocation``, the slowdown while another engine steps too; without, every step at its own shape's price."""
-    samples = side_by_side_samples([Path(p) for p in step_logs])
+    ``colocation``, the slowdown while another engine steps too and the host's speed drift (`fit_speed_jitter`);
+    without, every step at its own shape's price."""
+    timed = _timed_side_by_side([Path(p) for p in step_logs], 2)
+    samples = [s for _, s in timed]
     if not colocation:
         samples = [replace(s, shared_s=0.0) for s in samples]
-    return fit_hardware(get_model(model), samples, get_hardware("cpu"), mean_unbiased=True)
+    spec = get_model(model)
+    hw, report = fit_hardware(spec, samples, get_hardware("cpu"), mean_unbiased=True)
+    if colocation:
+        sigma, corr = fit_speed_jitter(spec, hw, timed)
+        hw = replace(hw, speed_jitter=sigma, speed_jitter_corr=corr)
+        report = {**report, "speed_jitter": sigma, "speed_jitter_corr": corr}
+    return hw, report
+
+
+def fit_speed_jitter(model: ModelSpec, hw: Hardware, timed: Sequence[tuple[float, StepSample]],
+                     min_steps: int = 5) -> tuple[float, float]:
+    """(sigma, corr) of the host's speed factor over windows of ``hw.speed_jitter_s`` (`sim.cores.HostSpeed`):
+    each window's log of measured over modelled seconds (all engines' steps starting in it, at ``hw``'s prices
+    with its co-location term), the spread of those logs less what the steps' own scatter puts into a window
+    of n steps (its per-step variance / n), and the correlation of consecutive windows. Windows of fewer than
+    ``min_steps`` steps are left out; fewer than 4 windows: no drift (0, 0)."""
+    k = hw.colocation_slowdown / (1.0 + hw.colocation_slowdown)
+    windows: dict[int, list[tuple[float, float]]] = {}
+    for start, s in timed:
+        windows.setdefault(int(start // hw.speed_jitter_s), []).append(
+            (s.seconds, step_time(model, hw, s.work) + k * s.shared_s))
+    logs, noise = {}, []
+    for i, pairs in windows.items():
+        if len(pairs) >= min_steps:
+            t, pred = np.array(pairs).T
+            logs[i] = float(np.log(t.sum() / pred.sum()))
+            noise.append(float(np.var(np.log(t / pred), ddof=1)) / len(pairs))
+    if len(logs) < 4:
+        return 0.0, 0.0
+    x = np.array(list(logs.values()))
+    var = max(0.0, float(np.var(x, ddof=1)) - float(np.mean(noise)))
+    if var == 0.0:
+        return 0.0, 0.0
+    mean = float(x.mean())
+    pairs = [(logs[i] - mean, logs[i + 1] - mean) for i in sorted(logs) if i + 1 in logs]
+    corr = float(np.mean([a * b for a, b in pairs])) / var if len(pairs) >= 3 else 0.0
+    return float(np.sqrt(var)), min(max(corr, 0.0), 0.9)
 
 
 def _nonneg_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,13 @@ class Hardware:
     # of its speed while m others of its host are mid-step (`sim/cores.py`). Fitted by `engine calibrate
     # --served-steps` from engines that served side by side (0.04-0.3 on the 2-core development machine).
     colocation_slowdown: float = 0.0
+    # A shared host's speed drifts: its steps all take f times their modelled time, f log-normal (mean 1, sigma
+    # `speed_jitter`) and constant over windows of `speed_jitter_s` virtual seconds, `speed_jitter_corr` the
+    # correlation of consecutive windows (`sim/cores.py`, `HostSpeed`). Fitted with the co-location term
+    # (0.04-0.09 per 5 s on the 2-core development machine, quiet). 0: every step at its modelled time.
+    speed_jitter: float = 0.0
+    speed_jitter_s: float = 5.0
+    speed_jitter_corr: float = 0.0
     link_bandwidth: float = 0.0        # bytes/s between devices for tensor parallelism (0: no TP)
     link_latency_s: float = 0.0
     # KV transfer between engines on different nodes (prefill/decode disaggregation): the line rate
@@ -54,13 +61,16 @@ class Hardware:
     def __post_init__(self) -> None:
         # a hand-written hardware file must fail here, not as a division by zero in an engine step
         positive = ("peak_flops", "mem_bandwidth", "memory_bytes", "mfu_prefill", "mfu_decode",
-                    "bw_efficiency", "single_row_bw_gain", "net_efficiency")
+                    "bw_efficiency", "single_row_bw_gain", "net_efficiency", "speed_jitter_s")
         for name in (f for f in self.__dataclass_fields__ if f != "name"):
             v = getattr(self, name)
             strict = name in positive
             if isinstance(v, bool) or not isinstance(v, int | float) or (v <= 0 if strict else v < 0):
                 raise ValueError(f"hardware {self.name!r}: {name} must be a number {'>' if strict else '>='} 0, "
                                  f"got {v!r}")
+        if self.speed_jitter_corr >= 1.0:
+            raise ValueError(f"hardware {self.name!r}: speed_jitter_corr must be a number < 1, "
+                             f"got {self.speed_jitter_corr!r}")
 
     def to_dict(self) -> dict[str, float | str]:
         return asdict(self)

@@ -35,7 +35,7 @@ from inferstack.gateway.flowqueue import Rejected
 from inferstack.gateway.requests import engine_priority
 from inferstack.gateway.routing import EndpointView, RequestView
 from inferstack.sim.autoscale import Autoscaler, MetricSample
-from inferstack.sim.cores import CoreShare
+from inferstack.sim.cores import CoreShare, HostSpeed
 from inferstack.sim.gateway import SimEndpoint, SimGateway
 from inferstack.sim.profile import Profile
 from inferstack.sim.prompts import PromptTokens
@@ -169,7 +169,13 @@ class Simulation:
                              track_events=track, kv_digest=self.s.kv_digest)
         replica.wake = lambda t, r=replica: self.at(t, self._wake, r)
         if fleet.host is not None:
-            self._cores[replica] = self._hosts.setdefault(fleet.host, CoreShare())
+            if fleet.host not in self._hosts:
+                # the host's speed drifts as its first fleet's profile was fitted to (`Hardware.speed_jitter`)
+                hw = fleet.profile.hardware
+                speed = HostSpeed(hw.speed_jitter, hw.speed_jitter_s, hw.speed_jitter_corr,
+                                  f"{self.s.run.seed}/{fleet.host}")
+                self._hosts[fleet.host] = CoreShare(speed if hw.speed_jitter > 0 else None)
+            self._cores[replica] = self._hosts[fleet.host]
         return replica
 
     def run(self, progress: Callable[[Simulation], None] | None = None) -> None:
