@@ -56,7 +56,8 @@ class RecordSink:
         # one append per column, in `_COLUMNS` order (every finished request of a fleet run comes here)
         for column, value in zip(self._col_list, (rec.sent, rec.end, row["ttft_s"], row["tpot_s"], row["e2e_s"],
                                                   row["e2e_per_token_s"], row["itl_mean_s"], rec.prompt_tokens,
-                                                  rec.cached_tokens, rec.output_tokens, rec.schedule_lag)):
+                                                  rec.cached_tokens, rec.output_tokens, rec.schedule_lag),
+                                 strict=True):
             column.append(_NAN if value is None else value)  # type: ignore[arg-type]
         self.included.append(rec.included)
         self.ok.append(rec.ok)

@@ -108,18 +108,20 @@ class KVCacheManager:
         per boundary: request i takes a block at steps ``len(table) * bs - start[i]``, then every ``bs`` steps,
         in the (step, request) order of the boundaries, and caches its blocks up to ``(start[i] + steps) // bs``.
         Only where `_decode_slots_at_once` would apply, and then with its state: no events listen, every request
-        has a table and its cached blocks caught up (``start[i] // bs``), the pool has the blocks, and the new
-        hashes are distinct and none is cached yet. False otherwise, having changed nothing but hash chains."""
+        has a table covering its computed tokens and (with caching) its cached blocks caught up
+        (``start[i] // bs``), the pool has the blocks, and the new hashes are distinct and none is cached yet.
+        False otherwise, having changed nothing but hash chains."""
         pool = self.pool
         if pool.publishes_events:
             return False
         bs, tables, ncached, n = self.block_size, self._req_blocks, self._num_cached_blocks, len(requests)
+        caching = pool.enable_caching
         takes: list[int] = []       # step * n + request of each block taken: sorted, the boundaries' order
         plans: list[tuple[int, Request, int, int]] = []
         for i, (request, nc) in enumerate(zip(requests, start, strict=True)):
             blocks = tables.get(request.request_id)
             cached = nc // bs
-            if blocks is None or ncached.get(request.request_id, 0) != cached:
+            if blocks is None or len(blocks) * bs < nc or (caching and ncached.get(request.request_id, 0) != cached):
                 return False
             takes += range((len(blocks) * bs - nc) * n + i, steps * n, bs * n)
             full = (nc + steps) // bs
@@ -127,7 +129,7 @@ class KVCacheManager:
                 plans.append((min(-nc % bs, (-nc - 1) % bs) * n + i, request, cached, full))
         if len(takes) > pool.num_free_blocks:
             return False
-        if pool.enable_caching and plans:
+        if caching and plans:
             plans.sort(key=_first)
             new: list[bytes] = []
             for _, request, cached, full in plans:
@@ -138,7 +140,7 @@ class KVCacheManager:
             takes.sort()
             for key, block in zip(takes, pool.allocate(len(takes)), strict=True):
                 tables[requests[key % n].request_id].append(block)
-        if pool.enable_caching:
+        if caching:
             for _, request, cached, full in plans:
                 pool.cache_full_blocks(tables[request.request_id], request.block_hashes, cached, full,
                                        request.all_token_ids)
