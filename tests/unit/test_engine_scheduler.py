@@ -306,3 +306,24 @@ def test_decode_leap_equals_steps_when_a_replay_meets_its_evicted_twin(shapes, n
                 break
             _leap_and_steps(a, b, want)
             assert _state(a, None) == _state(b, None)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_plain_leap_takes_its_blocks_per_request(monkeypatch, caching):
+    """Distinct prompts without events: every leap goes through `KVCacheManager.allocate_leap` (never the
+    per-boundary fallback), crossing block boundaries at different steps per request, and leaves the state
+    of the same steps one at a time."""
+    a, b = make(num_blocks=64, caching=caching), make(num_blocks=64, caching=caching)
+    for i, (extra, out_len) in enumerate([(5, 70), (16, 50), (30, 61)]):
+        for s in (a, b):
+            s.add_request(req(str(i), [200 + i] * 3 + list(range(extra)), max_tokens=out_len))
+
+    def fallback(*_args):
+        raise AssertionError("a plain leap fell back to the per-boundary path")
+
+    monkeypatch.setattr(b, "_allocate_leap_points", fallback)
+    leapt = 0
+    for want in [3, 17, 40, 9, 33, 40, 40]:
+        leapt += _leap_and_steps(a, b, want)
+        assert _state(a, None) == _state(b, None)
+    assert leapt > 60 and not a.has_unfinished()

@@ -474,25 +474,14 @@ class Scheduler:
         step finish there, in batch order, after that step's allocations (as `update_from_output` releases
         them after `schedule` allocated). Returns the batch, finished requests included. KV slot work happens
         only at a step that opens or fills a block, so the cost is O(requests + steps x requests / block size)."""
-        running, bs = self.running, self.kv.block_size
+        running = self.running
         start = [r.num_computed_tokens for r in running]
-        n = len(running)
-        # step j of request i as j * n + i: sorted, the (step, request) order. A point listed twice is applied
-        # once (the second finds its block taken and cached), so a list does, without a set's hashing.
-        points: list[int] = []
-        cached = self.kv.num_cached_blocks
-        for i, (r, nc) in enumerate(zip(running, start, strict=True)):
-            if cached(r.request_id) != nc // bs:
-                points.append(i)       # unusual (a step caches what it fills): let step 0 catch up
-            points += range((-nc) % bs * n + i, steps * n, bs * n)
-            points += range((-nc - 1) % bs * n + i, steps * n, bs * n)
+        for r in running:
             tokens = sampled[r.request_id]
             r.output_token_ids.extend(tokens)
             r.all_token_ids.extend(tokens)
-        points.sort()
-        slots = [(running[p % n], start[p % n] + p // n) for p in points]
-        if not self.kv.allocate_decode_slots(slots):
-            raise RuntimeError("advance_decodes beyond decode_run_limit: the pool ran out of blocks")
+        if not self.kv.allocate_leap(running, start, steps):
+            self._allocate_leap_points(steps, start)
         batch = list(running)
         for r, nc in zip(batch, start, strict=True):
             r.num_computed_tokens = nc + steps
@@ -508,6 +497,25 @@ class Scheduler:
             if reason is not None:
                 self.finish_request(r.request_id, reason, stop_reason)
         return batch
+
+    def _allocate_leap_points(self, steps: int, start: list[int]) -> None:
+        """A leap's block boundaries one by one (`KVCacheManager.allocate_decode_slots`), where
+        `allocate_leap` cannot take them at once."""
+        running, bs = self.running, self.kv.block_size
+        n = len(running)
+        # step j of request i as j * n + i: sorted, the (step, request) order. A point listed twice is applied
+        # once (the second finds its block taken and cached), so a list does, without a set's hashing.
+        points: list[int] = []
+        cached = self.kv.num_cached_blocks
+        for i, (r, nc) in enumerate(zip(running, start, strict=True)):
+            if cached(r.request_id) != nc // bs:
+                points.append(i)       # unusual (a step caches what it fills): let step 0 catch up
+            points += range((-nc) % bs * n + i, steps * n, bs * n)
+            points += range((-nc - 1) % bs * n + i, steps * n, bs * n)
+        points.sort()
+        slots = [(running[p % n], start[p % n] + p // n) for p in points]
+        if not self.kv.allocate_decode_slots(slots):
+            raise RuntimeError("advance_decodes beyond decode_run_limit: the pool ran out of blocks")
 
     def _check_stop(self, request: Request, token: int) -> tuple[FinishReason | None, int | None]:
         params = request.sampling_params

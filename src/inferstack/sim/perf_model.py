@@ -162,10 +162,6 @@ class DecodePricing:
         bandwidth = self.bandwidth_one if n == 1 else self.bandwidth
         comm_s = tp_comm_s(hw, model, tp, n)
         overhead_s = hw.step_overhead_s + hw.seq_overhead_s * n + hw.token_overhead_s * n
-        js = np.arange(steps)
-        memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth
-        if tp != 1:
-            memory_s = memory_s / tp
         # (0.0 + x) / 1 and y + 0.0 are x and y exactly: the usual case (no prefill, tp 1) skips those passes
         no_prefill = 0.0 / prefill_rate
         exact_compute = no_prefill != 0.0 or tp != 1
@@ -176,6 +172,15 @@ class DecodePricing:
         last = _row_flops(contexts, steps - 1, base, attn) / decode_rate
         if exact_compute:
             last = (no_prefill + last) / tp
+        if not exact_compute and comm_s == 0.0 and last <= (weight_bytes + kv_per_token * (ctx_sum + n)) / bandwidth:
+            # the usual leap, memory-bound at tp 1: numpy's elementwise operations below, one float at a time
+            # (the same IEEE operations on the same values; a leap is ~10-60 steps, below numpy's fixed costs)
+            return [(weight_bytes + kv_per_token * (ctx_sum + n * j + n)) / bandwidth + overhead_s
+                    for j in range(steps)]
+        js = np.arange(steps)
+        memory_s = (weight_bytes + kv_per_token * (ctx_sum + n * js + n)) / bandwidth
+        if tp != 1:
+            memory_s = memory_s / tp
         if last <= memory_s[0]:
             busy = memory_s
         else:

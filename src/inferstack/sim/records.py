@@ -33,6 +33,7 @@ class RecordSink:
         self._file: io.TextIOBase | None = path.open("w", newline="") if path is not None else None
         self._writer: Any = None     # a csv.writer once the header is written
         self.cols = {k: array("d") for k in _COLUMNS}
+        self._col_list = [self.cols[k] for k in _COLUMNS]
         self.included = array("b")
         self.ok = array("b")
         self.first_stage = array("b")
@@ -52,13 +53,12 @@ class RecordSink:
                 self._writer = csv.writer(self._file)
                 self._writer.writerow(list(row))
             self._writer.writerow(list(row.values()))     # what csv.DictWriter writes, without its checks
-        c = self.cols
-        for key, value in (("sent", rec.sent), ("end", rec.end), ("ttft", row["ttft_s"]), ("tpot", row["tpot_s"]),
-                           ("e2e", row["e2e_s"]), ("e2e_per_token", row["e2e_per_token_s"]),
-                           ("itl_mean", row["itl_mean_s"]), ("prompt", rec.prompt_tokens),
-                           ("cached", rec.cached_tokens), ("output", rec.output_tokens),
-                           ("lag", rec.schedule_lag)):
-            c[key].append(_NAN if value is None else float(value))  # type: ignore[arg-type]
+        # one append per column, in `_COLUMNS` order (every finished request of a fleet run comes here)
+        for column, value in zip(self._col_list, (rec.sent, rec.end, row["ttft_s"], row["tpot_s"], row["e2e_s"],
+                                                  row["e2e_per_token_s"], row["itl_mean_s"], rec.prompt_tokens,
+                                                  rec.cached_tokens, rec.output_tokens, rec.schedule_lag),
+                                 strict=True):
+            column.append(_NAN if value is None else value)  # type: ignore[arg-type]
         self.included.append(rec.included)
         self.ok.append(rec.ok)
         self.first_stage.append(rec.stage == 0)

@@ -102,6 +102,51 @@ class KVCacheManager:
                     ncached[rid] = full
         return True
 
+    def allocate_leap(self, requests: Sequence[Request], start: Sequence[int], steps: int) -> bool:
+        """`allocate_decode_slots` over every block boundary of a decode leap of ``steps`` steps (request i at
+        ``start[i]`` computed tokens, its tokens for the leap already appended), worked out per request instead of
+        per boundary: request i takes a block at steps ``len(table) * bs - start[i]``, then every ``bs`` steps,
+        in the (step, request) order of the boundaries, and caches its blocks up to ``(start[i] + steps) // bs``.
+        Only where `_decode_slots_at_once` would apply, and then with its state: no events listen, every request
+        has a table covering its computed tokens and (with caching) its cached blocks caught up
+        (``start[i] // bs``), the pool has the blocks, and the new hashes are distinct and none is cached yet.
+        False otherwise, having changed nothing but hash chains."""
+        pool = self.pool
+        if pool.publishes_events:
+            return False
+        bs, tables, ncached, n = self.block_size, self._req_blocks, self._num_cached_blocks, len(requests)
+        caching = pool.enable_caching
+        takes: list[int] = []       # step * n + request of each block taken: sorted, the boundaries' order
+        plans: list[tuple[int, Request, int, int]] = []
+        for i, (request, nc) in enumerate(zip(requests, start, strict=True)):
+            blocks = tables.get(request.request_id)
+            cached = nc // bs
+            if blocks is None or len(blocks) * bs < nc or (caching and ncached.get(request.request_id, 0) != cached):
+                return False
+            takes += range((len(blocks) * bs - nc) * n + i, steps * n, bs * n)
+            full = (nc + steps) // bs
+            if full > cached:    # first boundary of the leap (opening or filling a block) orders the caching
+                plans.append((min(-nc % bs, (-nc - 1) % bs) * n + i, request, cached, full))
+        if len(takes) > pool.num_free_blocks:
+            return False
+        if caching and plans:
+            plans.sort(key=_first)
+            new: list[bytes] = []
+            for _, request, cached, full in plans:
+                new += self.update_block_hashes(request)[cached:full]
+            if len(set(new)) != len(new) or pool.any_cached(new):
+                return False
+        if takes:
+            takes.sort()
+            for key, block in zip(takes, pool.allocate(len(takes)), strict=True):
+                tables[requests[key % n].request_id].append(block)
+        if caching:
+            for _, request, cached, full in plans:
+                pool.cache_full_blocks(tables[request.request_id], request.block_hashes, cached, full,
+                                       request.all_token_ids)
+                ncached[request.request_id] = full
+        return True
+
     def _decode_slots_at_once(self, slots: Sequence[tuple[Request, int]]) -> bool:
         """`allocate_decode_slots` with every block taken in one pool call (in the points' order, so the same ids)
         and each request's new full blocks cached in one, where that cannot differ from point by point: the pool
@@ -232,3 +277,7 @@ class KVCacheManager:
         self.pool.cache_full_blocks(self._req_blocks[request.request_id], hashes, start, num_full,
                                     request.all_token_ids)
         self._num_cached_blocks[request.request_id] = num_full
+
+
+def _first(plan: tuple[int, Request, int, int]) -> int:
+    return plan[0]
