@@ -143,7 +143,8 @@ def _isas(ext: ModuleType, group: int) -> list[str]:
 def test_q8_matmul_is_the_dequantized_product(variant, group, asymmetric):
     """Every vector width, 1 to 6 activation rows (blocks of 4 and a remainder), a row count that is
     not a multiple of the 16-row tile, with and without per-group offsets: float32 sums of exact
-    products, so within float32 rounding of the float64 product. Every build: one for fewer
+    products, so within float32 rounding of the float64 product, and a row's result the same bits
+    alone as in a batch. Every build: one for fewer
     instruction sets picks its own widest and refuses the wider ones."""
     ext = variant
     gen = torch.Generator().manual_seed(group + asymmetric)
@@ -160,6 +161,10 @@ def test_q8_matmul_is_the_dequantized_product(variant, group, asymmetric):
             assert got.dtype == torch.float32 and got.shape == (rows, n)
             err = (got.double() - want).abs().max().item()
             assert err < 2e-6 * want.abs().max().item(), (isa, rows, err)
+            # One row alone (the batch-1 head's interleaved, prefetching loop on AVX-512) sums in the
+            # multi-row loop's order: the same bits.
+            one = ext.q8_matmul(x[-1:], q, scale, torch.empty(0) if offset is None else offset, group, isa)
+            assert torch.equal(one[0], got[-1]), (isa, rows)
     if ext.q8_isa(group) != "avx512":
         with pytest.raises(RuntimeError, match="cannot run 'avx512'"):
             ext.q8_matmul(x, q, scale, torch.empty(0), group, "avx512")

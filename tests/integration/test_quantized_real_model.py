@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inferstack.engine.evaluate import DEFAULT_TEXT, perplexity, score_tokens, text_windows
+from inferstack.engine.evaluate import DEFAULT_TEXT, TextScore, score_text, text_windows
 from inferstack.engine.llm import LLM
 from inferstack.engine.models.int8_blocks import available
 from inferstack.engine.sampling_params import SamplingParams
@@ -19,13 +19,26 @@ FALLBACK = ("The quick brown fox jumps over the lazy dog. Paris is the capital o
             "capital of Germany. Water boils at one hundred degrees Celsius at sea level. ") * 8
 
 
+WINDOW = 192
+SHORT_WINDOWS = 2          # 384 positions: the formats whose floors sit far from their measured level
+LONG_TOKENS = 2048         # the int8blk check (see MIN_TOP1_INT8_BLOCKS)
+
+
 @pytest.fixture(scope="module")
-def reference():
+def reference() -> tuple[list[list[int]], TextScore]:
+    """The fp32 model's top-1 and perplexity on every window, scored once for the whole module."""
     torch.set_num_threads(1)
     lm = load_model("smollm2-135m", dtype="float32")
     text = DEFAULT_TEXT.read_text() if DEFAULT_TEXT.exists() else FALLBACK
-    windows = text_windows(lm, text, 192, 192)
-    return lm, windows, [score_tokens(lm, w).argmax(-1) for w in windows]
+    windows = text_windows(lm, text, WINDOW, LONG_TOKENS)
+    return windows, score_text(lm, windows)
+
+
+def score_against(lm, reference, windows: int) -> tuple[float, float, float]:
+    """``(top-1 agreement, perplexity, fp32 perplexity)`` on the first ``windows`` windows."""
+    texts, ref = reference
+    score, ref = score_text(lm, texts[:windows]), ref.first(windows)
+    return score.agreement(ref), score.perplexity, ref.perplexity
 
 
 # Issue 14's bar (int8 >= 99 %, int4 >= 95 %) is met on `inferstack model eval`'s held-out prompts (99.5 % /
@@ -34,36 +47,38 @@ def reference():
 # The int8 × int8 large-step GEMM (opt-in) loses accuracy: 84.4 % top-1 here with every step on it (ninth
 # stop, docs/engine.md); the bound pins that level so a regression of the kernel shows.
 MIN_TOP1_INT8_GEMM = 0.82
-# The int8 block kernel (the file's own codes, activations per 32 columns) measured 96.35 % here: issue
-# 14's int4 floor, the file's format.
-MIN_TOP1_INT8_BLOCKS = 0.95
+# The int8 block kernel (the file's own codes, activations rounded to 8 bits per 32 columns) is scored on
+# 2,048 positions, not 384: its int8 activation codes flip under 1-ulp changes anywhere before them and the
+# flips cascade through the layers, so one score is one draw of that noise
+# (benchmarks/int8blk_top1_spread.py, 10 seeds of 1-ulp noise on SiLU's output). On 384 positions the
+# seeds gave 0.945-0.977 (sd 0.0097) around the old 0.95 floor; on 2,048 they give 0.9556-0.9624 (mean
+# 0.9587, sd 0.0023) and the unperturbed kernel 0.9531. The floor sits 3.5 sd below the lowest of those
+# and 6 sd below the seeds' mean, so a 1-ulp change of the numerics cannot fail it by chance while a kernel
+# error (a wrong scale or block costs whole points, like the int8 GEMM's 0.88) still does.
+MIN_TOP1_INT8_BLOCKS = 0.945
 
 
 @pytest.mark.parametrize(("quantization", "min_top1"), [("int8", 0.98), ("int4", 0.95), ("gguf", 0.96)])
 def test_top1_agreement_and_perplexity_against_fp32(reference, quantization, min_top1):
-    ref_lm, windows, ref_top = reference
     lm = load_model("smollm2-135m", quant=QuantOptions(quantization, dense_prefill=False))
-    agree = sum((score_tokens(lm, w).argmax(-1) == r).sum().item() for w, r in zip(windows, ref_top, strict=True))
-    top1 = agree / sum(map(len, windows))
+    top1, ppl, ref_ppl = score_against(lm, reference, SHORT_WINDOWS)
     assert top1 >= min_top1, top1
-    assert perplexity(lm, windows) < 1.1 * perplexity(ref_lm, windows)
+    assert ppl < 1.1 * ref_ppl
 
 
-@pytest.mark.parametrize(("large", "min_top1"), [("float32", 0.995), ("int8", MIN_TOP1_INT8_GEMM),
-                                                 ("int8blk", MIN_TOP1_INT8_BLOCKS)])
-def test_large_step_copies_against_fp32(reference, large, min_top1):
+@pytest.mark.parametrize(("large", "min_top1", "windows"), [
+    ("float32", 0.995, SHORT_WINDOWS), ("int8", MIN_TOP1_INT8_GEMM, SHORT_WINDOWS),
+    ("int8blk", MIN_TOP1_INT8_BLOCKS, None)])
+def test_large_step_copies_against_fp32(reference, large, min_top1, windows):
     """Every step on the large-step copy (crossover 1). The fp32 copy holds the dequantized weights, and its
     steps keep the activations in fp32 from norm to residual (``DecoderLayer.wide_from``): it scores as
     fp32 itself (100 % and the same perplexity measured; 98.96 % when the activations between the norms
     were bf16, ninth stop). int8 rounds the weights per channel and each activation row to 8 bits."""
-    ref_lm, windows, ref_top = reference
     if large == "int8blk" and available() is None:
         pytest.skip("the int8 block kernel needs AVX-512 VNNI and the built extension")
     lm = load_model("smollm2-135m", quant=QuantOptions("gguf", crossover_rows=1, large_kernel=large))
     assert lm.quant.large_kernel == large
-    agree = sum((score_tokens(lm, w).argmax(-1) == r).sum().item() for w, r in zip(windows, ref_top, strict=True))
-    top1 = agree / sum(map(len, windows))
-    ppl, ref_ppl = perplexity(lm, windows), perplexity(ref_lm, windows)
+    top1, ppl, ref_ppl = score_against(lm, reference, windows or len(reference[0]))
     print(f"{large} large steps: top-1 {top1:.4f}, perplexity {ppl:.3f} vs fp32 {ref_ppl:.3f}")
     assert top1 >= min_top1, top1
     assert ppl < 1.1 * ref_ppl

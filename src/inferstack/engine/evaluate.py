@@ -94,12 +94,39 @@ def text_windows(lm: LoadedModel, text: str, window: int, max_tokens: int) -> li
 
 
 def perplexity(lm: LoadedModel, windows: list[list[int]], fmt: KVFormat | None = None) -> float:
-    nll, count = 0.0, 0
+    return score_text(lm, windows, fmt).perplexity
+
+
+@dataclass
+class TextScore:
+    """Scores of one model on text windows, from one pass over each window (lists: one entry per window)."""
+    top: list[torch.Tensor]     # argmax per position
+    nll: list[float]            # summed next-token negative log-likelihood
+    count: list[int]            # predicted tokens (the window's length - 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(sum(self.nll) / sum(self.count))
+
+    def first(self, n: int) -> TextScore:
+        """The scores of the first ``n`` windows only."""
+        return TextScore(self.top[:n], self.nll[:n], self.count[:n])
+
+    def agreement(self, ref: TextScore) -> float:
+        """Share of positions whose argmax equals ``ref``'s (over ``ref``'s windows)."""
+        pairs = zip(self.top, ref.top, strict=True)
+        return sum((a == b).sum().item() for a, b in pairs) / sum(len(t) for t in ref.top)
+
+
+def score_text(lm: LoadedModel, windows: list[list[int]], fmt: KVFormat | None = None) -> TextScore:
+    """Top-1 per position and perplexity together: one ``score_tokens`` per window instead of two."""
+    score = TextScore([], [], [])
     for ids in windows:
-        logits = score_tokens(lm, ids, fmt)[:-1]
-        nll += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
-        count += len(ids) - 1
-    return math.exp(nll / count)
+        logits = score_tokens(lm, ids, fmt)
+        score.top.append(logits.argmax(-1))
+        score.nll.append(F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item())
+        score.count.append(len(ids) - 1)
+    return score
 
 
 def decode_rate(llm: LLM, steps: int = 64, prompt_len: int = 32) -> float:

@@ -129,6 +129,59 @@ __attribute__((target("avx512f"))) void row_avx512(const Args& a, int64_t n, int
   }
 }
 
+// One activation row (a batch-1 step's LM head) against kRows weight rows at once: each row's sums run
+// in exactly row_avx512<1>'s order (bit for bit the same output), but the rows' independent FMA chains
+// interleave, so the core is not waiting on one row's dependency chain and final reduction at a time, and
+// the codes kPrefetchRows rows ahead are prefetched: the head is read from memory once per token (the body's
+// weights pass through the cache in between), and one row at a time without prefetch reached about half of
+// a core's streaming bandwidth. Measured (LM head, 1 thread, CPU time, cache flushed between calls, base and
+// this build alternating): 4.40 -> 2.83 ms median; 4 rows ahead 2.92, 16 rows 3.38, interleaving alone
+// without prefetch no gain (6.25 vs 5.58).
+constexpr int64_t kRows = 4;
+constexpr int64_t kPrefetchRows = 8;
+
+__attribute__((target("avx512f"))) void rows_avx512_m1(const Args& a, int64_t n0) {
+  const int64_t G = a.K / a.group;
+  __m512 acc[kRows], odd[kRows];
+  #pragma GCC unroll 4
+  for (int64_t r = 0; r < kRows; ++r) acc[r] = odd[r] = _mm512_setzero_ps();
+  // The rows kPrefetchRows further on (the last block's own rows at the end of the matrix).
+  const int8_t* ahead = a.q + std::min(n0 + kPrefetchRows, a.N - kRows) * a.K;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 dot[kRows];
+    #pragma GCC unroll 4
+    for (int64_t r = 0; r < kRows; ++r) dot[r] = _mm512_setzero_ps();
+    if (g % 2 == 0) {   // one 64-byte line covers two groups of 32 codes
+      #pragma GCC unroll 4
+      for (int64_t r = 0; r < kRows; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * a.K + g * a.group), _MM_HINT_T0);
+      }
+    }
+    for (int64_t k = g * a.group; k < (g + 1) * a.group; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(a.x + k);
+      #pragma GCC unroll 4
+      for (int64_t r = 0; r < kRows; ++r) {
+        const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q + (n0 + r) * a.K + k));
+        dot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), xv, dot[r]);
+      }
+    }
+    #pragma GCC unroll 4
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m512 s = _mm512_set1_ps(a.scale[(n0 + r) * G + g]);
+      if (g % 2 == 0) acc[r] = _mm512_fmadd_ps(dot[r], s, acc[r]);
+      else odd[r] = _mm512_fmadd_ps(dot[r], s, odd[r]);
+    }
+  }
+  #pragma GCC unroll 4
+  for (int64_t r = 0; r < kRows; ++r) {
+    float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], odd[r]));
+    if (a.offset != nullptr) {
+      for (int64_t g = 0; g < G; ++g) total += a.offset[(n0 + r) * G + g] * a.xsum[g];
+    }
+    a.out[n0 + r] = total;
+  }
+}
+
 using RowFn = void (*)(const Args&, int64_t, int64_t, int64_t);
 
 // The block size is a template argument so that the accumulators live in registers.
@@ -209,9 +262,13 @@ at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     // A tile of weight rows stays in L1 while every block of activation rows passes over it.
     for (int64_t tile = begin; tile < end; tile += 16) {
       const int64_t tile_end = std::min(tile + 16, end);
+      int64_t n = tile;
+      if (M == 1 && fn == rows_avx512) {
+        for (; n + kRows <= tile_end; n += kRows) rows_avx512_m1(a, n);
+      }
       for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
         const int64_t mb = std::min(kRowBlock, M - m0);
-        for (int64_t n = tile; n < tile_end; ++n) fn(a, n, m0, mb);
+        for (int64_t r = n; r < tile_end; ++r) fn(a, r, m0, mb);
       }
     }
   });
