@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferstack.engine.models.arch import ModelArch, ModelLoadError
+from inferstack.engine.models.extension import load_extension
 from inferstack.engine.models.quant_linear import QuantizedLinear
 
 
@@ -94,11 +95,15 @@ class Rotary:
 
     cos: torch.Tensor                  # [T, 1, head_dim]: cos | cos
     signed_sin: torch.Tensor           # [T, 1, head_dim]: -sin | sin
+    kernel: Any = None                 # the extension's rotary_apply (float32 CPU tables), or None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [T, heads, head_dim]`` by each token's position, in the tables' dtype. Attention
         narrows q and the cache write k separately: one cast of the whole result would hand SDPA
-        strided views, which changed bf16 prefill results (up to 0.9 in a logit)."""
+        strided views, which changed bf16 prefill results (up to 0.9 in a logit). With float32 tables and
+        input on CPU the C++ pass (``csrc/rotary.cpp``) computes the same bits in one read of ``x``."""
+        if self.kernel is not None and x.dtype == torch.float32 and x.stride(-1) == 1:
+            return self.kernel(x, self.cos, self.signed_sin)
         x = x.to(self.cos.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         # The same products and sum as ``x * cos + rotated * sin``, two of its three temporaries reused in place.
@@ -115,13 +120,16 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         self.register_buffer("cos", freqs.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device=device, dtype=dtype), persistent=False)
+        ext = load_extension() if torch.device(device).type == "cpu" and dtype == torch.float32 else None
+        self.kernel = None if ext is None else ext.rotary_apply
 
     def lookup(self, positions: torch.Tensor) -> Rotary:
         """``(cos | cos, -sin | sin)`` rows for a step's tokens, ``[T, 1, head_dim]``; built once per
         step so each layer's rotation is one cat, two multiplies and an add (half the ops of the
         textbook form, bit for bit the same: ``a + b·(-s)`` rounds exactly like ``a - b·s``)."""
         cos, sin = self.cos[positions], self.sin[positions]
-        return Rotary(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1))
+        return Rotary(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1),
+                      self.kernel)
 
 
 class DenseLinear(nn.Module):
