@@ -15,7 +15,6 @@
 // at load 8, 61 norms per step (docs/benchmarks.md, helper c14h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -86,6 +85,18 @@ inline float torch_sum_of_squares(const float* x, int64_t n) {
   return total;
 }
 
+// Round to nearest even as c10::BFloat16's constructor does (NaN to 0x7FC0), without its branch, so the loop
+// below vectorizes (the constructor kept it scalar: 49 against torch's 39 us for 64 rows of 576).
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+inline void store(float* out, float v) { *out = v; }
+inline void store(uint16_t* out, float v) { *out = bf16_bits(v); }
+
 template <int L, typename Out>
 inline void norm_row(const float* x, const float* w, int64_t n, float eps, Out* out) {
   const float mean = torch_sum_of_squares<L>(x, n) / static_cast<float>(n);
@@ -93,7 +104,7 @@ inline void norm_row(const float* x, const float* w, int64_t n, float eps, Out* 
   #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
     const float h = x[k] * r;
-    out[k] = static_cast<Out>(h * w[k]);
+    store(out + k, h * w[k]);
   }
 }
 
@@ -112,7 +123,7 @@ NORM_CLONES void norm_rows_f32(const float* x, int64_t ld, const float* w, int64
 }
 
 NORM_CLONES void norm_rows_bf16(const float* x, int64_t ld, const float* w, int64_t n, int64_t lanes, float eps,
-                                at::BFloat16* out, int64_t begin, int64_t end) {
+                                uint16_t* out, int64_t begin, int64_t end) {
   norm_rows(x, ld, w, n, lanes, eps, out, begin, end);
 }
 
@@ -132,7 +143,8 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double e
   const int64_t ld = x.stride(0);
   const float e = static_cast<float>(eps);
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
-    if (bf16_out) norm_rows_bf16(xp, ld, wp, n, lanes, e, out.data_ptr<at::BFloat16>(), begin, end);
+    if (bf16_out) norm_rows_bf16(xp, ld, wp, n, lanes, e, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
+                                 begin, end);
     else norm_rows_f32(xp, ld, wp, n, lanes, e, out.data_ptr<float>(), begin, end);
   });
   return out;
