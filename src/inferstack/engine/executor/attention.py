@@ -150,10 +150,12 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         return _decode(q, kv_cache, plan, scale)
 
     out = torch.empty_like(q)
+    fresh = _fresh_inputs(q, k, v, compute, plan) if any(p.context_slots is None for p in plan.prefills) else None
     for p in plan.prefills:
         qs = q[p.start:p.end]
-        if p.context_slots is None:
-            out[p.start:p.end] = sdpa_chunk(qs, k[p.start:p.end].to(compute), v[p.start:p.end].to(compute), scale,
+        if fresh is not None and p.context_slots is None:
+            fq, fk, fv = fresh
+            out[p.start:p.end] = sdpa_chunk(fq[p.start:p.end], fk[p.start:p.end], fv[p.start:p.end], scale,
                                             plan.prefill_wide)
         else:
             ctx, row = (-1, num_kv_heads, head_dim), kv_cache.shape[-1]
@@ -164,6 +166,17 @@ def paged_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         rows = plan.decode_rows
         out[rows] = _decode(q.index_select(0, rows), kv_cache, plan, scale)
     return out
+
+
+def _fresh_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compute: torch.dtype,
+                  plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's q/k/v as the chunks with no cached context attend them: k/v rounded to ``compute``, all three
+    widened to float32 with ``prefill_wide``. Converted once for the whole step, the same values as each
+    chunk's own conversions (64 chunks of 128 tokens: six small copies per chunk and layer before)."""
+    k, v = k.to(compute), v.to(compute)
+    if plan.prefill_wide and compute != torch.float32:
+        return q.float(), k.float(), v.float()
+    return q, k, v
 
 
 def decode_kernel_accepts(q: torch.Tensor, kv_cache: torch.Tensor, fmt: KVFormat | None) -> bool:

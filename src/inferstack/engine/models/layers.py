@@ -8,6 +8,7 @@ once and indexed by position so a step does no trigonometry.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferstack.engine.models.arch import ModelArch, ModelLoadError
+from inferstack.engine.models.extension import load_extension
 from inferstack.engine.models.quant_linear import QuantizedLinear
 
 
@@ -33,15 +35,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+@dataclass(frozen=True)
+class NormKernel:
+    """The extension's ``rms_norm_rows`` with torch's float32 vector width on this CPU (:func:`norm_kernel`)."""
+
+    rows: Callable[[torch.Tensor, torch.Tensor, float, int, bool], torch.Tensor]
+    lanes: int
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float, bf16_out: bool) -> torch.Tensor:
+        return self.rows(x, weight, eps, self.lanes, bf16_out)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+             out_dtype: torch.dtype | None = None, kernel: NormKernel | None = None) -> torch.Tensor:
     """RMSNorm in float32, op for op as transformers' ``LlamaRMSNorm``. ``F.rms_norm`` on CPU runs the
     same pow/mean/rsqrt/mul composite plus two copies and a ``type_as`` per call (torch 2.13): 61
     norms per SmolLM2 step made 122 of the step's 485 copies (docs/benchmarks.md, issue 14 third pass).
 
     ``out_dtype`` (a float32 input only) writes the weighted result straight into that dtype: the bf16
     input of a quantized projection without a separate cast, rounded exactly as ``(w * h).to(dtype)``.
-    The statistics are updated in place (same values, two allocations fewer per call)."""
+    The statistics are updated in place (same values, two allocations fewer per call).
+
+    ``kernel`` (:func:`norm_kernel`): the extension's one-pass norm, the same bits (it replays torch's sum
+    order), used for float32 rows with a float32 weight and a float32 or bf16 result."""
+    if kernel is not None and x.dim() == 2 and x.dtype == torch.float32 and x.stride(-1) == 1 \
+            and weight is not None and weight.dtype == torch.float32 and out_dtype in (None, torch.float32,
+                                                                                      torch.bfloat16):
+        return kernel(x, weight, eps, out_dtype == torch.bfloat16)
     dtype = x.dtype
     h = x if dtype == torch.float32 else x.float()
     h = h * h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
@@ -52,6 +72,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     if out_dtype is not None and out_dtype != h.dtype:
         return torch.mul(h, weight, out=torch.empty(h.shape, dtype=out_dtype, device=h.device))
     return h.mul_(weight) if weight.dtype == h.dtype else weight * h
+
+
+def norm_kernel(device: torch.device) -> NormKernel | None:
+    """The extension's ``rms_norm_rows`` for float32 norms on CPU, with the vector width whose sum order gives
+    torch's bits here. Torch's sum kernel may add 8-float vectors on an AVX-512 CPU (its default dispatch did
+    on this Xeon), so the width is found by comparing both on rows of widely spread values; None when neither
+    matches (another torch, another order), and the norms stay torch's."""
+    ext = load_extension() if device.type == "cpu" else None
+    if ext is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(8, n, generator=gen) * torch.logspace(-3, 4, n) for n in (576, 1000, 4096)]
+    for lanes in (8, 16):
+        kernel = NormKernel(ext.rms_norm_rows, lanes)
+        if all(torch.equal(kernel(x, x[0], 1e-5, False), rms_norm(x, x[0], 1e-5)) for x in rows):
+            return kernel
+    return None
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -94,11 +131,15 @@ class Rotary:
 
     cos: torch.Tensor                  # [T, 1, head_dim]: cos | cos
     signed_sin: torch.Tensor           # [T, 1, head_dim]: -sin | sin
+    kernel: Any = None                 # the extension's rotary_apply (float32 CPU tables), or None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [T, heads, head_dim]`` by each token's position, in the tables' dtype. Attention
         narrows q and the cache write k separately: one cast of the whole result would hand SDPA
-        strided views, which changed bf16 prefill results (up to 0.9 in a logit)."""
+        strided views, which changed bf16 prefill results (up to 0.9 in a logit). With float32 tables and
+        input on CPU the C++ pass (``csrc/rotary.cpp``) computes the same bits in one read of ``x``."""
+        if self.kernel is not None and x.dtype == torch.float32 and x.stride(-1) == 1:
+            return self.kernel(x, self.cos, self.signed_sin)
         x = x.to(self.cos.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         # The same products and sum as ``x * cos + rotated * sin``, two of its three temporaries reused in place.
@@ -115,13 +156,16 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         self.register_buffer("cos", freqs.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", freqs.sin().to(device=device, dtype=dtype), persistent=False)
+        ext = load_extension() if torch.device(device).type == "cpu" and dtype == torch.float32 else None
+        self.kernel = None if ext is None else ext.rotary_apply
 
     def lookup(self, positions: torch.Tensor) -> Rotary:
         """``(cos | cos, -sin | sin)`` rows for a step's tokens, ``[T, 1, head_dim]``; built once per
         step so each layer's rotation is one cat, two multiplies and an add (half the ops of the
         textbook form, bit for bit the same: ``a + b·(-s)`` rounds exactly like ``a - b·s``)."""
         cos, sin = self.cos[positions], self.sin[positions]
-        return Rotary(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1))
+        return Rotary(torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1),
+                      self.kernel)
 
 
 class DenseLinear(nn.Module):

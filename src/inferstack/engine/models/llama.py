@@ -26,7 +26,16 @@ from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import Projection, WeightTarget
 from inferstack.engine.models.fused_decode import FusedDecode, decode_attention_kernel
-from inferstack.engine.models.layers import DenseLinear, GatedMLP, Rotary, RotaryEmbedding, linear, rms_norm
+from inferstack.engine.models.layers import (
+    DenseLinear,
+    GatedMLP,
+    NormKernel,
+    Rotary,
+    RotaryEmbedding,
+    linear,
+    norm_kernel,
+    rms_norm,
+)
 from inferstack.engine.models.quant_linear import QuantizedLinear, first_is_faster
 
 
@@ -70,13 +79,14 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
         self.inner: torch.dtype | None = None   # the projections' input dtype when not the stream's
         self.wide_from: int | None = None       # from this many rows every projection takes the stream's dtype
+        self.norm_kernel: NormKernel | None = None   # the C++ one-pass norm (same bits), when built
 
     def forward(self, x: torch.Tensor, rot: Rotary, kv_cache: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Updates the residual stream ``x`` in place (the model's own tensor from the embedding on)."""
         inner = None if self.wide_from is not None and x.shape[0] >= self.wide_from else self.inner
-        h = rms_norm(x, self.input_norm, self.eps, inner)
+        h = rms_norm(x, self.input_norm, self.eps, inner, self.norm_kernel)
         x.add_(self.attn(h, rot, kv_cache, plan))
-        h = rms_norm(x, self.post_attn_norm, self.eps, inner)
+        h = rms_norm(x, self.post_attn_norm, self.eps, inner, self.norm_kernel)
         return x.add_(self.mlp(h))
 
 
@@ -116,13 +126,16 @@ class LlamaForCausalLM(nn.Module):
         self.fused: FusedDecode | None = None   # the C++ layer loop for batch-1 decode, when built
         self.decode_kernel: DecodeKernel | None = None   # the C++ in-place decode attention, when built
         self.prefill_wide = False   # prefill attention in float32 over a bf16/fp16 cache (_prefill_wide)
+        self.norm_kernel: NormKernel | None = None   # the C++ one-pass norm (same bits), when built
 
     def init_buffers(self) -> None:
         """Compute the non-checkpoint state (rotary tables) on the parameters' device and dtype, and
         which dtype the body's projections take: bf16 for quantized ones around an fp32 stream, so
         each norm writes its output in it (models/quant_linear.py ``inner_dtype``)."""
         self.rotary = RotaryEmbedding(self.arch, self.embed.dtype, self.embed.device)
+        self.norm_kernel = norm_kernel(self.embed.device)
         for layer in self.layers:
+            layer.norm_kernel = self.norm_kernel
             qkv = layer.attn.qkv
             layer.inner = qkv.out_dtype if isinstance(qkv, QuantizedLinear) else None
             layer.wide_from = _wide_from(layer) if layer.inner is not None else None
@@ -144,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
             if meta.wait_for_layer is not None:    # this layer's external KV may still be landing
                 meta.wait_for_layer(i)
             x = layer(x, rot, kv_cache, plan)
-        return rms_norm(x, self.norm, self.arch.rms_norm_eps)
+        return rms_norm(x, self.norm, self.arch.rms_norm_eps, kernel=self.norm_kernel)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -226,6 +226,10 @@ bool int8_blocks_supported();
 // paged_attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale, const std::string& codes);
+// rotary.cpp
+at::Tensor rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& ssin);
+// rms_norm.cpp
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t lanes, bool bf16_out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layers", &decode_layers, "Every decoder layer of a batch-1 int4 decode step");
@@ -242,4 +246,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Decode attention of one new token per sequence, read in place from the paged KV cache",
         pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("block_tables"), pybind11::arg("seq_lens"),
         pybind11::arg("scale"), pybind11::arg("codes") = "");
+  m.def("rms_norm_rows", &rms_norm_rows, "RMSNorm of float32 rows, torch's sum order for its vector width");
+  m.def("rotary_apply", &rotary_apply, "Rotary (rotate halves) of float32 [T, H, D] by (cos | cos, -sin | sin) rows");
 }
