@@ -99,9 +99,9 @@ def test_each_step_picks_its_kernel_by_rows():
         assert torch.equal(got, expected) and not torch.equal(got, other), rows
 
 
-def test_crossover_measurement_returns_a_candidate_or_none():
+def test_crossover_measurement_returns_a_candidate_or_past_them():
     found = measure_crossover(quantize_int4(_weight(256, 256), 32), candidates=(1, 64), repeats=2)
-    assert found in (1, 64, None, 32)    # 32: the int4 table value, when load disturbed every timing
+    assert found in (1, 64, 128, 32)    # 128: past the largest tried; 32: the int4 table, load disturbed every timing
 
 
 class _LoadedMachine:
@@ -157,6 +157,14 @@ def test_measured_crossover_is_never_below_8_rows(monkeypatch):
     the kernel table has them ahead below 8 rows, so no measurement goes below that."""
     w = quantize_int4(_weight(64, 64), 32)
     assert _LoadedMachine(0, per_row=2.0, disturbed=0.0).crossover(monkeypatch, w) == 8
+
+
+def test_measured_crossover_is_never_never(monkeypatch):
+    """Timings that put the quantized kernel ahead at every size tried (up to 128 rows) meant "never" before:
+    every prefill chunk of hundreds to thousands of rows on the packed kernel, a start under load that ran
+    13x slower. The race speaks only for the sizes it timed: past them, the large-step copy."""
+    w = quantize_int4(_weight(64, 64), 32)
+    assert _LoadedMachine(0, per_row=0.001, disturbed=0.0).crossover(monkeypatch, w) == 256
 
 
 def test_int4_group_falls_back_to_a_divisor():
@@ -331,7 +339,8 @@ def test_auto_races_the_block_kernel_only_for_a_4bit_gguf(tiny_dir, tmp_path, mo
 
 @pytest.mark.parametrize(("verdict", "kernel", "crossover"), [
     (True, "bfloat16", 1),                            # the dense copy wins at every size: from the smallest
-    (False, "float32", None),                         # never: the quantized kernel everywhere
+    (False, "float32", 128),                          # the quantized kernel ahead at every size tried: the large
+                                                      # copy from twice the largest (prefill chunks), never "never"
     (None, "float32", TABLE_CROSSOVER["int4"]),       # load disturbed every timing: the accurate copy, the table
 ])
 def test_large_step_kernel_and_crossover_follow_the_timings(monkeypatch, verdict, kernel, crossover):

@@ -275,11 +275,13 @@ def first_is_faster(first: Callable[[], torch.Tensor], second: Callable[[], torc
 
 
 def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = CROSSOVER_CANDIDATES,
-                      repeats: int = 7, large: str = "bfloat16") -> int | None:
+                      repeats: int = 7, large: str = "bfloat16") -> int:
     """The fewest rows from which the large-step GEMM (``large``, as in :func:`large_copy`) beats the
-    quantized kernel on ``w`` and stays ahead for every larger candidate (None: the quantized kernel
-    wins at every size tried); :data:`TABLE_CROSSOVER` when load leaves no undisturbed timing at some
-    size (logged)."""
+    quantized kernel on ``w`` and stays ahead for every larger candidate; :data:`TABLE_CROSSOVER` when load
+    leaves no undisturbed timing at some size (logged). Where the quantized kernel wins at the largest size
+    tried, twice that size (logged), never "never": the race speaks for the sizes it timed only, and a prefill
+    chunk of hundreds to thousands of rows is compute-bound, where the packed kernels fall far behind (a start
+    on a busy host that sent every prefill chunk to the int4 kernel ran 13x slower, docs/engine.md)."""
     packed = PackedWeight.pack(w)
     copy = large_copy(w.dequantize() if isinstance(w, (Int8Weight, Int4Weight)) else w, large, w)
     wins = []
@@ -298,6 +300,10 @@ def measure_crossover(w: QuantWeight, candidates: tuple[int, ...] = CROSSOVER_CA
         if not dense_wins:
             break
         crossover = rows
+    if crossover is None:
+        crossover = 2 * candidates[-1]
+        log.warning("kernel choice: the quantized kernel was ahead at %d rows, the most tried; the large-step "
+                    "copy from %d rows (prefill chunks; --quant-crossover-rows pins it)", candidates[-1], crossover)
     return crossover
 
 
