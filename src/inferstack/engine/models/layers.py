@@ -131,7 +131,8 @@ class Rotary:
 
     cos: torch.Tensor                  # [T, 1, head_dim]: cos | cos
     signed_sin: torch.Tensor           # [T, 1, head_dim]: -sin | sin
-    kernel: Any = None                 # the extension's rotary_apply (float32 CPU tables), or None
+    # the extension's rotary_apply(x, cos, signed_sin) for float32 CPU tables, or None
+    kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [T, heads, head_dim]`` by each token's position, in the tables' dtype. Attention
