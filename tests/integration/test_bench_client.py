@@ -78,7 +78,13 @@ def test_measures_the_scripted_latencies(scripted: Server, tmp_path: Path, endpo
     assert lat["itl"]["mean"] == pytest.approx(0.008, abs=0.002)
     assert lat["e2e"]["p50"] == pytest.approx(0.040 + 15 * 0.008, abs=0.02)
     assert s["tokens"]["output_total"] == 16 * s["requests"]["completed"]
-    assert s["slo"]["attainment"] > 0.9
+    # attainment is the share of the run's requests whose own TTFT and TPOT meet both limits: recomputed from the
+    # per-request rows, not a floor, since a loaded CI machine stalls a few of 16 streams past 30 ms a token (0.81 once)
+    rows = [r for r in results(tmp_path)["requests"] if r["included"]]
+    meeting = [r for r in rows if r["ttft_s"] is not None and r["ttft_s"] <= 0.2 and r["tpot_s"] <= 0.03]
+    assert s["slo"]["attainment"] == pytest.approx(len(meeting) / len(rows))
+    assert s["slo"]["met"] == (len(meeting) / len(rows) >= 0.95)
+    assert len(meeting) > len(rows) / 2
     assert "guidellm TPOT" in (tmp_path / "report.md").read_text()
 
 
