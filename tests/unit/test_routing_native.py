@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inferstack.gateway.routing import EndpointView, PoolSnapshot, RequestView, native
+from inferstack.gateway.routing.prefix import ApproxPrefixIndex
 from inferstack.gateway.routing.profiles import Router
 from inferstack.gateway.routing.registry import build_router, make_profile
 from inferstack.gateway.routing.state import RoutingState
@@ -168,3 +169,39 @@ def test_builds_once_into_the_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_
     built = list((tmp_path / "extensions").glob("inferstack_route_*"))
     assert [p.name for p in built] == [native.library_path().name]
     assert [p.name for p in (tmp_path / "extensions").iterdir()] == [built[0].name]   # no temporary left
+
+
+def _indexes(capacity: int) -> tuple[ApproxPrefixIndex, ApproxPrefixIndex]:
+    """(compiled insert loop, Python loop) prefix indexes."""
+    compiled = ApproxPrefixIndex(capacity)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv(native.ENV, "0")
+        native.native.cache_clear()
+        python = ApproxPrefixIndex(capacity)
+    native.native.cache_clear()
+    if compiled._compiled_loop is None:
+        pytest.skip("no C compiler here: the compiled loop is not built")
+    assert python._compiled_loop is None
+    return compiled, python
+
+
+def _state(index: ApproxPrefixIndex) -> tuple:
+    lrus = {e: (list(lru.order), dict(lru.stale), lru.live) for e, lru in index._lru.items()}
+    holders = {h: s if type(s) is str else sorted(s) for h, s in index._holders.items()}
+    return lrus, holders
+
+
+@settings(max_examples=150, deadline=None)
+@given(inserts=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.lists(st.integers(0, 40), max_size=12)),
+                        max_size=40),
+       capacity=st.sampled_from([4, 16, 1000]))
+def test_compiled_insert_loop_keeps_the_same_index(inserts: list[tuple[str, list[int]]], capacity: int) -> None:
+    """Held, shared, new and repeated hashes, evictions: the same LRU orders, stale counts, holders and matches."""
+    compiled, python = _indexes(capacity)
+    for endpoint, hashes in inserts:
+        compiled.insert(endpoint, hashes)
+        python.insert(endpoint, hashes)
+        assert _state(compiled) == _state(python)
+        assert compiled.match(hashes) == python.match(hashes)
+    for e in "abc":
+        assert compiled.held_by(e) == python.held_by(e)

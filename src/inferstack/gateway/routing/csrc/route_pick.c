@@ -349,8 +349,82 @@ done:
     return out;
 }
 
+/* ``stale[h] = stale.get(h, 0) + 1`` */
+static int bump(PyObject *stale, PyObject *h) {
+    PyObject *v = PyDict_GetItemWithError(stale, h);
+    long n = 0;
+    if (v == NULL && PyErr_Occurred()) return -1;
+    if (v != NULL && (n = PyLong_AsLong(v)) == -1 && PyErr_Occurred()) return -1;
+    PyObject *next = PyLong_FromLong(n + 1);
+    if (next == NULL) return -1;
+    int rc = PyDict_SetItem(stale, h, next);
+    Py_DECREF(next);
+    return rc;
+}
+
+static int call_append(PyObject *append, PyObject *h) {
+    PyObject *r = PyObject_CallOneArg(append, h);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The loop of `prefix.ApproxPrefixIndex.insert` over ``hashes`` for ``endpoint``, on the index's own objects:
+ * insert_loop(holders, stale, append, endpoint, hashes) -> (hashes made live, some were held already). A hash
+ * nobody holds gets ``endpoint`` as its sole holder; one another endpoint holds gets a holder set ({other,
+ * endpoint}, built in that order); one ``endpoint`` holds counts one more stale copy. Each but the last kind is
+ * appended to the LRU's order, the held ones too (their newest copy). */
+static PyObject *insert_loop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "insert_loop(holders: dict, stale: dict, append, endpoint, hashes)");
+        return NULL;
+    }
+    PyObject *holders = args[0], *stale = args[1], *append = args[2], *endpoint = args[3];
+    PyObject *seq = PySequence_Fast(args[4], "hashes must be a sequence");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), added = 0;
+    PyObject **hashes = PySequence_Fast_ITEMS(seq);
+    int again = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *h = hashes[i], *s = PyDict_GetItemWithError(holders, h);
+        int held;
+        if (s == NULL) {
+            if (PyErr_Occurred() || PyDict_SetItem(holders, h, endpoint)) goto fail;
+            held = 0;
+        } else if (PyUnicode_CheckExact(s)) {
+            if ((held = PyObject_RichCompareBool(s, endpoint, Py_EQ)) < 0) goto fail;
+            if (!held) {
+                PyObject *both = PySet_New(NULL);
+                if (both == NULL) goto fail;
+                Py_INCREF(s);     /* the dict's reference goes with the item it replaces */
+                int rc = PySet_Add(both, s) || PySet_Add(both, endpoint) || PyDict_SetItem(holders, h, both);
+                Py_DECREF(s);
+                Py_DECREF(both);
+                if (rc) goto fail;
+            }
+        } else {
+            if ((held = PySet_Contains(s, endpoint)) < 0) goto fail;
+            if (!held && PySet_Add(s, endpoint)) goto fail;
+        }
+        if (held) {
+            if (bump(stale, h)) goto fail;
+            again = 1;
+        } else {
+            added++;
+        }
+        if (call_append(append, h)) goto fail;
+    }
+    Py_DECREF(seq);
+    return Py_BuildValue("nO", added, again ? Py_True : Py_False);
+fail:
+    Py_DECREF(seq);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"pick", (PyCFunction)(void (*)(void))pick, METH_FASTCALL, "A profile's pick over a snapshot's endpoints."},
+    {"insert_loop", (PyCFunction)(void (*)(void))insert_loop, METH_FASTCALL, "ApproxPrefixIndex.insert's loop."},
     {NULL, NULL, 0, NULL},
 };
 
