@@ -123,6 +123,22 @@ def test_ties_draw_from_the_state_rng_like_the_python_picker() -> None:
     assert got[0][1] == "tie" and len({endpoint for endpoint, _, _ in got}) > 1
 
 
+class _LooseView(EndpointView):
+    """A view with a __dict__ (no slots of its own): read through attribute lookups, not slot offsets."""
+
+
+def test_views_of_another_type_are_read_by_attribute() -> None:
+    compiled, python = _routers("default", 5)
+    rng = random.Random(5)
+    pool: list[EndpointView] = [EndpointView("a", has_metrics=True, metrics_age_s=0.01, in_flight=3)]
+    pool += [_LooseView(f"l{i}", has_metrics=True, metrics_age_s=0.01, queue=float(i), in_flight=i % 3,
+                        kv_usage=0.1 * i, max_concurrency=4 if i % 2 else None) for i in range(5)]
+    reqs = _requests(rng, 30)
+    for order in (pool, pool[::-1]):
+        got = _trace(compiled, copy.deepcopy(order), reqs, 0.2, random.Random(2))
+        assert got == _trace(python, copy.deepcopy(order), reqs, 0.2, random.Random(2))
+
+
 def test_coverage_and_fallbacks() -> None:
     assert native.spec(["healthy", "not-overloaded"], [("prefix", 3), ("in-flight", 0)], "max-score") == (
         (0, 1), ((0, 3.0, "prefix"),))

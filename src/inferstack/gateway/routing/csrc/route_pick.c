@@ -10,6 +10,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,44 +36,79 @@ typedef struct {
     double in_flight, cap, queue, running, kv, age, held;
 } Ep;
 
-static PyObject *s_id, *s_healthy, *s_has_metrics, *s_in_flight, *s_max_concurrency, *s_queue, *s_running,
-    *s_kv_usage, *s_metrics_age_s, *s_held, *s_only, *s_tie;
+static PyObject *s_only, *s_tie;
 
-static int read_double(PyObject *view, PyObject *name, double *out) {
-    PyObject *v = PyObject_GetAttr(view, name);
-    if (v == NULL) return -1;
-    *out = PyFloat_AsDouble(v);
+/* The fields read, in this order. A view of the type seen first (`EndpointView`, a slots dataclass) is read
+ * through its slots' offsets (an attribute lookup each cost more than all the scoring of a small pool);
+ * any other object through attribute lookups. */
+enum { A_ID, A_HEALTHY, A_HAS_METRICS, A_MAX_CONCURRENCY, A_IN_FLIGHT, A_QUEUE, A_RUNNING, A_KV_USAGE,
+       A_METRICS_AGE_S, A_HELD, A_COUNT };
+static PyObject *names[A_COUNT];
+static PyTypeObject *slotted;          /* the view type whose offsets are known (a strong reference) */
+static PyTypeObject *tried;            /* the last type whose offsets were looked for (not dereferenced) */
+static Py_ssize_t offsets[A_COUNT];
+
+static void learn_offsets(PyTypeObject *type) {
+    Py_ssize_t found[A_COUNT];
+    for (int a = 0; a < A_COUNT; a++) {
+        PyObject *d = PyObject_GetAttr((PyObject *)type, names[a]);
+        if (d == NULL) { PyErr_Clear(); return; }
+        int ok = Py_IS_TYPE(d, &PyMemberDescr_Type)
+                 && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX;
+        if (ok) found[a] = ((PyMemberDescrObject *)d)->d_member->offset;
+        Py_DECREF(d);
+        if (!ok) return;
+    }
+    memcpy(offsets, found, sizeof(found));
+    Py_INCREF(type);
+    slotted = type;
+}
+
+/* a new reference to the field, or NULL with an exception */
+static PyObject *field(PyObject *view, int a) {
+    if (Py_TYPE(view) == slotted) {
+        PyObject *v = *(PyObject **)((char *)view + offsets[a]);
+        if (v != NULL) { Py_INCREF(v); return v; }
+    }
+    return PyObject_GetAttr(view, names[a]);
+}
+
+static int as_double(PyObject *v, double *out) {
+    *out = PyFloat_CheckExact(v) ? PyFloat_AS_DOUBLE(v) : PyLong_CheckExact(v) ? PyLong_AsDouble(v)
+                                                                               : PyFloat_AsDouble(v);
     Py_DECREF(v);
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-static int read_truth(PyObject *view, PyObject *name, PyObject **keep) {
-    PyObject *v = PyObject_GetAttr(view, name);
+static int read_double(PyObject *view, int a, double *out) {
+    PyObject *v = field(view, a);
+    return v == NULL ? -1 : as_double(v, out);
+}
+
+static int read_truth(PyObject *view, int a) {
+    PyObject *v = field(view, a);
     if (v == NULL) return -1;
-    int t = PyObject_IsTrue(v);
-    if (keep != NULL && t > 0) { *keep = v; return t; }
+    int t = v == Py_True ? 1 : v == Py_False ? 0 : PyObject_IsTrue(v);
     Py_DECREF(v);
     return t;
 }
 
 static int read_view(PyObject *view, Py_ssize_t pos, Ep *e) {
-    PyObject *cap = NULL;
+    if (slotted == NULL && Py_TYPE(view) != tried) { tried = Py_TYPE(view); learn_offsets(tried); }
     e->pos = pos;
-    e->id = PyObject_GetAttr(view, s_id);
+    e->id = field(view, A_ID);
     if (e->id == NULL) return -1;
     Py_DECREF(e->id);   /* the view keeps its id alive for the call */
-    if ((e->healthy = read_truth(view, s_healthy, NULL)) < 0) return -1;
-    if ((e->has_metrics = read_truth(view, s_has_metrics, NULL)) < 0) return -1;
-    if ((e->capped = read_truth(view, s_max_concurrency, &cap)) < 0) return -1;
+    if ((e->healthy = read_truth(view, A_HEALTHY)) < 0) return -1;
+    if ((e->has_metrics = read_truth(view, A_HAS_METRICS)) < 0) return -1;
+    PyObject *cap = field(view, A_MAX_CONCURRENCY);
+    if (cap == NULL) return -1;
     e->cap = 0.0;
-    if (cap != NULL) {
-        e->cap = PyFloat_AsDouble(cap);
-        Py_DECREF(cap);
-        if (e->cap == -1.0 && PyErr_Occurred()) return -1;
-    }
-    if (read_double(view, s_in_flight, &e->in_flight) || read_double(view, s_queue, &e->queue)
-        || read_double(view, s_running, &e->running) || read_double(view, s_kv_usage, &e->kv)
-        || read_double(view, s_metrics_age_s, &e->age) || read_double(view, s_held, &e->held)) return -1;
+    if ((e->capped = PyObject_IsTrue(cap)) < 0) { Py_DECREF(cap); return -1; }
+    if (e->capped) { if (as_double(cap, &e->cap)) return -1; } else { Py_DECREF(cap); }
+    if (read_double(view, A_IN_FLIGHT, &e->in_flight) || read_double(view, A_QUEUE, &e->queue)
+        || read_double(view, A_RUNNING, &e->running) || read_double(view, A_KV_USAGE, &e->kv)
+        || read_double(view, A_METRICS_AGE_S, &e->age) || read_double(view, A_HELD, &e->held)) return -1;
     return 0;
 }
 
@@ -431,13 +467,11 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, STR(ROUTE_MODULE), NULL, -1, methods};
 
 PyMODINIT_FUNC CAT(PyInit_, ROUTE_MODULE)(void) {
-    struct { PyObject **slot; const char *name; } names[] = {
-        {&s_id, "id"}, {&s_healthy, "healthy"}, {&s_has_metrics, "has_metrics"}, {&s_in_flight, "in_flight"},
-        {&s_max_concurrency, "max_concurrency"}, {&s_queue, "queue"}, {&s_running, "running"},
-        {&s_kv_usage, "kv_usage"}, {&s_metrics_age_s, "metrics_age_s"}, {&s_held, "held"}, {&s_only, "only"},
-        {&s_tie, "tie"},
-    };
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if ((*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL) return NULL;
+    static const char *fields[A_COUNT] = {"id", "healthy", "has_metrics", "max_concurrency", "in_flight", "queue",
+                                          "running", "kv_usage", "metrics_age_s", "held"};
+    for (int a = 0; a < A_COUNT; a++)
+        if ((names[a] = PyUnicode_InternFromString(fields[a])) == NULL) return NULL;
+    if ((s_only = PyUnicode_InternFromString("only")) == NULL || (s_tie = PyUnicode_InternFromString("tie")) == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }
