@@ -1,9 +1,9 @@
 """The compiled pick (``csrc/route_pick.c``): a profile's filters, scorers, totals, tie-break and reason in one
-call, for the profiles whose every step it implements (`spec`); the Python steps stay the reference and the
-path for every other profile.
+call, for the profiles whose every step it implements (`spec`), and the prefix index's insert loop
+(`prefix.ApproxPrefixIndex.insert`); the Python steps stay the reference and the path for every other profile.
 
 A plain CPython extension (no torch: the gateway does not import it), compiled with the C compiler Python was
-built with on first use (or ahead with ``python -m inferstack.gateway.routing.native --build``, which
+built with on first use (or ahead with ``python -m inferstack.gateway.routing.build_native``, which
 ``scripts/setup.sh`` runs) into the cache folder under a name that hashes the source, the flags and the Python
 version, so a stale build never loads. Without a compiler, or with ``INFERSTACK_NATIVE_ROUTING=0``, routing runs
 the Python steps (same decisions, slower); the log says which.
@@ -103,14 +103,3 @@ def native() -> ModuleType | None:
         log.warning("routing: compiled pick unavailable (%s); the Python steps route (same decisions, slower)",
                     detail)
         return None
-
-
-def main() -> None:
-    """``--build``: compile ahead (scripts/setup.sh); prints the library's path."""
-    if sys.argv[1:] != ["--build"]:
-        raise SystemExit("usage: python -m inferstack.gateway.routing.native --build")
-    print(build())
-
-
-if __name__ == "__main__":
-    main()
