@@ -221,3 +221,22 @@ def test_compiled_insert_loop_keeps_the_same_index(inserts: list[tuple[str, list
         assert compiled.match(hashes) == python.match(hashes)
     for e in "abc":
         assert compiled.held_by(e) == python.held_by(e)
+
+
+@settings(max_examples=150, deadline=None)
+@given(inserts=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 12), st.integers(0, 3)),
+                        max_size=30),
+       queries=st.lists(st.lists(st.integers(0, 20), max_size=16), max_size=20))
+def test_compiled_match_answers_as_the_python_match(inserts: list[tuple[str, int, int]],
+                                                    queries: list[list[int]]) -> None:
+    """Runs of shared and sole blocks, holders dropping out at different blocks, a lone holder going on after the
+    others stopped: the same counts (insert order included) for chains and random hash lists."""
+    compiled, python = _indexes(1000)
+    chain = list(range(16))
+    for endpoint, length, skip in inserts:     # a chain's first ``length`` blocks, less its block ``skip``
+        hashes = [h for h in chain[:length] if h != skip or length < 6]
+        compiled.insert(endpoint, hashes)
+        python.insert(endpoint, hashes)
+    for hashes in [chain, chain[:3], [], *queries]:
+        got, want = compiled.match(hashes), python.match(hashes)
+        assert got == want and list(got) == list(want), hashes

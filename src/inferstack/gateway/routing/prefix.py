@@ -169,8 +169,9 @@ class ApproxPrefixIndex:
         self.capacity = capacity_per_endpoint
         self._lru: dict[str, _Lru] = {}
         self._holders: dict[int, str | set[str]] = {}
-        lib = native()
+        lib = native()    # the insert loop and the match compiled (`routing.native`), or None: the Python steps
         self._compiled_loop: Callable[..., tuple[int, bool]] | None = lib.insert_loop if lib is not None else None
+        self._compiled_match: Callable[..., dict[str, int]] | None = lib.match if lib is not None else None
 
     def __len__(self) -> int:
         return sum(lru.live for lru in self._lru.values())
@@ -276,6 +277,11 @@ class ApproxPrefixIndex:
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Consecutive blocks from the start that each endpoint holds (greedy, stops at the
         first block nobody holds): each holder of the first block with the length of its own run."""
+        if self._compiled_match is not None:
+            return self._compiled_match(self._holders, hashes)
+        return self._match(hashes)
+
+    def _match(self, hashes: Sequence[int]) -> dict[str, int]:
         get = self._holders.get
         s = get(hashes[0]) if hashes else None
         if not s:

@@ -458,9 +458,112 @@ fail:
     return NULL;
 }
 
+/* prefix._run: ``start`` plus the consecutive blocks from ``hashes[start]`` that ``endpoint`` holds, alone or shared */
+static Py_ssize_t run_of(PyObject *holders, PyObject **hashes, Py_ssize_t n, PyObject *endpoint, Py_ssize_t start) {
+    Py_ssize_t k = start;
+    for (; k < n; k++) {
+        PyObject *s = PyDict_GetItemWithError(holders, hashes[k]);
+        if (s == NULL) { if (PyErr_Occurred()) return -1; break; }
+        int eq = PyObject_RichCompareBool(s, endpoint, Py_EQ);
+        if (eq < 0) return -1;
+        if (eq) continue;
+        if (!PySet_CheckExact(s)) break;
+        int in = PySet_Contains(s, endpoint);
+        if (in < 0) return -1;
+        if (!in) break;
+    }
+    return k;
+}
+
+/* ``counts[e] = value`` for every e of the set ``endpoints``, in its iteration order */
+static int set_all(PyObject *counts, PyObject *endpoints, Py_ssize_t value) {
+    PyObject *v = PyLong_FromSsize_t(value), *it = v ? PyObject_GetIter(endpoints) : NULL, *e;
+    if (it == NULL) { Py_XDECREF(v); return -1; }
+    int rc = 0;
+    while (rc == 0 && (e = PyIter_Next(it)) != NULL) { rc = PyDict_SetItem(counts, e, v); Py_DECREF(e); }
+    Py_DECREF(it);
+    Py_DECREF(v);
+    return rc || PyErr_Occurred() ? -1 : 0;
+}
+
+static int set_run(PyObject *counts, PyObject *e, Py_ssize_t value) {
+    PyObject *v = value < 0 ? NULL : PyLong_FromSsize_t(value);
+    if (v == NULL) return -1;
+    int rc = PyDict_SetItem(counts, e, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+/* `prefix.ApproxPrefixIndex.match` over the index's reverse map, step for step (the same set operations, the
+ * same order of writes into the answer): match(holders, hashes) -> {endpoint: leading blocks it holds} */
+static PyObject *match(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "match(holders: dict, hashes)");
+        return NULL;
+    }
+    PyObject *holders = args[0], *seq = PySequence_Fast(args[1], "hashes must be a sequence");
+    if (seq == NULL) return NULL;
+    PyObject **hashes = PySequence_Fast_ITEMS(seq), *counts = PyDict_New(), *alive = NULL, *s;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (counts == NULL) goto fail;
+    s = n ? PyDict_GetItemWithError(holders, hashes[0]) : NULL;
+    if (s == NULL) { if (PyErr_Occurred()) goto fail; goto done; }
+    int truth = PyObject_IsTrue(s);
+    if (truth < 0) goto fail;
+    if (!truth) goto done;
+    if (PyUnicode_CheckExact(s)) {
+        if (set_run(counts, s, run_of(holders, hashes, n, s, 1))) goto fail;
+        goto done;
+    }
+    alive = Py_NewRef(s);
+    for (Py_ssize_t i = 1; i < n; i++) {
+        s = PyDict_GetItemWithError(holders, hashes[i]);
+        if (s == NULL && PyErr_Occurred()) goto fail;
+        if (s == NULL || (truth = PyObject_IsTrue(s)) == 0) { n = i; break; }
+        if (truth < 0) goto fail;
+        if (PyUnicode_CheckExact(s)) {
+            int in = PySequence_Contains(alive, s);
+            if (in < 0) goto fail;
+            if (!in) { n = i; break; }
+            Py_INCREF(s);   /* held across the writes below */
+            int rc = set_all(counts, alive, i) || set_run(counts, s, run_of(holders, hashes, n, s, i + 1));
+            Py_DECREF(s);
+            if (rc) goto fail;
+            goto done;
+        }
+        PyObject *sub = PyObject_RichCompare(alive, s, Py_LE);
+        if (sub == NULL) goto fail;
+        int within = PyObject_IsTrue(sub);
+        Py_DECREF(sub);
+        if (within < 0) goto fail;
+        if (within) continue;
+        PyObject *kept = PyNumber_And(alive, s);
+        if (kept == NULL) goto fail;
+        int any = PyObject_IsTrue(kept);
+        if (any <= 0) { Py_DECREF(kept); if (any < 0) goto fail; n = i; break; }
+        PyObject *gone = PyNumber_Subtract(alive, kept);
+        int rc = gone == NULL || set_all(counts, gone, i);
+        Py_XDECREF(gone);
+        Py_SETREF(alive, kept);
+        if (rc) goto fail;
+    }
+    if (set_all(counts, alive, n)) goto fail;
+done:
+    Py_XDECREF(alive);
+    Py_DECREF(seq);
+    return counts;
+fail:
+    Py_XDECREF(alive);
+    Py_XDECREF(counts);
+    Py_DECREF(seq);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"pick", (PyCFunction)(void (*)(void))pick, METH_FASTCALL, "A profile's pick over a snapshot's endpoints."},
     {"insert_loop", (PyCFunction)(void (*)(void))insert_loop, METH_FASTCALL, "ApproxPrefixIndex.insert's loop."},
+    {"match", (PyCFunction)(void (*)(void))match, METH_FASTCALL, "ApproxPrefixIndex.match."},
     {NULL, NULL, 0, NULL},
 };
 
