@@ -31,8 +31,9 @@ from inferstack.paths import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "route_pick.c"
-# -ffp-contract=off: no fused multiply-adds, so every total rounds where the Python steps' additions round
-CFLAGS = ("-O2", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden")
+# -ffp-contract=off: no fused multiply-adds, so every total rounds where the Python steps' additions round;
+# -fno-strict-aliasing as CPython itself is built (object pointers are cast between struct types)
+CFLAGS = ("-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared", "-fvisibility=hidden")
 ENV = "INFERSTACK_NATIVE_ROUTING"
 
 # the step codes of csrc/route_pick.c
