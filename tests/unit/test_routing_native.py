@@ -48,7 +48,7 @@ def _routers(profile: str, seed: int) -> tuple[Router, Router]:
     native.native.cache_clear()
     policy = compiled.handler.policy  # type: ignore[attr-defined]
     if policy._lib is None:
-        pytest.skip("no C compiler here: the compiled pick is not built")
+        pytest.skip("compiled routing unavailable (no C compiler, or INFERSTACK_NATIVE_ROUTING=0)")
     assert python.handler.policy._lib is None  # type: ignore[attr-defined]
     return compiled, python
 
@@ -181,7 +181,7 @@ def test_builds_once_into_the_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv("INFERSTACK_CACHE_DIR", str(tmp_path))
     lib = native.native()
     if lib is None:
-        pytest.skip("no C compiler here")
+        pytest.skip("compiled routing unavailable (no C compiler, or INFERSTACK_NATIVE_ROUTING=0)")
     built = list((tmp_path / "extensions").glob("inferstack_route_*"))
     assert [p.name for p in built] == [native.library_path().name]
     assert [p.name for p in (tmp_path / "extensions").iterdir()] == [built[0].name]   # no temporary left
@@ -196,7 +196,7 @@ def _indexes(capacity: int) -> tuple[ApproxPrefixIndex, ApproxPrefixIndex]:
         python = ApproxPrefixIndex(capacity)
     native.native.cache_clear()
     if compiled._compiled_loop is None:
-        pytest.skip("no C compiler here: the compiled loop is not built")
+        pytest.skip("compiled routing unavailable (no C compiler, or INFERSTACK_NATIVE_ROUTING=0)")
     assert python._compiled_loop is None
     return compiled, python
 
