@@ -38,4 +38,8 @@ done
 echo "==> building the C++ batch-1 decode layers"
 .venv/bin/python -m inferstack.engine.models.fused_decode --build \
   || echo "    not built: batch-1 decode runs the Python layer loop (slower, same results)"
+# The gateway's compiled routing pick (plain C, no torch); without it routing runs its Python steps.
+echo "==> building the gateway's compiled routing pick"
+.venv/bin/python -m inferstack.gateway.routing.build_native \
+  || echo "    not built: the gateway routes with its Python steps (same decisions, slower)"
 echo "==> ready: .venv/bin/inferstack"

@@ -16,6 +16,8 @@ from itertools import islice
 
 import xxhash
 
+from inferstack.gateway.routing.native import native
+
 # Tier credit for a block held outside device memory (llm-d: gpu 1.0, cpu 0.8).
 MEDIUM_WEIGHT = {"device": 1.0, "host": 0.8, "disk": 0.6, "remote": 0.5}
 
@@ -167,6 +169,9 @@ class ApproxPrefixIndex:
         self.capacity = capacity_per_endpoint
         self._lru: dict[str, _Lru] = {}
         self._holders: dict[int, str | set[str]] = {}
+        lib = native()    # the insert loop and the match compiled (`routing.native`), or None: the Python steps
+        self._compiled_loop: Callable[..., tuple[int, bool]] | None = lib.insert_loop if lib is not None else None
+        self._compiled_match: Callable[..., dict[str, int]] | None = lib.match if lib is not None else None
 
     def __len__(self) -> int:
         return sum(lru.live for lru in self._lru.values())
@@ -184,6 +189,19 @@ class ApproxPrefixIndex:
         lru = self._lru.get(endpoint)
         if lru is None:
             lru = self._lru[endpoint] = _Lru()
+        if self._compiled_loop is not None:     # the loop below in one compiled call (`routing.native`)
+            added, again = self._compiled_loop(self._holders, lru.stale, lru.order.append, endpoint, hashes)
+            lru.live += added
+        else:
+            again = self._insert_loop(lru, endpoint, hashes)
+        if again and len(lru.order) > 2 * lru.live + 1024:
+            lru.compact()
+        if lru.live > self.capacity:
+            self._evict(lru, endpoint, lru.live - self.capacity)
+
+    def _insert_loop(self, lru: _Lru, endpoint: str, hashes: Sequence[int]) -> bool:
+        """Each hash becomes ``endpoint``'s newest: appended to its LRU order (a held one as a newer copy, the
+        older one counted stale), ``endpoint`` added to its holders. True when some were held already."""
         holders = self._holders
         fresh = dict.fromkeys(hashes, endpoint)
         if len(fresh) == len(hashes) and holders.keys().isdisjoint(fresh):
@@ -192,8 +210,8 @@ class ApproxPrefixIndex:
             lru.order.extend(fresh)
             lru.live += len(fresh)
             holders.update(fresh)
-            hashes = ()
-        # `_Lru.again` inline, its compaction checked once at the end: a tenant's system prompt sent to its
+            return False
+        # `_Lru.again` inline, its compaction checked once by the caller: a tenant's system prompt sent to its
         # holder again is dozens of held blocks per request (a method call each cost ~10 µs at 2,000 characters)
         stale, append, again = lru.stale, lru.order.append, False
         for h in hashes:
@@ -216,10 +234,7 @@ class ApproxPrefixIndex:
                 s.add(endpoint)
             append(h)
             lru.live += 1
-        if again and len(lru.order) > 2 * lru.live + 1024:
-            lru.compact()
-        if lru.live > self.capacity:
-            self._evict(lru, endpoint, lru.live - self.capacity)
+        return again
 
     def _evict(self, lru: _Lru, endpoint: str, n: int) -> None:
         """Drop ``endpoint``'s ``n`` least recently inserted hashes (`pop_oldest` then `_drop`, each). Without
@@ -262,6 +277,11 @@ class ApproxPrefixIndex:
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Consecutive blocks from the start that each endpoint holds (greedy, stops at the
         first block nobody holds): each holder of the first block with the length of its own run."""
+        if self._compiled_match is not None:
+            return self._compiled_match(self._holders, hashes)
+        return self._match(hashes)
+
+    def _match(self, hashes: Sequence[int]) -> dict[str, int]:
         get = self._holders.get
         s = get(hashes[0]) if hashes else None
         if not s:

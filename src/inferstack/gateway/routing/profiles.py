@@ -10,9 +10,10 @@ from typing import Protocol
 import numpy as np
 
 from inferstack.gateway.routing import columns as col
-from inferstack.gateway.routing.filters import Filter, within_cap
-from inferstack.gateway.routing.pickers import Picker
-from inferstack.gateway.routing.scorers import UNIFORM, Scorer
+from inferstack.gateway.routing import native
+from inferstack.gateway.routing.filters import FILTERS, Filter, within_cap
+from inferstack.gateway.routing.pickers import PICKERS, Picker
+from inferstack.gateway.routing.scorers import SCORERS, UNIFORM, Scorer
 from inferstack.gateway.routing.state import RouteContext, RoutingState
 from inferstack.gateway.routing.types import EndpointView, PoolSnapshot, RequestView
 
@@ -45,6 +46,32 @@ class Profile:
         self._uniform = [(n, s, w, UNIFORM.get(s)) for n, s, w in self._weighted]
         self._columnar = (all(f in col.COL_FILTERS for f, _ in self.filters)
                           and self.picker_name in col.COL_PICKERS)
+        # the compiled pick (`routing.native`), when every step is the registry's own under its name
+        own = (all(FILTERS.get(n) is f for n, f in self.filters) and PICKERS.get(self.picker_name) is self.picker
+               and all(SCORERS.get(n) is s for n, s, _ in self.scorers))
+        self._spec = native.spec([n for n, _ in self.filters], [(n, w) for n, _, w in self.scorers],
+                                 self.picker_name) if own else None
+        self._lib = native.native() if self._spec is not None else None
+        self._lora = any(n == "lora-affinity" for n, _, _ in self._weighted)
+        self._spread = any(n == "prefix-spread" for n, _, _ in self._weighted)
+
+    def pick_endpoints(self, ctx: RouteContext, endpoints: Sequence[EndpointView]) -> Pick | None:
+        """`pick` over ``within_cap(endpoints)``: in one compiled call when the profile has one (`routing.native`;
+        the same pick, tie-break draw and reason), else the Python steps. The compiled pick reads the routing
+        state only through what is passed in: the prefix matches, the cold check, the shared-prompt counts and
+        the session's endpoint."""
+        lib, req = self._lib, ctx.request
+        if lib is None or (self._lora and req.adapter):   # lora-affinity's compiled twin: no adapter only
+            return self.pick(ctx, within_cap(list(endpoints)))
+        state = ctx.state
+        cold = ctx.cold()
+        roots, sess = state.roots, req.session
+        counts = roots.counts() if cold and self._spread and roots.sharing() else None
+        filters, scorers = self._spec  # type: ignore[misc]
+        out = lib.pick(endpoints, filters, scorers, ctx.snapshot.stale_after_s, ctx.approx_matches(),
+                       len(req.prefix_hashes), cold, state.cold_served, counts,
+                       state.sessions.get(sess) if sess else None, state.rng.randrange)
+        return None if out is None else Pick(endpoints[out[0]], out[1])
 
     def pick(self, ctx: RouteContext, cands: list[EndpointView]) -> Pick | None:
         for _, f in self.filters:
@@ -256,7 +283,8 @@ class Router:
             if cols is not None and isinstance(policy, Profile) and policy.columnar():
                 pick = policy.pick_columns(ctx, cols)
             else:
-                pick = policy.pick(ctx, within_cap(list(snap.endpoints)))
+                pick = policy.pick_endpoints(ctx, snap.endpoints) if isinstance(policy, Profile) \
+                    else policy.pick(ctx, within_cap(list(snap.endpoints)))
             if pick is None:
                 if result is None:
                     return None
