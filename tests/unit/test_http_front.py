@@ -375,3 +375,45 @@ def test_the_gateway_server_serves_its_completion_paths_without_asgi():
         return set(config.http_protocol_class(config=config, server_state=ServerState(), app_state={}).direct)
 
     assert asyncio.run(direct_paths()) == {b"/v1/chat/completions", b"/v1/completions"}
+
+
+def test_fixed_headers_are_checked_once_and_sent_by_reply_direct_or_through_send():
+    """`fixed_headers` checks as `send` does (a value that splits the head raises; a framing header is refused)
+    and `Cycle.reply` sends them after the per-response headers, on the direct path and when it falls back to
+    `send` (a reply after a paused write)."""
+    import pytest
+
+    from inferstack.protocol.http_cycle import fixed_headers
+
+    with pytest.raises(RuntimeError):
+        fixed_headers([(b"x-bad", b"a\r\nset-cookie: x")])
+    with pytest.raises(ValueError):
+        fixed_headers([(b"Content-Length", b"2")])
+    fixed = fixed_headers([(b"Content-Type", b"application/json"), (b"x-served", b"engine-1")])
+    assert fixed.pairs == ((b"content-type", b"application/json"), (b"x-served", b"engine-1"))
+
+    async def direct(cycle) -> None:
+        cycle.body_now()
+        await cycle.reply(200, [(b"content-length", b"2")], b"ok", fixed)
+
+    class App:
+        def __init__(self) -> None:
+            self.direct_post = {b"/d": direct}
+
+        async def __call__(self, scope, receive, send) -> None:
+            raise AssertionError("not through ASGI")
+
+    async def main():
+        protocol, transport = _connect(App(), proxy_headers=False)
+        protocol.data_received(b"POST /d HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: len(transport.writes) == 1, "answered directly")
+        protocol.pause_writing()  # the reply goes through `send`, which waits for the drain
+        protocol.data_received(b"POST /d HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await asyncio.sleep(0)
+        protocol.resume_writing()
+        await _until(lambda: len(transport.writes) == 2, "answered through send")
+        protocol.connection_lost(None)
+        return transport.writes
+
+    for written in asyncio.run(main()):
+        assert b"\r\ncontent-length: 2\r\ncontent-type: application/json\r\nx-served: engine-1\r\n\r\nok" in written

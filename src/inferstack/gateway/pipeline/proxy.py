@@ -23,6 +23,7 @@ from inferstack.gateway.pipeline.plan import RETRYABLE
 from inferstack.gateway.pipeline.usage import StreamMeter, json_usage
 from inferstack.gateway.routing.disagg import PDResult
 from inferstack.protocol.errors import APIError
+from inferstack.protocol.http_cycle import FixedHeaders, fixed_headers
 from inferstack.protocol.sse import SSE_DONE, sse_raw
 
 log = logging.getLogger("inferstack.gateway")
@@ -30,8 +31,9 @@ log = logging.getLogger("inferstack.gateway")
 JSON = [(b"content-type", b"application/json")]
 SERVED = b"x-gateway-destination-endpoint-served"
 _SSE = (b"content-type", b"text/event-stream")
-# a whole response: status, headers (with its Content-Length), body
-Reply = Callable[[int, list[tuple[bytes, bytes]], bytes], Awaitable[None]]
+# a whole response: status, headers (with its Content-Length), body, and headers checked once (`fixed_headers`)
+Reply = Callable[[int, list[tuple[bytes, bytes]], bytes, FixedHeaders], Awaitable[None]]
+_FIXED_KEPT = 64  # (endpoint, content type) pairs whose reply headers are kept checked (`Proxy._fixed`)
 
 
 class Proxy:
@@ -45,6 +47,16 @@ class Proxy:
         self.account = account
         self.pd = pd
         self.metrics = metrics
+        # a whole response's content type and endpoint, checked and encoded once per pair (`Cycle.reply`)
+        self._fixed: dict[tuple[bytes, bytes], FixedHeaders] = {}
+
+    def _reply_headers(self, ep: Endpoint, ctype: bytes) -> FixedHeaders:
+        fixed = self._fixed.get((ep.id_bytes, ctype))
+        if fixed is None:
+            fixed = fixed_headers(((b"content-type", ctype), (SERVED, ep.id_bytes)))
+            if len(self._fixed) < _FIXED_KEPT:  # an engine's content types are few; never an unbounded map
+                self._fixed[(ep.id_bytes, ctype)] = fixed
+        return fixed
 
     async def serve(self, ctx: RequestContext, send: Any, reply: Reply) -> None:
         """Answer ``ctx`` through ASGI ``send``; a whole (non-streamed) response goes through ``reply``
@@ -138,12 +150,8 @@ class Proxy:
         # A non-streamed response arrives whole: its first token's time is unknown, so it feeds
         # E2E only (observing E2E as TTFT would also make TPOT read ~0).
         now = time.perf_counter()
-        await reply(
-            status,
-            [(b"content-type", ctype), (b"content-length", b"%d" % len(data)), (b"x-request-id", ctx.inbound.rid),
-             (SERVED, ep.id_bytes)],
-            data,
-        )
+        await reply(status, [(b"content-length", b"%d" % len(data)), (b"x-request-id", ctx.inbound.rid)], data,
+                    self._reply_headers(ep, ctype))
         ctx.outcome.responded = True
         # the usage is read once the client has its answer: off the response's latency
         self.account.finish(ctx, now, json_usage(data) if status == 200 else None, chunks=1)
@@ -239,9 +247,10 @@ class Proxy:
         self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
 
 
-async def asgi_reply(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def asgi_reply(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                     fixed: FixedHeaders) -> None:
     """A whole response as ASGI's two messages (`Reply` over ``send``: bind it with `functools.partial`)."""
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, *fixed.pairs]})
     await send({"type": "http.response.body", "body": body})
 
 
