@@ -417,3 +417,41 @@ def test_fixed_headers_are_checked_once_and_sent_by_reply_direct_or_through_send
 
     for written in asyncio.run(main()):
         assert b"\r\ncontent-length: 2\r\ncontent-type: application/json\r\nx-served: engine-1\r\n\r\nok" in written
+
+
+def test_write_now_streams_chunks_without_messages_until_writes_pause():
+    """`Cycle.write_now` writes a started response's next chunk as `send` would (chunked framing, the head with the
+    first bytes); False before the response starts or while the client's writes are paused (then `send`, which
+    waits for the drain), and after the client left it writes nothing."""
+    results: list[bool] = []
+
+    async def stream(cycle) -> None:
+        cycle.body_now()
+        results.append(cycle.write_now(b"too early"))
+        await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/x")]})
+        results.append(cycle.write_now(b"data: 1\n\n"))
+        cycle.proto.pause_writing()
+        results.append(cycle.write_now(b"data: 2\n\n"))
+        cycle.proto.resume_writing()
+        results.append(cycle.write_now(b"data: 2\n\n"))
+        await cycle.send({"type": "http.response.body", "body": b""})
+
+    class App:
+        def __init__(self) -> None:
+            self.direct_post = {b"/s": stream}
+
+        async def __call__(self, scope, receive, send) -> None:
+            raise AssertionError("not through ASGI")
+
+    async def main():
+        protocol, transport = _connect(App(), proxy_headers=False)
+        protocol.data_received(b"POST /s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: len(results) == 4 and transport.writes and transport.writes[-1].endswith(b"0\r\n\r\n"),
+                     "streamed")
+        protocol.connection_lost(None)
+        return b"".join(transport.writes)
+
+    written = asyncio.run(main())
+    assert results == [False, True, False, True]
+    assert written.startswith(b"HTTP/1.1 200 OK\r\n") and b"transfer-encoding: chunked\r\n" in written
+    assert written.endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n")

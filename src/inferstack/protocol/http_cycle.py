@@ -220,6 +220,17 @@ class Cycle:
         self.head = self._encode_head(status, headers, fixed.lines if fixed is not None else b"")
         self._write_body(body, False)
 
+    def write_now(self, body: bytes) -> bool:
+        """More bytes of a started response, as `send` writes an ``http.response.body`` message with ``more_body``,
+        without the message and its coroutine when nothing has to wait (a streamed response's chunks). False when
+        `send` must take it: the client's writes are paused (it waits for the drain), or no response is open."""
+        if self.disconnected:
+            return True  # as `send`: nothing more goes out
+        if self.proto.write_paused or not self.response_started or self.response_complete:
+            return False
+        self._write_body(body, True)
+        return True
+
     def _write_body(self, body: bytes, more: bool) -> None:
         if self.head_only:
             data = b""
