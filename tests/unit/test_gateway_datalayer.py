@@ -118,3 +118,20 @@ def test_a_scrape_round_reads_every_endpoint_on_kept_connections_and_one_failure
                 s.close()
 
     asyncio.run(main())
+
+
+def test_engine_metrics_parsed_with_an_endpoints_label_cache_read_the_same_and_the_cache_stays_bounded():
+    """The label sets of an endpoint's series are parsed once and kept across scrapes (the same answers as a parse
+    without the cache); LoRA info series whose labels change every scrape never grow the cache past its bound."""
+    from inferstack.gateway import datalayer
+
+    cache: dict = {}
+    for i in range(600):
+        text = (f'vllm:num_requests_running{{model_name="a"}} {i}\nvllm:num_requests_running{{model_name="b"}} 1\n'
+                f'vllm:num_requests_waiting{{model_name="a"}} 2\nvllm:kv_cache_usage_perc{{model_name="a"}} 0.5\n'
+                f'vllm:lora_requests_info{{running_lora_adapters="x{i}",waiting_lora_adapters="",max_lora="4"}} '
+                f'{i}\n')
+        cached, fresh = parse_engine_metrics(text, cache), parse_engine_metrics(text)
+        assert cached == fresh and cached.running == i + 1 and cached.adapters_active == frozenset({f"x{i}"})
+        assert len(cache) <= datalayer._LABELS_KEPT + 1
+    assert parse_engine_metrics("<html>oops</html>", cache) is None

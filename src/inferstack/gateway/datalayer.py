@@ -11,6 +11,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -58,22 +59,33 @@ class ScrapedMetrics:
     finished: float | None = None      # cumulative finished requests; None where not exported
 
 
-def parse_engine_metrics(text: str) -> ScrapedMetrics | None:
-    """Pick the router's signals out of Prometheus text; None if no known family is present."""
+_SIGNALS = frozenset({*_QUEUE, *_RUNNING, *_KV})
+_LABELS_KEPT = 256  # parsed label sets an endpoint's scrapes keep (`parse_engine_metrics`): its series are few
+
+
+def parse_engine_metrics(text: str, label_cache: dict[str, promtext.Labels] | None = None) -> ScrapedMetrics | None:
+    """Pick the router's signals out of Prometheus text; None if no known family is present. ``label_cache``:
+    the label sets an endpoint's earlier scrapes parsed (label text -> labels), kept by the caller: the same
+    series come back every scrape, and parsing their labels again was most of a scrape's cost."""
+    if label_cache is not None and len(label_cache) > _LABELS_KEPT:
+        label_cache.clear()  # LoRA info series change labels as adapters come and go: never unbounded
     try:
-        scrape = promtext.parse(text, 0.0, names=_WANTED)
+        families = promtext.parse(text, 0.0, names=_WANTED, label_cache=label_cache).by_name
     except ValueError:
         return None
-    if not any(scrape.has(n) for n in _QUEUE | _RUNNING | _KV):
+    if families.keys().isdisjoint(_SIGNALS):
         return None
-    m = ScrapedMetrics(queue=sum(v for n in _QUEUE for v in scrape.select(n).values()),
-                       running=sum(v for n in _RUNNING for v in scrape.select(n).values()),
-                       kv_usage=max((v for n in _KV for v in scrape.select(n).values()), default=0.0),
-                       batch_cap=int(sum(v for n in _BATCH_CAP for v in scrape.select(n).values())),
-                       reports_queue=any(scrape.has(n) for n in _QUEUE | _RUNNING),
-                       busy_seconds=sum(scrape.select(_BUSY).values()) if scrape.has(_BUSY) else None,
-                       finished=sum(scrape.select(_FINISHED).values()) if scrape.has(_FINISHED) else None)
-    lora = scrape.select(_LORA)
+
+    def total(names: Iterable[str]) -> float:
+        return sum(v for n in names if n in families for v in families[n].values())
+
+    m = ScrapedMetrics(queue=total(_QUEUE), running=total(_RUNNING),
+                       kv_usage=max((v for n in _KV if n in families for v in families[n].values()), default=0.0),
+                       batch_cap=int(total(_BATCH_CAP)),
+                       reports_queue=not families.keys().isdisjoint(_QUEUE | _RUNNING),
+                       busy_seconds=total((_BUSY,)) if _BUSY in families else None,
+                       finished=total((_FINISHED,)) if _FINISHED in families else None)
+    lora = families.get(_LORA)
     if lora:  # several series over time: the newest (its value is a timestamp) is the current state
         labels = dict(max(lora, key=lambda k: lora[k]))
         m.adapters_active = frozenset(a for a in labels.get("running_lora_adapters", "").split(",") if a)
@@ -100,6 +112,7 @@ class Endpoint:
         self.drain_s: float | None = None  # `drain.seconds_per_completion()` as of the latest scrape
         self.metrics_supported = True
         self.metrics_text = b""   # the last /metrics body: an unchanged one is not parsed again
+        self.metrics_labels: dict[str, promtext.Labels] = {}  # label sets its scrapes parsed (`parse_engine_metrics`)
         self.in_flight = 0
         self.held = 0  # requests routed here that wait for its room at the gateway (`endpointflow`)
         self.active_ok = True
@@ -411,7 +424,7 @@ def _take_scrape(ep: Endpoint, now: float, status: int, body: bytes) -> None:
     if body == ep.metrics_text and ep.metrics is not None:   # an idle engine: same text, same values
         m = ep.metrics
     else:
-        m = parse_engine_metrics(body.decode("utf-8", "replace"))
+        m = parse_engine_metrics(body.decode("utf-8", "replace"), ep.metrics_labels)
         ep.metrics_text = body if m is not None else b""
     if m is None:
         ep.metrics_supported = False
