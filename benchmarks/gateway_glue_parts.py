@@ -21,11 +21,11 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
 import yaml
+from gateway_parts import best_us
 
 from inferstack.gateway.datalayer import parse_engine_metrics
 from inferstack.protocol.http_cycle import Cycle, fixed_headers
@@ -46,16 +46,6 @@ class _Transport:
 def _proto() -> types.SimpleNamespace:
     return types.SimpleNamespace(default_head=b"date: Mon, 07 Dec 2026 20:00:00 GMT\r\n", header_names={},
                                  header_values=set(), write_paused=False, transport=_Transport(), loop=None)
-
-
-def best_us(fn: Callable[[], object], n: int, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t = time.process_time()
-        for _ in range(n):
-            fn()
-        best = min(best, time.process_time() - t)
-    return best / n * 1e6
 
 
 def reply_heads(n: int, reps: int) -> None:
