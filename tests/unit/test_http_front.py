@@ -377,6 +377,16 @@ def test_the_gateway_server_serves_its_completion_paths_without_asgi():
     assert asyncio.run(direct_paths()) == {b"/v1/chat/completions", b"/v1/completions"}
 
 
+class _DirectOnly:
+    """An app whose every request is served by its ``direct_post`` handlers (never through ASGI)."""
+
+    def __init__(self, handlers: dict) -> None:
+        self.direct_post = handlers
+
+    async def __call__(self, scope, receive, send) -> None:
+        raise AssertionError("not through ASGI")
+
+
 def test_fixed_headers_are_checked_once_and_sent_by_reply_direct_or_through_send():
     """`fixed_headers` checks as `send` does (a value that splits the head raises; a framing header is refused)
     and `Cycle.reply` sends them after the per-response headers, on the direct path and when it falls back to
@@ -396,15 +406,8 @@ def test_fixed_headers_are_checked_once_and_sent_by_reply_direct_or_through_send
         cycle.body_now()
         await cycle.reply(200, [(b"content-length", b"2")], b"ok", fixed)
 
-    class App:
-        def __init__(self) -> None:
-            self.direct_post = {b"/d": direct}
-
-        async def __call__(self, scope, receive, send) -> None:
-            raise AssertionError("not through ASGI")
-
     async def main():
-        protocol, transport = _connect(App(), proxy_headers=False)
+        protocol, transport = _connect(_DirectOnly({b"/d": direct}), proxy_headers=False)
         protocol.data_received(b"POST /d HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
         await _until(lambda: len(transport.writes) == 1, "answered directly")
         protocol.pause_writing()  # the reply goes through `send`, which waits for the drain
@@ -436,15 +439,8 @@ def test_write_now_streams_chunks_without_messages_until_writes_pause():
         results.append(cycle.write_now(b"data: 2\n\n"))
         await cycle.send({"type": "http.response.body", "body": b""})
 
-    class App:
-        def __init__(self) -> None:
-            self.direct_post = {b"/s": stream}
-
-        async def __call__(self, scope, receive, send) -> None:
-            raise AssertionError("not through ASGI")
-
     async def main():
-        protocol, transport = _connect(App(), proxy_headers=False)
+        protocol, transport = _connect(_DirectOnly({b"/s": stream}), proxy_headers=False)
         protocol.data_received(b"POST /s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
         await _until(lambda: len(results) == 4 and transport.writes and transport.writes[-1].endswith(b"0\r\n\r\n"),
                      "streamed")
