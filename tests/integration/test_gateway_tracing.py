@@ -30,6 +30,9 @@ def test_one_span_per_request_with_genai_attributes():
                                  json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
                 assert r.status_code == 200
                 assert r.headers["x-request-id"] == "req-123"
+                # through ASGI (`proxy.AsgiResponder`): the reply's fixed headers are among its headers
+                assert r.headers["content-type"].startswith("application/json")
+                assert r.headers["x-gateway-destination-endpoint-served"] == engine.url.split("//", 1)[1]
                 r = await c.post("/v1/completions", json={"model": "fake-model", "prompt": "x", "stream": True})
                 assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
         finally:

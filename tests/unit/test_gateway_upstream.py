@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from inferstack.gateway.upstream import UpstreamError, UpstreamPool
+from inferstack.gateway.upstream import UpstreamError, UpstreamPool, finished
 
 
 async def _serve(handler):
@@ -308,3 +308,52 @@ def test_sent_runs_once_before_the_first_suspension_on_a_kept_or_a_new_connectio
         server.close()
 
     asyncio.run(main())
+
+
+def test_send_now_on_kept_connections_and_finished_yields_answers_as_they_come_failures_included():
+    """`send_now` writes on a kept connection with no wait (None with none kept); `finished` hands over several
+    exchanges in one coroutine in the order they end, a failed one with its error, and no task is made for them."""
+    async def main():
+        release_slow = asyncio.Event()
+
+        async def handler(reader, writer):
+            async for head, _ in _requests(reader):
+                if b"/slow" in head:
+                    await release_slow.wait()
+                elif b"/drop" in head:
+                    writer.close()
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n" + head.split(b" ")[1][1:3])
+                await writer.drain()
+
+        server, url = await _serve(handler)
+        pools = [UpstreamPool(url, 5.0, 5.0) for _ in range(3)]
+        try:
+            assert pools[0].send_now(pools[0].head(b"GET", b"/fast", []), b"") is None  # nothing kept yet
+            for p in pools:  # one kept connection each
+                conn = await p.request(b"GET", b"/fast", [], b"")
+                await conn.read()
+                conn.release()
+            tasks_before = len(asyncio.all_tasks())
+            paths = (b"/slow", b"/fast", b"/drop")
+            conns = [p.send_now(p.head(b"GET", path, []), b"") for p, path in zip(pools, paths, strict=True)]
+            assert all(c is not None for c in conns) and len(asyncio.all_tasks()) == tasks_before
+            order = []
+            async for conn in finished(conns):
+                order.append(conns.index(conn))
+                if conn.error is None:
+                    assert conn.body_now() == {0: b"sl", 1: b"fa"}[conns.index(conn)]
+                    conn.release()
+                else:
+                    assert isinstance(conn.error, UpstreamError)
+                    conn.close()
+                if len(order) == 2:
+                    release_slow.set()  # the slow one answers only after the others are in
+            return order
+        finally:
+            for p in pools:
+                p.close()
+            server.close()
+
+    order = asyncio.run(main())
+    assert sorted(order[:2]) == [1, 2] and order[2] == 0

@@ -375,3 +375,79 @@ def test_the_gateway_server_serves_its_completion_paths_without_asgi():
         return set(config.http_protocol_class(config=config, server_state=ServerState(), app_state={}).direct)
 
     assert asyncio.run(direct_paths()) == {b"/v1/chat/completions", b"/v1/completions"}
+
+
+class _DirectOnly:
+    """An app whose every request is served by its ``direct_post`` handlers (never through ASGI)."""
+
+    def __init__(self, handlers: dict) -> None:
+        self.direct_post = handlers
+
+    async def __call__(self, scope, receive, send) -> None:
+        raise AssertionError("not through ASGI")
+
+
+def test_fixed_headers_are_checked_once_and_sent_by_reply_direct_or_through_send():
+    """`fixed_headers` checks as `send` does (a value that splits the head raises; a framing header is refused)
+    and `Cycle.reply` sends them after the per-response headers, on the direct path and when it falls back to
+    `send` (a reply after a paused write)."""
+    import pytest
+
+    from inferstack.protocol.http_cycle import fixed_headers
+
+    with pytest.raises(RuntimeError):
+        fixed_headers([(b"x-bad", b"a\r\nset-cookie: x")])
+    with pytest.raises(ValueError):
+        fixed_headers([(b"Content-Length", b"2")])
+    fixed = fixed_headers([(b"Content-Type", b"application/json"), (b"x-served", b"engine-1")])
+    assert fixed.pairs == ((b"content-type", b"application/json"), (b"x-served", b"engine-1"))
+
+    async def direct(cycle) -> None:
+        cycle.body_now()
+        await cycle.reply(200, [(b"content-length", b"2")], b"ok", fixed)
+
+    async def main():
+        protocol, transport = _connect(_DirectOnly({b"/d": direct}), proxy_headers=False)
+        protocol.data_received(b"POST /d HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: len(transport.writes) == 1, "answered directly")
+        protocol.pause_writing()  # the reply goes through `send`, which waits for the drain
+        protocol.data_received(b"POST /d HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await asyncio.sleep(0)
+        protocol.resume_writing()
+        await _until(lambda: len(transport.writes) == 2, "answered through send")
+        protocol.connection_lost(None)
+        return transport.writes
+
+    for written in asyncio.run(main()):
+        assert b"\r\ncontent-length: 2\r\ncontent-type: application/json\r\nx-served: engine-1\r\n\r\nok" in written
+
+
+def test_write_now_streams_chunks_without_messages_until_writes_pause():
+    """`Cycle.write_now` writes a started response's next chunk as `send` would (chunked framing, the head with the
+    first bytes); False before the response starts or while the client's writes are paused (then `send`, which
+    waits for the drain), and after the client left it writes nothing."""
+    results: list[bool] = []
+
+    async def stream(cycle) -> None:
+        cycle.body_now()
+        results.append(cycle.write_now(b"too early"))
+        await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/x")]})
+        results.append(cycle.write_now(b"data: 1\n\n"))
+        cycle.proto.pause_writing()
+        results.append(cycle.write_now(b"data: 2\n\n"))
+        cycle.proto.resume_writing()
+        results.append(cycle.write_now(b"data: 2\n\n"))
+        await cycle.send({"type": "http.response.body", "body": b""})
+
+    async def main():
+        protocol, transport = _connect(_DirectOnly({b"/s": stream}), proxy_headers=False)
+        protocol.data_received(b"POST /s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+        await _until(lambda: len(results) == 4 and transport.writes and transport.writes[-1].endswith(b"0\r\n\r\n"),
+                     "streamed")
+        protocol.connection_lost(None)
+        return b"".join(transport.writes)
+
+    written = asyncio.run(main())
+    assert results == [False, True, False, True]
+    assert written.startswith(b"HTTP/1.1 200 OK\r\n") and b"transfer-encoding: chunked\r\n" in written
+    assert written.endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n")

@@ -27,7 +27,7 @@ from inferstack.gateway.pd import PDLegs
 from inferstack.gateway.pipeline import Inbound, Pipeline, RequestContext
 from inferstack.gateway.pipeline.context import KINDS
 from inferstack.gateway.pipeline.hold import ClientGone
-from inferstack.gateway.pipeline.proxy import Proxy, Reply, asgi_reply, respond, send_error
+from inferstack.gateway.pipeline.proxy import AsgiResponder, Proxy, Responder, respond, send_error
 from inferstack.gateway.pipeline.resolve import shared_models
 from inferstack.protocol.errors import APIError
 from inferstack.protocol.http_cycle import Cycle
@@ -165,17 +165,17 @@ class Gateway:
         same request, checks and answers as through `__call__`."""
         try:
             await self._complete(kind, "POST", cycle.headers, cycle.gone, cycle.body_now, cycle.receive, cycle.send,
-                                 cycle.reply)
+                                 cycle)
         except APIError as exc:
             await send_error(cycle.send, exc)
 
     async def _completion(self, kind: str, method: str, scope: dict, receive: Any, send: Any) -> None:
         extensions = scope.get("extensions", _NO_EXTENSIONS)
         await self._complete(kind, method, scope["headers"], extensions.get(CLIENT_GONE), extensions.get(BODY_NOW),
-                             receive, send, partial(asgi_reply, send))
+                             receive, send, AsgiResponder(send))
 
     async def _complete(self, kind: str, method: str, headers: list[tuple[bytes, bytes]], gone: asyncio.Future | None,
-                        body_now: Callable[[], bytes | None] | None, receive: Any, send: Any, reply: Reply) -> None:
+                        body_now: Callable[[], bytes | None] | None, receive: Any, send: Any, out: Responder) -> None:
         inbound = Inbound.arrive(kind, dict(headers), self.pipeline.request_ids)
         # ``gone`` completes when the client goes away: ends a hold (scale from zero) or cancels the proxy. Our
         # server protocol hands every request one (http_guard.CLIENT_GONE); under another ASGI server a
@@ -203,12 +203,12 @@ class Gateway:
             watcher.cancel()
             raise
         try:
-            await self._serve(ctx, watcher, send, reply, task)
+            await self._serve(ctx, watcher, send, out, task)
         finally:
             ctx.outcome.responded = True
             await self.pipeline.close(ctx)
 
-    async def _serve(self, ctx: RequestContext, watcher: asyncio.Future, send: Any, reply: Reply,
+    async def _serve(self, ctx: RequestContext, watcher: asyncio.Future, send: Any, out: Responder,
                      task: asyncio.Task) -> None:
         """Proxy in ``task`` (the current one), cancelled if the client disconnects (``watcher`` completes)
         before its response is complete; no extra task per request, no wait on two."""
@@ -222,7 +222,7 @@ class Gateway:
 
         watcher.add_done_callback(client_gone)
         try:
-            await self.proxy.serve(ctx, send, reply)
+            await self.proxy.serve(ctx, send, out)
         except asyncio.CancelledError:
             if not gone:
                 raise

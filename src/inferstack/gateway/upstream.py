@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -178,6 +178,16 @@ class _Conn(asyncio.Protocol):
         self._chunks.clear()
         return data
 
+    @property
+    def finished(self) -> bool:
+        """The exchange is over: the response is complete, or it failed (`error`)."""
+        return self._done or self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the exchange failed (closed early, timed out, malformed), or None."""
+        return self._error
+
     def release(self) -> None:
         """Back to the pool if the exchange finished cleanly (its read timer kept: `_timer_fired`), else close."""
         if self._done and self.keep_alive and not self.closed and self._error is None and not self.pool.closed:
@@ -230,6 +240,18 @@ class UpstreamPool:
         The caller must `release()` (or `close()`) it."""
         return await self.send_request(self.head(method, path, headers), body)
 
+    def send_now(self, head: bytes, body: bytes) -> _Conn | None:
+        """`send_request` with no wait: the request written on a kept connection, whose response is then read with
+        `finished` (or `read`); None when no kept connection is open (then `send_request`, which connects)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.closed or conn.transport.is_closing():
+                conn.close()
+                continue
+            conn.send(b"%scontent-length: %d\r\n\r\n%s" % (head, len(body), body))
+            return conn
+        return None
+
     async def send_request(self, head: bytes, body: bytes, sent: Callable[[], None] | None = None) -> _Conn:
         """`request` with the head built by `head` (plus any per-request header lines). ``sent`` is called
         once before this first suspends: right after the request is written on a kept connection, or
@@ -273,3 +295,31 @@ class UpstreamPool:
         for c in self._idle:
             c.close()
         self._idle.clear()
+
+
+async def finished(conns: list[_Conn]) -> AsyncIterator[_Conn]:
+    """Each of ``conns`` once its exchange is over (`_Conn.finished`: the whole response in, or failed), as they
+    finish: several requests awaited in one coroutine, with one future per wait shared by the connections still
+    pending, and no task per connection. A failed one is yielded with its `_Conn.error` set."""
+    pending = conns
+    while pending:
+        waiting = []
+        for conn in pending:
+            if conn.finished:
+                yield conn
+            else:
+                waiting.append(conn)
+        if not waiting:
+            return
+        wake = waiting[0].loop.create_future()
+        for conn in waiting:
+            conn._waiter = wake
+        try:
+            await wake
+        except UpstreamError:
+            pass  # the failed connection has its `error`: yielded by the next pass
+        finally:
+            for conn in waiting:
+                if conn._waiter is wake:
+                    conn._waiter = None
+        pending = waiting

@@ -14,7 +14,8 @@ import asyncio
 import http
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -40,6 +41,32 @@ _NAMES_KEPT = 32  # response header names a connection remembers as checked (an 
 _VALUES_KEPT = 32  # and values (the first response's fill it: a content type, an endpoint's name)
 _CHUNKED_END = b"0\r\n\r\n"
 _DISCONNECT = {"type": "http.disconnect"}
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+@dataclass(frozen=True, slots=True)
+class FixedHeaders:
+    """Response headers an app sends unchanged on many responses (a content type, the endpoint that served it),
+    checked and encoded once (`fixed_headers`), so `Cycle.reply` writes them with no per-response check."""
+
+    pairs: tuple[tuple[bytes, bytes], ...]  # names lower-cased: ASGI's response headers
+    lines: bytes  # the same as sent: b"name: value\r\n" each
+
+
+def fixed_headers(pairs: Iterable[tuple[bytes, bytes]]) -> FixedHeaders:
+    """Check and encode headers as `Cycle` checks an app's (a name or value that could split the head raises
+    RuntimeError); none may frame the response (Content-Length, Transfer-Encoding, Connection: ValueError)."""
+    checked = []
+    for raw, value in pairs:
+        if _BAD_NAME.search(raw):
+            raise RuntimeError("Invalid HTTP header name.")
+        if _BAD_VALUE.search(value):
+            raise RuntimeError("Invalid HTTP header value.")
+        name = raw.lower()
+        if name in _FRAMING:
+            raise ValueError(f"{name.decode('latin-1')} frames a response: not a fixed header")
+        checked.append((name, value))
+    return FixedHeaders(tuple(checked), b"".join(b"%s: %s\r\n" % kv for kv in checked))
 
 
 def status_line(status: int) -> bytes:
@@ -177,17 +204,32 @@ class Cycle:
                                f"{', after response already completed' if self.response_complete else ''}.")
         self._write_body(message.get("body", b""), message.get("more_body", False))
 
-    async def reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    async def reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                    fixed: FixedHeaders | None = None) -> None:
         """A whole response in one call, by the rules of `send` (same head, same checks, one write), without its
-        two messages and second await: how a direct handler (`FrontProtocol.direct`) answers."""
+        two messages and second await: how a direct handler (`FrontProtocol.direct`) answers. ``fixed``: more
+        headers, checked once already (`fixed_headers`), sent after ``headers``."""
         if self.response_started or self.disconnected or self.proto.write_paused:
+            if fixed is not None:
+                headers = [*headers, *fixed.pairs]
             await self.send({"type": "http.response.start", "status": status, "headers": headers})
             await self.send({"type": "http.response.body", "body": body})
             return
         self.response_started = True
         self.expect_100 = False
-        self.head = self._encode_head(status, headers)
+        self.head = self._encode_head(status, headers, fixed.lines if fixed is not None else b"")
         self._write_body(body, False)
+
+    def write_now(self, body: bytes) -> bool:
+        """More bytes of a started response, as `send` writes an ``http.response.body`` message with ``more_body``,
+        without the message and its coroutine when nothing has to wait (a streamed response's chunks). False when
+        `send` must take it: the client's writes are paused (it waits for the drain), or no response is open."""
+        if self.disconnected:
+            return True  # as `send`: nothing more goes out
+        if self.proto.write_paused or not self.response_started or self.response_complete:
+            return False
+        self._write_body(body, True)
+        return True
 
     def _write_body(self, body: bytes, more: bool) -> None:
         if self.head_only:
@@ -220,9 +262,10 @@ class Cycle:
         if head is not None and not self.disconnected and not self.proto.transport.is_closing():
             self.proto.transport.write(head)
 
-    def _encode_head(self, status: int, headers: Any) -> bytes:
+    def _encode_head(self, status: int, headers: Any, fixed: bytes = b"") -> bytes:
         """Status line, the server's default headers (date), the app's headers checked as uvicorn checks them,
-        and the framing: Content-Length as given, else chunked (not for HEAD, 204, 304)."""
+        ``fixed`` header lines (`FixedHeaders.lines`), and the framing: Content-Length as given, else chunked
+        (not for HEAD, 204, 304)."""
         content = [status_line(status), self.proto.default_head]
         length: bytes | None = None
         close = False
@@ -251,6 +294,7 @@ class Cycle:
                 self.keep_alive = False
                 close = True
             content += (name, b": ", value, b"\r\n")
+        content.append(fixed)
         if not self.keep_alive and not close:
             content.append(b"connection: close\r\n")
         if length is not None and not self.chunked:

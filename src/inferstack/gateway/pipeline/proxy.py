@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from inferstack.config.schema import GatewayConfig
 from inferstack.gateway.datalayer import Endpoint
@@ -23,6 +24,7 @@ from inferstack.gateway.pipeline.plan import RETRYABLE
 from inferstack.gateway.pipeline.usage import StreamMeter, json_usage
 from inferstack.gateway.routing.disagg import PDResult
 from inferstack.protocol.errors import APIError
+from inferstack.protocol.http_cycle import FixedHeaders, fixed_headers
 from inferstack.protocol.sse import SSE_DONE, sse_raw
 
 log = logging.getLogger("inferstack.gateway")
@@ -30,8 +32,35 @@ log = logging.getLogger("inferstack.gateway")
 JSON = [(b"content-type", b"application/json")]
 SERVED = b"x-gateway-destination-endpoint-served"
 _SSE = (b"content-type", b"text/event-stream")
-# a whole response: status, headers (with its Content-Length), body
-Reply = Callable[[int, list[tuple[bytes, bytes]], bytes], Awaitable[None]]
+_FIXED_KEPT = 64  # (endpoint, content type) pairs whose reply headers are kept checked (`Proxy._fixed`)
+
+
+class Responder(Protocol):
+    """How the proxy answers besides ASGI ``send``: our front's `Cycle`, or `AsgiResponder` over ``send``."""
+
+    async def reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                    fixed: FixedHeaders | None = None) -> None:
+        """A whole response: status, headers (with its Content-Length), body, headers checked once."""
+
+    def write_now(self, body: bytes) -> bool:
+        """A streamed response's next bytes with no message nor coroutine; False: ``send`` them instead."""
+
+
+@dataclass(slots=True)
+class AsgiResponder:
+    """`Responder` over ASGI ``send`` (another server than our front): two messages a reply, every chunk sent."""
+
+    send: Any
+
+    async def reply(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                    fixed: FixedHeaders | None = None) -> None:
+        if fixed is not None:
+            headers = [*headers, *fixed.pairs]
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    def write_now(self, body: bytes) -> bool:
+        return False
 
 
 class Proxy:
@@ -45,10 +74,20 @@ class Proxy:
         self.account = account
         self.pd = pd
         self.metrics = metrics
+        # a whole response's content type and endpoint, checked and encoded once per pair (`Cycle.reply`)
+        self._fixed: dict[tuple[bytes, bytes], FixedHeaders] = {}
 
-    async def serve(self, ctx: RequestContext, send: Any, reply: Reply) -> None:
-        """Answer ``ctx`` through ASGI ``send``; a whole (non-streamed) response goes through ``reply``
-        (`asgi_reply` over ``send``, or our front's `Cycle.reply`)."""
+    def _reply_headers(self, ep: Endpoint, ctype: bytes) -> FixedHeaders:
+        fixed = self._fixed.get((ep.id_bytes, ctype))
+        if fixed is None:
+            fixed = fixed_headers(((b"content-type", ctype), (SERVED, ep.id_bytes)))
+            if len(self._fixed) < _FIXED_KEPT:  # an engine's content types are few; never an unbounded map
+                self._fixed[(ep.id_bytes, ctype)] = fixed
+        return fixed
+
+    async def serve(self, ctx: RequestContext, send: Any, out: Responder) -> None:
+        """Answer ``ctx`` through ASGI ``send``; a whole (non-streamed) response goes through ``out.reply`` and a
+        stream's chunks through ``out.write_now`` (our front's `Cycle`, or `AsgiResponder` over ``send``)."""
         pool = ctx.route.pool
         tried: list[str] = []
         path = ctx.inbound.path
@@ -78,7 +117,7 @@ class Proxy:
                     )
                 else:  # another replica may hold more of the prompt: READ it from there
                     payload = self.reads.payload(pool, ep, payload, ctx.inbound.rid, ctx.plan.view.token_hashes)
-                outcome = await self._attempt(ctx, ep, payload, send, reply, attempt == retries, picked.commit)
+                outcome = await self._attempt(ctx, ep, payload, send, out, attempt == retries, picked.commit)
             finally:
                 picked.commit()  # failed before the request was written: recorded all the same
                 self.picker.release(ctx, ep)
@@ -111,14 +150,14 @@ class Proxy:
         )
 
     async def _attempt(
-        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, reply: Reply, last: bool,
+        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, out: Responder, last: bool,
         sent: Callable[[], None],
     ) -> str | None:
         """One upstream try (``sent``: `UpstreamPool.send_request`). Returns None when the client got a
         response, or a reason to retry."""
         head = ep.post_head(ctx.inbound.path, ctx.inbound.rid)
         if ctx.plan.stream:
-            return await self._attempt_stream(ctx, ep, payload, send, head, last, sent)
+            return await self._attempt_stream(ctx, ep, payload, send, out, head, last, sent)
         try:  # the exchange here, not in a coroutine of its own: every await passes through each one above it
             conn = await ep.upstream.send_request(head, payload, sent)
             try:
@@ -138,19 +177,15 @@ class Proxy:
         # A non-streamed response arrives whole: its first token's time is unknown, so it feeds
         # E2E only (observing E2E as TTFT would also make TPOT read ~0).
         now = time.perf_counter()
-        await reply(
-            status,
-            [(b"content-type", ctype), (b"content-length", b"%d" % len(data)), (b"x-request-id", ctx.inbound.rid),
-             (SERVED, ep.id_bytes)],
-            data,
-        )
+        await out.reply(status, [(b"content-length", b"%d" % len(data)), (b"x-request-id", ctx.inbound.rid)], data,
+                        self._reply_headers(ep, ctype))
         ctx.outcome.responded = True
         # the usage is read once the client has its answer: off the response's latency
         self.account.finish(ctx, now, json_usage(data) if status == 200 else None, chunks=1)
         return None
 
     async def _attempt_stream(
-        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, head: bytes, last: bool,
+        self, ctx: RequestContext, ep: Endpoint, payload: bytes, send: Any, out: Responder, head: bytes, last: bool,
         sent: Callable[[], None],
     ) -> str | None:
         try:
@@ -160,7 +195,7 @@ class Proxy:
         try:
             if conn.status != 200:
                 return await self._relay_refusal(ctx, ep, conn, send, last)
-            await self._relay_stream(ctx, ep, conn, send)
+            await self._relay_stream(ctx, ep, conn, send, out.write_now)
             return None
         except BaseException:
             conn.close()  # cancelled (client gone) or failed: drop the upstream connection
@@ -196,8 +231,10 @@ class Proxy:
         conn.release()
         return None
 
-    async def _relay_stream(self, ctx: RequestContext, ep: Endpoint, conn: Any, send: Any) -> None:
-        """Relay SSE chunk by chunk (whole events), metering TTFT, gaps and usage."""
+    async def _relay_stream(self, ctx: RequestContext, ep: Endpoint, conn: Any, send: Any,
+                            write_now: Callable[[bytes], bool]) -> None:
+        """Relay SSE chunk by chunk (whole events), metering TTFT, gaps and usage; a chunk goes out through
+        ``write_now`` (no message dict, no coroutine) unless it must wait for the client's drain."""
         out = ctx.outcome
         out.status = 200
         await send(
@@ -218,7 +255,8 @@ class Proxy:
                 chunk = meter.feed(chunk, time.perf_counter())
                 if chunk:
                     out.streamed = meter.events  # what a stream cut short here is charged (TPM)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if not write_now(chunk):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     # [DONE] went out: the client has the whole answer, and a client that closes now (the
                     # OpenAI SDK does, before the stream's terminator) has not abandoned it: it stays served
                     out.responded = out.responded or meter.done
@@ -237,12 +275,6 @@ class Proxy:
         conn.release()
         out.ttft, out.gaps = meter.ttft, meter.gaps
         self.account.finish(ctx, meter.last_at or time.perf_counter(), meter.usage, chunks=meter.chunks)
-
-
-async def asgi_reply(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    """A whole response as ASGI's two messages (`Reply` over ``send``: bind it with `functools.partial`)."""
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def respond(send: Any, status: int, body: bytes, headers: list | None = None) -> None:
