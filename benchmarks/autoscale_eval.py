@@ -79,6 +79,9 @@ def policies(a: argparse.Namespace) -> dict[str, object]:
         # capacity learned over 2 minutes (a miss at the replica bound no longer holds the fleet there for 5)
         f"slo (concurrency {parse_policy(slo).concurrency:g}, step hold, falling spare)": parse_policy(
             f"{slo},step_hold=30s,falling_spare=0.5,learn_window=120s"),
+        # fifteenth stop: the same with 0.9 of the headroom (the valid requests' attainment has the room for it)
+        f"slo (concurrency {parse_policy(slo).concurrency:g}, step hold, falling spare, spare 0.9)": parse_policy(
+            f"{slo},step_hold=30s,falling_spare=0.5,learn_window=120s,spare=0.9"),
         # the defaults of the sixth stop, for comparison: no forecast, plain square-root headroom, 40 s and halves
         "slo (sixth-stop defaults)": parse_policy(f"{slo},horizon=0s,spare=1.5,dispersion=false,"
                                                   "scale_down_stabilization=40s,max_step_down=0.5"),
