@@ -3,6 +3,7 @@ the attainment (so the two agree exactly), and the hindsight row that bounds wha
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,34 @@ def test_the_goal_is_judged_against_the_cheapest_utilisation_target_reaching_it_
     assert baseline(short, 0.99)["policy"] == "hpa (GPU util 0.6)"
     assert judge(short)[0].met and judge(short)[0].kpa_failed is None
     assert judge([row("slo", 0.999, 1.0)]) == [Verdict("slo", 0.999, None, 0, None, False)]
+
+
+def test_the_valid_accounting_leaves_out_refused_prompts_and_the_first_cold_start_for_every_policy(
+        tmp_path: Path) -> None:
+    """`attainment_valid`: a crowd sent at 0-4 s onto the one replica (no order could be ready before the
+    first decision + cold start, 40 s) misses; a prompt over the 8k context is refused (HTTP 400: a failed
+    request, which no fleet serves); the light load after 40 s is met. Every request counts in `attainment`,
+    only the last in `attainment_valid`."""
+    rows = [{"timestamp": i * 0.1, "input_tokens": 2000, "output_tokens": 300} for i in range(40)]
+    rows += [{"timestamp": 50.0 + 4 * i, "input_tokens": 500, "output_tokens": 50} for i in range(15)]
+    rows.append({"timestamp": 60.5, "input_tokens": 8100, "output_tokens": 200})
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["timestamp"])))
+    setup = EvalSetup(start=1, min_replicas=1, max_replicas=1, slo_ttft_s=0.5, interval_s=10.0, cold_start_s=30.0)
+    row = evaluate("one", parse_policy("kpa:target=4"), path, setup)
+    assert row["requests"] == 56 and row["failed"] >= 1          # the refusal (and crowd requests shed at 0-40 s)
+    assert row["attainment"] < 15 / 56 + 1e-9                     # the crowd and the refusal are misses here
+    assert row["attainment_valid"] == 1.0                          # the 15 valid requests sent after 40 s: all met
+
+
+def test_the_baseline_and_the_goal_read_the_same_accounting() -> None:
+    """Under the valid accounting a cheaper utilisation target reaches 99 %, so the baseline is cheaper too."""
+    rows = [row("hpa (GPU util 0.65)", 0.9920, 3.25) | {"attainment_valid": 0.9961},
+            row("hpa (GPU util 0.7)", 0.9878, 3.18) | {"attainment_valid": 0.9922},
+            row("slo", 0.9887, 2.42) | {"attainment_valid": 0.9931}]
+    assert baseline(rows, 0.99)["policy"] == "hpa (GPU util 0.65)"
+    assert baseline(rows, 0.99, "attainment_valid")["policy"] == "hpa (GPU util 0.7)"
+    assert not judge(rows)[0].met                                   # 98.87 % of every request
+    valid = judge(rows, key="attainment_valid")[0]
+    assert valid.attainment == 0.9931 and valid.cost == pytest.approx(2.42 / 3.18) and not valid.met  # 0.761x
+    assert judge(rows, max_cost=0.77, key="attainment_valid")[0].met

@@ -186,6 +186,22 @@ def _miss_causes(sim: Simulation, timeline: Sequence[tuple[float, int, int]], se
     return out
 
 
+def valid_attainment(sim: Simulation, setup: EvalSetup) -> float | None:
+    """SLO attainment over the requests a fleet could have served in time: the requests the model refuses as
+    invalid (HTTP 400, a prompt over its context: no fleet serves them; they stay failed requests, which the goal
+    bounds by kpa's) and those sent before the first decision's replicas could be ready (``interval_s`` +
+    ``cold_start_s``: every policy starts from the same fleet, so none can act on them) are left out, for every
+    policy alike. None without an SLO or such requests."""
+    sink = sim.sink
+    sent = sink.column("sent")
+    if sent.size == 0 or sim.s.run.slo is None:
+        return None
+    included = np.frombuffer(sink.included, dtype=np.int8).astype(bool)
+    invalid = np.frombuffer(sink.invalid, dtype=np.int8).astype(bool)
+    valid = included & ~invalid & (sent >= setup.interval_s + setup.cold_start_s)
+    return float(sink.met(sim.s.run.slo)[valid].mean()) if valid.any() else None
+
+
 def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[str, Any]:
     """Simulate ``trace`` with ``policy`` scaling the fleet; the run's numbers and timelines."""
     args = SimArgs(fleet=[f"{setup.fleet}={setup.start}"],
@@ -203,7 +219,7 @@ def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[s
     s = res.summary
     counts = [d.current for _, _, d in scaler.decisions]
     timeline = [(t, d.current, d.desired) for t, _, d in scaler.decisions]
-    return {"policy": name, "attainment": s["slo"]["attainment"],
+    return {"policy": name, "attainment": s["slo"]["attainment"], "attainment_valid": valid_attainment(sim, setup),
             "replica_hours": sum(counts) * setup.interval_s / 3600,
             "peak_replicas": max(counts, default=setup.start), "failed": s["requests"]["failed"],
             "requests": s["requests"]["sent"],
@@ -217,16 +233,21 @@ def evaluate(name: str, policy: Policy, trace: Path, setup: EvalSetup) -> dict[s
 UTIL = "hpa (GPU util"     # the utilisation baseline's rows: `hpa (GPU util T)`
 
 
-def cheapest(rows: Sequence[dict[str, Any]], prefix: str, attainment: float) -> dict[str, Any] | None:
-    """The row named ``prefix``... with the fewest replica-hours among those reaching ``attainment``."""
-    ok = [r for r in rows if r["policy"].startswith(prefix) and r["attainment"] >= attainment]
+ACCOUNTINGS = {"all": "attainment", "valid": "attainment_valid"}   # `--accounting`: the row key each one reads
+
+
+def cheapest(rows: Sequence[dict[str, Any]], prefix: str, attainment: float,
+             key: str = "attainment") -> dict[str, Any] | None:
+    """The row named ``prefix``... with the fewest replica-hours among those whose ``key`` reaches ``attainment``."""
+    ok = [r for r in rows if r["policy"].startswith(prefix) and (r.get(key) or 0.0) >= attainment]
     return min(ok, key=lambda r: r["replica_hours"], default=None)
 
 
-def baseline(rows: Sequence[dict[str, Any]], goal: float) -> dict[str, Any] | None:
-    """The utilisation baseline: the cheapest GPU-util target reaching ``goal``, else the best-attaining one."""
+def baseline(rows: Sequence[dict[str, Any]], goal: float, key: str = "attainment") -> dict[str, Any] | None:
+    """The utilisation baseline: the cheapest GPU-util target whose ``key`` reaches ``goal``, else the
+    best-attaining one (the same accounting as the rows it is compared with)."""
     util = [r for r in rows if r["policy"].startswith(UTIL)]
-    return cheapest(rows, UTIL, goal) or max(util, key=lambda r: r["attainment"], default=None)
+    return cheapest(rows, UTIL, goal, key) or max(util, key=lambda r: r.get(key) or 0.0, default=None)
 
 
 @dataclass(frozen=True)
@@ -242,17 +263,18 @@ class Verdict:
 
 
 def judge(rows: Sequence[dict[str, Any]], goal: float = 0.99, max_cost: float = 0.75,
-          ours: tuple[str, ...] = ("slo", "planner")) -> list[Verdict]:
-    """The goal, per row of ``ours`` on one trace: attainment >= ``goal``, replica-hours <= ``max_cost`` x the
-    utilisation baseline's (`baseline`) and no more failed requests than kpa; not met without a baseline."""
-    base = baseline(rows, goal)
+          ours: tuple[str, ...] = ("slo", "planner"), key: str = "attainment") -> list[Verdict]:
+    """The goal, per row of ``ours`` on one trace: attainment (the row's ``key``: `ACCOUNTINGS`) >= ``goal``,
+    replica-hours <= ``max_cost`` x the utilisation baseline's (`baseline`, by the same ``key``) and no more failed
+    requests than kpa; not met without a baseline."""
+    base = baseline(rows, goal, key)
     kpa = next((r["failed"] for r in rows if r["policy"].startswith("kpa")), None)
     out = []
     for r in rows:
         if not r["policy"].startswith(ours):
             continue
         cost = r["replica_hours"] / base["replica_hours"] if base and base["replica_hours"] > 0 else None
-        met = (r["attainment"] >= goal and cost is not None and cost <= max_cost
-               and (kpa is None or r["failed"] <= kpa))
-        out.append(Verdict(r["policy"], r["attainment"], cost, r["failed"], kpa, met))
+        attained = r.get(key) or 0.0
+        met = attained >= goal and cost is not None and cost <= max_cost and (kpa is None or r["failed"] <= kpa)
+        out.append(Verdict(r["policy"], attained, cost, r["failed"], kpa, met))
     return out

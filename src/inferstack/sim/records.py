@@ -36,6 +36,7 @@ class RecordSink:
         self._col_list = [self.cols[k] for k in _COLUMNS]
         self.included = array("b")
         self.ok = array("b")
+        self.invalid = array("b")     # refused as an invalid request (HTTP 400: a prompt over the context)
         self.first_stage = array("b")
         self.status: Counter[str] = Counter()
         self.errors: list[dict[str, str]] = []
@@ -61,6 +62,7 @@ class RecordSink:
             column.append(_NAN if value is None else value)  # type: ignore[arg-type]
         self.included.append(rec.included)
         self.ok.append(rec.ok)
+        self.invalid.append(rec.status == "http_400")
         self.first_stage.append(rec.stage == 0)
         if rec.included:
             self.status[rec.status] += 1
