@@ -219,7 +219,7 @@ class SimGateway:
         pi = self.cfg.gateway.prefix_index
         return RequestView(model=model, prefix_hashes=text_prefix_hashes(parts, model + "\x00" + self.salt,
                                                                          pi.block_chars, pi.max_blocks),
-                           prompt_chars=sum(len(p) for p in parts), session=session, priority=priority,
+                           prompt_chars=sum(map(len, parts)), session=session, priority=priority,
                            max_tokens=max_tokens)
 
     def route(self, view: RequestView, exclude: frozenset[str]) -> RoutingResult | None:
