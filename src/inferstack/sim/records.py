@@ -14,6 +14,7 @@ import io
 from array import array
 from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -186,15 +187,21 @@ class RecordSink:
 
 @dataclass(frozen=True, slots=True)
 class _Gaps:
-    values: list[float]       # the request's inter-token gaps, as `RequestRecord.itls`
+    block: np.ndarray         # the inter-token gaps of records with as many chunks, a row each
+    row: int
     mean: float
     peak: float
+
+    @property
+    def values(self) -> list[float]:
+        """The request's gaps, as `RequestRecord.itls` (only sampled records need them)."""
+        return self.block[self.row].tolist()
 
 
 def _gap_stats(recs: list[RequestRecord]) -> dict[int, _Gaps]:
     """`RequestRecord.itls` with its mean and max for each record (by position) that has gaps, float for float:
     records of one chunk count in one 2-D array, whose row reductions are numpy's own 1-D reductions of
-    each row (the same pairwise sum; `tests/unit/test_sim_records.py` holds them to `to_row`)."""
+    each row (the same pairwise sum; `tests/unit/test_sim_scale.py` holds them to `to_row`)."""
     by_len: dict[int, list[int]] = {}
     for i, rec in enumerate(recs):
         n = len(rec.chunk_times)
@@ -202,12 +209,13 @@ def _gap_stats(recs: list[RequestRecord]) -> dict[int, _Gaps]:
             by_len.setdefault(n, []).append(i)
     out: dict[int, _Gaps] = {}
     for n, idx in by_len.items():
-        times = np.array([recs[i].chunk_times for i in idx], dtype=np.float64)
+        flat = chain.from_iterable([recs[i].chunk_times for i in idx])
+        times = np.fromiter(flat, dtype=np.float64, count=n * len(idx)).reshape(len(idx), n)
         gaps = times[:, 1:] - times[:, :-1]
         means = (np.add.reduce(gaps, axis=1) / (n - 1)).tolist()
         peaks = np.maximum.reduce(gaps, axis=1).tolist()
         for j, i in enumerate(idx):
-            out[i] = _Gaps(gaps[j].tolist(), means[j], peaks[j])
+            out[i] = _Gaps(gaps, j, means[j], peaks[j])
     return out
 
 
