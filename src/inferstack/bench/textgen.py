@@ -39,7 +39,12 @@ def word_indices(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def words_of(indices: np.ndarray) -> str:
     # join a list, not the object array: str.join copies a non-list into a list item by item first
-    return " ".join(vocabulary()[indices].tolist()) if len(indices) else ""
+    return " ".join(word_list(indices)) if len(indices) else ""
+
+
+def word_list(indices: np.ndarray) -> list[str]:
+    """The words at ``indices`` (the vocabulary's own string objects)."""
+    return vocabulary()[indices].tolist() if len(indices) else []
 
 
 def keyed_words(n: int, *key: object) -> str:

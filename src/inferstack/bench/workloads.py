@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from inferstack.bench.distributions import LengthDist, parse_length
-from inferstack.bench.textgen import keyed_words, word_indices, words, words_of
+from inferstack.bench.textgen import keyed_words, word_indices, word_list, words
 
 Message = tuple[str, str]   # (role, content)
 
@@ -119,10 +119,17 @@ def _synthetic(p: _Params) -> Workload:
     def units(seed: int) -> Iterator[Unit]:
         rng = np.random.default_rng(seed)
         while True:
-            ins, outs = inp.sample(rng, 256), out.sample(rng, 256)
-            for i, o in zip(ins, outs, strict=True):
-                ids = word_indices(int(i), rng)
-                yield Unit([[RequestSpec([("user", words_of(ids))], int(i), int(o), word_ids=ids)]])
+            ins, outs = inp.sample(rng, 256).tolist(), out.sample(rng, 256).tolist()
+            # the 256 prompts' words in one draw: the same values as a draw per prompt in turn (the bit
+            # generator carries its spare bits between calls), one numpy call and one word lookup instead of 256
+            counts = [max(0, i) for i in ins]
+            ids = word_indices(sum(counts), rng)
+            texts = word_list(ids)
+            at = 0
+            for i, o, n in zip(ins, outs, counts, strict=True):
+                span = ids[at:at + n]
+                yield Unit([[RequestSpec([("user", " ".join(texts[at:at + n]))], i, o, word_ids=span)]])
+                at += n
 
     return Workload(p.kind, p.values, units, f"{p.kind}: input {inp} tokens, output {out} tokens")
 

@@ -12,7 +12,7 @@ KV events reach the precise prefix index at the end of each engine step, as the 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from inferstack.config.schema import InferstackConfig, PoolConfig
@@ -36,10 +36,10 @@ class SimEndpoint:
     view: EndpointView
     scraped_tick: int = -1
     draining: bool = False
+    id: str = field(init=False)      # the view's (read several times a request: an attribute, not a property)
 
-    @property
-    def id(self) -> str:
-        return self.view.id
+    def __post_init__(self) -> None:
+        self.id = self.view.id
 
 
 class SimGateway:
@@ -52,6 +52,7 @@ class SimGateway:
         self.router = pool_router(pool, gw, [r.id for r in replicas], self.state, custom)
         # route over numpy columns of the endpoints (`routing.columns`: same decisions, C speed)
         self.columnar = columnar and self.router.columnar() and self._room_exact()
+        self._holds = not isinstance(self.router, PDRouter)      # the router is the pool's for the whole run
         self._views_aged = False
         self.endpoints: dict[str, SimEndpoint] = {}
         self.order: list[SimEndpoint] = []
@@ -166,7 +167,7 @@ class SimGateway:
 
     def holds_at_endpoints(self) -> bool:
         """`Pool.holds_at_endpoints`: every pool but a prefill/decode one."""
-        return not isinstance(self.router, PDRouter)
+        return self._holds
 
     def hold_queue(self, ep: SimEndpoint) -> FairQueue[object]:
         """``ep``'s queue of requests routed to it while it had no room (the live `EndpointQueues.queue`)."""
@@ -218,7 +219,7 @@ class SimGateway:
         pi = self.cfg.gateway.prefix_index
         return RequestView(model=model, prefix_hashes=text_prefix_hashes(parts, model + "\x00" + self.salt,
                                                                          pi.block_chars, pi.max_blocks),
-                           prompt_chars=sum(len(p) for p in parts), session=session, priority=priority,
+                           prompt_chars=sum(map(len, parts)), session=session, priority=priority,
                            max_tokens=max_tokens)
 
     def route(self, view: RequestView, exclude: frozenset[str]) -> RoutingResult | None:

@@ -22,6 +22,7 @@ TOKENIZERS = ("words", "bundled")
 # Per-message template tokens of ChatML-style templates (`<|im_start|>role\n ... <|im_end|>\n`).
 _ROLE_IDS = {"system": (1, 9, 198), "user": (1, 10, 198), "assistant": (1, 11, 198)}
 _END = (2, 198)
+_TAIL = (*_END, *_ROLE_IDS["assistant"])     # what follows a one-message prompt's words
 _WORD_BASE = 1000
 _OUTPUT_IDS = tuple(range(500, 564))
 
@@ -41,6 +42,13 @@ class PromptTokens(Protocol):
 @lru_cache(maxsize=1)
 def _word_ids() -> dict[str, int]:
     return {w: _WORD_BASE + i for i, w in enumerate(vocabulary())}
+
+
+@lru_cache(maxsize=1)
+def _id_objects() -> np.ndarray:
+    """Word i's token id at index i, as shared int objects: a prompt's ids are looked up, not created (a thousand
+    new ints per request, each kept as long as the request lives, cost more than the lookup)."""
+    return np.array([_WORD_BASE + i for i in range(len(vocabulary()))], dtype=object)
 
 
 class WordTokens:
@@ -69,9 +77,10 @@ class WordTokens:
         if spec.word_ids is None or len(spec.messages) != 1:
             return self.encode(spec.messages)
         # the vocabulary's words are distinct, so word i of the vocabulary is id _WORD_BASE + i (`_word_ids`)
-        role = spec.messages[0][0]
-        return [*_ROLE_IDS.get(role, _ROLE_IDS["user"]), *(np.asarray(spec.word_ids) + _WORD_BASE).tolist(), *_END,
-                *_ROLE_IDS["assistant"]]
+        ids: list[int] = _id_objects()[spec.word_ids].tolist()
+        ids[:0] = _ROLE_IDS.get(spec.messages[0][0], _ROLE_IDS["user"])
+        ids += _TAIL
+        return ids
 
     def output_ids(self) -> list[int]:
         return list(_OUTPUT_IDS)
