@@ -222,6 +222,8 @@ at::Tensor int8_blocks_matmul(const at::Tensor& x, const at::Tensor& codes, cons
                               const at::Tensor& minimum, int64_t zero, int64_t n);
 at::Tensor int8_blocks_silu_mul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                 const at::Tensor& minimum, int64_t zero, int64_t n);
+at::Tensor int8_blocks_argmax(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                              const at::Tensor& minimum, int64_t zero, int64_t n);
 bool int8_blocks_supported();
 // paged_attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
@@ -241,6 +243,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 x int8 (VNNI) matmul over packed block codes, activations quantized per 32 columns -> [M, n] f32");
   m.def("int8_blocks_silu_mul", &int8_blocks_silu_mul,
         "int8_blocks_matmul of a fused gate/up weight (gate the first half) -> silu(gate) * up [M, n / 2] f32");
+  m.def("int8_blocks_argmax", &int8_blocks_argmax,
+        "argmax over the columns of int8_blocks_matmul's product per row [M] int64, the product never stored");
   m.def("int8_blocks_supported", &int8_blocks_supported, "Whether this CPU and build run int8_blocks_matmul");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention of one new token per sequence, read in place from the paged KV cache",
