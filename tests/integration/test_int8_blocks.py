@@ -119,3 +119,59 @@ def test_silu_mul_rejects_an_odd_split(kernel):
     assert not blocks.fuses_silu_mul()
     with pytest.raises(RuntimeError, match="2 I output columns"):
         blocks.silu_mul(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("fmt", "m", "n", "k"), [
+    (fmt, m, n, k) for fmt in FORMATS for m, n, k in [*_SHAPES, (64, 4000, 576)]
+    if not (fmt.endswith("g64") and k % 64)])
+def test_argmax_is_the_products_argmax(kernel, fmt, m, n, k, threads):
+    """The fused argmax (an LM head under greedy sampling) picks torch's index on the plain product, whatever the
+    thread count (the columns are cut into ranges per thread and merged)."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = _weight(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen) * torch.rand(1, k, generator=gen) * 4 + 0.5
+    x[m // 2] = 0.0                                    # every product 0: a tie over the whole row, index 0
+    blocks = Int8Blocks.pack(w, kernel)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = blocks.argmax(x)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == torch.int64 and torch.equal(got, blocks.matmul(x).argmax(dim=1))
+    assert got[m // 2] == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_argmax_ties_nan_and_inf(kernel, threads):
+    """Equal maxima in different column ranges (the first wins), NaN columns (counted largest, the first wins),
+    +inf columns: the same index as torch.argmax over the product."""
+    n, k = 16 * 41, 64                                 # 41 vectors: ranges of pairs and a lone last vector
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-60, 60, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3
+    for col in (601, 7, 300):                          # identical largest columns: 7 is the first of them
+        q[col], scale[col] = 127, 0.05
+    x = torch.rand(9, k, generator=gen) + 0.5          # positive: the all-127 columns are each row's largest
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cases = {}
+        for name, cols, value in (("tie", (), 0.0), ("nan", (650, 70, 500), float("nan")),
+                                  ("inf", (655, 200, 201), float("inf"))):
+            s = scale.clone()
+            s[list(cols)] = value
+            blocks = Int8Blocks.pack(Int8Weight(q, s, group=32), kernel)
+            got = blocks.argmax(x)
+            assert torch.equal(got, blocks.matmul(x).argmax(dim=1)), name
+            cases[name] = set(got.tolist())
+    finally:
+        torch.set_num_threads(before)
+    assert cases == {"tie": {7}, "nan": {70}, "inf": {200}}
+
+
+def test_argmax_rejects_what_it_cannot_run(kernel):
+    blocks = Int8Blocks.pack(_weight("q8_0", 32, 64, torch.Generator().manual_seed(0)), kernel)
+    with pytest.raises(RuntimeError, match="last column vector"):
+        kernel.int8_blocks_argmax(torch.randn(3, 64), blocks.codes, blocks.scale, torch.empty(0), 128, 40)

@@ -94,3 +94,33 @@ def test_int4_engine_answers_and_switches_kernels():
     res = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                    SamplingParams(temperature=0, max_tokens=20))
     assert "Paris" in res.outputs[0].text
+
+
+def test_greedy_steps_take_the_heads_argmax_without_logits(monkeypatch):
+    """Greedy steps on the int8 block copy take their tokens from the LM head's fused argmax (no logits), and they
+    are the tokens the logits give; a step that wants logprobs still computes the logits."""
+    if available() is None:
+        pytest.skip("no AVX-512 VNNI or extension")
+    llm = LLM("smollm2-135m", quantization="gguf", quant_crossover_rows=8, quant_large_kernel="int8blk",
+              num_threads=1, kv_cache_bytes=64 << 20, max_num_seqs=16)
+    model = llm.engine.core.executor.lm.model
+    prompts = [[100 + 37 * i + j for j in range(12 + i)] for i in range(10)]   # 10 rows per decode step: int8blk
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    calls = {"fused": 0, "logits": 0}
+
+    def counted(name, fn):
+        def wrapper(hidden):
+            calls[name] += 1
+            return fn(hidden)
+        return wrapper
+
+    monkeypatch.setattr(model, "greedy_tokens", counted("fused", model.greedy_tokens))
+    monkeypatch.setattr(model, "compute_logits", counted("logits", model.compute_logits))
+    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert calls["fused"] >= 8 and calls["logits"] == 0
+    monkeypatch.setattr(model, "greedy_tokens", lambda hidden: None)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == fused
+    assert calls["logits"] >= 8
+    calls["logits"] = 0
+    with_logprobs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1))
+    assert [o.outputs[0].token_ids for o in with_logprobs] == fused and calls["logits"] >= 8

@@ -2,7 +2,9 @@
 
 import torch
 
-from inferstack.engine.sampling import ARGMAX_BLOCK, row_argmax
+from inferstack.engine.sampling import ARGMAX_BLOCK, SamplingRow, greedy_only, row_argmax
+from inferstack.engine.sampling_params import SamplingParams
+from inferstack.engine.structured.manager import GrammarBitmask
 
 
 def test_matches_torch_argmax_on_random_rows() -> None:
@@ -35,3 +37,15 @@ def test_odd_vocabularies_and_views_fall_back_exactly() -> None:
     view = wide[:, ::2]                         # a strided view: reshape copies, same index
     assert torch.equal(row_argmax(view), view.argmax(dim=-1))
     assert row_argmax(torch.empty(0, 4096)).shape == (0,)
+
+
+def test_greedy_only_needs_greedy_rows_without_penalties_logprobs_or_grammar() -> None:
+    def row(**kw) -> SamplingRow:
+        return SamplingRow(SamplingParams(**kw), [1, 2], [], None)
+
+    plain = [row(temperature=0), row(top_k=1, temperature=0.7)]
+    assert greedy_only(plain)
+    assert not greedy_only([*plain, row(temperature=0.7)])
+    assert not greedy_only([row(temperature=0, repetition_penalty=1.1)])
+    assert not greedy_only([row(temperature=0, logprobs=0)])
+    assert not greedy_only(plain, GrammarBitmask(torch.zeros(2, 1, dtype=torch.int32), [0, 1]))

@@ -44,6 +44,13 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: GrammarBitmask) -> None:
         logits[rows] = logits.index_select(0, rows).masked_fill_(disallowed, float("-inf"))
 
 
+def greedy_only(rows: list[SamplingRow], bitmask: GrammarBitmask | None = None) -> bool:
+    """Whether :func:`sample` takes each row's argmax of the raw logits: greedy rows, no penalties, no logprobs
+    and no grammar. Then the argmax is all a step needs, and a model may give it without the logits."""
+    return bitmask is None and all(r.params.greedy and not r.params.has_penalties and r.params.logprobs is None
+                                   for r in rows)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow], bitmask: GrammarBitmask | None = None,
            ) -> tuple[list[int], list[TokenLogprob | None]]:
     """``logits`` [N, V] float32 → one token id per row, plus logprobs for rows that asked.

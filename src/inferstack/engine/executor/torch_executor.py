@@ -9,8 +9,10 @@ from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.executor.base import ExecutorOutput
 from inferstack.engine.executor.kv_format import KVFormat
 from inferstack.engine.kv.host_memory import huge_page_layers
-from inferstack.engine.sampling import SamplingRow, sample
+from inferstack.engine.outputs import TokenLogprob
+from inferstack.engine.sampling import SamplingRow, greedy_only, sample
 from inferstack.engine.scheduler import SchedulerOutput
+from inferstack.engine.structured.manager import GrammarBitmask
 from inferstack.engine.weights.loader import LoadedModel
 
 
@@ -96,17 +98,26 @@ class TorchExecutor:
             last_rows = torch.tensor([qsl[i + 1] - 1 for i, _ in sample_seqs], dtype=torch.long, device=dev)
             hidden = hidden.index_select(0, last_rows)
         # else every row is a sampled sequence's last token, in order (a decode step): no gather
-        logits = self.lm.model.compute_logits(hidden).float().cpu()
         rows = [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
                             self._generator(s.request.request_id, s.request.sampling_params.seed))
                 for _, s in sample_seqs]
-        tokens, logprobs = sample(logits, rows, batch.grammar_bitmask)
+        tokens, logprobs = self._sample(hidden, rows, batch.grammar_bitmask)
         out = ExecutorOutput()
         for (_, seq), token, lp in zip(sample_seqs, tokens, logprobs, strict=True):
             out.sampled[seq.request_id] = token
             if lp is not None:
                 out.logprobs[seq.request_id] = lp
         return out
+
+    def _sample(self, hidden: torch.Tensor, rows: list[SamplingRow], bitmask: GrammarBitmask | None
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per row; greedy steps that need nothing but the argmax take it from the model where it has a
+        way without the logits (``CausalLM.greedy_tokens``), the same tokens."""
+        if greedy_only(rows, bitmask):
+            tokens = self.lm.model.greedy_tokens(hidden)
+            if tokens is not None:
+                return tokens.tolist(), [None] * len(rows)
+        return sample(self.lm.model.compute_logits(hidden).float().cpu(), rows, bitmask)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:

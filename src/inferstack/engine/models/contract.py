@@ -43,6 +43,10 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[N, hidden]`` -> float32 logits ``[N, vocab]``."""
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The argmax of ``compute_logits(hidden)`` per row ``[N]`` int64 when the model has a faster way to it
+        than the logits, else None (the executor then computes the logits)."""
+
     def weight_targets(self) -> dict[str, WeightTarget]:
         """Checkpoint tensor name (transformers' naming) -> where it is copied."""
 

@@ -30,7 +30,7 @@ from inferstack.paths import cache_root
 CFLAGS = ("-O2", "-ffp-contract=off", "-fopenmp")
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("decode_layers.cpp", "q8_matmul.cpp",
                                                                          "paged_attention.cpp", "int8_blocks.cpp",
-                                                                         "rotary.cpp", "rms_norm.cpp"))
+                                                                         "rotary.cpp", "rms_norm.cpp", "kv_write.cpp"))
 
 # A build for one instruction set only, as a CPU without the wider ones runs it: the attention loops get
 # only that target_clones variant and the int8 kernel takes the wider vector units as absent. This CPU

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from inferstack.engine.executor.attention import AttentionPlan, DecodeKernel
+from inferstack.engine.executor.attention import AttentionPlan, DecodeKernel, KVWriter
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.extension import (
     ISA_DEFINES,
@@ -107,6 +107,12 @@ def decode_attention_kernel(device: torch.device) -> DecodeKernel | None:
     """The extension's in-place decode attention for a model on ``device`` (CPU only), None when not built."""
     ext = load_extension() if device.type == "cpu" else None
     return None if ext is None else ext.paged_decode_attention
+
+
+def kv_int8_writer(device: torch.device) -> KVWriter | None:
+    """The extension's one-pass int8 K/V write for a model on ``device`` (CPU only), None when not built."""
+    ext = load_extension() if device.type == "cpu" else None
+    return None if ext is None else ext.kv_int8_write
 
 
 def _int4(p: torch.nn.Module) -> bool:

@@ -73,6 +73,12 @@ class Int8Blocks:
         y = self.kernel.int8_blocks_matmul(x, self.codes, self.scale, minimum, self.zero, self.out_features)
         return y if out_dtype == torch.float32 else y.to(out_dtype)
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K]`` → ``[M]`` int64: ``matmul(x).argmax(dim=1)`` (the first maximum, NaN counted largest) without
+        writing the ``[M, N]`` product: an LM head under greedy sampling reads its tokens and nothing else."""
+        minimum = _NO_MIN if self.minimum is None else self.minimum
+        return self.kernel.int8_blocks_argmax(x, self.codes, self.scale, minimum, self.zero, self.out_features)
+
     def fuses_silu_mul(self) -> bool:
         """Whether :meth:`silu_mul` runs: gate and up each a whole number of 16-column vectors."""
         return self.out_features % (2 * LANES) == 0

@@ -18,6 +18,7 @@ from torch import nn
 from inferstack.engine.executor.attention import (
     AttentionPlan,
     DecodeKernel,
+    KVWriter,
     paged_attention_planned,
     plan_attention,
     sdpa_chunk,
@@ -25,7 +26,7 @@ from inferstack.engine.executor.attention import (
 from inferstack.engine.executor.attention_metadata import AttentionMetadata
 from inferstack.engine.models.arch import ModelArch
 from inferstack.engine.models.contract import Projection, WeightTarget
-from inferstack.engine.models.fused_decode import FusedDecode, decode_attention_kernel
+from inferstack.engine.models.fused_decode import FusedDecode, decode_attention_kernel, kv_int8_writer
 from inferstack.engine.models.layers import (
     DenseLinear,
     GatedMLP,
@@ -125,6 +126,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary: RotaryEmbedding | None = None
         self.fused: FusedDecode | None = None   # the C++ layer loop for batch-1 decode, when built
         self.decode_kernel: DecodeKernel | None = None   # the C++ in-place decode attention, when built
+        self.kv_writer: KVWriter | None = None   # the C++ int8 K/V write, when built
         self.prefill_wide = False   # prefill attention in float32 over a bf16/fp16 cache (_prefill_wide)
         self.norm_kernel: NormKernel | None = None   # the C++ one-pass norm (same bits), when built
 
@@ -141,13 +143,14 @@ class LlamaForCausalLM(nn.Module):
             layer.wide_from = _wide_from(layer) if layer.inner is not None else None
         self.fused = FusedDecode.create(self)
         self.decode_kernel = decode_attention_kernel(self.embed.device)
+        self.kv_writer = kv_int8_writer(self.embed.device)
         self.prefill_wide = _prefill_wide(self.arch, self.layers[0].inner if self.layers else None, self.embed.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """``input_ids``/``positions [T]`` → final hidden states ``[T, hidden]``."""
         assert self.rotary is not None, "init_buffers() was not called"
-        plan = plan_attention(meta, self.decode_kernel, self.prefill_wide)
+        plan = plan_attention(meta, self.decode_kernel, self.prefill_wide, self.kv_writer)
         rot = self.rotary.lookup(positions)
         x = F.embedding(input_ids, self.embed)
         if self.fused is not None and self.fused.accepts(meta, plan, kv_caches):
@@ -163,6 +166,11 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:
             return linear(hidden, self.embed).float()
         return self.lm_head(hidden).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``compute_logits(hidden).argmax(dim=-1)`` where the head computes it without the logits (a quantized
+        head on its int8 block copy: 64 rows x 49,152 float32 are 12.6 MB written and read again), else None."""
+        return self.lm_head.argmax(hidden) if isinstance(self.lm_head, QuantizedLinear) else None
 
     def projections(self) -> list[Projection]:
         """Every matmul weight, for the loader's quantization pass; a tied LM head is added as a

@@ -159,6 +159,14 @@ class QuantizedLinear(nn.Module):
             return blocks.silu_mul(x)
         return None
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``forward(x).argmax(dim=1)`` where this step runs on the int8 block copy (``Int8Blocks.argmax``: the
+        product is never written), else None (the caller takes the logits)."""
+        blocks = self.dense
+        if isinstance(blocks, Int8Blocks) and self.bias_ is None and use_dense(x.shape[0], self.crossover):
+            return blocks.argmax(x)
+        return None
+
     def wide_from(self) -> int | None:
         """The fewest rows from which this projection runs on an fp32 copy (None: never). Such a step takes
         its input in fp32 without a cast and returns fp32, so a layer whose projections all do this keeps

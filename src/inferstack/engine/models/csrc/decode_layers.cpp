@@ -222,12 +222,16 @@ at::Tensor int8_blocks_matmul(const at::Tensor& x, const at::Tensor& codes, cons
                               const at::Tensor& minimum, int64_t zero, int64_t n);
 at::Tensor int8_blocks_silu_mul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                                 const at::Tensor& minimum, int64_t zero, int64_t n);
+at::Tensor int8_blocks_argmax(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                              const at::Tensor& minimum, int64_t zero, int64_t n);
 bool int8_blocks_supported();
 // paged_attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale, const std::string& codes);
 // rotary.cpp
 at::Tensor rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& ssin);
+// kv_write.cpp
+void kv_int8_write(const at::Tensor& x, const at::Tensor& cache, const at::Tensor& slots);
 // rms_norm.cpp
 at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t lanes, bool bf16_out);
 
@@ -241,7 +245,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 x int8 (VNNI) matmul over packed block codes, activations quantized per 32 columns -> [M, n] f32");
   m.def("int8_blocks_silu_mul", &int8_blocks_silu_mul,
         "int8_blocks_matmul of a fused gate/up weight (gate the first half) -> silu(gate) * up [M, n / 2] f32");
+  m.def("int8_blocks_argmax", &int8_blocks_argmax,
+        "argmax over the columns of int8_blocks_matmul's product per row [M] int64, the product never stored");
   m.def("int8_blocks_supported", &int8_blocks_supported, "Whether this CPU and build run int8_blocks_matmul");
+  m.def("kv_int8_write", &kv_int8_write,
+        "Encodes [T, kv_heads, head_dim] K or V rows as int8 codes and a scale into an int8 cache half at slots");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention of one new token per sequence, read in place from the paged KV cache",
         pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("block_tables"), pybind11::arg("seq_lens"),

@@ -23,11 +23,16 @@
 // int8_blocks_silu_mul is the same product for a fused gate/up weight (gate the first half of the output
 // columns, up the second): a tile's two column vectors are gate column c and up column c, and it stores
 // silu(gate) * up, so the MLP's [M, 2 I] intermediate and its SiLU pass never exist.
+//
+// int8_blocks_argmax is the product's row-wise argmax (an LM head under greedy sampling): each tile folds its
+// values into the running best of its task's columns, so the [M, N] logits are never written nor read again.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 extern "C" __m512 Sleef_expf16_u10(__m512 x);   // in libtorch_cpu (torch's vectorized exp on AVX-512)
 
@@ -53,6 +58,16 @@ struct Panel {
   int64_t N, K, G;
   int64_t step;           // column vectors between a tile's two vectors: 1, or I / 16 for gate and up
   int64_t ldo;            // output row stride: N, or I for silu(gate) * up
+};
+
+// How a tile leaves its values: stored, stored as silu(gate) * up, or folded into a per-row running argmax.
+enum class Out { kStore, kGlu, kArgmax };
+
+// The argmax so far of each row over one task's columns: the first largest value, NaN counted largest (the
+// first NaN wins, as torch.argmax); index -1 before the task's first tile.
+struct Best {
+  float* value;     // [M]
+  int64_t* index;   // [M]
 };
 
 #if defined(INFERSTACK_ISA_AVX2) || defined(INFERSTACK_ISA_BASELINE)
@@ -93,11 +108,49 @@ __attribute__((target("avx512f"))) inline __m512 silu_mul(__m512 g, __m512 u) {
   return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
 }
 
+// Folds one row's values in column vectors t0 .. t0 + NR - 1 (the columns past N masked off) into best[m].
+// Columns rise from tile to tile within a task, so a strictly larger maximum replaces the best and a tie
+// keeps the earlier column; a NaN, once held, stays (every comparison with it is false).
+template <int NR>
+__attribute__((target("avx512f"))) inline void fold_best(const __m512* v, int64_t t0, int64_t N, int64_t m,
+                                                         Best& best) {
+  __mmask16 valid[NR], nan = 0;
+  int nan_at = -1;
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int j = 0; j < NR; ++j) {
+    const int64_t n = (t0 + j) * kLanes;
+    valid[j] = n + kLanes <= N ? 0xFFFF : (n >= N ? 0 : static_cast<__mmask16>((1u << (N - n)) - 1));
+    nan = _mm512_mask_cmp_ps_mask(valid[j], v[j], v[j], _CMP_UNORD_Q);
+    if (nan != 0 && nan_at < 0) nan_at = j * kLanes + __builtin_ctz(nan);
+    top = _mm512_mask_max_ps(top, valid[j], top, v[j]);
+  }
+  float& held = best.value[m];
+  int64_t& at = best.index[m];
+  if (nan_at >= 0) {
+    if (!std::isnan(held)) {
+      held = std::numeric_limits<float>::quiet_NaN();
+      at = t0 * kLanes + nan_at;
+    }
+    return;
+  }
+  const float mx = _mm512_reduce_max_ps(top);
+  if (at >= 0 && !(mx > held)) return;
+  for (int j = 0; j < NR; ++j) {
+    const __mmask16 eq = _mm512_mask_cmp_ps_mask(valid[j], v[j], _mm512_set1_ps(mx), _CMP_EQ_OQ);
+    if (eq != 0) {
+      held = mx;
+      at = (t0 + j) * kLanes + __builtin_ctz(eq);
+      return;
+    }
+  }
+}
+
 // out[m0 : m0 + MR, 16 * t0 : 16 * (t0 + NR)] for column vectors t0, t0 + step.. (the last may be partial:
-// masked store); with GLU (NR 2, step I / 16) out[m0 : m0 + MR, 16 * t0 : 16 * t0 + 16] = silu(gate) * up.
-template <int MR, int NR, bool MIN, bool GLU>
+// masked store); with kGlu (NR 2, step I / 16) out[m0 : m0 + MR, 16 * t0 : 16 * t0 + 16] = silu(gate) * up;
+// with kArgmax the values go into `best` instead (fold_best).
+template <int MR, int NR, bool MIN, Out O>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile(const Acts& x, const Panel& w, int64_t m0,
-                                                                  int64_t t0, float* out) {
+                                                                  int64_t t0, float* out, Best& best) {
   __m512 acc[MR][NR];
   #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -144,7 +197,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile(const Acts& x, 
       }
     }
   }
-  if constexpr (GLU) {
+  if constexpr (O == Out::kArgmax) {
+    for (int i = 0; i < MR; ++i) fold_best<NR>(acc[i], t0, w.N, m0 + i, best);
+  } else if constexpr (O == Out::kGlu) {
     static_assert(NR == 2, "silu(gate) * up takes one gate and one up vector");
     #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) _mm512_storeu_ps(out + (m0 + i) * w.ldo + t0 * kLanes, silu_mul(acc[i][0], acc[i][1]));
@@ -160,43 +215,49 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile(const Acts& x, 
 }
 
 // The rows left over after whole tiles of kRows: the row count is a template argument (registers).
-template <int NR, bool MIN, bool GLU>
-void rows(const Acts& x, const Panel& w, int64_t m0, int64_t mb, int64_t t0, float* out) {
+template <int NR, bool MIN, Out O>
+void rows(const Acts& x, const Panel& w, int64_t m0, int64_t mb, int64_t t0, float* out, Best& best) {
   switch (mb) {
-    case 1: return tile<1, NR, MIN, GLU>(x, w, m0, t0, out);
-    case 2: return tile<2, NR, MIN, GLU>(x, w, m0, t0, out);
-    case 3: return tile<3, NR, MIN, GLU>(x, w, m0, t0, out);
-    case 4: return tile<4, NR, MIN, GLU>(x, w, m0, t0, out);
-    case 5: return tile<5, NR, MIN, GLU>(x, w, m0, t0, out);
-    default: return tile<kRows, NR, MIN, GLU>(x, w, m0, t0, out);
+    case 1: return tile<1, NR, MIN, O>(x, w, m0, t0, out, best);
+    case 2: return tile<2, NR, MIN, O>(x, w, m0, t0, out, best);
+    case 3: return tile<3, NR, MIN, O>(x, w, m0, t0, out, best);
+    case 4: return tile<4, NR, MIN, O>(x, w, m0, t0, out, best);
+    case 5: return tile<5, NR, MIN, O>(x, w, m0, t0, out, best);
+    default: return tile<kRows, NR, MIN, O>(x, w, m0, t0, out, best);
   }
 }
 
 // Output column vectors [tb, te) against activation rows [mb, me): pairs (t, t + 1), the last one alone; with
 // GLU each t is a gate vector, paired with its up vector t + step.
-template <bool MIN, bool GLU>
-void panel(const Acts& x, const Panel& w, int64_t mb, int64_t me, int64_t tb, int64_t te, float* out) {
-  for (int64_t t = tb; t < te; t += GLU ? 1 : 2) {
+template <bool MIN, Out O>
+void panel(const Acts& x, const Panel& w, int64_t mb, int64_t me, int64_t tb, int64_t te, float* out, Best& best) {
+  constexpr bool glu = O == Out::kGlu;
+  for (int64_t t = tb; t < te; t += glu ? 1 : 2) {
     for (int64_t m = mb; m < me; m += kRows) {
       const int64_t rows_left = std::min(kRows, me - m);
-      if (GLU || t + 1 < te) rows<2, MIN, GLU>(x, w, m, rows_left, t, out);
-      else rows<1, MIN, false>(x, w, m, rows_left, t, out);
+      if (glu || t + 1 < te) rows<2, MIN, O>(x, w, m, rows_left, t, out, best);
+      else rows<1, MIN, glu ? Out::kStore : O>(x, w, m, rows_left, t, out, best);
     }
   }
 }
 
-// Each task takes `per_task` column vectors (pairs; gate vectors with GLU) and walks the rows in chunks that
-// stay in L2.
-template <bool GLU>
+// Column vectors [tb, te) against all M rows, walked in row chunks that stay in L2.
+template <Out O>
+void columns(const Acts& a, const Panel& w, int64_t M, int64_t tb, int64_t te, float* out, Best& best) {
+  for (int64_t mb = 0; mb < M; mb += kRowChunk) {
+    const int64_t me = std::min(M, mb + kRowChunk);
+    if (w.minimum != nullptr) panel<true, O>(a, w, mb, me, tb, te, out, best);
+    else panel<false, O>(a, w, mb, me, tb, te, out, best);
+  }
+}
+
+// Each task takes `per_task` column vectors (pairs; gate vectors with kGlu).
+template <Out O>
 void run(const Acts& a, const Panel& w, int64_t M, int64_t vectors, float* out) {
-  const int64_t per_task = GLU ? 1 : 2;
+  const int64_t per_task = O == Out::kGlu ? 1 : 2;
+  Best none{nullptr, nullptr};
   at::parallel_for(0, (vectors + per_task - 1) / per_task, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tb = per_task * begin, te = std::min(vectors, per_task * end);
-    for (int64_t mb = 0; mb < M; mb += kRowChunk) {
-      const int64_t me = std::min(M, mb + kRowChunk);
-      if (w.minimum != nullptr) panel<true, GLU>(a, w, mb, me, tb, te, out);
-      else panel<false, GLU>(a, w, mb, me, tb, te, out);
-    }
+    columns<O>(a, w, M, per_task * begin, std::min(vectors, per_task * end), out, none);
   });
 }
 
@@ -258,7 +319,7 @@ at::Tensor int8_blocks_matmul(const at::Tensor& x, const at::Tensor& codes, cons
               "int8_blocks_matmul: zero 0 or 128, n within the last column vector");
   c.panel.N = c.panel.ldo = n;
   at::Tensor out = at::empty({c.M, n}, c.xs.options());
-  run<false>(c.acts, c.panel, c.M, c.T, out.data_ptr<float>());
+  run<Out::kStore>(c.acts, c.panel, c.M, c.T, out.data_ptr<float>());
   return out;
 }
 
@@ -273,6 +334,45 @@ at::Tensor int8_blocks_silu_mul(const at::Tensor& x, const at::Tensor& codes, co
   c.panel.ldo = half * kLanes;
   c.panel.step = half;
   at::Tensor out = at::empty({c.M, half * kLanes}, c.xs.options());
-  run<true>(c.acts, c.panel, c.M, half, out.data_ptr<float>());
+  run<Out::kGlu>(c.acts, c.panel, c.M, half, out.data_ptr<float>());
+  return out;
+}
+
+// argmax over the columns of int8_blocks_matmul's product, per row -> [M] int64: the same index as
+// torch.argmax(int8_blocks_matmul(...), dim=1) (first maximum, first NaN), without the [M, n] product. The
+// columns are cut into a few ranges per thread; each range keeps its rows' best (Best) and the ranges are
+// then merged in column order, so the answer does not depend on the thread count.
+at::Tensor int8_blocks_argmax(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                              const at::Tensor& minimum, int64_t zero, int64_t n) {
+  Call c = prepare("int8_blocks_argmax", x, codes, scale, minimum, zero);
+  TORCH_CHECK(n > (c.T - 1) * kLanes && n <= c.T * kLanes && n > 0,
+              "int8_blocks_argmax: n within the last column vector");
+  c.panel.N = c.panel.ldo = n;
+  const int64_t pairs = (c.T + 1) / 2, ranges = std::min<int64_t>(pairs, 4 * at::get_num_threads());
+  at::Tensor values = at::full({ranges, c.M}, -std::numeric_limits<float>::infinity(), c.xs.options());
+  at::Tensor indices = at::full({ranges, c.M}, -1, c.xs.options().dtype(at::kLong));
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      Best best{vp + r * c.M, ip + r * c.M};
+      const int64_t tb = 2 * (pairs * r / ranges), te = std::min(c.T, 2 * (pairs * (r + 1) / ranges));
+      columns<Out::kArgmax>(c.acts, c.panel, c.M, tb, te, nullptr, best);
+    }
+  });
+  at::Tensor out = at::empty({c.M}, indices.options());
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t m = 0; m < c.M; ++m) {
+    float held = vp[m];
+    int64_t at = ip[m];
+    for (int64_t r = 1; r < ranges && !std::isnan(held); ++r) {
+      const float v = vp[r * c.M + m];
+      if (std::isnan(v) || v > held) {
+        held = v;
+        at = ip[r * c.M + m];
+      }
+    }
+    op[m] = at;
+  }
   return out;
 }
