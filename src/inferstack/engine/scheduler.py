@@ -466,18 +466,18 @@ class Scheduler:
             limit //= 2
         return max(limit, 0)
 
-    def advance_decodes(self, steps: int, sampled: dict[str, list[int]]) -> list[Request]:
+    def advance_decodes(self, steps: int, sampled: Sequence[Sequence[int]]) -> list[Request]:
         """Apply ``steps`` decode steps of the running batch at once (``steps`` within `decode_run_limit`),
         leaving exactly the state of ``steps`` rounds of `schedule` + `update_from_output` with those
-        sampled tokens: blocks are allocated and cached in the same (step, request) order, so block ids,
-        evictions and the prefix-cache map match too; requests that reach their length limit at the last
-        step finish there, in batch order, after that step's allocations (as `update_from_output` releases
-        them after `schedule` allocated). Returns the batch, finished requests included. KV slot work happens
-        only at a step that opens or fills a block, so the cost is O(requests + steps x requests / block size)."""
+        sampled tokens (``sampled[i]``: the ``steps`` tokens of ``running[i]``): blocks are allocated and cached
+        in the same (step, request) order, so block ids, evictions and the prefix-cache map match too; requests
+        that reach their length limit at the last step finish there, in batch order, after that step's
+        allocations (as `update_from_output` releases them after `schedule` allocated). Returns the batch,
+        finished requests included. KV slot work happens only at a step that opens or fills a block, so the
+        cost is O(requests + steps x requests / block size)."""
         running = self.running
         start = [r.num_computed_tokens for r in running]
-        for r in running:
-            tokens = sampled[r.request_id]
+        for r, tokens in zip(running, sampled, strict=True):
             r.output_token_ids.extend(tokens)
             r.all_token_ids.extend(tokens)
         if not self.kv.allocate_leap(running, start, steps):

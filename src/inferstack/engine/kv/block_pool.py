@@ -201,6 +201,18 @@ class BlockPool:
                 for run in runs
             ])
 
+    def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """`cache_full_blocks` over (block, hash) pairs of several requests at once, in order, where no events
+        listen (a decode leap's newly full blocks: one call a leap instead of one a request)."""
+        if not self.enable_caching:
+            return
+        assert self._events is None, "cache_full_blocks publishes the stored blocks"
+        own, cached = self.hashes, self._cached
+        for b, block_hash in zip(blocks, hashes, strict=True):
+            if own[b] is None and block_hash not in cached:
+                own[b] = block_hash
+                cached[block_hash] = b
+
     def uncache(self, blocks: Iterable[int]) -> None:
         """Forget the hashes of ``blocks`` (their content is not what the hash says: a failed load)."""
         own, cached = self.hashes, self._cached
