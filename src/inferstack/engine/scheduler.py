@@ -483,16 +483,17 @@ class Scheduler:
         if not self.kv.allocate_leap(running, start, steps):
             self._allocate_leap_points(steps, start)
         batch = list(running)
-        for r, nc in zip(batch, start, strict=True):
-            r.num_computed_tokens = nc + steps
         self.counters.generation_tokens += steps * len(batch)
         max_len = self.config.max_model_len
-        for r in batch:
+        at_limit: list[Request] = []
+        for r, nc in zip(batch, start, strict=True):
+            r.num_computed_tokens = nc + steps
             # within `decode_run_limit` (no stop tokens, EOS ignored) only a length limit finishes a request:
             # `_check_stop` only for one that reached its own
-            p = r.sampling_params
-            if len(r.all_token_ids) < max_len and (p.max_tokens is None or len(r.output_token_ids) < p.max_tokens):
-                continue
+            cap = r.sampling_params.max_tokens
+            if len(r.all_token_ids) >= max_len or (cap is not None and len(r.output_token_ids) >= cap):
+                at_limit.append(r)
+        for r in at_limit:      # after every request's progress, in batch order (as `update_from_output`)
             reason, stop_reason = self._check_stop(r, r.output_token_ids[-1])
             if reason is not None:
                 self.finish_request(r.request_id, reason, stop_reason)
