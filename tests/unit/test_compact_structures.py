@@ -155,19 +155,19 @@ def test_approx_index_re_inserting_a_hot_prefix_stays_bounded_and_ordered():
 @settings(max_examples=80, deadline=None)
 @given(taken=st.integers(1, 12), pairs=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 5)), max_size=24),
        before=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 5)), max_size=6))
-def test_cache_blocks_is_cache_full_blocks_pair_by_pair(taken, pairs, before):
-    """`BlockPool.cache_blocks` (a decode leap's new full blocks, one call a leap) leaves the prefix-cache map, its
-    order and the blocks' hashes exactly as `cache_full_blocks` block by block, twins and cached blocks included."""
-    pools = [BlockPool(12, 4), BlockPool(12, 4)]
-    for pool in pools:
-        got = pool.allocate(taken)
-        for b, h in before:       # some blocks (and hashes) already cached
-            if b < len(got):
-                pool.cache_full_blocks([b], [bytes([h])], 0, 1, [0] * 4)
+def test_cache_blocks_registers_pairs_in_order_as_the_reference_pool(taken, pairs, before):
+    """`BlockPool.cache_blocks` (a decode leap's new full blocks, one call a leap; `cache_full_blocks` without events)
+    leaves the prefix-cache map, its order and the blocks' hashes as the per-object pool caching pair by pair,
+    twins and already cached blocks included."""
+    pool, ref = BlockPool(12, 4), RefPool(12)
+    assert pool.allocate(taken) == ref.allocate(taken)
+    for b, h in before:       # some blocks (and hashes) already cached, through the per-request call
+        if b < taken:
+            pool.cache_full_blocks([b], [bytes([h])], 0, 1, [0] * 4)
+            ref.cache([b], [bytes([h])])
     blocks = [b % taken for b, _ in pairs]
     hashes = [bytes([h]) for _, h in pairs]
-    pools[0].cache_blocks(blocks, hashes)
-    for b, h in zip(blocks, hashes, strict=True):
-        pools[1].cache_full_blocks([b], [h], 0, 1, [0] * 4)
-    assert list(pools[0].cached_blocks().items()) == list(pools[1].cached_blocks().items())
-    assert pools[0].hashes == pools[1].hashes
+    pool.cache_blocks(blocks, hashes)
+    ref.cache(blocks, hashes)
+    assert list(pool.cached_blocks().items()) == list(ref.cached.items())
+    assert pool.hashes == ref.hash

@@ -174,14 +174,10 @@ class BlockPool:
         """Register blocks ``start..end-1`` of a request (now full) under their chained hashes."""
         if not self.enable_caching or start >= end:
             return
-        own, cached = self.hashes, self._cached
         if self._events is None:      # nothing to publish: no runs to collect (every prompt's blocks come here)
-            for i in range(start, end):
-                b, block_hash = blocks[i], hashes[i]
-                if own[b] is None and block_hash not in cached:
-                    own[b] = block_hash
-                    cached[block_hash] = b
+            self.cache_blocks(blocks[start:end], hashes[start:end])
             return
+        own, cached = self.hashes, self._cached
         runs: list[list[int]] = []      # contiguous runs of newly cached block indices
         for i in range(start, end):
             b, block_hash = blocks[i], hashes[i]
