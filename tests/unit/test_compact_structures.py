@@ -150,3 +150,24 @@ def test_approx_index_re_inserting_a_hot_prefix_stays_bounded_and_ordered():
         ref.insert("a", hashes)
     assert idx.held_by("a") == list(ref.lru["a"])
     assert len(idx._lru["a"].order) <= 2 * 10 + 1025     # stale copies compacted away, not accumulated
+
+
+@settings(max_examples=80, deadline=None)
+@given(taken=st.integers(1, 12), pairs=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 5)), max_size=24),
+       before=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 5)), max_size=6))
+def test_cache_blocks_registers_pairs_in_order_as_the_reference_pool(taken, pairs, before):
+    """`BlockPool.cache_blocks` (a decode leap's new full blocks, one call a leap; `cache_full_blocks` without events)
+    leaves the prefix-cache map, its order and the blocks' hashes as the per-object pool caching pair by pair,
+    twins and already cached blocks included."""
+    pool, ref = BlockPool(12, 4), RefPool(12)
+    assert pool.allocate(taken) == ref.allocate(taken)
+    for b, h in before:       # some blocks (and hashes) already cached, through the per-request call
+        if b < taken:
+            pool.cache_full_blocks([b], [bytes([h])], 0, 1, [0] * 4)
+            ref.cache([b], [bytes([h])])
+    blocks = [b % taken for b, _ in pairs]
+    hashes = [bytes([h]) for _, h in pairs]
+    pool.cache_blocks(blocks, hashes)
+    ref.cache(blocks, hashes)
+    assert list(pool.cached_blocks().items()) == list(ref.cached.items())
+    assert pool.hashes == ref.hash

@@ -255,8 +255,7 @@ def _leap_and_steps(a: Scheduler, b: Scheduler, want: int) -> int:
     k = b.decode_run_limit(want)
     assert k == a.decode_run_limit(want)
     if k:
-        b.advance_decodes(k, {r.request_id: [CYCLE[(r.num_output_tokens + j) % len(CYCLE)] for j in range(k)]
-                              for r in b.running})
+        b.advance_decodes(k, [[CYCLE[(r.num_output_tokens + j) % len(CYCLE)] for j in range(k)] for r in b.running])
     for _ in range(max(k, 1)):
         _step_once(a)
     if not k:

@@ -4,6 +4,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
+from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.kv.hashing import (
     DIGESTS,
     KVKeySpace,
@@ -12,6 +13,9 @@ from inferstack.engine.kv.hashing import (
     chunk_keys,
     model_digest_from_file_digests,
 )
+from inferstack.engine.kv.manager import KVCacheManager
+from inferstack.engine.request import Request
+from inferstack.engine.sampling_params import SamplingParams
 
 SPACE = KVKeySpace(model_digest="0" * 64, dtype="float32", kv_layout="paged")
 
@@ -95,3 +99,20 @@ def test_block_at_a_time_chain_is_the_numpy_chain(tokens):
         prev = block_hash(prev, tokens[i:i + 16])
         want.append(prev)
     assert chain == want
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=120), st.lists(st.integers(1, 40), max_size=8),
+       st.sampled_from(sorted(DIGESTS)))
+def test_a_request_chain_grown_token_by_token_is_the_whole_chain(tokens, growth, digest):
+    """`KVCacheManager.update_block_hashes` extends a request's chain as tokens arrive (one block at a time on its
+    own path, several through `block_hashes`) to exactly the chain of all its tokens at once, for both digests."""
+    space = KVKeySpace(model_digest="0" * 64, dtype="float32", kv_layout="paged", digest=digest)
+    kv = KVCacheManager(BlockPool(4, 16), space)
+    request = Request("r", tokens[:10], SamplingParams(max_tokens=1), 0.0, cache_salt="s")
+    kv.update_block_hashes(request)
+    pos = 10
+    for n in [*growth, len(tokens)]:
+        request.all_token_ids += tokens[pos:pos + n]
+        pos += n
+        kv.update_block_hashes(request)
+    assert request.block_hashes == space.hashes(request.all_token_ids, "s")

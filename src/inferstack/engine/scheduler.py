@@ -466,33 +466,34 @@ class Scheduler:
             limit //= 2
         return max(limit, 0)
 
-    def advance_decodes(self, steps: int, sampled: dict[str, list[int]]) -> list[Request]:
+    def advance_decodes(self, steps: int, sampled: Sequence[Sequence[int]]) -> list[Request]:
         """Apply ``steps`` decode steps of the running batch at once (``steps`` within `decode_run_limit`),
         leaving exactly the state of ``steps`` rounds of `schedule` + `update_from_output` with those
-        sampled tokens: blocks are allocated and cached in the same (step, request) order, so block ids,
-        evictions and the prefix-cache map match too; requests that reach their length limit at the last
-        step finish there, in batch order, after that step's allocations (as `update_from_output` releases
-        them after `schedule` allocated). Returns the batch, finished requests included. KV slot work happens
-        only at a step that opens or fills a block, so the cost is O(requests + steps x requests / block size)."""
+        sampled tokens (``sampled[i]``: the ``steps`` tokens of ``running[i]``): blocks are allocated and cached
+        in the same (step, request) order, so block ids, evictions and the prefix-cache map match too; requests
+        that reach their length limit at the last step finish there, in batch order, after that step's
+        allocations (as `update_from_output` releases them after `schedule` allocated). Returns the batch,
+        finished requests included. KV slot work happens only at a step that opens or fills a block, so the
+        cost is O(requests + steps x requests / block size)."""
         running = self.running
         start = [r.num_computed_tokens for r in running]
-        for r in running:
-            tokens = sampled[r.request_id]
+        for r, tokens in zip(running, sampled, strict=True):
             r.output_token_ids.extend(tokens)
             r.all_token_ids.extend(tokens)
         if not self.kv.allocate_leap(running, start, steps):
             self._allocate_leap_points(steps, start)
         batch = list(running)
-        for r, nc in zip(batch, start, strict=True):
-            r.num_computed_tokens = nc + steps
         self.counters.generation_tokens += steps * len(batch)
         max_len = self.config.max_model_len
-        for r in batch:
+        at_limit: list[Request] = []
+        for r, nc in zip(batch, start, strict=True):
+            r.num_computed_tokens = nc + steps
             # within `decode_run_limit` (no stop tokens, EOS ignored) only a length limit finishes a request:
             # `_check_stop` only for one that reached its own
-            p = r.sampling_params
-            if len(r.all_token_ids) < max_len and (p.max_tokens is None or len(r.output_token_ids) < p.max_tokens):
-                continue
+            cap = r.sampling_params.max_tokens
+            if len(r.all_token_ids) >= max_len or (cap is not None and len(r.output_token_ids) >= cap):
+                at_limit.append(r)
+        for r in at_limit:      # after every request's progress, in batch order (as `update_from_output`)
             reason, stop_reason = self._check_stop(r, r.output_token_ids[-1])
             if reason is not None:
                 self.finish_request(r.request_id, reason, stop_reason)

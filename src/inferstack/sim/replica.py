@@ -135,6 +135,7 @@ class SimReplica:
         self.id, self.profile, self.config, self.clock = rid, profile, config, clock
         self.role = config.kv_role
         self.output_token_ids = list(output_token_ids)
+        self._ring = self.output_token_ids * 2     # output ids repeated: a leap's tokens are one slice of it
         self.wake = wake
         self.track_events = track_events
         layout = emulated_layout(config, profile)
@@ -214,12 +215,14 @@ class SimReplica:
         run, self.run = self.run, None
         assert run is not None and steps <= len(run.ends)
         if steps:
-            out = self.output_token_ids
-            n = len(out)
-            # token j of a request is out[(outputs so far + j) % n], as `end_step` samples one per step
-            ring = out * (steps // n + 2)
-            self.scheduler.advance_decodes(steps, {
-                r.request_id: ring[(k := len(r.output_token_ids) % n):k + steps] for r in run.requests})
+            n = len(self.output_token_ids)
+            ring = self._ring
+            if len(ring) < n + steps:
+                ring = self._ring = self.output_token_ids * (steps // n + 2)
+            # token j of a request is out[(outputs so far + j) % n], as `end_step` samples one per step; the run's
+            # requests are the scheduler's running ones, in order (nothing changed them since `begin_run`)
+            self.scheduler.advance_decodes(steps, [ring[(k := len(r.output_token_ids) % n):k + steps]
+                                                   for r in run.requests])
         counted = steps + (1 if count_next and steps < len(run.ends) else 0)
         stats = self.stats
         stats.steps += counted

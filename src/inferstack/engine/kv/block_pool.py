@@ -174,14 +174,10 @@ class BlockPool:
         """Register blocks ``start..end-1`` of a request (now full) under their chained hashes."""
         if not self.enable_caching or start >= end:
             return
-        own, cached = self.hashes, self._cached
         if self._events is None:      # nothing to publish: no runs to collect (every prompt's blocks come here)
-            for i in range(start, end):
-                b, block_hash = blocks[i], hashes[i]
-                if own[b] is None and block_hash not in cached:
-                    own[b] = block_hash
-                    cached[block_hash] = b
+            self.cache_blocks(blocks[start:end], hashes[start:end])
             return
+        own, cached = self.hashes, self._cached
         runs: list[list[int]] = []      # contiguous runs of newly cached block indices
         for i in range(start, end):
             b, block_hash = blocks[i], hashes[i]
@@ -200,6 +196,18 @@ class BlockPool:
                             list(token_ids[run[0] * bs:(run[-1] + 1) * bs]), bs)
                 for run in runs
             ])
+
+    def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """`cache_full_blocks` over (block, hash) pairs of several requests at once, in order, where no events
+        listen (a decode leap's newly full blocks: one call a leap instead of one a request)."""
+        if not self.enable_caching:
+            return
+        assert self._events is None, "cache_full_blocks publishes the stored blocks"
+        own, cached = self.hashes, self._cached
+        for b, block_hash in zip(blocks, hashes, strict=True):
+            if own[b] is None and block_hash not in cached:
+                own[b] = block_hash
+                cached[block_hash] = b
 
     def uncache(self, blocks: Iterable[int]) -> None:
         """Forget the hashes of ``blocks`` (their content is not what the hash says: a failed load)."""

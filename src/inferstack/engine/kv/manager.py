@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from inferstack.engine.kv.block_pool import BlockPool
-from inferstack.engine.kv.hashing import DIGESTS, KVKeySpace, block_hashes
+from inferstack.engine.kv.hashing import DIGESTS, KVKeySpace, block_hashes, block_packer
 from inferstack.engine.request import Request
 
 
@@ -15,6 +15,7 @@ class KVCacheManager:
         self.block_size = pool.block_size
         self.key_space = key_space
         self._digest = DIGESTS[key_space.digest]
+        self._pack_block = block_packer(pool.block_size).pack
         self._req_blocks: dict[str, list[int]] = {}     # request id -> its block table (block ids)
         self._num_cached_blocks: dict[str, int] = {}
 
@@ -28,14 +29,18 @@ class KVCacheManager:
 
     def update_block_hashes(self, request: Request) -> list[bytes]:
         """Extend the request's hash chain over its newly full blocks (prompt and output tokens)."""
-        have = len(request.block_hashes)
-        if (request.num_tokens // self.block_size) > have:
+        hashes, tokens, bs = request.block_hashes, request.all_token_ids, self.block_size
+        have = len(hashes)
+        full = len(tokens) // bs
+        if full == have + 1 and have:
+            # a decode's next block (most calls): `block_hashes`' one-block case (the same bytes) without its call
+            hashes.append(self._digest(hashes[-1] + self._pack_block(*tokens[have * bs:full * bs])))
+        elif full > have:
             # the seed only roots a new chain; an extension hangs off the chain's last hash (a decode's case)
-            parent = request.block_hashes[-1] if have else None
+            parent = hashes[-1] if have else None
             seed = self.key_space.seed(request.cache_salt) if parent is None else parent
-            request.block_hashes.extend(block_hashes(seed, request.all_token_ids, self.block_size, start=have,
-                                                     parent=parent, digest=self._digest))
-        return request.block_hashes
+            hashes.extend(block_hashes(seed, tokens, bs, start=have, parent=parent, digest=self._digest))
+        return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Longest cached prefix of full blocks, leaving at least one token to compute (its logits
@@ -117,34 +122,37 @@ class KVCacheManager:
         bs, tables, ncached, n = self.block_size, self._req_blocks, self._num_cached_blocks, len(requests)
         caching = pool.enable_caching
         takes: list[int] = []       # step * n + request of each block taken: sorted, the boundaries' order
-        plans: list[tuple[int, Request, int, int]] = []
+        held: list[list[int]] = []  # request i's block table
+        plans: list[tuple[int, Request, list[int], int, int]] = []
         for i, (request, nc) in enumerate(zip(requests, start, strict=True)):
             blocks = tables.get(request.request_id)
             cached = nc // bs
             if blocks is None or len(blocks) * bs < nc or (caching and ncached.get(request.request_id, 0) != cached):
                 return False
+            held.append(blocks)
             takes += range((len(blocks) * bs - nc) * n + i, steps * n, bs * n)
             full = (nc + steps) // bs
             if full > cached:    # first boundary of the leap (opening or filling a block) orders the caching
-                plans.append((min(-nc % bs, (-nc - 1) % bs) * n + i, request, cached, full))
+                plans.append((min(-nc % bs, (-nc - 1) % bs) * n + i, request, blocks, cached, full))
         if len(takes) > pool.num_free_blocks:
             return False
+        new: list[bytes] = []
         if caching and plans:
             plans.sort(key=_first)
-            new: list[bytes] = []
-            for _, request, cached, full in plans:
+            for _, request, _, cached, full in plans:
                 new += self.update_block_hashes(request)[cached:full]
             if len(set(new)) != len(new) or pool.any_cached(new):
                 return False
         if takes:
             takes.sort()
             for key, block in zip(takes, pool.allocate(len(takes)), strict=True):
-                tables[requests[key % n].request_id].append(block)
-        if caching:
-            for _, request, cached, full in plans:
-                pool.cache_full_blocks(tables[request.request_id], request.block_hashes, cached, full,
-                                       request.all_token_ids)
+                held[key % n].append(block)
+        if new:
+            filled: list[int] = []
+            for _, request, blocks, cached, full in plans:
+                filled += blocks[cached:full]
                 ncached[request.request_id] = full
+            pool.cache_blocks(filled, new)
         return True
 
     def _decode_slots_at_once(self, slots: Sequence[tuple[Request, int]]) -> bool:
@@ -279,5 +287,5 @@ class KVCacheManager:
         self._num_cached_blocks[request.request_id] = num_full
 
 
-def _first(plan: tuple[int, Request, int, int]) -> int:
+def _first(plan: tuple[int, Request, list[int], int, int]) -> int:
     return plan[0]
