@@ -58,7 +58,7 @@ def timed(cls: type, method: str, tag: str, before: bool = True, after: bool = T
 
 def install() -> None:
     timed(scheduler_module.Scheduler, "add_request", "add", after=False, rid=lambda a: a[1].request_id)
-    timed(pd_connector.PDConnector, "_pull", "pull")
+    timed(pd_connector.PDConnector, "_fetched", "pull", before=False)    # params checked (inline or fetched)
     timed(blocks.Stager, "accept", "accept", after=False)
     timed(nixl_transport.NixlKVTransport, "read", "read")
     timed(scheduler_module.Scheduler, "update_from_output", "upd", before=False)
