@@ -33,14 +33,12 @@ if TYPE_CHECKING:      # annotations only: the engine server imports this module
     import torch
 
 
-# The first READ of a layer-by-layer transfer groups layers until it moves at least this much
-# (`layer_groups`). 4 MiB, not 1: a 4 MB transfer is one READ instead of 3 and 16 MB 3 instead of 4, each READ
-# ~30-50 us of set-up and a post (4 MB moves 5-8 % faster at the median, docs/disaggregation.md); the first
-# layers of a 1,000-token SmolLM2 prompt then land after ~1 ms instead of ~0.3, beside a forward pass of tens.
+# A layer-by-layer transfer up to this size is one READ (`layer_groups`): each READ costs ~30-50 us of set-up and
+# a post, and a 4 MB move in one READ instead of 3 was 5-8 % faster at the median (docs/disaggregation.md).
 MIN_READ_BYTES = 4 << 20
-# ... but a transfer larger than that starts with a READ of as few layers as weigh this much: that READ gates
-# the request's forward pass (layer 0's KV), so one 1.5 MB layer of a 1,000-token prompt (~0.25 ms) instead of
-# three (~0.7 ms, the fifteenth stop's change); a 4 MB transfer stays one READ, 16 MB becomes 4 READs instead of 3.
+# A larger transfer starts with a READ of as few layers as weigh this much: that READ gates the request's forward
+# pass (layer 0's KV), so one 1.5 MB layer of a 1,000-token SmolLM2 prompt (~0.25 ms) rather than the three of a
+# 4 MiB first READ (~0.7 ms; until the fifteenth stop); 16 MB is then 4 READs instead of 3.
 FIRST_READ_BYTES = 1 << 20
 # Transfers this large or larger go to the agent with UCX copy threads; smaller ones are copied by
 # the thread that asks, as the hand-off to a copy thread and back costs more than the second core
