@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from inferstack.engine.connector.kvstore_connector import KVStoreConnector
 from inferstack.engine.connector.nixl_agent import nixl_missing
@@ -318,20 +317,6 @@ def test_a_direct_read_starts_in_the_step_that_first_sees_its_request(prefill):
     step_until(d, lambda: pulling.is_finished, "the pulled request")
     assert pulling.output_token_ids == baseline(salt="two") and d.last.num_external_cached_tokens == 512
     assert d.connector.stats.fetch_seconds.n == 2 and d.connector.stats.load_failures == 0
-    d.connector.shutdown()
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS[2:])
-def test_a_decode_engine_copies_on_the_cores_its_forward_pass_leaves_free(monkeypatch, transport):
-    """One torch thread on two cores: the NIXL agent READs large transfers through one copy thread."""
-    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        d = decode_engine(transport=transport)
-    finally:
-        torch.set_num_threads(threads)
-    assert d.connector.agent.copy_threads == 1
     d.connector.shutdown()
 
 

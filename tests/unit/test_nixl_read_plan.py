@@ -11,7 +11,6 @@ import torch
 from inferstack.engine.connector.nixl_agent import (
     KVRegions,
     NixlAgent,
-    copy_threads,
     layer_groups,
     nixl_missing,
     ucx_backend_params,
@@ -60,15 +59,6 @@ def test_copy_threads_split_every_read():
     # NIXL only splits READs of split_batch_size descriptors or more; ours have 2 per layer
     assert ucx_backend_params(2) == {"engine_config": "KEEPALIVE_INTERVAL=inf", "num_threads": "2",
                                      "split_batch_size": "1"}
-
-
-@pytest.mark.parametrize(("cores", "compute", "threads"), [(2, 1, 1), (4, 2, 2), (8, 1, 2), (2, 2, 2), (4, 4, 2),
-                                                            (1, 1, 0)])
-def test_copy_threads_take_the_cores_the_forward_pass_leaves_free(monkeypatch, cores, compute, threads):
-    """A 1-thread decode engine on 2 cores copies on one thread (the free core), not two: two copy threads beside
-    its forward pass were three runnable threads on two cores. With no core free, the split stays as before."""
-    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(cores)))
-    assert copy_threads(compute) == threads
 
 
 @pytest.mark.skipif(nixl_missing() is not None, reason="nixl-cu12 not installed")

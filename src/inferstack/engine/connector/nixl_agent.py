@@ -55,15 +55,6 @@ def default_threads() -> int:
     return 2 if len(os.sched_getaffinity(0)) >= 2 else 0
 
 
-def copy_threads(compute_threads: int) -> int:
-    """Copy threads for an engine whose forward pass runs on ``compute_threads`` torch threads: one per core it
-    leaves free (at most two), so that a READ running beside the request's forward pass copies on those cores
-    and never takes the forward pass's (a 1-thread decode engine on 2 cores: two copy threads and the engine
-    thread were three runnable threads on two cores); where the forward pass uses every core, `default_threads`."""
-    free = len(os.sched_getaffinity(0)) - compute_threads
-    return min(2, free) if free >= 1 else default_threads()
-
-
 class NixlUnavailable(RuntimeError):
     """The NIXL transport cannot run in this process (not installed, or UCX did not start)."""
 
@@ -253,7 +244,6 @@ class NixlAgent:
         nixl = import_nixl()
         self.name = f"inferstack-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         threads = default_threads() if threads is None else threads
-        self.copy_threads = threads
         self.regions = KVRegions.of(kv_caches)
         self._direct = _Endpoint(nixl, self.name, 0, kv_caches, self.regions)
         self._agent = self._direct.agent

@@ -41,7 +41,7 @@ import torch
 
 from inferstack.engine.connector.base import KVConnectorBase, LayerWait
 from inferstack.engine.connector.blocks import LayerLoads, PendingLoad, Stager
-from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable, copy_threads
+from inferstack.engine.connector.nixl_agent import NixlAgent, NixlUnavailable
 from inferstack.engine.connector.nixl_transport import NixlExporter, NixlKVTransport
 from inferstack.engine.connector.peers import TransferTrust
 from inferstack.engine.connector.prefix_pins import PrefixPins
@@ -131,7 +131,7 @@ class PDConnector(KVConnectorBase):
         (falling back to the shm transport, with the reason in the log); None for tcp/shm."""
         if self._choice == "nixl" or (self._choice == "auto" and self._link is None):
             try:
-                return NixlAgent(self.role, self._kv_caches, copy_threads(torch.get_num_threads()))
+                return NixlAgent(self.role, self._kv_caches)
             except NixlUnavailable as exc:
                 if self._choice == "nixl":
                     raise
