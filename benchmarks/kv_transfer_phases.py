@@ -88,7 +88,8 @@ def timed_pull(transport: NixlKVTransport, port: int, rid: str, params: DirectRe
     t0 = time.perf_counter()
     ours, theirs = agent.regions.indices(every, load.block_ids), load.regions.indices(every, load.remote_ids)
     took["index"] = time.perf_counter() - t0
-    for group in layer_groups(len(every), n * 2 * agent.regions.block_bytes, agent.min_read_bytes):
+    for group in layer_groups(len(every), n * 2 * agent.regions.block_bytes, agent.min_read_bytes,
+                              agent.first_read_bytes):
         rows = slice(group.start * 2 * n, group.stop * 2 * n)
         took["make"] -= time.perf_counter()
         handle = endpoint.agent.make_prepped_xfer("READ", endpoint.local, ours[rows], far, theirs[rows])

@@ -1,13 +1,13 @@
 """`inferstack` with a PD request's phases timestamped, for `pd_timeline.py` (not for serving).
 
-Wraps the decode engine's scheduler and connector methods (no engine code changes) and appends one JSON
-line per event to ``$PD_TIMELINE_FILE``: ``[event, perf_counter seconds, thread, detail...]``. Events: ``add``
-(the request reaches the scheduler: its arrival), ``pull0/1`` (the connector's fetch: params checked, or an
-offer asked for), ``accept`` (blocks allocated, READ handed to the reader), ``read0/1`` (the READ and its
-claim), ``landed`` (a layer in), ``sched`` (a step scheduled: the forward pass starts; with the engine thread's
-CPU and run-queue seconds so far, from schedstat), ``fwd_end`` (the forward pass ended: schedstat again),
-``finish0/1`` (a streamed request's forward pass ended; its READs' ends and claims waited for: schedstat at
-``finish0``), ``fwd_end`` (before the step's tokens are sampled: schedstat), ``upd1`` (the step's tokens out:
+Wraps the decode engine's scheduler and connector methods (no engine code changes) and appends one JSON line per
+event to ``$PD_TIMELINE_FILE``: ``[event, perf_counter seconds, thread, detail...]``. Events: ``add`` (the request
+reaches the scheduler: its arrival), ``pull1`` (the connector's fetch done: params checked, on the engine thread
+for a direct READ, or an offer asked for), ``accept`` (blocks allocated, READ handed to the reader), ``read0/1``
+(the READ and its claim), ``landed`` (a layer in), ``sched`` (a step scheduled: the forward pass starts; with the
+engine thread's CPU and run-queue seconds so far, from schedstat), ``fwd_end`` (the forward pass ended: schedstat
+again), ``finish0/1`` (a streamed request's forward pass ended; its READs' ends and claims waited for: schedstat
+at ``finish0``), ``fwd_end`` (before the step's tokens are sampled: schedstat), ``upd1`` (the step's tokens out:
 the first token of a request).
 """
 
@@ -58,7 +58,7 @@ def timed(cls: type, method: str, tag: str, before: bool = True, after: bool = T
 
 def install() -> None:
     timed(scheduler_module.Scheduler, "add_request", "add", after=False, rid=lambda a: a[1].request_id)
-    timed(pd_connector.PDConnector, "_pull", "pull")
+    timed(pd_connector.PDConnector, "_fetched", "pull", before=False)    # params checked (inline or fetched)
     timed(blocks.Stager, "accept", "accept", after=False)
     timed(nixl_transport.NixlKVTransport, "read", "read")
     timed(scheduler_module.Scheduler, "update_from_output", "upd", before=False)

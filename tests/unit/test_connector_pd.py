@@ -300,6 +300,26 @@ def test_nixl_reads_straight_from_the_params_once_the_peer_is_known(prefill):
     d.connector.shutdown()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS[2:])
+def test_a_direct_read_starts_in_the_step_that_first_sees_its_request(prefill):
+    """Once the peer's agent is known, a direct READ needs no round trip before it: the first step that
+    considers the request allocates its blocks and starts the READ (no hop through the fetch thread and a
+    second step), and the answer is the colocated one."""
+    d = decode_engine(transport="nixl")
+    assert d.generate(PROMPT, kv_transfer_params=run_prefill(prefill, rid="p1")) == baseline()   # the offer
+    params = run_prefill(prefill, rid="p2", salt="two")
+    started, go = gated_reads(d)
+    pulling = d.submit(PROMPT, salt="two", rid="d2", kv_transfer_params=params)
+    d.sched.schedule()
+    assert pulling.status is RequestStatus.WAITING_FOR_REMOTE_KVS and len(d.sched.kv.block_ids("d2")) == 33
+    assert started.wait(10), "the READ was handed to the reader in that step"
+    go.set()
+    step_until(d, lambda: pulling.is_finished, "the pulled request")
+    assert pulling.output_token_ids == baseline(salt="two") and d.last.num_external_cached_tokens == 512
+    assert d.connector.stats.fetch_seconds.n == 2 and d.connector.stats.load_failures == 0
+    d.connector.shutdown()
+
+
 def gated_reads(d: ToyEngine) -> tuple[threading.Event, threading.Event]:
     """Hold the decode engine's NIXL READs until ``go`` is set; ``started`` once one began."""
     nixl = d.connector.transport

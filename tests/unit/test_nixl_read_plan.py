@@ -28,6 +28,13 @@ def test_layer_groups_start_small_then_double_and_cover_every_layer_once():
     assert [(g.start, g.stop) for g in layer_groups(30, 24_576, 1 << 20)] == [(0, 30)]
     # small layers: the first READ groups as many as reach the minimum, then doubles
     assert [(g.start, g.stop) for g in layer_groups(30, 300_000, 1 << 20)] == [(0, 4), (4, 12), (12, 28), (28, 30)]
+    # the engine's sizes (4 MiB, first READ 1 MiB): a 1,000-token prompt (1.5 MB a layer) starts with one layer,
+    # which gates the forward pass; 16 MB (540 KB a layer) with two; a 3.7 MB transfer is one READ
+    assert [(g.start, g.stop) for g in layer_groups(30, 1_474_560, 4 << 20, 1 << 20)] == \
+        [(0, 1), (1, 3), (3, 7), (7, 15), (15, 30)]
+    assert [(g.start, g.stop) for g in layer_groups(30, 540_672, 4 << 20, 1 << 20)] == [(0, 2), (2, 6), (6, 14),
+                                                                                      (14, 30)]
+    assert [(g.start, g.stop) for g in layer_groups(30, 122_880, 4 << 20, 1 << 20)] == [(0, 30)]
     for layers, size, least in [(1, 10, 0), (7, 1, 0), (30, 5, 1 << 20), (64, 1 << 22, 1 << 20)]:
         flat = [layer for g in layer_groups(layers, size, least) for layer in g]
         assert flat == list(range(layers))

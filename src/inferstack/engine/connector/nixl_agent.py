@@ -33,11 +33,13 @@ if TYPE_CHECKING:      # annotations only: the engine server imports this module
     import torch
 
 
-# The first READ of a layer-by-layer transfer groups layers until it moves at least this much
-# (`layer_groups`). 4 MiB, not 1: a 4 MB transfer is one READ instead of 3 and 16 MB 3 instead of 4, each READ
-# ~30-50 us of set-up and a post (4 MB moves 5-8 % faster at the median, docs/disaggregation.md); the first
-# layers of a 1,000-token SmolLM2 prompt then land after ~1 ms instead of ~0.3, beside a forward pass of tens.
+# A layer-by-layer transfer up to this size is one READ (`layer_groups`): each READ costs ~30-50 us of set-up and
+# a post, and a 4 MB move in one READ instead of 3 was 5-8 % faster at the median (docs/disaggregation.md).
 MIN_READ_BYTES = 4 << 20
+# A larger transfer starts with a READ of as few layers as weigh this much: that READ gates the request's forward
+# pass (layer 0's KV), so one 1.5 MB layer of a 1,000-token SmolLM2 prompt (~0.25 ms) rather than the three of a
+# 4 MiB first READ (~0.7 ms; until the fifteenth stop); 16 MB is then 4 READs instead of 3.
+FIRST_READ_BYTES = 1 << 20
 # Transfers this large or larger go to the agent with UCX copy threads; smaller ones are copied by
 # the thread that asks, as the hand-off to a copy thread and back costs more than the second core
 # saves there (docs/disaggregation.md: a one-block READ took 0.55 ms with two copy threads, 0.28 ms
@@ -151,15 +153,18 @@ class KVRegions:
         return (rows * self.num_blocks + ids[None, None, :]).reshape(-1).astype(np.int32)
 
 
-def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int) -> list[range]:
-    """The layers of each READ of a layer-by-layer transfer: the first READ as few layers as weigh
-    ``min_read_bytes`` (three layers of a 1,000-token SmolLM2 fp32 prompt, 1.5 MB each; all layers of a
-    transfer up to 4 MiB, as each READ costs ~50 us of set-up), then each READ twice the layers of the one
-    before. The first layer lands as early as with a READ per layer, and the engine computes layer l
-    while the next group arrives, but 30 layers take 5 READs, not 30: each READ is a hand-off to the
-    copy threads and back, which on a loaded host waits for the scheduler (measured,
-    docs/disaggregation.md)."""
-    size = max(1, min(layers, -(-min_read_bytes // max(1, layer_bytes))))
+def layer_groups(layers: int, layer_bytes: int, min_read_bytes: int,
+                 first_read_bytes: int = FIRST_READ_BYTES) -> list[range]:
+    """The layers of each READ of a layer-by-layer transfer: all in one READ for a transfer up to
+    ``min_read_bytes`` (each READ costs ~50 us of set-up); else the first READ as few layers as weigh
+    ``first_read_bytes`` (at most ``min_read_bytes``; one layer of a 1,000-token SmolLM2 fp32 prompt, 1.5 MB),
+    then each READ twice the layers of the one before. The first layer lands as early as with a READ per
+    layer, and the engine computes layer l while the next group arrives, but 30 layers take 5 READs, not 30:
+    each READ is a hand-off to the copy threads and back, which on a loaded host waits for the scheduler
+    (measured, docs/disaggregation.md)."""
+    first = layers if layers * layer_bytes <= min_read_bytes else -(-min(first_read_bytes, min_read_bytes)
+                                                                      // max(1, layer_bytes))
+    size = max(1, min(layers, first))
     groups: list[range] = []
     start = 0
     while start < layers:
@@ -245,6 +250,7 @@ class NixlAgent:
         self._bulk = _Endpoint(nixl, f"{self.name}-bulk", threads, kv_caches, self.regions) if threads > 0 else None
         self._peers: dict[str, str] = {}      # "host:port" -> the remote agent name loaded for it
         self.min_read_bytes = MIN_READ_BYTES
+        self.first_read_bytes = FIRST_READ_BYTES
         self.bulk_min_bytes = BULK_MIN_BYTES
         self._lock = threading.Lock()
 
@@ -321,7 +327,7 @@ class NixlAgent:
         ours_all, theirs_all = self.regions.indices(every, local_ids), remote.indices(every, remote_ids)
         per_layer = 2 * len(local_ids)
         used: list[_Endpoint] = []       # the agents that READ: each has a UCX connection to the peer after
-        for i, group in enumerate(layer_groups(layers, nbytes // layers, self.min_read_bytes)):
+        for i, group in enumerate(layer_groups(layers, nbytes // layers, self.min_read_bytes, self.first_read_bytes)):
             rows = slice(group.start * per_layer, group.stop * per_layer)
             ours, theirs = ours_all[rows], theirs_all[rows]
             reader = first if i == 0 else endpoint

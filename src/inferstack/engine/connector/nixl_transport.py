@@ -289,7 +289,7 @@ class NixlKVTransport:
         address = f"{pull.host}:{pull.port}"
         stats = self.reuse_stats if pull.prefix is not None else self.stats
         peer = "holder" if pull.prefix is not None else "prefill peer"
-        direct = self._direct(pull, stats) if pull.direct is not None and pull.prefix is None else None
+        direct = self.fetch_now(pull)
         if direct is not None:
             return direct
         try:
@@ -310,6 +310,14 @@ class NixlKVTransport:
             stats.fail("recv")
             log.warning("request %s: NIXL pull from %s %s failed: %s", pull.request_id, peer, address, exc)
             return Fetched(None, failed=True)
+
+    def fetch_now(self, pull: PullRequest) -> Fetched | None:
+        """A direct READ's load, built without I/O (the PD connector asks on the engine thread, so the
+        request's blocks are allocated in the same step: no hop through the fetch thread); None when the
+        pull needs an offer (`fetch`)."""
+        if pull.direct is None or pull.prefix is not None:
+            return None
+        return self._direct(pull, self.stats)
 
     def _direct(self, pull: PullRequest, stats: TransferStats) -> Fetched | None:
         """A READ of the blocks the params name, with no round trip before it; None when the offer is

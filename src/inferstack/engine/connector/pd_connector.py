@@ -54,7 +54,7 @@ from inferstack.engine.connector.transfer import (
     PagedKVSource,
     TransferStats,
 )
-from inferstack.engine.connector.transports import DirectRead, KVTransport, PullRequest, TcpKVTransport
+from inferstack.engine.connector.transports import DirectRead, Fetched, KVTransport, PullRequest, TcpKVTransport
 from inferstack.engine.kv.block_pool import BlockPool
 from inferstack.engine.outputs import FinishReason
 from inferstack.engine.request import Request
@@ -190,29 +190,40 @@ class PDConnector(KVConnectorBase):
         offered = min(int(params.get("remote_num_blocks", max_blocks)), max_blocks)
         if (offered - first_block) * bs < self.min_remote_tokens:
             return 0, False
-        hashes = list(request.block_hashes)
-        self._stager.start(request.request_id,
-                           lambda: self._pull(params, request.request_id, hashes, first_block, max_blocks))
+        t0 = time.perf_counter()
+        pull = self._pull_request(params, request.request_id, list(request.block_hashes), first_block, max_blocks)
+        if pull is None:
+            self.stats.add(load_failures=1)
+            return 0, False
+        now = self.transport.fetch_now(pull)
+        if now is not None:   # a direct READ: its blocks are allocated in this step, no hop through the fetch thread
+            self._stager.put(request.request_id, self._fetched(now, t0))
+            staged = self._stager.check(request.request_id, first_block, bs) or 0
+            return staged, staged > 0 and self._stager.is_async(request.request_id)
+        self._stager.start(request.request_id, lambda: self._pull(pull))
         return None, True
 
-    def _pull(self, params: dict[str, Any], request_id: str, hashes: list[bytes], first_block: int,
-              max_blocks: int) -> PendingLoad | None:
-        assert self.transport is not None
-        t0 = time.perf_counter()
+    def _pull_request(self, params: dict[str, Any], request_id: str, hashes: list[bytes], first_block: int,
+                      max_blocks: int) -> PullRequest | None:
+        """What to pull for ``params``; None when they name no peer or request (malformed)."""
         try:
             if params.get("kv_reuse"):     # the holder pins our prompt's leading blocks under this key
                 assert self.agent is not None
-                pull = PullRequest(str(params["remote_host"]), int(params["remote_port"]),
+                return PullRequest(str(params["remote_host"]), int(params["remote_port"]),
                                    f"reuse/{self.agent.name}/{request_id}", hashes, first_block, max_blocks,
                                    prefix=hashes[:max_blocks])
-            else:
-                pull = PullRequest(str(params["remote_host"]), int(params["remote_port"]),
-                                   str(params["remote_request_id"]), hashes, first_block, max_blocks,
-                                   direct=DirectRead.from_params(params))
+            return PullRequest(str(params["remote_host"]), int(params["remote_port"]),
+                               str(params["remote_request_id"]), hashes, first_block, max_blocks,
+                               direct=DirectRead.from_params(params))
         except (KeyError, ValueError):
-            self.stats.add(load_failures=1)
             return None
-        fetched = self.transport.fetch(pull)
+
+    def _pull(self, pull: PullRequest) -> PendingLoad | None:
+        assert self.transport is not None
+        t0 = time.perf_counter()
+        return self._fetched(self.transport.fetch(pull), t0)
+
+    def _fetched(self, fetched: Fetched, t0: float) -> PendingLoad | None:
         if fetched.failed:
             self.stats.add(load_failures=1)
         self.stats.observe("fetch_seconds", time.perf_counter() - t0)

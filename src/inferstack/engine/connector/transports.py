@@ -80,6 +80,10 @@ class KVTransport(Protocol):
     def fetch(self, pull: PullRequest) -> Fetched:
         """Runs on a background thread; never raises for a transfer failure."""
 
+    def fetch_now(self, pull: PullRequest) -> Fetched | None:
+        """What can be had without any I/O, on the caller's (the engine's) thread: a NIXL direct READ's
+        load; None when the pull needs a round trip to the peer (`fetch`, on a background thread)."""
+
     def close(self) -> None: ...
 
 
@@ -113,6 +117,9 @@ class TcpKVTransport:
         if end_block <= pull.first_block:
             return Fetched(None, failed)
         return Fetched(StagedLoad(pull.first_block, end_block - pull.first_block, chunks), failed)
+
+    def fetch_now(self, pull: PullRequest) -> Fetched | None:
+        return None      # every pull streams chunks from the peer
 
     def close(self) -> None:
         self.client.close()
